@@ -1,0 +1,34 @@
+# quantbench developer targets. `make quickstart` and `make test` work on a fresh clone with ../shared beside it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SHARED ?= ../shared
+ASSETS := .assets
+
+.PHONY: setup assets quickstart test test-unit
+
+setup: $(VENV)/.installed
+
+# torch first, from the local CPU wheel, so nothing else can pull a CUDA build
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+assets: setup
+	@if [ -d $(SHARED)/tools ]; then \
+		$(PY) $(SHARED)/tools/materialize_assets.py --out $(ASSETS); \
+	else \
+		echo "$(SHARED) not found: offline model and data not built (integration tests will be skipped)"; \
+	fi
+
+quickstart: assets
+	. $(ASSETS)/env.sh && $(VENV)/bin/quantbench run recipes/quickstart.yaml --force
+
+test: assets
+	if [ -f $(ASSETS)/env.sh ]; then . $(ASSETS)/env.sh; fi; $(PY) -m pytest -q
+
+test-unit: setup
+	$(PY) -m pytest -q -m "not integration"
