@@ -1,0 +1,93 @@
+"""Bit packing of unsigned integer codes into int32 words.
+
+Layout (the same for every width 1..8): each row is one little-endian bit stream. Code `i` of a row
+occupies stream bits `[i·b, (i+1)·b)`, least significant bit first; stream bit `j` is bit `j mod 32` of
+word `j // 32`. For b = 4 this puts element 0 in the low nibble of word 0 (eight codes per int32);
+for b = 3 a code may straddle two words. Rows are padded with zero codes to whole words.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+WORD_BITS = 32
+_ROW_CHUNK_ELEMENTS = 1 << 24  # bound the temporary bit-plane tensors
+
+
+def packed_words(n: int, bits: int) -> int:
+    return math.ceil(n * bits / WORD_BITS)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[rows, n] integer codes in [0, 2^bits) → [rows, ceil(n·bits/32)] int32."""
+    _check_bits(bits)
+    rows, n = codes.shape
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+        raise ValueError(f"codes out of range for {bits} bits")
+    words = packed_words(n, bits)
+    if WORD_BITS % bits == 0:
+        per_word = WORD_BITS // bits
+        padded = torch.zeros(rows, words * per_word, dtype=torch.int64, device=codes.device)
+        padded[:, :n] = codes.to(torch.int64)
+        shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
+        packed = (padded.view(rows, words, per_word) << shifts).sum(dim=-1)
+        return _to_int32(packed)
+    out = torch.empty(rows, words, dtype=torch.int32, device=codes.device)
+    for start, stop in _row_chunks(rows, n * bits):
+        out[start:stop] = _pack_stream(codes[start:stop], bits, words)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: [rows, words] int32 → [rows, n] uint8 codes."""
+    _check_bits(bits)
+    rows, words = packed.shape
+    if words != packed_words(n, bits):
+        raise ValueError(f"{words} words cannot hold {n} codes of {bits} bits")
+    if WORD_BITS % bits == 0:  # arithmetic shifts of int32 are exact once masked
+        per_word = WORD_BITS // bits
+        shifts = torch.arange(per_word, device=packed.device, dtype=torch.int32) * bits
+        codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.to(torch.uint8).view(rows, words * per_word)[:, :n]
+    unsigned = packed.to(torch.int64) & 0xFFFFFFFF
+    out = torch.empty(rows, n, dtype=torch.uint8, device=packed.device)
+    for start, stop in _row_chunks(rows, words * WORD_BITS):
+        out[start:stop] = _unpack_stream(unsigned[start:stop], bits, n)
+    return out
+
+
+def _pack_stream(codes: torch.Tensor, bits: int, words: int) -> torch.Tensor:
+    rows, n = codes.shape
+    device = codes.device
+    planes = (codes.to(torch.int64).unsqueeze(-1) >> torch.arange(bits, device=device)) & 1
+    stream = torch.zeros(rows, words * WORD_BITS, dtype=torch.int64, device=device)
+    stream[:, : n * bits] = planes.reshape(rows, n * bits)
+    weights = torch.ones(WORD_BITS, dtype=torch.int64, device=device) << torch.arange(WORD_BITS, device=device)
+    return _to_int32((stream.view(rows, words, WORD_BITS) * weights).sum(dim=-1))
+
+
+def _unpack_stream(unsigned: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    rows, words = unsigned.shape
+    device = unsigned.device
+    stream = ((unsigned.unsqueeze(-1) >> torch.arange(WORD_BITS, device=device)) & 1).reshape(rows, -1)
+    planes = stream[:, : n * bits].reshape(rows, n, bits)
+    weights = torch.ones(bits, dtype=torch.int64, device=device) << torch.arange(bits, device=device)
+    return (planes * weights).sum(dim=-1).to(torch.uint8)
+
+
+def _to_int32(values: torch.Tensor) -> torch.Tensor:
+    """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
+    return torch.where(values >= 1 << 31, values - (1 << 32), values).to(torch.int32)
+
+
+def _row_chunks(rows: int, elements_per_row: int):
+    step = max(1, _ROW_CHUNK_ELEMENTS // max(1, elements_per_row))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1..8, got {bits}")

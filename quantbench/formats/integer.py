@@ -1,0 +1,76 @@
+"""Uniform integer grids, 2..8 bits, symmetric or asymmetric.
+
+Codes are unsigned in [0, 2^bits − 1] and dequantize as `(code − zero) · scale`.
+Asymmetric: `scale = (max − min) / (2^b − 1)` over a range that always contains 0, integer zero point
+`round(−min / scale)` (the GPTQ convention). Symmetric: the restricted signed range
+`[−(2^(b−1) − 1), 2^(b−1) − 1]` (int8: ±127), `scale = absmax / (2^(b−1) − 1)`, zero fixed at `2^(b−1)`.
+Scales are rounded up to float16 when fitted, because that is how they are stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
+
+
+@dataclass(frozen=True)
+class GridParams:
+    """Per-row parameters of one group of columns: `scale` and `zero`, both shaped [rows, 1]."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    bits: int
+    symmetric: bool
+
+    @property
+    def max_code(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def sym_zero(self) -> int:
+        return 1 << (self.bits - 1)
+
+    def fit(self, w: torch.Tensor) -> GridParams:
+        """Fit scale and zero for each row of `w` ([rows, cols], reduced along cols)."""
+        w = w.float()
+        if self.symmetric:
+            scale = w.abs().amax(dim=1, keepdim=True) / (self.sym_zero - 1)
+            scale = _storable(scale)
+            zero = torch.full_like(scale, float(self.sym_zero))
+        else:
+            lo = w.amin(dim=1, keepdim=True).clamp(max=0)
+            hi = w.amax(dim=1, keepdim=True).clamp(min=0)
+            scale = _storable((hi - lo) / self.max_code)
+            zero = torch.round(-lo / scale).clamp(0, self.max_code)
+        return GridParams(scale=scale, zero=zero)
+
+    def encode(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
+        """Round `w` to codes (float tensor holding integers in [0, max_code])."""
+        codes = torch.round(w.float() / params.scale) + params.zero
+        if self.symmetric:
+            return codes.clamp(1, self.max_code)
+        return codes.clamp(0, self.max_code)
+
+    def decode(self, codes: torch.Tensor, params: GridParams) -> torch.Tensor:
+        return (codes.float() - params.zero) * params.scale
+
+    def round(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
+        """The nearest grid point of every element: decode(encode(w))."""
+        return self.decode(self.encode(w, params), params)
+
+
+def _storable(scale: torch.Tensor) -> torch.Tensor:
+    """Round up to the next float16 (never below the fitted step, so the grid still covers the group's
+    range), clamped into float16's range; all-zero groups get scale 1."""
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = scale.clamp(FP16_TINY, torch.finfo(torch.float16).max)
+    half = scale.half()
+    half = torch.where(half.float() < scale, torch.nextafter(half, torch.full_like(half, torch.inf)), half)
+    return half.float()

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from quantbench.errors import QuantbenchError
+from quantbench.formats import IntFormat
+from quantbench.quantizers.rtn import quantize_rtn
+from quantbench.scheme import Scheme
+
+
+def scale_per_column(q, in_features):
+    return q.scales.float().repeat_interleave(q.group_size, dim=1)[:, :in_features]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [32, 64, None])
+def test_rtn_error_is_at_most_half_a_step(bits, symmetric, group_size):
+    torch.manual_seed(bits)
+    weight = torch.randn(48, 192) * torch.rand(48, 1) * 3
+    q = quantize_rtn(weight, Scheme(bits=bits, symmetric=symmetric, group_size=group_size))
+    error = (weight - q.dequantize()).abs()
+    step = scale_per_column(q, 192)
+    # the (float16, rounded-up) grid covers every group's range: the nearest point is ≤ half a step away
+    assert (error <= step / 2 * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_codes_stay_in_range_and_use_the_grid(bits):
+    torch.manual_seed(0)
+    weight = torch.randn(16, 256)
+    asym = quantize_rtn(weight, Scheme(bits=bits, group_size=64))
+    assert asym.codes.dtype == torch.uint8
+    assert asym.codes.min() == 0 and asym.codes.max() == 2**bits - 1  # min and max of a group map to the ends
+    assert asym.zeros.max() <= 2**bits - 1
+    sym = quantize_rtn(weight, Scheme(bits=bits, group_size=64, symmetric=True))
+    assert sym.zeros is None
+    assert sym.codes.min() >= 1 and sym.codes.max() <= 2**bits - 1  # restricted range: ±(2^(b−1) − 1)
+    assert int(sym.codes.max()) == 2**bits - 1 or int(sym.codes.min()) == 1  # absmax hits an end
+
+
+def test_symmetric_grid_is_symmetric_and_exact_on_grid_values():
+    scale = 0.25
+    levels = torch.arange(-7, 8, dtype=torch.float32) * scale  # int4 symmetric: −7..7
+    weight = levels.repeat(4, 1)
+    q = quantize_rtn(weight, Scheme(bits=4, group_size=None, symmetric=True))
+    assert torch.equal(q.dequantize(), weight)
+    assert torch.allclose(q.scales.float(), torch.full((4, 1), scale))
+
+
+def test_asymmetric_zero_point_is_an_integer_and_zero_is_exact():
+    torch.manual_seed(1)
+    weight = torch.rand(8, 64) + 0.5  # all positive: the range is widened to include 0
+    weight[:, 3] = 0.0
+    q = quantize_rtn(weight, Scheme(bits=4, group_size=32))
+    assert (q.zeros == 0).all()
+    assert (q.dequantize()[:, 3] == 0).all()
+
+
+def test_group_size_that_does_not_divide_in_features():
+    torch.manual_seed(2)
+    weight = torch.randn(8, 100)
+    q = quantize_rtn(weight, Scheme(bits=4, group_size=32))
+    assert q.scales.shape == (8, 4) and q.n_groups == 4
+    tail = quantize_rtn(weight[:, 96:], Scheme(bits=4, group_size=None))  # the short last group alone
+    assert torch.equal(q.dequantize()[:, 96:], tail.dequantize())
+    assert q.storage_bits == 8 * 100 * 4 + 8 * 4 * (16 + 4)
+
+
+def test_all_zero_groups_and_fp16_scale():
+    weight = torch.zeros(4, 64)
+    weight[0, :32] = torch.linspace(-1e-3, 1e-3, 32)
+    for symmetric in (False, True):
+        q = quantize_rtn(weight, Scheme(bits=4, group_size=32, symmetric=symmetric))
+        assert torch.isfinite(q.dequantize()).all()
+        assert (q.dequantize()[1:] == 0).all()
+        assert q.scales.dtype == torch.float16
+
+
+def test_error_shrinks_as_bits_grow():
+    torch.manual_seed(3)
+    weight = torch.randn(64, 512)
+    errors = [(weight - quantize_rtn(weight, Scheme(bits=b, group_size=128)).dequantize()).norm() for b in range(2, 9)]
+    assert all(a > 1.7 * b for a, b in zip(errors, errors[1:]))  # each bit roughly halves the error
+
+
+def test_bits_per_weight_counts_scales_and_zeros():
+    assert Scheme(bits=4, group_size=128).bits_per_weight == pytest.approx(4 + 20 / 128)
+    assert Scheme(bits=4, group_size=128, symmetric=True).bits_per_weight == pytest.approx(4 + 16 / 128)
+    q = quantize_rtn(torch.randn(10, 256), Scheme(bits=3, group_size=64))
+    assert q.bits_per_weight == pytest.approx(3 + 19 / 64)
+
+
+def test_format_fit_round_is_nearest_grid_point():
+    fmt = IntFormat(bits=3, symmetric=False)
+    torch.manual_seed(4)
+    w = torch.randn(5, 40)
+    params = fmt.fit(w)
+    grid = (torch.arange(8).float() - params.zero) * params.scale  # [5, 8] every level of each row
+    nearest = grid.gather(1, (w.unsqueeze(-1) - grid.unsqueeze(1)).abs().argmin(-1))
+    assert torch.allclose(fmt.round(w, params), nearest)
+
+
+@pytest.mark.parametrize("name", ["int4-g128-rtn", "int8-pc-sym-rtn", "int3-g64-rtn", "int2-g32-sym-rtn"])
+def test_scheme_names_round_trip(name):
+    assert Scheme.parse(name).name == name
+
+
+def test_bad_scheme_names_and_values():
+    with pytest.raises(QuantbenchError, match="int4-g128-rtn"):
+        Scheme.parse("int4_g128")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        Scheme(group_size=100)
+    with pytest.raises(ValueError):
+        Scheme(bits=9)
