@@ -1,0 +1,117 @@
+"""Load Hugging Face causal LMs and find their decoder blocks and the linear layers inside them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantbench.errors import QuantbenchError
+
+log = logging.getLogger(__name__)
+
+# model_type → attribute path of the decoder blocks (an nn.ModuleList)
+BLOCK_PATHS = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+}
+FAMILIES = "Llama family (llama, mistral, qwen2, qwen3 — SmolLM is llama), GPT-NeoX (gpt_neox), OPT (opt)"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise QuantbenchError(f"model.device {name!r}: no CUDA device here; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def check_supported(config) -> None:
+    if config.model_type not in BLOCK_PATHS:
+        raise QuantbenchError(
+            f"model type {config.model_type!r} is not supported; supported families: {FAMILIES}"
+        )
+
+
+def load_model(name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """Load a causal LM (on CPU, in `dtype`, eval mode) and its tokenizer by hub id or local path."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = _from_pretrained(AutoConfig, name_or_path, trust_remote_code=trust_remote_code)
+    check_supported(config)
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, load_tokenizer(name_or_path, trust_remote_code)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, name_or_path, trust_remote_code=trust_remote_code)
+
+
+def _from_pretrained(cls, name_or_path: str, **kwargs):
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        where = "local directory" if Path(name_or_path).expanduser().exists() else "hub id"
+        raise QuantbenchError(
+            f"could not load {cls.__name__.removeprefix('Auto')} from {where} {name_or_path!r}: "
+            f"{str(exc).splitlines()[0]} (check the name; offline, source .assets/env.sh or give a local directory)"
+        ) from exc
+
+
+def blocks_path(model: nn.Module) -> str:
+    check_supported(model.config)
+    return BLOCK_PATHS[model.config.model_type]
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(blocks_path(model))
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """The nn.Linear layers of one block, by name relative to the block, in forward order."""
+    return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+
+
+def model_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every quantizable linear in the decoder blocks, by full module name."""
+    prefix = blocks_path(model)
+    return {
+        f"{prefix}.{index}.{name}": linear
+        for index, block in enumerate(decoder_blocks(model))
+        for name, linear in block_linears(block).items()
+    }
+
+
+def move_except_blocks(model: nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer outside the decoder blocks to `device` (tied weights stay tied)."""
+    blocks = decoder_blocks(model)
+
+    def visit(module: nn.Module) -> None:
+        if module is blocks:
+            return
+        for param in module._parameters.values():
+            if param is not None:
+                param.data = param.data.to(device)
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[key] = buf.to(device)
+        for child in module.children():
+            visit(child)
+
+    visit(model)

@@ -1,0 +1,58 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import pseudo_text, tiny_llama, tiny_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = Path(os.environ.get("QUANTBENCH_ASSETS", ROOT / ".assets"))
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    os.environ["QUANTBENCH_CACHE"] = str(tmp_path_factory.mktemp("quantbench-cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture()
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(pseudo_text(6000, seed=7))
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama with its tokenizer saved as a local model directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    """The materialized real model and data; integration tests need them (CI builds them first)."""
+    if not (ASSETS / "manifest.json").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{ASSETS} is missing: run `make assets` (CI must build the assets before the tests)")
+        pytest.skip(f"{ASSETS} not built: run `make assets`")
+    for line in (ASSETS / "env.sh").read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            os.environ[key] = value.strip('"')
+    return ASSETS

@@ -1,0 +1,99 @@
+import pytest
+import torch
+from helpers import tiny_gpt_neox, tiny_llama, tiny_opt
+
+from quantbench.calibration.stats import collect_stats
+from quantbench.errors import QuantbenchError
+from quantbench.model_io import block_linears, check_supported, decoder_blocks, model_linears
+from quantbench.pipeline import capture_block_inputs, quantize_model, run_block
+from quantbench.quantizers.rtn import quantize_rtn
+from quantbench.recipe import QuantizeSection
+from quantbench.scheme import Scheme
+
+CPU = torch.device("cpu")
+
+
+def calibration_ids(vocab=320, n=6, seqlen=32, seed=0):
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def test_rtn_through_the_pipeline_equals_rtn_layer_by_layer():
+    model = tiny_llama()
+    reference = {name: quantize_rtn(layer.weight.data, Scheme(bits=3, group_size=32))
+                 for name, layer in model_linears(model).items()}
+    quantized = quantize_model(model, calibration_ids(), lambda name: Scheme(bits=3, group_size=32), CPU,
+                               batch_size=4, progress=False)
+    assert quantized.keys() == reference.keys() and len(quantized) == 14
+    for name, layer in model_linears(model).items():
+        assert torch.equal(quantized[name].codes, reference[name].codes)
+        assert torch.equal(quantized[name].scales, reference[name].scales)
+        assert torch.equal(layer.weight.data, reference[name].dequantize())
+
+
+def test_pipeline_final_hidden_states_match_a_full_forward_of_the_quantized_model():
+    """Re-propagation must feed each block what the quantized model really gives it."""
+    model = tiny_llama(layers=3)
+    ids = calibration_ids()
+    quantize_model(model, ids, lambda name: Scheme(bits=4, group_size=32), CPU, batch_size=3, progress=False)
+    inputs = capture_block_inputs(model, ids, CPU, batch_size=3)
+    for block in decoder_blocks(model):
+        inputs.hidden = run_block(block, inputs)
+    with torch.no_grad():
+        full = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
+    # the last hidden state of HF includes the final norm; compare before it
+    normed = model.model.norm(torch.cat(inputs.hidden))
+    assert torch.allclose(normed, full, atol=1e-5)
+
+
+def test_ignored_and_overridden_layers():
+    model = tiny_llama()
+    original = {n: l.weight.detach().clone() for n, l in model_linears(model).items()}
+    section = QuantizeSection(default="int4-g32-rtn", ignore=[r"\.0\.self_attn\."],
+                              overrides=[{"pattern": "down_proj", "scheme": "int8-pc-sym-rtn"}])
+    quantized = quantize_model(model, calibration_ids(), section.scheme_for, CPU, progress=False)
+    layers = model_linears(model)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        full = f"model.layers.0.self_attn.{name}"
+        assert full not in quantized and torch.equal(layers[full].weight, original[full])
+    assert quantized["model.layers.1.mlp.down_proj"].scheme.name == "int8-pc-sym-rtn"
+    assert quantized["model.layers.1.mlp.up_proj"].scheme.name == "int4-g32-rtn"
+    assert len(quantized) == 10
+
+
+def test_layer_stats_hessian_equals_direct_computation():
+    model = tiny_llama()
+    ids = calibration_ids(n=4, seqlen=16)
+    block = decoder_blocks(model)[0]
+    inputs = capture_block_inputs(model, ids, CPU, batch_size=2)
+    linears = block_linears(block)
+    seen = []
+    handle = linears["mlp.down_proj"].register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with collect_stats(linears, hessian_for={"mlp.down_proj"}) as stats:
+        run_block(block, inputs)
+    handle.remove()
+    x = torch.cat(seen)
+    assert stats["mlp.down_proj"].n_samples == 4 * 16 == x.shape[0]
+    assert torch.allclose(stats["mlp.down_proj"].hessian, 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(stats["mlp.down_proj"].act_absmax, x.abs().amax(0))
+    assert stats["self_attn.q_proj"].xtx is None  # only asked-for Hessians are accumulated
+
+
+@pytest.mark.parametrize("build, expected", [(tiny_opt, 12), (tiny_gpt_neox, 8)])
+def test_other_families_run_through_the_pipeline(build, expected):
+    model = build()
+    ids = calibration_ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    quantized = quantize_model(model, ids, lambda name: Scheme(bits=8, group_size=32), CPU, progress=False)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert len(quantized) == expected
+    assert not torch.equal(before, after)
+    assert (before - after).abs().max() < 0.05 * before.abs().max()  # 8 bits barely moves the logits
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    from transformers import GPT2Config
+
+    with pytest.raises(QuantbenchError, match="not supported; supported families: Llama"):
+        check_supported(GPT2Config())
