@@ -1,0 +1,72 @@
+"""Perplexity with the GPTQ paper's protocol.
+
+The test text (WikiText-2: rows joined by "\\n\\n") is tokenized once and cut into non-overlapping windows
+of `seqlen` tokens from the start; every window is scored independently and
+`ppl = exp(Σ NLL / number of predicted tokens)`, each window predicting its tokens 2..seqlen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantbench.calibration.sources import load_eval_text
+from quantbench.errors import QuantbenchError
+
+
+@dataclass
+class PerplexityResult:
+    dataset: str
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    windows: int
+    seqlen: int
+    tokens: int  # predicted tokens
+    text_fingerprint: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokenize_eval_text(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.int64)
+
+
+@torch.no_grad()
+def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+                      batch_size: int = 1, progress: bool = False, dataset: str = "") -> PerplexityResult:
+    available = ids.numel() // seqlen
+    if available == 0:
+        raise QuantbenchError(f"{dataset or 'text'} has {ids.numel()} tokens, fewer than eval seqlen={seqlen}")
+    windows = min(available, max_windows) if max_windows else available
+    device = next(model.parameters()).device
+    batches = ids[: windows * seqlen].view(windows, seqlen).split(batch_size)
+    nll_sum = torch.zeros((), dtype=torch.float64)
+    for batch in tqdm(batches, desc=f"perplexity {dataset}".strip(), unit="batch", disable=not progress):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                              reduction="sum")
+        nll_sum += nll.double().cpu()
+    tokens = windows * (seqlen - 1)
+    mean_nll = nll_sum.item() / tokens
+    return PerplexityResult(dataset=dataset, ppl=math.exp(mean_nll), nll=mean_nll, windows=windows,
+                            seqlen=seqlen, tokens=tokens)
+
+
+def dataset_perplexity(model: nn.Module, tokenizer, dataset: str, seqlen: int = 2048,
+                       max_windows: int | None = None, batch_size: int = 1, progress: bool = True,
+                       ids: torch.Tensor | None = None) -> PerplexityResult:
+    """Perplexity on a named dataset (`wikitext2`, `c4`) or a local text file."""
+    fingerprint = ""
+    if ids is None:
+        text, fingerprint = load_eval_text(dataset)
+        ids = tokenize_eval_text(tokenizer, text)
+    result = perplexity_of_ids(model, ids, seqlen, max_windows, batch_size, progress, dataset)
+    result.text_fingerprint = fingerprint
+    return result
