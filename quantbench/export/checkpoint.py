@@ -1,0 +1,180 @@
+"""The native quantbench checkpoint: a Hugging Face model directory whose quantized linears are stored
+as bit-packed codes.
+
+  config.json        the model config plus `quantization_config`:
+                     {"quant_method": "quantbench", "version": 1, "layers": {name: {scheme fields…, "shape"}},
+                      "tied": {dropped_key: kept_key}}
+  model.safetensors  every parameter not quantized, as it was; for each quantized linear `<name>.qweight`
+                     (int32, codes bit-packed along the input dimension, see export/packing.py),
+                     `<name>.scales` (float16 [out, groups]) and, for asymmetric schemes, `<name>.qzeros`
+                     (int32, zero points packed like the codes)
+  tokenizer files    when a tokenizer is given
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quantbench.errors import QuantbenchError
+from quantbench.fsutil import atomic_directory
+from quantbench.quantized_weight import QuantizedWeight
+from quantbench.scheme import Scheme
+
+QUANT_METHOD = "quantbench"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+PACKED_SUFFIXES = ("qweight", "scales", "qzeros")
+
+
+def save_quantized(model: nn.Module, tokenizer, quantized: dict[str, QuantizedWeight], out_dir: str | Path,
+                   force: bool = False) -> Path:
+    """Write `model` with its `quantized` layers packed. Refuses an existing `out_dir` unless `force`."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, force, what="checkpoint directory") as tmp:
+        write_checkpoint(model, tokenizer, quantized, tmp)
+    return out_dir
+
+
+def write_checkpoint(model: nn.Module, tokenizer, quantized: dict[str, QuantizedWeight], directory: Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, value in model.state_dict().items():
+        if key.removesuffix(".weight") in quantized and key.endswith(".weight"):
+            continue
+        identity = (value.data_ptr(), value.dtype, tuple(value.shape))
+        if identity in seen:  # tied weights (e.g. lm_head = embed_tokens) are stored once
+            tied[key] = seen[identity]
+            continue
+        seen[identity] = key
+        tensors[key] = value.detach().cpu().contiguous()
+    layers = {}
+    for name, qweight in quantized.items():
+        for suffix, tensor in qweight.pack().items():
+            tensors[f"{name}.{suffix}"] = tensor.cpu().contiguous()
+        layers[name] = {"scheme": qweight.scheme.name, **qweight.scheme.model_dump(), "shape": list(qweight.shape)}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    config = copy.deepcopy(model.config)
+    config.quantization_config = {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "layers": layers,
+                                  "tied": tied}
+    config.save_pretrained(directory)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+@dataclass
+class CheckpointLayer:
+    name: str
+    scheme: Scheme
+    shape: tuple[int, int]
+    stored_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.stored_bytes / (self.shape[0] * self.shape[1])
+
+
+def read_quantization_config(directory: str | Path) -> dict:
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise QuantbenchError(f"{directory} is not a checkpoint directory (no config.json)")
+    qconfig = json.loads(config_path.read_text()).get("quantization_config")
+    if not qconfig or qconfig.get("quant_method") != QUANT_METHOD:
+        raise QuantbenchError(f"{directory} is not a quantbench checkpoint (config.json has no quantbench "
+                              "quantization_config); load plain models with transformers")
+    if qconfig.get("version") != FORMAT_VERSION:
+        raise QuantbenchError(f"{directory}: checkpoint format version {qconfig.get('version')} is not supported "
+                              f"(this quantbench reads version {FORMAT_VERSION}); upgrade quantbench")
+    return qconfig
+
+
+def checkpoint_layers(directory: str | Path) -> list[CheckpointLayer]:
+    """Per-layer scheme, shape and stored bytes, read from the headers only (no weights loaded)."""
+    directory = Path(directory)
+    qconfig = read_quantization_config(directory)
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as handle:
+        keys = set(handle.keys())
+        layers = []
+        for name, entry in qconfig["layers"].items():
+            stored = 0
+            for suffix in PACKED_SUFFIXES:
+                if f"{name}.{suffix}" in keys:
+                    sl = handle.get_slice(f"{name}.{suffix}")
+                    stored += _numel(sl.get_shape()) * _dtype_bytes(sl.get_dtype())
+            scheme = Scheme(**{k: v for k, v in entry.items() if k in Scheme.model_fields})
+            layers.append(CheckpointLayer(name, scheme, tuple(entry["shape"]), stored))
+    return layers
+
+
+def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild the model of a quantbench checkpoint, its quantized linears holding the dequantized weights.
+
+    The weights equal those of the in-memory quantized model that was saved, so logits match exactly.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    qconfig = read_quantization_config(directory)
+    config = AutoConfig.from_pretrained(directory)
+    del config.quantization_config
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with _skip_weight_init():  # every weight is overwritten below
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    for name, entry in qconfig["layers"].items():
+        scheme = Scheme(**{k: v for k, v in entry.items() if k in Scheme.model_fields})
+        packed = {s: tensors.pop(f"{name}.{s}") for s in PACKED_SUFFIXES if f"{name}.{s}" in tensors}
+        weight = QuantizedWeight.unpack(scheme, tuple(entry["shape"]), packed).dequantize(dtype)
+        tensors[f"{name}.weight"] = weight
+    result = model.load_state_dict(tensors, strict=False)
+    missing = set(result.missing_keys) - set(qconfig.get("tied", {}))
+    if missing or result.unexpected_keys:
+        raise QuantbenchError(f"{directory}: checkpoint does not match its config "
+                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(result.unexpected_keys)[:3]})")
+    for dropped, kept in qconfig.get("tied", {}).items():
+        if model.get_parameter(dropped) is not model.get_parameter(kept):
+            _set_parameter(model, dropped, model.get_parameter(kept))
+    return model.to(device).eval()
+
+
+def _skip_weight_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialise normally (slower, same result)
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _set_parameter(model: nn.Module, key: str, param: nn.Parameter) -> None:
+    module_name, _, attr = key.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, param)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
+
+
+def _dtype_bytes(name: str) -> int:
+    return {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I8": 1, "I64": 8}[name]

@@ -1,0 +1,105 @@
+import pytest
+import torch
+from helpers import tiny_llama
+
+from quantbench import load_quantized, save_quantized
+from quantbench.errors import QuantbenchError
+from quantbench.export.checkpoint import checkpoint_layers
+from quantbench.pipeline import quantize_linear, quantize_model, untie_lm_head
+from quantbench.recipe import QuantizeSection
+
+IDS = torch.randint(0, 320, (3, 24), generator=torch.Generator().manual_seed(5))
+
+
+def quantize(model, **section):
+    scheme_for = QuantizeSection(**section).scheme_for
+    return quantize_model(model, IDS, scheme_for, torch.device("cpu"), progress=False)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("section", [
+    {"default": "int4-g32-rtn"},
+    {"default": "int3-g32-sym-rtn", "overrides": [{"pattern": "mlp", "scheme": "int5-pc-rtn"}]},
+    {"default": "int2-g64-rtn", "ignore": ["down_proj"]},  # 64 does not divide the MLP width of 160
+])
+def test_export_then_load_gives_identical_logits(tmp_path, tokenizer, section):
+    model = tiny_llama()
+    quantized = quantize(model, **section)
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt")
+    assert torch.equal(logits(loaded), logits(model))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tying survives
+    layers = {layer.name: layer for layer in checkpoint_layers(tmp_path / "ckpt")}
+    assert layers.keys() == quantized.keys()
+    for name, layer in layers.items():
+        assert layer.scheme == quantized[name].scheme
+        assert layer.stored_bytes * 8 >= quantized[name].storage_bits  # word padding only adds
+
+
+def test_packed_weights_are_what_is_stored(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+
+    model = tiny_llama()
+    quantized = quantize(model, default="int4-g32-rtn")
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj"
+    assert f"{name}.weight" not in tensors
+    assert tensors[f"{name}.qweight"].dtype == torch.int32
+    assert tensors[f"{name}.qweight"].shape == (160, 64 * 4 // 32)
+    assert tensors[f"{name}.scales"].dtype == torch.float16
+    assert "lm_head.weight" not in tensors  # tied to the embedding, stored once
+
+
+def test_quantized_lm_head_is_untied_and_round_trips(tmp_path, tokenizer):
+    model = tiny_llama()
+    quantized = quantize(model, default="int4-g32-rtn")
+    quantized["lm_head"] = quantize_linear(untie_lm_head(model), QuantizeSection(default="int8-g32-rtn").default)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt")
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_existing_checkpoint_is_refused_without_force(tmp_path, tokenizer):
+    model = tiny_llama()
+    quantized = quantize(model, default="int4-g32-rtn")
+    out = tmp_path / "ckpt"
+    save_quantized(model, tokenizer, quantized, out)
+    marker = out / "config.json"
+    before = marker.read_text()
+    with pytest.raises(QuantbenchError, match="already exists; pass --force"):
+        save_quantized(model, tokenizer, quantized, out)
+    assert marker.read_text() == before
+    save_quantized(model, tokenizer, quantized, out, force=True)
+    assert load_quantized(out) is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp dirs left behind
+
+
+def test_failed_export_leaves_the_earlier_checkpoint_intact(tmp_path, tokenizer):
+    model = tiny_llama()
+    quantized = quantize(model, default="int4-g32-rtn")
+    out = tmp_path / "ckpt"
+    save_quantized(model, tokenizer, quantized, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    class BrokenTokenizer:
+        def save_pretrained(self, directory):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(model, BrokenTokenizer(), quantized, out, force=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_loading_a_plain_model_directory_is_a_clear_error(tmp_path, model_dir):
+    with pytest.raises(QuantbenchError, match="not a quantbench checkpoint"):
+        load_quantized(model_dir)
+    with pytest.raises(QuantbenchError, match="no config.json"):
+        load_quantized(tmp_path)
