@@ -1,0 +1,208 @@
+"""The YAML recipe, validated by pydantic. Every error names the field, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantbench.errors import QuantbenchError
+from quantbench.scheme import Scheme
+
+
+def _scheme_from_yaml(value: Any) -> Any:
+    """A scheme may be written as its canonical name (`int4-g128-rtn`) or as a mapping of fields."""
+    if isinstance(value, str):
+        try:
+            return Scheme.parse(value)
+        except QuantbenchError as exc:
+            raise ValueError(str(exc)) from None
+    return value
+
+
+SchemeSpec = Annotated[Scheme, BeforeValidator(_scheme_from_yaml)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{pattern!r} is not a valid regular expression ({exc})") from None
+    return pattern
+
+
+class ModelSection(_Section):
+    name: str = Field(description="hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or local directory")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    trust_remote_code: bool = False
+
+
+class CalibrationSection(_Section):
+    source: str = Field("c4", description="wikitext2 | c4 | hub dataset id | local .txt/.jsonl/.json/.parquet")
+    split: str | None = None
+    text_field: str = "text"
+    n_samples: int = Field(128, ge=1)
+    seqlen: int = Field(2048, ge=16)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, description="calibration sequences per forward pass")
+
+
+class Override(_Section):
+    pattern: str = Field(description="regex searched in the full module name")
+    scheme: SchemeSpec
+
+    _regex = field_validator("pattern")(classmethod(lambda cls, v: _check_regex(v)))
+
+
+class QuantizeSection(_Section):
+    default: SchemeSpec = Scheme()
+    overrides: list[Override] = []
+    ignore: list[str] = Field([], description="regexes of layers left in full precision")
+    lm_head: SchemeSpec | None = Field(None, description="scheme for lm_head; null leaves it alone")
+
+    @field_validator("ignore")
+    @classmethod
+    def _regexes(cls, patterns: list[str]) -> list[str]:
+        return [_check_regex(p) for p in patterns]
+
+    def scheme_for(self, layer: str) -> Scheme | None:
+        """The scheme of a layer by full module name: None if ignored, else the first matching override,
+        else the default."""
+        if any(re.search(p, layer) for p in self.ignore):
+            return None
+        for override in self.overrides:
+            if re.search(override.pattern, layer):
+                return override.scheme
+        return self.default
+
+
+class EvalSection(_Section):
+    perplexity: list[str] = Field(["wikitext2"], description="wikitext2 | c4 | local text file")
+    seqlen: int = Field(2048, ge=16)
+    max_windows: int | None = Field(None, ge=1, description="score only the first N windows")
+    batch_size: int = Field(1, ge=1)
+    baseline: bool = Field(True, description="also evaluate the full-precision model")
+
+
+class ExportSection(_Section):
+    enabled: bool = True
+    dir: str | None = Field(None, description="default: <output.dir>/checkpoint")
+    format: Literal["quantbench"] = "quantbench"
+
+
+class OutputSection(_Section):
+    dir: str | None = Field(None, description="run directory; default: runs/<name>")
+
+
+class Recipe(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    model: ModelSection
+    calibration: CalibrationSection = CalibrationSection()
+    quantize: QuantizeSection = QuantizeSection()
+    eval: EvalSection = EvalSection()
+    export: ExportSection = ExportSection()
+    output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _lm_head_needs_no_calibration(self) -> "Recipe":
+        from quantbench.quantizers import solver_for
+
+        if self.quantize.lm_head is not None and solver_for(self.quantize.lm_head).needs_hessian:
+            raise ValueError("quantize.lm_head: only solvers without calibration statistics (rtn) are supported")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir or f"runs/{self.name}")
+
+    @property
+    def export_dir(self) -> Path:
+        return Path(self.export.dir) if self.export.dir else self.run_dir / "checkpoint"
+
+    def canonical(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.canonical(), sort_keys=True).encode()).hexdigest()
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise QuantbenchError(f"recipe {path} not found; give the path of a YAML recipe (see recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise QuantbenchError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise QuantbenchError(f"{path}: a recipe is a YAML mapping with sections model, calibration, quantize, ...")
+    data.setdefault("name", path.stem)
+    return parse_recipe(data, source=str(path))
+
+
+def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise QuantbenchError("\n".join(f"{source}: {line}" for line in describe_errors(exc, Recipe))) from None
+
+
+def describe_errors(exc: ValidationError, root: type[BaseModel]) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        loc = [part for part in error["loc"] if not _is_internal_loc(part)]
+        field = ".".join(str(part) for part in loc) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            parent = ".".join(str(p) for p in loc[:-1]) or "the top level"
+            allowed = ", ".join(_allowed_keys(root, loc[:-1])) or "none"
+            lines.append(f"{field}: unknown key {loc[-1]!r} in {parent}; allowed keys: {allowed}")
+        elif error["type"] == "missing":
+            lines.append(f"{field}: required but missing; add it")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{field}: {message} (got {error.get('input')!r})")
+    return lines
+
+
+def _is_internal_loc(part) -> bool:
+    # pydantic names union members and validator wrappers in the location; users never wrote those
+    return isinstance(part, str) and (part.startswith(("function-", "lax-", "json-")) or part in ("Scheme", "str"))
+
+
+def _allowed_keys(root: type[BaseModel], loc: list) -> list[str]:
+    model = root
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _model_in(typing.get_args(annotation)[0])
+    if origin in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found:
+                return found
+    return None

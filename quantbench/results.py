@@ -1,0 +1,86 @@
+"""`RunResult` pieces: sizes of the quantized model, the environment, peak memory."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import subprocess
+import sys
+from collections import Counter
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantbench.quantized_weight import QuantizedWeight
+
+PACKAGES = ("quantbench", "torch", "transformers", "datasets", "safetensors", "pydantic", "lm_eval", "pulp")
+
+
+def quantization_summary(model: nn.Module, quantized: dict[str, QuantizedWeight], linears: dict[str, nn.Linear]) -> dict:
+    """Schemes used, average bits/weight and bytes: quantized layers packed, everything else as stored."""
+    quantized_bits = sum(q.storage_bits for q in quantized.values())
+    quantized_params = sum(q.codes.numel() for q in quantized.values())
+    linear_params = sum(layer.weight.numel() for layer in linears.values())
+    unique = {p.data_ptr(): p for p in model.parameters()}
+    other_bytes = sum(p.numel() * p.element_size() for p in unique.values()) - sum(
+        model.get_parameter(f"{name}.weight").numel() * model.get_parameter(f"{name}.weight").element_size()
+        for name in quantized
+    )
+    return {
+        "schemes": dict(Counter(q.scheme.name for q in quantized.values())),
+        "layers": {name: q.scheme.name for name, q in quantized.items()},
+        "quantized_layers": len(quantized),
+        "full_precision_linears": len(linears) - sum(1 for n in linears if n in quantized),
+        "avg_bits_per_weight": quantized_bits / quantized_params if quantized_params else None,
+        "block_linear_params": linear_params,
+        "quantized_params": quantized_params,
+        "weight_bytes": {
+            "quantized_layers": quantized_bits // 8,
+            "quantized_layers_fp16": quantized_params * 2,
+            "other_params": other_bytes,
+            "total": quantized_bits // 8 + other_bytes,
+        },
+        "compression_vs_fp16": (quantized_params * 16 / quantized_bits) if quantized_bits else None,
+    }
+
+
+def environment(device: torch.device) -> dict:
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = version(package.replace("_", "-"))
+        except PackageNotFoundError:
+            versions[package] = None
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": device_name,
+        "torch_threads": torch.get_num_threads(),
+        "packages": versions,
+        "git_revision": git_revision(),
+    }
+
+
+def git_revision() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def peak_memory(device: torch.device) -> dict:
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"cpu_rss_mb": round(rss_kb / 1024, 1)}
+    if device.type == "cuda":
+        peak["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak

@@ -1,0 +1,120 @@
+"""The `run` chain: recipe → model → baseline eval → calibration → quantization → eval → export → result."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import yaml
+
+from quantbench.calibration import calibration_batches
+from quantbench.calibration.sources import load_eval_text
+from quantbench.eval.perplexity import perplexity_of_ids, tokenize_eval_text
+from quantbench.export.checkpoint import save_quantized, write_checkpoint
+from quantbench.fsutil import atomic_directory, refuse_existing
+from quantbench.model_io import load_model, model_linears, resolve_device, resolve_dtype
+from quantbench.pipeline import quantize_linear, quantize_model, untie_lm_head
+from quantbench.recipe import Recipe
+from quantbench.results import environment, peak_memory, quantization_summary
+
+log = logging.getLogger(__name__)
+RESULT_FILE = "result.json"
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - start, 3)
+
+
+def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> dict:
+    """Run a whole recipe; returns the result that is also written to `<run dir>/result.json`."""
+    run_dir = recipe.run_dir
+    refuse_existing(run_dir, force, "run directory")
+    if recipe.export.enabled and recipe.export.dir:
+        refuse_existing(recipe.export_dir, force, "export directory")
+    device = resolve_device(recipe.model.device)
+    dtype = resolve_dtype(recipe.model.dtype, device)
+    timer = Timer()
+    started = time.perf_counter()
+
+    with timer("load"):
+        model, tokenizer = load_model(recipe.model.name, dtype, recipe.model.trust_remote_code)
+    eval_ids = {}
+    with timer("eval_data"):
+        for dataset in recipe.eval.perplexity:
+            text, fingerprint = load_eval_text(dataset)
+            eval_ids[dataset] = (tokenize_eval_text(tokenizer, text), fingerprint)
+
+    baseline = {}
+    if recipe.eval.baseline:
+        with timer("eval_baseline"):
+            baseline = evaluate(model, eval_ids, recipe, device, progress)
+
+    with timer("calibration"):
+        cal = recipe.calibration
+        input_ids = calibration_batches(tokenizer, cal.source, cal.n_samples, cal.seqlen, cal.seed,
+                                        split=cal.split, text_field=cal.text_field)
+    with timer("quantize"):
+        quantized = quantize_model(model, input_ids, recipe.quantize.scheme_for, device,
+                                   batch_size=cal.batch_size, progress=progress)
+        if recipe.quantize.lm_head is not None:
+            quantized["lm_head"] = quantize_linear(untie_lm_head(model), recipe.quantize.lm_head)
+    with timer("eval_quantized"):
+        quantized_ppl = evaluate(model, eval_ids, recipe, device, progress)
+
+    linears = model_linears(model)
+    result = {
+        "name": recipe.name,
+        "recipe": recipe.canonical(),
+        "recipe_hash": recipe.hash(),
+        "model": recipe.model.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "calibration": {"source": cal.source, "n_samples": cal.n_samples, "seqlen": cal.seqlen, "seed": cal.seed},
+        "quantization": quantization_summary(model, quantized, linears),
+        "perplexity": {"baseline": baseline, "quantized": quantized_ppl},
+    }
+    with atomic_directory(run_dir, force, "run directory") as tmp:
+        if recipe.export.enabled:
+            with timer("export"):
+                if recipe.export.dir:
+                    save_quantized(model, tokenizer, quantized, recipe.export_dir, force=force)
+                else:
+                    write_checkpoint(model, tokenizer, quantized, tmp / "checkpoint")
+            result["checkpoint"] = str(recipe.export_dir)
+        timer.seconds["total"] = round(time.perf_counter() - started, 3)
+        result.update(timings_s=timer.seconds, peak_memory=peak_memory(device), environment=environment(device),
+                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.canonical(), sort_keys=False))
+    return result
+
+
+def evaluate(model, eval_ids: dict, recipe: Recipe, device: torch.device, progress: bool) -> dict:
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        results = {}
+        for dataset, (ids, fingerprint) in eval_ids.items():
+            ppl = perplexity_of_ids(model, ids, recipe.eval.seqlen, recipe.eval.max_windows,
+                                    recipe.eval.batch_size, progress, dataset)
+            ppl.text_fingerprint = fingerprint
+            results[dataset] = ppl.to_dict()
+        return results
+    finally:
+        model.to(home)
+
+
+def read_result(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / RESULT_FILE).read_text())

@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from quantbench import load_quantized
+from quantbench.cli import app
+
+runner = CliRunner()
+
+
+def make_recipe(tmp_path, model_dir, text_file, **changes):
+    data = {
+        "name": "tiny",
+        "model": {"name": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "calibration": {"source": str(text_file), "n_samples": 4, "seqlen": 32, "seed": 0},
+        "quantize": {"default": "int4-g32-rtn", "overrides": [{"pattern": "down_proj", "scheme": "int8-pc-rtn"}]},
+        "eval": {"perplexity": [str(text_file)], "seqlen": 64, "max_windows": 4},
+        "output": {"dir": str(tmp_path / "runs" / "tiny")},
+    }
+    for section, values in changes.items():
+        data[section].update(values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_run_writes_result_checkpoint_and_summary(tmp_path, model_dir, text_file):
+    recipe = make_recipe(tmp_path, model_dir, text_file)
+    result = invoke("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "tiny"
+    saved = json.loads((run_dir / "result.json").read_text())
+    q = saved["quantization"]
+    assert q["schemes"] == {"int4-g32-rtn": 12, "int8-pc-rtn": 2} and q["quantized_layers"] == 14
+    assert 4 < q["avg_bits_per_weight"] < 5.5
+    assert q["weight_bytes"]["quantized_layers"] < q["weight_bytes"]["quantized_layers_fp16"] / 2.5
+    ppl = saved["perplexity"]
+    dataset = str(text_file)
+    assert ppl["baseline"][dataset]["windows"] == ppl["quantized"][dataset]["windows"] == 4
+    assert ppl["quantized"][dataset]["ppl"] != ppl["baseline"][dataset]["ppl"]
+    for key in ("recipe_hash", "timings_s", "peak_memory", "environment", "dtype", "checkpoint"):
+        assert saved[key]
+    assert saved["environment"]["packages"]["torch"].startswith("2.")
+    assert {"load", "calibration", "quantize", "eval_quantized", "export", "total"} <= saved["timings_s"].keys()
+
+    model = load_quantized(run_dir / "checkpoint")
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+
+    inspected = invoke("inspect", run_dir, "--json")
+    assert inspected.exit_code == 0, inspected.output
+    layers = json.loads(inspected.output)
+    assert len(layers) == 14 and {layer["scheme"] for layer in layers} == {"int4-g32-rtn", "int8-pc-rtn"}
+
+    evaluated = invoke("eval", run_dir, "--dataset", text_file, "--seqlen", 64, "--max-windows", 4)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert f"{ppl['quantized'][dataset]['ppl']:.3f}" in evaluated.output  # the checkpoint scores as in the run
+
+
+def test_existing_run_is_refused_without_force_and_kept(tmp_path, model_dir, text_file):
+    recipe = make_recipe(tmp_path, model_dir, text_file, eval={"baseline": False})
+    assert invoke("run", recipe, "--quiet").exit_code == 0
+    result_file = tmp_path / "runs" / "tiny" / "result.json"
+    before = result_file.read_text()
+    again = invoke("run", recipe, "--quiet")
+    assert again.exit_code == 2
+    assert "already exists; pass --force" in again.output
+    assert result_file.read_text() == before
+    forced = invoke("run", recipe, "--quiet", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert result_file.read_text() != before
+
+
+def test_failed_run_with_force_keeps_the_earlier_results(tmp_path, model_dir, text_file):
+    recipe = make_recipe(tmp_path, model_dir, text_file, eval={"baseline": False})
+    assert invoke("run", recipe, "--quiet").exit_code == 0
+    before = (tmp_path / "runs" / "tiny" / "result.json").read_text()
+    broken = make_recipe(tmp_path, model_dir, text_file, eval={"baseline": False},
+                         calibration={"seqlen": 100000})
+    result = invoke("run", broken, "--quiet", "--force")
+    assert result.exit_code == 2 and "fewer than calibration.seqlen=100000" in result.output
+    assert (tmp_path / "runs" / "tiny" / "result.json").read_text() == before
+
+
+def test_missing_model_is_a_clear_error(tmp_path, text_file):
+    recipe = make_recipe(tmp_path, tmp_path / "no-such-model", text_file)
+    result = invoke("run", recipe, "--quiet")
+    assert result.exit_code == 2
+    assert "could not load" in result.output and "no-such-model" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate(tmp_path, model_dir, text_file):
+    good = invoke("validate", make_recipe(tmp_path, model_dir, text_file))
+    assert good.exit_code == 0 and "ok" in good.output
+    bad = make_recipe(tmp_path, model_dir, text_file, quantize={"default": {"bits": 1}})
+    result = invoke("validate", bad)
+    assert result.exit_code == 2
+    assert "quantize.default.bits: Input should be greater than or equal to 2 (got 1)" in result.output
+
+
+def test_eval_plain_model_directory(model_dir, text_file):
+    result = invoke("eval", model_dir, "--dataset", text_file, "--seqlen", 64, "--max-windows", 2, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "perplexity of" in result.output
+
+
+def test_inspect_rejects_a_plain_model(model_dir):
+    result = invoke("inspect", model_dir)
+    assert result.exit_code == 2 and "not a quantbench checkpoint" in result.output

@@ -1,0 +1,64 @@
+"""The real SmolLM2-135M-Instruct and WikiText-2 from the materialized assets (see ../shared/ASSETS.md)."""
+
+import math
+
+import pytest
+import torch
+
+from quantbench import load_quantized, save_quantized
+from quantbench.calibration import calibration_batches
+from quantbench.calibration.sources import load_eval_text
+from quantbench.eval.perplexity import perplexity_of_ids, tokenize_eval_text
+from quantbench.model_io import load_model, model_linears
+from quantbench.pipeline import quantize_linear, quantize_model
+from quantbench.scheme import Scheme
+
+pytestmark = pytest.mark.integration
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def wikitext_ids(assets):
+    _, tokenizer = load_model(MODEL_ID, torch.float32)
+    text, _ = load_eval_text("wikitext2")
+    return tokenize_eval_text(tokenizer, text)
+
+
+def test_perplexity_protocol_matches_the_reference_computation(assets, wikitext_ids):
+    model, _ = load_model(MODEL_ID, torch.float32)
+    seqlen = 2048
+    ours = perplexity_of_ids(model, wikitext_ids, seqlen, max_windows=1)
+    with torch.no_grad():  # the reference tool's way: HF's shifted mean loss over one window
+        x = wikitext_ids[:seqlen][None]
+        reference = math.exp(model(input_ids=x, labels=x).loss.item())
+    assert ours.windows == 1 and math.isclose(ours.ppl, reference, rel_tol=1e-4)
+    assert 10 < ours.ppl < 40
+
+
+def test_real_model_quantize_export_load_identical_logits(assets, tmp_path):
+    model, tokenizer = load_model(MODEL_ID, torch.float32)
+    calibration = calibration_batches(tokenizer, "c4", 2, 64, seed=0)
+    quantized = quantize_model(model, calibration, lambda name: Scheme.parse("int4-g128-rtn"),
+                               torch.device("cpu"), progress=False)
+    assert len(quantized) == 30 * 7
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt")
+    ids = tokenizer("The capital of France is Paris, and the capital of Italy is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_dithered_model_perplexity_orders_by_bits(assets, wikitext_ids):
+    """fp < int8 < int4 < int3 < int2 on the dithered copy (weights off any low-bit grid)."""
+    path = str(assets / "models" / "smollm2-135m-dithered")
+    results = {}
+    for name in ("fp", "int8-pc-rtn", "int4-g128-rtn", "int3-g128-rtn", "int2-g128-rtn"):
+        model, _ = load_model(path, torch.float32)
+        if name != "fp":
+            for linear in model_linears(model).values():
+                quantize_linear(linear, Scheme.parse(name))
+        results[name] = perplexity_of_ids(model, wikitext_ids, 2048, max_windows=1).ppl
+    ppl = list(results.values())
+    assert ppl == sorted(ppl), results
+    assert ppl[1] < ppl[0] * 1.02  # 8 bits per channel is nearly lossless
+    assert ppl[4] > 2 * ppl[0]  # 2 bits is not
