@@ -76,6 +76,10 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
                    batch_size: int = 8, progress: bool = True) -> dict[str, QuantizedWeight]:
     """Quantize every decoder-block linear that `scheme_for(full_name)` assigns a scheme, in place.
 
+    Per block: if any of its solvers reads calibration statistics, run the block once with input hooks
+    filling `LayerStats`; quantize each linear; run the block again (quantized) to make the next block's
+    inputs.
+
     The model's weights are replaced by their dequantized values (in the model's dtype); the returned
     QuantizedWeights (on CPU) hold the codes that export packs.
     """
@@ -91,12 +95,13 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
             linears = block_linears(block)
             schemes = {name: scheme_for(f"{prefix}.{index}.{name}") for name in linears}
             schemes = {name: scheme for name, scheme in schemes.items() if scheme is not None}
-            if schemes:
-                hessian_for = {name for name, scheme in schemes.items() if solver_for(scheme).needs_hessian}
+            hessian_for = {name for name, scheme in schemes.items() if solver_for(scheme).needs_hessian}
+            stats = {}
+            if hessian_for:  # a statistics pass costs a block forward: run it only for solvers that read it
                 with collect_stats({name: linears[name] for name in schemes}, hessian_for) as stats:
                     run_block(block, inputs)
-                for name, scheme in schemes.items():
-                    results[f"{prefix}.{index}.{name}"] = quantize_linear(linears[name], scheme, stats[name])
+            for name, scheme in schemes.items():
+                results[f"{prefix}.{index}.{name}"] = quantize_linear(linears[name], scheme, stats.get(name))
             inputs.hidden = run_block(block, inputs)
             block.to(home)
     finally:

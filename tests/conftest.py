@@ -10,7 +10,23 @@ from helpers import pseudo_text, tiny_llama, tiny_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(os.environ.get("QUANTBENCH_ASSETS", ROOT / ".assets"))
-MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _use_offline_assets() -> None:
+    """Point the Hugging Face libraries at the materialized caches, as `source .assets/env.sh` does.
+
+    Done at import time: huggingface_hub reads these variables once, when it is first imported.
+    """
+    env_file = ASSETS / "env.sh"
+    if not env_file.is_file():
+        return
+    for line in env_file.read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            os.environ.setdefault(key, value.strip('"'))
+
+
+_use_offline_assets()
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -51,8 +67,4 @@ def assets() -> Path:
         if os.environ.get("CI"):
             pytest.fail(f"{ASSETS} is missing: run `make assets` (CI must build the assets before the tests)")
         pytest.skip(f"{ASSETS} not built: run `make assets`")
-    for line in (ASSETS / "env.sh").read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line.removeprefix("export ").partition("=")
-            os.environ[key] = value.strip('"')
     return ASSETS

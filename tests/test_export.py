@@ -103,3 +103,15 @@ def test_loading_a_plain_model_directory_is_a_clear_error(tmp_path, model_dir):
         load_quantized(model_dir)
     with pytest.raises(QuantbenchError, match="no config.json"):
         load_quantized(tmp_path)
+
+
+def test_checkpoint_records_the_real_weight_dtype(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_llama().config, dtype=torch.bfloat16).eval()
+    model.config.dtype = torch.float32  # a config that misstates the weights' dtype
+    quantized = quantize(model, default="int4-g32-rtn")
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt")
+    assert loaded.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(logits(loaded), logits(model))

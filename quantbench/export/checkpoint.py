@@ -67,6 +67,7 @@ def write_checkpoint(model: nn.Module, tokenizer, quantized: dict[str, Quantized
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
     config = copy.deepcopy(model.config)
+    config.dtype = next(model.parameters()).dtype  # what the weights really are, whatever the config said
     config.quantization_config = {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "layers": layers,
                                   "tied": tied}
     config.save_pretrained(directory)

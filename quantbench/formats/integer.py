@@ -41,13 +41,13 @@ class IntFormat:
         """Fit scale and zero for each row of `w` ([rows, cols], reduced along cols)."""
         w = w.float()
         if self.symmetric:
-            scale = w.abs().amax(dim=1, keepdim=True) / (self.sym_zero - 1)
-            scale = _storable(scale)
+            absmax = w.abs().amax(dim=1, keepdim=True)
+            scale = _storable(_exact_div(absmax, self.sym_zero - 1))
             zero = torch.full_like(scale, float(self.sym_zero))
         else:
             lo = w.amin(dim=1, keepdim=True).clamp(max=0)
             hi = w.amax(dim=1, keepdim=True).clamp(min=0)
-            scale = _storable((hi - lo) / self.max_code)
+            scale = _storable(_exact_div(hi - lo, self.max_code))
             zero = torch.round(-lo / scale).clamp(0, self.max_code)
         return GridParams(scale=scale, zero=zero)
 
@@ -64,6 +64,12 @@ class IntFormat:
     def round(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
         """The nearest grid point of every element: decode(encode(w))."""
         return self.decode(self.encode(w, params), params)
+
+
+def _exact_div(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """IEEE division on every device (CUDA turns division by a Python scalar into a reciprocal multiply,
+    which can differ by one ulp and would make codes depend on the device)."""
+    return x / torch.full_like(x, float(divisor))
 
 
 def _storable(scale: torch.Tensor) -> torch.Tensor:
