@@ -22,7 +22,7 @@ import torch
 
 from quantbench import load_quantized, save_quantized
 from quantbench.eval.perplexity import perplexity_of_ids
-from quantbench.model_io import model_linears
+from quantbench.model_io import decoder_blocks, model_linears
 from quantbench.pipeline import quantize_model
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.quantizers.rtn import quantize_rtn
@@ -61,11 +61,12 @@ def timed(fn, device, repeat=1):
 
 
 def build_model(size: str, dtype, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     config = LlamaConfig(**SIZES[size], max_position_embeddings=4096, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).to(dtype).eval()  # built on CPU, where real checkpoints load
+    # built on CPU in `dtype` the way from_pretrained builds it (rotary buffers stay float32)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def main() -> None:
@@ -111,7 +112,10 @@ def main() -> None:
     if device.type == "cuda":
         figures["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
 
-    # RTN alone on the device, all layers, for the breakdown
+    # the breakdown: moving every block to the device and back, and RTN alone on the device
+    blocks = decoder_blocks(model)
+    transfer_s, _ = timed(lambda: [block.to(device).to("cpu") for block in blocks], device)
+    figures["block_transfers_s"] = round(transfer_s, 3)
     rtn_s, _ = timed(lambda: [quantize_rtn(w.to(device, non_blocking=True), scheme) for w in originals.values()],
                      device)
     figures["rtn_all_layers_s"] = round(rtn_s, 3)
