@@ -7,14 +7,16 @@ time; the rest of the model stays where it was loaded (usually CPU).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantbench.calibration.stats import collect_stats
+from quantbench.calibration.stats import StopForward, collect_stats, input_sharing
 from quantbench.model_io import block_linears, blocks_path, decoder_blocks, move_except_blocks
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.quantizers import solver_for
@@ -33,8 +35,37 @@ class BlockInputs:
     kwargs: list[dict]
 
 
-class _StopForward(Exception):
-    pass
+class StageTimer:
+    """Seconds per pipeline stage; synchronises the device around each timed span so GPU work is
+    charged to the stage that launched it. `fine=True` also times the Hessian accumulation inside hooks."""
+
+    def __init__(self, device: torch.device, fine: bool = False) -> None:
+        self.device, self.fine = device, fine
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        if stage == "hessian" and not self.fine:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def summary(self) -> dict[str, float]:
+        """Rounded seconds; the stats passes are reported without the Hessian time they contain."""
+        out = dict(self.seconds)
+        if "hessian" in out and "stats_forward" in out:
+            out["stats_forward"] -= out["hessian"]
+        return {k: round(v, 3) for k, v in out.items()}
 
 
 @torch.no_grad()
@@ -48,14 +79,14 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device: torc
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.hidden.append(hidden)
         captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopForward
+        raise StopForward
 
     handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for batch in input_ids.split(batch_size):
             try:
                 model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()
@@ -72,53 +103,102 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def feed_block(block: nn.Module, inputs: BlockInputs, batches: int | None = None) -> None:
+    """Run the block for its hooks' sake; a hook may cut a pass short with StopForward."""
+    for hidden, kwargs in list(zip(inputs.hidden, inputs.kwargs))[:batches]:
+        try:
+            block(hidden, **kwargs)
+        except StopForward:
+            pass
+
+
+@torch.no_grad()
 def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: SchemeLookup, device: torch.device,
-                   batch_size: int = 8, progress: bool = True) -> dict[str, QuantizedWeight]:
+                   batch_size: int = 8, progress: bool = True, true_sequential: bool = True,
+                   timer: StageTimer | None = None) -> dict[str, QuantizedWeight]:
     """Quantize every decoder-block linear that `scheme_for(full_name)` assigns a scheme, in place.
 
-    Per block: if any of its solvers reads calibration statistics, run the block once with input hooks
-    filling `LayerStats`; quantize each linear; run the block again (quantized) to make the next block's
-    inputs.
-
-    The model's weights are replaced by their dequantized values (in the model's dtype); the returned
-    QuantizedWeights (on CPU) hold the codes that export packs.
+    Per block: when a solver reads calibration statistics, the block's linears are grouped by the input
+    they share (q/k/v, o, gate/up, down) and, with `true_sequential`, each group is calibrated on inputs
+    produced by the already-quantized earlier groups; layers sharing an input share one Hessian. Then the
+    block runs again, quantized, to make the next block's inputs. The model's weights are replaced by
+    their dequantized values; the returned QuantizedWeights (on CPU) hold the codes that export packs.
     """
+    timer = timer or StageTimer(device)
     home = next(model.parameters()).device
     prefix = blocks_path(model)
     blocks = decoder_blocks(model)
     move_except_blocks(model, device)
     try:
-        inputs = capture_block_inputs(model, input_ids, device, batch_size)
+        with timer("capture"):
+            inputs = capture_block_inputs(model, input_ids, device, batch_size)
         results: dict[str, QuantizedWeight] = {}
         for index, block in enumerate(tqdm(blocks, desc="quantize blocks", unit="block", disable=not progress)):
-            block.to(device)
+            with timer("transfer"):
+                block.to(device)
             linears = block_linears(block)
             schemes = {name: scheme_for(f"{prefix}.{index}.{name}") for name in linears}
             schemes = {name: scheme for name, scheme in schemes.items() if scheme is not None}
-            hessian_for = {name for name, scheme in schemes.items() if solver_for(scheme).needs_hessian}
-            stats = {}
-            if hessian_for:  # a statistics pass costs a block forward: run it only for solvers that read it
-                with collect_stats({name: linears[name] for name in schemes}, hessian_for) as stats:
-                    run_block(block, inputs)
-            for name, scheme in schemes.items():
-                results[f"{prefix}.{index}.{name}"] = quantize_linear(linears[name], scheme, stats.get(name))
-            inputs.hidden = run_block(block, inputs)
-            block.to(home)
+            for name, quantized in quantize_block(block, linears, schemes, inputs, true_sequential, timer).items():
+                results[f"{prefix}.{index}.{name}"] = quantized
+            with timer("propagate"):
+                inputs.hidden = run_block(block, inputs)
+            with timer("transfer"):
+                block.to(home)
     finally:
         model.to(home)
     return results
+
+
+def quantize_block(block: nn.Module, linears: dict[str, nn.Linear], schemes: dict[str, Scheme],
+                   inputs: BlockInputs, true_sequential: bool, timer: StageTimer) -> dict[str, QuantizedWeight]:
+    needs_hessian = {name for name, scheme in schemes.items() if solver_for(scheme).needs_hessian}
+    if not needs_hessian:  # a statistics pass costs a block forward: skip it when no solver reads one
+        with timer("solve"):
+            return {name: quantize_linear(linears[name], scheme) for name, scheme in schemes.items()}
+    quantized_linears = {name: linears[name] for name in schemes}
+    groups = input_sharing(block, quantized_linears, lambda: feed_block(block, inputs, batches=1))
+    stages = groups if true_sequential else [[name for group in groups for name in group]]
+    results = {}
+    for stage in stages:
+        shared = {follower: group[0] for group in groups for follower in group[1:] if follower in stage}
+        stats = dict.fromkeys(stage)
+        if needs_hessian & set(stage):
+            with timer("stats_forward"):
+                with collect_stats({name: linears[name] for name in stage}, needs_hessian & set(stage), shared,
+                                   stop_when_seen=True, timed=timer) as stats:
+                    feed_block(block, inputs)
+        with timer("solve"):
+            for names in _solve_together(stage, schemes, stats):
+                results.update(quantize_linears([linears[n] for n in names], names, schemes[names[0]], stats[names[0]]))
+    return results
+
+
+def _solve_together(stage: list[str], schemes: dict[str, Scheme], stats: dict) -> list[list[str]]:
+    """Layers with one scheme and one LayerStats object are solved as one matrix (rows are independent)."""
+    batches: dict[tuple, list[str]] = {}
+    for name in stage:
+        batches.setdefault((schemes[name], id(stats[name])), []).append(name)
+    return list(batches.values())
+
+
+def quantize_linears(layers: list[nn.Linear], names: list[str], scheme: Scheme, stats=None) -> dict[str, QuantizedWeight]:
+    """Quantize layers that share a scheme and an input by stacking their rows into one solve."""
+    if len(layers) == 1:
+        return {names[0]: quantize_linear(layers[0], scheme, stats)}
+    stacked = torch.cat([layer.weight.data for layer in layers])
+    quantized = solver_for(scheme).quantize(stacked, scheme, stats)
+    parts = quantized.split_rows([layer.out_features for layer in layers])
+    for layer, part in zip(layers, parts):
+        layer.weight.data = part.dequantize(layer.weight.dtype).to(layer.weight.device)
+    return {name: part.to("cpu") for name, part in zip(names, parts)}
 
 
 def quantize_linear(linear: nn.Linear, scheme: Scheme, stats=None) -> QuantizedWeight:
     """Quantize one linear in place (its weight becomes the dequantized value) and return the codes on CPU."""
     quantized = solver_for(scheme).quantize(linear.weight.data, scheme, stats)
     linear.weight.data = quantized.dequantize(linear.weight.dtype).to(linear.weight.device)
-    return QuantizedWeight(
-        scheme=quantized.scheme,
-        codes=quantized.codes.cpu(),
-        scales=quantized.scales.cpu(),
-        zeros=None if quantized.zeros is None else quantized.zeros.cpu(),
-    )
+    return quantized.to("cpu")
 
 
 def untie_lm_head(model: nn.Module) -> nn.Linear:

@@ -17,14 +17,28 @@ class QuantizedWeight:
     """Codes of a [out, in] weight with per-(row, group) scales and zeros.
 
     codes: uint8 [out, in]; scales: float16 [out, n_groups]; zeros: uint8 [out, n_groups], or None for
-    symmetric schemes (zero is 2^(bits−1)). Group g covers input columns [g·G, (g+1)·G); the last group
-    may be shorter when G does not divide `in`.
+    symmetric schemes (zero is 2^(bits−1)). Without `g_idx`, group g covers input columns [g·G, (g+1)·G)
+    (the last group may be shorter when G does not divide `in`). With `g_idx` (int32 [in], as GPTQ's
+    act_order produces), column c belongs to group g_idx[c].
     """
 
     scheme: Scheme
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
+    g_idx: torch.Tensor | None = None
+
+    @classmethod
+    def from_params(cls, scheme: Scheme, codes: torch.Tensor, params: GridParams,
+                    g_idx: torch.Tensor | None = None) -> "QuantizedWeight":
+        """Build from float codes and per-group parameters shaped [out, n_groups]."""
+        return cls(
+            scheme=scheme,
+            codes=codes.to(torch.uint8).contiguous(),
+            scales=params.scale.half().contiguous(),
+            zeros=None if scheme.symmetric else params.zero.to(torch.uint8).contiguous(),
+            g_idx=None if g_idx is None else g_idx.to(torch.int32).contiguous(),
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -39,38 +53,42 @@ class QuantizedWeight:
         return math.ceil(self.shape[1] / self.group_size)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """`(code − zero) · scale` in float32, broadcast per group, then cast to `dtype`."""
+        """`(code − zero) · scale` in float32, then cast to `dtype`."""
+        fmt = format_for(self.scheme)
+        scale = self.scales.float()
+        zero = self.zeros.float() if self.zeros is not None else torch.full_like(scale, float(fmt.sym_zero))
+        if self.g_idx is not None:
+            index = self.g_idx.long()
+            return fmt.decode(self.codes, GridParams(scale=scale[:, index], zero=zero[:, index])).to(dtype)
         out_features, in_features = self.shape
         group, n_groups = self.group_size, self.n_groups
         codes = self.codes
         if n_groups * group != in_features:
             codes = torch.nn.functional.pad(codes, (0, n_groups * group - in_features))
-        codes = codes.view(out_features, n_groups, group)
-        scale = self.scales.float().unsqueeze(-1)
-        if self.zeros is None:
-            zero = torch.tensor(float(format_for(self.scheme).sym_zero), device=codes.device)
-        else:
-            zero = self.zeros.float().unsqueeze(-1)
-        weight = format_for(self.scheme).decode(codes, GridParams(scale=scale, zero=zero))
+        params = GridParams(scale=scale.unsqueeze(-1), zero=zero.unsqueeze(-1))
+        weight = fmt.decode(codes.view(out_features, n_groups, group), params)
         return weight.view(out_features, n_groups * group)[:, :in_features].to(dtype)
 
     @property
     def storage_bits(self) -> int:
-        """Bits needed to store this layer: codes plus per-group scales (and zeros)."""
+        """Bits needed to store this layer: codes, per-group scales (and zeros), and g_idx if any."""
         out_features, in_features = self.shape
-        return out_features * in_features * self.scheme.bits + out_features * self.n_groups * (
-            self.scheme.overhead_bits_per_group
-        )
+        bits = out_features * in_features * self.scheme.bits
+        bits += out_features * self.n_groups * self.scheme.overhead_bits_per_group
+        return bits + (32 * in_features if self.g_idx is not None else 0)
 
     @property
     def bits_per_weight(self) -> float:
         return self.storage_bits / self.codes.numel()
 
     def pack(self) -> dict[str, torch.Tensor]:
-        """Tensors as stored in a checkpoint: bit-packed `qweight` (and `qzeros`), float16 `scales`."""
+        """Tensors as stored in a checkpoint: bit-packed `qweight` (and `qzeros`), float16 `scales`,
+        int32 `g_idx` when columns are grouped out of order."""
         tensors = {"qweight": pack_bits(self.codes, self.scheme.bits), "scales": self.scales.contiguous()}
         if self.zeros is not None:
             tensors["qzeros"] = pack_bits(self.zeros, self.scheme.bits)
+        if self.g_idx is not None:
+            tensors["g_idx"] = self.g_idx.contiguous()
         return tensors
 
     @classmethod
@@ -83,5 +101,16 @@ class QuantizedWeight:
             zeros = unpack_bits(tensors["qzeros"], scheme.bits, scales.shape[1])
         if codes.shape[0] != out_features or scales.shape[0] != out_features:
             raise ValueError(f"packed tensors do not match shape {shape}")
-        return cls(scheme=scheme, codes=codes, scales=scales, zeros=zeros)
+        return cls(scheme=scheme, codes=codes, scales=scales, zeros=zeros, g_idx=tensors.get("g_idx"))
 
+    def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
+        """Split a weight quantized as stacked layers back into the layers (rows are independent)."""
+        def parts(t):
+            return [None] * len(sizes) if t is None else list(t.split(sizes))
+        g_idx = (lambda: None) if self.g_idx is None else self.g_idx.clone
+        return [QuantizedWeight(self.scheme, c.contiguous(), s.contiguous(), None if z is None else z.contiguous(), g_idx())
+                for c, s, z in zip(parts(self.codes), parts(self.scales), parts(self.zeros))]
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedWeight(self.scheme, move(self.codes), move(self.scales), move(self.zeros), move(self.g_idx))

@@ -71,6 +71,8 @@ class QuantizeSection(_Section):
     overrides: list[Override] = []
     ignore: list[str] = Field([], description="regexes of layers left in full precision")
     lm_head: SchemeSpec | None = Field(None, description="scheme for lm_head; null leaves it alone")
+    true_sequential: bool = Field(True, description="calibrate each group of a block's linears on the "
+                                  "outputs of the already-quantized groups before it")
 
     @field_validator("ignore")
     @classmethod

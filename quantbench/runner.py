@@ -17,7 +17,7 @@ from quantbench.eval.perplexity import perplexity_of_ids, tokenize_eval_text
 from quantbench.export.checkpoint import save_quantized, write_checkpoint
 from quantbench.fsutil import atomic_directory, refuse_existing
 from quantbench.model_io import load_model, model_linears, resolve_device, resolve_dtype
-from quantbench.pipeline import quantize_linear, quantize_model, untie_lm_head
+from quantbench.pipeline import StageTimer, quantize_linear, quantize_model, untie_lm_head
 from quantbench.recipe import Recipe
 from quantbench.results import environment, peak_memory, quantization_summary
 
@@ -66,9 +66,11 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
         cal = recipe.calibration
         input_ids = calibration_batches(tokenizer, cal.source, cal.n_samples, cal.seqlen, cal.seed,
                                         split=cal.split, text_field=cal.text_field)
+    stages = StageTimer(device)
     with timer("quantize"):
         quantized = quantize_model(model, input_ids, recipe.quantize.scheme_for, device,
-                                   batch_size=cal.batch_size, progress=progress)
+                                   batch_size=cal.batch_size, progress=progress,
+                                   true_sequential=recipe.quantize.true_sequential, timer=stages)
         if recipe.quantize.lm_head is not None:
             quantized["lm_head"] = quantize_linear(untie_lm_head(model), recipe.quantize.lm_head)
     with timer("eval_quantized"):
@@ -94,7 +96,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
                     write_checkpoint(model, tokenizer, quantized, tmp / "checkpoint")
             result["checkpoint"] = str(recipe.export_dir)
         timer.seconds["total"] = round(time.perf_counter() - started, 3)
-        result.update(timings_s=timer.seconds, peak_memory=peak_memory(device), environment=environment(device),
+        result.update(timings_s=timer.seconds, quantize_breakdown_s=stages.summary(), peak_memory=peak_memory(device), environment=environment(device),
                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.canonical(), sort_keys=False))

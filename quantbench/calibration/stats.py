@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ class LayerStats:
 
     xtx: Σ xᵀx over all calibration tokens (float32, [in, in]), or None when no solver asked for it.
     n_samples: number of input rows (tokens) seen. act_absmax: per-input-channel max |x|.
+    Layers that read the same input tensor (q/k/v, gate/up) share one LayerStats object.
     """
 
     n_samples: int = 0
@@ -40,16 +42,63 @@ class LayerStats:
         self.n_samples += x.shape[0]
 
 
+class StopForward(Exception):
+    """Raised by a hook once everything wanted from a forward pass has been seen."""
+
+
 @contextmanager
-def collect_stats(linears: dict[str, nn.Linear], hessian_for: set[str]):
-    """Attach input hooks to `linears`; yields name → LayerStats, filled by every forward inside."""
-    stats = {name: LayerStats(wants_hessian=name in hessian_for) for name in linears}
-    handles = [
-        module.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.update(args[0]))
-        for name, module in linears.items()
-    ]
+def collect_stats(linears: dict[str, nn.Linear], hessian_for: set[str], shared: dict[str, str] | None = None,
+                  stop_when_seen: bool = False, timed: Callable[[str], object] | None = None):
+    """Attach input hooks to `linears`; yields name → LayerStats, filled by every forward inside.
+
+    shared: follower → leader for layers reading the leader's input tensor; only the leader is hooked and
+    both names map to one LayerStats. stop_when_seen: raise StopForward once every hooked layer has seen
+    its input in the current pass (the rest of the block need not run). timed(label) gives a context
+    manager that times the accumulation.
+    """
+    shared = shared or {}
+    leaders = [name for name in linears if name not in shared]
+    stats = {name: LayerStats() for name in leaders}
+    for follower, leader in shared.items():
+        stats[follower] = stats[leader]
+    for name in hessian_for:
+        stats[name].wants_hessian = True
+    seen: set[str] = set()
+    clock = timed or (lambda _label: nullcontext())
+
+    def hook(name: str):
+        def accumulate(_module, args):
+            with clock("hessian"):
+                stats[name].update(args[0])
+            if stop_when_seen:
+                seen.add(name)
+                if len(seen) == len(leaders):
+                    seen.clear()
+                    raise StopForward
+        return accumulate
+
+    handles = [linears[name].register_forward_pre_hook(hook(name)) for name in leaders]
     try:
         yield stats
     finally:
         for handle in handles:
             handle.remove()
+
+
+def input_sharing(block: nn.Module, linears: dict[str, nn.Linear], run_once: Callable[[], None]) -> list[list[str]]:
+    """Group `linears` by the input tensor they read during one forward (`run_once`), in forward order:
+    for a Llama block [[q, k, v], [o], [gate, up], [down]]."""
+    calls: list[tuple[str, torch.Tensor]] = []  # holding the tensors keeps their ids unique
+    handles = [module.register_forward_pre_hook(lambda _m, args, n=name: calls.append((n, args[0])))
+               for name, module in linears.items()]
+    try:
+        run_once()
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: dict[int, list[str]] = {}
+    for name, tensor in calls:
+        members = groups.setdefault(id(tensor), [])
+        if name not in members:
+            members.append(name)
+    return list(groups.values())

@@ -7,7 +7,8 @@ as bit-packed codes.
   model.safetensors  every parameter not quantized, as it was; for each quantized linear `<name>.qweight`
                      (int32, codes bit-packed along the input dimension, see export/packing.py),
                      `<name>.scales` (float16 [out, groups]) and, for asymmetric schemes, `<name>.qzeros`
-                     (int32, zero points packed like the codes)
+                     (int32, zero points packed like the codes) and, when GPTQ's act_order grouped the
+                     columns out of order, `<name>.g_idx` (int32 [in]: the group of each input column)
   tokenizer files    when a tokenizer is given
 """
 
@@ -32,7 +33,7 @@ from quantbench.scheme import Scheme
 QUANT_METHOD = "quantbench"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
-PACKED_SUFFIXES = ("qweight", "scales", "qzeros")
+PACKED_SUFFIXES = ("qweight", "scales", "qzeros", "g_idx")
 
 
 def save_quantized(model: nn.Module, tokenizer, quantized: dict[str, QuantizedWeight], out_dir: str | Path,

@@ -8,6 +8,7 @@ import torch
 
 from quantbench.calibration.stats import LayerStats
 from quantbench.quantized_weight import QuantizedWeight
+from quantbench.quantizers.gptq import GPTQSolver
 from quantbench.quantizers.rtn import RTNSolver
 from quantbench.scheme import Scheme
 
@@ -18,7 +19,7 @@ class Solver(Protocol):
     def quantize(self, weight: torch.Tensor, scheme: Scheme, stats: LayerStats | None) -> QuantizedWeight: ...
 
 
-SOLVERS: dict[str, Solver] = {"rtn": RTNSolver()}
+SOLVERS: dict[str, Solver] = {"rtn": RTNSolver(), "gptq": GPTQSolver()}
 
 
 def solver_for(scheme: Scheme) -> Solver:

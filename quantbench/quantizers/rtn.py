@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from quantbench.calibration.stats import LayerStats
-from quantbench.formats import format_for
+from quantbench.formats import GridParams, format_for
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.scheme import Scheme
 
@@ -31,10 +31,5 @@ def quantize_rtn(weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
     groups = padded.view(out_features * n_groups, group)
     params = fmt.fit(groups)
     codes = fmt.encode(groups, params).view(out_features, n_groups * group)[:, :in_features]
-    zeros = None if scheme.symmetric else params.zero.view(out_features, n_groups).to(torch.uint8)
-    return QuantizedWeight(
-        scheme=scheme,
-        codes=codes.to(torch.uint8).contiguous(),
-        scales=params.scale.view(out_features, n_groups).half(),
-        zeros=zeros,
-    )
+    per_group = GridParams(scale=params.scale.view(out_features, n_groups), zero=params.zero.view(out_features, n_groups))
+    return QuantizedWeight.from_params(scheme, codes, per_group)
