@@ -28,14 +28,7 @@ from quantbench.quantized_weight import QuantizedWeight
 from quantbench.quantizers.rtn import quantize_rtn
 from quantbench.results import environment
 from quantbench.scheme import Scheme
-
-SIZES = {
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=4096),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=32000),
-}
-
+from random_models import SIZES, build_random_llama
 
 def sync(device):
     if device.type == "cuda":
@@ -60,18 +53,9 @@ def timed(fn, device, repeat=1):
     return statistics.median(times), out
 
 
-def build_model(size: str, dtype, seed=0):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(**SIZES[size], max_position_embeddings=4096, tie_word_embeddings=False)
-    # built on CPU in `dtype` the way from_pretrained builds it (rotary buffers stay float32)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=SIZES, default="1b")
+    parser.add_argument("--size", choices=list(SIZES), default="1b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--n-samples", type=int, default=128)
@@ -88,7 +72,7 @@ def main() -> None:
     ids = torch.randint(0, SIZES[args.size]["vocab_size"], (args.n_samples, args.seqlen),
                         generator=torch.Generator().manual_seed(0))
 
-    model = build_model(args.size, dtype)
+    model = build_random_llama(args.size, dtype)
     originals = {name: layer.weight.detach().clone() for name, layer in model_linears(model).items()}
     figures["params"] = sum(p.numel() for p in model.parameters())
 
@@ -124,7 +108,7 @@ def main() -> None:
                   if not torch.equal(quantize_rtn(w, scheme).codes, quantized[n].codes)]
     figures["codes_equal_cpu_reference"] = not mismatched
 
-    again_model = build_model(args.size, dtype)
+    again_model = build_random_llama(args.size, dtype)
     again = quantize_model(again_model, ids, lambda _n: scheme, device, batch_size=args.batch_size, progress=False)
     figures["deterministic"] = all(torch.equal(again[n].codes, q.codes) and torch.equal(again[n].scales, q.scales)
                                    for n, q in quantized.items())

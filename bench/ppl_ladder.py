@@ -1,11 +1,13 @@
-"""Perplexity of one model at several quantization schemes (RTN by default): does error order as theory says?
+"""Perplexity of one model at several quantization schemes: does error order as theory says, and by how
+much does each solver beat round-to-nearest?
 
-    python bench/ppl_ladder.py --model .assets/models/smollm2-135m-dithered --windows 8 \
-        --schemes int8-pc-rtn int4-g128-rtn int3-g128-rtn int2-g128-rtn
+    python bench/ppl_ladder.py --model .assets/models/smollm2-135m-dithered --windows 16 \
+        --schemes int4-g128-rtn int4-g128-gptq int3-g128-rtn int3-g128-gptq int3-g128-gptq-act
 
-Every scheme goes through the real pipeline (block by block, calibration from C4), and each row is
-evaluated on the same WikiText-2 windows as the full-precision row. Prints a markdown table; --json
-writes the rows.
+Every scheme goes through the real pipeline (block by block, C4 calibration), and each row is scored on
+the same WikiText-2 windows as the full-precision row. Prints a markdown table; --json writes the rows.
+On a machine without `datasets` or the data: `--export-ids DIR` here writes the token ids, and
+`--calibration-ids DIR/calibration.safetensors --eval-ids DIR/wikitext2.safetensors` there reads them.
 """
 
 from __future__ import annotations
@@ -13,17 +15,29 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from quantbench.calibration import calibration_batches
-from quantbench.calibration.sources import load_eval_text
-from quantbench.eval.perplexity import perplexity_of_ids, tokenize_eval_text
 from quantbench.model_io import load_model, resolve_device
 from quantbench.pipeline import quantize_model
-from quantbench.quiet import quiet_libraries
 from quantbench.results import environment
 from quantbench.scheme import Scheme
+
+
+def token_ids(args):
+    """(calibration [n, seqlen], WikiText-2 test stream) from files or from the datasets."""
+    if args.calibration_ids and args.eval_ids:
+        return load_file(args.calibration_ids)["input_ids"], load_file(args.eval_ids)["input_ids"]
+    from quantbench.calibration import calibration_batches
+    from quantbench.calibration.sources import load_eval_text
+    from quantbench.eval.perplexity import tokenize_eval_text
+    from quantbench.model_io import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    calibration = calibration_batches(tokenizer, "c4", args.n_samples, args.calibration_seqlen, seed=0)
+    return calibration, tokenize_eval_text(tokenizer, load_eval_text("wikitext2")[0])
 
 
 def main() -> None:
@@ -32,43 +46,54 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="+", default=["int8-pc-rtn", "int4-g128-rtn", "int3-g128-rtn", "int2-g128-rtn"])
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--calibration", default="c4")
-    parser.add_argument("--n-samples", type=int, default=16)
+    parser.add_argument("--n-samples", type=int, default=16, help="calibration windows")
     parser.add_argument("--calibration-seqlen", type=int, default=512)
+    parser.add_argument("--calibration-ids", help="safetensors with input_ids [n, seqlen]")
+    parser.add_argument("--eval-ids", help="safetensors with the tokenized WikiText-2 test stream")
+    parser.add_argument("--export-ids", help="write both id files to this folder and stop")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
+    from quantbench.quiet import quiet_libraries
+
     quiet_libraries()
 
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, torch.float32)
-    text, _ = load_eval_text("wikitext2")
-    ids = tokenize_eval_text(tokenizer, text)
-    calibration = calibration_batches(tokenizer, args.calibration, args.n_samples, args.calibration_seqlen, seed=0)
+    calibration, ids = token_ids(args)
+    if args.export_ids:
+        out = Path(args.export_ids)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({"input_ids": calibration.contiguous()}, str(out / "calibration.safetensors"))
+        save_file({"input_ids": ids.contiguous()}, str(out / "wikitext2.safetensors"))
+        print(f"wrote {out}: calibration {tuple(calibration.shape)}, wikitext2 {ids.numel()} tokens")
+        return
+
+    device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
+    from quantbench.eval.perplexity import perplexity_of_ids
+
     rows = []
-    for name in ["fp32", *args.schemes]:
-        model, _ = load_model(args.model, torch.float32)
+    for name in ["full precision", *args.schemes]:
+        model, _ = load_model(args.model, dtype)
         start = time.perf_counter()
         bits = None
-        if name != "fp32":
+        if name != "full precision":
             scheme = Scheme.parse(name)
             quantized = quantize_model(model, calibration, lambda _layer: scheme, device, progress=False)
             bits = sum(q.storage_bits for q in quantized.values()) / sum(q.codes.numel() for q in quantized.values())
         quantize_s = time.perf_counter() - start
-        result = perplexity_of_ids(model.to(device), ids, args.seqlen, args.windows, dataset="wikitext2")
+        result = perplexity_of_ids(model.to(device), ids, args.seqlen, args.windows, batch_size=4, dataset="wikitext2")
         rows.append({"scheme": name, "bits_per_weight": bits and round(bits, 3), "wikitext2_ppl": round(result.ppl, 3),
                      "windows": result.windows, "seqlen": args.seqlen, "quantize_s": round(quantize_s, 1)})
         print(json.dumps(rows[-1]), flush=True)
 
-    print(f"\nmodel {args.model}; WikiText-2 test, first {args.windows} windows of {args.seqlen}; "
-          f"device {device} ({environment(device)['device_name']})\n")
+    print(f"\nmodel {args.model} ({args.dtype}); WikiText-2 test, first {args.windows} windows of {args.seqlen}; "
+          f"calibration {tuple(calibration.shape)} C4 tokens; device {environment(device)['device_name']}\n")
     print("| scheme | bits/weight | WikiText-2 ppl | quantize s |\n|---|---:|---:|---:|")
     for row in rows:
         bits = f"{row['bits_per_weight']:.3f}" if row["bits_per_weight"] else "—"
         print(f"| {row['scheme']} | {bits} | {row['wikitext2_ppl']:.3f} | {row['quantize_s']:.1f} |")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
