@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 
 def quiet_libraries() -> None:
-    import datasets
-    import transformers
+    if importlib.util.find_spec("transformers"):
+        import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    if importlib.util.find_spec("datasets"):
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
