@@ -114,3 +114,17 @@ def test_eval_plain_model_directory(model_dir, text_file):
 def test_inspect_rejects_a_plain_model(model_dir):
     result = invoke("inspect", model_dir)
     assert result.exit_code == 2 and "not a quantbench checkpoint" in result.output
+
+
+def test_run_with_gptq_act_order(tmp_path, model_dir, text_file):
+    recipe = make_recipe(tmp_path, model_dir, text_file, quantize={"default": "int3-g32-gptq-act", "overrides": []},
+                         eval={"baseline": False})
+    result = invoke("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "tiny"
+    saved = json.loads((run_dir / "result.json").read_text())
+    assert saved["quantization"]["schemes"] == {"int3-g32-gptq-act": 14}
+    assert {"capture", "stats_forward", "solve", "propagate"} <= saved["quantize_breakdown_s"].keys()
+    evaluated = invoke("eval", run_dir, "--dataset", text_file, "--seqlen", 64, "--max-windows", 4)
+    dataset = str(text_file)
+    assert f"{saved['perplexity']['quantized'][dataset]['ppl']:.3f}" in evaluated.output
