@@ -62,3 +62,16 @@ def test_dithered_model_perplexity_orders_by_bits(assets, wikitext_ids):
     assert ppl == sorted(ppl), results
     assert ppl[1] < ppl[0] * 1.02  # 8 bits per channel is nearly lossless
     assert ppl[4] > 2 * ppl[0]  # 2 bits is not
+
+
+def test_gptq_beats_rtn_on_the_dithered_model(assets, wikitext_ids):
+    path = str(assets / "models" / "smollm2-135m-dithered")
+    _, tokenizer = load_model(path, torch.float32)
+    calibration = calibration_batches(tokenizer, "c4", 16, 256, seed=0)
+    ppl = {}
+    for name in ("int3-g128-rtn", "int3-g128-gptq-act"):
+        model, _ = load_model(path, torch.float32)
+        scheme = Scheme.parse(name)
+        quantize_model(model, calibration, lambda _n: scheme, torch.device("cpu"), progress=False)
+        ppl[name] = perplexity_of_ids(model, wikitext_ids, 2048, max_windows=1).ppl
+    assert ppl["int3-g128-gptq-act"] < 0.8 * ppl["int3-g128-rtn"], ppl
