@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,19 +24,6 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 
 
-class Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - start, 3)
-
-
 def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> dict:
     """Run a whole recipe; returns the result that is also written to `<run dir>/result.json`."""
     run_dir = recipe.run_dir
@@ -46,7 +32,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
         refuse_existing(recipe.export_dir, force, "export directory")
     device = resolve_device(recipe.model.device)
     dtype = resolve_dtype(recipe.model.dtype, device)
-    timer = Timer()
+    timer = StageTimer(device)
     started = time.perf_counter()
 
     with timer("load"):
@@ -95,8 +81,9 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
                 else:
                     write_checkpoint(model, tokenizer, quantized, tmp / "checkpoint")
             result["checkpoint"] = str(recipe.export_dir)
-        timer.seconds["total"] = round(time.perf_counter() - started, 3)
-        result.update(timings_s=timer.seconds, quantize_breakdown_s=stages.summary(), peak_memory=peak_memory(device), environment=environment(device),
+        timer.seconds["total"] = time.perf_counter() - started
+        result.update(timings_s=timer.summary(), quantize_breakdown_s=stages.summary(),
+                      peak_memory=peak_memory(device), environment=environment(device),
                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.canonical(), sort_keys=False))
