@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from collections import OrderedDict
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -72,28 +75,27 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
     params = None
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        errors = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            g = column_group[j]
-            if fitted_up_front:
-                params = GridParams(scale=scales[:, g:g + 1], zero=zeros[:, g:g + 1])
-            elif j % group == 0:  # fit on the columns as every error pushed so far has left them
-                span = W1[:, i:i + group]
-                if j + group > i2:  # past this block the updates are still pending: apply them here
-                    beyond = W[:, i2:j + group] - errors[:, :i] @ Hinv[i1:j, i2:j + group]
-                    span = torch.cat([W1[:, i:], beyond], dim=1)
-                params = fmt.fit(span)
-                scales[:, g:g + 1], zeros[:, g:g + 1] = params.scale, params.zero
-            column = W1[:, i:i + 1]
-            code = fmt.encode(column, params)
-            codes[:, j:j + 1] = code
-            error = (column - fmt.decode(code, params)) / Hinv1[i, i]
-            W1[:, i:] -= error @ Hinv1[i:i + 1, i:]
-            errors[:, i:i + 1] = error
-        W[:, i2:] -= errors @ Hinv[i1:i2, i2:]
+        fit_offsets = tuple(i for i in range(i2 - i1) if (i1 + i) % group == 0) if not fitted_up_front else ()
+        block = _Block.of(W[:, i1:i2], Hinv[i1:i2, i1:i2], len(fit_offsets))
+        if fitted_up_front:  # every column's grid is known: gather them per column
+            index = torch.tensor(column_group[i1:i2], device=W.device)
+            block.col_scale, block.col_zero = scales[:, index], zeros[:, index]
+        graphed = _graphs_allowed(W) and (fitted_up_front or (fit_offsets[:1] == (0,) and fit_offsets[-1] + group <= i2 - i1))
+        if graphed:
+            block = _replay(fmt, block, fit_offsets, group)
+        else:
+            def beyond(i: int, errors: torch.Tensor, i1=i1, i2=i2) -> torch.Tensor:
+                # columns of a group past this block still await this block's updates: apply them here
+                j = i1 + i
+                return W[:, i2:j + group] - errors[:, :i] @ Hinv[i1:j, i2:j + group]
+
+            params = _solve_columns(fmt, block, fit_offsets, group, params, beyond)
+        codes[:, i1:i2] = block.codes
+        if fit_offsets:
+            g0 = (i1 + fit_offsets[0]) // group
+            scales[:, g0:g0 + len(fit_offsets)] = block.fit_scale
+            zeros[:, g0:g0 + len(fit_offsets)] = block.fit_zero
+        W[:, i2:] -= block.errors @ Hinv[i1:i2, i2:]
 
     g_idx = None
     if order is not None:
@@ -102,6 +104,91 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
         if not fitted_up_front:
             g_idx = torch.tensor(column_group, device=W.device)[inverse]
     return QuantizedWeight.from_params(scheme, codes, GridParams(scale=scales, zero=zeros), g_idx)
+
+
+@dataclass
+class _Block:
+    """The working set of one lazy block: weights, inverse-Hessian block, outputs, and grid parameters
+    (per column when fitted up front; per group fitted inside the block otherwise)."""
+
+    W1: torch.Tensor
+    Hinv1: torch.Tensor
+    codes: torch.Tensor
+    errors: torch.Tensor
+    fit_scale: torch.Tensor
+    fit_zero: torch.Tensor
+    col_scale: torch.Tensor | None = None
+    col_zero: torch.Tensor | None = None
+
+    def clone(self) -> "_Block":
+        return _Block(*(None if t is None else t.clone() for t in astuple(self)))
+
+    @classmethod
+    def of(cls, W1: torch.Tensor, Hinv1: torch.Tensor, n_fits: int) -> "_Block":
+        rows, width = W1.shape
+        new = lambda *shape: torch.zeros(*shape, device=W1.device)  # noqa: E731
+        return cls(W1.clone(), Hinv1, new(rows, width), new(rows, width), new(rows, n_fits), new(rows, n_fits))
+
+
+def _solve_columns(fmt, b: _Block, fit_offsets: tuple[int, ...], group: int, params=None, beyond=None):
+    """The sequential heart of GPTQ, in place on `b`: quantize each column, push its error right.
+    Returns the grid in use at the end (a group may continue into the next block)."""
+    fits = {offset: k for k, offset in enumerate(fit_offsets)}
+    width = b.W1.shape[1]
+    for i in range(width):
+        if b.col_scale is not None:
+            params = GridParams(scale=b.col_scale[:, i:i + 1], zero=b.col_zero[:, i:i + 1])
+        elif i in fits:  # fit on the columns as every error pushed so far has left them
+            span = b.W1[:, i:i + group]
+            if i + group > width:
+                span = torch.cat([b.W1[:, i:], beyond(i, b.errors)], dim=1)
+            params = fmt.fit(span)
+            k = fits[i]
+            b.fit_scale[:, k:k + 1], b.fit_zero[:, k:k + 1] = params.scale, params.zero
+        column = b.W1[:, i:i + 1]
+        code = fmt.encode(column, params)
+        b.codes[:, i:i + 1] = code
+        error = (column - fmt.decode(code, params)) / b.Hinv1[i, i]
+        b.W1[:, i:] -= error @ b.Hinv1[i:i + 1, i:]
+        b.errors[:, i:i + 1] = error
+    return params
+
+
+_GRAPHS: OrderedDict = OrderedDict()
+_MAX_GRAPHS = 16
+
+
+def _graphs_allowed(W: torch.Tensor) -> bool:
+    return W.is_cuda and os.environ.get("QUANTBENCH_CUDA_GRAPHS", "1") != "0"
+
+
+def _replay(fmt, block: _Block, fit_offsets: tuple[int, ...], group: int) -> _Block:
+    """Run `_solve_columns` for one block as a CUDA graph: the same kernels, without a launch per kernel
+    (the column loop is launch-bound). One graph per shape and grid layout, captured on first use."""
+    up_front = block.col_scale is not None
+    key = (fmt, tuple(block.W1.shape), fit_offsets, group, up_front, block.W1.device)
+    if key not in _GRAPHS:
+        static = block.clone()
+        side = torch.cuda.Stream(block.W1.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph, as capture requires
+            _solve_columns(fmt, block.clone(), fit_offsets, group)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _solve_columns(fmt, static, fit_offsets, group)
+        _GRAPHS[key] = (graph, static)
+        if len(_GRAPHS) > _MAX_GRAPHS:
+            _GRAPHS.popitem(last=False)
+    _GRAPHS.move_to_end(key)
+    graph, static = _GRAPHS[key]
+    static.W1.copy_(block.W1)
+    static.Hinv1.copy_(block.Hinv1)
+    if up_front:
+        static.col_scale.copy_(block.col_scale)
+        static.col_zero.copy_(block.col_zero)
+    graph.replay()
+    return static
 
 
 def layer_objective(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
