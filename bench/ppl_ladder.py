@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--export-ids", help="write both id files to this folder and stop")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--hessian", choices=["fp32", "tensor_cores"], default="fp32")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     from quantbench.quiet import quiet_libraries
@@ -78,7 +79,8 @@ def main() -> None:
         bits = None
         if name != "full precision":
             scheme = Scheme.parse(name)
-            quantized = quantize_model(model, calibration, lambda _layer: scheme, device, progress=False)
+            quantized = quantize_model(model, calibration, lambda _layer: scheme, device, progress=False,
+                                       hessian=args.hessian)
             bits = sum(q.storage_bits for q in quantized.values()) / sum(q.codes.numel() for q in quantized.values())
         quantize_s = time.perf_counter() - start
         result = perplexity_of_ids(model.to(device), ids, args.seqlen, args.windows, batch_size=4, dataset="wikitext2")
@@ -86,7 +88,7 @@ def main() -> None:
                      "windows": result.windows, "seqlen": args.seqlen, "quantize_s": round(quantize_s, 1)})
         print(json.dumps(rows[-1]), flush=True)
 
-    print(f"\nmodel {args.model} ({args.dtype}); WikiText-2 test, first {args.windows} windows of {args.seqlen}; "
+    print(f"\nmodel {args.model} ({args.dtype}, Hessian {args.hessian}); WikiText-2 test, first {args.windows} windows of {args.seqlen}; "
           f"calibration {tuple(calibration.shape)} C4 tokens; device {environment(device)['device_name']}\n")
     print("| scheme | bits/weight | WikiText-2 ppl | quantize s |\n|---|---:|---:|---:|")
     for row in rows:

@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--calibration-ids", help="safetensors with input_ids [n, seqlen] (see ppl_ladder.py "
                         "--export-ids), instead of tokenizing C4 here")
+    parser.add_argument("--hessian", choices=["fp32", "tensor_cores"], default="fp32")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 
@@ -65,13 +66,14 @@ def main() -> None:
     linears = model_linears(model)
     timer = StageTimer(device, fine=True)
     start = time.perf_counter()
-    quantize_model(model, ids, lambda _name: scheme, device, batch_size=args.batch_size, progress=False, timer=timer)
+    quantize_model(model, ids, lambda _name: scheme, device, batch_size=args.batch_size, progress=False, timer=timer,
+                   hessian=args.hessian)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     total = time.perf_counter() - start
     breakdown = timer.summary()
     figures = {
-        "model": args.model or f"random {args.random}", "scheme": scheme.name, "dtype": str(dtype).removeprefix("torch."),
+        "model": args.model or f"random {args.random}", "scheme": scheme.name, "hessian": args.hessian, "dtype": str(dtype).removeprefix("torch."),
         "params": sum(p.numel() for p in model.parameters()), "linears": len(linears),
         "calibration": list(ids.shape), "total_s": round(total, 2), "breakdown_s": breakdown,
         "other_s": round(total - sum(breakdown.values()), 2),

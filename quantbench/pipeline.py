@@ -115,13 +115,14 @@ def feed_block(block: nn.Module, inputs: BlockInputs, batches: int | None = None
 @torch.no_grad()
 def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: SchemeLookup, device: torch.device,
                    batch_size: int = 8, progress: bool = True, true_sequential: bool = True,
-                   timer: StageTimer | None = None) -> dict[str, QuantizedWeight]:
+                   timer: StageTimer | None = None, hessian: str = "fp32") -> dict[str, QuantizedWeight]:
     """Quantize every decoder-block linear that `scheme_for(full_name)` assigns a scheme, in place.
 
     Per block: when a solver reads calibration statistics, the block's linears are grouped by the input
     they share (q/k/v, o, gate/up, down) and, with `true_sequential`, each group is calibrated on inputs
     produced by the already-quantized earlier groups; layers sharing an input share one Hessian. Then the
-    block runs again, quantized, to make the next block's inputs. The model's weights are replaced by
+    block runs again, quantized, to make the next block's inputs. `hessian="tensor_cores"` accumulates
+    the Hessians of half-precision CUDA activations on tensor cores (faster, slightly less exact). The model's weights are replaced by
     their dequantized values; the returned QuantizedWeights (on CPU) hold the codes that export packs.
     """
     timer = timer or StageTimer(device)
@@ -139,7 +140,8 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
             linears = block_linears(block)
             schemes = {name: scheme_for(f"{prefix}.{index}.{name}") for name in linears}
             schemes = {name: scheme for name, scheme in schemes.items() if scheme is not None}
-            for name, quantized in quantize_block(block, linears, schemes, inputs, true_sequential, timer).items():
+            for name, quantized in quantize_block(block, linears, schemes, inputs, true_sequential, timer,
+                                                    tensor_cores=hessian == "tensor_cores").items():
                 results[f"{prefix}.{index}.{name}"] = quantized
             with timer("propagate"):
                 inputs.hidden = run_block(block, inputs)
@@ -151,7 +153,8 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
 
 
 def quantize_block(block: nn.Module, linears: dict[str, nn.Linear], schemes: dict[str, Scheme],
-                   inputs: BlockInputs, true_sequential: bool, timer: StageTimer) -> dict[str, QuantizedWeight]:
+                   inputs: BlockInputs, true_sequential: bool, timer: StageTimer,
+                   tensor_cores: bool = False) -> dict[str, QuantizedWeight]:
     needs_hessian = {name for name, scheme in schemes.items() if solver_for(scheme).needs_hessian}
     if not needs_hessian:  # a statistics pass costs a block forward: skip it when no solver reads one
         with timer("solve"):
@@ -166,7 +169,7 @@ def quantize_block(block: nn.Module, linears: dict[str, nn.Linear], schemes: dic
         if needs_hessian & set(stage):
             with timer("stats_forward"):
                 with collect_stats({name: linears[name] for name in stage}, needs_hessian & set(stage), shared,
-                                   stop_when_seen=True, timed=timer) as stats:
+                                   stop_when_seen=True, timed=timer, tensor_cores=tensor_cores) as stats:
                     feed_block(block, inputs)
         with timer("solve"):
             for names in _solve_together(stage, schemes, stats):

@@ -73,6 +73,8 @@ class QuantizeSection(_Section):
     lm_head: SchemeSpec | None = Field(None, description="scheme for lm_head; null leaves it alone")
     true_sequential: bool = Field(True, description="calibrate each group of a block's linears on the "
                                   "outputs of the already-quantized groups before it")
+    hessian: Literal["fp32", "tensor_cores"] = Field("fp32", description="how Σxᵀx of bf16/fp16 CUDA "
+                                                     "activations is accumulated")
 
     @field_validator("ignore")
     @classmethod

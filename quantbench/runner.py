@@ -56,7 +56,8 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
     with timer("quantize"):
         quantized = quantize_model(model, input_ids, recipe.quantize.scheme_for, device,
                                    batch_size=cal.batch_size, progress=progress,
-                                   true_sequential=recipe.quantize.true_sequential, timer=stages)
+                                   true_sequential=recipe.quantize.true_sequential, timer=stages,
+                                   hessian=recipe.quantize.hessian)
         if recipe.quantize.lm_head is not None:
             quantized["lm_head"] = quantize_linear(untie_lm_head(model), recipe.quantize.lm_head)
     with timer("eval_quantized"):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from helpers import tiny_gpt_neox, tiny_llama, tiny_opt
 
-from quantbench.calibration.stats import collect_stats
+from quantbench.calibration.stats import LayerStats, collect_stats
 from quantbench.errors import QuantbenchError
 from quantbench.model_io import block_linears, check_supported, decoder_blocks, model_linears
 from quantbench.pipeline import capture_block_inputs, quantize_model, run_block
@@ -101,3 +101,15 @@ def test_unsupported_architecture_is_a_clear_error():
 
     with pytest.raises(QuantbenchError, match="not supported; supported families: Llama"):
         check_supported(GPT2Config())
+
+
+def test_tensor_core_hessian_option_falls_back_to_float32_off_cuda():
+    x = torch.randn(3, 40, 16).bfloat16()
+    exact, requested = LayerStats(wants_hessian=True), LayerStats(wants_hessian=True, tensor_cores=True)
+    for stats in (exact, requested):
+        stats.update(x)
+        stats.update(x * 2)
+    assert torch.equal(exact.xtx, requested.xtx)  # bf16 products are exact in float32
+    flat = torch.cat([x, x * 2]).reshape(-1, 16).double()
+    assert torch.allclose(exact.xtx.double(), flat.T @ flat, rtol=1e-6)
+    assert exact.act_absmax.dtype == torch.float32

@@ -23,6 +23,7 @@ class LayerStats:
     act_absmax: torch.Tensor | None = None
     xtx: torch.Tensor | None = None
     wants_hessian: bool = field(default=False, repr=False)
+    tensor_cores: bool = field(default=False, repr=False)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -32,13 +33,17 @@ class LayerStats:
         return self.xtx * (2.0 / max(1, self.n_samples))
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        absmax = x.abs().amax(dim=0)
+        x = x.detach().reshape(-1, x.shape[-1])
+        absmax = x.abs().amax(dim=0).float()
         self.act_absmax = absmax if self.act_absmax is None else torch.maximum(self.act_absmax, absmax)
         if self.wants_hessian:
             if self.xtx is None:
                 self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            self.xtx.addmm_(x.T, x)
+            if self.tensor_cores and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+                self.xtx.add_(torch.mm(x.T, x, out_dtype=torch.float32))  # exact products, float32 output
+            else:
+                x = x.float()
+                self.xtx.addmm_(x.T, x)
         self.n_samples += x.shape[0]
 
 
@@ -48,17 +53,19 @@ class StopForward(Exception):
 
 @contextmanager
 def collect_stats(linears: dict[str, nn.Linear], hessian_for: set[str], shared: dict[str, str] | None = None,
-                  stop_when_seen: bool = False, timed: Callable[[str], object] | None = None):
+                  stop_when_seen: bool = False, timed: Callable[[str], object] | None = None,
+                  tensor_cores: bool = False):
     """Attach input hooks to `linears`; yields name → LayerStats, filled by every forward inside.
 
     shared: follower → leader for layers reading the leader's input tensor; only the leader is hooked and
     both names map to one LayerStats. stop_when_seen: raise StopForward once every hooked layer has seen
     its input in the current pass (the rest of the block need not run). timed(label) gives a context
-    manager that times the accumulation.
+    manager that times the accumulation. tensor_cores: accumulate Hessians of half-precision CUDA
+    activations with tensor-core matmuls (float32 output; see `quantize.hessian` in the README).
     """
     shared = shared or {}
     leaders = [name for name in linears if name not in shared]
-    stats = {name: LayerStats() for name in leaders}
+    stats = {name: LayerStats(tensor_cores=tensor_cores) for name in leaders}
     for follower, leader in shared.items():
         stats[follower] = stats[leader]
     for name in hessian_for:
