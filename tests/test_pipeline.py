@@ -111,5 +111,5 @@ def test_tensor_core_hessian_option_falls_back_to_float32_off_cuda():
         stats.update(x * 2)
     assert torch.equal(exact.xtx, requested.xtx)  # bf16 products are exact in float32
     flat = torch.cat([x, x * 2]).reshape(-1, 16).double()
-    assert torch.allclose(exact.xtx.double(), flat.T @ flat, rtol=1e-6)
+    assert torch.allclose(exact.xtx.double(), flat.T @ flat, rtol=1e-6, atol=1e-4)
     assert exact.act_absmax.dtype == torch.float32
