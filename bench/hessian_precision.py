@@ -1,5 +1,6 @@
 """Accuracy and speed of Σ xᵀx for bfloat16 activations: float32 matmul vs tensor cores with float32 output,
-both against a float64 reference of the same bfloat16 values.
+both against a float64 reference of the same bfloat16 values, accumulated as the pipeline does it (one
+matmul per calibration mini-batch of --batch-tokens, summed in float32).
 
     python bench/hessian_precision.py
 
@@ -9,6 +10,7 @@ relative Frobenius error ‖H − H64‖/‖H64‖, the largest error relative t
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 
@@ -35,7 +37,21 @@ def errors(H, reference):
             "max_rel_to_diagonal": scaled.max().item()}
 
 
+def accumulate(x: torch.Tensor, batch_tokens: int, tensor_cores: bool) -> torch.Tensor:
+    H = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+    for chunk in x.split(batch_tokens):
+        if tensor_cores:
+            H.add_(torch.mm(chunk.T, chunk, out_dtype=torch.float32))
+        else:
+            chunk = chunk.float()
+            H.addmm_(chunk.T, chunk)
+    return H
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-tokens", type=int, default=8 * 2048, help="tokens per calibration mini-batch")
+    args = parser.parse_args()
     rows = []
     for tokens, width in ((262144, 2048), (262144, 8192), (65536, 576)):
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -43,9 +59,9 @@ def main() -> None:
         scale[torch.randperm(width, device="cuda", generator=g)[:4]] = 100.0
         x = (torch.randn(tokens, width, device="cuda", generator=g) * scale).to(torch.bfloat16)
         reference = x.double().T @ x.double()
-        fp32 = lambda: x.float().T @ x.float()  # noqa: E731
-        tensor_cores = lambda: torch.mm(x.T, x, out_dtype=torch.float32)  # noqa: E731
-        row = {"tokens": tokens, "width": width,
+        fp32 = lambda: accumulate(x, args.batch_tokens, tensor_cores=False)  # noqa: E731
+        tensor_cores = lambda: accumulate(x, args.batch_tokens, tensor_cores=True)  # noqa: E731
+        row = {"tokens": tokens, "width": width, "batch_tokens": args.batch_tokens,
                "fp32": {**errors(fp32(), reference), "s": timed(fp32)},
                "tensor_cores_fp32_out": {**errors(tensor_cores(), reference), "s": timed(tensor_cores)}}
         rows.append(row)
