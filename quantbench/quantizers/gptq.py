@@ -80,9 +80,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
         if fitted_up_front:  # every column's grid is known: gather them per column
             index = torch.tensor(column_group[i1:i2], device=W.device)
             block.col_scale, block.col_zero = scales[:, index], zeros[:, index]
-        graphed = _graphs_allowed(W) and (fitted_up_front or (fit_offsets[:1] == (0,) and fit_offsets[-1] + group <= i2 - i1))
-        if graphed:
+        # a block whose grids are all fitted inside it (or up front) has fixed control flow: graph it
+        self_contained = fitted_up_front or (fit_offsets[:1] == (0,) and fit_offsets[-1] + group <= i2 - i1)
+        if _graphs_allowed(W) and self_contained:
             block = _replay(fmt, block, fit_offsets, group)
+            if fit_offsets:  # the graph's buffers are reused: keep a copy of the grid in use
+                params = GridParams(scale=block.fit_scale[:, -1:].clone(), zero=block.fit_zero[:, -1:].clone())
         else:
             def beyond(i: int, errors: torch.Tensor, i1=i1, i2=i2) -> torch.Tensor:
                 # columns of a group past this block still await this block's updates: apply them here
