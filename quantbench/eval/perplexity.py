@@ -60,13 +60,10 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, seqlen: int, max_wind
 
 
 def dataset_perplexity(model: nn.Module, tokenizer, dataset: str, seqlen: int = 2048,
-                       max_windows: int | None = None, batch_size: int = 1, progress: bool = True,
-                       ids: torch.Tensor | None = None) -> PerplexityResult:
+                       max_windows: int | None = None, batch_size: int = 1, progress: bool = True) -> PerplexityResult:
     """Perplexity on a named dataset (`wikitext2`, `c4`) or a local text file."""
-    fingerprint = ""
-    if ids is None:
-        text, fingerprint = load_eval_text(dataset)
-        ids = tokenize_eval_text(tokenizer, text)
-    result = perplexity_of_ids(model, ids, seqlen, max_windows, batch_size, progress, dataset)
+    text, fingerprint = load_eval_text(dataset)
+    result = perplexity_of_ids(model, tokenize_eval_text(tokenizer, text), seqlen, max_windows, batch_size,
+                               progress, dataset)
     result.text_fingerprint = fingerprint
     return result
