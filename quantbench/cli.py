@@ -76,7 +76,7 @@ def eval_command(
 ) -> None:
     """Perplexity of a plain model, an exported checkpoint or a run's checkpoint."""
     from quantbench.eval.perplexity import dataset_perplexity
-    from quantbench.export.checkpoint import load_quantized
+    from quantbench.export.checkpoint import is_quantbench_checkpoint, load_quantized, resolve_checkpoint_dir
     from quantbench.model_io import DTYPES, load_model, load_tokenizer, resolve_device, resolve_dtype
 
     _setup_logging(False)
@@ -85,10 +85,8 @@ def eval_command(
             raise QuantbenchError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev) if dtype != "auto" else None
-        path = Path(target)
-        if (path / "result.json").is_file() and (path / "checkpoint").is_dir():
-            path = path / "checkpoint"
-        if _is_quantbench_checkpoint(path):
+        path = resolve_checkpoint_dir(target)
+        if is_quantbench_checkpoint(path):
             model, tokenizer = load_quantized(path, dev, torch_dtype), load_tokenizer(str(path))
         else:
             model, tokenizer = load_model(target, torch_dtype or resolve_dtype("auto", dev))
@@ -108,11 +106,10 @@ def eval_command(
 def inspect(checkpoint: Path = typer.Argument(..., help="quantbench checkpoint (or run) directory"),
             as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
     """Per-layer table of a checkpoint: scheme, shape, bits/weight, stored bytes."""
-    from quantbench.export.checkpoint import checkpoint_layers
+    from quantbench.export.checkpoint import checkpoint_layers, resolve_checkpoint_dir
 
     try:
-        if (checkpoint / "checkpoint").is_dir():
-            checkpoint = checkpoint / "checkpoint"
+        checkpoint = resolve_checkpoint_dir(checkpoint)
         layers = checkpoint_layers(checkpoint)
     except QuantbenchError as exc:
         _fail(exc)
@@ -133,14 +130,6 @@ def inspect(checkpoint: Path = typer.Argument(..., help="quantbench checkpoint (
         table.add_row("total", "", f"{total_params:,} weights", f"{8 * total_bytes / total_params:.3f}",
                       f"{total_bytes:,}")
     console.print(table)
-
-
-def _is_quantbench_checkpoint(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    qconfig = json.loads(config.read_text()).get("quantization_config") or {}
-    return qconfig.get("quant_method") == "quantbench"
 
 
 def print_run_summary(result: dict) -> None:

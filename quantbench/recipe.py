@@ -134,7 +134,9 @@ class Recipe(_Section):
 
     @property
     def export_dir(self) -> Path:
-        return Path(self.export.dir) if self.export.dir else self.run_dir / "checkpoint"
+        from quantbench.export.checkpoint import RUN_CHECKPOINT_DIR
+
+        return Path(self.export.dir) if self.export.dir else self.run_dir / RUN_CHECKPOINT_DIR
 
     def canonical(self) -> dict:
         return self.model_dump(mode="json")

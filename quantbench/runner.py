@@ -13,7 +13,7 @@ import yaml
 from quantbench.calibration import calibration_batches
 from quantbench.calibration.sources import load_eval_text
 from quantbench.eval.perplexity import perplexity_of_ids, tokenize_eval_text
-from quantbench.export.checkpoint import save_quantized, write_checkpoint
+from quantbench.export.checkpoint import RUN_CHECKPOINT_DIR, save_quantized, write_checkpoint
 from quantbench.fsutil import atomic_directory, refuse_existing
 from quantbench.model_io import load_model, model_linears, resolve_device, resolve_dtype
 from quantbench.pipeline import StageTimer, quantize_linear, quantize_model, untie_lm_head
@@ -80,7 +80,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
                 if recipe.export.dir:
                     save_quantized(model, tokenizer, quantized, recipe.export_dir, force=force)
                 else:
-                    write_checkpoint(model, tokenizer, quantized, tmp / "checkpoint")
+                    write_checkpoint(model, tokenizer, quantized, tmp / RUN_CHECKPOINT_DIR)
             result["checkpoint"] = str(recipe.export_dir)
         timer.seconds["total"] = time.perf_counter() - started
         result.update(timings_s=timer.summary(), quantize_breakdown_s=stages.summary(),

@@ -33,6 +33,7 @@ from quantbench.scheme import Scheme
 QUANT_METHOD = "quantbench"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+RUN_CHECKPOINT_DIR = "checkpoint"  # where a run directory keeps its exported checkpoint
 PACKED_SUFFIXES = ("qweight", "scales", "qzeros", "g_idx")
 
 
@@ -89,6 +90,20 @@ class CheckpointLayer:
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.stored_bytes / (self.shape[0] * self.shape[1])
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A run directory stands for the checkpoint it holds; any other path stands for itself."""
+    path = Path(path)
+    return path / RUN_CHECKPOINT_DIR if (path / RUN_CHECKPOINT_DIR).is_dir() else path
+
+
+def is_quantbench_checkpoint(directory: str | Path) -> bool:
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+        return False
+    qconfig = json.loads(config_path.read_text()).get("quantization_config") or {}
+    return qconfig.get("quant_method") == QUANT_METHOD
 
 
 def read_quantization_config(directory: str | Path) -> dict:
