@@ -69,6 +69,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
         column_group = (original_column // group).tolist()
     else:  # groups are formed along the processing order, fitted when reached
         column_group = [j // group for j in range(cols)]
+    column_group_on_device = torch.tensor(column_group, device=W.device)
 
     Hinv = _upper_cholesky_of_inverse(H, scheme.damp)
     codes = torch.zeros_like(W)
@@ -78,7 +79,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
         fit_offsets = tuple(i for i in range(i2 - i1) if (i1 + i) % group == 0) if not fitted_up_front else ()
         block = _Block.of(W[:, i1:i2], Hinv[i1:i2, i1:i2], len(fit_offsets))
         if fitted_up_front:  # every column's grid is known: gather them per column
-            index = torch.tensor(column_group[i1:i2], device=W.device)
+            index = column_group_on_device[i1:i2]
             block.col_scale, block.col_zero = scales[:, index], zeros[:, index]
         # a block whose grids are all fitted inside it (or up front) has fixed control flow: graph it
         self_contained = fitted_up_front or (fit_offsets[:1] == (0,) and fit_offsets[-1] + group <= i2 - i1)
@@ -105,7 +106,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
         inverse = torch.argsort(order)
         codes = codes[:, inverse]
         if not fitted_up_front:
-            g_idx = torch.tensor(column_group, device=W.device)[inverse]
+            g_idx = column_group_on_device[inverse]
     return QuantizedWeight.from_params(scheme, codes, GridParams(scale=scales, zero=zeros), g_idx)
 
 
