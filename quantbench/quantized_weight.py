@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from quantbench.export.packing import pack_bits, unpack_bits
-from quantbench.formats import GridParams, format_for
+from quantbench.export.packing import pack_bits, pack_bytes, unpack_bits, unpack_bytes
+from quantbench.formats import Format, GridParams, format_for
 from quantbench.scheme import Scheme
 
 
@@ -16,10 +16,12 @@ from quantbench.scheme import Scheme
 class QuantizedWeight:
     """Codes of a [out, in] weight with per-(row, group) scales and zeros.
 
-    codes: uint8 [out, in]; scales: float16 [out, n_groups]; zeros: uint8 [out, n_groups], or None for
-    symmetric schemes (zero is 2^(bits−1)). Without `g_idx`, group g covers input columns [g·G, (g+1)·G)
-    (the last group may be shorter when G does not divide `in`). With `g_idx` (int32 [in], as GPTQ's
-    act_order produces), column c belongs to group g_idx[c].
+    codes: uint8 [out, in]. Integer grids: scales float16 [out, n_groups]; zeros uint8 [out, n_groups], or
+    None for symmetric schemes (zero is 2^(bits−1)). Block formats: element codes (sign-magnitude, or
+    two's complement for MXINT8), scales uint8 [out, n_blocks] holding E8M0 exponents (MX) or E4M3 codes
+    (NVFP4), no zeros, and for NVFP4 the float32 per-tensor `global_scale` [1]. Without `g_idx`, group g
+    covers input columns [g·G, (g+1)·G) (the last group may be shorter when G does not divide `in`).
+    With `g_idx` (int32 [in], as GPTQ's act_order produces), column c belongs to group g_idx[c].
     """
 
     scheme: Scheme
@@ -27,18 +29,24 @@ class QuantizedWeight:
     scales: torch.Tensor
     zeros: torch.Tensor | None
     g_idx: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
 
     @classmethod
-    def from_params(cls, scheme: Scheme, codes: torch.Tensor, params: GridParams,
+    def from_params(cls, scheme: Scheme, fmt: Format, codes: torch.Tensor, params: GridParams,
                     g_idx: torch.Tensor | None = None) -> "QuantizedWeight":
-        """Build from float codes and per-group parameters shaped [out, n_groups]."""
+        """Build from float codes and per-group parameters shaped [out, n_groups], as `fmt` fitted them."""
         return cls(
             scheme=scheme,
             codes=codes.to(torch.uint8).contiguous(),
-            scales=params.scale.half().contiguous(),
-            zeros=None if scheme.symmetric else params.zero.to(torch.uint8).contiguous(),
+            scales=fmt.store_scales(params.scale).contiguous(),
+            zeros=params.zero.to(torch.uint8).contiguous() if fmt.has_zero_points else None,
             g_idx=None if g_idx is None else g_idx.to(torch.int32).contiguous(),
+            global_scale=fmt.global_scale,
         )
+
+    @property
+    def format(self) -> Format:
+        return format_for(self.scheme, self.global_scale)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -53,10 +61,10 @@ class QuantizedWeight:
         return math.ceil(self.shape[1] / self.group_size)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """`(code − zero) · scale` in float32, then cast to `dtype`."""
-        fmt = format_for(self.scheme)
-        scale = self.scales.float()
-        zero = self.zeros.float() if self.zeros is not None else torch.full_like(scale, float(fmt.sym_zero))
+        """The format's decode (`(code − zero) · scale` for integer grids) in float32, then cast to `dtype`."""
+        fmt = self.format
+        scale = fmt.load_scales(self.scales)
+        zero = self.zeros.float() if self.zeros is not None else fmt.implied_zero(scale)
         if self.g_idx is not None:
             index = self.g_idx.long()
             return fmt.decode(self.codes, GridParams(scale=scale[:, index], zero=zero[:, index])).to(dtype)
@@ -71,46 +79,58 @@ class QuantizedWeight:
 
     @property
     def storage_bits(self) -> int:
-        """Bits needed to store this layer: codes, per-group scales (and zeros), and g_idx if any."""
+        """Bits needed to store this layer: codes, per-group scales (and zeros), g_idx and the per-tensor
+        scale if any."""
         out_features, in_features = self.shape
         bits = out_features * in_features * self.scheme.bits
         bits += out_features * self.n_groups * self.scheme.overhead_bits_per_group
-        return bits + (32 * in_features if self.g_idx is not None else 0)
+        bits += 32 * in_features if self.g_idx is not None else 0
+        return bits + (32 if self.global_scale is not None else 0)
 
     @property
     def bits_per_weight(self) -> float:
         return self.storage_bits / self.codes.numel()
 
     def pack(self) -> dict[str, torch.Tensor]:
-        """Tensors as stored in a checkpoint: bit-packed `qweight` (and `qzeros`), float16 `scales`,
-        int32 `g_idx` when columns are grouped out of order."""
-        tensors = {"qweight": pack_bits(self.codes, self.scheme.bits), "scales": self.scales.contiguous()}
+        """Tensors as stored in a checkpoint. Integer grids: bit-packed int32 `qweight` (and `qzeros`),
+        float16 `scales`, int32 `g_idx` when columns are grouped out of order. Block formats, as
+        compressed-tensors lays them out: `qweight` uint8 [out, in·bits/8] (FP4: two codes per byte,
+        element 0 in the low nibble), `scales` uint8 [out, in/block], NVFP4's float32 `global_scale` [1]."""
+        pack = pack_bytes if self.scheme.is_block_format else pack_bits
+        tensors = {"qweight": pack(self.codes, self.scheme.bits), "scales": self.scales.contiguous()}
         if self.zeros is not None:
             tensors["qzeros"] = pack_bits(self.zeros, self.scheme.bits)
         if self.g_idx is not None:
             tensors["g_idx"] = self.g_idx.contiguous()
+        if self.global_scale is not None:
+            tensors["global_scale"] = self.global_scale.float().contiguous()
         return tensors
 
     @classmethod
     def unpack(cls, scheme: Scheme, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> "QuantizedWeight":
         out_features, in_features = shape
-        codes = unpack_bits(tensors["qweight"], scheme.bits, in_features)
+        unpack = unpack_bytes if scheme.is_block_format else unpack_bits
+        codes = unpack(tensors["qweight"], scheme.bits, in_features)
         scales = tensors["scales"]
         zeros = None
-        if not scheme.symmetric:
+        if scheme.has_zero_points:
             zeros = unpack_bits(tensors["qzeros"], scheme.bits, scales.shape[1])
         if codes.shape[0] != out_features or scales.shape[0] != out_features:
             raise ValueError(f"packed tensors do not match shape {shape}")
-        return cls(scheme=scheme, codes=codes, scales=scales, zeros=zeros, g_idx=tensors.get("g_idx"))
+        return cls(scheme=scheme, codes=codes, scales=scales, zeros=zeros, g_idx=tensors.get("g_idx"),
+                   global_scale=tensors.get("global_scale"))
 
     def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
         """Split a weight quantized as stacked layers back into the layers (rows are independent)."""
         def parts(t):
             return [None] * len(sizes) if t is None else list(t.split(sizes))
-        g_idx = (lambda: None) if self.g_idx is None else self.g_idx.clone
-        return [QuantizedWeight(self.scheme, c.contiguous(), s.contiguous(), None if z is None else z.contiguous(), g_idx())
+        def copy(t):
+            return None if t is None else t.clone()
+        return [QuantizedWeight(self.scheme, c.contiguous(), s.contiguous(), None if z is None else z.contiguous(),
+                                copy(self.g_idx), copy(self.global_scale))
                 for c, s, z in zip(parts(self.codes), parts(self.scales), parts(self.zeros))]
 
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return QuantizedWeight(self.scheme, move(self.codes), move(self.scales), move(self.zeros), move(self.g_idx))
+        return QuantizedWeight(self.scheme, move(self.codes), move(self.scales), move(self.zeros), move(self.g_idx),
+                               move(self.global_scale))

@@ -3,32 +3,43 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from quantbench.errors import QuantbenchError
+from quantbench.formats.mx import BLOCK_FORMATS
 
-SCALE_BITS = 16  # scales are stored as float16
+INT_SCALE_BITS = 16  # integer grids store float16 scales
 DEFAULT_DAMP = 0.01
+FORMAT_ALIASES = {"mxfp8": "mxfp8e4m3", "mxfp6": "mxfp6e2m3"}
+WeightFormat = Literal["int", "mxfp4", "mxfp6e2m3", "mxfp6e3m2", "mxfp8e4m3", "mxfp8e5m2", "mxint8", "nvfp4"]
+ActivationFormat = Literal["mxfp4", "mxfp6e2m3", "mxfp6e3m2", "mxfp8e4m3", "mxfp8e5m2", "mxint8", "nvfp4",
+                           "int8", "int4"]
 
+_BLOCK_NAMES = "|".join(sorted([*BLOCK_FORMATS, *FORMAT_ALIASES], key=len, reverse=True))
 _NAME_RE = re.compile(
-    r"^(?P<format>int)(?P<bits>\d+)-(?:g(?P<group>\d+)|(?P<pc>pc))(?P<sym>-sym)?-(?P<solver>[a-z]+)"
-    r"(?P<act>-act)?(?P<static>-static)?(?:-damp(?P<damp>[0-9.e-]+))?$"
+    rf"^(?:(?P<block>{_BLOCK_NAMES})|(?P<format>int)(?P<bits>\d+)-(?:g(?P<group>\d+)|(?P<pc>pc))(?P<sym>-sym)?)"
+    r"-(?P<solver>[a-z]+)(?P<act>-act)?(?P<static>-static)?(?:-damp(?P<damp>[0-9.e-]+))?"
+    r"(?:-a:(?P<activations>[a-z0-9]+))?$"
 )
 
 
 class Scheme(BaseModel):
     """A quantization scheme for one layer. Frozen and hashable.
 
+    `format` is an integer grid (`int`, with `bits`, `group_size` and `symmetric`) or a block format
+    (MX or NVFP4), whose element width and block size are fixed: `bits` and `group_size` follow from it.
     `group_size=None` means one scale (and zero) per output channel. `act_order`, `static_groups` and
     `damp` are GPTQ options: process columns by descending Hessian diagonal; fit every group's grid
     before solving instead of when the group is reached; dampening as a fraction of mean(diag H).
+    `activations` quantizes the layer's input on the fly (simulated): an MX/NVFP4 format in blocks along
+    the hidden dimension of each token, or `int8`/`int4` symmetric per token.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    format: Literal["int"] = "int"
+    format: WeightFormat = "int"
     bits: int = Field(4, ge=2, le=8)
     group_size: int | None = Field(128, gt=0)
     symmetric: bool = False
@@ -37,6 +48,25 @@ class Scheme(BaseModel):
     act_order: bool = False
     static_groups: bool = False
     damp: float = Field(DEFAULT_DAMP, gt=0, le=1)
+    activations: ActivationFormat | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _block_format_fixes_the_grid(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key in ("format", "activations"):
+            if data.get(key) in FORMAT_ALIASES:
+                data[key] = FORMAT_ALIASES[data[key]]
+        fmt = BLOCK_FORMATS.get(data.get("format"))
+        if fmt is None:
+            return data
+        implied = {"bits": fmt.bits, "group_size": fmt.block_size, "symmetric": True}
+        for key, value in implied.items():
+            if data.setdefault(key, value) != value:
+                raise ValueError(f"{fmt.name} fixes {key} to {value}; drop {key} (got {data[key]!r})")
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "Scheme":
@@ -46,15 +76,26 @@ class Scheme(BaseModel):
             raise ValueError("act_order, static_groups and damp are GPTQ options; set solver: gptq or drop them")
         if self.static_groups and self.group_size is None:
             raise ValueError("static_groups needs a group_size; per-channel grids are always fitted up front")
+        if self.is_block_format and self.act_order and not self.static_groups:
+            raise ValueError(f"{self.format} blocks are contiguous columns: act_order needs static_groups "
+                             f"(write {self.format}-gptq-act-static)")
         return self
 
     @property
+    def is_block_format(self) -> bool:
+        return self.format in BLOCK_FORMATS
+
+    @property
     def name(self) -> str:
-        grouping = f"g{self.group_size}" if self.group_size else "pc"
-        name = f"{self.format}{self.bits}-{grouping}{'-sym' if self.symmetric else ''}-{self.solver}"
+        if self.is_block_format:
+            name = f"{self.format}-{self.solver}"
+        else:
+            grouping = f"g{self.group_size}" if self.group_size else "pc"
+            name = f"{self.format}{self.bits}-{grouping}{'-sym' if self.symmetric else ''}-{self.solver}"
         name += "-act" if self.act_order else ""
         name += "-static" if self.static_groups else ""
         name += f"-damp{self.damp:g}" if self.damp != DEFAULT_DAMP else ""
+        name += f"-a:{self.activations}" if self.activations else ""
         return name
 
     def __str__(self) -> str:
@@ -71,20 +112,35 @@ class Scheme(BaseModel):
         return self.bits + self.overhead_bits_per_group / group
 
     @property
+    def scale_bits(self) -> int:
+        return BLOCK_FORMATS[self.format].scale_bits if self.is_block_format else INT_SCALE_BITS
+
+    @property
+    def has_zero_points(self) -> bool:
+        return not self.is_block_format and not self.symmetric
+
+    @property
     def overhead_bits_per_group(self) -> int:
-        return SCALE_BITS + (0 if self.symmetric else self.bits)
+        return self.scale_bits + (self.bits if self.has_zero_points else 0)
 
     @classmethod
     def parse(cls, name: str) -> "Scheme":
-        """Build a scheme from its canonical name, e.g. `int4-g128-rtn`, `int8-pc-sym-rtn`, `int3-g128-gptq-act`."""
+        """Build a scheme from its canonical name, e.g. `int4-g128-rtn`, `int8-pc-sym-rtn`, `int3-g128-gptq-act`,
+        `mxfp4-rtn`, `nvfp4-gptq`, `mxfp8e4m3-rtn-a:mxfp8e4m3` (weights and activations)."""
         match = _NAME_RE.match(name.strip())
         if not match:
             raise QuantbenchError(
-                f"scheme name {name!r} is not understood; write it like 'int4-g128-rtn', 'int8-pc-sym-rtn' "
-                "or 'int3-g128-gptq-act'"
+                f"scheme name {name!r} is not understood; write it like 'int4-g128-rtn', 'int8-pc-sym-rtn', "
+                "'int3-g128-gptq-act', 'mxfp4-rtn' or 'mxfp8e4m3-rtn-a:mxfp8e4m3' (block formats: "
+                f"{', '.join(BLOCK_FORMATS)})"
             )
-        fields = dict(format=match["format"], bits=int(match["bits"]), symmetric=bool(match["sym"]),
-                      solver=match["solver"], group_size=int(match["group"]) if match["group"] else None)
+        if match["block"]:
+            fields = dict(format=match["block"], solver=match["solver"])
+        else:
+            fields = dict(format=match["format"], bits=int(match["bits"]), symmetric=bool(match["sym"]),
+                          solver=match["solver"], group_size=int(match["group"]) if match["group"] else None)
+        if match["activations"]:
+            fields["activations"] = match["activations"]
         if match["act"]:
             fields["act_order"] = True
         if match["static"]:

@@ -4,6 +4,9 @@ Layout (the same for every width 1..8): each row is one little-endian bit stream
 occupies stream bits `[i·b, (i+1)·b)`, least significant bit first; stream bit `j` is bit `j mod 32` of
 word `j // 32`. For b = 4 this puts element 0 in the low nibble of word 0 (eight codes per int32);
 for b = 3 a code may straddle two words. Rows are padded with zero codes to whole words.
+
+`pack_bytes` stores the same little-endian stream as uint8 bytes, [rows, ceil(n·b/8)]: for b = 4 two
+codes per byte, element 0 in the low nibble (the compressed-tensors FP4 layout); for b = 8 one per byte.
 """
 
 from __future__ import annotations
@@ -56,6 +59,34 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     for start, stop in _row_chunks(rows, words * WORD_BITS):
         out[start:stop] = _unpack_stream(unsigned[start:stop], bits, n)
     return out
+
+
+def pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[rows, n] codes → [rows, ceil(n·bits/8)] uint8, the bit stream of `pack_bits` byte by byte."""
+    words = pack_bits(codes, bits)
+    return _as_bytes(words)[:, : math.ceil(codes.shape[1] * bits / 8)].contiguous()
+
+
+def unpack_bytes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_bytes`."""
+    rows, n_bytes = packed.shape
+    if n_bytes != math.ceil(n * bits / 8):
+        raise ValueError(f"{n_bytes} bytes cannot hold {n} codes of {bits} bits")
+    padded = torch.zeros(rows, packed_words(n, bits) * 4, dtype=torch.uint8, device=packed.device)
+    padded[:, :n_bytes] = packed
+    return unpack_bits(_as_words(padded), bits, n)
+
+
+def _as_bytes(words: torch.Tensor) -> torch.Tensor:
+    """int32 words → their little-endian bytes (independent of the host's byte order)."""
+    shifts = torch.arange(0, WORD_BITS, 8, device=words.device, dtype=torch.int32)
+    return ((words.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(words.shape[0], -1)
+
+
+def _as_words(data: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(0, WORD_BITS, 8, device=data.device, dtype=torch.int64)
+    values = (data.view(data.shape[0], -1, 4).to(torch.int64) << shifts).sum(dim=-1)
+    return _to_int32(values)
 
 
 def _pack_stream(codes: torch.Tensor, bits: int, words: int) -> torch.Tensor:

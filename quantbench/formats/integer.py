@@ -28,6 +28,13 @@ class GridParams:
 class IntFormat:
     bits: int
     symmetric: bool
+    scale_bits: int = 16
+    block_size: None = None
+    global_scale: None = None
+
+    @property
+    def has_zero_points(self) -> bool:
+        return not self.symmetric
 
     @property
     def max_code(self) -> int:
@@ -64,6 +71,19 @@ class IntFormat:
     def round(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
         """The nearest grid point of every element: decode(encode(w))."""
         return self.decode(self.encode(w, params), params)
+
+    def for_weight(self, weight: torch.Tensor) -> "IntFormat":
+        return self
+
+    def store_scales(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale.half()  # exact: fitted scales are float16 values already
+
+    def load_scales(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.float()
+
+    def implied_zero(self, scale: torch.Tensor) -> torch.Tensor:
+        """The zero point of symmetric grids, which is not stored."""
+        return torch.full_like(scale, float(self.sym_zero))
 
 
 def _exact_div(x: torch.Tensor, divisor: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 
 import torch
 
@@ -42,7 +42,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
                   block_size: int = BLOCK_SIZE) -> QuantizedWeight:
     """Quantize `weight` [rows, cols] given the layer Hessian [cols, cols]; vectorised over rows, on
     `weight`'s device, in float32. Only the column loop inside each block is sequential."""
-    fmt = format_for(scheme)
+    fmt = format_for(scheme).for_weight(weight)
     W = weight.detach().float().clone()
     H = hessian.to(device=W.device, dtype=torch.float32).clone()
     rows, cols = W.shape
@@ -107,7 +107,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
         codes = codes[:, inverse]
         if not fitted_up_front:
             g_idx = column_group_on_device[inverse]
-    return QuantizedWeight.from_params(scheme, codes, GridParams(scale=scales, zero=zeros), g_idx)
+    return QuantizedWeight.from_params(scheme, fmt, codes, GridParams(scale=scales, zero=zeros), g_idx)
 
 
 @dataclass
@@ -168,11 +168,14 @@ def _graphs_allowed(W: torch.Tensor) -> bool:
 
 def _replay(fmt, block: _Block, fit_offsets: tuple[int, ...], group: int) -> _Block:
     """Run `_solve_columns` for one block as a CUDA graph: the same kernels, without a launch per kernel
-    (the column loop is launch-bound). One graph per shape and grid layout, captured on first use."""
+    (the column loop is launch-bound). One graph per shape and grid layout, captured on first use; a
+    format's per-tensor state (NVFP4's global scale) is an input of the graph like the weights."""
     up_front = block.col_scale is not None
     key = (fmt, tuple(block.W1.shape), fit_offsets, group, up_front, block.W1.device)
     if key not in _GRAPHS:
         static = block.clone()
+        if fmt.global_scale is not None:
+            fmt = replace(fmt, global_scale=fmt.global_scale.clone())
         side = torch.cuda.Stream(block.W1.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph, as capture requires
@@ -181,11 +184,13 @@ def _replay(fmt, block: _Block, fit_offsets: tuple[int, ...], group: int) -> _Bl
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             _solve_columns(fmt, static, fit_offsets, group)
-        _GRAPHS[key] = (graph, static)
+        _GRAPHS[key] = (graph, static, fmt.global_scale)
         if len(_GRAPHS) > _MAX_GRAPHS:
             _GRAPHS.popitem(last=False)
     _GRAPHS.move_to_end(key)
-    graph, static = _GRAPHS[key]
+    graph, static, static_global_scale = _GRAPHS[key]
+    if static_global_scale is not None:
+        static_global_scale.copy_(fmt.global_scale)
     static.W1.copy_(block.W1)
     static.Hinv1.copy_(block.Hinv1)
     if up_front:

@@ -22,7 +22,7 @@ def quantize_rtn(weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
 
     A short last group is padded with zeros, which changes no fitted range: every grid contains 0.
     """
-    fmt = format_for(scheme)
+    fmt = format_for(scheme).for_weight(weight)
     out_features, in_features = weight.shape
     group = scheme.group_size or in_features
     n_groups = -(-in_features // group)
@@ -32,4 +32,4 @@ def quantize_rtn(weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
     params = fmt.fit(groups)
     codes = fmt.encode(groups, params).view(out_features, n_groups * group)[:, :in_features]
     per_group = GridParams(scale=params.scale.view(out_features, n_groups), zero=params.zero.view(out_features, n_groups))
-    return QuantizedWeight.from_params(scheme, codes, per_group)
+    return QuantizedWeight.from_params(scheme, fmt, codes, per_group)
