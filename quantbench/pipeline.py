@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantbench.activations import quantize_inputs_of
 from quantbench.calibration.stats import StopForward, collect_stats, input_sharing
 from quantbench.model_io import block_linears, blocks_path, decoder_blocks, move_except_blocks
 from quantbench.quantized_weight import QuantizedWeight
@@ -193,15 +194,22 @@ def quantize_linears(layers: list[nn.Linear], names: list[str], scheme: Scheme, 
     quantized = solver_for(scheme).quantize(stacked, scheme, stats)
     parts = quantized.split_rows([layer.out_features for layer in layers])
     for layer, part in zip(layers, parts):
-        layer.weight.data = part.dequantize(layer.weight.dtype).to(layer.weight.device)
+        apply_quantized(layer, part)
     return {name: part.to("cpu") for name, part in zip(names, parts)}
 
 
 def quantize_linear(linear: nn.Linear, scheme: Scheme, stats=None) -> QuantizedWeight:
-    """Quantize one linear in place (its weight becomes the dequantized value) and return the codes on CPU."""
+    """Quantize one linear in place and return the codes on CPU."""
     quantized = solver_for(scheme).quantize(linear.weight.data, scheme, stats)
-    linear.weight.data = quantized.dequantize(linear.weight.dtype).to(linear.weight.device)
+    apply_quantized(linear, quantized)
     return quantized.to("cpu")
+
+
+def apply_quantized(linear: nn.Linear, quantized: QuantizedWeight) -> None:
+    """Make `linear` compute as its quantized self: the dequantized weight, and its input quantized on
+    the fly when the scheme says so."""
+    linear.weight.data = quantized.dequantize(linear.weight.dtype).to(linear.weight.device)
+    quantize_inputs_of(linear, quantized.scheme.activations)
 
 
 def untie_lm_head(model: nn.Module) -> nn.Linear:

@@ -25,6 +25,9 @@ def logits(model):
     {"default": "int4-g32-rtn"},
     {"default": "int3-g32-sym-rtn", "overrides": [{"pattern": "mlp", "scheme": "int5-pc-rtn"}]},
     {"default": "int2-g64-rtn", "ignore": ["down_proj"]},  # 64 does not divide the MLP width of 160
+    {"default": "mxfp4-rtn", "overrides": [{"pattern": "mlp", "scheme": "nvfp4-gptq"}]},
+    {"default": "mxfp6e3m2-gptq-act-static", "overrides": [{"pattern": "o_proj", "scheme": "mxint8-rtn"}]},
+    {"default": "mxfp8e4m3-rtn-a:mxfp8e4m3", "overrides": [{"pattern": "mlp", "scheme": "int4-g32-gptq-a:int8"}]},
 ])
 def test_export_then_load_gives_identical_logits(tmp_path, tokenizer, section):
     model = tiny_llama()
@@ -115,3 +118,20 @@ def test_checkpoint_records_the_real_weight_dtype(tmp_path, tokenizer):
     loaded = load_quantized(tmp_path / "ckpt")
     assert loaded.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert torch.equal(logits(loaded), logits(model))
+
+
+def test_block_formats_are_stored_in_the_compressed_tensors_layout(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+
+    model = tiny_llama()
+    quantized = quantize(model, default="mxfp4-rtn", overrides=[{"pattern": "mlp", "scheme": "nvfp4-rtn"}])
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
+    mx, nv = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"  # [64, 64] and [160, 64]
+    assert tensors[f"{mx}.qweight"].dtype == torch.uint8 and tensors[f"{mx}.qweight"].shape == (64, 32)
+    assert tensors[f"{mx}.scales"].dtype == torch.uint8 and tensors[f"{mx}.scales"].shape == (64, 2)
+    assert tensors[f"{nv}.qweight"].shape == (160, 32) and tensors[f"{nv}.scales"].shape == (160, 4)
+    assert tensors[f"{nv}.global_scale"].dtype == torch.float32 and tensors[f"{nv}.global_scale"].shape == (1,)
+    layers = {layer.name: layer for layer in checkpoint_layers(tmp_path / "ckpt")}
+    assert layers[mx].bits_per_weight == 4.25
+    assert layers[nv].bits_per_weight == 4.5 + 32 / (160 * 64)

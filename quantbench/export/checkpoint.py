@@ -8,7 +8,10 @@ as bit-packed codes.
                      (int32, codes bit-packed along the input dimension, see export/packing.py),
                      `<name>.scales` (float16 [out, groups]) and, for asymmetric schemes, `<name>.qzeros`
                      (int32, zero points packed like the codes) and, when GPTQ's act_order grouped the
-                     columns out of order, `<name>.g_idx` (int32 [in]: the group of each input column)
+                     columns out of order, `<name>.g_idx` (int32 [in]: the group of each input column).
+                     Block formats (MX, NVFP4) store `qweight` as uint8 [out, in·bits/8], `scales` as
+                     uint8 [out, in/block] (E8M0 exponents or E4M3 codes) and, for NVFP4,
+                     `<name>.global_scale` (float32 [1]); see QuantizedWeight.pack
   tokenizer files    when a tokenizer is given
 """
 
@@ -25,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from quantbench.activations import quantize_inputs_of
 from quantbench.errors import QuantbenchError
 from quantbench.fsutil import atomic_directory
 from quantbench.quantized_weight import QuantizedWeight
@@ -34,7 +38,7 @@ QUANT_METHOD = "quantbench"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 RUN_CHECKPOINT_DIR = "checkpoint"  # where a run directory keeps its exported checkpoint
-PACKED_SUFFIXES = ("qweight", "scales", "qzeros", "g_idx")
+PACKED_SUFFIXES = ("qweight", "scales", "qzeros", "g_idx", "global_scale")
 
 
 def save_quantized(model: nn.Module, tokenizer, quantized: dict[str, QuantizedWeight], out_dir: str | Path,
@@ -143,7 +147,8 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild the model of a quantbench checkpoint, its quantized linears holding the dequantized weights.
 
-    The weights equal those of the in-memory quantized model that was saved, so logits match exactly.
+    The weights equal those of the in-memory quantized model that was saved, and layers whose scheme
+    quantizes activations quantize their inputs again, so logits match exactly.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -157,8 +162,9 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     with _skip_weight_init():  # every weight is overwritten below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = load_file(str(directory / WEIGHTS_FILE))
+    schemes = {}
     for name, entry in qconfig["layers"].items():
-        scheme = Scheme(**{k: v for k, v in entry.items() if k in Scheme.model_fields})
+        scheme = schemes[name] = Scheme(**{k: v for k, v in entry.items() if k in Scheme.model_fields})
         packed = {s: tensors.pop(f"{name}.{s}") for s in PACKED_SUFFIXES if f"{name}.{s}" in tensors}
         weight = QuantizedWeight.unpack(scheme, tuple(entry["shape"]), packed).dequantize(dtype)
         tensors[f"{name}.weight"] = weight
@@ -170,6 +176,8 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     for dropped, kept in qconfig.get("tied", {}).items():
         if model.get_parameter(dropped) is not model.get_parameter(kept):
             _set_parameter(model, dropped, model.get_parameter(kept))
+    for name, scheme in schemes.items():
+        quantize_inputs_of(model.get_submodule(name), scheme.activations)
     return model.to(device).eval()
 
 
