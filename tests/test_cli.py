@@ -72,9 +72,11 @@ def test_existing_run_is_refused_without_force_and_kept(tmp_path, model_dir, tex
     assert again.exit_code == 2
     assert "already exists; pass --force" in again.output
     assert result_file.read_text() == before
+    stale = result_file.parent / "stale-marker"
+    stale.write_text("left by the earlier run")
     forced = invoke("run", recipe, "--quiet", "--force")
     assert forced.exit_code == 0, forced.output
-    assert result_file.read_text() != before
+    assert result_file.is_file() and not stale.exists()  # the run directory was replaced as a whole
 
 
 def test_failed_run_with_force_keeps_the_earlier_results(tmp_path, model_dir, text_file):
