@@ -18,8 +18,11 @@ from functools import cache, cached_property
 
 import torch
 
+from quantbench.formats.chunked import rowwise_chunked
+
 _FP32_MANTISSA_BITS = 23
 _FP32_BIAS = 127
+_FP32_INF_BITS = 0x7F800000
 
 
 def floor_log2(x: torch.Tensor) -> torch.Tensor:
@@ -72,28 +75,31 @@ class FloatElement:
 
     @cached_property
     def max_magnitude_code(self) -> int:
-        return int(self._magnitude_codes(torch.tensor([self.max_value])))
+        return int(self._encode(torch.tensor([self.max_value])))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest code of every element (ties to even, saturating), as uint8."""
-        x = x.float()
-        magnitude = self._magnitude_codes(x.abs().clamp(max=self.max_value))
-        codes = torch.where(torch.signbit(x), magnitude | self.sign_bit, magnitude)
-        codes = torch.where(torch.isnan(x), torch.full_like(codes, self.nan_code or 0), codes)
-        return codes.to(torch.uint8)
+        return rowwise_chunked(self._encode, x.reshape(-1)).view(x.shape)
 
-    def _magnitude_codes(self, a: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         # At exponent e the grid step is 2^(e − m); n = round(a / step) counts steps (ties to even), and
         # the magnitude code is (e − emin)·2^m + n for normals and subnormals alike, including an n that
-        # rounded up into the next binade.
+        # rounded up into the next binade. 2^(m − e) is a normal float32 for every element format.
         m, emin = self.mantissa_bits, self.min_exponent
-        exponent = floor_log2(a).clamp(min=emin)
-        steps = torch.round(a / pow2(exponent - m)).to(torch.int32)
-        return ((exponent - emin) << m) + steps
+        bits = x.float().contiguous().view(torch.int32)
+        magnitude_bits = bits & 0x7FFFFFFF
+        a = magnitude_bits.view(torch.float32).clamp(max=self.max_value)
+        exponent = floor_log2(a).clamp_(min=emin)
+        inverse_step = ((m + _FP32_BIAS) - exponent).bitwise_left_shift_(_FP32_MANTISSA_BITS)
+        codes = inverse_step.view(torch.float32).mul_(a).round_().to(torch.int32)
+        codes += exponent.sub_(emin).bitwise_left_shift_(m)
+        codes |= (bits >> 31).bitwise_and_(1).bitwise_left_shift_(self.bits - 1)
+        codes.masked_fill_(magnitude_bits > _FP32_INF_BITS, self.nan_code or 0)
+        return codes.to(torch.uint8)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Value of every code, float32."""
-        return _table_on(self, codes.device)[codes.long()]
+        return rowwise_chunked(_table_on(self, codes.device).__getitem__, codes.long().reshape(-1)).view(codes.shape)
 
     @cached_property
     def table(self) -> torch.Tensor:
@@ -125,8 +131,11 @@ class Int8Element:
     nan_code: int | None = None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        k = torch.round(x.float() * 64).clamp(-128, 127).nan_to_num(0.0)
-        return k.to(torch.int16).bitwise_and(0xFF).to(torch.uint8)
+        return rowwise_chunked(self._encode, x.reshape(-1)).view(x.shape)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        k = (x.float() * 64).round_().clamp_(-128, 127).nan_to_num_(0.0)
+        return k.to(torch.int8).view(torch.uint8)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes.to(torch.uint8).view(torch.int8).float() / 64

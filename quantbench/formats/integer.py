@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quantbench.formats.chunked import rowwise_chunked
+
 FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
 
 
@@ -60,13 +62,14 @@ class IntFormat:
 
     def encode(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
         """Round `w` to codes (float tensor holding integers in [0, max_code])."""
-        codes = torch.round(w.float() / params.scale) + params.zero
-        if self.symmetric:
-            return codes.clamp(1, self.max_code)
-        return codes.clamp(0, self.max_code)
+        low = 1 if self.symmetric else 0
+
+        def encode(w, scale, zero):
+            return torch.round(w.float() / scale).add_(zero).clamp_(low, self.max_code)
+        return rowwise_chunked(encode, w, params.scale, params.zero)
 
     def decode(self, codes: torch.Tensor, params: GridParams) -> torch.Tensor:
-        return (codes.float() - params.zero) * params.scale
+        return rowwise_chunked(lambda c, s, z: (c.float() - z).mul_(s), codes, params.scale, params.zero)
 
     def round(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
         """The nearest grid point of every element: decode(encode(w))."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from quantbench.formats.fp import E2M1, E2M3, E3M2, E4M3, E5M2, INT8, FloatElement, Int8Element, floor_log2, pow2
+from quantbench.formats.chunked import rowwise_chunked
 from quantbench.formats.integer import GridParams
 
 E8M0_BIAS = 127
@@ -47,10 +48,10 @@ class MXFormat:
         return GridParams(scale=scale, zero=torch.zeros_like(scale))
 
     def encode(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
-        return self.element.encode(w.float() / params.scale)
+        return rowwise_chunked(lambda w, s: self.element.encode(w.float() / s), w, params.scale)
 
     def decode(self, codes: torch.Tensor, params: GridParams) -> torch.Tensor:
-        return self.element.decode(codes) * params.scale
+        return rowwise_chunked(lambda c, s: self.element.decode(c) * s, codes, params.scale)
 
     def round(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
         return self.decode(self.encode(w, params), params)
@@ -106,10 +107,10 @@ class NVFP4Format:
 
     def encode(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
         safe = torch.where(params.scale > 0, params.scale, torch.ones_like(params.scale))
-        return self.element.encode(w.float() / safe)
+        return rowwise_chunked(lambda w, s: self.element.encode(w.float() / s), w, safe)
 
     def decode(self, codes: torch.Tensor, params: GridParams) -> torch.Tensor:
-        return self.element.decode(codes) * params.scale
+        return rowwise_chunked(lambda c, s: self.element.decode(c) * s, codes, params.scale)
 
     def round(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
         return self.decode(self.encode(w, params), params)
