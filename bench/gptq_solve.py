@@ -39,16 +39,19 @@ def timed(fn, repeat: int) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--schemes", nargs="+", default=SCHEMES)
+    parser.add_argument("--layers", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     device = torch.device("cuda")
     rows_out = []
-    for label, (rows, cols) in SHAPES.items():
+    for label in args.layers:
+        rows, cols = SHAPES[label]
         g = torch.Generator(device=device).manual_seed(0)
         W = torch.randn(rows, cols, device=device, generator=g)
         X = torch.randn(4 * cols, cols, device=device, generator=g) * (torch.rand(cols, device=device, generator=g) + 0.1)
         H = 2 * X.T @ X / X.shape[0]
-        for name in SCHEMES:
+        for name in args.schemes:
             scheme = Scheme.parse(name)
             os.environ["QUANTBENCH_CUDA_GRAPHS"] = "0"
             eager_s, eager = timed(lambda: gptq_quantize(W, H, scheme), args.repeat)

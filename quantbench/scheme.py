@@ -57,9 +57,9 @@ class Scheme(BaseModel):
             return data
         data = dict(data)
         for key in ("format", "activations"):
-            if data.get(key) in FORMAT_ALIASES:
-                data[key] = FORMAT_ALIASES[data[key]]
-        fmt = BLOCK_FORMATS.get(data.get("format"))
+            if isinstance(data.get(key), str):
+                data[key] = FORMAT_ALIASES.get(data[key], data[key])
+        fmt = BLOCK_FORMATS.get(data["format"]) if isinstance(data.get("format"), str) else None
         if fmt is None:
             return data
         implied = {"bits": fmt.bits, "group_size": fmt.block_size, "symmetric": True}

@@ -48,16 +48,23 @@ def test_real_model_quantize_export_load_identical_logits(assets, tmp_path):
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_dithered_model_perplexity_orders_by_bits(assets, wikitext_ids):
-    """fp < int8 < int4 < int3 < int2 on the dithered copy (weights off any low-bit grid)."""
+def rtn_perplexities(assets, wikitext_ids, names: tuple[str, ...]) -> dict[str, float]:
+    """First-window perplexity of the dithered copy (weights off any low-bit grid), every linear rounded
+    by RTN to each scheme in turn ("fp": untouched)."""
     path = str(assets / "models" / "smollm2-135m-dithered")
     results = {}
-    for name in ("fp", "int8-pc-rtn", "int4-g128-rtn", "int3-g128-rtn", "int2-g128-rtn"):
+    for name in names:
         model, _ = load_model(path, torch.float32)
         if name != "fp":
             for linear in model_linears(model).values():
                 quantize_linear(linear, Scheme.parse(name))
         results[name] = perplexity_of_ids(model, wikitext_ids, 2048, max_windows=1).ppl
+    return results
+
+
+def test_dithered_model_perplexity_orders_by_bits(assets, wikitext_ids):
+    """fp < int8 < int4 < int3 < int2."""
+    results = rtn_perplexities(assets, wikitext_ids, ("fp", "int8-pc-rtn", "int4-g128-rtn", "int3-g128-rtn", "int2-g128-rtn"))
     ppl = list(results.values())
     assert ppl == sorted(ppl), results
     assert ppl[1] < ppl[0] * 1.02  # 8 bits per channel is nearly lossless
@@ -75,3 +82,11 @@ def test_gptq_beats_rtn_on_the_dithered_model(assets, wikitext_ids):
         quantize_model(model, calibration, lambda _n: scheme, torch.device("cpu"), progress=False)
         ppl[name] = perplexity_of_ids(model, wikitext_ids, 2048, max_windows=1).ppl
     assert ppl["int3-g128-gptq-act"] < 0.8 * ppl["int3-g128-rtn"], ppl
+
+
+def test_block_formats_order_by_precision_on_the_dithered_model(assets, wikitext_ids):
+    """fp < MXFP6 (E2M3) < NVFP4 < MXFP4 weight-only < MXFP4 weights and activations (README quality table)."""
+    results = rtn_perplexities(assets, wikitext_ids, ("fp", "mxfp6e2m3-rtn", "nvfp4-rtn", "mxfp4-rtn", "mxfp4-rtn-a:mxfp4"))
+    ppl = list(results.values())
+    assert ppl == sorted(ppl), results
+    assert ppl[1] < ppl[0] * 1.1  # 6-bit MX is close to full precision
