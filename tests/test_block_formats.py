@@ -190,3 +190,16 @@ def test_block_schemes_parse_name_and_validate():
     with pytest.raises(QuantbenchError, match="not understood"):
         Scheme.parse("mxfp5-rtn")
     assert format_for(Scheme.parse("mxfp6e2m3-rtn")).element.name == "e2m3"
+
+
+def test_recipes_take_block_schemes_as_names_or_mappings():
+    from quantbench.recipe import QuantizeSection, parse_recipe
+
+    section = QuantizeSection(default={"format": "nvfp4", "solver": "gptq", "activations": "nvfp4"},
+                              overrides=[{"pattern": "mlp", "scheme": "mxfp8-rtn-a:int8"}])
+    assert section.default.name == "nvfp4-gptq-a:nvfp4"
+    assert section.scheme_for("model.layers.0.mlp.up_proj").name == "mxfp8e4m3-rtn-a:int8"
+    with pytest.raises(QuantbenchError, match=r"quantize.default: mxfp4 fixes group_size to 32"):
+        parse_recipe({"name": "x", "model": {"name": "m"}, "quantize": {"default": {"format": "mxfp4", "group_size": 64}}})
+    with pytest.raises(QuantbenchError, match=r"quantize.default.activations"):
+        parse_recipe({"name": "x", "model": {"name": "m"}, "quantize": {"default": {"format": "mxfp4", "activations": "fp3"}}})
