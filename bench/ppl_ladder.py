@@ -81,7 +81,7 @@ def main() -> None:
             scheme = Scheme.parse(name)
             quantized = quantize_model(model, calibration, lambda _layer: scheme, device, progress=False,
                                        hessian=args.hessian)
-            bits = sum(q.storage_bits for q in quantized.values()) / sum(q.codes.numel() for q in quantized.values())
+            bits = sum(q.storage_bits for q in quantized.values()) / sum(q.numel for q in quantized.values())
         quantize_s = time.perf_counter() - start
         result = perplexity_of_ids(model.to(device), ids, args.seqlen, args.windows, batch_size=4, dataset="wikitext2")
         rows.append({"scheme": name, "bits_per_weight": bits and round(bits, 3), "wikitext2_ppl": round(result.ppl, 3),

@@ -10,6 +10,7 @@ import torch
 from quantbench.export.packing import pack_bits, pack_bytes, unpack_bits, unpack_bytes
 from quantbench.formats import Format, GridParams, format_for
 from quantbench.scheme import Scheme
+from quantbench.trit_planes import TritPlaneWeight
 
 
 @dataclass
@@ -51,6 +52,10 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
+
+    @property
+    def numel(self) -> int:
+        return self.codes.numel()
 
     @property
     def group_size(self) -> int:
@@ -134,3 +139,10 @@ class QuantizedWeight:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return QuantizedWeight(self.scheme, move(self.codes), move(self.scales), move(self.zeros), move(self.g_idx),
                                move(self.global_scale))
+
+
+def unpack_weight(scheme: Scheme, shape: tuple[int, int],
+                  tensors: dict[str, torch.Tensor]) -> QuantizedWeight | TritPlaneWeight:
+    """A stored layer back as the object its scheme's solver produced."""
+    kind = TritPlaneWeight if scheme.format == "ternary" else QuantizedWeight
+    return kind.unpack(scheme, shape, tensors)

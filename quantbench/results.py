@@ -21,7 +21,7 @@ PACKAGES = ("quantbench", "torch", "transformers", "datasets", "safetensors", "p
 def quantization_summary(model: nn.Module, quantized: dict[str, QuantizedWeight], linears: dict[str, nn.Linear]) -> dict:
     """Schemes used, average bits/weight and bytes: quantized layers packed, everything else as stored."""
     quantized_bits = sum(q.storage_bits for q in quantized.values())
-    quantized_params = sum(q.codes.numel() for q in quantized.values())
+    quantized_params = sum(q.numel for q in quantized.values())
     linear_params = sum(layer.weight.numel() for layer in linears.values())
     unique = {p.data_ptr(): p for p in model.parameters()}
     other_bytes = sum(p.numel() * p.element_size() for p in unique.values()) - sum(

@@ -10,17 +10,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from quantbench.errors import QuantbenchError
 from quantbench.formats.mx import BLOCK_FORMATS
 
-INT_SCALE_BITS = 16  # integer grids store float16 scales
+SCALE_BITS_FP16 = 16  # integer grids and trit planes store float16 scales
 DEFAULT_DAMP = 0.01
 FORMAT_ALIASES = {"mxfp8": "mxfp8e4m3", "mxfp6": "mxfp6e2m3"}
-WeightFormat = Literal["int", "mxfp4", "mxfp6e2m3", "mxfp6e3m2", "mxfp8e4m3", "mxfp8e5m2", "mxint8", "nvfp4"]
+TRIT_BITS = 8 / 5  # five trits per byte
+WeightFormat = Literal["int", "ternary", "mxfp4", "mxfp6e2m3", "mxfp6e3m2", "mxfp8e4m3", "mxfp8e5m2", "mxint8", "nvfp4"]
 ActivationFormat = Literal["mxfp4", "mxfp6e2m3", "mxfp6e3m2", "mxfp8e4m3", "mxfp8e5m2", "mxint8", "nvfp4",
                            "int8", "int4"]
 
 _BLOCK_NAMES = "|".join(sorted([*BLOCK_FORMATS, *FORMAT_ALIASES], key=len, reverse=True))
 _NAME_RE = re.compile(
-    rf"^(?:(?P<block>{_BLOCK_NAMES})|(?P<format>int)(?P<bits>\d+)-(?:g(?P<group>\d+)|(?P<pc>pc))(?P<sym>-sym)?)"
-    r"-(?P<solver>[a-z]+)(?P<act>-act)?(?P<static>-static)?(?:-damp(?P<damp>[0-9.e-]+))?"
+    rf"^(?:(?P<block>{_BLOCK_NAMES})|(?P<format>int)(?P<bits>\d+)-(?:g(?P<group>\d+)|(?P<pc>pc))(?P<sym>-sym)?"
+    r"|ternary(?P<planes>\d)(?:-g(?P<ternary_group>\d+)|-pc)?)"
+    r"-(?P<solver>[a-z]+)(?P<act>-act)?(?P<static>-static)?(?P<aware>-aw)?(?:-damp(?P<damp>[0-9.e-]+))?"
     r"(?:-a:(?P<activations>[a-z0-9]+))?$"
 )
 
@@ -35,6 +37,8 @@ class Scheme(BaseModel):
     before solving instead of when the group is reached; dampening as a fraction of mean(diag H).
     `activations` quantizes the layer's input on the fly (simulated): an MX/NVFP4 format in blocks along
     the hidden dimension of each token, or `int8`/`int4` symmetric per token.
+    `ternary` is PTQTP's sum of `planes` ternary planes, each with a float16 scale per row (or per group);
+    `activation_aware` weights its objective by the layer's input energy per column (diag H).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -43,12 +47,14 @@ class Scheme(BaseModel):
     bits: int = Field(4, ge=2, le=8)
     group_size: int | None = Field(128, gt=0)
     symmetric: bool = False
-    solver: Literal["rtn", "gptq"] = "rtn"
+    solver: Literal["rtn", "gptq", "ptqtp"] = "rtn"
     transform: Literal["none"] = "none"
     act_order: bool = False
     static_groups: bool = False
     damp: float = Field(DEFAULT_DAMP, gt=0, le=1)
     activations: ActivationFormat | None = None
+    planes: Literal[1, 2] = 2
+    activation_aware: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -59,6 +65,10 @@ class Scheme(BaseModel):
         for key in ("format", "activations"):
             if isinstance(data.get(key), str):
                 data[key] = FORMAT_ALIASES.get(data[key], data[key])
+        if data.get("format") == "ternary":
+            data.setdefault("group_size", None)
+            data.setdefault("solver", "ptqtp")
+            data.setdefault("symmetric", True)
         fmt = BLOCK_FORMATS.get(data["format"]) if isinstance(data.get("format"), str) else None
         if fmt is None:
             return data
@@ -76,6 +86,13 @@ class Scheme(BaseModel):
             raise ValueError("act_order, static_groups and damp are GPTQ options; set solver: gptq or drop them")
         if self.static_groups and self.group_size is None:
             raise ValueError("static_groups needs a group_size; per-channel grids are always fitted up front")
+        if (self.format == "ternary") != (self.solver == "ptqtp"):
+            raise ValueError("the ternary format is fitted by the ptqtp solver and ptqtp fits only ternary planes "
+                             "(write e.g. ternary2-ptqtp or ternary2-g128-ptqtp)")
+        if self.format != "ternary" and self.planes != 2:
+            raise ValueError("planes is a ternary option; set format: ternary or drop it")
+        if self.activation_aware and self.solver != "ptqtp":
+            raise ValueError("activation_aware is a ptqtp option (GPTQ is activation-aware by construction)")
         if self.is_block_format and self.act_order and not self.static_groups:
             raise ValueError(f"{self.format} blocks are contiguous columns: act_order needs static_groups "
                              f"(write {self.format}-gptq-act-static)")
@@ -89,11 +106,14 @@ class Scheme(BaseModel):
     def name(self) -> str:
         if self.is_block_format:
             name = f"{self.format}-{self.solver}"
+        elif self.format == "ternary":
+            name = f"ternary{self.planes}{f'-g{self.group_size}' if self.group_size else ''}-{self.solver}"
         else:
             grouping = f"g{self.group_size}" if self.group_size else "pc"
             name = f"{self.format}{self.bits}-{grouping}{'-sym' if self.symmetric else ''}-{self.solver}"
         name += "-act" if self.act_order else ""
         name += "-static" if self.static_groups else ""
+        name += "-aw" if self.activation_aware else ""
         name += f"-damp{self.damp:g}" if self.damp != DEFAULT_DAMP else ""
         name += f"-a:{self.activations}" if self.activations else ""
         return name
@@ -109,11 +129,13 @@ class Scheme(BaseModel):
         `QuantizedWeight.bits_per_weight` is exact for a given layer.
         """
         group = self.group_size or 4096
+        if self.format == "ternary":
+            return self.planes * (TRIT_BITS + SCALE_BITS_FP16 / group)
         return self.bits + self.overhead_bits_per_group / group
 
     @property
     def scale_bits(self) -> int:
-        return BLOCK_FORMATS[self.format].scale_bits if self.is_block_format else INT_SCALE_BITS
+        return BLOCK_FORMATS[self.format].scale_bits if self.is_block_format else SCALE_BITS_FP16
 
     @property
     def has_zero_points(self) -> bool:
@@ -131,11 +153,14 @@ class Scheme(BaseModel):
         if not match:
             raise QuantbenchError(
                 f"scheme name {name!r} is not understood; write it like 'int4-g128-rtn', 'int8-pc-sym-rtn', "
-                "'int3-g128-gptq-act', 'mxfp4-rtn' or 'mxfp8e4m3-rtn-a:mxfp8e4m3' (block formats: "
+                "'int3-g128-gptq-act', 'mxfp4-rtn', 'mxfp8e4m3-rtn-a:mxfp8e4m3' or 'ternary2-g128-ptqtp' (block formats: "
                 f"{', '.join(BLOCK_FORMATS)})"
             )
         if match["block"]:
             fields = dict(format=match["block"], solver=match["solver"])
+        elif match["planes"]:
+            fields = dict(format="ternary", planes=int(match["planes"]), solver=match["solver"],
+                          group_size=int(match["ternary_group"]) if match["ternary_group"] else None)
         else:
             fields = dict(format=match["format"], bits=int(match["bits"]), symmetric=bool(match["sym"]),
                           solver=match["solver"], group_size=int(match["group"]) if match["group"] else None)
@@ -145,6 +170,8 @@ class Scheme(BaseModel):
             fields["act_order"] = True
         if match["static"]:
             fields["static_groups"] = True
+        if match["aware"]:
+            fields["activation_aware"] = True
         if match["damp"]:
             fields["damp"] = float(match["damp"])
         try:

@@ -28,6 +28,7 @@ def logits(model):
     {"default": "mxfp4-rtn", "overrides": [{"pattern": "mlp", "scheme": "nvfp4-gptq"}]},
     {"default": "mxfp6e3m2-gptq-act-static", "overrides": [{"pattern": "o_proj", "scheme": "mxint8-rtn"}]},
     {"default": "mxfp8e4m3-rtn-a:mxfp8e4m3", "overrides": [{"pattern": "mlp", "scheme": "int4-g32-gptq-a:int8"}]},
+    {"default": "ternary2-g32-ptqtp", "overrides": [{"pattern": "mlp", "scheme": "ternary1-ptqtp-aw-a:int8"}]},
 ])
 def test_export_then_load_gives_identical_logits(tmp_path, tokenizer, section):
     model = tiny_llama()

@@ -31,7 +31,7 @@ from torch import nn
 from quantbench.activations import quantize_inputs_of
 from quantbench.errors import QuantbenchError
 from quantbench.fsutil import atomic_directory
-from quantbench.quantized_weight import QuantizedWeight
+from quantbench.quantized_weight import QuantizedWeight, unpack_weight
 from quantbench.scheme import Scheme
 
 QUANT_METHOD = "quantbench"
@@ -166,7 +166,7 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     for name, entry in qconfig["layers"].items():
         scheme = schemes[name] = Scheme(**{k: v for k, v in entry.items() if k in Scheme.model_fields})
         packed = {s: tensors.pop(f"{name}.{s}") for s in PACKED_SUFFIXES if f"{name}.{s}" in tensors}
-        weight = QuantizedWeight.unpack(scheme, tuple(entry["shape"]), packed).dequantize(dtype)
+        weight = unpack_weight(scheme, tuple(entry["shape"]), packed).dequantize(dtype)
         tensors[f"{name}.weight"] = weight
     result = model.load_state_dict(tensors, strict=False)
     missing = set(result.missing_keys) - set(qconfig.get("tied", {}))

@@ -5,6 +5,10 @@ occupies stream bits `[i·b, (i+1)·b)`, least significant bit first; stream bit
 word `j // 32`. For b = 4 this puts element 0 in the low nibble of word 0 (eight codes per int32);
 for b = 3 a code may straddle two words. Rows are padded with zero codes to whole words.
 
+`pack_trits` stores ternary values {−1, 0, +1} five per byte in base 3 (3^5 = 243 ≤ 256): byte k of a row
+holds elements 5k … 5k+4 as Σ (t_i + 1)·3^i, element 5k the least significant digit; rows are padded with
+zeros to a multiple of five.
+
 `pack_bytes` stores the same little-endian stream as uint8 bytes, [rows, ceil(n·b/8)]: for b = 4 two
 codes per byte, element 0 in the low nibble (the compressed-tensors FP4 layout); for b = 8 one per byte.
 """
@@ -75,6 +79,31 @@ def unpack_bytes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     padded = torch.zeros(rows, packed_words(n, bits) * 4, dtype=torch.uint8, device=packed.device)
     padded[:, :n_bytes] = packed
     return unpack_bits(_as_words(padded), bits, n)
+
+
+TRITS_PER_BYTE = 5
+_POWERS_OF_3 = (1, 3, 9, 27, 81)
+
+
+def pack_trits(trits: torch.Tensor) -> torch.Tensor:
+    """[..., n] values in {−1, 0, 1} → [..., ceil(n/5)] uint8 (base 3, five per byte)."""
+    n = trits.shape[-1]
+    if trits.numel() and (int(trits.min()) < -1 or int(trits.max()) > 1):
+        raise ValueError("trits must be -1, 0 or +1")
+    n_bytes = math.ceil(n / TRITS_PER_BYTE)
+    digits = torch.ones(*trits.shape[:-1], n_bytes * TRITS_PER_BYTE, dtype=torch.int32, device=trits.device)
+    digits[..., :n] = trits.to(torch.int32) + 1
+    powers = torch.tensor(_POWERS_OF_3, dtype=torch.int32, device=trits.device)
+    return (digits.view(*trits.shape[:-1], n_bytes, TRITS_PER_BYTE) * powers).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_trits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_trits`: [..., ceil(n/5)] uint8 → [..., n] int8 in {−1, 0, 1}."""
+    if packed.shape[-1] != math.ceil(n / TRITS_PER_BYTE):
+        raise ValueError(f"{packed.shape[-1]} bytes do not hold {n} trits")
+    powers = torch.tensor(_POWERS_OF_3, dtype=torch.int32, device=packed.device)
+    digits = (packed.to(torch.int32).unsqueeze(-1) // powers) % 3
+    return (digits.flatten(-2)[..., :n] - 1).to(torch.int8)
 
 
 def _as_bytes(words: torch.Tensor) -> torch.Tensor:

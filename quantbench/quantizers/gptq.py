@@ -27,7 +27,8 @@ DAMP_ESCALATIONS = 6  # each multiplies the dampening by 10
 
 
 class GPTQSolver:
-    needs_hessian = True
+    def needs_hessian(self, scheme: Scheme) -> bool:
+        return True
 
     def __init__(self, block_size: int = BLOCK_SIZE) -> None:
         self.block_size = block_size

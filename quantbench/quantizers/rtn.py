@@ -11,7 +11,8 @@ from quantbench.scheme import Scheme
 
 
 class RTNSolver:
-    needs_hessian = False
+    def needs_hessian(self, scheme: Scheme) -> bool:
+        return False
 
     def quantize(self, weight: torch.Tensor, scheme: Scheme, stats: LayerStats | None = None) -> QuantizedWeight:
         return quantize_rtn(weight, scheme)
