@@ -20,7 +20,7 @@ from quantbench.activations import quantize_inputs_of
 from quantbench.calibration.stats import StopForward, collect_stats, input_sharing
 from quantbench.model_io import block_linears, blocks_path, decoder_blocks, move_except_blocks
 from quantbench.quantized_weight import QuantizedWeight
-from quantbench.quantizers import needs_hessian, solver_for
+from quantbench.quantizers import needs_hessian, needs_stats, solver_for
 from quantbench.scheme import Scheme
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,9 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
 def quantize_block(block: nn.Module, linears: dict[str, nn.Linear], schemes: dict[str, Scheme],
                    inputs: BlockInputs, true_sequential: bool, timer: StageTimer,
                    tensor_cores: bool = False) -> dict[str, QuantizedWeight]:
+    stats_layers = {name for name, scheme in schemes.items() if needs_stats(scheme)}
     hessian_layers = {name for name, scheme in schemes.items() if needs_hessian(scheme)}
-    if not hessian_layers:  # a statistics pass costs a block forward: skip it when no solver reads one
+    if not stats_layers:  # a statistics pass costs a block forward: skip it when no solver reads one
         with timer("solve"):
             return {name: quantize_linear(linears[name], scheme) for name, scheme in schemes.items()}
     quantized_linears = {name: linears[name] for name in schemes}
@@ -167,7 +168,7 @@ def quantize_block(block: nn.Module, linears: dict[str, nn.Linear], schemes: dic
     for stage in stages:
         shared = {follower: group[0] for group in groups for follower in group[1:] if follower in stage}
         stats = dict.fromkeys(stage)
-        if hessian_layers & set(stage):
+        if stats_layers & set(stage):
             with timer("stats_forward"):
                 with collect_stats({name: linears[name] for name in stage}, hessian_layers & set(stage), shared,
                                    stop_when_seen=True, timed=timer, tensor_cores=tensor_cores) as stats:

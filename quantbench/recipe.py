@@ -122,9 +122,9 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _lm_head_needs_no_calibration(self) -> "Recipe":
-        from quantbench.quantizers import needs_hessian
+        from quantbench.quantizers import needs_stats
 
-        if self.quantize.lm_head is not None and needs_hessian(self.quantize.lm_head):
+        if self.quantize.lm_head is not None and needs_stats(self.quantize.lm_head):
             raise ValueError("quantize.lm_head: only solvers without calibration statistics (rtn) are supported")
         return self
 

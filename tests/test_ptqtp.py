@@ -142,3 +142,26 @@ def test_storage_round_trip_and_bits():
     assert torch.equal(back.planes, q.planes) and torch.equal(back.dequantize(), q.dequantize())
     parts = q.split_rows([3, 5])
     assert torch.equal(torch.cat([p.dequantize() for p in parts]), q.dequantize())
+
+
+def test_activation_aware_fit_reads_per_channel_statistics_only(monkeypatch):
+    from helpers import tiny_llama
+
+    from quantbench.calibration.stats import LayerStats
+    from quantbench.pipeline import quantize_model
+    from quantbench.quantizers.ptqtp import PTQTPSolver
+
+    x = torch.randn(3, 7, 16)
+    stats = LayerStats()
+    stats.update(x)
+    flat = x.reshape(-1, 16)
+    assert stats.xtx is None and torch.allclose(stats.mean_square, torch.diagonal(flat.T @ flat) / 21)
+
+    seen = []
+    original = PTQTPSolver.quantize
+    monkeypatch.setattr(PTQTPSolver, "quantize", lambda self, w, scheme, stats=None: seen.append(stats) or original(self, w, scheme, stats))
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    scheme = Scheme.parse("ternary2-ptqtp-aw")
+    quantize_model(tiny_llama(), ids, lambda _name: scheme, torch.device("cpu"), progress=False)
+    assert len(seen) == 2 * 4  # q/k/v, o, gate/up and down of two blocks, shared inputs solved together
+    assert all(s.xtx is None and s.square_sum is not None and s.n_samples == 32 for s in seen)

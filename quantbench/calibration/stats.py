@@ -16,12 +16,14 @@ class LayerStats:
 
     xtx: Σ xᵀx over all calibration tokens (float32, [in, in]), or None when no solver asked for it.
     n_samples: number of input rows (tokens) seen. act_absmax: per-input-channel max |x|.
+    square_sum: per-input-channel Σ x² (float32, [in]): the diagonal of Σ xᵀx at the cost of one pass.
     Layers that read the same input tensor (q/k/v, gate/up) share one LayerStats object.
     """
 
     n_samples: int = 0
     act_absmax: torch.Tensor | None = None
     xtx: torch.Tensor | None = None
+    square_sum: torch.Tensor | None = None
     wants_hessian: bool = field(default=False, repr=False)
     tensor_cores: bool = field(default=False, repr=False)
 
@@ -32,10 +34,19 @@ class LayerStats:
             raise ValueError("this layer's Hessian was not collected")
         return self.xtx * (2.0 / max(1, self.n_samples))
 
+    @property
+    def mean_square(self) -> torch.Tensor:
+        """Per input channel, the mean of x² over the calibration tokens."""
+        if self.square_sum is None:
+            raise ValueError("no calibration inputs were seen for this layer")
+        return self.square_sum / max(1, self.n_samples)
+
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
         absmax = x.abs().amax(dim=0).float()
         self.act_absmax = absmax if self.act_absmax is None else torch.maximum(self.act_absmax, absmax)
+        square_sum = x.float().square().sum(dim=0)
+        self.square_sum = square_sum if self.square_sum is None else self.square_sum + square_sum
         if self.wants_hessian:
             if self.xtx is None:
                 self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)

@@ -16,6 +16,8 @@ from quantbench.trit_planes import TritPlaneWeight
 
 
 class Solver(Protocol):
+    def needs_stats(self, scheme: Scheme) -> bool: ...
+
     def needs_hessian(self, scheme: Scheme) -> bool: ...
 
     def quantize(self, weight: torch.Tensor, scheme: Scheme,
@@ -29,6 +31,11 @@ def solver_for(scheme: Scheme) -> Solver:
     return SOLVERS[scheme.solver]
 
 
+def needs_stats(scheme: Scheme) -> bool:
+    """Whether quantizing with `scheme` reads calibration statistics of the layer's input at all."""
+    return solver_for(scheme).needs_stats(scheme)
+
+
 def needs_hessian(scheme: Scheme) -> bool:
-    """Whether quantizing with `scheme` reads the layer's Hessian from calibration."""
+    """Whether those statistics must include the full Hessian Σ xᵀx (not only per-channel ones)."""
     return solver_for(scheme).needs_hessian(scheme)

@@ -27,6 +27,9 @@ DAMP_ESCALATIONS = 6  # each multiplies the dampening by 10
 
 
 class GPTQSolver:
+    def needs_stats(self, scheme: Scheme) -> bool:
+        return True
+
     def needs_hessian(self, scheme: Scheme) -> bool:
         return True
 

@@ -12,9 +12,9 @@ Every (row, group) of the weight is fitted on its own, all of them at once (vect
    Scales are rounded to float16, as stored, before they are scored, and a row keeps its previous planes
    or scales whenever a step would raise its error, so the objective never increases.
 
-Objective per row: Σ_j d_j (w_j − Σ_p α_p t_pj)² with d_j = 1, or with `activation_aware` d_j = H_jj,
-the mean squared input of column j (the diagonal of GPTQ's layer objective tr(ΔHΔᵀ), cross terms
-dropped). The weighting moves the scales towards columns that carry large inputs; the per-element choice
+Objective per row: Σ_j d_j (w_j − Σ_p α_p t_pj)² with d_j = 1, or with `activation_aware` d_j = mean(x_j²),
+the mean squared input of column j over the calibration tokens (∝ H_jj: the diagonal of GPTQ's layer
+objective tr(ΔHΔᵀ), cross terms dropped). The weighting moves the scales towards columns that carry large inputs; the per-element choice
 in (b) is unchanged by it.
 """
 
@@ -35,15 +35,18 @@ _PAIRS = torch.tensor([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)], dtype=to
 
 
 class PTQTPSolver:
-    def needs_hessian(self, scheme: Scheme) -> bool:
+    def needs_stats(self, scheme: Scheme) -> bool:
         return scheme.activation_aware
+
+    def needs_hessian(self, scheme: Scheme) -> bool:
+        return False  # the per-channel mean square is enough
 
     def quantize(self, weight: torch.Tensor, scheme: Scheme, stats: LayerStats | None = None) -> TritPlaneWeight:
         column_weights = None
         if scheme.activation_aware:
-            if stats is None or stats.xtx is None:
-                raise ValueError("activation-aware PTQTP needs the layer's Hessian from calibration")
-            column_weights = torch.diagonal(stats.hessian).to(weight.device)
+            if stats is None or stats.square_sum is None:
+                raise ValueError("activation-aware PTQTP needs calibration statistics of the layer's input")
+            column_weights = stats.mean_square.to(weight.device)
         return ptqtp_quantize(weight, scheme, column_weights)[0]
 
 

@@ -11,6 +11,9 @@ from quantbench.scheme import Scheme
 
 
 class RTNSolver:
+    def needs_stats(self, scheme: Scheme) -> bool:
+        return False
+
     def needs_hessian(self, scheme: Scheme) -> bool:
         return False
 
