@@ -5,6 +5,8 @@ Every token is quantized on its own, dynamically: MX formats in blocks of 32 alo
 (NVFP4: blocks of 16, under a per-tensor scale taken from the current input), `int8`/`int4` symmetric
 with one scale per token. The rounding happens in float32 and the result is cast back to the input's
 dtype. A hidden size that the block does not divide is padded with zeros, which changes no block scale.
+Layers that read one tensor (q/k/v, gate/up) quantize it once: the hooks remember the last input they
+rounded, by identity and version counter, and hand the same result to the next layer that asks.
 """
 
 from __future__ import annotations
@@ -35,6 +37,26 @@ def quantize_activations(x: torch.Tensor, fmt_name: str) -> torch.Tensor:
     return rounded.reshape(x.shape).to(x.dtype)
 
 
+class _LastRounded:
+    """The last (input, version, format) rounded and its result; holding the input keeps its identity
+    from being reused by another tensor while it is remembered."""
+
+    entry: tuple | None = None
+
+    @classmethod
+    def get(cls, x: torch.Tensor, fmt_name: str) -> torch.Tensor:
+        entry = cls.entry
+        if entry is not None and entry[0] is x and entry[1] == x._version and entry[2] == fmt_name:
+            return entry[3]
+        rounded = quantize_activations(x, fmt_name)
+        cls.entry = (x, x._version, fmt_name, rounded)
+        return rounded
+
+    @classmethod
+    def forget(cls) -> None:
+        cls.entry = None
+
+
 class ActivationQuantizer:
     """A forward pre-hook that quantizes a module's first positional input."""
 
@@ -42,7 +64,7 @@ class ActivationQuantizer:
         self.fmt_name = fmt_name
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        return (quantize_activations(args[0], self.fmt_name), *args[1:])
+        return (_LastRounded.get(args[0], self.fmt_name), *args[1:])
 
     def __repr__(self) -> str:
         return f"ActivationQuantizer({self.fmt_name!r})"

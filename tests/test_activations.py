@@ -79,3 +79,29 @@ def test_pipeline_installs_activation_quantizers_on_quantized_layers_only():
         a, b = weight_only(input_ids=IDS).logits, both(input_ids=IDS).logits
     assert not torch.equal(a, b)
     assert (a - b).abs().max() < 0.1 * a.abs().max()  # int8 activations: a small perturbation
+
+
+def test_layers_sharing_an_input_round_it_once(monkeypatch):
+    import quantbench.activations as activations
+
+    model = tiny_llama()
+    section = QuantizeSection(default="int8-pc-sym-rtn-a:mxfp4")
+    quantize_model(model, IDS, section.scheme_for, torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        cached = model(input_ids=IDS).logits
+    calls = []
+    original = activations.quantize_activations
+
+    def counting(x, fmt_name):
+        calls.append(fmt_name)
+        return original(x, fmt_name)
+
+    monkeypatch.setattr(activations, "quantize_activations", counting)
+    activations._LastRounded.forget()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, cached)
+    assert len(calls) == 2 * 4  # per block: q/k/v once, o, gate/up once, down
+    x = torch.randn(4, 64)
+    first = activations._LastRounded.get(x, "mxfp4")
+    x.mul_(2)  # an in-place change is seen through the version counter
+    assert not torch.equal(activations._LastRounded.get(x, "mxfp4"), first)

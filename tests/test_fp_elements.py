@@ -159,3 +159,15 @@ def test_bit_helpers_are_exact():
     assert powers.tolist() == [math.ldexp(1.0, int(e)) for e in exponents]
     x = torch.tensor([1.0, 1.9999999, 2.0, 3.0, 0.75, 2.0**-126, 1e-40, 0.0, 3e38])
     assert floor_log2(x).tolist() == [0, 0, 1, 1, -1, -126, -127, -127, 127]
+
+
+@pytest.mark.parametrize("fmt", [*FLOATS, INT8], ids=lambda f: f.name)
+def test_rounding_values_directly_equals_decoding_the_codes(fmt):
+    torch.manual_seed(2)
+    x = torch.randn(50000) * 2.0 ** torch.randint(-20, 12, (50000,)).float()
+    table = fmt.table[torch.isfinite(fmt.table)]
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e30, -1e30])
+    for values in (x, table, (table[1:] + table[:-1]) / 2, specials):
+        via_codes, direct = fmt.decode(fmt.encode(values)), fmt.round_values(values)
+        same = (via_codes == direct) | (via_codes.isnan() & direct.isnan())
+        assert same.all() and torch.equal(torch.signbit(via_codes[~via_codes.isnan()]), torch.signbit(direct[~direct.isnan()]))

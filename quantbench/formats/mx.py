@@ -54,7 +54,9 @@ class MXFormat:
         return rowwise_chunked(lambda c, s: self.element.decode(c) * s, codes, params.scale)
 
     def round(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
-        return self.decode(self.encode(w, params), params)
+        """decode(encode(w)), computed on values in one pass over cache-sized chunks."""
+        element = self.element
+        return rowwise_chunked(lambda w, s: element.round_values(w.float() / s) * s, w, params.scale)
 
     def store_scales(self, scale: torch.Tensor) -> torch.Tensor:
         """E8M0: the biased exponent as uint8."""
@@ -113,7 +115,11 @@ class NVFP4Format:
         return rowwise_chunked(lambda c, s: self.element.decode(c) * s, codes, params.scale)
 
     def round(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
-        return self.decode(self.encode(w, params), params)
+        """decode(encode(w)), computed on values in one pass over cache-sized chunks."""
+        safe = torch.where(params.scale > 0, params.scale, torch.ones_like(params.scale))
+        element = self.element
+        return rowwise_chunked(lambda w, s, t: element.round_values(w.float() / s) * t,
+                               w, safe, params.scale)
 
     def store_scales(self, scale: torch.Tensor) -> torch.Tensor:
         """E4M3 codes of s8 (recovered exactly: scale·g is within float32 rounding of an E4M3 value)."""
