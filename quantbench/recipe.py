@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantbench.errors import QuantbenchError
-from quantbench.scheme import Scheme
+from quantbench.scheme import FORMAT_ALIASES, ActivationFormat, Scheme
 
 
 def _scheme_from_yaml(value: Any) -> Any:
@@ -75,6 +75,14 @@ class QuantizeSection(_Section):
                                   "outputs of the already-quantized groups before it")
     hessian: Literal["fp32", "tensor_cores"] = Field("fp32", description="how Σxᵀx of bf16/fp16 CUDA "
                                                      "activations is accumulated")
+    activations: ActivationFormat | None = Field(None, description="quantize the input of every decoder-block "
+                                                 "layer that gets a scheme to this format, unless its scheme "
+                                                 "names one (`-a:<format>`)")
+
+    @field_validator("activations", mode="before")
+    @classmethod
+    def _activation_alias(cls, value: Any) -> Any:
+        return FORMAT_ALIASES.get(value, value) if isinstance(value, str) else value
 
     @field_validator("ignore")
     @classmethod
@@ -83,13 +91,13 @@ class QuantizeSection(_Section):
 
     def scheme_for(self, layer: str) -> Scheme | None:
         """The scheme of a layer by full module name: None if ignored, else the first matching override,
-        else the default."""
+        else the default; with the section's `activations` when the scheme names none."""
         if any(re.search(p, layer) for p in self.ignore):
             return None
-        for override in self.overrides:
-            if re.search(override.pattern, layer):
-                return override.scheme
-        return self.default
+        scheme = next((o.scheme for o in self.overrides if re.search(o.pattern, layer)), self.default)
+        if self.activations and scheme.activations is None:
+            return scheme.model_copy(update={"activations": self.activations})
+        return scheme
 
 
 class EvalSection(_Section):

@@ -105,3 +105,11 @@ def test_layers_sharing_an_input_round_it_once(monkeypatch):
     first = activations._LastRounded.get(x, "mxfp4")
     x.mul_(2)  # an in-place change is seen through the version counter
     assert not torch.equal(activations._LastRounded.get(x, "mxfp4"), first)
+
+
+def test_recipe_section_activations_apply_where_a_scheme_names_none():
+    section = QuantizeSection(default="int4-g128-gptq", activations="mxfp8",
+                              overrides=[{"pattern": "down_proj", "scheme": "int8-pc-sym-rtn-a:int8"}])
+    assert section.scheme_for("model.layers.0.mlp.up_proj").name == "int4-g128-gptq-a:mxfp8e4m3"
+    assert section.scheme_for("model.layers.0.mlp.down_proj").name == "int8-pc-sym-rtn-a:int8"
+    assert QuantizeSection(default="int4-g128-rtn").scheme_for("x").activations is None
