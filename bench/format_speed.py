@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,30 +21,11 @@ import torch
 from quantbench.activations import quantize_activations
 from quantbench.quantizers.rtn import quantize_rtn
 from quantbench.scheme import Scheme
+from timing import timed
 
 WEIGHT_SCHEMES = ["int4-g128-rtn", "int4-g32-rtn", "int8-pc-sym-rtn", "mxfp4-rtn", "mxfp6e2m3-rtn", "mxfp6e3m2-rtn",
                   "mxfp8e4m3-rtn", "mxfp8e5m2-rtn", "mxint8-rtn", "nvfp4-rtn"]
 ACTIVATION_FORMATS = ["int8", "int4", "mxfp8e4m3", "mxfp4", "nvfp4"]
-
-
-def timer(device: torch.device):
-    def timed(fn, repeat: int) -> float:
-        fn()  # warm-up: tables to the device, allocator, kernels
-        times = []
-        for _ in range(repeat):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    return timed
 
 
 def main() -> None:
@@ -57,7 +36,6 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    timed = timer(device)
     g = torch.Generator().manual_seed(0)
     weight_cpu = torch.randn(args.size, args.size, generator=g) * 0.02
     weight = weight_cpu.to(device)
@@ -65,9 +43,9 @@ def main() -> None:
     rows = []
     for name in WEIGHT_SCHEMES:
         scheme = Scheme.parse(name)
-        quantize_s = timed(lambda: quantize_rtn(weight, scheme), args.repeat)
+        quantize_s = timed(lambda: quantize_rtn(weight, scheme), device, args.repeat, warmup=True)[0]
         quantized = quantize_rtn(weight, scheme)
-        dequantize_s = timed(lambda: quantized.dequantize(), args.repeat)
+        dequantize_s = timed(quantized.dequantize, device, args.repeat, warmup=True)[0]
         row = {"kind": "weight", "format": name, "bits_per_weight": round(quantized.bits_per_weight, 4),
                "quantize_s": quantize_s, "dequantize_s": dequantize_s,
                "quantize_Gelem_s": elements / quantize_s / 1e9, "dequantize_Gelem_s": elements / dequantize_s / 1e9}
@@ -78,7 +56,7 @@ def main() -> None:
         rows.append(row)
     activations = weight.to(torch.bfloat16)
     for name in ACTIVATION_FORMATS:
-        seconds = timed(lambda: quantize_activations(activations, name), args.repeat)
+        seconds = timed(lambda: quantize_activations(activations, name), device, args.repeat, warmup=True)[0]
         rows.append({"kind": "activation", "format": name, "quantize_s": seconds,
                      "quantize_Gelem_s": elements / seconds / 1e9})
     baseline = rows[0]

@@ -12,28 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from pathlib import Path
 
 import torch
 
 from quantbench.quantizers.gptq import gptq_quantize
+from timing import timed
 from quantbench.scheme import Scheme
 
 SHAPES = {"qkv (stacked)": (3072, 2048), "o": (2048, 2048), "gate+up (stacked)": (16384, 2048), "down": (2048, 8192)}
 SCHEMES = ["int4-g128-gptq", "int4-g128-gptq-act", "int4-pc-gptq", "int4-g128-gptq-act-static"]
-
-
-def timed(fn, repeat: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times), out
 
 
 def main() -> None:
@@ -54,10 +42,10 @@ def main() -> None:
         for name in args.schemes:
             scheme = Scheme.parse(name)
             os.environ["QUANTBENCH_CUDA_GRAPHS"] = "0"
-            eager_s, eager = timed(lambda: gptq_quantize(W, H, scheme), args.repeat)
+            eager_s, eager = timed(lambda: gptq_quantize(W, H, scheme), device, args.repeat)
             os.environ["QUANTBENCH_CUDA_GRAPHS"] = "1"
-            first_s, _ = timed(lambda: gptq_quantize(W, H, scheme), 1)
-            graph_s, graphed = timed(lambda: gptq_quantize(W, H, scheme), args.repeat)
+            first_s, _ = timed(lambda: gptq_quantize(W, H, scheme), device, 1)
+            graph_s, graphed = timed(lambda: gptq_quantize(W, H, scheme), device, args.repeat)
             row = {"layer": label, "shape": [rows, cols], "scheme": name, "eager_s": round(eager_s, 3),
                    "graph_first_call_s": round(first_s, 3), "graph_s": round(graph_s, 3),
                    "speedup": round(eager_s / graph_s, 2), "us_per_column_eager": round(1e6 * eager_s / cols, 1),

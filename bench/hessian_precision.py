@@ -12,22 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
+from timing import timed
 
-
-def timed(fn, repeat=5):
-    fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+CUDA = torch.device("cuda")
 
 
 def errors(H, reference):
@@ -62,8 +51,8 @@ def main() -> None:
         fp32 = lambda: accumulate(x, args.batch_tokens, tensor_cores=False)  # noqa: E731
         tensor_cores = lambda: accumulate(x, args.batch_tokens, tensor_cores=True)  # noqa: E731
         row = {"tokens": tokens, "width": width, "batch_tokens": args.batch_tokens,
-               "fp32": {**errors(fp32(), reference), "s": timed(fp32)},
-               "tensor_cores_fp32_out": {**errors(tensor_cores(), reference), "s": timed(tensor_cores)}}
+               "fp32": {**errors(fp32(), reference), "s": timed(fp32, CUDA, repeat=5, warmup=True)[0]},
+               "tensor_cores_fp32_out": {**errors(tensor_cores(), reference), "s": timed(tensor_cores, CUDA, repeat=5, warmup=True)[0]}}
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,28 +28,11 @@ from quantbench.quantizers.rtn import quantize_rtn
 from quantbench.results import environment
 from quantbench.scheme import Scheme
 from random_models import SIZES, build_random_llama
+from timing import timed
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeat=1):
-    """Median seconds of `repeat` calls (CUDA events on GPU, perf_counter on CPU)."""
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def main() -> None:
