@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from quantbench.column_groups import ColumnGroups
 from quantbench.export.packing import pack_bits, pack_bytes, unpack_bits, unpack_bytes
 from quantbench.formats import Format, GridParams, format_for
 from quantbench.scheme import Scheme
@@ -14,7 +14,7 @@ from quantbench.trit_planes import TritPlaneWeight
 
 
 @dataclass
-class QuantizedWeight:
+class QuantizedWeight(ColumnGroups):
     """Codes of a [out, in] weight with per-(row, group) scales and zeros.
 
     codes: uint8 [out, in]. Integer grids: scales float16 [out, n_groups]; zeros uint8 [out, n_groups], or
@@ -52,18 +52,6 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
-
-    @property
-    def numel(self) -> int:
-        return self.codes.numel()
-
-    @property
-    def group_size(self) -> int:
-        return self.scheme.group_size or self.shape[1]
-
-    @property
-    def n_groups(self) -> int:
-        return math.ceil(self.shape[1] / self.group_size)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The format's decode (`(code − zero) · scale` for integer grids) in float32, then cast to `dtype`."""

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
+from quantbench.column_groups import ColumnGroups
 from quantbench.export.packing import pack_trits, unpack_trits
 from quantbench.scheme import SCALE_BITS_FP16, Scheme
 
 
 @dataclass
-class TritPlaneWeight:
+class TritPlaneWeight(ColumnGroups):
     """planes: int8 [P, out, in] in {−1, 0, 1}; scales: float16 [P, out, n_groups]. Group g covers input
     columns [g·G, (g+1)·G) (the last may be shorter); without a group size, one scale per row and plane."""
 
@@ -27,18 +28,6 @@ class TritPlaneWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.planes.shape[1:])
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
-    def group_size(self) -> int:
-        return self.scheme.group_size or self.shape[1]
-
-    @property
-    def n_groups(self) -> int:
-        return math.ceil(self.shape[1] / self.group_size)
 
     def column_scales(self) -> torch.Tensor:
         """float32 [P, out, in]: each element's scale."""
