@@ -17,12 +17,40 @@ from quantbench.formats.fp import E2M1, E2M3, E3M2, E4M3, E5M2, INT8, FloatEleme
 from quantbench.formats.chunked import rowwise_chunked
 from quantbench.formats.integer import GridParams
 
+class _ElementBlocks:
+    """What every block format does alike: element codes times the block's scale. A zero scale (an NVFP4
+    block whose E4M3 scale rounded to 0) encodes against 1 and decodes to zeros."""
+
+    @property
+    def bits(self) -> int:
+        return self.element.bits
+
+    def encode(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
+        return rowwise_chunked(lambda w, s: self.element.encode(w.float() / s), w, _nonzero(params.scale))
+
+    def decode(self, codes: torch.Tensor, params: GridParams) -> torch.Tensor:
+        return rowwise_chunked(lambda c, s: self.element.decode(c) * s, codes, params.scale)
+
+    def round(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
+        """decode(encode(w)), computed on values in one pass over cache-sized chunks."""
+        element = self.element
+        return rowwise_chunked(lambda w, s, t: element.round_values(w.float() / s) * t,
+                               w, _nonzero(params.scale), params.scale)
+
+    def implied_zero(self, scale: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(scale)
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 E8M0_BIAS = 127
 E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT = -127, 127  # code 255 is NaN and never produced
 
 
 @dataclass(frozen=True)
-class MXFormat:
+class MXFormat(_ElementBlocks):
     """An MX block format: `element` codes times a shared scale 2^(floor(log2(amax)) − emax_elem),
     the exponent clamped to E8M0's range (OCP MX v1.0, section 6.3). An all-zero block gets the
     smallest scale, as the spec's reference does."""
@@ -34,10 +62,6 @@ class MXFormat:
     has_zero_points: bool = False
     global_scale: None = None
 
-    @property
-    def bits(self) -> int:
-        return self.element.bits
-
     def for_weight(self, weight: torch.Tensor) -> "MXFormat":
         return self
 
@@ -47,17 +71,6 @@ class MXFormat:
         scale = pow2(shared)
         return GridParams(scale=scale, zero=torch.zeros_like(scale))
 
-    def encode(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
-        return rowwise_chunked(lambda w, s: self.element.encode(w.float() / s), w, params.scale)
-
-    def decode(self, codes: torch.Tensor, params: GridParams) -> torch.Tensor:
-        return rowwise_chunked(lambda c, s: self.element.decode(c) * s, codes, params.scale)
-
-    def round(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
-        """decode(encode(w)), computed on values in one pass over cache-sized chunks."""
-        element = self.element
-        return rowwise_chunked(lambda w, s: element.round_values(w.float() / s) * s, w, params.scale)
-
     def store_scales(self, scale: torch.Tensor) -> torch.Tensor:
         """E8M0: the biased exponent as uint8."""
         return (floor_log2(scale) + E8M0_BIAS).to(torch.uint8)
@@ -65,15 +78,12 @@ class MXFormat:
     def load_scales(self, stored: torch.Tensor) -> torch.Tensor:
         return pow2(stored.to(torch.int32) - E8M0_BIAS)
 
-    def implied_zero(self, scale: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(scale)
-
 
 NVFP4_TENSOR_RANGE = E4M3.max_value * E2M1.max_value  # 448 · 6
 
 
 @dataclass(frozen=True)
-class NVFP4Format:
+class NVFP4Format(_ElementBlocks):
     """NVFP4: E2M1 elements; per block of 16, an E4M3 scale s8 = E4M3(amax_block / 6 · g); per tensor,
     g = 448·6 / amax(W) in float32. An element decodes as e2m1 · (s8 / g), the convention of
     compressed-tensors (`weight_global_scale` is g). `for_weight` sets g; a block whose s8 rounds to 0
@@ -85,10 +95,6 @@ class NVFP4Format:
     block_size: int = 16
     scale_bits: int = 8
     has_zero_points: bool = False
-
-    @property
-    def bits(self) -> int:
-        return self.element.bits
 
     def for_weight(self, weight: torch.Tensor) -> "NVFP4Format":
         amax = weight.detach().float().abs().amax().reshape(1)
@@ -107,29 +113,12 @@ class NVFP4Format:
         scale = E4M3.decode(E4M3.encode(block_scale)) / self._g()
         return GridParams(scale=scale, zero=torch.zeros_like(scale))
 
-    def encode(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
-        safe = torch.where(params.scale > 0, params.scale, torch.ones_like(params.scale))
-        return rowwise_chunked(lambda w, s: self.element.encode(w.float() / s), w, safe)
-
-    def decode(self, codes: torch.Tensor, params: GridParams) -> torch.Tensor:
-        return rowwise_chunked(lambda c, s: self.element.decode(c) * s, codes, params.scale)
-
-    def round(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
-        """decode(encode(w)), computed on values in one pass over cache-sized chunks."""
-        safe = torch.where(params.scale > 0, params.scale, torch.ones_like(params.scale))
-        element = self.element
-        return rowwise_chunked(lambda w, s, t: element.round_values(w.float() / s) * t,
-                               w, safe, params.scale)
-
     def store_scales(self, scale: torch.Tensor) -> torch.Tensor:
         """E4M3 codes of s8 (recovered exactly: scale·g is within float32 rounding of an E4M3 value)."""
         return E4M3.encode(scale.float() * self._g().to(scale.device))
 
     def load_scales(self, stored: torch.Tensor) -> torch.Tensor:
         return E4M3.decode(stored) / self._g().to(stored.device)
-
-    def implied_zero(self, scale: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(scale)
 
 
 BLOCK_FORMATS: dict[str, MXFormat | NVFP4Format] = {
