@@ -82,18 +82,23 @@ class FloatElement:
         """Nearest code of every element (ties to even, saturating), as uint8."""
         return rowwise_chunked(self._encode, x.reshape(-1)).view(x.shape)
 
+    def _steps(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For magnitudes `a` (already clamped to max): the exponent e of each, clamped to emin, and
+        n = round(a / 2^(e − m)), the number of grid steps at that exponent (ties to even). 2^(m − e) is a
+        normal float32 for every element format, so the product is exact."""
+        m = self.mantissa_bits
+        exponent = floor_log2(a).clamp_(min=self.min_exponent)
+        inverse_step = ((m + _FP32_BIAS) - exponent).bitwise_left_shift_(_FP32_MANTISSA_BITS)
+        return exponent, inverse_step.view(torch.float32).mul_(a).round_()
+
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        # At exponent e the grid step is 2^(e − m); n = round(a / step) counts steps (ties to even), and
-        # the magnitude code is (e − emin)·2^m + n for normals and subnormals alike, including an n that
-        # rounded up into the next binade. 2^(m − e) is a normal float32 for every element format.
-        m, emin = self.mantissa_bits, self.min_exponent
+        # The magnitude code is (e − emin)·2^m + n for normals and subnormals alike, including an n that
+        # rounded up into the next binade.
         bits = x.float().contiguous().view(torch.int32)
         magnitude_bits = bits & 0x7FFFFFFF
-        a = magnitude_bits.view(torch.float32).clamp(max=self.max_value)
-        exponent = floor_log2(a).clamp_(min=emin)
-        inverse_step = ((m + _FP32_BIAS) - exponent).bitwise_left_shift_(_FP32_MANTISSA_BITS)
-        codes = inverse_step.view(torch.float32).mul_(a).round_().to(torch.int32)
-        codes += exponent.sub_(emin).bitwise_left_shift_(m)
+        exponent, steps = self._steps(magnitude_bits.view(torch.float32).clamp(max=self.max_value))
+        codes = steps.to(torch.int32)
+        codes += exponent.sub_(self.min_exponent).bitwise_left_shift_(self.mantissa_bits)
         codes |= (bits >> 31).bitwise_and_(1).bitwise_left_shift_(self.bits - 1)
         codes.masked_fill_(magnitude_bits > _FP32_INF_BITS, self.nan_code or 0)
         return codes.to(torch.uint8)
@@ -107,13 +112,10 @@ class FloatElement:
         return rowwise_chunked(self._round_values, x.reshape(-1)).view(x.shape)
 
     def _round_values(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mantissa_bits
         x = x.float()
-        a = x.abs().clamp_(max=self.max_value)
-        exponent = floor_log2(a).clamp_(min=self.min_exponent)
-        inverse_step = ((m + _FP32_BIAS) - exponent).bitwise_left_shift_(_FP32_MANTISSA_BITS).view(torch.float32)
-        step = (exponent.add_(_FP32_BIAS - m)).bitwise_left_shift_(_FP32_MANTISSA_BITS).view(torch.float32)
-        rounded = torch.copysign(inverse_step.mul_(a).round_().mul_(step), x)
+        exponent, steps = self._steps(x.abs().clamp_(max=self.max_value))
+        step = exponent.add_(_FP32_BIAS - self.mantissa_bits).bitwise_left_shift_(_FP32_MANTISSA_BITS)
+        rounded = torch.copysign(steps.mul_(step.view(torch.float32)), x)
         return rounded.masked_fill_(torch.isnan(x), math.nan if self.nan_code is not None else 0.0)
 
     @cached_property
