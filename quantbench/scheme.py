@@ -58,7 +58,8 @@ class Scheme(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _block_format_fixes_the_grid(cls, data: Any) -> Any:
+    def _implied_fields(cls, data: Any) -> Any:
+        """Aliases resolved; block formats fix bits, block size and sign; ternary defaults to PTQTP per row."""
         if not isinstance(data, dict):
             return data
         data = dict(data)

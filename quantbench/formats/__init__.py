@@ -7,6 +7,7 @@ a group of columns, `encode`/`decode` with them, `store_scales`/`load_scales` fo
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Union
 
 import torch
@@ -26,9 +27,7 @@ def format_for(scheme: "Scheme", global_scale: torch.Tensor | None = None) -> Fo
     if scheme.format == "int":
         return IntFormat(bits=scheme.bits, symmetric=scheme.symmetric)
     fmt = BLOCK_FORMATS[scheme.format]
-    if global_scale is not None:
-        return NVFP4Format(global_scale=global_scale.float())
-    return fmt
+    return fmt if global_scale is None else replace(fmt, global_scale=global_scale.float())
 
 
 __all__ = ["BLOCK_FORMATS", "Format", "GridParams", "IntFormat", "MXFormat", "NVFP4Format", "format_for"]
