@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 SHARED ?= ../shared
 ASSETS := .assets
 
-.PHONY: setup assets quickstart test test-unit
+.PHONY: setup assets quickstart test test-unit leaderboard
 
 setup: $(VENV)/.installed
 
@@ -32,3 +32,14 @@ test: assets
 
 test-unit: setup
 	$(PY) -m pytest -q -m "not integration"
+
+# the leaderboard sweep of the README: every recipe in recipes/leaderboard/, the plain model's own evaluation,
+# then the report (about an hour on 2 CPU cores)
+LEADERBOARD_EVAL := --dataset wikitext2 --max-windows 16 --tasks piqa,arc_easy,hellaswag --limit 500 \
+	--include-path $(ASSETS)/lm_eval_tasks
+leaderboard: assets
+	. $(ASSETS)/env.sh && for recipe in recipes/leaderboard/*.yaml; do \
+		$(VENV)/bin/quantbench run $$recipe --force --quiet || exit 1; done
+	. $(ASSETS)/env.sh && $(VENV)/bin/quantbench eval HuggingFaceTB/SmolLM2-135M-Instruct $(LEADERBOARD_EVAL) \
+		--output runs/leaderboard/smollm2-135m-instruct --force
+	$(VENV)/bin/quantbench report runs/leaderboard --out docs/leaderboard --force

@@ -67,39 +67,95 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe"),
 @app.command("eval")
 def eval_command(
     target: str = typer.Argument(..., help="hub id, model directory, quantbench checkpoint, or run directory"),
-    dataset: list[str] = typer.Option(["wikitext2"], "--dataset", "-d", help="wikitext2, c4 or a text file"),
+    dataset: list[str] = typer.Option([], "--dataset", "-d",
+                                      help="wikitext2, c4 or a text file (default wikitext2 unless --tasks)"),
     seqlen: int = typer.Option(2048, help="tokens per window"),
     max_windows: Optional[int] = typer.Option(None, help="score only the first N windows"),
     batch_size: int = typer.Option(1, help="windows per forward pass"),
+    tasks: str = typer.Option("", "--tasks", "-t", help="comma-separated lm-eval tasks, or zero-shot for the paper suite"),
+    limit: Optional[int] = typer.Option(None, help="documents per task"),
+    num_fewshot: Optional[int] = typer.Option(None, help="few-shot examples per task"),
+    task_batch_size: int = typer.Option(16, help="lm-eval batch size"),
+    include_path: list[str] = typer.Option([], "--include-path",
+                                           help="folder of task YAMLs (e.g. .assets/lm_eval_tasks)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="write DIR/result.json, a row for quantbench report"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --output directory"),
+    verbose: bool = typer.Option(True, "--verbose/--quiet", help="show progress bars"),
 ) -> None:
-    """Perplexity of a plain model, an exported checkpoint or a run's checkpoint."""
-    from quantbench.eval.perplexity import dataset_perplexity
-    from quantbench.export.checkpoint import is_quantbench_checkpoint, load_quantized, resolve_checkpoint_dir
-    from quantbench.model_io import DTYPES, load_model, load_tokenizer, resolve_device, resolve_dtype
+    """Perplexity and lm-eval tasks of a plain model, an exported checkpoint or a run's checkpoint."""
+    from pydantic import ValidationError
+
+    from quantbench.eval.harness import evaluate_target
+    from quantbench.fsutil import atomic_directory, refuse_existing
+    from quantbench.model_io import DTYPES, resolve_device, resolve_dtype
+    from quantbench.recipe import EvalSection, describe_errors
 
     _setup_logging(False)
     try:
         if dtype not in ("auto", *DTYPES):
             raise QuantbenchError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+        if output is not None:
+            refuse_existing(output, force, "output directory")
+        task_names = "zero-shot" if tasks.strip() == "zero-shot" else [t for t in tasks.replace(" ", "").split(",") if t]
+        try:
+            settings = EvalSection(perplexity=dataset or ([] if task_names else ["wikitext2"]), seqlen=seqlen,
+                                   max_windows=max_windows, batch_size=batch_size, tasks=task_names,
+                                   lm_eval={"limit": limit, "num_fewshot": num_fewshot, "batch_size": task_batch_size,
+                                            "include_path": include_path})
+        except ValidationError as exc:
+            raise QuantbenchError("\n".join(describe_errors(exc, EvalSection))) from None
         dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev) if dtype != "auto" else None
-        path = resolve_checkpoint_dir(target)
-        if is_quantbench_checkpoint(path):
-            model, tokenizer = load_quantized(path, dev, torch_dtype), load_tokenizer(str(path))
-        else:
-            model, tokenizer = load_model(target, torch_dtype or resolve_dtype("auto", dev))
-            model.to(dev)
-        table = Table(title=f"perplexity of {target}")
-        for column in ("dataset", "seqlen", "windows", "ppl"):
-            table.add_column(column, justify="right" if column != "dataset" else "left")
-        for name in dataset:
-            result = dataset_perplexity(model, tokenizer, name, seqlen, max_windows, batch_size)
-            table.add_row(name, str(seqlen), str(result.windows), f"{result.ppl:.3f}")
-        console.print(table)
+        record = evaluate_target(target, settings, dev, resolve_dtype(dtype, dev) if dtype != "auto" else None,
+                                 verbose)
+        print_eval_record(record)
+        if output is not None:
+            record["name"] = output.name
+            with atomic_directory(output, force, "output directory") as tmp:
+                (tmp / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+            console.print(f"wrote {output / 'result.json'}")
     except QuantbenchError as exc:
         _fail(exc)
+
+
+def print_eval_record(record: dict) -> None:
+    (side, ppl), = record["perplexity"].items()
+    table = Table(title=f"{record['evaluated']} ({'quantized' if side == 'quantized' else 'full precision'})")
+    for column in ("eval", "setting", "value", "± stderr"):
+        table.add_column(column, justify="left" if column in ("eval", "setting") else "right")
+    for name, result in ppl.items():
+        table.add_row(f"{name} ppl", f"{result['windows']}×{result['seqlen']} tokens", f"{result['ppl']:.3f}", "")
+    tasks = (record.get("tasks") or {}).get(side)
+    if tasks:
+        for name, task in tasks["tasks"].items():
+            metric = task["score_metric"]
+            stderr = task["stderr"].get(metric)
+            table.add_row(f"{name} {metric}", f"{task['samples']} docs, {task['num_fewshot']}-shot",
+                          f"{task['score']:.4f}", f"{stderr:.4f}" if stderr is not None else "")
+        if tasks["average"] is not None:
+            table.add_row("average", "", f"{tasks['average']:.4f}", "")
+    console.print(table)
+
+
+@app.command()
+def report(runs_dir: Path = typer.Argument(..., help="folder searched recursively for result.json files"),
+           out: Path = typer.Option(..., "--out", "-o", help="report folder to write"),
+           force: bool = typer.Option(False, "--force", help="replace an existing report folder")) -> None:
+    """Leaderboard of every run under RUNS_DIR: leaderboard.md, .json, a self-contained .html, PNG plots."""
+    from quantbench.eval.report import write_report
+
+    _setup_logging(False)
+    try:
+        board = write_report(runs_dir, out, force)
+    except QuantbenchError as exc:
+        _fail(exc)
+    for index, group in enumerate(board.groups):
+        console.print(f"group {index + 1}: {len(group.rows)} rows ({group.describe()})", highlight=False)
+    for path, reason in board.skipped:
+        err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
+    console.print(f"wrote {out / 'leaderboard.html'}, leaderboard.md, leaderboard.json")
 
 
 @app.command()
@@ -148,6 +204,15 @@ def print_run_summary(result: dict) -> None:
         base = result["perplexity"]["baseline"].get(dataset)
         label = f"{dataset} ppl ({quantized['windows']}×{quantized['seqlen']})"
         table.add_row(label, f"{base['ppl']:.3f}" if base else "—", f"{quantized['ppl']:.3f}")
+    tasks = result.get("tasks") or {}
+    quantized_tasks, baseline_tasks = tasks.get("quantized") or {}, tasks.get("baseline") or {}
+    for name, task in (quantized_tasks.get("tasks") or {}).items():
+        base = (baseline_tasks.get("tasks") or {}).get(name)
+        label = f"{name} {task['score_metric']} ({task['samples']} docs)"
+        table.add_row(label, f"{base['score']:.4f}" if base else "—", f"{task['score']:.4f}")
+    if quantized_tasks.get("average") is not None:
+        base = baseline_tasks.get("average")
+        table.add_row("task average", f"{base:.4f}" if base is not None else "—", f"{quantized_tasks['average']:.4f}")
     timings = result["timings_s"]
     table.add_row("time s (quantize / total)", "", f"{timings.get('quantize', 0):.1f} / {timings['total']:.1f}")
     console.print(table)

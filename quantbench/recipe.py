@@ -100,12 +100,60 @@ class QuantizeSection(_Section):
         return scheme
 
 
+class TaskSpec(_Section):
+    name: str = Field(min_length=1, description="lm-eval task name (e.g. piqa)")
+    num_fewshot: int | None = Field(None, ge=0, description="default: eval.lm_eval.num_fewshot")
+    limit: int | None = Field(None, ge=1, description="default: eval.lm_eval.limit")
+
+
+def _task_from_yaml(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+def _tasks_from_yaml(value: Any) -> Any:
+    """`tasks: zero-shot` is the paper suite; otherwise a list of names or {name, num_fewshot, limit}."""
+    from quantbench.eval.lm_eval_bridge import ZERO_SHOT_SUITE
+
+    if value == "zero-shot":
+        return list(ZERO_SHOT_SUITE)
+    if isinstance(value, str):
+        raise ValueError("give a list of lm-eval task names, or 'zero-shot' for the paper suite")
+    return value
+
+
+class LmEvalSection(_Section):
+    limit: int | None = Field(None, ge=1, description="documents per task (default: all)")
+    num_fewshot: int | None = Field(None, ge=0, description="default: each task's own (0 for the local tasks)")
+    batch_size: int = Field(16, ge=1)
+    include_path: list[str] = Field(default_factory=list,
+                                    description="folders of extra task YAMLs; <name>_local found there replaces <name>")
+    seed: int = 1234
+
+
 class EvalSection(_Section):
     perplexity: list[str] = Field(["wikitext2"], description="wikitext2 | c4 | local text file")
     seqlen: int = Field(2048, ge=16)
     max_windows: int | None = Field(None, ge=1, description="score only the first N windows")
     batch_size: int = Field(1, ge=1)
     baseline: bool = Field(True, description="also evaluate the full-precision model")
+    tasks: Annotated[list[Annotated[TaskSpec, BeforeValidator(_task_from_yaml)]],
+                     BeforeValidator(_tasks_from_yaml)] = Field(default_factory=list,
+                                                                 description="lm-eval tasks, or 'zero-shot'")
+    lm_eval: LmEvalSection = LmEvalSection()
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
+        names = [task.name for task in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each task once: {', '.join(sorted({n for n in names if names.count(n) > 1}))} repeated")
+        return tasks
+
+    def task_requests(self):
+        from quantbench.eval.lm_eval_bridge import TaskRequest
+
+        return [TaskRequest(task.name, task.num_fewshot if task.num_fewshot is not None else self.lm_eval.num_fewshot,
+                            task.limit or self.lm_eval.limit) for task in self.tasks]
 
 
 class ExportSection(_Section):

@@ -7,6 +7,7 @@ import resource
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -18,21 +19,38 @@ from quantbench.quantized_weight import QuantizedWeight
 PACKAGES = ("quantbench", "torch", "transformers", "datasets", "safetensors", "pydantic", "lm_eval", "pulp")
 
 
+@dataclass(frozen=True)
+class LayerSize:
+    scheme: str
+    numel: int
+    storage_bits: int
+
+
 def quantization_summary(model: nn.Module, quantized: dict[str, QuantizedWeight], linears: dict[str, nn.Linear]) -> dict:
-    """Schemes used, average bits/weight and bytes: quantized layers packed, everything else as stored."""
-    quantized_bits = sum(q.storage_bits for q in quantized.values())
-    quantized_params = sum(q.numel for q in quantized.values())
+    sizes = {name: LayerSize(q.scheme.name, q.numel, q.storage_bits) for name, q in quantized.items()}
+    return summarize_layers(model, sizes, linears)
+
+
+def summarize_layers(model: nn.Module, sizes: dict[str, LayerSize], linears: dict[str, nn.Linear]) -> dict:
+    """Schemes used, average bits/weight and bytes: quantized layers packed, everything else as stored.
+
+    `model_bytes` puts every unquantized parameter at 16 bits, so models stored in fp32 and bf16 compare
+    on one footing: `fp16` is the whole model in half precision, `quantized` the same with packed layers.
+    """
+    quantized_bits = sum(size.storage_bits for size in sizes.values())
+    quantized_params = sum(size.numel for size in sizes.values())
     linear_params = sum(layer.weight.numel() for layer in linears.values())
     unique = {p.data_ptr(): p for p in model.parameters()}
+    replaced = [model.get_parameter(f"{name}.weight") for name in sizes]
     other_bytes = sum(p.numel() * p.element_size() for p in unique.values()) - sum(
-        model.get_parameter(f"{name}.weight").numel() * model.get_parameter(f"{name}.weight").element_size()
-        for name in quantized
-    )
+        p.numel() * p.element_size() for p in replaced)
+    other_params = sum(p.numel() for p in unique.values()) - sum(p.numel() for p in replaced)
     return {
-        "schemes": dict(Counter(q.scheme.name for q in quantized.values())),
-        "layers": {name: q.scheme.name for name, q in quantized.items()},
-        "quantized_layers": len(quantized),
-        "full_precision_linears": len(linears) - sum(1 for n in linears if n in quantized),
+        "schemes": dict(Counter(size.scheme for size in sizes.values())),
+        "layers": {name: size.scheme for name, size in sizes.items()},
+        "layer_bits": {name: size.storage_bits / size.numel for name, size in sizes.items()},
+        "quantized_layers": len(sizes),
+        "full_precision_linears": len(linears) - sum(1 for n in linears if n in sizes),
         "avg_bits_per_weight": quantized_bits / quantized_params if quantized_params else None,
         "block_linear_params": linear_params,
         "quantized_params": quantized_params,
@@ -42,6 +60,8 @@ def quantization_summary(model: nn.Module, quantized: dict[str, QuantizedWeight]
             "other_params": other_bytes,
             "total": quantized_bits // 8 + other_bytes,
         },
+        "model_bytes": {"fp16": (quantized_params + other_params) * 2,
+                        "quantized": quantized_bits // 8 + other_params * 2},
         "compression_vs_fp16": (quantized_params * 16 / quantized_bits) if quantized_bits else None,
     }
 

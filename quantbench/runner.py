@@ -11,8 +11,7 @@ import torch
 import yaml
 
 from quantbench.calibration import calibration_batches
-from quantbench.calibration.sources import load_eval_text
-from quantbench.eval.perplexity import perplexity_of_ids, tokenize_eval_text
+from quantbench.eval.harness import evaluate_perplexity, evaluate_tasks, tokenize_eval_sets
 from quantbench.export.checkpoint import RUN_CHECKPOINT_DIR, save_quantized, write_checkpoint
 from quantbench.fsutil import atomic_directory, refuse_existing
 from quantbench.model_io import load_model, model_linears, resolve_device, resolve_dtype
@@ -37,16 +36,16 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
 
     with timer("load"):
         model, tokenizer = load_model(recipe.model.name, dtype, recipe.model.trust_remote_code)
-    eval_ids = {}
     with timer("eval_data"):
-        for dataset in recipe.eval.perplexity:
-            text, fingerprint = load_eval_text(dataset)
-            eval_ids[dataset] = (tokenize_eval_text(tokenizer, text), fingerprint)
+        eval_ids = tokenize_eval_sets(tokenizer, recipe.eval.perplexity)
 
-    baseline = {}
+    baseline, baseline_tasks = {}, None
     if recipe.eval.baseline:
         with timer("eval_baseline"):
-            baseline = evaluate(model, eval_ids, recipe, device, progress)
+            baseline = evaluate_perplexity(model, eval_ids, recipe.eval, device, progress)
+        if recipe.eval.tasks:
+            with timer("tasks_baseline"):
+                baseline_tasks = evaluate_tasks(model, tokenizer, recipe.eval, device, progress)
 
     with timer("calibration"):
         cal = recipe.calibration
@@ -61,7 +60,11 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
         if recipe.quantize.lm_head is not None:
             quantized["lm_head"] = quantize_linear(untie_lm_head(model), recipe.quantize.lm_head)
     with timer("eval_quantized"):
-        quantized_ppl = evaluate(model, eval_ids, recipe, device, progress)
+        quantized_ppl = evaluate_perplexity(model, eval_ids, recipe.eval, device, progress)
+    quantized_tasks = None
+    if recipe.eval.tasks:
+        with timer("tasks_quantized"):
+            quantized_tasks = evaluate_tasks(model, tokenizer, recipe.eval, device, progress)
 
     linears = model_linears(model)
     result = {
@@ -74,6 +77,8 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
         "quantization": quantization_summary(model, quantized, linears),
         "perplexity": {"baseline": baseline, "quantized": quantized_ppl},
     }
+    if recipe.eval.tasks:
+        result["tasks"] = {"baseline": baseline_tasks, "quantized": quantized_tasks}
     with atomic_directory(run_dir, force, "run directory") as tmp:
         if recipe.export.enabled:
             with timer("export"):
@@ -89,21 +94,6 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
         (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.canonical(), sort_keys=False))
     return result
-
-
-def evaluate(model, eval_ids: dict, recipe: Recipe, device: torch.device, progress: bool) -> dict:
-    home = next(model.parameters()).device
-    model.to(device)
-    try:
-        results = {}
-        for dataset, (ids, fingerprint) in eval_ids.items():
-            ppl = perplexity_of_ids(model, ids, recipe.eval.seqlen, recipe.eval.max_windows,
-                                    recipe.eval.batch_size, progress, dataset)
-            ppl.text_fingerprint = fingerprint
-            results[dataset] = ppl.to_dict()
-        return results
-    finally:
-        model.to(home)
 
 
 def read_result(run_dir: str | Path) -> dict:

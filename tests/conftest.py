@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import pseudo_text, tiny_llama, tiny_tokenizer  # noqa: E402
+from helpers import pseudo_text, tiny_llama, tiny_tokenizer, write_tiny_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(os.environ.get("QUANTBENCH_ASSETS", ROOT / ".assets"))
@@ -68,3 +68,11 @@ def assets() -> Path:
             pytest.fail(f"{ASSETS} is missing: run `make assets` (CI must build the assets before the tests)")
         pytest.skip(f"{ASSETS} not built: run `make assets`")
     return ASSETS
+
+
+@pytest.fixture(scope="session")
+def tiny_task_dir(tmp_path_factory) -> Path:
+    """A folder of local lm-eval task configs holding `tiny_mc_local`."""
+    path = tmp_path_factory.mktemp("lm-eval-tasks")
+    write_tiny_task(path)
+    return path

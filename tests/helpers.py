@@ -21,6 +21,37 @@ def pseudo_text(n_words: int, seed: int = 0) -> str:
     return " ".join(sentences)
 
 
+TINY_TASK_DOCS = [
+    {"question": "Where does the river flow", "choices": ["to the sea", "into the music", "up the city"], "label": 0},
+    {"question": "What rounds each group", "choices": ["the weather", "the quantized model"], "label": 1},
+    {"question": "When is the data small", "choices": ["in spring", "at the block", "while rounding"], "label": 2},
+    {"question": "Who reads every block", "choices": ["the model", "history", "cities"], "label": 0},
+    {"question": "What stays low", "choices": ["perplexity", "science"], "label": 0},
+    {"question": "How do layers run", "choices": ["one at a time", "all at once", "never"], "label": 0},
+]
+
+
+def write_tiny_task(folder) -> None:
+    """A local lm-eval multiple-choice task `tiny_mc_local` over TINY_TASK_DOCS, as the offline task copies are."""
+    import json
+
+    import yaml
+
+    data = folder / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in TINY_TASK_DOCS))
+    config = {
+        "task": "tiny_mc_local", "dataset_path": "json", "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"validation": str(data)}},
+        "output_type": "multiple_choice", "training_split": None, "validation_split": "validation",
+        "test_split": None, "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_target": "label",
+        "doc_to_choice": "choices",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    (folder / "tiny_mc_local.yaml").write_text(yaml.safe_dump(config))
+
+
 def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

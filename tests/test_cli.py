@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -109,7 +110,48 @@ def test_validate(tmp_path, model_dir, text_file):
 def test_eval_plain_model_directory(model_dir, text_file):
     result = invoke("eval", model_dir, "--dataset", text_file, "--seqlen", 64, "--max-windows", 2, "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "perplexity of" in result.output
+    assert "full precision" in result.output and "ppl" in result.output
+
+
+def test_tasks_in_a_run_in_eval_and_on_the_leaderboard(tmp_path, model_dir, text_file, tiny_task_dir):
+    """One model three ways (recipe run, plain-model eval, checkpoint eval) gives equal figures and one table."""
+    tasks = {"tasks": ["tiny_mc"], "lm_eval": {"limit": 5, "include_path": [str(tiny_task_dir)]}}
+    recipe = make_recipe(tmp_path, model_dir, text_file, eval=tasks, output={"dir": str(tmp_path / "runs" / "tiny")})
+    assert (ran := invoke("run", recipe, "--quiet")).exit_code == 0, ran.output
+    assert "tiny_mc acc_norm (5 docs)" in ran.output
+    saved = json.loads((tmp_path / "runs" / "tiny" / "result.json").read_text())
+    for side in ("baseline", "quantized"):
+        task = saved["tasks"][side]["tasks"]["tiny_mc"]
+        assert task["samples"] == 5 and task["lm_eval_task"] == "tiny_mc_local" and 0 <= task["score"] <= 1
+    assert {"tasks_baseline", "tasks_quantized"} <= saved["timings_s"].keys()
+
+    same = ["--dataset", text_file, "--seqlen", 64, "--max-windows", 4, "--tasks", "tiny_mc", "--limit", 5,
+            "--include-path", tiny_task_dir, "--device", "cpu"]
+    plain = invoke("eval", model_dir, *same, "--output", tmp_path / "runs" / "plain")
+    assert plain.exit_code == 0, plain.output
+    checkpoint = invoke("eval", tmp_path / "runs" / "tiny", *same, "--output", tmp_path / "runs" / "checkpoint")
+    assert checkpoint.exit_code == 0, checkpoint.output
+    plain_record = json.loads((tmp_path / "runs" / "plain" / "result.json").read_text())
+    checkpoint_record = json.loads((tmp_path / "runs" / "checkpoint" / "result.json").read_text())
+    assert plain_record["quantization"] is None and checkpoint_record["quantization"]["quantized_layers"] == 14
+    assert checkpoint_record["model"] == str(model_dir)  # the checkpoint remembers its base model
+    for side, record in (("baseline", plain_record), ("quantized", checkpoint_record)):
+        dataset = str(text_file)
+        assert record["perplexity"][side][dataset]["ppl"] == pytest.approx(saved["perplexity"][side][dataset]["ppl"],
+                                                                            rel=1e-5)
+        assert record["tasks"][side]["tasks"]["tiny_mc"]["metrics"] == pytest.approx(
+            saved["tasks"][side]["tasks"]["tiny_mc"]["metrics"])
+
+    again = invoke("eval", model_dir, *same, "--output", tmp_path / "runs" / "plain")
+    assert again.exit_code == 2 and "--force" in again.output
+    reported = invoke("report", tmp_path / "runs", "--out", tmp_path / "report")
+    assert reported.exit_code == 0, reported.output
+    (group,) = json.loads((tmp_path / "report" / "leaderboard.json").read_text())["groups"]
+    assert [row["baseline"] for row in group["rows"]] == [True, False, False]  # one baseline for the model
+    assert {row["run"] for row in group["rows"][1:]} == {"tiny", "checkpoint"}
+    assert group["rows"][1]["ppl_delta"][str(text_file)] == pytest.approx(
+        saved["perplexity"]["quantized"][str(text_file)]["ppl"] - saved["perplexity"]["baseline"][str(text_file)]["ppl"],
+        rel=1e-4)
 
 
 def test_inspect_rejects_a_plain_model(model_dir):

@@ -6,7 +6,7 @@ import yaml
 from quantbench.errors import QuantbenchError
 from quantbench.recipe import load_recipe, parse_recipe
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
 
 
 def write(tmp_path, data) -> Path:
@@ -35,6 +35,10 @@ def test_shipped_recipes_are_valid(path):
     ({"calibration": {}}, "model: required but missing"),
     ({"model": {"name": "m"}, "quantize": {"hessian": "fp16"}}, "quantize.hessian: Input should be 'fp32' or 'tensor_cores'"),
     ({"model": {"name": "m"}, "evaluate": {}}, "unknown key 'evaluate' in the top level; allowed keys: name,"),
+    ({"model": {"name": "m"}, "eval": {"tasks": ["piqa", "piqa"]}}, "eval.tasks: each task once: piqa repeated"),
+    ({"model": {"name": "m"}, "eval": {"tasks": "piqa"}}, "eval.tasks: give a list of lm-eval task names"),
+    ({"model": {"name": "m"}, "eval": {"tasks": [{"name": "piqa", "shots": 5}]}}, "eval.tasks.0.shots: unknown key"),
+    ({"model": {"name": "m"}, "eval": {"lm_eval": {"limit": 0}}}, "eval.lm_eval.limit: Input should be greater"),
 ])
 def test_bad_recipes_name_the_field(tmp_path, data, message):
     with pytest.raises(QuantbenchError) as info:
@@ -68,3 +72,16 @@ def test_defaults_and_hash():
     assert str(recipe.run_dir) == "runs/r" and str(recipe.export_dir) == "runs/r/checkpoint"
     other = parse_recipe({"name": "r", "model": {"name": "m"}, "quantize": {"default": "int3-g128-rtn"}})
     assert recipe.hash() != other.hash() and recipe.hash() == parse_recipe(recipe.canonical()).hash()
+
+
+def test_eval_tasks_expand_and_take_their_defaults():
+    recipe = parse_recipe({"name": "r", "model": {"name": "m"}, "eval": {
+        "tasks": ["piqa", {"name": "hellaswag", "limit": 100, "num_fewshot": 2}],
+        "lm_eval": {"limit": 500, "num_fewshot": 0, "include_path": [".assets/lm_eval_tasks"]}}})
+    piqa, hellaswag = recipe.eval.task_requests()
+    assert (piqa.name, piqa.limit, piqa.num_fewshot) == ("piqa", 500, 0)
+    assert (hellaswag.name, hellaswag.limit, hellaswag.num_fewshot) == ("hellaswag", 100, 2)
+    suite = parse_recipe({"name": "r", "model": {"name": "m"}, "eval": {"tasks": "zero-shot"}}).eval.tasks
+    assert [task.name for task in suite] == ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande",
+                                             "lambada_openai", "boolq"]
+    assert parse_recipe({"name": "r", "model": {"name": "m"}}).eval.tasks == []

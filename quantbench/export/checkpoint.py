@@ -75,7 +75,7 @@ def write_checkpoint(model: nn.Module, tokenizer, quantized: dict[str, Quantized
     config = copy.deepcopy(model.config)
     config.dtype = next(model.parameters()).dtype  # what the weights really are, whatever the config said
     config.quantization_config = {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "layers": layers,
-                                  "tied": tied}
+                                  "tied": tied, "base_model": getattr(model, "name_or_path", None) or None}
     config.save_pretrained(directory)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:

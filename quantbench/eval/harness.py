@@ -1,0 +1,99 @@
+"""What `eval:` asks for (perplexity windows, lm-eval tasks), run on a model in memory or on a path."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantbench.calibration.sources import load_eval_text
+from quantbench.eval.lm_eval_bridge import run_tasks
+from quantbench.eval.perplexity import perplexity_of_ids, tokenize_eval_text
+from quantbench.recipe import EvalSection
+
+
+def tokenize_eval_sets(tokenizer, datasets: list[str]) -> dict[str, tuple[torch.Tensor, str]]:
+    eval_ids = {}
+    for dataset in datasets:
+        text, fingerprint = load_eval_text(dataset)
+        eval_ids[dataset] = (tokenize_eval_text(tokenizer, text), fingerprint)
+    return eval_ids
+
+
+def evaluate_perplexity(model: nn.Module, eval_ids: dict, settings: EvalSection, device: torch.device,
+                        progress: bool = False) -> dict:
+    with on_device(model, device):
+        results = {}
+        for dataset, (ids, fingerprint) in eval_ids.items():
+            ppl = perplexity_of_ids(model, ids, settings.seqlen, settings.max_windows, settings.batch_size,
+                                    progress, dataset)
+            ppl.text_fingerprint = fingerprint
+            results[dataset] = ppl.to_dict()
+        return results
+
+
+def evaluate_tasks(model: nn.Module, tokenizer, settings: EvalSection, device: torch.device,
+                   progress: bool = False) -> dict:
+    lm_eval = settings.lm_eval
+    with on_device(model, device):
+        return run_tasks(model, tokenizer, settings.task_requests(), lm_eval.batch_size, lm_eval.include_path,
+                         seed=lm_eval.seed, progress=progress)
+
+
+@contextmanager
+def on_device(model: nn.Module, device: torch.device):
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
+
+
+def evaluate_target(target: str, settings: EvalSection, device: torch.device, dtype: torch.dtype | None,
+                    progress: bool = False) -> dict:
+    """Evaluate a hub id, a model folder, a quantbench checkpoint or a run directory.
+
+    The record has the shape of a run's result.json: a plain model's figures are its `baseline`, a
+    checkpoint's are `quantized`, so `quantbench report` puts either on the leaderboard.
+    """
+    from quantbench.export.checkpoint import (checkpoint_layers, is_quantbench_checkpoint, load_quantized,
+                                              read_quantization_config, resolve_checkpoint_dir)
+    from quantbench.model_io import load_model, load_tokenizer, model_linears, resolve_dtype
+    from quantbench.results import LayerSize, environment, summarize_layers
+
+    started = time.perf_counter()
+    path = resolve_checkpoint_dir(target)
+    quantized = is_quantbench_checkpoint(path)
+    if quantized:
+        model, tokenizer = load_quantized(path, "cpu", dtype), load_tokenizer(str(path))
+        sizes = {layer.name: LayerSize(layer.scheme.name, layer.shape[0] * layer.shape[1], 8 * layer.stored_bytes)
+                 for layer in checkpoint_layers(path)}
+        summary = summarize_layers(model, sizes, model_linears(model))
+    else:
+        model, tokenizer = load_model(target, dtype or resolve_dtype("auto", device))
+        summary = None
+    timings = {}
+    side = "quantized" if quantized else "baseline"
+    tick = time.perf_counter()
+    ppl = evaluate_perplexity(model, tokenize_eval_sets(tokenizer, settings.perplexity), settings, device, progress)
+    timings["eval"] = time.perf_counter() - tick
+    record = {
+        "name": Path(target).name if Path(target).exists() else target,
+        "model": (read_quantization_config(path).get("base_model") if quantized else None) or target,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "evaluated": str(path) if quantized else target,
+        "quantization": summary,
+        "perplexity": {side: ppl},
+    }
+    if settings.tasks:
+        tick = time.perf_counter()
+        record["tasks"] = {side: evaluate_tasks(model, tokenizer, settings, device, progress)}
+        timings["tasks"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - started
+    record.update(timings_s=timings, environment=environment(device),
+                  finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return record

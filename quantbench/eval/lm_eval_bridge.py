@@ -1,0 +1,153 @@
+"""Zero-shot / few-shot benchmarks through lm-evaluation-harness on a model already in memory.
+
+The quantized model is handed to lm-eval's `HFLM` as a live `PreTrainedModel`, so what is scored is exactly
+what `quantbench` built (simulated activation quantization hooks included), with no reload.
+
+Task names are lm-eval's. When an include path holds a task named `<name>_local` (the offline copies built
+by `../shared/tools/materialize_assets.py`), that one runs in place of the stock task, which cannot build
+offline; the result still carries the requested name and records which task ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from quantbench.errors import QuantbenchError
+
+log = logging.getLogger(__name__)
+
+# the zero-shot suite quantization papers report (GPTQ, AWQ, QuaRot, ...)
+ZERO_SHOT_SUITE = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "lambada_openai", "boolq")
+LOCAL_SUFFIX = "_local"
+# the headline metric of a task: length-normalised accuracy where the task has it, else accuracy
+SCORE_METRICS = ("acc_norm", "acc")
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    name: str
+    num_fewshot: int | None = None
+    limit: int | None = None
+
+
+def run_tasks(model: nn.Module, tokenizer, requests: list[TaskRequest], batch_size: int = 16,
+              include_path: list[str] | tuple[str, ...] = (), bootstrap_iters: int = 1000,
+              seed: int = 1234, progress: bool = True) -> dict:
+    """Score `model` on lm-eval tasks; returns {"tasks": {name: {...}}, "average": mean score}."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    if not requests:
+        return {"tasks": {}, "average": None}
+    _quiet_lm_eval()
+    manager = TaskManager(include_path=_existing_dirs(include_path) or None)
+    resolved = {request.name: resolve_task(request.name, manager) for request in requests}
+    lm = _lm_class(progress)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    scored: dict[str, dict] = {}
+    for (num_fewshot, limit), group in _by_settings(requests).items():
+        task_names = [resolved[request.name] for request in group]
+        try:
+            output = simple_evaluate(model=lm, tasks=task_names, num_fewshot=num_fewshot, limit=limit,
+                                     task_manager=manager, log_samples=False, bootstrap_iters=bootstrap_iters,
+                                     random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                     fewshot_random_seed=seed, verbosity="ERROR")
+        except (KeyError, ValueError, FileNotFoundError) as exc:
+            raise QuantbenchError(
+                f"lm-eval could not run {', '.join(task_names)}: {type(exc).__name__}: {exc}. Offline, stock tasks "
+                f"cannot build (no train splits); point eval.lm_eval.include_path at local task configs "
+                f"(.assets/lm_eval_tasks)") from None
+        for request in group:
+            scored[request.name] = task_summary(output, resolved[request.name], num_fewshot, limit)
+    scores = [task["score"] for task in scored.values() if task["score"] is not None]
+    return {"tasks": scored, "average": sum(scores) / len(scores) if scores else None}
+
+
+def _lm_class(progress: bool):
+    from lm_eval.models.huggingface import HFLM
+
+    if progress:
+        return HFLM
+
+    class QuietHFLM(HFLM):
+        """HFLM without its per-request progress bars (`--quiet` runs write logs, not terminals)."""
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
+def resolve_task(name: str, manager) -> str:
+    available = set(manager.all_tasks)
+    if not name.endswith(LOCAL_SUFFIX) and name + LOCAL_SUFFIX in available:
+        return name + LOCAL_SUFFIX
+    if name in available:
+        return name
+    close = sorted(task for task in available if name in task)[:8]
+    hint = f"; similar: {', '.join(close)}" if close else ""
+    raise QuantbenchError(f"lm-eval task {name!r} not found (include paths searched for {name + LOCAL_SUFFIX!r} "
+                          f"too){hint}")
+
+
+def task_summary(output: dict, task: str, num_fewshot: int | None, limit: int | None) -> dict:
+    raw = output["results"][task]
+    metrics, stderr = {}, {}
+    for key, value in raw.items():
+        if "," not in key or not isinstance(value, (int, float)):
+            continue
+        metric, _filter = key.split(",", 1)
+        if metric.endswith("_stderr"):
+            stderr[metric.removesuffix("_stderr")] = _finite(value)
+        else:
+            metrics[metric] = _finite(value)
+    score_metric = next((m for m in SCORE_METRICS if metrics.get(m) is not None), None)
+    samples = output.get("n-samples", {}).get(task, {})
+    config = output.get("configs", {}).get(task, {})
+    return {
+        "lm_eval_task": task,
+        "num_fewshot": config.get("num_fewshot", num_fewshot),
+        "limit": limit,
+        "samples": samples.get("effective"),
+        "metrics": metrics,
+        "stderr": stderr,
+        "score_metric": score_metric,
+        "score": metrics[score_metric] if score_metric else None,
+    }
+
+
+def _by_settings(requests: list[TaskRequest]) -> dict[tuple, list[TaskRequest]]:
+    groups: dict[tuple, list[TaskRequest]] = {}
+    for request in requests:
+        groups.setdefault((request.num_fewshot, request.limit), []).append(request)
+    return groups
+
+
+def _existing_dirs(paths) -> list[str]:
+    existing = []
+    for path in paths:
+        if Path(path).is_dir():
+            existing.append(str(Path(path).resolve()))
+        else:
+            log.warning("lm-eval include path %s does not exist; stock tasks only", path)
+    return existing
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _quiet_lm_eval() -> None:
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)

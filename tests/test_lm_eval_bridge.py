@@ -1,0 +1,56 @@
+"""lm-eval on a model in memory: a tiny random Llama and a tiny local multiple-choice task, fully offline."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TINY_TASK_DOCS as DOCS
+
+from quantbench.errors import QuantbenchError
+from quantbench.eval.lm_eval_bridge import TaskRequest, run_tasks
+from quantbench.model_io import load_model
+
+
+def hand_scored(model, tokenizer, docs=DOCS) -> tuple[float, float]:
+    """acc and acc_norm from first principles: Σ log p(" choice" | context), normalised by the choice's length."""
+    acc = acc_norm = 0
+    for doc in docs:
+        context = f"Question: {doc['question']}\nAnswer:"
+        context_ids = tokenizer(context)["input_ids"]
+        scores = []
+        for choice in doc["choices"]:
+            whole = tokenizer(context + " " + choice)["input_ids"]
+            continuation = whole[len(context_ids):]
+            with torch.no_grad():
+                logits = model(torch.tensor([whole[:-1]])).logits[0].float()
+            logprobs = F.log_softmax(logits[-len(continuation):], dim=-1)
+            scores.append(logprobs.gather(1, torch.tensor(continuation)[:, None]).sum().item())
+        lengths = torch.tensor([float(len(choice)) for choice in doc["choices"]])
+        acc += int(torch.tensor(scores).argmax().item() == doc["label"])
+        acc_norm += int((torch.tensor(scores) / lengths).argmax().item() == doc["label"])
+    return acc / len(docs), acc_norm / len(docs)
+
+
+def test_bridge_scores_the_model_in_memory_as_first_principles_do(model_dir, tokenizer, tiny_task_dir):
+    model, _ = load_model(str(model_dir), torch.float32)
+    result = run_tasks(model, tokenizer, [TaskRequest("tiny_mc")], batch_size=4, include_path=[str(tiny_task_dir)])
+    task = result["tasks"]["tiny_mc"]
+    assert task["lm_eval_task"] == "tiny_mc_local" and task["samples"] == len(DOCS) and task["num_fewshot"] == 0
+    acc, acc_norm = hand_scored(model, tokenizer)
+    assert task["metrics"]["acc"] == pytest.approx(acc) and task["metrics"]["acc_norm"] == pytest.approx(acc_norm)
+    assert task["score_metric"] == "acc_norm" and task["score"] == task["metrics"]["acc_norm"]
+    assert task["stderr"]["acc"] > 0 and result["average"] == task["score"]
+
+    # what is scored is the live model: change its weights in memory and the scores follow
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    flipped = run_tasks(model, tokenizer, [TaskRequest("tiny_mc", limit=4)], include_path=[str(tiny_task_dir)])
+    task = flipped["tasks"]["tiny_mc"]
+    assert task["samples"] == 4 and task["limit"] == 4
+    acc, acc_norm = hand_scored(model, tokenizer, DOCS[:4])
+    assert task["metrics"]["acc"] == pytest.approx(acc) and task["metrics"]["acc_norm"] == pytest.approx(acc_norm)
+
+
+def test_unknown_task_names_the_task(model_dir, tokenizer, tiny_task_dir):
+    model, _ = load_model(str(model_dir), torch.float32)
+    with pytest.raises(QuantbenchError, match="tiny_mcq.*not found"):
+        run_tasks(model, tokenizer, [TaskRequest("tiny_mcq")], include_path=[str(tiny_task_dir)])
