@@ -41,5 +41,9 @@ leaderboard: assets
 	. $(ASSETS)/env.sh && for recipe in recipes/leaderboard/*.yaml; do \
 		$(VENV)/bin/quantbench run $$recipe --force --quiet || exit 1; done
 	. $(ASSETS)/env.sh && $(VENV)/bin/quantbench eval HuggingFaceTB/SmolLM2-135M-Instruct $(LEADERBOARD_EVAL) \
-		--output runs/leaderboard/smollm2-135m-instruct --force
+		--output runs/leaderboard/smollm2-135m-instruct --force --quiet
 	$(VENV)/bin/quantbench report runs/leaderboard --out docs/leaderboard --force
+	@if command -v chromium >/dev/null; then \
+		chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,2000 \
+			--screenshot=$(CURDIR)/docs/leaderboard/screenshot.png file://$(CURDIR)/docs/leaderboard/leaderboard.html; \
+	else echo "chromium not installed (apt-get install chromium): no screenshot"; fi

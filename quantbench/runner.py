@@ -7,7 +7,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from quantbench.calibration import calibration_batches

@@ -90,3 +90,19 @@ def test_block_formats_order_by_precision_on_the_dithered_model(assets, wikitext
     ppl = list(results.values())
     assert ppl == sorted(ppl), results
     assert ppl[1] < ppl[0] * 1.1  # 6-bit MX is close to full precision
+
+
+def test_real_model_tasks_offline_well_above_chance_and_int2_falls_to_chance(assets):
+    """piqa through lm-eval and the offline task copy: two choices, so chance is 50%."""
+    from quantbench.eval.lm_eval_bridge import TaskRequest, run_tasks
+
+    model, tokenizer = load_model(MODEL_ID, torch.float32)
+    request = [TaskRequest("piqa", limit=60)]
+    full = run_tasks(model, tokenizer, request, include_path=[str(assets / "lm_eval_tasks")], progress=False)
+    piqa = full["tasks"]["piqa"]
+    assert piqa["lm_eval_task"] == "piqa_local" and piqa["samples"] == 60
+    assert piqa["metrics"]["acc"] > 0.6 and piqa["metrics"]["acc_norm"] > 0.6
+    for linear in model_linears(model).values():
+        quantize_linear(linear, Scheme.parse("int2-pc-rtn"))  # destroys the model (perplexity in the millions)
+    broken = run_tasks(model, tokenizer, request, include_path=[str(assets / "lm_eval_tasks")], progress=False)
+    assert abs(broken["tasks"]["piqa"]["metrics"]["acc"] - 0.5) < 0.15 < piqa["metrics"]["acc"] - 0.5

@@ -20,6 +20,6 @@ def test_readme_recipe_reference_is_a_valid_recipe():
 
 
 def test_readme_names_only_shipped_recipes():
-    shipped = {p.name for p in (README.parent / "recipes").glob("*.yaml")}
+    shipped = {p.name for p in (README.parent / "recipes").rglob("*.yaml")}
     named = set(re.findall(r"([\w-]+\.yaml)", README.read_text())) - {"result.yaml", "recipe.yaml"}
     assert named <= shipped, named - shipped
