@@ -66,6 +66,11 @@ def summarize_layers(model: nn.Module, sizes: dict[str, LayerSize], linears: dic
     }
 
 
+def parameter_count(model: nn.Module) -> int:
+    """Distinct parameters (a tied embedding and lm_head count once)."""
+    return sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+
+
 def environment(device: torch.device) -> dict:
     versions = {}
     for package in PACKAGES:

@@ -16,7 +16,7 @@ from quantbench.fsutil import atomic_directory, refuse_existing
 from quantbench.model_io import load_model, model_linears, resolve_device, resolve_dtype
 from quantbench.pipeline import StageTimer, quantize_linear, quantize_model, untie_lm_head
 from quantbench.recipe import Recipe
-from quantbench.results import environment, peak_memory, quantization_summary
+from quantbench.results import environment, parameter_count, peak_memory, quantization_summary
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
@@ -72,6 +72,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
         "recipe_hash": recipe.hash(),
         "model": recipe.model.name,
         "dtype": str(dtype).removeprefix("torch."),
+        "parameters": parameter_count(model),
         "calibration": {"source": cal.source, "n_samples": cal.n_samples, "seqlen": cal.seqlen, "seed": cal.seed},
         "quantization": quantization_summary(model, quantized, linears),
         "perplexity": {"baseline": baseline, "quantized": quantized_ppl},

@@ -106,7 +106,7 @@ def test_deltas_sorting_and_one_baseline_per_model(runs):
 
 
 def test_plain_model_eval_record_is_a_baseline_row(tmp_path):
-    record = {"name": "plain", "model": MODEL, "dtype": "float32", "quantization": None,
+    record = {"name": "plain", "model": MODEL, "dtype": "float32", "quantization": None, "parameters": 134_515_008,
               "perplexity": {"baseline": ppl(28.1)}, "tasks": {"baseline": tasks({"piqa": 0.66})},
               "environment": {"device": "cpu"}}
     root = write_runs(tmp_path / "runs", [record])
@@ -115,6 +115,7 @@ def test_plain_model_eval_record_is_a_baseline_row(tmp_path):
     board = build_leaderboard(root)
     (row,) = board.groups[0].rows
     assert row.baseline and row.ppl == {"wikitext2": 28.1} and row.tasks == {"piqa": 0.66}
+    assert row.size_mb == pytest.approx(269.030016) and row.compression == 1.0
     assert [path.endswith("broken/result.json") for path, _ in board.skipped] == [True]
 
 

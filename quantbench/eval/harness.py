@@ -63,7 +63,7 @@ def evaluate_target(target: str, settings: EvalSection, device: torch.device, dt
     from quantbench.export.checkpoint import (checkpoint_layers, is_quantbench_checkpoint, load_quantized,
                                               read_quantization_config, resolve_checkpoint_dir)
     from quantbench.model_io import load_model, load_tokenizer, model_linears, resolve_dtype
-    from quantbench.results import LayerSize, environment, summarize_layers
+    from quantbench.results import LayerSize, environment, parameter_count, summarize_layers
 
     started = time.perf_counter()
     path = resolve_checkpoint_dir(target)
@@ -85,6 +85,7 @@ def evaluate_target(target: str, settings: EvalSection, device: torch.device, dt
         "name": Path(target).name if Path(target).exists() else target,
         "model": (read_quantization_config(path).get("base_model") if quantized else None) or target,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "parameters": parameter_count(model),
         "evaluated": str(path) if quantized else target,
         "quantization": summary,
         "perplexity": {side: ppl},

@@ -140,7 +140,8 @@ def rows_of_result(result: dict, source: str) -> list[Row]:
 def _row(result: dict, baseline: bool, source: str, ppl: dict, tasks: dict) -> Row:
     quantization = result.get("quantization") or {}
     model_bytes = quantization.get("model_bytes") or {}
-    fp16_mb = model_bytes["fp16"] / 1e6 if model_bytes.get("fp16") else None
+    fp16_bytes = model_bytes.get("fp16") or 2 * (result.get("parameters") or 0)
+    fp16_mb = fp16_bytes / 1e6 if fp16_bytes else None
     environment = result.get("environment") or {}
     device = environment.get("device", "")
     if device.startswith("cuda") and environment.get("device_name"):
