@@ -144,6 +144,8 @@ def test_tasks_in_a_run_in_eval_and_on_the_leaderboard(tmp_path, model_dir, text
 
     again = invoke("eval", model_dir, *same, "--output", tmp_path / "runs" / "plain")
     assert again.exit_code == 2 and "--force" in again.output
+    no_export = invoke("eval", tmp_path / "runs" / "plain", *same)
+    assert no_export.exit_code == 2 and "run directory without a checkpoint" in no_export.output
     reported = invoke("report", tmp_path / "runs", "--out", tmp_path / "report")
     assert reported.exit_code == 0, reported.output
     (group,) = json.loads((tmp_path / "report" / "leaderboard.json").read_text())["groups"]

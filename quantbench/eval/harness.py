@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from quantbench.calibration.sources import load_eval_text
+from quantbench.errors import QuantbenchError
 from quantbench.eval.lm_eval_bridge import run_tasks
 from quantbench.eval.perplexity import perplexity_of_ids, tokenize_eval_text
 from quantbench.recipe import EvalSection
@@ -73,6 +74,9 @@ def evaluate_target(target: str, settings: EvalSection, device: torch.device, dt
         sizes = {layer.name: LayerSize(layer.scheme.name, layer.shape[0] * layer.shape[1], 8 * layer.stored_bytes)
                  for layer in checkpoint_layers(path)}
         summary = summarize_layers(model, sizes, model_linears(model))
+    elif (path / "result.json").is_file():
+        raise QuantbenchError(f"{target} is a run directory without a checkpoint (its recipe had export.enabled: "
+                              "false); rerun it with export enabled, or evaluate the base model")
     else:
         model, tokenizer = load_model(target, dtype or resolve_dtype("auto", device))
         summary = None
