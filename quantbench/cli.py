@@ -130,10 +130,10 @@ def print_eval_record(record: dict) -> None:
     tasks = (record.get("tasks") or {}).get(side)
     if tasks:
         for name, task in tasks["tasks"].items():
-            metric = task["score_metric"]
+            metric, value = _headline(task)
             stderr = task["stderr"].get(metric)
             table.add_row(f"{name} {metric}", f"{task['samples']} docs, {task['num_fewshot']}-shot",
-                          f"{task['score']:.4f}", f"{stderr:.4f}" if stderr is not None else "")
+                          _figure(value), _figure(stderr))
         if tasks["average"] is not None:
             table.add_row("average", "", f"{tasks['average']:.4f}", "")
     console.print(table)
@@ -207,18 +207,28 @@ def print_run_summary(result: dict) -> None:
     tasks = result.get("tasks") or {}
     quantized_tasks, baseline_tasks = tasks.get("quantized") or {}, tasks.get("baseline") or {}
     for name, task in (quantized_tasks.get("tasks") or {}).items():
+        metric, value = _headline(task)
         base = (baseline_tasks.get("tasks") or {}).get(name)
-        label = f"{name} {task['score_metric']} ({task['samples']} docs)"
-        table.add_row(label, f"{base['score']:.4f}" if base else "—", f"{task['score']:.4f}")
+        table.add_row(f"{name} {metric} ({task['samples']} docs)", _figure(base and base["metrics"].get(metric), "—"),
+                      _figure(value))
     if quantized_tasks.get("average") is not None:
-        base = baseline_tasks.get("average")
-        table.add_row("task average", f"{base:.4f}" if base is not None else "—", f"{quantized_tasks['average']:.4f}")
+        table.add_row("task average", _figure(baseline_tasks.get("average"), "—"), _figure(quantized_tasks["average"]))
     timings = result["timings_s"]
     table.add_row("time s (quantize / total)", "", f"{timings.get('quantize', 0):.1f} / {timings['total']:.1f}")
     console.print(table)
     console.print("* as float16", style="dim")
     if result.get("checkpoint"):
         console.print(f"checkpoint: {result['checkpoint']}")
+
+
+def _headline(task: dict) -> tuple[str, float | None]:
+    """The task's score metric, or its first metric when it has no accuracy (e.g. a perplexity task)."""
+    metric = task["score_metric"] or next(iter(task["metrics"]), "")
+    return metric, task["metrics"].get(metric)
+
+
+def _figure(value: float | None, missing: str = "") -> str:
+    return missing if value is None else f"{value:.4f}"
 
 
 if __name__ == "__main__":
