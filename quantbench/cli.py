@@ -151,8 +151,16 @@ def report(runs_dir: Path = typer.Argument(..., help="folder searched recursivel
         board = write_report(runs_dir, out, force)
     except QuantbenchError as exc:
         _fail(exc)
+    from quantbench.eval.report import columns
+
     for index, group in enumerate(board.groups):
-        console.print(f"group {index + 1}: {len(group.rows)} rows ({group.describe()})", highlight=False)
+        cols = [col for col in columns(group) if col.title not in ("method", "size MB", "device", "quantize s")]
+        table = Table(title=f"group {index + 1}: {len(group.rows)} rows ({group.describe()})", title_justify="left")
+        for col in cols:
+            table.add_column(col.title, justify="left" if col.kind == "text" else "right")
+        for row in group.rows:
+            table.add_row(*(col.cell(row)[1] for col in cols), style="bold" if row.baseline else None)
+        console.print(table)
     for path, reason in board.skipped:
         err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
     console.print(f"wrote {out / 'leaderboard.html'}, leaderboard.md, leaderboard.json")
