@@ -156,10 +156,12 @@ def test_report_files_are_complete_and_self_contained(runs, tmp_path):
     assert page.count('<tr class="baseline">') == 2 and page.count("<table") == 3
     assert "<script>" in page and 'data-kind="num"' in page
     assert '<span class="delta bad">+89.000</span>' in page  # gptq3: 117.1 vs 28.1
+    assert 'title="standard error ±2.00 pt">58.00%' in page and "standard error up to ±2.00 pt" in page
 
     markdown = (out / "leaderboard.md").read_text()
     assert "| **org/tiny-model** | **baseline (gptq4)** | **full precision** | **float32** | **16.000** |" in markdown
     assert "117.100 (+89.000)" in markdown and "58.00% (-8.00 pt)" in markdown
+    assert "standard error of up to ±2.00 pt" in markdown
     assert "![group1-mixed-layer-bits](plots/group1-mixed-layer-bits.png)" in markdown
 
 

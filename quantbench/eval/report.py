@@ -23,6 +23,7 @@ class Column:
     title: str
     kind: str  # "text" or "num"
     cell: callable  # Row -> (sort value, text, delta text, delta is good)
+    note: callable = lambda row: ""  # Row -> hover text in the HTML
 
 
 def write_report(runs_dir: str | Path, out_dir: str | Path, force: bool = False) -> Leaderboard:
@@ -65,7 +66,8 @@ def columns(group: Group) -> list[Column]:
                            lambda r, d=dataset: _metric(r.ppl.get(d), r.ppl_delta.get(d), "{:.3f}", "{:+.3f}", False)))
     for task in group.task_names:
         cols.append(Column(f"{task} ↑", "num",
-                           lambda r, t=task: _metric(r.tasks.get(t), r.task_delta.get(t), "{:.2%}", "{:+.2%}", True)))
+                           lambda r, t=task: _metric(r.tasks.get(t), r.task_delta.get(t), "{:.2%}", "{:+.2%}", True),
+                           lambda r, t=task: _stderr_note(r.task_stderr.get(t))))
     if group.task_names:
         cols.append(Column("average ↑", "num",
                            lambda r: _metric(r.average, r.average_delta, "{:.2%}", "{:+.2%}", True)))
@@ -102,6 +104,8 @@ def report_markdown(board: Leaderboard, plots: dict) -> str:
                 cells.append(f"**{cell}**" if row.baseline and cell else cell)
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if (stderr := _largest_stderr(group)) is not None:
+            lines += [f"Task scores carry a standard error of up to ±{100 * stderr:.2f} pt in this table.", ""]
         for plot in plots[id(group)]:
             lines += [f"![{plot.stem}]({PLOTS_DIR}/{plot.name})", ""]
     if board.skipped:
@@ -118,7 +122,10 @@ def report_html(board: Leaderboard, plots: dict, runs_dir) -> str:
         figures = "".join(
             f'<figure><img alt="{html.escape(plot.stem)}" src="data:image/png;base64,'
             f'{base64.b64encode(plot.read_bytes()).decode()}"></figure>' for plot in plots[id(group)])
-        sections.append(f"<section><h2>Group {index + 1}</h2><p class=\"settings\">{html.escape(group.describe())}</p>"
+        stderr = _largest_stderr(group)
+        caveat = f" Task scores: standard error up to ±{100 * stderr:.2f} pt (hover a cell)." if stderr else ""
+        sections.append(f"<section><h2>Group {index + 1}</h2>"
+                        f"<p class=\"settings\">{html.escape(group.describe())}.{caveat}</p>"
                         f"<div class=\"scroll\"><table class=\"board\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
                         f"<div class=\"plots\">{figures}</div></section>")
     skipped = "".join(f"<li><code>{html.escape(p)}</code>: {html.escape(r)}</li>" for p, r in board.skipped)
@@ -134,7 +141,9 @@ def _html_row(row: Row, cols: list[Column]) -> str:
         value, text, delta, good = col.cell(row)
         sort_value = "" if value is None else html.escape(str(value))
         delta_html = f' <span class="delta {"good" if good else "bad"}">{html.escape(delta)}</span>' if delta else ""
-        cells.append(f'<td data-value="{sort_value}">{html.escape(text)}{delta_html}</td>')
+        note = col.note(row)
+        title = f' title="{html.escape(note)}"' if note else ""
+        cells.append(f'<td data-value="{sort_value}"{title}>{html.escape(text)}{delta_html}</td>')
     return f'<tr class="{"baseline" if row.baseline else "run"}">{"".join(cells)}</tr>'
 
 
@@ -153,6 +162,15 @@ def _metric(value: float | None, delta: float | None, fmt: str, delta_fmt: str, 
         return value, fmt.format(value), "", True
     good = delta >= 0 if higher_is_better else delta <= 0
     return value, fmt.format(value), delta_fmt.format(delta).replace("%", " pt"), good
+
+
+def _stderr_note(stderr: float | None) -> str:
+    return "" if stderr is None else f"standard error ±{100 * stderr:.2f} pt"
+
+
+def _largest_stderr(group: Group) -> float | None:
+    errors = [e for row in group.rows for e in row.task_stderr.values() if e is not None]
+    return max(errors) if errors else None
 
 
 def _slug(text: str) -> str:
