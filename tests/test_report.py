@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from quantbench.cli import app
 from quantbench.errors import QuantbenchError
-from quantbench.eval.leaderboard import block_layer_grid, build_leaderboard
+from quantbench.eval.leaderboard import block_layer_grid, build_leaderboard, method_of
 from quantbench.eval.report import write_report
 from quantbench.eval.report_plots import pareto_front
 
@@ -100,9 +100,12 @@ def test_deltas_sorting_and_one_baseline_per_model(runs):
     assert rows["gptq3"].task_delta["piqa"] == pytest.approx(0.58 - 0.66)
     assert rows["gptq3"].average_delta == pytest.approx((0.58 + 0.40) / 2 - (0.66 + 0.50) / 2)
     assert rows["gptq4"].compression == pytest.approx(16 / 4.25)
-    assert rows["mixed"].method == "mixed GPTQ" and rows["mixed"].mixed
+    assert rows["mixed"].method == "mixed GPTQ int" and rows["mixed"].mixed
     assert rows["mixed"].scheme == "int3-g128-gptq-act ×6, int4-g128-gptq-act ×4"
-    assert rows["rtn4"].method == "RTN" and rows["rtn4"].device == "NVIDIA H200"
+    assert rows["rtn4"].method == "RTN int" and rows["rtn4"].device == "NVIDIA H200"
+    assert method_of({"mxfp4-gptq-act-static": 7}) == "GPTQ MXFP4"
+    assert method_of({"int8-pc-sym-rtn-a:int8": 7}) == "RTN int W+A"
+    assert method_of({"ternary2-g128-ptqtp-aw": 7}) == "PTQTP ternary"
 
 
 def test_plain_model_eval_record_is_a_baseline_row(tmp_path):

@@ -172,18 +172,21 @@ def _row(result: dict, baseline: bool, source: str, ppl: dict, tasks: dict) -> R
 
 
 def method_of(schemes: dict[str, int]) -> str:
+    """Solver and number-format family (`GPTQ int`, `RTN MXFP4`, `PTQTP ternary`), `W+A` when activations are
+    quantized too; runs of several schemes are `mixed …`. Each method gets its own Pareto frontier."""
     from quantbench.scheme import Scheme
 
-    solvers = []
+    methods = set()
     for name in schemes:
         try:
-            solvers.append(Scheme.parse(name).solver.upper())
+            scheme = Scheme.parse(name)
         except QuantbenchError:
-            solvers.append("?")
-    unique = sorted(set(solvers))
-    if len(schemes) > 1:
-        return f"mixed {'+'.join(unique)}"
-    return unique[0] if unique else "?"
+            methods.add("?")
+            continue
+        family = scheme.format if scheme.format in ("int", "ternary") else scheme.format.upper()
+        methods.add(f"{scheme.solver.upper()} {family}{' W+A' if scheme.activations else ''}")
+    label = " / ".join(sorted(methods)) or "?"
+    return f"mixed {label}" if len(schemes) > 1 else label
 
 
 def scheme_summary(schemes: dict[str, int]) -> str:

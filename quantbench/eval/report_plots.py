@@ -47,8 +47,10 @@ def quality_plot(group: Group, model: str, metric: str, path: Path) -> Path | No
         front = pareto_front(points, lower_is_better)
         if len(front) > 1:
             ax.plot(*zip(*front), color=color, linewidth=1.2, alpha=0.8, drawstyle="steps-post", zorder=2)
-        for row, (bits, value) in zip(members, points):
-            ax.annotate(row.run, (bits, value), textcoords="offset points", xytext=(5, 4), fontsize=7, color="0.25")
+    labelled = sorted(quantized, key=lambda row: (row.bits, _value(row, metric)))
+    for index, row in enumerate(labelled):  # neighbours alternate above and below their points
+        ax.annotate(row.run, (row.bits, _value(row, metric)), textcoords="offset points",
+                    xytext=(5, 4 if index % 2 == 0 else -11), fontsize=7, color="0.25")
     for row in rows:
         if row.baseline and _value(row, metric) is not None:
             ax.axhline(_value(row, metric), color="0.4", linestyle="--", linewidth=1,
