@@ -44,6 +44,6 @@ leaderboard: assets
 		--output runs/leaderboard/smollm2-135m-instruct --force --quiet
 	$(VENV)/bin/quantbench report runs/leaderboard --out docs/leaderboard --force
 	@if command -v chromium >/dev/null; then \
-		chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,2000 \
+		chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1800,1700 \
 			--screenshot=$(CURDIR)/docs/leaderboard/screenshot.png file://$(CURDIR)/docs/leaderboard/leaderboard.html; \
 	else echo "chromium not installed (apt-get install chromium): no screenshot"; fi

@@ -183,6 +183,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 2px}p.meta,p.se
 .scroll{overflow-x:auto}table.board{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums}
 .board th,.board td{border-bottom:1px solid #d8dee4;padding:5px 9px;text-align:right;white-space:nowrap}
 .board th:nth-child(-n+4),.board td:nth-child(-n+4),.board th:last-child,.board td:last-child{text-align:left}
+.board td:nth-child(2),.board td:nth-child(4){white-space:normal;min-width:9em;max-width:17em}
 .board th{background:#f3f5f7;cursor:pointer;user-select:none;position:sticky;top:0}
 .board th:hover{background:#e6eaef}.board th.asc::after{content:" ▲"}.board th.desc::after{content:" ▼"}
 .board tr.baseline td{background:#fff6d6;font-weight:600}.board tr.run:hover td{background:#f6f8fa}

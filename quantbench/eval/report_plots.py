@@ -47,10 +47,9 @@ def quality_plot(group: Group, model: str, metric: str, path: Path) -> Path | No
         front = pareto_front(points, lower_is_better)
         if len(front) > 1:
             ax.plot(*zip(*front), color=color, linewidth=1.2, alpha=0.8, drawstyle="steps-post", zorder=2)
-    labelled = sorted(quantized, key=lambda row: (row.bits, _value(row, metric)))
-    for index, row in enumerate(labelled):  # neighbours alternate above and below their points
+    for row, above in _label_sides(quantized, metric, lower_is_better):
         ax.annotate(row.run, (row.bits, _value(row, metric)), textcoords="offset points",
-                    xytext=(5, 4 if index % 2 == 0 else -11), fontsize=7, color="0.25")
+                    xytext=(5, 4 if above else -11), fontsize=7, color="0.25")
     for row in rows:
         if row.baseline and _value(row, metric) is not None:
             ax.axhline(_value(row, metric), color="0.4", linestyle="--", linewidth=1,
@@ -98,6 +97,19 @@ def layer_bits_heatmap(row: Row, path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _label_sides(rows: list[Row], metric: str, lower_is_better: bool) -> list[tuple[Row, bool]]:
+    """Each point's label goes above it when it sits higher on the plot than its nearest neighbour in bits,
+    below otherwise, so that two close points label away from each other."""
+    ordered = sorted(rows, key=lambda row: row.bits)
+    height = [(-1 if lower_is_better else 1) * _value(row, metric) for row in ordered]
+    sides = []
+    for index, row in enumerate(ordered):
+        neighbours = [j for j in (index - 1, index + 1) if 0 <= j < len(ordered)]
+        nearest = min(neighbours, key=lambda j: abs(ordered[j].bits - row.bits), default=None)
+        sides.append((row, nearest is None or height[index] >= height[nearest]))
+    return sides
 
 
 def _value(row: Row, metric: str) -> float | None:
