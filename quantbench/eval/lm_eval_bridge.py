@@ -21,7 +21,7 @@ from quantbench.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 
-# the zero-shot suite quantization papers report (GPTQ, AWQ, QuaRot, ...)
+# the seven zero-shot tasks that quantization papers commonly report
 ZERO_SHOT_SUITE = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "lambada_openai", "boolq")
 LOCAL_SUFFIX = "_local"
 # the headline metric of a task: length-normalised accuracy where the task has it, else accuracy
