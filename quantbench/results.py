@@ -40,11 +40,11 @@ def summarize_layers(model: nn.Module, sizes: dict[str, LayerSize], linears: dic
     quantized_bits = sum(size.storage_bits for size in sizes.values())
     quantized_params = sum(size.numel for size in sizes.values())
     linear_params = sum(layer.weight.numel() for layer in linears.values())
-    unique = {p.data_ptr(): p for p in model.parameters()}
+    unique = distinct_parameters(model)
     replaced = [model.get_parameter(f"{name}.weight") for name in sizes]
-    other_bytes = sum(p.numel() * p.element_size() for p in unique.values()) - sum(
+    other_bytes = sum(p.numel() * p.element_size() for p in unique) - sum(
         p.numel() * p.element_size() for p in replaced)
-    other_params = sum(p.numel() for p in unique.values()) - sum(p.numel() for p in replaced)
+    other_params = sum(p.numel() for p in unique) - sum(p.numel() for p in replaced)
     return {
         "schemes": dict(Counter(size.scheme for size in sizes.values())),
         "layers": {name: size.scheme for name, size in sizes.items()},
@@ -66,9 +66,13 @@ def summarize_layers(model: nn.Module, sizes: dict[str, LayerSize], linears: dic
     }
 
 
+def distinct_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Each parameter once, however many modules share it (a tied embedding and lm_head)."""
+    return list({p.data_ptr(): p for p in model.parameters()}.values())
+
+
 def parameter_count(model: nn.Module) -> int:
-    """Distinct parameters (a tied embedding and lm_head count once)."""
-    return sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+    return sum(p.numel() for p in distinct_parameters(model))
 
 
 def environment(device: torch.device) -> dict:
