@@ -52,3 +52,19 @@ def test_float32_and_cuda_agree_with_float64():
     assert torch.allclose(hadamard_transform(x.float()).double(), hadamard_transform(x), atol=1e-5)
     if torch.cuda.is_available():
         assert torch.allclose(hadamard_transform(x.cuda()).cpu(), hadamard_transform(x), atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [64, 576, 1536])
+def test_random_rotation_keeps_a_linear_layer_and_rotates_its_hessian(n):
+    from quantbench.quantizers.fwht import RandomHadamard
+
+    rotation = RandomHadamard(n, seed=3)
+    assert torch.equal(rotation.signs(), RandomHadamard(n, seed=3).signs())
+    assert not torch.equal(rotation.signs(), RandomHadamard(n, seed=4).signs())
+    r = rotation.rows(torch.eye(n, dtype=torch.float64))  # the matrix R itself
+    assert torch.allclose(r @ r.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    w, x = torch.randn(7, n, dtype=torch.float64), torch.randn(20, n, dtype=torch.float64)
+    assert torch.allclose(rotation.rows(x) @ rotation.rows(w).T, x @ w.T, atol=1e-9)
+    assert torch.allclose(rotation.rows_inverse(rotation.rows(x)), x, atol=1e-10)
+    h = x.T @ x
+    assert torch.allclose(rotation.hessian(h), rotation.rows(x).T @ rotation.rows(x), atol=1e-8)

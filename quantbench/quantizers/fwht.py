@@ -113,3 +113,36 @@ def _paley_kind(m: int) -> int | None:
 
 def _is_prime(q: int) -> bool:
     return q > 1 and all(q % d for d in range(2, math.isqrt(q) + 1))
+
+
+@dataclass(frozen=True)
+class RandomHadamard:
+    """R = diag(s)·Hᵀ with seeded signs s ∈ {±1}ⁿ: rows map as x ↦ x R = H(s ⊙ x).
+
+    A linear layer y = W x keeps its function as (W R)(x R)ᵀ, so the weight is quantized as W R and the
+    input rotated online with the same row map; its Hessian becomes Rᵀ (Σ x xᵀ) R.
+    """
+
+    n: int
+    seed: int
+
+    def signs(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        bits = torch.randint(0, 2, (self.n,), generator=generator)
+        return (2 * bits - 1).to(device=device, dtype=dtype)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x R for each row of x."""
+        return hadamard_transform(x * self.signs(x.device, x.dtype))
+
+    def rows_inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """x Rᵀ for each row of x."""
+        return hadamard_transform(x, transpose=True) * self.signs(x.device, x.dtype)
+
+    def hessian(self, h: torch.Tensor) -> torch.Tensor:
+        """Rᵀ H R of a symmetric H."""
+        return self.rows(self.rows(h).T)
+
+    @property
+    def descriptor(self) -> dict:
+        return {"kind": hadamard_plan(self.n).kind, "size": self.n, "seed": self.seed}
