@@ -16,11 +16,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantbench.activations import quantize_inputs_of
+from quantbench.activations import input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.calibration.stats import StopForward, collect_stats, input_sharing
 from quantbench.model_io import block_linears, blocks_path, decoder_blocks, move_except_blocks
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.quantizers import needs_hessian, needs_stats, solver_for
+from quantbench.quantizers.fwht import RandomHadamard
+from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
 from quantbench.scheme import Scheme
 
 log = logging.getLogger(__name__)
@@ -188,28 +190,37 @@ def _solve_together(stage: list[str], schemes: dict[str, Scheme], stats: dict) -
 
 
 def quantize_linears(layers: list[nn.Linear], names: list[str], scheme: Scheme, stats=None) -> dict[str, QuantizedWeight]:
-    """Quantize layers that share a scheme and an input by stacking their rows into one solve."""
-    if len(layers) == 1:
-        return {names[0]: quantize_linear(layers[0], scheme, stats)}
-    stacked = torch.cat([layer.weight.data for layer in layers])
-    quantized = solver_for(scheme).quantize(stacked, scheme, stats)
-    parts = quantized.split_rows([layer.out_features for layer in layers])
+    """Quantize layers that share a scheme and an input by stacking their rows into one solve.
+
+    Under a Hadamard transform the stacked weight and the statistics are rotated first and every layer
+    rotates its input from then on. A layer whose input is already rotated online (the model rotation's
+    down_proj) is quantized as it is: its weight and the statistics collected through its hook are
+    already in the rotated basis.
+    """
+    weight = torch.cat([layer.weight.data for layer in layers]) if len(layers) > 1 else layers[0].weight.data
+    rotation = None if input_rotation_of(layers[0]) is not None else rotation_for(scheme, weight.shape[1])
+    if rotation is not None:
+        weight = rotate_weight(weight, rotation)
+        if stats is not None and needs_stats(scheme):
+            stats = rotate_stats(stats, rotation)
+    quantized = solver_for(scheme).quantize(weight, scheme, stats)
+    parts = quantized.split_rows([layer.out_features for layer in layers]) if len(layers) > 1 else [quantized]
     for layer, part in zip(layers, parts):
-        apply_quantized(layer, part)
+        apply_quantized(layer, part, rotation)
     return {name: part.to("cpu") for name, part in zip(names, parts)}
 
 
 def quantize_linear(linear: nn.Linear, scheme: Scheme, stats=None) -> QuantizedWeight:
     """Quantize one linear in place and return the codes on CPU."""
-    quantized = solver_for(scheme).quantize(linear.weight.data, scheme, stats)
-    apply_quantized(linear, quantized)
-    return quantized.to("cpu")
+    return quantize_linears([linear], ["linear"], scheme, stats)["linear"]
 
 
-def apply_quantized(linear: nn.Linear, quantized: QuantizedWeight) -> None:
-    """Make `linear` compute as its quantized self: the dequantized weight, and its input quantized on
-    the fly when the scheme says so."""
+def apply_quantized(linear: nn.Linear, quantized: QuantizedWeight, rotation: RandomHadamard | None = None) -> None:
+    """Make `linear` compute as its quantized self: the dequantized weight, its input rotated online when
+    the weight was quantized in a rotated basis, and quantized on the fly when the scheme says so."""
     linear.weight.data = quantized.dequantize(linear.weight.dtype).to(linear.weight.device)
+    if rotation is not None:
+        rotate_inputs_of(linear, rotation)
     quantize_inputs_of(linear, quantized.scheme.activations)
 
 

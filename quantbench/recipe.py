@@ -156,6 +156,16 @@ class EvalSection(_Section):
                             task.limit or self.lm_eval.limit) for task in self.tasks]
 
 
+class TransformSpec(_Section):
+    name: Literal["rotate"] = Field(description="rotate: QuaRot-style residual-stream rotation (Llama family)")
+    seed: int = Field(0, ge=0, description="seed of the rotations' random signs")
+    online_down_proj: bool = Field(True, description="also rotate down_proj's input online")
+
+
+def _transform_from_yaml(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
 class ExportSection(_Section):
     enabled: bool = True
     dir: str | None = Field(None, description="default: <output.dir>/checkpoint")
@@ -171,6 +181,8 @@ class Recipe(_Section):
     description: str = ""
     model: ModelSection
     calibration: CalibrationSection = CalibrationSection()
+    transforms: list[Annotated[TransformSpec, BeforeValidator(_transform_from_yaml)]] = Field(
+        default_factory=list, description="model transforms applied before quantization, in order")
     quantize: QuantizeSection = QuantizeSection()
     eval: EvalSection = EvalSection()
     export: ExportSection = ExportSection()
@@ -183,6 +195,13 @@ class Recipe(_Section):
         if self.quantize.lm_head is not None and needs_stats(self.quantize.lm_head):
             raise ValueError("quantize.lm_head: only solvers without calibration statistics (rtn) are supported")
         return self
+
+    @field_validator("transforms")
+    @classmethod
+    def _rotate_once(cls, transforms: list[TransformSpec]) -> list[TransformSpec]:
+        if sum(t.name == "rotate" for t in transforms) > 1:
+            raise ValueError("rotate the model once")
+        return transforms
 
     @property
     def run_dir(self) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantbench.activations import input_rotation_of
 from quantbench.quantized_weight import QuantizedWeight
 
 PACKAGES = ("quantbench", "torch", "transformers", "datasets", "safetensors", "pydantic", "lm_eval", "pulp")
@@ -49,6 +50,8 @@ def summarize_layers(model: nn.Module, sizes: dict[str, LayerSize], linears: dic
         "schemes": dict(Counter(size.scheme for size in sizes.values())),
         "layers": {name: size.scheme for name, size in sizes.items()},
         "layer_bits": {name: size.storage_bits / size.numel for name, size in sizes.items()},
+        "rotations": {name: rotation.kind for name, module in model.named_modules()
+                      if (rotation := input_rotation_of(module)) is not None},
         "quantized_layers": len(sizes),
         "full_precision_linears": len(linears) - sum(1 for n in linears if n in sizes),
         "avg_bits_per_weight": quantized_bits / quantized_params if quantized_params else None,

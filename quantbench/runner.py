@@ -1,4 +1,5 @@
-"""The `run` chain: recipe → model → baseline eval → calibration → quantization → eval → export → result."""
+"""The `run` chain: recipe → model → baseline eval → calibration → transforms → quantization → eval →
+export → result."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from quantbench.calibration import calibration_batches
@@ -17,9 +19,11 @@ from quantbench.model_io import load_model, model_linears, resolve_device, resol
 from quantbench.pipeline import StageTimer, quantize_linear, quantize_model, untie_lm_head
 from quantbench.recipe import Recipe
 from quantbench.results import environment, parameter_count, peak_memory, quantization_summary
+from quantbench.rotation import max_logit_change, rotate_model
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
+PROBE_TOKENS = 256  # tokens of the first calibration sequence on which a transform's exactness is checked
 
 
 def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> dict:
@@ -50,6 +54,10 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
         cal = recipe.calibration
         input_ids = calibration_batches(tokenizer, cal.source, cal.n_samples, cal.seqlen, cal.seed,
                                         split=cal.split, text_field=cal.text_field)
+    transforms = []
+    for spec in recipe.transforms:
+        with timer("transforms"):
+            transforms.append(apply_transform(model, spec, input_ids[:1, :PROBE_TOKENS]))
     stages = StageTimer(device)
     with timer("quantize"):
         quantized = quantize_model(model, input_ids, recipe.quantize.scheme_for, device,
@@ -74,6 +82,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
         "dtype": str(dtype).removeprefix("torch."),
         "parameters": parameter_count(model),
         "calibration": {"source": cal.source, "n_samples": cal.n_samples, "seqlen": cal.seqlen, "seed": cal.seed},
+        "transforms": transforms,
         "quantization": quantization_summary(model, quantized, linears),
         "perplexity": {"baseline": baseline, "quantized": quantized_ppl},
     }
@@ -94,6 +103,17 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
         (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.canonical(), sort_keys=False))
     return result
+
+
+def apply_transform(model, spec, probe_ids) -> dict:
+    """Apply a recipe transform and measure how far it moved the logits on `probe_ids` (it should not)."""
+    with torch.no_grad():
+        reference = model(input_ids=probe_ids).logits
+    descriptor = rotate_model(model, seed=spec.seed, online_down_proj=spec.online_down_proj)
+    change = max_logit_change(model, probe_ids, reference)
+    log.info("model rotated (%s); max |Δlogit| on %d probe tokens: %.2e", descriptor["kind"], probe_ids.numel(), change)
+    return {"name": spec.name, **descriptor, "max_abs_logit_change": change,
+            "max_abs_logit": reference.abs().max().item()}
 
 
 def read_result(run_dir: str | Path) -> dict:

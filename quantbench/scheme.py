@@ -20,7 +20,8 @@ ActivationFormat = Literal["mxfp4", "mxfp6e2m3", "mxfp6e3m2", "mxfp8e4m3", "mxfp
 
 _BLOCK_NAMES = "|".join(sorted([*BLOCK_FORMATS, *FORMAT_ALIASES], key=len, reverse=True))
 _NAME_RE = re.compile(
-    rf"^(?:(?P<block>{_BLOCK_NAMES})|(?P<format>int)(?P<bits>\d+)-(?:g(?P<group>\d+)|(?P<pc>pc))(?P<sym>-sym)?"
+    r"^(?:(?P<transform>hadamard)(?:-s(?P<rotation_seed>\d+))?\+)?"
+    rf"(?:(?P<block>{_BLOCK_NAMES})|(?P<format>int)(?P<bits>\d+)-(?:g(?P<group>\d+)|(?P<pc>pc))(?P<sym>-sym)?"
     r"|ternary(?P<planes>\d)(?:-g(?P<ternary_group>\d+)|-pc)?)"
     r"-(?P<solver>[a-z]+)(?P<act>-act)?(?P<static>-static)?(?P<aware>-aw)?(?:-damp(?P<damp>[0-9.e-]+))?"
     r"(?:-a:(?P<activations>[a-z0-9]+))?$"
@@ -39,6 +40,9 @@ class Scheme(BaseModel):
     the hidden dimension of each token, or `int8`/`int4` symmetric per token.
     `ternary` is PTQTP's sum of `planes` ternary planes, each with a float16 scale per row (or per group);
     `activation_aware` weights its objective by the layer's input energy per column (diag H).
+    `transform: hadamard` quantizes W·R instead of W, R a randomised Hadamard rotation (seeded by
+    `rotation_seed`) that the layer applies to its input online (see quantizers/hadamard.py); the name
+    gets a `hadamard+` prefix (`hadamard-s<seed>+` for a seed other than 0).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -48,7 +52,8 @@ class Scheme(BaseModel):
     group_size: int | None = Field(128, gt=0)
     symmetric: bool = False
     solver: Literal["rtn", "gptq", "ptqtp"] = "rtn"
-    transform: Literal["none"] = "none"
+    transform: Literal["none", "hadamard"] = "none"
+    rotation_seed: int = Field(0, ge=0)
     act_order: bool = False
     static_groups: bool = False
     damp: float = Field(DEFAULT_DAMP, gt=0, le=1)
@@ -94,6 +99,8 @@ class Scheme(BaseModel):
             raise ValueError("planes is a ternary option; set format: ternary or drop it")
         if self.activation_aware and self.solver != "ptqtp":
             raise ValueError("activation_aware is a ptqtp option (GPTQ is activation-aware by construction)")
+        if self.transform == "none" and self.rotation_seed:
+            raise ValueError("rotation_seed seeds the hadamard transform; set transform: hadamard or drop it")
         if self.is_block_format and self.act_order and not self.static_groups:
             raise ValueError(f"{self.format} blocks are contiguous columns: act_order needs static_groups "
                              f"(write {self.format}-gptq-act-static)")
@@ -117,6 +124,8 @@ class Scheme(BaseModel):
         name += "-aw" if self.activation_aware else ""
         name += f"-damp{self.damp:g}" if self.damp != DEFAULT_DAMP else ""
         name += f"-a:{self.activations}" if self.activations else ""
+        if self.transform == "hadamard":
+            name = f"hadamard{f'-s{self.rotation_seed}' if self.rotation_seed else ''}+{name}"
         return name
 
     def __str__(self) -> str:
@@ -149,12 +158,13 @@ class Scheme(BaseModel):
     @classmethod
     def parse(cls, name: str) -> "Scheme":
         """Build a scheme from its canonical name, e.g. `int4-g128-rtn`, `int8-pc-sym-rtn`, `int3-g128-gptq-act`,
-        `mxfp4-rtn`, `nvfp4-gptq`, `mxfp8e4m3-rtn-a:mxfp8e4m3` (weights and activations)."""
+        `mxfp4-rtn`, `nvfp4-gptq`, `mxfp8e4m3-rtn-a:mxfp8e4m3` (weights and activations), `hadamard+int3-g128-gptq`."""
         match = _NAME_RE.match(name.strip())
         if not match:
             raise QuantbenchError(
                 f"scheme name {name!r} is not understood; write it like 'int4-g128-rtn', 'int8-pc-sym-rtn', "
-                "'int3-g128-gptq-act', 'mxfp4-rtn', 'mxfp8e4m3-rtn-a:mxfp8e4m3' or 'ternary2-g128-ptqtp' (block formats: "
+                "'int3-g128-gptq-act', 'mxfp4-rtn', 'mxfp8e4m3-rtn-a:mxfp8e4m3', 'ternary2-g128-ptqtp' or "
+                "'hadamard+int3-g128-gptq' (block formats: "
                 f"{', '.join(BLOCK_FORMATS)})"
             )
         if match["block"]:
@@ -175,6 +185,9 @@ class Scheme(BaseModel):
             fields["activation_aware"] = True
         if match["damp"]:
             fields["damp"] = float(match["damp"])
+        if match["transform"]:
+            fields["transform"] = match["transform"]
+            fields["rotation_seed"] = int(match["rotation_seed"] or 0)
         try:
             return cls(**fields)
         except ValidationError as exc:

@@ -97,14 +97,14 @@ def test_layers_sharing_an_input_round_it_once(monkeypatch):
         return original(x, fmt_name)
 
     monkeypatch.setattr(activations, "quantize_activations", counting)
-    activations._LastRounded.forget()
+    activations._LastTransformed.forget()
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, cached)
     assert len(calls) == 2 * 4  # per block: q/k/v once, o, gate/up once, down
     x = torch.randn(4, 64)
-    first = activations._LastRounded.get(x, "mxfp4")
+    first = activations._LastTransformed.get(x, None, "mxfp4")
     x.mul_(2)  # an in-place change is seen through the version counter
-    assert not torch.equal(activations._LastRounded.get(x, "mxfp4"), first)
+    assert not torch.equal(activations._LastTransformed.get(x, None, "mxfp4"), first)
 
 
 def test_recipe_section_activations_apply_where_a_scheme_names_none():

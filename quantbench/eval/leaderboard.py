@@ -152,7 +152,8 @@ def _row(result: dict, baseline: bool, source: str, ppl: dict, tasks: dict) -> R
     settings += tuple(sorted(("task", name, t["lm_eval_task"], t["num_fewshot"], t["limit"], t["samples"])
                              for name, t in task_results.items()))
     row = Row(run=result.get("name", source), model=_model_label(result.get("model", "?")),
-              method=BASELINE if baseline else method_of(quantization.get("schemes") or {}),
+              method=BASELINE if baseline else method_of(quantization.get("schemes") or {},
+                                                         rotated=bool(result.get("transforms"))),
               scheme=result.get("dtype", "") if baseline else scheme_summary(quantization.get("schemes") or {}),
               baseline=baseline, settings=settings, source=source,
               ppl={name: p["ppl"] for name, p in ppl.items()},
@@ -171,9 +172,10 @@ def _row(result: dict, baseline: bool, source: str, ppl: dict, tasks: dict) -> R
     return row
 
 
-def method_of(schemes: dict[str, int]) -> str:
+def method_of(schemes: dict[str, int], rotated: bool = False) -> str:
     """Solver and number-format family (`GPTQ int`, `RTN MXFP4`, `PTQTP ternary`), `W+A` when activations are
-    quantized too; runs of several schemes are `mixed …`. Each method gets its own Pareto frontier."""
+    quantized too, `Hadamard …` for per-layer rotated schemes, `QuaRot …` on a rotated model; runs of
+    several schemes are `mixed …`. Each method gets its own Pareto frontier."""
     from quantbench.scheme import Scheme
 
     methods = set()
@@ -184,9 +186,11 @@ def method_of(schemes: dict[str, int]) -> str:
             methods.add("?")
             continue
         family = scheme.format if scheme.format in ("int", "ternary") else scheme.format.upper()
-        methods.add(f"{scheme.solver.upper()} {family}{' W+A' if scheme.activations else ''}")
+        hadamard = "Hadamard " if scheme.transform == "hadamard" else ""
+        methods.add(f"{hadamard}{scheme.solver.upper()} {family}{' W+A' if scheme.activations else ''}")
     label = " / ".join(sorted(methods)) or "?"
-    return f"mixed {label}" if len(schemes) > 1 else label
+    label = f"mixed {label}" if len(schemes) > 1 else label
+    return f"QuaRot {label}" if rotated else label
 
 
 def scheme_summary(schemes: dict[str, int]) -> str:

@@ -2,8 +2,12 @@
 as bit-packed codes.
 
   config.json        the model config plus `quantization_config`:
-                     {"quant_method": "quantbench", "version": 1, "layers": {name: {scheme fields…, "shape"}},
-                      "tied": {dropped_key: kept_key}}
+                     {"quant_method": "quantbench", "version": 2, "layers": {name: {scheme fields…, "shape"}},
+                      "tied": {dropped_key: kept_key},
+                      "rotations": {name: {"kind", "size", "seed"}}: linears whose stored weight is W·R and
+                      that rotate their input x ↦ x·R online (quantizers/fwht.py RandomHadamard),
+                      "model_rotation": {"kind", "size", "seed"} or null: the residual-stream rotation
+                      already folded into the stored weights (rotation.py)}
   model.safetensors  every parameter not quantized, as it was; for each quantized linear `<name>.qweight`
                      (int32, codes bit-packed along the input dimension, see export/packing.py),
                      `<name>.scales` (float16 [out, groups]) and, for asymmetric schemes, `<name>.qzeros`
@@ -28,14 +32,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from quantbench.activations import quantize_inputs_of
+from quantbench.activations import input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.errors import QuantbenchError
 from quantbench.fsutil import atomic_directory
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
+from quantbench.quantizers.fwht import RandomHadamard
+from quantbench.rotation import MODEL_ROTATION_ATTR
 from quantbench.scheme import Scheme
 
 QUANT_METHOD = "quantbench"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: online input rotations; version 1 checkpoints (none) still load
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = "model.safetensors"
 RUN_CHECKPOINT_DIR = "checkpoint"  # where a run directory keeps its exported checkpoint
 PACKED_SUFFIXES = ("qweight", "scales", "qzeros", "g_idx", "global_scale")
@@ -71,11 +78,15 @@ def write_checkpoint(model: nn.Module, tokenizer, quantized: dict[str, Quantized
             tensors[f"{name}.{suffix}"] = tensor.cpu().contiguous()
         layers[name] = {"scheme": qweight.scheme.name, **qweight.scheme.model_dump(), "shape": list(qweight.shape)}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    rotations = {name: rotation.descriptor for name, module in model.named_modules()
+                 if (rotation := input_rotation_of(module)) is not None}
 
     config = copy.deepcopy(model.config)
     config.dtype = next(model.parameters()).dtype  # what the weights really are, whatever the config said
     config.quantization_config = {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "layers": layers,
-                                  "tied": tied, "base_model": getattr(model, "name_or_path", None) or None}
+                                  "tied": tied, "rotations": rotations,
+                                  "model_rotation": getattr(model, MODEL_ROTATION_ATTR, None),
+                                  "base_model": getattr(model, "name_or_path", None) or None}
     config.save_pretrained(directory)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
@@ -119,9 +130,10 @@ def read_quantization_config(directory: str | Path) -> dict:
     if not qconfig or qconfig.get("quant_method") != QUANT_METHOD:
         raise QuantbenchError(f"{directory} is not a quantbench checkpoint (config.json has no quantbench "
                               "quantization_config); load plain models with transformers")
-    if qconfig.get("version") != FORMAT_VERSION:
+    if qconfig.get("version") not in READABLE_VERSIONS:
         raise QuantbenchError(f"{directory}: checkpoint format version {qconfig.get('version')} is not supported "
-                              f"(this quantbench reads version {FORMAT_VERSION}); upgrade quantbench")
+                              f"(this quantbench reads versions {', '.join(map(str, READABLE_VERSIONS))}); "
+                              "upgrade quantbench")
     return qconfig
 
 
@@ -147,8 +159,8 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild the model of a quantbench checkpoint, its quantized linears holding the dequantized weights.
 
-    The weights equal those of the in-memory quantized model that was saved, and layers whose scheme
-    quantizes activations quantize their inputs again, so logits match exactly.
+    The weights equal those of the in-memory quantized model that was saved, and layers that rotated or
+    quantized their inputs online do so again, so logits match exactly.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -176,9 +188,21 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     for dropped, kept in qconfig.get("tied", {}).items():
         if model.get_parameter(dropped) is not model.get_parameter(kept):
             _set_parameter(model, dropped, model.get_parameter(kept))
+    for name, descriptor in qconfig.get("rotations", {}).items():
+        rotate_inputs_of(model.get_submodule(name), _rotation_from(descriptor, directory))
     for name, scheme in schemes.items():
         quantize_inputs_of(model.get_submodule(name), scheme.activations)
+    if qconfig.get("model_rotation"):
+        setattr(model, MODEL_ROTATION_ATTR, qconfig["model_rotation"])
     return model.to(device).eval()
+
+
+def _rotation_from(descriptor: dict, directory: Path) -> RandomHadamard:
+    rotation = RandomHadamard(int(descriptor["size"]), int(descriptor["seed"]))
+    if rotation.kind != descriptor["kind"]:
+        raise QuantbenchError(f"{directory}: a rotation of size {rotation.n} was saved as {descriptor['kind']!r}, "
+                              f"but this quantbench builds {rotation.kind!r}; use the version that wrote it")
+    return rotation
 
 
 def _skip_weight_init():

@@ -37,5 +37,7 @@ def needs_stats(scheme: Scheme) -> bool:
 
 
 def needs_hessian(scheme: Scheme) -> bool:
-    """Whether those statistics must include the full Hessian Σ xᵀx (not only per-channel ones)."""
-    return solver_for(scheme).needs_hessian(scheme)
+    """Whether those statistics must include the full Hessian Σ xᵀx (not only per-channel ones). Under a
+    Hadamard transform every statistic is derived from the rotated Σ xᵀx, so any stats reader needs it."""
+    solver = solver_for(scheme)
+    return solver.needs_hessian(scheme) or (scheme.transform != "none" and solver.needs_stats(scheme))

@@ -57,7 +57,7 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor
     y = x.reshape(*leading, plan.blocks, plan.small, plan.power)
     y = _butterfly(y)
     if plan.small > 1:
-        dense = paley_matrix(plan.small).to(dtype=y.dtype, device=y.device)
+        dense = _paley_on(plan.small, y.device, y.dtype)
         y = torch.matmul(dense.T if transpose else dense, y)
     return (y / math.sqrt(plan.small * plan.power)).reshape(*leading, plan.n)
 
@@ -101,6 +101,11 @@ def paley_matrix(m: int) -> torch.Tensor:
     return torch.kron(conference, plus) + torch.kron(torch.eye(q + 1, dtype=torch.float64), minus)
 
 
+@lru_cache(maxsize=64)
+def _paley_on(m: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return paley_matrix(m).to(device=device, dtype=dtype)
+
+
 def _paley_kind(m: int) -> int | None:
     if m % 4 or m < 4:
         return None
@@ -127,9 +132,7 @@ class RandomHadamard:
     seed: int
 
     def signs(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed)
-        bits = torch.randint(0, 2, (self.n,), generator=generator)
-        return (2 * bits - 1).to(device=device, dtype=dtype)
+        return _signs(self.n, self.seed, torch.device(device or "cpu"), dtype)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """x R for each row of x."""
@@ -144,5 +147,16 @@ class RandomHadamard:
         return self.rows(self.rows(h).T)
 
     @property
+    def kind(self) -> str:
+        return hadamard_plan(self.n).kind
+
+    @property
     def descriptor(self) -> dict:
-        return {"kind": hadamard_plan(self.n).kind, "size": self.n, "seed": self.seed}
+        return {"kind": self.kind, "size": self.n, "seed": self.seed}
+
+
+@lru_cache(maxsize=64)
+def _signs(n: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 2, (n,), generator=generator)
+    return (2 * bits - 1).to(device=device, dtype=dtype)
