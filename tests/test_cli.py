@@ -173,3 +173,26 @@ def test_run_with_gptq_act_order(tmp_path, model_dir, text_file):
     evaluated = invoke("eval", run_dir, "--dataset", text_file, "--seqlen", 64, "--max-windows", 4)
     dataset = str(text_file)
     assert f"{saved['perplexity']['quantized'][dataset]['ppl']:.3f}" in evaluated.output
+
+
+def test_run_with_model_rotation_and_per_layer_hadamard(tmp_path, model_dir, text_file):
+    from quantbench.eval.leaderboard import rows_of_result
+
+    recipe = make_recipe(tmp_path, model_dir, text_file,
+                         quantize={"default": "hadamard+int4-g32-gptq-a:int8", "overrides": []})
+    data = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**data, "transforms": [{"name": "rotate", "seed": 1}]}))
+    result = invoke("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "tiny"
+    saved = json.loads((run_dir / "result.json").read_text())
+    (transform,) = saved["transforms"]
+    assert transform["name"] == "rotate" and transform["seed"] == 1 and transform["kind"] == "sylvester"
+    assert transform["max_abs_logit_change"] < 1e-4 * transform["max_abs_logit"]
+    rotations = saved["quantization"]["rotations"]
+    assert len(rotations) == 14 and rotations["model.layers.0.mlp.down_proj"] == "paley20"
+    assert "transforms" in saved["timings_s"]
+    quantized_row = [row for row in rows_of_result(saved, "run") if not row.baseline][0]
+    assert quantized_row.method == "QuaRot Hadamard GPTQ int W+A"
+    evaluated = invoke("eval", run_dir, "--dataset", text_file, "--seqlen", 64, "--max-windows", 4)
+    assert f"{saved['perplexity']['quantized'][str(text_file)]['ppl']:.3f}" in evaluated.output

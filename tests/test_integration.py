@@ -106,3 +106,32 @@ def test_real_model_tasks_offline_well_above_chance_and_int2_falls_to_chance(ass
         quantize_linear(linear, Scheme.parse("int2-pc-rtn"))  # destroys the model (perplexity in the millions)
     broken = run_tasks(model, tokenizer, request, include_path=[str(assets / "lm_eval_tasks")], progress=False)
     assert abs(broken["tasks"]["piqa"]["metrics"]["acc"] - 0.5) < 0.15 < piqa["metrics"]["acc"] - 0.5
+
+
+def test_rotation_preserves_the_real_model_and_rescues_int4_activations(assets, wikitext_ids):
+    """The rotated dithered model gives the same logits. int4 per-token activations collapse on the plain
+    model (outlier channels set every token's scale) and stay usable in a rotated basis, whether the whole
+    model is rotated (QuaRot) or each layer rotates its own input (hadamard+)."""
+    from quantbench.rotation import max_logit_change, rotate_model
+
+    path = str(assets / "models" / "smollm2-135m-dithered")
+    window = wikitext_ids[:512][None]
+    runs = {"fp": (False, "fp"), "rotated fp": (True, "fp"), "A4": (False, "int8-pc-rtn-a:int4"),
+            "rotated A4": (True, "int8-pc-rtn-a:int4"), "W4A4": (False, "int4-pc-rtn-a:int4"),
+            "hadamard W4A4": (False, "hadamard+int4-pc-rtn-a:int4")}
+    ppl = {}
+    for label, (rotated, name) in runs.items():
+        model, _ = load_model(path, torch.float32)
+        if rotated:
+            with torch.no_grad():
+                reference = model(input_ids=window).logits
+            rotate_model(model)
+            assert max_logit_change(model, window, reference) < 1e-3, "rotation must keep the function"
+        if name != "fp":
+            for linear in model_linears(model).values():
+                quantize_linear(linear, Scheme.parse(name))
+        ppl[label] = perplexity_of_ids(model, wikitext_ids, 2048, max_windows=1).ppl
+    assert math.isclose(ppl["rotated fp"], ppl["fp"], rel_tol=1e-4), ppl
+    assert ppl["A4"] > 100 * ppl["fp"], ppl  # measured: 8751 against 20.4
+    assert ppl["rotated A4"] < 0.05 * ppl["A4"], ppl  # measured: 53.7
+    assert ppl["hadamard W4A4"] < 0.05 * ppl["W4A4"], ppl  # measured: 100 against 13153
