@@ -34,6 +34,21 @@ def test_fast_transform_equals_the_explicit_matrix(n):
     assert torch.allclose(hadamard_transform(hadamard_transform(x), transpose=True), x, atol=1e-10)
 
 
+def explicit_hadamard(n: int) -> torch.Tensor:
+    """Built without the transform: blockdiag(H_m ⊗ H_2 ⊗ … ⊗ H_2) / √(m 2^k), H_m from Paley."""
+    plan = hadamard_plan(n)
+    h = paley_matrix(plan.small) if plan.small > 1 else torch.ones(1, 1, dtype=torch.float64)
+    for _ in range(plan.power.bit_length() - 1):
+        h = torch.kron(h, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
+    return torch.block_diag(*[h] * plan.blocks) / (plan.small * plan.power) ** 0.5
+
+
+@pytest.mark.parametrize("n", [2, 12, 256, 512, 576, 1536, 2048, 4096, 6, 43 * 256])
+def test_fast_transform_equals_an_independently_built_matrix(n):
+    x = torch.randn(3, n, dtype=torch.float64)
+    assert torch.allclose(hadamard_transform(x), x @ explicit_hadamard(n).T, atol=1e-10)
+
+
 @pytest.mark.parametrize("n", MODEL_SIZES)
 def test_model_sizes_are_rotations(n):
     x = torch.randn(4, n, dtype=torch.float64)

@@ -18,6 +18,7 @@ import torch
 from quantbench.errors import QuantbenchError
 
 LARGEST_PALEY_ORDER = 1024
+RADIX = 128  # the widest Sylvester factor applied as one dense ±1 matmul
 
 
 @dataclass(frozen=True)
@@ -68,15 +69,34 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 
 def _butterfly(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Sylvester transform along the last dimension (a power of two), one stage per bit."""
+    """Unnormalised Sylvester transform along the last dimension (a power of two).
+
+    H_{2^k} = H_{2^a} ⊗ H_{2^b} ⊗ …: each factor (at most RADIX wide, the k bits split evenly) is one
+    small ±1 matmul along its own axis of the reshaped rows, so the data is read ⌈k / log2 RADIX⌉ times
+    instead of k times; the last factor is a single [rows, f] @ [f, f] GEMM.
+    """
     n = x.shape[-1]
     leading = x.shape[:-1]
-    half = 1
-    while half < n:
-        pairs = x.reshape(*leading, n // (2 * half), 2, half)
-        x = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
-        half *= 2
+    bits = n.bit_length() - 1
+    stages = -(-bits // (RADIX.bit_length() - 1)) if bits else 0
+    after = n
+    for stage in range(stages):
+        radix = 1 << (bits * (stage + 1) // stages - bits * stage // stages)
+        after //= radix
+        sylvester = _sylvester_on(radix, x.device, x.dtype)
+        if after == 1:
+            x = x.reshape(-1, radix) @ sylvester  # symmetric: H = Hᵀ
+        else:
+            x = torch.matmul(sylvester, x.reshape(-1, radix, after))
     return x.reshape(*leading, n)
+
+
+@lru_cache(maxsize=64)
+def _sylvester_on(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)))
+    return h.to(device=device, dtype=dtype)
 
 
 @lru_cache(maxsize=None)
