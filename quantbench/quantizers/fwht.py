@@ -1,7 +1,7 @@
 """Orthonormal Walsh–Hadamard transforms of any length that has a Hadamard matrix we can build.
 
-A length n = m·2^k uses H_n = H_m ⊗ H_{2^k}: the 2^k part is a fast butterfly (O(n log n), vectorised over
-all leading dimensions), the m part a small dense matmul with a Paley-construction matrix (m = q + 1 for a
+A length n = m·2^k uses H_n = H_m ⊗ H_{2^k}: the 2^k part is a fast transform (a few small ±1 matmuls, see
+`_butterfly`, vectorised over all leading dimensions), the m part a small dense matmul with a Paley-construction matrix (m = q + 1 for a
 prime q ≡ 3 mod 4, m = 2(q + 1) for a prime q ≡ 1 mod 4). Lengths with no such split (e.g. 11008 = 43·256)
 use a block-diagonal rotation of the largest power of two that divides n; `hadamard_plan` says which.
 Everything is normalised (H Hᵀ = I), so the transforms are rotations.

@@ -22,8 +22,8 @@ def rotation_for(scheme: Scheme, in_features: int) -> RandomHadamard | None:
 
 
 def rotate_weight(weight: torch.Tensor, rotation: RandomHadamard) -> torch.Tensor:
-    """W R, computed in float32 and returned in the weight's dtype."""
-    return rotation.rows(weight.float()).to(weight.dtype)
+    """W R in float32 (the solvers work in float32; a half-precision copy would round W R once more)."""
+    return rotation.rows(weight.float())
 
 
 def rotate_stats(stats: LayerStats, rotation: RandomHadamard) -> LayerStats:
