@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from ppl_ladder import token_ids
+from ppl_ladder import add_token_id_arguments, token_ids
 
 from quantbench.eval.perplexity import perplexity_of_ids
 from quantbench.model_io import load_model, resolve_device
@@ -53,10 +53,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--n-samples", type=int, default=128, help="calibration windows")
-    parser.add_argument("--calibration-seqlen", type=int, default=2048)
-    parser.add_argument("--calibration-ids", help="safetensors with input_ids [n, seqlen]")
-    parser.add_argument("--eval-ids", help="safetensors with the tokenized WikiText-2 test stream")
+    add_token_id_arguments(parser, n_samples=128, calibration_seqlen=2048)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", help="write the rows here")

@@ -40,16 +40,21 @@ def token_ids(args):
     return calibration, tokenize_eval_text(tokenizer, load_eval_text("wikitext2")[0])
 
 
+def add_token_id_arguments(parser: argparse.ArgumentParser, n_samples: int, calibration_seqlen: int) -> None:
+    """The options `token_ids` reads: calibration size, and id files for machines without the datasets."""
+    parser.add_argument("--n-samples", type=int, default=n_samples, help="calibration windows")
+    parser.add_argument("--calibration-seqlen", type=int, default=calibration_seqlen)
+    parser.add_argument("--calibration-ids", help="safetensors with input_ids [n, seqlen]")
+    parser.add_argument("--eval-ids", help="safetensors with the tokenized WikiText-2 test stream")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--schemes", nargs="+", default=["int8-pc-rtn", "int4-g128-rtn", "int3-g128-rtn", "int2-g128-rtn"])
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--n-samples", type=int, default=16, help="calibration windows")
-    parser.add_argument("--calibration-seqlen", type=int, default=512)
-    parser.add_argument("--calibration-ids", help="safetensors with input_ids [n, seqlen]")
-    parser.add_argument("--eval-ids", help="safetensors with the tokenized WikiText-2 test stream")
+    add_token_id_arguments(parser, n_samples=16, calibration_seqlen=512)
     parser.add_argument("--export-ids", help="write both id files to this folder and stop")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")

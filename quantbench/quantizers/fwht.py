@@ -51,12 +51,13 @@ def hadamard_plan(n: int) -> HadamardPlan:
     return HadamardPlan(n, 1, power, odd)
 
 
-def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """x @ Hᵀ along the last dimension (each row mapped by H), or x @ H with `transpose`."""
+def hadamard_transform(x: torch.Tensor, transpose: bool = False, radix: int = RADIX) -> torch.Tensor:
+    """x @ Hᵀ along the last dimension (each row mapped by H), or x @ H with `transpose`; `radix` bounds
+    the Sylvester factors applied as one matmul (2: one pass per bit)."""
     plan = hadamard_plan(x.shape[-1])
     leading = x.shape[:-1]
     y = x.reshape(*leading, plan.blocks, plan.small, plan.power)
-    y = _butterfly(y)
+    y = _butterfly(y, radix)
     if plan.small > 1:
         dense = _paley_on(plan.small, y.device, y.dtype)
         y = torch.matmul(dense.T if transpose else dense, y)
@@ -68,17 +69,17 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return hadamard_transform(torch.eye(n, dtype=dtype)).T
 
 
-def _butterfly(x: torch.Tensor) -> torch.Tensor:
+def _butterfly(x: torch.Tensor, radix_limit: int = RADIX) -> torch.Tensor:
     """Unnormalised Sylvester transform along the last dimension (a power of two).
 
-    H_{2^k} = H_{2^a} ⊗ H_{2^b} ⊗ …: each factor (at most RADIX wide, the k bits split evenly) is one
-    small ±1 matmul along its own axis of the reshaped rows, so the data is read ⌈k / log2 RADIX⌉ times
+    H_{2^k} = H_{2^a} ⊗ H_{2^b} ⊗ …: each factor (at most `radix_limit` wide, the k bits split evenly) is one
+    small ±1 matmul along its own axis of the reshaped rows, so the data is read ⌈k / log2 radix_limit⌉ times
     instead of k times; the last factor is a single [rows, f] @ [f, f] GEMM.
     """
     n = x.shape[-1]
     leading = x.shape[:-1]
     bits = n.bit_length() - 1
-    stages = -(-bits // (RADIX.bit_length() - 1)) if bits else 0
+    stages = -(-bits // (radix_limit.bit_length() - 1)) if bits else 0
     after = n
     for stage in range(stages):
         radix = 1 << (bits * (stage + 1) // stages - bits * stage // stages)
