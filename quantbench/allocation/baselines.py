@@ -1,0 +1,103 @@
+"""Allocators to compare the ILP against, on the same problem: greedy (best cost reduction per extra bit,
+as mixed-precision tools commonly do), a knapsack dynamic program over discretised bits, a random
+allocation that spends the same budget, and exhaustive search for small instances (tests)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+
+import numpy as np
+
+from quantbench.allocation.ilp import Allocation, allocation_from_choice, check_feasible, solve_ilp
+from quantbench.allocation.problem import Option, Problem
+from quantbench.errors import QuantbenchError
+
+
+def solve_greedy(problem: Problem) -> Allocation:
+    """Start every item at its smallest option; repeatedly take the upgrade (any item, any larger option)
+    with the largest cost reduction per extra bit that still fits. Ignores the latency budget."""
+    check_feasible(problem)
+    started = time.perf_counter()
+    choice = [min(range(len(item.options)), key=lambda o: (item.options[o].bits, item.options[o].cost))
+              for item in problem.items]
+    spent = problem.evaluate(choice)[1]
+    while True:
+        best, best_gain = None, 0.0
+        for i, item in enumerate(problem.items):
+            now = item.options[choice[i]]
+            for o, option in enumerate(item.options):
+                extra, saved = option.bits - now.bits, now.cost - option.cost
+                if extra > 0 and saved > 0 and spent + extra <= problem.max_bits and saved / extra > best_gain:
+                    best, best_gain = (i, o, extra), saved / extra
+        if best is None:
+            break
+        i, o, extra = best
+        choice[i], spent = o, spent + extra
+    return allocation_from_choice(problem, choice, "greedy", "heuristic", time.perf_counter() - started)
+
+
+def solve_knapsack_dp(problem: Problem, resolution: int | None = None) -> Allocation:
+    """Exact dynamic program on bits rounded up to `resolution` steps of the budget (default 50 per item, so
+    rounding wastes at most 2% of the budget; the answer always fits). Ignores the latency budget."""
+    check_feasible(problem)
+    started = time.perf_counter()
+    resolution = resolution or max(4000, 50 * len(problem.items))
+    unit = problem.max_bits / resolution
+    capacity = resolution
+    best = np.full(capacity + 1, np.inf)
+    best[0] = 0.0
+    picks = np.zeros((len(problem.items), capacity + 1), dtype=np.int16)
+    for i, item in enumerate(problem.items):
+        new = np.full(capacity + 1, np.inf)
+        for o, option in enumerate(item.options):
+            weight = int(np.ceil(option.bits / unit - 1e-9))
+            if weight > capacity:
+                continue
+            candidate = np.full(capacity + 1, np.inf)
+            candidate[weight:] = best[:capacity + 1 - weight] + option.cost
+            better = candidate < new
+            new[better], picks[i, better] = candidate[better], o
+        best = new
+    if not np.isfinite(best).any():
+        raise QuantbenchError(f"the knapsack DP found nothing within the budget at resolution {resolution}; "
+                              "raise the resolution")
+    used = int(np.argmin(best))
+    choice = [0] * len(problem.items)
+    for i in reversed(range(len(problem.items))):
+        choice[i] = int(picks[i, used])
+        used -= int(np.ceil(problem.items[i].options[choice[i]].bits / unit - 1e-9))
+    return allocation_from_choice(problem, choice, "knapsack_dp", f"exact at {resolution} steps",
+                                  time.perf_counter() - started)
+
+
+def solve_random(problem: Problem, seed: int = 0, time_limit: float = 60.0) -> Allocation:
+    """A random allocation that spends the budget as fully as the real one: the ILP on random costs that
+    decrease with size (so the budget is used), with the true costs reported."""
+    rng = random.Random(seed)
+    shuffled = Problem(
+        [type(item)(item.name, item.layers, item.numel,
+                    [Option(o.scheme, rng.random() / (1 + o.bits / item.numel), o.bits, o.latency)
+                     for o in item.options]) for item in problem.items],
+        problem.max_bits, problem.max_latency, problem.metric, problem.budget)
+    picked = solve_ilp(shuffled, time_limit)
+    choice = [next(o for o, opt in enumerate(item.options) if opt.scheme == picked.schemes[item.layers[0]])
+              for item in problem.items]
+    return allocation_from_choice(problem, choice, f"random (seed {seed})", "heuristic", picked.seconds)
+
+
+def solve_brute_force(problem: Problem) -> Allocation:
+    """Every combination; for instances of a few items only."""
+    started = time.perf_counter()
+    best, best_cost = None, np.inf
+    for choice in itertools.product(*(range(len(item.options)) for item in problem.items)):
+        cost = problem.evaluate(list(choice))[0]
+        if cost < best_cost and problem.feasible(list(choice)):
+            best, best_cost = list(choice), cost
+    if best is None:
+        raise QuantbenchError("no combination fits the budget")
+    return allocation_from_choice(problem, best, "brute_force", "optimal", time.perf_counter() - started)
+
+
+SOLVERS = {"ilp": solve_ilp, "greedy": solve_greedy, "knapsack_dp": solve_knapsack_dp, "random": solve_random}

@@ -1,0 +1,272 @@
+"""The sensitivity stage: for every allocated linear, the layer-local proxies and the error of every
+candidate scheme (block by block on full-precision inputs, like the quantization pipeline), then the
+optional loss-Hessian measures (Hutchinson trace, power-iteration eigenvalue) and the measured KL.
+
+The candidates' codes are kept (`CandidateCache`) so that the allocation chosen afterwards is applied
+without quantizing again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantbench.allocation.hessian_probes import LossHessian, hutchinson_traces, power_iteration
+from quantbench.allocation.table import CandidateError, LayerSensitivity, SensitivityTable
+from quantbench.calibration.stats import LayerStats, collect_stats, input_sharing
+from quantbench.model_io import block_linears, blocks_path, decoder_blocks, move_except_blocks
+from quantbench.pipeline import apply_quantized, capture_block_inputs, feed_block, run_block
+from quantbench.quantized_weight import QuantizedWeight
+from quantbench.quantizers import solver_for
+from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
+from quantbench.scheme import Scheme
+from quantbench.trit_planes import TritPlaneWeight
+
+log = logging.getLogger(__name__)
+CandidatesFor = Callable[[str], "list[Scheme]"]
+
+
+@dataclass(frozen=True)
+class HessianOptions:
+    """How the loss-Hessian measures are taken: on the first `samples` calibration sequences cut to
+    `seqlen`, `batch_size` per double backward; Hutchinson stops at `rel_stderr` or `max_probes`, probing
+    one decoder block's layers at a time (`scope="block"`) or all layers at once (`"model"`, cheaper and
+    noisier: the other layers' cross terms add variance); power iteration stops at `power_tol` or
+    `power_iters`."""
+
+    samples: int = 8
+    seqlen: int = 512
+    batch_size: int = 4
+    rel_stderr: float = 0.05
+    min_probes: int = 8
+    max_probes: int = 64
+    scope: str = "block"
+    power_iters: int = 20
+    power_tol: float = 1e-3
+    seed: int = 0
+
+
+class CandidateCache:
+    """The quantized weight of every (layer, candidate), on CPU, so the final allocation reuses them."""
+
+    def __init__(self) -> None:
+        self.weights: dict[tuple[str, str], QuantizedWeight | TritPlaneWeight] = {}
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self.weights
+
+    def get(self, layer: str, scheme: str) -> QuantizedWeight | TritPlaneWeight:
+        return self.weights[(layer, scheme)]
+
+    def effective_weight(self, layer: str, scheme: str, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the layer computes with, in its original input basis (a rotated candidate's
+        dequantized W·R, rotated back)."""
+        quantized = self.get(layer, scheme)
+        weight = quantized.dequantize(torch.float32)
+        rotation = rotation_for(quantized.scheme, weight.shape[1])
+        return (rotation.rows_inverse(weight) if rotation else weight).to(dtype)
+
+
+@torch.no_grad()
+def candidate_errors(model: nn.Module, input_ids: torch.Tensor, candidates_for: CandidatesFor,
+                     device: torch.device, batch_size: int = 8, progress: bool = True,
+                     cache: CandidateCache | None = None) -> tuple[dict[str, LayerSensitivity], dict]:
+    """Quantize every linear with each of its candidates on full-precision calibration inputs.
+
+    Returns the per-layer proxies (tr and λ_max of XᵀX per token, the latter by LOBPCG) and
+    (layer, scheme name) → CandidateError. The model is left unchanged.
+    """
+    home = next(model.parameters()).device
+    prefix = blocks_path(model)
+    move_except_blocks(model, device)
+    layers, errors = {}, {}
+    try:
+        inputs = capture_block_inputs(model, input_ids, device, batch_size)
+        for index, block in enumerate(tqdm(decoder_blocks(model), desc="sensitivity", unit="block",
+                                           disable=not progress)):
+            block.to(device)
+            linears = {name: linear for name, linear in block_linears(block).items()
+                       if candidates_for(f"{prefix}.{index}.{name}")}
+            if linears:
+                groups = input_sharing(block, linears, lambda: feed_block(block, inputs, batches=1))
+                shared = {follower: group[0] for group in groups for follower in group[1:]}
+                with collect_stats(linears, set(linears), shared, stop_when_seen=True) as stats:
+                    feed_block(block, inputs)
+                for name, linear in linears.items():
+                    full_name = f"{prefix}.{index}.{name}"
+                    layers[full_name] = layer_proxies(full_name, linear, stats[name])
+                    for scheme in candidates_for(full_name):
+                        errors[(full_name, scheme.name)] = quantize_candidate(full_name, linear.weight, scheme,
+                                                                              stats[name], cache)
+                inputs.hidden = run_block(block, inputs)
+            block.to(home)
+    finally:
+        model.to(home)
+    return layers, errors
+
+
+def layer_proxies(name: str, linear: nn.Linear, stats: LayerStats) -> LayerSensitivity:
+    xtx = stats.xtx.double() / max(1, stats.n_samples)
+    return LayerSensitivity(name=name, out_features=linear.out_features, in_features=linear.in_features,
+                            xtx_trace=float(xtx.trace()), xtx_top_eig=top_eigenvalue_psd(xtx))
+
+
+def top_eigenvalue_psd(matrix: torch.Tensor) -> float:
+    """λ_max of a symmetric PSD matrix by LOBPCG (dense eigvalsh below the size where LOBPCG pays)."""
+    n = matrix.shape[0]
+    if n < 64:
+        return float(torch.linalg.eigvalsh(matrix)[-1])
+    start = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=matrix.dtype).to(matrix.device)
+    values, _ = torch.lobpcg(matrix, k=1, X=start, largest=True, tol=1e-6, niter=200)
+    return float(values[0])
+
+
+def quantize_candidate(name: str, weight: torch.Tensor, scheme: Scheme, stats: LayerStats,
+                       cache: CandidateCache | None) -> CandidateError:
+    """Quantize a copy of `weight` with `scheme` and measure ‖ΔW‖² and tr(ΔW XᵀX ΔWᵀ) per token (both
+    invariant under the rotation of a Hadamard candidate, so measured in its basis)."""
+    rotation = rotation_for(scheme, weight.shape[1])
+    weight = rotate_weight(weight, rotation) if rotation else weight.float()
+    layer_stats = rotate_stats(stats, rotation) if rotation else stats
+    quantized = solver_for(scheme).quantize(weight.clone(), scheme, layer_stats)
+    delta = quantized.dequantize(torch.float32).to(weight.device) - weight
+    output_error = float(((delta @ layer_stats.xtx) * delta).sum()) / max(1, layer_stats.n_samples)
+    if cache is not None:
+        cache.weights[(name, scheme.name)] = quantized.to("cpu")
+    return CandidateError(layer=name, scheme=scheme.name, storage_bits=int(quantized.storage_bits),
+                          weight_error=float(delta.double().square().sum()), output_error=output_error)
+
+
+def loss_hessian_measures(model: nn.Module, input_ids: torch.Tensor, layers: dict[str, LayerSensitivity],
+                          device: torch.device, options: HessianOptions, trace: bool, eigenvalue: bool,
+                          progress: bool = True) -> None:
+    """Fill `hessian_trace` (per weight, with its standard error) and/or `top_eigenvalue` of each layer, from
+    products with the Hessian of the model's loss on calibration data. The whole model runs on `device`."""
+    ids = input_ids[:options.samples, :options.seqlen]
+    with _whole_model_on(model, device):
+        modules = [model.get_submodule(name) for name in layers]
+        hessian = LossHessian(model, ids, modules, batch_size=options.batch_size)
+        names = list(layers)
+        if trace:
+            for members in tqdm(_probe_groups(names, options.scope), desc="hutchinson", unit="group",
+                                disable=not progress):
+                estimates = hutchinson_traces(lambda vs, m=members: hessian(vs, only=m),
+                                              [hessian.weights[i] for i in members], rel_stderr=options.rel_stderr,
+                                              min_probes=options.min_probes, max_probes=options.max_probes,
+                                              seed=options.seed)
+                for i, estimate in zip(members, estimates):
+                    info, numel = layers[names[i]], hessian.weights[i].numel()
+                    info.hessian_trace = estimate.trace / numel
+                    info.hessian_trace_stderr = estimate.stderr / numel
+                    info.hessian_probes = estimate.probes
+        if eigenvalue:
+            for i in tqdm(range(len(names)), desc="power iteration", unit="layer", disable=not progress):
+                found = power_iteration(hessian.for_layer(i), hessian.weights[i], max_iters=options.power_iters,
+                                        tol=options.power_tol, seed=options.seed)
+                layers[names[i]].top_eigenvalue = found.value
+                layers[names[i]].eigenvalue_converged = found.converged
+
+
+def _probe_groups(names: list[str], scope: str) -> list[list[int]]:
+    if scope == "model":
+        return [list(range(len(names)))]
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(_block_of(name), []).append(i)
+    return list(groups.values())
+
+
+def _block_of(name: str) -> str:
+    parts = name.split(".")
+    digits = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[:digits[0] + 1]) if digits else name
+
+
+@torch.no_grad()
+def measured_kl(model: nn.Module, input_ids: torch.Tensor, errors: dict, cache: CandidateCache,
+                device: torch.device, batch_size: int = 4, progress: bool = True) -> None:
+    """For every (layer, candidate): quantize that layer alone and measure the mean per-token KL divergence
+    KL(p_full ‖ p_quantized) of the next-token distribution on `input_ids`."""
+    with _whole_model_on(model, device):
+        batches = [batch.to(device) for batch in input_ids.split(batch_size)]
+        reference = [torch.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1) for b in batches]
+        for (layer, scheme), error in tqdm(errors.items(), desc="measured KL", unit="candidate",
+                                           disable=not progress):
+            linear = model.get_submodule(layer)
+            original = linear.weight.data
+            linear.weight.data = cache.effective_weight(layer, scheme, original.dtype).to(device)
+            try:
+                total, tokens = 0.0, 0
+                for batch, ref in zip(batches, reference):
+                    logq = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
+                    total += float((ref.exp() * (ref - logq)).sum())
+                    tokens += batch.numel()
+                error.kl = total / tokens
+            finally:
+                linear.weight.data = original
+
+
+@contextmanager
+def _whole_model_on(model: nn.Module, device: torch.device):
+    """The whole model on `device` in float32 for the duration; moved and cast back afterwards."""
+    param = next(model.parameters())
+    home, dtype = param.device, param.dtype
+    model.to(device=device, dtype=torch.float32)
+    try:
+        yield
+    finally:
+        model.to(device=home, dtype=dtype)
+
+
+def apply_allocation(model: nn.Module, schemes: dict[str, str], cache: CandidateCache) -> dict:
+    """Make every allocated layer compute as its cached candidate (online rotation included), for good;
+    returns the QuantizedWeights that export packs."""
+    quantized = {}
+    for layer, scheme in schemes.items():
+        linear = model.get_submodule(layer)
+        weight = cache.get(layer, scheme)
+        apply_quantized(linear, weight.to(linear.weight.device), rotation_for(weight.scheme, linear.in_features))
+        quantized[layer] = weight
+    return quantized
+
+
+@contextmanager
+def allocated_weights(model: nn.Module, schemes: dict[str, str], cache: CandidateCache):
+    """For the duration, every allocated layer computes with its cached candidate's effective weight (no
+    hooks: a rotated candidate is rotated back into the weight); the original weights come back after."""
+    originals = {}
+    try:
+        for layer, scheme in schemes.items():
+            linear = model.get_submodule(layer)
+            originals[layer] = linear.weight.data
+            linear.weight.data = cache.effective_weight(layer, scheme, originals[layer].dtype).to(originals[layer].device)
+        yield
+    finally:
+        for layer, weight in originals.items():
+            model.get_submodule(layer).weight.data = weight
+
+
+def sensitivity_table(model: nn.Module, input_ids: torch.Tensor, candidates_for: CandidatesFor,
+                      device: torch.device, measure: Iterable[str] = (), hessian: HessianOptions = HessianOptions(),
+                      kl_samples: int = 4, batch_size: int = 8, progress: bool = True,
+                      cache: CandidateCache | None = None) -> SensitivityTable:
+    """The whole stage. `measure` names the costly measures to add to the always-computed ones:
+    `trace` (Hutchinson), `eigenvalue` (power iteration), `kl` (needs a cache; one is made if none given)."""
+    measure = set(measure)
+    cache = cache if cache is not None else CandidateCache()
+    layers, errors = candidate_errors(model, input_ids, candidates_for, device, batch_size, progress, cache)
+    if not layers:
+        raise ValueError("no layer has candidates")
+    if measure & {"trace", "eigenvalue"}:
+        loss_hessian_measures(model, input_ids, layers, device, hessian, "trace" in measure,
+                              "eigenvalue" in measure, progress)
+    if "kl" in measure:
+        measured_kl(model, input_ids[:kl_samples, :hessian.seqlen], errors, cache, device, progress=progress)
+    candidates = list(dict.fromkeys(scheme for _, scheme in errors))
+    return SensitivityTable(layers, errors, candidates)

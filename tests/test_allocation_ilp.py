@@ -1,0 +1,154 @@
+"""The allocation problem and its solvers: the ILP against exhaustive search, constraints, infeasibility,
+and the baselines never beating it."""
+
+import random
+
+import pytest
+
+from quantbench.allocation.baselines import solve_brute_force, solve_greedy, solve_knapsack_dp, solve_random
+from quantbench.allocation.ilp import Allocation, solve_ilp
+from quantbench.allocation.problem import Item, Option, Problem, Rule, build_problem, tie_groups
+from quantbench.allocation.table import CandidateError, LayerSensitivity, SensitivityTable
+from quantbench.errors import QuantbenchError
+
+BITS = {"int2": 2.25, "int3": 3.25, "int4": 4.25, "int8": 8.1}
+
+
+def random_problem(items: int, options: int, seed: int, budget: float = 3.4, latency: bool = False) -> Problem:
+    rng = random.Random(seed)
+    built = []
+    for i in range(items):
+        numel = rng.choice([64, 128, 256])
+        sensitivity = 10 ** rng.uniform(-2, 2)
+        opts = []
+        for o in range(options):
+            bpw = 2 + 6 * o / (options - 1) + rng.uniform(0, 0.4)
+            opts.append(Option(f"s{o}", sensitivity * 4.0 ** -bpw * rng.uniform(0.5, 1.5), int(bpw * numel),
+                               latency=numel * (1 + rng.random()) * bpw / 1e3 if latency else 0.0))
+        built.append(Item(f"l{i}", [f"l{i}"], numel, opts))
+    total = sum(item.numel for item in built)
+    fastest = sum(min(o.latency for o in item.options) for item in built)
+    return Problem(built, budget * total, max_latency=1.3 * fastest if latency else None)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_ilp_equals_brute_force(seed):
+    problem = random_problem(items=5, options=4, seed=seed, budget=random.Random(seed).uniform(2.6, 6),
+                             latency=seed % 3 == 0)
+    ilp, exhaustive = solve_ilp(problem), solve_brute_force(problem)
+    assert ilp.status == "Optimal"
+    assert ilp.objective == pytest.approx(exhaustive.objective, rel=1e-6)
+    assert problem.feasible([next(o for o, opt in enumerate(item.options) if opt.scheme == ilp.schemes[item.name])
+                             for item in problem.items])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_baselines_never_beat_the_ilp(seed):
+    problem = random_problem(items=60, options=6, seed=seed)
+    best = solve_ilp(problem)
+    for solver in (solve_greedy, solve_knapsack_dp, solve_random):
+        other = solver(problem)
+        assert other.bits <= problem.max_bits
+        assert best.objective <= other.objective * (1 + 1e-7)
+    assert solve_random(problem).objective > best.objective * 2
+
+
+def test_large_instance_solves_to_optimality_quickly():
+    allocation = solve_ilp(random_problem(items=1000, options=12, seed=0), time_limit=30)
+    assert allocation.status == "Optimal"
+    assert allocation.seconds < 30
+    assert allocation.bits_per_weight <= 3.4 + 1e-6
+
+
+def table_of(layers: dict[str, int], sensitivity: dict[str, float]) -> SensitivityTable:
+    """A synthetic table: candidates int2/3/4/8 with the error of a uniform grid of that width."""
+    infos = {name: LayerSensitivity(name, numel // 16, 16, xtx_trace=1.0, xtx_top_eig=1.0, hessian_trace=s,
+                                    top_eigenvalue=s) for (name, numel), s in zip(layers.items(), sensitivity.values())}
+    errors = {}
+    for name, numel in layers.items():
+        for scheme, bpw in BITS.items():
+            error = numel * 4.0 ** -bpw
+            errors[(name, scheme)] = CandidateError(name, scheme, int(bpw * numel), error, error)
+    return SensitivityTable(infos, errors, list(BITS))
+
+
+def llama_like_table(blocks: int = 3, seed: int = 0) -> SensitivityTable:
+    rng = random.Random(seed)
+    names = [f"model.layers.{b}.{m}" for b in range(blocks) for m in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.up_proj", "mlp.down_proj")]
+    return table_of({n: 256 for n in names}, {n: 10 ** rng.uniform(-2, 2) for n in names})
+
+
+def test_tie_groups_follow_the_parent_module():
+    table = llama_like_table(blocks=2)
+    groups = tie_groups(list(table.layers))
+    assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj"] in groups
+    assert ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"] in groups
+    assert ["model.layers.1.mlp.down_proj"] in groups
+    assert len(groups) == 8
+
+
+def test_tied_layers_share_a_scheme_and_untied_ones_may_not():
+    table = llama_like_table(blocks=3, seed=1)
+    tied = solve_ilp(build_problem(table, "hutchinson", budget_bits=3.6))
+    for block in range(3):
+        attention = {tied.schemes[f"model.layers.{block}.self_attn.{p}_proj"] for p in "qkv"}
+        mlp = {tied.schemes[f"model.layers.{block}.mlp.{p}_proj"] for p in ("gate", "up")}
+        assert len(attention) == 1 and len(mlp) == 1
+    free = solve_ilp(build_problem(table, "hutchinson", budget_bits=3.6, ties=()))
+    assert free.objective <= tied.objective
+    assert any(len({free.schemes[f"model.layers.{b}.self_attn.{p}_proj"] for p in "qkv"}) > 1 for b in range(3))
+
+
+def test_rules_restrict_schemes_and_bits():
+    table = llama_like_table(blocks=2, seed=2)
+    rules = [Rule("down_proj", schemes=("int8",)), Rule(r"layers\.0\.", min_bits=3.0),
+             Rule("o_proj", max_bits=3.3)]
+    allocation = solve_ilp(build_problem(table, "hutchinson", budget_bits=4.5, rules=rules))
+    for layer, scheme in allocation.schemes.items():
+        if "down_proj" in layer:
+            assert scheme == "int8"
+        if "layers.0." in layer:
+            assert BITS[scheme] >= 3.0
+        if "o_proj" in layer:
+            assert BITS[scheme] <= 3.3
+    with pytest.raises(QuantbenchError, match="no candidate is allowed for model.layers.0.self_attn.o_proj"):
+        build_problem(table, "hutchinson", budget_bits=4, rules=[Rule("o_proj", min_bits=5, max_bits=6)])
+
+
+def test_infeasible_budget_names_the_smallest_feasible_one():
+    table = llama_like_table(blocks=1)
+    with pytest.raises(QuantbenchError, match=r"at least that.*|2\.2500 bits per weight") as caught:
+        solve_ilp(build_problem(table, "hutchinson", budget_bits=2.0))
+    assert "2.2500 bits per weight" in str(caught.value)
+    smallest = solve_ilp(build_problem(table, "hutchinson", budget_bits=2.25))
+    assert set(smallest.schemes.values()) == {"int2"}
+
+
+def test_latency_budget_binds_and_its_infeasibility_is_explained():
+    table = llama_like_table(blocks=2, seed=3)
+    latency = {"int8": 2.0, "int2": 3.0, "int[34]": 1.0}  # µs per million weights
+    unconstrained = solve_ilp(build_problem(table, "hutchinson", budget_bits=6.0, latency_table=latency))
+    fast = solve_ilp(build_problem(table, "hutchinson", budget_bits=6.0, latency_table=latency,
+                                   max_latency=unconstrained.latency * 0.9))
+    assert fast.latency <= unconstrained.latency * 0.9 + 1e-12 < unconstrained.latency
+    assert list(fast.schemes.values()).count("int8") < list(unconstrained.schemes.values()).count("int8")
+    assert fast.objective > unconstrained.objective
+    with pytest.raises(QuantbenchError, match="latency budget infeasible"):
+        solve_ilp(build_problem(table, "hutchinson", budget_bits=6.0, latency_table=latency, max_latency=1e-9))
+    all_int3_latency = 1.0 * 14 * 256 / 1e6
+    with pytest.raises(QuantbenchError, match="under the latency budget.*3.2500 bits per weight"):
+        solve_ilp(build_problem(table, "hutchinson", budget_bits=2.25, latency_table=latency,
+                                max_latency=all_int3_latency))
+
+
+def test_byte_budget_and_allocation_file_round_trip(tmp_path):
+    table = llama_like_table(blocks=2)
+    numel = sum(info.numel for info in table.layers.values())
+    by_bytes = solve_ilp(build_problem(table, "output_error", budget_bytes=int(3.6 * numel / 8)))
+    by_bits = solve_ilp(build_problem(table, "output_error", budget_bits=3.6))
+    assert by_bytes.schemes == by_bits.schemes
+    path = by_bits.save(tmp_path / "allocation.yaml")
+    assert Allocation.load_schemes(path) == by_bits.schemes

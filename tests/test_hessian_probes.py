@@ -1,0 +1,95 @@
+"""Hutchinson's trace and power iteration against exact answers: explicit matrices and a tiny model's
+explicit loss Hessian."""
+
+import pytest
+import torch
+
+from helpers import tiny_llama
+from quantbench.allocation.hessian_probes import LossHessian, hutchinson_traces, power_iteration
+
+
+def spd_matrix(n: int, seed: int, top: float = 10.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    values = torch.linspace(0.1, 1.0, n, dtype=torch.float64)
+    values[-1] = top
+    return (q * values) @ q.T
+
+
+def matrix_hvp(*matrices):
+    return lambda vs: [(m @ v.reshape(-1)).reshape(v.shape) for m, v in zip(matrices, vs)]
+
+
+def test_hutchinson_matches_exact_traces_within_its_error_bar():
+    a, b = spd_matrix(48, 0), spd_matrix(30, 1, top=3.0)
+    estimates = hutchinson_traces(matrix_hvp(a, b), [torch.zeros(6, 8, dtype=torch.float64),
+                                                      torch.zeros(30, dtype=torch.float64)],
+                                  rel_stderr=0.01, max_probes=2000)
+    for estimate, exact in zip(estimates, (a.trace(), b.trace())):
+        assert estimate.relative_stderr <= 0.01
+        assert abs(estimate.trace - float(exact)) <= 4 * estimate.stderr
+
+
+def test_hutchinson_stops_at_the_relative_error_or_the_probe_limit():
+    a = spd_matrix(64, 2)
+    quick = hutchinson_traces(matrix_hvp(a), [torch.zeros(64, dtype=torch.float64)], rel_stderr=0.2, min_probes=4)
+    capped = hutchinson_traces(matrix_hvp(a), [torch.zeros(64, dtype=torch.float64)], rel_stderr=1e-6, max_probes=12)
+    assert quick[0].probes < 12 and quick[0].relative_stderr <= 0.2
+    assert capped[0].probes == 12 and capped[0].relative_stderr > 1e-6
+
+
+def test_power_iteration_finds_the_top_eigenvalue():
+    a = spd_matrix(40, 3, top=5.0)
+    found = power_iteration(matrix_hvp(a), torch.zeros(40, dtype=torch.float64), max_iters=500, tol=1e-10)
+    assert found.converged
+    assert found.value == pytest.approx(float(torch.linalg.eigvalsh(a)[-1]), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def loss_hessian():
+    model = tiny_llama(hidden=16, layers=2).float()
+    ids = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
+    layers = [model.model.layers[1].mlp.down_proj, model.model.layers[0].self_attn.o_proj]
+    return LossHessian(model, ids, layers, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def explicit_blocks(loss_hessian) -> list[torch.Tensor]:
+    """Each layer's diagonal block of the loss Hessian, column by column."""
+    blocks = []
+    for index, weight in enumerate(loss_hessian.weights):
+        eye = torch.eye(weight.numel())
+        columns = [loss_hessian([eye[j].reshape(weight.shape)], only=[index])[0].reshape(-1)
+                   for j in range(weight.numel())]
+        blocks.append(torch.stack(columns, 1).double())
+    return blocks
+
+
+def test_loss_hessian_block_is_symmetric_and_hutchinson_matches_its_trace(loss_hessian, explicit_blocks):
+    exact = explicit_blocks[0]
+    assert torch.allclose(exact, exact.T, rtol=0, atol=1e-5 * float(exact.abs().max()))
+    estimate, = hutchinson_traces(lambda vs: loss_hessian(vs, only=[0]), [loss_hessian.weights[0]],
+                                  rel_stderr=0.02, max_probes=400)
+    assert abs(estimate.trace - float(exact.trace())) <= 4 * estimate.stderr
+
+
+def test_joint_probes_estimate_every_block_at_once(loss_hessian, explicit_blocks):
+    exact = [float(block.trace()) for block in explicit_blocks]
+    estimates = hutchinson_traces(loss_hessian, loss_hessian.weights, rel_stderr=1e-3, max_probes=300)
+    for estimate, value in zip(estimates, exact):
+        assert abs(estimate.trace - value) <= 4 * estimate.stderr
+
+
+def test_power_iteration_on_the_loss_hessian_matches_eigvalsh(loss_hessian, explicit_blocks):
+    exact = torch.linalg.eigvalsh(explicit_blocks[0])
+    largest = float(exact[exact.abs().argmax()])
+    found = power_iteration(loss_hessian.for_layer(0), loss_hessian.weights[0], max_iters=400, tol=1e-7)
+    assert found.value == pytest.approx(largest, rel=1e-3)
+
+
+def test_loss_hessian_restores_gradients_and_attention(loss_hessian):
+    model = loss_hessian.model
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    loss_hessian([torch.ones_like(w) for w in loss_hessian.weights])
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+    assert model.config._attn_implementation == "sdpa"
