@@ -64,6 +64,144 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe"),
     print_run_summary(result)
 
 
+@app.command()
+def sensitivity(recipe: Path = typer.Argument(..., help="YAML recipe with an allocation section"),
+                out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                                   help="folder for sensitivity.json/.csv (default <run dir>/sensitivity)"),
+                measure: str = typer.Option("", help="comma-separated extra measures: trace, eigenvalue, kl"),
+                force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+                verbose: bool = typer.Option(True, "--verbose/--quiet", help="log progress")) -> None:
+    """Measure every allocated layer's sensitivity and each candidate's cost; write the table."""
+    from quantbench.fsutil import atomic_directory, refuse_existing
+    from quantbench.recipe import load_recipe
+    from quantbench.runner import sensitivity_for_recipe
+
+    _setup_logging(verbose)
+    try:
+        parsed = _with_measures(load_recipe(recipe), measure)
+        out = out or parsed.run_dir / "sensitivity"
+        refuse_existing(out, force, "output folder")
+        table = sensitivity_for_recipe(parsed, progress=verbose)
+        with atomic_directory(out, force, "output folder") as tmp:
+            table.save(tmp)
+    except QuantbenchError as exc:
+        _fail(exc)
+    print_sensitivity(table)
+    console.print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.csv'}")
+
+
+def _with_measures(parsed, measure: str):
+    from quantbench.recipe import parse_recipe
+
+    extra = [m for m in measure.replace(" ", "").split(",") if m]
+    if not extra:
+        return parsed
+    data = parsed.canonical()
+    if data.get("allocation") is None:
+        raise QuantbenchError(f"recipe {parsed.name} has no allocation section")
+    data["allocation"]["measure"] = sorted(set(data["allocation"]["measure"]) | set(extra))
+    return parse_recipe(data, source=f"--measure {measure}")
+
+
+def print_sensitivity(table, top: int = 12) -> None:
+    metrics = table.available_metrics()
+    view = Table(title=f"sensitivity: {len(table.layers)} layers × {len(table.candidates)} candidates "
+                       f"(most sensitive by {metrics[-1]} at the smallest candidate)")
+    smallest = min(table.candidates, key=lambda s: sum(e.storage_bits for (_, c), e in table.errors.items() if c == s))
+    rows = sorted(table.layers, key=lambda layer: -table.cost(layer, smallest, metrics[-1])
+                  if (layer, smallest) in table.errors else 0.0)[:top]
+    view.add_column("layer")
+    for metric in metrics:
+        view.add_column(metric, justify="right")
+    for layer in rows:
+        if (layer, smallest) in table.errors:
+            view.add_row(layer, *(f"{table.cost(layer, smallest, m):.3g}" for m in metrics))
+    console.print(view)
+
+
+@app.command()
+def allocate(recipe: Path = typer.Argument(..., help="YAML recipe with an allocation section"),
+             budget: Optional[float] = typer.Option(None, help="average bits per weight (scales counted)"),
+             budget_bytes: Optional[int] = typer.Option(None, help="total bytes of the allocated layers"),
+             sweep: Optional[str] = typer.Option(None, help="start:stop:step in bits per weight: write the "
+                                                 "Pareto frontier instead of one allocation"),
+             table: Optional[Path] = typer.Option(None, help="sensitivity.json to reuse (default: measure now)"),
+             metric: Optional[str] = typer.Option(None, help="cost to minimise (default: the recipe's)"),
+             solver: Optional[str] = typer.Option(None, help="ilp, greedy, knapsack_dp or random"),
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="allocation YAML (default "
+                                                "<run dir>/allocation.yaml) or, with --sweep, a folder "
+                                                "(default <run dir>/pareto)"),
+             force: bool = typer.Option(False, "--force", help="replace an existing output"),
+             verbose: bool = typer.Option(True, "--verbose/--quiet", help="log progress")) -> None:
+    """Choose a scheme per layer under a budget (exact ILP), or sweep budgets for the Pareto frontier."""
+    from quantbench.allocation import pareto
+    from quantbench.allocation.search import allocate as solve_allocation
+    from quantbench.allocation.search import sweep as solve_sweep
+    from quantbench.allocation.table import SensitivityTable
+    from quantbench.fsutil import atomic_directory, atomic_write_path, refuse_existing
+    from quantbench.recipe import _budget_range, load_recipe
+    from quantbench.runner import sensitivity_for_recipe
+
+    _setup_logging(verbose)
+    try:
+        parsed = load_recipe(recipe)
+        section = parsed.allocation
+        if section is None:
+            raise QuantbenchError(f"recipe {parsed.name} has no allocation section (see recipes/ilp-3bit.yaml)")
+        if solver not in (None, "ilp", "greedy", "knapsack_dp", "random"):
+            raise QuantbenchError(f"--solver {solver!r}: use ilp, greedy, knapsack_dp or random")
+        out = out or parsed.run_dir / ("pareto" if sweep else "allocation.yaml")
+        refuse_existing(out, force, "output")
+        try:
+            budgets = _budget_range(sweep) if sweep else None
+        except ValueError as exc:
+            raise QuantbenchError(f"--sweep: {exc}") from None
+        sensitivities = SensitivityTable.load(table) if table else sensitivity_for_recipe(parsed, progress=verbose)
+        chosen_metric = metric or section.metric
+        if budgets:
+            points = pareto.frontier(budgets, solve_sweep(sensitivities, section, budgets, chosen_metric))
+            with atomic_directory(out, force, "output") as tmp:
+                pareto.write_frontier(tmp, chosen_metric, points, pareto.uniform_points(sensitivities, chosen_metric))
+                if not table:
+                    sensitivities.save(tmp)
+            print_frontier(points)
+            console.print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}")
+            return
+        result = solve_allocation(sensitivities, section, budget, budget_bytes, solver, chosen_metric)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write_path(out) as tmp:
+            result.save(tmp)
+    except QuantbenchError as exc:
+        _fail(exc)
+    print_allocation(result)
+    console.print(f"wrote {out}")
+
+
+def print_allocation(result) -> None:
+    summary = result.summary()
+    view = Table(title=f"allocation ({summary['solver']}, {summary['status']}, metric {summary['metric']})")
+    view.add_column("scheme")
+    view.add_column("layers", justify="right")
+    for scheme, count in result.scheme_counts().items():
+        view.add_row(scheme, str(count))
+    console.print(view)
+    console.print(f"{summary['bits_per_weight']:.4f} bits per weight, {summary['bytes']:,} bytes, objective "
+                  f"{summary['objective']:.5g}, solved in {summary['solve_seconds']:.3f} s")
+
+
+def print_frontier(points: list[dict]) -> None:
+    view = Table(title="Pareto frontier")
+    for column in ("budget", "bits/weight", "predicted cost", "schemes"):
+        view.add_column(column, justify="left" if column == "schemes" else "right")
+    for p in points:
+        if not p["feasible"]:
+            view.add_row(f"{p['budget']:g}", "infeasible", "", "")
+            continue
+        view.add_row(f"{p['budget']:g}", f"{p['bits_per_weight']:.4f}", f"{p['objective']:.5g}",
+                     ", ".join(f"{k} ×{v}" for k, v in p["schemes"].items()))
+    console.print(view)
+
+
 @app.command("eval")
 def eval_command(
     target: str = typer.Argument(..., help="hub id, model directory, quantbench checkpoint, or run directory"),

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from quantbench.errors import QuantbenchError
 from quantbench.scheme import FORMAT_ALIASES, ActivationFormat, Scheme
@@ -67,6 +68,7 @@ class Override(_Section):
 
 
 class QuantizeSection(_Section):
+    _allocated: dict | None = PrivateAttr(None)
     default: SchemeSpec = Scheme()
     overrides: list[Override] = []
     ignore: list[str] = Field([], description="regexes of layers left in full precision")
@@ -75,6 +77,8 @@ class QuantizeSection(_Section):
                                   "outputs of the already-quantized groups before it")
     hessian: Literal["fp32", "tensor_cores"] = Field("fp32", description="how Σxᵀx of bf16/fp16 CUDA "
                                                      "activations is accumulated")
+    from_allocation: str | None = Field(None, description="allocation YAML (quantbench allocate) whose layer → "
+                                        "scheme map comes before overrides and default")
     activations: ActivationFormat | None = Field(None, description="quantize the input of every decoder-block "
                                                  "layer that gets a scheme to this format, unless its scheme "
                                                  "names one (`-a:<format>`)")
@@ -94,10 +98,22 @@ class QuantizeSection(_Section):
         else the default; with the section's `activations` when the scheme names none."""
         if any(re.search(p, layer) for p in self.ignore):
             return None
-        scheme = next((o.scheme for o in self.overrides if re.search(o.pattern, layer)), self.default)
+        allocated = self.allocated_schemes().get(layer)
+        scheme = allocated or next((o.scheme for o in self.overrides if re.search(o.pattern, layer)), self.default)
         if self.activations and scheme.activations is None:
             return scheme.model_copy(update={"activations": self.activations})
         return scheme
+
+
+    def allocated_schemes(self) -> dict[str, Scheme]:
+        if self.from_allocation is None:
+            return {}
+        if self._allocated is None:
+            from quantbench.allocation.ilp import Allocation
+
+            names = Allocation.load_schemes(self.from_allocation)
+            self._allocated = {layer: Scheme.parse(name) for layer, name in names.items()}
+        return self._allocated
 
 
 class TaskSpec(_Section):
@@ -166,6 +182,101 @@ def _transform_from_yaml(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
 
+class AllocationRule(_Section):
+    pattern: str = Field(description="regex searched in the full module name")
+    schemes: list[SchemeSpec] | None = Field(None, description="the only candidates these layers may take")
+    min_bits: float | None = Field(None, ge=0, description="least bits per weight (scales counted)")
+    max_bits: float | None = Field(None, ge=0, description="most bits per weight (scales counted)")
+
+    _regex = field_validator("pattern")(classmethod(lambda cls, v: _check_regex(v)))
+
+
+class LatencySection(_Section):
+    table: dict[str, float] = Field(description="regex searched in a scheme name → µs per million weights; "
+                                    "the first match prices the candidate")
+    budget_us: float = Field(gt=0, description="the allocated layers' summed latency may not exceed this")
+
+    @field_validator("table")
+    @classmethod
+    def _regex_keys(cls, table: dict[str, float]) -> dict[str, float]:
+        for key in table:
+            _check_regex(key)
+        return table
+
+
+class HessianSection(_Section):
+    samples: int = Field(8, ge=1, description="calibration sequences the loss Hessian is probed on")
+    seqlen: int = Field(512, ge=16, description="tokens kept of each of them")
+    batch_size: int = Field(4, ge=1, description="sequences per double backward")
+    rel_stderr: float = Field(0.05, gt=0, description="Hutchinson stops at this relative standard error")
+    min_probes: int = Field(8, ge=2)
+    max_probes: int = Field(64, ge=2)
+    scope: Literal["block", "model"] = Field("block", description="probe one decoder block's layers at a time, "
+                                             "or all layers with each probe (cheaper, noisier)")
+    power_iters: int = Field(20, ge=1, description="most power iterations per layer")
+    power_tol: float = Field(1e-3, gt=0)
+
+
+def _budget_range(value: Any) -> Any:
+    """`2.5:8:0.25` → [2.5, 2.75, …, 8.0] (inclusive); a list stays a list."""
+    if not isinstance(value, str):
+        return value
+    try:
+        start, stop, step = (float(part) for part in value.split(":"))
+    except ValueError:
+        raise ValueError(f"write the sweep as start:stop:step in bits per weight, e.g. 2.5:8:0.25 (got {value!r})")
+    if step <= 0 or stop < start:
+        raise ValueError(f"sweep {value!r}: step must be positive and stop ≥ start")
+    count = int(round((stop - start) / step)) + 1
+    return [round(start + i * step, 6) for i in range(count)]
+
+
+BudgetList = Annotated[list[Annotated[float, Field(gt=0)]], BeforeValidator(_budget_range)]
+
+
+class SweepSection(_Section):
+    budgets: BudgetList = Field(description="bits per weight to solve for: start:stop:step or a list")
+    evaluate: list[Annotated[float, Field(gt=0)]] = Field([], description="budgets whose allocation `run` also "
+                                                          "applies and scores on the perplexity sets")
+
+
+class AllocationSection(_Section):
+    candidates: list[SchemeSpec] = Field(min_length=2, description="schemes a layer can take")
+    metric: Literal["hutchinson", "eigenvalue", "xtx_trace", "xtx_eig", "output_error", "kfac", "kl"] = Field(
+        "kfac", description="the cost the allocation minimises (see allocation/table.py METRICS)")
+    measure: list[Literal["trace", "eigenvalue", "kl"]] = Field([], description="costly measures taken besides "
+                                                                "the metric's own (for comparing metrics)")
+    budget: float | None = Field(None, gt=0, description="average bits per weight over the allocated layers")
+    budget_bytes: int | None = Field(None, gt=0, description="total bytes of the allocated layers")
+    solver: Literal["ilp", "greedy", "knapsack_dp", "random"] = "ilp"
+    ties: list[list[str]] = Field([["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]],
+                                  description="layer names of one module that must share a scheme")
+    rules: list[AllocationRule] = []
+    latency: LatencySection | None = None
+    hessian: HessianSection = HessianSection()
+    kl_samples: int = Field(4, ge=1, description="calibration sequences (cut to hessian.seqlen) for measured KL")
+    time_limit_s: float = Field(60, gt=0, description="ILP solver time limit")
+    requantize: bool = Field(False, description="quantize again block by block with the chosen schemes "
+                             "(inputs from the quantized earlier blocks) instead of reusing the candidates' codes")
+    sweep: SweepSection | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AllocationSection":
+        if self.budget is not None and self.budget_bytes is not None:
+            raise ValueError("give budget (bits per weight) or budget_bytes, not both")
+        names = [c.name for c in self.candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"candidates repeat: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+        if any(c.activations for c in self.candidates):
+            raise ValueError("candidates are weight-only schemes (the costs measure weight error); drop -a:<format>")
+        return self
+
+    @property
+    def loss_hessian_measures(self) -> set[str]:
+        needs = {"hutchinson": "trace", "kfac": "trace", "eigenvalue": "eigenvalue", "kl": "kl"}
+        return set(self.measure) | ({needs[self.metric]} if self.metric in needs else set())
+
+
 class ExportSection(_Section):
     enabled: bool = True
     dir: str | None = Field(None, description="default: <output.dir>/checkpoint")
@@ -184,6 +295,8 @@ class Recipe(_Section):
     transforms: list[Annotated[TransformSpec, BeforeValidator(_transform_from_yaml)]] = Field(
         default_factory=list, description="model transforms applied before quantization, in order")
     quantize: QuantizeSection = QuantizeSection()
+    allocation: AllocationSection | None = Field(None, description="search a scheme per layer: sensitivity → "
+                                                 "allocation under a budget → quantization")
     eval: EvalSection = EvalSection()
     export: ExportSection = ExportSection()
     output: OutputSection = OutputSection()
@@ -194,6 +307,15 @@ class Recipe(_Section):
 
         if self.quantize.lm_head is not None and needs_stats(self.quantize.lm_head):
             raise ValueError("quantize.lm_head: only solvers without calibration statistics (rtn) are supported")
+        return self
+
+    @model_validator(mode="after")
+    def _one_source_of_schemes(self) -> "Recipe":
+        if self.allocation is not None and self.quantize.from_allocation is not None:
+            raise ValueError("an allocation section searches the schemes; quantize.from_allocation reads them "
+                             "from a file: keep one")
+        if self.allocation is not None and self.quantize.activations:
+            raise ValueError("allocation candidates are weight-only; drop quantize.activations")
         return self
 
     @field_validator("transforms")

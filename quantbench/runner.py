@@ -6,12 +6,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
+from quantbench.allocation.ilp import Allocation
+from quantbench.allocation.pareto import frontier, uniform_points, write_frontier
+from quantbench.allocation.search import allocate, measure_sensitivity, sweep
+from quantbench.allocation.sensitivity import CandidateCache, allocated_weights, apply_allocation
+from quantbench.allocation.table import SensitivityTable
+
 from quantbench.calibration import calibration_batches
+from quantbench.errors import QuantbenchError
 from quantbench.eval.harness import evaluate_perplexity, evaluate_tasks, tokenize_eval_sets
 from quantbench.export.checkpoint import RUN_CHECKPOINT_DIR, save_quantized, write_checkpoint
 from quantbench.fsutil import atomic_directory, refuse_existing
@@ -20,9 +28,11 @@ from quantbench.pipeline import StageTimer, quantize_linear, quantize_model, unt
 from quantbench.recipe import Recipe
 from quantbench.results import environment, parameter_count, peak_memory, quantization_summary
 from quantbench.rotation import max_logit_change, rotate_model
+from quantbench.scheme import Scheme
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
+ALLOCATION_FILE = "allocation.yaml"
 PROBE_TOKENS = 256  # tokens of the first calibration sequence on which a transform's exactness is checked
 
 
@@ -59,11 +69,17 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
         with timer("transforms"):
             transforms.append(apply_transform(model, spec, input_ids[:1, :PROBE_TOKENS]))
     stages = StageTimer(device)
+    searched = None
     with timer("quantize"):
-        quantized = quantize_model(model, input_ids, recipe.quantize.scheme_for, device,
-                                   batch_size=cal.batch_size, progress=progress,
-                                   true_sequential=recipe.quantize.true_sequential, timer=stages,
-                                   hessian=recipe.quantize.hessian)
+        if recipe.allocation is not None:
+            searched = search_allocation(model, input_ids, recipe, device, stages, progress,
+                                         score=lambda: evaluate_perplexity(model, eval_ids, recipe.eval, device, False))
+            quantized = searched.quantized
+        else:
+            quantized = quantize_model(model, input_ids, recipe.quantize.scheme_for, device,
+                                       batch_size=cal.batch_size, progress=progress,
+                                       true_sequential=recipe.quantize.true_sequential, timer=stages,
+                                       hessian=recipe.quantize.hessian)
         if recipe.quantize.lm_head is not None:
             quantized["lm_head"] = quantize_linear(untie_lm_head(model), recipe.quantize.lm_head)
     with timer("eval_quantized"):
@@ -88,7 +104,11 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
     }
     if recipe.eval.tasks:
         result["tasks"] = {"baseline": baseline_tasks, "quantized": quantized_tasks}
+    if searched is not None:
+        result["allocation"] = searched.record()
     with atomic_directory(run_dir, force, "run directory") as tmp:
+        if searched is not None:
+            searched.write(tmp)
         if recipe.export.enabled:
             with timer("export"):
                 if recipe.export.dir:
@@ -103,6 +123,84 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
         (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.canonical(), sort_keys=False))
     return result
+
+
+@dataclass
+class SearchedAllocation:
+    """What the allocation search of a run produced, kept until the run directory is written."""
+
+    table: SensitivityTable
+    allocation: Allocation
+    quantized: dict
+    frontier: list[dict] = field(default_factory=list)
+    uniform: list[dict] = field(default_factory=list)
+    evaluated: list[dict] = field(default_factory=list)
+
+    def record(self) -> dict:
+        return {**self.allocation.summary(), "schemes": self.allocation.scheme_counts(),
+                "layers": self.allocation.schemes, "evaluated": self.evaluated,
+                "frontier": [{k: p[k] for k in ("budget", "feasible", "bits_per_weight", "objective") if k in p}
+                             for p in self.frontier]}
+
+    def write(self, directory: Path) -> None:
+        self.table.save(directory)
+        self.allocation.save(directory / ALLOCATION_FILE)
+        if self.frontier:
+            write_frontier(directory, self.allocation.metric, self.frontier, self.uniform, self.evaluated)
+
+
+def search_allocation(model, input_ids, recipe: Recipe, device, stages: StageTimer, progress: bool,
+                      score) -> SearchedAllocation:
+    """Sensitivity → allocation (→ sweep, scoring its chosen budgets with `score()`) → the chosen schemes
+    applied from the candidates' cached codes, or quantized again block by block (`requantize`)."""
+    section = recipe.allocation
+    cache = CandidateCache()
+    with stages("sensitivity"):
+        table = measure_sensitivity(model, input_ids, recipe, device, progress, cache)
+    with stages("allocate"):
+        allocation = allocate(table, section)
+    log.info("allocation: %s, %.4f bits per weight, objective %.4g (%s)", allocation.status,
+             allocation.bits_per_weight, allocation.objective, ", ".join(f"{k} ×{v}" for k, v in
+                                                                        allocation.scheme_counts().items()))
+    searched = SearchedAllocation(table, allocation, {})
+    if section.sweep is not None:
+        with stages("sweep"):
+            budgets = section.sweep.budgets
+            searched.frontier = frontier(budgets, sweep(table, section, budgets))
+            searched.uniform = uniform_points(table, section.metric)
+        for budget in section.sweep.evaluate:
+            with stages("sweep_eval"):
+                point = allocate(table, section, budget=budget)
+                with allocated_weights(model, point.schemes, cache):
+                    ppl = score()
+            for dataset, value in ppl.items():
+                searched.evaluated.append({"label": f"ILP ({dataset})", "budget": budget, "dataset": dataset,
+                                           "bits_per_weight": point.bits_per_weight, "ppl": value["ppl"]})
+    if section.requantize:
+        schemes = {layer: Scheme.parse(name) for layer, name in allocation.schemes.items()}
+        searched.quantized = quantize_model(model, input_ids, schemes.get, device,
+                                            batch_size=recipe.calibration.batch_size, progress=progress,
+                                            true_sequential=recipe.quantize.true_sequential, timer=stages,
+                                            hessian=recipe.quantize.hessian)
+    else:
+        searched.quantized = apply_allocation(model, allocation.schemes, cache)
+    return searched
+
+
+def sensitivity_for_recipe(recipe: Recipe, progress: bool = True) -> SensitivityTable:
+    """The sensitivity stage alone: model, calibration data and transforms as `run` prepares them."""
+    if recipe.allocation is None:
+        raise QuantbenchError(f"recipe {recipe.name} has no allocation section; add one with its candidates "
+                              "(see recipes/ilp-3bit.yaml)")
+    device = resolve_device(recipe.model.device)
+    model, tokenizer = load_model(recipe.model.name, resolve_dtype(recipe.model.dtype, device),
+                                  recipe.model.trust_remote_code)
+    cal = recipe.calibration
+    input_ids = calibration_batches(tokenizer, cal.source, cal.n_samples, cal.seqlen, cal.seed,
+                                    split=cal.split, text_field=cal.text_field)
+    for spec in recipe.transforms:
+        apply_transform(model, spec, input_ids[:1, :PROBE_TOKENS])
+    return measure_sensitivity(model, input_ids, recipe, device, progress)
 
 
 def apply_transform(model, spec, probe_ids) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -136,6 +135,3 @@ class SensitivityTable:
         errors = {(e["layer"], e["scheme"]): CandidateError(**e) for e in data["errors"]}
         return cls(layers, errors, data["candidates"], data.get("meta", {}))
 
-
-def finite(value: float) -> bool:
-    return value is not None and math.isfinite(value)

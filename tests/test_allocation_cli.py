@@ -1,0 +1,114 @@
+"""`sensitivity`, `allocate` and `run` with an allocation section, on the tiny model."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from quantbench.cli import app
+from quantbench.export.checkpoint import load_quantized
+from quantbench.recipe import parse_recipe
+
+runner = CliRunner()
+ALLOCATION = {"candidates": ["int2-g32-gptq", "int3-g32-gptq", "int4-g32-gptq", "int8-pc-rtn", "hadamard+int3-pc-gptq"],
+              "metric": "output_error", "budget": 3.5}
+
+
+def write_recipe(tmp_path, model_dir, text_file, allocation=None, **sections):
+    data = {"name": "tiny-ilp", "model": {"name": str(model_dir), "dtype": "float32", "device": "cpu"},
+            "calibration": {"source": str(text_file), "n_samples": 4, "seqlen": 32},
+            "eval": {"perplexity": [str(text_file)], "seqlen": 64, "max_windows": 2},
+            "output": {"dir": str(tmp_path / "run")}, **sections}
+    if allocation is not False:
+        data["allocation"] = {**ALLOCATION, **(allocation or {})}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_run_searches_applies_and_exports_the_allocation(tmp_path, model_dir, text_file):
+    recipe = write_recipe(tmp_path, model_dir, text_file, {"sweep": {"budgets": "2.5:5:0.5", "evaluate": [3.0]}})
+    result = invoke("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    saved = json.loads((run / "result.json").read_text())
+    allocation = saved["allocation"]
+    assert allocation["status"] == "Optimal" and allocation["bits_per_weight"] <= 3.5
+    assert saved["quantization"]["avg_bits_per_weight"] == pytest.approx(allocation["bits_per_weight"], rel=1e-3)
+    written = yaml.safe_load((run / "allocation.yaml").read_text())["layers"]
+    assert written == allocation["layers"] and len(written) == 14
+    for block in range(2):
+        assert len({written[f"model.layers.{block}.self_attn.{p}_proj"] for p in "qkv"}) == 1
+    assert [p["feasible"] for p in allocation["frontier"]] == [False] + [True] * 5  # int2-g32 takes 2.5625 bits
+    assert (run / "pareto.png").stat().st_size > 10_000 and (run / "sensitivity.csv").is_file()
+    assert allocation["evaluated"][0]["budget"] == 3.0 and allocation["evaluated"][0]["ppl"] > 1
+    loaded = load_quantized(run / "checkpoint")
+    layers = json.loads((run / "checkpoint" / "config.json").read_text())["quantization_config"]["layers"]
+    assert {name: entry["scheme"] for name, entry in layers.items()} == written
+    assert loaded is not None
+
+
+def test_requantize_quantizes_again_with_the_chosen_schemes(tmp_path, model_dir, text_file):
+    recipe = write_recipe(tmp_path, model_dir, text_file, {"requantize": True, "budget": 4.0})
+    result = invoke("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["quantization"]["avg_bits_per_weight"] <= 4.0
+    assert "sensitivity" in saved["quantize_breakdown_s"] and "solve" in saved["quantize_breakdown_s"]
+
+
+def test_sensitivity_then_allocate_then_a_recipe_reading_the_file(tmp_path, model_dir, text_file):
+    recipe = write_recipe(tmp_path, model_dir, text_file)
+    result = invoke("sensitivity", recipe, "--out", tmp_path / "sens", "--measure", "eigenvalue", "--quiet")
+    assert result.exit_code == 0, result.output
+    header = (tmp_path / "sens" / "sensitivity.csv").read_text().splitlines()[0]
+    assert "cost_eigenvalue" in header and "cost_output_error" in header
+    out = tmp_path / "alloc.yaml"
+    result = invoke("allocate", recipe, "--table", tmp_path / "sens", "--budget", "3.0", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    chosen = yaml.safe_load(out.read_text())
+    assert chosen["bits_per_weight"] <= 3.0 and chosen["solver"] == "ilp"
+    greedy = invoke("allocate", recipe, "--table", tmp_path / "sens", "--budget", "3.0", "--solver", "greedy",
+                    "--out", tmp_path / "greedy.yaml", "--quiet")
+    assert greedy.exit_code == 0, greedy.output
+    assert yaml.safe_load((tmp_path / "greedy.yaml").read_text())["objective"] >= chosen["objective"] * (1 - 1e-7)
+    follower = write_recipe(tmp_path, model_dir, text_file, allocation=False,
+                            quantize={"from_allocation": str(out), "default": "int8-pc-rtn"})
+    result = invoke("run", follower, "--quiet", "--force")
+    assert result.exit_code == 0, result.output
+    layers = json.loads((tmp_path / "run" / "result.json").read_text())["quantization"]["layers"]
+    assert layers == chosen["layers"]
+
+
+def test_allocate_sweep_and_infeasible_budget(tmp_path, model_dir, text_file):
+    recipe = write_recipe(tmp_path, model_dir, text_file)
+    assert invoke("sensitivity", recipe, "--out", tmp_path / "sens", "--quiet").exit_code == 0
+    result = invoke("allocate", recipe, "--table", tmp_path / "sens", "--sweep", "2:4:0.5", "--out", tmp_path / "p",
+                    "--quiet")
+    assert result.exit_code == 0, result.output
+    frontier = json.loads((tmp_path / "p" / "pareto.json").read_text())["frontier"]
+    assert [p["feasible"] for p in frontier] == [False, False, True, True, True]
+    costs = [p["objective"] for p in frontier if p["feasible"]]
+    assert costs == sorted(costs, reverse=True)
+    result = invoke("allocate", recipe, "--table", tmp_path / "sens", "--budget", "2.2", "--out", tmp_path / "x.yaml")
+    assert result.exit_code == 2
+    assert "smallest candidates need 2.5625 bits per weight" in " ".join(result.output.split())
+
+
+def test_recipe_checks_of_the_allocation_section(tmp_path, model_dir, text_file):
+    base = {"name": "r", "model": {"name": "m"}}
+    parsed = parse_recipe({**base, "allocation": {**ALLOCATION, "sweep": {"budgets": "2.5:3:0.25"}}})
+    assert parsed.allocation.sweep.budgets == [2.5, 2.75, 3.0]
+    for bad, message in [({"budget_bytes": 100}, "not both"),
+                         ({"candidates": ["int4-g32-rtn", "int4-g32-rtn"]}, "candidates repeat"),
+                         ({"candidates": ["int4-g32-rtn", "mxfp8-rtn-a:mxfp8"]}, "weight-only"),
+                         ({"sweep": {"budgets": "3:2:1"}}, "stop ≥ start")]:
+        with pytest.raises(Exception, match=message):
+            parse_recipe({**base, "allocation": {**ALLOCATION, **bad}})
+    with pytest.raises(Exception, match="keep one"):
+        parse_recipe({**base, "allocation": ALLOCATION, "quantize": {"from_allocation": "a.yaml"}})

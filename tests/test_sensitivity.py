@@ -1,0 +1,116 @@
+"""The sensitivity stage on a tiny model: candidate errors from first principles, proxies, measured KL,
+the cache the final allocation reuses, and the table's files."""
+
+import pytest
+import torch
+
+from helpers import tiny_llama
+from quantbench.allocation.sensitivity import (CandidateCache, HessianOptions, allocated_weights,
+                                               apply_allocation, sensitivity_table, top_eigenvalue_psd)
+from quantbench.allocation.table import SensitivityTable
+from quantbench.scheme import Scheme
+
+CANDIDATES = [Scheme.parse(n) for n in ("int2-g32-gptq", "int3-g32-gptq", "int4-g32-gptq", "int8-pc-rtn",
+                                        "hadamard+int3-pc-gptq")]
+
+
+@pytest.fixture(scope="module")
+def measured():
+    model = tiny_llama(layers=2).float()
+    ids = torch.randint(0, 320, (8, 48), generator=torch.Generator().manual_seed(1))
+    cache = CandidateCache()
+    table = sensitivity_table(model, ids, lambda name: [] if "layers.1.mlp" in name else CANDIDATES,
+                              torch.device("cpu"), measure={"trace", "eigenvalue", "kl"},
+                              hessian=HessianOptions(samples=4, seqlen=48, max_probes=12, power_iters=8),
+                              kl_samples=4, batch_size=4, progress=False, cache=cache)
+    return model, ids, table, cache
+
+
+def test_every_allocated_layer_has_every_candidate(measured):
+    _, _, table, cache = measured
+    assert len(table.layers) == 7 + 4 and not any("layers.1.mlp" in name for name in table.layers)
+    assert len(table.errors) == len(table.layers) * len(CANDIDATES)
+    assert all(key in cache for key in table.errors)
+    assert set(table.available_metrics()) == {"hutchinson", "eigenvalue", "xtx_trace", "xtx_eig", "output_error",
+                                              "kfac", "kl"}
+
+
+def test_errors_shrink_as_bits_grow(measured):
+    _, _, table, _ = measured
+    for layer in table.layers:
+        ladder = [table.errors[(layer, f"int{b}-{g}")] for b, g in ((2, "g32-gptq"), (3, "g32-gptq"),
+                                                                    (4, "g32-gptq"), (8, "pc-rtn"))]
+        assert [e.weight_error for e in ladder] == sorted((e.weight_error for e in ladder), reverse=True)
+        assert [e.output_error for e in ladder] == sorted((e.output_error for e in ladder), reverse=True)
+        assert [e.kl for e in ladder[:3]] == sorted((e.kl for e in ladder[:3]), reverse=True)
+        assert all(e.kl > -1e-6 for e in ladder)  # KL ≥ 0 up to float32 rounding
+
+
+def layer_inputs(model, ids, layer_name):
+    seen = []
+    handle = model.get_submodule(layer_name).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        for batch in ids.split(4):
+            model(input_ids=batch)
+    handle.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
+
+
+@pytest.mark.parametrize("scheme", ["int3-g32-gptq", "hadamard+int3-pc-gptq"])
+def test_output_error_and_storage_from_first_principles(measured, scheme):
+    model, ids, table, cache = measured
+    layer = "model.layers.1.self_attn.o_proj"
+    x = layer_inputs(model, ids, layer).double()
+    weight = model.get_submodule(layer).weight.detach().double()
+    effective = cache.effective_weight(layer, scheme, torch.float64)
+    delta = effective - weight
+    error = table.errors[(layer, scheme)]
+    assert error.output_error == pytest.approx(float((x @ delta.T).square().sum(1).mean()), rel=1e-4)
+    assert error.weight_error == pytest.approx(float(delta.square().sum()), rel=1e-4)
+    assert error.storage_bits == cache.get(layer, scheme).storage_bits
+    info = table.layers[layer]
+    assert info.xtx_trace == pytest.approx(float(x.square().sum(1).mean()), rel=1e-5)
+    assert info.xtx_top_eig == pytest.approx(float(torch.linalg.eigvalsh(x.T @ x / len(x))[-1]), rel=1e-4)
+
+
+def test_costs_follow_their_definitions(measured):
+    _, _, table, _ = measured
+    layer, scheme = "model.layers.0.mlp.down_proj", "int2-g32-gptq"
+    info, error = table.layers[layer], table.errors[(layer, scheme)]
+    assert info.hessian_probes >= 8 and info.hessian_trace_stderr > 0
+    assert table.cost(layer, scheme, "hutchinson") == pytest.approx(max(info.hessian_trace, 0) * error.weight_error)
+    assert table.cost(layer, scheme, "eigenvalue") == pytest.approx(max(info.top_eigenvalue, 0) * error.weight_error)
+    assert table.cost(layer, scheme, "xtx_trace") == pytest.approx(info.xtx_trace / info.in_features * error.weight_error)
+    kfac = max(info.hessian_trace, 0) * info.numel / (info.xtx_trace * info.out_features) * error.output_error
+    assert table.cost(layer, scheme, "kfac") == pytest.approx(kfac)
+
+
+def test_lobpcg_top_eigenvalue_matches_eigvalsh():
+    x = torch.randn(4000, 300, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[:, 7] *= 20
+    xtx = x.T @ x / len(x)
+    assert top_eigenvalue_psd(xtx) == pytest.approx(float(torch.linalg.eigvalsh(xtx)[-1]), rel=1e-6)
+
+
+def test_cached_candidates_apply_exactly(measured):
+    model, ids, table, cache = measured
+    schemes = {layer: "hadamard+int3-pc-gptq" if "o_proj" in layer else "int4-g32-gptq" for layer in table.layers}
+    reference = model(input_ids=ids[:2]).logits
+    with allocated_weights(model, schemes, cache):
+        swapped = model(input_ids=ids[:2]).logits
+    assert torch.equal(model(input_ids=ids[:2]).logits, reference)
+    copy = tiny_llama(layers=2).float()
+    quantized = apply_allocation(copy, schemes, cache)
+    assert set(quantized) == set(schemes)
+    applied = copy(input_ids=ids[:2]).logits  # o_proj rotates its input online here
+    assert torch.allclose(applied, swapped, atol=1e-4)
+    assert not torch.allclose(applied, reference, atol=1e-3)
+
+
+def test_table_files_round_trip(measured, tmp_path):
+    _, _, table, _ = measured
+    json_path, csv_path = table.save(tmp_path)
+    loaded = SensitivityTable.load(tmp_path)
+    assert loaded.layers == table.layers and loaded.errors == table.errors
+    lines = csv_path.read_text().splitlines()
+    assert len(lines) == 1 + len(table.errors) and "cost_kfac" in lines[0]
