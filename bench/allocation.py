@@ -29,8 +29,9 @@ from quantbench.allocation.baselines import solve_greedy, solve_knapsack_dp, sol
 from quantbench.allocation.ilp import solve_ilp
 from quantbench.allocation.pareto import uniform_points
 from quantbench.allocation.problem import DEFAULT_TIES, Item, Option, Problem, build_problem
-from quantbench.allocation.sensitivity import CandidateCache, HessianOptions, allocated_weights, sensitivity_table
-from quantbench.allocation.table import METRICS
+from quantbench.allocation.sensitivity import (CandidateCache, HessianOptions, allocated_weights, candidate_errors,
+                                               loss_hessian_measures, measured_kl)
+from quantbench.allocation.table import SensitivityTable
 from quantbench.eval.perplexity import perplexity_of_ids
 from quantbench.model_io import load_model, resolve_device
 from quantbench.pipeline import quantize_model
@@ -66,6 +67,32 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
+def measure(args, model, calibration, device, work: Path) -> tuple[SensitivityTable, CandidateCache]:
+    """The sensitivity pass phase by phase, saving the table (and the codes) after each phase."""
+    candidates = [Scheme.parse(name) for name in args.candidates]
+    cache, seconds = CandidateCache(), {}
+    options = HessianOptions(samples=args.hessian_samples, seqlen=args.hessian_seqlen, max_probes=args.max_probes,
+                             power_iters=args.power_iters)
+    started = time.perf_counter()
+    layers, errors = candidate_errors(model, calibration, lambda name: candidates if re.search(args.layers, name) else [],
+                                      device, cache=cache)
+    seconds["candidates"] = time.perf_counter() - started
+    cache.save(work / "codes.safetensors")
+    table = SensitivityTable(layers, errors, args.candidates, {"seconds": seconds})
+    phases = [("trace", lambda: loss_hessian_measures(model, calibration, layers, device, options, True, False)),
+              ("eigenvalue", lambda: loss_hessian_measures(model, calibration, layers, device, options, False, True)),
+              ("kl", lambda: measured_kl(model, calibration[:args.kl_samples, :args.hessian_seqlen], errors, cache,
+                                         device))]
+    for name, phase in [(name, phase) for name, phase in phases if name in args.measures]:
+        table.save(work)
+        print(json.dumps({"seconds": seconds}), flush=True)
+        started = time.perf_counter()
+        phase()
+        seconds[name] = round(time.perf_counter() - started, 1)
+    table.save(work)
+    return table, cache
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -81,6 +108,13 @@ def main() -> None:
     parser.add_argument("--power-iters", type=int, default=10)
     parser.add_argument("--kl-samples", type=int, default=4)
     parser.add_argument("--requantize", action="store_true")
+    parser.add_argument("--requantize-uniform", nargs="*", default=["int3-g128-gptq", "int4-g128-gptq"],
+                        help="uniform schemes also run through the pipeline with --requantize")
+    parser.add_argument("--measures", nargs="*", default=["trace", "eigenvalue", "kl"],
+                        choices=("trace", "eigenvalue", "kl"), help="loss-Hessian and KL measures to take")
+    parser.add_argument("--stage", choices=("all", "sensitivity", "evaluate", "requantize"), default="all",
+                        help="sensitivity: measure and save the table and codes to --work; evaluate: load them")
+    parser.add_argument("--work", help="folder for the table and the codes between stages (default --out)")
     add_token_id_arguments(parser, n_samples=128, calibration_seqlen=2048)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="runs/bench-allocation")
@@ -104,15 +138,18 @@ def main() -> None:
         (out / "allocation_bench.json").write_text(json.dumps(report, indent=1) + "\n")
 
     report["full_precision_ppl"] = ppl()
-    candidates = [Scheme.parse(name) for name in args.candidates]
-    cache = CandidateCache()
-    started = time.perf_counter()
-    table = sensitivity_table(model, calibration, lambda name: candidates if re.search(args.layers, name) else [],
-                              device, measure={"trace", "eigenvalue", "kl"},
-                              hessian=HessianOptions(samples=args.hessian_samples, seqlen=args.hessian_seqlen,
-                                                     max_probes=args.max_probes, power_iters=args.power_iters),
-                              kl_samples=args.kl_samples, cache=cache)
-    report["sensitivity_seconds"] = round(time.perf_counter() - started, 1)
+    work = Path(args.work or out)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.stage in ("all", "sensitivity"):
+        table, cache = measure(args, model, calibration, device, work)
+        report["sensitivity_seconds"] = table.meta["seconds"]
+        if args.stage == "sensitivity":
+            table.save(out)
+            print(json.dumps(table.meta), flush=True)
+            return
+    else:
+        table, cache = SensitivityTable.load(work), CandidateCache.load(work / "codes.safetensors")
+        report["sensitivity_seconds"] = table.meta["seconds"]
     table.save(out)
     probes = [info.hessian_probes for info in table.layers.values()]
     report["hutchinson"] = {"probes_mean": sum(probes) / len(probes),
@@ -126,6 +163,14 @@ def main() -> None:
         with allocated_weights(model, schemes, cache):
             return ppl()
 
+    if args.stage != "requantize":
+        evaluate(args, table, report, score, save)
+    if args.requantize or args.stage == "requantize":
+        requantize(args, table, calibration, ids, device, report, save)
+    print(f"wrote {out / 'allocation_bench.json'}")
+
+
+def evaluate(args, table, report, score, save) -> None:
     report["uniform"] = []
     for point in uniform_points(table, "output_error"):
         point["ppl"] = score({layer: point["scheme"] for layer in table.layers})
@@ -136,7 +181,7 @@ def main() -> None:
     report["allocations"] = []
     for budget in args.budgets:
         runs = []
-        for metric in METRICS:
+        for metric in table.available_metrics():
             problem = build_problem(table, metric, budget_bits=budget)
             runs.append((metric, solve_ilp(problem)))
             if metric == "kfac":
@@ -150,20 +195,6 @@ def main() -> None:
             report["allocations"].append(row)
             print(json.dumps(row), flush=True)
         save()
-
-    rng = random.Random(0)
-    layers = list(table.layers)
-    pairs = [(rng.choice(layers), rng.choice(SINGLE_LAYER_SCHEMES)) for _ in range(args.single_layer)]
-    singles = []
-    for layer, scheme in pairs:
-        delta = score({layer: scheme}) - report["full_precision_ppl"]
-        singles.append({"layer": layer, "scheme": scheme, "delta_ppl": round(delta, 4),
-                        **{f"cost_{m}": table.cost(layer, scheme, m) for m in METRICS}})
-    report["single_layer"] = singles
-    report["spearman"] = {m: round(spearman([s[f"cost_{m}"] for s in singles], [s["delta_ppl"] for s in singles]), 3)
-                          for m in METRICS}
-    print(json.dumps({"spearman": report["spearman"]}), flush=True)
-    save()
 
     timing = {}
     for label, names, ties in [("real, tied q/k/v and gate/up", args.candidates, DEFAULT_TIES),
@@ -179,27 +210,41 @@ def main() -> None:
     report["solve_seconds"] = timing
     print(json.dumps(timing), flush=True)
     save()
+    if not args.single_layer:
+        return
+    rng = random.Random(0)
+    layers = list(table.layers)
+    pairs = [(rng.choice(layers), rng.choice(SINGLE_LAYER_SCHEMES)) for _ in range(args.single_layer)]
+    singles = []
+    for layer, scheme in pairs:
+        delta = score({layer: scheme}) - report["full_precision_ppl"]
+        singles.append({"layer": layer, "scheme": scheme, "delta_ppl": round(delta, 4),
+                        **{f"cost_{m}": table.cost(layer, scheme, m) for m in table.available_metrics()}})
+    report["single_layer"] = singles
+    report["spearman"] = {m: round(spearman([s[f"cost_{m}"] for s in singles], [s["delta_ppl"] for s in singles]), 3)
+                          for m in table.available_metrics()}
+    print(json.dumps({"spearman": report["spearman"]}), flush=True)
+    save()
 
-    if args.requantize:
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        pipelines = [(f"uniform {name}", {layer: name for layer in table.layers}) for name in
-                     ("int3-g128-gptq", "int4-g128-gptq")]
-        pipelines += [(f"ILP kfac {budget}", solve_ilp(build_problem(table, "kfac", budget_bits=budget)).schemes)
-                      for budget in args.budgets]
-        report["requantized"] = []
-        for label, schemes in pipelines:
-            fresh, _ = load_model(args.model, torch.float32)
-            fresh.load_state_dict(state)
-            parsed = {layer: Scheme.parse(name) for layer, name in schemes.items()}
-            quantized = quantize_model(fresh, calibration, parsed.get, device, progress=False)
-            bits = sum(q.storage_bits for q in quantized.values()) / sum(q.numel for q in quantized.values())
-            value = perplexity_of_ids(fresh.to(device), ids, args.seqlen, args.windows, batch_size=4,
-                                      dataset="wikitext2").ppl
-            report["requantized"].append({"label": label, "bits_per_weight": round(bits, 4), "ppl": round(value, 3)})
-            print(json.dumps(report["requantized"][-1]), flush=True)
-            del fresh
+
+def requantize(args, table, calibration, ids, device, report, save) -> None:
+    """The ILP's allocations (best-predicting metrics) and uniform int3/int4 through the real pipeline."""
+    pipelines = [(f"uniform {name}", {layer: name for layer in table.layers}) for name in args.requantize_uniform]
+    best = max(report["spearman"], key=report["spearman"].get) if "spearman" in report else "output_error"
+    pipelines += [(f"ILP {metric} {budget}", solve_ilp(build_problem(table, metric, budget_bits=budget)).schemes)
+                  for metric in dict.fromkeys(["kfac", best]) for budget in args.budgets]
+    report["requantized"] = []
+    for label, schemes in pipelines:
+        fresh, _ = load_model(args.model, torch.float32)
+        parsed = {layer: Scheme.parse(name) for layer, name in schemes.items()}
+        quantized = quantize_model(fresh, calibration, parsed.get, device, progress=False)
+        bits = sum(q.storage_bits for q in quantized.values()) / sum(q.numel for q in quantized.values())
+        value = perplexity_of_ids(fresh.to(device), ids, args.seqlen, args.windows, batch_size=4,
+                                  dataset="wikitext2").ppl
+        report["requantized"].append({"label": label, "bits_per_weight": round(bits, 4), "ppl": round(value, 3)})
+        print(json.dumps(report["requantized"][-1]), flush=True)
+        del fresh
         save()
-    print(f"wrote {out / 'allocation_bench.json'}")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,15 @@ def validate(recipe: Path = typer.Argument(..., help="YAML recipe")) -> None:
         parsed = load_recipe(recipe)
     except QuantbenchError as exc:
         _fail(exc)
-    console.print(f"[green]ok[/]: {recipe} (recipe {parsed.name}, hash {parsed.hash()[:12]}, "
-                  f"default scheme {parsed.quantize.default.name}, run dir {parsed.run_dir})")
+    if parsed.allocation is not None:
+        section = parsed.allocation
+        budget = f"{section.budget} bits per weight" if section.budget else (
+            f"{section.budget_bytes:,} bytes" if section.budget_bytes else "no budget")
+        schemes = f"allocation of {len(section.candidates)} candidates ({section.metric}, {budget})"
+    else:
+        schemes = f"default scheme {parsed.quantize.default.name}"
+    console.print(f"[green]ok[/]: {recipe} (recipe {parsed.name}, hash {parsed.hash()[:12]}, {schemes}, "
+                  f"run dir {parsed.run_dir})")
 
 
 @app.command()

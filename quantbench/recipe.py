@@ -256,8 +256,9 @@ class AllocationSection(_Section):
     hessian: HessianSection = HessianSection()
     kl_samples: int = Field(4, ge=1, description="calibration sequences (cut to hessian.seqlen) for measured KL")
     time_limit_s: float = Field(60, gt=0, description="ILP solver time limit")
-    requantize: bool = Field(False, description="quantize again block by block with the chosen schemes "
-                             "(inputs from the quantized earlier blocks) instead of reusing the candidates' codes")
+    requantize: bool = Field(True, description="quantize again block by block with the chosen schemes (inputs "
+                             "from the quantized earlier blocks); false reuses the codes the sensitivity pass "
+                             "made on full-precision inputs (faster, worse at 3 bits and below)")
     sweep: SweepSection | None = None
 
     @model_validator(mode="after")

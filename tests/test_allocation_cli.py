@@ -32,7 +32,8 @@ def invoke(*args):
 
 
 def test_run_searches_applies_and_exports_the_allocation(tmp_path, model_dir, text_file):
-    recipe = write_recipe(tmp_path, model_dir, text_file, {"sweep": {"budgets": "2.5:5:0.5", "evaluate": [3.0]}})
+    recipe = write_recipe(tmp_path, model_dir, text_file, {"sweep": {"budgets": "2.5:5:0.5", "evaluate": [3.0]},
+                                                           "requantize": False})
     result = invoke("run", recipe, "--quiet")
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
@@ -54,7 +55,7 @@ def test_run_searches_applies_and_exports_the_allocation(tmp_path, model_dir, te
 
 
 def test_requantize_quantizes_again_with_the_chosen_schemes(tmp_path, model_dir, text_file):
-    recipe = write_recipe(tmp_path, model_dir, text_file, {"requantize": True, "budget": 4.0})
+    recipe = write_recipe(tmp_path, model_dir, text_file, {"budget": 4.0})  # requantize is the default
     result = invoke("run", recipe, "--quiet")
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "run" / "result.json").read_text())

@@ -107,10 +107,22 @@ def test_cached_candidates_apply_exactly(measured):
     assert not torch.allclose(applied, reference, atol=1e-3)
 
 
+def test_cache_file_round_trip(measured, tmp_path):
+    _, _, table, cache = measured
+    cache.save(tmp_path / "codes.safetensors")
+    loaded = CandidateCache.load(tmp_path / "codes.safetensors")
+    assert set(loaded.weights) == set(cache.weights)
+    for layer, scheme in [("model.layers.0.mlp.down_proj", "hadamard+int3-pc-gptq"),
+                          ("model.layers.1.self_attn.q_proj", "int2-g32-gptq")]:
+        assert torch.equal(loaded.effective_weight(layer, scheme, torch.float32),
+                           cache.effective_weight(layer, scheme, torch.float32))
+
+
 def test_table_files_round_trip(measured, tmp_path):
     _, _, table, _ = measured
     json_path, csv_path = table.save(tmp_path)
     loaded = SensitivityTable.load(tmp_path)
     assert loaded.layers == table.layers and loaded.errors == table.errors
+    assert set(loaded.meta["seconds"]) == {"candidates", "trace", "eigenvalue", "kl"}
     lines = csv_path.read_text().splitlines()
     assert len(lines) == 1 + len(table.errors) and "cost_kfac" in lines[0]

@@ -116,27 +116,36 @@ def solve_ilp(problem: Problem, time_limit: float = 60.0, gap: float = 1e-7) -> 
 
 def _solve(problem: Problem, costs: list[list[float]], max_bits: float | None, max_latency: float | None,
            time_limit: float, gap: float) -> tuple[str, list[int] | None]:
+    """CBC on the options that are not dominated (another option of the item no larger, no slower and
+    no costlier, and better in one of them; dropping those cannot change the optimum)."""
+    kept = [_undominated(item.options, row) for item, row in zip(problem.items, costs)]
     scale = max((abs(c) for row in costs for c in row), default=1.0) or 1.0
     numel = problem.numel
     model = pulp.LpProblem("allocation", pulp.LpMinimize)
-    x = [[model.add_variable(f"x_{i}_{o}", 0, 1, cat=pulp.LpBinary) for o in range(len(item.options))]
-         for i, item in enumerate(problem.items)]
-    model += pulp.lpSum(c / scale * v for row_c, row_x in zip(costs, x) for c, v in zip(row_c, row_x))
+    x = [{o: model.add_variable(f"x_{i}_{o}", 0, 1, cat=pulp.LpBinary) for o in keep} for i, keep in enumerate(kept)]
+    model += pulp.lpSum(costs[i][o] / scale * v for i, row in enumerate(x) for o, v in row.items())
     for row in x:
-        model += pulp.lpSum(row) == 1
+        model += pulp.lpSum(row.values()) == 1
     if max_bits is not None:
-        model += pulp.lpSum(o.bits / numel * v for item, row in zip(problem.items, x)
-                            for o, v in zip(item.options, row)) <= max_bits / numel
+        model += pulp.lpSum(problem.items[i].options[o].bits / numel * v
+                            for i, row in enumerate(x) for o, v in row.items()) <= max_bits / numel
     if max_latency is not None:
-        model += pulp.lpSum(o.latency / max_latency * v for item, row in zip(problem.items, x)
-                            for o, v in zip(item.options, row)) <= 1.0
+        model += pulp.lpSum(problem.items[i].options[o].latency / max_latency * v
+                            for i, row in enumerate(x) for o, v in row.items()) <= 1.0
     with warnings.catch_warnings():  # PuLP 3.3 announces that 4.0 moves CBC to an extra; it is bundled here
         warnings.simplefilter("ignore", DeprecationWarning)
         model.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap))
     status = pulp.LpStatus[model.status]
     if status != "Optimal" and model.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
         return status, None
-    choice = [max(range(len(row)), key=lambda o: row[o].varValue or 0.0) for row in x]
+    choice = [max(row, key=lambda o: row[o].varValue or 0.0) for row in x]
     if status == "Optimal" and model.sol_status != pulp.LpSolutionOptimal:
         status = "Feasible (time limit)"
     return status, choice
+
+
+def _undominated(options: list, costs: list[float]) -> list[int]:
+    keys = [(o.bits, o.latency, c) for o, c in zip(options, costs)]
+    return [i for i, key in enumerate(keys)
+            if not any(other != key and all(a <= b for a, b in zip(other, key)) for other in keys)
+            and keys.index(key) == i]

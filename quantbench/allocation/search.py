@@ -50,7 +50,7 @@ def measure_sensitivity(model: nn.Module, input_ids: torch.Tensor, recipe: Recip
                               measure=section.loss_hessian_measures, hessian=hessian_options(section, recipe.calibration.seed),
                               kl_samples=section.kl_samples, batch_size=recipe.calibration.batch_size,
                               progress=progress, cache=cache)
-    table.meta = {"model": recipe.model.name, "recipe_hash": recipe.hash(),
+    table.meta = {**table.meta, "model": recipe.model.name, "recipe_hash": recipe.hash(),
                   "calibration": recipe.calibration.model_dump(), "measured": sorted(section.loss_hessian_measures)}
     return table
 

@@ -8,12 +8,17 @@ without quantizing again.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -22,7 +27,7 @@ from quantbench.allocation.table import CandidateError, LayerSensitivity, Sensit
 from quantbench.calibration.stats import LayerStats, collect_stats, input_sharing
 from quantbench.model_io import block_linears, blocks_path, decoder_blocks, move_except_blocks
 from quantbench.pipeline import apply_quantized, capture_block_inputs, feed_block, run_block
-from quantbench.quantized_weight import QuantizedWeight
+from quantbench.quantized_weight import QuantizedWeight, unpack_weight
 from quantbench.quantizers import solver_for
 from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
 from quantbench.scheme import Scheme
@@ -64,10 +69,32 @@ class CandidateCache:
     def get(self, layer: str, scheme: str) -> QuantizedWeight | TritPlaneWeight:
         return self.weights[(layer, scheme)]
 
-    def effective_weight(self, layer: str, scheme: str, dtype: torch.dtype) -> torch.Tensor:
+    def save(self, path: str | Path) -> None:
+        """All codes in one safetensors file (packed as export packs them), keyed `layer|scheme|tensor`."""
+        tensors, shapes = {}, {}
+        for (layer, scheme), weight in self.weights.items():
+            for key, tensor in weight.pack().items():
+                tensors[f"{layer}|{scheme}|{key}"] = tensor.contiguous()
+            shapes[f"{layer}|{scheme}"] = list(weight.shape)
+        save_file(tensors, str(path), metadata={"shapes": json.dumps(shapes)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CandidateCache":
+        cache = cls()
+        with safe_open(str(path), "pt") as handle:
+            shapes = json.loads(handle.metadata()["shapes"])
+            for entry, shape in shapes.items():
+                layer, scheme = entry.split("|")
+                tensors = {key.rsplit("|", 1)[1]: handle.get_tensor(key) for key in handle.keys()
+                           if key.startswith(entry + "|")}
+                cache.weights[(layer, scheme)] = unpack_weight(Scheme.parse(scheme), tuple(shape), tensors)
+        return cache
+
+    def effective_weight(self, layer: str, scheme: str, dtype: torch.dtype,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
         """The weight the layer computes with, in its original input basis (a rotated candidate's
-        dequantized W·R, rotated back)."""
-        quantized = self.get(layer, scheme)
+        dequantized W·R, rotated back), decoded on `device`."""
+        quantized = self.get(layer, scheme).to(device)
         weight = quantized.dequantize(torch.float32)
         rotation = rotation_for(quantized.scheme, weight.shape[1])
         return (rotation.rows_inverse(weight) if rotation else weight).to(dtype)
@@ -196,16 +223,17 @@ def measured_kl(model: nn.Module, input_ids: torch.Tensor, errors: dict, cache: 
     with _whole_model_on(model, device):
         batches = [batch.to(device) for batch in input_ids.split(batch_size)]
         reference = [torch.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1) for b in batches]
+        probabilities = [ref.exp() for ref in reference]
         for (layer, scheme), error in tqdm(errors.items(), desc="measured KL", unit="candidate",
                                            disable=not progress):
             linear = model.get_submodule(layer)
             original = linear.weight.data
-            linear.weight.data = cache.effective_weight(layer, scheme, original.dtype).to(device)
+            linear.weight.data = cache.effective_weight(layer, scheme, original.dtype, device)
             try:
                 total, tokens = 0.0, 0
-                for batch, ref in zip(batches, reference):
+                for batch, ref, p in zip(batches, reference, probabilities):
                     logq = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
-                    total += float((ref.exp() * (ref - logq)).sum())
+                    total += float((p * (ref - logq)).sum())
                     tokens += batch.numel()
                 error.kl = total / tokens
             finally:
@@ -245,7 +273,7 @@ def allocated_weights(model: nn.Module, schemes: dict[str, str], cache: Candidat
         for layer, scheme in schemes.items():
             linear = model.get_submodule(layer)
             originals[layer] = linear.weight.data
-            linear.weight.data = cache.effective_weight(layer, scheme, originals[layer].dtype).to(originals[layer].device)
+            linear.weight.data = cache.effective_weight(layer, scheme, originals[layer].dtype, originals[layer].device)
         yield
     finally:
         for layer, weight in originals.items():
@@ -260,13 +288,21 @@ def sensitivity_table(model: nn.Module, input_ids: torch.Tensor, candidates_for:
     `trace` (Hutchinson), `eigenvalue` (power iteration), `kl` (needs a cache; one is made if none given)."""
     measure = set(measure)
     cache = cache if cache is not None else CandidateCache()
+    seconds = {}
+    started = time.perf_counter()
     layers, errors = candidate_errors(model, input_ids, candidates_for, device, batch_size, progress, cache)
     if not layers:
         raise ValueError("no layer has candidates")
-    if measure & {"trace", "eigenvalue"}:
-        loss_hessian_measures(model, input_ids, layers, device, hessian, "trace" in measure,
-                              "eigenvalue" in measure, progress)
+    seconds["candidates"] = time.perf_counter() - started
+    for name in ("trace", "eigenvalue"):
+        if name in measure:
+            started = time.perf_counter()
+            loss_hessian_measures(model, input_ids, layers, device, hessian, name == "trace", name == "eigenvalue",
+                                  progress)
+            seconds[name] = time.perf_counter() - started
     if "kl" in measure:
+        started = time.perf_counter()
         measured_kl(model, input_ids[:kl_samples, :hessian.seqlen], errors, cache, device, progress=progress)
+        seconds["kl"] = time.perf_counter() - started
     candidates = list(dict.fromkeys(scheme for _, scheme in errors))
-    return SensitivityTable(layers, errors, candidates)
+    return SensitivityTable(layers, errors, candidates, {"seconds": {k: round(v, 2) for k, v in seconds.items()}})
