@@ -94,8 +94,9 @@ class QuantizeSection(_Section):
         return [_check_regex(p) for p in patterns]
 
     def scheme_for(self, layer: str) -> Scheme | None:
-        """The scheme of a layer by full module name: None if ignored, else the first matching override,
-        else the default; with the section's `activations` when the scheme names none."""
+        """The scheme of a layer by full module name: None if ignored, else its entry in `from_allocation`,
+        else the first matching override, else the default; with the section's `activations` when the
+        scheme names none."""
         if any(re.search(p, layer) for p in self.ignore):
             return None
         allocated = self.allocated_schemes().get(layer)
@@ -104,8 +105,8 @@ class QuantizeSection(_Section):
             return scheme.model_copy(update={"activations": self.activations})
         return scheme
 
-
     def allocated_schemes(self) -> dict[str, Scheme]:
+        """Layer → scheme from `from_allocation` (read once), or nothing."""
         if self.from_allocation is None:
             return {}
         if self._allocated is None:
@@ -273,7 +274,8 @@ class AllocationSection(_Section):
         return self
 
     @property
-    def loss_hessian_measures(self) -> set[str]:
+    def measures(self) -> set[str]:
+        """The costly measures to take: those asked for and the one the metric needs."""
         needs = {"hutchinson": "trace", "kfac": "trace", "eigenvalue": "eigenvalue", "kl": "kl"}
         return set(self.measure) | ({needs[self.metric]} if self.metric in needs else set())
 

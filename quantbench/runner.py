@@ -17,7 +17,6 @@ from quantbench.allocation.pareto import frontier, uniform_points, write_frontie
 from quantbench.allocation.search import allocate, measure_sensitivity, sweep
 from quantbench.allocation.sensitivity import CandidateCache, allocated_weights, apply_allocation
 from quantbench.allocation.table import SensitivityTable
-
 from quantbench.calibration import calibration_batches
 from quantbench.errors import QuantbenchError
 from quantbench.eval.harness import evaluate_perplexity, evaluate_tasks, tokenize_eval_sets

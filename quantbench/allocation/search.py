@@ -47,11 +47,11 @@ def measure_sensitivity(model: nn.Module, input_ids: torch.Tensor, recipe: Recip
                         progress: bool = True, cache: CandidateCache | None = None) -> SensitivityTable:
     section = recipe.allocation
     table = sensitivity_table(model, input_ids, candidates_for(recipe), device,
-                              measure=section.loss_hessian_measures, hessian=hessian_options(section, recipe.calibration.seed),
+                              measure=section.measures, hessian=hessian_options(section, recipe.calibration.seed),
                               kl_samples=section.kl_samples, batch_size=recipe.calibration.batch_size,
                               progress=progress, cache=cache)
     table.meta = {**table.meta, "model": recipe.model.name, "recipe_hash": recipe.hash(),
-                  "calibration": recipe.calibration.model_dump(), "measured": sorted(section.loss_hessian_measures)}
+                  "calibration": recipe.calibration.model_dump(), "measured": sorted(section.measures)}
     return table
 
 

@@ -22,7 +22,6 @@ METRICS = {
             "per output (Kronecker-factored Hessian, tr H ≈ tr A · tr G)",
     "kl": "measured: KL divergence of the next-token distribution with only this layer quantized",
 }
-NEEDS_LOSS_HESSIAN = {"hutchinson": "trace", "eigenvalue": "eigenvalue", "kfac": "trace"}
 
 
 @dataclass
