@@ -1,8 +1,9 @@
 """The exact allocation: a multiple-choice knapsack as an integer linear program, solved by PuLP's CBC.
 
 Binary x[i, o] picks option o for item i; Σ_o x[i, o] = 1; minimise Σ cost·x subject to Σ bits·x ≤ budget
-(and Σ latency·x ≤ latency budget). Coefficients are rescaled (costs by their largest value, bits to
-average bits per weight) so that CBC's tolerances act on numbers of order one.
+(and Σ latency·x ≤ latency budget). Coefficients are rescaled (costs by their median, bits to average
+bits per weight) so that CBC's tolerances act on numbers of order one: scaled by their largest value,
+costs spanning six orders of magnitude left CBC 0.02% short of the optimum while it reported optimality.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def _solve(problem: Problem, costs: list[list[float]], max_bits: float | None, m
     """CBC on the options that are not dominated (another option of the item no larger, no slower and
     no costlier, and better in one of them; dropping those cannot change the optimum)."""
     kept = [_undominated(item.options, row) for item, row in zip(problem.items, costs)]
-    scale = max((abs(c) for row in costs for c in row), default=1.0) or 1.0
+    magnitudes = sorted(abs(c) for row in costs for c in row if c)
+    scale = magnitudes[len(magnitudes) // 2] if magnitudes else 1.0
     numel = problem.numel
     model = pulp.LpProblem("allocation", pulp.LpMinimize)
     x = [{o: model.add_variable(f"x_{i}_{o}", 0, 1, cat=pulp.LpBinary) for o in keep} for i, keep in enumerate(kept)]
