@@ -107,6 +107,30 @@ def test_cached_candidates_apply_exactly(measured):
     assert not torch.allclose(applied, reference, atol=1e-3)
 
 
+def test_model_rotated_layers_keep_their_online_rotation(tmp_path):
+    from quantbench.activations import input_rotation_of
+    from quantbench.rotation import rotate_model
+
+    model = tiny_llama(layers=1).float()
+    rotate_model(model)
+    down = model.model.layers[0].mlp.down_proj
+    model_rotation = input_rotation_of(down)
+    ids = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(2))
+    cache = CandidateCache()
+    table = sensitivity_table(model, ids, lambda name: [Scheme.parse("hadamard+int4-g32-gptq"), CANDIDATES[3]],
+                              torch.device("cpu"), progress=False, cache=cache)
+    scheme = "hadamard+int4-g32-gptq"
+    assert ("model.layers.0.mlp.down_proj", scheme) not in cache.rotated
+    assert ("model.layers.0.self_attn.q_proj", scheme) in cache.rotated
+    schemes = {layer: scheme for layer in table.layers}
+    with allocated_weights(model, schemes, cache):
+        swapped = model(input_ids=ids).logits
+    cache.save(tmp_path / "codes.safetensors")
+    apply_allocation(model, schemes, CandidateCache.load(tmp_path / "codes.safetensors"))
+    assert input_rotation_of(down) is model_rotation
+    assert torch.allclose(model(input_ids=ids).logits, swapped, atol=1e-4)
+
+
 def test_cache_file_round_trip(measured, tmp_path):
     _, _, table, cache = measured
     cache.save(tmp_path / "codes.safetensors")

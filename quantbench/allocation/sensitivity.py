@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantbench.activations import input_rotation_of
 from quantbench.allocation.hessian_probes import LossHessian, hutchinson_traces, power_iteration
 from quantbench.allocation.table import CandidateError, LayerSensitivity, SensitivityTable
 from quantbench.calibration.stats import LayerStats, collect_stats, input_sharing
@@ -29,6 +30,7 @@ from quantbench.model_io import block_linears, blocks_path, decoder_blocks, move
 from quantbench.pipeline import apply_quantized, capture_block_inputs, feed_block, run_block
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
 from quantbench.quantizers import solver_for
+from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
 from quantbench.scheme import Scheme
 from quantbench.trit_planes import TritPlaneWeight
@@ -58,10 +60,18 @@ class HessianOptions:
 
 
 class CandidateCache:
-    """The quantized weight of every (layer, candidate), on CPU, so the final allocation reuses them."""
+    """The quantized weight of every (layer, candidate), on CPU, so the final allocation reuses them, and the
+    keys whose candidate was quantized in a Hadamard-rotated basis (a layer whose input the model rotation
+    already rotates online keeps that rotation and is quantized as it is, as in the pipeline)."""
 
     def __init__(self) -> None:
         self.weights: dict[tuple[str, str], QuantizedWeight | TritPlaneWeight] = {}
+        self.rotated: set[tuple[str, str]] = set()
+
+    def rotation(self, layer: str, scheme: str) -> RandomHadamard | None:
+        """The online rotation the candidate needs on top of whatever the layer already does."""
+        quantized = self.get(layer, scheme)
+        return rotation_for(quantized.scheme, quantized.shape[1]) if (layer, scheme) in self.rotated else None
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self.weights
@@ -76,13 +86,15 @@ class CandidateCache:
             for key, tensor in weight.pack().items():
                 tensors[f"{layer}|{scheme}|{key}"] = tensor.contiguous()
             shapes[f"{layer}|{scheme}"] = list(weight.shape)
-        save_file(tensors, str(path), metadata={"shapes": json.dumps(shapes)})
+        rotated = [f"{layer}|{scheme}" for layer, scheme in self.rotated]
+        save_file(tensors, str(path), metadata={"shapes": json.dumps(shapes), "rotated": json.dumps(rotated)})
 
     @classmethod
     def load(cls, path: str | Path) -> "CandidateCache":
         cache = cls()
         with safe_open(str(path), "pt") as handle:
             shapes = json.loads(handle.metadata()["shapes"])
+            cache.rotated = {tuple(entry.split("|")) for entry in json.loads(handle.metadata()["rotated"])}
             for entry, shape in shapes.items():
                 layer, scheme = entry.split("|")
                 tensors = {key.rsplit("|", 1)[1]: handle.get_tensor(key) for key in handle.keys()
@@ -94,9 +106,8 @@ class CandidateCache:
                          device: torch.device | str = "cpu") -> torch.Tensor:
         """The weight the layer computes with, in its original input basis (a rotated candidate's
         dequantized W·R, rotated back), decoded on `device`."""
-        quantized = self.get(layer, scheme).to(device)
-        weight = quantized.dequantize(torch.float32)
-        rotation = rotation_for(quantized.scheme, weight.shape[1])
+        weight = self.get(layer, scheme).to(device).dequantize(torch.float32)
+        rotation = self.rotation(layer, scheme)
         return (rotation.rows_inverse(weight) if rotation else weight).to(dtype)
 
 
@@ -129,7 +140,7 @@ def candidate_errors(model: nn.Module, input_ids: torch.Tensor, candidates_for: 
                     full_name = f"{prefix}.{index}.{name}"
                     layers[full_name] = layer_proxies(full_name, linear, stats[name])
                     for scheme in candidates_for(full_name):
-                        errors[(full_name, scheme.name)] = quantize_candidate(full_name, linear.weight, scheme,
+                        errors[(full_name, scheme.name)] = quantize_candidate(full_name, linear, scheme,
                                                                               stats[name], cache)
                 inputs.hidden = run_block(block, inputs)
             block.to(home)
@@ -154,18 +165,20 @@ def top_eigenvalue_psd(matrix: torch.Tensor) -> float:
     return float(values[0])
 
 
-def quantize_candidate(name: str, weight: torch.Tensor, scheme: Scheme, stats: LayerStats,
+def quantize_candidate(name: str, linear: nn.Linear, scheme: Scheme, stats: LayerStats,
                        cache: CandidateCache | None) -> CandidateError:
-    """Quantize a copy of `weight` with `scheme` and measure ‖ΔW‖² and tr(ΔW XᵀX ΔWᵀ) per token (both
-    invariant under the rotation of a Hadamard candidate, so measured in its basis)."""
-    rotation = rotation_for(scheme, weight.shape[1])
-    weight = rotate_weight(weight, rotation) if rotation else weight.float()
+    """Quantize a copy of the layer's weight with `scheme` and measure ‖ΔW‖² and tr(ΔW XᵀX ΔWᵀ) per token
+    (both invariant under the rotation of a Hadamard candidate, so measured in its basis)."""
+    rotation = None if input_rotation_of(linear) is not None else rotation_for(scheme, linear.in_features)
+    weight = rotate_weight(linear.weight, rotation) if rotation else linear.weight.float()
     layer_stats = rotate_stats(stats, rotation) if rotation else stats
     quantized = solver_for(scheme).quantize(weight.clone(), scheme, layer_stats)
     delta = quantized.dequantize(torch.float32).to(weight.device) - weight
     output_error = float(((delta @ layer_stats.xtx) * delta).sum()) / max(1, layer_stats.n_samples)
     if cache is not None:
         cache.weights[(name, scheme.name)] = quantized.to("cpu")
+        if rotation is not None:
+            cache.rotated.add((name, scheme.name))
     return CandidateError(layer=name, scheme=scheme.name, storage_bits=int(quantized.storage_bits),
                           weight_error=float(delta.double().square().sum()), output_error=output_error)
 
@@ -259,7 +272,7 @@ def apply_allocation(model: nn.Module, schemes: dict[str, str], cache: Candidate
     for layer, scheme in schemes.items():
         linear = model.get_submodule(layer)
         weight = cache.get(layer, scheme)
-        apply_quantized(linear, weight.to(linear.weight.device), rotation_for(weight.scheme, linear.in_features))
+        apply_quantized(linear, weight.to(linear.weight.device), cache.rotation(layer, scheme))
         quantized[layer] = weight
     return quantized
 
