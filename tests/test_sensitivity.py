@@ -78,10 +78,13 @@ def test_costs_follow_their_definitions(measured):
     layer, scheme = "model.layers.0.mlp.down_proj", "int2-g32-gptq"
     info, error = table.layers[layer], table.errors[(layer, scheme)]
     assert info.hessian_probes >= 8 and info.hessian_trace_stderr > 0
-    assert table.cost(layer, scheme, "hutchinson") == pytest.approx(max(info.hessian_trace, 0) * error.weight_error)
+    curvature = max(info.hessian_trace, info.hessian_trace_stderr)
+    assert table.cost(layer, scheme, "hutchinson") == pytest.approx(curvature * error.weight_error)
     assert table.cost(layer, scheme, "eigenvalue") == pytest.approx(max(info.top_eigenvalue, 0) * error.weight_error)
     assert table.cost(layer, scheme, "xtx_trace") == pytest.approx(info.xtx_trace / info.in_features * error.weight_error)
-    kfac = max(info.hessian_trace, 0) * info.numel / (info.xtx_trace * info.out_features) * error.output_error
+    noisy = next(i for i in table.layers.values() if i.hessian_trace < i.hessian_trace_stderr)
+    assert table.cost(noisy.name, scheme, "hutchinson") > 0  # a trace lost in its noise still costs something
+    kfac = curvature * info.numel / (info.xtx_trace * info.out_features) * error.output_error
     assert table.cost(layer, scheme, "kfac") == pytest.approx(kfac)
 
 

@@ -79,13 +79,14 @@ class SensitivityTable:
         return [m for m in METRICS if m in have]
 
     def cost(self, layer: str, scheme: str, metric: str) -> float:
-        """Ω of quantizing `layer` with `scheme` under `metric` (curvatures below zero count as zero)."""
+        """Ω of quantizing `layer` with `scheme` under `metric`. A Hutchinson trace is floored at its standard
+        error (a trace indistinguishable from zero must not make the layer free); eigenvalues at zero."""
         info, error = self.layers[layer], self.errors[(layer, scheme)]
         if metric not in self.available_metrics():
             raise QuantbenchError(f"metric {metric!r} was not measured in this sensitivity table; measured: "
                                   f"{', '.join(self.available_metrics())} (add it to allocation.measure)")
         if metric == "hutchinson":
-            return max(info.hessian_trace, 0.0) * error.weight_error
+            return self.curvature(info) * error.weight_error
         if metric == "eigenvalue":
             return max(info.top_eigenvalue, 0.0) * error.weight_error
         if metric == "xtx_trace":
@@ -95,11 +96,16 @@ class SensitivityTable:
         if metric == "output_error":
             return error.output_error
         if metric == "kfac":
-            curvature_per_output = max(info.hessian_trace, 0.0) * info.numel / (info.xtx_trace * info.out_features)
+            curvature_per_output = self.curvature(info) * info.numel / (info.xtx_trace * info.out_features)
             return curvature_per_output * error.output_error if info.xtx_trace > 0 else 0.0
         if metric == "kl":
             return max(error.kl, 0.0)
         raise QuantbenchError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+    @staticmethod
+    def curvature(info: LayerSensitivity) -> float:
+        """tr(H_l)/n_l, at least its standard error."""
+        return max(info.hessian_trace, info.hessian_trace_stderr or 0.0, 0.0)
 
     def save(self, directory: str | Path) -> tuple[Path, Path]:
         """Write `sensitivity.json` (everything) and `sensitivity.csv` (layer × candidate with Ω per metric)."""
