@@ -19,7 +19,6 @@ import argparse
 import json
 import random
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -29,8 +28,7 @@ from quantbench.allocation.baselines import solve_greedy, solve_knapsack_dp, sol
 from quantbench.allocation.ilp import solve_ilp
 from quantbench.allocation.pareto import uniform_points
 from quantbench.allocation.problem import DEFAULT_TIES, Item, Option, Problem, build_problem
-from quantbench.allocation.sensitivity import (CandidateCache, HessianOptions, allocated_weights, candidate_errors,
-                                               loss_hessian_measures, measured_kl)
+from quantbench.allocation.sensitivity import CandidateCache, HessianOptions, allocated_weights, sensitivity_table
 from quantbench.allocation.table import SensitivityTable
 from quantbench.eval.perplexity import perplexity_of_ids
 from quantbench.model_io import load_model, resolve_device
@@ -68,28 +66,22 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 
 
 def measure(args, model, calibration, device, work: Path) -> tuple[SensitivityTable, CandidateCache]:
-    """The sensitivity pass phase by phase, saving the table (and the codes) after each phase."""
+    """The sensitivity pass, saving the table (and the codes) after each phase."""
     candidates = [Scheme.parse(name) for name in args.candidates]
-    cache, seconds = CandidateCache(), {}
-    options = HessianOptions(samples=args.hessian_samples, seqlen=args.hessian_seqlen, max_probes=args.max_probes,
-                             power_iters=args.power_iters)
-    started = time.perf_counter()
-    layers, errors = candidate_errors(model, calibration, lambda name: candidates if re.search(args.layers, name) else [],
-                                      device, cache=cache)
-    seconds["candidates"] = time.perf_counter() - started
-    cache.save(work / "codes.safetensors")
-    table = SensitivityTable(layers, errors, args.candidates, {"seconds": seconds})
-    phases = [("trace", lambda: loss_hessian_measures(model, calibration, layers, device, options, True, False)),
-              ("eigenvalue", lambda: loss_hessian_measures(model, calibration, layers, device, options, False, True)),
-              ("kl", lambda: measured_kl(model, calibration[:args.kl_samples, :args.hessian_seqlen], errors, cache,
-                                         device))]
-    for name, phase in [(name, phase) for name, phase in phases if name in args.measures]:
+    cache, codes_saved = CandidateCache(), []
+
+    def checkpoint(table: SensitivityTable) -> None:
+        if not codes_saved:  # the codes are complete after the first phase
+            cache.save(work / "codes.safetensors")
+            codes_saved.append(True)
         table.save(work)
-        print(json.dumps({"seconds": seconds}), flush=True)
-        started = time.perf_counter()
-        phase()
-        seconds[name] = round(time.perf_counter() - started, 1)
-    table.save(work)
+        print(json.dumps(table.meta), flush=True)
+
+    table = sensitivity_table(model, calibration, lambda name: candidates if re.search(args.layers, name) else [],
+                              device, measure=args.measures,
+                              hessian=HessianOptions(samples=args.hessian_samples, seqlen=args.hessian_seqlen,
+                                                     max_probes=args.max_probes, power_iters=args.power_iters),
+                              kl_samples=args.kl_samples, cache=cache, after_phase=checkpoint)
     return table, cache
 
 

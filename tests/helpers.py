@@ -52,6 +52,15 @@ def write_tiny_task(folder) -> None:
     (folder / "tiny_mc_local.yaml").write_text(yaml.safe_dump(config))
 
 
+def invoke(*args):
+    """Run the `quantbench` command line in-process; arguments may be paths."""
+    from typer.testing import CliRunner
+
+    from quantbench.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -4,13 +4,11 @@ import json
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from helpers import invoke
 
-from quantbench.cli import app
 from quantbench.export.checkpoint import load_quantized
 from quantbench.recipe import parse_recipe
 
-runner = CliRunner()
 ALLOCATION = {"candidates": ["int2-g32-gptq", "int3-g32-gptq", "int4-g32-gptq", "int8-pc-rtn", "hadamard+int3-pc-gptq"],
               "metric": "output_error", "budget": 3.5}
 
@@ -25,10 +23,6 @@ def write_recipe(tmp_path, model_dir, text_file, allocation=None, **sections):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_run_searches_applies_and_exports_the_allocation(tmp_path, model_dir, text_file):

@@ -3,12 +3,9 @@ import json
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
+from helpers import invoke
 
 from quantbench import load_quantized
-from quantbench.cli import app
-
-runner = CliRunner()
 
 
 def make_recipe(tmp_path, model_dir, text_file, **changes):
@@ -25,10 +22,6 @@ def make_recipe(tmp_path, model_dir, text_file, **changes):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_run_writes_result_checkpoint_and_summary(tmp_path, model_dir, text_file):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from quantbench.allocation.ilp import Allocation, allocation_from_choice, check_feasible, solve_ilp
-from quantbench.allocation.problem import Option, Problem
+from quantbench.allocation.problem import Item, Option, Problem
 from quantbench.errors import QuantbenchError
 
 
@@ -77,7 +77,7 @@ def solve_random(problem: Problem, seed: int = 0, time_limit: float = 60.0) -> A
     decrease with size (so the budget is used), with the true costs reported."""
     rng = random.Random(seed)
     shuffled = Problem(
-        [type(item)(item.name, item.layers, item.numel,
+        [Item(item.name, item.layers, item.numel,
                     [Option(o.scheme, rng.random() / (1 + o.bits / item.numel), o.bits, o.latency)
                      for o in item.options]) for item in problem.items],
         problem.max_bits, problem.max_latency, problem.metric, problem.budget)

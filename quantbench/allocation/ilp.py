@@ -9,6 +9,7 @@ costs spanning six orders of magnitude left CBC 0.02% short of the optimum while
 from __future__ import annotations
 
 import time
+from collections import Counter
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +50,7 @@ class Allocation:
                 "solve_seconds": round(self.seconds, 4), **self.extra}
 
     def scheme_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for scheme in self.schemes.values():
-            counts[scheme] = counts.get(scheme, 0) + 1
-        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+        return dict(Counter(self.schemes.values()).most_common())
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

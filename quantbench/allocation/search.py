@@ -37,10 +37,7 @@ def candidates_for(recipe: Recipe):
 
 
 def hessian_options(section: AllocationSection, seed: int) -> HessianOptions:
-    h = section.hessian
-    return HessianOptions(samples=h.samples, seqlen=h.seqlen, batch_size=h.batch_size, rel_stderr=h.rel_stderr,
-                          min_probes=h.min_probes, max_probes=h.max_probes, scope=h.scope,
-                          power_iters=h.power_iters, power_tol=h.power_tol, seed=seed)
+    return HessianOptions(**section.hessian.model_dump(), seed=seed)
 
 
 def measure_sensitivity(model: nn.Module, input_ids: torch.Tensor, recipe: Recipe, device: torch.device,

@@ -136,12 +136,13 @@ def candidate_errors(model: nn.Module, input_ids: torch.Tensor, candidates_for: 
                 shared = {follower: group[0] for group in groups for follower in group[1:]}
                 with collect_stats(linears, set(linears), shared, stop_when_seen=True) as stats:
                     feed_block(block, inputs)
+                rotated: dict = {}  # (id of shared stats, rotation seed) → Rᵀ(Σxᵀx)R, reused across candidates
                 for name, linear in linears.items():
                     full_name = f"{prefix}.{index}.{name}"
                     layers[full_name] = layer_proxies(full_name, linear, stats[name])
                     for scheme in candidates_for(full_name):
                         errors[(full_name, scheme.name)] = quantize_candidate(full_name, linear, scheme,
-                                                                              stats[name], cache)
+                                                                              stats[name], cache, rotated)
                 inputs.hidden = run_block(block, inputs)
             block.to(home)
     finally:
@@ -166,12 +167,18 @@ def top_eigenvalue_psd(matrix: torch.Tensor) -> float:
 
 
 def quantize_candidate(name: str, linear: nn.Linear, scheme: Scheme, stats: LayerStats,
-                       cache: CandidateCache | None) -> CandidateError:
+                       cache: CandidateCache | None, rotated_stats: dict | None = None) -> CandidateError:
     """Quantize a copy of the layer's weight with `scheme` and measure ‖ΔW‖² and tr(ΔW XᵀX ΔWᵀ) per token
     (both invariant under the rotation of a Hadamard candidate, so measured in its basis)."""
     rotation = None if input_rotation_of(linear) is not None else rotation_for(scheme, linear.in_features)
     weight = rotate_weight(linear.weight, rotation) if rotation else linear.weight.float()
-    layer_stats = rotate_stats(stats, rotation) if rotation else stats
+    layer_stats = stats
+    if rotation is not None:
+        key = (id(stats), rotation.seed)
+        rotated_stats = {} if rotated_stats is None else rotated_stats
+        if key not in rotated_stats:
+            rotated_stats[key] = rotate_stats(stats, rotation)
+        layer_stats = rotated_stats[key]
     quantized = solver_for(scheme).quantize(weight.clone(), scheme, layer_stats)
     delta = quantized.dequantize(torch.float32).to(weight.device) - weight
     output_error = float(((delta @ layer_stats.xtx) * delta).sum()) / max(1, layer_stats.n_samples)
@@ -296,26 +303,34 @@ def allocated_weights(model: nn.Module, schemes: dict[str, str], cache: Candidat
 def sensitivity_table(model: nn.Module, input_ids: torch.Tensor, candidates_for: CandidatesFor,
                       device: torch.device, measure: Iterable[str] = (), hessian: HessianOptions = HessianOptions(),
                       kl_samples: int = 4, batch_size: int = 8, progress: bool = True,
-                      cache: CandidateCache | None = None) -> SensitivityTable:
+                      cache: CandidateCache | None = None,
+                      after_phase: Callable[[SensitivityTable], None] | None = None) -> SensitivityTable:
     """The whole stage. `measure` names the costly measures to add to the always-computed ones:
-    `trace` (Hutchinson), `eigenvalue` (power iteration), `kl` (needs a cache; one is made if none given)."""
+    `trace` (Hutchinson), `eigenvalue` (power iteration), `kl` (needs a cache; one is made if none given).
+    `after_phase(table)` is called once the candidates and then each measure are done (to save partial work);
+    `table.meta["seconds"]` holds each phase's time."""
     measure = set(measure)
     cache = cache if cache is not None else CandidateCache()
-    seconds = {}
+    seconds: dict[str, float] = {}
     started = time.perf_counter()
     layers, errors = candidate_errors(model, input_ids, candidates_for, device, batch_size, progress, cache)
     if not layers:
         raise ValueError("no layer has candidates")
-    seconds["candidates"] = time.perf_counter() - started
-    for name in ("trace", "eigenvalue"):
+    seconds["candidates"] = round(time.perf_counter() - started, 2)
+    table = SensitivityTable(layers, errors, list(dict.fromkeys(scheme for _, scheme in errors)),
+                             {"seconds": seconds})
+    phases = {"trace": lambda: loss_hessian_measures(model, input_ids, layers, device, hessian, True, False, progress),
+              "eigenvalue": lambda: loss_hessian_measures(model, input_ids, layers, device, hessian, False, True,
+                                                          progress),
+              "kl": lambda: measured_kl(model, input_ids[:kl_samples, :hessian.seqlen], errors, cache, device,
+                                        progress=progress)}
+    for name, phase in phases.items():
+        if after_phase is not None:
+            after_phase(table)
         if name in measure:
             started = time.perf_counter()
-            loss_hessian_measures(model, input_ids, layers, device, hessian, name == "trace", name == "eigenvalue",
-                                  progress)
-            seconds[name] = time.perf_counter() - started
-    if "kl" in measure:
-        started = time.perf_counter()
-        measured_kl(model, input_ids[:kl_samples, :hessian.seqlen], errors, cache, device, progress=progress)
-        seconds["kl"] = time.perf_counter() - started
-    candidates = list(dict.fromkeys(scheme for _, scheme in errors))
-    return SensitivityTable(layers, errors, candidates, {"seconds": {k: round(v, 2) for k, v in seconds.items()}})
+            phase()
+            seconds[name] = round(time.perf_counter() - started, 2)
+    if after_phase is not None:
+        after_phase(table)
+    return table
