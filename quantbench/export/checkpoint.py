@@ -34,6 +34,8 @@ from torch import nn
 
 from quantbench.activations import input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.errors import QuantbenchError
+from quantbench.export.kernels.layout import kernel_unsupported_reason, to_kernel_layout
+from quantbench.export.kernels.modules import PackedLinear
 from quantbench.fsutil import atomic_directory
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
 from quantbench.quantizers.fwht import RandomHadamard
@@ -156,11 +158,15 @@ def checkpoint_layers(directory: str | Path) -> list[CheckpointLayer]:
 
 
 def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> nn.Module:
+                   dtype: torch.dtype | None = None, kernels: bool = False) -> nn.Module:
     """Rebuild the model of a quantbench checkpoint, its quantized linears holding the dequantized weights.
 
     The weights equal those of the in-memory quantized model that was saved, and layers that rotated or
     quantized their inputs online do so again, so logits match exactly.
+
+    `kernels=True` instead swaps every layer a packed-weight kernel can run (export/kernels) for a
+    `PackedLinear` that keeps only the packed tensors; the others keep their dequantized weights.
+    `model.quantbench_kernel_skips` names each layer left dense and why.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -174,12 +180,18 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     with _skip_weight_init():  # every weight is overwritten below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = load_file(str(directory / WEIGHTS_FILE))
-    schemes = {}
+    schemes, skipped = {}, {}
     for name, entry in qconfig["layers"].items():
         scheme = schemes[name] = Scheme(**{k: v for k, v in entry.items() if k in Scheme.model_fields})
         packed = {s: tensors.pop(f"{name}.{s}") for s in PACKED_SUFFIXES if f"{name}.{s}" in tensors}
-        weight = unpack_weight(scheme, tuple(entry["shape"]), packed).dequantize(dtype)
-        tensors[f"{name}.weight"] = weight
+        weight = unpack_weight(scheme, tuple(entry["shape"]), packed)
+        reason = kernel_unsupported_reason(weight) if kernels else "kernels off"
+        if reason is None:
+            linear = model.get_submodule(name)
+            _set_module(model, name, PackedLinear(to_kernel_layout(weight), linear.bias))
+        else:
+            skipped[name] = reason
+            tensors[f"{name}.weight"] = weight.dequantize(dtype)
     result = model.load_state_dict(tensors, strict=False)
     missing = set(result.missing_keys) - set(qconfig.get("tied", {}))
     if missing or result.unexpected_keys:
@@ -194,6 +206,8 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
         quantize_inputs_of(model.get_submodule(name), scheme.activations)
     if qconfig.get("model_rotation"):
         setattr(model, MODEL_ROTATION_ATTR, qconfig["model_rotation"])
+    if kernels:
+        model.quantbench_kernel_skips = skipped
     return model.to(device).eval()
 
 
@@ -211,6 +225,11 @@ def _skip_weight_init():
     except ImportError:  # older transformers: initialise normally (slower, same result)
         return contextlib.nullcontext()
     return no_init_weights()
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
 
 
 def _set_parameter(model: nn.Module, key: str, param: nn.Parameter) -> None:

@@ -1,0 +1,218 @@
+"""Packed-weight matmul kernels against fp16 torch.matmul, and decode speed of a random 1B-class Llama.
+
+Per shape (inputs K × outputs N) and batch: GPU time per call measured with CUDA events around CUDA
+graphs of (L2 flush, call) × n minus graphs of the flushes alone (a 4-bit 8192² weight fits in an H100's
+L2; graphs remove the host's launch overhead, as in a graph-captured decode step), the achieved bandwidth (bytes the
+call must read and write / time) as a share of the device's HBM bandwidth, and the speed-up over fp16.
+
+    python bench/kernels.py --device cuda [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantbench.export.kernels import PackedLinear, packed_matmul, to_kernel_layout  # noqa: E402
+from quantbench.export.kernels.layout import KernelWeight  # noqa: E402
+from quantbench.export.kernels.matmul import graph_time_ms  # noqa: E402
+from quantbench.quantized_weight import QuantizedWeight  # noqa: E402
+from quantbench.scheme import Scheme  # noqa: E402
+from quantbench.trit_planes import TritPlaneWeight  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # (K inputs, N outputs)
+BATCHES = [1, 4, 16]
+HBM_BYTES_PER_S = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+VARIANTS = {"int4-g128 act_order": "int4-g128-gptq-act", "ternary2": "ternary2-ptqtp", "mxfp4": "mxfp4-rtn"}
+
+
+def random_weight(scheme_name: str, n: int, k: int, device) -> QuantizedWeight | TritPlaneWeight:
+    """Random codes and plausible scales in a scheme's stored form (timing does not need real values)."""
+    scheme = Scheme.parse(scheme_name)
+    g = torch.Generator(device=device).manual_seed(0)
+    if scheme.format == "ternary":
+        planes = torch.randint(-1, 2, (2, n, k), generator=g, device=device, dtype=torch.int8)
+        scales = (torch.rand(2, n, 1, generator=g, device=device) * 0.02).half()
+        return TritPlaneWeight(scheme, planes, scales)
+    codes = torch.randint(0, 16, (n, k), generator=g, device=device, dtype=torch.uint8)
+    if scheme.format == "mxfp4":
+        scales = torch.randint(118, 124, (n, k // 32), generator=g, device=device, dtype=torch.uint8)
+        return QuantizedWeight(scheme, codes, scales, None)
+    groups = -(-k // 128)
+    scales = (torch.rand(n, groups, generator=g, device=device) * 0.01).half()
+    zeros = torch.randint(0, 16, (n, groups), generator=g, device=device, dtype=torch.uint8)
+    order = torch.randperm(k, generator=g, device=device)
+    g_idx = torch.empty(k, dtype=torch.int32, device=device)
+    g_idx[order] = (torch.arange(k, device=device) // 128).int()
+    return QuantizedWeight(scheme, codes, scales, zeros, g_idx)
+
+
+def peak_bandwidth(device) -> tuple[str, float | None]:
+    name = torch.cuda.get_device_name(device)
+    for key, value in HBM_BYTES_PER_S.items():
+        if key in name:
+            return name, value
+    return name, None
+
+
+def measured_copy_bandwidth(device) -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    stop.record()
+    stop.synchronize()
+    return 2 * src.numel() * 10 / (start.elapsed_time(stop) / 1e3)
+
+
+class Timer:
+    def __init__(self, repeat: int):
+        self.repeat = repeat
+
+    def __call__(self, fn) -> float:
+        """Median µs per call on a cold L2 cache, replayed from CUDA graphs (no host launch overhead)."""
+        return 1e3 * graph_time_ms(fn, calls=self.repeat, rounds=5)
+
+
+def kernel_bytes(weight: KernelWeight, batch: int, k: int, n: int) -> int:
+    return weight.stored_bytes + 2 * batch * (k + n)
+
+
+def bench_matmuls(device, timer: Timer, peak: float | None, shapes, batches) -> list[dict]:
+    rows = []
+    for k, n in shapes:
+        dense = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
+        weights = {label: to_kernel_layout(random_weight(name, n, k, device)) for label, name in VARIANTS.items()}
+        for batch in batches:
+            x = torch.randn(batch, k, device=device, dtype=torch.float16)
+            fp16_us = timer(lambda: torch.matmul(x, dense.t()))
+            row = {"shape": f"{k}x{n}", "batch": batch, "fp16_us": fp16_us,
+                   "fp16_pct_hbm": _pct(2 * n * k + 2 * batch * (k + n), fp16_us, peak)}
+            for label, weight in weights.items():
+                us = timer(lambda: packed_matmul(x, weight))
+                row[label] = {"us": us, "speedup": fp16_us / us,
+                              "pct_hbm": _pct(kernel_bytes(weight, batch, k, n), us, peak)}
+            rows.append(row)
+            print(_format_row(row), flush=True)
+    return rows
+
+
+def _pct(nbytes: int, us: float, peak: float | None) -> float | None:
+    return None if peak is None else 100 * nbytes / (us * 1e-6) / peak
+
+
+def _format_row(row: dict) -> str:
+    parts = [f"{row['shape']:>11} b{row['batch']:<3} fp16 {row['fp16_us']:7.1f} µs"]
+    for label in VARIANTS:
+        r = row[label]
+        pct = "" if r["pct_hbm"] is None else f" {r['pct_hbm']:4.0f}%"
+        parts.append(f"{label} {r['us']:7.1f} µs ×{r['speedup']:.2f}{pct}")
+    return " | ".join(parts)
+
+
+def quantize_model(model, scheme_name: str | None, device) -> None:
+    """Swap every linear of the decoder blocks for a PackedLinear holding random codes of `scheme_name`."""
+    if scheme_name is None:
+        return
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            weight = random_weight(scheme_name, module.out_features, module.in_features, device)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.model.layers.get_submodule(parent), attr, PackedLinear(to_kernel_layout(weight)))
+
+
+def decode_speed(device, new_tokens: int, prompt: int) -> list[dict]:
+    from transformers import StaticCache
+
+    from random_models import build_random_llama
+
+    rows = []
+    for label, scheme_name in [("fp16", None), *VARIANTS.items()]:
+        model = build_random_llama("1b", torch.float16).to(device)
+        quantize_model(model, scheme_name, device)
+        weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
+                                                                 *model.model.layers.buffers()])
+        cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens + 8)
+        ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
+        with torch.no_grad():
+            logits = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=device),
+                           use_cache=True).logits
+            token = logits[:, -1:].argmax(-1)
+            position = torch.tensor([prompt], device=device)
+
+            def step():
+                out = model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
+                token.copy_(out[:, -1:].argmax(-1))
+                position.add_(1)
+
+            for _ in range(3):  # tunes the kernels' tiles and warms up
+                step()
+            eager_tok_s = _tokens_per_s(step, 16, device)
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step()
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph):
+                step()
+            graph_tok_s = _tokens_per_s(graph.replay, new_tokens - 24, device)
+        rows.append({"model": label, "block_weight_bytes": weight_bytes, "eager_tok_s": eager_tok_s,
+                     "cuda_graph_tok_s": graph_tok_s})
+        print(f"decode {label:>20}: {graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
+              f"decoder weights {weight_bytes / 2**20:.0f} MiB", flush=True)
+        del model, cache, graph
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _tokens_per_s(step, n: int, device) -> float:
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize(device)
+    return n / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
+    parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        raise SystemExit("bench/kernels.py times GPU kernels; run it with --device cuda on a GPU")
+    name, peak = peak_bandwidth(device)
+    copy_bw = measured_copy_bandwidth(device)
+    print(f"{time.strftime('%Y-%m-%d')} {name}, torch {torch.__version__}; HBM peak "
+          f"{'unknown' if peak is None else f'{peak / 1e12:.2f} TB/s'}, device copy {copy_bw / 1e12:.2f} TB/s")
+    result = {"device": name, "torch": torch.__version__, "peak_bytes_per_s": peak, "copy_bytes_per_s": copy_bw,
+              "matmul": bench_matmuls(device, Timer(args.repeat), peak,
+                                             [tuple(map(int, s.split("x"))) for s in args.shapes], args.batches)}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    if not args.skip_decode:
+        result["decode"] = decode_speed(device, args.new_tokens, args.prompt)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The layout the matmul kernels read: a quantized [N, K] weight (N outputs, K inputs) packed along K into
+int32 words with the output dimension contiguous, so a program that owns a tile of outputs loads whole
+cache lines.
+
+  qweight  int32 [K / per_word, N]   per_word = 32 / bits codes of one output column per word: word
+                                     [j, n] holds inputs k = j·per_word + i at bits [i·bits, (i+1)·bits)
+                                     (GPTQ's `qweight` layout for 2, 4 and 8 bits)
+  scales   [G, N]                    int grids: float16 scales per group of `group` consecutive inputs;
+           [2, G, N]                 ternary: float16 α of each plane;
+           uint8 [K / 32, N]         mxfp4: E8M0 exponents of each block of 32 inputs
+  zeros    uint8 [G, N] or None      int grids: asymmetric zero points
+  perm     int64 [K] or None         act_order: stored input k is original input perm[k] (inputs sorted by
+                                     group), so a matmul gathers x[:, perm] once and then sees contiguous groups
+
+Codes by kind: `int` unsigned codes, w = (q − z)·s (symmetric: z = 2^(bits−1)); `ternary` 4-bit codes
+holding two trits t1 = (q & 3) − 1 and t2 = (q >> 2) − 1, w = α1·t1 + α2·t2; `mxfp4` E2M1 codes
+[sign | e1 e0 | m], w = e2m1(q)·2^(E − 127).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from quantbench.export.packing import pack_bits, unpack_bits
+from quantbench.quantized_weight import QuantizedWeight
+from quantbench.trit_planes import TritPlaneWeight
+
+KERNEL_INT_BITS = (2, 4, 8)  # widths that fill an int32 word exactly
+MX_BLOCK = 32
+
+
+@dataclass
+class KernelWeight:
+    kind: str  # "int" | "ternary" | "mxfp4"
+    bits: int
+    shape: tuple[int, int]  # (N, K) as the nn.Linear weight
+    group: int  # inputs per scale (per-channel: K)
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def n_groups(self) -> int:
+        return math.ceil(self.shape[1] / self.group)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def codes(self) -> torch.Tensor:
+        """uint8 [N, K] codes in stored (permuted) input order."""
+        return unpack_bits(self.qweight.T.contiguous(), self.bits, self.shape[1])
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def kernel_unsupported_reason(weight: QuantizedWeight | TritPlaneWeight) -> str | None:
+    """Why no kernel runs this weight (None when one does)."""
+    scheme = weight.scheme
+    out_features, in_features = weight.shape
+    if scheme.format == "ternary":
+        if scheme.planes != 2:
+            return f"the ternary kernel runs two planes, not {scheme.planes}"
+    elif scheme.format == "mxfp4":
+        pass
+    elif scheme.format != "int":
+        return f"no kernel for {scheme.format}"
+    elif scheme.bits not in KERNEL_INT_BITS:
+        return f"the int kernels pack {'/'.join(map(str, KERNEL_INT_BITS))} bits per word, not {scheme.bits}"
+    group = weight.group_size
+    if group < in_features and (group & (group - 1) or group < 8):
+        return f"group size {group} is not a power of two ≥ 8"
+    if in_features % 32:
+        return f"{in_features} inputs are not a multiple of 32"
+    if isinstance(weight, QuantizedWeight) and weight.g_idx is not None and _act_order_perm(weight) is None:
+        return "its g_idx does not give every group its full size"
+    return None
+
+
+def to_kernel_layout(weight: QuantizedWeight | TritPlaneWeight) -> KernelWeight:
+    """Repack a stored weight for the kernels: packed tensors in, packed tensors out."""
+    reason = kernel_unsupported_reason(weight)
+    if reason is not None:
+        raise ValueError(f"no kernel for {weight.scheme.name}: {reason}")
+    out_features, in_features = weight.shape
+    group = weight.group_size if weight.group_size < in_features else in_features
+    if isinstance(weight, TritPlaneWeight):
+        pairs = (weight.planes[0] + 1).to(torch.uint8) | ((weight.planes[1] + 1).to(torch.uint8) << 2)
+        return KernelWeight("ternary", 4, (out_features, in_features), group, _pack_columns(pairs, 4),
+                            weight.scales.transpose(1, 2).contiguous())
+    if weight.scheme.format == "mxfp4":
+        return KernelWeight("mxfp4", 4, (out_features, in_features), MX_BLOCK, _pack_columns(weight.codes, 4),
+                            weight.scales.T.contiguous())
+    bits = weight.scheme.bits
+    codes, perm = weight.codes, None
+    if weight.g_idx is not None:
+        perm = _act_order_perm(weight)
+        codes = codes[:, perm]
+    zeros = weight.zeros.T.contiguous() if weight.zeros is not None else None
+    return KernelWeight("int", bits, (out_features, in_features), group, _pack_columns(codes, bits),
+                        weight.scales.T.contiguous(), zeros, perm)
+
+
+def _pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return pack_bits(codes, bits).T.contiguous()
+
+
+def _act_order_perm(weight: QuantizedWeight) -> torch.Tensor | None:
+    """The stable sort of the inputs by group, if it leaves group g on inputs [g·G, (g+1)·G)."""
+    g_idx = weight.g_idx.long()
+    perm = torch.argsort(g_idx, stable=True)
+    expected = torch.arange(g_idx.numel(), device=g_idx.device) // weight.group_size
+    return perm if torch.equal(g_idx[perm], expected) else None

@@ -1,0 +1,41 @@
+"""`PackedLinear`: an nn.Linear replacement that keeps only the kernel-layout tensors and multiplies
+through `packed_matmul`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantbench.export.kernels.layout import KernelWeight
+from quantbench.export.kernels.matmul import packed_matmul
+from quantbench.export.kernels.reference import dequantize_kernel_weight
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, weight: KernelWeight, bias: torch.Tensor | None = None, backend: str = "auto"):
+        super().__init__()
+        self.kind, self.bits, self.group = weight.kind, weight.bits, weight.group
+        self.out_features, self.in_features = weight.shape
+        self.backend = backend
+        for name in ("qweight", "scales", "zeros", "perm"):
+            self.register_buffer(name, getattr(weight, name))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def kernel_weight(self) -> KernelWeight:
+        return KernelWeight(self.kind, self.bits, (self.out_features, self.in_features), self.group,
+                            self.qweight, self.scales, self.zeros, self.perm)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, decoded on demand (for code that inspects `.weight`; not kept)."""
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        return dequantize_kernel_weight(self.kernel_weight).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = packed_matmul(x, self.kernel_weight, self.backend)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
+                f"bits={self.bits}, group={self.group}, act_order={self.perm is not None}")

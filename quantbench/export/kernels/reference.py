@@ -1,0 +1,57 @@
+"""Torch fallback of the packed matmul: decode a slab of inputs at a time from the kernel layout and
+accumulate x·Wᵀ in float32, so no dequantized copy of the whole weight ever exists."""
+
+from __future__ import annotations
+
+import torch
+
+from quantbench.export.kernels.layout import KernelWeight
+from quantbench.formats.fp import E2M1, pow2
+from quantbench.formats.mx import E8M0_BIAS
+
+SLAB_INPUTS = 1024  # inputs decoded per step: bounds the temporary to N × 1024 floats
+
+
+def decode_slab(weight: KernelWeight, start: int, stop: int) -> torch.Tensor:
+    """float32 [stop − start, N]: the weight's (permuted) inputs [start, stop) decoded; start and stop
+    multiples of the group and of the word."""
+    per_word = weight.per_word
+    words = weight.qweight[start // per_word: stop // per_word]
+    shifts = torch.arange(per_word, device=words.device, dtype=torch.int32) * weight.bits
+    codes = ((words.unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << weight.bits) - 1)).flatten(0, 1)
+    rows = torch.arange(start, stop, device=codes.device) // weight.group
+    if weight.kind == "int":
+        zero = (weight.zeros[rows].float() if weight.zeros is not None
+                else torch.full((), float(1 << (weight.bits - 1)), device=codes.device))
+        return (codes.float() - zero) * weight.scales[rows].float()
+    if weight.kind == "ternary":
+        scales = weight.scales[:, rows].float()
+        return ((codes & 3).float() - 1) * scales[0] + ((codes >> 2).float() - 1) * scales[1]
+    if weight.kind == "mxfp4":
+        return E2M1.decode(codes.to(torch.uint8)) * pow2(weight.scales[rows].to(torch.int32) - E8M0_BIAS)
+    raise ValueError(f"unknown kernel weight kind {weight.kind!r}")
+
+
+def packed_matmul_reference(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
+    """x [M, K] (original input order) → x·Wᵀ [M, N] in x's dtype."""
+    n_out, n_in = weight.shape
+    if weight.perm is not None:
+        x = x[:, weight.perm]
+    x32 = x.float()
+    out = torch.zeros(x.shape[0], n_out, dtype=torch.float32, device=x.device)
+    step = max(SLAB_INPUTS // weight.group, 1) * weight.group if weight.group < n_in else SLAB_INPUTS
+    step = max(step - step % weight.per_word, weight.per_word)
+    for start in range(0, n_in, step):
+        stop = min(start + step, n_in)
+        out += x32[:, start:stop] @ decode_slab(weight, start, stop)
+    return out.to(x.dtype)
+
+
+def dequantize_kernel_weight(weight: KernelWeight) -> torch.Tensor:
+    """float32 [N, K] in the original input order (tests and debugging)."""
+    dense = decode_slab(weight, 0, weight.shape[1]).T
+    if weight.perm is None:
+        return dense.contiguous()
+    out = torch.empty_like(dense)
+    out[:, weight.perm] = dense
+    return out
