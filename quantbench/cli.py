@@ -312,6 +312,24 @@ def report(runs_dir: Path = typer.Argument(..., help="folder searched recursivel
 
 
 @app.command()
+def export(checkpoint: Path = typer.Argument(..., help="quantbench checkpoint (or run) directory"),
+           to: str = typer.Option(..., "--to", help="gptq or compressed-tensors"),
+           out: Path = typer.Option(..., "--out", help="directory to write"),
+           force: bool = typer.Option(False, "--force", help="replace an existing directory")) -> None:
+    """Write a checkpoint in an interop format (GPTQ, compressed-tensors) that other runtimes load."""
+    from quantbench.export.checkpoint import resolve_checkpoint_dir
+    from quantbench.export.targets import EXPORTERS, export_checkpoint
+
+    if to not in EXPORTERS:
+        _fail(QuantbenchError(f"--to must be one of {', '.join(EXPORTERS)}, not {to!r}"))
+    try:
+        written = export_checkpoint(to, resolve_checkpoint_dir(checkpoint), out, force)
+    except QuantbenchError as exc:
+        _fail(exc)
+    console.print(f"wrote {written} ({to})")
+
+
+@app.command()
 def inspect(checkpoint: Path = typer.Argument(..., help="quantbench checkpoint (or run) directory"),
             as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
     """Per-layer table of a checkpoint: scheme, shape, bits/weight, stored bytes."""

@@ -283,7 +283,8 @@ class AllocationSection(_Section):
 class ExportSection(_Section):
     enabled: bool = True
     dir: str | None = Field(None, description="default: <output.dir>/checkpoint")
-    format: Literal["quantbench"] = "quantbench"
+    format: Literal["quantbench", "gptq", "compressed-tensors"] = Field(
+        "quantbench", description="gptq / compressed-tensors: also write <run dir>/checkpoint-<format>")
 
 
 class OutputSection(_Section):

@@ -21,6 +21,7 @@ from quantbench.calibration import calibration_batches
 from quantbench.errors import QuantbenchError
 from quantbench.eval.harness import evaluate_perplexity, evaluate_tasks, tokenize_eval_sets
 from quantbench.export.checkpoint import RUN_CHECKPOINT_DIR, save_quantized, write_checkpoint
+from quantbench.export.targets import NATIVE, check_expressible, export_checkpoint
 from quantbench.fsutil import atomic_directory, refuse_existing
 from quantbench.model_io import load_model, model_linears, resolve_device, resolve_dtype
 from quantbench.pipeline import StageTimer, quantize_linear, quantize_model, untie_lm_head
@@ -81,6 +82,8 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
                                        hessian=recipe.quantize.hessian)
         if recipe.quantize.lm_head is not None:
             quantized["lm_head"] = quantize_linear(untie_lm_head(model), recipe.quantize.lm_head)
+    if recipe.export.enabled:
+        check_expressible(recipe.export.format, model, quantized)
     with timer("eval_quantized"):
         quantized_ppl = evaluate_perplexity(model, eval_ids, recipe.eval, device, progress)
     quantized_tasks = None
@@ -114,6 +117,10 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
                     save_quantized(model, tokenizer, quantized, recipe.export_dir, force=force)
                 else:
                     write_checkpoint(model, tokenizer, quantized, tmp / RUN_CHECKPOINT_DIR)
+                if recipe.export.format != NATIVE:
+                    native = recipe.export_dir if recipe.export.dir else tmp / RUN_CHECKPOINT_DIR
+                    export_checkpoint(recipe.export.format, native, tmp / f"{RUN_CHECKPOINT_DIR}-{recipe.export.format}")
+                    result["interop_checkpoint"] = str(run_dir / f"{RUN_CHECKPOINT_DIR}-{recipe.export.format}")
             result["checkpoint"] = str(recipe.export_dir)
         timer.seconds["total"] = time.perf_counter() - started
         result.update(timings_s=timer.summary(), quantize_breakdown_s=stages.summary(),

@@ -27,6 +27,9 @@ def _use_offline_assets() -> None:
 
 
 _use_offline_assets()
+# Without a GPU, Triton kernels run in Triton's interpreter (set before triton is first imported).
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -18,7 +18,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.backend = backend
         for name in ("qweight", "scales", "zeros", "perm"):
-            self.register_buffer(name, getattr(weight, name))
+            self.register_buffer(name, getattr(weight, name), persistent=False)  # built from the checkpoint
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @property

@@ -37,12 +37,13 @@ def _small_int_to_float(q):
 
 
 @triton.jit
-def _params(ptr, offs_k, k0, offs_n, mask_n, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+def _params(ptr, offs_k, k0, offs_n, mask_n, K, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
     """The per-group tensor at (input, output): one row per tile when a group spans the tile."""
     if GROUP >= BLOCK_K:
         values = tl.load(ptr + (k0 // GROUP) * N + offs_n, mask=mask_n, other=0)[None, :]
     else:
-        values = tl.load(ptr + (offs_k // GROUP)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+        values = tl.load(ptr + (offs_k // GROUP)[:, None] * N + offs_n[None, :],
+                         mask=(offs_k < K)[:, None] & mask_n[None, :], other=0)
     return values
 
 
@@ -65,17 +66,17 @@ def _dequantized_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, K, N, n_groups,
         words = tl.load(w_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :],
                         mask=(offs_k < K)[:, None] & mask_n[None, :], other=0)
         codes = (words >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
-    scale = _params(s_ptr, offs_k, k0, offs_n, mask_n, N, GROUP, BLOCK_K)
+    scale = _params(s_ptr, offs_k, k0, offs_n, mask_n, K, N, GROUP, BLOCK_K)
     if KIND == 0:
         scale = scale.to(tl.float32)
         if HAS_ZEROS:
-            zero = _params(z_ptr, offs_k, k0, offs_n, mask_n, N, GROUP, BLOCK_K).to(tl.float32)
+            zero = _params(z_ptr, offs_k, k0, offs_n, mask_n, K, N, GROUP, BLOCK_K).to(tl.float32)
         else:
             zero = (1 << (BITS - 1)) * 1.0
         w = _small_int_to_float(codes) * scale - zero * scale
     elif KIND == 1:
         first = scale.to(tl.float32)
-        second = _params(s_ptr + n_groups * N, offs_k, k0, offs_n, mask_n, N, GROUP, BLOCK_K).to(tl.float32)
+        second = _params(s_ptr + n_groups * N, offs_k, k0, offs_n, mask_n, K, N, GROUP, BLOCK_K).to(tl.float32)
         w = _small_int_to_float(codes & 3) * first + _small_int_to_float(codes >> 2) * second - (first + second)
     else:
         w = _e2m1(codes) * tl.exp2(scale.to(tl.float32) - 127.0)

@@ -1,0 +1,140 @@
+"""Packed-weight matmuls: the torch fallback and the Triton kernels (through Triton's interpreter on
+CPU) against the dequantized weight, and load_quantized(kernels=True)."""
+
+import pytest
+import torch
+from helpers import tiny_llama
+
+from quantbench import load_quantized, save_quantized
+from quantbench.export.kernels import PackedLinear, kernel_unsupported_reason, packed_matmul, to_kernel_layout
+from quantbench.export.kernels.matmul import TileConfig
+from quantbench.export.kernels.reference import dequantize_kernel_weight
+from quantbench.pipeline import quantize_model
+from quantbench.quantized_weight import QuantizedWeight
+from quantbench.quantizers.rtn import quantize_rtn
+from quantbench.recipe import QuantizeSection
+from quantbench.scheme import Scheme
+from quantbench.trit_planes import TritPlaneWeight
+
+OUT, IN = 80, 256
+
+
+def weight(seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(OUT, IN) * torch.rand(OUT, 1)
+
+
+def act_order_weight(bits: int = 4, group: int = 32, seed: int = 1) -> QuantizedWeight:
+    """An int layer whose groups were formed in a random input order, as GPTQ's act_order leaves them."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(IN, generator=g)
+    g_idx = torch.empty(IN, dtype=torch.int32)
+    g_idx[order] = (torch.arange(IN) // group).int()
+    n_groups = IN // group
+    return QuantizedWeight(Scheme.parse(f"int{bits}-g{group}-gptq-act"),
+                           torch.randint(0, 1 << bits, (OUT, IN), generator=g, dtype=torch.uint8),
+                           (torch.rand(OUT, n_groups, generator=g) * 0.1 + 0.01).half(),
+                           torch.randint(0, 1 << bits, (OUT, n_groups), generator=g, dtype=torch.uint8), g_idx)
+
+
+def ternary_weight(group: int | None, seed: int = 2) -> TritPlaneWeight:
+    g = torch.Generator().manual_seed(seed)
+    n_groups = 1 if group is None else IN // group
+    name = "ternary2-ptqtp" if group is None else f"ternary2-g{group}-ptqtp"
+    return TritPlaneWeight(Scheme.parse(name), torch.randint(-1, 2, (2, OUT, IN), generator=g, dtype=torch.int8),
+                           (torch.rand(2, OUT, n_groups, generator=g) * 0.1).half())
+
+
+def stored_weights():
+    w = weight()
+    for name in ("int4-g128-rtn", "int4-g32-sym-rtn", "int4-pc-rtn", "int2-g64-rtn", "int8-pc-rtn", "mxfp4-rtn"):
+        yield name, quantize_rtn(w, Scheme.parse(name))
+    yield "int4-g32 act_order", act_order_weight(4)
+    yield "int8-g64 act_order", act_order_weight(8, 64)
+    yield "ternary2 per row", ternary_weight(None)
+    yield "ternary2-g64", ternary_weight(64)
+
+
+WEIGHTS = dict(stored_weights())
+
+
+@pytest.mark.parametrize("label", WEIGHTS)
+def test_kernel_layout_decodes_to_the_stored_weight_exactly(label):
+    stored = WEIGHTS[label]
+    assert torch.equal(dequantize_kernel_weight(to_kernel_layout(stored)), stored.dequantize())
+
+
+@pytest.mark.parametrize("label", WEIGHTS)
+@pytest.mark.parametrize("batch", [1, 3, 20])
+def test_torch_fallback_equals_the_dequantized_matmul(label, batch):
+    stored = WEIGHTS[label]
+    x = torch.randn(batch, IN)
+    expected = x @ stored.dequantize().T
+    got = packed_matmul(x, to_kernel_layout(stored), backend="torch")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+TRITON_CONFIGS = {
+    "decode": TileConfig(1, 32, 64, 1),
+    "decode split-k": TileConfig(1, 16, 32, 4),
+    "decode rows per word": TileConfig(1, 32, 64, 2, expand=False),
+    "dot": TileConfig(16, 32, 64, 1),
+    "dot split-k": TileConfig(16, 16, 32, 2, expand=False),
+}
+
+
+@pytest.mark.parametrize("label", WEIGHTS)
+@pytest.mark.parametrize("config", TRITON_CONFIGS)
+def test_triton_kernel_equals_the_dequantized_matmul(label, config):
+    stored = WEIGHTS[label]
+    tile = TRITON_CONFIGS[config]
+    x = torch.randn(1 if tile.block_m == 1 else 5, IN)
+    expected = x @ stored.dequantize().T
+    got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=tile)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_triton_kernel_handles_inputs_that_do_not_fill_a_tile():
+    stored = quantize_rtn(torch.randn(50, 96), Scheme.parse("int4-g32-rtn"))  # 96 inputs, 50 outputs
+    x = torch.randn(2, 96)
+    got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=TileConfig(16, 32, 64, 1))
+    torch.testing.assert_close(got, x @ stored.dequantize().T, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name, why", [
+    ("int3-g32-rtn", "3"), ("mxfp6e2m3-rtn", "mxfp6e2m3"), ("nvfp4-rtn", "nvfp4"), ("ternary1-ptqtp", "two planes"),
+])
+def test_layers_without_a_kernel_say_why(name, why):
+    reason = kernel_unsupported_reason(quantize_rtn(weight(), Scheme.parse(name)) if "ternary" not in name
+                                       else TritPlaneWeight(Scheme.parse(name), torch.zeros(1, OUT, IN, dtype=torch.int8),
+                                                            torch.ones(1, OUT, 1).half()))
+    assert reason is not None and why in reason
+    assert "multiple of 32" in kernel_unsupported_reason(quantize_rtn(torch.randn(8, 48), Scheme.parse("int4-g16-rtn")))
+
+
+def test_load_with_kernels_swaps_in_packed_modules(tmp_path, tokenizer):
+    model = tiny_llama()
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    section = QuantizeSection(default="int4-g32-gptq-act",
+                              overrides=[{"pattern": "mlp.down_proj", "scheme": "ternary2-ptqtp"},
+                                         {"pattern": "o_proj", "scheme": "int3-g32-rtn"},
+                                         {"pattern": "layers.1.mlp.up_proj", "scheme": "mxfp4-rtn"}])
+    quantized = quantize_model(model, ids, section.scheme_for, torch.device("cpu"), progress=False)
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    dense = load_quantized(tmp_path / "ckpt")
+    packed = load_quantized(tmp_path / "ckpt", kernels=True)
+    kinds = {name: m.kind for name, m in packed.named_modules() if isinstance(m, PackedLinear)}
+    assert set(kinds) == set(quantized) - set(packed.quantbench_kernel_skips)
+    assert set(packed.quantbench_kernel_skips) == {f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)}
+    assert {"int", "ternary", "mxfp4"} == set(kinds.values())
+    assert not any(name.removesuffix(".weight") in kinds for name, _ in packed.named_parameters())
+    with torch.no_grad():
+        expected = dense(ids).logits
+        torch.testing.assert_close(packed(ids).logits, expected, rtol=1e-4, atol=1e-4)
+        for module in packed.modules():
+            if isinstance(module, PackedLinear):
+                module.backend = "triton"
+        torch.testing.assert_close(packed(ids).logits, expected, rtol=1e-3, atol=1e-3)
+    packed_bytes = sum(b.numel() * b.element_size() for n, b in packed.named_buffers() if n.rsplit(".", 1)[0] in kinds)
+    dense_bytes = sum(dense.get_submodule(n).weight.numel() * 4 for n in kinds)
+    assert packed_bytes < dense_bytes / 5
