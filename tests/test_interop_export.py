@@ -1,0 +1,151 @@
+"""GPTQ and compressed-tensors exports: the documented layouts by hand, round trips through our GPTQ
+reader, and compressed-tensors' own decompressors."""
+
+import json
+
+import pytest
+import torch
+from helpers import invoke, tiny_llama
+
+from quantbench import load_quantized, save_quantized
+from quantbench.errors import QuantbenchError
+from quantbench.export.compressed_tensors_format import export_compressed_tensors
+from quantbench.export.gptq_format import export_gptq, gptq_tensors, read_gptq
+from quantbench.pipeline import quantize_model
+from quantbench.quantized_weight import QuantizedWeight
+from quantbench.recipe import QuantizeSection
+from quantbench.scheme import Scheme
+
+IDS = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(3))
+
+
+def native_checkpoint(path, tokenizer, default, overrides=()):
+    model = tiny_llama()
+    section = QuantizeSection(default=default, overrides=list(overrides))
+    quantized = quantize_model(model, IDS, section.scheme_for, torch.device("cpu"), progress=False)
+    save_quantized(model, tokenizer, quantized, path)
+    return quantized
+
+
+def signed32(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def hand_packed(codes: list[list[int]], bits: int) -> torch.Tensor:
+    """The documented GPTQ packing, one column at a time: input k at bits [k·b, (k+1)·b) of the column's
+    little-endian stream, 32 bits per word."""
+    columns = []
+    for column in codes:
+        stream = sum(code << (bits * k) for k, code in enumerate(column))
+        columns.append([signed32((stream >> (32 * j)) & 0xFFFFFFFF) for j in range(len(column) * bits // 32)])
+    return torch.tensor(columns, dtype=torch.int32).T
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2, 8])
+def test_gptq_tensors_match_a_hand_packed_layer(bits):
+    out_features, in_features, group = 32, 64, 16
+    codes = [[(7 * n + 3 * k) % (1 << bits) for k in range(in_features)] for n in range(out_features)]
+    zeros = [[1 + (n + g) % ((1 << bits) - 1) for g in range(in_features // group)] for n in range(out_features)]
+    scales = torch.rand(out_features, in_features // group).half()
+    weight = QuantizedWeight(Scheme.parse(f"int{bits}-g{group}-rtn"), torch.tensor(codes, dtype=torch.uint8),
+                             scales, torch.tensor(zeros, dtype=torch.uint8))
+    tensors = gptq_tensors(weight)
+    assert torch.equal(tensors["qweight"], hand_packed(codes, bits))
+    zero_rows = [[zeros[n][g] - 1 for n in range(out_features)] for g in range(in_features // group)]
+    assert torch.equal(tensors["qzeros"], hand_packed(zero_rows, bits).T)
+    assert torch.equal(tensors["scales"], scales.T)
+    assert torch.equal(tensors["g_idx"], torch.arange(in_features, dtype=torch.int32) // group)
+    if bits == 4:  # eight inputs per word, input 8j+i in bits 4i…4i+3
+        assert int(tensors["qweight"][0, 1]) & 0xF == codes[1][0] and (int(tensors["qweight"][0, 1]) >> 4) & 0xF == codes[1][1]
+
+
+def test_gptq_export_round_trips_through_our_reader(tmp_path, tokenizer):
+    quantized = native_checkpoint(tmp_path / "native", tokenizer, "int4-g32-gptq-act",
+                                  [{"pattern": "mlp", "scheme": "int8-pc-rtn"},
+                                   {"pattern": "layers.1.self_attn.v_proj", "scheme": "int3-g32-sym-rtn"}])
+    export_gptq(tmp_path / "native", tmp_path / "gptq")
+    config, layers, rest = read_gptq(tmp_path / "gptq")
+    qconfig = config["quantization_config"]
+    assert (qconfig["bits"], qconfig["group_size"], qconfig["desc_act"], qconfig["sym"]) == (4, 32, True, False)
+    assert qconfig["dynamic"]["+:^model\\.layers\\.1\\.self_attn\\.v_proj$"] == {"bits": 3, "desc_act": False,
+                                                                                 "sym": True}
+    assert layers.keys() == quantized.keys()
+    for name, original in quantized.items():
+        back = layers[name]
+        assert back.scheme.bits == original.scheme.bits and back.scheme.group_size == original.scheme.group_size
+        assert torch.equal(back.codes, original.codes) and torch.equal(back.scales, original.scales)
+        assert (back.zeros is None) == (original.zeros is None)
+        assert back.zeros is None or torch.equal(back.zeros, original.zeros)
+        assert (back.g_idx is None) == (original.g_idx is None)
+        assert back.g_idx is None or torch.equal(back.g_idx, original.g_idx)
+        assert torch.equal(back.dequantize(), original.dequantize())
+    assert any(w.g_idx is not None for w in layers.values())  # act_order survived
+    assert (tmp_path / "gptq" / "tokenizer.json").is_file() or (tmp_path / "gptq" / "tokenizer_config.json").is_file()
+    model = load_quantized(tmp_path / "native")
+    state = {**rest, **{f"{n}.weight": w.dequantize() for n, w in layers.items()}}
+    rebuilt = tiny_llama()
+    rebuilt.load_state_dict(state, strict=False)
+    rebuilt.tie_weights()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(IDS).logits, model(IDS).logits)
+
+
+def test_gptq_refuses_layers_it_cannot_store_and_names_them(tmp_path, tokenizer):
+    native_checkpoint(tmp_path / "native", tokenizer, "int4-g32-rtn",
+                      [{"pattern": "layers.0.mlp.up_proj", "scheme": "mxfp4-rtn"},
+                       {"pattern": "layers.1.self_attn.q_proj", "scheme": "hadamard+int4-g32-rtn"}])
+    with pytest.raises(QuantbenchError) as error:
+        export_gptq(tmp_path / "native", tmp_path / "gptq")
+    message = str(error.value)
+    assert "2 layer(s)" in message
+    assert "model.layers.0.mlp.up_proj: mxfp4-rtn" in message
+    assert "model.layers.1.self_attn.q_proj: rotates its input online" in message
+    assert not (tmp_path / "gptq").exists()
+
+
+def test_compressed_tensors_export_loads_with_the_library(tmp_path, tokenizer):
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    quantized = native_checkpoint(tmp_path / "native", tokenizer, "int4-g32-gptq-act-static",
+                                  [{"pattern": "mlp.gate_proj", "scheme": "int8-pc-sym-rtn"},
+                                   {"pattern": "mlp.up_proj", "scheme": "mxfp4-rtn"},
+                                   {"pattern": "mlp.down_proj", "scheme": "nvfp4-rtn"}])
+    export_compressed_tensors(tmp_path / "native", tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(config)
+    assert parsed.format == "mixed-precision"
+    tensors = load_file(tmp_path / "ct" / "model.safetensors")
+    seen = set()
+    for scheme in parsed.config_groups.values():
+        compressor = BaseCompressor.get_value_from_registry(scheme.format)
+        for name in scheme.targets:
+            state = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
+            theirs = compressor.decompress(state, scheme)["weight"]
+            assert torch.equal(theirs, quantized[name].dequantize(theirs.dtype))  # their dtype: one rounding
+            seen.add(name)
+    assert seen == set(quantized)
+    assert {s.format for s in parsed.config_groups.values()} == {"pack-quantized", "mxfp4-pack-quantized",
+                                                                  "nvfp4-pack-quantized"}
+
+
+def test_compressed_tensors_refuses_ternary_and_g_idx_layers(tmp_path, tokenizer):
+    native_checkpoint(tmp_path / "native", tokenizer, "int4-g32-gptq-act",
+                      [{"pattern": "mlp.down_proj", "scheme": "ternary2-ptqtp"}])
+    with pytest.raises(QuantbenchError) as error:
+        export_compressed_tensors(tmp_path / "native", tmp_path / "ct")
+    message = str(error.value)
+    assert "model.layers.0.mlp.down_proj: ternary2-ptqtp" in message and "g_idx" in message
+    assert "14 layer(s)" in message
+
+
+def test_export_command(tmp_path, tokenizer):
+    native_checkpoint(tmp_path / "native", tokenizer, "int4-g32-rtn")
+    result = invoke("export", str(tmp_path / "native"), "--to", "gptq", "--out", str(tmp_path / "gptq"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    again = invoke("export", str(tmp_path / "native"), "--to", "gptq", "--out", str(tmp_path / "gptq"))
+    assert again.exit_code != 0
+    wrong = invoke("export", str(tmp_path / "native"), "--to", "awq", "--out", str(tmp_path / "awq"))
+    assert wrong.exit_code == 2 and "gptq" in wrong.output
