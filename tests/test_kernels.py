@@ -76,10 +76,9 @@ def test_torch_fallback_equals_the_dequantized_matmul(label, batch):
 
 TRITON_CONFIGS = {
     "decode": TileConfig(1, 32, 64, 1),
-    "decode split-k": TileConfig(1, 16, 32, 4),
-    "decode rows per word": TileConfig(1, 32, 64, 2, expand=False),
+    "decode split-k": TileConfig(1, 16, 64, 4),
     "dot": TileConfig(16, 32, 64, 1),
-    "dot split-k": TileConfig(16, 16, 32, 2, expand=False),
+    "dot split-k, a load per row": TileConfig(16, 16, 32, 2, expand=False),
 }
 
 

@@ -9,8 +9,8 @@ cache lines.
            [2, G, N]                 ternary: float16 α of each plane;
            uint8 [K / 32, N]         mxfp4: E8M0 exponents of each block of 32 inputs
   zeros    uint8 [G, N] or None      int grids: asymmetric zero points
-  perm     int64 [K] or None         act_order: stored input k is original input perm[k] (inputs sorted by
-                                     group), so a matmul gathers x[:, perm] once and then sees contiguous groups
+  perm     int32 [K] or None         act_order: stored input k is original input perm[k] (inputs sorted by
+                                     group); kernels read x[perm[k]] and then see contiguous groups
 
 Codes by kind: `int` unsigned codes, w = (q − z)·s (symmetric: z = 2^(bits−1)); `ternary` 4-bit codes
 holding two trits t1 = (q & 3) − 1 and t2 = (q >> 2) − 1, w = α1·t1 + α2·t2; `mxfp4` E2M1 codes
@@ -78,8 +78,9 @@ def kernel_unsupported_reason(weight: QuantizedWeight | TritPlaneWeight) -> str 
     elif scheme.bits not in KERNEL_INT_BITS:
         return f"the int kernels pack {'/'.join(map(str, KERNEL_INT_BITS))} bits per word, not {scheme.bits}"
     group = weight.group_size
-    if group < in_features and (group & (group - 1) or group < 8):
-        return f"group size {group} is not a power of two ≥ 8"
+    bits = 4 if scheme.format in ("ternary", "mxfp4") else scheme.bits
+    if group < in_features and (group & (group - 1) or group < 32 // bits):
+        return f"group size {group} is not a power of two ≥ {32 // bits} (the codes in a word)"
     if in_features % 32:
         return f"{in_features} inputs are not a multiple of 32"
     if isinstance(weight, QuantizedWeight) and weight.g_idx is not None and _act_order_perm(weight) is None:
@@ -106,6 +107,7 @@ def to_kernel_layout(weight: QuantizedWeight | TritPlaneWeight) -> KernelWeight:
     if weight.g_idx is not None:
         perm = _act_order_perm(weight)
         codes = codes[:, perm]
+        perm = perm.to(torch.int32)
     zeros = weight.zeros.T.contiguous() if weight.zeros is not None else None
     return KernelWeight("int", bits, (out_features, in_features), group, _pack_columns(codes, bits),
                         weight.scales.T.contiguous(), zeros, perm)

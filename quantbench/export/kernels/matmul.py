@@ -6,6 +6,7 @@ configurations with CUDA events and keeps the fastest; later calls reuse it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ BACKENDS = ("auto", "triton", "torch")
 
 @dataclass(frozen=True)
 class TileConfig:
-    block_m: int
+    block_m: int  # 1: the decode kernel, one row of x per program; ≥ 16: the tl.dot kernel
     block_n: int
     block_k: int
     split_k: int
@@ -49,8 +50,9 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         return packed_matmul_reference(x2, weight).view(*x.shape[:-1], n_out)
     from quantbench.export.kernels import triton_matmul
 
-    if weight.perm is not None:
-        x2 = x2[:, weight.perm]
+    if weight.perm is not None and x2.shape[0] > 1:  # a batch gathers once; decode gathers in the kernel
+        x2 = x2[:, weight.perm.long()]
+        weight = dataclasses.replace(weight, perm=None)
     x2 = x2.contiguous()
     config = config or _config_for(x2, weight)
     out = triton_matmul.launch(x2, weight, config.block_m, config.block_n, config.block_k, config.split_k,
@@ -60,9 +62,8 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
 
 def _candidates(m: int) -> list[TileConfig]:
     if m == 1:
-        tiles = [(64, 64, 4), (128, 64, 4), (64, 128, 4), (32, 256, 4), (128, 128, 8), (256, 32, 4)]
-        return [TileConfig(1, bn, bk, sk, warps, 2, expand) for bk, bn, warps in tiles for sk in (1, 2, 4, 8)
-                for expand in (True, False)]
+        tiles = [(512, 32, 4), (256, 64, 4), (128, 128, 4), (256, 128, 8)]
+        return [TileConfig(1, bn, bk, sk, warps) for bk, bn, warps in tiles for sk in (1, 2, 4, 8)]
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     splits = (1, 2, 4) if m <= 64 else (1,)
     return [TileConfig(block_m, bn, bk, sk, warps, stages, expand) for bn in (64, 128) for bk in (64, 128)

@@ -36,7 +36,7 @@ def packed_matmul_reference(x: torch.Tensor, weight: KernelWeight) -> torch.Tens
     """x [M, K] (original input order) → x·Wᵀ [M, N] in x's dtype."""
     n_out, n_in = weight.shape
     if weight.perm is not None:
-        x = x[:, weight.perm]
+        x = x[:, weight.perm.long()]
     x32 = x.float()
     out = torch.zeros(x.shape[0], n_out, dtype=torch.float32, device=x.device)
     step = max(SLAB_INPUTS // weight.group, 1) * weight.group if weight.group < n_in else SLAB_INPUTS
@@ -53,5 +53,5 @@ def dequantize_kernel_weight(weight: KernelWeight) -> torch.Tensor:
     if weight.perm is None:
         return dense.contiguous()
     out = torch.empty_like(dense)
-    out[:, weight.perm] = dense
+    out[:, weight.perm.long()] = dense
     return out

@@ -1,14 +1,16 @@
 """Triton kernels for x·Wᵀ with W in the kernel layout (layout.py), decoded in registers.
 
-One kernel body serves every kind; `KIND` (0 int, 1 ternary, 2 mxfp4) and the widths are compile-time
-constants. A program owns BLOCK_N outputs and one of split_k slices of the inputs, and dequantizes a
-[BLOCK_K, BLOCK_N] tile of weights per step in registers.
+`KIND` (0 int, 1 ternary, 2 mxfp4), the code width and the group size are compile-time constants; an
+act_order permutation is applied while loading x, so a call is one kernel launch.
 
-- Decode (M = 1, `BLOCK_M = 1`): multiply-accumulate on CUDA cores into a [BLOCK_K, BLOCK_N] float32
-  partial sum, reduced over the inputs once at the end.
-- Batches and prefill (`BLOCK_M ≥ 16`): the tile is cast to x's dtype and fed to `tl.dot`.
+- `packed_gemv_kernel` (decode, one row of x per program): a [BLOCK_W words, BLOCK_N outputs] tile,
+  each word's codes taken one position at a time (a shift by a constant), multiply-accumulated on CUDA
+  cores into a float32 tile that is reduced once at the end.
+- `packed_gemm_kernel` (batches, prefill): a [BLOCK_K, BLOCK_N] tile dequantized to x's dtype for `tl.dot`.
 
-Slices of the inputs (split_k > 1, `ATOMIC`) add their partial sums atomically into a float32 output.
+With SPLIT_K > 1 the programs of one output tile each cover a slice of the inputs and write float32
+partial sums to a workspace; the last one to finish (a per-tile counter, reset by that program) adds them
+and stores the result, so no zero-filled output or extra cast kernel is needed.
 """
 
 from __future__ import annotations
@@ -84,11 +86,84 @@ def _dequantized_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, K, N, n_groups,
 
 
 @triton.jit
-def packed_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
-                         M, N, K, n_groups, k_per_split, stride_xm, stride_om,
-                         KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         ATOMIC: tl.constexpr, EXPAND: tl.constexpr):
+def _finish(acc, out_ptr, offsets, mask, ws_ptr, ws_stride, lock_ptr, lock, pid_k, SPLIT_K: tl.constexpr):
+    """Store the tile, or (split over the inputs) park it in the workspace; the slice that finishes last
+    sums every slice's tile into the output and resets the tile's counter."""
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptr + pid_k * ws_stride + offsets, acc, mask=mask)
+        done = tl.atomic_add(lock_ptr + lock, 1)  # acq_rel: the stores above are visible to the last one
+        if done == SPLIT_K - 1:
+            total = tl.zeros_like(acc)
+            for part in tl.static_range(SPLIT_K):
+                total += tl.load(ws_ptr + part * ws_stride + offsets, mask=mask, other=0, cache_modifier=".cg")
+            tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr + lock, 0)
+
+
+@triton.jit
+def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
+                       N, K, n_groups, k_per_split, stride_xm,
+                       KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
+                       GROUP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    n_words = K // PER
+    w_begin = pid_k * (k_per_split // PER)
+    w_end = tl.minimum(w_begin + k_per_split // PER, n_words)
+    acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+    x_row = x_ptr + pid_m * stride_xm
+    for w0 in range(w_begin, w_end, BLOCK_W):
+        rows = w0 + tl.arange(0, BLOCK_W)
+        mask_r = rows < n_words
+        words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0)
+        first_k = rows * PER
+        if GROUP >= BLOCK_W * PER:
+            params = (w0 * PER // GROUP) * N + offs_n[None, :]
+            params_mask = mask_n[None, :]
+        else:
+            params = (first_k // GROUP)[:, None] * N + offs_n[None, :]
+            params_mask = mask_r[:, None] & mask_n[None, :]
+        scale = tl.load(s_ptr + params, mask=params_mask, other=0).to(tl.float32)
+        if KIND == 0:
+            if HAS_ZEROS:
+                offset = tl.load(z_ptr + params, mask=params_mask, other=0).to(tl.float32) * scale
+            else:
+                offset = scale * (1 << (BITS - 1))
+        elif KIND == 1:
+            second = tl.load(s_ptr + n_groups * N + params, mask=params_mask, other=0).to(tl.float32)
+            offset = scale + second
+        else:
+            scale = tl.exp2(scale - 127.0)
+        for i in tl.static_range(PER):
+            if HAS_PERM:
+                columns = tl.load(perm_ptr + first_k + i, mask=mask_r, other=0)
+            else:
+                columns = first_k + i
+            x = tl.load(x_row + columns, mask=mask_r, other=0).to(tl.float32)[:, None]
+            codes = (words >> (i * BITS)) & ((1 << BITS) - 1)
+            if KIND == 0:
+                w = _small_int_to_float(codes) * scale - offset
+            elif KIND == 1:
+                w = (_small_int_to_float(codes & 3) * scale + _small_int_to_float(codes >> 2) * second) - offset
+            else:
+                w = _e2m1(codes) * scale
+            acc += w * x
+    _finish(tl.sum(acc, axis=0), out_ptr, pid_m * N + offs_n, mask_n, ws_ptr, N * tl.num_programs(2),
+            lock_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K)
+
+
+@triton.jit
+def packed_gemm_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
+                       M, N, K, n_groups, k_per_split, stride_xm,
+                       KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
+                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SPLIT_K: tl.constexpr, EXPAND: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -98,50 +173,59 @@ def packed_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
     mask_m = offs_m < M
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    if BLOCK_M == 1:
-        partial = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
         w = _dequantized_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, K, N, n_groups,
                               KIND, BITS, HAS_ZEROS, GROUP, BLOCK_K, BLOCK_N, EXPAND)
-        if BLOCK_M == 1:
-            x = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=offs_k < K, other=0).to(tl.float32)
-            partial += w * x[:, None]
+        if HAS_PERM:
+            columns = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
         else:
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
-            acc = tl.dot(x, w.to(x.dtype), acc)
-    if BLOCK_M == 1:
-        acc = tl.sum(partial, axis=0)
-        out_ptrs = out_ptr + pid_m * stride_om + offs_n
-        mask = mask_n
-    else:
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=mask)
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            columns = offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + columns[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0)
+        acc = tl.dot(x, w.to(x.dtype), acc)
+    _finish(acc, out_ptr, offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :],
+            ws_ptr, M * N, lock_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K)
+
+
+_workspaces: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(kind: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused buffer of at least `numel` elements (counters start at zero and are left at zero)."""
+    key = (kind, device)
+    buffer = _workspaces.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _workspaces[key] = torch.zeros(max(numel, 1 << 16), dtype=dtype, device=device)
+    return buffer
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, block_k: int, split_k: int,
            num_warps: int = 4, num_stages: int = 2, expand: bool = True) -> torch.Tensor:
-    """x [M, K] in stored input order, contiguous → [M, N] in x's dtype."""
+    """x [M, K] contiguous, in the original input order → [M, N] in x's dtype. block_m = 1 runs the
+    decode kernel on each row of x; larger block_m the tl.dot kernel."""
     m, k = x.shape
     n = weight.shape[0]
     block_k = max(block_k, weight.per_word)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    out = (torch.empty(m, n, dtype=x.dtype, device=x.device) if split_k == 1
-           else torch.zeros(m, n, dtype=torch.float32, device=x.device))
-    zeros = weight.zeros if weight.zeros is not None else weight.scales
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n), split_k, m if block_m == 1 else triton.cdiv(m, block_m))
-    packed_matmul_kernel[grid](
-        x, weight.qweight, weight.scales, zeros, out, m, n, k, weight.n_groups, k_per_split,
-        x.stride(0), out.stride(0),
-        KIND=KINDS[weight.kind], BITS=weight.bits, HAS_ZEROS=weight.zeros is not None, GROUP=weight.group,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=split_k > 1, EXPAND=expand,
-        num_warps=num_warps, num_stages=num_stages)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    workspace = _scratch("workspace", split_k * m * n if split_k > 1 else 1, torch.float32, x.device)
+    locks = _scratch("locks", grid[0] * grid[2], torch.int32, x.device)
+    zeros = weight.zeros if weight.zeros is not None else weight.scales
+    perm = weight.perm if weight.perm is not None else weight.scales
+    common = dict(KIND=KINDS[weight.kind], BITS=weight.bits, HAS_ZEROS=weight.zeros is not None,
+                  HAS_PERM=weight.perm is not None, GROUP=weight.group, SPLIT_K=split_k,
+                  num_warps=num_warps, num_stages=num_stages)
+    if block_m == 1:
+        packed_gemv_kernel[grid](x, perm, weight.qweight, weight.scales, zeros, out, workspace, locks,
+                                 n, k, weight.n_groups, k_per_split, x.stride(0),
+                                 BLOCK_W=block_k // weight.per_word, BLOCK_N=block_n, **common)
+    else:
+        packed_gemm_kernel[grid](x, perm, weight.qweight, weight.scales, zeros, out, workspace, locks,
+                                 m, n, k, weight.n_groups, k_per_split, x.stride(0),
+                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EXPAND=expand, **common)
+    return out
