@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     parser.add_argument("--json", type=Path)
@@ -203,9 +204,10 @@ def main() -> None:
     copy_bw = measured_copy_bandwidth(device)
     print(f"{time.strftime('%Y-%m-%d')} {name}, torch {torch.__version__}; HBM peak "
           f"{'unknown' if peak is None else f'{peak / 1e12:.2f} TB/s'}, device copy {copy_bw / 1e12:.2f} TB/s")
-    result = {"device": name, "torch": torch.__version__, "peak_bytes_per_s": peak, "copy_bytes_per_s": copy_bw,
-              "matmul": bench_matmuls(device, Timer(args.repeat), peak,
-                                             [tuple(map(int, s.split("x"))) for s in args.shapes], args.batches)}
+    result = {"device": name, "torch": torch.__version__, "peak_bytes_per_s": peak, "copy_bytes_per_s": copy_bw}
+    if not args.skip_matmul:
+        result["matmul"] = bench_matmuls(device, Timer(args.repeat), peak,
+                                         [tuple(map(int, s.split("x"))) for s in args.shapes], args.batches)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     if not args.skip_decode:

@@ -137,3 +137,13 @@ def test_load_with_kernels_swaps_in_packed_modules(tmp_path, tokenizer):
     packed_bytes = sum(b.numel() * b.element_size() for n, b in packed.named_buffers() if n.rsplit(".", 1)[0] in kinds)
     dense_bytes = sum(dense.get_submodule(n).weight.numel() * 4 for n in kinds)
     assert packed_bytes < dense_bytes / 5
+
+
+@pytest.mark.parametrize("label", ["int4-g128-rtn", "int4-g32 act_order", "int8-pc-rtn", "int4-g32-sym-rtn"])
+def test_half_precision_decode_matches_within_float16_rounding(label):
+    stored = WEIGHTS[label]
+    x = torch.randn(1, IN).half()
+    expected = x.float() @ stored.dequantize().T
+    got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=TileConfig(1, 32, 64, 2, half=True))
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())

@@ -27,6 +27,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 2
     expand: bool = True
+    half: bool = False  # decode kernel, int codes, float16 x: decode and multiply in float16
 
 
 INTERPRETER_CONFIGS = {"decode": TileConfig(1, 32, 64, 2), "batch": TileConfig(16, 32, 64, 1)}
@@ -56,18 +57,18 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     x2 = x2.contiguous()
     config = config or _config_for(x2, weight)
     out = triton_matmul.launch(x2, weight, config.block_m, config.block_n, config.block_k, config.split_k,
-                               config.num_warps, config.num_stages, config.expand)
+                               config.num_warps, config.num_stages, config.expand, config.half)
     return out.view(*x.shape[:-1], n_out)
 
 
 def _candidates(m: int) -> list[TileConfig]:
     if m == 1:
-        tiles = [(512, 32, 4), (256, 64, 4), (128, 128, 4), (256, 128, 8)]
-        return [TileConfig(1, bn, bk, sk, warps) for bk, bn, warps in tiles for sk in (1, 2, 4, 8)]
+        tiles = [(512, 32, 4), (256, 64, 4), (128, 128, 4), (512, 64, 8)]
+        return [TileConfig(1, bn, bk, sk, warps, 2, True, half) for bk, bn, warps in tiles for sk in (1, 2, 4, 8)
+                for half in (True, False)]
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     splits = (1, 2, 4) if m <= 64 else (1,)
-    return [TileConfig(block_m, bn, bk, sk, warps, stages, expand) for bn in (64, 128) for bk in (64, 128)
-            for sk in splits for warps in (4,) for stages in (3,) for expand in (True, False)]
+    return [TileConfig(block_m, bn, bk, sk, 4, 3) for bn in (64, 128) for bk in (64, 128) for sk in splits]
 
 
 def _bucket(m: int) -> int:
@@ -91,7 +92,7 @@ def _fastest(x: torch.Tensor, weight: KernelWeight, candidates: list[TileConfig]
     for config in candidates:
         def call():
             triton_matmul.launch(x, weight, config.block_m, config.block_n, config.block_k, config.split_k,
-                                 config.num_warps, config.num_stages, config.expand)
+                                 config.num_warps, config.num_stages, config.expand, config.half)
         try:
             call()
         except Exception as exc:  # a tile that does not fit this GPU's shared memory or registers

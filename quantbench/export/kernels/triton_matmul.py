@@ -106,7 +106,8 @@ def _finish(acc, out_ptr, offsets, mask, ws_ptr, ws_stride, lock_ptr, lock, pid_
 def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                        N, K, n_groups, k_per_split, stride_xm,
                        KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
-                       GROUP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+                       GROUP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+                       PREFETCH: tl.constexpr, HALF: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -118,10 +119,20 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
     w_end = tl.minimum(w_begin + k_per_split // PER, n_words)
     acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
+    rows = w_begin + tl.arange(0, BLOCK_W)
+    mask_r = rows < w_end
+    next_words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0)
     for w0 in range(w_begin, w_end, BLOCK_W):
         rows = w0 + tl.arange(0, BLOCK_W)
-        mask_r = rows < n_words
-        words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0)
+        mask_r = rows < w_end
+        words = next_words
+        if PREFETCH:  # the next tile's words are in flight while this one is decoded
+            ahead = rows + BLOCK_W
+            next_words = tl.load(w_ptr + ahead[:, None] * N + offs_n[None, :],
+                                 mask=(ahead < w_end)[:, None] & mask_n[None, :], other=0)
+        else:
+            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
+                            other=0)
         first_k = rows * PER
         if GROUP >= BLOCK_W * PER:
             params = (w0 * PER // GROUP) * N + offs_n[None, :]
@@ -140,20 +151,35 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
             offset = scale + second
         else:
             scale = tl.exp2(scale - 127.0)
-        for i in tl.static_range(PER):
-            if HAS_PERM:
-                columns = tl.load(perm_ptr + first_k + i, mask=mask_r, other=0)
-            else:
-                columns = first_k + i
-            x = tl.load(x_row + columns, mask=mask_r, other=0).to(tl.float32)[:, None]
-            codes = (words >> (i * BITS)) & ((1 << BITS) - 1)
-            if KIND == 0:
-                w = _small_int_to_float(codes) * scale - offset
-            elif KIND == 1:
-                w = (_small_int_to_float(codes & 3) * scale + _small_int_to_float(codes >> 2) * second) - offset
-            else:
-                w = _e2m1(codes) * scale
-            acc += w * x
+        if HALF and KIND == 0:  # decode and multiply in float16 (paired f16x2 instructions), sum per tile in float32
+            scale16 = scale.to(tl.float16)
+            zero16 = (offset / scale + 1024.0).to(tl.float16)  # 1024 + z, exact in float16
+            part = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float16)
+            for i in tl.static_range(PER):
+                if HAS_PERM:
+                    columns = tl.load(perm_ptr + first_k + i, mask=mask_r, other=0)
+                else:
+                    columns = first_k + i
+                x = tl.load(x_row + columns, mask=mask_r, other=0).to(tl.float16)[:, None]
+                codes = ((words >> (i * BITS)) & ((1 << BITS) - 1)) | 0x6400  # float16 1024 + q
+                value = codes.to(tl.int16).to(tl.float16, bitcast=True)
+                part += ((value - zero16) * scale16) * x
+            acc += part.to(tl.float32)
+        else:
+            for i in tl.static_range(PER):
+                if HAS_PERM:
+                    columns = tl.load(perm_ptr + first_k + i, mask=mask_r, other=0)
+                else:
+                    columns = first_k + i
+                x = tl.load(x_row + columns, mask=mask_r, other=0).to(tl.float32)[:, None]
+                codes = (words >> (i * BITS)) & ((1 << BITS) - 1)
+                if KIND == 0:
+                    w = _small_int_to_float(codes) * scale - offset
+                elif KIND == 1:
+                    w = (_small_int_to_float(codes & 3) * scale + _small_int_to_float(codes >> 2) * second) - offset
+                else:
+                    w = _e2m1(codes) * scale
+                acc += w * x
     _finish(tl.sum(acc, axis=0), out_ptr, pid_m * N + offs_n, mask_n, ws_ptr, N * tl.num_programs(2),
             lock_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K)
 
@@ -203,9 +229,10 @@ def _scratch(kind: str, numel: int, dtype: torch.dtype, device: torch.device) ->
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, block_k: int, split_k: int,
-           num_warps: int = 4, num_stages: int = 2, expand: bool = True) -> torch.Tensor:
+           num_warps: int = 4, num_stages: int = 2, expand: bool = True, half: bool = False) -> torch.Tensor:
     """x [M, K] contiguous, in the original input order → [M, N] in x's dtype. block_m = 1 runs the
-    decode kernel on each row of x; larger block_m the tl.dot kernel."""
+    decode kernel on each row of x (`expand`: prefetch the next tile); larger block_m the tl.dot kernel
+    (`expand`: split loaded words instead of loading a word per row)."""
     m, k = x.shape
     n = weight.shape[0]
     block_k = max(block_k, weight.per_word)
@@ -223,7 +250,8 @@ def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, bl
     if block_m == 1:
         packed_gemv_kernel[grid](x, perm, weight.qweight, weight.scales, zeros, out, workspace, locks,
                                  n, k, weight.n_groups, k_per_split, x.stride(0),
-                                 BLOCK_W=block_k // weight.per_word, BLOCK_N=block_n, **common)
+                                 BLOCK_W=block_k // weight.per_word, BLOCK_N=block_n, PREFETCH=expand,
+                                 HALF=half and x.dtype == torch.float16 and weight.bits <= 8, **common)
     else:
         packed_gemm_kernel[grid](x, perm, weight.qweight, weight.scales, zeros, out, workspace, locks,
                                  m, n, k, weight.n_groups, k_per_split, x.stride(0),
