@@ -26,7 +26,7 @@ class TileConfig:
     split_k: int
     num_warps: int = 4
     num_stages: int = 2
-    expand: bool = True
+    expand: bool = True  # tl.dot kernel: split loaded words (else one load per row)
     half: bool = False  # decode kernel, int codes, float16 x: decode and multiply in float16
 
 

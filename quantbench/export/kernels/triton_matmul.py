@@ -3,9 +3,11 @@
 `KIND` (0 int, 1 ternary, 2 mxfp4), the code width and the group size are compile-time constants; an
 act_order permutation is applied while loading x, so a call is one kernel launch.
 
-- `packed_gemv_kernel` (decode, one row of x per program): a [BLOCK_W words, BLOCK_N outputs] tile,
-  each word's codes taken one position at a time (a shift by a constant), multiply-accumulated on CUDA
-  cores into a float32 tile that is reduced once at the end.
+- `packed_gemv_kernel` (decode, one row of x per program): a [BLOCK_W words, BLOCK_N outputs] tile
+  (the next one prefetched), each word's codes taken one position at a time (a shift by a constant),
+  multiply-accumulated on CUDA cores into a float32 tile that is reduced once at the end. With `HALF`
+  (int codes, float16 x) decoding and products run in float16, eight products per element summed in
+  float16 before each tile's float32 accumulation.
 - `packed_gemm_kernel` (batches, prefill): a [BLOCK_K, BLOCK_N] tile dequantized to x's dtype for `tl.dot`.
 
 With SPLIT_K > 1 the programs of one output tile each cover a slice of the inputs and write float32
@@ -107,7 +109,7 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
                        N, K, n_groups, k_per_split, stride_xm,
                        KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
                        GROUP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-                       PREFETCH: tl.constexpr, HALF: tl.constexpr):
+                       HALF: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -126,13 +128,9 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
         rows = w0 + tl.arange(0, BLOCK_W)
         mask_r = rows < w_end
         words = next_words
-        if PREFETCH:  # the next tile's words are in flight while this one is decoded
-            ahead = rows + BLOCK_W
-            next_words = tl.load(w_ptr + ahead[:, None] * N + offs_n[None, :],
-                                 mask=(ahead < w_end)[:, None] & mask_n[None, :], other=0)
-        else:
-            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
-                            other=0)
+        ahead = rows + BLOCK_W  # the next tile's words are in flight while this one is decoded
+        next_words = tl.load(w_ptr + ahead[:, None] * N + offs_n[None, :],
+                             mask=(ahead < w_end)[:, None] & mask_n[None, :], other=0)
         first_k = rows * PER
         if GROUP >= BLOCK_W * PER:
             params = (w0 * PER // GROUP) * N + offs_n[None, :]
@@ -231,7 +229,7 @@ def _scratch(kind: str, numel: int, dtype: torch.dtype, device: torch.device) ->
 def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, block_k: int, split_k: int,
            num_warps: int = 4, num_stages: int = 2, expand: bool = True, half: bool = False) -> torch.Tensor:
     """x [M, K] contiguous, in the original input order → [M, N] in x's dtype. block_m = 1 runs the
-    decode kernel on each row of x (`expand`: prefetch the next tile); larger block_m the tl.dot kernel
+    decode kernel on each row of x (`half`: in float16 when x is); larger block_m the tl.dot kernel
     (`expand`: split loaded words instead of loading a word per row)."""
     m, k = x.shape
     n = weight.shape[0]
@@ -250,7 +248,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, bl
     if block_m == 1:
         packed_gemv_kernel[grid](x, perm, weight.qweight, weight.scales, zeros, out, workspace, locks,
                                  n, k, weight.n_groups, k_per_split, x.stride(0),
-                                 BLOCK_W=block_k // weight.per_word, BLOCK_N=block_n, PREFETCH=expand,
+                                 BLOCK_W=block_k // weight.per_word, BLOCK_N=block_n,
                                  HALF=half and x.dtype == torch.float16 and weight.bits <= 8, **common)
     else:
         packed_gemm_kernel[grid](x, perm, weight.qweight, weight.scales, zeros, out, workspace, locks,
