@@ -132,48 +132,51 @@ def quantize_model(model, scheme_name: str | None, device) -> None:
 
 
 def decode_speed(device, new_tokens: int, prompt: int) -> list[dict]:
+    rows = []
+    for label, scheme_name in [("fp16", None), *VARIANTS.items()]:
+        rows.append(decode_one(label, scheme_name, device, new_tokens, prompt))
+        torch.cuda.empty_cache()
+    return rows
+
+
+@torch.no_grad()
+def decode_one(label: str, scheme_name: str | None, device, new_tokens: int, prompt: int) -> dict:
     from transformers import StaticCache
 
     from random_models import build_random_llama
 
-    rows = []
-    for label, scheme_name in [("fp16", None), *VARIANTS.items()]:
-        model = build_random_llama("1b", torch.float16).to(device)
-        quantize_model(model, scheme_name, device)
-        weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
-                                                                 *model.model.layers.buffers()])
-        cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens + 8)
-        ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
-        with torch.no_grad():
-            logits = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=device),
-                           use_cache=True).logits
-            token = logits[:, -1:].argmax(-1)
-            position = torch.tensor([prompt], device=device)
+    model = build_random_llama("1b", torch.float16).to(device)
+    quantize_model(model, scheme_name, device)
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
+                                                             *model.model.layers.buffers()])
+    cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens + 8)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
+    logits = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=device),
+                   use_cache=True).logits
+    token = logits[:, -1:].argmax(-1)
+    position = torch.tensor([prompt], device=device)
 
-            def step():
-                out = model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
-                token.copy_(out[:, -1:].argmax(-1))
-                position.add_(1)
+    def step():
+        out = model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        token.copy_(out[:, -1:].argmax(-1))
+        position.add_(1)
 
-            for _ in range(3):  # tunes the kernels' tiles and warms up
-                step()
-            eager_tok_s = _tokens_per_s(step, 16, device)
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                step()
-            torch.cuda.current_stream().wait_stream(stream)
-            with torch.cuda.graph(graph):
-                step()
-            graph_tok_s = _tokens_per_s(graph.replay, new_tokens - 24, device)
-        rows.append({"model": label, "block_weight_bytes": weight_bytes, "eager_tok_s": eager_tok_s,
-                     "cuda_graph_tok_s": graph_tok_s})
-        print(f"decode {label:>20}: {graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
-              f"decoder weights {weight_bytes / 2**20:.0f} MiB", flush=True)
-        del model, cache, graph
-        torch.cuda.empty_cache()
-    return rows
+    for _ in range(3):  # tunes the kernels' tiles and warms up
+        step()
+    eager_tok_s = _tokens_per_s(step, 16, device)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        step()
+    graph_tok_s = _tokens_per_s(graph.replay, new_tokens - 24, device)
+    print(f"decode {label:>20}: {graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
+          f"decoder weights {weight_bytes / 2**20:.0f} MiB", flush=True)
+    return {"model": label, "block_weight_bytes": weight_bytes, "eager_tok_s": eager_tok_s,
+            "cuda_graph_tok_s": graph_tok_s}
 
 
 def _tokens_per_s(step, n: int, device) -> float:
