@@ -18,7 +18,7 @@ def make_recipe(tmp_path, model_dir, text_file, **changes):
         "output": {"dir": str(tmp_path / "runs" / "tiny")},
     }
     for section, values in changes.items():
-        data[section].update(values)
+        data.setdefault(section, {}).update(values)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -189,3 +189,25 @@ def test_run_with_model_rotation_and_per_layer_hadamard(tmp_path, model_dir, tex
     assert quantized_row.method == "QuaRot Hadamard GPTQ int W+A"
     evaluated = invoke("eval", run_dir, "--dataset", text_file, "--seqlen", 64, "--max-windows", 4)
     assert f"{saved['perplexity']['quantized'][str(text_file)]['ppl']:.3f}" in evaluated.output
+
+
+def test_run_with_an_interop_export_format(tmp_path, model_dir, text_file):
+    from quantbench.export.gptq_format import read_gptq
+
+    recipe = make_recipe(tmp_path, model_dir, text_file, eval={"baseline": False}, export={"format": "gptq"})
+    result = invoke("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "tiny"
+    config, layers, _ = read_gptq(run_dir / "checkpoint-gptq")
+    assert len(layers) == 14 and config["quantization_config"]["bits"] == 4
+    assert json.loads((run_dir / "result.json").read_text())["interop_checkpoint"] == str(run_dir / "checkpoint-gptq")
+
+
+def test_run_refuses_an_inexpressible_export_before_evaluating(tmp_path, model_dir, text_file):
+    recipe = make_recipe(tmp_path, model_dir, text_file, eval={"baseline": False},
+                         quantize={"overrides": [{"pattern": "down_proj", "scheme": "mxfp4-rtn"}]},
+                         export={"format": "gptq"})
+    result = invoke("run", recipe, "--quiet")
+    assert result.exit_code == 2
+    assert "model.layers.0.mlp.down_proj: mxfp4-rtn" in result.output
+    assert not (tmp_path / "runs" / "tiny").exists()

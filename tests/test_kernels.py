@@ -127,6 +127,8 @@ def test_load_with_kernels_swaps_in_packed_modules(tmp_path, tokenizer):
     assert set(packed.quantbench_kernel_skips) == {f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)}
     assert {"int", "ternary", "mxfp4"} == set(kinds.values())
     assert not any(name.removesuffix(".weight") in kinds for name, _ in packed.named_parameters())
+    for name in kinds:  # .weight decodes on demand, for code that inspects it
+        assert torch.equal(packed.get_submodule(name).weight, dense.get_submodule(name).weight)
     with torch.no_grad():
         expected = dense(ids).logits
         torch.testing.assert_close(packed(ids).logits, expected, rtol=1e-4, atol=1e-4)
