@@ -141,9 +141,10 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
         scale = tl.load(s_ptr + params, mask=params_mask, other=0).to(tl.float32)
         if KIND == 0:
             if HAS_ZEROS:
-                offset = tl.load(z_ptr + params, mask=params_mask, other=0).to(tl.float32) * scale
+                zero = tl.load(z_ptr + params, mask=params_mask, other=0).to(tl.float32)
             else:
-                offset = scale * (1 << (BITS - 1))
+                zero = tl.zeros_like(scale) + (1 << (BITS - 1))
+            offset = zero * scale
         elif KIND == 1:
             second = tl.load(s_ptr + n_groups * N + params, mask=params_mask, other=0).to(tl.float32)
             offset = scale + second
@@ -151,7 +152,7 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
             scale = tl.exp2(scale - 127.0)
         if HALF and KIND == 0:  # decode and multiply in float16 (paired f16x2 instructions), sum per tile in float32
             scale16 = scale.to(tl.float16)
-            zero16 = (offset / scale + 1024.0).to(tl.float16)  # 1024 + z, exact in float16
+            zero16 = (zero + 1024.0).to(tl.float16)  # 1024 + z, exact in float16
             part = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float16)
             for i in tl.static_range(PER):
                 if HAS_PERM:
