@@ -188,7 +188,7 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
         reason = kernel_unsupported_reason(weight) if kernels else "kernels off"
         if reason is None:
             linear = model.get_submodule(name)
-            _set_module(model, name, PackedLinear(to_kernel_layout(weight), linear.bias))
+            _set_module(model, name, PackedLinear(to_kernel_layout(weight), linear.bias, dtype=dtype))
         else:
             skipped[name] = reason
             tensors[f"{name}.weight"] = weight.dequantize(dtype)

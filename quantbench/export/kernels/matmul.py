@@ -1,7 +1,8 @@
 """`packed_matmul`: x·Wᵀ from a kernel-layout weight, through Triton on CUDA and torch elsewhere.
 
-On CUDA the first call for a (weight kind, width, group, batch bucket, N, K) times a few tile
-configurations with CUDA events and keeps the fastest; later calls reuse it.
+On CUDA the first call for a (weight kind, width, group, batch bucket, N, K) times the tile candidates
+(CUDA graphs on a cold L2, `graph_time_ms`) and keeps the fastest; later calls reuse it. Make that first
+call before capturing a CUDA graph of your own.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def _fastest(x: torch.Tensor, weight: KernelWeight, candidates: list[TileConfig]
         except Exception as exc:  # a tile that does not fit this GPU's shared memory or registers
             error = exc
             continue
-        ms = _time_ms(call)
+        ms = graph_time_ms(call)
         if ms < best_ms:
             best, best_ms = config, ms
     if best is None:
@@ -109,14 +110,10 @@ def _fastest(x: torch.Tensor, weight: KernelWeight, candidates: list[TileConfig]
 _L2_FLUSH_BYTES = 128 << 20
 
 
-def _time_ms(fn, calls: int = 10) -> float:
+def graph_time_ms(fn, calls: int = 10, rounds: int = 3) -> float:
     """GPU milliseconds of one call on a cold L2 cache (a model's layers never find their weights
     cached), without host launch overhead: CUDA graphs of `calls` × (flush, call) and of `calls` × flush,
-    the difference per call."""
-    return graph_time_ms(fn, calls)
-
-
-def graph_time_ms(fn, calls: int = 10, rounds: int = 3) -> float:
+    the difference per call, median of `rounds`."""
     scratch = torch.ones(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
     fn()  # compiled and tuned outside the capture
     with_call, flush_only = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()

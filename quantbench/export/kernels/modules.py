@@ -12,8 +12,10 @@ from quantbench.export.kernels.reference import dequantize_kernel_weight
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, weight: KernelWeight, bias: torch.Tensor | None = None, backend: str = "auto"):
+    def __init__(self, weight: KernelWeight, bias: torch.Tensor | None = None, backend: str = "auto",
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
+        self.dtype = dtype  # what `.weight` decodes to
         self.kind, self.bits, self.group = weight.kind, weight.bits, weight.group
         self.out_features, self.in_features = weight.shape
         self.backend = backend
@@ -29,8 +31,7 @@ class PackedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight, decoded on demand (for code that inspects `.weight`; not kept)."""
-        dtype = self.bias.dtype if self.bias is not None else torch.float32
-        return dequantize_kernel_weight(self.kernel_weight).to(dtype)
+        return dequantize_kernel_weight(self.kernel_weight).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = packed_matmul(x, self.kernel_weight, self.backend)
