@@ -110,7 +110,7 @@ def gptq_quantization_config(layers: dict[str, Scheme], unquantized_in_blocks: l
     for name in sorted(unquantized_in_blocks):
         dynamic[f"-:{_module_pattern(name)}"] = {}
     return {"quant_method": "gptq", "checkpoint_format": "gptq", **default, "dynamic": dynamic or None,
-            "true_sequential": True, "static_groups": False, "pack_dtype": "int32",
+            "lm_head": "lm_head" in layers, "true_sequential": True, "static_groups": False, "pack_dtype": "int32",
             "meta": {"quantizer": ["quantbench"]}}
 
 
