@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from quantbench.export.interop import NativeCheckpoint, read_native, refuse_inexpressible, write_hf_directory
+from quantbench.export.interop import NativeCheckpoint, export_interop
 from quantbench.export.packing import pack_bits
 from quantbench.quantized_weight import QuantizedWeight
 
@@ -92,14 +92,5 @@ def compressed_tensors_config(layers: dict[str, QuantizedWeight]) -> dict:
 def export_compressed_tensors(source: str | Path | NativeCheckpoint, out_dir: str | Path,
                               force: bool = False) -> Path:
     """Write a native checkpoint in the compressed-tensors format; refuses (naming them) layers it cannot store."""
-    native = source if isinstance(source, NativeCheckpoint) else read_native(source)
-    problems = dict(native.online_transforms())
-    for name, weight in native.layers.items():
-        if name not in problems and (reason := compressed_tensors_unsupported_reason(weight)) is not None:
-            problems[name] = reason
-    refuse_inexpressible("compressed-tensors", problems)
-    tensors = dict(native.dense)
-    for name, weight in native.layers.items():
-        for suffix, tensor in compressed_tensors_tensors(weight).items():
-            tensors[f"{name}.{suffix}"] = tensor
-    return write_hf_directory(native, out_dir, tensors, compressed_tensors_config(native.layers), force)
+    return export_interop(source, out_dir, force, "compressed-tensors", compressed_tensors_unsupported_reason,
+                         compressed_tensors_tensors, lambda native: compressed_tensors_config(native.layers))

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from quantbench.errors import QuantbenchError
 from quantbench.export.checkpoint import WEIGHTS_FILE
-from quantbench.export.interop import NativeCheckpoint, read_native, refuse_inexpressible, write_hf_directory
+from quantbench.export.interop import NativeCheckpoint, export_interop
 from quantbench.export.packing import pack_bits, packed_words, unpack_bits
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.scheme import Scheme
@@ -116,21 +116,14 @@ def gptq_quantization_config(layers: dict[str, Scheme], unquantized_in_blocks: l
 
 def export_gptq(source: str | Path | NativeCheckpoint, out_dir: str | Path, force: bool = False) -> Path:
     """Write a native checkpoint in the GPTQ format; refuses (naming them) layers GPTQ cannot store."""
-    native = source if isinstance(source, NativeCheckpoint) else read_native(source)
-    problems = dict(native.online_transforms())
-    for name, weight in native.layers.items():
-        if name not in problems and (reason := gptq_unsupported_reason(weight)) is not None:
-            problems[name] = reason
-    refuse_inexpressible("GPTQ", problems)
-    tensors = dict(native.dense)
-    for name, weight in native.layers.items():
-        for suffix, tensor in gptq_tensors(weight).items():
-            tensors[f"{name}.{suffix}"] = tensor
+    return export_interop(source, out_dir, force, "GPTQ", gptq_unsupported_reason, gptq_tensors, _gptq_config)
+
+
+def _gptq_config(native: NativeCheckpoint) -> dict:
     blocks = _block_prefixes(native.layers)
     unquantized = [key.removesuffix(".weight") for key, value in native.dense.items()
                    if key.endswith(".weight") and value.dim() == 2 and _in_blocks(key, blocks)]
-    config = gptq_quantization_config({n: w.scheme for n, w in native.layers.items()}, unquantized)
-    return write_hf_directory(native, out_dir, tensors, config, force)
+    return gptq_quantization_config({n: w.scheme for n, w in native.layers.items()}, unquantized)
 
 
 def _block_prefixes(layers) -> set[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +34,9 @@ class NativeCheckpoint:
     def qconfig(self) -> dict:
         return self.config["quantization_config"]
 
-    def online_transforms(self) -> dict[str, str]:
-        """Layers that rotate or quantize their input at run time, and what they do."""
-        found = {name: "rotates its input online (Hadamard)" for name in self.qconfig.get("rotations", {})}
-        for name, weight in self.layers.items():
-            if weight.scheme.activations:
-                found.setdefault(name, f"quantizes its input to {weight.scheme.activations}")
-        return found
+    @property
+    def rotated(self) -> list[str]:
+        return list(self.qconfig.get("rotations", {}))
 
 
 def read_native(directory: str | Path) -> NativeCheckpoint:
@@ -53,6 +50,35 @@ def read_native(directory: str | Path) -> NativeCheckpoint:
         packed = {s: tensors.pop(f"{name}.{s}") for s in PACKED_SUFFIXES if f"{name}.{s}" in tensors}
         layers[name] = unpack_weight(scheme, tuple(entry["shape"]), packed)
     return NativeCheckpoint(directory, config, tensors, layers)
+
+
+def layer_problems(layers: dict, rotated, unsupported: Callable[[object], str | None]) -> dict[str, str]:
+    """Why each layer a format cannot store is refused: an online rotation or activation quantization
+    (no interop format runs those), else the format's own `unsupported(weight)` reason."""
+    problems = {name: "rotates its input online (Hadamard)" for name in rotated}  # quantized or not
+    for name, weight in layers.items():
+        if name in problems:
+            continue
+        if weight.scheme.activations:
+            problems[name] = f"quantizes its input to {weight.scheme.activations}"
+        elif (reason := unsupported(weight)) is not None:
+            problems[name] = reason
+    return problems
+
+
+def export_interop(source: str | Path | NativeCheckpoint, out_dir: str | Path, force: bool, target: str,
+                  unsupported: Callable[[object], str | None],
+                  layer_tensors: Callable[[object], dict[str, torch.Tensor]],
+                  quantization_config: Callable[[NativeCheckpoint], dict]) -> Path:
+    """Refuse what `target` cannot store, else write every layer as `layer_tensors` packs it beside the
+    dense tensors, under `quantization_config(native)`."""
+    native = source if isinstance(source, NativeCheckpoint) else read_native(source)
+    refuse_inexpressible(target, layer_problems(native.layers, native.rotated, unsupported))
+    tensors = dict(native.dense)
+    for name, weight in native.layers.items():
+        for suffix, tensor in layer_tensors(weight).items():
+            tensors[f"{name}.{suffix}"] = tensor
+    return write_hf_directory(native, out_dir, tensors, quantization_config(native), force)
 
 
 def refuse_inexpressible(target: str, problems: dict[str, str]) -> None:

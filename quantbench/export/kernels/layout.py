@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from quantbench.export.packing import pack_bits, unpack_bits
+from quantbench.export.packing import pack_bits
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.trit_planes import TritPlaneWeight
 
@@ -54,10 +54,6 @@ class KernelWeight:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor)}
-
-    def codes(self) -> torch.Tensor:
-        """uint8 [N, K] codes in stored (permuted) input order."""
-        return unpack_bits(self.qweight.T.contiguous(), self.bits, self.shape[1])
 
     @property
     def stored_bytes(self) -> int:

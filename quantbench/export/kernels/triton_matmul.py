@@ -105,6 +105,14 @@ def _finish(acc, out_ptr, offsets, mask, ws_ptr, ws_stride, lock_ptr, lock, pid_
 
 
 @triton.jit
+def _input_column(x_row, perm_ptr, inputs, mask, HAS_PERM: tl.constexpr):
+    """x at stored inputs `inputs` (original input perm[k] under act_order)."""
+    if HAS_PERM:
+        inputs = tl.load(perm_ptr + inputs, mask=mask, other=0)
+    return tl.load(x_row + inputs, mask=mask, other=0)
+
+
+@triton.jit
 def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                        N, K, n_groups, k_per_split, stride_xm,
                        KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
@@ -155,22 +163,14 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
             zero16 = (zero + 1024.0).to(tl.float16)  # 1024 + z, exact in float16
             part = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float16)
             for i in tl.static_range(PER):
-                if HAS_PERM:
-                    columns = tl.load(perm_ptr + first_k + i, mask=mask_r, other=0)
-                else:
-                    columns = first_k + i
-                x = tl.load(x_row + columns, mask=mask_r, other=0).to(tl.float16)[:, None]
+                x = _input_column(x_row, perm_ptr, first_k + i, mask_r, HAS_PERM).to(tl.float16)[:, None]
                 codes = ((words >> (i * BITS)) & ((1 << BITS) - 1)) | 0x6400  # float16 1024 + q
                 value = codes.to(tl.int16).to(tl.float16, bitcast=True)
                 part += ((value - zero16) * scale16) * x
             acc += part.to(tl.float32)
         else:
             for i in tl.static_range(PER):
-                if HAS_PERM:
-                    columns = tl.load(perm_ptr + first_k + i, mask=mask_r, other=0)
-                else:
-                    columns = first_k + i
-                x = tl.load(x_row + columns, mask=mask_r, other=0).to(tl.float32)[:, None]
+                x = _input_column(x_row, perm_ptr, first_k + i, mask_r, HAS_PERM).to(tl.float32)[:, None]
                 codes = (words >> (i * BITS)) & ((1 << BITS) - 1)
                 if KIND == 0:
                     w = _small_int_to_float(codes) * scale - offset
