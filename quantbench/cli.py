@@ -4,20 +4,60 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Optional
+
+import sys
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
+from quantbench import __version__
 from quantbench.errors import QuantbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training quantization workbench for LLMs: quantize, evaluate, export.")
-console = Console()
-err_console = Console(stderr=True)
+# no markup: paths and names are printed as they are (a `[bold]` in a path stays)
+console = Console(markup=False, highlight=False)
+err_console = Console(stderr=True, markup=False, highlight=False)
+
+
+def _labelled(label: str, style: str, text: str) -> Text:
+    return Text.assemble((label, style), " ", text)
+
+
+def main() -> None:
+    """The `quantbench` entry point: the typer app, with Ctrl-C reported in one line (exit 130)."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        _interrupted()
+    except SystemExit as exc:  # typer turns Ctrl-C into a silent exit 130
+        if exc.code == 130:
+            _interrupted()
+        raise
+
+
+def _interrupted() -> None:
+    err_console.print(_labelled("interrupted:", "bold red", "stopped by Ctrl-C; outputs are only written when a "
+                                "command finishes, so earlier results are intact"), soft_wrap=True)
+    sys.exit(130)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"quantbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")) -> None:
+    """Post-training quantization workbench for LLMs: quantize, evaluate, export."""
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -30,18 +70,21 @@ def _setup_logging(verbose: bool) -> None:
 
 def _fail(exc: QuantbenchError) -> None:
     for line in str(exc).splitlines():
-        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        err_console.print(_labelled("error:", "bold red", line), soft_wrap=True)
     raise typer.Exit(2)
 
 
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="YAML recipe")) -> None:
-    """Check a recipe without running it."""
+    """Check a recipe without running it: its fields, then everything a run would need (model config and
+    architecture, text sources, output paths, export format, disk, memory), with estimates."""
+    from quantbench.preflight import preflight
     from quantbench.recipe import load_recipe
 
     _setup_logging(False)
     try:
         parsed = load_recipe(recipe)
+        plan = preflight(parsed, force=True)
     except QuantbenchError as exc:
         _fail(exc)
     if parsed.allocation is not None:
@@ -51,8 +94,11 @@ def validate(recipe: Path = typer.Argument(..., help="YAML recipe")) -> None:
         schemes = f"allocation of {len(section.candidates)} candidates ({section.metric}, {budget})"
     else:
         schemes = f"default scheme {parsed.quantize.default.name}"
-    console.print(f"[green]ok[/]: {recipe} (recipe {parsed.name}, hash {parsed.hash()[:12]}, {schemes}, "
-                  f"run dir {parsed.run_dir})")
+    console.print(_labelled("ok:", "green", f"{recipe} (recipe {parsed.name}, hash {parsed.hash()[:12]}, {schemes}, "
+                            f"run dir {parsed.run_dir})"))
+    if parsed.run_dir.exists():
+        plan.notes.append(f"{parsed.run_dir} exists: `quantbench run` needs --force to replace it")
+    console.print(plan.summary())
 
 
 @app.command()
@@ -157,6 +203,7 @@ def allocate(recipe: Path = typer.Argument(..., help="YAML recipe with an alloca
             raise QuantbenchError(f"recipe {parsed.name} has no allocation section (see recipes/ilp-3bit.yaml)")
         if solver not in (None, "ilp", "greedy", "knapsack_dp", "random"):
             raise QuantbenchError(f"--solver {solver!r}: use ilp, greedy, knapsack_dp or random")
+        _check_budgets(budget, budget_bytes, sweep)
         out = out or parsed.run_dir / ("pareto" if sweep else "allocation.yaml")
         refuse_existing(out, force, "output")
         try:
@@ -182,6 +229,18 @@ def allocate(recipe: Path = typer.Argument(..., help="YAML recipe with an alloca
         _fail(exc)
     print_allocation(result)
     console.print(f"wrote {out}")
+
+
+def _check_budgets(budget: float | None, budget_bytes: int | None, sweep: str | None) -> None:
+    given = [flag for flag, value in (("--budget", budget), ("--budget-bytes", budget_bytes), ("--sweep", sweep))
+             if value is not None]
+    if len(given) > 1:
+        raise QuantbenchError(f"{' and '.join(given)} were both given; give one budget (bits per weight, bytes, "
+                              "or a sweep)")
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise QuantbenchError(f"--budget {budget}: give a positive number of bits per weight, e.g. 3.5")
+    if budget_bytes is not None and budget_bytes <= 0:
+        raise QuantbenchError(f"--budget-bytes {budget_bytes}: give a positive number of bytes")
 
 
 def print_allocation(result) -> None:
@@ -307,7 +366,7 @@ def report(runs_dir: Path = typer.Argument(..., help="folder searched recursivel
             table.add_row(*(col.cell(row)[1] for col in cols), style="bold" if row.baseline else None)
         console.print(table)
     for path, reason in board.skipped:
-        err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
+        err_console.print(_labelled("skipped", "yellow", f"{path}: {reason}"))
     console.print(f"wrote {out / 'leaderboard.html'}, leaderboard.md, leaderboard.json")
 
 
@@ -344,11 +403,14 @@ def inspect(checkpoint: Path = typer.Argument(..., help="quantbench checkpoint (
         print(json.dumps([{"name": l.name, "scheme": l.scheme.name, "shape": l.shape,
                            "bits_per_weight": l.bits_per_weight, "bytes": l.stored_bytes} for l in layers], indent=2))
         return
-    table = Table(title=f"{checkpoint}: {len(layers)} quantized layers")
-    for column in ("layer", "scheme", "shape", "bits/weight", "bytes"):
-        table.add_column(column, justify="left" if column in ("layer", "scheme") else "right")
+    prefix = _common_prefix([layer.name for layer in layers])
+    table = Table(title=f"{checkpoint}: {len(layers)} quantized layers" + (f" (names after {prefix})" if prefix else ""))
+    table.add_column("layer", overflow="fold")
+    table.add_column("scheme", overflow="fold")
+    for column in ("shape", "bits/weight", "bytes"):
+        table.add_column(column, justify="right", no_wrap=True)
     for layer in layers:
-        table.add_row(layer.name, layer.scheme.name, f"{layer.shape[0]}×{layer.shape[1]}",
+        table.add_row(layer.name.removeprefix(prefix), layer.scheme.name, f"{layer.shape[0]}×{layer.shape[1]}",
                       f"{layer.bits_per_weight:.3f}", f"{layer.stored_bytes:,}")
     total_bytes = sum(l.stored_bytes for l in layers)
     total_params = sum(l.shape[0] * l.shape[1] for l in layers)
@@ -359,6 +421,20 @@ def inspect(checkpoint: Path = typer.Argument(..., help="quantbench checkpoint (
     console.print(table)
 
 
+def _common_prefix(names: list[str]) -> str:
+    """The dotted prefix every name shares (e.g. `model.layers.`), so narrow tables show what differs."""
+    if len(names) < 2:
+        return ""
+    parts = [name.split(".") for name in names]
+    shared = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) > 1:
+            break
+        shared.append(pieces[0])
+    shared = shared[:min(len(p) for p in parts) - 1]
+    return ".".join(shared) + "." if shared else ""
+
+
 def print_run_summary(result: dict) -> None:
     q = result["quantization"]
     table = Table(title=f"quantbench run {result['name']}: {result['model']}")
@@ -366,10 +442,11 @@ def print_run_summary(result: dict) -> None:
     table.add_column("full precision", justify="right")
     table.add_column("quantized", justify="right")
     size = q["weight_bytes"]
+    dtype_bits = DTYPE_BITS.get(result["dtype"], 16)
     table.add_row("schemes", result["dtype"], ", ".join(f"{name} ×{n}" for name, n in q["schemes"].items()))
     if q["avg_bits_per_weight"]:
-        table.add_row("bits/weight (quantized layers)", "16.000*", f"{q['avg_bits_per_weight']:.3f}")
-    table.add_row("quantized layers MB", f"{size['quantized_layers_fp16'] / 1e6:.2f}*",
+        table.add_row("bits/weight (quantized layers)", f"{dtype_bits:.3f}", f"{q['avg_bits_per_weight']:.3f}")
+    table.add_row("quantized layers MB", f"{q['quantized_params'] * dtype_bits / 8 / 1e6:.2f}",
                   f"{size['quantized_layers'] / 1e6:.2f}")
     for dataset, quantized in result["perplexity"]["quantized"].items():
         base = result["perplexity"]["baseline"].get(dataset)
@@ -387,9 +464,11 @@ def print_run_summary(result: dict) -> None:
     timings = result["timings_s"]
     table.add_row("time s (quantize / total)", "", f"{timings.get('quantize', 0):.1f} / {timings['total']:.1f}")
     console.print(table)
-    console.print("* as float16", style="dim")
     if result.get("checkpoint"):
         console.print(f"checkpoint: {result['checkpoint']}")
+
+
+DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
 
 
 def _headline(task: dict) -> tuple[str, float | None]:
@@ -403,4 +482,4 @@ def _figure(value: float | None, missing: str = "") -> str:
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -1,8 +1,28 @@
-"""How a quantized [out, in] weight's input columns fall into groups, for every stored-weight class."""
+"""What every stored-weight class shares: how a quantized [out, in] weight's input columns fall into groups,
+and the shapes of the tensors it stores."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """The shape and dtype of one stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def layout_bits(specs: dict[str, TensorSpec]) -> int:
+    return 8 * sum(spec.nbytes for spec in specs.values())
 
 
 class ColumnGroups:

@@ -57,6 +57,21 @@ def load_model(name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = 
     return model, load_tokenizer(name_or_path, trust_remote_code)
 
 
+def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
+    """The model a config (object or config.json mapping) describes, built on the meta device: module names
+    and shapes without weights, for checks before any weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(config, dict):
+        try:
+            config = AutoConfig.for_model(**config)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise QuantbenchError(f"config model_type {config.get('model_type')!r}: {str(exc).splitlines()[0]}") from None
+    check_supported(config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -72,6 +87,33 @@ def _from_pretrained(cls, name_or_path: str, **kwargs):
             f"could not load {cls.__name__.removeprefix('Auto')} from {where} {name_or_path!r}: "
             f"{str(exc).splitlines()[0]} (check the name; offline, source .assets/env.sh or give a local directory)"
         ) from exc
+
+
+def nonfinite_counts(weight: torch.Tensor) -> str:
+    nan, inf = int(torch.isnan(weight).sum()), int(torch.isinf(weight).sum())
+    return " and ".join(part for part in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if part) \
+        + " weight(s)"
+
+
+def handle_nonfinite_weights(model: nn.Module, policy: str = "error") -> dict[str, str]:
+    """Find parameters holding NaN or ±inf before any work is spent on them. `error` refuses the model,
+    naming them; `zero` sets those weights to 0 and returns what it changed (recorded in result.json)."""
+    found = {name: nonfinite_counts(param) for name, param in model.named_parameters()
+             if not torch.isfinite(param).all()}
+    if not found:
+        return {}
+    if policy == "error":
+        names = sorted(found)
+        shown = "; ".join(f"{name}: {found[name]}" for name in names[:5])
+        more = f" and {len(names) - 5} more parameters" if len(names) > 5 else ""
+        raise QuantbenchError(f"the model has non-finite weights ({shown}{more}); fix the checkpoint, or set "
+                              "model.nonfinite_weights: zero to replace them by 0")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in found:
+                param.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    log.warning("replaced non-finite weights by 0 in %d parameter(s): %s", len(found), ", ".join(sorted(found)))
+    return found
 
 
 def blocks_path(model: nn.Module) -> str:

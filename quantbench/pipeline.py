@@ -20,7 +20,7 @@ from quantbench.activations import input_rotation_of, quantize_inputs_of, rotate
 from quantbench.calibration.stats import StopForward, collect_stats, input_sharing
 from quantbench.model_io import block_linears, blocks_path, decoder_blocks, move_except_blocks
 from quantbench.quantized_weight import QuantizedWeight
-from quantbench.quantizers import needs_hessian, needs_stats, solver_for
+from quantbench.quantizers import needs_hessian, needs_stats, quantize_weight
 from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
 from quantbench.scheme import Scheme
@@ -203,7 +203,7 @@ def quantize_linears(layers: list[nn.Linear], names: list[str], scheme: Scheme, 
         weight = rotate_weight(weight, rotation)
         if stats is not None and needs_stats(scheme):
             stats = rotate_stats(stats, rotation)
-    quantized = solver_for(scheme).quantize(weight, scheme, stats)
+    quantized = quantize_weight(weight, scheme, stats, " + ".join(names))
     parts = quantized.split_rows([layer.out_features for layer in layers]) if len(layers) > 1 else [quantized]
     for layer, part in zip(layers, parts):
         apply_quantized(layer, part, rotation)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from quantbench.column_groups import ColumnGroups
-from quantbench.export.packing import pack_bits, pack_bytes, unpack_bits, unpack_bytes
+from quantbench.column_groups import ColumnGroups, TensorSpec, layout_bits
 from quantbench.formats import Format, GridParams, format_for
+from quantbench.formats.packing import pack_bits, pack_bytes, packed_words, unpack_bits, unpack_bytes
 from quantbench.scheme import Scheme
 from quantbench.trit_planes import TritPlaneWeight
 
@@ -70,15 +71,29 @@ class QuantizedWeight(ColumnGroups):
         weight = fmt.decode(codes.view(out_features, n_groups, group), params)
         return weight.view(out_features, n_groups * group)[:, :in_features].to(dtype)
 
+    @staticmethod
+    def layout(scheme: Scheme, shape: tuple[int, int]) -> dict[str, TensorSpec]:
+        """The tensors `pack` writes for a layer of this scheme and shape: name → shape and dtype."""
+        out_features, in_features = shape
+        n_groups = math.ceil(in_features / (scheme.group_size or in_features))
+        if scheme.is_block_format:
+            specs = {"qweight": TensorSpec((out_features, math.ceil(in_features * scheme.bits / 8)), torch.uint8),
+                     "scales": TensorSpec((out_features, n_groups), torch.uint8)}
+            if scheme.format == "nvfp4":
+                specs["global_scale"] = TensorSpec((1,), torch.float32)
+            return specs
+        specs = {"qweight": TensorSpec((out_features, packed_words(in_features, scheme.bits)), torch.int32),
+                 "scales": TensorSpec((out_features, n_groups), torch.float16)}
+        if scheme.has_zero_points:
+            specs["qzeros"] = TensorSpec((out_features, packed_words(n_groups, scheme.bits)), torch.int32)
+        if scheme.act_order and scheme.group_size is not None and not scheme.static_groups:
+            specs["g_idx"] = TensorSpec((in_features,), torch.int32)  # groups formed in act_order's column order
+        return specs
+
     @property
     def storage_bits(self) -> int:
-        """Bits needed to store this layer: codes, per-group scales (and zeros), g_idx and the per-tensor
-        scale if any."""
-        out_features, in_features = self.shape
-        bits = out_features * in_features * self.scheme.bits
-        bits += out_features * self.n_groups * self.scheme.overhead_bits_per_group
-        bits += 32 * in_features if self.g_idx is not None else 0
-        return bits + (32 if self.global_scale is not None else 0)
+        """Bits this layer takes in a checkpoint: its packed tensors, padding included (see `layout`)."""
+        return layout_bits(self.layout(self.scheme, self.shape))
 
     @property
     def bits_per_weight(self) -> float:
@@ -129,8 +144,22 @@ class QuantizedWeight(ColumnGroups):
                                move(self.global_scale))
 
 
+def stored_kind(scheme: Scheme) -> type[QuantizedWeight] | type[TritPlaneWeight]:
+    return TritPlaneWeight if scheme.format == "ternary" else QuantizedWeight
+
+
+def packed_layout(scheme: Scheme, shape: tuple[int, int]) -> dict[str, TensorSpec]:
+    """Name → shape and dtype of every tensor a layer of `scheme` and `shape` stores."""
+    return stored_kind(scheme).layout(scheme, shape)
+
+
+def storage_bits(scheme: Scheme, shape: tuple[int, int]) -> int:
+    """The one definition of a layer's size, used by runs, allocation, inspect and preflight alike: the bits
+    of the tensors its checkpoint holds, padding included."""
+    return layout_bits(packed_layout(scheme, shape))
+
+
 def unpack_weight(scheme: Scheme, shape: tuple[int, int],
                   tensors: dict[str, torch.Tensor]) -> QuantizedWeight | TritPlaneWeight:
     """A stored layer back as the object its scheme's solver produced."""
-    kind = TritPlaneWeight if scheme.format == "ternary" else QuantizedWeight
-    return kind.unpack(scheme, shape, tensors)
+    return stored_kind(scheme).unpack(scheme, shape, tensors)

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
 from quantbench.errors import QuantbenchError
 from quantbench.scheme import FORMAT_ALIASES, ActivationFormat, Scheme
+from quantbench.yamlio import load_yaml, read_allocation_layers
+
+# the seven zero-shot tasks that quantization papers commonly report (`tasks: zero-shot`)
+ZERO_SHOT_SUITE = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "lambada_openai", "boolq")
 
 
 def _scheme_from_yaml(value: Any) -> Any:
@@ -32,7 +36,7 @@ SchemeSpec = Annotated[Scheme, BeforeValidator(_scheme_from_yaml)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _check_regex(pattern: str) -> str:
@@ -48,6 +52,9 @@ class ModelSection(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     trust_remote_code: bool = False
+    nonfinite_weights: Literal["error", "zero"] = Field("error", description="what a NaN or ±inf weight does: "
+                                                        "stop the run naming the parameters, or become 0 "
+                                                        "(recorded in result.json)")
 
 
 class CalibrationSection(_Section):
@@ -110,9 +117,7 @@ class QuantizeSection(_Section):
         if self.from_allocation is None:
             return {}
         if self._allocated is None:
-            from quantbench.allocation.ilp import Allocation
-
-            names = Allocation.load_schemes(self.from_allocation)
+            names = read_allocation_layers(self.from_allocation)
             self._allocated = {layer: Scheme.parse(name) for layer, name in names.items()}
         return self._allocated
 
@@ -129,8 +134,6 @@ def _task_from_yaml(value: Any) -> Any:
 
 def _tasks_from_yaml(value: Any) -> Any:
     """`tasks: zero-shot` is the paper suite; otherwise a list of names or {name, num_fewshot, limit}."""
-    from quantbench.eval.lm_eval_bridge import ZERO_SHOT_SUITE
-
     if value == "zero-shot":
         return list(ZERO_SHOT_SUITE)
     if isinstance(value, str):
@@ -226,6 +229,8 @@ def _budget_range(value: Any) -> Any:
         start, stop, step = (float(part) for part in value.split(":"))
     except ValueError:
         raise ValueError(f"write the sweep as start:stop:step in bits per weight, e.g. 2.5:8:0.25 (got {value!r})")
+    if not all(math.isfinite(x) for x in (start, stop, step)) or start <= 0:
+        raise ValueError(f"sweep {value!r}: start, stop and step must be finite and start positive")
     if step <= 0 or stop < start:
         raise ValueError(f"sweep {value!r}: step must be positive and stop ≥ start")
     count = int(round((stop - start) / step)) + 1
@@ -350,12 +355,7 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise QuantbenchError(f"recipe {path} not found; give the path of a YAML recipe (see recipes/)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise QuantbenchError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    data = load_yaml(path, "recipe")
     if not isinstance(data, dict):
         raise QuantbenchError(f"{path}: a recipe is a YAML mapping with sections model, calibration, quantize, ...")
     data.setdefault("name", path.stem)

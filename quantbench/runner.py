@@ -21,9 +21,10 @@ from quantbench.calibration import calibration_batches
 from quantbench.errors import QuantbenchError
 from quantbench.eval.harness import evaluate_perplexity, evaluate_tasks, tokenize_eval_sets
 from quantbench.export.checkpoint import RUN_CHECKPOINT_DIR, save_quantized, write_checkpoint
-from quantbench.export.targets import NATIVE, check_expressible, export_checkpoint
-from quantbench.fsutil import atomic_directory, refuse_existing
-from quantbench.model_io import load_model, model_linears, resolve_device, resolve_dtype
+from quantbench.export.targets import NATIVE, export_checkpoint
+from quantbench.fsutil import atomic_directory
+from quantbench.model_io import handle_nonfinite_weights, load_model, model_linears, resolve_device, resolve_dtype
+from quantbench.preflight import preflight
 from quantbench.pipeline import StageTimer, quantize_linear, quantize_model, untie_lm_head
 from quantbench.recipe import Recipe
 from quantbench.results import environment, parameter_count, peak_memory, quantization_summary
@@ -37,18 +38,22 @@ PROBE_TOKENS = 256  # tokens of the first calibration sequence on which a transf
 
 
 def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> dict:
-    """Run a whole recipe; returns the result that is also written to `<run dir>/result.json`."""
+    """Run a whole recipe; returns the result that is also written to `<run dir>/result.json`.
+
+    Everything knowable up front is checked first (`preflight`). A failure that can only come at the end
+    (an interop export refusing what the weights turned out to be) keeps what was computed: the run
+    directory is written with the native checkpoint and result.json, then the error is raised."""
     run_dir = recipe.run_dir
-    refuse_existing(run_dir, force, "run directory")
-    if recipe.export.enabled and recipe.export.dir:
-        refuse_existing(recipe.export_dir, force, "export directory")
+    started = time.perf_counter()
+    plan = preflight(recipe, force)
+    for line in plan.summary().splitlines():
+        log.info("preflight: %s", line)
     device = resolve_device(recipe.model.device)
     dtype = resolve_dtype(recipe.model.dtype, device)
     timer = StageTimer(device)
-    started = time.perf_counter()
 
     with timer("load"):
-        model, tokenizer = load_model(recipe.model.name, dtype, recipe.model.trust_remote_code)
+        model, tokenizer, repaired = load_checked_model(recipe, dtype)
     with timer("eval_data"):
         eval_ids = tokenize_eval_sets(tokenizer, recipe.eval.perplexity)
 
@@ -82,8 +87,6 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
                                        hessian=recipe.quantize.hessian)
         if recipe.quantize.lm_head is not None:
             quantized["lm_head"] = quantize_linear(untie_lm_head(model), recipe.quantize.lm_head)
-    if recipe.export.enabled:
-        check_expressible(recipe.export.format, model, quantized)
     with timer("eval_quantized"):
         quantized_ppl = evaluate_perplexity(model, eval_ids, recipe.eval, device, progress)
     quantized_tasks = None
@@ -102,12 +105,14 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
         "calibration": {"source": cal.source, "n_samples": cal.n_samples, "seqlen": cal.seqlen, "seed": cal.seed},
         "transforms": transforms,
         "quantization": quantization_summary(model, quantized, linears),
+        "nonfinite_weights_zeroed": repaired,
         "perplexity": {"baseline": baseline, "quantized": quantized_ppl},
     }
     if recipe.eval.tasks:
         result["tasks"] = {"baseline": baseline_tasks, "quantized": quantized_tasks}
     if searched is not None:
         result["allocation"] = searched.record()
+    interop_error = None
     with atomic_directory(run_dir, force, "run directory") as tmp:
         if searched is not None:
             searched.write(tmp)
@@ -117,18 +122,33 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
                     save_quantized(model, tokenizer, quantized, recipe.export_dir, force=force)
                 else:
                     write_checkpoint(model, tokenizer, quantized, tmp / RUN_CHECKPOINT_DIR)
+                result["checkpoint"] = str(recipe.export_dir)
                 if recipe.export.format != NATIVE:
                     native = recipe.export_dir if recipe.export.dir else tmp / RUN_CHECKPOINT_DIR
-                    export_checkpoint(recipe.export.format, native, tmp / f"{RUN_CHECKPOINT_DIR}-{recipe.export.format}")
-                    result["interop_checkpoint"] = str(run_dir / f"{RUN_CHECKPOINT_DIR}-{recipe.export.format}")
-            result["checkpoint"] = str(recipe.export_dir)
+                    interop = f"{RUN_CHECKPOINT_DIR}-{recipe.export.format}"
+                    try:
+                        export_checkpoint(recipe.export.format, native, tmp / interop)
+                        result["interop_checkpoint"] = str(run_dir / interop)
+                    except QuantbenchError as exc:  # kept for after the results are safe
+                        interop_error = exc
+                        result["interop_error"] = str(exc)
         timer.seconds["total"] = time.perf_counter() - started
         result.update(timings_s=timer.summary(), quantize_breakdown_s=stages.summary(),
                       peak_memory=peak_memory(device), environment=environment(device),
                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.canonical(), sort_keys=False))
+    if interop_error is not None:
+        raise QuantbenchError(f"{interop_error}\nthe run's results are kept: {run_dir / RESULT_FILE} and the native "
+                              f"checkpoint {recipe.export_dir}")
     return result
+
+
+def load_checked_model(recipe: Recipe, dtype: torch.dtype):
+    """The recipe's model and tokenizer, its weights checked for NaN/inf (`model.nonfinite_weights`); the
+    third value names the parameters that were zeroed."""
+    model, tokenizer = load_model(recipe.model.name, dtype, recipe.model.trust_remote_code)
+    return model, tokenizer, handle_nonfinite_weights(model, recipe.model.nonfinite_weights)
 
 
 @dataclass
@@ -199,8 +219,7 @@ def sensitivity_for_recipe(recipe: Recipe, progress: bool = True) -> Sensitivity
         raise QuantbenchError(f"recipe {recipe.name} has no allocation section; add one with its candidates "
                               "(see recipes/ilp-3bit.yaml)")
     device = resolve_device(recipe.model.device)
-    model, tokenizer = load_model(recipe.model.name, resolve_dtype(recipe.model.dtype, device),
-                                  recipe.model.trust_remote_code)
+    model, tokenizer, _ = load_checked_model(recipe, resolve_dtype(recipe.model.dtype, device))
     cal = recipe.calibration
     input_ids = calibration_batches(tokenizer, cal.source, cal.n_samples, cal.seqlen, cal.seed,
                                     split=cal.split, text_field=cal.text_field)

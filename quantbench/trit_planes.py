@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from quantbench.column_groups import ColumnGroups
-from quantbench.export.packing import pack_trits, unpack_trits
-from quantbench.scheme import SCALE_BITS_FP16, Scheme
+from quantbench.column_groups import ColumnGroups, TensorSpec, layout_bits
+from quantbench.formats.packing import TRITS_PER_BYTE, pack_trits, unpack_trits
+from quantbench.scheme import Scheme
 
 
 @dataclass
@@ -56,18 +56,25 @@ class TritPlaneWeight(ColumnGroups):
                 y[:, start:start + chunk] += ((added - subtracted) * self.scales[p, start:start + chunk].float()).sum(dim=-1)
         return y.view(*x.shape[:-1], out_features)
 
+    @staticmethod
+    def layout(scheme: Scheme, shape: tuple[int, int]) -> dict[str, TensorSpec]:
+        """The tensors `pack` writes: five trits per byte per plane and row, float16 scales per group."""
+        out_features, in_features = shape
+        n_groups = math.ceil(in_features / (scheme.group_size or in_features))
+        return {"qweight": TensorSpec((scheme.planes, out_features, math.ceil(in_features / TRITS_PER_BYTE)),
+                                      torch.uint8),
+                "scales": TensorSpec((scheme.planes, out_features, n_groups), torch.float16)}
+
     @property
     def storage_bits(self) -> int:
-        """Five trits per byte per plane and row, plus the float16 scales."""
-        n_planes, out_features, in_features = self.planes.shape
-        return n_planes * out_features * (8 * math.ceil(in_features / 5) + self.n_groups * SCALE_BITS_FP16)
+        return layout_bits(self.layout(self.scheme, self.shape))
 
     @property
     def bits_per_weight(self) -> float:
         return self.storage_bits / self.numel
 
     def pack(self) -> dict[str, torch.Tensor]:
-        """`qweight`: uint8 [P, out, ceil(in/5)] base-3 trits (export/packing.py); `scales`: float16 [P, out, groups]."""
+        """`qweight`: uint8 [P, out, ceil(in/5)] base-3 trits (formats/packing.py); `scales`: float16 [P, out, groups]."""
         return {"qweight": pack_trits(self.planes), "scales": self.scales.contiguous()}
 
     @classmethod

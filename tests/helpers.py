@@ -74,13 +74,17 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
 
 
-def tiny_llama(vocab_size: int = 320, tie: bool = True, layers: int = 2, hidden: int = 64, seed: int = 0):
+def tiny_llama(vocab_size: int = 320, tie: bool = True, layers: int = 2, hidden: int = 64, seed: int = 0,
+               init_std: float = 0.02):
+    """A random Llama. With the default init its next-token distribution is nearly uniform, so measures of
+    how far quantization moves the output (KL) sit at float rounding level; init_std 0.1 gives a peaked
+    distribution whose KL values are far above it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
-                         max_position_embeddings=512, tie_word_embeddings=tie)
+                         max_position_embeddings=512, tie_word_embeddings=tie, initializer_range=init_std)
     return LlamaForCausalLM(config).eval()
 
 
@@ -100,3 +104,13 @@ def tiny_gpt_neox(vocab_size: int = 320, seed: int = 0):
     config = GPTNeoXConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                            vocab_size=vocab_size, max_position_embeddings=512)
     return GPTNeoXForCausalLM(config).eval()
+
+
+def assert_matmul_close(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """`got` equals x @ weightᵀ up to float summation error: within n·eps·(|x| @ |weight|ᵀ) of the exact
+    product (n the inner dimension, eps that of `got`'s dtype), the textbook bound whatever order the sums
+    run in, so it holds on any CPU and thread count."""
+    x64, w64 = x.double(), weight.double()
+    bound = x.shape[-1] * torch.finfo(got.dtype).eps * (x64.abs() @ w64.abs().T)
+    error = (got.double() - x64 @ w64.T).abs()
+    assert (error <= bound).all(), f"error {float((error - bound).max()):.3g} above the rounding bound"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quantbench.errors import QuantbenchError
-from quantbench.export.packing import pack_bytes, unpack_bytes
+from quantbench.formats.packing import pack_bytes, unpack_bytes
 from quantbench.formats import BLOCK_FORMATS, format_for
 from quantbench.formats.fp import E4M3
 from quantbench.quantized_weight import QuantizedWeight

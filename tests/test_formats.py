@@ -63,7 +63,8 @@ def test_group_size_that_does_not_divide_in_features():
     assert q.scales.shape == (8, 4) and q.n_groups == 4
     tail = quantize_rtn(weight[:, 96:], Scheme(bits=4, group_size=None))  # the short last group alone
     assert torch.equal(q.dequantize()[:, 96:], tail.dequantize())
-    assert q.storage_bits == 8 * 100 * 4 + 8 * 4 * (16 + 4)
+    # 100 four-bit codes fill 12.5 words → 13; 4 float16 scales; 4 four-bit zeros in one word
+    assert q.storage_bits == 8 * (13 * 32 + 4 * 16 + 32)
 
 
 def test_all_zero_groups_and_fp16_scale():
@@ -87,7 +88,32 @@ def test_bits_per_weight_counts_scales_and_zeros():
     assert Scheme(bits=4, group_size=128).bits_per_weight == pytest.approx(4 + 20 / 128)
     assert Scheme(bits=4, group_size=128, symmetric=True).bits_per_weight == pytest.approx(4 + 16 / 128)
     q = quantize_rtn(torch.randn(10, 256), Scheme(bits=3, group_size=64))
-    assert q.bits_per_weight == pytest.approx(3 + 19 / 64)
+    assert q.bits_per_weight == pytest.approx((24 * 32 + 4 * 16 + 32) / 256)  # 768 code bits, zeros in a word
+
+
+@pytest.mark.parametrize("name", ["int4-g128-rtn", "int3-g32-rtn", "int8-pc-sym-rtn", "int2-g64-gptq-act",
+                                  "int4-g32-gptq-act-static", "mxfp4-rtn", "mxfp6e3m2-rtn", "nvfp4-rtn",
+                                  "ternary2-g32-ptqtp", "ternary1-ptqtp"])
+@pytest.mark.parametrize("shape", [(12, 576), (5, 160)])  # 128 and 5 do not divide 576; 128 does not divide 160
+def test_storage_is_what_the_checkpoint_stores(name, shape):
+    """One definition of a layer's size: the packed tensors, padding included; `layout` predicts them."""
+    from quantbench.calibration.stats import LayerStats
+    from quantbench.quantized_weight import packed_layout
+    from quantbench.quantizers import needs_stats, solver_for
+
+    scheme = Scheme.parse(name)
+    torch.manual_seed(0)
+    weight = torch.randn(shape)
+    stats = None
+    if needs_stats(scheme):
+        stats = LayerStats(wants_hessian=True)
+        stats.update(torch.randn(64, shape[1]))
+    q = solver_for(scheme).quantize(weight, scheme, stats)
+    packed = q.pack()
+    layout = packed_layout(scheme, shape)
+    assert {k: (tuple(t.shape), t.dtype) for k, t in packed.items()} == {
+        k: (spec.shape, spec.dtype) for k, spec in layout.items()}
+    assert q.storage_bits == 8 * sum(t.numel() * t.element_size() for t in packed.values())
 
 
 def test_format_fit_round_is_nearest_grid_point():

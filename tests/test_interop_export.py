@@ -98,8 +98,8 @@ def test_gptq_refuses_layers_it_cannot_store_and_names_them(tmp_path, tokenizer)
         export_gptq(tmp_path / "native", tmp_path / "gptq")
     message = str(error.value)
     assert "2 layer(s)" in message
-    assert "model.layers.0.mlp.up_proj: mxfp4-rtn" in message
-    assert "model.layers.1.self_attn.q_proj: rotates its input online" in message
+    assert "mxfp4-rtn: GPTQ stores integer grids only: 1 layer (model.layers.0.mlp.up_proj)" in message
+    assert "rotates its input online (Hadamard): 1 layer (model.layers.1.self_attn.q_proj)" in message
     assert not (tmp_path / "gptq").exists()
 
 
@@ -136,8 +136,9 @@ def test_compressed_tensors_refuses_ternary_and_g_idx_layers(tmp_path, tokenizer
     with pytest.raises(QuantbenchError) as error:
         export_compressed_tensors(tmp_path / "native", tmp_path / "ct")
     message = str(error.value)
-    assert "model.layers.0.mlp.down_proj: ternary2-ptqtp" in message and "g_idx" in message
-    assert "14 layer(s)" in message
+    assert "14 layer(s)" in message and len(message.splitlines()) == 4  # a line per reason, not per layer
+    assert "ternary2-ptqtp: compressed-tensors export covers int, mxfp4 and nvfp4: 2 layers" in message
+    assert "act_order without static groups" in message and ": 12 layers (model.layers.0.mlp.gate_proj" in message
 
 
 def test_export_command(tmp_path, tokenizer):
@@ -149,3 +150,75 @@ def test_export_command(tmp_path, tokenizer):
     assert again.exit_code != 0
     wrong = invoke("export", str(tmp_path / "native"), "--to", "awq", "--out", str(tmp_path / "awq"))
     assert wrong.exit_code == 2 and "gptq" in wrong.output
+
+
+def exported(tmp_path, tokenizer, dtype, default, overrides=()):
+    model = tiny_llama().to(dtype)
+    section = QuantizeSection(default=default, overrides=list(overrides))
+    quantized = quantize_model(model, IDS, section.scheme_for, torch.device("cpu"), progress=False)
+    save_quantized(model, tokenizer, quantized, tmp_path / "native")
+    export_compressed_tensors(tmp_path / "native", tmp_path / "ct")
+    return quantized
+
+
+def load_dtype_of(quantized, dtype):
+    """FP4 layers in a float32 model: the export records bfloat16 (compressed-tensors decodes FP4 to it)."""
+    return torch.bfloat16 if any(q.scheme.format in ("mxfp4", "nvfp4") for q in quantized.values()) else dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", ["int4-g32-sym-rtn", "int4-g32-rtn", "int8-pc-sym-rtn", "int4-pc-rtn",
+                                    "int4-g32-gptq-act-static", "mxfp4-rtn", "nvfp4-rtn"])
+def test_compressed_tensors_export_loads_in_transformers_with_our_weights(tmp_path, tokenizer, scheme, dtype):
+    """transformers' own compressed-tensors integration loads the export. Decompressed on load, every
+    quantized weight and the logits equal ours exactly. Kept compressed (the default; upstream cannot for
+    asymmetric grids), the logits agree to the dtype's rounding."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    quantized = exported(tmp_path, tokenizer, dtype, scheme)
+    load_dtype = load_dtype_of(quantized, dtype)
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["dtype"] == str(load_dtype).removeprefix("torch.")
+    ours = load_quantized(tmp_path / "native", dtype=load_dtype)
+    decompressed = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ct", quantization_config=CompressedTensorsConfig(run_compressed=False))
+    for name in quantized:
+        assert torch.equal(decompressed.get_submodule(name).weight, ours.get_submodule(name).weight), name
+    with torch.no_grad():
+        expected = ours(IDS).logits
+        assert torch.equal(decompressed(IDS).logits, expected)
+        if Scheme.parse(scheme).symmetric:
+            compressed = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+            torch.testing.assert_close(compressed(IDS).logits, expected, rtol=0,
+                                       atol=8 * torch.finfo(load_dtype).eps * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_compressed_tensors_export_loads_compressed(tmp_path, tokenizer, dtype):
+    """Several formats in one export: transformers loads it compressed with our logits (up to the dtype's
+    rounding). Its decompress-on-load path applies one config group to every layer, so it is not used."""
+    from transformers import AutoModelForCausalLM
+
+    quantized = exported(tmp_path, tokenizer, dtype, "int4-g32-sym-rtn",
+                         [{"pattern": "o_proj", "scheme": "int8-pc-sym-rtn"},
+                          {"pattern": "gate_proj", "scheme": "mxfp4-rtn"},
+                          {"pattern": "up_proj", "scheme": "nvfp4-rtn"}])
+    load_dtype = load_dtype_of(quantized, dtype)
+    ours = load_quantized(tmp_path / "native", dtype=load_dtype)
+    compressed = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    with torch.no_grad():
+        expected = ours(IDS).logits
+        torch.testing.assert_close(compressed(IDS).logits, expected, rtol=0,
+                                   atol=8 * torch.finfo(load_dtype).eps * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("target", ["gptq", "compressed-tensors"])
+def test_exports_refuse_group_sizes_that_do_not_divide_the_inputs(tmp_path, tokenizer, target):
+    from quantbench.export.targets import export_checkpoint
+
+    model = tiny_llama(hidden=96)  # 96 inputs: g64 leaves a partial group
+    section = QuantizeSection(default="int4-g64-sym-rtn")
+    quantized = quantize_model(model, IDS, section.scheme_for, torch.device("cpu"), progress=False)
+    save_quantized(model, tokenizer, quantized, tmp_path / "native")
+    with pytest.raises(QuantbenchError, match="group size 64 does not divide 96 inputs"):
+        export_checkpoint(target, tmp_path / "native", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -3,7 +3,7 @@ CPU) against the dequantized weight, and load_quantized(kernels=True)."""
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import assert_matmul_close, tiny_llama
 
 from quantbench import load_quantized, save_quantized
 from quantbench.export.kernels import PackedLinear, kernel_unsupported_reason, packed_matmul, to_kernel_layout
@@ -68,10 +68,9 @@ def test_kernel_layout_decodes_to_the_stored_weight_exactly(label):
 @pytest.mark.parametrize("batch", [1, 3, 20])
 def test_torch_fallback_equals_the_dequantized_matmul(label, batch):
     stored = WEIGHTS[label]
-    x = torch.randn(batch, IN)
-    expected = x @ stored.dequantize().T
+    x = torch.randn(batch, IN, generator=torch.Generator().manual_seed(batch))
     got = packed_matmul(x, to_kernel_layout(stored), backend="torch")
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert_matmul_close(got, x, stored.dequantize())
 
 
 TRITON_CONFIGS = {
@@ -87,17 +86,17 @@ TRITON_CONFIGS = {
 def test_triton_kernel_equals_the_dequantized_matmul(label, config):
     stored = WEIGHTS[label]
     tile = TRITON_CONFIGS[config]
-    x = torch.randn(1 if tile.block_m == 1 else 5, IN)
-    expected = x @ stored.dequantize().T
+    x = torch.randn(1 if tile.block_m == 1 else 5, IN, generator=torch.Generator().manual_seed(3))
     got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=tile)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+    assert_matmul_close(got, x, stored.dequantize())
 
 
 def test_triton_kernel_handles_inputs_that_do_not_fill_a_tile():
-    stored = quantize_rtn(torch.randn(50, 96), Scheme.parse("int4-g32-rtn"))  # 96 inputs, 50 outputs
-    x = torch.randn(2, 96)
+    g = torch.Generator().manual_seed(4)
+    stored = quantize_rtn(torch.randn(50, 96, generator=g), Scheme.parse("int4-g32-rtn"))  # 96 inputs, 50 outputs
+    x = torch.randn(2, 96, generator=g)
     got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=TileConfig(16, 32, 64, 1))
-    torch.testing.assert_close(got, x @ stored.dequantize().T, rtol=1e-4, atol=1e-3)
+    assert_matmul_close(got, x, stored.dequantize())
 
 
 @pytest.mark.parametrize("name, why", [

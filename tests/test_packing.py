@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from quantbench.export import packing
-from quantbench.export.packing import pack_bits, unpack_bits
+from quantbench.formats import packing
+from quantbench.formats.packing import pack_bits, unpack_bits
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quantbench.errors import QuantbenchError
-from quantbench.export.packing import pack_trits, unpack_trits
+from quantbench.formats.packing import pack_trits, unpack_trits
 from quantbench.quantizers.ptqtp import _best_planes, _best_ternarisation, ptqtp_quantize
 from quantbench.quantizers.rtn import quantize_rtn
 from quantbench.scheme import Scheme

@@ -14,9 +14,13 @@ CANDIDATES = [Scheme.parse(n) for n in ("int2-g32-gptq", "int3-g32-gptq", "int4-
                                         "hadamard+int3-pc-gptq")]
 
 
+def peaked_llama():
+    return tiny_llama(layers=2, init_std=0.1).float()  # KL of 1e-6..1e-1, far above rounding noise
+
+
 @pytest.fixture(scope="module")
 def measured():
-    model = tiny_llama(layers=2).float()
+    model = peaked_llama()
     ids = torch.randint(0, 320, (8, 48), generator=torch.Generator().manual_seed(1))
     cache = CandidateCache()
     table = sensitivity_table(model, ids, lambda name: [] if "layers.1.mlp" in name else CANDIDATES,
@@ -42,8 +46,8 @@ def test_errors_shrink_as_bits_grow(measured):
                                                                     (4, "g32-gptq"), (8, "pc-rtn"))]
         assert [e.weight_error for e in ladder] == sorted((e.weight_error for e in ladder), reverse=True)
         assert [e.output_error for e in ladder] == sorted((e.output_error for e in ladder), reverse=True)
-        assert [e.kl for e in ladder[:3]] == sorted((e.kl for e in ladder[:3]), reverse=True)
-        assert all(e.kl > -1e-6 for e in ladder)  # KL ≥ 0 up to float32 rounding
+        assert all(a.kl > 2 * b.kl for a, b in zip(ladder, ladder[1:])), [e.kl for e in ladder]
+        assert ladder[-1].kl > 0
 
 
 def layer_inputs(model, ids, layer_name):
@@ -102,12 +106,13 @@ def test_cached_candidates_apply_exactly(measured):
     with allocated_weights(model, schemes, cache):
         swapped = model(input_ids=ids[:2]).logits
     assert torch.equal(model(input_ids=ids[:2]).logits, reference)
-    copy = tiny_llama(layers=2).float()
+    copy = peaked_llama()
     quantized = apply_allocation(copy, schemes, cache)
     assert set(quantized) == set(schemes)
     applied = copy(input_ids=ids[:2]).logits  # o_proj rotates its input online here
-    assert torch.allclose(applied, swapped, atol=1e-4)
-    assert not torch.allclose(applied, reference, atol=1e-3)
+    scale = reference.abs().max().item()
+    assert torch.allclose(applied, swapped, atol=1e-5 * scale)
+    assert not torch.allclose(applied, reference, atol=1e-2 * scale)
 
 
 def test_model_rotated_layers_keep_their_online_rotation(tmp_path):

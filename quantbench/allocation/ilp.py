@@ -19,6 +19,7 @@ import yaml
 
 from quantbench.allocation.problem import Problem
 from quantbench.errors import QuantbenchError
+from quantbench.yamlio import read_allocation_layers
 
 ALLOCATION_VERSION = 1
 
@@ -61,14 +62,7 @@ class Allocation:
 
     @staticmethod
     def load_schemes(path: str | Path) -> dict[str, str]:
-        """Layer → scheme name from an allocation YAML written by `save` (or by hand: only `layers` is read)."""
-        path = Path(path)
-        if not path.is_file():
-            raise QuantbenchError(f"allocation file {path} not found; write one with `quantbench allocate RECIPE`")
-        data = yaml.safe_load(path.read_text())
-        if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
-            raise QuantbenchError(f"{path}: an allocation file maps `layers:` to {{layer name: scheme name}}")
-        return {str(k): str(v) for k, v in data["layers"].items()}
+        return read_allocation_layers(path)
 
 
 def allocation_from_choice(problem: Problem, choice: list[int], solver: str, status: str,

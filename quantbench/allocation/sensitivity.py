@@ -29,7 +29,7 @@ from quantbench.calibration.stats import LayerStats, collect_stats, input_sharin
 from quantbench.model_io import block_linears, blocks_path, decoder_blocks, move_except_blocks
 from quantbench.pipeline import apply_quantized, capture_block_inputs, feed_block, run_block
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
-from quantbench.quantizers import solver_for
+from quantbench.quantizers import quantize_weight
 from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
 from quantbench.scheme import Scheme
@@ -179,7 +179,7 @@ def quantize_candidate(name: str, linear: nn.Linear, scheme: Scheme, stats: Laye
         if key not in rotated_stats:
             rotated_stats[key] = rotate_stats(stats, rotation)
         layer_stats = rotated_stats[key]
-    quantized = solver_for(scheme).quantize(weight.clone(), scheme, layer_stats)
+    quantized = quantize_weight(weight.clone(), scheme, layer_stats, name)
     delta = quantized.dequantize(torch.float32).to(weight.device) - weight
     output_error = float(((delta @ layer_stats.xtx) * delta).sum()) / max(1, layer_stats.n_samples)
     if cache is not None:
@@ -253,7 +253,7 @@ def measured_kl(model: nn.Module, input_ids: torch.Tensor, errors: dict, cache: 
                 total, tokens = 0.0, 0
                 for batch, ref, p in zip(batches, reference, probabilities):
                     logq = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
-                    total += float((p * (ref - logq)).sum())
+                    total += float((p * (ref - logq)).sum(dtype=torch.float64))
                     tokens += batch.numel()
                 error.kl = total / tokens
             finally:

@@ -6,6 +6,7 @@ A source yields either one continuous text (WikiText-2, .txt files) or a list of
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +72,48 @@ def _local_or_hub(source: str, split: str | None, text_field: str) -> TextSource
     return TextSource(fingerprint=ds._fingerprint, documents=_column(ds, text_field, source))
 
 
+def local_source_problem(source: str) -> str | None:
+    """Why a source that names a local file cannot be read as text, or None (also for presets and hub ids,
+    which only loading can check). Looks at the first megabyte: enough to catch a wrong or binary file."""
+    if source in ("wikitext2", "c4"):
+        return None
+    path = Path(source).expanduser()
+    if not path.exists():
+        looks_local = path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") != 1
+        return f"no such file {source!r}; give an existing .txt/.jsonl/.json/.parquet path" if looks_local else None
+    if not path.is_file():
+        return f"{source} is not a file"
+    if path.suffix not in LOCAL_SUFFIXES:
+        return f"{source}: unsupported file type {path.suffix!r}; use .txt, .jsonl, .json or .parquet"
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(1 << 20)
+    except OSError as exc:
+        return f"{source} cannot be read ({exc.strerror})"
+    if path.suffix == ".parquet":
+        return None if head[:4] == b"PAR1" else f"{source} is not a parquet file"
+    if b"\0" in head or _not_utf8(head):
+        return f"{source} is not UTF-8 text (a binary file?)"
+    return None
+
+
+def _not_utf8(head: bytes) -> bool:
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def _local_file(path: Path, text_field: str) -> TextSource:
+    if (problem := local_source_problem(str(path))) is not None:
+        raise QuantbenchError(f"text source {problem}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if path.suffix == ".txt":
-        return TextSource(fingerprint=digest, text=path.read_text(encoding="utf-8"))
+        try:
+            return TextSource(fingerprint=digest, text=path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise QuantbenchError(f"text source {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if path.suffix in (".jsonl", ".json"):
         ds = _load_dataset("json", data_files=str(path), split="train")
     elif path.suffix == ".parquet":

@@ -61,8 +61,8 @@ def evaluate_target(target: str, settings: EvalSection, device: torch.device, dt
     The record has the shape of a run's result.json: a plain model's figures are its `baseline`, a
     checkpoint's are `quantized`, so `quantbench report` puts either on the leaderboard.
     """
-    from quantbench.export.checkpoint import (checkpoint_layers, is_quantbench_checkpoint, load_quantized,
-                                              read_quantization_config, resolve_checkpoint_dir)
+    from quantbench.export.checkpoint import (is_quantbench_checkpoint, load_quantized, read_checkpoint,
+                                              resolve_checkpoint_dir)
     from quantbench.model_io import load_model, load_tokenizer, model_linears, resolve_dtype
     from quantbench.results import LayerSize, environment, parameter_count, summarize_layers
 
@@ -70,9 +70,10 @@ def evaluate_target(target: str, settings: EvalSection, device: torch.device, dt
     path = resolve_checkpoint_dir(target)
     quantized = is_quantbench_checkpoint(path)
     if quantized:
+        checkpoint = read_checkpoint(path)
         model, tokenizer = load_quantized(path, "cpu", dtype), load_tokenizer(str(path))
         sizes = {layer.name: LayerSize(layer.scheme.name, layer.shape[0] * layer.shape[1], 8 * layer.stored_bytes)
-                 for layer in checkpoint_layers(path)}
+                 for layer in checkpoint.layers.values()}
         summary = summarize_layers(model, sizes, model_linears(model))
     elif (path / "result.json").is_file():
         raise QuantbenchError(f"{target} is a run directory without a checkpoint (its recipe had export.enabled: "
@@ -87,7 +88,7 @@ def evaluate_target(target: str, settings: EvalSection, device: torch.device, dt
     timings["eval"] = time.perf_counter() - tick
     record = {
         "name": Path(target).name if Path(target).exists() else target,
-        "model": (read_quantization_config(path).get("base_model") if quantized else None) or target,
+        "model": (checkpoint.qconfig.get("base_model") if quantized else None) or target,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "parameters": parameter_count(model),
         "evaluated": str(path) if quantized else target,

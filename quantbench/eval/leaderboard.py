@@ -107,7 +107,8 @@ def build_leaderboard(runs_dir: str | Path) -> Leaderboard:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise QuantbenchError(f"{runs_dir} is not a directory; give the folder that holds run directories")
-    paths = sorted(runs_dir.rglob(RESULT_FILE))
+    paths = sorted(path for path in runs_dir.rglob(RESULT_FILE)
+                   if not any(part.startswith(".") for part in path.relative_to(runs_dir).parts))  # staging dirs
     if not paths:
         raise QuantbenchError(f"no {RESULT_FILE} under {runs_dir}; run `quantbench run RECIPE` or "
                               "`quantbench eval MODEL --output DIR` first")

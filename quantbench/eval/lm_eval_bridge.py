@@ -18,11 +18,9 @@ from pathlib import Path
 from torch import nn
 
 from quantbench.errors import QuantbenchError
+from quantbench.recipe import ZERO_SHOT_SUITE  # noqa: F401  (the seven zero-shot tasks papers report)
 
 log = logging.getLogger(__name__)
-
-# the seven zero-shot tasks that quantization papers commonly report
-ZERO_SHOT_SUITE = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "lambada_openai", "boolq")
 LOCAL_SUFFIX = "_local"
 # the headline metric of a task: length-normalised accuracy where the task has it, else accuracy
 SCORE_METRICS = ("acc_norm", "acc")

@@ -9,7 +9,7 @@ as bit-packed codes.
                       "model_rotation": {"kind", "size", "seed"} or null: the residual-stream rotation
                       already folded into the stored weights (rotation.py)}
   model.safetensors  every parameter not quantized, as it was; for each quantized linear `<name>.qweight`
-                     (int32, codes bit-packed along the input dimension, see export/packing.py),
+                     (int32, codes bit-packed along the input dimension, see formats/packing.py),
                      `<name>.scales` (float16 [out, groups]) and, for asymmetric schemes, `<name>.qzeros`
                      (int32, zero points packed like the codes) and, when GPTQ's act_order grouped the
                      columns out of order, `<name>.g_idx` (int32 [in]: the group of each input column).
@@ -28,26 +28,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from quantbench.activations import input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.errors import QuantbenchError
 from quantbench.export.kernels.layout import kernel_unsupported_reason, to_kernel_layout
 from quantbench.export.kernels.modules import PackedLinear
+from quantbench.export.checkpoint_reader import (FORMAT_VERSION, QUANT_METHOD, RUN_CHECKPOINT_DIR,  # noqa: F401
+                                                 WEIGHTS_FILE, CheckpointLayer, checkpoint_layers, damaged,
+                                                 is_quantbench_checkpoint, read_checkpoint,
+                                                 read_quantization_config, resolve_checkpoint_dir)
 from quantbench.fsutil import atomic_directory
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
 from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.rotation import MODEL_ROTATION_ATTR
 from quantbench.scheme import Scheme
 
-QUANT_METHOD = "quantbench"
-FORMAT_VERSION = 2  # 2: online input rotations; version 1 checkpoints (none) still load
-READABLE_VERSIONS = (1, 2)
-WEIGHTS_FILE = "model.safetensors"
-RUN_CHECKPOINT_DIR = "checkpoint"  # where a run directory keeps its exported checkpoint
-PACKED_SUFFIXES = ("qweight", "scales", "qzeros", "g_idx", "global_scale")
 
 
 def save_quantized(model: nn.Module, tokenizer, quantized: dict[str, QuantizedWeight], out_dir: str | Path,
@@ -97,66 +94,6 @@ def write_checkpoint(model: nn.Module, tokenizer, quantized: dict[str, Quantized
         tokenizer.save_pretrained(directory)
 
 
-@dataclass
-class CheckpointLayer:
-    name: str
-    scheme: Scheme
-    shape: tuple[int, int]
-    stored_bytes: int
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.stored_bytes / (self.shape[0] * self.shape[1])
-
-
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A run directory stands for the checkpoint it holds; any other path stands for itself."""
-    path = Path(path)
-    return path / RUN_CHECKPOINT_DIR if (path / RUN_CHECKPOINT_DIR).is_dir() else path
-
-
-def is_quantbench_checkpoint(directory: str | Path) -> bool:
-    config_path = Path(directory) / "config.json"
-    if not config_path.is_file():
-        return False
-    qconfig = json.loads(config_path.read_text()).get("quantization_config") or {}
-    return qconfig.get("quant_method") == QUANT_METHOD
-
-
-def read_quantization_config(directory: str | Path) -> dict:
-    directory = Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise QuantbenchError(f"{directory} is not a checkpoint directory (no config.json)")
-    qconfig = json.loads(config_path.read_text()).get("quantization_config")
-    if not qconfig or qconfig.get("quant_method") != QUANT_METHOD:
-        raise QuantbenchError(f"{directory} is not a quantbench checkpoint (config.json has no quantbench "
-                              "quantization_config); load plain models with transformers")
-    if qconfig.get("version") not in READABLE_VERSIONS:
-        raise QuantbenchError(f"{directory}: checkpoint format version {qconfig.get('version')} is not supported "
-                              f"(this quantbench reads versions {', '.join(map(str, READABLE_VERSIONS))}); "
-                              "upgrade quantbench")
-    return qconfig
-
-
-def checkpoint_layers(directory: str | Path) -> list[CheckpointLayer]:
-    """Per-layer scheme, shape and stored bytes, read from the headers only (no weights loaded)."""
-    directory = Path(directory)
-    qconfig = read_quantization_config(directory)
-    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as handle:
-        keys = set(handle.keys())
-        layers = []
-        for name, entry in qconfig["layers"].items():
-            stored = 0
-            for suffix in PACKED_SUFFIXES:
-                if f"{name}.{suffix}" in keys:
-                    sl = handle.get_slice(f"{name}.{suffix}")
-                    stored += _numel(sl.get_shape()) * _dtype_bytes(sl.get_dtype())
-            scheme = Scheme(**{k: v for k, v in entry.items() if k in Scheme.model_fields})
-            layers.append(CheckpointLayer(name, scheme, tuple(entry["shape"]), stored))
-    return layers
-
-
 def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None, kernels: bool = False) -> nn.Module:
     """Rebuild the model of a quantbench checkpoint, its quantized linears holding the dequantized weights.
@@ -171,7 +108,8 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
-    qconfig = read_quantization_config(directory)
+    checkpoint = read_checkpoint(directory)
+    qconfig = checkpoint.qconfig
     config = AutoConfig.from_pretrained(directory)
     del config.quantization_config
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
@@ -179,12 +117,12 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
         dtype = getattr(torch, dtype)
     with _skip_weight_init():  # every weight is overwritten below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors = load_file(str(directory / WEIGHTS_FILE))
+    tensors = checkpoint.load_tensors()
     schemes, skipped = {}, {}
-    for name, entry in qconfig["layers"].items():
-        scheme = schemes[name] = Scheme(**{k: v for k, v in entry.items() if k in Scheme.model_fields})
-        packed = {s: tensors.pop(f"{name}.{s}") for s in PACKED_SUFFIXES if f"{name}.{s}" in tensors}
-        weight = unpack_weight(scheme, tuple(entry["shape"]), packed)
+    for name, layer in checkpoint.layers.items():
+        scheme = schemes[name] = layer.scheme
+        packed = {s: tensors.pop(f"{name}.{s}") for s in layer.layout}
+        weight = unpack_weight(scheme, layer.shape, packed)
         reason = kernel_unsupported_reason(weight) if kernels else "kernels off"
         if reason is None:
             linear = model.get_submodule(name)
@@ -192,11 +130,14 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
         else:
             skipped[name] = reason
             tensors[f"{name}.weight"] = weight.dequantize(dtype)
-    result = model.load_state_dict(tensors, strict=False)
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise damaged(directory, f"{WEIGHTS_FILE} does not fit config.json: {_first_line(exc)}") from None
     missing = set(result.missing_keys) - set(qconfig.get("tied", {}))
     if missing or result.unexpected_keys:
-        raise QuantbenchError(f"{directory}: checkpoint does not match its config "
-                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(result.unexpected_keys)[:3]})")
+        raise damaged(directory, f"{WEIGHTS_FILE} does not fit config.json (missing {sorted(missing)[:3]}, "
+                      f"unexpected {sorted(result.unexpected_keys)[:3]})")
     for dropped, kept in qconfig.get("tied", {}).items():
         if model.get_parameter(dropped) is not model.get_parameter(kept):
             _set_parameter(model, dropped, model.get_parameter(kept))
@@ -237,12 +178,5 @@ def _set_parameter(model: nn.Module, key: str, param: nn.Parameter) -> None:
     setattr(model.get_submodule(module_name), attr, param)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
-
-
-def _dtype_bytes(name: str) -> int:
-    return {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I8": 1, "I64": 8}[name]
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

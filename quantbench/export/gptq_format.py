@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from quantbench.errors import QuantbenchError
 from quantbench.export.checkpoint import WEIGHTS_FILE
 from quantbench.export.interop import NativeCheckpoint, export_interop
-from quantbench.export.packing import pack_bits, packed_words, unpack_bits
+from quantbench.formats.packing import pack_bits, packed_words, unpack_bits
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.scheme import Scheme
 
@@ -34,9 +34,8 @@ GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def gptq_unsupported_reason(weight) -> str | None:
-    scheme = weight.scheme
-    out_features, in_features = weight.shape
+def gptq_unsupported_reason(scheme, shape: tuple[int, int], weight=None) -> str | None:
+    out_features, in_features = shape
     if scheme.format != "int":
         return f"{scheme.name}: GPTQ stores integer grids only"
     if scheme.bits not in GPTQ_BITS:
@@ -45,7 +44,7 @@ def gptq_unsupported_reason(weight) -> str | None:
         return f"shape {out_features}×{in_features} does not pack into whole int32 words at {scheme.bits} bits"
     if scheme.group_size and in_features % scheme.group_size:
         return f"group size {scheme.group_size} does not divide {in_features} inputs"
-    if not scheme.symmetric and weight.zeros is not None and int(weight.zeros.min()) == 0:
+    if weight is not None and weight.zeros is not None and int(weight.zeros.min()) == 0:
         return "a zero point of 0, which GPTQ's zero − 1 convention cannot store"
     return None
 

@@ -18,12 +18,16 @@ UNSUPPORTED = {"gptq": gptq_unsupported_reason, "compressed-tensors": compressed
 
 
 def check_expressible(target: str, model: nn.Module, quantized: dict) -> None:
-    """Refuse, before any long work continues, the layers of an in-memory quantized model `target`
-    cannot store."""
+    """Refuse the layers of an in-memory quantized model `target` cannot store."""
     if target == NATIVE:
         return
     rotated = [name for name, module in model.named_modules() if input_rotation_of(module) is not None]
     refuse_inexpressible(target, layer_problems(quantized, rotated, UNSUPPORTED[target]))
+
+
+def planned_problems(target: str, layers: dict[str, tuple], rotated) -> dict[str, str]:
+    """Before any work: why `target` could not store the planned (scheme, shape) of each layer."""
+    return {} if target == NATIVE else layer_problems(layers, rotated, UNSUPPORTED[target])
 
 
 def export_checkpoint(target: str, source: str | Path, out_dir: str | Path, force: bool = False) -> Path:

@@ -7,6 +7,8 @@ from typing import Protocol
 import torch
 
 from quantbench.calibration.stats import LayerStats
+from quantbench.errors import QuantbenchError
+from quantbench.model_io import nonfinite_counts
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.quantizers.gptq import GPTQSolver
 from quantbench.quantizers.ptqtp import PTQTPSolver
@@ -41,3 +43,13 @@ def needs_hessian(scheme: Scheme) -> bool:
     Hadamard transform every statistic is derived from the rotated Σ xᵀx, so any stats reader needs it."""
     solver = solver_for(scheme)
     return solver.needs_hessian(scheme) or (scheme.transform != "none" and solver.needs_stats(scheme))
+
+
+def quantize_weight(weight: torch.Tensor, scheme: Scheme, stats: LayerStats | None,
+                    name: str = "weight") -> QuantizedWeight | TritPlaneWeight:
+    """Fit `weight` to `scheme` with its solver. Non-finite weights are refused: every solver would turn
+    them into finite codes silently (a NaN zeroes its row or block, an inf takes over its group's scale)."""
+    if not torch.isfinite(weight).all():
+        raise QuantbenchError(f"{name} has {nonfinite_counts(weight)}; no grid can store them. Fix the "
+                              "checkpoint, or set model.nonfinite_weights: zero in the recipe")
+    return solver_for(scheme).quantize(weight, scheme, stats)

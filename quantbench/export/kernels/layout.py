@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from quantbench.export.packing import pack_bits
+from quantbench.formats.packing import pack_bits
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.trit_planes import TritPlaneWeight
 

@@ -1,0 +1,5 @@
+"""`python -m quantbench`: the command line."""
+
+from quantbench.cli import main
+
+main()
