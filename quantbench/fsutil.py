@@ -69,6 +69,14 @@ def atomic_directory(path: Path, force: bool, what: str = "output directory"):
         _remove(tmp)  # after a swap it holds the old results
 
 
+def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the file mode every other output gets (it writes 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def ensure_directory(directory: Path, what: str) -> None:
     """Create `directory` (and its parents) or say in one line why it cannot be."""
     directory = Path(directory)

@@ -94,9 +94,11 @@ def preflight(recipe: Recipe, force: bool = False, estimate_time: bool = True) -
 
 
 def _raise(recipe: Recipe, problems: list[str]) -> None:
+    """One line per problem; a single problem is the whole message."""
+    if len(problems) == 1:
+        raise QuantbenchError(f"recipe {recipe.name} cannot run: {problems[0]}")
     if problems:
-        raise QuantbenchError(f"recipe {recipe.name} cannot run ({len(problems)} problem"
-                              f"{'s' if len(problems) > 1 else ''}, nothing was computed):\n"
+        raise QuantbenchError(f"recipe {recipe.name} cannot run ({len(problems)} problems, nothing was computed):\n"
                               + "\n".join(f"  {p}" for p in problems))
 
 
@@ -188,13 +190,10 @@ def _rotated_online(recipe: Recipe, layers: dict) -> set[str]:
 
 def _export_problems(recipe: Recipe, layers: dict, rotated: set[str]) -> list[str]:
     target = recipe.export.format
+    fix = "choose schemes it stores for those layers (docs/export.md), or keep export.format: quantbench"
     if recipe.allocation is None:
-        found = planned_problems(target, layers, rotated)
-        if not found:
-            return []
-        return [f"export.format {target} cannot store {len(found)} planned layer(s):", *grouped_reasons(found),
-                "  fix: choose schemes the format stores for those layers (see docs/export.md), or export.format: "
-                "quantbench"]
+        return [f"export.format {target} cannot store {reason.strip()}; {fix}"
+                for reason in grouped_reasons(planned_problems(target, layers, rotated))]
     lines = []
     for candidate in recipe.allocation.candidates:
         found = planned_problems(target, {name: (candidate, shape) for name, (_, shape) in layers.items()},

@@ -52,6 +52,25 @@ def write_tiny_task(folder) -> None:
     (folder / "tiny_mc_local.yaml").write_text(yaml.safe_dump(config))
 
 
+def make_recipe(tmp_path, model_dir, text_file, **changes):
+    """A small run recipe on the tiny model directory; `changes` update its sections."""
+    import yaml
+
+    data = {
+        "name": "tiny",
+        "model": {"name": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "calibration": {"source": str(text_file), "n_samples": 4, "seqlen": 32, "seed": 0},
+        "quantize": {"default": "int4-g32-rtn", "overrides": [{"pattern": "down_proj", "scheme": "int8-pc-rtn"}]},
+        "eval": {"perplexity": [str(text_file)], "seqlen": 64, "max_windows": 4},
+        "output": {"dir": str(tmp_path / "runs" / "tiny")},
+    }
+    for section, values in changes.items():
+        data.setdefault(section, {}).update(values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def invoke(*args):
     """Run the `quantbench` command line in-process; arguments may be paths."""
     from typer.testing import CliRunner

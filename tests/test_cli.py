@@ -3,25 +3,9 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import invoke
+from helpers import invoke, make_recipe
 
 from quantbench import load_quantized
-
-
-def make_recipe(tmp_path, model_dir, text_file, **changes):
-    data = {
-        "name": "tiny",
-        "model": {"name": str(model_dir), "dtype": "float32", "device": "cpu"},
-        "calibration": {"source": str(text_file), "n_samples": 4, "seqlen": 32, "seed": 0},
-        "quantize": {"default": "int4-g32-rtn", "overrides": [{"pattern": "down_proj", "scheme": "int8-pc-rtn"}]},
-        "eval": {"perplexity": [str(text_file)], "seqlen": 64, "max_windows": 4},
-        "output": {"dir": str(tmp_path / "runs" / "tiny")},
-    }
-    for section, values in changes.items():
-        data.setdefault(section, {}).update(values)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def test_run_writes_result_checkpoint_and_summary(tmp_path, model_dir, text_file):

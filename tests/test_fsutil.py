@@ -16,8 +16,8 @@ from quantbench.fsutil import atomic_directory, atomic_write_path, clean_leftove
 ROOT = Path(__file__).resolve().parent.parent
 
 # A `--force` write of a run directory (a result file and a checkpoint), killed by signal `sig` at the
-# `kill_at`-th filesystem event (audit hooks see every rename, mkdir, open, unlink, rmtree and the
-# renameat2 call); kill_at 0 runs to the end and prints how many events there were.
+# `kill_at`-th filesystem event (audit hooks see every rename, mkdir, open, unlink, rmtree and the lookup of
+# renameat2 just before the swap); kill_at 0 runs to the end and prints how many events there were.
 CHILD = r"""
 import json, os, signal, sys
 from pathlib import Path
@@ -27,7 +27,7 @@ target, kill_at, sig, label = Path(sys.argv[1]), int(sys.argv[2]), getattr(signa
 if sys.argv[5] == "two renames":  # a system without renameat2
     quantbench.fsutil._exchange = lambda a, b: False
 EVENTS = {"os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "os.chmod", "os.scandir", "open",
-          "shutil.rmtree", "tempfile.mkdtemp", "ctypes.call_function", "os.listdir"}
+          "shutil.rmtree", "tempfile.mkdtemp", "ctypes.dlsym", "os.listdir"}
 count = 0
 def hook(event, args):
     global count
@@ -137,3 +137,41 @@ def test_report_skips_staging_directories(tmp_path):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "result.json").write_text(json.dumps(result))
     assert build_leaderboard(tmp_path / "runs").sources == 1
+
+
+RUN_CHILD = r"""
+import os, signal, sys
+runs, (kill_event, kill_nth) = os.fsencode(sys.argv[1]), sys.argv[2].split(":")
+seen = 0
+def hook(event, args):
+    global seen
+    wanted = (lambda p: p == "renameat2") if event == "ctypes.dlsym" else (lambda p: runs in os.fsencode(p))
+    if event == kill_event and any(isinstance(p, (str, bytes, os.PathLike)) and wanted(p) for p in args):
+        seen += 1
+        if seen == int(kill_nth):
+            os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+from quantbench.cli import main
+sys.argv = ["quantbench", "run", sys.argv[3], "--force", "--quiet"]
+main()
+"""
+
+
+def test_a_killed_force_run_keeps_the_earlier_run(tmp_path, model_dir, text_file):
+    """The real command, killed while it writes its checkpoint, at the swap, and while it deletes the
+    earlier run: the run directory is always whole, and the next run leaves no leftovers."""
+    from helpers import invoke, make_recipe
+
+    recipe = make_recipe(tmp_path, model_dir, text_file, eval={"baseline": False})
+    assert invoke("run", recipe, "--quiet").exit_code == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for kill_at in ("open:3", "ctypes.dlsym:1", "shutil.rmtree:1"):  # writing; just before the swap; just after
+        killed = subprocess.run([sys.executable, "-c", RUN_CHILD, str(run_dir.parent), kill_at, str(recipe)],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -9, (kill_at, killed.stderr)
+        assert json.loads((run_dir / "result.json").read_text())["name"] == "tiny"  # whole, old or new
+        assert (run_dir / "checkpoint" / "model.safetensors").is_file()
+    assert len(list(run_dir.parent.iterdir())) > 1  # the killed runs left staging directories
+    assert invoke("run", recipe, "--quiet", "--force").exit_code == 0
+    assert [p.name for p in run_dir.parent.iterdir()] == ["tiny"]

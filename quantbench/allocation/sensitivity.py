@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,6 +25,7 @@ from quantbench.activations import input_rotation_of
 from quantbench.allocation.hessian_probes import LossHessian, hutchinson_traces, power_iteration
 from quantbench.allocation.table import CandidateError, LayerSensitivity, SensitivityTable
 from quantbench.calibration.stats import LayerStats, collect_stats, input_sharing
+from quantbench.fsutil import save_tensors
 from quantbench.model_io import block_linears, blocks_path, decoder_blocks, move_except_blocks
 from quantbench.pipeline import apply_quantized, capture_block_inputs, feed_block, run_block
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
@@ -87,7 +87,7 @@ class CandidateCache:
                 tensors[f"{layer}|{scheme}|{key}"] = tensor.contiguous()
             shapes[f"{layer}|{scheme}"] = list(weight.shape)
         rotated = [f"{layer}|{scheme}" for layer, scheme in self.rotated]
-        save_file(tensors, str(path), metadata={"shapes": json.dumps(shapes), "rotated": json.dumps(rotated)})
+        save_tensors(tensors, path, {"shapes": json.dumps(shapes), "rotated": json.dumps(rotated)})
 
     @classmethod
     def load(cls, path: str | Path) -> "CandidateCache":

@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from quantbench.calibration.sources import TextSource, load_calibration_source
 from quantbench.errors import QuantbenchError
-from quantbench.fsutil import atomic_write_path
+from quantbench.fsutil import atomic_write_path, save_tensors
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -46,7 +46,7 @@ def calibration_batches(tokenizer, source: str, n_samples: int, seqlen: int, see
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write_path(path) as tmp:
-            save_file({"input_ids": ids.contiguous()}, str(tmp))
+            save_tensors({"input_ids": ids.contiguous()}, tmp)
     return ids
 
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from quantbench.activations import input_rotation_of, quantize_inputs_of, rotate_inputs_of
@@ -39,7 +38,7 @@ from quantbench.export.checkpoint_reader import (FORMAT_VERSION, QUANT_METHOD, R
                                                  WEIGHTS_FILE, CheckpointLayer, checkpoint_layers, damaged,
                                                  is_quantbench_checkpoint, read_checkpoint,
                                                  read_quantization_config, resolve_checkpoint_dir)
-from quantbench.fsutil import atomic_directory
+from quantbench.fsutil import atomic_directory, save_tensors
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
 from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.rotation import MODEL_ROTATION_ATTR
@@ -76,7 +75,7 @@ def write_checkpoint(model: nn.Module, tokenizer, quantized: dict[str, Quantized
         for suffix, tensor in qweight.pack().items():
             tensors[f"{name}.{suffix}"] = tensor.cpu().contiguous()
         layers[name] = {"scheme": qweight.scheme.name, **qweight.scheme.model_dump(), "shape": list(qweight.shape)}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_tensors(tensors, directory / WEIGHTS_FILE, {"format": "pt"})
     rotations = {name: rotation.descriptor for name, module in model.named_modules()
                  if (rotation := input_rotation_of(module)) is not None}
 

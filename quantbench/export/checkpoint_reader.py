@@ -80,10 +80,10 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
 
 
 def is_quantbench_checkpoint(directory: str | Path) -> bool:
-    try:
-        qconfig = _read_config(Path(directory)).get("quantization_config")
-    except QuantbenchError:
+    """Whether `directory` holds a native checkpoint; a config.json that cannot be read is an error."""
+    if not (Path(directory) / "config.json").is_file():
         return False
+    qconfig = _read_config(Path(directory)).get("quantization_config")
     return isinstance(qconfig, dict) and qconfig.get("quant_method") == QUANT_METHOD
 
 

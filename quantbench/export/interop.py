@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from quantbench.errors import QuantbenchError
 from quantbench.export.checkpoint_reader import WEIGHTS_FILE, read_checkpoint
-from quantbench.fsutil import atomic_directory
+from quantbench.fsutil import atomic_directory, save_tensors
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
 from quantbench.trit_planes import TritPlaneWeight
 
@@ -113,7 +112,7 @@ def write_hf_directory(source: NativeCheckpoint, out_dir: str | Path, tensors: d
     config.update(config_changes or {})
     config["quantization_config"] = quantization_config
     with atomic_directory(out_dir, force, what="export directory") as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE, {"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in COPIED_FILES:
             if (source.directory / name).is_file():
