@@ -95,10 +95,10 @@ def validate(recipe: Path = typer.Argument(..., help="YAML recipe")) -> None:
     else:
         schemes = f"default scheme {parsed.quantize.default.name}"
     console.print(_labelled("ok:", "green", f"{recipe} (recipe {parsed.name}, hash {parsed.hash()[:12]}, {schemes}, "
-                            f"run dir {parsed.run_dir})"))
+                            f"run dir {parsed.run_dir})"), soft_wrap=True)
     if parsed.run_dir.exists():
         plan.notes.append(f"{parsed.run_dir} exists: `quantbench run` needs --force to replace it")
-    console.print(plan.summary())
+    console.print(plan.summary(), soft_wrap=True)
 
 
 @app.command()
@@ -416,8 +416,8 @@ def inspect(checkpoint: Path = typer.Argument(..., help="quantbench checkpoint (
     total_params = sum(l.shape[0] * l.shape[1] for l in layers)
     if total_params:
         table.add_section()
-        table.add_row("total", "", f"{total_params:,} weights", f"{8 * total_bytes / total_params:.3f}",
-                      f"{total_bytes:,}")
+        table.add_row("total", "", "", f"{8 * total_bytes / total_params:.3f}", f"{total_bytes:,}")
+        table.caption = f"{total_params:,} quantized weights"
     console.print(table)
 
 

@@ -246,10 +246,14 @@ def test_ctrl_c_is_reported_in_one_line(tmp_path, model_dir, text_file):
     recipe = make_recipe(tmp_path, model_dir, text_file, eval={"perplexity": [str(long_text)], "seqlen": 16,
                                                                "max_windows": None})
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
-    process = subprocess.Popen([sys.executable, "-m", "quantbench", "run", str(recipe), "--quiet"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(10)  # start-up, preflight, loading: the run is evaluating by now
-    assert process.poll() is None
+    process = subprocess.Popen([sys.executable, "-m", "quantbench", "run", str(recipe)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    seen = ""
+    while "perplexity" not in seen:  # the evaluation's progress bar: the run is computing
+        line = process.stderr.readline()
+        assert line, seen
+        seen += line
+    time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err

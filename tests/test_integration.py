@@ -1,5 +1,10 @@
-"""The real SmolLM2-135M-Instruct and WikiText-2 from the materialized assets (see ../shared/ASSETS.md)."""
+"""The real SmolLM2-135M-Instruct and WikiText-2 from the materialized assets (see ../shared/ASSETS.md).
 
+Each model is loaded once per module and copied per variant. Quality orderings score the first window of
+512 WikiText-2 tokens: every ordering asserted here holds there with a margin far above float rounding (the
+closest, int8 per channel over full precision, is +0.6%; figures in the docstrings)."""
+
+import copy
 import math
 
 import pytest
@@ -15,18 +20,33 @@ from quantbench.scheme import Scheme
 
 pytestmark = pytest.mark.integration
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+WINDOW = 512
 
 
 @pytest.fixture(scope="module")
-def wikitext_ids(assets):
-    _, tokenizer = load_model(MODEL_ID, torch.float32)
+def plain(assets):
+    return load_model(MODEL_ID, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def dithered(assets):
+    """The copy whose weights sit off any low-bit grid: where quantization error is measured."""
+    return load_model(str(assets / "models" / "smollm2-135m-dithered"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def wikitext_ids(plain):
     text, _ = load_eval_text("wikitext2")
-    return tokenize_eval_text(tokenizer, text)
+    return tokenize_eval_text(plain[1], text)
 
 
-def test_perplexity_protocol_matches_the_reference_computation(assets, wikitext_ids):
-    model, _ = load_model(MODEL_ID, torch.float32)
-    seqlen = 2048
+def ppl_of(model, ids) -> float:
+    return perplexity_of_ids(model, ids, WINDOW, max_windows=1).ppl
+
+
+def test_perplexity_protocol_matches_the_reference_computation(plain, wikitext_ids):
+    model, _ = plain
+    seqlen = 1024
     ours = perplexity_of_ids(model, wikitext_ids, seqlen, max_windows=1)
     with torch.no_grad():  # the reference tool's way: HF's shifted mean loss over one window
         x = wikitext_ids[:seqlen][None]
@@ -35,8 +55,8 @@ def test_perplexity_protocol_matches_the_reference_computation(assets, wikitext_
     assert 10 < ours.ppl < 40
 
 
-def test_real_model_quantize_export_load_identical_logits(assets, tmp_path):
-    model, tokenizer = load_model(MODEL_ID, torch.float32)
+def test_real_model_quantize_export_load_identical_logits(plain, tmp_path):
+    model, tokenizer = copy.deepcopy(plain[0]), plain[1]
     calibration = calibration_batches(tokenizer, "c4", 2, 64, seed=0)
     quantized = quantize_model(model, calibration, lambda name: Scheme.parse("int4-g128-rtn"),
                                torch.device("cpu"), progress=False)
@@ -48,59 +68,59 @@ def test_real_model_quantize_export_load_identical_logits(assets, tmp_path):
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def rtn_perplexities(assets, wikitext_ids, names: tuple[str, ...]) -> dict[str, float]:
-    """First-window perplexity of the dithered copy (weights off any low-bit grid), every linear rounded
-    by RTN to each scheme in turn ("fp": untouched)."""
-    path = str(assets / "models" / "smollm2-135m-dithered")
+def rtn_perplexities(dithered, wikitext_ids, names: tuple[str, ...]) -> dict[str, float]:
+    """Perplexity of the dithered copy with every linear rounded by RTN to each scheme in turn ("fp": untouched)."""
     results = {}
     for name in names:
-        model, _ = load_model(path, torch.float32)
+        model = copy.deepcopy(dithered[0])
         if name != "fp":
             for linear in model_linears(model).values():
                 quantize_linear(linear, Scheme.parse(name))
-        results[name] = perplexity_of_ids(model, wikitext_ids, 2048, max_windows=1).ppl
+        results[name] = ppl_of(model, wikitext_ids)
     return results
 
 
-def test_dithered_model_perplexity_orders_by_bits(assets, wikitext_ids):
-    """fp < int8 < int4 < int3 < int2."""
-    results = rtn_perplexities(assets, wikitext_ids, ("fp", "int8-pc-rtn", "int4-g128-rtn", "int3-g128-rtn", "int2-g128-rtn"))
+def test_dithered_model_perplexity_orders_by_bits(dithered, wikitext_ids):
+    """fp < int8 < int4 < int3 < int2 (measured: 27.99, 28.16, 38.15, 147.3, 4.1e6)."""
+    results = rtn_perplexities(dithered, wikitext_ids, ("fp", "int8-pc-rtn", "int4-g128-rtn", "int3-g128-rtn",
+                                                        "int2-g128-rtn"))
     ppl = list(results.values())
     assert ppl == sorted(ppl), results
     assert ppl[1] < ppl[0] * 1.02  # 8 bits per channel is nearly lossless
     assert ppl[4] > 2 * ppl[0]  # 2 bits is not
 
 
-def test_gptq_beats_rtn_on_the_dithered_model(assets, wikitext_ids):
-    path = str(assets / "models" / "smollm2-135m-dithered")
-    _, tokenizer = load_model(path, torch.float32)
-    calibration = calibration_batches(tokenizer, "c4", 16, 256, seed=0)
-    ppl = {}
-    for name in ("int3-g128-rtn", "int3-g128-gptq-act"):
-        model, _ = load_model(path, torch.float32)
-        scheme = Scheme.parse(name)
-        quantize_model(model, calibration, lambda _n: scheme, torch.device("cpu"), progress=False)
-        ppl[name] = perplexity_of_ids(model, wikitext_ids, 2048, max_windows=1).ppl
-    assert ppl["int3-g128-gptq-act"] < 0.8 * ppl["int3-g128-rtn"], ppl
-
-
-def test_block_formats_order_by_precision_on_the_dithered_model(assets, wikitext_ids):
-    """fp < MXFP6 (E2M3) < NVFP4 < MXFP4 weight-only < MXFP4 weights and activations (README quality table)."""
-    results = rtn_perplexities(assets, wikitext_ids, ("fp", "mxfp6e2m3-rtn", "nvfp4-rtn", "mxfp4-rtn", "mxfp4-rtn-a:mxfp4"))
+def test_block_formats_order_by_precision_on_the_dithered_model(dithered, wikitext_ids):
+    """fp < MXFP6 (E2M3) < NVFP4 < MXFP4 weight-only < MXFP4 weights and activations (measured: 27.99, 29.24,
+    38.30, 50.13, 131.7)."""
+    results = rtn_perplexities(dithered, wikitext_ids, ("fp", "mxfp6e2m3-rtn", "nvfp4-rtn", "mxfp4-rtn",
+                                                        "mxfp4-rtn-a:mxfp4"))
     ppl = list(results.values())
     assert ppl == sorted(ppl), results
     assert ppl[1] < ppl[0] * 1.1  # 6-bit MX is close to full precision
 
 
-def test_real_model_tasks_offline_well_above_chance_and_int2_falls_to_chance(assets):
+def test_gptq_beats_rtn_on_the_dithered_model(dithered, wikitext_ids):
+    """int3 g128 on every layer: RTN 147.3, GPTQ with act_order 104.4 (16 × 256 C4 calibration tokens; with
+    half of them GPTQ overfits and loses, which is why it takes this many)."""
+    model, tokenizer = copy.deepcopy(dithered[0]), dithered[1]
+    rtn = rtn_perplexities(dithered, wikitext_ids, ("int3-g128-rtn",))["int3-g128-rtn"]
+    scheme = Scheme.parse("int3-g128-gptq-act")
+    quantize_model(model, calibration_batches(tokenizer, "c4", 16, 256, seed=0), lambda _n: scheme,
+                   torch.device("cpu"), progress=False)
+    gptq = ppl_of(model, wikitext_ids)
+    assert gptq < 0.8 * rtn, (gptq, rtn)
+
+
+def test_real_model_tasks_offline_well_above_chance_and_int2_falls_to_chance(assets, plain):
     """piqa through lm-eval and the offline task copy: two choices, so chance is 50%."""
     from quantbench.eval.lm_eval_bridge import TaskRequest, run_tasks
 
-    model, tokenizer = load_model(MODEL_ID, torch.float32)
-    request = [TaskRequest("piqa", limit=60)]
+    model, tokenizer = copy.deepcopy(plain[0]), plain[1]
+    request = [TaskRequest("piqa", limit=40)]
     full = run_tasks(model, tokenizer, request, include_path=[str(assets / "lm_eval_tasks")], progress=False)
     piqa = full["tasks"]["piqa"]
-    assert piqa["lm_eval_task"] == "piqa_local" and piqa["samples"] == 60
+    assert piqa["lm_eval_task"] == "piqa_local" and piqa["samples"] == 40
     assert piqa["metrics"]["acc"] > 0.6 and piqa["metrics"]["acc_norm"] > 0.6
     for linear in model_linears(model).values():
         quantize_linear(linear, Scheme.parse("int2-pc-rtn"))  # destroys the model (perplexity in the millions)
@@ -108,20 +128,19 @@ def test_real_model_tasks_offline_well_above_chance_and_int2_falls_to_chance(ass
     assert abs(broken["tasks"]["piqa"]["metrics"]["acc"] - 0.5) < 0.15 < piqa["metrics"]["acc"] - 0.5
 
 
-def test_rotation_preserves_the_real_model_and_rescues_int4_activations(assets, wikitext_ids):
+def test_rotation_preserves_the_real_model_and_rescues_int4_activations(dithered, wikitext_ids):
     """The rotated dithered model gives the same logits. int4 per-token activations collapse on the plain
     model (outlier channels set every token's scale) and stay usable in a rotated basis, whether the whole
     model is rotated (QuaRot) or each layer rotates its own input (hadamard+)."""
     from quantbench.rotation import max_logit_change, rotate_model
 
-    path = str(assets / "models" / "smollm2-135m-dithered")
-    window = wikitext_ids[:512][None]
+    window = wikitext_ids[:WINDOW][None]
     runs = {"fp": (False, "fp"), "rotated fp": (True, "fp"), "A4": (False, "int8-pc-rtn-a:int4"),
             "rotated A4": (True, "int8-pc-rtn-a:int4"), "W4A4": (False, "int4-pc-rtn-a:int4"),
             "hadamard W4A4": (False, "hadamard+int4-pc-rtn-a:int4")}
     ppl = {}
     for label, (rotated, name) in runs.items():
-        model, _ = load_model(path, torch.float32)
+        model = copy.deepcopy(dithered[0])
         if rotated:
             with torch.no_grad():
                 reference = model(input_ids=window).logits
@@ -130,31 +149,35 @@ def test_rotation_preserves_the_real_model_and_rescues_int4_activations(assets, 
         if name != "fp":
             for linear in model_linears(model).values():
                 quantize_linear(linear, Scheme.parse(name))
-        ppl[label] = perplexity_of_ids(model, wikitext_ids, 2048, max_windows=1).ppl
+        ppl[label] = ppl_of(model, wikitext_ids)
     assert math.isclose(ppl["rotated fp"], ppl["fp"], rel_tol=1e-4), ppl
-    assert ppl["A4"] > 100 * ppl["fp"], ppl  # measured: 8751 against 20.4
-    assert ppl["rotated A4"] < 0.05 * ppl["A4"], ppl  # measured: 53.7
-    assert ppl["hadamard W4A4"] < 0.05 * ppl["W4A4"], ppl  # measured: 100 against 13153
+    assert ppl["A4"] > 100 * ppl["fp"], ppl
+    assert ppl["rotated A4"] < 0.05 * ppl["A4"], ppl
+    assert ppl["hadamard W4A4"] < 0.05 * ppl["W4A4"], ppl
 
 
-def test_allocation_on_the_dithered_model_spends_bits_where_they_pay(assets, wikitext_ids):
-    """Two blocks allocated among int2/int3/int4 g128 and int8 at 3 bits: the loss-Hessian traces are mostly
-    positive, costs fall with bits, the ILP beats greedy and random on its objective and random in perplexity."""
+def test_allocation_on_the_dithered_model_spends_bits_where_they_pay(dithered, wikitext_ids):
+    """Two blocks allocated among int2/int3/int4 g128 and int8 at 3 bits, costs from kfac (Hutchinson
+    traces, four probes over both blocks at once): the most sensitive layer's trace stands above its error
+    bar, costs fall with bits, and the ILP beats greedy and random on its objective and random in perplexity
+    (measured: 55.6 against 177.3)."""
     from quantbench.allocation.baselines import solve_greedy, solve_random
     from quantbench.allocation.ilp import solve_ilp
     from quantbench.allocation.problem import build_problem
     from quantbench.allocation.sensitivity import CandidateCache, HessianOptions, allocated_weights, sensitivity_table
 
-    model, tokenizer = load_model(str(assets / "models" / "smollm2-135m-dithered"), torch.float32)
+    model, tokenizer = copy.deepcopy(dithered[0]), dithered[1]
     calibration = calibration_batches(tokenizer, "c4", 8, 256, seed=0)
     names = ["int2-g128-gptq", "int3-g128-gptq", "int4-g128-gptq", "int8-pc-rtn"]
     candidates = [Scheme.parse(n) for n in names]
     cache = CandidateCache()
+    options = HessianOptions(samples=2, seqlen=128, min_probes=4, max_probes=4, scope="model")
     table = sensitivity_table(model, calibration, lambda layer: candidates if ".layers.0." in layer or
                               ".layers.1." in layer else [], torch.device("cpu"), measure={"trace"},
-                              hessian=HessianOptions(samples=2, seqlen=128, max_probes=8), progress=False, cache=cache)
+                              hessian=options, progress=False, cache=cache)
     assert len(table.layers) == 14
-    assert sum(info.hessian_trace > 0 for info in table.layers.values()) >= 12
+    top = max(table.layers.values(), key=lambda info: info.hessian_trace)
+    assert top.name.endswith("v_proj") and top.hessian_trace > 3 * top.hessian_trace_stderr
     for layer in table.layers:
         costs = [table.cost(layer, n, "kfac") for n in names]
         assert costs == sorted(costs, reverse=True)
@@ -165,6 +188,6 @@ def test_allocation_on_the_dithered_model_spends_bits_where_they_pay(assets, wik
 
     def ppl(schemes):
         with allocated_weights(model, schemes, cache):
-            return perplexity_of_ids(model, wikitext_ids, 512, max_windows=4).ppl
+            return perplexity_of_ids(model, wikitext_ids, WINDOW, max_windows=2).ppl
 
-    assert ppl(best.schemes) < ppl(shuffled.schemes)
+    assert ppl(best.schemes) < 0.5 * ppl(shuffled.schemes)

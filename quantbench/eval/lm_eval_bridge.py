@@ -10,6 +10,7 @@ offline; the result still carries the requested name and records which task ran.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -38,12 +39,11 @@ def run_tasks(model: nn.Module, tokenizer, requests: list[TaskRequest], batch_si
               seed: int = 1234, progress: bool = True) -> dict:
     """Score `model` on lm-eval tasks; returns {"tasks": {name: {...}}, "average": mean score}."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     if not requests:
         return {"tasks": {}, "average": None}
     _quiet_lm_eval()
-    manager = TaskManager(include_path=_existing_dirs(include_path) or None)
+    manager = task_manager(tuple(_existing_dirs(include_path)))
     resolved = {request.name: resolve_task(request.name, manager) for request in requests}
     lm = _lm_class(progress)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     scored: dict[str, dict] = {}
@@ -63,6 +63,15 @@ def run_tasks(model: nn.Module, tokenizer, requests: list[TaskRequest], batch_si
             scored[request.name] = task_summary(output, resolved[request.name], num_fewshot, limit)
     scores = [task["score"] for task in scored.values() if task["score"] is not None]
     return {"tasks": scored, "average": sum(scores) / len(scores) if scores else None}
+
+
+@functools.lru_cache(maxsize=4)
+def task_manager(include_path: tuple[str, ...]):
+    """lm-eval's index of every task (about 15,000 YAML files: 6 s to build), built once per process and
+    include path, so a run that scores the baseline and the quantized model indexes once."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include_path) or None)
 
 
 def _lm_class(progress: bool):
