@@ -111,7 +111,7 @@ def _model_config(recipe: Recipe, problems: list[str], notes: list[str]) -> dict
     if path.exists() and not (path / "config.json").is_file():
         problems.append(f"model.name: {name} has no config.json; give a Hugging Face model directory or hub id")
         return None
-    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         problems.append(f"model.name: no such directory {name!r} (a hub id is written org/name)")
         return None
     try:
@@ -125,9 +125,11 @@ def _model_config(recipe: Recipe, problems: list[str], notes: list[str]) -> dict
         problems.append(f"model.name: model type {model_type!r} is not supported; supported families: {FAMILIES}")
         return None
     if raw.get("auto_map"):
-        notes.append(f"{name} ships its own modelling code; quantbench builds the stock {model_type} classes"
-                     + (" (model.trust_remote_code: true lets transformers run that code)"
-                        if recipe.model.trust_remote_code else ""))
+        note = f"{name} ships its own modelling code"
+        if recipe.model.trust_remote_code:
+            note += "; model.trust_remote_code: true lets transformers run it when the model loads"
+            log.warning("%s", note)
+        notes.append(note)
     if any(t.name == "rotate" for t in recipe.transforms) and model_type not in ROTATABLE_TYPES:
         problems.append(f"transforms: the model rotation supports {', '.join(ROTATABLE_TYPES)}, not {model_type!r}")
     return raw
@@ -300,7 +302,7 @@ def _flops(recipe: Recipe, raw: dict, n_params: int, layers: dict) -> float:
 def _measured_flops(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a square matmul on the run's device and dtype, timed for a moment."""
     n = 1024 if device.type == "cpu" else 4096
-    a = torch.randn(n, n, device=device, dtype=dtype)
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # no random draw: the global RNG stays untouched
     a @ a
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < SPEED_PROBE_SECONDS or runs < 2:

@@ -216,6 +216,13 @@ def test_inspect_at_80_columns_tells_layers_apart(checkpoint):
             assert sum(f" {block}.{layer} " in line for line in lines) == 1, (block, layer, result.output)
 
 
+def test_written_files_get_the_usual_mode(checkpoint):
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in checkpoint.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # safetensors alone would write 0600
+
+
 def test_version():
     from quantbench import __version__
 
@@ -247,7 +254,8 @@ def test_ctrl_c_is_reported_in_one_line(tmp_path, model_dir, text_file):
                                                                "max_windows": None})
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     process = subprocess.Popen([sys.executable, "-m", "quantbench", "run", str(recipe)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal has it
     seen = ""
     while "perplexity" not in seen:  # the evaluation's progress bar: the run is computing
         line = process.stderr.readline()
@@ -255,8 +263,31 @@ def test_ctrl_c_is_reported_in_one_line(tmp_path, model_dir, text_file):
         seen += line
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    try:
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
     assert process.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("interrupted: stopped by Ctrl-C")
     assert "Traceback" not in err
     assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_a_late_export_failure_keeps_the_results(tmp_path, tokenizer, text_file):
+    """A group whose weights are all positive gets the zero point 0, which GPTQ's zero − 1 cannot store: only
+    the weights tell, so the run finishes, keeps its native checkpoint and result.json, then says why."""
+    model = tiny_llama(vocab_size=len(tokenizer))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, :32].abs_()
+    path = tmp_path / "positive-group"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    recipe = make_recipe(tmp_path, path, text_file, quantize={"default": "int4-g32-rtn", "overrides": []},
+                         export={"format": "gptq"})
+    result = invoke("run", recipe, "--quiet")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "a zero point of 0" in result.output and "results are kept" in result.output
+    run_dir = tmp_path / "runs" / "tiny"
+    saved = json.loads((run_dir / "result.json").read_text())
+    assert "a zero point of 0" in saved["interop_error"] and saved["perplexity"]["quantized"]
+    assert (run_dir / "checkpoint" / "model.safetensors").is_file() and not (run_dir / "checkpoint-gptq").exists()

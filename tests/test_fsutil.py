@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, os, signal, sys
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (a `&` job)
 import quantbench.fsutil
 from quantbench.fsutil import atomic_directory
 target, kill_at, sig, label = Path(sys.argv[1]), int(sys.argv[2]), getattr(signal, sys.argv[3]), sys.argv[4]
