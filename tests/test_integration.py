@@ -101,15 +101,16 @@ def test_block_formats_order_by_precision_on_the_dithered_model(dithered, wikite
 
 
 def test_gptq_beats_rtn_on_the_dithered_model(dithered, wikitext_ids):
-    """int3 g128 on every layer: RTN 147.3, GPTQ with act_order 104.4 (16 × 256 C4 calibration tokens; with
-    half of them GPTQ overfits and loses, which is why it takes this many)."""
+    """int3 g128 on every layer: RTN 147.3 on every CPU; GPTQ with act_order 104.4 with AVX-512 kernels and
+    118.7 with ATEN_CPU_CAPABILITY=default (GPTQ at 3 bits amplifies float summation order; hence a 10%
+    margin). 16 × 256 C4 calibration tokens: with half of them GPTQ overfits and loses."""
     model, tokenizer = copy.deepcopy(dithered[0]), dithered[1]
     rtn = rtn_perplexities(dithered, wikitext_ids, ("int3-g128-rtn",))["int3-g128-rtn"]
     scheme = Scheme.parse("int3-g128-gptq-act")
     quantize_model(model, calibration_batches(tokenizer, "c4", 16, 256, seed=0), lambda _n: scheme,
                    torch.device("cpu"), progress=False)
     gptq = ppl_of(model, wikitext_ids)
-    assert gptq < 0.8 * rtn, (gptq, rtn)
+    assert gptq < 0.9 * rtn, (gptq, rtn)
 
 
 def test_real_model_tasks_offline_well_above_chance_and_int2_falls_to_chance(assets, plain):
