@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from helpers import invoke, make_recipe, tiny_llama
 
 from quantbench.export.checkpoint import save_quantized
@@ -38,12 +37,6 @@ def earlier_run(tmp_path, model_dir, text_file):
 
 def unchanged(files: dict) -> bool:
     return all(path.read_bytes() == data for path, data in files.items()) and all(path.exists() for path in files)
-
-
-def yaml_recipe(tmp_path, model_dir, text_file, text: str) -> Path:
-    path = make_recipe(tmp_path, model_dir, text_file)
-    path.write_text(path.read_text() + text)
-    return path
 
 
 RECIPE_PROBES = {

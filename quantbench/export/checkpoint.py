@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +40,6 @@ from quantbench.fsutil import atomic_directory, save_tensors
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
 from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.rotation import MODEL_ROTATION_ATTR
-from quantbench.scheme import Scheme
 
 
 
