@@ -1,4 +1,6 @@
-"""The block-by-block driver: capture block inputs → per block: collect stats, quantize, re-propagate.
+"""The one block driver (`drive_blocks`): capture the first block's inputs, then per block run every stage
+(statistics and quantization in `QuantizeStage`, candidate measurements in the allocation's stage, …) and
+propagate the block's outputs as the next block's inputs.
 
 Only one block and one block's activations for all calibration samples live on the compute device at a
 time; the rest of the model stays where it was loaded (usually CPU).
@@ -11,6 +13,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -115,56 +118,105 @@ def feed_block(block: nn.Module, inputs: BlockInputs, batches: int | None = None
             pass
 
 
-@torch.no_grad()
-def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: SchemeLookup, device: torch.device,
-                   batch_size: int = 8, progress: bool = True, true_sequential: bool = True,
-                   timer: StageTimer | None = None, hessian: str = "fp32") -> dict[str, QuantizedWeight]:
-    """Quantize every decoder-block linear that `scheme_for(full_name)` assigns a scheme, in place.
+@dataclass
+class BlockContext:
+    """One decoder block as the driver hands it to each stage: the block on the compute device, its
+    linears (by name within the block), and the inputs it receives in this pass (the outputs of the blocks
+    before it, as the stages before have left them: quantized where a stage quantized them)."""
 
-    Per block: when a solver reads calibration statistics, the block's linears are grouped by the input
-    they share (q/k/v, o, gate/up, down) and, with `true_sequential`, each group is calibrated on inputs
-    produced by the already-quantized earlier groups; layers sharing an input share one Hessian. Then the
-    block runs again, quantized, to make the next block's inputs. `hessian="tensor_cores"` accumulates
-    the Hessians of half-precision CUDA activations on tensor cores (faster, slightly less exact). The model's weights are replaced by
-    their dequantized values; the returned QuantizedWeights (on CPU) hold the codes that export packs.
-    """
+    index: int
+    prefix: str  # full name of the block, e.g. model.layers.3
+    block: nn.Module
+    linears: dict[str, nn.Linear]
+    inputs: BlockInputs
+    timer: StageTimer
+    _sharing: list[list[str]] | None = None
+
+    def full_name(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def input_groups(self, names) -> list[list[str]]:
+        """`names` grouped by the input tensor they read, in forward order (q/k/v, o, gate/up, down)."""
+        if self._sharing is None:
+            self._sharing = input_sharing(self.block, self.linears,
+                                          lambda: feed_block(self.block, self.inputs, batches=1))
+        wanted = set(names)
+        return [[n for n in group if n in wanted] for group in self._sharing if wanted & set(group)]
+
+
+class BlockStage(Protocol):
+    """A step the driver runs on every block, in order, before it propagates the block's outputs."""
+
+    def run_block(self, ctx: BlockContext) -> None: ...
+
+
+@torch.no_grad()
+def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device, stages: list[BlockStage],
+                 batch_size: int = 8, progress: bool = True, timer: StageTimer | None = None,
+                 desc: str = "blocks") -> None:
+    """The one block driver: capture what the first block receives, then for every block move it to the
+    device, run each stage on it, and run the block (as the stages left it) to make the next block's
+    inputs. Only one block and one block's activations for the calibration samples live on the device."""
     timer = timer or StageTimer(device)
     home = next(model.parameters()).device
     prefix = blocks_path(model)
-    blocks = decoder_blocks(model)
     move_except_blocks(model, device)
     try:
         with timer("capture"):
             inputs = capture_block_inputs(model, input_ids, device, batch_size)
-        results: dict[str, QuantizedWeight] = {}
-        for index, block in enumerate(tqdm(blocks, desc="quantize blocks", unit="block", disable=not progress)):
+        for index, block in enumerate(tqdm(decoder_blocks(model), desc=desc, unit="block", disable=not progress)):
             with timer("transfer"):
                 block.to(device)
-            linears = block_linears(block)
-            schemes = {name: scheme_for(f"{prefix}.{index}.{name}") for name in linears}
-            schemes = {name: scheme for name, scheme in schemes.items() if scheme is not None}
-            for name, quantized in quantize_block(block, linears, schemes, inputs, true_sequential, timer,
-                                                    tensor_cores=hessian == "tensor_cores").items():
-                results[f"{prefix}.{index}.{name}"] = quantized
+            ctx = BlockContext(index, f"{prefix}.{index}", block, block_linears(block), inputs, timer)
+            for stage in stages:
+                stage.run_block(ctx)
             with timer("propagate"):
                 inputs.hidden = run_block(block, inputs)
             with timer("transfer"):
                 block.to(home)
     finally:
         model.to(home)
-    return results
 
 
-def quantize_block(block: nn.Module, linears: dict[str, nn.Linear], schemes: dict[str, Scheme],
-                   inputs: BlockInputs, true_sequential: bool, timer: StageTimer,
+class QuantizeStage:
+    """Quantize every linear that `scheme_for(full_name)` assigns a scheme, in place (see quantize_block);
+    `results` collects the QuantizedWeights (on CPU) by full name."""
+
+    def __init__(self, scheme_for: SchemeLookup, true_sequential: bool = True, hessian: str = "fp32") -> None:
+        self.scheme_for, self.true_sequential = scheme_for, true_sequential
+        self.tensor_cores = hessian == "tensor_cores"
+        self.results: dict[str, QuantizedWeight] = {}
+
+    def run_block(self, ctx: BlockContext) -> None:
+        schemes = {name: scheme for name in ctx.linears if (scheme := self.scheme_for(ctx.full_name(name)))}
+        for name, quantized in quantize_block(ctx, schemes, self.true_sequential, self.tensor_cores).items():
+            self.results[ctx.full_name(name)] = quantized
+
+
+def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: SchemeLookup, device: torch.device,
+                   batch_size: int = 8, progress: bool = True, true_sequential: bool = True,
+                   timer: StageTimer | None = None, hessian: str = "fp32") -> dict[str, QuantizedWeight]:
+    """Quantize every decoder-block linear that `scheme_for(full_name)` assigns a scheme, in place: the block
+    driver with the quantize stage alone. The model's weights are replaced by their dequantized values; the
+    returned QuantizedWeights (on CPU) hold the codes that export packs."""
+    stage = QuantizeStage(scheme_for, true_sequential, hessian)
+    drive_blocks(model, input_ids, device, [stage], batch_size, progress, timer, desc="quantize blocks")
+    return stage.results
+
+
+def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequential: bool,
                    tensor_cores: bool = False) -> dict[str, QuantizedWeight]:
+    """Quantize a block's linears. When a solver reads calibration statistics, the linears are grouped by the
+    input they share (q/k/v, o, gate/up, down) and, with `true_sequential`, each group is calibrated on inputs
+    produced by the already-quantized earlier groups; layers sharing an input share one Hessian.
+    `tensor_cores` accumulates the Hessians of half-precision CUDA activations on tensor cores."""
+    linears, timer = ctx.linears, ctx.timer
     stats_layers = {name for name, scheme in schemes.items() if needs_stats(scheme)}
     hessian_layers = {name for name, scheme in schemes.items() if needs_hessian(scheme)}
     if not stats_layers:  # a statistics pass costs a block forward: skip it when no solver reads one
         with timer("solve"):
             return {name: quantize_linear(linears[name], scheme) for name, scheme in schemes.items()}
-    quantized_linears = {name: linears[name] for name in schemes}
-    groups = input_sharing(block, quantized_linears, lambda: feed_block(block, inputs, batches=1))
+    groups = ctx.input_groups(schemes)
     stages = groups if true_sequential else [[name for group in groups for name in group]]
     results = {}
     for stage in stages:
@@ -174,7 +226,7 @@ def quantize_block(block: nn.Module, linears: dict[str, nn.Linear], schemes: dic
             with timer("stats_forward"):
                 with collect_stats({name: linears[name] for name in stage}, hessian_layers & set(stage), shared,
                                    stop_when_seen=True, timed=timer, tensor_cores=tensor_cores) as stats:
-                    feed_block(block, inputs)
+                    feed_block(ctx.block, ctx.inputs)
         with timer("solve"):
             for names in _solve_together(stage, schemes, stats):
                 results.update(quantize_linears([linears[n] for n in names], names, schemes[names[0]], stats[names[0]]))

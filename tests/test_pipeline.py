@@ -113,3 +113,30 @@ def test_tensor_core_hessian_option_falls_back_to_float32_off_cuda():
     flat = torch.cat([x, x * 2]).reshape(-1, 16).double()
     assert torch.allclose(exact.xtx.double(), flat.T @ flat, rtol=1e-6, atol=1e-4)
     assert exact.act_absmax.dtype == torch.float32
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_opt])
+def test_the_block_driver_gives_the_codes_of_the_earlier_pipeline(build, true_sequential):
+    """Uniform and mixed recipes through the one block driver quantize to exactly the codes the block loop
+    before it produced (tests/reference_pipeline.py), for every solver and a rotated scheme."""
+    import copy
+
+    from reference_pipeline import reference_quantize_model
+
+    section = QuantizeSection(default="int3-g32-gptq-act",
+                              overrides=[{"pattern": "down_proj|fc2|dense_4h", "scheme": "hadamard+int4-g32-gptq"},
+                                         {"pattern": "v_proj|fc1", "scheme": "ternary2-g32-ptqtp-aw"},
+                                         {"pattern": "o_proj|out_proj", "scheme": "mxfp4-rtn"}],
+                              ignore=["layers\\.1\\.self_attn\\.q_proj"])
+    model = build()
+    twin = copy.deepcopy(model)
+    ours = quantize_model(model, calibration_ids(), section.scheme_for, CPU, batch_size=4, progress=False,
+                          true_sequential=true_sequential)
+    theirs = reference_quantize_model(twin, calibration_ids(), section.scheme_for, CPU, batch_size=4,
+                                      true_sequential=true_sequential)
+    assert ours.keys() == theirs.keys() and len({q.scheme.name for q in ours.values()}) >= 3
+    for name in ours:
+        assert all(torch.equal(a, b) for a, b in zip(ours[name].pack().values(), theirs[name].pack().values())), name
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
