@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantbench.activations import input_rotation_of, quantize_inputs_of, rotate_inputs_of
+from quantbench.activations import activation_format_of, input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.calibration.stats import StopForward, collect_stats, input_sharing
 from quantbench.model_io import block_linears, blocks_path, decoder_blocks, move_except_blocks
 from quantbench.quantized_weight import QuantizedWeight
@@ -274,6 +274,21 @@ def apply_quantized(linear: nn.Linear, quantized: QuantizedWeight, rotation: Ran
     if rotation is not None:
         rotate_inputs_of(linear, rotation)
     quantize_inputs_of(linear, quantized.scheme.activations)
+
+
+def snapshot_linears(model: nn.Module, names) -> dict:
+    """A copy (on CPU) of what the named linears compute with: weight and online input transforms."""
+    return {name: (module.weight.detach().to("cpu", copy=True), input_rotation_of(module),
+                   activation_format_of(module)) for name in names if (module := model.get_submodule(name))}
+
+
+def restore_linears(model: nn.Module, snapshot: dict) -> None:
+    """Put the linears back as `snapshot_linears` found them (undoing quantization and its hooks)."""
+    for name, (weight, rotation, fmt_name) in snapshot.items():
+        module = model.get_submodule(name)
+        module.weight.data = weight.to(module.weight.device, copy=True)
+        rotate_inputs_of(module, rotation)
+        quantize_inputs_of(module, fmt_name)
 
 
 def untie_lm_head(model: nn.Module) -> nn.Linear:

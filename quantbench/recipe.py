@@ -248,10 +248,11 @@ class SweepSection(_Section):
 
 class AllocationSection(_Section):
     candidates: list[SchemeSpec] = Field(min_length=2, description="schemes a layer can take")
-    metric: Literal["hutchinson", "eigenvalue", "xtx_trace", "xtx_eig", "output_error", "kfac", "kl"] = Field(
+    metric: Literal["hutchinson", "eigenvalue", "xtx_trace", "xtx_eig", "output_error", "kfac", "kl",
+                    "first_order", "fisher", "output_fisher", "block_output"] = Field(
         "kfac", description="the cost the allocation minimises (see allocation/table.py METRICS)")
-    measure: list[Literal["trace", "eigenvalue", "kl"]] = Field([], description="costly measures taken besides "
-                                                                "the metric's own (for comparing metrics)")
+    measure: list[Literal["trace", "eigenvalue", "kl", "gradients", "block_output"]] = Field(
+        [], description="costly measures taken besides the metric's own (for comparing metrics)")
     budget: float | None = Field(None, gt=0, description="average bits per weight over the allocated layers")
     budget_bytes: int | None = Field(None, gt=0, description="total bytes of the allocated layers")
     solver: Literal["ilp", "greedy", "knapsack_dp", "random"] = "ilp"
@@ -262,6 +263,15 @@ class AllocationSection(_Section):
     hessian: HessianSection = HessianSection()
     kl_samples: int = Field(4, ge=1, description="calibration sequences (cut to hessian.seqlen) for measured KL")
     time_limit_s: float = Field(60, gt=0, description="ILP solver time limit")
+    rounds: int = Field(2, ge=0, description="in-context rounds: re-measure the candidates on the inputs the "
+                        "quantized upstream blocks give, re-allocate, until the allocation is stable (0: costs "
+                        "from full-precision inputs only)")
+    remeasure: Literal["frontier", "all"] = Field("frontier", description="candidates re-measured in a round: "
+                                                  "those not beaten in both size and cost, or all")
+    gradient_samples: int = Field(16, ge=1, description="calibration sequences of the backward pass behind the "
+                                  "gradient measures (first_order, fisher, output_fisher, block_output)")
+    block_tokens: int = Field(16384, ge=1, description="calibration tokens on which block_output runs the block "
+                              "once per candidate")
     requantize: bool = Field(True, description="quantize again block by block with the chosen schemes (inputs "
                              "from the quantized earlier blocks); false reuses the codes the sensitivity pass "
                              "made on full-precision inputs (faster, worse at 3 bits and below)")
@@ -281,8 +291,11 @@ class AllocationSection(_Section):
     @property
     def measures(self) -> set[str]:
         """The costly measures to take: those asked for and the one the metric needs."""
-        needs = {"hutchinson": "trace", "kfac": "trace", "eigenvalue": "eigenvalue", "kl": "kl"}
-        return set(self.measure) | ({needs[self.metric]} if self.metric in needs else set())
+        needs = {"hutchinson": {"trace"}, "kfac": {"trace"}, "eigenvalue": {"eigenvalue"}, "kl": {"kl"},
+                 "first_order": {"gradients"}, "fisher": {"gradients"}, "output_fisher": {"gradients"},
+                 "block_output": {"gradients", "block_output"}}
+        wanted = set(self.measure) | needs.get(self.metric, set())
+        return wanted | ({"gradients"} if "block_output" in wanted else set())
 
 
 class ExportSection(_Section):

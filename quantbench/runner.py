@@ -14,7 +14,8 @@ import yaml
 
 from quantbench.allocation.ilp import Allocation
 from quantbench.allocation.pareto import frontier, uniform_points, write_frontier
-from quantbench.allocation.search import allocate, measure_sensitivity, sweep
+from quantbench.allocation.in_context import search_in_context
+from quantbench.allocation.search import allocate, candidates_for, gradients_for, measure_sensitivity, sweep
 from quantbench.allocation.sensitivity import CandidateCache, allocated_weights, apply_allocation
 from quantbench.allocation.table import SensitivityTable
 from quantbench.calibration import calibration_batches
@@ -29,7 +30,6 @@ from quantbench.pipeline import StageTimer, quantize_linear, quantize_model, unt
 from quantbench.recipe import Recipe
 from quantbench.results import environment, parameter_count, peak_memory, quantization_summary
 from quantbench.rotation import max_logit_change, rotate_model
-from quantbench.scheme import Scheme
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
@@ -161,10 +161,13 @@ class SearchedAllocation:
     frontier: list[dict] = field(default_factory=list)
     uniform: list[dict] = field(default_factory=list)
     evaluated: list[dict] = field(default_factory=list)
+    rounds: list[dict] = field(default_factory=list)
+    converged: bool | None = None
 
     def record(self) -> dict:
         return {**self.allocation.summary(), "schemes": self.allocation.scheme_counts(),
-                "layers": self.allocation.schemes, "evaluated": self.evaluated,
+                "layers": self.allocation.schemes, "evaluated": self.evaluated, "rounds": self.rounds,
+                "converged": self.converged,
                 "frontier": [{k: p[k] for k in ("budget", "feasible", "bits_per_weight", "objective") if k in p}
                              for p in self.frontier]}
 
@@ -177,12 +180,16 @@ class SearchedAllocation:
 
 def search_allocation(model, input_ids, recipe: Recipe, device, stages: StageTimer, progress: bool,
                       score) -> SearchedAllocation:
-    """Sensitivity → allocation (→ sweep, scoring its chosen budgets with `score()`) → the chosen schemes
-    applied from the candidates' cached codes, or quantized again block by block (`requantize`)."""
+    """Gradients (when a measure needs them) → sensitivity on full-precision inputs → allocation (→ sweep,
+    scoring its chosen budgets with `score()`) → the in-context rounds, which end with the model quantized
+    block by block under the final allocation (`rounds: 0` quantizes once with the first allocation;
+    `requantize: false` applies the candidates' cached codes instead)."""
     section = recipe.allocation
     cache = CandidateCache()
+    with stages("gradients"):
+        gradients = gradients_for(model, input_ids, recipe, device, progress)
     with stages("sensitivity"):
-        table = measure_sensitivity(model, input_ids, recipe, device, progress, cache)
+        table = measure_sensitivity(model, input_ids, recipe, device, progress, cache, gradients)
     with stages("allocate"):
         allocation = allocate(table, section)
     log.info("allocation: %s, %.4f bits per weight, objective %.4g (%s)", allocation.status,
@@ -202,14 +209,19 @@ def search_allocation(model, input_ids, recipe: Recipe, device, stages: StageTim
             for dataset, value in ppl.items():
                 searched.evaluated.append({"label": f"ILP ({dataset})", "budget": budget, "dataset": dataset,
                                            "bits_per_weight": point.bits_per_weight, "ppl": value["ppl"]})
-    if section.requantize:
-        schemes = {layer: Scheme.parse(name) for layer, name in allocation.schemes.items()}
-        searched.quantized = quantize_model(model, input_ids, schemes.get, device,
-                                            batch_size=recipe.calibration.batch_size, progress=progress,
-                                            true_sequential=recipe.quantize.true_sequential, timer=stages,
-                                            hessian=recipe.quantize.hessian)
-    else:
+    if not section.requantize:
         searched.quantized = apply_allocation(model, allocation.schemes, cache)
+        return searched
+    with stages("in_context"):
+        found = search_in_context(model, input_ids, candidates_for(recipe), device,
+                                  lambda t: allocate(t, section), table, section.metric, section.ties,
+                                  max_rounds=section.rounds, remeasure=section.remeasure, gradients=gradients,
+                                  block_tokens=section.block_tokens if "block_output" in section.measures else 0,
+                                  batch_size=recipe.calibration.batch_size,
+                                  true_sequential=recipe.quantize.true_sequential, hessian=recipe.quantize.hessian,
+                                  cache=cache, progress=progress, timer=stages)
+    searched.table, searched.allocation, searched.quantized = found.table, found.allocation, found.quantized
+    searched.rounds, searched.converged = [r.record() for r in found.rounds], found.converged
     return searched
 
 
@@ -225,7 +237,8 @@ def sensitivity_for_recipe(recipe: Recipe, progress: bool = True) -> Sensitivity
                                     split=cal.split, text_field=cal.text_field)
     for spec in recipe.transforms:
         apply_transform(model, spec, input_ids[:1, :PROBE_TOKENS])
-    return measure_sensitivity(model, input_ids, recipe, device, progress)
+    return measure_sensitivity(model, input_ids, recipe, device, progress,
+                               gradients=gradients_for(model, input_ids, recipe, device, progress))
 
 
 def apply_transform(model, spec, probe_ids) -> dict:

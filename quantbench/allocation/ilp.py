@@ -111,7 +111,8 @@ def _solve(problem: Problem, costs: list[list[float]], max_bits: float | None, m
            time_limit: float, gap: float) -> tuple[str, list[int] | None]:
     """CBC on the options that are not dominated (another option of the item no larger, no slower and
     no costlier, and better in one of them; dropping those cannot change the optimum)."""
-    kept = [_undominated(item.options, row) for item, row in zip(problem.items, costs)]
+    kept = [undominated([(o.bits, o.latency, c) for o, c in zip(item.options, row)])
+            for item, row in zip(problem.items, costs)]
     magnitudes = sorted(abs(c) for row in costs for c in row if c)
     scale = magnitudes[len(magnitudes) // 2] if magnitudes else 1.0
     numel = problem.numel
@@ -138,8 +139,9 @@ def _solve(problem: Problem, costs: list[list[float]], max_bits: float | None, m
     return status, choice
 
 
-def _undominated(options: list, costs: list[float]) -> list[int]:
-    keys = [(o.bits, o.latency, c) for o, c in zip(options, costs)]
+def undominated(keys: list[tuple]) -> list[int]:
+    """Indices of the keys (tuples of quantities to minimise) that no other key matches or beats in every
+    quantity while beating in one; of equal keys, the first."""
     return [i for i, key in enumerate(keys)
             if not any(other != key and all(a <= b for a, b in zip(other, key)) for other in keys)
             and keys.index(key) == i]

@@ -9,11 +9,13 @@ import torch
 from torch import nn
 
 from quantbench.allocation.baselines import SOLVERS
+from quantbench.allocation.gradients import GradientStats, gradient_stats
 from quantbench.allocation.ilp import Allocation
 from quantbench.allocation.problem import Problem, Rule, build_problem
 from quantbench.allocation.sensitivity import CandidateCache, HessianOptions, sensitivity_table
 from quantbench.allocation.table import SensitivityTable
 from quantbench.errors import QuantbenchError
+from quantbench.model_io import model_linears
 from quantbench.recipe import AllocationSection, Recipe
 from quantbench.scheme import Scheme
 
@@ -40,13 +42,27 @@ def hessian_options(section: AllocationSection, seed: int) -> HessianOptions:
     return HessianOptions(**section.hessian.model_dump(), seed=seed)
 
 
+def gradients_for(model: nn.Module, input_ids: torch.Tensor, recipe: Recipe, device: torch.device,
+                  progress: bool = True) -> GradientStats | None:
+    """The gradient statistics the section's measures need (one backward pass per batch), or None."""
+    section = recipe.allocation
+    if "gradients" not in section.measures:
+        return None
+    layers = [name for name, linear in model_linears(model).items() if candidates_for(recipe)(name)]
+    return gradient_stats(model, input_ids[:section.gradient_samples], layers, device,
+                          batch_size=min(recipe.calibration.batch_size, 4), progress=progress)
+
+
 def measure_sensitivity(model: nn.Module, input_ids: torch.Tensor, recipe: Recipe, device: torch.device,
-                        progress: bool = True, cache: CandidateCache | None = None) -> SensitivityTable:
+                        progress: bool = True, cache: CandidateCache | None = None,
+                        gradients: GradientStats | None = None) -> SensitivityTable:
+    """Round 0 of the search: every candidate on full-precision inputs, with the measures the section asks."""
     section = recipe.allocation
     table = sensitivity_table(model, input_ids, candidates_for(recipe), device,
                               measure=section.measures, hessian=hessian_options(section, recipe.calibration.seed),
                               kl_samples=section.kl_samples, batch_size=recipe.calibration.batch_size,
-                              progress=progress, cache=cache)
+                              progress=progress, cache=cache, gradients=gradients,
+                              block_tokens=section.block_tokens if "block_output" in section.measures else 0)
     table.meta = {**table.meta, "model": recipe.model.name, "recipe_hash": recipe.hash(),
                   "calibration": recipe.calibration.model_dump(), "measured": sorted(section.measures)}
     return table

@@ -22,12 +22,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantbench.activations import input_rotation_of
+from quantbench.allocation.gradients import GradientStats, LayerGradients
 from quantbench.allocation.hessian_probes import LossHessian, hutchinson_traces, power_iteration
 from quantbench.allocation.table import CandidateError, LayerSensitivity, SensitivityTable
-from quantbench.calibration.stats import LayerStats, collect_stats, input_sharing
+from quantbench.calibration.stats import LayerStats, collect_stats
 from quantbench.fsutil import save_tensors
-from quantbench.model_io import block_linears, blocks_path, decoder_blocks, move_except_blocks
-from quantbench.pipeline import apply_quantized, capture_block_inputs, feed_block, run_block
+from quantbench.pipeline import BlockContext, apply_quantized, drive_blocks, feed_block
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
 from quantbench.quantizers import quantize_weight
 from quantbench.quantizers.fwht import RandomHadamard
@@ -111,43 +111,84 @@ class CandidateCache:
         return (rotation.rows_inverse(weight) if rotation else weight).to(dtype)
 
 
-@torch.no_grad()
-def candidate_errors(model: nn.Module, input_ids: torch.Tensor, candidates_for: CandidatesFor,
-                     device: torch.device, batch_size: int = 8, progress: bool = True,
-                     cache: CandidateCache | None = None) -> tuple[dict[str, LayerSensitivity], dict]:
-    """Quantize every linear with each of its candidates on full-precision calibration inputs.
+class SensitivityStage:
+    """A block stage of the driver: every linear with candidates is quantized with each of them on the inputs
+    the block receives in this pass (from the upstream blocks as quantized so far), and the errors recorded.
 
-    Returns the per-layer proxies (tr and λ_max of XᵀX per token, the latter by LOBPCG) and
-    (layer, scheme name) → CandidateError. The model is left unchanged.
+    Per candidate: its exact storage, ‖ΔW‖², the GPTQ objective tr(ΔW A ΔWᵀ) per token (A = XᵀX of the
+    layer's input here) and, with the gradient statistics of the full-precision model, the first-order,
+    diagonal-Fisher and output-Fisher estimates of the loss change (allocation/gradients.py). With
+    `block_tokens`, also the change of the block's output with only that layer quantized, weighted per unit
+    by the block output's squared gradient, on the first `block_tokens` calibration tokens (`block_output`).
+    Layers keep their full-precision weights; the codes go to `cache`.
     """
-    home = next(model.parameters()).device
-    prefix = blocks_path(model)
-    move_except_blocks(model, device)
-    layers, errors = {}, {}
-    try:
-        inputs = capture_block_inputs(model, input_ids, device, batch_size)
-        for index, block in enumerate(tqdm(decoder_blocks(model), desc="sensitivity", unit="block",
-                                           disable=not progress)):
-            block.to(device)
-            linears = {name: linear for name, linear in block_linears(block).items()
-                       if candidates_for(f"{prefix}.{index}.{name}")}
-            if linears:
-                groups = input_sharing(block, linears, lambda: feed_block(block, inputs, batches=1))
-                shared = {follower: group[0] for group in groups for follower in group[1:]}
-                with collect_stats(linears, set(linears), shared, stop_when_seen=True) as stats:
-                    feed_block(block, inputs)
-                rotated: dict = {}  # (id of shared stats, rotation seed) → Rᵀ(Σxᵀx)R, reused across candidates
-                for name, linear in linears.items():
-                    full_name = f"{prefix}.{index}.{name}"
-                    layers[full_name] = layer_proxies(full_name, linear, stats[name])
-                    for scheme in candidates_for(full_name):
-                        errors[(full_name, scheme.name)] = quantize_candidate(full_name, linear, scheme,
-                                                                              stats[name], cache, rotated)
-                inputs.hidden = run_block(block, inputs)
-            block.to(home)
-    finally:
-        model.to(home)
-    return layers, errors
+
+    def __init__(self, candidates_for: CandidatesFor, cache: CandidateCache | None = None,
+                 gradients: GradientStats | None = None, block_tokens: int = 0) -> None:
+        self.candidates_for, self.gradients, self.block_tokens = candidates_for, gradients, block_tokens
+        self.cache = cache if cache is not None or not block_tokens else CandidateCache()
+        self.layers: dict[str, LayerSensitivity] = {}
+        self.errors: dict[tuple[str, str], CandidateError] = {}
+
+    @torch.no_grad()
+    def run_block(self, ctx: BlockContext) -> None:
+        candidates = {name: self.candidates_for(ctx.full_name(name)) for name in ctx.linears}
+        linears = {name: ctx.linears[name] for name, schemes in candidates.items() if schemes}
+        if not linears:
+            return
+        groups = ctx.input_groups(linears)
+        shared = {follower: group[0] for group in groups for follower in group[1:]}
+        with ctx.timer("stats_forward"):
+            with collect_stats(linears, set(linears), shared, stop_when_seen=True) as stats:
+                feed_block(ctx.block, ctx.inputs)
+        probe = _BlockProbe(ctx, self.gradients, self.block_tokens) if self.block_tokens else None
+        rotated: dict = {}  # (id of shared stats, rotation seed) → Rᵀ(Σxᵀx)R, reused across candidates
+        with ctx.timer("candidates"):
+            for name, linear in linears.items():
+                full_name = ctx.full_name(name)
+                self.layers[full_name] = layer_proxies(full_name, linear, stats[name])
+                grads = self.gradients.layers.get(full_name) if self.gradients else None
+                for scheme in candidates[name]:
+                    error = quantize_candidate(full_name, linear, scheme, stats[name], self.cache, rotated, grads)
+                    if probe is not None:
+                        error.block_output = probe.cost(linear, self.cache.effective_weight(
+                            full_name, scheme.name, linear.weight.dtype, linear.weight.device))
+                    self.errors[(full_name, scheme.name)] = error
+
+
+class _BlockProbe:
+    """The block's full-precision output on its first calibration tokens, and the gradient-weighted change
+    of that output when one layer computes with another weight."""
+
+    def __init__(self, ctx: BlockContext, gradients: GradientStats | None, tokens: int) -> None:
+        self.block, self.kwargs, self.hidden = ctx.block, [], []
+        seen = 0
+        for hidden, kwargs in zip(ctx.inputs.hidden, ctx.inputs.kwargs):
+            if seen >= tokens:
+                break
+            self.hidden.append(hidden)
+            self.kwargs.append(kwargs)
+            seen += hidden.shape[0] * hidden.shape[1]
+        self.reference = [_output(self.block(h, **k)).float() for h, k in zip(self.hidden, self.kwargs)]
+        weight = gradients.blocks.get(ctx.prefix) if gradients else None
+        self.weight = weight.to(self.reference[0].device) if weight is not None else None
+        self.tokens = sum(r.shape[0] * r.shape[1] for r in self.reference)
+
+    def cost(self, linear: nn.Linear, weight: torch.Tensor) -> float:
+        original = linear.weight.data
+        linear.weight.data = weight
+        try:
+            total = 0.0
+            for h, k, ref in zip(self.hidden, self.kwargs, self.reference):
+                change = (_output(self.block(h, **k)).float() - ref).square()
+                total += float((change * self.weight).sum() if self.weight is not None else change.sum())
+        finally:
+            linear.weight.data = original
+        return 0.5 * total / self.tokens if self.weight is not None else total / self.tokens
+
+
+def _output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def layer_proxies(name: str, linear: nn.Linear, stats: LayerStats) -> LayerSensitivity:
@@ -167,9 +208,12 @@ def top_eigenvalue_psd(matrix: torch.Tensor) -> float:
 
 
 def quantize_candidate(name: str, linear: nn.Linear, scheme: Scheme, stats: LayerStats,
-                       cache: CandidateCache | None, rotated_stats: dict | None = None) -> CandidateError:
+                       cache: CandidateCache | None, rotated_stats: dict | None = None,
+                       gradients: LayerGradients | None = None) -> CandidateError:
     """Quantize a copy of the layer's weight with `scheme` and measure ‖ΔW‖² and tr(ΔW XᵀX ΔWᵀ) per token
-    (both invariant under the rotation of a Hadamard candidate, so measured in its basis)."""
+    (both invariant under the rotation of a Hadamard candidate, so measured in its basis) and, with the
+    layer's gradient statistics, the first-order, Fisher and output-Fisher loss estimates (on ΔW in the
+    layer's own input basis)."""
     rotation = None if input_rotation_of(linear) is not None else rotation_for(scheme, linear.in_features)
     weight = rotate_weight(linear.weight, rotation) if rotation else linear.weight.float()
     layer_stats = stats
@@ -181,13 +225,20 @@ def quantize_candidate(name: str, linear: nn.Linear, scheme: Scheme, stats: Laye
         layer_stats = rotated_stats[key]
     quantized = quantize_weight(weight.clone(), scheme, layer_stats, name)
     delta = quantized.dequantize(torch.float32).to(weight.device) - weight
-    output_error = float(((delta @ layer_stats.xtx) * delta).sum()) / max(1, layer_stats.n_samples)
+    row_errors = ((delta @ layer_stats.xtx) * delta).sum(1) / max(1, layer_stats.n_samples)
     if cache is not None:
         cache.weights[(name, scheme.name)] = quantized.to("cpu")
         if rotation is not None:
             cache.rotated.add((name, scheme.name))
-    return CandidateError(layer=name, scheme=scheme.name, storage_bits=int(quantized.storage_bits),
-                          weight_error=float(delta.double().square().sum()), output_error=output_error)
+    error = CandidateError(layer=name, scheme=scheme.name, storage_bits=int(quantized.storage_bits),
+                           weight_error=float(delta.double().square().sum()), output_error=float(row_errors.sum()))
+    if gradients is not None:
+        device = delta.device
+        plain = rotation.rows_inverse(delta) if rotation is not None else delta  # ΔW in the layer's input basis
+        error.first_order = float((gradients.grad.to(device) * plain).abs().sum())
+        error.fisher = 0.5 * float((gradients.fisher.to(device) * plain.square()).sum())
+        error.output_fisher = 0.5 * float((gradients.out_sq.to(device) * row_errors).sum())
+    return error
 
 
 def loss_hessian_measures(model: nn.Module, input_ids: torch.Tensor, layers: dict[str, LayerSensitivity],
@@ -304,16 +355,21 @@ def sensitivity_table(model: nn.Module, input_ids: torch.Tensor, candidates_for:
                       device: torch.device, measure: Iterable[str] = (), hessian: HessianOptions = HessianOptions(),
                       kl_samples: int = 4, batch_size: int = 8, progress: bool = True,
                       cache: CandidateCache | None = None,
-                      after_phase: Callable[[SensitivityTable], None] | None = None) -> SensitivityTable:
-    """The whole stage. `measure` names the costly measures to add to the always-computed ones:
-    `trace` (Hutchinson), `eigenvalue` (power iteration), `kl` (needs a cache; one is made if none given).
+                      after_phase: Callable[[SensitivityTable], None] | None = None,
+                      gradients: GradientStats | None = None, block_tokens: int = 0) -> SensitivityTable:
+    """The whole stage on full-precision inputs: the candidates block by block (the block driver with the
+    sensitivity stage alone), then the costly measures named in `measure`: `trace` (Hutchinson),
+    `eigenvalue` (power iteration), `kl` (needs a cache; one is made if none given). `gradients` adds the
+    gradient-based measures, `block_tokens` the block-output one (see SensitivityStage).
     `after_phase(table)` is called once the candidates and then each measure are done (to save partial work);
     `table.meta["seconds"]` holds each phase's time."""
     measure = set(measure)
     cache = cache if cache is not None else CandidateCache()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    layers, errors = candidate_errors(model, input_ids, candidates_for, device, batch_size, progress, cache)
+    stage = SensitivityStage(candidates_for, cache, gradients, block_tokens)
+    drive_blocks(model, input_ids, device, [stage], batch_size, progress, desc="sensitivity")
+    layers, errors = stage.layers, stage.errors
     if not layers:
         raise ValueError("no layer has candidates")
     seconds["candidates"] = round(time.perf_counter() - started, 2)

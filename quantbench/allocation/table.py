@@ -21,7 +21,14 @@ METRICS = {
     "kfac": "output_error × tr(H_l)/(tr(XᵀX/tokens)·out): the GPTQ objective scaled by the loss curvature "
             "per output (Kronecker-factored Hessian, tr H ≈ tr A · tr G)",
     "kl": "measured: KL divergence of the next-token distribution with only this layer quantized",
+    "first_order": "Σ |g ⊙ ΔW|: the gradient of the calibration loss against the weight change (AutoScheme)",
+    "fisher": "½ Σ F ⊙ ΔW²: the diagonal of the Fisher information (per-token gradients squared)",
+    "output_fisher": "½ Σ_i E[g_i²]·(ΔW A ΔWᵀ)_ii: each output's GPTQ error weighted by its squared loss "
+                     "gradient (a Kronecker-factored Fisher with the output factor's diagonal)",
+    "block_output": "½ Σ_d E[g_d²]·E[Δy_d²]: the change of the block's output with only this layer quantized, "
+                    "weighted by the squared loss gradient of each output unit",
 }
+GRADIENT_METRICS = ("first_order", "fisher", "output_fisher", "block_output")
 
 
 @dataclass
@@ -55,6 +62,10 @@ class CandidateError:
     weight_error: float  # ‖Q(W) − W‖²_F
     output_error: float  # tr(ΔW XᵀX ΔWᵀ) per token
     kl: float | None = None
+    first_order: float | None = None  # Σ |∂L/∂W ⊙ ΔW| (mean loss per token)
+    fisher: float | None = None  # ½ Σ F ⊙ ΔW², F the per-token diagonal Fisher
+    output_fisher: float | None = None  # ½ Σ_i E[g_i²] (ΔW A ΔWᵀ)_ii
+    block_output: float | None = None  # ½ Σ_d E[g_d²] E[Δy_d²] at the block's output
 
 
 @dataclass
@@ -63,6 +74,13 @@ class SensitivityTable:
     errors: dict[tuple[str, str], CandidateError]
     candidates: list[str]
     meta: dict = field(default_factory=dict)
+
+    def updated(self, layers: dict[str, LayerSensitivity], errors: dict[tuple[str, str], CandidateError],
+                round: int) -> "SensitivityTable":
+        """This table with re-measured layers and candidates in place of the old entries; `meta["rounds"]`
+        counts the pairs each round measured."""
+        meta = {**self.meta, "rounds": {**self.meta.get("rounds", {}), str(round): len(errors)}}
+        return SensitivityTable({**self.layers, **layers}, {**self.errors, **errors}, self.candidates, meta)
 
     def schemes_of(self, layer: str) -> list[str]:
         return [c for c in self.candidates if (layer, c) in self.errors]
@@ -74,8 +92,9 @@ class SensitivityTable:
             have |= {"hutchinson", "kfac"}
         if layer.top_eigenvalue is not None:
             have.add("eigenvalue")
-        if all(e.kl is not None for e in self.errors.values()):
-            have.add("kl")
+        for metric in ("kl", *GRADIENT_METRICS):
+            if all(getattr(e, metric) is not None for e in self.errors.values()):
+                have.add(metric)
         return [m for m in METRICS if m in have]
 
     def cost(self, layer: str, scheme: str, metric: str) -> float:
@@ -83,7 +102,7 @@ class SensitivityTable:
         error (a trace indistinguishable from zero must not make the layer free); eigenvalues at zero."""
         info, error = self.layers[layer], self.errors[(layer, scheme)]
         needed = {"hutchinson": info.hessian_trace, "kfac": info.hessian_trace, "eigenvalue": info.top_eigenvalue,
-                  "kl": error.kl}
+                  "kl": error.kl, **{m: getattr(error, m) for m in GRADIENT_METRICS}}
         if metric in needed and needed[metric] is None:  # this cell only: the whole-table scan is quadratic
             raise QuantbenchError(f"metric {metric!r} was not measured in this sensitivity table; measured: "
                                   f"{', '.join(self.available_metrics())} (add it to allocation.measure)")
@@ -102,6 +121,8 @@ class SensitivityTable:
             return curvature_per_output * error.output_error if info.xtx_trace > 0 else 0.0
         if metric == "kl":
             return max(error.kl, 0.0)
+        if metric in GRADIENT_METRICS:
+            return getattr(error, metric)
         raise QuantbenchError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
 
     @staticmethod

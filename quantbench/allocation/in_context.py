@@ -1,0 +1,113 @@
+"""The allocation search in context: costs measured on the inputs each block really sees.
+
+Round 0 measures every candidate on full-precision inputs and allocates. Each later round runs the block
+driver with two stages per block: the sensitivity stage re-measures the candidates that can still matter (the
+options no other option of their item beats in both size and cost) on the block's inputs *as the upstream
+blocks are quantized under the current allocation*, then the quantize stage quantizes the block with that
+allocation. The re-measured costs replace the old ones and the allocation is solved again. When it no longer
+changes, the model is already quantized with it, in context; the loop stops after `max_rounds` or when an
+allocation repeats, and then quantizes once more with the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quantbench.allocation.gradients import GradientStats
+from quantbench.allocation.ilp import Allocation, undominated
+from quantbench.allocation.problem import tie_groups
+from quantbench.allocation.sensitivity import CandidateCache, CandidatesFor, SensitivityStage
+from quantbench.allocation.table import SensitivityTable
+from quantbench.pipeline import QuantizeStage, StageTimer, drive_blocks, restore_linears, snapshot_linears
+from quantbench.scheme import Scheme
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchRound:
+    round: int
+    allocation: Allocation
+    changed_layers: int  # layers whose scheme differs from the round before
+    remeasured: int  # (layer, candidate) pairs measured in this round
+    seconds: float
+
+    def record(self) -> dict:
+        return {"round": self.round, "changed_layers": self.changed_layers, "remeasured": self.remeasured,
+                "objective": self.allocation.objective, "bits_per_weight": round(self.allocation.bits_per_weight, 5),
+                "seconds": round(self.seconds, 2)}
+
+
+@dataclass
+class InContextSearch:
+    table: SensitivityTable
+    allocation: Allocation
+    quantized: dict
+    rounds: list[SearchRound] = field(default_factory=list)
+    converged: bool = False
+
+
+def frontier_candidates(table: SensitivityTable, metric: str, ties) -> dict[str, list[str]]:
+    """Layer → the candidates worth re-measuring: per tie group, those no other candidate beats in both summed
+    storage and summed cost (the others cannot be chosen unless costs move a lot)."""
+    keep: dict[str, list[str]] = {}
+    for layers in tie_groups(list(table.layers), ties):
+        schemes = [s for s in table.candidates if all((layer, s) in table.errors for layer in layers)]
+        bits = [sum(table.errors[(layer, s)].storage_bits for layer in layers) for s in schemes]
+        costs = [sum(table.cost(layer, s, metric) for layer in layers) for s in schemes]
+        kept = undominated(list(zip(bits, costs)))
+        for layer in layers:
+            keep[layer] = [schemes[i] for i in kept]
+    return keep
+
+
+def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for: CandidatesFor, device: torch.device,
+                      allocate: Callable[[SensitivityTable], Allocation], table: SensitivityTable, metric: str,
+                      ties, max_rounds: int = 2, remeasure: str = "frontier", gradients: GradientStats | None = None,
+                      block_tokens: int = 0, batch_size: int = 8, true_sequential: bool = True,
+                      hessian: str = "fp32", cache: CandidateCache | None = None, progress: bool = True,
+                      timer: StageTimer | None = None) -> InContextSearch:
+    """From `table` (round 0, measured on full-precision inputs): allocate, then re-measure in context and
+    re-allocate until the allocation is stable (see the module docstring). The model ends quantized with the
+    returned allocation; `quantized` holds its codes."""
+    allocation = allocate(table)
+    layers = list(table.layers)
+    snapshot = snapshot_linears(model, layers)
+    rounds = [SearchRound(0, allocation, len(allocation.schemes), len(table.errors), 0.0)]
+    seen = [allocation.schemes]
+    for index in range(1, max_rounds + 1):
+        started = time.perf_counter()
+        restore_linears(model, snapshot)
+        wanted = (frontier_candidates(table, metric, ties) if remeasure == "frontier"
+                  else {layer: table.schemes_of(layer) for layer in layers})
+        lookup = {name: Scheme.parse(scheme) for name, scheme in allocation.schemes.items()}
+        measure = SensitivityStage(lambda name: [Scheme.parse(s) for s in wanted.get(name, [])], cache, gradients,
+                                   block_tokens)
+        quantize = QuantizeStage(lookup.get, true_sequential, hessian)
+        drive_blocks(model, input_ids, device, [measure, quantize], batch_size, progress, timer,
+                     desc=f"in context, round {index}")
+        table = table.updated(measure.layers, measure.errors, round=index)
+        new = allocate(table)
+        changed = sum(new.schemes[layer] != allocation.schemes[layer] for layer in allocation.schemes)
+        rounds.append(SearchRound(index, new, changed, len(measure.errors), time.perf_counter() - started))
+        log.info("in-context round %d: %d pairs re-measured, %d layers changed, objective %.4g", index,
+                 len(measure.errors), changed, new.objective)
+        if changed == 0:
+            return InContextSearch(table, new, quantize.results, rounds, converged=True)
+        if new.schemes in seen:
+            log.info("in-context search: allocation of an earlier round came back; stopping")
+            allocation = new
+            break
+        seen.append(new.schemes)
+        allocation = new
+    restore_linears(model, snapshot)
+    lookup = {name: Scheme.parse(scheme) for name, scheme in allocation.schemes.items()}
+    final = QuantizeStage(lookup.get, true_sequential, hessian)
+    drive_blocks(model, input_ids, device, [final], batch_size, progress, timer, desc="quantize blocks")
+    return InContextSearch(table, allocation, final.results, rounds, converged=False)
