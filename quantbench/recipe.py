@@ -19,6 +19,7 @@ from quantbench.scheme import FORMAT_ALIASES, ActivationFormat, Scheme
 from quantbench.yamlio import load_yaml, read_allocation_layers
 
 # the seven zero-shot tasks that quantization papers commonly report (`tasks: zero-shot`)
+KEEP = "keep"  # an allocation's name for a layer left in full precision
 ZERO_SHOT_SUITE = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "lambada_openai", "boolq")
 
 
@@ -106,19 +107,22 @@ class QuantizeSection(_Section):
         scheme names none."""
         if any(re.search(p, layer) for p in self.ignore):
             return None
-        allocated = self.allocated_schemes().get(layer)
-        scheme = allocated or next((o.scheme for o in self.overrides if re.search(o.pattern, layer)), self.default)
+        allocated = self.allocated_schemes()
+        if layer in allocated and allocated[layer] is None:  # the allocation keeps it in full precision
+            return None
+        scheme = allocated.get(layer) or next((o.scheme for o in self.overrides if re.search(o.pattern, layer)),
+                                              self.default)
         if self.activations and scheme.activations is None:
             return scheme.model_copy(update={"activations": self.activations})
         return scheme
 
-    def allocated_schemes(self) -> dict[str, Scheme]:
-        """Layer → scheme from `from_allocation` (read once), or nothing."""
+    def allocated_schemes(self) -> dict[str, Scheme | None]:
+        """Layer → scheme from `from_allocation` (read once; None where it keeps the layer), or nothing."""
         if self.from_allocation is None:
             return {}
         if self._allocated is None:
             names = read_allocation_layers(self.from_allocation)
-            self._allocated = {layer: Scheme.parse(name) for layer, name in names.items()}
+            self._allocated = {layer: None if name == KEEP else Scheme.parse(name) for layer, name in names.items()}
         return self._allocated
 
 
@@ -196,15 +200,41 @@ class AllocationRule(_Section):
 
 
 class LatencySection(_Section):
-    table: dict[str, float] = Field(description="regex searched in a scheme name → µs per million weights; "
-                                    "the first match prices the candidate")
+    table: dict[str, float] | None = Field(None, description="regex searched in a scheme name → µs per million "
+                                           "weights; the first match prices the candidate")
+    table_file: str | None = Field(None, description="a latency table measured by bench/kernel_latency.py "
+                                   "(JSON with a `table` like the above), instead of `table`")
     budget_us: float = Field(gt=0, description="the allocated layers' summed latency may not exceed this")
 
     @field_validator("table")
     @classmethod
-    def _regex_keys(cls, table: dict[str, float]) -> dict[str, float]:
-        for key in table:
+    def _regex_keys(cls, table: dict[str, float] | None) -> dict[str, float] | None:
+        for key in table or {}:
             _check_regex(key)
+        return table
+
+    @model_validator(mode="after")
+    def _one_table(self) -> "LatencySection":
+        if (self.table is None) == (self.table_file is None):
+            raise ValueError("give the latency table inline (table) or as a measured file (table_file), one of them")
+        return self
+
+    def resolved_table(self) -> dict[str, float]:
+        """The table, read from `table_file` when given."""
+        if self.table is not None:
+            return self.table
+        path = Path(self.table_file)
+        try:
+            data = json.loads(path.read_text())
+            table = {str(k): float(v) for k, v in data["table"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise QuantbenchError(f"allocation.latency.table_file {path}: not a latency table ({exc}); write one "
+                                  "with bench/kernel_latency.py") from None
+        for key in table:
+            try:
+                _check_regex(key)
+            except ValueError as exc:
+                raise QuantbenchError(f"allocation.latency.table_file {path}: {exc}") from None
         return table
 
 
@@ -272,6 +302,10 @@ class AllocationSection(_Section):
                                   "gradient measures (first_order, fisher, output_fisher, block_output)")
     block_tokens: int = Field(16384, ge=1, description="calibration tokens on which block_output runs the block "
                               "once per candidate")
+    keep_full_precision: bool = Field(False, description="also offer every layer the option of staying in full "
+                                      "precision (costs nothing, counts its stored bytes)")
+    family_per_block: bool = Field(False, description="one format family (int, mx, nvfp4, ternary, dense) per "
+                                   "decoder block, as some serving engines need")
     requantize: bool = Field(True, description="quantize again block by block with the chosen schemes (inputs "
                              "from the quantized earlier blocks); false reuses the codes the sensitivity pass "
                              "made on full-precision inputs (faster, worse at 3 bits and below)")

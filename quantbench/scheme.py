@@ -107,6 +107,13 @@ class Scheme(BaseModel):
         return self
 
     @property
+    def family(self) -> str:
+        """The kind of kernel that serves it: `int` (integer grids), `mx` (OCP MX), `nvfp4`, `ternary`."""
+        if self.format.startswith("mx"):
+            return "mx"
+        return self.format
+
+    @property
     def is_block_format(self) -> bool:
         return self.format in BLOCK_FORMATS
 

@@ -111,3 +111,39 @@ def test_recipe_checks_of_the_allocation_section(tmp_path, model_dir, text_file)
             parse_recipe({**base, "allocation": {**ALLOCATION, **bad}})
     with pytest.raises(Exception, match="keep one"):
         parse_recipe({**base, "allocation": ALLOCATION, "quantize": {"from_allocation": "a.yaml"}})
+
+
+def test_a_run_with_keep_gradients_in_context_rounds_and_a_measured_latency_table(tmp_path, model_dir, text_file):
+    """The whole search through `run`: output-Fisher costs (one backward pass), the option of keeping layers
+    in full precision under a byte budget, a latency table read from a file, a family per block, two
+    in-context rounds; the run records the rounds, kept layers stay dense in the checkpoint."""
+    latency = tmp_path / "latency.json"
+    latency.write_text(json.dumps({"device": "test", "table": {"^keep$": 2.0, "int8": 1.0, ".": 0.5}}))
+    numel = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 160 * 64)  # the tiny model's decoder linears (2 blocks)
+    budget = numel * 21 // 8  # room to keep one block in float32 (32 bits) and the other at 8 bits
+    recipe = write_recipe(tmp_path, model_dir, text_file, {
+        "metric": "output_fisher", "keep_full_precision": True, "family_per_block": True, "budget": None,
+        "budget_bytes": budget, "latency": {"table_file": str(latency), "budget_us": 1.0}, "rounds": 2})
+    result = invoke("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    allocation = saved["allocation"]
+    assert allocation["bytes"] <= budget and allocation["latency_us"] <= 1.0
+    assert [r["round"] for r in allocation["rounds"]][:2] == [0, 1]
+    kept = [name for name, scheme in allocation["layers"].items() if scheme == "keep"]
+    assert len(kept) == 7  # one whole block: a family per block
+    stored = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())["quantization_config"]["layers"]
+    assert set(stored) == set(allocation["layers"]) - set(kept)
+    for block in range(2):
+        schemes = [s for n, s in allocation["layers"].items() if f"layers.{block}." in n]
+        families = {"dense" if s == "keep" else "mx" if s.startswith("mx") else "int" for s in schemes}
+        assert len(families) == 1
+    assert "gradients" in saved["quantize_breakdown_s"] and "in_context" in saved["quantize_breakdown_s"]
+
+
+def test_latency_table_file_problems_are_one_line(tmp_path, model_dir, text_file):
+    (tmp_path / "latency.json").write_text("{}")
+    recipe = write_recipe(tmp_path, model_dir, text_file, {"latency": {"table_file": str(tmp_path / "latency.json"),
+                                                                       "budget_us": 1.0}})
+    result = invoke("allocate", recipe, "--budget", "3", "--quiet")
+    assert result.exit_code == 2 and "not a latency table" in result.output

@@ -183,3 +183,56 @@ def test_ilp_reaches_the_optimum_of_a_real_instance(budget):
     problem = Problem(items, max_bits=float(budget) * data["numel"])
     problem.items[0].numel = data["numel"]  # numel only normalises the bits constraint
     assert solve_ilp(problem).objective == pytest.approx(data["optima"][budget], rel=1e-9)
+
+
+def family_problem(seed: int, blocks: int = 3, per_block: int = 2, latency: bool = False) -> Problem:
+    """Items in blocks, each with integer and MX options (and MX costlier at a size, cheaper at another)."""
+    rng = random.Random(seed)
+    items = []
+    for b in range(blocks):
+        for i in range(per_block):
+            numel = rng.choice([64, 128])
+            opts = []
+            for family, sizes in (("int", (2.3, 3.3, 4.3)), ("mx", (4.25, 6.25))):
+                for bpw in sizes:
+                    cost = 10 ** rng.uniform(-1, 1) * 4.0 ** -bpw * (0.6 if family == "mx" else 1.0)
+                    opts.append(Option(f"{family}{bpw}", cost, int(bpw * numel),
+                                       latency=numel * bpw * (0.5 if family == "mx" else 1.0) / 1e3, family=family))
+            items.append(Item(f"b{b}.l{i}", [f"b{b}.l{i}"], numel, opts, block=f"b{b}"))
+    total = sum(item.numel for item in items)
+    fastest = sum(min(o.latency for o in item.options) for item in items)
+    return Problem(items, rng.uniform(3.0, 5.0) * total, max_latency=1.4 * fastest if latency else None,
+                   family_per_block=True)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_family_per_block_is_optimal_against_brute_force(seed):
+    problem = family_problem(seed, latency=seed % 2 == 1)
+    ilp, exhaustive = solve_ilp(problem), solve_brute_force(problem)
+    assert ilp.objective == pytest.approx(exhaustive.objective, rel=1e-6)
+    choice = [next(o for o, opt in enumerate(item.options) if opt.scheme == ilp.schemes[item.name])
+              for item in problem.items]
+    assert problem.feasible(choice) and problem.families_agree(choice)
+    greedy = solve_greedy(problem)  # one family for the whole model: feasible, never better
+    assert greedy.objective >= ilp.objective * (1 - 1e-9)
+    with pytest.raises(QuantbenchError, match="bit budget only"):
+        solve_knapsack_dp(problem)
+
+
+def test_dominated_options_of_another_family_are_kept_under_a_family_per_block():
+    """An MX option beaten by an integer one must stay: a block held to MX needs it."""
+    item = Item("b0.l", ["b0.l"], 64, [Option("int4", 1.0, 256, family="int"), Option("mx4", 2.0, 272, family="mx")],
+                block="b0")
+    other = Item("b0.m", ["b0.m"], 64, [Option("int4", 5.0, 256, family="int"), Option("mx4", 0.1, 272, family="mx")],
+                 block="b0")
+    problem = Problem([item, other], 600, family_per_block=True)
+    assert solve_ilp(problem).schemes == {"b0.l": "mx4", "b0.m": "mx4"}
+    assert solve_ilp(Problem([item, other], 600)).schemes == {"b0.l": "int4", "b0.m": "mx4"}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_honours_the_latency_budget(seed):
+    problem = random_problem(items=40, options=5, seed=seed, latency=True)
+    greedy = solve_greedy(problem)
+    assert greedy.latency <= problem.max_latency + 1e-9 and greedy.bits <= problem.max_bits
+    assert greedy.objective >= solve_ilp(problem).objective * (1 - 1e-9)

@@ -111,8 +111,7 @@ def _solve(problem: Problem, costs: list[list[float]], max_bits: float | None, m
            time_limit: float, gap: float) -> tuple[str, list[int] | None]:
     """CBC on the options that are not dominated (another option of the item no larger, no slower and
     no costlier, and better in one of them; dropping those cannot change the optimum)."""
-    kept = [undominated([(o.bits, o.latency, c) for o, c in zip(item.options, row)])
-            for item, row in zip(problem.items, costs)]
+    kept = [_undominated_options(item, row, problem.family_per_block) for item, row in zip(problem.items, costs)]
     magnitudes = sorted(abs(c) for row in costs for c in row if c)
     scale = magnitudes[len(magnitudes) // 2] if magnitudes else 1.0
     numel = problem.numel
@@ -127,6 +126,17 @@ def _solve(problem: Problem, costs: list[list[float]], max_bits: float | None, m
     if max_latency is not None:
         model += pulp.lpSum(problem.items[i].options[o].latency / max_latency * v
                             for i, row in enumerate(x) for o, v in row.items()) <= 1.0
+    if problem.family_per_block:  # y[b, f]: block b serves family f; an option may be taken only in its family
+        blocks = sorted({item.block for item in problem.items})
+        families = sorted({o.family for item in problem.items for o in item.options})
+        y = {(b, f): model.add_variable(f"y_{bi}_{fi}", 0, 1, cat=pulp.LpBinary)
+             for bi, b in enumerate(blocks) for fi, f in enumerate(families)}
+        for b in blocks:
+            model += pulp.lpSum(y[(b, f)] for f in families) == 1
+        for i, row in enumerate(x):
+            item = problem.items[i]
+            for o, v in row.items():
+                model += v <= y[(item.block, item.options[o].family)]
     with warnings.catch_warnings():  # PuLP 3.3 announces that 4.0 moves CBC to an extra; it is bundled here
         warnings.simplefilter("ignore", DeprecationWarning)
         model.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap))
@@ -137,6 +147,20 @@ def _solve(problem: Problem, costs: list[list[float]], max_bits: float | None, m
     if status == "Optimal" and model.sol_status != pulp.LpSolutionOptimal:
         status = "Feasible (time limit)"
     return status, choice
+
+
+def _undominated_options(item, costs: list[float], per_family: bool) -> list[int]:
+    """An item's options that no other is as small, as fast and as cheap as (and better in one): dropping
+    the others cannot change the optimum. Under a family per block, an option only competes within its
+    family, since the block may be held to it."""
+    groups: dict[str, list[int]] = {}
+    for o, option in enumerate(item.options):
+        groups.setdefault(option.family if per_family else "", []).append(o)
+    kept = []
+    for members in groups.values():
+        keys = [(item.options[o].bits, item.options[o].latency, costs[o]) for o in members]
+        kept += [members[k] for k in undominated(keys)]
+    return sorted(kept)
 
 
 def undominated(keys: list[tuple]) -> list[int]:

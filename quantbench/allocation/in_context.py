@@ -25,9 +25,16 @@ from quantbench.allocation.problem import tie_groups
 from quantbench.allocation.sensitivity import CandidateCache, CandidatesFor, SensitivityStage
 from quantbench.allocation.table import SensitivityTable
 from quantbench.pipeline import QuantizeStage, StageTimer, drive_blocks, restore_linears, snapshot_linears
+from quantbench.recipe import KEEP
 from quantbench.scheme import Scheme
 
 log = logging.getLogger(__name__)
+
+
+def scheme_lookup(schemes: dict[str, str]) -> Callable[[str], Scheme | None]:
+    """Layer → the Scheme an allocation gives it; None for layers it keeps (or does not name)."""
+    parsed = {layer: Scheme.parse(name) for layer, name in schemes.items() if name != KEEP}
+    return parsed.get
 
 
 @dataclass
@@ -86,10 +93,9 @@ def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for:
         restore_linears(model, snapshot)
         wanted = (frontier_candidates(table, metric, ties) if remeasure == "frontier"
                   else {layer: table.schemes_of(layer) for layer in layers})
-        lookup = {name: Scheme.parse(scheme) for name, scheme in allocation.schemes.items()}
-        measure = SensitivityStage(lambda name: [Scheme.parse(s) for s in wanted.get(name, [])], cache, gradients,
-                                   block_tokens)
-        quantize = QuantizeStage(lookup.get, true_sequential, hessian)
+        measure = SensitivityStage(lambda name: [Scheme.parse(s) for s in wanted.get(name, []) if s != KEEP], cache,
+                                   gradients, block_tokens)
+        quantize = QuantizeStage(scheme_lookup(allocation.schemes), true_sequential, hessian)
         drive_blocks(model, input_ids, device, [measure, quantize], batch_size, progress, timer,
                      desc=f"in context, round {index}")
         table = table.updated(measure.layers, measure.errors, round=index)
@@ -107,7 +113,6 @@ def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for:
         seen.append(new.schemes)
         allocation = new
     restore_linears(model, snapshot)
-    lookup = {name: Scheme.parse(scheme) for name, scheme in allocation.schemes.items()}
-    final = QuantizeStage(lookup.get, true_sequential, hessian)
+    final = QuantizeStage(scheme_lookup(allocation.schemes), true_sequential, hessian)
     drive_blocks(model, input_ids, device, [final], batch_size, progress, timer, desc="quantize blocks")
     return InContextSearch(table, allocation, final.results, rounds, converged=False)

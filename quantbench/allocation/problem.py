@@ -9,8 +9,12 @@ from dataclasses import dataclass, field
 
 from quantbench.allocation.table import SensitivityTable
 from quantbench.errors import QuantbenchError
+from quantbench.recipe import KEEP
+from quantbench.scheme import Scheme
 
 DEFAULT_TIES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,7 @@ class Option:
     cost: float
     bits: int  # storage of all the item's layers, scales included
     latency: float = 0.0
+    family: str = ""  # the kind of kernel that serves it (Scheme.family; "dense" for kept layers)
 
 
 @dataclass
@@ -27,6 +32,7 @@ class Item:
     layers: list[str]
     numel: int
     options: list[Option]
+    block: str = ""  # the decoder block its layers belong to
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class Problem:
     max_latency: float | None = None
     metric: str = ""
     budget: dict = field(default_factory=dict)  # as the user gave it
+    family_per_block: bool = False  # every item of a block takes options of one family
 
     @property
     def numel(self) -> int:
@@ -66,7 +73,15 @@ class Problem:
 
     def feasible(self, choice: list[int]) -> bool:
         _, bits, latency = self.evaluate(choice)
-        return bits <= self.max_bits * (1 + 1e-6) and (self.max_latency is None or latency <= self.max_latency + 1e-9)
+        return (bits <= self.max_bits * (1 + 1e-6) and (self.max_latency is None or latency <= self.max_latency + 1e-9)
+                and (not self.family_per_block or self.families_agree(choice)))
+
+    def families_agree(self, choice: list[int]) -> bool:
+        """Whether every block's items take options of one family."""
+        families: dict[str, set[str]] = {}
+        for item, c in zip(self.items, choice):
+            families.setdefault(item.block, set()).add(item.options[c].family)
+        return all(len(f) == 1 for f in families.values())
 
     def smallest_bits(self) -> int:
         return sum(min(o.bits for o in item.options) for item in self.items)
@@ -83,6 +98,23 @@ def tie_groups(layers: list[str], ties=DEFAULT_TIES) -> list[list[str]]:
     return list(groups.values())
 
 
+def block_of(name: str) -> str:
+    """The decoder block a layer belongs to: its name up to the first numeric component."""
+    parts = name.split(".")
+    digits = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[:digits[0] + 1]) if digits else name
+
+
+def family_of(scheme: str) -> str:
+    """A candidate's format family; a name that is not a scheme (tables built by hand) is its own family."""
+    if scheme == KEEP:
+        return "dense"
+    try:
+        return Scheme.parse(scheme).family
+    except QuantbenchError:
+        return scheme
+
+
 def latency_per_weight(scheme: str, table: dict[str, float]) -> float:
     """µs per million weights of a scheme: the first table key (a regex) found in the scheme name."""
     for pattern, value in table.items():
@@ -94,9 +126,11 @@ def latency_per_weight(scheme: str, table: dict[str, float]) -> float:
 
 def build_problem(table: SensitivityTable, metric: str, budget_bits: float | None = None,
                   budget_bytes: float | None = None, ties=DEFAULT_TIES, rules: list[Rule] = (),
-                  latency_table: dict[str, float] | None = None, max_latency: float | None = None) -> Problem:
+                  latency_table: dict[str, float] | None = None, max_latency: float | None = None,
+                  family_per_block: bool = False) -> Problem:
     """Items from the table (tied layers merged: costs, bits and latencies add up), options filtered by the
-    rules; the budget as average bits per weight over the allocated layers or as total bytes."""
+    rules; the budget as average bits per weight over the allocated layers or as total bytes (kept layers
+    counted as stored); `family_per_block` asks one format family per decoder block."""
     if (budget_bits is None) == (budget_bytes is None):
         raise QuantbenchError("give the budget either as average bits per weight or as bytes, not both")
     items = []
@@ -110,14 +144,17 @@ def build_problem(table: SensitivityTable, metric: str, budget_bits: float | Non
                        for rule in rules for layer in layers):
                 continue
             latency = latency_per_weight(scheme, latency_table) * numel / 1e6 if latency_table else 0.0
-            options.append(Option(scheme, sum(table.cost(layer, scheme, metric) for layer in layers), bits, latency))
+            options.append(Option(scheme, sum(table.cost(layer, scheme, metric) for layer in layers), bits, latency,
+                                  family_of(scheme)))
         if not options:
             raise QuantbenchError(f"no candidate is allowed for {', '.join(layers)}: the allocation rules exclude "
                                   f"every one of {', '.join(shared) or 'the candidates'}; relax the rules")
-        items.append(Item("+".join(layers), layers, numel, options))
+        items.append(Item("+".join(layers), layers, numel, options, block_of(layers[0])))
     total = sum(item.numel for item in items)
     max_bits = budget_bits * total if budget_bits is not None else budget_bytes * 8
     budget = {"bits_per_weight": budget_bits} if budget_bits is not None else {"bytes": budget_bytes}
     if max_latency is not None:
         budget["latency_us"] = max_latency
-    return Problem(items, max_bits, max_latency, metric, budget)
+    if family_per_block:
+        budget["family_per_block"] = True
+    return Problem(items, max_bits, max_latency, metric, budget, family_per_block)

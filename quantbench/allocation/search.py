@@ -63,6 +63,8 @@ def measure_sensitivity(model: nn.Module, input_ids: torch.Tensor, recipe: Recip
                               kl_samples=section.kl_samples, batch_size=recipe.calibration.batch_size,
                               progress=progress, cache=cache, gradients=gradients,
                               block_tokens=section.block_tokens if "block_output" in section.measures else 0)
+    if section.keep_full_precision:
+        table = table.with_keep({name: next(model.parameters()).element_size() * 8 for name in table.layers})
     table.meta = {**table.meta, "model": recipe.model.name, "recipe_hash": recipe.hash(),
                   "calibration": recipe.calibration.model_dump(), "measured": sorted(section.measures)}
     return table
@@ -82,7 +84,8 @@ def problem_for(table: SensitivityTable, section: AllocationSection, budget: flo
                   r.max_bits) for r in section.rules]
     latency = section.latency
     return build_problem(table, metric or section.metric, budget, budget_bytes, [tuple(t) for t in section.ties],
-                         rules, latency.table if latency else None, latency.budget_us if latency else None)
+                         rules, latency.resolved_table() if latency else None, latency.budget_us if latency else None,
+                         section.family_per_block)
 
 
 def solve(problem: Problem, section: AllocationSection, solver: str | None = None) -> Allocation:

@@ -24,10 +24,12 @@ from tqdm.auto import tqdm
 from quantbench.activations import input_rotation_of
 from quantbench.allocation.gradients import GradientStats, LayerGradients
 from quantbench.allocation.hessian_probes import LossHessian, hutchinson_traces, power_iteration
+from quantbench.allocation.problem import block_of
 from quantbench.allocation.table import CandidateError, LayerSensitivity, SensitivityTable
 from quantbench.calibration.stats import LayerStats, collect_stats
 from quantbench.fsutil import save_tensors
 from quantbench.pipeline import BlockContext, apply_quantized, drive_blocks, feed_block
+from quantbench.recipe import KEEP
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
 from quantbench.quantizers import quantize_weight
 from quantbench.quantizers.fwht import RandomHadamard
@@ -276,14 +278,8 @@ def _probe_groups(names: list[str], scope: str) -> list[list[int]]:
         return [list(range(len(names)))]
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):
-        groups.setdefault(_block_of(name), []).append(i)
+        groups.setdefault(block_of(name), []).append(i)
     return list(groups.values())
-
-
-def _block_of(name: str) -> str:
-    parts = name.split(".")
-    digits = [i for i, part in enumerate(parts) if part.isdigit()]
-    return ".".join(parts[:digits[0] + 1]) if digits else name
 
 
 @torch.no_grad()
@@ -328,6 +324,8 @@ def apply_allocation(model: nn.Module, schemes: dict[str, str], cache: Candidate
     returns the QuantizedWeights that export packs."""
     quantized = {}
     for layer, scheme in schemes.items():
+        if scheme == KEEP:
+            continue
         linear = model.get_submodule(layer)
         weight = cache.get(layer, scheme)
         apply_quantized(linear, weight.to(linear.weight.device), cache.rotation(layer, scheme))
@@ -342,6 +340,8 @@ def allocated_weights(model: nn.Module, schemes: dict[str, str], cache: Candidat
     originals = {}
     try:
         for layer, scheme in schemes.items():
+            if scheme == KEEP:
+                continue
             linear = model.get_submodule(layer)
             originals[layer] = linear.weight.data
             linear.weight.data = cache.effective_weight(layer, scheme, originals[layer].dtype, originals[layer].device)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from quantbench.errors import QuantbenchError
+from quantbench.recipe import KEEP
 
 # metric → what it needs measured; Ω = s_l · ‖Q(W) − W‖² (HAWQ style) unless said otherwise
 METRICS = {
@@ -81,6 +82,14 @@ class SensitivityTable:
         counts the pairs each round measured."""
         meta = {**self.meta, "rounds": {**self.meta.get("rounds", {}), str(round): len(errors)}}
         return SensitivityTable({**self.layers, **layers}, {**self.errors, **errors}, self.candidates, meta)
+
+    def with_keep(self, stored_bits: dict[str, int]) -> "SensitivityTable":
+        """This table with the option of keeping each layer in full precision: no error, and the bits it is
+        stored with per weight (`stored_bits[layer]`)."""
+        kept = {(layer, KEEP): CandidateError(layer, KEEP, self.layers[layer].numel * bits, 0.0, 0.0, kl=0.0,
+                                               first_order=0.0, fisher=0.0, output_fisher=0.0, block_output=0.0)
+                for layer, bits in stored_bits.items()}
+        return SensitivityTable(self.layers, {**self.errors, **kept}, [*self.candidates, KEEP], self.meta)
 
     def schemes_of(self, layer: str) -> list[str]:
         return [c for c in self.candidates if (layer, c) in self.errors]

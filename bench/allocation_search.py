@@ -1,0 +1,224 @@
+"""Does the searched mix beat every uniform scheme of equal size? One run, on one model:
+
+  1. full-precision perplexity on three sets: WikiText-2's first and last windows, and held-out C4
+     (documents the calibration never drew from; bench/allocation_data.py makes the ids);
+  2. every candidate as a uniform scheme through the pipeline (GPTQ in context, as `run` quantizes);
+  3. gradients and round 0 of the sensitivity (every candidate on full-precision inputs);
+  4. per budget: the ILP with the in-context rounds (the searched mix), the ILP on round-0 costs, greedy and
+     the knapsack DP on the final costs, each quantized through the pipeline and scored;
+  5. the Spearman correlation of every measure with measured Δppl, for single-layer changes and for whole
+     random allocations around the budgets (applied from the cached codes: same codes for every measure).
+
+    python bench/allocation_data.py --out .gpu/ids
+    python bench/allocation_search.py --model .assets/models/smollm2-135m-dithered --ids .gpu/ids \
+        --device cuda --out runs/bench-allocation-search
+
+Writes allocation_search.json (every figure) and prints a line per result as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from quantbench.allocation.baselines import solve_greedy, solve_knapsack_dp, solve_random
+from quantbench.allocation.gradients import gradient_stats
+from quantbench.allocation.ilp import solve_ilp
+from quantbench.allocation.in_context import search_in_context
+from quantbench.allocation.problem import DEFAULT_TIES, build_problem
+from quantbench.allocation.sensitivity import CandidateCache, allocated_weights, sensitivity_table
+from quantbench.allocation.table import GRADIENT_METRICS
+from quantbench.eval.perplexity import perplexity_of_ids
+from quantbench.model_io import load_model, model_linears, resolve_device
+from quantbench.pipeline import StageTimer, quantize_model
+from quantbench.results import environment
+from quantbench.scheme import Scheme
+
+CANDIDATES = ["int2-g64-gptq", "hadamard+int2-g64-gptq", "hadamard+int2-g32-gptq", "int3-g128-gptq",
+              "hadamard+int3-g128-gptq", "hadamard+int3-g64-gptq", "hadamard+int3-g32-gptq", "int4-g128-gptq",
+              "hadamard+int4-g128-gptq", "hadamard+int4-g64-gptq", "mxfp4-gptq", "nvfp4-gptq",
+              "hadamard+int5-g128-gptq", "int8-pc-rtn"]
+LOCAL_METRICS = ["output_error", "xtx_trace"]
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Rank correlation (ties get their mean rank)."""
+    def ranks(values: list[float]) -> torch.Tensor:
+        v = torch.tensor(values, dtype=torch.float64)
+        return (v[:, None] > v[None, :]).sum(1) + ((v[:, None] == v[None, :]).sum(1) - 1) / 2
+
+    a, b = ranks(xs).double(), ranks(ys).double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def eval_sets(ids_dir: Path, windows: int, seqlen: int) -> dict[str, torch.Tensor]:
+    wiki = load_file(str(ids_dir / "wikitext2.safetensors"))["input_ids"]
+    c4 = load_file(str(ids_dir / "c4_heldout.safetensors"))["input_ids"]
+    span = windows * seqlen
+    return {"wikitext2_first": wiki[:span], "wikitext2_last": wiki[len(wiki) // seqlen * seqlen - span:len(wiki) // seqlen * seqlen],
+            "c4_heldout": c4[:min(span, len(c4) // seqlen * seqlen)]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=".assets/models/smollm2-135m-dithered")
+    parser.add_argument("--ids", required=True, help="folder written by bench/allocation_data.py")
+    parser.add_argument("--candidates", nargs="+", default=CANDIDATES)
+    parser.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.25, 3.5, 4.0, 4.25])
+    parser.add_argument("--metrics", nargs="+", default=["output_fisher"],
+                        help="measures the searched mixes minimise (each is searched at every budget)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--baselines", nargs="*", default=["round0", "greedy", "knapsack_dp"])
+    parser.add_argument("--gradient-samples", type=int, default=32)
+    parser.add_argument("--block-tokens", type=int, default=16384, help="0: no block_output measure")
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--random-allocations", type=int, default=24)
+    parser.add_argument("--single-layer", type=int, default=40)
+    parser.add_argument("--uniform", nargs="*", help="uniform schemes to run (default: every candidate)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="runs/bench-allocation-search")
+    args = parser.parse_args()
+    from quantbench.quiet import quiet_libraries
+
+    quiet_libraries()
+    torch.set_grad_enabled(False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    calibration = load_file(str(Path(args.ids) / "calibration.safetensors"))["input_ids"]
+    sets = eval_sets(Path(args.ids), args.windows, args.seqlen)
+    pristine, _ = load_model(args.model, torch.float32)
+    pristine.to(device)
+    candidates = [Scheme.parse(name) for name in args.candidates]
+    layers = list(model_linears(pristine))
+    report: dict = {"model": args.model, "device": environment(device)["device_name"],
+                    "torch": torch.__version__, "calibration": list(calibration.shape), "windows": args.windows,
+                    "eval_tokens": {k: v.numel() for k, v in sets.items()}, "candidates": args.candidates,
+                    "date": time.strftime("%Y-%m-%d")}
+
+    def save() -> None:
+        (out / "allocation_search.json").write_text(json.dumps(report, indent=1) + "\n")
+
+    def show(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+
+    def perplexities(model) -> dict[str, float]:
+        return {name: round(perplexity_of_ids(model, ids, args.seqlen, batch_size=4).ppl, 3)
+                for name, ids in sets.items()}
+
+    def through_pipeline(schemes: dict[str, str]) -> tuple[dict, float, float]:
+        model = copy.deepcopy(pristine)
+        parsed = {layer: Scheme.parse(name) for layer, name in schemes.items()}
+        started = time.perf_counter()
+        quantized = quantize_model(model, calibration, parsed.get, device, progress=False)
+        seconds = time.perf_counter() - started
+        bits = sum(q.storage_bits for q in quantized.values()) / sum(q.numel for q in quantized.values())
+        result = perplexities(model)
+        del model
+        return result, bits, seconds
+
+    report["full_precision"] = perplexities(pristine)
+    show({"full_precision": report["full_precision"]})
+
+    report["uniform"] = []
+    for name in args.uniform if args.uniform is not None else args.candidates:
+        ppl, bits, seconds = through_pipeline({layer: name for layer in layers})
+        report["uniform"].append({"scheme": name, "bits_per_weight": round(bits, 4), "ppl": ppl,
+                                  "quantize_seconds": round(seconds, 2)})
+        show(report["uniform"][-1])
+        save()
+
+    timer = StageTimer(device)
+    started = time.perf_counter()
+    gradients = gradient_stats(pristine, calibration[:args.gradient_samples], layers, device, progress=False)
+    seconds = {"gradients": round(time.perf_counter() - started, 2)}
+    cache = CandidateCache()
+    started = time.perf_counter()
+    table0 = sensitivity_table(pristine, calibration, lambda name: candidates, device, progress=False, cache=cache,
+                               gradients=gradients, block_tokens=args.block_tokens)
+    seconds["round0"] = round(time.perf_counter() - started, 2)
+    report["search_seconds"] = seconds
+    show({"seconds": seconds})
+    table0.save(out / "round0")
+    save()
+
+    def allocate(metric: str, budget: float, solver=solve_ilp):
+        return lambda table: solver(build_problem(table, metric, budget_bits=budget))
+
+    report["searched"] = []
+    for budget in args.budgets:
+        for metric in args.metrics:
+            model = copy.deepcopy(pristine)
+            started = time.perf_counter()
+            found = search_in_context(model, calibration, lambda name: candidates, device, allocate(metric, budget),
+                                      table0, metric, DEFAULT_TIES, max_rounds=args.rounds, gradients=gradients,
+                                      block_tokens=args.block_tokens, cache=CandidateCache(), progress=False,
+                                      timer=timer)
+            row = {"budget": budget, "metric": metric, "solver": "ilp, in context",
+                   "bits_per_weight": round(found.allocation.bits_per_weight, 4), "ppl": perplexities(model),
+                   "rounds": [r.record() for r in found.rounds], "converged": found.converged,
+                   "search_seconds": round(time.perf_counter() - started, 2),
+                   "schemes": found.allocation.scheme_counts()}
+            del model
+            report["searched"].append(row)
+            show(row)
+            final = found.table
+            runs = {"round0": ("ilp, round 0 costs", allocate(metric, budget)(table0)),
+                    "greedy": ("greedy, final costs", allocate(metric, budget, solve_greedy)(final)),
+                    "knapsack_dp": ("knapsack DP, final costs", allocate(metric, budget, solve_knapsack_dp)(final))}
+            for key in args.baselines:
+                label, allocation = runs[key]
+                ppl, bits, _ = through_pipeline(allocation.schemes)
+                report["searched"].append({"budget": budget, "metric": metric, "solver": label,
+                                           "bits_per_weight": round(bits, 4), "ppl": ppl,
+                                           "objective": allocation.objective,
+                                           "schemes": allocation.scheme_counts()})
+                show(report["searched"][-1])
+            save()
+
+    correlations(args, report, table0, cache, pristine, sets, layers, show)
+    save()
+    print(f"wrote {out / 'allocation_search.json'}")
+
+
+def correlations(args, report, table, cache, model, sets, layers, show) -> None:
+    """Spearman of each measure's predicted cost with the measured Δppl (first eval set), the codes applied
+    from the round-0 cache so every measure is judged on the same allocations."""
+    metrics = [m for m in [*LOCAL_METRICS, *GRADIENT_METRICS, "kfac"] if m in table.available_metrics()]
+    name, ids = next(iter(sets.items()))
+    base = report["full_precision"][name]
+
+    def delta(schemes: dict[str, str]) -> float:
+        with allocated_weights(model, schemes, cache):
+            return perplexity_of_ids(model, ids, args.seqlen, batch_size=4).ppl - base
+
+    rng = random.Random(0)
+    singles = []
+    for _ in range(args.single_layer):
+        layer, scheme = rng.choice(layers), rng.choice(table.candidates[:7])
+        singles.append({"layer": layer, "scheme": scheme, "delta_ppl": delta({layer: scheme}),
+                        **{m: table.cost(layer, scheme, m) for m in metrics}})
+    wholes = []
+    for index in range(args.random_allocations):
+        budget = args.budgets[index % len(args.budgets)]
+        allocation = solve_random(build_problem(table, metrics[0], budget_bits=budget), seed=index)
+        wholes.append({"budget": budget, "delta_ppl": delta(allocation.schemes),
+                       **{m: sum(table.cost(layer, s, m) for layer, s in allocation.schemes.items()) for m in metrics}})
+    report["spearman"] = {
+        kind: {m: round(spearman([r[m] for r in rows], [r["delta_ppl"] for r in rows]), 3) for m in metrics}
+        for kind, rows in (("single_layer", singles), ("whole_allocation", wholes))}
+    report["single_layer"], report["whole_allocations"] = singles, wholes
+    show({"spearman": report["spearman"]})
+
+
+if __name__ == "__main__":
+    main()
