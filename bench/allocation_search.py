@@ -9,9 +9,12 @@
   5. the Spearman correlation of every measure with measured Δppl, for single-layer changes and for whole
      random allocations around the budgets (applied from the cached codes: same codes for every measure).
 
-    python bench/allocation_data.py --out .gpu/ids
-    python bench/allocation_search.py --model .assets/models/smollm2-135m-dithered --ids .gpu/ids \
-        --device cuda --out runs/bench-allocation-search
+    python bench/allocation_data.py --out .gpu/ids --seeds 0 1 2
+    for seed in 0 1 2; do
+      python bench/allocation_search.py --model .assets/models/smollm2-135m-dithered --ids .gpu/ids \
+          --seed $seed --device cuda --out runs/bench-allocation-search/seed$seed
+    done
+    python bench/allocation_summary.py runs/bench-allocation-search/seed*
 
 Writes allocation_search.json (every figure) and prints a line per result as it goes.
 """
@@ -29,22 +32,25 @@ import torch
 from safetensors.torch import load_file
 
 from quantbench.allocation.baselines import solve_greedy, solve_knapsack_dp, solve_random
-from quantbench.allocation.gradients import gradient_stats
+from quantbench.allocation.gradients import GradientStats, gradient_stats
 from quantbench.allocation.ilp import solve_ilp
-from quantbench.allocation.in_context import search_in_context
+from quantbench.allocation.in_context import scheme_lookup, search_in_context
 from quantbench.allocation.problem import DEFAULT_TIES, build_problem
 from quantbench.allocation.sensitivity import CandidateCache, allocated_weights, sensitivity_table
-from quantbench.allocation.table import GRADIENT_METRICS
+from quantbench.allocation.table import GRADIENT_METRICS, SensitivityTable
 from quantbench.eval.perplexity import perplexity_of_ids
 from quantbench.model_io import load_model, model_linears, resolve_device
 from quantbench.pipeline import StageTimer, quantize_model
 from quantbench.results import environment
 from quantbench.scheme import Scheme
 
-CANDIDATES = ["int2-g64-gptq", "hadamard+int2-g64-gptq", "hadamard+int2-g32-gptq", "int3-g128-gptq",
-              "hadamard+int3-g128-gptq", "hadamard+int3-g64-gptq", "hadamard+int3-g32-gptq", "int4-g128-gptq",
-              "hadamard+int4-g128-gptq", "hadamard+int4-g64-gptq", "mxfp4-gptq", "nvfp4-gptq",
-              "hadamard+int5-g128-gptq", "int8-pc-rtn"]
+CANDIDATES = ["hadamard+int2-pc-gptq", "hadamard+int2-g128-gptq", "int2-g64-gptq", "hadamard+int2-g64-gptq",
+              "hadamard+int2-g32-gptq", "hadamard+int3-pc-gptq", "int3-g128-gptq", "hadamard+int3-g128-gptq",
+              "hadamard+int3-g128-gptq-act-static", "hadamard+int3-g64-gptq", "hadamard+int3-g32-gptq",
+              "ternary2-g128-ptqtp", "hadamard+int4-pc-gptq", "int4-g128-gptq", "hadamard+int4-g128-gptq",
+              "hadamard+int4-g64-gptq", "mxfp4-gptq", "nvfp4-gptq", "hadamard+int5-g128-gptq", "mxfp6e2m3-rtn",
+              "int8-pc-rtn"]
+KEEP_BITS = 16  # a layer kept in full precision is stored in bf16/fp16
 LOCAL_METRICS = ["output_error", "xtx_trace"]
 
 
@@ -71,9 +77,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=".assets/models/smollm2-135m-dithered")
     parser.add_argument("--ids", required=True, help="folder written by bench/allocation_data.py")
+    parser.add_argument("--seed", type=int, default=0, help="which calibration draw (calibration_seed{k})")
+    parser.add_argument("--no-keep", action="store_true", help="do not offer keeping a layer in 16 bits")
+    parser.add_argument("--no-correlations", action="store_true", help="skip the Spearman measurements")
     parser.add_argument("--candidates", nargs="+", default=CANDIDATES)
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.25, 3.5, 4.0, 4.25])
-    parser.add_argument("--metrics", nargs="+", default=["output_fisher"],
+    parser.add_argument("--metrics", nargs="*", default=["output_fisher"],
                         help="measures the searched mixes minimise (each is searched at every budget)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--baselines", nargs="*", default=["round0", "greedy", "knapsack_dp"])
@@ -84,6 +93,10 @@ def main() -> None:
     parser.add_argument("--random-allocations", type=int, default=24)
     parser.add_argument("--single-layer", type=int, default=40)
     parser.add_argument("--uniform", nargs="*", help="uniform schemes to run (default: every candidate)")
+    parser.add_argument("--stage", choices=("all", "prepare", "search"), default="all",
+                        help="prepare: uniform runs, gradients, round 0, correlations (kept in --work); "
+                             "search: the searches at --budgets from what prepare kept")
+    parser.add_argument("--work", help="folder for what the stages share (default --out)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="runs/bench-allocation-search")
     args = parser.parse_args()
@@ -93,20 +106,26 @@ def main() -> None:
     torch.set_grad_enabled(False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or out)
+    work.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    calibration = load_file(str(Path(args.ids) / "calibration.safetensors"))["input_ids"]
+    calibration = load_file(str(Path(args.ids) / f"calibration_seed{args.seed}.safetensors"))["input_ids"]
     sets = eval_sets(Path(args.ids), args.windows, args.seqlen)
     pristine, _ = load_model(args.model, torch.float32)
     pristine.to(device)
     candidates = [Scheme.parse(name) for name in args.candidates]
     layers = list(model_linears(pristine))
-    report: dict = {"model": args.model, "device": environment(device)["device_name"],
-                    "torch": torch.__version__, "calibration": list(calibration.shape), "windows": args.windows,
-                    "eval_tokens": {k: v.numel() for k, v in sets.items()}, "candidates": args.candidates,
-                    "date": time.strftime("%Y-%m-%d")}
+    report_path = work / "allocation_search.json"
+    report: dict = json.loads(report_path.read_text()) if args.stage == "search" and report_path.is_file() else {
+        "model": args.model, "device": environment(device)["device_name"], "torch": torch.__version__,
+        "calibration": list(calibration.shape), "seed": args.seed, "windows": args.windows,
+        "eval_tokens": {k: v.numel() for k, v in sets.items()}, "candidates": args.candidates,
+        "date": time.strftime("%Y-%m-%d")}
 
     def save() -> None:
-        (out / "allocation_search.json").write_text(json.dumps(report, indent=1) + "\n")
+        text = json.dumps(report, indent=1) + "\n"
+        report_path.write_text(text)
+        (out / "allocation_search.json").write_text(text)
 
     def show(row: dict) -> None:
         print(json.dumps(row), flush=True)
@@ -117,18 +136,36 @@ def main() -> None:
 
     def through_pipeline(schemes: dict[str, str]) -> tuple[dict, float, float]:
         model = copy.deepcopy(pristine)
-        parsed = {layer: Scheme.parse(name) for layer, name in schemes.items()}
         started = time.perf_counter()
-        quantized = quantize_model(model, calibration, parsed.get, device, progress=False)
+        quantized = quantize_model(model, calibration, scheme_lookup(schemes), device, progress=False)
         seconds = time.perf_counter() - started
-        bits = sum(q.storage_bits for q in quantized.values()) / sum(q.numel for q in quantized.values())
+        kept = [layer for layer in schemes if layer not in quantized]
+        numel = {layer: module.weight.numel() for layer, module in model.named_modules() if layer in kept}
+        bits = ((sum(q.storage_bits for q in quantized.values()) + KEEP_BITS * sum(numel.values()))
+                / (sum(q.numel for q in quantized.values()) + sum(numel.values())))
         result = perplexities(model)
         del model
         return result, bits, seconds
 
+    if args.stage in ("all", "prepare"):
+        prepare(args, report, pristine, calibration, sets, candidates, layers, device, work, perplexities,
+                through_pipeline, save, show)
+    if args.stage in ("all", "search"):
+        gradients = GradientStats.load(work / "gradients.safetensors")
+        table0 = SensitivityTable.load(work / "round0")
+        if not args.no_keep:
+            table0 = table0.with_keep({layer: KEEP_BITS for layer in table0.layers})
+        search(args, report, pristine, calibration, candidates, table0, gradients, device, perplexities,
+               through_pipeline, save, show)
+    plot(report, out)
+    print(f"wrote {out / 'allocation_search.json'}")
+
+
+def prepare(args, report, pristine, calibration, sets, candidates, layers, device, work, perplexities,
+            through_pipeline, save, show) -> None:
+    """Full precision, every uniform candidate through the pipeline, gradients, round 0, correlations."""
     report["full_precision"] = perplexities(pristine)
     show({"full_precision": report["full_precision"]})
-
     report["uniform"] = []
     for name in args.uniform if args.uniform is not None else args.candidates:
         ppl, bits, seconds = through_pipeline({layer: name for layer in layers})
@@ -136,11 +173,10 @@ def main() -> None:
                                   "quantize_seconds": round(seconds, 2)})
         show(report["uniform"][-1])
         save()
-
-    timer = StageTimer(device)
     started = time.perf_counter()
     gradients = gradient_stats(pristine, calibration[:args.gradient_samples], layers, device, progress=False)
     seconds = {"gradients": round(time.perf_counter() - started, 2)}
+    gradients.save(work / "gradients.safetensors")
     cache = CandidateCache()
     started = time.perf_counter()
     table0 = sensitivity_table(pristine, calibration, lambda name: candidates, device, progress=False, cache=cache,
@@ -148,13 +184,22 @@ def main() -> None:
     seconds["round0"] = round(time.perf_counter() - started, 2)
     report["search_seconds"] = seconds
     show({"seconds": seconds})
-    table0.save(out / "round0")
+    table0.save(work / "round0")
     save()
+    if not args.no_correlations:
+        correlations(args, report, table0, cache, pristine, sets, layers, show)
+        save()
+
+
+def search(args, report, pristine, calibration, candidates, table0, gradients, device, perplexities,
+           through_pipeline, save, show) -> None:
+    """Per budget and metric: the in-context search, and the baselines through the pipeline."""
+    timer = StageTimer(device)
 
     def allocate(metric: str, budget: float, solver=solve_ilp):
         return lambda table: solver(build_problem(table, metric, budget_bits=budget))
 
-    report["searched"] = []
+    report.setdefault("searched", [])
     for budget in args.budgets:
         for metric in args.metrics:
             model = copy.deepcopy(pristine)
@@ -167,16 +212,18 @@ def main() -> None:
                    "bits_per_weight": round(found.allocation.bits_per_weight, 4), "ppl": perplexities(model),
                    "rounds": [r.record() for r in found.rounds], "converged": found.converged,
                    "search_seconds": round(time.perf_counter() - started, 2),
-                   "schemes": found.allocation.scheme_counts()}
+                   "schemes": found.allocation.scheme_counts(), "layers": found.allocation.schemes}
             del model
             report["searched"].append(row)
-            show(row)
+            show({k: v for k, v in row.items() if k != "layers"})
             final = found.table
-            runs = {"round0": ("ilp, round 0 costs", allocate(metric, budget)(table0)),
-                    "greedy": ("greedy, final costs", allocate(metric, budget, solve_greedy)(final)),
-                    "knapsack_dp": ("knapsack DP, final costs", allocate(metric, budget, solve_knapsack_dp)(final))}
+            runs = {"round0": ("ilp, round 0 costs", lambda: allocate(metric, budget)(table0)),
+                    "greedy": ("greedy, final costs", lambda: allocate(metric, budget, solve_greedy)(final)),
+                    "knapsack_dp": ("knapsack DP, final costs",
+                                    lambda: allocate(metric, budget, solve_knapsack_dp)(final))}
             for key in args.baselines:
-                label, allocation = runs[key]
+                label, solve = runs[key]
+                allocation = solve()
                 ppl, bits, _ = through_pipeline(allocation.schemes)
                 report["searched"].append({"budget": budget, "metric": metric, "solver": label,
                                            "bits_per_weight": round(bits, 4), "ppl": ppl,
@@ -184,10 +231,6 @@ def main() -> None:
                                            "schemes": allocation.scheme_counts()})
                 show(report["searched"][-1])
             save()
-
-    correlations(args, report, table0, cache, pristine, sets, layers, show)
-    save()
-    print(f"wrote {out / 'allocation_search.json'}")
 
 
 def correlations(args, report, table, cache, model, sets, layers, show) -> None:
@@ -202,9 +245,10 @@ def correlations(args, report, table, cache, model, sets, layers, show) -> None:
             return perplexity_of_ids(model, ids, args.seqlen, batch_size=4).ppl - base
 
     rng = random.Random(0)
+    low_bit = [c for c in table.candidates if Scheme.parse(c).bits_per_weight < 4]  # visible Δppl
     singles = []
     for _ in range(args.single_layer):
-        layer, scheme = rng.choice(layers), rng.choice(table.candidates[:7])
+        layer, scheme = rng.choice(layers), rng.choice(low_bit)
         singles.append({"layer": layer, "scheme": scheme, "delta_ppl": delta({layer: scheme}),
                         **{m: table.cost(layer, scheme, m) for m in metrics}})
     wholes = []
@@ -218,6 +262,21 @@ def correlations(args, report, table, cache, model, sets, layers, show) -> None:
         for kind, rows in (("single_layer", singles), ("whole_allocation", wholes))}
     report["single_layer"], report["whole_allocations"] = singles, wholes
     show({"spearman": report["spearman"]})
+
+
+def plot(report: dict, out: Path) -> None:
+    """Measured perplexity vs size per eval set: uniform schemes, the searched mixes and the baselines."""
+    from quantbench.allocation.pareto import plot_measured
+
+    for name, base in report.get("full_precision", {}).items():
+        uniform = [{"scheme": u["scheme"], "bits_per_weight": u["bits_per_weight"], "ppl": u["ppl"][name]}
+                   for u in report.get("uniform", [])]
+        series: dict[str, list] = {}
+        for row in report.get("searched", []):
+            series.setdefault(f"{row['solver']} ({row['metric']})", []).append((row["bits_per_weight"],
+                                                                              row["ppl"][name]))
+        plot_measured(out / f"allocation_search_{name}.png", base, uniform, series,
+                      f"{Path(report['model']).name}: {name}, calibration {report['calibration']}")
 
 
 if __name__ == "__main__":

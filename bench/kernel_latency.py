@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from allocation_search import CANDIDATES  # noqa: E402
 
 from quantbench.export.kernels import kernel_unsupported_reason, packed_matmul, to_kernel_layout  # noqa: E402
 from quantbench.export.kernels.matmul import graph_time_ms  # noqa: E402
@@ -30,9 +33,7 @@ from quantbench.quantizers.hadamard import rotation_for  # noqa: E402
 from quantbench.scheme import Scheme  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K inputs, N outputs)
-SCHEMES = ["int2-g64-gptq", "hadamard+int2-g64-gptq", "int3-g128-gptq", "hadamard+int3-g128-gptq",
-           "int4-g128-gptq", "hadamard+int4-g128-gptq", "int4-g64-gptq", "mxfp4-gptq", "nvfp4-gptq",
-           "ternary2-ptqtp", "int8-pc-rtn", "keep"]
+SCHEMES = [*CANDIDATES, "keep"]  # the allocation benchmark's candidates
 
 
 def stored_weight(scheme: Scheme, n: int, k: int, device):

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantbench.fsutil import save_tensors
 from quantbench.model_io import blocks_path, decoder_blocks
 
 
@@ -33,6 +35,28 @@ class GradientStats:
     layers: dict[str, LayerGradients]  # by full module name
     blocks: dict[str, torch.Tensor]  # block name → [hidden] mean squared gradient of its output
     tokens: int
+
+    def save(self, path: str | Path) -> None:
+        tensors = {f"layer|{name}|{field}": getattr(g, field).contiguous()
+                   for name, g in self.layers.items() for field in ("grad", "fisher", "out_sq")}
+        tensors.update({f"block|{name}": t.contiguous() for name, t in self.blocks.items()})
+        save_tensors(tensors, Path(path), {"tokens": str(self.tokens)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GradientStats":
+        from safetensors import safe_open
+
+        layers: dict[str, dict] = {}
+        blocks = {}
+        with safe_open(str(path), "pt") as handle:
+            tokens = int(handle.metadata()["tokens"])
+            for key in handle.keys():
+                kind, name, *field = key.split("|")
+                if kind == "block":
+                    blocks[name] = handle.get_tensor(key)
+                else:
+                    layers.setdefault(name, {})[field[0]] = handle.get_tensor(key)
+        return cls({name: LayerGradients(**fields) for name, fields in layers.items()}, blocks, tokens)
 
 
 def gradient_stats(model: nn.Module, input_ids: torch.Tensor, layer_names: list[str], device: torch.device,

@@ -78,3 +78,30 @@ def plot_frontier(path: Path, metric: str, points: list[dict], uniform: list[dic
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_measured(path: Path, full_precision: float, uniform: list[dict], series: dict[str, list[tuple]],
+                  title: str) -> None:
+    """Measured perplexity against size on one pair of axes: every uniform scheme (labelled squares) and
+    each allocator's mixes (`series`: label → [(bits per weight, ppl)]), full precision as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for point in uniform:
+        ax.plot(point["bits_per_weight"], point["ppl"], "s", color="0.45", ms=6)
+        ax.annotate(point["scheme"], (point["bits_per_weight"], point["ppl"]), fontsize=6.5, xytext=(4, 3),
+                    textcoords="offset points", color="0.3")
+    for (label, rows), marker in zip(series.items(), "o^vDP*"):
+        rows = sorted(rows)
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker + "-", ms=5, label=label)
+    ax.axhline(full_precision, color="k", lw=0.8, ls=":", label=f"full precision ({full_precision:.2f})")
+    ax.set(xlabel="bits per weight (as stored: scales, zero points, padding)", ylabel="perplexity", yscale="log",
+           title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
