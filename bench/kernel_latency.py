@@ -3,7 +3,7 @@ scheme, the GPU time of one decode step's matmul (batch 1) per million weights, 
 kernels where one runs the format (`load_quantized(kernels=True)`) and the dense float16 matmul where none
 does (the layer stays dense then); Hadamard schemes add their online input rotation.
 
-    python bench/kernel_latency.py --device cuda --out latency.json [--schemes …]
+    python bench/kernel_latency.py --device cuda --out latency.json [--schemes …] [--resume]
 
 Times are CUDA-graph replays on a cold L2 (export/kernels/matmul.graph_time_ms), averaged over the weight
 shapes of an 8B Llama. The JSON holds `table` (anchored scheme name → µs per million weights) and every
@@ -73,22 +73,28 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="+", default=SCHEMES)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="latency.json")
+    parser.add_argument("--resume", action="store_true", help="keep the schemes --out already holds")
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows, table = [], {}
+    out = Path(args.out)
+    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "batch": 1,
+              "date": time.strftime("%Y-%m-%d"), "shapes": SHAPES, "table": {}, "measured": []}
+    if args.resume and out.is_file():
+        result = json.loads(out.read_text())
     for name in args.schemes:
+        key = f"^{re.escape(name)}$"
+        if key in result["table"]:
+            continue
         per_million = []
         for k, n in SHAPES:
             row = {"scheme": name, "shape": f"{k}x{n}", **time_scheme(name, k, n, device)}
             row["us_per_million_weights"] = row["us"] / (k * n / 1e6)
             per_million.append(row["us_per_million_weights"])
-            rows.append(row)
+            result["measured"].append(row)
             print(json.dumps(row), flush=True)
-        table[f"^{re.escape(name)}$"] = round(sum(per_million) / len(per_million), 4)
-    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "batch": 1,
-              "date": time.strftime("%Y-%m-%d"), "shapes": SHAPES, "table": table, "measured": rows}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(table, indent=1))
+        result["table"][key] = round(sum(per_million) / len(per_million), 4)
+        out.write_text(json.dumps(result, indent=1) + "\n")  # each scheme as it is measured
+    print(json.dumps(result["table"], indent=1))
 
 
 if __name__ == "__main__":

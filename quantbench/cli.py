@@ -121,7 +121,7 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe"),
 def sensitivity(recipe: Path = typer.Argument(..., help="YAML recipe with an allocation section"),
                 out: Optional[Path] = typer.Option(None, "--out", "-o",
                                                    help="folder for sensitivity.json/.csv (default <run dir>/sensitivity)"),
-                measure: str = typer.Option("", help="comma-separated extra measures: trace, eigenvalue, kl"),
+                measure: str = typer.Option("", help="comma-separated extra measures: trace, eigenvalue, kl, gradients, block_output"),
                 force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
                 verbose: bool = typer.Option(True, "--verbose/--quiet", help="log progress")) -> None:
     """Measure every allocated layer's sensitivity and each candidate's cost; write the table."""
