@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--metrics", nargs="*", default=["output_fisher"],
                         help="measures the searched mixes minimise (each is searched at every budget)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--remeasure", choices=("frontier", "neighbours", "all"), default="frontier")
     parser.add_argument("--baselines", nargs="*", default=["round0", "greedy", "knapsack_dp"])
     parser.add_argument("--gradient-samples", type=int, default=32)
     parser.add_argument("--block-tokens", type=int, default=16384, help="0: no block_output measure")
@@ -205,10 +206,11 @@ def search(args, report, pristine, calibration, candidates, table0, gradients, d
             model = copy.deepcopy(pristine)
             started = time.perf_counter()
             found = search_in_context(model, calibration, lambda name: candidates, device, allocate(metric, budget),
-                                      table0, metric, DEFAULT_TIES, max_rounds=args.rounds, gradients=gradients,
+                                      table0, metric, DEFAULT_TIES, max_rounds=args.rounds, remeasure=args.remeasure,
+                                      gradients=gradients,
                                       block_tokens=args.block_tokens, cache=CandidateCache(), progress=False,
                                       timer=timer)
-            row = {"budget": budget, "metric": metric, "solver": "ilp, in context",
+            row = {"budget": budget, "metric": metric, "solver": "ilp, in context", "remeasure": args.remeasure,
                    "bits_per_weight": round(found.allocation.bits_per_weight, 4), "ppl": perplexities(model),
                    "rounds": [r.record() for r in found.rounds], "converged": found.converged,
                    "search_seconds": round(time.perf_counter() - started, 2),

@@ -3,7 +3,12 @@ constraints serving engines impose (a latency budget from a measured kernel tabl
 decoder block, one scheme per fused group), across a grid of bit and latency budgets.
 
     python bench/greedy_gap.py --table docs/data/round0-smollm2-h200-seed0 --latency docs/data/latency-h200.json
-    python bench/greedy_gap.py --table <a table with several families> --family-per-block
+    python bench/greedy_gap.py --table <a table with several families> --family-per-block \
+        --measure .assets/models/smollm2-135m-dithered --ids .gpu/ids-small --seed 0
+
+With --measure, both allocations of every problem are quantized through the pipeline (calibration
+`calibration_seed{k}` from --ids, as bench/allocation_data.py writes it) and scored on WikiText-2's first
+--windows windows and on held-out C4.
 
 Only the candidates the latency table covers take part. The latency budget is set between the fastest and
 the slowest allocation (`--latency-fractions`: 0 = everything on its fastest option). Prints one row per
@@ -13,14 +18,22 @@ the slowest allocation (`--latency-fractions`: 0 = everything on its fastest opt
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 
 from quantbench.allocation.baselines import solve_greedy
 from quantbench.allocation.ilp import solve_ilp
 from quantbench.allocation.problem import DEFAULT_TIES, build_problem
 from quantbench.allocation.table import SensitivityTable
+from quantbench.allocation.in_context import scheme_lookup
 from quantbench.errors import QuantbenchError
+from quantbench.eval.perplexity import perplexity_of_ids
+from quantbench.pipeline import quantize_model
 
 
 def covered(table: SensitivityTable, latency: dict[str, float]) -> SensitivityTable:
@@ -33,6 +46,11 @@ def main() -> None:
     parser.add_argument("--table", required=True, help="a saved sensitivity table (folder or sensitivity.json)")
     parser.add_argument("--latency", help="a table written by bench/kernel_latency.py")
     parser.add_argument("--family-per-block", action="store_true")
+    parser.add_argument("--measure", help="a model to quantize both allocations of and score")
+    parser.add_argument("--ids", help="folder written by bench/allocation_data.py (with --measure)")
+    parser.add_argument("--seed", type=int, default=0, help="calibration draw (with --measure)")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--metric", default="output_fisher")
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.75, 3.0, 3.25, 3.5])
     parser.add_argument("--latency-fractions", nargs="+", type=float, default=[0.1, 0.25, 0.4, 0.6])
@@ -48,6 +66,7 @@ def main() -> None:
         slowest = sum(max(o.latency for o in item.options) for item in unlimited.items)
     else:
         args.latency_fractions = [None]
+    score = measurer(args) if args.measure else None
     rows = []
     for bits in args.budgets:
         for fraction in args.latency_fractions:
@@ -67,12 +86,37 @@ def main() -> None:
                            greedy_excess=round(greedy.objective / exact.objective - 1, 4))
             else:
                 row["greedy"] = reason
+            if score is not None:
+                row["ilp_ppl"] = score(exact.schemes)
+                if greedy is not None:
+                    row["greedy_ppl"] = score(greedy.schemes)
             rows.append(row)
             print(json.dumps(row), flush=True)
     excess = [r["greedy_excess"] for r in rows if "greedy_excess" in r]
     print(json.dumps({"problems": len(rows), "greedy_failed": len(rows) - len(excess),
                       "greedy_excess_max": max(excess, default=None),
                       "greedy_excess_median": sorted(excess)[len(excess) // 2] if excess else None}))
+
+
+def measurer(args):
+    """allocation → perplexity on WikiText-2's first windows and held-out C4, after the pipeline."""
+    from quantbench.model_io import load_model
+
+    torch.set_grad_enabled(False)
+    ids = Path(args.ids)
+    calibration = load_file(str(ids / f"calibration_seed{args.seed}.safetensors"))["input_ids"]
+    span = args.windows * args.seqlen
+    sets = {"wikitext2_first": load_file(str(ids / "wikitext2.safetensors"))["input_ids"][:span],
+            "c4_heldout": load_file(str(ids / "c4_heldout.safetensors"))["input_ids"][:span]}
+    pristine, _ = load_model(args.measure, torch.float32)
+
+    def score(schemes: dict[str, str]) -> dict[str, float]:
+        model = copy.deepcopy(pristine)
+        quantize_model(model, calibration, scheme_lookup(schemes), torch.device("cpu"), progress=False)
+        return {name: round(perplexity_of_ids(model, tokens, args.seqlen, batch_size=4).ppl, 3)
+                for name, tokens in sets.items()}
+
+    return score
 
 
 if __name__ == "__main__":

@@ -296,8 +296,9 @@ class AllocationSection(_Section):
     rounds: int = Field(2, ge=0, description="in-context rounds: re-measure the candidates on the inputs the "
                         "quantized upstream blocks give, re-allocate, until the allocation is stable (0: costs "
                         "from full-precision inputs only)")
-    remeasure: Literal["frontier", "all"] = Field("frontier", description="candidates re-measured in a round: "
-                                                  "those not beaten in both size and cost, or all")
+    remeasure: Literal["frontier", "neighbours", "all"] = Field(
+        "frontier", description="candidates re-measured in a round: those not beaten in both size and cost, the "
+        "chosen one and its frontier neighbours by size (about a third of the pairs), or all")
     gradient_samples: int = Field(16, ge=1, description="calibration sequences of the backward pass behind the "
                                   "gradient measures (first_order, fisher, output_fisher, block_output)")
     block_tokens: int = Field(16384, ge=1, description="calibration tokens on which block_output runs the block "

@@ -9,7 +9,7 @@ from helpers import tiny_llama
 
 from quantbench.allocation.gradients import gradient_stats
 from quantbench.allocation.ilp import solve_ilp
-from quantbench.allocation.in_context import search_in_context
+from quantbench.allocation.in_context import frontier_candidates, neighbour_candidates, search_in_context
 from quantbench.allocation.problem import DEFAULT_TIES, build_problem
 from quantbench.allocation.sensitivity import CandidateCache, SensitivityStage, sensitivity_table
 from quantbench.calibration.stats import LayerStats
@@ -95,8 +95,8 @@ def allocate_at(bits, metric="output_fisher"):
     return lambda table: solve_ilp(build_problem(table, metric, budget_bits=bits))
 
 
-@pytest.mark.parametrize("rounds", [0, 1, 3])
-def test_the_in_context_loop_ends_and_leaves_the_model_quantized_with_its_allocation(rounds):
+@pytest.mark.parametrize("rounds,remeasure", [(0, "frontier"), (1, "frontier"), (3, "frontier"), (2, "neighbours")])
+def test_the_in_context_loop_ends_and_leaves_the_model_quantized_with_its_allocation(rounds, remeasure):
     model = peaked_llama()
     grads = gradient_stats(model, IDS, list(model_linears(model)), CPU, progress=False)
     cache = CandidateCache()
@@ -104,8 +104,8 @@ def test_the_in_context_loop_ends_and_leaves_the_model_quantized_with_its_alloca
     table = sensitivity_table(model, IDS, lambda name: candidates, CPU, batch_size=3, progress=False, cache=cache,
                               gradients=grads)
     found = search_in_context(model, IDS, lambda name: candidates, CPU, allocate_at(3.5), table, "output_fisher",
-                              DEFAULT_TIES, max_rounds=rounds, gradients=grads, batch_size=3, cache=cache,
-                              progress=False)
+                              DEFAULT_TIES, max_rounds=rounds, remeasure=remeasure, gradients=grads, batch_size=3,
+                              cache=cache, progress=False)
     assert len(found.rounds) <= rounds + 1 and found.rounds[0].round == 0
     assert found.converged == (found.rounds[-1].changed_layers == 0 and rounds > 0)
     assert {name: q.scheme.name for name, q in found.quantized.items()} == found.allocation.schemes
@@ -132,3 +132,18 @@ def test_a_repeating_allocation_stops_the_loop():
     assert not found.converged and len(found.rounds) < 11  # stopped before its ten rounds: an answer came back
     assert found.rounds[-1].allocation.schemes in [r.allocation.schemes for r in found.rounds[:-1]]
     assert {name: q.scheme.name for name, q in found.quantized.items()} == found.allocation.schemes
+
+
+def test_neighbours_are_the_chosen_option_and_the_frontier_options_next_to_it_by_size():
+    model = peaked_llama()
+    table = sensitivity_table(model, IDS, lambda name: RTN, CPU, batch_size=3, progress=False)
+    allocation = allocate_at(3.6, "output_error")(table)
+    frontier = frontier_candidates(table, "output_error", DEFAULT_TIES)
+    near = neighbour_candidates(table, "output_error", DEFAULT_TIES, allocation.schemes)
+    assert near.keys() == frontier.keys() == allocation.schemes.keys()
+    for layer, chosen in allocation.schemes.items():
+        size = {s: table.errors[(layer, s)].storage_bits for s in frontier[layer]}
+        ordered = sorted(frontier[layer], key=size.get)
+        at = ordered.index(chosen)  # the ILP never picks a dominated option
+        assert near[layer] == ordered[max(0, at - 1):at + 2]
+    assert sum(map(len, near.values())) < sum(map(len, frontier.values()))  # fewer pairs to measure

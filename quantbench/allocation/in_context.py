@@ -2,7 +2,8 @@
 
 Round 0 measures every candidate on full-precision inputs and allocates. Each later round runs the block
 driver with two stages per block: the sensitivity stage re-measures the candidates that can still matter (the
-options no other option of their item beats in both size and cost) on the block's inputs *as the upstream
+options no other option of their item beats in both size and cost; with `remeasure="neighbours"` only the
+chosen one and its frontier neighbours by size) on the block's inputs *as the upstream
 blocks are quantized under the current allocation*, then the quantize stage quantizes the block with that
 allocation. The re-measured costs replace the old ones and the allocation is solved again. When it no longer
 changes, the model is already quantized with it, in context; the loop stops after `max_rounds` or when an
@@ -74,6 +75,23 @@ def frontier_candidates(table: SensitivityTable, metric: str, ties) -> dict[str,
     return keep
 
 
+def neighbour_candidates(table: SensitivityTable, metric: str, ties, schemes: dict[str, str],
+                         width: int = 1) -> dict[str, list[str]]:
+    """Layer → the scheme the allocation gave it and the `width` frontier options either side of it by size:
+    where one re-allocation usually moves a layer. Far fewer pairs than the whole frontier; a layer that jumps
+    further is measured in the next round."""
+    frontier = frontier_candidates(table, metric, ties)
+    keep: dict[str, list[str]] = {}
+    for layers in tie_groups(list(table.layers), ties):
+        chosen = schemes[layers[0]]
+        options = frontier[layers[0]] + ([chosen] if chosen not in frontier[layers[0]] else [])
+        ordered = sorted(options, key=lambda s: sum(table.errors[(layer, s)].storage_bits for layer in layers))
+        at = ordered.index(chosen)
+        for layer in layers:
+            keep[layer] = ordered[max(0, at - width):at + width + 1]
+    return keep
+
+
 def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for: CandidatesFor, device: torch.device,
                       allocate: Callable[[SensitivityTable], Allocation], table: SensitivityTable, metric: str,
                       ties, max_rounds: int = 2, remeasure: str = "frontier", gradients: GradientStats | None = None,
@@ -91,8 +109,12 @@ def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for:
     for index in range(1, max_rounds + 1):
         started = time.perf_counter()
         restore_linears(model, snapshot)
-        wanted = (frontier_candidates(table, metric, ties) if remeasure == "frontier"
-                  else {layer: table.schemes_of(layer) for layer in layers})
+        if remeasure == "frontier":
+            wanted = frontier_candidates(table, metric, ties)
+        elif remeasure == "neighbours":
+            wanted = neighbour_candidates(table, metric, ties, allocation.schemes)
+        else:
+            wanted = {layer: table.schemes_of(layer) for layer in layers}
         measure = SensitivityStage(lambda name: [Scheme.parse(s) for s in wanted.get(name, []) if s != KEEP], cache,
                                    gradients, block_tokens)
         quantize = QuantizeStage(scheme_lookup(allocation.schemes), true_sequential, hessian)
