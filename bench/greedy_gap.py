@@ -109,6 +109,9 @@ def measurer(args):
     sets = {"wikitext2_first": load_file(str(ids / "wikitext2.safetensors"))["input_ids"][:span],
             "c4_heldout": load_file(str(ids / "c4_heldout.safetensors"))["input_ids"][:span]}
     pristine, _ = load_model(args.measure, torch.float32)
+    print(json.dumps({"full_precision": {name: round(perplexity_of_ids(pristine, tokens, args.seqlen,
+                                                                        batch_size=4).ppl, 3)
+                                         for name, tokens in sets.items()}}), flush=True)
 
     def score(schemes: dict[str, str]) -> dict[str, float]:
         model = copy.deepcopy(pristine)

@@ -236,3 +236,35 @@ def test_greedy_honours_the_latency_budget(seed):
     greedy = solve_greedy(problem)
     assert greedy.latency <= problem.max_latency + 1e-9 and greedy.bits <= problem.max_bits
     assert greedy.objective >= solve_ilp(problem).objective * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("budget_bits", [2.6, 3.3, 4.4, 6.0, 10.0])
+def test_ties_keep_and_byte_budget_against_brute_force_over_layers(budget_bits):
+    """Every assignment of a scheme (or 16-bit keep) to each layer of one block, enumerated layer by layer: the
+    cheapest one whose tied layers agree and whose true bytes, kept layers included, fit the budget is the
+    ILP's."""
+    import itertools
+
+    sizes = {"self_attn.q_proj": 256, "self_attn.k_proj": 64, "self_attn.v_proj": 64, "self_attn.o_proj": 256,
+             "mlp.gate_proj": 512, "mlp.up_proj": 512, "mlp.down_proj": 512}
+    rng = random.Random(int(budget_bits * 10))
+    layers = {f"model.layers.0.{name}": numel for name, numel in sizes.items()}
+    table = table_of(layers, {n: 10 ** rng.uniform(-2, 2) for n in layers}).with_keep({n: 16 for n in layers})
+    budget_bytes = int(budget_bits * sum(layers.values()) / 8)
+    ilp = solve_ilp(build_problem(table, "hutchinson", budget_bytes=budget_bytes))
+    names = list(layers)
+    tied = [[names.index(f"model.layers.0.{m}") for m in group]
+            for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))]
+    best = None
+    for choice in itertools.product(table.candidates, repeat=len(names)):
+        if any(len({choice[i] for i in group}) > 1 for group in tied):
+            continue
+        if sum(table.errors[(n, s)].storage_bits for n, s in zip(names, choice)) > budget_bytes * 8:
+            continue
+        cost = sum(table.cost(n, s, "hutchinson") for n, s in zip(names, choice))
+        if best is None or cost < best[0]:
+            best = (cost, choice)
+    assert ilp.objective == pytest.approx(best[0], rel=1e-6)
+    assert ilp.bits <= budget_bytes * 8
+    assert sum(table.errors[(n, ilp.schemes[n])].storage_bits for n in names) == ilp.bits
+    assert ("keep" in ilp.schemes.values()) == ("keep" in best[1]) == (budget_bits > 8.1)  # room above int8
