@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from allocation import spearman
 from safetensors.torch import load_file
 
 from quantbench.allocation.baselines import solve_greedy, solve_knapsack_dp, solve_random
@@ -52,17 +53,6 @@ CANDIDATES = ["hadamard+int2-pc-gptq", "hadamard+int2-g128-gptq", "int2-g64-gptq
               "int8-pc-rtn"]
 KEEP_BITS = 16  # a layer kept in full precision is stored in bf16/fp16
 LOCAL_METRICS = ["output_error", "xtx_trace"]
-
-
-def spearman(xs: list[float], ys: list[float]) -> float:
-    """Rank correlation (ties get their mean rank)."""
-    def ranks(values: list[float]) -> torch.Tensor:
-        v = torch.tensor(values, dtype=torch.float64)
-        return (v[:, None] > v[None, :]).sum(1) + ((v[:, None] == v[None, :]).sum(1) - 1) / 2
-
-    a, b = ranks(xs).double(), ranks(ys).double()
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()))
 
 
 def eval_sets(ids_dir: Path, windows: int, seqlen: int) -> dict[str, torch.Tensor]:

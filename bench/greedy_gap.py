@@ -79,7 +79,7 @@ def main() -> None:
             except QuantbenchError as exc:
                 greedy = None
                 reason = str(exc)
-            row = {"bits": bits, "latency_us": limit and round(limit, 2), "ilp": round(exact.objective, 5),
+            row = {"bits": bits, "latency_us": None if limit is None else round(limit, 2), "ilp": round(exact.objective, 5),
                    "ilp_bits": round(exact.bits_per_weight, 4), "ilp_status": exact.status}
             if greedy is not None:
                 row.update(greedy=round(greedy.objective, 5), greedy_bits=round(greedy.bits_per_weight, 4),

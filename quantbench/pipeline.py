@@ -278,8 +278,9 @@ def apply_quantized(linear: nn.Linear, quantized: QuantizedWeight, rotation: Ran
 
 def snapshot_linears(model: nn.Module, names) -> dict:
     """A copy (on CPU) of what the named linears compute with: weight and online input transforms."""
+    modules = {name: model.get_submodule(name) for name in names}
     return {name: (module.weight.detach().to("cpu", copy=True), input_rotation_of(module),
-                   activation_format_of(module)) for name in names if (module := model.get_submodule(name))}
+                   activation_format_of(module)) for name, module in modules.items()}
 
 
 def restore_linears(model: nn.Module, snapshot: dict) -> None:
