@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allocation_search import CANDIDATES  # noqa: E402
+from allocation_search import CANDIDATES, SEARCH  # noqa: E402
 
+from quantbench.allocation.problem import latency_key  # noqa: E402
 from quantbench.export.kernels import kernel_unsupported_reason, packed_matmul, to_kernel_layout  # noqa: E402
 from quantbench.export.kernels.matmul import graph_time_ms  # noqa: E402
 from quantbench.quantizers import quantize_weight  # noqa: E402
@@ -33,7 +33,7 @@ from quantbench.quantizers.hadamard import rotation_for  # noqa: E402
 from quantbench.scheme import Scheme  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K inputs, N outputs)
-SCHEMES = [*CANDIDATES, "keep"]  # the allocation benchmark's candidates
+SCHEMES = list(dict.fromkeys([*CANDIDATES, *SEARCH, "keep"]))  # the allocation benchmark's candidates
 
 
 def stored_weight(scheme: Scheme, n: int, k: int, device):
@@ -81,8 +81,8 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d"), "shapes": SHAPES, "table": {}, "measured": []}
     if args.resume and out.is_file():
         result = json.loads(out.read_text())
-    for name in args.schemes:
-        key = f"^{re.escape(name)}$"
+    for name in dict.fromkeys(args.schemes):
+        key = latency_key(name)  # one measurement per kernel: -act variants share it
         if key in result["table"]:
             continue
         per_million = []

@@ -9,7 +9,8 @@ import pytest
 
 from quantbench.allocation.baselines import solve_brute_force, solve_greedy, solve_knapsack_dp, solve_random
 from quantbench.allocation.ilp import Allocation, solve_ilp
-from quantbench.allocation.problem import Item, Option, Problem, Rule, build_problem, tie_groups
+from quantbench.allocation.problem import (Item, Option, Problem, Rule, build_problem, latency_key,
+                                          latency_per_weight, tie_groups)
 from quantbench.allocation.table import CandidateError, LayerSensitivity, SensitivityTable
 from quantbench.errors import QuantbenchError
 
@@ -127,6 +128,18 @@ def test_infeasible_budget_names_the_smallest_feasible_one():
     assert "2.2500 bits per weight" in str(caught.value)
     smallest = solve_ilp(build_problem(table, "hutchinson", budget_bits=2.25))
     assert set(smallest.schemes.values()) == {"int2"}
+
+
+def test_a_measured_latency_key_prices_the_activation_order_variants_of_its_kernel_only():
+    table = {latency_key("hadamard+int3-g64-gptq"): 0.87, latency_key("hadamard+int3-g128-gptq"): 0.86,
+             latency_key("int3-g64-gptq"): 0.61, latency_key("keep"): 1.9}
+    for name in ("hadamard+int3-g64-gptq", "hadamard+int3-g64-gptq-act", "hadamard+int3-g64-gptq-act-static"):
+        assert latency_per_weight(name, table) == 0.87
+    assert latency_per_weight("int3-g64-gptq-act-static", table) == 0.61  # no rotation: another kernel
+    assert latency_per_weight("keep", table) == 1.9
+    assert latency_key("hadamard+int3-g64-gptq-act-static") == latency_key("hadamard+int3-g64-gptq")
+    with pytest.raises(QuantbenchError, match="no latency entry"):
+        latency_per_weight("hadamard+int3-g32-gptq-act", table)
 
 
 def test_latency_budget_binds_and_its_infeasibility_is_explained():

@@ -124,6 +124,15 @@ def latency_per_weight(scheme: str, table: dict[str, float]) -> float:
                           f"allocation.latency.table (keys are regexes searched in scheme names)")
 
 
+def latency_key(scheme: str) -> str:
+    """The key (an anchored regex) a measured latency table files a scheme's kernel under: activation order
+    changes the codes, not the stored layout, so the key also matches the `-act` and `-act-static` variants."""
+    if scheme == KEEP:
+        return f"^{KEEP}$"
+    kernel = Scheme.parse(scheme).model_copy(update={"act_order": False, "static_groups": False}).name
+    return f"^{re.escape(kernel)}(?:\\-act)?(?:\\-static)?$"
+
+
 def build_problem(table: SensitivityTable, metric: str, budget_bits: float | None = None,
                   budget_bytes: float | None = None, ties=DEFAULT_TIES, rules: list[Rule] = (),
                   latency_table: dict[str, float] | None = None, max_latency: float | None = None,
