@@ -1,13 +1,15 @@
-"""Does the searched mix beat every uniform scheme of equal size? One run, on one model:
+"""Does the searched mix beat every uniform scheme of equal size? One run, on one model and one calibration seed:
 
   1. full-precision perplexity on three sets: WikiText-2's first and last windows, and held-out C4
      (documents the calibration never drew from; bench/allocation_data.py makes the ids);
-  2. every candidate as a uniform scheme through the pipeline (GPTQ in context, as `run` quantizes);
-  3. gradients and round 0 of the sensitivity (every candidate on full-precision inputs);
-  4. per budget: the ILP with the in-context rounds (the searched mix), the ILP on round-0 costs, greedy and
-     the knapsack DP on the final costs, each quantized through the pipeline and scored;
-  5. the Spearman correlation of every measure with measured Δppl, for single-layer changes and for whole
-     random allocations around the budgets (applied from the cached codes: same codes for every measure).
+  2. every --uniform scheme through the pipeline (GPTQ in context, as `run` quantizes);
+  3. gradients and round 0 of the sensitivity (every candidate on full-precision inputs), and the Spearman
+     correlation of every measure with measured Δppl, for single-layer changes and for whole random
+     allocations around the budgets (applied from the cached codes: same codes for every measure);
+  4. per budget: the ILP with --rounds in-context rounds (the searched mix) and the baselines (the ILP on
+     round-0 costs, greedy, the knapsack DP), each quantized through the pipeline and scored.
+
+Stages uniform (1-2), measure (3) and search (4) can run as separate calls; they share --work.
 
     python bench/allocation_data.py --out .gpu/ids --seeds 0 1 2
     for seed in 0 1 2; do
@@ -51,7 +53,14 @@ CANDIDATES = ["hadamard+int2-pc-gptq", "hadamard+int2-g128-gptq", "int2-g64-gptq
               "ternary2-g128-ptqtp", "hadamard+int4-pc-gptq", "int4-g128-gptq", "hadamard+int4-g128-gptq",
               "hadamard+int4-g64-gptq", "mxfp4-gptq", "nvfp4-gptq", "hadamard+int5-g128-gptq", "mxfp6e2m3-rtn",
               "int8-pc-rtn"]
+# The searched mixes' candidates (those of recipes/ilp-in-context.yaml): Hadamard + GPTQ with activation order
+# (static groups where there are groups) from int2 g64 to int5 g128, stepping through the sizes, and int8.
+SEARCH = ["hadamard+int2-g64-gptq-act-static", "hadamard+int2-g32-gptq-act-static", "hadamard+int3-pc-gptq",
+          "hadamard+int3-g128-gptq-act-static", "hadamard+int3-g64-gptq-act-static",
+          "hadamard+int3-g32-gptq-act-static", "hadamard+int4-pc-gptq-act", "hadamard+int4-g128-gptq-act-static",
+          "hadamard+int5-g128-gptq-act-static", "int8-pc-rtn"]
 KEEP_BITS = 16  # a layer kept in full precision is stored in bf16/fp16
+TIES = {"fused": DEFAULT_TIES, "none": ()}
 LOCAL_METRICS = ["output_error", "xtx_trace"]
 
 
@@ -70,23 +79,30 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="which calibration draw (calibration_seed{k})")
     parser.add_argument("--no-keep", action="store_true", help="do not offer keeping a layer in 16 bits")
     parser.add_argument("--no-correlations", action="store_true", help="skip the Spearman measurements")
-    parser.add_argument("--candidates", nargs="+", default=CANDIDATES)
+    parser.add_argument("--candidates", nargs="+", default=SEARCH, help="the searched mixes' per-layer options")
+    parser.add_argument("--ties", choices=tuple(TIES), default="none",
+                        help="fused: q/k/v and gate/up share a scheme (what fused serving kernels need)")
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.25, 3.5, 4.0, 4.25])
-    parser.add_argument("--metrics", nargs="*", default=["output_fisher"],
+    parser.add_argument("--metrics", nargs="*", default=["block_output"],
                         help="measures the searched mixes minimise (each is searched at every budget)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="in-context rounds after round 0 (0: none)")
     parser.add_argument("--remeasure", choices=("frontier", "neighbours", "all"), default="frontier")
-    parser.add_argument("--baselines", nargs="*", default=["round0", "greedy", "knapsack_dp"])
+    parser.add_argument("--solvers", nargs="+", default=["ilp", "greedy", "knapsack_dp"],
+                        choices=("ilp", "round0", "greedy", "knapsack_dp"),
+                        help="ilp: the searched mix (with --rounds in-context rounds); round0: the ILP on round-0 "
+                             "costs; greedy, knapsack_dp: on the searched mix's final costs (round 0 without ilp)")
     parser.add_argument("--gradient-samples", type=int, default=32)
     parser.add_argument("--block-tokens", type=int, default=16384, help="0: no block_output measure")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--random-allocations", type=int, default=24)
     parser.add_argument("--single-layer", type=int, default=40)
-    parser.add_argument("--uniform", nargs="*", help="uniform schemes to run (default: every candidate)")
-    parser.add_argument("--stage", choices=("all", "prepare", "search"), default="all",
-                        help="prepare: uniform runs, gradients, round 0, correlations (kept in --work); "
-                             "search: the searches at --budgets from what prepare kept")
+    parser.add_argument("--uniform", nargs="*", default=CANDIDATES,
+                        help="uniform schemes to run (default: every scheme the library offers at 2-8 bits)")
+    parser.add_argument("--stage", choices=("all", "prepare", "uniform", "measure", "search"), default="all",
+                        help="uniform: every --uniform scheme through the pipeline; measure: gradients, round 0 and "
+                             "the correlations (kept in --work); prepare: both; search: the searches at --budgets "
+                             "from what measure kept")
     parser.add_argument("--work", help="folder for what the stages share (default --out)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="runs/bench-allocation-search")
@@ -107,7 +123,8 @@ def main() -> None:
     candidates = [Scheme.parse(name) for name in args.candidates]
     layers = list(model_linears(pristine))
     report_path = work / "allocation_search.json"
-    report: dict = json.loads(report_path.read_text()) if args.stage == "search" and report_path.is_file() else {
+    resume = args.stage in ("measure", "search") and report_path.is_file()
+    report: dict = json.loads(report_path.read_text()) if resume else {
         "model": args.model, "device": environment(device)["device_name"], "torch": torch.__version__,
         "calibration": list(calibration.shape), "seed": args.seed, "windows": args.windows,
         "eval_tokens": {k: v.numel() for k, v in sets.items()}, "candidates": args.candidates,
@@ -138,9 +155,10 @@ def main() -> None:
         del model
         return result, bits, seconds
 
-    if args.stage in ("all", "prepare"):
-        prepare(args, report, pristine, calibration, sets, candidates, layers, device, work, perplexities,
-                through_pipeline, save, show)
+    if args.stage in ("all", "prepare", "uniform"):
+        uniform(args, report, pristine, layers, perplexities, through_pipeline, save, show)
+    if args.stage in ("all", "prepare", "measure"):
+        measure(args, report, pristine, calibration, sets, candidates, layers, device, work, save, show)
     if args.stage in ("all", "search"):
         gradients = GradientStats.load(work / "gradients.safetensors")
         table0 = SensitivityTable.load(work / "round0")
@@ -152,18 +170,22 @@ def main() -> None:
     print(f"wrote {out / 'allocation_search.json'}")
 
 
-def prepare(args, report, pristine, calibration, sets, candidates, layers, device, work, perplexities,
-            through_pipeline, save, show) -> None:
-    """Full precision, every uniform candidate through the pipeline, gradients, round 0, correlations."""
+def uniform(args, report, pristine, layers, perplexities, through_pipeline, save, show) -> None:
+    """Full precision, and every --uniform scheme through the pipeline."""
     report["full_precision"] = perplexities(pristine)
     show({"full_precision": report["full_precision"]})
     report["uniform"] = []
-    for name in args.uniform if args.uniform is not None else args.candidates:
+    for name in args.uniform:
         ppl, bits, seconds = through_pipeline({layer: name for layer in layers})
         report["uniform"].append({"scheme": name, "bits_per_weight": round(bits, 4), "ppl": ppl,
                                   "quantize_seconds": round(seconds, 2)})
         show(report["uniform"][-1])
         save()
+
+
+def measure(args, report, pristine, calibration, sets, candidates, layers, device, work, save, show) -> None:
+    """Gradients, round 0 of the sensitivity (every candidate on full-precision inputs), correlations."""
+    report["candidates"] = args.candidates
     started = time.perf_counter()
     gradients = gradient_stats(pristine, calibration[:args.gradient_samples], layers, device, progress=False)
     seconds = {"gradients": round(time.perf_counter() - started, 2)}
@@ -187,42 +209,50 @@ def search(args, report, pristine, calibration, candidates, table0, gradients, d
     """Per budget and metric: the in-context search, and the baselines through the pipeline."""
     timer = StageTimer(device)
 
+    ties = TIES[args.ties]
+    tied = ", fused layers tied" if ties else ""
+
     def allocate(metric: str, budget: float, solver=solve_ilp):
-        return lambda table: solver(build_problem(table, metric, budget_bits=budget))
+        return lambda table: solver(build_problem(table, metric, budget_bits=budget, ties=ties))
 
     report.setdefault("searched", [])
     for budget in args.budgets:
         for metric in args.metrics:
-            model = copy.deepcopy(pristine)
-            started = time.perf_counter()
-            found = search_in_context(model, calibration, lambda name: candidates, device, allocate(metric, budget),
-                                      table0, metric, DEFAULT_TIES, max_rounds=args.rounds, remeasure=args.remeasure,
-                                      gradients=gradients,
-                                      block_tokens=args.block_tokens, cache=CandidateCache(), progress=False,
-                                      timer=timer)
-            row = {"budget": budget, "metric": metric, "solver": "ilp, in context", "remeasure": args.remeasure,
-                   "bits_per_weight": round(found.allocation.bits_per_weight, 4), "ppl": perplexities(model),
-                   "rounds": [r.record() for r in found.rounds], "converged": found.converged,
-                   "search_seconds": round(time.perf_counter() - started, 2),
-                   "schemes": found.allocation.scheme_counts(), "layers": found.allocation.schemes}
-            del model
-            report["searched"].append(row)
-            show({k: v for k, v in row.items() if k != "layers"})
-            final = found.table
-            runs = {"round0": ("ilp, round 0 costs", lambda: allocate(metric, budget)(table0)),
-                    "greedy": ("greedy, final costs", lambda: allocate(metric, budget, solve_greedy)(final)),
-                    "knapsack_dp": ("knapsack DP, final costs",
+            final, costs = table0, ""
+            if "ilp" in args.solvers:
+                model = copy.deepcopy(pristine)
+                started = time.perf_counter()
+                found = search_in_context(model, calibration, lambda name: candidates, device,
+                                          allocate(metric, budget), table0, metric, ties, max_rounds=args.rounds,
+                                          remeasure=args.remeasure, gradients=gradients,
+                                          block_tokens=args.block_tokens, cache=CandidateCache(), progress=False,
+                                          timer=timer)
+                context = f", {args.rounds} in-context round{'s' if args.rounds > 1 else ''}" if args.rounds else ""
+                row = {"budget": budget, "metric": metric, "solver": f"ilp{context}{tied}", "ties": args.ties,
+                       "remeasure": args.remeasure,
+                       "bits_per_weight": round(found.allocation.bits_per_weight, 4), "ppl": perplexities(model),
+                       "rounds": [r.record() for r in found.rounds], "converged": found.converged,
+                       "search_seconds": round(time.perf_counter() - started, 2),
+                       "schemes": found.allocation.scheme_counts(), "layers": found.allocation.schemes}
+                del model
+                report["searched"].append(row)
+                show({k: v for k, v in row.items() if k != "layers"})
+                save()
+                final, costs = found.table, (", in-context costs" if args.rounds else "")
+            runs = {"round0": (f"ilp, round 0 costs{tied}", lambda: allocate(metric, budget)(table0)),
+                    "greedy": (f"greedy{costs}{tied}", lambda: allocate(metric, budget, solve_greedy)(final)),
+                    "knapsack_dp": (f"knapsack DP{costs}{tied}",
                                     lambda: allocate(metric, budget, solve_knapsack_dp)(final))}
-            for key in args.baselines:
+            for key in [s for s in args.solvers if s != "ilp"]:
                 label, solve = runs[key]
                 allocation = solve()
                 ppl, bits, _ = through_pipeline(allocation.schemes)
                 report["searched"].append({"budget": budget, "metric": metric, "solver": label,
                                            "bits_per_weight": round(bits, 4), "ppl": ppl,
                                            "objective": allocation.objective,
-                                           "schemes": allocation.scheme_counts()})
-                show(report["searched"][-1])
-            save()
+                                           "schemes": allocation.scheme_counts(), "layers": allocation.schemes})
+                show({k: v for k, v in report["searched"][-1].items() if k != "layers"})
+                save()
 
 
 def correlations(args, report, table, cache, model, sets, layers, show) -> None:

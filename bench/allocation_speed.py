@@ -67,10 +67,10 @@ def main() -> None:
                               gradients=gradients)
     seconds["round0"] = synchronized(device) - start
     start = synchronized(device)
-    found = search_in_context(model, ids, lambda name: candidates, device,
-                              lambda t: solve_ilp(build_problem(t, "output_fisher", budget_bits=3.25)), table,
-                              "output_fisher", DEFAULT_TIES, max_rounds=1, gradients=gradients, cache=CandidateCache(),
-                              progress=False)
+    search_in_context(model, ids, lambda name: candidates, device,
+                      lambda t: solve_ilp(build_problem(t, "output_fisher", budget_bits=3.25)), table,
+                      "output_fisher", DEFAULT_TIES, max_rounds=1, gradients=gradients, cache=CandidateCache(),
+                      progress=False)
     seconds["in_context_round"] = synchronized(device) - start
     depth = SIZES[args.size]["num_hidden_layers"]
     per_block = {k: v / args.blocks for k, v in seconds.items() if k != "gradients"}

@@ -17,8 +17,6 @@ import json
 import statistics
 from pathlib import Path
 
-IN_CONTEXT = "ilp, in context"
-
 
 def spread(values: list[float]) -> dict:
     return {"mean": round(statistics.fmean(values), 3), "min": round(min(values), 3), "max": round(max(values), 3),
