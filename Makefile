@@ -34,7 +34,7 @@ test-unit: setup
 	$(PY) -m pytest -q -m "not integration"
 
 # the leaderboard sweep of the README: every recipe in recipes/leaderboard/, the plain model's own evaluation,
-# then the report (about an hour on 2 CPU cores)
+# then the report (about two hours on 2 CPU cores)
 LEADERBOARD_EVAL := --dataset wikitext2 --max-windows 16 --tasks piqa,arc_easy,hellaswag --limit 500 \
 	--include-path $(ASSETS)/lm_eval_tasks
 leaderboard: assets
