@@ -6,7 +6,8 @@ does (the layer stays dense then); Hadamard schemes add their online input rotat
     python bench/kernel_latency.py --device cuda --out latency.json [--schemes …] [--resume]
 
 Times are CUDA-graph replays on a cold L2 (export/kernels/matmul.graph_time_ms), averaged over the weight
-shapes of an 8B Llama. The JSON holds `table` (anchored scheme name → µs per million weights) and every
+shapes of an 8B Llama. The JSON holds `table` (quantbench.allocation.problem.latency_key of each kernel's
+scheme, a regex that also matches its activation-order variants → µs per million weights) and every
 measurement behind it.
 """
 
@@ -81,7 +82,7 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d"), "shapes": SHAPES, "table": {}, "measured": []}
     if args.resume and out.is_file():
         result = json.loads(out.read_text())
-    for name in dict.fromkeys(args.schemes):
+    for name in args.schemes:
         key = latency_key(name)  # one measurement per kernel: -act variants share it
         if key in result["table"]:
             continue
