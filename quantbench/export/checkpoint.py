@@ -8,7 +8,9 @@ as bit-packed codes.
                       that rotate their input x ↦ x·R online (quantizers/fwht.py RandomHadamard),
                       "model_rotation": {"kind", "size", "seed"} or null: the residual-stream rotation
                       already folded into the stored weights (rotation.py)}
-  model.safetensors  every parameter not quantized, as it was; for each quantized linear `<name>.qweight`
+  model.safetensors  (or shards `model-0000i-of-0000n.safetensors` listed in model.safetensors.index.json, one
+                     per decoder block and one for the rest, when a run streams; see CheckpointWriter)
+                     every parameter not quantized, as it was; for each quantized linear `<name>.qweight`
                      (int32, codes bit-packed along the input dimension, see formats/packing.py),
                      `<name>.scales` (float16 [out, groups]) and, for asymmetric schemes, `<name>.qzeros`
                      (int32, zero points packed like the codes) and, when GPTQ's act_order grouped the
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,11 +36,11 @@ from quantbench.activations import input_rotation_of, quantize_inputs_of, rotate
 from quantbench.errors import QuantbenchError
 from quantbench.export.kernels.layout import kernel_unsupported_reason, to_kernel_layout
 from quantbench.export.kernels.modules import PackedLinear
-from quantbench.export.checkpoint_reader import (FORMAT_VERSION, QUANT_METHOD, RUN_CHECKPOINT_DIR,  # noqa: F401
-                                                 WEIGHTS_FILE, CheckpointLayer, checkpoint_layers, damaged,
+from quantbench.export.checkpoint_reader import (FORMAT_VERSION, INDEX_FILE, QUANT_METHOD,  # noqa: F401
+                                                 RUN_CHECKPOINT_DIR, WEIGHTS_FILE, CheckpointLayer, checkpoint_layers, damaged,
                                                  is_quantbench_checkpoint, read_checkpoint,
                                                  read_quantization_config, resolve_checkpoint_dir)
-from quantbench.fsutil import atomic_directory, save_tensors
+from quantbench.fsutil import atomic_directory, atomic_write_path, save_tensors
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
 from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.rotation import MODEL_ROTATION_ATTR
@@ -53,41 +57,117 @@ def save_quantized(model: nn.Module, tokenizer, quantized: dict[str, QuantizedWe
 
 
 def write_checkpoint(model: nn.Module, tokenizer, quantized: dict[str, QuantizedWeight], directory: Path) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    tied: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for key, value in model.state_dict().items():
-        if key.removesuffix(".weight") in quantized and key.endswith(".weight"):
-            continue
-        identity = (value.data_ptr(), value.dtype, tuple(value.shape))
-        if identity in seen:  # tied weights (e.g. lm_head = embed_tokens) are stored once
-            tied[key] = seen[identity]
-            continue
-        seen[identity] = key
-        tensors[key] = value.detach().cpu().contiguous()
-    layers = {}
-    for name, qweight in quantized.items():
-        for suffix, tensor in qweight.pack().items():
-            tensors[f"{name}.{suffix}"] = tensor.cpu().contiguous()
-        layers[name] = {"scheme": qweight.scheme.name, **qweight.scheme.model_dump(), "shape": list(qweight.shape)}
-    save_tensors(tensors, directory / WEIGHTS_FILE, {"format": "pt"})
-    rotations = {name: rotation.descriptor for name, module in model.named_modules()
-                 if (rotation := input_rotation_of(module)) is not None}
+    """The whole in-memory model as one part: a single model.safetensors, as before sharding existed."""
+    writer = CheckpointWriter(directory)
+    writer.write_part("model", model_tensors(model.state_dict(), quantized), quantized, layer_rotations(model))
+    writer.finish(model, tokenizer, ["model"])
 
-    config = copy.deepcopy(model.config)
-    config.dtype = next(model.parameters()).dtype  # what the weights really are, whatever the config said
-    config.quantization_config = {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "layers": layers,
-                                  "tied": tied, "rotations": rotations,
-                                  "model_rotation": getattr(model, MODEL_ROTATION_ATTR, None),
-                                  "base_model": getattr(model, "name_or_path", None) or None}
-    config.save_pretrained(directory)
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        generation_config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+
+def model_tensors(state: dict[str, torch.Tensor], quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores for `state`: every tensor but the quantized linears' weights."""
+    return {key: value.detach() for key, value in state.items()
+            if not (key.endswith(".weight") and key.removesuffix(".weight") in quantized)}
+
+
+def layer_rotations(modules: nn.Module, prefix: str = "") -> dict[str, dict]:
+    """The online input rotations of `modules`' linears, by full name (`prefix` + name within)."""
+    return {prefix + name: rotation.descriptor for name, module in modules.named_modules()
+            if (rotation := input_rotation_of(module)) is not None}
+
+
+class CheckpointWriter:
+    """Writes a native checkpoint part by part, so that no more than one part is ever in memory.
+
+    `write_part` packs one part (a decoder block, the tensors outside the blocks, or a whole small model)
+    straight to `<directory>/parts/<part>.safetensors`, through a staging name, with its layers' schemes and
+    rotations in the file's metadata: a part on disk is complete, and a resumed run keeps it. `finish`
+    renames the parts, in model order, into `model.safetensors` (one part) or the Hugging Face shards
+    `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`, and writes config.json with the
+    quantization_config gathered from the parts' metadata. Tied tensors (lm_head = embed_tokens) are stored
+    once, under the first name, as long as they are written in one part.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.parts_dir = self.directory / "parts"
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, part: str) -> Path:
+        return self.parts_dir / f"{part}.safetensors"
+
+    def has_part(self, part: str) -> bool:
+        return self.path(part).is_file()
+
+    def write_part(self, part: str, tensors: dict[str, torch.Tensor], quantized: dict[str, QuantizedWeight],
+                   rotations: dict[str, dict]) -> None:
+        stored, tied, seen = {}, {}, {}
+        for key, value in tensors.items():
+            identity = (value.data_ptr(), value.dtype, tuple(value.shape))
+            if identity in seen:
+                tied[key] = seen[identity]
+                continue
+            seen[identity] = key
+            stored[key] = value.cpu().contiguous()
+        layers = {}
+        for name, qweight in quantized.items():
+            for suffix, tensor in qweight.pack().items():
+                stored[f"{name}.{suffix}"] = tensor.cpu().contiguous()
+            layers[name] = {"scheme": qweight.scheme.name, **qweight.scheme.model_dump(), "shape": list(qweight.shape)}
+        metadata = {"format": "pt", "quantbench": json.dumps({"layers": layers, "tied": tied, "rotations": rotations})}
+        with atomic_write_path(self.path(part)) as tmp:
+            save_tensors(stored, tmp, metadata)
+
+    def part_record(self, part: str) -> dict:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path(part)), framework="pt") as handle:
+            return json.loads(handle.metadata()["quantbench"])
+
+    def finish(self, model: nn.Module, tokenizer, parts: list[str]) -> dict[str, dict]:
+        """Put the parts in place as the checkpoint's weights and write its config; returns the layers."""
+        records = {part: self.part_record(part) for part in parts}
+        layers = {name: entry for record in records.values() for name, entry in record["layers"].items()}
+        if len(parts) == 1:
+            self.path(parts[0]).rename(self.directory / WEIGHTS_FILE)
+        else:
+            mapping, total = {}, 0
+            for number, part in enumerate(parts, 1):
+                shard = f"model-{number:05d}-of-{len(parts):05d}.safetensors"
+                total += self.path(part).stat().st_size
+                with safe_open_keys(self.path(part)) as keys:
+                    mapping.update(dict.fromkeys(keys, shard))
+                self.path(part).rename(self.directory / shard)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
+            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        shutil.rmtree(self.parts_dir)
+        config = copy.deepcopy(model.config)
+        config.dtype = _stored_dtype(model)  # what the weights really are, whatever the config said
+        config.quantization_config = {
+            "quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "layers": layers,
+            "tied": {k: v for record in records.values() for k, v in record["tied"].items()},
+            "rotations": {k: v for record in records.values() for k, v in record["rotations"].items()},
+            "model_rotation": getattr(model, MODEL_ROTATION_ATTR, None),
+            "base_model": getattr(model, "name_or_path", None) or None}
+        config.save_pretrained(self.directory)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(self.directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.directory)
+        return layers
+
+
+@contextlib.contextmanager
+def safe_open_keys(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        yield list(handle.keys())
+
+
+def _stored_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (a streamed model's may sit on the meta device)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def load_quantized(directory: str | Path, device: str | torch.device = "cpu",

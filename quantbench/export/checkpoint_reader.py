@@ -21,6 +21,7 @@ QUANT_METHOD = "quantbench"
 FORMAT_VERSION = 2  # 2: online input rotations; version 1 checkpoints (none) still load
 READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint: {"metadata", "weight_map": {key: shard}}
 RUN_CHECKPOINT_DIR = "checkpoint"  # where a run directory keeps its exported checkpoint
 PACKED_SUFFIXES = ("qweight", "scales", "qzeros", "g_idx", "global_scale")
 SAFETENSORS_DTYPES = {"I32": torch.int32, "I64": torch.int64, "I16": torch.int16, "I8": torch.int8,
@@ -58,14 +59,25 @@ class Checkpoint:
     def qconfig(self) -> dict:
         return self.config["quantization_config"]
 
+    @property
+    def shards(self) -> list[str]:
+        """The safetensors files holding the weights, in order (one for an unsharded checkpoint)."""
+        return weight_files(self.directory)
+
     def load_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for shard in self.shards:
+            tensors.update(self.load_shard(shard))
+        return tensors
+
+    def load_shard(self, shard: str) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(self.directory / WEIGHTS_FILE))
+            return load_file(str(self.directory / shard))
         except (SafetensorError, OSError) as exc:
-            raise damaged(self.directory, f"{WEIGHTS_FILE} cannot be read ({exc})") from None
+            raise damaged(self.directory, f"{shard} cannot be read ({exc})") from None
 
 
 def damaged(directory: Path, problem: str) -> QuantbenchError:
@@ -155,21 +167,47 @@ def _layer(directory: Path, name: str, entry) -> CheckpointLayer:
     return CheckpointLayer(name, scheme, tuple(shape), packed_layout(scheme, tuple(shape)))
 
 
+def weight_map(directory: Path) -> dict[str, str] | None:
+    """A sharded checkpoint's index: tensor name → shard file; None for a single model.safetensors."""
+    path = Path(directory) / INDEX_FILE
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        mapping = index["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise damaged(Path(directory), f"{INDEX_FILE} is not a safetensors index ({exc})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) and "/" not in v for v in mapping.values()):
+        raise damaged(Path(directory), f"{INDEX_FILE}'s weight_map does not map tensor names to shard files")
+    return mapping
+
+
+def weight_files(directory: Path) -> list[str]:
+    mapping = weight_map(directory)
+    return [WEIGHTS_FILE] if mapping is None else sorted(set(mapping.values()))
+
+
 def _read_header(directory: Path) -> dict[str, TensorSpec]:
     from safetensors import SafetensorError, safe_open
 
-    path = directory / WEIGHTS_FILE
-    if not path.is_file():
-        raise damaged(directory, f"{WEIGHTS_FILE} is missing")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = {}
-            for key in handle.keys():
-                tensor = handle.get_slice(key)
-                dtype = SAFETENSORS_DTYPES.get(tensor.get_dtype())
-                header[key] = TensorSpec(tuple(tensor.get_shape()), dtype)
-    except (SafetensorError, OSError) as exc:
-        raise damaged(directory, f"{WEIGHTS_FILE} cannot be read ({exc}); it may be truncated") from None
+    mapping = weight_map(directory)
+    header = {}
+    for shard in weight_files(directory):
+        path = directory / shard
+        if not path.is_file():
+            raise damaged(directory, f"{shard} is missing")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    if mapping is not None and mapping.get(key) != shard:
+                        raise damaged(directory, f"{shard} holds {key}, which {INDEX_FILE} places elsewhere")
+                    tensor = handle.get_slice(key)
+                    dtype = SAFETENSORS_DTYPES.get(tensor.get_dtype())
+                    header[key] = TensorSpec(tuple(tensor.get_shape()), dtype)
+        except (SafetensorError, OSError) as exc:
+            raise damaged(directory, f"{shard} cannot be read ({exc}); it may be truncated") from None
+    if mapping is not None and (lost := sorted(set(mapping) - set(header))):
+        raise damaged(directory, f"{INDEX_FILE} lists {len(lost)} tensor(s) no shard holds ({', '.join(lost[:3])})")
     return header
 
 

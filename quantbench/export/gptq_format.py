@@ -121,7 +121,7 @@ def export_gptq(source: str | Path | NativeCheckpoint, out_dir: str | Path, forc
 def _gptq_config(native: NativeCheckpoint) -> dict:
     blocks = _block_prefixes(native.layers)
     unquantized = [key.removesuffix(".weight") for key, value in native.dense.items()
-                   if key.endswith(".weight") and value.dim() == 2 and _in_blocks(key, blocks)]
+                   if key.endswith(".weight") and len(value.shape) == 2 and _in_blocks(key, blocks)]
     return gptq_quantization_config({n: w.scheme for n, w in native.layers.items()}, unquantized)
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from quantbench.errors import QuantbenchError
-from quantbench.export.checkpoint_reader import WEIGHTS_FILE, read_checkpoint
+from quantbench.column_groups import TensorSpec
+from quantbench.export.checkpoint_reader import INDEX_FILE, Checkpoint, CheckpointLayer, read_checkpoint
 from quantbench.fsutil import atomic_directory, save_tensors
-from quantbench.quantized_weight import QuantizedWeight, unpack_weight
-from quantbench.trit_planes import TritPlaneWeight
+from quantbench.quantized_weight import unpack_weight
 
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -23,10 +23,19 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
 
 @dataclass
 class NativeCheckpoint:
-    directory: Path
-    config: dict  # config.json, quantization_config included
-    dense: dict[str, torch.Tensor]  # every tensor that is not a quantized layer's
-    layers: dict[str, QuantizedWeight | TritPlaneWeight]
+    """A checked native checkpoint, opened without reading its weights (they are read shard by shard)."""
+
+    checkpoint: Checkpoint
+    layers: dict[str, CheckpointLayer]  # scheme and shape of every quantized layer
+    dense: dict[str, TensorSpec]  # shape and dtype of every tensor that is not a quantized layer's
+
+    @property
+    def directory(self) -> Path:
+        return self.checkpoint.directory
+
+    @property
+    def config(self) -> dict:  # config.json, quantization_config included
+        return self.checkpoint.config
 
     @property
     def qconfig(self) -> dict:
@@ -37,12 +46,11 @@ class NativeCheckpoint:
         return list(self.qconfig.get("rotations", {}))
 
 
-def read_native(directory: str | Path) -> NativeCheckpoint:
+def open_native(directory: str | Path) -> NativeCheckpoint:
     checkpoint = read_checkpoint(directory)
-    tensors = checkpoint.load_tensors()
-    layers = {name: unpack_weight(layer.scheme, layer.shape, {s: tensors.pop(f"{name}.{s}") for s in layer.layout})
-              for name, layer in checkpoint.layers.items()}
-    return NativeCheckpoint(checkpoint.directory, checkpoint.config, tensors, layers)
+    packed = {f"{name}.{suffix}" for name, layer in checkpoint.layers.items() for suffix in layer.layout}
+    return NativeCheckpoint(checkpoint, checkpoint.layers,
+                            {key: spec for key, spec in checkpoint.header.items() if key not in packed})
 
 
 Unsupported = Callable[..., "str | None"]  # (scheme, shape, weight=None) → why the format cannot store it
@@ -72,15 +80,45 @@ def export_interop(source: str | Path | NativeCheckpoint, out_dir: str | Path, f
                    quantization_config: Callable[[NativeCheckpoint], dict],
                    config_changes: Callable[[NativeCheckpoint], dict] | None = None) -> Path:
     """Refuse what `target` cannot store, else write every layer as `layer_tensors` packs it beside the
-    dense tensors, under `quantization_config(native)` (and `config_changes(native)` in config.json)."""
-    native = source if isinstance(source, NativeCheckpoint) else read_native(source)
-    refuse_inexpressible(target, layer_problems(native.layers, native.rotated, unsupported))
-    tensors = dict(native.dense)
-    for name, weight in native.layers.items():
-        for suffix, tensor in layer_tensors(weight).items():
-            tensors[f"{name}.{suffix}"] = tensor
-    changes = config_changes(native) if config_changes else {}
-    return write_hf_directory(native, out_dir, tensors, quantization_config(native), force, changes)
+    dense tensors, under `quantization_config(native)` (and `config_changes(native)` in config.json).
+
+    Shard by shard: each native shard becomes the export's shard of the same name, so no more than one
+    shard is in memory. What only the values show (a GPTQ zero point of 0) is gathered over every shard
+    and refused at the end, before the export is put in place."""
+    native = source if isinstance(source, NativeCheckpoint) else open_native(source)
+    planned = {name: (layer.scheme, layer.shape) for name, layer in native.layers.items()}
+    refuse_inexpressible(target, layer_problems(planned, native.rotated, unsupported))
+    out_dir = Path(out_dir)
+    config = {k: v for k, v in native.config.items() if k != "quantization_config"}
+    config.update(config_changes(native) if config_changes else {})
+    config["quantization_config"] = quantization_config(native)
+    with atomic_directory(out_dir, force, what="export directory") as tmp:
+        problems, mapping = {}, {}
+        for shard in native.checkpoint.shards:
+            tensors = native.checkpoint.load_shard(shard)
+            names = [name for name, layer in native.layers.items()
+                     if all(f"{name}.{suffix}" in tensors for suffix in layer.layout)]
+            converted = {}
+            for name in names:
+                layer = native.layers[name]
+                weight = unpack_weight(layer.scheme, layer.shape, {s: tensors.pop(f"{name}.{s}") for s in layer.layout})
+                if found := layer_problems({name: weight}, [], unsupported):
+                    problems.update(found)
+                    continue
+                converted.update({f"{name}.{suffix}": t.contiguous() for suffix, t in layer_tensors(weight).items()})
+            converted.update({k: v.contiguous() for k, v in tensors.items()})
+            save_tensors(converted, tmp / shard, {"format": "pt"})
+            mapping.update(dict.fromkeys(converted, shard))
+        refuse_inexpressible(target, problems)
+        if len(native.checkpoint.shards) > 1:
+            total = sum((tmp / shard).stat().st_size for shard in native.checkpoint.shards)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in COPIED_FILES:
+            if (native.directory / name).is_file():
+                shutil.copy2(native.directory / name, tmp / name)
+    return out_dir
 
 
 def refuse_inexpressible(target: str, problems: dict[str, str]) -> None:
@@ -102,19 +140,3 @@ def grouped_reasons(problems: dict[str, str], examples: int = 2) -> list[str]:
         shown = ", ".join(names[:examples]) + (", …" if len(names) > examples else "")
         lines.append(f"  {reason}: {len(names)} layer{'s' if len(names) > 1 else ''} ({shown})")
     return lines
-
-
-def write_hf_directory(source: NativeCheckpoint, out_dir: str | Path, tensors: dict[str, torch.Tensor],
-                       quantization_config: dict, force: bool, config_changes: dict | None = None) -> Path:
-    """config.json with `quantization_config`, model.safetensors and the tokenizer files of the source."""
-    out_dir = Path(out_dir)
-    config = {k: v for k, v in source.config.items() if k != "quantization_config"}
-    config.update(config_changes or {})
-    config["quantization_config"] = quantization_config
-    with atomic_directory(out_dir, force, what="export directory") as tmp:
-        save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE, {"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in COPIED_FILES:
-            if (source.directory / name).is_file():
-                shutil.copy2(source.directory / name, tmp / name)
-    return out_dir
