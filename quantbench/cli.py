@@ -104,6 +104,8 @@ def validate(recipe: Path = typer.Argument(..., help="YAML recipe")) -> None:
 @app.command()
 def run(recipe: Path = typer.Argument(..., help="YAML recipe"),
         force: bool = typer.Option(False, "--force", help="replace an existing run / export directory"),
+        resume: bool = typer.Option(False, "--resume", help="continue a streamed run that died, from its last "
+                                    "journal save (see model.streaming)"),
         verbose: bool = typer.Option(True, "--verbose/--quiet", help="log progress")) -> None:
     """Run a recipe end to end: calibrate, quantize, evaluate, export, write result.json."""
     from quantbench.recipe import load_recipe
@@ -111,7 +113,7 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe"),
 
     _setup_logging(verbose)
     try:
-        result = run_recipe(load_recipe(recipe), force=force, progress=verbose)
+        result = run_recipe(load_recipe(recipe), force=force, progress=verbose, resume=resume)
     except QuantbenchError as exc:
         _fail(exc)
     print_run_summary(result)

@@ -21,6 +21,15 @@ BLOCK_PATHS = {
     "gpt_neox": "gpt_neox.layers",
     "opt": "model.decoder.layers",
 }
+# model_type → the final norm applied to the last block's output before the LM head
+FINAL_NORM_PATHS = {
+    "llama": "model.norm",
+    "mistral": "model.norm",
+    "qwen2": "model.norm",
+    "qwen3": "model.norm",
+    "gpt_neox": "gpt_neox.final_layer_norm",
+    "opt": "model.decoder.final_layer_norm",
+}
 FAMILIES = "Llama family (llama, mistral, qwen2, qwen3 — SmolLM is llama), GPT-NeoX (gpt_neox), OPT (opt)"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -157,3 +166,12 @@ def move_except_blocks(model: nn.Module, device: torch.device) -> None:
             visit(child)
 
     visit(model)
+
+
+def final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits the model computes from the last decoder block's output `hidden` (final norm, OPT's
+    output projection where it has one, LM head)."""
+    hidden = model.get_submodule(FINAL_NORM_PATHS[model.config.model_type])(hidden)
+    if model.config.model_type == "opt" and model.model.decoder.project_out is not None:
+        hidden = model.model.decoder.project_out(hidden)
+    return model.get_output_embeddings()(hidden)

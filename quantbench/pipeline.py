@@ -20,8 +20,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantbench.activations import activation_format_of, input_rotation_of, quantize_inputs_of, rotate_inputs_of
+from quantbench.block_weights import ResidentWeights
+from quantbench.memory import read_peaks, reset_peaks
 from quantbench.calibration.stats import StopForward, collect_stats, input_sharing
-from quantbench.model_io import block_linears, blocks_path, decoder_blocks, move_except_blocks
+from quantbench.model_io import block_linears, blocks_path, decoder_blocks
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.quantizers import needs_hessian, needs_stats, quantize_weight
 from quantbench.quantizers.fwht import RandomHadamard
@@ -43,11 +45,14 @@ class BlockInputs:
 
 class StageTimer:
     """Seconds per pipeline stage; synchronises the device around each timed span so GPU work is
-    charged to the stage that launched it. `fine=True` also times the Hessian accumulation inside hooks."""
+    charged to the stage that launched it. `fine=True` also times the Hessian accumulation inside hooks.
+    `memory=True` also records each stage's peak host RSS and device memory (for a timer whose stages do
+    not nest: each stage resets the peaks)."""
 
-    def __init__(self, device: torch.device, fine: bool = False) -> None:
-        self.device, self.fine = device, fine
+    def __init__(self, device: torch.device, fine: bool = False, memory: bool = False) -> None:
+        self.device, self.fine, self.memory = device, fine, memory
         self.seconds: dict[str, float] = {}
+        self.peaks: dict[str, dict[str, float]] = {}
 
     @contextmanager
     def __call__(self, stage: str):
@@ -55,12 +60,18 @@ class StageTimer:
             yield
             return
         self._sync()
+        if self.memory:
+            reset_peaks(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
             self._sync()
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+            if self.memory:
+                peaks = read_peaks(self.device)
+                earlier = self.peaks.get(stage, {})
+                self.peaks[stage] = {k: max(v, earlier.get(k, 0.0)) for k, v in peaks.items()}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -145,7 +156,10 @@ class BlockContext:
 
 
 class BlockStage(Protocol):
-    """A step the driver runs on every block, in order, before it propagates the block's outputs."""
+    """A step the driver runs on every block, in order, before it propagates the block's outputs. A stage
+    may leave run_block out and define only `begin(model, device)` (after the first block's inputs are captured, with the tensors
+    outside the blocks on the device), `after_block(ctx)` (once the block's outputs are the next block's
+    inputs, in `ctx.inputs`) and `finish(model, device)` (after the last block)."""
 
     def run_block(self, ctx: BlockContext) -> None: ...
 
@@ -153,43 +167,70 @@ class BlockStage(Protocol):
 @torch.no_grad()
 def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device, stages: list[BlockStage],
                  batch_size: int = 8, progress: bool = True, timer: StageTimer | None = None,
-                 desc: str = "blocks") -> None:
-    """The one block driver: capture what the first block receives, then for every block move it to the
+                 desc: str = "blocks", weights=None, start: int = 0,
+                 resume_hidden: list[torch.Tensor] | None = None) -> None:
+    """The one block driver: capture what the first block receives, then for every block load it on the
     device, run each stage on it, and run the block (as the stages left it) to make the next block's
-    inputs. Only one block and one block's activations for the calibration samples live on the device."""
+    inputs. Only one block and one block's activations for the calibration samples live on the device.
+
+    `weights` says where blocks come from (ResidentWeights: the model in memory, the default; DiskWeights:
+    read from the checkpoint as their turn comes). A resumed run starts at block `start` with the hidden
+    states a journal kept (`resume_hidden`); the keyword arguments (masks, positions) are captured anew."""
     timer = timer or StageTimer(device)
-    home = next(model.parameters()).device
+    weights = weights or ResidentWeights(model)
     prefix = blocks_path(model)
-    move_except_blocks(model, device)
     try:
+        with timer("transfer"):
+            weights.load_outside(model, device)
         with timer("capture"):
             inputs = capture_block_inputs(model, input_ids, device, batch_size)
-        for index, block in enumerate(tqdm(decoder_blocks(model), desc=desc, unit="block", disable=not progress)):
+        if resume_hidden is not None:
+            inputs.hidden = [hidden.to(device) for hidden in resume_hidden]
+        _each(stages, "begin", model, device)
+        blocks = decoder_blocks(model)
+        for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress,
+                          initial=start, total=len(blocks)):
+            block = blocks[index]
             with timer("transfer"):
-                block.to(device)
+                weights.load_block(block, f"{prefix}.{index}", device)
             ctx = BlockContext(index, f"{prefix}.{index}", block, block_linears(block), inputs, timer)
-            for stage in stages:
-                stage.run_block(ctx)
+            _each(stages, "run_block", ctx)
             with timer("propagate"):
                 inputs.hidden = run_block(block, inputs)
+            _each(stages, "after_block", ctx)
             with timer("transfer"):
-                block.to(home)
+                weights.release_block(block)
+        _each(stages, "finish", model, device)
     finally:
-        model.to(home)
+        weights.release_outside(model)
+
+
+def _each(stages: list, hook: str, *args) -> None:
+    for stage in stages:
+        if (method := getattr(stage, hook, None)) is not None:
+            method(*args)
 
 
 class QuantizeStage:
     """Quantize every linear that `scheme_for(full_name)` assigns a scheme, in place (see quantize_block);
-    `results` collects the QuantizedWeights (on CPU) by full name."""
+    `results` collects the QuantizedWeights (on CPU; `on_device`: where they were computed, for a next stage
+that packs and drops them block by block) by full name. With `lm_head`, `finish` also quantizes
+    the LM head (untied from the embedding) by that scheme."""
 
-    def __init__(self, scheme_for: SchemeLookup, true_sequential: bool = True, hessian: str = "fp32") -> None:
-        self.scheme_for, self.true_sequential = scheme_for, true_sequential
-        self.tensor_cores = hessian == "tensor_cores"
+    def __init__(self, scheme_for: SchemeLookup, true_sequential: bool = True, hessian: str = "fp32",
+                 lm_head: Scheme | None = None, on_device: bool = False) -> None:
+        self.scheme_for, self.true_sequential, self.lm_head = scheme_for, true_sequential, lm_head
+        self.tensor_cores, self.on_device = hessian == "tensor_cores", on_device
         self.results: dict[str, QuantizedWeight] = {}
+
+    def finish(self, model: nn.Module, device: torch.device) -> None:
+        if self.lm_head is not None:
+            self.results["lm_head"] = quantize_linear(untie_lm_head(model), self.lm_head)
 
     def run_block(self, ctx: BlockContext) -> None:
         schemes = {name: scheme for name in ctx.linears if (scheme := self.scheme_for(ctx.full_name(name)))}
-        for name, quantized in quantize_block(ctx, schemes, self.true_sequential, self.tensor_cores).items():
+        for name, quantized in quantize_block(ctx, schemes, self.true_sequential, self.tensor_cores,
+                                              self.on_device).items():
             self.results[ctx.full_name(name)] = quantized
 
 
@@ -205,7 +246,7 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
 
 
 def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequential: bool,
-                   tensor_cores: bool = False) -> dict[str, QuantizedWeight]:
+                   tensor_cores: bool = False, on_device: bool = False) -> dict[str, QuantizedWeight]:
     """Quantize a block's linears. When a solver reads calibration statistics, the linears are grouped by the
     input they share (q/k/v, o, gate/up, down) and, with `true_sequential`, each group is calibrated on inputs
     produced by the already-quantized earlier groups; layers sharing an input share one Hessian.
@@ -215,7 +256,8 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
     hessian_layers = {name for name, scheme in schemes.items() if needs_hessian(scheme)}
     if not stats_layers:  # a statistics pass costs a block forward: skip it when no solver reads one
         with timer("solve"):
-            return {name: quantize_linear(linears[name], scheme) for name, scheme in schemes.items()}
+            return {name: quantize_linears([linears[name]], [name], scheme, on_device=on_device)[name]
+                    for name, scheme in schemes.items()}
     groups = ctx.input_groups(schemes)
     stages = groups if true_sequential else [[name for group in groups for name in group]]
     results = {}
@@ -229,7 +271,8 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
                     feed_block(ctx.block, ctx.inputs)
         with timer("solve"):
             for names in _solve_together(stage, schemes, stats):
-                results.update(quantize_linears([linears[n] for n in names], names, schemes[names[0]], stats[names[0]]))
+                results.update(quantize_linears([linears[n] for n in names], names, schemes[names[0]], stats[names[0]],
+                                                on_device))
     return results
 
 
@@ -241,7 +284,8 @@ def _solve_together(stage: list[str], schemes: dict[str, Scheme], stats: dict) -
     return list(batches.values())
 
 
-def quantize_linears(layers: list[nn.Linear], names: list[str], scheme: Scheme, stats=None) -> dict[str, QuantizedWeight]:
+def quantize_linears(layers: list[nn.Linear], names: list[str], scheme: Scheme, stats=None,
+                     on_device: bool = False) -> dict[str, QuantizedWeight]:
     """Quantize layers that share a scheme and an input by stacking their rows into one solve.
 
     Under a Hadamard transform the stacked weight and the statistics are rotated first and every layer
@@ -259,7 +303,7 @@ def quantize_linears(layers: list[nn.Linear], names: list[str], scheme: Scheme, 
     parts = quantized.split_rows([layer.out_features for layer in layers]) if len(layers) > 1 else [quantized]
     for layer, part in zip(layers, parts):
         apply_quantized(layer, part, rotation)
-    return {name: part.to("cpu") for name, part in zip(names, parts)}
+    return {name: part if on_device else part.to("cpu") for name, part in zip(names, parts)}
 
 
 def quantize_linear(linear: nn.Linear, scheme: Scheme, stats=None) -> QuantizedWeight:

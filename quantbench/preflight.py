@@ -48,6 +48,7 @@ class Plan:
     device_memory_bytes: int | None = None
     device_total_bytes: int | None = None
     estimated_seconds: float | None = None
+    streaming: bool = False
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -56,7 +57,8 @@ class Plan:
                  f"checkpoint: about {_size(self.checkpoint_bytes)}; writes {_size(self.disk_bytes)} "
                  f"of {_size(self.free_disk_bytes)} free",
                  f"host memory: about {_size(self.host_memory_bytes)}"
-                 + (f" of {_size(self.available_memory_bytes)} available" if self.available_memory_bytes else "")]
+                 + (f" of {_size(self.available_memory_bytes)} available" if self.available_memory_bytes else "")
+                 + (" (streamed: one block at a time)" if self.streaming else "")]
         if self.device_memory_bytes is not None:
             lines.append(f"device memory: about {_size(self.device_memory_bytes)} of {_size(self.device_total_bytes)}")
         if self.estimated_seconds is not None:
@@ -227,21 +229,26 @@ def _estimate(recipe: Recipe, model, raw: dict, layers: dict, problems: list[str
     quantized_params = sum(out * inp for _, (out, inp) in layers.values())
     checkpoint = sum(storage_bits(scheme, shape) for scheme, shape in layers.values()) // 8 + (
         n_params - quantized_params) * weight_bytes
-    copies = 1 + (recipe.export.enabled and recipe.export.format != NATIVE)
-    disk = checkpoint * copies if recipe.export.enabled else 0
-    free_disk = shutil.disk_usage(_existing_ancestor(recipe.run_dir)).free
-    if disk > free_disk:
-        problems.append(f"disk: the checkpoint needs about {_size(disk)} but {_size(free_disk)} are free under "
-                        f"{_existing_ancestor(recipe.run_dir)}; free space or set output.dir elsewhere")
-
     activations = _activation_bytes(recipe, raw, layers, weight_bytes)
     model_bytes = n_params * weight_bytes
-    host = model_bytes + (activations if device.type == "cpu" else 0)
     available = _available_memory()
-    plan = Plan(raw["model_type"], n_params, layers, checkpoint, disk, free_disk, host, available, notes=notes)
+    streaming = _streams(recipe, model_bytes, available, problems)
+
+    copies = 1 + (recipe.export.enabled and recipe.export.format != NATIVE)
+    disk = (checkpoint * copies if recipe.export.enabled else 0) + (_journal_bytes(recipe, raw, weight_bytes)
+                                                                    if streaming else 0)
+    free_disk = shutil.disk_usage(_existing_ancestor(recipe.run_dir)).free
+    if disk > free_disk:
+        problems.append(f"disk: the checkpoint{' and the journal' if streaming else ''} need about {_size(disk)} but "
+                        f"{_size(free_disk)} are free under {_existing_ancestor(recipe.run_dir)}; free space or set "
+                        "output.dir elsewhere")
+    held = (_largest_block_bytes(model, weight_bytes) + _outside_bytes(model, weight_bytes)) if streaming else model_bytes
+    host = held + (activations if device.type == "cpu" else 0)
+    plan = Plan(raw["model_type"], n_params, layers, checkpoint, disk, free_disk, host, available, notes=notes,
+                streaming=streaming)
     cal = recipe.calibration
     if available is not None and host > available:
-        problems.append(f"memory: this run needs about {_size(host)} of host memory ({_size(model_bytes)} of weights"
+        problems.append(f"memory: this run needs about {_size(host)} of host memory ({_size(held)} of weights"
                         + (f", {_size(activations)} of block activations for {cal.n_samples:,} × {cal.seqlen:,} "
                            "calibration tokens" if device.type == "cpu" else "")
                         + f") but {_size(available)} are available; lower calibration.n_samples, seqlen or "
@@ -255,6 +262,47 @@ def _estimate(recipe: Recipe, model, raw: dict, layers: dict, problems: list[str
     if estimate_time and not problems:
         plan.estimated_seconds = _flops(recipe, raw, n_params, layers) / (_measured_flops(device, dtype) * ACHIEVED_SHARE)
     return plan
+
+
+def streaming_blockers(recipe: Recipe) -> list[str]:
+    """What in `recipe` needs the whole model in memory, so that it cannot stream."""
+    blockers = []
+    if recipe.transforms:
+        blockers.append("transforms (the model rotation touches every block at once)")
+    if recipe.allocation is not None:
+        blockers.append("an allocation section (the search quantizes each block many times)")
+    if recipe.eval.tasks:
+        blockers.append("eval.tasks (lm-eval runs the whole model)")
+    return blockers
+
+
+def _streams(recipe: Recipe, model_bytes: int, available: int | None, problems: list[str]) -> bool:
+    """Whether the run streams: `model.streaming: on`, or `auto` when the weights would fill more than half
+    the available host memory and nothing in the recipe needs the whole model."""
+    blockers = streaming_blockers(recipe)
+    if recipe.model.streaming == "on" and blockers:
+        problems.append("model.streaming: on cannot stream a recipe with " + "; ".join(blockers)
+                        + "; drop them or set model.streaming: off")
+    if recipe.model.streaming == "off" or blockers:
+        return False
+    return recipe.model.streaming == "on" or (available is not None and model_bytes > available / 2)
+
+
+def _journal_bytes(recipe: Recipe, raw: dict, weight_bytes: int) -> int:
+    """A streamed run's journal: the hidden states entering a block, for calibration and evaluation windows
+    (two saves may coexist for a moment)."""
+    ev = recipe.eval
+    windows = ev.max_windows or WIKITEXT2_WINDOWS * 2048 // ev.seqlen
+    tokens = recipe.calibration.n_samples * recipe.calibration.seqlen + windows * ev.seqlen * len(ev.perplexity) * (
+        2 if ev.baseline else 1)
+    return 2 * tokens * raw.get("hidden_size", 0) * weight_bytes
+
+
+def _outside_bytes(model, weight_bytes: int) -> int:
+    from quantbench.model_io import decoder_blocks
+
+    inside = {id(p) for p in decoder_blocks(model).parameters()}
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in inside) * weight_bytes
 
 
 def _activation_bytes(recipe: Recipe, raw: dict, layers: dict, weight_bytes: int) -> int:

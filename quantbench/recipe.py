@@ -56,6 +56,10 @@ class ModelSection(_Section):
     nonfinite_weights: Literal["error", "zero"] = Field("error", description="what a NaN or ±inf weight does: "
                                                         "stop the run naming the parameters, or become 0 "
                                                         "(recorded in result.json)")
+    streaming: Literal["auto", "on", "off"] = Field(
+        "auto", description="on: read each block's weights from disk when its turn comes and write the checkpoint "
+        "block by block (host memory: one block, not the model; --resume continues a run that died); auto: "
+        "on when the weights would fill more than half the available host memory and the recipe allows it")
 
 
 class CalibrationSection(_Section):
@@ -342,6 +346,8 @@ class ExportSection(_Section):
 
 class OutputSection(_Section):
     dir: str | None = Field(None, description="run directory; default: runs/<name>")
+    journal_every_s: float = Field(60.0, ge=0, description="streamed runs: seconds between saves of the hidden "
+                                   "states a --resume starts from (0: after every block)")
 
 
 class Recipe(_Section):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import resource
 import subprocess
 import sys
 from collections import Counter
@@ -71,7 +70,7 @@ def summarize_layers(model: nn.Module, sizes: dict[str, LayerSize], linears: dic
 
 def distinct_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Each parameter once, however many modules share it (a tied embedding and lm_head)."""
-    return list({p.data_ptr(): p for p in model.parameters()}.values())
+    return list({p.data_ptr() or id(p): p for p in model.parameters()}.values())  # meta tensors have no data
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -108,11 +107,3 @@ def git_revision() -> str | None:
     if rev.returncode != 0:
         return None
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def peak_memory(device: torch.device) -> dict:
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = {"cpu_rss_mb": round(rss_kb / 1024, 1)}
-    if device.type == "cuda":
-        peak["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return peak

@@ -28,7 +28,8 @@ from quantbench.model_io import handle_nonfinite_weights, load_model, model_line
 from quantbench.preflight import preflight
 from quantbench.pipeline import StageTimer, quantize_linear, quantize_model, untie_lm_head
 from quantbench.recipe import Recipe
-from quantbench.results import environment, parameter_count, peak_memory, quantization_summary
+from quantbench import memory
+from quantbench.results import environment, parameter_count, quantization_summary
 from quantbench.rotation import max_logit_change, rotate_model
 
 log = logging.getLogger(__name__)
@@ -37,20 +38,29 @@ ALLOCATION_FILE = "allocation.yaml"
 PROBE_TOKENS = 256  # tokens of the first calibration sequence on which a transform's exactness is checked
 
 
-def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> dict:
+def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resume: bool = False) -> dict:
     """Run a whole recipe; returns the result that is also written to `<run dir>/result.json`.
 
-    Everything knowable up front is checked first (`preflight`). A failure that can only come at the end
-    (an interop export refusing what the weights turned out to be) keeps what was computed: the run
-    directory is written with the native checkpoint and result.json, then the error is raised."""
+    Everything knowable up front is checked first (`preflight`), which also decides whether the run
+    streams the model from disk (stream_runner.py; `resume` continues a streamed run that died). A failure
+    that can only come at the end (an interop export refusing what the weights turned out to be) keeps
+    what was computed: the run directory is written with the native checkpoint and result.json, then the
+    error is raised."""
     run_dir = recipe.run_dir
     started = time.perf_counter()
     plan = preflight(recipe, force)
     for line in plan.summary().splitlines():
         log.info("preflight: %s", line)
+    if plan.streaming:
+        from quantbench.stream_runner import run_streaming
+
+        return run_streaming(recipe, plan, force, progress, resume)
+    if resume:
+        raise QuantbenchError(f"recipe {recipe.name} does not stream, so there is nothing to resume (only streamed "
+                              "runs keep a journal); set model.streaming: on, or run without --resume")
     device = resolve_device(recipe.model.device)
     dtype = resolve_dtype(recipe.model.dtype, device)
-    timer = StageTimer(device)
+    timer = StageTimer(device, memory=True)
 
     with timer("load"):
         model, tokenizer, repaired = load_checked_model(recipe, dtype)
@@ -123,25 +133,39 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True) -> di
                 else:
                     write_checkpoint(model, tokenizer, quantized, tmp / RUN_CHECKPOINT_DIR)
                 result["checkpoint"] = str(recipe.export_dir)
-                if recipe.export.format != NATIVE:
-                    native = recipe.export_dir if recipe.export.dir else tmp / RUN_CHECKPOINT_DIR
-                    interop = f"{RUN_CHECKPOINT_DIR}-{recipe.export.format}"
-                    try:
-                        export_checkpoint(recipe.export.format, native, tmp / interop)
-                        result["interop_checkpoint"] = str(run_dir / interop)
-                    except QuantbenchError as exc:  # kept for after the results are safe
-                        interop_error = exc
-                        result["interop_error"] = str(exc)
-        timer.seconds["total"] = time.perf_counter() - started
-        result.update(timings_s=timer.summary(), quantize_breakdown_s=stages.summary(),
-                      peak_memory=peak_memory(device), environment=environment(device),
-                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.canonical(), sort_keys=False))
+                native = recipe.export_dir if recipe.export.dir else tmp / RUN_CHECKPOINT_DIR
+                interop_error = interop_export(recipe, native, tmp, result)
+        finish_result(result, recipe, tmp, timer, stages, device, started)
     if interop_error is not None:
         raise QuantbenchError(f"{interop_error}\nthe run's results are kept: {run_dir / RESULT_FILE} and the native "
                               f"checkpoint {recipe.export_dir}")
     return result
+
+
+def interop_export(recipe: Recipe, native: Path, run_tmp: Path, result: dict) -> QuantbenchError | None:
+    """Write the interop checkpoint the recipe asks for beside the native one; a refusal is returned (and
+    recorded in `result`), to be raised once the run's results are safe."""
+    if recipe.export.format == NATIVE:
+        return None
+    interop = f"{RUN_CHECKPOINT_DIR}-{recipe.export.format}"
+    try:
+        export_checkpoint(recipe.export.format, native, run_tmp / interop, device=resolve_device(recipe.model.device))
+    except QuantbenchError as exc:
+        result["interop_error"] = str(exc)
+        return exc
+    result["interop_checkpoint"] = str(recipe.run_dir / interop)
+    return None
+
+
+def finish_result(result: dict, recipe: Recipe, run_tmp: Path, timer: StageTimer, breakdown: StageTimer,
+                  device: torch.device, started: float) -> None:
+    """Timings, peak memory (overall and per stage) and environment; write result.json and recipe.yaml."""
+    timer.seconds["total"] = time.perf_counter() - started
+    result.update(timings_s=timer.summary(), quantize_breakdown_s=breakdown.summary(),
+                  peak_memory=memory.overall(timer.peaks), peak_memory_by_stage=timer.peaks,
+                  environment=environment(device), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    (run_tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    (run_tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.canonical(), sort_keys=False))
 
 
 def load_checked_model(recipe: Recipe, dtype: torch.dtype):

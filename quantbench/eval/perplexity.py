@@ -37,26 +37,41 @@ def tokenize_eval_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.int64)
 
 
-@torch.no_grad()
-def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
-                      batch_size: int = 1, progress: bool = False, dataset: str = "") -> PerplexityResult:
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None, dataset: str = "") -> torch.Tensor:
+    """The non-overlapping windows [windows, seqlen] scored from the start of the tokenized text."""
     available = ids.numel() // seqlen
     if available == 0:
         raise QuantbenchError(f"{dataset or 'text'} has {ids.numel()} tokens, fewer than eval seqlen={seqlen}")
     windows = min(available, max_windows) if max_windows else available
-    device = next(model.parameters()).device
-    batches = ids[: windows * seqlen].view(windows, seqlen).split(batch_size)
-    nll_sum = torch.zeros((), dtype=torch.float64)
-    for batch in tqdm(batches, desc=f"perplexity {dataset}".strip(), unit="batch", disable=not progress):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                              reduction="sum")
-        nll_sum += nll.double().cpu()
-    tokens = windows * (seqlen - 1)
+    return ids[: windows * seqlen].view(windows, seqlen)
+
+
+def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Summed NLL (float64, on CPU) of each window predicting its tokens 2..seqlen."""
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                          reduction="sum")
+    return nll.double().cpu()
+
+
+def perplexity_result(nll_sum: torch.Tensor, windows: torch.Tensor, dataset: str) -> PerplexityResult:
+    count, seqlen = windows.shape
+    tokens = count * (seqlen - 1)
     mean_nll = nll_sum.item() / tokens
-    return PerplexityResult(dataset=dataset, ppl=math.exp(mean_nll), nll=mean_nll, windows=windows,
+    return PerplexityResult(dataset=dataset, ppl=math.exp(mean_nll), nll=mean_nll, windows=count,
                             seqlen=seqlen, tokens=tokens)
+
+
+@torch.no_grad()
+def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+                      batch_size: int = 1, progress: bool = False, dataset: str = "") -> PerplexityResult:
+    windows = eval_windows(ids, seqlen, max_windows, dataset)
+    device = next(model.parameters()).device
+    nll_sum = torch.zeros((), dtype=torch.float64)
+    for batch in tqdm(windows.split(batch_size), desc=f"perplexity {dataset}".strip(), unit="batch",
+                      disable=not progress):
+        batch = batch.to(device)
+        nll_sum += window_nll(model(input_ids=batch, use_cache=False).logits, batch)
+    return perplexity_result(nll_sum, windows, dataset)
 
 
 def dataset_perplexity(model: nn.Module, tokenizer, dataset: str, seqlen: int = 2048,

@@ -70,12 +70,12 @@ class Checkpoint:
             tensors.update(self.load_shard(shard))
         return tensors
 
-    def load_shard(self, shard: str) -> dict[str, torch.Tensor]:
+    def load_shard(self, shard: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(self.directory / shard))
+            return load_file(str(self.directory / shard), device=str(device))
         except (SafetensorError, OSError) as exc:
             raise damaged(self.directory, f"{shard} cannot be read ({exc})") from None
 

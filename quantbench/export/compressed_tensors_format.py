@@ -130,8 +130,8 @@ def loadable_config(native: NativeCheckpoint) -> dict:
 
 
 def export_compressed_tensors(source: str | Path | NativeCheckpoint, out_dir: str | Path,
-                              force: bool = False) -> Path:
+                              force: bool = False, device: str | torch.device = "cpu") -> Path:
     """Write a native checkpoint in the compressed-tensors format; refuses (naming them) layers it cannot store."""
     return export_interop(source, out_dir, force, "compressed-tensors", compressed_tensors_unsupported_reason,
                           compressed_tensors_tensors, lambda native: compressed_tensors_config(native.layers),
-                          loadable_config)
+                          loadable_config, device)

@@ -113,9 +113,11 @@ def gptq_quantization_config(layers: dict[str, Scheme], unquantized_in_blocks: l
             "meta": {"quantizer": ["quantbench"]}}
 
 
-def export_gptq(source: str | Path | NativeCheckpoint, out_dir: str | Path, force: bool = False) -> Path:
+def export_gptq(source: str | Path | NativeCheckpoint, out_dir: str | Path, force: bool = False,
+                device: str | torch.device = "cpu") -> Path:
     """Write a native checkpoint in the GPTQ format; refuses (naming them) layers GPTQ cannot store."""
-    return export_interop(source, out_dir, force, "GPTQ", gptq_unsupported_reason, gptq_tensors, _gptq_config)
+    return export_interop(source, out_dir, force, "GPTQ", gptq_unsupported_reason, gptq_tensors, _gptq_config,
+                          device=device)
 
 
 def _gptq_config(native: NativeCheckpoint) -> dict:

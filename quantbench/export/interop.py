@@ -78,12 +78,13 @@ def export_interop(source: str | Path | NativeCheckpoint, out_dir: str | Path, f
                    unsupported: Unsupported,
                    layer_tensors: Callable[[object], dict[str, torch.Tensor]],
                    quantization_config: Callable[[NativeCheckpoint], dict],
-                   config_changes: Callable[[NativeCheckpoint], dict] | None = None) -> Path:
+                   config_changes: Callable[[NativeCheckpoint], dict] | None = None,
+                   device: str | torch.device = "cpu") -> Path:
     """Refuse what `target` cannot store, else write every layer as `layer_tensors` packs it beside the
     dense tensors, under `quantization_config(native)` (and `config_changes(native)` in config.json).
 
     Shard by shard: each native shard becomes the export's shard of the same name, so no more than one
-    shard is in memory. What only the values show (a GPTQ zero point of 0) is gathered over every shard
+    shard is in host memory; its quantized layers are converted on `device`. What only the values show (a GPTQ zero point of 0) is gathered over every shard
     and refused at the end, before the export is put in place."""
     native = source if isinstance(source, NativeCheckpoint) else open_native(source)
     planned = {name: (layer.scheme, layer.shape) for name, layer in native.layers.items()}
@@ -101,12 +102,13 @@ def export_interop(source: str | Path | NativeCheckpoint, out_dir: str | Path, f
             converted = {}
             for name in names:
                 layer = native.layers[name]
-                weight = unpack_weight(layer.scheme, layer.shape, {s: tensors.pop(f"{name}.{s}") for s in layer.layout})
+                packed = {s: tensors.pop(f"{name}.{s}").to(device) for s in layer.layout}
+                weight = unpack_weight(layer.scheme, layer.shape, packed)
                 if found := layer_problems({name: weight}, [], unsupported):
                     problems.update(found)
                     continue
-                converted.update({f"{name}.{suffix}": t.contiguous() for suffix, t in layer_tensors(weight).items()})
-            converted.update({k: v.contiguous() for k, v in tensors.items()})
+                converted.update({f"{name}.{suffix}": t.cpu().contiguous() for suffix, t in layer_tensors(weight).items()})
+            converted.update({k: v.cpu().contiguous() for k, v in tensors.items()})
             save_tensors(converted, tmp / shard, {"format": "pt"})
             mapping.update(dict.fromkeys(converted, shard))
         refuse_inexpressible(target, problems)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from quantbench.activations import input_rotation_of
@@ -30,5 +31,7 @@ def planned_problems(target: str, layers: dict[str, tuple], rotated) -> dict[str
     return {} if target == NATIVE else layer_problems(layers, rotated, UNSUPPORTED[target])
 
 
-def export_checkpoint(target: str, source: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    return EXPORTERS[target](source, out_dir, force)
+def export_checkpoint(target: str, source: str | Path, out_dir: str | Path, force: bool = False,
+                      device: str | torch.device = "cpu") -> Path:
+    """Convert a native checkpoint to `target`, shard by shard on `device`."""
+    return EXPORTERS[target](source, out_dir, force, device)

@@ -1,0 +1,211 @@
+"""Where the block driver finds each block's weights.
+
+`ResidentWeights`: the whole model sits in host memory and each block visits the device in turn.
+`DiskWeights`: the model is a skeleton on the meta device (names and shapes, no storage), and each
+block's tensors are read from the model's safetensors files, memory-mapped, only when its turn comes,
+straight onto the device; they are dropped when the block is done. The tensors outside the blocks
+(embeddings, final norm, LM head) are read when the driver starts and dropped when it ends. Host memory
+then holds one tensor in flight, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantbench.errors import QuantbenchError
+from quantbench.model_io import blocks_path, check_supported, move_except_blocks, nonfinite_counts
+
+log = logging.getLogger(__name__)
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class ResidentWeights:
+    """The model is in memory; blocks move to the device and back where they came from."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.home = next(model.parameters()).device
+
+    def load_outside(self, model: nn.Module, device: torch.device) -> None:
+        move_except_blocks(model, device)
+
+    def release_outside(self, model: nn.Module) -> None:
+        model.to(self.home)
+
+    def load_block(self, block: nn.Module, prefix: str, device: torch.device) -> None:
+        block.to(device)
+
+    def release_block(self, block: nn.Module) -> None:
+        block.to(self.home)
+
+
+def skeleton_model(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model `config` describes with its parameters on the meta device (no storage) and its
+    non-persistent buffers (rotary frequencies) computed as from_pretrained computes them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    check_supported(config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def weights_folder(name_or_path: str) -> Path:
+    """The folder holding a model's safetensors files: a local directory, or the hub cache's snapshot."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as exc:  # the hub client raises many types; all mean the same here
+        raise QuantbenchError(f"cannot find the weights of {name_or_path!r} ({str(exc).splitlines()[0]}); offline, "
+                              "source .assets/env.sh or give a local directory") from None
+
+
+class DiskWeights:
+    """Reads tensors by their model names from a folder of safetensors files (sharded or not).
+
+    `nonfinite` is what to do with a NaN or ±inf weight, as model.nonfinite_weights says: `error` stops
+    the run naming it, `zero` replaces it by 0 and records it in `zeroed`.
+    """
+
+    def __init__(self, model: nn.Module, folder: str | Path, dtype: torch.dtype, nonfinite: str = "error") -> None:
+        self.model, self.folder, self.dtype, self.nonfinite = model, Path(folder), dtype, nonfinite
+        stored_files = self._weight_map()
+        self.stored = self._model_names(list(stored_files))  # model name → name in the checkpoint
+        self.files = {name: stored_files[stored] for name, stored in self.stored.items()}
+        self.zeroed: dict[str, str] = {}
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            return json.loads(index.read_text())["weight_map"]
+        single = self.folder / SINGLE_FILE
+        if not single.is_file():
+            raise QuantbenchError(f"{self.folder} has no {SINGLE_FILE} or {INDEX_FILE}: streaming reads safetensors "
+                                  "weights; convert the model (save_pretrained writes safetensors) or set "
+                                  "model.streaming: off")
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as handle:
+            return dict.fromkeys(handle.keys(), SINGLE_FILE)
+
+    def _model_names(self, stored_keys: list[str]) -> dict[str, str]:
+        """Checkpoint names renamed as from_pretrained renames them (transformers' conversion mapping: GPT-NeoX's
+        `embed_out` is `lm_head`; a base model's checkpoint lacks the `model.` prefix). A checkpoint that
+        needs its tensors converted, not just renamed, cannot stream."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(self.model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta = self.model.state_dict()
+        names = {}
+        for key in stored_keys:
+            name, converted = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta)
+            if converted is not None:
+                raise QuantbenchError(f"{self.folder}: {key} must be converted as it loads ({converted}), which "
+                                      "streaming does not do; set model.streaming: off")
+            names[name] = key
+        return names
+
+    def load(self, module: nn.Module, prefix: str, device: torch.device, skip: str | None = None) -> None:
+        """Give every parameter and persistent buffer of `module` (named `prefix`.…), except those under
+        `skip`, its stored value on `device`, in the model's dtype (floating-point tensors)."""
+        wanted: dict[str, list[tuple[str, str]]] = {}
+        for name, _ in _stored_tensors(module):
+            key = f"{prefix}.{name}" if prefix else name
+            if skip is not None and key.startswith(skip + "."):
+                continue
+            stored = self.stored.get(key)
+            if stored is None:
+                if self._tied_elsewhere(key):
+                    continue
+                raise QuantbenchError(f"{self.folder} has no tensor {key}; the checkpoint does not fit its config")
+            wanted.setdefault(self.files[key], []).append((name, stored))
+        from safetensors import safe_open
+
+        for file, entries in wanted.items():
+            with safe_open(str(self.folder / file), framework="pt") as handle:
+                for name, stored in entries:
+                    value = handle.get_tensor(stored)
+                    if value.is_floating_point():
+                        value = self._finite(stored, value.to(device=device, dtype=self.dtype))
+                    _set_tensor(module, name, value.to(device))
+
+    def _tied_elsewhere(self, key: str) -> bool:
+        head = self.model.get_output_embeddings()
+        return bool(getattr(self.model.config, "tie_word_embeddings", False)) and head is not None and \
+            key == _param_name(self.model, head)
+
+    def _retie(self) -> None:
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+
+    def _finite(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        if torch.isfinite(value).all():
+            return value
+        if self.nonfinite == "error":
+            raise QuantbenchError(f"the model has non-finite weights ({key}: {nonfinite_counts(value)}); fix the "
+                                  "checkpoint, or set model.nonfinite_weights: zero to replace them by 0")
+        self.zeroed[key] = nonfinite_counts(value)
+        log.warning("replaced non-finite weights by 0 in %s", key)
+        return value.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+    def load_outside(self, model: nn.Module, device: torch.device) -> None:
+        self.load(model, "", device, skip=blocks_path(model))
+        self._retie()
+        for name, buffer in model.named_buffers():  # computed buffers (rotary frequencies) follow
+            if not buffer.is_meta and buffer.device != device and not name.startswith(blocks_path(model) + "."):
+                _set_tensor(model, name, buffer.to(device))
+
+    def release_outside(self, model: nn.Module) -> None:
+        skip = blocks_path(model) + "."
+        for name, param in list(model.named_parameters()):
+            if not name.startswith(skip):
+                _set_tensor(model, name, torch.empty_like(param, device="meta"))
+        self._retie()
+
+    def state(self) -> dict[str, str]:
+        return dict(self.zeroed)
+
+    def restore(self, state: dict[str, str]) -> None:
+        self.zeroed.update(state)
+
+    def load_block(self, block: nn.Module, prefix: str, device: torch.device) -> None:
+        self.load(block, prefix, device)
+
+    def release_block(self, block: nn.Module) -> None:
+        for name, param in list(block.named_parameters()):
+            _set_tensor(block, name, torch.empty_like(param, device="meta"))
+
+
+def _stored_tensors(module: nn.Module):
+    """Parameters (each once) and the buffers a checkpoint stores (persistent ones), by name in `module`."""
+    yield from module.named_parameters()
+    for name, buffer in module.named_buffers():
+        owner, _, attr = name.rpartition(".")
+        if attr not in module.get_submodule(owner)._non_persistent_buffers_set:
+            yield name, buffer
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
+def _param_name(model: nn.Module, module: nn.Module) -> str:
+    return next(f"{name}.weight" for name, child in model.named_modules() if child is module)

@@ -1,0 +1,174 @@
+"""`run` for a model of any size: the weights stream from disk block by block, the checkpoint is written
+block by block, perplexity (baseline and quantized) is computed in the same pass, and a run that dies
+continues with --resume (journal.py). Host memory holds the tensors outside the blocks and one block in
+flight; the device holds one block and the activations of one block."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from torch import nn
+
+from quantbench.block_weights import DiskWeights, skeleton_model, weights_folder
+from quantbench.calibration import calibration_batches
+from quantbench.eval.blockwise import BlockwisePerplexity
+from quantbench.eval.harness import tokenize_eval_sets
+from quantbench.export.checkpoint import RUN_CHECKPOINT_DIR, CheckpointWriter, layer_rotations, model_tensors
+from quantbench.fsutil import atomic_directory
+from quantbench.journal import Journal
+from quantbench.model_io import blocks_path, decoder_blocks, load_tokenizer, model_linears, resolve_device, resolve_dtype
+from quantbench.pipeline import BlockContext, QuantizeStage, StageTimer, drive_blocks
+from quantbench.preflight import Plan
+from quantbench.recipe import Recipe
+from quantbench.results import LayerSize, parameter_count, summarize_layers
+
+log = logging.getLogger(__name__)
+OUTSIDE_PART = "outside"
+
+
+def block_part(index: int) -> str:
+    return f"block-{index:05d}"
+
+
+class StreamedLayers:
+    """After the quantize stage: takes each block's quantized layers out of memory, recording their sizes
+    and rotations and, with a `writer`, packing them with the block's other tensors into its checkpoint
+    part. `finish` does the same for the tensors outside the blocks (and a quantized LM head)."""
+
+    def __init__(self, quantize: QuantizeStage, writer: CheckpointWriter | None) -> None:
+        self.quantize, self.writer = quantize, writer
+        self.sizes: dict[str, LayerSize] = {}
+        self.rotations: dict[str, dict] = {}
+
+    def run_block(self, ctx: BlockContext) -> None:
+        with ctx.timer("write"):
+            state = {f"{ctx.prefix}.{key}": value for key, value in ctx.block.state_dict().items()}
+            self._take(block_part(ctx.index), state, layer_rotations(ctx.block, ctx.prefix + "."), ctx.prefix + ".")
+
+    def finish(self, model: nn.Module, device) -> None:
+        inside = blocks_path(model) + "."
+        state = {key: value for key, value in model.state_dict().items() if not key.startswith(inside)}
+        self._take(OUTSIDE_PART, state, {}, "")
+
+    def _take(self, part: str, state: dict, rotations: dict, prefix: str) -> None:
+        names = [name for name in self.quantize.results if name.startswith(prefix)]
+        quantized = {name: self.quantize.results.pop(name) for name in names}
+        self.sizes.update({name: LayerSize(q.scheme.name, q.numel, q.storage_bits) for name, q in quantized.items()})
+        self.rotations.update(rotations)
+        if self.writer is not None:
+            self.writer.write_part(part, model_tensors(state, quantized), quantized, rotations)
+
+    def state(self) -> dict:
+        return {"sizes": {name: asdict(size) for name, size in self.sizes.items()}, "rotations": self.rotations}
+
+    def restore(self, state: dict) -> None:
+        self.sizes = {name: LayerSize(**size) for name, size in state["sizes"].items()}
+        self.rotations = dict(state["rotations"])
+
+
+def run_streaming(recipe: Recipe, plan: Plan, force: bool, progress: bool, resume: bool) -> dict:
+    """The streamed counterpart of runner.run_recipe; returns (and writes) the same result record."""
+    from quantbench.runner import RESULT_FILE, finish_result, interop_export
+
+    started = time.perf_counter()
+    device = resolve_device(recipe.model.device)
+    dtype = resolve_dtype(recipe.model.dtype, device)
+    timer = StageTimer(device, memory=True)
+    with timer("load"):
+        model, tokenizer, weights = open_streamed(recipe, dtype)
+    with timer("eval_data"):
+        eval_ids = tokenize_eval_sets(tokenizer, recipe.eval.perplexity)
+    with timer("calibration"):
+        cal = recipe.calibration
+        input_ids = calibration_batches(tokenizer, cal.source, cal.n_samples, cal.seqlen, cal.seed,
+                                        split=cal.split, text_field=cal.text_field)
+
+    journal = Journal(recipe.run_dir, recipe.hash(), recipe.output.journal_every_s)
+    saved = journal.open(resume)
+    writer = CheckpointWriter(journal.checkpoint_dir) if recipe.export.enabled else None
+    quantize = QuantizeStage(recipe.quantize.scheme_for, recipe.quantize.true_sequential, recipe.quantize.hessian,
+                             lm_head=recipe.quantize.lm_head, on_device=True)
+    quantized_eval = BlockwisePerplexity(eval_ids, recipe.eval, "quantized")
+    layers = StreamedLayers(quantize, writer)
+    journal.stages = {"quantized_eval": quantized_eval, "layers": layers, "weights": weights}
+    stages = [quantize, quantized_eval, layers, journal]
+    baseline_eval = None
+    if recipe.eval.baseline:
+        baseline_eval = BlockwisePerplexity(eval_ids, recipe.eval, "baseline")
+        journal.stages["baseline_eval"] = baseline_eval
+        stages.insert(0, baseline_eval)
+    start, resume_hidden = 0, None
+    if saved is not None:
+        journal.restore(saved)
+        start, resume_hidden = saved["next_block"], saved["calibration"]
+    breakdown = StageTimer(device)
+    with timer("blocks"):
+        drive_blocks(model, input_ids, device, stages, cal.batch_size, progress, breakdown, "quantize blocks",
+                     weights=weights, start=start, resume_hidden=resume_hidden)
+
+    result = {
+        "name": recipe.name, "recipe": recipe.canonical(), "recipe_hash": recipe.hash(), "model": recipe.model.name,
+        "dtype": str(dtype).removeprefix("torch."), "parameters": parameter_count(model),
+        "calibration": {"source": cal.source, "n_samples": cal.n_samples, "seqlen": cal.seqlen, "seed": cal.seed},
+        "transforms": [],
+        "quantization": {**summarize_layers(model, layers.sizes, model_linears(model)),
+                         "rotations": {name: rotation["kind"] for name, rotation in layers.rotations.items()}},
+        "nonfinite_weights_zeroed": weights.zeroed,
+        "perplexity": {"baseline": baseline_eval.results if baseline_eval else {}, "quantized": quantized_eval.results},
+        "streaming": {"resumed_at_block": start if saved is not None else None, "blocks": len(decoder_blocks(model)),
+                      "journal_saves": journal.saves},
+    }
+    interop_error = None
+    with atomic_directory(recipe.run_dir, force, "run directory") as tmp:
+        if writer is not None:
+            with timer("export"):
+                parts = [block_part(i) for i in range(len(decoder_blocks(model)))] + [OUTSIDE_PART]
+                writer.finish(model, tokenizer, parts)
+                native = _place_checkpoint(journal.checkpoint_dir, recipe, tmp, force)
+                result["checkpoint"] = str(recipe.export_dir)
+                interop_error = interop_export(recipe, native, tmp, result)
+        finish_result(result, recipe, tmp, timer, breakdown, device, started)
+    journal.remove()
+    return _raise_kept(interop_error, recipe, RESULT_FILE) or result
+
+
+def open_streamed(recipe: Recipe, dtype):
+    """The model as a skeleton with no weights, its tokenizer, and where its weights are read from."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from quantbench.model_io import _from_pretrained
+
+    name = recipe.model.name
+    config = _from_pretrained(AutoConfig, name, trust_remote_code=recipe.model.trust_remote_code)
+    model = skeleton_model(config, dtype, recipe.model.trust_remote_code)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(name)
+    except OSError:
+        pass
+    tokenizer = load_tokenizer(name, recipe.model.trust_remote_code)
+    return model, tokenizer, DiskWeights(model, weights_folder(name), dtype, recipe.model.nonfinite_weights)
+
+
+def _place_checkpoint(built: Path, recipe: Recipe, run_tmp: Path, force: bool) -> Path:
+    """Move the finished checkpoint where the recipe wants it (one rename on one filesystem)."""
+    if not recipe.export.dir:
+        target = run_tmp / RUN_CHECKPOINT_DIR
+        os.rename(built, target)
+        return target
+    with atomic_directory(recipe.export_dir, force, "export directory") as staging:
+        os.rmdir(staging)
+        os.rename(built, staging)
+    return recipe.export_dir
+
+
+def _raise_kept(error, recipe: Recipe, result_file: str):
+    if error is None:
+        return None
+    from quantbench.errors import QuantbenchError
+
+    raise QuantbenchError(f"{error}\nthe run's results are kept: {recipe.run_dir / result_file} and the native "
+                          f"checkpoint {recipe.export_dir}")

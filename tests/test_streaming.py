@@ -1,0 +1,246 @@
+"""Streamed runs (model.streaming: on): weights read block by block from a sharded checkpoint, the
+checkpoint written block by block, perplexity computed in the same pass, and --resume after a kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import invoke, make_recipe, tiny_gpt_neox, tiny_llama, tiny_opt
+
+from quantbench import load_quantized
+from quantbench.errors import QuantbenchError
+from quantbench.export.checkpoint_reader import INDEX_FILE, read_checkpoint
+from quantbench.model_io import decoder_blocks, final_logits
+from quantbench.recipe import load_recipe
+from quantbench.runner import run_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMES = {"default": "int4-g32-gptq-act-static",
+           "overrides": [{"pattern": "down_proj|dense_4h_to_h", "scheme": "int3-g32-gptq"}]}
+
+
+def saved_in_shards(model, tokenizer, folder: Path, shard: str = "40KB") -> Path:
+    model.save_pretrained(folder, max_shard_size=shard)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tmp_path_factory, tokenizer) -> Path:
+    """Four blocks, tied embeddings, saved as about twenty safetensors shards."""
+    folder = saved_in_shards(tiny_llama(vocab_size=len(tokenizer), layers=4), tokenizer,
+                             tmp_path_factory.mktemp("sharded-llama"))
+    assert len(list(folder.glob("*.safetensors"))) > 10
+    return folder
+
+
+def streamed_recipe(tmp_path, model_dir, text_file, streaming="on", **changes):
+    sections = {"model": {"streaming": streaming}, "quantize": SCHEMES,
+                "calibration": {"n_samples": 6, "batch_size": 2}, "eval": {"batch_size": 2}}
+    for section, values in changes.items():
+        sections[section] = {**sections.get(section, {}), **values}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return make_recipe(tmp_path, model_dir, text_file, **sections)
+
+
+def checkpoint_contents(run_dir: Path) -> tuple[dict, dict]:
+    checkpoint = read_checkpoint(run_dir / "checkpoint")
+    return checkpoint.load_tensors(), checkpoint.qconfig
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    (tensors_a, config_a), (tensors_b, config_b) = checkpoint_contents(a), checkpoint_contents(b)
+    assert sorted(tensors_a) == sorted(tensors_b)
+    assert [k for k in tensors_a if not torch.equal(tensors_a[k], tensors_b[k])] == []
+    assert config_a == config_b
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt_neox, tiny_opt], ids=["llama", "gpt_neox", "opt"])
+def test_final_logits_of_the_last_block_output_are_the_model_logits(build):
+    model = build()
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    captured = {}
+    decoder_blocks(model)[-1].register_forward_hook(lambda _m, _a, out: captured.update(h=out[0] if isinstance(
+        out, tuple) else out))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        assert torch.equal(final_logits(model, captured["h"]), logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_a_streamed_run_gives_the_codes_checkpoint_and_perplexity_of_the_in_memory_run(
+        tmp_path, tokenizer, text_file, sharded_llama, family):
+    model_dir = sharded_llama if family == "llama" else saved_in_shards(
+        tiny_gpt_neox(vocab_size=len(tokenizer)), tokenizer, tmp_path / "neox")
+    results = {}
+    for mode in ("off", "on"):
+        recipe = streamed_recipe(tmp_path / mode, model_dir, text_file, mode,
+                                 quantize={**SCHEMES, "lm_head": "int8-pc-rtn"})
+        results[mode] = run_recipe(load_recipe(recipe), progress=False)
+    memory, streamed = results["off"], results["on"]
+    assert "streaming" in streamed and "streaming" not in memory
+    assert streamed["perplexity"] == memory["perplexity"]
+    assert streamed["quantization"] == memory["quantization"]
+    assert_same_checkpoint(tmp_path / "off" / "runs" / "tiny", tmp_path / "on" / "runs" / "tiny")
+    index = json.loads((tmp_path / "on" / "runs" / "tiny" / "checkpoint" / INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) == len(decoder_blocks_of(model_dir)) + 1  # a shard per block
+
+
+def decoder_blocks_of(model_dir: Path) -> range:
+    return range(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
+
+
+def test_a_sharded_compressed_tensors_export_loads_in_transformers_with_our_weights(tmp_path, sharded_llama,
+                                                                                     text_file):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    recipe = make_recipe(tmp_path, sharded_llama, text_file, model={"streaming": "on"},
+                         quantize={"default": "int4-g32-gptq-act-static", "overrides": []},
+                         export={"format": "compressed-tensors"})
+    result = run_recipe(load_recipe(recipe), progress=False)
+    exported = Path(result["interop_checkpoint"])
+    assert (exported / INDEX_FILE).is_file() and len(list(exported.glob("*.safetensors"))) == 5
+    ours = load_quantized(result["checkpoint"])
+    theirs = AutoModelForCausalLM.from_pretrained(exported, quantization_config=CompressedTensorsConfig(
+        run_compressed=False))
+    for name in result["quantization"]["layers"]:
+        assert torch.equal(theirs.get_submodule(name).weight, ours.get_submodule(name).weight), name
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+def resident_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS per stage needs Linux")
+def test_a_streamed_run_holds_one_block_in_host_memory_not_the_model(tmp_path, tokenizer, text_file):
+    import gc
+
+    import accelerate  # noqa: F401  (imported before the baseline is read: modules are not weights)
+    import quantbench.stream_runner  # noqa: F401
+
+    model = tiny_llama(vocab_size=len(tokenizer), layers=32, hidden=512)
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    saved_in_shards(model, tokenizer, tmp_path / "model", shard="20MB")
+    del model
+    gc.collect()
+    peaks = {}
+    for mode in ("on", "off"):
+        (tmp_path / mode).mkdir()
+        recipe = make_recipe(tmp_path / mode, tmp_path / "model", text_file, model={"streaming": mode},
+                             quantize={"default": "int4-g32-rtn"}, calibration={"n_samples": 2},
+                             eval={"max_windows": 1})
+        before = resident_mb()
+        result = run_recipe(load_recipe(recipe), progress=False)
+        peaks[mode] = result["peak_memory"]["host_rss_mb"] - before
+        gc.collect()
+    assert model_mb > 280
+    assert peaks["off"] > 0.9 * model_mb  # the whole model in memory
+    assert peaks["on"] < 0.25 * model_mb  # a block in flight (9 MB), its packed copy, the run's own objects
+
+
+def run_child(recipe: Path, kill_after_block: int | None = None, force: bool = False) -> int:
+    """`run_recipe` in a child process that, with `kill_after_block`, SIGKILLs itself as soon as that block's
+    checkpoint part is written (before the journal saves the next block's inputs). The child computes with
+    this process's thread count, so that its blocks equal those an in-process run computes."""
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import quantbench.stream_runner as streaming
+from quantbench.recipe import load_recipe
+from quantbench.runner import run_recipe
+take = streaming.StreamedLayers.run_block
+def run_block(self, ctx):
+    take(self, ctx)
+    if ctx.index == {kill_after_block!r}:
+        os.kill(os.getpid(), signal.SIGKILL)
+streaming.StreamedLayers.run_block = run_block
+run_recipe(load_recipe({str(recipe)!r}), force={force!r}, progress=False)
+"""
+    threads = str(torch.get_num_threads())  # as many as this process: float sums in the same order
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": threads}).returncode
+
+
+def test_kill_9_at_a_random_block_then_resume_gives_the_uninterrupted_checkpoint(tmp_path, sharded_llama, text_file):
+    reference = streamed_recipe(tmp_path / "reference", sharded_llama, text_file)
+    expected = run_recipe(load_recipe(reference), progress=False)
+
+    recipe = streamed_recipe(tmp_path, sharded_llama, text_file, output={"journal_every_s": 0})
+    run_dir = tmp_path / "runs" / "tiny"
+    assert run_child(recipe) == 0  # a good run stands in the run directory
+    good = (run_dir / "result.json").read_text()
+    killed_at = random.Random().randrange(1, 3)
+    assert run_child(recipe, kill_after_block=killed_at, force=True) == -9
+    assert (run_dir / "result.json").read_text() == good  # the kill left the good run in place
+    partial = run_dir.parent / ".tiny.partial"
+    assert sorted(p.name for p in (partial / "checkpoint" / "parts").iterdir()) == [
+        f"block-{i:05d}.safetensors" for i in range(killed_at + 1)]
+
+    resumed = invoke("run", recipe, "--force", "--resume", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["streaming"]["resumed_at_block"] == killed_at
+    assert result["perplexity"] == expected["perplexity"]
+    assert_same_checkpoint(run_dir, tmp_path / "reference" / "runs" / "tiny")
+    assert not partial.exists()
+
+
+def test_a_failed_streamed_run_leaves_no_checkpoint_and_keeps_the_good_one(tmp_path, sharded_llama, text_file,
+                                                                          monkeypatch):
+    recipe = streamed_recipe(tmp_path, sharded_llama, text_file)
+    run_recipe(load_recipe(recipe), progress=False)
+    run_dir = tmp_path / "runs" / "tiny"
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    import quantbench.stream_runner as streaming
+
+    def fail(*_args):
+        raise QuantbenchError("the disk is full")
+
+    monkeypatch.setattr(streaming.CheckpointWriter, "finish", fail)
+    with pytest.raises(QuantbenchError, match="disk is full"):
+        run_recipe(load_recipe(recipe), force=True, progress=False)
+    assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert [p.name for p in run_dir.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_resume_refuses_a_partial_run_of_another_recipe(tmp_path, sharded_llama, text_file):
+    recipe = streamed_recipe(tmp_path, sharded_llama, text_file, output={"journal_every_s": 0})
+    assert run_child(recipe, kill_after_block=1) == -9
+    changed = streamed_recipe(tmp_path, sharded_llama, text_file, output={"journal_every_s": 0},
+                              calibration={"seed": 1})
+    with pytest.raises(QuantbenchError, match="another version of this recipe"):
+        run_recipe(load_recipe(changed), progress=False, resume=True)
+
+
+def test_streaming_on_refuses_what_needs_the_whole_model(tmp_path, sharded_llama, text_file):
+    recipe = make_recipe(tmp_path, sharded_llama, text_file, model={"streaming": "on"})
+    recipe.write_text(recipe.read_text() + "transforms:\n- name: rotate\n")
+    with pytest.raises(QuantbenchError, match="cannot stream a recipe with transforms"):
+        run_recipe(load_recipe(recipe), progress=False)
+    plain = make_recipe(tmp_path, sharded_llama, text_file, model={"streaming": "off"})
+    with pytest.raises(QuantbenchError, match="nothing to resume"):
+        run_recipe(load_recipe(plain), progress=False, resume=True)
+
+
+def test_auto_streams_a_model_larger_than_half_the_available_memory(tmp_path, sharded_llama, text_file):
+    from quantbench.preflight import _streams, preflight
+
+    recipe = load_recipe(make_recipe(tmp_path, sharded_llama, text_file))
+    assert recipe.model.streaming == "auto" and not preflight(recipe).streaming
+    assert _streams(recipe, model_bytes=1000, available=1500, problems=[])
+    assert not _streams(recipe, model_bytes=1000, available=2500, problems=[])
+    off = load_recipe(make_recipe(tmp_path, sharded_llama, text_file, model={"streaming": "off"}))
+    assert not _streams(off, model_bytes=1000, available=1500, problems=[])
