@@ -122,25 +122,31 @@ class DiskWeights:
         """Give every parameter and persistent buffer of `module` (named `prefix`.…), except those under
         `skip`, its stored value on `device`, in the model's dtype (floating-point tensors)."""
         wanted: dict[str, list[tuple[str, str]]] = {}
+        def skipped(key: str) -> bool:
+            return skip is not None and key.startswith(skip + ".")
+
         for name, _ in _stored_tensors(module):
             key = f"{prefix}.{name}" if prefix else name
-            if skip is not None and key.startswith(skip + "."):
+            if skipped(key):
                 continue
             stored = self.stored.get(key)
             if stored is None:
                 if self._tied_elsewhere(key):
                     continue
                 raise QuantbenchError(f"{self.folder} has no tensor {key}; the checkpoint does not fit its config")
-            wanted.setdefault(self.files[key], []).append((name, stored))
+            wanted.setdefault(self.files[key], []).append((name, key, stored))
         from safetensors import safe_open
 
         for file, entries in wanted.items():
             with safe_open(str(self.folder / file), framework="pt") as handle:
-                for name, stored in entries:
+                for name, key, stored in entries:
                     value = handle.get_tensor(stored)
                     if value.is_floating_point():
-                        value = self._finite(stored, value.to(device=device, dtype=self.dtype))
+                        value = self._finite(key, value.to(device=device, dtype=self.dtype))
                     _set_tensor(module, name, value.to(device))
+        for name, buffer in module.named_buffers():  # computed buffers (rotary frequencies) follow
+            if not buffer.is_meta and buffer.device != device and not skipped(f"{prefix}.{name}" if prefix else name):
+                _set_tensor(module, name, buffer.to(device))
 
     def _tied_elsewhere(self, key: str) -> bool:
         head = self.model.get_output_embeddings()
@@ -164,9 +170,6 @@ class DiskWeights:
     def load_outside(self, model: nn.Module, device: torch.device) -> None:
         self.load(model, "", device, skip=blocks_path(model))
         self._retie()
-        for name, buffer in model.named_buffers():  # computed buffers (rotary frequencies) follow
-            if not buffer.is_meta and buffer.device != device and not name.startswith(blocks_path(model) + "."):
-                _set_tensor(model, name, buffer.to(device))
 
     def release_outside(self, model: nn.Module) -> None:
         skip = blocks_path(model) + "."

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from quantbench.activations import activation_format_of, input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.block_weights import ResidentWeights
-from quantbench.memory import read_peaks, reset_peaks
 from quantbench.calibration.stats import StopForward, collect_stats, input_sharing
+from quantbench.memory import read_peaks, reset_peaks
 from quantbench.model_io import block_linears, blocks_path, decoder_blocks
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.quantizers import needs_hessian, needs_stats, quantize_weight
@@ -157,9 +157,9 @@ class BlockContext:
 
 class BlockStage(Protocol):
     """A step the driver runs on every block, in order, before it propagates the block's outputs. A stage
-    may leave run_block out and define only `begin(model, device)` (after the first block's inputs are captured, with the tensors
-    outside the blocks on the device), `after_block(ctx)` (once the block's outputs are the next block's
-    inputs, in `ctx.inputs`) and `finish(model, device)` (after the last block)."""
+    may also define (or only define) `begin(model, device)`: after the first block's inputs are captured,
+    with the tensors outside the blocks on the device; `after_block(ctx)`: once the block's outputs are the
+    next block's inputs, in `ctx.inputs`; `finish(model, device)`: after the last block."""
 
     def run_block(self, ctx: BlockContext) -> None: ...
 
@@ -213,9 +213,9 @@ def _each(stages: list, hook: str, *args) -> None:
 
 class QuantizeStage:
     """Quantize every linear that `scheme_for(full_name)` assigns a scheme, in place (see quantize_block);
-    `results` collects the QuantizedWeights (on CPU; `on_device`: where they were computed, for a next stage
-that packs and drops them block by block) by full name. With `lm_head`, `finish` also quantizes
-    the LM head (untied from the embedding) by that scheme."""
+    `results` collects the QuantizedWeights by full name, on CPU (with `on_device`, where they were computed,
+    for a next stage that packs and drops them block by block). With `lm_head`, `finish` also quantizes the
+    LM head (untied from the embedding) by that scheme."""
 
     def __init__(self, scheme_for: SchemeLookup, true_sequential: bool = True, hessian: str = "fp32",
                  lm_head: Scheme | None = None, on_device: bool = False) -> None:

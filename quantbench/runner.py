@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from quantbench import memory
 from quantbench.allocation.ilp import Allocation
 from quantbench.allocation.pareto import frontier, uniform_points, write_frontier
 from quantbench.allocation.in_context import search_in_context
@@ -28,7 +29,6 @@ from quantbench.model_io import handle_nonfinite_weights, load_model, model_line
 from quantbench.preflight import preflight
 from quantbench.pipeline import StageTimer, quantize_linear, quantize_model, untie_lm_head
 from quantbench.recipe import Recipe
-from quantbench import memory
 from quantbench.results import environment, parameter_count, quantization_summary
 from quantbench.rotation import max_logit_change, rotate_model
 
@@ -54,7 +54,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
     if plan.streaming:
         from quantbench.stream_runner import run_streaming
 
-        return run_streaming(recipe, plan, force, progress, resume)
+        return run_streaming(recipe, force, progress, resume)
     if resume:
         raise QuantbenchError(f"recipe {recipe.name} does not stream, so there is nothing to resume (only streamed "
                               "runs keep a journal); set model.streaming: on, or run without --resume")
@@ -137,9 +137,14 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
                 interop_error = interop_export(recipe, native, tmp, result)
         finish_result(result, recipe, tmp, timer, stages, device, started)
     if interop_error is not None:
-        raise QuantbenchError(f"{interop_error}\nthe run's results are kept: {run_dir / RESULT_FILE} and the native "
-                              f"checkpoint {recipe.export_dir}")
+        raise kept_results_error(interop_error, recipe)
     return result
+
+
+def kept_results_error(error: QuantbenchError, recipe: Recipe) -> QuantbenchError:
+    """An interop export refused what the weights turned out to be, after the run's results were written."""
+    return QuantbenchError(f"{error}\nthe run's results are kept: {recipe.run_dir / RESULT_FILE} and the native "
+                           f"checkpoint {recipe.export_dir}")
 
 
 def interop_export(recipe: Recipe, native: Path, run_tmp: Path, result: dict) -> QuantbenchError | None:

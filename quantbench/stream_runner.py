@@ -22,7 +22,6 @@ from quantbench.fsutil import atomic_directory
 from quantbench.journal import Journal
 from quantbench.model_io import blocks_path, decoder_blocks, load_tokenizer, model_linears, resolve_device, resolve_dtype
 from quantbench.pipeline import BlockContext, QuantizeStage, StageTimer, drive_blocks
-from quantbench.preflight import Plan
 from quantbench.recipe import Recipe
 from quantbench.results import LayerSize, parameter_count, summarize_layers
 
@@ -70,9 +69,9 @@ class StreamedLayers:
         self.rotations = dict(state["rotations"])
 
 
-def run_streaming(recipe: Recipe, plan: Plan, force: bool, progress: bool, resume: bool) -> dict:
+def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> dict:
     """The streamed counterpart of runner.run_recipe; returns (and writes) the same result record."""
-    from quantbench.runner import RESULT_FILE, finish_result, interop_export
+    from quantbench.runner import finish_result, interop_export, kept_results_error
 
     started = time.perf_counter()
     device = resolve_device(recipe.model.device)
@@ -133,7 +132,9 @@ def run_streaming(recipe: Recipe, plan: Plan, force: bool, progress: bool, resum
                 interop_error = interop_export(recipe, native, tmp, result)
         finish_result(result, recipe, tmp, timer, breakdown, device, started)
     journal.remove()
-    return _raise_kept(interop_error, recipe, RESULT_FILE) or result
+    if interop_error is not None:
+        raise kept_results_error(interop_error, recipe)
+    return result
 
 
 def open_streamed(recipe: Recipe, dtype):
@@ -163,12 +164,3 @@ def _place_checkpoint(built: Path, recipe: Recipe, run_tmp: Path, force: bool) -
         os.rmdir(staging)
         os.rename(built, staging)
     return recipe.export_dir
-
-
-def _raise_kept(error, recipe: Recipe, result_file: str):
-    if error is None:
-        return None
-    from quantbench.errors import QuantbenchError
-
-    raise QuantbenchError(f"{error}\nthe run's results are kept: {recipe.run_dir / result_file} and the native "
-                          f"checkpoint {recipe.export_dir}")
