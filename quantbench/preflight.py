@@ -271,8 +271,6 @@ def streaming_blockers(recipe: Recipe) -> list[str]:
         blockers.append("transforms (the model rotation touches every block at once)")
     if recipe.allocation is not None:
         blockers.append("an allocation section (the search quantizes each block many times)")
-    if recipe.eval.tasks:
-        blockers.append("eval.tasks (lm-eval runs the whole model)")
     return blockers
 
 
@@ -285,7 +283,11 @@ def _streams(recipe: Recipe, model_bytes: int, available: int | None, problems: 
                         + "; drop them or set model.streaming: off")
     if recipe.model.streaming == "off" or blockers:
         return False
-    return recipe.model.streaming == "on" or (available is not None and model_bytes > available / 2)
+    streams = recipe.model.streaming == "on" or (available is not None and model_bytes > available / 2)
+    if streams and recipe.eval.tasks and not recipe.export.enabled:
+        problems.append("eval.tasks: a streamed run scores lm-eval tasks on the quantized model read back from its "
+                        "checkpoint; set export.enabled: true")
+    return streams
 
 
 def _journal_bytes(recipe: Recipe, raw: dict, weight_bytes: int) -> int:

@@ -59,7 +59,8 @@ class ModelSection(_Section):
     streaming: Literal["auto", "on", "off"] = Field(
         "auto", description="on: read each block's weights from disk when its turn comes and write the checkpoint "
         "block by block (host memory: one block, not the model; --resume continues a run that died); auto: "
-        "on when the weights would fill more than half the available host memory and the recipe allows it")
+        "on when the weights would fill more than half the available host memory and the recipe has no "
+        "transforms or allocation")
 
 
 class CalibrationSection(_Section):

@@ -130,11 +130,33 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
                 native = _place_checkpoint(journal.checkpoint_dir, recipe, tmp, force)
                 result["checkpoint"] = str(recipe.export_dir)
                 interop_error = interop_export(recipe, native, tmp, result)
+        if recipe.eval.tasks:
+            result["tasks"] = placed_tasks(recipe, native, tokenizer, dtype, device, journal.dir, timer, progress)
         finish_result(result, recipe, tmp, timer, breakdown, device, started)
     journal.remove()
     if interop_error is not None:
         raise kept_results_error(interop_error, recipe)
     return result
+
+
+def placed_tasks(recipe: Recipe, native: Path, tokenizer, dtype, device, work: Path, timer: StageTimer,
+                 progress: bool) -> dict:
+    """lm-eval tasks on whole models placed by free memory (device, then host, then disk under `work`): the
+    full-precision one from its checkpoint, the quantized one from the run's native checkpoint."""
+    from quantbench.eval.harness import evaluate_tasks
+    from quantbench.eval.placed_models import memory_budget, placed_pretrained, placed_quantized
+
+    scores = {"baseline": None}
+    if recipe.eval.baseline:
+        with timer("tasks_baseline"):
+            model = placed_pretrained(recipe.model.name, dtype, memory_budget(device), work / "offload-baseline",
+                                      recipe.model.trust_remote_code)
+            scores["baseline"] = evaluate_tasks(model, tokenizer, recipe.eval, None, progress)
+            del model
+    with timer("tasks_quantized"):
+        model = placed_quantized(native, dtype, memory_budget(device), work / "offload-quantized")
+        scores["quantized"] = evaluate_tasks(model, tokenizer, recipe.eval, None, progress)
+    return scores
 
 
 def open_streamed(recipe: Recipe, dtype):

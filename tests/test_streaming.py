@@ -117,6 +117,39 @@ def test_a_sharded_compressed_tensors_export_loads_in_transformers_with_our_weig
         assert torch.equal(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
 
 
+def test_models_placed_over_host_memory_and_disk_compute_as_the_models_in_memory(tmp_path, sharded_llama,
+                                                                                text_file):
+    from transformers import AutoModelForCausalLM
+
+    from quantbench.eval.placed_models import placed_pretrained, placed_quantized
+
+    recipe = make_recipe(tmp_path, sharded_llama, text_file, model={"streaming": "on"},
+                         quantize={"default": "hadamard+int4-g32-gptq", "overrides": []})
+    result = run_recipe(load_recipe(recipe), progress=False)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    budget = {"cpu": 600_000}  # bytes: some blocks fit (with accelerate's reserve), the rest goes to disk
+    pairs = [(placed_quantized(Path(result["checkpoint"]), torch.float32, budget, tmp_path / "offload-q"),
+              load_quantized(result["checkpoint"])),
+             (placed_pretrained(str(sharded_llama), torch.float32, budget, tmp_path / "offload-b"),
+              AutoModelForCausalLM.from_pretrained(sharded_llama, dtype=torch.float32))]
+    for placed, whole in pairs:
+        assert set(placed.hf_device_map.values()) == {"cpu", "disk"}
+        with torch.no_grad():
+            assert torch.equal(placed(input_ids=ids).logits, whole(input_ids=ids).logits)
+
+
+def test_a_streamed_run_scores_lm_eval_tasks_as_the_in_memory_run(tmp_path, sharded_llama, text_file,
+                                                                   tiny_task_dir):
+    scores = {}
+    for mode in ("off", "on"):
+        tasks = {"tasks": ["tiny_mc"], "lm_eval": {"limit": 6, "include_path": [str(tiny_task_dir)]}}
+        recipe = streamed_recipe(tmp_path / mode, sharded_llama, text_file, mode, eval=tasks)
+        scores[mode] = run_recipe(load_recipe(recipe), progress=False)["tasks"]
+    for side in ("baseline", "quantized"):
+        on, off = scores["on"][side]["tasks"]["tiny_mc"], scores["off"][side]["tasks"]["tiny_mc"]
+        assert on["metrics"] == pytest.approx(off["metrics"], rel=1e-9)
+
+
 MEASURE_RSS = """
 import gc, json, sys
 sys.path.insert(0, {root!r})
@@ -143,7 +176,7 @@ print(json.dumps(peaks))
 def test_a_streamed_run_holds_one_block_in_host_memory_not_the_model(tmp_path, tokenizer, text_file):
     """Measured in a fresh process, so that what earlier tests left in the allocator does not count, on a
     second run, so that what the first one imported does not either."""
-    model = tiny_llama(vocab_size=len(tokenizer), layers=32, hidden=512)
+    model = tiny_llama(vocab_size=len(tokenizer), layers=24, hidden=512)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     saved_in_shards(model, tokenizer, tmp_path / "model", shard="20MB")
     del model
@@ -156,9 +189,9 @@ def test_a_streamed_run_holds_one_block_in_host_memory_not_the_model(tmp_path, t
     code = MEASURE_RSS.format(root=str(ROOT), recipes=recipes)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     peaks = json.loads(out.strip().splitlines()[-1])
-    assert model_mb > 280
+    assert model_mb > 200
     assert peaks["off"] > 0.9 * model_mb  # the whole model in memory
-    assert peaks["on"] < 0.2 * model_mb  # a block in flight (9 MB), its packed copy, the run's own objects
+    assert peaks["on"] < 0.25 * model_mb  # a block in flight (9 MB), its packed copy, the run's own objects
 
 
 def run_child(recipe: Path, kill_after_block: int | None = None, force: bool = False) -> int:

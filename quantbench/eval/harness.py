@@ -36,8 +36,9 @@ def evaluate_perplexity(model: nn.Module, eval_ids: dict, settings: EvalSection,
         return results
 
 
-def evaluate_tasks(model: nn.Module, tokenizer, settings: EvalSection, device: torch.device,
+def evaluate_tasks(model: nn.Module, tokenizer, settings: EvalSection, device: torch.device | None,
                    progress: bool = False) -> dict:
+    """lm-eval tasks on `model`, moved to `device` for the duration (None: a model already placed)."""
     lm_eval = settings.lm_eval
     with on_device(model, device):
         return run_tasks(model, tokenizer, settings.task_requests(), lm_eval.batch_size, lm_eval.include_path,
@@ -45,7 +46,10 @@ def evaluate_tasks(model: nn.Module, tokenizer, settings: EvalSection, device: t
 
 
 @contextmanager
-def on_device(model: nn.Module, device: torch.device):
+def on_device(model: nn.Module, device: torch.device | None):
+    if device is None:
+        yield model
+        return
     home = next(model.parameters()).device
     model.to(device)
     try:

@@ -217,15 +217,21 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     for dropped, kept in qconfig.get("tied", {}).items():
         if model.get_parameter(dropped) is not model.get_parameter(kept):
             _set_parameter(model, dropped, model.get_parameter(kept))
+    restore_online_transforms(model, qconfig, schemes, directory)
+    if kernels:
+        model.quantbench_kernel_skips = skipped
+    return model.to(device).eval()
+
+
+def restore_online_transforms(model: nn.Module, qconfig: dict, schemes: dict, directory: Path) -> None:
+    """What the quantized layers do to their inputs online (Hadamard rotations, activation quantization),
+    and the model rotation's record, as the checkpoint's quantization_config says."""
     for name, descriptor in qconfig.get("rotations", {}).items():
         rotate_inputs_of(model.get_submodule(name), _rotation_from(descriptor, directory))
     for name, scheme in schemes.items():
         quantize_inputs_of(model.get_submodule(name), scheme.activations)
     if qconfig.get("model_rotation"):
         setattr(model, MODEL_ROTATION_ATTR, qconfig["model_rotation"])
-    if kernels:
-        model.quantbench_kernel_skips = skipped
-    return model.to(device).eval()
 
 
 def _rotation_from(descriptor: dict, directory: Path) -> RandomHadamard:
