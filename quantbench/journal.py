@@ -14,8 +14,8 @@ A save comes at most every `output.journal_every_s` seconds, and never sooner th
 save's duration after it, so saving costs at most about a tenth of the run (`journal_every_s: 0` saves
 after every block, whatever it costs).
 
-A resumed run re-reads the tensors outside the blocks, captures the masks and positions again, loads
-state.pt and continues at `next_block`; every block before it has its part on disk. The blocks after it
+A resumed run re-reads the tensors outside the blocks, captures the masks and positions again, loads the
+state folder and continues at `next_block`; every block before it has its part on disk. The blocks after it
 are computed again from exactly the same inputs, so the codes are those of an uninterrupted run.
 """
 

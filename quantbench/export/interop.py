@@ -84,8 +84,9 @@ def export_interop(source: str | Path | NativeCheckpoint, out_dir: str | Path, f
     dense tensors, under `quantization_config(native)` (and `config_changes(native)` in config.json).
 
     Shard by shard: each native shard becomes the export's shard of the same name, so no more than one
-    shard is in host memory; its quantized layers are converted on `device`. What only the values show (a GPTQ zero point of 0) is gathered over every shard
-    and refused at the end, before the export is put in place."""
+    shard is in host memory; its quantized layers are converted on `device`. What only the values show (a
+    GPTQ zero point of 0) is gathered over every shard and refused at the end, before the export is put in
+    place."""
     native = source if isinstance(source, NativeCheckpoint) else open_native(source)
     planned = {name: (layer.scheme, layer.shape) for name, layer in native.layers.items()}
     refuse_inexpressible(target, layer_problems(planned, native.rotated, unsupported))
