@@ -75,18 +75,24 @@ def test_final_logits_of_the_last_block_output_are_the_model_logits(build):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
-def test_a_streamed_run_gives_the_codes_checkpoint_and_perplexity_of_the_in_memory_run(
-        tmp_path, tokenizer, text_file, sharded_llama, family):
+def test_a_streamed_run_gives_the_codes_checkpoint_perplexity_and_task_scores_of_the_in_memory_run(
+        tmp_path, tokenizer, text_file, sharded_llama, family, tiny_task_dir):
+    """lm-eval scores (Llama only): the streamed run's come from models placed by free memory."""
     model_dir = sharded_llama if family == "llama" else saved_in_shards(
         tiny_gpt_neox(vocab_size=len(tokenizer)), tokenizer, tmp_path / "neox")
+    tasks = {"tasks": ["tiny_mc"], "lm_eval": {"limit": 6, "include_path": [str(tiny_task_dir)]}}
     results = {}
     for mode in ("off", "on"):
         recipe = streamed_recipe(tmp_path / mode, model_dir, text_file, mode,
-                                 quantize={**SCHEMES, "lm_head": "int8-pc-rtn"})
+                                 quantize={**SCHEMES, "lm_head": "int8-pc-rtn"}, eval=tasks if family == "llama" else {})
         results[mode] = run_recipe(load_recipe(recipe), progress=False)
     memory, streamed = results["off"], results["on"]
     assert "streaming" in streamed and "streaming" not in memory
     assert streamed["perplexity"] == memory["perplexity"]
+    if family == "llama":
+        for side in ("baseline", "quantized"):
+            assert streamed["tasks"][side]["tasks"]["tiny_mc"]["metrics"] == pytest.approx(
+                memory["tasks"][side]["tasks"]["tiny_mc"]["metrics"], rel=1e-9)
     assert streamed["quantization"] == memory["quantization"]
     assert_same_checkpoint(tmp_path / "off" / "runs" / "tiny", tmp_path / "on" / "runs" / "tiny")
     index = json.loads((tmp_path / "on" / "runs" / "tiny" / "checkpoint" / INDEX_FILE).read_text())
@@ -136,18 +142,6 @@ def test_models_placed_over_host_memory_and_disk_compute_as_the_models_in_memory
         assert set(placed.hf_device_map.values()) == {"cpu", "disk"}
         with torch.no_grad():
             assert torch.equal(placed(input_ids=ids).logits, whole(input_ids=ids).logits)
-
-
-def test_a_streamed_run_scores_lm_eval_tasks_as_the_in_memory_run(tmp_path, sharded_llama, text_file,
-                                                                   tiny_task_dir):
-    scores = {}
-    for mode in ("off", "on"):
-        tasks = {"tasks": ["tiny_mc"], "lm_eval": {"limit": 6, "include_path": [str(tiny_task_dir)]}}
-        recipe = streamed_recipe(tmp_path / mode, sharded_llama, text_file, mode, eval=tasks)
-        scores[mode] = run_recipe(load_recipe(recipe), progress=False)["tasks"]
-    for side in ("baseline", "quantized"):
-        on, off = scores["on"][side]["tasks"]["tiny_mc"], scores["off"][side]["tasks"]["tiny_mc"]
-        assert on["metrics"] == pytest.approx(off["metrics"], rel=1e-9)
 
 
 MEASURE_RSS = """
