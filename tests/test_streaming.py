@@ -144,6 +144,32 @@ def test_models_placed_over_host_memory_and_disk_compute_as_the_models_in_memory
             assert torch.equal(placed(input_ids=ids).logits, whole(input_ids=ids).logits)
 
 
+def random_llama_checkpoint(folder: Path, tokenizer, layers: int, hidden: int) -> float:
+    """A random Llama written straight as safetensors shards, one per block (no module init: fast); its
+    weights' size in MB."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                         max_position_embeddings=512, tie_word_embeddings=True)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
+    generator = torch.Generator().manual_seed(0)
+    shards: dict[str, dict] = {}
+    for key, shape in shapes.items():
+        block = key.split(".")[2] if key.startswith("model.layers.") else "rest"
+        shards.setdefault(f"model-{block}.safetensors", {})[key] = 0.02 * torch.randn(shape, generator=generator)
+    folder.mkdir()
+    for name, tensors in shards.items():
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+    weight_map = {key: name for name, tensors in shards.items() for key in tensors}
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return sum(t.numel() * t.element_size() for tensors in shards.values() for t in tensors.values()) / 2**20
+
+
 MEASURE_RSS = """
 import gc, json, sys
 sys.path.insert(0, {root!r})
@@ -170,10 +196,7 @@ print(json.dumps(peaks))
 def test_a_streamed_run_holds_one_block_in_host_memory_not_the_model(tmp_path, tokenizer, text_file):
     """Measured in a fresh process, so that what earlier tests left in the allocator does not count, on a
     second run, so that what the first one imported does not either."""
-    model = tiny_llama(vocab_size=len(tokenizer), layers=24, hidden=512)
-    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    saved_in_shards(model, tokenizer, tmp_path / "model", shard="20MB")
-    del model
+    model_mb = random_llama_checkpoint(tmp_path / "model", tokenizer, layers=24, hidden=512)
     recipes = {}
     for mode in ("on", "off"):
         (tmp_path / mode).mkdir()

@@ -37,7 +37,8 @@ from quantbench.errors import QuantbenchError
 from quantbench.export.kernels.layout import kernel_unsupported_reason, to_kernel_layout
 from quantbench.export.kernels.modules import PackedLinear
 from quantbench.export.checkpoint_reader import (FORMAT_VERSION, INDEX_FILE, QUANT_METHOD,  # noqa: F401
-                                                 RUN_CHECKPOINT_DIR, WEIGHTS_FILE, CheckpointLayer, checkpoint_layers, damaged,
+                                                 RUN_CHECKPOINT_DIR, WEIGHTS_FILE, CheckpointLayer,
+                                                 checkpoint_layers, damaged,
                                                  is_quantbench_checkpoint, read_checkpoint,
                                                  read_quantization_config, resolve_checkpoint_dir)
 from quantbench.fsutil import atomic_directory, atomic_write_path, save_tensors
@@ -94,9 +95,6 @@ class CheckpointWriter:
 
     def path(self, part: str) -> Path:
         return self.parts_dir / f"{part}.safetensors"
-
-    def has_part(self, part: str) -> bool:
-        return self.path(part).is_file()
 
     def write_part(self, part: str, tensors: dict[str, torch.Tensor], quantized: dict[str, QuantizedWeight],
                    rotations: dict[str, dict]) -> None:
