@@ -77,8 +77,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
 
     with timer("calibration"):
         cal = recipe.calibration
-        input_ids = calibration_batches(tokenizer, cal.source, cal.n_samples, cal.seqlen, cal.seed,
-                                        split=cal.split, text_field=cal.text_field)
+        input_ids = recipe_calibration_ids(recipe, tokenizer)
     transforms = []
     for spec in recipe.transforms:
         with timer("transforms"):
@@ -106,13 +105,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
 
     linears = model_linears(model)
     result = {
-        "name": recipe.name,
-        "recipe": recipe.canonical(),
-        "recipe_hash": recipe.hash(),
-        "model": recipe.model.name,
-        "dtype": str(dtype).removeprefix("torch."),
-        "parameters": parameter_count(model),
-        "calibration": {"source": cal.source, "n_samples": cal.n_samples, "seqlen": cal.seqlen, "seed": cal.seed},
+        **result_head(recipe, model, dtype),
         "transforms": transforms,
         "quantization": quantization_summary(model, quantized, linears),
         "nonfinite_weights_zeroed": repaired,
@@ -145,6 +138,22 @@ def kept_results_error(error: QuantbenchError, recipe: Recipe) -> QuantbenchErro
     """An interop export refused what the weights turned out to be, after the run's results were written."""
     return QuantbenchError(f"{error}\nthe run's results are kept: {recipe.run_dir / RESULT_FILE} and the native "
                            f"checkpoint {recipe.export_dir}")
+
+
+def recipe_calibration_ids(recipe: Recipe, tokenizer) -> torch.Tensor:
+    """The recipe's calibration windows [n_samples, seqlen]."""
+    cal = recipe.calibration
+    return calibration_batches(tokenizer, cal.source, cal.n_samples, cal.seqlen, cal.seed, split=cal.split,
+                               text_field=cal.text_field)
+
+
+def result_head(recipe: Recipe, model, dtype: torch.dtype) -> dict:
+    """What every result.json opens with: the recipe, the model and the calibration."""
+    cal = recipe.calibration
+    return {"name": recipe.name, "recipe": recipe.canonical(), "recipe_hash": recipe.hash(),
+            "model": recipe.model.name, "dtype": str(dtype).removeprefix("torch."),
+            "parameters": parameter_count(model),
+            "calibration": {"source": cal.source, "n_samples": cal.n_samples, "seqlen": cal.seqlen, "seed": cal.seed}}
 
 
 def interop_export(recipe: Recipe, native: Path, run_tmp: Path, result: dict) -> QuantbenchError | None:
@@ -261,9 +270,7 @@ def sensitivity_for_recipe(recipe: Recipe, progress: bool = True) -> Sensitivity
                               "(see recipes/ilp-3bit.yaml)")
     device = resolve_device(recipe.model.device)
     model, tokenizer, _ = load_checked_model(recipe, resolve_dtype(recipe.model.dtype, device))
-    cal = recipe.calibration
-    input_ids = calibration_batches(tokenizer, cal.source, cal.n_samples, cal.seqlen, cal.seed,
-                                    split=cal.split, text_field=cal.text_field)
+    input_ids = recipe_calibration_ids(recipe, tokenizer)
     for spec in recipe.transforms:
         apply_transform(model, spec, input_ids[:1, :PROBE_TOKENS])
     return measure_sensitivity(model, input_ids, recipe, device, progress,

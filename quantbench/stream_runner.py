@@ -14,7 +14,6 @@ from pathlib import Path
 from torch import nn
 
 from quantbench.block_weights import DiskWeights, skeleton_model, weights_folder
-from quantbench.calibration import calibration_batches
 from quantbench.eval.blockwise import BlockwisePerplexity
 from quantbench.eval.harness import tokenize_eval_sets
 from quantbench.export.checkpoint import RUN_CHECKPOINT_DIR, CheckpointWriter, layer_rotations, model_tensors
@@ -23,7 +22,7 @@ from quantbench.journal import Journal
 from quantbench.model_io import blocks_path, decoder_blocks, load_tokenizer, model_linears, resolve_device, resolve_dtype
 from quantbench.pipeline import BlockContext, QuantizeStage, StageTimer, drive_blocks
 from quantbench.recipe import Recipe
-from quantbench.results import LayerSize, parameter_count, summarize_layers
+from quantbench.results import LayerSize, summarize_layers
 
 log = logging.getLogger(__name__)
 OUTSIDE_PART = "outside"
@@ -71,7 +70,8 @@ class StreamedLayers:
 
 def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> dict:
     """The streamed counterpart of runner.run_recipe; returns (and writes) the same result record."""
-    from quantbench.runner import finish_result, interop_export, kept_results_error
+    from quantbench.runner import (finish_result, interop_export, kept_results_error, recipe_calibration_ids,
+                                   result_head)
 
     started = time.perf_counter()
     device = resolve_device(recipe.model.device)
@@ -82,9 +82,7 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
     with timer("eval_data"):
         eval_ids = tokenize_eval_sets(tokenizer, recipe.eval.perplexity)
     with timer("calibration"):
-        cal = recipe.calibration
-        input_ids = calibration_batches(tokenizer, cal.source, cal.n_samples, cal.seqlen, cal.seed,
-                                        split=cal.split, text_field=cal.text_field)
+        input_ids = recipe_calibration_ids(recipe, tokenizer)
 
     journal = Journal(recipe.run_dir, recipe.hash(), recipe.output.journal_every_s)
     saved = journal.open(resume)
@@ -106,13 +104,11 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
         start, resume_hidden = saved["next_block"], saved["calibration"]
     breakdown = StageTimer(device)
     with timer("blocks"):
-        drive_blocks(model, input_ids, device, stages, cal.batch_size, progress, breakdown, "quantize blocks",
+        drive_blocks(model, input_ids, device, stages, recipe.calibration.batch_size, progress, breakdown, "quantize blocks",
                      weights=weights, start=start, resume_hidden=resume_hidden)
 
     result = {
-        "name": recipe.name, "recipe": recipe.canonical(), "recipe_hash": recipe.hash(), "model": recipe.model.name,
-        "dtype": str(dtype).removeprefix("torch."), "parameters": parameter_count(model),
-        "calibration": {"source": cal.source, "n_samples": cal.n_samples, "seqlen": cal.seqlen, "seed": cal.seed},
+        **result_head(recipe, model, dtype),
         "transforms": [],
         "quantization": {**summarize_layers(model, layers.sizes, model_linears(model)),
                          "rotations": {name: rotation["kind"] for name, rotation in layers.rotations.items()}},
