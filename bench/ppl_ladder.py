@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--export-ids", help="write both id files to this folder and stop")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--hessian", choices=["fp32", "tensor_cores"], default="fp32")
+    parser.add_argument("--hessian", choices=["compensated", "fp32", "tensor_cores"], default="compensated")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     from quantbench.quiet import quiet_libraries

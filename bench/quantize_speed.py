@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--calibration-ids", help="safetensors with input_ids [n, seqlen] (see ppl_ladder.py "
                         "--export-ids), instead of tokenizing C4 here")
-    parser.add_argument("--hessian", choices=["fp32", "tensor_cores"], default="fp32")
+    parser.add_argument("--hessian", choices=["compensated", "fp32", "tensor_cores"], default="compensated")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 

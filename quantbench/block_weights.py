@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -26,22 +28,83 @@ SINGLE_FILE = "model.safetensors"
 
 
 class ResidentWeights:
-    """The model is in memory; blocks move to the device and back where they came from."""
+    """The model is in memory; blocks move to the device and back where they came from.
+
+    On CUDA the moves overlap the computation: `prefetch` copies the next block's tensors to the device on
+    a side stream (through pinned memory) from a worker thread while the current block is solved, and
+    `release_block` moves a finished block home from that thread. QUANTBENCH_PREFETCH=0 turns this off.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.home = next(model.parameters()).device
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}
+        self._moving_home: list[Future] = []
 
     def load_outside(self, model: nn.Module, device: torch.device) -> None:
         move_except_blocks(model, device)
 
     def release_outside(self, model: nn.Module) -> None:
+        self.wait()
         model.to(self.home)
 
+    def _overlaps(self, device: torch.device) -> bool:
+        return device.type == "cuda" and self.home.type == "cpu" and os.environ.get("QUANTBENCH_PREFETCH", "1") != "0"
+
+    def _submit(self, job) -> Future:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="quantbench-prefetch")
+        return self._worker.submit(job)
+
+    def prefetch(self, block: nn.Module, device: torch.device) -> None:
+        if not self._overlaps(device) or id(block) in self._pending:
+            return
+        tensors = [*block.parameters(), *block.buffers()]
+
+        def copy() -> tuple[dict, torch.cuda.Event]:
+            stream = torch.cuda.Stream(device)
+            with torch.cuda.stream(stream):
+                copies = {id(t): t.pin_memory().to(device, non_blocking=True) for t in tensors}
+                done = torch.cuda.Event()
+                done.record(stream)
+            done.synchronize()  # the pinned staging buffers may go once the copies are complete
+            return copies, done
+
+        self._pending[id(block)] = self._submit(copy)
+
     def load_block(self, block: nn.Module, prefix: str, device: torch.device) -> None:
-        block.to(device)
+        pending = self._pending.pop(id(block), None)
+        if pending is None:
+            block.to(device)
+            return
+        copies, _ = pending.result()
+        current = torch.cuda.current_stream(device)
+        for tensor in copies.values():
+            tensor.record_stream(current)
+        block._apply(lambda t: copies[id(t)] if id(t) in copies else t.to(device))
 
     def release_block(self, block: nn.Module) -> None:
-        block.to(self.home)
+        device = next(block.parameters()).device
+        if not self._overlaps(device):
+            block.to(self.home)
+            return
+        finished = torch.cuda.Event()
+        finished.record(torch.cuda.current_stream(device))
+
+        def move_home() -> None:
+            stream = torch.cuda.Stream(device)
+            stream.wait_event(finished)
+            with torch.cuda.stream(stream):
+                block.to(self.home)
+
+        self._moving_home.append(self._submit(move_home))
+
+    def wait(self) -> None:
+        """Until every block moved by the worker is where it belongs (re-raising what failed there)."""
+        for future in [*self._pending.values(), *self._moving_home]:
+            future.result()
+        self._pending.clear()
+        self._moving_home.clear()
 
 
 def skeleton_model(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:

@@ -27,6 +27,7 @@ from quantbench.model_io import block_linears, blocks_path, decoder_blocks
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.quantizers import needs_hessian, needs_stats, quantize_weight
 from quantbench.quantizers.fwht import RandomHadamard
+from quantbench.quantizers.gptq import prepare_factors
 from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
 from quantbench.scheme import Scheme
 
@@ -193,6 +194,8 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
             block = blocks[index]
             with timer("transfer"):
                 weights.load_block(block, f"{prefix}.{index}", device)
+            if index + 1 < len(blocks) and hasattr(weights, "prefetch"):
+                weights.prefetch(blocks[index + 1], device)  # overlaps this block's stages
             ctx = BlockContext(index, f"{prefix}.{index}", block, block_linears(block), inputs, timer)
             _each(stages, "run_block", ctx)
             with timer("propagate"):
@@ -200,6 +203,8 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
             _each(stages, "after_block", ctx)
             with timer("transfer"):
                 weights.release_block(block)
+        if hasattr(weights, "wait"):
+            weights.wait()
         _each(stages, "finish", model, device)
     finally:
         weights.release_outside(model)
@@ -217,10 +222,10 @@ class QuantizeStage:
     for a next stage that packs and drops them block by block). With `lm_head`, `finish` also quantizes the
     LM head (untied from the embedding) by that scheme."""
 
-    def __init__(self, scheme_for: SchemeLookup, true_sequential: bool = True, hessian: str = "fp32",
+    def __init__(self, scheme_for: SchemeLookup, true_sequential: bool = True, hessian: str = "compensated",
                  lm_head: Scheme | None = None, on_device: bool = False) -> None:
         self.scheme_for, self.true_sequential, self.lm_head = scheme_for, true_sequential, lm_head
-        self.tensor_cores, self.on_device = hessian == "tensor_cores", on_device
+        self.hessian, self.on_device = hessian, on_device
         self.results: dict[str, QuantizedWeight] = {}
 
     def finish(self, model: nn.Module, device: torch.device) -> None:
@@ -229,14 +234,14 @@ class QuantizeStage:
 
     def run_block(self, ctx: BlockContext) -> None:
         schemes = {name: scheme for name in ctx.linears if (scheme := self.scheme_for(ctx.full_name(name)))}
-        for name, quantized in quantize_block(ctx, schemes, self.true_sequential, self.tensor_cores,
+        for name, quantized in quantize_block(ctx, schemes, self.true_sequential, self.hessian,
                                               self.on_device).items():
             self.results[ctx.full_name(name)] = quantized
 
 
 def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: SchemeLookup, device: torch.device,
                    batch_size: int = 8, progress: bool = True, true_sequential: bool = True,
-                   timer: StageTimer | None = None, hessian: str = "fp32") -> dict[str, QuantizedWeight]:
+                   timer: StageTimer | None = None, hessian: str = "compensated") -> dict[str, QuantizedWeight]:
     """Quantize every decoder-block linear that `scheme_for(full_name)` assigns a scheme, in place: the block
     driver with the quantize stage alone. The model's weights are replaced by their dequantized values; the
     returned QuantizedWeights (on CPU) hold the codes that export packs."""
@@ -246,11 +251,11 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
 
 
 def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequential: bool,
-                   tensor_cores: bool = False, on_device: bool = False) -> dict[str, QuantizedWeight]:
+                   hessian: str = "compensated", on_device: bool = False) -> dict[str, QuantizedWeight]:
     """Quantize a block's linears. When a solver reads calibration statistics, the linears are grouped by the
     input they share (q/k/v, o, gate/up, down) and, with `true_sequential`, each group is calibrated on inputs
     produced by the already-quantized earlier groups; layers sharing an input share one Hessian.
-    `tensor_cores` accumulates the Hessians of half-precision CUDA activations on tensor cores."""
+    `hessian` says how Σ xᵀx is accumulated (calibration.stats.HESSIAN_MODES)."""
     linears, timer = ctx.linears, ctx.timer
     stats_layers = {name for name, scheme in schemes.items() if needs_stats(scheme)}
     hessian_layers = {name for name, scheme in schemes.items() if needs_hessian(scheme)}
@@ -267,10 +272,12 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
         if stats_layers & set(stage):
             with timer("stats_forward"):
                 with collect_stats({name: linears[name] for name in stage}, hessian_layers & set(stage), shared,
-                                   stop_when_seen=True, timed=timer, tensor_cores=tensor_cores) as stats:
+                                   stop_when_seen=True, timed=timer, accumulation=hessian) as stats:
                     feed_block(ctx.block, ctx.inputs)
         with timer("solve"):
-            for names in _solve_together(stage, schemes, stats):
+            batches = _solve_together(stage, schemes, stats)
+            _factor_hessians_together(batches, schemes, stats, ctx.block)
+            for names in batches:
                 results.update(quantize_linears([linears[n] for n in names], names, schemes[names[0]], stats[names[0]],
                                                 on_device))
     return results
@@ -282,6 +289,20 @@ def _solve_together(stage: list[str], schemes: dict[str, Scheme], stats: dict) -
     for name in stage:
         batches.setdefault((schemes[name], id(stats[name])), []).append(name)
     return list(batches.values())
+
+
+def _factor_hessians_together(batches: list[list[str]], schemes: dict[str, Scheme], stats: dict,
+                              block: nn.Module) -> None:
+    """GPTQ solves of one stage in the layers' own basis get their inverse-Hessian factors in batched calls."""
+    by_key: dict[tuple, tuple[Scheme, list]] = {}
+    for names in batches:
+        scheme = schemes[names[0]]
+        if scheme.solver == "gptq" and scheme.transform == "none" and stats[names[0]] is not None:
+            by_key.setdefault((scheme.damp, scheme.act_order), (scheme, []))[1].append(stats[names[0]])
+    device = next(block.parameters()).device
+    for scheme, layer_stats in by_key.values():
+        if len(layer_stats) > 1:
+            prepare_factors(layer_stats, scheme, device)
 
 
 def quantize_linears(layers: list[nn.Linear], names: list[str], scheme: Scheme, stats=None,

@@ -88,8 +88,9 @@ class QuantizeSection(_Section):
     lm_head: SchemeSpec | None = Field(None, description="scheme for lm_head; null leaves it alone")
     true_sequential: bool = Field(True, description="calibrate each group of a block's linears on the "
                                   "outputs of the already-quantized groups before it")
-    hessian: Literal["fp32", "tensor_cores"] = Field("fp32", description="how Σxᵀx of bf16/fp16 CUDA "
-                                                     "activations is accumulated")
+    hessian: Literal["compensated", "fp32", "tensor_cores"] = Field(
+        "compensated", description="how Σxᵀx of bf16/fp16 CUDA activations is accumulated: compensated "
+        "(tensor cores, float32 accuracy), fp32 (no tensor cores), tensor_cores (one matmul per batch, least exact)")
     from_allocation: str | None = Field(None, description="allocation YAML (quantbench allocate) whose layer → "
                                         "scheme map comes before overrides and default")
     activations: ActivationFormat | None = Field(None, description="quantize the input of every decoder-block "

@@ -103,13 +103,15 @@ def test_unsupported_architecture_is_a_clear_error():
         check_supported(GPT2Config())
 
 
-def test_tensor_core_hessian_option_falls_back_to_float32_off_cuda():
+def test_tensor_core_hessian_modes_fall_back_to_float32_off_cuda():
     x = torch.randn(3, 40, 16).bfloat16()
-    exact, requested = LayerStats(wants_hessian=True), LayerStats(wants_hessian=True, tensor_cores=True)
-    for stats in (exact, requested):
+    exact = LayerStats(wants_hessian=True, accumulation="fp32")
+    requested = [LayerStats(wants_hessian=True, accumulation=mode) for mode in ("compensated", "tensor_cores")]
+    for stats in (exact, *requested):
         stats.update(x)
         stats.update(x * 2)
-    assert torch.equal(exact.xtx, requested.xtx)  # bf16 products are exact in float32
+    for stats in requested:
+        assert torch.equal(exact.xtx, stats.xtx)  # bf16 products are exact in float32
     flat = torch.cat([x, x * 2]).reshape(-1, 16).double()
     assert torch.allclose(exact.xtx.double(), flat.T @ flat, rtol=1e-6, atol=1e-4)
     assert exact.act_absmax.dtype == torch.float32

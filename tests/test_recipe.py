@@ -33,7 +33,7 @@ def test_shipped_recipes_are_valid(path):
     ({"model": {"name": "m"}, "quantize": {"default": "int4_g128"}}, "quantize.default: scheme name 'int4_g128'"),
     ({"model": {"name": "m"}, "calibration": {"n_samples": 0}}, "calibration.n_samples: Input should be greater"),
     ({"calibration": {}}, "model: required but missing"),
-    ({"model": {"name": "m"}, "quantize": {"hessian": "fp16"}}, "quantize.hessian: Input should be 'fp32' or 'tensor_cores'"),
+    ({"model": {"name": "m"}, "quantize": {"hessian": "fp16"}}, "quantize.hessian: Input should be 'compensated', 'fp32' or 'tensor_cores'"),
     ({"model": {"name": "m"}, "evaluate": {}}, "unknown key 'evaluate' in the top level; allowed keys: name,"),
     ({"model": {"name": "m"}, "eval": {"tasks": ["piqa", "piqa"]}}, "eval.tasks: each task once: piqa repeated"),
     ({"model": {"name": "m"}, "eval": {"tasks": "piqa"}}, "eval.tasks: give a list of lm-eval task names"),

@@ -96,7 +96,7 @@ def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for:
                       allocate: Callable[[SensitivityTable], Allocation], table: SensitivityTable, metric: str,
                       ties, max_rounds: int = 2, remeasure: str = "frontier", gradients: GradientStats | None = None,
                       block_tokens: int = 0, batch_size: int = 8, true_sequential: bool = True,
-                      hessian: str = "fp32", cache: CandidateCache | None = None, progress: bool = True,
+                      hessian: str = "compensated", cache: CandidateCache | None = None, progress: bool = True,
                       timer: StageTimer | None = None) -> InContextSearch:
     """From `table` (round 0, measured on full-precision inputs): allocate, then re-measure in context and
     re-allocate until the allocation is stable (see the module docstring). The model ends quantized with the

@@ -25,7 +25,9 @@ class LayerStats:
     xtx: torch.Tensor | None = None
     square_sum: torch.Tensor | None = None
     wants_hessian: bool = field(default=False, repr=False)
-    tensor_cores: bool = field(default=False, repr=False)
+    accumulation: str = field(default="compensated", repr=False)  # see HESSIAN_MODES
+    factors: dict = field(default_factory=dict, repr=False, compare=False)  # GPTQ's, by (damp, act_order)
+    _carry: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -42,6 +44,7 @@ class LayerStats:
         return self.square_sum / max(1, self.n_samples)
 
     def update(self, x: torch.Tensor) -> None:
+        self.factors.clear()
         x = x.detach().reshape(-1, x.shape[-1])
         absmax = x.abs().amax(dim=0).float()
         self.act_absmax = absmax if self.act_absmax is None else torch.maximum(self.act_absmax, absmax)
@@ -50,12 +53,44 @@ class LayerStats:
         if self.wants_hessian:
             if self.xtx is None:
                 self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            if self.tensor_cores and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            on_tensor_cores = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            if on_tensor_cores and self.accumulation == "tensor_cores":
                 self.xtx.add_(torch.mm(x.T, x, out_dtype=torch.float32))  # exact products, float32 output
+            elif on_tensor_cores and self.accumulation == "compensated":
+                self._add_compensated(x)
             else:
                 x = x.float()
                 self.xtx.addmm_(x.T, x)
         self.n_samples += x.shape[0]
+
+    def _add_compensated(self, x: torch.Tensor) -> None:
+        """Σ xᵀx of half-precision x on tensor cores to float32 accuracy. The products of bf16/fp16 values
+        are exact in float32, so every error is in the summation: each chunk of COMPENSATED_CHUNK tokens is
+        one short tensor-core sum, and the chunks are added with Kahan compensation (`_carry` keeps what
+        float32 dropped)."""
+        if self._carry is None:
+            self._carry = torch.zeros_like(self.xtx)
+        for chunk in x.split(COMPENSATED_CHUNK):
+            term = _float32_products(chunk).sub_(self._carry)
+            total = self.xtx + term
+            torch.sub(total, self.xtx, out=self._carry).sub_(term)
+            self.xtx = total
+
+
+def _float32_products(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx with float32 output: on tensor cores where the device has them for x's dtype."""
+    if x.is_cuda:
+        return torch.mm(x.T, x, out_dtype=torch.float32)
+    x = x.float()
+    return x.T @ x
+
+
+HESSIAN_MODES = {
+    "compensated": "bf16/fp16 CUDA activations: tensor-core products in chunks, Kahan-summed (float32 accuracy)",
+    "fp32": "every activation converted to float32 and multiplied without tensor cores",
+    "tensor_cores": "bf16/fp16 CUDA activations: one tensor-core matmul per calibration batch (fastest, least exact)",
+}
+COMPENSATED_CHUNK = 4096
 
 
 class StopForward(Exception):
@@ -65,18 +100,17 @@ class StopForward(Exception):
 @contextmanager
 def collect_stats(linears: dict[str, nn.Linear], hessian_for: set[str], shared: dict[str, str] | None = None,
                   stop_when_seen: bool = False, timed: Callable[[str], object] | None = None,
-                  tensor_cores: bool = False):
+                  accumulation: str = "compensated"):
     """Attach input hooks to `linears`; yields name → LayerStats, filled by every forward inside.
 
     shared: follower → leader for layers reading the leader's input tensor; only the leader is hooked and
     both names map to one LayerStats. stop_when_seen: raise StopForward once every hooked layer has seen
     its input in the current pass (the rest of the block need not run). timed(label) gives a context
-    manager that times the accumulation. tensor_cores: accumulate Hessians of half-precision CUDA
-    activations with tensor-core matmuls (float32 output; see `quantize.hessian` in the README).
+    manager that times the accumulation. accumulation: how Σ xᵀx is summed (HESSIAN_MODES).
     """
     shared = shared or {}
     leaders = [name for name in linears if name not in shared]
-    stats = {name: LayerStats(tensor_cores=tensor_cores) for name in leaders}
+    stats = {name: LayerStats(accumulation=accumulation) for name in leaders}
     for follower, leader in shared.items():
         stats[follower] = stats[leader]
     for name in hessian_for:

@@ -19,6 +19,7 @@ from quantbench.calibration.stats import LayerStats
 from quantbench.errors import QuantbenchError
 from quantbench.formats import GridParams, format_for
 from quantbench.quantized_weight import QuantizedWeight
+from quantbench.quantizers.gptq_fused import fused_available, solve_block_fused
 from quantbench.scheme import Scheme
 
 log = logging.getLogger(__name__)
@@ -39,23 +40,67 @@ class GPTQSolver:
     def quantize(self, weight: torch.Tensor, scheme: Scheme, stats: LayerStats | None) -> QuantizedWeight:
         if stats is None or stats.xtx is None:
             raise ValueError("GPTQ needs the layer's Hessian from calibration")
-        return gptq_quantize(weight, stats.hessian, scheme, self.block_size)
+        prepare_factors([stats], scheme, weight.device)
+        return gptq_quantize(weight, stats.hessian, scheme, self.block_size, stats.factors[_factor_key(scheme)])
+
+
+@dataclass
+class InverseFactor:
+    """What GPTQ needs of a layer's Hessian H, computed once per dampening and column order: the inputs
+    that never fired (`dead`), the act_order permutation (`order`, or None) and the upper Cholesky factor
+    of (H + λI)⁻¹ in that order."""
+
+    dead: torch.Tensor
+    order: torch.Tensor | None
+    upper: torch.Tensor
+
+
+def _factor_key(scheme: Scheme) -> tuple:
+    return (scheme.damp, scheme.act_order)
+
+
+def prepare_factors(stats: list[LayerStats], scheme: Scheme, device: torch.device) -> None:
+    """Compute the InverseFactor of every LayerStats in `stats` that lacks one for `scheme`'s dampening and
+    order, and keep it on the stats (sensitivity candidates and layers sharing an input reuse it). Hessians
+    of one size are factorised as one batch."""
+    key = _factor_key(scheme)
+    todo = list({id(s): s for s in stats if key not in s.factors}.values())
+    for s, factor in zip(todo, inverse_factors([s.hessian for s in todo], scheme, device)):
+        s.factors[key] = factor
+
+
+def inverse_factors(hessians: list[torch.Tensor], scheme: Scheme, device: torch.device) -> list[InverseFactor]:
+    """The InverseFactor of each Hessian; those of one shape share batched Cholesky calls."""
+    prepared = []
+    for hessian in hessians:
+        H = hessian.to(device=device, dtype=torch.float32).clone()
+        dead = torch.diag(H) == 0  # inputs that never fired: their weights cannot matter
+        H[dead, dead] = 1
+        order = torch.argsort(torch.diag(H), descending=True, stable=True) if scheme.act_order else None
+        prepared.append((dead, order, H[order][:, order] if order is not None else H))
+    uppers: list[torch.Tensor | None] = [None] * len(prepared)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (_, _, H) in enumerate(prepared):
+        by_shape.setdefault(tuple(H.shape), []).append(i)
+    for members in by_shape.values():
+        for i, upper in zip(members, upper_cholesky_of_inverse_batched([prepared[i][2] for i in members],
+                                                                       scheme.damp)):
+            uppers[i] = upper
+    return [InverseFactor(dead, order, upper) for (dead, order, _), upper in zip(prepared, uppers)]
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
-                  block_size: int = BLOCK_SIZE) -> QuantizedWeight:
-    """Quantize `weight` [rows, cols] given the layer Hessian [cols, cols]; vectorised over rows, on
-    `weight`'s device, in float32. Only the column loop inside each block is sequential."""
+                  block_size: int = BLOCK_SIZE, factor: InverseFactor | None = None) -> QuantizedWeight:
+    """Quantize `weight` [rows, cols] given the layer Hessian [cols, cols] (or its InverseFactor for this
+    scheme); vectorised over rows, on `weight`'s device, in float32. Only the column loop inside each block
+    is sequential."""
     fmt = format_for(scheme).for_weight(weight)
     W = weight.detach().float().clone()
-    H = hessian.to(device=W.device, dtype=torch.float32).clone()
+    factor = factor or inverse_factors([hessian], scheme, W.device)[0]
     rows, cols = W.shape
     group = scheme.group_size or cols
     n_groups = math.ceil(cols / group)
-
-    dead = torch.diag(H) == 0  # inputs that never fired: their weights cannot matter
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W[:, factor.dead] = 0
 
     fitted_up_front = scheme.static_groups or scheme.group_size is None
     scales = torch.zeros(rows, n_groups, device=W.device)
@@ -65,9 +110,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
         scales.copy_(params.scale)
         zeros.copy_(params.zero)
 
-    order = torch.argsort(torch.diag(H), descending=True, stable=True) if scheme.act_order else None
+    order = factor.order
     if order is not None:
-        W, H = W[:, order], H[order][:, order]
+        W = W[:, order]
     original_column = order if order is not None else torch.arange(cols, device=W.device)
     if fitted_up_front:  # the group of each processed column is fixed by its original position
         column_group = (original_column // group).tolist()
@@ -75,7 +120,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
         column_group = [j // group for j in range(cols)]
     column_group_on_device = torch.tensor(column_group, device=W.device)
 
-    Hinv = _upper_cholesky_of_inverse(H, scheme.damp)
+    Hinv = factor.upper
     codes = torch.zeros_like(W)
     params = None
     for i1 in range(0, cols, block_size):
@@ -85,11 +130,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
         if fitted_up_front:  # every column's grid is known: gather them per column
             index = column_group_on_device[i1:i2]
             block.col_scale, block.col_zero = scales[:, index], zeros[:, index]
-        # a block whose grids are all fitted inside it (or up front) has fixed control flow: graph it
+        # a block whose grids are all fitted inside it (or up front) has fixed control flow: one fused
+        # kernel (or a CUDA graph) solves it
         self_contained = fitted_up_front or (fit_offsets[:1] == (0,) and fit_offsets[-1] + group <= i2 - i1)
-        if _graphs_allowed(W) and self_contained:
-            block = _replay(fmt, block, fit_offsets, group)
-            if fit_offsets:  # the graph's buffers are reused: keep a copy of the grid in use
+        if self_contained and (fused_available(W) or _graphs_allowed(W)):
+            if fused_available(W):
+                solve_block_fused(fmt, block, fit_offsets, group)
+            else:
+                block = _replay(fmt, block, fit_offsets, group)
+            if fit_offsets:  # a graph's buffers are reused: keep a copy of the grid in use
                 params = GridParams(scale=block.fit_scale[:, -1:].clone(), zero=block.fit_zero[:, -1:].clone())
         else:
             def beyond(i: int, errors: torch.Tensor, i1=i1, i2=i2) -> torch.Tensor:
@@ -216,6 +265,19 @@ def _fit_groups(fmt, W: torch.Tensor, group: int, n_groups: int) -> GridParams:
     padded[:, :cols] = W  # zero padding changes no range: every grid contains 0
     params = fmt.fit(padded.view(rows * n_groups, group))
     return GridParams(scale=params.scale.view(rows, n_groups), zero=params.zero.view(rows, n_groups))
+
+
+def upper_cholesky_of_inverse_batched(hessians: list[torch.Tensor], damp: float) -> list[torch.Tensor]:
+    """`_upper_cholesky_of_inverse` of equally shaped Hessians as batched calls; any that fails at `damp`
+    goes through the escalating single path."""
+    if len(hessians) == 1:
+        return [_upper_cholesky_of_inverse(hessians[0], damp)]
+    H = torch.stack(hessians)
+    H.diagonal(dim1=-2, dim2=-1).add_(damp * H.diagonal(dim1=-2, dim2=-1).mean(dim=-1, keepdim=True))
+    lower, info = torch.linalg.cholesky_ex(H)
+    upper, info_upper = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    return [upper[i] if info[i] == 0 and info_upper[i] == 0 else _upper_cholesky_of_inverse(h, damp)
+            for i, h in enumerate(hessians)]
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:

@@ -1,0 +1,118 @@
+"""The fast GPTQ paths give the results of the plain ones: the fused Triton column kernel (Triton's interpreter on
+the CPU) the eager solve's codes, batched inverse-Hessian factors the per-layer ones, and the compensated
+Hessian float32 accuracy."""
+
+import pytest
+import torch
+from test_gptq import random_hessian
+
+from quantbench.calibration import stats as stats_module
+from quantbench.calibration.stats import LayerStats
+from quantbench.formats import format_for
+from quantbench.quantizers import gptq as gptq_module
+from quantbench.quantizers.gptq import (_Block, _fit_groups, _solve_columns, _upper_cholesky_of_inverse,
+                                        gptq_quantize, prepare_factors, upper_cholesky_of_inverse_batched)
+from quantbench.quantizers.gptq_fused import solve_block_fused
+from quantbench.scheme import Scheme
+
+pytest.importorskip("triton")
+
+FORMATS = ["int4-g16-gptq", "int3-g16-sym-gptq", "int2-g16-gptq", "int8-g16-sym-gptq", "mxfp4-gptq",
+           "mxfp6e3m2-gptq", "mxfp8e4m3-gptq", "mxfp8e5m2-gptq", "mxint8-gptq", "nvfp4-gptq"]
+
+
+def inverse_factor(cols: int, seed: int) -> torch.Tensor:
+    return _upper_cholesky_of_inverse(random_hessian(cols, seed), 0.01)
+
+
+@pytest.mark.parametrize("up_front", [False, True], ids=["fitted-in-block", "fitted-up-front"])
+@pytest.mark.parametrize("name", FORMATS)
+def test_fused_block_gives_the_eager_codes(name, up_front):
+    """One lazy block, every format: a partial row tile (19 rows), a block narrower than 128 columns, grids
+    fitted inside the block at each group start or gathered per column from an up-front fit."""
+    scheme = Scheme.parse(name)
+    g = torch.Generator().manual_seed(len(name))
+    width = 32 if not up_front else 24
+    W = torch.randn(19, width, generator=g) * torch.rand(19, 1, generator=g) * 4
+    W[3, 5] = 0.0
+    fmt = format_for(scheme).for_weight(W)
+    group = scheme.group_size or fmt.block_size
+    fit_offsets = () if up_front else tuple(range(0, width, group))
+    block = _Block.of(W, inverse_factor(width, 1), len(fit_offsets))
+    if up_front:
+        params = _fit_groups(fmt, W, group, -(-width // group))
+        column_group = torch.arange(width) // group
+        block.col_scale, block.col_zero = params.scale[:, column_group], params.zero[:, column_group]
+    eager, fused = block.clone(), block.clone()
+    _solve_columns(fmt, eager, fit_offsets, group)
+    solve_block_fused(fmt, fused, fit_offsets, group)
+    assert torch.equal(fused.codes, eager.codes)
+    assert torch.equal(fused.errors, eager.errors)
+    assert torch.equal(fused.fit_scale, eager.fit_scale) and torch.equal(fused.fit_zero, eager.fit_zero)
+    assert not torch.equal(eager.errors, torch.zeros_like(eager.errors))
+
+
+@pytest.mark.parametrize("name", ["int4-g32-gptq-act", "int3-g32-gptq-act-static", "nvfp4-gptq-act-static", "mxfp4-gptq"])
+def test_gptq_with_the_fused_kernel_equals_eager(monkeypatch, name):
+    """Whole solves with act_order, static groups and a last block the kernel cannot take (160 = 128 + 32
+    columns with block size 128: the fused kernel solves the first block, the eager loop the rest)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(18, 160, generator=g)
+    H = random_hessian(160, 2)
+    scheme = Scheme.parse(name)
+    eager = gptq_quantize(W, H, scheme)
+    calls = []
+    monkeypatch.setattr(gptq_module, "fused_available", lambda _w: True)
+    monkeypatch.setattr(gptq_module, "solve_block_fused", lambda *a: calls.append(1) or solve_block_fused(*a))
+    fused = gptq_quantize(W, H, scheme)
+    assert calls
+    assert torch.equal(fused.codes, eager.codes)
+    assert torch.equal(fused.scales, eager.scales)
+    assert (fused.zeros is None and eager.zeros is None) or torch.equal(fused.zeros, eager.zeros)
+    assert (fused.g_idx is None and eager.g_idx is None) or torch.equal(fused.g_idx, eager.g_idx)
+
+
+def test_batched_inverse_factors_equal_per_layer_ones(caplog):
+    hessians = [random_hessian(48, seed) for seed in range(3)]
+    singular = torch.zeros(48, 48)
+    singular[:, 0] = singular[0, :] = 1.0  # indefinite even after the first dampening: must escalate
+    singular.diagonal().add_(1e-3)
+    batched = upper_cholesky_of_inverse_batched([*hessians, singular], 0.01)
+    for H, upper in zip([*hessians, singular], batched):
+        single = _upper_cholesky_of_inverse(H, 0.01)
+        assert torch.allclose(upper, single, rtol=1e-5, atol=1e-6 * single.abs().max())
+    assert "not positive definite" in caplog.text
+
+
+def test_factors_are_shared_by_candidates_and_renewed_by_new_data():
+    x = torch.randn(300, 40)
+    stats = LayerStats(wants_hessian=True)
+    stats.update(x)
+    scheme = Scheme.parse("int4-g32-gptq")
+    prepare_factors([stats, stats], scheme, torch.device("cpu"))
+    factor = stats.factors[(scheme.damp, scheme.act_order)]
+    prepare_factors([stats], Scheme.parse("int3-g32-gptq"), torch.device("cpu"))  # same damp and order
+    assert stats.factors[(scheme.damp, scheme.act_order)] is factor and len(stats.factors) == 1
+    assert torch.allclose(factor.upper, _upper_cholesky_of_inverse(stats.hessian, scheme.damp))
+    stats.update(x)
+    assert not stats.factors
+
+
+def test_compensated_hessian_reaches_float32_accuracy(monkeypatch):
+    """4,096 chunks of one bfloat16 stream: Kahan-summed chunk products against float64 are ≥ 5× closer than the
+    plain float32 running sum of the same products (measured 18–43× over six seeds)."""
+    monkeypatch.setattr(stats_module, "COMPENSATED_CHUNK", 32)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(131072, 24, generator=g) * torch.rand(24, generator=g) * 4).bfloat16()
+    compensated = LayerStats(wants_hessian=True)
+    compensated.xtx = torch.zeros(24, 24)
+    compensated._add_compensated(x)
+    plain = torch.zeros(24, 24)
+    for chunk in x.split(32):
+        plain += stats_module._float32_products(chunk)
+    reference = x.double().T @ x.double()
+
+    def error(H):
+        return float((H.double() - reference).norm() / reference.norm())
+    assert error(compensated.xtx) < 2e-7
+    assert error(plain) > 5 * error(compensated.xtx)
