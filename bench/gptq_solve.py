@@ -1,9 +1,9 @@
-"""The GPTQ solve alone, eager vs CUDA graphs, on the layer shapes of a 1B-class Llama.
+"""The GPTQ solve alone, eager vs CUDA graphs vs the fused Triton kernel, on the layer shapes of Llama-3-8B.
 
-    python bench/gptq_solve.py --device cuda
+    python bench/gptq_solve.py
 
-For each shape and scheme: median time of the eager solve and of the graphed one (CUDA events, after a
-first graphed call that also captures), and how many codes the two agree on. Random weights and a random
+For each shape and scheme: median time of each solve (CUDA events, after a first call that compiles or
+captures), and how many codes the graphed and fused solves share with the eager one. Random weights and a random
 positive-definite Hessian; the time does not depend on the values.
 """
 
@@ -20,8 +20,12 @@ from quantbench.quantizers.gptq import gptq_quantize
 from timing import timed
 from quantbench.scheme import Scheme
 
-SHAPES = {"qkv (stacked)": (3072, 2048), "o": (2048, 2048), "gate+up (stacked)": (16384, 2048), "down": (2048, 8192)}
-SCHEMES = ["int4-g128-gptq", "int4-g128-gptq-act", "int4-pc-gptq", "int4-g128-gptq-act-static"]
+SHAPES = {"qkv (stacked)": (6144, 4096), "o": (4096, 4096), "gate+up (stacked)": (28672, 4096), "down": (4096, 14336)}
+SCHEMES = ["int4-g128-gptq", "int4-g128-gptq-act", "int4-g128-gptq-act-static", "int3-g128-gptq", "mxfp4-gptq",
+           "nvfp4-gptq-act-static"]
+MODES = {"eager": {"QUANTBENCH_CUDA_GRAPHS": "0", "QUANTBENCH_GPTQ_KERNEL": "0"},
+         "graph": {"QUANTBENCH_CUDA_GRAPHS": "1", "QUANTBENCH_GPTQ_KERNEL": "0"},
+         "fused": {"QUANTBENCH_CUDA_GRAPHS": "1", "QUANTBENCH_GPTQ_KERNEL": "1"}}
 
 
 def main() -> None:
@@ -37,29 +41,33 @@ def main() -> None:
         rows, cols = SHAPES[label]
         g = torch.Generator(device=device).manual_seed(0)
         W = torch.randn(rows, cols, device=device, generator=g)
-        X = torch.randn(4 * cols, cols, device=device, generator=g) * (torch.rand(cols, device=device, generator=g) + 0.1)
+        X = torch.randn(2 * cols, cols, device=device, generator=g) * (torch.rand(cols, device=device, generator=g) + 0.1)
         H = 2 * X.T @ X / X.shape[0]
+        del X
         for name in args.schemes:
             scheme = Scheme.parse(name)
-            os.environ["QUANTBENCH_CUDA_GRAPHS"] = "0"
-            eager_s, eager = timed(lambda: gptq_quantize(W, H, scheme), device, args.repeat)
-            os.environ["QUANTBENCH_CUDA_GRAPHS"] = "1"
-            first_s, _ = timed(lambda: gptq_quantize(W, H, scheme), device, 1)
-            graph_s, graphed = timed(lambda: gptq_quantize(W, H, scheme), device, args.repeat)
-            row = {"layer": label, "shape": [rows, cols], "scheme": name, "eager_s": round(eager_s, 3),
-                   "graph_first_call_s": round(first_s, 3), "graph_s": round(graph_s, 3),
-                   "speedup": round(eager_s / graph_s, 2), "us_per_column_eager": round(1e6 * eager_s / cols, 1),
-                   "us_per_column_graph": round(1e6 * graph_s / cols, 1),
-                   "codes_equal": (eager.codes == graphed.codes).float().mean().item(),
-                   "scales_equal": bool(torch.equal(eager.scales, graphed.scales))}
+            row = {"layer": label, "shape": [rows, cols], "scheme": name}
+            results = {}
+            for mode, env in MODES.items():
+                os.environ.update(env)
+                first_s, _ = timed(lambda: gptq_quantize(W, H, scheme), device, 1)  # compiles / captures
+                seconds, results[mode] = timed(lambda: gptq_quantize(W, H, scheme), device,
+                                               1 if mode == "eager" else args.repeat)
+                row[f"{mode}_s"], row[f"{mode}_first_call_s"] = round(seconds, 4), round(first_s, 3)
+                row[f"us_per_column_{mode}"] = round(1e6 * seconds / cols, 2)
+            for mode in ("graph", "fused"):
+                row[f"codes_equal_{mode}"] = (results["eager"].codes == results[mode].codes).float().mean().item()
+                row[f"scales_equal_{mode}"] = bool(torch.equal(results["eager"].scales, results[mode].scales))
+            row["fused_vs_graph"] = round(row["graph_s"] / row["fused_s"], 2)
             rows_out.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
-    print("| layer | shape | scheme | eager s | graph s | speed-up | µs/column (graph) | codes equal |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| layer | shape | scheme | eager s | graph s | fused s | fused vs graph | µs/column (fused) | codes = eager |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows_out:
         print(f"| {r['layer']} | {r['shape'][0]}×{r['shape'][1]} | {r['scheme']} | {r['eager_s']:.3f} | "
-              f"{r['graph_s']:.3f} | {r['speedup']:.2f}× | {r['us_per_column_graph']} | {r['codes_equal']:.4f} |")
+              f"{r['graph_s']:.3f} | {r['fused_s']:.3f} | {r['fused_vs_graph']:.1f}× | {r['us_per_column_fused']} | "
+              f"{r['codes_equal_fused']:.4f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows_out, indent=2))
 

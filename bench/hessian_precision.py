@@ -1,11 +1,15 @@
-"""Accuracy and speed of Σ xᵀx for bfloat16 activations: float32 matmul vs tensor cores with float32 output,
-both against a float64 reference of the same bfloat16 values, accumulated as the pipeline does it (one
-matmul per calibration mini-batch of --batch-tokens, summed in float32).
+"""Accuracy and speed of Σ xᵀx for bfloat16 activations in each `quantize.hessian` mode, against float64 of the
+same bfloat16 values, accumulated as the pipeline does it (`LayerStats.update` once per calibration mini-batch):
 
-    python bench/hessian_precision.py
+- fp32: activations converted to float32, multiplied without tensor cores;
+- tensor_cores: one tensor-core matmul with float32 output per mini-batch;
+- compensated (default): tensor-core products of short token chunks, Kahan-summed in float32.
 
-Activations are random with a few channels a hundred times larger (as LLM activations have). Reported:
-relative Frobenius error ‖H − H64‖/‖H64‖, the largest error relative to its row's diagonal, and the median time.
+    python bench/hessian_precision.py                       # random activations with outlier channels
+    python bench/hessian_precision.py --model M --calibration-ids calibration.safetensors   # real ones
+
+Reported per case: relative Frobenius error ‖H − H64‖/‖H64‖, the largest error relative to its row's diagonal,
+and the median time of the whole accumulation (CUDA events).
 """
 
 from __future__ import annotations
@@ -16,45 +20,97 @@ import json
 import torch
 from timing import timed
 
+from quantbench.calibration import stats as stats_module
+from quantbench.calibration.stats import HESSIAN_MODES, LayerStats
+
 CUDA = torch.device("cuda")
 
 
-def errors(H, reference):
-    diag = reference.diagonal().sqrt()
+def errors(H: torch.Tensor, reference: torch.Tensor) -> dict:
+    diag = reference.diagonal().sqrt().clamp(min=1e-30)
     scaled = (H.double() - reference).abs() / (diag[:, None] * diag[None, :])
     return {"rel_frobenius": ((H.double() - reference).norm() / reference.norm()).item(),
             "max_rel_to_diagonal": scaled.max().item()}
 
 
-def accumulate(x: torch.Tensor, batch_tokens: int, tensor_cores: bool) -> torch.Tensor:
-    H = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-    for chunk in x.split(batch_tokens):
-        if tensor_cores:
-            H.add_(torch.mm(chunk.T, chunk, out_dtype=torch.float32))
-        else:
-            chunk = chunk.float()
-            H.addmm_(chunk.T, chunk)
-    return H
+def accumulate(x: torch.Tensor, batch_tokens: int, mode: str) -> torch.Tensor:
+    stats = LayerStats(wants_hessian=True, accumulation=mode)
+    for batch in x.split(batch_tokens):
+        stats.update(batch)
+    return stats.xtx
+
+
+def compare(name: str, x: torch.Tensor, batch_tokens: int, chunks: list[int]) -> dict:
+    reference = x.double().T @ x.double()
+    row = {"case": name, "tokens": x.shape[0], "width": x.shape[1], "batch_tokens": batch_tokens}
+    for mode in HESSIAN_MODES:
+        run = lambda mode=mode: accumulate(x, batch_tokens, mode)  # noqa: E731
+        row[mode] = {**errors(run(), reference), "s": timed(run, CUDA, repeat=3, warmup=True)[0]}
+    default_chunk = stats_module.COMPENSATED_CHUNK
+    for chunk in chunks:  # the chunk length trades the tensor cores' summation error against Kahan passes
+        stats_module.COMPENSATED_CHUNK = chunk
+        run = lambda: accumulate(x, batch_tokens, "compensated")  # noqa: E731
+        row[f"compensated_chunk{chunk}"] = {**errors(run(), reference), "s": timed(run, CUDA, repeat=3, warmup=True)[0]}
+    stats_module.COMPENSATED_CHUNK = default_chunk
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def random_cases(batch_tokens: int, chunks: list[int]) -> list[dict]:
+    rows = []
+    for tokens, width in ((262144, 4096), (262144, 14336), (65536, 576)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        scale = torch.ones(width, device="cuda")
+        scale[torch.randperm(width, device="cuda", generator=g)[:4]] = 100.0
+        x = (torch.randn(tokens, width, device="cuda", generator=g) * scale).to(torch.bfloat16)
+        rows.append(compare(f"random {width}", x, batch_tokens, chunks))
+        del x
+        torch.cuda.empty_cache()
+    return rows
+
+
+def model_cases(model_path: str, calibration_ids: str, batch_tokens: int, layers: list[int],
+                chunks: list[int]) -> list[dict]:
+    """The inputs of q_proj (the attention input) and down_proj of some blocks, on the calibration windows."""
+    from safetensors.torch import load_file
+
+    from quantbench.model_io import decoder_blocks, load_model
+
+    model, _ = load_model(model_path, torch.bfloat16)
+    model.to(CUDA)
+    ids = load_file(calibration_ids)["input_ids"]
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for index in layers:
+        block = decoder_blocks(model)[index]
+        for part, module in (("q_proj", block.self_attn.q_proj), ("down_proj", block.mlp.down_proj)):
+            key = f"layer {index} {part}"
+            hooks.append(module.register_forward_pre_hook(
+                lambda _m, args, key=key: seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]))))
+    with torch.no_grad():
+        for batch in ids.split(8):
+            model(input_ids=batch.to(CUDA), use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    rows = [compare(key, torch.cat(parts), batch_tokens, chunks) for key, parts in seen.items()]
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-tokens", type=int, default=8 * 2048, help="tokens per calibration mini-batch")
+    parser.add_argument("--model", help="real activations of this model (bfloat16) instead of random ones")
+    parser.add_argument("--calibration-ids", help="safetensors with input_ids [n, seqlen] (ppl_ladder.py --export-ids)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
+    parser.add_argument("--chunks", type=int, nargs="*", default=[1024, 16384], help="other compensated chunk lengths")
+    parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
-    rows = []
-    for tokens, width in ((262144, 2048), (262144, 8192), (65536, 576)):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        scale = torch.ones(width, device="cuda")
-        scale[torch.randperm(width, device="cuda", generator=g)[:4]] = 100.0
-        x = (torch.randn(tokens, width, device="cuda", generator=g) * scale).to(torch.bfloat16)
-        reference = x.double().T @ x.double()
-        fp32 = lambda: accumulate(x, args.batch_tokens, tensor_cores=False)  # noqa: E731
-        tensor_cores = lambda: accumulate(x, args.batch_tokens, tensor_cores=True)  # noqa: E731
-        row = {"tokens": tokens, "width": width, "batch_tokens": args.batch_tokens,
-               "fp32": {**errors(fp32(), reference), "s": timed(fp32, CUDA, repeat=5, warmup=True)[0]},
-               "tensor_cores_fp32_out": {**errors(tensor_cores(), reference), "s": timed(tensor_cores, CUDA, repeat=5, warmup=True)[0]}}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    rows = (model_cases(args.model, args.calibration_ids, args.batch_tokens, args.layers, args.chunks) if args.model
+            else random_cases(args.batch_tokens, args.chunks))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ The device is synchronised around every timed span, so GPU work is charged to th
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from quantbench.model_io import load_model, model_linears, resolve_device
 from quantbench.pipeline import StageTimer, quantize_model
 from quantbench.results import environment
 from quantbench.scheme import Scheme
-from random_models import SIZES, build_random_llama
+from random_models import SIZES, build_random_llama, build_random_llama_on
 
 
 def main() -> None:
@@ -39,6 +41,9 @@ def main() -> None:
     parser.add_argument("--calibration-ids", help="safetensors with input_ids [n, seqlen] (see ppl_ladder.py "
                         "--export-ids), instead of tokenizing C4 here")
     parser.add_argument("--hessian", choices=["compensated", "fp32", "tensor_cores"], default="compensated")
+    parser.add_argument("--compare-overlap", action="store_true", help="also run without prefetching the next "
+                        "block and compare codes and time")
+    parser.add_argument("--layers", type=int, help="random models: keep only the first N decoder blocks")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 
@@ -46,8 +51,10 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     scheme = Scheme.parse(args.scheme)
-    if args.random:
-        model = build_random_llama(args.random, dtype)
+    if args.random:  # built on the device when it is a GPU (seconds, not minutes), then kept on the host
+        model = (build_random_llama_on(args.random, dtype, device, args.layers).to("cpu") if device.type == "cuda"
+                 else build_random_llama(args.random, dtype))
+        torch.cuda.empty_cache() if device.type == "cuda" else None
         ids = torch.randint(0, SIZES[args.random]["vocab_size"], (args.n_samples, args.seqlen),
                             generator=torch.Generator().manual_seed(0))
     else:
@@ -64,13 +71,15 @@ def main() -> None:
             ids = calibration_batches(tokenizer, "c4", args.n_samples, args.seqlen, seed=0)
 
     linears = model_linears(model)
+    twin = copy.deepcopy(model) if args.compare_overlap else None
     timer = StageTimer(device, fine=True)
     start = time.perf_counter()
-    quantize_model(model, ids, lambda _name: scheme, device, batch_size=args.batch_size, progress=False, timer=timer,
-                   hessian=args.hessian)
+    codes = quantize_model(model, ids, lambda _name: scheme, device, batch_size=args.batch_size, progress=False,
+                           timer=timer, hessian=args.hessian)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     total = time.perf_counter() - start
+    overlap = compare_overlap(twin, ids, scheme, device, args, codes, model) if twin is not None else None
     breakdown = timer.summary()
     figures = {
         "model": args.model or f"random {args.random}", "scheme": scheme.name, "hessian": args.hessian, "dtype": str(dtype).removeprefix("torch."),
@@ -78,12 +87,30 @@ def main() -> None:
         "calibration": list(ids.shape), "total_s": round(total, 2), "breakdown_s": breakdown,
         "other_s": round(total - sum(breakdown.values()), 2),
         "device": environment(device)["device_name"], "torch": torch.__version__,
+        "fused_kernel": os.environ.get("QUANTBENCH_GPTQ_KERNEL", "1") != "0",
+        "prefetch": os.environ.get("QUANTBENCH_PREFETCH", "1") != "0",
     }
     if device.type == "cuda":
         figures["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    if overlap:
+        figures["without_prefetch"] = overlap
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+def compare_overlap(twin, ids, scheme, device, args, codes, model) -> dict:
+    """The same quantization with block transfers not overlapped (QUANTBENCH_PREFETCH=0): its time, and
+    whether it gives the same codes and weights."""
+    os.environ["QUANTBENCH_PREFETCH"] = "0"
+    start = time.perf_counter()
+    plain = quantize_model(twin, ids, lambda _name: scheme, device, batch_size=args.batch_size, progress=False,
+                           hessian=args.hessian)
+    seconds = time.perf_counter() - start
+    os.environ["QUANTBENCH_PREFETCH"] = "1"
+    same_codes = all(torch.equal(plain[name].codes, codes[name].codes) for name in codes)
+    same_weights = all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), model.state_dict().values()))
+    return {"total_s": round(seconds, 2), "same_codes": same_codes, "same_weights": same_weights}
 
 
 if __name__ == "__main__":

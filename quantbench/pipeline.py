@@ -207,7 +207,8 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
             weights.wait()
         _each(stages, "finish", model, device)
     finally:
-        weights.release_outside(model)
+        with timer("transfer"):
+            weights.release_outside(model)
 
 
 def _each(stages: list, hook: str, *args) -> None:

@@ -116,3 +116,15 @@ def test_compensated_hessian_reaches_float32_accuracy(monkeypatch):
         return float((H.double() - reference).norm() / reference.norm())
     assert error(compensated.xtx) < 2e-7
     assert error(plain) > 5 * error(compensated.xtx)
+
+
+def test_triton_kahan_step_equals_the_torch_steps():
+    from quantbench.calibration.compensated_sum_kernel import kahan_add_kernel
+
+    g = torch.Generator().manual_seed(0)
+    total, carry, term = (torch.randn(5000, generator=g) * 10**e for e in (4, -4, 0))
+    expected_total, expected_carry = total.clone(), carry.clone()
+    stats_module.kahan_add_(expected_total, expected_carry, term)  # the torch steps off CUDA
+    kahan_add_kernel[(2,)](total, carry, term, 5000, BLOCK=4096)
+    assert torch.equal(total, expected_total) and torch.equal(carry, expected_carry)
+    assert carry.abs().max() > 0

@@ -1,0 +1,191 @@
+"""quantbench's GPTQ against the reference implementation (IST-DASLab/gptq: its `gptq.py` and `quant.py`,
+imported from a fetched copy, never vendored) on the same calibration windows, model, device and evaluation.
+
+Step 1, where `datasets` and the C4 shard are (here): draw 128 × 512 windows per seed with the reference's own
+`datautils.get_c4` (its sampling code, reading the local C4 shard), and the WikiText-2 test ids:
+
+    python bench/gptq_reference.py draw --reference /path/to/gptq --model .assets/models/smollm2-135m-dithered \
+        --seeds 0 1 2 3 4 --out ids/
+
+Step 2, on the device (both implementations, every seed and scheme; CUDA, as the reference needs):
+
+    python bench/gptq_reference.py run --reference /path/to/gptq --model MODEL --ids ids/ --json parity.json
+
+Both run block by block through quantbench's block driver with true-sequential groups (q/k/v, o, gate/up,
+down), damp 0.01, block size 128, asymmetric grids, and are scored by the same perplexity code on the first
+16 WikiText-2 windows of 2,048 tokens. Prints mean ± standard deviation over the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantbench.calibration.stats import input_sharing
+from quantbench.model_io import load_model
+from quantbench.pipeline import drive_blocks, feed_block
+from quantbench.scheme import Scheme
+
+SCHEMES = ["int4-g128-gptq", "int4-g128-gptq-act-static", "int3-g128-gptq", "int3-g128-gptq-act-static"]
+
+
+def draw(args) -> None:
+    """Calibration windows drawn by the reference's get_c4, reading the local C4 shard."""
+    import datasets
+
+    sys.path.insert(0, args.reference)
+    import datautils
+
+    load = datasets.load_dataset
+
+    from quantbench.model_io import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    shard = load("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+    # the reference's sampler fails on a document of exactly seqlen tokens (randint(0, -1)): leave those out
+    lengths = [len(tokenizer(text).input_ids) for text in shard["text"]]
+    shard = shard.select([i for i, n in enumerate(lengths) if n != args.seqlen])
+
+    def local_c4(*_args, **_kwargs):
+        # the reference asks for its own config name and a validation shard; only the training shard is
+        # local (the validation windows it also draws are not used here)
+        return shard
+
+    datasets.load_dataset = local_c4
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        loader, _ = datautils.get_c4(args.n_samples, seed, args.seqlen, args.model)
+        ids = torch.cat([inp for inp, _ in loader])
+        save_file({"input_ids": ids.contiguous()}, str(out / f"c4-seed{seed}.safetensors"))
+        print(f"seed {seed}: {tuple(ids.shape)}", flush=True)
+    from quantbench.calibration.sources import load_eval_text
+    from quantbench.eval.perplexity import tokenize_eval_text
+
+    wiki = tokenize_eval_text(tokenizer, load_eval_text("wikitext2")[0])
+    save_file({"input_ids": wiki.contiguous()}, str(out / "wikitext2.safetensors"))
+
+
+class ReferenceStage:
+    """A block stage that quantizes with the reference's GPTQ class: per true-sequential group, its
+    add_batch hooks see the group's inputs, then fasterquant writes the quantized weights in place."""
+
+    def __init__(self, scheme: Scheme) -> None:
+        from gptq import GPTQ
+        from quant import Quantizer
+
+        self.GPTQ, self.Quantizer, self.scheme = GPTQ, Quantizer, scheme
+
+    def run_block(self, ctx) -> None:
+        groups = input_sharing(ctx.block, ctx.linears, lambda: feed_block(ctx.block, ctx.inputs, batches=1))
+        for group in groups:
+            solvers = {}
+            for name in group:
+                solvers[name] = self.GPTQ(ctx.linears[name])
+                solvers[name].quantizer = self.Quantizer()
+                solvers[name].quantizer.configure(self.scheme.bits, perchannel=True, sym=False, mse=False)
+            handles = [ctx.linears[name].register_forward_hook(
+                lambda _m, inp, out, name=name: solvers[name].add_batch(inp[0].data, out.data)) for name in group]
+            feed_block(ctx.block, ctx.inputs)
+            for handle in handles:
+                handle.remove()
+            for name, solver in solvers.items():
+                with contextlib.redirect_stdout(io.StringIO()):  # it prints its time and error per layer
+                    solver.fasterquant(blocksize=128, percdamp=self.scheme.damp, groupsize=self.scheme.group_size or -1,
+                                       actorder=self.scheme.act_order, static_groups=self.scheme.static_groups)
+                solver.free()
+
+
+def run(args) -> None:
+    import logging
+
+    from quantbench.eval.perplexity import perplexity_of_ids
+    from quantbench.pipeline import quantize_model
+    from quantbench.quiet import quiet_libraries
+
+    quiet_libraries()
+    logging.getLogger("quantbench").setLevel(logging.ERROR)
+    sys.path.insert(0, args.reference)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    ids_dir = Path(args.ids)
+    wiki = load_file(str(ids_dir / "wikitext2.safetensors"))["input_ids"]
+    seeds = sorted(int(p.stem.removeprefix("c4-seed")) for p in ids_dir.glob("c4-seed*.safetensors"))
+    rows = []
+    for seed in seeds:
+        calibration = load_file(str(ids_dir / f"c4-seed{seed}.safetensors"))["input_ids"]
+        for name in args.schemes:
+            scheme = Scheme.parse(name)
+            for implementation in args.implementations:
+                model, _ = load_model(args.model, dtype)
+                start = time.perf_counter()
+                if implementation == "quantbench":
+                    quantize_model(model, calibration, lambda _layer: scheme, device, progress=False,
+                                   hessian=args.hessian)
+                else:
+                    drive_blocks(model, calibration, device, [ReferenceStage(scheme)], progress=False)
+                seconds = time.perf_counter() - start
+                ppl = perplexity_of_ids(model.to(device), wiki, 2048, args.windows, batch_size=4).ppl
+                rows.append({"seed": seed, "scheme": name, "implementation": implementation,
+                             "wikitext2_ppl": round(ppl, 3), "quantize_s": round(seconds, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+                if args.json:  # after every run: a run cut short keeps what it measured
+                    Path(args.json).write_text(json.dumps({"runs": rows, "summary": summarize(rows)}, indent=2))
+    summary = summarize(rows)
+    print(f"\n{args.model} ({args.dtype}) on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; "
+          f"{len(seeds)} calibration seeds of {tuple(calibration.shape)} C4 windows (reference get_c4); "
+          f"WikiText-2 first {args.windows} windows of 2,048\n")
+    print("| scheme | implementation | mean ppl | std | min | max |\n|---|---|---:|---:|---:|---:|")
+    for row in summary:
+        print(f"| {row['scheme']} | {row['implementation']} | {row['mean']:.2f} | {row['std']:.2f} | "
+              f"{row['min']:.2f} | {row['max']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": rows, "summary": summary}, indent=2))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    keys = sorted({(r["scheme"], r["implementation"]) for r in rows}, key=lambda k: (SCHEMES.index(k[0])
+                                                                                    if k[0] in SCHEMES else 99, k[1]))
+    out = []
+    for scheme, implementation in keys:
+        values = [r["wikitext2_ppl"] for r in rows if (r["scheme"], r["implementation"]) == (scheme, implementation)]
+        out.append({"scheme": scheme, "implementation": implementation, "n": len(values),
+                    "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "min": min(values), "max": max(values)})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    step1 = sub.add_parser("draw")
+    step2 = sub.add_parser("run")
+    for step in (step1, step2):
+        step.add_argument("--reference", required=True, help="folder holding the reference's gptq.py, quant.py")
+        step.add_argument("--model", default=".assets/models/smollm2-135m-dithered")
+    step1.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    step1.add_argument("--n-samples", type=int, default=128)
+    step1.add_argument("--seqlen", type=int, default=512)
+    step1.add_argument("--out", required=True)
+    step2.add_argument("--ids", required=True, help="the folder `draw` wrote")
+    step2.add_argument("--schemes", nargs="+", default=SCHEMES)
+    step2.add_argument("--implementations", nargs="+", default=["quantbench", "reference"])
+    step2.add_argument("--hessian", default="compensated")
+    step2.add_argument("--windows", type=int, default=16)
+    step2.add_argument("--device", default="cuda")
+    step2.add_argument("--dtype", default="float32")
+    step2.add_argument("--json")
+    args = parser.parse_args()
+    draw(args) if args.step == "draw" else run(args)
+
+
+if __name__ == "__main__":
+    main()
