@@ -7,7 +7,7 @@ Step 1, where `datasets` and the C4 shard are (here): draw 128 × 512 windows pe
     python bench/gptq_reference.py draw --reference /path/to/gptq --model .assets/models/smollm2-135m-dithered \
         --seeds 0 1 2 3 4 --out ids/
 
-Step 2, on the device (both implementations, every seed and scheme; CUDA, as the reference needs):
+Step 2, on the device (both implementations, every seed and scheme; `--device cpu` also works):
 
     python bench/gptq_reference.py run --reference /path/to/gptq --model MODEL --ids ids/ --json parity.json
 
@@ -116,6 +116,8 @@ def run(args) -> None:
     logging.getLogger("quantbench").setLevel(logging.ERROR)
     sys.path.insert(0, args.reference)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu":  # the reference synchronises CUDA unconditionally; on the CPU there is nothing to wait for
+        torch.cuda.synchronize = torch.cuda.empty_cache = lambda *_args: None
     ids_dir = Path(args.ids)
     wiki = load_file(str(ids_dir / "wikitext2.safetensors"))["input_ids"]
     seeds = sorted(int(p.stem.removeprefix("c4-seed")) for p in ids_dir.glob("c4-seed*.safetensors"))

@@ -45,7 +45,7 @@ class BlockInputs:
 
 
 class StageTimer:
-    """Seconds per pipeline stage; synchronises the device around each timed span so GPU work is
+    """Seconds per pipeline stage; synchronises the compute stream around each timed span so GPU work is
     charged to the stage that launched it. `fine=True` also times the Hessian accumulation inside hooks.
     `memory=True` also records each stage's peak host RSS and device memory (for a timer whose stages do
     not nest: each stage resets the peaks)."""
@@ -75,8 +75,9 @@ class StageTimer:
                 self.peaks[stage] = {k: max(v, earlier.get(k, 0.0)) for k, v in peaks.items()}
 
     def _sync(self) -> None:
+        # the compute stream only: block transfers on side streams (ResidentWeights.prefetch) keep overlapping
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
 
     def summary(self) -> dict[str, float]:
         """Rounded seconds; the stats passes are reported without the Hessian time they contain."""
