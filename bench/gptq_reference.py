@@ -9,7 +9,7 @@ Step 1, where `datasets` and the C4 shard are (here): draw 128 × 512 windows pe
 
 Step 2, on the device (both implementations, every seed and scheme; `--device cpu` also works):
 
-    python bench/gptq_reference.py run --reference /path/to/gptq --model MODEL --ids ids/ --json parity.json
+    python bench/gptq_reference.py run --reference /path/to/gptq --model MODEL --ids ids/ --json parity.json [--resume]
 
 Both run block by block through quantbench's block driver with true-sequential groups (q/k/v, o, gate/up,
 down), damp 0.01, block size 128, asymmetric grids, and are scored by the same perplexity code on the first
@@ -121,12 +121,15 @@ def run(args) -> None:
     ids_dir = Path(args.ids)
     wiki = load_file(str(ids_dir / "wikitext2.safetensors"))["input_ids"]
     seeds = sorted(int(p.stem.removeprefix("c4-seed")) for p in ids_dir.glob("c4-seed*.safetensors"))
-    rows = []
+    rows = json.loads(Path(args.json).read_text())["runs"] if args.resume and Path(args.json).exists() else []
+    done = {(r["seed"], r["scheme"], r["implementation"]) for r in rows}
     for seed in seeds:
         calibration = load_file(str(ids_dir / f"c4-seed{seed}.safetensors"))["input_ids"]
         for name in args.schemes:
             scheme = Scheme.parse(name)
             for implementation in args.implementations:
+                if (seed, name, implementation) in done:
+                    continue
                 model, _ = load_model(args.model, dtype)
                 start = time.perf_counter()
                 if implementation == "quantbench":
@@ -185,6 +188,7 @@ def main() -> None:
     step2.add_argument("--device", default="cuda")
     step2.add_argument("--dtype", default="float32")
     step2.add_argument("--json")
+    step2.add_argument("--resume", action="store_true", help="keep the runs already in --json and do the rest")
     args = parser.parse_args()
     draw(args) if args.step == "draw" else run(args)
 

@@ -46,6 +46,9 @@ class ResidentWeights:
 
     def release_outside(self, model: nn.Module) -> None:
         self.wait()
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
         model.to(self.home)
 
     def _overlaps(self, device: torch.device) -> bool:

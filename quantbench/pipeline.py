@@ -27,7 +27,7 @@ from quantbench.model_io import block_linears, blocks_path, decoder_blocks
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.quantizers import needs_hessian, needs_stats, quantize_weight
 from quantbench.quantizers.fwht import RandomHadamard
-from quantbench.quantizers.gptq import prepare_factors
+from quantbench.quantizers.gptq import factor_hessians
 from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
 from quantbench.scheme import Scheme
 
@@ -278,7 +278,8 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
                     feed_block(ctx.block, ctx.inputs)
         with timer("solve"):
             batches = _solve_together(stage, schemes, stats)
-            _factor_hessians_together(batches, schemes, stats, ctx.block)
+            factor_hessians([(schemes[names[0]], stats[names[0]]) for names in batches],
+                            next(ctx.block.parameters()).device)
             for names in batches:
                 results.update(quantize_linears([linears[n] for n in names], names, schemes[names[0]], stats[names[0]],
                                                 on_device))
@@ -291,20 +292,6 @@ def _solve_together(stage: list[str], schemes: dict[str, Scheme], stats: dict) -
     for name in stage:
         batches.setdefault((schemes[name], id(stats[name])), []).append(name)
     return list(batches.values())
-
-
-def _factor_hessians_together(batches: list[list[str]], schemes: dict[str, Scheme], stats: dict,
-                              block: nn.Module) -> None:
-    """GPTQ solves of one stage in the layers' own basis get their inverse-Hessian factors in batched calls."""
-    by_key: dict[tuple, tuple[Scheme, list]] = {}
-    for names in batches:
-        scheme = schemes[names[0]]
-        if scheme.solver == "gptq" and scheme.transform == "none" and stats[names[0]] is not None:
-            by_key.setdefault((scheme.damp, scheme.act_order), (scheme, []))[1].append(stats[names[0]])
-    device = next(block.parameters()).device
-    for scheme, layer_stats in by_key.values():
-        if len(layer_stats) > 1:
-            prepare_factors(layer_stats, scheme, device)
 
 
 def quantize_linears(layers: list[nn.Linear], names: list[str], scheme: Scheme, stats=None,

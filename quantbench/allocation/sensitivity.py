@@ -32,7 +32,7 @@ from quantbench.pipeline import BlockContext, apply_quantized, drive_blocks, fee
 from quantbench.recipe import KEEP
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
 from quantbench.quantizers import quantize_weight
-from quantbench.quantizers.gptq import prepare_factors
+from quantbench.quantizers.gptq import factor_hessians
 from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
 from quantbench.scheme import Scheme
@@ -147,7 +147,8 @@ class SensitivityStage:
         probe = _BlockProbe(ctx, self.gradients, self.block_tokens) if self.block_tokens else None
         rotated: dict = {}  # (id of shared stats, rotation seed) → Rᵀ(Σxᵀx)R, reused across candidates
         with ctx.timer("candidates"):
-            _factor_hessians(candidates, stats, ctx.block)
+            factor_hessians([(scheme, stats[name]) for name, schemes in candidates.items() if name in stats
+                             for scheme in schemes], next(ctx.block.parameters()).device)
             for name, linear in linears.items():
                 full_name = ctx.full_name(name)
                 self.layers[full_name] = layer_proxies(full_name, linear, stats[name])
@@ -158,19 +159,6 @@ class SensitivityStage:
                         error.block_output = probe.cost(linear, self.cache.effective_weight(
                             full_name, scheme.name, linear.weight.dtype, linear.weight.device))
                     self.errors[(full_name, scheme.name)] = error
-
-
-def _factor_hessians(candidates: dict[str, list[Scheme]], stats: dict[str, LayerStats], block: nn.Module) -> None:
-    """The GPTQ inverse-Hessian factors every candidate will need, per dampening and order, in batched calls;
-    the candidates of a layer then share them (Hadamard candidates factor their rotated Hessian themselves)."""
-    wanted: dict[tuple, tuple[Scheme, list[LayerStats]]] = {}
-    for name, schemes in candidates.items():
-        for scheme in schemes or ():
-            if scheme.solver == "gptq" and scheme.transform == "none" and name in stats:
-                wanted.setdefault((scheme.damp, scheme.act_order), (scheme, []))[1].append(stats[name])
-    device = next(block.parameters()).device
-    for scheme, layer_stats in wanted.values():
-        prepare_factors(layer_stats, scheme, device)
 
 
 class _BlockProbe:

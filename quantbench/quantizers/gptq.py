@@ -11,6 +11,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import astuple, dataclass, replace
 
 import torch
@@ -67,6 +68,18 @@ def prepare_factors(stats: list[LayerStats], scheme: Scheme, device: torch.devic
     todo = list({id(s): s for s in stats if key not in s.factors}.values())
     for s, factor in zip(todo, inverse_factors([s.hessian for s in todo], scheme, device)):
         s.factors[key] = factor
+
+
+def factor_hessians(solves: Iterable[tuple[Scheme, LayerStats | None]], device: torch.device) -> None:
+    """Ahead of the GPTQ solves of these (scheme, statistics) pairs in the layers' own basis, their inverse-Hessian
+    factors in batched calls, one per dampening and order (Hadamard schemes factor their rotated Hessian when
+    they solve)."""
+    wanted: dict[tuple, tuple[Scheme, list[LayerStats]]] = {}
+    for scheme, stats in solves:
+        if scheme.solver == "gptq" and scheme.transform == "none" and stats is not None:
+            wanted.setdefault(_factor_key(scheme), (scheme, []))[1].append(stats)
+    for scheme, layer_stats in wanted.values():
+        prepare_factors(layer_stats, scheme, device)
 
 
 def inverse_factors(hessians: list[torch.Tensor], scheme: Scheme, device: torch.device) -> list[InverseFactor]:
