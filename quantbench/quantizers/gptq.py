@@ -134,6 +134,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
     column_group_on_device = torch.tensor(column_group, device=W.device)
 
     Hinv = factor.upper
+    fused = fused_available(W)
     codes = torch.zeros_like(W)
     params = None
     for i1 in range(0, cols, block_size):
@@ -146,8 +147,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
         # a block whose grids are all fitted inside it (or up front) has fixed control flow: one fused
         # kernel (or a CUDA graph) solves it
         self_contained = fitted_up_front or (fit_offsets[:1] == (0,) and fit_offsets[-1] + group <= i2 - i1)
-        if self_contained and (fused_available(W) or _graphs_allowed(W)):
-            if fused_available(W):
+        if self_contained and (fused or _graphs_allowed(W)):
+            if fused:
                 solve_block_fused(fmt, block, fit_offsets, group)
             else:
                 block = _replay(fmt, block, fit_offsets, group)
