@@ -11,6 +11,9 @@ Step 2, on the device (both implementations, every seed and scheme; `--device cp
 
     python bench/gptq_reference.py run --reference /path/to/gptq --model MODEL --ids ids/ --json parity.json [--resume]
 
+Runs are independent: several `run --seeds S --json S.json` processes can share one GPU (the reference is bound
+by Python's kernel launches), and `summary S.json … --json all.json` merges them and prints the table.
+
 Both run block by block through quantbench's block driver with true-sequential groups (q/k/v, o, gate/up,
 down), damp 0.01, block size 128, asymmetric grids, and are scored by the same perplexity code on the first
 16 WikiText-2 windows of 2,048 tokens. Prints mean ± standard deviation over the seeds.
@@ -120,9 +123,12 @@ def run(args) -> None:
         torch.cuda.synchronize = torch.cuda.empty_cache = lambda *_args: None
     ids_dir = Path(args.ids)
     wiki = load_file(str(ids_dir / "wikitext2.safetensors"))["input_ids"]
-    seeds = sorted(int(p.stem.removeprefix("c4-seed")) for p in ids_dir.glob("c4-seed*.safetensors"))
+    seeds = args.seeds or sorted(int(p.stem.removeprefix("c4-seed")) for p in ids_dir.glob("c4-seed*.safetensors"))
     rows = json.loads(Path(args.json).read_text())["runs"] if args.resume and Path(args.json).exists() else []
-    done = {(r["seed"], r["scheme"], r["implementation"]) for r in rows}
+    # float32 activations and the CPU accumulate the Hessian in float32 whatever the mode
+    hessian = args.hessian if device.type == "cuda" and args.dtype in ("bfloat16", "float16") else "fp32"
+    done = {(r["seed"], r["scheme"], r["implementation"]) for r in rows
+            if r.get("hessian", "fp32") == hessian or r["implementation"] == "reference"}
     for seed in seeds:
         calibration = load_file(str(ids_dir / f"c4-seed{seed}.safetensors"))["input_ids"]
         for name in args.schemes:
@@ -140,29 +146,44 @@ def run(args) -> None:
                 seconds = time.perf_counter() - start
                 ppl = perplexity_of_ids(model.to(device), wiki, 2048, args.windows, batch_size=4).ppl
                 rows.append({"seed": seed, "scheme": name, "implementation": implementation,
-                             "wikitext2_ppl": round(ppl, 3), "quantize_s": round(seconds, 1)})
+                             "hessian": hessian if implementation == "quantbench" else "fp32",
+                             "dtype": args.dtype, "wikitext2_ppl": round(ppl, 3), "quantize_s": round(seconds, 1)})
                 print(json.dumps(rows[-1]), flush=True)
                 if args.json:  # after every run: a run cut short keeps what it measured
                     Path(args.json).write_text(json.dumps({"runs": rows, "summary": summarize(rows)}, indent=2))
-    summary = summarize(rows)
     print(f"\n{args.model} ({args.dtype}) on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; "
           f"{len(seeds)} calibration seeds of {tuple(calibration.shape)} C4 windows (reference get_c4); "
           f"WikiText-2 first {args.windows} windows of 2,048\n")
-    print("| scheme | implementation | mean ppl | std | min | max |\n|---|---|---:|---:|---:|---:|")
+    print_summary(rows, args.json)
+
+
+def merge(args) -> None:
+    rows = [row for path in args.parts for row in json.loads(Path(path).read_text())["runs"]]
+    print_summary(rows, args.json)
+
+
+def print_summary(rows: list[dict], json_path: str | None) -> None:
+    summary = summarize(rows)
+    print("| scheme | implementation | dtype | Hessian | runs | mean ppl | std | min | max |\n"
+          "|---|---|---|---|---:|---:|---:|---:|---:|")
     for row in summary:
-        print(f"| {row['scheme']} | {row['implementation']} | {row['mean']:.2f} | {row['std']:.2f} | "
-              f"{row['min']:.2f} | {row['max']:.2f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"runs": rows, "summary": summary}, indent=2))
+        print(f"| {row['scheme']} | {row['implementation']} | {row['dtype']} | {row['hessian']} | {row['n']} | "
+              f"{row['mean']:.2f} | {row['std']:.2f} | {row['min']:.2f} | {row['max']:.2f} |")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"runs": rows, "summary": summary}, indent=2))
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    keys = sorted({(r["scheme"], r["implementation"]) for r in rows}, key=lambda k: (SCHEMES.index(k[0])
-                                                                                    if k[0] in SCHEMES else 99, k[1]))
+    def key(row: dict) -> tuple:
+        return row["scheme"], row["implementation"], row.get("dtype", "float32"), row.get("hessian", "fp32")
+
+    keys = sorted({key(r) for r in rows}, key=lambda k: (SCHEMES.index(k[0]) if k[0] in SCHEMES else 99, *k[1:]))
     out = []
-    for scheme, implementation in keys:
-        values = [r["wikitext2_ppl"] for r in rows if (r["scheme"], r["implementation"]) == (scheme, implementation)]
-        out.append({"scheme": scheme, "implementation": implementation, "n": len(values),
+    for group in keys:
+        scheme, implementation, dtype, hessian = group
+        values = [r["wikitext2_ppl"] for r in rows if key(r) == group]
+        out.append({"scheme": scheme, "implementation": implementation, "dtype": dtype, "hessian": hessian,
+                    "n": len(values),
                     "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                     "min": min(values), "max": max(values)})
     return out
@@ -181,6 +202,7 @@ def main() -> None:
     step1.add_argument("--seqlen", type=int, default=512)
     step1.add_argument("--out", required=True)
     step2.add_argument("--ids", required=True, help="the folder `draw` wrote")
+    step2.add_argument("--seeds", type=int, nargs="+", help="these seeds only (default: every seed in --ids)")
     step2.add_argument("--schemes", nargs="+", default=SCHEMES)
     step2.add_argument("--implementations", nargs="+", default=["quantbench", "reference"])
     step2.add_argument("--hessian", default="compensated")
@@ -189,8 +211,11 @@ def main() -> None:
     step2.add_argument("--dtype", default="float32")
     step2.add_argument("--json")
     step2.add_argument("--resume", action="store_true", help="keep the runs already in --json and do the rest")
+    step3 = sub.add_parser("summary", help="merge the --json files of several runs")
+    step3.add_argument("parts", nargs="+")
+    step3.add_argument("--json", help="write the merged runs and summary here")
     args = parser.parse_args()
-    draw(args) if args.step == "draw" else run(args)
+    {"draw": draw, "run": run, "summary": merge}[args.step](args)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@ same bfloat16 values, accumulated as the pipeline does it (`LayerStats.update` o
 
 - fp32: activations converted to float32, multiplied without tensor cores;
 - tensor_cores: one tensor-core matmul with float32 output per mini-batch;
-- compensated (default): tensor-core products of short token chunks, Kahan-summed in float32.
+- compensated (default): tensor-core sums of 256 tokens, Kahan-summed in float32 by one Triton kernel
+  (--sums also runs it with other numbers of 64-token dots per Kahan step).
 
     python bench/hessian_precision.py                       # random activations with outlier channels
     python bench/hessian_precision.py --model M --calibration-ids calibration.safetensors   # real ones
 
 Reported per case: relative Frobenius error ‖H − H64‖/‖H64‖, the largest error relative to its row's diagonal,
-and the median time of the whole accumulation (CUDA events).
+the median time of the whole accumulation (CUDA events) and its dense-equivalent rate 2·tokens·width²/s.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import torch
 from timing import timed
 
-from quantbench.calibration import stats as stats_module
+from quantbench.calibration import compensated_sum
 from quantbench.calibration.stats import HESSIAN_MODES, LayerStats
 
 CUDA = torch.device("cuda")
@@ -40,37 +41,66 @@ def accumulate(x: torch.Tensor, batch_tokens: int, mode: str) -> torch.Tensor:
     return stats.xtx
 
 
-def compare(name: str, x: torch.Tensor, batch_tokens: int, chunks: list[int]) -> dict:
+def measure(x: torch.Tensor, batch_tokens: int, mode: str, reference: torch.Tensor) -> dict:
+    run = lambda: accumulate(x, batch_tokens, mode)  # noqa: E731
+    seconds = timed(run, CUDA, repeat=3, warmup=True)[0]
+    return {**errors(run(), reference), "s": seconds, "tflops": 2 * x.shape[0] * x.shape[1] ** 2 / seconds / 1e12}
+
+
+def compare(name: str, x: torch.Tensor, batch_tokens: int, sums: list[int]) -> dict:
     reference = x.double().T @ x.double()
     row = {"case": name, "tokens": x.shape[0], "width": x.shape[1], "batch_tokens": batch_tokens}
     for mode in HESSIAN_MODES:
-        run = lambda mode=mode: accumulate(x, batch_tokens, mode)  # noqa: E731
-        row[mode] = {**errors(run(), reference), "s": timed(run, CUDA, repeat=3, warmup=True)[0]}
-    default_chunk = stats_module.COMPENSATED_CHUNK
-    for chunk in chunks:  # the chunk length trades the tensor cores' summation error against Kahan passes
-        stats_module.COMPENSATED_CHUNK = chunk
-        run = lambda: accumulate(x, batch_tokens, "compensated")  # noqa: E731
-        row[f"compensated_chunk{chunk}"] = {**errors(run(), reference), "s": timed(run, CUDA, repeat=3, warmup=True)[0]}
-    stats_module.COMPENSATED_CHUNK = default_chunk
+        row[mode] = measure(x, batch_tokens, mode, reference)
+    default = compensated_sum.STEPS_PER_SUM
+    for steps in sums:  # longer tensor-core sums: fewer Kahan steps, larger summation error
+        compensated_sum.STEPS_PER_SUM = steps
+        row[f"compensated_sum{steps * compensated_sum.GRAM_STEP}"] = measure(x, batch_tokens, "compensated", reference)
+    compensated_sum.STEPS_PER_SUM = default
     print(json.dumps(row), flush=True)
     return row
 
 
-def random_cases(batch_tokens: int, chunks: list[int]) -> list[dict]:
+TUNING = [(128, 64, 1, 8, 3), (128, 64, 1, 8, 4), (128, 128, 1, 8, 2), (128, 128, 1, 8, 3), (128, 64, 2, 8, 2),
+          (128, 32, 2, 8, 3), (64, 64, 4, 4, 3), (64, 128, 1, 4, 3), (64, 64, 1, 4, 4), (64, 64, 2, 4, 3),
+          (128, 64, 1, 4, 3)]  # tile, step, steps per Kahan sum, warps, stages
+
+
+def tune(batch_tokens: int) -> list[dict]:
+    """Time the compensated kernel's launch configurations on the widest 8B input."""
+    x = torch.randn(batch_tokens * 4, 14336, device="cuda").to(torch.bfloat16)
+    rows = []
+    for tile, step, steps, warps, stages in TUNING:
+        compensated_sum.GRAM_TILE, compensated_sum.GRAM_STEP, compensated_sum.STEPS_PER_SUM = tile, step, steps
+        compensated_sum.GRAM_LAUNCH = {"num_warps": warps, "num_stages": stages}
+        run = lambda: accumulate(x, batch_tokens, "compensated")  # noqa: E731
+        try:
+            seconds = timed(run, CUDA, repeat=3, warmup=True)[0]
+        except Exception as error:  # a configuration that does not fit the device's shared memory
+            print(f"tile {tile} step {step}×{steps} warps {warps} stages {stages}: {type(error).__name__}", flush=True)
+            continue
+        row = {"tile": tile, "step": step, "steps_per_sum": steps, "warps": warps, "stages": stages, "s": seconds,
+               "tflops": 2 * x.shape[0] * x.shape[1] ** 2 / seconds / 1e12}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def random_cases(batch_tokens: int, sums: list[int]) -> list[dict]:
     rows = []
     for tokens, width in ((262144, 4096), (262144, 14336), (65536, 576)):
         g = torch.Generator(device="cuda").manual_seed(0)
         scale = torch.ones(width, device="cuda")
         scale[torch.randperm(width, device="cuda", generator=g)[:4]] = 100.0
         x = (torch.randn(tokens, width, device="cuda", generator=g) * scale).to(torch.bfloat16)
-        rows.append(compare(f"random {width}", x, batch_tokens, chunks))
+        rows.append(compare(f"random {width}", x, batch_tokens, sums))
         del x
         torch.cuda.empty_cache()
     return rows
 
 
 def model_cases(model_path: str, calibration_ids: str, batch_tokens: int, layers: list[int],
-                chunks: list[int]) -> list[dict]:
+                sums: list[int]) -> list[dict]:
     """The inputs of q_proj (the attention input) and down_proj of some blocks, on the calibration windows."""
     from safetensors.torch import load_file
 
@@ -92,7 +122,7 @@ def model_cases(model_path: str, calibration_ids: str, batch_tokens: int, layers
             model(input_ids=batch.to(CUDA), use_cache=False)
     for hook in hooks:
         hook.remove()
-    rows = [compare(key, torch.cat(parts), batch_tokens, chunks) for key, parts in seen.items()]
+    rows = [compare(key, torch.cat(parts), batch_tokens, sums) for key, parts in seen.items()]
     return rows
 
 
@@ -102,11 +132,17 @@ def main() -> None:
     parser.add_argument("--model", help="real activations of this model (bfloat16) instead of random ones")
     parser.add_argument("--calibration-ids", help="safetensors with input_ids [n, seqlen] (ppl_ladder.py --export-ids)")
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
-    parser.add_argument("--chunks", type=int, nargs="*", default=[1024, 16384], help="other compensated chunk lengths")
+    parser.add_argument("--sums", type=int, nargs="*", default=[1],
+                        help="other numbers of 64-token dots per Kahan step in the compensated mode")
+    parser.add_argument("--tune", action="store_true", help="time the compensated kernel's launch configurations")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
-    rows = (model_cases(args.model, args.calibration_ids, args.batch_tokens, args.layers, args.chunks) if args.model
-            else random_cases(args.batch_tokens, args.chunks))
+    if args.tune:
+        rows = tune(args.batch_tokens)
+    elif args.model:
+        rows = model_cases(args.model, args.calibration_ids, args.batch_tokens, args.layers, args.sums)
+    else:
+        rows = random_cases(args.batch_tokens, args.sums)
     if args.json:
         from pathlib import Path
 

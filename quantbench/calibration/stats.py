@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantbench.calibration.compensated_sum import kahan_add_
+from quantbench.calibration.compensated_sum import compensated_gram_
 
 
 @dataclass
@@ -66,30 +66,17 @@ class LayerStats:
         self.n_samples += x.shape[0]
 
     def _add_compensated(self, x: torch.Tensor) -> None:
-        """Σ xᵀx of half-precision x on tensor cores to float32 accuracy. The products of bf16/fp16 values
-        are exact in float32, so every error is in the summation: each chunk of COMPENSATED_CHUNK tokens is
-        one short tensor-core sum, and the chunks are added with Kahan compensation (`_carry` keeps what
-        float32 dropped)."""
+        """Σ xᵀx of half-precision x on tensor cores to float32 accuracy (`_carry` keeps what float32 dropped)."""
         if self._carry is None:
             self._carry = torch.zeros_like(self.xtx)
-        for chunk in x.split(COMPENSATED_CHUNK):
-            kahan_add_(self.xtx, self._carry, _float32_products(chunk))
-
-
-def _float32_products(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx with float32 output: on tensor cores where the device has them for x's dtype."""
-    if x.is_cuda:
-        return torch.mm(x.T, x, out_dtype=torch.float32)
-    x = x.float()
-    return x.T @ x
+        compensated_gram_(self.xtx, self._carry, x)
 
 
 HESSIAN_MODES = {
-    "compensated": "bf16/fp16 CUDA activations: tensor-core products in chunks, Kahan-summed (float32 accuracy)",
+    "compensated": "bf16/fp16 CUDA activations: tensor-core sums of 256 products, Kahan-summed (below float32 error)",
     "fp32": "every activation converted to float32 and multiplied without tensor cores",
     "tensor_cores": "bf16/fp16 CUDA activations: one tensor-core matmul per calibration batch (fastest, least exact)",
 }
-COMPENSATED_CHUNK = 1024  # tensor-core sums of 1,024 products err less than float32 ones of 16K
 
 
 class StopForward(Exception):
