@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import time
@@ -73,19 +74,23 @@ def main() -> None:
     linears = model_linears(model)
     twin = copy.deepcopy(model) if args.compare_overlap else None
     timer = StageTimer(device, fine=True)
+    collections = garbage_collection_timer()
     start = time.perf_counter()
     codes = quantize_model(model, ids, lambda _name: scheme, device, batch_size=args.batch_size, progress=False,
                            timer=timer, hessian=args.hessian)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     total = time.perf_counter() - start
+    gc.callbacks.remove(collections)
     overlap = compare_overlap(twin, ids, scheme, device, args, codes, model) if twin is not None else None
     breakdown = timer.summary()
     figures = {
-        "model": args.model or f"random {args.random}", "scheme": scheme.name, "hessian": args.hessian, "dtype": str(dtype).removeprefix("torch."),
+        "model": args.model or f"random {args.random}", "scheme": scheme.name, "hessian": args.hessian,
+        "dtype": str(dtype).removeprefix("torch."),
         "params": sum(p.numel() for p in model.parameters()), "linears": len(linears),
         "calibration": list(ids.shape), "total_s": round(total, 2), "breakdown_s": breakdown,
         "other_s": round(total - sum(breakdown.values()), 2),
+        "garbage_collection_s": round(collections.seconds, 2),  # inside the spans above or "other"
         "device": environment(device)["device_name"], "torch": torch.__version__,
         "fused_kernel": os.environ.get("QUANTBENCH_GPTQ_KERNEL", "1") != "0",
         "prefetch": os.environ.get("QUANTBENCH_PREFETCH", "1") != "0",
@@ -97,6 +102,18 @@ def main() -> None:
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+def garbage_collection_timer():
+    """A gc callback that adds up the seconds Python's garbage collector ran (registered until removed)."""
+    def callback(phase: str, _info: dict) -> None:
+        if phase == "start":
+            callback.started = time.perf_counter()
+        else:
+            callback.seconds += time.perf_counter() - callback.started
+    callback.seconds, callback.started = 0.0, 0.0
+    gc.callbacks.append(callback)
+    return callback
 
 
 def compare_overlap(twin, ids, scheme, device, args, codes, model) -> dict:

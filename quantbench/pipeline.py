@@ -46,7 +46,8 @@ class BlockInputs:
 
 class StageTimer:
     """Seconds per pipeline stage; synchronises the compute stream around each timed span so GPU work is
-    charged to the stage that launched it. `fine=True` also times the Hessian accumulation inside hooks.
+    charged to the stage that launched it. `fine=True` also times the Hessian accumulation inside hooks, and
+    charges the wait at the start of an outermost span (GPU work launched outside every span) to "waiting".
     `memory=True` also records each stage's peak host RSS and device memory (for a timer whose stages do
     not nest: each stage resets the peaks)."""
 
@@ -54,19 +55,27 @@ class StageTimer:
         self.device, self.fine, self.memory = device, fine, memory
         self.seconds: dict[str, float] = {}
         self.peaks: dict[str, dict[str, float]] = {}
+        self._depth = 0
 
     @contextmanager
     def __call__(self, stage: str):
         if stage == "hessian" and not self.fine:
             yield
             return
-        self._sync()
+        if self.fine and self._depth == 0:
+            before = time.perf_counter()
+            self._sync()
+            self.seconds["waiting"] = self.seconds.get("waiting", 0.0) + time.perf_counter() - before
+        else:
+            self._sync()
+        self._depth += 1
         if self.memory:
             reset_peaks(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
+            self._depth -= 1
             self._sync()
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
             if self.memory:
@@ -196,7 +205,8 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
             with timer("transfer"):
                 weights.load_block(block, f"{prefix}.{index}", device)
             if index + 1 < len(blocks) and hasattr(weights, "prefetch"):
-                weights.prefetch(blocks[index + 1], device)  # overlaps this block's stages
+                with timer("transfer"):
+                    weights.prefetch(blocks[index + 1], device)  # overlaps this block's stages
             ctx = BlockContext(index, f"{prefix}.{index}", block, block_linears(block), inputs, timer)
             _each(stages, "run_block", ctx)
             with timer("propagate"):
@@ -205,7 +215,8 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
             with timer("transfer"):
                 weights.release_block(block)
         if hasattr(weights, "wait"):
-            weights.wait()
+            with timer("transfer"):
+                weights.wait()
         _each(stages, "finish", model, device)
     finally:
         with timer("transfer"):
@@ -265,7 +276,8 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
         with timer("solve"):
             return {name: quantize_linears([linears[name]], [name], scheme, on_device=on_device)[name]
                     for name, scheme in schemes.items()}
-    groups = ctx.input_groups(schemes)
+    with timer("stats_forward"):  # one forward finds which layers share an input
+        groups = ctx.input_groups(schemes)
     stages = groups if true_sequential else [[name for group in groups for name in group]]
     results = {}
     for stage in stages:
