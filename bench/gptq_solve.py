@@ -1,6 +1,7 @@
 """The GPTQ solve alone, eager vs CUDA graphs vs the fused Triton kernel, on the layer shapes of Llama-3-8B.
 
     python bench/gptq_solve.py
+    python bench/gptq_solve.py --factors      # the inverse-Hessian factor alone: three routes, 8B widths
 
 For each shape and scheme: median time of each solve (CUDA events, after a first call that compiles or
 captures), and how many codes the graphed and fused solves share with the eager one. Random weights and a random
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from quantbench.quantizers.gptq import gptq_quantize
+from quantbench.quantizers.gptq import gptq_quantize, upper_cholesky_of_inverse_of
 from timing import timed
 from quantbench.scheme import Scheme
 
@@ -28,14 +29,58 @@ MODES = {"eager": {"QUANTBENCH_CUDA_GRAPHS": "0", "QUANTBENCH_GPTQ_KERNEL": "0"}
          "fused": {"QUANTBENCH_CUDA_GRAPHS": "1", "QUANTBENCH_GPTQ_KERNEL": "1"}}
 
 
+def invert_and_refactor(H: torch.Tensor) -> torch.Tensor:
+    """The reference implementation's route: factorise H, invert it from its factor, factorise the inverse."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
+def reversed_solve(H: torch.Tensor) -> torch.Tensor:
+    """The package's route with the triangular inverse as one solve against the identity (n³ FLOP)."""
+    lower = torch.linalg.cholesky(H.flip(-2, -1))
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(-2, -1)
+
+
+ROUTES = {"invert_and_refactor": invert_and_refactor, "reversed_solve": reversed_solve,
+          "reversed_halves": lambda H: upper_cholesky_of_inverse_of(H)[0]}  # the package's
+
+
+def factors(device: torch.device, repeat: int) -> list[dict]:
+    """Seconds and float64 error of the routes to GPTQ's factor, at the widths of Llama-3-8B's inputs."""
+    rows = []
+    for width in (4096, 14336):
+        g = torch.Generator(device=device).manual_seed(0)
+        X = torch.randn(2 * width, width, device=device, generator=g) * (torch.rand(width, device=device, generator=g)
+                                                                         + 0.1)
+        H = 2 * X.T @ X / X.shape[0]
+        del X
+        H.diagonal().add_(0.01 * H.diagonal().mean())
+        reference = torch.linalg.cholesky(torch.linalg.inv(H.double()), upper=True)
+        row = {"width": width}
+        for name, route in ROUTES.items():
+            seconds, upper = timed(lambda route=route: route(H), device, repeat, warmup=True)
+            row[f"{name}_s"] = round(seconds, 4)
+            row[f"{name}_error"] = float((upper.double() - reference).norm() / reference.norm())
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--schemes", nargs="+", default=SCHEMES)
     parser.add_argument("--layers", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--factors", action="store_true", help="time the inverse-Hessian factor's routes only")
+    parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    if args.factors:
+        rows = factors(device, args.repeat)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
     rows_out = []
     for label in args.layers:
         rows, cols = SHAPES[label]
