@@ -3,7 +3,7 @@ same bfloat16 values, accumulated as the pipeline does it (`LayerStats.update` o
 
 - fp32: activations converted to float32, multiplied without tensor cores;
 - tensor_cores: one tensor-core matmul with float32 output per mini-batch;
-- compensated (default): tensor-core sums of 256 tokens, Kahan-summed in float32 by one Triton kernel
+- compensated (default): tensor-core sums of 128 tokens, Kahan-summed in float32 by one Triton kernel
   (--sums also runs it with other numbers of 64-token dots per Kahan step).
 
     python bench/hessian_precision.py                       # random activations with outlier channels

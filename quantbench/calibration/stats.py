@@ -73,7 +73,7 @@ class LayerStats:
 
 
 HESSIAN_MODES = {
-    "compensated": "bf16/fp16 CUDA activations: tensor-core sums of 256 products, Kahan-summed (below float32 error)",
+    "compensated": "bf16/fp16 CUDA activations: tensor-core sums of 128 products, Kahan-summed (below float32 error)",
     "fp32": "every activation converted to float32 and multiplied without tensor cores",
     "tensor_cores": "bf16/fp16 CUDA activations: one tensor-core matmul per calibration batch (fastest, least exact)",
 }
