@@ -4,7 +4,7 @@ same bfloat16 values, accumulated as the pipeline does it (`LayerStats.update` o
 - fp32: activations converted to float32, multiplied without tensor cores;
 - tensor_cores: one tensor-core matmul with float32 output per mini-batch;
 - compensated (default): tensor-core sums of 128 tokens, Kahan-summed in float32 by one Triton kernel
-  (--sums also runs it with other numbers of 64-token dots per Kahan step).
+  (--sums also runs it with other numbers of 128-token dots per Kahan step).
 
     python bench/hessian_precision.py                       # random activations with outlier channels
     python bench/hessian_precision.py --model M --calibration-ids calibration.safetensors   # real ones
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--calibration-ids", help="safetensors with input_ids [n, seqlen] (ppl_ladder.py --export-ids)")
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
     parser.add_argument("--sums", type=int, nargs="*", default=[1],
-                        help="other numbers of 64-token dots per Kahan step in the compensated mode")
+                        help="other numbers of 128-token dots per Kahan step in the compensated mode")
     parser.add_argument("--tune", action="store_true", help="time the compensated kernel's launch configurations")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
