@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--model", help="real activations of this model (bfloat16) instead of random ones")
     parser.add_argument("--calibration-ids", help="safetensors with input_ids [n, seqlen] (ppl_ladder.py --export-ids)")
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
-    parser.add_argument("--sums", type=int, nargs="*", default=[1],
+    parser.add_argument("--sums", type=int, nargs="*", default=[],
                         help="other numbers of 128-token dots per Kahan step in the compensated mode")
     parser.add_argument("--tune", action="store_true", help="time the compensated kernel's launch configurations")
     parser.add_argument("--json", help="write the rows here")
