@@ -37,11 +37,17 @@ SchemeLookup = Callable[[str], "Scheme | None"]
 
 @dataclass
 class BlockInputs:
-    """The hidden states entering a block, one tensor per calibration mini-batch, and the keyword
-    arguments (attention mask, position ids, rotary embeddings, …) the model passed with each."""
+    """The hidden states entering block `block`, one tensor per calibration mini-batch, and the keyword
+    arguments (attention mask, position ids, rotary embeddings, …) the model passes each block with each
+    mini-batch: blocks of different layer types (sliding-window and global attention) get different ones."""
 
     hidden: list[torch.Tensor]
-    kwargs: list[dict]
+    block_kwargs: list[list[dict]]  # [block][mini-batch]
+    block: int = 0
+
+    @property
+    def kwargs(self) -> list[dict]:
+        return self.block_kwargs[self.block]
 
 
 class StageTimer:
@@ -99,17 +105,26 @@ class StageTimer:
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device: torch.device,
                          batch_size: int) -> BlockInputs:
-    """Run the model up to its first decoder block for every mini-batch, keeping what the block receives."""
-    first_block = decoder_blocks(model)[0]
-    captured = BlockInputs(hidden=[], kwargs=[])
+    """Run the model's forward for every mini-batch with each decoder block replaced by a pass-through that
+    records its arguments: what the first block receives, and every block's keyword arguments. No block
+    computes (their weights may not even be loaded), and the pass stops at the last block."""
+    blocks = decoder_blocks(model)
+    captured = BlockInputs(hidden=[], block_kwargs=[[] for _ in blocks])
 
-    def catch(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden)
-        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise StopForward
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                captured.hidden.append(hidden)
+            captured.block_kwargs[index].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if index == len(blocks) - 1:
+                raise StopForward
+            return hidden
+        return forward
 
-    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
+    own_forwards = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's hooks
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index)
     try:
         for batch in input_ids.split(batch_size):
             try:
@@ -117,7 +132,11 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device: torc
             except StopForward:
                 pass
     finally:
-        handle.remove()
+        for block, own in zip(blocks, own_forwards):
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
     return captured
 
 
@@ -180,9 +199,10 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
                  batch_size: int = 8, progress: bool = True, timer: StageTimer | None = None,
                  desc: str = "blocks", weights=None, start: int = 0,
                  resume_hidden: list[torch.Tensor] | None = None) -> None:
-    """The one block driver: capture what the first block receives, then for every block load it on the
-    device, run each stage on it, and run the block (as the stages left it) to make the next block's
-    inputs. Only one block and one block's activations for the calibration samples live on the device.
+    """The one block driver: capture what the first block receives (and every block's keyword arguments),
+    then for every block load it on the device, run each stage on it, and run the block (as the stages left
+    it) to make the next block's inputs. Only one block and one block's activations for the calibration
+    samples live on the device.
 
     `weights` says where blocks come from (ResidentWeights: the model in memory, the default; DiskWeights:
     read from the checkpoint as their turn comes). A resumed run starts at block `start` with the hidden
@@ -201,7 +221,7 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
         blocks = decoder_blocks(model)
         for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress,
                           initial=start, total=len(blocks)):
-            block = blocks[index]
+            block, inputs.block = blocks[index], index
             with timer("transfer"):
                 weights.load_block(block, f"{prefix}.{index}", device)
             if index + 1 < len(blocks) and hasattr(weights, "prefetch"):

@@ -133,3 +133,16 @@ def assert_matmul_close(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     bound = x.shape[-1] * torch.finfo(got.dtype).eps * (x64.abs() @ w64.abs().T)
     error = (got.double() - x64 @ w64.T).abs()
     assert (error <= bound).all(), f"error {float((error - bound).max()):.3g} above the rounding bound"
+
+
+def tiny_qwen2_sliding_window(vocab_size: int = 320, seed: int = 0):
+    """Qwen2 with its last two of four layers on a 4-token sliding window: blocks of two layer types, which the
+    model passes different attention masks."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
+                         use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    assert config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    return Qwen2ForCausalLM(config).eval()

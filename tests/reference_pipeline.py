@@ -19,6 +19,7 @@ def reference_quantize_model(model, input_ids, scheme_for, device, batch_size=8,
         results = {}
         for index, block in enumerate(decoder_blocks(model)):
             block.to(device)
+            inputs.block = index
             linears = block_linears(block)
             schemes = {name: scheme_for(f"{prefix}.{index}.{name}") for name in linears}
             schemes = {name: scheme for name, scheme in schemes.items() if scheme is not None}

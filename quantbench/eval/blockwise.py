@@ -38,6 +38,7 @@ class BlockwisePerplexity:
     def run_block(self, ctx: BlockContext) -> None:
         with ctx.timer(f"eval_{self.label}"):
             for inputs in self.inputs.values():
+                inputs.block = ctx.index
                 inputs.hidden = run_block(ctx.block, inputs)
 
     @torch.no_grad()
