@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,25 +13,31 @@ from quantbench.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 
-# model_type → attribute path of the decoder blocks (an nn.ModuleList)
-BLOCK_PATHS = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "gpt_neox": "gpt_neox.layers",
-    "opt": "model.decoder.layers",
-}
-# model_type → the final norm applied to the last block's output before the LM head
-FINAL_NORM_PATHS = {
-    "llama": "model.norm",
-    "mistral": "model.norm",
-    "qwen2": "model.norm",
-    "qwen3": "model.norm",
-    "gpt_neox": "gpt_neox.final_layer_norm",
-    "opt": "model.decoder.final_layer_norm",
-}
-FAMILIES = "Llama family (llama, mistral, qwen2, qwen3 — SmolLM is llama), GPT-NeoX (gpt_neox), OPT (opt)"
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family's decoder blocks (an nn.ModuleList) and final norm (applied to the last block's output
+    before the LM head) are, for the model types it covers. Blocks are walked generically: adding a family
+    is an entry here and a tiny-config test."""
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    final_norm: str
+
+
+FAMILY_TABLE = (
+    Family("Llama family (llama, mistral, qwen2, qwen3 — SmolLM is llama)", ("llama", "mistral", "qwen2", "qwen3"),
+           "model.layers", "model.norm"),
+    Family("Gemma 2 and 3 (gemma2; gemma3_text, the text-only models)", ("gemma2", "gemma3_text"),
+           "model.layers", "model.norm"),
+    Family("Phi-3 and Phi-4 (phi3)", ("phi3",), "model.layers", "model.norm"),
+    Family("GPT-NeoX (gpt_neox)", ("gpt_neox",), "gpt_neox.layers", "gpt_neox.final_layer_norm"),
+    Family("OPT (opt)", ("opt",), "model.decoder.layers", "model.decoder.final_layer_norm"),
+)
+BLOCK_PATHS = {model_type: family.blocks for family in FAMILY_TABLE for model_type in family.model_types}
+FINAL_NORM_PATHS = {model_type: family.final_norm for family in FAMILY_TABLE for model_type in family.model_types}
+FAMILIES = ", ".join(family.name for family in FAMILY_TABLE)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -170,8 +177,11 @@ def move_except_blocks(model: nn.Module, device: torch.device) -> None:
 
 def final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The logits the model computes from the last decoder block's output `hidden` (final norm, OPT's
-    output projection where it has one, LM head)."""
+    output projection where it has one, LM head, Gemma 2's soft-capping)."""
     hidden = model.get_submodule(FINAL_NORM_PATHS[model.config.model_type])(hidden)
     if model.config.model_type == "opt" and model.model.decoder.project_out is not None:
         hidden = model.model.decoder.project_out(hidden)
-    return model.get_output_embeddings()(hidden)
+    logits = model.get_output_embeddings()(hidden)
+    if cap := getattr(model.config, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cap) * cap
+    return logits

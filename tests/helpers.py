@@ -146,3 +146,47 @@ def tiny_qwen2_sliding_window(vocab_size: int = 320, seed: int = 0):
                          use_sliding_window=True, sliding_window=4, max_window_layers=2)
     assert config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
     return Qwen2ForCausalLM(config).eval()
+
+
+def tiny_gemma2(vocab_size: int = 320, seed: int = 0):
+    """Gemma 2: sliding-window and global layers alternate, norms scale by 1 + w, attention and final logits
+    are soft-capped."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                          vocab_size=vocab_size, max_position_embeddings=512)
+    return _random_norms(Gemma2ForCausalLM(config).eval(), seed)
+
+
+def tiny_gemma3_text(vocab_size: int = 320, seed: int = 0):
+    """Gemma 3 (text): sliding-window layers with their own rotary base between global ones, q/k norms."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                              sliding_window_pattern=2, vocab_size=vocab_size, max_position_embeddings=512)
+    return _random_norms(Gemma3ForCausalLM(config).eval(), seed)
+
+
+def tiny_phi3(vocab_size: int = 320, seed: int = 0):
+    """Phi-3/4: fused qkv_proj and gate_up_proj."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Phi3Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2)
+    return Phi3ForCausalLM(config).eval()
+
+
+def _random_norms(model, seed: int):
+    """Gemma initialises its norm weights w to 0 (scale 1 + w): random ones show a norm handled as plain w."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    return model

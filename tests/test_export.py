@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import tiny_gemma2, tiny_gemma3_text, tiny_gpt_neox, tiny_llama, tiny_opt, tiny_phi3
 
 from quantbench import load_quantized, save_quantized
 from quantbench.errors import QuantbenchError
@@ -42,6 +42,16 @@ def test_export_then_load_gives_identical_logits(tmp_path, tokenizer, section):
     for name, layer in layers.items():
         assert layer.scheme == quantized[name].scheme
         assert layer.stored_bytes * 8 >= quantized[name].storage_bits  # word padding only adds
+
+
+@pytest.mark.parametrize("build", [tiny_gpt_neox, tiny_opt, tiny_gemma2, tiny_gemma3_text, tiny_phi3])
+def test_every_family_exports_and_loads_with_identical_logits(tmp_path, tokenizer, build):
+    model = build(vocab_size=len(tokenizer))
+    quantized = quantize(model, default="int4-g32-gptq", overrides=[{"pattern": "mlp", "scheme": "mxfp4-rtn"}])
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt")
+    assert loaded.config.model_type == model.config.model_type
+    assert torch.equal(logits(loaded), logits(model))
 
 
 def test_packed_weights_are_what_is_stored(tmp_path, tokenizer):

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 import torch
-from helpers import tiny_gpt_neox, tiny_llama, tiny_opt
+from helpers import tiny_gemma3_text, tiny_gpt_neox, tiny_llama, tiny_opt, tiny_phi3
 
 from quantbench import load_quantized, save_quantized
 from quantbench.errors import QuantbenchError
@@ -147,6 +147,9 @@ def test_act_order_with_groups_keeps_g_idx():
                   ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
     (tiny_opt, [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]]),
     (tiny_gpt_neox, [["attention.query_key_value"], ["attention.dense"], ["mlp.dense_h_to_4h"], ["mlp.dense_4h_to_h"]]),
+    (tiny_phi3, [["self_attn.qkv_proj"], ["self_attn.o_proj"], ["mlp.gate_up_proj"], ["mlp.down_proj"]]),
+    (tiny_gemma3_text, [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
 ])
 def test_layers_reading_one_input_are_grouped_in_forward_order(build, expected):
     model = build()

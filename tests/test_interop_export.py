@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import invoke, tiny_llama
+from helpers import invoke, tiny_gemma2, tiny_gemma3_text, tiny_llama, tiny_phi3
 
 from quantbench import load_quantized, save_quantized
 from quantbench.errors import QuantbenchError
@@ -152,8 +152,8 @@ def test_export_command(tmp_path, tokenizer):
     assert wrong.exit_code == 2 and "gptq" in wrong.output
 
 
-def exported(tmp_path, tokenizer, dtype, default, overrides=()):
-    model = tiny_llama().to(dtype)
+def exported(tmp_path, tokenizer, dtype, default, overrides=(), build=tiny_llama):
+    model = build().to(dtype)
     section = QuantizeSection(default=default, overrides=list(overrides))
     quantized = quantize_model(model, IDS, section.scheme_for, torch.device("cpu"), progress=False)
     save_quantized(model, tokenizer, quantized, tmp_path / "native")
@@ -190,6 +190,20 @@ def test_compressed_tensors_export_loads_in_transformers_with_our_weights(tmp_pa
             compressed = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
             torch.testing.assert_close(compressed(IDS).logits, expected, rtol=0,
                                        atol=8 * torch.finfo(load_dtype).eps * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("build", [tiny_gemma2, tiny_gemma3_text, tiny_phi3])
+def test_compressed_tensors_export_of_other_families_loads_in_transformers(tmp_path, tokenizer, build):
+    """Fused projections (Phi's qkv_proj, gate_up_proj) and Gemma's layers keep their names: decompressed by
+    transformers, the logits equal ours."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    exported(tmp_path, tokenizer, torch.float32, "int4-g32-sym-rtn", build=build)
+    ours = load_quantized(tmp_path / "native")
+    decompressed = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ct", quantization_config=CompressedTensorsConfig(run_compressed=False))
+    with torch.no_grad():
+        assert torch.equal(decompressed(IDS).logits, ours(IDS).logits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

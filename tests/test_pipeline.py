@@ -1,6 +1,7 @@
 import pytest
 import torch
-from helpers import tiny_gpt_neox, tiny_llama, tiny_opt, tiny_qwen2_sliding_window
+from helpers import (tiny_gemma2, tiny_gemma3_text, tiny_gpt_neox, tiny_llama, tiny_opt, tiny_phi3,
+                     tiny_qwen2_sliding_window)
 
 from quantbench.calibration.stats import LayerStats, collect_stats
 from quantbench.errors import QuantbenchError
@@ -30,7 +31,10 @@ def test_rtn_through_the_pipeline_equals_rtn_layer_by_layer():
         assert torch.equal(layer.weight.data, reference[name].dequantize())
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_opt, tiny_gpt_neox, tiny_qwen2_sliding_window])
+FAMILIES = [tiny_llama, tiny_opt, tiny_gpt_neox, tiny_qwen2_sliding_window, tiny_gemma2, tiny_gemma3_text, tiny_phi3]
+
+
+@pytest.mark.parametrize("build", FAMILIES)
 def test_propagated_activations_match_a_full_forward_of_the_quantized_model(build):
     """Each block must get what the quantized model really gives it: the captured keyword arguments
     (attention mask, position ids, rotary embeddings) have to pass through correctly for every family, and
@@ -84,13 +88,15 @@ def test_layer_stats_hessian_equals_direct_computation():
     assert stats["self_attn.q_proj"].xtx is None  # only asked-for Hessians are accumulated
 
 
-@pytest.mark.parametrize("build, expected", [(tiny_opt, 12), (tiny_gpt_neox, 8)])
-def test_other_families_run_through_the_pipeline(build, expected):
+@pytest.mark.parametrize("scheme", ["int8-g32-rtn", "int8-g32-gptq-act"])
+@pytest.mark.parametrize("build, expected", [(tiny_opt, 12), (tiny_gpt_neox, 8), (tiny_gemma2, 28),
+                                             (tiny_gemma3_text, 28), (tiny_phi3, 8)])
+def test_other_families_run_through_the_pipeline(build, expected, scheme):
     model = build()
     ids = calibration_ids()
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    quantized = quantize_model(model, ids, lambda name: Scheme(bits=8, group_size=32), CPU, progress=False)
+    quantized = quantize_model(model, ids, lambda name: Scheme.parse(scheme), CPU, progress=False)
     with torch.no_grad():
         after = model(input_ids=ids).logits
     assert len(quantized) == expected
