@@ -18,20 +18,21 @@ def calibration_ids(vocab=320, n=6, seqlen=32, seed=0):
     return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-def test_rtn_through_the_pipeline_equals_rtn_layer_by_layer():
-    model = tiny_llama()
+FAMILIES = [tiny_llama, tiny_opt, tiny_gpt_neox, tiny_qwen2_sliding_window, tiny_gemma2, tiny_gemma3_text, tiny_phi3]
+
+
+@pytest.mark.parametrize("build", FAMILIES)
+def test_rtn_through_the_pipeline_equals_rtn_layer_by_layer(build):
+    model = build()
     reference = {name: quantize_rtn(layer.weight.data, Scheme(bits=3, group_size=32))
                  for name, layer in model_linears(model).items()}
     quantized = quantize_model(model, calibration_ids(), lambda name: Scheme(bits=3, group_size=32), CPU,
                                batch_size=4, progress=False)
-    assert quantized.keys() == reference.keys() and len(quantized) == 14
+    assert quantized.keys() == reference.keys() and len(quantized) >= 8
     for name, layer in model_linears(model).items():
         assert torch.equal(quantized[name].codes, reference[name].codes)
         assert torch.equal(quantized[name].scales, reference[name].scales)
         assert torch.equal(layer.weight.data, reference[name].dequantize())
-
-
-FAMILIES = [tiny_llama, tiny_opt, tiny_gpt_neox, tiny_qwen2_sliding_window, tiny_gemma2, tiny_gemma3_text, tiny_phi3]
 
 
 @pytest.mark.parametrize("build", FAMILIES)
