@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from quantbench.activations import activation_format_of, input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.block_weights import ResidentWeights
 from quantbench.calibration.stats import StopForward, collect_stats, input_sharing
+from quantbench.errors import QuantbenchError
 from quantbench.memory import read_peaks, reset_peaks
 from quantbench.model_io import block_linears, blocks_path, decoder_blocks
 from quantbench.quantized_weight import QuantizedWeight
@@ -137,6 +138,10 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device: torc
                 del block.forward
             else:
                 block.forward = own
+    skipped = [index for index, kwargs in enumerate(captured.block_kwargs) if len(kwargs) != len(captured.hidden)]
+    if skipped:
+        raise QuantbenchError(f"the model's forward did not run decoder blocks {skipped} (of {len(blocks)}); "
+                              "check num_hidden_layers in its config")
     return captured
 
 

@@ -151,3 +151,11 @@ def test_the_block_driver_gives_the_codes_of_the_earlier_pipeline(build, true_se
         assert all(torch.equal(a, b) for a, b in zip(ours[name].pack().values(), theirs[name].pack().values())), name
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_blocks_the_forward_does_not_run_are_a_clear_error():
+    """A config that runs fewer layers than the model holds would leave blocks without inputs."""
+    model = tiny_llama()
+    model.config.num_hidden_layers = 1
+    with pytest.raises(QuantbenchError, match=r"did not run decoder blocks \[1\]"):
+        capture_block_inputs(model, calibration_ids(), CPU, batch_size=4)
