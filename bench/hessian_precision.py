@@ -70,6 +70,8 @@ def tune(batch_tokens: int) -> list[dict]:
     """Time the compensated kernel's launch configurations on the widest 8B input."""
     x = torch.randn(batch_tokens * 4, 14336, device="cuda").to(torch.bfloat16)
     rows = []
+    default = (compensated_sum.GRAM_TILE, compensated_sum.GRAM_STEP, compensated_sum.STEPS_PER_SUM,
+               compensated_sum.GRAM_LAUNCH)
     for tile, step, steps, warps, stages in TUNING:
         compensated_sum.GRAM_TILE, compensated_sum.GRAM_STEP, compensated_sum.STEPS_PER_SUM = tile, step, steps
         compensated_sum.GRAM_LAUNCH = {"num_warps": warps, "num_stages": stages}
@@ -83,6 +85,8 @@ def tune(batch_tokens: int) -> list[dict]:
                "tflops": 2 * x.shape[0] * x.shape[1] ** 2 / seconds / 1e12}
         print(json.dumps(row), flush=True)
         rows.append(row)
+    (compensated_sum.GRAM_TILE, compensated_sum.GRAM_STEP, compensated_sum.STEPS_PER_SUM,
+     compensated_sum.GRAM_LAUNCH) = default
     return rows
 
 

@@ -117,7 +117,7 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device: torc
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if index == 0:
                 captured.hidden.append(hidden)
-            captured.block_kwargs[index].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            captured.block_kwargs[index].append(kwargs)
             if index == len(blocks) - 1:
                 raise StopForward
             return hidden

@@ -190,3 +190,8 @@ def _random_norms(model, seed: int):
             if name.endswith("norm.weight"):
                 param.copy_(torch.randn(param.shape, generator=g) * 0.1)
     return model
+
+
+FAMILY_BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "gpt_neox": tiny_gpt_neox,
+                   "qwen2_sliding_window": tiny_qwen2_sliding_window, "gemma2": tiny_gemma2,
+                   "gemma3_text": tiny_gemma3_text, "phi3": tiny_phi3}  # one tiny config per family of the table

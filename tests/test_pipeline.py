@@ -1,7 +1,6 @@
 import pytest
 import torch
-from helpers import (tiny_gemma2, tiny_gemma3_text, tiny_gpt_neox, tiny_llama, tiny_opt, tiny_phi3,
-                     tiny_qwen2_sliding_window)
+from helpers import FAMILY_BUILDERS, tiny_gemma2, tiny_gemma3_text, tiny_gpt_neox, tiny_llama, tiny_opt, tiny_phi3
 
 from quantbench.calibration.stats import LayerStats, collect_stats
 from quantbench.errors import QuantbenchError
@@ -18,10 +17,7 @@ def calibration_ids(vocab=320, n=6, seqlen=32, seed=0):
     return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-FAMILIES = [tiny_llama, tiny_opt, tiny_gpt_neox, tiny_qwen2_sliding_window, tiny_gemma2, tiny_gemma3_text, tiny_phi3]
-
-
-@pytest.mark.parametrize("build", FAMILIES)
+@pytest.mark.parametrize("build", FAMILY_BUILDERS.values(), ids=FAMILY_BUILDERS.keys())
 def test_rtn_through_the_pipeline_equals_rtn_layer_by_layer(build):
     model = build()
     reference = {name: quantize_rtn(layer.weight.data, Scheme(bits=3, group_size=32))
@@ -35,7 +31,7 @@ def test_rtn_through_the_pipeline_equals_rtn_layer_by_layer(build):
         assert torch.equal(layer.weight.data, reference[name].dequantize())
 
 
-@pytest.mark.parametrize("build", FAMILIES)
+@pytest.mark.parametrize("build", FAMILY_BUILDERS.values(), ids=FAMILY_BUILDERS.keys())
 def test_propagated_activations_match_a_full_forward_of_the_quantized_model(build):
     """Each block must get what the quantized model really gives it: the captured keyword arguments
     (attention mask, position ids, rotary embeddings) have to pass through correctly for every family, and

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (invoke, make_recipe, tiny_gemma2, tiny_gemma3_text, tiny_gpt_neox, tiny_llama, tiny_opt, tiny_phi3,
-                     tiny_qwen2_sliding_window)
+from helpers import FAMILY_BUILDERS, invoke, make_recipe, tiny_llama
 
 from quantbench import load_quantized
 from quantbench.errors import QuantbenchError
@@ -63,9 +62,7 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     assert config_a == config_b
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt_neox, tiny_opt, tiny_qwen2_sliding_window, tiny_gemma2,
-                                   tiny_gemma3_text, tiny_phi3],
-                         ids=["llama", "gpt_neox", "opt", "qwen2_sliding_window", "gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("build", FAMILY_BUILDERS.values(), ids=FAMILY_BUILDERS.keys())
 def test_final_logits_of_the_last_block_output_are_the_model_logits(build):
     model = build()
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -83,10 +80,8 @@ def test_a_streamed_run_gives_the_codes_checkpoint_perplexity_and_task_scores_of
     """lm-eval scores (Llama only): the streamed run's come from models placed by free memory. The streamed
     perplexity is computed block by block; the in-memory one by whole-model forwards, with each layer's own
     attention mask (Qwen2 with sliding-window layers)."""
-    builders = {"gpt_neox": tiny_gpt_neox, "qwen2_sliding_window": tiny_qwen2_sliding_window, "gemma2": tiny_gemma2,
-                "phi3": tiny_phi3}
     model_dir = sharded_llama if family == "llama" else saved_in_shards(
-        builders[family](vocab_size=len(tokenizer)), tokenizer, tmp_path / family)
+        FAMILY_BUILDERS[family](vocab_size=len(tokenizer)), tokenizer, tmp_path / family)
     tasks = {"tasks": ["tiny_mc"], "lm_eval": {"limit": 6, "include_path": [str(tiny_task_dir)]}}
     results = {}
     for mode in ("off", "on"):
