@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from quantbench.errors import QuantbenchError
-from quantbench.model_io import blocks_path, check_supported, move_except_blocks, nonfinite_counts
+from quantbench.model_io import blocks_path, check_supported, decoder_blocks, move_except_blocks, nonfinite_counts
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
@@ -119,6 +119,7 @@ def skeleton_model(config, dtype: torch.dtype, trust_remote_code: bool = False) 
     check_supported(config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    decoder_blocks(model)  # experts by the per-expert names checkpoints use
     return model.eval()
 
 
@@ -177,6 +178,10 @@ class DiskWeights:
         meta = self.model.state_dict()
         names = {}
         for key in stored_keys:
+            name, _ = rename_source_key(key, renamings, [], self.model.base_model_prefix, meta)
+            if name in meta:  # e.g. per-expert weights: quantbench splits transformers' fused experts as stored
+                names[name] = key
+                continue
             name, converted = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta)
             if converted is not None:
                 raise QuantbenchError(f"{self.folder}: {key} must be converted as it loads ({converted}), which "

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from quantbench.errors import QuantbenchError
+from quantbench.experts import ROUTER_NAMES, split_experts
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ FAMILY_TABLE = (
     Family("Gemma 2 and 3 (gemma2; gemma3_text, the text-only models)", ("gemma2", "gemma3_text"),
            "model.layers", "model.norm"),
     Family("Phi-3 and Phi-4 (phi3)", ("phi3",), "model.layers", "model.norm"),
+    Family("mixture of experts (qwen2_moe, qwen3_moe, mixtral, deepseek_v3)",
+           ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3"), "model.layers", "model.norm"),
     Family("GPT-NeoX (gpt_neox)", ("gpt_neox",), "gpt_neox.layers", "gpt_neox.final_layer_norm"),
     Family("OPT (opt)", ("opt",), "model.decoder.layers", "model.decoder.final_layer_norm"),
 )
@@ -85,7 +88,9 @@ def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
             raise QuantbenchError(f"config model_type {config.get('model_type')!r}: {str(exc).splitlines()[0]}") from None
     check_supported(config)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    decoder_blocks(model)  # experts by the per-expert names checkpoints use
+    return model
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -138,12 +143,18 @@ def blocks_path(model: nn.Module) -> str:
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    return model.get_submodule(blocks_path(model))
+    """The decoder blocks; on first use, fused expert tensors are split into per-expert linears (experts.py)."""
+    blocks = model.get_submodule(blocks_path(model))
+    if not getattr(model, "_quantbench_experts_split", False):
+        split_experts(model, blocks)
+        model._quantbench_experts_split = True
+    return blocks
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """The nn.Linear layers of one block, by name relative to the block, in forward order."""
-    return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+    """The nn.Linear layers of one block, by name relative to the block, in forward order; routers stay out."""
+    return {name: module for name, module in block.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in ROUTER_NAMES}
 
 
 def model_linears(model: nn.Module) -> dict[str, nn.Linear]:

@@ -23,6 +23,7 @@ from quantbench.activations import activation_format_of, input_rotation_of, quan
 from quantbench.block_weights import ResidentWeights
 from quantbench.calibration.stats import StopForward, collect_stats, input_sharing
 from quantbench.errors import QuantbenchError
+from quantbench.experts import StarvedExperts, all_tokens_routed, expert_pattern, merge_parallel_experts
 from quantbench.memory import read_peaks, reset_peaks
 from quantbench.model_io import block_linears, blocks_path, decoder_blocks
 from quantbench.quantized_weight import QuantizedWeight
@@ -30,7 +31,7 @@ from quantbench.quantizers import needs_hessian, needs_stats, quantize_weight
 from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.quantizers.gptq import factor_hessians
 from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
-from quantbench.scheme import Scheme
+from quantbench.scheme import DEFAULT_DAMP, Scheme
 
 log = logging.getLogger(__name__)
 SchemeLookup = Callable[[str], "Scheme | None"]
@@ -184,8 +185,11 @@ class BlockContext:
     def input_groups(self, names) -> list[list[str]]:
         """`names` grouped by the input tensor they read, in forward order (q/k/v, o, gate/up, down)."""
         if self._sharing is None:
-            self._sharing = input_sharing(self.block, self.linears,
-                                          lambda: feed_block(self.block, self.inputs, batches=1))
+            def run_once() -> None:
+                with all_tokens_routed(self.block):  # every expert's layers show up, routed to or not
+                    feed_block(self.block, self.inputs, batches=1)
+
+            self._sharing = input_sharing(self.block, self.linears, run_once)
         wanted = set(names)
         return [[n for n in group if n in wanted] for group in self._sharing if wanted & set(group)]
 
@@ -261,10 +265,12 @@ class QuantizeStage:
     LM head (untied from the embedding) by that scheme."""
 
     def __init__(self, scheme_for: SchemeLookup, true_sequential: bool = True, hessian: str = "compensated",
-                 lm_head: Scheme | None = None, on_device: bool = False) -> None:
+                 lm_head: Scheme | None = None, on_device: bool = False,
+                 experts: StarvedExperts = StarvedExperts()) -> None:
         self.scheme_for, self.true_sequential, self.lm_head = scheme_for, true_sequential, lm_head
-        self.hessian, self.on_device = hessian, on_device
+        self.hessian, self.on_device, self.experts = hessian, on_device, experts
         self.results: dict[str, QuantizedWeight] = {}
+        self.starved_experts: dict[str, dict] = {}  # full name → routed tokens and what was done
 
     def finish(self, model: nn.Module, device: torch.device) -> None:
         if self.lm_head is not None:
@@ -272,28 +278,36 @@ class QuantizeStage:
 
     def run_block(self, ctx: BlockContext) -> None:
         schemes = {name: scheme for name in ctx.linears if (scheme := self.scheme_for(ctx.full_name(name)))}
-        for name, quantized in quantize_block(ctx, schemes, self.true_sequential, self.hessian,
-                                              self.on_device).items():
+        for name, quantized in quantize_block(ctx, schemes, self.true_sequential, self.hessian, self.on_device,
+                                              self.experts, self.starved_experts).items():
             self.results[ctx.full_name(name)] = quantized
 
 
 def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: SchemeLookup, device: torch.device,
                    batch_size: int = 8, progress: bool = True, true_sequential: bool = True,
-                   timer: StageTimer | None = None, hessian: str = "compensated") -> dict[str, QuantizedWeight]:
+                   timer: StageTimer | None = None, hessian: str = "compensated",
+                   experts: StarvedExperts = StarvedExperts(), starved: dict | None = None) -> dict[str, QuantizedWeight]:
     """Quantize every decoder-block linear that `scheme_for(full_name)` assigns a scheme, in place: the block
     driver with the quantize stage alone. The model's weights are replaced by their dequantized values; the
-    returned QuantizedWeights (on CPU) hold the codes that export packs."""
-    stage = QuantizeStage(scheme_for, true_sequential, hessian)
+    returned QuantizedWeights (on CPU) hold the codes that export packs. `starved` receives the experts
+    routed too few calibration tokens, and what was done about them (`experts`)."""
+    stage = QuantizeStage(scheme_for, true_sequential, hessian, experts=experts)
     drive_blocks(model, input_ids, device, [stage], batch_size, progress, timer, desc="quantize blocks")
+    if starved is not None:
+        starved.update(stage.starved_experts)
     return stage.results
 
 
 def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequential: bool,
-                   hessian: str = "compensated", on_device: bool = False) -> dict[str, QuantizedWeight]:
+                   hessian: str = "compensated", on_device: bool = False,
+                   experts: StarvedExperts = StarvedExperts(), notes: dict | None = None) -> dict[str, QuantizedWeight]:
     """Quantize a block's linears. When a solver reads calibration statistics, the linears are grouped by the
     input they share (q/k/v, o, gate/up, down) and, with `true_sequential`, each group is calibrated on inputs
-    produced by the already-quantized earlier groups; layers sharing an input share one Hessian.
-    `hessian` says how Σ xᵀx is accumulated (calibration.stats.HESSIAN_MODES)."""
+    produced by the already-quantized earlier groups; layers sharing an input share one Hessian. The experts
+    of a mixture-of-experts block are calibrated on the tokens routed to them, one stage per projection;
+    `experts` says what happens to one routed too few tokens, and `notes` (full name → what was done)
+    records it. `hessian` says how Σ xᵀx is accumulated (calibration.stats.HESSIAN_MODES)."""
+    notes = {} if notes is None else notes
     linears, timer = ctx.linears, ctx.timer
     stats_layers = {name for name, scheme in schemes.items() if needs_stats(scheme)}
     hessian_layers = {name for name, scheme in schemes.items() if needs_hessian(scheme)}
@@ -303,16 +317,26 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
                     for name, scheme in schemes.items()}
     with timer("stats_forward"):  # one forward finds which layers share an input
         groups = ctx.input_groups(schemes)
-    stages = groups if true_sequential else [[name for group in groups for name in group]]
+    stages = merge_parallel_experts(groups) if true_sequential else [[name for group in groups for name in group]]
     results = {}
     for stage in stages:
         shared = {follower: group[0] for group in groups for follower in group[1:] if follower in stage}
         stats = dict.fromkeys(stage)
         if stats_layers & set(stage):
-            with timer("stats_forward"):
-                with collect_stats({name: linears[name] for name in stage}, hessian_layers & set(stage), shared,
-                                   stop_when_seen=True, timed=timer, accumulation=hessian) as stats:
-                    feed_block(ctx.block, ctx.inputs)
+            def collect(names: list[str]) -> dict:
+                # a pass may stop once every hooked layer has run, unless it holds experts: those not routed
+                # to in a batch do not run, and stopping at the last one would cut others' tokens short
+                stop = not any(expert_pattern(name) for name in names)
+                with timer("stats_forward"):
+                    with collect_stats({name: linears[name] for name in names}, hessian_layers & set(names),
+                                       {f: lead for f, lead in shared.items() if f in names}, stop_when_seen=stop,
+                                       timed=timer, accumulation=hessian) as collected:
+                        feed_block(ctx.block, ctx.inputs)
+                return collected
+
+            stats = collect(stage)
+            if starved := starved_experts(stage, stats, stats_layers, experts):
+                schemes = _handle_starved(ctx, starved, stats, schemes, experts, collect, notes)
         with timer("solve"):
             batches = _solve_together(stage, schemes, stats)
             factor_hessians([(schemes[names[0]], stats[names[0]]) for names in batches],
@@ -321,6 +345,36 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
                 results.update(quantize_linears([linears[n] for n in names], names, schemes[names[0]], stats[names[0]],
                                                 on_device))
     return results
+
+
+def starved_experts(stage: list[str], stats: dict, stats_layers: set[str], experts: StarvedExperts) -> list[str]:
+    """The expert layers of `stage` whose calibration saw fewer than `experts.min_tokens` routed tokens."""
+    return [name for name in stage if name in stats_layers and expert_pattern(name) is not None
+            and stats[name].n_samples < experts.min_tokens]
+
+
+def _handle_starved(ctx: BlockContext, starved: list[str], stats: dict, schemes: dict[str, Scheme],
+                    experts: StarvedExperts, collect: Callable[[list[str]], dict], notes: dict) -> dict[str, Scheme]:
+    """Give starved experts all-token statistics, or RTN (`experts.action`); note each in `notes`."""
+    routed = {name: stats[name].n_samples for name in starved}
+    rtn = [name for name in starved if experts.action == "rtn" and schemes[name].solver == "gptq"]
+    again = [name for name in starved if name not in rtn]
+    if again:
+        with all_tokens_routed(ctx.block):
+            stats.update(collect(again))
+    schemes = dict(schemes)
+    for name in rtn:
+        schemes[name] = schemes[name].model_copy(update={"solver": "rtn", "act_order": False,
+                                                          "static_groups": False, "damp": DEFAULT_DAMP})
+    for name in starved:
+        action = "rtn" if name in rtn else "all-token statistics"
+        notes[ctx.full_name(name)] = {"routed_tokens": routed[name], "action": action}
+    for action in sorted({notes[ctx.full_name(name)]["action"] for name in starved}):
+        names = [name for name in starved if notes[ctx.full_name(name)]["action"] == action]
+        log.warning("%s: %d expert layer(s) routed fewer than %d calibration tokens (fewest %d), given %s: %s%s",
+                    ctx.prefix, len(names), experts.min_tokens, min(routed[n] for n in names), action,
+                    ", ".join(names[:3]), ", …" if len(names) > 3 else "")
+    return schemes
 
 
 def _solve_together(stage: list[str], schemes: dict[str, Scheme], stats: dict) -> list[list[str]]:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
+from quantbench.experts import StarvedExperts
 from quantbench.errors import QuantbenchError
 from quantbench.scheme import FORMAT_ALIASES, ActivationFormat, Scheme
 from quantbench.yamlio import load_yaml, read_allocation_layers
@@ -80,6 +81,17 @@ class Override(_Section):
     _regex = field_validator("pattern")(classmethod(lambda cls, v: _check_regex(v)))
 
 
+class ExpertsSection(_Section):
+    min_tokens: int = Field(128, ge=0, description="an expert routed fewer calibration tokens than this in a block "
+                            "is starved")
+    starved: Literal["all_tokens", "rtn"] = Field(
+        "all_tokens", description="a starved expert's statistics come from every token of the batch (all_tokens), "
+        "or GPTQ falls back to rtn for it; result.json lists each under starved_experts")
+
+    def policy(self) -> StarvedExperts:
+        return StarvedExperts(self.min_tokens, self.starved)
+
+
 class QuantizeSection(_Section):
     _allocated: dict | None = PrivateAttr(None)
     default: SchemeSpec = Scheme()
@@ -91,6 +103,7 @@ class QuantizeSection(_Section):
     hessian: Literal["compensated", "fp32", "tensor_cores"] = Field(
         "compensated", description="how Σxᵀx of bf16/fp16 CUDA activations is accumulated: compensated "
         "(tensor cores, float32 accuracy), fp32 (no tensor cores), tensor_cores (one matmul per batch, least exact)")
+    experts: ExpertsSection = ExpertsSection()
     from_allocation: str | None = Field(None, description="allocation YAML (quantbench allocate) whose layer → "
                                         "scheme map comes before overrides and default")
     activations: ActivationFormat | None = Field(None, description="quantize the input of every decoder-block "
@@ -293,7 +306,8 @@ class AllocationSection(_Section):
     budget_bytes: int | None = Field(None, gt=0, description="total bytes of the allocated layers")
     solver: Literal["ilp", "greedy", "knapsack_dp", "random"] = "ilp"
     ties: list[list[str]] = Field([["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]],
-                                  description="layer names of one module that must share a scheme")
+                                  description="layer names of one module that must share a scheme; a set "
+                                  "holding `experts` ties the experts of a block, one scheme per projection")
     rules: list[AllocationRule] = []
     latency: LatencySection | None = None
     hessian: HessianSection = HessianSection()

@@ -83,7 +83,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
         with timer("transforms"):
             transforms.append(apply_transform(model, spec, input_ids[:1, :PROBE_TOKENS]))
     stages = StageTimer(device)
-    searched = None
+    searched, starved = None, {}
     with timer("quantize"):
         if recipe.allocation is not None:
             searched = search_allocation(model, input_ids, recipe, device, stages, progress,
@@ -93,7 +93,8 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
             quantized = quantize_model(model, input_ids, recipe.quantize.scheme_for, device,
                                        batch_size=cal.batch_size, progress=progress,
                                        true_sequential=recipe.quantize.true_sequential, timer=stages,
-                                       hessian=recipe.quantize.hessian)
+                                       hessian=recipe.quantize.hessian, experts=recipe.quantize.experts.policy(),
+                                       starved=starved)
         if recipe.quantize.lm_head is not None:
             quantized["lm_head"] = quantize_linear(untie_lm_head(model), recipe.quantize.lm_head)
     with timer("eval_quantized"):
@@ -109,6 +110,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
         "transforms": transforms,
         "quantization": quantization_summary(model, quantized, linears),
         "nonfinite_weights_zeroed": repaired,
+        "starved_experts": starved,
         "perplexity": {"baseline": baseline, "quantized": quantized_ppl},
     }
     if recipe.eval.tasks:

@@ -61,11 +61,13 @@ class StreamedLayers:
             self.writer.write_part(part, model_tensors(state, quantized), quantized, rotations)
 
     def state(self) -> dict:
-        return {"sizes": {name: asdict(size) for name, size in self.sizes.items()}, "rotations": self.rotations}
+        return {"sizes": {name: asdict(size) for name, size in self.sizes.items()}, "rotations": self.rotations,
+                "starved_experts": self.quantize.starved_experts}
 
     def restore(self, state: dict) -> None:
         self.sizes = {name: LayerSize(**size) for name, size in state["sizes"].items()}
         self.rotations = dict(state["rotations"])
+        self.quantize.starved_experts.update(state.get("starved_experts", {}))
 
 
 def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> dict:
@@ -88,7 +90,7 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
     saved = journal.open(resume)
     writer = CheckpointWriter(journal.checkpoint_dir) if recipe.export.enabled else None
     quantize = QuantizeStage(recipe.quantize.scheme_for, recipe.quantize.true_sequential, recipe.quantize.hessian,
-                             lm_head=recipe.quantize.lm_head, on_device=True)
+                             lm_head=recipe.quantize.lm_head, on_device=True, experts=recipe.quantize.experts.policy())
     quantized_eval = BlockwisePerplexity(eval_ids, recipe.eval, "quantized")
     layers = StreamedLayers(quantize, writer)
     journal.stages = {"quantized_eval": quantized_eval, "layers": layers, "weights": weights}
@@ -113,6 +115,7 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
         "quantization": {**summarize_layers(model, layers.sizes, model_linears(model)),
                          "rotations": {name: rotation["kind"] for name, rotation in layers.rotations.items()}},
         "nonfinite_weights_zeroed": weights.zeroed,
+        "starved_experts": quantize.starved_experts,
         "perplexity": {"baseline": baseline_eval.results if baseline_eval else {}, "quantized": quantized_eval.results},
         "streaming": {"resumed_at_block": start if saved is not None else None, "blocks": len(decoder_blocks(model)),
                       "journal_saves": journal.saves},

@@ -192,6 +192,65 @@ def _random_norms(model, seed: int):
     return model
 
 
+def _moe(model_class, config, seed: int):
+    """A tiny mixture-of-experts model with random expert weights (transformers leaves fused expert tensors
+    uninitialised when built from a config)."""
+    torch.manual_seed(seed)
+    config._experts_implementation = "eager"
+    model = model_class(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 3 or name.endswith("gate.weight"):
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    return model
+
+
+def tiny_qwen3_moe(vocab_size: int = 320, seed: int = 0, experts: int = 8):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=experts,
+                            num_experts_per_tok=2, vocab_size=vocab_size, max_position_embeddings=512)
+    return _moe(Qwen3MoeForCausalLM, config, seed)
+
+
+def tiny_qwen2_moe(vocab_size: int = 320, seed: int = 0):
+    """Qwen2-MoE: routed experts plus a shared expert behind a sigmoid gate (a linear that stays in 16 bits)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=vocab_size,
+                            max_position_embeddings=512)
+    return _moe(Qwen2MoeForCausalLM, config, seed)
+
+
+def tiny_mixtral(vocab_size: int = 320, seed: int = 0):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           vocab_size=vocab_size, max_position_embeddings=512)
+    return _moe(MixtralForCausalLM, config, seed)
+
+
+def tiny_deepseek_v3(vocab_size: int = 320, seed: int = 0):
+    """DeepSeek-V3: multi-head latent attention (low-rank q and kv projections), a dense first layer, then
+    routed experts in groups plus shared experts."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                              first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+                              q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                              v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                              n_group=2, topk_group=1, vocab_size=vocab_size, max_position_embeddings=512)
+    return _moe(DeepseekV3ForCausalLM, config, seed)
+
+
+MOE_BUILDERS = {"qwen3_moe": tiny_qwen3_moe, "qwen2_moe": tiny_qwen2_moe, "mixtral": tiny_mixtral,
+                "deepseek_v3": tiny_deepseek_v3}
 FAMILY_BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "gpt_neox": tiny_gpt_neox,
                    "qwen2_sliding_window": tiny_qwen2_sliding_window, "gemma2": tiny_gemma2,
-                   "gemma3_text": tiny_gemma3_text, "phi3": tiny_phi3}  # one tiny config per family of the table
+                   "gemma3_text": tiny_gemma3_text, "phi3": tiny_phi3,
+                   **MOE_BUILDERS}  # one tiny config per family of the table

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import invoke, tiny_gemma2, tiny_gemma3_text, tiny_llama, tiny_phi3
+from helpers import MOE_BUILDERS, invoke, tiny_gemma2, tiny_gemma3_text, tiny_llama, tiny_phi3
 
 from quantbench import load_quantized, save_quantized
 from quantbench.errors import QuantbenchError
@@ -236,3 +236,45 @@ def test_exports_refuse_group_sizes_that_do_not_divide_the_inputs(tmp_path, toke
     with pytest.raises(QuantbenchError, match="group size 64 does not divide 96 inputs"):
         export_checkpoint(target, tmp_path / "native", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("build", MOE_BUILDERS.values(), ids=MOE_BUILDERS.keys())
+def test_compressed_tensors_export_of_a_moe_loads_in_transformers(tmp_path, tokenizer, build):
+    """Experts are exported under the per-expert names of the original checkpoints; transformers fuses them
+    back into its 3-D tensors on load. Every expert weight equals ours exactly; the logits agree to float32
+    rounding (transformers computes gate and up as one matmul)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from quantbench.experts import ExpertList
+
+    exported(tmp_path, tokenizer, torch.float32, "int4-g32-sym-rtn", build=build)
+    ours = load_quantized(tmp_path / "native")
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ct", quantization_config=CompressedTensorsConfig(run_compressed=False))
+    checked = 0
+    for name, experts in ours.named_modules():
+        if isinstance(experts, ExpertList):
+            fused = theirs.get_submodule(name)
+            gate, up, down = (torch.stack([getattr(e, n).weight for e in experts]) for n in experts[0].names)
+            assert torch.equal(fused.gate_up_proj, torch.cat([gate, up], dim=1))
+            assert torch.equal(fused.down_proj, down)
+            checked += 1
+    assert checked >= 2
+    with torch.no_grad():
+        expected = ours(IDS).logits
+        torch.testing.assert_close(theirs(IDS).logits, expected, rtol=0,
+                                   atol=64 * torch.finfo(torch.float32).eps * expected.abs().max().item())
+
+
+def test_gptq_export_of_a_moe_names_every_expert_as_its_checkpoint_does(tmp_path, tokenizer):
+    model = MOE_BUILDERS["qwen3_moe"]()
+    quantized = quantize_model(model, IDS, QuantizeSection(default="int4-g32-gptq").scheme_for, torch.device("cpu"),
+                               progress=False)
+    save_quantized(model, tokenizer, quantized, tmp_path / "native")
+    export_gptq(tmp_path / "native", tmp_path / "gptq")
+    _config, layers, _rest = read_gptq(tmp_path / "gptq")
+    assert layers.keys() == quantized.keys()
+    assert {f"model.layers.1.mlp.experts.{e}.{p}" for e in range(8) for p in ("gate_proj", "up_proj", "down_proj")} \
+        <= layers.keys()
+    for name, original in quantized.items():
+        assert torch.equal(layers[name].codes, original.codes) and torch.equal(layers[name].scales, original.scales)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILY_BUILDERS, invoke, make_recipe, tiny_llama
+from helpers import FAMILY_BUILDERS, MOE_BUILDERS, invoke, make_recipe, tiny_llama
 
 from quantbench import load_quantized
 from quantbench.errors import QuantbenchError
@@ -74,7 +74,8 @@ def test_final_logits_of_the_last_block_output_are_the_model_logits(build):
         assert torch.equal(final_logits(model, captured["h"]), logits)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen2_sliding_window", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen2_sliding_window", "gemma2", "phi3", "qwen3_moe",
+                                    "mixtral", "deepseek_v3"])
 def test_a_streamed_run_gives_the_codes_checkpoint_perplexity_and_task_scores_of_the_in_memory_run(
         tmp_path, tokenizer, text_file, sharded_llama, family, tiny_task_dir):
     """lm-eval scores (Llama only): the streamed run's come from models placed by free memory. The streamed
@@ -96,6 +97,8 @@ def test_a_streamed_run_gives_the_codes_checkpoint_perplexity_and_task_scores_of
             assert streamed["tasks"][side]["tasks"]["tiny_mc"]["metrics"] == pytest.approx(
                 memory["tasks"][side]["tasks"]["tiny_mc"]["metrics"], rel=1e-9)
     assert streamed["quantization"] == memory["quantization"]
+    assert streamed["starved_experts"] == memory["starved_experts"]
+    assert bool(memory["starved_experts"]) == (family in MOE_BUILDERS)  # its tiny calibration starves experts
     assert_same_checkpoint(tmp_path / "off" / "runs" / "tiny", tmp_path / "on" / "runs" / "tiny")
     index = json.loads((tmp_path / "on" / "runs" / "tiny" / "checkpoint" / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) == len(decoder_blocks_of(model_dir)) + 1  # a shard per block

@@ -87,15 +87,25 @@ class Problem:
         return sum(min(o.bits for o in item.options) for item in self.items)
 
 
+EXPERT = re.compile(r"\.experts\.\d+$")
+
+
 def tie_groups(layers: list[str], ties=DEFAULT_TIES) -> list[list[str]]:
     """Layers that must share a scheme: those of one parent module whose last name component is in one tie
-    set (q/k/v of one attention, gate/up of one MLP); every other layer alone. Order follows `layers`."""
+    set (q/k/v of one attention, gate/up of one MLP); every other layer alone. A tie set holding "experts"
+    makes the experts of a block one item per projection (all gate/up, all down) instead of free items.
+    Order follows `layers`."""
+    tie_experts = any("experts" in members for members in ties)
     groups: dict[tuple, list[str]] = {}
     for layer in layers:
         parent, _, leaf = layer.rpartition(".")
         tie = next((i for i, members in enumerate(ties) if leaf in members), None)
-        groups.setdefault((parent, tie) if tie is not None else (layer,), []).append(layer)
+        if tie_experts and EXPERT.search(parent):
+            groups.setdefault((EXPERT.sub(".experts", parent), tie if tie is not None else leaf), []).append(layer)
+        else:
+            groups.setdefault((parent, tie) if tie is not None else (layer,), []).append(layer)
     return list(groups.values())
+
 
 
 def block_of(name: str) -> str:

@@ -43,6 +43,7 @@ from quantbench.export.checkpoint_reader import (FORMAT_VERSION, INDEX_FILE, QUA
                                                  read_quantization_config, resolve_checkpoint_dir)
 from quantbench.fsutil import atomic_directory, atomic_write_path, save_tensors
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
+from quantbench.model_io import decoder_blocks
 from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.rotation import MODEL_ROTATION_ATTR
 
@@ -191,6 +192,7 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
         dtype = getattr(torch, dtype)
     with _skip_weight_init():  # every weight is overwritten below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    decoder_blocks(model)  # experts by the per-expert names checkpoints use
     tensors = checkpoint.load_tensors()
     schemes, skipped = {}, {}
     for name, layer in checkpoint.layers.items():
