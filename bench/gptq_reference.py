@@ -11,8 +11,10 @@ Step 2, on the device (both implementations, every seed and scheme; `--device cp
 
     python bench/gptq_reference.py run --reference /path/to/gptq --model MODEL --ids ids/ --json parity.json [--resume]
 
-Runs are independent: several `run --seeds S --json S.json` processes can share one GPU (the reference is bound
-by Python's kernel launches), and `summary S.json … --json all.json` merges them and prints the table.
+Runs are independent: `run --seeds S --json S.json` processes on different machines (or one after another) can
+be merged by `summary S.json … --json all.json`, which prints the table. Do not run several on one GPU: the
+reference is bound by Python's kernel launches, and processes time-slicing one GPU slowed it 6× (three at
+once) or stalled it (ten).
 
 Both run block by block through quantbench's block driver with true-sequential groups (q/k/v, o, gate/up,
 down), damp 0.01, block size 128, asymmetric grids, and are scored by the same perplexity code on the first
