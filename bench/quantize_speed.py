@@ -25,14 +25,15 @@ from quantbench.model_io import load_model, model_linears, resolve_device
 from quantbench.pipeline import StageTimer, quantize_model
 from quantbench.results import environment
 from quantbench.scheme import Scheme
-from random_models import SIZES, build_random_llama, build_random_llama_on
+from random_models import MOE_SIZES, SIZES, build_random_llama, build_random_llama_on
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="hub id or local directory (calibrates on C4)")
-    source.add_argument("--random", choices=list(SIZES), help="random-weight Llama of these dimensions")
+    source.add_argument("--random", choices=[*SIZES, *MOE_SIZES], help="random-weight model of these dimensions "
+                        "(mixture-of-experts ones are built on the GPU only)")
     parser.add_argument("--scheme", default="int4-g128-gptq")
     parser.add_argument("--n-samples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
@@ -53,10 +54,10 @@ def main() -> None:
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     scheme = Scheme.parse(args.scheme)
     if args.random:  # built on the device when it is a GPU (seconds, not minutes), then kept on the host
-        model = (build_random_llama_on(args.random, dtype, device, args.layers).to("cpu") if device.type == "cuda"
-                 else build_random_llama(args.random, dtype))
+        model = (build_random_llama_on(args.random, dtype, device, args.layers).to("cpu")
+                 if device.type == "cuda" or args.random in MOE_SIZES else build_random_llama(args.random, dtype))
         torch.cuda.empty_cache() if device.type == "cuda" else None
-        ids = torch.randint(0, SIZES[args.random]["vocab_size"], (args.n_samples, args.seqlen),
+        ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seqlen),
                             generator=torch.Generator().manual_seed(0))
     else:
         from quantbench.calibration import calibration_batches
@@ -76,8 +77,9 @@ def main() -> None:
     timer = StageTimer(device, fine=True)
     collections = garbage_collection_timer()
     start = time.perf_counter()
+    starved = {}
     codes = quantize_model(model, ids, lambda _name: scheme, device, batch_size=args.batch_size, progress=False,
-                           timer=timer, hessian=args.hessian)
+                           timer=timer, hessian=args.hessian, starved=starved)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     total = time.perf_counter() - start
@@ -95,6 +97,11 @@ def main() -> None:
         "fused_kernel": os.environ.get("QUANTBENCH_GPTQ_KERNEL", "1") != "0",
         "prefetch": os.environ.get("QUANTBENCH_PREFETCH", "1") != "0",
     }
+    if any(".experts." in name for name in linears):
+        figures["expert_layers"] = sum(".experts." in name for name in linears)
+        figures["starved_expert_layers"] = {action: sum(n["action"] == action for n in starved.values())
+                                            for action in sorted({n["action"] for n in starved.values()})}
+        figures["fewest_routed_tokens"] = min((n["routed_tokens"] for n in starved.values()), default=None)
     if device.type == "cuda":
         figures["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     if overlap:
