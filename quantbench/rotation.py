@@ -1,11 +1,13 @@
-"""QuaRot-style rotation of a Llama-family model: the same function, computed in a basis without outliers.
+"""QuaRot-style rotation of a Llama-family model, and of the Qwen2/3-MoE and Mixtral models built on it: the
+same function, computed in a basis without outliers.
 
-1. Every RMSNorm's scale is folded into the linears that read its output (q/k/v, gate/up, lm_head), so
-   each norm only divides by the RMS, which commutes with any orthogonal matrix.
+1. Every RMSNorm's scale is folded into what reads its output (q/k/v; gate/up, each expert's and the shared
+   expert's, the router's weight and the shared expert's gate; lm_head), so each norm only divides by the
+   RMS, which commutes with any orthogonal matrix.
 2. The residual stream is rotated by Q, a randomised Hadamard matrix: embeddings E ← E·Q, the
    layers that read the stream W ← W·Q, the layers that write it (o_proj, down_proj) W ← Qᵀ·W and
    their biases b ← b·Q, lm_head W ← W·Q. A tied lm_head is untied first (the norm fold makes it differ).
-3. down_proj additionally gets an online Hadamard R on its input: W ← W·R, and x ↦ x·R before the
+3. Every down_proj additionally gets an online Hadamard R on its input: W ← W·R, and x ↦ x·R before the
    layer (activations.py), so the MLP's activations are incoherent too.
 
 All products are taken in float64 and stored back in the model's dtype; in float32 the rotated model's
@@ -25,9 +27,27 @@ from quantbench.pipeline import untie_lm_head
 from quantbench.quantizers.fwht import RandomHadamard
 
 MODEL_ROTATION_ATTR = "quantbench_model_rotation"  # the descriptor of a rotated model's residual rotation
-ROTATABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+ROTATABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
+ATTENTION_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+MLP_READERS = ("gate_proj", "up_proj", "w1", "w3", "shared_expert_gate")  # last name components under `mlp`
+MLP_WRITERS = ("down_proj", "w2")
+
+
+def _mlp_layers(block: nn.Module, leaves: tuple[str, ...]) -> list[nn.Linear]:
+    return [module for name, module in block.mlp.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in leaves]
+
+
+def _readers(block: nn.Module) -> list[nn.Module]:
+    """What reads the residual stream: q/k/v, and every MLP input projection — each expert's, the shared
+    expert's and its gate, and the router (a weight [experts, hidden] read as a linear)."""
+    router = getattr(block.mlp, "gate", None)
+    routers = [router] if router is not None and not isinstance(router, nn.Linear) and hasattr(router, "weight") else []
+    return [*(block.get_submodule(n) for n in ATTENTION_READERS), *_mlp_layers(block, MLP_READERS), *routers]
+
+
+def _writers(block: nn.Module) -> list[nn.Linear]:
+    return [block.self_attn.o_proj, *_mlp_layers(block, MLP_WRITERS)]
 
 
 @torch.no_grad()
@@ -42,18 +62,17 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down_proj: bool = True)
     head = untie_lm_head(model)
     blocks = decoder_blocks(model)
     for block in blocks:
-        _fold_norm(block.input_layernorm, [block.get_submodule(n) for n in READERS[:3]])
-        _fold_norm(block.post_attention_layernorm, [block.get_submodule(n) for n in READERS[3:]])
+        readers = _readers(block)
+        _fold_norm(block.input_layernorm, readers[:len(ATTENTION_READERS)])
+        _fold_norm(block.post_attention_layernorm, readers[len(ATTENTION_READERS):])
     _fold_norm(model.get_submodule("model.norm"), [head])
 
     embed = model.get_input_embeddings()
     _assign(embed.weight, residual.rows(embed.weight.double()))
     for block in blocks:
-        for name in READERS:
-            weight = block.get_submodule(name).weight
-            _assign(weight, residual.rows(weight.double()))
-        for name in WRITERS:
-            layer = block.get_submodule(name)
+        for layer in _readers(block):
+            _assign(layer.weight, residual.rows(layer.weight.double()))
+        for layer in _writers(block):
             _assign(layer.weight, residual.rows(layer.weight.double().T).T)
             if layer.bias is not None:
                 _assign(layer.bias, residual.rows(layer.bias.double()))
@@ -61,10 +80,10 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down_proj: bool = True)
 
     if online_down_proj:
         for block in blocks:
-            down = block.get_submodule("mlp.down_proj")
-            online = RandomHadamard(down.in_features, seed)
-            _assign(down.weight, online.rows(down.weight.double()))
-            rotate_inputs_of(down, online)
+            for down in _mlp_layers(block, MLP_WRITERS):
+                online = RandomHadamard(down.in_features, seed)
+                _assign(down.weight, online.rows(down.weight.double()))
+                rotate_inputs_of(down, online)
     descriptor = {**residual.descriptor, "online_down_proj": online_down_proj}
     setattr(model, MODEL_ROTATION_ATTR, descriptor)
     return descriptor

@@ -59,6 +59,19 @@ def test_rotated_model_computes_the_same_function(build):
         assert input_rotation_of(block.self_attn.q_proj) is None
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_rotated_mixture_of_experts_computes_the_same_function(family):
+    """Every expert's projections, the router's weight, the shared expert and its gate take the rotation;
+    every expert's down projection gets its online Hadamard."""
+    model = with_scaled_norms(MOE_BUILDERS[family]())
+    reference = logits(model)
+    rotate_model(model, seed=3)
+    assert (logits(model) - reference).abs().max() < 1e-4 * reference.abs().max()
+    downs = [module for name, module in model.named_modules() if name.endswith(("down_proj", "w2"))]
+    assert len(downs) >= 8 and all(input_rotation_of(down) is not None for down in downs)
+    assert all(torch.equal(block.post_attention_layernorm.weight, torch.ones(64)) for block in model.model.layers)
+
+
 def test_rotation_really_changes_the_weights_and_can_skip_the_online_hadamard():
     model = tiny_llama()
     before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
@@ -70,8 +83,8 @@ def test_rotation_really_changes_the_weights_and_can_skip_the_online_hadamard():
 
 
 def test_unsupported_families_and_a_second_rotation_are_refused():
-    # Gemma's 1 + w norms, Phi's fused projections and the experts of MoE models: not yet
-    for build in (tiny_opt, tiny_gemma2, tiny_phi3, *MOE_BUILDERS.values()):
+    # Gemma's 1 + w norms, Phi's fused projections and DeepSeek's latent attention: not yet
+    for build in (tiny_opt, tiny_gemma2, tiny_phi3, MOE_BUILDERS["deepseek_v3"]):
         with pytest.raises(QuantbenchError, match="supports the Llama family"):
             rotate_model(build())
     model = tiny_llama()
@@ -131,3 +144,14 @@ def test_recipe_transforms():
         parse_recipe({**base, "transforms": ["rotate", "rotate"]})
     with pytest.raises(QuantbenchError, match="transforms.0.name"):
         parse_recipe({**base, "transforms": ["spin"]})
+
+
+def test_a_rotated_and_quantized_moe_round_trips_through_a_checkpoint(tmp_path, tokenizer):
+    model = with_scaled_norms(MOE_BUILDERS["qwen3_moe"](vocab_size=len(tokenizer)))
+    rotate_model(model, seed=2)
+    quantized = quantize_model(model, IDS, QuantizeSection(default="int4-g32-gptq").scheme_for, torch.device("cpu"),
+                               progress=False)
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    rotations = read_quantization_config(tmp_path / "ckpt")["rotations"]
+    assert set(rotations) == {f"model.layers.{i}.mlp.experts.{e}.down_proj" for i in range(2) for e in range(8)}
+    assert torch.equal(logits(load_quantized(tmp_path / "ckpt")), logits(model))

@@ -107,7 +107,6 @@ def tie_groups(layers: list[str], ties=DEFAULT_TIES) -> list[list[str]]:
     return list(groups.values())
 
 
-
 def block_of(name: str) -> str:
     """The decoder block a layer belongs to: its name up to the first numeric component."""
     parts = name.split(".")
