@@ -201,7 +201,7 @@ class EvalSection(_Section):
 
 class TransformSpec(_Section):
     name: Literal["rotate"] = Field(description="rotate: QuaRot-style residual-stream rotation (Llama family, "
-                                    "Qwen2/3-MoE, Mixtral)")
+                                    "Phi-3/4, Qwen2/3-MoE, Mixtral)")
     seed: int = Field(0, ge=0, description="seed of the rotations' random signs")
     online_down_proj: bool = Field(True, description="also rotate down_proj's input online")
 

@@ -1,5 +1,5 @@
-"""QuaRot-style rotation of a Llama-family model, and of the Qwen2/3-MoE and Mixtral models built on it: the
-same function, computed in a basis without outliers.
+"""QuaRot-style rotation of a Llama-family model, and of the families built like it (Phi-3/4 with fused
+projections, Qwen2/3-MoE and Mixtral with experts): the same function, computed in a basis without outliers.
 
 1. Every RMSNorm's scale is folded into what reads its output (q/k/v; gate/up, each expert's and the shared
    expert's, the router's weight and the shared expert's gate; lm_head), so each norm only divides by the
@@ -27,23 +27,38 @@ from quantbench.pipeline import untie_lm_head
 from quantbench.quantizers.fwht import RandomHadamard
 
 MODEL_ROTATION_ATTR = "quantbench_model_rotation"  # the descriptor of a rotated model's residual rotation
-ROTATABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
-ATTENTION_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-MLP_READERS = ("gate_proj", "up_proj", "w1", "w3", "shared_expert_gate")  # last name components under `mlp`
+ROTATABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen2_moe", "qwen3_moe", "mixtral")
+REFUSED_BECAUSE = {
+    "gemma2": "Gemma's norms after attention and after the MLP sit between those layers and the residual "
+              "stream, so the rotation would need an online transform there",
+    "gemma3_text": "Gemma's norms after attention and after the MLP sit between those layers and the residual "
+                   "stream, so the rotation would need an online transform there",
+    "deepseek_v3": "DeepSeek's latent attention normalises its compressed q and kv inside the attention",
+}
+ATTENTION_READERS = ("q_proj", "k_proj", "v_proj", "qkv_proj")  # last name components under `self_attn`
+MLP_READERS = ("gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "shared_expert_gate")  # under `mlp`
 MLP_WRITERS = ("down_proj", "w2")
 
 
+def _layers(module: nn.Module, leaves: tuple[str, ...]) -> list[nn.Linear]:
+    return [layer for name, layer in module.named_modules()
+            if isinstance(layer, nn.Linear) and name.rsplit(".", 1)[-1] in leaves]
+
+
 def _mlp_layers(block: nn.Module, leaves: tuple[str, ...]) -> list[nn.Linear]:
-    return [module for name, module in block.mlp.named_modules()
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in leaves]
+    return _layers(block.mlp, leaves)
 
 
-def _readers(block: nn.Module) -> list[nn.Module]:
-    """What reads the residual stream: q/k/v, and every MLP input projection — each expert's, the shared
-    expert's and its gate, and the router (a weight [experts, hidden] read as a linear)."""
+def _attention_readers(block: nn.Module) -> list[nn.Linear]:
+    return _layers(block.self_attn, ATTENTION_READERS)
+
+
+def _mlp_readers(block: nn.Module) -> list[nn.Module]:
+    """Every MLP input projection — fused gate/up, each expert's, the shared expert's and its gate — and the
+    router (a weight [experts, hidden] read as a linear)."""
     router = getattr(block.mlp, "gate", None)
     routers = [router] if router is not None and not isinstance(router, nn.Linear) and hasattr(router, "weight") else []
-    return [*(block.get_submodule(n) for n in ATTENTION_READERS), *_mlp_layers(block, MLP_READERS), *routers]
+    return [*_mlp_layers(block, MLP_READERS), *routers]
 
 
 def _writers(block: nn.Module) -> list[nn.Linear]:
@@ -54,23 +69,23 @@ def _writers(block: nn.Module) -> list[nn.Linear]:
 def rotate_model(model: nn.Module, seed: int = 0, online_down_proj: bool = True) -> dict:
     """Rotate `model` in place (see the module docstring); returns the residual rotation's descriptor."""
     if model.config.model_type not in ROTATABLE_TYPES:
-        raise QuantbenchError(f"the model rotation supports the Llama family ({', '.join(ROTATABLE_TYPES)}), "
-                              f"not {model.config.model_type!r}")
+        why = REFUSED_BECAUSE.get(model.config.model_type, "its blocks are not laid out like Llama's")
+        raise QuantbenchError(f"the model rotation supports the Llama family and the families built like it "
+                              f"({', '.join(ROTATABLE_TYPES)}), not {model.config.model_type!r}: {why}")
     if getattr(model, MODEL_ROTATION_ATTR, None):
         raise QuantbenchError("this model is already rotated; rotate it once")
     residual = RandomHadamard(model.config.hidden_size, seed)
     head = untie_lm_head(model)
     blocks = decoder_blocks(model)
     for block in blocks:
-        readers = _readers(block)
-        _fold_norm(block.input_layernorm, readers[:len(ATTENTION_READERS)])
-        _fold_norm(block.post_attention_layernorm, readers[len(ATTENTION_READERS):])
+        _fold_norm(block.input_layernorm, _attention_readers(block))
+        _fold_norm(block.post_attention_layernorm, _mlp_readers(block))
     _fold_norm(model.get_submodule("model.norm"), [head])
 
     embed = model.get_input_embeddings()
     _assign(embed.weight, residual.rows(embed.weight.double()))
     for block in blocks:
-        for layer in _readers(block):
+        for layer in [*_attention_readers(block), *_mlp_readers(block)]:
             _assign(layer.weight, residual.rows(layer.weight.double()))
         for layer in _writers(block):
             _assign(layer.weight, residual.rows(layer.weight.double().T).T)
