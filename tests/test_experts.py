@@ -163,3 +163,18 @@ def test_each_expert_is_calibrated_on_every_token_routed_to_it(monkeypatch):
     counts = {name: first[name].n_samples for name in linears}
     assert counts == {name: stats.n_samples for name, stats in expected.items()}
     assert sum(counts.values()) == 2 * IDS.numel()  # two experts per token
+
+
+@pytest.mark.parametrize("build", MOE_BUILDERS.values(), ids=MOE_BUILDERS.keys())
+def test_gptq_quantizes_every_expert_of_every_moe_family(build):
+    model = build()
+    starved = {}
+    quantized = quantize_model(model, IDS, lambda _name: Scheme.parse("int4-g32-gptq"), CPU, batch_size=2,
+                               progress=False, starved=starved)
+    assert quantized.keys() == model_linears(model).keys()
+    experts = [name for name in quantized if ".experts." in name]
+    assert len(experts) >= 2 * 4 * 3 and all(quantized[n].scheme.solver == "gptq" for n in experts)
+    assert all(int(quantized[n].codes.min()) >= 0 and int(quantized[n].codes.max()) <= 15 for n in experts)
+    assert set(starved) <= set(experts)  # 64 tokens: some experts starve, and get all-token statistics
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
