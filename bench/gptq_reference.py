@@ -16,6 +16,9 @@ be merged by `summary S.json … --json all.json`, which prints the table. Do no
 reference is bound by Python's kernel launches, and processes time-slicing one GPU slowed it 6× (three at
 once) or stalled it (ten).
 
+Step 3, `objectives` (CPU): both implementations on the same layer problems, compared by the GPTQ objective
+(see `objectives` below).
+
 Both run block by block through quantbench's block driver with true-sequential groups (q/k/v, o, gate/up,
 down), damp 0.01, block size 128, asymmetric grids, and are scored by the same perplexity code on the first
 16 WikiText-2 windows of 2,048 tokens. Prints mean ± standard deviation over the seeds.
@@ -159,6 +162,51 @@ def run(args) -> None:
     print_summary(rows, args.json)
 
 
+def objectives(args) -> None:
+    """Both implementations on the same layer problems: the real Hessians of some of the model's layers
+    (calibrated by quantbench's int4 GPTQ), each solved by quantbench's `gptq_quantize` and by the
+    reference's `fasterquant`, compared by the GPTQ objective tr((W − Q)H(W − Q)ᵀ). Whole-model perplexity
+    amplifies any float-rounding difference chaotically; the per-layer objective shows what the
+    implementations themselves do."""
+    from factor_objectives import recorded_hessians
+
+    from quantbench.quantizers.gptq import gptq_quantize, layer_objective
+
+    sys.path.insert(0, args.reference)
+    from gptq import GPTQ
+    from quant import Quantizer
+
+    torch.cuda.synchronize = torch.cuda.empty_cache = lambda *_args: None  # the reference's calls, on the CPU
+    model, _ = load_model(args.model, torch.float32)
+    ids = load_file(str(Path(args.ids) / f"c4-seed{args.seed}.safetensors"))["input_ids"][: args.samples]
+    solves = recorded_hessians(model, ids, set(args.blocks))
+
+    def reference(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        layer.weight.data = weight.clone()
+        solver = GPTQ(layer)
+        solver.H, solver.nsamples = hessian.clone(), 1
+        solver.quantizer = Quantizer()
+        solver.quantizer.configure(scheme.bits, perchannel=True, sym=False, mse=False)
+        with contextlib.redirect_stdout(io.StringIO()):
+            solver.fasterquant(blocksize=128, percdamp=scheme.damp, groupsize=scheme.group_size or -1,
+                               actorder=scheme.act_order, static_groups=scheme.static_groups)
+        return layer.weight.data
+
+    rows = []
+    for name in args.schemes:
+        scheme = Scheme.parse(name)
+        ratios = [layer_objective(w, gptq_quantize(w, h, scheme).dequantize(torch.float32), h)
+                  / layer_objective(w, reference(w, h, scheme), h) - 1 for w, h in solves]
+        rows.append({"scheme": name, "solves": len(ratios), "mean_pct": 100 * statistics.mean(ratios),
+                     "median_pct": 100 * statistics.median(ratios), "min_pct": 100 * min(ratios),
+                     "max_pct": 100 * max(ratios), "quantbench_higher": sum(r > 0 for r in ratios),
+                     "equal": sum(r == 0 for r in ratios)})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
 def merge(args) -> None:
     rows = [row for path in args.parts for row in json.loads(Path(path).read_text())["runs"]]
     print_summary(rows, args.json)
@@ -216,8 +264,17 @@ def main() -> None:
     step3 = sub.add_parser("summary", help="merge the --json files of several runs")
     step3.add_argument("parts", nargs="+")
     step3.add_argument("--json", help="write the merged runs and summary here")
+    step4 = sub.add_parser("objectives", help="both implementations on the same layer problems (CPU)")
+    step4.add_argument("--reference", required=True)
+    step4.add_argument("--model", default=".assets/models/smollm2-135m-dithered")
+    step4.add_argument("--ids", required=True, help="the folder `draw` wrote")
+    step4.add_argument("--seed", type=int, default=0)
+    step4.add_argument("--samples", type=int, default=32)
+    step4.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 10, 20, 29])
+    step4.add_argument("--schemes", nargs="+", default=SCHEMES)
+    step4.add_argument("--json")
     args = parser.parse_args()
-    {"draw": draw, "run": run, "summary": merge}[args.step](args)
+    {"draw": draw, "run": run, "summary": merge, "objectives": objectives}[args.step](args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ def test_rtn_error_is_at_most_half_a_step(bits, symmetric, group_size):
     q = quantize_rtn(weight, Scheme(bits=bits, symmetric=symmetric, group_size=group_size))
     error = (weight - q.dequantize()).abs()
     step = scale_per_column(q, 192)
-    # the (float16, rounded-up) grid covers every group's range: the nearest point is ≤ half a step away
+    # the float16 grid covers every group's range (nearest scale, or the next one up where it must): the
+    # nearest point is ≤ half a step away
     assert (error <= step / 2 * (1 + 1e-5)).all()
 
 

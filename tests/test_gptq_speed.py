@@ -53,6 +53,33 @@ def test_fused_block_gives_the_eager_codes(name, up_front):
     assert not torch.equal(eager.errors, torch.zeros_like(eager.errors))
 
 
+@pytest.mark.parametrize("name", ["int8-g16-gptq", "int4-g16-gptq"])
+def test_fused_fit_steps_the_scale_up_where_the_nearest_float16_leaves_the_range_off_the_grid(name):
+    """Scales round to the nearest float16; an asymmetric group whose range end then falls over half a step
+    off the grid takes the next float16 up. Rows chosen so that this happens: kernel and eager agree."""
+    scheme = Scheme.parse(name)
+    g = torch.Generator().manual_seed(7)
+    candidates = torch.randn(4000, 16, generator=g)
+    lo, hi = candidates.amin(1).clamp(max=0), candidates.amax(1).clamp(min=0)
+    max_code = 2 ** scheme.bits - 1
+    nearest = ((hi - lo) / max_code).half().float()
+    zero = torch.round(-lo / nearest).clamp(0, max_code)
+    short = (lo < -(zero + 0.5) * nearest) | (hi > (max_code - zero + 0.5) * nearest)
+    W = torch.cat([candidates[short][:8], candidates[~short][:11]])
+    assert short.sum() >= 8
+    fmt = format_for(scheme).for_weight(W)
+    params = fmt.fit(W)
+    assert (params.scale[:8, 0] > nearest[short][:8]).all() and (params.scale[8:, 0] == nearest[~short][:11]).all()
+    assert ((W - fmt.decode(fmt.encode(W, params), params)).abs() <= params.scale / 2 * (1 + 1e-6)).all()
+    block = _Block.of(W, inverse_factor(16, 2), 1)
+    eager, fused = block.clone(), block.clone()
+    _solve_columns(fmt, eager, (0,), 16)
+    solve_block_fused(fmt, fused, (0,), 16)
+    assert torch.equal(fused.fit_scale, eager.fit_scale) and torch.equal(fused.fit_zero, eager.fit_zero)
+    assert torch.equal(fused.codes, eager.codes)
+    assert (eager.fit_scale[:8, 0] == params.scale[:8, 0]).all()  # the first column's fit is the plain fit
+
+
 @pytest.mark.parametrize("name", ["int4-g32-gptq-act", "int3-g32-gptq-act-static", "nvfp4-gptq-act-static", "mxfp4-gptq"])
 def test_gptq_with_the_fused_kernel_equals_eager(monkeypatch, name):
     """Whole solves with act_order, static groups and a last block the kernel cannot take (160 = 128 + 32

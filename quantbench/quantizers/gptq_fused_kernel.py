@@ -54,9 +54,7 @@ def _element_decode(code, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexp
 def _storable_fp16(scale):
     scale = tl.where(scale > 0, scale, 1.0)
     scale = tl.minimum(tl.maximum(scale, FP16_TINY), FP16_MAX)
-    half = scale.to(tl.float16)
-    up = (half.to(tl.int16, bitcast=True) + 1).to(tl.float16, bitcast=True)
-    return tl.where(half.to(tl.float32) < scale, up, half).to(tl.float32)
+    return scale.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
 
 
 @triton.jit
@@ -74,6 +72,10 @@ def _fit(W, in_group, global_scale, KIND: tl.constexpr, SCALE_RULE: tl.constexpr
             lo = tl.minimum(tl.min(tl.where(in_group, W, float("inf")), axis=1), 0.0)
             hi = tl.maximum(tl.max(tl.where(in_group, W, -float("inf")), axis=1), 0.0)
             scale = _storable_fp16(tl.math.div_rn(hi - lo, tl.full(amax.shape, MAX_CODE, tl.float32)))
+            zero = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(-lo, scale)), 0.0), MAX_CODE * 1.0)
+            short = (lo < -((zero + 0.5) * scale)) | (hi > (MAX_CODE - zero + 0.5) * scale)
+            up = (scale.to(tl.float16).to(tl.int16, bitcast=True) + 1).to(tl.float16, bitcast=True).to(tl.float32)
+            scale = tl.where(short, up, scale)
             zero = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(-lo, scale)), 0.0), MAX_CODE * 1.0)
     elif SCALE_RULE == 0:
         shared = tl.minimum(tl.maximum(_floor_log2(amax) - ELEMENT_EMAX, -127), 127)
