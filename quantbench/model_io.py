@@ -33,8 +33,8 @@ FAMILY_TABLE = (
     Family("Gemma 2 and 3 (gemma2; gemma3_text, the text-only models)", ("gemma2", "gemma3_text"),
            "model.layers", "model.norm"),
     Family("Phi-3 and Phi-4 (phi3)", ("phi3",), "model.layers", "model.norm"),
-    Family("mixture of experts (qwen2_moe, qwen3_moe, mixtral, deepseek_v3)",
-           ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3"), "model.layers", "model.norm"),
+    Family("mixture of experts (qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3)",
+           ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3"), "model.layers", "model.norm"),
     Family("GPT-NeoX (gpt_neox)", ("gpt_neox",), "gpt_neox.layers", "gpt_neox.final_layer_norm"),
     Family("OPT (opt)", ("opt",), "model.decoder.layers", "model.decoder.final_layer_norm"),
 )

@@ -33,6 +33,7 @@ REFUSED_BECAUSE = {
               "stream, so the rotation would need an online transform there",
     "gemma3_text": "Gemma's norms after attention and after the MLP sit between those layers and the residual "
                    "stream, so the rotation would need an online transform there",
+    "deepseek_v2": "DeepSeek's latent attention normalises its compressed q and kv inside the attention",
     "deepseek_v3": "DeepSeek's latent attention normalises its compressed q and kv inside the attention",
 }
 ATTENTION_READERS = ("q_proj", "k_proj", "v_proj", "qkv_proj")  # last name components under `self_attn`

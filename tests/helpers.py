@@ -248,8 +248,22 @@ def tiny_deepseek_v3(vocab_size: int = 320, seed: int = 0):
     return _moe(DeepseekV3ForCausalLM, config, seed)
 
 
+def tiny_deepseek_v2(vocab_size: int = 320, seed: int = 0):
+    """DeepSeek-V2: latent attention with a full-rank q projection (q_lora_rank None), softmax routing over
+    expert groups, shared experts."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    config = DeepseekV2Config(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                              first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+                              q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                              v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                              n_group=2, topk_group=1, topk_method="group_limited_greedy",
+                              vocab_size=vocab_size, max_position_embeddings=512)
+    return _moe(DeepseekV2ForCausalLM, config, seed)
+
+
 MOE_BUILDERS = {"qwen3_moe": tiny_qwen3_moe, "qwen2_moe": tiny_qwen2_moe, "mixtral": tiny_mixtral,
-                "deepseek_v3": tiny_deepseek_v3}
+                "deepseek_v2": tiny_deepseek_v2, "deepseek_v3": tiny_deepseek_v3}
 FAMILY_BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "gpt_neox": tiny_gpt_neox,
                    "qwen2_sliding_window": tiny_qwen2_sliding_window, "gemma2": tiny_gemma2,
                    "gemma3_text": tiny_gemma3_text, "phi3": tiny_phi3,

@@ -84,7 +84,8 @@ def test_rotation_really_changes_the_weights_and_can_skip_the_online_hadamard():
 
 def test_unsupported_families_and_a_second_rotation_are_refused():
     reasons = {tiny_opt: "not laid out like Llama", tiny_gemma2: "norms after attention",
-               tiny_gemma3_text: "norms after attention", MOE_BUILDERS["deepseek_v3"]: "latent attention"}
+               tiny_gemma3_text: "norms after attention", MOE_BUILDERS["deepseek_v3"]: "latent attention",
+               MOE_BUILDERS["deepseek_v2"]: "latent attention"}
     for build, reason in reasons.items():
         with pytest.raises(QuantbenchError, match=f"supports the Llama family.*{reason}"):
             rotate_model(build())
