@@ -24,7 +24,8 @@ from quantbench.pipeline import quantize_model
 from quantbench.scheme import Scheme
 
 
-def recorded_hessians(model, ids: torch.Tensor, blocks: set[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def recorded_hessians(model, ids: torch.Tensor, blocks: set[int],
+                      device: torch.device | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(weight, Hessian) of every GPTQ solve in `blocks`, as true-sequential int4 GPTQ calibrates them."""
     recorded, original = [], gptq.GPTQSolver.quantize
 
@@ -35,7 +36,8 @@ def recorded_hessians(model, ids: torch.Tensor, blocks: set[int]) -> list[tuple[
     gptq.GPTQSolver.quantize = recording
     try:
         quantize_model(model, ids, lambda name: Scheme.parse("int4-g128-gptq")
-                       if int(name.split(".")[2]) in blocks else None, torch.device("cpu"), progress=False)
+                       if int(name.split(".")[2]) in blocks else None, device or torch.device("cpu"),
+                       progress=False)
     finally:
         gptq.GPTQSolver.quantize = original
     return recorded

@@ -176,13 +176,15 @@ def objectives(args) -> None:
     from gptq import GPTQ
     from quant import Quantizer
 
-    torch.cuda.synchronize = torch.cuda.empty_cache = lambda *_args: None  # the reference's calls, on the CPU
+    device = torch.device(args.device)
+    if device.type == "cpu":  # the reference synchronises CUDA unconditionally; on the CPU there is nothing to wait for
+        torch.cuda.synchronize = torch.cuda.empty_cache = lambda *_args: None
     model, _ = load_model(args.model, torch.float32)
     ids = load_file(str(Path(args.ids) / f"c4-seed{args.seed}.safetensors"))["input_ids"][: args.samples]
-    solves = recorded_hessians(model, ids, set(args.blocks))
+    solves = [(w.to(device), h.to(device)) for w, h in recorded_hessians(model, ids, set(args.blocks), device)]
 
     def reference(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
         layer.weight.data = weight.clone()
         solver = GPTQ(layer)
         solver.H, solver.nsamples = hessian.clone(), 1
@@ -264,7 +266,7 @@ def main() -> None:
     step3 = sub.add_parser("summary", help="merge the --json files of several runs")
     step3.add_argument("parts", nargs="+")
     step3.add_argument("--json", help="write the merged runs and summary here")
-    step4 = sub.add_parser("objectives", help="both implementations on the same layer problems (CPU)")
+    step4 = sub.add_parser("objectives", help="both implementations on the same layer problems")
     step4.add_argument("--reference", required=True)
     step4.add_argument("--model", default=".assets/models/smollm2-135m-dithered")
     step4.add_argument("--ids", required=True, help="the folder `draw` wrote")
@@ -272,6 +274,8 @@ def main() -> None:
     step4.add_argument("--samples", type=int, default=32)
     step4.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 10, 20, 29])
     step4.add_argument("--schemes", nargs="+", default=SCHEMES)
+    step4.add_argument("--device", default="cpu", help="cuda: quantbench solves with its fused kernel "
+                       "(QUANTBENCH_GPTQ_KERNEL=0: without)")
     step4.add_argument("--json")
     args = parser.parse_args()
     {"draw": draw, "run": run, "summary": merge, "objectives": objectives}[args.step](args)
