@@ -266,6 +266,23 @@ def test_compressed_tensors_export_of_a_moe_loads_in_transformers(tmp_path, toke
                                    atol=64 * torch.finfo(torch.float32).eps * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("build", MOE_BUILDERS.values(), ids=MOE_BUILDERS.keys())
+def test_moe_exports_use_the_names_of_the_original_checkpoints(tmp_path, tokenizer, build):
+    """vLLM reads a checkpoint by its original names (Mixtral's `block_sparse_moe`, which transformers calls
+    `mlp`): both exports hold tensors of exactly the modules that transformers' own save_pretrained writes."""
+    from safetensors import safe_open
+
+    def modules(directory):
+        with safe_open(directory / "model.safetensors", "pt") as f:
+            return {key.rsplit(".", 1)[0] for key in f.keys()}
+
+    build().save_pretrained(tmp_path / "hf")
+    exported(tmp_path, tokenizer, torch.float32, "int4-g32-sym-rtn", build=build)
+    export_gptq(tmp_path / "native", tmp_path / "gptq")
+    assert modules(tmp_path / "ct") == modules(tmp_path / "hf")
+    assert modules(tmp_path / "gptq") == modules(tmp_path / "hf")
+
+
 def test_gptq_export_of_a_moe_names_every_expert_as_its_checkpoint_does(tmp_path, tokenizer):
     model = MOE_BUILDERS["qwen3_moe"]()
     quantized = quantize_model(model, IDS, QuantizeSection(default="int4-g32-gptq").scheme_for, torch.device("cpu"),

@@ -91,9 +91,12 @@ def export_interop(source: str | Path | NativeCheckpoint, out_dir: str | Path, f
     planned = {name: (layer.scheme, layer.shape) for name, layer in native.layers.items()}
     refuse_inexpressible(target, layer_problems(planned, native.rotated, unsupported))
     out_dir = Path(out_dir)
+    original = original_naming(native.config.get("model_type"))
+    renamed = NativeCheckpoint(native.checkpoint, {original(name): layer for name, layer in native.layers.items()},
+                               {original(key): spec for key, spec in native.dense.items()})
     config = {k: v for k, v in native.config.items() if k != "quantization_config"}
-    config.update(config_changes(native) if config_changes else {})
-    config["quantization_config"] = quantization_config(native)
+    config.update(config_changes(renamed) if config_changes else {})
+    config["quantization_config"] = quantization_config(renamed)
     with atomic_directory(out_dir, force, what="export directory") as tmp:
         problems, mapping = {}, {}
         for shard in native.checkpoint.shards:
@@ -108,8 +111,9 @@ def export_interop(source: str | Path | NativeCheckpoint, out_dir: str | Path, f
                 if found := layer_problems({name: weight}, [], unsupported):
                     problems.update(found)
                     continue
-                converted.update({f"{name}.{suffix}": t.cpu().contiguous() for suffix, t in layer_tensors(weight).items()})
-            converted.update({k: v.cpu().contiguous() for k, v in tensors.items()})
+                converted.update({f"{original(name)}.{suffix}": t.cpu().contiguous()
+                                  for suffix, t in layer_tensors(weight).items()})
+            converted.update({original(k): v.cpu().contiguous() for k, v in tensors.items()})
             save_tensors(converted, tmp / shard, {"format": "pt"})
             mapping.update(dict.fromkeys(converted, shard))
         refuse_inexpressible(target, problems)
@@ -122,6 +126,23 @@ def export_interop(source: str | Path | NativeCheckpoint, out_dir: str | Path, f
             if (native.directory / name).is_file():
                 shutil.copy2(native.directory / name, tmp / name)
     return out_dir
+
+
+def original_naming(model_type: str | None) -> Callable[[str], str]:
+    """Names as the family's original checkpoints spell them. transformers renames some modules on load
+    (Mixtral's `block_sparse_moe` becomes `mlp`) and undoes that when it saves; serving engines such as vLLM
+    read the original names. The inverse of transformers' own renamings for `model_type`."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [transform.reverse_transform() for transform in get_checkpoint_conversion_mapping(model_type) or []
+                 if isinstance(transform, WeightRenaming)]
+
+    def original(name: str) -> str:
+        for renaming in renamings:
+            name = renaming.rename_source_key(name)[0]
+        return name
+    return original
 
 
 def refuse_inexpressible(target: str, problems: dict[str, str]) -> None:
