@@ -16,8 +16,12 @@ be merged by `summary S.json … --json all.json`, which prints the table. Do no
 reference is bound by Python's kernel launches, and processes time-slicing one GPU slowed it 6× (three at
 once) or stalled it (ten).
 
-Step 3, `objectives` (CPU): both implementations on the same layer problems, compared by the GPTQ objective
-(see `objectives` below).
+Step 3, `objectives` (CPU, or `--device cuda`): both implementations on the same layer problems, compared by
+the GPTQ objective (see `objectives` below).
+
+Two ablations isolate what differs (`run --implementations …`): `reference-float16-scales` runs the reference
+on quantbench's grids (scales rounded to float16 as checkpoints store them), `quantbench-float32-scales` runs
+quantbench's solve with unrounded scales.
 
 Both run block by block through quantbench's block driver with true-sequential groups (q/k/v, o, gate/up,
 down), damp 0.01, block size 128, asymmetric grids, and are scored by the same perplexity code on the first
@@ -30,6 +34,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import statistics
 import sys
 import time
@@ -113,6 +118,54 @@ class ReferenceStage:
                 solver.free()
 
 
+IMPLEMENTATIONS = {
+    "quantbench": "quantbench's GPTQ",
+    "reference": "the reference's GPTQ",
+    "quantbench-float32-scales": "quantbench's GPTQ with unrounded float32 scales (eager solve; an ablation, "
+                                 "not a storable checkpoint)",
+    "reference-float16-scales": "the reference's GPTQ on quantbench's grids (scales rounded to float16 as "
+                                "quantbench stores them; an ablation)",
+}
+
+
+@contextlib.contextmanager
+def ablation(implementation: str, scheme: Scheme):
+    """Swap in what an ablation changes, for the duration of one run."""
+    if implementation == "quantbench-float32-scales":
+        from quantbench.formats import integer
+
+        storable, store, kernel = integer._storable, integer.IntFormat.store_scales, os.environ.get(
+            "QUANTBENCH_GPTQ_KERNEL")
+        integer._storable = lambda scale: torch.where(scale > 0, scale, torch.ones_like(scale))
+        integer.IntFormat.store_scales = lambda _self, scale: scale.float()
+        os.environ["QUANTBENCH_GPTQ_KERNEL"] = "0"  # the fused kernel rounds scales itself
+        try:
+            yield
+        finally:
+            integer._storable, integer.IntFormat.store_scales = storable, store
+            os.environ.pop("QUANTBENCH_GPTQ_KERNEL") if kernel is None else os.environ.update(
+                QUANTBENCH_GPTQ_KERNEL=kernel)
+    elif implementation == "reference-float16-scales":
+        from quant import Quantizer
+
+        from quantbench.formats import format_for
+
+        find_params, fmt = Quantizer.find_params, format_for(scheme)
+
+        def quantbench_grid(self, x, weight=False):
+            find_params(self, x, weight)
+            params = fmt.fit(x.flatten(1))
+            self.scale, self.zero = params.scale.reshape(-1, 1), params.zero.reshape(-1, 1)
+
+        Quantizer.find_params = quantbench_grid
+        try:
+            yield
+        finally:
+            Quantizer.find_params = find_params
+    else:
+        yield
+
+
 def run(args) -> None:
     import logging
 
@@ -143,15 +196,16 @@ def run(args) -> None:
                     continue
                 model, _ = load_model(args.model, dtype)
                 start = time.perf_counter()
-                if implementation == "quantbench":
-                    quantize_model(model, calibration, lambda _layer: scheme, device, progress=False,
-                                   hessian=args.hessian)
-                else:
-                    drive_blocks(model, calibration, device, [ReferenceStage(scheme)], progress=False)
+                with ablation(implementation, scheme):
+                    if implementation.startswith("quantbench"):
+                        quantize_model(model, calibration, lambda _layer: scheme, device, progress=False,
+                                       hessian=args.hessian)
+                    else:
+                        drive_blocks(model, calibration, device, [ReferenceStage(scheme)], progress=False)
                 seconds = time.perf_counter() - start
                 ppl = perplexity_of_ids(model.to(device), wiki, 2048, args.windows, batch_size=4).ppl
                 rows.append({"seed": seed, "scheme": name, "implementation": implementation,
-                             "hessian": hessian if implementation == "quantbench" else "fp32",
+                             "hessian": hessian if implementation.startswith("quantbench") else "fp32",
                              "dtype": args.dtype, "wikitext2_ppl": round(ppl, 3), "quantize_s": round(seconds, 1)})
                 print(json.dumps(rows[-1]), flush=True)
                 if args.json:  # after every run: a run cut short keeps what it measured
@@ -198,12 +252,23 @@ def objectives(args) -> None:
     rows = []
     for name in args.schemes:
         scheme = Scheme.parse(name)
-        ratios = [layer_objective(w, gptq_quantize(w, h, scheme).dequantize(torch.float32), h)
-                  / layer_objective(w, reference(w, h, scheme), h) - 1 for w, h in solves]
+        ratios, identical, agreeing = [], 0, []
+        for w, h in solves:
+            ours = gptq_quantize(w, h, scheme).dequantize(torch.float32)
+            ratios.append(layer_objective(w, ours, h) / layer_objective(w, reference(w, h, scheme), h) - 1)
+            with ablation("reference-float16-scales", scheme):
+                theirs = reference(w, h, scheme)
+            identical += torch.equal(theirs, ours)
+            agreeing.append((theirs == ours).float().mean().item())
         rows.append({"scheme": name, "solves": len(ratios), "mean_pct": 100 * statistics.mean(ratios),
                      "median_pct": 100 * statistics.median(ratios), "min_pct": 100 * min(ratios),
                      "max_pct": 100 * max(ratios), "quantbench_higher": sum(r > 0 for r in ratios),
-                     "equal": sum(r == 0 for r in ratios)})
+                     "equal": sum(r == 0 for r in ratios),
+                     # the reference on quantbench's float16 grids: layers with the same weights, bit for bit,
+                     # and the share of equal weights (float rounding flips a code now and then, and GPTQ's
+                     # error feedback carries each flip into every later column)
+                     "identical_on_quantbench_grids": identical,
+                     "equal_weights_on_quantbench_grids": statistics.mean(agreeing)})
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
@@ -256,7 +321,8 @@ def main() -> None:
     step2.add_argument("--ids", required=True, help="the folder `draw` wrote")
     step2.add_argument("--seeds", type=int, nargs="+", help="these seeds only (default: every seed in --ids)")
     step2.add_argument("--schemes", nargs="+", default=SCHEMES)
-    step2.add_argument("--implementations", nargs="+", default=["quantbench", "reference"])
+    step2.add_argument("--implementations", nargs="+", default=["quantbench", "reference"], choices=IMPLEMENTATIONS,
+                       help="; ".join(f"{k}: {v}" for k, v in IMPLEMENTATIONS.items()))
     step2.add_argument("--hessian", default="compensated")
     step2.add_argument("--windows", type=int, default=16)
     step2.add_argument("--device", default="cuda")
