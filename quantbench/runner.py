@@ -28,7 +28,9 @@ from quantbench.fsutil import atomic_directory
 from quantbench.model_io import handle_nonfinite_weights, load_model, model_linears, resolve_device, resolve_dtype
 from quantbench.preflight import preflight
 from quantbench.pipeline import StageTimer, quantize_linear, quantize_model, untie_lm_head
-from quantbench.recipe import Recipe
+from quantbench.quantizers import needs_stats
+from quantbench.recipe import KEEP, Recipe
+from quantbench.scheme import Scheme
 from quantbench.results import environment, parameter_count, quantization_summary
 from quantbench.rotation import max_logit_change, rotate_model
 
@@ -88,7 +90,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
         if recipe.allocation is not None:
             searched = search_allocation(model, input_ids, recipe, device, stages, progress,
                                          score=lambda: evaluate_perplexity(model, eval_ids, recipe.eval, device, False))
-            quantized = searched.quantized
+            quantized, starved = searched.quantized, searched.starved_experts
         else:
             quantized = quantize_model(model, input_ids, recipe.quantize.scheme_for, device,
                                        batch_size=cal.batch_size, progress=progress,
@@ -203,6 +205,7 @@ class SearchedAllocation:
     evaluated: list[dict] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)
     converged: bool | None = None
+    starved_experts: dict = field(default_factory=dict)
 
     def record(self) -> dict:
         return {**self.allocation.summary(), "schemes": self.allocation.scheme_counts(),
@@ -249,8 +252,11 @@ def search_allocation(model, input_ids, recipe: Recipe, device, stages: StageTim
             for dataset, value in ppl.items():
                 searched.evaluated.append({"label": f"ILP ({dataset})", "budget": budget, "dataset": dataset,
                                            "bits_per_weight": point.bits_per_weight, "ppl": value["ppl"]})
-    if not section.requantize:
+    if not section.requantize:  # the candidates' codes, measured with the sensitivity stage's statistics
         searched.quantized = apply_allocation(model, allocation.schemes, cache)
+        searched.starved_experts = {name: note for name, note in table.meta.get("starved_experts", {}).items()
+                                    if allocation.schemes.get(name, KEEP) != KEEP
+                                    and needs_stats(Scheme.parse(allocation.schemes[name]))}
         return searched
     with stages("in_context"):
         found = search_in_context(model, input_ids, candidates_for(recipe), device,
@@ -259,9 +265,11 @@ def search_allocation(model, input_ids, recipe: Recipe, device, stages: StageTim
                                   block_tokens=section.block_tokens if "block_output" in section.measures else 0,
                                   batch_size=recipe.calibration.batch_size,
                                   true_sequential=recipe.quantize.true_sequential, hessian=recipe.quantize.hessian,
-                                  cache=cache, progress=progress, timer=stages)
+                                  cache=cache, progress=progress, timer=stages,
+                                  experts=recipe.quantize.experts.policy())
     searched.table, searched.allocation, searched.quantized = found.table, found.allocation, found.quantized
     searched.rounds, searched.converged = [r.record() for r in found.rounds], found.converged
+    searched.starved_experts = found.starved_experts
     return searched
 
 

@@ -147,3 +147,28 @@ def test_latency_table_file_problems_are_one_line(tmp_path, model_dir, text_file
                                                                        "budget_us": 1.0}})
     result = invoke("allocate", recipe, "--budget", "3", "--quiet")
     assert result.exit_code == 2 and "not a latency table" in result.output
+
+
+@pytest.mark.parametrize("requantize", [True, False])
+def test_an_allocation_run_on_experts_follows_the_recipes_starved_expert_policy(tmp_path, tokenizer, text_file,
+                                                                                requantize):
+    """The search and its final quantization use `quantize.experts` like a plain run, and result.json says
+    which experts starved and what they got: RTN when requantizing, the candidates' all-token codes when not."""
+    from helpers import tiny_qwen3_moe
+
+    model_dir = tmp_path / "moe"
+    tiny_qwen3_moe(vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    recipe = write_recipe(tmp_path, model_dir, text_file,
+                          {"candidates": ["int4-g32-gptq", "int8-pc-rtn"], "budget": 6.0, "requantize": requantize},
+                          quantize={"default": "int4-g32-gptq", "experts": {"min_tokens": 10_000, "starved": "rtn"}})
+    result = invoke("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    starved = saved["starved_experts"]
+    layers = saved["allocation"]["layers"]
+    solved = {name for name, scheme in layers.items() if ".experts." in name and scheme.endswith("gptq")}
+    assert sum(".experts." in name for name in layers) == 2 * 8 * 3 and solved
+    assert set(starved) == solved  # 10,000 tokens: every expert starves; those allocated RTN read no statistics
+    actions = {note["action"] for note in starved.values()}
+    assert actions == ({"rtn"} if requantize else {"all-token statistics"})

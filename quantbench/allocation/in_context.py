@@ -25,6 +25,7 @@ from quantbench.allocation.ilp import Allocation, undominated
 from quantbench.allocation.problem import tie_groups
 from quantbench.allocation.sensitivity import CandidateCache, CandidatesFor, SensitivityStage
 from quantbench.allocation.table import SensitivityTable
+from quantbench.experts import StarvedExperts
 from quantbench.pipeline import QuantizeStage, StageTimer, drive_blocks, restore_linears, snapshot_linears
 from quantbench.recipe import KEEP
 from quantbench.scheme import Scheme
@@ -59,6 +60,7 @@ class InContextSearch:
     quantized: dict
     rounds: list[SearchRound] = field(default_factory=list)
     converged: bool = False
+    starved_experts: dict = field(default_factory=dict)  # of the quantization that produced `quantized`
 
 
 def frontier_candidates(table: SensitivityTable, metric: str, ties) -> dict[str, list[str]]:
@@ -97,7 +99,7 @@ def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for:
                       ties, max_rounds: int = 2, remeasure: str = "frontier", gradients: GradientStats | None = None,
                       block_tokens: int = 0, batch_size: int = 8, true_sequential: bool = True,
                       hessian: str = "compensated", cache: CandidateCache | None = None, progress: bool = True,
-                      timer: StageTimer | None = None) -> InContextSearch:
+                      timer: StageTimer | None = None, experts: StarvedExperts = StarvedExperts()) -> InContextSearch:
     """From `table` (round 0, measured on full-precision inputs): allocate, then re-measure in context and
     re-allocate until the allocation is stable (see the module docstring). The model ends quantized with the
     returned allocation; `quantized` holds its codes."""
@@ -116,8 +118,8 @@ def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for:
         else:
             wanted = {layer: table.schemes_of(layer) for layer in layers}
         measure = SensitivityStage(lambda name: [Scheme.parse(s) for s in wanted.get(name, []) if s != KEEP], cache,
-                                   gradients, block_tokens)
-        quantize = QuantizeStage(scheme_lookup(allocation.schemes), true_sequential, hessian)
+                                   gradients, block_tokens, experts)
+        quantize = QuantizeStage(scheme_lookup(allocation.schemes), true_sequential, hessian, experts=experts)
         drive_blocks(model, input_ids, device, [measure, quantize], batch_size, progress, timer,
                      desc=f"in context, round {index}")
         table = table.updated(measure.layers, measure.errors, round=index)
@@ -127,7 +129,7 @@ def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for:
         log.info("in-context round %d: %d pairs re-measured, %d layers changed, objective %.4g", index,
                  len(measure.errors), changed, new.objective)
         if changed == 0:
-            return InContextSearch(table, new, quantize.results, rounds, converged=True)
+            return InContextSearch(table, new, quantize.results, rounds, True, quantize.starved_experts)
         if new.schemes in seen:
             log.info("in-context search: allocation of an earlier round came back; stopping")
             allocation = new
@@ -135,6 +137,6 @@ def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for:
         seen.append(new.schemes)
         allocation = new
     restore_linears(model, snapshot)
-    final = QuantizeStage(scheme_lookup(allocation.schemes), true_sequential, hessian)
+    final = QuantizeStage(scheme_lookup(allocation.schemes), true_sequential, hessian, experts=experts)
     drive_blocks(model, input_ids, device, [final], batch_size, progress, timer, desc="quantize blocks")
-    return InContextSearch(table, allocation, final.results, rounds, converged=False)
+    return InContextSearch(table, allocation, final.results, rounds, False, final.starved_experts)

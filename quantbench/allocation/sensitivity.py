@@ -128,8 +128,11 @@ class SensitivityStage:
     """
 
     def __init__(self, candidates_for: CandidatesFor, cache: CandidateCache | None = None,
-                 gradients: GradientStats | None = None, block_tokens: int = 0) -> None:
+                 gradients: GradientStats | None = None, block_tokens: int = 0,
+                 experts: StarvedExperts = StarvedExperts()) -> None:
         self.candidates_for, self.gradients, self.block_tokens = candidates_for, gradients, block_tokens
+        self.experts = experts  # its threshold: experts routed fewer tokens are measured on all tokens
+        self.starved_experts: dict[str, dict] = {}  # full name → routed tokens and what was done
         self.cache = cache if cache is not None or not block_tokens else CandidateCache()
         self.layers: dict[str, LayerSensitivity] = {}
         self.errors: dict[tuple[str, str], CandidateError] = {}
@@ -146,7 +149,10 @@ class SensitivityStage:
         with ctx.timer("stats_forward"):
             with collect_stats(linears, set(linears), shared, stop_when_seen=not experts) as stats:
                 feed_block(ctx.block, ctx.inputs)
-            if starved := starved_experts(experts, stats, set(experts), StarvedExperts()):
+            if starved := starved_experts(experts, stats, set(experts), self.experts):
+                self.starved_experts.update({ctx.full_name(name): {"routed_tokens": stats[name].n_samples,
+                                                                   "action": "all-token statistics"}
+                                             for name in starved})
                 with all_tokens_routed(ctx.block), collect_stats(
                         {name: linears[name] for name in starved}, set(starved),
                         {f: lead for f, lead in shared.items() if f in starved}) as again:
@@ -367,25 +373,27 @@ def sensitivity_table(model: nn.Module, input_ids: torch.Tensor, candidates_for:
                       kl_samples: int = 4, batch_size: int = 8, progress: bool = True,
                       cache: CandidateCache | None = None,
                       after_phase: Callable[[SensitivityTable], None] | None = None,
-                      gradients: GradientStats | None = None, block_tokens: int = 0) -> SensitivityTable:
+                      gradients: GradientStats | None = None, block_tokens: int = 0,
+                      experts: StarvedExperts = StarvedExperts()) -> SensitivityTable:
     """The whole stage on full-precision inputs: the candidates block by block (the block driver with the
     sensitivity stage alone), then the costly measures named in `measure`: `trace` (Hutchinson),
     `eigenvalue` (power iteration), `kl` (needs a cache; one is made if none given). `gradients` adds the
-    gradient-based measures, `block_tokens` the block-output one (see SensitivityStage).
+    gradient-based measures, `block_tokens` the block-output one (see SensitivityStage); `experts` sets the
+    routed-token count below which an expert is measured on every calibration token.
     `after_phase(table)` is called once the candidates and then each measure are done (to save partial work);
     `table.meta["seconds"]` holds each phase's time."""
     measure = set(measure)
     cache = cache if cache is not None else CandidateCache()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    stage = SensitivityStage(candidates_for, cache, gradients, block_tokens)
+    stage = SensitivityStage(candidates_for, cache, gradients, block_tokens, experts)
     drive_blocks(model, input_ids, device, [stage], batch_size, progress, desc="sensitivity")
     layers, errors = stage.layers, stage.errors
     if not layers:
         raise ValueError("no layer has candidates")
     seconds["candidates"] = round(time.perf_counter() - started, 2)
     table = SensitivityTable(layers, errors, list(dict.fromkeys(scheme for _, scheme in errors)),
-                             {"seconds": seconds})
+                             {"seconds": seconds, "starved_experts": stage.starved_experts})
     phases = {"trace": lambda: loss_hessian_measures(model, input_ids, layers, device, hessian, True, False, progress),
               "eigenvalue": lambda: loss_hessian_measures(model, input_ids, layers, device, hessian, False, True,
                                                           progress),
