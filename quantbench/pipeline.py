@@ -324,15 +324,8 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
         stats = dict.fromkeys(stage)
         if stats_layers & set(stage):
             def collect(names: list[str]) -> dict:
-                # a pass may stop once every hooked layer has run, unless it holds experts: those not routed
-                # to in a batch do not run, and stopping at the last one would cut others' tokens short
-                stop = not any(expert_pattern(name) for name in names)
                 with timer("stats_forward"):
-                    with collect_stats({name: linears[name] for name in names}, hessian_layers & set(names),
-                                       {f: lead for f, lead in shared.items() if f in names}, stop_when_seen=stop,
-                                       timed=timer, accumulation=hessian) as collected:
-                        feed_block(ctx.block, ctx.inputs)
-                return collected
+                    return collect_block_stats(ctx, names, hessian_layers, shared, hessian, timer)
 
             stats = collect(stage)
             if starved := starved_experts(stage, stats, stats_layers, experts):
@@ -345,6 +338,20 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
                 results.update(quantize_linears([linears[n] for n in names], names, schemes[names[0]], stats[names[0]],
                                                 on_device))
     return results
+
+
+def collect_block_stats(ctx: BlockContext, names: list[str], hessian_for: set[str], shared: dict[str, str],
+                        accumulation: str = "compensated", timed: Callable[[str], object] | None = None) -> dict:
+    """The statistics of the named linears over one pass of the block's calibration inputs (`shared`:
+    follower → leader, as `collect_stats` takes it). A pass may stop once every hooked layer has run, unless
+    it holds experts: those not routed to in a batch do not run, and stopping at the last one would cut
+    others' tokens short."""
+    stop = not any(expert_pattern(name) for name in names)
+    with collect_stats({name: ctx.linears[name] for name in names}, hessian_for & set(names),
+                       {f: lead for f, lead in shared.items() if f in names}, stop_when_seen=stop, timed=timed,
+                       accumulation=accumulation) as collected:
+        feed_block(ctx.block, ctx.inputs)
+    return collected
 
 
 def starved_experts(stage: list[str], stats: dict, stats_layers: set[str], experts: StarvedExperts) -> list[str]:

@@ -26,10 +26,10 @@ from quantbench.allocation.gradients import GradientStats, LayerGradients
 from quantbench.allocation.hessian_probes import LossHessian, hutchinson_traces, power_iteration
 from quantbench.allocation.problem import block_of
 from quantbench.allocation.table import CandidateError, LayerSensitivity, SensitivityTable
-from quantbench.calibration.stats import LayerStats, collect_stats
+from quantbench.calibration.stats import LayerStats
 from quantbench.fsutil import save_tensors
-from quantbench.experts import StarvedExperts, all_tokens_routed, expert_pattern
-from quantbench.pipeline import BlockContext, apply_quantized, drive_blocks, feed_block, starved_experts
+from quantbench.experts import StarvedExperts, all_tokens_routed
+from quantbench.pipeline import BlockContext, apply_quantized, collect_block_stats, drive_blocks, starved_experts
 from quantbench.recipe import KEEP
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
 from quantbench.quantizers import quantize_weight
@@ -145,19 +145,14 @@ class SensitivityStage:
             return
         groups = ctx.input_groups(linears)
         shared = {follower: group[0] for group in groups for follower in group[1:]}
-        experts = [name for name in linears if expert_pattern(name)]
         with ctx.timer("stats_forward"):
-            with collect_stats(linears, set(linears), shared, stop_when_seen=not experts) as stats:
-                feed_block(ctx.block, ctx.inputs)
-            if starved := starved_experts(experts, stats, set(experts), self.experts):
+            stats = collect_block_stats(ctx, list(linears), set(linears), shared)
+            if starved := starved_experts(list(linears), stats, set(linears), self.experts):
                 self.starved_experts.update({ctx.full_name(name): {"routed_tokens": stats[name].n_samples,
                                                                    "action": "all-token statistics"}
                                              for name in starved})
-                with all_tokens_routed(ctx.block), collect_stats(
-                        {name: linears[name] for name in starved}, set(starved),
-                        {f: lead for f, lead in shared.items() if f in starved}) as again:
-                    feed_block(ctx.block, ctx.inputs)
-                stats.update(again)
+                with all_tokens_routed(ctx.block):
+                    stats.update(collect_block_stats(ctx, starved, set(starved), shared))
         probe = _BlockProbe(ctx, self.gradients, self.block_tokens) if self.block_tokens else None
         rotated: dict = {}  # (id of shared stats, rotation seed) → Rᵀ(Σxᵀx)R, reused across candidates
         with ctx.timer("candidates"):
