@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from quantbench.errors import QuantbenchError
-from quantbench.formats import IntFormat
+from quantbench.formats import IntFormat, format_for
 from quantbench.quantizers.rtn import quantize_rtn
 from quantbench.scheme import Scheme
 
@@ -139,3 +139,15 @@ def test_bad_scheme_names_and_values():
         Scheme(group_size=100)
     with pytest.raises(ValueError):
         Scheme(bits=9)
+
+
+@pytest.mark.parametrize("name", ["int4-g128-gptq", "int3-g128-sym-gptq", "int8-pc-sym-rtn", "mxfp4-gptq",
+                                  "mxfp8e4m3-gptq", "mxint8-rtn", "nvfp4-gptq"])
+def test_fit_encode_decode_never_read_values_on_the_host(name):
+    """GPTQ's column solve captures fit/encode/decode in a CUDA graph, where a branch on a tensor's value
+    (`if t.any()`) fails; meta tensors have no values, so such a branch raises here on any CPU."""
+    weight = torch.empty(8, 64, device="meta")
+    fmt = format_for(Scheme.parse(name)).for_weight(weight)
+    params = fmt.fit(weight)
+    decoded = fmt.decode(fmt.encode(weight, params), params)
+    assert decoded.shape == weight.shape and decoded.device.type == "meta"

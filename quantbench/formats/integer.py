@@ -58,10 +58,11 @@ class IntFormat:
             hi = w.amax(dim=1, keepdim=True).clamp(min=0)
             scale = _storable(_exact_div(hi - lo, self.max_code))
             zero = torch.round(-lo / scale).clamp(0, self.max_code)
+            # where the rounded-down scale leaves an end of the range over half a step off the grid; no branch on
+            # the result, which would synchronise the device and break the solve's CUDA-graph capture
             short = (lo < -(zero + 0.5) * scale) | (hi > (self.max_code - zero + 0.5) * scale)
-            if short.any():  # the rounded-down scale leaves an end of the range over half a step off the grid
-                scale = torch.where(short, _next_float16(scale), scale)
-                zero = torch.round(-lo / scale).clamp(0, self.max_code)
+            scale = torch.where(short, _next_float16(scale), scale)
+            zero = torch.round(-lo / scale).clamp(0, self.max_code)
         return GridParams(scale=scale, zero=zero)
 
     def encode(self, w: torch.Tensor, params: GridParams) -> torch.Tensor:
