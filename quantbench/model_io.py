@@ -13,6 +13,10 @@ from quantbench.errors import QuantbenchError
 from quantbench.experts import ROUTER_NAMES, split_experts
 
 log = logging.getLogger(__name__)
+# the last name component of the linears that read a block's attention input, its MLP input, and write its output
+ATTENTION_READERS = ("q_proj", "k_proj", "v_proj", "qkv_proj")  # last name components under `self_attn`
+MLP_READERS = ("gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "shared_expert_gate")  # under `mlp`
+MLP_WRITERS = ("down_proj", "w2")
 
 
 @dataclass(frozen=True)

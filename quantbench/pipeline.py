@@ -31,6 +31,7 @@ from quantbench.quantizers import needs_hessian, needs_stats, quantize_weight
 from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.quantizers.gptq import factor_hessians
 from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
+from quantbench.scaling import ScalingOptions, check_scalable, scale_block
 from quantbench.scheme import DEFAULT_DAMP, Scheme
 
 log = logging.getLogger(__name__)
@@ -262,15 +263,21 @@ class QuantizeStage:
     """Quantize every linear that `scheme_for(full_name)` assigns a scheme, in place (see quantize_block);
     `results` collects the QuantizedWeights by full name, on CPU (with `on_device`, where they were computed,
     for a next stage that packs and drops them block by block). With `lm_head`, `finish` also quantizes the
-    LM head (untied from the embedding) by that scheme."""
+    LM head (untied from the embedding) by that scheme. Layers whose scheme scales them (AWQ, SmoothQuant)
+    are scaled first (scaling.py, with `scaling`'s options); `scaled` records what was done per site."""
 
     def __init__(self, scheme_for: SchemeLookup, true_sequential: bool = True, hessian: str = "compensated",
                  lm_head: Scheme | None = None, on_device: bool = False,
-                 experts: StarvedExperts = StarvedExperts()) -> None:
+                 experts: StarvedExperts = StarvedExperts(), scaling: ScalingOptions = ScalingOptions()) -> None:
         self.scheme_for, self.true_sequential, self.lm_head = scheme_for, true_sequential, lm_head
-        self.hessian, self.on_device, self.experts = hessian, on_device, experts
+        self.hessian, self.on_device, self.experts, self.scaling = hessian, on_device, experts, scaling
         self.results: dict[str, QuantizedWeight] = {}
         self.starved_experts: dict[str, dict] = {}  # full name → routed tokens and what was done
+        self.scaled: dict[str, dict] = {}  # full producer name → scaling method and what it chose
+        self.model_type = ""
+
+    def begin(self, model: nn.Module, device: torch.device) -> None:
+        self.model_type = model.config.model_type
 
     def finish(self, model: nn.Module, device: torch.device) -> None:
         if self.lm_head is not None:
@@ -278,6 +285,10 @@ class QuantizeStage:
 
     def run_block(self, ctx: BlockContext) -> None:
         schemes = {name: scheme for name in ctx.linears if (scheme := self.scheme_for(ctx.full_name(name)))}
+        if any(scheme.scaling != "none" for scheme in schemes.values()):
+            check_scalable(self.model_type)
+            with ctx.timer("scaling"):
+                self.scaled.update(scale_block(ctx, schemes, self.model_type, self.scaling))
         for name, quantized in quantize_block(ctx, schemes, self.true_sequential, self.hessian, self.on_device,
                                               self.experts, self.starved_experts).items():
             self.results[ctx.full_name(name)] = quantized
@@ -286,15 +297,19 @@ class QuantizeStage:
 def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: SchemeLookup, device: torch.device,
                    batch_size: int = 8, progress: bool = True, true_sequential: bool = True,
                    timer: StageTimer | None = None, hessian: str = "compensated",
-                   experts: StarvedExperts = StarvedExperts(), starved: dict | None = None) -> dict[str, QuantizedWeight]:
+                   experts: StarvedExperts = StarvedExperts(), starved: dict | None = None,
+                   scaling: ScalingOptions = ScalingOptions(), scaled: dict | None = None) -> dict[str, QuantizedWeight]:
     """Quantize every decoder-block linear that `scheme_for(full_name)` assigns a scheme, in place: the block
     driver with the quantize stage alone. The model's weights are replaced by their dequantized values; the
     returned QuantizedWeights (on CPU) hold the codes that export packs. `starved` receives the experts
-    routed too few calibration tokens, and what was done about them (`experts`)."""
-    stage = QuantizeStage(scheme_for, true_sequential, hessian, experts=experts)
+    routed too few calibration tokens, and what was done about them (`experts`); `scaled`, what AWQ and
+    SmoothQuant chose where a scheme asks for them (`scaling`: their options)."""
+    stage = QuantizeStage(scheme_for, true_sequential, hessian, experts=experts, scaling=scaling)
     drive_blocks(model, input_ids, device, [stage], batch_size, progress, timer, desc="quantize blocks")
     if starved is not None:
         starved.update(stage.starved_experts)
+    if scaled is not None:
+        scaled.update(stage.scaled)
     return stage.results
 
 

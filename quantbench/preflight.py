@@ -25,6 +25,7 @@ from quantbench.quantized_weight import storage_bits
 from quantbench.quantizers import needs_hessian
 from quantbench.recipe import Recipe
 from quantbench.rotation import ROTATABLE_TYPES
+from quantbench.scaling import SCALABLE_TYPES
 from quantbench.scheme import Scheme
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,10 @@ def preflight(recipe: Recipe, force: bool = False, estimate_time: bool = True) -
         _raise(recipe, problems)
     model = meta_model(raw)
     layers = _planned_layers(recipe, model, problems)
+    scaled = sorted({scheme.scaling for scheme, _ in layers.values() if scheme.scaling != "none"})
+    if scaled and raw["model_type"] not in SCALABLE_TYPES:
+        problems.append(f"quantize: {' and '.join(scaled)} scaling supports {', '.join(SCALABLE_TYPES)}, not "
+                        f"{raw['model_type']!r}")
     rotated = _rotated_online(recipe, layers)
     if recipe.export.enabled and recipe.export.format != NATIVE:
         problems.extend(_export_problems(recipe, layers, rotated))

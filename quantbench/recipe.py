@@ -16,6 +16,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 
 from quantbench.experts import StarvedExperts
 from quantbench.errors import QuantbenchError
+from quantbench.scaling import ScalingOptions
 from quantbench.scheme import FORMAT_ALIASES, ActivationFormat, Scheme
 from quantbench.yamlio import load_yaml, read_allocation_layers
 
@@ -92,6 +93,17 @@ class ExpertsSection(_Section):
         return StarvedExperts(self.min_tokens, self.starved)
 
 
+class ScalingSection(_Section):
+    grid: int = Field(20, ge=2, description="AWQ tries α = 0, 1/grid, …, (grid − 1)/grid")
+    strength: float = Field(0.5, gt=0, lt=1, description="SmoothQuant's migration strength α")
+    search_tokens: int = Field(65536, ge=1, description="calibration tokens AWQ's search measures the block "
+                               "output on (whole calibration batches, at least one)")
+    clip: bool = Field(True, description="AWQ also clips each group's weight range (not q/k)")
+
+    def options(self) -> ScalingOptions:
+        return ScalingOptions(self.grid, self.strength, self.search_tokens, self.clip)
+
+
 class QuantizeSection(_Section):
     _allocated: dict | None = PrivateAttr(None)
     default: SchemeSpec = Scheme()
@@ -104,6 +116,7 @@ class QuantizeSection(_Section):
         "compensated", description="how Σxᵀx of bf16/fp16 CUDA activations is accumulated: compensated "
         "(tensor cores, float32 accuracy), fp32 (no tensor cores), tensor_cores (one matmul per batch, least exact)")
     experts: ExpertsSection = ExpertsSection()
+    scaling: ScalingSection = Field(ScalingSection(), description="options of the awq+ and smoothquant+ schemes")
     from_allocation: str | None = Field(None, description="allocation YAML (quantbench allocate) whose layer → "
                                         "scheme map comes before overrides and default")
     activations: ActivationFormat | None = Field(None, description="quantize the input of every decoder-block "
@@ -119,6 +132,14 @@ class QuantizeSection(_Section):
     @classmethod
     def _regexes(cls, patterns: list[str]) -> list[str]:
         return [_check_regex(p) for p in patterns]
+
+    @field_validator("lm_head")
+    @classmethod
+    def _head_unscaled(cls, scheme: Scheme | None) -> Scheme | None:
+        if scheme is not None and scheme.scaling != "none":
+            raise ValueError(f"{scheme.scaling} scaling folds into a decoder block's norms and projections; the LM "
+                             f"head has no such site (use {scheme.model_copy(update={'scaling': 'none'}).name})")
+        return scheme
 
     def scheme_for(self, layer: str) -> Scheme | None:
         """The scheme of a layer by full module name: None if ignored, else its entry in `from_allocation`,
@@ -340,6 +361,9 @@ class AllocationSection(_Section):
         names = [c.name for c in self.candidates]
         if len(set(names)) != len(names):
             raise ValueError(f"candidates repeat: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+        if any(c.scaling != "none" for c in self.candidates):
+            raise ValueError("awq+ and smoothquant+ schemes scale a whole site of layers at once, which the "
+                             "per-layer candidate measurements do not model yet; give them in quantize instead")
         if any(c.activations for c in self.candidates):
             raise ValueError("candidates are weight-only schemes (the costs measure weight error); drop -a:<format>")
         return self

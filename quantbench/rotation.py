@@ -22,7 +22,7 @@ from torch import nn
 
 from quantbench.activations import rotate_inputs_of
 from quantbench.errors import QuantbenchError
-from quantbench.model_io import decoder_blocks
+from quantbench.model_io import ATTENTION_READERS, MLP_READERS, MLP_WRITERS, decoder_blocks
 from quantbench.pipeline import untie_lm_head
 from quantbench.quantizers.fwht import RandomHadamard
 
@@ -36,9 +36,6 @@ REFUSED_BECAUSE = {
     "deepseek_v2": "DeepSeek's latent attention normalises its compressed q and kv inside the attention",
     "deepseek_v3": "DeepSeek's latent attention normalises its compressed q and kv inside the attention",
 }
-ATTENTION_READERS = ("q_proj", "k_proj", "v_proj", "qkv_proj")  # last name components under `self_attn`
-MLP_READERS = ("gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "shared_expert_gate")  # under `mlp`
-MLP_WRITERS = ("down_proj", "w2")
 
 
 def _layers(module: nn.Module, leaves: tuple[str, ...]) -> list[nn.Linear]:

@@ -85,7 +85,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
         with timer("transforms"):
             transforms.append(apply_transform(model, spec, input_ids[:1, :PROBE_TOKENS]))
     stages = StageTimer(device)
-    searched, starved = None, {}
+    searched, starved, scaled = None, {}, {}
     with timer("quantize"):
         if recipe.allocation is not None:
             searched = search_allocation(model, input_ids, recipe, device, stages, progress,
@@ -96,7 +96,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
                                        batch_size=cal.batch_size, progress=progress,
                                        true_sequential=recipe.quantize.true_sequential, timer=stages,
                                        hessian=recipe.quantize.hessian, experts=recipe.quantize.experts.policy(),
-                                       starved=starved)
+                                       starved=starved, scaling=recipe.quantize.scaling.options(), scaled=scaled)
         if recipe.quantize.lm_head is not None:
             quantized["lm_head"] = quantize_linear(untie_lm_head(model), recipe.quantize.lm_head)
     with timer("eval_quantized"):
@@ -113,6 +113,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
         "quantization": quantization_summary(model, quantized, linears),
         "nonfinite_weights_zeroed": repaired,
         "starved_experts": starved,
+        "scaled": scaled,
         "perplexity": {"baseline": baseline, "quantized": quantized_ppl},
     }
     if recipe.eval.tasks:

@@ -20,7 +20,7 @@ ActivationFormat = Literal["mxfp4", "mxfp6e2m3", "mxfp6e3m2", "mxfp8e4m3", "mxfp
 
 _BLOCK_NAMES = "|".join(sorted([*BLOCK_FORMATS, *FORMAT_ALIASES], key=len, reverse=True))
 _NAME_RE = re.compile(
-    r"^(?:(?P<transform>hadamard)(?:-s(?P<rotation_seed>\d+))?\+)?"
+    r"^(?:(?P<scaling>awq|smoothquant)\+)?(?:(?P<transform>hadamard)(?:-s(?P<rotation_seed>\d+))?\+)?"
     rf"(?:(?P<block>{_BLOCK_NAMES})|(?P<format>int)(?P<bits>\d+)-(?:g(?P<group>\d+)|(?P<pc>pc))(?P<sym>-sym)?"
     r"|ternary(?P<planes>\d)(?:-g(?P<ternary_group>\d+)|-pc)?)"
     r"-(?P<solver>[a-z]+)(?P<act>-act)?(?P<static>-static)?(?P<aware>-aw)?(?:-damp(?P<damp>[0-9.e-]+))?"
@@ -43,6 +43,10 @@ class Scheme(BaseModel):
     `transform: hadamard` quantizes W·R instead of W, R a randomised Hadamard rotation (seeded by
     `rotation_seed`) that the layer applies to its input online (see quantizers/hadamard.py); the name
     gets a `hadamard+` prefix (`hadamard-s<seed>+` for a seed other than 0).
+    `scaling` scales the layer's input channels by 1/s and its weight columns by s before it is quantized,
+    s folded into the operation that produces the input (scaling.py), so nothing runs online: `awq`
+    searches s for the least block output error and clips each group's range, `smoothquant` moves
+    activation outliers into the weights. The name gets an `awq+` or `smoothquant+` prefix.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -53,6 +57,7 @@ class Scheme(BaseModel):
     symmetric: bool = False
     solver: Literal["rtn", "gptq", "ptqtp"] = "rtn"
     transform: Literal["none", "hadamard"] = "none"
+    scaling: Literal["none", "awq", "smoothquant"] = "none"
     rotation_seed: int = Field(0, ge=0)
     act_order: bool = False
     static_groups: bool = False
@@ -101,6 +106,15 @@ class Scheme(BaseModel):
             raise ValueError("activation_aware is a ptqtp option (GPTQ is activation-aware by construction)")
         if self.transform == "none" and self.rotation_seed:
             raise ValueError("rotation_seed seeds the hadamard transform; set transform: hadamard or drop it")
+        if self.scaling != "none" and self.format == "ternary":
+            raise ValueError(f"{self.scaling} scaling searches with the format's round-to-nearest grid; the "
+                             "ternary planes have none (use it with int, MX or NVFP4 formats)")
+        if self.scaling != "none" and self.transform != "none":
+            raise ValueError(f"{self.scaling} scaling and the hadamard transform do not combine yet: the "
+                             "rotation would spread the scaled channels again (pick one)")
+        if self.scaling == "smoothquant" and self.activations is None:
+            raise ValueError("smoothquant moves activation outliers into the weights, which helps only when the "
+                             "activations are quantized: add activations (e.g. smoothquant+int8-pc-sym-rtn-a:int8)")
         if self.is_block_format and self.act_order and not self.static_groups:
             raise ValueError(f"{self.format} blocks are contiguous columns: act_order needs static_groups "
                              f"(write {self.format}-gptq-act-static)")
@@ -133,6 +147,8 @@ class Scheme(BaseModel):
         name += f"-a:{self.activations}" if self.activations else ""
         if self.transform == "hadamard":
             name = f"hadamard{f'-s{self.rotation_seed}' if self.rotation_seed else ''}+{name}"
+        if self.scaling != "none":
+            name = f"{self.scaling}+{name}"
         return name
 
     def __str__(self) -> str:
@@ -165,13 +181,14 @@ class Scheme(BaseModel):
     @classmethod
     def parse(cls, name: str) -> "Scheme":
         """Build a scheme from its canonical name, e.g. `int4-g128-rtn`, `int8-pc-sym-rtn`, `int3-g128-gptq-act`,
-        `mxfp4-rtn`, `nvfp4-gptq`, `mxfp8e4m3-rtn-a:mxfp8e4m3` (weights and activations), `hadamard+int3-g128-gptq`."""
+        `mxfp4-rtn`, `nvfp4-gptq`, `mxfp8e4m3-rtn-a:mxfp8e4m3` (weights and activations), `hadamard+int3-g128-gptq`,
+        `awq+int4-g128-gptq`, `smoothquant+int8-pc-sym-rtn-a:int8`."""
         match = _NAME_RE.match(name.strip())
         if not match:
             raise QuantbenchError(
                 f"scheme name {name!r} is not understood; write it like 'int4-g128-rtn', 'int8-pc-sym-rtn', "
                 "'int3-g128-gptq-act', 'mxfp4-rtn', 'mxfp8e4m3-rtn-a:mxfp8e4m3', 'ternary2-g128-ptqtp' or "
-                "'hadamard+int3-g128-gptq' (block formats: "
+                "'hadamard+int3-g128-gptq', 'awq+int4-g128-rtn' (block formats: "
                 f"{', '.join(BLOCK_FORMATS)})"
             )
         if match["block"]:
@@ -192,6 +209,8 @@ class Scheme(BaseModel):
             fields["activation_aware"] = True
         if match["damp"]:
             fields["damp"] = float(match["damp"])
+        if match["scaling"]:
+            fields["scaling"] = match["scaling"]
         if match["transform"]:
             fields["transform"] = match["transform"]
             fields["rotation_seed"] = int(match["rotation_seed"] or 0)

@@ -90,7 +90,8 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
     saved = journal.open(resume)
     writer = CheckpointWriter(journal.checkpoint_dir) if recipe.export.enabled else None
     quantize = QuantizeStage(recipe.quantize.scheme_for, recipe.quantize.true_sequential, recipe.quantize.hessian,
-                             lm_head=recipe.quantize.lm_head, on_device=True, experts=recipe.quantize.experts.policy())
+                             lm_head=recipe.quantize.lm_head, on_device=True, experts=recipe.quantize.experts.policy(),
+                             scaling=recipe.quantize.scaling.options())
     quantized_eval = BlockwisePerplexity(eval_ids, recipe.eval, "quantized")
     layers = StreamedLayers(quantize, writer)
     journal.stages = {"quantized_eval": quantized_eval, "layers": layers, "weights": weights}
@@ -116,6 +117,7 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
                          "rotations": {name: rotation["kind"] for name, rotation in layers.rotations.items()}},
         "nonfinite_weights_zeroed": weights.zeroed,
         "starved_experts": quantize.starved_experts,
+        "scaled": quantize.scaled,
         "perplexity": {"baseline": baseline_eval.results if baseline_eval else {}, "quantized": quantized_eval.results},
         "streaming": {"resumed_at_block": start if saved is not None else None, "blocks": len(decoder_blocks(model)),
                       "journal_saves": journal.saves},

@@ -94,7 +94,7 @@ def tiny_tokenizer():
 
 
 def tiny_llama(vocab_size: int = 320, tie: bool = True, layers: int = 2, hidden: int = 64, seed: int = 0,
-               init_std: float = 0.02):
+               init_std: float = 0.02, kv_heads: int = 2):
     """A random Llama. With the default init its next-token distribution is nearly uniform, so measures of
     how far quantization moves the output (KL) sit at float rounding level; init_std 0.1 gives a peaked
     distribution whose KL values are far above it."""
@@ -102,7 +102,7 @@ def tiny_llama(vocab_size: int = 320, tie: bool = True, layers: int = 2, hidden:
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=vocab_size,
                          max_position_embeddings=512, tie_word_embeddings=tie, initializer_range=init_std)
     return LlamaForCausalLM(config).eval()
 

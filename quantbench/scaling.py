@@ -1,0 +1,298 @@
+"""AWQ and SmoothQuant as a block stage: per input channel, scale a layer's input by 1/s and its weight
+columns by s, with 1/s folded into the operation that produces the input, so the model computes the same
+function and nothing runs online.
+
+A *site* is such a producer and the layers reading its output: a block's attention norm and q/k/v; its MLP
+norm and every gate/up (each expert's, the shared expert's, the router); an up projection and the down
+projection after it (per expert); v_proj and o_proj when their widths match (no grouped-query attention).
+A site is scaled when a quantized reader's scheme asks for it; its other readers get the same s (exact).
+
+- AWQ (Lin et al.): s = mean|x|^α, normalised to geometric mean 1, for α on a grid in [0, 1); the α whose
+  fake-quantized readers (their scheme's round-to-nearest grid) give the least block output error on a
+  sample of the calibration tokens wins (α = 0 is no scaling, so the search never loses to it). Then each
+  AWQ layer other than q/k clips its groups' ranges by the factor with the least output error
+  tr(ΔHΔᵀ) per group on all calibration tokens.
+- SmoothQuant (Xiao et al.): s = max|x|^α / max|W|^(1−α) per input channel, α the migration strength.
+
+The stage runs before the quantize stage, which then calibrates and quantizes the scaled layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quantbench.calibration.stats import collect_stats
+from quantbench.errors import QuantbenchError
+from quantbench.model_io import ATTENTION_READERS, MLP_READERS, block_linears
+from quantbench.quantizers.rtn import quantize_rtn
+from quantbench.scheme import DEFAULT_DAMP, Scheme
+
+log = logging.getLogger(__name__)
+
+NORMS = {  # model type → (the norm before attention, the norm before the MLP, added to its weight in use)
+    **{kind: ("input_layernorm", "post_attention_layernorm", 0.0)
+       for kind in ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen2_moe", "qwen3_moe", "mixtral")},
+    **{kind: ("input_layernorm", "pre_feedforward_layernorm", 1.0) for kind in ("gemma2", "gemma3_text")},
+}
+SCALABLE_TYPES = tuple(NORMS)
+UNSCALED_BECAUSE = {
+    "opt": "its MLP reads a LayerNorm whose bias would need folding as well, which is not built yet",
+    "gpt_neox": "its attention and MLP read LayerNorms whose biases would need folding as well, which is not "
+                "built yet",
+    "deepseek_v2": "its latent attention normalises the compressed q and kv inside the attention",
+    "deepseek_v3": "its latent attention normalises the compressed q and kv inside the attention",
+}
+UP_BEFORE_DOWN = {"down_proj": ("up_proj", "gate_up_proj"), "w2": ("w3",)}
+NOT_CLIPPED = ("q_proj", "k_proj", "qkv_proj")  # as AWQ: clipping query/key ranges hurts attention scores
+CLIP_RATIOS = tuple(1 - 0.5 * k / 20 for k in range(10))  # AWQ's grid: 1.0 down to 0.775
+
+
+@dataclass
+class Site:
+    """A producer of a block's activations and the modules that read them (by name within the block).
+    `producer` is a norm (`offset`: what its forward adds to the weight) or a linear whose output rows
+    `rows` (a slice: the up half of a fused gate/up) feed the readers."""
+
+    producer: str
+    readers: list[str]
+    is_norm: bool
+    offset: float = 0.0
+    rows: slice = field(default_factory=lambda: slice(None))
+
+
+def check_scalable(kind: str) -> None:
+    if kind not in NORMS:
+        why = UNSCALED_BECAUSE.get(kind, "its blocks are not laid out like Llama's")
+        raise QuantbenchError(f"AWQ and SmoothQuant scaling support {', '.join(SCALABLE_TYPES)}, not {kind!r}: {why}")
+
+
+def block_sites(block: nn.Module, model_type: str) -> list[Site]:
+    """The sites of one decoder block, in forward order."""
+    attention_norm, mlp_norm, offset = NORMS[model_type]
+    modules = dict(block.named_modules())
+    leaf = {name: name.rsplit(".", 1)[-1] for name in modules}
+    linears = block_linears(block)
+    attention = [n for n in linears if n.startswith("self_attn.") and leaf[n] in ATTENTION_READERS]
+    mlp = [n for n, m in modules.items() if n.startswith("mlp.") and (leaf[n] in MLP_READERS or _is_router(n, m))]
+    sites = [Site(attention_norm, attention, True, offset)]
+    v, o = modules.get("self_attn.v_proj"), modules.get("self_attn.o_proj")
+    if isinstance(v, nn.Linear) and isinstance(o, nn.Linear) and v.out_features == o.in_features:
+        sites.append(Site("self_attn.v_proj", ["self_attn.o_proj"], False))
+    sites.append(Site(mlp_norm, mlp, True, offset))
+    for name in linears:
+        parent, _, own = name.rpartition(".")
+        for producer in UP_BEFORE_DOWN.get(own, ()):
+            if f"{parent}.{producer}" in linears:
+                rows = slice(linears[name].in_features, None) if producer == "gate_up_proj" else slice(None)
+                sites.append(Site(f"{parent}.{producer}", [name], False, rows=rows))
+                break
+    return [site for site in sites if site.readers]
+
+
+def _is_router(name: str, module: nn.Module) -> bool:
+    """A router: the experts' gate, a weight [experts, hidden] that reads the MLP norm's output."""
+    return name.count(".") == 1 and name.endswith(".gate") and getattr(module, "weight", None) is not None \
+        and not isinstance(module, nn.Linear)
+
+
+def fold_scales(block: nn.Module, site: Site, scales: torch.Tensor) -> None:
+    """Divide the site's input by `scales` at its producer and multiply every reader's weight columns by them
+    (in float64, stored back in each tensor's dtype): the block computes the same function."""
+    s = scales.double()
+    producer = block.get_submodule(site.producer)
+    if site.is_norm:
+        _assign(producer.weight, (producer.weight.double() + site.offset) / s - site.offset)
+    else:
+        _assign(producer.weight[site.rows], producer.weight[site.rows].double() / s[:, None])
+        if producer.bias is not None:
+            _assign(producer.bias[site.rows], producer.bias[site.rows].double() / s)
+    for name in site.readers:
+        weight = block.get_submodule(name).weight
+        _assign(weight, weight.double() * s)
+
+
+def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+def fake_quantized(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """`weight` through the scheme's round-to-nearest grid (its solver's options dropped), in float32."""
+    rtn = scheme.model_copy(update={"solver": "rtn", "act_order": False, "static_groups": False,
+                                    "damp": DEFAULT_DAMP, "scaling": "none", "activations": None})
+    return quantize_rtn(weight.float(), rtn).dequantize(torch.float32)
+
+
+@dataclass(frozen=True)
+class ScalingOptions:
+    """`grid`: α values AWQ tries (0, 1/grid, …); `strength`: SmoothQuant's α; `search_tokens`: calibration
+    tokens AWQ's block-output search runs on (whole mini-batches, at least one); `clip`: AWQ's range clipping."""
+
+    grid: int = 20
+    strength: float = 0.5
+    search_tokens: int = 65536
+    clip: bool = True
+
+
+@torch.no_grad()
+def scale_block(ctx, schemes: dict[str, Scheme], model_type: str, options: ScalingOptions = ScalingOptions()) -> dict:
+    """Scale every site of the block whose quantized readers ask for it (`schemes`: name in block → scheme);
+    returns what was done per site (full producer name → method, α, AWQ's output error relative to α = 0)."""
+    sites = [site for site in block_sites(ctx.block, model_type)
+             if any(schemes[r].scaling != "none" for r in site.readers if r in schemes)]
+    if not sites:
+        return {}
+    inputs = _site_inputs(ctx, sites)
+    batches = _search_batches(ctx, options.search_tokens)
+    reference = [_output(ctx.block(hidden, **kwargs)) for hidden, kwargs in batches]
+    done = {}
+    for site in sites:
+        if site.producer not in inputs:
+            log.warning("%s: no calibration token reached %s; left unscaled", ctx.prefix, site.producer)
+            continue
+        mean_abs, max_abs = inputs[site.producer]
+        if any(schemes[r].scaling == "awq" for r in site.readers if r in schemes):
+            alpha, scales, error = _search(ctx, site, schemes, mean_abs, batches, reference, options.grid)
+            done[ctx.full_name(site.producer)] = {"method": "awq", "alpha": alpha, "output_error": round(error, 6)}
+        else:
+            readers = [ctx.block.get_submodule(r).weight for r in site.readers]
+            scales = smoothquant_scales(max_abs, readers, options.strength)
+            done[ctx.full_name(site.producer)] = {"method": "smoothquant", "alpha": options.strength}
+        if not torch.all(scales == 1):
+            fold_scales(ctx.block, site, scales)
+    if options.clip:
+        clipped = [name for site in sites for name in site.readers if name in schemes
+                   and schemes[name].scaling == "awq" and name.rsplit(".", 1)[-1] not in NOT_CLIPPED]
+        if clipped:
+            clip_ranges(ctx, {name: schemes[name] for name in clipped})
+    return done
+
+
+def _search_batches(ctx, search_tokens: int) -> list[tuple[torch.Tensor, dict]]:
+    batches, tokens = [], 0
+    for hidden, kwargs in zip(ctx.inputs.hidden, ctx.inputs.kwargs):
+        if batches and tokens + hidden.shape[0] * hidden.shape[1] > search_tokens:
+            break
+        batches.append((hidden, kwargs))
+        tokens += hidden.shape[0] * hidden.shape[1]
+    return batches
+
+
+def _search(ctx, site: Site, schemes: dict, mean_abs: torch.Tensor, batches, reference, grid: int):
+    """AWQ's grid search over α; returns (α, scales, block output error relative to α = 0's)."""
+    quantized = [name for name in site.readers if name in schemes]
+    originals = {name: ctx.block.get_submodule(name).weight.data.clone() for name in quantized}
+    errors = []
+    try:
+        for step in range(grid):
+            scales = awq_scales(mean_abs, step / grid)
+            for name in quantized:
+                trial = fake_quantized(originals[name].float() * scales, schemes[name]) / scales
+                ctx.block.get_submodule(name).weight.data = trial.to(originals[name].dtype)
+            errors.append(_output_error(ctx.block, batches, reference))
+    finally:
+        for name, weight in originals.items():
+            ctx.block.get_submodule(name).weight.data = weight
+    best = min(range(grid), key=errors.__getitem__)
+    return best / grid, awq_scales(mean_abs, best / grid), errors[best] / errors[0] if errors[0] > 0 else 1.0
+
+
+def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """mean|x|^α normalised to geometric mean 1 over the channels (AWQ normalises by √(max·min))."""
+    if alpha == 0:
+        return torch.ones_like(mean_abs)
+    scales = mean_abs.float().clamp(min=1e-4).pow(alpha)
+    return scales / (scales.max() * scales.min()).sqrt()
+
+
+def smoothquant_scales(max_abs: torch.Tensor, weights: list[torch.Tensor], strength: float) -> torch.Tensor:
+    """max|x|^α / max|W|^(1−α) per input channel, the weight maximum taken over every reader."""
+    weight_max = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
+    scales = max_abs.float().clamp(min=1e-5).pow(strength) / weight_max.clamp(min=1e-5).pow(1 - strength)
+    return scales.clamp(min=1e-5)
+
+
+def _feed(ctx) -> None:
+    for hidden, kwargs in zip(ctx.inputs.hidden, ctx.inputs.kwargs):
+        ctx.block(hidden, **kwargs)
+
+
+def _output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _output_error(block: nn.Module, batches, reference) -> float:
+    total = 0.0
+    for (hidden, kwargs), target in zip(batches, reference):
+        total += float((_output(block(hidden, **kwargs)).float() - target.float()).square().sum())
+    return total
+
+
+def _site_inputs(ctx, sites: list[Site]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per site, the mean and the max of |x| per input channel over every calibration token that reaches it
+    (a norm's output; a down or o projection's input)."""
+    sums: dict[str, list] = {}
+
+    def record(key: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float().abs()
+        entry = sums.setdefault(key, [torch.zeros(x.shape[1], device=x.device), torch.zeros(x.shape[1], device=x.device), 0])
+        entry[0] += x.sum(dim=0)
+        torch.maximum(entry[1], x.amax(dim=0), out=entry[1])
+        entry[2] += x.shape[0]
+
+    handles = []
+    for site in sites:
+        if site.is_norm:
+            module = ctx.block.get_submodule(site.producer)
+            handles.append(module.register_forward_hook(lambda _m, _i, out, key=site.producer: record(key, _output(out))))
+        else:
+            module = ctx.block.get_submodule(site.readers[0])
+            handles.append(module.register_forward_pre_hook(lambda _m, args, key=site.producer: record(key, args[0])))
+    try:
+        _feed(ctx)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key: (total / max(1, count), peak) for key, (total, peak, count) in sums.items() if count}
+
+
+def clip_ranges(ctx, schemes: dict[str, Scheme]) -> None:
+    """AWQ's clipping: per layer and group, shrink the weight range by the factor in CLIP_RATIOS whose
+    round-to-nearest error costs the least output error δ H δᵀ over all calibration tokens (H = Σ xᵀx, the
+    group's diagonal block), and clamp the weights to it."""
+    names = list(schemes)
+    with collect_stats({name: ctx.linears[name] for name in names}, set(names), {}, stop_when_seen=False) as stats:
+        _feed(ctx)
+    for name in names:
+        if stats[name].xtx is None:
+            continue
+        layer = ctx.linears[name]
+        layer.weight.data = clipped_weight(layer.weight.data, schemes[name], stats[name].xtx).to(layer.weight.dtype)
+
+
+def clipped_weight(weight: torch.Tensor, scheme: Scheme, xtx: torch.Tensor) -> torch.Tensor:
+    """`weight` with each (row, group) clamped to the CLIP_RATIOS shrink of its range that quantizes with the
+    least output error (see clip_ranges)."""
+    w = weight.float()
+    rows, cols = w.shape
+    group = scheme.group_size or cols
+    if cols % group:
+        return weight  # a short last group: AWQ's search assumes whole groups
+    n_groups = cols // group
+    blocks = torch.stack([xtx[g * group:(g + 1) * group, g * group:(g + 1) * group] for g in range(n_groups)]).float()
+    grouped = w.view(rows, n_groups, group)
+    low, high = grouped.amin(dim=2, keepdim=True), grouped.amax(dim=2, keepdim=True)
+    best_error = torch.full((rows, n_groups), float("inf"), device=w.device)
+    best_ratio = torch.ones(rows, n_groups, 1, device=w.device)
+    for ratio in CLIP_RATIOS:
+        clamped = torch.minimum(torch.maximum(grouped, low * ratio), high * ratio).view(rows, cols)
+        delta = (w - fake_quantized(clamped, scheme)).view(rows, n_groups, group)
+        error = torch.einsum("rgk,gkl,rgl->rg", delta, blocks, delta)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_ratio = torch.where(better[..., None], torch.full_like(best_ratio, ratio), best_ratio)
+    return torch.minimum(torch.maximum(grouped, low * best_ratio), high * best_ratio).view(rows, cols)
