@@ -29,6 +29,7 @@ from quantbench.model_io import block_linears, blocks_path, decoder_blocks
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.quantizers import needs_hessian, needs_stats, quantize_weight
 from quantbench.quantizers.fwht import RandomHadamard
+from quantbench.quantizers.autoround import AutoRoundOptions, learn_rounding
 from quantbench.quantizers.gptq import factor_hessians
 from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
 from quantbench.scaling import ScalingOptions, check_scalable, scale_block
@@ -268,9 +269,11 @@ class QuantizeStage:
 
     def __init__(self, scheme_for: SchemeLookup, true_sequential: bool = True, hessian: str = "compensated",
                  lm_head: Scheme | None = None, on_device: bool = False,
-                 experts: StarvedExperts = StarvedExperts(), scaling: ScalingOptions = ScalingOptions()) -> None:
+                 experts: StarvedExperts = StarvedExperts(), scaling: ScalingOptions = ScalingOptions(),
+                 autoround: AutoRoundOptions = AutoRoundOptions()) -> None:
         self.scheme_for, self.true_sequential, self.lm_head = scheme_for, true_sequential, lm_head
         self.hessian, self.on_device, self.experts, self.scaling = hessian, on_device, experts, scaling
+        self.autoround = autoround
         self.results: dict[str, QuantizedWeight] = {}
         self.starved_experts: dict[str, dict] = {}  # full name → routed tokens and what was done
         self.scaled: dict[str, dict] = {}  # full producer name → scaling method and what it chose
@@ -290,7 +293,7 @@ class QuantizeStage:
             with ctx.timer("scaling"):
                 self.scaled.update(scale_block(ctx, schemes, self.model_type, self.scaling))
         for name, quantized in quantize_block(ctx, schemes, self.true_sequential, self.hessian, self.on_device,
-                                              self.experts, self.starved_experts).items():
+                                              self.experts, self.starved_experts, self.autoround).items():
             self.results[ctx.full_name(name)] = quantized
 
 
@@ -298,13 +301,14 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
                    batch_size: int = 8, progress: bool = True, true_sequential: bool = True,
                    timer: StageTimer | None = None, hessian: str = "compensated",
                    experts: StarvedExperts = StarvedExperts(), starved: dict | None = None,
-                   scaling: ScalingOptions = ScalingOptions(), scaled: dict | None = None) -> dict[str, QuantizedWeight]:
+                   scaling: ScalingOptions = ScalingOptions(), scaled: dict | None = None,
+                   autoround: AutoRoundOptions = AutoRoundOptions()) -> dict[str, QuantizedWeight]:
     """Quantize every decoder-block linear that `scheme_for(full_name)` assigns a scheme, in place: the block
     driver with the quantize stage alone. The model's weights are replaced by their dequantized values; the
     returned QuantizedWeights (on CPU) hold the codes that export packs. `starved` receives the experts
     routed too few calibration tokens, and what was done about them (`experts`); `scaled`, what AWQ and
     SmoothQuant chose where a scheme asks for them (`scaling`: their options)."""
-    stage = QuantizeStage(scheme_for, true_sequential, hessian, experts=experts, scaling=scaling)
+    stage = QuantizeStage(scheme_for, true_sequential, hessian, experts=experts, scaling=scaling, autoround=autoround)
     drive_blocks(model, input_ids, device, [stage], batch_size, progress, timer, desc="quantize blocks")
     if starved is not None:
         starved.update(stage.starved_experts)
@@ -315,25 +319,37 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
 
 def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequential: bool,
                    hessian: str = "compensated", on_device: bool = False,
-                   experts: StarvedExperts = StarvedExperts(), notes: dict | None = None) -> dict[str, QuantizedWeight]:
+                   experts: StarvedExperts = StarvedExperts(), notes: dict | None = None,
+                   autoround: AutoRoundOptions = AutoRoundOptions()) -> dict[str, QuantizedWeight]:
     """Quantize a block's linears. When a solver reads calibration statistics, the linears are grouped by the
     input they share (q/k/v, o, gate/up, down) and, with `true_sequential`, each group is calibrated on inputs
     produced by the already-quantized earlier groups; layers sharing an input share one Hessian. The experts
     of a mixture-of-experts block are calibrated on the tokens routed to them, one stage per projection;
     `experts` says what happens to one routed too few tokens, and `notes` (full name → what was done)
-    records it. `hessian` says how Σ xᵀx is accumulated (calibration.stats.HESSIAN_MODES)."""
+    records it. `hessian` says how Σ xᵀx is accumulated (calibration.stats.HESSIAN_MODES). AutoRound layers
+    are learned together first (quantizers/autoround.py), on the block's inputs with the other layers in
+    full precision; the other layers then calibrate on the block as AutoRound left it."""
     notes = {} if notes is None else notes
     linears, timer = ctx.linears, ctx.timer
+    rounded = {name: scheme for name, scheme in schemes.items() if scheme.solver == "autoround"}
+    results = {}
+    if rounded:
+        with timer("autoround"):
+            learned = learn_rounding(ctx.block, linears, rounded, list(zip(ctx.inputs.hidden, ctx.inputs.kwargs)),
+                                     autoround)
+        with timer("solve"):
+            for name, scheme in rounded.items():
+                results.update(quantize_linears([linears[name]], [name], scheme, learned[name], on_device))
+        schemes = {name: scheme for name, scheme in schemes.items() if name not in rounded}
     stats_layers = {name for name, scheme in schemes.items() if needs_stats(scheme)}
     hessian_layers = {name for name, scheme in schemes.items() if needs_hessian(scheme)}
     if not stats_layers:  # a statistics pass costs a block forward: skip it when no solver reads one
         with timer("solve"):
-            return {name: quantize_linears([linears[name]], [name], scheme, on_device=on_device)[name]
-                    for name, scheme in schemes.items()}
+            return results | {name: quantize_linears([linears[name]], [name], scheme, on_device=on_device)[name]
+                              for name, scheme in schemes.items()}
     with timer("stats_forward"):  # one forward finds which layers share an input
         groups = ctx.input_groups(schemes)
     stages = merge_parallel_experts(groups) if true_sequential else [[name for group in groups for name in group]]
-    results = {}
     for stage in stages:
         shared = {follower: group[0] for group in groups for follower in group[1:] if follower in stage}
         stats = dict.fromkeys(stage)

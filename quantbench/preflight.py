@@ -344,6 +344,11 @@ def _flops(recipe: Recipe, raw: dict, n_params: int, layers: dict) -> float:
     for scheme, (out, inp) in layers.values():
         if scheme.solver in ("gptq", "ptqtp") or recipe.allocation is not None:
             work += inp ** 3 + 2 * out * inp ** 2
+        if scheme.solver == "autoround":  # a forward and a backward of the layer per step, on one mini-batch
+            work += 6 * out * inp * recipe.quantize.autoround.steps * cal.batch_size * cal.seqlen
+        if scheme.scaling == "awq":  # each of a block's ~4 sites runs the block once per α on the search tokens
+            tokens = min(recipe.quantize.scaling.search_tokens, cal.n_samples * cal.seqlen)
+            work += 8 * out * inp * recipe.quantize.scaling.grid * tokens
     if stats:
         work += sum(2 * cal.n_samples * cal.seqlen * inp ** 2 for _, (_, inp) in layers.values()) / 2
     windows = ev.max_windows or WIKITEXT2_WINDOWS * 2048 // ev.seqlen

@@ -16,6 +16,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 
 from quantbench.experts import StarvedExperts
 from quantbench.errors import QuantbenchError
+from quantbench.quantizers.autoround import AutoRoundOptions
 from quantbench.scaling import ScalingOptions
 from quantbench.scheme import FORMAT_ALIASES, ActivationFormat, Scheme
 from quantbench.yamlio import load_yaml, read_allocation_layers
@@ -104,6 +105,14 @@ class ScalingSection(_Section):
         return ScalingOptions(self.grid, self.strength, self.search_tokens, self.clip)
 
 
+class AutoRoundSection(_Section):
+    steps: int = Field(200, ge=1, description="signed-gradient steps per decoder block, one calibration batch each")
+    lr: float = Field(5e-3, gt=0, description="step size at the start (it decays linearly to 0)")
+
+    def options(self, seed: int = 0) -> AutoRoundOptions:
+        return AutoRoundOptions(self.steps, self.lr, seed)
+
+
 class QuantizeSection(_Section):
     _allocated: dict | None = PrivateAttr(None)
     default: SchemeSpec = Scheme()
@@ -117,6 +126,7 @@ class QuantizeSection(_Section):
         "(tensor cores, float32 accuracy), fp32 (no tensor cores), tensor_cores (one matmul per batch, least exact)")
     experts: ExpertsSection = ExpertsSection()
     scaling: ScalingSection = Field(ScalingSection(), description="options of the awq+ and smoothquant+ schemes")
+    autoround: AutoRoundSection = Field(AutoRoundSection(), description="options of the autoround solver")
     from_allocation: str | None = Field(None, description="allocation YAML (quantbench allocate) whose layer → "
                                         "scheme map comes before overrides and default")
     activations: ActivationFormat | None = Field(None, description="quantize the input of every decoder-block "

@@ -55,7 +55,7 @@ class Scheme(BaseModel):
     bits: int = Field(4, ge=2, le=8)
     group_size: int | None = Field(128, gt=0)
     symmetric: bool = False
-    solver: Literal["rtn", "gptq", "ptqtp"] = "rtn"
+    solver: Literal["rtn", "gptq", "ptqtp", "autoround"] = "rtn"
     transform: Literal["none", "hadamard"] = "none"
     scaling: Literal["none", "awq", "smoothquant"] = "none"
     rotation_seed: int = Field(0, ge=0)
@@ -109,6 +109,9 @@ class Scheme(BaseModel):
         if self.scaling != "none" and self.format == "ternary":
             raise ValueError(f"{self.scaling} scaling searches with the format's round-to-nearest grid; the "
                              "ternary planes have none (use it with int, MX or NVFP4 formats)")
+        if self.solver == "autoround" and self.transform != "none":
+            raise ValueError("autoround learns its rounding in the layer's own basis; the hadamard transform does not "
+                             "combine with it yet (use hadamard+…-gptq, or autoround alone)")
         if self.scaling != "none" and self.transform != "none":
             raise ValueError(f"{self.scaling} scaling and the hadamard transform do not combine yet: the "
                              "rotation would spread the scaled channels again (pick one)")

@@ -168,7 +168,7 @@ def load_dtype_of(quantized, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scheme", ["int4-g32-sym-rtn", "int4-g32-rtn", "int8-pc-sym-rtn", "int4-pc-rtn",
-                                    "int4-g32-gptq-act-static", "mxfp4-rtn", "nvfp4-rtn"])
+                                    "int4-g32-gptq-act-static", "mxfp4-rtn", "nvfp4-rtn", "awq+int4-g32-rtn"])
 def test_compressed_tensors_export_loads_in_transformers_with_our_weights(tmp_path, tokenizer, scheme, dtype):
     """transformers' own compressed-tensors integration loads the export. Decompressed on load, every
     quantized weight and the logits equal ours exactly. Kept compressed (the default; upstream cannot for

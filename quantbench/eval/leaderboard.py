@@ -188,7 +188,9 @@ def method_of(schemes: dict[str, int], rotated: bool = False) -> str:
             continue
         family = scheme.format if scheme.format in ("int", "ternary") else scheme.format.upper()
         hadamard = "Hadamard " if scheme.transform == "hadamard" else ""
-        methods.add(f"{hadamard}{scheme.solver.upper()} {family}{' W+A' if scheme.activations else ''}")
+        scaling = {"awq": "AWQ ", "smoothquant": "SmoothQuant "}.get(scheme.scaling, "")
+        solver = "AutoRound" if scheme.solver == "autoround" else scheme.solver.upper()
+        methods.add(f"{scaling}{hadamard}{solver} {family}{' W+A' if scheme.activations else ''}")
     label = " / ".join(sorted(methods)) or "?"
     label = f"mixed {label}" if len(schemes) > 1 else label
     return f"QuaRot {label}" if rotated else label

@@ -10,6 +10,7 @@ from quantbench.calibration.stats import LayerStats
 from quantbench.errors import QuantbenchError
 from quantbench.model_io import nonfinite_counts
 from quantbench.quantized_weight import QuantizedWeight
+from quantbench.quantizers.autoround import AutoRoundSolver
 from quantbench.quantizers.gptq import GPTQSolver
 from quantbench.quantizers.ptqtp import PTQTPSolver
 from quantbench.quantizers.rtn import RTNSolver
@@ -26,7 +27,8 @@ class Solver(Protocol):
                  stats: LayerStats | None) -> QuantizedWeight | TritPlaneWeight: ...
 
 
-SOLVERS: dict[str, Solver] = {"rtn": RTNSolver(), "gptq": GPTQSolver(), "ptqtp": PTQTPSolver()}
+SOLVERS: dict[str, Solver] = {"rtn": RTNSolver(), "gptq": GPTQSolver(), "ptqtp": PTQTPSolver(),
+                              "autoround": AutoRoundSolver()}
 
 
 def solver_for(scheme: Scheme) -> Solver:

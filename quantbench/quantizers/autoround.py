@@ -1,0 +1,172 @@
+"""SignRound / AutoRound (Cheng et al.): learn how each weight rounds, block by block.
+
+Per layer, a rounding offset V ∈ [−½, ½] per weight (in units of its group's scale) and, per group, factors
+in [0, 1] on the low and high ends of the range the grid is fitted to. The weights become
+decode(encode(W + V·scale)) on the grid fitted to [lo·f_lo, hi·f_hi]; a straight-through estimator lets the
+gradient past the rounding. All AutoRound layers of a decoder block are learned together, minimising the
+mean squared error between the block's output and its full-precision output on the same inputs, one
+calibration mini-batch per step, by signed gradient descent (each parameter moves by lr·sign(∂loss), lr
+decaying linearly to 0). The offsets and factors of the step with the least loss are kept.
+
+Any grid format works through its fit/encode/decode: integer grids learn offsets and range factors; on
+MX and NVFP4 grids, whose block scales are powers of two or E4M3 values, the range factors get no
+gradient and only the offsets learn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from quantbench.calibration.stats import LayerStats
+from quantbench.formats import GridParams, format_for
+from quantbench.quantized_weight import QuantizedWeight
+from quantbench.scheme import Scheme
+
+
+@dataclass(frozen=True)
+class AutoRoundOptions:
+    steps: int = 200
+    lr: float = 5e-3
+    seed: int = 0
+
+
+@dataclass
+class LearnedRounding:
+    """What AutoRound learned for one layer: offsets [out, in] and range factors [out, n_groups] (each)."""
+
+    offsets: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+
+
+class AutoRoundSolver:
+    """Applies what `learn_rounding` learned for a layer (passed as its statistics); without it, rounds to
+    nearest (zero offsets, full ranges)."""
+
+    def needs_stats(self, scheme: Scheme) -> bool:
+        return False
+
+    def needs_hessian(self, scheme: Scheme) -> bool:
+        return False
+
+    def quantize(self, weight: torch.Tensor, scheme: Scheme,
+                 stats: LearnedRounding | LayerStats | None = None) -> QuantizedWeight:
+        grid = _Grid(weight, scheme)
+        learned = stats if isinstance(stats, LearnedRounding) else grid.start()
+        with torch.no_grad():
+            codes, params = grid.codes(learned)
+        return QuantizedWeight.from_params(scheme, grid.fmt, codes, params)
+
+
+class _Grid:
+    """One layer's weight in groups, and the fake quantization AutoRound differentiates."""
+
+    def __init__(self, weight: torch.Tensor, scheme: Scheme) -> None:
+        self.weight = weight.detach().float()
+        self.fmt = format_for(scheme).for_weight(self.weight)
+        rows, cols = self.weight.shape
+        self.group = scheme.group_size or cols
+        self.n_groups = -(-cols // self.group)
+        padded = torch.zeros(rows, self.n_groups * self.group, device=weight.device)
+        padded[:, :cols] = self.weight  # zero padding changes no range: every grid contains 0
+        self.groups = padded.view(rows, self.n_groups, self.group)
+        self.low = self.groups.amin(dim=2).clamp(max=0)
+        self.high = self.groups.amax(dim=2).clamp(min=0)
+
+    def start(self) -> LearnedRounding:
+        return LearnedRounding(torch.zeros_like(self.groups), torch.ones_like(self.low), torch.ones_like(self.high))
+
+    def params(self, learned: LearnedRounding) -> GridParams:
+        """The grid fitted to each group's range shrunk by the learned factors, [rows, n_groups]."""
+        ends = torch.stack([self.low * learned.low, self.high * learned.high], dim=-1)
+        rows = ends.shape[0]
+        fitted = self.fmt.fit(ends.view(rows * self.n_groups, 2))
+        return GridParams(scale=fitted.scale.view(rows, self.n_groups), zero=fitted.zero.view(rows, self.n_groups))
+
+    def codes(self, learned: LearnedRounding) -> tuple[torch.Tensor, GridParams]:
+        params = self.params(learned)
+        shifted = self.groups + learned.offsets * params.scale[..., None]
+        flat = GridParams(scale=params.scale.reshape(-1, 1), zero=params.zero.reshape(-1, 1))
+        rows, cols = self.weight.shape
+        codes = self.fmt.encode(shifted.reshape(-1, self.group), flat).view(rows, -1)[:, :cols]
+        return codes, params
+
+    def fake_quantized(self, learned: LearnedRounding) -> torch.Tensor:
+        """decode(encode(W + V·scale)) with the straight-through estimator: forward the grid values, backward
+        as if rounding were the identity (gradients reach V, and the factors through the scale)."""
+        params = self.params(learned)
+        scale, zero = params.scale[..., None], params.zero[..., None]
+        shifted = self.groups + learned.offsets * scale
+        flat = GridParams(scale=scale.detach().reshape(-1, 1), zero=zero.reshape(-1, 1))
+        codes = self.fmt.encode(shifted.detach().reshape(-1, self.group), flat)
+        grid_values = self.fmt.decode(codes, GridParams(scale=scale.reshape(-1, 1), zero=zero.reshape(-1, 1)))
+        grid_values = grid_values.view_as(shifted)
+        # value of grid_values; gradient of shifted (through V and the scale) plus grid_values' own (the scale)
+        through = grid_values + (shifted - shifted.detach())
+        rows, cols = self.weight.shape
+        return through.reshape(rows, -1)[:, :cols]
+
+
+def learn_rounding(block: nn.Module, linears: dict[str, nn.Linear], schemes: dict[str, Scheme],
+                   batches: list[tuple[torch.Tensor, dict]], options: AutoRoundOptions = AutoRoundOptions(),
+                   losses: list[float] | None = None) -> dict[str, LearnedRounding]:
+    """Learn the named layers' rounding together (see the module docstring); `batches` are the block's
+    calibration inputs (hidden states and keyword arguments). `losses` receives each step's loss."""
+    with torch.no_grad():
+        targets = [_output(block(hidden, **kwargs)).detach() for hidden, kwargs in batches]
+    grids = {name: _Grid(linears[name].weight, schemes[name]) for name in schemes}
+    learned = {name: grid.start() for name, grid in grids.items()}
+    tensors = [t for state in learned.values() for t in (state.offsets, state.low, state.high)]
+    for tensor in tensors:
+        tensor.requires_grad_(True)
+    best = {name: _copy(state) for name, state in learned.items()}
+    best_loss = float("inf")
+    prefix = {name: _prefix(block, linears[name]) for name in schemes}
+    order = torch.Generator().manual_seed(options.seed)
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for step in range(options.steps):
+                index = int(torch.randint(len(batches), (1,), generator=order))
+                hidden, kwargs = batches[index]
+                weights = {f"{prefix[name]}weight": grids[name].fake_quantized(learned[name]).to(linears[name].weight.dtype)
+                           for name in schemes}
+                output = _output(functional_call(block, weights, (hidden,), kwargs))
+                loss = (output.float() - targets[index].float()).square().mean()
+                value = loss.item()
+                if losses is not None:
+                    losses.append(value)
+                if value < best_loss:
+                    best_loss, best = value, {name: _copy(state) for name, state in learned.items()}
+                for tensor in tensors:
+                    tensor.grad = None
+                loss.backward()
+                lr = options.lr * (1 - step / options.steps)
+                with torch.no_grad():
+                    for state in learned.values():
+                        for tensor, (low, high) in ((state.offsets, (-0.5, 0.5)), (state.low, (0.0, 1.0)),
+                                                    (state.high, (0.0, 1.0))):
+                            if tensor.grad is not None:
+                                tensor.sub_(lr * tensor.grad.sign()).clamp_(low, high)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return best
+
+
+def _copy(state: LearnedRounding) -> LearnedRounding:
+    return LearnedRounding(state.offsets.detach().clone(), state.low.detach().clone(), state.high.detach().clone())
+
+
+def _prefix(block: nn.Module, linear: nn.Linear) -> str:
+    return next(f"{name}." for name, module in block.named_modules() if module is linear)
+
+
+def _output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
