@@ -26,7 +26,7 @@ def test_shipped_recipes_are_valid(path):
     ({"model": {"name": "m", "dvice": "cpu"}},
      "model.dvice: unknown key 'dvice' in model; allowed keys: name, dtype, device, trust_remote_code"),
     ({"model": {"name": "m"}, "quantize": {"default": {"solver": "magic"}}},
-     "quantize.default.solver: Input should be 'rtn', 'gptq' or 'ptqtp' (got 'magic')"),
+     "quantize.default.solver: Input should be 'rtn', 'gptq', 'ptqtp' or 'autoround' (got 'magic')"),
     ({"model": {"name": "m", "dtype": "fp8"}}, "model.dtype: Input should be 'auto', 'float32'"),
     ({"model": {"name": "m", "device": "tpu"}}, "model.device: String should match pattern"),
     ({"model": {"name": "m"}, "quantize": {"ignore": ["("]}}, "quantize.ignore: '(' is not a valid regular expression"),
