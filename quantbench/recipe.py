@@ -374,6 +374,9 @@ class AllocationSection(_Section):
         if any(c.scaling != "none" for c in self.candidates):
             raise ValueError("awq+ and smoothquant+ schemes scale a whole site of layers at once, which the "
                              "per-layer candidate measurements do not model yet; give them in quantize instead")
+        if any(c.solver == "autoround" for c in self.candidates):
+            raise ValueError("autoround learns a whole block's rounding at once, which the per-layer candidate "
+                             "measurements do not model yet; give it in quantize instead")
         if any(c.activations for c in self.candidates):
             raise ValueError("candidates are weight-only schemes (the costs measure weight error); drop -a:<format>")
         return self
