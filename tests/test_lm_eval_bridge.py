@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from helpers import TINY_TASK_DOCS as DOCS
 
 from quantbench.errors import QuantbenchError
-from quantbench.eval.lm_eval_bridge import TaskRequest, run_tasks
+from quantbench.eval.lm_eval_bridge import TaskRequest, paired_difference, run_tasks
 from quantbench.model_io import load_model
 
 
@@ -54,3 +54,23 @@ def test_unknown_task_names_the_task(model_dir, tokenizer, tiny_task_dir):
     model, _ = load_model(str(model_dir), torch.float32)
     with pytest.raises(QuantbenchError, match="tiny_mcq.*not found"):
         run_tasks(model, tokenizer, [TaskRequest("tiny_mcq")], include_path=[str(tiny_task_dir)])
+
+
+def test_per_document_scores_and_their_paired_difference(model_dir, tokenizer, tiny_task_dir):
+    model, _ = load_model(str(model_dir), torch.float32)
+    before = run_tasks(model, tokenizer, [TaskRequest("tiny_mc")], include_path=[str(tiny_task_dir)],
+                       per_document=True, progress=False)["tasks"]["tiny_mc"]
+    assert sorted(before["documents"]) == list(range(len(DOCS)))
+    assert sum(before["documents"].values()) / len(DOCS) == pytest.approx(before["score"])
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    after = run_tasks(model, tokenizer, [TaskRequest("tiny_mc")], include_path=[str(tiny_task_dir)],
+                      per_document=True, progress=False)["tasks"]["tiny_mc"]
+    paired = paired_difference(after, before)
+    assert paired["documents"] == len(DOCS)
+    assert paired["difference"] == pytest.approx(after["score"] - before["score"])
+    diffs = [after["documents"][d] - before["documents"][d] for d in range(len(DOCS))]
+    assert paired["disagreements"] == sum(d != 0 for d in diffs)
+    assert paired["stderr"] == pytest.approx(torch.tensor(diffs).std().item() / len(DOCS) ** 0.5)
+    assert paired_difference(before, before) == {"documents": len(DOCS), "difference": 0.0, "stderr": 0.0,
+                                                 "disagreements": 0}

@@ -36,8 +36,10 @@ class TaskRequest:
 
 def run_tasks(model: nn.Module, tokenizer, requests: list[TaskRequest], batch_size: int = 16,
               include_path: list[str] | tuple[str, ...] = (), bootstrap_iters: int = 1000,
-              seed: int = 1234, progress: bool = True) -> dict:
-    """Score `model` on lm-eval tasks; returns {"tasks": {name: {...}}, "average": mean score}."""
+              seed: int = 1234, progress: bool = True, per_document: bool = False) -> dict:
+    """Score `model` on lm-eval tasks; returns {"tasks": {name: {...}}, "average": mean score}. With
+    `per_document`, each task also keeps `documents`: its headline metric per document id, for paired
+    comparisons of two models on the same documents (`paired_difference`)."""
     from lm_eval import simple_evaluate
 
     if not requests:
@@ -51,7 +53,7 @@ def run_tasks(model: nn.Module, tokenizer, requests: list[TaskRequest], batch_si
         task_names = [resolved[request.name] for request in group]
         try:
             output = simple_evaluate(model=lm, tasks=task_names, num_fewshot=num_fewshot, limit=limit,
-                                     task_manager=manager, log_samples=False, bootstrap_iters=bootstrap_iters,
+                                     task_manager=manager, log_samples=per_document, bootstrap_iters=bootstrap_iters,
                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                      fewshot_random_seed=seed, verbosity="ERROR")
         except (KeyError, ValueError, FileNotFoundError) as exc:
@@ -121,7 +123,7 @@ def task_summary(output: dict, task: str, num_fewshot: int | None, limit: int | 
     score_metric = next((m for m in SCORE_METRICS if metrics.get(m) is not None), None)
     samples = output.get("n-samples", {}).get(task, {})
     config = output.get("configs", {}).get(task, {})
-    return {
+    summary = {
         "lm_eval_task": task,
         "num_fewshot": config.get("num_fewshot", num_fewshot),
         "limit": limit,
@@ -131,6 +133,23 @@ def task_summary(output: dict, task: str, num_fewshot: int | None, limit: int | 
         "score_metric": score_metric,
         "score": metrics[score_metric] if score_metric else None,
     }
+    if "samples" in output and score_metric:
+        summary["documents"] = {int(doc["doc_id"]): float(doc[score_metric]) for doc in output["samples"][task]}
+    return summary
+
+
+def paired_difference(first: dict, second: dict) -> dict:
+    """first − second on the documents both scored (task summaries with `documents`): the mean difference of
+    the headline metric and its standard error over documents, which is far below either score's own standard
+    error when the two models agree on most documents."""
+    shared = sorted(set(first["documents"]) & set(second["documents"]))
+    if len(shared) < 2:
+        raise QuantbenchError("a paired comparison needs at least two documents scored by both models")
+    diffs = [first["documents"][d] - second["documents"][d] for d in shared]
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return {"documents": len(diffs), "difference": mean, "stderr": math.sqrt(variance / len(diffs)),
+            "disagreements": sum(d != 0 for d in diffs)}
 
 
 def _by_settings(requests: list[TaskRequest]) -> dict[tuple, list[TaskRequest]]:
