@@ -151,3 +151,25 @@ def test_fit_encode_decode_never_read_values_on_the_host(name):
     params = fmt.fit(weight)
     decoded = fmt.decode(fmt.encode(weight, params), params)
     assert decoded.shape == weight.shape and decoded.device.type == "meta"
+
+
+def test_fitted_scales_pass_gradients_without_differentiating_nextafter(monkeypatch):
+    """AutoRound differentiates through `fit`. Some torch versions have no derivative for nextafter (the step to
+    the next float16 where a rounded scale leaves a range end off the grid): the fit must not need one."""
+    nextafter = torch.nextafter
+
+    class NoDerivative(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value, towards):
+            return nextafter(value, towards)
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise NotImplementedError("the derivative for 'nextafter' is not implemented")
+
+    monkeypatch.setattr(torch, "nextafter", NoDerivative.apply)
+    ends = torch.stack([-torch.rand(500, generator=torch.Generator().manual_seed(0)),
+                        torch.rand(500, generator=torch.Generator().manual_seed(1))], dim=1).requires_grad_(True)
+    fmt = IntFormat(bits=3, symmetric=False)
+    fmt.fit(ends).scale.sum().backward()
+    assert torch.allclose(ends.grad.abs(), torch.full_like(ends, 1 / 7))  # d scale / d range = 1 / max_code

@@ -112,5 +112,6 @@ def _storable(scale: torch.Tensor) -> torch.Tensor:
 
 def _next_float16(scale: torch.Tensor) -> torch.Tensor:
     """The float16 after `scale` (itself a float16 value held in float32)."""
-    half = scale.half()
-    return torch.nextafter(half, torch.full_like(half, torch.inf)).float()
+    half = scale.detach().half()
+    step_up = torch.nextafter(half, torch.full_like(half, torch.inf)).float()
+    return step_up + (scale - scale.detach())  # the gradient of the scale itself (nextafter has none)
