@@ -120,11 +120,15 @@ def learn_rounding(block: nn.Module, linears: dict[str, nn.Linear], schemes: dic
         targets = [_output(block(hidden, **kwargs)).detach() for hidden, kwargs in batches]
     grids = {name: _Grid(linears[name].weight, schemes[name]) for name in schemes}
     learned = {name: grid.start() for name, grid in grids.items()}
-    tensors = [t for state in learned.values() for t in (state.offsets, state.low, state.high)]
-    for tensor in tensors:
+    offsets = [state.offsets for state in learned.values()]
+    factors = [t for state in learned.values() for t in (state.low, state.high)]
+    for tensor in offsets + factors:
         tensor.requires_grad_(True)
     best = {name: _copy(state) for name, state in learned.items()}
-    best_loss = float("inf")
+    kept = [t for state in best.values() for t in (state.offsets, state.low, state.high)]
+    current = [t for state in learned.values() for t in (state.offsets, state.low, state.high)]
+    best_loss = torch.full((), float("inf"), device=batches[0][0].device)
+    step_losses = []
     prefix = {name: _prefix(block, linears[name]) for name in schemes}
     order = torch.Generator().manual_seed(options.seed)
     frozen = [p for p in block.parameters() if p.requires_grad]
@@ -139,25 +143,35 @@ def learn_rounding(block: nn.Module, linears: dict[str, nn.Linear], schemes: dic
                            for name in schemes}
                 output = _output(functional_call(block, weights, (hidden,), kwargs))
                 loss = (output.float() - targets[index].float()).square().mean()
-                value = loss.item()
-                if losses is not None:
-                    losses.append(value)
-                if value < best_loss:
-                    best_loss, best = value, {name: _copy(state) for name, state in learned.items()}
-                for tensor in tensors:
+                with torch.no_grad():  # keep the best state on the device: no wait for the loss's value
+                    better = loss < best_loss
+                    best_loss = torch.where(better, loss, best_loss)
+                    for keep, now in zip(kept, current):
+                        keep.copy_(torch.where(better, now, keep))
+                    step_losses.append(loss.detach())
+                for tensor in current:
                     tensor.grad = None
                 loss.backward()
-                lr = options.lr * (1 - step / options.steps)
-                with torch.no_grad():
-                    for state in learned.values():
-                        for tensor, (low, high) in ((state.offsets, (-0.5, 0.5)), (state.low, (0.0, 1.0)),
-                                                    (state.high, (0.0, 1.0))):
-                            if tensor.grad is not None:
-                                tensor.sub_(lr * tensor.grad.sign()).clamp_(low, high)
+                _signed_step(offsets, options.lr * (1 - step / options.steps), -0.5, 0.5)
+                _signed_step(factors, options.lr * (1 - step / options.steps), 0.0, 1.0)
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    if losses is not None:
+        losses.extend(torch.stack(step_losses).tolist())
     return best
+
+
+@torch.no_grad()
+def _signed_step(tensors: list[torch.Tensor], lr: float, low: float, high: float) -> None:
+    """t ← clamp(t − lr·sign(∂loss/∂t), low, high) for every tensor with a gradient (MX and NVFP4 range
+    factors have none), as a few fused multi-tensor ops."""
+    moving = [t for t in tensors if t.grad is not None]
+    if not moving:
+        return
+    torch._foreach_add_(moving, torch._foreach_sign([t.grad for t in moving]), alpha=-lr)
+    torch._foreach_clamp_min_(moving, low)
+    torch._foreach_clamp_max_(moving, high)
 
 
 def _copy(state: LearnedRounding) -> LearnedRounding:
