@@ -284,3 +284,13 @@ def test_a_late_export_failure_keeps_the_results(tmp_path, tokenizer, text_file)
     saved = json.loads((run_dir / "result.json").read_text())
     assert "a zero point of 0" in saved["interop_error"] and saved["perplexity"]["quantized"]
     assert (run_dir / "checkpoint" / "model.safetensors").is_file() and not (run_dir / "checkpoint-gptq").exists()
+
+
+def test_scaling_on_a_family_without_fold_sites_is_refused_before_compute(tmp_path, tokenizer, text_file):
+    from helpers import tiny_opt
+
+    model_dir = tmp_path / "opt"
+    tiny_opt(vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    recipe = make_recipe(tmp_path, model_dir, text_file, quantize={"default": "awq+int4-g32-rtn"})
+    one_line_error(invoke("validate", recipe), "awq scaling supports", "not 'opt'")
