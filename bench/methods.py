@@ -74,6 +74,12 @@ def run(args) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
+            if args.save_checkpoints and name != "full precision":
+                from quantbench import save_quantized
+                from quantbench.model_io import load_tokenizer
+
+                save_quantized(model, load_tokenizer(args.model), quantized,
+                               Path(args.save_checkpoints) / f"{name.replace('+', '_')}-seed{seed}", force=True)
             ppl = perplexity_of_ids(model.to(device), wiki, args.seqlen, args.windows, batch_size=4).ppl
             rows.append({"seed": seed, "scheme": name, "bits_per_weight": bits and round(bits, 3),
                          "wikitext2_ppl": round(ppl, 3), "quantize_s": round(seconds, 1)})
@@ -138,6 +144,8 @@ def main() -> None:
     parser.add_argument("--search-tokens", type=int, default=65536, help="calibration tokens AWQ's search runs on")
     parser.add_argument("--json")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--save-checkpoints", help="write each quantized model here as a native checkpoint "
+                        "(<scheme>-seed<S>/; bench/checkpoint_parts.py moves them through small-file channels)")
     args = parser.parse_args()
     export_ids(args) if args.export_ids else run(args)
 
