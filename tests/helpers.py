@@ -268,3 +268,15 @@ FAMILY_BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "gpt_neox": tiny_gpt_ne
                    "qwen2_sliding_window": tiny_qwen2_sliding_window, "gemma2": tiny_gemma2,
                    "gemma3_text": tiny_gemma3_text, "phi3": tiny_phi3,
                    **MOE_BUILDERS}  # one tiny config per family of the table
+
+
+def with_scaled_norms(model, seed=0, outliers=(), factor=8.0):
+    """Norm scales away from 1 (so folding them matters), and optionally a few `factor` times larger: the
+    outlier channels of real LLMs' activations, which make per-token activation quantization fail and which
+    activation-aware scaling is for."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.data = 1 + 0.3 * torch.randn(param.shape, generator=generator)
+            param.data[list(outliers)] *= factor
+    return model

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import FAMILY_BUILDERS, MOE_BUILDERS, tiny_gemma2, tiny_gemma3_text, tiny_llama, tiny_opt
+from helpers import FAMILY_BUILDERS, MOE_BUILDERS, tiny_gemma2, tiny_gemma3_text, tiny_llama, tiny_opt, with_scaled_norms
 
 from quantbench import load_quantized, save_quantized
 from quantbench.activations import input_rotation_of
@@ -21,17 +21,6 @@ IDS = torch.randint(0, 320, (3, 24), generator=torch.Generator().manual_seed(5))
 def logits(model, ids=IDS):
     with torch.no_grad():
         return model(input_ids=ids).logits
-
-
-def with_scaled_norms(model, seed=0, outliers=()):
-    """Norm scales away from 1 (so folding them matters), and optionally a few huge ones: the outlier
-    channels that make per-token activation quantization fail."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        if "norm" in name:
-            param.data = 1 + 0.3 * torch.randn(param.shape, generator=generator)
-            param.data[list(outliers)] *= 8
-    return model
 
 
 def tiny_qwen2():

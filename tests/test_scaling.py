@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import FAMILY_BUILDERS, tiny_llama, tiny_opt
+from helpers import FAMILY_BUILDERS, tiny_llama, tiny_opt, with_scaled_norms
 
 from quantbench import load_quantized, save_quantized
 from quantbench.errors import QuantbenchError
@@ -24,15 +24,8 @@ def logits(model, ids=TEST_IDS):
         return model(input_ids=ids).logits
 
 
-def with_outlier_channels(model, channels=(3, 17, 40), seed=0):
-    """Norm scales around 1 with a few ten times larger: the inputs of q/k/v and gate/up get outlier
-    channels, as real LLMs' do, which is what activation-aware scaling is for."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        if "norm" in name:
-            param.data = 1 + 0.3 * torch.randn(param.shape, generator=generator)
-            param.data[list(channels)] *= 10
-    return model
+def with_outlier_channels(model):
+    return with_scaled_norms(model, outliers=(3, 17, 40), factor=10)
 
 
 def relative_change(got, reference):
