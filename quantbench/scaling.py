@@ -7,7 +7,7 @@ norm and every gate/up (each expert's, the shared expert's, the router); an up p
 projection after it (per expert); v_proj and o_proj when their widths match (no grouped-query attention).
 A site is scaled when a quantized reader's scheme asks for it; its other readers get the same s (exact).
 
-- AWQ (Lin et al.): s = mean|x|^α, normalised to geometric mean 1, for α on a grid in [0, 1); the α whose
+- AWQ (Lin et al.): s = mean|x|^α, normalised so that √(max s · min s) = 1, for α on a grid in [0, 1); the α whose
   fake-quantized readers (their scheme's round-to-nearest grid) give the least block output error on a
   sample of the calibration tokens wins (α = 0 is no scaling, so the search never loses to it). Then each
   AWQ layer other than q/k clips its groups' ranges by the factor with the least output error
@@ -202,7 +202,7 @@ def _search(ctx, site: Site, schemes: dict, mean_abs: torch.Tensor, batches, ref
 
 
 def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
-    """mean|x|^α normalised to geometric mean 1 over the channels (AWQ normalises by √(max·min))."""
+    """mean|x|^α per channel, divided by √(max · min) over the channels as AWQ does."""
     if alpha == 0:
         return torch.ones_like(mean_abs)
     scales = mean_abs.float().clamp(min=1e-4).pow(alpha)
