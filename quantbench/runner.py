@@ -96,7 +96,8 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
                                        batch_size=cal.batch_size, progress=progress,
                                        true_sequential=recipe.quantize.true_sequential, timer=stages,
                                        hessian=recipe.quantize.hessian, experts=recipe.quantize.experts.policy(),
-                                       starved=starved, scaling=recipe.quantize.scaling.options(), scaled=scaled)
+                                       starved=starved, scaling=recipe.quantize.scaling.options(), scaled=scaled,
+                                       autoround=recipe.quantize.autoround.options(cal.seed))
         if recipe.quantize.lm_head is not None:
             quantized["lm_head"] = quantize_linear(untie_lm_head(model), recipe.quantize.lm_head)
     with timer("eval_quantized"):

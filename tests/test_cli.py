@@ -198,3 +198,24 @@ def test_run_refuses_an_inexpressible_export_before_evaluating(tmp_path, model_d
     assert result.exit_code == 2
     assert "mxfp4-rtn: GPTQ stores integer grids only: 2 layers (model.layers.0.mlp.down_proj" in result.output
     assert not (tmp_path / "runs" / "tiny").exists()
+
+
+@pytest.mark.parametrize("streaming", ["off", "on"])
+def test_run_applies_the_recipes_autoround_and_scaling_options(tmp_path, model_dir, text_file, streaming):
+    """One AutoRound step keeps step 0's state, round to nearest: a run with `autoround: {steps: 1}` scores
+    exactly as the RTN run (with the default 200 steps it would not). AWQ's choices land in result.json."""
+    def quantized_ppl(name, default, **quantize):
+        (tmp_path / name).mkdir()
+        recipe = make_recipe(tmp_path / name, model_dir, text_file, model={"streaming": streaming},
+                             quantize={"default": default, "overrides": [], **quantize})
+        result = invoke("run", recipe, "--quiet")
+        assert result.exit_code == 0, result.output
+        saved = json.loads((tmp_path / name / "runs" / "tiny" / "result.json").read_text())
+        return saved["perplexity"]["quantized"][str(text_file)]["ppl"], saved
+
+    nearest, _ = quantized_ppl("rtn", "int4-g32-rtn")
+    one_step, _ = quantized_ppl("one", "int4-g32-autoround", autoround={"steps": 1})
+    assert one_step == nearest
+    _, saved = quantized_ppl("awq", "awq+int4-g32-rtn", scaling={"grid": 4})
+    assert saved["scaled"] and all(r["method"] == "awq" and r["alpha"] in (0, 0.25, 0.5, 0.75)
+                                   for r in saved["scaled"].values())
