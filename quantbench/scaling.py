@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from quantbench.activations import input_rotation_of
 from quantbench.calibration.stats import collect_stats
 from quantbench.errors import QuantbenchError
 from quantbench.model_io import ATTENTION_READERS, MLP_READERS, block_linears
+from quantbench.quantizers.hadamard import rotation_for
 from quantbench.quantizers.rtn import quantize_rtn
 from quantbench.scheme import DEFAULT_DAMP, Scheme
 
@@ -71,7 +73,8 @@ def check_scalable(kind: str) -> None:
 
 
 def block_sites(block: nn.Module, model_type: str) -> list[Site]:
-    """The sites of one decoder block, in forward order."""
+    """The sites of one decoder block, in forward order. A layer that already rotates its input online (the
+    model rotation's down_proj) has no site: a scale before the rotation is no scale after it."""
     attention_norm, mlp_norm, offset = NORMS[model_type]
     modules = dict(block.named_modules())
     leaf = {name: name.rsplit(".", 1)[-1] for name in modules}
@@ -90,7 +93,8 @@ def block_sites(block: nn.Module, model_type: str) -> list[Site]:
                 rows = slice(linears[name].in_features, None) if producer == "gate_up_proj" else slice(None)
                 sites.append(Site(f"{parent}.{producer}", [name], False, rows=rows))
                 break
-    return [site for site in sites if site.readers]
+    return [site for site in sites if site.readers
+            and not any(input_rotation_of(modules[name]) is not None for name in site.readers)]
 
 
 def _is_router(name: str, module: nn.Module) -> bool:
@@ -121,10 +125,15 @@ def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def fake_quantized(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """`weight` through the scheme's round-to-nearest grid (its solver's options dropped), in float32."""
+    """`weight` through the scheme's round-to-nearest grid (its solver's options dropped), in float32; under
+    the hadamard transform, quantized as W·R and rotated back."""
     rtn = scheme.model_copy(update={"solver": "rtn", "act_order": False, "static_groups": False,
-                                    "damp": DEFAULT_DAMP, "scaling": "none", "activations": None})
-    return quantize_rtn(weight.float(), rtn).dequantize(torch.float32)
+                                    "damp": DEFAULT_DAMP, "scaling": "none", "activations": None,
+                                    "transform": "none", "rotation_seed": 0})
+    rotation = rotation_for(scheme, weight.shape[1])
+    if rotation is None:
+        return quantize_rtn(weight.float(), rtn).dequantize(torch.float32)
+    return rotation.rows_inverse(quantize_rtn(rotation.rows(weight.float()), rtn).dequantize(torch.float32))
 
 
 @dataclass(frozen=True)
@@ -165,8 +174,8 @@ def scale_block(ctx, schemes: dict[str, Scheme], model_type: str, options: Scali
         if not torch.all(scales == 1):
             fold_scales(ctx.block, site, scales)
     if options.clip:
-        clipped = [name for site in sites for name in site.readers if name in schemes
-                   and schemes[name].scaling == "awq" and name.rsplit(".", 1)[-1] not in NOT_CLIPPED]
+        clipped = [name for site in sites for name in site.readers if name in schemes and schemes[name].scaling == "awq"
+                   and schemes[name].transform == "none" and name.rsplit(".", 1)[-1] not in NOT_CLIPPED]
         if clipped:
             clip_ranges(ctx, {name: schemes[name] for name in clipped})
     return done

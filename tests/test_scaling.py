@@ -9,7 +9,8 @@ from helpers import FAMILY_BUILDERS, tiny_llama, tiny_opt, with_scaled_norms
 from quantbench import load_quantized, save_quantized
 from quantbench.errors import QuantbenchError
 from quantbench.model_io import decoder_blocks
-from quantbench.pipeline import drive_blocks, quantize_model
+from quantbench.pipeline import drive_blocks, quantize_linear, quantize_model
+from quantbench.rotation import rotate_model
 from quantbench.recipe import parse_recipe
 from quantbench.scaling import (CLIP_RATIOS, SCALABLE_TYPES, ScalingOptions, block_sites, clipped_weight,
                                 fake_quantized, fold_scales, scale_block)
@@ -143,10 +144,9 @@ def test_an_awq_checkpoint_loads_with_identical_logits(tmp_path, tokenizer):
 
 def test_scheme_names_and_refusals():
     for name in ["awq+int4-g128-rtn", "awq+mxfp4-gptq", "awq+int3-g128-gptq-act-static",
-                 "smoothquant+int8-pc-sym-rtn-a:int8"]:
+                 "smoothquant+int8-pc-sym-rtn-a:int8", "awq+hadamard-s2+int4-g128-gptq"]:
         assert Scheme.parse(name).name == name
-    for name, says in [("smoothquant+int4-g128-rtn", "activations"), ("awq+ternary2-ptqtp", "ternary"),
-                       ("awq+hadamard+int4-g128-rtn", "hadamard")]:
+    for name, says in [("smoothquant+int4-g128-rtn", "activations"), ("awq+ternary2-ptqtp", "ternary")]:
         with pytest.raises(QuantbenchError, match=says):
             Scheme.parse(name)
 
@@ -162,3 +162,28 @@ def test_recipes_refuse_scaling_where_it_has_no_site():
     with pytest.raises(QuantbenchError, match="opt"):
         quantize_model(tiny_opt(), IDS, lambda _layer: Scheme.parse("awq+int4-g32-rtn"), torch.device("cpu"),
                        progress=False)
+
+
+def test_the_search_quantizes_a_hadamard_layer_as_the_pipeline_does():
+    """Under the hadamard transform the layer computes with Q(W·R) on inputs x·R: in its own basis that is
+    Q(W·R)·Rᵀ, which is what AWQ's search must score."""
+    linear = torch.nn.Linear(64, 24, bias=False)
+    reference = copy.deepcopy(linear)
+    scheme = Scheme.parse("hadamard-s1+int3-g32-rtn")
+    quantize_linear(linear, scheme)
+    x = torch.randn(10, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x), x @ fake_quantized(reference.weight.data, scheme).T,
+                                   rtol=0, atol=1e-5)
+
+
+def test_awq_leaves_the_model_rotations_online_down_proj_alone_and_keeps_the_function():
+    model = with_outlier_channels(tiny_llama(kv_heads=4))
+    rotate_model(model)
+    sites = block_sites(decoder_blocks(model)[0], "llama")
+    assert [s.producer for s in sites] == ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm"]
+    reference = logits(model)
+    stage = ScaleOnly(Scheme.parse("awq+hadamard+int3-g32-rtn"), ScalingOptions(clip=False))
+    drive_blocks(model, IDS, torch.device("cpu"), [stage], progress=False)
+    assert len(stage.done) == 2 * 3
+    assert relative_change(logits(model), reference) < 1e-5
