@@ -19,13 +19,14 @@ The stage runs before the quantize stage, which then calibrates and quantizes th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from quantbench.activations import input_rotation_of
+from quantbench.activations import activation_format_of, input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.calibration.stats import collect_stats
 from quantbench.errors import QuantbenchError
 from quantbench.model_io import ATTENTION_READERS, MLP_READERS, block_linears
@@ -193,21 +194,44 @@ def _search_batches(ctx, search_tokens: int) -> list[tuple[torch.Tensor, dict]]:
 
 def _search(ctx, site: Site, schemes: dict, mean_abs: torch.Tensor, batches, reference, grid: int):
     """AWQ's grid search over α; returns (α, scales, block output error relative to α = 0's)."""
-    quantized = [name for name in site.readers if name in schemes]
-    originals = {name: ctx.block.get_submodule(name).weight.data.clone() for name in quantized}
+    quantized = {name: ctx.block.get_submodule(name) for name in site.readers if name in schemes}
+    originals = {name: module.weight.data for name, module in quantized.items()}
     errors = []
-    try:
-        for step in range(grid):
-            scales = awq_scales(mean_abs, step / grid)
-            for name in quantized:
-                trial = fake_quantized(originals[name].float() * scales, schemes[name]) / scales
-                ctx.block.get_submodule(name).weight.data = trial.to(originals[name].dtype)
+    for step in range(grid):
+        scales = awq_scales(mean_abs, step / grid)
+        with contextlib.ExitStack() as trials:
+            for name, module in quantized.items():
+                trials.enter_context(_as_scaled_and_quantized(module, originals[name], scales, schemes[name]))
             errors.append(_output_error(ctx.block, batches, reference))
-    finally:
-        for name, weight in originals.items():
-            ctx.block.get_submodule(name).weight.data = weight
     best = min(range(grid), key=errors.__getitem__)
     return best / grid, awq_scales(mean_abs, best / grid), errors[best] / errors[0] if errors[0] > 0 else 1.0
+
+
+@contextlib.contextmanager
+def _as_scaled_and_quantized(linear: nn.Linear, weight: torch.Tensor, scales: torch.Tensor, scheme: Scheme):
+    """For the duration, `linear` computes as it will once its site is scaled by `scales` and it is quantized
+    by round-to-nearest: input x/s (then rotated and quantized online where the scheme says so), weight the
+    grid values of W·s (of W·s·R under the hadamard transform)."""
+    rotation = rotation_for(scheme, weight.shape[1])
+    scaled = weight.float() * scales
+    rtn = scheme.model_copy(update={"transform": "none", "rotation_seed": 0})
+    if rotation is None:
+        trial = fake_quantized(scaled, rtn)
+    else:
+        trial = fake_quantized(rotation.rows(scaled), rtn)
+    before = input_rotation_of(linear), activation_format_of(linear)
+    handle = linear.register_forward_pre_hook(lambda _m, args: (args[0] / scales.to(args[0].dtype), *args[1:]),
+                                              prepend=True)
+    linear.weight.data = trial.to(weight.dtype)
+    rotate_inputs_of(linear, rotation)
+    quantize_inputs_of(linear, scheme.activations)
+    try:
+        yield
+    finally:
+        handle.remove()
+        rotate_inputs_of(linear, before[0])
+        quantize_inputs_of(linear, before[1])
+        linear.weight.data = weight
 
 
 def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -187,3 +187,25 @@ def test_awq_leaves_the_model_rotations_online_down_proj_alone_and_keeps_the_fun
     drive_blocks(model, IDS, torch.device("cpu"), [stage], progress=False)
     assert len(stage.done) == 2 * 3
     assert relative_change(logits(model), reference) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["int3-g32-rtn", "hadamard-s1+int4-g32-rtn-a:int8", "mxfp4-rtn-a:mxfp4"])
+def test_a_search_trial_computes_as_the_scaled_and_quantized_layer_will(name):
+    """What AWQ scores for one α is what the pipeline builds for it: the producer folded (input x/s), the
+    weight W·s quantized, rotated and input-quantized as the scheme says."""
+    from quantbench.activations import activation_format_of, input_rotation_of
+    from quantbench.scaling import _as_scaled_and_quantized
+
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 24, bias=False)
+    weight = linear.weight.data
+    scales = 0.5 + torch.rand(64, generator=generator)
+    x = torch.randn(10, 64, generator=generator)
+    built = copy.deepcopy(linear)
+    built.weight.data = built.weight.data * scales
+    quantize_linear(built, Scheme.parse(name))
+    with torch.no_grad():
+        with _as_scaled_and_quantized(linear, weight, scales, Scheme.parse(name)):
+            torch.testing.assert_close(linear(x), built(x / scales), rtol=0, atol=1e-5)
+    assert linear.weight.data_ptr() == weight.data_ptr() and not linear._forward_pre_hooks
+    assert input_rotation_of(linear) is None and activation_format_of(linear) is None
