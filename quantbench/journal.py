@@ -80,7 +80,7 @@ class Journal:
 
     def restore(self, state: dict) -> None:
         for key, stage in self.stages.items():
-            stage.restore(state["stages"][key])
+            stage.restore(state["stages"].get(key, {}))
 
     def after_block(self, ctx: BlockContext) -> None:
         waited = time.monotonic() - self.last_save

@@ -282,6 +282,14 @@ class QuantizeStage:
     def begin(self, model: nn.Module, device: torch.device) -> None:
         self.model_type = model.config.model_type
 
+    def state(self) -> dict:
+        """What a streamed run's journal keeps for --resume (the quantized weights are written per block)."""
+        return {"starved_experts": dict(self.starved_experts), "scaled": dict(self.scaled)}
+
+    def restore(self, state: dict) -> None:
+        self.starved_experts.update(state.get("starved_experts", {}))
+        self.scaled.update(state.get("scaled", {}))
+
     def finish(self, model: nn.Module, device: torch.device) -> None:
         if self.lm_head is not None:
             self.results["lm_head"] = quantize_linear(untie_lm_head(model), self.lm_head)

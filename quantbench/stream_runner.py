@@ -95,7 +95,7 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
                              autoround=recipe.quantize.autoround.options(recipe.calibration.seed))
     quantized_eval = BlockwisePerplexity(eval_ids, recipe.eval, "quantized")
     layers = StreamedLayers(quantize, writer)
-    journal.stages = {"quantized_eval": quantized_eval, "layers": layers, "weights": weights}
+    journal.stages = {"quantized_eval": quantized_eval, "layers": layers, "weights": weights, "quantize": quantize}
     stages = [quantize, quantized_eval, layers, journal]
     baseline_eval = None
     if recipe.eval.baseline:

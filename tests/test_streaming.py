@@ -327,3 +327,27 @@ def test_auto_streams_a_model_larger_than_half_the_available_memory(tmp_path, sh
     assert not _streams(recipe, model_bytes=1000, available=2500, problems=[])
     off = load_recipe(make_recipe(tmp_path, sharded_llama, text_file, model={"streaming": "off"}))
     assert not _streams(off, model_bytes=1000, available=1500, problems=[])
+
+
+def test_a_resumed_run_keeps_what_the_blocks_before_the_crash_recorded(tmp_path, sharded_llama, text_file,
+                                                                      monkeypatch):
+    import quantbench.stream_runner as streaming
+
+    awq = {"default": "awq+int4-g32-rtn", "overrides": [], "scaling": {"grid": 4}}
+    reference = streamed_recipe(tmp_path / "reference", sharded_llama, text_file, quantize=awq)
+    expected = run_recipe(load_recipe(reference), progress=False)
+    take = streaming.StreamedLayers.run_block
+
+    def crash_at_block_2(self, ctx):
+        take(self, ctx)
+        if ctx.index == 2:
+            raise MemoryError("out of memory")
+
+    monkeypatch.setattr(streaming.StreamedLayers, "run_block", crash_at_block_2)
+    recipe = streamed_recipe(tmp_path, sharded_llama, text_file, quantize=awq, output={"journal_every_s": 0})
+    with pytest.raises(MemoryError):
+        run_recipe(load_recipe(recipe), progress=False)
+    monkeypatch.undo()
+    resumed = run_recipe(load_recipe(recipe), progress=False, resume=True)
+    assert resumed["streaming"]["resumed_at_block"] == 2
+    assert resumed["scaled"] == expected["scaled"] and len(expected["scaled"]) == 3 * 4
