@@ -106,3 +106,20 @@ def test_mixed_blocks_and_recipe_options():
     with pytest.raises(QuantbenchError, match="per-layer candidate"):
         parse_recipe({"name": "r", "model": {"name": "m"},
                       "allocation": {"candidates": ["int3-g128-autoround", "int4-g128-rtn"], "budget": 3.5}})
+
+
+@pytest.mark.parametrize("name", ["int3-g32-autoround", "mxfp4-autoround", "nvfp4-autoround"])
+def test_stacking_layers_of_one_shape_changes_nothing(name):
+    model = tiny_llama().float()
+    block, linears, batches = first_block(model)
+    schemes = dict.fromkeys(linears, Scheme.parse(name))
+    runs = []
+    for stack in (True, False):
+        losses = []
+        learned = learn_rounding(block, linears, schemes, batches, AutoRoundOptions(steps=5), losses, stack=stack)
+        runs.append((losses, learned))
+    (stacked_losses, stacked), (alone_losses, alone) = runs
+    assert stacked_losses == alone_losses
+    for layer in linears:
+        for field in ("offsets", "low", "high"):
+            assert torch.equal(getattr(stacked[layer], field), getattr(alone[layer], field)), (layer, field)
