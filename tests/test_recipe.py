@@ -85,3 +85,20 @@ def test_eval_tasks_expand_and_take_their_defaults():
     assert [task.name for task in suite] == ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande",
                                              "lambada_openai", "boolq"]
     assert parse_recipe({"name": "r", "model": {"name": "m"}}).eval.tasks == []
+
+
+SMOLLM2_RECIPES = [p for p in RECIPES if load_recipe(p).model.name == "HuggingFaceTB/SmolLM2-135M-Instruct"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("path", SMOLLM2_RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_pass_the_preflight_on_their_model(path, assets, tmp_path):
+    """Schema-valid is not enough: the preflight checks a recipe against its model's config (group sizes
+    the export can store, supported families, …). Every recipe written for SmolLM2 must pass it."""
+    from quantbench.preflight import preflight
+
+    recipe = load_recipe(path)
+    recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": str(tmp_path / "run")})})
+    if recipe.export.enabled and recipe.export.dir:
+        recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"dir": str(tmp_path / "ex")})})
+    preflight(recipe, force=True, estimate_time=False)
