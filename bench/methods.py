@@ -17,17 +17,16 @@ import argparse
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantbench.model_io import load_model, resolve_device
-from quantbench.pipeline import quantize_model
+from ppl_ladder import quantized_model
+
+from quantbench.model_io import resolve_device
 from quantbench.results import environment
 from quantbench.scaling import ScalingOptions
-from quantbench.scheme import Scheme
 
 
 def export_ids(args) -> None:
@@ -63,17 +62,8 @@ def run(args) -> None:
         for name in ["full precision", *args.schemes]:
             if (seed, name) in done or (name == "full precision" and any(r["scheme"] == name for r in rows)):
                 continue
-            model, _ = load_model(args.model, dtype)
-            start = time.perf_counter()
-            bits = None
-            if name != "full precision":
-                scheme = Scheme.parse(name)
-                quantized = quantize_model(model, calibration, lambda _layer: scheme, device, progress=False,
-                                           scaling=scaling)
-                bits = sum(q.storage_bits for q in quantized.values()) / sum(q.numel for q in quantized.values())
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
+            model, quantized, bits, seconds = quantized_model(args.model, dtype, name, calibration, device,
+                                                              scaling=scaling)
             if args.save_checkpoints and name != "full precision":
                 from quantbench import save_quantized
                 from quantbench.model_io import load_tokenizer
@@ -115,7 +105,7 @@ def summarize(rows: list[dict], baseline: str | None) -> list[dict]:
 
 
 def print_table(summary: list[dict], baseline: str | None) -> None:
-    print(f"| scheme | bits/weight | seeds | WikiText-2 ppl | minus {baseline}, paired | t | quantize s |")
+    print(f"| scheme | bits/weight | seeds | WikiText-2 ppl | minus {baseline or 'a baseline'}, paired | t | quantize s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for e in summary:
         bits = f"{e['bits_per_weight']:.3f}" if e["bits_per_weight"] else "—"

@@ -40,6 +40,22 @@ def token_ids(args):
     return calibration, tokenize_eval_text(tokenizer, load_eval_text("wikitext2")[0])
 
 
+def quantized_model(model_name: str, dtype: torch.dtype, name: str, calibration: torch.Tensor, device: torch.device,
+                    **options):
+    """A fresh copy of the model quantized by scheme `name` ("full precision": left as loaded) through the
+    pipeline (`options` go to quantize_model); returns (model, quantized weights, bits per weight, seconds)."""
+    model, _ = load_model(model_name, dtype)
+    start = time.perf_counter()
+    quantized, bits = {}, None
+    if name != "full precision":
+        scheme = Scheme.parse(name)
+        quantized = quantize_model(model, calibration, lambda _layer: scheme, device, progress=False, **options)
+        bits = sum(q.storage_bits for q in quantized.values()) / sum(q.numel for q in quantized.values())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return model, quantized, bits, time.perf_counter() - start
+
+
 def add_token_id_arguments(parser: argparse.ArgumentParser, n_samples: int, calibration_seqlen: int) -> None:
     """The options `token_ids` reads: calibration size, and id files for machines without the datasets."""
     parser.add_argument("--n-samples", type=int, default=n_samples, help="calibration windows")
@@ -79,15 +95,7 @@ def main() -> None:
 
     rows = []
     for name in ["full precision", *args.schemes]:
-        model, _ = load_model(args.model, dtype)
-        start = time.perf_counter()
-        bits = None
-        if name != "full precision":
-            scheme = Scheme.parse(name)
-            quantized = quantize_model(model, calibration, lambda _layer: scheme, device, progress=False,
-                                       hessian=args.hessian)
-            bits = sum(q.storage_bits for q in quantized.values()) / sum(q.numel for q in quantized.values())
-        quantize_s = time.perf_counter() - start
+        model, _, bits, quantize_s = quantized_model(args.model, dtype, name, calibration, device, hessian=args.hessian)
         result = perplexity_of_ids(model.to(device), ids, args.seqlen, args.windows, batch_size=4, dataset="wikitext2")
         rows.append({"scheme": name, "bits_per_weight": bits and round(bits, 3), "wikitext2_ppl": round(result.ppl, 3),
                      "windows": result.windows, "seqlen": args.seqlen, "quantize_s": round(quantize_s, 1)})

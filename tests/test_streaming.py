@@ -286,7 +286,8 @@ def test_a_failed_streamed_run_leaves_no_checkpoint_and_keeps_the_good_one(tmp_p
     assert [p.name for p in run_dir.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_resume_refuses_a_partial_run_of_another_recipe(tmp_path, sharded_llama, text_file, monkeypatch):
+def crash_after_block_2(monkeypatch):
+    """Make a streamed run die of a MemoryError once block 2's part is written."""
     import quantbench.stream_runner as streaming
 
     take = streaming.StreamedLayers.run_block
@@ -297,6 +298,10 @@ def test_resume_refuses_a_partial_run_of_another_recipe(tmp_path, sharded_llama,
             raise MemoryError("out of memory")
 
     monkeypatch.setattr(streaming.StreamedLayers, "run_block", crash_at_block_2)
+
+
+def test_resume_refuses_a_partial_run_of_another_recipe(tmp_path, sharded_llama, text_file, monkeypatch):
+    crash_after_block_2(monkeypatch)
     recipe = streamed_recipe(tmp_path, sharded_llama, text_file, output={"journal_every_s": 0})
     with pytest.raises(MemoryError):
         run_recipe(load_recipe(recipe), progress=False)
@@ -331,19 +336,10 @@ def test_auto_streams_a_model_larger_than_half_the_available_memory(tmp_path, sh
 
 def test_a_resumed_run_keeps_what_the_blocks_before_the_crash_recorded(tmp_path, sharded_llama, text_file,
                                                                       monkeypatch):
-    import quantbench.stream_runner as streaming
-
     awq = {"default": "awq+int4-g32-rtn", "overrides": [], "scaling": {"grid": 4}}
     reference = streamed_recipe(tmp_path / "reference", sharded_llama, text_file, quantize=awq)
     expected = run_recipe(load_recipe(reference), progress=False)
-    take = streaming.StreamedLayers.run_block
-
-    def crash_at_block_2(self, ctx):
-        take(self, ctx)
-        if ctx.index == 2:
-            raise MemoryError("out of memory")
-
-    monkeypatch.setattr(streaming.StreamedLayers, "run_block", crash_at_block_2)
+    crash_after_block_2(monkeypatch)
     recipe = streamed_recipe(tmp_path, sharded_llama, text_file, quantize=awq, output={"journal_every_s": 0})
     with pytest.raises(MemoryError):
         run_recipe(load_recipe(recipe), progress=False)
