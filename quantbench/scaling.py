@@ -310,22 +310,22 @@ def clip_ranges(ctx, schemes: dict[str, Scheme]) -> None:
 def clipped_weight(weight: torch.Tensor, scheme: Scheme, xtx: torch.Tensor) -> torch.Tensor:
     """`weight` with each (row, group) clamped to the CLIP_RATIOS shrink of its range that quantizes with the
     least output error (see clip_ranges)."""
-    w = weight.float()
-    rows, cols = w.shape
+    rows, cols = weight.shape
     group = scheme.group_size or cols
-    if cols % group:
-        return weight  # a short last group: AWQ's search assumes whole groups
-    n_groups = cols // group
-    blocks = torch.stack([xtx[g * group:(g + 1) * group, g * group:(g + 1) * group] for g in range(n_groups)]).float()
+    n_groups = -(-cols // group)
+    width = n_groups * group  # a short last group is padded with zeros: no range or error changes
+    w = torch.nn.functional.pad(weight.float(), (0, width - cols))
+    h = torch.nn.functional.pad(xtx.float(), (0, width - cols, 0, width - cols))
+    blocks = torch.stack([h[g * group:(g + 1) * group, g * group:(g + 1) * group] for g in range(n_groups)])
     grouped = w.view(rows, n_groups, group)
     low, high = grouped.amin(dim=2, keepdim=True), grouped.amax(dim=2, keepdim=True)
     best_error = torch.full((rows, n_groups), float("inf"), device=w.device)
     best_ratio = torch.ones(rows, n_groups, 1, device=w.device)
     for ratio in CLIP_RATIOS:
-        clamped = torch.minimum(torch.maximum(grouped, low * ratio), high * ratio).view(rows, cols)
+        clamped = torch.minimum(torch.maximum(grouped, low * ratio), high * ratio).view(rows, width)
         delta = (w - fake_quantized(clamped, scheme)).view(rows, n_groups, group)
         error = torch.einsum("rgk,gkl,rgl->rg", delta, blocks, delta)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_ratio = torch.where(better[..., None], torch.full_like(best_ratio, ratio), best_ratio)
-    return torch.minimum(torch.maximum(grouped, low * best_ratio), high * best_ratio).view(rows, cols)
+    return torch.minimum(torch.maximum(grouped, low * best_ratio), high * best_ratio).view(rows, width)[:, :cols]
