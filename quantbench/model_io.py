@@ -155,6 +155,11 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return blocks
 
 
+def block_output(output) -> torch.Tensor:
+    """The hidden states a decoder block returns (some families return a tuple, some a tensor)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """The nn.Linear layers of one block, by name relative to the block, in forward order; routers stay out."""
     return {name: module for name, module in block.named_modules()

@@ -25,7 +25,7 @@ from quantbench.calibration.stats import StopForward, collect_stats, input_shari
 from quantbench.errors import QuantbenchError
 from quantbench.experts import StarvedExperts, all_tokens_routed, expert_pattern, merge_parallel_experts
 from quantbench.memory import read_peaks, reset_peaks
-from quantbench.model_io import block_linears, blocks_path, decoder_blocks
+from quantbench.model_io import block_linears, block_output, blocks_path, decoder_blocks
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.quantizers import needs_hessian, needs_stats, quantize_weight
 from quantbench.quantizers.fwht import RandomHadamard
@@ -148,13 +148,9 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device: torc
     return captured
 
 
-def _block_output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    return [_block_output(block(hidden, **kwargs)) for hidden, kwargs in zip(inputs.hidden, inputs.kwargs)]
+    return [block_output(block(hidden, **kwargs)) for hidden, kwargs in zip(inputs.hidden, inputs.kwargs)]
 
 
 @torch.no_grad()

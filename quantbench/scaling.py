@@ -29,7 +29,7 @@ from torch import nn
 from quantbench.activations import activation_format_of, input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.calibration.stats import collect_stats
 from quantbench.errors import QuantbenchError
-from quantbench.model_io import ATTENTION_READERS, MLP_READERS, block_linears
+from quantbench.model_io import ATTENTION_READERS, MLP_READERS, block_linears, block_output
 from quantbench.quantizers.hadamard import rotation_for
 from quantbench.quantizers.rtn import quantize_rtn
 from quantbench.scheme import DEFAULT_DAMP, Scheme
@@ -158,7 +158,7 @@ def scale_block(ctx, schemes: dict[str, Scheme], model_type: str, options: Scali
         return {}
     inputs = _site_inputs(ctx, sites)
     batches = _search_batches(ctx, options.search_tokens)
-    reference = [_output(ctx.block(hidden, **kwargs)) for hidden, kwargs in batches]
+    reference = [block_output(ctx.block(hidden, **kwargs)) for hidden, kwargs in batches]
     done = {}
     for site in sites:
         if site.producer not in inputs:
@@ -254,14 +254,10 @@ def _feed(ctx) -> None:
         ctx.block(hidden, **kwargs)
 
 
-def _output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def _output_error(block: nn.Module, batches, reference) -> float:
     total = 0.0
     for (hidden, kwargs), target in zip(batches, reference):
-        total += float((_output(block(hidden, **kwargs)).float() - target.float()).square().sum())
+        total += float((block_output(block(hidden, **kwargs)).float() - target.float()).square().sum())
     return total
 
 
@@ -281,7 +277,7 @@ def _site_inputs(ctx, sites: list[Site]) -> dict[str, tuple[torch.Tensor, torch.
     for site in sites:
         if site.is_norm:
             module = ctx.block.get_submodule(site.producer)
-            handles.append(module.register_forward_hook(lambda _m, _i, out, key=site.producer: record(key, _output(out))))
+            handles.append(module.register_forward_hook(lambda _m, _i, out, key=site.producer: record(key, block_output(out))))
         else:
             module = ctx.block.get_submodule(site.readers[0])
             handles.append(module.register_forward_pre_hook(lambda _m, args, key=site.producer: record(key, args[0])))

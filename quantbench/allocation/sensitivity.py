@@ -28,6 +28,7 @@ from quantbench.allocation.problem import block_of
 from quantbench.allocation.table import CandidateError, LayerSensitivity, SensitivityTable
 from quantbench.calibration.stats import LayerStats
 from quantbench.fsutil import save_tensors
+from quantbench.model_io import block_output
 from quantbench.experts import StarvedExperts, all_tokens_routed
 from quantbench.pipeline import BlockContext, apply_quantized, collect_block_stats, drive_blocks, starved_experts
 from quantbench.recipe import KEEP
@@ -183,7 +184,7 @@ class _BlockProbe:
             self.hidden.append(hidden)
             self.kwargs.append(kwargs)
             seen += hidden.shape[0] * hidden.shape[1]
-        self.reference = [_output(self.block(h, **k)).float() for h, k in zip(self.hidden, self.kwargs)]
+        self.reference = [block_output(self.block(h, **k)).float() for h, k in zip(self.hidden, self.kwargs)]
         weight = gradients.blocks.get(ctx.prefix) if gradients else None
         self.weight = weight.to(self.reference[0].device) if weight is not None else None
         self.tokens = sum(r.shape[0] * r.shape[1] for r in self.reference)
@@ -194,15 +195,11 @@ class _BlockProbe:
         try:
             total = 0.0
             for h, k, ref in zip(self.hidden, self.kwargs, self.reference):
-                change = (_output(self.block(h, **k)).float() - ref).square()
+                change = (block_output(self.block(h, **k)).float() - ref).square()
                 total += float((change * self.weight).sum() if self.weight is not None else change.sum())
         finally:
             linear.weight.data = original
         return 0.5 * total / self.tokens if self.weight is not None else total / self.tokens
-
-
-def _output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def layer_proxies(name: str, linear: nn.Linear, stats: LayerStats) -> LayerSensitivity:

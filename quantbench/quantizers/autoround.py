@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from quantbench.calibration.stats import LayerStats
 from quantbench.formats import GridParams, format_for
+from quantbench.model_io import block_output
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.scheme import Scheme
 
@@ -119,7 +120,7 @@ def learn_rounding(block: nn.Module, linears: dict[str, nn.Linear], schemes: dic
     `stack`, layers of one scheme and shape (q and o, gate and up, the experts) share one fake quantizer
     over their stacked rows, which is the same arithmetic row by row in fewer kernel launches."""
     with torch.no_grad():
-        targets = [_output(block(hidden, **kwargs)).detach() for hidden, kwargs in batches]
+        targets = [block_output(block(hidden, **kwargs)).detach() for hidden, kwargs in batches]
     stacks = _stacks(linears, schemes) if stack else [[name] for name in schemes]
     grids = [_Grid(torch.cat([linears[name].weight for name in names]), schemes[names[0]]) for names in stacks]
     learned = [grid.start() for grid in grids]
@@ -147,7 +148,7 @@ def learn_rounding(block: nn.Module, linears: dict[str, nn.Linear], schemes: dic
                     rows = grid.fake_quantized(state).split([linears[name].out_features for name in names])
                     weights.update({f"{prefix[name]}weight": part.to(linears[name].weight.dtype)
                                     for name, part in zip(names, rows)})
-                output = _output(functional_call(block, weights, (hidden,), kwargs))
+                output = block_output(functional_call(block, weights, (hidden,), kwargs))
                 loss = (output.float() - targets[index].float()).square().mean()
                 with torch.no_grad():  # keep the best state on the device: no wait for the loss's value
                     better = loss < best_loss
@@ -202,7 +203,3 @@ def _copy(state: LearnedRounding) -> LearnedRounding:
 
 def _prefix(block: nn.Module, linear: nn.Linear) -> str:
     return next(f"{name}." for name, module in block.named_modules() if module is linear)
-
-
-def _output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
