@@ -6,7 +6,9 @@ and each scheme against a baseline scheme seed by seed (paired difference, t).
         --schemes int4-g128-rtn awq+int4-g128-rtn int4-g128-gptq-act awq+int4-g128-gptq-act \
         --baseline int4-g128-rtn --json methods.json [--resume]
 
-Every run goes through the real pipeline (block by block) and is scored on the same WikiText-2 windows.
+Every run goes through the real pipeline (block by block) and is scored on the same WikiText-2 windows;
+a scheme that reads no calibration (unscaled round-to-nearest) is measured once and its row repeated for
+the other draws. Each row also keeps the seconds per pipeline stage.
 The JSON is rewritten after every run, so a run cut short keeps what it measured and `--resume` does the
 rest. A difference between two schemes counts only where the paired t says it is beyond the seeds' spread.
 """
@@ -25,8 +27,11 @@ from safetensors.torch import load_file, save_file
 from ppl_ladder import quantized_model
 
 from quantbench.model_io import resolve_device
+from quantbench.pipeline import StageTimer
+from quantbench.quantizers.autoround import AutoRoundOptions
 from quantbench.results import environment
 from quantbench.scaling import ScalingOptions
+from quantbench.scheme import Scheme
 
 
 def export_ids(args) -> None:
@@ -56,14 +61,21 @@ def run(args) -> None:
     path = Path(args.json) if args.json else None
     rows = json.loads(path.read_text())["runs"] if args.resume and path and path.exists() else []
     done = {(row["seed"], row["scheme"]) for row in rows}
-    scaling = ScalingOptions(grid=args.grid, search_tokens=args.search_tokens)
+    bf16 = {"auto": None, "on": True, "off": False}[args.bf16]
+    scaling = ScalingOptions(grid=args.grid, search_tokens=args.search_tokens, bf16=bf16)
+    autoround = AutoRoundOptions(bf16=bf16)
     for seed in args.seeds:
         calibration = load_file(str(ids_dir / f"c4-seed{seed}.safetensors"))["input_ids"]
         for name in ["full precision", *args.schemes]:
             if (seed, name) in done or (name == "full precision" and any(r["scheme"] == name for r in rows)):
                 continue
+            earlier = next((r for r in rows if r["scheme"] == name and "same_as_seed" not in r), None)
+            if earlier and reads_no_calibration(name):  # the same weights for every draw: measured once
+                rows.append({**earlier, "seed": seed, "same_as_seed": earlier["seed"]})
+                continue
+            timer = StageTimer(device)
             model, quantized, bits, seconds = quantized_model(args.model, dtype, name, calibration, device,
-                                                              scaling=scaling)
+                                                              scaling=scaling, autoround=autoround, timer=timer)
             if args.save_checkpoints and name != "full precision":
                 from quantbench import save_quantized
                 from quantbench.model_io import load_tokenizer
@@ -72,7 +84,8 @@ def run(args) -> None:
                                Path(args.save_checkpoints) / f"{name.replace('+', '_')}-seed{seed}", force=True)
             ppl = perplexity_of_ids(model.to(device), wiki, args.seqlen, args.windows, batch_size=4).ppl
             rows.append({"seed": seed, "scheme": name, "bits_per_weight": bits and round(bits, 3),
-                         "wikitext2_ppl": round(ppl, 3), "quantize_s": round(seconds, 1)})
+                         "wikitext2_ppl": round(ppl, 3), "quantize_s": round(seconds, 1),
+                         "stages_s": {stage: round(t, 1) for stage, t in timer.seconds.items()}})
             print(json.dumps(rows[-1]), flush=True)
             if path:
                 path.write_text(json.dumps({"runs": rows, "summary": summarize(rows, args.baseline)}, indent=2))
@@ -80,6 +93,14 @@ def run(args) -> None:
           f"{tuple(calibration.shape)} C4 tokens per seed, seeds {args.seeds}; WikiText-2 first {args.windows} "
           f"windows of {args.seqlen}\n")
     print_table(summarize(rows, args.baseline), args.baseline)
+
+
+def reads_no_calibration(name: str) -> bool:
+    """Whether a scheme's weights are the same for every calibration draw (round-to-nearest, unscaled)."""
+    if name == "full precision":
+        return True
+    scheme = Scheme.parse(name)
+    return scheme.solver == "rtn" and scheme.scaling == "none" and scheme.activations is None
 
 
 def summarize(rows: list[dict], baseline: str | None) -> list[dict]:
@@ -132,6 +153,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--grid", type=int, default=20, help="AWQ's α grid")
     parser.add_argument("--search-tokens", type=int, default=65536, help="calibration tokens AWQ's search runs on")
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                        help="AWQ's search and AutoRound's steps under bfloat16 autocast (auto: on a GPU)")
     parser.add_argument("--json")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--save-checkpoints", help="write each quantized model here as a native checkpoint "

@@ -160,6 +160,16 @@ def block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def trial_autocast(block: nn.Module, enabled: bool | None):
+    """bfloat16 autocast for the many trial forwards a search or a learned rounding runs through a block
+    (AWQ's α grid, AutoRound's steps), as the reference implementations run them in half precision.
+    `enabled` None: on where the block computes in float32 on a GPU."""
+    device = next(block.parameters()).device
+    if enabled is None:
+        enabled = device.type == "cuda" and next(block.parameters()).dtype == torch.float32
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """The nn.Linear layers of one block, by name relative to the block, in forward order; routers stay out."""
     return {name: module for name, module in block.named_modules()

@@ -100,17 +100,21 @@ class ScalingSection(_Section):
     search_tokens: int = Field(65536, ge=1, description="calibration tokens AWQ's search measures the block "
                                "output on (whole calibration batches, at least one)")
     clip: bool = Field(True, description="AWQ also clips each group's weight range (not q/k)")
+    bf16: bool | None = Field(None, description="run AWQ's search forwards under bfloat16 autocast; null: on "
+                              "a GPU when the model computes in float32")
 
     def options(self) -> ScalingOptions:
-        return ScalingOptions(self.grid, self.strength, self.search_tokens, self.clip)
+        return ScalingOptions(self.grid, self.strength, self.search_tokens, self.clip, self.bf16)
 
 
 class AutoRoundSection(_Section):
     steps: int = Field(200, ge=1, description="signed-gradient steps per decoder block, one calibration batch each")
     lr: float = Field(5e-3, gt=0, description="step size at the start (it decays linearly to 0)")
+    bf16: bool | None = Field(None, description="run the steps under bfloat16 autocast; null: on a GPU when "
+                              "the model computes in float32")
 
     def options(self, seed: int = 0) -> AutoRoundOptions:
-        return AutoRoundOptions(self.steps, self.lr, seed)
+        return AutoRoundOptions(self.steps, self.lr, seed, self.bf16)
 
 
 class QuantizeSection(_Section):

@@ -29,7 +29,7 @@ from torch import nn
 from quantbench.activations import activation_format_of, input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.calibration.stats import collect_stats
 from quantbench.errors import QuantbenchError
-from quantbench.model_io import ATTENTION_READERS, MLP_READERS, block_linears, block_output
+from quantbench.model_io import ATTENTION_READERS, MLP_READERS, block_linears, block_output, trial_autocast
 from quantbench.quantizers.hadamard import rotation_for
 from quantbench.quantizers.rtn import quantize_rtn
 from quantbench.scheme import DEFAULT_DAMP, Scheme
@@ -140,12 +140,15 @@ def fake_quantized(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
 @dataclass(frozen=True)
 class ScalingOptions:
     """`grid`: α values AWQ tries (0, 1/grid, …); `strength`: SmoothQuant's α; `search_tokens`: calibration
-    tokens AWQ's block-output search runs on (whole mini-batches, at least one); `clip`: AWQ's range clipping."""
+    tokens AWQ's block-output search runs on (whole mini-batches, at least one); `clip`: AWQ's range clipping;
+    `bf16`: run the search's forwards (reference and trials alike) under bfloat16 autocast, as AWQ runs its
+    search in half precision (None: where the block is float32 on a GPU)."""
 
     grid: int = 20
     strength: float = 0.5
     search_tokens: int = 65536
     clip: bool = True
+    bf16: bool | None = None  # the search's block forwards under bfloat16 autocast; None: on a GPU
 
 
 @torch.no_grad()
@@ -158,7 +161,8 @@ def scale_block(ctx, schemes: dict[str, Scheme], model_type: str, options: Scali
         return {}
     inputs = _site_inputs(ctx, sites)
     batches = _search_batches(ctx, options.search_tokens)
-    reference = [block_output(ctx.block(hidden, **kwargs)) for hidden, kwargs in batches]
+    with trial_autocast(ctx.block, options.bf16):
+        reference = [block_output(ctx.block(hidden, **kwargs)) for hidden, kwargs in batches]
     done = {}
     for site in sites:
         if site.producer not in inputs:
@@ -166,7 +170,7 @@ def scale_block(ctx, schemes: dict[str, Scheme], model_type: str, options: Scali
             continue
         mean_abs, max_abs = inputs[site.producer]
         if any(schemes[r].scaling == "awq" for r in site.readers if r in schemes):
-            alpha, scales, error = _search(ctx, site, schemes, mean_abs, batches, reference, options.grid)
+            alpha, scales, error = _search(ctx, site, schemes, mean_abs, batches, reference, options)
             done[ctx.full_name(site.producer)] = {"method": "awq", "alpha": alpha, "output_error": round(error, 6)}
         else:
             readers = [ctx.block.get_submodule(r).weight for r in site.readers]
@@ -192,17 +196,18 @@ def _search_batches(ctx, search_tokens: int) -> list[tuple[torch.Tensor, dict]]:
     return batches
 
 
-def _search(ctx, site: Site, schemes: dict, mean_abs: torch.Tensor, batches, reference, grid: int):
+def _search(ctx, site: Site, schemes: dict, mean_abs: torch.Tensor, batches, reference, options: ScalingOptions):
     """AWQ's grid search over α; returns (α, scales, block output error relative to α = 0's)."""
     quantized = {name: ctx.block.get_submodule(name) for name in site.readers if name in schemes}
     originals = {name: module.weight.data for name, module in quantized.items()}
-    errors = []
+    errors, grid = [], options.grid
     for step in range(grid):
         scales = awq_scales(mean_abs, step / grid)
         with contextlib.ExitStack() as trials:
             for name, module in quantized.items():
                 trials.enter_context(_as_scaled_and_quantized(module, originals[name], scales, schemes[name]))
-            errors.append(_output_error(ctx.block, batches, reference))
+            with trial_autocast(ctx.block, options.bf16):
+                errors.append(_output_error(ctx.block, batches, reference))
     best = min(range(grid), key=errors.__getitem__)
     return best / grid, awq_scales(mean_abs, best / grid), errors[best] / errors[0] if errors[0] > 0 else 1.0
 

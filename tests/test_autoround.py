@@ -50,6 +50,17 @@ def test_the_loss_falls_and_the_codes_are_grid_points(name):
         assert quantized.dequantize().shape == linears[name_].weight.shape
 
 
+def test_under_bf16_autocast_the_loss_still_falls():
+    """The GPU's default: the steps' forwards in bfloat16 (forced on here, on the CPU)."""
+    model = tiny_llama().float()
+    block, linears, batches = first_block(model)
+    scheme = Scheme.parse("int3-g32-autoround")
+    losses = []
+    learn_rounding(block, linears, dict.fromkeys(linears, scheme), batches, AutoRoundOptions(steps=30, bf16=True), losses)
+    assert min(losses) < 0.9 * losses[0]
+    assert all(p.dtype == torch.float32 for p in block.parameters())
+
+
 def test_without_learned_offsets_it_rounds_to_nearest():
     weight = torch.randn(16, 96, generator=torch.Generator().manual_seed(0))
     scheme = Scheme.parse("int4-g32-autoround")

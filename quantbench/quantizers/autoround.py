@@ -6,7 +6,9 @@ decode(encode(W + V·scale)) on the grid fitted to [lo·f_lo, hi·f_hi]; a strai
 gradient past the rounding. All AutoRound layers of a decoder block are learned together, minimising the
 mean squared error between the block's output and its full-precision output on the same inputs, one
 calibration mini-batch per step, by signed gradient descent (each parameter moves by lr·sign(∂loss), lr
-decaying linearly to 0). The offsets and factors of the step with the least loss are kept.
+decaying linearly to 0). The offsets and factors of the step with the least loss are kept. On a GPU the
+steps' forwards and backwards run under bfloat16 autocast, as the reference implementation's do; the
+targets stay the float32 block's outputs.
 
 Any grid format works through its fit/encode/decode: integer grids learn offsets and range factors; on
 MX and NVFP4 grids, whose block scales are powers of two or E4M3 values, the range factors get no
@@ -23,7 +25,7 @@ from torch.func import functional_call
 
 from quantbench.calibration.stats import LayerStats
 from quantbench.formats import GridParams, format_for
-from quantbench.model_io import block_output
+from quantbench.model_io import block_output, trial_autocast
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.scheme import Scheme
 
@@ -33,6 +35,7 @@ class AutoRoundOptions:
     steps: int = 200
     lr: float = 5e-3
     seed: int = 0
+    bf16: bool | None = None  # the steps' block forwards under bfloat16 autocast; None: on a GPU (model_io.trial_autocast)
 
 
 @dataclass
@@ -148,7 +151,8 @@ def learn_rounding(block: nn.Module, linears: dict[str, nn.Linear], schemes: dic
                     rows = grid.fake_quantized(state).split([linears[name].out_features for name in names])
                     weights.update({f"{prefix[name]}weight": part.to(linears[name].weight.dtype)
                                     for name, part in zip(names, rows)})
-                output = block_output(functional_call(block, weights, (hidden,), kwargs))
+                with trial_autocast(block, options.bf16):
+                    output = block_output(functional_call(block, weights, (hidden,), kwargs))
                 loss = (output.float() - targets[index].float()).square().mean()
                 with torch.no_grad():  # keep the best state on the device: no wait for the loss's value
                     better = loss < best_loss
