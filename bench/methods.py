@@ -72,6 +72,7 @@ def run(args) -> None:
             earlier = next((r for r in rows if r["scheme"] == name and "same_as_seed" not in r), None)
             if earlier and reads_no_calibration(name):  # the same weights for every draw: measured once
                 rows.append({**earlier, "seed": seed, "same_as_seed": earlier["seed"]})
+                save(path, rows, args.baseline)
                 continue
             timer = StageTimer(device)
             model, quantized, bits, seconds = quantized_model(args.model, dtype, name, calibration, device,
@@ -87,12 +88,16 @@ def run(args) -> None:
                          "wikitext2_ppl": round(ppl, 3), "quantize_s": round(seconds, 1),
                          "stages_s": {stage: round(t, 1) for stage, t in timer.seconds.items()}})
             print(json.dumps(rows[-1]), flush=True)
-            if path:
-                path.write_text(json.dumps({"runs": rows, "summary": summarize(rows, args.baseline)}, indent=2))
+            save(path, rows, args.baseline)
     print(f"\n{args.model} ({args.dtype}) on {environment(device)['device_name']}; calibration "
           f"{tuple(calibration.shape)} C4 tokens per seed, seeds {args.seeds}; WikiText-2 first {args.windows} "
           f"windows of {args.seqlen}\n")
     print_table(summarize(rows, args.baseline), args.baseline)
+
+
+def save(path: Path | None, rows: list[dict], baseline: str | None) -> None:
+    if path:
+        path.write_text(json.dumps({"runs": rows, "summary": summarize(rows, baseline)}, indent=2))
 
 
 def reads_no_calibration(name: str) -> bool:

@@ -344,11 +344,9 @@ def _flops(recipe: Recipe, raw: dict, n_params: int, layers: dict) -> float:
     for scheme, (out, inp) in layers.values():
         if scheme.solver in ("gptq", "ptqtp") or recipe.allocation is not None:
             work += inp ** 3 + 2 * out * inp ** 2
-        if scheme.solver == "autoround":  # a forward and a backward of the layer per step, on one mini-batch
-            work += 6 * out * inp * recipe.quantize.autoround.steps * cal.batch_size * cal.seqlen
-        if scheme.scaling == "awq":  # each of a block's ~4 sites runs the block once per α on the search tokens
-            tokens = min(recipe.quantize.scaling.search_tokens, cal.n_samples * cal.seqlen)
-            work += 8 * out * inp * recipe.quantize.scaling.grid * tokens
+        work += _block_method_work(recipe, scheme, out, inp)
+        if recipe.allocation is not None:  # each candidate that scales or learns a block does so once per block
+            work += sum(_block_method_work(recipe, candidate, out, inp) for candidate in recipe.allocation.candidates)
     if stats:
         work += sum(2 * cal.n_samples * cal.seqlen * inp ** 2 for _, (_, inp) in layers.values()) / 2
     windows = ev.max_windows or WIKITEXT2_WINDOWS * 2048 // ev.seqlen
@@ -357,6 +355,17 @@ def _flops(recipe: Recipe, raw: dict, n_params: int, layers: dict) -> float:
     if recipe.allocation is not None:
         work *= 1 + len(recipe.allocation.candidates) / 2
     return float(work)
+
+
+def _block_method_work(recipe: Recipe, scheme: Scheme, out: int, inp: int) -> float:
+    """The extra work of a layer's AutoRound steps or AWQ search."""
+    cal, work = recipe.calibration, 0.0
+    if scheme.solver == "autoround":  # a forward and a backward of the layer per step, on one mini-batch
+        work += 6 * out * inp * recipe.quantize.autoround.steps * cal.batch_size * cal.seqlen
+    if scheme.scaling == "awq":  # each of a block's ~4 sites runs the block once per α on the search tokens
+        tokens = min(recipe.quantize.scaling.search_tokens, cal.n_samples * cal.seqlen)
+        work += 8 * out * inp * recipe.quantize.scaling.grid * tokens
+    return work
 
 
 def _measured_flops(device: torch.device, dtype: torch.dtype) -> float:

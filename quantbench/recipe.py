@@ -375,12 +375,9 @@ class AllocationSection(_Section):
         names = [c.name for c in self.candidates]
         if len(set(names)) != len(names):
             raise ValueError(f"candidates repeat: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
-        if any(c.scaling != "none" for c in self.candidates):
-            raise ValueError("awq+ and smoothquant+ schemes scale a whole site of layers at once, which the "
-                             "per-layer candidate measurements do not model yet; give them in quantize instead")
-        if any(c.solver == "autoround" for c in self.candidates):
-            raise ValueError("autoround learns a whole block's rounding at once, which the per-layer candidate "
-                             "measurements do not model yet; give it in quantize instead")
+        if not self.requantize and (scaled := [c.name for c in self.candidates if c.scaling != "none"]):
+            raise ValueError(f"{', '.join(scaled)} quantize a basis scaled for the whole site; an allocation of "
+                             "them is quantized again block by block (requantize: true), not from cached codes")
         if any(c.activations for c in self.candidates):
             raise ValueError("candidates are weight-only schemes (the costs measure weight error); drop -a:<format>")
         return self
@@ -458,6 +455,12 @@ class Recipe(_Section):
 
     def canonical(self) -> dict:
         return self.model_dump(mode="json")
+
+    def block_methods(self) -> dict:
+        """The options of the schemes that scale or learn a whole block (AWQ/SmoothQuant, AutoRound), as the
+        quantize and sensitivity stages take them."""
+        return {"scaling": self.quantize.scaling.options(),
+                "autoround": self.quantize.autoround.options(self.calibration.seed)}
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.canonical(), sort_keys=True).encode()).hexdigest()

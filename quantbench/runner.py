@@ -90,14 +90,13 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
         if recipe.allocation is not None:
             searched = search_allocation(model, input_ids, recipe, device, stages, progress,
                                          score=lambda: evaluate_perplexity(model, eval_ids, recipe.eval, device, False))
-            quantized, starved = searched.quantized, searched.starved_experts
+            quantized, starved, scaled = searched.quantized, searched.starved_experts, searched.scaled
         else:
             quantized = quantize_model(model, input_ids, recipe.quantize.scheme_for, device,
                                        batch_size=cal.batch_size, progress=progress,
                                        true_sequential=recipe.quantize.true_sequential, timer=stages,
                                        hessian=recipe.quantize.hessian, experts=recipe.quantize.experts.policy(),
-                                       starved=starved, scaling=recipe.quantize.scaling.options(), scaled=scaled,
-                                       autoround=recipe.quantize.autoround.options(cal.seed))
+                                       starved=starved, scaled=scaled, **recipe.block_methods())
         if recipe.quantize.lm_head is not None:
             quantized["lm_head"] = quantize_linear(untie_lm_head(model), recipe.quantize.lm_head)
     with timer("eval_quantized"):
@@ -208,6 +207,7 @@ class SearchedAllocation:
     rounds: list[dict] = field(default_factory=list)
     converged: bool | None = None
     starved_experts: dict = field(default_factory=dict)
+    scaled: dict = field(default_factory=dict)
 
     def record(self) -> dict:
         return {**self.allocation.summary(), "schemes": self.allocation.scheme_counts(),
@@ -268,10 +268,10 @@ def search_allocation(model, input_ids, recipe: Recipe, device, stages: StageTim
                                   batch_size=recipe.calibration.batch_size,
                                   true_sequential=recipe.quantize.true_sequential, hessian=recipe.quantize.hessian,
                                   cache=cache, progress=progress, timer=stages,
-                                  experts=recipe.quantize.experts.policy())
+                                  experts=recipe.quantize.experts.policy(), **recipe.block_methods())
     searched.table, searched.allocation, searched.quantized = found.table, found.allocation, found.quantized
     searched.rounds, searched.converged = [r.record() for r in found.rounds], found.converged
-    searched.starved_experts = found.starved_experts
+    searched.starved_experts, searched.scaled = found.starved_experts, found.scaled
     return searched
 
 

@@ -152,9 +152,11 @@ class ScalingOptions:
 
 
 @torch.no_grad()
-def scale_block(ctx, schemes: dict[str, Scheme], model_type: str, options: ScalingOptions = ScalingOptions()) -> dict:
+def scale_block(ctx, schemes: dict[str, Scheme], model_type: str, options: ScalingOptions = ScalingOptions(),
+                folded: list | None = None) -> dict:
     """Scale every site of the block whose quantized readers ask for it (`schemes`: name in block → scheme);
-    returns what was done per site (full producer name → method, α, AWQ's output error relative to α = 0)."""
+    returns what was done per site (full producer name → method, α, AWQ's output error relative to α = 0).
+    `folded` receives each (site, scales) folded."""
     sites = [site for site in block_sites(ctx.block, model_type)
              if any(schemes[r].scaling != "none" for r in site.readers if r in schemes)]
     if not sites:
@@ -178,12 +180,38 @@ def scale_block(ctx, schemes: dict[str, Scheme], model_type: str, options: Scali
             done[ctx.full_name(site.producer)] = {"method": "smoothquant", "alpha": options.strength}
         if not torch.all(scales == 1):
             fold_scales(ctx.block, site, scales)
+            if folded is not None:
+                folded.append((site, scales))
     if options.clip:
         clipped = [name for site in sites for name in site.readers if name in schemes and schemes[name].scaling == "awq"
                    and schemes[name].transform == "none" and name.rsplit(".", 1)[-1] not in NOT_CLIPPED]
         if clipped:
             clip_ranges(ctx, {name: schemes[name] for name in clipped})
     return done
+
+
+@contextlib.contextmanager
+def scaled_in_place(ctx, schemes: dict[str, Scheme], model_type: str, options: ScalingOptions = ScalingOptions()):
+    """For the duration, the block scaled (and clipped) as `schemes` ask; yields, per linear the scaling
+    touched, its (row, column) scales: its weight is now diag(1/rows)·W·diag(columns) (clipping aside; either
+    None where not scaled). The block's tensors are restored afterwards."""
+    saved = {key: value.clone() for key, value in ctx.block.state_dict().items()}
+    folded: list = []
+    try:
+        scale_block(ctx, schemes, model_type, options, folded)
+        rows: dict[str, torch.Tensor] = {}
+        columns: dict[str, torch.Tensor] = {}
+        for site, scales in folded:
+            for name in site.readers:
+                columns[name] = columns.get(name, 1) * scales.float()
+            if not site.is_norm:
+                out = ctx.block.get_submodule(site.producer).out_features
+                row = rows.get(site.producer, torch.ones(out, device=scales.device))
+                row[site.rows] = row[site.rows] * scales.float()
+                rows[site.producer] = row
+        yield {name: (rows.get(name), columns.get(name)) for name in {*rows, *columns}}
+    finally:
+        ctx.block.load_state_dict(saved)
 
 
 def _search_batches(ctx, search_tokens: int) -> list[tuple[torch.Tensor, dict]]:

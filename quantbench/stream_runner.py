@@ -91,8 +91,7 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
     writer = CheckpointWriter(journal.checkpoint_dir) if recipe.export.enabled else None
     quantize = QuantizeStage(recipe.quantize.scheme_for, recipe.quantize.true_sequential, recipe.quantize.hessian,
                              lm_head=recipe.quantize.lm_head, on_device=True, experts=recipe.quantize.experts.policy(),
-                             scaling=recipe.quantize.scaling.options(),
-                             autoround=recipe.quantize.autoround.options(recipe.calibration.seed))
+                             **recipe.block_methods())
     quantized_eval = BlockwisePerplexity(eval_ids, recipe.eval, "quantized")
     layers = StreamedLayers(quantize, writer)
     journal.stages = {"quantized_eval": quantized_eval, "layers": layers, "weights": weights, "quantize": quantize}

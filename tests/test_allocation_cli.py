@@ -58,6 +58,23 @@ def test_requantize_quantizes_again_with_the_chosen_schemes(tmp_path, model_dir,
     assert "sensitivity" in saved["quantize_breakdown_s"] and "solve" in saved["quantize_breakdown_s"]
 
 
+def test_awq_and_autoround_candidates_are_measured_allocated_and_quantized_again(tmp_path, model_dir, text_file):
+    candidates = ["awq+int4-g32-rtn", "int4-g32-rtn", "int3-g32-autoround", "int2-g32-gptq", "int8-pc-rtn"]
+    recipe = write_recipe(tmp_path, model_dir, text_file, {"candidates": candidates, "budget": 4.0},
+                          quantize={"autoround": {"steps": 5}, "scaling": {"grid": 4}})
+    result = invoke("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    table = SensitivityTable.load(run)
+    assert set(table.candidates) == set(candidates)
+    assert all((layer, c) in table.errors for layer in table.layers for c in candidates)
+    saved = json.loads((run / "result.json").read_text())
+    chosen = saved["allocation"]["layers"]
+    assert saved["quantization"]["avg_bits_per_weight"] <= 4.0
+    assert bool(saved.get("scaled")) == any(scheme.startswith("awq+") for scheme in chosen.values())
+    assert load_quantized(run / "checkpoint") is not None
+
+
 def test_sensitivity_then_allocate_then_a_recipe_reading_the_file(tmp_path, model_dir, text_file):
     recipe = write_recipe(tmp_path, model_dir, text_file)
     result = invoke("sensitivity", recipe, "--out", tmp_path / "sens", "--measure", "eigenvalue", "--quiet")

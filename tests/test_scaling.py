@@ -155,8 +155,6 @@ def test_recipes_refuse_scaling_where_it_has_no_site():
     base = {"name": "r", "model": {"name": "m"}}
     with pytest.raises(QuantbenchError, match="LM head"):
         parse_recipe({**base, "quantize": {"lm_head": "awq+int8-pc-rtn"}})
-    with pytest.raises(QuantbenchError, match="per-layer candidate"):
-        parse_recipe({**base, "allocation": {"candidates": ["awq+int4-g128-rtn", "int3-g128-rtn"], "budget": 3.5}})
     recipe = parse_recipe({**base, "quantize": {"default": "awq+int4-g128-rtn", "scaling": {"grid": 10}}})
     assert recipe.quantize.scaling.options() == ScalingOptions(grid=10)
     with pytest.raises(QuantbenchError, match="opt"):

@@ -27,7 +27,9 @@ from quantbench.allocation.sensitivity import CandidateCache, CandidatesFor, Sen
 from quantbench.allocation.table import SensitivityTable
 from quantbench.experts import StarvedExperts
 from quantbench.pipeline import QuantizeStage, StageTimer, drive_blocks, restore_linears, snapshot_linears
+from quantbench.quantizers.autoround import AutoRoundOptions
 from quantbench.recipe import KEEP
+from quantbench.scaling import ScalingOptions
 from quantbench.scheme import Scheme
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class InContextSearch:
     rounds: list[SearchRound] = field(default_factory=list)
     converged: bool = False
     starved_experts: dict = field(default_factory=dict)  # of the quantization that produced `quantized`
+    scaled: dict = field(default_factory=dict)  # what its AWQ/SmoothQuant sites chose
 
 
 def frontier_candidates(table: SensitivityTable, metric: str, ties) -> dict[str, list[str]]:
@@ -99,10 +102,14 @@ def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for:
                       ties, max_rounds: int = 2, remeasure: str = "frontier", gradients: GradientStats | None = None,
                       block_tokens: int = 0, batch_size: int = 8, true_sequential: bool = True,
                       hessian: str = "compensated", cache: CandidateCache | None = None, progress: bool = True,
-                      timer: StageTimer | None = None, experts: StarvedExperts = StarvedExperts()) -> InContextSearch:
+                      timer: StageTimer | None = None, experts: StarvedExperts = StarvedExperts(),
+                      scaling: ScalingOptions = ScalingOptions(),
+                      autoround: AutoRoundOptions = AutoRoundOptions()) -> InContextSearch:
     """From `table` (round 0, measured on full-precision inputs): allocate, then re-measure in context and
     re-allocate until the allocation is stable (see the module docstring). The model ends quantized with the
-    returned allocation; `quantized` holds its codes."""
+    returned allocation; `quantized` holds its codes. `scaling` and `autoround`: the options of the schemes
+    that scale or learn their block, in the measurements and the quantization alike."""
+    methods = {"scaling": scaling, "autoround": autoround}
     allocation = allocate(table)
     layers = list(table.layers)
     snapshot = snapshot_linears(model, layers)
@@ -118,8 +125,9 @@ def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for:
         else:
             wanted = {layer: table.schemes_of(layer) for layer in layers}
         measure = SensitivityStage(lambda name: [Scheme.parse(s) for s in wanted.get(name, []) if s != KEEP], cache,
-                                   gradients, block_tokens, experts)
-        quantize = QuantizeStage(scheme_lookup(allocation.schemes), true_sequential, hessian, experts=experts)
+                                   gradients, block_tokens, experts, **methods)
+        quantize = QuantizeStage(scheme_lookup(allocation.schemes), true_sequential, hessian, experts=experts,
+                                 **methods)
         drive_blocks(model, input_ids, device, [measure, quantize], batch_size, progress, timer,
                      desc=f"in context, round {index}")
         table = table.updated(measure.layers, measure.errors, round=index)
@@ -129,7 +137,8 @@ def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for:
         log.info("in-context round %d: %d pairs re-measured, %d layers changed, objective %.4g", index,
                  len(measure.errors), changed, new.objective)
         if changed == 0:
-            return InContextSearch(table, new, quantize.results, rounds, True, quantize.starved_experts)
+            return InContextSearch(table, new, quantize.results, rounds, True, quantize.starved_experts,
+                                   quantize.scaled)
         if new.schemes in seen:
             log.info("in-context search: allocation of an earlier round came back; stopping")
             allocation = new
@@ -137,6 +146,6 @@ def search_in_context(model: nn.Module, input_ids: torch.Tensor, candidates_for:
         seen.append(new.schemes)
         allocation = new
     restore_linears(model, snapshot)
-    final = QuantizeStage(scheme_lookup(allocation.schemes), true_sequential, hessian, experts=experts)
+    final = QuantizeStage(scheme_lookup(allocation.schemes), true_sequential, hessian, experts=experts, **methods)
     drive_blocks(model, input_ids, device, [final], batch_size, progress, timer, desc="quantize blocks")
-    return InContextSearch(table, allocation, final.results, rounds, False, final.starved_experts)
+    return InContextSearch(table, allocation, final.results, rounds, False, final.starved_experts, final.scaled)

@@ -63,7 +63,7 @@ def measure_sensitivity(model: nn.Module, input_ids: torch.Tensor, recipe: Recip
                               kl_samples=section.kl_samples, batch_size=recipe.calibration.batch_size,
                               progress=progress, cache=cache, gradients=gradients,
                               block_tokens=section.block_tokens if "block_output" in section.measures else 0,
-                              experts=recipe.quantize.experts.policy())
+                              experts=recipe.quantize.experts.policy(), **recipe.block_methods())
     if section.keep_full_precision:
         table = table.with_keep({name: next(model.parameters()).element_size() * 8 for name in table.layers})
     table.meta = {**table.meta, "model": recipe.model.name, "recipe_hash": recipe.hash(),

@@ -8,6 +8,7 @@ without quantizing again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -27,20 +28,24 @@ from quantbench.allocation.hessian_probes import LossHessian, hutchinson_traces,
 from quantbench.allocation.problem import block_of
 from quantbench.allocation.table import CandidateError, LayerSensitivity, SensitivityTable
 from quantbench.calibration.stats import LayerStats
+from quantbench.errors import QuantbenchError
 from quantbench.fsutil import save_tensors
 from quantbench.model_io import block_output
 from quantbench.experts import StarvedExperts, all_tokens_routed
 from quantbench.pipeline import BlockContext, apply_quantized, collect_block_stats, drive_blocks, starved_experts
 from quantbench.recipe import KEEP
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
-from quantbench.quantizers import quantize_weight
+from quantbench.quantizers import needs_hessian, needs_stats, quantize_weight
+from quantbench.quantizers.autoround import AutoRoundOptions, LearnedRounding, learn_rounding
 from quantbench.quantizers.gptq import factor_hessians
 from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
+from quantbench.scaling import ScalingOptions, check_scalable, scaled_in_place
 from quantbench.scheme import Scheme
 from quantbench.trit_planes import TritPlaneWeight
 
 log = logging.getLogger(__name__)
+SCALES = "scales"  # key prefix of the scaled candidates' bases in a saved cache
 CandidatesFor = Callable[[str], "list[Scheme]"]
 
 
@@ -64,14 +69,53 @@ class HessianOptions:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class ScaledBasis:
+    """Where an AWQ or SmoothQuant candidate quantizes a layer: its weight diag(1/rows)·W·diag(columns), its
+    input x/columns (either None where its site left it alone)."""
+
+    rows: torch.Tensor | None
+    columns: torch.Tensor | None
+
+    def to_original(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight of the scaled basis as the layer's own input and output see it."""
+        if self.columns is not None:
+            weight = weight / self.columns.to(weight.device)
+        if self.rows is not None:
+            weight = weight * self.rows.to(weight.device)[:, None]
+        return weight
+
+    def cpu(self) -> "ScaledBasis":
+        return ScaledBasis(*(None if t is None else t.detach().cpu() for t in (self.rows, self.columns)))
+
+
+@dataclass(frozen=True)
+class BlockCandidate:
+    """A candidate that is measured with its whole block (scaling, AutoRound): the layer's weight once the
+    block was scaled (`basis`), the statistics of its input there (for a solver that reads them), and what
+    AutoRound learned for it, when it learns."""
+
+    weight: torch.Tensor
+    basis: ScaledBasis | None = None
+    stats: LayerStats | None = None
+    learned: LearnedRounding | None = None
+
+
+def is_block_candidate(scheme: Scheme) -> bool:
+    """Whether a candidate acts on the whole block at once: a scaling transform, or AutoRound's rounding."""
+    return scheme.scaling != "none" or scheme.solver == "autoround"
+
+
 class CandidateCache:
     """The quantized weight of every (layer, candidate), on CPU, so the final allocation reuses them, and the
     keys whose candidate was quantized in a Hadamard-rotated basis (a layer whose input the model rotation
-    already rotates online keeps that rotation and is quantized as it is, as in the pipeline)."""
+    already rotates online keeps that rotation and is quantized as it is, as in the pipeline), and the basis
+    of every scaled (AWQ, SmoothQuant) candidate."""
 
     def __init__(self) -> None:
         self.weights: dict[tuple[str, str], QuantizedWeight | TritPlaneWeight] = {}
         self.rotated: set[tuple[str, str]] = set()
+        self.scaled: dict[tuple[str, str], ScaledBasis] = {}
 
     def rotation(self, layer: str, scheme: str) -> RandomHadamard | None:
         """The online rotation the candidate needs on top of whatever the layer already does."""
@@ -91,6 +135,10 @@ class CandidateCache:
             for key, tensor in weight.pack().items():
                 tensors[f"{layer}|{scheme}|{key}"] = tensor.contiguous()
             shapes[f"{layer}|{scheme}"] = list(weight.shape)
+        for (layer, scheme), basis in self.scaled.items():
+            for side in ("rows", "columns"):
+                if getattr(basis, side) is not None:
+                    tensors[f"{SCALES}|{layer}|{scheme}|{side}"] = getattr(basis, side).contiguous()
         rotated = [f"{layer}|{scheme}" for layer, scheme in self.rotated]
         save_tensors(tensors, path, {"shapes": json.dumps(shapes), "rotated": json.dumps(rotated)})
 
@@ -98,6 +146,7 @@ class CandidateCache:
     def load(cls, path: str | Path) -> "CandidateCache":
         cache = cls()
         with safe_open(str(path), "pt") as handle:
+            keys = set(handle.keys())
             shapes = json.loads(handle.metadata()["shapes"])
             cache.rotated = {tuple(entry.split("|")) for entry in json.loads(handle.metadata()["rotated"])}
             for entry, shape in shapes.items():
@@ -105,15 +154,21 @@ class CandidateCache:
                 tensors = {key.rsplit("|", 1)[1]: handle.get_tensor(key) for key in handle.keys()
                            if key.startswith(entry + "|")}
                 cache.weights[(layer, scheme)] = unpack_weight(Scheme.parse(scheme), tuple(shape), tensors)
+                if Scheme.parse(scheme).scaling != "none":
+                    sides = {side: handle.get_tensor(f"{SCALES}|{entry}|{side}") if f"{SCALES}|{entry}|{side}" in keys
+                             else None for side in ("rows", "columns")}
+                    cache.scaled[(layer, scheme)] = ScaledBasis(**sides)
         return cache
 
     def effective_weight(self, layer: str, scheme: str, dtype: torch.dtype,
                          device: torch.device | str = "cpu") -> torch.Tensor:
         """The weight the layer computes with, in its original input basis (a rotated candidate's
-        dequantized W·R, rotated back), decoded on `device`."""
+        dequantized W·R rotated back, a scaled one's scaled back), decoded on `device`."""
         weight = self.get(layer, scheme).to(device).dequantize(torch.float32)
         rotation = self.rotation(layer, scheme)
-        return (rotation.rows_inverse(weight) if rotation else weight).to(dtype)
+        weight = rotation.rows_inverse(weight) if rotation else weight
+        basis = self.scaled.get((layer, scheme))
+        return (basis.to_original(weight) if basis else weight).to(dtype)
 
 
 class SensitivityStage:
@@ -126,17 +181,27 @@ class SensitivityStage:
     `block_tokens`, also the change of the block's output with only that layer quantized, weighted per unit
     by the block output's squared gradient, on the first `block_tokens` calibration tokens (`block_output`).
     Layers keep their full-precision weights; the codes go to `cache`.
+
+    A scaled (AWQ, SmoothQuant) or AutoRound candidate acts on a whole block: per such scheme, the block's
+    layers offered it are scaled together as the pipeline would scale them (`scaling`'s options) and/or
+    learn their rounding together (`autoround`'s), then each layer is measured as above, alone, on its
+    effective weight in its own basis; the block is restored after.
     """
 
     def __init__(self, candidates_for: CandidatesFor, cache: CandidateCache | None = None,
                  gradients: GradientStats | None = None, block_tokens: int = 0,
-                 experts: StarvedExperts = StarvedExperts()) -> None:
+                 experts: StarvedExperts = StarvedExperts(), scaling: ScalingOptions = ScalingOptions(),
+                 autoround: AutoRoundOptions = AutoRoundOptions()) -> None:
         self.candidates_for, self.gradients, self.block_tokens = candidates_for, gradients, block_tokens
+        self.scaling, self.autoround, self.model_type = scaling, autoround, ""
         self.experts = experts  # its threshold: experts routed fewer tokens are measured on all tokens
         self.starved_experts: dict[str, dict] = {}  # full name → routed tokens and what was done
         self.cache = cache if cache is not None or not block_tokens else CandidateCache()
         self.layers: dict[str, LayerSensitivity] = {}
         self.errors: dict[tuple[str, str], CandidateError] = {}
+
+    def begin(self, model: nn.Module, device: torch.device) -> None:
+        self.model_type = model.config.model_type
 
     @torch.no_grad()
     def run_block(self, ctx: BlockContext) -> None:
@@ -158,17 +223,50 @@ class SensitivityStage:
         rotated: dict = {}  # (id of shared stats, rotation seed) → Rᵀ(Σxᵀx)R, reused across candidates
         with ctx.timer("candidates"):
             factor_hessians([(scheme, stats[name]) for name, schemes in candidates.items() if name in stats
-                             for scheme in schemes], next(ctx.block.parameters()).device)
+                             for scheme in schemes if scheme.scaling == "none"], next(ctx.block.parameters()).device)
+            measured = self._block_candidates(ctx, candidates, shared)
             for name, linear in linears.items():
                 full_name = ctx.full_name(name)
                 self.layers[full_name] = layer_proxies(full_name, linear, stats[name])
                 grads = self.gradients.layers.get(full_name) if self.gradients else None
                 for scheme in candidates[name]:
-                    error = quantize_candidate(full_name, linear, scheme, stats[name], self.cache, rotated, grads)
+                    error = quantize_candidate(full_name, linear, scheme, stats[name], self.cache, rotated, grads,
+                                               measured.get((name, scheme.name)))
                     if probe is not None:
                         error.block_output = probe.cost(linear, self.cache.effective_weight(
                             full_name, scheme.name, linear.weight.dtype, linear.weight.device))
                     self.errors[(full_name, scheme.name)] = error
+
+    def _block_candidates(self, ctx: BlockContext, candidates: dict[str, list[Scheme]], shared: dict) -> dict:
+        """(layer, scheme name) → BlockCandidate, for every candidate that acts on the whole block: per such
+        scheme, the block scaled and/or its rounding learned with every layer offered the scheme in it. A
+        scaled block's statistics are measured again, as the pipeline measures them after scaling."""
+        offered: dict[Scheme, list[str]] = {}
+        for name, schemes in candidates.items():
+            for scheme in schemes:
+                if is_block_candidate(scheme):
+                    offered.setdefault(scheme, []).append(name)
+        measured = {}
+        for scheme, names in offered.items():
+            wanted = dict.fromkeys(names, scheme)
+            with contextlib.ExitStack() as scaled:
+                bases = {}
+                if scheme.scaling != "none":
+                    check_scalable(self.model_type)
+                    bases = scaled.enter_context(scaled_in_place(ctx, wanted, self.model_type, self.scaling))
+                stats = {}
+                if bases and needs_stats(scheme):
+                    stats = collect_block_stats(ctx, names, set(names) if needs_hessian(scheme) else set(),
+                                                {f: lead for f, lead in shared.items() if f in names})
+                learned = {}
+                if scheme.solver == "autoround":
+                    learned = learn_rounding(ctx.block, {name: ctx.linears[name] for name in names}, wanted,
+                                             list(zip(ctx.inputs.hidden, ctx.inputs.kwargs)), self.autoround)
+                for name in names:  # a layer its sites left alone may still be clipped: measured as scaled too
+                    basis = ScaledBasis(*bases.get(name, (None, None))) if scheme.scaling != "none" else None
+                    measured[(name, scheme.name)] = BlockCandidate(ctx.linears[name].weight.detach().clone(), basis,
+                                                                   stats.get(name), learned.get(name))
+        return measured
 
 
 class _BlockProbe:
@@ -220,32 +318,50 @@ def top_eigenvalue_psd(matrix: torch.Tensor) -> float:
 
 def quantize_candidate(name: str, linear: nn.Linear, scheme: Scheme, stats: LayerStats,
                        cache: CandidateCache | None, rotated_stats: dict | None = None,
-                       gradients: LayerGradients | None = None) -> CandidateError:
+                       gradients: LayerGradients | None = None, block: BlockCandidate | None = None) -> CandidateError:
     """Quantize a copy of the layer's weight with `scheme` and measure ‖ΔW‖² and tr(ΔW XᵀX ΔWᵀ) per token
     (both invariant under the rotation of a Hadamard candidate, so measured in its basis) and, with the
     layer's gradient statistics, the first-order, Fisher and output-Fisher loss estimates (on ΔW in the
-    layer's own input basis)."""
+    layer's own input basis). A candidate measured with its block (`block`) quantizes the weight the block
+    left (scaled, in the scaled input's statistics; by the learned rounding) and is measured in the layer's
+    own basis."""
+    own = linear.weight.float()
+    basis = block.basis if block is not None else None
+    source = block.weight.float() if block is not None else own
     rotation = None if input_rotation_of(linear) is not None else rotation_for(scheme, linear.in_features)
-    weight = rotate_weight(linear.weight, rotation) if rotation else linear.weight.float()
+    weight = rotate_weight(source, rotation) if rotation else source
     layer_stats = stats
-    if rotation is not None:
+    if basis is not None:  # the solver reads the scaled block's statistics; the error is measured on `stats`
+        layer_stats = block.stats
+        if rotation is not None and layer_stats is not None:
+            layer_stats = rotate_stats(layer_stats, rotation)
+    elif rotation is not None:
         key = (id(stats), rotation.seed)
         rotated_stats = {} if rotated_stats is None else rotated_stats
         if key not in rotated_stats:
             rotated_stats[key] = rotate_stats(stats, rotation)
         layer_stats = rotated_stats[key]
-    quantized = quantize_weight(weight.clone(), scheme, layer_stats, name)
-    delta = quantized.dequantize(torch.float32).to(weight.device) - weight
-    row_errors = ((delta @ layer_stats.xtx) * delta).sum(1) / max(1, layer_stats.n_samples)
+    learned = block.learned if block is not None else None
+    quantized = quantize_weight(weight.clone(), scheme, learned if learned is not None else layer_stats, name)
+    decoded = quantized.dequantize(torch.float32).to(weight.device)
+    if basis is None:
+        delta = decoded - weight
+        row_errors = ((delta @ layer_stats.xtx) * delta).sum(1) / max(1, layer_stats.n_samples)
+        plain = rotation.rows_inverse(delta) if rotation is not None else delta  # ΔW in the layer's input basis
+    else:
+        plain = basis.to_original(rotation.rows_inverse(decoded) if rotation is not None else decoded) - own
+        delta = plain
+        row_errors = ((plain @ stats.xtx) * plain).sum(1) / max(1, stats.n_samples)
     if cache is not None:
         cache.weights[(name, scheme.name)] = quantized.to("cpu")
         if rotation is not None:
             cache.rotated.add((name, scheme.name))
+        if basis is not None:
+            cache.scaled[(name, scheme.name)] = basis.cpu()
     error = CandidateError(layer=name, scheme=scheme.name, storage_bits=int(quantized.storage_bits),
                            weight_error=float(delta.double().square().sum()), output_error=float(row_errors.sum()))
     if gradients is not None:
         device = delta.device
-        plain = rotation.rows_inverse(delta) if rotation is not None else delta  # ΔW in the layer's input basis
         error.first_order = float((gradients.grad.to(device) * plain).abs().sum())
         error.fisher = 0.5 * float((gradients.fisher.to(device) * plain.square()).sum())
         error.output_fisher = 0.5 * float((gradients.out_sq.to(device) * row_errors).sum())
@@ -332,6 +448,9 @@ def apply_allocation(model: nn.Module, schemes: dict[str, str], cache: Candidate
     """Make every allocated layer compute as its cached candidate (online rotation included), for good;
     returns the QuantizedWeights that export packs."""
     quantized = {}
+    if scaled := sorted({scheme for layer, scheme in schemes.items() if (layer, scheme) in cache.scaled}):
+        raise QuantbenchError(f"{', '.join(scaled)} quantize a scaled basis that the model's other layers must "
+                              "share; such an allocation is quantized again (allocation.requantize: true)")
     for layer, scheme in schemes.items():
         if scheme == KEEP:
             continue
@@ -366,19 +485,21 @@ def sensitivity_table(model: nn.Module, input_ids: torch.Tensor, candidates_for:
                       cache: CandidateCache | None = None,
                       after_phase: Callable[[SensitivityTable], None] | None = None,
                       gradients: GradientStats | None = None, block_tokens: int = 0,
-                      experts: StarvedExperts = StarvedExperts()) -> SensitivityTable:
+                      experts: StarvedExperts = StarvedExperts(), scaling: ScalingOptions = ScalingOptions(),
+                      autoround: AutoRoundOptions = AutoRoundOptions()) -> SensitivityTable:
     """The whole stage on full-precision inputs: the candidates block by block (the block driver with the
     sensitivity stage alone), then the costly measures named in `measure`: `trace` (Hutchinson),
     `eigenvalue` (power iteration), `kl` (needs a cache; one is made if none given). `gradients` adds the
     gradient-based measures, `block_tokens` the block-output one (see SensitivityStage); `experts` sets the
-    routed-token count below which an expert is measured on every calibration token.
+    routed-token count below which an expert is measured on every calibration token; `scaling` and
+    `autoround` are the options of the candidates that scale or learn their block.
     `after_phase(table)` is called once the candidates and then each measure are done (to save partial work);
     `table.meta["seconds"]` holds each phase's time."""
     measure = set(measure)
     cache = cache if cache is not None else CandidateCache()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    stage = SensitivityStage(candidates_for, cache, gradients, block_tokens, experts)
+    stage = SensitivityStage(candidates_for, cache, gradients, block_tokens, experts, scaling, autoround)
     drive_blocks(model, input_ids, device, [stage], batch_size, progress, desc="sensitivity")
     layers, errors = stage.layers, stage.errors
     if not layers:
