@@ -4,7 +4,8 @@ and each scheme against a baseline scheme seed by seed (paired difference, t).
     python bench/methods.py --export-ids ids/ --seeds 0 1 2            # here: C4 draws and WikiText-2 ids
     python bench/methods.py --model M --ids ids/ --seeds 0 1 2 --windows 16 --device cuda \
         --schemes int4-g128-rtn awq+int4-g128-rtn int4-g128-gptq-act awq+int4-g128-gptq-act \
-        --baseline int4-g128-rtn --json methods.json [--resume]
+        --baseline int4-g128-rtn --json methods.json [--resume] [--pairs A:B ...]
+    python bench/methods.py --json methods.json --report --baseline … --pairs int3-g128-autoround:int3-g128-gptq-act
 
 Every run goes through the real pipeline (block by block) and is scored on the same WikiText-2 windows;
 a scheme that reads no calibration (unscaled round-to-nearest) is measured once and its row repeated for
@@ -50,6 +51,13 @@ def export_ids(args) -> None:
     save_file({"input_ids": wiki.contiguous()}, str(out / "wikitext2.safetensors"))
 
 
+def report(args) -> None:
+    rows = json.loads(Path(args.json).read_text())["runs"]
+    print_table(summarize(rows, args.baseline), args.baseline)
+    if args.pairs:
+        print_pairs(rows, args.pairs)
+
+
 def run(args) -> None:
     from quantbench.eval.perplexity import perplexity_of_ids
     from quantbench.quiet import quiet_libraries
@@ -93,6 +101,8 @@ def run(args) -> None:
           f"{tuple(calibration.shape)} C4 tokens per seed, seeds {args.seeds}; WikiText-2 first {args.windows} "
           f"windows of {args.seqlen}\n")
     print_table(summarize(rows, args.baseline), args.baseline)
+    if args.pairs:
+        print_pairs(rows, args.pairs)
 
 
 def save(path: Path | None, rows: list[dict], baseline: str | None) -> None:
@@ -108,26 +118,51 @@ def reads_no_calibration(name: str) -> bool:
     return scheme.solver == "rtn" and scheme.scaling == "none" and scheme.activations is None
 
 
-def summarize(rows: list[dict], baseline: str | None) -> list[dict]:
-    by_scheme: dict[str, dict[int, dict]] = {}
+def by_scheme(rows: list[dict]) -> dict[str, dict[int, dict]]:
+    grouped: dict[str, dict[int, dict]] = {}
     for row in rows:
-        by_scheme.setdefault(row["scheme"], {})[row["seed"]] = row
-    summary = []
-    for name, runs in by_scheme.items():
+        grouped.setdefault(row["scheme"], {})[row["seed"]] = row
+    return grouped
+
+
+def paired(first: dict[int, dict], second: dict[int, dict]) -> dict | None:
+    """first minus second, seed by seed: mean, spread, t, and how many seeds the first is lower on."""
+    seeds = sorted(set(first) & set(second))
+    diffs = [first[s]["wikitext2_ppl"] - second[s]["wikitext2_ppl"] for s in seeds]
+    if len(diffs) < 2:
+        return None
+    spread = statistics.stdev(diffs)
+    return {"n": len(diffs), "mean": statistics.mean(diffs), "std": spread,
+            "t": statistics.mean(diffs) / (spread / math.sqrt(len(diffs))) if spread else math.inf,
+            "lower": sum(d < 0 for d in diffs)}
+
+
+def summarize(rows: list[dict], baseline: str | None) -> list[dict]:
+    grouped, summary = by_scheme(rows), []
+    for name, runs in grouped.items():
         values = [run["wikitext2_ppl"] for run in runs.values()]
         entry = {"scheme": name, "bits_per_weight": next(iter(runs.values()))["bits_per_weight"], "n": len(values),
                  "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                  "quantize_s": statistics.mean(run["quantize_s"] for run in runs.values())}
-        if baseline in by_scheme and name not in (baseline, "full precision"):
-            seeds = sorted(set(runs) & set(by_scheme[baseline]))
-            diffs = [runs[s]["wikitext2_ppl"] - by_scheme[baseline][s]["wikitext2_ppl"] for s in seeds]
-            if len(diffs) > 1:
-                spread = statistics.stdev(diffs)
-                entry["paired"] = {"n": len(diffs), "mean": statistics.mean(diffs), "std": spread,
-                                   "t": statistics.mean(diffs) / (spread / math.sqrt(len(diffs))) if spread else math.inf,
-                                   "lower": sum(d < 0 for d in diffs)}
+        if baseline in grouped and name not in (baseline, "full precision"):
+            if comparison := paired(runs, grouped[baseline]):
+                entry["paired"] = comparison
         summary.append(entry)
     return summary
+
+
+def print_pairs(rows: list[dict], pairs: list[str]) -> None:
+    """`A:B` pairs, each A minus B seed by seed."""
+    grouped = by_scheme(rows)
+    print("\n| scheme | minus | seeds | difference, paired | t | lower on |\n|---|---|---:|---:|---:|---:|")
+    for pair in pairs:
+        first, second = pair.split(":")
+        comparison = paired(grouped.get(first, {}), grouped.get(second, {}))
+        if comparison:
+            print(f"| {first} | {second} | {comparison['n']} | {comparison['mean']:+.2f} ± {comparison['std']:.2f} | "
+                  f"{comparison['t']:.1f} | {comparison['lower']}/{comparison['n']} |")
+        else:
+            print(f"| {first} | {second} | <2 | | | |")
 
 
 def print_table(summary: list[dict], baseline: str | None) -> None:
@@ -152,6 +187,7 @@ def main() -> None:
     parser.add_argument("--ids", help="the folder --export-ids wrote")
     parser.add_argument("--schemes", nargs="+", default=["int4-g128-rtn", "awq+int4-g128-rtn"])
     parser.add_argument("--baseline", help="the scheme every other is compared with, seed by seed")
+    parser.add_argument("--pairs", nargs="*", default=[], help="also A:B pairs, A minus B seed by seed")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--device", default="auto")
@@ -162,10 +198,11 @@ def main() -> None:
                         help="AWQ's search and AutoRound's steps under bfloat16 autocast (auto: on a GPU)")
     parser.add_argument("--json")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--report", action="store_true", help="print the tables of --json and measure nothing")
     parser.add_argument("--save-checkpoints", help="write each quantized model here as a native checkpoint "
                         "(<scheme>-seed<S>/; bench/checkpoint_parts.py moves them through small-file channels)")
     args = parser.parse_args()
-    export_ids(args) if args.export_ids else run(args)
+    export_ids(args) if args.export_ids else report(args) if args.report else run(args)
 
 
 if __name__ == "__main__":
