@@ -109,9 +109,6 @@ class Scheme(BaseModel):
         if self.scaling != "none" and self.format == "ternary":
             raise ValueError(f"{self.scaling} scaling searches with the format's round-to-nearest grid; the "
                              "ternary planes have none (use it with int, MX or NVFP4 formats)")
-        if self.solver == "autoround" and self.transform != "none":
-            raise ValueError("autoround learns its rounding in the layer's own basis; the hadamard transform does not "
-                             "combine with it yet (use hadamard+…-gptq, or autoround alone)")
         if self.scaling == "smoothquant" and self.activations is None:
             raise ValueError("smoothquant moves activation outliers into the weights, which helps only when the "
                              "activations are quantized: add activations (e.g. smoothquant+int8-pc-sym-rtn-a:int8)")

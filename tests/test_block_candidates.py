@@ -37,7 +37,8 @@ def table_of(model, names, cache, **options):
 
 @pytest.mark.parametrize("name,options", [("awq+int3-g32-rtn", {"scaling": ScalingOptions()}),
                                           ("awq+int3-g32-gptq", {"scaling": ScalingOptions()}),
-                                          ("int3-g32-autoround", {"autoround": QUICK})])
+                                          ("int3-g32-autoround", {"autoround": QUICK}),
+                                          ("hadamard+int3-g32-autoround", {"autoround": QUICK})])
 def test_the_cached_candidates_compute_block_0_as_the_pipeline_quantizes_it(name, options):
     """Block 0 sees the same full-precision inputs in both, so the candidate's cached weights, in the layer's own
     basis, must give the output of the block the pipeline scaled and quantized (GPTQ: every layer's statistics

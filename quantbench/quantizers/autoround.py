@@ -10,6 +10,10 @@ decaying linearly to 0). The offsets and factors of the step with the least loss
 steps' forwards and backwards run under bfloat16 autocast, as the reference implementation's do; the
 targets stay the float32 block's outputs.
 
+Under the hadamard transform (`hadamard+…-autoround`) the rounding is learned on W·R, the basis the layer
+is quantized in, and the block computes with the fake-quantized weight rotated back (Q·Rᵀ, what the layer
+computes once its input is rotated online).
+
 Any grid format works through its fit/encode/decode: integer grids learn offsets and range factors; on
 MX and NVFP4 grids, whose block scales are powers of two or E4M3 values, the range factors get no
 gradient and only the offsets learn.
@@ -27,6 +31,7 @@ from quantbench.calibration.stats import LayerStats
 from quantbench.formats import GridParams, format_for
 from quantbench.model_io import block_output, trial_autocast
 from quantbench.quantized_weight import QuantizedWeight
+from quantbench.quantizers.hadamard import rotate_weight, rotation_for
 from quantbench.scheme import Scheme
 
 
@@ -125,7 +130,11 @@ def learn_rounding(block: nn.Module, linears: dict[str, nn.Linear], schemes: dic
     with torch.no_grad():
         targets = [block_output(block(hidden, **kwargs)).detach() for hidden, kwargs in batches]
     stacks = _stacks(linears, schemes) if stack else [[name] for name in schemes]
-    grids = [_Grid(torch.cat([linears[name].weight for name in names]), schemes[names[0]]) for names in stacks]
+    rotations = [_rotation(linears[names[0]], schemes[names[0]]) for names in stacks]
+    grids = []
+    for names, rotation in zip(stacks, rotations):
+        weight = torch.cat([linears[name].weight for name in names])
+        grids.append(_Grid(rotate_weight(weight, rotation) if rotation else weight, schemes[names[0]]))
     learned = [grid.start() for grid in grids]
     offsets = [state.offsets for state in learned]
     factors = [t for state in learned for t in (state.low, state.high)]
@@ -147,8 +156,10 @@ def learn_rounding(block: nn.Module, linears: dict[str, nn.Linear], schemes: dic
                 index = int(torch.randint(len(batches), (1,), generator=order))
                 hidden, kwargs = batches[index]
                 weights = {}
-                for names, grid, state in zip(stacks, grids, learned):
-                    rows = grid.fake_quantized(state).split([linears[name].out_features for name in names])
+                for names, grid, state, rotation in zip(stacks, grids, learned, rotations):
+                    rows = grid.fake_quantized(state)
+                    rows = (rotation.rows_inverse(rows) if rotation else rows).split(
+                        [linears[name].out_features for name in names])
                     weights.update({f"{prefix[name]}weight": part.to(linears[name].weight.dtype)
                                     for name, part in zip(names, rows)})
                 with trial_autocast(block, options.bf16):
@@ -203,6 +214,14 @@ def _signed_step(tensors: list[torch.Tensor], lr: float, low: float, high: float
 
 def _copy(state: LearnedRounding) -> LearnedRounding:
     return LearnedRounding(state.offsets.detach().clone(), state.low.detach().clone(), state.high.detach().clone())
+
+
+def _rotation(linear: nn.Linear, scheme: Scheme):
+    """The Hadamard rotation a `hadamard+` layer will quantize in (none where the model rotation already
+    rotates its input online, as the pipeline does)."""
+    from quantbench.activations import input_rotation_of  # activations imports the quantizers package
+
+    return None if input_rotation_of(linear) is not None else rotation_for(scheme, linear.in_features)
 
 
 def _prefix(block: nn.Module, linear: nn.Linear) -> str:
