@@ -224,30 +224,38 @@ class SensitivityStage:
         with ctx.timer("candidates"):
             factor_hessians([(scheme, stats[name]) for name, schemes in candidates.items() if name in stats
                              for scheme in schemes if scheme.scaling == "none"], next(ctx.block.parameters()).device)
-            measured = self._block_candidates(ctx, candidates, shared)
+            errors = {}
+            for scheme, group in self._block_candidates(ctx, candidates, shared):
+                for name, candidate in group.items():
+                    errors[(name, scheme)] = self._measure(ctx, name, scheme, stats[name], rotated, probe, candidate)
             for name, linear in linears.items():
-                full_name = ctx.full_name(name)
-                self.layers[full_name] = layer_proxies(full_name, linear, stats[name])
-                grads = self.gradients.layers.get(full_name) if self.gradients else None
+                self.layers[ctx.full_name(name)] = layer_proxies(ctx.full_name(name), linear, stats[name])
                 for scheme in candidates[name]:
-                    error = quantize_candidate(full_name, linear, scheme, stats[name], self.cache, rotated, grads,
-                                               measured.get((name, scheme.name)))
-                    if probe is not None:
-                        error.block_output = probe.cost(linear, self.cache.effective_weight(
-                            full_name, scheme.name, linear.weight.dtype, linear.weight.device))
-                    self.errors[(full_name, scheme.name)] = error
+                    error = errors.get((name, scheme)) or self._measure(ctx, name, scheme, stats[name], rotated, probe)
+                    self.errors[(ctx.full_name(name), scheme.name)] = error
 
-    def _block_candidates(self, ctx: BlockContext, candidates: dict[str, list[Scheme]], shared: dict) -> dict:
-        """(layer, scheme name) → BlockCandidate, for every candidate that acts on the whole block: per such
-        scheme, the block scaled and/or its rounding learned with every layer offered the scheme in it. A
-        scaled block's statistics are measured again, as the pipeline measures them after scaling."""
+    def _measure(self, ctx: BlockContext, name: str, scheme: Scheme, stats: LayerStats, rotated: dict,
+                 probe: "_BlockProbe | None", block: "BlockCandidate | None" = None) -> CandidateError:
+        full_name, linear = ctx.full_name(name), ctx.linears[name]
+        grads = self.gradients.layers.get(full_name) if self.gradients else None
+        error = quantize_candidate(full_name, linear, scheme, stats, self.cache, rotated, grads, block)
+        if probe is not None:
+            error.block_output = probe.cost(linear, self.cache.effective_weight(
+                full_name, scheme.name, linear.weight.dtype, linear.weight.device))
+        return error
+
+    def _block_candidates(self, ctx: BlockContext, candidates: dict[str, list[Scheme]], shared: dict):
+        """For each candidate scheme that acts on the whole block, (scheme, layer → BlockCandidate): the block
+        scaled and/or its rounding learned with every layer offered the scheme in it, one scheme at a time, the
+        block restored before each is yielded. A scaled block's statistics are measured again, as the
+        pipeline measures them after scaling."""
         offered: dict[Scheme, list[str]] = {}
         for name, schemes in candidates.items():
             for scheme in schemes:
                 if is_block_candidate(scheme):
                     offered.setdefault(scheme, []).append(name)
-        measured = {}
         for scheme, names in offered.items():
+            group = {}
             wanted = dict.fromkeys(names, scheme)
             with contextlib.ExitStack() as scaled:
                 bases = {}
@@ -264,9 +272,9 @@ class SensitivityStage:
                                              list(zip(ctx.inputs.hidden, ctx.inputs.kwargs)), self.autoround)
                 for name in names:  # a layer its sites left alone may still be clipped: measured as scaled too
                     basis = ScaledBasis(*bases.get(name, (None, None))) if scheme.scaling != "none" else None
-                    measured[(name, scheme.name)] = BlockCandidate(ctx.linears[name].weight.detach().clone(), basis,
-                                                                   stats.get(name), learned.get(name))
-        return measured
+                    group[name] = BlockCandidate(ctx.linears[name].weight.detach().clone(), basis, stats.get(name),
+                                                 learned.get(name))
+            yield scheme, group
 
 
 class _BlockProbe:
