@@ -120,7 +120,7 @@ def test_load_with_kernels_swaps_in_packed_modules(tmp_path, tokenizer):
     quantized = quantize_model(model, ids, section.scheme_for, torch.device("cpu"), progress=False)
     save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
     dense = load_quantized(tmp_path / "ckpt")
-    packed = load_quantized(tmp_path / "ckpt", kernels=True)
+    packed = load_quantized(tmp_path / "ckpt", kernels=True, fuse=False)
     kinds = {name: m.kind for name, m in packed.named_modules() if isinstance(m, PackedLinear)}
     assert set(kinds) == set(quantized) - set(packed.quantbench_kernel_skips)
     assert set(packed.quantbench_kernel_skips) == {f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)}
@@ -148,3 +148,46 @@ def test_half_precision_decode_matches_within_float16_rounding(label):
     got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=TileConfig(1, 32, 64, 2, half=True))
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_fused_siblings_compute_the_unfused_logits_with_four_launches_per_layer(tmp_path, tokenizer, monkeypatch):
+    """q/k/v and gate/up share one packed weight per input; the o projection in another format stays alone."""
+    from quantbench.export.kernels import fused as fused_module
+    from quantbench.export.kernels import modules as modules_module
+
+    model = tiny_llama()
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    section = QuantizeSection(default="int4-g32-gptq-act", overrides=[{"pattern": "o_proj", "scheme": "int8-pc-rtn"},
+                                                                      {"pattern": "layers.1.mlp.up_proj",
+                                                                       "scheme": "int4-g64-rtn"}])
+    quantized = quantize_model(model, ids, section.scheme_for, torch.device("cpu"), progress=False)
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    separate = load_quantized(tmp_path / "ckpt", kernels=True, fuse=False)
+    fused = load_quantized(tmp_path / "ckpt", kernels=True)
+    assert fused.quantbench_fused == ["model.layers.0.self_attn.q_proj+k_proj+v_proj",
+                                      "model.layers.0.mlp.gate_proj+up_proj",
+                                      "model.layers.1.self_attn.q_proj+k_proj+v_proj"]  # layer 1: up in g64
+    for name in ("self_attn.k_proj", "mlp.up_proj"):  # .weight still decodes each member's own rows
+        assert torch.equal(fused.model.layers[0].get_submodule(name).weight,
+                           separate.model.layers[0].get_submodule(name).weight)
+    launches = []
+
+    def counted(original):
+        def matmul(*args, **kwargs):
+            launches.append(1)
+            return original(*args, **kwargs)
+        return matmul
+
+    monkeypatch.setattr(fused_module, "packed_matmul", counted(fused_module.packed_matmul))
+    monkeypatch.setattr(modules_module, "packed_matmul", counted(modules_module.packed_matmul))
+    with torch.no_grad():
+        expected = separate(ids).logits
+        assert len(launches) == 2 * 7
+        launches.clear()
+        got = fused(ids).logits
+        assert len(launches) == 4 + 5  # layer 0: qkv, o, gate-up, down; layer 1: qkv, o, gate, up, down
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        for module in fused.modules():
+            if isinstance(module, (fused_module.FusedPackedLinear, PackedLinear)):
+                module.backend = "triton"
+        torch.testing.assert_close(fused(ids).logits, expected, rtol=1e-3, atol=1e-3)

@@ -35,6 +35,7 @@ from torch import nn
 from quantbench.activations import input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.errors import QuantbenchError
 from quantbench.export.kernels.layout import kernel_unsupported_reason, to_kernel_layout
+from quantbench.export.kernels.fused import fuse_packed_siblings
 from quantbench.export.kernels.modules import PackedLinear
 from quantbench.export.checkpoint_reader import (FORMAT_VERSION, INDEX_FILE, QUANT_METHOD,  # noqa: F401
                                                  RUN_CHECKPOINT_DIR, WEIGHTS_FILE, CheckpointLayer,
@@ -170,7 +171,7 @@ def _stored_dtype(model: nn.Module) -> torch.dtype:
 
 
 def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None, kernels: bool = False) -> nn.Module:
+                   dtype: torch.dtype | None = None, kernels: bool = False, fuse: bool = True) -> nn.Module:
     """Rebuild the model of a quantbench checkpoint, its quantized linears holding the dequantized weights.
 
     The weights equal those of the in-memory quantized model that was saved, and layers that rotated or
@@ -178,7 +179,9 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
 
     `kernels=True` instead swaps every layer a packed-weight kernel can run (export/kernels) for a
     `PackedLinear` that keeps only the packed tensors; the others keep their dequantized weights.
-    `model.quantbench_kernel_skips` names each layer left dense and why.
+    `model.quantbench_kernel_skips` names each layer left dense and why. With `fuse`, packed layers that
+    read one input (q/k/v, gate/up) and agree in format share one fused weight (export/kernels/fused.py);
+    `model.quantbench_fused` names the groups.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -220,6 +223,7 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     restore_online_transforms(model, qconfig, schemes, directory)
     if kernels:
         model.quantbench_kernel_skips = skipped
+        model.quantbench_fused = fuse_packed_siblings(model) if fuse else []
     return model.to(device).eval()
 
 

@@ -5,6 +5,7 @@ reference.py  the torch fallback (decodes a slab of inputs at a time)
 triton_matmul.py  the Triton kernels (imported only when used)
 matmul.py     `packed_matmul`: backend choice and tile tuning
 modules.py    `PackedLinear`, what `load_quantized(..., kernels=True)` puts in place of nn.Linear
+fused.py      layers that read one input (q/k/v, gate/up) sharing one packed weight and one launch
 """
 
 from quantbench.export.kernels.layout import KernelWeight, kernel_unsupported_reason, to_kernel_layout

@@ -1,0 +1,118 @@
+"""Fused packed modules: layers that read one input (q/k/v, gate/up, an expert's w1/w3) stacked along their
+outputs into one packed weight, so that a decoder layer makes one weight-matmul launch per input instead
+of one per layer (four per Llama layer: qkv, o, gate-up, down).
+
+Each member keeps its place in the model as a `PackedSlice`. The first member called with an input runs
+the fused matmul; the others, called with the same tensor, take their slice of that output. A member called
+with another tensor runs the matmul again, so the result never depends on the call order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantbench.export.kernels.layout import KernelWeight
+from quantbench.export.kernels.matmul import packed_matmul
+from quantbench.export.kernels.modules import PackedLinear
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+class FusedPackedLinear(nn.Module):
+    """The stacked packed weight of several layers that read one input."""
+
+    def __init__(self, members: list[PackedLinear]):
+        super().__init__()
+        first = members[0]
+        self.kind, self.bits, self.group, self.backend = first.kind, first.bits, first.group, first.backend
+        self.in_features, self.sizes = first.in_features, [m.out_features for m in members]
+        self.register_buffer("qweight", torch.cat([m.qweight for m in members], dim=-1), persistent=False)
+        self.register_buffer("scales", torch.cat([m.scales for m in members], dim=-1), persistent=False)
+        zeros = torch.cat([m.zeros for m in members], dim=-1) if first.zeros is not None else None
+        self.register_buffer("zeros", zeros, persistent=False)
+        self.register_buffer("perm", first.perm, persistent=False)
+        biases = [m.bias for m in members]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else torch.zeros(m.out_features, dtype=first.dtype,
+                                                                  device=m.qweight.device)
+                              for b, m in zip(biases, members)])
+        self.register_buffer("bias", bias, persistent=False)
+        self._input: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] = ()
+        self._served: set[int] = set()
+
+    @property
+    def kernel_weight(self) -> KernelWeight:
+        return KernelWeight(self.kind, self.bits, (sum(self.sizes), self.in_features), self.group, self.qweight,
+                            self.scales, self.zeros, self.perm)
+
+    def output_of(self, member: int, x: torch.Tensor) -> torch.Tensor:
+        """Member `member`'s output for input `x`; one fused matmul per distinct input, kept until every
+        member has taken its slice."""
+        if x is not self._input:
+            y = packed_matmul(x, self.kernel_weight, self.backend)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            self._input, self._outputs, self._served = x, y.split(self.sizes, dim=-1), set()
+        output = self._outputs[member]
+        self._served.add(member)
+        if len(self._served) == len(self.sizes):  # every member served: drop the input and the outputs
+            self._input, self._outputs = None, ()
+        return output
+
+
+class PackedSlice(nn.Module):
+    """One member of a FusedPackedLinear, in the place of its PackedLinear."""
+
+    def __init__(self, fused: FusedPackedLinear, member: int, original: PackedLinear):
+        super().__init__()
+        self.fused, self.member, self.dtype = fused, member, original.dtype
+        self.in_features, self.out_features = original.in_features, original.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The member's dequantized rows, decoded on demand."""
+        from quantbench.export.kernels.reference import dequantize_kernel_weight
+
+        start = sum(self.fused.sizes[:self.member])
+        return dequantize_kernel_weight(self.fused.kernel_weight)[start:start + self.out_features].to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.output_of(self.member, x)
+
+    def extra_repr(self) -> str:
+        return f"member {self.member} of a fused {self.fused.kind} weight, out_features={self.out_features}"
+
+
+def fusable(members: list[nn.Module]) -> bool:
+    """Whether packed layers can share one fused weight: one kind, width, group, input order and dtype,
+    and no online input transform (a rotation or activation quantization hooked on a member)."""
+    if not all(isinstance(m, PackedLinear) and not m._forward_pre_hooks for m in members):
+        return False
+    first = members[0]
+    return all(m.kind == first.kind and m.bits == first.bits and m.group == first.group
+               and m.in_features == first.in_features and m.dtype == first.dtype and m.backend == first.backend
+               and m.scales.dtype == first.scales.dtype and (m.zeros is None) == (first.zeros is None)
+               and _same(m.perm, first.perm) for m in members)
+
+
+def fuse_packed_siblings(model: nn.Module) -> list[str]:
+    """Replace every group of fusable packed siblings that read one input (SHARED_INPUTS) by slices of one
+    fused weight; returns the fused groups' names (e.g. `model.layers.0.self_attn.q_proj+k_proj+v_proj`)."""
+    fused_groups = []
+    for parent_name, parent in list(model.named_modules()):
+        for names in SHARED_INPUTS:
+            members = [getattr(parent, name, None) for name in names]
+            if not fusable(members):
+                continue
+            fused = FusedPackedLinear(members)
+            for index, (name, member) in enumerate(zip(names, members)):
+                setattr(parent, name, PackedSlice(fused, index, member))
+            fused_groups.append(f"{parent_name}.{'+'.join(names)}")
+    return fused_groups
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
