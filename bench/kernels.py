@@ -30,7 +30,8 @@ from quantbench.trit_planes import TritPlaneWeight  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # (K inputs, N outputs)
 BATCHES = [1, 4, 16]
 HBM_BYTES_PER_S = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
-VARIANTS = {"int4-g128 act_order": "int4-g128-gptq-act", "ternary2": "ternary2-ptqtp", "mxfp4": "mxfp4-rtn"}
+VARIANTS = {"int4-g128 act_order": "int4-g128-gptq-act", "ternary2": "ternary2-ptqtp", "mxfp4": "mxfp4-rtn",
+            "nvfp4": "nvfp4-rtn"}
 
 
 def random_weight(scheme_name: str, n: int, k: int, device) -> QuantizedWeight | TritPlaneWeight:
@@ -45,6 +46,9 @@ def random_weight(scheme_name: str, n: int, k: int, device) -> QuantizedWeight |
     if scheme.format == "mxfp4":
         scales = torch.randint(118, 124, (n, k // 32), generator=g, device=device, dtype=torch.uint8)
         return QuantizedWeight(scheme, codes, scales, None)
+    if scheme.format == "nvfp4":  # E4M3 codes of 1–2 (0x38–0x40), g = 448·6 / 0.05
+        scales = torch.randint(0x38, 0x41, (n, k // 16), generator=g, device=device, dtype=torch.uint8)
+        return QuantizedWeight(scheme, codes, scales, None, global_scale=torch.tensor([53760.0], device=device))
     groups = -(-k // 128)
     scales = (torch.rand(n, groups, generator=g, device=device) * 0.01).half()
     zeros = torch.randint(0, 16, (n, groups), generator=g, device=device, dtype=torch.uint8)

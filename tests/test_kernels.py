@@ -47,7 +47,8 @@ def ternary_weight(group: int | None, seed: int = 2) -> TritPlaneWeight:
 
 def stored_weights():
     w = weight()
-    for name in ("int4-g128-rtn", "int4-g32-sym-rtn", "int4-pc-rtn", "int2-g64-rtn", "int8-pc-rtn", "mxfp4-rtn"):
+    for name in ("int4-g128-rtn", "int4-g32-sym-rtn", "int4-pc-rtn", "int2-g64-rtn", "int8-pc-rtn", "mxfp4-rtn",
+                 "nvfp4-rtn"):
         yield name, quantize_rtn(w, Scheme.parse(name))
     yield "int4-g32 act_order", act_order_weight(4)
     yield "int8-g64 act_order", act_order_weight(8, 64)
@@ -100,7 +101,7 @@ def test_triton_kernel_handles_inputs_that_do_not_fill_a_tile():
 
 
 @pytest.mark.parametrize("name, why", [
-    ("int3-g32-rtn", "3"), ("mxfp6e2m3-rtn", "mxfp6e2m3"), ("nvfp4-rtn", "nvfp4"), ("ternary1-ptqtp", "two planes"),
+    ("int3-g32-rtn", "3"), ("mxfp6e2m3-rtn", "mxfp6e2m3"), ("ternary1-ptqtp", "two planes"),
 ])
 def test_layers_without_a_kernel_say_why(name, why):
     reason = kernel_unsupported_reason(quantize_rtn(weight(), Scheme.parse(name)) if "ternary" not in name
@@ -116,7 +117,8 @@ def test_load_with_kernels_swaps_in_packed_modules(tmp_path, tokenizer):
     section = QuantizeSection(default="int4-g32-gptq-act",
                               overrides=[{"pattern": "mlp.down_proj", "scheme": "ternary2-ptqtp"},
                                          {"pattern": "o_proj", "scheme": "int3-g32-rtn"},
-                                         {"pattern": "layers.1.mlp.up_proj", "scheme": "mxfp4-rtn"}])
+                                         {"pattern": "layers.1.mlp.up_proj", "scheme": "mxfp4-rtn"},
+                                         {"pattern": "layers.0.mlp.gate_proj", "scheme": "nvfp4-rtn"}])
     quantized = quantize_model(model, ids, section.scheme_for, torch.device("cpu"), progress=False)
     save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
     dense = load_quantized(tmp_path / "ckpt")
@@ -124,7 +126,7 @@ def test_load_with_kernels_swaps_in_packed_modules(tmp_path, tokenizer):
     kinds = {name: m.kind for name, m in packed.named_modules() if isinstance(m, PackedLinear)}
     assert set(kinds) == set(quantized) - set(packed.quantbench_kernel_skips)
     assert set(packed.quantbench_kernel_skips) == {f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)}
-    assert {"int", "ternary", "mxfp4"} == set(kinds.values())
+    assert {"int", "ternary", "mxfp4", "nvfp4"} == set(kinds.values())
     assert not any(name.removesuffix(".weight") in kinds for name, _ in packed.named_parameters())
     for name in kinds:  # .weight decodes on demand, for code that inspects it
         assert torch.equal(packed.get_submodule(name).weight, dense.get_submodule(name).weight)

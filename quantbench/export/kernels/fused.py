@@ -26,6 +26,7 @@ class FusedPackedLinear(nn.Module):
         super().__init__()
         first = members[0]
         self.kind, self.bits, self.group, self.backend = first.kind, first.bits, first.group, first.backend
+        self.global_scale = first.global_scale
         self.in_features, self.sizes = first.in_features, [m.out_features for m in members]
         self.register_buffer("qweight", torch.cat([m.qweight for m in members], dim=-1), persistent=False)
         self.register_buffer("scales", torch.cat([m.scales for m in members], dim=-1), persistent=False)
@@ -46,7 +47,7 @@ class FusedPackedLinear(nn.Module):
     @property
     def kernel_weight(self) -> KernelWeight:
         return KernelWeight(self.kind, self.bits, (sum(self.sizes), self.in_features), self.group, self.qweight,
-                            self.scales, self.zeros, self.perm)
+                            self.scales, self.zeros, self.perm, self.global_scale)
 
     def output_of(self, member: int, x: torch.Tensor) -> torch.Tensor:
         """Member `member`'s output for input `x`; one fused matmul per distinct input, kept until every
@@ -87,14 +88,15 @@ class PackedSlice(nn.Module):
 
 
 def fusable(members: list[nn.Module]) -> bool:
-    """Whether packed layers can share one fused weight: one kind, width, group, input order and dtype,
-    and no online input transform (a rotation or activation quantization hooked on a member)."""
+    """Whether packed layers can share one fused weight: one kind, width, group, input order, dtype and
+    per-tensor scale (NVFP4's), and no online input transform (a rotation or activation quantization hooked on a member)."""
     if not all(isinstance(m, PackedLinear) and not m._forward_pre_hooks for m in members):
         return False
     first = members[0]
     return all(m.kind == first.kind and m.bits == first.bits and m.group == first.group
                and m.in_features == first.in_features and m.dtype == first.dtype and m.backend == first.backend
                and m.scales.dtype == first.scales.dtype and (m.zeros is None) == (first.zeros is None)
+               and m.global_scale == first.global_scale
                and _same(m.perm, first.perm) for m in members)
 
 

@@ -7,14 +7,16 @@ cache lines.
                                      (GPTQ's `qweight` layout for 2, 4 and 8 bits)
   scales   [G, N]                    int grids: float16 scales per group of `group` consecutive inputs;
            [2, G, N]                 ternary: float16 α of each plane;
-           uint8 [K / 32, N]         mxfp4: E8M0 exponents of each block of 32 inputs
+           uint8 [K / 32, N]         mxfp4: E8M0 exponents of each block of 32 inputs;
+           uint8 [K / 16, N]         nvfp4: E4M3 codes of each block of 16 inputs (with `global_scale`)
   zeros    uint8 [G, N] or None      int grids: asymmetric zero points
   perm     int32 [K] or None         act_order: stored input k is original input perm[k] (inputs sorted by
                                      group); kernels read x[perm[k]] and then see contiguous groups
 
 Codes by kind: `int` unsigned codes, w = (q − z)·s (symmetric: z = 2^(bits−1)); `ternary` 4-bit codes
 holding two trits t1 = (q & 3) − 1 and t2 = (q >> 2) − 1, w = α1·t1 + α2·t2; `mxfp4` E2M1 codes
-[sign | e1 e0 | m], w = e2m1(q)·2^(E − 127).
+[sign | e1 e0 | m], w = e2m1(q)·2^(E − 127); `nvfp4` the same E2M1 codes, w = e2m1(q)·(e4m3(s) / g), g the
+float32 per-tensor `global_scale`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from quantbench.trit_planes import TritPlaneWeight
 
 KERNEL_INT_BITS = (2, 4, 8)  # widths that fill an int32 word exactly
 MX_BLOCK = 32
+NV_BLOCK = 16
 
 
 @dataclass
@@ -42,6 +45,7 @@ class KernelWeight:
     scales: torch.Tensor
     zeros: torch.Tensor | None = None
     perm: torch.Tensor | None = None
+    global_scale: float = 1.0  # nvfp4: the per-tensor g that every block scale is divided by
 
     @property
     def per_word(self) -> int:
@@ -67,14 +71,14 @@ def kernel_unsupported_reason(weight: QuantizedWeight | TritPlaneWeight) -> str 
     if scheme.format == "ternary":
         if scheme.planes != 2:
             return f"the ternary kernel runs two planes, not {scheme.planes}"
-    elif scheme.format == "mxfp4":
+    elif scheme.format in ("mxfp4", "nvfp4"):
         pass
     elif scheme.format != "int":
         return f"no kernel for {scheme.format}"
     elif scheme.bits not in KERNEL_INT_BITS:
         return f"the int kernels pack {'/'.join(map(str, KERNEL_INT_BITS))} bits per word, not {scheme.bits}"
     group = weight.group_size
-    bits = 4 if scheme.format in ("ternary", "mxfp4") else scheme.bits
+    bits = 4 if scheme.format in ("ternary", "mxfp4", "nvfp4") else scheme.bits
     if group < in_features and (group & (group - 1) or group < 32 // bits):
         return f"group size {group} is not a power of two ≥ {32 // bits} (the codes in a word)"
     if in_features % 32:
@@ -98,6 +102,9 @@ def to_kernel_layout(weight: QuantizedWeight | TritPlaneWeight) -> KernelWeight:
     if weight.scheme.format == "mxfp4":
         return KernelWeight("mxfp4", 4, (out_features, in_features), MX_BLOCK, _pack_columns(weight.codes, 4),
                             weight.scales.T.contiguous())
+    if weight.scheme.format == "nvfp4":
+        return KernelWeight("nvfp4", 4, (out_features, in_features), NV_BLOCK, _pack_columns(weight.codes, 4),
+                            weight.scales.T.contiguous(), global_scale=float(weight.global_scale))
     bits = weight.scheme.bits
     codes, perm = weight.codes, None
     if weight.g_idx is not None:

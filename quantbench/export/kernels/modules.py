@@ -18,7 +18,7 @@ class PackedLinear(nn.Module):
         self.dtype = dtype  # what `.weight` decodes to
         self.kind, self.bits, self.group = weight.kind, weight.bits, weight.group
         self.out_features, self.in_features = weight.shape
-        self.backend = backend
+        self.backend, self.global_scale = backend, weight.global_scale
         for name in ("qweight", "scales", "zeros", "perm"):
             self.register_buffer(name, getattr(weight, name), persistent=False)  # built from the checkpoint
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -26,7 +26,7 @@ class PackedLinear(nn.Module):
     @property
     def kernel_weight(self) -> KernelWeight:
         return KernelWeight(self.kind, self.bits, (self.out_features, self.in_features), self.group,
-                            self.qweight, self.scales, self.zeros, self.perm)
+                            self.qweight, self.scales, self.zeros, self.perm, self.global_scale)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from quantbench.export.kernels.layout import KernelWeight
-from quantbench.formats.fp import E2M1, pow2
+from quantbench.formats.fp import E2M1, E4M3, pow2
 from quantbench.formats.mx import E8M0_BIAS
 
 SLAB_INPUTS = 1024  # inputs decoded per step: bounds the temporary to N × 1024 floats
@@ -29,6 +29,8 @@ def decode_slab(weight: KernelWeight, start: int, stop: int) -> torch.Tensor:
         return ((codes & 3).float() - 1) * scales[0] + ((codes >> 2).float() - 1) * scales[1]
     if weight.kind == "mxfp4":
         return E2M1.decode(codes.to(torch.uint8)) * pow2(weight.scales[rows].to(torch.int32) - E8M0_BIAS)
+    if weight.kind == "nvfp4":
+        return E2M1.decode(codes.to(torch.uint8)) * (E4M3.decode(weight.scales[rows]) / weight.global_scale)
     raise ValueError(f"unknown kernel weight kind {weight.kind!r}")
 
 

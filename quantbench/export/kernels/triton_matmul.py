@@ -1,6 +1,6 @@
 """Triton kernels for x·Wᵀ with W in the kernel layout (layout.py), decoded in registers.
 
-`KIND` (0 int, 1 ternary, 2 mxfp4), the code width and the group size are compile-time constants; an
+`KIND` (0 int, 1 ternary, 2 mxfp4, 3 nvfp4), the code width and the group size are compile-time constants; an
 act_order permutation is applied while loading x, so a call is one kernel launch.
 
 - `packed_gemv_kernel` (decode, one row of x per program): a [BLOCK_W words, BLOCK_N outputs] tile
@@ -23,7 +23,7 @@ import triton.language as tl
 
 from quantbench.export.kernels.layout import KernelWeight
 
-KINDS = {"int": 0, "ternary": 1, "mxfp4": 2}
+KINDS = {"int": 0, "ternary": 1, "mxfp4": 2, "nvfp4": 3}
 
 
 @triton.jit
@@ -31,6 +31,20 @@ def _e2m1(q):
     """E2M1 code → float32: |e,m| becomes an fp16 bit pattern whose value is 2^-14 times the element."""
     magnitude = ((q & 7) << 9).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
     return tl.where((q & 8) != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _e4m3(q):
+    """Non-negative E4M3 code → float32, the same way: |e,m| placed in an fp16 pattern is 2^-8 times it."""
+    return ((q & 0x7F) << 7).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+
+@triton.jit
+def _block_scale(raw, global_scale, KIND: tl.constexpr):
+    """A block format's scale from its stored code: E8M0 → 2^(E − 127); E4M3 → e4m3 / g."""
+    if KIND == 2:
+        return tl.exp2(raw.to(tl.float32) - 127.0)
+    return _e4m3(raw.to(tl.int32)) / global_scale
 
 
 @triton.jit
@@ -52,7 +66,7 @@ def _params(ptr, offs_k, k0, offs_n, mask_n, K, N, GROUP: tl.constexpr, BLOCK_K:
 
 
 @triton.jit
-def _dequantized_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, K, N, n_groups,
+def _dequantized_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, K, N, n_groups, global_scale,
                       KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EXPAND: tl.constexpr):
     """float32 [BLOCK_K, BLOCK_N] weights of inputs k0… and outputs offs_n. EXPAND loads each word once
@@ -83,7 +97,7 @@ def _dequantized_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, K, N, n_groups,
         second = _params(s_ptr + n_groups * N, offs_k, k0, offs_n, mask_n, K, N, GROUP, BLOCK_K).to(tl.float32)
         w = _small_int_to_float(codes & 3) * first + _small_int_to_float(codes >> 2) * second - (first + second)
     else:
-        w = _e2m1(codes) * tl.exp2(scale.to(tl.float32) - 127.0)
+        w = _e2m1(codes) * _block_scale(scale, global_scale, KIND)
     return w
 
 
@@ -114,7 +128,7 @@ def _input_column(x_row, perm_ptr, inputs, mask, HAS_PERM: tl.constexpr):
 
 @triton.jit
 def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
-                       N, K, n_groups, k_per_split, stride_xm,
+                       N, K, n_groups, k_per_split, stride_xm, global_scale,
                        KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
                        GROUP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
                        HALF: tl.constexpr):
@@ -146,7 +160,8 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
         else:
             params = (first_k // GROUP)[:, None] * N + offs_n[None, :]
             params_mask = mask_r[:, None] & mask_n[None, :]
-        scale = tl.load(s_ptr + params, mask=params_mask, other=0).to(tl.float32)
+        raw = tl.load(s_ptr + params, mask=params_mask, other=0)
+        scale = raw.to(tl.float32)
         if KIND == 0:
             if HAS_ZEROS:
                 zero = tl.load(z_ptr + params, mask=params_mask, other=0).to(tl.float32)
@@ -157,7 +172,7 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
             second = tl.load(s_ptr + n_groups * N + params, mask=params_mask, other=0).to(tl.float32)
             offset = scale + second
         else:
-            scale = tl.exp2(scale - 127.0)
+            scale = _block_scale(raw, global_scale, KIND)
         if HALF and KIND == 0:  # decode and multiply in float16 (paired f16x2 instructions), sum per tile in float32
             scale16 = scale.to(tl.float16)
             zero16 = (zero + 1024.0).to(tl.float16)  # 1024 + z, exact in float16
@@ -185,7 +200,7 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
 
 @triton.jit
 def packed_gemm_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
-                       M, N, K, n_groups, k_per_split, stride_xm,
+                       M, N, K, n_groups, k_per_split, stride_xm, global_scale,
                        KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLIT_K: tl.constexpr, EXPAND: tl.constexpr):
@@ -202,7 +217,7 @@ def packed_gemm_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        w = _dequantized_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, K, N, n_groups,
+        w = _dequantized_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, K, N, n_groups, global_scale,
                               KIND, BITS, HAS_ZEROS, GROUP, BLOCK_K, BLOCK_N, EXPAND)
         if HAS_PERM:
             columns = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
@@ -248,11 +263,11 @@ def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, bl
                   num_warps=num_warps, num_stages=num_stages)
     if block_m == 1:
         packed_gemv_kernel[grid](x, perm, weight.qweight, weight.scales, zeros, out, workspace, locks,
-                                 n, k, weight.n_groups, k_per_split, x.stride(0),
+                                 n, k, weight.n_groups, k_per_split, x.stride(0), weight.global_scale,
                                  BLOCK_W=block_k // weight.per_word, BLOCK_N=block_n,
                                  HALF=half and x.dtype == torch.float16 and weight.bits <= 8, **common)
     else:
         packed_gemm_kernel[grid](x, perm, weight.qweight, weight.scales, zeros, out, workspace, locks,
-                                 m, n, k, weight.n_groups, k_per_split, x.stride(0),
+                                 m, n, k, weight.n_groups, k_per_split, x.stride(0), weight.global_scale,
                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EXPAND=expand, **common)
     return out
