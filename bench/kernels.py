@@ -6,6 +6,7 @@ L2; graphs remove the host's launch overhead, as in a graph-captured decode step
 call must read and write / time) as a share of the device's HBM bandwidth, and the speed-up over fp16.
 
     python bench/kernels.py --device cuda [--json out.json]
+    python bench/kernels.py --device cuda --skip-matmul --size 8b --decode-batches 1 8 --fuse
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantbench.export.kernels import PackedLinear, packed_matmul, to_kernel_layout  # noqa: E402
+from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
 from quantbench.export.kernels.layout import KernelWeight  # noqa: E402
 from quantbench.export.kernels.matmul import graph_time_ms  # noqa: E402
 from quantbench.quantized_weight import QuantizedWeight  # noqa: E402
@@ -124,8 +126,9 @@ def _format_row(row: dict) -> str:
     return " | ".join(parts)
 
 
-def quantize_model(model, scheme_name: str | None, device) -> None:
-    """Swap every linear of the decoder blocks for a PackedLinear holding random codes of `scheme_name`."""
+def quantize_model(model, scheme_name: str | None, device, fuse: bool = False) -> None:
+    """Swap every linear of the decoder blocks for a PackedLinear holding random codes of `scheme_name`
+    (with `fuse`, q/k/v and gate/up then share one fused weight, as load_quantized builds them)."""
     if scheme_name is None:
         return
     for name, module in list(model.model.layers.named_modules()):
@@ -133,28 +136,31 @@ def quantize_model(model, scheme_name: str | None, device) -> None:
             weight = random_weight(scheme_name, module.out_features, module.in_features, device)
             parent, _, attr = name.rpartition(".")
             setattr(model.model.layers.get_submodule(parent), attr, PackedLinear(to_kernel_layout(weight)))
+    if fuse:
+        fuse_packed_siblings(model)
 
 
-def decode_speed(device, new_tokens: int, prompt: int) -> list[dict]:
+def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fuse: bool) -> list[dict]:
     rows = []
     for label, scheme_name in [("fp16", None), *VARIANTS.items()]:
-        rows.append(decode_one(label, scheme_name, device, new_tokens, prompt))
+        rows.append(decode_one(label, scheme_name, device, new_tokens, prompt, size, batch, fuse))
         torch.cuda.empty_cache()
     return rows
 
 
 @torch.no_grad()
-def decode_one(label: str, scheme_name: str | None, device, new_tokens: int, prompt: int) -> dict:
+def decode_one(label: str, scheme_name: str | None, device, new_tokens: int, prompt: int, size: str = "1b",
+               batch: int = 1, fuse: bool = False) -> dict:
     from transformers import StaticCache
 
-    from random_models import build_random_llama
+    from random_models import build_random_llama_on
 
-    model = build_random_llama("1b", torch.float16).to(device)
-    quantize_model(model, scheme_name, device)
+    model = build_random_llama_on(size, torch.float16, device)
+    quantize_model(model, scheme_name, device, fuse)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
                                                              *model.model.layers.buffers()])
     cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens + 8)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
     logits = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=device),
                    use_cache=True).logits
     token = logits[:, -1:].argmax(-1)
@@ -167,7 +173,7 @@ def decode_one(label: str, scheme_name: str | None, device, new_tokens: int, pro
 
     for _ in range(3):  # tunes the kernels' tiles and warms up
         step()
-    eager_tok_s = _tokens_per_s(step, 16, device)
+    eager_tok_s = batch * _tokens_per_s(step, 16, device)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -176,11 +182,12 @@ def decode_one(label: str, scheme_name: str | None, device, new_tokens: int, pro
     torch.cuda.current_stream().wait_stream(stream)
     with torch.cuda.graph(graph):
         step()
-    graph_tok_s = _tokens_per_s(graph.replay, new_tokens - 24, device)
-    print(f"decode {label:>20}: {graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
+    graph_tok_s = batch * _tokens_per_s(graph.replay, new_tokens - 24, device)
+    print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and scheme_name else ''}): "
+          f"{graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
           f"decoder weights {weight_bytes / 2**20:.0f} MiB", flush=True)
-    return {"model": label, "block_weight_bytes": weight_bytes, "eager_tok_s": eager_tok_s,
-            "cuda_graph_tok_s": graph_tok_s}
+    return {"model": label, "size": size, "batch": batch, "fused": fuse and scheme_name is not None,
+            "block_weight_bytes": weight_bytes, "eager_tok_s": eager_tok_s, "cuda_graph_tok_s": graph_tok_s}
 
 
 def _tokens_per_s(step, n: int, device) -> float:
@@ -199,6 +206,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--size", default="1b", help="random Llama dimensions for the decode runs (1b, 8b, …)")
+    parser.add_argument("--decode-batches", nargs="+", type=int, default=[1])
+    parser.add_argument("--fuse", action="store_true", help="also decode with q/k/v and gate/up fused")
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
@@ -218,7 +228,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     if not args.skip_decode:
-        result["decode"] = decode_speed(device, args.new_tokens, args.prompt)
+        result["decode"] = [row for batch in args.decode_batches for fuse in ([False, True] if args.fuse else [False])
+                            for row in decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse)]
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -7,7 +7,6 @@ import torch
 from helpers import tiny_llama
 
 from quantbench import load_quantized, save_quantized
-from quantbench.errors import QuantbenchError
 from quantbench.export.compressed_tensors_format import export_compressed_tensors
 from quantbench.model_io import decoder_blocks
 from quantbench.pipeline import capture_block_inputs, quantize_model
