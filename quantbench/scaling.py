@@ -9,7 +9,8 @@ A site is scaled when a quantized reader's scheme asks for it; its other readers
 
 - AWQ (Lin et al.): s = mean|x|^α, normalised so that √(max s · min s) = 1, for α on a grid in [0, 1); the α whose
   fake-quantized readers (their scheme's round-to-nearest grid) give the least block output error on a
-  sample of the calibration tokens wins (α = 0 is no scaling, so the search never loses to it). Then each
+  sample of the calibration tokens wins (α = 0 is no scaling, so the search never loses to it); a site inside
+  an MLP whose output joins the residual directly is scored on the MLP alone, the same error. Then each
   AWQ layer other than q/k clips its groups' ranges by the factor with the least output error
   tr(ΔHΔᵀ) per group on all calibration tokens.
 - SmoothQuant (Xiao et al.): s = max|x|^α / max|W|^(1−α) per input channel, α the migration strength.
@@ -42,6 +43,7 @@ NORMS = {  # model type → (the norm before attention, the norm before the MLP,
     **{kind: ("input_layernorm", "pre_feedforward_layernorm", 1.0) for kind in ("gemma2", "gemma3_text")},
 }
 SCALABLE_TYPES = tuple(NORMS)
+POST_MLP_NORM = ("gemma2", "gemma3_text")  # their MLP output is normalised before it joins the residual
 UNSCALED_BECAUSE = {
     "opt": "its MLP reads a LayerNorm whose bias would need folding as well, which is not built yet",
     "gpt_neox": "its attention and MLP read LayerNorms whose biases would need folding as well, which is not "
@@ -172,7 +174,8 @@ def scale_block(ctx, schemes: dict[str, Scheme], model_type: str, options: Scali
             continue
         mean_abs, max_abs = inputs[site.producer]
         if any(schemes[r].scaling == "awq" for r in site.readers if r in schemes):
-            alpha, scales, error = _search(ctx, site, schemes, mean_abs, batches, reference, options)
+            module, trial_inputs, targets = _objective(ctx, site, model_type, batches, reference, options)
+            alpha, scales, error = _search(ctx, site, schemes, mean_abs, module, trial_inputs, targets, options)
             done[ctx.full_name(site.producer)] = {"method": "awq", "alpha": alpha, "output_error": round(error, 6)}
         else:
             readers = [ctx.block.get_submodule(r).weight for r in site.readers]
@@ -224,8 +227,35 @@ def _search_batches(ctx, search_tokens: int) -> list[tuple[torch.Tensor, dict]]:
     return batches
 
 
-def _search(ctx, site: Site, schemes: dict, mean_abs: torch.Tensor, batches, reference, options: ScalingOptions):
-    """AWQ's grid search over α; returns (α, scales, block output error relative to α = 0's)."""
+def _objective(ctx, site: Site, model_type: str, batches, reference, options: ScalingOptions):
+    """What a site's trials are scored on: (module, its inputs, its reference outputs). The block on its
+    inputs; for a site inside an MLP whose output joins the residual directly, the MLP alone on the inputs
+    it receives (the block output's error is the MLP output's: the attention branch is the same in every
+    trial), captured in one pass, so the trials skip the attention."""
+    mlp = getattr(ctx.block, "mlp", None)
+    if mlp is None or model_type in POST_MLP_NORM or not all(name.startswith("mlp.") for name in site.readers):
+        return ctx.block, batches, reference
+    captured = []
+
+    def keep(_module, args, kwargs, output):
+        captured.append(((args, kwargs), block_output(output)))
+
+    handle = mlp.register_forward_hook(keep, with_kwargs=True)
+    try:
+        with trial_autocast(ctx.block, options.bf16):
+            for hidden, kwargs in batches:
+                ctx.block(hidden, **kwargs)
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):  # an MLP that does not run once per block forward
+        return ctx.block, batches, reference
+    return mlp, [call for call, _ in captured], [output for _, output in captured]
+
+
+def _search(ctx, site: Site, schemes: dict, mean_abs: torch.Tensor, scored: nn.Module, inputs, reference,
+            options: ScalingOptions):
+    """AWQ's grid search over α, each trial scored by `scored`'s output error on `inputs` against `reference`
+    (see _objective); returns (α, scales, that error relative to α = 0's)."""
     quantized = {name: ctx.block.get_submodule(name) for name in site.readers if name in schemes}
     originals = {name: module.weight.data for name, module in quantized.items()}
     errors, grid = [], options.grid
@@ -235,7 +265,7 @@ def _search(ctx, site: Site, schemes: dict, mean_abs: torch.Tensor, batches, ref
             for name, module in quantized.items():
                 trials.enter_context(_as_scaled_and_quantized(module, originals[name], scales, schemes[name]))
             with trial_autocast(ctx.block, options.bf16):
-                errors.append(_output_error(ctx.block, batches, reference))
+                errors.append(_output_error(scored, inputs, reference))
     best = min(range(grid), key=errors.__getitem__)
     return best / grid, awq_scales(mean_abs, best / grid), errors[best] / errors[0] if errors[0] > 0 else 1.0
 
@@ -287,10 +317,12 @@ def _feed(ctx) -> None:
         ctx.block(hidden, **kwargs)
 
 
-def _output_error(block: nn.Module, batches, reference) -> float:
+def _output_error(module: nn.Module, inputs, reference) -> float:
+    """Σ‖module(input) − reference‖², `inputs` as (hidden, kwargs) or ((args…), kwargs)."""
     total = 0.0
-    for (hidden, kwargs), target in zip(batches, reference):
-        total += float((block_output(block(hidden, **kwargs)).float() - target.float()).square().sum())
+    for (args, kwargs), target in zip(inputs, reference):
+        args = args if isinstance(args, tuple) else (args,)
+        total += float((block_output(module(*args, **kwargs)).float() - target.float()).square().sum())
     return total
 
 

@@ -100,6 +100,19 @@ def test_awq_beats_round_to_nearest_on_outlier_channels(bits, bf16):
     assert all(record["method"] == "awq" and record["output_error"] <= 1 for record in scaled.values())
 
 
+def test_mlp_sites_score_the_mlp_alone_with_the_blocks_result(monkeypatch):
+    """Inside the MLP the block output's error is the MLP output's, so the search runs the MLP alone: the same
+    α and the same error ratios as scoring the whole block (forced here by treating llama like Gemma 2)."""
+    model = with_outlier_channels(tiny_llama(hidden=128))
+    _, shortcut = quantized_error("awq+int3-g32-rtn", model, clip=False)
+    monkeypatch.setattr("quantbench.scaling.POST_MLP_NORM", ("llama",))
+    _, whole = quantized_error("awq+int3-g32-rtn", model, clip=False)
+    assert shortcut.keys() == whole.keys()
+    for site, record in whole.items():
+        assert shortcut[site]["alpha"] == record["alpha"]
+        assert shortcut[site]["output_error"] == pytest.approx(record["output_error"], rel=1e-3, abs=1e-6)
+
+
 def test_smoothquant_helps_per_token_int8_activations_on_outlier_channels():
     model = with_outlier_channels(tiny_llama(hidden=128))
     plain, _ = quantized_error("int8-pc-sym-rtn-a:int8", model)
