@@ -37,6 +37,7 @@ def table_of(model, names, cache, **options):
 
 @pytest.mark.parametrize("name,options", [("awq+int3-g32-rtn", {"scaling": ScalingOptions()}),
                                           ("awq+int3-g32-gptq", {"scaling": ScalingOptions()}),
+                                          ("awq+hadamard+int3-g32-gptq", {"scaling": ScalingOptions()}),
                                           ("int3-g32-autoround", {"autoround": QUICK}),
                                           ("hadamard+int3-g32-autoround", {"autoround": QUICK})])
 def test_the_cached_candidates_compute_block_0_as_the_pipeline_quantizes_it(name, options):
