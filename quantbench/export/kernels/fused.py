@@ -89,7 +89,8 @@ class PackedSlice(nn.Module):
 
 def fusable(members: list[nn.Module]) -> bool:
     """Whether packed layers can share one fused weight: one kind, width, group, input order, dtype and
-    per-tensor scale (NVFP4's), and no online input transform (a rotation or activation quantization hooked on a member)."""
+    per-tensor scale (NVFP4's), and no online input transform (a rotation or activation quantization
+    hooked on a member)."""
     if not all(isinstance(m, PackedLinear) and not m._forward_pre_hooks for m in members):
         return False
     first = members[0]
