@@ -55,7 +55,8 @@ def test_under_bf16_autocast_the_loss_still_falls():
     block, linears, batches = first_block(model)
     scheme = Scheme.parse("int3-g32-autoround")
     losses = []
-    learn_rounding(block, linears, dict.fromkeys(linears, scheme), batches, AutoRoundOptions(steps=30, bf16=True), losses)
+    options = AutoRoundOptions(steps=30, bf16=True)
+    learn_rounding(block, linears, dict.fromkeys(linears, scheme), batches, options, losses)
     assert min(losses) < 0.9 * losses[0]
     assert all(p.dtype == torch.float32 for p in block.parameters())
 

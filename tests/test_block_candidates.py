@@ -58,7 +58,8 @@ def test_the_cached_candidates_compute_block_0_as_the_pipeline_quantizes_it(name
 def test_awq_candidates_cost_less_than_plain_rounding_on_outlier_channels():
     model, cache = outlier_llama(), CandidateCache()
     table = table_of(model, ["int3-g32-rtn", "awq+int3-g32-rtn"], cache)
-    readers = [layer for layer in table.layers if layer.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))]
+    names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    readers = [layer for layer in table.layers if layer.endswith(names)]
     plain = sum(table.errors[(layer, "int3-g32-rtn")].output_error for layer in readers)
     scaled = sum(table.errors[(layer, "awq+int3-g32-rtn")].output_error for layer in readers)
     assert scaled < 0.7 * plain  # the norms' outlier channels are what AWQ scales down

@@ -40,7 +40,7 @@ class AutoRoundOptions:
     steps: int = 200
     lr: float = 5e-3
     seed: int = 0
-    bf16: bool | None = None  # the steps' block forwards under bfloat16 autocast; None: on a GPU (model_io.trial_autocast)
+    bf16: bool | None = None  # the steps under bfloat16 autocast; None: on a GPU (model_io.trial_autocast)
 
 
 @dataclass
