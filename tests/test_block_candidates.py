@@ -102,3 +102,19 @@ def test_the_time_estimate_counts_what_block_candidates_cost():
     plain = work(["int4-g128-rtn", "int3-g128-rtn"])
     assert work(["int4-g128-rtn", "int3-g128-autoround"]) > 2 * plain
     assert work(["awq+int4-g128-rtn", "int3-g128-rtn"]) > 2 * plain
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "phi3", "gemma2"])
+def test_block_candidates_on_every_family_layout(family):
+    """Experts (routed tokens only), Phi-3's fused gate_up and Gemma 2's normalised MLP output."""
+    import math
+
+    from helpers import FAMILY_BUILDERS
+
+    model, cache = FAMILY_BUILDERS[family]().float().eval(), CandidateCache()
+    names = ["awq+int4-g32-gptq", "int3-g32-autoround", "int4-g32-rtn"]
+    table = sensitivity_table(model, IDS[:4, :32], lambda _layer: [Scheme.parse(n) for n in names], CPU,
+                              batch_size=2, progress=False, cache=cache, autoround=AutoRoundOptions(steps=3))
+    assert len(table.errors) == len(names) * len(table.layers)
+    assert all(math.isfinite(e.output_error) and e.output_error >= 0 for e in table.errors.values())
+    assert {scheme for _, scheme in cache.scaled} == {"awq+int4-g32-gptq"}
