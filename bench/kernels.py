@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantbench.export.kernels import PackedLinear, packed_matmul, to_kernel_layout  # noqa: E402
 from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
-from quantbench.export.kernels.layout import KernelWeight  # noqa: E402
+from quantbench.export.kernels.layout import KernelWeight, to_base3_layout  # noqa: E402
 from quantbench.export.kernels.matmul import graph_time_ms  # noqa: E402
 from quantbench.quantized_weight import QuantizedWeight  # noqa: E402
 from quantbench.scheme import Scheme  # noqa: E402
@@ -32,8 +32,13 @@ from quantbench.trit_planes import TritPlaneWeight  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # (K inputs, N outputs)
 BATCHES = [1, 4, 16]
 HBM_BYTES_PER_S = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
-VARIANTS = {"int4-g128 act_order": "int4-g128-gptq-act", "ternary2": "ternary2-ptqtp", "mxfp4": "mxfp4-rtn",
-            "nvfp4": "nvfp4-rtn"}
+VARIANTS = {"int4-g128 act_order": "int4-g128-gptq-act", "ternary2": "ternary2-ptqtp",
+            "ternary2 base-3": "ternary2-ptqtp", "mxfp4": "mxfp4-rtn", "nvfp4": "nvfp4-rtn"}
+LAYOUTS = {"ternary2 base-3": to_base3_layout}  # the others: to_kernel_layout
+
+
+def kernel_weight(label: str, n: int, k: int, device) -> KernelWeight:
+    return LAYOUTS.get(label, to_kernel_layout)(random_weight(VARIANTS[label], n, k, device))
 
 
 def random_weight(scheme_name: str, n: int, k: int, device) -> QuantizedWeight | TritPlaneWeight:
@@ -98,7 +103,7 @@ def bench_matmuls(device, timer: Timer, peak: float | None, shapes, batches) -> 
     rows = []
     for k, n in shapes:
         dense = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
-        weights = {label: to_kernel_layout(random_weight(name, n, k, device)) for label, name in VARIANTS.items()}
+        weights = {label: kernel_weight(label, n, k, device) for label in VARIANTS}
         for batch in batches:
             x = torch.randn(batch, k, device=device, dtype=torch.float16)
             fp16_us = timer(lambda: torch.matmul(x, dense.t()))
@@ -126,37 +131,38 @@ def _format_row(row: dict) -> str:
     return " | ".join(parts)
 
 
-def quantize_model(model, scheme_name: str | None, device, fuse: bool = False) -> None:
-    """Swap every linear of the decoder blocks for a PackedLinear holding random codes of `scheme_name`
+def quantize_model(model, label: str | None, device, fuse: bool = False) -> None:
+    """Swap every linear of the decoder blocks for a PackedLinear holding random codes of variant `label`
     (with `fuse`, q/k/v and gate/up then share one fused weight, as load_quantized builds them)."""
-    if scheme_name is None:
+    if label is None:
         return
     for name, module in list(model.model.layers.named_modules()):
         if isinstance(module, torch.nn.Linear):
-            weight = random_weight(scheme_name, module.out_features, module.in_features, device)
             parent, _, attr = name.rpartition(".")
-            setattr(model.model.layers.get_submodule(parent), attr, PackedLinear(to_kernel_layout(weight)))
+            setattr(model.model.layers.get_submodule(parent), attr,
+                    PackedLinear(kernel_weight(label, module.out_features, module.in_features, device)))
     if fuse:
         fuse_packed_siblings(model)
 
 
 def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fuse: bool) -> list[dict]:
     rows = []
-    for label, scheme_name in [("fp16", None), *VARIANTS.items()]:
-        rows.append(decode_one(label, scheme_name, device, new_tokens, prompt, size, batch, fuse))
+    for label in ["fp16", *VARIANTS]:
+        rows.append(decode_one(label, None if label == "fp16" else label, device, new_tokens, prompt, size, batch,
+                               fuse))
         torch.cuda.empty_cache()
     return rows
 
 
 @torch.no_grad()
-def decode_one(label: str, scheme_name: str | None, device, new_tokens: int, prompt: int, size: str = "1b",
+def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b",
                batch: int = 1, fuse: bool = False) -> dict:
     from transformers import StaticCache
 
     from random_models import build_random_llama_on
 
     model = build_random_llama_on(size, torch.float16, device)
-    quantize_model(model, scheme_name, device, fuse)
+    quantize_model(model, variant, device, fuse)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
                                                              *model.model.layers.buffers()])
     cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens + 8)
@@ -183,10 +189,10 @@ def decode_one(label: str, scheme_name: str | None, device, new_tokens: int, pro
     with torch.cuda.graph(graph):
         step()
     graph_tok_s = batch * _tokens_per_s(graph.replay, new_tokens - 24, device)
-    print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and scheme_name else ''}): "
+    print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and variant else ''}): "
           f"{graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
           f"decoder weights {weight_bytes / 2**20:.0f} MiB", flush=True)
-    return {"model": label, "size": size, "batch": batch, "fused": fuse and scheme_name is not None,
+    return {"model": label, "size": size, "batch": batch, "fused": fuse and variant is not None,
             "block_weight_bytes": weight_bytes, "eager_tok_s": eager_tok_s, "cuda_graph_tok_s": graph_tok_s}
 
 

@@ -7,6 +7,7 @@ from helpers import assert_matmul_close, tiny_llama
 
 from quantbench import load_quantized, save_quantized
 from quantbench.export.kernels import PackedLinear, kernel_unsupported_reason, packed_matmul, to_kernel_layout
+from quantbench.export.kernels.layout import to_base3_layout
 from quantbench.export.kernels.matmul import TileConfig
 from quantbench.export.kernels.reference import dequantize_kernel_weight
 from quantbench.pipeline import quantize_model
@@ -140,6 +141,33 @@ def test_load_with_kernels_swaps_in_packed_modules(tmp_path, tokenizer):
     packed_bytes = sum(b.numel() * b.element_size() for n, b in packed.named_buffers() if n.rsplit(".", 1)[0] in kinds)
     dense_bytes = sum(dense.get_submodule(n).weight.numel() * 4 for n in kinds)
     assert packed_bytes < dense_bytes / 5
+
+
+BASE3 = {"per row": ternary_weight(None), "g64": ternary_weight(64), "g32, 96 inputs": TritPlaneWeight(
+    Scheme.parse("ternary2-g32-ptqtp"), torch.randint(-1, 2, (2, 50, 96), generator=torch.Generator().manual_seed(5),
+                                                       dtype=torch.int8),
+    (torch.rand(2, 50, 3, generator=torch.Generator().manual_seed(6)) * 0.1).half())}
+
+
+@pytest.mark.parametrize("label", BASE3)
+def test_base3_ternary_layout_reads_a_fifth_of_a_byte_per_trit_and_decodes_exactly(label):
+    stored = BASE3[label]
+    packed = to_base3_layout(stored)
+    out_features, in_features = stored.shape
+    groups = -(-in_features // packed.group)
+    assert packed.qweight.shape == (2, groups * -(-packed.group // 5), out_features)
+    assert torch.equal(dequantize_kernel_weight(packed), stored.dequantize())
+    x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(7))
+    assert_matmul_close(packed_matmul(x, packed, backend="torch"), x, stored.dequantize())
+
+
+@pytest.mark.parametrize("label", BASE3)
+@pytest.mark.parametrize("tile", [TileConfig(1, 32, 8, 1), TileConfig(1, 16, 4, 3)])
+def test_base3_triton_kernel_equals_the_dequantized_matmul(label, tile):
+    stored = BASE3[label]
+    x = torch.randn(2, stored.shape[1], generator=torch.Generator().manual_seed(8))
+    got = packed_matmul(x, to_base3_layout(stored), backend="triton", config=tile)
+    assert_matmul_close(got, x, stored.dequantize())
 
 
 @pytest.mark.parametrize("label", ["int4-g128-rtn", "int4-g32 act_order", "int8-pc-rtn", "int4-g32-sym-rtn"])

@@ -13,6 +13,10 @@ cache lines.
   perm     int32 [K] or None         act_order: stored input k is original input perm[k] (inputs sorted by
                                      group); kernels read x[perm[k]] and then see contiguous groups
 
+`ternary3` (two planes in base 3, `to_base3_layout`): qweight uint8 [2, n_groups · ⌈G/5⌉, N], each byte five
+trits of one plane and output (digits t + 1, input k = 5·row + j of its group weighs 3^j; a group's last
+byte padded with zeros), scales as ternary: 1.6 bits per plane and weight instead of the 4-bit pair codes.
+
 Codes by kind: `int` unsigned codes, w = (q − z)·s (symmetric: z = 2^(bits−1)); `ternary` 4-bit codes
 holding two trits t1 = (q & 3) − 1 and t2 = (q >> 2) − 1, w = α1·t1 + α2·t2; `mxfp4` E2M1 codes
 [sign | e1 e0 | m], w = e2m1(q)·2^(E − 127); `nvfp4` the same E2M1 codes, w = e2m1(q)·(e4m3(s) / g), g the
@@ -26,7 +30,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from quantbench.formats.packing import pack_bits
+from quantbench.formats.packing import TRITS_PER_BYTE, pack_bits
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.trit_planes import TritPlaneWeight
 
@@ -37,7 +41,7 @@ NV_BLOCK = 16
 
 @dataclass
 class KernelWeight:
-    kind: str  # "int" | "ternary" | "mxfp4"
+    kind: str  # "int" | "ternary" | "ternary3" | "mxfp4" | "nvfp4"
     bits: int
     shape: tuple[int, int]  # (N, K) as the nn.Linear weight
     group: int  # inputs per scale (per-channel: K)
@@ -114,6 +118,25 @@ def to_kernel_layout(weight: QuantizedWeight | TritPlaneWeight) -> KernelWeight:
     zeros = weight.zeros.T.contiguous() if weight.zeros is not None else None
     return KernelWeight("int", bits, (out_features, in_features), group, _pack_columns(codes, bits),
                         weight.scales.T.contiguous(), zeros, perm)
+
+
+def to_base3_layout(weight: TritPlaneWeight) -> KernelWeight:
+    """A two-plane ternary weight in the base-3 kernel layout (`ternary3`, see the module docstring)."""
+    reason = kernel_unsupported_reason(weight)
+    if reason is not None or not isinstance(weight, TritPlaneWeight):
+        raise ValueError(f"no base-3 kernel for {weight.scheme.name}: {reason or 'not a ternary weight'}")
+    out_features, in_features = weight.shape
+    group = min(weight.group_size, in_features)
+    n_groups = math.ceil(in_features / group)
+    per_group = math.ceil(group / TRITS_PER_BYTE) * TRITS_PER_BYTE
+    digits = torch.ones(2, out_features, n_groups * group, dtype=torch.int32, device=weight.planes.device)
+    digits[:, :, :in_features] = weight.planes.to(torch.int32) + 1
+    padded = torch.ones(2, out_features, n_groups, per_group, dtype=torch.int32, device=digits.device)
+    padded[..., :group] = digits.view(2, out_features, n_groups, group)
+    powers = 3 ** torch.arange(TRITS_PER_BYTE, dtype=torch.int32, device=digits.device)
+    codes = (padded.view(2, out_features, -1, TRITS_PER_BYTE) * powers).sum(-1).to(torch.uint8)
+    return KernelWeight("ternary3", 8, (out_features, in_features), group, codes.transpose(1, 2).contiguous(),
+                        weight.scales.transpose(1, 2).contiguous())
 
 
 def _pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:

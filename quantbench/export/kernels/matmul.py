@@ -31,7 +31,8 @@ class TileConfig:
     half: bool = False  # decode kernel, int codes, float16 x: decode and multiply in float16
 
 
-INTERPRETER_CONFIGS = {"decode": TileConfig(1, 32, 64, 2), "batch": TileConfig(16, 32, 64, 1)}
+INTERPRETER_CONFIGS = {"decode": TileConfig(1, 32, 64, 2), "batch": TileConfig(16, 32, 64, 1),
+                       "base3": TileConfig(1, 32, 8, 2)}
 _tuned: dict[tuple, TileConfig] = {}
 
 
@@ -52,6 +53,11 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         return packed_matmul_reference(x2, weight).view(*x.shape[:-1], n_out)
     from quantbench.export.kernels import triton_matmul
 
+    if weight.kind == "ternary3":
+        x2 = x2.contiguous()
+        config = config or _config_for(x2, weight)
+        out = triton_matmul.launch_base3(x2, weight, config.block_k, config.block_n, config.split_k, config.num_warps)
+        return out.view(*x.shape[:-1], n_out)
     if weight.perm is not None and x2.shape[0] > 1:  # a batch gathers once; decode gathers in the kernel
         x2 = x2[:, weight.perm.long()]
         weight = dataclasses.replace(weight, perm=None)
@@ -62,7 +68,10 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     return out.view(*x.shape[:-1], n_out)
 
 
-def _candidates(m: int) -> list[TileConfig]:
+def _candidates(m: int, weight: KernelWeight) -> list[TileConfig]:
+    if weight.kind == "ternary3":  # block_k counts byte rows of a group here
+        rows = min(1 << (-(-weight.group // 5) - 1).bit_length(), 64)
+        return [TileConfig(1, bn, rows, sk, warps) for bn in (32, 64, 128) for sk in (1, 2, 4, 8) for warps in (4, 8)]
     if m == 1:
         tiles = [(512, 32, 4), (256, 64, 4), (128, 128, 4), (512, 64, 8)]
         return [TileConfig(1, bn, bk, sk, warps, 2, True, half) for bk, bn, warps in tiles for sk in (1, 2, 4, 8)
@@ -79,21 +88,18 @@ def _bucket(m: int) -> int:
 def _config_for(x: torch.Tensor, weight: KernelWeight) -> TileConfig:
     m = x.shape[0]
     if not x.is_cuda:
-        return INTERPRETER_CONFIGS["decode" if m == 1 else "batch"]
+        return INTERPRETER_CONFIGS["base3" if weight.kind == "ternary3" else "decode" if m == 1 else "batch"]
     key = (weight.kind, weight.bits, weight.group, weight.zeros is not None, x.dtype, _bucket(m), *weight.shape)
     if key not in _tuned:
-        _tuned[key] = _fastest(x, weight, _candidates(m))
+        _tuned[key] = _fastest(x, weight, _candidates(m, weight))
     return _tuned[key]
 
 
 def _fastest(x: torch.Tensor, weight: KernelWeight, candidates: list[TileConfig]) -> TileConfig:
-    from quantbench.export.kernels import triton_matmul
-
     best, best_ms, error = None, float("inf"), None
     for config in candidates:
         def call():
-            triton_matmul.launch(x, weight, config.block_m, config.block_n, config.block_k, config.split_k,
-                                 config.num_warps, config.num_stages, config.expand, config.half)
+            packed_matmul(x, weight, "triton", config)
         try:
             call()
         except Exception as exc:  # a tile that does not fit this GPU's shared memory or registers

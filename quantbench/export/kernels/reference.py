@@ -8,13 +8,16 @@ import torch
 from quantbench.export.kernels.layout import KernelWeight
 from quantbench.formats.fp import E2M1, E4M3, pow2
 from quantbench.formats.mx import E8M0_BIAS
+from quantbench.formats.packing import TRITS_PER_BYTE
 
 SLAB_INPUTS = 1024  # inputs decoded per step: bounds the temporary to N × 1024 floats
 
 
 def decode_slab(weight: KernelWeight, start: int, stop: int) -> torch.Tensor:
     """float32 [stop − start, N]: the weight's (permuted) inputs [start, stop) decoded; start and stop
-    multiples of the group and of the word."""
+    multiples of the group and of the word (base-3 ternary: any)."""
+    if weight.kind == "ternary3":
+        return _decode_base3(weight, start, stop)
     per_word = weight.per_word
     words = weight.qweight[start // per_word: stop // per_word]
     shifts = torch.arange(per_word, device=words.device, dtype=torch.int32) * weight.bits
@@ -32,6 +35,18 @@ def decode_slab(weight: KernelWeight, start: int, stop: int) -> torch.Tensor:
     if weight.kind == "nvfp4":
         return E2M1.decode(codes.to(torch.uint8)) * (E4M3.decode(weight.scales[rows]) / weight.global_scale)
     raise ValueError(f"unknown kernel weight kind {weight.kind!r}")
+
+
+def _decode_base3(weight: KernelWeight, start: int, stop: int) -> torch.Tensor:
+    """float32 [stop − start, N] of a `ternary3` weight: input k's trit is digit (k mod G) mod 5 of byte
+    ⌊k / G⌋·⌈G/5⌉ + ⌊(k mod G) / 5⌋ of its plane."""
+    group = weight.group
+    inputs = torch.arange(start, stop, device=weight.qweight.device)
+    within = inputs % group
+    rows = (inputs // group) * -(-group // TRITS_PER_BYTE) + within // TRITS_PER_BYTE
+    powers = (3 ** (within % TRITS_PER_BYTE)).to(torch.int32).view(1, -1, 1)
+    trits = (weight.qweight[:, rows].to(torch.int32) // powers) % 3 - 1
+    return (trits * weight.scales[:, inputs // group].float()).sum(dim=0)
 
 
 def packed_matmul_reference(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:

@@ -9,6 +9,7 @@ act_order permutation is applied while loading x, so a call is one kernel launch
   (int codes, float16 x) decoding and products run in float16, eight products per element summed in
   float16 before each tile's float32 accumulation.
 - `packed_gemm_kernel` (batches, prefill): a [BLOCK_K, BLOCK_N] tile dequantized to x's dtype for `tl.dot`.
+- `base3_gemv_kernel`: the base-3 ternary layout, a row of x per program at any batch.
 
 With SPLIT_K > 1 the programs of one output tile each cover a slice of the inputs and write float32
 partial sums to a workspace; the last one to finish (a per-tile counter, reset by that program) adds them
@@ -230,6 +231,47 @@ def packed_gemm_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
             ws_ptr, M * N, lock_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K)
 
 
+@triton.jit
+def base3_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, lock_ptr, N, K, n_groups, groups_per_split,
+                      stride_xm, GROUP: tl.constexpr, BYTES: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Decode for the base-3 ternary layout (`ternary3`), one row of x per program: per group, each plane's
+    bytes [BLOCK_R rows, BLOCK_N outputs] are split digit by digit (b mod 3, then b // 3), the trits
+    (digit − 1) times x summed per plane, and each plane's sum scaled once per group."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x_row = x_ptr + pid_m * stride_xm
+    plane = n_groups * BYTES * N  # the second plane's offset
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    g_begin = pid_k * groups_per_split
+    g_end = tl.minimum(g_begin + groups_per_split, n_groups)
+    for g in range(g_begin, g_end):
+        first = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        second = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, BYTES, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            mask = (rows < BYTES)[:, None] & mask_n[None, :]
+            offsets = (g * BYTES + rows)[:, None] * N + offs_n[None, :]
+            b1 = tl.load(w_ptr + offsets, mask=mask, other=121).to(tl.int32)  # 121: five zero trits
+            b2 = tl.load(w_ptr + plane + offsets, mask=mask, other=121).to(tl.int32)
+            for j in tl.static_range(5):
+                within = rows * 5 + j
+                inputs = g * GROUP + within
+                x = tl.load(x_row + inputs, mask=(within < GROUP) & (inputs < K), other=0).to(tl.float32)[:, None]
+                first += ((b1 % 3) - 1).to(tl.float32) * x
+                second += ((b2 % 3) - 1).to(tl.float32) * x
+                b1 = b1 // 3
+                b2 = b2 // 3
+        alpha1 = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        alpha2 = tl.load(s_ptr + (n_groups + g) * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        total += alpha1 * tl.sum(first, axis=0) + alpha2 * tl.sum(second, axis=0)
+    _finish(total, out_ptr, pid_m * N + offs_n, mask_n, ws_ptr, N * tl.num_programs(2),
+            lock_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K)
+
+
 _workspaces: dict[tuple, torch.Tensor] = {}
 
 
@@ -270,4 +312,24 @@ def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, bl
         packed_gemm_kernel[grid](x, perm, weight.qweight, weight.scales, zeros, out, workspace, locks,
                                  m, n, k, weight.n_groups, k_per_split, x.stride(0), weight.global_scale,
                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EXPAND=expand, **common)
+    return out
+
+
+def launch_base3(x: torch.Tensor, weight: KernelWeight, block_r: int, block_n: int, split_k: int,
+                 num_warps: int = 4) -> torch.Tensor:
+    """x [M, K] contiguous → [M, N] through `base3_gemv_kernel`, one program row per row of x; `split_k`
+    spreads the groups over that many programs per output tile."""
+    m, k = x.shape
+    n = weight.shape[0]
+    n_groups = triton.cdiv(k, weight.group)
+    groups_per_split = triton.cdiv(n_groups, split_k)
+    split_k = triton.cdiv(n_groups, groups_per_split)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n), split_k, m)
+    workspace = _scratch("workspace", split_k * m * n if split_k > 1 else 1, torch.float32, x.device)
+    locks = _scratch("locks", grid[0] * grid[2], torch.int32, x.device)
+    base3_gemv_kernel[grid](x, weight.qweight, weight.scales, out, workspace, locks, n, k, n_groups,
+                            groups_per_split, x.stride(0), GROUP=weight.group,
+                            BYTES=triton.cdiv(weight.group, 5), BLOCK_R=block_r, BLOCK_N=block_n,
+                            SPLIT_K=split_k, num_warps=num_warps)
     return out
