@@ -35,6 +35,7 @@ HBM_BYTES_PER_S = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100":
 VARIANTS = {"int4-g128 act_order": "int4-g128-gptq-act", "ternary2": "ternary2-ptqtp",
             "ternary2 base-3": "ternary2-ptqtp", "mxfp4": "mxfp4-rtn", "nvfp4": "nvfp4-rtn"}
 LAYOUTS = {"ternary2 base-3": to_base3_layout}  # the others: to_kernel_layout
+TINYGEMM = "tinygemm int4-g128 (bf16)"
 
 
 def kernel_weight(label: str, n: int, k: int, device) -> KernelWeight:
@@ -104,6 +105,7 @@ def bench_matmuls(device, timer: Timer, peak: float | None, shapes, batches) -> 
     for k, n in shapes:
         dense = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
         weights = {label: kernel_weight(label, n, k, device) for label in VARIANTS}
+        tinygemm = tinygemm_int4(n, k, device)
         for batch in batches:
             x = torch.randn(batch, k, device=device, dtype=torch.float16)
             fp16_us = timer(lambda: torch.matmul(x, dense.t()))
@@ -113,6 +115,11 @@ def bench_matmuls(device, timer: Timer, peak: float | None, shapes, batches) -> 
                 us = timer(lambda: packed_matmul(x, weight))
                 row[label] = {"us": us, "speedup": fp16_us / us,
                               "pct_hbm": _pct(kernel_bytes(weight, batch, k, n), us, peak)}
+            if tinygemm is not None:
+                x_bf16 = x.to(torch.bfloat16)
+                us = timer(lambda: tinygemm(x_bf16))
+                row[TINYGEMM] = {"us": us, "speedup": fp16_us / us,
+                                 "pct_hbm": _pct(n * k // 2 + 4 * n * (k // 128) + 2 * batch * (k + n), us, peak)}
             rows.append(row)
             print(_format_row(row), flush=True)
     return rows
@@ -122,9 +129,30 @@ def _pct(nbytes: int, us: float, peak: float | None) -> float | None:
     return None if peak is None else 100 * nbytes / (us * 1e-6) / peak
 
 
+def tinygemm_int4(n: int, k: int, device, group: int = 128):
+    """torch's built-in int4 matmul (`aten._weight_int4pack_mm`, bfloat16, asymmetric groups of 128) on
+    random codes, as a callable x → x·Wᵀ; None, with the reason printed, where this torch lacks it."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        codes = torch.randint(0, 16, (n, k), generator=g, device=device, dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8)
+        scales_and_zeros = torch.rand(k // group, n, 2, generator=g, device=device).to(torch.bfloat16) * 0.01
+
+        def matmul(x):
+            return torch.ops.aten._weight_int4pack_mm(x, packed, group, scales_and_zeros)
+
+        matmul(torch.zeros(1, k, device=device, dtype=torch.bfloat16))
+        return matmul
+    except (RuntimeError, AttributeError) as exc:
+        print(f"tinygemm int4 unavailable here: {str(exc).splitlines()[0]}", flush=True)
+        return None
+
+
 def _format_row(row: dict) -> str:
     parts = [f"{row['shape']:>11} b{row['batch']:<3} fp16 {row['fp16_us']:7.1f} µs"]
-    for label in VARIANTS:
+    for label in [*VARIANTS, TINYGEMM]:
+        if label not in row:
+            continue
         r = row[label]
         pct = "" if r["pct_hbm"] is None else f" {r['pct_hbm']:4.0f}%"
         parts.append(f"{label} {r['us']:7.1f} µs ×{r['speedup']:.2f}{pct}")
