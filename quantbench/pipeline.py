@@ -31,7 +31,7 @@ from quantbench.quantizers import needs_hessian, needs_stats, quantize_weight
 from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.quantizers.autoround import AutoRoundOptions, learn_rounding
 from quantbench.quantizers.gptq import factor_hessians
-from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
+from quantbench.quantizers.hadamard import layer_rotation, rotate_stats, rotate_weight
 from quantbench.scaling import ScalingOptions, check_scalable, scale_block
 from quantbench.scheme import DEFAULT_DAMP, Scheme
 
@@ -437,7 +437,7 @@ def quantize_linears(layers: list[nn.Linear], names: list[str], scheme: Scheme, 
     already in the rotated basis.
     """
     weight = torch.cat([layer.weight.data for layer in layers]) if len(layers) > 1 else layers[0].weight.data
-    rotation = None if input_rotation_of(layers[0]) is not None else rotation_for(scheme, weight.shape[1])
+    rotation = layer_rotation(layers[0], scheme)
     if rotation is not None:
         weight = rotate_weight(weight, rotation)
         if stats is not None and needs_stats(scheme):

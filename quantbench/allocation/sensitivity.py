@@ -22,7 +22,6 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantbench.activations import input_rotation_of
 from quantbench.allocation.gradients import GradientStats, LayerGradients
 from quantbench.allocation.hessian_probes import LossHessian, hutchinson_traces, power_iteration
 from quantbench.allocation.problem import block_of
@@ -39,7 +38,7 @@ from quantbench.quantizers import needs_hessian, needs_stats, quantize_weight
 from quantbench.quantizers.autoround import AutoRoundOptions, LearnedRounding, learn_rounding
 from quantbench.quantizers.gptq import factor_hessians
 from quantbench.quantizers.fwht import RandomHadamard
-from quantbench.quantizers.hadamard import rotate_stats, rotate_weight, rotation_for
+from quantbench.quantizers.hadamard import layer_rotation, rotate_stats, rotate_weight, rotation_for
 from quantbench.scaling import ScalingOptions, check_scalable, scaled_in_place
 from quantbench.scheme import Scheme
 from quantbench.trit_planes import TritPlaneWeight
@@ -336,7 +335,7 @@ def quantize_candidate(name: str, linear: nn.Linear, scheme: Scheme, stats: Laye
     own = linear.weight.float()
     basis = block.basis if block is not None else None
     source = block.weight.float() if block is not None else own
-    rotation = None if input_rotation_of(linear) is not None else rotation_for(scheme, linear.in_features)
+    rotation = layer_rotation(linear, scheme)
     weight = rotate_weight(source, rotation) if rotation else source
     layer_stats = stats
     if basis is not None:  # the solver reads the scaled block's statistics; the error is measured on `stats`

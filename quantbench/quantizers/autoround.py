@@ -31,7 +31,7 @@ from quantbench.calibration.stats import LayerStats
 from quantbench.formats import GridParams, format_for
 from quantbench.model_io import block_output, trial_autocast
 from quantbench.quantized_weight import QuantizedWeight
-from quantbench.quantizers.hadamard import rotate_weight, rotation_for
+from quantbench.quantizers.hadamard import layer_rotation, rotate_weight
 from quantbench.scheme import Scheme
 
 
@@ -130,7 +130,7 @@ def learn_rounding(block: nn.Module, linears: dict[str, nn.Linear], schemes: dic
     with torch.no_grad():
         targets = [block_output(block(hidden, **kwargs)).detach() for hidden, kwargs in batches]
     stacks = _stacks(linears, schemes) if stack else [[name] for name in schemes]
-    rotations = [_rotation(linears[names[0]], schemes[names[0]]) for names in stacks]
+    rotations = [layer_rotation(linears[names[0]], schemes[names[0]]) for names in stacks]
     grids = []
     for names, rotation in zip(stacks, rotations):
         weight = torch.cat([linears[name].weight for name in names])
@@ -215,13 +215,6 @@ def _signed_step(tensors: list[torch.Tensor], lr: float, low: float, high: float
 def _copy(state: LearnedRounding) -> LearnedRounding:
     return LearnedRounding(state.offsets.detach().clone(), state.low.detach().clone(), state.high.detach().clone())
 
-
-def _rotation(linear: nn.Linear, scheme: Scheme):
-    """The Hadamard rotation a `hadamard+` layer will quantize in (none where the model rotation already
-    rotates its input online, as the pipeline does)."""
-    from quantbench.activations import input_rotation_of  # activations imports the quantizers package
-
-    return None if input_rotation_of(linear) is not None else rotation_for(scheme, linear.in_features)
 
 
 def _prefix(block: nn.Module, linear: nn.Linear) -> str:

@@ -21,6 +21,14 @@ def rotation_for(scheme: Scheme, in_features: int) -> RandomHadamard | None:
     return RandomHadamard(in_features, scheme.rotation_seed) if scheme.transform == "hadamard" else None
 
 
+def layer_rotation(linear: torch.nn.Module, scheme: Scheme) -> RandomHadamard | None:
+    """The rotation `linear` is quantized in under `scheme`: none where the layer already rotates its input
+    online (the model rotation's down_proj), whose weight and statistics are then in the rotated basis."""
+    from quantbench.activations import input_rotation_of  # activations imports the quantizers package
+
+    return None if input_rotation_of(linear) is not None else rotation_for(scheme, linear.in_features)
+
+
 def rotate_weight(weight: torch.Tensor, rotation: RandomHadamard) -> torch.Tensor:
     """W R in float32 (the solvers work in float32; a half-precision copy would round W R once more)."""
     return rotation.rows(weight.float())
