@@ -233,8 +233,9 @@ def _objective(ctx, site: Site, model_type: str, batches, reference, options: Sc
     it receives (the block output's error is the MLP output's: the attention branch is the same in every
     trial), captured in one pass, so the trials skip the attention."""
     mlp = getattr(ctx.block, "mlp", None)
+    whole_block = ctx.block, [((hidden,), kwargs) for hidden, kwargs in batches], reference
     if mlp is None or model_type in POST_MLP_NORM or not all(name.startswith("mlp.") for name in site.readers):
-        return ctx.block, batches, reference
+        return whole_block
     captured = []
 
     def keep(_module, args, kwargs, output):
@@ -248,7 +249,7 @@ def _objective(ctx, site: Site, model_type: str, batches, reference, options: Sc
     finally:
         handle.remove()
     if len(captured) != len(batches):  # an MLP that does not run once per block forward
-        return ctx.block, batches, reference
+        return whole_block
     return mlp, [call for call, _ in captured], [output for _, output in captured]
 
 
@@ -318,10 +319,9 @@ def _feed(ctx) -> None:
 
 
 def _output_error(module: nn.Module, inputs, reference) -> float:
-    """Σ‖module(input) − reference‖², `inputs` as (hidden, kwargs) or ((args…), kwargs)."""
+    """Σ‖module(*args, **kwargs) − reference‖² over `inputs` of (args, kwargs)."""
     total = 0.0
     for (args, kwargs), target in zip(inputs, reference):
-        args = args if isinstance(args, tuple) else (args,)
         total += float((block_output(module(*args, **kwargs)).float() - target.float()).square().sum())
     return total
 

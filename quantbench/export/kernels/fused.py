@@ -9,54 +9,43 @@ with another tensor runs the matmul again, so the result never depends on the ca
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from quantbench.export.kernels.layout import KernelWeight
-from quantbench.export.kernels.matmul import packed_matmul
 from quantbench.export.kernels.modules import PackedLinear
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
 class FusedPackedLinear(nn.Module):
-    """The stacked packed weight of several layers that read one input."""
+    """The stacked packed weight of several layers that read one input, as one PackedLinear."""
 
     def __init__(self, members: list[PackedLinear]):
         super().__init__()
         first = members[0]
-        self.kind, self.bits, self.group, self.backend = first.kind, first.bits, first.group, first.backend
-        self.global_scale = first.global_scale
-        self.in_features, self.sizes = first.in_features, [m.out_features for m in members]
-        self.register_buffer("qweight", torch.cat([m.qweight for m in members], dim=-1), persistent=False)
-        self.register_buffer("scales", torch.cat([m.scales for m in members], dim=-1), persistent=False)
-        zeros = torch.cat([m.zeros for m in members], dim=-1) if first.zeros is not None else None
-        self.register_buffer("zeros", zeros, persistent=False)
-        self.register_buffer("perm", first.perm, persistent=False)
-        biases = [m.bias for m in members]
+        self.sizes = [m.out_features for m in members]
+        stacked = dataclasses.replace(
+            first.kernel_weight, shape=(sum(self.sizes), first.in_features),
+            qweight=torch.cat([m.qweight for m in members], dim=-1),
+            scales=torch.cat([m.scales for m in members], dim=-1),
+            zeros=torch.cat([m.zeros for m in members], dim=-1) if first.zeros is not None else None)
         bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else torch.zeros(m.out_features, dtype=first.dtype,
-                                                                  device=m.qweight.device)
-                              for b, m in zip(biases, members)])
-        self.register_buffer("bias", bias, persistent=False)
+        if any(m.bias is not None for m in members):
+            bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=first.dtype,
+                                                                            device=m.qweight.device)
+                              for m in members])
+        self.packed = PackedLinear(stacked, bias, first.backend, first.dtype)
         self._input: torch.Tensor | None = None
         self._outputs: tuple[torch.Tensor, ...] = ()
         self._served: set[int] = set()
-
-    @property
-    def kernel_weight(self) -> KernelWeight:
-        return KernelWeight(self.kind, self.bits, (sum(self.sizes), self.in_features), self.group, self.qweight,
-                            self.scales, self.zeros, self.perm, self.global_scale)
 
     def output_of(self, member: int, x: torch.Tensor) -> torch.Tensor:
         """Member `member`'s output for input `x`; one fused matmul per distinct input, kept until every
         member has taken its slice."""
         if x is not self._input:
-            y = packed_matmul(x, self.kernel_weight, self.backend)
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
-            self._input, self._outputs, self._served = x, y.split(self.sizes, dim=-1), set()
+            self._input, self._outputs, self._served = x, self.packed(x).split(self.sizes, dim=-1), set()
         output = self._outputs[member]
         self._served.add(member)
         if len(self._served) == len(self.sizes):  # every member served: drop the input and the outputs
@@ -75,16 +64,14 @@ class PackedSlice(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The member's dequantized rows, decoded on demand."""
-        from quantbench.export.kernels.reference import dequantize_kernel_weight
-
         start = sum(self.fused.sizes[:self.member])
-        return dequantize_kernel_weight(self.fused.kernel_weight)[start:start + self.out_features].to(self.dtype)
+        return self.fused.packed.weight[start:start + self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused.output_of(self.member, x)
 
     def extra_repr(self) -> str:
-        return f"member {self.member} of a fused {self.fused.kind} weight, out_features={self.out_features}"
+        return f"member {self.member} of a fused {self.fused.packed.kind} weight, out_features={self.out_features}"
 
 
 def fusable(members: list[nn.Module]) -> bool:

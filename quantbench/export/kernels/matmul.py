@@ -69,8 +69,9 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
 
 
 def _candidates(m: int, weight: KernelWeight) -> list[TileConfig]:
-    if weight.kind == "ternary3":  # block_k counts byte rows of a group here
-        rows = min(1 << (-(-weight.group // 5) - 1).bit_length(), 64)
+    if weight.kind == "ternary3":  # block_k counts byte rows of a group here: the power of two ≥ them, ≤ 64
+        bytes_per_group = -(-weight.group // 5)
+        rows = min(1 << (bytes_per_group - 1).bit_length(), 64)
         return [TileConfig(1, bn, rows, sk, warps) for bn in (32, 64, 128) for sk in (1, 2, 4, 8) for warps in (4, 8)]
     if m == 1:
         tiles = [(512, 32, 4), (256, 64, 4), (128, 128, 4), (512, 64, 8)]
