@@ -12,6 +12,7 @@ call must read and write / time) as a share of the device's HBM bandwidth, and t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quantbench.export.kernels import PackedLinear, packed_matmul, to_kernel_layout  # noqa: E402
 from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
 from quantbench.export.kernels.layout import KernelWeight, to_base3_layout  # noqa: E402
-from quantbench.export.kernels.matmul import graph_time_ms  # noqa: E402
+from quantbench.export.kernels.matmul import graph_time_ms, tuned_configs  # noqa: E402
 from quantbench.quantized_weight import QuantizedWeight  # noqa: E402
 from quantbench.scheme import Scheme  # noqa: E402
 from quantbench.trit_planes import TritPlaneWeight  # noqa: E402
@@ -100,11 +101,13 @@ def kernel_bytes(weight: KernelWeight, batch: int, k: int, n: int) -> int:
     return weight.stored_bytes + 2 * batch * (k + n)
 
 
-def bench_matmuls(device, timer: Timer, peak: float | None, shapes, batches) -> list[dict]:
-    rows = []
+def bench_matmuls(device, timer: Timer, peak: float | None, shapes, batches, variants, rows: list,
+                  saved=lambda: None) -> list[dict]:
+    """Appends a row per (shape, batch) to `rows` and calls `saved` after each, so a run cut short keeps
+    what it measured."""
     for k, n in shapes:
         dense = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
-        weights = {label: kernel_weight(label, n, k, device) for label in VARIANTS}
+        weights = {label: kernel_weight(label, n, k, device) for label in variants}
         tinygemm = tinygemm_int4(n, k, device)
         for batch in batches:
             x = torch.randn(batch, k, device=device, dtype=torch.float16)
@@ -114,15 +117,25 @@ def bench_matmuls(device, timer: Timer, peak: float | None, shapes, batches) -> 
             for label, weight in weights.items():
                 us = timer(lambda: packed_matmul(x, weight))
                 row[label] = {"us": us, "speedup": fp16_us / us,
-                              "pct_hbm": _pct(kernel_bytes(weight, batch, k, n), us, peak)}
+                              "pct_hbm": _pct(kernel_bytes(weight, batch, k, n), us, peak),
+                              "max_rel_error": _error_against_torch(x, weight)}
             if tinygemm is not None:
                 x_bf16 = x.to(torch.bfloat16)
                 us = timer(lambda: tinygemm(x_bf16))
                 row[TINYGEMM] = {"us": us, "speedup": fp16_us / us,
                                  "pct_hbm": _pct(n * k // 2 + 4 * n * (k // 128) + 2 * batch * (k + n), us, peak)}
             rows.append(row)
+            saved()
             print(_format_row(row), flush=True)
     return rows
+
+
+def _error_against_torch(x: torch.Tensor, weight: KernelWeight) -> float:
+    """The tuned kernel against the torch fallback on the same weight: max |difference| / max |result|
+    (float16 outputs: about 1e-3 is rounding; a wrong kernel is off by order one)."""
+    got = packed_matmul(x, weight).float()
+    expected = packed_matmul(x.float(), weight, backend="torch")
+    return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
 def _pct(nbytes: int, us: float, peak: float | None) -> float | None:
@@ -155,7 +168,8 @@ def _format_row(row: dict) -> str:
             continue
         r = row[label]
         pct = "" if r["pct_hbm"] is None else f" {r['pct_hbm']:4.0f}%"
-        parts.append(f"{label} {r['us']:7.1f} µs ×{r['speedup']:.2f}{pct}")
+        wrong = " WRONG RESULT" if r.get("max_rel_error", 0) > 0.05 else ""
+        parts.append(f"{label} {r['us']:7.1f} µs ×{r['speedup']:.2f}{pct}{wrong}")
     return " | ".join(parts)
 
 
@@ -173,11 +187,12 @@ def quantize_model(model, label: str | None, device, fuse: bool = False) -> None
         fuse_packed_siblings(model)
 
 
-def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fuse: bool) -> list[dict]:
-    rows = []
-    for label in ["fp16", *VARIANTS]:
+def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fuse: bool, variants,
+                 rows: list, saved=lambda: None) -> list[dict]:
+    for label in ["fp16", *variants]:
         rows.append(decode_one(label, None if label == "fp16" else label, device, new_tokens, prompt, size, batch,
                                fuse))
+        saved()
         torch.cuda.empty_cache()
     return rows
 
@@ -246,7 +261,8 @@ def main() -> None:
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--json", type=Path, help="written after every row")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda":
@@ -255,17 +271,22 @@ def main() -> None:
     copy_bw = measured_copy_bandwidth(device)
     print(f"{time.strftime('%Y-%m-%d')} {name}, torch {torch.__version__}; HBM peak "
           f"{'unknown' if peak is None else f'{peak / 1e12:.2f} TB/s'}, device copy {copy_bw / 1e12:.2f} TB/s")
-    result = {"device": name, "torch": torch.__version__, "peak_bytes_per_s": peak, "copy_bytes_per_s": copy_bw}
+    result = {"device": name, "torch": torch.__version__, "peak_bytes_per_s": peak, "copy_bytes_per_s": copy_bw,
+              "matmul": [], "decode": []}
+
+    def saved():
+        result["tuned"] = {" ".join(map(str, key)): dataclasses.asdict(config) for key, config in tuned_configs().items()}
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+
     if not args.skip_matmul:
-        result["matmul"] = bench_matmuls(device, Timer(args.repeat), peak,
-                                         [tuple(map(int, s.split("x"))) for s in args.shapes], args.batches)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        bench_matmuls(device, Timer(args.repeat), peak, [tuple(map(int, s.split("x"))) for s in args.shapes],
+                      args.batches, args.variants, result["matmul"], saved)
     if not args.skip_decode:
-        result["decode"] = [row for batch in args.decode_batches for fuse in ([False, True] if args.fuse else [False])
-                            for row in decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse)]
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        for batch in args.decode_batches:
+            for fuse in ([False, True] if args.fuse else [False]):
+                decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse, args.variants,
+                             result["decode"], saved)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ TRITON_CONFIGS = {
     "decode split-k": TileConfig(1, 16, 64, 4),
     "dot": TileConfig(16, 32, 64, 1),
     "dot split-k, a load per row": TileConfig(16, 16, 32, 2, expand=False),
+    "decode 4 rows": TileConfig(1, 32, 64, 1, rows=4),
+    "decode 2 rows split-k": TileConfig(1, 16, 64, 3, rows=2),
 }
 
 
@@ -88,7 +90,7 @@ TRITON_CONFIGS = {
 def test_triton_kernel_equals_the_dequantized_matmul(label, config):
     stored = WEIGHTS[label]
     tile = TRITON_CONFIGS[config]
-    x = torch.randn(1 if tile.block_m == 1 else 5, IN, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(1 if tile.block_m == tile.rows == 1 else 5, IN, generator=torch.Generator().manual_seed(3))
     got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=tile)
     assert_matmul_close(got, x, stored.dequantize())
 
@@ -162,10 +164,11 @@ def test_base3_ternary_layout_reads_a_fifth_of_a_byte_per_trit_and_decodes_exact
 
 
 @pytest.mark.parametrize("label", BASE3)
-@pytest.mark.parametrize("tile", [TileConfig(1, 32, 8, 1), TileConfig(1, 16, 4, 3)])
+@pytest.mark.parametrize("tile", [TileConfig(1, 32, 8, 1), TileConfig(1, 16, 4, 3, rows=2, lut=True)],
+                         ids=["a row per program, digits by division", "two rows per program, digits by table"])
 def test_base3_triton_kernel_equals_the_dequantized_matmul(label, tile):
     stored = BASE3[label]
-    x = torch.randn(2, stored.shape[1], generator=torch.Generator().manual_seed(8))
+    x = torch.randn(3, stored.shape[1], generator=torch.Generator().manual_seed(8))
     got = packed_matmul(x, to_base3_layout(stored), backend="triton", config=tile)
     assert_matmul_close(got, x, stored.dequantize())
 
@@ -220,3 +223,46 @@ def test_fused_siblings_compute_the_unfused_logits_with_four_launches_per_layer(
             if isinstance(module, (fused_module.FusedPackedLinear, PackedLinear)):
                 module.backend = "triton"
         torch.testing.assert_close(fused(ids).logits, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_tuner_keeps_the_fastest_candidate_that_agrees_with_the_fallback(monkeypatch):
+    """A tile whose kernel computes a wrong result is skipped with a warning, however fast it times."""
+    from quantbench.export.kernels import matmul, triton_matmul
+
+    stored = WEIGHTS["int4-g128-rtn"]
+    packed = to_kernel_layout(stored)
+    right, wrong, slow = TileConfig(1, 32, 64, 1), TileConfig(1, 32, 64, 2), TileConfig(1, 16, 64, 1)
+    launch = triton_matmul.launch
+
+    def launch_breaking_split_2(x, weight, *args):
+        out = launch(x, weight, *args)
+        return out * 2 if args[3] == 2 else out  # args: block_m, block_n, block_k, split_k, …
+
+    monkeypatch.setattr(triton_matmul, "launch", launch_breaking_split_2)
+    times = iter([1.0, 2.0])  # the first two timed: were `wrong` timed, it would take 1.0 and win
+    monkeypatch.setattr(matmul, "graph_time_ms", lambda call: next(times))
+    x = torch.randn(1, IN, generator=torch.Generator().manual_seed(9))
+    with pytest.warns(RuntimeWarning, match="1 tile configurations .* disagree"):
+        assert matmul._fastest(x, packed, [wrong, right, slow]) == right
+
+
+def test_tile_candidates_offer_paired_int4_decodes_and_multi_row_decodes():
+    from quantbench.export.kernels.matmul import _candidates
+
+    int4, int8 = to_kernel_layout(WEIGHTS["int4-g128-rtn"]), to_kernel_layout(WEIGHTS["int8-pc-rtn"])
+    assert any(c.pairs for c in _candidates(1, int4, torch.float16))
+    assert not any(c.pairs for c in _candidates(1, int4, torch.bfloat16) + _candidates(1, int8, torch.float16))
+    assert {c.rows for c in _candidates(3, int4, torch.float16) if c.block_m == 1} == {4}
+    assert {c.rows for c in _candidates(16, int8, torch.float16) if c.block_m == 1} == {8}
+    assert all(c.block_m > 1 for c in _candidates(17, int4, torch.float16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX runs on an NVIDIA GPU only")
+@pytest.mark.parametrize("label", ["int4-g128-rtn", "int4-g32 act_order", "int4-g32-sym-rtn"])
+def test_paired_int4_decode_matches_within_float16_rounding_on_the_gpu(label):
+    stored = WEIGHTS[label]
+    x = torch.randn(1, IN, device="cuda").half()
+    expected = x.float() @ stored.dequantize().cuda().T
+    packed = to_kernel_layout(stored.to("cuda"))
+    got = packed_matmul(x, packed, backend="triton", config=TileConfig(1, 32, 64, 2, pairs=True))
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,9 @@ class TileConfig:
     num_stages: int = 2
     expand: bool = True  # tl.dot kernel: split loaded words (else one load per row)
     half: bool = False  # decode kernel, int codes, float16 x: decode and multiply in float16
+    rows: int = 1  # decode kernels: rows of x per program, each weight tile decoded once for all of them
+    lut: bool = False  # base-3 kernel: bytes decoded through a table of digits instead of divisions
+    pairs: bool = False  # decode kernel, int4 codes, float16 x: two codes per f16x2 instruction (inline PTX)
 
 
 INTERPRETER_CONFIGS = {"decode": TileConfig(1, 32, 64, 2), "batch": TileConfig(16, 32, 64, 1),
@@ -56,7 +60,8 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     if weight.kind == "ternary3":
         x2 = x2.contiguous()
         config = config or _config_for(x2, weight)
-        out = triton_matmul.launch_base3(x2, weight, config.block_k, config.block_n, config.split_k, config.num_warps)
+        out = triton_matmul.launch_base3(x2, weight, config.block_k, config.block_n, config.split_k, config.num_warps,
+                                         config.rows, config.lut)
         return out.view(*x.shape[:-1], n_out)
     if weight.perm is not None and x2.shape[0] > 1:  # a batch gathers once; decode gathers in the kernel
         x2 = x2[:, weight.perm.long()]
@@ -64,22 +69,38 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     x2 = x2.contiguous()
     config = config or _config_for(x2, weight)
     out = triton_matmul.launch(x2, weight, config.block_m, config.block_n, config.block_k, config.split_k,
-                               config.num_warps, config.num_stages, config.expand, config.half)
+                               config.num_warps, config.num_stages, config.expand, config.half, config.rows,
+                               config.pairs)
     return out.view(*x.shape[:-1], n_out)
 
 
-def _candidates(m: int, weight: KernelWeight) -> list[TileConfig]:
+def _candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[TileConfig]:
     if weight.kind == "ternary3":  # block_k counts byte rows of a group here: the power of two ≥ them, ≤ 64
         bytes_per_group = -(-weight.group // 5)
-        rows = min(1 << (bytes_per_group - 1).bit_length(), 64)
-        return [TileConfig(1, bn, rows, sk, warps) for bn in (32, 64, 128) for sk in (1, 2, 4, 8) for warps in (4, 8)]
+        byte_rows = min(1 << (bytes_per_group - 1).bit_length(), 64)
+        rows = min(_bucket(m), 8)
+        return [TileConfig(1, bn, byte_rows, sk, 4, rows=rows, lut=lut) for bn in (32, 64, 128)
+                for sk in (1, 2, 4, 8) for lut in (False, True)]
     if m == 1:
         tiles = [(512, 32, 4), (256, 64, 4), (128, 128, 4), (512, 64, 8)]
-        return [TileConfig(1, bn, bk, sk, warps, 2, True, half) for bk, bn, warps in tiles for sk in (1, 2, 4, 8)
-                for half in (True, False)]
+        modes = [dict(half=True), dict(half=False)]
+        if weight.kind == "int" and weight.bits == 4 and dtype == torch.float16:
+            modes.append(dict(pairs=True))
+        return [TileConfig(1, bn, bk, sk, warps, 2, **mode) for bk, bn, warps in tiles for sk in (1, 2, 4, 8)
+                for mode in modes]
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     splits = (1, 2, 4) if m <= 64 else (1,)
-    return [TileConfig(block_m, bn, bk, sk, 4, 3) for bn in (64, 128) for bk in (64, 128) for sk in splits]
+    dot = [TileConfig(block_m, bn, bk, sk, 4, 3) for bn in (64, 128) for bk in (64, 128) for sk in splits]
+    if m > 16:
+        return dot
+    rows = min(_bucket(m), 8)  # decode every weight tile once for up to 8 rows: tensor cores idle, no layout shuffles
+    tiles = [(256, 32, 4), (128, 64, 4), (128, 128, 8)] if rows <= 4 else [(128, 32, 4), (64, 64, 4)]
+    return dot + [TileConfig(1, bn, bk, sk, warps, 2, rows=rows) for bk, bn, warps in tiles for sk in (1, 2, 4, 8)]
+
+
+def tuned_configs() -> dict[tuple, TileConfig]:
+    """The tile chosen so far per (kind, bits, group, has zeros, x dtype, batch bucket, N, K)."""
+    return dict(_tuned)
 
 
 def _bucket(m: int) -> int:
@@ -92,23 +113,34 @@ def _config_for(x: torch.Tensor, weight: KernelWeight) -> TileConfig:
         return INTERPRETER_CONFIGS["base3" if weight.kind == "ternary3" else "decode" if m == 1 else "batch"]
     key = (weight.kind, weight.bits, weight.group, weight.zeros is not None, x.dtype, _bucket(m), *weight.shape)
     if key not in _tuned:
-        _tuned[key] = _fastest(x, weight, _candidates(m, weight))
+        _tuned[key] = _fastest(x, weight, _candidates(m, weight, x.dtype))
     return _tuned[key]
 
 
 def _fastest(x: torch.Tensor, weight: KernelWeight, candidates: list[TileConfig]) -> TileConfig:
-    best, best_ms, error = None, float("inf"), None
+    """The fastest candidate among those that compile, fit the device and agree with the torch fallback
+    (max |difference| within 5% of max |result|: float16 rounding is far below, a wrong kernel far above)."""
+    best, best_ms, error, disagreeing = None, float("inf"), None, []
+    expected = packed_matmul_reference(x.float(), weight)
+    tolerance = 0.05 * expected.abs().max().item()
     for config in candidates:
         def call():
-            packed_matmul(x, weight, "triton", config)
+            return packed_matmul(x, weight, "triton", config)
         try:
-            call()
+            got = call()
         except Exception as exc:  # a tile that does not fit this GPU's shared memory or registers
             error = exc
+            continue
+        if not (got.float() - expected).abs().max().item() <= tolerance:
+            disagreeing.append(config)
+            error = RuntimeError(f"{config} disagrees with the torch fallback")
             continue
         ms = graph_time_ms(call)
         if ms < best_ms:
             best, best_ms = config, ms
+    if disagreeing:
+        warnings.warn(f"{len(disagreeing)} tile configurations of the {weight.kind} matmul of shape {weight.shape} "
+                      f"disagree with the torch fallback and were skipped: {disagreeing}", RuntimeWarning, stacklevel=2)
     if best is None:
         raise RuntimeError(f"no tile configuration runs a {weight.kind} matmul of shape {weight.shape}: {error}")
     return best

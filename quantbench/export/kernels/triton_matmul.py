@@ -7,9 +7,13 @@ act_order permutation is applied while loading x, so a call is one kernel launch
   (the next one prefetched), each word's codes taken one position at a time (a shift by a constant),
   multiply-accumulated on CUDA cores into a float32 tile that is reduced once at the end. With `HALF`
   (int codes, float16 x) decoding and products run in float16, eight products per element summed in
-  float16 before each tile's float32 accumulation.
+  float16 before each tile's float32 accumulation. With `PAIRS` (int4, float16 x) two codes of a word
+  are decoded, scaled and multiplied per f16x2 instruction through inline PTX (GPU only).
+- `packed_gemv_rows_kernel` (small batches): the decode kernel for ROWS rows of x per program, each
+  weight tile decoded once and multiplied into every row (no tensor cores, no layout conversion).
 - `packed_gemm_kernel` (batches, prefill): a [BLOCK_K, BLOCK_N] tile dequantized to x's dtype for `tl.dot`.
-- `base3_gemv_kernel`: the base-3 ternary layout, a row of x per program at any batch.
+- `base3_gemv_kernel`: the base-3 ternary layout, ROWS rows of x per program, its bytes split by
+  division or through a 256-entry table of digits.
 
 With SPLIT_K > 1 the programs of one output tile each cover a slice of the inputs and write float32
 partial sums to a workspace; the last one to finish (a per-tile counter, reset by that program) adds them
@@ -53,6 +57,90 @@ def _small_int_to_float(q):
     """Non-negative int32 < 2^23 → float32 without a conversion instruction (those run at a quarter of
     the FMA rate): OR it into the mantissa of 2^23, then subtract 2^23."""
     return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _half2(lo, hi):
+    """Two float16 values in one int32 (lo in bits 0–15), the operand of f16x2 instructions."""
+    low = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return low | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _int4_pair_fma(words, zero2, scale2, x2, acc2):
+    """acc2 + ((1024 + q) − (1024 + z))·s·x for the codes at bits 0–3 and 16–19 of each word, in f16x2
+    lanes: one LOP3 puts both codes into float16 1024 + q (Marlin's and ExLlama's decode), the subtraction
+    is exact, and the scale and the product round as a float16 dequantized weight would. GPU only."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t, v;
+        lop3.b32 t, $1, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 v, t, $2;
+        mul.f16x2 v, v, $3;
+        fma.rn.f16x2 $0, v, $4, $5;
+        }""",
+        "=r,r,r,r,r,r", [words, zero2, scale2, x2, acc2], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _half2_sum(acc2):
+    """float32 sum of an int32's two float16 lanes."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b16 lo, hi;
+        .reg .f32 a, b;
+        mov.b32 {lo, hi}, $1;
+        cvt.f32.f16 a, lo;
+        cvt.f32.f16 b, hi;
+        add.f32 $0, a, b;
+        }""",
+        "=r,r", [acc2], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _word_tile_params(s_ptr, z_ptr, w0, rows, mask_r, offs_n, mask_n, N, n_groups, global_scale,
+                      KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_W: tl.constexpr):
+    """(scale, offset, second, zero) of a [BLOCK_W words, BLOCK_N outputs] tile, each a row when one group
+    spans the tile: w = code·scale − offset with offset = zero·scale (int), code₁·scale + code₂·second −
+    offset (ternary pairs), e2m1(code)·scale (MX, NV); the unused ones are placeholders."""
+    PER: tl.constexpr = 32 // BITS
+    if GROUP >= BLOCK_W * PER:
+        params = (w0 * PER // GROUP) * N + offs_n[None, :]
+        params_mask = mask_n[None, :]
+    else:
+        params = ((rows * PER) // GROUP)[:, None] * N + offs_n[None, :]
+        params_mask = mask_r[:, None] & mask_n[None, :]
+    raw = tl.load(s_ptr + params, mask=params_mask, other=0)
+    scale = raw.to(tl.float32)
+    second = scale
+    zero = scale
+    if KIND == 0:
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + params, mask=params_mask, other=0).to(tl.float32)
+        else:
+            zero = tl.zeros_like(scale) + (1 << (BITS - 1))
+        offset = zero * scale
+    elif KIND == 1:
+        second = tl.load(s_ptr + n_groups * N + params, mask=params_mask, other=0).to(tl.float32)
+        offset = scale + second
+    else:
+        scale = _block_scale(raw, global_scale, KIND)
+        offset = scale
+    return scale, offset, second, zero
+
+
+@triton.jit
+def _position_weights(words, i: tl.constexpr, scale, offset, second, KIND: tl.constexpr, BITS: tl.constexpr):
+    """float32 weights of the i-th code of every word in the tile."""
+    codes = (words >> (i * BITS)) & ((1 << BITS) - 1)
+    if KIND == 0:
+        w = _small_int_to_float(codes) * scale - offset
+    elif KIND == 1:
+        w = (_small_int_to_float(codes & 3) * scale + _small_int_to_float(codes >> 2) * second) - offset
+    else:
+        w = _e2m1(codes) * scale
+    return w
 
 
 @triton.jit
@@ -132,7 +220,7 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
                        N, K, n_groups, k_per_split, stride_xm, global_scale,
                        KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
                        GROUP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-                       HALF: tl.constexpr):
+                       HALF: tl.constexpr, PAIRS: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -155,26 +243,20 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
         next_words = tl.load(w_ptr + ahead[:, None] * N + offs_n[None, :],
                              mask=(ahead < w_end)[:, None] & mask_n[None, :], other=0)
         first_k = rows * PER
-        if GROUP >= BLOCK_W * PER:
-            params = (w0 * PER // GROUP) * N + offs_n[None, :]
-            params_mask = mask_n[None, :]
-        else:
-            params = (first_k // GROUP)[:, None] * N + offs_n[None, :]
-            params_mask = mask_r[:, None] & mask_n[None, :]
-        raw = tl.load(s_ptr + params, mask=params_mask, other=0)
-        scale = raw.to(tl.float32)
-        if KIND == 0:
-            if HAS_ZEROS:
-                zero = tl.load(z_ptr + params, mask=params_mask, other=0).to(tl.float32)
-            else:
-                zero = tl.zeros_like(scale) + (1 << (BITS - 1))
-            offset = zero * scale
-        elif KIND == 1:
-            second = tl.load(s_ptr + n_groups * N + params, mask=params_mask, other=0).to(tl.float32)
-            offset = scale + second
-        else:
-            scale = _block_scale(raw, global_scale, KIND)
-        if HALF and KIND == 0:  # decode and multiply in float16 (paired f16x2 instructions), sum per tile in float32
+        scale, offset, second, zero = _word_tile_params(s_ptr, z_ptr, w0, rows, mask_r, offs_n, mask_n, N,
+                                                        n_groups, global_scale, KIND, BITS, HAS_ZEROS, GROUP,
+                                                        BLOCK_W)
+        if PAIRS:  # int4, float16 x: two codes per instruction (inline PTX, so never under the interpreter)
+            scale2 = tl.broadcast_to(_half2(scale, scale), (BLOCK_W, BLOCK_N))
+            zero2 = tl.broadcast_to(_half2(zero + 1024.0, zero + 1024.0), (BLOCK_W, BLOCK_N))
+            part = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.int32)  # 0x00000000: two float16 zeros
+            for j in tl.static_range(4):
+                x2 = _half2(_input_column(x_row, perm_ptr, first_k + j, mask_r, HAS_PERM),
+                            _input_column(x_row, perm_ptr, first_k + j + 4, mask_r, HAS_PERM))
+                x2 = tl.broadcast_to(x2[:, None], (BLOCK_W, BLOCK_N))
+                part = _int4_pair_fma(words >> (4 * j), zero2, scale2, x2, part)
+            acc += _half2_sum(part)
+        elif HALF and KIND == 0:  # decode and multiply in float16 (paired f16x2 instructions), sum per tile in float32
             scale16 = scale.to(tl.float16)
             zero16 = (zero + 1024.0).to(tl.float16)  # 1024 + z, exact in float16
             part = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float16)
@@ -187,16 +269,48 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
         else:
             for i in tl.static_range(PER):
                 x = _input_column(x_row, perm_ptr, first_k + i, mask_r, HAS_PERM).to(tl.float32)[:, None]
-                codes = (words >> (i * BITS)) & ((1 << BITS) - 1)
-                if KIND == 0:
-                    w = _small_int_to_float(codes) * scale - offset
-                elif KIND == 1:
-                    w = (_small_int_to_float(codes & 3) * scale + _small_int_to_float(codes >> 2) * second) - offset
-                else:
-                    w = _e2m1(codes) * scale
-                acc += w * x
+                acc += _position_weights(words, i, scale, offset, second, KIND, BITS) * x
     _finish(tl.sum(acc, axis=0), out_ptr, pid_m * N + offs_n, mask_n, ws_ptr, N * tl.num_programs(2),
             lock_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K)
+
+
+@triton.jit
+def packed_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
+                            M, N, K, n_groups, k_per_split, stride_xm, global_scale,
+                            KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr,
+                            BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr):
+    """x in the stored input order (a batch gathers act_order once before the call)."""
+    PER: tl.constexpr = 32 // BITS
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_m = pid_m * ROWS + tl.arange(0, ROWS)
+    mask_m = offs_m < M
+    n_words = K // PER
+    w_begin = pid_k * (k_per_split // PER)
+    w_end = tl.minimum(w_begin + k_per_split // PER, n_words)
+    acc = tl.zeros((ROWS, BLOCK_W, BLOCK_N), dtype=tl.float32)
+    rows = w_begin + tl.arange(0, BLOCK_W)
+    next_words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
+                         mask=(rows < w_end)[:, None] & mask_n[None, :], other=0)
+    for w0 in range(w_begin, w_end, BLOCK_W):
+        rows = w0 + tl.arange(0, BLOCK_W)
+        mask_r = rows < w_end
+        words = next_words
+        ahead = rows + BLOCK_W
+        next_words = tl.load(w_ptr + ahead[:, None] * N + offs_n[None, :],
+                             mask=(ahead < w_end)[:, None] & mask_n[None, :], other=0)
+        scale, offset, second, zero = _word_tile_params(s_ptr, z_ptr, w0, rows, mask_r, offs_n, mask_n, N,
+                                                        n_groups, global_scale, KIND, BITS, HAS_ZEROS, GROUP,
+                                                        BLOCK_W)
+        for i in tl.static_range(PER):
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (rows * PER + i)[None, :],
+                        mask=mask_m[:, None] & mask_r[None, :], other=0).to(tl.float32)
+            acc += _position_weights(words, i, scale, offset, second, KIND, BITS)[None, :, :] * x[:, :, None]
+    _finish(tl.sum(acc, axis=1), out_ptr, offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :],
+            ws_ptr, M * N, lock_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K)
 
 
 @triton.jit
@@ -232,44 +346,59 @@ def packed_gemm_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
 
 
 @triton.jit
-def base3_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, lock_ptr, N, K, n_groups, groups_per_split,
-                      stride_xm, GROUP: tl.constexpr, BYTES: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Decode for the base-3 ternary layout (`ternary3`), one row of x per program: per group, each plane's
-    bytes [BLOCK_R rows, BLOCK_N outputs] are split digit by digit (b mod 3, then b // 3), the trits
-    (digit − 1) times x summed per plane, and each plane's sum scaled once per group."""
+def _trit(b, j: tl.constexpr, LUT: tl.constexpr):
+    """Trit j of base-3 bytes b, or (LUT) of their lookup-table words, as float32 in {−1, 0, 1}."""
+    if LUT:
+        digit = (b >> (2 * j)) & 3
+    else:
+        digit = (b // (3 ** j)) % 3
+    return _small_int_to_float(digit) - 1.0
+
+
+@triton.jit
+def base3_gemv_kernel(x_ptr, w_ptr, s_ptr, lut_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, n_groups,
+                      groups_per_split, stride_xm, GROUP: tl.constexpr, BYTES: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr, LUT: tl.constexpr):
+    """Decode for the base-3 ternary layout (`ternary3`), ROWS rows of x per program: per group, each plane's
+    bytes [BLOCK_R rows, BLOCK_N outputs] are split digit by digit (b // 3^j mod 3, or with LUT one load of
+    a 256-entry table of 2-bit digits per byte), the trits times x summed per plane, and each plane's sum
+    scaled once per group."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    x_row = x_ptr + pid_m * stride_xm
+    offs_m = pid_m * ROWS + tl.arange(0, ROWS)
+    mask_m = offs_m < M
     plane = n_groups * BYTES * N  # the second plane's offset
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    total = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     g_begin = pid_k * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, n_groups)
     for g in range(g_begin, g_end):
-        first = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        second = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        first = tl.zeros((ROWS, BLOCK_R, BLOCK_N), dtype=tl.float32)
+        second = tl.zeros((ROWS, BLOCK_R, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, BYTES, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             mask = (rows < BYTES)[:, None] & mask_n[None, :]
             offsets = (g * BYTES + rows)[:, None] * N + offs_n[None, :]
             b1 = tl.load(w_ptr + offsets, mask=mask, other=121).to(tl.int32)  # 121: five zero trits
             b2 = tl.load(w_ptr + plane + offsets, mask=mask, other=121).to(tl.int32)
+            if LUT:
+                b1 = tl.load(lut_ptr + b1)
+                b2 = tl.load(lut_ptr + b2)
             for j in tl.static_range(5):
                 within = rows * 5 + j
                 inputs = g * GROUP + within
-                x = tl.load(x_row + inputs, mask=(within < GROUP) & (inputs < K), other=0).to(tl.float32)[:, None]
-                first += ((b1 % 3) - 1).to(tl.float32) * x
-                second += ((b2 % 3) - 1).to(tl.float32) * x
-                b1 = b1 // 3
-                b2 = b2 // 3
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + inputs[None, :],
+                            mask=mask_m[:, None] & ((within < GROUP) & (inputs < K))[None, :],
+                            other=0).to(tl.float32)[:, :, None]
+                first += _trit(b1, j, LUT)[None, :, :] * x
+                second += _trit(b2, j, LUT)[None, :, :] * x
         alpha1 = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
         alpha2 = tl.load(s_ptr + (n_groups + g) * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-        total += alpha1 * tl.sum(first, axis=0) + alpha2 * tl.sum(second, axis=0)
-    _finish(total, out_ptr, pid_m * N + offs_n, mask_n, ws_ptr, N * tl.num_programs(2),
-            lock_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K)
+        total += alpha1[None, :] * tl.sum(first, axis=1) + alpha2[None, :] * tl.sum(second, axis=1)
+    _finish(total, out_ptr, offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :], ws_ptr,
+            M * N, lock_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K)
 
 
 _workspaces: dict[tuple, torch.Tensor] = {}
@@ -285,17 +414,20 @@ def _scratch(kind: str, numel: int, dtype: torch.dtype, device: torch.device) ->
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, block_k: int, split_k: int,
-           num_warps: int = 4, num_stages: int = 2, expand: bool = True, half: bool = False) -> torch.Tensor:
+           num_warps: int = 4, num_stages: int = 2, expand: bool = True, half: bool = False,
+           rows: int = 1, pairs: bool = False) -> torch.Tensor:
     """x [M, K] contiguous, in the original input order → [M, N] in x's dtype. block_m = 1 runs the
-    decode kernel on each row of x (`half`: in float16 when x is); larger block_m the tl.dot kernel
-    (`expand`: split loaded words instead of loading a word per row)."""
+    decode kernel on each row of x (`half`: in float16 when x is; `pairs`: int4 in f16x2 lanes through
+    inline PTX, CUDA only), or with rows > 1 on that many rows
+    per program (x already in the stored order); larger block_m the tl.dot kernel (`expand`: split loaded
+    words instead of loading a word per row)."""
     m, k = x.shape
     n = weight.shape[0]
     block_k = max(block_k, weight.per_word)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_n), split_k, m if block_m == 1 else triton.cdiv(m, block_m))
+    grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, rows if block_m == 1 else block_m))
     workspace = _scratch("workspace", split_k * m * n if split_k > 1 else 1, torch.float32, x.device)
     locks = _scratch("locks", grid[0] * grid[2], torch.int32, x.device)
     zeros = weight.zeros if weight.zeros is not None else weight.scales
@@ -303,11 +435,21 @@ def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, bl
     common = dict(KIND=KINDS[weight.kind], BITS=weight.bits, HAS_ZEROS=weight.zeros is not None,
                   HAS_PERM=weight.perm is not None, GROUP=weight.group, SPLIT_K=split_k,
                   num_warps=num_warps, num_stages=num_stages)
-    if block_m == 1:
+    if block_m == 1 and rows > 1:
+        if weight.perm is not None:
+            raise ValueError("the multi-row decode kernel reads x in the stored order: gather act_order first")
+        packed_gemv_rows_kernel[grid](x, weight.qweight, weight.scales, zeros, out, workspace, locks,
+                                      m, n, k, weight.n_groups, k_per_split, x.stride(0), weight.global_scale,
+                                      KIND=common["KIND"], BITS=weight.bits, HAS_ZEROS=weight.zeros is not None,
+                                      GROUP=weight.group, SPLIT_K=split_k, BLOCK_W=block_k // weight.per_word,
+                                      BLOCK_N=block_n, ROWS=rows, num_warps=num_warps, num_stages=num_stages)
+    elif block_m == 1:
         packed_gemv_kernel[grid](x, perm, weight.qweight, weight.scales, zeros, out, workspace, locks,
                                  n, k, weight.n_groups, k_per_split, x.stride(0), weight.global_scale,
                                  BLOCK_W=block_k // weight.per_word, BLOCK_N=block_n,
-                                 HALF=half and x.dtype == torch.float16 and weight.bits <= 8, **common)
+                                 HALF=half and x.dtype == torch.float16 and weight.bits <= 8,
+                                 PAIRS=pairs and x.dtype == torch.float16 and weight.kind == "int" and weight.bits == 4,
+                                 **common)
     else:
         packed_gemm_kernel[grid](x, perm, weight.qweight, weight.scales, zeros, out, workspace, locks,
                                  m, n, k, weight.n_groups, k_per_split, x.stride(0), weight.global_scale,
@@ -316,20 +458,32 @@ def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, bl
 
 
 def launch_base3(x: torch.Tensor, weight: KernelWeight, block_r: int, block_n: int, split_k: int,
-                 num_warps: int = 4) -> torch.Tensor:
-    """x [M, K] contiguous → [M, N] through `base3_gemv_kernel`, one program row per row of x; `split_k`
-    spreads the groups over that many programs per output tile."""
+                 num_warps: int = 4, rows: int = 1, lut: bool = False) -> torch.Tensor:
+    """x [M, K] contiguous → [M, N] through `base3_gemv_kernel`, `rows` rows of x per program; `split_k`
+    spreads the groups over that many programs per output tile; `lut` decodes bytes through the table."""
     m, k = x.shape
     n = weight.shape[0]
     n_groups = triton.cdiv(k, weight.group)
     groups_per_split = triton.cdiv(n_groups, split_k)
     split_k = triton.cdiv(n_groups, groups_per_split)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_n), split_k, m)
+    grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, rows))
     workspace = _scratch("workspace", split_k * m * n if split_k > 1 else 1, torch.float32, x.device)
     locks = _scratch("locks", grid[0] * grid[2], torch.int32, x.device)
-    base3_gemv_kernel[grid](x, weight.qweight, weight.scales, out, workspace, locks, n, k, n_groups,
-                            groups_per_split, x.stride(0), GROUP=weight.group,
+    base3_gemv_kernel[grid](x, weight.qweight, weight.scales, _base3_digits(x.device), out, workspace, locks, m, n,
+                            k, n_groups, groups_per_split, x.stride(0), GROUP=weight.group,
                             BYTES=triton.cdiv(weight.group, 5), BLOCK_R=block_r, BLOCK_N=block_n,
-                            SPLIT_K=split_k, num_warps=num_warps)
+                            SPLIT_K=split_k, ROWS=rows, LUT=lut, num_warps=num_warps)
     return out
+
+
+_digit_tables: dict[torch.device, torch.Tensor] = {}
+
+
+def _base3_digits(device: torch.device) -> torch.Tensor:
+    """int32 [256]: byte b → its five base-3 digits in 2-bit fields (digit j at bits 2j, 2j + 1)."""
+    if device not in _digit_tables:
+        b = torch.arange(256)
+        digits = torch.stack([(b // 3 ** j) % 3 for j in range(5)], dim=1)
+        _digit_tables[device] = (digits << (2 * torch.arange(5))).sum(dim=1).int().to(device)
+    return _digit_tables[device]
