@@ -266,3 +266,14 @@ def test_paired_int4_decode_matches_within_float16_rounding_on_the_gpu(label):
     packed = to_kernel_layout(stored.to("cuda"))
     got = packed_matmul(x, packed, backend="triton", config=TileConfig(1, 32, 64, 2, pairs=True))
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("label", ["int4-g128-rtn", "int4-g32 act_order", "int8-pc-rtn", "int4-g32-sym-rtn", "int2-g64-rtn"])
+@pytest.mark.parametrize("expand", [True, False])
+def test_dot_kernel_float16_decoding_gives_the_float32_decodings_result_bit_for_bit(label, expand):
+    """(1024 + q) − (1024 + z) is exact in float16 and one multiply rounds it as float32's cast does."""
+    x = torch.randn(5, IN, generator=torch.Generator().manual_seed(10)).half()
+    packed = to_kernel_layout(WEIGHTS[label])
+    half, single = (packed_matmul(x, packed, backend="triton", config=TileConfig(16, 32, 64, 1, expand=expand, half=h))
+                    for h in (True, False))
+    assert torch.equal(half, single)

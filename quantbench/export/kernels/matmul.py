@@ -29,7 +29,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 2
     expand: bool = True  # tl.dot kernel: split loaded words (else one load per row)
-    half: bool = False  # decode kernel, int codes, float16 x: decode and multiply in float16
+    half: bool = False  # int codes, float16 x: decode (and in the decode kernel multiply) in float16
     rows: int = 1  # decode kernels: rows of x per program, each weight tile decoded once for all of them
     lut: bool = False  # base-3 kernel: bytes decoded through a table of digits instead of divisions
     pairs: bool = False  # decode kernel, int4 codes, float16 x: two codes per f16x2 instruction (inline PTX)
@@ -90,7 +90,9 @@ def _candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[TileCo
                 for mode in modes]
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     splits = (1, 2, 4) if m <= 64 else (1,)
-    dot = [TileConfig(block_m, bn, bk, sk, 4, 3) for bn in (64, 128) for bk in (64, 128) for sk in splits]
+    half = weight.kind == "int" and dtype == torch.float16  # the same weights as float32 decoding, bit for bit
+    dot = [TileConfig(block_m, bn, bk, sk, 4, 3, expand, half) for bn in (64, 128) for bk in (64, 128)
+           for sk in splits for expand in (True, False)]
     if m > 16:
         return dot
     rows = min(_bucket(m), 8)  # decode every weight tile once for up to 8 rows: tensor cores idle, no layout shuffles

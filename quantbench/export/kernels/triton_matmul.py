@@ -157,10 +157,11 @@ def _params(ptr, offs_k, k0, offs_n, mask_n, K, N, GROUP: tl.constexpr, BLOCK_K:
 @triton.jit
 def _dequantized_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, K, N, n_groups, global_scale,
                       KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EXPAND: tl.constexpr):
-    """float32 [BLOCK_K, BLOCK_N] weights of inputs k0… and outputs offs_n. EXPAND loads each word once
-    and splits it into a [words, per_word, outputs] block reshaped to the tile; otherwise every row of the
-    tile loads its word (cache hits for all but the first)."""
+                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EXPAND: tl.constexpr, HALF: tl.constexpr):
+    """float32 [BLOCK_K, BLOCK_N] weights of inputs k0… and outputs offs_n (HALF, int codes: float16, from
+    1024 + q − (1024 + z), exact, times the float16 scale: the float32 value rounded once, bit for bit).
+    EXPAND loads each word once and splits it into a [words, per_word, outputs] block reshaped to the tile;
+    otherwise every row of the tile loads its word (cache hits for all but the first)."""
     PER: tl.constexpr = 32 // BITS
     offs_k = k0 + tl.arange(0, BLOCK_K)
     if EXPAND:
@@ -174,7 +175,13 @@ def _dequantized_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, K, N, n_groups, g
                         mask=(offs_k < K)[:, None] & mask_n[None, :], other=0)
         codes = (words >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
     scale = _params(s_ptr, offs_k, k0, offs_n, mask_n, K, N, GROUP, BLOCK_K)
-    if KIND == 0:
+    if KIND == 0 and HALF:
+        if HAS_ZEROS:
+            zero = _params(z_ptr, offs_k, k0, offs_n, mask_n, K, N, GROUP, BLOCK_K).to(tl.float16) + 1024.0
+        else:
+            zero = tl.full((1, BLOCK_N), (1 << (BITS - 1)) + 1024, tl.float16)
+        w = ((codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - zero.to(tl.float16)) * scale.to(tl.float16)
+    elif KIND == 0:
         scale = scale.to(tl.float32)
         if HAS_ZEROS:
             zero = _params(z_ptr, offs_k, k0, offs_n, mask_n, K, N, GROUP, BLOCK_K).to(tl.float32)
@@ -318,7 +325,7 @@ def packed_gemm_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
                        M, N, K, n_groups, k_per_split, stride_xm, global_scale,
                        KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SPLIT_K: tl.constexpr, EXPAND: tl.constexpr):
+                       SPLIT_K: tl.constexpr, EXPAND: tl.constexpr, HALF: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -333,7 +340,7 @@ def packed_gemm_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         w = _dequantized_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, K, N, n_groups, global_scale,
-                              KIND, BITS, HAS_ZEROS, GROUP, BLOCK_K, BLOCK_N, EXPAND)
+                              KIND, BITS, HAS_ZEROS, GROUP, BLOCK_K, BLOCK_N, EXPAND, HALF)
         if HAS_PERM:
             columns = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
         else:
@@ -416,11 +423,13 @@ def _scratch(kind: str, numel: int, dtype: torch.dtype, device: torch.device) ->
 def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, block_k: int, split_k: int,
            num_warps: int = 4, num_stages: int = 2, expand: bool = True, half: bool = False,
            rows: int = 1, pairs: bool = False) -> torch.Tensor:
-    """x [M, K] contiguous, in the original input order → [M, N] in x's dtype. block_m = 1 runs the
-    decode kernel on each row of x (`half`: in float16 when x is; `pairs`: int4 in f16x2 lanes through
-    inline PTX, CUDA only), or with rows > 1 on that many rows
-    per program (x already in the stored order); larger block_m the tl.dot kernel (`expand`: split loaded
-    words instead of loading a word per row)."""
+    """x [M, K] contiguous, in the original input order → [M, N] in x's dtype.
+
+    - block_m = 1: the decode kernel on each row of x (`half`: in float16 when x is; `pairs`: int4 in
+      f16x2 lanes through inline PTX, CUDA only), or with rows > 1 on that many rows per program (x
+      already in the stored order).
+    - block_m ≥ 16: the tl.dot kernel (`expand`: split loaded words instead of loading a word per row;
+      `half`: int codes dequantized in float16 when x is)."""
     m, k = x.shape
     n = weight.shape[0]
     block_k = max(block_k, weight.per_word)
@@ -453,7 +462,8 @@ def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, bl
     else:
         packed_gemm_kernel[grid](x, perm, weight.qweight, weight.scales, zeros, out, workspace, locks,
                                  m, n, k, weight.n_groups, k_per_split, x.stride(0), weight.global_scale,
-                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EXPAND=expand, **common)
+                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EXPAND=expand,
+                                 HALF=half and x.dtype == torch.float16 and weight.kind == "int", **common)
     return out
 
 
