@@ -106,17 +106,26 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe"),
         force: bool = typer.Option(False, "--force", help="replace an existing run / export directory"),
         resume: bool = typer.Option(False, "--resume", help="continue a streamed run that died, from its last "
                                     "journal save (see model.streaming)"),
-        verbose: bool = typer.Option(True, "--verbose/--quiet", help="log progress")) -> None:
+        verbose: bool = typer.Option(True, "--verbose/--quiet", help="log progress"),
+        nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine (one per GPU): "
+                                  "relaunches itself under torchrun --standalone")) -> None:
     """Run a recipe end to end: calibrate, quantize, evaluate, export, write result.json."""
+    from quantbench import distributed
     from quantbench.recipe import load_recipe
     from quantbench.runner import run_recipe
 
+    if nproc > 1 and not distributed.launched():
+        flags = [*(["--force"] if force else []), *(["--resume"] if resume else []), "--verbose" if verbose else "--quiet"]
+        raise typer.Exit(distributed.relaunch(nproc, ["run", str(recipe), *flags]))
     _setup_logging(verbose)
     try:
+        ranks = distributed.init_from_environment()
         result = run_recipe(load_recipe(recipe), force=force, progress=verbose, resume=resume)
+        distributed.finish()
     except QuantbenchError as exc:
         _fail(exc)
-    print_run_summary(result)
+    if ranks.main:
+        print_run_summary(result)
 
 
 @app.command()

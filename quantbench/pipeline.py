@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from quantbench.activations import activation_format_of, input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.block_weights import ResidentWeights
 from quantbench.calibration.stats import StopForward, collect_stats, input_sharing
+from quantbench.distributed import all_reduce_stats, assign_by_cost, local_rows, share_results
+from quantbench.distributed import current as current_ranks
 from quantbench.errors import QuantbenchError
 from quantbench.experts import StarvedExperts, all_tokens_routed, expert_pattern, merge_parallel_experts
 from quantbench.memory import read_peaks, reset_peaks
@@ -309,11 +311,12 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
                    autoround: AutoRoundOptions = AutoRoundOptions()) -> dict[str, QuantizedWeight]:
     """Quantize every decoder-block linear that `scheme_for(full_name)` assigns a scheme, in place: the block
     driver with the quantize stage alone. The model's weights are replaced by their dequantized values; the
-    returned QuantizedWeights (on CPU) hold the codes that export packs. `starved` receives the experts
+    returned QuantizedWeights (on CPU) hold the codes that export packs. Under torchrun each rank calibrates
+    on its share of `input_ids` (distributed.py). `starved` receives the experts
     routed too few calibration tokens, and what was done about them (`experts`); `scaled`, what AWQ and
     SmoothQuant chose where a scheme asks for them (`scaling`: their options)."""
     stage = QuantizeStage(scheme_for, true_sequential, hessian, experts=experts, scaling=scaling, autoround=autoround)
-    drive_blocks(model, input_ids, device, [stage], batch_size, progress, timer, desc="quantize blocks")
+    drive_blocks(model, local_rows(input_ids), device, [stage], batch_size, progress, timer, desc="quantize blocks")
     if starved is not None:
         starved.update(stage.starved_experts)
     if scaled is not None:
@@ -360,18 +363,44 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
         if stats_layers & set(stage):
             def collect(names: list[str]) -> dict:
                 with timer("stats_forward"):
-                    return collect_block_stats(ctx, names, hessian_layers, shared, hessian, timer)
+                    collected = collect_block_stats(ctx, names, hessian_layers, shared, hessian, timer)
+                    all_reduce_stats(collected, {name: linears[name].in_features for name in names})
+                    return collected
 
             stats = collect(stage)
             if starved := starved_experts(stage, stats, stats_layers, experts):
                 schemes = _handle_starved(ctx, starved, stats, schemes, experts, collect, notes)
         with timer("solve"):
-            batches = _solve_together(stage, schemes, stats)
-            factor_hessians([(schemes[names[0]], stats[names[0]]) for names in batches],
-                            next(ctx.block.parameters()).device)
-            for names in batches:
-                results.update(quantize_linears([linears[n] for n in names], names, schemes[names[0]], stats[names[0]],
-                                                on_device))
+            results.update(_solve_spread(ctx, _solve_together(stage, schemes, stats), schemes, stats, on_device))
+    return results
+
+
+def _solve_spread(ctx: BlockContext, batches: list[list[str]], schemes: dict[str, Scheme], stats: dict,
+                  on_device: bool) -> dict[str, QuantizedWeight]:
+    """Solve each batch of layers (one scheme, one input). Across ranks, each rank solves the batches
+    bin-packed to it by cost (columns² × rows, GPTQ's) and applies the codes the others broadcast."""
+    linears, ranks = ctx.linears, current_ranks()
+    owners = assign_by_cost([linears[names[0]].in_features ** 2 * sum(linears[n].out_features for n in names)
+                             for names in batches], ranks.world)
+    own = [names for names, owner in zip(batches, owners) if owner == ranks.rank]
+    factor_hessians([(schemes[names[0]], stats[names[0]]) for names in own], next(ctx.block.parameters()).device)
+    results = {}
+    for names in own:
+        results.update(quantize_linears([linears[n] for n in names], names, schemes[names[0]], stats[names[0]],
+                                        on_device))
+    if not ranks.active:
+        return results
+    shared = share_results({name: weight.to("cpu") for name, weight in results.items()},
+                           {name: owner for names, owner in zip(batches, owners) for name in names})
+    device = next(ctx.block.parameters()).device
+    for names, owner in zip(batches, owners):
+        if owner != ranks.rank:
+            layers = [linears[n] for n in names]
+            rotation = layer_rotation(layers[0], schemes[names[0]])
+            for name, layer in zip(names, layers):
+                received = shared[name].to(device)  # decoded where the owner decoded it
+                apply_quantized(layer, received, rotation)
+                results[name] = received if on_device else shared[name]
     return results
 
 

@@ -20,6 +20,7 @@ from quantbench.allocation.search import allocate, candidates_for, gradients_for
 from quantbench.allocation.sensitivity import CandidateCache, allocated_weights, apply_allocation
 from quantbench.allocation.table import SensitivityTable
 from quantbench.calibration import calibration_batches
+from quantbench.distributed import current as current_ranks
 from quantbench.errors import QuantbenchError
 from quantbench.eval.harness import evaluate_perplexity, evaluate_tasks, tokenize_eval_sets
 from quantbench.export.checkpoint import RUN_CHECKPOINT_DIR, save_quantized, write_checkpoint
@@ -51,6 +52,10 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
     run_dir = recipe.run_dir
     started = time.perf_counter()
     plan = preflight(recipe, force)
+    ranks = current_ranks()
+    if ranks.active:
+        refuse_undistributed(recipe, plan.streaming)
+        progress = progress and ranks.main
     for line in plan.summary().splitlines():
         log.info("preflight: %s", line)
     if plan.streaming:
@@ -73,7 +78,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
     if recipe.eval.baseline:
         with timer("eval_baseline"):
             baseline = evaluate_perplexity(model, eval_ids, recipe.eval, device, progress)
-        if recipe.eval.tasks:
+        if recipe.eval.tasks and ranks.main:
             with timer("tasks_baseline"):
                 baseline_tasks = evaluate_tasks(model, tokenizer, recipe.eval, device, progress)
 
@@ -102,6 +107,8 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
     with timer("eval_quantized"):
         quantized_ppl = evaluate_perplexity(model, eval_ids, recipe.eval, device, progress)
     quantized_tasks = None
+    if not ranks.main:  # rank 0 scores the tasks and writes the run directory
+        return {}
     if recipe.eval.tasks:
         with timer("tasks_quantized"):
             quantized_tasks = evaluate_tasks(model, tokenizer, recipe.eval, device, progress)
@@ -115,6 +122,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
         "starved_experts": starved,
         "scaled": scaled,
         "perplexity": {"baseline": baseline, "quantized": quantized_ppl},
+        "ranks": ranks.world,
     }
     if recipe.eval.tasks:
         result["tasks"] = {"baseline": baseline_tasks, "quantized": quantized_tasks}
@@ -137,6 +145,25 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
     if interop_error is not None:
         raise kept_results_error(interop_error, recipe)
     return result
+
+
+def refuse_undistributed(recipe: Recipe, streaming: bool) -> None:
+    """Before any compute: what a torchrun run cannot do yet, by name."""
+    quantize = recipe.quantize
+    schemes = [quantize.default, *(o.scheme for o in quantize.overrides),
+               *(s for s in quantize.allocated_schemes().values() if s is not None)]
+    reasons = []
+    if streaming:
+        reasons.append("a streamed model (model.streaming); run it in one process")
+    if recipe.allocation is not None:
+        reasons.append("an allocation search; run `quantbench sensitivity` and `allocate` in one process, then "
+                       "quantize with quantize.from_allocation")
+    if learned := sorted({s.name for s in schemes if s.solver == "autoround" or s.scaling != "none"}):
+        reasons.append(f"AutoRound and AWQ/SmoothQuant schemes ({', '.join(learned)}): they learn from the whole "
+                       "calibration set at once")
+    if reasons:
+        raise QuantbenchError(f"recipe {recipe.name} cannot run on {current_ranks().world} ranks yet: "
+                              + "; ".join(reasons))
 
 
 def kept_results_error(error: QuantbenchError, recipe: Recipe) -> QuantbenchError:

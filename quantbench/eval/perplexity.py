@@ -16,6 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantbench.calibration.sources import load_eval_text
+from quantbench.distributed import current as current_ranks
+from quantbench.distributed import sum_across_ranks
 from quantbench.errors import QuantbenchError
 
 
@@ -64,14 +66,16 @@ def perplexity_result(nll_sum: torch.Tensor, windows: torch.Tensor, dataset: str
 @torch.no_grad()
 def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
                       batch_size: int = 1, progress: bool = False, dataset: str = "") -> PerplexityResult:
+    """Under torchrun each rank scores windows rank, rank + N, … and the sums are added."""
     windows = eval_windows(ids, seqlen, max_windows, dataset)
+    ranks = current_ranks()
     device = next(model.parameters()).device
     nll_sum = torch.zeros((), dtype=torch.float64)
-    for batch in tqdm(windows.split(batch_size), desc=f"perplexity {dataset}".strip(), unit="batch",
-                      disable=not progress):
+    for batch in tqdm(windows[ranks.rank::ranks.world].split(batch_size), desc=f"perplexity {dataset}".strip(),
+                      unit="batch", disable=not progress):
         batch = batch.to(device)
         nll_sum += window_nll(model(input_ids=batch, use_cache=False).logits, batch)
-    return perplexity_result(nll_sum, windows, dataset)
+    return perplexity_result(sum_across_ranks(nll_sum), windows, dataset)
 
 
 def dataset_perplexity(model: nn.Module, tokenizer, dataset: str, seqlen: int = 2048,

@@ -1,0 +1,70 @@
+"""torchrun runs (two gloo ranks on the CPU) against one process: same codes, same perplexity."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import invoke, make_recipe
+from safetensors.torch import load_file
+
+from quantbench.distributed import assign_by_cost
+from quantbench.errors import QuantbenchError
+from quantbench.recipe import load_recipe
+from quantbench.runner import refuse_undistributed
+
+
+def test_solves_are_bin_packed_longest_first_to_the_least_loaded_rank():
+    assert assign_by_cost([5, 1, 4, 3, 3], 2) == [0, 1, 1, 1, 0]  # 5 | 4, 3 | 5 + 3 | 4 + 3 + 1: loads 8 and 8
+    assert assign_by_cost([2, 2, 2], 4) == [0, 1, 2]
+    assert assign_by_cost([], 3) == []
+
+
+def _codes(run_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for part in sorted((run_dir / "checkpoint").glob("*.safetensors")):
+        tensors.update(load_file(part))
+    return tensors
+
+
+def test_two_ranks_give_the_codes_and_perplexity_of_one_process(tmp_path, model_dir, text_file):
+    """RTN layers: identical codes. GPTQ layers: Σ xᵀx is summed in another order (two halves of the
+    calibration set, then their sum), which may flip a code at a rounding tie: at most 1 in 1,000 differ."""
+    changes = dict(calibration={"n_samples": 8}, quantize={"default": "int4-g32-gptq"})
+    for run in ("single", "ranked"):
+        (tmp_path / run).mkdir()
+    single = make_recipe(tmp_path / "single", model_dir, text_file, **changes)
+    ranked = make_recipe(tmp_path / "ranked", model_dir, text_file, **changes)
+    assert (ran := invoke("run", single, "--quiet")).exit_code == 0, ran.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "quantbench", "run", str(ranked), "--quiet", "--nproc", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    one, two = _codes(tmp_path / "single" / "runs" / "tiny"), _codes(tmp_path / "ranked" / "runs" / "tiny")
+    assert one.keys() == two.keys()
+    rtn = [name for name in one if "down_proj" in name]
+    assert rtn and all(torch.equal(one[name], two[name]) for name in rtn)
+    packed = [name for name in one if name.endswith("qweight") and "down_proj" not in name]
+    differing = sum((one[n] != two[n]).sum().item() for n in packed)
+    assert differing <= sum(one[n].numel() for n in packed) // 1000
+    results = [json.loads((tmp_path / run / "runs" / "tiny" / "result.json").read_text()) for run in ("single", "ranked")]
+    assert [result["ranks"] for result in results] == [1, 2]
+    ppl = [result["perplexity"]["quantized"] for result in results]
+    assert ppl[0].keys() == ppl[1].keys()
+    for dataset in ppl[0]:
+        assert ppl[1][dataset]["ppl"] == pytest.approx(ppl[0][dataset]["ppl"], rel=1e-4)
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(quantize={"default": "int3-g32-autoround"}), "int3-g32-autoround"),
+    (dict(quantize={"default": "awq+int4-g32-rtn"}), "awq+int4-g32-rtn"),
+    (dict(model={"streaming": "on"}), "streamed"),
+])
+def test_what_ranks_cannot_run_yet_is_refused_by_name(tmp_path, model_dir, text_file, changes, named):
+    recipe = load_recipe(make_recipe(tmp_path, model_dir, text_file, **changes))
+    with pytest.raises(QuantbenchError, match=re.escape(named)):
+        refuse_undistributed(recipe, streaming="streaming" in changes.get("model", {}))
