@@ -134,24 +134,35 @@ def sensitivity(recipe: Path = typer.Argument(..., help="YAML recipe with an all
                                                    help="folder for sensitivity.json/.csv (default <run dir>/sensitivity)"),
                 measure: str = typer.Option("", help="comma-separated extra measures: trace, eigenvalue, kl, gradients, block_output"),
                 force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
-                verbose: bool = typer.Option(True, "--verbose/--quiet", help="log progress")) -> None:
+                verbose: bool = typer.Option(True, "--verbose/--quiet", help="log progress"),
+                nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine: the candidates "
+                                          "are measured across them (relaunches itself under torchrun)")) -> None:
     """Measure every allocated layer's sensitivity and each candidate's cost; write the table."""
+    from quantbench import distributed
     from quantbench.fsutil import atomic_directory, refuse_existing
     from quantbench.recipe import load_recipe
     from quantbench.runner import sensitivity_for_recipe
 
+    if nproc > 1 and not distributed.launched():
+        flags = [*(["--out", str(out)] if out else []), *(["--measure", measure] if measure else []),
+                 *(["--force"] if force else []), "--verbose" if verbose else "--quiet"]
+        raise typer.Exit(distributed.relaunch(nproc, ["sensitivity", str(recipe), *flags]))
     _setup_logging(verbose)
     try:
+        ranks = distributed.init_from_environment()
         parsed = _with_measures(load_recipe(recipe), measure)
         out = out or parsed.run_dir / "sensitivity"
         refuse_existing(out, force, "output folder")
-        table = sensitivity_for_recipe(parsed, progress=verbose)
-        with atomic_directory(out, force, "output folder") as tmp:
-            table.save(tmp)
+        table = sensitivity_for_recipe(parsed, progress=verbose and ranks.main)
+        if ranks.main:
+            with atomic_directory(out, force, "output folder") as tmp:
+                table.save(tmp)
+        distributed.finish()
     except QuantbenchError as exc:
         _fail(exc)
-    print_sensitivity(table)
-    console.print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.csv'}")
+    if ranks.main:
+        print_sensitivity(table)
+        console.print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.csv'}")
 
 
 def _with_measures(parsed, measure: str):

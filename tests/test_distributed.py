@@ -24,6 +24,31 @@ def test_solves_are_bin_packed_longest_first_to_the_least_loaded_rank():
     assert assign_by_cost([], 3) == []
 
 
+def _spread_on_two_ranks(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from quantbench.distributed import spread
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    ran = []
+
+    def run(job):
+        ran.append(job)
+        return {job: (dist.get_rank(), job * job)}
+
+    merged = spread(list(range(7)), cost=lambda job: job + 1, run=run)
+    torch.save({"ran": ran, "merged": merged}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_spread_runs_each_job_once_and_every_rank_gets_every_result(tmp_path):
+    torch.multiprocessing.spawn(_spread_on_two_ranks, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    outs = [torch.load(tmp_path / f"out.{rank}") for rank in (0, 1)]
+    assert sorted(outs[0]["ran"] + outs[1]["ran"]) == list(range(7)) and outs[0]["ran"] and outs[1]["ran"]
+    assert outs[0]["merged"] == outs[1]["merged"]
+    assert all(outs[0]["merged"][job] == (rank, job * job) for rank in (0, 1) for job in outs[rank]["ran"])
+
+
 def _codes(run_dir: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for part in sorted((run_dir / "checkpoint").glob("*.safetensors")):
@@ -68,3 +93,29 @@ def test_what_ranks_cannot_run_yet_is_refused_by_name(tmp_path, model_dir, text_
     recipe = load_recipe(make_recipe(tmp_path, model_dir, text_file, **changes))
     with pytest.raises(QuantbenchError, match=re.escape(named)):
         refuse_undistributed(recipe, streaming="streaming" in changes.get("model", {}))
+
+
+def test_sensitivity_candidates_spread_over_two_ranks_give_the_one_process_table(tmp_path, model_dir, text_file):
+    """Every rank sees the whole calibration set; each measures its share of the (layer, candidate) jobs."""
+    tables = {}
+    for run in ("single", "ranked"):
+        (tmp_path / run).mkdir()
+        recipe = make_recipe(tmp_path / run, model_dir, text_file, allocation={
+            "candidates": ["int2-g32-gptq", "int4-g32-gptq", "int8-pc-rtn", "hadamard+int3-pc-gptq"],
+            "metric": "output_error", "budget": 3.5})
+        if run == "single":
+            assert (done := invoke("sensitivity", recipe, "--quiet")).exit_code == 0, done.output
+        else:
+            done = subprocess.run([sys.executable, "-m", "quantbench", "sensitivity", str(recipe), "--quiet",
+                                   "--nproc", "2"], capture_output=True, text=True, timeout=600,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert done.returncode == 0, done.stdout + done.stderr
+        tables[run] = json.loads((tmp_path / run / "runs" / "tiny" / "sensitivity" / "sensitivity.json").read_text())
+    one, two = tables["single"], tables["ranked"]
+    assert len(one["errors"]) == len(two["errors"]) == 14 * 4
+    for a, b in zip(one["layers"], two["layers"]):
+        assert a["name"] == b["name"] and b["xtx_trace"] == pytest.approx(a["xtx_trace"], rel=1e-6)
+    for a, b in zip(one["errors"], two["errors"]):
+        assert (a["layer"], a["scheme"], a["storage_bits"]) == (b["layer"], b["scheme"], b["storage_bits"])
+        assert b["output_error"] == pytest.approx(a["output_error"], rel=1e-6)  # another thread count here
+        assert b["weight_error"] == pytest.approx(a["weight_error"], rel=1e-6)

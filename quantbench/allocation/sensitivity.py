@@ -27,6 +27,7 @@ from quantbench.allocation.hessian_probes import LossHessian, hutchinson_traces,
 from quantbench.allocation.problem import block_of
 from quantbench.allocation.table import CandidateError, LayerSensitivity, SensitivityTable
 from quantbench.calibration.stats import LayerStats
+from quantbench.distributed import spread
 from quantbench.errors import QuantbenchError
 from quantbench.fsutil import save_tensors
 from quantbench.model_io import block_output
@@ -227,11 +228,37 @@ class SensitivityStage:
             for scheme, group in self._block_candidates(ctx, candidates, shared):
                 for name, candidate in group.items():
                     errors[(name, scheme)] = self._measure(ctx, name, scheme, stats[name], rotated, probe, candidate)
+            jobs = [(name, scheme) for name in linears for scheme in candidates[name] if (name, scheme) not in errors]
+            errors.update(self._spread(ctx, jobs, stats, rotated, probe))
             for name, linear in linears.items():
                 self.layers[ctx.full_name(name)] = layer_proxies(ctx.full_name(name), linear, stats[name])
                 for scheme in candidates[name]:
-                    error = errors.get((name, scheme)) or self._measure(ctx, name, scheme, stats[name], rotated, probe)
-                    self.errors[(ctx.full_name(name), scheme.name)] = error
+                    self.errors[(ctx.full_name(name), scheme.name)] = errors[(name, scheme)]
+
+    def _spread(self, ctx: BlockContext, jobs: list[tuple[str, Scheme]], stats: dict, rotated: dict,
+                probe: "_BlockProbe | None") -> dict:
+        """Measure (layer, candidate) jobs; under torchrun each rank measures those bin-packed to it
+        (columns² × rows) and every rank receives all the errors and cached codes. Every rank has seen the
+        whole calibration set, so the table is the one a single process measures."""
+        def measure(job: tuple[str, Scheme]) -> dict:
+            name, scheme = job
+            error = self._measure(ctx, name, scheme, stats[name], rotated, probe)
+            key = (ctx.full_name(name), scheme.name)
+            cached = None if self.cache is None else (self.cache.weights[key], key in self.cache.rotated)
+            return {job: (error, cached)}
+
+        def cost(job: tuple[str, Scheme]) -> float:
+            linear = ctx.linears[job[0]]
+            return float(linear.in_features ** 2 * linear.out_features)
+
+        measured = spread(jobs, cost, measure)
+        for (name, scheme), (_, cached) in measured.items():
+            if cached is not None:
+                key = (ctx.full_name(name), scheme.name)
+                self.cache.weights[key] = cached[0]
+                if cached[1]:
+                    self.cache.rotated.add(key)
+        return {job: error for job, (error, _) in measured.items()}
 
     def _measure(self, ctx: BlockContext, name: str, scheme: Scheme, stats: LayerStats, rotated: dict,
                  probe: "_BlockProbe | None", block: "BlockCandidate | None" = None) -> CandidateError:
