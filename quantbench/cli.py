@@ -102,7 +102,7 @@ def validate(recipe: Path = typer.Argument(..., help="YAML recipe")) -> None:
 
 
 @app.command()
-def run(recipe: Path = typer.Argument(..., help="YAML recipe"),
+def run(ctx: typer.Context, recipe: Path = typer.Argument(..., help="YAML recipe"),
         force: bool = typer.Option(False, "--force", help="replace an existing run / export directory"),
         resume: bool = typer.Option(False, "--resume", help="continue a streamed run that died, from its last "
                                     "journal save (see model.streaming)"),
@@ -115,8 +115,7 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe"),
     from quantbench.runner import run_recipe
 
     if nproc > 1 and not distributed.launched():
-        flags = [*(["--force"] if force else []), *(["--resume"] if resume else []), "--verbose" if verbose else "--quiet"]
-        raise typer.Exit(distributed.relaunch(nproc, ["run", str(recipe), *flags]))
+        _relaunch(ctx, nproc)
     _setup_logging(verbose)
     try:
         ranks = distributed.init_from_environment()
@@ -128,8 +127,30 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe"),
         print_run_summary(result)
 
 
+def _relaunch(ctx: typer.Context, nproc: int) -> None:
+    """Run this command again under `torchrun --standalone --nproc-per-node nproc`, with the same arguments."""
+    from quantbench import distributed
+
+    arguments = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == "nproc" or value is None:
+            continue
+        if param.param_type_name == "argument":
+            arguments.append(str(value))
+        elif param.is_flag:
+            if param.secondary_opts:
+                arguments.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                arguments.append(param.opts[0])
+        else:
+            for item in (value if param.multiple else [value]):
+                arguments += [param.opts[0], str(item)]
+    raise typer.Exit(distributed.relaunch(nproc, [ctx.info_name, *arguments]))
+
+
 @app.command()
-def sensitivity(recipe: Path = typer.Argument(..., help="YAML recipe with an allocation section"),
+def sensitivity(ctx: typer.Context, recipe: Path = typer.Argument(..., help="YAML recipe with an allocation section"),
                 out: Optional[Path] = typer.Option(None, "--out", "-o",
                                                    help="folder for sensitivity.json/.csv (default <run dir>/sensitivity)"),
                 measure: str = typer.Option("", help="comma-separated extra measures: trace, eigenvalue, kl, gradients, block_output"),
@@ -144,9 +165,7 @@ def sensitivity(recipe: Path = typer.Argument(..., help="YAML recipe with an all
     from quantbench.runner import sensitivity_for_recipe
 
     if nproc > 1 and not distributed.launched():
-        flags = [*(["--out", str(out)] if out else []), *(["--measure", measure] if measure else []),
-                 *(["--force"] if force else []), "--verbose" if verbose else "--quiet"]
-        raise typer.Exit(distributed.relaunch(nproc, ["sensitivity", str(recipe), *flags]))
+        _relaunch(ctx, nproc)
     _setup_logging(verbose)
     try:
         ranks = distributed.init_from_environment()
@@ -292,6 +311,7 @@ def print_frontier(points: list[dict]) -> None:
 
 @app.command("eval")
 def eval_command(
+    ctx: typer.Context,
     target: str = typer.Argument(..., help="hub id, model directory, quantbench checkpoint, or run directory"),
     dataset: list[str] = typer.Option([], "--dataset", "-d",
                                       help="wikitext2, c4 or a text file (default wikitext2 unless --tasks)"),
@@ -310,17 +330,23 @@ def eval_command(
                                           help="write DIR/result.json, a row for quantbench report"),
     force: bool = typer.Option(False, "--force", help="replace an existing --output directory"),
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="show progress bars"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine: perplexity windows and tasks "
+                              "are split across them (relaunches itself under torchrun)"),
 ) -> None:
     """Perplexity and lm-eval tasks of a plain model, an exported checkpoint or a run's checkpoint."""
     from pydantic import ValidationError
 
+    from quantbench import distributed
     from quantbench.eval.harness import evaluate_target
     from quantbench.fsutil import atomic_directory, refuse_existing
     from quantbench.model_io import DTYPES, resolve_device, resolve_dtype
     from quantbench.recipe import EvalSection, describe_errors
 
+    if nproc > 1 and not distributed.launched():
+        _relaunch(ctx, nproc)
     _setup_logging(False)
     try:
+        ranks = distributed.init_from_environment()
         if dtype not in ("auto", *DTYPES):
             raise QuantbenchError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
         if output is not None:
@@ -335,7 +361,10 @@ def eval_command(
             raise QuantbenchError("\n".join(describe_errors(exc, EvalSection))) from None
         dev = resolve_device(device)
         record = evaluate_target(target, settings, dev, resolve_dtype(dtype, dev) if dtype != "auto" else None,
-                                 verbose)
+                                 verbose and ranks.main)
+        distributed.finish()
+        if not ranks.main:
+            return
         print_eval_record(record)
         if output is not None:
             record["name"] = output.name

@@ -50,6 +50,7 @@ class BlockInputs:
     hidden: list[torch.Tensor]
     block_kwargs: list[list[dict]]  # [block][mini-batch]
     block: int = 0
+    shared_out: bool = False  # under torchrun: each rank holds its share of the calibration set, not all of it
 
     @property
     def kwargs(self) -> list[dict]:
@@ -207,7 +208,7 @@ class BlockStage(Protocol):
 def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device, stages: list[BlockStage],
                  batch_size: int = 8, progress: bool = True, timer: StageTimer | None = None,
                  desc: str = "blocks", weights=None, start: int = 0,
-                 resume_hidden: list[torch.Tensor] | None = None) -> None:
+                 resume_hidden: list[torch.Tensor] | None = None, shared_out: bool = False) -> None:
     """The one block driver: capture what the first block receives (and every block's keyword arguments),
     then for every block load it on the device, run each stage on it, and run the block (as the stages left
     it) to make the next block's inputs. Only one block and one block's activations for the calibration
@@ -215,7 +216,9 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
 
     `weights` says where blocks come from (ResidentWeights: the model in memory, the default; DiskWeights:
     read from the checkpoint as their turn comes). A resumed run starts at block `start` with the hidden
-    states a journal kept (`resume_hidden`); the keyword arguments (masks, positions) are captured anew."""
+    states a journal kept (`resume_hidden`); the keyword arguments (masks, positions) are captured anew.
+    `shared_out`: `input_ids` is this rank's share of the calibration set, so statistics are summed across
+    ranks (distributed.py)."""
     timer = timer or StageTimer(device)
     weights = weights or ResidentWeights(model)
     prefix = blocks_path(model)
@@ -224,6 +227,7 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
             weights.load_outside(model, device)
         with timer("capture"):
             inputs = capture_block_inputs(model, input_ids, device, batch_size)
+            inputs.shared_out = shared_out
         if resume_hidden is not None:
             inputs.hidden = [hidden.to(device) for hidden in resume_hidden]
         _each(stages, "begin", model, device)
@@ -316,7 +320,8 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
     routed too few calibration tokens, and what was done about them (`experts`); `scaled`, what AWQ and
     SmoothQuant chose where a scheme asks for them (`scaling`: their options)."""
     stage = QuantizeStage(scheme_for, true_sequential, hessian, experts=experts, scaling=scaling, autoround=autoround)
-    drive_blocks(model, local_rows(input_ids), device, [stage], batch_size, progress, timer, desc="quantize blocks")
+    drive_blocks(model, local_rows(input_ids), device, [stage], batch_size, progress, timer, desc="quantize blocks",
+                 shared_out=current_ranks().active)
     if starved is not None:
         starved.update(stage.starved_experts)
     if scaled is not None:
@@ -364,7 +369,8 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
             def collect(names: list[str]) -> dict:
                 with timer("stats_forward"):
                     collected = collect_block_stats(ctx, names, hessian_layers, shared, hessian, timer)
-                    all_reduce_stats(collected, {name: linears[name].in_features for name in names})
+                    if ctx.inputs.shared_out:
+                        all_reduce_stats(collected, {name: linears[name].in_features for name in names})
                     return collected
 
             stats = collect(stage)

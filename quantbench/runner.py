@@ -78,7 +78,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
     if recipe.eval.baseline:
         with timer("eval_baseline"):
             baseline = evaluate_perplexity(model, eval_ids, recipe.eval, device, progress)
-        if recipe.eval.tasks and ranks.main:
+        if recipe.eval.tasks:
             with timer("tasks_baseline"):
                 baseline_tasks = evaluate_tasks(model, tokenizer, recipe.eval, device, progress)
 
@@ -107,11 +107,11 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
     with timer("eval_quantized"):
         quantized_ppl = evaluate_perplexity(model, eval_ids, recipe.eval, device, progress)
     quantized_tasks = None
-    if not ranks.main:  # rank 0 scores the tasks and writes the run directory
-        return {}
     if recipe.eval.tasks:
         with timer("tasks_quantized"):
             quantized_tasks = evaluate_tasks(model, tokenizer, recipe.eval, device, progress)
+    if not ranks.main:  # rank 0 writes the run directory
+        return {}
 
     linears = model_linears(model)
     result = {
@@ -155,9 +155,6 @@ def refuse_undistributed(recipe: Recipe, streaming: bool) -> None:
     reasons = []
     if streaming:
         reasons.append("a streamed model (model.streaming); run it in one process")
-    if recipe.allocation is not None:
-        reasons.append("an allocation search; run `quantbench sensitivity` and `allocate` in one process, then "
-                       "quantize with quantize.from_allocation")
     if learned := sorted({s.name for s in schemes if s.solver == "autoround" or s.scaling != "none"}):
         reasons.append(f"AutoRound and AWQ/SmoothQuant schemes ({', '.join(learned)}): they learn from the whole "
                        "calibration set at once")

@@ -1,5 +1,7 @@
 """lm-eval on a model in memory: a tiny random Llama and a tiny local multiple-choice task, fully offline."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,3 +76,12 @@ def test_per_document_scores_and_their_paired_difference(model_dir, tokenizer, t
     assert paired["stderr"] == pytest.approx(torch.tensor(diffs).std().item() / len(DOCS) ** 0.5)
     assert paired_difference(before, before) == {"documents": len(DOCS), "difference": 0.0, "stderr": 0.0,
                                                  "disagreements": 0}
+
+
+def test_a_torchrun_rank_scores_its_own_tasks(model_dir, tokenizer, tiny_task_dir, monkeypatch):
+    """lm-eval keeps results only where LOCAL_RANK is 0; a rank that runs its share of the tasks alone must
+    still get them (distributed.py spreads tasks over the ranks)."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    model, _ = load_model(str(model_dir), torch.float32)
+    result = run_tasks(model, tokenizer, [TaskRequest("tiny_mc", limit=3)], include_path=[str(tiny_task_dir)])
+    assert result["tasks"]["tiny_mc"]["samples"] == 3 and os.environ["LOCAL_RANK"] == "1"

@@ -10,14 +10,18 @@ offline; the result still carries the requested name and records which task ran.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
+from quantbench.distributed import current as current_ranks
+from quantbench.distributed import spread
 from quantbench.errors import QuantbenchError
 from quantbench.recipe import ZERO_SHOT_SUITE  # noqa: F401  (the seven zero-shot tasks papers report)
 
@@ -48,21 +52,31 @@ def run_tasks(model: nn.Module, tokenizer, requests: list[TaskRequest], batch_si
     manager = task_manager(tuple(_existing_dirs(include_path)))
     resolved = {request.name: resolve_task(request.name, manager) for request in requests}
     lm = _lm_class(progress)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    scored: dict[str, dict] = {}
-    for (num_fewshot, limit), group in _by_settings(requests).items():
+
+    def score(group: list[TaskRequest]) -> dict[str, dict]:
+        num_fewshot, limit = group[0].num_fewshot, group[0].limit
         task_names = [resolved[request.name] for request in group]
         try:
-            output = simple_evaluate(model=lm, tasks=task_names, num_fewshot=num_fewshot, limit=limit,
-                                     task_manager=manager, log_samples=per_document, bootstrap_iters=bootstrap_iters,
-                                     random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                     fewshot_random_seed=seed, verbosity="ERROR")
+            with _alone():
+                output = simple_evaluate(model=lm, tasks=task_names, num_fewshot=num_fewshot, limit=limit,
+                                         task_manager=manager, log_samples=per_document,
+                                         bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
+                                         torch_random_seed=seed, fewshot_random_seed=seed, verbosity="ERROR")
         except (KeyError, ValueError, FileNotFoundError) as exc:
             raise QuantbenchError(
                 f"lm-eval could not run {', '.join(task_names)}: {type(exc).__name__}: {exc}. Offline, stock tasks "
                 f"cannot build (no train splits); point eval.lm_eval.include_path at local task configs "
                 f"(.assets/lm_eval_tasks)") from None
-        for request in group:
-            scored[request.name] = task_summary(output, resolved[request.name], num_fewshot, limit)
+        return {request.name: task_summary(output, resolved[request.name], num_fewshot, limit) for request in group}
+
+    if current_ranks().active:  # a task per job, spread over the ranks (lm-eval runs each rank's model alone)
+        by_name = spread(list(requests), cost=lambda request: float(request.limit or 10_000),
+                         run=lambda request: score([request]))
+        scored = {request.name: by_name[request.name] for request in requests}
+    else:
+        scored = {}
+        for group in _by_settings(requests).values():
+            scored.update(score(group))
     scores = [task["score"] for task in scored.values() if task["score"] is not None]
     return {"tasks": scored, "average": sum(scores) / len(scores) if scores else None}
 
@@ -150,6 +164,18 @@ def paired_difference(first: dict, second: dict) -> dict:
     variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
     return {"documents": len(diffs), "difference": mean, "stderr": math.sqrt(variance / len(diffs)),
             "disagreements": sum(d != 0 for d in diffs)}
+
+
+@contextlib.contextmanager
+def _alone():
+    """lm-eval returns results only where LOCAL_RANK is 0 (it takes torchrun ranks for tensor-parallel
+    copies of one evaluation); each rank here evaluates its own tasks with its own model."""
+    local_rank = os.environ.pop("LOCAL_RANK", None)
+    try:
+        yield
+    finally:
+        if local_rank is not None:
+            os.environ["LOCAL_RANK"] = local_rank
 
 
 def _by_settings(requests: list[TaskRequest]) -> dict[tuple, list[TaskRequest]]:
