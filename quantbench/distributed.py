@@ -68,8 +68,10 @@ def relaunch(nproc: int, arguments: list[str]) -> int:
 
 
 def init_from_environment(timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK, …): NCCL
-    with one GPU per local rank where CUDA is there, gloo otherwise. A single process is left alone."""
+    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK, …): with
+    CUDA, one GPU per local rank, NCCL for CUDA tensors and gloo for CPU ones (the pickled codes, the
+    log-likelihood sums); gloo alone otherwise. QUANTBENCH_DIST_BACKEND overrides it (gloo: several ranks on
+    one GPU, which NCCL refuses). A single process is left alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or (dist.is_available() and dist.is_initialized()):
         return current()
@@ -78,7 +80,8 @@ def init_from_environment(timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    backend = os.environ.get("QUANTBENCH_DIST_BACKEND") or ("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return current()
 
 
@@ -100,10 +103,10 @@ def local_rows(ids: torch.Tensor, ranks: Ranks | None = None) -> torch.Tensor:
     return ids[ranks.rank::ranks.world]
 
 
-def all_reduce_stats(stats: dict, in_features: dict[str, int]) -> None:
+def all_reduce_stats(stats: dict, in_features: dict[str, int], device: torch.device) -> None:
     """Sum every rank's LayerStats in place, in the order of the names (so every rank issues the same
     collectives): Σ xᵀx, Σ x² and the token counts add, max |x| takes the maximum. A rank that saw no input
-    for a layer (an expert routed no token of its slice) contributes zeros."""
+    for a layer (an expert routed no token of its slice) contributes zeros, made on `device` (the block's)."""
     if not current().active:
         return
     done: set[int] = set()
@@ -113,7 +116,6 @@ def all_reduce_stats(stats: dict, in_features: dict[str, int]) -> None:
             continue
         done.add(id(layer))
         width = in_features[name]
-        device = _device_of(layer)
         present = torch.tensor([layer.xtx is not None, layer.square_sum is not None], dtype=torch.int32,
                                device=device)
         dist.all_reduce(present, op=dist.ReduceOp.MAX)
@@ -133,13 +135,6 @@ def all_reduce_stats(stats: dict, in_features: dict[str, int]) -> None:
         layer.factors.clear()
 
 
-def _device_of(layer) -> torch.device:
-    for tensor in (layer.xtx, layer.square_sum, layer.act_absmax):
-        if tensor is not None:
-            return tensor.device
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def assign_by_cost(costs: list[float], world: int) -> list[int]:
     """The rank of each job: longest first, each to the least loaded rank (the lowest on a tie), which every
     rank computes alike from the same costs."""
@@ -152,14 +147,14 @@ def assign_by_cost(costs: list[float], world: int) -> list[int]:
     return owners
 
 
-def share_results(mine: dict, owners: dict[str, int]) -> dict:
-    """Every rank's `mine` (name → picklable result, the names it owns) gathered on every rank. Each rank
-    broadcasts its own dictionary once, through the CPU-pickled object collectives."""
+def share_results(mine: dict, sources: set[int]) -> dict:
+    """Every rank's `mine` (key → picklable result) gathered on every rank. Each of the `sources` (the ranks
+    that own any result) broadcasts its own dictionary once, pickled, through the CPU backend."""
     ranks = current()
     if not ranks.active:
         return dict(mine)
     gathered: dict = {}
-    for source in sorted(set(owners.values())):
+    for source in sorted(sources):
         box = [mine if source == ranks.rank else None]
         dist.broadcast_object_list(box, src=source)
         gathered.update(box[0])
@@ -179,14 +174,13 @@ def spread(jobs: list, cost: Callable[[object], float], run: Callable[[object], 
     for job, owner in zip(jobs, owners):
         if owner == ranks.rank:
             mine.update(run(job))
-    return share_results(mine, {str(i): owner for i, owner in enumerate(owners)})
+    return share_results(mine, set(owners))
 
 
 def sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
-    """value summed over the ranks (float64 for log-likelihoods), returned on value's device."""
+    """value summed over the ranks (float64 log-likelihood sums, on CPU)."""
     if not current().active:
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    total = value.detach().to(device).clone()
+    total = value.detach().clone()
     dist.all_reduce(total)
-    return total.to(value.device)
+    return total

@@ -370,7 +370,8 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
                 with timer("stats_forward"):
                     collected = collect_block_stats(ctx, names, hessian_layers, shared, hessian, timer)
                     if ctx.inputs.shared_out:
-                        all_reduce_stats(collected, {name: linears[name].in_features for name in names})
+                        all_reduce_stats(collected, {name: linears[name].in_features for name in names},
+                                         next(ctx.block.parameters()).device)
                     return collected
 
             stats = collect(stage)
@@ -396,8 +397,7 @@ def _solve_spread(ctx: BlockContext, batches: list[list[str]], schemes: dict[str
                                         on_device))
     if not ranks.active:
         return results
-    shared = share_results({name: weight.to("cpu") for name, weight in results.items()},
-                           {name: owner for names, owner in zip(batches, owners) for name in names})
+    shared = share_results({name: weight.to("cpu") for name, weight in results.items()}, set(owners))
     device = next(ctx.block.parameters()).device
     for names, owner in zip(batches, owners):
         if owner != ranks.rank:

@@ -57,8 +57,9 @@ def _codes(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_ranks_give_the_codes_and_perplexity_of_one_process(tmp_path, model_dir, text_file):
-    """RTN layers: identical codes. GPTQ layers: Σ xᵀx is summed in another order (two halves of the
-    calibration set, then their sum), which may flip a code at a rounding tie: at most 1 in 1,000 differ."""
+    """RTN layers: identical codes. GPTQ layers: Σ xᵀx is the same sum in another order (each rank's half,
+    then the halves), and GPTQ's error feedback carries any flipped rounding into the columns after it: a
+    share of the codes may differ (none here; a summation bug flips three in four), the perplexity may not."""
     changes = dict(calibration={"n_samples": 8}, quantize={"default": "int4-g32-gptq"})
     for run in ("single", "ranked"):
         (tmp_path / run).mkdir()
@@ -75,7 +76,7 @@ def test_two_ranks_give_the_codes_and_perplexity_of_one_process(tmp_path, model_
     assert rtn and all(torch.equal(one[name], two[name]) for name in rtn)
     packed = [name for name in one if name.endswith("qweight") and "down_proj" not in name]
     differing = sum((one[n] != two[n]).sum().item() for n in packed)
-    assert differing <= sum(one[n].numel() for n in packed) // 1000
+    assert differing <= sum(one[n].numel() for n in packed) // 50
     results = [json.loads((tmp_path / run / "runs" / "tiny" / "result.json").read_text()) for run in ("single", "ranked")]
     assert [result["ranks"] for result in results] == [1, 2]
     ppl = [result["perplexity"]["quantized"] for result in results]
