@@ -18,6 +18,9 @@ from quantbench.recipe import load_recipe
 from quantbench.runner import refuse_undistributed
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "quantbench"]
+
+
 def test_solves_are_bin_packed_longest_first_to_the_least_loaded_rank():
     assert assign_by_cost([5, 1, 4, 3, 3], 2) == [0, 1, 1, 1, 0]  # 5 | 4, 3 | 5 + 3 | 4 + 3 + 1: loads 8 and 8
     assert assign_by_cost([2, 2, 2], 4) == [0, 1, 2]
@@ -68,7 +71,7 @@ def test_two_ranks_give_the_codes_and_perplexity_of_one_process(tmp_path, model_
     assert (ran := invoke("run", single, "--quiet")).exit_code == 0, ran.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "quantbench", "run", str(ranked), "--quiet", "--nproc", "2"],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=600)  # the --nproc relaunch
     assert done.returncode == 0, done.stdout + done.stderr
     one, two = _codes(tmp_path / "single" / "runs" / "tiny"), _codes(tmp_path / "ranked" / "runs" / "tiny")
     assert one.keys() == two.keys()
@@ -97,20 +100,21 @@ def test_what_ranks_cannot_run_yet_is_refused_by_name(tmp_path, model_dir, text_
 
 
 def test_an_allocation_run_on_two_ranks_gives_the_one_process_table_and_allocation(tmp_path, model_dir, text_file):
-    """Sensitivity candidates and the sweep's evaluated budget (its perplexity windows) are spread over the
-    ranks; every rank sees the whole calibration set, so the table is the one process's."""
+    """Sensitivity candidates are spread over the ranks, and so are the perplexity windows of the sweep's
+    evaluated budget; every rank sees the whole calibration set, so the table is the one process's."""
     results, tables = {}, {}
     for run in ("single", "ranked"):
         (tmp_path / run).mkdir()
         recipe = make_recipe(
             tmp_path / run, model_dir, text_file,
-            allocation={"candidates": ["int2-g32-gptq", "int4-g32-gptq", "hadamard+int3-pc-gptq"], "rounds": 1,
-                        "metric": "output_error", "budget": 3.5, "sweep": {"budgets": "2.5:5:0.5", "evaluate": [3.0]}})
+            allocation={"candidates": ["int2-g32-gptq", "int4-g32-gptq", "hadamard+int3-pc-gptq"],
+                        "requantize": False, "metric": "output_error", "budget": 3.5,
+                        "sweep": {"budgets": "2.5:5:0.5", "evaluate": [3.0]}})
         if run == "single":
             assert (done := invoke("run", recipe, "--quiet")).exit_code == 0, done.output
         else:
-            done = subprocess.run([sys.executable, "-m", "quantbench", "run", str(recipe), "--quiet", "--nproc", "2"],
-                                  capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            done = subprocess.run(TORCHRUN + ["run", str(recipe), "--quiet"], capture_output=True, text=True,
+                                  timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
             assert done.returncode == 0, done.stdout + done.stderr
         folder = tmp_path / run / "runs" / "tiny"
         results[run] = json.loads((folder / "result.json").read_text())

@@ -80,8 +80,6 @@ TRITON_CONFIGS = {
     "decode split-k": TileConfig(1, 16, 64, 4),
     "dot": TileConfig(16, 32, 64, 1),
     "dot split-k, a load per row": TileConfig(16, 16, 32, 2, expand=False),
-    "decode 4 rows": TileConfig(1, 32, 64, 1, rows=4),
-    "decode 2 rows split-k": TileConfig(1, 16, 64, 3, rows=2),
 }
 
 
@@ -90,7 +88,18 @@ TRITON_CONFIGS = {
 def test_triton_kernel_equals_the_dequantized_matmul(label, config):
     stored = WEIGHTS[label]
     tile = TRITON_CONFIGS[config]
-    x = torch.randn(1 if tile.block_m == tile.rows == 1 else 5, IN, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(1 if tile.block_m == 1 else 5, IN, generator=torch.Generator().manual_seed(3))
+    got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=tile)
+    assert_matmul_close(got, x, stored.dequantize())
+
+
+@pytest.mark.parametrize("label, tile", [
+    ("int4-g32 act_order", TileConfig(1, 32, 64, 1, rows=4)), ("ternary2-g64", TileConfig(1, 32, 64, 1, rows=4)),
+    ("mxfp4-rtn", TileConfig(1, 16, 64, 3, rows=2)), ("nvfp4-rtn", TileConfig(1, 16, 64, 3, rows=2)),
+], ids=["int4 act_order, 4 rows", "ternary, 4 rows", "mxfp4, 2 rows, split-k", "nvfp4, 2 rows, split-k"])
+def test_multi_row_decode_equals_the_dequantized_matmul_on_a_partial_row_tile(label, tile):
+    stored = WEIGHTS[label]
+    x = torch.randn(5, IN, generator=torch.Generator().manual_seed(3))
     got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=tile)
     assert_matmul_close(got, x, stored.dequantize())
 
