@@ -411,7 +411,7 @@ def _solve_spread(ctx: BlockContext, batches: list[list[str]], schemes: dict[str
                 received = shared[name].to(device)  # decoded where the owner decoded it
                 apply_quantized(layer, received, rotation)
                 results[name] = received if on_device else shared[name]
-    return results
+    return {name: results[name] for names in batches for name in names}  # one order on every rank
 
 
 def collect_block_stats(ctx: BlockContext, names: list[str], hessian_for: set[str], shared: dict[str, str],
