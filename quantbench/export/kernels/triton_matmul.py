@@ -223,6 +223,19 @@ def _input_column(x_row, perm_ptr, inputs, mask, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
+def _word_span(pid_k, k_per_split, K, PER: tl.constexpr):
+    """The words [begin, end) of the inputs this split-K slice covers."""
+    begin = pid_k * (k_per_split // PER)
+    return begin, tl.minimum(begin + k_per_split // PER, K // PER)
+
+
+@triton.jit
+def _word_tile(w_ptr, rows, end, offs_n, mask_n, N):
+    """int32 words [rows, outputs], zero past `end` and past the last output."""
+    return tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows < end)[:, None] & mask_n[None, :], other=0)
+
+
+@triton.jit
 def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                        N, K, n_groups, k_per_split, stride_xm, global_scale,
                        KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
@@ -234,21 +247,15 @@ def packed_gemv_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
     pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    n_words = K // PER
-    w_begin = pid_k * (k_per_split // PER)
-    w_end = tl.minimum(w_begin + k_per_split // PER, n_words)
+    w_begin, w_end = _word_span(pid_k, k_per_split, K, PER)
     acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
-    rows = w_begin + tl.arange(0, BLOCK_W)
-    mask_r = rows < w_end
-    next_words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0)
+    next_words = _word_tile(w_ptr, w_begin + tl.arange(0, BLOCK_W), w_end, offs_n, mask_n, N)
     for w0 in range(w_begin, w_end, BLOCK_W):
         rows = w0 + tl.arange(0, BLOCK_W)
         mask_r = rows < w_end
-        words = next_words
-        ahead = rows + BLOCK_W  # the next tile's words are in flight while this one is decoded
-        next_words = tl.load(w_ptr + ahead[:, None] * N + offs_n[None, :],
-                             mask=(ahead < w_end)[:, None] & mask_n[None, :], other=0)
+        words = next_words  # the next tile's words are in flight while this one is decoded
+        next_words = _word_tile(w_ptr, rows + BLOCK_W, w_end, offs_n, mask_n, N)
         first_k = rows * PER
         scale, offset, second, zero = _word_tile_params(s_ptr, z_ptr, w0, rows, mask_r, offs_n, mask_n, N,
                                                         n_groups, global_scale, KIND, BITS, HAS_ZEROS, GROUP,
@@ -295,20 +302,14 @@ def packed_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_pt
     mask_n = offs_n < N
     offs_m = pid_m * ROWS + tl.arange(0, ROWS)
     mask_m = offs_m < M
-    n_words = K // PER
-    w_begin = pid_k * (k_per_split // PER)
-    w_end = tl.minimum(w_begin + k_per_split // PER, n_words)
+    w_begin, w_end = _word_span(pid_k, k_per_split, K, PER)
     acc = tl.zeros((ROWS, BLOCK_W, BLOCK_N), dtype=tl.float32)
-    rows = w_begin + tl.arange(0, BLOCK_W)
-    next_words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
-                         mask=(rows < w_end)[:, None] & mask_n[None, :], other=0)
+    next_words = _word_tile(w_ptr, w_begin + tl.arange(0, BLOCK_W), w_end, offs_n, mask_n, N)
     for w0 in range(w_begin, w_end, BLOCK_W):
         rows = w0 + tl.arange(0, BLOCK_W)
         mask_r = rows < w_end
         words = next_words
-        ahead = rows + BLOCK_W
-        next_words = tl.load(w_ptr + ahead[:, None] * N + offs_n[None, :],
-                             mask=(ahead < w_end)[:, None] & mask_n[None, :], other=0)
+        next_words = _word_tile(w_ptr, rows + BLOCK_W, w_end, offs_n, mask_n, N)
         scale, offset, second, zero = _word_tile_params(s_ptr, z_ptr, w0, rows, mask_r, offs_n, mask_n, N,
                                                         n_groups, global_scale, KIND, BITS, HAS_ZEROS, GROUP,
                                                         BLOCK_W)
