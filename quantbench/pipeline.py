@@ -298,8 +298,7 @@ class QuantizeStage:
 
     def run_block(self, ctx: BlockContext) -> None:
         schemes = {name: scheme for name in ctx.linears if (scheme := self.scheme_for(ctx.full_name(name)))}
-        if ctx.inputs.shared_out and (learned := sorted({s.name for s in schemes.values()
-                                                          if s.scaling != "none" or s.solver == "autoround"})):
+        if ctx.inputs.shared_out and (learned := sorted({s.name for s in schemes.values() if s.learns_from_block})):
             raise QuantbenchError(f"{', '.join(learned)} learn from the whole calibration set at once; on "
                                   "several ranks each holds a share of it: quantize these in one process")
         if any(scheme.scaling != "none" for scheme in schemes.values()):

@@ -155,7 +155,7 @@ def refuse_undistributed(recipe: Recipe, streaming: bool) -> None:
     reasons = []
     if streaming:
         reasons.append("a streamed model (model.streaming); run it in one process")
-    if learned := sorted({s.name for s in schemes if s.solver == "autoround" or s.scaling != "none"}):
+    if learned := sorted({s.name for s in schemes if s.learns_from_block}):
         reasons.append(f"AutoRound and AWQ/SmoothQuant schemes ({', '.join(learned)}): they learn from the whole "
                        "calibration set at once")
     if reasons:

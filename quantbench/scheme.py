@@ -129,6 +129,12 @@ class Scheme(BaseModel):
         return self.format in BLOCK_FORMATS
 
     @property
+    def learns_from_block(self) -> bool:
+        """Whether it acts on its whole block with the whole calibration set at once: a scaling transform
+        (AWQ, SmoothQuant) or AutoRound's learned rounding."""
+        return self.scaling != "none" or self.solver == "autoround"
+
+    @property
     def name(self) -> str:
         if self.is_block_format:
             name = f"{self.format}-{self.solver}"

@@ -101,11 +101,6 @@ class BlockCandidate:
     learned: LearnedRounding | None = None
 
 
-def is_block_candidate(scheme: Scheme) -> bool:
-    """Whether a candidate acts on the whole block at once: a scaling transform, or AutoRound's rounding."""
-    return scheme.scaling != "none" or scheme.solver == "autoround"
-
-
 class CandidateCache:
     """The quantized weight of every (layer, candidate), on CPU, so the final allocation reuses them, and the
     keys whose candidate was quantized in a Hadamard-rotated basis (a layer whose input the model rotation
@@ -278,7 +273,7 @@ class SensitivityStage:
         offered: dict[Scheme, list[str]] = {}
         for name, schemes in candidates.items():
             for scheme in schemes:
-                if is_block_candidate(scheme):
+                if scheme.learns_from_block:
                     offered.setdefault(scheme, []).append(name)
         for scheme, names in offered.items():
             group = {}
