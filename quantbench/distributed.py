@@ -7,7 +7,8 @@ A run on N ranks is N copies of the single-process run that split its heavy work
 - solves: the layers of a block are bin-packed across ranks by estimated cost (`assign_by_cost`); each rank
   solves its own and the codes are broadcast to all (`share_results`);
 - propagation: every rank runs its own slice through the quantized block;
-- perplexity: the evaluation windows are split across ranks and their summed log-likelihoods added.
+- perplexity: the evaluation windows are split across ranks and their summed log-likelihoods added;
+- a streamed run's journal: every rank saves its own hidden states, rank 0 commits the save once all have.
 
 Rank 0 alone writes the run directory. Without torchrun (no WORLD_SIZE above 1) nothing here does anything.
 """
@@ -90,6 +91,21 @@ def finish() -> None:
     if current().active:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    if current().active:
+        dist.barrier()
+
+
+def from_main(value):
+    """Rank 0's `value` (picklable) on every rank; every rank must call it at the same point."""
+    if not current().active:
+        return value
+    box = [value if current().main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def local_rows(ids: torch.Tensor, ranks: Ranks | None = None) -> torch.Tensor:

@@ -6,15 +6,18 @@ only when the run is complete):
   journal.json   the recipe hash the progress belongs to
   checkpoint/    the checkpoint being written: one finished part per block (CheckpointWriter)
   state-<n>/     the hidden states entering block `next_block` (calibration and evaluation windows), one
-                 file per tensor so that host memory holds one at a time, and state.pt: the small state of
-                 the stages (layer sizes, zeroed weights) and the number of tensors
-  state.json     which state-<n>/ is complete; replaced (one rename) only once the new folder is written
+                 file per tensor so that host memory holds one at a time, and r<rank>-state.pt: the small
+                 state of the stages (layer sizes, zeroed weights) and the number of tensors; under torchrun
+                 every rank writes its own r<rank>-… files (its share of the calibration and windows)
+  state.json     which state-<n>/ is complete and how many ranks wrote it; replaced (one rename, by rank 0)
+                 only once every rank has written the new folder
 
 A save comes at most every `output.journal_every_s` seconds, and never sooner than ten times the last
 save's duration after it, so saving costs at most about a tenth of the run (`journal_every_s: 0` saves
 after every block, whatever it costs).
 
-A resumed run re-reads the tensors outside the blocks, captures the masks and positions again, loads the
+Under torchrun rank 0 decides when to save (every rank saves at the same block), and a run resumes only on
+as many ranks as it was saved from. A resumed run re-reads the tensors outside the blocks, captures the masks and positions again, loads the
 state folder and continues at `next_block`; every block before it has its part on disk. The blocks after it
 are computed again from exactly the same inputs, so the codes are those of an uninterrupted run.
 """
@@ -30,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from quantbench.distributed import barrier, from_main
+from quantbench.distributed import current as current_ranks
 from quantbench.errors import QuantbenchError
 from quantbench.pipeline import BlockContext
 
@@ -58,25 +63,38 @@ class Journal:
         return self.dir / "checkpoint"
 
     def open(self, resume: bool) -> dict | None:
-        """Start afresh (a previous partial run is discarded) or, with `resume`, return the saved state
+        """Start afresh (a previous partial run is discarded) or, with `resume`, return this rank's saved state
         (None when the run died before its first save: it starts from the first block, keeping no part)."""
-        meta = self.dir / META_FILE
-        if resume and not meta.is_file():
-            log.warning("--resume: no partial run at %s; starting from the first block", self.dir)
-        if resume and meta.is_file():
-            found = json.loads(meta.read_text()).get("recipe_hash")
-            if found != self.recipe_hash:
-                raise QuantbenchError(f"--resume: the partial run in {self.dir} belongs to another version of this "
-                                      "recipe; run without --resume to start again (its progress is discarded)")
-            if (self.dir / STATE_FILE).is_file():
-                state = self._load(self.dir / json.loads((self.dir / STATE_FILE).read_text())["folder"])
-                log.info("resuming at block %d from %s", state["next_block"], self.dir)
-                return state
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
-        meta.write_text(json.dumps({"recipe_hash": self.recipe_hash}) + "\n")
+        ranks = current_ranks()
+        folder = self._saved_folder(ranks.world) if resume else None
+        barrier()  # every rank has read what it needs before rank 0 discards anything
+        if folder is not None:
+            state = self._load(self.dir / folder, ranks.rank)
+            log.info("resuming at block %d from %s", state["next_block"], self.dir)
+            return state
+        if ranks.main:
+            if self.dir.exists():
+                shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True)
+            (self.dir / META_FILE).write_text(json.dumps({"recipe_hash": self.recipe_hash}) + "\n")
+        barrier()
         return None
+
+    def _saved_folder(self, world: int) -> str | None:
+        meta = self.dir / META_FILE
+        if not meta.is_file():
+            log.warning("--resume: no partial run at %s; starting from the first block", self.dir)
+            return None
+        if json.loads(meta.read_text()).get("recipe_hash") != self.recipe_hash:
+            raise QuantbenchError(f"--resume: the partial run in {self.dir} belongs to another version of this "
+                                  "recipe; run without --resume to start again (its progress is discarded)")
+        if not (self.dir / STATE_FILE).is_file():
+            return None
+        pointer = json.loads((self.dir / STATE_FILE).read_text())
+        if pointer.get("ranks", 1) != world:
+            raise QuantbenchError(f"--resume: the partial run in {self.dir} was saved by {pointer.get('ranks', 1)} "
+                                  f"rank(s); resume it on as many (this run has {world}), or run without --resume")
+        return pointer["folder"]
 
     def restore(self, state: dict) -> None:
         for key, stage in self.stages.items():
@@ -84,15 +102,19 @@ class Journal:
 
     def after_block(self, ctx: BlockContext) -> None:
         waited = time.monotonic() - self.last_save
-        if self.every_s == 0 or (waited >= self.every_s and waited * MAX_SAVE_SHARE >= self.save_seconds):
+        due = self.every_s == 0 or (waited >= self.every_s and waited * MAX_SAVE_SHARE >= self.save_seconds)
+        if from_main(due):  # rank 0's clock decides, so that every rank saves at the same block
             with ctx.timer("journal"):
                 self.save(ctx.index + 1, ctx.inputs.hidden)
 
     def save(self, next_block: int, hidden: list[torch.Tensor]) -> None:
         started = time.monotonic()
+        ranks = current_ranks()
         folder = self.dir / f"state-{next_block:05d}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
+        if ranks.main:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+        barrier()
         tensors = {"calibration": list(hidden)}
         small = {}
         for key, stage in self.stages.items():  # lists of tensors (hidden states) go to files of their own
@@ -106,14 +128,16 @@ class Journal:
         for position, (name, values) in enumerate(tensors.items()):
             counts[name] = len(values)
             for index, tensor in enumerate(values):
-                torch.save(tensor.cpu(), folder / f"{position:03d}-{index:05d}.pt")
-        torch.save({"next_block": next_block, "counts": counts, "small": small}, folder / "state.pt")
-        staging = self.dir / f"{STATE_FILE}.tmp"
-        previous = self._current()
-        staging.write_text(json.dumps({"folder": folder.name}) + "\n")
-        os.replace(staging, self.dir / STATE_FILE)
-        if previous is not None and previous != folder.name:
-            shutil.rmtree(self.dir / previous, ignore_errors=True)
+                torch.save(tensor.cpu(), folder / _tensor_file(ranks.rank, position, index))
+        torch.save({"next_block": next_block, "counts": counts, "small": small}, folder / _head_file(ranks.rank))
+        barrier()  # every rank's files are written: the folder is complete
+        if ranks.main:
+            staging = self.dir / f"{STATE_FILE}.tmp"
+            previous = self._current()
+            staging.write_text(json.dumps({"folder": folder.name, "ranks": ranks.world}) + "\n")
+            os.replace(staging, self.dir / STATE_FILE)
+            if previous is not None and previous != folder.name:
+                shutil.rmtree(self.dir / previous, ignore_errors=True)
         self.last_save = time.monotonic()
         self.save_seconds = self.last_save - started
         self.saves += 1
@@ -123,9 +147,9 @@ class Journal:
         return json.loads(path.read_text())["folder"] if path.is_file() else None
 
     @staticmethod
-    def _load(folder: Path) -> dict:
-        head = torch.load(folder / "state.pt", weights_only=True)
-        tensors = {name: [torch.load(folder / f"{position:03d}-{i:05d}.pt", weights_only=True) for i in range(count)]
+    def _load(folder: Path, rank: int) -> dict:
+        head = torch.load(folder / _head_file(rank), weights_only=True)
+        tensors = {name: [torch.load(folder / _tensor_file(rank, position, i), weights_only=True) for i in range(count)]
                    for position, (name, count) in enumerate(head["counts"].items())}
         stages = dict(head["small"])
         for name, values in tensors.items():
@@ -135,4 +159,13 @@ class Journal:
         return {"next_block": head["next_block"], "calibration": tensors["calibration"], "stages": stages}
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if current_ranks().main:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _head_file(rank: int) -> str:
+    return f"r{rank}-state.pt"
+
+
+def _tensor_file(rank: int, position: int, index: int) -> str:
+    return f"r{rank}-{position:03d}-{index:05d}.pt"

@@ -54,7 +54,7 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
     plan = preflight(recipe, force)
     ranks = current_ranks()
     if ranks.active:
-        refuse_undistributed(recipe, plan.streaming)
+        refuse_undistributed(recipe)
         progress = progress and ranks.main
     for line in plan.summary().splitlines():
         log.info("preflight: %s", line)
@@ -147,20 +147,15 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
     return result
 
 
-def refuse_undistributed(recipe: Recipe, streaming: bool) -> None:
+def refuse_undistributed(recipe: Recipe) -> None:
     """Before any compute: what a torchrun run cannot do yet, by name."""
     quantize = recipe.quantize
     schemes = [quantize.default, *(o.scheme for o in quantize.overrides),
                *(s for s in quantize.allocated_schemes().values() if s is not None)]
-    reasons = []
-    if streaming:
-        reasons.append("a streamed model (model.streaming); run it in one process")
     if learned := sorted({s.name for s in schemes if s.learns_from_block}):
-        reasons.append(f"AutoRound and AWQ/SmoothQuant schemes ({', '.join(learned)}): they learn from the whole "
-                       "calibration set at once")
-    if reasons:
-        raise QuantbenchError(f"recipe {recipe.name} cannot run on {current_ranks().world} ranks yet: "
-                              + "; ".join(reasons))
+        raise QuantbenchError(f"recipe {recipe.name} cannot run on {current_ranks().world} ranks yet: AutoRound and "
+                              f"AWQ/SmoothQuant schemes ({', '.join(learned)}) learn from the whole calibration set "
+                              "at once")
 
 
 def kept_results_error(error: QuantbenchError, recipe: Recipe) -> QuantbenchError:

@@ -1,7 +1,12 @@
 """`run` for a model of any size: the weights stream from disk block by block, the checkpoint is written
 block by block, perplexity (baseline and quantized) is computed in the same pass, and a run that dies
 continues with --resume (journal.py). Host memory holds the tensors outside the blocks and one block in
-flight; the device holds one block and the activations of one block."""
+flight; the device holds one block and the activations of one block.
+
+Under torchrun every rank streams the weights itself (read through the page cache, so a machine holds one
+copy of the file data however many ranks read it), forwards its share of the calibration sequences and of
+the evaluation windows, and keeps its own hidden states in the journal; rank 0 writes the checkpoint parts
+and the run directory."""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from pathlib import Path
 from torch import nn
 
 from quantbench.block_weights import DiskWeights, skeleton_model, weights_folder
+from quantbench.distributed import current as current_ranks
+from quantbench.distributed import from_main, local_rows
 from quantbench.eval.blockwise import BlockwisePerplexity
 from quantbench.eval.harness import tokenize_eval_sets
 from quantbench.export.checkpoint import RUN_CHECKPOINT_DIR, CheckpointWriter, layer_rotations, model_tensors
@@ -76,6 +83,7 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
                                    result_head)
 
     started = time.perf_counter()
+    ranks = current_ranks()
     device = resolve_device(recipe.model.device)
     dtype = resolve_dtype(recipe.model.dtype, device)
     timer = StageTimer(device, memory=True)
@@ -84,11 +92,11 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
     with timer("eval_data"):
         eval_ids = tokenize_eval_sets(tokenizer, recipe.eval.perplexity)
     with timer("calibration"):
-        input_ids = recipe_calibration_ids(recipe, tokenizer)
+        input_ids = local_rows(recipe_calibration_ids(recipe, tokenizer))
 
     journal = Journal(recipe.run_dir, recipe.hash(), recipe.output.journal_every_s)
     saved = journal.open(resume)
-    writer = CheckpointWriter(journal.checkpoint_dir) if recipe.export.enabled else None
+    writer = CheckpointWriter(journal.checkpoint_dir) if recipe.export.enabled and ranks.main else None
     quantize = QuantizeStage(recipe.quantize.scheme_for, recipe.quantize.true_sequential, recipe.quantize.hessian,
                              lm_head=recipe.quantize.lm_head, on_device=True, experts=recipe.quantize.experts.policy(),
                              **recipe.block_methods())
@@ -108,7 +116,12 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
     breakdown = StageTimer(device)
     with timer("blocks"):
         drive_blocks(model, input_ids, device, stages, recipe.calibration.batch_size, progress, breakdown, "quantize blocks",
-                     weights=weights, start=start, resume_hidden=resume_hidden)
+                     weights=weights, start=start, resume_hidden=resume_hidden, shared_out=ranks.active)
+    if not ranks.main:
+        if recipe.eval.tasks:  # lm-eval's tasks are spread over the ranks, each scoring the written checkpoint
+            placed_tasks(recipe, Path(from_main(None)), tokenizer, dtype, device, journal.dir / f"rank-{ranks.rank}",
+                         timer, progress)
+        return {}
 
     result = {
         **result_head(recipe, model, dtype),
@@ -121,6 +134,7 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
         "perplexity": {"baseline": baseline_eval.results if baseline_eval else {}, "quantized": quantized_eval.results},
         "streaming": {"resumed_at_block": start if saved is not None else None, "blocks": len(decoder_blocks(model)),
                       "journal_saves": journal.saves},
+        "ranks": ranks.world,
     }
     interop_error = None
     with atomic_directory(recipe.run_dir, force, "run directory") as tmp:
@@ -132,6 +146,7 @@ def run_streaming(recipe: Recipe, force: bool, progress: bool, resume: bool) -> 
                 result["checkpoint"] = str(recipe.export_dir)
                 interop_error = interop_export(recipe, native, tmp, result)
         if recipe.eval.tasks:
+            from_main(str(native))
             result["tasks"] = placed_tasks(recipe, native, tokenizer, dtype, device, journal.dir, timer, progress)
         finish_result(result, recipe, tmp, timer, breakdown, device, started)
     journal.remove()

@@ -91,12 +91,11 @@ def test_two_ranks_give_the_codes_and_perplexity_of_one_process(tmp_path, model_
 @pytest.mark.parametrize("changes, named", [
     (dict(quantize={"default": "int3-g32-autoround"}), "int3-g32-autoround"),
     (dict(quantize={"default": "awq+int4-g32-rtn"}), "awq+int4-g32-rtn"),
-    (dict(model={"streaming": "on"}), "streamed"),
 ])
 def test_what_ranks_cannot_run_yet_is_refused_by_name(tmp_path, model_dir, text_file, changes, named):
     recipe = load_recipe(make_recipe(tmp_path, model_dir, text_file, **changes))
     with pytest.raises(QuantbenchError, match=re.escape(named)):
-        refuse_undistributed(recipe, streaming="streaming" in changes.get("model", {}))
+        refuse_undistributed(recipe)
 
 
 def test_an_allocation_run_on_two_ranks_gives_the_one_process_table_and_allocation(tmp_path, model_dir, text_file):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -311,6 +312,62 @@ def test_resume_refuses_a_partial_run_of_another_recipe(tmp_path, sharded_llama,
     with pytest.raises(QuantbenchError, match="another version of this recipe"):
         run_recipe(load_recipe(changed), progress=False, resume=True)
     assert run_recipe(load_recipe(recipe), progress=False, resume=True)["streaming"]["resumed_at_block"] == 2
+
+
+RANK_1_DIES = """
+import os, signal, sys
+import quantbench.stream_runner as streaming
+from quantbench.cli import main
+take = streaming.StreamedLayers.run_block
+def run_block(self, ctx):
+    take(self, ctx)
+    if ctx.index == 1 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+streaming.StreamedLayers.run_block = run_block
+sys.argv = ["quantbench", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_streamed_run_on_two_ranks_dies_by_rank_name_and_resumes_to_the_one_process_result(
+        tmp_path, sharded_llama, text_file):
+    """Each rank streams the weights and forwards its half of the calibration and of the windows; rank 1 is
+    killed after block 1, torchrun names it, and two ranks resume at block 1 from each rank's saved state.
+    RTN codes equal one process's; GPTQ's Hessian is the same sum in another order (tolerance as in
+    test_distributed.py); the perplexity is the same to 1e-4."""
+    changes = dict(quantize={"default": "int4-g32-gptq", "overrides": [{"pattern": "down_proj", "scheme": "int8-pc-rtn"}]},
+                   output={"journal_every_s": 0})
+    single = streamed_recipe(tmp_path / "single", sharded_llama, text_file, **changes)
+    expected = run_recipe(load_recipe(single), progress=False)
+    recipe = streamed_recipe(tmp_path, sharded_llama, text_file, **changes)
+    (tmp_path / "rank_1_dies.py").write_text(RANK_1_DIES)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    died = subprocess.run(launch + [str(tmp_path / "rank_1_dies.py"), "run", str(recipe), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert died.returncode != 0 and re.search(r"rank: 1 .*\n(.*\n)*.*SIGKILL", died.stdout + died.stderr), died.stderr
+    partial = tmp_path / "runs" / ".tiny.partial"
+    assert json.loads((partial / "state.json").read_text()) == {"folder": "state-00001", "ranks": 2}
+    with pytest.raises(QuantbenchError, match="saved by 2 rank"):
+        run_recipe(load_recipe(recipe), progress=False, resume=True)
+
+    resumed = subprocess.run(launch + ["-m", "quantbench", "run", str(recipe), "--resume", "--quiet"],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    result = json.loads((tmp_path / "runs" / "tiny" / "result.json").read_text())
+    assert result["ranks"] == 2 and result["streaming"]["resumed_at_block"] == 1 and not partial.exists()
+    for dataset, value in expected["perplexity"]["quantized"].items():
+        assert result["perplexity"]["quantized"][dataset]["ppl"] == pytest.approx(value["ppl"], rel=1e-4)
+        assert result["perplexity"]["baseline"][dataset]["ppl"] == pytest.approx(
+            expected["perplexity"]["baseline"][dataset]["ppl"], rel=1e-4)
+    one, _ = checkpoint_contents(tmp_path / "single" / "runs" / "tiny")
+    two, _ = checkpoint_contents(tmp_path / "runs" / "tiny")
+    assert one.keys() == two.keys()
+    rtn = [name for name in one if "down_proj" in name]
+    assert rtn and all(torch.equal(one[name], two[name]) for name in rtn)
+    packed = [name for name in one if name.endswith("qweight") and "down_proj" not in name]
+    differing = sum((one[n] != two[n]).sum().item() for n in packed)
+    assert packed and differing <= sum(one[n].numel() for n in packed) // 50
 
 
 def test_streaming_on_refuses_what_needs_the_whole_model(tmp_path, sharded_llama, text_file):

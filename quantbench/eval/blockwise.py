@@ -2,13 +2,16 @@
 while the driver holds it, so the model never has to be on the device whole. Placed before the quantize
 stage it scores the full-precision model, after it the quantized one; both in the one pass that
 quantizes. Every window is computed as `perplexity_of_ids` computes it (same batches, same masks), so the
-figures equal those of a whole-model forward."""
+figures equal those of a whole-model forward. Under torchrun each rank carries windows rank, rank + N, …
+and the log-likelihood sums are added at the end, as `perplexity_of_ids` does."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from quantbench.distributed import current as current_ranks
+from quantbench.distributed import sum_across_ranks
 from quantbench.eval.perplexity import eval_windows, perplexity_result, window_nll
 from quantbench.model_io import final_logits
 from quantbench.pipeline import BlockContext, BlockInputs, capture_block_inputs, run_block
@@ -23,13 +26,17 @@ class BlockwisePerplexity:
         self.settings, self.label = settings, label
         self.windows = {dataset: eval_windows(ids, settings.seqlen, settings.max_windows, dataset)
                         for dataset, (ids, _) in eval_ids.items()}
+        ranks = current_ranks()
+        self.local = {dataset: windows[ranks.rank::ranks.world] for dataset, windows in self.windows.items()}
         self.fingerprints = {dataset: fingerprint for dataset, (_, fingerprint) in eval_ids.items()}
         self.inputs: dict[str, BlockInputs] = {}
         self.restored: dict[str, list[torch.Tensor]] | None = None
         self.results: dict[str, dict] = {}
 
     def begin(self, model: nn.Module, device: torch.device) -> None:
-        for dataset, windows in self.windows.items():
+        for dataset, windows in self.local.items():
+            if not len(windows):  # more ranks than windows
+                continue
             self.inputs[dataset] = capture_block_inputs(model, windows, device, self.settings.batch_size)
             if self.restored is not None:
                 self.inputs[dataset].hidden = [h.to(device) for h in self.restored[dataset]]
@@ -45,9 +52,10 @@ class BlockwisePerplexity:
     def finish(self, model: nn.Module, device: torch.device) -> None:
         for dataset, windows in self.windows.items():
             nll_sum = torch.zeros((), dtype=torch.float64)
-            for hidden, batch in zip(self.inputs[dataset].hidden, windows.split(self.settings.batch_size)):
-                nll_sum += window_nll(final_logits(model, hidden), batch.to(device))
-            result = perplexity_result(nll_sum, windows, dataset)
+            if dataset in self.inputs:
+                for hidden, batch in zip(self.inputs[dataset].hidden, self.local[dataset].split(self.settings.batch_size)):
+                    nll_sum += window_nll(final_logits(model, hidden), batch.to(device))
+            result = perplexity_result(sum_across_ranks(nll_sum), windows, dataset)
             result.text_fingerprint = self.fingerprints[dataset]
             self.results[dataset] = result.to_dict()
         self.inputs.clear()
