@@ -8,6 +8,8 @@ A run on N ranks is N copies of the single-process run that split its heavy work
   solves its own and the codes are broadcast to all (`share_results`);
 - propagation: every rank runs its own slice through the quantized block;
 - perplexity: the evaluation windows are split across ranks and their summed log-likelihoods added;
+- AWQ and SmoothQuant: the per-channel |x| statistics are summed (maxed) across ranks, and each AWQ trial's
+  output error is summed over every rank's search tokens, so every rank picks the same α;
 - a streamed run's journal: every rank saves its own hidden states, rank 0 commits the save once all have.
 
 Rank 0 alone writes the run directory. Without torchrun (no WORLD_SIZE above 1) nothing here does anything.
@@ -191,6 +193,14 @@ def spread(jobs: list, cost: Callable[[object], float], run: Callable[[object], 
         if owner == ranks.rank:
             mine.update(run(job))
     return share_results(mine, set(owners))
+
+
+def reduce_in_place(tensors: list[torch.Tensor], op: str = "sum") -> None:
+    """Each tensor summed ("sum") or maxed ("max") across the ranks, in place, in list order."""
+    if not current().active:
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
 
 
 def sum_across_ranks(value: torch.Tensor) -> torch.Tensor:

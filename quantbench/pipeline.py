@@ -298,9 +298,9 @@ class QuantizeStage:
 
     def run_block(self, ctx: BlockContext) -> None:
         schemes = {name: scheme for name in ctx.linears if (scheme := self.scheme_for(ctx.full_name(name)))}
-        if ctx.inputs.shared_out and (learned := sorted({s.name for s in schemes.values() if s.learns_from_block})):
-            raise QuantbenchError(f"{', '.join(learned)} learn from the whole calibration set at once; on "
-                                  "several ranks each holds a share of it: quantize these in one process")
+        if ctx.inputs.shared_out and (learned := sorted({s.name for s in schemes.values() if s.solver == "autoround"})):
+            raise QuantbenchError(f"{', '.join(learned)} learn their rounding from the whole calibration set at once; "
+                                  "on several ranks each holds a share of it: quantize these in one process")
         if any(scheme.scaling != "none" for scheme in schemes.values()):
             check_scalable(self.model_type)
             with ctx.timer("scaling"):

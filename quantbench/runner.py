@@ -152,10 +152,9 @@ def refuse_undistributed(recipe: Recipe) -> None:
     quantize = recipe.quantize
     schemes = [quantize.default, *(o.scheme for o in quantize.overrides),
                *(s for s in quantize.allocated_schemes().values() if s is not None)]
-    if learned := sorted({s.name for s in schemes if s.learns_from_block}):
-        raise QuantbenchError(f"recipe {recipe.name} cannot run on {current_ranks().world} ranks yet: AutoRound and "
-                              f"AWQ/SmoothQuant schemes ({', '.join(learned)}) learn from the whole calibration set "
-                              "at once")
+    if learned := sorted({s.name for s in schemes if s.solver == "autoround"}):
+        raise QuantbenchError(f"recipe {recipe.name} cannot run on {current_ranks().world} ranks yet: AutoRound schemes "
+                              f"({', '.join(learned)}) learn their rounding from the whole calibration set at once")
 
 
 def kept_results_error(error: QuantbenchError, recipe: Recipe) -> QuantbenchError:

@@ -29,6 +29,8 @@ from torch import nn
 
 from quantbench.activations import activation_format_of, input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.calibration.stats import collect_stats
+from quantbench.distributed import all_reduce_stats, reduce_in_place, sum_across_ranks
+from quantbench.distributed import current as current_ranks
 from quantbench.errors import QuantbenchError
 from quantbench.model_io import ATTENTION_READERS, MLP_READERS, block_linears, block_output, trial_autocast
 from quantbench.quantizers.hadamard import rotation_for
@@ -164,7 +166,8 @@ def scale_block(ctx, schemes: dict[str, Scheme], model_type: str, options: Scali
     if not sites:
         return {}
     inputs = _site_inputs(ctx, sites)
-    batches = _search_batches(ctx, options.search_tokens)
+    share = current_ranks().world if ctx.inputs.shared_out else 1  # each rank searches on its share of the tokens
+    batches = _search_batches(ctx, -(-options.search_tokens // share))
     with trial_autocast(ctx.block, options.bf16):
         reference = [block_output(ctx.block(hidden, **kwargs)) for hidden, kwargs in batches]
     done = {}
@@ -267,6 +270,8 @@ def _search(ctx, site: Site, schemes: dict, mean_abs: torch.Tensor, scored: nn.M
                 trials.enter_context(_as_scaled_and_quantized(module, originals[name], scales, schemes[name]))
             with trial_autocast(ctx.block, options.bf16):
                 errors.append(_output_error(scored, inputs, reference))
+    if ctx.inputs.shared_out:  # every rank's search tokens: the same α on every rank
+        errors = sum_across_ranks(torch.tensor(errors, dtype=torch.float64)).tolist()
     best = min(range(grid), key=errors.__getitem__)
     return best / grid, awq_scales(mean_abs, best / grid), errors[best] / errors[0] if errors[0] > 0 else 1.0
 
@@ -351,6 +356,16 @@ def _site_inputs(ctx, sites: list[Site]) -> dict[str, tuple[torch.Tensor, torch.
     finally:
         for handle in handles:
             handle.remove()
+    if ctx.inputs.shared_out:  # every rank's share of the tokens, each site in the same order on every rank
+        device = next(ctx.block.parameters()).device
+        for site in sites:
+            width = ctx.block.get_submodule(site.readers[0]).in_features
+            entry = sums.setdefault(site.producer, [torch.zeros(width, device=device),
+                                                    torch.zeros(width, device=device), 0])
+            count = torch.tensor([float(entry[2])], device=entry[0].device)
+            reduce_in_place([entry[0], count])
+            reduce_in_place([entry[1]], "max")
+            entry[2] = int(count.item())
     return {key: (total / max(1, count), peak) for key, (total, peak, count) in sums.items() if count}
 
 
@@ -361,6 +376,9 @@ def clip_ranges(ctx, schemes: dict[str, Scheme]) -> None:
     names = list(schemes)
     with collect_stats({name: ctx.linears[name] for name in names}, set(names), {}, stop_when_seen=False) as stats:
         _feed(ctx)
+    if ctx.inputs.shared_out:
+        all_reduce_stats(stats, {name: ctx.linears[name].in_features for name in names},
+                         next(ctx.block.parameters()).device)
     for name in names:
         if stats[name].xtx is None:
             continue

@@ -60,10 +60,11 @@ def _codes(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_ranks_give_the_codes_and_perplexity_of_one_process(tmp_path, model_dir, text_file):
-    """RTN layers: identical codes. GPTQ layers: Σ xᵀx is the same sum in another order (each rank's half,
-    then the halves), and GPTQ's error feedback carries any flipped rounding into the columns after it: a
-    share of the codes may differ (none here; a summation bug flips three in four), the perplexity may not."""
-    changes = dict(calibration={"n_samples": 8}, quantize={"default": "int4-g32-gptq"})
+    """RTN layers: identical codes. AWQ: the |x| statistics and each trial's error are summed over the ranks,
+    so both pick the α one process picks. GPTQ layers: Σ xᵀx is the same sum in another order (each rank's
+    half, then the halves), and GPTQ's error feedback carries any flipped rounding into the columns after it:
+    a share of the codes may differ (none here; a summation bug flips three in four), the perplexity may not."""
+    changes = dict(calibration={"n_samples": 8}, quantize={"default": "awq+int4-g32-gptq"})
     for run in ("single", "ranked"):
         (tmp_path / run).mkdir()
     single = make_recipe(tmp_path / "single", model_dir, text_file, **changes)
@@ -82,6 +83,8 @@ def test_two_ranks_give_the_codes_and_perplexity_of_one_process(tmp_path, model_
     assert differing <= sum(one[n].numel() for n in packed) // 50
     results = [json.loads((tmp_path / run / "runs" / "tiny" / "result.json").read_text()) for run in ("single", "ranked")]
     assert [result["ranks"] for result in results] == [1, 2]
+    alphas = [{site: record["alpha"] for site, record in result["scaled"].items()} for result in results]
+    assert len(alphas[0]) == 2 * 2 and alphas[0] == alphas[1]  # per block, its two norms (GQA: no v → o site)
     ppl = [result["perplexity"]["quantized"] for result in results]
     assert ppl[0].keys() == ppl[1].keys()
     for dataset in ppl[0]:
@@ -90,7 +93,8 @@ def test_two_ranks_give_the_codes_and_perplexity_of_one_process(tmp_path, model_
 
 @pytest.mark.parametrize("changes, named", [
     (dict(quantize={"default": "int3-g32-autoround"}), "int3-g32-autoround"),
-    (dict(quantize={"default": "awq+int4-g32-rtn"}), "awq+int4-g32-rtn"),
+    (dict(quantize={"default": "int4-g32-rtn", "overrides": [{"pattern": "down_proj", "scheme": "int2-g32-autoround"}]}),
+     "int2-g32-autoround"),
 ])
 def test_what_ranks_cannot_run_yet_is_refused_by_name(tmp_path, model_dir, text_file, changes, named):
     recipe = load_recipe(make_recipe(tmp_path, model_dir, text_file, **changes))
