@@ -298,9 +298,6 @@ class QuantizeStage:
 
     def run_block(self, ctx: BlockContext) -> None:
         schemes = {name: scheme for name in ctx.linears if (scheme := self.scheme_for(ctx.full_name(name)))}
-        if ctx.inputs.shared_out and (learned := sorted({s.name for s in schemes.values() if s.solver == "autoround"})):
-            raise QuantbenchError(f"{', '.join(learned)} learn their rounding from the whole calibration set at once; "
-                                  "on several ranks each holds a share of it: quantize these in one process")
         if any(scheme.scaling != "none" for scheme in schemes.values()):
             check_scalable(self.model_type)
             with ctx.timer("scaling"):
@@ -351,7 +348,7 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
     if rounded:
         with timer("autoround"):
             learned = learn_rounding(ctx.block, linears, rounded, list(zip(ctx.inputs.hidden, ctx.inputs.kwargs)),
-                                     autoround)
+                                     autoround, across_ranks=ctx.inputs.shared_out)
         with timer("solve"):
             for name, scheme in rounded.items():
                 results.update(quantize_linears([linears[name]], [name], scheme, learned[name], on_device))

@@ -54,7 +54,6 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
     plan = preflight(recipe, force)
     ranks = current_ranks()
     if ranks.active:
-        refuse_undistributed(recipe)
         progress = progress and ranks.main
     for line in plan.summary().splitlines():
         log.info("preflight: %s", line)
@@ -145,16 +144,6 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True, resum
     if interop_error is not None:
         raise kept_results_error(interop_error, recipe)
     return result
-
-
-def refuse_undistributed(recipe: Recipe) -> None:
-    """Before any compute: what a torchrun run cannot do yet, by name."""
-    quantize = recipe.quantize
-    schemes = [quantize.default, *(o.scheme for o in quantize.overrides),
-               *(s for s in quantize.allocated_schemes().values() if s is not None)]
-    if learned := sorted({s.name for s in schemes if s.solver == "autoround"}):
-        raise QuantbenchError(f"recipe {recipe.name} cannot run on {current_ranks().world} ranks yet: AutoRound schemes "
-                              f"({', '.join(learned)}) learn their rounding from the whole calibration set at once")
 
 
 def kept_results_error(error: QuantbenchError, recipe: Recipe) -> QuantbenchError:

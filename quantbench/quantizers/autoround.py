@@ -17,6 +17,10 @@ computes once its input is rotated online).
 Any grid format works through its fit/encode/decode: integer grids learn offsets and range factors; on
 MX and NVFP4 grids, whose block scales are powers of two or E4M3 values, the range factors get no
 gradient and only the offsets learn.
+
+Under torchrun (`across_ranks`) each rank holds its share of the calibration inputs: every step each rank
+takes one of its own mini-batches, the gradients and the loss are summed across the ranks, so every rank
+takes the same signed step (a mini-batch of all ranks' batches) and keeps the same best state.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from torch import nn
 from torch.func import functional_call
 
 from quantbench.calibration.stats import LayerStats
+from quantbench.distributed import current as current_ranks
+from quantbench.distributed import reduce_in_place
 from quantbench.formats import GridParams, format_for
 from quantbench.model_io import block_output, trial_autocast
 from quantbench.quantized_weight import QuantizedWeight
@@ -122,11 +128,15 @@ class _Grid:
 
 def learn_rounding(block: nn.Module, linears: dict[str, nn.Linear], schemes: dict[str, Scheme],
                    batches: list[tuple[torch.Tensor, dict]], options: AutoRoundOptions = AutoRoundOptions(),
-                   losses: list[float] | None = None, stack: bool = True) -> dict[str, LearnedRounding]:
+                   losses: list[float] | None = None, stack: bool = True,
+                   across_ranks: bool = False) -> dict[str, LearnedRounding]:
     """Learn the named layers' rounding together (see the module docstring); `batches` are the block's
     calibration inputs (hidden states and keyword arguments). `losses` receives each step's loss. With
     `stack`, layers of one scheme and shape (q and o, gate and up, the experts) share one fake quantizer
-    over their stacked rows, which is the same arithmetic row by row in fewer kernel launches."""
+    over their stacked rows, which is the same arithmetic row by row in fewer kernel launches.
+    `across_ranks`: `batches` are this rank's share, and each step's gradients and loss are summed over the
+    ranks (see the module docstring)."""
+    world = current_ranks().world if across_ranks else 1
     with torch.no_grad():
         targets = [block_output(block(hidden, **kwargs)).detach() for hidden, kwargs in batches]
     stacks = _stacks(linears, schemes) if stack else [[name] for name in schemes]
@@ -165,15 +175,20 @@ def learn_rounding(block: nn.Module, linears: dict[str, nn.Linear], schemes: dic
                 with trial_autocast(block, options.bf16):
                     output = block_output(functional_call(block, weights, (hidden,), kwargs))
                 loss = (output.float() - targets[index].float()).square().mean()
-                with torch.no_grad():  # keep the best state on the device: no wait for the loss's value
-                    better = loss < best_loss
-                    best_loss = torch.where(better, loss, best_loss)
-                    for keep, now in zip(kept, current):
-                        keep.copy_(torch.where(better, now, keep))
-                    step_losses.append(loss.detach())
                 for tensor in current:
                     tensor.grad = None
                 loss.backward()
+                with torch.no_grad():  # keep the best state on the device: no wait for the loss's value
+                    step_loss = loss.detach()
+                    if world > 1:  # the mean over the ranks' batches, and their summed gradients
+                        step_loss = step_loss.clone()
+                        reduce_in_place([step_loss, *(t.grad for t in current if t.grad is not None)])
+                        step_loss /= world
+                    better = step_loss < best_loss
+                    best_loss = torch.where(better, step_loss, best_loss)
+                    for keep, now in zip(kept, current):
+                        keep.copy_(torch.where(better, now, keep))
+                    step_losses.append(step_loss)
                 _signed_step(offsets, options.lr * (1 - step / options.steps), -0.5, 0.5)
                 _signed_step(factors, options.lr * (1 - step / options.steps), 0.0, 1.0)
     finally:
