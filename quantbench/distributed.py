@@ -10,6 +10,8 @@ A run on N ranks is N copies of the single-process run that split its heavy work
 - perplexity: the evaluation windows are split across ranks and their summed log-likelihoods added;
 - AWQ and SmoothQuant: the per-channel |x| statistics are summed (maxed) across ranks, and each AWQ trial's
   output error is summed over every rank's search tokens, so every rank picks the same α;
+- AutoRound: each step's gradients and loss are summed across ranks (every rank takes the same step);
+- an allocation's gradient pass: each rank backpropagates its share, the sums are added;
 - a streamed run's journal: every rank saves its own hidden states, rank 0 commits the save once all have.
 
 Rank 0 alone writes the run directory. Without torchrun (no WORLD_SIZE above 1) nothing here does anything.

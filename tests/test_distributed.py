@@ -148,14 +148,15 @@ def test_two_ranks_give_the_codes_and_perplexity_of_one_process(tmp_path, model_
 
 def test_an_allocation_run_on_two_ranks_gives_the_one_process_table_and_allocation(tmp_path, model_dir, text_file):
     """Sensitivity candidates are spread over the ranks, and so are the perplexity windows of the sweep's
-    evaluated budget; every rank sees the whole calibration set, so the table is the one process's."""
+    evaluated budget; every rank sees the whole calibration set, so the table is the one process's. The
+    gradient pass is split: each rank backpropagates half the sequences and the sums are added."""
     results, tables = {}, {}
     for run in ("single", "ranked"):
         (tmp_path / run).mkdir()
         recipe = make_recipe(
             tmp_path / run, model_dir, text_file,
             allocation={"candidates": ["int2-g32-gptq", "int4-g32-gptq", "hadamard+int3-pc-gptq"],
-                        "requantize": False, "metric": "output_error", "budget": 3.5,
+                        "requantize": False, "metric": "output_error", "measure": ["gradients"], "budget": 3.5,
                         "sweep": {"budgets": "2.5:5:0.5", "evaluate": [3.0]}})
         if run == "single":
             assert (done := invoke("run", recipe, "--quiet")).exit_code == 0, done.output
@@ -171,6 +172,7 @@ def test_an_allocation_run_on_two_ranks_gives_the_one_process_table_and_allocati
     for a, b in zip(one["errors"], two["errors"]):
         assert (a["layer"], a["scheme"], a["storage_bits"]) == (b["layer"], b["scheme"], b["storage_bits"])
         assert b["output_error"] == pytest.approx(a["output_error"], rel=1e-4)  # BLAS here has other threads
+        assert a["fisher"] > 0 and b["fisher"] == pytest.approx(a["fisher"], rel=1e-4)  # each rank's half, summed
     single, ranked = results["single"], results["ranked"]
     assert ranked["ranks"] == 2 and ranked["allocation"]["layers"] == single["allocation"]["layers"]
     for a, b in zip(single["allocation"]["evaluated"], ranked["allocation"]["evaluated"]):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantbench.distributed import reduce_in_place
 from quantbench.fsutil import save_tensors
 from quantbench.model_io import blocks_path, decoder_blocks
 
@@ -60,10 +61,11 @@ class GradientStats:
 
 
 def gradient_stats(model: nn.Module, input_ids: torch.Tensor, layer_names: list[str], device: torch.device,
-                   batch_size: int = 4, progress: bool = True) -> GradientStats:
+                   batch_size: int = 4, progress: bool = True, across_ranks: bool = False) -> GradientStats:
     """One forward and backward pass per batch of `input_ids` through the whole model (float32, on `device`),
     accumulating each named linear's gradient, Fisher diagonal and per-output squared gradient, and each
-    decoder block's per-unit squared output gradient. The model's weights and grads are left as they were."""
+    decoder block's per-unit squared output gradient. The model's weights and grads are left as they were.
+    `across_ranks`: `input_ids` is this rank's share, and the sums and token counts are added across ranks."""
     param = next(model.parameters())
     home, dtype = param.device, param.dtype
     linears = {name: model.get_submodule(name) for name in layer_names}
@@ -91,6 +93,12 @@ def gradient_stats(model: nn.Module, input_ids: torch.Tensor, layer_names: list[
         model.to(device=home, dtype=dtype)
         for p, flag in requires.items():
             p.requires_grad_(flag)
+    if across_ranks:  # every rank ran every block, so every rank holds the same names
+        counted = torch.tensor([float(tokens)], device=device)
+        reduce_in_place([counted, *(t for name in sorted(sums) for t in (sums[name].grad, sums[name].fisher,
+                                                                      sums[name].out_sq)),
+                         *(block_sums[name] for name in sorted(block_sums))])
+        tokens = int(counted.item())
     layers = {name: LayerGradients(*(t.div(tokens).cpu() for t in (s.grad, s.fisher, s.out_sq)))
               for name, s in sums.items()}
     return GradientStats(layers, {name: t.div(tokens).cpu() for name, t in block_sums.items()}, tokens)

@@ -8,6 +8,8 @@ import re
 import torch
 from torch import nn
 
+from quantbench.distributed import current as current_ranks
+from quantbench.distributed import local_rows
 from quantbench.allocation.baselines import SOLVERS
 from quantbench.allocation.gradients import GradientStats, gradient_stats
 from quantbench.allocation.ilp import Allocation
@@ -49,8 +51,10 @@ def gradients_for(model: nn.Module, input_ids: torch.Tensor, recipe: Recipe, dev
     if "gradients" not in section.measures:
         return None
     layers = [name for name, linear in model_linears(model).items() if candidates_for(recipe)(name)]
-    return gradient_stats(model, input_ids[:section.gradient_samples], layers, device,
-                          batch_size=min(recipe.calibration.batch_size, 4), progress=progress)
+    ids, ranks = input_ids[:section.gradient_samples], current_ranks()
+    split = ranks.active and ids.shape[0] >= ranks.world  # each rank backpropagates its share
+    return gradient_stats(model, local_rows(ids) if split else ids, layers, device,
+                          batch_size=min(recipe.calibration.batch_size, 4), progress=progress, across_ranks=split)
 
 
 def measure_sensitivity(model: nn.Module, input_ids: torch.Tensor, recipe: Recipe, device: torch.device,
