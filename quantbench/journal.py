@@ -16,10 +16,12 @@ A save comes at most every `output.journal_every_s` seconds, and never sooner th
 save's duration after it, so saving costs at most about a tenth of the run (`journal_every_s: 0` saves
 after every block, whatever it costs).
 
-Under torchrun rank 0 decides when to save (every rank saves at the same block), and a run resumes only on
-as many ranks as it was saved from. A resumed run re-reads the tensors outside the blocks, captures the masks and positions again, loads the
+A resumed run re-reads the tensors outside the blocks, captures the masks and positions again, loads the
 state folder and continues at `next_block`; every block before it has its part on disk. The blocks after it
 are computed again from exactly the same inputs, so the codes are those of an uninterrupted run.
+
+Under torchrun rank 0 decides when to save (every rank saves at the same block), and a run resumes only on
+as many ranks as it was saved from.
 """
 
 from __future__ import annotations

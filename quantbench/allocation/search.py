@@ -8,14 +8,14 @@ import re
 import torch
 from torch import nn
 
-from quantbench.distributed import current as current_ranks
-from quantbench.distributed import local_rows
 from quantbench.allocation.baselines import SOLVERS
 from quantbench.allocation.gradients import GradientStats, gradient_stats
 from quantbench.allocation.ilp import Allocation
 from quantbench.allocation.problem import Problem, Rule, build_problem
 from quantbench.allocation.sensitivity import CandidateCache, HessianOptions, sensitivity_table
 from quantbench.allocation.table import SensitivityTable
+from quantbench.distributed import current as current_ranks
+from quantbench.distributed import local_rows
 from quantbench.errors import QuantbenchError
 from quantbench.model_io import model_linears
 from quantbench.recipe import AllocationSection, Recipe

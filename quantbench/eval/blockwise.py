@@ -53,7 +53,8 @@ class BlockwisePerplexity:
         for dataset, windows in self.windows.items():
             nll_sum = torch.zeros((), dtype=torch.float64)
             if dataset in self.inputs:
-                for hidden, batch in zip(self.inputs[dataset].hidden, self.local[dataset].split(self.settings.batch_size)):
+                batches = self.local[dataset].split(self.settings.batch_size)
+                for hidden, batch in zip(self.inputs[dataset].hidden, batches):
                     nll_sum += window_nll(final_logits(model, hidden), batch.to(device))
             result = perplexity_result(sum_across_ranks(nll_sum), windows, dataset)
             result.text_fingerprint = self.fingerprints[dataset]
