@@ -1,15 +1,15 @@
-"""torchrun runs (two gloo ranks on the CPU) against one process: same codes, same perplexity."""
+"""torchrun runs (two gloo ranks on the CPU) against one process: same table, allocation and perplexity; the
+spread, and AutoRound's step across ranks. The two-rank run of codes, AWQ and a rank's death is in
+test_streaming.py."""
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import invoke, make_recipe
-from safetensors.torch import load_file
 
 from quantbench.distributed import assign_by_cost
 
@@ -105,45 +105,6 @@ def test_autoround_across_ranks_takes_one_signed_step_from_every_rank_gradient(t
     offsets = [key for key in alone if key.endswith("offsets")]
     assert all(torch.equal(alone[key], ranks[0]["same"][key]) for key in offsets)
     assert not any(torch.equal(alone[key], ranks[0]["share"][key]) for key in offsets)
-
-
-def _codes(run_dir: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for part in sorted((run_dir / "checkpoint").glob("*.safetensors")):
-        tensors.update(load_file(part))
-    return tensors
-
-
-def test_two_ranks_give_the_codes_and_perplexity_of_one_process(tmp_path, model_dir, text_file):
-    """RTN layers: identical codes. AWQ: the |x| statistics and each trial's error are summed over the ranks,
-    so both pick the α one process picks. GPTQ layers: Σ xᵀx is the same sum in another order (each rank's
-    half, then the halves), and GPTQ's error feedback carries any flipped rounding into the columns after it:
-    a share of the codes may differ (none here; a summation bug flips three in four), the perplexity may not."""
-    changes = dict(calibration={"n_samples": 8}, quantize={"default": "awq+int4-g32-gptq"})
-    for run in ("single", "ranked"):
-        (tmp_path / run).mkdir()
-    single = make_recipe(tmp_path / "single", model_dir, text_file, **changes)
-    ranked = make_recipe(tmp_path / "ranked", model_dir, text_file, **changes)
-    assert (ran := invoke("run", single, "--quiet")).exit_code == 0, ran.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "quantbench", "run", str(ranked), "--quiet", "--nproc", "2"],
-                          capture_output=True, text=True, env=env, timeout=600)  # the --nproc relaunch
-    assert done.returncode == 0, done.stdout + done.stderr
-    one, two = _codes(tmp_path / "single" / "runs" / "tiny"), _codes(tmp_path / "ranked" / "runs" / "tiny")
-    assert one.keys() == two.keys()
-    rtn = [name for name in one if "down_proj" in name]
-    assert rtn and all(torch.equal(one[name], two[name]) for name in rtn)
-    packed = [name for name in one if name.endswith("qweight") and "down_proj" not in name]
-    differing = sum((one[n] != two[n]).sum().item() for n in packed)
-    assert differing <= sum(one[n].numel() for n in packed) // 50
-    results = [json.loads((tmp_path / run / "runs" / "tiny" / "result.json").read_text()) for run in ("single", "ranked")]
-    assert [result["ranks"] for result in results] == [1, 2]
-    alphas = [{site: record["alpha"] for site, record in result["scaled"].items()} for result in results]
-    assert len(alphas[0]) == 2 * 2 and alphas[0] == alphas[1]  # per block, its two norms (GQA: no v → o site)
-    ppl = [result["perplexity"]["quantized"] for result in results]
-    assert ppl[0].keys() == ppl[1].keys()
-    for dataset in ppl[0]:
-        assert ppl[1][dataset]["ppl"] == pytest.approx(ppl[0][dataset]["ppl"], rel=1e-4)
 
 
 def test_an_allocation_run_on_two_ranks_gives_the_one_process_table_and_allocation(tmp_path, model_dir, text_file):

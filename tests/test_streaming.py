@@ -332,10 +332,13 @@ main()
 def test_a_streamed_run_on_two_ranks_dies_by_rank_name_and_resumes_to_the_one_process_result(
         tmp_path, sharded_llama, text_file):
     """Each rank streams the weights and forwards its half of the calibration and of the windows; rank 1 is
-    killed after block 1, torchrun names it, and two ranks resume at block 1 from each rank's saved state.
-    RTN codes equal one process's; GPTQ's Hessian is the same sum in another order (tolerance as in
-    test_distributed.py); the perplexity is the same to 1e-4."""
-    changes = dict(quantize={"default": "int4-g32-gptq", "overrides": [{"pattern": "down_proj", "scheme": "int8-pc-rtn"}]},
+    killed after block 1, torchrun names it, and two ranks (`--nproc 2`) resume at block 1 from each rank's
+    saved state. RTN codes equal one process's. AWQ sums the |x| statistics and each trial's error over the
+    ranks, so it picks one process's α. GPTQ's Hessian is the same sum in another order, and its error
+    feedback carries any flipped rounding into the columns after it: a share of the codes may differ (none
+    here; unsummed AWQ errors change half), the perplexity may not (1e-4)."""
+    changes = dict(quantize={"default": "awq+int4-g32-gptq",
+                             "overrides": [{"pattern": "down_proj", "scheme": "int8-pc-rtn"}]},
                    output={"journal_every_s": 0})
     single = streamed_recipe(tmp_path / "single", sharded_llama, text_file, **changes)
     expected = run_recipe(load_recipe(single), progress=False)
@@ -351,11 +354,13 @@ def test_a_streamed_run_on_two_ranks_dies_by_rank_name_and_resumes_to_the_one_pr
     with pytest.raises(QuantbenchError, match="saved by 2 rank"):
         run_recipe(load_recipe(recipe), progress=False, resume=True)
 
-    resumed = subprocess.run(launch + ["-m", "quantbench", "run", str(recipe), "--resume", "--quiet"],
-                             capture_output=True, text=True, env=env, timeout=600)
+    resumed = subprocess.run([sys.executable, "-m", "quantbench", "run", str(recipe), "--resume", "--quiet",
+                              "--nproc", "2"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     result = json.loads((tmp_path / "runs" / "tiny" / "result.json").read_text())
     assert result["ranks"] == 2 and result["streaming"]["resumed_at_block"] == 1 and not partial.exists()
+    alphas = [{site: record["alpha"] for site, record in run["scaled"].items()} for run in (expected, result)]
+    assert len(alphas[0]) == 4 * 2 and alphas[0] == alphas[1]  # per block, its two norms (GQA: no v → o site)
     for dataset, value in expected["perplexity"]["quantized"].items():
         assert result["perplexity"]["quantized"][dataset]["ppl"] == pytest.approx(value["ppl"], rel=1e-4)
         assert result["perplexity"]["baseline"][dataset]["ppl"] == pytest.approx(
