@@ -12,6 +12,7 @@ call must read and write / time) as a share of the device's HBM bandwidth, and t
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import json
 import sys
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quantbench.export.kernels import PackedLinear, packed_matmul, to_kernel_layout  # noqa: E402
 from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
 from quantbench.export.kernels.layout import KernelWeight, to_base3_layout  # noqa: E402
-from quantbench.export.kernels.matmul import graph_time_ms, tuned_configs  # noqa: E402
+from quantbench.export.kernels.matmul import TILES_ENV, graph_time_ms, tuned_configs  # noqa: E402
 from quantbench.quantized_weight import QuantizedWeight  # noqa: E402
 from quantbench.scheme import Scheme  # noqa: E402
 from quantbench.trit_planes import TritPlaneWeight  # noqa: E402
@@ -263,7 +264,10 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--json", type=Path, help="written after every row")
+    parser.add_argument("--tiles", type=Path, help="tuned tiles read from and saved to this file (QUANTBENCH_KERNEL_TILES)")
     args = parser.parse_args()
+    if args.tiles:
+        os.environ[TILES_ENV] = str(args.tiles)
     device = torch.device(args.device)
     if device.type != "cuda":
         raise SystemExit("bench/kernels.py times GPU kernels; run it with --device cuda on a GPU")

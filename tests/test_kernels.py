@@ -255,6 +255,21 @@ def test_tuner_keeps_the_fastest_candidate_that_agrees_with_the_fallback(monkeyp
         assert matmul._fastest(x, packed, [wrong, right, slow]) == right
 
 
+def test_tuned_tiles_persist_for_the_same_gpu_only(tmp_path, monkeypatch):
+    from quantbench.export.kernels import matmul
+
+    key = ("int", 4, 128, True, torch.float16, 1, 4096, 4096)
+    tile = TileConfig(1, 64, 512, 2, 8, pairs=True)
+    monkeypatch.setattr(matmul, "_tuned", {key: tile})
+    matmul.save_tuned(tmp_path / "tiles.json", "NVIDIA H200")
+    monkeypatch.setattr(matmul, "_tuned", {})
+    with pytest.warns(RuntimeWarning, match="tuned on NVIDIA H200, not NVIDIA H100"):
+        assert matmul.load_tuned(tmp_path / "tiles.json", "NVIDIA H100") == 0
+    assert matmul.tuned_configs() == {}
+    assert matmul.load_tuned(tmp_path / "tiles.json", "NVIDIA H200") == 1
+    assert matmul.tuned_configs() == {key: tile}
+
+
 def test_tile_candidates_offer_paired_int4_decodes_and_multi_row_decodes():
     from quantbench.export.kernels.matmul import _candidates
 

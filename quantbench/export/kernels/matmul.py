@@ -2,15 +2,20 @@
 
 On CUDA the first call for a (weight kind, width, group, batch bucket, N, K) times the tile candidates
 (CUDA graphs on a cold L2, `graph_time_ms`) and keeps the fastest; later calls reuse it. Make that first
-call before capturing a CUDA graph of your own.
+call before capturing a CUDA graph of your own. With QUANTBENCH_KERNEL_TILES=FILE the choices persist
+across processes: read from FILE when it was written on a GPU of the same name, and saved to it after
+each new tuning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -109,13 +114,47 @@ def _bucket(m: int) -> int:
     return 1 if m == 1 else 1 << (m - 1).bit_length()
 
 
+TILES_ENV = "QUANTBENCH_KERNEL_TILES"
+_loaded: set[str] = set()
+
+
+def save_tuned(path: str | Path, device_name: str) -> None:
+    """Write the tiles chosen so far, for GPUs named `device_name`."""
+    entries = [{"key": [*key[:4], str(key[4]).removeprefix("torch."), *key[5:]], "tile": dataclasses.asdict(config)}
+               for key, config in _tuned.items()]
+    Path(path).write_text(json.dumps({"device": device_name, "tiles": entries}, indent=1) + "\n")
+
+
+def load_tuned(path: str | Path, device_name: str) -> int:
+    """Take the tiles a file holds if it was written for `device_name` (tiles tuned on another GPU are not
+    this one's); returns how many were taken."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    saved = json.loads(path.read_text())
+    if saved.get("device") != device_name:
+        warnings.warn(f"{path} holds kernel tiles tuned on {saved.get('device')}, not {device_name}: tuning afresh",
+                      RuntimeWarning, stacklevel=2)
+        return 0
+    for entry in saved["tiles"]:
+        key = entry["key"]
+        _tuned.setdefault((*key[:4], getattr(torch, key[4]), *key[5:]), TileConfig(**entry["tile"]))
+    return len(saved["tiles"])
+
+
 def _config_for(x: torch.Tensor, weight: KernelWeight) -> TileConfig:
     m = x.shape[0]
     if not x.is_cuda:
         return INTERPRETER_CONFIGS["base3" if weight.kind == "ternary3" else "decode" if m == 1 else "batch"]
     key = (weight.kind, weight.bits, weight.group, weight.zeros is not None, x.dtype, _bucket(m), *weight.shape)
+    tiles = os.environ.get(TILES_ENV)
+    if tiles and tiles not in _loaded:
+        _loaded.add(tiles)
+        load_tuned(tiles, torch.cuda.get_device_name(x.device))
     if key not in _tuned:
         _tuned[key] = _fastest(x, weight, _candidates(m, weight, x.dtype))
+        if tiles:
+            save_tuned(tiles, torch.cuda.get_device_name(x.device))
     return _tuned[key]
 
 
