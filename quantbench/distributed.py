@@ -206,9 +206,9 @@ def reduce_in_place(tensors: list[torch.Tensor], op: str = "sum") -> None:
 
 
 def sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
-    """value summed over the ranks (float64 log-likelihood sums, on CPU)."""
+    """value summed over the ranks (float64 log-likelihood sums, on CPU), as a new tensor."""
     if not current().active:
         return value
     total = value.detach().clone()
-    dist.all_reduce(total)
+    reduce_in_place([total])
     return total

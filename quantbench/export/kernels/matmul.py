@@ -147,14 +147,15 @@ def _config_for(x: torch.Tensor, weight: KernelWeight) -> TileConfig:
     if not x.is_cuda:
         return INTERPRETER_CONFIGS["base3" if weight.kind == "ternary3" else "decode" if m == 1 else "batch"]
     key = (weight.kind, weight.bits, weight.group, weight.zeros is not None, x.dtype, _bucket(m), *weight.shape)
-    tiles = os.environ.get(TILES_ENV)
-    if tiles and tiles not in _loaded:
-        _loaded.add(tiles)
-        load_tuned(tiles, torch.cuda.get_device_name(x.device))
-    if key not in _tuned:
-        _tuned[key] = _fastest(x, weight, _candidates(m, weight, x.dtype))
-        if tiles:
-            save_tuned(tiles, torch.cuda.get_device_name(x.device))
+    if key not in _tuned:  # the tile file is read and written only here, never on a call already tuned
+        tiles = os.environ.get(TILES_ENV)
+        if tiles and tiles not in _loaded:
+            _loaded.add(tiles)
+            load_tuned(tiles, torch.cuda.get_device_name(x.device))
+        if key not in _tuned:
+            _tuned[key] = _fastest(x, weight, _candidates(m, weight, x.dtype))
+            if tiles:
+                save_tuned(tiles, torch.cuda.get_device_name(x.device))
     return _tuned[key]
 
 
