@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quantbench.export.kernels import PackedLinear, packed_matmul, to_kernel_layout  # noqa: E402
 from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
 from quantbench.export.kernels.layout import KernelWeight, to_base3_layout  # noqa: E402
-from quantbench.export.kernels.matmul import TILES_ENV, graph_time_ms, tuned_configs  # noqa: E402
+from quantbench.export.kernels.matmul import ENGINES_ENV, TILES_ENV, graph_time_ms, tuned_configs  # noqa: E402
 from quantbench.quantized_weight import QuantizedWeight  # noqa: E402
 from quantbench.scheme import Scheme  # noqa: E402
 from quantbench.trit_planes import TritPlaneWeight  # noqa: E402
@@ -259,13 +259,18 @@ def main() -> None:
     parser.add_argument("--size", default="1b", help="random Llama dimensions for the decode runs (1b, 8b, …)")
     parser.add_argument("--decode-batches", nargs="+", type=int, default=[1])
     parser.add_argument("--fuse", action="store_true", help="also decode with q/k/v and gate/up fused")
+    parser.add_argument("--only-fused", action="store_true", help="decode with q/k/v and gate/up fused only")
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--json", type=Path, help="written after every row")
     parser.add_argument("--tiles", type=Path, help="tuned tiles read from and saved to this file (QUANTBENCH_KERNEL_TILES)")
+    parser.add_argument("--engines", help="tile candidates from these engines only: triton, cuda or triton,cuda "
+                                          "(QUANTBENCH_KERNEL_ENGINES)")
     args = parser.parse_args()
+    if args.engines:
+        os.environ[ENGINES_ENV] = args.engines
     if args.tiles:
         os.environ[TILES_ENV] = str(args.tiles)
     device = torch.device(args.device)
@@ -273,10 +278,13 @@ def main() -> None:
         raise SystemExit("bench/kernels.py times GPU kernels; run it with --device cuda on a GPU")
     name, peak = peak_bandwidth(device)
     copy_bw = measured_copy_bandwidth(device)
+    one = torch.zeros(1, device=device)
+    floor_us = Timer(args.repeat)(lambda: one.add_(1))
     print(f"{time.strftime('%Y-%m-%d')} {name}, torch {torch.__version__}; HBM peak "
-          f"{'unknown' if peak is None else f'{peak / 1e12:.2f} TB/s'}, device copy {copy_bw / 1e12:.2f} TB/s")
+          f"{'unknown' if peak is None else f'{peak / 1e12:.2f} TB/s'}, device copy {copy_bw / 1e12:.2f} TB/s; "
+          f"timer floor (a one-element kernel) {floor_us:.1f} µs")
     result = {"device": name, "torch": torch.__version__, "peak_bytes_per_s": peak, "copy_bytes_per_s": copy_bw,
-              "matmul": [], "decode": []}
+              "floor_us": floor_us, "matmul": [], "decode": []}
 
     def saved():
         result["tuned"] = {" ".join(map(str, key)): dataclasses.asdict(config) for key, config in tuned_configs().items()}
@@ -288,7 +296,7 @@ def main() -> None:
                       args.batches, args.variants, result["matmul"], saved)
     if not args.skip_decode:
         for batch in args.decode_batches:
-            for fuse in ([False, True] if args.fuse else [False]):
+            for fuse in ([True] if args.only_fused else [False, True] if args.fuse else [False]):
                 decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse, args.variants,
                              result["decode"], saved)
 

@@ -301,3 +301,71 @@ def test_dot_kernel_float16_decoding_gives_the_float32_decodings_result_bit_for_
     half, single = (packed_matmul(x, packed, backend="triton", config=TileConfig(16, 32, 64, 1, expand=expand, half=h))
                     for h in (True, False))
     assert torch.equal(half, single)
+
+
+CUDA_TILES = {"1 row, 8 lanes, 256 threads": TileConfig(1, 32, 0, 1, 8, rows=1, engine="cuda"),
+              "2 rows, 4 lanes, 128 threads": TileConfig(1, 16, 0, 1, 4, rows=2, engine="cuda"),
+              "4 rows, 16 lanes, 256 threads": TileConfig(1, 64, 0, 1, 8, rows=4, engine="cuda"),
+              "8 rows, 8 lanes, 128 threads": TileConfig(1, 32, 0, 1, 4, rows=8, engine="cuda")}
+ODD_INPUTS = 96  # 12 int4 word rows: one whole slab of 8 and a partial one
+
+
+def test_cuda_kernel_libraries_are_built_per_weight_type_with_the_scale_span_of_its_groups():
+    from quantbench.export.kernels.cuda_gemv import NO_GROUPS_SHIFT, WeightType, library_path, row_shift
+
+    def spans(label):
+        packed = to_kernel_layout(WEIGHTS[label])
+        return WeightType.of(packed, packed.perm is not None).flush, row_shift(packed)
+
+    assert spans("int4-g128-rtn") == (8, 4)  # 16 word rows per group: two flushes of 8 share a scale
+    assert spans("int4-g32-sym-rtn") == (4, 2)
+    assert spans("int2-g64-rtn") == (4, 2)  # 16 codes per word
+    assert spans("int8-pc-rtn") == (8, NO_GROUPS_SHIFT)
+    assert spans("mxfp4-rtn") == (4, 2) and spans("nvfp4-rtn") == (2, 1)
+    asym_act = WeightType.of(to_kernel_layout(WEIGHTS["int4-g32 act_order"]), perm=True)
+    assert asym_act.zeros and asym_act.perm
+    assert library_path(asym_act, "90") != library_path(asym_act, "80") != library_path(
+        WeightType.of(to_kernel_layout(WEIGHTS["int4-g32 act_order"]), perm=False), "80")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
+@pytest.mark.parametrize("label", WEIGHTS)
+@pytest.mark.parametrize("tile", CUDA_TILES)
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_cuda_decode_kernel_equals_the_dequantized_matmul_on_partial_tiles(label, tile, batch):
+    """80 outputs fill no block of 16–64 evenly; 3 and 16 rows leave partial row tiles; act_order at batch 1
+    is gathered inside the kernel."""
+    stored = WEIGHTS[label].to("cuda")
+    x = torch.randn(batch, IN, device="cuda", generator=torch.Generator("cuda").manual_seed(batch)).half()
+    expected = x.float() @ stored.dequantize().T
+    got = packed_matmul(x, to_kernel_layout(stored), backend="cuda", config=CUDA_TILES[tile])
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
+@pytest.mark.parametrize("name", ["int4-g32-rtn", "int8-g32-sym-rtn", "int2-pc-rtn", "mxfp4-rtn", "nvfp4-rtn"])
+def test_cuda_decode_kernel_handles_a_partial_slab_of_word_rows(name):
+    stored = quantize_rtn(torch.randn(OUT, ODD_INPUTS), Scheme.parse(name)).to("cuda")
+    x = torch.randn(2, ODD_INPUTS, device="cuda").half()
+    expected = x.float() @ stored.dequantize().T
+    got = packed_matmul(x, to_kernel_layout(stored), backend="cuda")
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
+def test_cuda_kernel_is_a_tuning_candidate_and_launches_on_the_stream_a_graph_captures():
+    from quantbench.export.kernels.matmul import _cuda_candidates
+
+    packed = to_kernel_layout(act_order_weight(4, 128).to("cuda"))
+    x = torch.randn(1, IN, device="cuda").half()
+    assert {c.engine for c in _cuda_candidates(x, packed)} == {"cuda"}
+    assert _cuda_candidates(x.bfloat16(), packed) == [] and _cuda_candidates(x.repeat(17, 1), packed) == []
+    before = packed_matmul(x, packed, backend="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = packed_matmul(x, packed, backend="cuda")
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(captured, packed_matmul(x, packed, backend="cuda"))
+    assert not torch.equal(captured, before)

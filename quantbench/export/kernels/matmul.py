@@ -1,10 +1,12 @@
-"""`packed_matmul`: x·Wᵀ from a kernel-layout weight, through Triton on CUDA and torch elsewhere.
+"""`packed_matmul`: x·Wᵀ from a kernel-layout weight, through Triton or the CUDA decode kernel on CUDA and
+torch elsewhere.
 
 On CUDA the first call for a (weight kind, width, group, batch bucket, N, K) times the tile candidates
 (CUDA graphs on a cold L2, `graph_time_ms`) and keeps the fastest; later calls reuse it. Make that first
 call before capturing a CUDA graph of your own. With QUANTBENCH_KERNEL_TILES=FILE the choices persist
 across processes: read from FILE when it was written on a GPU of the same name, and saved to it after
-each new tuning.
+each new tuning. QUANTBENCH_KERNEL_ENGINES=triton or =cuda narrows the candidates to one engine where it
+applies (the CUDA decode kernel takes float16 x of up to 16 rows).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from quantbench.export.kernels.layout import KernelWeight
 from quantbench.export.kernels.reference import packed_matmul_reference
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,11 @@ class TileConfig:
     rows: int = 1  # decode kernels: rows of x per program, each weight tile decoded once for all of them
     lut: bool = False  # base-3 kernel: bytes decoded through a table of digits instead of divisions
     pairs: bool = False  # decode kernel, int4 codes, float16 x: two codes per f16x2 instruction (inline PTX)
+    engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
+    # the outputs, num_warps · 32 threads
+
+
+CUDA_DEFAULT = TileConfig(1, 32, 0, 1, 8, engine="cuda")
 
 
 INTERPRETER_CONFIGS = {"decode": TileConfig(1, 32, 64, 2), "batch": TileConfig(16, 32, 64, 1),
@@ -51,16 +58,19 @@ def triton_available() -> bool:
 
 def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
                   config: TileConfig | None = None) -> torch.Tensor:
-    """x [..., K] → [..., N] in x's dtype. `backend`: auto (Triton on CUDA, torch otherwise), triton
-    (also on CPU under TRITON_INTERPRET=1), torch."""
+    """x [..., K] → [..., N] in x's dtype. `backend`: auto (on CUDA the fastest of the Triton and CUDA
+    kernels, torch otherwise), triton (also on CPU under TRITON_INTERPRET=1), cuda (the CUDA decode kernel:
+    float16 x, up to 16 rows), torch."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     n_out, n_in = weight.shape
     x2 = x.reshape(-1, n_in)
-    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and triton_available())
+    if backend == "cuda" and config is None:
+        config = dataclasses.replace(CUDA_DEFAULT, rows=min(_bucket(x2.shape[0]), 8))
+    use_triton = backend in ("triton", "cuda") or (backend == "auto" and x.is_cuda and triton_available())
     if not use_triton:
         return packed_matmul_reference(x2, weight).view(*x.shape[:-1], n_out)
-    from quantbench.export.kernels import triton_matmul
+    from quantbench.export.kernels import cuda_gemv, triton_matmul
 
     if weight.kind == "ternary3":
         x2 = x2.contiguous()
@@ -73,6 +83,9 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         weight = dataclasses.replace(weight, perm=None)
     x2 = x2.contiguous()
     config = config or _config_for(x2, weight)
+    if config.engine == "cuda":
+        out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps)
+        return out.view(*x.shape[:-1], n_out)
     out = triton_matmul.launch(x2, weight, config.block_m, config.block_n, config.block_k, config.split_k,
                                config.num_warps, config.num_stages, config.expand, config.half, config.rows,
                                config.pairs)
@@ -105,6 +118,26 @@ def _candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[TileCo
     return dot + [TileConfig(1, bn, bk, sk, warps, 2, rows=rows) for bk, bn, warps in tiles for sk in (1, 2, 4, 8)]
 
 
+def _engine_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
+    """The tiles to time: Triton's and, where it applies, the CUDA kernel's; QUANTBENCH_KERNEL_ENGINES=cuda
+    keeps only the CUDA kernel's where it applies, =triton only Triton's."""
+    engines = set(os.environ.get(ENGINES_ENV, "triton,cuda").split(","))
+    cuda = _cuda_candidates(x, weight) if "cuda" in engines else []
+    if cuda and "triton" not in engines:
+        return cuda
+    return _candidates(x.shape[0], weight, x.dtype) + cuda
+
+
+def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
+    from quantbench.export.kernels import cuda_gemv
+
+    if weight.kind == "ternary3" or cuda_gemv.unsupported_reason(x, weight) is not None:
+        return []
+    rows = min(_bucket(x.shape[0]), 8)
+    return [TileConfig(1, 4 * lanes, 0, 1, threads // 32, rows=rows, engine="cuda")
+            for lanes in cuda_gemv.LANES for threads in cuda_gemv.THREADS if rows == 1 or threads < 512]
+
+
 def tuned_configs() -> dict[tuple, TileConfig]:
     """The tile chosen so far per (kind, bits, group, has zeros, x dtype, batch bucket, N, K)."""
     return dict(_tuned)
@@ -115,6 +148,7 @@ def _bucket(m: int) -> int:
 
 
 TILES_ENV = "QUANTBENCH_KERNEL_TILES"
+ENGINES_ENV = "QUANTBENCH_KERNEL_ENGINES"
 _loaded: set[str] = set()
 
 
@@ -153,7 +187,7 @@ def _config_for(x: torch.Tensor, weight: KernelWeight) -> TileConfig:
             _loaded.add(tiles)
             load_tuned(tiles, torch.cuda.get_device_name(x.device))
         if key not in _tuned:
-            _tuned[key] = _fastest(x, weight, _candidates(m, weight, x.dtype))
+            _tuned[key] = _fastest(x, weight, _engine_candidates(x, weight))
             if tiles:
                 save_tuned(tiles, torch.cuda.get_device_name(x.device))
     return _tuned[key]

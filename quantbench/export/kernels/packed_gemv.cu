@@ -1,0 +1,335 @@
+// x·Wᵀ for a few rows of float16 x and a packed weight in the kernel layout (layout.py): qweight int32
+// [K / PER, N], PER = 32 / BITS codes of one output per word. Built by cuda_gemv.py with nvcc, one library
+// per weight type:
+//   KIND 0 int (BITS 2, 4, 8; HAS_ZEROS: uint8 zero points, else 2^(BITS−1)), 1 ternary pair codes,
+//   2 mxfp4, 3 nvfp4; HAS_PERM: act_order, stored input k reads x[perm[k]] (one row of x: the block first
+//   gathers it into shared memory); FLUSH: word rows that share one scale (1, 2, 4 or 8).
+//
+// Each thread owns 4 adjacent outputs and loads their words of one input row as one 16-byte load that
+// skips L1; a warp covers LANES_N × 16 contiguous bytes of 32 / LANES_N rows. Word rows go in slabs of 8
+// (8 loads per thread), round-robin over the block's THREADS / LANES_N row lanes, the next slab loading
+// while this one is decoded. Two codes of a word, the fields at bits b and 16 + b, become 1024 + 2^b·q in
+// both float16 lanes by one LOP3 (Marlin's and ExLlama's trick, b < 8 so the field stays in the mantissa;
+// the word shifts by 8 for its upper bytes), one f16x2 FMA scales and offsets that to q − z exactly, and
+// one more multiplies it into the matching pair of inputs (x[p], x[p + PER/2]). E2M1 codes are shifted
+// into float16 bits instead. Sums run in float16 within a scale's rows and in float32 across them; the row
+// lanes are reduced by shuffles and through shared memory.
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifndef KIND
+#define KIND 0
+#endif
+#ifndef BITS
+#define BITS 4
+#endif
+#ifndef HAS_ZEROS
+#define HAS_ZEROS 0
+#endif
+#ifndef HAS_PERM
+#define HAS_PERM 0
+#endif
+#ifndef FLUSH
+#define FLUSH 8
+#endif
+
+namespace {
+
+constexpr int PER = 32 / BITS;
+constexpr int PAIRS = PER / 2;
+constexpr int FIELDS = 8 / BITS;  // code pairs in the low byte of each 16-bit lane
+constexpr int OUTS = 4;
+constexpr int SLAB = 8;
+constexpr uint32_t CODE_MASK = ((1u << BITS) - 1u) * 0x00010001u;
+constexpr uint32_t HALF_1024 = 0x64006400u;  // float16 1024 in both lanes
+
+__device__ __forceinline__ uint4 load_streaming(const uint32_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(mask), "r"(bits));  // (a & mask) | bits
+  return r;
+}
+
+__device__ __forceinline__ half2 as_half2(uint32_t v) { return *reinterpret_cast<half2*>(&v); }
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int o) {
+  return o == 0 ? v.x : o == 1 ? v.y : o == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ float lane_sum(half2 v) { return __low2float(v) + __high2float(v); }
+
+// d − c for the field at bits [b, b + width) of both lanes: 1024 + 2^b·d by one LOP3, then one exact FMA.
+__device__ __forceinline__ half2 field_minus(uint32_t word, int b, uint32_t width_mask, float c) {
+  const half2 biased = as_half2(and_or(word, width_mask << b, HALF_1024));
+  const float unit = 1.f / static_cast<float>(1 << b);
+  return __hfma2(biased, __float2half2_rn(unit), __float2half2_rn(-(1024.f * unit + c)));
+}
+
+// One slab's words of this thread's 4 outputs (zero past the last row or output).
+__device__ __forceinline__ void load_slab(uint4 (&words)[SLAB], const uint32_t* __restrict__ w, int j0, int rows,
+                                          int N, int n0, bool active) {
+#pragma unroll
+  for (int i = 0; i < SLAB; ++i)
+    words[i] = active && j0 + i < rows ? load_streaming(w + static_cast<size_t>(j0 + i) * N + n0)
+                                       : make_uint4(0, 0, 0, 0);
+}
+
+// The pairs (x[p], x[p + PAIRS]) of word row j's PER inputs, for each of ROWS rows of x (zero past K or M).
+template <int ROWS>
+__device__ __forceinline__ void input_pairs(const half* __restrict__ x, int j, bool inside, int m0, int M,
+                                            int stride_x, half2 (&pairs)[ROWS][PAIRS]) {
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const bool live = inside && m0 + r < M;
+    const half* row = x + static_cast<size_t>(r) * stride_x + j * PER;
+    uint32_t words[PER / 2];  // two inputs per word
+    if (PER >= 8) {
+#pragma unroll
+      for (int q = 0; q < PER / 8; ++q) {
+        const uint4 v = live ? *(reinterpret_cast<const uint4*>(row) + q) : make_uint4(0, 0, 0, 0);
+        words[4 * q] = v.x; words[4 * q + 1] = v.y; words[4 * q + 2] = v.z; words[4 * q + 3] = v.w;
+      }
+    } else {
+      const uint2 v = live ? *reinterpret_cast<const uint2*>(row) : make_uint2(0, 0);
+      words[0] = v.x; words[1] = v.y;
+    }
+#pragma unroll
+    for (int p = 0; p < PAIRS; ++p)  // p and p + PAIRS have the same parity: both low or both high halves
+      pairs[r][p] = as_half2(__byte_perm(words[p / 2], words[(p + PAIRS) / 2], p % 2 ? 0x7632 : 0x5410));
+  }
+}
+
+template <int ROWS, int LANES_N, int THREADS>
+__global__ void __launch_bounds__(THREADS) packed_gemv(
+    const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
+    const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, half* __restrict__ out,
+    int M, int N, int K, int n_groups, int row_shift, int stride_x, float inverse_global_scale) {
+  constexpr int ROW_LANES = THREADS / LANES_N;
+  constexpr int WARPS = THREADS / 32;
+  constexpr int BLOCK_N = LANES_N * OUTS;
+  constexpr int STEP = ROW_LANES * SLAB;
+  __shared__ float partial[WARPS][ROWS][BLOCK_N];
+
+  const int lane_n = threadIdx.x % LANES_N;
+  const int row_lane = threadIdx.x / LANES_N;
+  const int n0 = blockIdx.x * BLOCK_N + lane_n * OUTS;
+  const int m0 = blockIdx.y * ROWS;
+  const int rows = K / PER;
+  const bool active = n0 < N;
+
+  uint4 next[SLAB];
+  load_slab(next, w, row_lane * SLAB, rows, N, n0, active);
+#if HAS_PERM  // one row of x (ROWS == 1), gathered while the first slab loads
+  extern __shared__ uint4 gathered_words[];
+  half* gathered = reinterpret_cast<half*>(gathered_words);
+  const half* x_row = x + static_cast<size_t>(m0) * stride_x;
+  for (int k = 4 * threadIdx.x; k < K; k += 4 * THREADS) {
+    const int4 index = __ldg(reinterpret_cast<const int4*>(perm + k));
+    gathered[k] = __ldg(x_row + index.x); gathered[k + 1] = __ldg(x_row + index.y);
+    gathered[k + 2] = __ldg(x_row + index.z); gathered[k + 3] = __ldg(x_row + index.w);
+  }
+  __syncthreads();
+  const half* x_rows = gathered;
+#else
+  const half* x_rows = x + static_cast<size_t>(m0) * stride_x;
+#endif
+
+  float total[ROWS][OUTS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+    for (int o = 0; o < OUTS; ++o) total[r][o] = 0.f;
+
+  for (int j0 = row_lane * SLAB; j0 < rows; j0 += STEP) {
+    uint4 words[SLAB];
+#pragma unroll
+    for (int i = 0; i < SLAB; ++i) words[i] = next[i];
+    load_slab(next, w, j0 + STEP, rows, N, n0, active);
+#pragma unroll
+    for (int f = 0; f < SLAB; f += FLUSH) {
+      const int g = min((j0 + f) >> row_shift, n_groups - 1);
+      const size_t at = static_cast<size_t>(g) * N + n0;
+      float scale[OUTS], second[OUTS], zero[OUTS];
+#if KIND == 0 || KIND == 1
+      const half* scales = static_cast<const half*>(scales_);
+      const uint2 s = active ? __ldg(reinterpret_cast<const uint2*>(scales + at)) : make_uint2(0, 0);
+      scale[0] = __low2float(as_half2(s.x)); scale[1] = __high2float(as_half2(s.x));
+      scale[2] = __low2float(as_half2(s.y)); scale[3] = __high2float(as_half2(s.y));
+#endif
+#if KIND == 0
+#if HAS_ZEROS
+      const uint32_t z = active ? __ldg(reinterpret_cast<const uint32_t*>(zeros + at)) : 0u;
+#pragma unroll
+      for (int o = 0; o < OUTS; ++o) zero[o] = static_cast<float>((z >> (8 * o)) & 0xFFu);
+#else
+#pragma unroll
+      for (int o = 0; o < OUTS; ++o) zero[o] = static_cast<float>(1 << (BITS - 1));
+#endif
+#elif KIND == 1
+      const uint2 s2 = active ? __ldg(reinterpret_cast<const uint2*>(scales + static_cast<size_t>(n_groups) * N + at))
+                              : make_uint2(0, 0);
+      second[0] = __low2float(as_half2(s2.x)); second[1] = __high2float(as_half2(s2.x));
+      second[2] = __low2float(as_half2(s2.y)); second[3] = __high2float(as_half2(s2.y));
+#else
+      const uint32_t codes = active ? __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(scales_) + at)) : 0u;
+#pragma unroll
+      for (int o = 0; o < OUTS; ++o) {
+        const uint32_t c = (codes >> (8 * o)) & 0xFFu;
+#if KIND == 2
+        scale[o] = exp2f(static_cast<float>(c) - 127.f);  // E8M0
+#else
+        scale[o] = __half2float(__ushort_as_half(static_cast<unsigned short>((c & 0x7Fu) << 7))) * 256.f *
+                   inverse_global_scale;  // E4M3 (non-negative): its bits placed in a float16 are 2^-8 times it
+#endif
+      }
+#endif
+      half2 acc[ROWS][OUTS], acc_second[ROWS][OUTS];
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int o = 0; o < OUTS; ++o) acc[r][o] = acc_second[r][o] = __float2half2_rn(0.f);
+#pragma unroll
+      for (int i = f; i < f + FLUSH; ++i) {
+        half2 pairs[ROWS][PAIRS];
+        input_pairs<ROWS>(x_rows, j0 + i, j0 + i < rows, m0, M, stride_x, pairs);
+#pragma unroll
+        for (int o = 0; o < OUTS; ++o) {
+          const uint32_t word = word_of(words[i], o);
+#pragma unroll
+          for (int p = 0; p < PAIRS; ++p) {
+            const uint32_t bytes = word >> (8 * (p / FIELDS));  // the field sits at bit b of the low byte
+            const int b = BITS * (p % FIELDS);
+#if KIND == 0
+            const half2 v = field_minus(bytes, b, CODE_MASK, zero[o]);
+#elif KIND == 1
+            const half2 v = field_minus(bytes, b, 0x00030003u, 1.f);  // trit digits are t + 1
+            const half2 v2 = field_minus(bytes, b + 2, 0x00030003u, 1.f);
+#else
+            // E2M1 [s e1 e0 m]: |e m| shifted into a float16's exponent and mantissa is 2^-14 times the
+            // element, the sign goes to bit 15; the exact product by 2^14 keeps sums out of subnormals.
+            const uint32_t codes = bytes >> b;
+            const uint32_t bits = ((codes & 0x00070007u) << 9) | ((codes & 0x00080008u) << 12);
+            const half2 v = __hmul2(as_half2(bits), __float2half2_rn(16384.f));
+#endif
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+              acc[r][o] = __hfma2(v, pairs[r][p], acc[r][o]);
+#if KIND == 1
+              acc_second[r][o] = __hfma2(v2, pairs[r][p], acc_second[r][o]);
+#endif
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int o = 0; o < OUTS; ++o) {
+          total[r][o] += scale[o] * lane_sum(acc[r][o]);
+#if KIND == 1
+          total[r][o] += second[o] * lane_sum(acc_second[r][o]);
+#endif
+        }
+      (void)second; (void)zero;
+    }
+  }
+
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+    for (int o = 0; o < OUTS; ++o) {
+#pragma unroll
+      for (int offset = LANES_N; offset < 32; offset *= 2)
+        total[r][o] += __shfl_xor_sync(0xffffffffu, total[r][o], offset);
+      if (threadIdx.x % 32 < LANES_N) partial[warp][r][lane_n * OUTS + o] = total[r][o];
+    }
+  __syncthreads();
+  for (int t = threadIdx.x; t < ROWS * BLOCK_N; t += THREADS) {
+    const int r = t / BLOCK_N, c = t % BLOCK_N;
+    const int n = blockIdx.x * BLOCK_N + c;
+    if (m0 + r >= M || n >= N) continue;
+    float sum = 0.f;
+#pragma unroll
+    for (int v = 0; v < WARPS; ++v) sum += partial[v][r][c];
+    out[static_cast<size_t>(m0 + r) * N + n] = __float2half_rn(sum);
+  }
+}
+
+struct Call {
+  const void *x, *perm, *w, *scales, *zeros;
+  void* out;
+  int M, N, K, n_groups, row_shift, stride_x;
+  float inverse_global_scale;
+  cudaStream_t stream;
+};
+
+template <int ROWS, int LANES_N, int THREADS>
+cudaError_t launch(const Call& c) {
+  const dim3 grid((c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS), (c.M + ROWS - 1) / ROWS);
+  const size_t shared = HAS_PERM ? static_cast<size_t>(c.K) * sizeof(half) : 0;
+  auto kernel = packed_gemv<ROWS, LANES_N, THREADS>;
+  if (shared > 48 * 1024) {  // beyond the default: raise the kernel's limit once per size
+    static size_t allowed = 0;
+    if (shared > allowed) {
+      const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     static_cast<int>(shared));
+      if (error != cudaSuccess) return error;
+      allowed = shared;
+    }
+  }
+  kernel<<<grid, THREADS, shared, c.stream>>>(
+      static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
+      static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), c.M, c.N, c.K, c.n_groups, c.row_shift,
+      c.stride_x, c.inverse_global_scale);
+  return cudaGetLastError();
+}
+
+template <int ROWS, int LANES_N>
+cudaError_t by_threads(int threads, const Call& c) {
+  switch (threads) {
+    case 128: return launch<ROWS, LANES_N, 128>(c);
+    case 256: return launch<ROWS, LANES_N, 256>(c);
+  }
+  if (ROWS == 1 && threads == 512) return launch<1, LANES_N, 512>(c);  // more rows spill at 128 registers
+  return cudaErrorInvalidValue;
+}
+
+template <int ROWS>
+cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
+  switch (lanes_n) {
+    case 4: return by_threads<ROWS, 4>(threads, c);
+    case 8: return by_threads<ROWS, 8>(threads, c);
+    case 16: return by_threads<ROWS, 16>(threads, c);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+// Returns a cudaError_t (0: launched). rows_per_program 1, 2, 4 or 8 (with HAS_PERM: 1); lanes_n 4, 8 or
+// 16; threads 128 or 256, or with one row 512.
+extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, const void* x,
+                                      const void* perm, const void* w, const void* scales, const void* zeros,
+                                      void* out, int M, int N, int K, int n_groups, int row_shift, int stride_x,
+                                      float inverse_global_scale, void* stream) {
+  const Call c{x, perm, w, scales, zeros, out, M, N, K, n_groups, row_shift, stride_x, inverse_global_scale,
+               static_cast<cudaStream_t>(stream)};
+  switch (rows_per_program) {
+    case 1: return by_lanes<1>(lanes_n, threads, c);
+#if !HAS_PERM
+    case 2: return by_lanes<2>(lanes_n, threads, c);
+    case 4: return by_lanes<4>(lanes_n, threads, c);
+    case 8: return by_lanes<8>(lanes_n, threads, c);
+#endif
+  }
+  return cudaErrorInvalidValue;
+}
