@@ -32,6 +32,7 @@ KIND_CODES = {"int": 0, "ternary": 1, "mxfp4": 2, "nvfp4": 3}
 ROWS = (1, 2, 4, 8)  # rows of x per program
 LANES = (4, 8, 16)  # threads along the outputs (4 outputs each)
 THREADS = (128, 256, 512)  # 512 with one row of x only
+GATHER_BYTES = 96 << 10  # act_order: shared memory for the block's rows of x, gathered (else torch gathers)
 MAX_ROWS = 16  # beyond this, tensor cores win: the tl.dot kernel
 NO_GROUPS_SHIFT = 31  # a word row's group is row >> shift: per-channel scales are all group 0
 
@@ -163,7 +164,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
     if rows not in ROWS or lanes not in LANES or threads not in THREADS or (threads == 512 and rows > 1):
         raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}: not among {ROWS}, {LANES}, {THREADS} "
                          "(512 threads take one row)")
-    if weight.perm is not None and x.shape[0] > 1:  # the kernel gathers act_order for one row of x only
+    if weight.perm is not None and rows * x.shape[1] * 2 > GATHER_BYTES:  # too many inputs to gather in the kernel
         x = x[:, weight.perm.long()]
         weight = dataclasses.replace(weight, perm=None)
     if x.data_ptr() % 16:

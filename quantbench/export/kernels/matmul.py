@@ -78,14 +78,14 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         out = triton_matmul.launch_base3(x2, weight, config.block_k, config.block_n, config.split_k, config.num_warps,
                                          config.rows, config.lut)
         return out.view(*x.shape[:-1], n_out)
-    if weight.perm is not None and x2.shape[0] > 1:  # a batch gathers once; decode gathers in the kernel
-        x2 = x2[:, weight.perm.long()]
-        weight = dataclasses.replace(weight, perm=None)
     x2 = x2.contiguous()
     config = config or _config_for(x2, weight)
-    if config.engine == "cuda":
+    if config.engine == "cuda":  # gathers act_order in shared memory
         out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps)
         return out.view(*x.shape[:-1], n_out)
+    if weight.perm is not None and x2.shape[0] > 1:  # a batch gathers once; Triton's decode gathers in the kernel
+        x2 = x2[:, weight.perm.long()]
+        weight = dataclasses.replace(weight, perm=None)
     out = triton_matmul.launch(x2, weight, config.block_m, config.block_n, config.block_k, config.split_k,
                                config.num_warps, config.num_stages, config.expand, config.half, config.rows,
                                config.pairs)
@@ -133,9 +133,10 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
 
     if weight.kind == "ternary3" or cuda_gemv.unsupported_reason(x, weight) is not None:
         return []
-    rows = min(_bucket(x.shape[0]), 8)
+    most = min(_bucket(x.shape[0]), 8)  # also half as many rows per block: more blocks, fewer registers
     return [TileConfig(1, 4 * lanes, 0, 1, threads // 32, rows=rows, engine="cuda")
-            for lanes in cuda_gemv.LANES for threads in cuda_gemv.THREADS if rows == 1 or threads < 512]
+            for rows in sorted({most, max(most // 2, 1)}) for lanes in cuda_gemv.LANES
+            for threads in cuda_gemv.THREADS if rows == 1 or threads < 512]
 
 
 def tuned_configs() -> dict[tuple, TileConfig]:

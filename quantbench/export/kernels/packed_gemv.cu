@@ -2,8 +2,8 @@
 // [K / PER, N], PER = 32 / BITS codes of one output per word. Built by cuda_gemv.py with nvcc, one library
 // per weight type:
 //   KIND 0 int (BITS 2, 4, 8; HAS_ZEROS: uint8 zero points, else 2^(BITS−1)), 1 ternary pair codes,
-//   2 mxfp4, 3 nvfp4; HAS_PERM: act_order, stored input k reads x[perm[k]] (one row of x: the block first
-//   gathers it into shared memory); FLUSH: word rows that share one scale (1, 2, 4 or 8).
+//   2 mxfp4, 3 nvfp4; HAS_PERM: act_order, stored input k reads x[perm[k]] (the block first gathers its
+//   rows of x into shared memory); FLUSH: word rows that share one scale (1, 2, 4 or 8).
 //
 // Each thread owns 4 adjacent outputs and loads their words of one input row as one 16-byte load that
 // skips L1; a warp covers LANES_N × 16 contiguous bytes of 32 / LANES_N rows. Word rows go in slabs of 8
@@ -127,17 +127,22 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 
   uint4 next[SLAB];
   load_slab(next, w, row_lane * SLAB, rows, N, n0, active);
-#if HAS_PERM  // one row of x (ROWS == 1), gathered while the first slab loads
+#if HAS_PERM  // the block's rows of x, gathered while the first slab loads (rows past M: zeros)
   extern __shared__ uint4 gathered_words[];
   half* gathered = reinterpret_cast<half*>(gathered_words);
-  const half* x_row = x + static_cast<size_t>(m0) * stride_x;
   for (int k = 4 * threadIdx.x; k < K; k += 4 * THREADS) {
     const int4 index = __ldg(reinterpret_cast<const int4*>(perm + k));
-    gathered[k] = __ldg(x_row + index.x); gathered[k + 1] = __ldg(x_row + index.y);
-    gathered[k + 2] = __ldg(x_row + index.z); gathered[k + 3] = __ldg(x_row + index.w);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const half* x_row = x + static_cast<size_t>(min(m0 + r, M - 1)) * stride_x;
+      half* row = gathered + static_cast<size_t>(r) * K;
+      row[k] = __ldg(x_row + index.x); row[k + 1] = __ldg(x_row + index.y);
+      row[k + 2] = __ldg(x_row + index.z); row[k + 3] = __ldg(x_row + index.w);
+    }
   }
   __syncthreads();
   const half* x_rows = gathered;
+  stride_x = K;
 #else
   const half* x_rows = x + static_cast<size_t>(m0) * stride_x;
 #endif
@@ -275,7 +280,7 @@ struct Call {
 template <int ROWS, int LANES_N, int THREADS>
 cudaError_t launch(const Call& c) {
   const dim3 grid((c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS), (c.M + ROWS - 1) / ROWS);
-  const size_t shared = HAS_PERM ? static_cast<size_t>(c.K) * sizeof(half) : 0;
+  const size_t shared = HAS_PERM ? static_cast<size_t>(ROWS) * c.K * sizeof(half) : 0;
   auto kernel = packed_gemv<ROWS, LANES_N, THREADS>;
   if (shared > 48 * 1024) {  // beyond the default: raise the kernel's limit once per size
     static size_t allowed = 0;
@@ -315,8 +320,8 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 
 }  // namespace
 
-// Returns a cudaError_t (0: launched). rows_per_program 1, 2, 4 or 8 (with HAS_PERM: 1); lanes_n 4, 8 or
-// 16; threads 128 or 256, or with one row 512.
+// Returns a cudaError_t (0: launched). rows_per_program 1, 2, 4 or 8; lanes_n 4, 8 or 16; threads 128 or
+// 256, or with one row 512. HAS_PERM takes rows_per_program · K · 2 bytes of shared memory.
 extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, const void* x,
                                       const void* perm, const void* w, const void* scales, const void* zeros,
                                       void* out, int M, int N, int K, int n_groups, int row_shift, int stride_x,
@@ -325,11 +330,9 @@ extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int thr
                static_cast<cudaStream_t>(stream)};
   switch (rows_per_program) {
     case 1: return by_lanes<1>(lanes_n, threads, c);
-#if !HAS_PERM
     case 2: return by_lanes<2>(lanes_n, threads, c);
     case 4: return by_lanes<4>(lanes_n, threads, c);
     case 8: return by_lanes<8>(lanes_n, threads, c);
-#endif
   }
   return cudaErrorInvalidValue;
 }
