@@ -174,23 +174,39 @@ def _format_row(row: dict) -> str:
     return " | ".join(parts)
 
 
+FLOOR = "no matmul (floor)"
+
+
+class NoMatmul(torch.nn.Module):
+    """A linear that returns uninitialised memory: the decode step without its weight matmuls."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+
+
 def quantize_model(model, label: str | None, device, fuse: bool = False) -> None:
     """Swap every linear of the decoder blocks for a PackedLinear holding random codes of variant `label`
-    (with `fuse`, q/k/v and gate/up then share one fused weight, as load_quantized builds them)."""
+    (with `fuse`, q/k/v and gate/up then share one fused weight, as load_quantized builds them), or for
+    NoMatmul (label FLOOR)."""
     if label is None:
         return
     for name, module in list(model.model.layers.named_modules()):
         if isinstance(module, torch.nn.Linear):
             parent, _, attr = name.rpartition(".")
-            setattr(model.model.layers.get_submodule(parent), attr,
-                    PackedLinear(kernel_weight(label, module.out_features, module.in_features, device)))
-    if fuse:
+            replacement = (NoMatmul(module.out_features) if label == FLOOR else
+                           PackedLinear(kernel_weight(label, module.out_features, module.in_features, device)))
+            setattr(model.model.layers.get_submodule(parent), attr, replacement)
+    if fuse and label != FLOOR:
         fuse_packed_siblings(model)
 
 
 def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fuse: bool, variants,
-                 rows: list, saved=lambda: None) -> list[dict]:
-    for label in ["fp16", *variants]:
+                 rows: list, saved=lambda: None, floor: bool = False) -> list[dict]:
+    for label in ["fp16", *variants, *([FLOOR] if floor else [])]:
         rows.append(decode_one(label, None if label == "fp16" else label, device, new_tokens, prompt, size, batch,
                                fuse))
         saved()
@@ -260,6 +276,8 @@ def main() -> None:
     parser.add_argument("--decode-batches", nargs="+", type=int, default=[1])
     parser.add_argument("--fuse", action="store_true", help="also decode with q/k/v and gate/up fused")
     parser.add_argument("--only-fused", action="store_true", help="decode with q/k/v and gate/up fused only")
+    parser.add_argument("--floor", action="store_true",
+                        help="also decode with the decoder's matmuls skipped: the ceiling any kernel can reach")
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
@@ -298,7 +316,7 @@ def main() -> None:
         for batch in args.decode_batches:
             for fuse in ([True] if args.only_fused else [False, True] if args.fuse else [False]):
                 decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse, args.variants,
-                             result["decode"], saved)
+                             result["decode"], saved, args.floor)
 
 
 if __name__ == "__main__":

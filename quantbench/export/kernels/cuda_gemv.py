@@ -45,6 +45,7 @@ class WeightType:
     zeros: bool
     perm: bool
     flush: int  # word rows that share a scale, summed in float16 before the scale is applied
+    load_only: bool = False  # bench/gemv_anatomy.py: only the weight loads, nothing decoded (a wrong result)
 
     @classmethod
     def of(cls, weight: KernelWeight, perm: bool) -> WeightType:
@@ -54,7 +55,7 @@ class WeightType:
 
     def defines(self) -> list[str]:
         return [f"-DKIND={self.kind}", f"-DBITS={self.bits}", f"-DHAS_ZEROS={int(self.zeros)}",
-                f"-DHAS_PERM={int(self.perm)}", f"-DFLUSH={self.flush}"]
+                f"-DHAS_PERM={int(self.perm)}", f"-DFLUSH={self.flush}", f"-DLOAD_ONLY={int(self.load_only)}"]
 
 
 def row_shift(weight: KernelWeight) -> int:
@@ -101,7 +102,8 @@ def library_path(weight_type: WeightType, arch: str) -> Path:
     flags = _flags(weight_type, arch)
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
     t = weight_type
-    return cache_dir() / f"packed_gemv-k{t.kind}-b{t.bits}-z{int(t.zeros)}-p{int(t.perm)}-f{t.flush}-sm{arch}-{digest}.so"
+    name = f"packed_gemv-k{t.kind}-b{t.bits}-z{int(t.zeros)}-p{int(t.perm)}-f{t.flush}{'-load' * t.load_only}"
+    return cache_dir() / f"{name}-sm{arch}-{digest}.so"
 
 
 def _flags(weight_type: WeightType, arch: str) -> list[str]:
@@ -156,8 +158,10 @@ def device_arch(device: torch.device) -> str:
     return f"{major}{minor}"
 
 
-def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int) -> torch.Tensor:
-    """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16."""
+def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int,
+           load_only: bool = False) -> torch.Tensor:
+    """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16 (`load_only`: the
+    weight loads alone, for timing, its result meaningless)."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")
@@ -171,7 +175,8 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
         x = x.clone()
     m, k = x.shape
     n = weight.shape[0]
-    function = _function(WeightType.of(weight, weight.perm is not None), device_arch(x.device))
+    weight_type = dataclasses.replace(WeightType.of(weight, weight.perm is not None), load_only=load_only)
+    function = _function(weight_type, device_arch(x.device))
     out = torch.empty(m, n, dtype=torch.float16, device=x.device)
     with torch.cuda.device(x.device):
         error = function(rows, lanes, threads, x.data_ptr(), _pointer(weight.perm), weight.qweight.data_ptr(),

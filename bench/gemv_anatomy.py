@@ -1,0 +1,59 @@
+"""Where the CUDA decode kernel's time goes at batch 1: each tile configuration timed whole and with its
+weight loads alone (nothing decoded), against torch reading the same words (`max`), on a cold L2 (CUDA
+graphs).
+
+    python bench/gemv_anatomy.py [--shapes 8192x8192 …] [--json out.json]
+
+The load-only time is what this access pattern costs; whole − load-only is what decoding adds where it does
+not hide under the loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import SHAPES, kernel_weight  # noqa: E402
+
+from quantbench.export.kernels import cuda_gemv  # noqa: E402
+from quantbench.export.kernels.matmul import graph_time_ms  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
+    parser.add_argument("--variants", nargs="+", default=["int4-g128 act_order", "ternary2"])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    print(f"{time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name(device)}", flush=True)
+    rows = []
+    for shape in args.shapes:
+        k, n = map(int, shape.split("x"))
+        x = torch.randn(1, k, device=device, dtype=torch.float16)
+        for label in args.variants:
+            weight = kernel_weight(label, n, k, device)
+            read_us = 1e3 * graph_time_ms(lambda: weight.qweight.max())
+            for lanes in cuda_gemv.LANES:
+                for threads in cuda_gemv.THREADS:
+                    whole = 1e3 * graph_time_ms(lambda: cuda_gemv.launch(x, weight, 1, lanes, threads))
+                    loads = 1e3 * graph_time_ms(lambda: cuda_gemv.launch(x, weight, 1, lanes, threads, load_only=True))
+                    row = {"shape": shape, "variant": label, "lanes": lanes, "threads": threads, "us": whole,
+                           "load_only_us": loads, "torch_read_us": read_us, "bytes": weight.stored_bytes}
+                    rows.append(row)
+                    print(f"{shape:>11} {label:>20} lanes {lanes:2} threads {threads:3}: {whole:6.1f} µs, loads alone "
+                          f"{loads:6.1f} µs; torch reads the words in {read_us:6.1f} µs", flush=True)
+                    if args.json:
+                        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
