@@ -28,6 +28,7 @@ from quantbench.export.kernels.layout import KernelWeight
 
 SOURCE = Path(__file__).with_name("packed_gemv.cu")
 CACHE_ENV = "QUANTBENCH_CUDA_CACHE"
+DEFINES_ENV = "QUANTBENCH_CUDA_DEFINES"
 KIND_CODES = {"int": 0, "ternary": 1, "mxfp4": 2, "nvfp4": 3}
 ROWS = (1, 2, 4, 8)  # rows of x per program
 LANES = (4, 8, 16)  # threads along the outputs (4 outputs each)
@@ -107,8 +108,9 @@ def library_path(weight_type: WeightType, arch: str) -> Path:
 
 
 def _flags(weight_type: WeightType, arch: str) -> list[str]:
+    """nvcc's flags; QUANTBENCH_CUDA_DEFINES adds experiments' macros (bench/gemv_anatomy.py: -DASYNC=0)."""
     return ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-            *weight_type.defines()]
+            *weight_type.defines(), *os.environ.get(DEFINES_ENV, "").split()]
 
 
 def build(weight_type: WeightType, arch: str) -> Path:

@@ -5,10 +5,11 @@
 //   2 mxfp4, 3 nvfp4; HAS_PERM: act_order, stored input k reads x[perm[k]] (the block first gathers its
 //   rows of x into shared memory); FLUSH: word rows that share one scale (1, 2, 4 or 8).
 //
-// Each thread owns 4 adjacent outputs and loads their words of one input row as one 16-byte load that
-// skips L1; a warp covers LANES_N × 16 contiguous bytes of 32 / LANES_N rows. Word rows go in slabs of 8
-// (8 loads per thread), round-robin over the block's THREADS / LANES_N row lanes, the next slab loading
-// while this one is decoded. Two codes of a word, the fields at bits b and 16 + b, become 1024 + 2^b·q in
+// Each thread owns 4 adjacent outputs and copies their words of one input row in 16 bytes; a warp covers
+// LANES_N × 16 contiguous bytes of 32 / LANES_N rows. Word rows go in slabs of 8 round-robin over the
+// block's THREADS / LANES_N row lanes. ASYNC (the default): cp.async copies slabs into 2–4 shared-memory
+// stages per thread, so several slabs are in flight while one is decoded, without holding registers;
+// else each slab is loaded into registers while the previous one is decoded. Two codes of a word, the fields at bits b and 16 + b, become 1024 + 2^b·q in
 // both float16 lanes by one LOP3 (Marlin's and ExLlama's trick, b < 8 so the field stays in the mantissa;
 // the word shifts by 8 for its upper bytes), one f16x2 FMA scales and offsets that to q − z exactly, and
 // one more multiplies it into the matching pair of inputs (x[p], x[p + PER/2]). E2M1 codes are shifted
@@ -36,6 +37,9 @@
 #endif
 #ifndef LOAD_ONLY
 #define LOAD_ONLY 0
+#endif
+#ifndef ASYNC
+#define ASYNC 1
 #endif
 
 namespace {
@@ -75,6 +79,32 @@ __device__ __forceinline__ half2 field_minus(uint32_t word, int b, uint32_t widt
   const float unit = 1.f / static_cast<float>(1 << b);
   return __hfma2(biased, __float2half2_rn(unit), __float2half2_rn(-(1024.f * unit + c)));
 }
+
+// Stages of slabs in flight per thread (ASYNC): as many as keep a block's buffers within 64–128 KB.
+template <int THREADS>
+__host__ __device__ constexpr int stages() { return THREADS <= 128 ? 4 : THREADS <= 256 ? 3 : 2; }
+
+template <int THREADS>
+__host__ __device__ constexpr size_t stage_bytes() { return static_cast<size_t>(stages<THREADS>()) * SLAB * THREADS * sizeof(uint4); }
+
+// cp.async of one slab's words of this thread's 4 outputs into its column of a stage (zeros past the last
+// row or output), as one commit group.
+template <int THREADS>
+__device__ __forceinline__ void copy_slab(uint4* stage, const uint32_t* __restrict__ w, int j0, int rows, int N,
+                                          int n0, bool active) {
+#pragma unroll
+  for (int i = 0; i < SLAB; ++i) {
+    const bool inside = active && j0 + i < rows;
+    const uint32_t* source = inside ? w + static_cast<size_t>(j0 + i) * N + n0 : w;
+    const uint32_t target = static_cast<uint32_t>(__cvta_generic_to_shared(stage + i * THREADS + threadIdx.x));
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;"
+                 :: "r"(target), "l"(source), "r"(inside ? 16 : 0));
+  }
+  asm volatile("cp.async.commit_group;");
+}
+
+template <int N_GROUPS>
+__device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_group %0;" :: "n"(N_GROUPS)); }
 
 // One slab's words of this thread's 4 outputs (zero past the last row or output).
 __device__ __forceinline__ void load_slab(uint4 (&words)[SLAB], const uint32_t* __restrict__ w, int j0, int rows,
@@ -128,19 +158,38 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   const int rows = K / PER;
   const bool active = n0 < N;
 
+  extern __shared__ uint4 dynamic_shared[];  // ASYNC: [stages][SLAB][THREADS] words; then HAS_PERM: gathered x
+#if ASYNC
+  constexpr int STAGES = stages<THREADS>();
+  uint4* const staged = dynamic_shared;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s)
+    copy_slab<THREADS>(staged + s * SLAB * THREADS, w, row_lane * SLAB + s * STEP, rows, N, n0, active);
+#else
   uint4 next[SLAB];
   load_slab(next, w, row_lane * SLAB, rows, N, n0, active);
-#if HAS_PERM  // the block's rows of x, gathered while the first slab loads (rows past M: zeros)
-  extern __shared__ uint4 gathered_words[];
-  half* gathered = reinterpret_cast<half*>(gathered_words);
-  for (int k = 4 * threadIdx.x; k < K; k += 4 * THREADS) {
-    const int4 index = __ldg(reinterpret_cast<const int4*>(perm + k));
+#endif
+#if HAS_PERM  // the block's rows of x, gathered while the first slabs load
+  half* gathered = reinterpret_cast<half*>(dynamic_shared + (ASYNC ? stage_bytes<THREADS>() / sizeof(uint4) : 0));
+  constexpr int GATHER = 4;  // chunks of 4 indices per thread and round: their loads in flight together
+  for (int base = 4 * threadIdx.x; base < K; base += 4 * THREADS * GATHER) {
+    int4 index[GATHER];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      const half* x_row = x + static_cast<size_t>(min(m0 + r, M - 1)) * stride_x;
-      half* row = gathered + static_cast<size_t>(r) * K;
-      row[k] = __ldg(x_row + index.x); row[k + 1] = __ldg(x_row + index.y);
-      row[k + 2] = __ldg(x_row + index.z); row[k + 3] = __ldg(x_row + index.w);
+    for (int u = 0; u < GATHER; ++u) {
+      const int k = base + 4 * THREADS * u;
+      index[u] = k < K ? __ldg(reinterpret_cast<const int4*>(perm + k)) : make_int4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < GATHER; ++u) {
+      const int k = base + 4 * THREADS * u;
+      if (k >= K) continue;
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const half* x_row = x + static_cast<size_t>(min(m0 + r, M - 1)) * stride_x;
+        half* row = gathered + static_cast<size_t>(r) * K;
+        row[k] = __ldg(x_row + index[u].x); row[k + 1] = __ldg(x_row + index[u].y);
+        row[k + 2] = __ldg(x_row + index[u].z); row[k + 3] = __ldg(x_row + index[u].w);
+      }
     }
   }
   __syncthreads();
@@ -156,11 +205,20 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 #pragma unroll
     for (int o = 0; o < OUTS; ++o) total[r][o] = 0.f;
 
-  for (int j0 = row_lane * SLAB; j0 < rows; j0 += STEP) {
+  for (int j0 = row_lane * SLAB, it = 0; j0 < rows; j0 += STEP, ++it) {
     uint4 words[SLAB];
+#if ASYNC  // each thread reads back only what it copied itself: its own wait suffices, no barrier
+    copy_slab<THREADS>(staged + ((it + STAGES - 1) % STAGES) * SLAB * THREADS, w, j0 + (STAGES - 1) * STEP, rows,
+                       N, n0, active);
+    wait_copies<STAGES - 1>();
+    const uint4* stage = staged + (it % STAGES) * SLAB * THREADS;
+#pragma unroll
+    for (int i = 0; i < SLAB; ++i) words[i] = stage[i * THREADS + threadIdx.x];
+#else
 #pragma unroll
     for (int i = 0; i < SLAB; ++i) words[i] = next[i];
     load_slab(next, w, j0 + STEP, rows, N, n0, active);
+#endif
 #if LOAD_ONLY  // bench/gemv_anatomy.py: the loads alone, their words folded so that none is dropped
     uint32_t folded = 0;
 #pragma unroll
@@ -290,16 +348,13 @@ struct Call {
 template <int ROWS, int LANES_N, int THREADS>
 cudaError_t launch(const Call& c) {
   const dim3 grid((c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS), (c.M + ROWS - 1) / ROWS);
-  const size_t shared = HAS_PERM ? static_cast<size_t>(ROWS) * c.K * sizeof(half) : 0;
+  const size_t shared = (ASYNC ? stage_bytes<THREADS>() : 0) +
+                        (HAS_PERM ? static_cast<size_t>(ROWS) * c.K * sizeof(half) : 0);
   auto kernel = packed_gemv<ROWS, LANES_N, THREADS>;
-  if (shared > 48 * 1024) {  // beyond the default: raise the kernel's limit once per size
-    static size_t allowed = 0;
-    if (shared > allowed) {
-      const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                     static_cast<int>(shared));
-      if (error != cudaSuccess) return error;
-      allowed = shared;
-    }
+  if (shared > 48 * 1024) {  // beyond the default limit (set on each call: it is per device)
+    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(shared));
+    if (error != cudaSuccess) return error;
   }
   kernel<<<grid, THREADS, shared, c.stream>>>(
       static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
