@@ -1,6 +1,6 @@
-"""Where the CUDA decode kernel's time goes at batch 1: each tile configuration timed whole and with its
-weight loads alone (nothing decoded), against torch reading the same words (`max`), on a cold L2 (CUDA
-graphs).
+"""Where the CUDA decode kernel's time goes at batch 1: each tile configuration (weights through registers
+or cp.async stages) timed whole and with its weight loads alone (nothing decoded), against torch reading
+the same words (`max`), on a cold L2 (CUDA graphs).
 
     python bench/gemv_anatomy.py [--shapes 8192x8192 …] [--json out.json]
 
@@ -42,15 +42,20 @@ def main() -> None:
         for label in args.variants:
             weight = kernel_weight(label, n, k, device)
             read_us = 1e3 * graph_time_ms(lambda: weight.qweight.max())
-            for lanes in cuda_gemv.LANES:
-                for threads in cuda_gemv.THREADS:
-                    whole = 1e3 * graph_time_ms(lambda: cuda_gemv.launch(x, weight, 1, lanes, threads))
-                    loads = 1e3 * graph_time_ms(lambda: cuda_gemv.launch(x, weight, 1, lanes, threads, load_only=True))
-                    row = {"shape": shape, "variant": label, "lanes": lanes, "threads": threads, "us": whole,
-                           "load_only_us": loads, "torch_read_us": read_us, "bytes": weight.stored_bytes}
-                    rows.append(row)
-                    print(f"{shape:>11} {label:>20} lanes {lanes:2} threads {threads:3}: {whole:6.1f} µs, loads alone "
-                          f"{loads:6.1f} µs; torch reads the words in {read_us:6.1f} µs", flush=True)
+            for copies in (False, True):
+                for lanes in cuda_gemv.LANES:
+                    for threads in cuda_gemv.THREADS:
+                        def call(load_only=False):
+                            return cuda_gemv.launch(x, weight, 1, lanes, threads, copies, load_only)
+                        whole = 1e3 * graph_time_ms(call)
+                        loads = 1e3 * graph_time_ms(lambda: call(load_only=True))
+                        row = {"shape": shape, "variant": label, "async_copies": copies, "lanes": lanes,
+                               "threads": threads, "us": whole, "load_only_us": loads, "torch_read_us": read_us,
+                               "bytes": weight.stored_bytes}
+                        rows.append(row)
+                        print(f"{shape:>11} {label:>20} {'cp.async ' if copies else 'registers'} lanes {lanes:2} "
+                              f"threads {threads:3}: {whole:6.1f} µs, loads alone {loads:6.1f} µs; torch reads the "
+                              f"words in {read_us:6.1f} µs", flush=True)
                     if args.json:
                         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -303,10 +303,11 @@ def test_dot_kernel_float16_decoding_gives_the_float32_decodings_result_bit_for_
     assert torch.equal(half, single)
 
 
-CUDA_TILES = {"1 row, 8 lanes, 256 threads": TileConfig(1, 32, 0, 1, 8, rows=1, engine="cuda"),
-              "2 rows, 4 lanes, 128 threads": TileConfig(1, 16, 0, 1, 4, rows=2, engine="cuda"),
-              "4 rows, 16 lanes, 256 threads": TileConfig(1, 64, 0, 1, 8, rows=4, engine="cuda"),
-              "8 rows, 8 lanes, 128 threads": TileConfig(1, 32, 0, 1, 4, rows=8, engine="cuda")}
+CUDA_TILES = {"1 row, 8 lanes, 256 threads": TileConfig(1, 32, 0, 1, 8, 0, rows=1, engine="cuda"),
+              "1 row, 16 lanes, 512 threads, cp.async": TileConfig(1, 64, 0, 1, 16, 1, rows=1, engine="cuda"),
+              "2 rows, 4 lanes, 128 threads, cp.async": TileConfig(1, 16, 0, 1, 4, 1, rows=2, engine="cuda"),
+              "4 rows, 16 lanes, 256 threads": TileConfig(1, 64, 0, 1, 8, 0, rows=4, engine="cuda"),
+              "8 rows, 8 lanes, 128 threads": TileConfig(1, 32, 0, 1, 4, 0, rows=8, engine="cuda")}
 ODD_INPUTS = 96  # 12 int4 word rows: one whole slab of 8 and a partial one
 
 

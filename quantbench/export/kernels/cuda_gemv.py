@@ -28,11 +28,11 @@ from quantbench.export.kernels.layout import KernelWeight
 
 SOURCE = Path(__file__).with_name("packed_gemv.cu")
 CACHE_ENV = "QUANTBENCH_CUDA_CACHE"
-DEFINES_ENV = "QUANTBENCH_CUDA_DEFINES"
 KIND_CODES = {"int": 0, "ternary": 1, "mxfp4": 2, "nvfp4": 3}
 ROWS = (1, 2, 4, 8)  # rows of x per program
 LANES = (4, 8, 16)  # threads along the outputs (4 outputs each)
 THREADS = (128, 256, 512)  # 512 with one row of x only
+ASYNC_ROWS = (1, 2)  # the cp.async variant is built for these rows per block
 GATHER_BYTES = 96 << 10  # act_order: shared memory for the block's rows of x, gathered (else torch gathers)
 MAX_ROWS = 16  # beyond this, tensor cores win: the tl.dot kernel
 NO_GROUPS_SHIFT = 31  # a word row's group is row >> shift: per-channel scales are all group 0
@@ -108,9 +108,8 @@ def library_path(weight_type: WeightType, arch: str) -> Path:
 
 
 def _flags(weight_type: WeightType, arch: str) -> list[str]:
-    """nvcc's flags; QUANTBENCH_CUDA_DEFINES adds experiments' macros (bench/gemv_anatomy.py: -DASYNC=0)."""
     return ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-            *weight_type.defines(), *os.environ.get(DEFINES_ENV, "").split()]
+            *weight_type.defines()]
 
 
 def build(weight_type: WeightType, arch: str) -> Path:
@@ -149,7 +148,7 @@ def _function(weight_type: WeightType, arch: str):
             raise
         function = library.quantbench_packed_gemv
         function.restype = ctypes.c_int
-        function.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
+        function.argtypes = ([ctypes.c_int] * 4 + [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
                              + [ctypes.c_float, ctypes.c_void_p])
         _functions[key] = function
     return _functions[key]
@@ -160,16 +159,18 @@ def device_arch(device: torch.device) -> str:
     return f"{major}{minor}"
 
 
-def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int,
+def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
            load_only: bool = False) -> torch.Tensor:
-    """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16 (`load_only`: the
-    weight loads alone, for timing, its result meaningless)."""
+    """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16. `async_copies`: the
+    weights through cp.async stages in shared memory (1–2 rows) instead of registers; `load_only`: the
+    weight loads alone, for timing, its result meaningless."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")
-    if rows not in ROWS or lanes not in LANES or threads not in THREADS or (threads == 512 and rows > 1):
-        raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}: not among {ROWS}, {LANES}, {THREADS} "
-                         "(512 threads take one row)")
+    if (rows not in ROWS or lanes not in LANES or threads not in THREADS or (threads == 512 and rows > 1)
+            or (async_copies and rows not in ASYNC_ROWS)):
+        raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}: not among {ROWS}, "
+                         f"{LANES}, {THREADS} (512 threads take one row; async copies {ASYNC_ROWS} rows)")
     if weight.perm is not None and rows * x.shape[1] * 2 > GATHER_BYTES:  # too many inputs to gather in the kernel
         x = x[:, weight.perm.long()]
         weight = dataclasses.replace(weight, perm=None)
@@ -181,7 +182,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
     function = _function(weight_type, device_arch(x.device))
     out = torch.empty(m, n, dtype=torch.float16, device=x.device)
     with torch.cuda.device(x.device):
-        error = function(rows, lanes, threads, x.data_ptr(), _pointer(weight.perm), weight.qweight.data_ptr(),
+        error = function(rows, lanes, threads, int(async_copies), x.data_ptr(), _pointer(weight.perm), weight.qweight.data_ptr(),
                          weight.scales.data_ptr(), _pointer(weight.zeros), out.data_ptr(), m, n, k, weight.n_groups,
                          row_shift(weight), x.stride(0), 1.0 / weight.global_scale,
                          torch.cuda.current_stream(x.device).cuda_stream)

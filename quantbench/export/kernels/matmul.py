@@ -41,10 +41,10 @@ class TileConfig:
     lut: bool = False  # base-3 kernel: bytes decoded through a table of digits instead of divisions
     pairs: bool = False  # decode kernel, int4 codes, float16 x: two codes per f16x2 instruction (inline PTX)
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
-    # the outputs, num_warps · 32 threads
+    # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers
 
 
-CUDA_DEFAULT = TileConfig(1, 32, 0, 1, 8, engine="cuda")
+CUDA_DEFAULT = TileConfig(1, 32, 0, 1, 8, num_stages=0, engine="cuda")
 
 
 INTERPRETER_CONFIGS = {"decode": TileConfig(1, 32, 64, 2), "batch": TileConfig(16, 32, 64, 1),
@@ -81,7 +81,8 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     x2 = x2.contiguous()
     config = config or _config_for(x2, weight)
     if config.engine == "cuda":  # gathers act_order in shared memory
-        out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps)
+        out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
+                               async_copies=config.num_stages > 0)
         return out.view(*x.shape[:-1], n_out)
     if weight.perm is not None and x2.shape[0] > 1:  # a batch gathers once; Triton's decode gathers in the kernel
         x2 = x2[:, weight.perm.long()]
@@ -134,9 +135,10 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     if weight.kind == "ternary3" or cuda_gemv.unsupported_reason(x, weight) is not None:
         return []
     most = min(_bucket(x.shape[0]), 8)  # also half as many rows per block: more blocks, fewer registers
-    return [TileConfig(1, 4 * lanes, 0, 1, threads // 32, rows=rows, engine="cuda")
+    return [TileConfig(1, 4 * lanes, 0, 1, threads // 32, int(copies), rows=rows, engine="cuda")
             for rows in sorted({most, max(most // 2, 1)}) for lanes in cuda_gemv.LANES
-            for threads in cuda_gemv.THREADS if rows == 1 or threads < 512]
+            for threads in cuda_gemv.THREADS if rows == 1 or threads < 512
+            for copies in (False, True) if not copies or rows in cuda_gemv.ASYNC_ROWS]
 
 
 def tuned_configs() -> dict[tuple, TileConfig]:

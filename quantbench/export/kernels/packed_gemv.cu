@@ -7,9 +7,9 @@
 //
 // Each thread owns 4 adjacent outputs and copies their words of one input row in 16 bytes; a warp covers
 // LANES_N × 16 contiguous bytes of 32 / LANES_N rows. Word rows go in slabs of 8 round-robin over the
-// block's THREADS / LANES_N row lanes. ASYNC (the default): cp.async copies slabs into 2–4 shared-memory
-// stages per thread, so several slabs are in flight while one is decoded, without holding registers;
-// else each slab is loaded into registers while the previous one is decoded. Two codes of a word, the fields at bits b and 16 + b, become 1024 + 2^b·q in
+// block's THREADS / LANES_N row lanes, in one of two ways (the tuner times both): each slab loaded into
+// registers while the previous one is decoded, or (ASYNC, up to 2 rows of x) cp.async copies into 2–4
+// shared-memory stages per thread, several slabs in flight without holding registers. Two codes of a word, the fields at bits b and 16 + b, become 1024 + 2^b·q in
 // both float16 lanes by one LOP3 (Marlin's and ExLlama's trick, b < 8 so the field stays in the mantissa;
 // the word shifts by 8 for its upper bytes), one f16x2 FMA scales and offsets that to q − z exactly, and
 // one more multiplies it into the matching pair of inputs (x[p], x[p + PER/2]). E2M1 codes are shifted
@@ -37,9 +37,6 @@
 #endif
 #ifndef LOAD_ONLY
 #define LOAD_ONLY 0
-#endif
-#ifndef ASYNC
-#define ASYNC 1
 #endif
 
 namespace {
@@ -140,7 +137,7 @@ __device__ __forceinline__ void input_pairs(const half* __restrict__ x, int j, b
   }
 }
 
-template <int ROWS, int LANES_N, int THREADS>
+template <int ROWS, int LANES_N, int THREADS, bool ASYNC>
 __global__ void __launch_bounds__(THREADS) packed_gemv(
     const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
     const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, half* __restrict__ out,
@@ -159,16 +156,16 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   const bool active = n0 < N;
 
   extern __shared__ uint4 dynamic_shared[];  // ASYNC: [stages][SLAB][THREADS] words; then HAS_PERM: gathered x
-#if ASYNC
   constexpr int STAGES = stages<THREADS>();
   uint4* const staged = dynamic_shared;
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s)
-    copy_slab<THREADS>(staged + s * SLAB * THREADS, w, row_lane * SLAB + s * STEP, rows, N, n0, active);
-#else
   uint4 next[SLAB];
-  load_slab(next, w, row_lane * SLAB, rows, N, n0, active);
-#endif
+  if constexpr (ASYNC) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s)
+      copy_slab<THREADS>(staged + s * SLAB * THREADS, w, row_lane * SLAB + s * STEP, rows, N, n0, active);
+  } else {
+    load_slab(next, w, row_lane * SLAB, rows, N, n0, active);
+  }
 #if HAS_PERM  // the block's rows of x, gathered while the first slabs load
   half* gathered = reinterpret_cast<half*>(dynamic_shared + (ASYNC ? stage_bytes<THREADS>() / sizeof(uint4) : 0));
   constexpr int GATHER = 4;  // chunks of 4 indices per thread and round: their loads in flight together
@@ -207,18 +204,18 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 
   for (int j0 = row_lane * SLAB, it = 0; j0 < rows; j0 += STEP, ++it) {
     uint4 words[SLAB];
-#if ASYNC  // each thread reads back only what it copied itself: its own wait suffices, no barrier
-    copy_slab<THREADS>(staged + ((it + STAGES - 1) % STAGES) * SLAB * THREADS, w, j0 + (STAGES - 1) * STEP, rows,
-                       N, n0, active);
-    wait_copies<STAGES - 1>();
-    const uint4* stage = staged + (it % STAGES) * SLAB * THREADS;
+    if constexpr (ASYNC) {  // each thread reads back only what it copied itself: its own wait suffices
+      copy_slab<THREADS>(staged + ((it + STAGES - 1) % STAGES) * SLAB * THREADS, w, j0 + (STAGES - 1) * STEP, rows,
+                         N, n0, active);
+      wait_copies<STAGES - 1>();
+      const uint4* stage = staged + (it % STAGES) * SLAB * THREADS;
 #pragma unroll
-    for (int i = 0; i < SLAB; ++i) words[i] = stage[i * THREADS + threadIdx.x];
-#else
+      for (int i = 0; i < SLAB; ++i) words[i] = stage[i * THREADS + threadIdx.x];
+    } else {
 #pragma unroll
-    for (int i = 0; i < SLAB; ++i) words[i] = next[i];
-    load_slab(next, w, j0 + STEP, rows, N, n0, active);
-#endif
+      for (int i = 0; i < SLAB; ++i) words[i] = next[i];
+      load_slab(next, w, j0 + STEP, rows, N, n0, active);
+    }
 #if LOAD_ONLY  // bench/gemv_anatomy.py: the loads alone, their words folded so that none is dropped
     uint32_t folded = 0;
 #pragma unroll
@@ -345,12 +342,12 @@ struct Call {
   cudaStream_t stream;
 };
 
-template <int ROWS, int LANES_N, int THREADS>
+template <int ROWS, int LANES_N, int THREADS, bool ASYNC>
 cudaError_t launch(const Call& c) {
   const dim3 grid((c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS), (c.M + ROWS - 1) / ROWS);
   const size_t shared = (ASYNC ? stage_bytes<THREADS>() : 0) +
                         (HAS_PERM ? static_cast<size_t>(ROWS) * c.K * sizeof(half) : 0);
-  auto kernel = packed_gemv<ROWS, LANES_N, THREADS>;
+  auto kernel = packed_gemv<ROWS, LANES_N, THREADS, ASYNC>;
   if (shared > 48 * 1024) {  // beyond the default limit (set on each call: it is per device)
     const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    static_cast<int>(shared));
@@ -363,22 +360,22 @@ cudaError_t launch(const Call& c) {
   return cudaGetLastError();
 }
 
-template <int ROWS, int LANES_N>
+template <int ROWS, int LANES_N, bool ASYNC>
 cudaError_t by_threads(int threads, const Call& c) {
   switch (threads) {
-    case 128: return launch<ROWS, LANES_N, 128>(c);
-    case 256: return launch<ROWS, LANES_N, 256>(c);
+    case 128: return launch<ROWS, LANES_N, 128, ASYNC>(c);
+    case 256: return launch<ROWS, LANES_N, 256, ASYNC>(c);
   }
-  if (ROWS == 1 && threads == 512) return launch<1, LANES_N, 512>(c);  // more rows spill at 128 registers
+  if (ROWS == 1 && threads == 512) return launch<1, LANES_N, 512, ASYNC>(c);  // more rows spill at 128 registers
   return cudaErrorInvalidValue;
 }
 
-template <int ROWS>
+template <int ROWS, bool ASYNC>
 cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
   switch (lanes_n) {
-    case 4: return by_threads<ROWS, 4>(threads, c);
-    case 8: return by_threads<ROWS, 8>(threads, c);
-    case 16: return by_threads<ROWS, 16>(threads, c);
+    case 4: return by_threads<ROWS, 4, ASYNC>(threads, c);
+    case 8: return by_threads<ROWS, 8, ASYNC>(threads, c);
+    case 16: return by_threads<ROWS, 16, ASYNC>(threads, c);
   }
   return cudaErrorInvalidValue;
 }
@@ -386,18 +383,26 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 }  // namespace
 
 // Returns a cudaError_t (0: launched). rows_per_program 1, 2, 4 or 8; lanes_n 4, 8 or 16; threads 128 or
-// 256, or with one row 512. HAS_PERM takes rows_per_program · K · 2 bytes of shared memory.
-extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, const void* x,
+// 256, or with one row 512; async_copies (cp.async stages) with 1 or 2 rows. HAS_PERM takes
+// rows_per_program · K · 2 bytes of shared memory.
+extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, const void* x,
                                       const void* perm, const void* w, const void* scales, const void* zeros,
                                       void* out, int M, int N, int K, int n_groups, int row_shift, int stride_x,
                                       float inverse_global_scale, void* stream) {
   const Call c{x, perm, w, scales, zeros, out, M, N, K, n_groups, row_shift, stride_x, inverse_global_scale,
                static_cast<cudaStream_t>(stream)};
+  if (async_copies) {
+    switch (rows_per_program) {
+      case 1: return by_lanes<1, true>(lanes_n, threads, c);
+      case 2: return by_lanes<2, true>(lanes_n, threads, c);
+    }
+    return cudaErrorInvalidValue;
+  }
   switch (rows_per_program) {
-    case 1: return by_lanes<1>(lanes_n, threads, c);
-    case 2: return by_lanes<2>(lanes_n, threads, c);
-    case 4: return by_lanes<4>(lanes_n, threads, c);
-    case 8: return by_lanes<8>(lanes_n, threads, c);
+    case 1: return by_lanes<1, false>(lanes_n, threads, c);
+    case 2: return by_lanes<2, false>(lanes_n, threads, c);
+    case 4: return by_lanes<4, false>(lanes_n, threads, c);
+    case 8: return by_lanes<8, false>(lanes_n, threads, c);
   }
   return cudaErrorInvalidValue;
 }
