@@ -329,6 +329,29 @@ def test_cuda_kernel_libraries_are_built_per_weight_type_with_the_scale_span_of_
         WeightType.of(to_kernel_layout(WEIGHTS["int4-g32 act_order"]), perm=False), "80")
 
 
+def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
+    """Where the CUDA kernel applies (faked here: no GPU), the tuner times its tiles beside Triton's;
+    QUANTBENCH_KERNEL_ENGINES narrows that to one engine."""
+    from quantbench.export.kernels import cuda_gemv, matmul
+
+    monkeypatch.setattr(cuda_gemv, "unsupported_reason", lambda x, weight: None)
+    packed = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
+    x = torch.randn(1, IN).half()
+    both = matmul._engine_candidates(x, packed)
+    cuda = [c for c in both if c.engine == "cuda"]
+    assert cuda and len(cuda) < len(both)
+    assert {(c.rows, c.num_stages) for c in cuda} == {(1, 0), (1, 1)}  # registers and cp.async stages
+    assert {(c.block_n, c.num_warps) for c in cuda} == {(4 * lanes, threads // 32) for lanes in cuda_gemv.LANES
+                                                        for threads in cuda_gemv.THREADS}
+    four_rows = [c for c in matmul._engine_candidates(x.repeat(3, 1), packed) if c.engine == "cuda"]
+    assert {c.rows for c in four_rows} == {2, 4} and all(c.num_warps < 16 for c in four_rows)
+    assert all(c.rows in cuda_gemv.ASYNC_ROWS for c in four_rows if c.num_stages)
+    monkeypatch.setenv(matmul.ENGINES_ENV, "cuda")
+    assert matmul._engine_candidates(x, packed) == cuda
+    monkeypatch.setenv(matmul.ENGINES_ENV, "triton")
+    assert matmul._engine_candidates(x, packed) == [c for c in both if c.engine == "triton"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
 @pytest.mark.parametrize("label", WEIGHTS)
 @pytest.mark.parametrize("tile", CUDA_TILES)

@@ -11,8 +11,9 @@ on a machine without a GPU too.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ctypes
+import dataclasses
+import functools
 import hashlib
 import os
 import shutil
@@ -34,7 +35,7 @@ LANES = (4, 8, 16)  # threads along the outputs (4 outputs each)
 THREADS = (128, 256, 512)  # 512 with one row of x only
 ASYNC_ROWS = (1, 2)  # the cp.async variant is built for these rows per block
 GATHER_BYTES = 96 << 10  # act_order: shared memory for the block's rows of x, gathered (else torch gathers)
-MAX_ROWS = 16  # beyond this, tensor cores win: the tl.dot kernel
+MAX_ROWS = 16  # beyond this only the tl.dot kernel is tried
 NO_GROUPS_SHIFT = 31  # a word row's group is row >> shift: per-channel scales are all group 0
 
 
@@ -66,6 +67,7 @@ def row_shift(weight: KernelWeight) -> int:
     return (weight.group // weight.per_word).bit_length() - 1
 
 
+@functools.cache
 def nvcc_path() -> str | None:
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -182,9 +184,9 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
     function = _function(weight_type, device_arch(x.device))
     out = torch.empty(m, n, dtype=torch.float16, device=x.device)
     with torch.cuda.device(x.device):
-        error = function(rows, lanes, threads, int(async_copies), x.data_ptr(), _pointer(weight.perm), weight.qweight.data_ptr(),
-                         weight.scales.data_ptr(), _pointer(weight.zeros), out.data_ptr(), m, n, k, weight.n_groups,
-                         row_shift(weight), x.stride(0), 1.0 / weight.global_scale,
+        error = function(rows, lanes, threads, int(async_copies), x.data_ptr(), _pointer(weight.perm),
+                         weight.qweight.data_ptr(), weight.scales.data_ptr(), _pointer(weight.zeros), out.data_ptr(),
+                         m, n, k, weight.n_groups, row_shift(weight), x.stride(0), 1.0 / weight.global_scale,
                          torch.cuda.current_stream(x.device).cuda_stream)
     if error:
         raise RuntimeError(f"the CUDA decode kernel did not launch: cudaError {error}")
