@@ -46,7 +46,7 @@ constexpr int PAIRS = PER / 2;
 constexpr int FIELDS = 8 / BITS;  // code pairs in the low byte of each 16-bit lane
 constexpr int OUTS = 4;
 constexpr int SLAB = 8;
-constexpr uint32_t CODE_MASK = ((1u << BITS) - 1u) * 0x00010001u;
+[[maybe_unused]] constexpr uint32_t CODE_MASK = ((1u << BITS) - 1u) * 0x00010001u;
 constexpr uint32_t HALF_1024 = 0x64006400u;  // float16 1024 in both lanes
 
 __device__ __forceinline__ uint4 load_streaming(const uint32_t* p) {
