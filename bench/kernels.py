@@ -34,7 +34,8 @@ from quantbench.trit_planes import TritPlaneWeight  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # (K inputs, N outputs)
 BATCHES = [1, 4, 16]
 HBM_BYTES_PER_S = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
-VARIANTS = {"int4-g128 act_order": "int4-g128-gptq-act", "ternary2": "ternary2-ptqtp",
+VARIANTS = {"int4-g128 act_order": "int4-g128-gptq-act", "int8-g128 act_order": "int8-g128-gptq-act",
+            "int2-g128 act_order": "int2-g128-gptq-act", "ternary2": "ternary2-ptqtp",
             "ternary2 base-3": "ternary2-ptqtp", "mxfp4": "mxfp4-rtn", "nvfp4": "nvfp4-rtn"}
 LAYOUTS = {"ternary2 base-3": to_base3_layout}  # the others: to_kernel_layout
 TINYGEMM = "tinygemm int4-g128 (bf16)"
@@ -52,7 +53,8 @@ def random_weight(scheme_name: str, n: int, k: int, device) -> QuantizedWeight |
         planes = torch.randint(-1, 2, (2, n, k), generator=g, device=device, dtype=torch.int8)
         scales = (torch.rand(2, n, 1, generator=g, device=device) * 0.02).half()
         return TritPlaneWeight(scheme, planes, scales)
-    codes = torch.randint(0, 16, (n, k), generator=g, device=device, dtype=torch.uint8)
+    codes = torch.randint(0, 1 << (scheme.bits if scheme.format == "int" else 4), (n, k), generator=g, device=device,
+                          dtype=torch.uint8)
     if scheme.format == "mxfp4":
         scales = torch.randint(118, 124, (n, k // 32), generator=g, device=device, dtype=torch.uint8)
         return QuantizedWeight(scheme, codes, scales, None)
@@ -61,7 +63,7 @@ def random_weight(scheme_name: str, n: int, k: int, device) -> QuantizedWeight |
         return QuantizedWeight(scheme, codes, scales, None, global_scale=torch.tensor([53760.0], device=device))
     groups = -(-k // 128)
     scales = (torch.rand(n, groups, generator=g, device=device) * 0.01).half()
-    zeros = torch.randint(0, 16, (n, groups), generator=g, device=device, dtype=torch.uint8)
+    zeros = torch.randint(0, 1 << scheme.bits, (n, groups), generator=g, device=device, dtype=torch.uint8)
     order = torch.randperm(k, generator=g, device=device)
     g_idx = torch.empty(k, dtype=torch.int32, device=device)
     g_idx[order] = (torch.arange(k, device=device) // 128).int()
@@ -281,7 +283,8 @@ def main() -> None:
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if not v.startswith(("int8", "int2"))],
+                        choices=list(VARIANTS))
     parser.add_argument("--json", type=Path, help="written after every row")
     parser.add_argument("--tiles", type=Path, help="tuned tiles read from and saved to this file (QUANTBENCH_KERNEL_TILES)")
     parser.add_argument("--engines", help="tile candidates from these engines only: triton, cuda or triton,cuda "
