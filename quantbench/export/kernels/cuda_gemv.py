@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import functools
 import hashlib
 import os
@@ -25,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-from quantbench.export.kernels.layout import KernelWeight
+from quantbench.export.kernels.layout import KIND_CODES, KernelWeight, with_inputs_gathered
 
 SOURCE = Path(__file__).with_name("packed_gemv.cu")
 CACHE_ENV = "QUANTBENCH_CUDA_CACHE"
-KIND_CODES = {"int": 0, "ternary": 1, "mxfp4": 2, "nvfp4": 3}
 ROWS = (1, 2, 4, 8)  # rows of x per program
 LANES = (4, 8, 16)  # threads along the outputs (4 outputs each)
 THREADS = (128, 256, 512)  # 512 with one row of x only
@@ -50,10 +48,10 @@ class WeightType:
     load_only: bool = False  # bench/gemv_anatomy.py: only the weight loads, nothing decoded (a wrong result)
 
     @classmethod
-    def of(cls, weight: KernelWeight, perm: bool) -> WeightType:
+    def of(cls, weight: KernelWeight, perm: bool, load_only: bool = False) -> WeightType:
         group_rows = weight.group // weight.per_word
         flush = 8 if weight.group >= weight.shape[1] else min(8, group_rows)
-        return cls(KIND_CODES[weight.kind], weight.bits, weight.zeros is not None, perm, flush)
+        return cls(KIND_CODES[weight.kind], weight.bits, weight.zeros is not None, perm, flush, load_only)
 
     def defines(self) -> list[str]:
         return [f"-DKIND={self.kind}", f"-DBITS={self.bits}", f"-DHAS_ZEROS={int(self.zeros)}",
@@ -173,15 +171,13 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
             or (async_copies and rows not in ASYNC_ROWS)):
         raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}: not among {ROWS}, "
                          f"{LANES}, {THREADS} (512 threads take one row; async copies {ASYNC_ROWS} rows)")
-    if weight.perm is not None and rows * x.shape[1] * 2 > GATHER_BYTES:  # too many inputs to gather in the kernel
-        x = x[:, weight.perm.long()]
-        weight = dataclasses.replace(weight, perm=None)
+    if rows * x.shape[1] * 2 > GATHER_BYTES:  # too many inputs to gather act_order in the kernel
+        x, weight = with_inputs_gathered(x, weight)
     if x.data_ptr() % 16:
         x = x.clone()
     m, k = x.shape
     n = weight.shape[0]
-    weight_type = dataclasses.replace(WeightType.of(weight, weight.perm is not None), load_only=load_only)
-    function = _function(weight_type, device_arch(x.device))
+    function = _function(WeightType.of(weight, weight.perm is not None, load_only), device_arch(x.device))
     out = torch.empty(m, n, dtype=torch.float16, device=x.device)
     with torch.cuda.device(x.device):
         error = function(rows, lanes, threads, int(async_copies), x.data_ptr(), _pointer(weight.perm),

@@ -26,6 +26,7 @@ float32 per-tensor `global_scale`.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -35,6 +36,7 @@ from quantbench.quantized_weight import QuantizedWeight
 from quantbench.trit_planes import TritPlaneWeight
 
 KERNEL_INT_BITS = (2, 4, 8)  # widths that fill an int32 word exactly
+KIND_CODES = {"int": 0, "ternary": 1, "mxfp4": 2, "nvfp4": 3}  # the kernels' compile-time KIND
 MX_BLOCK = 32
 NV_BLOCK = 16
 
@@ -66,6 +68,13 @@ class KernelWeight:
     @property
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def with_inputs_gathered(x: torch.Tensor, weight: KernelWeight) -> tuple[torch.Tensor, KernelWeight]:
+    """x [M, K] in the stored input order and the weight without its permutation (act_order gathered once)."""
+    if weight.perm is None:
+        return x, weight
+    return x[:, weight.perm.long()], dataclasses.replace(weight, perm=None)
 
 
 def kernel_unsupported_reason(weight: QuantizedWeight | TritPlaneWeight) -> str | None:

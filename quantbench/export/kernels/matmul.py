@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from quantbench.export.kernels.layout import KernelWeight
+from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
 from quantbench.export.kernels.reference import packed_matmul_reference
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
@@ -84,9 +84,8 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
                                async_copies=config.num_stages > 0)
         return out.view(*x.shape[:-1], n_out)
-    if weight.perm is not None and x2.shape[0] > 1:  # a batch gathers once; Triton's decode gathers in the kernel
-        x2 = x2[:, weight.perm.long()]
-        weight = dataclasses.replace(weight, perm=None)
+    if x2.shape[0] > 1:  # a batch gathers act_order once; Triton's decode gathers in the kernel
+        x2, weight = with_inputs_gathered(x2, weight)
     out = triton_matmul.launch(x2, weight, config.block_m, config.block_n, config.block_k, config.split_k,
                                config.num_warps, config.num_stages, config.expand, config.half, config.rows,
                                config.pairs)

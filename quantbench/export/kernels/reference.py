@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.export.kernels.layout import KernelWeight
+from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
 from quantbench.formats.fp import E2M1, E4M3, pow2
 from quantbench.formats.mx import E8M0_BIAS
 from quantbench.formats.packing import TRITS_PER_BYTE
@@ -52,8 +52,7 @@ def _decode_base3(weight: KernelWeight, start: int, stop: int) -> torch.Tensor:
 def packed_matmul_reference(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
     """x [M, K] (original input order) → x·Wᵀ [M, N] in x's dtype."""
     n_out, n_in = weight.shape
-    if weight.perm is not None:
-        x = x[:, weight.perm.long()]
+    x, weight = with_inputs_gathered(x, weight)
     x32 = x.float()
     out = torch.zeros(x.shape[0], n_out, dtype=torch.float32, device=x.device)
     step = max(SLAB_INPUTS // weight.group, 1) * weight.group if weight.group < n_in else SLAB_INPUTS

@@ -26,9 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.export.kernels.layout import KernelWeight
-
-KINDS = {"int": 0, "ternary": 1, "mxfp4": 2, "nvfp4": 3}
+from quantbench.export.kernels.layout import KIND_CODES, KernelWeight
 
 
 @triton.jit
@@ -442,7 +440,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, bl
     locks = _scratch("locks", grid[0] * grid[2], torch.int32, x.device)
     zeros = weight.zeros if weight.zeros is not None else weight.scales
     perm = weight.perm if weight.perm is not None else weight.scales
-    common = dict(KIND=KINDS[weight.kind], BITS=weight.bits, HAS_ZEROS=weight.zeros is not None,
+    common = dict(KIND=KIND_CODES[weight.kind], BITS=weight.bits, HAS_ZEROS=weight.zeros is not None,
                   HAS_PERM=weight.perm is not None, GROUP=weight.group, SPLIT_K=split_k,
                   num_warps=num_warps, num_stages=num_stages)
     if block_m == 1 and rows > 1:
