@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quantbench.export.kernels import PackedLinear, packed_matmul, to_kernel_layout  # noqa: E402
 from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
 from quantbench.export.kernels.layout import KernelWeight, to_base3_layout  # noqa: E402
-from quantbench.export.kernels.matmul import ENGINES_ENV, TILES_ENV, graph_time_ms, tuned_configs  # noqa: E402
+from quantbench.export.kernels.matmul import ENGINES_ENV, TILES_ENV, chosen_tile, graph_time_ms, tuned_configs  # noqa: E402
 from quantbench.quantized_weight import QuantizedWeight  # noqa: E402
 from quantbench.scheme import Scheme  # noqa: E402
 from quantbench.trit_planes import TritPlaneWeight  # noqa: E402
@@ -121,7 +121,8 @@ def bench_matmuls(device, timer: Timer, peak: float | None, shapes, batches, var
                 us = timer(lambda: packed_matmul(x, weight))
                 row[label] = {"us": us, "speedup": fp16_us / us,
                               "pct_hbm": _pct(kernel_bytes(weight, batch, k, n), us, peak),
-                              "max_rel_error": _error_against_torch(x, weight)}
+                              "max_rel_error": _error_against_torch(x, weight),
+                              "engine": chosen_tile(x, weight).engine}
             if tinygemm is not None:
                 x_bf16 = x.to(torch.bfloat16)
                 us = timer(lambda: tinygemm(x_bf16))
@@ -172,7 +173,8 @@ def _format_row(row: dict) -> str:
         r = row[label]
         pct = "" if r["pct_hbm"] is None else f" {r['pct_hbm']:4.0f}%"
         wrong = " WRONG RESULT" if r.get("max_rel_error", 0) > 0.05 else ""
-        parts.append(f"{label} {r['us']:7.1f} µs ×{r['speedup']:.2f}{pct}{wrong}")
+        engine = f" [{r['engine']}]" if "engine" in r else ""
+        parts.append(f"{label} {r['us']:7.1f} µs ×{r['speedup']:.2f}{pct}{engine}{wrong}")
     return " | ".join(parts)
 
 
@@ -287,8 +289,8 @@ def main() -> None:
                         choices=list(VARIANTS))
     parser.add_argument("--json", type=Path, help="written after every row")
     parser.add_argument("--tiles", type=Path, help="tuned tiles read from and saved to this file (QUANTBENCH_KERNEL_TILES)")
-    parser.add_argument("--engines", help="tile candidates from these engines only: triton, cuda or triton,cuda "
-                                          "(QUANTBENCH_KERNEL_ENGINES)")
+    parser.add_argument("--engines", help="tile candidates from these engines only: triton, cuda, mma or a "
+                                          "comma-separated list (QUANTBENCH_KERNEL_ENGINES)")
     args = parser.parse_args()
     if args.engines:
         os.environ[ENGINES_ENV] = args.engines

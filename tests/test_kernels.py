@@ -312,7 +312,7 @@ ODD_INPUTS = 96  # 12 int4 word rows: one whole slab of 8 and a partial one
 
 
 def test_cuda_kernel_libraries_are_built_per_weight_type_with_the_scale_span_of_its_groups():
-    from quantbench.export.kernels.cuda_gemv import NO_GROUPS_SHIFT, WeightType, library_path, row_shift
+    from quantbench.export.kernels.cuda_build import NO_GROUPS_SHIFT, WeightType, library_path, row_shift
 
     def spans(label):
         packed = to_kernel_layout(WEIGHTS[label])
@@ -329,17 +329,43 @@ def test_cuda_kernel_libraries_are_built_per_weight_type_with_the_scale_span_of_
         WeightType.of(to_kernel_layout(WEIGHTS["int4-g32 act_order"]), perm=False), "80")
 
 
+def test_tensor_core_libraries_load_scales_once_per_span_of_k_steps_that_share_them():
+    """A k-step is 4 word rows (one per thread of a quad); the span is how many share one group (at most a
+    slab of 4), 1 where each thread's row has its own group."""
+    from quantbench.export.kernels.cuda_build import WeightType, library_path
+
+    def span(label):
+        weight_type = WeightType.for_mma(to_kernel_layout(WEIGHTS[label]))
+        assert weight_type.kernel == "mma" and not weight_type.perm and "-DSPAN" in " ".join(weight_type.defines())
+        return weight_type.flush
+
+    assert span("int4-g128-rtn") == 4  # 16 word rows per group
+    assert span("int4-g32-sym-rtn") == 1 and span("mxfp4-rtn") == 1  # 4 word rows: one k-step
+    assert span("int8-g64 act_order") == 4 and span("int2-g64-rtn") == 1  # 16 and 4 word rows
+    assert span("nvfp4-rtn") == 1 and span("int8-pc-rtn") == 4 and span("ternary2-g64") == 2
+    int4 = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
+    assert library_path(WeightType.for_mma(int4), "90").name.startswith("packed_mma-")
+    assert library_path(WeightType.of(int4, False), "90").name.startswith("packed_gemv-")
+
+
 def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     """Where the CUDA kernel applies (faked here: no GPU), the tuner times its tiles beside Triton's;
     QUANTBENCH_KERNEL_ENGINES narrows that to one engine."""
-    from quantbench.export.kernels import cuda_gemv, matmul
+    from quantbench.export.kernels import cuda_build, cuda_gemv, cuda_mma, matmul
 
-    monkeypatch.setattr(cuda_gemv, "unsupported_reason", lambda x, weight: None)
+    monkeypatch.setattr(cuda_build, "unsupported_reason", lambda x, weight: None)
     packed = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
     x = torch.randn(1, IN).half()
-    both = matmul._engine_candidates(x, packed)
-    cuda = [c for c in both if c.engine == "cuda"]
-    assert cuda and len(cuda) < len(both)
+    every = matmul._engine_candidates(x, packed)
+    cuda = [c for c in every if c.engine == "cuda"]
+    mma = [c for c in every if c.engine == "mma"]
+    assert cuda and mma and len(cuda) + len(mma) < len(every)
+    assert {(c.rows, c.num_warps, c.block_n // 32) for c in mma} == {
+        (8, warps, warps_n) for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps}
+    for m, rows in ((9, {16}), (40, {16, 32}), (64, {16, 32})):
+        assert {c.rows for c in matmul._engine_candidates(x.repeat(m, 1), packed) if c.engine == "mma"} == rows
+    assert {c.engine for c in matmul._engine_candidates(x.repeat(20, 1), packed)} == {"triton", "mma"}
+    assert {c.engine for c in matmul._engine_candidates(x.repeat(65, 1), packed)} == {"triton"}
     assert {(c.rows, c.num_stages) for c in cuda} == {(1, 0), (1, 1)}  # registers and cp.async stages
     assert {(c.block_n, c.num_warps) for c in cuda} == {(4 * lanes, threads // 32) for lanes in cuda_gemv.LANES
                                                         for threads in cuda_gemv.THREADS}
@@ -348,8 +374,12 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     assert all(c.rows in cuda_gemv.ASYNC_ROWS for c in four_rows if c.num_stages)
     monkeypatch.setenv(matmul.ENGINES_ENV, "cuda")
     assert matmul._engine_candidates(x, packed) == cuda
+    monkeypatch.setenv(matmul.ENGINES_ENV, "mma")
+    assert matmul._engine_candidates(x, packed) == mma
+    monkeypatch.setenv(matmul.ENGINES_ENV, "cuda,mma")
+    assert matmul._engine_candidates(x, packed) == cuda + mma
     monkeypatch.setenv(matmul.ENGINES_ENV, "triton")
-    assert matmul._engine_candidates(x, packed) == [c for c in both if c.engine == "triton"]
+    assert matmul._engine_candidates(x, packed) == [c for c in every if c.engine == "triton"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
@@ -392,4 +422,53 @@ def test_cuda_kernel_is_a_tuning_candidate_and_launches_on_the_stream_a_graph_ca
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert torch.equal(captured, packed_matmul(x, packed, backend="cuda"))
+    assert not torch.equal(captured, before)
+
+
+MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows=8, engine="mma"),
+             "16 rows, 8 warps splitting the inputs": TileConfig(1, 32, 0, 1, 8, 0, rows=16, engine="mma"),
+             "32 rows, 8 warps, 2 along the outputs": TileConfig(1, 64, 0, 1, 8, 0, rows=32, engine="mma")}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
+@pytest.mark.parametrize("label", WEIGHTS)
+@pytest.mark.parametrize("tile", MMA_TILES)
+@pytest.mark.parametrize("batch", [1, 5, 16, 40])
+def test_tensor_core_kernel_equals_the_dequantized_matmul_on_partial_tiles(label, tile, batch):
+    """80 outputs fill no block of 32–128; 1, 5 and 40 rows leave partial row blocks, 40 also spans two
+    blocks of 32; act_order is gathered before the call."""
+    stored = WEIGHTS[label].to("cuda")
+    x = torch.randn(batch, IN, device="cuda", generator=torch.Generator("cuda").manual_seed(batch)).half()
+    expected = x.float() @ stored.dequantize().T
+    got = packed_matmul(x, to_kernel_layout(stored), backend="mma", config=MMA_TILES[tile])
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
+@pytest.mark.parametrize("name", ["int4-g32-rtn", "int8-g32-sym-rtn", "int2-pc-rtn", "mxfp4-rtn", "nvfp4-rtn"])
+def test_tensor_core_kernel_handles_a_partial_slab_of_k_steps(name):
+    """96 inputs: 3 k-steps of int4 (one slab of 4, partly empty), 1.5 of int2."""
+    stored = quantize_rtn(torch.randn(OUT, ODD_INPUTS), Scheme.parse(name)).to("cuda")
+    x = torch.randn(12, ODD_INPUTS, device="cuda").half()
+    expected = x.float() @ stored.dequantize().T
+    got = packed_matmul(x, to_kernel_layout(stored), backend="mma")
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
+def test_tensor_core_kernel_is_a_tuning_candidate_up_to_64_rows_and_graph_capture_replays_it():
+    from quantbench.export.kernels.matmul import _mma_candidates
+
+    packed = to_kernel_layout(act_order_weight(4, 128).to("cuda"))
+    x = torch.randn(24, IN, device="cuda").half()
+    assert {c.engine for c in _mma_candidates(x, packed)} == {"mma"}
+    assert _mma_candidates(x.bfloat16(), packed) == [] and _mma_candidates(x.repeat(3, 1), packed) == []
+    before = packed_matmul(x, packed, backend="mma")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = packed_matmul(x, packed, backend="mma")
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(captured, packed_matmul(x, packed, backend="mma"))
     assert not torch.equal(captured, before)

@@ -3,7 +3,10 @@
 layout.py     the packed layout the kernels read, and the conversion from stored weights
 reference.py  the torch fallback (decodes a slab of inputs at a time)
 triton_matmul.py  the Triton kernels (imported only when used)
-packed_gemv.cu, cuda_gemv.py  the CUDA decode kernel for 1–16 rows of float16 x, built with nvcc and cached
+packed_decode.cuh  the CUDA kernels' shared decoding (LOP3 field tricks, E2M1 bits, input pairs)
+packed_gemv.cu, cuda_gemv.py  the CUDA-core decode kernel for 1–16 rows of float16 x
+packed_mma.cu, cuda_mma.py  the tensor-core kernel (mma.sync on weights decoded in registers) for 1–64 rows
+cuda_build.py  builds the CUDA kernels with nvcc, one cached library per kernel and weight type
 matmul.py     `packed_matmul`: backend choice and tile tuning
 modules.py    `PackedLinear`, what `load_quantized(..., kernels=True)` puts in place of nn.Linear
 fused.py      layers that read one input (q/k/v, gate/up) sharing one packed weight and one launch

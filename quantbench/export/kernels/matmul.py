@@ -1,12 +1,13 @@
-"""`packed_matmul`: x·Wᵀ from a kernel-layout weight, through Triton or the CUDA decode kernel on CUDA and
-torch elsewhere.
+"""`packed_matmul`: x·Wᵀ from a kernel-layout weight, through Triton or the CUDA kernels on CUDA and torch
+elsewhere.
 
 On CUDA the first call for a (weight kind, width, group, batch bucket, N, K) times the tile candidates
 (CUDA graphs on a cold L2, `graph_time_ms`) and keeps the fastest; later calls reuse it. Make that first
 call before capturing a CUDA graph of your own. With QUANTBENCH_KERNEL_TILES=FILE the choices persist
 across processes: read from FILE when it was written on a GPU of the same name, and saved to it after
-each new tuning. QUANTBENCH_KERNEL_ENGINES=triton or =cuda narrows the candidates to one engine where it
-applies (the CUDA decode kernel takes float16 x of up to 16 rows).
+each new tuning. QUANTBENCH_KERNEL_ENGINES=triton, cuda, mma or a comma-separated list of them narrows the
+candidates to those engines where they apply (the CUDA decode kernel takes float16 x of up to 16 rows, the
+tensor-core kernel up to 64).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
 from quantbench.export.kernels.reference import packed_matmul_reference
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+BACKENDS = ("auto", "triton", "cuda", "mma", "torch")
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,12 @@ class TileConfig:
     lut: bool = False  # base-3 kernel: bytes decoded through a table of digits instead of divisions
     pairs: bool = False  # decode kernel, int4 codes, float16 x: two codes per f16x2 instruction (inline PTX)
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
-    # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers
+    # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers;
+    # "mma": packed_mma.cu, `rows` rows of x per block, num_warps warps, block_n / 32 of them along the outputs
 
 
 CUDA_DEFAULT = TileConfig(1, 32, 0, 1, 8, num_stages=0, engine="cuda")
+MMA_DEFAULT = TileConfig(1, 64, 0, 1, 8, num_stages=0, engine="mma")
 
 
 INTERPRETER_CONFIGS = {"decode": TileConfig(1, 32, 64, 2), "batch": TileConfig(16, 32, 64, 1),
@@ -60,17 +63,21 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
                   config: TileConfig | None = None) -> torch.Tensor:
     """x [..., K] → [..., N] in x's dtype. `backend`: auto (on CUDA the fastest of the Triton and CUDA
     kernels, torch otherwise), triton (also on CPU under TRITON_INTERPRET=1), cuda (the CUDA decode kernel:
-    float16 x, up to 16 rows), torch."""
+    float16 x, up to 16 rows), mma (the tensor-core kernel: float16 x, up to 64 rows), torch."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     n_out, n_in = weight.shape
     x2 = x.reshape(-1, n_in)
     if backend == "cuda" and config is None:
         config = dataclasses.replace(CUDA_DEFAULT, rows=min(_bucket(x2.shape[0]), 8))
-    use_triton = backend in ("triton", "cuda") or (backend == "auto" and x.is_cuda and triton_available())
+    if backend == "mma" and config is None:
+        from quantbench.export.kernels.cuda_mma import rows_for
+
+        config = dataclasses.replace(MMA_DEFAULT, rows=rows_for(x2.shape[0]))
+    use_triton = backend in ("triton", "cuda", "mma") or (backend == "auto" and x.is_cuda and triton_available())
     if not use_triton:
         return packed_matmul_reference(x2, weight).view(*x.shape[:-1], n_out)
-    from quantbench.export.kernels import cuda_gemv, triton_matmul
+    from quantbench.export.kernels import cuda_gemv, cuda_mma, triton_matmul
 
     if weight.kind == "ternary3":
         x2 = x2.contiguous()
@@ -83,6 +90,9 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     if config.engine == "cuda":  # gathers act_order in shared memory
         out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
                                async_copies=config.num_stages > 0)
+        return out.view(*x.shape[:-1], n_out)
+    if config.engine == "mma":  # gathers act_order before the kernel
+        out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32)
         return out.view(*x.shape[:-1], n_out)
     if x2.shape[0] > 1:  # a batch gathers act_order once; Triton's decode gathers in the kernel
         x2, weight = with_inputs_gathered(x2, weight)
@@ -119,10 +129,11 @@ def _candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[TileCo
 
 
 def _engine_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
-    """The tiles to time: Triton's and, where it applies, the CUDA kernel's; QUANTBENCH_KERNEL_ENGINES=cuda
-    keeps only the CUDA kernel's where it applies, =triton only Triton's."""
-    engines = set(os.environ.get(ENGINES_ENV, "triton,cuda").split(","))
-    cuda = _cuda_candidates(x, weight) if "cuda" in engines else []
+    """The tiles to time: Triton's and, where they apply, the CUDA kernels'. QUANTBENCH_KERNEL_ENGINES
+    narrows them to the engines it names; Triton's stay where none of the CUDA ones it names applies."""
+    engines = set(os.environ.get(ENGINES_ENV, "triton,cuda,mma").split(","))
+    cuda = ((_cuda_candidates(x, weight) if "cuda" in engines else [])
+            + (_mma_candidates(x, weight) if "mma" in engines else []))
     if cuda and "triton" not in engines:
         return cuda
     return _candidates(x.shape[0], weight, x.dtype) + cuda
@@ -138,6 +149,17 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
             for rows in sorted({most, max(most // 2, 1)}) for lanes in cuda_gemv.LANES
             for threads in cuda_gemv.THREADS if rows == 1 or threads < 512
             for copies in (False, True) if not copies or rows in cuda_gemv.ASYNC_ROWS]
+
+
+def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
+    from quantbench.export.kernels import cuda_mma
+
+    if weight.kind == "ternary3" or cuda_mma.unsupported_reason(x, weight) is not None:
+        return []
+    most = cuda_mma.rows_for(x.shape[0])  # also 16-row blocks for 17–64 rows: more blocks, fewer registers
+    return [TileConfig(1, 32 * warps_n, 0, 1, warps, 0, rows=rows, engine="mma")
+            for rows in sorted({most, min(most, 16)}) for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N
+            if warps_n <= warps]
 
 
 def tuned_configs() -> dict[tuple, TileConfig]:
@@ -176,6 +198,11 @@ def load_tuned(path: str | Path, device_name: str) -> int:
         key = entry["key"]
         _tuned.setdefault((*key[:4], getattr(torch, key[4]), *key[5:]), TileConfig(**entry["tile"]))
     return len(saved["tiles"])
+
+
+def chosen_tile(x: torch.Tensor, weight: KernelWeight) -> TileConfig:
+    """The tile `packed_matmul(x, weight)` runs (tuned on the first CUDA call)."""
+    return _config_for(x.reshape(-1, weight.shape[1]), weight)
 
 
 def _config_for(x: torch.Tensor, weight: KernelWeight) -> TileConfig:

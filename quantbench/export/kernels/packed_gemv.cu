@@ -1,34 +1,19 @@
-// x·Wᵀ for a few rows of float16 x and a packed weight in the kernel layout (layout.py): qweight int32
-// [K / PER, N], PER = 32 / BITS codes of one output per word. Built by cuda_gemv.py with nvcc, one library
-// per weight type:
-//   KIND 0 int (BITS 2, 4, 8; HAS_ZEROS: uint8 zero points, else 2^(BITS−1)), 1 ternary pair codes,
-//   2 mxfp4, 3 nvfp4; HAS_PERM: act_order, stored input k reads x[perm[k]] (the block first gathers its
-//   rows of x into shared memory); FLUSH: word rows that share one scale (1, 2, 4 or 8).
+// x·Wᵀ for a few rows of float16 x and a packed weight in the kernel layout (layout.py), on CUDA cores.
+// Built by cuda_build.py with nvcc, one library per weight type (packed_decode.cuh: KIND, BITS, HAS_ZEROS);
+// HAS_PERM: act_order, stored input k reads x[perm[k]] (the block first gathers its rows of x into shared
+// memory); FLUSH: word rows that share one scale (1, 2, 4 or 8).
 //
 // Each thread owns 4 adjacent outputs and copies their words of one input row in 16 bytes; a warp covers
 // LANES_N × 16 contiguous bytes of 32 / LANES_N rows. Word rows go in slabs of 8 round-robin over the
 // block's THREADS / LANES_N row lanes, in one of two ways (the tuner times both): each slab loaded into
 // registers while the previous one is decoded, or (ASYNC, up to 2 rows of x) cp.async copies into 2–4
-// shared-memory stages per thread, several slabs in flight without holding registers. Two codes of a word, the fields at bits b and 16 + b, become 1024 + 2^b·q in
-// both float16 lanes by one LOP3 (Marlin's and ExLlama's trick, b < 8 so the field stays in the mantissa;
-// the word shifts by 8 for its upper bytes), one f16x2 FMA scales and offsets that to q − z exactly, and
-// one more multiplies it into the matching pair of inputs (x[p], x[p + PER/2]). E2M1 codes are shifted
-// into float16 bits instead. Sums run in float16 within a scale's rows and in float32 across them; the row
-// lanes are reduced by shuffles and through shared memory.
+// shared-memory stages per thread, several slabs in flight without holding registers. Each pair of codes,
+// decoded to q − z (packed_decode.cuh), is multiplied by one more f16x2 FMA into the matching pair of
+// inputs. Sums run in float16 within a scale's rows and in float32 across them; the row lanes are reduced
+// by shuffles and through shared memory.
 
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <stdint.h>
+#include "packed_decode.cuh"
 
-#ifndef KIND
-#define KIND 0
-#endif
-#ifndef BITS
-#define BITS 4
-#endif
-#ifndef HAS_ZEROS
-#define HAS_ZEROS 0
-#endif
 #ifndef HAS_PERM
 #define HAS_PERM 0
 #endif
@@ -41,41 +26,9 @@
 
 namespace {
 
-constexpr int PER = 32 / BITS;
-constexpr int PAIRS = PER / 2;
-constexpr int FIELDS = 8 / BITS;  // code pairs in the low byte of each 16-bit lane
-constexpr int OUTS = 4;
 constexpr int SLAB = 8;
-[[maybe_unused]] constexpr uint32_t CODE_MASK = ((1u << BITS) - 1u) * 0x00010001u;
-constexpr uint32_t HALF_1024 = 0x64006400u;  // float16 1024 in both lanes
-
-__device__ __forceinline__ uint4 load_streaming(const uint32_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits) {
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(mask), "r"(bits));  // (a & mask) | bits
-  return r;
-}
-
-__device__ __forceinline__ half2 as_half2(uint32_t v) { return *reinterpret_cast<half2*>(&v); }
-
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int o) {
-  return o == 0 ? v.x : o == 1 ? v.y : o == 2 ? v.z : v.w;
-}
 
 __device__ __forceinline__ float lane_sum(half2 v) { return __low2float(v) + __high2float(v); }
-
-// d − c for the field at bits [b, b + width) of both lanes: 1024 + 2^b·d by one LOP3, then one exact FMA.
-__device__ __forceinline__ half2 field_minus(uint32_t word, int b, uint32_t width_mask, float c) {
-  const half2 biased = as_half2(and_or(word, width_mask << b, HALF_1024));
-  const float unit = 1.f / static_cast<float>(1 << b);
-  return __hfma2(biased, __float2half2_rn(unit), __float2half2_rn(-(1024.f * unit + c)));
-}
 
 // Stages of slabs in flight per thread (ASYNC): as many as keep a block's buffers within 64–128 KB.
 template <int THREADS>
@@ -110,31 +63,6 @@ __device__ __forceinline__ void load_slab(uint4 (&words)[SLAB], const uint32_t* 
   for (int i = 0; i < SLAB; ++i)
     words[i] = active && j0 + i < rows ? load_streaming(w + static_cast<size_t>(j0 + i) * N + n0)
                                        : make_uint4(0, 0, 0, 0);
-}
-
-// The pairs (x[p], x[p + PAIRS]) of word row j's PER inputs, for each of ROWS rows of x (zero past K or M).
-template <int ROWS>
-__device__ __forceinline__ void input_pairs(const half* __restrict__ x, int j, bool inside, int m0, int M,
-                                            int stride_x, half2 (&pairs)[ROWS][PAIRS]) {
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    const bool live = inside && m0 + r < M;
-    const half* row = x + static_cast<size_t>(r) * stride_x + j * PER;
-    uint32_t words[PER / 2];  // two inputs per word
-    if (PER >= 8) {
-#pragma unroll
-      for (int q = 0; q < PER / 8; ++q) {
-        const uint4 v = live ? *(reinterpret_cast<const uint4*>(row) + q) : make_uint4(0, 0, 0, 0);
-        words[4 * q] = v.x; words[4 * q + 1] = v.y; words[4 * q + 2] = v.z; words[4 * q + 3] = v.w;
-      }
-    } else {
-      const uint2 v = live ? *reinterpret_cast<const uint2*>(row) : make_uint2(0, 0);
-      words[0] = v.x; words[1] = v.y;
-    }
-#pragma unroll
-    for (int p = 0; p < PAIRS; ++p)  // p and p + PAIRS have the same parity: both low or both high halves
-      pairs[r][p] = as_half2(__byte_perm(words[p / 2], words[(p + PAIRS) / 2], p % 2 ? 0x7632 : 0x5410));
-  }
 }
 
 template <int ROWS, int LANES_N, int THREADS, bool ASYNC>
@@ -253,12 +181,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 #pragma unroll
       for (int o = 0; o < OUTS; ++o) {
         const uint32_t c = (codes >> (8 * o)) & 0xFFu;
-#if KIND == 2
-        scale[o] = exp2f(static_cast<float>(c) - 127.f);  // E8M0
-#else
-        scale[o] = __half2float(__ushort_as_half(static_cast<unsigned short>((c & 0x7Fu) << 7))) * 256.f *
-                   inverse_global_scale;  // E4M3 (non-negative): its bits placed in a float16 are 2^-8 times it
-#endif
+        scale[o] = KIND == 2 ? e8m0_value(c) : e4m3_value(c) * inverse_global_scale;
       }
 #endif
       half2 acc[ROWS][OUTS], acc_second[ROWS][OUTS];
@@ -275,19 +198,15 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
           const uint32_t word = word_of(words[i], o);
 #pragma unroll
           for (int p = 0; p < PAIRS; ++p) {
-            const uint32_t bytes = word >> (8 * (p / FIELDS));  // the field sits at bit b of the low byte
-            const int b = BITS * (p % FIELDS);
+            const uint32_t bytes = word >> pair_shift(p);
+            const int b = field_bit(p);
 #if KIND == 0
             const half2 v = field_minus(bytes, b, CODE_MASK, zero[o]);
 #elif KIND == 1
             const half2 v = field_minus(bytes, b, 0x00030003u, 1.f);  // trit digits are t + 1
             const half2 v2 = field_minus(bytes, b + 2, 0x00030003u, 1.f);
 #else
-            // E2M1 [s e1 e0 m]: |e m| shifted into a float16's exponent and mantissa is 2^-14 times the
-            // element, the sign goes to bit 15; the exact product by 2^14 keeps sums out of subnormals.
-            const uint32_t codes = bytes >> b;
-            const uint32_t bits = ((codes & 0x00070007u) << 9) | ((codes & 0x00080008u) << 12);
-            const half2 v = __hmul2(as_half2(bits), __float2half2_rn(16384.f));
+            const half2 v = e2m1_pair(bytes, b);
 #endif
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {

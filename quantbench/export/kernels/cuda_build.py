@@ -1,0 +1,219 @@
+"""Building the CUDA kernels (`packed_gemv.cu` on CUDA cores, `packed_mma.cu` on tensor cores) with nvcc,
+one shared library per kernel and weight type, cached on disk and loaded through ctypes.
+
+The cache is QUANTBENCH_CUDA_CACHE, else $XDG_CACHE_HOME/quantbench/cuda (~/.cache/…); a library's name
+holds the kernel, the weight type, the GPU architecture and a digest of the sources and flags, so an
+edited source is rebuilt. `python -m quantbench.export.kernels.cuda_build --arch 90` builds every library
+ahead of use, on a machine without a GPU too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantbench.export.kernels.layout import KIND_CODES, KernelWeight
+
+HERE = Path(__file__).parent
+HEADER = HERE / "packed_decode.cuh"
+KERNELS = ("gemv", "mma")
+CACHE_ENV = "QUANTBENCH_CUDA_CACHE"
+NO_GROUPS_SHIFT = 31  # a word row's group is row >> shift: per-channel scales are all group 0
+MMA_STEP_ROWS = 4  # word rows per k-step of the tensor-core kernel
+MMA_SLAB = 4  # its k-steps per load-ahead
+
+
+@dataclass(frozen=True)
+class WeightType:
+    """What a library is compiled for."""
+    kind: int
+    bits: int
+    zeros: bool
+    perm: bool  # gemv: act_order gathered in the kernel (mma: always gathered before the call)
+    flush: int  # gemv: word rows summed in float16 before their scale applies; mma: k-steps sharing a scale
+    load_only: bool = False  # bench/gemv_anatomy.py: only the weight loads, nothing decoded (a wrong result)
+    kernel: str = "gemv"
+
+    @classmethod
+    def of(cls, weight: KernelWeight, perm: bool, load_only: bool = False) -> WeightType:
+        """The CUDA-core decode kernel's type."""
+        flush = 8 if weight.group >= weight.shape[1] else min(8, weight.group // weight.per_word)
+        return cls(KIND_CODES[weight.kind], weight.bits, weight.zeros is not None, perm, flush, load_only)
+
+    @classmethod
+    def for_mma(cls, weight: KernelWeight) -> WeightType:
+        """The tensor-core kernel's type: its scale span in k-steps (1 where each word row has its own)."""
+        if weight.group >= weight.shape[1]:
+            span = MMA_SLAB
+        else:
+            span = max(1, min(MMA_SLAB, weight.group // weight.per_word // MMA_STEP_ROWS))
+        return cls(KIND_CODES[weight.kind], weight.bits, weight.zeros is not None, False, span, kernel="mma")
+
+    def defines(self) -> list[str]:
+        common = [f"-DKIND={self.kind}", f"-DBITS={self.bits}", f"-DHAS_ZEROS={int(self.zeros)}"]
+        if self.kernel == "mma":
+            return [*common, f"-DSPAN={self.flush}"]
+        return [*common, f"-DHAS_PERM={int(self.perm)}", f"-DFLUSH={self.flush}", f"-DLOAD_ONLY={int(self.load_only)}"]
+
+    @property
+    def source(self) -> Path:
+        return HERE / f"packed_{self.kernel}.cu"
+
+
+def row_shift(weight: KernelWeight) -> int:
+    """log2 of the word rows per group (groups are powers of two ≥ a word's codes), or per-channel 31."""
+    if weight.group >= weight.shape[1]:
+        return NO_GROUPS_SHIFT
+    return (weight.group // weight.per_word).bit_length() - 1
+
+
+@functools.cache
+def nvcc_path() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").is_file():
+        return str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
+    """Why neither CUDA kernel takes this call, whatever its rows (None when they do)."""
+    if not x.is_cuda:
+        return "x is not on a CUDA device"
+    if x.dtype != torch.float16:
+        return f"x is {x.dtype}; the CUDA kernels multiply float16"
+    if weight.kind not in KIND_CODES:
+        return f"no CUDA kernel for the {weight.kind} layout"
+    if weight.shape[0] % 4:
+        return f"{weight.shape[0]} outputs are not a multiple of 4 (each thread loads 4 outputs' words)"
+    if any(t.data_ptr() % 16 for t in weight.tensors().values()):
+        return "a weight tensor is not 16-byte aligned"
+    if nvcc_path() is None:
+        return "no nvcc to build it with"
+    return None
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantbench" / "cuda"
+
+
+def library_path(weight_type: WeightType, arch: str) -> Path:
+    flags = _flags(weight_type, arch)
+    digest = hashlib.sha256(weight_type.source.read_bytes() + HEADER.read_bytes() + " ".join(flags).encode())
+    t = weight_type
+    name = (f"packed_{t.kernel}-k{t.kind}-b{t.bits}-z{int(t.zeros)}-p{int(t.perm)}-f{t.flush}"
+            f"{'-load' * t.load_only}")
+    return cache_dir() / f"{name}-sm{arch}-{digest.hexdigest()[:12]}.so"
+
+
+def _flags(weight_type: WeightType, arch: str) -> list[str]:
+    return ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            *weight_type.defines()]
+
+
+def build(weight_type: WeightType, arch: str) -> Path:
+    """The library for this weight type and architecture, compiled unless the cache has it."""
+    path = library_path(weight_type, arch)
+    if path.is_file():
+        return path
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise RuntimeError("building the CUDA kernels needs nvcc (CUDA_HOME or PATH)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        built = Path(scratch) / path.name
+        result = subprocess.run([nvcc, *_flags(weight_type, arch), str(weight_type.source), "-o", str(built)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"nvcc failed on {weight_type.source.name} for {weight_type}:\n{result.stderr[-4000:]}")
+        os.replace(built, path)  # atomic: a concurrent process sees no library or a whole one
+    return path
+
+
+# Entry points: (rows, lanes/warps, threads/warps_n, async) ints, then pointers, then sizes, then the scale.
+_SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 4 + [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6),
+               "mma": ("quantbench_packed_mma", [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6)}
+_functions: dict[tuple[WeightType, str], ctypes._CFuncPtr] = {}
+_failures: dict[tuple[WeightType, str], Exception] = {}
+
+
+def entry_point(weight_type: WeightType, arch: str):
+    """The library's entry point; a failed build is remembered, not retried on every call."""
+    key = (weight_type, arch)
+    if key in _failures:
+        raise _failures[key]
+    if key not in _functions:
+        try:
+            library = ctypes.CDLL(str(build(weight_type, arch)))
+        except (RuntimeError, OSError) as exc:
+            _failures[key] = exc
+            raise
+        name, arguments = _SIGNATURES[weight_type.kernel]
+        function = getattr(library, name)
+        function.restype = ctypes.c_int
+        function.argtypes = [*arguments, ctypes.c_float, ctypes.c_void_p]
+        _functions[key] = function
+    return _functions[key]
+
+
+def device_arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}{minor}"
+
+
+def pointer(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def every_weight_type() -> list[WeightType]:
+    """The types the kernels see. CUDA cores: int 2/4/8 bits with and without zeros and act_order, at every
+    scale span, ternary pairs, MXFP4 (blocks of 4 word rows), NVFP4 (2). Tensor cores: the same without
+    act_order, per k-step span."""
+    gemv = [WeightType(0, bits, zeros, perm, flush) for bits in (2, 4, 8) for zeros in (False, True)
+            for perm in (False, True) for flush in (1, 2, 4, 8)]
+    gemv += [*(WeightType(1, 4, False, False, flush) for flush in (1, 2, 4, 8)),
+             WeightType(2, 4, False, False, 4), WeightType(3, 4, False, False, 2)]
+    mma = [WeightType(0, bits, zeros, False, span, kernel="mma") for bits in (2, 4, 8) for zeros in (False, True)
+           for span in (1, 2, 4)]
+    mma += [*(WeightType(1, 4, False, False, span, kernel="mma") for span in (1, 2, 4)),
+            WeightType(2, 4, False, False, 1, kernel="mma"), WeightType(3, 4, False, False, 1, kernel="mma")]
+    return gemv + mma
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build the CUDA kernels' libraries ahead of use.")
+    parser.add_argument("--arch", required=True, help="compute capability without the dot: 90 for H100/H200")
+    parser.add_argument("--only", nargs="+", metavar="KERNEL-KIND-BITS-ZEROS-PERM-FLUSH",
+                        help="e.g. gemv-0-4-1-1-8 (int4 with zeros and act_order, 8 rows per scale), "
+                             "mma-0-4-1-0-4; default: all")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="nvcc processes at once")
+    args = parser.parse_args()
+    types = every_weight_type()
+    if args.only:
+        types = []
+        for spec in args.only:
+            kernel, *fields = spec.split("-")
+            if kernel not in KERNELS:
+                parser.error(f"{spec}: the kernel is one of {KERNELS}")
+            kind, bits, zeros, perm, flush = (int(v) for v in fields)
+            types.append(WeightType(kind, bits, bool(zeros), bool(perm), flush, kernel=kernel))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for path in pool.map(lambda weight_type: build(weight_type, args.arch), types):
+            print(path, flush=True)
+
+
+if __name__ == "__main__":
+    main()

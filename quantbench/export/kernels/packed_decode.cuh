@@ -1,0 +1,106 @@
+// Decoding shared by the CUDA kernels (packed_gemv.cu, packed_mma.cu) of the kernel layout (layout.py): qweight
+// int32 [K / PER, N], PER = 32 / BITS codes of one output per word, code i at bits [i·BITS, (i+1)·BITS).
+//   KIND 0 int (BITS 2, 4, 8; HAS_ZEROS: uint8 zero points, else 2^(BITS−1)), 1 ternary pair codes,
+//   2 mxfp4, 3 nvfp4.
+// Two codes of a word, the fields at bits b and 16 + b, become 1024 + 2^b·q in both float16 lanes by one
+// LOP3 (Marlin's and ExLlama's trick, b < 8 so the field stays in the mantissa; the word shifts by 8 for its
+// upper bytes), and one f16x2 FMA turns that into q − z exactly. E2M1 codes are shifted into float16 bits.
+// A word's codes go in pairs (p, p + PAIRS), matched by the input pairs (x[p], x[p + PAIRS]).
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifndef KIND
+#define KIND 0
+#endif
+#ifndef BITS
+#define BITS 4
+#endif
+#ifndef HAS_ZEROS
+#define HAS_ZEROS 0
+#endif
+
+namespace {
+
+constexpr int PER = 32 / BITS;
+constexpr int PAIRS = PER / 2;
+constexpr int FIELDS = 8 / BITS;  // code pairs in the low byte of each 16-bit lane
+constexpr int OUTS = 4;           // outputs whose words one thread loads in 16 bytes
+[[maybe_unused]] constexpr uint32_t CODE_MASK = ((1u << BITS) - 1u) * 0x00010001u;
+constexpr uint32_t HALF_1024 = 0x64006400u;  // float16 1024 in both lanes
+
+__device__ __forceinline__ uint4 load_streaming(const uint32_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(mask), "r"(bits));  // (a & mask) | bits
+  return r;
+}
+
+__device__ __forceinline__ half2 as_half2(uint32_t v) { return *reinterpret_cast<half2*>(&v); }
+
+__device__ __forceinline__ uint32_t as_bits(half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int o) {
+  return o == 0 ? v.x : o == 1 ? v.y : o == 2 ? v.z : v.w;
+}
+
+// The field of code pair p sits at bit `field_bit(p)` of `word >> pair_shift(p)`.
+__host__ __device__ constexpr int pair_shift(int p) { return 8 * (p / FIELDS); }
+__host__ __device__ constexpr int field_bit(int p) { return BITS * (p % FIELDS); }
+
+// d − c for the field at bits [b, b + width) of both lanes: 1024 + 2^b·d by one LOP3, then one exact FMA.
+__device__ __forceinline__ half2 field_minus(uint32_t word, int b, uint32_t width_mask, float c) {
+  const half2 biased = as_half2(and_or(word, width_mask << b, HALF_1024));
+  const float unit = 1.f / static_cast<float>(1 << b);
+  return __hfma2(biased, __float2half2_rn(unit), __float2half2_rn(-(1024.f * unit + c)));
+}
+
+// E2M1 [s e1 e0 m] at bit b of both lanes: |e m| shifted into a float16's exponent and mantissa is 2^-14
+// times the element, the sign goes to bit 15; the exact product by 2^14 keeps it out of subnormals.
+__device__ __forceinline__ half2 e2m1_pair(uint32_t word, int b) {
+  const uint32_t codes = word >> b;
+  const uint32_t bits = ((codes & 0x00070007u) << 9) | ((codes & 0x00080008u) << 12);
+  return __hmul2(as_half2(bits), __float2half2_rn(16384.f));
+}
+
+__device__ __forceinline__ float e8m0_value(uint32_t code) { return exp2f(static_cast<float>(code) - 127.f); }
+
+// A non-negative E4M3 code's bits placed in a float16 are 2^-8 times its value.
+__device__ __forceinline__ float e4m3_value(uint32_t code) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>((code & 0x7Fu) << 7))) * 256.f;
+}
+
+// The pairs (x[p], x[p + PAIRS]) of word row j's PER inputs, for each of ROWS rows of x (zero past K or M).
+template <int ROWS>
+__device__ __forceinline__ void input_pairs(const half* __restrict__ x, int j, bool inside, int m0, int M,
+                                            int stride_x, half2 (&pairs)[ROWS][PAIRS]) {
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const bool live = inside && m0 + r < M;
+    const half* row = x + static_cast<size_t>(r) * stride_x + j * PER;
+    uint32_t words[PER / 2];  // two inputs per word
+    if (PER >= 8) {
+#pragma unroll
+      for (int q = 0; q < PER / 8; ++q) {
+        const uint4 v = live ? *(reinterpret_cast<const uint4*>(row) + q) : make_uint4(0, 0, 0, 0);
+        words[4 * q] = v.x; words[4 * q + 1] = v.y; words[4 * q + 2] = v.z; words[4 * q + 3] = v.w;
+      }
+    } else {
+      const uint2 v = live ? *reinterpret_cast<const uint2*>(row) : make_uint2(0, 0);
+      words[0] = v.x; words[1] = v.y;
+    }
+#pragma unroll
+    for (int p = 0; p < PAIRS; ++p)  // p and p + PAIRS have the same parity: both low or both high halves
+      pairs[r][p] = as_half2(__byte_perm(words[p / 2], words[(p + PAIRS) / 2], p % 2 ? 0x7632 : 0x5410));
+  }
+}
+
+}  // namespace
