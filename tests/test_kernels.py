@@ -331,7 +331,8 @@ def test_cuda_kernel_libraries_are_built_per_weight_type_with_the_scale_span_of_
 
 def test_tensor_core_libraries_load_scales_once_per_span_of_k_steps_that_share_them():
     """A k-step is 4 word rows (one per thread of a quad); the span is how many share one group (at most a
-    slab of 4), 1 where each thread's row has its own group."""
+    slab of 4), their sums scaled together; 0 where the rows of a k-step differ in group, or NVFP4: then
+    the scales go into B."""
     from quantbench.export.kernels.cuda_build import WeightType, library_path
 
     def span(label):
@@ -340,9 +341,10 @@ def test_tensor_core_libraries_load_scales_once_per_span_of_k_steps_that_share_t
         return weight_type.flush
 
     assert span("int4-g128-rtn") == 4  # 16 word rows per group
+    assert span("int4-g32 act_order") == 1
     assert span("int4-g32-sym-rtn") == 1 and span("mxfp4-rtn") == 1  # 4 word rows: one k-step
     assert span("int8-g64 act_order") == 4 and span("int2-g64-rtn") == 1  # 16 and 4 word rows
-    assert span("nvfp4-rtn") == 1 and span("int8-pc-rtn") == 4 and span("ternary2-g64") == 2
+    assert span("nvfp4-rtn") == 0 and span("int8-pc-rtn") == 4 and span("ternary2-g64") == 2
     int4 = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
     assert library_path(WeightType.for_mma(int4), "90").name.startswith("packed_mma-")
     assert library_path(WeightType.of(int4, False), "90").name.startswith("packed_gemv-")
@@ -442,6 +444,21 @@ def test_tensor_core_kernel_equals_the_dequantized_matmul_on_partial_tiles(label
     expected = x.float() @ stored.dequantize().T
     got = packed_matmul(x, to_kernel_layout(stored), backend="mma", config=MMA_TILES[tile])
     assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
+@pytest.mark.parametrize("stored", [quantize_rtn(weight(), Scheme.parse("int4-g16-rtn")), ternary_weight(16)],
+                         ids=["int4-g16", "ternary2-g16"])
+@pytest.mark.parametrize("batch", [1, 40])
+def test_tensor_core_kernel_scales_b_where_groups_are_shorter_than_a_k_step(stored, batch):
+    from quantbench.export.kernels.cuda_build import WeightType
+
+    packed = to_kernel_layout(stored.to("cuda"))
+    assert WeightType.for_mma(packed).flush == 0
+    x = torch.randn(batch, IN, device="cuda").half()
+    expected = x.float() @ stored.to("cuda").dequantize().T
+    got = packed_matmul(x, packed, backend="mma")
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 

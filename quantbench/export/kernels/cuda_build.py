@@ -53,11 +53,12 @@ class WeightType:
 
     @classmethod
     def for_mma(cls, weight: KernelWeight) -> WeightType:
-        """The tensor-core kernel's type: its scale span in k-steps (1 where each word row has its own)."""
-        if weight.group >= weight.shape[1]:
-            span = MMA_SLAB
-        else:
-            span = max(1, min(MMA_SLAB, weight.group // weight.per_word // MMA_STEP_ROWS))
+        """The tensor-core kernel's type: its span, the k-steps that share one scale (at most a slab), or 0
+        where groups are shorter than a k-step (and NVFP4: its scales go into B, where they stay exact)."""
+        group_rows = weight.shape[1] // weight.per_word if weight.group >= weight.shape[1] else \
+            weight.group // weight.per_word
+        span = 0 if weight.kind == "nvfp4" or group_rows < MMA_STEP_ROWS else \
+            min(MMA_SLAB, group_rows // MMA_STEP_ROWS)
         return cls(KIND_CODES[weight.kind], weight.bits, weight.zeros is not None, False, span, kernel="mma")
 
     def defines(self) -> list[str]:
@@ -181,15 +182,15 @@ def pointer(tensor: torch.Tensor | None) -> int:
 def every_weight_type() -> list[WeightType]:
     """The types the kernels see. CUDA cores: int 2/4/8 bits with and without zeros and act_order, at every
     scale span, ternary pairs, MXFP4 (blocks of 4 word rows), NVFP4 (2). Tensor cores: the same without
-    act_order, per k-step span."""
+    act_order, per span of k-steps (0: scales into B)."""
     gemv = [WeightType(0, bits, zeros, perm, flush) for bits in (2, 4, 8) for zeros in (False, True)
             for perm in (False, True) for flush in (1, 2, 4, 8)]
     gemv += [*(WeightType(1, 4, False, False, flush) for flush in (1, 2, 4, 8)),
              WeightType(2, 4, False, False, 4), WeightType(3, 4, False, False, 2)]
     mma = [WeightType(0, bits, zeros, False, span, kernel="mma") for bits in (2, 4, 8) for zeros in (False, True)
-           for span in (1, 2, 4)]
-    mma += [*(WeightType(1, 4, False, False, span, kernel="mma") for span in (1, 2, 4)),
-            WeightType(2, 4, False, False, 1, kernel="mma"), WeightType(3, 4, False, False, 1, kernel="mma")]
+           for span in (0, 1, 2, 4)]
+    mma += [*(WeightType(1, 4, False, False, span, kernel="mma") for span in (0, 1, 2, 4)),
+            WeightType(2, 4, False, False, 1, kernel="mma"), WeightType(3, 4, False, False, 0, kernel="mma")]
     return gemv + mma
 
 

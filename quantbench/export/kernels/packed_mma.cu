@@ -1,18 +1,20 @@
 // x·Wᵀ for 1–64 rows of float16 x and a packed weight in the kernel layout (layout.py), on tensor cores
 // (mma.sync m16n8k16, float32 sums). Built by cuda_build.py with nvcc, one library per weight type
-// (packed_decode.cuh: KIND, BITS, HAS_ZEROS); SPAN: k-steps that share one scale (1, 2 or 4). act_order is
-// gathered before the call.
+// (packed_decode.cuh: KIND, BITS, HAS_ZEROS); SPAN: k-steps that share one scale (1, 2 or 4), 0 where a
+// group is shorter than a k-step. act_order is gathered before the call.
 //
 // No layout of its own: a product's k order is free as long as x and W agree on it, so lane (g, t) of a
 // warp (g = lane / 4, t = lane % 4) takes word row 4·step + t whole. Each thread loads 4 adjacent outputs'
 // words of that row in 16 bytes, a warp 32 outputs × 4 word rows in four 128-byte lines, and decodes
 // each word's code pairs (p, p + PAIRS) into the B fragments of PER / 4 products: column g of n-tile o is
 // output 4g + o, and physical k (2t, 2t + 1) of product i, register r is stored input (PER·(4·step + t)
-// + 2i + r, … + PAIRS). The A fragments are the matching pairs of x's rows g and g + 8. int and ternary
-// weights are scaled into B (float16 scales: one rounding, as a dequantized float16 weight); NVFP4's
-// E2M1 × E4M3 products are exact in float16 and the global scale is applied last; MXFP4's power-of-two
-// scales may leave float16's range, so each block of 32 inputs (one k-step) is summed apart and scaled
-// in float32.
+// + 2i + r, … + PAIRS). The A fragments are the matching pairs of x's rows g and g + 8.
+//
+// Scales: where a group spans whole k-steps (SPAN > 0), B holds q − z exactly (ternary: each trit plane
+// apart, MXFP4: the E2M1 values) and each span's sums are scaled in float32, per accumulator column.
+// Shorter groups differ between the rows of one k-step, so each thread scales its B (float16 scales:
+// one rounding, as a dequantized float16 weight); NVFP4's E2M1 × E4M3 products are exact in float16 and
+// its global scale is applied last.
 //
 // A block's WARPS warps cover WARPS_N × 32 outputs and split the k-steps among WARPS / WARPS_N of them in
 // slabs of 4, the next slab's words loading into registers while one is decoded; their sums meet in
@@ -21,7 +23,7 @@
 #include "packed_decode.cuh"
 
 #ifndef SPAN
-#define SPAN 1
+#define SPAN 0
 #endif
 
 namespace {
@@ -49,23 +51,46 @@ __device__ __forceinline__ void load_slab(uint4 (&words)[SLAB], const uint32_t* 
   }
 }
 
-// The scales of one word row's group for this thread: B's (per weight column 4g + o) or, MXFP4, C's (per
-// accumulator column 8t + o and 8t + 4 + o).
+constexpr bool ON_SUMS = SPAN > 0;  // scales applied to each span's sums (else to B, per word row)
+static_assert(KIND != 2 || ON_SUMS, "MXFP4 scales may leave float16's range: they go onto the sums");
+static_assert(KIND != 3 || !ON_SUMS, "NVFP4 blocks of 16 are shorter than a k-step");
+constexpr int PLANES = KIND == 1 ? 2 : 1;  // ternary on sums: each trit plane summed apart
+
+// The scales of one word row's group for this thread: per weight column 4g + o where they go into B, per
+// accumulator column 8t + o and 8t + 4 + o where they go onto the sums; zero points always per weight column.
 struct Scales {
-  half2 b[OUTS], b_second[OUTS];
+  half2 b[PLANES][OUTS];
   float zero[OUTS];
-  float c_low[OUTS], c_high[OUTS];
+  float c_low[PLANES][OUTS], c_high[PLANES][OUTS];
 };
+
+[[maybe_unused]] __device__ __forceinline__ void four_halves(const half* p, bool inside, float (&f)[OUTS]) {
+  const uint2 v = inside ? __ldg(reinterpret_cast<const uint2*>(p)) : make_uint2(0, 0);
+  f[0] = __low2float(as_half2(v.x)); f[1] = __high2float(as_half2(v.x));
+  f[2] = __low2float(as_half2(v.y)); f[3] = __high2float(as_half2(v.y));
+}
 
 __device__ __forceinline__ void load_scales(Scales& s, const void* __restrict__ scales_, const uint8_t* __restrict__ zeros,
                                             int group, int n_groups, int N, int n0, int n_warp, int t,
                                             bool active) {
-  const size_t at = static_cast<size_t>(group) * N + n0;
+  [[maybe_unused]] const size_t at = static_cast<size_t>(group) * N + n0;
+  [[maybe_unused]] const size_t at_sums = static_cast<size_t>(group) * N + n_warp + 8 * t;
+  [[maybe_unused]] const bool low = n_warp + 8 * t < N, high = n_warp + 8 * t + 4 < N;
 #if KIND == 0 || KIND == 1
   const half* scales = static_cast<const half*>(scales_);
-  const uint2 v = active ? __ldg(reinterpret_cast<const uint2*>(scales + at)) : make_uint2(0, 0);
-  s.b[0] = __low2half2(as_half2(v.x)); s.b[1] = __high2half2(as_half2(v.x));
-  s.b[2] = __low2half2(as_half2(v.y)); s.b[3] = __high2half2(as_half2(v.y));
+#pragma unroll
+  for (int plane = 0; plane < PLANES; ++plane) {  // the second plane's α follow the first's
+    const size_t offset = static_cast<size_t>(plane) * n_groups * N;
+    if (ON_SUMS) {
+      four_halves(scales + offset + at_sums, low, s.c_low[plane]);
+      four_halves(scales + offset + at_sums + 4, high, s.c_high[plane]);
+    } else {
+      float f[OUTS];
+      four_halves(scales + offset + at, active, f);
+#pragma unroll
+      for (int o = 0; o < OUTS; ++o) s.b[plane][o] = __float2half2_rn(f[o]);
+    }
+  }
 #endif
 #if KIND == 0
 #if HAS_ZEROS
@@ -76,46 +101,45 @@ __device__ __forceinline__ void load_scales(Scales& s, const void* __restrict__ 
 #pragma unroll
   for (int o = 0; o < OUTS; ++o) s.zero[o] = static_cast<float>(1 << (BITS - 1));
 #endif
-#elif KIND == 1  // the second plane's α follow the first's
-  const uint2 v2 = active ? __ldg(reinterpret_cast<const uint2*>(scales + static_cast<size_t>(n_groups) * N + at))
-                          : make_uint2(0, 0);
-  s.b_second[0] = __low2half2(as_half2(v2.x)); s.b_second[1] = __high2half2(as_half2(v2.x));
-  s.b_second[2] = __low2half2(as_half2(v2.y)); s.b_second[3] = __high2half2(as_half2(v2.y));
-#endif
-#if KIND == 2
-  const uint8_t* codes = static_cast<const uint8_t*>(scales_) + static_cast<size_t>(group) * N + n_warp + 8 * t;
-  const bool low = n_warp + 8 * t < N, high = n_warp + 8 * t + 4 < N;
+#elif KIND == 2
+  const uint8_t* codes = static_cast<const uint8_t*>(scales_) + at_sums;
   const uint32_t c_low = low ? __ldg(reinterpret_cast<const uint32_t*>(codes)) : 0u;
   const uint32_t c_high = high ? __ldg(reinterpret_cast<const uint32_t*>(codes + 4)) : 0u;
 #pragma unroll
   for (int o = 0; o < OUTS; ++o) {
-    s.c_low[o] = low ? e8m0_value((c_low >> (8 * o)) & 0xFFu) : 0.f;
-    s.c_high[o] = high ? e8m0_value((c_high >> (8 * o)) & 0xFFu) : 0.f;
+    s.c_low[0][o] = low ? e8m0_value((c_low >> (8 * o)) & 0xFFu) : 0.f;
+    s.c_high[0][o] = high ? e8m0_value((c_high >> (8 * o)) & 0xFFu) : 0.f;
   }
 #elif KIND == 3
   const uint32_t codes = active ? __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(scales_) + at)) : 0u;
 #pragma unroll
-  for (int o = 0; o < OUTS; ++o) s.b[o] = __float2half2_rn(e4m3_value((codes >> (8 * o)) & 0xFFu));
+  for (int o = 0; o < OUTS; ++o) s.b[0][o] = __float2half2_rn(e4m3_value((codes >> (8 * o)) & 0xFFu));
 #endif
 }
 
-// Word → the B registers of its PRODUCTS products (two code pairs each), scaled where B carries the scale.
-__device__ __forceinline__ void decode_word(uint32_t word, const Scales& s, int o, uint32_t (&b)[PAIRS]) {
+// Word → the B registers of its PRODUCTS products (two code pairs each) for each plane, scaled where B
+// carries the scale.
+__device__ __forceinline__ void decode_word(uint32_t word, const Scales& s, int o, uint32_t (&b)[PLANES][PAIRS]) {
 #pragma unroll
   for (int p = 0; p < PAIRS; ++p) {
     const uint32_t bytes = word >> pair_shift(p);
     const int bit = field_bit(p);
 #if KIND == 0
-    const half2 v = __hmul2(field_minus(bytes, bit, CODE_MASK, s.zero[o]), s.b[o]);
+    const half2 v = field_minus(bytes, bit, CODE_MASK, s.zero[o]);
+    b[0][p] = as_bits(ON_SUMS ? v : __hmul2(v, s.b[0][o]));
 #elif KIND == 1  // trit digits are t + 1
-    const half2 v = __hfma2(field_minus(bytes, bit + 2, 0x00030003u, 1.f), s.b_second[o],
-                            __hmul2(field_minus(bytes, bit, 0x00030003u, 1.f), s.b[o]));
+    const half2 t1 = field_minus(bytes, bit, 0x00030003u, 1.f), t2 = field_minus(bytes, bit + 2, 0x00030003u, 1.f);
+    if (ON_SUMS) {
+      b[0][p] = as_bits(t1);
+      b[PLANES - 1][p] = as_bits(t2);
+    } else {
+      b[0][p] = as_bits(__hfma2(t2, s.b[PLANES - 1][o], __hmul2(t1, s.b[0][o])));
+    }
 #elif KIND == 2
-    const half2 v = e2m1_pair(bytes, bit);
+    b[0][p] = as_bits(e2m1_pair(bytes, bit));
 #else
-    const half2 v = __hmul2(e2m1_pair(bytes, bit), s.b[o]);
+    b[0][p] = as_bits(__hmul2(e2m1_pair(bytes, bit), s.b[0][o]));
 #endif
-    b[p] = as_bits(v);
   }
 }
 
@@ -151,6 +175,8 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
   uint4 next[SLAB];
   load_slab(next, w, warp_k * SLAB, word_rows, N, n0, t, active);
   Scales s;
+  constexpr int SCALE_EVERY = ON_SUMS ? SPAN : 1;  // k-steps per scale load
+  float sums[PLANES][TILES_M][OUTS][4];  // ON_SUMS: the current span's sums, scaled into acc at its end
   for (int step0 = warp_k * SLAB; step0 < steps; step0 += WARPS_K * SLAB) {
     uint4 words[SLAB];
 #pragma unroll
@@ -159,9 +185,18 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
 #pragma unroll
     for (int i = 0; i < SLAB; ++i) {
       const int j = (step0 + i) * STEP_ROWS + t;
-      if (i % SPAN == 0) {
-        const int group = min(j >> row_shift, n_groups - 1);
-        load_scales(s, scales_, zeros, group, n_groups, N, n0, n_warp, t, active);
+      if (i % SCALE_EVERY == 0) {
+        load_scales(s, scales_, zeros, min(j >> row_shift, n_groups - 1), n_groups, N, n0, n_warp, t, active);
+        if (ON_SUMS) {
+#pragma unroll
+          for (int plane = 0; plane < PLANES; ++plane)
+#pragma unroll
+            for (int mt = 0; mt < TILES_M; ++mt)
+#pragma unroll
+              for (int o = 0; o < OUTS; ++o)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sums[plane][mt][o][e] = 0.f;
+        }
       }
       uint32_t a[TILES_M][PRODUCTS][4];
 #pragma unroll
@@ -182,21 +217,26 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
       }
 #pragma unroll
       for (int o = 0; o < OUTS; ++o) {
-        uint32_t b[PAIRS];
+        uint32_t b[PLANES][PAIRS];
         decode_word(word_of(words[i], o), s, o, b);
 #pragma unroll
-        for (int mt = 0; mt < TILES_M; ++mt) {
-#if KIND == 2  // one k-step is one block of 32 inputs: summed apart, then scaled per accumulator column
-          float block[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int plane = 0; plane < (ON_SUMS ? PLANES : 1); ++plane)
 #pragma unroll
-          for (int i2 = 0; i2 < PRODUCTS; ++i2) mma(block, a[mt][i2], b[2 * i2], b[2 * i2 + 1]);
-          acc[mt][o][0] += s.c_low[o] * block[0]; acc[mt][o][1] += s.c_high[o] * block[1];
-          acc[mt][o][2] += s.c_low[o] * block[2]; acc[mt][o][3] += s.c_high[o] * block[3];
-#else
+          for (int mt = 0; mt < TILES_M; ++mt)
 #pragma unroll
-          for (int i2 = 0; i2 < PRODUCTS; ++i2) mma(acc[mt][o], a[mt][i2], b[2 * i2], b[2 * i2 + 1]);
-#endif
-        }
+            for (int i2 = 0; i2 < PRODUCTS; ++i2)
+              mma(ON_SUMS ? sums[plane][mt][o] : acc[mt][o], a[mt][i2], b[plane][2 * i2], b[plane][2 * i2 + 1]);
+      }
+      if (ON_SUMS && i % SCALE_EVERY == SCALE_EVERY - 1) {  // accumulator e sits in column 8t + 4·(e % 2) + o
+#pragma unroll
+        for (int plane = 0; plane < PLANES; ++plane)
+#pragma unroll
+          for (int mt = 0; mt < TILES_M; ++mt)
+#pragma unroll
+            for (int o = 0; o < OUTS; ++o)
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                acc[mt][o][e] += (e % 2 ? s.c_high[plane][o] : s.c_low[plane][o]) * sums[plane][mt][o][e];
       }
     }
   }
