@@ -363,7 +363,8 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     mma = [c for c in every if c.engine == "mma"]
     assert cuda and mma and len(cuda) + len(mma) < len(every)
     assert {(c.rows, c.num_warps, c.block_n // 32) for c in mma} == {
-        (8, warps, warps_n) for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps}
+        (rows, warps, warps_n) for rows in (8, 16) for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N
+        if warps_n <= warps}
     for m, rows in ((9, {16}), (40, {16, 32}), (64, {16, 32})):
         assert {c.rows for c in matmul._engine_candidates(x.repeat(m, 1), packed) if c.engine == "mma"} == rows
     assert {c.engine for c in matmul._engine_candidates(x.repeat(20, 1), packed)} == {"triton", "mma"}

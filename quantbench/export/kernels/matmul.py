@@ -156,10 +156,10 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
 
     if weight.kind == "ternary3" or cuda_mma.unsupported_reason(x, weight) is not None:
         return []
-    most = cuda_mma.rows_for(x.shape[0])  # also 16-row blocks for 17–64 rows: more blocks, fewer registers
-    return [TileConfig(1, 32 * warps_n, 0, 1, warps, 0, rows=rows, engine="mma")
-            for rows in sorted({most, min(most, 16)}) for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N
-            if warps_n <= warps]
+    # also 16-row blocks beside 8 (other registers and schedule) and beside 32 (more blocks, fewer registers)
+    rows = sorted({cuda_mma.rows_for(x.shape[0]), 16})
+    return [TileConfig(1, 32 * warps_n, 0, 1, warps, 0, rows=r, engine="mma") for r in rows
+            for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps]
 
 
 def tuned_configs() -> dict[tuple, TileConfig]:

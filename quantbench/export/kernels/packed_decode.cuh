@@ -78,28 +78,38 @@ __device__ __forceinline__ float e4m3_value(uint32_t code) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>((code & 0x7Fu) << 7))) * 256.f;
 }
 
-// The pairs (x[p], x[p + PAIRS]) of word row j's PER inputs, for each of ROWS rows of x (zero past K or M).
+// Word row j's PER inputs of one row of x, two per word (zero unless `live`).
+__device__ __forceinline__ void input_words(const half* __restrict__ row, int j, bool live, uint32_t (&words)[PER / 2]) {
+  const half* at = row + j * PER;
+  if (PER >= 8) {
+#pragma unroll
+    for (int q = 0; q < PER / 8; ++q) {
+      const uint4 v = live ? *(reinterpret_cast<const uint4*>(at) + q) : make_uint4(0, 0, 0, 0);
+      words[4 * q] = v.x; words[4 * q + 1] = v.y; words[4 * q + 2] = v.z; words[4 * q + 3] = v.w;
+    }
+  } else {
+    const uint2 v = live ? *reinterpret_cast<const uint2*>(at) : make_uint2(0, 0);
+    words[0] = v.x; words[1] = v.y;
+  }
+}
+
+// The pairs (x[p], x[p + PAIRS]) of those words: p and p + PAIRS have the same parity, so both are the low or
+// both the high halves of their words.
+__device__ __forceinline__ void pairs_of(const uint32_t (&words)[PER / 2], half2 (&pairs)[PAIRS]) {
+#pragma unroll
+  for (int p = 0; p < PAIRS; ++p)
+    pairs[p] = as_half2(__byte_perm(words[p / 2], words[(p + PAIRS) / 2], p % 2 ? 0x7632 : 0x5410));
+}
+
+// The pairs of word row j's inputs for each of ROWS rows of x (zero past K or M).
 template <int ROWS>
 __device__ __forceinline__ void input_pairs(const half* __restrict__ x, int j, bool inside, int m0, int M,
                                             int stride_x, half2 (&pairs)[ROWS][PAIRS]) {
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
-    const bool live = inside && m0 + r < M;
-    const half* row = x + static_cast<size_t>(r) * stride_x + j * PER;
-    uint32_t words[PER / 2];  // two inputs per word
-    if (PER >= 8) {
-#pragma unroll
-      for (int q = 0; q < PER / 8; ++q) {
-        const uint4 v = live ? *(reinterpret_cast<const uint4*>(row) + q) : make_uint4(0, 0, 0, 0);
-        words[4 * q] = v.x; words[4 * q + 1] = v.y; words[4 * q + 2] = v.z; words[4 * q + 3] = v.w;
-      }
-    } else {
-      const uint2 v = live ? *reinterpret_cast<const uint2*>(row) : make_uint2(0, 0);
-      words[0] = v.x; words[1] = v.y;
-    }
-#pragma unroll
-    for (int p = 0; p < PAIRS; ++p)  // p and p + PAIRS have the same parity: both low or both high halves
-      pairs[r][p] = as_half2(__byte_perm(words[p / 2], words[(p + PAIRS) / 2], p % 2 ? 0x7632 : 0x5410));
+    uint32_t words[PER / 2];
+    input_words(x + static_cast<size_t>(r) * stride_x, j, inside && m0 + r < M, words);
+    pairs_of(words, pairs[r]);
   }
 }
 

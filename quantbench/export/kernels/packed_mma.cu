@@ -143,6 +143,19 @@ __device__ __forceinline__ void decode_word(uint32_t word, const Scales& s, int 
   }
 }
 
+// Word row j's inputs of rows g and (HALVES 2) g + 8 of each m-tile (zero past K or M).
+template <int TILES_M, int HALVES>
+__device__ __forceinline__ void load_inputs(const half* __restrict__ x, int j, int word_rows, int m0, int g, int M,
+                                            int stride_x, uint32_t (&inputs)[TILES_M][HALVES][PER / 2]) {
+#pragma unroll
+  for (int mt = 0; mt < TILES_M; ++mt)
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h) {
+      const int row = m0 + 16 * mt + 8 * h + g;
+      input_words(x + static_cast<size_t>(row) * stride_x, j, j < word_rows && row < M, inputs[mt][h]);
+    }
+}
+
 template <int ROWS, int WARPS, int WARPS_N>
 __global__ void __launch_bounds__(WARPS * 32) packed_mma(
     const half* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ scales_,
@@ -152,6 +165,11 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
   constexpr bool UPPER = ROWS >= 16;  // rows g + 8 of each m-tile hold x
   constexpr int WARPS_K = WARPS / WARPS_N;
   constexpr int TILE_ROWS = 16 * TILES_M;
+  constexpr int HALVES = UPPER ? 2 : 1;
+  // A slab's inputs take SLAB · TILES_M · HALVES · PER / 2 registers: loaded with the next slab's words
+  // where two slabs' fit in 64 (2), at the start of their slab where one fits (1), else step by step (0).
+  constexpr int X_REGISTERS = SLAB * TILES_M * HALVES * PER / 2;
+  constexpr int X_AHEAD = X_REGISTERS <= 32 ? 2 : X_REGISTERS <= 64 ? 1 : 0;
   __shared__ float partial[WARPS][TILE_ROWS][COLS];
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -174,6 +192,12 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
 
   uint4 next[SLAB];
   load_slab(next, w, warp_k * SLAB, word_rows, N, n0, t, active);
+  uint32_t next_inputs[X_AHEAD == 2 ? SLAB : 1][TILES_M][HALVES][PER / 2];
+  if constexpr (X_AHEAD == 2) {
+#pragma unroll
+    for (int i = 0; i < SLAB; ++i)
+      load_inputs(x, (warp_k * SLAB + i) * STEP_ROWS + t, word_rows, m0, g, M, stride_x, next_inputs[i]);
+  }
   Scales s;
   constexpr int SCALE_EVERY = ON_SUMS ? SPAN : 1;  // k-steps per scale load
   float sums[PLANES][TILES_M][OUTS][4];  // ON_SUMS: the current span's sums, scaled into acc at its end
@@ -182,6 +206,22 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
 #pragma unroll
     for (int i = 0; i < SLAB; ++i) words[i] = next[i];
     load_slab(next, w, step0 + WARPS_K * SLAB, word_rows, N, n0, t, active);
+    uint32_t inputs[X_AHEAD ? SLAB : 1][TILES_M][HALVES][PER / 2];  // rows g (+ 8) of each m-tile
+    if constexpr (X_AHEAD == 2) {
+#pragma unroll
+      for (int i = 0; i < SLAB; ++i) {
+#pragma unroll
+        for (int mt = 0; mt < TILES_M; ++mt)
+#pragma unroll
+          for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+            for (int q = 0; q < PER / 2; ++q) inputs[i][mt][h][q] = next_inputs[i][mt][h][q];
+        load_inputs(x, (step0 + WARPS_K * SLAB + i) * STEP_ROWS + t, word_rows, m0, g, M, stride_x, next_inputs[i]);
+      }
+    } else if constexpr (X_AHEAD == 1) {  // the slab's inputs all in flight at once: one wait per slab
+#pragma unroll
+      for (int i = 0; i < SLAB; ++i) load_inputs(x, (step0 + i) * STEP_ROWS + t, word_rows, m0, g, M, stride_x, inputs[i]);
+    }
 #pragma unroll
     for (int i = 0; i < SLAB; ++i) {
       const int j = (step0 + i) * STEP_ROWS + t;
@@ -198,21 +238,19 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
                 for (int e = 0; e < 4; ++e) sums[plane][mt][o][e] = 0.f;
         }
       }
+      if constexpr (!X_AHEAD) load_inputs(x, j, word_rows, m0, g, M, stride_x, inputs[0]);
       uint32_t a[TILES_M][PRODUCTS][4];
 #pragma unroll
       for (int mt = 0; mt < TILES_M; ++mt) {
-        const int row = m0 + 16 * mt + g;
-        half2 low[1][PAIRS], high[1][PAIRS];
-        input_pairs<1>(x + static_cast<size_t>(row) * stride_x, j, j < word_rows, row, M, stride_x, low);
-        if (UPPER) {
-          input_pairs<1>(x + static_cast<size_t>(row + 8) * stride_x, j, j < word_rows, row + 8, M, stride_x, high);
-        }
+        half2 low[PAIRS], high[PAIRS];
+        pairs_of(inputs[X_AHEAD ? i : 0][mt][0], low);
+        if (UPPER) pairs_of(inputs[X_AHEAD ? i : 0][mt][HALVES - 1], high);
 #pragma unroll
         for (int i2 = 0; i2 < PRODUCTS; ++i2) {
-          a[mt][i2][0] = as_bits(low[0][2 * i2]);
-          a[mt][i2][1] = UPPER ? as_bits(high[0][2 * i2]) : 0u;
-          a[mt][i2][2] = as_bits(low[0][2 * i2 + 1]);
-          a[mt][i2][3] = UPPER ? as_bits(high[0][2 * i2 + 1]) : 0u;
+          a[mt][i2][0] = as_bits(low[2 * i2]);
+          a[mt][i2][1] = UPPER ? as_bits(high[2 * i2]) : 0u;
+          a[mt][i2][2] = as_bits(low[2 * i2 + 1]);
+          a[mt][i2][3] = UPPER ? as_bits(high[2 * i2 + 1]) : 0u;
         }
       }
 #pragma unroll
