@@ -74,7 +74,7 @@ def with_inputs_gathered(x: torch.Tensor, weight: KernelWeight) -> tuple[torch.T
     """x [M, K] in the stored input order and the weight without its permutation (act_order gathered once)."""
     if weight.perm is None:
         return x, weight
-    return x[:, weight.perm.long()], dataclasses.replace(weight, perm=None)
+    return x.index_select(1, weight.perm), dataclasses.replace(weight, perm=None)  # int32 indices: one kernel
 
 
 def kernel_unsupported_reason(weight: QuantizedWeight | TritPlaneWeight) -> str | None:
