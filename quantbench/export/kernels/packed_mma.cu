@@ -17,8 +17,9 @@
 // its global scale is applied last.
 //
 // A block's WARPS warps cover WARPS_N × 32 outputs and split the k-steps among WARPS / WARPS_N of them in
-// slabs of 4, the next slab's words loading into registers while one is decoded; their sums meet in
-// shared memory. Rows of x: 8 (the upper half of each m-tile idle), 16 or 32 per block.
+// slabs of 4, the next slab's words (and x's pairs, where two slabs of them fit in 64 registers) loading
+// into registers while one is decoded; their sums meet in shared memory. Rows of x: 8 (the upper half of
+// each m-tile idle), 16 or 32 per block.
 
 #include "packed_decode.cuh"
 
