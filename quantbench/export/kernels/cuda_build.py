@@ -207,8 +207,8 @@ def main() -> None:
         types = []
         for spec in args.only:
             kernel, *fields = spec.split("-")
-            if kernel not in KERNELS:
-                parser.error(f"{spec}: the kernel is one of {KERNELS}")
+            if kernel not in KERNELS or len(fields) != 5 or not all(v.isdigit() for v in fields):
+                parser.error(f"{spec}: expected KERNEL-KIND-BITS-ZEROS-PERM-FLUSH, the kernel one of {KERNELS}")
             kind, bits, zeros, perm, flush = (int(v) for v in fields)
             types.append(WeightType(kind, bits, bool(zeros), bool(perm), flush, kernel=kernel))
     with ThreadPoolExecutor(args.jobs) as pool:
