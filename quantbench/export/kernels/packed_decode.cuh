@@ -71,7 +71,8 @@ __device__ __forceinline__ half2 e2m1_pair(uint32_t word, int b) {
   return __hmul2(as_half2(bits), __float2half2_rn(16384.f));
 }
 
-__device__ __forceinline__ float e8m0_value(uint32_t code) { return exp2f(static_cast<float>(code) - 127.f); }
+// 2^(code − 127) built from its bits (code 0: the subnormal 2^-127), without exp2f's special-function unit.
+__device__ __forceinline__ float e8m0_value(uint32_t code) { return __uint_as_float(code ? code << 23 : 0x00400000u); }
 
 // A non-negative E4M3 code's bits placed in a float16 are 2^-8 times its value.
 __device__ __forceinline__ float e4m3_value(uint32_t code) {

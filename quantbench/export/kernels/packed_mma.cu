@@ -65,12 +65,6 @@ struct Scales {
   float c_low[PLANES][OUTS], c_high[PLANES][OUTS];
 };
 
-// 2^(code − 127) built from its bits (code 0: the subnormal 2^-127), without exp2f's special-function unit:
-// MXFP4 loads 8 of these per k-step.
-[[maybe_unused]] __device__ __forceinline__ float power_of_two(uint32_t code) {
-  return __uint_as_float(code ? code << 23 : 0x00400000u);
-}
-
 [[maybe_unused]] __device__ __forceinline__ void four_halves(const half* p, bool inside, float (&f)[OUTS]) {
   const uint2 v = inside ? __ldg(reinterpret_cast<const uint2*>(p)) : make_uint2(0, 0);
   f[0] = __low2float(as_half2(v.x)); f[1] = __high2float(as_half2(v.x));
@@ -114,8 +108,8 @@ __device__ __forceinline__ void load_scales(Scales& s, const void* __restrict__ 
   const uint32_t c_high = high ? __ldg(reinterpret_cast<const uint32_t*>(codes + 4)) : 0u;
 #pragma unroll
   for (int o = 0; o < OUTS; ++o) {
-    s.c_low[0][o] = low ? power_of_two((c_low >> (8 * o)) & 0xFFu) : 0.f;
-    s.c_high[0][o] = high ? power_of_two((c_high >> (8 * o)) & 0xFFu) : 0.f;
+    s.c_low[0][o] = low ? e8m0_value((c_low >> (8 * o)) & 0xFFu) : 0.f;
+    s.c_high[0][o] = high ? e8m0_value((c_high >> (8 * o)) & 0xFFu) : 0.f;
   }
 #elif KIND == 3
   const uint32_t codes = active ? __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(scales_) + at)) : 0u;
