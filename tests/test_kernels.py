@@ -410,6 +410,18 @@ def test_cuda_decode_kernel_handles_a_partial_slab_of_word_rows(name):
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
+def assert_graph_replays_the_kernel(x: torch.Tensor, packed, backend: str) -> None:
+    """The kernel launches on the stream a CUDA graph captures: a replay on new x gives the eager result."""
+    before = packed_matmul(x, packed, backend=backend)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = packed_matmul(x, packed, backend=backend)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(captured, packed_matmul(x, packed, backend=backend))
+    assert not torch.equal(captured, before)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
 def test_cuda_kernel_is_a_tuning_candidate_and_launches_on_the_stream_a_graph_captures():
     from quantbench.export.kernels.matmul import _cuda_candidates
@@ -418,14 +430,7 @@ def test_cuda_kernel_is_a_tuning_candidate_and_launches_on_the_stream_a_graph_ca
     x = torch.randn(1, IN, device="cuda").half()
     assert {c.engine for c in _cuda_candidates(x, packed)} == {"cuda"}
     assert _cuda_candidates(x.bfloat16(), packed) == [] and _cuda_candidates(x.repeat(17, 1), packed) == []
-    before = packed_matmul(x, packed, backend="cuda")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = packed_matmul(x, packed, backend="cuda")
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    assert torch.equal(captured, packed_matmul(x, packed, backend="cuda"))
-    assert not torch.equal(captured, before)
+    assert_graph_replays_the_kernel(x, packed, "cuda")
 
 
 MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows=8, engine="mma"),
@@ -482,11 +487,4 @@ def test_tensor_core_kernel_is_a_tuning_candidate_up_to_64_rows_and_graph_captur
     x = torch.randn(24, IN, device="cuda").half()
     assert {c.engine for c in _mma_candidates(x, packed)} == {"mma"}
     assert _mma_candidates(x.bfloat16(), packed) == [] and _mma_candidates(x.repeat(3, 1), packed) == []
-    before = packed_matmul(x, packed, backend="mma")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = packed_matmul(x, packed, backend="mma")
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    assert torch.equal(captured, packed_matmul(x, packed, backend="mma"))
-    assert not torch.equal(captured, before)
+    assert_graph_replays_the_kernel(x, packed, "mma")
