@@ -346,6 +346,10 @@ def test_tensor_core_libraries_load_scales_once_per_span_of_k_steps_that_share_t
     assert span("int8-g64 act_order") == 4 and span("int2-g64-rtn") == 1  # 16 and 4 word rows
     assert span("nvfp4-rtn") == 0 and span("int8-pc-rtn") == 4 and span("ternary2-g64") == 2
     int4 = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
+    in_b = WeightType.for_mma(int4, scales_in_b=True)  # 64-row blocks: the scales go into B
+    assert in_b.flush == 0 and library_path(in_b, "90") != library_path(WeightType.for_mma(int4), "90")
+    with pytest.raises(ValueError, match="MXFP4"):
+        WeightType.for_mma(to_kernel_layout(WEIGHTS["mxfp4-rtn"]), scales_in_b=True)
     assert library_path(WeightType.for_mma(int4), "90").name.startswith("packed_mma-")
     assert library_path(WeightType.of(int4, False), "90").name.startswith("packed_gemv-")
 
@@ -362,11 +366,13 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     cuda = [c for c in every if c.engine == "cuda"]
     mma = [c for c in every if c.engine == "mma"]
     assert cuda and mma and len(cuda) + len(mma) < len(every)
-    assert {(c.rows, c.num_warps, c.block_n // 32) for c in mma} == {
-        (rows, warps, warps_n) for rows in (8, 16) for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N
-        if warps_n <= warps}
-    for m, rows in ((9, {16}), (40, {16, 32}), (64, {16, 32})):
+    assert {(c.rows, c.num_warps, c.block_n // 32, c.num_stages) for c in mma} == {
+        (rows, warps, warps_n, x_shared) for rows in (8, 16) for warps in cuda_mma.WARPS
+        for warps_n in cuda_mma.WARPS_N if warps_n <= warps for x_shared in (0, 1)}
+    for m, rows in ((9, {16}), (20, {16, 32}), (40, {16, 32, 64}), (64, {16, 32, 64})):
         assert {c.rows for c in matmul._engine_candidates(x.repeat(m, 1), packed) if c.engine == "mma"} == rows
+    mxfp4 = to_kernel_layout(WEIGHTS["mxfp4-rtn"])  # its scales cannot go into B: no 64-row blocks
+    assert {c.rows for c in matmul._mma_candidates(x.repeat(64, 1), mxfp4)} == {16, 32}
     assert {c.engine for c in matmul._engine_candidates(x.repeat(20, 1), packed)} == {"triton", "mma"}
     assert {c.engine for c in matmul._engine_candidates(x.repeat(65, 1), packed)} == {"triton"}
     assert {(c.rows, c.num_stages) for c in cuda} == {(1, 0), (1, 1)}  # registers and cp.async stages
@@ -435,7 +441,11 @@ def test_cuda_kernel_is_a_tuning_candidate_and_launches_on_the_stream_a_graph_ca
 
 MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows=8, engine="mma"),
              "16 rows, 8 warps splitting the inputs": TileConfig(1, 32, 0, 1, 8, 0, rows=16, engine="mma"),
-             "32 rows, 8 warps, 2 along the outputs": TileConfig(1, 64, 0, 1, 8, 0, rows=32, engine="mma")}
+             "32 rows, 8 warps, 2 along the outputs": TileConfig(1, 64, 0, 1, 8, 0, rows=32, engine="mma"),
+             "8 rows, x shared by 2 warps along the outputs": TileConfig(1, 64, 0, 1, 4, 1, rows=8, engine="mma"),
+             "32 rows, x shared, 4 warps splitting the inputs": TileConfig(1, 32, 0, 1, 4, 1, rows=32, engine="mma"),
+             "64 rows, x shared, 4 warps, 2 along the outputs": TileConfig(1, 64, 0, 1, 4, 1, rows=64, engine="mma"),
+             "64 rows, x from global memory": TileConfig(1, 128, 0, 1, 4, 0, rows=64, engine="mma")}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
@@ -444,8 +454,13 @@ MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows
 @pytest.mark.parametrize("batch", [1, 5, 16, 40])
 def test_tensor_core_kernel_equals_the_dequantized_matmul_on_partial_tiles(label, tile, batch):
     """80 outputs fill no block of 32–128; 1, 5 and 40 rows leave partial row blocks, 40 also spans two
-    blocks of 32; act_order is gathered before the call."""
+    blocks of 32; act_order is gathered before the call. 64-row blocks put the scales into B (not MXFP4's)."""
     stored = WEIGHTS[label].to("cuda")
+    if MMA_TILES[tile].rows == 64 and label.startswith("mxfp4"):
+        with pytest.raises(ValueError, match="rows 64"):
+            packed_matmul(torch.zeros(batch, IN, device="cuda").half(), to_kernel_layout(stored), backend="mma",
+                          config=MMA_TILES[tile])
+        return
     x = torch.randn(batch, IN, device="cuda", generator=torch.Generator("cuda").manual_seed(batch)).half()
     expected = x.float() @ stored.dequantize().T
     got = packed_matmul(x, to_kernel_layout(stored), backend="mma", config=MMA_TILES[tile])
@@ -470,12 +485,14 @@ def test_tensor_core_kernel_scales_b_where_groups_are_shorter_than_a_k_step(stor
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
 @pytest.mark.parametrize("name", ["int4-g32-rtn", "int8-g32-sym-rtn", "int2-pc-rtn", "mxfp4-rtn", "nvfp4-rtn"])
-def test_tensor_core_kernel_handles_a_partial_slab_of_k_steps(name):
+@pytest.mark.parametrize("x_shared", [0, 1], ids=["x from global memory", "x through shared memory"])
+def test_tensor_core_kernel_handles_a_partial_slab_of_k_steps(name, x_shared):
     """96 inputs: 3 k-steps of int4 (one slab of 4, partly empty), 1.5 of int2."""
     stored = quantize_rtn(torch.randn(OUT, ODD_INPUTS), Scheme.parse(name)).to("cuda")
     x = torch.randn(12, ODD_INPUTS, device="cuda").half()
     expected = x.float() @ stored.dequantize().T
-    got = packed_matmul(x, to_kernel_layout(stored), backend="mma")
+    tile = TileConfig(1, 64, 0, 1, 4, x_shared, rows=16, engine="mma")
+    got = packed_matmul(x, to_kernel_layout(stored), backend="mma", config=tile)
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 

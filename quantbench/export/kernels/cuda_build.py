@@ -52,12 +52,16 @@ class WeightType:
         return cls(KIND_CODES[weight.kind], weight.bits, weight.zeros is not None, perm, flush, load_only)
 
     @classmethod
-    def for_mma(cls, weight: KernelWeight) -> WeightType:
+    def for_mma(cls, weight: KernelWeight, scales_in_b: bool = False) -> WeightType:
         """The tensor-core kernel's type: its span, the k-steps that share one scale (at most a slab), or 0
-        where groups are shorter than a k-step (and NVFP4: its scales go into B, where they stay exact)."""
+        where groups are shorter than a k-step, for NVFP4 (its scales go into B, where they stay exact) and
+        where `scales_in_b` asks for it (64-row blocks: no registers for span sums; not MXFP4, whose scales
+        may leave float16's range)."""
+        if scales_in_b and weight.kind == "mxfp4":
+            raise ValueError("MXFP4 scales go onto the sums: they may leave float16's range in B")
         group_rows = weight.shape[1] // weight.per_word if weight.group >= weight.shape[1] else \
             weight.group // weight.per_word
-        span = 0 if weight.kind == "nvfp4" or group_rows < MMA_STEP_ROWS else \
+        span = 0 if scales_in_b or weight.kind == "nvfp4" or group_rows < MMA_STEP_ROWS else \
             min(MMA_SLAB, group_rows // MMA_STEP_ROWS)
         return cls(KIND_CODES[weight.kind], weight.bits, weight.zeros is not None, False, span, kernel="mma")
 
@@ -144,30 +148,38 @@ def build(weight_type: WeightType, arch: str) -> Path:
     return path
 
 
-# Entry points: (rows, lanes/warps, threads/warps_n, async) ints, then pointers, then sizes, then the scale.
-_SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 4 + [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6),
-               "mma": ("quantbench_packed_mma", [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6)}
-_functions: dict[tuple[WeightType, str], ctypes._CFuncPtr] = {}
+# Entry points: (rows, lanes/warps, threads/warps_n, async/x_shared) ints, then pointers, then sizes, then the
+# scale and the stream; the tensor-core libraries also gather act_order's inputs (x, perm, out, M, K, stride, stream).
+_SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 4 + [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
+                        + [ctypes.c_float, ctypes.c_void_p]),
+               "mma": ("quantbench_packed_mma", [ctypes.c_int] * 4 + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
+                       + [ctypes.c_float, ctypes.c_void_p]),
+               "gather": ("quantbench_gather_inputs", [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p])}
+_libraries: dict[tuple[WeightType, str], ctypes.CDLL] = {}
+_functions: dict[tuple[WeightType, str, str], ctypes._CFuncPtr] = {}
 _failures: dict[tuple[WeightType, str], Exception] = {}
 
 
-def entry_point(weight_type: WeightType, arch: str):
-    """The library's entry point; a failed build is remembered, not retried on every call."""
+def entry_point(weight_type: WeightType, arch: str, function: str | None = None):
+    """The library's entry point (`function` "gather": the tensor-core library's act_order gather); a failed
+    build is remembered, not retried on every call."""
     key = (weight_type, arch)
     if key in _failures:
         raise _failures[key]
-    if key not in _functions:
+    if key not in _libraries:
         try:
-            library = ctypes.CDLL(str(build(weight_type, arch)))
+            _libraries[key] = ctypes.CDLL(str(build(weight_type, arch)))
         except (RuntimeError, OSError) as exc:
             _failures[key] = exc
             raise
-        name, arguments = _SIGNATURES[weight_type.kernel]
-        function = getattr(library, name)
-        function.restype = ctypes.c_int
-        function.argtypes = [*arguments, ctypes.c_float, ctypes.c_void_p]
-        _functions[key] = function
-    return _functions[key]
+    function = function or weight_type.kernel
+    if (*key, function) not in _functions:
+        name, arguments = _SIGNATURES[function]
+        entry = getattr(_libraries[key], name)
+        entry.restype = ctypes.c_int
+        entry.argtypes = arguments
+        _functions[(*key, function)] = entry
+    return _functions[(*key, function)]
 
 
 def device_arch(device: torch.device) -> str:

@@ -1,6 +1,6 @@
 """Launching the tensor-core kernel (`packed_mma.cu`: mma.sync on weights decoded in registers) for 1–64
 rows of float16 x, through ctypes on the current CUDA stream (built by cuda_build.py). act_order is gathered
-once per call, before the kernel."""
+once per call, before the kernel, by the library's own gather."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import torch
 
 from quantbench.export.kernels import cuda_build
 from quantbench.export.kernels.cuda_build import WeightType, pointer, row_shift
-from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
+from quantbench.export.kernels.layout import KernelWeight
 
-ROWS = (8, 16, 32)  # rows of x per block: 8 leave the upper half of each 16-row product idle
+ROWS = (8, 16, 32, 64)  # rows of x per block: 8 leave the upper half of each 16-row product idle
 WARPS = (4, 8)
 WARPS_N = (1, 2, 4)  # warps side by side along the outputs (32 each); the others split the inputs
 MAX_ROWS = 64  # beyond this only the tl.dot kernel is tried
+SCALES_IN_B_ROWS = 64  # blocks this tall put the scales into B: no registers are left for span sums
 
 
 def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
@@ -23,30 +24,53 @@ def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
     return cuda_build.unsupported_reason(x, weight)
 
 
-def rows_for(m: int) -> int:
-    """The fewest rows per block that hold m rows of x, at most 32 (more go to more blocks)."""
-    return next((rows for rows in ROWS if m <= rows), ROWS[-1])
+def row_choices(weight: KernelWeight) -> tuple[int, ...]:
+    """Rows per block this weight can take: 64 only where its scales can go into B (not MXFP4)."""
+    return ROWS if weight.kind != "mxfp4" else tuple(r for r in ROWS if r < SCALES_IN_B_ROWS)
 
 
-def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int) -> torch.Tensor:
-    """x [M ≤ 64, K] float16, contiguous, in the original input order → [M, N] float16."""
+def rows_for(m: int, weight: KernelWeight) -> int:
+    """The fewest rows per block that hold m rows of x (beyond the tallest block, more blocks)."""
+    choices = row_choices(weight)
+    return next((rows for rows in choices if m <= rows), choices[-1])
+
+
+def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
+           x_shared: bool = False) -> torch.Tensor:
+    """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `x_shared`: x through shared-memory
+    stages instead of from global memory at each k-step."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
-    if rows not in ROWS or warps not in WARPS or warps_n not in WARPS_N or warps_n > warps:
-        raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}: not among {ROWS}, {WARPS}, "
+    if rows not in row_choices(weight) or warps not in WARPS or warps_n not in WARPS_N or warps_n > warps:
+        raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}: not among {row_choices(weight)}, {WARPS}, "
                          f"{WARPS_N} (warps_n ≤ warps)")
-    x, weight = with_inputs_gathered(x, weight)
+    weight_type = WeightType.for_mma(weight, scales_in_b=rows == SCALES_IN_B_ROWS)
+    arch = cuda_build.device_arch(x.device)
     if x.data_ptr() % 16 or not x.is_contiguous():
         x = x.contiguous().clone()
     m, k = x.shape
     n = weight.shape[0]
-    function = cuda_build.entry_point(WeightType.for_mma(weight), cuda_build.device_arch(x.device))
-    out = torch.empty(m, n, dtype=torch.float16, device=x.device)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):
-        error = function(rows, warps, warps_n, x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
-                         pointer(weight.zeros), out.data_ptr(), m, n, k, weight.n_groups, row_shift(weight),
-                         x.stride(0), 1.0 / weight.global_scale, torch.cuda.current_stream(x.device).cuda_stream)
+        if weight.perm is not None:
+            x = _gathered(x, weight.perm, weight_type, arch, stream)
+        out = torch.empty(m, n, dtype=torch.float16, device=x.device)
+        error = cuda_build.entry_point(weight_type, arch)(
+            rows, warps, warps_n, int(x_shared), x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
+            pointer(weight.zeros), out.data_ptr(), m, n, k, weight.n_groups, row_shift(weight), x.stride(0),
+            1.0 / weight.global_scale, stream)
     if error:
         raise RuntimeError(f"the tensor-core kernel did not launch: cudaError {error}")
+    return out
+
+
+def _gathered(x: torch.Tensor, perm: torch.Tensor, weight_type: WeightType, arch: str, stream: int) -> torch.Tensor:
+    """x[:, perm], act_order's stored input order (K, a multiple of 32 in this layout, is one of 8)."""
+    m, k = x.shape
+    out = torch.empty_like(x)
+    error = cuda_build.entry_point(weight_type, arch, "gather")(x.data_ptr(), perm.data_ptr(), out.data_ptr(), m, k,
+                                                                 x.stride(0), stream)
+    if error:
+        raise RuntimeError(f"the act_order gather did not launch: cudaError {error}")
     return out

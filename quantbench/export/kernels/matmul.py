@@ -43,7 +43,8 @@ class TileConfig:
     pairs: bool = False  # decode kernel, int4 codes, float16 x: two codes per f16x2 instruction (inline PTX)
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers;
-    # "mma": packed_mma.cu, `rows` rows of x per block, num_warps warps, block_n / 32 of them along the outputs
+    # "mma": packed_mma.cu, `rows` rows of x per block, num_warps warps, block_n / 32 of them along the outputs,
+    # num_stages 1: x through shared-memory stages, 0: x from global memory
 
 
 CUDA_DEFAULT = TileConfig(1, 32, 0, 1, 8, num_stages=0, engine="cuda")
@@ -73,7 +74,7 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     if backend == "mma" and config is None:
         from quantbench.export.kernels.cuda_mma import rows_for
 
-        config = dataclasses.replace(MMA_DEFAULT, rows=rows_for(x2.shape[0]))
+        config = dataclasses.replace(MMA_DEFAULT, rows=rows_for(x2.shape[0], weight))
     use_triton = backend in ("triton", "cuda", "mma") or (backend == "auto" and x.is_cuda and triton_available())
     if not use_triton:
         return packed_matmul_reference(x2, weight).view(*x.shape[:-1], n_out)
@@ -92,7 +93,8 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
                                async_copies=config.num_stages > 0)
         return out.view(*x.shape[:-1], n_out)
     if config.engine == "mma":  # gathers act_order before the kernel
-        out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32)
+        out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
+                              x_shared=config.num_stages > 0)
         return out.view(*x.shape[:-1], n_out)
     if x2.shape[0] > 1:  # a batch gathers act_order once; Triton's decode gathers in the kernel
         x2, weight = with_inputs_gathered(x2, weight)
@@ -156,10 +158,12 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
 
     if weight.kind == "ternary3" or cuda_mma.unsupported_reason(x, weight) is not None:
         return []
-    # also 16-row blocks beside 8 (other registers and schedule) and beside 32 (more blocks, fewer registers)
-    rows = sorted({cuda_mma.rows_for(x.shape[0]), 16})
-    return [TileConfig(1, 32 * warps_n, 0, 1, warps, 0, rows=r, engine="mma") for r in rows
-            for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps]
+    # also 16-row blocks beside 8 (other registers and schedule), beside 32 (more blocks, fewer registers) and
+    # beside 64 (32: each block's scales on its span sums, as 64 cannot); x from global or shared memory
+    m = x.shape[0]
+    rows = sorted({cuda_mma.rows_for(m, weight), 16} | ({32} if m > 32 else set()))
+    return [TileConfig(1, 32 * warps_n, 0, 1, warps, x_shared, rows=r, engine="mma") for r in rows
+            for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps for x_shared in (0, 1)]
 
 
 def tuned_configs() -> dict[tuple, TileConfig]:

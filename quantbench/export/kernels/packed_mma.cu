@@ -17,9 +17,11 @@
 // its global scale is applied last.
 //
 // A block's WARPS warps cover WARPS_N × 32 outputs and split the k-steps among WARPS / WARPS_N of them in
-// slabs of 4, the next slab's words (and x's pairs, where two slabs of them fit in 64 registers) loading
-// into registers while one is decoded; their sums meet in shared memory. Rows of x: 8 (the upper half of
-// each m-tile idle), 16 or 32 per block.
+// slabs of 4, the next slab's words loading into registers while one is decoded; their sums meet in shared
+// memory. x's pairs come from global memory (a slab ahead where two slabs of them fit in 64 registers), or
+// (X_SHARED) from a ring of shared-memory stages that the warps sharing a slab fill with cp.async, two
+// slabs ahead, so that no load of x waits on L2. Rows of x: 8 (the upper half of each m-tile idle), 16, 32,
+// or 64 where the scales go into B (one decode of each weight for all 64 rows).
 
 #include "packed_decode.cuh"
 
@@ -33,6 +35,68 @@ constexpr int STEP_ROWS = 4;   // word rows per k-step: one per thread of a quad
 constexpr int PRODUCTS = PER / 4;  // m16n8k16 products per word: 4 codes each per thread
 constexpr int SLAB = 4;        // k-steps per load-ahead
 constexpr int COLS = 8 * OUTS;  // outputs per warp
+constexpr int SLAB_INPUTS = SLAB * STEP_ROWS * PER;
+constexpr int X_ROW_BYTES = SLAB_INPUTS * 2 + 64;  // one row of x in a stage; the 64 bytes keep rows g and g + 1
+                                                   // of a quarter warp's 16-byte reads on different banks
+constexpr size_t STAGE_BUDGET = 112 * 1024;  // three stages where they fit in it, else two
+
+template <int TILE_ROWS, int WARPS_K>
+__host__ __device__ constexpr size_t stage_bytes() { return static_cast<size_t>(WARPS_K) * TILE_ROWS * X_ROW_BYTES; }
+
+template <int TILE_ROWS, int WARPS_K>
+__host__ __device__ constexpr int x_stages() { return 3 * stage_bytes<TILE_ROWS, WARPS_K>() <= STAGE_BUDGET ? 3 : 2; }
+
+// cp.async of one slab's inputs of the block's ROWS rows of x into a stage (zeros past K or M), by the
+// GROUP_THREADS threads that share the slab, each slab one commit group. A thread copies the same 16-byte
+// column of rows r0, r0 + ROW_STEP, …: its addresses are set once, and each slab only moves them along K.
+template <int ROWS, int GROUP_THREADS>
+struct XCopier {
+  static constexpr int UNITS_PER_ROW = SLAB_INPUTS / 8;  // 16 bytes each
+  static_assert(GROUP_THREADS % UNITS_PER_ROW == 0, "each thread keeps one column");
+  static constexpr int ROW_STEP = GROUP_THREADS / UNITS_PER_ROW;
+  static constexpr int COPIES = (ROWS + ROW_STEP - 1) / ROW_STEP;
+  const half* x;
+  const half* first;  // row m0 + r0, column 8·c of slab 0
+  size_t row_stride;  // ROW_STEP rows of x
+  uint32_t target;    // the stage offset of row r0, column c
+  int first_row, column, rows_inside, K;
+
+  __device__ __forceinline__ XCopier(const half* x_, int m0, int M, int K_, int stride_x, int thread) : x(x_), K(K_) {
+    const int r0 = thread / UNITS_PER_ROW, c = thread % UNITS_PER_ROW;
+    first_row = r0;
+    column = 8 * c;
+    first = x + static_cast<size_t>(min(m0 + r0, M - 1)) * stride_x + column;
+    row_stride = static_cast<size_t>(ROW_STEP) * stride_x;
+    target = r0 * X_ROW_BYTES + 16 * c;
+    const int rows_left = min(ROWS, M - m0) - r0;  // rows r0 + i·ROW_STEP < min(ROWS, M − m0)
+    rows_inside = rows_left > 0 ? (rows_left + ROW_STEP - 1) / ROW_STEP : 0;
+  }
+
+  __device__ __forceinline__ void copy(unsigned char* stage, int step0) const {
+    const int k0 = step0 * STEP_ROWS * PER;
+    const bool k_inside = k0 + column < K;
+    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(stage)) + target;
+#pragma unroll
+    for (int i = 0; i < COPIES; ++i) {
+      if (ROWS % ROW_STEP && first_row + i * ROW_STEP >= ROWS) break;  // past the stage's rows
+      const bool inside = k_inside && i < rows_inside;
+      const half* source = inside ? first + i * row_stride + k0 : x;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                   :: "r"(base + i * ROW_STEP * X_ROW_BYTES), "l"(source), "r"(inside ? 16 : 0));
+    }
+    asm volatile("cp.async.commit_group;");
+  }
+};
+
+// The WARPS_N warps that share a slab meet (named barrier 1 + warp_k; 0 is __syncthreads').
+template <int WARPS_N>
+__device__ __forceinline__ void group_barrier(int warp_k) {
+  if constexpr (WARPS_N == 1) {
+    __syncwarp();
+  } else {
+    asm volatile("bar.sync %0, %1;" :: "r"(1 + warp_k), "n"(32 * WARPS_N) : "memory");
+  }
+}
 
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -157,7 +221,7 @@ __device__ __forceinline__ void load_inputs(const half* __restrict__ x, int j, i
     }
 }
 
-template <int ROWS, int WARPS, int WARPS_N>
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
 __global__ void __launch_bounds__(WARPS * 32) packed_mma(
     const half* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ scales_,
     const uint8_t* __restrict__ zeros, half* __restrict__ out, int M, int N, int K, int n_groups, int row_shift,
@@ -169,9 +233,13 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
   constexpr int HALVES = UPPER ? 2 : 1;
   // A slab's inputs take SLAB · TILES_M · HALVES · PER / 2 registers: loaded with the next slab's words
   // where two slabs' fit in 64 (2), at the start of their slab where one fits (1), else step by step (0).
+  // X_SHARED: step by step from the stage (0).
   constexpr int X_REGISTERS = SLAB * TILES_M * HALVES * PER / 2;
-  constexpr int X_AHEAD = X_REGISTERS <= 32 ? 2 : X_REGISTERS <= 64 ? 1 : 0;
-  __shared__ float partial[WARPS][TILE_ROWS][COLS];
+  constexpr int X_AHEAD = X_SHARED ? 0 : X_REGISTERS <= 32 ? 2 : X_REGISTERS <= 64 ? 1 : 0;
+  constexpr int STAGES = x_stages<TILE_ROWS, WARPS_K>();
+  static_assert(!ON_SUMS || ROWS <= 32, "64 rows of sums and span sums do not fit the registers: scales go into B");
+  extern __shared__ __align__(16) unsigned char shared[];  // X_SHARED: the stages; then the warps' partial sums
+  auto partial = reinterpret_cast<float (*)[TILE_ROWS][COLS]>(shared);
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
@@ -193,6 +261,13 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
 
   uint4 next[SLAB];
   load_slab(next, w, warp_k * SLAB, word_rows, N, n0, t, active);
+  unsigned char* const stages = shared + static_cast<size_t>(warp_k) * TILE_ROWS * X_ROW_BYTES;  // this group's
+  constexpr size_t STAGE_STRIDE = stage_bytes<TILE_ROWS, WARPS_K>();
+  const XCopier<ROWS, 32 * WARPS_N> x_copier(x, m0, M, K, stride_x, warp_n * 32 + lane);
+  if constexpr (X_SHARED) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) x_copier.copy(stages + s * STAGE_STRIDE, warp_k * SLAB + s * WARPS_K * SLAB);
+  }
   uint32_t next_inputs[X_AHEAD == 2 ? SLAB : 1][TILES_M][HALVES][PER / 2];
   if constexpr (X_AHEAD == 2) {
 #pragma unroll
@@ -202,7 +277,13 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
   Scales s;
   constexpr int SCALE_EVERY = ON_SUMS ? SPAN : 1;  // k-steps per scale load
   float sums[PLANES][TILES_M][OUTS][4];  // ON_SUMS: the current span's sums, scaled into acc at its end
-  for (int step0 = warp_k * SLAB; step0 < steps; step0 += WARPS_K * SLAB) {
+  for (int step0 = warp_k * SLAB, it = 0; step0 < steps; step0 += WARPS_K * SLAB, ++it) {
+    const unsigned char* stage = stages + (it % STAGES) * STAGE_STRIDE;
+    if constexpr (X_SHARED) {  // this slab's stage landed; the one consumed last round takes slab it + STAGES − 1
+      asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory");
+      group_barrier<WARPS_N>(warp_k);
+      x_copier.copy(stages + ((it + STAGES - 1) % STAGES) * STAGE_STRIDE, step0 + (STAGES - 1) * WARPS_K * SLAB);
+    }
     uint4 words[SLAB];
 #pragma unroll
     for (int i = 0; i < SLAB; ++i) words[i] = next[i];
@@ -239,7 +320,16 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
                 for (int e = 0; e < 4; ++e) sums[plane][mt][o][e] = 0.f;
         }
       }
-      if constexpr (!X_AHEAD) load_inputs(x, j, word_rows, m0, g, M, stride_x, inputs[0]);
+      if constexpr (X_SHARED) {  // zeros past K and M are in the stage
+#pragma unroll
+        for (int mt = 0; mt < TILES_M; ++mt)
+#pragma unroll
+          for (int h = 0; h < HALVES; ++h)
+            input_words(reinterpret_cast<const half*>(stage + (16 * mt + 8 * h + g) * X_ROW_BYTES), i * STEP_ROWS + t,
+                        true, inputs[0][mt][h]);
+      } else if constexpr (!X_AHEAD) {
+        load_inputs(x, j, word_rows, m0, g, M, stride_x, inputs[0]);
+      }
       uint32_t a[TILES_M][PRODUCTS][4];
 #pragma unroll
       for (int mt = 0; mt < TILES_M; ++mt) {
@@ -280,6 +370,10 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
     }
   }
 
+  if constexpr (X_SHARED) {  // the partial sums reuse the stages: every copy (the last ones past K) and read done
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+  }
   // Accumulator e of n-tile o: row g (+ 8 for e ≥ 2), physical column 2t + e % 2, i.e. output 8t + 4·(e % 2) + o.
 #pragma unroll
   for (int mt = 0; mt < TILES_M; ++mt)
@@ -309,48 +403,99 @@ struct Call {
   cudaStream_t stream;
 };
 
-template <int ROWS, int WARPS, int WARPS_N>
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
 cudaError_t launch(const Call& c) {
+  constexpr int TILE_ROWS = ROWS <= 16 ? 16 : ROWS;
+  constexpr int WARPS_K = WARPS / WARPS_N;
+  const size_t partial = sizeof(float) * WARPS * TILE_ROWS * COLS;
+  const size_t staged = X_SHARED ? x_stages<TILE_ROWS, WARPS_K>() * stage_bytes<TILE_ROWS, WARPS_K>() : 0;
+  const size_t shared = staged > partial ? staged : partial;
+  auto kernel = packed_mma<ROWS, WARPS, WARPS_N, X_SHARED>;
+  if (shared > 48 * 1024) {  // beyond the default limit (set on each call: it is per device)
+    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(shared));
+    if (error != cudaSuccess) return error;
+  }
   const dim3 grid((c.N + WARPS_N * COLS - 1) / (WARPS_N * COLS), (c.M + ROWS - 1) / ROWS);
-  packed_mma<ROWS, WARPS, WARPS_N><<<grid, WARPS * 32, 0, c.stream>>>(
+  kernel<<<grid, WARPS * 32, shared, c.stream>>>(
       static_cast<const half*>(c.x), static_cast<const uint32_t*>(c.w), c.scales, static_cast<const uint8_t*>(c.zeros),
       static_cast<half*>(c.out), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
   return cudaGetLastError();
 }
 
-template <int ROWS, int WARPS>
+template <int ROWS, int WARPS, bool X_SHARED>
 cudaError_t by_warps_n(int warps_n, const Call& c) {
   switch (warps_n) {
-    case 1: return launch<ROWS, WARPS, 1>(c);
-    case 2: return launch<ROWS, WARPS, 2>(c);
-    case 4: return launch<ROWS, WARPS, 4>(c);
+    case 1: return launch<ROWS, WARPS, 1, X_SHARED>(c);
+    case 2: return launch<ROWS, WARPS, 2, X_SHARED>(c);
+    case 4: return launch<ROWS, WARPS, 4, X_SHARED>(c);
   }
   return cudaErrorInvalidValue;
 }
 
-template <int ROWS>
+template <int ROWS, bool X_SHARED>
 cudaError_t by_warps(int warps, int warps_n, const Call& c) {
   switch (warps) {
-    case 4: return by_warps_n<ROWS, 4>(warps_n, c);
-    case 8: return by_warps_n<ROWS, 8>(warps_n, c);
+    case 4: return by_warps_n<ROWS, 4, X_SHARED>(warps_n, c);
+    case 8: return by_warps_n<ROWS, 8, X_SHARED>(warps_n, c);
   }
   return cudaErrorInvalidValue;
+}
+
+template <bool X_SHARED>
+cudaError_t by_rows(int rows, int warps, int warps_n, const Call& c) {
+  switch (rows) {
+    case 8: return by_warps<8, X_SHARED>(warps, warps_n, c);
+    case 16: return by_warps<16, X_SHARED>(warps, warps_n, c);
+    case 32: return by_warps<32, X_SHARED>(warps, warps_n, c);
+    case 64:
+      if constexpr (!ON_SUMS) return by_warps<64, X_SHARED>(warps, warps_n, c);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// act_order: out[m, k] = x[m, perm[k]], 8 stored inputs of GATHER_ROWS rows of x per thread (every load in
+// flight at once), one 16-byte store per row.
+constexpr int GATHER_ROWS = 4;
+
+__global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x, const int* __restrict__ perm,
+                                                     half* __restrict__ out, int M, int K, int stride_x) {
+  const int k = 8 * (blockIdx.x * blockDim.x + threadIdx.x), m0 = blockIdx.y * GATHER_ROWS;
+  if (k >= K) return;
+  const int4 low = __ldg(reinterpret_cast<const int4*>(perm + k)), high = __ldg(reinterpret_cast<const int4*>(perm + k + 4));
+  const int index[8] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
+#pragma unroll
+  for (int r = 0; r < GATHER_ROWS; ++r) {
+    if (m0 + r >= M) break;
+    const half* row = x + static_cast<size_t>(m0 + r) * stride_x;
+    uint32_t pairs[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) pairs[q] = as_bits(__halves2half2(__ldg(row + index[2 * q]), __ldg(row + index[2 * q + 1])));
+    *reinterpret_cast<uint4*>(out + static_cast<size_t>(m0 + r) * K + k) = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+  }
 }
 
 }  // namespace
 
-// Returns a cudaError_t (0: launched). rows_per_block 8, 16 or 32; warps 4 or 8, warps_n 1, 2 or 4 of
-// them along the outputs. x [M, K] float16 in the stored input order, rows 16-byte aligned.
-extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, const void* x, const void* w,
-                                     const void* scales, const void* zeros, void* out, int M, int N, int K,
-                                     int n_groups, int row_shift, int stride_x, float inverse_global_scale,
+// Returns a cudaError_t (0: launched). rows_per_block 8, 16, 32, or 64 where the scales go into B (SPAN 0);
+// warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
+// (K a multiple of 8). x [M, K] float16 in the stored input order, rows 16-byte aligned.
+extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, const void* x,
+                                     const void* w, const void* scales, const void* zeros, void* out, int M, int N,
+                                     int K, int n_groups, int row_shift, int stride_x, float inverse_global_scale,
                                      void* stream) {
   const Call c{x, w, scales, zeros, out, M, N, K, n_groups, row_shift, stride_x, inverse_global_scale,
                static_cast<cudaStream_t>(stream)};
-  switch (rows_per_block) {
-    case 8: return by_warps<8>(warps, warps_n, c);
-    case 16: return by_warps<16>(warps, warps_n, c);
-    case 32: return by_warps<32>(warps, warps_n, c);
-  }
-  return cudaErrorInvalidValue;
+  if (x_shared) return K % 8 ? cudaErrorInvalidValue : by_rows<true>(rows_per_block, warps, warps_n, c);
+  return by_rows<false>(rows_per_block, warps, warps_n, c);
+}
+
+// x [M, K] float16 (rows stride_x apart) → out [M, K] contiguous in the stored input order (K a multiple of 8).
+extern "C" int quantbench_gather_inputs(const void* x, const void* perm, void* out, int M, int K, int stride_x,
+                                        void* stream) {
+  if (K % 8) return cudaErrorInvalidValue;
+  const dim3 grid((K / 8 + 127) / 128, (M + GATHER_ROWS - 1) / GATHER_ROWS);
+  gather_inputs<<<grid, 128, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const half*>(x), static_cast<const int*>(perm), static_cast<half*>(out), M, K, stride_x);
+  return cudaGetLastError();
 }
