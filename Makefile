@@ -27,11 +27,12 @@ assets: setup
 quickstart: assets
 	. $(ASSETS)/env.sh && $(VENV)/bin/quantbench run recipes/quickstart.yaml --force
 
+# one pytest-xdist worker per core, each on one thread (tests/conftest.py)
 test: assets
-	if [ -f $(ASSETS)/env.sh ]; then . $(ASSETS)/env.sh; fi; $(PY) -m pytest -q
+	if [ -f $(ASSETS)/env.sh ]; then . $(ASSETS)/env.sh; fi; $(PY) -m pytest -q -n auto --dist worksteal
 
 test-unit: setup
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -n auto --dist worksteal -m "not integration"
 
 # the leaderboard sweep of the README: every recipe in recipes/leaderboard/, the plain model's own evaluation,
 # then the report (about two hours on 2 CPU cores)

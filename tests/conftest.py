@@ -5,6 +5,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# `make test` runs one pytest-xdist worker per core: each computes on one thread so that the workers do not
+# oversubscribe the cores (set before torch is first imported; the suite is also checked on one thread).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from helpers import pseudo_text, tiny_llama, tiny_tokenizer, write_tiny_task  # noqa: E402
 

@@ -158,8 +158,9 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
 
     if weight.kind == "ternary3" or cuda_mma.unsupported_reason(x, weight) is not None:
         return []
-    # also 16-row blocks beside 8 (other registers and schedule), beside 32 (more blocks, fewer registers) and
-    # beside 64 (32: each block's scales on its span sums, as 64 cannot); x from global or shared memory
+    # also 16-row blocks (beside 8: other registers and schedule; beside 32 and 64: more blocks, fewer
+    # registers) and 32 beside 64 (span sums, which 64-row blocks have no registers for); x from global or
+    # shared memory
     m = x.shape[0]
     rows = sorted({cuda_mma.rows_for(m, weight), 16} | ({32} if m > 32 else set()))
     return [TileConfig(1, 32 * warps_n, 0, 1, warps, x_shared, rows=r, engine="mma") for r in rows

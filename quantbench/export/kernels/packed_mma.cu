@@ -19,8 +19,8 @@
 // A block's WARPS warps cover WARPS_N × 32 outputs and split the k-steps among WARPS / WARPS_N of them in
 // slabs of 4, the next slab's words loading into registers while one is decoded; their sums meet in shared
 // memory. x's pairs come from global memory (a slab ahead where two slabs of them fit in 64 registers), or
-// (X_SHARED) from a ring of shared-memory stages that the warps sharing a slab fill with cp.async, two
-// slabs ahead, so that no load of x waits on L2. Rows of x: 8 (the upper half of each m-tile idle), 16, 32,
+// (X_SHARED) from a ring of 2–3 shared-memory stages that the warps sharing a slab fill with cp.async, one
+// or two slabs ahead, so that no load of x waits on L2. Rows of x: 8 (the upper half of each m-tile idle), 16, 32,
 // or 64 where the scales go into B (one decode of each weight for all 64 rows).
 
 #include "packed_decode.cuh"
