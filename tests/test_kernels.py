@@ -505,3 +505,5 @@ def test_tensor_core_kernel_is_a_tuning_candidate_up_to_64_rows_and_graph_captur
     assert {c.engine for c in _mma_candidates(x, packed)} == {"mma"}
     assert _mma_candidates(x.bfloat16(), packed) == [] and _mma_candidates(x.repeat(3, 1), packed) == []
     assert_graph_replays_the_kernel(x, packed, "mma")
+    # 64 rows and 8 warps: 64 KB of shared memory, whose allowance is set on the eager call, not in the capture
+    assert_graph_replays_the_kernel(torch.randn(64, IN, device="cuda").half(), packed, "mma")

@@ -245,7 +245,11 @@ def _fastest(x: torch.Tensor, weight: KernelWeight, candidates: list[TileConfig]
             disagreeing.append(config)
             error = RuntimeError(f"{config} disagrees with the torch fallback")
             continue
-        ms = graph_time_ms(call)
+        try:
+            ms = graph_time_ms(call)
+        except RuntimeError as exc:  # a launch refused inside the capture: not a tile for this process
+            error = exc
+            continue
         if ms < best_ms:
             best, best_ms = config, ms
     if disagreeing:

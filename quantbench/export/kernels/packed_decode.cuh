@@ -79,6 +79,23 @@ __device__ __forceinline__ float e4m3_value(uint32_t code) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>((code & 0x7Fu) << 7))) * 256.f;
 }
 
+// Lets KERNEL take `bytes` of dynamic shared memory beyond the default 48 KB. The attribute is per device and
+// kernel, so it is set once per device (again only for more bytes): a tile's first launch is eager, and no
+// graph capture, where setting it is not allowed, sees the call.
+template <auto KERNEL>
+__host__ cudaError_t allow_shared_memory(size_t bytes) {
+  constexpr int MAX_DEVICES = 64;
+  static size_t allowed[MAX_DEVICES] = {};
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  if (device < MAX_DEVICES && allowed[device] >= bytes) return cudaSuccess;
+  error = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (error == cudaSuccess && device < MAX_DEVICES) allowed[device] = bytes;
+  return error;
+}
+
 // Word row j's PER inputs of one row of x, two per word (zero unless `live`).
 __device__ __forceinline__ void input_words(const half* __restrict__ row, int j, bool live, uint32_t (&words)[PER / 2]) {
   const half* at = row + j * PER;

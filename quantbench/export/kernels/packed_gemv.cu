@@ -267,11 +267,8 @@ cudaError_t launch(const Call& c) {
   const size_t shared = (ASYNC ? stage_bytes<THREADS>() : 0) +
                         (HAS_PERM ? static_cast<size_t>(ROWS) * c.K * sizeof(half) : 0);
   auto kernel = packed_gemv<ROWS, LANES_N, THREADS, ASYNC>;
-  if (shared > 48 * 1024) {  // beyond the default limit (set on each call: it is per device)
-    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   static_cast<int>(shared));
-    if (error != cudaSuccess) return error;
-  }
+  const cudaError_t error = allow_shared_memory<packed_gemv<ROWS, LANES_N, THREADS, ASYNC>>(shared);
+  if (error != cudaSuccess) return error;
   kernel<<<grid, THREADS, shared, c.stream>>>(
       static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
       static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), c.M, c.N, c.K, c.n_groups, c.row_shift,

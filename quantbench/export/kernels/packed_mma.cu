@@ -135,9 +135,25 @@ struct Scales {
   f[2] = __low2float(as_half2(v.y)); f[3] = __high2float(as_half2(v.y));
 }
 
+// MXFP4's and NVFP4's scale codes change at every k-step: they load a slab ahead, with the words.
+constexpr bool CODES_AHEAD = KIND == 2 || KIND == 3;
+
+// The codes of one k-step's group: MXFP4's for accumulator columns 8t + o and 8t + 4 + o, NVFP4's for this
+// thread's weight columns (zero past N).
+__device__ __forceinline__ uint2 load_codes(const void* __restrict__ scales_, int group, int N, int n0, int n_warp, int t,
+                                            bool active) {
+  const uint8_t* codes = static_cast<const uint8_t*>(scales_) + static_cast<size_t>(group) * N;
+  if (KIND == 2) {
+    const bool low = n_warp + 8 * t < N, high = n_warp + 8 * t + 4 < N;
+    return make_uint2(low ? __ldg(reinterpret_cast<const uint32_t*>(codes + n_warp + 8 * t)) : 0u,
+                      high ? __ldg(reinterpret_cast<const uint32_t*>(codes + n_warp + 8 * t + 4)) : 0u);
+  }
+  return make_uint2(active ? __ldg(reinterpret_cast<const uint32_t*>(codes + n0)) : 0u, 0u);
+}
+
 __device__ __forceinline__ void load_scales(Scales& s, const void* __restrict__ scales_, const uint8_t* __restrict__ zeros,
                                             int group, int n_groups, int N, int n0, int n_warp, int t,
-                                            bool active) {
+                                            bool active, uint2 codes) {
   [[maybe_unused]] const size_t at = static_cast<size_t>(group) * N + n0;
   [[maybe_unused]] const size_t at_sums = static_cast<size_t>(group) * N + n_warp + 8 * t;
   [[maybe_unused]] const bool low = n_warp + 8 * t < N, high = n_warp + 8 * t + 4 < N;
@@ -166,20 +182,17 @@ __device__ __forceinline__ void load_scales(Scales& s, const void* __restrict__ 
 #pragma unroll
   for (int o = 0; o < OUTS; ++o) s.zero[o] = static_cast<float>(1 << (BITS - 1));
 #endif
-#elif KIND == 2
-  const uint8_t* codes = static_cast<const uint8_t*>(scales_) + at_sums;
-  const uint32_t c_low = low ? __ldg(reinterpret_cast<const uint32_t*>(codes)) : 0u;
-  const uint32_t c_high = high ? __ldg(reinterpret_cast<const uint32_t*>(codes + 4)) : 0u;
+#elif KIND == 2  // codes: from load_codes
 #pragma unroll
   for (int o = 0; o < OUTS; ++o) {
-    s.c_low[0][o] = low ? e8m0_value((c_low >> (8 * o)) & 0xFFu) : 0.f;
-    s.c_high[0][o] = high ? e8m0_value((c_high >> (8 * o)) & 0xFFu) : 0.f;
+    s.c_low[0][o] = low ? e8m0_value((codes.x >> (8 * o)) & 0xFFu) : 0.f;
+    s.c_high[0][o] = high ? e8m0_value((codes.y >> (8 * o)) & 0xFFu) : 0.f;
   }
 #elif KIND == 3
-  const uint32_t codes = active ? __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(scales_) + at)) : 0u;
 #pragma unroll
-  for (int o = 0; o < OUTS; ++o) s.b[0][o] = __float2half2_rn(e4m3_value((codes >> (8 * o)) & 0xFFu));
+  for (int o = 0; o < OUTS; ++o) s.b[0][o] = __float2half2_rn(e4m3_value((codes.x >> (8 * o)) & 0xFFu));
 #endif
+  (void)codes;
 }
 
 // Word → the B registers of its PRODUCTS products (two code pairs each) for each plane, scaled where B
@@ -274,6 +287,14 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
     for (int i = 0; i < SLAB; ++i)
       load_inputs(x, (warp_k * SLAB + i) * STEP_ROWS + t, word_rows, m0, g, M, stride_x, next_inputs[i]);
   }
+  [[maybe_unused]] uint2 next_codes[SLAB];
+  auto load_slab_codes = [&](uint2 (&codes)[SLAB], int step0) {
+#pragma unroll
+    for (int i = 0; i < SLAB; ++i)
+      codes[i] = load_codes(scales_, min((((step0 + i) * STEP_ROWS + t) >> row_shift), n_groups - 1), N, n0, n_warp, t,
+                            active);
+  };
+  if constexpr (CODES_AHEAD) load_slab_codes(next_codes, warp_k * SLAB);
   Scales s;
   constexpr int SCALE_EVERY = ON_SUMS ? SPAN : 1;  // k-steps per scale load
   float sums[PLANES][TILES_M][OUTS][4];  // ON_SUMS: the current span's sums, scaled into acc at its end
@@ -288,6 +309,12 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
 #pragma unroll
     for (int i = 0; i < SLAB; ++i) words[i] = next[i];
     load_slab(next, w, step0 + WARPS_K * SLAB, word_rows, N, n0, t, active);
+    [[maybe_unused]] uint2 codes[SLAB];
+    if constexpr (CODES_AHEAD) {
+#pragma unroll
+      for (int i = 0; i < SLAB; ++i) codes[i] = next_codes[i];
+      load_slab_codes(next_codes, step0 + WARPS_K * SLAB);
+    }
     uint32_t inputs[X_AHEAD ? SLAB : 1][TILES_M][HALVES][PER / 2];  // rows g (+ 8) of each m-tile
     if constexpr (X_AHEAD == 2) {
 #pragma unroll
@@ -308,7 +335,8 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
     for (int i = 0; i < SLAB; ++i) {
       const int j = (step0 + i) * STEP_ROWS + t;
       if (i % SCALE_EVERY == 0) {
-        load_scales(s, scales_, zeros, min(j >> row_shift, n_groups - 1), n_groups, N, n0, n_warp, t, active);
+        load_scales(s, scales_, zeros, min(j >> row_shift, n_groups - 1), n_groups, N, n0, n_warp, t, active,
+                    CODES_AHEAD ? codes[i] : make_uint2(0u, 0u));
         if (ON_SUMS) {
 #pragma unroll
           for (int plane = 0; plane < PLANES; ++plane)
@@ -411,11 +439,8 @@ cudaError_t launch(const Call& c) {
   const size_t staged = X_SHARED ? x_stages<TILE_ROWS, WARPS_K>() * stage_bytes<TILE_ROWS, WARPS_K>() : 0;
   const size_t shared = staged > partial ? staged : partial;
   auto kernel = packed_mma<ROWS, WARPS, WARPS_N, X_SHARED>;
-  if (shared > 48 * 1024) {  // beyond the default limit (set on each call: it is per device)
-    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   static_cast<int>(shared));
-    if (error != cudaSuccess) return error;
-  }
+  const cudaError_t error = allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, X_SHARED>>(shared);
+  if (error != cudaSuccess) return error;
   const dim3 grid((c.N + WARPS_N * COLS - 1) / (WARPS_N * COLS), (c.M + ROWS - 1) / ROWS);
   kernel<<<grid, WARPS * 32, shared, c.stream>>>(
       static_cast<const half*>(c.x), static_cast<const uint32_t*>(c.w), c.scales, static_cast<const uint8_t*>(c.zeros),
