@@ -1,11 +1,11 @@
 """Where the CUDA decode kernel's time goes at batch 1: each tile configuration (weights through registers
-or cp.async stages) timed whole and with its weight loads alone (nothing decoded), against torch reading
-the same words (`max`), on a cold L2 (CUDA graphs).
+or cp.async stages, splits of K) timed whole and with its weight loads alone (nothing decoded), against torch
+reading the same words (`max`) and copying them, on a cold L2 (CUDA graphs).
 
     python bench/gemv_anatomy.py [--shapes 8192x8192 …] [--json out.json]
 
 The load-only time is what this access pattern costs; whole − load-only is what decoding adds where it does
-not hide under the loads.
+not hide under the loads. The copy gives the device's copy rate at this size, under the same timer.
 """
 
 from __future__ import annotations
@@ -42,22 +42,34 @@ def main() -> None:
         for label in args.variants:
             weight = kernel_weight(label, n, k, device)
             read_us = 1e3 * graph_time_ms(lambda: weight.qweight.max())
+            copy = torch.empty_like(weight.qweight)
+            copy_us = 1e3 * graph_time_ms(lambda: copy.copy_(weight.qweight))
+            copy_rate = 2 * weight.qweight.numel() * 4 / copy_us / 1e6  # TB/s
+            print(f"{shape:>11} {label:>20}: torch reads the words in {read_us:6.1f} µs, copies them in "
+                  f"{copy_us:6.1f} µs ({copy_rate:.2f} TB/s)", flush=True)
+            processors = cuda_gemv.multiprocessors(device)
             for copies in (False, True):
                 for lanes in cuda_gemv.LANES:
                     for threads in cuda_gemv.THREADS:
-                        def call(load_only=False):
-                            return cuda_gemv.launch(x, weight, 1, lanes, threads, copies, load_only)
-                        whole = 1e3 * graph_time_ms(call)
-                        loads = 1e3 * graph_time_ms(lambda: call(load_only=True))
-                        row = {"shape": shape, "variant": label, "async_copies": copies, "lanes": lanes,
-                               "threads": threads, "us": whole, "load_only_us": loads, "torch_read_us": read_us,
-                               "bytes": weight.stored_bytes}
-                        rows.append(row)
-                        print(f"{shape:>11} {label:>20} {'cp.async ' if copies else 'registers'} lanes {lanes:2} "
-                              f"threads {threads:3}: {whole:6.1f} µs, loads alone {loads:6.1f} µs; torch reads the "
-                              f"words in {read_us:6.1f} µs", flush=True)
-                    if args.json:
-                        args.json.write_text(json.dumps(rows, indent=1))
+                        for splits in cuda_gemv.split_choices(1, weight, 1, lanes, threads, processors):
+                            def call(load_only=False):
+                                return cuda_gemv.launch(x, weight, 1, lanes, threads, copies, load_only, splits)
+                            whole = 1e3 * graph_time_ms(call)
+                            loads = 1e3 * graph_time_ms(lambda: call(load_only=True))
+                            row = {"shape": shape, "variant": label, "async_copies": copies, "lanes": lanes,
+                                   "threads": threads, "splits": splits, "us": whole, "load_only_us": loads,
+                                   "torch_read_us": read_us, "torch_copy_us": copy_us, "bytes": weight.stored_bytes}
+                            rows.append(row)
+                            print(f"{shape:>11} {label:>20} {'cp.async ' if copies else 'registers'} lanes {lanes:2} "
+                                  f"threads {threads:3} splits {splits:2}: {whole:6.1f} µs, loads alone "
+                                  f"{loads:6.1f} µs", flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps(rows, indent=1))
+            best = min((r for r in rows if r["shape"] == shape and r["variant"] == label), key=lambda r: r["us"])
+            print(f"{shape:>11} {label:>20}: fastest {best['us']:.1f} µs (loads alone {best['load_only_us']:.1f}) "
+                  f"= {best['bytes'] / best['us'] / 1e6:.2f} TB/s with lanes {best['lanes']}, threads "
+                  f"{best['threads']}, splits {best['splits']}, {'cp.async' if best['async_copies'] else 'registers'}",
+                  flush=True)
 
 
 if __name__ == "__main__":

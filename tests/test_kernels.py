@@ -1,6 +1,9 @@
 """Packed-weight matmuls: the torch fallback and the Triton kernels (through Triton's interpreter on
 CPU) against the dequantized weight, and load_quantized(kernels=True)."""
 
+import dataclasses
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import assert_matmul_close, tiny_llama
@@ -307,7 +310,13 @@ CUDA_TILES = {"1 row, 8 lanes, 256 threads": TileConfig(1, 32, 0, 1, 8, 0, rows=
               "1 row, 16 lanes, 512 threads, cp.async": TileConfig(1, 64, 0, 1, 16, 1, rows=1, engine="cuda"),
               "2 rows, 4 lanes, 128 threads, cp.async": TileConfig(1, 16, 0, 1, 4, 1, rows=2, engine="cuda"),
               "4 rows, 16 lanes, 256 threads": TileConfig(1, 64, 0, 1, 8, 0, rows=4, engine="cuda"),
-              "8 rows, 8 lanes, 128 threads": TileConfig(1, 32, 0, 1, 4, 0, rows=8, engine="cuda")}
+              "8 rows, 8 lanes, 128 threads": TileConfig(1, 32, 0, 1, 4, 0, rows=8, engine="cuda"),
+              "1 row, 32 lanes, 256 threads, 2 splits": TileConfig(1, 128, 0, 2, 8, 0, rows=1, engine="cuda"),
+              "1 row, 4 lanes, 512 threads, cp.async, 4 splits": TileConfig(1, 16, 0, 4, 16, 1, rows=1,
+                                                                             engine="cuda"),
+              "2 rows, 32 lanes, 128 threads, cp.async, 3 splits (the last empty for int4)":
+                  TileConfig(1, 128, 0, 3, 4, 1, rows=2, engine="cuda"),
+              "4 rows, 8 lanes, 128 threads, 2 splits": TileConfig(1, 32, 0, 2, 4, 0, rows=4, engine="cuda")}
 ODD_INPUTS = 96  # 12 int4 word rows: one whole slab of 8 and a partial one
 
 
@@ -360,6 +369,7 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     from quantbench.export.kernels import cuda_build, cuda_gemv, cuda_mma, matmul
 
     monkeypatch.setattr(cuda_build, "unsupported_reason", lambda x, weight: None)
+    monkeypatch.setattr(cuda_gemv, "multiprocessors", lambda device: 8)
     packed = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
     x = torch.randn(1, IN).half()
     every = matmul._engine_candidates(x, packed)
@@ -378,6 +388,8 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     assert {(c.rows, c.num_stages) for c in cuda} == {(1, 0), (1, 1)}  # registers and cp.async stages
     assert {(c.block_n, c.num_warps) for c in cuda} == {(4 * lanes, threads // 32) for lanes in cuda_gemv.LANES
                                                         for threads in cuda_gemv.THREADS}
+    # 256 inputs are 32 int4 word rows: no split of K leaves each row lane a slab of its own
+    assert {c.split_k for c in cuda} == {1}
     four_rows = [c for c in matmul._engine_candidates(x.repeat(3, 1), packed) if c.engine == "cuda"]
     assert {c.rows for c in four_rows} == {2, 4} and all(c.num_warps < 16 for c in four_rows)
     assert all(c.rows in cuda_gemv.ASYNC_ROWS for c in four_rows if c.num_stages)
@@ -414,6 +426,67 @@ def test_cuda_decode_kernel_handles_a_partial_slab_of_word_rows(name):
     expected = x.float() @ stored.dequantize().T
     got = packed_matmul(x, to_kernel_layout(stored), backend="cuda")
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_per_row_lane():
+    from quantbench.export.kernels.cuda_gemv import split_choices, split_rows
+
+    packed = SimpleNamespace(shape=(8192, 8192), per_word=8)  # int4
+    # 8192 outputs, 32 lanes: 64 column blocks; 132 processors need 4 splits, and 8 and 16 are tried too
+    assert split_choices(1, packed, 1, 32, 256, 132) == [1, 4, 8, 16]
+    assert split_choices(1, packed, 1, 4, 512, 132) == [1]  # 512 blocks: enough already
+    # 1024 word rows, 128 row lanes of a slab each: at most a split of 1
+    assert split_choices(1, packed, 1, 4, 512, 4096) == [1]
+    assert split_choices(16, packed, 8, 32, 128, 132) == [1, 2, 4, 8]  # 128 blocks: 2 splits fill, then ×2, ×4
+    assert split_rows(1024, 8) == 128 and split_rows(1024, 3) == 344 and split_rows(12, 2) == 8
+    assert sum(min(split_rows(100, 7), max(0, 100 - z * split_rows(100, 7))) for z in range(7)) == 100
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
+@pytest.mark.parametrize("label", ["int4-g32 act_order", "ternary2-g64", "nvfp4-rtn"])
+def test_split_k_sums_in_a_fixed_order_and_rearms_its_counts(label):
+    """Split-K's last block adds the partial sums in split order: a repeated call is bit-identical (its
+    arrival counts went back to zero), and equals one block along K to float16 rounding."""
+    packed = to_kernel_layout(WEIGHTS[label].to("cuda"))
+    x = torch.randn(3, IN, device="cuda").half()
+    tile = TileConfig(1, 64, 0, 4, 4, 0, rows=2, engine="cuda")
+    first = packed_matmul(x, packed, backend="cuda", config=tile)
+    for _ in range(3):
+        assert torch.equal(packed_matmul(x, packed, backend="cuda", config=tile), first)
+    whole = packed_matmul(x, packed, backend="cuda", config=dataclasses.replace(tile, split_k=1))
+    torch.testing.assert_close(first, whole, rtol=1e-2, atol=1e-2 * whole.abs().max().item())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = packed_matmul(x, packed, backend="cuda", config=tile)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(captured, packed_matmul(x, packed, backend="cuda", config=tile))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
+@pytest.mark.parametrize("splits", [2, 3])
+def test_split_k_handles_a_partial_slab_of_word_rows(splits):
+    stored = quantize_rtn(torch.randn(OUT, ODD_INPUTS), Scheme.parse("int4-g32-rtn")).to("cuda")
+    x = torch.randn(1, ODD_INPUTS, device="cuda").half()
+    expected = x.float() @ stored.dequantize().T
+    tile = TileConfig(1, 128, 0, splits, 4, 0, rows=1, engine="cuda")
+    got = packed_matmul(x, to_kernel_layout(stored), backend="cuda", config=tile)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
+@pytest.mark.parametrize("label", ["int4-g32 act_order", "int2-g64-rtn", "ternary2-g64", "mxfp4-rtn"])
+def test_cuda_decode_kernel_reads_x_from_memory_where_shared_memory_cannot_hold_it(label, monkeypatch):
+    from quantbench.export.kernels import cuda_gemv
+
+    monkeypatch.setattr(cuda_gemv, "X_SHARED_BYTES", 0)  # act_order: gathered by torch, then x from memory
+    stored = WEIGHTS[label].to("cuda")
+    x = torch.randn(3, IN, device="cuda").half()
+    expected = x.float() @ stored.dequantize().T
+    for tile in (TileConfig(1, 32, 0, 1, 4, 0, rows=2, engine="cuda"),
+                 TileConfig(1, 64, 0, 2, 4, 1, rows=2, engine="cuda")):
+        got = packed_matmul(x, to_kernel_layout(stored), backend="cuda", config=tile)
+        torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 def assert_graph_replays_the_kernel(x: torch.Tensor, packed, backend: str) -> None:

@@ -4,6 +4,8 @@ cuda_build.py)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from quantbench.export.kernels import cuda_build
@@ -11,11 +13,13 @@ from quantbench.export.kernels.cuda_build import WeightType, pointer, row_shift
 from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
 
 ROWS = (1, 2, 4, 8)  # rows of x per program
-LANES = (4, 8, 16)  # threads along the outputs (4 outputs each)
+LANES = (4, 8, 16, 32)  # threads along the outputs (4 outputs each)
 THREADS = (128, 256, 512)  # 512 with one row of x only
 ASYNC_ROWS = (1, 2)  # the cp.async variant is built for these rows per block
-GATHER_BYTES = 96 << 10  # act_order: shared memory for the block's rows of x, gathered (else torch gathers)
+X_SHARED_BYTES = 96 << 10  # the block's x in shared memory up to this (act_order: gathered there, else by torch)
 MAX_ROWS = 16  # beyond this only the tensor-core and tl.dot kernels are tried
+SLAB = 8  # word rows a thread loads at once; split-K gives each block whole slabs
+_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
@@ -25,19 +29,61 @@ def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
     return cuda_build.unsupported_reason(x, weight)
 
 
+def split_rows(word_rows: int, splits: int) -> int:
+    """The word rows of each block along K (packed_gemv.cu's split_rows)."""
+    per_split = -(-word_rows // splits)
+    return -(-per_split // SLAB) * SLAB
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_choices(m: int, weight: KernelWeight, rows: int, lanes: int, threads: int, processors: int) -> list[int]:
+    """Splits of K worth timing: none, and the fewest that give every multiprocessor a block, and twice and
+    four times that, while each of a block's row lanes keeps a slab of its own."""
+    blocks = -(-weight.shape[0] // (4 * lanes)) * -(-m // rows)
+    word_rows = weight.shape[1] // weight.per_word
+    most = max(1, word_rows // (threads // lanes * SLAB))
+    fill = 1
+    while blocks * fill < processors and fill < most:
+        fill *= 2
+    return sorted({min(s, most) for s in (1, fill, 2 * fill, 4 * fill)})
+
+
+def _workspace(device: torch.device, splits: int, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K's float32 partial sums and zeroed arrival counts, one pair per device, split and output width,
+    sized for every batch up to the power of two ≥ m. It is made on the first (eager) call of that batch size's
+    range, the tuner's, so that no CUDA graph capture allocates it; calls sharing it run one after another on
+    a stream (its counts return to zero at the end of each call)."""
+    rows = 1 << (m - 1).bit_length()
+    key = (device, splits, rows, n)
+    if key not in _workspaces:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K's workspace is made on an eager call, not inside a CUDA graph capture")
+        tiles = -(-n // (4 * min(LANES))) * rows
+        _workspaces[key] = (torch.empty(splits * rows * n, dtype=torch.float32, device=device),
+                            torch.zeros(tiles, dtype=torch.int32, device=device))
+    return _workspaces[key]
+
+
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
-           load_only: bool = False) -> torch.Tensor:
+           load_only: bool = False, splits: int = 1) -> torch.Tensor:
     """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16. `async_copies`: the
     weights through cp.async stages in shared memory (1–2 rows) instead of registers; `load_only`: the
-    weight loads alone, for timing, its result meaningless."""
+    weight loads alone, for timing, its result meaningless; `splits`: blocks along K per column tile."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")
     if (rows not in ROWS or lanes not in LANES or threads not in THREADS or (threads == 512 and rows > 1)
-            or (async_copies and rows not in ASYNC_ROWS)):
-        raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}: not among {ROWS}, "
-                         f"{LANES}, {THREADS} (512 threads take one row; async copies {ASYNC_ROWS} rows)")
-    if rows * x.shape[1] * 2 > GATHER_BYTES:  # too many inputs to gather act_order in the kernel
+            or (async_copies and rows not in ASYNC_ROWS) or not 1 <= splits <= 65535):
+        raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}, splits {splits}: "
+                         f"not among {ROWS}, {LANES}, {THREADS} (512 threads take one row; async copies "
+                         f"{ASYNC_ROWS} rows; splits 1–65535)")
+    word_rows = x.shape[1] // weight.per_word
+    x_shared = rows * split_rows(word_rows, splits) * weight.per_word * 2 <= X_SHARED_BYTES
+    if not x_shared and weight.perm is not None:  # act_order: gathered here instead, x then read from memory
         x, weight = with_inputs_gathered(x, weight)
     if x.data_ptr() % 16:
         x = x.clone()
@@ -46,10 +92,14 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
     function = cuda_build.entry_point(WeightType.of(weight, weight.perm is not None, load_only),
                                       cuda_build.device_arch(x.device))
     out = torch.empty(m, n, dtype=torch.float16, device=x.device)
+    partials = arrivals = None
+    if splits > 1:
+        partials, arrivals = _workspace(x.device, splits, m, n)
     with torch.cuda.device(x.device):
-        error = function(rows, lanes, threads, int(async_copies), x.data_ptr(), pointer(weight.perm),
+        error = function(rows, lanes, threads, int(async_copies), splits, x.data_ptr(), pointer(weight.perm),
                          weight.qweight.data_ptr(), weight.scales.data_ptr(), pointer(weight.zeros), out.data_ptr(),
-                         m, n, k, weight.n_groups, row_shift(weight), x.stride(0), 1.0 / weight.global_scale,
+                         pointer(partials), pointer(arrivals), m, n, k, weight.n_groups, row_shift(weight),
+                         x.stride(0), int(x_shared), 1.0 / weight.global_scale,
                          torch.cuda.current_stream(x.device).cuda_stream)
     if error:
         raise RuntimeError(f"the CUDA decode kernel did not launch: cudaError {error}")

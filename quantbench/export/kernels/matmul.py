@@ -42,7 +42,8 @@ class TileConfig:
     lut: bool = False  # base-3 kernel: bytes decoded through a table of digits instead of divisions
     pairs: bool = False  # decode kernel, int4 codes, float16 x: two codes per f16x2 instruction (inline PTX)
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
-    # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers;
+    # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
+    # split_k blocks along K;
     # "mma": packed_mma.cu, `rows` rows of x per block, num_warps warps, block_n / 32 of them along the outputs,
     # num_stages 1: x through shared-memory stages, 0: x from global memory
 
@@ -90,7 +91,7 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     config = config or _config_for(x2, weight)
     if config.engine == "cuda":  # gathers act_order in shared memory
         out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
-                               async_copies=config.num_stages > 0)
+                               async_copies=config.num_stages > 0, splits=config.split_k)
         return out.view(*x.shape[:-1], n_out)
     if config.engine == "mma":  # gathers act_order before the kernel
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
@@ -146,11 +147,14 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
 
     if weight.kind == "ternary3" or cuda_gemv.unsupported_reason(x, weight) is not None:
         return []
-    most = min(_bucket(x.shape[0]), 8)  # also half as many rows per block: more blocks, fewer registers
-    return [TileConfig(1, 4 * lanes, 0, 1, threads // 32, int(copies), rows=rows, engine="cuda")
+    m = x.shape[0]
+    most = min(_bucket(m), 8)  # also half as many rows per block: more blocks, fewer registers
+    processors = cuda_gemv.multiprocessors(x.device)
+    return [TileConfig(1, 4 * lanes, 0, splits, threads // 32, int(copies), rows=rows, engine="cuda")
             for rows in sorted({most, max(most // 2, 1)}) for lanes in cuda_gemv.LANES
             for threads in cuda_gemv.THREADS if rows == 1 or threads < 512
-            for copies in (False, True) if not copies or rows in cuda_gemv.ASYNC_ROWS]
+            for copies in (False, True) if not copies or rows in cuda_gemv.ASYNC_ROWS
+            for splits in cuda_gemv.split_choices(m, weight, rows, lanes, threads, processors)]
 
 
 def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:

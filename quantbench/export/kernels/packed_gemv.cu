@@ -1,6 +1,6 @@
 // x·Wᵀ for a few rows of float16 x and a packed weight in the kernel layout (layout.py), on CUDA cores.
 // Built by cuda_build.py with nvcc, one library per weight type (packed_decode.cuh: KIND, BITS, HAS_ZEROS);
-// HAS_PERM: act_order, stored input k reads x[perm[k]] (the block first gathers its rows of x into shared
+// HAS_PERM: act_order, stored input k reads x[perm[k]] (the block first gathers its inputs of x into shared
 // memory); FLUSH: word rows that share one scale (1, 2, 4 or 8).
 //
 // Each thread owns 4 adjacent outputs and copies their words of one input row in 16 bytes; a warp covers
@@ -11,6 +11,10 @@
 // decoded to q − z (packed_decode.cuh), is multiplied by one more f16x2 FMA into the matching pair of
 // inputs. Sums run in float16 within a scale's rows and in float32 across them; the row lanes are reduced
 // by shuffles and through shared memory.
+//
+// Split-K (gridDim.z > 1), for more blocks in flight than the columns alone give: each block takes its own
+// run of whole slabs and writes float32 partial sums; the last block of a column tile to arrive (counted in
+// `arrivals`, which it sets back to zero) adds them in split order, so the sum does not depend on timing.
 
 #include "packed_decode.cuh"
 
@@ -53,6 +57,11 @@ __device__ __forceinline__ void copy_slab(uint4* stage, const uint32_t* __restri
   asm volatile("cp.async.commit_group;");
 }
 
+// The word rows of each of `splits` blocks along K: whole slabs, so no scale's rows straddle two blocks.
+__host__ __device__ inline int split_rows(int rows, int splits) {
+  return ((rows + splits - 1) / splits + SLAB - 1) / SLAB * SLAB;
+}
+
 template <int N_GROUPS>
 __device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_group %0;" :: "n"(N_GROUPS)); }
 
@@ -65,11 +74,48 @@ __device__ __forceinline__ void load_slab(uint4 (&words)[SLAB], const uint32_t* 
                                        : make_uint4(0, 0, 0, 0);
 }
 
+// One scale group's values for this thread's 4 outputs, as stored: float16 scales (int, ternary), the second
+// plane's (ternary), uint8 zero points (int) or E8M0/E4M3 codes (MXFP4/NVFP4). Loaded with their slab.
+struct GroupScales {
+  uint2 scales, second;
+  uint32_t bytes;
+};
+
+constexpr int GROUPS = SLAB / FLUSH;  // scale groups a slab spans
+
+__device__ __forceinline__ GroupScales load_group(const void* __restrict__ scales_, const uint8_t* __restrict__ zeros,
+                                                  int j, int row_shift, int n_groups, int N, int n0, bool active) {
+  GroupScales v{make_uint2(0, 0), make_uint2(0, 0), 0u};
+  if (!active) return v;
+  const size_t at = static_cast<size_t>(min(j >> row_shift, n_groups - 1)) * N + n0;
+#if KIND == 0 || KIND == 1
+  const half* scales = static_cast<const half*>(scales_);
+  v.scales = __ldg(reinterpret_cast<const uint2*>(scales + at));
+#endif
+#if KIND == 0 && HAS_ZEROS
+  v.bytes = __ldg(reinterpret_cast<const uint32_t*>(zeros + at));
+#elif KIND == 1
+  v.second = __ldg(reinterpret_cast<const uint2*>(scales + static_cast<size_t>(n_groups) * N + at));
+#elif KIND >= 2
+  v.bytes = __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(scales_) + at));
+#endif
+  return v;
+}
+
+__device__ __forceinline__ void load_groups(GroupScales (&groups)[GROUPS], const void* __restrict__ scales_,
+                                            const uint8_t* __restrict__ zeros, int j0, int rows, int row_shift,
+                                            int n_groups, int N, int n0, bool active) {
+#pragma unroll
+  for (int f = 0; f < GROUPS; ++f)
+    groups[f] = load_group(scales_, zeros, j0 + f * FLUSH, row_shift, n_groups, N, n0, active && j0 < rows);
+}
+
 template <int ROWS, int LANES_N, int THREADS, bool ASYNC>
 __global__ void __launch_bounds__(THREADS) packed_gemv(
     const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
     const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, half* __restrict__ out,
-    int M, int N, int K, int n_groups, int row_shift, int stride_x, float inverse_global_scale) {
+    float* __restrict__ partials, int* __restrict__ arrivals, int M, int N, int K, int n_groups, int row_shift,
+    int stride_x, bool x_shared, float inverse_global_scale) {
   constexpr int ROW_LANES = THREADS / LANES_N;
   constexpr int WARPS = THREADS / 32;
   constexpr int BLOCK_N = LANES_N * OUTS;
@@ -80,49 +126,65 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   const int row_lane = threadIdx.x / LANES_N;
   const int n0 = blockIdx.x * BLOCK_N + lane_n * OUTS;
   const int m0 = blockIdx.y * ROWS;
-  const int rows = K / PER;
+  const int splits = gridDim.z;
+  const int chunk = split_rows(K / PER, splits);
+  const int row_begin = blockIdx.z * chunk;
+  const int rows = min(K / PER, row_begin + chunk);  // this block's word rows end here
   const bool active = n0 < N;
 
-  extern __shared__ uint4 dynamic_shared[];  // ASYNC: [stages][SLAB][THREADS] words; then HAS_PERM: gathered x
+  extern __shared__ uint4 dynamic_shared[];  // ASYNC: [stages][SLAB][THREADS] words; then the block's x
   constexpr int STAGES = stages<THREADS>();
   uint4* const staged = dynamic_shared;
   uint4 next[SLAB];
+  GroupScales next_groups[GROUPS];
   if constexpr (ASYNC) {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
-      copy_slab<THREADS>(staged + s * SLAB * THREADS, w, row_lane * SLAB + s * STEP, rows, N, n0, active);
+      copy_slab<THREADS>(staged + s * SLAB * THREADS, w, row_begin + row_lane * SLAB + s * STEP, rows, N, n0,
+                         active);
   } else {
-    load_slab(next, w, row_lane * SLAB, rows, N, n0, active);
+    load_slab(next, w, row_begin + row_lane * SLAB, rows, N, n0, active);
   }
-#if HAS_PERM  // the block's rows of x, gathered while the first slabs load
-  half* gathered = reinterpret_cast<half*>(dynamic_shared + (ASYNC ? stage_bytes<THREADS>() / sizeof(uint4) : 0));
-  constexpr int GATHER = 4;  // chunks of 4 indices per thread and round: their loads in flight together
-  for (int base = 4 * threadIdx.x; base < K; base += 4 * THREADS * GATHER) {
-    int4 index[GATHER];
+  load_groups(next_groups, scales_, zeros, row_begin + row_lane * SLAB, rows, row_shift, n_groups, N, n0, active);
+  // The block's inputs of x into shared memory while the first slabs load (act_order: gathered), so that no
+  // slab waits on x from memory; else (too many to hold) x is read from global memory as each slab needs it.
+  const half* x_rows = x + static_cast<size_t>(m0) * stride_x;
+  int x_row_begin = 0;
+  if (HAS_PERM || x_shared) {
+    half* held = reinterpret_cast<half*>(dynamic_shared + (ASYNC ? stage_bytes<THREADS>() / sizeof(uint4) : 0));
+    const int k_begin = row_begin * PER, k_count = chunk * PER, k_end = min(K, k_begin + k_count);
+    constexpr int ROUND = 4;  // chunks of 4 inputs per thread and round: their loads in flight together
+    for (int base = k_begin + 4 * threadIdx.x; base < k_end; base += 4 * THREADS * ROUND) {
+#if HAS_PERM
+      int4 index[ROUND];
 #pragma unroll
-    for (int u = 0; u < GATHER; ++u) {
-      const int k = base + 4 * THREADS * u;
-      index[u] = k < K ? __ldg(reinterpret_cast<const int4*>(perm + k)) : make_int4(0, 0, 0, 0);
-    }
+      for (int u = 0; u < ROUND; ++u) {
+        const int k = base + 4 * THREADS * u;
+        index[u] = k < k_end ? __ldg(reinterpret_cast<const int4*>(perm + k)) : make_int4(0, 0, 0, 0);
+      }
+#endif
 #pragma unroll
-    for (int u = 0; u < GATHER; ++u) {
-      const int k = base + 4 * THREADS * u;
-      if (k >= K) continue;
+      for (int u = 0; u < ROUND; ++u) {
+        const int k = base + 4 * THREADS * u;
+        if (k >= k_end) continue;
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        const half* x_row = x + static_cast<size_t>(min(m0 + r, M - 1)) * stride_x;
-        half* row = gathered + static_cast<size_t>(r) * K;
-        row[k] = __ldg(x_row + index[u].x); row[k + 1] = __ldg(x_row + index[u].y);
-        row[k + 2] = __ldg(x_row + index[u].z); row[k + 3] = __ldg(x_row + index[u].w);
+        for (int r = 0; r < ROWS; ++r) {
+          const half* x_row = x + static_cast<size_t>(min(m0 + r, M - 1)) * stride_x;
+          half* row = held + static_cast<size_t>(r) * k_count - k_begin;
+#if HAS_PERM
+          row[k] = __ldg(x_row + index[u].x); row[k + 1] = __ldg(x_row + index[u].y);
+          row[k + 2] = __ldg(x_row + index[u].z); row[k + 3] = __ldg(x_row + index[u].w);
+#else
+          *reinterpret_cast<uint2*>(row + k) = __ldg(reinterpret_cast<const uint2*>(x_row + k));
+#endif
+        }
       }
     }
+    __syncthreads();
+    x_rows = held;
+    x_row_begin = row_begin;  // held word row 0 is the block's first
+    stride_x = k_count;
   }
-  __syncthreads();
-  const half* x_rows = gathered;
-  stride_x = K;
-#else
-  const half* x_rows = x + static_cast<size_t>(m0) * stride_x;
-#endif
 
   float total[ROWS][OUTS];
 #pragma unroll
@@ -130,8 +192,12 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 #pragma unroll
     for (int o = 0; o < OUTS; ++o) total[r][o] = 0.f;
 
-  for (int j0 = row_lane * SLAB, it = 0; j0 < rows; j0 += STEP, ++it) {
+  for (int j0 = row_begin + row_lane * SLAB, it = 0; j0 < rows; j0 += STEP, ++it) {
     uint4 words[SLAB];
+    GroupScales groups[GROUPS];
+#pragma unroll
+    for (int f = 0; f < GROUPS; ++f) groups[f] = next_groups[f];
+    load_groups(next_groups, scales_, zeros, j0 + STEP, rows, row_shift, n_groups, N, n0, active);
     if constexpr (ASYNC) {  // each thread reads back only what it copied itself: its own wait suffices
       copy_slab<THREADS>(staged + ((it + STAGES - 1) % STAGES) * SLAB * THREADS, w, j0 + (STAGES - 1) * STEP, rows,
                          N, n0, active);
@@ -153,34 +219,23 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 #endif
 #pragma unroll
     for (int f = 0; f < SLAB; f += FLUSH) {
-      const int g = min((j0 + f) >> row_shift, n_groups - 1);
-      const size_t at = static_cast<size_t>(g) * N + n0;
+      const GroupScales& group = groups[f / FLUSH];
       float scale[OUTS], second[OUTS], zero[OUTS];
 #if KIND == 0 || KIND == 1
-      const half* scales = static_cast<const half*>(scales_);
-      const uint2 s = active ? __ldg(reinterpret_cast<const uint2*>(scales + at)) : make_uint2(0, 0);
-      scale[0] = __low2float(as_half2(s.x)); scale[1] = __high2float(as_half2(s.x));
-      scale[2] = __low2float(as_half2(s.y)); scale[3] = __high2float(as_half2(s.y));
+      scale[0] = __low2float(as_half2(group.scales.x)); scale[1] = __high2float(as_half2(group.scales.x));
+      scale[2] = __low2float(as_half2(group.scales.y)); scale[3] = __high2float(as_half2(group.scales.y));
 #endif
 #if KIND == 0
-#if HAS_ZEROS
-      const uint32_t z = active ? __ldg(reinterpret_cast<const uint32_t*>(zeros + at)) : 0u;
 #pragma unroll
-      for (int o = 0; o < OUTS; ++o) zero[o] = static_cast<float>((z >> (8 * o)) & 0xFFu);
-#else
-#pragma unroll
-      for (int o = 0; o < OUTS; ++o) zero[o] = static_cast<float>(1 << (BITS - 1));
-#endif
+      for (int o = 0; o < OUTS; ++o)
+        zero[o] = HAS_ZEROS ? static_cast<float>((group.bytes >> (8 * o)) & 0xFFu) : static_cast<float>(1 << (BITS - 1));
 #elif KIND == 1
-      const uint2 s2 = active ? __ldg(reinterpret_cast<const uint2*>(scales + static_cast<size_t>(n_groups) * N + at))
-                              : make_uint2(0, 0);
-      second[0] = __low2float(as_half2(s2.x)); second[1] = __high2float(as_half2(s2.x));
-      second[2] = __low2float(as_half2(s2.y)); second[3] = __high2float(as_half2(s2.y));
+      second[0] = __low2float(as_half2(group.second.x)); second[1] = __high2float(as_half2(group.second.x));
+      second[2] = __low2float(as_half2(group.second.y)); second[3] = __high2float(as_half2(group.second.y));
 #else
-      const uint32_t codes = active ? __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(scales_) + at)) : 0u;
 #pragma unroll
       for (int o = 0; o < OUTS; ++o) {
-        const uint32_t c = (codes >> (8 * o)) & 0xFFu;
+        const uint32_t c = (group.bytes >> (8 * o)) & 0xFFu;
         scale[o] = KIND == 2 ? e8m0_value(c) : e4m3_value(c) * inverse_global_scale;
       }
 #endif
@@ -192,7 +247,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 #pragma unroll
       for (int i = f; i < f + FLUSH; ++i) {
         half2 pairs[ROWS][PAIRS];
-        input_pairs<ROWS>(x_rows, j0 + i, j0 + i < rows, m0, M, stride_x, pairs);
+        input_pairs<ROWS>(x_rows, j0 + i - x_row_begin, j0 + i < rows, m0, M, stride_x, pairs);
 #pragma unroll
         for (int o = 0; o < OUTS; ++o) {
           const uint32_t word = word_of(words[i], o);
@@ -249,30 +304,54 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     float sum = 0.f;
 #pragma unroll
     for (int v = 0; v < WARPS; ++v) sum += partial[v][r][c];
+    if (splits == 1)
+      out[static_cast<size_t>(m0 + r) * N + n] = __float2half_rn(sum);
+    else
+      partials[(static_cast<size_t>(blockIdx.z) * M + m0 + r) * N + n] = sum;
+  }
+  if (splits == 1) return;
+  __shared__ bool last;
+  __threadfence();  // this block's partial sums are visible before its arrival is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* count = arrivals + blockIdx.y * gridDim.x + blockIdx.x;
+    last = atomicAdd(count, 1) == splits - 1;
+    if (last) *count = 0;  // every split has arrived: ready for the next call
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int t = threadIdx.x; t < ROWS * BLOCK_N; t += THREADS) {
+    const int r = t / BLOCK_N, c = t % BLOCK_N;
+    const int n = blockIdx.x * BLOCK_N + c;
+    if (m0 + r >= M || n >= N) continue;
+    float sum = 0.f;
+    for (int z = 0; z < splits; ++z) sum += __ldcg(partials + (static_cast<size_t>(z) * M + m0 + r) * N + n);
     out[static_cast<size_t>(m0 + r) * N + n] = __float2half_rn(sum);
   }
 }
 
 struct Call {
   const void *x, *perm, *w, *scales, *zeros;
-  void* out;
-  int M, N, K, n_groups, row_shift, stride_x;
+  void *out, *partials, *arrivals;
+  int splits, M, N, K, n_groups, row_shift, stride_x, x_shared;
   float inverse_global_scale;
   cudaStream_t stream;
 };
 
 template <int ROWS, int LANES_N, int THREADS, bool ASYNC>
 cudaError_t launch(const Call& c) {
-  const dim3 grid((c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS), (c.M + ROWS - 1) / ROWS);
+  const dim3 grid((c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS), (c.M + ROWS - 1) / ROWS, c.splits);
   const size_t shared = (ASYNC ? stage_bytes<THREADS>() : 0) +
-                        (HAS_PERM ? static_cast<size_t>(ROWS) * c.K * sizeof(half) : 0);
+                        (HAS_PERM || c.x_shared ? static_cast<size_t>(ROWS) * split_rows(c.K / PER, c.splits) * PER * sizeof(half) : 0);
   auto kernel = packed_gemv<ROWS, LANES_N, THREADS, ASYNC>;
   const cudaError_t error = allow_shared_memory<packed_gemv<ROWS, LANES_N, THREADS, ASYNC>>(shared);
   if (error != cudaSuccess) return error;
   kernel<<<grid, THREADS, shared, c.stream>>>(
       static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
-      static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), c.M, c.N, c.K, c.n_groups, c.row_shift,
-      c.stride_x, c.inverse_global_scale);
+      static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), static_cast<float*>(c.partials),
+      static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.x_shared != 0,
+      c.inverse_global_scale);
   return cudaGetLastError();
 }
 
@@ -292,21 +371,25 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
     case 4: return by_threads<ROWS, 4, ASYNC>(threads, c);
     case 8: return by_threads<ROWS, 8, ASYNC>(threads, c);
     case 16: return by_threads<ROWS, 16, ASYNC>(threads, c);
+    case 32: return by_threads<ROWS, 32, ASYNC>(threads, c);
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-// Returns a cudaError_t (0: launched). rows_per_program 1, 2, 4 or 8; lanes_n 4, 8 or 16; threads 128 or
-// 256, or with one row 512; async_copies (cp.async stages) with 1 or 2 rows. HAS_PERM takes
-// rows_per_program · K · 2 bytes of shared memory.
-extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, const void* x,
-                                      const void* perm, const void* w, const void* scales, const void* zeros,
-                                      void* out, int M, int N, int K, int n_groups, int row_shift, int stride_x,
+// Returns a cudaError_t (0: launched). rows_per_program 1, 2, 4 or 8; lanes_n 4, 8, 16 or 32; threads 128 or
+// 256, or with one row 512; async_copies (cp.async stages) with 1 or 2 rows. HAS_PERM and x_shared take
+// rows_per_program · (the block's inputs) · 2 bytes of shared memory for the block's x. splits > 1: `partials` holds
+// splits · M · N floats and `arrivals` one zeroed int per block of outputs (column tiles × row tiles).
+extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, int splits,
+                                      const void* x, const void* perm, const void* w, const void* scales,
+                                      const void* zeros, void* out, void* partials, void* arrivals, int M, int N,
+                                      int K, int n_groups, int row_shift, int stride_x, int x_shared,
                                       float inverse_global_scale, void* stream) {
-  const Call c{x, perm, w, scales, zeros, out, M, N, K, n_groups, row_shift, stride_x, inverse_global_scale,
-               static_cast<cudaStream_t>(stream)};
+  if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
+  const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
+               x_shared, inverse_global_scale, static_cast<cudaStream_t>(stream)};
   if (async_copies) {
     switch (rows_per_program) {
       case 1: return by_lanes<1, true>(lanes_n, threads, c);
