@@ -1,6 +1,7 @@
 """Where the CUDA decode kernel's time goes at batch 1: each tile configuration (weights through registers
-or cp.async stages, splits of K) timed whole and with its weight loads alone (nothing decoded), against torch
-reading the same words (`max`) and copying them, on a cold L2 (CUDA graphs).
+or cp.async stages, splits of K, x held in shared memory or not) timed whole and with its weight loads
+alone (nothing decoded), against torch reading the same words (`max`) and copying them, on a cold L2 (CUDA
+graphs).
 
     python bench/gemv_anatomy.py [--shapes 8192x8192 …] [--json out.json]
 
@@ -11,6 +12,7 @@ not hide under the loads. The copy gives the device's copy rate at this size, un
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -51,24 +53,28 @@ def main() -> None:
             for copies in (False, True):
                 for lanes in cuda_gemv.LANES:
                     for threads in cuda_gemv.THREADS:
-                        for splits in cuda_gemv.split_choices(1, weight, 1, lanes, threads, processors):
+                        for splits, held in itertools.product(
+                                cuda_gemv.split_choices(1, weight, 1, lanes, threads, processors),
+                                (True,) if weight.perm is not None else (True, False)):
                             def call(load_only=False):
-                                return cuda_gemv.launch(x, weight, 1, lanes, threads, copies, load_only, splits)
+                                return cuda_gemv.launch(x, weight, 1, lanes, threads, copies, load_only, splits, held)
                             whole = 1e3 * graph_time_ms(call)
                             loads = 1e3 * graph_time_ms(lambda: call(load_only=True))
                             row = {"shape": shape, "variant": label, "async_copies": copies, "lanes": lanes,
-                                   "threads": threads, "splits": splits, "us": whole, "load_only_us": loads,
-                                   "torch_read_us": read_us, "torch_copy_us": copy_us, "bytes": weight.stored_bytes}
+                                   "threads": threads, "splits": splits, "x_in_shared": held, "us": whole,
+                                   "load_only_us": loads, "torch_read_us": read_us, "torch_copy_us": copy_us,
+                                   "bytes": weight.stored_bytes}
                             rows.append(row)
                             print(f"{shape:>11} {label:>20} {'cp.async ' if copies else 'registers'} lanes {lanes:2} "
-                                  f"threads {threads:3} splits {splits:2}: {whole:6.1f} µs, loads alone "
-                                  f"{loads:6.1f} µs", flush=True)
+                                  f"threads {threads:3} splits {splits:2} x {'shared' if held else 'memory'}: "
+                                  f"{whole:6.1f} µs, loads alone {loads:6.1f} µs", flush=True)
                 if args.json:
                     args.json.write_text(json.dumps(rows, indent=1))
             best = min((r for r in rows if r["shape"] == shape and r["variant"] == label), key=lambda r: r["us"])
             print(f"{shape:>11} {label:>20}: fastest {best['us']:.1f} µs (loads alone {best['load_only_us']:.1f}) "
                   f"= {best['bytes'] / best['us'] / 1e6:.2f} TB/s with lanes {best['lanes']}, threads "
-                  f"{best['threads']}, splits {best['splits']}, {'cp.async' if best['async_copies'] else 'registers'}",
+                  f"{best['threads']}, splits {best['splits']}, {'cp.async' if best['async_copies'] else 'registers'}, "
+                  f"x from {'shared memory' if best['x_in_shared'] else 'memory'}",
                   flush=True)
 
 

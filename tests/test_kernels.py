@@ -390,6 +390,9 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
                                                         for threads in cuda_gemv.THREADS}
     # 256 inputs are 32 int4 word rows: no split of K leaves each row lane a slab of its own
     assert {c.split_k for c in cuda} == {1}
+    assert {c.x_in_shared for c in cuda} == {True, False}  # x copied to shared memory first, or read slab by slab
+    act_order = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
+    assert {c.x_in_shared for c in matmul._cuda_candidates(x, act_order)} == {True}  # gathered there
     four_rows = [c for c in matmul._engine_candidates(x.repeat(3, 1), packed) if c.engine == "cuda"]
     assert {c.rows for c in four_rows} == {2, 4} and all(c.num_warps < 16 for c in four_rows)
     assert all(c.rows in cuda_gemv.ASYNC_ROWS for c in four_rows if c.num_stages)
@@ -487,6 +490,10 @@ def test_cuda_decode_kernel_reads_x_from_memory_where_shared_memory_cannot_hold_
                  TileConfig(1, 64, 0, 2, 4, 1, rows=2, engine="cuda")):
         got = packed_matmul(x, to_kernel_layout(stored), backend="cuda", config=tile)
         torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    monkeypatch.undo()  # it fits again; the tile asks for x from memory (act_order still gathers in the kernel)
+    tile = TileConfig(1, 32, 0, 2, 4, 0, rows=1, x_in_shared=False, engine="cuda")
+    got = packed_matmul(x, to_kernel_layout(stored), backend="cuda", config=tile)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 def assert_graph_replays_the_kernel(x: torch.Tensor, packed, backend: str) -> None:

@@ -69,10 +69,12 @@ def _workspace(device: torch.device, splits: int, m: int, n: int) -> tuple[torch
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
-           load_only: bool = False, splits: int = 1) -> torch.Tensor:
+           load_only: bool = False, splits: int = 1, x_in_shared: bool = True) -> torch.Tensor:
     """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16. `async_copies`: the
     weights through cp.async stages in shared memory (1–2 rows) instead of registers; `load_only`: the
-    weight loads alone, for timing, its result meaningless; `splits`: blocks along K per column tile."""
+    weight loads alone, for timing, its result meaningless; `splits`: blocks along K per column tile;
+    `x_in_shared`: each block first copies its x into shared memory where it fits (act_order gathers it there
+    whatever this says), else reads x from memory slab by slab."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")
@@ -82,8 +84,9 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
                          f"not among {ROWS}, {LANES}, {THREADS} (512 threads take one row; async copies "
                          f"{ASYNC_ROWS} rows; splits 1–65535)")
     word_rows = x.shape[1] // weight.per_word
-    x_shared = rows * split_rows(word_rows, splits) * weight.per_word * 2 <= X_SHARED_BYTES
-    if not x_shared and weight.perm is not None:  # act_order: gathered here instead, x then read from memory
+    fits = rows * split_rows(word_rows, splits) * weight.per_word * 2 <= X_SHARED_BYTES
+    x_shared = fits and (x_in_shared or weight.perm is not None)
+    if not fits and weight.perm is not None:  # act_order: gathered here instead, x then read from memory
         x, weight = with_inputs_gathered(x, weight)
     if x.data_ptr() % 16:
         x = x.clone()
