@@ -96,17 +96,21 @@ __host__ cudaError_t allow_shared_memory(size_t bytes) {
   return error;
 }
 
-// Word row j's PER inputs of one row of x, two per word (zero unless `live`).
+// Word row j's PER inputs of one row of x, two per word (zero unless `live`); READ_ONLY: x in global memory,
+// through the read-only data path.
+template <bool READ_ONLY = false>
 __device__ __forceinline__ void input_words(const half* __restrict__ row, int j, bool live, uint32_t (&words)[PER / 2]) {
   const half* at = row + j * PER;
   if (PER >= 8) {
 #pragma unroll
     for (int q = 0; q < PER / 8; ++q) {
-      const uint4 v = live ? *(reinterpret_cast<const uint4*>(at) + q) : make_uint4(0, 0, 0, 0);
+      const uint4* p = reinterpret_cast<const uint4*>(at) + q;
+      const uint4 v = live ? (READ_ONLY ? __ldg(p) : *p) : make_uint4(0, 0, 0, 0);
       words[4 * q] = v.x; words[4 * q + 1] = v.y; words[4 * q + 2] = v.z; words[4 * q + 3] = v.w;
     }
   } else {
-    const uint2 v = live ? *reinterpret_cast<const uint2*>(at) : make_uint2(0, 0);
+    const uint2* p = reinterpret_cast<const uint2*>(at);
+    const uint2 v = live ? (READ_ONLY ? __ldg(p) : *p) : make_uint2(0, 0);
     words[0] = v.x; words[1] = v.y;
   }
 }
@@ -120,13 +124,13 @@ __device__ __forceinline__ void pairs_of(const uint32_t (&words)[PER / 2], half2
 }
 
 // The pairs of word row j's inputs for each of ROWS rows of x (zero past K or M).
-template <int ROWS>
+template <int ROWS, bool READ_ONLY = false>
 __device__ __forceinline__ void input_pairs(const half* __restrict__ x, int j, bool inside, int m0, int M,
                                             int stride_x, half2 (&pairs)[ROWS][PAIRS]) {
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     uint32_t words[PER / 2];
-    input_words(x + static_cast<size_t>(r) * stride_x, j, inside && m0 + r < M, words);
+    input_words<READ_ONLY>(x + static_cast<size_t>(r) * stride_x, j, inside && m0 + r < M, words);
     pairs_of(words, pairs[r]);
   }
 }

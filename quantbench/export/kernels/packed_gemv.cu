@@ -110,12 +110,12 @@ __device__ __forceinline__ void load_groups(GroupScales (&groups)[GROUPS], const
     groups[f] = load_group(scales_, zeros, j0 + f * FLUSH, row_shift, n_groups, N, n0, active && j0 < rows);
 }
 
-template <int ROWS, int LANES_N, int THREADS, bool ASYNC>
+template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool X_HELD>
 __global__ void __launch_bounds__(THREADS) packed_gemv(
     const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
     const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, half* __restrict__ out,
     float* __restrict__ partials, int* __restrict__ arrivals, int M, int N, int K, int n_groups, int row_shift,
-    int stride_x, bool x_shared, float inverse_global_scale) {
+    int stride_x, float inverse_global_scale) {
   constexpr int ROW_LANES = THREADS / LANES_N;
   constexpr int WARPS = THREADS / 32;
   constexpr int BLOCK_N = LANES_N * OUTS;
@@ -148,11 +148,11 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   load_groups(next_groups, scales_, zeros, row_begin + row_lane * SLAB, rows, row_shift, n_groups, N, n0, active);
   // The block's inputs of x into shared memory while the first slabs load (act_order: gathered), so that no
   // slab waits on x from memory; else (too many to hold) x is read from global memory as each slab needs it.
-  const half* x_rows = x + static_cast<size_t>(m0) * stride_x;
-  int x_row_begin = 0;
-  if (HAS_PERM || x_shared) {
-    half* held = reinterpret_cast<half*>(dynamic_shared + (ASYNC ? stage_bytes<THREADS>() / sizeof(uint4) : 0));
-    const int k_begin = row_begin * PER, k_count = chunk * PER, k_end = min(K, k_begin + k_count);
+  const half* const x_rows = x + static_cast<size_t>(m0) * stride_x;  // x from memory: read-only loads
+  half* const held = reinterpret_cast<half*>(dynamic_shared + (ASYNC ? stage_bytes<THREADS>() / sizeof(uint4) : 0));
+  const int k_count = chunk * PER;  // held: rows of k_count inputs, word row 0 the block's first
+  if constexpr (X_HELD) {
+    const int k_begin = row_begin * PER, k_end = min(K, k_begin + k_count);
     constexpr int ROUND = 4;  // chunks of 4 inputs per thread and round: their loads in flight together
     for (int base = k_begin + 4 * threadIdx.x; base < k_end; base += 4 * THREADS * ROUND) {
 #if HAS_PERM
@@ -181,9 +181,6 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
       }
     }
     __syncthreads();
-    x_rows = held;
-    x_row_begin = row_begin;  // held word row 0 is the block's first
-    stride_x = k_count;
   }
 
   float total[ROWS][OUTS];
@@ -247,7 +244,10 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 #pragma unroll
       for (int i = f; i < f + FLUSH; ++i) {
         half2 pairs[ROWS][PAIRS];
-        input_pairs<ROWS>(x_rows, j0 + i - x_row_begin, j0 + i < rows, m0, M, stride_x, pairs);
+        if constexpr (X_HELD)  // shared-memory loads; else global ones through the read-only path
+          input_pairs<ROWS>(held, j0 + i - row_begin, j0 + i < rows, m0, M, k_count, pairs);
+        else
+          input_pairs<ROWS, true>(x_rows, j0 + i, j0 + i < rows, m0, M, stride_x, pairs);
 #pragma unroll
         for (int o = 0; o < OUTS; ++o) {
           const uint32_t word = word_of(words[i], o);
@@ -339,20 +339,26 @@ struct Call {
   cudaStream_t stream;
 };
 
-template <int ROWS, int LANES_N, int THREADS, bool ASYNC>
-cudaError_t launch(const Call& c) {
+template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool X_HELD>
+cudaError_t launch_kernel(const Call& c) {
   const dim3 grid((c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS), (c.M + ROWS - 1) / ROWS, c.splits);
-  const size_t shared = (ASYNC ? stage_bytes<THREADS>() : 0) +
-                        (HAS_PERM || c.x_shared ? static_cast<size_t>(ROWS) * split_rows(c.K / PER, c.splits) * PER * sizeof(half) : 0);
-  auto kernel = packed_gemv<ROWS, LANES_N, THREADS, ASYNC>;
-  const cudaError_t error = allow_shared_memory<packed_gemv<ROWS, LANES_N, THREADS, ASYNC>>(shared);
+  const size_t x_bytes = static_cast<size_t>(ROWS) * split_rows(c.K / PER, c.splits) * PER * sizeof(half);
+  const size_t shared = (ASYNC ? stage_bytes<THREADS>() : 0) + (X_HELD ? x_bytes : 0);
+  constexpr auto kernel = packed_gemv<ROWS, LANES_N, THREADS, ASYNC, X_HELD>;
+  const cudaError_t error = allow_shared_memory<kernel>(shared);
   if (error != cudaSuccess) return error;
   kernel<<<grid, THREADS, shared, c.stream>>>(
       static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
       static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), static_cast<float*>(c.partials),
-      static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.x_shared != 0,
-      c.inverse_global_scale);
+      static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
   return cudaGetLastError();
+}
+
+// act_order always holds its gathered x: its libraries build no variant that reads x from memory.
+template <int ROWS, int LANES_N, int THREADS, bool ASYNC>
+cudaError_t launch(const Call& c) {
+  if (HAS_PERM || c.x_shared) return launch_kernel<ROWS, LANES_N, THREADS, ASYNC, true>(c);
+  return launch_kernel<ROWS, LANES_N, THREADS, ASYNC, HAS_PERM != 0>(c);
 }
 
 template <int ROWS, int LANES_N, bool ASYNC>
