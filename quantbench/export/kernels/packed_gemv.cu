@@ -57,7 +57,7 @@ __device__ __forceinline__ void copy_slab(uint4* stage, const uint32_t* __restri
   asm volatile("cp.async.commit_group;");
 }
 
-// The word rows of each of `splits` blocks along K: whole slabs, so no scale's rows straddle two blocks.
+// The word rows of each of `splits` blocks along K: whole slabs, so that every slab keeps its scale groups.
 __host__ __device__ inline int split_rows(int rows, int splits) {
   return ((rows + splits - 1) / splits + SLAB - 1) / SLAB * SLAB;
 }
