@@ -1,6 +1,7 @@
 """lm-eval on a model in memory: a tiny random Llama and a tiny local multiple-choice task, fully offline."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -50,6 +51,25 @@ def test_bridge_scores_the_model_in_memory_as_first_principles_do(model_dir, tok
     assert task["samples"] == 4 and task["limit"] == 4
     acc, acc_norm = hand_scored(model, tokenizer, DOCS[:4])
     assert task["metrics"]["acc"] == pytest.approx(acc) and task["metrics"]["acc_norm"] == pytest.approx(acc_norm)
+
+
+def test_local_tasks_index_only_the_include_path_and_others_every_stock_task(tiny_task_dir, monkeypatch):
+    from quantbench.eval import lm_eval_bridge
+
+    local = lm_eval_bridge.task_manager((str(tiny_task_dir),), ("tiny_mc",))  # the real index, in milliseconds
+    assert set(local.all_tasks) == {"tiny_mc_local"}
+    built = []
+
+    def index(include_path, stock_tasks):
+        built.append(stock_tasks)
+        return SimpleNamespace(all_tasks=["tiny_mc_local", *(["piqa"] if stock_tasks else [])])
+
+    monkeypatch.setattr(lm_eval_bridge, "_task_index", index)
+    assert lm_eval_bridge.task_manager(("tasks",), ("tiny_mc", "tiny_mc_local")).all_tasks == ["tiny_mc_local"]
+    assert built == [False]
+    assert "piqa" in lm_eval_bridge.task_manager(("tasks",), ("tiny_mc", "piqa")).all_tasks  # not a local task
+    assert "piqa" in lm_eval_bridge.task_manager((), ("piqa",)).all_tasks  # no include path
+    assert built == [False, False, True, True]
 
 
 def test_unknown_task_names_the_task(model_dir, tokenizer, tiny_task_dir):
