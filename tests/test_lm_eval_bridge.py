@@ -62,14 +62,16 @@ def test_local_tasks_index_only_the_include_path_and_others_every_stock_task(tin
 
     def index(include_path, stock_tasks):
         built.append(stock_tasks)
-        return SimpleNamespace(all_tasks=["tiny_mc_local", *(["piqa"] if stock_tasks else [])])
+        tasks = ["tiny_mc_local", *(["piqa"] if stock_tasks else [])]
+        return SimpleNamespace(all_tasks=[*tasks, "a_group"], all_subtasks=tasks)
 
     monkeypatch.setattr(lm_eval_bridge, "_task_index", index)
-    assert lm_eval_bridge.task_manager(("tasks",), ("tiny_mc", "tiny_mc_local")).all_tasks == ["tiny_mc_local"]
+    assert "piqa" not in lm_eval_bridge.task_manager(("tasks",), ("tiny_mc", "tiny_mc_local")).all_tasks
     assert built == [False]
     assert "piqa" in lm_eval_bridge.task_manager(("tasks",), ("tiny_mc", "piqa")).all_tasks  # not a local task
     assert "piqa" in lm_eval_bridge.task_manager((), ("piqa",)).all_tasks  # no include path
-    assert built == [False, False, True, True]
+    lm_eval_bridge.task_manager(("tasks",), ("a_group",))  # a group's members may be stock tasks
+    assert built == [False, False, True, True, False, True]
 
 
 def test_unknown_task_names_the_task(model_dir, tokenizer, tiny_task_dir):

@@ -100,7 +100,9 @@ def _task_index(include_path: tuple[str, ...], stock_tasks: bool):
 
 
 def _in_index(name: str, manager) -> bool:
-    available = manager.all_tasks
+    """Whether `name` (or its `_local` copy) is a task of this index; a group or tag is not enough, since its
+    members may be stock tasks that only the full index holds."""
+    available = manager.all_subtasks
     return name in available or name + LOCAL_SUFFIX in available
 
 
