@@ -55,7 +55,7 @@ def main() -> None:
                     for threads in cuda_gemv.THREADS:
                         for splits, held in itertools.product(
                                 cuda_gemv.split_choices(1, weight, 1, lanes, threads, processors),
-                                (True,) if weight.perm is not None else (True, False)):
+                                cuda_gemv.x_choices(weight)):
                             def call(load_only=False):
                                 return cuda_gemv.launch(x, weight, 1, lanes, threads, copies, load_only, splits, held)
                             whole = 1e3 * graph_time_ms(call)

@@ -52,6 +52,11 @@ def split_choices(m: int, weight: KernelWeight, rows: int, lanes: int, threads: 
     return sorted({min(s, most) for s in (1, fill, 2 * fill, 4 * fill)})
 
 
+def x_choices(weight: KernelWeight) -> tuple[bool, ...]:
+    """Where a block's x may come from (True: shared memory); act_order always gathers it there."""
+    return (True,) if weight.perm is not None else (True, False)
+
+
 def _workspace(device: torch.device, splits: int, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K's float32 partial sums and zeroed arrival counts, one pair per device, split and output width,
     sized for every batch up to the power of two ≥ m. It is made on the first (eager) call of that batch size's

@@ -152,13 +152,13 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     m = x.shape[0]
     most = min(_bucket(m), 8)  # also half as many rows per block: more blocks, fewer registers
     processors = cuda_gemv.multiprocessors(x.device)
-    x_choices = (True,) if weight.perm is not None else (True, False)  # act_order's gather is in shared memory
     return [TileConfig(1, 4 * lanes, 0, splits, threads // 32, int(copies), rows=rows, x_in_shared=held,
                        engine="cuda")
             for rows in sorted({most, max(most // 2, 1)}) for lanes in cuda_gemv.LANES
             for threads in cuda_gemv.THREADS if rows == 1 or threads < 512
             for copies in (False, True) if not copies or rows in cuda_gemv.ASYNC_ROWS
-            for splits in cuda_gemv.split_choices(m, weight, rows, lanes, threads, processors) for held in x_choices]
+            for splits in cuda_gemv.split_choices(m, weight, rows, lanes, threads, processors)
+            for held in cuda_gemv.x_choices(weight)]
 
 
 def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
