@@ -445,6 +445,35 @@ def test_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_per_row_lane()
     assert sum(min(split_rows(100, 7), max(0, 100 - z * split_rows(100, 7))) for z in range(7)) == 100
 
 
+def test_act_order_holds_the_whole_rows_of_x_it_gathers_from():
+    from quantbench.export.kernels.cuda_gemv import x_held_bytes
+
+    plain = SimpleNamespace(shape=(4096, 8192), per_word=8, perm=None)
+    act_order = SimpleNamespace(shape=(4096, 8192), per_word=8, perm=torch.arange(8192))
+    assert x_held_bytes(8192, plain, 1, 1) == 16384  # one row of 8192 float16 inputs
+    assert x_held_bytes(8192, plain, 2, 4) == 2 * 2048 * 2  # 4 splits of 256 word rows
+    assert x_held_bytes(8192, act_order, 2, 4) == 2 * (2048 + 8192) * 2  # + the rows gathered from, whole
+    assert x_held_bytes(100 * 8, plain, 1, 3) == 40 * 8 * 2  # 100 word rows: splits of 5 slabs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
+@pytest.mark.parametrize("label", ["int4-g32 act_order", "mxfp4-rtn"])
+def test_cuda_decode_kernel_takes_rows_of_x_that_are_not_16_byte_aligned(label):
+    """x's rows are copied into shared memory in 16-byte pieces: a view whose rows start 8 bytes off those
+    boundaries, or whose first element is off one, is copied first (called directly: `packed_matmul` makes
+    x contiguous before)."""
+    from quantbench.export.kernels import cuda_gemv
+
+    stored = WEIGHTS[label].to("cuda")
+    packed = to_kernel_layout(stored)
+    wide = torch.randn(3, IN + 4, device="cuda").half()
+    for x in (wide[:, :IN], wide[:, 4:]):
+        expected = x.float() @ stored.dequantize().T
+        for rows, lanes, threads, copies in ((2, 8, 128, False), (1, 16, 128, True)):
+            got = cuda_gemv.launch(x, packed, rows, lanes, threads, copies)
+            torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
 @pytest.mark.parametrize("label", ["int4-g32 act_order", "ternary2-g64", "nvfp4-rtn"])
 def test_split_k_sums_in_a_fixed_order_and_rearms_its_counts(label):

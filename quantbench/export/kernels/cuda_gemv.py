@@ -52,6 +52,12 @@ def split_choices(m: int, weight: KernelWeight, rows: int, lanes: int, threads: 
     return sorted({min(s, most) for s in (1, fill, 2 * fill, 4 * fill)})
 
 
+def x_held_bytes(k: int, weight: KernelWeight, rows: int, splits: int) -> int:
+    """Shared memory for a block's x: its rows of inputs, and for act_order the whole rows it gathers from."""
+    held = split_rows(k // weight.per_word, splits) * weight.per_word
+    return rows * (held + (k if weight.perm is not None else 0)) * 2
+
+
 def x_choices(weight: KernelWeight) -> tuple[bool, ...]:
     """Where a block's x may come from (True: shared memory); act_order always gathers it there."""
     return (True,) if weight.perm is not None else (True, False)
@@ -88,13 +94,12 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
         raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}, splits {splits}: "
                          f"not among {ROWS}, {LANES}, {THREADS} (512 threads take one row; async copies "
                          f"{ASYNC_ROWS} rows; splits 1–65535)")
-    word_rows = x.shape[1] // weight.per_word
-    fits = rows * split_rows(word_rows, splits) * weight.per_word * 2 <= X_SHARED_BYTES
-    x_shared = fits and (x_in_shared or weight.perm is not None)
-    if not fits and weight.perm is not None:  # act_order: gathered here instead, x then read from memory
+    x_shared = x_held_bytes(x.shape[1], weight, rows, splits) <= X_SHARED_BYTES
+    if not x_shared and weight.perm is not None:  # act_order: gathered here instead, x then read from memory
         x, weight = with_inputs_gathered(x, weight)
-    if x.data_ptr() % 16:
-        x = x.clone()
+    x_shared = x_shared and (x_in_shared or weight.perm is not None)
+    if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:  # rows copied in aligned 16-byte pieces
+        x = x.clone(memory_format=torch.contiguous_format)
     m, k = x.shape
     n = weight.shape[0]
     function = cuda_build.entry_point(WeightType.of(weight, weight.perm is not None, load_only),

@@ -1,7 +1,7 @@
 // x·Wᵀ for a few rows of float16 x and a packed weight in the kernel layout (layout.py), on CUDA cores.
 // Built by cuda_build.py with nvcc, one library per weight type (packed_decode.cuh: KIND, BITS, HAS_ZEROS);
-// HAS_PERM: act_order, stored input k reads x[perm[k]] (the block first gathers its inputs of x into shared
-// memory); FLUSH: word rows that share one scale (1, 2, 4 or 8).
+// HAS_PERM: act_order, stored input k reads x[perm[k]] (the block first copies its rows of x whole into shared
+// memory and gathers its inputs from there); FLUSH: word rows that share one scale (1, 2, 4 or 8).
 //
 // Each thread owns 4 adjacent outputs and copies their words of one input row in 16 bytes; a warp covers
 // LANES_N × 16 contiguous bytes of 32 / LANES_N rows. Word rows go in slabs of 8 round-robin over the
@@ -110,6 +110,40 @@ __device__ __forceinline__ void load_groups(GroupScales (&groups)[GROUPS], const
     groups[f] = load_group(scales_, zeros, j0 + f * FLUSH, row_shift, n_groups, N, n0, active && j0 < rows);
 }
 
+// cp.async of rows [m0, m0 + ROWS) of x, inputs [begin, end), into shared rows of `width` inputs, as one
+// commit group (rows past M are left as they are: their sums are never stored).
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void copy_rows(half* shared, const half* __restrict__ x, int begin, int end, int width,
+                                          int m0, int M, int stride_x) {
+  const int chunks = (end - begin) / 8;  // 16 bytes each
+  for (int t = threadIdx.x; t < ROWS * chunks; t += THREADS) {
+    const int r = t / chunks, k = begin + 8 * (t % chunks);
+    if (m0 + r >= M) break;
+    half* const at = shared + static_cast<size_t>(r) * width + k - begin;
+    const uint32_t target = static_cast<uint32_t>(__cvta_generic_to_shared(at));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                 :: "r"(target), "l"(x + static_cast<size_t>(m0 + r) * stride_x + k));
+  }
+  asm volatile("cp.async.commit_group;");
+}
+
+// Asks L2 for `bytes` from `p` on (act_order's indices: the later rounds of the gather then find them there).
+__device__ __forceinline__ void prefetch_range(const void* p, size_t bytes) {
+  const char* at = static_cast<const char*>(p);
+  for (size_t line = 128 * threadIdx.x; line < bytes; line += 128 * blockDim.x)
+    asm volatile("prefetch.global.L2 [%0];" :: "l"(at + line));
+}
+
+// act_order: the stored order's original inputs perm[k .. k + 3] for k = base + STRIDE·u.
+template <int ROUND, int STRIDE>
+__device__ __forceinline__ void load_indices(int4 (&index)[ROUND], const int* __restrict__ perm, int base, int end) {
+#pragma unroll
+  for (int u = 0; u < ROUND; ++u) {
+    const int k = base + STRIDE * u;
+    index[u] = k < end ? __ldg(reinterpret_cast<const int4*>(perm + k)) : make_int4(0, 0, 0, 0);
+  }
+}
+
 template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool X_HELD>
 __global__ void __launch_bounds__(THREADS) packed_gemv(
     const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
@@ -135,6 +169,19 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   extern __shared__ uint4 dynamic_shared[];  // ASYNC: [stages][SLAB][THREADS] words; then the block's x
   constexpr int STAGES = stages<THREADS>();
   uint4* const staged = dynamic_shared;
+  const half* const x_rows = x + static_cast<size_t>(m0) * stride_x;  // x from memory: read-only loads
+  half* const held = reinterpret_cast<half*>(dynamic_shared + (ASYNC ? stage_bytes<THREADS>() / sizeof(uint4) : 0));
+  const int k_count = chunk * PER;  // held: rows of k_count inputs, word row 0 the block's first
+  const int k_begin = row_begin * PER, k_end = min(K, k_begin + k_count);
+  // The block's x goes into shared memory by cp.async before the first slabs load, as the oldest copy group,
+  // so that no slab waits on x from memory. act_order copies the rows whole (`raw`, after the held rows) and
+  // gathers them from there: the gather's indices and x then come from memory at the same time.
+  half* const raw = held + static_cast<size_t>(ROWS) * k_count;
+  if constexpr (X_HELD) {
+    prefetch_range(perm + k_begin, HAS_PERM ? max(k_end - k_begin, 0) * sizeof(int) : 0);
+    copy_rows<ROWS, THREADS>(HAS_PERM ? raw : held, x, HAS_PERM ? 0 : k_begin, HAS_PERM ? K : k_end,
+                             HAS_PERM ? K : k_count, m0, M, stride_x);
+  }
   uint4 next[SLAB];
   GroupScales next_groups[GROUPS];
   if constexpr (ASYNC) {
@@ -146,41 +193,37 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     load_slab(next, w, row_begin + row_lane * SLAB, rows, N, n0, active);
   }
   load_groups(next_groups, scales_, zeros, row_begin + row_lane * SLAB, rows, row_shift, n_groups, N, n0, active);
-  // The block's inputs of x into shared memory while the first slabs load (act_order: gathered), so that no
-  // slab waits on x from memory; else (too many to hold) x is read from global memory as each slab needs it.
-  const half* const x_rows = x + static_cast<size_t>(m0) * stride_x;  // x from memory: read-only loads
-  half* const held = reinterpret_cast<half*>(dynamic_shared + (ASYNC ? stage_bytes<THREADS>() / sizeof(uint4) : 0));
-  const int k_count = chunk * PER;  // held: rows of k_count inputs, word row 0 the block's first
   if constexpr (X_HELD) {
-    const int k_begin = row_begin * PER, k_end = min(K, k_begin + k_count);
-    constexpr int ROUND = 4;  // chunks of 4 inputs per thread and round: their loads in flight together
-    for (int base = k_begin + 4 * threadIdx.x; base < k_end; base += 4 * THREADS * ROUND) {
 #if HAS_PERM
-      int4 index[ROUND];
-#pragma unroll
-      for (int u = 0; u < ROUND; ++u) {
-        const int k = base + 4 * THREADS * u;
-        index[u] = k < k_end ? __ldg(reinterpret_cast<const int4*>(perm + k)) : make_int4(0, 0, 0, 0);
-      }
+    constexpr int ROUND = 4;  // chunks of 4 inputs per thread and round
+    constexpr int STRIDE = 4 * THREADS;
+    int4 index[ROUND];
+    load_indices<ROUND, STRIDE>(index, perm, k_begin + 4 * threadIdx.x, k_end);
 #endif
+    wait_copies<ASYNC ? STAGES - 1 : 0>();  // x's group, the oldest
+    __syncthreads();
+#if HAS_PERM
+    for (int base = k_begin + 4 * threadIdx.x; base < k_end; base += STRIDE * ROUND) {
+      int4 next_index[ROUND];
+      load_indices<ROUND, STRIDE>(next_index, perm, base + STRIDE * ROUND, k_end);
 #pragma unroll
       for (int u = 0; u < ROUND; ++u) {
-        const int k = base + 4 * THREADS * u;
+        const int k = base + STRIDE * u;
         if (k >= k_end) continue;
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-          const half* x_row = x + static_cast<size_t>(min(m0 + r, M - 1)) * stride_x;
-          half* row = held + static_cast<size_t>(r) * k_count - k_begin;
-#if HAS_PERM
-          row[k] = __ldg(x_row + index[u].x); row[k + 1] = __ldg(x_row + index[u].y);
-          row[k + 2] = __ldg(x_row + index[u].z); row[k + 3] = __ldg(x_row + index[u].w);
-#else
-          *reinterpret_cast<uint2*>(row + k) = __ldg(reinterpret_cast<const uint2*>(x_row + k));
-#endif
+          const half* from = raw + static_cast<size_t>(r) * K;
+          const half2 low = __halves2half2(from[index[u].x], from[index[u].y]);
+          const half2 high = __halves2half2(from[index[u].z], from[index[u].w]);
+          *reinterpret_cast<uint2*>(held + static_cast<size_t>(r) * k_count + k - k_begin) =
+              make_uint2(as_bits(low), as_bits(high));
         }
       }
+#pragma unroll
+      for (int u = 0; u < ROUND; ++u) index[u] = next_index[u];
     }
     __syncthreads();
+#endif
   }
 
   float total[ROWS][OUTS];
@@ -342,7 +385,9 @@ struct Call {
 template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool X_HELD>
 cudaError_t launch_kernel(const Call& c) {
   const dim3 grid((c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS), (c.M + ROWS - 1) / ROWS, c.splits);
-  const size_t x_bytes = static_cast<size_t>(ROWS) * split_rows(c.K / PER, c.splits) * PER * sizeof(half);
+  // held rows (act_order: and the whole rows they are gathered from)
+  const size_t x_inputs = split_rows(c.K / PER, c.splits) * PER + (HAS_PERM ? c.K : 0);
+  const size_t x_bytes = static_cast<size_t>(ROWS) * x_inputs * sizeof(half);
   const size_t shared = (ASYNC ? stage_bytes<THREADS>() : 0) + (X_HELD ? x_bytes : 0);
   constexpr auto kernel = packed_gemv<ROWS, LANES_N, THREADS, ASYNC, X_HELD>;
   const cudaError_t error = allow_shared_memory<kernel>(shared);
@@ -386,7 +431,8 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 
 // Returns a cudaError_t (0: launched). rows_per_program 1, 2, 4 or 8; lanes_n 4, 8, 16 or 32; threads 128 or
 // 256, or with one row 512; async_copies (cp.async stages) with 1 or 2 rows. HAS_PERM and x_shared take
-// rows_per_program · (the block's inputs) · 2 bytes of shared memory for the block's x. splits > 1: `partials` holds
+// rows_per_program · (the block's inputs, HAS_PERM: + K) · 2 bytes of shared memory for the block's x; x's rows
+// start 16-byte aligned (stride_x a multiple of 8). splits > 1: `partials` holds
 // splits · M · N floats and `arrivals` one zeroed int per block of outputs (column tiles × row tiles).
 extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, int splits,
                                       const void* x, const void* perm, const void* w, const void* scales,
