@@ -78,6 +78,9 @@ def test_torch_fallback_equals_the_dequantized_matmul(label, batch):
     assert_matmul_close(got, x, stored.dequantize())
 
 
+# Triton kernels run on the GPU where there is one, else in Triton's interpreter on the CPU (conftest.py).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 TRITON_CONFIGS = {
     "decode": TileConfig(1, 32, 64, 1),
     "decode split-k": TileConfig(1, 16, 64, 4),
@@ -89,9 +92,9 @@ TRITON_CONFIGS = {
 @pytest.mark.parametrize("label", WEIGHTS)
 @pytest.mark.parametrize("config", TRITON_CONFIGS)
 def test_triton_kernel_equals_the_dequantized_matmul(label, config):
-    stored = WEIGHTS[label]
+    stored = WEIGHTS[label].to(TRITON_DEVICE)
     tile = TRITON_CONFIGS[config]
-    x = torch.randn(1 if tile.block_m == 1 else 5, IN, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(1 if tile.block_m == 1 else 5, IN, generator=torch.Generator().manual_seed(3)).to(TRITON_DEVICE)
     got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=tile)
     assert_matmul_close(got, x, stored.dequantize())
 
@@ -101,16 +104,16 @@ def test_triton_kernel_equals_the_dequantized_matmul(label, config):
     ("mxfp4-rtn", TileConfig(1, 16, 64, 3, rows=2)), ("nvfp4-rtn", TileConfig(1, 16, 64, 3, rows=2)),
 ], ids=["int4 act_order, 4 rows", "ternary, 4 rows", "mxfp4, 2 rows, split-k", "nvfp4, 2 rows, split-k"])
 def test_multi_row_decode_equals_the_dequantized_matmul_on_a_partial_row_tile(label, tile):
-    stored = WEIGHTS[label]
-    x = torch.randn(5, IN, generator=torch.Generator().manual_seed(3))
+    stored = WEIGHTS[label].to(TRITON_DEVICE)
+    x = torch.randn(5, IN, generator=torch.Generator().manual_seed(3)).to(TRITON_DEVICE)
     got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=tile)
     assert_matmul_close(got, x, stored.dequantize())
 
 
 def test_triton_kernel_handles_inputs_that_do_not_fill_a_tile():
     g = torch.Generator().manual_seed(4)
-    stored = quantize_rtn(torch.randn(50, 96, generator=g), Scheme.parse("int4-g32-rtn"))  # 96 inputs, 50 outputs
-    x = torch.randn(2, 96, generator=g)
+    stored = quantize_rtn(torch.randn(50, 96, generator=g), Scheme.parse("int4-g32-rtn")).to(TRITON_DEVICE)
+    x = torch.randn(2, 96, generator=g).to(TRITON_DEVICE)  # 96 inputs, 50 outputs
     got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=TileConfig(16, 32, 64, 1))
     assert_matmul_close(got, x, stored.dequantize())
 
@@ -151,7 +154,8 @@ def test_load_with_kernels_swaps_in_packed_modules(tmp_path, tokenizer):
         for module in packed.modules():
             if isinstance(module, PackedLinear):
                 module.backend = "triton"
-        torch.testing.assert_close(packed(ids).logits, expected, rtol=1e-3, atol=1e-3)
+        triton_logits = packed.to(TRITON_DEVICE)(ids.to(TRITON_DEVICE)).logits.cpu()
+        torch.testing.assert_close(triton_logits, expected, rtol=1e-3, atol=1e-3)
     packed_bytes = sum(b.numel() * b.element_size() for n, b in packed.named_buffers() if n.rsplit(".", 1)[0] in kinds)
     dense_bytes = sum(dense.get_submodule(n).weight.numel() * 4 for n in kinds)
     assert packed_bytes < dense_bytes / 5
@@ -179,16 +183,16 @@ def test_base3_ternary_layout_reads_a_fifth_of_a_byte_per_trit_and_decodes_exact
 @pytest.mark.parametrize("tile", [TileConfig(1, 32, 8, 1), TileConfig(1, 16, 4, 3, rows=2, lut=True)],
                          ids=["a row per program, digits by division", "two rows per program, digits by table"])
 def test_base3_triton_kernel_equals_the_dequantized_matmul(label, tile):
-    stored = BASE3[label]
-    x = torch.randn(3, stored.shape[1], generator=torch.Generator().manual_seed(8))
+    stored = BASE3[label].to(TRITON_DEVICE)
+    x = torch.randn(3, stored.shape[1], generator=torch.Generator().manual_seed(8)).to(TRITON_DEVICE)
     got = packed_matmul(x, to_base3_layout(stored), backend="triton", config=tile)
     assert_matmul_close(got, x, stored.dequantize())
 
 
 @pytest.mark.parametrize("label", ["int4-g128-rtn", "int4-g32 act_order", "int8-pc-rtn", "int4-g32-sym-rtn"])
 def test_half_precision_decode_matches_within_float16_rounding(label):
-    stored = WEIGHTS[label]
-    x = torch.randn(1, IN).half()
+    stored = WEIGHTS[label].to(TRITON_DEVICE)
+    x = torch.randn(1, IN).half().to(TRITON_DEVICE)
     expected = x.float() @ stored.dequantize().T
     got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=TileConfig(1, 32, 64, 2, half=True))
     assert got.dtype == torch.float16
@@ -234,14 +238,15 @@ def test_fused_siblings_compute_the_unfused_logits_with_four_launches_per_layer(
         for module in fused.modules():
             if isinstance(module, (fused_module.FusedPackedLinear, PackedLinear)):
                 module.backend = "triton"
-        torch.testing.assert_close(fused(ids).logits, expected, rtol=1e-3, atol=1e-3)
+        triton_logits = fused.to(TRITON_DEVICE)(ids.to(TRITON_DEVICE)).logits.cpu()
+        torch.testing.assert_close(triton_logits, expected, rtol=1e-3, atol=1e-3)
 
 
 def test_tuner_keeps_the_fastest_candidate_that_agrees_with_the_fallback(monkeypatch):
     """A tile whose kernel computes a wrong result is skipped with a warning, however fast it times."""
     from quantbench.export.kernels import matmul, triton_matmul
 
-    stored = WEIGHTS["int4-g128-rtn"]
+    stored = WEIGHTS["int4-g128-rtn"].to(TRITON_DEVICE)
     packed = to_kernel_layout(stored)
     right, wrong, slow = TileConfig(1, 32, 64, 1), TileConfig(1, 32, 64, 2), TileConfig(1, 16, 64, 1)
     launch = triton_matmul.launch
@@ -253,7 +258,7 @@ def test_tuner_keeps_the_fastest_candidate_that_agrees_with_the_fallback(monkeyp
     monkeypatch.setattr(triton_matmul, "launch", launch_breaking_split_2)
     times = iter([1.0, 2.0])  # the first two timed: were `wrong` timed, it would take 1.0 and win
     monkeypatch.setattr(matmul, "graph_time_ms", lambda call: next(times))
-    x = torch.randn(1, IN, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(1, IN, generator=torch.Generator().manual_seed(9)).to(TRITON_DEVICE)
     with pytest.warns(RuntimeWarning, match="1 tile configurations .* disagree"):
         assert matmul._fastest(x, packed, [wrong, right, slow]) == right
 
@@ -299,8 +304,8 @@ def test_paired_int4_decode_matches_within_float16_rounding_on_the_gpu(label):
                                            ("int4-g32-sym-rtn", False), ("int2-g64-rtn", True)])
 def test_dot_kernel_float16_decoding_gives_the_float32_decodings_result_bit_for_bit(label, expand):
     """(1024 + q) − (1024 + z) is exact in float16 and one multiply rounds it as float32's cast does."""
-    x = torch.randn(5, IN, generator=torch.Generator().manual_seed(10)).half()
-    packed = to_kernel_layout(WEIGHTS[label])
+    x = torch.randn(5, IN, generator=torch.Generator().manual_seed(10)).half().to(TRITON_DEVICE)
+    packed = to_kernel_layout(WEIGHTS[label].to(TRITON_DEVICE))
     half, single = (packed_matmul(x, packed, backend="triton", config=TileConfig(16, 32, 64, 1, expand=expand, half=h))
                     for h in (True, False))
     assert torch.equal(half, single)
