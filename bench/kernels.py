@@ -7,6 +7,7 @@ call must read and write / time) as a share of the device's HBM bandwidth, and t
 
     python bench/kernels.py --device cuda [--json out.json]
     python bench/kernels.py --device cuda --skip-matmul --size 8b --decode-batches 1 8 --fuse
+    python bench/kernels.py --device cuda --skip-matmul --size 8b --only-fused --compile   # decoder layers compiled
 """
 
 from __future__ import annotations
@@ -209,10 +210,10 @@ def quantize_model(model, label: str | None, device, fuse: bool = False) -> None
 
 
 def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fuse: bool, variants,
-                 rows: list, saved=lambda: None, floor: bool = False) -> list[dict]:
+                 rows: list, saved=lambda: None, floor: bool = False, compiled: bool = False) -> list[dict]:
     for label in ["fp16", *variants, *([FLOOR] if floor else [])]:
         rows.append(decode_one(label, None if label == "fp16" else label, device, new_tokens, prompt, size, batch,
-                               fuse))
+                               fuse, compiled))
         saved()
         torch.cuda.empty_cache()
     return rows
@@ -220,13 +221,16 @@ def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fu
 
 @torch.no_grad()
 def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b",
-               batch: int = 1, fuse: bool = False) -> dict:
+               batch: int = 1, fuse: bool = False, compiled: bool = False) -> dict:
     from transformers import StaticCache
 
     from random_models import build_random_llama_on
 
     model = build_random_llama_on(size, torch.float16, device)
     quantize_model(model, variant, device, fuse)
+    if compiled:  # each decoder layer; the layers share one compiled graph (their modules are its inputs)
+        for layer in model.model.layers:
+            layer.compile(dynamic=False)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
                                                              *model.model.layers.buffers()])
     cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens + 8)
@@ -253,10 +257,12 @@ def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt:
     with torch.cuda.graph(graph):
         step()
     graph_tok_s = batch * _tokens_per_s(graph.replay, new_tokens - 24, device)
-    print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and variant else ''}): "
+    print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and variant else ''}"
+          f"{', compiled' if compiled else ''}): "
           f"{graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
           f"decoder weights {weight_bytes / 2**20:.0f} MiB", flush=True)
     return {"model": label, "size": size, "batch": batch, "fused": fuse and variant is not None,
+            "compiled": compiled,
             "block_weight_bytes": weight_bytes, "eager_tok_s": eager_tok_s, "cuda_graph_tok_s": graph_tok_s}
 
 
@@ -282,6 +288,7 @@ def main() -> None:
     parser.add_argument("--only-fused", action="store_true", help="decode with q/k/v and gate/up fused only")
     parser.add_argument("--floor", action="store_true",
                         help="also decode with the decoder's matmuls skipped: the ceiling any kernel can reach")
+    parser.add_argument("--compile", action="store_true", help="decode with each decoder layer torch.compile'd")
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
@@ -321,7 +328,7 @@ def main() -> None:
         for batch in args.decode_batches:
             for fuse in ([True] if args.only_fused else [False, True] if args.fuse else [False]):
                 decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse, args.variants,
-                             result["decode"], saved, args.floor)
+                             result["decode"], saved, args.floor, args.compile)
 
 
 if __name__ == "__main__":

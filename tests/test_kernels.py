@@ -242,6 +242,28 @@ def test_fused_siblings_compute_the_unfused_logits_with_four_launches_per_layer(
         torch.testing.assert_close(triton_logits, expected, rtol=1e-3, atol=1e-3)
 
 
+def test_compiled_packed_model_traces_the_matmuls_as_one_operator_each(tmp_path, tokenizer):
+    """torch.compile traces a packed model, fused siblings included, in one graph (fullgraph: no break at
+    the kernels) whose packed matmuls are `quantbench::packed_linear` calls, and gives the eager logits."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = tiny_llama()
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    section = QuantizeSection(default="int4-g32-rtn", overrides=[{"pattern": "o_proj", "scheme": "nvfp4-rtn"}])
+    quantized = quantize_model(model, ids, section.scheme_for, torch.device("cpu"), progress=False)
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    packed = load_quantized(tmp_path / "ckpt", kernels=True)
+    assert packed.quantbench_fused  # q/k/v and gate/up fused
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(packed, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        expected = packed(ids).logits
+        torch.testing.assert_close(compiled(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
+    calls = [n for g in counter.graphs for n in g.graph.nodes if "packed_linear" in str(n.target)]
+    assert len(calls) == 2 * 4  # per layer: qkv, o, gate-up, down
+
+
 def test_tuner_keeps_the_fastest_candidate_that_agrees_with_the_fallback(monkeypatch):
     """A tile whose kernel computes a wrong result is skipped with a warning, however fast it times."""
     from quantbench.export.kernels import matmul, triton_matmul

@@ -1,5 +1,6 @@
 """`PackedLinear`: an nn.Linear replacement that keeps only the kernel-layout tensors and multiplies
-through `packed_matmul`."""
+through `packed_matmul`. Under torch.compile it calls the same matmul as one opaque operator
+(`quantbench::packed_linear`), so a compiled model traces around the kernels without graph breaks."""
 
 from __future__ import annotations
 
@@ -9,6 +10,21 @@ from torch import nn
 from quantbench.export.kernels.layout import KernelWeight
 from quantbench.export.kernels.matmul import packed_matmul
 from quantbench.export.kernels.reference import dequantize_kernel_weight
+
+
+@torch.library.custom_op("quantbench::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  perm: torch.Tensor | None, kind: str, bits: int, out_features: int, in_features: int, group: int,
+                  global_scale: float, backend: str) -> torch.Tensor:
+    """x [..., in_features] → [..., out_features] in x's dtype, through `packed_matmul`."""
+    weight = KernelWeight(kind, bits, (out_features, in_features), group, qweight, scales, zeros, perm, global_scale)
+    return packed_matmul(x, weight, backend)
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x, qweight, scales, zeros, perm, kind, bits, out_features, in_features, group,
+                         global_scale, backend):
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 class PackedLinear(nn.Module):
@@ -34,7 +50,11 @@ class PackedLinear(nn.Module):
         return dequantize_kernel_weight(self.kernel_weight).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = packed_matmul(x, self.kernel_weight, self.backend)
+        if torch.compiler.is_compiling():  # one opaque operator; eager calls skip the dispatcher
+            y = packed_linear(x, self.qweight, self.scales, self.zeros, self.perm, self.kind, self.bits,
+                              self.out_features, self.in_features, self.group, self.global_scale, self.backend)
+        else:
+            y = packed_matmul(x, self.kernel_weight, self.backend)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
