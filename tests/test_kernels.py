@@ -99,6 +99,17 @@ def test_triton_kernel_equals_the_dequantized_matmul(label, config):
     assert_matmul_close(got, x, stored.dequantize())
 
 
+def test_triton_dot_multiplies_float32_as_torch_does(monkeypatch):
+    """IEEE float32 in tl.dot unless torch allows TF32 for its own float32 matmuls (on a GPU, the dot tests
+    above then hold to float32's rounding bound)."""
+    from quantbench.export.kernels.triton_matmul import dot_precision
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert dot_precision(torch.float32) == "tf32"
+
+
 @pytest.mark.parametrize("label, tile", [
     ("int4-g32 act_order", TileConfig(1, 32, 64, 1, rows=4)), ("ternary2-g64", TileConfig(1, 32, 64, 1, rows=4)),
     ("mxfp4-rtn", TileConfig(1, 16, 64, 3, rows=2)), ("nvfp4-rtn", TileConfig(1, 16, 64, 3, rows=2)),

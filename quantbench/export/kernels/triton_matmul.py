@@ -324,7 +324,8 @@ def packed_gemm_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
                        M, N, K, n_groups, k_per_split, stride_xm, global_scale,
                        KIND: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SPLIT_K: tl.constexpr, EXPAND: tl.constexpr, HALF: tl.constexpr):
+                       SPLIT_K: tl.constexpr, EXPAND: tl.constexpr, HALF: tl.constexpr,
+                       PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -346,7 +347,7 @@ def packed_gemm_kernel(x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lo
             columns = offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + columns[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0)
-        acc = tl.dot(x, w.to(x.dtype), acc)
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
     _finish(acc, out_ptr, offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :],
             ws_ptr, M * N, lock_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K)
 
@@ -462,8 +463,15 @@ def launch(x: torch.Tensor, weight: KernelWeight, block_m: int, block_n: int, bl
         packed_gemm_kernel[grid](x, perm, weight.qweight, weight.scales, zeros, out, workspace, locks,
                                  m, n, k, weight.n_groups, k_per_split, x.stride(0), weight.global_scale,
                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EXPAND=expand,
-                                 HALF=half and x.dtype == torch.float16 and weight.kind == "int", **common)
+                                 HALF=half and x.dtype == torch.float16 and weight.kind == "int",
+                                 PRECISION=dot_precision(x.dtype), **common)
     return out
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's precision for float32 x as torch's own float32 matmuls take it: IEEE float32 unless TF32 is
+    allowed (`torch.backends.cuda.matmul.allow_tf32`); half-precision inputs are exact either way."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def launch_base3(x: torch.Tensor, weight: KernelWeight, block_r: int, block_n: int, split_k: int,
