@@ -99,15 +99,19 @@ def test_triton_kernel_equals_the_dequantized_matmul(label, config):
     assert_matmul_close(got, x, stored.dequantize())
 
 
-def test_triton_dot_multiplies_float32_as_torch_does(monkeypatch):
+def test_triton_dot_multiplies_float32_as_torch_does():
     """IEEE float32 in tl.dot unless torch allows TF32 for its own float32 matmuls (on a GPU, the dot tests
     above then hold to float32's rounding bound)."""
     from quantbench.export.kernels.triton_matmul import dot_precision
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert dot_precision(torch.float32) == "tf32"
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dot_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32" and dot_precision(torch.float16) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 @pytest.mark.parametrize("label, tile", [
