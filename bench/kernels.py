@@ -7,7 +7,7 @@ call must read and write / time) as a share of the device's HBM bandwidth, and t
 
     python bench/kernels.py --device cuda [--json out.json]
     python bench/kernels.py --device cuda --skip-matmul --size 8b --decode-batches 1 8 --fuse
-    python bench/kernels.py --device cuda --skip-matmul --size 8b --only-fused --compile   # decoder layers compiled
+    python bench/kernels.py --device cuda --skip-matmul --size 8b --only-fused --compile   # forward compiled
 """
 
 from __future__ import annotations
@@ -228,9 +228,10 @@ def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt:
 
     model = build_random_llama_on(size, torch.float16, device)
     quantize_model(model, variant, device, fuse)
-    if compiled:  # each decoder layer; the layers share one compiled graph (their modules are its inputs)
-        for layer in model.model.layers:
-            layer.compile(dynamic=False)
+    if compiled:  # the whole forward: two graphs, the prefill and the decode step (the static cache's layers
+        # initialise on the first call). Compiling layer by layer recompiles per layer on the cache's guards and
+        # stops compiling at dynamo's recompile limit, 8 layers.
+        model.forward = torch.compile(model.forward, dynamic=False)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
                                                              *model.model.layers.buffers()])
     cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens + 8)
@@ -288,7 +289,7 @@ def main() -> None:
     parser.add_argument("--only-fused", action="store_true", help="decode with q/k/v and gate/up fused only")
     parser.add_argument("--floor", action="store_true",
                         help="also decode with the decoder's matmuls skipped: the ceiling any kernel can reach")
-    parser.add_argument("--compile", action="store_true", help="decode with each decoder layer torch.compile'd")
+    parser.add_argument("--compile", action="store_true", help="decode with the model's forward torch.compile'd")
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
