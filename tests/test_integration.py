@@ -139,14 +139,14 @@ def test_rotation_preserves_the_real_model_and_rescues_int4_activations(dithered
     runs = {"fp": (False, "fp"), "rotated fp": (True, "fp"), "A4": (False, "int8-pc-rtn-a:int4"),
             "rotated A4": (True, "int8-pc-rtn-a:int4"), "W4A4": (False, "int4-pc-rtn-a:int4"),
             "hadamard W4A4": (False, "hadamard+int4-pc-rtn-a:int4")}
+    rotated_model = copy.deepcopy(dithered[0])  # rotated once, copied for each rotated run
+    with torch.no_grad():
+        reference = rotated_model(input_ids=window).logits
+    rotate_model(rotated_model)
+    assert max_logit_change(rotated_model, window, reference) < 1e-3, "rotation must keep the function"
     ppl = {}
     for label, (rotated, name) in runs.items():
-        model = copy.deepcopy(dithered[0])
-        if rotated:
-            with torch.no_grad():
-                reference = model(input_ids=window).logits
-            rotate_model(model)
-            assert max_logit_change(model, window, reference) < 1e-3, "rotation must keep the function"
+        model = copy.deepcopy(rotated_model if rotated else dithered[0])
         if name != "fp":
             for linear in model_linears(model).values():
                 quantize_linear(linear, Scheme.parse(name))
