@@ -94,10 +94,10 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
         raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}, splits {splits}: "
                          f"not among {ROWS}, {LANES}, {THREADS} (512 threads take one row; async copies "
                          f"{ASYNC_ROWS} rows; splits 1–65535)")
-    x_shared = x_held_bytes(x.shape[1], weight, rows, splits) <= X_SHARED_BYTES
-    if not x_shared and weight.perm is not None:  # act_order: gathered here instead, x then read from memory
+    fits = x_held_bytes(x.shape[1], weight, rows, splits) <= X_SHARED_BYTES
+    if not fits and weight.perm is not None:  # act_order: gathered here instead, x then read from memory
         x, weight = with_inputs_gathered(x, weight)
-    x_shared = x_shared and (x_in_shared or weight.perm is not None)
+    x_shared = fits and (x_in_shared or weight.perm is not None)
     if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:  # rows copied in aligned 16-byte pieces
         x = x.clone(memory_format=torch.contiguous_format)
     m, k = x.shape
