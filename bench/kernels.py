@@ -220,18 +220,17 @@ def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fu
 
 
 @torch.no_grad()
-def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b",
-               batch: int = 1, fuse: bool = False, compiled: bool = False) -> dict:
+def prepared_decode(variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b", batch: int = 1,
+                    fuse: bool = False, compiled: bool = False):
+    """A random model of `size` with its decoder linears swapped for `variant` (None: fp16), prefilled with
+    `prompt` tokens, and `step`, one decode step in place (static cache), warmed up. Returns (step, decoder
+    weight bytes)."""
     from transformers import StaticCache
 
     from random_models import build_random_llama_on
 
     model = build_random_llama_on(size, torch.float16, device)
     quantize_model(model, variant, device, fuse)
-    if compiled:  # the whole forward: two graphs, the prefill and the decode step (the static cache's layers
-        # initialise on the first call). Compiling layer by layer recompiles per layer on the cache's guards and
-        # stops compiling at dynamo's recompile limit, 8 layers.
-        model.forward = torch.compile(model.forward, dynamic=False)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
                                                              *model.model.layers.buffers()])
     cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens + 8)
@@ -240,7 +239,12 @@ def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt:
                    use_cache=True).logits
     token = logits[:, -1:].argmax(-1)
     position = torch.tensor([prompt], device=device)
+    if compiled:  # after the prefill, which initialised the static cache's layers: one graph, the decode step.
+        # The whole forward, because compiling layer by layer recompiles per layer on the cache's guards and
+        # stops compiling at dynamo's recompile limit, 8 layers.
+        model.forward = torch.compile(model.forward, dynamic=False)
 
+    @torch.no_grad()
     def step():
         out = model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
         token.copy_(out[:, -1:].argmax(-1))
@@ -248,7 +252,11 @@ def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt:
 
     for _ in range(3):  # tunes the kernels' tiles and warms up
         step()
-    eager_tok_s = batch * _tokens_per_s(step, 16, device)
+    return step, weight_bytes
+
+
+def captured(step) -> torch.cuda.CUDAGraph:
+    """`step` captured in a CUDA graph (after one call on a side stream, as capture requires)."""
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -257,6 +265,15 @@ def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt:
     torch.cuda.current_stream().wait_stream(stream)
     with torch.cuda.graph(graph):
         step()
+    return graph
+
+
+@torch.no_grad()
+def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b",
+               batch: int = 1, fuse: bool = False, compiled: bool = False) -> dict:
+    step, weight_bytes = prepared_decode(variant, device, new_tokens, prompt, size, batch, fuse, compiled)
+    eager_tok_s = batch * _tokens_per_s(step, 16, device)
+    graph = captured(step)
     graph_tok_s = batch * _tokens_per_s(graph.replay, new_tokens - 24, device)
     print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and variant else ''}"
           f"{', compiled' if compiled else ''}): "
