@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels import FLOOR, VARIANTS, captured, prepared_decode  # noqa: E402
 
-KINDS = [  # first match wins
-    ("packed matmul", r"packed_gemv|packed_mma|gather_inputs|_packed_|matmul_kernel"),
-    ("cuBLAS matmul", r"gemm|gemv|nvjet|cutlass|xmma|splitK"),
-    ("attention", r"flash|fmha|attention|softmax"),
+KINDS = [  # first match wins; inductor names its kernels triton_* after the operations they fuse
     ("fused Triton", r"^triton_"),
+    ("packed matmul", r"packed_gemv|packed_mma|gather_inputs|matmul_kernel"),
+    ("cuBLAS matmul", r"gemm|gemv|nvjet|cutlass|xmma|splitK"),
+    ("attention", r"flash|fmha|attention|softmax|sdpa"),
     ("copy, fill", r"copy|Memcpy|Memset|fill|index_put|scatter"),
 ]
 
@@ -67,7 +67,7 @@ def kernels_per_step(replay, steps: int = 10) -> dict[str, tuple[float, float]]:
 def profiled(label: str, args) -> dict:
     variant = None if label == "fp16" else label
     step, _ = prepared_decode(variant, torch.device("cuda"), 64, args.prompt, args.size, args.batch, True,
-                              args.compile)
+                              args.compile, args.attention)
     graph = captured(step)
     kernels = kernels_per_step(graph.replay)
     source = "graph replays"
@@ -78,12 +78,14 @@ def profiled(label: str, args) -> dict:
     for name, (count, us) in kernels.items():
         kinds[kind_of(name)][0] += count
         kinds[kind_of(name)][1] += us
-    result = {"model": label, "size": args.size, "batch": args.batch, "compiled": args.compile, "source": source,
+    result = {"model": label, "size": args.size, "batch": args.batch, "compiled": args.compile,
+              "attention": args.attention or "sdpa", "source": source,
               "step_us": step_us(graph.replay), "kernels": sum(c for c, _ in kernels.values()),
               "kernel_us": sum(us for _, us in kernels.values()),
               "kinds": {kind: {"count": c, "us": us} for kind, (c, us) in kinds.items()},
               "top": sorted(([name[:120], c, us] for name, (c, us) in kernels.items()), key=lambda r: -r[2])[:15]}
-    print(f"\n{label} ({args.size}, batch {args.batch}{', compiled' if args.compile else ''}; {source}): "
+    print(f"\n{label} ({args.size}, batch {args.batch}{', compiled' if args.compile else ''}, "
+          f"{args.attention or 'sdpa'} attention; {source}): "
           f"step {result['step_us']:.0f} µs ({args.batch * 1e6 / result['step_us']:.1f} tok/s), "
           f"{result['kernels']:.0f} kernels summing to {result['kernel_us']:.0f} µs"
           + (f"; per layer {result['kernels'] / layers:.1f} kernels" if layers else ""), flush=True)
@@ -100,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="the model's forward torch.compile'd")
+    parser.add_argument("--attention", help="transformers' attention implementation (sdpa, eager, …)")
     parser.add_argument("--variants", nargs="+", default=["int4-g128 act_order"], choices=list(VARIANTS))
     parser.add_argument("--no-floor", action="store_true", help="skip the model without weight matmuls")
     parser.add_argument("--json", type=Path)

@@ -182,6 +182,18 @@ def _format_row(row: dict) -> str:
 FLOOR = "no matmul (floor)"
 
 
+@torch.library.custom_op("quantbench_bench::no_matmul", mutates_args=())
+def no_matmul(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Uninitialised memory of a linear's output shape. An opaque operator that takes x, so that a compiler
+    keeps (does not eliminate as dead) everything that computes x."""
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@no_matmul.register_fake
+def _no_matmul_shape(x, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class NoMatmul(torch.nn.Module):
     """A linear that returns uninitialised memory: the decode step without its weight matmuls."""
 
@@ -190,7 +202,7 @@ class NoMatmul(torch.nn.Module):
         self.out_features = out_features
 
     def forward(self, x):
-        return torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+        return no_matmul(x, self.out_features)
 
 
 def quantize_model(model, label: str | None, device, fuse: bool = False) -> None:
@@ -221,16 +233,18 @@ def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fu
 
 @torch.no_grad()
 def prepared_decode(variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b", batch: int = 1,
-                    fuse: bool = False, compiled: bool = False):
+                    fuse: bool = False, compiled: bool = False, attention: str | None = None):
     """A random model of `size` with its decoder linears swapped for `variant` (None: fp16), prefilled with
-    `prompt` tokens, and `step`, one decode step in place (static cache), warmed up. Returns (step, decoder
-    weight bytes)."""
+    `prompt` tokens, and `step`, one decode step in place (static cache), warmed up; `attention` picks
+    transformers' attention implementation (its default: sdpa). Returns (step, decoder weight bytes)."""
     from transformers import StaticCache
 
     from random_models import build_random_llama_on
 
     model = build_random_llama_on(size, torch.float16, device)
     quantize_model(model, variant, device, fuse)
+    if attention:
+        model.set_attn_implementation(attention)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
                                                              *model.model.layers.buffers()])
     cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens + 8)
