@@ -65,7 +65,9 @@ def random_weight(scheme_name: str, n: int, k: int, device) -> QuantizedWeight |
     groups = -(-k // 128)
     scales = (torch.rand(n, groups, generator=g, device=device) * 0.01).half()
     zeros = torch.randint(0, 1 << scheme.bits, (n, groups), generator=g, device=device, dtype=torch.uint8)
-    order = torch.randperm(k, generator=g, device=device)
+    # act_order's input order comes from the input's Hessian, so layers that read one input (q/k/v, gate/up)
+    # share it, and fuse: one order per input width here
+    order = torch.randperm(k, generator=torch.Generator(device=device).manual_seed(k), device=device)
     g_idx = torch.empty(k, dtype=torch.int32, device=device)
     g_idx[order] = (torch.arange(k, device=device) // 128).int()
     return QuantizedWeight(scheme, codes, scales, zeros, g_idx)
