@@ -279,6 +279,24 @@ def test_compiled_packed_model_traces_the_matmuls_as_one_operator_each(tmp_path,
     assert len(calls) == 2 * 4  # per layer: qkv, o, gate-up, down
 
 
+@pytest.mark.parametrize("label", ["int4-g32 act_order", "ternary2-g64", "nvfp4-rtn"])
+def test_x_gradient_through_a_packed_linear_is_grad_times_the_dequantized_weight(label):
+    """Where x needs a gradient, a packed layer is differentiable in x (its weight frozen): x.grad is grad·W
+    of the dequantized weight, act_order's permutation undone, eagerly and compiled (AOT autograd traces the
+    backward; before, compiling a packed model with gradients enabled failed)."""
+    stored = WEIGHTS[label]
+    dense = stored.dequantize()
+    layer = PackedLinear(to_kernel_layout(stored))
+    g = torch.Generator().manual_seed(5)
+    grad = torch.randn(3, OUT, generator=g)
+    for run in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):
+        x = torch.randn(3, IN, generator=g, requires_grad=True)
+        y = run(x)
+        assert_matmul_close(y.detach(), x.detach(), dense)
+        y.backward(grad)
+        assert_matmul_close(x.grad, grad, dense.T)
+
+
 def test_tuner_keeps_the_fastest_candidate_that_agrees_with_the_fallback(monkeypatch):
     """A tile whose kernel computes a wrong result is skipped with a warning, however fast it times."""
     from quantbench.export.kernels import matmul, triton_matmul

@@ -1,6 +1,7 @@
 """`PackedLinear`: an nn.Linear replacement that keeps only the kernel-layout tensors and multiplies
-through `packed_matmul`. Under torch.compile it calls the same matmul as one opaque operator
-(`quantbench::packed_linear`), so a compiled model traces around the kernels without graph breaks."""
+through `packed_matmul`. Under torch.compile, and where x needs a gradient, it calls the same matmul as one
+operator (`quantbench::packed_linear`): a compiled model traces around the kernels without graph breaks,
+and gradients flow to x (the weight stays frozen), as they do through an adapter on a packed model."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from quantbench.export.kernels.layout import KernelWeight
 from quantbench.export.kernels.matmul import packed_matmul
-from quantbench.export.kernels.reference import dequantize_kernel_weight
+from quantbench.export.kernels.reference import dequantize_kernel_weight, packed_matmul_input_gradient
 
 
 @torch.library.custom_op("quantbench::packed_linear", mutates_args=())
@@ -25,6 +26,37 @@ def packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 def _packed_linear_shape(x, qweight, scales, zeros, perm, kind, bits, out_features, in_features, group,
                          global_scale, backend):
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("quantbench::packed_linear_input_gradient", mutates_args=())
+def packed_linear_input_gradient(grad: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                                 zeros: torch.Tensor | None, perm: torch.Tensor | None, kind: str, bits: int,
+                                 out_features: int, in_features: int, group: int,
+                                 global_scale: float) -> torch.Tensor:
+    """grad [..., out_features] → grad·W [..., in_features]: packed_linear's gradient in x (one opaque
+    operator too, so that AOT autograd traces the backward without looking into the decode)."""
+    weight = KernelWeight(kind, bits, (out_features, in_features), group, qweight, scales, zeros, perm, global_scale)
+    flat = packed_matmul_input_gradient(grad.reshape(-1, out_features), weight)
+    return flat.view(*grad.shape[:-1], in_features)
+
+
+@packed_linear_input_gradient.register_fake
+def _packed_linear_input_gradient_shape(grad, qweight, scales, zeros, perm, kind, bits, out_features, in_features,
+                                        group, global_scale):
+    return grad.new_empty(*grad.shape[:-1], in_features)
+
+
+def _keep_weight(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:5])  # qweight, scales, zeros, perm
+    ctx.layout = inputs[5:11]  # kind, bits, out_features, in_features, group, global_scale
+
+
+def _input_gradient(ctx, grad):
+    grad_x = packed_linear_input_gradient(grad, *ctx.saved_tensors, *ctx.layout) if ctx.needs_input_grad[0] else None
+    return (grad_x,) + (None,) * 11
+
+
+packed_linear.register_autograd(_input_gradient, setup_context=_keep_weight)
 
 
 class PackedLinear(nn.Module):
@@ -50,10 +82,10 @@ class PackedLinear(nn.Module):
         return dequantize_kernel_weight(self.kernel_weight).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # one opaque operator; eager calls skip the dispatcher
+        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
             y = packed_linear(x, self.qweight, self.scales, self.zeros, self.perm, self.kind, self.bits,
                               self.out_features, self.in_features, self.group, self.global_scale, self.backend)
-        else:
+        else:  # eager inference skips the dispatcher
             y = packed_matmul(x, self.kernel_weight, self.backend)
         return y if self.bias is None else y + self.bias
 

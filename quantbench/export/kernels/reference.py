@@ -49,18 +49,36 @@ def _decode_base3(weight: KernelWeight, start: int, stop: int) -> torch.Tensor:
     return (trits * weight.scales[:, inputs // group].float()).sum(dim=0)
 
 
-def packed_matmul_reference(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
-    """x [M, K] (original input order) → x·Wᵀ [M, N] in x's dtype."""
-    n_out, n_in = weight.shape
-    x, weight = with_inputs_gathered(x, weight)
-    x32 = x.float()
-    out = torch.zeros(x.shape[0], n_out, dtype=torch.float32, device=x.device)
+def slabs(weight: KernelWeight) -> list[tuple[int, int]]:
+    """The (start, stop) input ranges decoded one at a time: about SLAB_INPUTS inputs, whole groups and words."""
+    n_in = weight.shape[1]
     step = max(SLAB_INPUTS // weight.group, 1) * weight.group if weight.group < n_in else SLAB_INPUTS
     step = max(step - step % weight.per_word, weight.per_word)
-    for start in range(0, n_in, step):
-        stop = min(start + step, n_in)
+    return [(start, min(start + step, n_in)) for start in range(0, n_in, step)]
+
+
+def packed_matmul_reference(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
+    """x [M, K] (original input order) → x·Wᵀ [M, N] in x's dtype."""
+    x, weight = with_inputs_gathered(x, weight)
+    x32 = x.float()
+    out = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+    for start, stop in slabs(weight):
         out += x32[:, start:stop] @ decode_slab(weight, start, stop)
     return out.to(x.dtype)
+
+
+def packed_matmul_input_gradient(grad: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
+    """grad [M, N] → grad·W [M, K] in grad's dtype, in the original input order: the gradient of x·Wᵀ with
+    respect to x, decoded slab by slab as the forward is."""
+    grad32 = grad.float()
+    permuted = torch.empty(grad.shape[0], weight.shape[1], dtype=torch.float32, device=grad.device)
+    for start, stop in slabs(weight):
+        permuted[:, start:stop] = grad32 @ decode_slab(weight, start, stop).T
+    if weight.perm is None:
+        return permuted.to(grad.dtype)
+    out = torch.empty_like(permuted)
+    out[:, weight.perm.long()] = permuted
+    return out.to(grad.dtype)
 
 
 def dequantize_kernel_weight(weight: KernelWeight) -> torch.Tensor:
