@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import FLOOR, VARIANTS, captured, prepared_decode  # noqa: E402
+from kernel_speed import FLOOR, VARIANTS, captured, prepared_decode  # noqa: E402
 
 KINDS = [  # first match wins; inductor names its kernels triton_* after the operations they fuse
     ("fused Triton", r"^triton_"),

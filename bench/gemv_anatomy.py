@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import SHAPES, kernel_weight  # noqa: E402
+from kernel_speed import SHAPES, kernel_weight  # noqa: E402
 
 from quantbench.export.kernels import cuda_gemv  # noqa: E402
 from quantbench.export.kernels.matmul import graph_time_ms  # noqa: E402

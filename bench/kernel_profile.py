@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import kernel_weight  # noqa: E402
+from kernel_speed import kernel_weight  # noqa: E402
 
 from quantbench.export.kernels.matmul import chosen_tile, graph_time_ms, packed_matmul  # noqa: E402
 

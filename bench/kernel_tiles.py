@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import VARIANTS, random_weight  # noqa: E402
+from kernel_speed import VARIANTS, random_weight  # noqa: E402
 
 from quantbench.export.kernels import packed_matmul, to_kernel_layout  # noqa: E402
 from quantbench.export.kernels.matmul import _candidates, graph_time_ms  # noqa: E402

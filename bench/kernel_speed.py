@@ -5,9 +5,9 @@ graphs of (L2 flush, call) Ã— n minus graphs of the flushes alone (a 4-bit 8192Â
 L2; graphs remove the host's launch overhead, as in a graph-captured decode step), the achieved bandwidth (bytes the
 call must read and write / time) as a share of the device's HBM bandwidth, and the speed-up over fp16.
 
-    python bench/kernels.py --device cuda [--json out.json]
-    python bench/kernels.py --device cuda --skip-matmul --size 8b --decode-batches 1 8 --fuse
-    python bench/kernels.py --device cuda --skip-matmul --size 8b --only-fused --compile   # forward compiled
+    python bench/kernel_speed.py --device cuda [--json out.json]
+    python bench/kernel_speed.py --device cuda --skip-matmul --size 8b --decode-batches 1 8 --fuse
+    python bench/kernel_speed.py --device cuda --skip-matmul --size 8b --only-fused --compile   # forward compiled
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def main() -> None:
         os.environ[TILES_ENV] = str(args.tiles)
     device = torch.device(args.device)
     if device.type != "cuda":
-        raise SystemExit("bench/kernels.py times GPU kernels; run it with --device cuda on a GPU")
+        raise SystemExit("bench/kernel_speed.py times GPU kernels; run it with --device cuda on a GPU")
     name, peak = peak_bandwidth(device)
     copy_bw = measured_copy_bandwidth(device)
     one = torch.zeros(1, device=device)
