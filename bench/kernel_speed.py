@@ -207,12 +207,15 @@ class NoMatmul(torch.nn.Module):
         return no_matmul(x, self.out_features)
 
 
-def quantize_model(model, label: str | None, device, fuse: bool = False) -> None:
+def quantize_model(model, label: str | None, device, fuse: bool = False, head: bool = False) -> None:
     """Swap every linear of the decoder blocks for a PackedLinear holding random codes of variant `label`
     (with `fuse`, q/k/v and gate/up then share one fused weight, as load_quantized builds them), or for
-    NoMatmul (label FLOOR)."""
+    NoMatmul (label FLOOR); with `head`, lm_head too (a recipe's `quantize.lm_head`)."""
     if label is None:
         return
+    if head and label != FLOOR:
+        model.lm_head = PackedLinear(kernel_weight(label, model.lm_head.out_features, model.lm_head.in_features,
+                                                   device))
     for name, module in list(model.model.layers.named_modules()):
         if isinstance(module, torch.nn.Linear):
             parent, _, attr = name.rpartition(".")
@@ -224,10 +227,11 @@ def quantize_model(model, label: str | None, device, fuse: bool = False) -> None
 
 
 def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fuse: bool, variants,
-                 rows: list, saved=lambda: None, floor: bool = False, compiled: bool = False) -> list[dict]:
+                 rows: list, saved=lambda: None, floor: bool = False, compiled: bool = False,
+                 head: bool = False) -> list[dict]:
     for label in ["fp16", *variants, *([FLOOR] if floor else [])]:
         rows.append(decode_one(label, None if label == "fp16" else label, device, new_tokens, prompt, size, batch,
-                               fuse, compiled))
+                               fuse, compiled, head))
         saved()
         torch.cuda.empty_cache()
     return rows
@@ -235,16 +239,17 @@ def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fu
 
 @torch.no_grad()
 def prepared_decode(variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b", batch: int = 1,
-                    fuse: bool = False, compiled: bool = False, attention: str | None = None):
+                    fuse: bool = False, compiled: bool = False, attention: str | None = None, head: bool = False):
     """A random model of `size` with its decoder linears swapped for `variant` (None: fp16), prefilled with
     `prompt` tokens, and `step`, one decode step in place (static cache), warmed up; `attention` picks
-    transformers' attention implementation (its default: sdpa). Returns (step, decoder weight bytes)."""
+    transformers' attention implementation (its default: sdpa); `head` packs lm_head too. Returns (step,
+    decoder weight bytes)."""
     from transformers import StaticCache
 
     from random_models import build_random_llama_on
 
     model = build_random_llama_on(size, torch.float16, device)
-    quantize_model(model, variant, device, fuse)
+    quantize_model(model, variant, device, fuse, head)
     if attention:
         model.set_attn_implementation(attention)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
@@ -286,17 +291,19 @@ def captured(step) -> torch.cuda.CUDAGraph:
 
 @torch.no_grad()
 def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b",
-               batch: int = 1, fuse: bool = False, compiled: bool = False) -> dict:
-    step, weight_bytes = prepared_decode(variant, device, new_tokens, prompt, size, batch, fuse, compiled)
+               batch: int = 1, fuse: bool = False, compiled: bool = False, head: bool = False) -> dict:
+    step, weight_bytes = prepared_decode(variant, device, new_tokens, prompt, size, batch, fuse, compiled,
+                                         head=head)
+    packed_head = head and variant not in (None, FLOOR)
     eager_tok_s = batch * _tokens_per_s(step, 16, device)
     graph = captured(step)
     graph_tok_s = batch * _tokens_per_s(graph.replay, new_tokens - 24, device)
     print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and variant else ''}"
-          f"{', compiled' if compiled else ''}): "
+          f"{', compiled' if compiled else ''}{', lm_head packed' if packed_head else ''}): "
           f"{graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
           f"decoder weights {weight_bytes / 2**20:.0f} MiB", flush=True)
     return {"model": label, "size": size, "batch": batch, "fused": fuse and variant is not None,
-            "compiled": compiled,
+            "compiled": compiled, "lm_head_packed": packed_head,
             "block_weight_bytes": weight_bytes, "eager_tok_s": eager_tok_s, "cuda_graph_tok_s": graph_tok_s}
 
 
@@ -323,6 +330,7 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true",
                         help="also decode with the decoder's matmuls skipped: the ceiling any kernel can reach")
     parser.add_argument("--compile", action="store_true", help="decode with the model's forward torch.compile'd")
+    parser.add_argument("--head", action="store_true", help="decode with lm_head packed too")
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
@@ -362,7 +370,7 @@ def main() -> None:
         for batch in args.decode_batches:
             for fuse in ([True] if args.only_fused else [False, True] if args.fuse else [False]):
                 decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse, args.variants,
-                             result["decode"], saved, args.floor, args.compile)
+                             result["decode"], saved, args.floor, args.compile, args.head)
 
 
 if __name__ == "__main__":
