@@ -74,18 +74,19 @@ def packed_matmul_input_gradient(grad: torch.Tensor, weight: KernelWeight) -> to
     permuted = torch.empty(grad.shape[0], weight.shape[1], dtype=torch.float32, device=grad.device)
     for start, stop in slabs(weight):
         permuted[:, start:stop] = grad32 @ decode_slab(weight, start, stop).T
-    if weight.perm is None:
-        return permuted.to(grad.dtype)
-    out = torch.empty_like(permuted)
-    out[:, weight.perm.long()] = permuted
-    return out.to(grad.dtype)
+    return in_original_order(permuted, weight.perm).to(grad.dtype)
 
 
 def dequantize_kernel_weight(weight: KernelWeight) -> torch.Tensor:
     """float32 [N, K] in the original input order (tests and debugging)."""
-    dense = decode_slab(weight, 0, weight.shape[1]).T
-    if weight.perm is None:
-        return dense.contiguous()
-    out = torch.empty_like(dense)
-    out[:, weight.perm.long()] = dense
+    return in_original_order(decode_slab(weight, 0, weight.shape[1]).T, weight.perm)
+
+
+def in_original_order(columns: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """[rows, K] columns in the stored input order → the original order (act_order's `perm`: stored k is input
+    perm[k]); contiguous."""
+    if perm is None:
+        return columns.contiguous()
+    out = torch.empty_like(columns, memory_format=torch.contiguous_format)
+    out[:, perm.long()] = columns
     return out
