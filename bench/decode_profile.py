@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernel_speed import FLOOR, VARIANTS, captured, prepared_decode  # noqa: E402
+from random_models import SIZES  # noqa: E402
 
 KINDS = [  # first match wins; inductor names its kernels triton_* after the operations they fuse
     ("fused Triton", r"^triton_"),
@@ -73,7 +74,7 @@ def profiled(label: str, args) -> dict:
     source = "graph replays"
     if not kernels:  # a profiler that does not see into graphs: the same kernels, launched one by one
         kernels, source = kernels_per_step(step), "eager steps"
-    layers = {"8b": 32, "1b": 16, "70b": 80}.get(args.size)
+    layers = SIZES.get(args.size, {}).get("num_hidden_layers")
     kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for name, (count, us) in kernels.items():
         kinds[kind_of(name)][0] += count

@@ -176,7 +176,6 @@ def test_load_with_kernels_swaps_in_packed_modules(tmp_path, tokenizer):
     assert packed_bytes < dense_bytes / 5
 
 
-
 def test_a_quantized_lm_head_loads_packed_beside_a_dense_embedding(tmp_path, tokenizer):
     """A recipe's `quantize.lm_head` (RTN) is packed by load_quantized(kernels=True) like the decoder's layers
     (on an 8B decode it is the head's 1-GB matmul), the embedding it was untied from stays dense, and the
@@ -195,6 +194,7 @@ def test_a_quantized_lm_head_loads_packed_beside_a_dense_embedding(tmp_path, tok
     assert torch.equal(packed.model.embed_tokens.weight, dense.model.embed_tokens.weight)
     with torch.no_grad():
         torch.testing.assert_close(packed(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+
 
 BASE3 = {"per row": ternary_weight(None), "g64": ternary_weight(64), "g32, 96 inputs": TritPlaneWeight(
     Scheme.parse("ternary2-g32-ptqtp"), torch.randint(-1, 2, (2, 50, 96), generator=torch.Generator().manual_seed(5),
