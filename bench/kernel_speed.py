@@ -26,8 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantbench.export.kernels import PackedLinear, packed_matmul, to_kernel_layout  # noqa: E402
 from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
-from quantbench.export.kernels.prefetch import budget_bytes as prefetch_budget_bytes  # noqa: E402
-from quantbench.export.kernels.prefetch import link_prefetches, set_budget  # noqa: E402
 from quantbench.export.kernels.layout import KernelWeight, to_base3_layout  # noqa: E402
 from quantbench.export.kernels.matmul import ENGINES_ENV, TILES_ENV, chosen_tile, graph_time_ms, tuned_configs  # noqa: E402
 from quantbench.quantized_weight import QuantizedWeight  # noqa: E402
@@ -226,15 +224,14 @@ def quantize_model(model, label: str | None, device, fuse: bool = False, head: b
             setattr(model.model.layers.get_submodule(parent), attr, replacement)
     if fuse and label != FLOOR:
         fuse_packed_siblings(model)
-    link_prefetches(model)  # as load_quantized(kernels=True) does
 
 
 def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fuse: bool, variants,
                  rows: list, saved=lambda: None, floor: bool = False, compiled: bool = False,
-                 head: bool = False, prefetch_mb=(None,)) -> list[dict]:
+                 head: bool = False) -> list[dict]:
     for label in ["fp16", *variants, *([FLOOR] if floor else [])]:
-        rows.extend(decode_one(label, None if label == "fp16" else label, device, new_tokens, prompt, size, batch,
-                               fuse, compiled, head, prefetch_mb))
+        rows.append(decode_one(label, None if label == "fp16" else label, device, new_tokens, prompt, size, batch,
+                               fuse, compiled, head))
         saved()
         torch.cuda.empty_cache()
     return rows
@@ -294,34 +291,20 @@ def captured(step) -> torch.cuda.CUDAGraph:
 
 @torch.no_grad()
 def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b",
-               batch: int = 1, fuse: bool = False, compiled: bool = False, head: bool = False,
-               prefetch_mb=(None,)) -> list[dict]:
-    """Tokens/s of one model; packed ones once per L2 prefetch budget in `prefetch_mb` (None: the default),
-    each budget its own CUDA graph, the decode positions running on through them."""
+               batch: int = 1, fuse: bool = False, compiled: bool = False, head: bool = False) -> dict:
     step, weight_bytes = prepared_decode(variant, device, new_tokens, prompt, size, batch, fuse, compiled,
                                          head=head)
-    packed = variant not in (None, FLOOR)
-    packed_head = head and packed
+    packed_head = head and variant not in (None, FLOOR)
     eager_tok_s = batch * _tokens_per_s(step, 16, device)
-    budgets = list(prefetch_mb) if packed else [None]
-    tokens = (new_tokens - 24) // len(budgets)
-    rows = []
-    for megabytes in budgets:
-        set_budget(megabytes)
-        graph = captured(step)
-        graph_tok_s = batch * _tokens_per_s(graph.replay, tokens, device)
-        budget = prefetch_budget_bytes(device) / 2**20 if packed else 0.0
-        print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and variant else ''}"
-              f"{', compiled' if compiled else ''}{', lm_head packed' if packed_head else ''}"
-              f"{f', L2 prefetch {budget:g} MB' if packed else ''}): "
-              f"{graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
-              f"decoder weights {weight_bytes / 2**20:.0f} MiB", flush=True)
-        rows.append({"model": label, "size": size, "batch": batch, "fused": fuse and variant is not None,
-                     "compiled": compiled, "lm_head_packed": packed_head, "prefetch_mb": budget,
-                     "block_weight_bytes": weight_bytes, "eager_tok_s": eager_tok_s, "cuda_graph_tok_s": graph_tok_s})
-        del graph
-    set_budget(None)
-    return rows
+    graph = captured(step)
+    graph_tok_s = batch * _tokens_per_s(graph.replay, new_tokens - 24, device)
+    print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and variant else ''}"
+          f"{', compiled' if compiled else ''}{', lm_head packed' if packed_head else ''}): "
+          f"{graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
+          f"decoder weights {weight_bytes / 2**20:.0f} MiB", flush=True)
+    return {"model": label, "size": size, "batch": batch, "fused": fuse and variant is not None,
+            "compiled": compiled, "lm_head_packed": packed_head,
+            "block_weight_bytes": weight_bytes, "eager_tok_s": eager_tok_s, "cuda_graph_tok_s": graph_tok_s}
 
 
 def _tokens_per_s(step, n: int, device) -> float:
@@ -348,9 +331,6 @@ def main() -> None:
                         help="also decode with the decoder's matmuls skipped: the ceiling any kernel can reach")
     parser.add_argument("--compile", action="store_true", help="decode with the model's forward torch.compile'd")
     parser.add_argument("--head", action="store_true", help="decode with lm_head packed too")
-    parser.add_argument("--prefetch", nargs="+", type=float, default=[None], metavar="MB",
-                        help="decode packed models once per L2 prefetch budget (export/kernels/prefetch.py; "
-                             "0: none; default: the library's)")
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
@@ -390,7 +370,7 @@ def main() -> None:
         for batch in args.decode_batches:
             for fuse in ([True] if args.only_fused else [False, True] if args.fuse else [False]):
                 decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse, args.variants,
-                             result["decode"], saved, args.floor, args.compile, args.head, args.prefetch)
+                             result["decode"], saved, args.floor, args.compile, args.head)
 
 
 if __name__ == "__main__":

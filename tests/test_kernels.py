@@ -297,54 +297,6 @@ def test_compiled_packed_model_traces_the_matmuls_as_one_operator_each(tmp_path,
     assert counter.frame_count == 1
     calls = [n for g in counter.graphs for n in g.graph.nodes if "packed_linear" in str(n.target)]
     assert len(calls) == 2 * 4  # per layer: qkv, o, gate-up, down
-    prefetched = [n.args[12] if len(n.args) > 12 else n.kwargs.get("prefetch") for n in calls]
-    assert all(isinstance(words, torch.fx.Node) for words in prefetched)  # the next layer's words, as an input
-
-
-def test_prefetch_links_each_packed_layer_to_the_one_that_runs_next(tmp_path, tokenizer):
-    """load_quantized points every packed layer, fused or not, lm_head too, at the packed layer that runs
-    after it (the last at the first, the next step's), outside the module tree; prefetch=False links none."""
-    from quantbench.pipeline import quantize_linear, untie_lm_head
-
-    model = tiny_llama()
-    ids = torch.randint(0, 320, (1, 8), generator=torch.Generator().manual_seed(0))
-    section = QuantizeSection(default="int4-g32-rtn",
-                              overrides=[{"pattern": "layers.1.mlp.up_proj", "scheme": "int4-g64-rtn"}])
-    quantized = quantize_model(model, ids, section.scheme_for, torch.device("cpu"), progress=False)
-    quantized["lm_head"] = quantize_linear(untie_lm_head(model), Scheme.parse("int8-pc-rtn"))
-    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
-    linked = load_quantized(tmp_path / "ckpt", kernels=True)
-    ran = []
-    for module in linked.modules():
-        if isinstance(module, PackedLinear):
-            module.register_forward_pre_hook(lambda m, args: ran.append(m))
-    with torch.no_grad():
-        linked(ids)
-    assert len(ran) == 4 + 5 + 1  # layer 0 fused, layer 1's gate and up apart, lm_head
-    assert [m._prefetch_next for m in ran] == ran[1:] + ran[:1]
-    unlinked = load_quantized(tmp_path / "ckpt", kernels=True, prefetch=False)
-    assert all(m._prefetch_next is None for m in unlinked.modules() if isinstance(m, PackedLinear))
-    assert len(list(linked.modules())) == len(list(unlinked.modules()))
-    assert linked.state_dict().keys() == unlinked.state_dict().keys()
-
-
-def test_prefetch_budget_comes_from_the_environment_then_set_budget(monkeypatch):
-    from quantbench.export.kernels import prefetch
-
-    device = torch.device("cuda", 0)
-    prefetch.set_budget(12.5)
-    try:
-        assert prefetch.budget_bytes(device) == int(12.5 * 2**20)
-        monkeypatch.setenv(prefetch.BUDGET_ENV, "0")
-        assert prefetch.budget_bytes(device) == 0
-        monkeypatch.setenv(prefetch.BUDGET_ENV, "lots")
-        with pytest.raises(ValueError, match="number of MB"):
-            prefetch.budget_bytes(device)
-        with pytest.raises(ValueError, match="≥ 0"):
-            prefetch.set_budget(-1)
-    finally:
-        prefetch.set_budget(None)
-    assert prefetch.prefetch_bytes(torch.zeros(64, dtype=torch.int32)) == 0  # CPU tensors: no kernel reads it
 
 
 @pytest.mark.parametrize("label", ["int4-g32 act_order", "ternary2-g64", "nvfp4-rtn"])
@@ -744,29 +696,3 @@ def test_tensor_core_kernel_is_a_tuning_candidate_up_to_64_rows_and_graph_captur
     assert_graph_replays_the_kernel(x, packed, "mma")
     # 64 rows and 8 warps: 64 KB of shared memory, whose allowance is set on the eager call, not in the capture
     assert_graph_replays_the_kernel(torch.randn(64, IN, device="cuda").half(), packed, "mma")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels run on an NVIDIA GPU only")
-@pytest.mark.parametrize("label, tile, batch", [
-    ("int4-g32 act_order", TileConfig(1, 32, 0, 1, 8, 0, rows=1, engine="cuda"), 1),
-    ("ternary2-g64", TileConfig(1, 64, 0, 4, 4, 1, rows=2, engine="cuda"), 3),  # cp.async, split-K
-    ("nvfp4-rtn", TileConfig(1, 64, 0, 1, 4, 1, rows=16, engine="mma"), 12),
-])
-def test_prefetching_the_next_weight_leaves_the_kernels_results_bit_identical(label, tile, batch):
-    """A kernel that asks L2 for another layer's words (beyond the budget, or a size not a multiple of 16
-    bytes) returns what it returns without, eagerly and replayed from a CUDA graph."""
-    from quantbench.export.kernels.prefetch import budget_bytes, prefetch_bytes
-
-    packed = to_kernel_layout(WEIGHTS[label].to("cuda"))
-    x = torch.randn(batch, IN, device="cuda").half()
-    plain = packed_matmul(x, packed, backend=tile.engine, config=tile)
-    beyond = torch.zeros(budget_bytes(x.device) // 4 + 4096, dtype=torch.int32, device="cuda")
-    odd = torch.zeros(1001, dtype=torch.int32, device="cuda")
-    assert prefetch_bytes(beyond) == budget_bytes(x.device) // 16 * 16 and prefetch_bytes(odd) == 4000
-    for words in (beyond, odd):
-        assert torch.equal(packed_matmul(x, packed, backend=tile.engine, config=tile, prefetch=words), plain)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = packed_matmul(x, packed, backend=tile.engine, config=tile, prefetch=beyond)
-    graph.replay()
-    assert torch.equal(captured, plain)

@@ -37,7 +37,6 @@ from quantbench.errors import QuantbenchError
 from quantbench.export.kernels.layout import kernel_unsupported_reason, to_kernel_layout
 from quantbench.export.kernels.fused import fuse_packed_siblings
 from quantbench.export.kernels.modules import PackedLinear
-from quantbench.export.kernels.prefetch import link_prefetches
 from quantbench.export.checkpoint_reader import (FORMAT_VERSION, INDEX_FILE, QUANT_METHOD,  # noqa: F401
                                                  RUN_CHECKPOINT_DIR, WEIGHTS_FILE, CheckpointLayer,
                                                  checkpoint_layers, damaged,
@@ -172,8 +171,7 @@ def _stored_dtype(model: nn.Module) -> torch.dtype:
 
 
 def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None, kernels: bool = False, fuse: bool = True,
-                   prefetch: bool = True) -> nn.Module:
+                   dtype: torch.dtype | None = None, kernels: bool = False, fuse: bool = True) -> nn.Module:
     """Rebuild the model of a quantbench checkpoint, its quantized linears holding the dequantized weights.
 
     The weights equal those of the in-memory quantized model that was saved, and layers that rotated or
@@ -183,8 +181,7 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     `PackedLinear` that keeps only the packed tensors; the others keep their dequantized weights.
     `model.quantbench_kernel_skips` names each layer left dense and why. With `fuse`, packed layers that
     read one input (q/k/v, gate/up) and agree in format share one fused weight (export/kernels/fused.py);
-    `model.quantbench_fused` names the groups. With `prefetch`, each packed layer's CUDA kernel asks L2 for
-    the next layer's first weights (export/kernels/prefetch.py).
+    `model.quantbench_fused` names the groups.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -227,8 +224,6 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     if kernels:
         model.quantbench_kernel_skips = skipped
         model.quantbench_fused = fuse_packed_siblings(model) if fuse else []
-        if prefetch:
-            link_prefetches(model)
     return model.to(device).eval()
 
 

@@ -11,7 +11,6 @@ import torch
 from quantbench.export.kernels import cuda_build
 from quantbench.export.kernels.cuda_build import WeightType, pointer, row_shift
 from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
-from quantbench.export.kernels.prefetch import prefetch_bytes
 
 ROWS = (1, 2, 4, 8)  # rows of x per program
 LANES = (4, 8, 16, 32)  # threads along the outputs (4 outputs each)
@@ -81,14 +80,12 @@ def _workspace(device: torch.device, splits: int, m: int, n: int) -> tuple[torch
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
-           load_only: bool = False, splits: int = 1, x_in_shared: bool = True,
-           prefetch: torch.Tensor | None = None) -> torch.Tensor:
+           load_only: bool = False, splits: int = 1, x_in_shared: bool = True) -> torch.Tensor:
     """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16. `async_copies`: the
     weights through cp.async stages in shared memory (1–2 rows) instead of registers; `load_only`: the
     weight loads alone, for timing, its result meaningless; `splits`: blocks along K per column tile;
     `x_in_shared`: each block first copies its x into shared memory where it fits (act_order gathers it there
-    whatever this says), else reads x from memory slab by slab; `prefetch`: words whose first bytes (up to
-    prefetch.py's budget) the blocks ask L2 for once their own loads are done."""
+    whatever this says), else reads x from memory slab by slab."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")
@@ -115,8 +112,8 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
         error = function(rows, lanes, threads, int(async_copies), splits, x.data_ptr(), pointer(weight.perm),
                          weight.qweight.data_ptr(), weight.scales.data_ptr(), pointer(weight.zeros), out.data_ptr(),
                          pointer(partials), pointer(arrivals), m, n, k, weight.n_groups, row_shift(weight),
-                         x.stride(0), int(x_shared), 1.0 / weight.global_scale, pointer(prefetch),
-                         prefetch_bytes(prefetch), torch.cuda.current_stream(x.device).cuda_stream)
+                         x.stride(0), int(x_shared), 1.0 / weight.global_scale,
+                         torch.cuda.current_stream(x.device).cuda_stream)
     if error:
         raise RuntimeError(f"the CUDA decode kernel did not launch: cudaError {error}")
     return out

@@ -9,7 +9,6 @@ import torch
 from quantbench.export.kernels import cuda_build
 from quantbench.export.kernels.cuda_build import WeightType, pointer, row_shift
 from quantbench.export.kernels.layout import KernelWeight
-from quantbench.export.kernels.prefetch import prefetch_bytes
 
 ROWS = (8, 16, 32, 64)  # rows of x per block: 8 leave the upper half of each 16-row product idle
 WARPS = (4, 8)
@@ -37,10 +36,9 @@ def rows_for(m: int, weight: KernelWeight) -> int:
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
-           x_shared: bool = False, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+           x_shared: bool = False) -> torch.Tensor:
     """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `x_shared`: x through shared-memory
-    stages instead of from global memory at each k-step; `prefetch`: words whose first bytes (up to
-    prefetch.py's budget) the blocks ask L2 for once their own loads are done."""
+    stages instead of from global memory at each k-step."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
@@ -61,7 +59,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
         error = cuda_build.entry_point(weight_type, arch)(
             rows, warps, warps_n, int(x_shared), x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
             pointer(weight.zeros), out.data_ptr(), m, n, k, weight.n_groups, row_shift(weight), x.stride(0),
-            1.0 / weight.global_scale, pointer(prefetch), prefetch_bytes(prefetch), stream)
+            1.0 / weight.global_scale, stream)
     if error:
         raise RuntimeError(f"the tensor-core kernel did not launch: cudaError {error}")
     return out

@@ -63,11 +63,10 @@ def triton_available() -> bool:
 
 
 def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
-                  config: TileConfig | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                  config: TileConfig | None = None) -> torch.Tensor:
     """x [..., K] → [..., N] in x's dtype. `backend`: auto (on CUDA the fastest of the Triton and CUDA
     kernels, torch otherwise), triton (also on CPU under TRITON_INTERPRET=1), cuda (the CUDA decode kernel:
-    float16 x, up to 16 rows), mma (the tensor-core kernel: float16 x, up to 64 rows), torch. `prefetch`:
-    the next layer's words, whose first bytes the CUDA kernels ask L2 for (prefetch.py)."""
+    float16 x, up to 16 rows), mma (the tensor-core kernel: float16 x, up to 64 rows), torch."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     n_out, n_in = weight.shape
@@ -94,11 +93,11 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     if config.engine == "cuda":  # gathers act_order in shared memory
         out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
                                async_copies=config.num_stages > 0, splits=config.split_k,
-                               x_in_shared=config.x_in_shared, prefetch=prefetch)
+                               x_in_shared=config.x_in_shared)
         return out.view(*x.shape[:-1], n_out)
     if config.engine == "mma":  # gathers act_order before the kernel
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
-                              x_shared=config.num_stages > 0, prefetch=prefetch)
+                              x_shared=config.num_stages > 0)
         return out.view(*x.shape[:-1], n_out)
     if x2.shape[0] > 1:  # a batch gathers act_order once; Triton's decode gathers in the kernel
         x2, weight = with_inputs_gathered(x2, weight)

@@ -1,9 +1,7 @@
 """`PackedLinear`: an nn.Linear replacement that keeps only the kernel-layout tensors and multiplies
 through `packed_matmul`. Under torch.compile, and where x needs a gradient, it calls the same matmul as one
 operator (`quantbench::packed_linear`): a compiled model traces around the kernels without graph breaks,
-and gradients flow to x (the weight stays frozen), as they do through an adapter on a packed model. A layer
-linked to the one that runs after it (prefetch.py) passes that layer's words to its kernel, which asks L2
-for their first bytes."""
+and gradients flow to x (the weight stays frozen), as they do through an adapter on a packed model."""
 
 from __future__ import annotations
 
@@ -18,16 +16,15 @@ from quantbench.export.kernels.reference import dequantize_kernel_weight, packed
 @torch.library.custom_op("quantbench::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                   perm: torch.Tensor | None, kind: str, bits: int, out_features: int, in_features: int, group: int,
-                  global_scale: float, backend: str, prefetch: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in_features] → [..., out_features] in x's dtype, through `packed_matmul`; `prefetch`: the next
-    layer's words."""
+                  global_scale: float, backend: str) -> torch.Tensor:
+    """x [..., in_features] → [..., out_features] in x's dtype, through `packed_matmul`."""
     weight = KernelWeight(kind, bits, (out_features, in_features), group, qweight, scales, zeros, perm, global_scale)
-    return packed_matmul(x, weight, backend, prefetch=prefetch)
+    return packed_matmul(x, weight, backend)
 
 
 @packed_linear.register_fake
 def _packed_linear_shape(x, qweight, scales, zeros, perm, kind, bits, out_features, in_features, group,
-                         global_scale, backend, prefetch=None):
+                         global_scale, backend):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -56,15 +53,13 @@ def _keep_weight(ctx, inputs, output):
 
 def _input_gradient(ctx, grad):
     grad_x = packed_linear_input_gradient(grad, *ctx.saved_tensors, *ctx.layout) if ctx.needs_input_grad[0] else None
-    return (grad_x,) + (None,) * 12
+    return (grad_x,) + (None,) * 11
 
 
 packed_linear.register_autograd(_input_gradient, setup_context=_keep_weight)
 
 
 class PackedLinear(nn.Module):
-    _prefetch_next: PackedLinear | None = None  # the layer whose words this one's kernel prefetches
-
     def __init__(self, weight: KernelWeight, bias: torch.Tensor | None = None, backend: str = "auto",
                  dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -86,19 +81,12 @@ class PackedLinear(nn.Module):
         """The dequantized weight, decoded on demand (for code that inspects `.weight`; not kept)."""
         return dequantize_kernel_weight(self.kernel_weight).to(self.dtype)
 
-    def prefetch_next(self, following: PackedLinear | None) -> None:
-        """Prefetch `following`'s words after each call (None: nothing). Kept outside the module tree, so
-        that `.to()`, `state_dict()` and `modules()` see each layer once."""
-        object.__setattr__(self, "_prefetch_next", following)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        prefetch = None if self._prefetch_next is None else self._prefetch_next.qweight
         if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
             y = packed_linear(x, self.qweight, self.scales, self.zeros, self.perm, self.kind, self.bits,
-                              self.out_features, self.in_features, self.group, self.global_scale, self.backend,
-                              prefetch)
+                              self.out_features, self.in_features, self.group, self.global_scale, self.backend)
         else:  # eager inference skips the dispatcher
-            y = packed_matmul(x, self.kernel_weight, self.backend, prefetch=prefetch)
+            y = packed_matmul(x, self.kernel_weight, self.backend)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

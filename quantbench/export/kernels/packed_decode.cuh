@@ -82,29 +82,6 @@ __device__ __forceinline__ float e4m3_value(uint32_t code) {
 // Lets KERNEL take `bytes` of dynamic shared memory beyond the default 48 KB. The attribute is per device and
 // kernel, so it is set once per device (again only for more bytes): a tile's first launch is eager, and no
 // graph capture, where setting it is not allowed, sees the call.
-// The next weight's first bytes into L2 while the small kernels between two packed matmuls run (the memory
-// is idle then): each block, its own loads done, asks for its share of [p, p + bytes) in 16-KB pieces dealt
-// round-robin over the grid's threads, so the first pieces are the ones every block of the next matmul reads
-// first. On sm_90 each piece is one bulk prefetch (the copy engine fetches it; the thread goes on), else 128
-// prefetches of a line. Results do not depend on it.
-constexpr unsigned long long PREFETCH_PIECE = 16384;
-
-__device__ __forceinline__ void prefetch_share(const void* p, unsigned long long bytes) {
-  if (p == nullptr || bytes == 0) return;
-  const unsigned long long blocks = static_cast<unsigned long long>(gridDim.x) * gridDim.y * gridDim.z;
-  const unsigned long long block = blockIdx.x + static_cast<unsigned long long>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
-  const unsigned long long pieces = (bytes + PREFETCH_PIECE - 1) / PREFETCH_PIECE;
-  for (unsigned long long piece = block + blocks * threadIdx.x; piece < pieces; piece += blocks * blockDim.x) {
-    const char* at = static_cast<const char*>(p) + piece * PREFETCH_PIECE;
-    const unsigned size = static_cast<unsigned>(min(PREFETCH_PIECE, bytes - piece * PREFETCH_PIECE)) & ~15u;
-#if __CUDA_ARCH__ >= 900
-    if (size) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(at), "r"(size) : "memory");
-#else
-    for (unsigned line = 0; line < size; line += 128) asm volatile("prefetch.global.L2 [%0];" :: "l"(at + line));
-#endif
-  }
-}
-
 template <auto KERNEL>
 __host__ cudaError_t allow_shared_memory(size_t bytes) {
   constexpr int MAX_DEVICES = 64;

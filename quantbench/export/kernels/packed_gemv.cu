@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
     const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, half* __restrict__ out,
     float* __restrict__ partials, int* __restrict__ arrivals, int M, int N, int K, int n_groups, int row_shift,
-    int stride_x, float inverse_global_scale, const void* __restrict__ prefetch, unsigned long long prefetch_bytes) {
+    int stride_x, float inverse_global_scale) {
   constexpr int ROW_LANES = THREADS / LANES_N;
   constexpr int WARPS = THREADS / 32;
   constexpr int BLOCK_N = LANES_N * OUTS;
@@ -329,7 +329,6 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     }
   }
 
-  prefetch_share(prefetch, prefetch_bytes);
   const int warp = threadIdx.x / 32;
 #pragma unroll
   for (int r = 0; r < ROWS; ++r)
@@ -380,8 +379,6 @@ struct Call {
   void *out, *partials, *arrivals;
   int splits, M, N, K, n_groups, row_shift, stride_x, x_shared;
   float inverse_global_scale;
-  const void* prefetch;
-  unsigned long long prefetch_bytes;
   cudaStream_t stream;
 };
 
@@ -398,8 +395,7 @@ cudaError_t launch_kernel(const Call& c) {
   kernel<<<grid, THREADS, shared, c.stream>>>(
       static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
       static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), static_cast<float*>(c.partials),
-      static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale,
-      c.prefetch, c.prefetch_bytes);
+      static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
   return cudaGetLastError();
 }
 
@@ -438,16 +434,14 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 // rows_per_program · (the block's inputs, HAS_PERM: + K) · 2 bytes of shared memory for the block's x; x's rows
 // start 16-byte aligned (stride_x a multiple of 8). splits > 1: `partials` holds
 // splits · M · N floats and `arrivals` one zeroed int per block of outputs (column tiles × row tiles).
-// prefetch_bytes > 0: the blocks then ask L2 for [prefetch, prefetch + prefetch_bytes) (16-byte aligned).
 extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, int splits,
                                       const void* x, const void* perm, const void* w, const void* scales,
                                       const void* zeros, void* out, void* partials, void* arrivals, int M, int N,
                                       int K, int n_groups, int row_shift, int stride_x, int x_shared,
-                                      float inverse_global_scale, const void* prefetch,
-                                      unsigned long long prefetch_bytes, void* stream) {
+                                      float inverse_global_scale, void* stream) {
   if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
   const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
-               x_shared, inverse_global_scale, prefetch, prefetch_bytes, static_cast<cudaStream_t>(stream)};
+               x_shared, inverse_global_scale, static_cast<cudaStream_t>(stream)};
   if (async_copies) {
     switch (rows_per_program) {
       case 1: return by_lanes<1, true>(lanes_n, threads, c);

@@ -238,7 +238,7 @@ template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
 __global__ void __launch_bounds__(WARPS * 32) packed_mma(
     const half* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ scales_,
     const uint8_t* __restrict__ zeros, half* __restrict__ out, int M, int N, int K, int n_groups, int row_shift,
-    int stride_x, float inverse_global_scale, const void* __restrict__ prefetch, unsigned long long prefetch_bytes) {
+    int stride_x, float inverse_global_scale) {
   constexpr int TILES_M = ROWS <= 16 ? 1 : ROWS / 16;
   constexpr bool UPPER = ROWS >= 16;  // rows g + 8 of each m-tile hold x
   constexpr int WARPS_K = WARPS / WARPS_N;
@@ -398,7 +398,6 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
     }
   }
 
-  prefetch_share(prefetch, prefetch_bytes);
   if constexpr (X_SHARED) {  // the partial sums reuse the stages: every copy (the last ones past K) and read done
     asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
@@ -429,8 +428,6 @@ struct Call {
   void* out;
   int M, N, K, n_groups, row_shift, stride_x;
   float inverse_global_scale;
-  const void* prefetch;
-  unsigned long long prefetch_bytes;
   cudaStream_t stream;
 };
 
@@ -447,8 +444,7 @@ cudaError_t launch(const Call& c) {
   const dim3 grid((c.N + WARPS_N * COLS - 1) / (WARPS_N * COLS), (c.M + ROWS - 1) / ROWS);
   kernel<<<grid, WARPS * 32, shared, c.stream>>>(
       static_cast<const half*>(c.x), static_cast<const uint32_t*>(c.w), c.scales, static_cast<const uint8_t*>(c.zeros),
-      static_cast<half*>(c.out), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale,
-      c.prefetch, c.prefetch_bytes);
+      static_cast<half*>(c.out), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
   return cudaGetLastError();
 }
 
@@ -508,14 +504,13 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
 
 // Returns a cudaError_t (0: launched). rows_per_block 8, 16, 32, or 64 where the scales go into B (SPAN 0);
 // warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
-// (K a multiple of 8). x [M, K] float16 in the stored input order, rows 16-byte aligned. prefetch_bytes > 0:
-// the blocks then ask L2 for [prefetch, prefetch + prefetch_bytes) (16-byte aligned).
+// (K a multiple of 8). x [M, K] float16 in the stored input order, rows 16-byte aligned.
 extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, const void* x,
                                      const void* w, const void* scales, const void* zeros, void* out, int M, int N,
                                      int K, int n_groups, int row_shift, int stride_x, float inverse_global_scale,
-                                     const void* prefetch, unsigned long long prefetch_bytes, void* stream) {
-  const Call c{x, w, scales, zeros, out, M, N, K, n_groups, row_shift, stride_x, inverse_global_scale, prefetch,
-               prefetch_bytes, static_cast<cudaStream_t>(stream)};
+                                     void* stream) {
+  const Call c{x, w, scales, zeros, out, M, N, K, n_groups, row_shift, stride_x, inverse_global_scale,
+               static_cast<cudaStream_t>(stream)};
   if (x_shared) return K % 8 ? cudaErrorInvalidValue : by_rows<true>(rows_per_block, warps, warps_n, c);
   return by_rows<false>(rows_per_block, warps, warps_n, c);
 }
