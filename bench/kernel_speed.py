@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch._inductor import config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantbench.export.kernels import PackedLinear, packed_matmul, to_kernel_layout  # noqa: E402
+from quantbench.export.kernels.cuda_build import DEPENDENT_LAUNCH_ENV  # noqa: E402
 from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
 from quantbench.export.kernels.layout import KernelWeight, to_base3_layout  # noqa: E402
 from quantbench.export.kernels.matmul import ENGINES_ENV, TILES_ENV, chosen_tile, graph_time_ms, tuned_configs  # noqa: E402
@@ -228,10 +230,10 @@ def quantize_model(model, label: str | None, device, fuse: bool = False, head: b
 
 def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fuse: bool, variants,
                  rows: list, saved=lambda: None, floor: bool = False, compiled: bool = False,
-                 head: bool = False) -> list[dict]:
+                 head: bool = False, dependent=("auto",)) -> list[dict]:
     for label in ["fp16", *variants, *([FLOOR] if floor else [])]:
-        rows.append(decode_one(label, None if label == "fp16" else label, device, new_tokens, prompt, size, batch,
-                               fuse, compiled, head))
+        rows.extend(decode_one(label, None if label == "fp16" else label, device, new_tokens, prompt, size, batch,
+                               fuse, compiled, head, dependent))
         saved()
         torch.cuda.empty_cache()
     return rows
@@ -291,20 +293,36 @@ def captured(step) -> torch.cuda.CUDAGraph:
 
 @torch.no_grad()
 def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b",
-               batch: int = 1, fuse: bool = False, compiled: bool = False, head: bool = False) -> dict:
+               batch: int = 1, fuse: bool = False, compiled: bool = False, head: bool = False,
+               dependent=("auto",)) -> list[dict]:
+    """Tokens/s of one model; a packed one once per `dependent` setting of the CUDA kernels' dependent
+    launch ("auto", "on", "off"), each its own CUDA graph, the decode positions running on through them."""
     step, weight_bytes = prepared_decode(variant, device, new_tokens, prompt, size, batch, fuse, compiled,
                                          head=head)
-    packed_head = head and variant not in (None, FLOOR)
+    packed = variant not in (None, FLOOR)
+    packed_head = head and packed
+    inductor_pdl = compiled and inductor_config.triton.enable_pdl
     eager_tok_s = batch * _tokens_per_s(step, 16, device)
-    graph = captured(step)
-    graph_tok_s = batch * _tokens_per_s(graph.replay, new_tokens - 24, device)
-    print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and variant else ''}"
-          f"{', compiled' if compiled else ''}{', lm_head packed' if packed_head else ''}): "
-          f"{graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
-          f"decoder weights {weight_bytes / 2**20:.0f} MiB", flush=True)
-    return {"model": label, "size": size, "batch": batch, "fused": fuse and variant is not None,
-            "compiled": compiled, "lm_head_packed": packed_head,
-            "block_weight_bytes": weight_bytes, "eager_tok_s": eager_tok_s, "cuda_graph_tok_s": graph_tok_s}
+    settings = list(dependent) if packed else [None]
+    rows = []
+    for setting in settings:
+        if setting is not None:
+            os.environ[DEPENDENT_LAUNCH_ENV] = {"auto": "auto", "on": "1", "off": "0"}[setting]
+        graph = captured(step)
+        graph_tok_s = batch * _tokens_per_s(graph.replay, (new_tokens - 24) // len(settings), device)
+        print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and variant else ''}"
+              f"{', compiled' if compiled else ''}{', Triton dependent launch' if inductor_pdl else ''}"
+              f"{', lm_head packed' if packed_head else ''}"
+              f"{f', packed kernels dependent launch {setting}' if setting else ''}): "
+              f"{graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
+              f"decoder weights {weight_bytes / 2**20:.0f} MiB", flush=True)
+        rows.append({"model": label, "size": size, "batch": batch, "fused": fuse and variant is not None,
+                     "compiled": compiled, "inductor_pdl": inductor_pdl, "lm_head_packed": packed_head,
+                     "dependent_launch": setting, "block_weight_bytes": weight_bytes, "eager_tok_s": eager_tok_s,
+                     "cuda_graph_tok_s": graph_tok_s})
+        del graph
+    os.environ.pop(DEPENDENT_LAUNCH_ENV, None)
+    return rows
 
 
 def _tokens_per_s(step, n: int, device) -> float:
@@ -331,6 +349,11 @@ def main() -> None:
                         help="also decode with the decoder's matmuls skipped: the ceiling any kernel can reach")
     parser.add_argument("--compile", action="store_true", help="decode with the model's forward torch.compile'd")
     parser.add_argument("--head", action="store_true", help="decode with lm_head packed too")
+    parser.add_argument("--dependent-launch", nargs="+", choices=["auto", "on", "off"], default=["auto"],
+                        help="decode packed models once per setting of the CUDA kernels' dependent launch "
+                             "(QUANTBENCH_DEPENDENT_LAUNCH; auto: on with --pdl)")
+    parser.add_argument("--pdl", action="store_true",
+                        help="with --compile: inductor's Triton kernels launch dependent too (TORCHINDUCTOR_ENABLE_PDL)")
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
@@ -345,6 +368,8 @@ def main() -> None:
         os.environ[ENGINES_ENV] = args.engines
     if args.tiles:
         os.environ[TILES_ENV] = str(args.tiles)
+    if args.pdl:
+        inductor_config.triton.enable_pdl = True
     device = torch.device(args.device)
     if device.type != "cuda":
         raise SystemExit("bench/kernel_speed.py times GPU kernels; run it with --device cuda on a GPU")
@@ -370,7 +395,7 @@ def main() -> None:
         for batch in args.decode_batches:
             for fuse in ([True] if args.only_fused else [False, True] if args.fuse else [False]):
                 decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse, args.variants,
-                             result["decode"], saved, args.floor, args.compile, args.head)
+                             result["decode"], saved, args.floor, args.compile, args.head, args.dependent_launch)
 
 
 if __name__ == "__main__":

@@ -696,3 +696,67 @@ def test_tensor_core_kernel_is_a_tuning_candidate_up_to_64_rows_and_graph_captur
     assert_graph_replays_the_kernel(x, packed, "mma")
     # 64 rows and 8 warps: 64 KB of shared memory, whose allowance is set on the eager call, not in the capture
     assert_graph_replays_the_kernel(torch.randn(64, IN, device="cuda").half(), packed, "mma")
+
+
+def test_dependent_launch_is_on_where_inductor_launches_dependent_or_the_environment_says(monkeypatch):
+    """Hopper on: auto follows inductor's Triton kernels, 1 and 0 force it; older GPUs never."""
+    from torch._inductor import config as inductor_config
+
+    from quantbench.export.kernels import cuda_build
+
+    device = torch.device("cuda", 0)
+    monkeypatch.delenv(cuda_build.DEPENDENT_LAUNCH_ENV, raising=False)
+    monkeypatch.setattr(cuda_build, "_capability", lambda _device: (9, 0))
+    for inductor_pdl in (False, True):
+        monkeypatch.setattr(inductor_config.triton, "enable_pdl", inductor_pdl)
+        assert cuda_build.dependent_launch(device) == int(inductor_pdl)
+        for setting in ("0", "1"):
+            monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, setting)
+            assert cuda_build.dependent_launch(device) == int(setting)
+        monkeypatch.delenv(cuda_build.DEPENDENT_LAUNCH_ENV)
+    monkeypatch.setattr(cuda_build, "_capability", lambda _device: (8, 0))
+    monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, "1")
+    assert cuda_build.dependent_launch(device) == 0
+    monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, "yes")
+    with pytest.raises(ValueError, match="expected 1, 0 or auto"):
+        cuda_build.dependent_launch(device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels run on an NVIDIA GPU only")
+@pytest.mark.parametrize("label, tile, batch", [
+    ("int4-g32 act_order", TileConfig(1, 32, 0, 1, 8, 0, rows=1, engine="cuda"), 1),
+    ("ternary2-g64", TileConfig(1, 64, 0, 4, 4, 1, rows=2, engine="cuda"), 3),  # cp.async, split-K
+    ("int2-g64-rtn", TileConfig(1, 64, 0, 2, 4, 0, rows=1, x_in_shared=False, engine="cuda"), 1),  # x from memory
+    ("int4-g32 act_order", TileConfig(1, 64, 0, 1, 4, 1, rows=16, engine="mma"), 12),  # and its gather
+])
+def test_dependent_launch_reads_x_only_once_the_kernel_that_writes_it_is_done(label, tile, batch, monkeypatch):
+    """Launched to start while the previous kernel runs, the CUDA kernels load their weights early but x only
+    after it: right behind a long matmul that writes x at its end, eagerly and in a CUDA graph, they give
+    what they give on x written long before (and with dependent launch off)."""
+    from quantbench.export.kernels import cuda_build
+
+    packed = to_kernel_layout(WEIGHTS[label].to("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(7)
+    a = torch.randn(batch, 1 << 16, device="cuda", generator=g).half() / 256
+    b = torch.randn(1 << 16, IN, device="cuda", generator=g).half()
+    x = torch.matmul(a, b)
+    torch.cuda.synchronize()
+    expected = packed_matmul(x.clone(), packed, backend=tile.engine, config=tile)
+    torch.cuda.synchronize()
+
+    def written_then_multiplied():
+        x.zero_()
+        torch.matmul(a, b, out=x)
+        return packed_matmul(x, packed, backend=tile.engine, config=tile)
+
+    for setting in ("1", "0"):
+        monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, setting)
+        for _ in range(3):
+            assert torch.equal(written_then_multiplied(), expected)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = written_then_multiplied()
+        for _ in range(3):
+            captured.zero_()
+            graph.replay()
+            assert torch.equal(captured, expected)

@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ HERE = Path(__file__).parent
 HEADER = HERE / "packed_decode.cuh"
 KERNELS = ("gemv", "mma")
 CACHE_ENV = "QUANTBENCH_CUDA_CACHE"
+DEPENDENT_LAUNCH_ENV = "QUANTBENCH_DEPENDENT_LAUNCH"
 NO_GROUPS_SHIFT = 31  # a word row's group is row >> shift: per-channel scales are all group 0
 MMA_STEP_ROWS = 4  # word rows per k-step of the tensor-core kernel
 MMA_SLAB = 4  # its k-steps per load-ahead
@@ -149,13 +151,14 @@ def build(weight_type: WeightType, arch: str) -> Path:
 
 
 # Entry points: (rows, lanes/warps, threads/warps_n, async/x_shared[, splits]) ints, then pointers, then sizes
-# (gemv: and whether x goes through shared memory), then the scale and the stream; the tensor-core libraries
-# also gather act_order's inputs (x, perm, out, M, K, stride, stream).
+# (gemv: and whether x goes through shared memory), then the scale, whether to launch dependent and the
+# stream; the tensor-core libraries also gather act_order's inputs (x, perm, out, M, K, stride, dependent,
+# stream).
 _SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 5 + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 7
-                        + [ctypes.c_float, ctypes.c_void_p]),
+                        + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
                "mma": ("quantbench_packed_mma", [ctypes.c_int] * 4 + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
-                       + [ctypes.c_float, ctypes.c_void_p]),
-               "gather": ("quantbench_gather_inputs", [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p])}
+                       + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
+               "gather": ("quantbench_gather_inputs", [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p])}
 _libraries: dict[tuple[WeightType, str], ctypes.CDLL] = {}
 _functions: dict[tuple[WeightType, str, str], ctypes._CFuncPtr] = {}
 _failures: dict[tuple[WeightType, str], Exception] = {}
@@ -186,6 +189,29 @@ def entry_point(weight_type: WeightType, arch: str, function: str | None = None)
 def device_arch(device: torch.device) -> str:
     major, minor = torch.cuda.get_device_capability(device)
     return f"{major}{minor}"
+
+
+def dependent_launch(device: torch.device) -> int:
+    """1 where the kernels launch to start while the stream's previous kernel finishes (programmatic
+    dependent launch, sm_90 on; packed_decode.cuh). QUANTBENCH_DEPENDENT_LAUNCH=1 or 0 says so; unset
+    ("auto"), they do when inductor's Triton kernels do too (TORCHINDUCTOR_ENABLE_PDL=1): only kernels that
+    let their dependents start early give them something to overlap, and a plain kernel's follower pays for
+    the dependent launch (bench/kernel_speed.py --dependent-launch; docs/performance.md)."""
+    setting = os.environ.get(DEPENDENT_LAUNCH_ENV, "auto")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"{DEPENDENT_LAUNCH_ENV}={setting!r}: expected 1, 0 or auto")
+    wanted = _inductor_launches_dependent() if setting == "auto" else setting == "1"
+    return int(wanted and _capability(device) >= (9, 0))
+
+
+def _inductor_launches_dependent() -> bool:
+    config = sys.modules.get("torch._inductor.config")  # not imported: nothing compiled, nothing to follow
+    return bool(config is not None and config.triton.enable_pdl)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def pointer(tensor: torch.Tensor | None) -> int:

@@ -113,7 +113,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
                          weight.qweight.data_ptr(), weight.scales.data_ptr(), pointer(weight.zeros), out.data_ptr(),
                          pointer(partials), pointer(arrivals), m, n, k, weight.n_groups, row_shift(weight),
                          x.stride(0), int(x_shared), 1.0 / weight.global_scale,
-                         torch.cuda.current_stream(x.device).cuda_stream)
+                         cuda_build.dependent_launch(x.device), torch.cuda.current_stream(x.device).cuda_stream)
     if error:
         raise RuntimeError(f"the CUDA decode kernel did not launch: cudaError {error}")
     return out

@@ -59,7 +59,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
         error = cuda_build.entry_point(weight_type, arch)(
             rows, warps, warps_n, int(x_shared), x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
             pointer(weight.zeros), out.data_ptr(), m, n, k, weight.n_groups, row_shift(weight), x.stride(0),
-            1.0 / weight.global_scale, stream)
+            1.0 / weight.global_scale, cuda_build.dependent_launch(x.device), stream)
     if error:
         raise RuntimeError(f"the tensor-core kernel did not launch: cudaError {error}")
     return out
@@ -70,7 +70,8 @@ def _gathered(x: torch.Tensor, perm: torch.Tensor, weight_type: WeightType, arch
     m, k = x.shape
     out = torch.empty_like(x)
     error = cuda_build.entry_point(weight_type, arch, "gather")(x.data_ptr(), perm.data_ptr(), out.data_ptr(), m, k,
-                                                                 x.stride(0), stream)
+                                                                 x.stride(0), cuda_build.dependent_launch(x.device),
+                                                                 stream)
     if error:
         raise RuntimeError(f"the act_order gather did not launch: cudaError {error}")
     return out

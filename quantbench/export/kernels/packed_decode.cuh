@@ -82,6 +82,39 @@ __device__ __forceinline__ float e4m3_value(uint32_t code) {
 // Lets KERNEL take `bytes` of dynamic shared memory beyond the default 48 KB. The attribute is per device and
 // kernel, so it is set once per device (again only for more bytes): a tile's first launch is eager, and no
 // graph capture, where setting it is not allowed, sees the call.
+// Programmatic dependent launch (sm_90 on): a kernel launched by `launch_after` with `dependent` may start
+// while the stream's previous kernel is still running, and loads what does not depend on it (its weights)
+// before `wait_for_previous_kernel`, which returns once that kernel's writes are visible. It calls
+// `let_next_kernel_start` when its own loads are done, so that a next kernel launched the same way (Triton's
+// under TORCHINDUCTOR_ENABLE_PDL=1, or ours) starts in turn. Both are no-ops in a kernel launched plainly.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void let_next_kernel_start() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+template <typename... Params, typename... Args>
+__host__ cudaError_t launch_after(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
+                                  bool dependent, Args... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = dependent ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
 template <auto KERNEL>
 __host__ cudaError_t allow_shared_memory(size_t bytes) {
   constexpr int MAX_DEVICES = 64;

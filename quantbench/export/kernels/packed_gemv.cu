@@ -173,15 +173,11 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   half* const held = reinterpret_cast<half*>(dynamic_shared + (ASYNC ? stage_bytes<THREADS>() / sizeof(uint4) : 0));
   const int k_count = chunk * PER;  // held: rows of k_count inputs, word row 0 the block's first
   const int k_begin = row_begin * PER, k_end = min(K, k_begin + k_count);
-  // The block's x goes into shared memory by cp.async before the first slabs load, as the oldest copy group,
-  // so that no slab waits on x from memory. act_order copies the rows whole (`raw`, after the held rows) and
-  // gathers them from there: the gather's indices and x then come from memory at the same time.
+  // The first slabs' words and scales load first: they do not depend on the previous kernel, which may
+  // still be running (dependent launch). Then the block's x goes into shared memory by cp.async, the newest
+  // copy group. act_order copies the rows whole (`raw`, after the held rows) and gathers them from there:
+  // the gather's indices and x then come from memory at the same time.
   half* const raw = held + static_cast<size_t>(ROWS) * k_count;
-  if constexpr (X_HELD) {
-    prefetch_range(perm + k_begin, HAS_PERM ? max(k_end - k_begin, 0) * sizeof(int) : 0);
-    copy_rows<ROWS, THREADS>(HAS_PERM ? raw : held, x, HAS_PERM ? 0 : k_begin, HAS_PERM ? K : k_end,
-                             HAS_PERM ? K : k_count, m0, M, stride_x);
-  }
   uint4 next[SLAB];
   GroupScales next_groups[GROUPS];
   if constexpr (ASYNC) {
@@ -193,14 +189,18 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     load_slab(next, w, row_begin + row_lane * SLAB, rows, N, n0, active);
   }
   load_groups(next_groups, scales_, zeros, row_begin + row_lane * SLAB, rows, row_shift, n_groups, N, n0, active);
+  if constexpr (X_HELD) prefetch_range(perm + k_begin, HAS_PERM ? max(k_end - k_begin, 0) * sizeof(int) : 0);
+  wait_for_previous_kernel();
   if constexpr (X_HELD) {
+    copy_rows<ROWS, THREADS>(HAS_PERM ? raw : held, x, HAS_PERM ? 0 : k_begin, HAS_PERM ? K : k_end,
+                             HAS_PERM ? K : k_count, m0, M, stride_x);
 #if HAS_PERM
     constexpr int ROUND = 4;  // chunks of 4 inputs per thread and round
     constexpr int STRIDE = 4 * THREADS;
     int4 index[ROUND];
     load_indices<ROUND, STRIDE>(index, perm, k_begin + 4 * threadIdx.x, k_end);
 #endif
-    wait_copies<ASYNC ? STAGES - 1 : 0>();  // x's group, the oldest
+    wait_copies<0>();  // x's group, the newest
     __syncthreads();
 #if HAS_PERM
     for (int base = k_begin + 4 * threadIdx.x; base < k_end; base += STRIDE * ROUND) {
@@ -329,6 +329,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     }
   }
 
+  let_next_kernel_start();
   const int warp = threadIdx.x / 32;
 #pragma unroll
   for (int r = 0; r < ROWS; ++r)
@@ -379,6 +380,7 @@ struct Call {
   void *out, *partials, *arrivals;
   int splits, M, N, K, n_groups, row_shift, stride_x, x_shared;
   float inverse_global_scale;
+  bool dependent;
   cudaStream_t stream;
 };
 
@@ -392,11 +394,10 @@ cudaError_t launch_kernel(const Call& c) {
   constexpr auto kernel = packed_gemv<ROWS, LANES_N, THREADS, ASYNC, X_HELD>;
   const cudaError_t error = allow_shared_memory<kernel>(shared);
   if (error != cudaSuccess) return error;
-  kernel<<<grid, THREADS, shared, c.stream>>>(
+  return launch_after(kernel, grid, THREADS, shared, c.stream, c.dependent,
       static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
       static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), static_cast<float*>(c.partials),
       static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
-  return cudaGetLastError();
 }
 
 // act_order always holds its gathered x: its libraries build no variant that reads x from memory.
@@ -434,14 +435,15 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 // rows_per_program · (the block's inputs, HAS_PERM: + K) · 2 bytes of shared memory for the block's x; x's rows
 // start 16-byte aligned (stride_x a multiple of 8). splits > 1: `partials` holds
 // splits · M · N floats and `arrivals` one zeroed int per block of outputs (column tiles × row tiles).
+// dependent: launched to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
 extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, int splits,
                                       const void* x, const void* perm, const void* w, const void* scales,
                                       const void* zeros, void* out, void* partials, void* arrivals, int M, int N,
                                       int K, int n_groups, int row_shift, int stride_x, int x_shared,
-                                      float inverse_global_scale, void* stream) {
+                                      float inverse_global_scale, int dependent, void* stream) {
   if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
   const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
-               x_shared, inverse_global_scale, static_cast<cudaStream_t>(stream)};
+               x_shared, inverse_global_scale, dependent != 0, static_cast<cudaStream_t>(stream)};
   if (async_copies) {
     switch (rows_per_program) {
       case 1: return by_lanes<1, true>(lanes_n, threads, c);

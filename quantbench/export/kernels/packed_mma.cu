@@ -273,7 +273,8 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
       for (int e = 0; e < 4; ++e) acc[mt][o][e] = 0.f;
 
   uint4 next[SLAB];
-  load_slab(next, w, warp_k * SLAB, word_rows, N, n0, t, active);
+  load_slab(next, w, warp_k * SLAB, word_rows, N, n0, t, active);  // before x: it may still be being written
+  wait_for_previous_kernel();
   unsigned char* const stages = shared + static_cast<size_t>(warp_k) * TILE_ROWS * X_ROW_BYTES;  // this group's
   constexpr size_t STAGE_STRIDE = stage_bytes<TILE_ROWS, WARPS_K>();
   const XCopier<ROWS, 32 * WARPS_N> x_copier(x, m0, M, K, stride_x, warp_n * 32 + lane);
@@ -398,6 +399,7 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
     }
   }
 
+  let_next_kernel_start();
   if constexpr (X_SHARED) {  // the partial sums reuse the stages: every copy (the last ones past K) and read done
     asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
@@ -428,6 +430,7 @@ struct Call {
   void* out;
   int M, N, K, n_groups, row_shift, stride_x;
   float inverse_global_scale;
+  bool dependent;
   cudaStream_t stream;
 };
 
@@ -442,10 +445,9 @@ cudaError_t launch(const Call& c) {
   const cudaError_t error = allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, X_SHARED>>(shared);
   if (error != cudaSuccess) return error;
   const dim3 grid((c.N + WARPS_N * COLS - 1) / (WARPS_N * COLS), (c.M + ROWS - 1) / ROWS);
-  kernel<<<grid, WARPS * 32, shared, c.stream>>>(
+  return launch_after(kernel, grid, WARPS * 32, shared, c.stream, c.dependent,
       static_cast<const half*>(c.x), static_cast<const uint32_t*>(c.w), c.scales, static_cast<const uint8_t*>(c.zeros),
       static_cast<half*>(c.out), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
-  return cudaGetLastError();
 }
 
 template <int ROWS, int WARPS, bool X_SHARED>
@@ -488,6 +490,7 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
   const int k = 8 * (blockIdx.x * blockDim.x + threadIdx.x), m0 = blockIdx.y * GATHER_ROWS;
   if (k >= K) return;
   const int4 low = __ldg(reinterpret_cast<const int4*>(perm + k)), high = __ldg(reinterpret_cast<const int4*>(perm + k + 4));
+  wait_for_previous_kernel();
   const int index[8] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
 #pragma unroll
   for (int r = 0; r < GATHER_ROWS; ++r) {
@@ -498,29 +501,31 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
     for (int q = 0; q < 4; ++q) pairs[q] = as_bits(__halves2half2(__ldg(row + index[2 * q]), __ldg(row + index[2 * q + 1])));
     *reinterpret_cast<uint4*>(out + static_cast<size_t>(m0 + r) * K + k) = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
   }
+  let_next_kernel_start();
 }
 
 }  // namespace
 
 // Returns a cudaError_t (0: launched). rows_per_block 8, 16, 32, or 64 where the scales go into B (SPAN 0);
 // warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
-// (K a multiple of 8). x [M, K] float16 in the stored input order, rows 16-byte aligned.
+// (K a multiple of 8). x [M, K] float16 in the stored input order, rows 16-byte aligned. dependent: launched
+// to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
 extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, const void* x,
                                      const void* w, const void* scales, const void* zeros, void* out, int M, int N,
                                      int K, int n_groups, int row_shift, int stride_x, float inverse_global_scale,
-                                     void* stream) {
+                                     int dependent, void* stream) {
   const Call c{x, w, scales, zeros, out, M, N, K, n_groups, row_shift, stride_x, inverse_global_scale,
-               static_cast<cudaStream_t>(stream)};
+               dependent != 0, static_cast<cudaStream_t>(stream)};
   if (x_shared) return K % 8 ? cudaErrorInvalidValue : by_rows<true>(rows_per_block, warps, warps_n, c);
   return by_rows<false>(rows_per_block, warps, warps_n, c);
 }
 
 // x [M, K] float16 (rows stride_x apart) → out [M, K] contiguous in the stored input order (K a multiple of 8).
 extern "C" int quantbench_gather_inputs(const void* x, const void* perm, void* out, int M, int K, int stride_x,
-                                        void* stream) {
+                                        int dependent, void* stream) {
   if (K % 8) return cudaErrorInvalidValue;
   const dim3 grid((K / 8 + 127) / 128, (M + GATHER_ROWS - 1) / GATHER_ROWS);
-  gather_inputs<<<grid, 128, 0, static_cast<cudaStream_t>(stream)>>>(
-      static_cast<const half*>(x), static_cast<const int*>(perm), static_cast<half*>(out), M, K, stride_x);
-  return cudaGetLastError();
+  return launch_after(gather_inputs, grid, 128, 0, static_cast<cudaStream_t>(stream), dependent != 0,
+                      static_cast<const half*>(x), static_cast<const int*>(perm), static_cast<half*>(out), M, K,
+                      stride_x);
 }
