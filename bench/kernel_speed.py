@@ -369,6 +369,11 @@ def main() -> None:
     if args.tiles:
         os.environ[TILES_ENV] = str(args.tiles)
     if args.pdl:
+        try:
+            inductor_config.triton.enable_pdl  # noqa: B018 (setting an unknown option would pass silently)
+        except AttributeError:
+            raise SystemExit(f"--pdl: torch {torch.__version__}'s inductor has no dependent launch "
+                             "(torch._inductor.config.triton.enable_pdl)") from None
         inductor_config.triton.enable_pdl = True
     device = torch.device(args.device)
     if device.type != "cuda":

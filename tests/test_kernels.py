@@ -2,6 +2,7 @@
 CPU) against the dequantized weight, and load_quantized(kernels=True)."""
 
 import dataclasses
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -699,7 +700,8 @@ def test_tensor_core_kernel_is_a_tuning_candidate_up_to_64_rows_and_graph_captur
 
 
 def test_dependent_launch_is_on_where_inductor_launches_dependent_or_the_environment_says(monkeypatch):
-    """Hopper on: auto follows inductor's Triton kernels, 1 and 0 force it; older GPUs never."""
+    """Hopper on: auto follows inductor's Triton kernels (off where inductor has no such option), 1 and 0
+    force it; older GPUs never."""
     from torch._inductor import config as inductor_config
 
     from quantbench.export.kernels import cuda_build
@@ -714,6 +716,8 @@ def test_dependent_launch_is_on_where_inductor_launches_dependent_or_the_environ
             monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, setting)
             assert cuda_build.dependent_launch(device) == int(setting)
         monkeypatch.delenv(cuda_build.DEPENDENT_LAUNCH_ENV)
+    monkeypatch.setitem(sys.modules, "torch._inductor.config", SimpleNamespace(triton=SimpleNamespace()))
+    assert cuda_build.dependent_launch(device) == 0  # an inductor without the option (torch 2.11)
     monkeypatch.setattr(cuda_build, "_capability", lambda _device: (8, 0))
     monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, "1")
     assert cuda_build.dependent_launch(device) == 0
