@@ -1,0 +1,96 @@
+"""The fastest read of a packed weight's bytes on a cold L2, under the packed matmuls' timer: the most any
+batch-1 kernel that must read that weight can reach.
+
+For each size (the bytes of bench/kernel_speed.py's int4-g128 act_order weights at its four shapes, and
+1 GiB), torch's own reductions and a streaming-read Triton kernel over a grid of tiles (programs, elements
+per load, warps; each program reading one contiguous run or striding over the whole buffer), each timed as
+`export/kernels/matmul.graph_time_ms` times a packed matmul (CUDA graphs of flush + call, minus the
+flushes). Prints the fastest in µs, TB/s and % of the 1-GB device copy rate, and what 75% of that rate
+would take.
+
+    python bench/read_ceiling.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))
+
+from kernel_speed import SHAPES, kernel_weight, measured_copy_bandwidth  # noqa: E402
+
+from quantbench.export.kernels.matmul import graph_time_ms  # noqa: E402
+
+
+@triton.jit
+def _read(src, out, n, per_program, BLOCK: tl.constexpr, STRIDED: tl.constexpr):
+    """XOR of the int32 words a program reads: [pid·per_program, …) in BLOCK-word loads, or (STRIDED) every
+    BLOCK-word tile pid, pid + programs, … of the buffer. One store per program, so nothing is dropped."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    if STRIDED:
+        for start in range(pid * BLOCK, n, programs * BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            acc ^= tl.load(src + offsets, mask=offsets < n, other=0, eviction_policy="evict_first")
+    else:
+        begin = pid * per_program
+        for start in range(begin, begin + per_program, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            acc ^= tl.load(src + offsets, mask=offsets < n, other=0, eviction_policy="evict_first")
+    tl.store(out + pid, tl.xor_sum(acc, 0))
+
+
+def triton_read(words: torch.Tensor, programs: int, block: int, warps: int, strided: bool):
+    n = words.numel()
+    per_program = triton.cdiv(triton.cdiv(n, programs), block) * block
+    out = torch.empty(programs, dtype=torch.int32, device=words.device)
+    return lambda: _read[(programs,)](words, out, n, per_program, BLOCK=block, STRIDED=strided, num_warps=warps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    copy_rate = measured_copy_bandwidth(device)
+    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    print(f"{time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+          f"triton {triton.__version__}; 1-GB device copy {copy_rate / 1e12:.2f} TB/s", flush=True)
+    sizes = [(f"{k}x{n} int4-g128 act_order", kernel_weight("int4-g128 act_order", n, k, device).stored_bytes)
+             for k, n in SHAPES] + [("1 GiB", 1 << 30)]
+    rows = []
+    for label, size in sizes:
+        words = torch.randint(-2**31, 2**31 - 1, (size // 4,), dtype=torch.int32, device=device)
+        candidates = {"torch max": lambda: words.max(), "torch sum": lambda: words.sum()}
+        for programs, block, warps, strided in itertools.product(
+                (processors, 2 * processors, 4 * processors, 8 * processors, 16 * processors), (1024, 2048, 4096),
+                (4, 8), (False, True)):
+            name = f"triton {programs} programs, {block} words, {warps} warps, {'strided' if strided else 'runs'}"
+            candidates[name] = triton_read(words, programs, block, warps, strided)
+        times = {name: 1e3 * graph_time_ms(call) for name, call in candidates.items()}
+        best = min(times, key=times.get)
+        goal_us = size / (0.75 * copy_rate) * 1e6
+        row = {"size": label, "bytes": size, "us": times, "fastest": best, "fastest_us": times[best],
+               "copy_rate": copy_rate, "us_at_75_percent_of_copy_rate": goal_us}
+        rows.append(row)
+        print(f"{label:>32} ({size / 1e6:7.1f} MB): torch max {times['torch max']:7.1f} µs, torch sum "
+              f"{times['torch sum']:7.1f} µs, fastest {times[best]:7.1f} µs = {size / times[best] / 1e6:.2f} TB/s "
+              f"({size / times[best] / 1e6 / (copy_rate / 1e12):.0%} of the copy rate; {best}); 75% of the copy "
+              f"rate would take {goal_us:.1f} µs", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
