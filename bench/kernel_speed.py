@@ -301,7 +301,7 @@ def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt:
                                          head=head)
     packed = variant not in (None, FLOOR)
     packed_head = head and packed
-    inductor_pdl = compiled and inductor_config.triton.enable_pdl
+    inductor_pdl = compiled and getattr(inductor_config.triton, "enable_pdl", False)  # torch 2.11: no such option
     eager_tok_s = batch * _tokens_per_s(step, 16, device)
     settings = list(dependent) if packed else [None]
     rows = []

@@ -79,9 +79,6 @@ __device__ __forceinline__ float e4m3_value(uint32_t code) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>((code & 0x7Fu) << 7))) * 256.f;
 }
 
-// Lets KERNEL take `bytes` of dynamic shared memory beyond the default 48 KB. The attribute is per device and
-// kernel, so it is set once per device (again only for more bytes): a tile's first launch is eager, and no
-// graph capture, where setting it is not allowed, sees the call.
 // Programmatic dependent launch (sm_90 on): a kernel launched by `launch_after` with `dependent` may start
 // while the stream's previous kernel is still running, and loads what does not depend on it (its weights)
 // before `wait_for_previous_kernel`, which returns once that kernel's writes are visible. It calls
@@ -115,6 +112,9 @@ __host__ cudaError_t launch_after(void (*kernel)(Params...), dim3 grid, dim3 blo
   return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
 }
 
+// Lets KERNEL take `bytes` of dynamic shared memory beyond the default 48 KB. The attribute is per device and
+// kernel, so it is set once per device (again only for more bytes): a tile's first launch is eager, and no
+// graph capture, where setting it is not allowed, sees the call.
 template <auto KERNEL>
 __host__ cudaError_t allow_shared_memory(size_t bytes) {
   constexpr int MAX_DEVICES = 64;
