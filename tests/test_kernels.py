@@ -753,3 +753,34 @@ def test_dependent_launch_reads_x_only_once_the_kernel_that_writes_it_is_done(la
             captured.zero_()
             graph.replay()
             assert torch.equal(captured, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels run on an NVIDIA GPU only")
+@pytest.mark.parametrize("engine", ["cuda", "mma"])
+def test_a_dependent_packed_kernel_reads_the_output_its_dependent_predecessor_writes(engine, monkeypatch):
+    """Two packed matmuls in a row, the second reading the first's output: the first lets the second start
+    once its loads are done, before it writes, so the second must wait before it reads x (written
+    2026-12-04; not yet run on a GPU)."""
+    from quantbench.export.kernels import cuda_build
+
+    first = to_kernel_layout(quantize_rtn(torch.randn(IN, IN), Scheme.parse("int4-g32-rtn")).to("cuda"))
+    second = to_kernel_layout(WEIGHTS["int4-g32 act_order"].to("cuda"))
+    tile = (TileConfig(1, 64, 0, 1, 16, 0, rows=1, engine="cuda") if engine == "cuda" else
+            TileConfig(1, 64, 0, 1, 4, 1, rows=16, engine="mma"))
+    x = torch.randn(12 if engine == "mma" else 1, IN, device="cuda").half()
+    monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, "0")
+    expected = packed_matmul(packed_matmul(x, first, backend=engine, config=tile), second, backend=engine,
+                             config=tile)
+    monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, "1")
+    for _ in range(5):
+        chained = packed_matmul(packed_matmul(x, first, backend=engine, config=tile), second, backend=engine,
+                                config=tile)
+        assert torch.equal(chained, expected)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = packed_matmul(packed_matmul(x, first, backend=engine, config=tile), second, backend=engine,
+                                 config=tile)
+    for _ in range(5):
+        captured.zero_()
+        graph.replay()
+        assert torch.equal(captured, expected)
