@@ -230,7 +230,7 @@ def quantize_model(model, label: str | None, device, fuse: bool = False, head: b
 
 def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fuse: bool, variants,
                  rows: list, saved=lambda: None, floor: bool = False, compiled: bool = False,
-                 head: bool = False, dependent=("off",)) -> list[dict]:
+                 head: bool = False, dependent=("auto",)) -> list[dict]:
     for label in ["fp16", *variants, *([FLOOR] if floor else [])]:
         rows.extend(decode_one(label, None if label == "fp16" else label, device, new_tokens, prompt, size, batch,
                                fuse, compiled, head, dependent))
@@ -294,20 +294,20 @@ def captured(step) -> torch.cuda.CUDAGraph:
 @torch.no_grad()
 def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b",
                batch: int = 1, fuse: bool = False, compiled: bool = False, head: bool = False,
-               dependent=("off",)) -> list[dict]:
+               dependent=("auto",)) -> list[dict]:
     """Tokens/s of one model; a packed one once per `dependent` setting of the CUDA kernels' dependent
-    launch ("on", "off"), each its own CUDA graph, the decode positions running on through them."""
+    launch ("auto", "on", "off"), each its own CUDA graph, the decode positions running on through them."""
     step, weight_bytes = prepared_decode(variant, device, new_tokens, prompt, size, batch, fuse, compiled,
                                          head=head)
     packed = variant not in (None, FLOOR)
     packed_head = head and packed
-    inductor_pdl = compiled and getattr(inductor_config.triton, "enable_pdl", False)  # torch 2.11: no such option
+    inductor_pdl = compiled and getattr(inductor_config.triton, "enable_pdl", False)
     eager_tok_s = batch * _tokens_per_s(step, 16, device)
     settings = list(dependent) if packed else [None]
     rows = []
     for setting in settings:
         if setting is not None:
-            os.environ[DEPENDENT_LAUNCH_ENV] = "1" if setting == "on" else "0"
+            os.environ[DEPENDENT_LAUNCH_ENV] = {"auto": "auto", "on": "1", "off": "0"}[setting]
         graph = captured(step)
         graph_tok_s = batch * _tokens_per_s(graph.replay, (new_tokens - 24) // len(settings), device)
         print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and variant else ''}"
@@ -349,9 +349,9 @@ def main() -> None:
                         help="also decode with the decoder's matmuls skipped: the ceiling any kernel can reach")
     parser.add_argument("--compile", action="store_true", help="decode with the model's forward torch.compile'd")
     parser.add_argument("--head", action="store_true", help="decode with lm_head packed too")
-    parser.add_argument("--dependent-launch", nargs="+", choices=["on", "off"], default=["off"],
+    parser.add_argument("--dependent-launch", nargs="+", choices=["auto", "on", "off"], default=["auto"],
                         help="decode packed models once per setting of the CUDA kernels' dependent launch "
-                             "(QUANTBENCH_DEPENDENT_LAUNCH)")
+                             "(QUANTBENCH_DEPENDENT_LAUNCH; auto: on with --pdl)")
     parser.add_argument("--pdl", action="store_true",
                         help="with --compile: inductor's Triton kernels launch dependent too (TORCHINDUCTOR_ENABLE_PDL)")
     parser.add_argument("--skip-matmul", action="store_true")

@@ -2,6 +2,7 @@
 CPU) against the dequantized weight, and load_quantized(kernels=True)."""
 
 import dataclasses
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -698,21 +699,33 @@ def test_tensor_core_kernel_is_a_tuning_candidate_up_to_64_rows_and_graph_captur
     assert_graph_replays_the_kernel(torch.randn(64, IN, device="cuda").half(), packed, "mma")
 
 
-def test_dependent_launch_is_off_unless_the_environment_asks_for_it_on_hopper(monkeypatch):
+def test_dependent_launch_follows_inductors_triton_kernels_unless_the_environment_says(monkeypatch):
+    """Hopper on: unset or auto, on where inductor's Triton kernels launch dependent (off where inductor has
+    no such option); 1 and 0 force it; older GPUs never."""
+    from torch._inductor import config as inductor_config
+
     from quantbench.export.kernels import cuda_build
 
     device = torch.device("cuda", 0)
-    monkeypatch.delenv(cuda_build.DEPENDENT_LAUNCH_ENV, raising=False)
     monkeypatch.setattr(cuda_build, "_capability", lambda _device: (9, 0))
-    assert cuda_build.dependent_launch(device) == 0
-    for setting in ("0", "1"):
-        monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, setting)
-        assert cuda_build.dependent_launch(device) == int(setting)
+    for inductor_pdl in (False, True):  # config.patch restores the option; monkeypatch.setattr deletes it
+        with inductor_config.patch({"triton.enable_pdl": inductor_pdl}):
+            monkeypatch.delenv(cuda_build.DEPENDENT_LAUNCH_ENV, raising=False)
+            assert cuda_build.dependent_launch(device) == int(inductor_pdl)
+            for setting, expected in (("auto", int(inductor_pdl)), ("0", 0), ("1", 1)):
+                monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, setting)
+                assert cuda_build.dependent_launch(device) == expected
+    with monkeypatch.context() as patched:
+        patched.setitem(sys.modules, "torch._inductor.config", SimpleNamespace(triton=SimpleNamespace()))
+        patched.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, "auto")
+        assert cuda_build.dependent_launch(device) == 0
     monkeypatch.setattr(cuda_build, "_capability", lambda _device: (8, 0))
+    monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, "1")
     assert cuda_build.dependent_launch(device) == 0
-    monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, "auto")
-    with pytest.raises(ValueError, match="expected 1 or 0"):
+    monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, "yes")
+    with pytest.raises(ValueError, match="expected 1, 0 or auto"):
         cuda_build.dependent_launch(device)
+    assert inductor_config.triton.enable_pdl is False  # the option is still there, as it was
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels run on an NVIDIA GPU only")

@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -192,14 +193,19 @@ def device_arch(device: torch.device) -> str:
 
 def dependent_launch(device: torch.device) -> int:
     """1 where the kernels launch to start while the stream's previous kernel finishes (programmatic
-    dependent launch, sm_90 on; packed_decode.cuh): only with QUANTBENCH_DEPENDENT_LAUNCH=1. It is meant to
-    pair with neighbours that let their dependents start early (inductor's Triton kernels under
-    TORCHINDUCTOR_ENABLE_PDL=1); beside plain ones it cost 2.5% of an 8B decode in 3 runs of 4
-    (docs/performance.md)."""
-    setting = os.environ.get(DEPENDENT_LAUNCH_ENV, "0")
-    if setting not in ("0", "1"):
-        raise ValueError(f"{DEPENDENT_LAUNCH_ENV}={setting!r}: expected 1 or 0")
-    return int(setting == "1" and _capability(device) >= (9, 0))
+    dependent launch, sm_90 on; packed_decode.cuh). QUANTBENCH_DEPENDENT_LAUNCH=1 or 0 says so; unset (or
+    "auto"), they do when inductor's Triton kernels do too (TORCHINDUCTOR_ENABLE_PDL=1): beside those an 8B
+    decode ran 2–3% faster with it, beside plain kernels 2.5% slower (docs/performance.md)."""
+    setting = os.environ.get(DEPENDENT_LAUNCH_ENV, "auto")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"{DEPENDENT_LAUNCH_ENV}={setting!r}: expected 1, 0 or auto")
+    wanted = _inductor_launches_dependent() if setting == "auto" else setting == "1"
+    return int(wanted and _capability(device) >= (9, 0))
+
+
+def _inductor_launches_dependent() -> bool:
+    config = sys.modules.get("torch._inductor.config")  # not imported: nothing compiled, nothing to follow
+    return bool(config is not None and getattr(config.triton, "enable_pdl", False))
 
 
 @functools.cache
