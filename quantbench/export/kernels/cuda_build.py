@@ -187,7 +187,7 @@ def entry_point(weight_type: WeightType, arch: str, function: str | None = None)
 
 
 def device_arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = _capability(device)
     return f"{major}{minor}"
 
 
