@@ -397,11 +397,7 @@ CUDA_TILES = {"1 row, 8 lanes, 256 threads": TileConfig(1, 32, 0, 1, 8, 0, rows=
                                                                              engine="cuda"),
               "2 rows, 32 lanes, 128 threads, cp.async, 3 splits (the last empty for int4)":
                   TileConfig(1, 128, 0, 3, 4, 1, rows=2, engine="cuda"),
-              "4 rows, 8 lanes, 128 threads, 2 splits": TileConfig(1, 32, 0, 2, 4, 0, rows=4, engine="cuda"),
-              "1 row, 16 lanes, 512 threads, 2 slabs prefetched": TileConfig(1, 64, 0, 1, 16, 0, rows=1, lookahead=2,
-                                                                              engine="cuda"),
-              "2 rows, 8 lanes, 256 threads, cp.async, 2 splits, 8 slabs prefetched":
-                  TileConfig(1, 32, 0, 2, 8, 1, rows=2, lookahead=8, engine="cuda")}
+              "4 rows, 8 lanes, 128 threads, 2 splits": TileConfig(1, 32, 0, 2, 4, 0, rows=4, engine="cuda")}
 ODD_INPUTS = 96  # 12 int4 word rows: one whole slab of 8 and a partial one
 
 
@@ -473,8 +469,6 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     assert {(c.rows, c.num_stages) for c in cuda} == {(1, 0), (1, 1)}  # registers and cp.async stages
     assert {(c.block_n, c.num_warps) for c in cuda} == {(4 * lanes, threads // 32) for lanes in cuda_gemv.LANES
                                                         for threads in cuda_gemv.THREADS}
-    assert {(c.num_stages, c.lookahead) for c in cuda} == {(stages, ahead) for stages in (0, 1)
-                                                           for ahead in cuda_gemv.LOOKAHEAD}
     # 256 inputs are 32 int4 word rows: no split of K leaves each row lane a slab of its own
     assert {c.split_k for c in cuda} == {1}
     assert {c.x_in_shared for c in cuda} == {True, False}  # x copied to shared memory first, or read slab by slab

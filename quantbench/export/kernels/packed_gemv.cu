@@ -74,17 +74,6 @@ __device__ __forceinline__ void load_slab(uint4 (&words)[SLAB], const uint32_t* 
                                        : make_uint4(0, 0, 0, 0);
 }
 
-// Asks L2 for the lines of one slab of this thread's word rows (issued by one thread in 8 along the outputs:
-// 8 × 16 bytes make a line). The lookahead: slabs a thread will load later get fetched while it waits on
-// the nearer ones, so more of the weight is on its way from memory at once.
-__device__ __forceinline__ void prefetch_slab(const uint32_t* __restrict__ w, int j0, int rows, int N, int n0,
-                                              bool issue) {
-  if (!issue) return;
-#pragma unroll
-  for (int i = 0; i < SLAB; ++i)
-    if (j0 + i < rows) asm volatile("prefetch.global.L2 [%0];" :: "l"(w + static_cast<size_t>(j0 + i) * N + n0));
-}
-
 // One scale group's values for this thread's 4 outputs, as stored: float16 scales (int, ternary), the second
 // plane's (ternary), uint8 zero points (int) or E8M0/E4M3 codes (MXFP4/NVFP4). Loaded with their slab.
 struct GroupScales {
@@ -160,7 +149,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
     const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, half* __restrict__ out,
     float* __restrict__ partials, int* __restrict__ arrivals, int M, int N, int K, int n_groups, int row_shift,
-    int stride_x, float inverse_global_scale, int lookahead) {
+    int stride_x, float inverse_global_scale) {
   constexpr int ROW_LANES = THREADS / LANES_N;
   constexpr int WARPS = THREADS / 32;
   constexpr int BLOCK_N = LANES_N * OUTS;
@@ -200,9 +189,6 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     load_slab(next, w, row_begin + row_lane * SLAB, rows, N, n0, active);
   }
   load_groups(next_groups, scales_, zeros, row_begin + row_lane * SLAB, rows, row_shift, n_groups, N, n0, active);
-  const bool prefetcher = active && lane_n % 8 == 0;
-  for (int s = ASYNC ? STAGES - 1 : 1; s < (ASYNC ? STAGES - 1 : 1) + lookahead; ++s)
-    prefetch_slab(w, row_begin + row_lane * SLAB + s * STEP, rows, N, n0, prefetcher);
   if constexpr (X_HELD) prefetch_range(perm + k_begin, HAS_PERM ? max(k_end - k_begin, 0) * sizeof(int) : 0);
   wait_for_previous_kernel();
   if constexpr (X_HELD) {
@@ -255,7 +241,6 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     if constexpr (ASYNC) {  // each thread reads back only what it copied itself: its own wait suffices
       copy_slab<THREADS>(staged + ((it + STAGES - 1) % STAGES) * SLAB * THREADS, w, j0 + (STAGES - 1) * STEP, rows,
                          N, n0, active);
-      if (lookahead) prefetch_slab(w, j0 + (STAGES - 1 + lookahead) * STEP, rows, N, n0, prefetcher);
       wait_copies<STAGES - 1>();
       const uint4* stage = staged + (it % STAGES) * SLAB * THREADS;
 #pragma unroll
@@ -264,7 +249,6 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 #pragma unroll
       for (int i = 0; i < SLAB; ++i) words[i] = next[i];
       load_slab(next, w, j0 + STEP, rows, N, n0, active);
-      if (lookahead) prefetch_slab(w, j0 + (1 + lookahead) * STEP, rows, N, n0, prefetcher);
     }
 #if LOAD_ONLY  // bench/gemv_anatomy.py: the loads alone, their words folded so that none is dropped
     uint32_t folded = 0;
@@ -396,7 +380,6 @@ struct Call {
   void *out, *partials, *arrivals;
   int splits, M, N, K, n_groups, row_shift, stride_x, x_shared;
   float inverse_global_scale;
-  int lookahead;
   bool dependent;
   cudaStream_t stream;
 };
@@ -414,8 +397,7 @@ cudaError_t launch_kernel(const Call& c) {
   return launch_after(kernel, grid, THREADS, shared, c.stream, c.dependent,
       static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
       static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), static_cast<float*>(c.partials),
-      static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale,
-      c.lookahead);
+      static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
 }
 
 // act_order always holds its gathered x: its libraries build no variant that reads x from memory.
@@ -453,16 +435,15 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 // rows_per_program · (the block's inputs, HAS_PERM: + K) · 2 bytes of shared memory for the block's x; x's rows
 // start 16-byte aligned (stride_x a multiple of 8). splits > 1: `partials` holds
 // splits · M · N floats and `arrivals` one zeroed int per block of outputs (column tiles × row tiles).
-// lookahead: slabs beyond those loaded or copied ahead whose lines each thread asks L2 for (0: none).
 // dependent: launched to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
 extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, int splits,
                                       const void* x, const void* perm, const void* w, const void* scales,
                                       const void* zeros, void* out, void* partials, void* arrivals, int M, int N,
                                       int K, int n_groups, int row_shift, int stride_x, int x_shared,
-                                      float inverse_global_scale, int lookahead, int dependent, void* stream) {
-  if (splits < 1 || splits > 65535 || lookahead < 0) return cudaErrorInvalidValue;
+                                      float inverse_global_scale, int dependent, void* stream) {
+  if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
   const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
-               x_shared, inverse_global_scale, lookahead, dependent != 0, static_cast<cudaStream_t>(stream)};
+               x_shared, inverse_global_scale, dependent != 0, static_cast<cudaStream_t>(stream)};
   if (async_copies) {
     switch (rows_per_program) {
       case 1: return by_lanes<1, true>(lanes_n, threads, c);
