@@ -1,7 +1,7 @@
-"""Where the CUDA decode kernel's time goes at batch 1: each tile configuration (weights through registers
-or cp.async stages, splits of K, x held in shared memory or not) timed whole and with its weight loads
-alone (nothing decoded), against torch reading the same words (`max`) and copying them, on a cold L2 (CUDA
-graphs).
+"""Where the CUDA decode kernel's time goes at batch 1: each tile configuration (weights through registers a
+slab or a row at a time, or cp.async stages; splits of K; x held in shared memory or not) timed whole and
+with its weight loads alone (nothing decoded), against torch reading the same words (`max`) and copying
+them, on a cold L2 (CUDA graphs).
 
     python bench/gemv_anatomy.py [--shapes 8192x8192 …] [--json out.json]
 
@@ -50,22 +50,23 @@ def main() -> None:
             print(f"{shape:>11} {label:>20}: torch reads the words in {read_us:6.1f} µs, copies them in "
                   f"{copy_us:6.1f} µs ({copy_rate:.2f} TB/s)", flush=True)
             processors = cuda_gemv.multiprocessors(device)
-            for copies in (False, True):
+            for load in ("registers", "streamed", "cp.async"):
                 for lanes in cuda_gemv.LANES:
                     for threads in cuda_gemv.THREADS:
                         for splits, held in itertools.product(
                                 cuda_gemv.split_choices(1, weight, 1, lanes, threads, processors),
                                 cuda_gemv.x_choices(weight)):
                             def call(load_only=False):
-                                return cuda_gemv.launch(x, weight, 1, lanes, threads, copies, load_only, splits, held)
+                                return cuda_gemv.launch(x, weight, 1, lanes, threads, load == "cp.async", load_only,
+                                                        splits, held, streamed=load == "streamed")
                             whole = 1e3 * graph_time_ms(call)
                             loads = 1e3 * graph_time_ms(lambda: call(load_only=True))
-                            row = {"shape": shape, "variant": label, "async_copies": copies, "lanes": lanes,
+                            row = {"shape": shape, "variant": label, "loads": load, "lanes": lanes,
                                    "threads": threads, "splits": splits, "x_in_shared": held, "us": whole,
                                    "load_only_us": loads, "torch_read_us": read_us, "torch_copy_us": copy_us,
                                    "bytes": weight.stored_bytes}
                             rows.append(row)
-                            print(f"{shape:>11} {label:>20} {'cp.async ' if copies else 'registers'} lanes {lanes:2} "
+                            print(f"{shape:>11} {label:>20} {load:9} lanes {lanes:2} "
                                   f"threads {threads:3} splits {splits:2} x {'shared' if held else 'memory'}: "
                                   f"{whole:6.1f} µs, loads alone {loads:6.1f} µs", flush=True)
                 if args.json:
@@ -73,7 +74,7 @@ def main() -> None:
             best = min((r for r in rows if r["shape"] == shape and r["variant"] == label), key=lambda r: r["us"])
             print(f"{shape:>11} {label:>20}: fastest {best['us']:.1f} µs (loads alone {best['load_only_us']:.1f}) "
                   f"= {best['bytes'] / best['us'] / 1e6:.2f} TB/s with lanes {best['lanes']}, threads "
-                  f"{best['threads']}, splits {best['splits']}, {'cp.async' if best['async_copies'] else 'registers'}, "
+                  f"{best['threads']}, splits {best['splits']}, {best['loads']}, "
                   f"x from {'shared memory' if best['x_in_shared'] else 'memory'}",
                   flush=True)
 

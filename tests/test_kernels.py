@@ -397,7 +397,11 @@ CUDA_TILES = {"1 row, 8 lanes, 256 threads": TileConfig(1, 32, 0, 1, 8, 0, rows=
                                                                              engine="cuda"),
               "2 rows, 32 lanes, 128 threads, cp.async, 3 splits (the last empty for int4)":
                   TileConfig(1, 128, 0, 3, 4, 1, rows=2, engine="cuda"),
-              "4 rows, 8 lanes, 128 threads, 2 splits": TileConfig(1, 32, 0, 2, 4, 0, rows=4, engine="cuda")}
+              "4 rows, 8 lanes, 128 threads, 2 splits": TileConfig(1, 32, 0, 2, 4, 0, rows=4, engine="cuda"),
+              "1 row, 16 lanes, 512 threads, streamed": TileConfig(1, 64, 0, 1, 16, 0, rows=1, streamed=True,
+                                                                   engine="cuda"),
+              "2 rows, 8 lanes, 128 threads, streamed, 3 splits": TileConfig(1, 32, 0, 3, 4, 0, rows=2, streamed=True,
+                                                                             engine="cuda")}
 ODD_INPUTS = 96  # 12 int4 word rows: one whole slab of 8 and a partial one
 
 
@@ -466,7 +470,11 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     assert {c.rows for c in matmul._mma_candidates(x.repeat(64, 1), mxfp4)} == {16, 32}
     assert {c.engine for c in matmul._engine_candidates(x.repeat(20, 1), packed)} == {"triton", "mma"}
     assert {c.engine for c in matmul._engine_candidates(x.repeat(65, 1), packed)} == {"triton"}
-    assert {(c.rows, c.num_stages) for c in cuda} == {(1, 0), (1, 1)}  # registers and cp.async stages
+    # registers a slab or a row at a time, and cp.async stages; 4 rows of x: registers only
+    assert {(c.rows, c.num_stages, c.streamed) for c in cuda} == {(1, 0, False), (1, 0, True), (1, 1, False)}
+    assert {(c.rows, c.num_stages, c.streamed) for c in matmul._cuda_candidates(x.repeat(3, 1), packed)} == {
+        (rows, stages, streamed) for rows in (2, 4) for stages, streamed in ((0, False), (0, True), (1, False))
+        if rows == 2 or (stages, streamed) == (0, False)}
     assert {(c.block_n, c.num_warps) for c in cuda} == {(4 * lanes, threads // 32) for lanes in cuda_gemv.LANES
                                                         for threads in cuda_gemv.THREADS}
     # 256 inputs are 32 int4 word rows: no split of K leaves each row lane a slab of its own

@@ -16,6 +16,7 @@ ROWS = (1, 2, 4, 8)  # rows of x per program
 LANES = (4, 8, 16, 32)  # threads along the outputs (4 outputs each)
 THREADS = (128, 256, 512)  # 512 with one row of x only
 ASYNC_ROWS = (1, 2)  # the cp.async variant is built for these rows per block
+STREAMED_ROWS = (1, 2)  # and the register variant that reloads each word row as soon as it is used
 X_SHARED_BYTES = 96 << 10  # the block's x in shared memory up to this (act_order: gathered there, else by torch)
 MAX_ROWS = 16  # beyond this only the tensor-core and tl.dot kernels are tried
 SLAB = 8  # word rows a thread loads at once; split-K gives each block whole slabs
@@ -80,20 +81,22 @@ def _workspace(device: torch.device, splits: int, m: int, n: int) -> tuple[torch
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
-           load_only: bool = False, splits: int = 1, x_in_shared: bool = True) -> torch.Tensor:
+           load_only: bool = False, splits: int = 1, x_in_shared: bool = True, streamed: bool = False) -> torch.Tensor:
     """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16. `async_copies`: the
     weights through cp.async stages in shared memory (1–2 rows) instead of registers; `load_only`: the
     weight loads alone, for timing, its result meaningless; `splits`: blocks along K per column tile;
     `x_in_shared`: each block first copies its x into shared memory where it fits (act_order gathers it there
-    whatever this says), else reads x from memory slab by slab."""
+    whatever this says), else reads x from memory slab by slab; `streamed` (registers, 1–2 rows): each word
+    row's next load issued as soon as the row is used, instead of a slab at a time."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")
     if (rows not in ROWS or lanes not in LANES or threads not in THREADS or (threads == 512 and rows > 1)
-            or (async_copies and rows not in ASYNC_ROWS) or not 1 <= splits <= 65535):
-        raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}, splits {splits}: "
-                         f"not among {ROWS}, {LANES}, {THREADS} (512 threads take one row; async copies "
-                         f"{ASYNC_ROWS} rows; splits 1–65535)")
+            or (async_copies and rows not in ASYNC_ROWS) or not 1 <= splits <= 65535
+            or (streamed and (async_copies or rows not in STREAMED_ROWS))):
+        raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}, splits {splits}, "
+                         f"streamed {streamed}: not among {ROWS}, {LANES}, {THREADS} (512 threads take one row; "
+                         f"async copies {ASYNC_ROWS} rows; streamed registers {STREAMED_ROWS} rows; splits 1–65535)")
     fits = x_held_bytes(x.shape[1], weight, rows, splits) <= X_SHARED_BYTES
     if not fits and weight.perm is not None:  # act_order: gathered here instead, x then read from memory
         x, weight = with_inputs_gathered(x, weight)
@@ -112,7 +115,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
         error = function(rows, lanes, threads, int(async_copies), splits, x.data_ptr(), pointer(weight.perm),
                          weight.qweight.data_ptr(), weight.scales.data_ptr(), pointer(weight.zeros), out.data_ptr(),
                          pointer(partials), pointer(arrivals), m, n, k, weight.n_groups, row_shift(weight),
-                         x.stride(0), int(x_shared), 1.0 / weight.global_scale,
+                         x.stride(0), int(x_shared), int(streamed), 1.0 / weight.global_scale,
                          cuda_build.dependent_launch(x.device), torch.cuda.current_stream(x.device).cuda_stream)
     if error:
         raise RuntimeError(f"the CUDA decode kernel did not launch: cudaError {error}")

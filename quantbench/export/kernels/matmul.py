@@ -42,6 +42,7 @@ class TileConfig:
     lut: bool = False  # base-3 kernel: bytes decoded through a table of digits instead of divisions
     pairs: bool = False  # decode kernel, int4 codes, float16 x: two codes per f16x2 instruction (inline PTX)
     x_in_shared: bool = True  # "cuda": each block's x copied into shared memory first (act_order: always)
+    streamed: bool = False  # "cuda", registers, 1–2 rows: each word row reloaded as soon as it is used
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
     # split_k blocks along K;
@@ -93,7 +94,7 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     if config.engine == "cuda":  # gathers act_order in shared memory
         out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
                                async_copies=config.num_stages > 0, splits=config.split_k,
-                               x_in_shared=config.x_in_shared)
+                               x_in_shared=config.x_in_shared, streamed=config.streamed)
         return out.view(*x.shape[:-1], n_out)
     if config.engine == "mma":  # gathers act_order before the kernel
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
@@ -152,11 +153,13 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     m = x.shape[0]
     most = min(_bucket(m), 8)  # also half as many rows per block: more blocks, fewer registers
     processors = cuda_gemv.multiprocessors(x.device)
-    return [TileConfig(1, 4 * lanes, 0, splits, threads // 32, int(copies), rows=rows, x_in_shared=held,
-                       engine="cuda")
+    loads = {"registers": (0, False), "streamed": (0, True), "cp.async": (1, False)}
+    return [TileConfig(1, 4 * lanes, 0, splits, threads // 32, stages, rows=rows, x_in_shared=held,
+                       streamed=streamed, engine="cuda")
             for rows in sorted({most, max(most // 2, 1)}) for lanes in cuda_gemv.LANES
             for threads in cuda_gemv.THREADS if rows == 1 or threads < 512
-            for copies in (False, True) if not copies or rows in cuda_gemv.ASYNC_ROWS
+            for load, (stages, streamed) in loads.items()
+            if load == "registers" or rows in (cuda_gemv.STREAMED_ROWS if streamed else cuda_gemv.ASYNC_ROWS)
             for splits in cuda_gemv.split_choices(m, weight, rows, lanes, threads, processors)
             for held in cuda_gemv.x_choices(weight)]
 

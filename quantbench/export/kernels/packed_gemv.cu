@@ -6,8 +6,9 @@
 // Each thread owns 4 adjacent outputs and copies their words of one input row in 16 bytes; a warp covers
 // LANES_N × 16 contiguous bytes of 32 / LANES_N rows. Word rows go in slabs of 8 round-robin over the
 // block's THREADS / LANES_N row lanes, in one of two ways (the tuner times both): each slab loaded into
-// registers while the previous one is decoded, or (ASYNC, up to 2 rows of x) cp.async copies into 2–4
-// shared-memory stages per thread, several slabs in flight without holding registers. Each pair of codes,
+// registers while the previous one is decoded (STREAMED, 1–2 rows of x: each row's register reloaded as soon as
+// that row is decoded, so a slab's worth of loads stays in flight), or (ASYNC, up to 2 rows of x) cp.async
+// copies into 2–4 shared-memory stages per thread, several slabs in flight without holding registers. Each pair of codes,
 // decoded to q − z (packed_decode.cuh), is multiplied by one more f16x2 FMA into the matching pair of
 // inputs. Sums run in float16 within a scale's rows and in float32 across them; the row lanes are reduced
 // by shuffles and through shared memory.
@@ -65,13 +66,16 @@ __host__ __device__ inline int split_rows(int rows, int splits) {
 template <int N_GROUPS>
 __device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_group %0;" :: "n"(N_GROUPS)); }
 
-// One slab's words of this thread's 4 outputs (zero past the last row or output).
+// One word row's words of this thread's 4 outputs (zero past the last row or output).
+__device__ __forceinline__ uint4 load_row(const uint32_t* __restrict__ w, int j, int rows, int N, int n0,
+                                          bool active) {
+  return active && j < rows ? load_streaming(w + static_cast<size_t>(j) * N + n0) : make_uint4(0, 0, 0, 0);
+}
+
 __device__ __forceinline__ void load_slab(uint4 (&words)[SLAB], const uint32_t* __restrict__ w, int j0, int rows,
                                           int N, int n0, bool active) {
 #pragma unroll
-  for (int i = 0; i < SLAB; ++i)
-    words[i] = active && j0 + i < rows ? load_streaming(w + static_cast<size_t>(j0 + i) * N + n0)
-                                       : make_uint4(0, 0, 0, 0);
+  for (int i = 0; i < SLAB; ++i) words[i] = load_row(w, j0 + i, rows, N, n0, active);
 }
 
 // One scale group's values for this thread's 4 outputs, as stored: float16 scales (int, ternary), the second
@@ -144,7 +148,7 @@ __device__ __forceinline__ void load_indices(int4 (&index)[ROUND], const int* __
   }
 }
 
-template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool X_HELD>
+template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool X_HELD, bool STREAMED>
 __global__ void __launch_bounds__(THREADS) packed_gemv(
     const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
     const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, half* __restrict__ out,
@@ -245,15 +249,29 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
       const uint4* stage = staged + (it % STAGES) * SLAB * THREADS;
 #pragma unroll
       for (int i = 0; i < SLAB; ++i) words[i] = stage[i * THREADS + threadIdx.x];
-    } else {
+    } else if constexpr (!STREAMED) {
 #pragma unroll
       for (int i = 0; i < SLAB; ++i) words[i] = next[i];
       load_slab(next, w, j0 + STEP, rows, N, n0, active);
     }
+    // A row's words; STREAMED: its register then loads the same row of the next slab at once, so that a
+    // thread keeps a slab's worth of loads in flight all the time instead of waiting for a whole slab.
+    const auto take = [&](int i) -> uint4 {
+      if constexpr (ASYNC || !STREAMED) {
+        return words[i];
+      } else {
+        const uint4 word = next[i];
+        next[i] = load_row(w, j0 + STEP + i, rows, N, n0, active);
+        return word;
+      }
+    };
 #if LOAD_ONLY  // bench/gemv_anatomy.py: the loads alone, their words folded so that none is dropped
     uint32_t folded = 0;
 #pragma unroll
-    for (int i = 0; i < SLAB; ++i) folded ^= words[i].x ^ words[i].y ^ words[i].z ^ words[i].w;
+    for (int i = 0; i < SLAB; ++i) {
+      const uint4 word = take(i);
+      folded ^= word.x ^ word.y ^ word.z ^ word.w;
+    }
     total[0][0] += static_cast<float>(folded & 1u);
     continue;
 #endif
@@ -291,9 +309,10 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
           input_pairs<ROWS>(held, j0 + i - row_begin, j0 + i < rows, m0, M, k_count, pairs);
         else
           input_pairs<ROWS, true>(x_rows, j0 + i, j0 + i < rows, m0, M, stride_x, pairs);
+        const uint4 row_words = take(i);
 #pragma unroll
         for (int o = 0; o < OUTS; ++o) {
-          const uint32_t word = word_of(words[i], o);
+          const uint32_t word = word_of(row_words, o);
 #pragma unroll
           for (int p = 0; p < PAIRS; ++p) {
             const uint32_t bytes = word >> pair_shift(p);
@@ -378,20 +397,20 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 struct Call {
   const void *x, *perm, *w, *scales, *zeros;
   void *out, *partials, *arrivals;
-  int splits, M, N, K, n_groups, row_shift, stride_x, x_shared;
+  int splits, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed;
   float inverse_global_scale;
   bool dependent;
   cudaStream_t stream;
 };
 
-template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool X_HELD>
+template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool X_HELD, bool STREAMED>
 cudaError_t launch_kernel(const Call& c) {
   const dim3 grid((c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS), (c.M + ROWS - 1) / ROWS, c.splits);
   // held rows (act_order: and the whole rows they are gathered from)
   const size_t x_inputs = split_rows(c.K / PER, c.splits) * PER + (HAS_PERM ? c.K : 0);
   const size_t x_bytes = static_cast<size_t>(ROWS) * x_inputs * sizeof(half);
   const size_t shared = (ASYNC ? stage_bytes<THREADS>() : 0) + (X_HELD ? x_bytes : 0);
-  constexpr auto kernel = packed_gemv<ROWS, LANES_N, THREADS, ASYNC, X_HELD>;
+  constexpr auto kernel = packed_gemv<ROWS, LANES_N, THREADS, ASYNC, X_HELD, STREAMED>;
   const cudaError_t error = allow_shared_memory<kernel>(shared);
   if (error != cudaSuccess) return error;
   return launch_after(kernel, grid, THREADS, shared, c.stream, c.dependent,
@@ -400,11 +419,20 @@ cudaError_t launch_kernel(const Call& c) {
       static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
 }
 
-// act_order always holds its gathered x: its libraries build no variant that reads x from memory.
+// act_order always holds its gathered x: its libraries build no variant that reads x from memory. Streamed
+// rows: built for the register path with 1 or 2 rows of x.
+template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool STREAMED>
+cudaError_t by_x(const Call& c) {
+  if (HAS_PERM || c.x_shared) return launch_kernel<ROWS, LANES_N, THREADS, ASYNC, true, STREAMED>(c);
+  return launch_kernel<ROWS, LANES_N, THREADS, ASYNC, HAS_PERM != 0, STREAMED>(c);
+}
+
 template <int ROWS, int LANES_N, int THREADS, bool ASYNC>
 cudaError_t launch(const Call& c) {
-  if (HAS_PERM || c.x_shared) return launch_kernel<ROWS, LANES_N, THREADS, ASYNC, true>(c);
-  return launch_kernel<ROWS, LANES_N, THREADS, ASYNC, HAS_PERM != 0>(c);
+  if constexpr (!ASYNC && ROWS <= 2)
+    if (c.streamed) return by_x<ROWS, LANES_N, THREADS, false, true>(c);
+  if (c.streamed) return cudaErrorInvalidValue;
+  return by_x<ROWS, LANES_N, THREADS, ASYNC, false>(c);
 }
 
 template <int ROWS, int LANES_N, bool ASYNC>
@@ -433,17 +461,18 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 // Returns a cudaError_t (0: launched). rows_per_program 1, 2, 4 or 8; lanes_n 4, 8, 16 or 32; threads 128 or
 // 256, or with one row 512; async_copies (cp.async stages) with 1 or 2 rows. HAS_PERM and x_shared take
 // rows_per_program · (the block's inputs, HAS_PERM: + K) · 2 bytes of shared memory for the block's x; x's rows
-// start 16-byte aligned (stride_x a multiple of 8). splits > 1: `partials` holds
+// start 16-byte aligned (stride_x a multiple of 8). streamed (registers, 1 or 2 rows): each word row's next load
+// is issued as soon as the row is used, not a slab at a time. splits > 1: `partials` holds
 // splits · M · N floats and `arrivals` one zeroed int per block of outputs (column tiles × row tiles).
 // dependent: launched to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
 extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, int splits,
                                       const void* x, const void* perm, const void* w, const void* scales,
                                       const void* zeros, void* out, void* partials, void* arrivals, int M, int N,
-                                      int K, int n_groups, int row_shift, int stride_x, int x_shared,
+                                      int K, int n_groups, int row_shift, int stride_x, int x_shared, int streamed,
                                       float inverse_global_scale, int dependent, void* stream) {
   if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
   const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
-               x_shared, inverse_global_scale, dependent != 0, static_cast<cudaStream_t>(stream)};
+               x_shared, streamed, inverse_global_scale, dependent != 0, static_cast<cudaStream_t>(stream)};
   if (async_copies) {
     switch (rows_per_program) {
       case 1: return by_lanes<1, true>(lanes_n, threads, c);
