@@ -780,8 +780,7 @@ def test_dependent_launch_reads_x_only_once_the_kernel_that_writes_it_is_done(la
 @pytest.mark.parametrize("engine", ["cuda", "mma"])
 def test_a_dependent_packed_kernel_reads_the_output_its_dependent_predecessor_writes(engine, monkeypatch):
     """Two packed matmuls in a row, the second reading the first's output: the first lets the second start
-    once its loads are done, before it writes, so the second must wait before it reads x (written
-    2026-12-04; not yet run on a GPU)."""
+    once its loads are done, before it writes, so the second must wait before it reads x."""
     from quantbench.export.kernels import cuda_build
 
     first = to_kernel_layout(quantize_rtn(torch.randn(IN, IN), Scheme.parse("int4-g32-rtn")).to("cuda"))
