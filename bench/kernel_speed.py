@@ -37,7 +37,8 @@ from quantbench.trit_planes import TritPlaneWeight  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # (K inputs, N outputs)
 BATCHES = [1, 4, 16]
 HBM_BYTES_PER_S = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
-VARIANTS = {"int4-g128 act_order": "int4-g128-gptq-act", "int8-g128 act_order": "int8-g128-gptq-act",
+VARIANTS = {"int4-g128 act_order": "int4-g128-gptq-act", "int4-g128": "int4-g128-gptq",
+            "int8-g128 act_order": "int8-g128-gptq-act",
             "int2-g128 act_order": "int2-g128-gptq-act", "ternary2": "ternary2-ptqtp",
             "ternary2 base-3": "ternary2-ptqtp", "mxfp4": "mxfp4-rtn", "nvfp4": "nvfp4-rtn"}
 LAYOUTS = {"ternary2 base-3": to_base3_layout}  # the others: to_kernel_layout
@@ -67,6 +68,8 @@ def random_weight(scheme_name: str, n: int, k: int, device) -> QuantizedWeight |
     groups = -(-k // 128)
     scales = (torch.rand(n, groups, generator=g, device=device) * 0.01).half()
     zeros = torch.randint(0, 1 << scheme.bits, (n, groups), generator=g, device=device, dtype=torch.uint8)
+    if not scheme.act_order:
+        return QuantizedWeight(scheme, codes, scales, zeros)
     # act_order's input order comes from the input's Hessian, so layers that read one input (q/k/v, gate/up)
     # share it, and fuse: one order per input width here
     order = torch.randperm(k, generator=torch.Generator(device=device).manual_seed(k), device=device)
@@ -357,7 +360,8 @@ def main() -> None:
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
-    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if not v.startswith(("int8", "int2"))],
+    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if not v.startswith(("int8", "int2"))
+                                                          and v != "int4-g128"],
                         choices=list(VARIANTS))
     parser.add_argument("--json", type=Path, help="written after every row")
     parser.add_argument("--tiles", type=Path, help="tuned tiles read from and saved to this file (QUANTBENCH_KERNEL_TILES)")
