@@ -300,24 +300,6 @@ def test_compiled_packed_model_traces_the_matmuls_as_one_operator_each(tmp_path,
     assert len(calls) == 2 * 4  # per layer: qkv, o, gate-up, down
 
 
-def test_a_compiled_act_order_layer_gathers_its_inputs_in_the_traced_graph():
-    """Compiled, act_order's gather is an index_select traced before the operator (inductor fuses it into the
-    kernel that writes x), the operator gets no permutation, and the result is the eager one."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    layer = PackedLinear(to_kernel_layout(WEIGHTS["int4-g32 act_order"]))
-    x = torch.randn(3, IN, generator=torch.Generator().manual_seed(2))
-    counter = CompileCounterWithBackend("aot_eager")
-    with torch.no_grad():
-        torch.testing.assert_close(torch.compile(layer, backend=counter, fullgraph=True)(x), layer(x), rtol=1e-5,
-                                   atol=1e-5)
-    nodes = [n for g in counter.graphs for n in g.graph.nodes]
-    calls = [n for n in nodes if "packed_linear" in str(n.target)]
-    assert len(calls) == 1 and calls[0].args[4] is None  # perm
-    gather = calls[0].args[0]
-    assert "index_select" in str(gather.target) and gather.args[1] is not None
-
-
 @pytest.mark.parametrize("label", ["int4-g32 act_order", "ternary2-g64", "nvfp4-rtn"])
 def test_x_gradient_through_a_packed_linear_is_grad_times_the_dequantized_weight(label):
     """Where x needs a gradient, a packed layer is differentiable in x (its weight frozen): x.grad is grad·W

@@ -1,9 +1,7 @@
 """`PackedLinear`: an nn.Linear replacement that keeps only the kernel-layout tensors and multiplies
 through `packed_matmul`. Under torch.compile, and where x needs a gradient, it calls the same matmul as one
 operator (`quantbench::packed_linear`): a compiled model traces around the kernels without graph breaks,
-and gradients flow to x (the weight stays frozen), as they do through an adapter on a packed model. A
-compiled model gathers act_order's inputs in the traced graph, before the operator, where inductor fuses
-the gather into the kernel that computes x (a norm, an activation)."""
+and gradients flow to x (the weight stays frozen), as they do through an adapter on a packed model."""
 
 from __future__ import annotations
 
@@ -84,14 +82,7 @@ class PackedLinear(nn.Module):
         return dequantize_kernel_weight(self.kernel_weight).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # act_order's gather is traced outside the operator, so that inductor fuses it into the kernel that
-            # writes x, and the kernels run their variants without a permutation
-            if self.perm is not None:
-                x = x.index_select(-1, self.perm)
-            y = packed_linear(x, self.qweight, self.scales, self.zeros, None, self.kind, self.bits,
-                              self.out_features, self.in_features, self.group, self.global_scale, self.backend)
-        elif x.requires_grad and torch.is_grad_enabled():
+        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
             y = packed_linear(x, self.qweight, self.scales, self.zeros, self.perm, self.kind, self.bits,
                               self.out_features, self.in_features, self.group, self.global_scale, self.backend)
         else:  # eager inference skips the dispatcher
