@@ -5,12 +5,12 @@
 //
 // Each thread owns 4 adjacent outputs and copies their words of one input row in 16 bytes; a warp covers
 // LANES_N × 16 contiguous bytes of 32 / LANES_N rows. Word rows go in slabs of 8 round-robin over the
-// block's THREADS / LANES_N row lanes, in one of two ways (the tuner times both): each slab loaded into
-// registers while the previous one is decoded (STREAMED, 1–2 rows of x: each row's register reloaded as soon as
-// that row is decoded, so a slab's worth of loads stays in flight), or (ASYNC, up to 2 rows of x) cp.async
-// copies into 2–4 shared-memory stages per thread, several slabs in flight without holding registers. Each pair of codes,
-// decoded to q − z (packed_decode.cuh), is multiplied by one more f16x2 FMA into the matching pair of
-// inputs. Sums run in float16 within a scale's rows and in float32 across them; the row lanes are reduced
+// block's THREADS / LANES_N row lanes, in one of three ways (the tuner times them): each slab loaded into
+// registers while the previous one is decoded; the same a row at a time (STREAMED, 1–2 rows of x: each row's
+// register reloaded as soon as that row is decoded, so a slab's worth of loads stays in flight); or (ASYNC,
+// 1–2 rows of x) cp.async copies into 2–4 shared-memory stages per thread, several slabs in flight without
+// holding registers. Each pair of codes, decoded to q − z (packed_decode.cuh), is multiplied by one more
+// f16x2 FMA into the matching pair of inputs. Sums run in float16 within a scale's rows and in float32 across them; the row lanes are reduced
 // by shuffles and through shared memory.
 //
 // Split-K (gridDim.z > 1), for more blocks in flight than the columns alone give: each block takes its own
