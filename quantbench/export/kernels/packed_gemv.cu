@@ -10,8 +10,8 @@
 // register reloaded as soon as that row is decoded, so a slab's worth of loads stays in flight); or (ASYNC,
 // 1–2 rows of x) cp.async copies into 2–4 shared-memory stages per thread, several slabs in flight without
 // holding registers. Each pair of codes, decoded to q − z (packed_decode.cuh), is multiplied by one more
-// f16x2 FMA into the matching pair of inputs. Sums run in float16 within a scale's rows and in float32 across them; the row lanes are reduced
-// by shuffles and through shared memory.
+// f16x2 FMA into the matching pair of inputs. Sums run in float16 within a scale's rows and in float32
+// across them; the row lanes are reduced by shuffles and through shared memory.
 //
 // Split-K (gridDim.z > 1), for more blocks in flight than the columns alone give: each block takes its own
 // run of whole slabs and writes float32 partial sums; the last block of a column tile to arrive (counted in
