@@ -233,10 +233,10 @@ def quantize_model(model, label: str | None, device, fuse: bool = False, head: b
 
 def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fuse: bool, variants,
                  rows: list, saved=lambda: None, floor: bool = False, compiled: bool = False,
-                 head: bool = False, dependent=("auto",)) -> list[dict]:
+                 head: bool = False, dependent=("auto",), cache_length: int | None = None) -> list[dict]:
     for label in ["fp16", *variants, *([FLOOR] if floor else [])]:
         rows.extend(decode_one(label, None if label == "fp16" else label, device, new_tokens, prompt, size, batch,
-                               fuse, compiled, head, dependent))
+                               fuse, compiled, head, dependent, cache_length))
         saved()
         torch.cuda.empty_cache()
     return rows
@@ -244,9 +244,11 @@ def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fu
 
 @torch.no_grad()
 def prepared_decode(variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b", batch: int = 1,
-                    fuse: bool = False, compiled: bool = False, attention: str | None = None, head: bool = False):
+                    fuse: bool = False, compiled: bool = False, attention: str | None = None, head: bool = False,
+                    cache_length: int | None = None):
     """A random model of `size` with its decoder linears swapped for `variant` (None: fp16), prefilled with
-    `prompt` tokens, and `step`, one decode step in place (static cache), warmed up; `attention` picks
+    `prompt` tokens, and `step`, one decode step in place (static cache of `cache_length` positions, default
+    prompt + new_tokens + 8: attention reads all of it at every step), warmed up; `attention` picks
     transformers' attention implementation (its default: sdpa); `head` packs lm_head too. Returns (step,
     decoder weight bytes)."""
     from transformers import StaticCache
@@ -259,7 +261,7 @@ def prepared_decode(variant: str | None, device, new_tokens: int, prompt: int, s
         model.set_attn_implementation(attention)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
                                                              *model.model.layers.buffers()])
-    cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens + 8)
+    cache = StaticCache(config=model.config, max_cache_len=cache_length or prompt + new_tokens + 8)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
     logits = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=device),
                    use_cache=True).logits
@@ -297,11 +299,12 @@ def captured(step) -> torch.cuda.CUDAGraph:
 @torch.no_grad()
 def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b",
                batch: int = 1, fuse: bool = False, compiled: bool = False, head: bool = False,
-               dependent=("auto",)) -> list[dict]:
+               dependent=("auto",), cache_length: int | None = None) -> list[dict]:
     """Tokens/s of one model; a packed one once per `dependent` setting of the CUDA kernels' dependent
     launch ("auto", "on", "off"), each its own CUDA graph, the decode positions running on through them."""
+    cache_length = cache_length or prompt + new_tokens + 8
     step, weight_bytes = prepared_decode(variant, device, new_tokens, prompt, size, batch, fuse, compiled,
-                                         head=head)
+                                         head=head, cache_length=cache_length)
     packed = variant not in (None, FLOOR)
     packed_head = head and packed
     inductor_pdl = compiled and getattr(inductor_config.triton, "enable_pdl", False)
@@ -316,12 +319,13 @@ def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt:
         print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and variant else ''}"
               f"{', compiled' if compiled else ''}{', Triton dependent launch' if inductor_pdl else ''}"
               f"{', lm_head packed' if packed_head else ''}"
-              f"{f', packed kernels dependent launch {setting}' if setting else ''}): "
+              f"{f', packed kernels dependent launch {setting}' if setting else ''}, cache {cache_length}): "
               f"{graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
               f"decoder weights {weight_bytes / 2**20:.0f} MiB", flush=True)
         rows.append({"model": label, "size": size, "batch": batch, "fused": fuse and variant is not None,
                      "compiled": compiled, "inductor_pdl": inductor_pdl, "lm_head_packed": packed_head,
-                     "dependent_launch": setting, "block_weight_bytes": weight_bytes, "eager_tok_s": eager_tok_s,
+                     "dependent_launch": setting, "cache_length": cache_length, "block_weight_bytes": weight_bytes,
+                     "eager_tok_s": eager_tok_s,
                      "cuda_graph_tok_s": graph_tok_s})
         del graph
     os.environ.pop(DEPENDENT_LAUNCH_ENV, None)
@@ -343,6 +347,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--cache-length", type=int,
+                        help="static cache positions (attention reads all of them every step, so tok/s depends on "
+                             "it; default: prompt + new tokens + 8)")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--size", default="1b", help="random Llama dimensions for the decode runs (1b, 8b, …)")
     parser.add_argument("--decode-batches", nargs="+", type=int, default=[1])
@@ -368,6 +375,9 @@ def main() -> None:
     parser.add_argument("--engines", help="tile candidates from these engines only: triton, cuda, mma or a "
                                           "comma-separated list (QUANTBENCH_KERNEL_ENGINES)")
     args = parser.parse_args()
+    if args.cache_length is not None and args.cache_length < args.prompt + args.new_tokens + 8:
+        parser.error(f"--cache-length {args.cache_length}: a run takes up to prompt + new tokens + 8 = "
+                     f"{args.prompt + args.new_tokens + 8} positions")
     if args.engines:
         os.environ[ENGINES_ENV] = args.engines
     if args.tiles:
@@ -404,7 +414,8 @@ def main() -> None:
         for batch in args.decode_batches:
             for fuse in ([True] if args.only_fused else [False, True] if args.fuse else [False]):
                 decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse, args.variants,
-                             result["decode"], saved, args.floor, args.compile, args.head, args.dependent_launch)
+                             result["decode"], saved, args.floor, args.compile, args.head, args.dependent_launch,
+                             args.cache_length)
 
 
 if __name__ == "__main__":
