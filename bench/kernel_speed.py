@@ -261,7 +261,7 @@ def prepared_decode(variant: str | None, device, new_tokens: int, prompt: int, s
         model.set_attn_implementation(attention)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
                                                              *model.model.layers.buffers()])
-    cache = StaticCache(config=model.config, max_cache_len=cache_length or prompt + new_tokens + 8)
+    cache = StaticCache(config=model.config, max_cache_len=cache_positions(prompt, new_tokens, cache_length))
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
     logits = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=device),
                    use_cache=True).logits
@@ -302,7 +302,7 @@ def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt:
                dependent=("auto",), cache_length: int | None = None) -> list[dict]:
     """Tokens/s of one model; a packed one once per `dependent` setting of the CUDA kernels' dependent
     launch ("auto", "on", "off"), each its own CUDA graph, the decode positions running on through them."""
-    cache_length = cache_length or prompt + new_tokens + 8
+    cache_length = cache_positions(prompt, new_tokens, cache_length)
     step, weight_bytes = prepared_decode(variant, device, new_tokens, prompt, size, batch, fuse, compiled,
                                          head=head, cache_length=cache_length)
     packed = variant not in (None, FLOOR)
@@ -325,11 +325,15 @@ def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt:
         rows.append({"model": label, "size": size, "batch": batch, "fused": fuse and variant is not None,
                      "compiled": compiled, "inductor_pdl": inductor_pdl, "lm_head_packed": packed_head,
                      "dependent_launch": setting, "cache_length": cache_length, "block_weight_bytes": weight_bytes,
-                     "eager_tok_s": eager_tok_s,
-                     "cuda_graph_tok_s": graph_tok_s})
+                     "eager_tok_s": eager_tok_s, "cuda_graph_tok_s": graph_tok_s})
         del graph
     os.environ.pop(DEPENDENT_LAUNCH_ENV, None)
     return rows
+
+
+def cache_positions(prompt: int, new_tokens: int, asked: int | None = None) -> int:
+    """The static cache's length: `asked`, else what a run takes (prompt, new tokens and the warm-up steps)."""
+    return asked or prompt + new_tokens + 8
 
 
 def _tokens_per_s(step, n: int, device) -> float:
@@ -375,9 +379,9 @@ def main() -> None:
     parser.add_argument("--engines", help="tile candidates from these engines only: triton, cuda, mma or a "
                                           "comma-separated list (QUANTBENCH_KERNEL_ENGINES)")
     args = parser.parse_args()
-    if args.cache_length is not None and args.cache_length < args.prompt + args.new_tokens + 8:
+    if args.cache_length is not None and args.cache_length < cache_positions(args.prompt, args.new_tokens):
         parser.error(f"--cache-length {args.cache_length}: a run takes up to prompt + new tokens + 8 = "
-                     f"{args.prompt + args.new_tokens + 8} positions")
+                     f"{cache_positions(args.prompt, args.new_tokens)} positions")
     if args.engines:
         os.environ[ENGINES_ENV] = args.engines
     if args.tiles:
