@@ -788,18 +788,19 @@ def test_a_dependent_packed_kernel_reads_the_output_its_dependent_predecessor_wr
     tile = (TileConfig(1, 64, 0, 1, 16, 0, rows=1, engine="cuda") if engine == "cuda" else
             TileConfig(1, 64, 0, 1, 4, 1, rows=16, engine="mma"))
     x = torch.randn(12 if engine == "mma" else 1, IN, device="cuda").half()
-    monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, "0")
-    expected = packed_matmul(packed_matmul(x, first, backend=engine, config=tile), second, backend=engine,
+
+    def chained():
+        return packed_matmul(packed_matmul(x, first, backend=engine, config=tile), second, backend=engine,
                              config=tile)
+
+    monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, "0")
+    expected = chained()
     monkeypatch.setenv(cuda_build.DEPENDENT_LAUNCH_ENV, "1")
     for _ in range(5):
-        chained = packed_matmul(packed_matmul(x, first, backend=engine, config=tile), second, backend=engine,
-                                config=tile)
-        assert torch.equal(chained, expected)
+        assert torch.equal(chained(), expected)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = packed_matmul(packed_matmul(x, first, backend=engine, config=tile), second, backend=engine,
-                                 config=tile)
+        captured = chained()
     for _ in range(5):
         captured.zero_()
         graph.replay()
