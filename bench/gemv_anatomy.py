@@ -1,7 +1,7 @@
 """Where the CUDA decode kernel's time goes at batch 1: each tile configuration (weights through registers a
-slab or a row at a time, or cp.async stages; splits of K or persistent blocks; x held in shared memory or
-not) timed whole and with its weight loads alone (nothing decoded), against torch reading the same words
-(`max`) and copying them, on a cold L2 (CUDA graphs).
+slab or a row at a time, or cp.async stages; splits of K; x held in shared memory or not) timed whole and
+with its weight loads alone (nothing decoded), against torch reading the same words (`max`) and copying
+them, on a cold L2 (CUDA graphs).
 
     python bench/gemv_anatomy.py [--shapes 8192x8192 …] [--json out.json]
 
@@ -12,6 +12,7 @@ not hide under the loads. The copy gives the device's copy rate at this size, un
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -49,43 +50,33 @@ def main() -> None:
             print(f"{shape:>11} {label:>20}: torch reads the words in {read_us:6.1f} µs, copies them in "
                   f"{copy_us:6.1f} µs ({copy_rate:.2f} TB/s)", flush=True)
             processors = cuda_gemv.multiprocessors(device)
-            for tile in tiles(weight, processors):
-                def call(load_only=False):
-                    return cuda_gemv.launch(x, weight, 1, load_only=load_only, **tile)
-                whole = 1e3 * graph_time_ms(call)
-                loads = 1e3 * graph_time_ms(lambda: call(load_only=True))
-                load = "cp.async" if tile["async_copies"] else "streamed" if tile["streamed"] else "registers"
-                row = {"shape": shape, "variant": label, "loads": load, **tile, "us": whole, "load_only_us": loads,
-                       "torch_read_us": read_us, "torch_copy_us": copy_us, "bytes": weight.stored_bytes}
-                rows.append(row)
-                print(f"{shape:>11} {label:>20} {load:9} lanes {tile['lanes']:2} threads {tile['threads']:3} "
-                      f"splits {tile['splits']:2} persistent {tile['persistent']} "
-                      f"x {'shared' if tile['x_in_shared'] else 'memory'}: {whole:6.1f} µs, loads alone "
-                      f"{loads:6.1f} µs", flush=True)
+            for load in ("registers", "streamed", "cp.async"):
+                for lanes in cuda_gemv.LANES:
+                    for threads in cuda_gemv.THREADS:
+                        for splits, held in itertools.product(
+                                cuda_gemv.split_choices(1, weight, 1, lanes, threads, processors),
+                                cuda_gemv.x_choices(weight)):
+                            def call(load_only=False):
+                                return cuda_gemv.launch(x, weight, 1, lanes, threads, load == "cp.async", load_only,
+                                                        splits, held, streamed=load == "streamed")
+                            whole = 1e3 * graph_time_ms(call)
+                            loads = 1e3 * graph_time_ms(lambda: call(load_only=True))
+                            row = {"shape": shape, "variant": label, "loads": load, "lanes": lanes,
+                                   "threads": threads, "splits": splits, "x_in_shared": held, "us": whole,
+                                   "load_only_us": loads, "torch_read_us": read_us, "torch_copy_us": copy_us,
+                                   "bytes": weight.stored_bytes}
+                            rows.append(row)
+                            print(f"{shape:>11} {label:>20} {load:9} lanes {lanes:2} "
+                                  f"threads {threads:3} splits {splits:2} x {'shared' if held else 'memory'}: "
+                                  f"{whole:6.1f} µs, loads alone {loads:6.1f} µs", flush=True)
                 if args.json:
                     args.json.write_text(json.dumps(rows, indent=1))
             best = min((r for r in rows if r["shape"] == shape and r["variant"] == label), key=lambda r: r["us"])
             print(f"{shape:>11} {label:>20}: fastest {best['us']:.1f} µs (loads alone {best['load_only_us']:.1f}) "
                   f"= {best['bytes'] / best['us'] / 1e6:.2f} TB/s with lanes {best['lanes']}, threads "
-                  f"{best['threads']}, splits {best['splits']}, persistent {best['persistent']}, {best['loads']}, "
+                  f"{best['threads']}, splits {best['splits']}, {best['loads']}, "
                   f"x from {'shared memory' if best['x_in_shared'] else 'memory'}",
                   flush=True)
-
-
-def tiles(weight, processors: int) -> list[dict]:
-    """The one-row tiles to time, as cuda_gemv.launch's arguments: a block per column tile and split (weights
-    through registers a slab or a row at a time, or cp.async stages), and persistent blocks."""
-    per_tile = [dict(lanes=lanes, threads=threads, async_copies=load == "cp.async", streamed=load == "streamed",
-                     splits=splits, x_in_shared=held, persistent=0)
-                for load in ("registers", "streamed", "cp.async") for lanes in cuda_gemv.LANES
-                for threads in cuda_gemv.THREADS
-                for splits in cuda_gemv.split_choices(1, weight, 1, lanes, threads, processors)
-                for held in cuda_gemv.x_choices(weight)]
-    persistent = [dict(lanes=lanes, threads=threads, async_copies=False, streamed=streamed, splits=1, x_in_shared=True,
-                       persistent=blocks)
-                  for lanes in cuda_gemv.PERSISTENT_LANES for threads in cuda_gemv.PERSISTENT_THREADS
-                  for streamed in (False, True) for blocks in cuda_gemv.PERSISTENT_BLOCKS]
-    return per_tile + persistent
 
 
 if __name__ == "__main__":

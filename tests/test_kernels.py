@@ -29,26 +29,25 @@ def weight(seed: int = 0) -> torch.Tensor:
     return torch.randn(OUT, IN) * torch.rand(OUT, 1)
 
 
-def act_order_weight(bits: int = 4, group: int = 32, seed: int = 1, out: int = OUT,
-                     inputs: int = IN) -> QuantizedWeight:
+def act_order_weight(bits: int = 4, group: int = 32, seed: int = 1) -> QuantizedWeight:
     """An int layer whose groups were formed in a random input order, as GPTQ's act_order leaves them."""
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(inputs, generator=g)
-    g_idx = torch.empty(inputs, dtype=torch.int32)
-    g_idx[order] = (torch.arange(inputs) // group).int()
-    n_groups = inputs // group
+    order = torch.randperm(IN, generator=g)
+    g_idx = torch.empty(IN, dtype=torch.int32)
+    g_idx[order] = (torch.arange(IN) // group).int()
+    n_groups = IN // group
     return QuantizedWeight(Scheme.parse(f"int{bits}-g{group}-gptq-act"),
-                           torch.randint(0, 1 << bits, (out, inputs), generator=g, dtype=torch.uint8),
-                           (torch.rand(out, n_groups, generator=g) * 0.1 + 0.01).half(),
-                           torch.randint(0, 1 << bits, (out, n_groups), generator=g, dtype=torch.uint8), g_idx)
+                           torch.randint(0, 1 << bits, (OUT, IN), generator=g, dtype=torch.uint8),
+                           (torch.rand(OUT, n_groups, generator=g) * 0.1 + 0.01).half(),
+                           torch.randint(0, 1 << bits, (OUT, n_groups), generator=g, dtype=torch.uint8), g_idx)
 
 
-def ternary_weight(group: int | None, seed: int = 2, out: int = OUT, inputs: int = IN) -> TritPlaneWeight:
+def ternary_weight(group: int | None, seed: int = 2) -> TritPlaneWeight:
     g = torch.Generator().manual_seed(seed)
-    n_groups = 1 if group is None else inputs // group
+    n_groups = 1 if group is None else IN // group
     name = "ternary2-ptqtp" if group is None else f"ternary2-g{group}-ptqtp"
-    return TritPlaneWeight(Scheme.parse(name), torch.randint(-1, 2, (2, out, inputs), generator=g, dtype=torch.int8),
-                           (torch.rand(2, out, n_groups, generator=g) * 0.1).half())
+    return TritPlaneWeight(Scheme.parse(name), torch.randint(-1, 2, (2, OUT, IN), generator=g, dtype=torch.int8),
+                           (torch.rand(2, OUT, n_groups, generator=g) * 0.1).half())
 
 
 def stored_weights():
@@ -402,11 +401,7 @@ CUDA_TILES = {"1 row, 8 lanes, 256 threads": TileConfig(1, 32, 0, 1, 8, 0, rows=
               "1 row, 16 lanes, 512 threads, streamed": TileConfig(1, 64, 0, 1, 16, 0, rows=1, streamed=True,
                                                                    engine="cuda"),
               "2 rows, 8 lanes, 128 threads, streamed, 3 splits": TileConfig(1, 32, 0, 3, 4, 0, rows=2, streamed=True,
-                                                                             engine="cuda"),
-              "1 row, 32 lanes, 128 threads, 2 persistent blocks per multiprocessor":
-                  TileConfig(1, 128, 0, 1, 4, 0, rows=1, persistent=2, engine="cuda"),
-              "2 rows, 16 lanes, 256 threads, streamed, 4 persistent blocks per multiprocessor":
-                  TileConfig(1, 64, 0, 1, 8, 0, rows=2, streamed=True, persistent=4, engine="cuda")}
+                                                                             engine="cuda")}
 ODD_INPUTS = 96  # 12 int4 word rows: one whole slab of 8 and a partial one
 
 
@@ -485,16 +480,6 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     # 256 inputs are 32 int4 word rows: no split of K leaves each row lane a slab of its own
     assert {c.split_k for c in cuda} == {1}
     assert {c.x_in_shared for c in cuda} == {True, False}  # x copied to shared memory first, or read slab by slab
-    # persistent blocks: 1–2 rows, wide tiles, registers a slab or a row at a time, a few blocks per multiprocessor
-    assert {(c.rows, c.block_n // 4, 32 * c.num_warps, c.streamed, c.persistent) for c in cuda if c.persistent} == {
-        (1, lanes, threads, streamed, blocks) for lanes in (16, 32) for threads in (128, 256)
-        for streamed in (False, True) for blocks in (1, 2, 4)}
-    assert all(c.num_stages == 0 and c.split_k == 1 for c in cuda if c.persistent)
-    assert {c.rows for c in matmul._cuda_candidates(x.repeat(3, 1), packed) if c.persistent} == {2}
-    assert not any(c.persistent for c in matmul._cuda_candidates(x.repeat(9, 1), packed))  # 8 and 16 rows
-    # x's rows whole in 96 KB of shared memory, copied 8 inputs at a time
-    assert cuda_gemv.persistent_fits(48 * 1024, 1) and not cuda_gemv.persistent_fits(48 * 1024 + 8, 1)
-    assert not cuda_gemv.persistent_fits(30000, 2) and not cuda_gemv.persistent_fits(100, 1)
     act_order = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
     assert {c.x_in_shared for c in matmul._cuda_candidates(x, act_order)} == {True}  # gathered there
     four_rows = [c for c in matmul._engine_candidates(x.repeat(3, 1), packed) if c.engine == "cuda"]
@@ -533,27 +518,6 @@ def test_cuda_decode_kernel_handles_a_partial_slab_of_word_rows(name):
     expected = x.float() @ stored.dequantize().T
     got = packed_matmul(x, to_kernel_layout(stored), backend="cuda")
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
-@pytest.mark.parametrize("label", ["int4-g128 act_order", "ternary2-g64", "nvfp4-rtn"])
-@pytest.mark.parametrize("tile", [TileConfig(1, 128, 0, 1, 4, 0, rows=1, persistent=1, engine="cuda"),
-                                  TileConfig(1, 64, 0, 1, 4, 0, rows=2, streamed=True, persistent=2, engine="cuda")])
-def test_persistent_blocks_add_up_the_column_tiles_they_share_in_a_fixed_order(label, tile):
-    """8,000 outputs (the last column tile partial) × 1,024 inputs: 4 steps of 32 word rows for 63 tiles of
-    128 outputs are 252 units for 132 blocks (an H200's one per multiprocessor), so that blocks span two tiles
-    and tiles are shared; 2 steps of 64 rows for 125 tiles of 64 outputs, each tile shared by two blocks.
-    Equal to the dequantized matmul's sums, and bit for bit the same on a second call."""
-    out, inputs = 8000, 1024
-    stored = {"int4-g128 act_order": lambda: act_order_weight(4, 128, out=out, inputs=inputs),
-              "ternary2-g64": lambda: ternary_weight(64, out=out, inputs=inputs),
-              "nvfp4-rtn": lambda: quantize_rtn(torch.randn(out, inputs), Scheme.parse("nvfp4-rtn"))}[label]().to("cuda")
-    x = torch.randn(3, inputs, device="cuda", generator=torch.Generator("cuda").manual_seed(3)).half()
-    expected = x.float() @ stored.dequantize().T
-    packed = to_kernel_layout(stored)
-    got = packed_matmul(x, packed, backend="cuda", config=tile)
-    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
-    assert torch.equal(got, packed_matmul(x, packed, backend="cuda", config=tile))
 
 
 def test_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_per_row_lane():

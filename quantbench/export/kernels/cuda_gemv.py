@@ -20,10 +20,6 @@ STREAMED_ROWS = (1, 2)  # and the register variant that reloads each word row as
 X_SHARED_BYTES = 96 << 10  # the block's x in shared memory up to this (act_order: gathered there, else by torch)
 MAX_ROWS = 16  # beyond this only the tensor-core and tl.dot kernels are tried
 SLAB = 8  # word rows a thread loads at once; split-K gives each block whole slabs
-PERSISTENT_LANES = (16, 32)  # persistent blocks are built for these lanes, threads and rows
-PERSISTENT_THREADS = (128, 256)
-PERSISTENT_ROWS = (1, 2)
-PERSISTENT_BLOCKS = (1, 2, 4)  # blocks per multiprocessor worth asking for (each kernel fits what it can)
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -63,57 +59,35 @@ def x_held_bytes(k: int, weight: KernelWeight, rows: int, splits: int) -> int:
     return rows * (held + (k if weight.perm is not None else 0)) * 2
 
 
-def persistent_fits(k: int, rows: int) -> bool:
-    """Whether persistent blocks take x of `k` inputs: its rows whole in shared memory, copied 8 at a time."""
-    return 2 * rows * k <= X_SHARED_BYTES and k % 8 == 0
-
-
 def x_choices(weight: KernelWeight) -> tuple[bool, ...]:
     """Where a block's x may come from (True: shared memory); act_order always gathers it there."""
     return (True,) if weight.perm is not None else (True, False)
 
 
-def _workspace(device: torch.device, key: tuple, floats: int, counts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 partial sums and zeroed arrival counts for split sums, one pair per device and `key` (the kind
-    of split and what sizes it), each key's sizes covering every batch up to the power of two ≥ its batch. It is
-    made on the first (eager) call of that batch size's range, the tuner's, so that no CUDA graph capture
-    allocates it; calls sharing it run one after another on a stream (its counts return to zero at the end of
-    each call)."""
-    if (device, key) not in _workspaces:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("split sums' workspace is made on an eager call, not inside a CUDA graph capture")
-        _workspaces[device, key] = (torch.empty(floats, dtype=torch.float32, device=device),
-                                    torch.zeros(counts, dtype=torch.int32, device=device))
-    return _workspaces[device, key]
-
-
-def _split_workspace(device: torch.device, splits: int, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K's: splits · M · N partial sums, a count per block of outputs."""
+def _workspace(device: torch.device, splits: int, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K's float32 partial sums and zeroed arrival counts, one pair per device, split and output width,
+    sized for every batch up to the power of two ≥ m. It is made on the first (eager) call of that batch size's
+    range, the tuner's, so that no CUDA graph capture allocates it; calls sharing it run one after another on
+    a stream (its counts return to zero at the end of each call)."""
     rows = 1 << (m - 1).bit_length()
-    return _workspace(device, ("split", splits, rows, n), splits * rows * n, -(-n // (4 * min(LANES))) * rows)
-
-
-def _persistent_workspace(device: torch.device, blocks: int, rows_per_program: int, lanes: int, m: int,
-                          n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Persistent blocks': a slot of [rows, 4 · lanes] partial sums per column tile and per block (at most
-    blocks per multiprocessor × multiprocessors), a count per column tile and row tile."""
-    rows = -(-(1 << (m - 1).bit_length()) // rows_per_program) * rows_per_program
-    tiles, slots = -(-n // (4 * lanes)), -(-n // (4 * lanes)) + blocks * multiprocessors(device)
-    return _workspace(device, ("persistent", blocks, rows_per_program, lanes, rows, n), slots * rows * 4 * lanes,
-                      tiles * rows // rows_per_program)
+    key = (device, splits, rows, n)
+    if key not in _workspaces:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K's workspace is made on an eager call, not inside a CUDA graph capture")
+        tiles = -(-n // (4 * min(LANES))) * rows
+        _workspaces[key] = (torch.empty(splits * rows * n, dtype=torch.float32, device=device),
+                            torch.zeros(tiles, dtype=torch.int32, device=device))
+    return _workspaces[key]
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
-           load_only: bool = False, splits: int = 1, x_in_shared: bool = True, streamed: bool = False,
-           persistent: int = 0) -> torch.Tensor:
+           load_only: bool = False, splits: int = 1, x_in_shared: bool = True, streamed: bool = False) -> torch.Tensor:
     """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16. `async_copies`: the
     weights through cp.async stages in shared memory (1–2 rows) instead of registers; `load_only`: the
     weight loads alone, for timing, its result meaningless; `splits`: blocks along K per column tile;
     `x_in_shared`: each block first copies its x into shared memory where it fits (act_order gathers it there
     whatever this says), else reads x from memory slab by slab; `streamed` (registers, 1–2 rows): each word
-    row's next load issued as soon as the row is used, instead of a slab at a time; `persistent` (1–2 rows,
-    PERSISTENT_LANES, PERSISTENT_THREADS, registers, no splits): that many blocks per multiprocessor, as far as
-    they fit, share the work evenly, each holding its rows of x whole in shared memory."""
+    row's next load issued as soon as the row is used, instead of a slab at a time."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")
@@ -123,14 +97,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
         raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}, splits {splits}, "
                          f"streamed {streamed}: not among {ROWS}, {LANES}, {THREADS} (512 threads take one row; "
                          f"async copies {ASYNC_ROWS} rows; streamed registers {STREAMED_ROWS} rows; splits 1–65535)")
-    if persistent and (rows not in PERSISTENT_ROWS or lanes not in PERSISTENT_LANES or async_copies or splits != 1
-                       or threads not in PERSISTENT_THREADS or not persistent_fits(x.shape[1], rows)):
-        raise ValueError(f"persistent blocks take {PERSISTENT_ROWS} rows, {PERSISTENT_LANES} lanes, "
-                         f"{PERSISTENT_THREADS} threads, registers, no splits and x within {X_SHARED_BYTES} bytes, "
-                         f"inputs a multiple of 8; "
-                         f"not rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}, splits {splits}, "
-                         f"inputs {x.shape[1]}")
-    fits = bool(persistent) or x_held_bytes(x.shape[1], weight, rows, splits) <= X_SHARED_BYTES
+    fits = x_held_bytes(x.shape[1], weight, rows, splits) <= X_SHARED_BYTES
     if not fits and weight.perm is not None:  # act_order: gathered here instead, x then read from memory
         x, weight = with_inputs_gathered(x, weight)
     x_shared = fits and (x_in_shared or weight.perm is not None)
@@ -143,11 +110,9 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
     out = torch.empty(m, n, dtype=torch.float16, device=x.device)
     partials = arrivals = None
     if splits > 1:
-        partials, arrivals = _split_workspace(x.device, splits, m, n)
-    if persistent:
-        partials, arrivals = _persistent_workspace(x.device, persistent, rows, lanes, m, n)
+        partials, arrivals = _workspace(x.device, splits, m, n)
     with torch.cuda.device(x.device):
-        error = function(rows, lanes, threads, int(async_copies), splits, persistent, x.data_ptr(), pointer(weight.perm),
+        error = function(rows, lanes, threads, int(async_copies), splits, x.data_ptr(), pointer(weight.perm),
                          weight.qweight.data_ptr(), weight.scales.data_ptr(), pointer(weight.zeros), out.data_ptr(),
                          pointer(partials), pointer(arrivals), m, n, k, weight.n_groups, row_shift(weight),
                          x.stride(0), int(x_shared), int(streamed), 1.0 / weight.global_scale,

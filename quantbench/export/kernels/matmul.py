@@ -43,7 +43,6 @@ class TileConfig:
     pairs: bool = False  # decode kernel, int4 codes, float16 x: two codes per f16x2 instruction (inline PTX)
     x_in_shared: bool = True  # "cuda": each block's x copied into shared memory first (act_order: always)
     streamed: bool = False  # "cuda", registers, 1–2 rows: each word row reloaded as soon as it is used
-    persistent: int = 0  # "cuda", 1–2 rows: this many blocks per multiprocessor share the work (0: a block a tile)
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
     # split_k blocks along K;
@@ -95,8 +94,7 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     if config.engine == "cuda":  # gathers act_order in shared memory
         out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
                                async_copies=config.num_stages > 0, splits=config.split_k,
-                               x_in_shared=config.x_in_shared, streamed=config.streamed,
-                               persistent=config.persistent)
+                               x_in_shared=config.x_in_shared, streamed=config.streamed)
         return out.view(*x.shape[:-1], n_out)
     if config.engine == "mma":  # gathers act_order before the kernel
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
@@ -163,13 +161,7 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
             for load, (stages, streamed) in loads.items()
             if load == "registers" or rows in (cuda_gemv.STREAMED_ROWS if streamed else cuda_gemv.ASYNC_ROWS)
             for splits in cuda_gemv.split_choices(m, weight, rows, lanes, threads, processors)
-            for held in cuda_gemv.x_choices(weight)] + [
-        TileConfig(1, 4 * lanes, 0, 1, threads // 32, 0, rows=rows, streamed=streamed, persistent=blocks,
-                   engine="cuda")
-        for rows in sorted({most, max(most // 2, 1)} & set(cuda_gemv.PERSISTENT_ROWS))
-        if cuda_gemv.persistent_fits(x.shape[1], rows) for lanes in cuda_gemv.PERSISTENT_LANES
-        for threads in cuda_gemv.PERSISTENT_THREADS for streamed in (False, True)
-        for blocks in cuda_gemv.PERSISTENT_BLOCKS]
+            for held in cuda_gemv.x_choices(weight)]
 
 
 def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:

@@ -148,147 +148,6 @@ __device__ __forceinline__ void load_indices(int4 (&index)[ROUND], const int* __
   }
 }
 
-// Adds word rows j0 … j0 + SLAB − 1 (row i's words from `take(i)`, none past `rows`) times their inputs to
-// `total`: x's rows from m0 on, each `stride` inputs long, word row j0's inputs at x_row · PER (SHARED: x in shared
-// memory, else in global memory, read through the read-only path).
-template <int ROWS, bool SHARED, typename Take>
-__device__ __forceinline__ void add_slab(float (&total)[ROWS][OUTS], Take&& take, const GroupScales (&groups)[GROUPS],
-                                         const half* __restrict__ x, int x_row, int j0, int rows, int m0, int M,
-                                         int stride, float inverse_global_scale) {
-#if LOAD_ONLY  // bench/gemv_anatomy.py: the loads alone, their words folded so that none is dropped
-  uint32_t folded = 0;
-#pragma unroll
-  for (int i = 0; i < SLAB; ++i) {
-    const uint4 word = take(i);
-    folded ^= word.x ^ word.y ^ word.z ^ word.w;
-  }
-  total[0][0] += static_cast<float>(folded & 1u);
-  return;
-#endif
-#pragma unroll
-  for (int f = 0; f < SLAB; f += FLUSH) {
-    const GroupScales& group = groups[f / FLUSH];
-    float scale[OUTS], second[OUTS], zero[OUTS];
-#if KIND == 0 || KIND == 1
-    scale[0] = __low2float(as_half2(group.scales.x)); scale[1] = __high2float(as_half2(group.scales.x));
-    scale[2] = __low2float(as_half2(group.scales.y)); scale[3] = __high2float(as_half2(group.scales.y));
-#endif
-#if KIND == 0
-#pragma unroll
-    for (int o = 0; o < OUTS; ++o)
-      zero[o] = HAS_ZEROS ? static_cast<float>((group.bytes >> (8 * o)) & 0xFFu) : static_cast<float>(1 << (BITS - 1));
-#elif KIND == 1
-    second[0] = __low2float(as_half2(group.second.x)); second[1] = __high2float(as_half2(group.second.x));
-    second[2] = __low2float(as_half2(group.second.y)); second[3] = __high2float(as_half2(group.second.y));
-#else
-#pragma unroll
-    for (int o = 0; o < OUTS; ++o) {
-      const uint32_t c = (group.bytes >> (8 * o)) & 0xFFu;
-      scale[o] = KIND == 2 ? e8m0_value(c) : e4m3_value(c) * inverse_global_scale;
-    }
-#endif
-    half2 acc[ROWS][OUTS], acc_second[ROWS][OUTS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-      for (int o = 0; o < OUTS; ++o) acc[r][o] = acc_second[r][o] = __float2half2_rn(0.f);
-#pragma unroll
-    for (int i = f; i < f + FLUSH; ++i) {
-      half2 pairs[ROWS][PAIRS];
-      input_pairs<ROWS, !SHARED>(x, x_row + i, j0 + i < rows, m0, M, stride, pairs);
-      const uint4 row_words = take(i);
-#pragma unroll
-      for (int o = 0; o < OUTS; ++o) {
-        const uint32_t word = word_of(row_words, o);
-#pragma unroll
-        for (int p = 0; p < PAIRS; ++p) {
-          const uint32_t bytes = word >> pair_shift(p);
-          const int b = field_bit(p);
-#if KIND == 0
-          const half2 v = field_minus(bytes, b, CODE_MASK, zero[o]);
-#elif KIND == 1
-          const half2 v = field_minus(bytes, b, 0x00030003u, 1.f);  // trit digits are t + 1
-          const half2 v2 = field_minus(bytes, b + 2, 0x00030003u, 1.f);
-#else
-          const half2 v = e2m1_pair(bytes, b);
-#endif
-#pragma unroll
-          for (int r = 0; r < ROWS; ++r) {
-            acc[r][o] = __hfma2(v, pairs[r][p], acc[r][o]);
-#if KIND == 1
-            acc_second[r][o] = __hfma2(v2, pairs[r][p], acc_second[r][o]);
-#endif
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-      for (int o = 0; o < OUTS; ++o) {
-        total[r][o] += scale[o] * lane_sum(acc[r][o]);
-#if KIND == 1
-        total[r][o] += second[o] * lane_sum(acc_second[r][o]);
-#endif
-      }
-    (void)second; (void)zero;
-  }
-}
-
-// Stores the block's sums over its row lanes for outputs tile · BLOCK_N … of x's rows m0 …: into `out` where the
-// block is the tile's only piece; else into `partials` (slot `slot`, at `at(slot, r, c)`), and the last of the
-// tile's `pieces` to arrive (counted in `*count`, which it sets back to zero) adds slots first … first + pieces − 1
-// in order and stores them, so that the sum does not depend on timing.
-template <int ROWS, int LANES_N, int THREADS, typename At>
-__device__ __forceinline__ void store_sums(float (&total)[ROWS][OUTS],
-                                           float (&partial)[THREADS / 32][ROWS][LANES_N * OUTS],
-                                           half* __restrict__ out, float* __restrict__ partials, int* count, At&& at,
-                                           int slot, int first, int pieces, int tile, int m0, int M, int N) {
-  constexpr int BLOCK_N = LANES_N * OUTS;
-  const int warp = threadIdx.x / 32, lane_n = threadIdx.x % LANES_N;
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-    for (int o = 0; o < OUTS; ++o) {
-#pragma unroll
-      for (int offset = LANES_N; offset < 32; offset *= 2)
-        total[r][o] += __shfl_xor_sync(0xffffffffu, total[r][o], offset);
-      if (threadIdx.x % 32 < LANES_N) partial[warp][r][lane_n * OUTS + o] = total[r][o];
-    }
-  __syncthreads();
-  for (int t = threadIdx.x; t < ROWS * BLOCK_N; t += THREADS) {
-    const int r = t / BLOCK_N, c = t % BLOCK_N;
-    const int n = tile * BLOCK_N + c;
-    if (m0 + r >= M || n >= N) continue;
-    float sum = 0.f;
-#pragma unroll
-    for (int v = 0; v < THREADS / 32; ++v) sum += partial[v][r][c];
-    if (pieces == 1)
-      out[static_cast<size_t>(m0 + r) * N + n] = __float2half_rn(sum);
-    else
-      partials[at(slot, r, c)] = sum;
-  }
-  if (pieces == 1) return;
-  __shared__ bool last;
-  __threadfence();  // this block's partial sums are visible before its arrival is counted
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(count, 1) == pieces - 1;
-    if (last) *count = 0;  // every piece has arrived: ready for the next call
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int t = threadIdx.x; t < ROWS * BLOCK_N; t += THREADS) {
-    const int r = t / BLOCK_N, c = t % BLOCK_N;
-    const int n = tile * BLOCK_N + c;
-    if (m0 + r >= M || n >= N) continue;
-    float sum = 0.f;
-    for (int z = first; z < first + pieces; ++z) sum += __ldcg(partials + at(z, r, c));
-    out[static_cast<size_t>(m0 + r) * N + n] = __float2half_rn(sum);
-  }
-}
-
 template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool X_HELD, bool STREAMED>
 __global__ void __launch_bounds__(THREADS) packed_gemv(
     const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
@@ -406,145 +265,139 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
         return word;
       }
     };
-    if constexpr (X_HELD)
-      add_slab<ROWS, true>(total, take, groups, held, j0 - row_begin, j0, rows, m0, M, k_count, inverse_global_scale);
-    else
-      add_slab<ROWS, false>(total, take, groups, x_rows, j0, j0, rows, m0, M, stride_x, inverse_global_scale);
+#if LOAD_ONLY  // bench/gemv_anatomy.py: the loads alone, their words folded so that none is dropped
+    uint32_t folded = 0;
+#pragma unroll
+    for (int i = 0; i < SLAB; ++i) {
+      const uint4 word = take(i);
+      folded ^= word.x ^ word.y ^ word.z ^ word.w;
+    }
+    total[0][0] += static_cast<float>(folded & 1u);
+    continue;
+#endif
+#pragma unroll
+    for (int f = 0; f < SLAB; f += FLUSH) {
+      const GroupScales& group = groups[f / FLUSH];
+      float scale[OUTS], second[OUTS], zero[OUTS];
+#if KIND == 0 || KIND == 1
+      scale[0] = __low2float(as_half2(group.scales.x)); scale[1] = __high2float(as_half2(group.scales.x));
+      scale[2] = __low2float(as_half2(group.scales.y)); scale[3] = __high2float(as_half2(group.scales.y));
+#endif
+#if KIND == 0
+#pragma unroll
+      for (int o = 0; o < OUTS; ++o)
+        zero[o] = HAS_ZEROS ? static_cast<float>((group.bytes >> (8 * o)) & 0xFFu) : static_cast<float>(1 << (BITS - 1));
+#elif KIND == 1
+      second[0] = __low2float(as_half2(group.second.x)); second[1] = __high2float(as_half2(group.second.x));
+      second[2] = __low2float(as_half2(group.second.y)); second[3] = __high2float(as_half2(group.second.y));
+#else
+#pragma unroll
+      for (int o = 0; o < OUTS; ++o) {
+        const uint32_t c = (group.bytes >> (8 * o)) & 0xFFu;
+        scale[o] = KIND == 2 ? e8m0_value(c) : e4m3_value(c) * inverse_global_scale;
+      }
+#endif
+      half2 acc[ROWS][OUTS], acc_second[ROWS][OUTS];
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int o = 0; o < OUTS; ++o) acc[r][o] = acc_second[r][o] = __float2half2_rn(0.f);
+#pragma unroll
+      for (int i = f; i < f + FLUSH; ++i) {
+        half2 pairs[ROWS][PAIRS];
+        if constexpr (X_HELD)  // shared-memory loads; else global ones through the read-only path
+          input_pairs<ROWS>(held, j0 + i - row_begin, j0 + i < rows, m0, M, k_count, pairs);
+        else
+          input_pairs<ROWS, true>(x_rows, j0 + i, j0 + i < rows, m0, M, stride_x, pairs);
+        const uint4 row_words = take(i);
+#pragma unroll
+        for (int o = 0; o < OUTS; ++o) {
+          const uint32_t word = word_of(row_words, o);
+#pragma unroll
+          for (int p = 0; p < PAIRS; ++p) {
+            const uint32_t bytes = word >> pair_shift(p);
+            const int b = field_bit(p);
+#if KIND == 0
+            const half2 v = field_minus(bytes, b, CODE_MASK, zero[o]);
+#elif KIND == 1
+            const half2 v = field_minus(bytes, b, 0x00030003u, 1.f);  // trit digits are t + 1
+            const half2 v2 = field_minus(bytes, b + 2, 0x00030003u, 1.f);
+#else
+            const half2 v = e2m1_pair(bytes, b);
+#endif
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+              acc[r][o] = __hfma2(v, pairs[r][p], acc[r][o]);
+#if KIND == 1
+              acc_second[r][o] = __hfma2(v2, pairs[r][p], acc_second[r][o]);
+#endif
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int o = 0; o < OUTS; ++o) {
+          total[r][o] += scale[o] * lane_sum(acc[r][o]);
+#if KIND == 1
+          total[r][o] += second[o] * lane_sum(acc_second[r][o]);
+#endif
+        }
+      (void)second; (void)zero;
+    }
   }
 
   let_next_kernel_start();
-  store_sums<ROWS, LANES_N, THREADS>(
-      total, partial, out, partials, arrivals + blockIdx.y * gridDim.x + blockIdx.x,
-      [&](int z, int r, int c) { return (static_cast<size_t>(z) * M + m0 + r) * N + blockIdx.x * BLOCK_N + c; },
-      blockIdx.z, 0, splits, blockIdx.x, m0, M, N);
-}
-
-// Persistent (1–2 rows of x): gridDim.x blocks, a few per multiprocessor, share the (column tile, step) units
-// evenly, a step being STEP word rows of one column tile and the units in column-tile order, so that each block
-// walks one run of them: a piece per column tile it touches. Each block holds its rows of x whole in shared
-// memory (act_order: gathered there from memory), once for all its pieces. A tile shared by several blocks gets
-// their partial sums in slots tile + block (distinct along the runs), added up in block order (store_sums).
-__host__ __device__ inline int block_of(long long unit, long long units, int blocks) {
-  return static_cast<int>(((unit + 1) * blocks + units - 1) / units - 1);
-}
-
-template <int ROWS, int LANES_N, int THREADS, bool STREAMED>
-__global__ void __launch_bounds__(THREADS) packed_gemv_persistent(
-    const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
-    const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, half* __restrict__ out,
-    float* __restrict__ partials, int* __restrict__ arrivals, int M, int N, int K, int n_groups, int row_shift,
-    int stride_x, float inverse_global_scale) {
-  constexpr int BLOCK_N = LANES_N * OUTS;
-  constexpr int STEP = THREADS / LANES_N * SLAB;
-  __shared__ float partial[THREADS / 32][ROWS][BLOCK_N];
-  extern __shared__ uint4 dynamic_shared[];
-  half* const held = reinterpret_cast<half*>(dynamic_shared);  // [ROWS][K]
-
-  const int word_rows = K / PER;
-  const int tiles = (N + BLOCK_N - 1) / BLOCK_N, steps = (word_rows + STEP - 1) / STEP;
-  const int units = tiles * steps;
-  const int blocks = gridDim.x;
-  const int begin = static_cast<int>(static_cast<long long>(blockIdx.x) * units / blocks);
-  const int end = static_cast<int>(static_cast<long long>(blockIdx.x + 1) * units / blocks);
-  const int lane_n = threadIdx.x % LANES_N, row_lane = threadIdx.x / LANES_N;
-  const int m0 = blockIdx.y * ROWS;
-
-  // Unit u is a slab per thread: word rows step · STEP + row_lane · SLAB … of column tile `tile`, u = tile ·
-  // steps + step. Each unit's words and scales load while the previous one is decoded, across tiles' ends too.
-  int tile = begin / steps, step = begin % steps;
-  uint4 next[SLAB];
-  GroupScales next_groups[GROUPS];
-  {
-    const int j = step * STEP + row_lane * SLAB, n0 = tile * BLOCK_N + lane_n * OUTS;
-    load_slab(next, w, j, word_rows, N, n0, begin < end && n0 < N);
-    load_groups(next_groups, scales_, zeros, j, word_rows, row_shift, n_groups, N, n0, begin < end && n0 < N);
-  }
-  wait_for_previous_kernel();  // x may still be being written by the previous kernel (dependent launch)
-#if HAS_PERM
-  constexpr int ROUND = 4;  // chunks of 4 inputs per thread and round, the next round's indices loading meanwhile
-  constexpr int STRIDE = 4 * THREADS;
-  int4 index[ROUND];
-  load_indices<ROUND, STRIDE>(index, perm, 4 * threadIdx.x, K);
-  for (int base = 4 * threadIdx.x; base < K; base += STRIDE * ROUND) {
-    int4 next_index[ROUND];
-    load_indices<ROUND, STRIDE>(next_index, perm, base + STRIDE * ROUND, K);
-#pragma unroll
-    for (int u = 0; u < ROUND; ++u) {
-      const int k = base + STRIDE * u;
-      if (k >= K) continue;
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        if (m0 + r >= M) break;
-        const half* from = x + static_cast<size_t>(m0 + r) * stride_x;
-        const half2 low = __halves2half2(__ldg(from + index[u].x), __ldg(from + index[u].y));
-        const half2 high = __halves2half2(__ldg(from + index[u].z), __ldg(from + index[u].w));
-        *reinterpret_cast<uint2*>(held + static_cast<size_t>(r) * K + k) = make_uint2(as_bits(low), as_bits(high));
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < ROUND; ++u) index[u] = next_index[u];
-  }
-#else
-  copy_rows<ROWS, THREADS>(held, x, 0, K, K, m0, M, stride_x);
-  wait_copies<0>();
-#endif
-  __syncthreads();
-
-  float total[ROWS][OUTS];
+  const int warp = threadIdx.x / 32;
 #pragma unroll
   for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-    for (int o = 0; o < OUTS; ++o) total[r][o] = 0.f;
-  for (int u = begin; u < end; ++u) {
-    const bool tile_ends = step + 1 == steps;
-    const int next_step = tile_ends ? 0 : step + 1, next_tile = tile_ends ? tile + 1 : tile;
-    const int j0 = step * STEP + row_lane * SLAB, j_next = next_step * STEP + row_lane * SLAB;
-    const int n_next = next_tile * BLOCK_N + lane_n * OUTS;
-    const bool next_active = u + 1 < end && n_next < N;
-    uint4 words[SLAB];
-    GroupScales groups[GROUPS];
+    for (int o = 0; o < OUTS; ++o) {
 #pragma unroll
-    for (int f = 0; f < GROUPS; ++f) groups[f] = next_groups[f];
-    load_groups(next_groups, scales_, zeros, j_next, word_rows, row_shift, n_groups, N, n_next, next_active);
-    if constexpr (!STREAMED) {
-#pragma unroll
-      for (int i = 0; i < SLAB; ++i) words[i] = next[i];
-      load_slab(next, w, j_next, word_rows, N, n_next, next_active);
+      for (int offset = LANES_N; offset < 32; offset *= 2)
+        total[r][o] += __shfl_xor_sync(0xffffffffu, total[r][o], offset);
+      if (threadIdx.x % 32 < LANES_N) partial[warp][r][lane_n * OUTS + o] = total[r][o];
     }
-    const auto take = [&](int i) -> uint4 {
-      if constexpr (!STREAMED) {
-        return words[i];
-      } else {
-        const uint4 word = next[i];
-        next[i] = load_row(w, j_next + i, word_rows, N, n_next, next_active);
-        return word;
-      }
-    };
-    add_slab<ROWS, true>(total, take, groups, held, j0, j0, word_rows, m0, M, K, inverse_global_scale);
-    step = next_step;
-    if (u + 1 < end && !tile_ends) continue;  // the tile goes on in this block
-    if (u + 1 == end) let_next_kernel_start();
-    const int first = block_of(static_cast<long long>(tile) * steps, units, blocks);
-    const int pieces = block_of(static_cast<long long>(tile + 1) * steps - 1, units, blocks) - first + 1;
-    store_sums<ROWS, LANES_N, THREADS>(
-        total, partial, out, partials, arrivals + blockIdx.y * tiles + tile,
-        [&](int slot, int r, int c) {
-          return ((static_cast<size_t>(slot) * gridDim.y + blockIdx.y) * ROWS + r) * BLOCK_N + c;
-        },
-        tile + blockIdx.x, tile + first, pieces, tile, m0, M, N);
-    __syncthreads();  // `partial` is the next tile's
-    tile = next_tile;
+  __syncthreads();
+  for (int t = threadIdx.x; t < ROWS * BLOCK_N; t += THREADS) {
+    const int r = t / BLOCK_N, c = t % BLOCK_N;
+    const int n = blockIdx.x * BLOCK_N + c;
+    if (m0 + r >= M || n >= N) continue;
+    float sum = 0.f;
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-      for (int o = 0; o < OUTS; ++o) total[r][o] = 0.f;
+    for (int v = 0; v < WARPS; ++v) sum += partial[v][r][c];
+    if (splits == 1)
+      out[static_cast<size_t>(m0 + r) * N + n] = __float2half_rn(sum);
+    else
+      partials[(static_cast<size_t>(blockIdx.z) * M + m0 + r) * N + n] = sum;
+  }
+  if (splits == 1) return;
+  __shared__ bool last;
+  __threadfence();  // this block's partial sums are visible before its arrival is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* count = arrivals + blockIdx.y * gridDim.x + blockIdx.x;
+    last = atomicAdd(count, 1) == splits - 1;
+    if (last) *count = 0;  // every split has arrived: ready for the next call
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int t = threadIdx.x; t < ROWS * BLOCK_N; t += THREADS) {
+    const int r = t / BLOCK_N, c = t % BLOCK_N;
+    const int n = blockIdx.x * BLOCK_N + c;
+    if (m0 + r >= M || n >= N) continue;
+    float sum = 0.f;
+    for (int z = 0; z < splits; ++z) sum += __ldcg(partials + (static_cast<size_t>(z) * M + m0 + r) * N + n);
+    out[static_cast<size_t>(m0 + r) * N + n] = __float2half_rn(sum);
   }
 }
 
 struct Call {
   const void *x, *perm, *w, *scales, *zeros;
   void *out, *partials, *arrivals;
-  int splits, persistent, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed;
+  int splits, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed;
   float inverse_global_scale;
   bool dependent;
   cudaStream_t stream;
@@ -603,44 +456,6 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
   return cudaErrorInvalidValue;
 }
 
-// As many blocks as `persistent` per multiprocessor, as far as they fit together (and no more than units).
-template <int ROWS, int LANES_N, int THREADS, bool STREAMED>
-cudaError_t launch_persistent(const Call& c) {
-  constexpr auto kernel = packed_gemv_persistent<ROWS, LANES_N, THREADS, STREAMED>;
-  constexpr int BLOCK_N = LANES_N * OUTS, STEP = THREADS / LANES_N * SLAB;
-  const size_t shared = static_cast<size_t>(ROWS) * c.K * sizeof(half);
-  cudaError_t error = allow_shared_memory<kernel>(shared);
-  int device = 0, processors = 0, fitting = 0;
-  if (error == cudaSuccess) error = cudaGetDevice(&device);
-  if (error == cudaSuccess) error = cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, device);
-  if (error == cudaSuccess) error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fitting, kernel, THREADS, shared);
-  if (error != cudaSuccess) return error;
-  const long long units = static_cast<long long>((c.N + BLOCK_N - 1) / BLOCK_N) * ((c.K / PER + STEP - 1) / STEP);
-  const long long blocks = min(units, static_cast<long long>(processors) * min(c.persistent, fitting));
-  if (blocks < 1) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(blocks), (c.M + ROWS - 1) / ROWS);
-  return launch_after(kernel, grid, THREADS, shared, c.stream, c.dependent,
-      static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
-      static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), static_cast<float*>(c.partials),
-      static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
-}
-
-template <int ROWS, int LANES_N, int THREADS>
-cudaError_t persistent_by_loads(const Call& c) {
-  return c.streamed ? launch_persistent<ROWS, LANES_N, THREADS, true>(c)
-                    : launch_persistent<ROWS, LANES_N, THREADS, false>(c);
-}
-
-// Persistent blocks are built with 16 or 32 lanes (wide rows) and 128 or 256 threads.
-template <int ROWS>
-cudaError_t persistent_by_tile(int lanes_n, int threads, const Call& c) {
-  if (lanes_n == 16 && threads == 128) return persistent_by_loads<ROWS, 16, 128>(c);
-  if (lanes_n == 16 && threads == 256) return persistent_by_loads<ROWS, 16, 256>(c);
-  if (lanes_n == 32 && threads == 128) return persistent_by_loads<ROWS, 32, 128>(c);
-  if (lanes_n == 32 && threads == 256) return persistent_by_loads<ROWS, 32, 256>(c);
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 // Returns a cudaError_t (0: launched). rows_per_program 1, 2, 4 or 8; lanes_n 4, 8, 16 or 32; threads 128 or
@@ -649,27 +464,15 @@ cudaError_t persistent_by_tile(int lanes_n, int threads, const Call& c) {
 // start 16-byte aligned (stride_x a multiple of 8). streamed (registers, 1 or 2 rows): each word row's next load
 // is issued as soon as the row is used, not a slab at a time. splits > 1: `partials` holds
 // splits · M · N floats and `arrivals` one zeroed int per block of outputs (column tiles × row tiles).
-// persistent > 0 (1 or 2 rows, 16 or 32 lanes, 128 or 256 threads, registers or streamed, splits 1): that many
-// blocks per multiprocessor as far as they fit, sharing the work evenly; rows_per_program · K · 2 bytes of shared
-// memory for x; `partials` holds (column tiles + multiprocessors · persistent) · (M rounded up to
-// rows_per_program) · lanes_n · 4 floats and `arrivals` one zeroed int per column tile and row tile.
 // dependent: launched to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
 extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, int splits,
-                                      int persistent, const void* x, const void* perm, const void* w, const void* scales,
+                                      const void* x, const void* perm, const void* w, const void* scales,
                                       const void* zeros, void* out, void* partials, void* arrivals, int M, int N,
                                       int K, int n_groups, int row_shift, int stride_x, int x_shared, int streamed,
                                       float inverse_global_scale, int dependent, void* stream) {
-  if (splits < 1 || splits > 65535 || persistent < 0) return cudaErrorInvalidValue;
-  const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, persistent, M, N, K, n_groups, row_shift,
-               stride_x, x_shared, streamed, inverse_global_scale, dependent != 0, static_cast<cudaStream_t>(stream)};
-  if (persistent) {
-    if (async_copies || splits != 1) return cudaErrorInvalidValue;
-    switch (rows_per_program) {
-      case 1: return persistent_by_tile<1>(lanes_n, threads, c);
-      case 2: return persistent_by_tile<2>(lanes_n, threads, c);
-    }
-    return cudaErrorInvalidValue;
-  }
+  if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
+  const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
+               x_shared, streamed, inverse_global_scale, dependent != 0, static_cast<cudaStream_t>(stream)};
   if (async_copies) {
     switch (rows_per_program) {
       case 1: return by_lanes<1, true>(lanes_n, threads, c);
