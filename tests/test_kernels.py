@@ -339,10 +339,22 @@ def test_tuner_keeps_the_fastest_candidate_that_agrees_with_the_fallback(monkeyp
         assert matmul._fastest(x, packed, [wrong, right, slow]) == right
 
 
+def test_act_order_weights_are_tuned_apart_from_the_same_weights_without_it():
+    """Their kernels gather x first: the fastest tile of one is not taken for the other."""
+    from quantbench.export.kernels.matmul import tuning_key
+
+    act_order = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
+    plain = dataclasses.replace(act_order, perm=None)
+    x = torch.randn(3, IN).half()
+    assert tuning_key(x, act_order) != tuning_key(x, plain)
+    assert tuning_key(x, act_order)[:-1] == tuning_key(x, plain)[:-1]
+    assert tuning_key(x, plain) == tuning_key(x[:1].expand(4, -1), plain)  # batches 3 and 4 share a bucket
+
+
 def test_tuned_tiles_persist_for_the_same_gpu_only(tmp_path, monkeypatch):
     from quantbench.export.kernels import matmul
 
-    key = ("int", 4, 128, True, torch.float16, 1, 4096, 4096)
+    key = ("int", 4, 128, True, torch.float16, 1, 4096, 4096, False)
     tile = TileConfig(1, 64, 512, 2, 8, pairs=True)
     monkeypatch.setattr(matmul, "_tuned", {key: tile})
     matmul.save_tuned(tmp_path / "tiles.json", "NVIDIA H200")

@@ -179,8 +179,15 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
 
 
 def tuned_configs() -> dict[tuple, TileConfig]:
-    """The tile chosen so far per (kind, bits, group, has zeros, x dtype, batch bucket, N, K)."""
+    """The tile chosen so far per tuning_key."""
     return dict(_tuned)
+
+
+def tuning_key(x: torch.Tensor, weight: KernelWeight) -> tuple:
+    """What a tuned tile is chosen for: (kind, bits, group, has zeros, x dtype, batch bucket, N, K, act_order).
+    act_order counts: its kernels gather x, so the fastest tile need not be the same weight's without it."""
+    return (weight.kind, weight.bits, weight.group, weight.zeros is not None, x.dtype, _bucket(x.shape[0]),
+            *weight.shape, weight.perm is not None)
 
 
 def _bucket(m: int) -> int:
@@ -225,7 +232,7 @@ def _config_for(x: torch.Tensor, weight: KernelWeight) -> TileConfig:
     m = x.shape[0]
     if not x.is_cuda:
         return INTERPRETER_CONFIGS["base3" if weight.kind == "ternary3" else "decode" if m == 1 else "batch"]
-    key = (weight.kind, weight.bits, weight.group, weight.zeros is not None, x.dtype, _bucket(m), *weight.shape)
+    key = tuning_key(x, weight)
     if key not in _tuned:  # the tile file is read and written only here, never on a call already tuned
         tiles = os.environ.get(TILES_ENV)
         if tiles and tiles not in _loaded:
