@@ -478,6 +478,14 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
         for warps_n in cuda_mma.WARPS_N if warps_n <= warps for x_shared in (0, 1)}
     for m, rows in ((9, {16}), (20, {16, 32}), (40, {16, 32, 64}), (64, {16, 32, 64})):
         assert {c.rows for c in matmul._engine_candidates(x.repeat(m, 1), packed) if c.engine == "mma"} == rows
+    assert not any(c.overlap_gather for c in mma)
+    act_order = to_kernel_layout(WEIGHTS["int4-g32 act_order"])  # the kernel may start while its gather runs
+    for overlapping in (True, False):
+        monkeypatch.setattr(cuda_mma, "can_overlap_gather", lambda device, answer=overlapping: answer)
+        overlaps = {(c.rows, c.num_warps, c.block_n, c.num_stages, c.overlap_gather)
+                    for c in matmul._mma_candidates(x.repeat(4, 1), act_order)}
+        assert {o for *_, o in overlaps} == ({False, True} if overlapping else {False})
+        assert not overlapping or all((*tile, not o) in overlaps for *tile, o in overlaps)  # every tile both ways
     mxfp4 = to_kernel_layout(WEIGHTS["mxfp4-rtn"])  # its scales cannot go into B: no 64-row blocks
     assert {c.rows for c in matmul._mma_candidates(x.repeat(64, 1), mxfp4)} == {16, 32}
     assert {c.engine for c in matmul._engine_candidates(x.repeat(20, 1), packed)} == {"triton", "mma"}
@@ -655,7 +663,9 @@ MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows
              "8 rows, x shared by 2 warps along the outputs": TileConfig(1, 64, 0, 1, 4, 1, rows=8, engine="mma"),
              "32 rows, x shared, 4 warps splitting the inputs": TileConfig(1, 32, 0, 1, 4, 1, rows=32, engine="mma"),
              "64 rows, x shared, 4 warps, 2 along the outputs": TileConfig(1, 64, 0, 1, 4, 1, rows=64, engine="mma"),
-             "64 rows, x from global memory": TileConfig(1, 128, 0, 1, 4, 0, rows=64, engine="mma")}
+             "64 rows, x from global memory": TileConfig(1, 128, 0, 1, 4, 0, rows=64, engine="mma"),
+             "16 rows, x shared, started while act_order's gather runs":
+                 TileConfig(1, 64, 0, 1, 4, 1, rows=16, overlap_gather=True, engine="mma")}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
@@ -754,6 +764,7 @@ def test_dependent_launch_follows_inductors_triton_kernels_unless_the_environmen
     ("ternary2-g64", TileConfig(1, 64, 0, 4, 4, 1, rows=2, engine="cuda"), 3),  # cp.async, split-K
     ("int2-g64-rtn", TileConfig(1, 64, 0, 2, 4, 0, rows=1, x_in_shared=False, engine="cuda"), 1),  # x from memory
     ("int4-g32 act_order", TileConfig(1, 64, 0, 1, 4, 1, rows=16, engine="mma"), 12),  # and its gather
+    ("int4-g32 act_order", TileConfig(1, 64, 0, 1, 4, 0, rows=16, overlap_gather=True, engine="mma"), 12),
 ])
 def test_dependent_launch_reads_x_only_once_the_kernel_that_writes_it_is_done(label, tile, batch, monkeypatch):
     """Launched to start while the previous kernel runs, the CUDA kernels load their weights early but x only

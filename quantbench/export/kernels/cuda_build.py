@@ -200,7 +200,12 @@ def dependent_launch(device: torch.device) -> int:
     if setting not in ("auto", "0", "1"):
         raise ValueError(f"{DEPENDENT_LAUNCH_ENV}={setting!r}: expected 1, 0 or auto")
     wanted = _inductor_launches_dependent() if setting == "auto" else setting == "1"
-    return int(wanted and _capability(device) >= (9, 0))
+    return int(wanted and can_launch_dependent(device))
+
+
+def can_launch_dependent(device: torch.device) -> bool:
+    """Whether the device has programmatic dependent launch (sm_90 on)."""
+    return _capability(device) >= (9, 0)
 
 
 def _inductor_launches_dependent() -> bool:

@@ -1,6 +1,7 @@
 """Launching the tensor-core kernel (`packed_mma.cu`: mma.sync on weights decoded in registers) for 1–64
 rows of float16 x, through ctypes on the current CUDA stream (built by cuda_build.py). act_order is gathered
-once per call, before the kernel, by the library's own gather."""
+once per call, before the kernel, by the library's own gather, which the kernel may overlap: launched
+dependent on it, it loads its weights while the gather runs."""
 
 from __future__ import annotations
 
@@ -35,10 +36,17 @@ def rows_for(m: int, weight: KernelWeight) -> int:
     return next((rows for rows in choices if m <= rows), choices[-1])
 
 
+def can_overlap_gather(device: torch.device) -> bool:
+    """Whether the kernel can start while its act_order gather runs (dependent launch, sm_90 on)."""
+    return cuda_build.can_launch_dependent(device)
+
+
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
-           x_shared: bool = False) -> torch.Tensor:
+           x_shared: bool = False, overlap_gather: bool = False) -> torch.Tensor:
     """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `x_shared`: x through shared-memory
-    stages instead of from global memory at each k-step."""
+    stages instead of from global memory at each k-step; `overlap_gather` (act_order, where the device can):
+    the kernel launched to start while the gather runs, else once it is done (whatever dependent launch says
+    for the gather itself)."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
@@ -53,13 +61,15 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
     n = weight.shape[0]
     stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):
+        dependent = cuda_build.dependent_launch(x.device)
         if weight.perm is not None:
             x = _gathered(x, weight.perm, weight_type, arch, stream)
+            dependent = int(overlap_gather and can_overlap_gather(x.device))
         out = torch.empty(m, n, dtype=torch.float16, device=x.device)
         error = cuda_build.entry_point(weight_type, arch)(
             rows, warps, warps_n, int(x_shared), x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
             pointer(weight.zeros), out.data_ptr(), m, n, k, weight.n_groups, row_shift(weight), x.stride(0),
-            1.0 / weight.global_scale, cuda_build.dependent_launch(x.device), stream)
+            1.0 / weight.global_scale, dependent, stream)
     if error:
         raise RuntimeError(f"the tensor-core kernel did not launch: cudaError {error}")
     return out

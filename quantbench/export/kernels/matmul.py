@@ -43,6 +43,7 @@ class TileConfig:
     pairs: bool = False  # decode kernel, int4 codes, float16 x: two codes per f16x2 instruction (inline PTX)
     x_in_shared: bool = True  # "cuda": each block's x copied into shared memory first (act_order: always)
     streamed: bool = False  # "cuda", registers, 1–2 rows: each word row reloaded as soon as it is used
+    overlap_gather: bool = False  # "mma", act_order: the kernel starts while its gather runs (dependent launch)
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
     # split_k blocks along K;
@@ -98,7 +99,7 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         return out.view(*x.shape[:-1], n_out)
     if config.engine == "mma":  # gathers act_order before the kernel
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
-                              x_shared=config.num_stages > 0)
+                              x_shared=config.num_stages > 0, overlap_gather=config.overlap_gather)
         return out.view(*x.shape[:-1], n_out)
     if x2.shape[0] > 1:  # a batch gathers act_order once; Triton's decode gathers in the kernel
         x2, weight = with_inputs_gathered(x2, weight)
@@ -172,10 +173,13 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     # also 16-row blocks (beside 8: other registers and schedule; beside 32 and 64: more blocks, fewer
     # registers) and 32 beside 64 (span sums, which 64-row blocks have no registers for); x from global or
     # shared memory
+    # act_order: also with the kernel started while its gather runs (faster at some shapes, slower at others)
     m = x.shape[0]
     rows = sorted({cuda_mma.rows_for(m, weight), 16} | ({32} if m > 32 else set()))
-    return [TileConfig(1, 32 * warps_n, 0, 1, warps, x_shared, rows=r, engine="mma") for r in rows
-            for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps for x_shared in (0, 1)]
+    overlaps = (False, True) if weight.perm is not None and cuda_mma.can_overlap_gather(x.device) else (False,)
+    return [TileConfig(1, 32 * warps_n, 0, 1, warps, x_shared, rows=r, overlap_gather=overlap, engine="mma")
+            for r in rows for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps
+            for x_shared in (0, 1) for overlap in overlaps]
 
 
 def tuned_configs() -> dict[tuple, TileConfig]:

@@ -482,11 +482,13 @@ cudaError_t by_rows(int rows, int warps, int warps_n, const Call& c) {
 }
 
 // act_order: out[m, k] = x[m, perm[k]], 8 stored inputs of GATHER_ROWS rows of x per thread (every load in
-// flight at once), one 16-byte store per row.
+// flight at once), one 16-byte store per row. It lets the next kernel (the matmul, where launched dependent)
+// start at once: that one loads its weights meanwhile and waits for the whole gather before it reads x.
 constexpr int GATHER_ROWS = 4;
 
 __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x, const int* __restrict__ perm,
                                                      half* __restrict__ out, int M, int K, int stride_x) {
+  let_next_kernel_start();
   const int k = 8 * (blockIdx.x * blockDim.x + threadIdx.x), m0 = blockIdx.y * GATHER_ROWS;
   if (k >= K) return;
   const int4 low = __ldg(reinterpret_cast<const int4*>(perm + k)), high = __ldg(reinterpret_cast<const int4*>(perm + k + 4));
@@ -501,7 +503,6 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
     for (int q = 0; q < 4; ++q) pairs[q] = as_bits(__halves2half2(__ldg(row + index[2 * q]), __ldg(row + index[2 * q + 1])));
     *reinterpret_cast<uint4*>(out + static_cast<size_t>(m0 + r) * K + k) = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
   }
-  let_next_kernel_start();
 }
 
 }  // namespace
