@@ -341,14 +341,34 @@ def test_tuner_keeps_the_fastest_candidate_that_agrees_with_the_fallback(monkeyp
 
 def test_act_order_weights_are_tuned_apart_from_the_same_weights_without_it():
     """Their kernels gather x first: the fastest tile of one is not taken for the other."""
-    from quantbench.export.kernels.matmul import tuning_key
+    from quantbench.export.kernels.matmul import TUNING_KEY_LENGTH, tuning_key
 
     act_order = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
     plain = dataclasses.replace(act_order, perm=None)
     x = torch.randn(3, IN).half()
+    assert len(tuning_key(x, plain)) == TUNING_KEY_LENGTH  # what load_tuned takes
     assert tuning_key(x, act_order) != tuning_key(x, plain)
     assert tuning_key(x, act_order)[:-1] == tuning_key(x, plain)[:-1]
     assert tuning_key(x, plain) == tuning_key(x[:1].expand(4, -1), plain)  # batches 3 and 4 share a bucket
+
+
+def test_tiles_saved_by_another_version_are_tuned_afresh_not_misread(tmp_path, monkeypatch):
+    """A key without act_order (older files) or a tile field this version lacks: skipped with a warning."""
+    import json
+
+    from quantbench.export.kernels import matmul
+
+    tile = {"block_m": 1, "block_n": 64, "block_k": 0, "split_k": 1}
+    current = {"key": ["int", 4, 128, True, "float16", 1, 4096, 4096, True], "tile": tile}
+    older = {"key": ["int", 4, 128, True, "float16", 1, 4096, 4096], "tile": tile}
+    unknown = {"key": ["int", 4, 128, True, "float16", 2, 4096, 4096, True], "tile": {**tile, "lookahead": 2}}
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps({"device": "NVIDIA H200", "tiles": [current, older, unknown]}))
+    monkeypatch.setattr(matmul, "_tuned", {})
+    with pytest.warns(RuntimeWarning, match="2 of its tiles were written by another version"):
+        assert matmul.load_tuned(path, "NVIDIA H200") == 1
+    key = ("int", 4, 128, True, torch.float16, 1, 4096, 4096, True)
+    assert matmul.tuned_configs() == {key: TileConfig(1, 64, 0, 1)}
 
 
 def test_tuned_tiles_persist_for_the_same_gpu_only(tmp_path, monkeypatch):

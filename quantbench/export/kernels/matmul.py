@@ -187,6 +187,9 @@ def tuned_configs() -> dict[tuple, TileConfig]:
     return dict(_tuned)
 
 
+TUNING_KEY_LENGTH = 9
+
+
 def tuning_key(x: torch.Tensor, weight: KernelWeight) -> tuple:
     """What a tuned tile is chosen for: (kind, bits, group, has zeros, x dtype, batch bucket, N, K, act_order).
     act_order counts: its kernels gather x, so the fastest tile need not be the same weight's without it."""
@@ -221,10 +224,17 @@ def load_tuned(path: str | Path, device_name: str) -> int:
         warnings.warn(f"{path} holds kernel tiles tuned on {saved.get('device')}, not {device_name}: tuning afresh",
                       RuntimeWarning, stacklevel=2)
         return 0
-    for entry in saved["tiles"]:
+    fields = {field.name for field in dataclasses.fields(TileConfig)}
+    taken = [entry for entry in saved["tiles"]
+             if len(entry["key"]) == TUNING_KEY_LENGTH and set(entry["tile"]) <= fields]
+    for entry in taken:
         key = entry["key"]
         _tuned.setdefault((*key[:4], getattr(torch, key[4]), *key[5:]), TileConfig(**entry["tile"]))
-    return len(saved["tiles"])
+    if len(taken) < len(saved["tiles"]):
+        warnings.warn(f"{path}: {len(saved['tiles']) - len(taken)} of its tiles were written by another version of "
+                      f"quantbench (another key or other tile fields): those shapes are tuned afresh", RuntimeWarning,
+                      stacklevel=2)
+    return len(taken)
 
 
 def chosen_tile(x: torch.Tensor, weight: KernelWeight) -> TileConfig:
