@@ -501,7 +501,7 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     assert not any(c.overlap_gather for c in mma)
     act_order = to_kernel_layout(WEIGHTS["int4-g32 act_order"])  # the kernel may start while its gather runs
     for overlapping in (True, False):
-        monkeypatch.setattr(cuda_mma, "can_overlap_gather", lambda device, answer=overlapping: answer)
+        monkeypatch.setattr(cuda_build, "can_launch_dependent", lambda device, answer=overlapping: answer)
         overlaps = {(c.rows, c.num_warps, c.block_n, c.num_stages, c.overlap_gather)
                     for c in matmul._mma_candidates(x.repeat(4, 1), act_order)}
         assert {o for *_, o in overlaps} == ({False, True} if overlapping else {False})

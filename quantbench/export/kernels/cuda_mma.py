@@ -36,11 +36,6 @@ def rows_for(m: int, weight: KernelWeight) -> int:
     return next((rows for rows in choices if m <= rows), choices[-1])
 
 
-def can_overlap_gather(device: torch.device) -> bool:
-    """Whether the kernel can start while its act_order gather runs (dependent launch, sm_90 on)."""
-    return cuda_build.can_launch_dependent(device)
-
-
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
            x_shared: bool = False, overlap_gather: bool = False) -> torch.Tensor:
     """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `x_shared`: x through shared-memory
@@ -61,10 +56,11 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
     n = weight.shape[0]
     stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):
-        dependent = cuda_build.dependent_launch(x.device)
         if weight.perm is not None:
             x = _gathered(x, weight.perm, weight_type, arch, stream)
-            dependent = int(overlap_gather and can_overlap_gather(x.device))
+            dependent = int(overlap_gather and cuda_build.can_launch_dependent(x.device))
+        else:
+            dependent = cuda_build.dependent_launch(x.device)
         out = torch.empty(m, n, dtype=torch.float16, device=x.device)
         error = cuda_build.entry_point(weight_type, arch)(
             rows, warps, warps_n, int(x_shared), x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),

@@ -166,7 +166,7 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
 
 
 def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
-    from quantbench.export.kernels import cuda_mma
+    from quantbench.export.kernels import cuda_build, cuda_mma
 
     if weight.kind == "ternary3" or cuda_mma.unsupported_reason(x, weight) is not None:
         return []
@@ -176,7 +176,7 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     # act_order: also with the kernel started while its gather runs (faster at some shapes, slower at others)
     m = x.shape[0]
     rows = sorted({cuda_mma.rows_for(m, weight), 16} | ({32} if m > 32 else set()))
-    overlaps = (False, True) if weight.perm is not None and cuda_mma.can_overlap_gather(x.device) else (False,)
+    overlaps = (False, True) if weight.perm is not None and cuda_build.can_launch_dependent(x.device) else (False,)
     return [TileConfig(1, 32 * warps_n, 0, 1, warps, x_shared, rows=r, overlap_gather=overlap, engine="mma")
             for r in rows for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps
             for x_shared in (0, 1) for overlap in overlaps]
