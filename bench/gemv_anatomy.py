@@ -1,5 +1,6 @@
 """Where the CUDA decode kernel's time goes at batch 1: each tile configuration (weights through registers a
-slab or a row at a time, or cp.async stages; splits of K; x held in shared memory or not) timed whole and
+slab or a row at a time, or cp.async stages; splits of K; blocks along the outputs; x held in shared memory or
+not) timed whole and
 with its weight loads alone (nothing decoded), against torch reading the same words (`max`) and copying
 them, on a cold L2 (CUDA graphs).
 
@@ -53,29 +54,33 @@ def main() -> None:
             for load in ("registers", "streamed", "cp.async"):
                 for lanes in cuda_gemv.LANES:
                     for threads in cuda_gemv.THREADS:
-                        for splits, held in itertools.product(
-                                cuda_gemv.split_choices(1, weight, 1, lanes, threads, processors),
-                                cuda_gemv.x_choices(weight)):
-                            def call(load_only=False):
-                                return cuda_gemv.launch(x, weight, 1, lanes, threads, load == "cp.async", load_only,
-                                                        splits, held, streamed=load == "streamed")
-                            whole = 1e3 * graph_time_ms(call)
-                            loads = 1e3 * graph_time_ms(lambda: call(load_only=True))
-                            row = {"shape": shape, "variant": label, "loads": load, "lanes": lanes,
-                                   "threads": threads, "splits": splits, "x_in_shared": held, "us": whole,
-                                   "load_only_us": loads, "torch_read_us": read_us, "torch_copy_us": copy_us,
-                                   "bytes": weight.stored_bytes}
-                            rows.append(row)
-                            print(f"{shape:>11} {label:>20} {load:9} lanes {lanes:2} "
-                                  f"threads {threads:3} splits {splits:2} x {'shared' if held else 'memory'}: "
-                                  f"{whole:6.1f} µs, loads alone {loads:6.1f} µs", flush=True)
+                        for splits in cuda_gemv.split_choices(1, weight, 1, lanes, threads, processors):
+                            for blocks, held in itertools.product(
+                                    cuda_gemv.column_block_choices(n, lanes, splits, processors),
+                                    cuda_gemv.x_choices(weight)):
+                                def call(load_only=False):
+                                    return cuda_gemv.launch(x, weight, 1, lanes, threads, load == "cp.async",
+                                                            load_only, splits, held, streamed=load == "streamed",
+                                                            column_blocks=blocks)
+                                whole = 1e3 * graph_time_ms(call)
+                                loads = 1e3 * graph_time_ms(lambda: call(load_only=True))
+                                row = {"shape": shape, "variant": label, "loads": load, "lanes": lanes,
+                                       "threads": threads, "splits": splits, "column_blocks": blocks,
+                                       "x_in_shared": held, "us": whole, "load_only_us": loads,
+                                       "torch_read_us": read_us, "torch_copy_us": copy_us,
+                                       "bytes": weight.stored_bytes}
+                                rows.append(row)
+                                print(f"{shape:>11} {label:>20} {load:9} lanes {lanes:2} threads {threads:3} "
+                                      f"splits {splits:2} column blocks {blocks or 'one per tile':>12} "
+                                      f"x {'shared' if held else 'memory'}: {whole:6.1f} µs, loads alone "
+                                      f"{loads:6.1f} µs", flush=True)
                 if args.json:
                     args.json.write_text(json.dumps(rows, indent=1))
             best = min((r for r in rows if r["shape"] == shape and r["variant"] == label), key=lambda r: r["us"])
             print(f"{shape:>11} {label:>20}: fastest {best['us']:.1f} µs (loads alone {best['load_only_us']:.1f}) "
                   f"= {best['bytes'] / best['us'] / 1e6:.2f} TB/s with lanes {best['lanes']}, threads "
-                  f"{best['threads']}, splits {best['splits']}, {best['loads']}, "
-                  f"x from {'shared memory' if best['x_in_shared'] else 'memory'}",
+                  f"{best['threads']}, splits {best['splits']}, column blocks {best['column_blocks']}, "
+                  f"{best['loads']}, x from {'shared memory' if best['x_in_shared'] else 'memory'}",
                   flush=True)
 
 

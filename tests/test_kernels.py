@@ -433,7 +433,14 @@ CUDA_TILES = {"1 row, 8 lanes, 256 threads": TileConfig(1, 32, 0, 1, 8, 0, rows=
               "1 row, 16 lanes, 512 threads, streamed": TileConfig(1, 64, 0, 1, 16, 0, rows=1, streamed=True,
                                                                    engine="cuda"),
               "2 rows, 8 lanes, 128 threads, streamed, 3 splits": TileConfig(1, 32, 0, 3, 4, 0, rows=2, streamed=True,
-                                                                             engine="cuda")}
+                                                                             engine="cuda"),
+              # 80 outputs are 20 units of 4: shares of 8 or 12 outputs, of 4, of 16 (each block's lanes part idle)
+              "1 row, 8 lanes, 256 threads, 7 column blocks": TileConfig(1, 32, 0, 1, 8, 0, rows=1, column_blocks=7,
+                                                                         engine="cuda"),
+              "1 row, 4 lanes, 128 threads, cp.async, 20 column blocks, 2 splits":
+                  TileConfig(1, 16, 0, 2, 4, 1, rows=1, column_blocks=20, engine="cuda"),
+              "2 rows, 32 lanes, 256 threads, streamed, 5 column blocks, 3 splits":
+                  TileConfig(1, 128, 0, 3, 8, 0, rows=2, streamed=True, column_blocks=5, engine="cuda")}
 ODD_INPUTS = 96  # 12 int4 word rows: one whole slab of 8 and a partial one
 
 
@@ -574,6 +581,16 @@ def test_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_per_row_lane()
     assert sum(min(split_rows(100, 7), max(0, 100 - z * split_rows(100, 7))) for z in range(7)) == 100
 
 
+def test_column_blocks_are_offered_where_they_give_every_multiprocessor_one_or_two_blocks():
+    from quantbench.export.kernels.cuda_gemv import column_block_choices
+
+    # 14336 outputs in 112 blocks of 128: also 132 and 264 blocks of 108–112 and 52–56 outputs
+    assert column_block_choices(14336, 32, 1, 132) == [0, 132, 264]
+    # 4096 outputs, 8 blocks along K (splits × row tiles) each: 17 blocks would not hold them, 33 do
+    assert column_block_choices(4096, 32, 8, 132) == [0, 33]
+    assert column_block_choices(80, 4, 1, 132) == [0]  # 20 units of 4 outputs: 132 blocks cannot share them
+
+
 def test_act_order_holds_the_whole_rows_of_x_it_gathers_from():
     from quantbench.export.kernels.cuda_gemv import x_held_bytes
 
@@ -622,6 +639,29 @@ def test_split_k_sums_in_a_fixed_order_and_rearms_its_counts(label):
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert torch.equal(captured, packed_matmul(x, packed, backend="cuda", config=tile))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
+@pytest.mark.parametrize("label", ["int4-g32 act_order", "ternary2-g64", "nvfp4-rtn"])
+def test_column_blocks_share_the_outputs_without_changing_any_sum(label):
+    """Where an output's block is does not change the order of its sums: bit-identical to one block per 4 ·
+    lanes outputs. Fewer blocks than hold the outputs, or more than there are units of 4, are refused."""
+    from quantbench.export.kernels import cuda_gemv
+
+    packed = to_kernel_layout(WEIGHTS[label].to("cuda"))
+    x = torch.randn(2, IN, device="cuda").half()
+    tile = TileConfig(1, 32, 0, 1, 4, 0, rows=1, engine="cuda")
+    whole = packed_matmul(x, packed, backend="cuda", config=tile)
+    for blocks, splits in ((4, 1), (11, 1), (20, 2)):
+        shared = dataclasses.replace(tile, column_blocks=blocks, split_k=splits)
+        got = packed_matmul(x, packed, backend="cuda", config=shared)
+        if splits == 1:
+            assert torch.equal(got, whole)
+        else:
+            torch.testing.assert_close(got, whole, rtol=1e-2, atol=1e-2 * whole.abs().max().item())
+    for blocks in (2, 21):
+        with pytest.raises(ValueError, match="column blocks"):
+            cuda_gemv.launch(x, packed, 1, 8, 128, column_blocks=blocks)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")

@@ -53,6 +53,15 @@ def split_choices(m: int, weight: KernelWeight, rows: int, lanes: int, threads: 
     return sorted({min(s, most) for s in (1, fill, 2 * fill, 4 * fill)})
 
 
+def column_block_choices(n: int, lanes: int, per_column: int, processors: int) -> list[int]:
+    """Blocks along the outputs worth timing (packed_gemv.cu's column_blocks): 0, one per 4 · lanes outputs;
+    and as many as give each multiprocessor one or two blocks, with `per_column` blocks (row tiles × splits)
+    for each, where that is more and each block still gets at least 4 outputs."""
+    tiles = -(-n // (4 * lanes))
+    blocks = (-(-per_processor * processors // per_column) for per_processor in (1, 2))
+    return [0] + sorted({b for b in blocks if tiles < b <= n // 4})
+
+
 def x_held_bytes(k: int, weight: KernelWeight, rows: int, splits: int) -> int:
     """Shared memory for a block's x: its rows of inputs, and for act_order the whole rows it gathers from."""
     held = split_rows(k // weight.per_word, splits) * weight.per_word
@@ -74,20 +83,22 @@ def _workspace(device: torch.device, splits: int, m: int, n: int) -> tuple[torch
     if key not in _workspaces:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("split-K's workspace is made on an eager call, not inside a CUDA graph capture")
-        tiles = -(-n // (4 * min(LANES))) * rows
+        blocks = n // 4 * rows  # at most one block per 4 outputs and row tile
         _workspaces[key] = (torch.empty(splits * rows * n, dtype=torch.float32, device=device),
-                            torch.zeros(tiles, dtype=torch.int32, device=device))
+                            torch.zeros(blocks, dtype=torch.int32, device=device))
     return _workspaces[key]
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
-           load_only: bool = False, splits: int = 1, x_in_shared: bool = True, streamed: bool = False) -> torch.Tensor:
+           load_only: bool = False, splits: int = 1, x_in_shared: bool = True, streamed: bool = False,
+           column_blocks: int = 0) -> torch.Tensor:
     """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16. `async_copies`: the
     weights through cp.async stages in shared memory (1–2 rows) instead of registers; `load_only`: the
     weight loads alone, for timing, its result meaningless; `splits`: blocks along K per column tile;
     `x_in_shared`: each block first copies its x into shared memory where it fits (act_order gathers it there
     whatever this says), else reads x from memory slab by slab; `streamed` (registers, 1–2 rows): each word
-    row's next load issued as soon as the row is used, instead of a slab at a time."""
+    row's next load issued as soon as the row is used, instead of a slab at a time; `column_blocks`: blocks along
+    the outputs, each an even share of at most 4 · lanes of them (0: one block per 4 · lanes outputs)."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")
@@ -97,6 +108,10 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
         raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}, splits {splits}, "
                          f"streamed {streamed}: not among {ROWS}, {LANES}, {THREADS} (512 threads take one row; "
                          f"async copies {ASYNC_ROWS} rows; streamed registers {STREAMED_ROWS} rows; splits 1–65535)")
+    n = weight.shape[0]
+    if column_blocks and not -(-n // (4 * lanes)) <= column_blocks <= n // 4:
+        raise ValueError(f"{column_blocks} column blocks: {n} outputs need {-(-n // (4 * lanes))}–{n // 4} blocks "
+                         f"of at most {4 * lanes} outputs, 4 at least")
     fits = x_held_bytes(x.shape[1], weight, rows, splits) <= X_SHARED_BYTES
     if not fits and weight.perm is not None:  # act_order: gathered here instead, x then read from memory
         x, weight = with_inputs_gathered(x, weight)
@@ -104,7 +119,6 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
     if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:  # rows copied in aligned 16-byte pieces
         x = x.clone(memory_format=torch.contiguous_format)
     m, k = x.shape
-    n = weight.shape[0]
     function = cuda_build.entry_point(WeightType.of(weight, weight.perm is not None, load_only),
                                       cuda_build.device_arch(x.device))
     out = torch.empty(m, n, dtype=torch.float16, device=x.device)
@@ -112,11 +126,12 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
     if splits > 1:
         partials, arrivals = _workspace(x.device, splits, m, n)
     with torch.cuda.device(x.device):
-        error = function(rows, lanes, threads, int(async_copies), splits, x.data_ptr(), pointer(weight.perm),
-                         weight.qweight.data_ptr(), weight.scales.data_ptr(), pointer(weight.zeros), out.data_ptr(),
-                         pointer(partials), pointer(arrivals), m, n, k, weight.n_groups, row_shift(weight),
-                         x.stride(0), int(x_shared), int(streamed), 1.0 / weight.global_scale,
-                         cuda_build.dependent_launch(x.device), torch.cuda.current_stream(x.device).cuda_stream)
+        error = function(rows, lanes, threads, int(async_copies), splits, column_blocks, x.data_ptr(),
+                         pointer(weight.perm), weight.qweight.data_ptr(), weight.scales.data_ptr(),
+                         pointer(weight.zeros), out.data_ptr(), pointer(partials), pointer(arrivals), m, n, k,
+                         weight.n_groups, row_shift(weight), x.stride(0), int(x_shared), int(streamed),
+                         1.0 / weight.global_scale, cuda_build.dependent_launch(x.device),
+                         torch.cuda.current_stream(x.device).cuda_stream)
     if error:
         raise RuntimeError(f"the CUDA decode kernel did not launch: cudaError {error}")
     return out

@@ -44,6 +44,7 @@ class TileConfig:
     x_in_shared: bool = True  # "cuda": each block's x copied into shared memory first (act_order: always)
     streamed: bool = False  # "cuda", registers, 1–2 rows: each word row reloaded as soon as it is used
     overlap_gather: bool = False  # "mma", act_order: the kernel starts while its gather runs (dependent launch)
+    column_blocks: int = 0  # "cuda": blocks along the outputs, even shares of ≤ block_n (0: one per block_n)
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
     # split_k blocks along K;
@@ -95,7 +96,8 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     if config.engine == "cuda":  # gathers act_order in shared memory
         out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
                                async_copies=config.num_stages > 0, splits=config.split_k,
-                               x_in_shared=config.x_in_shared, streamed=config.streamed)
+                               x_in_shared=config.x_in_shared, streamed=config.streamed,
+                               column_blocks=config.column_blocks)
         return out.view(*x.shape[:-1], n_out)
     if config.engine == "mma":  # gathers act_order before the kernel
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
@@ -156,12 +158,13 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     processors = cuda_gemv.multiprocessors(x.device)
     loads = {"registers": (0, False), "streamed": (0, True), "cp.async": (1, False)}
     return [TileConfig(1, 4 * lanes, 0, splits, threads // 32, stages, rows=rows, x_in_shared=held,
-                       streamed=streamed, engine="cuda")
+                       streamed=streamed, column_blocks=blocks, engine="cuda")
             for rows in sorted({most, max(most // 2, 1)}) for lanes in cuda_gemv.LANES
             for threads in cuda_gemv.THREADS if rows == 1 or threads < 512
             for load, (stages, streamed) in loads.items()
             if load == "registers" or rows in (cuda_gemv.STREAMED_ROWS if streamed else cuda_gemv.ASYNC_ROWS)
             for splits in cuda_gemv.split_choices(m, weight, rows, lanes, threads, processors)
+            for blocks in cuda_gemv.column_block_choices(weight.shape[0], lanes, -(-m // rows) * splits, processors)
             for held in cuda_gemv.x_choices(weight)]
 
 

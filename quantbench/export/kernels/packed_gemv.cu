@@ -13,6 +13,10 @@
 // f16x2 FMA into the matching pair of inputs. Sums run in float16 within a scale's rows and in float32
 // across them; the row lanes are reduced by shuffles and through shared memory.
 //
+// The outputs go to gridDim.x blocks in even shares of whole 4-output units, at most BLOCK_N each: one block per
+// BLOCK_N outputs by default, or more (column_blocks), so that every multiprocessor streams the same share of
+// the weight while all blocks walk the word rows together.
+//
 // Split-K (gridDim.z > 1), for more blocks in flight than the columns alone give: each block takes its own
 // run of whole slabs and writes float32 partial sums; the last block of a column tile to arrive (counted in
 // `arrivals`, which it sets back to zero) adds them in split order, so the sum does not depend on timing.
@@ -162,13 +166,16 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 
   const int lane_n = threadIdx.x % LANES_N;
   const int row_lane = threadIdx.x / LANES_N;
-  const int n0 = blockIdx.x * BLOCK_N + lane_n * OUTS;
+  const int units = N / OUTS;
+  const int n_begin = OUTS * static_cast<int>(static_cast<long long>(blockIdx.x) * units / gridDim.x);
+  const int n_end = OUTS * static_cast<int>(static_cast<long long>(blockIdx.x + 1) * units / gridDim.x);
+  const int n0 = n_begin + lane_n * OUTS;
   const int m0 = blockIdx.y * ROWS;
   const int splits = gridDim.z;
   const int chunk = split_rows(K / PER, splits);
   const int row_begin = blockIdx.z * chunk;
   const int rows = min(K / PER, row_begin + chunk);  // this block's word rows end here
-  const bool active = n0 < N;
+  const bool active = n0 < n_end;
 
   extern __shared__ uint4 dynamic_shared[];  // ASYNC: [stages][SLAB][THREADS] words; then the block's x
   constexpr int STAGES = stages<THREADS>();
@@ -362,8 +369,8 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   __syncthreads();
   for (int t = threadIdx.x; t < ROWS * BLOCK_N; t += THREADS) {
     const int r = t / BLOCK_N, c = t % BLOCK_N;
-    const int n = blockIdx.x * BLOCK_N + c;
-    if (m0 + r >= M || n >= N) continue;
+    const int n = n_begin + c;
+    if (m0 + r >= M || n >= n_end) continue;
     float sum = 0.f;
 #pragma unroll
     for (int v = 0; v < WARPS; ++v) sum += partial[v][r][c];
@@ -386,8 +393,8 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   __threadfence();
   for (int t = threadIdx.x; t < ROWS * BLOCK_N; t += THREADS) {
     const int r = t / BLOCK_N, c = t % BLOCK_N;
-    const int n = blockIdx.x * BLOCK_N + c;
-    if (m0 + r >= M || n >= N) continue;
+    const int n = n_begin + c;
+    if (m0 + r >= M || n >= n_end) continue;
     float sum = 0.f;
     for (int z = 0; z < splits; ++z) sum += __ldcg(partials + (static_cast<size_t>(z) * M + m0 + r) * N + n);
     out[static_cast<size_t>(m0 + r) * N + n] = __float2half_rn(sum);
@@ -397,7 +404,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 struct Call {
   const void *x, *perm, *w, *scales, *zeros;
   void *out, *partials, *arrivals;
-  int splits, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed;
+  int splits, column_blocks, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed;
   float inverse_global_scale;
   bool dependent;
   cudaStream_t stream;
@@ -405,7 +412,9 @@ struct Call {
 
 template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool X_HELD, bool STREAMED>
 cudaError_t launch_kernel(const Call& c) {
-  const dim3 grid((c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS), (c.M + ROWS - 1) / ROWS, c.splits);
+  const int tiles = (c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS);
+  if (c.column_blocks && (c.column_blocks < tiles || c.column_blocks > c.N / OUTS)) return cudaErrorInvalidValue;
+  const dim3 grid(c.column_blocks ? c.column_blocks : tiles, (c.M + ROWS - 1) / ROWS, c.splits);
   // held rows (act_order: and the whole rows they are gathered from)
   const size_t x_inputs = split_rows(c.K / PER, c.splits) * PER + (HAS_PERM ? c.K : 0);
   const size_t x_bytes = static_cast<size_t>(ROWS) * x_inputs * sizeof(half);
@@ -463,16 +472,20 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 // rows_per_program · (the block's inputs, HAS_PERM: + K) · 2 bytes of shared memory for the block's x; x's rows
 // start 16-byte aligned (stride_x a multiple of 8). streamed (registers, 1 or 2 rows): each word row's next load
 // is issued as soon as the row is used, not a slab at a time. splits > 1: `partials` holds
-// splits · M · N floats and `arrivals` one zeroed int per block of outputs (column tiles × row tiles).
+// splits · M · N floats and `arrivals` one zeroed int per block of outputs (column blocks × row tiles).
+// column_blocks: blocks along the outputs, each an even share of at most lanes_n · 4 of them (0: N / (lanes_n · 4)
+// rounded up).
 // dependent: launched to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
 extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, int splits,
-                                      const void* x, const void* perm, const void* w, const void* scales,
-                                      const void* zeros, void* out, void* partials, void* arrivals, int M, int N,
-                                      int K, int n_groups, int row_shift, int stride_x, int x_shared, int streamed,
-                                      float inverse_global_scale, int dependent, void* stream) {
+                                      int column_blocks, const void* x, const void* perm, const void* w,
+                                      const void* scales, const void* zeros, void* out, void* partials,
+                                      void* arrivals, int M, int N, int K, int n_groups, int row_shift, int stride_x,
+                                      int x_shared, int streamed, float inverse_global_scale, int dependent,
+                                      void* stream) {
   if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
-  const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
-               x_shared, streamed, inverse_global_scale, dependent != 0, static_cast<cudaStream_t>(stream)};
+  const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, column_blocks, M, N, K, n_groups,
+               row_shift, stride_x, x_shared, streamed, inverse_global_scale, dependent != 0,
+               static_cast<cudaStream_t>(stream)};
   if (async_copies) {
     switch (rows_per_program) {
       case 1: return by_lanes<1, true>(lanes_n, threads, c);
