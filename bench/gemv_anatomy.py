@@ -2,7 +2,7 @@
 slab or a row at a time, or cp.async stages; splits of K; blocks along the outputs; x held in shared memory or
 not) timed whole and
 with its weight loads alone (nothing decoded), against torch reading the same words (`max`) and copying
-them, on a cold L2 (CUDA graphs).
+them, on a cold L2 with x cached (CUDA graphs; bench/kernel_speed.py's timer).
 
     python bench/gemv_anatomy.py [--shapes 8192x8192 …] [--json out.json]
 
@@ -62,8 +62,8 @@ def main() -> None:
                                     return cuda_gemv.launch(x, weight, 1, lanes, threads, load == "cp.async",
                                                             load_only, splits, held, streamed=load == "streamed",
                                                             column_blocks=blocks)
-                                whole = 1e3 * graph_time_ms(call)
-                                loads = 1e3 * graph_time_ms(lambda: call(load_only=True))
+                                whole = 1e3 * graph_time_ms(call, warm=(x,))
+                                loads = 1e3 * graph_time_ms(lambda: call(load_only=True), warm=(x,))
                                 row = {"shape": shape, "variant": label, "loads": load, "lanes": lanes,
                                        "threads": threads, "splits": splits, "column_blocks": blocks,
                                        "x_in_shared": held, "us": whole, "load_only_us": loads,

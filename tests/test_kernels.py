@@ -333,8 +333,13 @@ def test_tuner_keeps_the_fastest_candidate_that_agrees_with_the_fallback(monkeyp
 
     monkeypatch.setattr(triton_matmul, "launch", launch_breaking_split_2)
     times = iter([1.0, 2.0])  # the first two timed: were `wrong` timed, it would take 1.0 and win
-    monkeypatch.setattr(matmul, "graph_time_ms", lambda call: next(times))
     x = torch.randn(1, IN, generator=torch.Generator().manual_seed(9)).to(TRITON_DEVICE)
+
+    def timed(call, warm):
+        assert len(warm) == 1 and warm[0] is x  # timed with x cached, as a model's layer finds it
+        return next(times)
+
+    monkeypatch.setattr(matmul, "graph_time_ms", timed)
     with pytest.warns(RuntimeWarning, match="1 tile configurations .* disagree"):
         assert matmul._fastest(x, packed, [wrong, right, slow]) == right
 

@@ -281,7 +281,7 @@ def _fastest(x: torch.Tensor, weight: KernelWeight, candidates: list[TileConfig]
             error = RuntimeError(f"{config} disagrees with the torch fallback")
             continue
         try:
-            ms = graph_time_ms(call)
+            ms = graph_time_ms(call, warm=(x,))
         except RuntimeError as exc:  # a launch refused inside the capture: not a tile for this process
             error = exc
             continue
@@ -298,20 +298,28 @@ def _fastest(x: torch.Tensor, weight: KernelWeight, candidates: list[TileConfig]
 _L2_FLUSH_BYTES = 128 << 20
 
 
-def graph_time_ms(fn, calls: int = 10, rounds: int = 3) -> float:
+def graph_time_ms(fn, calls: int = 10, rounds: int = 3, warm: tuple[torch.Tensor, ...] = ()) -> float:
     """GPU milliseconds of one call on a cold L2 cache (a model's layers never find their weights
     cached), without host launch overhead: CUDA graphs of `calls` × (flush, call) and of `calls` × flush,
-    the difference per call, median of `rounds`."""
+    the difference per call, median of `rounds`. `warm`: tensors read back into L2 after each flush, in both
+    graphs (a decode step's activations were written by the kernel before, so they are cached; only the
+    weights come from memory)."""
     scratch = torch.ones(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
     fn()  # compiled and tuned outside the capture
+
+    def flush():  # reads, so it leaves no dirty lines to write back
+        scratch.max()
+        for tensor in warm:
+            tensor.max()
+
     with_call, flush_only = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-    with torch.cuda.graph(with_call):  # the flush reads, so it leaves no dirty lines to write back
+    with torch.cuda.graph(with_call):
         for _ in range(calls):
-            scratch.max()
+            flush()
             fn()
     with torch.cuda.graph(flush_only):
         for _ in range(calls):
-            scratch.max()
+            flush()
     differences = []
     for _ in range(rounds):
         differences.append((_replay_ms(with_call) - _replay_ms(flush_only)) / calls)

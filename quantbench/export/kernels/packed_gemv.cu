@@ -48,13 +48,16 @@ __host__ __device__ constexpr size_t stage_bytes() { return static_cast<size_t>(
 
 // cp.async of one slab's words of this thread's 4 outputs into its column of a stage (zeros past the last
 // row or output), as one commit group.
+// `column`: the thread's words in row 0. A slab's rows are reached by adding N words a row to its first row's
+// address (one 64-bit product a slab, not one a row).
 template <int THREADS>
-__device__ __forceinline__ void copy_slab(uint4* stage, const uint32_t* __restrict__ w, int j0, int rows, int N,
-                                          int n0, bool active) {
+__device__ __forceinline__ void copy_slab(uint4* stage, const uint32_t* __restrict__ column, int j0, int rows, int N,
+                                          bool active) {
+  const uint32_t* row = column + static_cast<size_t>(j0) * N;
 #pragma unroll
-  for (int i = 0; i < SLAB; ++i) {
+  for (int i = 0; i < SLAB; ++i, row += N) {
     const bool inside = active && j0 + i < rows;
-    const uint32_t* source = inside ? w + static_cast<size_t>(j0 + i) * N + n0 : w;
+    const uint32_t* source = inside ? row : column;
     const uint32_t target = static_cast<uint32_t>(__cvta_generic_to_shared(stage + i * THREADS + threadIdx.x));
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;"
                  :: "r"(target), "l"(source), "r"(inside ? 16 : 0));
@@ -70,16 +73,16 @@ __host__ __device__ inline int split_rows(int rows, int splits) {
 template <int N_GROUPS>
 __device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_group %0;" :: "n"(N_GROUPS)); }
 
-// One word row's words of this thread's 4 outputs (zero past the last row or output).
-__device__ __forceinline__ uint4 load_row(const uint32_t* __restrict__ w, int j, int rows, int N, int n0,
-                                          bool active) {
-  return active && j < rows ? load_streaming(w + static_cast<size_t>(j) * N + n0) : make_uint4(0, 0, 0, 0);
+// One word row's words of this thread's 4 outputs, at `row` (zero where it is not `inside`).
+__device__ __forceinline__ uint4 load_row(const uint32_t* __restrict__ row, bool inside) {
+  return inside ? load_streaming(row) : make_uint4(0, 0, 0, 0);
 }
 
-__device__ __forceinline__ void load_slab(uint4 (&words)[SLAB], const uint32_t* __restrict__ w, int j0, int rows,
-                                          int N, int n0, bool active) {
+__device__ __forceinline__ void load_slab(uint4 (&words)[SLAB], const uint32_t* __restrict__ column, int j0, int rows,
+                                          int N, bool active) {
+  const uint32_t* row = column + static_cast<size_t>(j0) * N;
 #pragma unroll
-  for (int i = 0; i < SLAB; ++i) words[i] = load_row(w, j0 + i, rows, N, n0, active);
+  for (int i = 0; i < SLAB; ++i, row += N) words[i] = load_row(row, active && j0 + i < rows);
 }
 
 // One scale group's values for this thread's 4 outputs, as stored: float16 scales (int, ternary), the second
@@ -176,6 +179,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   const int row_begin = blockIdx.z * chunk;
   const int rows = min(K / PER, row_begin + chunk);  // this block's word rows end here
   const bool active = n0 < n_end;
+  const uint32_t* const column = w + n0;
 
   extern __shared__ uint4 dynamic_shared[];  // ASYNC: [stages][SLAB][THREADS] words; then the block's x
   constexpr int STAGES = stages<THREADS>();
@@ -194,10 +198,10 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   if constexpr (ASYNC) {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
-      copy_slab<THREADS>(staged + s * SLAB * THREADS, w, row_begin + row_lane * SLAB + s * STEP, rows, N, n0,
+      copy_slab<THREADS>(staged + s * SLAB * THREADS, column, row_begin + row_lane * SLAB + s * STEP, rows, N,
                          active);
   } else {
-    load_slab(next, w, row_begin + row_lane * SLAB, rows, N, n0, active);
+    load_slab(next, column, row_begin + row_lane * SLAB, rows, N, active);
   }
   load_groups(next_groups, scales_, zeros, row_begin + row_lane * SLAB, rows, row_shift, n_groups, N, n0, active);
   if constexpr (X_HELD) prefetch_range(perm + k_begin, HAS_PERM ? max(k_end - k_begin, 0) * sizeof(int) : 0);
@@ -250,8 +254,8 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     for (int f = 0; f < GROUPS; ++f) groups[f] = next_groups[f];
     load_groups(next_groups, scales_, zeros, j0 + STEP, rows, row_shift, n_groups, N, n0, active);
     if constexpr (ASYNC) {  // each thread reads back only what it copied itself: its own wait suffices
-      copy_slab<THREADS>(staged + ((it + STAGES - 1) % STAGES) * SLAB * THREADS, w, j0 + (STAGES - 1) * STEP, rows,
-                         N, n0, active);
+      copy_slab<THREADS>(staged + ((it + STAGES - 1) % STAGES) * SLAB * THREADS, column,
+                         j0 + (STAGES - 1) * STEP, rows, N, active);
       wait_copies<STAGES - 1>();
       const uint4* stage = staged + (it % STAGES) * SLAB * THREADS;
 #pragma unroll
@@ -259,8 +263,9 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     } else if constexpr (!STREAMED) {
 #pragma unroll
       for (int i = 0; i < SLAB; ++i) words[i] = next[i];
-      load_slab(next, w, j0 + STEP, rows, N, n0, active);
+      load_slab(next, column, j0 + STEP, rows, N, active);
     }
+    const uint32_t* const ahead = column + static_cast<size_t>(j0 + STEP) * N;  // STREAMED: the next slab
     // A row's words; STREAMED: its register then loads the same row of the next slab at once, so that a
     // thread keeps a slab's worth of loads in flight all the time instead of waiting for a whole slab.
     const auto take = [&](int i) -> uint4 {
@@ -268,7 +273,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
         return words[i];
       } else {
         const uint4 word = next[i];
-        next[i] = load_row(w, j0 + STEP + i, rows, N, n0, active);
+        next[i] = load_row(ahead + static_cast<ptrdiff_t>(i) * N, active && j0 + STEP + i < rows);
         return word;
       }
     };
