@@ -357,6 +357,36 @@ def test_act_order_weights_are_tuned_apart_from_the_same_weights_without_it():
     assert tuning_key(x, plain) == tuning_key(x[:1].expand(4, -1), plain)  # batches 3 and 4 share a bucket
 
 
+def test_the_cycle_collector_is_held_off_only_while_a_timing_graph_captures():
+    """A dead CUDA graph that the collector frees inside a capture resets itself there and invalidates it."""
+    import gc
+
+    from quantbench.export.kernels.matmul import _no_garbage_collection
+
+    assert gc.isenabled()
+    with pytest.raises(KeyError), _no_garbage_collection():
+        assert not gc.isenabled()
+        raise KeyError("a failed capture")
+    assert gc.isenabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")
+def test_timing_captures_with_the_cycle_collector_off():
+    import gc
+
+    from quantbench.export.kernels.matmul import graph_time_ms
+
+    x = torch.ones(1024, device="cuda")
+    collecting = []
+
+    def call():
+        collecting.append(gc.isenabled())
+        x.mul_(1.0)
+
+    assert graph_time_ms(call, calls=2, rounds=1, warm=(x,)) >= 0
+    assert collecting == [True, False, False] and gc.isenabled()  # the eager call, then the two captured
+
+
 def test_tiles_saved_by_another_version_are_tuned_afresh_not_misread(tmp_path, monkeypatch):
     """A key without act_order (older files) or a tile field this version lacks: skipped with a warning."""
     import json

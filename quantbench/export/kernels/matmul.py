@@ -12,7 +12,9 @@ tensor-core kernel up to 64).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import importlib.util
 import json
 import os
@@ -313,17 +315,30 @@ def graph_time_ms(fn, calls: int = 10, rounds: int = 3, warm: tuple[torch.Tensor
             tensor.max()
 
     with_call, flush_only = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-    with torch.cuda.graph(with_call):
+    with _no_garbage_collection(), torch.cuda.graph(with_call):
         for _ in range(calls):
             flush()
             fn()
-    with torch.cuda.graph(flush_only):
+    with _no_garbage_collection(), torch.cuda.graph(flush_only):
         for _ in range(calls):
             flush()
     differences = []
     for _ in range(rounds):
         differences.append((_replay_ms(with_call) - _replay_ms(flush_only)) / calls)
     return sorted(differences)[len(differences) // 2]
+
+
+@contextlib.contextmanager
+def _no_garbage_collection():
+    """Python's cycle collector held off during a capture: a dead CUDA graph it frees there (one kept alive by a
+    reference cycle, such as a caught exception's traceback) resets itself inside the capture and invalidates it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _replay_ms(graph: torch.cuda.CUDAGraph) -> float:
