@@ -180,7 +180,7 @@ def _format_row(row: dict) -> str:
         if label not in row:
             continue
         r = row[label]
-        pct = "" if r["pct_hbm"] is None else f" {r['pct_hbm']:4.0f}%"
+        pct = "" if r["pct_hbm"] is None else f" {r['pct_hbm']:4.0f}% of peak"
         wrong = " WRONG RESULT" if r.get("max_rel_error", 0) > 0.05 else ""
         engine = f" [{r['engine']}]" if "engine" in r else ""
         parts.append(f"{label} {r['us']:7.1f} µs ×{r['speedup']:.2f}{pct}{engine}{wrong}")
