@@ -1,6 +1,6 @@
 """How precise a batch-1 int4 matmul stays if the tensor cores multiply the biased codes and the bias is taken out
-afterwards, against the CUDA-core kernel's arithmetic, both against float64 (CPU; a design check for a kernel
-not yet written).
+afterwards, against the CUDA-core kernel's arithmetic, both against float64 (CPU; a design check: the folded
+kernel was written, compiled and dropped for its instruction count, docs/performance.md).
 
 - The CUDA-core kernel (`packed_gemv.cu`): each code pair becomes q − z exactly in float16, its product with x
   is added in float16 (one rounding per fused multiply-add) over 8 word rows, and the scale applies in float32.
