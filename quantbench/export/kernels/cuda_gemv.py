@@ -109,8 +109,9 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
                          f"streamed {streamed}: not among {ROWS}, {LANES}, {THREADS} (512 threads take one row; "
                          f"async copies {ASYNC_ROWS} rows; streamed registers {STREAMED_ROWS} rows; splits 1–65535)")
     n = weight.shape[0]
-    if column_blocks and not -(-n // (4 * lanes)) <= column_blocks <= n // 4:
-        raise ValueError(f"{column_blocks} column blocks: {n} outputs need {-(-n // (4 * lanes))}–{n // 4} blocks "
+    tiles = -(-n // (4 * lanes))
+    if column_blocks and not tiles <= column_blocks <= n // 4:
+        raise ValueError(f"{column_blocks} column blocks: {n} outputs need {tiles}–{n // 4} blocks "
                          f"of at most {4 * lanes} outputs, 4 at least")
     fits = x_held_bytes(x.shape[1], weight, rows, splits) <= X_SHARED_BYTES
     if not fits and weight.perm is not None:  # act_order: gathered here instead, x then read from memory
