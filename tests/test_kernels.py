@@ -616,6 +616,19 @@ def test_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_per_row_lane()
     assert sum(min(split_rows(100, 7), max(0, 100 - z * split_rows(100, 7))) for z in range(7)) == 100
 
 
+def test_tensor_core_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_per_warp():
+    from quantbench.export.kernels.cuda_mma import split_choices
+
+    down = SimpleNamespace(shape=(4096, 14336), per_word=8)  # int4: 1792 word rows, 448 k-steps
+    # 8 rows, 8 warps one above another: 128 blocks of 32 outputs; 132 processors need 2 splits, and 4 is tried
+    assert split_choices(8, down, 8, 8, 1, 132) == [1, 2, 4]
+    assert split_choices(16, down, 16, 4, 4, 132) == [1, 8, 16]  # 32 blocks of 128 outputs: 8 splits fill
+    assert split_choices(16, down, 16, 8, 1, 64) == [1]  # 128 blocks fill 64 processors already
+    assert split_choices(32, down, 32, 8, 1, 132) == [1]  # split-K is built for blocks of 8 and 16 rows only
+    # 8 k-steps, 8 warps along K: no split leaves each of them a slab of its own
+    assert split_choices(1, SimpleNamespace(shape=(80, 256), per_word=8), 16, 8, 1, 132) == [1]
+
+
 def test_column_blocks_are_offered_where_they_give_every_multiprocessor_one_or_two_blocks():
     from quantbench.export.kernels.cuda_gemv import column_block_choices
 
@@ -809,6 +822,48 @@ def test_tensor_core_kernel_handles_a_partial_slab_of_k_steps(name, x_shared):
     tile = TileConfig(1, 64, 0, 1, 4, x_shared, rows=16, engine="mma")
     got = packed_matmul(x, to_kernel_layout(stored), backend="mma", config=tile)
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
+@pytest.mark.parametrize(("label", "rows"), [("int4-g32 act_order", 8), ("int4-g32 act_order", 16),
+                                             ("ternary2-g64", 16), ("mxfp4-rtn", 8), ("nvfp4-rtn", 16)])
+def test_tensor_core_split_k_sums_in_a_fixed_order_and_rearms_its_counts(label, rows):
+    """Blocks along K: the last to finish adds the float32 sums in split order, so a repeated call (its arrival
+    counts back at zero) and a graph replay are bit-identical, and all equal one block along K to float16
+    rounding. 3 splits of 8 k-steps (whole slabs of 4) leave the third block none. Taller blocks have no
+    split-K build: refused."""
+    from quantbench.export.kernels import cuda_mma
+
+    packed = to_kernel_layout(WEIGHTS[label].to("cuda"))
+    x = torch.randn(12, IN, device="cuda").half()
+    whole = packed_matmul(x, packed, backend="mma", config=TileConfig(1, 64, 0, 1, 4, 1, rows=rows, engine="mma"))
+    for splits, x_shared in ((2, 1), (3, 0)):
+        tile = TileConfig(1, 64, 0, splits, 4, x_shared, rows=rows, engine="mma")
+        first = packed_matmul(x, packed, backend="mma", config=tile)
+        for _ in range(2):
+            assert torch.equal(packed_matmul(x, packed, backend="mma", config=tile), first)
+        torch.testing.assert_close(first, whole, rtol=1e-2, atol=1e-2 * whole.abs().max().item())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = packed_matmul(x, packed, backend="mma", config=tile)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(captured, packed_matmul(x, packed, backend="mma", config=tile))
+    with pytest.raises(ValueError, match="splits 2"):
+        cuda_mma.launch(x, packed, 32, 4, 2, splits=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
+@pytest.mark.parametrize("name", ["int4-g32-rtn", "int2-pc-rtn", "nvfp4-rtn"])
+def test_tensor_core_split_k_handles_a_partial_slab_of_k_steps(name):
+    """96 inputs, 2 splits: the first block takes the partial slab, the second none."""
+    stored = quantize_rtn(torch.randn(OUT, ODD_INPUTS), Scheme.parse(name)).to("cuda")
+    x = torch.randn(12, ODD_INPUTS, device="cuda").half()
+    expected = x.float() @ stored.dequantize().T
+    for x_shared in (0, 1):
+        tile = TileConfig(1, 32, 0, 2, 4, x_shared, rows=16, engine="mma")
+        got = packed_matmul(x, to_kernel_layout(stored), backend="mma", config=tile)
+        torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")

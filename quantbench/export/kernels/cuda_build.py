@@ -156,10 +156,11 @@ def build(weight_type: WeightType, arch: str) -> Path:
 # K, stride, dependent, stream).
 _SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 8
                         + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
-               "mma": ("quantbench_packed_mma", [ctypes.c_int] * 4 + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
+               "mma": ("quantbench_packed_mma", [ctypes.c_int] * 5 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
                        + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
                "gather": ("quantbench_gather_inputs", [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p])}
 _libraries: dict[tuple[WeightType, str], ctypes.CDLL] = {}
+_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _functions: dict[tuple[WeightType, str, str], ctypes._CFuncPtr] = {}
 _failures: dict[tuple[WeightType, str], Exception] = {}
 
@@ -184,6 +185,22 @@ def entry_point(weight_type: WeightType, arch: str, function: str | None = None)
         entry.argtypes = arguments
         _functions[(*key, function)] = entry
     return _functions[(*key, function)]
+
+
+def split_workspace(device: torch.device, splits: int, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K's float32 partial sums and zeroed arrival counts (either kernel's), one pair per device, split
+    and output width, sized for every batch up to the power of two ≥ m. It is made on the first (eager) call
+    of that batch size's range, the tuner's, so that no CUDA graph capture allocates it; calls sharing it run
+    one after another on a stream (its counts return to zero at the end of each call)."""
+    rows = 1 << (m - 1).bit_length()
+    key = (device, splits, rows, n)
+    if key not in _workspaces:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K's workspace is made on an eager call, not inside a CUDA graph capture")
+        blocks = n // 4 * rows  # at most one block per 4 outputs and row of x (either kernel)
+        _workspaces[key] = (torch.empty(splits * rows * n, dtype=torch.float32, device=device),
+                            torch.zeros(blocks, dtype=torch.int32, device=device))
+    return _workspaces[key]
 
 
 def device_arch(device: torch.device) -> str:

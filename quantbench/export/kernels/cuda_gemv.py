@@ -20,7 +20,6 @@ STREAMED_ROWS = (1, 2)  # and the register variant that reloads each word row as
 X_SHARED_BYTES = 96 << 10  # the block's x in shared memory up to this (act_order: gathered there, else by torch)
 MAX_ROWS = 16  # beyond this only the tensor-core and tl.dot kernels are tried
 SLAB = 8  # word rows a thread loads at once; split-K gives each block whole slabs
-_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
@@ -73,22 +72,6 @@ def x_choices(weight: KernelWeight) -> tuple[bool, ...]:
     return (True,) if weight.perm is not None else (True, False)
 
 
-def _workspace(device: torch.device, splits: int, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K's float32 partial sums and zeroed arrival counts, one pair per device, split and output width,
-    sized for every batch up to the power of two ≥ m. It is made on the first (eager) call of that batch size's
-    range, the tuner's, so that no CUDA graph capture allocates it; calls sharing it run one after another on
-    a stream (its counts return to zero at the end of each call)."""
-    rows = 1 << (m - 1).bit_length()
-    key = (device, splits, rows, n)
-    if key not in _workspaces:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("split-K's workspace is made on an eager call, not inside a CUDA graph capture")
-        blocks = n // 4 * rows  # at most one block per 4 outputs and row tile
-        _workspaces[key] = (torch.empty(splits * rows * n, dtype=torch.float32, device=device),
-                            torch.zeros(blocks, dtype=torch.int32, device=device))
-    return _workspaces[key]
-
-
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
            load_only: bool = False, splits: int = 1, x_in_shared: bool = True, streamed: bool = False,
            column_blocks: int = 0) -> torch.Tensor:
@@ -125,7 +108,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
     out = torch.empty(m, n, dtype=torch.float16, device=x.device)
     partials = arrivals = None
     if splits > 1:
-        partials, arrivals = _workspace(x.device, splits, m, n)
+        partials, arrivals = cuda_build.split_workspace(x.device, splits, m, n)
     with torch.cuda.device(x.device):
         error = function(rows, lanes, threads, int(async_copies), splits, column_blocks, x.data_ptr(),
                          pointer(weight.perm), weight.qweight.data_ptr(), weight.scales.data_ptr(),

@@ -16,6 +16,8 @@ WARPS = (4, 8)
 WARPS_N = (1, 2, 4)  # warps side by side along the outputs (32 each); the others split the inputs
 MAX_ROWS = 64  # beyond this only the tl.dot kernel is tried
 SCALES_IN_B_ROWS = 64  # blocks this tall put the scales into B: no registers are left for span sums
+STEP_ROWS, SLAB = 4, 4  # word rows per k-step, k-steps per slab: split-K gives each block whole slabs
+SPLIT_ROWS = (8, 16)  # split-K is built for these blocks only (taller ones never gained from it)
 
 
 def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
@@ -36,18 +38,36 @@ def rows_for(m: int, weight: KernelWeight) -> int:
     return next((rows for rows in choices if m <= rows), choices[-1])
 
 
+def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: int, processors: int) -> list[int]:
+    """Splits of K worth timing: none; and for blocks of 8 or 16 rows that leave multiprocessors without a
+    block, the fewest splits that give each one and twice that, while each of a block's groups of warps along K
+    keeps a slab of its own in each split."""
+    blocks = -(-weight.shape[0] // (32 * warps_n)) * -(-m // rows)
+    if rows not in SPLIT_ROWS or blocks >= processors:
+        return [1]
+    steps = -(-(weight.shape[1] // weight.per_word) // STEP_ROWS)
+    most = max(1, steps // (warps // warps_n * SLAB))
+    fill = 1
+    while blocks * fill < processors and fill < most:
+        fill *= 2
+    return sorted({min(s, most) for s in (1, fill, 2 * fill)})
+
+
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
-           x_shared: bool = False, overlap_gather: bool = False) -> torch.Tensor:
+           x_shared: bool = False, overlap_gather: bool = False, splits: int = 1) -> torch.Tensor:
     """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `x_shared`: x through shared-memory
     stages instead of from global memory at each k-step; `overlap_gather` (act_order, where the device can):
     the kernel launched to start while the gather runs, else once it is done (whatever dependent launch says
-    for the gather itself)."""
+    for the gather itself); `splits`: blocks along K per block of outputs, whose float32 sums the last to
+    finish adds in split order."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
-    if rows not in row_choices(weight) or warps not in WARPS or warps_n not in WARPS_N or warps_n > warps:
-        raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}: not among {row_choices(weight)}, {WARPS}, "
-                         f"{WARPS_N} (warps_n ≤ warps)")
+    if (rows not in row_choices(weight) or warps not in WARPS or warps_n not in WARPS_N or warps_n > warps
+            or not 1 <= splits <= 65535 or (splits > 1 and rows not in SPLIT_ROWS)):
+        raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, splits {splits}: not among "
+                         f"{row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ warps), 1–65535 (beyond 1 only "
+                         f"with {SPLIT_ROWS} rows)")
     weight_type = WeightType.for_mma(weight, scales_in_b=rows == SCALES_IN_B_ROWS)
     arch = cuda_build.device_arch(x.device)
     if x.data_ptr() % 16 or not x.is_contiguous():
@@ -62,10 +82,11 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
         else:
             dependent = cuda_build.dependent_launch(x.device)
         out = torch.empty(m, n, dtype=torch.float16, device=x.device)
+        partials, arrivals = cuda_build.split_workspace(x.device, splits, m, n) if splits > 1 else (None, None)
         error = cuda_build.entry_point(weight_type, arch)(
-            rows, warps, warps_n, int(x_shared), x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
-            pointer(weight.zeros), out.data_ptr(), m, n, k, weight.n_groups, row_shift(weight), x.stride(0),
-            1.0 / weight.global_scale, dependent, stream)
+            rows, warps, warps_n, int(x_shared), splits, x.data_ptr(), weight.qweight.data_ptr(),
+            weight.scales.data_ptr(), pointer(weight.zeros), out.data_ptr(), pointer(partials), pointer(arrivals),
+            m, n, k, weight.n_groups, row_shift(weight), x.stride(0), 1.0 / weight.global_scale, dependent, stream)
     if error:
         raise RuntimeError(f"the tensor-core kernel did not launch: cudaError {error}")
     return out

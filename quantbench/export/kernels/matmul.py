@@ -51,7 +51,7 @@ class TileConfig:
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
     # split_k blocks along K;
     # "mma": packed_mma.cu, `rows` rows of x per block, num_warps warps, block_n / 32 of them along the outputs,
-    # num_stages 1: x through shared-memory stages, 0: x from global memory
+    # num_stages 1: x through shared-memory stages, 0: x from global memory, split_k blocks along K
 
 
 CUDA_DEFAULT = TileConfig(1, 32, 0, 1, 8, num_stages=0, engine="cuda")
@@ -103,7 +103,8 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         return out.view(*x.shape[:-1], n_out)
     if config.engine == "mma":  # gathers act_order before the kernel
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
-                              x_shared=config.num_stages > 0, overlap_gather=config.overlap_gather)
+                              x_shared=config.num_stages > 0, overlap_gather=config.overlap_gather,
+                              splits=config.split_k)
         return out.view(*x.shape[:-1], n_out)
     if x2.shape[0] > 1:  # a batch gathers act_order once; Triton's decode gathers in the kernel
         x2, weight = with_inputs_gathered(x2, weight)
@@ -171,7 +172,7 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
 
 
 def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
-    from quantbench.export.kernels import cuda_build, cuda_mma
+    from quantbench.export.kernels import cuda_build, cuda_gemv, cuda_mma
 
     if weight.kind == "ternary3" or cuda_mma.unsupported_reason(x, weight) is not None:
         return []
@@ -182,8 +183,10 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     m = x.shape[0]
     rows = sorted({cuda_mma.rows_for(m, weight), 16} | ({32} if m > 32 else set()))
     overlaps = (False, True) if weight.perm is not None and cuda_build.can_launch_dependent(x.device) else (False,)
-    return [TileConfig(1, 32 * warps_n, 0, 1, warps, x_shared, rows=r, overlap_gather=overlap, engine="mma")
+    processors = cuda_gemv.multiprocessors(x.device)
+    return [TileConfig(1, 32 * warps_n, 0, splits, warps, x_shared, rows=r, overlap_gather=overlap, engine="mma")
             for r in rows for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps
+            for splits in cuda_mma.split_choices(m, weight, r, warps, warps_n, processors)
             for x_shared in (0, 1) for overlap in overlaps]
 
 

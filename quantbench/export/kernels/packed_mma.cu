@@ -18,10 +18,12 @@
 //
 // A block's WARPS warps cover WARPS_N × 32 outputs and split the k-steps among WARPS / WARPS_N of them in
 // slabs of 4, the next slab's words loading into registers while one is decoded; their sums meet in shared
-// memory. x's pairs come from global memory (a slab ahead where two slabs of them fit in 64 registers), or
-// (X_SHARED) from a ring of 2–3 shared-memory stages that the warps sharing a slab fill with cp.async, one
-// or two slabs ahead, so that no load of x waits on L2. Rows of x: 8 (the upper half of each m-tile idle), 16, 32,
-// or 64 where the scales go into B (one decode of each weight for all 64 rows).
+// memory. Split-K (8- and 16-row blocks) gives each of gridDim.z blocks a run of whole slabs and adds their
+// float32 sums as packed_gemv.cu does: the last to arrive, in split order. x's pairs come from global memory
+// (a slab ahead where two slabs of them fit in 64 registers), or (X_SHARED) from a ring of 2–3 shared-memory
+// stages that the warps sharing a slab fill with cp.async, one or two slabs ahead, so that no load of x waits
+// on L2. Rows of x: 8 (the upper half of each m-tile idle), 16, 32, or 64 where the scales go into B (one
+// decode of each weight for all 64 rows).
 
 #include "packed_decode.cuh"
 
@@ -107,13 +109,18 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
 
 // One slab's words of this thread's 4 outputs (zero past the last row or output).
 __device__ __forceinline__ void load_slab(uint4 (&words)[SLAB], const uint32_t* __restrict__ w, int step0,
-                                          int word_rows, int N, int n0, int t, bool active) {
+                                          int rows_end, int N, int n0, int t, bool active) {
 #pragma unroll
   for (int i = 0; i < SLAB; ++i) {
     const int j = (step0 + i) * STEP_ROWS + t;
-    words[i] = active && j < word_rows ? load_streaming(w + static_cast<size_t>(j) * N + n0)
+    words[i] = active && j < rows_end ? load_streaming(w + static_cast<size_t>(j) * N + n0)
                                        : make_uint4(0, 0, 0, 0);
   }
+}
+
+// The k-steps of each of `splits` blocks along K: whole slabs, so that every slab and span keeps its place.
+__host__ __device__ inline int split_steps(int steps, int splits) {
+  return ((steps + splits - 1) / splits + SLAB - 1) / SLAB * SLAB;
 }
 
 constexpr bool ON_SUMS = SPAN > 0;  // scales applied to each span's sums (else to B, per word row)
@@ -234,11 +241,12 @@ __device__ __forceinline__ void load_inputs(const half* __restrict__ x, int j, i
     }
 }
 
-template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
+// SPLIT: blocks along K (gridDim.z of them), built apart so that one split keeps the plain kernel's code.
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT>
 __global__ void __launch_bounds__(WARPS * 32) packed_mma(
     const half* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ scales_,
     const uint8_t* __restrict__ zeros, half* __restrict__ out, int M, int N, int K, int n_groups, int row_shift,
-    int stride_x, float inverse_global_scale) {
+    int stride_x, float inverse_global_scale, float* __restrict__ partials, int* __restrict__ arrivals) {
   constexpr int TILES_M = ROWS <= 16 ? 1 : ROWS / 16;
   constexpr bool UPPER = ROWS >= 16;  // rows g + 8 of each m-tile hold x
   constexpr int WARPS_K = WARPS / WARPS_N;
@@ -262,6 +270,10 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
   const int m0 = blockIdx.y * ROWS;
   const int word_rows = K / PER;
   const int steps = (word_rows + STEP_ROWS - 1) / STEP_ROWS;
+  const int splits = SPLIT ? gridDim.z : 1;
+  const int chunk = SPLIT ? split_steps(steps, splits) : steps;  // this block's k-steps: whole slabs
+  const int step_begin = SPLIT ? blockIdx.z * chunk : 0, step_end = SPLIT ? min(steps, step_begin + chunk) : steps;
+  const int rows_end = SPLIT ? min(word_rows, step_end * STEP_ROWS) : word_rows;  // no word past them is loaded
   const bool active = n0 < N;
 
   float acc[TILES_M][OUTS][4];
@@ -273,20 +285,21 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
       for (int e = 0; e < 4; ++e) acc[mt][o][e] = 0.f;
 
   uint4 next[SLAB];
-  load_slab(next, w, warp_k * SLAB, word_rows, N, n0, t, active);  // before x: it may still be being written
+  load_slab(next, w, step_begin + warp_k * SLAB, rows_end, N, n0, t, active);  // before x: it may still be being written
   wait_for_previous_kernel();
   unsigned char* const stages = shared + static_cast<size_t>(warp_k) * TILE_ROWS * X_ROW_BYTES;  // this group's
   constexpr size_t STAGE_STRIDE = stage_bytes<TILE_ROWS, WARPS_K>();
   const XCopier<ROWS, 32 * WARPS_N> x_copier(x, m0, M, K, stride_x, warp_n * 32 + lane);
   if constexpr (X_SHARED) {
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) x_copier.copy(stages + s * STAGE_STRIDE, warp_k * SLAB + s * WARPS_K * SLAB);
+    for (int s = 0; s < STAGES - 1; ++s)
+      x_copier.copy(stages + s * STAGE_STRIDE, step_begin + warp_k * SLAB + s * WARPS_K * SLAB);
   }
   uint32_t next_inputs[X_AHEAD == 2 ? SLAB : 1][TILES_M][HALVES][PER / 2];
   if constexpr (X_AHEAD == 2) {
 #pragma unroll
     for (int i = 0; i < SLAB; ++i)
-      load_inputs(x, (warp_k * SLAB + i) * STEP_ROWS + t, word_rows, m0, g, M, stride_x, next_inputs[i]);
+      load_inputs(x, (step_begin + warp_k * SLAB + i) * STEP_ROWS + t, word_rows, m0, g, M, stride_x, next_inputs[i]);
   }
   [[maybe_unused]] uint2 next_codes[SLAB];
   auto load_slab_codes = [&](uint2 (&codes)[SLAB], int step0) {
@@ -295,11 +308,11 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
       codes[i] = load_codes(scales_, min((((step0 + i) * STEP_ROWS + t) >> row_shift), n_groups - 1), N, n0, n_warp, t,
                             active);
   };
-  if constexpr (CODES_AHEAD) load_slab_codes(next_codes, warp_k * SLAB);
+  if constexpr (CODES_AHEAD) load_slab_codes(next_codes, step_begin + warp_k * SLAB);
   Scales s;
   constexpr int SCALE_EVERY = ON_SUMS ? SPAN : 1;  // k-steps per scale load
   float sums[PLANES][TILES_M][OUTS][4];  // ON_SUMS: the current span's sums, scaled into acc at its end
-  for (int step0 = warp_k * SLAB, it = 0; step0 < steps; step0 += WARPS_K * SLAB, ++it) {
+  for (int step0 = step_begin + warp_k * SLAB, it = 0; step0 < step_end; step0 += WARPS_K * SLAB, ++it) {
     const unsigned char* stage = stages + (it % STAGES) * STAGE_STRIDE;
     if constexpr (X_SHARED) {  // this slab's stage landed; the one consumed last round takes slab it + STAGES − 1
       asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory");
@@ -309,7 +322,7 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
     uint4 words[SLAB];
 #pragma unroll
     for (int i = 0; i < SLAB; ++i) words[i] = next[i];
-    load_slab(next, w, step0 + WARPS_K * SLAB, word_rows, N, n0, t, active);
+    load_slab(next, w, step0 + WARPS_K * SLAB, rows_end, N, n0, t, active);
     [[maybe_unused]] uint2 codes[SLAB];
     if constexpr (CODES_AHEAD) {
 #pragma unroll
@@ -421,41 +434,74 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
     float sum = 0.f;
 #pragma unroll
     for (int wk = 0; wk < WARPS_K; ++wk) sum += partial[wk * WARPS_N + wn][r][c];
-    out[static_cast<size_t>(m) * N + n] = __float2half_rn(sum * last_scale);
+    if constexpr (SPLIT)
+      partials[(static_cast<size_t>(blockIdx.z) * M + m) * N + n] = sum;
+    else
+      out[static_cast<size_t>(m) * N + n] = __float2half_rn(sum * last_scale);
+  }
+  if constexpr (SPLIT) {  // the last block of this tile to arrive adds the splits in their order
+    __shared__ bool last;
+    __threadfence();  // this block's partial sums are visible before its arrival is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int* count = arrivals + blockIdx.y * gridDim.x + blockIdx.x;
+      last = atomicAdd(count, 1) == splits - 1;
+      if (last) *count = 0;  // every split has arrived: ready for the next call
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < WARPS_N * ROWS * COLS; idx += WARPS * 32) {
+      const int wn = idx / (ROWS * COLS), r = idx / COLS % ROWS, c = idx % COLS;
+      const int m = m0 + r, n = (blockIdx.x * WARPS_N + wn) * COLS + c;
+      if (m >= M || n >= N) continue;
+      float sum = 0.f;
+      for (int z = 0; z < splits; ++z) sum += __ldcg(partials + (static_cast<size_t>(z) * M + m) * N + n);
+      out[static_cast<size_t>(m) * N + n] = __float2half_rn(sum * last_scale);
+    }
   }
 }
 
 struct Call {
   const void *x, *w, *scales, *zeros;
-  void* out;
-  int M, N, K, n_groups, row_shift, stride_x;
+  void *out, *partials, *arrivals;
+  int splits, M, N, K, n_groups, row_shift, stride_x;
   float inverse_global_scale;
   bool dependent;
   cudaStream_t stream;
 };
 
-template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT>
 cudaError_t launch(const Call& c) {
   constexpr int TILE_ROWS = ROWS <= 16 ? 16 : ROWS;
   constexpr int WARPS_K = WARPS / WARPS_N;
   const size_t partial = sizeof(float) * WARPS * TILE_ROWS * COLS;
   const size_t staged = X_SHARED ? x_stages<TILE_ROWS, WARPS_K>() * stage_bytes<TILE_ROWS, WARPS_K>() : 0;
   const size_t shared = staged > partial ? staged : partial;
-  auto kernel = packed_mma<ROWS, WARPS, WARPS_N, X_SHARED>;
-  const cudaError_t error = allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, X_SHARED>>(shared);
+  auto kernel = packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT>;
+  const cudaError_t error = allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT>>(shared);
   if (error != cudaSuccess) return error;
-  const dim3 grid((c.N + WARPS_N * COLS - 1) / (WARPS_N * COLS), (c.M + ROWS - 1) / ROWS);
+  const dim3 grid((c.N + WARPS_N * COLS - 1) / (WARPS_N * COLS), (c.M + ROWS - 1) / ROWS, c.splits);
   return launch_after(kernel, grid, WARPS * 32, shared, c.stream, c.dependent,
       static_cast<const half*>(c.x), static_cast<const uint32_t*>(c.w), c.scales, static_cast<const uint8_t*>(c.zeros),
-      static_cast<half*>(c.out), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
+      static_cast<half*>(c.out), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale,
+      static_cast<float*>(c.partials), static_cast<int*>(c.arrivals));
+}
+
+// Split-K is built for the blocks of 8 and 16 rows only: beyond them the tuner never chose it.
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
+cudaError_t by_split(const Call& c) {
+  if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false>(c);
+  if constexpr (ROWS <= 16) return launch<ROWS, WARPS, WARPS_N, X_SHARED, true>(c);
+  return cudaErrorInvalidValue;
 }
 
 template <int ROWS, int WARPS, bool X_SHARED>
 cudaError_t by_warps_n(int warps_n, const Call& c) {
   switch (warps_n) {
-    case 1: return launch<ROWS, WARPS, 1, X_SHARED>(c);
-    case 2: return launch<ROWS, WARPS, 2, X_SHARED>(c);
-    case 4: return launch<ROWS, WARPS, 4, X_SHARED>(c);
+    case 1: return by_split<ROWS, WARPS, 1, X_SHARED>(c);
+    case 2: return by_split<ROWS, WARPS, 2, X_SHARED>(c);
+    case 4: return by_split<ROWS, WARPS, 4, X_SHARED>(c);
   }
   return cudaErrorInvalidValue;
 }
@@ -509,14 +555,16 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
 
 // Returns a cudaError_t (0: launched). rows_per_block 8, 16, 32, or 64 where the scales go into B (SPAN 0);
 // warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
-// (K a multiple of 8). x [M, K] float16 in the stored input order, rows 16-byte aligned. dependent: launched
+// (K a multiple of 8); splits > 1 (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
+// floats and `arrivals` one zeroed int per block of outputs (packed_gemv.cu's workspace). x [M, K] float16 in the stored input order, rows 16-byte aligned. dependent: launched
 // to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
-extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, const void* x,
-                                     const void* w, const void* scales, const void* zeros, void* out, int M, int N,
-                                     int K, int n_groups, int row_shift, int stride_x, float inverse_global_scale,
-                                     int dependent, void* stream) {
-  const Call c{x, w, scales, zeros, out, M, N, K, n_groups, row_shift, stride_x, inverse_global_scale,
-               dependent != 0, static_cast<cudaStream_t>(stream)};
+extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, int splits,
+                                     const void* x, const void* w, const void* scales, const void* zeros, void* out,
+                                     void* partials, void* arrivals, int M, int N, int K, int n_groups, int row_shift,
+                                     int stride_x, float inverse_global_scale, int dependent, void* stream) {
+  if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
+  const Call c{x, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
+               inverse_global_scale, dependent != 0, static_cast<cudaStream_t>(stream)};
   if (x_shared) return K % 8 ? cudaErrorInvalidValue : by_rows<true>(rows_per_block, warps, warps_n, c);
   return by_rows<false>(rows_per_block, warps, warps_n, c);
 }
