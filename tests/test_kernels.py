@@ -675,18 +675,23 @@ def test_split_k_sums_in_a_fixed_order_and_rearms_its_counts(label):
     arrival counts went back to zero), and equals one block along K to float16 rounding."""
     packed = to_kernel_layout(WEIGHTS[label].to("cuda"))
     x = torch.randn(3, IN, device="cuda").half()
-    tile = TileConfig(1, 64, 0, 4, 4, 0, rows=2, engine="cuda")
-    first = packed_matmul(x, packed, backend="cuda", config=tile)
+    assert_split_k_sums_are_fixed_and_replay(x, packed, TileConfig(1, 64, 0, 4, 4, 0, rows=2, engine="cuda"))
+
+
+def assert_split_k_sums_are_fixed_and_replay(x: torch.Tensor, packed, tile: TileConfig) -> None:
+    """A split-K tile's result is bit-identical when repeated (its arrival counts went back to zero) and in a
+    graph replay on new x, and equals one block along K to float16 rounding. Leaves new values in x."""
+    first = packed_matmul(x, packed, backend=tile.engine, config=tile)
     for _ in range(3):
-        assert torch.equal(packed_matmul(x, packed, backend="cuda", config=tile), first)
-    whole = packed_matmul(x, packed, backend="cuda", config=dataclasses.replace(tile, split_k=1))
+        assert torch.equal(packed_matmul(x, packed, backend=tile.engine, config=tile), first)
+    whole = packed_matmul(x, packed, backend=tile.engine, config=dataclasses.replace(tile, split_k=1))
     torch.testing.assert_close(first, whole, rtol=1e-2, atol=1e-2 * whole.abs().max().item())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = packed_matmul(x, packed, backend="cuda", config=tile)
+        captured = packed_matmul(x, packed, backend=tile.engine, config=tile)
     x.copy_(torch.randn_like(x))
     graph.replay()
-    assert torch.equal(captured, packed_matmul(x, packed, backend="cuda", config=tile))
+    assert torch.equal(captured, packed_matmul(x, packed, backend=tile.engine, config=tile))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
@@ -828,27 +833,16 @@ def test_tensor_core_kernel_handles_a_partial_slab_of_k_steps(name, x_shared):
 @pytest.mark.parametrize(("label", "rows"), [("int4-g32 act_order", 8), ("int4-g32 act_order", 16),
                                              ("ternary2-g64", 16), ("mxfp4-rtn", 8), ("nvfp4-rtn", 16)])
 def test_tensor_core_split_k_sums_in_a_fixed_order_and_rearms_its_counts(label, rows):
-    """Blocks along K: the last to finish adds the float32 sums in split order, so a repeated call (its arrival
-    counts back at zero) and a graph replay are bit-identical, and all equal one block along K to float16
-    rounding. 3 splits of 8 k-steps (whole slabs of 4) leave the third block none. Taller blocks have no
+    """Blocks along K, their float32 sums added in split order by the last to finish (as the CUDA-core
+    kernel's). 3 splits of 8 k-steps (whole slabs of 4) leave the third block none. Taller blocks have no
     split-K build: refused."""
     from quantbench.export.kernels import cuda_mma
 
     packed = to_kernel_layout(WEIGHTS[label].to("cuda"))
     x = torch.randn(12, IN, device="cuda").half()
-    whole = packed_matmul(x, packed, backend="mma", config=TileConfig(1, 64, 0, 1, 4, 1, rows=rows, engine="mma"))
     for splits, x_shared in ((2, 1), (3, 0)):
         tile = TileConfig(1, 64, 0, splits, 4, x_shared, rows=rows, engine="mma")
-        first = packed_matmul(x, packed, backend="mma", config=tile)
-        for _ in range(2):
-            assert torch.equal(packed_matmul(x, packed, backend="mma", config=tile), first)
-        torch.testing.assert_close(first, whole, rtol=1e-2, atol=1e-2 * whole.abs().max().item())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = packed_matmul(x, packed, backend="mma", config=tile)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    assert torch.equal(captured, packed_matmul(x, packed, backend="mma", config=tile))
+        assert_split_k_sums_are_fixed_and_replay(x, packed, tile)
     with pytest.raises(ValueError, match="splits 2"):
         cuda_mma.launch(x, packed, 32, 4, 2, splits=2)
 

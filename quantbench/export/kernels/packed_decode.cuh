@@ -96,6 +96,25 @@ __device__ __forceinline__ void let_next_kernel_start() {
 #endif
 }
 
+// Split-K: counts this block's arrival at its tile of outputs (one int per (blockIdx.y, blockIdx.x), zero
+// before a call) once its partial sums are written, and tells every thread whether it was the last of the
+// `splits` blocks along K; the last sets the count back to zero for the next call and sees every split's sums.
+// (packed_mma.cu's; packed_gemv.cu still has the same steps written out, compiled and tested that way.)
+__device__ __forceinline__ bool last_to_arrive(int* __restrict__ arrivals, int splits) {
+  __shared__ bool last;
+  __threadfence();  // this block's partial sums are visible before its arrival is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* count = arrivals + blockIdx.y * gridDim.x + blockIdx.x;
+    last = atomicAdd(count, 1) == splits - 1;
+    if (last) *count = 0;  // every split has arrived: ready for the next call
+  }
+  __syncthreads();
+  if (!last) return false;
+  __threadfence();
+  return true;
+}
+
 template <typename... Params, typename... Args>
 __host__ cudaError_t launch_after(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
                                   bool dependent, Args... args) {

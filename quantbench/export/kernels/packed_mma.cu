@@ -440,17 +440,7 @@ __global__ void __launch_bounds__(WARPS * 32) packed_mma(
       out[static_cast<size_t>(m) * N + n] = __float2half_rn(sum * last_scale);
   }
   if constexpr (SPLIT) {  // the last block of this tile to arrive adds the splits in their order
-    __shared__ bool last;
-    __threadfence();  // this block's partial sums are visible before its arrival is counted
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int* count = arrivals + blockIdx.y * gridDim.x + blockIdx.x;
-      last = atomicAdd(count, 1) == splits - 1;
-      if (last) *count = 0;  // every split has arrived: ready for the next call
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!last_to_arrive(arrivals, splits)) return;
     for (int idx = threadIdx.x; idx < WARPS_N * ROWS * COLS; idx += WARPS * 32) {
       const int wn = idx / (ROWS * COLS), r = idx / COLS % ROWS, c = idx % COLS;
       const int m = m0 + r, n = (blockIdx.x * WARPS_N + wn) * COLS + c;
