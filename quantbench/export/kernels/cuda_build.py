@@ -187,6 +187,14 @@ def entry_point(weight_type: WeightType, arch: str, function: str | None = None)
     return _functions[(*key, function)]
 
 
+def splits_to_fill(blocks: int, processors: int, most: int) -> int:
+    """The fewest splits of K, a power of two up to `most`, that give every multiprocessor one of the blocks."""
+    fill = 1
+    while blocks * fill < processors and fill < most:
+        fill *= 2
+    return fill
+
+
 def split_workspace(device: torch.device, splits: int, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K's float32 partial sums and zeroed arrival counts (either kernel's), one pair per device, split
     and output width, sized for every batch up to the power of two ≥ m. It is made on the first (eager) call

@@ -46,9 +46,7 @@ def split_choices(m: int, weight: KernelWeight, rows: int, lanes: int, threads: 
     blocks = -(-weight.shape[0] // (4 * lanes)) * -(-m // rows)
     word_rows = weight.shape[1] // weight.per_word
     most = max(1, word_rows // (threads // lanes * SLAB))
-    fill = 1
-    while blocks * fill < processors and fill < most:
-        fill *= 2
+    fill = cuda_build.splits_to_fill(blocks, processors, most)
     return sorted({min(s, most) for s in (1, fill, 2 * fill, 4 * fill)})
 
 

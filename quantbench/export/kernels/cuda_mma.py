@@ -47,9 +47,7 @@ def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: 
         return [1]
     steps = -(-(weight.shape[1] // weight.per_word) // STEP_ROWS)
     most = max(1, steps // (warps // warps_n * SLAB))
-    fill = 1
-    while blocks * fill < processors and fill < most:
-        fill *= 2
+    fill = cuda_build.splits_to_fill(blocks, processors, most)
     return sorted({min(s, most) for s in (1, fill, 2 * fill)})
 
 
