@@ -150,13 +150,13 @@ def build(weight_type: WeightType, arch: str) -> Path:
     return path
 
 
-# Entry points: (rows, lanes/warps, threads/warps_n, async/x_shared[, splits]) ints, then pointers, then sizes
+# Entry points: (rows, lanes/warps, threads/warps_n, async/x_shared[, dense], splits) ints, then pointers, then sizes
 # (gemv: and whether x goes through shared memory and whether word rows are streamed), then the scale, whether
 # to launch dependent and the stream; the tensor-core libraries also gather act_order's inputs (x, perm, out, M,
 # K, stride, dependent, stream).
 _SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 8
                         + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
-               "mma": ("quantbench_packed_mma", [ctypes.c_int] * 5 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
+               "mma": ("quantbench_packed_mma", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
                        + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
                "gather": ("quantbench_gather_inputs", [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p])}
 _libraries: dict[tuple[WeightType, str], ctypes.CDLL] = {}
