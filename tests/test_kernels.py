@@ -625,33 +625,26 @@ def test_tensor_core_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_pe
     assert split_choices(8, down, 8, 8, 1, 132) == [1, 2, 4]
     assert split_choices(16, down, 16, 4, 4, 132) == [1, 8, 16]  # 32 blocks of 128 outputs: 8 splits fill
     assert split_choices(16, down, 16, 8, 1, 64) == [1]  # 128 blocks fill 64 processors already
-    assert split_choices(32, down, 32, 8, 1, 132) == [1]  # split-K is built for blocks of 8 and 16 rows, and dense
-    # dense, 32 rows, 4 warps side by side: 112 blocks of 128 outputs; 2 splits fill 132 processors, and the
-    # room for 2–4 blocks each (16 warps) also tries 4 and 8
-    up = SimpleNamespace(shape=(14336, 4096), per_word=8)
-    assert split_choices(32, up, 32, 4, 4, 132, dense=True) == [1, 2, 4, 8]
-    assert split_choices(32, up, 32, 8, 4, 132, dense=True) == [1, 2, 4, 8]
-    assert split_choices(32, up, 32, 8, 4, 56, dense=True) == [1]  # 112 blocks fill 56 · 2 blocks of 8 warps
-    assert split_choices(32, down, 32, 8, 4, 132, dense=True) == [1, 8, 16, 32]  # 32 blocks
+    assert split_choices(32, down, 32, 8, 1, 132) == [1]  # split-K is built for blocks of 8 and 16 rows only
     # 8 k-steps, 8 warps along K: no split leaves each of them a slab of its own
     assert split_choices(1, SimpleNamespace(shape=(80, 256), per_word=8), 16, 8, 1, 132) == [1]
 
 
-def test_tensor_core_dense_blocks_are_offered_for_tall_blocks_whose_warps_share_x_side_by_side():
-    from quantbench.export.kernels.cuda_mma import dense_choices
+def test_tensor_core_capped_blocks_are_offered_for_32_rows_whose_warps_share_x_side_by_side():
+    from quantbench.export.kernels.cuda_mma import capped_choices
     from quantbench.export.kernels.matmul import _mma_candidates
 
-    assert dense_choices(32, 4, True) == (False, True)
-    assert dense_choices(16, 4, True) == dense_choices(64, 4, True) == dense_choices(32, 2, True) == (False,)
-    assert dense_choices(32, 4, False) == (False,)
+    assert capped_choices(32, 4, True) == (False, True)
+    assert capped_choices(16, 4, True) == capped_choices(64, 4, True) == capped_choices(32, 2, True) == (False,)
+    assert capped_choices(32, 4, False) == (False,)
     with patch("quantbench.export.kernels.cuda_mma.unsupported_reason", return_value=None), \
             patch("quantbench.export.kernels.cuda_gemv.multiprocessors", return_value=132), \
             patch("quantbench.export.kernels.cuda_build.can_launch_dependent", return_value=False):
         up = SimpleNamespace(shape=(14336, 4096), per_word=8, kind="int", perm=None)
         tiles = _mma_candidates(torch.zeros(32, 1), up)
-    dense = [t for t in tiles if t.dense]
-    assert {(t.rows, t.num_warps, t.block_n, t.num_stages) for t in dense} == {(32, 4, 128, 1), (32, 8, 128, 1)}
-    assert {t.split_k for t in dense} == {1, 2, 4, 8}
+    capped = [t for t in tiles if t.capped]
+    assert {(t.rows, t.num_warps, t.block_n, t.num_stages) for t in capped} == {(32, 4, 128, 1), (32, 8, 128, 1)}
+    assert {t.split_k for t in capped} == {1}
     assert len(tiles) == len(set(tiles))
 
 
@@ -805,10 +798,10 @@ MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows
              "64 rows, x from global memory": TileConfig(1, 128, 0, 1, 4, 0, rows=64, engine="mma"),
              "16 rows, x shared, started while act_order's gather runs":
                  TileConfig(1, 64, 0, 1, 4, 1, rows=16, overlap_gather=True, engine="mma"),
-             "32 rows, dense, 4 warps side by side, 2 splits":
-                 TileConfig(1, 128, 0, 2, 4, 1, rows=32, dense=True, engine="mma"),
-             "32 rows, dense, 8 warps, 4 side by side":
-                 TileConfig(1, 128, 0, 1, 8, 1, rows=32, dense=True, engine="mma")}
+             "32 rows, capped, 4 warps side by side":
+                 TileConfig(1, 128, 0, 1, 4, 1, rows=32, capped=True, engine="mma"),
+             "32 rows, capped, 8 warps, 4 side by side":
+                 TileConfig(1, 128, 0, 1, 8, 1, rows=32, capped=True, engine="mma")}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
@@ -879,10 +872,9 @@ def test_tensor_core_split_k_sums_in_a_fixed_order_and_rearms_its_counts(label, 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
 @pytest.mark.parametrize("label", ["int4-g32 act_order", "int4-g128-rtn", "ternary2-g64", "mxfp4-rtn", "nvfp4-rtn"])
-def test_tensor_core_dense_blocks_change_no_sum_and_split_k_in_a_fixed_order(label):
+def test_tensor_core_capped_blocks_change_no_sum(label):
     """Capping the registers changes where values live, not one operation: bit-identical to the same tile
-    uncapped. Dense blocks split K (2 and 3 splits, the third of 2 k-steps' slabs empty) in split order.
-    Other tiles have no dense build: refused."""
+    uncapped, also in a graph replay. Other tiles, and capped blocks split along K, have no build: refused."""
     from quantbench.export.kernels import cuda_mma
 
     packed = to_kernel_layout(WEIGHTS[label].to("cuda"))
@@ -890,13 +882,18 @@ def test_tensor_core_dense_blocks_change_no_sum_and_split_k_in_a_fixed_order(lab
     for warps in (4, 8):
         tile = TileConfig(1, 128, 0, 1, warps, 1, rows=32, engine="mma")
         uncapped = packed_matmul(x, packed, backend="mma", config=tile)
-        dense = dataclasses.replace(tile, dense=True)
-        assert torch.equal(packed_matmul(x, packed, backend="mma", config=dense), uncapped)
-        for splits in (2, 3):
-            assert_split_k_sums_are_fixed_and_replay(x, packed, dataclasses.replace(dense, split_k=splits))
-    for rows, warps_n, x_shared in ((16, 4, True), (64, 4, True), (32, 2, True), (32, 4, False)):
-        with pytest.raises(ValueError, match="dense True"):
-            cuda_mma.launch(x[:16], packed, rows, 4, warps_n, x_shared=x_shared, dense=True)
+        capped = dataclasses.replace(tile, capped=True)
+        assert torch.equal(packed_matmul(x, packed, backend="mma", config=capped), uncapped)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = packed_matmul(x, packed, backend="mma", config=capped)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(captured, packed_matmul(x, packed, backend="mma", config=tile))
+    for rows, warps_n, x_shared, splits in ((16, 4, True, 1), (64, 4, True, 1), (32, 2, True, 1), (32, 4, False, 1),
+                                            (32, 4, True, 2)):
+        with pytest.raises(ValueError, match="capped True"):
+            cuda_mma.launch(x[:16], packed, rows, 4, warps_n, x_shared=x_shared, splits=splits, capped=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")

@@ -17,9 +17,8 @@ WARPS_N = (1, 2, 4)  # warps side by side along the outputs (32 each); the other
 MAX_ROWS = 64  # beyond this only the tl.dot kernel is tried
 SCALES_IN_B_ROWS = 64  # blocks this tall put the scales into B: no registers are left for span sums
 STEP_ROWS, SLAB = 4, 4  # word rows per k-step, k-steps per slab: split-K gives each block whole slabs
-SPLIT_ROWS = (8, 16)  # split-K is built for these blocks, and for dense ones (other tall ones never gained from it)
-DENSE_ROWS, DENSE_WARPS_N = (32,), 4  # dense blocks: registers capped at 128 so that 16 warps share a multiprocessor
-WARPS_PER_MULTIPROCESSOR = 16  # what dense blocks are capped for
+SPLIT_ROWS = (8, 16)  # split-K is built for these blocks only (taller ones never gained from it)
+CAPPED_ROWS, CAPPED_WARPS_N = (32,), 4  # capped blocks: registers capped at 128 so that 16 warps share a multiprocessor
 
 
 def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
@@ -40,46 +39,43 @@ def rows_for(m: int, weight: KernelWeight) -> int:
     return next((rows for rows in choices if m <= rows), choices[-1])
 
 
-def dense_choices(rows: int, warps_n: int, x_shared: bool) -> tuple[bool, ...]:
-    """Whether to cap the registers (dense) as well: for blocks of 32 rows whose 4 warps side by side share x's
-    stages (64-row blocks spill under the cap)."""
-    return (False, True) if rows in DENSE_ROWS and warps_n == DENSE_WARPS_N and x_shared else (False,)
+def capped_choices(rows: int, warps_n: int, x_shared: bool) -> tuple[bool, ...]:
+    """Whether to also try the registers capped at 128 a thread (16 warps a multiprocessor): for blocks of 32
+    rows whose 4 warps side by side share x's stages (64-row blocks spill under the cap)."""
+    return (False, True) if rows in CAPPED_ROWS and warps_n == CAPPED_WARPS_N and x_shared else (False,)
 
 
-def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: int, processors: int,
-                  dense: bool = False) -> list[int]:
-    """Splits of K worth timing: none; for blocks of 8 or 16 rows that leave multiprocessors without a block,
-    the fewest splits that give each one and twice that; for dense blocks that leave room for more on the
-    multiprocessors, those and four times that (16 warps a multiprocessor are up to 4 blocks). Each of a
-    block's groups of warps along K keeps a slab of its own in each split."""
+def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: int, processors: int) -> list[int]:
+    """Splits of K worth timing: none; and for blocks of 8 or 16 rows that leave multiprocessors without a
+    block, the fewest splits that give each one and twice that, while each of a block's groups of warps along K
+    keeps a slab of its own in each split."""
     blocks = -(-weight.shape[0] // (32 * warps_n)) * -(-m // rows)
-    room = processors * WARPS_PER_MULTIPROCESSOR // warps if dense else processors
-    if not (dense or rows in SPLIT_ROWS) or blocks >= room:
+    if rows not in SPLIT_ROWS or blocks >= processors:
         return [1]
     steps = -(-(weight.shape[1] // weight.per_word) // STEP_ROWS)
     most = max(1, steps // (warps // warps_n * SLAB))
     fill = cuda_build.splits_to_fill(blocks, processors, most)
-    return sorted({min(s, most) for s in (1, fill, 2 * fill, *((4 * fill,) if dense else ()))})
+    return sorted({min(s, most) for s in (1, fill, 2 * fill)})
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
-           x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, dense: bool = False) -> torch.Tensor:
+           x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False) -> torch.Tensor:
     """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `x_shared`: x through shared-memory
     stages instead of from global memory at each k-step; `overlap_gather` (act_order, where the device can):
     the kernel launched to start while the gather runs, else once it is done (whatever dependent launch says
     for the gather itself); `splits`: blocks along K per block of outputs, whose float32 sums the last to
-    finish adds in split order; `dense` (32 rows, 4 warps along the outputs, x_shared): registers capped
+    finish adds in split order; `capped` (32 rows, 4 warps along the outputs, x_shared): registers capped
     so that 16 warps share a multiprocessor."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
     if (rows not in row_choices(weight) or warps not in WARPS or warps_n not in WARPS_N or warps_n > warps
-            or not 1 <= splits <= 65535 or (splits > 1 and rows not in SPLIT_ROWS and not dense)
-            or dense not in dense_choices(rows, warps_n, x_shared)):
-        raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, splits {splits}, dense {dense}: not among "
+            or not 1 <= splits <= 65535 or (splits > 1 and rows not in SPLIT_ROWS)
+            or capped not in capped_choices(rows, warps_n, x_shared)):
+        raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, splits {splits}, capped {capped}: not among "
                          f"{row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ warps), 1–65535 (beyond 1 only "
-                         f"with {SPLIT_ROWS} rows or dense); dense only with {DENSE_ROWS} rows, warps_n "
-                         f"{DENSE_WARPS_N} and x_shared")
+                         f"with {SPLIT_ROWS} rows); capped only with {CAPPED_ROWS} rows, warps_n {CAPPED_WARPS_N} and "
+                         f"x_shared")
     weight_type = WeightType.for_mma(weight, scales_in_b=rows == SCALES_IN_B_ROWS)
     arch = cuda_build.device_arch(x.device)
     if x.data_ptr() % 16 or not x.is_contiguous():
@@ -96,7 +92,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
         out = torch.empty(m, n, dtype=torch.float16, device=x.device)
         partials, arrivals = cuda_build.split_workspace(x.device, splits, m, n) if splits > 1 else (None, None)
         error = cuda_build.entry_point(weight_type, arch)(
-            rows, warps, warps_n, int(x_shared), int(dense), splits, x.data_ptr(), weight.qweight.data_ptr(),
+            rows, warps, warps_n, int(x_shared), int(capped), splits, x.data_ptr(), weight.qweight.data_ptr(),
             weight.scales.data_ptr(), pointer(weight.zeros), out.data_ptr(), pointer(partials), pointer(arrivals),
             m, n, k, weight.n_groups, row_shift(weight), x.stride(0), 1.0 / weight.global_scale, dependent, stream)
     if error:

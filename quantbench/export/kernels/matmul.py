@@ -47,7 +47,7 @@ class TileConfig:
     streamed: bool = False  # "cuda", registers, 1–2 rows: each word row reloaded as soon as it is used
     overlap_gather: bool = False  # "mma", act_order: the kernel starts while its gather runs (dependent launch)
     column_blocks: int = 0  # "cuda": blocks along the outputs, even shares of ≤ block_n (0: one per block_n)
-    dense: bool = False  # "mma", 32 rows, 4 warps side by side, x shared: registers capped for 16 warps an SM
+    capped: bool = False  # "mma", 32 rows, 4 warps side by side, x shared: registers capped for 16 warps an SM
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
     # split_k blocks along K;
@@ -105,7 +105,7 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     if config.engine == "mma":  # gathers act_order before the kernel
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
                               x_shared=config.num_stages > 0, overlap_gather=config.overlap_gather,
-                              splits=config.split_k, dense=config.dense)
+                              splits=config.split_k, capped=config.capped)
         return out.view(*x.shape[:-1], n_out)
     if x2.shape[0] > 1:  # a batch gathers act_order once; Triton's decode gathers in the kernel
         x2, weight = with_inputs_gathered(x2, weight)
@@ -185,11 +185,11 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     rows = sorted({cuda_mma.rows_for(m, weight), 16} | ({32} if m > 32 else set()))
     overlaps = (False, True) if weight.perm is not None and cuda_build.can_launch_dependent(x.device) else (False,)
     processors = cuda_gemv.multiprocessors(x.device)
-    return [TileConfig(1, 32 * warps_n, 0, splits, warps, x_shared, rows=r, overlap_gather=overlap, dense=dense,
+    return [TileConfig(1, 32 * warps_n, 0, splits, warps, x_shared, rows=r, overlap_gather=overlap, capped=capped,
                        engine="mma")
             for r in rows for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps
-            for x_shared in (0, 1) for dense in cuda_mma.dense_choices(r, warps_n, bool(x_shared))
-            for splits in cuda_mma.split_choices(m, weight, r, warps, warps_n, processors, dense)
+            for x_shared in (0, 1) for capped in cuda_mma.capped_choices(r, warps_n, bool(x_shared))
+            for splits in cuda_mma.split_choices(m, weight, r, warps, warps_n, processors)
             for overlap in overlaps]
 
 

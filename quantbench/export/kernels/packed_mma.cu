@@ -18,13 +18,13 @@
 //
 // A block's WARPS warps cover WARPS_N × 32 outputs and split the k-steps among WARPS / WARPS_N of them in
 // slabs of 4, the next slab's words loading into registers while one is decoded; their sums meet in shared
-// memory. Split-K (8- and 16-row blocks, and dense ones) gives each of gridDim.z blocks a run of whole slabs
+// memory. Split-K (8- and 16-row blocks) gives each of gridDim.z blocks a run of whole slabs
 // and adds their float32 sums as packed_gemv.cu does: the last to arrive, in split order. x's pairs come from
 // global memory (a slab ahead where two slabs of them fit in 64 registers), or (X_SHARED) from a ring of 2–3
 // shared-memory stages that the warps sharing a slab fill with cp.async, one or two slabs ahead, so that no load
 // of x waits on L2. Rows of x: 8 (the upper half of each m-tile idle), 16, 32, or 64 where the scales go into B
-// (one decode of each weight for all 64 rows). Dense blocks (32 rows, 4 warps side by side sharing x's
-// stages) cap their registers at 128 so that 16 warps share a multiprocessor, their grid filled by split-K.
+// (one decode of each weight for all 64 rows). Capped blocks (32 rows, 4 warps side by side sharing x's
+// stages) cap their registers at 128 so that 16 warps share a multiprocessor.
 
 #include "packed_decode.cuh"
 
@@ -43,11 +43,11 @@ constexpr int X_ROW_BYTES = SLAB_INPUTS * 2 + 64;  // one row of x in a stage; t
                                                    // of a quarter warp's 16-byte reads on different banks
 constexpr size_t STAGE_BUDGET = 224 * 1024;  // per multiprocessor: three stages a block where they fit, else two
 
-// DENSE blocks (32 rows, x shared by 4 warps side by side) cap their registers at 128 a thread so
+// CAPPED blocks (32 rows, x shared by 4 warps side by side) cap their registers at 128 a thread so
 // that 16 warps share a multiprocessor; others take what registers the compiler gives them. Shared memory is
 // budgeted for this many blocks a multiprocessor.
-template <int WARPS, bool DENSE>
-__host__ __device__ constexpr int blocks_sharing_memory() { return DENSE ? 16 / WARPS : 2; }
+template <int WARPS, bool CAPPED>
+__host__ __device__ constexpr int blocks_sharing_memory() { return CAPPED ? 16 / WARPS : 2; }
 
 template <int TILE_ROWS, int WARPS_K>
 __host__ __device__ constexpr size_t stage_bytes() { return static_cast<size_t>(WARPS_K) * TILE_ROWS * X_ROW_BYTES; }
@@ -251,8 +251,8 @@ __device__ __forceinline__ void load_inputs(const half* __restrict__ x, int j, i
 }
 
 // SPLIT: blocks along K (gridDim.z of them), built apart so that one split keeps the plain kernel's code.
-template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool DENSE>
-__global__ void __launch_bounds__(WARPS * 32, DENSE ? blocks_sharing_memory<WARPS, true>() : 0) packed_mma(
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED>
+__global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WARPS, true>() : 0) packed_mma(
     const half* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ scales_,
     const uint8_t* __restrict__ zeros, half* __restrict__ out, int M, int N, int K, int n_groups, int row_shift,
     int stride_x, float inverse_global_scale, float* __restrict__ partials, int* __restrict__ arrivals) {
@@ -266,8 +266,8 @@ __global__ void __launch_bounds__(WARPS * 32, DENSE ? blocks_sharing_memory<WARP
   // X_SHARED: step by step from the stage (0).
   constexpr int X_REGISTERS = SLAB * TILES_M * HALVES * PER / 2;
   constexpr int X_AHEAD = X_SHARED ? 0 : X_REGISTERS <= 32 ? 2 : X_REGISTERS <= 64 ? 1 : 0;
-  constexpr int STAGES = x_stages<TILE_ROWS, WARPS_K, blocks_sharing_memory<WARPS, DENSE>()>();
-  static_assert(!DENSE || (X_SHARED && ROWS == 32 && WARPS_N == 4), "dense: 32 rows, x shared side by side");
+  constexpr int STAGES = x_stages<TILE_ROWS, WARPS_K, blocks_sharing_memory<WARPS, CAPPED>()>();
+  static_assert(!CAPPED || (X_SHARED && ROWS == 32 && WARPS_N == 4), "capped: 32 rows, x shared side by side");
   static_assert(!ON_SUMS || ROWS <= 32, "64 rows of sums and span sums do not fit the registers: scales go into B");
   extern __shared__ __align__(16) unsigned char shared[];  // X_SHARED: the stages; then the warps' partial sums
   auto partial = reinterpret_cast<float (*)[TILE_ROWS][COLS]>(shared);
@@ -467,20 +467,20 @@ struct Call {
   void *out, *partials, *arrivals;
   int splits, M, N, K, n_groups, row_shift, stride_x;
   float inverse_global_scale;
-  bool dense, dependent;
+  bool capped, dependent;
   cudaStream_t stream;
 };
 
-template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool DENSE>
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED>
 cudaError_t launch(const Call& c) {
   constexpr int TILE_ROWS = ROWS <= 16 ? 16 : ROWS;
   constexpr int WARPS_K = WARPS / WARPS_N;
   const size_t partial = sizeof(float) * WARPS * TILE_ROWS * COLS;
-  constexpr int BLOCKS = blocks_sharing_memory<WARPS, DENSE>();
+  constexpr int BLOCKS = blocks_sharing_memory<WARPS, CAPPED>();
   const size_t staged = X_SHARED ? x_stages<TILE_ROWS, WARPS_K, BLOCKS>() * stage_bytes<TILE_ROWS, WARPS_K>() : 0;
   const size_t shared = staged > partial ? staged : partial;
-  auto kernel = packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, DENSE>;
-  const cudaError_t error = allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, DENSE>>(shared);
+  auto kernel = packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED>;
+  const cudaError_t error = allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED>>(shared);
   if (error != cudaSuccess) return error;
   const dim3 grid((c.N + WARPS_N * COLS - 1) / (WARPS_N * COLS), (c.M + ROWS - 1) / ROWS, c.splits);
   return launch_after(kernel, grid, WARPS * 32, shared, c.stream, c.dependent,
@@ -489,14 +489,13 @@ cudaError_t launch(const Call& c) {
       static_cast<float*>(c.partials), static_cast<int*>(c.arrivals));
 }
 
-// Split-K is built for the blocks of 8 and 16 rows, and for dense ones, whose grid must fill 16 warps a
-// multiprocessor: other tall blocks never gained from it.
+// Split-K is built for the blocks of 8 and 16 rows only: beyond them the tuner never chose it (capped blocks
+// included).
 template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
 cudaError_t by_split(const Call& c) {
-  if (c.dense) {
+  if (c.capped) {
     if constexpr (X_SHARED && ROWS == 32 && WARPS_N == 4) {
-      return c.splits == 1 ? launch<ROWS, WARPS, WARPS_N, X_SHARED, false, true>(c)
-                           : launch<ROWS, WARPS, WARPS_N, X_SHARED, true, true>(c);
+      if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, true>(c);
     }
     return cudaErrorInvalidValue;
   }
@@ -564,17 +563,17 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
 
 // Returns a cudaError_t (0: launched). rows_per_block 8, 16, 32, or 64 where the scales go into B (SPAN 0);
 // warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
-// (K a multiple of 8); dense (32 rows, x_shared, warps_n 4): registers capped so that 16 warps share a
-// multiprocessor; splits > 1 (8 or 16 rows per block, or dense): blocks along K, `partials` holding splits · M · N
+// (K a multiple of 8); capped (32 rows, x_shared, warps_n 4): registers capped so that 16 warps share a
+// multiprocessor; splits > 1 (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
 // floats and `arrivals` one zeroed int per block of outputs (packed_gemv.cu's workspace). x [M, K] float16 in the stored input order, rows 16-byte aligned. dependent: launched
 // to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
-extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, int dense, int splits,
+extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, int capped, int splits,
                                      const void* x, const void* w, const void* scales, const void* zeros, void* out,
                                      void* partials, void* arrivals, int M, int N, int K, int n_groups, int row_shift,
                                      int stride_x, float inverse_global_scale, int dependent, void* stream) {
   if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
   const Call c{x, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
-               inverse_global_scale, dense != 0, dependent != 0, static_cast<cudaStream_t>(stream)};
+               inverse_global_scale, capped != 0, dependent != 0, static_cast<cudaStream_t>(stream)};
   if (x_shared) return K % 8 ? cudaErrorInvalidValue : by_rows<true>(rows_per_block, warps, warps_n, c);
   return by_rows<false>(rows_per_block, warps, warps_n, c);
 }
