@@ -634,13 +634,17 @@ def test_tensor_core_capped_blocks_are_offered_for_32_rows_whose_warps_share_x_s
     from quantbench.export.kernels.cuda_mma import capped_choices
     from quantbench.export.kernels.matmul import _mma_candidates
 
-    assert capped_choices(32, 4, True) == (False, True)
-    assert capped_choices(16, 4, True) == capped_choices(64, 4, True) == capped_choices(32, 2, True) == (False,)
-    assert capped_choices(32, 4, False) == (False,)
+    int4 = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
+    assert capped_choices(32, 4, True, int4) == (False, True)
+    for rows, warps_n, x_shared in ((16, 4, True), (64, 4, True), (32, 2, True), (32, 4, False)):
+        assert capped_choices(rows, warps_n, x_shared, int4) == (False,)
+    # ternary's two planes of span sums spill under the cap; groups shorter than a k-step scale B instead
+    assert capped_choices(32, 4, True, to_kernel_layout(WEIGHTS["ternary2-g64"])) == (False,)
+    assert capped_choices(32, 4, True, to_kernel_layout(ternary_weight(16))) == (False, True)
     with patch("quantbench.export.kernels.cuda_mma.unsupported_reason", return_value=None), \
             patch("quantbench.export.kernels.cuda_gemv.multiprocessors", return_value=132), \
             patch("quantbench.export.kernels.cuda_build.can_launch_dependent", return_value=False):
-        up = SimpleNamespace(shape=(14336, 4096), per_word=8, kind="int", perm=None)
+        up = SimpleNamespace(shape=(14336, 4096), per_word=8, kind="int", perm=None, group=128, bits=4, zeros=None)
         tiles = _mma_candidates(torch.zeros(32, 1), up)
     capped = [t for t in tiles if t.capped]
     assert {(t.rows, t.num_warps, t.block_n, t.num_stages) for t in capped} == {(32, 4, 128, 1), (32, 8, 128, 1)}
@@ -812,8 +816,11 @@ def test_tensor_core_kernel_equals_the_dequantized_matmul_on_partial_tiles(label
     """80 outputs fill no block of 32–128; 1, 5 and 40 rows leave partial row blocks, 40 also spans two
     blocks of 32; act_order is gathered before the call. 64-row blocks put the scales into B (not MXFP4's)."""
     stored = WEIGHTS[label].to("cuda")
-    if MMA_TILES[tile].rows == 64 and label.startswith("mxfp4"):
-        with pytest.raises(ValueError, match="rows 64"):
+    refused = {"rows 64": MMA_TILES[tile].rows == 64 and label.startswith("mxfp4"),
+               "capped True": MMA_TILES[tile].capped and label.startswith("ternary2")}  # its span sums spill
+    refusal = next((match for match, expected in refused.items() if expected), None)
+    if refusal:
+        with pytest.raises(ValueError, match=refusal):
             packed_matmul(torch.zeros(batch, IN, device="cuda").half(), to_kernel_layout(stored), backend="mma",
                           config=MMA_TILES[tile])
         return
@@ -871,13 +878,14 @@ def test_tensor_core_split_k_sums_in_a_fixed_order_and_rearms_its_counts(label, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
-@pytest.mark.parametrize("label", ["int4-g32 act_order", "int4-g128-rtn", "ternary2-g64", "mxfp4-rtn", "nvfp4-rtn"])
+@pytest.mark.parametrize("label", ["int4-g32 act_order", "int4-g128-rtn", "ternary2-g16", "mxfp4-rtn", "nvfp4-rtn"])
 def test_tensor_core_capped_blocks_change_no_sum(label):
     """Capping the registers changes where values live, not one operation: bit-identical to the same tile
     uncapped, also in a graph replay. Other tiles, and capped blocks split along K, have no build: refused."""
     from quantbench.export.kernels import cuda_mma
 
-    packed = to_kernel_layout(WEIGHTS[label].to("cuda"))
+    stored = ternary_weight(16) if label == "ternary2-g16" else WEIGHTS[label]
+    packed = to_kernel_layout(stored.to("cuda"))
     x = torch.randn(27, IN, device="cuda").half()
     for warps in (4, 8):
         tile = TileConfig(1, 128, 0, 1, warps, 1, rows=32, engine="mma")

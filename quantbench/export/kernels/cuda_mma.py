@@ -39,10 +39,12 @@ def rows_for(m: int, weight: KernelWeight) -> int:
     return next((rows for rows in choices if m <= rows), choices[-1])
 
 
-def capped_choices(rows: int, warps_n: int, x_shared: bool) -> tuple[bool, ...]:
+def capped_choices(rows: int, warps_n: int, x_shared: bool, weight: KernelWeight) -> tuple[bool, ...]:
     """Whether to also try the registers capped at 128 a thread (16 warps a multiprocessor): for blocks of 32
-    rows whose 4 warps side by side share x's stages (64-row blocks spill under the cap)."""
-    return (False, True) if rows in CAPPED_ROWS and warps_n == CAPPED_WARPS_N and x_shared else (False,)
+    rows whose 4 warps side by side share x's stages, but not for ternary's two planes of span sums (they, and
+    64-row blocks, spill under the cap)."""
+    spills = weight.kind == "ternary" and WeightType.for_mma(weight).flush > 0
+    return (False, True) if rows in CAPPED_ROWS and warps_n == CAPPED_WARPS_N and x_shared and not spills else (False,)
 
 
 def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: int, processors: int) -> list[int]:
@@ -71,11 +73,11 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
     if (rows not in row_choices(weight) or warps not in WARPS or warps_n not in WARPS_N or warps_n > warps
             or not 1 <= splits <= 65535 or (splits > 1 and rows not in SPLIT_ROWS)
-            or capped not in capped_choices(rows, warps_n, x_shared)):
+            or capped not in capped_choices(rows, warps_n, x_shared, weight)):
         raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, splits {splits}, capped {capped}: not among "
                          f"{row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ warps), 1–65535 (beyond 1 only "
                          f"with {SPLIT_ROWS} rows); capped only with {CAPPED_ROWS} rows, warps_n {CAPPED_WARPS_N} and "
-                         f"x_shared")
+                         f"x_shared (not ternary span sums)")
     weight_type = WeightType.for_mma(weight, scales_in_b=rows == SCALES_IN_B_ROWS)
     arch = cuda_build.device_arch(x.device)
     if x.data_ptr() % 16 or not x.is_contiguous():

@@ -17,14 +17,15 @@
 // its global scale is applied last.
 //
 // A block's WARPS warps cover WARPS_N × 32 outputs and split the k-steps among WARPS / WARPS_N of them in
-// slabs of 4, the next slab's words loading into registers while one is decoded; their sums meet in shared
-// memory. Split-K (8- and 16-row blocks) gives each of gridDim.z blocks a run of whole slabs
-// and adds their float32 sums as packed_gemv.cu does: the last to arrive, in split order. x's pairs come from
-// global memory (a slab ahead where two slabs of them fit in 64 registers), or (X_SHARED) from a ring of 2–3
-// shared-memory stages that the warps sharing a slab fill with cp.async, one or two slabs ahead, so that no load
-// of x waits on L2. Rows of x: 8 (the upper half of each m-tile idle), 16, 32, or 64 where the scales go into B
-// (one decode of each weight for all 64 rows). Capped blocks (32 rows, 4 warps side by side sharing x's
-// stages) cap their registers at 128 so that 16 warps share a multiprocessor.
+// slabs of 4, the next slab's words (and scale bits, where each k-step has its own) loading into registers
+// while one is decoded; their sums meet in shared memory. Split-K (8- and 16-row blocks) gives each of
+// gridDim.z blocks a run of whole slabs and adds their float32 sums as packed_gemv.cu does: the last to
+// arrive, in split order. x's pairs come from global memory (a slab ahead where two slabs of them fit in 64
+// registers), or (X_SHARED) from a ring of 2–3 shared-memory stages that the warps sharing a slab fill with
+// cp.async, one or two slabs ahead, so that no load of x waits on L2. Rows of x: 8 (the upper half of each
+// m-tile idle), 16, 32, or 64 where the scales go into B (one decode of each weight for all 64 rows). Capped
+// blocks (32 rows, 4 warps side by side sharing x's stages) cap their registers at 128 so that 16 warps share a
+// multiprocessor.
 
 #include "packed_decode.cuh"
 
@@ -66,13 +67,12 @@ struct XCopier {
   static_assert(GROUP_THREADS % UNITS_PER_ROW == 0, "each thread keeps one column");
   static constexpr int ROW_STEP = GROUP_THREADS / UNITS_PER_ROW;
   static constexpr int COPIES = (ROWS + ROW_STEP - 1) / ROW_STEP;
-  const half* x;
   const half* first;  // row m0 + r0, column 8·c of slab 0
   size_t row_stride;  // ROW_STEP rows of x
   uint32_t target;    // the stage offset of row r0, column c
   int first_row, column, rows_inside, K;
 
-  __device__ __forceinline__ XCopier(const half* x_, int m0, int M, int K_, int stride_x, int thread) : x(x_), K(K_) {
+  __device__ __forceinline__ XCopier(const half* x, int m0, int M, int K_, int stride_x, int thread) : K(K_) {
     const int r0 = thread / UNITS_PER_ROW, c = thread % UNITS_PER_ROW;
     first_row = r0;
     column = 8 * c;
@@ -85,15 +85,15 @@ struct XCopier {
 
   __device__ __forceinline__ void copy(unsigned char* stage, int step0) const {
     const int k0 = step0 * STEP_ROWS * PER;
-    const bool k_inside = k0 + column < K;
+    const int live = k0 + column < K ? rows_inside : 0;  // copies that read x; the others copy no byte
     const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(stage)) + target;
+    const half* source = first + k0;
 #pragma unroll
     for (int i = 0; i < COPIES; ++i) {
       if (ROWS % ROW_STEP && first_row + i * ROW_STEP >= ROWS) break;  // past the stage's rows
-      const bool inside = k_inside && i < rows_inside;
-      const half* source = inside ? first + i * row_stride + k0 : x;
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                   :: "r"(base + i * ROW_STEP * X_ROW_BYTES), "l"(source), "r"(inside ? 16 : 0));
+                   :: "r"(base + i * ROW_STEP * X_ROW_BYTES), "l"(source), "r"(i < live ? 16 : 0));
+      source += row_stride;
     }
     asm volatile("cp.async.commit_group;");
   }
@@ -145,70 +145,87 @@ struct Scales {
   float c_low[PLANES][OUTS], c_high[PLANES][OUTS];
 };
 
-[[maybe_unused]] __device__ __forceinline__ void four_halves(const half* p, bool inside, float (&f)[OUTS]) {
-  const uint2 v = inside ? __ldg(reinterpret_cast<const uint2*>(p)) : make_uint2(0, 0);
-  f[0] = __low2float(as_half2(v.x)); f[1] = __high2float(as_half2(v.x));
-  f[2] = __low2float(as_half2(v.y)); f[3] = __high2float(as_half2(v.y));
+// The bits one scale load reads, a slab ahead of their use: float16 scales (per plane; in `low` for this
+// thread's weight columns where they go into B, else for accumulator columns 8t + o, and 8t + 4 + o in `high`),
+// zero points, and MXFP4's (low, high) or NVFP4's (low.x) scale codes. Unused members cost no registers.
+struct ScaleBits {
+  uint2 low[PLANES], high[PLANES];
+  uint32_t zeros;
+};
+
+__device__ __forceinline__ uint2 eight_bytes(const void* p, bool inside) {
+  return inside ? __ldg(reinterpret_cast<const uint2*>(p)) : make_uint2(0, 0);
 }
 
-// MXFP4's and NVFP4's scale codes change at every k-step: they load a slab ahead, with the words.
-constexpr bool CODES_AHEAD = KIND == 2 || KIND == 3;
-
-// The codes of one k-step's group: MXFP4's for accumulator columns 8t + o and 8t + 4 + o, NVFP4's for this
-// thread's weight columns (zero past N).
-__device__ __forceinline__ uint2 load_codes(const void* __restrict__ scales_, int group, int N, int n0, int n_warp, int t,
-                                            bool active) {
-  const uint8_t* codes = static_cast<const uint8_t*>(scales_) + static_cast<size_t>(group) * N;
-  if (KIND == 2) {
-    const bool low = n_warp + 8 * t < N, high = n_warp + 8 * t + 4 < N;
-    return make_uint2(low ? __ldg(reinterpret_cast<const uint32_t*>(codes + n_warp + 8 * t)) : 0u,
-                      high ? __ldg(reinterpret_cast<const uint32_t*>(codes + n_warp + 8 * t + 4)) : 0u);
-  }
-  return make_uint2(active ? __ldg(reinterpret_cast<const uint32_t*>(codes + n0)) : 0u, 0u);
+__device__ __forceinline__ uint32_t four_bytes(const void* p, bool inside) {
+  return inside ? __ldg(reinterpret_cast<const uint32_t*>(p)) : 0u;
 }
 
-__device__ __forceinline__ void load_scales(Scales& s, const void* __restrict__ scales_, const uint8_t* __restrict__ zeros,
-                                            int group, int n_groups, int N, int n0, int n_warp, int t,
-                                            bool active, uint2 codes) {
-  [[maybe_unused]] const size_t at = static_cast<size_t>(group) * N + n0;
-  [[maybe_unused]] const size_t at_sums = static_cast<size_t>(group) * N + n_warp + 8 * t;
-  [[maybe_unused]] const bool low = n_warp + 8 * t < N, high = n_warp + 8 * t + 4 < N;
+__device__ __forceinline__ ScaleBits load_scale_bits(const void* __restrict__ scales_,
+                                                     const uint8_t* __restrict__ zeros, int group, int n_groups,
+                                                     int N, int n0, int n_warp, int t, bool active) {
+  ScaleBits bits{};
+  const size_t at = static_cast<size_t>(group) * N + n0;
+  const size_t at_sums = static_cast<size_t>(group) * N + n_warp + 8 * t;
+  const bool low = n_warp + 8 * t < N, high = n_warp + 8 * t + 4 < N;
 #if KIND == 0 || KIND == 1
   const half* scales = static_cast<const half*>(scales_);
 #pragma unroll
   for (int plane = 0; plane < PLANES; ++plane) {  // the second plane's α follow the first's
     const size_t offset = static_cast<size_t>(plane) * n_groups * N;
     if (ON_SUMS) {
-      four_halves(scales + offset + at_sums, low, s.c_low[plane]);
-      four_halves(scales + offset + at_sums + 4, high, s.c_high[plane]);
+      bits.low[plane] = eight_bytes(scales + offset + at_sums, low);
+      bits.high[plane] = eight_bytes(scales + offset + at_sums + 4, high);
     } else {
-      float f[OUTS];
-      four_halves(scales + offset + at, active, f);
-#pragma unroll
-      for (int o = 0; o < OUTS; ++o) s.b[plane][o] = __float2half2_rn(f[o]);
+      bits.low[plane] = eight_bytes(scales + offset + at, active);
     }
   }
-#endif
-#if KIND == 0
 #if HAS_ZEROS
-  const uint32_t z = active ? __ldg(reinterpret_cast<const uint32_t*>(zeros + at)) : 0u;
-#pragma unroll
-  for (int o = 0; o < OUTS; ++o) s.zero[o] = static_cast<float>((z >> (8 * o)) & 0xFFu);
-#else
-#pragma unroll
-  for (int o = 0; o < OUTS; ++o) s.zero[o] = static_cast<float>(1 << (BITS - 1));
+  bits.zeros = four_bytes(zeros + at, active);
 #endif
-#elif KIND == 2  // codes: from load_codes
+#else
+  const uint8_t* codes = static_cast<const uint8_t*>(scales_);
+  if (KIND == 2) {
+    bits.low[0].x = four_bytes(codes + at_sums, low);
+    bits.high[0].x = four_bytes(codes + at_sums + 4, high);
+  } else {
+    bits.low[0].x = four_bytes(codes + at, active);
+  }
+#endif
+  (void)zeros;
+  return bits;
+}
+
+__device__ __forceinline__ float half_of(uint2 v, int o) {
+  return o < 2 ? (o ? __high2float(as_half2(v.x)) : __low2float(as_half2(v.x)))
+               : (o == 3 ? __high2float(as_half2(v.y)) : __low2float(as_half2(v.y)));
+}
+
+__device__ __forceinline__ Scales unpack_scales(const ScaleBits& bits) {
+  Scales s;
 #pragma unroll
   for (int o = 0; o < OUTS; ++o) {
-    s.c_low[0][o] = low ? e8m0_value((codes.x >> (8 * o)) & 0xFFu) : 0.f;
-    s.c_high[0][o] = high ? e8m0_value((codes.y >> (8 * o)) & 0xFFu) : 0.f;
-  }
-#elif KIND == 3
+#if KIND == 0 || KIND == 1
 #pragma unroll
-  for (int o = 0; o < OUTS; ++o) s.b[0][o] = __float2half2_rn(e4m3_value((codes.x >> (8 * o)) & 0xFFu));
+    for (int plane = 0; plane < PLANES; ++plane) {
+      if (ON_SUMS) {
+        s.c_low[plane][o] = half_of(bits.low[plane], o);
+        s.c_high[plane][o] = half_of(bits.high[plane], o);
+      } else {
+        s.b[plane][o] = __float2half2_rn(half_of(bits.low[plane], o));
+      }
+    }
 #endif
-  (void)codes;
+#if KIND == 0
+    s.zero[o] = HAS_ZEROS ? static_cast<float>((bits.zeros >> (8 * o)) & 0xFFu) : static_cast<float>(1 << (BITS - 1));
+#elif KIND == 2  // a code 0 past N scales sums that are zero
+    s.c_low[0][o] = e8m0_value((bits.low[0].x >> (8 * o)) & 0xFFu);
+    s.c_high[0][o] = e8m0_value((bits.high[0].x >> (8 * o)) & 0xFFu);
+#elif KIND == 3
+    s.b[0][o] = __float2half2_rn(e4m3_value((bits.low[0].x >> (8 * o)) & 0xFFu));
+#endif
+  }
+  return s;
 }
 
 // Word → the B registers of its PRODUCTS products (two code pairs each) for each plane, scaled where B
@@ -311,16 +328,22 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
     for (int i = 0; i < SLAB; ++i)
       load_inputs(x, (step_begin + warp_k * SLAB + i) * STEP_ROWS + t, word_rows, m0, g, M, stride_x, next_inputs[i]);
   }
-  [[maybe_unused]] uint2 next_codes[SLAB];
-  auto load_slab_codes = [&](uint2 (&codes)[SLAB], int step0) {
-#pragma unroll
-    for (int i = 0; i < SLAB; ++i)
-      codes[i] = load_codes(scales_, min((((step0 + i) * STEP_ROWS + t) >> row_shift), n_groups - 1), N, n0, n_warp, t,
-                            active);
-  };
-  if constexpr (CODES_AHEAD) load_slab_codes(next_codes, step_begin + warp_k * SLAB);
-  Scales s;
   constexpr int SCALE_EVERY = ON_SUMS ? SPAN : 1;  // k-steps per scale load
+  // Scale bits load a slab ahead where every k-step needs its own (scales into B, MXFP4, NVFP4); span sums of
+  // int and ternary load theirs at the span's start: ahead, they cost the registers of a second block.
+  constexpr bool SCALES_AHEAD = !ON_SUMS || KIND == 2 || KIND == 3;
+  constexpr int SCALE_LOADS = SCALES_AHEAD ? SLAB / SCALE_EVERY : 1;
+  auto scale_bits_at = [&](int step) {
+    const int group = min((step * STEP_ROWS + t) >> row_shift, n_groups - 1);
+    return load_scale_bits(scales_, zeros, group, n_groups, N, n0, n_warp, t, active);
+  };
+  auto load_slab_scales = [&](ScaleBits (&bits)[SCALE_LOADS], int step0) {
+#pragma unroll
+    for (int l = 0; l < SCALE_LOADS; ++l) bits[l] = scale_bits_at(step0 + l * SCALE_EVERY);
+  };
+  ScaleBits next_bits[SCALE_LOADS];
+  if constexpr (SCALES_AHEAD) load_slab_scales(next_bits, step_begin + warp_k * SLAB);
+  Scales s;
   float sums[PLANES][TILES_M][OUTS][4];  // ON_SUMS: the current span's sums, scaled into acc at its end
   for (int step0 = step_begin + warp_k * SLAB, it = 0; step0 < step_end; step0 += WARPS_K * SLAB, ++it) {
     const unsigned char* stage = stages + (it % STAGES) * STAGE_STRIDE;
@@ -333,11 +356,11 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
 #pragma unroll
     for (int i = 0; i < SLAB; ++i) words[i] = next[i];
     load_slab(next, w, step0 + WARPS_K * SLAB, rows_end, N, n0, t, active);
-    [[maybe_unused]] uint2 codes[SLAB];
-    if constexpr (CODES_AHEAD) {
+    ScaleBits bits[SCALE_LOADS];
+    if constexpr (SCALES_AHEAD) {
 #pragma unroll
-      for (int i = 0; i < SLAB; ++i) codes[i] = next_codes[i];
-      load_slab_codes(next_codes, step0 + WARPS_K * SLAB);
+      for (int l = 0; l < SCALE_LOADS; ++l) bits[l] = next_bits[l];
+      load_slab_scales(next_bits, step0 + WARPS_K * SLAB);
     }
     uint32_t inputs[X_AHEAD ? SLAB : 1][TILES_M][HALVES][PER / 2];  // rows g (+ 8) of each m-tile
     if constexpr (X_AHEAD == 2) {
@@ -359,8 +382,7 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
     for (int i = 0; i < SLAB; ++i) {
       const int j = (step0 + i) * STEP_ROWS + t;
       if (i % SCALE_EVERY == 0) {
-        load_scales(s, scales_, zeros, min(j >> row_shift, n_groups - 1), n_groups, N, n0, n_warp, t, active,
-                    CODES_AHEAD ? codes[i] : make_uint2(0u, 0u));
+        s = unpack_scales(SCALES_AHEAD ? bits[i / SCALE_EVERY] : scale_bits_at(step0 + i));
         if (ON_SUMS) {
 #pragma unroll
           for (int plane = 0; plane < PLANES; ++plane)
@@ -494,7 +516,7 @@ cudaError_t launch(const Call& c) {
 template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
 cudaError_t by_split(const Call& c) {
   if (c.capped) {
-    if constexpr (X_SHARED && ROWS == 32 && WARPS_N == 4) {
+    if constexpr (X_SHARED && ROWS == 32 && WARPS_N == 4 && !(ON_SUMS && PLANES == 2)) {  // ternary's sums spill
       if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, true>(c);
     }
     return cudaErrorInvalidValue;
