@@ -1,10 +1,10 @@
 """Where the CUDA decode kernel's time goes at batch 1: each tile configuration (weights through registers a
-slab or a row at a time, or cp.async stages; splits of K; blocks along the outputs; x held in shared memory or
-not) timed whole and
+slab or a row at a time, cp.async stages, or bulk copies into a ring of 4 or 12 stages; splits of K; blocks
+along the outputs; x held in shared memory or not) timed whole and
 with its weight loads alone (nothing decoded), against torch reading the same words (`max`) and copying
 them, on a cold L2 with x cached (CUDA graphs; bench/kernel_speed.py's timer).
 
-    python bench/gemv_anatomy.py [--shapes 8192x8192 …] [--json out.json]
+    python bench/gemv_anatomy.py [--shapes 8192x8192 …] [--loads registers bulk-12 …] [--json out.json]
 
 The load-only time is what this access pattern costs; whole − load-only is what decoding adds where it does
 not hide under the loads. The copy gives the device's copy rate at this size, under the same timer.
@@ -30,10 +30,15 @@ from quantbench.export.kernels import cuda_gemv  # noqa: E402
 from quantbench.export.kernels.matmul import graph_time_ms  # noqa: E402
 
 
+LOADS = {"registers": {}, "streamed": {"streamed": True}, "cp.async": {"async_copies": True},
+         **{f"bulk-{stages}": {"bulk_stages": stages} for stages in cuda_gemv.BULK_STAGES}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--variants", nargs="+", default=["int4-g128 act_order", "ternary2"])
+    parser.add_argument("--loads", nargs="+", default=list(LOADS), choices=list(LOADS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -51,17 +56,23 @@ def main() -> None:
             print(f"{shape:>11} {label:>20}: torch reads the words in {read_us:6.1f} µs, copies them in "
                   f"{copy_us:6.1f} µs ({copy_rate:.2f} TB/s)", flush=True)
             processors = cuda_gemv.multiprocessors(device)
-            for load in ("registers", "streamed", "cp.async"):
-                for lanes in cuda_gemv.LANES:
+            for load in args.loads:
+                for lanes in cuda_gemv.BULK_LANES if load.startswith("bulk") else cuda_gemv.LANES:
                     for threads in cuda_gemv.THREADS:
                         for splits in cuda_gemv.split_choices(1, weight, 1, lanes, threads, processors):
                             for blocks, held in itertools.product(
                                     cuda_gemv.column_block_choices(n, lanes, splits, processors),
                                     cuda_gemv.x_choices(weight)):
                                 def call(load_only=False):
-                                    return cuda_gemv.launch(x, weight, 1, lanes, threads, load == "cp.async",
-                                                            load_only, splits, held, streamed=load == "streamed",
-                                                            column_blocks=blocks)
+                                    return cuda_gemv.launch(x, weight, 1, lanes, threads, load_only=load_only,
+                                                            splits=splits, x_in_shared=held, column_blocks=blocks,
+                                                            **LOADS[load])
+                                try:
+                                    call()
+                                except (RuntimeError, ValueError) as exc:  # a ring that does not fit beside x
+                                    print(f"{shape:>11} {label:>20} {load:9} lanes {lanes:2} threads {threads:3} "
+                                          f"splits {splits:2} column blocks {blocks}: not run ({exc})", flush=True)
+                                    continue
                                 whole = 1e3 * graph_time_ms(call, warm=(x,))
                                 loads = 1e3 * graph_time_ms(lambda: call(load_only=True), warm=(x,))
                                 row = {"shape": shape, "variant": label, "loads": load, "lanes": lanes,

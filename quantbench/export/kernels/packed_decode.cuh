@@ -99,7 +99,7 @@ __device__ __forceinline__ void let_next_kernel_start() {
 // Split-K: counts this block's arrival at its tile of outputs (one int per (blockIdx.y, blockIdx.x), zero
 // before a call) once its partial sums are written, and tells every thread whether it was the last of the
 // `splits` blocks along K; the last sets the count back to zero for the next call and sees every split's sums.
-// (packed_mma.cu's; packed_gemv.cu still has the same steps written out, compiled and tested that way.)
+// (Both kernels' split-K ends here.)
 __device__ __forceinline__ bool last_to_arrive(int* __restrict__ arrivals, int splits) {
   __shared__ bool last;
   __threadfence();  // this block's partial sums are visible before its arrival is counted
