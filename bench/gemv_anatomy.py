@@ -1,10 +1,10 @@
 """Where the CUDA decode kernel's time goes at batch 1: each tile configuration (weights through registers a
-slab or a row at a time, cp.async stages, or bulk copies into a ring of 4 or 12 stages; splits of K; blocks
-along the outputs; x held in shared memory or not) timed whole and
+slab or a row at a time, or cp.async stages; splits of K; blocks along the outputs; x held in shared memory
+or not) timed whole and
 with its weight loads alone (nothing decoded), against torch reading the same words (`max`) and copying
 them, on a cold L2 with x cached (CUDA graphs; bench/kernel_speed.py's timer).
 
-    python bench/gemv_anatomy.py [--shapes 8192x8192 …] [--loads registers bulk-12 …] [--json out.json]
+    python bench/gemv_anatomy.py [--shapes 8192x8192 …] [--loads registers streamed] [--json out.json]
 
 The load-only time is what this access pattern costs; whole − load-only is what decoding adds where it does
 not hide under the loads. The copy gives the device's copy rate at this size, under the same timer.
@@ -30,8 +30,7 @@ from quantbench.export.kernels import cuda_gemv  # noqa: E402
 from quantbench.export.kernels.matmul import graph_time_ms  # noqa: E402
 
 
-LOADS = {"registers": {}, "streamed": {"streamed": True}, "cp.async": {"async_copies": True},
-         **{f"bulk-{stages}": {"bulk_stages": stages} for stages in cuda_gemv.BULK_STAGES}}
+LOADS = {"registers": {}, "streamed": {"streamed": True}, "cp.async": {"async_copies": True}}
 
 
 def main() -> None:
@@ -57,7 +56,7 @@ def main() -> None:
                   f"{copy_us:6.1f} µs ({copy_rate:.2f} TB/s)", flush=True)
             processors = cuda_gemv.multiprocessors(device)
             for load in args.loads:
-                for lanes in cuda_gemv.BULK_LANES if load.startswith("bulk") else cuda_gemv.LANES:
+                for lanes in cuda_gemv.LANES:
                     for threads in cuda_gemv.THREADS:
                         for splits in cuda_gemv.split_choices(1, weight, 1, lanes, threads, processors):
                             for blocks, held in itertools.product(
@@ -69,7 +68,7 @@ def main() -> None:
                                                             **LOADS[load])
                                 try:
                                     call()
-                                except (RuntimeError, ValueError) as exc:  # a ring that does not fit beside x
+                                except (RuntimeError, ValueError) as exc:  # a tile this device does not take
                                     print(f"{shape:>11} {label:>20} {load:9} lanes {lanes:2} threads {threads:3} "
                                           f"splits {splits:2} column blocks {blocks}: not run ({exc})", flush=True)
                                     continue

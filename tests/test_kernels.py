@@ -30,26 +30,25 @@ def weight(seed: int = 0) -> torch.Tensor:
     return torch.randn(OUT, IN) * torch.rand(OUT, 1)
 
 
-def act_order_weight(bits: int = 4, group: int = 32, seed: int = 1, out: int = OUT,
-                     inputs: int = IN) -> QuantizedWeight:
+def act_order_weight(bits: int = 4, group: int = 32, seed: int = 1) -> QuantizedWeight:
     """An int layer whose groups were formed in a random input order, as GPTQ's act_order leaves them."""
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(inputs, generator=g)
-    g_idx = torch.empty(inputs, dtype=torch.int32)
-    g_idx[order] = (torch.arange(inputs) // group).int()
-    n_groups = inputs // group
+    order = torch.randperm(IN, generator=g)
+    g_idx = torch.empty(IN, dtype=torch.int32)
+    g_idx[order] = (torch.arange(IN) // group).int()
+    n_groups = IN // group
     return QuantizedWeight(Scheme.parse(f"int{bits}-g{group}-gptq-act"),
-                           torch.randint(0, 1 << bits, (out, inputs), generator=g, dtype=torch.uint8),
-                           (torch.rand(out, n_groups, generator=g) * 0.1 + 0.01).half(),
-                           torch.randint(0, 1 << bits, (out, n_groups), generator=g, dtype=torch.uint8), g_idx)
+                           torch.randint(0, 1 << bits, (OUT, IN), generator=g, dtype=torch.uint8),
+                           (torch.rand(OUT, n_groups, generator=g) * 0.1 + 0.01).half(),
+                           torch.randint(0, 1 << bits, (OUT, n_groups), generator=g, dtype=torch.uint8), g_idx)
 
 
-def ternary_weight(group: int | None, seed: int = 2, out: int = OUT, inputs: int = IN) -> TritPlaneWeight:
+def ternary_weight(group: int | None, seed: int = 2) -> TritPlaneWeight:
     g = torch.Generator().manual_seed(seed)
-    n_groups = 1 if group is None else inputs // group
+    n_groups = 1 if group is None else IN // group
     name = "ternary2-ptqtp" if group is None else f"ternary2-g{group}-ptqtp"
-    return TritPlaneWeight(Scheme.parse(name), torch.randint(-1, 2, (2, out, inputs), generator=g, dtype=torch.int8),
-                           (torch.rand(2, out, n_groups, generator=g) * 0.1).half())
+    return TritPlaneWeight(Scheme.parse(name), torch.randint(-1, 2, (2, OUT, IN), generator=g, dtype=torch.int8),
+                           (torch.rand(2, OUT, n_groups, generator=g) * 0.1).half())
 
 
 def stored_weights():
@@ -477,13 +476,7 @@ CUDA_TILES = {"1 row, 8 lanes, 256 threads": TileConfig(1, 32, 0, 1, 8, 0, rows=
               "1 row, 4 lanes, 128 threads, cp.async, 20 column blocks, 2 splits":
                   TileConfig(1, 16, 0, 2, 4, 1, rows=1, column_blocks=20, engine="cuda"),
               "2 rows, 32 lanes, 256 threads, streamed, 5 column blocks, 3 splits":
-                  TileConfig(1, 128, 0, 3, 8, 0, rows=2, streamed=True, column_blocks=5, engine="cuda"),
-              # bulk copies (sm_90 on): a ring of 4 or 12 stages, 128–512 threads decoding
-              "1 row, 32 lanes, 256 threads, bulk copies": TileConfig(1, 128, 0, 1, 8, 4, rows=1, engine="cuda"),
-              "2 rows, 16 lanes, 128 threads, bulk copies, 3 splits": TileConfig(1, 64, 0, 3, 4, 12, rows=2,
-                                                                                 engine="cuda"),
-              "1 row, 16 lanes, 512 threads, bulk copies, 7 column blocks, 2 splits":
-                  TileConfig(1, 64, 0, 2, 16, 4, rows=1, column_blocks=7, engine="cuda")}
+                  TileConfig(1, 128, 0, 3, 8, 0, rows=2, streamed=True, column_blocks=5, engine="cuda")}
 ODD_INPUTS = 96  # 12 int4 word rows: one whole slab of 8 and a partial one
 
 
@@ -537,7 +530,6 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
 
     monkeypatch.setattr(cuda_build, "unsupported_reason", lambda x, weight: None)
     monkeypatch.setattr(cuda_gemv, "multiprocessors", lambda device: 8)
-    monkeypatch.setattr(cuda_gemv, "bulk_copies", lambda device: False)
     packed = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
     x = torch.randn(1, IN).half()
     every = matmul._engine_candidates(x, packed)
@@ -573,13 +565,6 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     assert {c.x_in_shared for c in cuda} == {True, False}  # x copied to shared memory first, or read slab by slab
     act_order = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
     assert {c.x_in_shared for c in matmul._cuda_candidates(x, act_order)} == {True}  # gathered there
-    monkeypatch.setattr(cuda_gemv, "bulk_copies", lambda device: True)  # sm_90: bulk copies too, 1–2 rows
-    bulk = [c for c in matmul._cuda_candidates(x.repeat(2, 1), packed) if c.num_stages > 1]
-    assert {(c.rows, c.block_n // 4, c.num_stages, c.streamed) for c in bulk} == {
-        (rows, lanes, stages, False) for rows in (1, 2) for lanes in cuda_gemv.BULK_LANES
-        for stages in cuda_gemv.BULK_STAGES}
-    assert not [c for c in matmul._cuda_candidates(x.repeat(3, 1), packed) if c.num_stages > 1 and c.rows > 2]
-    monkeypatch.setattr(cuda_gemv, "bulk_copies", lambda device: False)
     four_rows = [c for c in matmul._engine_candidates(x.repeat(3, 1), packed) if c.engine == "cuda"]
     assert {c.rows for c in four_rows} == {2, 4} and all(c.num_warps < 16 for c in four_rows)
     assert all(c.rows in cuda_gemv.ASYNC_ROWS for c in four_rows if c.num_stages)
@@ -600,10 +585,6 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
 def test_cuda_decode_kernel_equals_the_dequantized_matmul_on_partial_tiles(label, tile, batch):
     """80 outputs fill no block of 16–64 evenly; 3 and 16 rows leave partial row tiles; act_order at batch 1
     is gathered inside the kernel."""
-    from quantbench.export.kernels.cuda_gemv import bulk_copies
-
-    if CUDA_TILES[tile].num_stages > 1 and not bulk_copies(torch.device("cuda")):
-        pytest.skip("bulk copies need sm_90 or later")
     stored = WEIGHTS[label].to("cuda")
     x = torch.randn(batch, IN, device="cuda", generator=torch.Generator("cuda").manual_seed(batch)).half()
     expected = x.float() @ stored.dequantize().T
@@ -620,47 +601,6 @@ def test_cuda_decode_kernel_handles_a_partial_slab_of_word_rows(name):
     expected = x.float() @ stored.dequantize().T
     got = packed_matmul(x, to_kernel_layout(stored), backend="cuda")
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
-
-
-BULK_OUT, BULK_IN = 200, 4224
-
-
-def bulk_weights():
-    w = torch.randn(BULK_OUT, BULK_IN, generator=torch.Generator().manual_seed(3))
-    for name in ("int4-g128-rtn", "int4-g32-sym-rtn", "mxfp4-rtn", "nvfp4-rtn"):
-        yield name, lambda name=name: quantize_rtn(w, Scheme.parse(name))
-    yield "int4-g128 act_order", lambda: act_order_weight(4, 128, out=BULK_OUT, inputs=BULK_IN)
-    yield "ternary2-g64", lambda: ternary_weight(64, out=BULK_OUT, inputs=BULK_IN)
-
-
-BULK_WEIGHTS = dict(bulk_weights())
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bulk copies run on an NVIDIA GPU only")
-@pytest.mark.parametrize("label", BULK_WEIGHTS)
-@pytest.mark.parametrize("rows, lanes, threads, stages, splits, column_blocks",
-                         [(1, 32, 512, 4, 1, 0), (1, 16, 256, 12, 1, 0), (2, 32, 128, 4, 3, 0),
-                          (1, 32, 256, 12, 2, 9), (2, 16, 256, 2, 1, 0)])
-def test_bulk_copies_give_the_register_kernels_sums_bit_for_bit(label, rows, lanes, threads, stages, splits,
-                                                                column_blocks):
-    """Row lane l takes the same slabs in both ways, so the sums agree exactly. 4224 inputs are 528 int4 word
-    rows: 16½ stages of 32 (8¼ of 64), far more than a ring holds, the last one partial; 200 outputs leave the
-    last block's copies short of a whole row of the tile; act_order gathers x in shared memory in both."""
-    from quantbench.export.kernels import cuda_gemv
-
-    if not cuda_gemv.bulk_copies(torch.device("cuda")):
-        pytest.skip("bulk copies need sm_90 or later")
-    stored = BULK_WEIGHTS[label]()
-    packed = to_kernel_layout(stored.to("cuda"))
-    x = torch.randn(rows + 1, BULK_IN, device="cuda", generator=torch.Generator("cuda").manual_seed(4)).half()
-    for x_in_shared in (True, False):
-        tile = dict(splits=splits, column_blocks=column_blocks, x_in_shared=x_in_shared)
-        plain = cuda_gemv.launch(x, packed, rows, lanes, threads, **tile)
-        bulk = cuda_gemv.launch(x, packed, rows, lanes, threads, bulk_stages=stages, **tile)
-        assert torch.equal(bulk, plain)
-        assert torch.equal(cuda_gemv.launch(x, packed, rows, lanes, threads, bulk_stages=stages, **tile), bulk)
-    expected = x.float() @ stored.dequantize().cuda().T
-    torch.testing.assert_close(bulk.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 def test_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_per_row_lane():

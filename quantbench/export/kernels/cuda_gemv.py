@@ -17,9 +17,6 @@ LANES = (4, 8, 16, 32)  # threads along the outputs (4 outputs each)
 THREADS = (128, 256, 512)  # 512 with one row of x only
 ASYNC_ROWS = (1, 2)  # the cp.async variant is built for these rows per block
 STREAMED_ROWS = (1, 2)  # and the register variant that reloads each word row as soon as it is used
-BULK_ROWS = (1, 2)  # bulk copies (sm_90 on): a producer warp fills a ring of 16-KB stages, `threads` decode
-BULK_LANES = (16, 32)
-BULK_STAGES = (4, 12)  # the ring's stages at most (as many as fit beside x): 4 leave room for 3 blocks an SM
 X_SHARED_BYTES = 96 << 10  # the block's x in shared memory up to this (act_order: gathered there, else by torch)
 MAX_ROWS = 16  # beyond this only the tensor-core and tl.dot kernels are tried
 SLAB = 8  # word rows a thread loads at once; split-K gives each block whole slabs
@@ -68,11 +65,6 @@ def x_held_bytes(k: int, weight: KernelWeight, rows: int, splits: int) -> int:
     return rows * (held + (k if weight.perm is not None else 0)) * 2
 
 
-def bulk_copies(device: torch.device) -> bool:
-    """Whether the device takes the bulk-copy variant (cp.async.bulk and mbarriers: sm_90 on)."""
-    return cuda_build.can_launch_dependent(device)
-
-
 def x_choices(weight: KernelWeight) -> tuple[bool, ...]:
     """Where a block's x may come from (True: shared memory); act_order always gathers it there."""
     return (True,) if weight.perm is not None else (True, False)
@@ -80,31 +72,23 @@ def x_choices(weight: KernelWeight) -> tuple[bool, ...]:
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
            load_only: bool = False, splits: int = 1, x_in_shared: bool = True, streamed: bool = False,
-           column_blocks: int = 0, bulk_stages: int = 0) -> torch.Tensor:
+           column_blocks: int = 0) -> torch.Tensor:
     """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16. `async_copies`: the
     weights through cp.async stages in shared memory (1–2 rows) instead of registers; `load_only`: the
     weight loads alone, for timing, its result meaningless; `splits`: blocks along K per column tile;
     `x_in_shared`: each block first copies its x into shared memory where it fits (act_order gathers it there
     whatever this says), else reads x from memory slab by slab; `streamed` (registers, 1–2 rows): each word
     row's next load issued as soon as the row is used, instead of a slab at a time; `column_blocks`: blocks along
-    the outputs, each an even share of at most 4 · lanes of them (0: one block per 4 · lanes outputs);
-    `bulk_stages` ≥ 2 (sm_90 on, 1–2 rows, 16 or 32 lanes): the weights through bulk copies by one more warp into
-    a ring of at most that many 16-KB stages in shared memory, `threads` threads decoding them."""
+    the outputs, each an even share of at most 4 · lanes of them (0: one block per 4 · lanes outputs)."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")
     if (rows not in ROWS or lanes not in LANES or threads not in THREADS or (threads == 512 and rows > 1)
             or (async_copies and rows not in ASYNC_ROWS) or not 1 <= splits <= 65535
-            or (streamed and (async_copies or rows not in STREAMED_ROWS))
-            or (bulk_stages and (bulk_stages < 2 or async_copies or streamed or rows not in BULK_ROWS
-                                 or lanes not in BULK_LANES))):
+            or (streamed and (async_copies or rows not in STREAMED_ROWS))):
         raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}, splits {splits}, "
-                         f"streamed {streamed}, bulk stages {bulk_stages}: not among {ROWS}, {LANES}, {THREADS} "
-                         f"(512 threads take one row; async copies {ASYNC_ROWS} rows; streamed registers "
-                         f"{STREAMED_ROWS} rows; bulk copies ≥ 2 stages, {BULK_ROWS} rows, {BULK_LANES} lanes, "
-                         f"alone; splits 1–65535)")
-    if bulk_stages and not bulk_copies(x.device):
-        raise ValueError("bulk copies need sm_90 or later")
+                         f"streamed {streamed}: not among {ROWS}, {LANES}, {THREADS} (512 threads take one row; "
+                         f"async copies {ASYNC_ROWS} rows; streamed registers {STREAMED_ROWS} rows; splits 1–65535)")
     n = weight.shape[0]
     tiles = -(-n // (4 * lanes))
     if column_blocks and not tiles <= column_blocks <= n // 4:
@@ -124,7 +108,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
     if splits > 1:
         partials, arrivals = cuda_build.split_workspace(x.device, splits, m, n)
     with torch.cuda.device(x.device):
-        error = function(rows, lanes, threads, bulk_stages or int(async_copies), splits, column_blocks, x.data_ptr(),
+        error = function(rows, lanes, threads, int(async_copies), splits, column_blocks, x.data_ptr(),
                          pointer(weight.perm), weight.qweight.data_ptr(), weight.scales.data_ptr(),
                          pointer(weight.zeros), out.data_ptr(), pointer(partials), pointer(arrivals), m, n, k,
                          weight.n_groups, row_shift(weight), x.stride(0), int(x_shared), int(streamed),

@@ -50,7 +50,7 @@ class TileConfig:
     capped: bool = False  # "mma", 32 rows, 4 warps side by side, x shared: registers capped for 16 warps an SM
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
-    # ≥ 2: bulk copies by one more warp into a ring of up to num_stages 16-KB stages, split_k blocks along K;
+    # split_k blocks along K;
     # "mma": packed_mma.cu, `rows` rows of x per block, num_warps warps, block_n / 32 of them along the outputs,
     # num_stages 1: x through shared-memory stages, 0: x from global memory, split_k blocks along K
 
@@ -98,10 +98,9 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     config = config or _config_for(x2, weight)
     if config.engine == "cuda":  # gathers act_order in shared memory
         out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
-                               async_copies=config.num_stages == 1, splits=config.split_k,
+                               async_copies=config.num_stages > 0, splits=config.split_k,
                                x_in_shared=config.x_in_shared, streamed=config.streamed,
-                               column_blocks=config.column_blocks,
-                               bulk_stages=config.num_stages if config.num_stages > 1 else 0)
+                               column_blocks=config.column_blocks)
         return out.view(*x.shape[:-1], n_out)
     if config.engine == "mma":  # gathers act_order before the kernel
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
@@ -161,16 +160,13 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     m = x.shape[0]
     most = min(_bucket(m), 8)  # also half as many rows per block: more blocks, fewer registers
     processors = cuda_gemv.multiprocessors(x.device)
-    loads = {"registers": [(0, False)], "streamed": [(0, True)], "cp.async": [(1, False)],
-             "bulk": [(stages, False) for stages in cuda_gemv.BULK_STAGES] if cuda_gemv.bulk_copies(x.device) else []}
-    rows_for = {"registers": cuda_gemv.ROWS, "streamed": cuda_gemv.STREAMED_ROWS, "cp.async": cuda_gemv.ASYNC_ROWS,
-                "bulk": cuda_gemv.BULK_ROWS}
+    loads = {"registers": (0, False), "streamed": (0, True), "cp.async": (1, False)}
     return [TileConfig(1, 4 * lanes, 0, splits, threads // 32, stages, rows=rows, x_in_shared=held,
                        streamed=streamed, column_blocks=blocks, engine="cuda")
             for rows in sorted({most, max(most // 2, 1)}) for lanes in cuda_gemv.LANES
             for threads in cuda_gemv.THREADS if rows == 1 or threads < 512
-            for load, modes in loads.items() if rows in rows_for[load]
-            and (load != "bulk" or lanes in cuda_gemv.BULK_LANES) for stages, streamed in modes
+            for load, (stages, streamed) in loads.items()
+            if load == "registers" or rows in (cuda_gemv.STREAMED_ROWS if streamed else cuda_gemv.ASYNC_ROWS)
             for splits in cuda_gemv.split_choices(m, weight, rows, lanes, threads, processors)
             for blocks in cuda_gemv.column_block_choices(weight.shape[0], lanes, -(-m // rows) * splits, processors)
             for held in cuda_gemv.x_choices(weight)]

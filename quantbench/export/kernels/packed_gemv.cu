@@ -21,9 +21,6 @@
 // run of whole slabs and writes float32 partial sums; the last block of a column tile to arrive (counted in
 // `arrivals`, which it sets back to zero) adds them in split order, so the sum does not depend on timing.
 
-#include <cuda.h>
-#include <cudaTypedefs.h>
-
 #include "packed_decode.cuh"
 
 #ifndef HAS_PERM
@@ -438,183 +435,24 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   store_sums<ROWS, LANES_N, THREADS>(total, out, partials, arrivals, M, N, m0, columns.begin, columns.end);
 }
 
-// Weights by bulk tensor copies (sm_90's TMA engine), warp-specialised: one thread of the block's last warp
-// copies its word rows a stage at a time, one 2D box of STAGE_ROWS × LANES_N · 4 words (16 KB) per copy, into a
-// ring of `stages` shared-memory stages, and CONSUMERS threads decode them from there, in groups of 4 warps that
-// take the stages in turn (`stages` a multiple of the groups, so that each slot has one group and a group meets
-// its slots' phases in order). A stage's `full` barrier completes when its bytes have landed, its `empty` one
-// when its group's 4 warps are done with it. No thread holds words in registers ahead: the loads in flight are
-// the ring's. Boxes past the weight's last row or output are filled with zeros; words past the block's own rows
-// or outputs are never used. Row lane l takes the slabs l, l + ROW_LANES, … of the block, as in packed_gemv with
-// CONSUMERS threads: the sums are that kernel's bit for bit.
-constexpr int BULK_STAGE_BYTES = 16 << 10;
-constexpr int BULK_GROUP_THREADS = 128;
-
-template <int LANES_N>
-__host__ __device__ constexpr int bulk_stage_rows() { return BULK_GROUP_THREADS / LANES_N * SLAB; }
-
-// The barriers' bytes, in whole 128-byte lines. The ring starts at the next 128-byte boundary of shared memory
-// after them (the tensor copies' alignment), up to BULK_ALIGNMENT_SLACK further on.
-__host__ __device__ constexpr int bulk_barrier_bytes(int stages) { return (2 * stages * 8 + 127) / 128 * 128; }
-
-constexpr int BULK_ALIGNMENT_SLACK = 128;
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void wait_phase(const uint64_t* barrier, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(done) : "r"(shared_address(barrier)), "r"(parity) : "memory");
-  } while (!done);
-}
-
-template <int ROWS, int LANES_N, int CONSUMERS, bool X_HELD>
-__global__ void __launch_bounds__(CONSUMERS + 32, 1) packed_gemv_bulk(
-    const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
-    const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, half* __restrict__ out,
-    float* __restrict__ partials, int* __restrict__ arrivals, int M, int N, int K, int n_groups, int row_shift,
-    int stride_x, float inverse_global_scale, int stages, const __grid_constant__ CUtensorMap words) {
-#if __CUDA_ARCH__ >= 900
-  constexpr int THREADS = CONSUMERS + 32;
-  constexpr int ROW_LANES = CONSUMERS / LANES_N;
-  constexpr int STEP = ROW_LANES * SLAB;
-  constexpr int GROUP_LANES = BULK_GROUP_THREADS / LANES_N;  // slabs a stage holds
-  constexpr int GROUPS_OF_WARPS = CONSUMERS / BULK_GROUP_THREADS;
-  constexpr int STAGE_ROWS = bulk_stage_rows<LANES_N>();
-  static_assert(STAGE_ROWS * LANES_N * sizeof(uint4) == BULK_STAGE_BYTES, "a stage is GROUP_LANES slabs");
-
-  const int lane_n = threadIdx.x % LANES_N;
-  const int row_lane = threadIdx.x / LANES_N;
-  const Columns columns = block_columns(N);
-  const int n0 = columns.begin + lane_n * OUTS;
-  const int m0 = blockIdx.y * ROWS;
-  const int chunk = split_rows(K / PER, gridDim.z);
-  const int row_begin = blockIdx.z * chunk;
-  const int rows = min(K / PER, row_begin + chunk);
-  const bool active = n0 < columns.end;
-  const int n_stages = max(rows - row_begin, 0) / STAGE_ROWS + ((rows - row_begin) % STAGE_ROWS > 0);
-
-  // [full, empty barriers][stages][STAGE_ROWS][LANES_N] from the first 128-byte boundary (the copies' alignment)
-  // after the barriers; then the block's x
-  extern __shared__ uint4 dynamic_shared[];
-  uint64_t* const full = reinterpret_cast<uint64_t*>(dynamic_shared);
-  uint64_t* const empty = full + stages;
-  const uint32_t misaligned = shared_address(dynamic_shared) % 128;
-  uint4* const ring = dynamic_shared + (bulk_barrier_bytes(stages) + (128 - misaligned) % 128) / sizeof(uint4);
-  half* const held = reinterpret_cast<half*>(ring + static_cast<size_t>(stages) * STAGE_ROWS * LANES_N);
-  const int k_count = chunk * PER;
-  const int k_begin = row_begin * PER, k_end = min(K, k_begin + k_count);
-  half* const raw = held + static_cast<size_t>(ROWS) * k_count;
-  const half* const x_rows = x + static_cast<size_t>(m0) * stride_x;
-
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < stages; ++s) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(shared_address(full + s)));
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;"
-                   :: "r"(shared_address(empty + s)), "r"(BULK_GROUP_THREADS / 32));
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
-
-  const bool producer = threadIdx.x >= CONSUMERS;
-  const int lane = threadIdx.x % 32;
-  const auto copy_stage = [&](int t) {  // one thread: stage t's word rows into slot t % stages
-    const int s = t % stages;
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                 :: "r"(shared_address(full + s)), "r"(BULK_STAGE_BYTES) : "memory");
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-                 " [%0], [%1, {%2, %3}], [%4];"
-                 :: "r"(shared_address(ring + static_cast<size_t>(s) * STAGE_ROWS * LANES_N)),
-                    "l"(reinterpret_cast<uint64_t>(&words)), "r"(columns.begin), "r"(row_begin + t * STAGE_ROWS),
-                    "r"(shared_address(full + s))
-                 : "memory");
-  };
-  const bool copier = threadIdx.x == CONSUMERS;
-  if (copier)  // the weights do not depend on the previous kernel (dependent launch)
-    for (int t = 0; t < min(stages, n_stages); ++t) copy_stage(t);
-  GroupScales next_groups[GROUPS];
-  load_groups(next_groups, scales_, zeros, row_begin + row_lane * SLAB, rows, row_shift, n_groups, N, n0,
-              active && !producer);
-  if constexpr (X_HELD) prefetch_range(perm + k_begin, HAS_PERM ? max(k_end - k_begin, 0) * sizeof(int) : 0);
-  wait_for_previous_kernel();
-  if constexpr (X_HELD) hold_x<ROWS, THREADS>(held, raw, x, perm, k_begin, k_end, k_count, K, m0, M, stride_x);
-
-  float total[ROWS][OUTS];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-    for (int o = 0; o < OUTS; ++o) total[r][o] = 0.f;
-
-  if (copier) {
-    for (int t = stages; t < n_stages; ++t) {
-      wait_phase(empty + t % stages, (t / stages - 1) & 1);
-      copy_stage(t);
-    }
-  } else if (!producer) {
-    const int group = threadIdx.x / BULK_GROUP_THREADS;
-    const int position = row_lane % GROUP_LANES;  // this row lane's slab in its group's stages
-    for (int j0 = row_begin + row_lane * SLAB, t = group; t < n_stages; j0 += STEP, t += GROUPS_OF_WARPS) {
-      GroupScales groups[GROUPS];
-#pragma unroll
-      for (int f = 0; f < GROUPS; ++f) groups[f] = next_groups[f];
-      load_groups(next_groups, scales_, zeros, j0 + STEP, rows, row_shift, n_groups, N, n0, active);
-      const int s = t % stages;
-      wait_phase(full + s, (t / stages) & 1);
-      const uint4* const slab = ring + (static_cast<size_t>(s) * STAGE_ROWS + position * SLAB) * LANES_N + lane_n;
-      const auto take = [&](int i) -> uint4 {  // rows past the block's own: another split's, or zeros
-        const uint4 word = slab[i * LANES_N];
-        return active && j0 + i < rows ? word : make_uint4(0, 0, 0, 0);
-      };
-      accumulate_slab<ROWS, X_HELD>(total, groups, take, held, x_rows, j0, row_begin, rows, m0, M, k_count,
-                                    stride_x, inverse_global_scale);
-      __syncwarp();
-      if (lane == 0)
-        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(shared_address(empty + s)) : "memory");
-    }
-  }
-
-  let_next_kernel_start();
-  store_sums<ROWS, LANES_N, THREADS>(total, out, partials, arrivals, M, N, m0, columns.begin, columns.end);
-#else
-  __trap();  // built for sm_90 on only (TMA, mbarriers); the host asks for it there alone
-#endif
-}
-
 struct Call {
   const void *x, *perm, *w, *scales, *zeros;
   void *out, *partials, *arrivals;
-  int copies, splits, column_blocks, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed;
+  int splits, column_blocks, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed;
   float inverse_global_scale;
   bool dependent;
   cudaStream_t stream;
 };
 
-// The grid: column blocks (or one per LANES_N · 4 outputs) × row tiles × splits; false where column_blocks is out
-// of range.
-template <int ROWS, int LANES_N>
-bool grid_of(const Call& c, dim3& grid) {
-  const int tiles = (c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS);
-  if (c.column_blocks && (c.column_blocks < tiles || c.column_blocks > c.N / OUTS)) return false;
-  grid = dim3(c.column_blocks ? c.column_blocks : tiles, (c.M + ROWS - 1) / ROWS, c.splits);
-  return true;
-}
-
-// Shared memory for a block's x: its held rows (act_order: and the whole rows they are gathered from).
-template <int ROWS>
-size_t x_bytes(const Call& c) {
-  const size_t inputs = split_rows(c.K / PER, c.splits) * PER + (HAS_PERM ? c.K : 0);
-  return static_cast<size_t>(ROWS) * inputs * sizeof(half);
-}
-
 template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool X_HELD, bool STREAMED>
 cudaError_t launch_kernel(const Call& c) {
-  dim3 grid;
-  if (!grid_of<ROWS, LANES_N>(c, grid)) return cudaErrorInvalidValue;
-  const size_t shared = (ASYNC ? stage_bytes<THREADS>() : 0) + (X_HELD ? x_bytes<ROWS>(c) : 0);
+  const int tiles = (c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS);
+  if (c.column_blocks && (c.column_blocks < tiles || c.column_blocks > c.N / OUTS)) return cudaErrorInvalidValue;
+  const dim3 grid(c.column_blocks ? c.column_blocks : tiles, (c.M + ROWS - 1) / ROWS, c.splits);
+  // held rows (act_order: and the whole rows they are gathered from)
+  const size_t x_inputs = split_rows(c.K / PER, c.splits) * PER + (HAS_PERM ? c.K : 0);
+  const size_t x_bytes = static_cast<size_t>(ROWS) * x_inputs * sizeof(half);
+  const size_t shared = (ASYNC ? stage_bytes<THREADS>() : 0) + (X_HELD ? x_bytes : 0);
   constexpr auto kernel = packed_gemv<ROWS, LANES_N, THREADS, ASYNC, X_HELD, STREAMED>;
   const cudaError_t error = allow_shared_memory<kernel>(shared);
   if (error != cudaSuccess) return error;
@@ -622,81 +460,6 @@ cudaError_t launch_kernel(const Call& c) {
       static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
       static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), static_cast<float*>(c.partials),
       static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
-}
-
-// Dynamic shared memory a block of KERNEL may take on the current device (its opt-in limit less the kernel's
-// static shared memory), asked once per device.
-template <auto KERNEL>
-cudaError_t shared_room(size_t& room) {
-  constexpr int MAX_DEVICES = 64;
-  static size_t known[MAX_DEVICES] = {};
-  int device = 0;
-  cudaError_t error = cudaGetDevice(&device);
-  if (error != cudaSuccess) return error;
-  if (device < MAX_DEVICES && known[device]) {
-    room = known[device];
-    return cudaSuccess;
-  }
-  int limit = 0;
-  cudaFuncAttributes attributes{};
-  if ((error = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess ||
-      (error = cudaFuncGetAttributes(&attributes, KERNEL)) != cudaSuccess)
-    return error;
-  room = static_cast<size_t>(limit) - attributes.sharedSizeBytes;
-  if (device < MAX_DEVICES) known[device] = room;
-  return cudaSuccess;
-}
-
-// The weight's words [K / PER, N] as a tensor map of LANES_N · 4 × stage-row boxes (zeros outside), through the
-// driver's encoder, asked of the runtime once (no link to the driver library).
-template <int LANES_N>
-cudaError_t words_map(CUtensorMap& map, const Call& c) {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
-  if (!encode) {
-    void* function = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    const cudaError_t error = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000,
-                                                               cudaEnableDefault, &found);
-    if (error != cudaSuccess) return error;
-    if (found != cudaDriverEntryPointSuccess) return cudaErrorNotSupported;
-    encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
-  }
-  const cuuint64_t extent[2] = {static_cast<cuuint64_t>(c.N), static_cast<cuuint64_t>(c.K / PER)};
-  const cuuint64_t row_bytes[1] = {static_cast<cuuint64_t>(c.N) * sizeof(uint32_t)};
-  const cuuint32_t box[2] = {LANES_N * OUTS, bulk_stage_rows<LANES_N>()};
-  const cuuint32_t unit[2] = {1, 1};
-  const CUresult result = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT32, 2, const_cast<void*>(c.w), extent, row_bytes,
-                                 box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
-                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
-
-// Bulk copies into a ring of at most c.copies stages: as many as fit beside the block's x, a multiple of the
-// groups of consumer warps.
-template <int ROWS, int LANES_N, int CONSUMERS, bool X_HELD>
-cudaError_t launch_bulk(const Call& c) {
-  dim3 grid;
-  if (!grid_of<ROWS, LANES_N>(c, grid)) return cudaErrorInvalidValue;
-  constexpr auto kernel = packed_gemv_bulk<ROWS, LANES_N, CONSUMERS, X_HELD>;
-  constexpr int GROUPS_OF_WARPS = CONSUMERS / BULK_GROUP_THREADS;
-  size_t room = 0;
-  cudaError_t error = shared_room<kernel>(room);
-  if (error != cudaSuccess) return error;
-  const size_t held = X_HELD ? x_bytes<ROWS>(c) : 0;
-  const size_t fixed = held + bulk_barrier_bytes(c.copies) + BULK_ALIGNMENT_SLACK;
-  const int fit = fixed < room ? static_cast<int>((room - fixed) / BULK_STAGE_BYTES) : 0;
-  const int stages = min(c.copies, fit) / GROUPS_OF_WARPS * GROUPS_OF_WARPS;
-  if (stages < 2) return cudaErrorInvalidValue;
-  const size_t shared = bulk_barrier_bytes(stages) + BULK_ALIGNMENT_SLACK + static_cast<size_t>(stages) * BULK_STAGE_BYTES
-                        + held;
-  if ((error = allow_shared_memory<kernel>(shared)) != cudaSuccess) return error;
-  CUtensorMap map;
-  if ((error = words_map<LANES_N>(map, c)) != cudaSuccess) return error;
-  return launch_after(kernel, grid, CONSUMERS + 32, shared, c.stream, c.dependent,
-      static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
-      static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), static_cast<float*>(c.partials),
-      static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale,
-      stages, map);
 }
 
 // act_order always holds its gathered x: its libraries build no variant that reads x from memory. Streamed
@@ -707,22 +470,11 @@ cudaError_t by_x(const Call& c) {
   return launch_kernel<ROWS, LANES_N, THREADS, ASYNC, HAS_PERM != 0, STREAMED>(c);
 }
 
-template <int ROWS, int LANES_N, int CONSUMERS>
-cudaError_t bulk_by_x(const Call& c) {
-  if (HAS_PERM || c.x_shared) return launch_bulk<ROWS, LANES_N, CONSUMERS, true>(c);
-  return launch_bulk<ROWS, LANES_N, CONSUMERS, HAS_PERM != 0>(c);
-}
-
 template <int ROWS, int LANES_N, int THREADS, bool ASYNC>
 cudaError_t launch(const Call& c) {
-  if constexpr (!ASYNC && ROWS <= 2) {
+  if constexpr (!ASYNC && ROWS <= 2)
     if (c.streamed) return by_x<ROWS, LANES_N, THREADS, false, true>(c);
-    if (c.copies > 1) {
-      if constexpr (LANES_N >= 16) return bulk_by_x<ROWS, LANES_N, THREADS>(c);
-      return cudaErrorInvalidValue;
-    }
-  }
-  if (c.streamed || c.copies > 1) return cudaErrorInvalidValue;
+  if (c.streamed) return cudaErrorInvalidValue;
   return by_x<ROWS, LANES_N, THREADS, ASYNC, false>(c);
 }
 
@@ -750,9 +502,7 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 }  // namespace
 
 // Returns a cudaError_t (0: launched). rows_per_program 1, 2, 4 or 8; lanes_n 4, 8, 16 or 32; threads 128 or
-// 256, or with one row 512. copies: 0 the weights through registers; 1 cp.async stages (1 or 2 rows); n ≥ 2
-// bulk copies (sm_90 on; 1 or 2 rows, 16 or 32 lanes; `threads` decode, one more warp copies) into a ring of
-// up to n 16-KB stages, as many as fit beside x. HAS_PERM and x_shared take
+// 256, or with one row 512; async_copies (cp.async stages) with 1 or 2 rows. HAS_PERM and x_shared take
 // rows_per_program · (the block's inputs, HAS_PERM: + K) · 2 bytes of shared memory for the block's x; x's rows
 // start 16-byte aligned (stride_x a multiple of 8). streamed (registers, 1 or 2 rows): each word row's next load
 // is issued as soon as the row is used, not a slab at a time. splits > 1: `partials` holds
@@ -760,17 +510,17 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 // column_blocks: blocks along the outputs, each an even share of at most lanes_n · 4 of them (0: N / (lanes_n · 4)
 // rounded up).
 // dependent: launched to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
-extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int copies, int splits,
+extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, int splits,
                                       int column_blocks, const void* x, const void* perm, const void* w,
                                       const void* scales, const void* zeros, void* out, void* partials,
                                       void* arrivals, int M, int N, int K, int n_groups, int row_shift, int stride_x,
                                       int x_shared, int streamed, float inverse_global_scale, int dependent,
                                       void* stream) {
-  if (splits < 1 || splits > 65535 || copies < 0) return cudaErrorInvalidValue;
-  const Call c{x, perm, w, scales, zeros, out, partials, arrivals, copies, splits, column_blocks, M, N, K, n_groups,
+  if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
+  const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, column_blocks, M, N, K, n_groups,
                row_shift, stride_x, x_shared, streamed, inverse_global_scale, dependent != 0,
                static_cast<cudaStream_t>(stream)};
-  if (copies == 1) {
+  if (async_copies) {
     switch (rows_per_program) {
       case 1: return by_lanes<1, true>(lanes_n, threads, c);
       case 2: return by_lanes<2, true>(lanes_n, threads, c);
