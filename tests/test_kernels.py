@@ -496,6 +496,11 @@ def test_cuda_kernel_libraries_are_built_per_weight_type_with_the_scale_span_of_
     assert asym_act.zeros and asym_act.perm
     assert library_path(asym_act, "90") != library_path(asym_act, "80") != library_path(
         WeightType.of(to_kernel_layout(WEIGHTS["int4-g32 act_order"]), perm=False), "80")
+    # bench/gemv_anatomy.py's timing builds: the loads alone (1), the loads with a tensor-core-shaped decode (2)
+    int4 = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
+    builds = [WeightType.of(int4, False, level) for level in (0, 1, 2)]
+    assert len({library_path(build, "90") for build in builds}) == 3
+    assert [f"-DLOAD_ONLY={level}" in build.defines() for level, build in enumerate(builds)] == [True] * 3
 
 
 def test_tensor_core_libraries_load_scales_once_per_span_of_k_steps_that_share_them():

@@ -44,14 +44,16 @@ class WeightType:
     zeros: bool
     perm: bool  # gemv: act_order gathered in the kernel (mma: always gathered before the call)
     flush: int  # gemv: word rows summed in float16 before their scale applies; mma: k-steps sharing a scale
-    load_only: bool = False  # bench/gemv_anatomy.py: only the weight loads, nothing decoded (a wrong result)
+    # bench/gemv_anatomy.py, a wrong result: 1 only the weight loads, nothing decoded; 2 the loads with the
+    # instructions of a tensor-core decode (one LOP3 per code pair, one m16n8k16 product per 4 pairs)
+    load_only: int = 0
     kernel: str = "gemv"
 
     @classmethod
-    def of(cls, weight: KernelWeight, perm: bool, load_only: bool = False) -> WeightType:
+    def of(cls, weight: KernelWeight, perm: bool, load_only: int = 0) -> WeightType:
         """The CUDA-core decode kernel's type."""
         flush = 8 if weight.group >= weight.shape[1] else min(8, weight.group // weight.per_word)
-        return cls(KIND_CODES[weight.kind], weight.bits, weight.zeros is not None, perm, flush, load_only)
+        return cls(KIND_CODES[weight.kind], weight.bits, weight.zeros is not None, perm, flush, int(load_only))
 
     @classmethod
     def for_mma(cls, weight: KernelWeight, scales_in_b: bool = False) -> WeightType:
@@ -122,7 +124,7 @@ def library_path(weight_type: WeightType, arch: str) -> Path:
     digest = hashlib.sha256(weight_type.source.read_bytes() + HEADER.read_bytes() + " ".join(flags).encode())
     t = weight_type
     name = (f"packed_{t.kernel}-k{t.kind}-b{t.bits}-z{int(t.zeros)}-p{int(t.perm)}-f{t.flush}"
-            f"{'-load' * t.load_only}")
+            f"{('', '-load', '-mma-shaped')[t.load_only]}")
     return cache_dir() / f"{name}-sm{arch}-{digest.hexdigest()[:12]}.so"
 
 

@@ -71,15 +71,16 @@ def x_choices(weight: KernelWeight) -> tuple[bool, ...]:
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
-           load_only: bool = False, splits: int = 1, x_in_shared: bool = True, streamed: bool = False,
+           load_only: int = 0, splits: int = 1, x_in_shared: bool = True, streamed: bool = False,
            column_blocks: int = 0) -> torch.Tensor:
     """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16. `async_copies`: the
-    weights through cp.async stages in shared memory (1–2 rows) instead of registers; `load_only`: the
-    weight loads alone, for timing, its result meaningless; `splits`: blocks along K per column tile;
-    `x_in_shared`: each block first copies its x into shared memory where it fits (act_order gathers it there
-    whatever this says), else reads x from memory slab by slab; `streamed` (registers, 1–2 rows): each word
-    row's next load issued as soon as the row is used, instead of a slab at a time; `column_blocks`: blocks along
-    the outputs, each an even share of at most 4 · lanes of them (0: one block per 4 · lanes outputs)."""
+    weights through cp.async stages in shared memory (1–2 rows) instead of registers; `load_only` (for timing,
+    the result meaningless): 1 the weight loads alone, 2 the loads with a tensor-core decode's instructions;
+    `splits`: blocks along K per column tile; `x_in_shared`: each block first copies its x into shared memory
+    where it fits (act_order gathers it there whatever this says), else reads x from memory slab by slab;
+    `streamed` (registers, 1–2 rows): each word row's next load issued as soon as the row is used, instead of a
+    slab at a time; `column_blocks`: blocks along the outputs, each an even share of at most 4 · lanes of them
+    (0: one block per 4 · lanes outputs)."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")

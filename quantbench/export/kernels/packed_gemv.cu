@@ -200,13 +200,14 @@ __device__ __forceinline__ void hold_x(half* held, half* raw, const half* __rest
 
 // One slab's products added to `total`: word row j0 + i's words are take(i), its inputs come from the held x
 // (X_HELD: rows of k_count inputs from word row row_begin) or from memory (x_rows). Sums run in float16 within
-// FLUSH rows and in float32 across them. LOAD_ONLY: the words folded, nothing decoded.
+// FLUSH rows and in float32 across them. LOAD_ONLY 1: the words folded, nothing decoded; 2: a tensor-core-shaped
+// decode of them.
 template <int ROWS, bool X_HELD, typename Take>
 __device__ __forceinline__ void accumulate_slab(float (&total)[ROWS][OUTS], const GroupScales (&groups)[GROUPS],
                                                 const Take& take, const half* held, const half* __restrict__ x_rows,
                                                 int j0, int row_begin, int rows, int m0, int M, int k_count,
                                                 int stride_x, float inverse_global_scale) {
-#if LOAD_ONLY  // bench/gemv_anatomy.py: the loads alone, their words folded so that none is dropped
+#if LOAD_ONLY == 1  // bench/gemv_anatomy.py: the loads alone, their words folded so that none is dropped
   uint32_t folded = 0;
 #pragma unroll
   for (int i = 0; i < SLAB; ++i) {
@@ -214,6 +215,35 @@ __device__ __forceinline__ void accumulate_slab(float (&total)[ROWS][OUTS], cons
     folded ^= word.x ^ word.y ^ word.z ^ word.w;
   }
   total[0][0] += static_cast<float>(folded & 1u);
+  return;
+#elif LOAD_ONLY == 2
+  // bench/gemv_anatomy.py: the loads, x's pairs and the instructions a tensor-core decode would need (one LOP3
+  // per code pair into A fragments, one m16n8k16 product per 4 pairs, float32 sums), with no regard to which
+  // thread holds which output: a wrong result, timed to see whether such a decode hides under the loads.
+  (void)groups; (void)inverse_global_scale;
+#pragma unroll
+  for (int i = 0; i < SLAB; ++i) {
+    half2 pairs[ROWS][PAIRS];
+    if constexpr (X_HELD)
+      input_pairs<ROWS>(held, j0 + i - row_begin, j0 + i < rows, m0, M, k_count, pairs);
+    else
+      input_pairs<ROWS, true>(x_rows, j0 + i, j0 + i < rows, m0, M, stride_x, pairs);
+    const uint4 row_words = take(i);
+#pragma unroll
+    for (int o = 0; o < OUTS; ++o) {
+      uint32_t a[PAIRS];
+#pragma unroll
+      for (int p = 0; p < PAIRS; ++p)
+        a[p] = and_or(word_of(row_words, o) >> pair_shift(p), CODE_MASK << field_bit(p), HALF_1024);
+#pragma unroll
+      for (int q = 0; q + 4 <= PAIRS; q += 4)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(total[0][0]), "+f"(total[0][1]), "+f"(total[0][2]), "+f"(total[0][3])
+                     : "r"(a[q]), "r"(a[q + 1]), "r"(a[q + 2]), "r"(a[q + 3]), "r"(as_bits(pairs[0][q])),
+                       "r"(as_bits(pairs[ROWS - 1][q + 1])));
+    }
+  }
   return;
 #endif
 #pragma unroll
