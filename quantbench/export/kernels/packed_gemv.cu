@@ -221,6 +221,7 @@ __device__ __forceinline__ void accumulate_slab(float (&total)[ROWS][OUTS], cons
   // per code pair into A fragments, one m16n8k16 product per 4 pairs, float32 sums), with no regard to which
   // thread holds which output: a wrong result, timed to see whether such a decode hides under the loads.
   (void)groups; (void)inverse_global_scale;
+  float sums[OUTS][4] = {};  // one accumulator fragment per word of a row: 4 chains of products in flight
 #pragma unroll
   for (int i = 0; i < SLAB; ++i) {
     half2 pairs[ROWS][PAIRS];
@@ -239,11 +240,13 @@ __device__ __forceinline__ void accumulate_slab(float (&total)[ROWS][OUTS], cons
       for (int q = 0; q + 4 <= PAIRS; q += 4)
         asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
                      "{%8, %9}, {%0, %1, %2, %3};"
-                     : "+f"(total[0][0]), "+f"(total[0][1]), "+f"(total[0][2]), "+f"(total[0][3])
+                     : "+f"(sums[o][0]), "+f"(sums[o][1]), "+f"(sums[o][2]), "+f"(sums[o][3])
                      : "r"(a[q]), "r"(a[q + 1]), "r"(a[q + 2]), "r"(a[q + 3]), "r"(as_bits(pairs[0][q])),
                        "r"(as_bits(pairs[ROWS - 1][q + 1])));
     }
   }
+#pragma unroll
+  for (int o = 0; o < OUTS; ++o) total[0][o] += sums[o][0] + sums[o][1] + sums[o][2] + sums[o][3];
   return;
 #endif
 #pragma unroll
