@@ -198,6 +198,18 @@ __device__ __forceinline__ void hold_x(half* held, half* raw, const half* __rest
 #endif
 }
 
+// Word row j's input pairs for each row of x: from the held x (X_HELD: rows of k_count inputs from word row
+// row_begin, shared-memory loads) or from memory (x_rows, through the read-only path); zero past the block's rows.
+template <int ROWS, bool X_HELD>
+__device__ __forceinline__ void row_inputs(half2 (&pairs)[ROWS][PAIRS], const half* held,
+                                           const half* __restrict__ x_rows, int j, int row_begin, int rows, int m0,
+                                           int M, int k_count, int stride_x) {
+  if constexpr (X_HELD)
+    input_pairs<ROWS>(held, j - row_begin, j < rows, m0, M, k_count, pairs);
+  else
+    input_pairs<ROWS, true>(x_rows, j, j < rows, m0, M, stride_x, pairs);
+}
+
 // One slab's products added to `total`: word row j0 + i's words are take(i), its inputs come from the held x
 // (X_HELD: rows of k_count inputs from word row row_begin) or from memory (x_rows). Sums run in float16 within
 // FLUSH rows and in float32 across them. LOAD_ONLY 1: the words folded, nothing decoded; 2: a tensor-core-shaped
@@ -225,10 +237,7 @@ __device__ __forceinline__ void accumulate_slab(float (&total)[ROWS][OUTS], cons
 #pragma unroll
   for (int i = 0; i < SLAB; ++i) {
     half2 pairs[ROWS][PAIRS];
-    if constexpr (X_HELD)
-      input_pairs<ROWS>(held, j0 + i - row_begin, j0 + i < rows, m0, M, k_count, pairs);
-    else
-      input_pairs<ROWS, true>(x_rows, j0 + i, j0 + i < rows, m0, M, stride_x, pairs);
+    row_inputs<ROWS, X_HELD>(pairs, held, x_rows, j0 + i, row_begin, rows, m0, M, k_count, stride_x);
     const uint4 row_words = take(i);
 #pragma unroll
     for (int o = 0; o < OUTS; ++o) {
@@ -279,10 +288,7 @@ __device__ __forceinline__ void accumulate_slab(float (&total)[ROWS][OUTS], cons
 #pragma unroll
     for (int i = f; i < f + FLUSH; ++i) {
       half2 pairs[ROWS][PAIRS];
-      if constexpr (X_HELD)  // shared-memory loads; else global ones through the read-only path
-        input_pairs<ROWS>(held, j0 + i - row_begin, j0 + i < rows, m0, M, k_count, pairs);
-      else
-        input_pairs<ROWS, true>(x_rows, j0 + i, j0 + i < rows, m0, M, stride_x, pairs);
+      row_inputs<ROWS, X_HELD>(pairs, held, x_rows, j0 + i, row_begin, rows, m0, M, k_count, stride_x);
       const uint4 row_words = take(i);
 #pragma unroll
       for (int o = 0; o < OUTS; ++o) {
