@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -178,21 +178,24 @@ class BlockContext:
     linears: dict[str, nn.Linear]
     inputs: BlockInputs
     timer: StageTimer
-    _sharing: list[list[str]] | None = None
+    # input groups found so far, by block class and linear names: blocks alike share inputs alike (the driver
+    # hands every block of a run the same dict, so the model's forward is traced once per kind of block)
+    sharing: dict[tuple, list[list[str]]] = field(default_factory=dict)
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
     def input_groups(self, names) -> list[list[str]]:
         """`names` grouped by the input tensor they read, in forward order (q/k/v, o, gate/up, down)."""
-        if self._sharing is None:
+        kind = (type(self.block), tuple(self.linears))
+        if kind not in self.sharing:
             def run_once() -> None:
                 with all_tokens_routed(self.block):  # every expert's layers show up, routed to or not
                     feed_block(self.block, self.inputs, batches=1)
 
-            self._sharing = input_sharing(self.block, self.linears, run_once)
+            self.sharing[kind] = input_sharing(self.block, self.linears, run_once)
         wanted = set(names)
-        return [[n for n in group if n in wanted] for group in self._sharing if wanted & set(group)]
+        return [[n for n in group if n in wanted] for group in self.sharing[kind] if wanted & set(group)]
 
 
 class BlockStage(Protocol):
@@ -232,6 +235,7 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
             inputs.hidden = [hidden.to(device) for hidden in resume_hidden]
         _each(stages, "begin", model, device)
         blocks = decoder_blocks(model)
+        sharing: dict[tuple, list[list[str]]] = {}
         for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress,
                           initial=start, total=len(blocks)):
             block, inputs.block = blocks[index], index
@@ -240,7 +244,7 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
             if index + 1 < len(blocks) and hasattr(weights, "prefetch"):
                 with timer("transfer"):
                     weights.prefetch(blocks[index + 1], device)  # overlaps this block's stages
-            ctx = BlockContext(index, f"{prefix}.{index}", block, block_linears(block), inputs, timer)
+            ctx = BlockContext(index, f"{prefix}.{index}", block, block_linears(block), inputs, timer, sharing)
             _each(stages, "run_block", ctx)
             with timer("propagate"):
                 inputs.hidden = run_block(block, inputs)

@@ -1,8 +1,9 @@
 import pytest
 import torch
-from helpers import FAMILY_BUILDERS, tiny_gemma2, tiny_gemma3_text, tiny_gpt_neox, tiny_llama, tiny_opt, tiny_phi3
+from helpers import (FAMILY_BUILDERS, tiny_deepseek_v3, tiny_gemma2, tiny_gemma3_text, tiny_gpt_neox, tiny_llama,
+                     tiny_opt, tiny_phi3)
 
-from quantbench.calibration.stats import LayerStats, collect_stats
+from quantbench.calibration.stats import LayerStats, collect_stats, input_sharing
 from quantbench.errors import QuantbenchError
 from quantbench.model_io import block_linears, check_supported, decoder_blocks, model_linears
 from quantbench.pipeline import capture_block_inputs, quantize_model, run_block
@@ -155,3 +156,25 @@ def test_blocks_the_forward_does_not_run_are_a_clear_error():
     model.config.num_hidden_layers = 1
     with pytest.raises(QuantbenchError, match=r"did not run decoder blocks \[1\]"):
         capture_block_inputs(model, calibration_ids(), CPU, batch_size=4)
+
+
+@pytest.mark.parametrize(("build", "kinds"), [(lambda: tiny_llama(layers=3), 1), (tiny_deepseek_v3, 2)],
+                         ids=["llama, 3 blocks alike", "deepseek-v3, a dense block then MoE blocks"])
+def test_input_groups_are_traced_once_per_kind_of_block(build, kinds):
+    """Which linears share an input is found by running a block once; blocks of one class with the same
+    linears share inputs alike, so a run traces one block of each kind (a dense first block and MoE blocks
+    are two kinds)."""
+    from unittest.mock import patch
+
+    from quantbench import pipeline
+
+    traced = []
+
+    def counting(block, linears, run_once):
+        traced.append(tuple(linears))
+        return input_sharing(block, linears, run_once)
+
+    with patch.object(pipeline, "input_sharing", counting):
+        quantized = quantize_model(build(), calibration_ids(), lambda _name: Scheme.parse("int4-g32-gptq"), CPU,
+                                   batch_size=4, progress=False)
+    assert len(traced) == len(set(traced)) == kinds and quantized
