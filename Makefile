@@ -27,14 +27,12 @@ assets: setup
 quickstart: assets
 	. $(ASSETS)/env.sh && $(VENV)/bin/quantbench run recipes/quickstart.yaml --force
 
-# one pytest-xdist worker per core, each on one thread, handed one test at a time, the slowest first
-# (tests/conftest.py)
-XDIST := -n auto --dist load --maxschedchunk 1
+# one pytest-xdist worker per core, each on one thread (tests/conftest.py)
 test: assets
-	if [ -f $(ASSETS)/env.sh ]; then . $(ASSETS)/env.sh; fi; $(PY) -m pytest -q $(XDIST)
+	if [ -f $(ASSETS)/env.sh ]; then . $(ASSETS)/env.sh; fi; $(PY) -m pytest -q -n auto --dist worksteal
 
 test-unit: setup
-	$(PY) -m pytest -q $(XDIST) -m "not integration"
+	$(PY) -m pytest -q -n auto --dist worksteal -m "not integration"
 
 # the leaderboard sweep of the README: every recipe in recipes/leaderboard/, the plain model's own evaluation,
 # then the report (about two hours on 2 CPU cores)
