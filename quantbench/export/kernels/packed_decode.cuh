@@ -63,6 +63,18 @@ __device__ __forceinline__ half2 field_minus(uint32_t word, int b, uint32_t widt
   return __hfma2(biased, __float2half2_rn(unit), __float2half2_rn(-(1024.f * unit + c)));
 }
 
+// −(2^(10 − b) + c) in both float16 lanes, built from its bits (exponent 25 − b, mantissa c·2^b) for an integer
+// c < 2^(10 − b) given in both lanes: field_minus's constant, without float arithmetic.
+__host__ __device__ constexpr uint32_t field_bias(uint32_t c_both_lanes, int b) {
+  return (c_both_lanes << b) | ((0x8000u | static_cast<uint32_t>(25 - b) << 10) * 0x00010001u);
+}
+
+// field_minus with its constant from field_bias (the same value, bit for bit).
+__device__ __forceinline__ half2 field_minus_biased(uint32_t word, int b, uint32_t width_mask, uint32_t bias) {
+  const half2 biased = as_half2(and_or(word, width_mask << b, HALF_1024));
+  return __hfma2(biased, __float2half2_rn(1.f / static_cast<float>(1 << b)), as_half2(bias));
+}
+
 // E2M1 [s e1 e0 m] at bit b of both lanes: |e m| shifted into a float16's exponent and mantissa is 2^-14
 // times the element, the sign goes to bit 15; the exact product by 2^14 keeps it out of subnormals.
 __device__ __forceinline__ half2 e2m1_pair(uint32_t word, int b) {

@@ -194,7 +194,8 @@ constexpr int PLANES = KIND == 1 ? 2 : 1;  // ternary on sums: each trit plane s
 // accumulator column 8t + o and 8t + 4 + o where they go onto the sums; zero points always per weight column.
 struct Scales {
   half2 b[PLANES][OUTS];
-  float zero[OUTS];
+  float zero[OUTS];              // int, span sums: the zero points
+  uint32_t bias[OUTS][FIELDS];  // int, scales into B: field_minus's constant per field of a byte, from its bits
   float c_low[PLANES][OUTS], c_high[PLANES][OUTS];
 };
 
@@ -254,6 +255,11 @@ __device__ __forceinline__ float half_of(uint2 v, int o) {
                : (o == 3 ? __high2float(as_half2(v.y)) : __low2float(as_half2(v.y)));
 }
 
+// Float16 o of the four in v, in both lanes (its bits moved, not converted).
+__device__ __forceinline__ half2 both_lanes(uint2 v, int o) {
+  return as_half2(__byte_perm(o < 2 ? v.x : v.y, 0u, o % 2 ? 0x3232u : 0x1010u));
+}
+
 __device__ __forceinline__ Scales unpack_scales(const ScaleBits& bits) {
   Scales s;
 #pragma unroll
@@ -265,12 +271,21 @@ __device__ __forceinline__ Scales unpack_scales(const ScaleBits& bits) {
         s.c_low[plane][o] = half_of(bits.low[plane], o);
         s.c_high[plane][o] = half_of(bits.high[plane], o);
       } else {
-        s.b[plane][o] = __float2half2_rn(half_of(bits.low[plane], o));
+        s.b[plane][o] = both_lanes(bits.low[plane], o);
       }
     }
 #endif
 #if KIND == 0
-    s.zero[o] = HAS_ZEROS ? static_cast<float>((bits.zeros >> (8 * o)) & 0xFFu) : static_cast<float>(1 << (BITS - 1));
+    // Where every k-step unpacks its scales, the constants are built from the zero's bits (a float zero costs a
+    // conversion and two float additions each); once a span, the float path compiles to fewer instructions.
+    if (ON_SUMS) {
+      s.zero[o] = HAS_ZEROS ? static_cast<float>((bits.zeros >> (8 * o)) & 0xFFu) : static_cast<float>(1 << (BITS - 1));
+    } else {
+      const uint32_t zero = HAS_ZEROS ? __byte_perm(bits.zeros, 0u, 0x4040u + 0x0101u * o)  // byte o, both lanes
+                                      : (1u << (BITS - 1)) * 0x00010001u;
+#pragma unroll
+      for (int f = 0; f < FIELDS; ++f) s.bias[o][f] = field_bias(zero, BITS * f);
+    }
 #elif KIND == 2  // a code 0 past N scales sums that are zero
     s.c_low[0][o] = e8m0_value((bits.low[0].x >> (8 * o)) & 0xFFu);
     s.c_high[0][o] = e8m0_value((bits.high[0].x >> (8 * o)) & 0xFFu);
@@ -289,7 +304,8 @@ __device__ __forceinline__ void decode_word(uint32_t word, const Scales& s, int 
     const uint32_t bytes = word >> pair_shift(p);
     const int bit = field_bit(p);
 #if KIND == 0
-    const half2 v = field_minus(bytes, bit, CODE_MASK, s.zero[o]);
+    const half2 v = ON_SUMS ? field_minus(bytes, bit, CODE_MASK, s.zero[o])
+                            : field_minus_biased(bytes, bit, CODE_MASK, s.bias[o][p % FIELDS]);
     b[0][p] = as_bits(ON_SUMS ? v : __hmul2(v, s.b[0][o]));
 #elif KIND == 1  // trit digits are t + 1
     const half2 t1 = field_minus(bytes, bit, 0x00030003u, 1.f), t2 = field_minus(bytes, bit + 2, 0x00030003u, 1.f);
