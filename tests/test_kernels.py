@@ -723,12 +723,18 @@ def assert_split_k_sums_are_fixed_and_replay(x: torch.Tensor, packed, tile: Tile
         assert torch.equal(packed_matmul(x, packed, backend=tile.engine, config=tile), first)
     whole = packed_matmul(x, packed, backend=tile.engine, config=dataclasses.replace(tile, split_k=1))
     torch.testing.assert_close(first, whole, rtol=1e-2, atol=1e-2 * whole.abs().max().item())
+    assert_replay_equals(x, packed, tile, tile)
+
+
+def assert_replay_equals(x: torch.Tensor, packed, tile: TileConfig, reference: TileConfig) -> None:
+    """A CUDA graph of `tile`, replayed on new values of x, gives `reference`'s eager result bit for bit. Leaves
+    the new values in x."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = packed_matmul(x, packed, backend=tile.engine, config=tile)
     x.copy_(torch.randn_like(x))
     graph.replay()
-    assert torch.equal(captured, packed_matmul(x, packed, backend=tile.engine, config=tile))
+    assert torch.equal(captured, packed_matmul(x, packed, backend=reference.engine, config=reference))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
@@ -911,12 +917,7 @@ def test_tensor_core_capped_blocks_change_no_sum(label):
         uncapped = packed_matmul(x, packed, backend="mma", config=tile)
         capped = dataclasses.replace(tile, capped=True)
         assert torch.equal(packed_matmul(x, packed, backend="mma", config=capped), uncapped)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = packed_matmul(x, packed, backend="mma", config=capped)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        assert torch.equal(captured, packed_matmul(x, packed, backend="mma", config=tile))
+        assert_replay_equals(x, packed, capped, tile)
     for rows, warps_n, staged, splits in ((16, 4, 1, 1), (64, 4, 1, 1), (32, 2, 1, 1), (32, 4, 0, 1), (32, 4, 2, 1),
                                           (32, 4, 1, 2)):
         with pytest.raises(ValueError, match="capped True"):
@@ -942,12 +943,7 @@ def test_tensor_core_words_through_the_stages_change_no_sum(label):
                 staged = dataclasses.replace(tile, num_stages=2)
                 assert torch.equal(packed_matmul(x, packed, backend="mma", config=staged),
                                    packed_matmul(x, packed, backend="mma", config=tile))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = packed_matmul(x, packed, backend="mma", config=staged)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        assert torch.equal(captured, packed_matmul(x, packed, backend="mma", config=tile))
+        assert_replay_equals(x, packed, staged, tile)
     with pytest.raises(ValueError, match="staged 2"):
         cuda_mma.launch(x[:16], packed, 16, 4, 2, staged=2)
 
