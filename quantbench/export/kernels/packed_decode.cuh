@@ -56,23 +56,23 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int o) {
 __host__ __device__ constexpr int pair_shift(int p) { return 8 * (p / FIELDS); }
 __host__ __device__ constexpr int field_bit(int p) { return BITS * (p % FIELDS); }
 
-// d − c for the field at bits [b, b + width) of both lanes: 1024 + 2^b·d by one LOP3, then one exact FMA.
-__device__ __forceinline__ half2 field_minus(uint32_t word, int b, uint32_t width_mask, float c) {
+// d − c for the field at bits [b, b + width) of both lanes: 1024 + 2^b·d by one LOP3, then one exact FMA whose
+// constant `bias` is −(2^(10 − b) + c) in both lanes.
+__device__ __forceinline__ half2 field_minus_biased(uint32_t word, int b, uint32_t width_mask, uint32_t bias) {
   const half2 biased = as_half2(and_or(word, width_mask << b, HALF_1024));
+  return __hfma2(biased, __float2half2_rn(1.f / static_cast<float>(1 << b)), as_half2(bias));
+}
+
+// The same with c a float (its constant converted from float).
+__device__ __forceinline__ half2 field_minus(uint32_t word, int b, uint32_t width_mask, float c) {
   const float unit = 1.f / static_cast<float>(1 << b);
-  return __hfma2(biased, __float2half2_rn(unit), __float2half2_rn(-(1024.f * unit + c)));
+  return field_minus_biased(word, b, width_mask, as_bits(__float2half2_rn(-(1024.f * unit + c))));
 }
 
 // −(2^(10 − b) + c) in both float16 lanes, built from its bits (exponent 25 − b, mantissa c·2^b) for an integer
 // c < 2^(10 − b) given in both lanes: field_minus's constant, without float arithmetic.
 __host__ __device__ constexpr uint32_t field_bias(uint32_t c_both_lanes, int b) {
   return (c_both_lanes << b) | ((0x8000u | static_cast<uint32_t>(25 - b) << 10) * 0x00010001u);
-}
-
-// field_minus with its constant from field_bias (the same value, bit for bit).
-__device__ __forceinline__ half2 field_minus_biased(uint32_t word, int b, uint32_t width_mask, uint32_t bias) {
-  const half2 biased = as_half2(and_or(word, width_mask << b, HALF_1024));
-  return __hfma2(biased, __float2half2_rn(1.f / static_cast<float>(1 << b)), as_half2(bias));
 }
 
 // E2M1 [s e1 e0 m] at bit b of both lanes: |e m| shifted into a float16's exponent and mantissa is 2^-14
