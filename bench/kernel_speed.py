@@ -31,9 +31,7 @@ from quantbench.export.kernels.cuda_build import DEPENDENT_LAUNCH_ENV  # noqa: E
 from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
 from quantbench.export.kernels.layout import KernelWeight, to_base3_layout  # noqa: E402
 from quantbench.export.kernels.matmul import ENGINES_ENV, TILES_ENV, chosen_tile, graph_time_ms, tuned_configs  # noqa: E402
-from quantbench.quantized_weight import QuantizedWeight  # noqa: E402
-from quantbench.scheme import Scheme  # noqa: E402
-from quantbench.trit_planes import TritPlaneWeight  # noqa: E402
+from random_models import random_weight  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # (K inputs, N outputs)
 BATCHES = [1, 4, 16]
@@ -48,35 +46,6 @@ TINYGEMM = "tinygemm int4-g128 (bf16)"
 
 def kernel_weight(label: str, n: int, k: int, device) -> KernelWeight:
     return LAYOUTS.get(label, to_kernel_layout)(random_weight(VARIANTS[label], n, k, device))
-
-
-def random_weight(scheme_name: str, n: int, k: int, device) -> QuantizedWeight | TritPlaneWeight:
-    """Random codes and plausible scales in a scheme's stored form (timing does not need real values)."""
-    scheme = Scheme.parse(scheme_name)
-    g = torch.Generator(device=device).manual_seed(0)
-    if scheme.format == "ternary":
-        planes = torch.randint(-1, 2, (2, n, k), generator=g, device=device, dtype=torch.int8)
-        scales = (torch.rand(2, n, 1, generator=g, device=device) * 0.02).half()
-        return TritPlaneWeight(scheme, planes, scales)
-    codes = torch.randint(0, 1 << (scheme.bits if scheme.format == "int" else 4), (n, k), generator=g, device=device,
-                          dtype=torch.uint8)
-    if scheme.format == "mxfp4":
-        scales = torch.randint(118, 124, (n, k // 32), generator=g, device=device, dtype=torch.uint8)
-        return QuantizedWeight(scheme, codes, scales, None)
-    if scheme.format == "nvfp4":  # E4M3 codes of 1–2 (0x38–0x40), g = 448·6 / 0.05
-        scales = torch.randint(0x38, 0x41, (n, k // 16), generator=g, device=device, dtype=torch.uint8)
-        return QuantizedWeight(scheme, codes, scales, None, global_scale=torch.tensor([53760.0], device=device))
-    groups = -(-k // 128)
-    scales = (torch.rand(n, groups, generator=g, device=device) * 0.01).half()
-    zeros = torch.randint(0, 1 << scheme.bits, (n, groups), generator=g, device=device, dtype=torch.uint8)
-    if not scheme.act_order:
-        return QuantizedWeight(scheme, codes, scales, zeros)
-    # act_order's input order comes from the input's Hessian, so layers that read one input (q/k/v, gate/up)
-    # share it, and fuse: one order per input width here
-    order = torch.randperm(k, generator=torch.Generator(device=device).manual_seed(k), device=device)
-    g_idx = torch.empty(k, dtype=torch.int32, device=device)
-    g_idx[order] = (torch.arange(k, device=device) // 128).int()
-    return QuantizedWeight(scheme, codes, scales, zeros, g_idx)
 
 
 def peak_bandwidth(device) -> tuple[str, float | None]:

@@ -75,7 +75,7 @@ def evaluate_target(target: str, settings: EvalSection, device: torch.device, dt
     quantized = is_quantbench_checkpoint(path)
     if quantized:
         checkpoint = read_checkpoint(path)
-        model, tokenizer = load_quantized(path, "cpu", dtype), load_tokenizer(str(path))
+        model, tokenizer = load_quantized(path, device, dtype), load_tokenizer(str(path))
         sizes = {layer.name: LayerSize(layer.scheme.name, layer.shape[0] * layer.shape[1], 8 * layer.stored_bytes)
                  for layer in checkpoint.layers.values()}
         summary = summarize_layers(model, sizes, model_linears(model))

@@ -1,7 +1,7 @@
 """Whole models for lm-eval in a streamed run, placed by free memory: as many blocks as fit on the device,
 then host memory, then the disk (accelerate's device maps and offload). The full-precision model comes
 from its checkpoint through from_pretrained(device_map=...); the quantized one from the run's native
-checkpoint, shard by shard, each quantized layer dequantized as it is placed, with its online transforms
+checkpoint, tensor by tensor, each quantized layer dequantized as it is placed, with its online transforms
 (Hadamard input rotation, activation quantization) as load_quantized restores them."""
 
 from __future__ import annotations
@@ -42,9 +42,8 @@ def placed_quantized(directory: Path, dtype: torch.dtype, max_memory: dict, offl
     from transformers import AutoConfig
 
     from quantbench.block_weights import skeleton_model
-    from quantbench.export.checkpoint import restore_online_transforms
+    from quantbench.export.checkpoint import restore_online_transforms, stored_items
     from quantbench.export.checkpoint_reader import read_checkpoint
-    from quantbench.quantized_weight import unpack_weight
 
     checkpoint = read_checkpoint(directory)
     config = AutoConfig.from_pretrained(directory)
@@ -56,20 +55,17 @@ def placed_quantized(directory: Path, dtype: torch.dtype, max_memory: dict, offl
     offload_dir.mkdir(parents=True, exist_ok=True)
     index: dict = {}
     tied = checkpoint.qconfig.get("tied", {})
-    for shard in checkpoint.shards:
-        tensors = checkpoint.load_shard(shard)
-        for name, layer in checkpoint.layers.items():
-            if all(f"{name}.{suffix}" in tensors for suffix in layer.layout):
-                packed = {suffix: tensors.pop(f"{name}.{suffix}") for suffix in layer.layout}
-                tensors[f"{name}.weight"] = unpack_weight(layer.scheme, layer.shape, packed).dequantize(dtype)
-        for key, value in tensors.items():
-            value = value.to(dtype) if value.is_floating_point() else value
-            for name in [key, *(dropped for dropped, kept in tied.items() if kept == key)]:
-                where = _device_of(name, device_map)
-                if where == "disk":  # a tied copy offloaded under each name it is read by
-                    offload_weight(value, name, str(offload_dir), index)
-                else:
-                    set_module_tensor_to_device(model, name, where, value=value)
+    for key, item in stored_items(checkpoint, torch.device("cpu")):
+        if isinstance(item, torch.Tensor):
+            value = item.to(dtype) if item.is_floating_point() else item
+        else:
+            key, value = f"{key}.weight", item.dequantize(dtype)
+        for name in [key, *(dropped for dropped, kept in tied.items() if kept == key)]:
+            where = _device_of(name, device_map)
+            if where == "disk":  # a tied copy offloaded under each name it is read by
+                offload_weight(value, name, str(offload_dir), index)
+            else:
+                set_module_tensor_to_device(model, name, where, value=value)
     save_offload_index(index, str(offload_dir))
     if tied:
         model.tie_weights()

@@ -38,13 +38,12 @@ from quantbench.export.kernels.layout import kernel_unsupported_reason, to_kerne
 from quantbench.export.kernels.fused import fuse_packed_siblings
 from quantbench.export.kernels.modules import PackedLinear
 from quantbench.export.checkpoint_reader import (FORMAT_VERSION, INDEX_FILE, QUANT_METHOD,  # noqa: F401
-                                                 RUN_CHECKPOINT_DIR, WEIGHTS_FILE, CheckpointLayer,
+                                                 RUN_CHECKPOINT_DIR, WEIGHTS_FILE, Checkpoint, CheckpointLayer,
                                                  checkpoint_layers, damaged,
                                                  is_quantbench_checkpoint, read_checkpoint,
                                                  read_quantization_config, resolve_checkpoint_dir)
 from quantbench.fsutil import atomic_directory, atomic_write_path, save_tensors
 from quantbench.quantized_weight import QuantizedWeight, unpack_weight
-from quantbench.model_io import decoder_blocks
 from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.rotation import MODEL_ROTATION_ATTR
 
@@ -182,10 +181,17 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     `model.quantbench_kernel_skips` names each layer left dense and why. With `fuse`, packed layers that
     read one input (q/k/v, gate/up) and agree in format share one fused weight (export/kernels/fused.py);
     `model.quantbench_fused` names the groups.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    directory = Path(directory)
+    The model is built on the meta device and each stored tensor is read from the memory-mapped files
+    straight onto `device`, where its layer is unpacked: host memory holds one tensor in flight, never
+    the dense model, so a packed checkpoint loads onto a GPU whatever the size of its dense original.
+    """
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig
+
+    from quantbench.block_weights import skeleton_model
+
+    directory, device = Path(directory), torch.device(device)
     checkpoint = read_checkpoint(directory)
     qconfig = checkpoint.qconfig
     config = AutoConfig.from_pretrained(directory)
@@ -193,38 +199,68 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    with _skip_weight_init():  # every weight is overwritten below
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    decoder_blocks(model)  # experts by the per-expert names checkpoints use
-    tensors = checkpoint.load_tensors()
-    schemes, skipped = {}, {}
-    for name, layer in checkpoint.layers.items():
-        scheme = schemes[name] = layer.scheme
-        packed = {s: tensors.pop(f"{name}.{s}") for s in layer.layout}
-        weight = unpack_weight(scheme, layer.shape, packed)
-        reason = kernel_unsupported_reason(weight) if kernels else "kernels off"
+    model = skeleton_model(config, dtype)
+    expected = set(_stored_keys(model))
+    loaded, unexpected, skipped = set(), [], {}
+    for key, item in stored_items(checkpoint, device):
+        if isinstance(item, torch.Tensor):
+            if key not in expected:
+                unexpected.append(key)
+                continue
+            try:
+                set_module_tensor_to_device(model, key, device, value=item)
+            except ValueError as exc:  # a tensor of the wrong shape
+                raise damaged(directory, f"{key} in {WEIGHTS_FILE} does not fit config.json: {_first_line(exc)}") \
+                    from None
+            loaded.add(key)
+            continue
+        reason = kernel_unsupported_reason(item) if kernels else "kernels off"
         if reason is None:
-            linear = model.get_submodule(name)
-            _set_module(model, name, PackedLinear(to_kernel_layout(weight), linear.bias, dtype=dtype))
+            _set_module(model, key, PackedLinear(to_kernel_layout(item), model.get_submodule(key).bias, dtype=dtype))
         else:
-            skipped[name] = reason
-            tensors[f"{name}.weight"] = weight.dequantize(dtype)
-    try:
-        result = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as exc:  # a tensor of the wrong shape
-        raise damaged(directory, f"{WEIGHTS_FILE} does not fit config.json: {_first_line(exc)}") from None
-    missing = set(result.missing_keys) - set(qconfig.get("tied", {}))
-    if missing or result.unexpected_keys:
+            skipped[key] = reason
+            set_module_tensor_to_device(model, f"{key}.weight", device, value=item.dequantize(dtype))
+        loaded.add(f"{key}.weight")
+    missing = expected - loaded - set(qconfig.get("tied", {}))
+    if missing or unexpected:
         raise damaged(directory, f"{WEIGHTS_FILE} does not fit config.json (missing {sorted(missing)[:3]}, "
-                      f"unexpected {sorted(result.unexpected_keys)[:3]})")
+                      f"unexpected {sorted(unexpected)[:3]})")
     for dropped, kept in qconfig.get("tied", {}).items():
         if model.get_parameter(dropped) is not model.get_parameter(kept):
             _set_parameter(model, dropped, model.get_parameter(kept))
-    restore_online_transforms(model, qconfig, schemes, directory)
+    restore_online_transforms(model, qconfig, {name: layer.scheme for name, layer in checkpoint.layers.items()},
+                              directory)
     if kernels:
         model.quantbench_kernel_skips = skipped
         model.quantbench_fused = fuse_packed_siblings(model) if fuse else []
     return model.to(device).eval()
+
+
+def stored_items(checkpoint: Checkpoint, device: torch.device):
+    """What a checkpoint holds, read tensor by tensor onto `device`: (layer name, its weight unpacked) for each
+    quantized layer once all its packed tensors are read, and (key, tensor) for every other tensor."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in checkpoint.iter_tensors(device):
+        name, _, suffix = key.rpartition(".")
+        layer = checkpoint.layers.get(name)
+        if layer is None or suffix not in layer.layout:
+            yield key, tensor
+            continue
+        packed = pending.setdefault(name, {})
+        packed[suffix] = tensor
+        if len(packed) == len(layer.layout):
+            del pending[name]
+            yield name, unpack_weight(layer.scheme, layer.shape, packed)
+
+
+def _stored_keys(model: nn.Module):
+    """The names a checkpoint stores `model`'s tensors under: every parameter (tied ones under each name)
+    and every persistent buffer."""
+    yield from (name for name, _ in model.named_parameters(remove_duplicate=False))
+    for name, _ in model.named_buffers(remove_duplicate=False):
+        owner, _, attr = name.rpartition(".")
+        if attr not in model.get_submodule(owner)._non_persistent_buffers_set:
+            yield name
 
 
 def restore_online_transforms(model: nn.Module, qconfig: dict, schemes: dict, directory: Path) -> None:
@@ -244,14 +280,6 @@ def _rotation_from(descriptor: dict, directory: Path) -> RandomHadamard:
         raise QuantbenchError(f"{directory}: a rotation of size {rotation.n} was saved as {descriptor['kind']!r}, "
                               f"but this quantbench builds {rotation.kind!r}; use the version that wrote it")
     return rotation
-
-
-def _skip_weight_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers: initialise normally (slower, same result)
-        return contextlib.nullcontext()
-    return no_init_weights()
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

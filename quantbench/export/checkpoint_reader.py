@@ -70,6 +70,19 @@ class Checkpoint:
             tensors.update(self.load_shard(shard))
         return tensors
 
+    def iter_tensors(self, device: str | torch.device = "cpu"):
+        """(key, tensor) for every stored tensor, shard by shard, each read from the memory-mapped file
+        straight onto `device` when its turn comes."""
+        from safetensors import SafetensorError, safe_open
+
+        for shard in self.shards:
+            try:
+                with safe_open(str(self.directory / shard), framework="pt", device=str(device)) as handle:
+                    for key in handle.keys():
+                        yield key, handle.get_tensor(key)
+            except (SafetensorError, OSError) as exc:
+                raise damaged(self.directory, f"{shard} cannot be read ({exc})") from None
+
     def load_shard(self, shard: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
