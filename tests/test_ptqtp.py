@@ -121,6 +121,9 @@ def test_trits_pack_five_per_byte_in_base_3():
         assert torch.equal(unpack_trits(packed, n), trits)
     with pytest.raises(ValueError):
         pack_trits(torch.tensor([[2]]))
+    every_byte = [[(b // 3**i) % 3 - 1 for i in range(5)] for b in range(243)]  # digit i of b, minus 1
+    assert unpack_trits(torch.arange(243, dtype=torch.uint8)[:, None], 5).tolist() == every_byte
+    assert pack_trits(torch.tensor(every_byte, dtype=torch.int8)).flatten().tolist() == list(range(243))
 
 
 @pytest.mark.parametrize("group", [None, 32, 48])

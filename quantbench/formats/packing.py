@@ -16,10 +16,12 @@ codes per byte, element 0 in the low nibble (the compressed-tensors FP4 layout);
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
 WORD_BITS = 32
+LITTLE_ENDIAN = sys.byteorder == "little"  # words and their bytes are views of one another
 _ROW_CHUNK_ELEMENTS = 1 << 24  # bound the temporary bit-plane tensors
 
 
@@ -29,18 +31,11 @@ def packed_words(n: int, bits: int) -> int:
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """[rows, n] integer codes in [0, 2^bits) → [rows, ceil(n·bits/32)] int32."""
-    _check_bits(bits)
+    _check_codes(codes, bits)
     rows, n = codes.shape
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
-        raise ValueError(f"codes out of range for {bits} bits")
     words = packed_words(n, bits)
-    if WORD_BITS % bits == 0:
-        per_word = WORD_BITS // bits
-        padded = torch.zeros(rows, words * per_word, dtype=torch.int64, device=codes.device)
-        padded[:, :n] = codes.to(torch.int64)
-        shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
-        packed = (padded.view(rows, words, per_word) << shifts).sum(dim=-1)
-        return _to_int32(packed)
+    if 8 % bits == 0:
+        return _words_of(_pack_within_bytes(codes, bits, 4 * words))
     out = torch.empty(rows, words, dtype=torch.int32, device=codes.device)
     for start, stop in _row_chunks(rows, n * bits):
         out[start:stop] = _pack_stream(codes[start:stop], bits, words)
@@ -53,11 +48,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     rows, words = packed.shape
     if words != packed_words(n, bits):
         raise ValueError(f"{words} words cannot hold {n} codes of {bits} bits")
-    if WORD_BITS % bits == 0:  # arithmetic shifts of int32 are exact once masked
-        per_word = WORD_BITS // bits
-        shifts = torch.arange(per_word, device=packed.device, dtype=torch.int32) * bits
-        codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return codes.to(torch.uint8).view(rows, words * per_word)[:, :n]
+    if 8 % bits == 0:
+        return _unpack_within_bytes(_bytes_of(packed.to(torch.int32)), bits, n)
     unsigned = packed.to(torch.int64) & 0xFFFFFFFF
     out = torch.empty(rows, n, dtype=torch.uint8, device=packed.device)
     for start, stop in _row_chunks(rows, words * WORD_BITS):
@@ -67,8 +59,11 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 def pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """[rows, n] codes → [rows, ceil(n·bits/8)] uint8, the bit stream of `pack_bits` byte by byte."""
-    words = pack_bits(codes, bits)
-    return _as_bytes(words)[:, : math.ceil(codes.shape[1] * bits / 8)].contiguous()
+    n_bytes = math.ceil(codes.shape[1] * bits / 8)
+    if 8 % bits == 0:
+        _check_codes(codes, bits)
+        return _pack_within_bytes(codes, bits, n_bytes)
+    return _bytes_of(pack_bits(codes, bits))[:, :n_bytes].contiguous()
 
 
 def unpack_bytes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -76,9 +71,11 @@ def unpack_bytes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     rows, n_bytes = packed.shape
     if n_bytes != math.ceil(n * bits / 8):
         raise ValueError(f"{n_bytes} bytes cannot hold {n} codes of {bits} bits")
+    if 8 % bits == 0:
+        return _unpack_within_bytes(packed, bits, n)
     padded = torch.zeros(rows, packed_words(n, bits) * 4, dtype=torch.uint8, device=packed.device)
     padded[:, :n_bytes] = packed
-    return unpack_bits(_as_words(padded), bits, n)
+    return unpack_bits(_words_of(padded), bits, n)
 
 
 TRITS_PER_BYTE = 5
@@ -91,31 +88,64 @@ def pack_trits(trits: torch.Tensor) -> torch.Tensor:
     if trits.numel() and (int(trits.min()) < -1 or int(trits.max()) > 1):
         raise ValueError("trits must be -1, 0 or +1")
     n_bytes = math.ceil(n / TRITS_PER_BYTE)
-    digits = torch.ones(*trits.shape[:-1], n_bytes * TRITS_PER_BYTE, dtype=torch.int32, device=trits.device)
-    digits[..., :n] = trits.to(torch.int32) + 1
-    powers = torch.tensor(_POWERS_OF_3, dtype=torch.int32, device=trits.device)
-    return (digits.view(*trits.shape[:-1], n_bytes, TRITS_PER_BYTE) * powers).sum(dim=-1).to(torch.uint8)
+    digits = torch.ones(*trits.shape[:-1], n_bytes * TRITS_PER_BYTE, dtype=torch.uint8, device=trits.device)
+    digits[..., :n] = trits + 1
+    digits = digits.view(*trits.shape[:-1], n_bytes, TRITS_PER_BYTE)
+    out = digits[..., -1].clone()
+    for i in range(TRITS_PER_BYTE - 2, -1, -1):  # Horner's rule: every partial value stays below 243
+        out.mul_(3).add_(digits[..., i])
+    return out
 
 
 def unpack_trits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of `pack_trits`: [..., ceil(n/5)] uint8 → [..., n] int8 in {−1, 0, 1}."""
     if packed.shape[-1] != math.ceil(n / TRITS_PER_BYTE):
         raise ValueError(f"{packed.shape[-1]} bytes do not hold {n} trits")
-    powers = torch.tensor(_POWERS_OF_3, dtype=torch.int32, device=packed.device)
-    digits = (packed.to(torch.int32).unsqueeze(-1) // powers) % 3
-    return (digits.flatten(-2)[..., :n] - 1).to(torch.int8)
+    trits = _trits_of_bytes(packed.device)[packed.to(torch.int32)]
+    return trits.flatten(-2)[..., :n]
 
 
-def _as_bytes(words: torch.Tensor) -> torch.Tensor:
-    """int32 words → their little-endian bytes (independent of the host's byte order)."""
-    shifts = torch.arange(0, WORD_BITS, 8, device=words.device, dtype=torch.int32)
-    return ((words.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(words.shape[0], -1)
+def _trits_of_bytes(device: torch.device) -> torch.Tensor:
+    """int8 [256, 5]: the five trits each byte value holds (digit i of the byte in base 3, minus 1)."""
+    powers = torch.tensor(_POWERS_OF_3, dtype=torch.int32, device=device)
+    return ((torch.arange(256, dtype=torch.int32, device=device).unsqueeze(-1) // powers) % 3 - 1).to(torch.int8)
 
 
-def _as_words(data: torch.Tensor) -> torch.Tensor:
+def _pack_within_bytes(codes: torch.Tensor, bits: int, n_bytes: int) -> torch.Tensor:
+    """Widths that divide 8: [rows, n] codes → [rows, n_bytes] uint8, code i at bits [i·b mod 8, …) of byte
+    i·b // 8 (zero codes pad the row)."""
+    rows, n = codes.shape
+    per_byte = 8 // bits
+    lanes = torch.zeros(rows, n_bytes * per_byte, dtype=torch.uint8, device=codes.device)
+    lanes[:, :n] = codes
+    lanes = lanes.view(rows, n_bytes, per_byte)
+    out = lanes[..., 0].clone()
+    for i in range(1, per_byte):
+        out |= lanes[..., i] << (i * bits)
+    return out
+
+
+def _unpack_within_bytes(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=data.device)
+    codes = (data.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.view(data.shape[0], -1)[:, :n]
+
+
+def _words_of(data: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, 4·k] little-endian bytes → int32 [rows, k] words."""
+    if LITTLE_ENDIAN:
+        return data.contiguous().view(torch.int32)
     shifts = torch.arange(0, WORD_BITS, 8, device=data.device, dtype=torch.int64)
     values = (data.view(data.shape[0], -1, 4).to(torch.int64) << shifts).sum(dim=-1)
     return _to_int32(values)
+
+
+def _bytes_of(words: torch.Tensor) -> torch.Tensor:
+    """int32 words → their little-endian bytes, whatever the host's byte order."""
+    if LITTLE_ENDIAN:
+        return words.contiguous().view(torch.uint8)
+    shifts = torch.arange(0, WORD_BITS, 8, device=words.device, dtype=torch.int32)
+    return ((words.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(words.shape[0], -1)
 
 
 def _pack_stream(codes: torch.Tensor, bits: int, words: int) -> torch.Tensor:
@@ -146,6 +176,12 @@ def _row_chunks(rows: int, elements_per_row: int):
     step = max(1, _ROW_CHUNK_ELEMENTS // max(1, elements_per_row))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
+
+
+def _check_codes(codes: torch.Tensor, bits: int) -> None:
+    _check_bits(bits)
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+        raise ValueError(f"codes out of range for {bits} bits")
 
 
 def _check_bits(bits: int) -> None:
