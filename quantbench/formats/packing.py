@@ -37,8 +37,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if 8 % bits == 0:
         return _words_of(_pack_within_bytes(codes, bits, 4 * words))
     out = torch.empty(rows, words, dtype=torch.int32, device=codes.device)
-    for start, stop in _row_chunks(rows, n * bits):
-        out[start:stop] = _pack_stream(codes[start:stop], bits, words)
+    for start, stop in _row_chunks(rows, n * 8):
+        out[start:stop] = _words_of(_fit(_pack_octets(codes[start:stop], bits), 4 * words))
     return out
 
 
@@ -48,12 +48,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     rows, words = packed.shape
     if words != packed_words(n, bits):
         raise ValueError(f"{words} words cannot hold {n} codes of {bits} bits")
+    data = _bytes_of(packed.to(torch.int32))
     if 8 % bits == 0:
-        return _unpack_within_bytes(_bytes_of(packed.to(torch.int32)), bits, n)
-    unsigned = packed.to(torch.int64) & 0xFFFFFFFF
+        return _unpack_within_bytes(data, bits, n)
     out = torch.empty(rows, n, dtype=torch.uint8, device=packed.device)
-    for start, stop in _row_chunks(rows, words * WORD_BITS):
-        out[start:stop] = _unpack_stream(unsigned[start:stop], bits, n)
+    for start, stop in _row_chunks(rows, n * 8):
+        out[start:stop] = _unpack_octets(_fit(data[start:stop], math.ceil(n / 8) * bits), bits, n)
     return out
 
 
@@ -131,6 +131,32 @@ def _unpack_within_bytes(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes.view(data.shape[0], -1)[:, :n]
 
 
+def _pack_octets(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Any width: every 8 codes fill `bits` bytes exactly. [rows, n] → [rows, ceil(n/8)·bits] uint8."""
+    rows, n = codes.shape
+    octets = torch.zeros(rows, math.ceil(n / 8) * 8, dtype=torch.int64, device=codes.device)
+    octets[:, :n] = codes
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64, device=codes.device)
+    values = (octets.view(rows, -1, 8) << shifts).sum(-1, keepdim=True)  # below 2^(8·bits): no bits overlap
+    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int64, device=codes.device)
+    return ((values >> byte_shifts) & 0xFF).to(torch.uint8).view(rows, -1)
+
+
+def _unpack_octets(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    rows = data.shape[0]
+    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int64, device=data.device)
+    values = (data.view(rows, -1, bits).to(torch.int64) << byte_shifts).sum(-1, keepdim=True)
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64, device=data.device)
+    return ((values >> shifts) & ((1 << bits) - 1)).to(torch.uint8).view(rows, -1)[:, :n]
+
+
+def _fit(data: torch.Tensor, n_bytes: int) -> torch.Tensor:
+    """A row's byte stream cut or zero-padded to `n_bytes` (what lies past its last code is zero)."""
+    if data.shape[1] >= n_bytes:
+        return data[:, :n_bytes].contiguous()
+    return torch.nn.functional.pad(data, (0, n_bytes - data.shape[1]))
+
+
 def _words_of(data: torch.Tensor) -> torch.Tensor:
     """uint8 [rows, 4·k] little-endian bytes → int32 [rows, k] words."""
     if LITTLE_ENDIAN:
@@ -146,25 +172,6 @@ def _bytes_of(words: torch.Tensor) -> torch.Tensor:
         return words.contiguous().view(torch.uint8)
     shifts = torch.arange(0, WORD_BITS, 8, device=words.device, dtype=torch.int32)
     return ((words.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(words.shape[0], -1)
-
-
-def _pack_stream(codes: torch.Tensor, bits: int, words: int) -> torch.Tensor:
-    rows, n = codes.shape
-    device = codes.device
-    planes = (codes.to(torch.int64).unsqueeze(-1) >> torch.arange(bits, device=device)) & 1
-    stream = torch.zeros(rows, words * WORD_BITS, dtype=torch.int64, device=device)
-    stream[:, : n * bits] = planes.reshape(rows, n * bits)
-    weights = torch.ones(WORD_BITS, dtype=torch.int64, device=device) << torch.arange(WORD_BITS, device=device)
-    return _to_int32((stream.view(rows, words, WORD_BITS) * weights).sum(dim=-1))
-
-
-def _unpack_stream(unsigned: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    rows, words = unsigned.shape
-    device = unsigned.device
-    stream = ((unsigned.unsqueeze(-1) >> torch.arange(WORD_BITS, device=device)) & 1).reshape(rows, -1)
-    planes = stream[:, : n * bits].reshape(rows, n, bits)
-    weights = torch.ones(bits, dtype=torch.int64, device=device) << torch.arange(bits, device=device)
-    return (planes * weights).sum(dim=-1).to(torch.uint8)
 
 
 def _to_int32(values: torch.Tensor) -> torch.Tensor:
