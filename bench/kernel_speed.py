@@ -202,12 +202,32 @@ def quantize_model(model, label: str | None, device, fuse: bool = False, head: b
         fuse_packed_siblings(model)
 
 
+def checkpoint_model(label: str, size: str, device, folder: Path, fuse: bool, head: bool):
+    """A checkpoint of random codes of `label` written under `folder`, then loaded onto `device` as a user
+    loads one: load_quantized(kernels=True), q/k/v and gate/up fused with `fuse`. Prints the load's time."""
+    from quantbench import load_quantized
+    from random_models import write_random_checkpoint
+
+    if label in LAYOUTS:
+        raise SystemExit(f"--from-checkpoint: load_quantized does not build the layout of {label!r}")
+    directory = folder / label.replace(" ", "-")
+    write_random_checkpoint(directory, size, VARIANTS[label], torch.float16, device, head=head)
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    model = load_quantized(directory, device, torch.float16, kernels=True, fuse=fuse)
+    torch.cuda.synchronize(device)
+    print(f"loaded {directory} onto {device} in {time.perf_counter() - started:.1f} s "
+          f"({len(model.quantbench_kernel_skips)} layers left dense)", flush=True)
+    return model
+
+
 def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fuse: bool, variants,
                  rows: list, saved=lambda: None, floor: bool = False, compiled: bool = False,
-                 head: bool = False, dependent=("auto",), cache_length: int | None = None) -> list[dict]:
+                 head: bool = False, dependent=("auto",), cache_length: int | None = None,
+                 checkpoints: Path | None = None) -> list[dict]:
     for label in ["fp16", *variants, *([FLOOR] if floor else [])]:
         rows.extend(decode_one(label, None if label == "fp16" else label, device, new_tokens, prompt, size, batch,
-                               fuse, compiled, head, dependent, cache_length))
+                               fuse, compiled, head, dependent, cache_length, checkpoints))
         saved()
         torch.cuda.empty_cache()
     return rows
@@ -216,18 +236,22 @@ def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fu
 @torch.no_grad()
 def prepared_decode(variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b", batch: int = 1,
                     fuse: bool = False, compiled: bool = False, attention: str | None = None, head: bool = False,
-                    cache_length: int | None = None):
+                    cache_length: int | None = None, checkpoints: Path | None = None):
     """A random model of `size` with its decoder linears swapped for `variant` (None: fp16), prefilled with
     `prompt` tokens, and `step`, one decode step in place (static cache of `cache_length` positions, default
     prompt + new_tokens + 8: attention reads all of it at every step), warmed up; `attention` picks
-    transformers' attention implementation (its default: sdpa); `head` packs lm_head too. Returns (step,
-    decoder weight bytes)."""
+    transformers' attention implementation (its default: sdpa); `head` packs lm_head too. With `checkpoints`,
+    a packed model is a checkpoint written there and loaded (`checkpoint_model`). Returns (step, decoder
+    weight bytes)."""
     from transformers import StaticCache
 
     from random_models import build_random_llama_on
 
-    model = build_random_llama_on(size, torch.float16, device)
-    quantize_model(model, variant, device, fuse, head)
+    if checkpoints is not None and variant not in (None, FLOOR):
+        model = checkpoint_model(variant, size, device, checkpoints, fuse, head)
+    else:
+        model = build_random_llama_on(size, torch.float16, device)
+        quantize_model(model, variant, device, fuse, head)
     if attention:
         model.set_attn_implementation(attention)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
@@ -270,12 +294,12 @@ def captured(step) -> torch.cuda.CUDAGraph:
 @torch.no_grad()
 def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b",
                batch: int = 1, fuse: bool = False, compiled: bool = False, head: bool = False,
-               dependent=("auto",), cache_length: int | None = None) -> list[dict]:
+               dependent=("auto",), cache_length: int | None = None, checkpoints: Path | None = None) -> list[dict]:
     """Tokens/s of one model; a packed one once per `dependent` setting of the CUDA kernels' dependent
     launch ("auto", "on", "off"), each its own CUDA graph, the decode positions running on through them."""
     cache_length = cache_positions(prompt, new_tokens, cache_length)
     step, weight_bytes = prepared_decode(variant, device, new_tokens, prompt, size, batch, fuse, compiled,
-                                         head=head, cache_length=cache_length)
+                                         head=head, cache_length=cache_length, checkpoints=checkpoints)
     packed = variant not in (None, FLOOR)
     packed_head = head and packed
     inductor_pdl = compiled and getattr(inductor_config.triton, "enable_pdl", False)
@@ -296,6 +320,7 @@ def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt:
         rows.append({"model": label, "size": size, "batch": batch, "fused": fuse and variant is not None,
                      "compiled": compiled, "inductor_pdl": inductor_pdl, "lm_head_packed": packed_head,
                      "dependent_launch": setting, "cache_length": cache_length, "block_weight_bytes": weight_bytes,
+                     "from_checkpoint": checkpoints is not None and packed,
                      "eager_tok_s": eager_tok_s, "cuda_graph_tok_s": graph_tok_s})
         del graph
     os.environ.pop(DEPENDENT_LAUNCH_ENV, None)
@@ -334,6 +359,9 @@ def main() -> None:
                         help="also decode with the decoder's matmuls skipped: the ceiling any kernel can reach")
     parser.add_argument("--compile", action="store_true", help="decode with the model's forward torch.compile'd")
     parser.add_argument("--head", action="store_true", help="decode with lm_head packed too")
+    parser.add_argument("--from-checkpoint", type=Path, metavar="DIR",
+                        help="decode packed models as users get them: a checkpoint of random codes written under "
+                             "DIR, then load_quantized(kernels=True) onto the device (not modules swapped in memory)")
     parser.add_argument("--dependent-launch", nargs="+", choices=["auto", "on", "off"], default=["auto"],
                         help="decode packed models once per setting of the CUDA kernels' dependent launch "
                              "(QUANTBENCH_DEPENDENT_LAUNCH; auto: on with --pdl)")
@@ -396,7 +424,7 @@ def main() -> None:
             for fuse in ([True] if args.only_fused else [False, True] if args.fuse else [False]):
                 decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse, args.variants,
                              result["decode"], saved, args.floor, args.compile, args.head, args.dependent_launch,
-                             args.cache_length)
+                             args.cache_length, args.from_checkpoint)
 
 
 if __name__ == "__main__":

@@ -94,11 +94,11 @@ def random_weight(scheme_name: str, n: int, k: int, device):
 
 
 def write_random_checkpoint(directory, size: str, scheme_name: str, dtype: torch.dtype, device,
-                            layers: int | None = None) -> dict[str, int]:
-    """A quantbench checkpoint of a random Llama of `size` (first `layers` blocks) whose decoder linears hold
-    random codes of `scheme_name`, written without ever building the dense model: the linears' weights stay
-    on the meta device, the embeddings, norms and head are drawn on `device`. Returns the bytes it stores,
-    packed and not."""
+                            layers: int | None = None, head: bool = False) -> dict[str, int]:
+    """A quantbench checkpoint of a random Llama of `size` (first `layers` blocks) whose decoder linears (and
+    with `head`, lm_head) hold random codes of `scheme_name`, written without ever building the dense model:
+    the linears' weights stay on the meta device, the embeddings, norms and head are drawn on `device`.
+    Returns the bytes it stores, packed and not."""
     from torch import nn
     from transformers import LlamaConfig
 
@@ -109,6 +109,8 @@ def write_random_checkpoint(directory, size: str, scheme_name: str, dtype: torch
     model = skeleton_model(LlamaConfig(**dims, max_position_embeddings=8192), dtype)
     linears = {f"model.layers.{name}": module for name, module in model.model.layers.named_modules()
                if isinstance(module, nn.Linear)}
+    if head:
+        linears["lm_head"] = model.lm_head
     g = torch.Generator(device=device).manual_seed(0)
     for name, param in list(model.named_parameters()):
         if name.removesuffix(".weight") in linears:

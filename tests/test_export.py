@@ -228,3 +228,23 @@ def test_a_layer_whose_tensors_lie_in_two_shards_loads(tmp_path, tokenizer):
     assert torch.equal(whole_file[False], logits(model))
     for kernels in (False, True):
         assert torch.equal(logits(load_quantized(tmp_path / "ckpt", kernels=kernels)), whole_file[kernels])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_checkpoint_loads_straight_onto_the_gpu_as_it_loads_on_the_cpu(tmp_path, tokenizer):
+    """Read onto the GPU and unpacked there, every tensor equals the CPU load's moved over, packed layers
+    included, and the dense model computes the same logits."""
+    model = tiny_llama(hidden=128)
+    save_quantized(model, tokenizer, quantize(model, default="int4-g32-gptq-act"), tmp_path / "ckpt")
+    gpu = torch.device("cuda")
+    for kernels in (False, True):
+        on_gpu = load_quantized(tmp_path / "ckpt", gpu, kernels=kernels)
+        moved = load_quantized(tmp_path / "ckpt", kernels=kernels).to(gpu)
+        tensors = dict(on_gpu.named_buffers()) | dict(on_gpu.named_parameters())
+        assert tensors.keys() == (dict(moved.named_buffers()) | dict(moved.named_parameters())).keys()
+        assert all(t.device.type == "cuda" for t in tensors.values())
+        for name, tensor in (dict(moved.named_buffers()) | dict(moved.named_parameters())).items():
+            assert torch.equal(tensors[name], tensor), name
+        if not kernels:
+            with torch.no_grad():
+                assert torch.equal(on_gpu(input_ids=IDS.to(gpu)).logits, moved(input_ids=IDS.to(gpu)).logits)
