@@ -332,6 +332,8 @@ def eval_command(
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="show progress bars"),
     nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine: perplexity windows and tasks "
                               "are split across them (relaunches itself under torchrun)"),
+    kernels: bool = typer.Option(False, "--kernels", help="run a checkpoint's packed layers through the "
+                                 "packed-weight kernels, as served (default: dequantized)"),
 ) -> None:
     """Perplexity and lm-eval tasks of a plain model, an exported checkpoint or a run's checkpoint."""
     from pydantic import ValidationError
@@ -361,7 +363,7 @@ def eval_command(
             raise QuantbenchError("\n".join(describe_errors(exc, EvalSection))) from None
         dev = resolve_device(device)
         record = evaluate_target(target, settings, dev, resolve_dtype(dtype, dev) if dtype != "auto" else None,
-                                 verbose and ranks.main)
+                                 verbose and ranks.main, kernels)
         distributed.finish()
         if not ranks.main:
             return
@@ -377,7 +379,8 @@ def eval_command(
 
 def print_eval_record(record: dict) -> None:
     (side, ppl), = record["perplexity"].items()
-    table = Table(title=f"{record['evaluated']} ({'quantized' if side == 'quantized' else 'full precision'})")
+    kind = "full precision" if side != "quantized" else "quantized, packed kernels" if record.get("kernels") else "quantized"
+    table = Table(title=f"{record['evaluated']} ({kind})")
     for column in ("eval", "setting", "value", "± stderr"):
         table.add_column(column, justify="left" if column in ("eval", "setting") else "right")
     for name, result in ppl.items():

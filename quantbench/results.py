@@ -31,8 +31,10 @@ def quantization_summary(model: nn.Module, quantized: dict[str, QuantizedWeight]
     return summarize_layers(model, sizes, linears)
 
 
-def summarize_layers(model: nn.Module, sizes: dict[str, LayerSize], linears: dict[str, nn.Linear]) -> dict:
-    """Schemes used, average bits/weight and bytes: quantized layers packed, everything else as stored.
+def summarize_layers(model: nn.Module, sizes: dict[str, LayerSize], linears: dict[str, nn.Linear],
+                     rotations: dict[str, str] | None = None) -> dict:
+    """Schemes used, average bits/weight and bytes: quantized layers packed, everything else as stored;
+    `rotations` (layer → kind) where the model's own modules do not tell them.
 
     `model_bytes` puts every unquantized parameter at 16 bits, so models stored in fp32 and bf16 compare
     on one footing: `fp16` is the whole model in half precision, `quantized` the same with packed layers.
@@ -49,8 +51,9 @@ def summarize_layers(model: nn.Module, sizes: dict[str, LayerSize], linears: dic
         "schemes": dict(Counter(size.scheme for size in sizes.values())),
         "layers": {name: size.scheme for name, size in sizes.items()},
         "layer_bits": {name: size.storage_bits / size.numel for name, size in sizes.items()},
-        "rotations": {name: rotation.kind for name, module in model.named_modules()
-                      if (rotation := input_rotation_of(module)) is not None},
+        "rotations": rotations if rotations is not None else {
+            name: rotation.kind for name, module in model.named_modules()
+            if (rotation := input_rotation_of(module)) is not None},
         "quantized_layers": len(sizes),
         "full_precision_linears": len(linears) - sum(1 for n in linears if n in sizes),
         "avg_bits_per_weight": quantized_bits / quantized_params if quantized_params else None,

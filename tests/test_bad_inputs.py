@@ -294,3 +294,8 @@ def test_scaling_on_a_family_without_fold_sites_is_refused_before_compute(tmp_pa
     tokenizer.save_pretrained(model_dir)
     recipe = make_recipe(tmp_path, model_dir, text_file, quantize={"default": "awq+int4-g32-rtn"})
     one_line_error(invoke("validate", recipe), "awq scaling supports", "not 'opt'")
+
+
+def test_eval_with_kernels_of_a_plain_model_is_refused_before_loading(model_dir, text_file):
+    result = invoke("eval", model_dir, "-d", text_file, "--seqlen", 32, "--max-windows", 1, "--kernels", "--quiet")
+    one_line_error(result, "--kernels", "not one")

@@ -38,9 +38,21 @@ def test_run_writes_result_checkpoint_and_summary(tmp_path, model_dir, text_file
     assert stored_bits == 8 * q["weight_bytes"]["quantized_layers"]
     assert stored_bits / q["quantized_params"] == pytest.approx(q["avg_bits_per_weight"], rel=1e-12)
 
-    evaluated = invoke("eval", run_dir, "--dataset", text_file, "--seqlen", 64, "--max-windows", 4)
+    evaluated = invoke("eval", run_dir, "--dataset", text_file, "--seqlen", 64, "--max-windows", 4,
+                       "--output", tmp_path / "dense")
     assert evaluated.exit_code == 0, evaluated.output
     assert f"{ppl['quantized'][dataset]['ppl']:.3f}" in evaluated.output  # the checkpoint scores as in the run
+    record = json.loads((tmp_path / "dense" / "result.json").read_text())
+    assert not record["kernels"] and record["quantization"] == q
+
+    served = invoke("eval", run_dir, "--dataset", text_file, "--seqlen", 64, "--max-windows", 4, "--kernels",
+                    "--output", tmp_path / "served")
+    assert served.exit_code == 0, served.output
+    record = json.loads((tmp_path / "served" / "result.json").read_text())
+    assert record["kernels"] and record["quantization"] == q  # every layer packed, the same sizes
+    # the packed layers' matmuls sum in another order than the dense ones: equal within float32 rounding
+    assert record["perplexity"]["quantized"][dataset]["ppl"] == pytest.approx(ppl["quantized"][dataset]["ppl"],
+                                                                              rel=1e-4)
 
 
 def test_existing_run_is_refused_without_force_and_kept(tmp_path, model_dir, text_file):

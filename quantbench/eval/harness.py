@@ -59,14 +59,17 @@ def on_device(model: nn.Module, device: torch.device | None):
 
 
 def evaluate_target(target: str, settings: EvalSection, device: torch.device, dtype: torch.dtype | None,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, kernels: bool = False) -> dict:
     """Evaluate a hub id, a model folder, a quantbench checkpoint or a run directory.
 
     The record has the shape of a run's result.json: a plain model's figures are its `baseline`, a
-    checkpoint's are `quantized`, so `quantbench report` puts either on the leaderboard.
+    checkpoint's are `quantized`, so `quantbench report` puts either on the leaderboard. With `kernels` a
+    checkpoint runs as it is served: its packed layers through the packed-weight kernels
+    (`load_quantized(kernels=True)`), never dense, so a checkpoint whose dense model would not fit the
+    device is evaluated on it.
     """
-    from quantbench.export.checkpoint import (is_quantbench_checkpoint, load_quantized, read_checkpoint,
-                                              resolve_checkpoint_dir)
+    from quantbench.export.checkpoint import (checkpoint_skeleton, is_quantbench_checkpoint, load_quantized,
+                                              read_checkpoint, resolve_checkpoint_dir, tie_as_stored)
     from quantbench.model_io import load_model, load_tokenizer, model_linears, resolve_dtype
     from quantbench.results import LayerSize, environment, parameter_count, summarize_layers
 
@@ -75,13 +78,18 @@ def evaluate_target(target: str, settings: EvalSection, device: torch.device, dt
     quantized = is_quantbench_checkpoint(path)
     if quantized:
         checkpoint = read_checkpoint(path)
-        model, tokenizer = load_quantized(path, device, dtype), load_tokenizer(str(path))
+        model, tokenizer = load_quantized(path, device, dtype, kernels=kernels), load_tokenizer(str(path))
         sizes = {layer.name: LayerSize(layer.scheme.name, layer.shape[0] * layer.shape[1], 8 * layer.stored_bytes)
                  for layer in checkpoint.layers.values()}
-        summary = summarize_layers(model, sizes, model_linears(model))
+        shapes = checkpoint_skeleton(path, model.dtype)  # the parameters as stored, whatever runs them
+        tie_as_stored(shapes, checkpoint.qconfig)
+        rotations = {name: rotation["kind"] for name, rotation in checkpoint.qconfig.get("rotations", {}).items()}
+        summary = summarize_layers(shapes, sizes, model_linears(shapes), rotations)
     elif (path / "result.json").is_file():
         raise QuantbenchError(f"{target} is a run directory without a checkpoint (its recipe had export.enabled: "
                               "false); rerun it with export enabled, or evaluate the base model")
+    elif kernels:
+        raise QuantbenchError(f"--kernels runs a quantbench checkpoint's packed layers; {target} is not one")
     else:
         model, tokenizer = load_model(target, dtype or resolve_dtype("auto", device))
         summary = None
@@ -96,6 +104,7 @@ def evaluate_target(target: str, settings: EvalSection, device: torch.device, dt
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "parameters": parameter_count(model),
         "evaluated": str(path) if quantized else target,
+        "kernels": kernels,
         "quantization": summary,
         "perplexity": {side: ppl},
     }

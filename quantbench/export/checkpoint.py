@@ -187,19 +187,12 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     the dense model, so a packed checkpoint loads onto a GPU whatever the size of its dense original.
     """
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig
-
-    from quantbench.block_weights import skeleton_model
 
     directory, device = Path(directory), torch.device(device)
     checkpoint = read_checkpoint(directory)
     qconfig = checkpoint.qconfig
-    config = AutoConfig.from_pretrained(directory)
-    del config.quantization_config
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model = skeleton_model(config, dtype)
+    model = checkpoint_skeleton(directory, dtype)
+    dtype = model.dtype
     expected = set(_stored_keys(model))
     loaded, unexpected, skipped = set(), [], {}
     for key, item in stored_items(checkpoint, device):
@@ -225,15 +218,32 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     if missing or unexpected:
         raise damaged(directory, f"{WEIGHTS_FILE} does not fit config.json (missing {sorted(missing)[:3]}, "
                       f"unexpected {sorted(unexpected)[:3]})")
-    for dropped, kept in qconfig.get("tied", {}).items():
-        if model.get_parameter(dropped) is not model.get_parameter(kept):
-            _set_parameter(model, dropped, model.get_parameter(kept))
+    tie_as_stored(model, qconfig)
     restore_online_transforms(model, qconfig, {name: layer.scheme for name, layer in checkpoint.layers.items()},
                               directory)
     if kernels:
         model.quantbench_kernel_skips = skipped
         model.quantbench_fused = fuse_packed_siblings(model) if fuse else []
     return model.to(device).eval()
+
+
+def checkpoint_skeleton(directory: Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model a checkpoint's config describes, on the meta device, in `dtype` (default: the stored one)."""
+    from transformers import AutoConfig
+
+    from quantbench.block_weights import skeleton_model
+
+    config = AutoConfig.from_pretrained(directory)
+    del config.quantization_config
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    return skeleton_model(config, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+
+
+def tie_as_stored(model: nn.Module, qconfig: dict) -> None:
+    """Every parameter the checkpoint stored once for two names (lm_head = embed_tokens), one object again."""
+    for dropped, kept in qconfig.get("tied", {}).items():
+        if model.get_parameter(dropped) is not model.get_parameter(kept):
+            _set_parameter(model, dropped, model.get_parameter(kept))
 
 
 def stored_items(checkpoint: Checkpoint, device: torch.device):
