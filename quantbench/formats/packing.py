@@ -22,7 +22,7 @@ import torch
 
 WORD_BITS = 32
 LITTLE_ENDIAN = sys.byteorder == "little"  # words and their bytes are views of one another
-_ROW_CHUNK_ELEMENTS = 1 << 24  # bound the temporary bit-plane tensors
+_ROW_CHUNK_ELEMENTS = 1 << 24  # bound the int64 temporaries of widths that do not divide 8
 
 
 def packed_words(n: int, bits: int) -> int:
