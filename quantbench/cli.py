@@ -379,7 +379,8 @@ def eval_command(
 
 def print_eval_record(record: dict) -> None:
     (side, ppl), = record["perplexity"].items()
-    kind = "full precision" if side != "quantized" else "quantized, packed kernels" if record.get("kernels") else "quantized"
+    kind = ("full precision" if side != "quantized" else
+            "quantized, packed kernels" if record.get("kernels") else "quantized")
     table = Table(title=f"{record['evaluated']} ({kind})")
     for column in ("eval", "setting", "value", "± stderr"):
         table.add_column(column, justify="left" if column in ("eval", "setting") else "right")

@@ -39,16 +39,11 @@ def placed_pretrained(name: str, dtype: torch.dtype, max_memory: dict, offload_d
 def placed_quantized(directory: Path, dtype: torch.dtype, max_memory: dict, offload_dir: Path) -> nn.Module:
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import offload_weight, save_offload_index, set_module_tensor_to_device
-    from transformers import AutoConfig
-
-    from quantbench.block_weights import skeleton_model
-    from quantbench.export.checkpoint import restore_online_transforms, stored_items
+    from quantbench.export.checkpoint import checkpoint_skeleton, restore_online_transforms, stored_items
     from quantbench.export.checkpoint_reader import read_checkpoint
 
     checkpoint = read_checkpoint(directory)
-    config = AutoConfig.from_pretrained(directory)
-    del config.quantization_config
-    model = skeleton_model(config, dtype)
+    model = checkpoint_skeleton(directory, dtype)
     model.tie_weights()
     device_map = infer_auto_device_map(model, max_memory=max_memory, dtype=dtype,
                                        no_split_module_classes=model._no_split_modules)
