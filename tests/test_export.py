@@ -248,3 +248,24 @@ def test_a_checkpoint_loads_straight_onto_the_gpu_as_it_loads_on_the_cpu(tmp_pat
         if not kernels:
             with torch.no_grad():
                 assert torch.equal(on_gpu(input_ids=IDS.to(gpu)).logits, moved(input_ids=IDS.to(gpu)).logits)
+
+
+def test_a_load_that_cannot_fit_is_refused_before_a_weight_is_read(tmp_path, tokenizer, monkeypatch):
+    """Dequantized, the tiny model takes its float32 parameters; packed, its packed layers' stored bytes and
+    the rest. With room for the packed model only, the dense load is refused in one line and the packed one
+    loads."""
+    import quantbench.preflight
+
+    model = tiny_llama()
+    quantized = quantize(model, default="int4-g32-rtn")
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    dense = sum(p.numel() * 4 for p in model.parameters())
+    packed = dense - sum(quantized[name].shape[0] * quantized[name].shape[1] * 4 for name in quantized) + sum(
+        layer.stored_bytes for layer in checkpoint_layers(tmp_path / "ckpt"))
+    monkeypatch.setattr(quantbench.preflight, "_available_memory", lambda: (dense + packed) // 2)
+    with pytest.raises(QuantbenchError, match="loaded dequantized it takes .* is free; load it with kernels=True"):
+        load_quantized(tmp_path / "ckpt")
+    assert not load_quantized(tmp_path / "ckpt", kernels=True).quantbench_kernel_skips  # every layer packed
+    monkeypatch.setattr(quantbench.preflight, "_available_memory", lambda: packed - 1)
+    with pytest.raises(QuantbenchError, match="with its packed layers packed it takes at least"):
+        load_quantized(tmp_path / "ckpt", kernels=True)

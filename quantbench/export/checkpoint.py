@@ -193,6 +193,7 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     qconfig = checkpoint.qconfig
     model = checkpoint_skeleton(directory, dtype)
     dtype = model.dtype
+    check_room(directory, checkpoint, model, device, kernels)
     expected = set(_stored_keys(model))
     loaded, unexpected, skipped = set(), [], {}
     for key, item in stored_items(checkpoint, device):
@@ -237,6 +238,27 @@ def checkpoint_skeleton(directory: Path, dtype: torch.dtype | None = None) -> nn
     del config.quantization_config
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     return skeleton_model(config, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+
+
+def check_room(directory: Path, checkpoint: Checkpoint, model: nn.Module, device: torch.device,
+               kernels: bool) -> None:
+    """Refuse, before reading a weight, a load that cannot fit `device`: what it would hold there (dequantized,
+    or with `kernels` at least the packed layers' stored bytes) against the memory free now."""
+    from quantbench.preflight import _available_memory, _size
+
+    tied = checkpoint.qconfig.get("tied", {})
+    need = 0
+    for name, param in model.named_parameters(remove_duplicate=False):
+        layer = checkpoint.layers.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if name not in tied:
+            need += layer.stored_bytes if kernels and layer is not None else param.numel() * param.element_size()
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_memory() \
+        if device.type == "cpu" else None
+    if free is not None and need > free:
+        how = "with its packed layers packed" if kernels else "dequantized"
+        hint = "" if kernels else "; load it with kernels=True (quantbench eval --kernels) to keep them packed"
+        raise QuantbenchError(f"checkpoint {directory}: loaded {how} it takes {'at least ' if kernels else ''}"
+                              f"{_size(need)} on {device}, and {_size(free)} is free{hint}")
 
 
 def tie_as_stored(model: nn.Module, qconfig: dict) -> None:
