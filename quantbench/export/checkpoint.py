@@ -252,8 +252,10 @@ def check_room(directory: Path, checkpoint: Checkpoint, model: nn.Module, device
         layer = checkpoint.layers.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
         if name not in tied:
             need += layer.stored_bytes if kernels and layer is not None else param.numel() * param.element_size()
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_memory() \
-        if device.type == "cpu" else None
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _available_memory() if device.type == "cpu" else None
     if free is not None and need > free:
         how = "with its packed layers packed" if kernels else "dequantized"
         hint = "" if kernels else "; load it with kernels=True (quantbench eval --kernels) to keep them packed"
