@@ -269,3 +269,6 @@ def test_a_load_that_cannot_fit_is_refused_before_a_weight_is_read(tmp_path, tok
     monkeypatch.setattr(quantbench.preflight, "_available_memory", lambda: packed - 1)
     with pytest.raises(QuantbenchError, match="with its packed layers packed it takes at least"):
         load_quantized(tmp_path / "ckpt", kernels=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(QuantbenchError, match="no CUDA device here"):
+            load_quantized(tmp_path / "ckpt", "cuda")

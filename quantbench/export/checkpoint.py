@@ -252,6 +252,8 @@ def check_room(directory: Path, checkpoint: Checkpoint, model: nn.Module, device
         layer = checkpoint.layers.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
         if name not in tied:
             need += layer.stored_bytes if kernels and layer is not None else param.numel() * param.element_size()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QuantbenchError(f"checkpoint {directory}: loading onto {device}, but there is no CUDA device here")
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
