@@ -1073,3 +1073,45 @@ def test_a_dependent_packed_kernel_reads_the_output_its_dependent_predecessor_wr
         captured.zero_()
         graph.replay()
         assert torch.equal(captured, expected)
+
+
+CPU_INT4 = ["int4-g128-rtn", "int4-g32-sym-rtn", "int4-g32 act_order"]
+
+
+@pytest.mark.parametrize("label", CPU_INT4)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_cpu_int4_kernel_equals_the_dequantized_matmul_to_bfloat16_rounding(label, batch):
+    """torch's CPU int4 kernel decodes w = (q − 8)·s + (8 − z)·s with s and (8 − z)·s in bfloat16 and rounds
+    its result to bfloat16: each term off by at most 2⁻⁸ of |q − 8|·s + |8 − z|·s, the sum by 2⁻⁸ of itself
+    (bounds doubled for the products and sums in between)."""
+    stored = WEIGHTS[label]
+    kernel = to_kernel_layout(stored)
+    x = torch.randn(batch, IN, generator=torch.Generator().manual_seed(batch)).bfloat16()
+    got = packed_matmul(x, kernel, backend="cpu")
+    assert got.dtype == torch.bfloat16 and got.shape == (batch, OUT)
+    expected = x.double() @ stored.dequantize().double().T
+    def per_input(groups):  # [OUT, groups] → [OUT, IN]
+        return groups[:, stored.g_idx.long()] if stored.g_idx is not None else \
+            groups.repeat_interleave(stored.group_size, 1)
+
+    scales = per_input(stored.scales.double())
+    zeros = per_input(stored.zeros.double()) if stored.zeros is not None else torch.full_like(scales, 8.0)
+    spread = ((stored.codes.double() - 8).abs() + (8 - zeros).abs()) * scales
+    bound = 2 * 2**-8 * (x.double().abs() @ spread.T + expected.abs())
+    assert ((got.double() - expected).abs() <= bound).all()
+    assert (got.double() - expected).abs().max() > 0  # bfloat16, not a float32 path by accident
+
+
+def test_auto_takes_the_cpu_int4_kernel_for_bfloat16_x_only(monkeypatch):
+    from quantbench.export.kernels import cpu_int4
+
+    calls = []
+    monkeypatch.setattr(cpu_int4, "cpu_int4_matmul", lambda x, w: calls.append(x.dtype) or torch.zeros(
+        x.shape[0], w.shape[0], dtype=x.dtype))
+    kernel = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
+    packed_matmul(torch.randn(2, IN), kernel)
+    packed_matmul(torch.randn(2, IN).bfloat16(), kernel)
+    packed_matmul(torch.randn(2, IN).bfloat16(), to_kernel_layout(WEIGHTS["int8-pc-rtn"]))
+    assert calls == [torch.bfloat16]
+    with pytest.raises(ValueError, match="backend 'cpu' takes bfloat16 x"):
+        packed_matmul(torch.randn(2, IN), kernel, backend="cpu")

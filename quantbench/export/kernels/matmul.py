@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
+from quantbench.export.kernels import cpu_int4
 from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
 from quantbench.export.kernels.reference import packed_matmul_reference
 
-BACKENDS = ("auto", "triton", "cuda", "mma", "torch")
+BACKENDS = ("auto", "triton", "cuda", "mma", "cpu", "torch")
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,19 @@ def triton_available() -> bool:
 def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
                   config: TileConfig | None = None) -> torch.Tensor:
     """x [..., K] → [..., N] in x's dtype. `backend`: auto (on CUDA the fastest of the Triton and CUDA
-    kernels, torch otherwise), triton (also on CPU under TRITON_INTERPRET=1), cuda (the CUDA decode kernel:
-    float16 x, up to 16 rows), mma (the tensor-core kernel: float16 x, up to 64 rows), torch."""
+    kernels; on the CPU torch's int4 kernel where it applies, else torch), triton (also on CPU under
+    TRITON_INTERPRET=1), cuda (the CUDA decode kernel: float16 x, up to 16 rows), mma (the tensor-core kernel:
+    float16 x, up to 64 rows), cpu (torch's int4 kernel: bfloat16 x on the CPU, int4 in groups of 32–256),
+    torch."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     n_out, n_in = weight.shape
     x2 = x.reshape(-1, n_in)
+    if backend == "cpu" or (backend == "auto" and cpu_int4.applies(x2, weight)):
+        if not cpu_int4.applies(x2, weight):
+            raise ValueError("backend 'cpu' takes bfloat16 x on the CPU and int4 weights in groups of 32–256 "
+                             "whose outputs are a multiple of 16")
+        return cpu_int4.cpu_int4_matmul(x2, weight).view(*x.shape[:-1], n_out)
     if backend == "cuda" and config is None:
         config = dataclasses.replace(CUDA_DEFAULT, rows=min(_bucket(x2.shape[0]), 8))
     if backend == "mma" and config is None:
