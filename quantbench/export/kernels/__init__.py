@@ -1,4 +1,5 @@
-"""Matmul kernels that run from packed weights: Triton and CUDA on GPUs, a torch fallback everywhere.
+"""Matmul kernels that run from packed weights: Triton and CUDA on GPUs, torch's int4 kernel on CPUs, a torch
+fallback everywhere.
 
 layout.py     the packed layout the kernels read, and the conversion from stored weights
 reference.py  the torch fallback (decodes a slab of inputs at a time)
@@ -7,6 +8,7 @@ packed_decode.cuh  the CUDA kernels' shared decoding (LOP3 field tricks, E2M1 bi
 packed_gemv.cu, cuda_gemv.py  the CUDA-core decode kernel for 1–16 rows of float16 x
 packed_mma.cu, cuda_mma.py  the tensor-core kernel (mma.sync on weights decoded in registers) for 1–64 rows
 cuda_build.py  builds the CUDA kernels with nvcc, one cached library per kernel and weight type
+cpu_int4.py   int4 on the CPU through torch's own int4 kernel (bfloat16 x)
 matmul.py     `packed_matmul`: backend choice and tile tuning
 modules.py    `PackedLinear`, what `load_quantized(..., kernels=True)` puts in place of nn.Linear
 fused.py      layers that read one input (q/k/v, gate/up) sharing one packed weight and one launch

@@ -18,7 +18,7 @@ from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
 from quantbench.formats.packing import unpack_bits
 
 GROUPS = (32, 64, 128, 256)  # the group sizes the kernel takes
-_converted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(qweight) → (int4pack, scales and m), while it lives
+_converted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(qweight) → (int4pack, scales and m)
 
 
 def applies(x: torch.Tensor, weight: KernelWeight) -> bool:
