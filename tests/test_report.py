@@ -122,6 +122,14 @@ def test_plain_model_eval_record_is_a_baseline_row(tmp_path):
     assert [path.endswith("broken/result.json") for path, _ in board.skipped] == [True]
 
 
+def test_a_checkpoint_scored_through_the_packed_kernels_is_a_method_of_its_own(tmp_path):
+    dequantized = result("int4", {"int4-g128-gptq": 210}, 4.25, 30.2)
+    served = {**result("int4 served", {"int4-g128-gptq": 210}, 4.25, 30.3), "kernels": True}
+    board = build_leaderboard(write_runs(tmp_path / "runs", [dequantized, served]))
+    methods = {row.run: row.method for group in board.groups for row in group.rows}
+    assert methods == {"int4": "GPTQ int", "int4 served": "GPTQ int, packed kernels"}
+
+
 def test_pareto_front_keeps_only_undominated_points():
     points = [(4.25, 44.7), (4.25, 39.1), (3.25, 117.1), (3.65, 70.0), (3.65, 130.0), (5.0, 50.0)]
     assert pareto_front(points, lower_is_better=True) == [(3.25, 117.1), (3.65, 70.0), (4.25, 39.1)]

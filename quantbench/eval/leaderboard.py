@@ -152,9 +152,11 @@ def _row(result: dict, baseline: bool, source: str, ppl: dict, tasks: dict) -> R
     task_results = tasks.get("tasks") or {}
     settings += tuple(sorted(("task", name, t["lm_eval_task"], t["num_fewshot"], t["limit"], t["samples"])
                              for name, t in task_results.items()))
-    row = Row(run=result.get("name", source), model=_model_label(result.get("model", "?")),
-              method=BASELINE if baseline else method_of(quantization.get("schemes") or {},
-                                                         rotated=bool(result.get("transforms"))),
+    method = BASELINE if baseline else method_of(quantization.get("schemes") or {},
+                                                 rotated=bool(result.get("transforms")))
+    if not baseline and result.get("kernels"):  # scored through the packed-weight kernels: a frontier of its own
+        method += ", packed kernels"
+    row = Row(run=result.get("name", source), model=_model_label(result.get("model", "?")), method=method,
               scheme=result.get("dtype", "") if baseline else scheme_summary(quantization.get("schemes") or {}),
               baseline=baseline, settings=settings, source=source,
               ppl={name: p["ppl"] for name, p in ppl.items()},
