@@ -196,7 +196,7 @@ class DiskWeights:
         def skipped(key: str) -> bool:
             return skip is not None and key.startswith(skip + ".")
 
-        for name, _ in _stored_tensors(module):
+        for name, _ in stored_tensors(module):
             key = f"{prefix}.{name}" if prefix else name
             if skipped(key):
                 continue
@@ -263,10 +263,11 @@ class DiskWeights:
             _set_tensor(block, name, torch.empty_like(param, device="meta"))
 
 
-def _stored_tensors(module: nn.Module):
-    """Parameters (each once) and the buffers a checkpoint stores (persistent ones), by name in `module`."""
-    yield from module.named_parameters()
-    for name, buffer in module.named_buffers():
+def stored_tensors(module: nn.Module, remove_duplicate: bool = True):
+    """Parameters (each once, or with `remove_duplicate=False` under every name a tied one has) and the
+    buffers a checkpoint stores (persistent ones), by name in `module`."""
+    yield from module.named_parameters(remove_duplicate=remove_duplicate)
+    for name, buffer in module.named_buffers(remove_duplicate=remove_duplicate):
         owner, _, attr = name.rpartition(".")
         if attr not in module.get_submodule(owner)._non_persistent_buffers_set:
             yield name, buffer

@@ -188,13 +188,15 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     """
     from accelerate.utils import set_module_tensor_to_device
 
+    from quantbench.block_weights import stored_tensors
+
     directory, device = Path(directory), torch.device(device)
     checkpoint = read_checkpoint(directory)
     qconfig = checkpoint.qconfig
     model = checkpoint_skeleton(directory, dtype)
     dtype = model.dtype
     check_room(directory, checkpoint, model, device, kernels)
-    expected = set(_stored_keys(model))
+    expected = {name for name, _ in stored_tensors(model, remove_duplicate=False)}
     loaded, unexpected, skipped = set(), [], {}
     for key, item in stored_items(checkpoint, device):
         if isinstance(item, torch.Tensor):
@@ -287,16 +289,6 @@ def stored_items(checkpoint: Checkpoint, device: torch.device):
         if len(packed) == len(layer.layout):
             del pending[name]
             yield name, unpack_weight(layer.scheme, layer.shape, packed)
-
-
-def _stored_keys(model: nn.Module):
-    """The names a checkpoint stores `model`'s tensors under: every parameter (tied ones under each name)
-    and every persistent buffer."""
-    yield from (name for name, _ in model.named_parameters(remove_duplicate=False))
-    for name, _ in model.named_buffers(remove_duplicate=False):
-        owner, _, attr = name.rpartition(".")
-        if attr not in model.get_submodule(owner)._non_persistent_buffers_set:
-            yield name
 
 
 def restore_online_transforms(model: nn.Module, qconfig: dict, schemes: dict, directory: Path) -> None:
