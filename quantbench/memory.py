@@ -1,9 +1,11 @@
-"""Peak memory of a span of work: host resident set (Linux's VmHWM, reset between spans through
-/proc/self/clear_refs) and CUDA memory allocated by torch (reset_peak_memory_stats). Where the reset is
-not possible, the host figure is the process's peak so far."""
+"""Memory free now on a device, and the peak memory of a span of work: host resident set (Linux's VmHWM,
+reset between spans through /proc/self/clear_refs) and CUDA memory allocated by torch
+(reset_peak_memory_stats). Where the reset is not possible, the host figure is the process's peak so far."""
 
 from __future__ import annotations
 
+import os
+import re
 import resource
 from pathlib import Path
 
@@ -11,6 +13,29 @@ import torch
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
+MEMINFO = Path("/proc/meminfo")
+
+
+def available_host_bytes() -> int | None:
+    """Host memory available to new allocations (Linux's MemAvailable), or None where it cannot be read."""
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(re.findall(r"\d+", line)[0]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """What torch could still allocate on `device` now (on a GPU: free memory plus its own unused cache)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return available_host_bytes() if device.type == "cpu" else None
 
 
 def reset_peaks(device: torch.device) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from quantbench import memory
 from quantbench.calibration.sources import local_source_problem
 from quantbench.errors import QuantbenchError
 from quantbench.export.targets import NATIVE, planned_problems
@@ -236,7 +236,7 @@ def _estimate(recipe: Recipe, model, raw: dict, layers: dict, problems: list[str
         n_params - quantized_params) * weight_bytes
     activations = _activation_bytes(recipe, raw, layers, weight_bytes)
     model_bytes = n_params * weight_bytes
-    available = _available_memory()
+    available = memory.available_host_bytes()
     streaming = _streams(recipe, model_bytes, available, problems)
 
     copies = 1 + (recipe.export.enabled and recipe.export.format != NATIVE)
@@ -380,19 +380,6 @@ def _measured_flops(device: torch.device, dtype: torch.dtype) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return 2 * n ** 3 * runs / (time.perf_counter() - start)
-
-
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(re.findall(r"\d+", line)[0]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _size(n: int | None) -> str:

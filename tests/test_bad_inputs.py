@@ -302,9 +302,9 @@ def test_eval_with_kernels_of_a_plain_model_is_refused_before_loading(model_dir,
 
 
 def test_eval_of_a_checkpoint_that_cannot_fit_says_to_keep_it_packed(checkpoint, text_file, monkeypatch):
-    import quantbench.preflight
+    import quantbench.memory
 
-    monkeypatch.setattr(quantbench.preflight, "_available_memory", lambda: 1000)
+    monkeypatch.setattr(quantbench.memory, "available_host_bytes", lambda: 1000)
     result = invoke("eval", checkpoint, "-d", text_file, "--seqlen", 32, "--max-windows", 1, "--device", "cpu",
                     "--quiet")
     one_line_error(result, "loaded dequantized it takes", "1.0 kB is free", "--kernels")

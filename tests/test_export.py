@@ -254,7 +254,7 @@ def test_a_load_that_cannot_fit_is_refused_before_a_weight_is_read(tmp_path, tok
     """Dequantized, the tiny model takes its float32 parameters; packed, its packed layers' stored bytes and
     the rest. With room for the packed model only, the dense load is refused in one line and the packed one
     loads."""
-    import quantbench.preflight
+    import quantbench.memory
 
     model = tiny_llama()
     quantized = quantize(model, default="int4-g32-rtn")
@@ -262,11 +262,11 @@ def test_a_load_that_cannot_fit_is_refused_before_a_weight_is_read(tmp_path, tok
     dense = sum(p.numel() * 4 for p in model.parameters())
     packed = dense - sum(quantized[name].shape[0] * quantized[name].shape[1] * 4 for name in quantized) + sum(
         layer.stored_bytes for layer in checkpoint_layers(tmp_path / "ckpt"))
-    monkeypatch.setattr(quantbench.preflight, "_available_memory", lambda: (dense + packed) // 2)
+    monkeypatch.setattr(quantbench.memory, "available_host_bytes", lambda: (dense + packed) // 2)
     with pytest.raises(QuantbenchError, match="loaded dequantized it takes .* is free; load it with kernels=True"):
         load_quantized(tmp_path / "ckpt")
     assert not load_quantized(tmp_path / "ckpt", kernels=True).quantbench_kernel_skips  # every layer packed
-    monkeypatch.setattr(quantbench.preflight, "_available_memory", lambda: packed - 1)
+    monkeypatch.setattr(quantbench.memory, "available_host_bytes", lambda: packed - 1)
     with pytest.raises(QuantbenchError, match="with its packed layers packed it takes at least"):
         load_quantized(tmp_path / "ckpt", kernels=True)
     if not torch.cuda.is_available():

@@ -11,19 +11,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantbench import memory
+
 DEVICE_SHARE = 0.8  # of the free device memory, the rest for lm-eval's batches
 HOST_SHARE = 0.5  # of the available host memory
 
 
 def memory_budget(device: torch.device) -> dict:
     """accelerate's max_memory for a model placed by what is free now."""
-    from quantbench.preflight import _available_memory
-
     budget: dict = {}
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget[device.index or 0] = int(free * DEVICE_SHARE)
-    budget["cpu"] = int((_available_memory() or 0) * HOST_SHARE)
+        budget[device.index or 0] = int(memory.free_bytes(device) * DEVICE_SHARE)
+    budget["cpu"] = int((memory.available_host_bytes() or 0) * HOST_SHARE)
     return budget
 
 

@@ -246,7 +246,8 @@ def check_room(directory: Path, checkpoint: Checkpoint, model: nn.Module, device
                kernels: bool) -> None:
     """Refuse, before reading a weight, a load that cannot fit `device`: what it would hold there (dequantized,
     or with `kernels` at least the packed layers' stored bytes) against the memory free now."""
-    from quantbench.preflight import _available_memory, _size
+    from quantbench import memory
+    from quantbench.preflight import _size
 
     tied = checkpoint.qconfig.get("tied", {})
     need = 0
@@ -256,10 +257,7 @@ def check_room(directory: Path, checkpoint: Checkpoint, model: nn.Module, device
             need += layer.stored_bytes if kernels and layer is not None else param.numel() * param.element_size()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QuantbenchError(f"checkpoint {directory}: loading onto {device}, but there is no CUDA device here")
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = _available_memory() if device.type == "cpu" else None
+    free = memory.free_bytes(device)
     if free is not None and need > free:
         how = "with its packed layers packed" if kernels else "dequantized"
         hint = "" if kernels else "; load it with kernels=True (quantbench eval --kernels) to keep them packed"
