@@ -34,6 +34,7 @@ from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.quantizers.autoround import AutoRoundOptions, learn_rounding
 from quantbench.quantizers.gptq import factor_hessians
 from quantbench.quantizers.hadamard import layer_rotation, rotate_stats, rotate_weight
+from quantbench.residual_outputs import UNKNOWN, ResidualRecorder, fits
 from quantbench.scaling import ScalingOptions, check_scalable, scale_block
 from quantbench.scheme import DEFAULT_DAMP, Scheme
 
@@ -181,6 +182,10 @@ class BlockContext:
     # input groups found so far, by block class and linear names: blocks alike share inputs alike (the driver
     # hands every block of a run the same dict, so the model's forward is traced once per kind of block)
     sharing: dict[tuple, list[list[str]]] = field(default_factory=dict)
+    # likewise, by kind of block and last linear: the submodule whose input is the residual (residual_outputs.py)
+    residuals: dict[tuple, str | None] = field(default_factory=dict)
+    # the block's outputs on `inputs` as it now computes, where a stage had them without a forward
+    outputs: list[torch.Tensor] | None = None
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -202,7 +207,9 @@ class BlockStage(Protocol):
     """A step the driver runs on every block, in order, before it propagates the block's outputs. A stage
     may also define (or only define) `begin(model, device)`: after the first block's inputs are captured,
     with the tensors outside the blocks on the device; `after_block(ctx)`: once the block's outputs are the
-    next block's inputs, in `ctx.inputs`; `finish(model, device)`: after the last block."""
+    next block's inputs, in `ctx.inputs`; `finish(model, device)`: after the last block. A stage that changes
+    what the block computes leaves `ctx.outputs` None, or sets it to the block's outputs as it now computes
+    (the driver then propagates those instead of running the block)."""
 
     def run_block(self, ctx: BlockContext) -> None: ...
 
@@ -236,6 +243,7 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
         _each(stages, "begin", model, device)
         blocks = decoder_blocks(model)
         sharing: dict[tuple, list[list[str]]] = {}
+        residuals: dict[tuple, str | None] = {}
         for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress,
                           initial=start, total=len(blocks)):
             block, inputs.block = blocks[index], index
@@ -244,10 +252,11 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
             if index + 1 < len(blocks) and hasattr(weights, "prefetch"):
                 with timer("transfer"):
                     weights.prefetch(blocks[index + 1], device)  # overlaps this block's stages
-            ctx = BlockContext(index, f"{prefix}.{index}", block, block_linears(block), inputs, timer, sharing)
+            ctx = BlockContext(index, f"{prefix}.{index}", block, block_linears(block), inputs, timer, sharing,
+                               residuals)
             _each(stages, "run_block", ctx)
             with timer("propagate"):
-                inputs.hidden = run_block(block, inputs)
+                inputs.hidden = ctx.outputs if ctx.outputs is not None else run_block(block, inputs)
             _each(stages, "after_block", ctx)
             with timer("transfer"):
                 weights.release_block(block)
@@ -271,15 +280,17 @@ class QuantizeStage:
     `results` collects the QuantizedWeights by full name, on CPU (with `on_device`, where they were computed,
     for a next stage that packs and drops them block by block). With `lm_head`, `finish` also quantizes the
     LM head (untied from the embedding) by that scheme. Layers whose scheme scales them (AWQ, SmoothQuant)
-    are scaled first (scaling.py, with `scaling`'s options); `scaled` records what was done per site."""
+    are scaled first (scaling.py, with `scaling`'s options); `scaled` records what was done per site.
+    `residual_outputs`: the block's outputs come from the last statistics pass where they can
+    (residual_outputs.py), bit for bit those of a forward."""
 
     def __init__(self, scheme_for: SchemeLookup, true_sequential: bool = True, hessian: str = "compensated",
                  lm_head: Scheme | None = None, on_device: bool = False,
                  experts: StarvedExperts = StarvedExperts(), scaling: ScalingOptions = ScalingOptions(),
-                 autoround: AutoRoundOptions = AutoRoundOptions()) -> None:
+                 autoround: AutoRoundOptions = AutoRoundOptions(), residual_outputs: bool = True) -> None:
         self.scheme_for, self.true_sequential, self.lm_head = scheme_for, true_sequential, lm_head
         self.hessian, self.on_device, self.experts, self.scaling = hessian, on_device, experts, scaling
-        self.autoround = autoround
+        self.autoround, self.residual_outputs = autoround, residual_outputs
         self.results: dict[str, QuantizedWeight] = {}
         self.starved_experts: dict[str, dict] = {}  # full name → routed tokens and what was done
         self.scaled: dict[str, dict] = {}  # full producer name → scaling method and what it chose
@@ -307,7 +318,8 @@ class QuantizeStage:
             with ctx.timer("scaling"):
                 self.scaled.update(scale_block(ctx, schemes, self.model_type, self.scaling))
         for name, quantized in quantize_block(ctx, schemes, self.true_sequential, self.hessian, self.on_device,
-                                              self.experts, self.starved_experts, self.autoround).items():
+                                              self.experts, self.starved_experts, self.autoround,
+                                              self.residual_outputs).items():
             self.results[ctx.full_name(name)] = quantized
 
 
@@ -316,14 +328,17 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
                    timer: StageTimer | None = None, hessian: str = "compensated",
                    experts: StarvedExperts = StarvedExperts(), starved: dict | None = None,
                    scaling: ScalingOptions = ScalingOptions(), scaled: dict | None = None,
-                   autoround: AutoRoundOptions = AutoRoundOptions()) -> dict[str, QuantizedWeight]:
+                   autoround: AutoRoundOptions = AutoRoundOptions(),
+                   residual_outputs: bool = True) -> dict[str, QuantizedWeight]:
     """Quantize every decoder-block linear that `scheme_for(full_name)` assigns a scheme, in place: the block
     driver with the quantize stage alone. The model's weights are replaced by their dequantized values; the
     returned QuantizedWeights (on CPU) hold the codes that export packs. Under torchrun each rank calibrates
     on its share of `input_ids` (distributed.py). `starved` receives the experts
     routed too few calibration tokens, and what was done about them (`experts`); `scaled`, what AWQ and
-    SmoothQuant chose where a scheme asks for them (`scaling`: their options)."""
-    stage = QuantizeStage(scheme_for, true_sequential, hessian, experts=experts, scaling=scaling, autoround=autoround)
+    SmoothQuant chose where a scheme asks for them (`scaling`: their options). `residual_outputs`: see
+    QuantizeStage."""
+    stage = QuantizeStage(scheme_for, true_sequential, hessian, experts=experts, scaling=scaling, autoround=autoround,
+                          residual_outputs=residual_outputs)
     drive_blocks(model, local_rows(input_ids), device, [stage], batch_size, progress, timer, desc="quantize blocks",
                  shared_out=current_ranks().active)
     if starved is not None:
@@ -336,7 +351,8 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
 def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequential: bool,
                    hessian: str = "compensated", on_device: bool = False,
                    experts: StarvedExperts = StarvedExperts(), notes: dict | None = None,
-                   autoround: AutoRoundOptions = AutoRoundOptions()) -> dict[str, QuantizedWeight]:
+                   autoround: AutoRoundOptions = AutoRoundOptions(),
+                   residual_outputs: bool = False) -> dict[str, QuantizedWeight]:
     """Quantize a block's linears. When a solver reads calibration statistics, the linears are grouped by the
     input they share (q/k/v, o, gate/up, down) and, with `true_sequential`, each group is calibrated on inputs
     produced by the already-quantized earlier groups; layers sharing an input share one Hessian. The experts
@@ -344,7 +360,9 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
     `experts` says what happens to one routed too few tokens, and `notes` (full name → what was done)
     records it. `hessian` says how Σ xᵀx is accumulated (calibration.stats.HESSIAN_MODES). AutoRound layers
     are learned together first (quantizers/autoround.py), on the block's inputs with the other layers in
-    full precision; the other layers then calibrate on the block as AutoRound left it."""
+    full precision; the other layers then calibrate on the block as AutoRound left it. With
+    `residual_outputs`, the last stage's pass also keeps what gives the block's outputs without a forward,
+    where it can (residual_outputs.py): they are set in `ctx.outputs`."""
     notes = {} if notes is None else notes
     linears, timer = ctx.linears, ctx.timer
     rounded = {name: scheme for name, scheme in schemes.items() if scheme.solver == "autoround"}
@@ -366,24 +384,51 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
     with timer("stats_forward"):  # one forward finds which layers share an input
         groups = ctx.input_groups(schemes)
     stages = merge_parallel_experts(groups) if true_sequential else [[name for group in groups for name in group]]
+    kept = None
     for stage in stages:
         shared = {follower: group[0] for group in groups for follower in group[1:] if follower in stage}
         stats = dict.fromkeys(stage)
         if stats_layers & set(stage):
-            def collect(names: list[str]) -> dict:
+            def collect(names: list[str], recorder: ResidualRecorder | None = None) -> dict:
                 with timer("stats_forward"):
-                    collected = collect_block_stats(ctx, names, hessian_layers, shared, hessian, timer)
+                    collected = collect_block_stats(ctx, names, hessian_layers, shared, hessian, timer, recorder)
                     if ctx.inputs.shared_out:
                         all_reduce_stats(collected, {name: linears[name].in_features for name in names},
                                          next(ctx.block.parameters()).device)
                     return collected
 
-            stats = collect(stage)
+            recorder = _residual_recorder(ctx, stage) if residual_outputs and stage is stages[-1] else None
+            stats = collect(stage, recorder)
+            kept = _kept_residual(ctx, stage, recorder) if recorder else None
             if starved := starved_experts(stage, stats, stats_layers, experts):
                 schemes = _handle_starved(ctx, starved, stats, schemes, experts, collect, notes)
         with timer("solve"):
             results.update(_solve_spread(ctx, _solve_together(stage, schemes, stats), schemes, stats, on_device))
+    if kept:
+        with timer("propagate"):
+            ctx.outputs = kept.outputs()
     return results
+
+
+def _residual_recorder(ctx: BlockContext, stage: list[str]) -> ResidualRecorder | None:
+    """Hooks for the block's outputs from this (its last) stage's pass, where the stage is one linear that
+    is not an expert, its kind of block is not known to lack a residual source, and the tensors fit."""
+    if len(stage) != 1 or expert_pattern(stage[0]) is not None:
+        return None
+    source, layer = ctx.residuals.get(_residual_kind(ctx, stage), UNKNOWN), ctx.linears[stage[0]]
+    if source is None or not fits(ctx.inputs.hidden, layer):
+        return None
+    return ResidualRecorder(ctx.block, layer, source)
+
+
+def _kept_residual(ctx: BlockContext, stage: list[str], recorder: ResidualRecorder):
+    if recorder.source != UNKNOWN:  # found, or found missing: blocks of this kind need not look again
+        ctx.residuals[_residual_kind(ctx, stage)] = recorder.source
+    return recorder.kept()
+
+
+def _residual_kind(ctx: BlockContext, stage: list[str]) -> tuple:
+    return type(ctx.block), tuple(ctx.linears), stage[0]
 
 
 def _solve_spread(ctx: BlockContext, batches: list[list[str]], schemes: dict[str, Scheme], stats: dict,
@@ -415,16 +460,27 @@ def _solve_spread(ctx: BlockContext, batches: list[list[str]], schemes: dict[str
 
 
 def collect_block_stats(ctx: BlockContext, names: list[str], hessian_for: set[str], shared: dict[str, str],
-                        accumulation: str = "compensated", timed: Callable[[str], object] | None = None) -> dict:
+                        accumulation: str = "compensated", timed: Callable[[str], object] | None = None,
+                        recorder: ResidualRecorder | None = None) -> dict:
     """The statistics of the named linears over one pass of the block's calibration inputs (`shared`:
     follower → leader, as `collect_stats` takes it). A pass may stop once every hooked layer has run, unless
     it holds experts: those not routed to in a batch do not run, and stopping at the last one would cut
-    others' tokens short."""
-    stop = not any(expert_pattern(name) for name in names)
+    others' tokens short. A `recorder` (residual_outputs.py) is handed each batch's input and output (None
+    where its hooks stopped the pass)."""
+    stop = recorder is None and not any(expert_pattern(name) for name in names)
     with collect_stats({name: ctx.linears[name] for name in names}, hessian_for & set(names),
                        {f: lead for f, lead in shared.items() if f in names}, stop_when_seen=stop, timed=timed,
                        accumulation=accumulation) as collected:
-        feed_block(ctx.block, ctx.inputs)
+        if recorder is None:
+            feed_block(ctx.block, ctx.inputs)
+        else:
+            with recorder:
+                for hidden, kwargs in zip(ctx.inputs.hidden, ctx.inputs.kwargs):
+                    try:
+                        out = block_output(ctx.block(hidden, **kwargs))
+                    except StopForward:
+                        out = None
+                    recorder.batch_done(hidden, out)
     return collected
 
 

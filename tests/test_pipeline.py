@@ -178,3 +178,84 @@ def test_input_groups_are_traced_once_per_kind_of_block(build, kinds):
         quantized = quantize_model(build(), calibration_ids(), lambda _name: Scheme.parse("int4-g32-gptq"), CPU,
                                    batch_size=4, progress=False)
     assert len(traced) == len(set(traced)) == kinds and quantized
+
+
+# blocks whose outputs come from the last statistics pass (residual_outputs.py): every block of the families
+# that add down_proj's output to a submodule's input; DeepSeek's dense first block; no block of the families
+# with post-norms (Gemma), a parallel residual (GPT-NeoX) or experts last
+RESIDUAL_BLOCKS = {"llama": "all", "opt": "all", "qwen2_sliding_window": "all", "phi3": "all", "deepseek_v2": "first",
+                   "deepseek_v3": "first"}
+
+
+def quantize_counting_forwards(model, residual_outputs: bool, scheme: str = "int4-g32-gptq"):
+    """The codes, and how many blocks the driver ran again to propagate their outputs."""
+    from unittest.mock import patch
+
+    from quantbench import pipeline
+
+    propagated = []
+
+    def counting(block, inputs):
+        propagated.append(inputs.block)
+        return run_block(block, inputs)
+
+    with patch.object(pipeline, "run_block", counting):
+        quantized = quantize_model(model, calibration_ids(), lambda _name: Scheme.parse(scheme), CPU, batch_size=4,
+                                   progress=False, residual_outputs=residual_outputs)
+    return quantized, propagated
+
+
+@pytest.mark.parametrize("family", FAMILY_BUILDERS)
+def test_block_outputs_from_the_last_pass_are_a_forward_bit_for_bit(family):
+    """Where the last linear's output is added to a residual, the block's outputs come from the pass that
+    calibrated that linear, without running the block again; codes and weights are bit for bit those of the
+    run that propagates every block by a forward."""
+    import copy
+
+    model = FAMILY_BUILDERS[family]()
+    twin = copy.deepcopy(model)
+    ours, propagated = quantize_counting_forwards(model, residual_outputs=True)
+    theirs, every_block = quantize_counting_forwards(twin, residual_outputs=False)
+    blocks = list(range(len(decoder_blocks(model))))
+    assert every_block == blocks
+    expected = {"all": [], "first": blocks[1:]}.get(RESIDUAL_BLOCKS.get(family), blocks)
+    assert propagated == expected
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name].codes, theirs[name].codes) and torch.equal(ours[name].scales, theirs[name].scales)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_block_that_changes_the_kept_input_in_place_is_run_again(monkeypatch):
+    """The kept input of the first batch must give the linear's output again: an MLP that overwrites the
+    down_proj input after the call fails that check, and the block is propagated by a forward."""
+    import copy
+
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    def overwriting(self, x):
+        inner = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        out = self.down_proj(inner)
+        inner.zero_()
+        return out
+
+    monkeypatch.setattr(LlamaMLP, "forward", overwriting)
+    model = tiny_llama()
+    twin = copy.deepcopy(model)
+    ours, propagated = quantize_counting_forwards(model, residual_outputs=True)
+    theirs, _ = quantize_counting_forwards(twin, residual_outputs=False)
+    assert propagated == [0, 1]
+    assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
+
+
+def test_kept_tensors_that_would_not_fit_are_not_kept(monkeypatch):
+    """The inputs and residuals are kept only where they take at most half the memory free."""
+    from quantbench import residual_outputs
+
+    model = tiny_llama()
+    tokens, width = 6 * 32, model.config.hidden_size + model.config.intermediate_size
+    monkeypatch.setattr(residual_outputs, "free_bytes", lambda _device: 2 * tokens * width * 4 - 1)
+    assert quantize_counting_forwards(model, residual_outputs=True)[1] == [0, 1]
+    monkeypatch.setattr(residual_outputs, "free_bytes", lambda _device: 2 * tokens * width * 4)
+    assert quantize_counting_forwards(tiny_llama(), residual_outputs=True)[1] == []
