@@ -45,10 +45,10 @@ def main() -> None:
     parser.add_argument("--hessian", choices=["compensated", "fp32", "tensor_cores"], default="compensated")
     parser.add_argument("--compare-overlap", action="store_true", help="also run without prefetching the next "
                         "block and compare codes and time")
-    parser.add_argument("--residual-outputs", choices=["on", "off"], default="on", help="off: every block's "
-                        "outputs from a forward, not from the last statistics pass (residual_outputs.py)")
-    parser.add_argument("--compare-residual", action="store_true", help="also run with --residual-outputs "
-                        "switched, and compare codes, weights and time")
+    parser.add_argument("--reuse-passes", choices=["on", "off"], default="on", help="off: every statistics pass "
+                        "and the propagation run the block whole (pass_cache.py, residual_outputs.py)")
+    parser.add_argument("--compare-reuse", action="store_true", help="also run with --reuse-passes switched, "
+                        "and compare codes, weights and time")
     parser.add_argument("--layers", type=int, help="random models: keep only the first N decoder blocks")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
@@ -77,20 +77,20 @@ def main() -> None:
             ids = calibration_batches(tokenizer, "c4", args.n_samples, args.seqlen, seed=0)
 
     linears = model_linears(model)
-    twin = copy.deepcopy(model) if args.compare_overlap or args.compare_residual else None
-    residual = args.residual_outputs == "on"
+    twin = copy.deepcopy(model) if args.compare_overlap or args.compare_reuse else None
+    reuse = args.reuse_passes == "on"
     timer = StageTimer(device, fine=True)
     collections = garbage_collection_timer()
     start = time.perf_counter()
     starved = {}
     codes = quantize_model(model, ids, lambda _name: scheme, device, batch_size=args.batch_size, progress=False,
-                           timer=timer, hessian=args.hessian, starved=starved, residual_outputs=residual)
+                           timer=timer, hessian=args.hessian, starved=starved, reuse_passes=reuse)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     total = time.perf_counter() - start
     gc.callbacks.remove(collections)
     overlap = compare_overlap(twin, ids, scheme, device, args, codes, model) if args.compare_overlap else None
-    switched = compare_residual(twin, ids, scheme, device, args, codes, model) if args.compare_residual else None
+    switched = compare_reuse(twin, ids, scheme, device, args, codes, model) if args.compare_reuse else None
     breakdown = timer.summary()
     figures = {
         "model": args.model or f"random {args.random}", "scheme": scheme.name, "hessian": args.hessian,
@@ -102,7 +102,7 @@ def main() -> None:
         "device": environment(device)["device_name"], "torch": torch.__version__,
         "fused_kernel": os.environ.get("QUANTBENCH_GPTQ_KERNEL", "1") != "0",
         "prefetch": os.environ.get("QUANTBENCH_PREFETCH", "1") != "0",
-        "residual_outputs": residual,
+        "reuse_passes": reuse,
     }
     if any(".experts." in name for name in linears):
         figures["expert_layers"] = sum(".experts." in name for name in linears)
@@ -114,7 +114,7 @@ def main() -> None:
     if overlap:
         figures["without_prefetch"] = overlap
     if switched:
-        figures["residual_outputs_" + ("off" if residual else "on")] = switched
+        figures["reuse_passes_" + ("off" if reuse else "on")] = switched
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
@@ -146,13 +146,13 @@ def compare_overlap(twin, ids, scheme, device, args, codes, model) -> dict:
     return {"total_s": round(seconds, 2), "same_codes": same_codes, "same_weights": same_weights}
 
 
-def compare_residual(twin, ids, scheme, device, args, codes, model) -> dict:
-    """The same quantization with the block outputs from the last statistics pass switched (on ↔ off): its
-    time and breakdown, and whether it gives the same codes and weights."""
+def compare_reuse(twin, ids, scheme, device, args, codes, model) -> dict:
+    """The same quantization with --reuse-passes switched (on ↔ off): its time and breakdown, and whether it
+    gives the same codes and weights."""
     timer = StageTimer(device, fine=True)
     start = time.perf_counter()
     other = quantize_model(twin, ids, lambda _name: scheme, device, batch_size=args.batch_size, progress=False,
-                           timer=timer, hessian=args.hessian, residual_outputs=args.residual_outputs == "off")
+                           timer=timer, hessian=args.hessian, reuse_passes=args.reuse_passes == "off")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

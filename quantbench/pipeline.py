@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +34,7 @@ from quantbench.quantizers.fwht import RandomHadamard
 from quantbench.quantizers.autoround import AutoRoundOptions, learn_rounding
 from quantbench.quantizers.gptq import factor_hessians
 from quantbench.quantizers.hadamard import layer_rotation, rotate_stats, rotate_weight
+from quantbench.pass_cache import PassCache
 from quantbench.residual_outputs import UNKNOWN, ResidualRecorder, fits
 from quantbench.scaling import ScalingOptions, check_scalable, scale_block
 from quantbench.scheme import DEFAULT_DAMP, Scheme
@@ -281,16 +282,17 @@ class QuantizeStage:
     for a next stage that packs and drops them block by block). With `lm_head`, `finish` also quantizes the
     LM head (untied from the embedding) by that scheme. Layers whose scheme scales them (AWQ, SmoothQuant)
     are scaled first (scaling.py, with `scaling`'s options); `scaled` records what was done per site.
-    `residual_outputs`: the block's outputs come from the last statistics pass where they can
-    (residual_outputs.py), bit for bit those of a forward."""
+    `reuse_passes`: each statistics pass is served what the one before computed unchanged (pass_cache.py),
+    and the block's outputs come from the last pass where they can (residual_outputs.py), bit for bit what
+    the forwards would give."""
 
     def __init__(self, scheme_for: SchemeLookup, true_sequential: bool = True, hessian: str = "compensated",
                  lm_head: Scheme | None = None, on_device: bool = False,
                  experts: StarvedExperts = StarvedExperts(), scaling: ScalingOptions = ScalingOptions(),
-                 autoround: AutoRoundOptions = AutoRoundOptions(), residual_outputs: bool = True) -> None:
+                 autoround: AutoRoundOptions = AutoRoundOptions(), reuse_passes: bool = True) -> None:
         self.scheme_for, self.true_sequential, self.lm_head = scheme_for, true_sequential, lm_head
         self.hessian, self.on_device, self.experts, self.scaling = hessian, on_device, experts, scaling
-        self.autoround, self.residual_outputs = autoround, residual_outputs
+        self.autoround, self.reuse_passes = autoround, reuse_passes
         self.results: dict[str, QuantizedWeight] = {}
         self.starved_experts: dict[str, dict] = {}  # full name → routed tokens and what was done
         self.scaled: dict[str, dict] = {}  # full producer name → scaling method and what it chose
@@ -319,7 +321,7 @@ class QuantizeStage:
                 self.scaled.update(scale_block(ctx, schemes, self.model_type, self.scaling))
         for name, quantized in quantize_block(ctx, schemes, self.true_sequential, self.hessian, self.on_device,
                                               self.experts, self.starved_experts, self.autoround,
-                                              self.residual_outputs).items():
+                                              self.reuse_passes).items():
             self.results[ctx.full_name(name)] = quantized
 
 
@@ -329,16 +331,16 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor, scheme_for: Scheme
                    experts: StarvedExperts = StarvedExperts(), starved: dict | None = None,
                    scaling: ScalingOptions = ScalingOptions(), scaled: dict | None = None,
                    autoround: AutoRoundOptions = AutoRoundOptions(),
-                   residual_outputs: bool = True) -> dict[str, QuantizedWeight]:
+                   reuse_passes: bool = True) -> dict[str, QuantizedWeight]:
     """Quantize every decoder-block linear that `scheme_for(full_name)` assigns a scheme, in place: the block
     driver with the quantize stage alone. The model's weights are replaced by their dequantized values; the
     returned QuantizedWeights (on CPU) hold the codes that export packs. Under torchrun each rank calibrates
     on its share of `input_ids` (distributed.py). `starved` receives the experts
     routed too few calibration tokens, and what was done about them (`experts`); `scaled`, what AWQ and
-    SmoothQuant chose where a scheme asks for them (`scaling`: their options). `residual_outputs`: see
+    SmoothQuant chose where a scheme asks for them (`scaling`: their options). `reuse_passes`: see
     QuantizeStage."""
     stage = QuantizeStage(scheme_for, true_sequential, hessian, experts=experts, scaling=scaling, autoround=autoround,
-                          residual_outputs=residual_outputs)
+                          reuse_passes=reuse_passes)
     drive_blocks(model, local_rows(input_ids), device, [stage], batch_size, progress, timer, desc="quantize blocks",
                  shared_out=current_ranks().active)
     if starved is not None:
@@ -352,7 +354,7 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
                    hessian: str = "compensated", on_device: bool = False,
                    experts: StarvedExperts = StarvedExperts(), notes: dict | None = None,
                    autoround: AutoRoundOptions = AutoRoundOptions(),
-                   residual_outputs: bool = False) -> dict[str, QuantizedWeight]:
+                   reuse_passes: bool = False) -> dict[str, QuantizedWeight]:
     """Quantize a block's linears. When a solver reads calibration statistics, the linears are grouped by the
     input they share (q/k/v, o, gate/up, down) and, with `true_sequential`, each group is calibrated on inputs
     produced by the already-quantized earlier groups; layers sharing an input share one Hessian. The experts
@@ -360,8 +362,9 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
     `experts` says what happens to one routed too few tokens, and `notes` (full name → what was done)
     records it. `hessian` says how Σ xᵀx is accumulated (calibration.stats.HESSIAN_MODES). AutoRound layers
     are learned together first (quantizers/autoround.py), on the block's inputs with the other layers in
-    full precision; the other layers then calibrate on the block as AutoRound left it. With
-    `residual_outputs`, the last stage's pass also keeps what gives the block's outputs without a forward,
+    full precision; the other layers then calibrate on the block as AutoRound left it. With `reuse_passes`,
+    each true-sequential pass is served the submodule outputs the pass before computed unchanged
+    (pass_cache.py), and the last stage's pass also keeps what gives the block's outputs without a forward,
     where it can (residual_outputs.py): they are set in `ctx.outputs`."""
     notes = {} if notes is None else notes
     linears, timer = ctx.linears, ctx.timer
@@ -385,23 +388,30 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
         groups = ctx.input_groups(schemes)
     stages = merge_parallel_experts(groups) if true_sequential else [[name for group in groups for name in group]]
     kept = None
+    cache = PassCache(ctx.block, len(ctx.inputs.hidden)) if reuse_passes and len(stages) > 1 else None
     for stage in stages:
         shared = {follower: group[0] for group in groups for follower in group[1:] if follower in stage}
         stats = dict.fromkeys(stage)
         if stats_layers & set(stage):
-            def collect(names: list[str], recorder: ResidualRecorder | None = None) -> dict:
+            def collect(names: list[str], recorder: ResidualRecorder | None = None,
+                        cache: PassCache | None = None) -> dict:
                 with timer("stats_forward"):
-                    collected = collect_block_stats(ctx, names, hessian_layers, shared, hessian, timer, recorder)
+                    collected = collect_block_stats(ctx, names, hessian_layers, shared, hessian, timer, recorder,
+                                                    cache)
                     if ctx.inputs.shared_out:
                         all_reduce_stats(collected, {name: linears[name].in_features for name in names},
                                          next(ctx.block.parameters()).device)
                     return collected
 
-            recorder = _residual_recorder(ctx, stage) if residual_outputs and stage is stages[-1] else None
-            stats = collect(stage, recorder)
+            recorder = _residual_recorder(ctx, stage) if reuse_passes and stage is stages[-1] else None
+            if cache:
+                cache.next_pass([linears[name] for name in stage], record=stage is not stages[-1])
+            stats = collect(stage, recorder, cache)
             kept = _kept_residual(ctx, stage, recorder) if recorder else None
             if starved := starved_experts(stage, stats, stats_layers, experts):
                 schemes = _handle_starved(ctx, starved, stats, schemes, experts, collect, notes)
+        elif cache:
+            cache.clear()  # what the last pass recorded may read this stage's layers
         with timer("solve"):
             results.update(_solve_spread(ctx, _solve_together(stage, schemes, stats), schemes, stats, on_device))
     if kept:
@@ -461,25 +471,26 @@ def _solve_spread(ctx: BlockContext, batches: list[list[str]], schemes: dict[str
 
 def collect_block_stats(ctx: BlockContext, names: list[str], hessian_for: set[str], shared: dict[str, str],
                         accumulation: str = "compensated", timed: Callable[[str], object] | None = None,
-                        recorder: ResidualRecorder | None = None) -> dict:
+                        recorder: ResidualRecorder | None = None, cache: PassCache | None = None) -> dict:
     """The statistics of the named linears over one pass of the block's calibration inputs (`shared`:
     follower → leader, as `collect_stats` takes it). A pass may stop once every hooked layer has run, unless
     it holds experts: those not routed to in a batch do not run, and stopping at the last one would cut
     others' tokens short. A `recorder` (residual_outputs.py) is handed each batch's input and output (None
-    where its hooks stopped the pass)."""
+    where its hooks stopped the pass); a `cache` (pass_cache.py) serves and records submodule outputs."""
     stop = recorder is None and not any(expert_pattern(name) for name in names)
     with collect_stats({name: ctx.linears[name] for name in names}, hessian_for & set(names),
                        {f: lead for f, lead in shared.items() if f in names}, stop_when_seen=stop, timed=timed,
                        accumulation=accumulation) as collected:
-        if recorder is None:
-            feed_block(ctx.block, ctx.inputs)
-        else:
-            with recorder:
-                for hidden, kwargs in zip(ctx.inputs.hidden, ctx.inputs.kwargs):
-                    try:
-                        out = block_output(ctx.block(hidden, **kwargs))
-                    except StopForward:
-                        out = None
+        with recorder or nullcontext():
+            for batch, (hidden, kwargs) in enumerate(zip(ctx.inputs.hidden, ctx.inputs.kwargs)):
+                def forward(hidden=hidden, kwargs=kwargs):
+                    return ctx.block(hidden, **kwargs)
+
+                try:
+                    out = block_output(cache.run(batch, forward) if cache else forward())
+                except StopForward:
+                    out = None
+                if recorder:
                     recorder.batch_done(hidden, out)
     return collected
 

@@ -187,7 +187,7 @@ RESIDUAL_BLOCKS = {"llama": "all", "opt": "all", "qwen2_sliding_window": "all", 
                    "deepseek_v3": "first"}
 
 
-def quantize_counting_forwards(model, residual_outputs: bool, scheme: str = "int4-g32-gptq"):
+def quantize_counting_forwards(model, reuse_passes: bool, scheme: str = "int4-g32-gptq"):
     """The codes, and how many blocks the driver ran again to propagate their outputs."""
     from unittest.mock import patch
 
@@ -201,7 +201,7 @@ def quantize_counting_forwards(model, residual_outputs: bool, scheme: str = "int
 
     with patch.object(pipeline, "run_block", counting):
         quantized = quantize_model(model, calibration_ids(), lambda _name: Scheme.parse(scheme), CPU, batch_size=4,
-                                   progress=False, residual_outputs=residual_outputs)
+                                   progress=False, reuse_passes=reuse_passes)
     return quantized, propagated
 
 
@@ -214,8 +214,8 @@ def test_block_outputs_from_the_last_pass_are_a_forward_bit_for_bit(family):
 
     model = FAMILY_BUILDERS[family]()
     twin = copy.deepcopy(model)
-    ours, propagated = quantize_counting_forwards(model, residual_outputs=True)
-    theirs, every_block = quantize_counting_forwards(twin, residual_outputs=False)
+    ours, propagated = quantize_counting_forwards(model, reuse_passes=True)
+    theirs, every_block = quantize_counting_forwards(twin, reuse_passes=False)
     blocks = list(range(len(decoder_blocks(model))))
     assert every_block == blocks
     expected = {"all": [], "first": blocks[1:]}.get(RESIDUAL_BLOCKS.get(family), blocks)
@@ -243,8 +243,8 @@ def test_a_block_that_changes_the_kept_input_in_place_is_run_again(monkeypatch):
     monkeypatch.setattr(LlamaMLP, "forward", overwriting)
     model = tiny_llama()
     twin = copy.deepcopy(model)
-    ours, propagated = quantize_counting_forwards(model, residual_outputs=True)
-    theirs, _ = quantize_counting_forwards(twin, residual_outputs=False)
+    ours, propagated = quantize_counting_forwards(model, reuse_passes=True)
+    theirs, _ = quantize_counting_forwards(twin, reuse_passes=False)
     assert propagated == [0, 1]
     assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
 
@@ -256,6 +256,51 @@ def test_kept_tensors_that_would_not_fit_are_not_kept(monkeypatch):
     model = tiny_llama()
     tokens, width = 6 * 32, model.config.hidden_size + model.config.intermediate_size
     monkeypatch.setattr(residual_outputs, "free_bytes", lambda _device: 2 * tokens * width * 4 - 1)
-    assert quantize_counting_forwards(model, residual_outputs=True)[1] == [0, 1]
+    assert quantize_counting_forwards(model, reuse_passes=True)[1] == [0, 1]
     monkeypatch.setattr(residual_outputs, "free_bytes", lambda _device: 2 * tokens * width * 4)
-    assert quantize_counting_forwards(tiny_llama(), residual_outputs=True)[1] == []
+    assert quantize_counting_forwards(tiny_llama(), reuse_passes=True)[1] == []
+
+
+def count_attention_forwards(monkeypatch, reuse_passes: bool, mutate_input: bool = False) -> tuple[int, dict]:
+    """Quantize a tiny Llama (3 calibration batches), counting the attention modules' own forwards (a
+    served module's are not called); with `mutate_input`, attention changes its input in place after use."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    own = LlamaAttention.forward
+    calls = []
+
+    def counting(self, hidden_states, *args, **kwargs):
+        calls.append(1)
+        out = own(self, hidden_states, *args, **kwargs)
+        if mutate_input:
+            hidden_states.add_(1.0)  # input_layernorm's output, after attention has read it
+        return out
+
+    monkeypatch.setattr(LlamaAttention, "forward", counting)
+    quantized = quantize_model(tiny_llama(), calibration_ids(n=12), lambda _name: Scheme.parse("int4-g32-gptq"), CPU,
+                               batch_size=4, progress=False, reuse_passes=reuse_passes)
+    return len(calls), quantized
+
+
+def test_each_statistics_pass_is_served_what_the_one_before_computed(monkeypatch):
+    """Four true-sequential passes and the propagation ran attention 5 times a batch. With the passes
+    reusing: the o_proj and gate/up passes run it (q/k/v changed, then o_proj), the down_proj pass is served
+    its output but on the first batch, which checks it, and the propagation needs no forward. (One more
+    call: the first block's trace of which linears share an input.)"""
+    blocks, batches = 2, 3
+    plain, theirs = count_attention_forwards(monkeypatch, reuse_passes=False)
+    reused, ours = count_attention_forwards(monkeypatch, reuse_passes=True)
+    assert plain == blocks * 5 * batches + 1
+    assert reused == blocks * (3 * batches + 1) + 1
+    assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
+
+
+def test_an_output_changed_in_place_after_it_was_recorded_is_not_served(monkeypatch):
+    """Attention that adds to its input after reading it changes input_layernorm's recorded output: served
+    to the next pass, it would feed attention a different input. The first batch's check sees the change
+    and every pass runs whole; the codes are those of the passes without reuse."""
+    blocks, batches = 2, 3
+    plain, theirs = count_attention_forwards(monkeypatch, reuse_passes=False, mutate_input=True)
+    reused, ours = count_attention_forwards(monkeypatch, reuse_passes=True, mutate_input=True)
+    assert reused == blocks * 4 * batches + 1  # the propagation still comes from the last pass
+    assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)

@@ -1,0 +1,135 @@
+"""Submodule outputs one statistics pass hands the next, so a true-sequential pass does not recompute them.
+
+Each pass of a block's true-sequential calibration runs the block from its start up to the layers it
+calibrates. What finished before the previous pass reached its own layers (the layers quantized since) is
+computed again from the same inputs and weights: Llama's input_layernorm and q/k/v projections in the o_proj
+pass, the whole attention half in the down_proj pass. A `PassCache` records, in every pass but the last, the
+outputs of the outermost submodules that finished before the pass first called one of its layers, and serves
+them to the next pass in place of their forwards. The first batch of every pass runs whole, and each output
+must equal the recorded one bit for bit as its module returns it; where one does not (an output changed in
+place after it was returned, say), the pass runs whole. What is recorded is kept only where it fits in half
+the memory free on its device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantbench.memory import free_bytes
+
+
+class PassCache:
+    """Outputs by batch and submodule name, recorded by one pass and served to the next. `next_pass(layers,
+    record)` sets up a pass over `layers` (the linears it calibrates; `record`: whether a pass follows);
+    `run(batch, forward)` runs one batch of it."""
+
+    def __init__(self, block: nn.Module, batches: int) -> None:
+        self.block, self.batches = block, batches
+        self.modules = dict(block.named_modules())
+        self.served: list[dict[str, object]] = []  # what the previous pass recorded, by batch
+        self.recorded: list[dict[str, object]] = []
+        self.record = self.serving = False
+        self._layers: list[nn.Module] = []
+        self._names: list[str] = []
+
+    def next_pass(self, layers: list[nn.Module], record: bool) -> None:
+        inside = {id(module) for layer in layers for module in self.modules.values() if _contains(module, layer)}
+        self._names = [name for name, module in self.modules.items() if name and id(module) not in inside]
+        kept = set(self._names)  # a module holding one of this pass's layers must run, for its hooks
+        self.served = [{name: out for name, out in outputs.items() if name in kept} for outputs in self.recorded]
+        self.recorded, self._layers = [], layers
+        self.record, self.serving = record, bool(self.served)
+
+    def clear(self) -> None:
+        """Forget what was recorded (a stage without a pass came between)."""
+        self.served, self.recorded, self.record, self.serving = [], [], False, False
+
+    def run(self, batch: int, forward):
+        """`forward()` for batch `batch`: recorded outputs served (but on the first batch, which checks
+        them), and this pass's recorded."""
+        check = self.serving and batch == 0
+        serve = self.serving and 0 < batch < len(self.served)
+        finished: dict[str, object] = {}
+        reached = []  # one entry once the pass has called one of its layers
+        differs = []  # the names whose fresh output is not what was recorded, compared as each finishes
+
+        def on_finish(name: str):
+            def hook(_module, _args, output) -> None:
+                if not reached:
+                    finished[name] = output
+                    if check and name in self.served[0] and not _same(output, self.served[0][name]):
+                        differs.append(name)
+            return hook
+
+        handles = []
+        if self.record or check:
+            handles += [layer.register_forward_pre_hook(lambda *_: reached.append(True)) for layer in self._layers]
+            handles += [self.modules[name].register_forward_hook(on_finish(name)) for name in self._names]
+        if serve:
+            for name, output in self.served[batch].items():
+                self._replace_forward(self.modules[name], output)
+        try:
+            return forward()
+        finally:
+            for handle in handles:
+                handle.remove()
+            if serve:
+                self._restore_forwards()
+                self.served[batch] = {}  # released as the pass goes
+            if check:
+                self.serving = not differs and finished.keys() >= self.served[0].keys()
+                self.served = [{}] + self.served[1:] if self.serving else []
+            if self.record:
+                self.recorded.append(_outermost(finished))
+                if batch == 0 and not self._fits(self.recorded[0]):
+                    self.record, self.recorded = False, []
+
+    def _replace_forward(self, module: nn.Module, output) -> None:
+        module.__dict__["_own_forward"] = module.__dict__.get("forward")
+        module.forward = lambda *_args, **_kwargs: output
+
+    def _restore_forwards(self) -> None:
+        for module in self.modules.values():
+            if "_own_forward" in module.__dict__:
+                own = module.__dict__.pop("_own_forward")
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own
+
+    def _fits(self, outputs: dict[str, object]) -> bool:
+        tensors = [t for output in outputs.values() for t in _tensors(output)]
+        if not tensors:
+            return True
+        free = free_bytes(tensors[0].device)
+        need = self.batches * sum(t.numel() * t.element_size() for t in tensors)
+        return free is not None and 2 * need <= free
+
+
+def _contains(module: nn.Module, layer: nn.Module) -> bool:
+    return any(child is layer for child in module.modules())
+
+
+def _outermost(finished: dict[str, object]) -> dict[str, object]:
+    """The finished submodules not inside another finished one."""
+    return {name: output for name, output in finished.items()
+            if not any(name.startswith(other + ".") for other in finished)}
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    return []
+
+
+def _same(a, b) -> bool:
+    """Two recorded outputs, bit for bit (tensors, tuples and lists of them, None)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a is b or a == b
