@@ -388,7 +388,8 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
         groups = ctx.input_groups(schemes)
     stages = merge_parallel_experts(groups) if true_sequential else [[name for group in groups for name in group]]
     kept = None
-    cache = PassCache(ctx.block, len(ctx.inputs.hidden)) if reuse_passes and len(stages) > 1 else None
+    batches = len(ctx.inputs.hidden)  # a pass serves every batch but its first
+    cache = PassCache(ctx.block, batches) if reuse_passes and len(stages) > 1 and batches > 1 else None
     for stage in stages:
         shared = {follower: group[0] for group in groups for follower in group[1:] if follower in stage}
         stats = dict.fromkeys(stage)
