@@ -13,6 +13,8 @@ the memory free on its device.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -34,8 +36,9 @@ class PassCache:
         self._names: list[str] = []
 
     def next_pass(self, layers: list[nn.Module], record: bool) -> None:
-        inside = {id(module) for layer in layers for module in self.modules.values() if _contains(module, layer)}
-        self._names = [name for name, module in self.modules.items() if name and id(module) not in inside]
+        name_of = {id(module): name for name, module in self.modules.items()}
+        holding = {prefix for layer in layers for prefix in _prefixes(name_of[id(layer)])}  # the layers and above
+        self._names = [name for name in self.modules if name and name not in holding]
         kept = set(self._names)  # a module holding one of this pass's layers must run, for its hooks
         self.served = [{name: out for name, out in outputs.items() if name in kept} for outputs in self.recorded]
         self.recorded, self._layers = [], layers
@@ -107,8 +110,9 @@ class PassCache:
         return free is not None and 2 * need <= free
 
 
-def _contains(module: nn.Module, layer: nn.Module) -> bool:
-    return any(child is layer for child in module.modules())
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
 
 
 def _outermost(finished: dict[str, object]) -> dict[str, object]:
@@ -120,16 +124,22 @@ def _outermost(finished: dict[str, object]) -> dict[str, object]:
 def _tensors(output) -> list[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
     if isinstance(output, (tuple, list)):
         return [t for item in output for t in _tensors(item)]
     return []
 
 
 def _same(a, b) -> bool:
-    """Two recorded outputs, bit for bit (tensors, tuples and lists of them, None)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and torch.equal(a, b))
-    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+    """Two recorded outputs, bit for bit: tensors, and tuples, lists and mappings of them, None and plain
+    numbers and strings; anything else only as the same object."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return type(a) is type(b) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a is b or a == b
+    if isinstance(a, (bool, int, float, str)) and isinstance(b, (bool, int, float, str)):
+        return type(a) is type(b) and a == b
+    return a is b

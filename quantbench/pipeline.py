@@ -354,7 +354,7 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
                    hessian: str = "compensated", on_device: bool = False,
                    experts: StarvedExperts = StarvedExperts(), notes: dict | None = None,
                    autoround: AutoRoundOptions = AutoRoundOptions(),
-                   reuse_passes: bool = False) -> dict[str, QuantizedWeight]:
+                   reuse_passes: bool = True) -> dict[str, QuantizedWeight]:
     """Quantize a block's linears. When a solver reads calibration statistics, the linears are grouped by the
     input they share (q/k/v, o, gate/up, down) and, with `true_sequential`, each group is calibrated on inputs
     produced by the already-quantized earlier groups; layers sharing an input share one Hessian. The experts
