@@ -3,12 +3,12 @@
 Each pass of a block's true-sequential calibration runs the block from its start up to the layers it
 calibrates. What finished before the previous pass reached its own layers (the layers quantized since) is
 computed again from the same inputs and weights: Llama's input_layernorm and q/k/v projections in the o_proj
-pass, the whole attention half in the down_proj pass. A `PassCache` records, in every pass but the last, the
-outputs of the outermost submodules that finished before the pass first called one of its layers, and serves
-them to the next pass in place of their forwards. The first batch of every pass runs whole, and each output
-must equal the recorded one bit for bit as its module returns it; where one does not (an output changed in
-place after it was returned, say), the pass runs whole. What is recorded is kept only where it fits in half
-the memory free on its device.
+pass, the whole attention half in the down_proj pass. A `PassCache` records the outputs of the outermost
+submodules that finished before its pass first called one of its layers (their first calls), and serves them
+to the next pass, or to the propagation of the block's outputs, in place of those calls. The first batch of
+every pass runs whole, and each output must equal the recorded one bit for bit as its module returns it;
+where one does not (an output changed in place after it was returned, say), the pass runs whole. What is
+recorded is kept only where it fits in half the memory free on its device.
 """
 
 from __future__ import annotations
@@ -53,16 +53,21 @@ class PassCache:
         them), and this pass's recorded."""
         check = self.serving and batch == 0
         serve = self.serving and 0 < batch < len(self.served)
-        finished: dict[str, object] = {}
+        finished: dict[str, object] = {}  # each module's first output before the pass reached its layers
+        again: set[str] = set()  # modules called more than once by then
         reached = []  # one entry once the pass has called one of its layers
         differs = []  # the names whose fresh output is not what was recorded, compared as each finishes
 
         def on_finish(name: str):
             def hook(_module, _args, output) -> None:
-                if not reached:
-                    finished[name] = output
-                    if check and name in self.served[0] and not _same(output, self.served[0][name]):
-                        differs.append(name)
+                if reached:
+                    return
+                if name in finished:
+                    again.add(name)
+                    return
+                finished[name] = output
+                if check and name in self.served[0] and not _same(output, self.served[0][name]):
+                    differs.append(name)
             return hook
 
         handles = []
@@ -84,13 +89,24 @@ class PassCache:
                 self.serving = not differs and finished.keys() >= self.served[0].keys()
                 self.served = [{}] + self.served[1:] if self.serving else []
             if self.record:
-                self.recorded.append(_outermost(finished))
+                self.recorded.append(_outermost({name: out for name, out in finished.items() if name not in again}))
                 if batch == 0 and not self._fits(self.recorded[0]):
                     self.record, self.recorded = False, []
 
     def _replace_forward(self, module: nn.Module, output) -> None:
-        module.__dict__["_own_forward"] = module.__dict__.get("forward")
-        module.forward = lambda *_args, **_kwargs: output
+        """The module's first call returns `output`; a later one (a module shared by the block's experts,
+        say) runs its own forward."""
+        own = module.__dict__.get("forward")
+        module.__dict__["_own_forward"] = own
+        calls = []
+
+        def forward(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                return output
+            return own(*args, **kwargs) if own is not None else type(module).forward(module, *args, **kwargs)
+
+        module.forward = forward
 
     def _restore_forwards(self) -> None:
         for module in self.modules.values():

@@ -364,8 +364,9 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
     are learned together first (quantizers/autoround.py), on the block's inputs with the other layers in
     full precision; the other layers then calibrate on the block as AutoRound left it. With `reuse_passes`,
     each true-sequential pass is served the submodule outputs the pass before computed unchanged
-    (pass_cache.py), and the last stage's pass also keeps what gives the block's outputs without a forward,
-    where it can (residual_outputs.py): they are set in `ctx.outputs`."""
+    (pass_cache.py), and the last stage's pass also keeps what gives the block's outputs without a forward
+    where it can (residual_outputs.py), or else hands the propagation what it computed: the outputs are set
+    in `ctx.outputs`."""
     notes = {} if notes is None else notes
     linears, timer = ctx.linears, ctx.timer
     rounded = {name: scheme for name, scheme in schemes.items() if scheme.solver == "autoround"}
@@ -405,8 +406,8 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
                     return collected
 
             recorder = _residual_recorder(ctx, stage) if reuse_passes and stage is stages[-1] else None
-            if cache:
-                cache.next_pass([linears[name] for name in stage], record=stage is not stages[-1])
+            if cache:  # the last pass records for the propagation where no residual gives the outputs
+                cache.next_pass([linears[name] for name in stage], record=stage is not stages[-1] or not recorder)
             stats = collect(stage, recorder, cache)
             kept = _kept_residual(ctx, stage, recorder) if recorder else None
             if starved := starved_experts(stage, stats, stats_layers, experts):
@@ -418,6 +419,11 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
     if kept:
         with timer("propagate"):
             ctx.outputs = kept.outputs()
+    elif cache and cache.recorded:
+        with timer("propagate"):
+            cache.next_pass([linears[name] for name in stages[-1]], record=False)
+            ctx.outputs = [block_output(cache.run(batch, lambda: ctx.block(hidden, **kwargs)))
+                           for batch, (hidden, kwargs) in enumerate(zip(ctx.inputs.hidden, ctx.inputs.kwargs))]
     return results
 
 

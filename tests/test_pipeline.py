@@ -180,11 +180,11 @@ def test_input_groups_are_traced_once_per_kind_of_block(build, kinds):
     assert len(traced) == len(set(traced)) == kinds and quantized
 
 
-# blocks whose outputs come from the last statistics pass (residual_outputs.py): every block of the families
-# that add down_proj's output to a submodule's input; DeepSeek's dense first block; no block of the families
-# with post-norms (Gemma), a parallel residual (GPT-NeoX) or experts last
-RESIDUAL_BLOCKS = {"llama": "all", "opt": "all", "qwen2_sliding_window": "all", "phi3": "all", "deepseek_v2": "first",
-                   "deepseek_v3": "first"}
+# the blocks the driver runs again to propagate their outputs, with the passes reusing: none where the block
+# adds down_proj's output to a submodule's input (residual_outputs.py), nor where the last pass hands the
+# propagation what it computed (pass_cache.py); only the first block of a kind that has no such residual
+# (post-norms, a parallel residual, DeepSeek's shared experts last), found missing there
+RUN_AGAIN = {"gpt_neox": [0], "gemma2": [0], "gemma3_text": [0], "deepseek_v2": [1], "deepseek_v3": [1]}
 
 
 def quantize_counting_forwards(model, reuse_passes: bool, scheme: str = "int4-g32-gptq"):
@@ -207,9 +207,9 @@ def quantize_counting_forwards(model, reuse_passes: bool, scheme: str = "int4-g3
 
 @pytest.mark.parametrize("family", FAMILY_BUILDERS)
 def test_block_outputs_from_the_last_pass_are_a_forward_bit_for_bit(family):
-    """Where the last linear's output is added to a residual, the block's outputs come from the pass that
-    calibrated that linear, without running the block again; codes and weights are bit for bit those of the
-    run that propagates every block by a forward."""
+    """The block's outputs come from what the last statistics pass kept or computed, without running the
+    block again (but for the first block of a kind without a residual source); codes and weights are bit
+    for bit those of the run that propagates every block by a forward."""
     import copy
 
     model = FAMILY_BUILDERS[family]()
@@ -218,8 +218,7 @@ def test_block_outputs_from_the_last_pass_are_a_forward_bit_for_bit(family):
     theirs, every_block = quantize_counting_forwards(twin, reuse_passes=False)
     blocks = list(range(len(decoder_blocks(model))))
     assert every_block == blocks
-    expected = {"all": [], "first": blocks[1:]}.get(RESIDUAL_BLOCKS.get(family), blocks)
-    assert propagated == expected
+    assert propagated == RUN_AGAIN.get(family, [])
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name].codes, theirs[name].codes) and torch.equal(ours[name].scales, theirs[name].scales)
@@ -250,23 +249,26 @@ def test_a_block_that_changes_the_kept_input_in_place_is_run_again(monkeypatch):
 
 
 def test_kept_tensors_that_would_not_fit_are_not_kept(monkeypatch):
-    """The inputs and residuals are kept only where they take at most half the memory free."""
-    from quantbench import residual_outputs
+    """The inputs and residuals are kept only where they take at most half the memory free (and with no
+    memory for them, nothing a pass computed is recorded either: every block runs again)."""
+    from quantbench import pass_cache, residual_outputs
 
     model = tiny_llama()
     tokens, width = 6 * 32, model.config.hidden_size + model.config.intermediate_size
+    monkeypatch.setattr(pass_cache, "free_bytes", lambda _device: 0)
     monkeypatch.setattr(residual_outputs, "free_bytes", lambda _device: 2 * tokens * width * 4 - 1)
     assert quantize_counting_forwards(model, reuse_passes=True)[1] == [0, 1]
     monkeypatch.setattr(residual_outputs, "free_bytes", lambda _device: 2 * tokens * width * 4)
     assert quantize_counting_forwards(tiny_llama(), reuse_passes=True)[1] == []
 
 
-def count_attention_forwards(monkeypatch, reuse_passes: bool, mutate_input: bool = False) -> tuple[int, dict]:
-    """Quantize a tiny Llama (3 calibration batches), counting the attention modules' own forwards (a
-    served module's are not called); with `mutate_input`, attention changes its input in place after use."""
-    from transformers.models.llama.modeling_llama import LlamaAttention
-
-    own = LlamaAttention.forward
+def count_attention_forwards(monkeypatch, reuse_passes: bool, mutate_input: bool = False,
+                             build=tiny_llama) -> tuple[int, dict]:
+    """Quantize a tiny model (3 calibration batches), counting its attention modules' own forwards (a served
+    module's are not called); with `mutate_input`, attention changes its input in place after use."""
+    model = build()
+    attention = type(decoder_blocks(model)[0].self_attn)
+    own = attention.forward
     calls = []
 
     def counting(self, hidden_states, *args, **kwargs):
@@ -276,8 +278,8 @@ def count_attention_forwards(monkeypatch, reuse_passes: bool, mutate_input: bool
             hidden_states.add_(1.0)  # input_layernorm's output, after attention has read it
         return out
 
-    monkeypatch.setattr(LlamaAttention, "forward", counting)
-    quantized = quantize_model(tiny_llama(), calibration_ids(n=12), lambda _name: Scheme.parse("int4-g32-gptq"), CPU,
+    monkeypatch.setattr(attention, "forward", counting)
+    quantized = quantize_model(model, calibration_ids(n=12), lambda _name: Scheme.parse("int4-g32-gptq"), CPU,
                                batch_size=4, progress=False, reuse_passes=reuse_passes)
     return len(calls), quantized
 
@@ -303,4 +305,16 @@ def test_an_output_changed_in_place_after_it_was_recorded_is_not_served(monkeypa
     plain, theirs = count_attention_forwards(monkeypatch, reuse_passes=False, mutate_input=True)
     reused, ours = count_attention_forwards(monkeypatch, reuse_passes=True, mutate_input=True)
     assert reused == blocks * 4 * batches + 1  # the propagation still comes from the last pass
+    assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
+
+
+def test_the_propagation_of_a_block_without_a_residual_is_served_what_the_last_pass_computed(monkeypatch):
+    """Gemma 2 adds a normed down_proj output: no residual gives its outputs. The last pass records what
+    finished before down_proj (attention among it) and the propagation is served it, but on its first batch,
+    which checks it; the kind's first block, where the residual is looked for and not found, runs again."""
+    blocks, batches = len(decoder_blocks(tiny_gemma2())), 3
+    plain, theirs = count_attention_forwards(monkeypatch, reuse_passes=False, build=tiny_gemma2)
+    reused, ours = count_attention_forwards(monkeypatch, reuse_passes=True, build=tiny_gemma2)
+    assert plain == blocks * 5 * batches + 1
+    assert reused == blocks * (3 * batches + 1) + batches + (blocks - 1) + 1
     assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
