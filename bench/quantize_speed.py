@@ -43,11 +43,12 @@ def main() -> None:
     parser.add_argument("--calibration-ids", help="safetensors with input_ids [n, seqlen] (see ppl_ladder.py "
                         "--export-ids), instead of tokenizing C4 here")
     parser.add_argument("--hessian", choices=["compensated", "fp32", "tensor_cores"], default="compensated")
-    parser.add_argument("--compare-overlap", action="store_true", help="also run without prefetching the next "
+    compare = parser.add_mutually_exclusive_group()  # each runs the one copy of the model
+    compare.add_argument("--compare-overlap", action="store_true", help="also run without prefetching the next "
                         "block and compare codes and time")
     parser.add_argument("--reuse-passes", choices=["on", "off"], default="on", help="off: every statistics pass "
                         "and the propagation run the block whole (pass_cache.py, residual_outputs.py)")
-    parser.add_argument("--compare-reuse", action="store_true", help="also run with --reuse-passes switched, "
+    compare.add_argument("--compare-reuse", action="store_true", help="also run with --reuse-passes switched, "
                         "and compare codes, weights and time")
     parser.add_argument("--layers", type=int, help="random models: keep only the first N decoder blocks")
     parser.add_argument("--json", help="write the figures here")
