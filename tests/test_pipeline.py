@@ -318,3 +318,23 @@ def test_the_propagation_of_a_block_without_a_residual_is_served_what_the_last_p
     assert plain == blocks * 5 * batches + 1
     assert reused == blocks * (3 * batches + 1) + batches + (blocks - 1) + 1
     assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
+
+
+@pytest.mark.parametrize("scheme", ["int4-g32-gptq-a:int4", "awq+int4-g32-gptq", "hadamard+int3-g32-gptq-act"])
+def test_reusing_passes_keep_the_codes_of_a_rotated_model_with_online_transforms(scheme):
+    """down_proj's online Hadamard (model rotation), activation quantization and AWQ's folded scales are
+    applied by the layers' own input hooks: the input kept for h + down_proj(x) is taken before them, so the
+    outputs from the last pass are the forward's bit for bit."""
+    import copy
+
+    from quantbench.rotation import rotate_model
+
+    model = tiny_llama()
+    rotate_model(model, seed=3)
+    twin = copy.deepcopy(model)
+    ours, propagated = quantize_counting_forwards(model, reuse_passes=True, scheme=scheme)
+    theirs, _ = quantize_counting_forwards(twin, reuse_passes=False, scheme=scheme)
+    assert propagated == []
+    assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
+    for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
+        assert torch.equal(a, b)
