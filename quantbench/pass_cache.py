@@ -24,29 +24,41 @@ from quantbench.memory import free_bytes
 class PassCache:
     """Outputs by batch and submodule name, recorded by one pass and served to the next. `next_pass(layers,
     record)` sets up a pass over `layers` (the linears it calibrates; `record`: whether a pass follows);
-    `run(batch, forward)` runs one batch of it."""
+    `run(batch, forward)` runs one batch of it.
+
+    A pass also records its layers' inputs. A submodule whose output is one of those layers' output (Llama's
+    self_attn returns o_proj's) is then served that layer, quantized since, on the recorded input: its
+    "tail". The first batch checks that the submodule returns the layer's output object, unchanged, and that
+    the layer's input is the recorded one."""
 
     def __init__(self, block: nn.Module, batches: int) -> None:
         self.block, self.batches = block, batches
         self.modules = dict(block.named_modules())
+        self.name_of = {id(module): name for name, module in self.modules.items()}
         self.served: list[dict[str, object]] = []  # what the previous pass recorded, by batch
         self.recorded: list[dict[str, object]] = []
+        self.layer_inputs: list[dict[str, torch.Tensor]] = []  # the previous pass's layers' inputs, by batch
+        self.recorded_inputs: list[dict[str, torch.Tensor]] = []
+        self.tails: dict[str, tuple[str, tuple | None]] = {}  # submodule → (layer, rest of its output tuple)
         self.record = self.serving = False
         self._layers: list[nn.Module] = []
         self._names: list[str] = []
 
     def next_pass(self, layers: list[nn.Module], record: bool) -> None:
-        name_of = {id(module): name for name, module in self.modules.items()}
-        holding = {prefix for layer in layers for prefix in _prefixes(name_of[id(layer)])}  # the layers and above
+        holding = {prefix for layer in layers for prefix in _prefixes(self.name_of[id(layer)])}  # the layers and above
         self._names = [name for name in self.modules if name and name not in holding]
         kept = set(self._names)  # a module holding one of this pass's layers must run, for its hooks
         self.served = [{name: out for name, out in outputs.items() if name in kept} for outputs in self.recorded]
-        self.recorded, self._layers = [], layers
+        self.layer_inputs = self.recorded_inputs
+        self.tails = {prefix: (layer, None) for layer in (self.layer_inputs[0] if self.layer_inputs else {})
+                      for prefix in _prefixes(layer)[:-1] if prefix in kept}  # candidates, checked on batch 0
+        self.recorded, self.recorded_inputs, self._layers = [], [], layers
         self.record, self.serving = record, bool(self.served)
 
     def clear(self) -> None:
         """Forget what was recorded (a stage without a pass came between)."""
         self.served, self.recorded, self.record, self.serving = [], [], False, False
+        self.layer_inputs, self.recorded_inputs, self.tails = [], [], {}
 
     def run(self, batch: int, forward):
         """`forward()` for batch `batch`: recorded outputs served (but on the first batch, which checks
@@ -57,9 +69,14 @@ class PassCache:
         again: set[str] = set()  # modules called more than once by then
         reached = []  # one entry once the pass has called one of its layers
         differs = []  # the names whose fresh output is not what was recorded, compared as each finishes
+        inputs: dict[str, torch.Tensor] = {}  # this pass's layers' first inputs
+        tail_layers: dict[str, tuple] = {}  # on the first batch: a tail candidate layer's input, output, copy
+        tail_outputs: dict[str, object] = {}
 
         def on_finish(name: str):
             def hook(_module, _args, output) -> None:
+                if name in self.tails and name not in tail_outputs:
+                    tail_outputs[name] = output
                 if reached:
                     return
                 if name in finished:
@@ -70,13 +87,42 @@ class PassCache:
                     differs.append(name)
             return hook
 
+        def on_layer_input(name: str):
+            def hook(_module, args) -> None:
+                inputs.setdefault(name, args[0])
+            return hook
+
+        def on_tail_layer(name: str):
+            def before(_module, args) -> None:
+                tail_layers.setdefault(name, [args[0]])
+
+            def after(_module, _args, output) -> None:
+                if len(tail_layers.get(name, ())) == 1:
+                    tail_layers[name] += [output, output.clone() if isinstance(output, torch.Tensor) else None]
+            return before, after
+
         handles = []
         if self.record or check:
             handles += [layer.register_forward_pre_hook(lambda *_: reached.append(True)) for layer in self._layers]
-            handles += [self.modules[name].register_forward_hook(on_finish(name)) for name in self._names]
+            handles += [self.modules[name].register_forward_hook(on_finish(name))
+                        for name in set(self._names) | (set(self.tails) if check else set())]
+        if self.record:
+            handles += [layer.register_forward_pre_hook(on_layer_input(self.name_of[id(layer)]), prepend=True)
+                        for layer in self._layers]
+        if check:
+            for layer in {layer for layer, _ in self.tails.values()}:
+                before, after = on_tail_layer(layer)
+                handles += [self.modules[layer].register_forward_pre_hook(before, prepend=True),
+                            self.modules[layer].register_forward_hook(after)]
         if serve:
             for name, output in self.served[batch].items():
-                self._replace_forward(self.modules[name], output)
+                self._replace_forward(self.modules[name], lambda output=output: output)
+            for name, (layer, rest) in self.tails.items():
+                if layer not in self.layer_inputs[batch]:  # an expert no token of this batch was routed to
+                    continue
+                x, module = self.layer_inputs[batch][layer], self.modules[layer]
+                self._replace_forward(self.modules[name], lambda x=x, module=module, rest=rest:
+                                      module(x) if rest is None else (module(x), *rest))
         try:
             return forward()
         finally:
@@ -85,16 +131,21 @@ class PassCache:
             if serve:
                 self._restore_forwards()
                 self.served[batch] = {}  # released as the pass goes
+                self.layer_inputs[batch] = {}
             if check:
                 self.serving = not differs and finished.keys() >= self.served[0].keys()
+                self.tails = _checked_tails(self.tails, tail_outputs, tail_layers, self.layer_inputs[0])
                 self.served = [{}] + self.served[1:] if self.serving else []
+                if not self.serving:
+                    self.tails, self.layer_inputs = {}, []
             if self.record:
                 self.recorded.append(_outermost({name: out for name, out in finished.items() if name not in again}))
-                if batch == 0 and not self._fits(self.recorded[0]):
-                    self.record, self.recorded = False, []
+                self.recorded_inputs.append(inputs)
+                if batch == 0 and not self._fits([self.recorded[0], inputs]):
+                    self.record, self.recorded, self.recorded_inputs = False, [], []
 
     def _replace_forward(self, module: nn.Module, output) -> None:
-        """The module's first call returns `output`; a later one (a module shared by the block's experts,
+        """The module's first call returns `output()`; a later one (a module shared by the block's experts,
         say) runs its own forward."""
         own = module.__dict__.get("forward")
         module.__dict__["_own_forward"] = own
@@ -103,7 +154,7 @@ class PassCache:
         def forward(*args, **kwargs):
             calls.append(1)
             if len(calls) == 1:
-                return output
+                return output()
             return own(*args, **kwargs) if own is not None else type(module).forward(module, *args, **kwargs)
 
         module.forward = forward
@@ -117,13 +168,33 @@ class PassCache:
                 else:
                     module.forward = own
 
-    def _fits(self, outputs: dict[str, object]) -> bool:
-        tensors = [t for output in outputs.values() for t in _tensors(output)]
+    def _fits(self, recorded: list[dict[str, object]]) -> bool:
+        tensors = [t for outputs in recorded for output in outputs.values() for t in _tensors(output)]
         if not tensors:
             return True
         free = free_bytes(tensors[0].device)
         need = self.batches * sum(t.numel() * t.element_size() for t in tensors)
         return free is not None and 2 * need <= free
+
+
+def _checked_tails(candidates: dict[str, tuple], outputs: dict[str, object], layers: dict[str, list],
+                   recorded_inputs: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple | None]]:
+    """The tail candidates the first batch bore out, the outermost for each layer: the submodule returned
+    the layer's output object (alone, or first with no other tensor), as the layer returned it, and the
+    layer read the recorded input."""
+    checked: dict[str, tuple[str, tuple | None]] = {}
+    for name in sorted(candidates, key=lambda n: n.count(".")):
+        layer = candidates[name][0]
+        seen, output = layers.get(layer), outputs.get(name)
+        if seen is None or len(seen) != 3 or any(layer == other for other, _ in checked.values()):
+            continue
+        x, y, copy = seen
+        first, rest = (output, None) if isinstance(output, torch.Tensor) else (
+            (output[0], tuple(output[1:])) if isinstance(output, tuple) and output else (None, None))
+        if (first is y and copy is not None and torch.equal(y, copy) and not _tensors(list(rest or ()))
+                and _same(x, recorded_inputs[layer])):
+            checked[name] = (layer, rest)
+    return checked
 
 
 def _prefixes(name: str) -> list[str]:

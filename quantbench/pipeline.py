@@ -421,7 +421,7 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
             ctx.outputs = kept.outputs()
     elif cache and cache.recorded:
         with timer("propagate"):
-            cache.next_pass([linears[name] for name in stages[-1]], record=False)
+            cache.next_pass([], record=False)  # no statistics hooks to keep: any module may be served
             ctx.outputs = [block_output(cache.run(batch, lambda: ctx.block(hidden, **kwargs)))
                            for batch, (hidden, kwargs) in enumerate(zip(ctx.inputs.hidden, ctx.inputs.kwargs))]
     return results

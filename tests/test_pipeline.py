@@ -263,9 +263,10 @@ def test_kept_tensors_that_would_not_fit_are_not_kept(monkeypatch):
 
 
 def count_attention_forwards(monkeypatch, reuse_passes: bool, mutate_input: bool = False,
-                             build=tiny_llama) -> tuple[int, dict]:
+                             build=tiny_llama, double_output: bool = False) -> tuple[int, dict]:
     """Quantize a tiny model (3 calibration batches), counting its attention modules' own forwards (a served
-    module's are not called); with `mutate_input`, attention changes its input in place after use."""
+    module's are not called); with `mutate_input`, attention changes its input in place after use; with
+    `double_output`, it doubles o_proj's output in place before returning it."""
     model = build()
     attention = type(decoder_blocks(model)[0].self_attn)
     own = attention.forward
@@ -276,35 +277,41 @@ def count_attention_forwards(monkeypatch, reuse_passes: bool, mutate_input: bool
         out = own(self, hidden_states, *args, **kwargs)
         if mutate_input:
             hidden_states.add_(1.0)  # input_layernorm's output, after attention has read it
+        if double_output:
+            out[0].mul_(2.0)
         return out
 
     monkeypatch.setattr(attention, "forward", counting)
-    quantized = quantize_model(model, calibration_ids(n=12), lambda _name: Scheme.parse("int4-g32-gptq"), CPU,
-                               batch_size=4, progress=False, reuse_passes=reuse_passes)
+    try:
+        quantized = quantize_model(model, calibration_ids(n=12), lambda _name: Scheme.parse("int4-g32-gptq"), CPU,
+                                   batch_size=4, progress=False, reuse_passes=reuse_passes)
+    finally:
+        monkeypatch.setattr(attention, "forward", own)  # the next count wraps the model's own forward again
     return len(calls), quantized
 
 
 def test_each_statistics_pass_is_served_what_the_one_before_computed(monkeypatch):
     """Four true-sequential passes and the propagation ran attention 5 times a batch. With the passes
-    reusing: the o_proj and gate/up passes run it (q/k/v changed, then o_proj), the down_proj pass is served
-    its output but on the first batch, which checks it, and the propagation needs no forward. (One more
-    call: the first block's trace of which linears share an input.)"""
+    reusing: the q/k/v and o_proj passes run it (q/k/v changed); the gate/up pass is served its output as
+    o_proj (quantized since) on o_proj's recorded input, and the down_proj pass that output, both but on the
+    first batch, which checks them; the propagation needs no forward. (One more call: the first block's
+    trace of which linears share an input.)"""
     blocks, batches = 2, 3
     plain, theirs = count_attention_forwards(monkeypatch, reuse_passes=False)
     reused, ours = count_attention_forwards(monkeypatch, reuse_passes=True)
     assert plain == blocks * 5 * batches + 1
-    assert reused == blocks * (3 * batches + 1) + 1
+    assert reused == blocks * (2 * batches + 2) + 1
     assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
 
 
 def test_an_output_changed_in_place_after_it_was_recorded_is_not_served(monkeypatch):
-    """Attention that adds to its input after reading it changes input_layernorm's recorded output: served
-    to the next pass, it would feed attention a different input. The first batch's check sees the change
-    and every pass runs whole; the codes are those of the passes without reuse."""
+    """Attention that adds to its input after reading it changes input_layernorm's output after the gate/up
+    pass recorded it (on its first batch, which runs attention whole). The down_proj pass's check sees the
+    change and that pass runs whole; the codes are those of the passes without reuse."""
     blocks, batches = 2, 3
     plain, theirs = count_attention_forwards(monkeypatch, reuse_passes=False, mutate_input=True)
     reused, ours = count_attention_forwards(monkeypatch, reuse_passes=True, mutate_input=True)
-    assert reused == blocks * 4 * batches + 1  # the propagation still comes from the last pass
+    assert reused == blocks * (3 * batches + 1) + 1  # 2 * batches + 2 had the changed output been served
     assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
 
 
@@ -338,3 +345,14 @@ def test_reusing_passes_keep_the_codes_of_a_rotated_model_with_online_transforms
     assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
     for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_attention_that_changes_o_proj_output_in_place_is_not_served_as_o_proj(monkeypatch):
+    """Attention returns o_proj's output object, but doubled in place: o_proj on its recorded input is not
+    what attention gives, and the gate/up pass's check sees it (the output no longer equals o_proj's as it
+    returned it). That pass runs attention whole; the codes are those of the passes without reuse."""
+    blocks, batches = 2, 3
+    _, theirs = count_attention_forwards(monkeypatch, reuse_passes=False, double_output=True)
+    reused, ours = count_attention_forwards(monkeypatch, reuse_passes=True, double_output=True)
+    assert reused == blocks * (3 * batches + 1) + 1  # 2 * batches + 2 had attention been served as o_proj
+    assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
