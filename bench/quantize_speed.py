@@ -142,9 +142,7 @@ def compare_overlap(twin, ids, scheme, device, args, codes, model) -> dict:
                            hessian=args.hessian)
     seconds = time.perf_counter() - start
     os.environ["QUANTBENCH_PREFETCH"] = "1"
-    same_codes = all(torch.equal(plain[name].codes, codes[name].codes) for name in codes)
-    same_weights = all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), model.state_dict().values()))
-    return {"total_s": round(seconds, 2), "same_codes": same_codes, "same_weights": same_weights}
+    return {"total_s": round(seconds, 2), **agreement(plain, codes, twin, model)}
 
 
 def compare_reuse(twin, ids, scheme, device, args, codes, model) -> dict:
@@ -157,10 +155,14 @@ def compare_reuse(twin, ids, scheme, device, args, codes, model) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    same_codes = all(torch.equal(other[name].codes, codes[name].codes) for name in codes)
-    same_weights = all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), model.state_dict().values()))
-    return {"total_s": round(seconds, 2), "breakdown_s": timer.summary(), "same_codes": same_codes,
-            "same_weights": same_weights}
+    return {"total_s": round(seconds, 2), "breakdown_s": timer.summary(), **agreement(other, codes, twin, model)}
+
+
+def agreement(other: dict, codes: dict, twin, model) -> dict:
+    """Whether a second quantization gave the first one's codes, and left its model with the same weights."""
+    return {"same_codes": all(torch.equal(other[name].codes, codes[name].codes) for name in codes),
+            "same_weights": all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(),
+                                                                  model.state_dict().values()))}
 
 
 if __name__ == "__main__":

@@ -104,8 +104,7 @@ class PassCache:
         handles = []
         if self.record or check:
             handles += [layer.register_forward_pre_hook(lambda *_: reached.append(True)) for layer in self._layers]
-            handles += [self.modules[name].register_forward_hook(on_finish(name))
-                        for name in set(self._names) | (set(self.tails) if check else set())]
+            handles += [self.modules[name].register_forward_hook(on_finish(name)) for name in self._names]
         if self.record:
             handles += [layer.register_forward_pre_hook(on_layer_input(self.name_of[id(layer)]), prepend=True)
                         for layer in self._layers]
