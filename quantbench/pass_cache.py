@@ -13,6 +13,7 @@ recorded is kept only where it fits in half the memory free on its device.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 
 import torch
@@ -35,6 +36,10 @@ class PassCache:
         self.block, self.batches = block, batches
         self.modules = dict(block.named_modules())
         self.name_of = {id(module): name for name, module in self.modules.items()}
+        registered = Counter(id(module) for _, module in block.named_modules(remove_duplicate=False))
+        # a module registered under several parents (the activation every expert calls): its first call in
+        # one pass may come from another caller than in the next, so it is never recorded or served
+        self.shared = {self.name_of[key] for key, count in registered.items() if count > 1}
         self.served: list[dict[str, object]] = []  # what the previous pass recorded, by batch
         self.recorded: list[dict[str, object]] = []
         self.layer_inputs: list[dict[str, torch.Tensor]] = []  # the previous pass's layers' inputs, by batch
@@ -46,7 +51,7 @@ class PassCache:
 
     def next_pass(self, layers: list[nn.Module], record: bool) -> None:
         holding = {prefix for layer in layers for prefix in _prefixes(self.name_of[id(layer)])}  # the layers and above
-        self._names = [name for name in self.modules if name and name not in holding]
+        self._names = [name for name in self.modules if name and name not in holding and name not in self.shared]
         kept = set(self._names)  # a module holding one of this pass's layers must run, for its hooks
         self.served = [{name: out for name, out in outputs.items() if name in kept} for outputs in self.recorded]
         self.layer_inputs = self.recorded_inputs

@@ -356,3 +356,34 @@ def test_attention_that_changes_o_proj_output_in_place_is_not_served_as_o_proj(m
     reused, ours = count_attention_forwards(monkeypatch, reuse_passes=True, double_output=True)
     assert reused == blocks * (3 * batches + 1) + 1  # 2 * batches + 2 had attention been served as o_proj
     assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
+
+
+def test_a_module_the_experts_share_is_never_served_to_another_caller(monkeypatch):
+    """Every expert calls one shared activation module. With the first expert served as its down_proj (a
+    tail) and the others returning a copy (not served), the propagation's first act_fn call comes from
+    another expert than the call the last pass recorded: serving it would hand that expert the first's
+    activations (other tokens, another shape). Experts are routed their own tokens (no all-token statistics),
+    in several batches; the codes are those of the passes without reuse."""
+    import copy
+
+    from helpers import tiny_qwen3_moe
+
+    from quantbench.experts import Expert, StarvedExperts, expert_lists
+
+    def returning_a_copy(self, x):
+        gate, up, down = (getattr(self, name) for name in self.names)
+        out = down(self.act_fn(gate(x)) * up(x))
+        return out.clone() if getattr(self, "returns_copy", False) else out
+
+    monkeypatch.setattr(Expert, "forward", returning_a_copy)
+    model = tiny_qwen3_moe()
+    for block in decoder_blocks(model):
+        for experts in expert_lists(block):
+            for expert in list(experts)[1:]:
+                expert.returns_copy = True
+    twin = copy.deepcopy(model)
+    codes = [quantize_model(m, calibration_ids(), lambda _name: Scheme.parse("int4-g32-gptq"), CPU, batch_size=2,
+                            progress=False, experts=StarvedExperts(min_tokens=0), reuse_passes=reuse)
+             for m, reuse in ((model, True), (twin, False))]
+    assert codes[0].keys() == codes[1].keys()
+    assert all(torch.equal(codes[0][name].codes, codes[1][name].codes) for name in codes[0])
