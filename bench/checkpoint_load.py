@@ -62,7 +62,7 @@ def _status_mb(field: str) -> float:
 
 
 def load_in_fresh_process(tree: Path, args, kernels: bool) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])}
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(args.dir), "--device", args.device,
                "--dtype", args.dtype, *(["--kernels"] if kernels else [])]
     out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tree)

@@ -202,16 +202,22 @@ def quantize_model(model, label: str | None, device, fuse: bool = False, head: b
         fuse_packed_siblings(model)
 
 
+_written: set[tuple[Path, str, bool]] = set()
+
+
 def checkpoint_model(label: str, size: str, device, folder: Path, fuse: bool, head: bool):
-    """A checkpoint of random codes of `label` written under `folder`, then loaded onto `device` as a user
-    loads one: load_quantized(kernels=True), q/k/v and gate/up fused with `fuse`. Prints the load's time."""
+    """A checkpoint of random codes of `label` written under `folder` (once a run: the decode batches share
+    it), then loaded onto `device` as a user loads one: load_quantized(kernels=True), q/k/v and gate/up fused
+    with `fuse`. Prints the load's time."""
     from quantbench import load_quantized
     from random_models import write_random_checkpoint
 
     if label in LAYOUTS:
         raise SystemExit(f"--from-checkpoint: load_quantized does not build the layout of {label!r}")
     directory = folder / label.replace(" ", "-")
-    write_random_checkpoint(directory, size, VARIANTS[label], torch.float16, device, head=head)
+    if (directory, size, head) not in _written:
+        write_random_checkpoint(directory, size, VARIANTS[label], torch.float16, device, head=head)
+        _written.add((directory, size, head))
     torch.cuda.synchronize(device)
     started = time.perf_counter()
     model = load_quantized(directory, device, torch.float16, kernels=True, fuse=fuse)
