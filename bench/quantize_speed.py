@@ -81,6 +81,7 @@ def main() -> None:
     twin = copy.deepcopy(model) if args.compare_overlap or args.compare_reuse else None
     reuse = args.reuse_passes == "on"
     timer = StageTimer(device, fine=True)
+    peak_mb(device)  # from here: the quantization's own peak, not the model's build
     collections = garbage_collection_timer()
     start = time.perf_counter()
     starved = {}
@@ -90,6 +91,7 @@ def main() -> None:
         torch.cuda.synchronize(device)
     total = time.perf_counter() - start
     gc.callbacks.remove(collections)
+    peak = peak_mb(device)
     overlap = compare_overlap(twin, ids, scheme, device, args, codes, model) if args.compare_overlap else None
     switched = compare_reuse(twin, ids, scheme, device, args, codes, model) if args.compare_reuse else None
     breakdown = timer.summary()
@@ -110,8 +112,8 @@ def main() -> None:
         figures["starved_expert_layers"] = {action: sum(n["action"] == action for n in starved.values())
                                             for action in sorted({n["action"] for n in starved.values()})}
         figures["fewest_routed_tokens"] = min((n["routed_tokens"] for n in starved.values()), default=None)
-    if device.type == "cuda":
-        figures["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    if peak is not None:
+        figures["peak_cuda_mb"] = peak
     if overlap:
         figures["without_prefetch"] = overlap
     if switched:
@@ -131,6 +133,15 @@ def garbage_collection_timer():
     callback.seconds, callback.started = 0.0, 0.0
     gc.callbacks.append(callback)
     return callback
+
+
+def peak_mb(device) -> int | None:
+    """The GPU memory's peak since the last call (None on the CPU); the next run's peak starts from here."""
+    if device.type != "cuda":
+        return None
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def compare_overlap(twin, ids, scheme, device, args, codes, model) -> dict:
@@ -155,7 +166,8 @@ def compare_reuse(twin, ids, scheme, device, args, codes, model) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return {"total_s": round(seconds, 2), "breakdown_s": timer.summary(), **agreement(other, codes, twin, model)}
+    return {"total_s": round(seconds, 2), "breakdown_s": timer.summary(), "peak_cuda_mb": peak_mb(device),
+            **agreement(other, codes, twin, model)}
 
 
 def agreement(other: dict, codes: dict, twin, model) -> dict:
