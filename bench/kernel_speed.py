@@ -26,7 +26,6 @@ from torch._inductor import config as inductor_config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantbench.export.kernels import PackedLinear, packed_matmul, to_kernel_layout  # noqa: E402
-from quantbench.export.kernels import cuda_mma  # noqa: E402
 from quantbench.export.kernels.cuda_build import DEPENDENT_LAUNCH_ENV  # noqa: E402
 from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
 from quantbench.export.kernels.layout import KernelWeight, to_base3_layout  # noqa: E402
@@ -383,18 +382,12 @@ def main() -> None:
     parser.add_argument("--tiles", type=Path, help="tuned tiles read from and saved to this file (QUANTBENCH_KERNEL_TILES)")
     parser.add_argument("--engines", help="tile candidates from these engines only: triton, cuda, mma or a "
                                           "comma-separated list (QUANTBENCH_KERNEL_ENGINES)")
-    parser.add_argument("--mma-stagings", nargs="+", type=int, choices=cuda_mma.STAGINGS,
-                        help="tensor-core tiles only with these stagings (0: x from global memory, 1: x through "
-                             "shared-memory stages, 2: x and the words): an A/B of them in one version")
     args = parser.parse_args()
     if args.cache_length is not None and args.cache_length < cache_positions(args.prompt, args.new_tokens):
         parser.error(f"--cache-length {args.cache_length}: a run takes up to prompt + new tokens + 8 = "
                      f"{cache_positions(args.prompt, args.new_tokens)} positions")
     if args.engines:
         os.environ[ENGINES_ENV] = args.engines
-    if args.mma_stagings:
-        every_staging, kept = cuda_mma.staging_choices, set(args.mma_stagings)
-        cuda_mma.staging_choices = lambda rows: tuple(s for s in every_staging(rows) if s in kept)
     if args.tiles:
         os.environ[TILES_ENV] = str(args.tiles)
     if args.pdl:

@@ -630,12 +630,7 @@ def test_tensor_core_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_pe
     assert split_choices(8, down, 8, 8, 1, 132) == [1, 2, 4]
     assert split_choices(16, down, 16, 4, 4, 132) == [1, 8, 16]  # 32 blocks of 128 outputs: 8 splits fill
     assert split_choices(16, down, 16, 8, 1, 64) == [1]  # 128 blocks fill 64 processors already
-    assert split_choices(32, down, 32, 8, 1, 132) == [1]  # split-K is built for blocks of 8 and 16 rows,
-    # and for those whose words go through the stages: 128 blocks of 32 rows need 2 splits, 64 of 64 rows 4
-    assert split_choices(32, down, 32, 8, 1, 132, staged=2) == [1, 2, 4]
-    eight = SimpleNamespace(shape=(8192, 8192), per_word=8)
-    assert split_choices(64, eight, 64, 4, 4, 132, staged=2) == [1, 4, 8]
-    assert split_choices(64, eight, 64, 4, 4, 132, staged=1) == [1]
+    assert split_choices(32, down, 32, 8, 1, 132) == [1]  # split-K is built for blocks of 8 and 16 rows only
     # 8 k-steps, 8 warps along K: no split leaves each of them a slab of its own
     assert split_choices(1, SimpleNamespace(shape=(80, 256), per_word=8), 16, 8, 1, 132) == [1]
 
@@ -645,12 +640,12 @@ def test_tensor_core_capped_blocks_are_offered_for_32_rows_whose_warps_share_x_s
     from quantbench.export.kernels.matmul import _mma_candidates
 
     int4 = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
-    assert capped_choices(32, 4, 1, int4) == (False, True)
-    for rows, warps_n, staged in ((16, 4, 1), (64, 4, 1), (32, 2, 1), (32, 4, 0), (32, 4, 2)):
-        assert capped_choices(rows, warps_n, staged, int4) == (False,)
+    assert capped_choices(32, 4, True, int4) == (False, True)
+    for rows, warps_n, x_shared in ((16, 4, True), (64, 4, True), (32, 2, True), (32, 4, False)):
+        assert capped_choices(rows, warps_n, x_shared, int4) == (False,)
     # ternary's two planes of span sums spill under the cap; groups shorter than a k-step scale B instead
-    assert capped_choices(32, 4, 1, to_kernel_layout(WEIGHTS["ternary2-g64"])) == (False,)
-    assert capped_choices(32, 4, 1, to_kernel_layout(ternary_weight(16))) == (False, True)
+    assert capped_choices(32, 4, True, to_kernel_layout(WEIGHTS["ternary2-g64"])) == (False,)
+    assert capped_choices(32, 4, True, to_kernel_layout(ternary_weight(16))) == (False, True)
     with patch("quantbench.export.kernels.cuda_mma.unsupported_reason", return_value=None), \
             patch("quantbench.export.kernels.cuda_gemv.multiprocessors", return_value=132), \
             patch("quantbench.export.kernels.cuda_build.can_launch_dependent", return_value=False):
@@ -660,10 +655,6 @@ def test_tensor_core_capped_blocks_are_offered_for_32_rows_whose_warps_share_x_s
     assert {(t.rows, t.num_warps, t.block_n, t.num_stages) for t in capped} == {(32, 4, 128, 1), (32, 8, 128, 1)}
     assert {t.split_k for t in capped} == {1}
     assert len(tiles) == len(set(tiles))
-    # the words through the stages: 32 rows only (16 are built without them), split where blocks are few
-    staged = [t for t in tiles if t.num_stages == 2]
-    assert {t.rows for t in staged} == {32} and {t.rows for t in tiles} == {16, 32}
-    assert {t.split_k for t in staged if t.block_n == 128} == {1, 2, 4}  # 112 blocks of 128 outputs: 2 fill
 
 
 def test_column_blocks_are_offered_where_they_give_every_multiprocessor_one_or_two_blocks():
@@ -825,10 +816,7 @@ MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows
              "32 rows, capped, 4 warps side by side":
                  TileConfig(1, 128, 0, 1, 4, 1, rows=32, capped=True, engine="mma"),
              "32 rows, capped, 8 warps, 4 side by side":
-                 TileConfig(1, 128, 0, 1, 8, 1, rows=32, capped=True, engine="mma"),
-             "32 rows, x and words staged, 8 warps, 2 along the outputs":
-                 TileConfig(1, 64, 0, 1, 8, 2, rows=32, engine="mma"),
-             "64 rows, x and words staged, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 2, rows=64, engine="mma")}
+                 TileConfig(1, 128, 0, 1, 8, 1, rows=32, capped=True, engine="mma")}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
@@ -871,32 +859,30 @@ def test_tensor_core_kernel_scales_b_where_groups_are_shorter_than_a_k_step(stor
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
 @pytest.mark.parametrize("name", ["int4-g32-rtn", "int8-g32-sym-rtn", "int2-pc-rtn", "mxfp4-rtn", "nvfp4-rtn"])
-@pytest.mark.parametrize("staged", [0, 1, 2], ids=["x from global memory", "x through shared memory",
-                                                  "x and words through shared memory"])
-def test_tensor_core_kernel_handles_a_partial_slab_of_k_steps(name, staged):
+@pytest.mark.parametrize("x_shared", [0, 1], ids=["x from global memory", "x through shared memory"])
+def test_tensor_core_kernel_handles_a_partial_slab_of_k_steps(name, x_shared):
     """96 inputs: 3 k-steps of int4 (one slab of 4, partly empty), 1.5 of int2."""
     stored = quantize_rtn(torch.randn(OUT, ODD_INPUTS), Scheme.parse(name)).to("cuda")
     x = torch.randn(12, ODD_INPUTS, device="cuda").half()
     expected = x.float() @ stored.dequantize().T
-    tile = TileConfig(1, 64, 0, 1, 4, staged, rows=32 if staged == 2 else 16, engine="mma")
+    tile = TileConfig(1, 64, 0, 1, 4, x_shared, rows=16, engine="mma")
     got = packed_matmul(x, to_kernel_layout(stored), backend="mma", config=tile)
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
 @pytest.mark.parametrize(("label", "rows"), [("int4-g32 act_order", 8), ("int4-g32 act_order", 16),
-                                             ("ternary2-g64", 16), ("mxfp4-rtn", 8), ("nvfp4-rtn", 16),
-                                             ("int4-g128-rtn", 64), ("ternary2-g64", 32), ("mxfp4-rtn", 32)])
+                                             ("ternary2-g64", 16), ("mxfp4-rtn", 8), ("nvfp4-rtn", 16)])
 def test_tensor_core_split_k_sums_in_a_fixed_order_and_rearms_its_counts(label, rows):
     """Blocks along K, their float32 sums added in split order by the last to finish (as the CUDA-core
-    kernel's). 3 splits of 8 k-steps (whole slabs of 4) leave the third block none. Blocks of 32 and 64 rows
-    split only with their words staged; otherwise they have no split-K build: refused."""
+    kernel's). 3 splits of 8 k-steps (whole slabs of 4) leave the third block none. Taller blocks have no
+    split-K build: refused."""
     from quantbench.export.kernels import cuda_mma
 
     packed = to_kernel_layout(WEIGHTS[label].to("cuda"))
     x = torch.randn(12, IN, device="cuda").half()
-    for splits, staged in ((2, 1), (3, 0)):
-        tile = TileConfig(1, 64, 0, splits, 4, 2 if rows >= 32 else staged, rows=rows, engine="mma")
+    for splits, x_shared in ((2, 1), (3, 0)):
+        tile = TileConfig(1, 64, 0, splits, 4, x_shared, rows=rows, engine="mma")
         assert_split_k_sums_are_fixed_and_replay(x, packed, tile)
     with pytest.raises(ValueError, match="splits 2"):
         cuda_mma.launch(x, packed, 32, 4, 2, splits=2)
@@ -918,34 +904,10 @@ def test_tensor_core_capped_blocks_change_no_sum(label):
         capped = dataclasses.replace(tile, capped=True)
         assert torch.equal(packed_matmul(x, packed, backend="mma", config=capped), uncapped)
         assert_replay_equals(x, packed, capped, tile)
-    for rows, warps_n, staged, splits in ((16, 4, 1, 1), (64, 4, 1, 1), (32, 2, 1, 1), (32, 4, 0, 1), (32, 4, 2, 1),
-                                          (32, 4, 1, 2)):
+    for rows, warps_n, x_shared, splits in ((16, 4, True, 1), (64, 4, True, 1), (32, 2, True, 1), (32, 4, False, 1),
+                                            (32, 4, True, 2)):
         with pytest.raises(ValueError, match="capped True"):
-            cuda_mma.launch(x[:16], packed, rows, 4, warps_n, staged=staged, splits=splits, capped=True)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
-@pytest.mark.parametrize("label", ["int4-g32 act_order", "int4-g128-rtn", "ternary2-g16", "ternary2-g64", "mxfp4-rtn",
-                                   "nvfp4-rtn"])
-def test_tensor_core_words_through_the_stages_change_no_sum(label):
-    """Where a thread's words wait (registers a slab ahead, or its own shared-memory slots up to three slabs
-    ahead) changes no operation: bit-identical to x staged alone, on partial row blocks (27 and 40 rows) and in a
-    graph replay. Blocks of 8 and 16 rows have no such build: refused."""
-    from quantbench.export.kernels import cuda_mma
-
-    stored = ternary_weight(16) if label == "ternary2-g16" else WEIGHTS[label]
-    packed = to_kernel_layout(stored.to("cuda"))
-    for batch in (27, 40):
-        x = torch.randn(batch, IN, device="cuda").half()
-        for rows in cuda_mma.row_choices(packed)[2:]:
-            for warps, block_n in ((4, 128), (8, 64), (4, 32)):
-                tile = TileConfig(1, block_n, 0, 1, warps, 1, rows=rows, engine="mma")
-                staged = dataclasses.replace(tile, num_stages=2)
-                assert torch.equal(packed_matmul(x, packed, backend="mma", config=staged),
-                                   packed_matmul(x, packed, backend="mma", config=tile))
-        assert_replay_equals(x, packed, staged, tile)
-    with pytest.raises(ValueError, match="staged 2"):
-        cuda_mma.launch(x[:16], packed, 16, 4, 2, staged=2)
+            cuda_mma.launch(x[:16], packed, rows, 4, warps_n, x_shared=x_shared, splits=splits, capped=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
@@ -955,8 +917,8 @@ def test_tensor_core_split_k_handles_a_partial_slab_of_k_steps(name):
     stored = quantize_rtn(torch.randn(OUT, ODD_INPUTS), Scheme.parse(name)).to("cuda")
     x = torch.randn(12, ODD_INPUTS, device="cuda").half()
     expected = x.float() @ stored.dequantize().T
-    for staged, rows in ((0, 16), (1, 16), (2, 32)):
-        tile = TileConfig(1, 32, 0, 2, 4, staged, rows=rows, engine="mma")
+    for x_shared in (0, 1):
+        tile = TileConfig(1, 32, 0, 2, 4, x_shared, rows=16, engine="mma")
         got = packed_matmul(x, to_kernel_layout(stored), backend="mma", config=tile)
         torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 

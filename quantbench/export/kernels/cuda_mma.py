@@ -17,9 +17,7 @@ WARPS_N = (1, 2, 4)  # warps side by side along the outputs (32 each); the other
 MAX_ROWS = 64  # beyond this only the tl.dot kernel is tried
 SCALES_IN_B_ROWS = 64  # blocks this tall put the scales into B: no registers are left for span sums
 STEP_ROWS, SLAB = 4, 4  # word rows per k-step, k-steps per slab: split-K gives each block whole slabs
-SPLIT_ROWS = (8, 16)  # split-K is built for these blocks, and for those whose words go through the stages
-STAGINGS = (0, 1, 2)  # x from global memory, x through shared-memory stages, x and the words through them
-WORDS_STAGED_ROWS = (32, 64)  # staging 2 is built for these blocks only
+SPLIT_ROWS = (8, 16)  # split-K is built for these blocks only (taller ones never gained from it)
 CAPPED_ROWS, CAPPED_WARPS_N = (32,), 4  # capped blocks: registers capped at 128 so that 16 warps share a multiprocessor
 
 
@@ -41,27 +39,20 @@ def rows_for(m: int, weight: KernelWeight) -> int:
     return next((rows for rows in choices if m <= rows), choices[-1])
 
 
-def staging_choices(rows: int) -> tuple[int, ...]:
-    """x from global memory or through shared-memory stages; for 32- and 64-row blocks also x and the words."""
-    return STAGINGS if rows in WORDS_STAGED_ROWS else STAGINGS[:2]
-
-
-def capped_choices(rows: int, warps_n: int, staged: int, weight: KernelWeight) -> tuple[bool, ...]:
+def capped_choices(rows: int, warps_n: int, x_shared: bool, weight: KernelWeight) -> tuple[bool, ...]:
     """Whether to also try the registers capped at 128 a thread (16 warps a multiprocessor): for blocks of 32
-    rows whose 4 warps side by side share x's stages (staging 1), but not for ternary's two planes of span sums
-    (they, and 64-row blocks, spill under the cap)."""
+    rows whose 4 warps side by side share x's stages, but not for ternary's two planes of span sums (they, and
+    64-row blocks, spill under the cap)."""
     spills = weight.kind == "ternary" and WeightType.for_mma(weight).flush > 0
-    return (False, True) if rows in CAPPED_ROWS and warps_n == CAPPED_WARPS_N and staged == 1 and not spills \
-        else (False,)
+    return (False, True) if rows in CAPPED_ROWS and warps_n == CAPPED_WARPS_N and x_shared and not spills else (False,)
 
 
-def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: int, processors: int,
-                  staged: int = 0) -> list[int]:
-    """Splits of K worth timing: none; and for blocks of 8 or 16 rows, or whose words go through the stages
-    (staging 2), that leave multiprocessors without a block, the fewest splits that give each one and twice
-    that, while each of a block's groups of warps along K keeps a slab of its own in each split."""
+def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: int, processors: int) -> list[int]:
+    """Splits of K worth timing: none; and for blocks of 8 or 16 rows that leave multiprocessors without a
+    block, the fewest splits that give each one and twice that, while each of a block's groups of warps along K
+    keeps a slab of its own in each split."""
     blocks = -(-weight.shape[0] // (32 * warps_n)) * -(-m // rows)
-    if not splits_built(rows, staged) or blocks >= processors:
+    if rows not in SPLIT_ROWS or blocks >= processors:
         return [1]
     steps = -(-(weight.shape[1] // weight.per_word) // STEP_ROWS)
     most = max(1, steps // (warps // warps_n * SLAB))
@@ -69,31 +60,24 @@ def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: 
     return sorted({min(s, most) for s in (1, fill, 2 * fill)})
 
 
-def splits_built(rows: int, staged: int) -> bool:
-    return rows in SPLIT_ROWS or staged == 2
-
-
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
-           staged: int = 0, overlap_gather: bool = False, splits: int = 1, capped: bool = False) -> torch.Tensor:
-    """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `staged` 1: x through shared-memory
-    stages instead of from global memory at each k-step; 2 (32- and 64-row blocks): the words through the same
-    stages too, up to three slabs ahead, instead of into registers one ahead; `overlap_gather` (act_order,
-    where the device can): the kernel launched to start while the gather runs, else once it is done (whatever
-    dependent launch says for the gather itself); `splits`: blocks along K per block of outputs, whose float32
-    sums the last to finish adds in split order; `capped` (32 rows, 4 warps along the outputs, staged 1):
-    registers capped so that 16 warps share a multiprocessor."""
+           x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False) -> torch.Tensor:
+    """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `x_shared`: x through shared-memory
+    stages instead of from global memory at each k-step; `overlap_gather` (act_order, where the device can):
+    the kernel launched to start while the gather runs, else once it is done (whatever dependent launch says
+    for the gather itself); `splits`: blocks along K per block of outputs, whose float32 sums the last to
+    finish adds in split order; `capped` (32 rows, 4 warps along the outputs, x_shared): registers capped
+    so that 16 warps share a multiprocessor."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
     if (rows not in row_choices(weight) or warps not in WARPS or warps_n not in WARPS_N or warps_n > warps
-            or staged not in staging_choices(rows) or not 1 <= splits <= 65535
-            or (splits > 1 and not splits_built(rows, staged))
-            or capped not in capped_choices(rows, warps_n, staged, weight)):
-        raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, staged {staged}, splits {splits}, capped "
-                         f"{capped}: not among {row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ warps), "
-                         f"{STAGINGS} (2 only with {WORDS_STAGED_ROWS} rows), 1–65535 (beyond 1 only with "
-                         f"{SPLIT_ROWS} rows or staged 2); capped only with {CAPPED_ROWS} rows, warps_n "
-                         f"{CAPPED_WARPS_N} and staged 1 (not ternary span sums)")
+            or not 1 <= splits <= 65535 or (splits > 1 and rows not in SPLIT_ROWS)
+            or capped not in capped_choices(rows, warps_n, x_shared, weight)):
+        raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, splits {splits}, capped {capped}: not among "
+                         f"{row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ warps), 1–65535 (beyond 1 only "
+                         f"with {SPLIT_ROWS} rows); capped only with {CAPPED_ROWS} rows, warps_n {CAPPED_WARPS_N} and "
+                         f"x_shared (not ternary span sums)")
     weight_type = WeightType.for_mma(weight, scales_in_b=rows == SCALES_IN_B_ROWS)
     arch = cuda_build.device_arch(x.device)
     if x.data_ptr() % 16 or not x.is_contiguous():
@@ -110,7 +94,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
         out = torch.empty(m, n, dtype=torch.float16, device=x.device)
         partials, arrivals = cuda_build.split_workspace(x.device, splits, m, n) if splits > 1 else (None, None)
         error = cuda_build.entry_point(weight_type, arch)(
-            rows, warps, warps_n, staged, int(capped), splits, x.data_ptr(), weight.qweight.data_ptr(),
+            rows, warps, warps_n, int(x_shared), int(capped), splits, x.data_ptr(), weight.qweight.data_ptr(),
             weight.scales.data_ptr(), pointer(weight.zeros), out.data_ptr(), pointer(partials), pointer(arrivals),
             m, n, k, weight.n_groups, row_shift(weight), x.stride(0), 1.0 / weight.global_scale, dependent, stream)
     if error:

@@ -53,8 +53,7 @@ class TileConfig:
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
     # split_k blocks along K;
     # "mma": packed_mma.cu, `rows` rows of x per block, num_warps warps, block_n / 32 of them along the outputs,
-    # num_stages 1: x through shared-memory stages, 2: x and the words through them, 0: x from global memory,
-    # split_k blocks along K
+    # num_stages 1: x through shared-memory stages, 0: x from global memory, split_k blocks along K
 
 
 CUDA_DEFAULT = TileConfig(1, 32, 0, 1, 8, num_stages=0, engine="cuda")
@@ -113,7 +112,7 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         return out.view(*x.shape[:-1], n_out)
     if config.engine == "mma":  # gathers act_order before the kernel
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
-                              staged=config.num_stages, overlap_gather=config.overlap_gather,
+                              x_shared=config.num_stages > 0, overlap_gather=config.overlap_gather,
                               splits=config.split_k, capped=config.capped)
         return out.view(*x.shape[:-1], n_out)
     if x2.shape[0] > 1:  # a batch gathers act_order once; Triton's decode gathers in the kernel
@@ -188,17 +187,17 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
         return []
     # also 16-row blocks (beside 8: other registers and schedule; beside 32 and 64: more blocks, fewer
     # registers) and 32 beside 64 (span sums, which 64-row blocks have no registers for); x from global or
-    # shared memory, and for 32 and 64 rows the words through shared memory too
+    # shared memory
     # act_order: also with the kernel started while its gather runs (faster at some shapes, slower at others)
     m = x.shape[0]
     rows = sorted({cuda_mma.rows_for(m, weight), 16} | ({32} if m > 32 else set()))
     overlaps = (False, True) if weight.perm is not None and cuda_build.can_launch_dependent(x.device) else (False,)
     processors = cuda_gemv.multiprocessors(x.device)
-    return [TileConfig(1, 32 * warps_n, 0, splits, warps, staged, rows=r, overlap_gather=overlap, capped=capped,
+    return [TileConfig(1, 32 * warps_n, 0, splits, warps, x_shared, rows=r, overlap_gather=overlap, capped=capped,
                        engine="mma")
             for r in rows for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps
-            for staged in cuda_mma.staging_choices(r) for capped in cuda_mma.capped_choices(r, warps_n, staged, weight)
-            for splits in cuda_mma.split_choices(m, weight, r, warps, warps_n, processors, staged)
+            for x_shared in (0, 1) for capped in cuda_mma.capped_choices(r, warps_n, bool(x_shared), weight)
+            for splits in cuda_mma.split_choices(m, weight, r, warps, warps_n, processors)
             for overlap in overlaps]
 
 

@@ -18,13 +18,11 @@
 //
 // A block's WARPS warps cover WARPS_N × 32 outputs and split the k-steps among WARPS / WARPS_N of them in
 // slabs of 4, the next slab's words (and scale bits, where each k-step has its own) loading into registers
-// while one is decoded; their sums meet in shared memory. Split-K (8- and 16-row blocks, and STAGED 2) gives
-// each of gridDim.z blocks a run of whole slabs and adds their float32 sums as packed_gemv.cu does: the last
-// to arrive, in split order. x's pairs come from global memory (a slab ahead where two slabs of them fit in 64
-// registers), or (STAGED 1) from a ring of 2–3 shared-memory stages that the warps sharing a slab fill with
-// cp.async, one or two slabs ahead, so that no load of x waits on L2. STAGED 2 (32 and 64 rows) copies each
-// thread's words into the same ring of up to 4 stages, up to three slabs ahead: more of the weight in flight
-// than registers can hold where tall tiles leave few warps a multiprocessor. Rows of x: 8 (the upper half of each
+// while one is decoded; their sums meet in shared memory. Split-K (8- and 16-row blocks) gives each of
+// gridDim.z blocks a run of whole slabs and adds their float32 sums as packed_gemv.cu does: the last to
+// arrive, in split order. x's pairs come from global memory (a slab ahead where two slabs of them fit in 64
+// registers), or (X_SHARED) from a ring of 2–3 shared-memory stages that the warps sharing a slab fill with
+// cp.async, one or two slabs ahead, so that no load of x waits on L2. Rows of x: 8 (the upper half of each
 // m-tile idle), 16, 32, or 64 where the scales go into B (one decode of each weight for all 64 rows). Capped
 // blocks (32 rows, 4 warps side by side sharing x's stages) cap their registers at 128 so that 16 warps share a
 // multiprocessor.
@@ -44,35 +42,20 @@ constexpr int COLS = 8 * OUTS;  // outputs per warp
 constexpr int SLAB_INPUTS = SLAB * STEP_ROWS * PER;
 constexpr int X_ROW_BYTES = SLAB_INPUTS * 2 + 64;  // one row of x in a stage; the 64 bytes keep rows g and g + 1
                                                    // of a quarter warp's 16-byte reads on different banks
-constexpr size_t STAGE_BUDGET = 224 * 1024;  // per multiprocessor, for x's stages (stage_count)
+constexpr size_t STAGE_BUDGET = 224 * 1024;  // per multiprocessor: three stages a block where they fit, else two
 
 // CAPPED blocks (32 rows, x shared by 4 warps side by side) cap their registers at 128 a thread so
 // that 16 warps share a multiprocessor; others take what registers the compiler gives them. Shared memory is
-// budgeted for this many blocks a multiprocessor: the words staged (STAGED 2) take 130–180 registers a thread,
-// so 8 warps at most share one.
-template <int WARPS, bool CAPPED, int STAGED = 1>
-__host__ __device__ constexpr int blocks_sharing_memory() {
-  return CAPPED ? 16 / WARPS : STAGED == 2 ? 8 / WARPS : 2;
-}
-
-// STAGED 0: x from global memory, words into registers a slab ahead; 1: x through shared-memory stages;
-// 2: x and the words through the same stages, each thread's words of a slab in its own 16-byte slots.
-constexpr int WORD_SLOT_BYTES = 16;
+// budgeted for this many blocks a multiprocessor.
+template <int WARPS, bool CAPPED>
+__host__ __device__ constexpr int blocks_sharing_memory() { return CAPPED ? 16 / WARPS : 2; }
 
 template <int TILE_ROWS, int WARPS_K>
-__host__ __device__ constexpr size_t x_stage_bytes() { return static_cast<size_t>(WARPS_K) * TILE_ROWS * X_ROW_BYTES; }
+__host__ __device__ constexpr size_t stage_bytes() { return static_cast<size_t>(WARPS_K) * TILE_ROWS * X_ROW_BYTES; }
 
-template <int TILE_ROWS, int WARPS, int WARPS_N, int STAGED>
-__host__ __device__ constexpr size_t stage_bytes() {
-  return x_stage_bytes<TILE_ROWS, WARPS / WARPS_N>() + (STAGED == 2 ? SLAB * WARPS * 32 * WORD_SLOT_BYTES : 0);
-}
-
-// Stages a block: three where they fit its share of the budget, else two; four where the words go through them
-// too (they keep the weights' loads three slabs ahead).
-template <int TILE_ROWS, int WARPS, int WARPS_N, int STAGED, int BLOCKS>
-__host__ __device__ constexpr int stage_count() {
-  constexpr size_t share = STAGE_BUDGET / BLOCKS, bytes = stage_bytes<TILE_ROWS, WARPS, WARPS_N, STAGED>();
-  return STAGED == 2 && 4 * bytes <= share ? 4 : 3 * bytes <= share ? 3 : 2;
+template <int TILE_ROWS, int WARPS_K, int BLOCKS>
+__host__ __device__ constexpr int x_stages() {
+  return 3 * stage_bytes<TILE_ROWS, WARPS_K>() <= STAGE_BUDGET / BLOCKS ? 3 : 2;
 }
 
 // cp.async of one slab's inputs of the block's ROWS rows of x into a stage (zeros past K or M), by the
@@ -100,7 +83,7 @@ struct XCopier {
     rows_inside = rows_left > 0 ? (rows_left + ROW_STEP - 1) / ROW_STEP : 0;
   }
 
-  __device__ __forceinline__ void copy(unsigned char* stage, int step0) const {  // commit_copies() after
+  __device__ __forceinline__ void copy(unsigned char* stage, int step0) const {
     const int k0 = step0 * STEP_ROWS * PER;
     const int live = k0 + column < K ? rows_inside : 0;  // copies that read x; the others copy no byte
     const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(stage)) + target;
@@ -112,45 +95,9 @@ struct XCopier {
                    :: "r"(base + i * ROW_STEP * X_ROW_BYTES), "l"(source), "r"(i < live ? 16 : 0));
       source += row_stride;
     }
+    asm volatile("cp.async.commit_group;");
   }
 };
-
-// The copies issued since the last commit become one group, which cp.async.wait_group counts.
-__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;"); }
-
-// STAGED 2: cp.async of this thread's words of one slab into its slots of a stage (slot i of thread h at
-// (i · THREADS + h) · 16 bytes: a quarter warp's 16-byte reads on distinct banks); past the last row or output
-// it copies no byte. As XCopier, the source is set once and each slab only moves it along K.
-template <int THREADS>
-struct WordCopier {
-  const uint32_t *w, *first;  // the weight (a copy of no byte reads there), and its word row t, 4 outputs
-  size_t step_stride;         // one k-step: STEP_ROWS word rows
-  int t, rows_end;
-  bool active;
-
-  __device__ __forceinline__ WordCopier(const uint32_t* w_, int N, int n0, int t_, int rows_end_, bool active_)
-      : w(w_), first(w_ + static_cast<size_t>(t_) * N + n0), step_stride(static_cast<size_t>(STEP_ROWS) * N),
-        t(t_), rows_end(rows_end_), active(active_) {}
-
-  __device__ __forceinline__ void copy(unsigned char* words_stage, int step0) const {  // commit_copies() after
-    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(words_stage)) + threadIdx.x * WORD_SLOT_BYTES;
-    const uint32_t* source = first + step0 * step_stride;
-    const int live = active ? (rows_end - (step0 * STEP_ROWS + t) + STEP_ROWS - 1) / STEP_ROWS : 0;  // copies inside
-#pragma unroll
-    for (int i = 0; i < SLAB; ++i) {
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                   :: "r"(base + i * THREADS * WORD_SLOT_BYTES), "l"(i < live ? source : w), "r"(i < live ? 16 : 0));
-      source += step_stride;
-    }
-  }
-};
-
-template <int THREADS>
-__device__ __forceinline__ void read_slab_words(uint4 (&words)[SLAB], const unsigned char* words_stage) {
-#pragma unroll
-  for (int i = 0; i < SLAB; ++i)
-    words[i] = *reinterpret_cast<const uint4*>(words_stage + (i * THREADS + threadIdx.x) * WORD_SLOT_BYTES);
-}
 
 // The WARPS_N warps that share a slab meet (named barrier 1 + warp_k; 0 is __syncthreads').
 template <int WARPS_N>
@@ -337,7 +284,7 @@ __device__ __forceinline__ void load_inputs(const half* __restrict__ x, int j, i
 }
 
 // SPLIT: blocks along K (gridDim.z of them), built apart so that one split keeps the plain kernel's code.
-template <int ROWS, int WARPS, int WARPS_N, int STAGED, bool SPLIT, bool CAPPED>
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED>
 __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WARPS, true>() : 0) packed_mma(
     const half* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ scales_,
     const uint8_t* __restrict__ zeros, half* __restrict__ out, int M, int N, int K, int n_groups, int row_shift,
@@ -347,15 +294,13 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
   constexpr int WARPS_K = WARPS / WARPS_N;
   constexpr int TILE_ROWS = 16 * TILES_M;
   constexpr int HALVES = UPPER ? 2 : 1;
-  constexpr bool X_SHARED = STAGED > 0, W_STAGED = STAGED == 2;
   // A slab's inputs take SLAB · TILES_M · HALVES · PER / 2 registers: loaded with the next slab's words
   // where two slabs' fit in 64 (2), at the start of their slab where one fits (1), else step by step (0).
   // X_SHARED: step by step from the stage (0).
   constexpr int X_REGISTERS = SLAB * TILES_M * HALVES * PER / 2;
   constexpr int X_AHEAD = X_SHARED ? 0 : X_REGISTERS <= 32 ? 2 : X_REGISTERS <= 64 ? 1 : 0;
-  constexpr int BLOCKS = blocks_sharing_memory<WARPS, CAPPED, STAGED>();
-  constexpr int STAGES = stage_count<TILE_ROWS, WARPS, WARPS_N, STAGED, BLOCKS>();
-  static_assert(!CAPPED || (STAGED == 1 && ROWS == 32 && WARPS_N == 4), "capped: 32 rows, x shared side by side");
+  constexpr int STAGES = x_stages<TILE_ROWS, WARPS_K, blocks_sharing_memory<WARPS, CAPPED>()>();
+  static_assert(!CAPPED || (X_SHARED && ROWS == 32 && WARPS_N == 4), "capped: 32 rows, x shared side by side");
   static_assert(!ON_SUMS || ROWS <= 32, "64 rows of sums and span sums do not fit the registers: scales go into B");
   extern __shared__ __align__(16) unsigned char shared[];  // X_SHARED: the stages; then the warps' partial sums
   auto partial = reinterpret_cast<float (*)[TILE_ROWS][COLS]>(shared);
@@ -382,27 +327,16 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][o][e] = 0.f;
 
-  constexpr size_t STAGE_STRIDE = stage_bytes<TILE_ROWS, WARPS, WARPS_N, STAGED>();
-  unsigned char* const stages = shared + static_cast<size_t>(warp_k) * TILE_ROWS * X_ROW_BYTES;  // this group's
-  unsigned char* const word_stages = shared + x_stage_bytes<TILE_ROWS, WARPS_K>();  // W_STAGED: every thread's
-  // the words before x, which may still be being written: into registers, or the first stages' slots
   uint4 next[SLAB];
-  const WordCopier<WARPS * 32> word_copier(w, N, n0, t, rows_end, active);
-  if constexpr (W_STAGED) {
+  load_slab(next, w, step_begin + warp_k * SLAB, rows_end, N, n0, t, active);  // before x: it may still be being written
+  wait_for_previous_kernel();
+  unsigned char* const stages = shared + static_cast<size_t>(warp_k) * TILE_ROWS * X_ROW_BYTES;  // this group's
+  constexpr size_t STAGE_STRIDE = stage_bytes<TILE_ROWS, WARPS_K>();
+  const XCopier<ROWS, 32 * WARPS_N> x_copier(x, m0, M, K, stride_x, warp_n * 32 + lane);
+  if constexpr (X_SHARED) {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
-      word_copier.copy(word_stages + s * STAGE_STRIDE, step_begin + warp_k * SLAB + s * WARPS_K * SLAB);
-  } else {
-    load_slab(next, w, step_begin + warp_k * SLAB, rows_end, N, n0, t, active);
-  }
-  wait_for_previous_kernel();
-  const XCopier<ROWS, 32 * WARPS_N> x_copier(x, m0, M, K, stride_x, warp_n * 32 + lane);
-  if constexpr (X_SHARED) {  // one commit group a stage (the first also holds the later stages' words)
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
       x_copier.copy(stages + s * STAGE_STRIDE, step_begin + warp_k * SLAB + s * WARPS_K * SLAB);
-      commit_copies();
-    }
   }
   uint32_t next_inputs[X_AHEAD == 2 ? SLAB : 1][TILES_M][HALVES][PER / 2];
   if constexpr (X_AHEAD == 2) {
@@ -429,21 +363,15 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
   float sums[PLANES][TILES_M][OUTS][4];  // ON_SUMS: the current span's sums, scaled into acc at its end
   for (int step0 = step_begin + warp_k * SLAB, it = 0; step0 < step_end; step0 += WARPS_K * SLAB, ++it) {
     const unsigned char* stage = stages + (it % STAGES) * STAGE_STRIDE;
-    uint4 words[SLAB];
     if constexpr (X_SHARED) {  // this slab's stage landed; the one consumed last round takes slab it + STAGES − 1
       asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory");
       group_barrier<WARPS_N>(warp_k);
-      if constexpr (W_STAGED) read_slab_words<WARPS * 32>(words, word_stages + (it % STAGES) * STAGE_STRIDE);
-      const int refill = (it + STAGES - 1) % STAGES, ahead = step0 + (STAGES - 1) * WARPS_K * SLAB;
-      x_copier.copy(stages + refill * STAGE_STRIDE, ahead);
-      if constexpr (W_STAGED) word_copier.copy(word_stages + refill * STAGE_STRIDE, ahead);
-      commit_copies();
+      x_copier.copy(stages + ((it + STAGES - 1) % STAGES) * STAGE_STRIDE, step0 + (STAGES - 1) * WARPS_K * SLAB);
     }
-    if constexpr (!W_STAGED) {
+    uint4 words[SLAB];
 #pragma unroll
-      for (int i = 0; i < SLAB; ++i) words[i] = next[i];
-      load_slab(next, w, step0 + WARPS_K * SLAB, rows_end, N, n0, t, active);
-    }
+    for (int i = 0; i < SLAB; ++i) words[i] = next[i];
+    load_slab(next, w, step0 + WARPS_K * SLAB, rows_end, N, n0, t, active);
     ScaleBits bits[SCALE_LOADS];
     if constexpr (SCALES_AHEAD) {
 #pragma unroll
@@ -581,16 +509,16 @@ struct Call {
   cudaStream_t stream;
 };
 
-template <int ROWS, int WARPS, int WARPS_N, int STAGED, bool SPLIT, bool CAPPED>
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED>
 cudaError_t launch(const Call& c) {
   constexpr int TILE_ROWS = ROWS <= 16 ? 16 : ROWS;
+  constexpr int WARPS_K = WARPS / WARPS_N;
   const size_t partial = sizeof(float) * WARPS * TILE_ROWS * COLS;
-  constexpr int BLOCKS = blocks_sharing_memory<WARPS, CAPPED, STAGED>();
-  const size_t staged = STAGED ? stage_count<TILE_ROWS, WARPS, WARPS_N, STAGED, BLOCKS>() *
-                                     stage_bytes<TILE_ROWS, WARPS, WARPS_N, STAGED>() : 0;
+  constexpr int BLOCKS = blocks_sharing_memory<WARPS, CAPPED>();
+  const size_t staged = X_SHARED ? x_stages<TILE_ROWS, WARPS_K, BLOCKS>() * stage_bytes<TILE_ROWS, WARPS_K>() : 0;
   const size_t shared = staged > partial ? staged : partial;
-  auto kernel = packed_mma<ROWS, WARPS, WARPS_N, STAGED, SPLIT, CAPPED>;
-  const cudaError_t error = allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, STAGED, SPLIT, CAPPED>>(shared);
+  auto kernel = packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED>;
+  const cudaError_t error = allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED>>(shared);
   if (error != cudaSuccess) return error;
   const dim3 grid((c.N + WARPS_N * COLS - 1) / (WARPS_N * COLS), (c.M + ROWS - 1) / ROWS, c.splits);
   return launch_after(kernel, grid, WARPS * 32, shared, c.stream, c.dependent,
@@ -599,58 +527,48 @@ cudaError_t launch(const Call& c) {
       static_cast<float*>(c.partials), static_cast<int*>(c.arrivals));
 }
 
-// Words through the stages (STAGED 2) are built for blocks of 32 and 64 rows, split-K for them and for blocks
-// of 8 and 16 rows: beyond those the tuner never chose a split (capped blocks included).
-template <int ROWS, int STAGED>
-constexpr bool built() { return STAGED < 2 || ROWS >= 32; }
-
-template <int ROWS, int STAGED>
-constexpr bool split_built() { return ROWS <= 16 || STAGED == 2; }
-
-template <int ROWS, int WARPS, int WARPS_N, int STAGED>
+// Split-K is built for the blocks of 8 and 16 rows only: beyond them the tuner never chose it (capped blocks
+// included).
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
 cudaError_t by_split(const Call& c) {
-  if constexpr (!built<ROWS, STAGED>()) {
-    return cudaErrorInvalidValue;
-  } else {
-    if (c.capped) {
-      if constexpr (STAGED == 1 && ROWS == 32 && WARPS_N == 4 && !(ON_SUMS && PLANES == 2)) {  // ternary's spill
-        if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, STAGED, false, true>(c);
-      }
-      return cudaErrorInvalidValue;
+  if (c.capped) {
+    if constexpr (X_SHARED && ROWS == 32 && WARPS_N == 4 && !(ON_SUMS && PLANES == 2)) {  // ternary's sums spill
+      if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, true>(c);
     }
-    if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, STAGED, false, false>(c);
-    if constexpr (split_built<ROWS, STAGED>()) return launch<ROWS, WARPS, WARPS_N, STAGED, true, false>(c);
     return cudaErrorInvalidValue;
   }
+  if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false>(c);
+  if constexpr (ROWS <= 16) return launch<ROWS, WARPS, WARPS_N, X_SHARED, true, false>(c);
+  return cudaErrorInvalidValue;
 }
 
-template <int ROWS, int WARPS, int STAGED>
+template <int ROWS, int WARPS, bool X_SHARED>
 cudaError_t by_warps_n(int warps_n, const Call& c) {
   switch (warps_n) {
-    case 1: return by_split<ROWS, WARPS, 1, STAGED>(c);
-    case 2: return by_split<ROWS, WARPS, 2, STAGED>(c);
-    case 4: return by_split<ROWS, WARPS, 4, STAGED>(c);
+    case 1: return by_split<ROWS, WARPS, 1, X_SHARED>(c);
+    case 2: return by_split<ROWS, WARPS, 2, X_SHARED>(c);
+    case 4: return by_split<ROWS, WARPS, 4, X_SHARED>(c);
   }
   return cudaErrorInvalidValue;
 }
 
-template <int ROWS, int STAGED>
+template <int ROWS, bool X_SHARED>
 cudaError_t by_warps(int warps, int warps_n, const Call& c) {
   switch (warps) {
-    case 4: return by_warps_n<ROWS, 4, STAGED>(warps_n, c);
-    case 8: return by_warps_n<ROWS, 8, STAGED>(warps_n, c);
+    case 4: return by_warps_n<ROWS, 4, X_SHARED>(warps_n, c);
+    case 8: return by_warps_n<ROWS, 8, X_SHARED>(warps_n, c);
   }
   return cudaErrorInvalidValue;
 }
 
-template <int STAGED>
+template <bool X_SHARED>
 cudaError_t by_rows(int rows, int warps, int warps_n, const Call& c) {
   switch (rows) {
-    case 8: return by_warps<8, STAGED>(warps, warps_n, c);
-    case 16: return by_warps<16, STAGED>(warps, warps_n, c);
-    case 32: return by_warps<32, STAGED>(warps, warps_n, c);
+    case 8: return by_warps<8, X_SHARED>(warps, warps_n, c);
+    case 16: return by_warps<16, X_SHARED>(warps, warps_n, c);
+    case 32: return by_warps<32, X_SHARED>(warps, warps_n, c);
     case 64:
-      if constexpr (!ON_SUMS) return by_warps<64, STAGED>(warps, warps_n, c);
+      if constexpr (!ON_SUMS) return by_warps<64, X_SHARED>(warps, warps_n, c);
   }
   return cudaErrorInvalidValue;
 }
@@ -682,26 +600,20 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
 }  // namespace
 
 // Returns a cudaError_t (0: launched). rows_per_block 8, 16, 32, or 64 where the scales go into B (SPAN 0);
-// warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; staged 1: x through shared-memory stages, 2: x and
-// the words through them (32 and 64 rows), 0: neither (staged: K a multiple of 8); capped (32 rows, staged 1,
-// warps_n 4): registers capped so that 16 warps share a multiprocessor; splits > 1 (8 or 16 rows, or staged 2):
-// blocks along K, `partials` holding splits · M · N floats and `arrivals` one zeroed int per block of outputs
-// (packed_gemv.cu's workspace). x [M, K] float16 in the stored input order, rows 16-byte aligned. dependent:
-// launched to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
-extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int staged, int capped, int splits,
+// warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
+// (K a multiple of 8); capped (32 rows, x_shared, warps_n 4): registers capped so that 16 warps share a
+// multiprocessor; splits > 1 (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
+// floats and `arrivals` one zeroed int per block of outputs (packed_gemv.cu's workspace). x [M, K] float16 in the stored input order, rows 16-byte aligned. dependent: launched
+// to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
+extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, int capped, int splits,
                                      const void* x, const void* w, const void* scales, const void* zeros, void* out,
                                      void* partials, void* arrivals, int M, int N, int K, int n_groups, int row_shift,
                                      int stride_x, float inverse_global_scale, int dependent, void* stream) {
   if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
   const Call c{x, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
                inverse_global_scale, capped != 0, dependent != 0, static_cast<cudaStream_t>(stream)};
-  if (staged && K % 8) return cudaErrorInvalidValue;
-  switch (staged) {
-    case 0: return by_rows<0>(rows_per_block, warps, warps_n, c);
-    case 1: return by_rows<1>(rows_per_block, warps, warps_n, c);
-    case 2: return by_rows<2>(rows_per_block, warps, warps_n, c);
-  }
-  return cudaErrorInvalidValue;
+  if (x_shared) return K % 8 ? cudaErrorInvalidValue : by_rows<true>(rows_per_block, warps, warps_n, c);
+  return by_rows<false>(rows_per_block, warps, warps_n, c);
 }
 
 // x [M, K] float16 (rows stride_x apart) → out [M, K] contiguous in the stored input order (K a multiple of 8).
