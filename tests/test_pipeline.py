@@ -1,7 +1,7 @@
 import pytest
 import torch
-from helpers import (FAMILY_BUILDERS, tiny_deepseek_v3, tiny_gemma2, tiny_gemma3_text, tiny_gpt_neox, tiny_llama,
-                     tiny_opt, tiny_phi3)
+from helpers import (FAMILY_BUILDERS, MOE_BUILDERS, tiny_deepseek_v3, tiny_gemma2, tiny_gemma3_text, tiny_gpt_neox,
+                     tiny_llama, tiny_opt, tiny_phi3)
 
 from quantbench.calibration.stats import LayerStats, collect_stats, input_sharing
 from quantbench.errors import QuantbenchError
@@ -358,15 +358,16 @@ def test_attention_that_changes_o_proj_output_in_place_is_not_served_as_o_proj(m
     assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
 
 
-def test_a_module_the_experts_share_is_never_served_to_another_caller(monkeypatch):
+@pytest.mark.parametrize("copies", [True, False], ids=["other experts return a copy", "every expert a tail"])
+@pytest.mark.parametrize("family", MOE_BUILDERS)
+def test_a_module_the_experts_share_is_never_served_to_another_caller(monkeypatch, family, copies):
     """Every expert calls one shared activation module. With the first expert served as its down_proj (a
     tail) and the others returning a copy (not served), the propagation's first act_fn call comes from
     another expert than the call the last pass recorded: serving it would hand that expert the first's
     activations (other tokens, another shape). Experts are routed their own tokens (no all-token statistics),
-    in several batches; the codes are those of the passes without reuse."""
+    in several batches; the codes are those of the passes without reuse, in every MoE family, also where
+    every expert is a tail."""
     import copy
-
-    from helpers import tiny_qwen3_moe
 
     from quantbench.experts import Expert, StarvedExperts, expert_lists
 
@@ -376,11 +377,11 @@ def test_a_module_the_experts_share_is_never_served_to_another_caller(monkeypatc
         return out.clone() if getattr(self, "returns_copy", False) else out
 
     monkeypatch.setattr(Expert, "forward", returning_a_copy)
-    model = tiny_qwen3_moe()
+    model = MOE_BUILDERS[family]()
     for block in decoder_blocks(model):
         for experts in expert_lists(block):
             for expert in list(experts)[1:]:
-                expert.returns_copy = True
+                expert.returns_copy = copies
     twin = copy.deepcopy(model)
     codes = [quantize_model(m, calibration_ids(), lambda _name: Scheme.parse("int4-g32-gptq"), CPU, batch_size=2,
                             progress=False, experts=StarvedExperts(min_tokens=0), reuse_passes=reuse)
