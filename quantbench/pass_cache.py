@@ -27,7 +27,8 @@ class PassCache:
     record)` sets up a pass over `layers` (the linears it calibrates; `record`: whether a pass follows);
     `run(batch, forward)` runs one batch of it.
 
-    A pass also records its layers' inputs. A submodule whose output is one of those layers' output (Llama's
+    A pass also records its layers' inputs, but for layers whose parent returned something else on the first
+    batch (an expert's gate and up). A submodule whose output is one of those layers' output (Llama's
     self_attn returns o_proj's) is then served that layer, quantized since, on the recorded input: its
     "tail". The first batch checks that the submodule returns the layer's output object, unchanged, and that
     the layer's input is the recorded one."""
@@ -48,6 +49,7 @@ class PassCache:
         self.record = self.serving = False
         self._layers: list[nn.Module] = []
         self._names: list[str] = []
+        self._no_tail: set[str] = set()  # this pass's layers whose input no submodule can be served on
 
     def next_pass(self, layers: list[nn.Module], record: bool) -> None:
         holding = {prefix for layer in layers for prefix in _prefixes(self.name_of[id(layer)])}  # the layers and above
@@ -57,7 +59,7 @@ class PassCache:
         self.layer_inputs = self.recorded_inputs
         self.tails = {prefix: (layer, None) for layer in (self.layer_inputs[0] if self.layer_inputs else {})
                       for prefix in _prefixes(layer)[:-1] if prefix in kept}  # candidates, checked on batch 0
-        self.recorded, self.recorded_inputs, self._layers = [], [], layers
+        self.recorded, self.recorded_inputs, self._layers, self._no_tail = [], [], layers, set()
         self.record, self.serving = record, bool(self.served)
 
     def clear(self) -> None:
@@ -94,7 +96,15 @@ class PassCache:
 
         def on_layer_input(name: str):
             def hook(_module, args) -> None:
-                inputs.setdefault(name, args[0])
+                if name not in self._no_tail:
+                    inputs.setdefault(name, args[0])
+            return hook
+
+        returned: dict[str, object] = {}  # on the first recorded batch: layers' and their parents' first outputs
+
+        def on_return(name: str):
+            def hook(_module, _args, output) -> None:
+                returned.setdefault(name, output)
             return hook
 
         def on_tail_layer(name: str):
@@ -113,6 +123,9 @@ class PassCache:
         if self.record:
             handles += [layer.register_forward_pre_hook(on_layer_input(self.name_of[id(layer)]), prepend=True)
                         for layer in self._layers]
+        if self.record and batch == 0:
+            for name in {n for layer in self._layers for n in _layer_and_parent(self.name_of[id(layer)])}:
+                handles.append(self.modules[name].register_forward_hook(on_return(name)))
         if check:
             for layer in {layer for layer, _ in self.tails.values()}:
                 before, after = on_tail_layer(layer)
@@ -143,6 +156,9 @@ class PassCache:
                 if not self.serving:
                     self.tails, self.layer_inputs = {}, []
             if self.record:
+                if batch == 0:
+                    self._no_tail = _never_tails(inputs, returned)
+                    inputs = {name: x for name, x in inputs.items() if name not in self._no_tail}
                 self.recorded.append(_outermost({name: out for name, out in finished.items() if name not in again}))
                 self.recorded_inputs.append(inputs)
                 if batch == 0 and not self._fits([self.recorded[0], inputs]):
@@ -199,6 +215,25 @@ def _checked_tails(candidates: dict[str, tuple], outputs: dict[str, object], lay
                 and _same(x, recorded_inputs[layer])):
             checked[name] = (layer, rest)
     return checked
+
+
+def _never_tails(inputs: dict[str, torch.Tensor], returned: dict[str, object]) -> set[str]:
+    """The layers whose parent returned, and not the layer's output object (alone or first): no submodule
+    above them returns it, so the next pass serves nothing on their input (an expert's gate and up; the
+    experts' inputs are the routed tokens' hidden states, k copies of the block's)."""
+    never = set()
+    for layer in inputs:
+        _, parent = _layer_and_parent(layer)
+        if layer in returned and parent in returned:
+            output = returned[parent]
+            first = output[0] if isinstance(output, tuple) and output else output
+            if first is not returned[layer]:
+                never.add(layer)
+    return never
+
+
+def _layer_and_parent(name: str) -> tuple[str, str]:
+    return name, name.rpartition(".")[0]
 
 
 def _prefixes(name: str) -> list[str]:

@@ -388,3 +388,25 @@ def test_a_module_the_experts_share_is_never_served_to_another_caller(monkeypatc
              for m, reuse in ((model, True), (twin, False))]
     assert codes[0].keys() == codes[1].keys()
     assert all(torch.equal(codes[0][name].codes, codes[1][name].codes) for name in codes[0])
+
+
+@pytest.mark.parametrize("family", MOE_BUILDERS)
+def test_a_pass_keeps_no_input_that_no_submodule_can_be_served_on(monkeypatch, family):
+    """An expert returns its down_proj's output, not gate's or up's: the gate/up pass keeps none of their
+    inputs (the routed tokens' hidden states, k copies of the block's) for the next pass, only down_proj's
+    pass keeps its layers' inputs (the experts served as their down_proj)."""
+    from quantbench import pass_cache
+    from quantbench.experts import DEFAULT_PROJECTION_NAMES, PROJECTION_NAMES, StarvedExperts
+
+    kept = []
+    own_next_pass = pass_cache.PassCache.next_pass
+
+    def next_pass(self, layers, record):
+        kept.extend(name for inputs in self.recorded_inputs for name in inputs)
+        return own_next_pass(self, layers, record)
+
+    monkeypatch.setattr(pass_cache.PassCache, "next_pass", next_pass)
+    quantize_model(MOE_BUILDERS[family](), calibration_ids(), lambda _name: Scheme.parse("int4-g32-gptq"), CPU,
+                   batch_size=2, progress=False, experts=StarvedExperts(min_tokens=0))
+    down = PROJECTION_NAMES.get(family, DEFAULT_PROJECTION_NAMES)[2]
+    assert {name.rsplit(".", 1)[-1] for name in kept if ".experts." in name} == {down}
