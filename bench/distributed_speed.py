@@ -36,9 +36,7 @@ def worker(args) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = (build_random_llama_on(args.random, dtype, device, args.layers).to("cpu") if device.type == "cuda"
-             else build_random_llama(args.random, dtype))
-    if args.layers and device.type != "cuda":
-        del model.model.layers[args.layers:]
+             else build_random_llama(args.random, dtype, layers=args.layers))
     torch.cuda.empty_cache() if device.type == "cuda" else None
     ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seqlen),
                         generator=torch.Generator().manual_seed(0))

@@ -60,7 +60,8 @@ def main() -> None:
     scheme = Scheme.parse(args.scheme)
     if args.random:  # built on the device when it is a GPU (seconds, not minutes), then kept on the host
         model = (build_random_llama_on(args.random, dtype, device, args.layers).to("cpu")
-                 if device.type == "cuda" or args.random in MOE_SIZES else build_random_llama(args.random, dtype))
+                 if device.type == "cuda" or args.random in MOE_SIZES else
+                 build_random_llama(args.random, dtype, layers=args.layers))
         torch.cuda.empty_cache() if device.type == "cuda" else None
         ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seqlen),
                             generator=torch.Generator().manual_seed(0))

@@ -28,12 +28,13 @@ MOE_SIZES = {  # Qwen3-30B-A3B: 48 blocks of 128 experts, 8 routed per token
 }
 
 
-def build_random_llama(size: str, dtype: torch.dtype, seed: int = 0):
-    """Built on CPU in `dtype` the way from_pretrained builds a model (rotary buffers stay float32)."""
+def build_random_llama(size: str, dtype: torch.dtype, seed: int = 0, layers: int | None = None):
+    """Built on CPU in `dtype` the way from_pretrained builds a model (rotary buffers stay float32), optionally
+    with only the first `layers` decoder blocks."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    dims = {"tie_word_embeddings": False, **SIZES[size]}
+    dims = {"tie_word_embeddings": False, **SIZES[size], **({} if layers is None else {"num_hidden_layers": layers})}
     config = LlamaConfig(**dims, max_position_embeddings=8192)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
