@@ -158,3 +158,83 @@ def test_table_files_round_trip(measured, tmp_path):
     assert set(loaded.meta["seconds"]) == {"candidates", "trace", "eigenvalue", "kl"}
     lines = csv_path.read_text().splitlines()
     assert len(lines) == 1 + len(table.errors) and "cost_kfac" in lines[0]
+
+
+def block_output_costs(build, reuse_probes: bool):
+    """block_output costs of every (layer, candidate), and how many times each block's first linear (the
+    query projection, or GPT-NeoX's fused query/key/value) computed (a served call returns without)."""
+    import copy
+
+    from helpers import FAMILY_BUILDERS
+
+    from quantbench.allocation.gradients import gradient_stats
+    from quantbench.allocation.sensitivity import SensitivityStage
+    from quantbench.experts import StarvedExperts
+    from quantbench.model_io import decoder_blocks, model_linears
+    from quantbench.pipeline import drive_blocks
+
+    model = FAMILY_BUILDERS[build]()
+    ids = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(5))
+    names = list(model_linears(model))  # experts split into their linears first
+    grads = gradient_stats(copy.deepcopy(model), ids, names, torch.device("cpu"), progress=False)
+    calls = []
+    for block in decoder_blocks(model):
+        first = next(module for module in block.modules() if isinstance(module, torch.nn.Linear))
+
+        def computing(x, layer=first):
+            calls.append(1)
+            return torch.nn.Linear.forward(layer, x)
+
+        first.forward = computing
+    candidates = [Scheme.parse("int3-g32-rtn"), Scheme.parse("int4-g32-rtn")]
+    stage = SensitivityStage(lambda _name: candidates, CandidateCache(), grads, block_tokens=96,
+                             experts=StarvedExperts(min_tokens=0), reuse_probes=reuse_probes)
+    drive_blocks(model, ids, torch.device("cpu"), [stage], batch_size=2, progress=False)
+    return {key: error.block_output for key, error in stage.errors.items()}, len(calls)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox", "qwen3_moe", "mixtral", "deepseek_v3"])
+def test_block_output_probes_served_what_the_reference_computed_give_the_same_costs(family):
+    """Each (layer, candidate) probe of the block_output measure is served what the block's reference forward
+    computed before that layer (and a submodule returning the layer's output, the layer on its recorded
+    input): the costs are those of running the whole block, bit for bit, in dense and MoE families, post-norm
+    and parallel-residual blocks; fewer layers run."""
+    ours, ran = block_output_costs(family, reuse_probes=True)
+    theirs, ran_whole = block_output_costs(family, reuse_probes=False)
+    assert ours.keys() == theirs.keys() and all(value > 0 for value in theirs.values())
+    assert all(ours[key] == theirs[key] for key in ours)
+    assert ran < ran_whole
+
+
+def test_block_output_probes_compute_the_query_projection_only_where_it_cannot_be_served():
+    """Tiny Llama, 2 blocks, probes on 2 batches, 2 candidates for each of its 7 layers. Without serving every
+    probe computes q_proj: 7 × 2 × 2 = 28 a block. Served, only q_proj's own probes do: 24 fewer a block (the
+    statistics pass and the reference forward compute it as before)."""
+    _, ran = block_output_costs("llama", reuse_probes=True)
+    _, ran_whole = block_output_costs("llama", reuse_probes=False)
+    assert ran_whole - ran == 2 * (28 - 4)
+
+
+@pytest.mark.parametrize("change", ["input", "output"])
+def test_block_output_probes_are_not_served_what_the_forward_changed_in_place(monkeypatch, change):
+    """Attention that adds to its input in place after reading it (input_layernorm's recorded output, then no
+    longer what input_layernorm returns), or doubles o_proj's output in place before returning it (attention
+    then no longer returns o_proj's output as o_proj returned it): the first batch's check sees it and those
+    are computed, not served; the costs are those of running the whole block."""
+    from quantbench.model_io import decoder_blocks
+
+    attention = type(decoder_blocks(tiny_llama())[0].self_attn)
+    own = attention.forward
+
+    def changing(self, hidden_states, *args, **kwargs):
+        out = own(self, hidden_states, *args, **kwargs)
+        if change == "input":
+            hidden_states.add_(1.0)
+        else:
+            out[0].mul_(2.0)
+        return out
+
+    monkeypatch.setattr(attention, "forward", changing)
+    ours, _ = block_output_costs("llama", reuse_probes=True)
+    theirs, _ = block_output_costs("llama", reuse_probes=False)
+    assert all(ours[key] == theirs[key] for key in ours)

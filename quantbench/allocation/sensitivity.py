@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from quantbench.allocation.gradients import GradientStats, LayerGradients
 from quantbench.allocation.hessian_probes import LossHessian, hutchinson_traces, power_iteration
+from quantbench.allocation.probe_serving import ProbeServing
 from quantbench.allocation.problem import block_of
 from quantbench.allocation.table import CandidateError, LayerSensitivity, SensitivityTable
 from quantbench.calibration.stats import LayerStats
@@ -186,8 +187,9 @@ class SensitivityStage:
     def __init__(self, candidates_for: CandidatesFor, cache: CandidateCache | None = None,
                  gradients: GradientStats | None = None, block_tokens: int = 0,
                  experts: StarvedExperts = StarvedExperts(), scaling: ScalingOptions = ScalingOptions(),
-                 autoround: AutoRoundOptions = AutoRoundOptions()) -> None:
+                 autoround: AutoRoundOptions = AutoRoundOptions(), reuse_probes: bool = True) -> None:
         self.candidates_for, self.gradients, self.block_tokens = candidates_for, gradients, block_tokens
+        self.reuse_probes = reuse_probes  # block_output's probes served what the reference computed
         self.scaling, self.autoround, self.model_type = scaling, autoround, ""
         self.experts = experts  # its threshold: experts routed fewer tokens are measured on all tokens
         self.starved_experts: dict[str, dict] = {}  # full name → routed tokens and what was done
@@ -214,7 +216,7 @@ class SensitivityStage:
                                              for name in starved})
                 with all_tokens_routed(ctx.block):
                     stats.update(collect_block_stats(ctx, starved, set(starved), shared))
-        probe = _BlockProbe(ctx, self.gradients, self.block_tokens) if self.block_tokens else None
+        probe = _BlockProbe(ctx, self.gradients, self.block_tokens, self.reuse_probes) if self.block_tokens else None
         rotated: dict = {}  # (id of shared stats, rotation seed) → Rᵀ(Σxᵀx)R, reused across candidates
         with ctx.timer("candidates"):
             factor_hessians([(scheme, stats[name]) for name, schemes in candidates.items() if name in stats
@@ -300,9 +302,10 @@ class SensitivityStage:
 
 class _BlockProbe:
     """The block's full-precision output on its first calibration tokens, and the gradient-weighted change
-    of that output when one layer computes with another weight."""
+    of that output when one layer computes with another weight. With `reuse`, each probe is served what the
+    reference forward computed before the layer (probe_serving.py): the same costs, bit for bit."""
 
-    def __init__(self, ctx: BlockContext, gradients: GradientStats | None, tokens: int) -> None:
+    def __init__(self, ctx: BlockContext, gradients: GradientStats | None, tokens: int, reuse: bool = True) -> None:
         self.block, self.kwargs, self.hidden = ctx.block, [], []
         seen = 0
         for hidden, kwargs in zip(ctx.inputs.hidden, ctx.inputs.kwargs):
@@ -311,7 +314,9 @@ class _BlockProbe:
             self.hidden.append(hidden)
             self.kwargs.append(kwargs)
             seen += hidden.shape[0] * hidden.shape[1]
-        self.reference = [block_output(self.block(h, **k)).float() for h, k in zip(self.hidden, self.kwargs)]
+        self.serving = ProbeServing(self.block, list(ctx.linears.values()), len(self.hidden)) if reuse else None
+        self.reference = [block_output(self._reference(batch, h, k)).float()
+                          for batch, (h, k) in enumerate(zip(self.hidden, self.kwargs))]
         weight = gradients.blocks.get(ctx.prefix) if gradients else None
         self.weight = weight.to(self.reference[0].device) if weight is not None else None
         self.tokens = sum(r.shape[0] * r.shape[1] for r in self.reference)
@@ -321,12 +326,18 @@ class _BlockProbe:
         linear.weight.data = weight
         try:
             total = 0.0
-            for h, k, ref in zip(self.hidden, self.kwargs, self.reference):
-                change = (block_output(self.block(h, **k)).float() - ref).square()
+            for batch, (h, k, ref) in enumerate(zip(self.hidden, self.kwargs, self.reference)):
+                output = (self.serving.probe(linear, batch, lambda: self.block(h, **k)) if self.serving else
+                          self.block(h, **k))
+                change = (block_output(output).float() - ref).square()
                 total += float((change * self.weight).sum() if self.weight is not None else change.sum())
         finally:
             linear.weight.data = original
         return 0.5 * total / self.tokens if self.weight is not None else total / self.tokens
+
+    def _reference(self, batch: int, hidden: torch.Tensor, kwargs: dict):
+        forward = lambda: self.block(hidden, **kwargs)  # noqa: E731
+        return self.serving.recorded(batch, forward) if self.serving else forward()
 
 
 def layer_proxies(name: str, linear: nn.Linear, stats: LayerStats) -> LayerSensitivity:
@@ -515,20 +526,21 @@ def sensitivity_table(model: nn.Module, input_ids: torch.Tensor, candidates_for:
                       after_phase: Callable[[SensitivityTable], None] | None = None,
                       gradients: GradientStats | None = None, block_tokens: int = 0,
                       experts: StarvedExperts = StarvedExperts(), scaling: ScalingOptions = ScalingOptions(),
-                      autoround: AutoRoundOptions = AutoRoundOptions()) -> SensitivityTable:
+                      autoround: AutoRoundOptions = AutoRoundOptions(), reuse_probes: bool = True) -> SensitivityTable:
     """The whole stage on full-precision inputs: the candidates block by block (the block driver with the
     sensitivity stage alone), then the costly measures named in `measure`: `trace` (Hutchinson),
     `eigenvalue` (power iteration), `kl` (needs a cache; one is made if none given). `gradients` adds the
     gradient-based measures, `block_tokens` the block-output one (see SensitivityStage); `experts` sets the
     routed-token count below which an expert is measured on every calibration token; `scaling` and
-    `autoround` are the options of the candidates that scale or learn their block.
+    `autoround` are the options of the candidates that scale or learn their block; `reuse_probes`: see
+    SensitivityStage.
     `after_phase(table)` is called once the candidates and then each measure are done (to save partial work);
     `table.meta["seconds"]` holds each phase's time."""
     measure = set(measure)
     cache = cache if cache is not None else CandidateCache()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    stage = SensitivityStage(candidates_for, cache, gradients, block_tokens, experts, scaling, autoround)
+    stage = SensitivityStage(candidates_for, cache, gradients, block_tokens, experts, scaling, autoround, reuse_probes)
     drive_blocks(model, input_ids, device, [stage], batch_size, progress, desc="sensitivity")
     layers, errors = stage.layers, stage.errors
     if not layers:
