@@ -2,9 +2,14 @@
 with its dimensions and a few decoder blocks, then extrapolated per block to the full depth:
 
     python bench/allocation_speed.py --size 8b --blocks 2 --device cuda
+    python bench/allocation_speed.py --size smollm2-135m --blocks 2 --device cpu --dtype float32 --n-samples 16
+        --seqlen 512 --block-tokens 8192 --compare-probes    # block_output's probes served or run whole
 
 Times the gradient pass (one backward per calibration batch), round 0 (every candidate on every layer) and
 one in-context round (re-measure the frontier candidates, quantize), on 128 × 2048 random token ids.
+`--block-tokens` adds the block_output measure to round 0 (the block run once per layer and candidate on that
+many tokens); `--compare-probes` times round 0 again with its probes run whole instead of served what the
+reference forward computed, and checks that the costs agree bit for bit.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--gradient-samples", type=int, default=32)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--block-tokens", type=int, default=0, help="also measure block_output on this many tokens")
+    parser.add_argument("--compare-probes", action="store_true", help="round 0 again with block_output's probes "
+                        "run whole (needs --block-tokens); skips the in-context round")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -61,17 +69,28 @@ def main() -> None:
     start = synchronized(device)
     gradients = gradient_stats(model, ids[:args.gradient_samples], layers, device, progress=False)
     seconds["gradients"] = synchronized(device) - start
-    cache = CandidateCache()
-    start = synchronized(device)
-    table = sensitivity_table(model, ids, lambda name: candidates, device, progress=False, cache=cache,
-                              gradients=gradients)
-    seconds["round0"] = synchronized(device) - start
-    start = synchronized(device)
-    search_in_context(model, ids, lambda name: candidates, device,
-                      lambda t: solve_ilp(build_problem(t, "output_fisher", budget_bits=3.25)), table,
-                      "output_fisher", DEFAULT_TIES, max_rounds=1, gradients=gradients, cache=CandidateCache(),
-                      progress=False)
-    seconds["in_context_round"] = synchronized(device) - start
+    if args.compare_probes and not args.block_tokens:
+        parser.error("--compare-probes needs --block-tokens")
+
+    def round0(reuse_probes: bool):
+        start = synchronized(device)
+        table = sensitivity_table(model, ids, lambda name: candidates, device, progress=False, cache=CandidateCache(),
+                                  gradients=gradients, block_tokens=args.block_tokens, reuse_probes=reuse_probes)
+        return table, synchronized(device) - start
+
+    table, seconds["round0"] = round0(reuse_probes=True)
+    compared = {}
+    if args.compare_probes:
+        whole, seconds["round0_probes_whole"] = round0(reuse_probes=False)
+        compared = {"same_block_output": all(table.errors[key].block_output == error.block_output
+                                             for key, error in whole.errors.items())}
+    else:
+        start = synchronized(device)
+        search_in_context(model, ids, lambda name: candidates, device,
+                          lambda t: solve_ilp(build_problem(t, "output_fisher", budget_bits=3.25)), table,
+                          "output_fisher", DEFAULT_TIES, max_rounds=1, gradients=gradients, cache=CandidateCache(),
+                          progress=False)
+        seconds["in_context_round"] = synchronized(device) - start
     depth = SIZES[args.size]["num_hidden_layers"]
     per_block = {k: v / args.blocks for k, v in seconds.items() if k != "gradients"}
     total = sum(p.numel() for p in model.parameters())
@@ -79,10 +98,12 @@ def main() -> None:
     full = total + (depth - args.blocks) * block  # the backward's work grows with the parameters
     row = {"size": args.size, "measured_blocks": args.blocks, "depth": depth, "dtype": args.dtype,
            "candidates": len(candidates), "calibration": [args.n_samples, args.seqlen],
+           "block_tokens": args.block_tokens, **compared,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "seconds": {k: round(v, 2) for k, v in seconds.items()},
            "per_block": {k: round(v, 2) for k, v in per_block.items()},
-           "extrapolated_full_model_seconds": round(sum(per_block.values()) * depth
+           "extrapolated_full_model_seconds": round(sum(v for k, v in per_block.items() if k != "round0_probes_whole")
+                                                   * depth
                                                    + seconds["gradients"] * full / total, 1)}
     print(json.dumps(row), flush=True)
     if args.json:
