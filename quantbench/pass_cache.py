@@ -131,22 +131,23 @@ class PassCache:
                 before, after = on_tail_layer(layer)
                 handles += [self.modules[layer].register_forward_pre_hook(before, prepend=True),
                             self.modules[layer].register_forward_hook(after)]
+        replaced = []
         if serve:
             for name, output in self.served[batch].items():
-                self._replace_forward(self.modules[name], lambda output=output: output)
+                replaced.append(serve_first_call(self.modules[name], lambda output=output: output))
             for name, (layer, rest) in self.tails.items():
                 if layer not in self.layer_inputs[batch]:  # an expert no token of this batch was routed to
                     continue
                 x, module = self.layer_inputs[batch][layer], self.modules[layer]
-                self._replace_forward(self.modules[name], lambda x=x, module=module, rest=rest:
-                                      module(x) if rest is None else (module(x), *rest))
+                replaced.append(serve_first_call(self.modules[name], lambda x=x, module=module, rest=rest:
+                                                 module(x) if rest is None else (module(x), *rest)))
         try:
             return forward()
         finally:
             for handle in handles:
                 handle.remove()
+            restore_forwards(replaced)
             if serve:
-                self._restore_forwards()
                 self.served[batch] = {}  # released as the pass goes
                 self.layer_inputs[batch] = {}
             if check:
@@ -164,30 +165,6 @@ class PassCache:
                 if batch == 0 and not self._fits([self.recorded[0], inputs]):
                     self.record, self.recorded, self.recorded_inputs = False, [], []
 
-    def _replace_forward(self, module: nn.Module, output) -> None:
-        """The module's first call returns `output()`; a later one (a module shared by the block's experts,
-        say) runs its own forward."""
-        own = module.__dict__.get("forward")
-        module.__dict__["_own_forward"] = own
-        calls = []
-
-        def forward(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 1:
-                return output()
-            return own(*args, **kwargs) if own is not None else type(module).forward(module, *args, **kwargs)
-
-        module.forward = forward
-
-    def _restore_forwards(self) -> None:
-        for module in self.modules.values():
-            if "_own_forward" in module.__dict__:
-                own = module.__dict__.pop("_own_forward")
-                if own is None:
-                    del module.forward
-                else:
-                    module.forward = own
-
     def _fits(self, recorded: list[dict[str, object]]) -> bool:
         tensors = [t for outputs in recorded for output in outputs.values() for t in _tensors(output)]
         if not tensors:
@@ -195,6 +172,32 @@ class PassCache:
         free = free_bytes(tensors[0].device)
         need = self.batches * sum(t.numel() * t.element_size() for t in tensors)
         return free is not None and 2 * need <= free
+
+
+def serve_first_call(module: nn.Module, output) -> tuple[nn.Module, object]:
+    """The module's first call returns `output()`; a later one (a module called again in the forward) runs its
+    own forward. Returns the module and the forward set on the instance before (None: its class's), for
+    `restore_forwards`."""
+    own = module.__dict__.get("forward")
+    calls = []
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            return output()
+        return own(*args, **kwargs) if own is not None else type(module).forward(module, *args, **kwargs)
+
+    module.forward = forward
+    return module, own
+
+
+def restore_forwards(replaced: list[tuple[nn.Module, object]]) -> None:
+    """Undo `serve_first_call`s, the last first."""
+    for module, own in reversed(replaced):
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def _checked_tails(candidates: dict[str, tuple], outputs: dict[str, object], layers: dict[str, list],

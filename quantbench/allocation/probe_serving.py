@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from quantbench.memory import free_bytes
-from quantbench.pass_cache import _outermost, _prefixes, _tensors
+from quantbench.pass_cache import _outermost, _prefixes, _tensors, restore_forwards, serve_first_call
 
 
 class ProbeServing:
@@ -148,20 +148,16 @@ class ProbeServing:
         replaced = []
         for module_name in self.served.get(name, []):
             output = self.outputs[batch][module_name]
-            replaced.append(_replace(self.modules[module_name], lambda output=output: output))
+            replaced.append(serve_first_call(self.modules[module_name], lambda output=output: output))
         if name in self.tails:
             module_name, rest = self.tails[name]
             x = self.inputs[batch][name]
-            replaced.append(_replace(self.modules[module_name], lambda: layer(x) if rest is None else
-                                     (layer(x), *rest)))
+            replaced.append(serve_first_call(self.modules[module_name], lambda: layer(x) if rest is None else
+                                             (layer(x), *rest)))
         try:
             return forward()
         finally:
-            for module, own in replaced:
-                if own is None:
-                    del module.forward
-                else:
-                    module.forward = own
+            restore_forwards(replaced)
 
     def _fits(self, outputs: dict[str, object], inputs: dict[str, torch.Tensor]) -> bool:
         tensors = [t for output in [*outputs.values(), *inputs.values()] for t in _tensors(output)]
@@ -177,19 +173,3 @@ def _first(output) -> torch.Tensor | None:
     if isinstance(output, torch.Tensor):
         return output
     return output[0] if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) else None
-
-
-def _replace(module: nn.Module, output: Callable) -> tuple[nn.Module, Callable | None]:
-    """The module's first call returns `output()`; a later one runs its own forward. Returns the module and
-    the forward set on the instance before (None: its class's)."""
-    own = module.__dict__.get("forward")
-    calls = []
-
-    def forward(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            return output()
-        return own(*args, **kwargs) if own is not None else type(module).forward(module, *args, **kwargs)
-
-    module.forward = forward
-    return module, own
