@@ -107,7 +107,7 @@ class ProbeServing:
             inputs_unchanged = {name for name, (x, copy) in inputs.items() if torch.equal(x, copy)}
             if batch == 0:
                 self._plan(outputs, finished, called, returned, intact)
-            self._drop(unchanged, inputs_unchanged, intact)
+            self._drop(outputs.keys(), unchanged, inputs.keys(), inputs_unchanged, intact)
             keep = {name for served in self.served.values() for name in served}
             self.outputs.append({name: out for name, out in outputs.items() if name in keep})
             self.inputs.append({name: x for name, (x, _) in inputs.items() if name in self.tails})
@@ -131,13 +131,14 @@ class ProbeServing:
                     self.tails[layer] = (prefix, rest)
                     break
 
-    def _drop(self, unchanged: set[str], inputs_unchanged: set[str], intact: dict[str, bool]) -> None:
-        """Serve nothing a forward changed in place: a layer's served modules all or none, its tail alone."""
+    def _drop(self, ran, unchanged: set[str], called, inputs_unchanged: set[str], intact: dict[str, bool]) -> None:
+        """Serve nothing a forward changed in place: a layer's served modules all or none, its tail alone. What
+        a batch did not run (an expert none of its tokens went to) a probe of it does not run either."""
         for layer, names in self.served.items():
-            if not set(names) <= unchanged:
+            if not {name for name in names if name in ran} <= unchanged:
                 self.served[layer] = []
         for layer, (module, _) in list(self.tails.items()):
-            if layer not in inputs_unchanged or not intact.get(module):
+            if layer in called and (layer not in inputs_unchanged or not intact.get(module)):
                 del self.tails[layer]
 
     def probe(self, layer: nn.Module, batch: int, forward: Callable):
@@ -147,9 +148,10 @@ class ProbeServing:
             return forward()
         replaced = []
         for module_name in self.served.get(name, []):
-            output = self.outputs[batch][module_name]
-            replaced.append(serve_first_call(self.modules[module_name], lambda output=output: output))
-        if name in self.tails:
+            if module_name in self.outputs[batch]:
+                output = self.outputs[batch][module_name]
+                replaced.append(serve_first_call(self.modules[module_name], lambda output=output: output))
+        if name in self.tails and name in self.inputs[batch]:
             module_name, rest = self.tails[name]
             x = self.inputs[batch][name]
             replaced.append(serve_first_call(self.modules[module_name], lambda: layer(x) if rest is None else
