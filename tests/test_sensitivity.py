@@ -160,7 +160,7 @@ def test_table_files_round_trip(measured, tmp_path):
     assert len(lines) == 1 + len(table.errors) and "cost_kfac" in lines[0]
 
 
-def block_output_costs(build, reuse_probes: bool):
+def block_output_costs(build, reuse_probes: bool, model=None):
     """block_output costs of every (layer, candidate), and how many times each block's first linear (the
     query projection, or GPT-NeoX's fused query/key/value) computed (a served call returns without)."""
     import copy
@@ -173,7 +173,7 @@ def block_output_costs(build, reuse_probes: bool):
     from quantbench.model_io import decoder_blocks, model_linears
     from quantbench.pipeline import drive_blocks
 
-    model = FAMILY_BUILDERS[build]()
+    model = FAMILY_BUILDERS[build]() if model is None else model
     ids = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(5))
     names = list(model_linears(model))  # experts split into their linears first
     grads = gradient_stats(copy.deepcopy(model), ids, names, torch.device("cpu"), progress=False)
@@ -238,3 +238,31 @@ def test_block_output_probes_are_not_served_what_the_forward_changed_in_place(mo
     ours, _ = block_output_costs("llama", reuse_probes=True)
     theirs, _ = block_output_costs("llama", reuse_probes=False)
     assert all(ours[key] == theirs[key] for key in ours)
+
+
+def test_block_output_probes_of_experts_some_batches_did_not_route_to(monkeypatch):
+    """32 experts, 2 a token, 64 tokens a batch: some expert runs in one probe batch and not in the other. A
+    batch serves what it ran, a probe of such an expert runs only where the reference did: the same costs."""
+    from helpers import tiny_qwen3_moe
+
+    from quantbench.allocation import probe_serving
+
+    ran: list[set[str]] = []
+    own_recorded = probe_serving.ProbeServing.recorded
+
+    def recorded(self, batch, forward):
+        seen = set()
+        handles = [self.modules[name].register_forward_pre_hook(lambda *_, name=name: seen.add(name))
+                   for name in self.layers]
+        try:
+            return own_recorded(self, batch, forward)
+        finally:
+            for handle in handles:
+                handle.remove()
+            ran.append(seen)
+
+    monkeypatch.setattr(probe_serving.ProbeServing, "recorded", recorded)
+    ours, _ = block_output_costs("qwen3_moe", reuse_probes=True, model=tiny_qwen3_moe(experts=32))
+    assert any(ran[i] != ran[i + 1] for i in range(0, len(ran), 2))  # the blocks' two probe batches
+    theirs, _ = block_output_costs("qwen3_moe", reuse_probes=False, model=tiny_qwen3_moe(experts=32))
+    assert ours.keys() == theirs.keys() and all(ours[key] == theirs[key] for key in ours)
