@@ -147,3 +147,29 @@ def test_neighbours_are_the_chosen_option_and_the_frontier_options_next_to_it_by
         at = ordered.index(chosen)  # the ILP never picks a dominated option
         assert near[layer] == ordered[max(0, at - 1):at + 2]
     assert sum(map(len, near.values())) < sum(map(len, frontier.values()))  # fewer pairs to measure
+
+
+def test_in_context_rounds_with_block_output_are_the_same_with_probes_served(monkeypatch):
+    """The block_output metric through round 0 and two in-context rounds (each block measured, then quantized
+    by the next stage of the same driver): the costs and the allocation are those of probes that run the whole
+    block."""
+    from quantbench.allocation import sensitivity
+
+    own_init = sensitivity._BlockProbe.__init__
+
+    def search(reuse: bool):
+        monkeypatch.setattr(sensitivity._BlockProbe, "__init__",
+                            lambda self, ctx, gradients, tokens, _reuse=True: own_init(self, ctx, gradients, tokens,
+                                                                                       reuse))
+        model = peaked_llama()
+        grads = gradient_stats(copy.deepcopy(model), IDS, list(model_linears(model)), CPU, progress=False)
+        table = sensitivity_table(model, IDS, lambda name: RTN, CPU, progress=False, gradients=grads,
+                                  block_tokens=96, batch_size=2)
+        return search_in_context(model, IDS, lambda name: RTN, CPU, allocate_at(3.5, "block_output"), table,
+                                 "block_output", DEFAULT_TIES, max_rounds=2, gradients=grads, block_tokens=96,
+                                 batch_size=2, progress=False)
+
+    served, whole = search(True), search(False)
+    assert served.table.errors.keys() == whole.table.errors.keys()
+    assert all(served.table.errors[k].block_output == whole.table.errors[k].block_output for k in whole.table.errors)
+    assert served.allocation.schemes == whole.allocation.schemes
