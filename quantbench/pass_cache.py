@@ -37,10 +37,7 @@ class PassCache:
         self.block, self.batches = block, batches
         self.modules = dict(block.named_modules())
         self.name_of = {id(module): name for name, module in self.modules.items()}
-        registered = Counter(id(module) for _, module in block.named_modules(remove_duplicate=False))
-        # a module registered under several parents (the activation every expert calls): its first call in
-        # one pass may come from another caller than in the next, so it is never recorded or served
-        self.shared = {self.name_of[key] for key, count in registered.items() if count > 1}
+        self.shared = shared_modules(block)
         self.served: list[dict[str, object]] = []  # what the previous pass recorded, by batch
         self.recorded: list[dict[str, object]] = []
         self.layer_inputs: list[dict[str, torch.Tensor]] = []  # the previous pass's layers' inputs, by batch
@@ -52,13 +49,13 @@ class PassCache:
         self._no_tail: set[str] = set()  # this pass's layers whose input no submodule can be served on
 
     def next_pass(self, layers: list[nn.Module], record: bool) -> None:
-        holding = {prefix for layer in layers for prefix in _prefixes(self.name_of[id(layer)])}  # the layers and above
+        holding = {prefix for layer in layers for prefix in prefixes(self.name_of[id(layer)])}  # the layers and above
         self._names = [name for name in self.modules if name and name not in holding and name not in self.shared]
         kept = set(self._names)  # a module holding one of this pass's layers must run, for its hooks
         self.served = [{name: out for name, out in outputs.items() if name in kept} for outputs in self.recorded]
         self.layer_inputs = self.recorded_inputs
         self.tails = {prefix: (layer, None) for layer in (self.layer_inputs[0] if self.layer_inputs else {})
-                      for prefix in _prefixes(layer)[:-1] if prefix in kept}  # candidates, checked on batch 0
+                      for prefix in prefixes(layer)[:-1] if prefix in kept}  # candidates, checked on batch 0
         self.recorded, self.recorded_inputs, self._layers, self._no_tail = [], [], layers, set()
         self.record, self.serving = record, bool(self.served)
 
@@ -160,18 +157,26 @@ class PassCache:
                 if batch == 0:
                     self._no_tail = _never_tails(inputs, returned)
                     inputs = {name: x for name, x in inputs.items() if name not in self._no_tail}
-                self.recorded.append(_outermost({name: out for name, out in finished.items() if name not in again}))
+                self.recorded.append(outermost({name: out for name, out in finished.items() if name not in again}))
                 self.recorded_inputs.append(inputs)
                 if batch == 0 and not self._fits([self.recorded[0], inputs]):
                     self.record, self.recorded, self.recorded_inputs = False, [], []
 
     def _fits(self, recorded: list[dict[str, object]]) -> bool:
-        tensors = [t for outputs in recorded for output in outputs.values() for t in _tensors(output)]
+        tensors = [t for outputs in recorded for output in outputs.values() for t in tensors_of(output)]
         if not tensors:
             return True
         free = free_bytes(tensors[0].device)
         need = self.batches * sum(t.numel() * t.element_size() for t in tensors)
         return free is not None and 2 * need <= free
+
+
+def shared_modules(block: nn.Module) -> set[str]:
+    """The modules registered under several parents (the activation every expert calls): a module's first call
+    in one forward may come from another caller than in the next, so these are never recorded or served."""
+    registered = Counter(id(module) for _, module in block.named_modules(remove_duplicate=False))
+    name_of = {id(module): name for name, module in block.named_modules()}
+    return {name_of[key] for key, count in registered.items() if count > 1}
 
 
 def serve_first_call(module: nn.Module, output) -> tuple[nn.Module, object]:
@@ -214,7 +219,7 @@ def _checked_tails(candidates: dict[str, tuple], outputs: dict[str, object], lay
         x, y, copy = seen
         first, rest = (output, None) if isinstance(output, torch.Tensor) else (
             (output[0], tuple(output[1:])) if isinstance(output, tuple) and output else (None, None))
-        if (first is y and copy is not None and torch.equal(y, copy) and not _tensors(list(rest or ()))
+        if (first is y and copy is not None and torch.equal(y, copy) and not tensors_of(list(rest or ()))
                 and _same(x, recorded_inputs[layer])):
             checked[name] = (layer, rest)
     return checked
@@ -239,24 +244,24 @@ def _layer_and_parent(name: str) -> tuple[str, str]:
     return name, name.rpartition(".")[0]
 
 
-def _prefixes(name: str) -> list[str]:
+def prefixes(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
 
 
-def _outermost(finished: dict[str, object]) -> dict[str, object]:
+def outermost(finished: dict[str, object]) -> dict[str, object]:
     """The finished submodules not inside another finished one."""
     return {name: output for name, output in finished.items()
             if not any(name.startswith(other + ".") for other in finished)}
 
 
-def _tensors(output) -> list[torch.Tensor]:
+def tensors_of(output) -> list[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
     if isinstance(output, Mapping):
         output = list(output.values())
     if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _tensors(item)]
+        return [t for item in output for t in tensors_of(item)]
     return []
 
 

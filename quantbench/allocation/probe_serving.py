@@ -19,14 +19,14 @@ recorded is kept only where it fits in half the memory free on its device.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from quantbench.memory import free_bytes
-from quantbench.pass_cache import _outermost, _prefixes, _tensors, restore_forwards, serve_first_call
+from quantbench.pass_cache import (outermost, prefixes, restore_forwards, serve_first_call, shared_modules,
+                                   tensors_of)
 
 
 class ProbeServing:
@@ -37,8 +37,7 @@ class ProbeServing:
         self.batches = batches
         self.modules = dict(block.named_modules())
         self.name_of = {id(module): name for name, module in self.modules.items()}
-        registered = Counter(id(module) for _, module in block.named_modules(remove_duplicate=False))
-        shared = {self.name_of[key] for key, count in registered.items() if count > 1}
+        shared = shared_modules(block)
         self.layers = [self.name_of[id(layer)] for layer in layers]
         self._watched = [name for name in self.modules if name and name not in shared]
         self.outputs: list[dict[str, object]] = []  # by batch: module → its first output
@@ -70,7 +69,7 @@ class ProbeServing:
                 outputs[name], finished[name] = output, clock[0]
                 clock[0] += 1
                 if wanted is None or name in wanted:
-                    copies[name] = [t.clone() for t in _tensors(output)]
+                    copies[name] = [t.clone() for t in tensors_of(output)]
                 for layer in [tail_of[name]] if name in tail_of else [n for n in returned if batch == 0]:
                     y, copy = returned.get(layer, (None, None))
                     first = _first(output)
@@ -103,7 +102,7 @@ class ProbeServing:
             for handle in handles:
                 handle.remove()
             unchanged = {name for name, kept in copies.items()
-                         if all(torch.equal(t, c) for t, c in zip(_tensors(outputs[name]), kept))}
+                         if all(torch.equal(t, c) for t, c in zip(tensors_of(outputs[name]), kept))}
             inputs_unchanged = {name for name, (x, copy) in inputs.items() if torch.equal(x, copy)}
             if batch == 0:
                 self._plan(outputs, finished, called, returned, intact)
@@ -120,14 +119,14 @@ class ProbeServing:
         for layer in self.layers:
             if layer not in called:
                 continue
-            holding = set(_prefixes(layer))
+            holding = set(prefixes(layer))
             before = {name: outputs[name] for name in outputs if finished[name] < called[layer] and name not in holding}
-            self.served[layer] = list(_outermost(before))
-            for prefix in _prefixes(layer)[:-1]:
+            self.served[layer] = list(outermost(before))
+            for prefix in prefixes(layer)[:-1]:
                 output = outputs.get(prefix)
                 rest = tuple(output[1:]) if isinstance(output, tuple) else None
                 if (layer in returned and _first(output) is returned[layer][0] and intact.get(prefix)
-                        and not _tensors(list(rest or ()))):
+                        and not tensors_of(list(rest or ()))):
                     self.tails[layer] = (prefix, rest)
                     break
 
@@ -162,7 +161,7 @@ class ProbeServing:
             restore_forwards(replaced)
 
     def _fits(self, outputs: dict[str, object], inputs: dict[str, torch.Tensor]) -> bool:
-        tensors = [t for output in [*outputs.values(), *inputs.values()] for t in _tensors(output)]
+        tensors = [t for output in [*outputs.values(), *inputs.values()] for t in tensors_of(output)]
         if not tensors:
             return True
         unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
