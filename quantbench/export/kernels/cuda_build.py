@@ -27,7 +27,7 @@ import torch
 from quantbench.export.kernels.layout import KIND_CODES, KernelWeight
 
 HERE = Path(__file__).parent
-HEADER = HERE / "packed_decode.cuh"
+HEADERS = (HERE / "packed_decode.cuh", HERE / "tensor_core_decode.cuh")
 KERNELS = ("gemv", "mma")
 CACHE_ENV = "QUANTBENCH_CUDA_CACHE"
 DEPENDENT_LAUNCH_ENV = "QUANTBENCH_DEPENDENT_LAUNCH"
@@ -121,7 +121,8 @@ def cache_dir() -> Path:
 
 def library_path(weight_type: WeightType, arch: str) -> Path:
     flags = _flags(weight_type, arch)
-    digest = hashlib.sha256(weight_type.source.read_bytes() + HEADER.read_bytes() + " ".join(flags).encode())
+    sources = b"".join(path.read_bytes() for path in (weight_type.source, *HEADERS))
+    digest = hashlib.sha256(sources + " ".join(flags).encode())
     t = weight_type
     name = (f"packed_{t.kernel}-k{t.kind}-b{t.bits}-z{int(t.zeros)}-p{int(t.perm)}-f{t.flush}"
             f"{('', '-load', '-mma-shaped')[t.load_only]}")
