@@ -380,7 +380,7 @@ def main() -> None:
                         choices=list(VARIANTS))
     parser.add_argument("--json", type=Path, help="written after every row")
     parser.add_argument("--tiles", type=Path, help="tuned tiles read from and saved to this file (QUANTBENCH_KERNEL_TILES)")
-    parser.add_argument("--engines", help="tile candidates from these engines only: triton, cuda, mma or a "
+    parser.add_argument("--engines", help="tile candidates from these engines only: triton, cuda, mma, wgmma or a "
                                           "comma-separated list (QUANTBENCH_KERNEL_ENGINES)")
     args = parser.parse_args()
     if args.cache_length is not None and args.cache_length < cache_positions(args.prompt, args.new_tokens):

@@ -936,6 +936,142 @@ def test_tensor_core_kernel_is_a_tuning_candidate_up_to_64_rows_and_graph_captur
     assert_graph_replays_the_kernel(torch.randn(64, IN, device="cuda").half(), packed, "mma")
 
 
+def test_warpgroup_libraries_are_built_for_sm_90a_with_the_scales_in_the_weights_fragment():
+    """wgmma is sm_90a's alone; the weight is A, so its scales always go into A (SPAN 0), which MXFP4's may not."""
+    from quantbench.export.kernels.cuda_build import WeightType, _flags, every_weight_type, library_path
+
+    int4 = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
+    warpgroup = WeightType.for_wgmma(int4)
+    assert warpgroup.kernel == "wgmma" and warpgroup.flush == 0 and "-DSPAN=0" in warpgroup.defines()
+    assert "-gencode=arch=compute_90a,code=sm_90a" in _flags(warpgroup, "90")
+    assert "-gencode=arch=compute_90,code=sm_90" in _flags(WeightType.for_mma(int4), "90")
+    assert library_path(warpgroup, "90").name.startswith("packed_wgmma-")
+    assert library_path(warpgroup, "90") != library_path(WeightType.for_mma(int4, scales_in_b=True), "90")
+    with pytest.raises(ValueError, match="MXFP4"):
+        WeightType.for_wgmma(to_kernel_layout(WEIGHTS["mxfp4-rtn"]))
+    built = [t for t in every_weight_type() if t.kernel == "wgmma"]
+    assert {(t.kind, t.bits, t.zeros) for t in built} == {
+        *((0, bits, zeros) for bits in (2, 4, 8) for zeros in (False, True)), (1, 4, False), (3, 4, False)}
+    for label, stored in WEIGHTS.items():  # every kind the kernel takes has its library built ahead
+        if not label.startswith("mxfp4"):
+            assert WeightType.for_wgmma(to_kernel_layout(stored)) in built
+
+
+def test_warpgroup_kernel_is_timed_beside_the_others_on_hopper_only(monkeypatch):
+    """Faked here (no GPU): on sm_90 the tuner times the warpgroup kernel's tiles, one or two warpgroups, the
+    fewest rows per block that hold the batch; not beyond 64 rows, not for MXFP4, not on another GPU."""
+    from quantbench.export.kernels import cuda_build, cuda_gemv, cuda_wgmma, matmul
+
+    monkeypatch.setattr(cuda_build, "unsupported_reason", lambda x, weight: None)
+    monkeypatch.setattr(cuda_gemv, "multiprocessors", lambda device: 132)
+    packed = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
+    x = torch.randn(1, IN).half()
+    assert matmul._wgmma_candidates(x, packed) == []  # no device of capability 9.0
+    monkeypatch.setattr(cuda_build, "device_capability", lambda device: (9, 0))
+    for m, rows in ((1, 8), (5, 8), (9, 16), (20, 32), (33, 64), (64, 64)):
+        tiles = matmul._wgmma_candidates(x.repeat(m, 1), packed)
+        assert {(c.engine, c.rows) for c in tiles} == {("wgmma", rows)}
+        assert {(c.num_warps, c.block_n) for c in tiles} == {(4, 128), (8, 256)}
+        assert {c.split_k for c in tiles} == {1, 2}  # 256 inputs: two slabs of 128 to split
+    assert matmul._wgmma_candidates(x.repeat(65, 1), packed) == []
+    assert matmul._wgmma_candidates(x, to_kernel_layout(WEIGHTS["mxfp4-rtn"])) == []
+    act_order = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
+    monkeypatch.setattr(cuda_build, "can_launch_dependent", lambda device: True)
+    assert {c.overlap_gather for c in matmul._wgmma_candidates(x.repeat(16, 1), act_order)} == {False, True}
+    every = matmul._engine_candidates(x.repeat(16, 1), packed)
+    assert {c.engine for c in every} == {"triton", "cuda", "mma", "wgmma"}
+    monkeypatch.setenv(matmul.ENGINES_ENV, "wgmma")
+    assert matmul._engine_candidates(x.repeat(16, 1), packed) == [c for c in every if c.engine == "wgmma"]
+    monkeypatch.setenv(matmul.ENGINES_ENV, "mma")
+    assert {c.engine for c in matmul._engine_candidates(x.repeat(16, 1), packed)} == {"mma"}
+    monkeypatch.setattr(cuda_build, "device_capability", lambda device: (8, 0))
+    assert "sm_90" in cuda_wgmma.unsupported_reason(x, packed)
+
+
+def test_warpgroup_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_per_split():
+    from quantbench.export.kernels.cuda_wgmma import split_choices
+
+    up = SimpleNamespace(shape=(14336, 4096), per_word=8)  # int4 4096×14336: 112 blocks of 128 outputs
+    assert split_choices(64, up, 64, 1, 132) == [1, 2, 4]
+    assert split_choices(64, up, 64, 2, 132) == [1, 4, 8]  # 56 blocks of 256: 2 splits make only 112
+    down = SimpleNamespace(shape=(4096, 14336), per_word=8)  # 32 blocks; 112 slabs of 128 inputs
+    assert split_choices(8, down, 8, 1, 132) == [1, 8, 16]
+    assert split_choices(8, SimpleNamespace(shape=(4096, 128), per_word=8), 8, 1, 132) == [1]  # one slab
+    assert split_choices(128, up, 64, 1, 132) == [1]  # two blocks of rows: 224 blocks
+
+
+WGMMA_TILES = {"8 rows, one warpgroup": TileConfig(1, 128, 0, 1, 4, 0, rows=8, engine="wgmma"),
+               "16 rows, two warpgroups": TileConfig(1, 256, 0, 1, 8, 0, rows=16, engine="wgmma"),
+               "32 rows, one warpgroup": TileConfig(1, 128, 0, 1, 4, 0, rows=32, engine="wgmma"),
+               "64 rows, one warpgroup": TileConfig(1, 128, 0, 1, 4, 0, rows=64, engine="wgmma"),
+               "64 rows, two warpgroups": TileConfig(1, 256, 0, 1, 8, 0, rows=64, engine="wgmma"),
+               "16 rows, started while act_order's gather runs":
+                   TileConfig(1, 128, 0, 1, 4, 0, rows=16, overlap_gather=True, engine="wgmma")}
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="the warpgroup kernel runs on an sm_90 GPU only")
+
+
+@hopper
+@pytest.mark.parametrize("label", WEIGHTS)
+@pytest.mark.parametrize("tile", WGMMA_TILES)
+@pytest.mark.parametrize("batch", [1, 5, 16, 40])
+def test_warpgroup_kernel_equals_the_dequantized_matmul_on_partial_tiles(label, tile, batch):
+    """80 outputs fill no block of 128 or 256; 1, 5 and 40 rows leave partial row blocks, 40 spans 5 blocks of 8
+    rows and 2 of 32; act_order is gathered before the call; MXFP4 is refused."""
+    stored = WEIGHTS[label].to("cuda")
+    if label.startswith("mxfp4"):
+        with pytest.raises(ValueError, match="MXFP4"):
+            packed_matmul(torch.zeros(batch, IN, device="cuda").half(), to_kernel_layout(stored), backend="wgmma",
+                          config=WGMMA_TILES[tile])
+        return
+    x = torch.randn(batch, IN, device="cuda", generator=torch.Generator("cuda").manual_seed(batch)).half()
+    expected = x.float() @ stored.dequantize().T
+    got = packed_matmul(x, to_kernel_layout(stored), backend="wgmma", config=WGMMA_TILES[tile])
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@hopper
+@pytest.mark.parametrize("name", ["int4-g32-rtn", "int4-g8-rtn", "int8-g32-sym-rtn", "int2-pc-rtn", "nvfp4-rtn"])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_warpgroup_kernel_handles_a_partial_slab_of_k_steps(name, splits):
+    """96 inputs: one slab of 128, partly empty; 2 splits leave the second block none. Groups of 8 inputs differ
+    between the two k-halves of a product."""
+    stored = quantize_rtn(torch.randn(OUT, ODD_INPUTS), Scheme.parse(name)).to("cuda")
+    x = torch.randn(12, ODD_INPUTS, device="cuda").half()
+    expected = x.float() @ stored.dequantize().T
+    tile = TileConfig(1, 128, 0, splits, 4, 0, rows=16, engine="wgmma")
+    got = packed_matmul(x, to_kernel_layout(stored), backend="wgmma", config=tile)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@hopper
+@pytest.mark.parametrize(("label", "rows", "groups"), [("int4-g32 act_order", 8, 1), ("int4-g128-rtn", 64, 2),
+                                                       ("ternary2-g64", 16, 1), ("nvfp4-rtn", 32, 2)])
+def test_warpgroup_split_k_sums_in_a_fixed_order_and_rearms_its_counts(label, rows, groups):
+    """1,024 inputs are 8 slabs of 128: 2 splits take 4 each, 3 splits 3, 3 and 2."""
+    stored = {"int4-g32 act_order": lambda: act_order_weight(4, 32), "int4-g128-rtn": lambda: quantize_rtn(
+        torch.randn(OUT, 1024), Scheme.parse("int4-g128-rtn")), "ternary2-g64": lambda: ternary_weight(64),
+        "nvfp4-rtn": lambda: quantize_rtn(torch.randn(OUT, 1024), Scheme.parse("nvfp4-rtn"))}[label]()
+    packed = to_kernel_layout(stored.to("cuda"))
+    x = torch.randn(12, packed.shape[1], device="cuda").half()
+    for splits in (2, 3):
+        tile = TileConfig(1, 128 * groups, 0, splits, 4 * groups, 0, rows=rows, engine="wgmma")
+        assert_split_k_sums_are_fixed_and_replay(x, packed, tile)
+
+
+@hopper
+def test_warpgroup_kernel_is_a_tuning_candidate_and_graph_capture_replays_it():
+    from quantbench.export.kernels.matmul import _wgmma_candidates
+
+    packed = to_kernel_layout(act_order_weight(4, 128).to("cuda"))
+    x = torch.randn(24, IN, device="cuda").half()
+    assert {c.engine for c in _wgmma_candidates(x, packed)} == {"wgmma"}
+    assert _wgmma_candidates(x.bfloat16(), packed) == []
+    assert_graph_replays_the_kernel(x, packed, "wgmma")
+    assert_graph_replays_the_kernel(torch.randn(64, IN, device="cuda").half(), packed, "wgmma")
+
+
 def test_dependent_launch_follows_inductors_triton_kernels_unless_the_environment_says(monkeypatch):
     """Hopper on: unset or auto, on where inductor's Triton kernels launch dependent (off where inductor has
     no such option); 1 and 0 force it; older GPUs never."""

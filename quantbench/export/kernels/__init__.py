@@ -7,6 +7,8 @@ triton_matmul.py  the Triton kernels (imported only when used)
 packed_decode.cuh  the CUDA kernels' shared decoding (LOP3 field tricks, E2M1 bits, input pairs)
 packed_gemv.cu, cuda_gemv.py  the CUDA-core decode kernel for 1–16 rows of float16 x
 packed_mma.cu, cuda_mma.py  the tensor-core kernel (mma.sync on weights decoded in registers) for 1–64 rows
+packed_wgmma.cu, cuda_wgmma.py  Hopper's warpgroup tensor-core kernel (wgmma, the weight decoded as A) for 1–64 rows
+tensor_core_decode.cuh  the two tensor-core kernels' decoding (words of 4 outputs, scales, code pairs)
 cuda_build.py  builds the CUDA kernels with nvcc, one cached library per kernel and weight type
 cpu_int4.py   int4 on the CPU through torch's own int4 kernel (bfloat16 x)
 matmul.py     `packed_matmul`: backend choice and tile tuning

@@ -1,5 +1,6 @@
-"""Building the CUDA kernels (`packed_gemv.cu` on CUDA cores, `packed_mma.cu` on tensor cores) with nvcc,
-one shared library per kernel and weight type, cached on disk and loaded through ctypes.
+"""Building the CUDA kernels (`packed_gemv.cu` on CUDA cores, `packed_mma.cu` on tensor cores, `packed_wgmma.cu`
+on Hopper's warpgroup tensor-core products) with nvcc, one shared library per kernel and weight type, cached on
+disk and loaded through ctypes.
 
 The cache is QUANTBENCH_CUDA_CACHE, else $XDG_CACHE_HOME/quantbench/cuda (~/.cache/…); a library's name
 holds the kernel, the weight type, the GPU architecture and a digest of the sources and flags, so an
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -28,7 +30,7 @@ from quantbench.export.kernels.layout import KIND_CODES, KernelWeight
 
 HERE = Path(__file__).parent
 HEADERS = (HERE / "packed_decode.cuh", HERE / "tensor_core_decode.cuh")
-KERNELS = ("gemv", "mma")
+KERNELS = ("gemv", "mma", "wgmma")
 CACHE_ENV = "QUANTBENCH_CUDA_CACHE"
 DEPENDENT_LAUNCH_ENV = "QUANTBENCH_DEPENDENT_LAUNCH"
 NO_GROUPS_SHIFT = 31  # a word row's group is row >> shift: per-channel scales are all group 0
@@ -69,9 +71,16 @@ class WeightType:
             min(MMA_SLAB, group_rows // MMA_STEP_ROWS)
         return cls(KIND_CODES[weight.kind], weight.bits, weight.zeros is not None, False, span, kernel="mma")
 
+    @classmethod
+    def for_wgmma(cls, weight: KernelWeight) -> WeightType:
+        """The warpgroup kernel's type: the scales always in the weight's fragment (not MXFP4's)."""
+        if weight.kind == "mxfp4":
+            raise ValueError("MXFP4 scales may leave float16's range: the warpgroup kernel has no MXFP4 build")
+        return cls(KIND_CODES[weight.kind], weight.bits, weight.zeros is not None, False, 0, kernel="wgmma")
+
     def defines(self) -> list[str]:
         common = [f"-DKIND={self.kind}", f"-DBITS={self.bits}", f"-DHAS_ZEROS={int(self.zeros)}"]
-        if self.kernel == "mma":
+        if self.kernel in ("mma", "wgmma"):
             return [*common, f"-DSPAN={self.flush}"]
         return [*common, f"-DHAS_PERM={int(self.perm)}", f"-DFLUSH={self.flush}", f"-DLOAD_ONLY={int(self.load_only)}"]
 
@@ -130,6 +139,8 @@ def library_path(weight_type: WeightType, arch: str) -> Path:
 
 
 def _flags(weight_type: WeightType, arch: str) -> list[str]:
+    if weight_type.kernel == "wgmma" and arch == "90":
+        arch = "90a"  # wgmma is sm_90a's alone
     return ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
             *weight_type.defines()]
 
@@ -156,11 +167,14 @@ def build(weight_type: WeightType, arch: str) -> Path:
 # Entry points: (rows, lanes/warps, threads/warps_n, async/x_shared[, capped], splits[, column blocks]) ints,
 # then pointers, then sizes (gemv: and whether x goes through shared memory and whether word rows are
 # streamed), then the scale, whether to launch dependent and the stream; the tensor-core libraries also gather
-# act_order's inputs (x, perm, out, M, K, stride, dependent, stream).
+# act_order's inputs (x, perm, out, M, K, stride, dependent, stream); the warpgroup kernel's takes (rows,
+# warpgroups, splits), then pointers and sizes as the tensor-core kernel's.
 _SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 8
                         + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
                "mma": ("quantbench_packed_mma", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
                        + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
+               "wgmma": ("quantbench_packed_wgmma", [ctypes.c_int] * 3 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
+                         + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
                "gather": ("quantbench_gather_inputs", [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p])}
 _libraries: dict[tuple[WeightType, str], ctypes.CDLL] = {}
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -214,6 +228,11 @@ def split_workspace(device: torch.device, splits: int, m: int, n: int) -> tuple[
     return _workspaces[key]
 
 
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA device's compute capability (None for any other device)."""
+    return _capability(device) if device.type == "cuda" else None
+
+
 def device_arch(device: torch.device) -> str:
     major, minor = _capability(device)
     return f"{major}{minor}"
@@ -253,7 +272,7 @@ def pointer(tensor: torch.Tensor | None) -> int:
 def every_weight_type() -> list[WeightType]:
     """The types the kernels see. CUDA cores: int 2/4/8 bits with and without zeros and act_order, at every
     scale span, ternary pairs, MXFP4 (blocks of 4 word rows), NVFP4 (2). Tensor cores: the same without
-    act_order, per span of k-steps (0: scales into B)."""
+    act_order, per span of k-steps (0: scales into B); warpgroup products: those of span 0 but MXFP4."""
     gemv = [WeightType(0, bits, zeros, perm, flush) for bits in (2, 4, 8) for zeros in (False, True)
             for perm in (False, True) for flush in (1, 2, 4, 8)]
     gemv += [*(WeightType(1, 4, False, False, flush) for flush in (1, 2, 4, 8)),
@@ -262,7 +281,8 @@ def every_weight_type() -> list[WeightType]:
            for span in (0, 1, 2, 4)]
     mma += [*(WeightType(1, 4, False, False, span, kernel="mma") for span in (0, 1, 2, 4)),
             WeightType(2, 4, False, False, 1, kernel="mma"), WeightType(3, 4, False, False, 0, kernel="mma")]
-    return gemv + mma
+    wgmma = [dataclasses.replace(t, kernel="wgmma") for t in mma if t.flush == 0 and t.kind != KIND_CODES["mxfp4"]]
+    return gemv + mma + wgmma
 
 
 def main() -> None:
@@ -270,7 +290,7 @@ def main() -> None:
     parser.add_argument("--arch", required=True, help="compute capability without the dot: 90 for H100/H200")
     parser.add_argument("--only", nargs="+", metavar="KERNEL-KIND-BITS-ZEROS-PERM-FLUSH",
                         help="e.g. gemv-0-4-1-1-8 (int4 with zeros and act_order, 8 rows per scale), "
-                             "mma-0-4-1-0-4; default: all")
+                             "mma-0-4-1-0-4, wgmma-0-4-1-0-0; default: all")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="nvcc processes at once")
     args = parser.parse_args()
     types = every_weight_type()

@@ -87,7 +87,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
     stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):
         if weight.perm is not None:
-            x = _gathered(x, weight.perm, weight_type, arch, stream)
+            x = gather_inputs(x, weight.perm, weight_type, arch, stream)
             dependent = int(overlap_gather and cuda_build.can_launch_dependent(x.device))
         else:
             dependent = cuda_build.dependent_launch(x.device)
@@ -102,8 +102,9 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
     return out
 
 
-def _gathered(x: torch.Tensor, perm: torch.Tensor, weight_type: WeightType, arch: str, stream: int) -> torch.Tensor:
-    """x[:, perm], act_order's stored input order (K, a multiple of 32 in this layout, is one of 8)."""
+def gather_inputs(x: torch.Tensor, perm: torch.Tensor, weight_type: WeightType, arch: str, stream: int) -> torch.Tensor:
+    """x[:, perm], act_order's stored input order (K, a multiple of 32 in this layout, is one of 8), by the gather of
+    the tensor-core library of `weight_type`."""
     m, k = x.shape
     out = torch.empty_like(x)
     error = cuda_build.entry_point(weight_type, arch, "gather")(x.data_ptr(), perm.data_ptr(), out.data_ptr(), m, k,

@@ -5,9 +5,9 @@ On CUDA the first call for a (weight kind, width, group, batch bucket, N, K) tim
 (CUDA graphs on a cold L2, `graph_time_ms`) and keeps the fastest; later calls reuse it. Make that first
 call before capturing a CUDA graph of your own. With QUANTBENCH_KERNEL_TILES=FILE the choices persist
 across processes: read from FILE when it was written on a GPU of the same name, and saved to it after
-each new tuning. QUANTBENCH_KERNEL_ENGINES=triton, cuda, mma or a comma-separated list of them narrows the
-candidates to those engines where they apply (the CUDA decode kernel takes float16 x of up to 16 rows, the
-tensor-core kernel up to 64).
+each new tuning. QUANTBENCH_KERNEL_ENGINES=triton, cuda, mma, wgmma or a comma-separated list of them narrows
+the candidates to those engines where they apply (the CUDA decode kernel takes float16 x of up to 16 rows, the
+tensor-core kernels up to 64, the warpgroup one on Hopper only).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from quantbench.export.kernels import cpu_int4
 from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
 from quantbench.export.kernels.reference import packed_matmul_reference
 
-BACKENDS = ("auto", "triton", "cuda", "mma", "cpu", "torch")
+BACKENDS = ("auto", "triton", "cuda", "mma", "wgmma", "cpu", "torch")
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,14 @@ class TileConfig:
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
     # split_k blocks along K;
     # "mma": packed_mma.cu, `rows` rows of x per block, num_warps warps, block_n / 32 of them along the outputs,
-    # num_stages 1: x through shared-memory stages, 0: x from global memory, split_k blocks along K
+    # num_stages 1: x through shared-memory stages, 0: x from global memory, split_k blocks along K;
+    # "wgmma": packed_wgmma.cu, `rows` rows of x per block, num_warps / 4 warpgroups of 128 outputs each (block_n
+    # in all), split_k blocks along K
 
 
 CUDA_DEFAULT = TileConfig(1, 32, 0, 1, 8, num_stages=0, engine="cuda")
 MMA_DEFAULT = TileConfig(1, 64, 0, 1, 8, num_stages=0, engine="mma")
+WGMMA_DEFAULT = TileConfig(1, 128, 0, 1, 4, num_stages=0, engine="wgmma")
 
 
 INTERPRETER_CONFIGS = {"decode": TileConfig(1, 32, 64, 2), "batch": TileConfig(16, 32, 64, 1),
@@ -74,7 +77,8 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     """x [..., K] → [..., N] in x's dtype. `backend`: auto (on CUDA the fastest of the Triton and CUDA
     kernels; on the CPU torch's int4 kernel where it applies, else torch), triton (also on CPU under
     TRITON_INTERPRET=1), cuda (the CUDA decode kernel: float16 x, up to 16 rows), mma (the tensor-core kernel:
-    float16 x, up to 64 rows), cpu (torch's int4 kernel: bfloat16 x on the CPU, int4 in groups of 32–256),
+    float16 x, up to 64 rows), wgmma (the warpgroup tensor-core kernel: Hopper, float16 x, up to 64 rows), cpu
+    (torch's int4 kernel: bfloat16 x on the CPU, int4 in groups of 32–256),
     torch."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
@@ -91,10 +95,15 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         from quantbench.export.kernels.cuda_mma import rows_for
 
         config = dataclasses.replace(MMA_DEFAULT, rows=rows_for(x2.shape[0], weight))
-    use_triton = backend in ("triton", "cuda", "mma") or (backend == "auto" and x.is_cuda and triton_available())
+    if backend == "wgmma" and config is None:
+        from quantbench.export.kernels import cuda_wgmma
+
+        config = dataclasses.replace(WGMMA_DEFAULT, rows=cuda_wgmma.rows_for(x2.shape[0]))
+    use_triton = (backend in ("triton", "cuda", "mma", "wgmma")
+                  or (backend == "auto" and x.is_cuda and triton_available()))
     if not use_triton:
         return packed_matmul_reference(x2, weight).view(*x.shape[:-1], n_out)
-    from quantbench.export.kernels import cuda_gemv, cuda_mma, triton_matmul
+    from quantbench.export.kernels import cuda_gemv, cuda_mma, cuda_wgmma, triton_matmul
 
     if weight.kind == "ternary3":
         x2 = x2.contiguous()
@@ -114,6 +123,10 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
                               x_shared=config.num_stages > 0, overlap_gather=config.overlap_gather,
                               splits=config.split_k, capped=config.capped)
+        return out.view(*x.shape[:-1], n_out)
+    if config.engine == "wgmma":  # gathers act_order before the kernel
+        out = cuda_wgmma.launch(x2, weight, config.rows, config.num_warps // 4, config.split_k,
+                                overlap_gather=config.overlap_gather)
         return out.view(*x.shape[:-1], n_out)
     if x2.shape[0] > 1:  # a batch gathers act_order once; Triton's decode gathers in the kernel
         x2, weight = with_inputs_gathered(x2, weight)
@@ -152,9 +165,10 @@ def _candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[TileCo
 def _engine_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     """The tiles to time: Triton's and, where they apply, the CUDA kernels'. QUANTBENCH_KERNEL_ENGINES
     narrows them to the engines it names; Triton's stay where none of the CUDA ones it names applies."""
-    engines = set(os.environ.get(ENGINES_ENV, "triton,cuda,mma").split(","))
+    engines = set(os.environ.get(ENGINES_ENV, "triton,cuda,mma,wgmma").split(","))
     cuda = ((_cuda_candidates(x, weight) if "cuda" in engines else [])
-            + (_mma_candidates(x, weight) if "mma" in engines else []))
+            + (_mma_candidates(x, weight) if "mma" in engines else [])
+            + (_wgmma_candidates(x, weight) if "wgmma" in engines else []))
     if cuda and "triton" not in engines:
         return cuda
     return _candidates(x.shape[0], weight, x.dtype) + cuda
@@ -198,6 +212,21 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
             for r in rows for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps
             for x_shared in (0, 1) for capped in cuda_mma.capped_choices(r, warps_n, bool(x_shared), weight)
             for splits in cuda_mma.split_choices(m, weight, r, warps, warps_n, processors)
+            for overlap in overlaps]
+
+
+def _wgmma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
+    from quantbench.export.kernels import cuda_build, cuda_gemv, cuda_wgmma
+
+    if weight.kind == "ternary3" or cuda_wgmma.unsupported_reason(x, weight) is not None:
+        return []
+    m = x.shape[0]
+    rows = cuda_wgmma.rows_for(m)
+    overlaps = (False, True) if weight.perm is not None and cuda_build.can_launch_dependent(x.device) else (False,)
+    processors = cuda_gemv.multiprocessors(x.device)
+    return [TileConfig(1, cuda_wgmma.OUTPUTS_PER_GROUP * groups, 0, splits, 4 * groups, 0, rows=rows,
+                       overlap_gather=overlap, engine="wgmma")
+            for groups in cuda_wgmma.GROUPS for splits in cuda_wgmma.split_choices(m, weight, rows, groups, processors)
             for overlap in overlaps]
 
 
