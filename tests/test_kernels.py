@@ -958,8 +958,9 @@ def test_warpgroup_libraries_are_built_for_sm_90a_with_the_scales_in_the_weights
 
 
 def test_warpgroup_kernel_is_timed_beside_the_others_on_hopper_only(monkeypatch):
-    """Faked here (no GPU): on sm_90 the tuner times the warpgroup kernel's tiles, one or two warpgroups, the
-    fewest rows per block that hold the batch; not beyond 64 rows, not for MXFP4, not on another GPU."""
+    """Faked here (no GPU): on sm_90 the tuner times the warpgroup kernel's tiles where QUANTBENCH_KERNEL_ENGINES
+    names it, one or two warpgroups, the fewest rows per block that hold the batch; not beyond 64 rows, not for
+    MXFP4, not on another GPU."""
     from quantbench.export.kernels import cuda_build, cuda_gemv, cuda_wgmma, matmul
 
     monkeypatch.setattr(cuda_build, "unsupported_reason", lambda x, weight: None)
@@ -978,6 +979,8 @@ def test_warpgroup_kernel_is_timed_beside_the_others_on_hopper_only(monkeypatch)
     act_order = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
     monkeypatch.setattr(cuda_build, "can_launch_dependent", lambda device: True)
     assert {c.overlap_gather for c in matmul._wgmma_candidates(x.repeat(16, 1), act_order)} == {False, True}
+    assert {c.engine for c in matmul._engine_candidates(x.repeat(16, 1), packed)} == {"triton", "cuda", "mma"}
+    monkeypatch.setenv(matmul.ENGINES_ENV, "triton,cuda,mma,wgmma")  # timed only where named
     every = matmul._engine_candidates(x.repeat(16, 1), packed)
     assert {c.engine for c in every} == {"triton", "cuda", "mma", "wgmma"}
     monkeypatch.setenv(matmul.ENGINES_ENV, "wgmma")

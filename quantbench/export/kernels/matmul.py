@@ -5,9 +5,10 @@ On CUDA the first call for a (weight kind, width, group, batch bucket, N, K) tim
 (CUDA graphs on a cold L2, `graph_time_ms`) and keeps the fastest; later calls reuse it. Make that first
 call before capturing a CUDA graph of your own. With QUANTBENCH_KERNEL_TILES=FILE the choices persist
 across processes: read from FILE when it was written on a GPU of the same name, and saved to it after
-each new tuning. QUANTBENCH_KERNEL_ENGINES=triton, cuda, mma, wgmma or a comma-separated list of them narrows
-the candidates to those engines where they apply (the CUDA decode kernel takes float16 x of up to 16 rows, the
-tensor-core kernels up to 64, the warpgroup one on Hopper only).
+each new tuning. QUANTBENCH_KERNEL_ENGINES=triton, cuda, mma, wgmma or a comma-separated list of them sets
+the candidates' engines where they apply (the CUDA decode kernel takes float16 x of up to 16 rows, the
+tensor-core kernels up to 64, the warpgroup one on Hopper only); by default triton, cuda and mma (the warpgroup
+kernel, slower than mma wherever it was measured, is timed only where named).
 """
 
 from __future__ import annotations
@@ -164,8 +165,8 @@ def _candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[TileCo
 
 def _engine_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     """The tiles to time: Triton's and, where they apply, the CUDA kernels'. QUANTBENCH_KERNEL_ENGINES
-    narrows them to the engines it names; Triton's stay where none of the CUDA ones it names applies."""
-    engines = set(os.environ.get(ENGINES_ENV, "triton,cuda,mma,wgmma").split(","))
+    names the engines (default DEFAULT_ENGINES); Triton's stay where none of the CUDA ones it names applies."""
+    engines = set(os.environ.get(ENGINES_ENV, DEFAULT_ENGINES).split(","))
     cuda = ((_cuda_candidates(x, weight) if "cuda" in engines else [])
             + (_mma_candidates(x, weight) if "mma" in engines else [])
             + (_wgmma_candidates(x, weight) if "wgmma" in engines else []))
@@ -251,6 +252,7 @@ def _bucket(m: int) -> int:
 
 TILES_ENV = "QUANTBENCH_KERNEL_TILES"
 ENGINES_ENV = "QUANTBENCH_KERNEL_ENGINES"
+DEFAULT_ENGINES = "triton,cuda,mma"  # wgmma where named: docs/performance.md, "A warpgroup tensor-core engine"
 _loaded: set[str] = set()
 
 
