@@ -10,14 +10,13 @@
 // (row 16w + g) and 4g + 2a + 1 (row 16w + g + 8). Product i of a k-step takes the words' code pairs 2i
 // (physical k 2t, 2t + 1) and 2i + 1 (2t + 8, 2t + 9), pair p being stored inputs (p, p + PAIRS) of a word.
 //
-// Everything a slab of 128 inputs needs comes into shared memory by cp.async, STAGES slabs ahead: each
-// thread's words and scale bits into a ring of its own, and x as it is. No load writes a register in the main
-// loop (a warpgroup's wgmma.fence waits for every load in flight to its registers). Once a slab, the block
-// meets and pairs the next slab's x into B in the products' physical order: K-major core matrices of 8 rows ×
-// 16 bytes, no swizzle (a product's two k-halves 128 bytes apart, groups of 8 rows 256), two slabs of them,
-// one written while the other is read. A warpgroup decodes k-step s + 1 while the products of k-step s run.
-// GROUPS warpgroups side by side (128 outputs each) share x; split-K gives each of gridDim.z blocks a run of
-// whole slabs and adds their float32 sums as the other kernels do.
+// x reaches B through shared memory in that physical order: K-major core matrices of 8 rows × 16 bytes, no
+// swizzle (a product's two k-halves 128 bytes apart, groups of 8 rows 256), two slabs of 128 inputs, one
+// written while the other is read. Each thread's words come by cp.async into a ring of its own, STAGES slabs
+// deep; x is loaded into registers a slab before it is paired and stored; the block meets once a slab. A
+// warpgroup decodes k-step s + 1 while the products of k-step s run. GROUPS warpgroups side by side (128
+// outputs each) share x's stages; split-K gives each of gridDim.z blocks a run of whole slabs and adds their
+// float32 sums as the other kernels do.
 
 #include "tensor_core_decode.cuh"
 
@@ -30,6 +29,7 @@ constexpr int WARPGROUP = 128;
 constexpr int SLAB_INPUTS = 128;
 constexpr int STEP_INPUTS = STEP_ROWS * PER;
 constexpr int SLAB_STEPS = SLAB_INPUTS / STEP_INPUTS;  // k-steps a slab: 2 (int2), 4 (4-bit codes), 8 (int8)
+constexpr int STAGES = 4;        // slabs of words in each thread's ring
 constexpr int CORE_BYTES = 128;  // 8 rows × 16 bytes
 
 // An sm_90a shared-memory matrix descriptor, no swizzle: `along_k` bytes between the core matrices of a
@@ -39,42 +39,41 @@ __device__ __forceinline__ uint64_t matrix_descriptor(uint32_t address, uint32_t
          static_cast<uint64_t>(along_rows >> 4) << 32;
 }
 
-// d = A·B (+ d where `accumulate`) for a 64 × N × 16 product: A four f16x2 registers a thread, B through its
-// descriptor (K-major).
+// d += A·B for a 64 × N × 16 product: A four f16x2 registers a thread, B through its descriptor (K-major).
 template <int N>
-__device__ __forceinline__ void wgmma_async(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, int accumulate);
+__device__ __forceinline__ void wgmma_async(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b);
 
 template <>
-__device__ __forceinline__ void wgmma_async<8>(float (&d)[4], const uint32_t (&a)[4], uint64_t b, int accumulate) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+__device__ __forceinline__ void wgmma_async<8>(float (&d)[4], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
                "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, "
                "1, 0;\n}"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
 
 template <>
-__device__ __forceinline__ void wgmma_async<16>(float (&d)[8], const uint32_t (&a)[4], uint64_t b, int accumulate) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+__device__ __forceinline__ void wgmma_async<16>(float (&d)[8], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
                "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, "
                "%10, %11}, %12, p, 1, 1, 0;\n}"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
 
 template <>
-__device__ __forceinline__ void wgmma_async<32>(float (&d)[16], const uint32_t (&a)[4], uint64_t b, int accumulate) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+__device__ __forceinline__ void wgmma_async<32>(float (&d)[16], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
                "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, "
                "%11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
                  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
 
 template <>
-__device__ __forceinline__ void wgmma_async<64>(float (&d)[32], const uint32_t (&a)[4], uint64_t b, int accumulate) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+__device__ __forceinline__ void wgmma_async<64>(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
                "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, "
                "%11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
                "%30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}"
@@ -83,7 +82,7 @@ __device__ __forceinline__ void wgmma_async<64>(float (&d)[32], const uint32_t (
                  "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
                  "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
                  "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
@@ -111,132 +110,66 @@ __device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_grou
 template <int ROWS, int GROUPS>
 struct Layout {
   static constexpr int THREADS = GROUPS * WARPGROUP;
-  static constexpr int STAGES = ROWS == 64 ? 3 : 4;
-  static constexpr int WORD_BYTES = SLAB_STEPS * THREADS * 16;   // each thread's words: [k-step][thread]
-  static constexpr int SCALE_BYTES = SLAB_STEPS * THREADS * 16;  // and scale bits, 16 bytes a k-step
-  static constexpr int RAW_ROW = SLAB_INPUTS * 2 + 64;  // a row of x as it is; the 64 bytes spread a quarter
-                                                        // warp's 16-byte reads of 2 rows over the 8 bank groups
-  static constexpr int SLOT = WORD_BYTES + SCALE_BYTES + ROWS * RAW_ROW;
-  static constexpr int X_BYTES = SLAB_INPUTS * ROWS * 2;  // a slab of B: products of ROWS · 32 bytes
-  static constexpr int BYTES = STAGES * SLOT + 2 * X_BYTES;
+  static constexpr int WORD_BYTES = SLAB_STEPS * THREADS * 16;  // a slab of each thread's words: [k-step][thread]
+  static constexpr int X_BYTES = SLAB_INPUTS * ROWS * 2;        // a slab of B: products of ROWS · 32 bytes
+  static constexpr int BYTES = STAGES * WORD_BYTES + 2 * X_BYTES;
 };
 
-template <int BYTES>
-__device__ __forceinline__ void copy_async(uint32_t target, const void* source, bool inside) {
-  if constexpr (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(target), "l"(source), "r"(inside ? 16 : 0));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;"
-                 :: "r"(target), "l"(source), "n"(BYTES), "r"(inside ? BYTES : 0));
-  }
-}
-
-// The bytes load_scale_bits reads for one word row's group (scales into A: per weight column), copied into a
-// 16-byte slot: the scales (NVFP4: codes) at 0, ternary's second plane or the zero points at 8.
-__device__ __forceinline__ void copy_scale_bits(uint32_t slot, const void* __restrict__ scales_,
-                                                const uint8_t* __restrict__ zeros, int group, int n_groups, int N,
-                                                int n0, bool active) {
-  const size_t at = static_cast<size_t>(group) * N + n0;
-#if KIND == 0 || KIND == 1
-  const half* scales = static_cast<const half*>(scales_);
-#pragma unroll
-  for (int plane = 0; plane < PLANES; ++plane)
-    copy_async<8>(slot + 8 * plane, scales + (active ? static_cast<size_t>(plane) * n_groups * N + at : 0), active);
-#if HAS_ZEROS
-  copy_async<4>(slot + 8, zeros + (active ? at : 0), active);
-#endif
-#else
-  copy_async<4>(slot, static_cast<const uint8_t*>(scales_) + (active ? at : 0), active);
-#endif
-  (void)zeros;
-  (void)n_groups;
-}
-
-__device__ __forceinline__ ScaleBits read_scale_bits(const unsigned char* slot) {
-  ScaleBits bits{};
-#if KIND == 0 || KIND == 1
-#pragma unroll
-  for (int plane = 0; plane < PLANES; ++plane) bits.low[plane] = *reinterpret_cast<const uint2*>(slot + 8 * plane);
-#if HAS_ZEROS
-  bits.zeros = *reinterpret_cast<const uint32_t*>(slot + 8);
-#endif
-#else
-  bits.low[0].x = *reinterpret_cast<const uint32_t*>(slot);
-#endif
-  return bits;
-}
-
-// cp.async of slab `slab`'s words and scale bits of this thread (before x: they do not depend on the kernel
-// before) and of its share of x as it is (zeros past the weight's rows, its outputs, x's rows or K).
+// cp.async of this thread's words of a slab into its ring (zeros past the weight's rows or outputs), one commit
+// group a slab.
 template <int ROWS, int GROUPS>
-__device__ __forceinline__ void copy_weights(uint32_t slot, const uint32_t* __restrict__ w,
-                                             const void* __restrict__ scales, const uint8_t* __restrict__ zeros,
-                                             int slab, int rows_end, int N, int n0, int t, bool active, int n_groups,
-                                             int row_shift) {
-  using L = Layout<ROWS, GROUPS>;
+__device__ __forceinline__ void copy_words(uint32_t ring, const uint32_t* __restrict__ w, int slab, int rows_end,
+                                           int N, int n0, int t, bool active) {
+  const uint32_t at = ring + (slab % STAGES) * Layout<ROWS, GROUPS>::WORD_BYTES + 16 * threadIdx.x;
 #pragma unroll
   for (int i = 0; i < SLAB_STEPS; ++i) {
     const int j = (slab * SLAB_STEPS + i) * STEP_ROWS + t;
     const bool inside = active && j < rows_end;
-    const uint32_t at = 16 * (i * L::THREADS + threadIdx.x);
-    copy_async<16>(slot + at, w + (inside ? static_cast<size_t>(j) * N + n0 : 0), inside);
-    copy_scale_bits(slot + L::WORD_BYTES + at, scales, zeros, min(j >> row_shift, n_groups - 1), n_groups, N, n0,
-                    active);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"(at + i * Layout<ROWS, GROUPS>::THREADS * 16),
+                    "l"(w + (inside ? static_cast<size_t>(j) * N + n0 : 0)), "r"(inside ? 16 : 0));
   }
+  asm volatile("cp.async.commit_group;");
 }
 
-template <int ROWS, int GROUPS>
-__device__ __forceinline__ void copy_x(uint32_t slot, const half* __restrict__ x, int slab, int m0, int M, int K,
+// A slab's x of ROWS rows, in the products' physical order: unit u is row u / 4 and word row u % 4 of each
+// k-step (a warp's 32 units store to 32 banks). Loaded into registers a slab before it is stored.
+template <int ROWS, int THREADS>
+struct XStager {
+  static constexpr int UNITS = ROWS * STEP_ROWS * SLAB_STEPS;
+  static constexpr int PER_THREAD = (UNITS + THREADS - 1) / THREADS;
+  uint32_t held[PER_THREAD][PER / 2];
+
+  __device__ __forceinline__ void load(const half* __restrict__ x, int slab, int m0, int M, int word_rows,
                                        int stride_x) {
-  using L = Layout<ROWS, GROUPS>;
-  constexpr int CHUNKS = SLAB_INPUTS / 8;
-  const uint32_t raw = slot + L::WORD_BYTES + L::SCALE_BYTES;
 #pragma unroll
-  for (int u = threadIdx.x; u < ROWS * CHUNKS; u += L::THREADS) {
-    const int row = u / CHUNKS, chunk = u % CHUNKS, k = slab * SLAB_INPUTS + 8 * chunk;
-    const bool inside = m0 + row < M && k < K;
-    copy_async<16>(raw + row * L::RAW_ROW + 16 * chunk, x + (inside ? static_cast<size_t>(m0 + row) * stride_x + k : 0),
-                   inside);
-  }
-}
-
-// A slab's x, as copied, paired into B in the products' physical order: unit u is k-step u / (4 · ROWS), row
-// u / 4 and word row u % 4 of it (a warp's 32 units store to 32 banks).
-template <int ROWS, int GROUPS>
-__device__ __forceinline__ void pair_x(const unsigned char* raw, unsigned char* b) {
-  using L = Layout<ROWS, GROUPS>;
-  constexpr int UNITS = ROWS * STEP_ROWS * SLAB_STEPS;
-#pragma unroll
-  for (int unit = threadIdx.x; unit < UNITS; unit += L::THREADS) {
-    const int step = unit / (ROWS * STEP_ROWS), row = unit / STEP_ROWS % ROWS, word_row = unit % STEP_ROWS;
-    uint32_t words[PER / 2];
-    input_words(reinterpret_cast<const half*>(raw + row * L::RAW_ROW), step * STEP_ROWS + word_row, true, words);
-    half2 pairs[PAIRS];
-    pairs_of(words, pairs);
-#pragma unroll
-    for (int p = 0; p < PAIRS; ++p) {
-      const int product = step * PRODUCTS + p / 2, k_half = p % 2;
-      const int at = product * ROWS * 32 + ((row / 8) * 2 + k_half) * CORE_BYTES + (row % 8) * 16 + 4 * word_row;
-      *reinterpret_cast<uint32_t*>(b + at) = as_bits(pairs[p]);
+    for (int u = 0; u < PER_THREAD; ++u) {
+      const int unit = threadIdx.x + u * THREADS, step = unit / (ROWS * STEP_ROWS), row = unit / STEP_ROWS % ROWS;
+      const int j = (slab * SLAB_STEPS + step) * STEP_ROWS + unit % STEP_ROWS;
+      const bool live = unit < UNITS && m0 + row < M && j < word_rows;
+      input_words<true>(x + static_cast<size_t>(live ? m0 + row : 0) * stride_x, j, live, held[u]);
     }
   }
-}
 
-// SUMS (int codes whose group spans a slab, up to 32 rows): A holds q − z exactly, and each slab's products sum
-// into their own float32 registers, scaled into the output's once the slab is done: one f16x2 multiply a code
-// pair less, and the scale applied in float32.
-#if KIND == 0
-__device__ __forceinline__ void decode_unscaled(uint32_t word, const Scales& s, int o, uint32_t (&b)[PLANES][PAIRS]) {
+  __device__ __forceinline__ void store(unsigned char* b) const {
 #pragma unroll
-  for (int p = 0; p < PAIRS; ++p)
-    b[0][p] = as_bits(field_minus_biased(word >> pair_shift(p), field_bit(p), CODE_MASK, s.bias[o][p % FIELDS]));
-}
-#endif
+    for (int u = 0; u < PER_THREAD; ++u) {
+      const int unit = threadIdx.x + u * THREADS;
+      if (UNITS % THREADS && unit >= UNITS) break;
+      const int step = unit / (ROWS * STEP_ROWS), row = unit / STEP_ROWS % ROWS, word_row = unit % STEP_ROWS;
+      half2 pairs[PAIRS];
+      pairs_of(held[u], pairs);
+#pragma unroll
+      for (int p = 0; p < PAIRS; ++p) {
+        const int product = step * PRODUCTS + p / 2, k_half = p % 2;
+        const int at = product * ROWS * 32 + ((row / 8) * 2 + k_half) * CORE_BYTES + (row % 8) * 16 + 4 * word_row;
+        *reinterpret_cast<uint32_t*>(b + at) = as_bits(pairs[p]);
+      }
+    }
+  }
+};
 
-template <int ROWS>
-__host__ __device__ constexpr bool sums_fit() { return KIND == 0 && ROWS <= 32; }
-
-template <int ROWS, int GROUPS, bool SPLIT, bool SUMS>
+template <int ROWS, int GROUPS, bool SPLIT>
 __global__ void __launch_bounds__(GROUPS * WARPGROUP) packed_wgmma(
     const half* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ scales_,
     const uint8_t* __restrict__ zeros, half* __restrict__ out, int M, int N, int K, int n_groups, int row_shift,
@@ -258,85 +191,60 @@ __global__ void __launch_bounds__(GROUPS * WARPGROUP) packed_wgmma(
   const int rows_end = min(word_rows, slab_end * SLAB_STEPS * STEP_ROWS);
   const bool active = n0 < N;
   const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-  unsigned char* const b_stages = shared + L::STAGES * L::SLOT;
+  unsigned char* const b_stages = shared + STAGES * L::WORD_BYTES;
 
-  static_assert(!SUMS || sums_fit<ROWS>(), "slab sums: int codes, up to 32 rows");
   float acc[2][ACC];
 #pragma unroll
   for (int a = 0; a < 2; ++a)
 #pragma unroll
     for (int e = 0; e < ACC; ++e) acc[a][e] = 0.f;
-  float part[SUMS ? 2 : 1][SUMS ? ACC : 1];  // SUMS: the slab's sums, unscaled
-  float slab_scale[OUTS];                      // SUMS: their outputs' scales
-  // Sum e of A-tile a is output 4g + 2a + (e / 2) % 2.
-  auto add_slab = [&]() {
-    if constexpr (SUMS) {
-      wgmma_wait<0>();
-      pin(part[0]);
-      pin(part[1]);
-#pragma unroll
-      for (int a = 0; a < 2; ++a)
-#pragma unroll
-        for (int e = 0; e < ACC; ++e) acc[a][e] += slab_scale[2 * a + (e / 2) % 2] * part[a][e];
-    }
-  };
 
-  constexpr int STAGES = L::STAGES;
-  auto slot_of = [&](int slab) { return ring + (slab % STAGES) * L::SLOT; };
+  auto scale_bits_at = [&](int step) {
+    const int scale_group = min((step * STEP_ROWS + t) >> row_shift, n_groups - 1);
+    return load_scale_bits(scales_, zeros, scale_group, n_groups, N, n0, n0, t, active);
+  };
+  ScaleBits next_bits[SLAB_STEPS];
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s)
-    copy_weights<ROWS, GROUPS>(slot_of(slab_begin + s), w, scales_, zeros, slab_begin + s, rows_end, N, n0, t,
-                               active, n_groups, row_shift);
+  for (int i = 0; i < SLAB_STEPS; ++i) next_bits[i] = scale_bits_at(slab_begin * SLAB_STEPS + i);
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s)  // one commit group a slab, empty past the last
+    copy_words<ROWS, GROUPS>(ring, w, slab_begin + s, rows_end, N, n0, t, active);
   wait_for_previous_kernel();
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {  // one commit group a slab, empty past the last
-    if (slab_begin + s < slab_end) copy_x<ROWS, GROUPS>(slot_of(slab_begin + s), x, slab_begin + s, m0, M, K, stride_x);
-    asm volatile("cp.async.commit_group;");
+  XStager<ROWS, L::THREADS> stager;
+  if (slab_begin < slab_end) {
+    stager.load(x, slab_begin, m0, M, word_rows, stride_x);
+    stager.store(b_stages);
+    stager.load(x, slab_begin + 1, m0, M, word_rows, stride_x);
   }
-  wait_copies<STAGES - 2>();
-  __syncthreads();
-  pair_x<ROWS, GROUPS>(shared + (slot_of(slab_begin) - ring) + L::WORD_BYTES + L::SCALE_BYTES, b_stages);
 
   uint32_t a[2][2][PRODUCTS][4];  // [k-step parity][A-tile][product]
   for (int slab = slab_begin; slab < slab_end; ++slab) {
-    wgmma_wait<0>();             // the last slab's products are done with the B stage the next slab's x goes to
-    if (slab > slab_begin) add_slab();
-    wait_copies<STAGES - 3>();   // the next slab's copies have landed (this slab's too)
+    wgmma_wait<0>();  // the last slab's products are done with the B stage the next slab's x goes to
+    wait_copies<STAGES - 2>();
     fence_shared_for_products();
     __syncthreads();
-    copy_weights<ROWS, GROUPS>(slot_of(slab + STAGES - 1), w, scales_, zeros, slab + STAGES - 1, rows_end, N, n0, t,
-                               active, n_groups, row_shift);
-    if (slab + STAGES - 1 < slab_end) copy_x<ROWS, GROUPS>(slot_of(slab + STAGES - 1), x, slab + STAGES - 1, m0, M, K,
-                                                           stride_x);
-    asm volatile("cp.async.commit_group;");
-    if (slab + 1 < slab_end)
-      pair_x<ROWS, GROUPS>(shared + (slot_of(slab + 1) - ring) + L::WORD_BYTES + L::SCALE_BYTES,
-                           b_stages + ((slab - slab_begin + 1) % 2) * L::X_BYTES);
-    const unsigned char* slot = shared + (slot_of(slab) - ring) + 16 * threadIdx.x;
-    const uint32_t b_stage = ring + STAGES * L::SLOT + ((slab - slab_begin) % 2) * L::X_BYTES;
-    Scales s;
-    if constexpr (SUMS) {  // one group for the whole slab
-      s = unpack_scales(read_scale_bits(slot + L::WORD_BYTES));
-#pragma unroll
-      for (int o = 0; o < OUTS; ++o) slab_scale[o] = __low2float(s.b[0][o]);
+    copy_words<ROWS, GROUPS>(ring, w, slab + STAGES - 1, rows_end, N, n0, t, active);
+    if (slab + 1 < slab_end) {
+      stager.store(b_stages + ((slab - slab_begin + 1) % 2) * L::X_BYTES);
+      if (slab + 2 < slab_end) stager.load(x, slab + 2, m0, M, word_rows, stride_x);
     }
+    ScaleBits bits[SLAB_STEPS];
 #pragma unroll
     for (int i = 0; i < SLAB_STEPS; ++i) {
-      const uint4 v = *reinterpret_cast<const uint4*>(slot + i * L::THREADS * 16);
-      if constexpr (!SUMS) s = unpack_scales(read_scale_bits(slot + L::WORD_BYTES + i * L::THREADS * 16));
+      bits[i] = next_bits[i];
+      if (slab + 1 < slab_end) next_bits[i] = scale_bits_at((slab + 1) * SLAB_STEPS + i);
+    }
+    const unsigned char* words = shared + (slab % STAGES) * L::WORD_BYTES + 16 * threadIdx.x;
+    const uint32_t b_stage = ring + STAGES * L::WORD_BYTES + ((slab - slab_begin) % 2) * L::X_BYTES;
+#pragma unroll
+    for (int i = 0; i < SLAB_STEPS; ++i) {
+      const uint4 v = *reinterpret_cast<const uint4*>(words + i * L::THREADS * 16);
+      const Scales s = unpack_scales(bits[i]);
 #pragma unroll
       for (int pair_of_outputs = 0; pair_of_outputs < 2; ++pair_of_outputs) {
         uint32_t low[PLANES][PAIRS], high[PLANES][PAIRS];  // outputs 4g + 2a and 4g + 2a + 1
-#if KIND == 0
-        if constexpr (SUMS) {
-          decode_unscaled(word_of(v, 2 * pair_of_outputs), s, 2 * pair_of_outputs, low);
-          decode_unscaled(word_of(v, 2 * pair_of_outputs + 1), s, 2 * pair_of_outputs + 1, high);
-        } else
-#endif
-        {
-          decode_word(word_of(v, 2 * pair_of_outputs), s, 2 * pair_of_outputs, low);
-          decode_word(word_of(v, 2 * pair_of_outputs + 1), s, 2 * pair_of_outputs + 1, high);
-        }
+        decode_word(word_of(v, 2 * pair_of_outputs), s, 2 * pair_of_outputs, low);
+        decode_word(word_of(v, 2 * pair_of_outputs + 1), s, 2 * pair_of_outputs + 1, high);
 #pragma unroll
         for (int product = 0; product < PRODUCTS; ++product) {
           uint32_t (&fragment)[4] = a[i % 2][pair_of_outputs][product];
@@ -352,19 +260,13 @@ __global__ void __launch_bounds__(GROUPS * WARPGROUP) packed_wgmma(
         const uint64_t b = matrix_descriptor(b_stage + (i * PRODUCTS + product) * ROWS * 32, CORE_BYTES,
                                              2 * CORE_BYTES);
 #pragma unroll
-        for (int tile = 0; tile < 2; ++tile) {
-          if constexpr (SUMS)
-            wgmma_async<ROWS>(part[tile], a[i % 2][tile][product], b, i > 0 || product > 0);
-          else
-            wgmma_async<ROWS>(acc[tile], a[i % 2][tile][product], b, 1);
-        }
+        for (int tile = 0; tile < 2; ++tile) wgmma_async<ROWS>(acc[tile], a[i % 2][tile][product], b);
       }
       wgmma_commit();
       wgmma_wait<1>();  // k-step i − 1's products are done: its A registers are free for k-step i + 1
     }
   }
   wgmma_wait<0>();
-  if (slab_begin < slab_end) add_slab();
   pin(acc[0]);
   pin(acc[1]);
   let_next_kernel_start();
@@ -421,9 +323,9 @@ struct Call {
 };
 
 // Where the stages exceed 48 KB, the kernel's allowance covers its static shared memory too (split-K's flag).
-template <int ROWS, int GROUPS, bool SPLIT, bool SUMS>
+template <int ROWS, int GROUPS, bool SPLIT>
 cudaError_t launch(const Call& c) {
-  constexpr auto kernel = packed_wgmma<ROWS, GROUPS, SPLIT, SUMS>;
+  constexpr auto kernel = packed_wgmma<ROWS, GROUPS, SPLIT>;
   constexpr size_t stages = Layout<ROWS, GROUPS>::BYTES;
   static size_t static_bytes = ~size_t{0};
   if (static_bytes == ~size_t{0}) {
@@ -443,28 +345,17 @@ cudaError_t launch(const Call& c) {
                       static_cast<int*>(c.arrivals));
 }
 
-template <int ROWS, int GROUPS, bool SUMS>
-cudaError_t by_split(const Call& c) {
-  if (c.splits > 1) return launch<ROWS, GROUPS, true, SUMS>(c);
-  return launch<ROWS, GROUPS, false, SUMS>(c);
-}
-
-// Slab sums where a group spans every slab (128 inputs or more, or one per row), for int codes up to 32 rows.
 template <int ROWS, int GROUPS>
-cudaError_t by_sums(const Call& c) {
-#ifndef QUANTBENCH_WGMMA_NO_SUMS
-  if constexpr (sums_fit<ROWS>()) {
-    if (c.row_shift >= 31 || (PER << c.row_shift) >= SLAB_INPUTS) return by_split<ROWS, GROUPS, true>(c);
-  }
-#endif
-  return by_split<ROWS, GROUPS, false>(c);
+cudaError_t by_split(const Call& c) {
+  if (c.splits > 1) return launch<ROWS, GROUPS, true>(c);
+  return launch<ROWS, GROUPS, false>(c);
 }
 
 template <int ROWS>
 cudaError_t by_groups(int groups, const Call& c) {
   switch (groups) {
-    case 1: return by_sums<ROWS, 1>(c);
-    case 2: return by_sums<ROWS, 2>(c);
+    case 1: return by_split<ROWS, 1>(c);
+    case 2: return by_split<ROWS, 2>(c);
   }
   return cudaErrorInvalidValue;
 }
