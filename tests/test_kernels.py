@@ -1003,6 +1003,43 @@ def test_warpgroup_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_per_
     assert split_choices(128, up, 64, 1, 132) == [1]  # two blocks of rows: 224 blocks
 
 
+@pytest.mark.parametrize("engine", ["mma", "wgmma"])
+def test_tensor_core_launches_pass_sizes_and_pointers_in_the_libraries_order(engine, monkeypatch):
+    """Faked here (no GPU): the libraries' entry points take M, N, K in that order after the pointers, x as
+    gathered for act_order (its own buffer, contiguous) and the output the call returns."""
+    import contextlib
+
+    from quantbench.export.kernels import cuda_build, cuda_mma, cuda_wgmma
+
+    calls = []
+
+    def entry_point(weight_type, arch, function=None):
+        def run(*args):
+            calls.append((function or weight_type.kernel, args))
+            return 0
+        return run
+
+    monkeypatch.setattr(cuda_build, "unsupported_reason", lambda x, weight: None)
+    monkeypatch.setattr(cuda_build, "device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(cuda_build, "device_arch", lambda device: "90")
+    monkeypatch.setattr(cuda_build, "dependent_launch", lambda device: 0)
+    monkeypatch.setattr(cuda_build, "entry_point", entry_point)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=7))
+    packed = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
+    x = torch.randn(40, 2 * IN).half()[:, :IN]  # rows IN apart in a wider buffer: copied before the gather
+    if engine == "mma":
+        out = cuda_mma.launch(x, packed, 32, 4, 1)
+    else:
+        out = cuda_wgmma.launch(x, packed, 32, 1)
+    (gather, gather_args), (kernel, args) = calls
+    assert gather == "gather" and kernel == engine and gather_args[3:6] == (40, IN, IN)
+    sizes = args[13:16] if engine == "mma" else args[10:13]
+    pointers = args[6:13] if engine == "mma" else args[3:10]
+    assert sizes == (40, OUT, IN) and out.shape == (40, OUT)
+    assert pointers[0] == gather_args[2] and pointers[4] == out.data_ptr()  # the gathered x, the output
+    assert args[-1] == 7 and args[-3] == pytest.approx(1.0 / packed.global_scale)
+
 WGMMA_TILES = {"8 rows, one warpgroup": TileConfig(1, 128, 0, 1, 4, 0, rows=8, engine="wgmma"),
                "16 rows, two warpgroups": TileConfig(1, 256, 0, 1, 8, 0, rows=16, engine="wgmma"),
                "32 rows, one warpgroup": TileConfig(1, 128, 0, 1, 4, 0, rows=32, engine="wgmma"),

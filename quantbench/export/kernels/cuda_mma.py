@@ -5,6 +5,8 @@ dependent on it, it loads its weights while the gather runs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from quantbench.export.kernels import cuda_build
@@ -80,26 +82,46 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
                          f"x_shared (not ternary span sums)")
     weight_type = WeightType.for_mma(weight, scales_in_b=rows == SCALES_IN_B_ROWS)
     arch = cuda_build.device_arch(x.device)
-    if x.data_ptr() % 16 or not x.is_contiguous():
-        x = x.contiguous().clone()
-    m, k = x.shape
-    n = weight.shape[0]
-    stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):
-        if weight.perm is not None:
-            x = gather_inputs(x, weight.perm, weight_type, arch, stream)
-            dependent = int(overlap_gather and cuda_build.can_launch_dependent(x.device))
-        else:
-            dependent = cuda_build.dependent_launch(x.device)
-        out = torch.empty(m, n, dtype=torch.float16, device=x.device)
-        partials, arrivals = cuda_build.split_workspace(x.device, splits, m, n) if splits > 1 else (None, None)
+        call = prepare(x, weight, weight_type, arch, overlap_gather, splits)
         error = cuda_build.entry_point(weight_type, arch)(
-            rows, warps, warps_n, int(x_shared), int(capped), splits, x.data_ptr(), weight.qweight.data_ptr(),
-            weight.scales.data_ptr(), pointer(weight.zeros), out.data_ptr(), pointer(partials), pointer(arrivals),
-            m, n, k, weight.n_groups, row_shift(weight), x.stride(0), 1.0 / weight.global_scale, dependent, stream)
+            rows, warps, warps_n, int(x_shared), int(capped), splits, call.x.data_ptr(), weight.qweight.data_ptr(),
+            weight.scales.data_ptr(), pointer(weight.zeros), call.out.data_ptr(), pointer(call.partials),
+            pointer(call.arrivals), call.x.shape[0], weight.shape[0], call.x.shape[1], weight.n_groups,
+            row_shift(weight), call.x.stride(0), 1.0 / weight.global_scale, call.dependent, call.stream)
     if error:
         raise RuntimeError(f"the tensor-core kernel did not launch: cudaError {error}")
-    return out
+    return call.out
+
+
+@dataclass
+class PreparedCall:
+    x: torch.Tensor  # contiguous, 16-byte aligned, act_order's inputs gathered
+    out: torch.Tensor
+    partials: torch.Tensor | None
+    arrivals: torch.Tensor | None
+    dependent: int
+    stream: int
+
+
+def prepare(x: torch.Tensor, weight: KernelWeight, gather_type: WeightType, arch: str, overlap_gather: bool,
+            splits: int) -> PreparedCall:
+    """What a tensor-core kernel's call needs, on x's device: x contiguous and aligned, act_order gathered by
+    `gather_type`'s library (the kernel then launched dependent on the gather where `overlap_gather` asks and the
+    device can, else as dependent launch says), the output and split-K's workspace."""
+    if x.data_ptr() % 16 or not x.is_contiguous():
+        x = x.contiguous().clone()
+    m = x.shape[0]
+    n = weight.shape[0]
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    if weight.perm is not None:
+        x = gather_inputs(x, weight.perm, gather_type, arch, stream)
+        dependent = int(overlap_gather and cuda_build.can_launch_dependent(x.device))
+    else:
+        dependent = cuda_build.dependent_launch(x.device)
+    out = torch.empty(m, n, dtype=torch.float16, device=x.device)
+    partials, arrivals = cuda_build.split_workspace(x.device, splits, m, n) if splits > 1 else (None, None)
+    return PreparedCall(x, out, partials, arrivals, dependent, stream)
 
 
 def gather_inputs(x: torch.Tensor, perm: torch.Tensor, weight_type: WeightType, arch: str, stream: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from quantbench.export.kernels import cuda_build
 from quantbench.export.kernels.cuda_build import WeightType, pointer, row_shift
-from quantbench.export.kernels.cuda_mma import gather_inputs
+from quantbench.export.kernels.cuda_mma import prepare
 from quantbench.export.kernels.layout import KernelWeight
 
 ROWS = (8, 16, 32, 64)  # rows of x per block: the products' N
@@ -64,23 +64,13 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, groups: int = 1, sp
         raise ValueError(f"rows {rows}, groups {groups}, splits {splits}: not among {ROWS}, {GROUPS}, 1–65535")
     weight_type = WeightType.for_wgmma(weight)
     arch = cuda_build.device_arch(x.device)
-    if x.data_ptr() % 16 or not x.is_contiguous():
-        x = x.contiguous().clone()
-    m, k = x.shape
-    n = weight.shape[0]
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    with torch.cuda.device(x.device):
-        if weight.perm is not None:
-            x = gather_inputs(x, weight.perm, WeightType.for_mma(weight, scales_in_b=True), arch, stream)
-            dependent = int(overlap_gather and cuda_build.can_launch_dependent(x.device))
-        else:
-            dependent = cuda_build.dependent_launch(x.device)
-        out = torch.empty(m, n, dtype=torch.float16, device=x.device)
-        partials, arrivals = cuda_build.split_workspace(x.device, splits, m, n) if splits > 1 else (None, None)
+    with torch.cuda.device(x.device):  # act_order gathered by the tensor-core library's gather
+        call = prepare(x, weight, WeightType.for_mma(weight, scales_in_b=True), arch, overlap_gather, splits)
         error = cuda_build.entry_point(weight_type, arch)(
-            rows, groups, splits, x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
-            pointer(weight.zeros), out.data_ptr(), pointer(partials), pointer(arrivals), m, n, k, weight.n_groups,
-            row_shift(weight), x.stride(0), 1.0 / weight.global_scale, dependent, stream)
+            rows, groups, splits, call.x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
+            pointer(weight.zeros), call.out.data_ptr(), pointer(call.partials), pointer(call.arrivals),
+            call.x.shape[0], weight.shape[0], call.x.shape[1], weight.n_groups, row_shift(weight), call.x.stride(0),
+            1.0 / weight.global_scale, call.dependent, call.stream)
     if error:
         raise RuntimeError(f"the warpgroup kernel did not launch: cudaError {error}")
-    return out
+    return call.out
