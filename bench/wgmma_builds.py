@@ -20,6 +20,7 @@ from kernel_speed import kernel_weight  # noqa: E402
 from quantbench.export.kernels import cuda_wgmma  # noqa: E402
 from quantbench.export.kernels.cuda_build import pointer, row_shift, split_workspace  # noqa: E402
 from quantbench.export.kernels.cuda_gemv import multiprocessors  # noqa: E402
+from quantbench.export.kernels.cuda_mma import rows_for  # noqa: E402
 from quantbench.export.kernels.matmul import graph_time_ms  # noqa: E402
 from quantbench.export.kernels.reference import packed_matmul_reference  # noqa: E402
 
@@ -46,7 +47,7 @@ def main() -> None:
             tol = 0.05 * ref.abs().max().item()
             fp16 = 1e3 * graph_time_ms(lambda: torch.matmul(x, dense.t()), warm=(x,))
             cells = [f"{k}x{n} b{batch:<3} fp16 {fp16:6.1f}"]
-            rows = cuda_wgmma.rows_for(batch)
+            rows = rows_for(batch, w)
             for name, f in zip(names, entries):
                 best = None
                 for groups in (1, 2):

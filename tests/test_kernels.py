@@ -804,6 +804,15 @@ def test_cuda_kernel_is_a_tuning_candidate_and_launches_on_the_stream_a_graph_ca
     assert_graph_replays_the_kernel(x, packed, "cuda")
 
 
+def assert_equals_the_dequantized_matmul(stored, batch: int, tile: TileConfig) -> None:
+    """`tile` on x of `batch` rows (seeded by the batch) gives float16 within float16 rounding of x·Wᵀ."""
+    x = torch.randn(batch, IN, device="cuda", generator=torch.Generator("cuda").manual_seed(batch)).half()
+    expected = x.float() @ stored.dequantize().T
+    got = packed_matmul(x, to_kernel_layout(stored), backend=tile.engine, config=tile)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
 MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows=8, engine="mma"),
              "16 rows, 8 warps splitting the inputs": TileConfig(1, 32, 0, 1, 8, 0, rows=16, engine="mma"),
              "32 rows, 8 warps, 2 along the outputs": TileConfig(1, 64, 0, 1, 8, 0, rows=32, engine="mma"),
@@ -835,11 +844,7 @@ def test_tensor_core_kernel_equals_the_dequantized_matmul_on_partial_tiles(label
             packed_matmul(torch.zeros(batch, IN, device="cuda").half(), to_kernel_layout(stored), backend="mma",
                           config=MMA_TILES[tile])
         return
-    x = torch.randn(batch, IN, device="cuda", generator=torch.Generator("cuda").manual_seed(batch)).half()
-    expected = x.float() @ stored.dequantize().T
-    got = packed_matmul(x, to_kernel_layout(stored), backend="mma", config=MMA_TILES[tile])
-    assert got.dtype == torch.float16
-    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    assert_equals_the_dequantized_matmul(stored, batch, MMA_TILES[tile])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
@@ -1064,11 +1069,7 @@ def test_warpgroup_kernel_equals_the_dequantized_matmul_on_partial_tiles(label, 
             packed_matmul(torch.zeros(batch, IN, device="cuda").half(), to_kernel_layout(stored), backend="wgmma",
                           config=WGMMA_TILES[tile])
         return
-    x = torch.randn(batch, IN, device="cuda", generator=torch.Generator("cuda").manual_seed(batch)).half()
-    expected = x.float() @ stored.dequantize().T
-    got = packed_matmul(x, to_kernel_layout(stored), backend="wgmma", config=WGMMA_TILES[tile])
-    assert got.dtype == torch.float16
-    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    assert_equals_the_dequantized_matmul(stored, batch, WGMMA_TILES[tile])
 
 
 @hopper

@@ -9,10 +9,9 @@ import torch
 
 from quantbench.export.kernels import cuda_build
 from quantbench.export.kernels.cuda_build import WeightType, pointer, row_shift
-from quantbench.export.kernels.cuda_mma import prepare
+from quantbench.export.kernels.cuda_mma import ROWS, prepare
 from quantbench.export.kernels.layout import KernelWeight
 
-ROWS = (8, 16, 32, 64)  # rows of x per block: the products' N
 GROUPS = (1, 2)  # warpgroups side by side along the outputs, sharing x's stages
 OUTPUTS_PER_GROUP = 128
 SLAB_INPUTS = 128  # inputs per shared-memory stage: split-K gives each block whole slabs
@@ -35,11 +34,6 @@ def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
     return None
 
 
-def rows_for(m: int) -> int:
-    """The fewest rows per block that hold m rows of x."""
-    return next(rows for rows in ROWS if m <= rows) if m <= ROWS[-1] else ROWS[-1]
-
-
 def split_choices(m: int, weight: KernelWeight, rows: int, groups: int, processors: int) -> list[int]:
     """Splits of K worth timing: none; and where the blocks leave multiprocessors without one, the fewest splits
     that give each one a block and twice that, each split keeping a slab of 128 inputs of its own."""
@@ -53,10 +47,11 @@ def split_choices(m: int, weight: KernelWeight, rows: int, groups: int, processo
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, groups: int = 1, splits: int = 1,
            overlap_gather: bool = False) -> torch.Tensor:
-    """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `rows`: rows of x per block (8, 16,
-    32 or 64); `groups`: warpgroups per block, 128 outputs each; `splits`: blocks along K per block of outputs,
-    whose float32 sums the last to finish adds in split order; `overlap_gather` (act_order, where the device
-    can): the kernel launched to start while the gather runs."""
+    """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `rows`: rows of x per block, the
+    products' N (8, 16, 32 or 64, as the tensor-core kernel's; `cuda_mma.rows_for`); `groups`: warpgroups per
+    block, 128 outputs each; `splits`: blocks along K per block of outputs, whose float32 sums the last to
+    finish adds in split order; `overlap_gather` (act_order, where the device can): the kernel launched to
+    start while the gather runs."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the warpgroup kernel does not run this call: {reason}")

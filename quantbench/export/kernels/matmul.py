@@ -92,14 +92,11 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         return cpu_int4.cpu_int4_matmul(x2, weight).view(*x.shape[:-1], n_out)
     if backend == "cuda" and config is None:
         config = dataclasses.replace(CUDA_DEFAULT, rows=min(_bucket(x2.shape[0]), 8))
-    if backend == "mma" and config is None:
+    if backend in ("mma", "wgmma") and config is None:
         from quantbench.export.kernels.cuda_mma import rows_for
 
-        config = dataclasses.replace(MMA_DEFAULT, rows=rows_for(x2.shape[0], weight))
-    if backend == "wgmma" and config is None:
-        from quantbench.export.kernels import cuda_wgmma
-
-        config = dataclasses.replace(WGMMA_DEFAULT, rows=cuda_wgmma.rows_for(x2.shape[0]))
+        default = MMA_DEFAULT if backend == "mma" else WGMMA_DEFAULT
+        config = dataclasses.replace(default, rows=rows_for(x2.shape[0], weight))
     use_triton = (backend in ("triton", "cuda", "mma", "wgmma")
                   or (backend == "auto" and x.is_cuda and triton_available()))
     if not use_triton:
@@ -196,7 +193,7 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
 
 
 def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
-    from quantbench.export.kernels import cuda_build, cuda_gemv, cuda_mma
+    from quantbench.export.kernels import cuda_gemv, cuda_mma
 
     if weight.kind == "ternary3" or cuda_mma.unsupported_reason(x, weight) is not None:
         return []
@@ -206,7 +203,7 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     # act_order: also with the kernel started while its gather runs (faster at some shapes, slower at others)
     m = x.shape[0]
     rows = sorted({cuda_mma.rows_for(m, weight), 16} | ({32} if m > 32 else set()))
-    overlaps = (False, True) if weight.perm is not None and cuda_build.can_launch_dependent(x.device) else (False,)
+    overlaps = _gather_overlaps(x, weight)
     processors = cuda_gemv.multiprocessors(x.device)
     return [TileConfig(1, 32 * warps_n, 0, splits, warps, x_shared, rows=r, overlap_gather=overlap, capped=capped,
                        engine="mma")
@@ -217,18 +214,25 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
 
 
 def _wgmma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
-    from quantbench.export.kernels import cuda_build, cuda_gemv, cuda_wgmma
+    from quantbench.export.kernels import cuda_gemv, cuda_mma, cuda_wgmma
 
     if weight.kind == "ternary3" or cuda_wgmma.unsupported_reason(x, weight) is not None:
         return []
     m = x.shape[0]
-    rows = cuda_wgmma.rows_for(m)
-    overlaps = (False, True) if weight.perm is not None and cuda_build.can_launch_dependent(x.device) else (False,)
+    rows = cuda_mma.rows_for(m, weight)
+    overlaps = _gather_overlaps(x, weight)
     processors = cuda_gemv.multiprocessors(x.device)
     return [TileConfig(1, cuda_wgmma.OUTPUTS_PER_GROUP * groups, 0, splits, 4 * groups, 0, rows=rows,
                        overlap_gather=overlap, engine="wgmma")
             for groups in cuda_wgmma.GROUPS for splits in cuda_wgmma.split_choices(m, weight, rows, groups, processors)
             for overlap in overlaps]
+
+
+def _gather_overlaps(x: torch.Tensor, weight: KernelWeight) -> tuple[bool, ...]:
+    """Whether a tensor-core kernel may start while act_order's gather runs: both ways where the device can."""
+    from quantbench.export.kernels import cuda_build
+
+    return (False, True) if weight.perm is not None and cuda_build.can_launch_dependent(x.device) else (False,)
 
 
 def tuned_configs() -> dict[tuple, TileConfig]:
