@@ -1241,16 +1241,104 @@ def test_cpu_int4_kernel_equals_the_dequantized_matmul_to_bfloat16_rounding(labe
     assert (got.double() - expected).abs().max() > 0  # bfloat16, not a float32 path by accident
 
 
-def test_auto_takes_the_cpu_int4_kernel_for_bfloat16_x_only(monkeypatch):
-    from quantbench.export.kernels import cpu_int4
+def test_auto_on_the_cpu_takes_torchs_int4_kernel_for_bfloat16_int4_and_the_cpp_kernel_otherwise(monkeypatch):
+    from quantbench.export.kernels import cpu_int4, cpu_packed
 
     calls = []
-    monkeypatch.setattr(cpu_int4, "cpu_int4_matmul", lambda x, w: calls.append(x.dtype) or torch.zeros(
+    monkeypatch.setattr(cpu_int4, "cpu_int4_matmul", lambda x, w: calls.append(("int4", x.dtype)) or torch.zeros(
+        x.shape[0], w.shape[0], dtype=x.dtype))
+    monkeypatch.setattr(cpu_packed, "cpu_packed_matmul", lambda x, w: calls.append(("cpp", x.dtype)) or torch.zeros(
         x.shape[0], w.shape[0], dtype=x.dtype))
     kernel = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
     packed_matmul(torch.randn(2, IN), kernel)
     packed_matmul(torch.randn(2, IN).bfloat16(), kernel)
     packed_matmul(torch.randn(2, IN).bfloat16(), to_kernel_layout(WEIGHTS["int8-pc-rtn"]))
-    assert calls == [torch.bfloat16]
-    with pytest.raises(ValueError, match="backend 'cpu' takes bfloat16 x"):
-        packed_matmul(torch.randn(2, IN), kernel, backend="cpu")
+    assert calls == [("cpp", torch.float32), ("int4", torch.bfloat16), ("cpp", torch.bfloat16)]
+    base3 = to_base3_layout(WEIGHTS["ternary2-g64"])
+    x = torch.ones(1, IN)
+    assert torch.equal(packed_matmul(x, base3), packed_matmul(x, base3, backend="torch"))
+    with pytest.raises(ValueError, match="backend 'cpu' takes float x .* but base-3"):
+        packed_matmul(x, base3, backend="cpu")
+
+
+# batches of 1–4 rows share one decode; 6 runs a tile of 4 and one of 2; 40 decodes slabs for a dense matmul
+CPU_KERNEL_BATCHES = [1, 3, 6, 40]
+
+
+@pytest.mark.parametrize("label", WEIGHTS)
+@pytest.mark.parametrize("batch", CPU_KERNEL_BATCHES)
+def test_cpp_cpu_kernel_equals_the_dequantized_matmul(label, batch):
+    from quantbench.export.kernels import cpu_packed
+
+    assert cpu_packed.available()  # CI has a C++ compiler: the kernel must build there
+    stored = WEIGHTS[label]
+    x = torch.randn(batch, IN, generator=torch.Generator().manual_seed(batch))
+    got = cpu_packed.cpu_packed_matmul(x, to_kernel_layout(stored))
+    assert got.dtype == torch.float32 and got.shape == (batch, OUT)
+    assert_matmul_close(got, x, stored.dequantize())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("label", ["int8-g64 act_order", "ternary2-g64", "nvfp4-rtn"])
+def test_cpp_cpu_kernel_takes_half_precision_x_and_sums_in_float32(label, dtype):
+    """Each output is the float32 result rounded once to x's dtype."""
+    from quantbench.export.kernels import cpu_packed
+
+    stored = WEIGHTS[label]
+    kernel = to_kernel_layout(stored)
+    x = torch.randn(5, IN, generator=torch.Generator().manual_seed(7)).to(dtype)
+    got = packed_matmul(x, kernel, backend="cpu")
+    assert got.dtype == dtype
+    assert torch.equal(got, cpu_packed.cpu_packed_matmul(x.float(), kernel).to(dtype))
+    assert_matmul_close(got, x.float(), stored.dequantize())
+
+
+@pytest.mark.parametrize("label", WEIGHTS)
+def test_cpp_cpu_decode_equals_the_torch_decode(label):
+    """Exactly, but for ternary's α1·lo + α2·hi − (α1 + α2), which rounds where the torch decode's
+    (lo − 1)·α1 + (hi − 1)·α2 may not: there within float32's rounding of the terms."""
+    from quantbench.export.kernels import cpu_packed
+    from quantbench.export.kernels.reference import decode_slab
+
+    kernel = to_kernel_layout(WEIGHTS[label])
+    expected = decode_slab(kernel, 0, IN)
+    got = cpu_packed.decode(kernel)
+    if kernel.kind == "ternary":
+        scales = kernel.scales.float().abs().repeat_interleave(kernel.group, 1).sum(0)
+        assert ((got - expected).abs() <= 4 * torch.finfo(torch.float32).eps * scales).all()
+    else:
+        assert torch.equal(got, expected)
+    start, stop = 64, 192  # whole groups and words of every layout here
+    assert torch.equal(cpu_packed.decode(kernel, start, stop), got[start:stop])
+
+
+def test_cpp_cpu_kernel_outputs_do_not_depend_on_their_neighbours():
+    """Fused q/k/v and gate/up layers concatenate outputs: each output's sum is the same whatever block of 64
+    outputs and whichever rows of its tile of 4 it falls in."""
+    from quantbench.export.kernels import cpu_packed
+
+    kernel = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
+    x = torch.randn(7, IN, generator=torch.Generator().manual_seed(8))
+    whole = cpu_packed.cpu_packed_matmul(x, kernel)
+    part = dataclasses.replace(kernel, qweight=kernel.qweight[:, 12:].contiguous(),
+                               scales=kernel.scales[:, 12:].contiguous(), zeros=kernel.zeros[:, 12:].contiguous(),
+                               shape=(OUT - 12, IN))
+    assert torch.equal(cpu_packed.cpu_packed_matmul(x[2:5], part), whole[2:5, 12:])
+
+
+def test_without_a_compiler_the_cpu_kernels_say_why_and_torch_runs(monkeypatch, tmp_path):
+    from quantbench.export.kernels import cpu_packed
+
+    monkeypatch.setenv(cpu_packed.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(OSError):
+        cpu_packed.build()
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(cpu_packed, "available", lambda: False)
+    kernel = to_kernel_layout(WEIGHTS["nvfp4-rtn"])
+    x = torch.randn(2, IN)
+    assert torch.equal(packed_matmul(x, kernel), packed_matmul(x, kernel, backend="torch"))
+    with pytest.raises(ValueError, match="a C\\+\\+ compiler"):
+        packed_matmul(x, kernel, backend="cpu")
+
+

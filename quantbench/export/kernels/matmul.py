@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from quantbench.export.kernels import cpu_int4
+from quantbench.export.kernels import cpu_int4, cpu_packed
 from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
 from quantbench.export.kernels.reference import packed_matmul_reference
 
@@ -76,20 +76,23 @@ def triton_available() -> bool:
 def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
                   config: TileConfig | None = None) -> torch.Tensor:
     """x [..., K] → [..., N] in x's dtype. `backend`: auto (on CUDA the fastest of the Triton and CUDA
-    kernels; on the CPU torch's int4 kernel where it applies, else torch), triton (also on CPU under
+    kernels; on the CPU the CPU kernels where they apply, else torch), triton (also on CPU under
     TRITON_INTERPRET=1), cuda (the CUDA decode kernel: float16 x, up to 16 rows), mma (the tensor-core kernel:
     float16 x, up to 64 rows), wgmma (the warpgroup tensor-core kernel: Hopper, float16 x, up to 64 rows), cpu
-    (torch's int4 kernel: bfloat16 x on the CPU, int4 in groups of 32–256),
-    torch."""
+    (torch's int4 kernel for bfloat16 x and int4 in groups of 32–256, else quantbench's C++ kernels: any
+    layout but base-3 ternary), torch."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     n_out, n_in = weight.shape
     x2 = x.reshape(-1, n_in)
-    if backend == "cpu" or (backend == "auto" and cpu_int4.applies(x2, weight)):
-        if not cpu_int4.applies(x2, weight):
-            raise ValueError("backend 'cpu' takes bfloat16 x on the CPU and int4 weights in groups of 32–256 "
-                             "whose outputs are a multiple of 16")
-        return cpu_int4.cpu_int4_matmul(x2, weight).view(*x.shape[:-1], n_out)
+    if backend == "cpu" or (backend == "auto" and x2.device.type == "cpu"):
+        if cpu_int4.applies(x2, weight):
+            return cpu_int4.cpu_int4_matmul(x2, weight).view(*x.shape[:-1], n_out)
+        if cpu_packed.applies(x2, weight):
+            return cpu_packed.cpu_packed_matmul(x2, weight).view(*x.shape[:-1], n_out)
+        if backend == "cpu":
+            raise ValueError("backend 'cpu' takes float x and the weight on the CPU, any kernel layout but base-3 "
+                             "ternary, and a C++ compiler to build its kernels with")
     if backend == "cuda" and config is None:
         config = dataclasses.replace(CUDA_DEFAULT, rows=min(_bucket(x2.shape[0]), 8))
     if backend in ("mma", "wgmma") and config is None:

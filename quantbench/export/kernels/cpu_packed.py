@@ -1,0 +1,181 @@
+"""Packed matmuls on the CPU through quantbench's own C++ kernels (`packed_cpu.cpp`), for every kernel-layout kind
+but base-3 ternary and any float dtype of x: up to 24–32 rows (`MATMUL_ROWS`) the weight words are decoded in
+vector lanes for four rows at once and never stored as floats; more rows decode a slab of inputs at a time to
+float32 for torch's dense matmul (as the torch fallback does, with the decode in C++).
+
+The library is compiled with the host's C++ compiler for this CPU (`-march=native`) on first use, against the
+running torch, and cached (QUANTBENCH_CPU_CACHE, else $XDG_CACHE_HOME/quantbench/cpu); a library's name holds
+a digest of the source, the flags, the compiler, torch's version and the CPU's feature flags. Where it cannot be
+built (no compiler), `available()` is False, one warning says why, and the torch fallback runs.
+
+Each weight's float32 scales (and s·z offsets) are made once, on its first call, and kept beside its packed
+words: int4 in groups of 128 grows by 12.5%, groups of 32 by 50%.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import warnings
+import weakref
+from pathlib import Path
+
+import torch
+
+from quantbench.export.kernels.layout import KIND_CODES, KernelWeight, with_inputs_gathered
+from quantbench.formats.fp import E4M3, pow2
+from quantbench.formats.mx import E8M0_BIAS
+
+SOURCE = Path(__file__).parent / "packed_cpu.cpp"
+CACHE_ENV = "QUANTBENCH_CPU_CACHE"
+# the most rows of x the kernel multiplies; more decode slabs for a dense matmul (docs/performance.md, "Packed
+# models on the CPU": 4096², int4 with 32 rows 13.7 ms against 17.8; ternary and NVFP4 with 32 rows level)
+MATMUL_ROWS = {"int": 32}
+MATMUL_ROWS_OTHERWISE = 24
+SLAB_BYTES = 4 << 20  # float32 decoded at a time for a dense matmul
+_prepared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(qweight) → (scales, offsets) in float32
+
+
+def applies(x: torch.Tensor, weight: KernelWeight) -> bool:
+    return (x.device.type == "cpu" and x.dtype.is_floating_point and weight.kind in KIND_CODES
+            and weight.qweight.device.type == "cpu" and available())
+
+
+def cpu_packed_matmul(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
+    """x [M, K] (original input order) → x·Wᵀ [M, N] in x's dtype, accumulated in float32."""
+    x, weight = with_inputs_gathered(x, weight)
+    scales, offsets = _prepare(weight)
+    words, kind, bits, group = weight.qweight, KIND_CODES[weight.kind], weight.bits, weight.group
+    x32, ops = x.float().contiguous(), _ops()
+    if x.shape[0] <= MATMUL_ROWS.get(weight.kind, MATMUL_ROWS_OTHERWISE):
+        out = ops.packed_matmul(x32, words, scales, offsets, kind, bits, group)
+    else:
+        out = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32)
+        slab = torch.empty(_slab_inputs(weight), weight.shape[0], dtype=torch.float32)
+        for start in range(0, weight.shape[1], slab.shape[0]):
+            rows = slab[:min(slab.shape[0], weight.shape[1] - start)]
+            ops.decode(rows, words, scales, offsets, kind, bits, group, start)
+            out.addmm_(x32[:, start:start + rows.shape[0]], rows)
+    return out.to(x.dtype)
+
+
+def decode(weight: KernelWeight, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """float32 [stop − start, N]: the weight's stored inputs [start, stop) decoded by the C++ kernel."""
+    scales, offsets = _prepare(weight)
+    out = torch.empty((weight.shape[1] if stop is None else stop) - start, weight.shape[0], dtype=torch.float32)
+    _ops().decode(out, weight.qweight, scales, offsets, KIND_CODES[weight.kind], weight.bits, weight.group, start)
+    return out
+
+
+def _slab_inputs(weight: KernelWeight) -> int:
+    """Inputs decoded at a time for a dense matmul: about SLAB_BYTES of float32, whole words."""
+    per_word = weight.per_word
+    return max(SLAB_BYTES // (4 * weight.shape[0]) // per_word, 1) * per_word
+
+
+def _prepare(weight: KernelWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    key = id(weight.qweight)
+    prepared = _prepared.get(key)
+    if prepared is None:
+        prepared = _prepared[key] = float_scales(weight)
+        weakref.finalize(weight.qweight, _prepared.pop, key, None)
+    return prepared
+
+
+def float_scales(weight: KernelWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's float32 scales [G, N] (ternary [2, G, N]) and offsets [G, N] (int: s·z, ternary: α1 + α2;
+    MXFP4 and NVFP4: empty), computed as the torch fallback computes them."""
+    empty = torch.empty(0, dtype=torch.float32)
+    if weight.kind == "int":
+        scales = weight.scales.float()
+        zeros = (weight.zeros.float() if weight.zeros is not None
+                 else torch.full_like(scales, float(1 << (weight.bits - 1))))
+        return scales.contiguous(), (zeros * scales).contiguous()
+    if weight.kind == "ternary":
+        scales = weight.scales.float().contiguous()
+        return scales, (scales[0] + scales[1]).contiguous()
+    if weight.kind == "mxfp4":
+        return pow2(weight.scales.to(torch.int32) - E8M0_BIAS).contiguous(), empty
+    if weight.kind == "nvfp4":
+        return (E4M3.decode(weight.scales) / weight.global_scale).float().contiguous(), empty
+    raise ValueError(f"no CPU kernel for the {weight.kind} layout")
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantbench" / "cpu"
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def flags() -> list[str]:
+    torch_dir = Path(torch.__file__).parent
+    abi = int(torch.compiled_with_cxx11_abi())
+    return ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-isystem", str(torch_dir / "include"), f"-L{torch_dir / 'lib'}",
+            "-lc10", "-ltorch_cpu"]
+
+
+def library_path(cxx: str) -> Path:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    identity = [SOURCE.read_text(), *flags(), version, torch.__version__, _cpu_features(),
+                sysconfig.get_platform()]
+    return cache_dir() / f"packed_cpu-{hashlib.sha256(' '.join(identity).encode()).hexdigest()[:16]}.so"
+
+
+def build() -> Path:
+    """The library for this CPU, compiled unless the cache has it."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++, g++ or $CXX) to build the CPU kernels with")
+    path = library_path(cxx)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        built = Path(scratch) / path.name
+        result = subprocess.run([cxx, str(SOURCE), *flags(), "-o", str(built)], capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{cxx} failed on {SOURCE.name}:\n{result.stderr[-4000:]}")
+        os.replace(built, path)  # atomic: a concurrent process sees no library or a whole one
+    return path
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the library is loaded (built first if need be); False, with one warning, where it cannot be."""
+    if hasattr(torch.ops.quantbench_cpu, "packed_matmul"):
+        return True
+    try:
+        torch.ops.load_library(str(build()))
+    except (RuntimeError, OSError) as exc:
+        warnings.warn(f"quantbench's CPU kernels are not available, packed layers run the slower torch fallback: "
+                      f"{exc}", stacklevel=2)
+        return False
+    return True
+
+
+def _ops():
+    if not available():
+        raise RuntimeError("quantbench's CPU kernels could not be built (see the warning)")
+    return torch.ops.quantbench_cpu
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags (what -march=native compiled for), else its name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
