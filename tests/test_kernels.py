@@ -1312,6 +1312,25 @@ def test_cpp_cpu_decode_equals_the_torch_decode(label):
     assert torch.equal(cpu_packed.decode(kernel, start, stop), got[start:stop])
 
 
+@pytest.mark.parametrize("name", ["int4-g64-rtn", "int8-g64-rtn", "ternary2-g64-ptqtp"])
+def test_cpp_cpu_kernel_takes_a_last_group_shorter_than_the_others(name):
+    """96 inputs in groups of 64 (as SmolLM2's 576 in groups of 128): the last group has 32."""
+    from quantbench.export.kernels import cpu_packed
+    from quantbench.export.kernels.reference import decode_slab
+
+    g = torch.Generator().manual_seed(9)
+    stored = quantize_rtn(torch.randn(OUT, 96, generator=g), Scheme.parse(name)) if name.startswith("int") else \
+        TritPlaneWeight(Scheme.parse(name), torch.randint(-1, 2, (2, OUT, 96), generator=g, dtype=torch.int8),
+                        (torch.rand(2, OUT, 2, generator=g) * 0.1).half())
+    kernel = to_kernel_layout(stored)
+    assert kernel.scales.shape[-2] == 2 and kernel.group == 64
+    for batch in (1, 5, 40):
+        x = torch.randn(batch, 96, generator=g)
+        assert_matmul_close(cpu_packed.cpu_packed_matmul(x, kernel), x, stored.dequantize())
+    if name.startswith("int"):
+        assert torch.equal(cpu_packed.decode(kernel), decode_slab(kernel, 0, 96))
+
+
 def test_cpp_cpu_kernel_outputs_do_not_depend_on_their_neighbours():
     """Fused q/k/v and gate/up layers concatenate outputs: each output's sum is the same whatever block of 64
     outputs and whichever rows of its tile of 4 it falls in."""

@@ -109,7 +109,7 @@ void matmul_block(const float* x, int64_t K, const uint32_t* words, int64_t N, c
                   const float* offsets, int64_t group, int64_t n0, int64_t width, float* out) {
   constexpr int kPerWord = 32 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
-  const int64_t groups = K / group;
+  const int64_t groups = (K + group - 1) / group;  // the last may be shorter
   Floats acc[ROWS][kVectors] = {};
   for (int64_t g = 0; g < groups; ++g) {
     Floats sums[ROWS][kVectors] = {};  // int: Σx·q of the group; else Σx·w
@@ -118,7 +118,7 @@ void matmul_block(const float* x, int64_t K, const uint32_t* words, int64_t N, c
       group_scales[v] = scales_at(scales, groups * N, g * N + n0 + v * kLanes, width - v * kLanes,
                                   KIND == kTernary);
     float x_sum[ROWS] = {};
-    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += kPerWord) {
+    for (int64_t k0 = g * group; k0 < std::min((g + 1) * group, K); k0 += kPerWord) {
       const uint32_t* row = words + (k0 / kPerWord) * N + n0;
       Words w[kVectors];
       for (int v = 0; v < kVectors; ++v) w[v] = load<Words>(row + v * kLanes, width - v * kLanes);
@@ -206,22 +206,22 @@ struct Weight {
   int64_t K, N, group;
 };
 
-// words int32 [K / (32 / bits), N]; scales float32 [P, K / group, N] (P = 2 for ternary, else 1); offsets
-// float32 [K / group, N] for int and ternary (else ignored)
+// words int32 [K / (32 / bits), N]; scales float32 [P, G, N] (G = ⌈K / group⌉, P = 2 for ternary, else 1);
+// offsets float32 [G, N] for int and ternary (else ignored)
 Weight checked(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& offsets, int64_t kind,
                int64_t bits, int64_t group) {
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8, not ", bits);
   TORCH_CHECK(words.dim() == 2 && words.scalar_type() == at::kInt && words.is_contiguous(),
               "words: contiguous int32 [K / codes per word, N]");
   const int64_t K = words.size(0) * (32 / bits), N = words.size(1);
-  TORCH_CHECK(group > 0 && K % group == 0 && group % (32 / bits) == 0, "the group ", group,
-              " must divide K = ", K, " and hold whole words");
+  TORCH_CHECK(group > 0 && group % (32 / bits) == 0, "the group ", group, " must hold whole words");
+  const int64_t groups = (K + group - 1) / group;
   const int64_t planes = kind == kTernary ? 2 : 1;
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
-              scales.numel() == planes * (K / group) * N, "scales: contiguous float32 [", planes, ", K / group, N]");
+              scales.numel() == planes * groups * N, "scales: contiguous float32 [", planes, ", ⌈K / group⌉, N]");
   const bool has_offsets = kind == kInt || kind == kTernary;
   TORCH_CHECK(!has_offsets || (offsets.scalar_type() == at::kFloat && offsets.is_contiguous() &&
-                               offsets.numel() == (K / group) * N), "offsets: contiguous float32 [K / group, N]");
+                               offsets.numel() == groups * N), "offsets: contiguous float32 [⌈K / group⌉, N]");
   return {reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()), scales.data_ptr<float>(),
           has_offsets ? offsets.data_ptr<float>() : nullptr, K, N, group};
 }
@@ -264,7 +264,7 @@ void decode(at::Tensor& out, const at::Tensor& words, const at::Tensor& scales, 
   float* out_data = out.data_ptr<float>();
   const int64_t first = start / per_word;
   at::parallel_for(first, stop / per_word, 1, [&](int64_t begin, int64_t end) {
-    fn(w.words, w.N, w.scales, w.offsets, w.K / w.group, w.group, begin, end, first, out_data);
+    fn(w.words, w.N, w.scales, w.offsets, (w.K + w.group - 1) / w.group, w.group, begin, end, first, out_data);
   });
 }
 
