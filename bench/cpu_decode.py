@@ -1,16 +1,18 @@
-"""Greedy decode on the CPU from a quantbench checkpoint: tokens/s dequantized (dense) and packed
-(`load_quantized(kernels=True)`), in float32 and bfloat16, in one run; then one int4 matmul at batch 1
-(`--shape`) through torch's CPU int4 kernel in bfloat16 and float32, against dense matmuls of both.
+"""Greedy decode on the CPU from quantbench checkpoints: tokens/s dequantized (dense) and packed
+(`load_quantized(kernels=True)`), in float32 and bfloat16, in one run; then single matmuls (`--shape`) of each
+packed kind at several batches through the CPU kernels (`packed_matmul(backend="cpu")`: quantbench's C++ kernel,
+torch's int4 kernel for bfloat16 int4) and the torch fallback, against dense matmuls in the same run.
 
 Each setting is loaded once, warmed up with a short generation, then timed over `--tokens` new tokens,
 `--repeat` times (median). Settings alternate within each repeat, so the machine's drift falls on all alike.
 
-    python bench/cpu_decode.py runs/quickstart/checkpoint --threads 2
+    python bench/cpu_decode.py runs/quickstart/checkpoint [more checkpoints] --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import sys
 import time
@@ -21,7 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantbench import load_quantized  # noqa: E402
+from quantbench.export.kernels import KernelWeight, packed_matmul  # noqa: E402
+from quantbench.export.kernels.layout import MX_BLOCK, NV_BLOCK  # noqa: E402
 
+KINDS = ("int4-g128", "int2-g128", "int8-g128", "ternary2", "mxfp4", "nvfp4")
+FALLBACK_KINDS = ("int4-g128", "ternary2", "nvfp4")
 SETTINGS = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)]
 
 
@@ -32,56 +38,111 @@ def tokens_per_s(model, prompt: torch.Tensor, tokens: int) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def matmul_times(k: int, n: int, group: int = 128, calls: int = 50) -> dict[str, float]:
-    """µs per call at batch 1: dense x·Wᵀ and torch's CPU int4 kernel, each in float32 and bfloat16."""
-    codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    scales = torch.rand(k // group, n) * 0.01
-    dense = torch.randn(n, k)
-    times = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, w = torch.randn(1, k, dtype=dtype), dense.to(dtype)
-        scales_and_m = torch.stack([scales, scales], -1).to(dtype).contiguous()
-        runs = {"dense": lambda: x @ w.T,
-                "int4": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_m)}
-        for name, call in runs.items():
-            for _ in range(3):
-                call()
-            started = time.perf_counter()
-            for _ in range(calls):
-                call()
-            times[f"{name} {str(dtype).removeprefix('torch.')}"] = (time.perf_counter() - started) / calls * 1e6
-    return times
+def random_kernel_weight(kind: str, k: int, n: int, generator: torch.Generator) -> KernelWeight:
+    """Random codes and scales of a packed kind in the kernel layout (timing only)."""
+    bits = int(kind[3]) if kind.startswith("int") else 4
+    words = torch.randint(-2**31, 2**31 - 1, (k * bits // 32, n), dtype=torch.int32, generator=generator)
+    def scales(*shape):
+        return (torch.rand(*shape, generator=generator) * 0.01 + 1e-3).half()
+    if kind.startswith("int"):
+        zeros = torch.randint(0, 1 << bits, (k // 128, n), dtype=torch.uint8, generator=generator)
+        return KernelWeight("int", bits, (n, k), 128, words, scales(k // 128, n), zeros)
+    if kind == "ternary2":
+        return KernelWeight("ternary", 4, (n, k), 128, words & 0x55555555, scales(2, k // 128, n))
+    block = MX_BLOCK if kind == "mxfp4" else NV_BLOCK
+    codes = torch.randint(118, 130, (k // block, n), dtype=torch.uint8, generator=generator) if kind == "mxfp4" \
+        else torch.randint(40, 120, (k // block, n), dtype=torch.uint8, generator=generator)
+    return KernelWeight(kind, 4, (n, k), block, words, codes, global_scale=1.0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--shape", default="4096x4096", help="KxN of the matmul timed alone")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def call_us(call, calls: int) -> float:
+    for _ in range(2):
+        call()
+    started = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int) -> None:
+    """µs per call of each packed kind through the CPU kernels (float32 x; int4 also bfloat16), the torch
+    fallback at the first `fallback_batches` batches, and dense float32 and bfloat16 matmuls."""
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.randn(n, k, generator=generator)
+    print(f"  one {k}×{n} matmul, µs per call (× dense float32 in the same run)")
+    print("  | weights | x | " + " | ".join(f"batch {m}" for m in batches) + " |")
+    print("  |---|---|" + "---:|" * len(batches))
+    rows = {("dense", "float32"): lambda x: x @ dense.T}
+    dense16 = dense.bfloat16()
+    rows["dense", "bfloat16"] = lambda x: x @ dense16.T
+    weights = {kind: random_kernel_weight(kind, k, n, generator) for kind in KINDS}
+    for kind, weight in weights.items():
+        rows[kind, "float32"] = lambda x, w=weight: packed_matmul(x, w, backend="cpu")
+        if kind == "int4-g128":
+            rows[kind, "bfloat16"] = lambda x, w=weight: packed_matmul(x, w, backend="cpu")
+    for kind in FALLBACK_KINDS:
+        if fallback_batches:
+            weight = weights[kind]
+            rows[f"{kind} torch fallback", "float32"] = lambda x, w=weight: packed_matmul(x, w, backend="torch")
+    inputs = {(m, dtype): torch.randn(m, k, generator=generator).to(getattr(torch, dtype))
+              for m in batches for dtype in ("float32", "bfloat16")}
+    reference = {m: call_us(lambda: rows["dense", "float32"](inputs[m, "float32"]), 20) for m in batches}
+    for (name, dtype), call in rows.items():
+        cells = []
+        for j, m in enumerate(batches):
+            if "fallback" in name and j >= fallback_batches:
+                cells.append("—")
+                continue
+            us = call_us(lambda: call(inputs[m, dtype]), 3 if "fallback" in name else 20)
+            cells.append(f"{us:,.0f} (×{reference[m] / us:.2f})")
+        print(f"  | {name} | {dtype} | " + " | ".join(cells) + " |", flush=True)
+
+
+def decode_table(checkpoint: Path, tokens: int, repeat: int) -> None:
     prompt = torch.arange(1, 9)[None]
     models = {}
     for dtype, kernels in SETTINGS:
-        model = models[dtype, kernels] = load_quantized(args.checkpoint, dtype=dtype, kernels=kernels)
+        model = models[dtype, kernels] = load_quantized(checkpoint, dtype=dtype, kernels=kernels)
         tokens_per_s(model, prompt, 4)  # the packed layers' one-time conversions happen here
     rates = {setting: [] for setting in SETTINGS}
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         for setting, model in models.items():
-            rates[setting].append(tokens_per_s(model, prompt, args.tokens))
-    print(f"{time.strftime('%Y-%m-%d')} {args.checkpoint}, {args.threads} threads, {args.tokens} new tokens, "
-          f"median of {args.repeat}; torch {torch.__version__}")
+            rates[setting].append(tokens_per_s(model, prompt, tokens))
+    print(f"  {checkpoint}: {tokens} new tokens, median of {repeat}")
     dense32 = statistics.median(rates[torch.float32, False])
     for (dtype, kernels), values in rates.items():
         rate = statistics.median(values)
         print(f"  {str(dtype).removeprefix('torch.'):>9} {'packed' if kernels else 'dense ':>6}: {rate:6.1f} tok/s "
-              f"({rate / dense32:.2f}× dense float32; {', '.join(f'{v:.1f}' for v in values)})")
+              f"({rate / dense32:.2f}× dense float32; {', '.join(f'{v:.1f}' for v in values)})", flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flags = next((line for line in lines if line.startswith("flags")), "")
+    vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return ", ".join(filter(None, [names[0] if names else platform.machine(), vectors]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", type=Path, nargs="*")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--shape", default="4096x4096", help="KxN of the matmuls timed alone")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--fallback-batches", type=int, default=1, help="batches the slow torch fallback runs")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{time.strftime('%Y-%m-%d')} {cpu_name()}, {args.threads} threads; torch {torch.__version__}")
+    for checkpoint in args.checkpoints:
+        decode_table(checkpoint, args.tokens, args.repeat)
     k, n = map(int, args.shape.split("x"))
-    times = matmul_times(k, n)
-    print(f"  one {k}×{n} matmul at batch 1: " + ", ".join(f"{name} {us:,.0f} µs" for name, us in times.items()))
+    matmul_table(k, n, args.batches, args.fallback_batches)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Matmul kernels that run from packed weights: Triton and CUDA on GPUs, torch's int4 kernel on CPUs, a torch
-fallback everywhere.
+"""Matmul kernels that run from packed weights: Triton and CUDA on GPUs, C++ and torch's int4 kernel on CPUs,
+a torch fallback everywhere.
 
 layout.py     the packed layout the kernels read, and the conversion from stored weights
 reference.py  the torch fallback (decodes a slab of inputs at a time)
@@ -11,6 +11,8 @@ packed_wgmma.cu, cuda_wgmma.py  Hopper's warpgroup tensor-core kernel (wgmma, th
 tensor_core_decode.cuh  the two tensor-core kernels' decoding (words of 4 outputs, scales, code pairs)
 cuda_build.py  builds the CUDA kernels with nvcc, one cached library per kernel and weight type
 cpu_int4.py   int4 on the CPU through torch's own int4 kernel (bfloat16 x)
+packed_cpu.cpp, cpu_packed.py  quantbench's CPU kernels for every other layout and dtype, built with the host's
+              C++ compiler on first use
 matmul.py     `packed_matmul`: backend choice and tile tuning
 modules.py    `PackedLinear`, what `load_quantized(..., kernels=True)` puts in place of nn.Linear
 fused.py      layers that read one input (q/k/v, gate/up) sharing one packed weight and one launch
