@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantbench import load_quantized  # noqa: E402
-from quantbench.export.kernels import KernelWeight, packed_matmul  # noqa: E402
+from quantbench.export.kernels import KernelWeight, cpu_packed, packed_matmul  # noqa: E402
 from quantbench.export.kernels.layout import MX_BLOCK, NV_BLOCK  # noqa: E402
 
 KINDS = ("int4-g128", "int2-g128", "int8-g128", "ternary2", "mxfp4", "nvfp4")
@@ -98,6 +98,23 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int) -> N
         print(f"  | {name} | {dtype} | " + " | ".join(cells) + " |", flush=True)
 
 
+def crossing_table(k: int, n: int, batches: list[int]) -> None:
+    """µs per call of the C++ kernel's two paths, the kernel (a shared decode for four rows) and decoded slabs
+    for torch's dense matmul, at each batch: where the second overtakes the first (cpu_packed.MATMUL_ROWS)."""
+    generator = torch.Generator().manual_seed(1)
+    most = ", ".join(f"{kind} {cpu_packed.most_kernel_rows(kind)}" for kind in ("int", "ternary", "nvfp4"))
+    print(f"  one {k}×{n} matmul, µs per call, the C++ kernel's paths (most rows through the kernel: {most})")
+    print("  | weights | path | " + " | ".join(f"batch {m}" for m in batches) + " |")
+    print("  |---|---|" + "---:|" * len(batches))
+    for kind in ("int4-g128", "ternary2", "nvfp4"):
+        weight = random_kernel_weight(kind, k, n, generator)
+        inputs = {m: torch.randn(m, k, generator=generator) for m in batches}
+        for path in ("kernel", "slabs"):
+            cells = [f"{call_us(lambda: cpu_packed.cpu_packed_matmul(inputs[m], weight, path), 5):,.0f}"
+                     for m in batches]
+            print(f"  | {kind} | {path} | " + " | ".join(cells) + " |", flush=True)
+
+
 def decode_table(checkpoint: Path, tokens: int, repeat: int) -> None:
     prompt = torch.arange(1, 9)[None]
     models = {}
@@ -136,13 +153,18 @@ def main() -> None:
     parser.add_argument("--shape", default="4096x4096", help="KxN of the matmuls timed alone")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--fallback-batches", type=int, default=1, help="batches the slow torch fallback runs")
+    parser.add_argument("--crossing", type=int, nargs="*", metavar="BATCH",
+                        help="time the C++ kernel's two paths (kernel, slabs) at these batches instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{time.strftime('%Y-%m-%d')} {cpu_name()}, {args.threads} threads; torch {torch.__version__}")
     for checkpoint in args.checkpoints:
         decode_table(checkpoint, args.tokens, args.repeat)
     k, n = map(int, args.shape.split("x"))
-    matmul_table(k, n, args.batches, args.fallback_batches)
+    if args.crossing:
+        crossing_table(k, n, args.crossing)
+    else:
+        matmul_table(k, n, args.batches, args.fallback_batches)
 
 
 if __name__ == "__main__":

@@ -1332,7 +1332,7 @@ def test_cpp_cpu_kernel_takes_a_last_group_shorter_than_the_others(name):
 
 
 def test_cpp_cpu_kernel_outputs_do_not_depend_on_their_neighbours():
-    """Fused q/k/v and gate/up layers concatenate outputs: each output's sum is the same whatever block of 64
+    """Fused q/k/v and gate/up layers concatenate outputs: each output's sum is the same whatever task of
     outputs and whichever rows of its tile of 4 it falls in."""
     from quantbench.export.kernels import cpu_packed
 

@@ -1,11 +1,11 @@
 """Packed matmuls on the CPU through quantbench's own C++ kernels (`packed_cpu.cpp`), for every kernel-layout kind
-but base-3 ternary and any float dtype of x: up to 24–32 rows (`MATMUL_ROWS`) the weight words are decoded in
+but base-3 ternary and any float dtype of x: up to 20–32 rows (`MATMUL_ROWS`) the weight words are decoded in
 vector lanes for four rows at once and never stored as floats; more rows decode a slab of inputs at a time to
 float32 for torch's dense matmul (as the torch fallback does, with the decode in C++).
 
-The library is compiled with the host's C++ compiler for this CPU (`-march=native`) on first use, against the
-running torch, and cached (QUANTBENCH_CPU_CACHE, else $XDG_CACHE_HOME/quantbench/cpu); a library's name holds
-a digest of the source, the flags, the compiler, torch's version and the CPU's feature flags. Where it cannot be
+The library is compiled with the host's C++ compiler for this CPU (`-march=native`, or QUANTBENCH_CPU_ARCH) on
+first use, against the running torch, and cached (QUANTBENCH_CPU_CACHE, else $XDG_CACHE_HOME/quantbench/cpu); a
+library's name holds a digest of the source, the flags, the compiler, torch's version and the CPU's feature flags. Where it cannot be
 built (no compiler), `available()` is False, one warning says why, and the torch fallback runs.
 
 Each weight's float32 scales (and s·z offsets) are made once, on its first call, and kept beside its packed
@@ -34,10 +34,13 @@ from quantbench.formats.mx import E8M0_BIAS
 
 SOURCE = Path(__file__).parent / "packed_cpu.cpp"
 CACHE_ENV = "QUANTBENCH_CPU_CACHE"
-# the most rows of x the kernel multiplies; more decode slabs for a dense matmul (docs/performance.md, "Packed
-# models on the CPU": 4096², int4 with 32 rows 13.7 ms against 17.8; ternary and NVFP4 with 32 rows level)
-MATMUL_ROWS = {"int": 32}
-MATMUL_ROWS_OTHERWISE = 24
+ARCH_ENV = "QUANTBENCH_CPU_ARCH"  # the -march the library is compiled for: native unless set (x86-64-v3: AVX2)
+# the most rows of x the kernel multiplies with AVX-512 (16 floats a vector), in proportion to its vectors
+# elsewhere; more decode slabs for a dense matmul. Where the slabs overtook the kernel on a 4096² matmul
+# (`bench/cpu_decode.py --crossing`, docs/performance.md "Packed models on the CPU"): int4 between 32 and 64
+# rows, ternary between 24 and 32, NVFP4 between 16 and 24 with AVX-512; with AVX2 about half as many rows.
+MATMUL_ROWS = {"int": 32, "ternary": 24}
+MATMUL_ROWS_OTHERWISE = 20  # MXFP4, NVFP4
 SLAB_BYTES = 4 << 20  # float32 decoded at a time for a dense matmul
 _prepared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(qweight) → (scales, offsets) in float32
 
@@ -47,13 +50,16 @@ def applies(x: torch.Tensor, weight: KernelWeight) -> bool:
             and weight.qweight.device.type == "cpu" and available())
 
 
-def cpu_packed_matmul(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
-    """x [M, K] (original input order) → x·Wᵀ [M, N] in x's dtype, accumulated in float32."""
+def cpu_packed_matmul(x: torch.Tensor, weight: KernelWeight, path: str | None = None) -> torch.Tensor:
+    """x [M, K] (original input order) → x·Wᵀ [M, N] in x's dtype, accumulated in float32; `path` "kernel" or
+    "slabs" overrides the choice by rows (benchmarks)."""
     x, weight = with_inputs_gathered(x, weight)
     scales, offsets = _prepare(weight)
     words, kind, bits, group = weight.qweight, KIND_CODES[weight.kind], weight.bits, weight.group
     x32, ops = x.float().contiguous(), _ops()
-    if x.shape[0] <= MATMUL_ROWS.get(weight.kind, MATMUL_ROWS_OTHERWISE):
+    if path not in (None, "kernel", "slabs"):
+        raise ValueError(f"path must be 'kernel' or 'slabs', not {path!r}")
+    if path == "kernel" or (path is None and x.shape[0] <= most_kernel_rows(weight.kind)):
         out = ops.packed_matmul(x32, words, scales, offsets, kind, bits, group)
     else:
         out = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32)
@@ -63,6 +69,11 @@ def cpu_packed_matmul(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
             ops.decode(rows, words, scales, offsets, kind, bits, group, start)
             out.addmm_(x32[:, start:start + rows.shape[0]], rows)
     return out.to(x.dtype)
+
+
+def most_kernel_rows(kind: str) -> int:
+    """The most rows of x the kernel multiplies before slabs and a dense matmul take over."""
+    return max(MATMUL_ROWS.get(kind, MATMUL_ROWS_OTHERWISE) * _ops().lanes() // 16, 1)
 
 
 def decode(weight: KernelWeight, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -120,7 +131,7 @@ def compiler() -> str | None:
 def flags() -> list[str]:
     torch_dir = Path(torch.__file__).parent
     abi = int(torch.compiled_with_cxx11_abi())
-    return ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC",
+    return ["-O3", f"-march={os.environ.get(ARCH_ENV, 'native')}", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-isystem", str(torch_dir / "include"), f"-L{torch_dir / 'lib'}",
             "-lc10", "-ltorch_cpu"]
 

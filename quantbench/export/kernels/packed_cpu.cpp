@@ -24,8 +24,15 @@
 
 namespace {
 
-constexpr int kLanes = 16;    // outputs in one vector (AVX-512: one register; AVX2: two)
-constexpr int kVectors = 4;   // vectors per task: 64 outputs, four independent sums per row
+// One vector is one register of the widest float unit the library is compiled for
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+constexpr int kVectors = 4;  // vectors per task: each row's sums in four registers
 constexpr int64_t kOutputs = kLanes * kVectors;
 constexpr int kMaxRows = 4;   // rows of x sharing one decode
 
@@ -58,30 +65,30 @@ inline void store(float* to, const Floats& v, int64_t count) {
 inline Floats fma(Floats a, Floats b, Floats c) {
 #if defined(__AVX512F__)
   return (Floats)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__)
-  Floats out;
-  for (int half = 0; half < kLanes; half += 8) {
-    __m256 a8, b8, c8;
-    std::memcpy(&a8, (const float*)&a + half, sizeof(a8));
-    std::memcpy(&b8, (const float*)&b + half, sizeof(b8));
-    std::memcpy(&c8, (const float*)&c + half, sizeof(c8));
-    const __m256 r8 = _mm256_fmadd_ps(a8, b8, c8);
-    std::memcpy((float*)&out + half, &r8, sizeof(r8));
-  }
-  return out;
+#elif defined(__AVX__) && defined(__FMA__)
+  return (Floats)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
-  Floats out;
-  for (int i = 0; i < kLanes; ++i) out[i] = __builtin_fmaf(a[i], b[i], c[i]);
-  return out;
+  return a * b + c;  // no fused multiply-add in the instruction set: two roundings, as many on every row
 #endif
 }
 
 inline Floats to_floats(Words v) { return __builtin_convertvector((Ints)v, Floats); }
 
-// E2M1 codes [sign | e1 e0 | m] → float, by table
+// E2M1 codes [sign | e1 e0 | m] → float, by table (a permute of one or two registers where there is one)
 inline Floats e2m1(Words code) {
+#if defined(__AVX512F__)
   const Floats table = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
   return __builtin_shuffle(table, (Ints)code);
+#elif defined(__AVX__)
+  const Floats positive = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+  return __builtin_shuffle(positive, -positive, (Ints)code);
+#else
+  static constexpr float kTable[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f,
+                                       -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+  Floats out;
+  for (int i = 0; i < kLanes; ++i) out[i] = kTable[code[i]];
+  return out;
+#endif
 }
 
 // Scales that apply to each code: the group's s (ternary: α1 and α2) for 16 outputs
@@ -268,6 +275,8 @@ void decode(at::Tensor& out, const at::Tensor& words, const at::Tensor& scales, 
   });
 }
 
+int64_t lanes() { return kLanes; }
+
 }  // namespace
 
 TORCH_LIBRARY(quantbench_cpu, m) {
@@ -275,6 +284,7 @@ TORCH_LIBRARY(quantbench_cpu, m) {
         "-> Tensor");
   m.def("decode(Tensor(a!) out, Tensor words, Tensor scales, Tensor offsets, int kind, int bits, int group, "
         "int start) -> ()");
+  m.def("lanes() -> int", TORCH_FN(lanes));  // floats in one vector: what the library was compiled for
   m.impl("packed_matmul", c10::DispatchKey::CPU, TORCH_FN(packed_matmul));
   m.impl("decode", c10::DispatchKey::CPU, TORCH_FN(decode));
 }
