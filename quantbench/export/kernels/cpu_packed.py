@@ -5,8 +5,9 @@ float32 for torch's dense matmul (as the torch fallback does, with the decode in
 
 The library is compiled with the host's C++ compiler for this CPU (`-march=native`, or QUANTBENCH_CPU_ARCH) on
 first use, against the running torch, and cached (QUANTBENCH_CPU_CACHE, else $XDG_CACHE_HOME/quantbench/cpu); a
-library's name holds a digest of the source, the flags, the compiler, torch's version and the CPU's feature flags. Where it cannot be
-built (no compiler), `available()` is False, one warning says why, and the torch fallback runs.
+library's name holds a digest of the source, the flags, the compiler, torch's version and the CPU's feature
+flags. Where it cannot be built (no compiler), `available()` is False, one warning says why, and the torch
+fallback runs.
 
 Each weight's float32 scales (and s·z offsets) are made once, on its first call, and kept beside its packed
 words: int4 in groups of 128 grows by 12.5%, groups of 32 by 50%.
@@ -131,8 +132,8 @@ def compiler() -> str | None:
 def flags() -> list[str]:
     torch_dir = Path(torch.__file__).parent
     abi = int(torch.compiled_with_cxx11_abi())
-    return ["-O3", f"-march={os.environ.get(ARCH_ENV, 'native')}", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC",
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-isystem", str(torch_dir / "include"), f"-L{torch_dir / 'lib'}",
+    return ["-O3", f"-march={os.environ.get(ARCH_ENV, 'native')}", "-ffp-contract=off", "-std=c++17", "-shared",
+            "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-isystem", str(torch_dir / "include"), f"-L{torch_dir / 'lib'}",
             "-lc10", "-ltorch_cpu"]
 
 
