@@ -1331,6 +1331,19 @@ def test_cpp_cpu_kernel_takes_a_last_group_shorter_than_the_others(name):
         assert torch.equal(cpu_packed.decode(kernel), decode_slab(kernel, 0, 96))
 
 
+def test_cpp_cpu_kernel_reads_int_and_ternary_scales_as_stored():
+    """No float copy beside a packed int or ternary weight; MXFP4/NVFP4 keep one float32 scale per block."""
+    from quantbench.export.kernels import cpu_packed
+
+    for label in ("int4-g32 act_order", "ternary2-g64"):
+        kernel = to_kernel_layout(WEIGHTS[label])
+        assert cpu_packed.kernel_scales(kernel).data_ptr() == kernel.scales.data_ptr()
+    kernel = to_kernel_layout(WEIGHTS["nvfp4-rtn"])
+    scales = cpu_packed.kernel_scales(kernel)
+    assert scales.dtype == torch.float32 and scales.shape == kernel.scales.shape
+    assert cpu_packed.kernel_scales(kernel) is scales  # made once
+
+
 def test_cpp_cpu_kernel_outputs_do_not_depend_on_their_neighbours():
     """Fused q/k/v and gate/up layers concatenate outputs: each output's sum is the same whatever task of
     outputs and whichever rows of its tile of 4 it falls in."""

@@ -9,8 +9,8 @@ library's name holds a digest of the source, the flags, the compiler, torch's ve
 flags. Where it cannot be built (no compiler), `available()` is False, one warning says why, and the torch
 fallback runs.
 
-Each weight's float32 scales (and s·z offsets) are made once, on its first call, and kept beside its packed
-words: int4 in groups of 128 grows by 12.5%, groups of 32 by 50%.
+Int and ternary weights are read as stored, nothing added; MXFP4 and NVFP4 block scales are decoded to float32
+once, on the weight's first call, and kept beside its words (4 bytes a block of 32 or 16 where it stores 1).
 """
 
 from __future__ import annotations
@@ -43,31 +43,33 @@ ARCH_ENV = "QUANTBENCH_CPU_ARCH"  # the -march the library is compiled for: nati
 MATMUL_ROWS = {"int": 32, "ternary": 24}
 MATMUL_ROWS_OTHERWISE = 20  # MXFP4, NVFP4
 SLAB_BYTES = 4 << 20  # float32 decoded at a time for a dense matmul
-_prepared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(qweight) → (scales, offsets) in float32
+_fp4_scales: dict[int, torch.Tensor] = {}  # id(qweight) → float32 scales of an MXFP4 or NVFP4 weight
+_NO_ZEROS = torch.empty(0, dtype=torch.uint8)
 
 
 def applies(x: torch.Tensor, weight: KernelWeight) -> bool:
     return (x.device.type == "cpu" and x.dtype.is_floating_point and weight.kind in KIND_CODES
-            and weight.qweight.device.type == "cpu" and available())
+            and weight.qweight.device.type == "cpu"
+            and (weight.kind in ("mxfp4", "nvfp4") or weight.scales.dtype == torch.float16) and available())
 
 
 def cpu_packed_matmul(x: torch.Tensor, weight: KernelWeight, path: str | None = None) -> torch.Tensor:
     """x [M, K] (original input order) → x·Wᵀ [M, N] in x's dtype, accumulated in float32; `path` "kernel" or
     "slabs" overrides the choice by rows (benchmarks)."""
     x, weight = with_inputs_gathered(x, weight)
-    scales, offsets = _prepare(weight)
-    words, kind, bits, group = weight.qweight, KIND_CODES[weight.kind], weight.bits, weight.group
+    words, scales, zeros = weight.qweight, kernel_scales(weight), _zeros(weight)
+    kind, bits, group = KIND_CODES[weight.kind], weight.bits, weight.group
     x32, ops = x.float().contiguous(), _ops()
     if path not in (None, "kernel", "slabs"):
         raise ValueError(f"path must be 'kernel' or 'slabs', not {path!r}")
     if path == "kernel" or (path is None and x.shape[0] <= most_kernel_rows(weight.kind)):
-        out = ops.packed_matmul(x32, words, scales, offsets, kind, bits, group)
+        out = ops.packed_matmul(x32, words, scales, zeros, kind, bits, group)
     else:
         out = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32)
         slab = torch.empty(_slab_inputs(weight), weight.shape[0], dtype=torch.float32)
         for start in range(0, weight.shape[1], slab.shape[0]):
             rows = slab[:min(slab.shape[0], weight.shape[1] - start)]
-            ops.decode(rows, words, scales, offsets, kind, bits, group, start)
+            ops.decode(rows, words, scales, zeros, kind, bits, group, start)
             out.addmm_(x32[:, start:start + rows.shape[0]], rows)
     return out.to(x.dtype)
 
@@ -79,9 +81,9 @@ def most_kernel_rows(kind: str) -> int:
 
 def decode(weight: KernelWeight, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """float32 [stop − start, N]: the weight's stored inputs [start, stop) decoded by the C++ kernel."""
-    scales, offsets = _prepare(weight)
     out = torch.empty((weight.shape[1] if stop is None else stop) - start, weight.shape[0], dtype=torch.float32)
-    _ops().decode(out, weight.qweight, scales, offsets, KIND_CODES[weight.kind], weight.bits, weight.group, start)
+    _ops().decode(out, weight.qweight, kernel_scales(weight), _zeros(weight), KIND_CODES[weight.kind], weight.bits,
+                  weight.group, start)
     return out
 
 
@@ -91,32 +93,27 @@ def _slab_inputs(weight: KernelWeight) -> int:
     return max(SLAB_BYTES // (4 * weight.shape[0]) // per_word, 1) * per_word
 
 
-def _prepare(weight: KernelWeight) -> tuple[torch.Tensor, torch.Tensor]:
+def _zeros(weight: KernelWeight) -> torch.Tensor:
+    return weight.zeros.contiguous() if weight.zeros is not None else _NO_ZEROS
+
+
+def kernel_scales(weight: KernelWeight) -> torch.Tensor:
+    """The scales the kernel reads: int and ternary as stored (float16); MXFP4 and NVFP4 decoded to float32 once,
+    on the weight's first call, and kept beside its words (computed as the torch fallback computes them)."""
+    if weight.kind in ("int", "ternary"):
+        return weight.scales.contiguous()
     key = id(weight.qweight)
-    prepared = _prepared.get(key)
-    if prepared is None:
-        prepared = _prepared[key] = float_scales(weight)
-        weakref.finalize(weight.qweight, _prepared.pop, key, None)
-    return prepared
-
-
-def float_scales(weight: KernelWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's float32 scales [G, N] (ternary [2, G, N]) and offsets [G, N] (int: s·z, ternary: α1 + α2;
-    MXFP4 and NVFP4: empty), computed as the torch fallback computes them."""
-    empty = torch.empty(0, dtype=torch.float32)
-    if weight.kind == "int":
-        scales = weight.scales.float()
-        zeros = (weight.zeros.float() if weight.zeros is not None
-                 else torch.full_like(scales, float(1 << (weight.bits - 1))))
-        return scales.contiguous(), (zeros * scales).contiguous()
-    if weight.kind == "ternary":
-        scales = weight.scales.float().contiguous()
-        return scales, (scales[0] + scales[1]).contiguous()
-    if weight.kind == "mxfp4":
-        return pow2(weight.scales.to(torch.int32) - E8M0_BIAS).contiguous(), empty
-    if weight.kind == "nvfp4":
-        return (E4M3.decode(weight.scales) / weight.global_scale).float().contiguous(), empty
-    raise ValueError(f"no CPU kernel for the {weight.kind} layout")
+    scales = _fp4_scales.get(key)
+    if scales is None:
+        if weight.kind == "mxfp4":
+            scales = pow2(weight.scales.to(torch.int32) - E8M0_BIAS)
+        elif weight.kind == "nvfp4":
+            scales = (E4M3.decode(weight.scales) / weight.global_scale).float()
+        else:
+            raise ValueError(f"no CPU kernel for the {weight.kind} layout")
+        scales = _fp4_scales[key] = scales.contiguous()
+        weakref.finalize(weight.qweight, _fp4_scales.pop, key, None)
+    return scales
 
 
 def cache_dir() -> Path:

@@ -7,7 +7,8 @@
 //   int      w = s·q − s·z                      out += s·Σx·q − (s·z)·Σx
 //   ternary  w = α1·(lo − 1) + α2·(hi − 1)      out += Σx·(α1·lo + α2·hi) − (α1 + α2)·Σx
 //   fp4      w = e2m1(q)·s                      out += Σx·e2m1(q)·s
-// `scales` holds s (ternary: α1, then α2) and `offsets` s·z (ternary: α1 + α2), float32 [G, N] each.
+// Int and ternary scales are read as stored (float16 s, α1, α2; uint8 z); MXFP4 and NVFP4 take float32 s,
+// their E8M0 exponents and E4M3 codes over the tensor's scale decoded once beforehand.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -91,13 +92,71 @@ inline Floats e2m1(Words code) {
 #endif
 }
 
-// Scales that apply to each code: the group's s (ternary: α1 and α2) for 16 outputs
-struct Scales {
-  Floats s, s2;
+typedef uint16_t Halves __attribute__((vector_size(2 * kLanes)));  // float16 bits
+typedef uint8_t Bytes __attribute__((vector_size(kLanes)));
+
+// uint8 → float32: widened in one instruction where the target has one, then converted
+inline Floats to_floats(Bytes b) {
+#if defined(__AVX512F__)
+  __m128i bytes;
+  std::memcpy(&bytes, &b, sizeof(b));
+  return (Floats)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+#elif defined(__AVX2__)
+  __m128i bytes = _mm_setzero_si128();
+  std::memcpy(&bytes, &b, sizeof(b));
+  return (Floats)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+#else
+  return __builtin_convertvector(__builtin_convertvector(b, Ints), Floats);
+#endif
+}
+
+// float16 → float32 in one instruction where the target has one (F16C, AVX-512), else lane by lane
+inline Floats to_floats(Halves h) {
+#if defined(__AVX512F__)
+  return (Floats)_mm512_cvtph_ps((__m256i)h);
+#elif defined(__AVX__) && defined(__F16C__)
+  return (Floats)_mm256_cvtph_ps((__m128i)h);
+#else
+  Floats out;
+  for (int i = 0; i < kLanes; ++i) {
+    _Float16 half;
+    const uint16_t bits = h[i];
+    std::memcpy(&half, &bits, sizeof(half));
+    out[i] = static_cast<float>(half);
+  }
+  return out;
+#endif
+}
+
+struct Weight {
+  const uint32_t* words;
+  const void* scales;    // float16 [P, G, N] (int, ternary) or float32 [G, N] (fp4)
+  const uint8_t* zeros;  // uint8 [G, N] (int with zero points) or null
+  int64_t K, N, group, groups;
+  float symmetric_zero;  // int without zero points: 2^(bits − 1)
 };
 
-inline Scales scales_at(const float* scales, int64_t plane, int64_t at, int64_t count, bool two) {
-  return {load<Floats>(scales + at, count), two ? load<Floats>(scales + plane + at, count) : Floats{}};
+// The group's scales for `count` outputs from `at` (= g·N + n): s (ternary: α1, α2) and the offset that the
+// group's Σx multiplies (int: s·z; ternary: α1 + α2)
+struct Scales {
+  Floats s, s2, offset;
+};
+
+template <int64_t KIND>
+inline Scales scales_at(const Weight& w, int64_t at, int64_t count) {
+  if constexpr (KIND == kInt || KIND == kTernary) {
+    const auto* halves = static_cast<const uint16_t*>(w.scales);
+    const Floats s = to_floats(load<Halves>(halves + at, count));
+    if constexpr (KIND == kTernary) {
+      const Floats s2 = to_floats(load<Halves>(halves + w.groups * w.N + at, count));
+      return {s, s2, s + s2};
+    } else {
+      const Floats z = w.zeros ? to_floats(load<Bytes>(w.zeros + at, count)) : Floats{} + w.symmetric_zero;
+      return {s, Floats{}, z * s};
+    }
+  } else {
+    return {load<Floats>(static_cast<const float*>(w.scales) + at, count), Floats{}, Floats{}};
+  }
 }
 
 // A code's value: int q (its scale applies to the group's sums), ternary α1·lo + α2·hi, fp4 e2m1(q)·s
@@ -112,23 +171,23 @@ inline Floats code_value(Words code, const Scales& scales) {
 }
 
 template <int64_t KIND, int BITS, int ROWS>
-void matmul_block(const float* x, int64_t K, const uint32_t* words, int64_t N, const float* scales,
-                  const float* offsets, int64_t group, int64_t n0, int64_t width, float* out) {
+void matmul_block(const float* x, const Weight& w, int64_t n0, int64_t width, float* out) {
   constexpr int kPerWord = 32 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
-  const int64_t groups = (K + group - 1) / group;  // the last may be shorter
+  const int64_t K = w.K, N = w.N, group = w.group, groups = w.groups;
+  const uint32_t* const words_data = w.words;
   Floats acc[ROWS][kVectors] = {};
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = 0; g < groups; ++g) {  // the last group may be shorter
     Floats sums[ROWS][kVectors] = {};  // int: Σx·q of the group; else Σx·w
-    Scales group_scales[kVectors];
-    for (int v = 0; v < kVectors; ++v)
-      group_scales[v] = scales_at(scales, groups * N, g * N + n0 + v * kLanes, width - v * kLanes,
-                                  KIND == kTernary);
+    Scales group_scales[kVectors];  // int: read at the group's end, where they apply
+    if constexpr (KIND != kInt)
+      for (int v = 0; v < kVectors; ++v)
+        group_scales[v] = scales_at<KIND>(w, g * N + n0 + v * kLanes, width - v * kLanes);
     float x_sum[ROWS] = {};
     for (int64_t k0 = g * group; k0 < std::min((g + 1) * group, K); k0 += kPerWord) {
-      const uint32_t* row = words + (k0 / kPerWord) * N + n0;
-      Words w[kVectors];
-      for (int v = 0; v < kVectors; ++v) w[v] = load<Words>(row + v * kLanes, width - v * kLanes);
+      const uint32_t* row = words_data + (k0 / kPerWord) * N + n0;
+      Words words[kVectors];
+      for (int v = 0; v < kVectors; ++v) words[v] = load<Words>(row + v * kLanes, width - v * kLanes);
       for (int j = 0; j < kPerWord; ++j) {
         float xj[ROWS];
         for (int r = 0; r < ROWS; ++r) {
@@ -136,17 +195,16 @@ void matmul_block(const float* x, int64_t K, const uint32_t* words, int64_t N, c
           x_sum[r] += xj[r];
         }
         for (int v = 0; v < kVectors; ++v) {
-          const Floats value = code_value<KIND>((w[v] >> (j * BITS)) & kMask, group_scales[v]);
+          const Floats value = code_value<KIND>((words[v] >> (j * BITS)) & kMask, group_scales[v]);
           for (int r = 0; r < ROWS; ++r) sums[r][v] = fma(value, Floats{} + xj[r], sums[r][v]);
         }
       }
     }
     for (int v = 0; v < kVectors; ++v) {
-      const int64_t at = g * N + n0 + v * kLanes, count = width - v * kLanes;
+      if constexpr (KIND == kInt) group_scales[v] = scales_at<KIND>(w, g * N + n0 + v * kLanes, width - v * kLanes);
       for (int r = 0; r < ROWS; ++r) {
-        Floats sum = KIND == kInt ? group_scales[v].s * sums[r][v] : sums[r][v];
-        if constexpr (KIND == kInt || KIND == kTernary) sum -= load<Floats>(offsets + at, count) * x_sum[r];
-        acc[r][v] += sum;
+        const Floats sum = KIND == kInt ? group_scales[v].s * sums[r][v] : sums[r][v];
+        acc[r][v] += sum - group_scales[v].offset * x_sum[r];
       }
     }
   }
@@ -156,41 +214,37 @@ void matmul_block(const float* x, int64_t K, const uint32_t* words, int64_t N, c
 
 // word rows [row0, row1) decoded to float32 [(row1 − row0)·per word, N] (inputs in their stored order)
 template <int64_t KIND, int BITS>
-void decode_rows(const uint32_t* words, int64_t N, const float* scales, const float* offsets, int64_t groups,
-                 int64_t group, int64_t row0, int64_t row1, int64_t first_row, float* out) {
+void decode_rows(const Weight& w, int64_t row0, int64_t row1, int64_t first_row, float* out) {
   constexpr int kPerWord = 32 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
+  const int64_t N = w.N;
   for (int64_t word_row = row0; word_row < row1; ++word_row) {
-    const int64_t g = word_row * kPerWord / group;
+    const int64_t g = word_row * kPerWord / w.group;
     for (int64_t n = 0; n < N; n += kLanes) {
-      const int64_t count = N - n, at = g * N + n;
-      const Words w = load<Words>(words + word_row * N + n, count);
-      const Scales group_scales = scales_at(scales, groups * N, at, count, KIND == kTernary);
-      const Floats offset = KIND == kInt || KIND == kTernary ? load<Floats>(offsets + at, count) : Floats{};
+      const int64_t count = N - n;
+      const Words words = load<Words>(w.words + word_row * N + n, count);
+      const Scales group_scales = scales_at<KIND>(w, g * N + n, count);
       for (int j = 0; j < kPerWord; ++j) {
-        Floats value = code_value<KIND>((w >> (j * BITS)) & kMask, group_scales);
+        Floats value = code_value<KIND>((words >> (j * BITS)) & kMask, group_scales);
         if constexpr (KIND == kInt) value *= group_scales.s;
-        store(out + ((word_row - first_row) * kPerWord + j) * N + n, value - offset, count);
+        store(out + ((word_row - first_row) * kPerWord + j) * N + n, value - group_scales.offset, count);
       }
     }
   }
 }
 
 template <int64_t KIND, int BITS>
-void matmul_rows(int rows, const float* x, int64_t K, const uint32_t* words, int64_t N, const float* scales,
-                 const float* offsets, int64_t group, int64_t n0, int64_t width, float* out) {
+void matmul_rows(int rows, const float* x, const Weight& w, int64_t n0, int64_t width, float* out) {
   switch (rows) {
-    case 1: return matmul_block<KIND, BITS, 1>(x, K, words, N, scales, offsets, group, n0, width, out);
-    case 2: return matmul_block<KIND, BITS, 2>(x, K, words, N, scales, offsets, group, n0, width, out);
-    case 3: return matmul_block<KIND, BITS, 3>(x, K, words, N, scales, offsets, group, n0, width, out);
-    default: return matmul_block<KIND, BITS, 4>(x, K, words, N, scales, offsets, group, n0, width, out);
+    case 1: return matmul_block<KIND, BITS, 1>(x, w, n0, width, out);
+    case 2: return matmul_block<KIND, BITS, 2>(x, w, n0, width, out);
+    case 3: return matmul_block<KIND, BITS, 3>(x, w, n0, width, out);
+    default: return matmul_block<KIND, BITS, 4>(x, w, n0, width, out);
   }
 }
 
-using MatmulFn = void (*)(int, const float*, int64_t, const uint32_t*, int64_t, const float*, const float*,
-                          int64_t, int64_t, int64_t, float*);
-using DecodeFn = void (*)(const uint32_t*, int64_t, const float*, const float*, int64_t, int64_t, int64_t, int64_t,
-                          int64_t, float*);
+using MatmulFn = void (*)(int, const float*, const Weight&, int64_t, int64_t, float*);
+using DecodeFn = void (*)(const Weight&, int64_t, int64_t, int64_t, float*);
 
 template <int64_t KIND, int BITS>
 std::pair<MatmulFn, DecodeFn> functions_of() {
@@ -206,16 +260,9 @@ std::pair<MatmulFn, DecodeFn> functions_for(int64_t kind, int64_t bits) {
   TORCH_CHECK(false, "no CPU kernel for weight kind ", kind, " with ", bits, " bits");
 }
 
-struct Weight {
-  const uint32_t* words;
-  const float* scales;
-  const float* offsets;
-  int64_t K, N, group;
-};
-
-// words int32 [K / (32 / bits), N]; scales float32 [P, G, N] (G = ⌈K / group⌉, P = 2 for ternary, else 1);
-// offsets float32 [G, N] for int and ternary (else ignored)
-Weight checked(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& offsets, int64_t kind,
+// words int32 [K / (32 / bits), N]; scales (G = ⌈K / group⌉) float16 [G, N] (int), float16 [2, G, N] (ternary)
+// or float32 [G, N] (MXFP4, NVFP4); zeros uint8 [G, N] for int with zero points, else an empty tensor
+Weight checked(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros, int64_t kind,
                int64_t bits, int64_t group) {
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8, not ", bits);
   TORCH_CHECK(words.dim() == 2 && words.scalar_type() == at::kInt && words.is_contiguous(),
@@ -223,20 +270,22 @@ Weight checked(const at::Tensor& words, const at::Tensor& scales, const at::Tens
   const int64_t K = words.size(0) * (32 / bits), N = words.size(1);
   TORCH_CHECK(group > 0 && group % (32 / bits) == 0, "the group ", group, " must hold whole words");
   const int64_t groups = (K + group - 1) / group;
+  const bool stored = kind == kInt || kind == kTernary;
   const int64_t planes = kind == kTernary ? 2 : 1;
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
-              scales.numel() == planes * groups * N, "scales: contiguous float32 [", planes, ", ⌈K / group⌉, N]");
-  const bool has_offsets = kind == kInt || kind == kTernary;
-  TORCH_CHECK(!has_offsets || (offsets.scalar_type() == at::kFloat && offsets.is_contiguous() &&
-                               offsets.numel() == groups * N), "offsets: contiguous float32 [⌈K / group⌉, N]");
-  return {reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()), scales.data_ptr<float>(),
-          has_offsets ? offsets.data_ptr<float>() : nullptr, K, N, group};
+  TORCH_CHECK(scales.scalar_type() == (stored ? at::kHalf : at::kFloat) && scales.is_contiguous() &&
+              scales.numel() == planes * groups * N, "scales: contiguous ", stored ? "float16" : "float32", " [",
+              planes, ", ⌈K / group⌉, N]");
+  const bool has_zeros = kind == kInt && zeros.numel() > 0;
+  TORCH_CHECK(!has_zeros || (zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.numel() == groups * N),
+              "zeros: contiguous uint8 [⌈K / group⌉, N]");
+  return {reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()), scales.data_ptr(),
+          has_zeros ? zeros.data_ptr<uint8_t>() : nullptr, K, N, group, groups, static_cast<float>(1 << (bits - 1))};
 }
 
 // x float32 [M, K], inputs in the weight's stored order → x·Wᵀ float32 [M, N]
 at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales,
-                         const at::Tensor& offsets, int64_t kind, int64_t bits, int64_t group) {
-  const Weight w = checked(words, scales, offsets, kind, bits, group);
+                         const at::Tensor& zeros, int64_t kind, int64_t bits, int64_t group) {
+  const Weight w = checked(words, scales, zeros, kind, bits, group);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == w.K,
               "x: contiguous float32 [M, ", w.K, "]");
   const MatmulFn fn = functions_for(kind, bits).first;
@@ -250,8 +299,7 @@ at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& words, const at:
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t n0 = b * kOutputs;
-        fn(rows, x_data + m0 * w.K, w.K, w.words, w.N, w.scales, w.offsets, w.group, n0,
-           std::min(kOutputs, w.N - n0), out_data + m0 * w.N);
+        fn(rows, x_data + m0 * w.K, w, n0, std::min(kOutputs, w.N - n0), out_data + m0 * w.N);
       }
     });
   }
@@ -259,9 +307,9 @@ at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& words, const at:
 }
 
 // out float32 [rows, N] ← the stored inputs [start, start + rows) decoded (whole words)
-void decode(at::Tensor& out, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& offsets,
+void decode(at::Tensor& out, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
             int64_t kind, int64_t bits, int64_t group, int64_t start) {
-  const Weight w = checked(words, scales, offsets, kind, bits, group);
+  const Weight w = checked(words, scales, zeros, kind, bits, group);
   const int64_t per_word = 32 / bits, stop = start + out.size(0);
   TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous() && out.size(1) == w.N,
               "out: contiguous float32 [rows, ", w.N, "]");
@@ -271,7 +319,7 @@ void decode(at::Tensor& out, const at::Tensor& words, const at::Tensor& scales, 
   float* out_data = out.data_ptr<float>();
   const int64_t first = start / per_word;
   at::parallel_for(first, stop / per_word, 1, [&](int64_t begin, int64_t end) {
-    fn(w.words, w.N, w.scales, w.offsets, (w.K + w.group - 1) / w.group, w.group, begin, end, first, out_data);
+    fn(w, begin, end, first, out_data);
   });
 }
 
@@ -280,9 +328,9 @@ int64_t lanes() { return kLanes; }
 }  // namespace
 
 TORCH_LIBRARY(quantbench_cpu, m) {
-  m.def("packed_matmul(Tensor x, Tensor words, Tensor scales, Tensor offsets, int kind, int bits, int group) "
+  m.def("packed_matmul(Tensor x, Tensor words, Tensor scales, Tensor zeros, int kind, int bits, int group) "
         "-> Tensor");
-  m.def("decode(Tensor(a!) out, Tensor words, Tensor scales, Tensor offsets, int kind, int bits, int group, "
+  m.def("decode(Tensor(a!) out, Tensor words, Tensor scales, Tensor zeros, int kind, int bits, int group, "
         "int start) -> ()");
   m.def("lanes() -> int", TORCH_FN(lanes));  // floats in one vector: what the library was compiled for
   m.impl("packed_matmul", c10::DispatchKey::CPU, TORCH_FN(packed_matmul));
