@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quantbench import load_quantized  # noqa: E402
 from quantbench.export.kernels import KernelWeight, cpu_packed, packed_matmul  # noqa: E402
 from quantbench.export.kernels.layout import MX_BLOCK, NV_BLOCK  # noqa: E402
+from quantbench.export.kernels.reference import packed_matmul_input_gradient  # noqa: E402
 
 KINDS = ("int4-g128", "int2-g128", "int8-g128", "ternary2", "mxfp4", "nvfp4")
 FALLBACK_KINDS = ("int4-g128", "ternary2", "nvfp4")
@@ -65,8 +66,8 @@ def call_us(call, calls: int) -> float:
 
 
 def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int) -> None:
-    """µs per call of each packed kind through the CPU kernels (float32 x; int4 also bfloat16), the torch
-    fallback at the first `fallback_batches` batches, and dense float32 and bfloat16 matmuls."""
+    """µs per call of each packed kind through the CPU kernels (float32 x; int4 also bfloat16), int4's gradient
+    in x, the torch fallback at the first `fallback_batches` batches, and dense float32 and bfloat16 matmuls."""
     generator = torch.Generator().manual_seed(0)
     dense = torch.randn(n, k, generator=generator)
     print(f"  one {k}×{n} matmul, µs per call (× dense float32 in the same run)")
@@ -84,13 +85,19 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int) -> N
         if fallback_batches:
             weight = weights[kind]
             rows[f"{kind} torch fallback", "float32"] = lambda x, w=weight: packed_matmul(x, w, backend="torch")
+    int4 = weights["int4-g128"]
+    rows["int4-g128 gradient in x (grad·W)", "float32"] = \
+        lambda x: cpu_packed.cpu_packed_input_gradient(x[:, :n] if n <= k else x.repeat(1, -(-n // k))[:, :n], int4)
+    if fallback_batches:
+        rows["int4-g128 gradient in x, torch fallback", "float32"] = \
+            lambda x: packed_matmul_input_gradient(x[:, :n] if n <= k else x.repeat(1, -(-n // k))[:, :n], int4)
     inputs = {(m, dtype): torch.randn(m, k, generator=generator).to(getattr(torch, dtype))
               for m in batches for dtype in ("float32", "bfloat16")}
     reference = {m: call_us(lambda: rows["dense", "float32"](inputs[m, "float32"]), 20) for m in batches}
     for (name, dtype), call in rows.items():
         cells = []
         for j, m in enumerate(batches):
-            if "fallback" in name and j >= fallback_batches:
+            if "fallback" in name and j >= fallback_batches:  # the torch fallback: slow, its first batches only
                 cells.append("—")
                 continue
             us = call_us(lambda: call(inputs[m, dtype]), 3 if "fallback" in name else 20)

@@ -319,6 +319,21 @@ def test_x_gradient_through_a_packed_linear_is_grad_times_the_dequantized_weight
         assert_matmul_close(x.grad, grad, dense.T)
 
 
+def test_x_gradient_on_the_cpu_decodes_through_the_cpp_kernel(monkeypatch):
+    from quantbench.export.kernels import cpu_packed
+
+    stored = WEIGHTS["int4-g32 act_order"]
+    kernel = to_kernel_layout(stored)
+    grad = torch.randn(3, OUT, generator=torch.Generator().manual_seed(6))
+    got = cpu_packed.cpu_packed_input_gradient(grad, kernel)
+    assert_matmul_close(got, grad, stored.dequantize().T)
+    calls = []
+    monkeypatch.setattr(cpu_packed, "cpu_packed_input_gradient", lambda g, w: calls.append(g.shape) or got)
+    x = torch.randn(3, IN, requires_grad=True)
+    PackedLinear(kernel)(x).backward(grad)
+    assert calls == [(3, OUT)] and torch.equal(x.grad, got)
+
+
 def test_tuner_keeps_the_fastest_candidate_that_agrees_with_the_fallback(monkeypatch):
     """A tile whose kernel computes a wrong result is skipped with a warning, however fast it times."""
     from quantbench.export.kernels import matmul, triton_matmul

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from quantbench.export.kernels.layout import KIND_CODES, KernelWeight, with_inputs_gathered
+from quantbench.export.kernels.reference import in_original_order
 from quantbench.formats.fp import E4M3, pow2
 from quantbench.formats.mx import E8M0_BIAS
 
@@ -72,6 +73,20 @@ def cpu_packed_matmul(x: torch.Tensor, weight: KernelWeight, path: str | None = 
             ops.decode(rows, words, scales, zeros, kind, bits, group, start)
             out.addmm_(x32[:, start:start + rows.shape[0]], rows)
     return out.to(x.dtype)
+
+
+def cpu_packed_input_gradient(grad: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
+    """grad [M, N] → grad·W [M, K] in grad's dtype and the original input order (a packed layer's gradient in x):
+    slabs of inputs decoded by the C++ kernel for torch's dense matmul."""
+    grad32, ops = grad.float().contiguous(), _ops()
+    scales, zeros, kind = kernel_scales(weight), _zeros(weight), KIND_CODES[weight.kind]
+    permuted = torch.empty(grad.shape[0], weight.shape[1], dtype=torch.float32)
+    slab = torch.empty(_slab_inputs(weight), weight.shape[0], dtype=torch.float32)
+    for start in range(0, weight.shape[1], slab.shape[0]):
+        rows = slab[:min(slab.shape[0], weight.shape[1] - start)]
+        ops.decode(rows, weight.qweight, scales, zeros, kind, weight.bits, weight.group, start)
+        permuted[:, start:start + rows.shape[0]] = (rows @ grad32.T).T  # the slab read in its own order
+    return in_original_order(permuted, weight.perm).to(grad.dtype)
 
 
 def most_kernel_rows(kind: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantbench.export.kernels import cpu_packed
 from quantbench.export.kernels.layout import KernelWeight
 from quantbench.export.kernels.matmul import packed_matmul
 from quantbench.export.kernels.reference import dequantize_kernel_weight, packed_matmul_input_gradient
@@ -36,7 +37,9 @@ def packed_linear_input_gradient(grad: torch.Tensor, qweight: torch.Tensor, scal
     """grad [..., out_features] → grad·W [..., in_features]: packed_linear's gradient in x (one opaque
     operator too, so that AOT autograd traces the backward without looking into the decode)."""
     weight = KernelWeight(kind, bits, (out_features, in_features), group, qweight, scales, zeros, perm, global_scale)
-    flat = packed_matmul_input_gradient(grad.reshape(-1, out_features), weight)
+    flat = grad.reshape(-1, out_features)
+    flat = (cpu_packed.cpu_packed_input_gradient if cpu_packed.applies(flat, weight)
+            else packed_matmul_input_gradient)(flat, weight)
     return flat.view(*grad.shape[:-1], in_features)
 
 
