@@ -10,6 +10,7 @@ packed_mma.cu, cuda_mma.py  the tensor-core kernel (mma.sync on weights decoded 
 packed_wgmma.cu, cuda_wgmma.py  Hopper's warpgroup tensor-core kernel (wgmma, the weight decoded as A) for 1–64 rows
 tensor_core_decode.cuh  the two tensor-core kernels' decoding (words of 4 outputs, scales, code pairs)
 cuda_build.py  builds the CUDA kernels with nvcc, one cached library per kernel and weight type
+library_cache.py  where the compiled libraries are cached, and their atomic build
 cpu_int4.py   int4 on the CPU through torch's own int4 kernel (bfloat16 x)
 packed_cpu.cpp, cpu_packed.py  quantbench's CPU kernels for every other layout and dtype, built with the host's
               C++ compiler on first use

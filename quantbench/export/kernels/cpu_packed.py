@@ -22,13 +22,13 @@ import platform
 import shutil
 import subprocess
 import sysconfig
-import tempfile
 import warnings
 import weakref
 from pathlib import Path
 
 import torch
 
+from quantbench.export.kernels import library_cache
 from quantbench.export.kernels.layout import KIND_CODES, KernelWeight, with_inputs_gathered
 from quantbench.export.kernels.reference import in_original_order
 from quantbench.formats.fp import E4M3, pow2
@@ -132,9 +132,7 @@ def kernel_scales(weight: KernelWeight) -> torch.Tensor:
 
 
 def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantbench" / "cpu"
+    return library_cache.cache_dir(CACHE_ENV, "cpu")
 
 
 def compiler() -> str | None:
@@ -161,17 +159,7 @@ def build() -> Path:
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (c++, g++ or $CXX) to build the CPU kernels with")
-    path = library_path(cxx)
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        built = Path(scratch) / path.name
-        result = subprocess.run([cxx, str(SOURCE), *flags(), "-o", str(built)], capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError(f"{cxx} failed on {SOURCE.name}:\n{result.stderr[-4000:]}")
-        os.replace(built, path)  # atomic: a concurrent process sees no library or a whole one
-    return path
+    return library_cache.compile_library(library_path(cxx), [cxx, str(SOURCE), *flags()], SOURCE.name)
 
 
 @functools.cache

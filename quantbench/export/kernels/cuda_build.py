@@ -17,15 +17,14 @@ import functools
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from quantbench.export.kernels import library_cache
 from quantbench.export.kernels.layout import KIND_CODES, KernelWeight
 
 HERE = Path(__file__).parent
@@ -123,9 +122,7 @@ def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
 
 
 def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantbench" / "cuda"
+    return library_cache.cache_dir(CACHE_ENV, "cuda")
 
 
 def library_path(weight_type: WeightType, arch: str) -> Path:
@@ -153,15 +150,8 @@ def build(weight_type: WeightType, arch: str) -> Path:
     nvcc = nvcc_path()
     if nvcc is None:
         raise RuntimeError("building the CUDA kernels needs nvcc (CUDA_HOME or PATH)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        built = Path(scratch) / path.name
-        result = subprocess.run([nvcc, *_flags(weight_type, arch), str(weight_type.source), "-o", str(built)],
-                                capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError(f"nvcc failed on {weight_type.source.name} for {weight_type}:\n{result.stderr[-4000:]}")
-        os.replace(built, path)  # atomic: a concurrent process sees no library or a whole one
-    return path
+    return library_cache.compile_library(path, [nvcc, *_flags(weight_type, arch), str(weight_type.source)],
+                                         f"{weight_type.source.name} for {weight_type}")
 
 
 # Entry points: (rows, lanes/warps, threads/warps_n, async/x_shared[, capped], splits[, column blocks]) ints,
