@@ -91,7 +91,12 @@ def cpu_packed_input_gradient(grad: torch.Tensor, weight: KernelWeight) -> torch
 
 def most_kernel_rows(kind: str) -> int:
     """The most rows of x the kernel multiplies before slabs and a dense matmul take over."""
-    return max(MATMUL_ROWS.get(kind, MATMUL_ROWS_OTHERWISE) * _ops().lanes() // 16, 1)
+    return max(MATMUL_ROWS.get(kind, MATMUL_ROWS_OTHERWISE) * _lanes() // 16, 1)
+
+
+@functools.cache
+def _lanes() -> int:
+    return _ops().lanes()  # floats in one of the library's vectors
 
 
 def decode(weight: KernelWeight, start: int = 0, stop: int | None = None) -> torch.Tensor:

@@ -40,6 +40,8 @@ constexpr int kMaxRows = 4;   // rows of x sharing one decode
 typedef float Floats __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t Words __attribute__((vector_size(4 * kLanes)));
 typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t Halves __attribute__((vector_size(2 * kLanes)));  // float16 bits
+typedef uint8_t Bytes __attribute__((vector_size(kLanes)));
 
 enum Kind : int64_t { kInt = 0, kTernary = 1, kMxfp4 = 2, kNvfp4 = 3 };
 
@@ -91,9 +93,6 @@ inline Floats e2m1(Words code) {
   return out;
 #endif
 }
-
-typedef uint16_t Halves __attribute__((vector_size(2 * kLanes)));  // float16 bits
-typedef uint8_t Bytes __attribute__((vector_size(kLanes)));
 
 // uint8 → float32: widened in one instruction where the target has one, then converted
 inline Floats to_floats(Bytes b) {
