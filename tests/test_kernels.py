@@ -1359,6 +1359,19 @@ def test_cpp_cpu_kernel_reads_int_and_ternary_scales_as_stored():
     assert cpu_packed.kernel_scales(kernel) is scales  # made once
 
 
+def test_cpp_cpu_kernels_spread_their_tasks_over_torchs_threads():
+    """Compiled with OpenMP, as torch's at::parallel_for needs: without it the kernels ran on one thread."""
+    from quantbench.export.kernels import cpu_packed
+
+    assert cpu_packed.available()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.quantbench_cpu.threads_used(64) == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cpp_cpu_kernel_outputs_do_not_depend_on_their_neighbours():
     """Fused q/k/v and gate/up layers concatenate outputs: each output's sum is the same whatever task of
     outputs and whichever rows of its tile of 4 it falls in."""

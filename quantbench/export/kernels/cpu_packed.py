@@ -147,8 +147,10 @@ def compiler() -> str | None:
 def flags() -> list[str]:
     torch_dir = Path(torch.__file__).parent
     abi = int(torch.compiled_with_cxx11_abi())
-    return ["-O3", f"-march={os.environ.get(ARCH_ENV, 'native')}", "-ffp-contract=off", "-std=c++17", "-shared",
-            "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-isystem", str(torch_dir / "include"),
+    # -fopenmp: at::parallel_for is OpenMP in torch's headers (without it, one thread); the library then
+    # shares the libgomp that torch has loaded
+    return ["-O3", f"-march={os.environ.get(ARCH_ENV, 'native')}", "-ffp-contract=off", "-fopenmp", "-std=c++17",
+            "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-isystem", str(torch_dir / "include"),
             f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu"]
 
 

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -324,6 +325,18 @@ void decode(at::Tensor& out, const at::Tensor& words, const at::Tensor& scales, 
 
 int64_t lanes() { return kLanes; }
 
+// How many of torch's threads take part when `tasks` tasks are spread as the kernels spread theirs (1 where the
+// library was compiled without OpenMP: at::parallel_for then runs serially)
+int64_t threads_used(int64_t tasks) {
+  std::atomic<int64_t> most{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    const int64_t thread = at::get_thread_num() + 1;
+    for (int64_t seen = most.load(); seen < thread && !most.compare_exchange_weak(seen, thread);) {
+    }
+  });
+  return most.load();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quantbench_cpu, m) {
@@ -332,6 +345,7 @@ TORCH_LIBRARY(quantbench_cpu, m) {
   m.def("decode(Tensor(a!) out, Tensor words, Tensor scales, Tensor zeros, int kind, int bits, int group, "
         "int start) -> ()");
   m.def("lanes() -> int", TORCH_FN(lanes));  // floats in one vector: what the library was compiled for
+  m.def("threads_used(int tasks) -> int", TORCH_FN(threads_used));
   m.impl("packed_matmul", c10::DispatchKey::CPU, TORCH_FN(packed_matmul));
   m.impl("decode", c10::DispatchKey::CPU, TORCH_FN(decode));
 }
