@@ -1,7 +1,7 @@
 """Packed matmuls on the CPU through quantbench's own C++ kernels (`packed_cpu.cpp`), for every kernel-layout kind
-but base-3 ternary and any float dtype of x: up to 20–32 rows (`MATMUL_ROWS`) the weight words are decoded in
-vector lanes for four rows at once and never stored as floats; more rows decode a slab of inputs at a time to
-float32 for torch's dense matmul (as the torch fallback does, with the decode in C++).
+but base-3 ternary and any float dtype of x: up to 48–96 rows with AVX-512 (`MATMUL_ROWS`) the weight words are
+decoded in vector lanes for four rows at once and never stored as floats; more rows decode a slab of inputs at a
+time to float32 for torch's dense matmul (as the torch fallback does, with the decode in C++).
 
 The library is compiled with the host's C++ compiler for this CPU (`-march=native`, or QUANTBENCH_CPU_ARCH) on
 first use, against the running torch, and cached (QUANTBENCH_CPU_CACHE, else $XDG_CACHE_HOME/quantbench/cpu); a
@@ -37,12 +37,13 @@ from quantbench.formats.mx import E8M0_BIAS
 SOURCE = Path(__file__).parent / "packed_cpu.cpp"
 CACHE_ENV = "QUANTBENCH_CPU_CACHE"
 ARCH_ENV = "QUANTBENCH_CPU_ARCH"  # the -march the library is compiled for: native unless set (x86-64-v3: AVX2)
-# the most rows of x the kernel multiplies with AVX-512 (16 floats a vector), in proportion to its vectors
-# elsewhere; more decode slabs for a dense matmul. Where the slabs overtook the kernel on a 4096² matmul
-# (`bench/cpu_decode.py --crossing`, docs/performance.md "Packed models on the CPU"): int4 between 32 and 64
-# rows, ternary between 24 and 32, NVFP4 between 16 and 24 with AVX-512; with AVX2 about half as many rows.
-MATMUL_ROWS = {"int": 32, "ternary": 24}
-MATMUL_ROWS_OTHERWISE = 20  # MXFP4, NVFP4
+# The most rows of x the kernel multiplies, by the library's vector width (16 floats: AVX-512, 8: AVX2, 4: SSE2 and
+# others); more decode slabs for a dense matmul. Where the slabs overtook the kernel on a 4096² matmul
+# (`bench/cpu_decode.py --crossing`, docs/performance.md "Packed models on the CPU"; the narrower builds measured
+# on an AVX-512 CPU, whose dense matmuls stay AVX-512): AVX-512 int4 beyond 96 rows, ternary and NVFP4 about 48-64;
+# AVX2 int4 about 20, ternary 28, NVFP4 15; SSE2 int4 about 26, ternary 15, NVFP4 6.
+MATMUL_ROWS = {16: {"int": 96, "ternary": 48, "fp4": 48}, 8: {"int": 16, "ternary": 24, "fp4": 12},
+               4: {"int": 24, "ternary": 12, "fp4": 4}}
 SLAB_BYTES = 4 << 20  # float32 decoded at a time for a dense matmul
 _fp4_scales: dict[int, torch.Tensor] = {}  # id(qweight) → float32 scales of an MXFP4 or NVFP4 weight
 _NO_ZEROS = torch.empty(0, dtype=torch.uint8)
@@ -91,7 +92,7 @@ def cpu_packed_input_gradient(grad: torch.Tensor, weight: KernelWeight) -> torch
 
 def most_kernel_rows(kind: str) -> int:
     """The most rows of x the kernel multiplies before slabs and a dense matmul take over."""
-    return max(MATMUL_ROWS.get(kind, MATMUL_ROWS_OTHERWISE) * _lanes() // 16, 1)
+    return MATMUL_ROWS[_lanes()][kind if kind in ("int", "ternary") else "fp4"]
 
 
 @functools.cache
