@@ -1,7 +1,7 @@
 """Greedy decode on the CPU from quantbench checkpoints: tokens/s dequantized (dense) and packed
 (`load_quantized(kernels=True)`), in float32 and bfloat16, in one run; then single matmuls (`--shape`) of each
-packed kind at several batches through the CPU kernels (`packed_matmul(backend="cpu")`: quantbench's C++ kernel,
-torch's int4 kernel for bfloat16 int4) and the torch fallback, against dense matmuls in the same run.
+packed kind at several batches through quantbench's C++ kernel (`packed_matmul(backend="cpu")`), torch's int4
+kernel (bfloat16 int4) and the torch fallback, against dense matmuls in the same run.
 
 Each setting is loaded once, warmed up with a short generation, then timed over `--tokens` new tokens,
 `--repeat` times (median). Settings alternate within each repeat, so the machine's drift falls on all alike.
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantbench import load_quantized  # noqa: E402
-from quantbench.export.kernels import KernelWeight, cpu_packed, packed_matmul  # noqa: E402
+from quantbench.export.kernels import KernelWeight, cpu_int4, cpu_packed, packed_matmul  # noqa: E402
 from quantbench.export.kernels.layout import MX_BLOCK, NV_BLOCK  # noqa: E402
 from quantbench.export.kernels.reference import packed_matmul_input_gradient  # noqa: E402
 
@@ -81,6 +81,7 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int) -> N
         rows[kind, "float32"] = lambda x, w=weight: packed_matmul(x, w, backend="cpu")
         if kind == "int4-g128":
             rows[kind, "bfloat16"] = lambda x, w=weight: packed_matmul(x, w, backend="cpu")
+            rows[f"{kind}, torch's int4 kernel", "bfloat16"] = lambda x, w=weight: cpu_int4.cpu_int4_matmul(x, w)
     for kind in FALLBACK_KINDS:
         if fallback_batches:
             weight = weights[kind]

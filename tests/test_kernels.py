@@ -1239,9 +1239,12 @@ def test_cpu_int4_kernel_equals_the_dequantized_matmul_to_bfloat16_rounding(labe
     its result to bfloat16: each term off by at most 2⁻⁸ of |q − 8|·s + |8 − z|·s, the sum by 2⁻⁸ of itself
     (bounds doubled for the products and sums in between)."""
     stored = WEIGHTS[label]
+    from quantbench.export.kernels import cpu_int4
+
     kernel = to_kernel_layout(stored)
     x = torch.randn(batch, IN, generator=torch.Generator().manual_seed(batch)).bfloat16()
-    got = packed_matmul(x, kernel, backend="cpu")
+    assert cpu_int4.applies(x, kernel)
+    got = cpu_int4.cpu_int4_matmul(x, kernel)
     assert got.dtype == torch.bfloat16 and got.shape == (batch, OUT)
     expected = x.double() @ stored.dequantize().double().T
     def per_input(groups):  # [OUT, groups] → [OUT, IN]
@@ -1256,7 +1259,7 @@ def test_cpu_int4_kernel_equals_the_dequantized_matmul_to_bfloat16_rounding(labe
     assert (got.double() - expected).abs().max() > 0  # bfloat16, not a float32 path by accident
 
 
-def test_auto_on_the_cpu_takes_torchs_int4_kernel_for_bfloat16_int4_and_the_cpp_kernel_otherwise(monkeypatch):
+def test_auto_on_the_cpu_takes_the_cpp_kernel_and_torchs_int4_kernel_only_where_it_cannot_be_built(monkeypatch):
     from quantbench.export.kernels import cpu_int4, cpu_packed
 
     calls = []
@@ -1268,12 +1271,17 @@ def test_auto_on_the_cpu_takes_torchs_int4_kernel_for_bfloat16_int4_and_the_cpp_
     packed_matmul(torch.randn(2, IN), kernel)
     packed_matmul(torch.randn(2, IN).bfloat16(), kernel)
     packed_matmul(torch.randn(2, IN).bfloat16(), to_kernel_layout(WEIGHTS["int8-pc-rtn"]))
-    assert calls == [("cpp", torch.float32), ("int4", torch.bfloat16), ("cpp", torch.bfloat16)]
+    assert calls == [("cpp", torch.float32), ("cpp", torch.bfloat16), ("cpp", torch.bfloat16)]
     base3 = to_base3_layout(WEIGHTS["ternary2-g64"])
     x = torch.ones(1, IN)
     assert torch.equal(packed_matmul(x, base3), packed_matmul(x, base3, backend="torch"))
     with pytest.raises(ValueError, match="backend 'cpu' takes float x .* but base-3"):
         packed_matmul(x, base3, backend="cpu")
+    monkeypatch.setattr(cpu_packed, "available", lambda: False)  # no compiler: torch's int4 kernel for bfloat16
+    calls.clear()
+    packed_matmul(torch.randn(2, IN).bfloat16(), kernel)
+    packed_matmul(torch.randn(2, IN), kernel)
+    assert calls == [("int4", torch.bfloat16)]
 
 
 # batches of 1–4 rows share one decode; 6 runs a tile of 4 and one of 2; 100 decodes slabs for a dense matmul

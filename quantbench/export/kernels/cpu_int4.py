@@ -1,6 +1,7 @@
 """int4 matmuls on the CPU through torch's own int4 kernel (`aten._weight_int4pack_mm_for_cpu`, torch's
-tinygemm for CPUs), for bfloat16 x: the weight stays 4-bit, where the torch fallback decodes it to float
-on every call.
+tinygemm for CPUs), for bfloat16 x, where quantbench's C++ kernels (cpu_packed.py) cannot be built: the weight
+stays 4-bit, where the torch fallback decodes it to float on every call. It keeps its own copy of the words
+(torch's int4 layout) beside the packed ones, which is why quantbench's kernel comes first.
 
 The kernel computes w = (q − 8)·s + m per group, so an asymmetric weight w = (q − z)·s takes m = (8 − z)·s;
 scales and m are bfloat16 there, so results agree with the dequantized matmul to bfloat16 rounding. In float32

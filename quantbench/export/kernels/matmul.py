@@ -79,17 +79,17 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     kernels; on the CPU the CPU kernels where they apply, else torch), triton (also on CPU under
     TRITON_INTERPRET=1), cuda (the CUDA decode kernel: float16 x, up to 16 rows), mma (the tensor-core kernel:
     float16 x, up to 64 rows), wgmma (the warpgroup tensor-core kernel: Hopper, float16 x, up to 64 rows), cpu
-    (torch's int4 kernel for bfloat16 x and int4 in groups of 32–256, else quantbench's C++ kernels: any
-    layout but base-3 ternary), torch."""
+    (quantbench's C++ kernels: any layout but base-3 ternary; where they cannot be built, torch's int4 kernel
+    for bfloat16 x and int4 in groups of 32–256), torch."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     n_out, n_in = weight.shape
     x2 = x.reshape(-1, n_in)
     if backend == "cpu" or (backend == "auto" and x2.device.type == "cpu"):
-        if cpu_int4.applies(x2, weight):
-            return cpu_int4.cpu_int4_matmul(x2, weight).view(*x.shape[:-1], n_out)
         if cpu_packed.applies(x2, weight):
             return cpu_packed.cpu_packed_matmul(x2, weight).view(*x.shape[:-1], n_out)
+        if cpu_int4.applies(x2, weight):  # where quantbench's could not be built
+            return cpu_int4.cpu_int4_matmul(x2, weight).view(*x.shape[:-1], n_out)
         if backend == "cpu":
             raise ValueError("backend 'cpu' takes float x and the weight on the CPU, any kernel layout but base-3 "
                              "ternary, and a C++ compiler to build its kernels with")
