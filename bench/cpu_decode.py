@@ -87,13 +87,13 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int) -> N
             weight = weights[kind]
             rows[f"{kind} torch fallback", "float32"] = lambda x, w=weight: packed_matmul(x, w, backend="torch")
     int4 = weights["int4-g128"]
-    rows["int4-g128 gradient in x (grad·W)", "float32"] = \
-        lambda x: cpu_packed.cpu_packed_input_gradient(x[:, :n] if n <= k else x.repeat(1, -(-n // k))[:, :n], int4)
+    rows["int4-g128 gradient in x (grad·W)", "grad"] = lambda grad: cpu_packed.cpu_packed_input_gradient(grad, int4)
     if fallback_batches:
-        rows["int4-g128 gradient in x, torch fallback", "float32"] = \
-            lambda x: packed_matmul_input_gradient(x[:, :n] if n <= k else x.repeat(1, -(-n // k))[:, :n], int4)
+        rows["int4-g128 gradient in x, torch fallback", "grad"] = \
+            lambda grad: packed_matmul_input_gradient(grad, int4)
     inputs = {(m, dtype): torch.randn(m, k, generator=generator).to(getattr(torch, dtype))
               for m in batches for dtype in ("float32", "bfloat16")}
+    inputs |= {(m, "grad"): torch.randn(m, n, generator=generator) for m in batches}  # float32 [M, N]
     reference = {m: call_us(lambda: rows["dense", "float32"](inputs[m, "float32"]), 20) for m in batches}
     for (name, dtype), call in rows.items():
         cells = []
@@ -103,7 +103,7 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int) -> N
                 continue
             us = call_us(lambda: call(inputs[m, dtype]), 3 if "fallback" in name else 20)
             cells.append(f"{us:,.0f} (×{reference[m] / us:.2f})")
-        print(f"  | {name} | {dtype} | " + " | ".join(cells) + " |", flush=True)
+        print(f"  | {name} | {'float32' if dtype == 'grad' else dtype} | " + " | ".join(cells) + " |", flush=True)
 
 
 def crossing_table(k: int, n: int, batches: list[int]) -> None:

@@ -68,25 +68,18 @@ def cpu_packed_matmul(x: torch.Tensor, weight: KernelWeight, path: str | None = 
         out = ops.packed_matmul(x32, words, scales, zeros, kind, bits, group)
     else:
         out = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32)
-        slab = torch.empty(_slab_inputs(weight), weight.shape[0], dtype=torch.float32)
-        for start in range(0, weight.shape[1], slab.shape[0]):
-            rows = slab[:min(slab.shape[0], weight.shape[1] - start)]
-            ops.decode(rows, words, scales, zeros, kind, bits, group, start)
-            out.addmm_(x32[:, start:start + rows.shape[0]], rows)
+        for start, slab in _decoded_slabs(weight):
+            out.addmm_(x32[:, start:start + slab.shape[0]], slab)
     return out.to(x.dtype)
 
 
 def cpu_packed_input_gradient(grad: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
     """grad [M, N] → grad·W [M, K] in grad's dtype and the original input order (a packed layer's gradient in x):
     slabs of inputs decoded by the C++ kernel for torch's dense matmul."""
-    grad32, ops = grad.float().contiguous(), _ops()
-    scales, zeros, kind = kernel_scales(weight), _zeros(weight), KIND_CODES[weight.kind]
+    grad32 = grad.float().contiguous()
     permuted = torch.empty(grad.shape[0], weight.shape[1], dtype=torch.float32)
-    slab = torch.empty(_slab_inputs(weight), weight.shape[0], dtype=torch.float32)
-    for start in range(0, weight.shape[1], slab.shape[0]):
-        rows = slab[:min(slab.shape[0], weight.shape[1] - start)]
-        ops.decode(rows, weight.qweight, scales, zeros, kind, weight.bits, weight.group, start)
-        permuted[:, start:start + rows.shape[0]] = (rows @ grad32.T).T  # the slab read in its own order
+    for start, slab in _decoded_slabs(weight):
+        permuted[:, start:start + slab.shape[0]] = (slab @ grad32.T).T  # the slab read in its own order
     return in_original_order(permuted, weight.perm).to(grad.dtype)
 
 
@@ -108,10 +101,17 @@ def decode(weight: KernelWeight, start: int = 0, stop: int | None = None) -> tor
     return out
 
 
-def _slab_inputs(weight: KernelWeight) -> int:
-    """Inputs decoded at a time for a dense matmul: about SLAB_BYTES of float32, whole words."""
-    per_word = weight.per_word
-    return max(SLAB_BYTES // (4 * weight.shape[0]) // per_word, 1) * per_word
+def _decoded_slabs(weight: KernelWeight):
+    """(start, float32 [inputs, N]) for each slab of about SLAB_BYTES of the weight's stored inputs (whole words),
+    decoded by the C++ kernel into one buffer: use each before taking the next."""
+    n_out, n_in = weight.shape
+    inputs = max(SLAB_BYTES // (4 * n_out) // weight.per_word, 1) * weight.per_word
+    buffer = torch.empty(min(inputs, n_in), n_out, dtype=torch.float32)
+    scales, zeros, ops = kernel_scales(weight), _zeros(weight), _ops()
+    for start in range(0, n_in, inputs):
+        slab = buffer[:min(inputs, n_in - start)]
+        ops.decode(slab, weight.qweight, scales, zeros, KIND_CODES[weight.kind], weight.bits, weight.group, start)
+        yield start, slab
 
 
 def _zeros(weight: KernelWeight) -> torch.Tensor:
