@@ -3,20 +3,24 @@
 // and a decode of a slab of inputs to float32, for batches that a dense matmul then multiplies faster.
 //
 // Within a group, the matmul sums x·v per row and output, v the code's value (int: the code q itself; ternary
-// α1·lo + α2·hi; fp4 e2m1(q)·s); at the group's end it applies what the codes' values leave out:
+// α1·lo + α2·hi; fp4 e2m1(q)); at the group's end it applies what the codes' values leave out:
 //   int      w = s·q − s·z                      out += s·Σx·q − (s·z)·Σx
 //   ternary  w = α1·(lo − 1) + α2·(hi − 1)      out += Σx·(α1·lo + α2·hi) − (α1 + α2)·Σx
-//   fp4      w = e2m1(q)·s                      out += Σx·e2m1(q)·s
+//   fp4      w = e2m1(q)·s                      out += s·Σx·e2m1(q)
+// Int and ternary fields are converted where they lie in the word (q·2^e) against x scaled by 2^−e beforehand:
+// a mask and a conversion a field, no shift.
 // Int and ternary scales are read as stored (float16 s, α1, α2; uint8 z); MXFP4 and NVFP4 take float32 s,
 // their E8M0 exponents and E4M3 codes over the tensor's scale decoded once beforehand.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -73,6 +77,21 @@ inline Floats fma(Floats a, Floats b, Floats c) {
   return (Floats)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
   return a * b + c;  // no fused multiply-add in the instruction set: two roundings, as many on every row
+#endif
+}
+
+// x in every lane (`Floats{} + x` would add a zero in every lane: no compiler may drop it, −0 + 0 being +0)
+inline Floats splat(float x) {
+#if defined(__AVX512F__)
+  return (Floats)_mm512_set1_ps(x);
+#elif defined(__AVX__)
+  return (Floats)_mm256_set1_ps(x);
+#elif defined(__SSE__)
+  return (Floats)_mm_set1_ps(x);
+#else
+  Floats v;
+  for (int i = 0; i < kLanes; ++i) v[i] = x;
+  return v;
 #endif
 }
 
@@ -151,7 +170,7 @@ inline Scales scales_at(const Weight& w, int64_t at, int64_t count) {
       const Floats s2 = to_floats(load<Halves>(halves + w.groups * w.N + at, count));
       return {s, s2, s + s2};
     } else {
-      const Floats z = w.zeros ? to_floats(load<Bytes>(w.zeros + at, count)) : Floats{} + w.symmetric_zero;
+      const Floats z = w.zeros ? to_floats(load<Bytes>(w.zeros + at, count)) : splat(w.symmetric_zero);
       return {s, Floats{}, z * s};
     }
   } else {
@@ -159,57 +178,121 @@ inline Scales scales_at(const Weight& w, int64_t at, int64_t count) {
   }
 }
 
-// A code's value: int q (its scale applies to the group's sums), ternary α1·lo + α2·hi, fp4 e2m1(q)·s
-template <int64_t KIND>
-inline Floats code_value(Words code, const Scales& scales) {
-  if constexpr (KIND == kTernary)
-    return scales.s * to_floats(code & 3u) + scales.s2 * to_floats(code >> 2);
-  else if constexpr (KIND == kInt)
-    return to_floats(code);
-  else
-    return e2m1(code) * scales.s;
+// A field of a word converted to float in place, q·2^e (e = field_exponent), where the conversion is exact: every
+// field with AVX-512's unsigned conversion; elsewhere every field below bit 31, and the top field shifted down
+// first. x is scaled by 2^−e beforehand (scale_x), so that each product is q·x exactly and one instruction (the
+// mask) decodes a field where a shift and a mask did.
+template <int BITS>
+constexpr int field_shift(int j) {
+#if defined(__AVX512F__)
+  return 0;
+#else
+  return (j + 1) * BITS == 32 ? j * BITS : 0;
+#endif
 }
 
-template <int64_t KIND, int BITS, int ROWS>
-void matmul_block(const float* x, const Weight& w, int64_t n0, int64_t width, float* out) {
+template <int BITS>
+constexpr int field_exponent(int j) { return j * BITS - field_shift<BITS>(j); }
+
+template <int BITS, int J>
+inline Floats field(Words words, uint32_t mask) {
+  constexpr int kShift = field_shift<BITS>(J);
+  const Words bits = (kShift ? words >> kShift : words) & (mask << field_exponent<BITS>(J));
+#if defined(__AVX512F__)
+  return (Floats)_mm512_cvtepu32_ps((__m512i)bits);
+#else
+  return __builtin_convertvector((Ints)bits, Floats);
+#endif
+}
+
+// What code J of a word multiplies x by within a group, its scales applied at the group's end: int q·2^e and
+// fp4 e2m1(q) (the group's s applies to the sums); ternary α1·lo + α2·hi (over 2^e)
+template <int64_t KIND, int BITS, int J>
+inline Floats code_value(Words words, const Scales& scales) {
+  if constexpr (KIND == kInt)
+    return field<BITS, J>(words, (1u << BITS) - 1u);
+  else if constexpr (KIND == kTernary)
+    return fma(scales.s2, field<BITS, J>(words, 12u), scales.s * field<BITS, J>(words, 3u));
+  else
+    return e2m1(J ? (words >> (J * BITS)) & 15u : words & 15u);
+}
+
+// The sums of one word row's codes 0..32/BITS − 1 (always inlined: an outlined call would keep the sums in memory)
+template <int64_t KIND, int BITS, int ROWS, int J = 0>
+__attribute__((always_inline)) inline void add_codes(const float* x, int64_t K, const Words (&words)[kVectors],
+                                                     const Scales (&scales)[kVectors], Floats (&sums)[ROWS][kVectors]) {
+  if constexpr (J < 32 / BITS) {
+    for (int v = 0; v < kVectors; ++v) {
+      const Floats value = code_value<KIND, BITS, J>(words[v], scales[v]);
+      for (int r = 0; r < ROWS; ++r) sums[r][v] = fma(value, splat(x[r * K + J]), sums[r][v]);
+    }
+    add_codes<KIND, BITS, ROWS, J + 1>(x, K, words, scales, sums);
+  }
+}
+
+// x [M, K] → x·2^−e [M, K] for int and ternary, e the exponent of the field each input's code lies at (a power of
+// two: exact for all but subnormal products), and Σx [M, G] for each group (what zero points and ternary's −1
+// offsets multiply)
+template <int BITS>
+void scale_x(const float* x, int64_t M, const Weight& w, float* scaled, float* sums) {
   constexpr int kPerWord = 32 / BITS;
-  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  float factor[kPerWord];
+  for (int j = 0; j < kPerWord; ++j) factor[j] = std::ldexp(1.f, -field_exponent<BITS>(j));
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t g = 0; g < w.groups; ++g) {
+      float sum = 0.f;
+      for (int64_t k = g * w.group; k < std::min((g + 1) * w.group, w.K); ++k) {
+        sum += x[r * w.K + k];
+        scaled[r * w.K + k] = x[r * w.K + k] * factor[k % kPerWord];
+      }
+      sums[r * w.groups + g] = sum;
+    }
+}
+
+// FULL: width is kOutputs, known to the compiler (every task but a narrow last one), so no load is partial
+template <int64_t KIND, int BITS, int ROWS, bool FULL>
+void matmul_block(const float* x, const float* x_sums, const Weight& w, int64_t n0, int64_t any_width, float* out) {
+  constexpr int kPerWord = 32 / BITS;
+  const int64_t width = FULL ? kOutputs : any_width;
   const int64_t K = w.K, N = w.N, group = w.group, groups = w.groups;
   const uint32_t* const words_data = w.words;
   Floats acc[ROWS][kVectors] = {};
   for (int64_t g = 0; g < groups; ++g) {  // the last group may be shorter
-    Floats sums[ROWS][kVectors] = {};  // int: Σx·q of the group; else Σx·w
-    Scales group_scales[kVectors];  // int: read at the group's end, where they apply
-    if constexpr (KIND != kInt)
-      for (int v = 0; v < kVectors; ++v)
-        group_scales[v] = scales_at<KIND>(w, g * N + n0 + v * kLanes, width - v * kLanes);
-    float x_sum[ROWS] = {};
+    Floats sums[ROWS][kVectors] = {};  // int: Σx·q·2^e; ternary Σx·(α1·lo + α2·hi); fp4 Σx·e2m1(q)
+    Scales group_scales[kVectors];
+    for (int v = 0; v < kVectors; ++v)
+      group_scales[v] = scales_at<KIND>(w, g * N + n0 + v * kLanes, width - v * kLanes);
+    if constexpr (KIND == kTernary)  // the hi field lies two bits above the lo field: α2 over 4
+      for (int v = 0; v < kVectors; ++v) group_scales[v].s2 *= .25f;
     for (int64_t k0 = g * group; k0 < std::min((g + 1) * group, K); k0 += kPerWord) {
       const uint32_t* row = words_data + (k0 / kPerWord) * N + n0;
       Words words[kVectors];
       for (int v = 0; v < kVectors; ++v) words[v] = load<Words>(row + v * kLanes, width - v * kLanes);
-      for (int j = 0; j < kPerWord; ++j) {
-        float xj[ROWS];
-        for (int r = 0; r < ROWS; ++r) {
-          xj[r] = x[r * K + k0 + j];
-          x_sum[r] += xj[r];
-        }
-        for (int v = 0; v < kVectors; ++v) {
-          const Floats value = code_value<KIND>((words[v] >> (j * BITS)) & kMask, group_scales[v]);
-          for (int r = 0; r < ROWS; ++r) sums[r][v] = fma(value, Floats{} + xj[r], sums[r][v]);
-        }
-      }
+      add_codes<KIND, BITS, ROWS>(x + k0, K, words, group_scales, sums);
     }
-    for (int v = 0; v < kVectors; ++v) {
-      if constexpr (KIND == kInt) group_scales[v] = scales_at<KIND>(w, g * N + n0 + v * kLanes, width - v * kLanes);
+    for (int v = 0; v < kVectors; ++v)
       for (int r = 0; r < ROWS; ++r) {
-        const Floats sum = KIND == kInt ? group_scales[v].s * sums[r][v] : sums[r][v];
-        acc[r][v] += sum - group_scales[v].offset * x_sum[r];
+        if constexpr (KIND == kTernary)
+          acc[r][v] += sums[r][v] - group_scales[v].offset * x_sums[r * groups + g];
+        else if constexpr (KIND == kInt)
+          acc[r][v] += group_scales[v].s * sums[r][v] - group_scales[v].offset * x_sums[r * groups + g];
+        else
+          acc[r][v] += group_scales[v].s * sums[r][v];
       }
-    }
   }
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < kVectors; ++v) store(out + r * N + n0 + v * kLanes, acc[r][v], width - v * kLanes);
+}
+
+// A code's weight: int s·q − s·z, ternary α1·lo + α2·hi − (α1 + α2), fp4 e2m1(q)·s
+template <int64_t KIND>
+inline Floats weight_value(Words code, const Scales& scales) {
+  if constexpr (KIND == kTernary)
+    return scales.s * to_floats(code & 3u) + scales.s2 * to_floats(code >> 2) - scales.offset;
+  else if constexpr (KIND == kInt)
+    return to_floats(code) * scales.s - scales.offset;
+  else
+    return e2m1(code) * scales.s;
 }
 
 // word rows [row0, row1) decoded to float32 [(row1 − row0)·per word, N] (inputs in their stored order)
@@ -225,33 +308,48 @@ void decode_rows(const Weight& w, int64_t row0, int64_t row1, int64_t first_row,
       const Words words = load<Words>(w.words + word_row * N + n, count);
       const Scales group_scales = scales_at<KIND>(w, g * N + n, count);
       for (int j = 0; j < kPerWord; ++j) {
-        Floats value = code_value<KIND>((words >> (j * BITS)) & kMask, group_scales);
-        if constexpr (KIND == kInt) value *= group_scales.s;
-        store(out + ((word_row - first_row) * kPerWord + j) * N + n, value - group_scales.offset, count);
+        const Floats value = weight_value<KIND>((words >> (j * BITS)) & kMask, group_scales);
+        store(out + ((word_row - first_row) * kPerWord + j) * N + n, value, count);
       }
     }
   }
 }
 
+template <int64_t KIND, int BITS, int ROWS>
+void matmul_task(const float* x, const float* x_sums, const Weight& w, int64_t n0, int64_t width, float* out) {
+  if (width == kOutputs)
+    matmul_block<KIND, BITS, ROWS, true>(x, x_sums, w, n0, width, out);
+  else
+    matmul_block<KIND, BITS, ROWS, false>(x, x_sums, w, n0, width, out);
+}
+
 template <int64_t KIND, int BITS>
-void matmul_rows(int rows, const float* x, const Weight& w, int64_t n0, int64_t width, float* out) {
+void matmul_rows(int rows, const float* x, const float* x_sums, const Weight& w, int64_t n0, int64_t width,
+                 float* out) {
   switch (rows) {
-    case 1: return matmul_block<KIND, BITS, 1>(x, w, n0, width, out);
-    case 2: return matmul_block<KIND, BITS, 2>(x, w, n0, width, out);
-    case 3: return matmul_block<KIND, BITS, 3>(x, w, n0, width, out);
-    default: return matmul_block<KIND, BITS, 4>(x, w, n0, width, out);
+    case 1: return matmul_task<KIND, BITS, 1>(x, x_sums, w, n0, width, out);
+    case 2: return matmul_task<KIND, BITS, 2>(x, x_sums, w, n0, width, out);
+    case 3: return matmul_task<KIND, BITS, 3>(x, x_sums, w, n0, width, out);
+    default: return matmul_task<KIND, BITS, 4>(x, x_sums, w, n0, width, out);
   }
 }
 
-using MatmulFn = void (*)(int, const float*, const Weight&, int64_t, int64_t, float*);
+using MatmulFn = void (*)(int, const float*, const float*, const Weight&, int64_t, int64_t, float*);
+using ScaleFn = void (*)(const float*, int64_t, const Weight&, float*, float*);
 using DecodeFn = void (*)(const Weight&, int64_t, int64_t, int64_t, float*);
 
+struct Functions {
+  MatmulFn matmul;
+  DecodeFn decode;
+  ScaleFn scale_x;  // null for fp4, whose x the kernel reads as it is
+};
+
 template <int64_t KIND, int BITS>
-std::pair<MatmulFn, DecodeFn> functions_of() {
-  return {matmul_rows<KIND, BITS>, decode_rows<KIND, BITS>};
+Functions functions_of() {
+  return {matmul_rows<KIND, BITS>, decode_rows<KIND, BITS>, KIND == kInt || KIND == kTernary ? scale_x<BITS> : nullptr};
 }
 
-std::pair<MatmulFn, DecodeFn> functions_for(int64_t kind, int64_t bits) {
+Functions functions_for(int64_t kind, int64_t bits) {
   if (kind == kInt && bits == 2) return functions_of<kInt, 2>();
   if (kind == kInt && bits == 4) return functions_of<kInt, 4>();
   if (kind == kInt && bits == 8) return functions_of<kInt, 8>();
@@ -288,10 +386,19 @@ at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& words, const at:
   const Weight w = checked(words, scales, zeros, kind, bits, group);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == w.K,
               "x: contiguous float32 [M, ", w.K, "]");
-  const MatmulFn fn = functions_for(kind, bits).first;
+  const Functions fns = functions_for(kind, bits);
   const int64_t M = x.size(0);
   at::Tensor out = at::empty({M, w.N}, x.options());
   const float* x_data = x.data_ptr<float>();
+  const float* x_sums = nullptr;
+  at::Tensor scaled, sums;
+  if (fns.scale_x) {
+    scaled = at::empty_like(x);
+    sums = at::empty({M, w.groups}, x.options());
+    fns.scale_x(x_data, M, w, scaled.data_ptr<float>(), sums.data_ptr<float>());
+    x_data = scaled.data_ptr<float>();
+    x_sums = sums.data_ptr<float>();
+  }
   float* out_data = out.data_ptr<float>();
   const int64_t blocks = (w.N + kOutputs - 1) / kOutputs;
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
@@ -299,7 +406,8 @@ at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& words, const at:
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t n0 = b * kOutputs;
-        fn(rows, x_data + m0 * w.K, w, n0, std::min(kOutputs, w.N - n0), out_data + m0 * w.N);
+        fns.matmul(rows, x_data + m0 * w.K, x_sums ? x_sums + m0 * w.groups : nullptr, w, n0,
+                   std::min(kOutputs, w.N - n0), out_data + m0 * w.N);
       }
     });
   }
@@ -315,7 +423,7 @@ void decode(at::Tensor& out, const at::Tensor& words, const at::Tensor& scales, 
               "out: contiguous float32 [rows, ", w.N, "]");
   TORCH_CHECK(0 <= start && stop <= w.K && start % per_word == 0 && stop % per_word == 0,
               "[", start, ", ", stop, ") must hold whole words of the ", w.K, " inputs");
-  const DecodeFn fn = functions_for(kind, bits).second;
+  const DecodeFn fn = functions_for(kind, bits).decode;
   float* out_data = out.data_ptr<float>();
   const int64_t first = start / per_word;
   at::parallel_for(first, stop / per_word, 1, [&](int64_t begin, int64_t end) {
