@@ -12,7 +12,7 @@ from helpers import assert_matmul_close, tiny_llama
 
 from quantbench import load_quantized, save_quantized
 from quantbench.export.kernels import PackedLinear, kernel_unsupported_reason, packed_matmul, to_kernel_layout
-from quantbench.export.kernels.layout import to_base3_layout
+from quantbench.export.kernels.layout import to_base3_layout, to_cpu_tiles
 from quantbench.export.kernels.matmul import TileConfig
 from quantbench.export.kernels.reference import dequantize_kernel_weight
 from quantbench.pipeline import quantize_model
@@ -1392,6 +1392,41 @@ def test_cpp_cpu_kernel_outputs_do_not_depend_on_their_neighbours():
                                scales=kernel.scales[:, 12:].contiguous(), zeros=kernel.zeros[:, 12:].contiguous(),
                                shape=(OUT - 12, IN))
     assert torch.equal(cpu_packed.cpu_packed_matmul(x[2:5], part), whole[2:5, 12:])
+
+
+@pytest.mark.parametrize("label", WEIGHTS)
+def test_cpp_cpu_kernel_reads_words_in_tiles_as_it_reads_rows(label):
+    """The CPU layout (tiles of 64 outputs; here 80 outputs: a full tile and a padded one) gives the same bits as
+    rows of the whole output width, at every batch (kernel and slabs) and in the decode, and converts back."""
+    from quantbench.export.kernels import cpu_packed
+
+    rows = to_kernel_layout(WEIGHTS[label])
+    tiled = dataclasses.replace(rows, qweight=to_cpu_tiles(rows.qweight))
+    assert tiled.tiled and tiled.qweight.shape == (2, rows.qweight.shape[0], 64)
+    assert torch.equal(tiled.row_major().qweight, rows.qweight)
+    assert torch.equal(tiled.word_rows(4, 12), rows.qweight[4:12])
+    for batch in CPU_KERNEL_BATCHES:
+        x = torch.randn(batch, IN, generator=torch.Generator().manual_seed(batch))
+        assert torch.equal(cpu_packed.cpu_packed_matmul(x, tiled), cpu_packed.cpu_packed_matmul(x, rows))
+    assert torch.equal(cpu_packed.decode(tiled), cpu_packed.decode(rows))
+    assert torch.equal(packed_matmul(x, tiled, backend="torch"), packed_matmul(x, rows, backend="torch"))
+
+
+def test_packed_linear_keeps_its_words_in_tiles_where_the_cpp_kernel_runs_it(monkeypatch):
+    """On the CPU in tiles; moved elsewhere (here the meta device), or where the kernel cannot be built, in rows
+    of the whole output width, as every other kernel reads them."""
+    from quantbench.export.kernels import cpu_packed
+
+    kernel = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
+    layer = PackedLinear(kernel)
+    assert layer.qweight.shape == (2, kernel.qweight.shape[0], 64)
+    x = torch.randn(3, IN, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(layer(x), cpu_packed.cpu_packed_matmul(x, kernel))
+    assert torch.equal(layer.weight, dequantize_kernel_weight(kernel))
+    layer.to("meta")
+    assert layer.qweight.shape == kernel.qweight.shape and layer.qweight.is_meta
+    monkeypatch.setattr(cpu_packed, "available", lambda: False)
+    assert torch.equal(PackedLinear(kernel).qweight, kernel.qweight)
 
 
 def test_without_a_compiler_the_cpu_kernels_say_why_and_torch_runs(monkeypatch, tmp_path):

@@ -43,7 +43,8 @@ def cpu_int4_matmul(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
 
 def _int4pack(weight: KernelWeight) -> tuple[torch.Tensor, torch.Tensor]:
     n_out, n_in = weight.shape
-    codes = unpack_bits(weight.qweight.T.contiguous(), 4, n_in).to(torch.int32)  # [N, K], act_order's order
+    words = weight.row_major().qweight
+    codes = unpack_bits(words.T.contiguous(), 4, n_in).to(torch.int32)  # [N, K], act_order's order
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     scales = weight.scales.float()
     zeros = weight.zeros.float() if weight.zeros is not None else torch.full_like(scales, 8.0)

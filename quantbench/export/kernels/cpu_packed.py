@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import sysconfig
+import threading
 import warnings
 import weakref
 from pathlib import Path
@@ -47,11 +48,16 @@ MATMUL_ROWS = {16: {"int": 96, "ternary": 48, "fp4": 48}, 8: {"int": 16, "ternar
 SLAB_BYTES = 4 << 20  # float32 decoded at a time for a dense matmul
 _fp4_scales: dict[int, torch.Tensor] = {}  # id(qweight) → float32 scales of an MXFP4 or NVFP4 weight
 _NO_ZEROS = torch.empty(0, dtype=torch.uint8)
+_per_thread = threading.local()
 
 
 def applies(x: torch.Tensor, weight: KernelWeight) -> bool:
-    return (x.device.type == "cpu" and x.dtype.is_floating_point and weight.kind in KIND_CODES
-            and weight.qweight.device.type == "cpu"
+    return x.device.type == "cpu" and x.dtype.is_floating_point and runs(weight)
+
+
+def runs(weight: KernelWeight) -> bool:
+    """Whether the C++ kernel multiplies this weight (a float x on the CPU given)."""
+    return (weight.kind in KIND_CODES and weight.qweight.device.type == "cpu"
             and (weight.kind in ("mxfp4", "nvfp4") or weight.scales.dtype == torch.float16) and available())
 
 
@@ -103,15 +109,25 @@ def decode(weight: KernelWeight, start: int = 0, stop: int | None = None) -> tor
 
 def _decoded_slabs(weight: KernelWeight):
     """(start, float32 [inputs, N]) for each slab of about SLAB_BYTES of the weight's stored inputs (whole words),
-    decoded by the C++ kernel into one buffer: use each before taking the next."""
+    decoded by the C++ kernel into one buffer, the thread's own from call to call: use each before taking the
+    next."""
     n_out, n_in = weight.shape
     inputs = max(SLAB_BYTES // (4 * n_out) // weight.per_word, 1) * weight.per_word
-    buffer = torch.empty(min(inputs, n_in), n_out, dtype=torch.float32)
+    buffer = _slab_buffer(min(inputs, n_in) * n_out).view(min(inputs, n_in), n_out)
     scales, zeros, ops = kernel_scales(weight), _zeros(weight), _ops()
     for start in range(0, n_in, inputs):
         slab = buffer[:min(inputs, n_in - start)]
         ops.decode(slab, weight.qweight, scales, zeros, KIND_CODES[weight.kind], weight.bits, weight.group, start)
         yield start, slab
+
+
+def _slab_buffer(floats: int) -> torch.Tensor:
+    """float32 [floats] kept by the calling thread: a fresh 4 MB allocation is new pages from the system on every
+    call, whose first writes fault (0.75 ms a slab on this project's test machine)."""
+    buffer = getattr(_per_thread, "slab", None)
+    if buffer is None or buffer.numel() < floats:
+        buffer = _per_thread.slab = torch.empty(floats, dtype=torch.float32)
+    return buffer[:floats]
 
 
 def _zeros(weight: KernelWeight) -> torch.Tensor:

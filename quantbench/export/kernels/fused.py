@@ -28,7 +28,7 @@ class FusedPackedLinear(nn.Module):
         self.sizes = [m.out_features for m in members]
         stacked = dataclasses.replace(
             first.kernel_weight, shape=(sum(self.sizes), first.in_features),
-            qweight=torch.cat([m.qweight for m in members], dim=-1),
+            qweight=torch.cat([m.kernel_weight.row_major().qweight for m in members], dim=-1),
             scales=torch.cat([m.scales for m in members], dim=-1),
             zeros=torch.cat([m.zeros for m in members], dim=-1) if first.zeros is not None else None)
         bias = None

@@ -13,6 +13,11 @@ cache lines.
   perm     int32 [K] or None         act_order: stored input k is original input perm[k] (inputs sorted by
                                      group); kernels read x[perm[k]] and then see contiguous groups
 
+On the CPU, where quantbench's C++ kernel runs a layer, `PackedLinear` keeps qweight in tiles of CPU_TILE
+outputs instead: int32 [⌈N / 64⌉, K / per_word, 64], tile t holding outputs [64t, 64t + 64) of every word row
+(the last tile padded with zero words), so that each of the kernel's tasks reads one run of memory
+(`to_cpu_tiles`; `KernelWeight.row_major` undoes it).
+
 `ternary3` (two planes in base 3, `to_base3_layout`): qweight uint8 [2, n_groups · ⌈G/5⌉, N], each byte five
 trits of one plane and output (digits t + 1, input k = 5·row + j of its group weighs 3^j; a group's last
 byte padded with zeros), scales as ternary: 1.6 bits per plane and weight instead of the 4-bit pair codes.
@@ -39,6 +44,7 @@ KERNEL_INT_BITS = (2, 4, 8)  # widths that fill an int32 word exactly
 KIND_CODES = {"int": 0, "ternary": 1, "mxfp4": 2, "nvfp4": 3}  # the kernels' compile-time KIND
 MX_BLOCK = 32
 NV_BLOCK = 16
+CPU_TILE = 64  # outputs a tile of words holds in the CPU kernel's layout (packed_cpu.cpp's kTile)
 
 
 @dataclass
@@ -68,6 +74,24 @@ class KernelWeight:
     @property
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def tiled(self) -> bool:
+        """Whether qweight is in the CPU kernel's tiles rather than rows of the whole output width (base-3
+        ternary's planes are 3-D too, and never tiled)."""
+        return self.kind != "ternary3" and self.qweight.dim() == 3
+
+    def word_rows(self, start: int, stop: int) -> torch.Tensor:
+        """int32 [stop − start, N]: word rows [start, stop) of qweight in rows of the whole output width."""
+        if not self.tiled:
+            return self.qweight[start:stop]
+        return self.qweight[:, start:stop].transpose(0, 1).reshape(stop - start, -1)[:, :self.shape[0]]
+
+    def row_major(self) -> KernelWeight:
+        """This weight with qweight in rows of the whole output width (itself if it is)."""
+        if not self.tiled:
+            return self
+        return dataclasses.replace(self, qweight=self.word_rows(0, self.qweight.shape[1]).contiguous())
 
 
 def with_inputs_gathered(x: torch.Tensor, weight: KernelWeight) -> tuple[torch.Tensor, KernelWeight]:
@@ -146,6 +170,14 @@ def to_base3_layout(weight: TritPlaneWeight) -> KernelWeight:
     codes = (padded.view(2, out_features, -1, TRITS_PER_BYTE) * powers).sum(-1).to(torch.uint8)
     return KernelWeight("ternary3", 8, (out_features, in_features), group, codes.transpose(1, 2).contiguous(),
                         weight.scales.transpose(1, 2).contiguous())
+
+
+def to_cpu_tiles(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 [K / per_word, N] → [⌈N / CPU_TILE⌉, K / per_word, CPU_TILE], the last tile padded with zeros."""
+    rows, n_out = qweight.shape
+    tiles = -(-n_out // CPU_TILE)
+    padded = torch.nn.functional.pad(qweight, (0, tiles * CPU_TILE - n_out))
+    return padded.view(rows, tiles, CPU_TILE).transpose(0, 1).contiguous()
 
 
 def _pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:

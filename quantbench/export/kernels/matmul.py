@@ -104,6 +104,7 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
                   or (backend == "auto" and x.is_cuda and triton_available()))
     if not use_triton:
         return packed_matmul_reference(x2, weight).view(*x.shape[:-1], n_out)
+    weight = weight.row_major()  # the GPU kernels read rows of the whole output width
     from quantbench.export.kernels import cuda_gemv, cuda_mma, cuda_wgmma, triton_matmul
 
     if weight.kind == "ternary3":

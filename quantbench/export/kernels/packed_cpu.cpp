@@ -11,6 +11,8 @@
 // a mask and a conversion a field, no shift.
 // Int and ternary scales are read as stored (float16 s, α1, α2; uint8 z); MXFP4 and NVFP4 take float32 s,
 // their E8M0 exponents and E4M3 codes over the tensor's scale decoded once beforehand.
+// Words in tiles of 64 outputs (cpu_packed.to_tiles) put each task's words in one run of memory, which the
+// hardware prefetchers follow: in rows of the whole output width, a task's 256 bytes a row lie 4·N bytes apart.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -147,12 +149,23 @@ inline Floats to_floats(Halves h) {
 #endif
 }
 
+constexpr int64_t kTile = 64;  // outputs a tile of words holds (cpu_packed.TILE)
+
 struct Weight {
-  const uint32_t* words;
-  const void* scales;    // float16 [P, G, N] (int, ternary) or float32 [G, N] (fp4)
-  const uint8_t* zeros;  // uint8 [G, N] (int with zero points) or null
+  const uint32_t* words;  // int32 [K / per word, N], or in tiles [⌈N / kTile⌉, K / per word, kTile]
+  const void* scales;     // float16 [P, G, N] (int, ternary) or float32 [G, N] (fp4)
+  const uint8_t* zeros;   // uint8 [G, N] (int with zero points) or null
   int64_t K, N, group, groups;
   float symmetric_zero;  // int without zero points: 2^(bits − 1)
+  int64_t word_rows;     // K / per word
+  bool tiled;
+  int64_t row_stride;    // words from one word row to the next: kTile (tiled) or N
+
+  // word row 0's words from output n; word row r's lie r·row_stride further, contiguous up to the end of n's
+  // tile (tiled) or of the row
+  const uint32_t* column(int64_t n) const {
+    return tiled ? words + (n / kTile) * word_rows * kTile + n % kTile : words + n;
+  }
 };
 
 // The group's scales for `count` outputs from `at` (= g·N + n): s (ternary: α1, α2) and the offset that the
@@ -180,7 +193,7 @@ inline Scales scales_at(const Weight& w, int64_t at, int64_t count) {
 
 // A field of a word converted to float in place, q·2^e (e = field_exponent), where the conversion is exact: every
 // field with AVX-512's unsigned conversion; elsewhere every field below bit 31, and the top field shifted down
-// first. x is scaled by 2^−e beforehand (scale_x), so that each product is q·x exactly and one instruction (the
+// first. x is scaled by 2^−e beforehand (prepare_x), so that each product is q·x exactly and one instruction (the
 // mask) decodes a field where a shift and a mask did.
 template <int BITS>
 constexpr int field_shift(int j) {
@@ -217,36 +230,40 @@ inline Floats code_value(Words words, const Scales& scales) {
     return e2m1(J ? (words >> (J * BITS)) & 15u : words & 15u);
 }
 
-// The sums of one word row's codes 0..32/BITS − 1 (always inlined: an outlined call would keep the sums in memory)
+// The sums of one word row's codes J..32/BITS − 1, x its inputs interleaved [32/BITS, ROWS] (always inlined: an
+// outlined call would keep the sums in memory)
 template <int64_t KIND, int BITS, int ROWS, int J = 0>
-__attribute__((always_inline)) inline void add_codes(const float* x, int64_t K, const Words (&words)[kVectors],
+__attribute__((always_inline)) inline void add_codes(const float* x, const Words (&words)[kVectors],
                                                      const Scales (&scales)[kVectors], Floats (&sums)[ROWS][kVectors]) {
   if constexpr (J < 32 / BITS) {
     for (int v = 0; v < kVectors; ++v) {
       const Floats value = code_value<KIND, BITS, J>(words[v], scales[v]);
-      for (int r = 0; r < ROWS; ++r) sums[r][v] = fma(value, splat(x[r * K + J]), sums[r][v]);
+      for (int r = 0; r < ROWS; ++r) sums[r][v] = fma(value, splat(x[J * ROWS + r]), sums[r][v]);
     }
-    add_codes<KIND, BITS, ROWS, J + 1>(x, K, words, scales, sums);
+    add_codes<KIND, BITS, ROWS, J + 1>(x, words, scales, sums);
   }
 }
 
-// x [M, K] → x·2^−e [M, K] for int and ternary, e the exponent of the field each input's code lies at (a power of
-// two: exact for all but subnormal products), and Σx [M, G] for each group (what zero points and ternary's −1
-// offsets multiply)
-template <int BITS>
-void scale_x(const float* x, int64_t M, const Weight& w, float* scaled, float* sums) {
+// x [M, K] → the x the tasks read: each block of kMaxRows rows interleaved, [K, rows] from its first row's
+// offset, so a task reads one run of x; for int and ternary (SCALED) times 2^−e, e the exponent of the field each
+// input's code lies at (a power of two: exact for all but subnormal products). And Σx [M, G] for each group (what
+// zero points and ternary's −1 offsets multiply).
+template <int BITS, bool SCALED>
+void prepare_x(const float* x, int64_t M, const Weight& w, float* prepared, float* sums) {
   constexpr int kPerWord = 32 / BITS;
   float factor[kPerWord];
-  for (int j = 0; j < kPerWord; ++j) factor[j] = std::ldexp(1.f, -field_exponent<BITS>(j));
-  for (int64_t r = 0; r < M; ++r)
+  for (int j = 0; j < kPerWord; ++j) factor[j] = SCALED ? std::ldexp(1.f, -field_exponent<BITS>(j)) : 1.f;
+  for (int64_t r = 0; r < M; ++r) {
+    const int64_t m0 = r / kMaxRows * kMaxRows, rows = std::min<int64_t>(kMaxRows, M - m0);
     for (int64_t g = 0; g < w.groups; ++g) {
       float sum = 0.f;
       for (int64_t k = g * w.group; k < std::min((g + 1) * w.group, w.K); ++k) {
         sum += x[r * w.K + k];
-        scaled[r * w.K + k] = x[r * w.K + k] * factor[k % kPerWord];
+        prepared[m0 * w.K + k * rows + (r - m0)] = x[r * w.K + k] * factor[k % kPerWord];
       }
       sums[r * w.groups + g] = sum;
     }
+  }
 }
 
 // FULL: width is kOutputs, known to the compiler (every task but a narrow last one), so no load is partial
@@ -255,7 +272,7 @@ void matmul_block(const float* x, const float* x_sums, const Weight& w, int64_t 
   constexpr int kPerWord = 32 / BITS;
   const int64_t width = FULL ? kOutputs : any_width;
   const int64_t K = w.K, N = w.N, group = w.group, groups = w.groups;
-  const uint32_t* const words_data = w.words;
+  const uint32_t* const column = w.column(n0);
   Floats acc[ROWS][kVectors] = {};
   for (int64_t g = 0; g < groups; ++g) {  // the last group may be shorter
     Floats sums[ROWS][kVectors] = {};  // int: Σx·q·2^e; ternary Σx·(α1·lo + α2·hi); fp4 Σx·e2m1(q)
@@ -265,10 +282,10 @@ void matmul_block(const float* x, const float* x_sums, const Weight& w, int64_t 
     if constexpr (KIND == kTernary)  // the hi field lies two bits above the lo field: α2 over 4
       for (int v = 0; v < kVectors; ++v) group_scales[v].s2 *= .25f;
     for (int64_t k0 = g * group; k0 < std::min((g + 1) * group, K); k0 += kPerWord) {
-      const uint32_t* row = words_data + (k0 / kPerWord) * N + n0;
+      const uint32_t* row = column + (k0 / kPerWord) * w.row_stride;
       Words words[kVectors];
       for (int v = 0; v < kVectors; ++v) words[v] = load<Words>(row + v * kLanes, width - v * kLanes);
-      add_codes<KIND, BITS, ROWS>(x + k0, K, words, group_scales, sums);
+      add_codes<KIND, BITS, ROWS>(x + k0 * ROWS, words, group_scales, sums);
     }
     for (int v = 0; v < kVectors; ++v)
       for (int r = 0; r < ROWS; ++r) {
@@ -301,11 +318,11 @@ void decode_rows(const Weight& w, int64_t row0, int64_t row1, int64_t first_row,
   constexpr int kPerWord = 32 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   const int64_t N = w.N;
-  for (int64_t word_row = row0; word_row < row1; ++word_row) {
+  for (int64_t word_row = row0; word_row < row1; ++word_row) {  // the floats written in order
     const int64_t g = word_row * kPerWord / w.group;
     for (int64_t n = 0; n < N; n += kLanes) {
       const int64_t count = N - n;
-      const Words words = load<Words>(w.words + word_row * N + n, count);
+      const Words words = load<Words>(w.column(n) + word_row * w.row_stride, count);
       const Scales group_scales = scales_at<KIND>(w, g * N + n, count);
       for (int j = 0; j < kPerWord; ++j) {
         const Floats value = weight_value<KIND>((words >> (j * BITS)) & kMask, group_scales);
@@ -335,18 +352,18 @@ void matmul_rows(int rows, const float* x, const float* x_sums, const Weight& w,
 }
 
 using MatmulFn = void (*)(int, const float*, const float*, const Weight&, int64_t, int64_t, float*);
-using ScaleFn = void (*)(const float*, int64_t, const Weight&, float*, float*);
+using PrepareFn = void (*)(const float*, int64_t, const Weight&, float*, float*);
 using DecodeFn = void (*)(const Weight&, int64_t, int64_t, int64_t, float*);
 
 struct Functions {
   MatmulFn matmul;
   DecodeFn decode;
-  ScaleFn scale_x;  // null for fp4, whose x the kernel reads as it is
+  PrepareFn prepare_x;
 };
 
 template <int64_t KIND, int BITS>
 Functions functions_of() {
-  return {matmul_rows<KIND, BITS>, decode_rows<KIND, BITS>, KIND == kInt || KIND == kTernary ? scale_x<BITS> : nullptr};
+  return {matmul_rows<KIND, BITS>, decode_rows<KIND, BITS>, prepare_x<BITS, KIND == kInt || KIND == kTernary>};
 }
 
 Functions functions_for(int64_t kind, int64_t bits) {
@@ -358,14 +375,21 @@ Functions functions_for(int64_t kind, int64_t bits) {
   TORCH_CHECK(false, "no CPU kernel for weight kind ", kind, " with ", bits, " bits");
 }
 
-// words int32 [K / (32 / bits), N]; scales (G = ⌈K / group⌉) float16 [G, N] (int), float16 [2, G, N] (ternary)
-// or float32 [G, N] (MXFP4, NVFP4); zeros uint8 [G, N] for int with zero points, else an empty tensor
+// words int32 [K / (32 / bits), N], or in tiles of kTile outputs [⌈N / kTile⌉, K / (32 / bits), kTile] (a
+// tile's rows one after the other, the last tile padded); scales (G = ⌈K / group⌉) float16 [G, N] (int),
+// float16 [2, G, N] (ternary) or float32 [G, N] (MXFP4, NVFP4); zeros uint8 [G, N] for int with zero points,
+// else an empty tensor
 Weight checked(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros, int64_t kind,
                int64_t bits, int64_t group) {
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8, not ", bits);
-  TORCH_CHECK(words.dim() == 2 && words.scalar_type() == at::kInt && words.is_contiguous(),
-              "words: contiguous int32 [K / codes per word, N]");
-  const int64_t K = words.size(0) * (32 / bits), N = words.size(1);
+  const bool tiled = words.dim() == 3;
+  TORCH_CHECK((words.dim() == 2 || (tiled && words.size(2) == kTile)) && words.scalar_type() == at::kInt &&
+              words.is_contiguous(), "words: contiguous int32 [K / codes per word, N] or, in tiles, [⌈N / ", kTile,
+              "⌉, K / codes per word, ", kTile, "]");
+  const int64_t word_rows = words.size(tiled ? 1 : 0), K = word_rows * (32 / bits);
+  const int64_t N = tiled ? scales.size(-1) : words.size(1);
+  TORCH_CHECK(!tiled || words.size(0) == (N + kTile - 1) / kTile, "words in ", words.size(0), " tiles of ", kTile,
+              " outputs, for ", N, " outputs");
   TORCH_CHECK(group > 0 && group % (32 / bits) == 0, "the group ", group, " must hold whole words");
   const int64_t groups = (K + group - 1) / group;
   const bool stored = kind == kInt || kind == kTernary;
@@ -377,7 +401,8 @@ Weight checked(const at::Tensor& words, const at::Tensor& scales, const at::Tens
   TORCH_CHECK(!has_zeros || (zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.numel() == groups * N),
               "zeros: contiguous uint8 [⌈K / group⌉, N]");
   return {reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()), scales.data_ptr(),
-          has_zeros ? zeros.data_ptr<uint8_t>() : nullptr, K, N, group, groups, static_cast<float>(1 << (bits - 1))};
+          has_zeros ? zeros.data_ptr<uint8_t>() : nullptr, K, N, group, groups, static_cast<float>(1 << (bits - 1)),
+          word_rows, tiled, tiled ? kTile : N};
 }
 
 // x float32 [M, K], inputs in the weight's stored order → x·Wᵀ float32 [M, N]
@@ -389,28 +414,21 @@ at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& words, const at:
   const Functions fns = functions_for(kind, bits);
   const int64_t M = x.size(0);
   at::Tensor out = at::empty({M, w.N}, x.options());
-  const float* x_data = x.data_ptr<float>();
-  const float* x_sums = nullptr;
-  at::Tensor scaled, sums;
-  if (fns.scale_x) {
-    scaled = at::empty_like(x);
-    sums = at::empty({M, w.groups}, x.options());
-    fns.scale_x(x_data, M, w, scaled.data_ptr<float>(), sums.data_ptr<float>());
-    x_data = scaled.data_ptr<float>();
-    x_sums = sums.data_ptr<float>();
-  }
+  const at::Tensor prepared = at::empty_like(x), sums = at::empty({M, w.groups}, x.options());
+  fns.prepare_x(x.data_ptr<float>(), M, w, prepared.data_ptr<float>(), sums.data_ptr<float>());
+  const float* x_data = prepared.data_ptr<float>();
+  const float* x_sums = sums.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   const int64_t blocks = (w.N + kOutputs - 1) / kOutputs;
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {  // a task's words read from memory once, then from cache
+        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
         const int64_t n0 = b * kOutputs;
-        fns.matmul(rows, x_data + m0 * w.K, x_sums ? x_sums + m0 * w.groups : nullptr, w, n0,
+        fns.matmul(rows, x_data + m0 * w.K, x_sums + m0 * w.groups, w, n0,
                    std::min(kOutputs, w.N - n0), out_data + m0 * w.N);
       }
-    });
-  }
+  });
   return out;
 }
 

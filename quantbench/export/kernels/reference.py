@@ -19,7 +19,7 @@ def decode_slab(weight: KernelWeight, start: int, stop: int) -> torch.Tensor:
     if weight.kind == "ternary3":
         return _decode_base3(weight, start, stop)
     per_word = weight.per_word
-    words = weight.qweight[start // per_word: stop // per_word]
+    words = weight.word_rows(start // per_word, stop // per_word)
     shifts = torch.arange(per_word, device=words.device, dtype=torch.int32) * weight.bits
     codes = ((words.unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << weight.bits) - 1)).flatten(0, 1)
     rows = torch.arange(start, stop, device=codes.device) // weight.group
