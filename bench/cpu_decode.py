@@ -4,14 +4,20 @@ packed kind at several batches through quantbench's C++ kernel (`packed_matmul(b
 kernel (bfloat16 int4) and the torch fallback, against dense matmuls in the same run.
 
 Each setting is loaded once, warmed up with a short generation, then timed over `--tokens` new tokens,
-`--repeat` times (median). Settings alternate within each repeat, so the machine's drift falls on all alike.
+`--repeat` times (median). Settings, and the matmul table's rows, alternate within each repeat, so the
+machine's drift falls on all alike. With `--cold` each matmul call takes the next of enough copies of its
+weight to pass the last-level cache: the weight comes from memory, as a decode step's do in a model larger
+than the cache (without it a 4096² packed weight stays in a 32 MB cache from call to call).
 
     python bench/cpu_decode.py runs/quickstart/checkpoint [more checkpoints] --threads 2
+    python bench/cpu_decode.py --threads 2 --cold --batches 1 2 4 16 64
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import platform
 import statistics
 import sys
@@ -24,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantbench import load_quantized  # noqa: E402
 from quantbench.export.kernels import KernelWeight, cpu_int4, cpu_packed, packed_matmul  # noqa: E402
-from quantbench.export.kernels.layout import MX_BLOCK, NV_BLOCK  # noqa: E402
+from quantbench.export.kernels.layout import MX_BLOCK, NV_BLOCK, to_cpu_tiles  # noqa: E402
 from quantbench.export.kernels.reference import packed_matmul_input_gradient  # noqa: E402
 
 KINDS = ("int4-g128", "int2-g128", "int8-g128", "ternary2", "mxfp4", "nvfp4")
 FALLBACK_KINDS = ("int4-g128", "ternary2", "nvfp4")
+COLD_BYTES = 256 << 20  # --cold: the copies of a weight a matmul row takes in turn, past the last-level cache
 SETTINGS = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)]
 
 
@@ -65,44 +72,97 @@ def call_us(call, calls: int) -> float:
     return (time.perf_counter() - started) / calls * 1e6
 
 
-def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int) -> None:
-    """µs per call of each packed kind through the CPU kernels (float32 x; int4 also bfloat16), int4's gradient
-    in x, the torch fallback at the first `fallback_batches` batches, and dense float32 and bfloat16 matmuls."""
+def read_rate() -> float:
+    """GB/s of x.sum() over 1 GiB of float32 on torch's threads (median of 3): the memory's read rate."""
+    x = torch.ones(1 << 28)
+    return (1 << 30) / statistics.median(call_us(x.sum, 3) for _ in range(3)) / 1e3
+
+
+def bytes_read(weight: KernelWeight) -> int:
+    """What the C++ kernel reads of a weight: words and scales as stored, MXFP4/NVFP4 scales as float32."""
+    if weight.kind in ("mxfp4", "nvfp4"):
+        return weight.qweight.numel() * 4 + weight.scales.numel() * 4
+    return weight.stored_bytes
+
+
+def copies(tensors: dict, cold: bool) -> list[dict]:
+    """The tensors, and with `cold` enough copies of them to pass COLD_BYTES: a call that takes the next copy
+    each time reads its weight from memory, as a model larger than the cache does."""
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    count = max(1, COLD_BYTES // size) if cold else 1
+    return [tensors] + [{name: t.clone() for name, t in tensors.items()} for _ in range(count - 1)]
+
+
+def cycling(call, versions: list):
+    """call(version, x) over the versions in turn."""
+    versions = itertools.cycle(versions)
+    return lambda x: call(next(versions), x)
+
+
+def packed_versions(weight: KernelWeight, cold: bool) -> list[KernelWeight]:
+    return [dataclasses.replace(weight, **tensors) for tensors in copies(weight.tensors(), cold)]
+
+
+def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int, repeat: int, cold: bool) -> None:
+    """µs per call of each packed kind through the CPU kernels (float32 x; int4 also bfloat16), its words in tiles
+    as `PackedLinear` keeps them on the CPU (int4 and int8 also in rows of the whole width), int4's gradient in
+    x, the torch fallback at the first `fallback_batches` batches, and dense float32 and bfloat16 matmuls; the
+    rows alternate `repeat` times (median)."""
     generator = torch.Generator().manual_seed(0)
     dense = torch.randn(n, k, generator=generator)
-    print(f"  one {k}×{n} matmul, µs per call (× dense float32 in the same run)")
+    rate = read_rate()
+    where = "from memory (each call the next of copies past 256 MB)" if cold else "as the cache keeps them"
+    print(f"  one {k}×{n} matmul, µs per call (× dense float32 in the same run), weights read {where}; median of "
+          f"{repeat} alternating; batch 1 of packed weights: % of the {rate:.1f} GB/s read rate (x.sum() over 1 GiB)")
     print("  | weights | x | " + " | ".join(f"batch {m}" for m in batches) + " |")
     print("  |---|---|" + "---:|" * len(batches))
-    rows = {("dense", "float32"): lambda x: x @ dense.T}
-    dense16 = dense.bfloat16()
-    rows["dense", "bfloat16"] = lambda x: x @ dense16.T
+    rows = {("dense", "float32"): cycling(lambda d, x: x @ d["w"].T, copies({"w": dense}, cold))}
+    rows["dense", "bfloat16"] = cycling(lambda d, x: x @ d["w"].T, copies({"w": dense.bfloat16()}, cold))
     weights = {kind: random_kernel_weight(kind, k, n, generator) for kind in KINDS}
+    read = {}
     for kind, weight in weights.items():
-        rows[kind, "float32"] = lambda x, w=weight: packed_matmul(x, w, backend="cpu")
+        tiled = packed_versions(dataclasses.replace(weight, qweight=to_cpu_tiles(weight.qweight)), cold)
+        read[kind] = bytes_read(weight)
+        rows[kind, "float32"] = cycling(lambda w, x: packed_matmul(x, w, backend="cpu"), tiled)
+        if kind in ("int4-g128", "int8-g128"):
+            name = f"{kind}, words in rows"
+            read[name] = read[kind]
+            rows[name, "float32"] = cycling(lambda w, x: packed_matmul(x, w, backend="cpu"),
+                                            packed_versions(weight, cold))
         if kind == "int4-g128":
-            rows[kind, "bfloat16"] = lambda x, w=weight: packed_matmul(x, w, backend="cpu")
-            rows[f"{kind}, torch's int4 kernel", "bfloat16"] = lambda x, w=weight: cpu_int4.cpu_int4_matmul(x, w)
+            rows[kind, "bfloat16"] = rows[kind, "float32"]
+            rows[f"{kind}, torch's int4 kernel", "bfloat16"] = cycling(lambda w, x: cpu_int4.cpu_int4_matmul(x, w),
+                                                                       packed_versions(weight, cold))
     for kind in FALLBACK_KINDS:
         if fallback_batches:
-            weight = weights[kind]
-            rows[f"{kind} torch fallback", "float32"] = lambda x, w=weight: packed_matmul(x, w, backend="torch")
-    int4 = weights["int4-g128"]
-    rows["int4-g128 gradient in x (grad·W)", "grad"] = lambda grad: cpu_packed.cpu_packed_input_gradient(grad, int4)
+            rows[f"{kind} torch fallback", "float32"] = cycling(lambda w, x: packed_matmul(x, w, backend="torch"),
+                                                               packed_versions(weights[kind], cold))
+    int4 = packed_versions(weights["int4-g128"], cold)
+    rows["int4-g128 gradient in x (grad·W)", "grad"] = cycling(
+        lambda w, grad: cpu_packed.cpu_packed_input_gradient(grad, w), int4)
     if fallback_batches:
-        rows["int4-g128 gradient in x, torch fallback", "grad"] = \
-            lambda grad: packed_matmul_input_gradient(grad, int4)
+        rows["int4-g128 gradient in x, torch fallback", "grad"] = cycling(
+            lambda w, grad: packed_matmul_input_gradient(grad, w), int4)
     inputs = {(m, dtype): torch.randn(m, k, generator=generator).to(getattr(torch, dtype))
               for m in batches for dtype in ("float32", "bfloat16")}
     inputs |= {(m, "grad"): torch.randn(m, n, generator=generator) for m in batches}  # float32 [M, N]
-    reference = {m: call_us(lambda: rows["dense", "float32"](inputs[m, "float32"]), 20) for m in batches}
-    for (name, dtype), call in rows.items():
+    times = {(row, m): [] for row in rows for m in batches}
+    for _ in range(repeat):
+        for (name, dtype), call in rows.items():
+            for j, m in enumerate(batches):
+                if "fallback" not in name or j < fallback_batches:  # the torch fallback: slow, its first batches
+                    times[(name, dtype), m].append(call_us(lambda: call(inputs[m, dtype]),
+                                                           3 if "fallback" in name else 20))
+    reference = {m: statistics.median(times[("dense", "float32"), m]) for m in batches}
+    for (name, dtype) in rows:
         cells = []
-        for j, m in enumerate(batches):
-            if "fallback" in name and j >= fallback_batches:  # the torch fallback: slow, its first batches only
+        for m in batches:
+            if not times[(name, dtype), m]:
                 cells.append("—")
                 continue
-            us = call_us(lambda: call(inputs[m, dtype]), 3 if "fallback" in name else 20)
-            cells.append(f"{us:,.0f} (×{reference[m] / us:.2f})")
+            us = statistics.median(times[(name, dtype), m])
+            share = f" · {read[name] / us / 1e3 / rate:.0%}" if m == 1 and name in read else ""
+            cells.append(f"{us:,.0f} (×{reference[m] / us:.2f}){share}")
         print(f"  | {name} | {'float32' if dtype == 'grad' else dtype} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -161,6 +221,8 @@ def main() -> None:
     parser.add_argument("--shape", default="4096x4096", help="KxN of the matmuls timed alone")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--fallback-batches", type=int, default=1, help="batches the slow torch fallback runs")
+    parser.add_argument("--cold", action="store_true",
+                        help="each matmul call reads its weight from memory (copies past the cache), as in a model")
     parser.add_argument("--crossing", type=int, nargs="*", metavar="BATCH",
                         help="time the C++ kernel's two paths (kernel, slabs) at these batches instead")
     args = parser.parse_args()
@@ -172,7 +234,7 @@ def main() -> None:
     if args.crossing:
         crossing_table(k, n, args.crossing)
     else:
-        matmul_table(k, n, args.batches, args.fallback_batches)
+        matmul_table(k, n, args.batches, args.fallback_batches, args.repeat, args.cold)
 
 
 if __name__ == "__main__":
