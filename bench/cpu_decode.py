@@ -176,6 +176,7 @@ def crossing_table(k: int, n: int, batches: list[int]) -> None:
     print("  |---|---|" + "---:|" * len(batches))
     for kind in ("int4-g128", "ternary2", "nvfp4"):
         weight = random_kernel_weight(kind, k, n, generator)
+        weight = dataclasses.replace(weight, qweight=to_cpu_tiles(weight.qweight))  # as PackedLinear keeps it
         inputs = {m: torch.randn(m, k, generator=generator) for m in batches}
         for path in ("kernel", "slabs"):
             cells = [f"{call_us(lambda: cpu_packed.cpu_packed_matmul(inputs[m], weight, path), 5):,.0f}"

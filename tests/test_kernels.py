@@ -1284,8 +1284,9 @@ def test_auto_on_the_cpu_takes_the_cpp_kernel_and_torchs_int4_kernel_only_where_
     assert calls == [("int4", torch.bfloat16)]
 
 
-# batches of 1–4 rows share one decode; 6 runs a tile of 4 and one of 2; 100 decodes slabs for a dense matmul
-CPU_KERNEL_BATCHES = [1, 3, 6, 100]
+# batches of 1–4 rows share one decode; 6 runs a tile of 4 and one of 2; 100 runs 25 tiles of 4; 200 decodes slabs
+# for a dense matmul (beyond cpu_packed.MATMUL_ROWS with any vector width)
+CPU_KERNEL_BATCHES = [1, 3, 6, 100, 200]
 
 
 @pytest.mark.parametrize("label", WEIGHTS)
@@ -1347,7 +1348,7 @@ def test_cpp_cpu_kernel_takes_a_last_group_shorter_than_the_others(name):
                         (torch.rand(2, OUT, 2, generator=g) * 0.1).half())
     kernel = to_kernel_layout(stored)
     assert kernel.scales.shape[-2] == 2 and kernel.group == 64
-    for batch in (1, 5, 100):
+    for batch in (1, 5, 200):
         x = torch.randn(batch, 96, generator=g)
         assert_matmul_close(cpu_packed.cpu_packed_matmul(x, kernel), x, stored.dequantize())
     if name.startswith("int"):
