@@ -110,12 +110,6 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int, repe
     rows alternate `repeat` times (median)."""
     generator = torch.Generator().manual_seed(0)
     dense = torch.randn(n, k, generator=generator)
-    rate = read_rate()
-    where = "from memory (each call the next of copies past 256 MB)" if cold else "as the cache keeps them"
-    print(f"  one {k}×{n} matmul, µs per call (× dense float32 in the same run), weights read {where}; median of "
-          f"{repeat} alternating; batch 1 of packed weights: % of the {rate:.1f} GB/s read rate (x.sum() over 1 GiB)")
-    print("  | weights | x | " + " | ".join(f"batch {m}" for m in batches) + " |")
-    print("  |---|---|" + "---:|" * len(batches))
     rows = {("dense", "float32"): cycling(lambda d, x: x @ d["w"].T, copies({"w": dense}, cold))}
     rows["dense", "bfloat16"] = cycling(lambda d, x: x @ d["w"].T, copies({"w": dense.bfloat16()}, cold))
     weights = {kind: random_kernel_weight(kind, k, n, generator) for kind in KINDS}
@@ -137,23 +131,34 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int, repe
         if fallback_batches:
             rows[f"{kind} torch fallback", "float32"] = cycling(lambda w, x: packed_matmul(x, w, backend="torch"),
                                                                packed_versions(weights[kind], cold))
-    int4 = packed_versions(weights["int4-g128"], cold)
-    rows["int4-g128 gradient in x (grad·W)", "grad"] = cycling(
-        lambda w, grad: cpu_packed.cpu_packed_input_gradient(grad, w), int4)
-    if fallback_batches:
-        rows["int4-g128 gradient in x, torch fallback", "grad"] = cycling(
-            lambda w, grad: packed_matmul_input_gradient(grad, w), int4)
+    int4 = weights["int4-g128"]
+    if not cold:  # the gradient decodes its whole weight each call: reading it from memory adds little
+        rows["int4-g128 gradient in x (grad·W)", "grad"] = \
+            lambda grad: cpu_packed.cpu_packed_input_gradient(grad, int4)
+        if fallback_batches:
+            rows["int4-g128 gradient in x, torch fallback", "grad"] = \
+                lambda grad: packed_matmul_input_gradient(grad, int4)
     inputs = {(m, dtype): torch.randn(m, k, generator=generator).to(getattr(torch, dtype))
               for m in batches for dtype in ("float32", "bfloat16")}
     inputs |= {(m, "grad"): torch.randn(m, n, generator=generator) for m in batches}  # float32 [M, N]
     times = {(row, m): [] for row in rows for m in batches}
+    rates = []
     for _ in range(repeat):
+        rates.append(read_rate())
         for (name, dtype), call in rows.items():
             for j, m in enumerate(batches):
                 if "fallback" not in name or j < fallback_batches:  # the torch fallback: slow, its first batches
                     times[(name, dtype), m].append(call_us(lambda: call(inputs[m, dtype]),
                                                            3 if "fallback" in name else 20))
     reference = {m: statistics.median(times[("dense", "float32"), m]) for m in batches}
+    rate = statistics.median(rates)
+    where = "from memory (each call the next of copies past 256 MB)" if cold else "as the cache keeps them"
+    share = (f"; batch 1 of packed weights: % of the read rate, {rate:.1f} GB/s (x.sum() over 1 GiB, "
+             f"{', '.join(f'{r:.1f}' for r in rates)})") if cold else ""
+    print(f"  one {k}×{n} matmul, µs per call (× dense float32 in the same run), weights read {where}; median of "
+          f"{repeat} alternating{share}")
+    print("  | weights | x | " + " | ".join(f"batch {m}" for m in batches) + " |")
+    print("  |---|---|" + "---:|" * len(batches))
     for (name, dtype) in rows:
         cells = []
         for m in batches:
@@ -161,7 +166,7 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int, repe
                 cells.append("—")
                 continue
             us = statistics.median(times[(name, dtype), m])
-            share = f" · {read[name] / us / 1e3 / rate:.0%}" if m == 1 and name in read else ""
+            share = f" · {read[name] / us / 1e3 / rate:.0%}" if cold and m == 1 and name in read else ""
             cells.append(f"{us:,.0f} (×{reference[m] / us:.2f}){share}")
         print(f"  | {name} | {'float32' if dtype == 'grad' else dtype} | " + " | ".join(cells) + " |", flush=True)
 

@@ -176,8 +176,9 @@ def to_cpu_tiles(qweight: torch.Tensor) -> torch.Tensor:
     """int32 [K / per_word, N] → [⌈N / CPU_TILE⌉, K / per_word, CPU_TILE], the last tile padded with zeros."""
     rows, n_out = qweight.shape
     tiles = -(-n_out // CPU_TILE)
-    padded = torch.nn.functional.pad(qweight, (0, tiles * CPU_TILE - n_out))
-    return padded.view(rows, tiles, CPU_TILE).transpose(0, 1).contiguous()
+    if n_out % CPU_TILE:
+        qweight = torch.nn.functional.pad(qweight, (0, tiles * CPU_TILE - n_out))
+    return qweight.reshape(rows, tiles, CPU_TILE).transpose(0, 1).contiguous()
 
 
 def _pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -11,7 +11,7 @@
 // a mask and a conversion a field, no shift.
 // Int and ternary scales are read as stored (float16 s, α1, α2; uint8 z); MXFP4 and NVFP4 take float32 s,
 // their E8M0 exponents and E4M3 codes over the tensor's scale decoded once beforehand.
-// Words in tiles of 64 outputs (cpu_packed.to_tiles) put each task's words in one run of memory, which the
+// Words in tiles of 64 outputs (layout.to_cpu_tiles) put each task's words in one run of memory, which the
 // hardware prefetchers follow: in rows of the whole output width, a task's 256 bytes a row lie 4·N bytes apart.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -149,7 +149,7 @@ inline Floats to_floats(Halves h) {
 #endif
 }
 
-constexpr int64_t kTile = 64;  // outputs a tile of words holds (cpu_packed.TILE)
+constexpr int64_t kTile = 64;  // outputs a tile of words holds (layout.CPU_TILE)
 
 struct Weight {
   const uint32_t* words;  // int32 [K / per word, N], or in tiles [⌈N / kTile⌉, K / per word, kTile]
