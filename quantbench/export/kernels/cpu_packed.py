@@ -41,12 +41,11 @@ ARCH_ENV = "QUANTBENCH_CPU_ARCH"  # the -march the library is compiled for: nati
 # The most rows of x the kernel multiplies, by the library's vector width (16 floats: AVX-512, 8: AVX2, 4: SSE2 and
 # others); more decode slabs for a dense matmul. Where the slabs overtook the kernel on a 4096² matmul
 # (`bench/cpu_decode.py --crossing`, docs/performance.md "Packed models on the CPU"; the narrower builds measured
-# on an AVX-512 CPU, whose dense matmuls stay AVX-512): AVX-512 int4 and NVFP4 beyond 192 rows, ternary about 128
-# (since the fields are converted in place; before, int4 beyond 96, ternary and NVFP4 about 48-64); AVX2 int4
-# about 20, ternary 28, NVFP4 15; SSE2 int4 about 26, ternary 15, NVFP4 6 (measured before, kept: the kernel has
-# only grown faster since).
-MATMUL_ROWS = {16: {"int": 192, "ternary": 128, "fp4": 192}, 8: {"int": 16, "ternary": 24, "fp4": 12},
-               4: {"int": 24, "ternary": 12, "fp4": 4}}
+# on an AVX-512 CPU, whose dense matmuls stay AVX-512), since the codes are converted in place: AVX-512 int4 and
+# NVFP4 beyond 192 rows, ternary about 128; AVX2 all three about 48; SSE2 int4 about 20, ternary and NVFP4 16-24.
+# The slabs' time varied threefold from run to run (torch's dense matmul); these are where they ran fastest.
+MATMUL_ROWS = {16: {"int": 192, "ternary": 128, "fp4": 192}, 8: {"int": 48, "ternary": 48, "fp4": 48},
+               4: {"int": 20, "ternary": 16, "fp4": 16}}
 SLAB_BYTES = 4 << 20  # float32 decoded at a time for a dense matmul
 _fp4_scales: dict[int, torch.Tensor] = {}  # id(qweight) → float32 scales of an MXFP4 or NVFP4 weight
 _NO_ZEROS = torch.empty(0, dtype=torch.uint8)
