@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantbench import load_quantized  # noqa: E402
 from quantbench.export.kernels import KernelWeight, cpu_int4, cpu_packed, packed_matmul  # noqa: E402
-from quantbench.export.kernels.layout import MX_BLOCK, NV_BLOCK, to_cpu_tiles  # noqa: E402
+from quantbench.export.kernels.layout import MX_BLOCK, NV_BLOCK  # noqa: E402
 from quantbench.export.kernels.reference import packed_matmul_input_gradient  # noqa: E402
 
 KINDS = ("int4-g128", "int2-g128", "int8-g128", "ternary2", "mxfp4", "nvfp4")
@@ -115,7 +115,7 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int, repe
     weights = {kind: random_kernel_weight(kind, k, n, generator) for kind in KINDS}
     read = {}
     for kind, weight in weights.items():
-        tiled = packed_versions(dataclasses.replace(weight, qweight=to_cpu_tiles(weight.qweight)), cold)
+        tiled = packed_versions(weight.in_cpu_tiles(), cold)  # as PackedLinear keeps it on the CPU
         read[kind] = bytes_read(weight)
         rows[kind, "float32"] = cycling(lambda w, x: packed_matmul(x, w, backend="cpu"), tiled)
         if kind in ("int4-g128", "int8-g128"):
@@ -144,14 +144,15 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int, repe
     times = {(row, m): [] for row in rows for m in batches}
     rates = []
     for _ in range(repeat):
-        rates.append(read_rate())
+        if cold:  # the memory's rate moves with the neighbours' load: measured beside the calls it divides
+            rates.append(read_rate())
         for (name, dtype), call in rows.items():
             for j, m in enumerate(batches):
                 if "fallback" not in name or j < fallback_batches:  # the torch fallback: slow, its first batches
                     times[(name, dtype), m].append(call_us(lambda: call(inputs[m, dtype]),
                                                            3 if "fallback" in name else 20))
     reference = {m: statistics.median(times[("dense", "float32"), m]) for m in batches}
-    rate = statistics.median(rates)
+    rate = statistics.median(rates) if cold else 0.0
     where = "from memory (each call the next of copies past 256 MB)" if cold else "as the cache keeps them"
     share = (f"; batch 1 of packed weights: % of the read rate, {rate:.1f} GB/s (x.sum() over 1 GiB, "
              f"{', '.join(f'{r:.1f}' for r in rates)})") if cold else ""
@@ -180,8 +181,7 @@ def crossing_table(k: int, n: int, batches: list[int]) -> None:
     print("  | weights | path | " + " | ".join(f"batch {m}" for m in batches) + " |")
     print("  |---|---|" + "---:|" * len(batches))
     for kind in ("int4-g128", "ternary2", "nvfp4"):
-        weight = random_kernel_weight(kind, k, n, generator)
-        weight = dataclasses.replace(weight, qweight=to_cpu_tiles(weight.qweight))  # as PackedLinear keeps it
+        weight = random_kernel_weight(kind, k, n, generator).in_cpu_tiles()  # as PackedLinear keeps it
         inputs = {m: torch.randn(m, k, generator=generator) for m in batches}
         for path in ("kernel", "slabs"):
             cells = [f"{call_us(lambda: cpu_packed.cpu_packed_matmul(inputs[m], weight, path), 5):,.0f}"

@@ -12,7 +12,7 @@ from helpers import assert_matmul_close, tiny_llama
 
 from quantbench import load_quantized, save_quantized
 from quantbench.export.kernels import PackedLinear, kernel_unsupported_reason, packed_matmul, to_kernel_layout
-from quantbench.export.kernels.layout import to_base3_layout, to_cpu_tiles
+from quantbench.export.kernels.layout import to_base3_layout
 from quantbench.export.kernels.matmul import TileConfig
 from quantbench.export.kernels.reference import dequantize_kernel_weight
 from quantbench.pipeline import quantize_model
@@ -1402,7 +1402,7 @@ def test_cpp_cpu_kernel_reads_words_in_tiles_as_it_reads_rows(label):
     from quantbench.export.kernels import cpu_packed
 
     rows = to_kernel_layout(WEIGHTS[label])
-    tiled = dataclasses.replace(rows, qweight=to_cpu_tiles(rows.qweight))
+    tiled = rows.in_cpu_tiles()
     assert tiled.tiled and tiled.qweight.shape == (2, rows.qweight.shape[0], 64)
     assert torch.equal(tiled.row_major().qweight, rows.qweight)
     assert torch.equal(tiled.word_rows(4, 12), rows.qweight[4:12])

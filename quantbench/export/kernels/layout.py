@@ -16,7 +16,7 @@ cache lines.
 On the CPU, where quantbench's C++ kernel runs a layer, `PackedLinear` keeps qweight in tiles of CPU_TILE
 outputs instead: int32 [⌈N / 64⌉, K / per_word, 64], tile t holding outputs [64t, 64t + 64) of every word row
 (the last tile padded with zero words), so that each of the kernel's tasks reads one run of memory
-(`to_cpu_tiles`; `KernelWeight.row_major` undoes it).
+(`KernelWeight.in_cpu_tiles`; `KernelWeight.row_major` undoes it).
 
 `ternary3` (two planes in base 3, `to_base3_layout`): qweight uint8 [2, n_groups · ⌈G/5⌉, N], each byte five
 trits of one plane and output (digits t + 1, input k = 5·row + j of its group weighs 3^j; a group's last
@@ -92,6 +92,10 @@ class KernelWeight:
         if not self.tiled:
             return self
         return dataclasses.replace(self, qweight=self.word_rows(0, self.qweight.shape[1]).contiguous())
+
+    def in_cpu_tiles(self) -> KernelWeight:
+        """This weight with qweight in the CPU kernel's tiles (itself if it is)."""
+        return self if self.tiled else dataclasses.replace(self, qweight=to_cpu_tiles(self.qweight))
 
 
 def with_inputs_gathered(x: torch.Tensor, weight: KernelWeight) -> tuple[torch.Tensor, KernelWeight]:

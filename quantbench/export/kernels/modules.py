@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from quantbench.export.kernels import cpu_packed
-from quantbench.export.kernels.layout import KernelWeight, to_cpu_tiles
+from quantbench.export.kernels.layout import KernelWeight
 from quantbench.export.kernels.matmul import packed_matmul
 from quantbench.export.kernels.reference import dequantize_kernel_weight, packed_matmul_input_gradient
 
@@ -79,11 +79,7 @@ class PackedLinear(nn.Module):
         """qweight in the CPU kernel's tiles where that kernel runs the layer, else in rows of the whole output
         width (every other kernel's layout)."""
         weight = self.kernel_weight
-        if cpu_packed.runs(weight):
-            if not weight.tiled:
-                self.qweight = to_cpu_tiles(self.qweight)
-        elif weight.tiled:
-            self.qweight = weight.row_major().qweight
+        self.qweight = (weight.in_cpu_tiles() if cpu_packed.runs(weight) else weight.row_major()).qweight
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # the words move as they are, then take the layout of where they are

@@ -11,7 +11,7 @@
 // a mask and a conversion a field, no shift.
 // Int and ternary scales are read as stored (float16 s, α1, α2; uint8 z); MXFP4 and NVFP4 take float32 s,
 // their E8M0 exponents and E4M3 codes over the tensor's scale decoded once beforehand.
-// Words in tiles of 64 outputs (layout.to_cpu_tiles) put each task's words in one run of memory, which the
+// Words in tiles of 64 outputs (KernelWeight.in_cpu_tiles) put each task's words in one run of memory, which the
 // hardware prefetchers follow: in rows of the whole output width, a task's 256 bytes a row lie 4·N bytes apart.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -258,10 +258,10 @@ void prepare_x(const float* x, int64_t M, const Weight& w, float* prepared, floa
     for (int64_t g = 0; g < w.groups; ++g) {
       float sum = 0.f;
       for (int64_t k = g * w.group; k < std::min((g + 1) * w.group, w.K); ++k) {
-        sum += x[r * w.K + k];
+        if constexpr (SCALED) sum += x[r * w.K + k];
         prepared[m0 * w.K + k * rows + (r - m0)] = x[r * w.K + k] * factor[k % kPerWord];
       }
-      sums[r * w.groups + g] = sum;
+      sums[r * w.groups + g] = sum;  // fp4 (not SCALED) has no offsets: its sums stay unread
     }
   }
 }
