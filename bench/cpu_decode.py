@@ -123,8 +123,9 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int, repe
             read[name] = read[kind]
             rows[name, "float32"] = cycling(lambda w, x: packed_matmul(x, w, backend="cpu"),
                                             packed_versions(weight, cold))
-        if kind == "int4-g128":
+        if kind != "int8-g128":  # bfloat16 x: the pair kernel where the CPU has one
             rows[kind, "bfloat16"] = rows[kind, "float32"]
+        if kind == "int4-g128":
             rows[f"{kind}, torch's int4 kernel", "bfloat16"] = cycling(lambda w, x: cpu_int4.cpu_int4_matmul(x, w),
                                                                        packed_versions(weight, cold))
     for kind in FALLBACK_KINDS:
@@ -174,19 +175,24 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int, repe
 
 def crossing_table(k: int, n: int, batches: list[int]) -> None:
     """µs per call of the C++ kernel's two paths, the kernel (a shared decode for four rows) and decoded slabs
-    for torch's dense matmul, at each batch: where the second overtakes the first (cpu_packed.MATMUL_ROWS)."""
+    for torch's dense matmul, at each batch, float32 x and bfloat16 x (the pair kernel where the CPU has one):
+    where the second overtakes the first (cpu_packed.MATMUL_ROWS)."""
     generator = torch.Generator().manual_seed(1)
     most = ", ".join(f"{kind} {cpu_packed.most_kernel_rows(kind)}" for kind in ("int", "ternary", "nvfp4"))
-    print(f"  one {k}×{n} matmul, µs per call, the C++ kernel's paths (most rows through the kernel: {most})")
-    print("  | weights | path | " + " | ".join(f"batch {m}" for m in batches) + " |")
-    print("  |---|---|" + "---:|" * len(batches))
+    print(f"  one {k}×{n} matmul, µs per call, the C++ kernel's paths (most rows of float32 x through the kernel: "
+          f"{most}; bfloat16 x in the pair kernel: every batch)")
+    print("  | weights | x | path | " + " | ".join(f"batch {m}" for m in batches) + " |")
+    print("  |---|---|---|" + "---:|" * len(batches))
     for kind in ("int4-g128", "ternary2", "nvfp4"):
         weight = random_kernel_weight(kind, k, n, generator).in_cpu_tiles()  # as PackedLinear keeps it
-        inputs = {m: torch.randn(m, k, generator=generator) for m in batches}
-        for path in ("kernel", "slabs"):
-            cells = [f"{call_us(lambda: cpu_packed.cpu_packed_matmul(inputs[m], weight, path), 5):,.0f}"
-                     for m in batches]
-            print(f"  | {kind} | {path} | " + " | ".join(cells) + " |", flush=True)
+        dtypes = (torch.float32, torch.bfloat16) if cpu_packed.takes_bfloat16(weight) else (torch.float32,)
+        for dtype in dtypes:
+            inputs = {m: torch.randn(m, k, generator=generator).to(dtype) for m in batches}
+            for path in ("kernel", "slabs"):
+                cells = [f"{call_us(lambda: cpu_packed.cpu_packed_matmul(inputs[m], weight, path), 5):,.0f}"
+                         for m in batches]
+                name = str(dtype).removeprefix("torch.")
+                print(f"  | {kind} | {name} | {path} | " + " | ".join(cells) + " |", flush=True)
 
 
 def decode_table(checkpoint: Path, tokens: int, repeat: int) -> None:

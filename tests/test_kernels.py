@@ -3,6 +3,7 @@ CPU) against the dequantized weight, and load_quantized(kernels=True)."""
 
 import dataclasses
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import patch
 
@@ -12,7 +13,7 @@ from helpers import assert_matmul_close, tiny_llama
 
 from quantbench import load_quantized, save_quantized
 from quantbench.export.kernels import PackedLinear, kernel_unsupported_reason, packed_matmul, to_kernel_layout
-from quantbench.export.kernels.layout import to_base3_layout
+from quantbench.export.kernels.layout import KIND_CODES, to_base3_layout
 from quantbench.export.kernels.matmul import TileConfig
 from quantbench.export.kernels.reference import dequantize_kernel_weight
 from quantbench.pipeline import quantize_model
@@ -1305,7 +1306,8 @@ def test_cpp_cpu_kernel_equals_the_dequantized_matmul(label, batch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("label", ["int8-g64 act_order", "ternary2-g64", "nvfp4-rtn"])
 def test_cpp_cpu_kernel_takes_half_precision_x_and_sums_in_float32(label, dtype):
-    """Each output is the float32 result rounded once to x's dtype."""
+    """Each output is the float32 result rounded once to x's dtype: float16 x, and bfloat16 x where no pair
+    kernel takes it, through the float32 kernel; bfloat16 x in the pair kernel within its own bound (below)."""
     from quantbench.export.kernels import cpu_packed
 
     stored = WEIGHTS[label]
@@ -1313,8 +1315,70 @@ def test_cpp_cpu_kernel_takes_half_precision_x_and_sums_in_float32(label, dtype)
     x = torch.randn(5, IN, generator=torch.Generator().manual_seed(7)).to(dtype)
     got = packed_matmul(x, kernel, backend="cpu")
     assert got.dtype == dtype
-    assert torch.equal(got, cpu_packed.cpu_packed_matmul(x.float(), kernel).to(dtype))
+    if dtype == torch.bfloat16 and cpu_packed.takes_bfloat16(kernel):
+        assert_pair_sums_close(pair_kernel_float32(x, kernel), x, stored)
+    else:
+        assert torch.equal(got, cpu_packed.cpu_packed_matmul(x.float(), kernel).to(dtype))
     assert_matmul_close(got, x.float(), stored.dequantize())
+
+
+def pair_kernel_float32(x: torch.Tensor, kernel) -> torch.Tensor:
+    """The C++ kernel's float32 result for bfloat16 x (before the rounding to x's dtype)."""
+    from quantbench.export.kernels import cpu_packed
+
+    return torch.ops.quantbench_cpu.packed_matmul(x, kernel.qweight, cpu_packed.kernel_scales(kernel),
+                                                  cpu_packed._zeros(kernel), KIND_CODES[kernel.kind], kernel.bits,
+                                                  kernel.group)
+
+
+def cpu_has_bfloat16_dots() -> bool:
+    return "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+
+
+def pair_sum_magnitudes(stored) -> torch.Tensor:
+    """[OUT, IN]: what each input's x multiplies on its way through the pair kernel's float32 sums, where w is not
+    itself summed: int s·(2^b·2 + 2^b + z) (2^b·v with v < 2, then (2^b + z)·Σx), ternary
+    (|α1| + |α2|)·(4·2 + 5), fp4 |w| (e2m1(q) summed as it is)."""
+    if isinstance(stored, TritPlaneWeight):
+        alphas = stored.scales.double().abs().sum(0)  # [OUT, groups]
+        return (alphas.repeat_interleave(IN // alphas.shape[1], 1) * 13)
+    if stored.scheme.format in ("mxfp4", "nvfp4"):
+        return stored.dequantize().double().abs()
+    levels = 2 ** stored.scheme.bits
+    per_input = IN // stored.scales.shape[1]
+    scales = stored.scales.double().repeat_interleave(per_input, 1)
+    zeros = stored.zeros.double().repeat_interleave(per_input, 1) if stored.zeros is not None else levels / 2
+    return scales * (3 * levels + zeros)
+
+
+def assert_pair_sums_close(got: torch.Tensor, x: torch.Tensor, stored) -> None:
+    """The pair kernel's float32 result within n·eps of the magnitudes its sums pass through (the textbook bound
+    of assert_matmul_close, over pair_sum_magnitudes instead of |w|)."""
+    x64 = x.double()
+    bound = IN * torch.finfo(torch.float32).eps * (x64.abs() @ pair_sum_magnitudes(stored).T)
+    error = (got.double() - x64 @ stored.dequantize().double().T).abs()
+    assert (error <= bound).all(), f"error {float((error - bound).max()):.3g} above the rounding bound"
+
+
+@pytest.mark.parametrize("label", [label for label in WEIGHTS if "act_order" not in label])
+def test_cpp_cpu_pair_kernel_multiplies_bfloat16_x_as_it_is(label, monkeypatch):
+    """Where the CPU has bfloat16 dot products (AVX512_BF16), bfloat16 x goes into the pair kernel as it is for
+    every kind but int8, at every batch (it stays ahead of decoded slabs: no slabs), in tiles and in rows alike."""
+    from quantbench.export.kernels import cpu_packed
+
+    stored = WEIGHTS[label]
+    rows = to_kernel_layout(stored)
+    expected = cpu_has_bfloat16_dots() and not label.startswith("int8")
+    assert cpu_packed.takes_bfloat16(rows) == expected
+    if not expected:
+        return
+    monkeypatch.setattr(cpu_packed, "_decoded_slabs", lambda weight: pytest.fail("slabs decoded for bfloat16 x"))
+    for batch in CPU_KERNEL_BATCHES:
+        x = torch.randn(batch, IN, generator=torch.Generator().manual_seed(batch)).bfloat16()
+        for kernel in (rows, rows.in_cpu_tiles()):
+            got = pair_kernel_float32(x, kernel)
+            assert_pair_sums_close(got, x, stored)
+            assert torch.equal(cpu_packed.cpu_packed_matmul(x, kernel), got.bfloat16())
 
 
 @pytest.mark.parametrize("label", WEIGHTS)

@@ -68,12 +68,14 @@ def cpu_packed_matmul(x: torch.Tensor, weight: KernelWeight, path: str | None = 
     x, weight = with_inputs_gathered(x, weight)
     words, scales, zeros = weight.qweight, kernel_scales(weight), _zeros(weight)
     kind, bits, group = KIND_CODES[weight.kind], weight.bits, weight.group
-    x32, ops = x.float().contiguous(), _ops()
     if path not in (None, "kernel", "slabs"):
         raise ValueError(f"path must be 'kernel' or 'slabs', not {path!r}")
-    if path == "kernel" or (path is None and x.shape[0] <= most_kernel_rows(weight.kind)):
-        out = ops.packed_matmul(x32, words, scales, zeros, kind, bits, group)
+    pairs = x.dtype == torch.bfloat16 and takes_bfloat16(weight)
+    if path == "kernel" or (path is None and (pairs or x.shape[0] <= most_kernel_rows(weight.kind))):
+        out = _ops().packed_matmul(x.contiguous() if pairs else x.float().contiguous(), words, scales, zeros, kind,
+                                   bits, group)
     else:
+        x32 = x.float()
         out = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32)
         for start, slab in _decoded_slabs(weight):
             out.addmm_(x32[:, start:start + slab.shape[0]], slab)
@@ -90,8 +92,19 @@ def cpu_packed_input_gradient(grad: torch.Tensor, weight: KernelWeight) -> torch
     return in_original_order(permuted, weight.perm).to(grad.dtype)
 
 
+def takes_bfloat16(weight: KernelWeight) -> bool:
+    """Whether the kernel multiplies bfloat16 x as it is, two codes by an x pair in one bfloat16 dot product
+    (int2, int4 and ternary, where the CPU has AVX512_BF16); elsewhere x is converted to float32 first."""
+    return _takes_bfloat16(KIND_CODES[weight.kind], weight.bits)
+
+
+@functools.cache
+def _takes_bfloat16(kind: int, bits: int) -> bool:
+    return _ops().takes_bfloat16(kind, bits)
+
+
 def most_kernel_rows(kind: str) -> int:
-    """The most rows of x the kernel multiplies before slabs and a dense matmul take over."""
+    """The most rows of float32 x the kernel multiplies before slabs and a dense matmul take over."""
     return MATMUL_ROWS[_lanes()][kind if kind in ("int", "ternary") else "fp4"]
 
 

@@ -332,6 +332,161 @@ void decode_rows(const Weight& w, int64_t row0, int64_t row1, int64_t first_row,
   }
 }
 
+#if defined(__AVX512BF16__)
+// bfloat16 x: two codes a lane, multiplied by an x pair in one bfloat16 dot product (vdpbf16ps: each product exact,
+// summed in float32), 32 products an instruction where the float32 kernel's multiply-add makes 16. A word's codes
+// J and J + per word / 2 lie at the same place in its low and high halves, so one 16-bit shift moves both:
+//   int      to the top of a bfloat16 mantissa, masked under the exponent of 1.0 by one ternary logic op:
+//            v = 1 + q/2^b (b ≤ 4), exact; at the group's end Σx·w = s·(2^b·Σx·v − (2^b + z)·Σx)
+//   ternary  the same for its lo and hi fields, v = 1 + t/4, in two sums:
+//            Σx·w = α1·(4·Σx·v_lo − 5·Σx) + α2·(4·Σx·v_hi − 5·Σx)
+//   fp4      the E2M1 value by a table of bfloat16 (one permute): Σx·w = s·Σx·e2m1(q)
+// code J's field of each 16-bit half placed at mantissa bits [7 − WIDTH, 7) under a bfloat16 exponent of 1.0
+template <int FIELD_AT, int WIDTH>
+inline __m512i pair_codes(Words words) {
+  constexpr int kShift = 7 - WIDTH - FIELD_AT;
+  __m512i placed = (__m512i)words;
+  if constexpr (kShift > 0)
+    placed = _mm512_slli_epi16(placed, kShift);
+  else if constexpr (kShift < 0)
+    placed = _mm512_srli_epi16(placed, -kShift);
+  constexpr uint32_t kMask = ((1u << WIDTH) - 1u) << (7 - WIDTH);
+  return _mm512_ternarylogic_epi32(placed, _mm512_set1_epi32(kMask | kMask << 16), _mm512_set1_epi32(0x3F803F80),
+                                   0xEA);  // (placed & mask) | one
+}
+
+// E2M1 code J of each 16-bit half as bfloat16, by table (vpermw reads an index's low 5 bits: the table twice
+// over, so the bit above the code need not be cleared)
+template <int FIELD_AT>
+inline __m512i pair_e2m1(Words words) {
+  const __m512i table = _mm512_set_epi16(
+      -16192, -16256, -16320, -16384, -16448, -16512, -16640, -32768, 0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0,
+      0x3F80, 0x3F00, 0, -16192, -16256, -16320, -16384, -16448, -16512, -16640, -32768, 0x40C0, 0x4080, 0x4040,
+      0x4000, 0x3FC0, 0x3F80, 0x3F00, 0);  // 0, ±.5, ±1, ±1.5, ±2, ±3, ±4, ±6 (high entries first)
+  __m512i index = (__m512i)words;
+  if constexpr (FIELD_AT > 0) index = _mm512_srli_epi16(index, FIELD_AT);
+  return _mm512_permutexvar_epi16(index, table);
+}
+
+inline Floats dot_pairs(Floats sums, __m512i codes, uint32_t x_pair) {
+  return (Floats)_mm512_dpbf16_ps((__m512)sums, (__m512bh)codes, (__m512bh)_mm512_set1_epi32(x_pair));
+}
+
+// x bfloat16 [M, K] → its pairs (x[k], x[k + per word / 2]) of each word's codes J and J + per word / 2 as uint32,
+// [word rows, per word / 2, rows] for each block of kMaxRows rows; and for int and ternary (SUMMED) Σx [M, G] in
+// float32, as the float32 kernel sums it
+template <int BITS, bool SUMMED>
+void prepare_pairs(const uint16_t* x, int64_t M, const Weight& w, uint32_t* pairs, float* sums) {
+  constexpr int kPerWord = 32 / BITS, kHalf = kPerWord / 2;
+  for (int64_t r = 0; r < M; ++r) {
+    const int64_t m0 = r / kMaxRows * kMaxRows, rows = std::min<int64_t>(kMaxRows, M - m0);
+    const uint16_t* row = x + r * w.K;
+    uint32_t* block = pairs + m0 * (w.K / 2);
+    for (int64_t word = 0; word < w.word_rows; ++word)
+      for (int j = 0; j < kHalf; ++j) {
+        const int64_t k = word * kPerWord + j;
+        block[(word * kHalf + j) * rows + (r - m0)] = row[k] | static_cast<uint32_t>(row[k + kHalf]) << 16;
+      }
+    for (int64_t g = 0; SUMMED && g < w.groups; ++g) {
+      float sum = 0.f;
+      for (int64_t k = g * w.group; k < std::min((g + 1) * w.group, w.K); ++k) {
+        const uint32_t bits = static_cast<uint32_t>(row[k]) << 16;
+        float value;
+        std::memcpy(&value, &bits, sizeof(value));
+        sum += value;
+      }
+      sums[r * w.groups + g] = sum;
+    }
+  }
+}
+
+// The sums of one word row's pairs J..per word / 2 − 1 for VECTORS vectors of outputs (ternary: lo and hi)
+template <int64_t KIND, int BITS, int ROWS, int VECTORS, int J = 0>
+__attribute__((always_inline)) inline void add_pairs(const uint32_t* x, const Words (&words)[VECTORS],
+                                                     Floats (&sums)[2][ROWS][VECTORS]) {
+  if constexpr (J < 16 / BITS) {
+    for (int v = 0; v < VECTORS; ++v) {
+      if constexpr (KIND == kTernary) {
+        const __m512i lo = pair_codes<J * BITS, 2>(words[v]), hi = pair_codes<J * BITS + 2, 2>(words[v]);
+        for (int r = 0; r < ROWS; ++r) {
+          sums[0][r][v] = dot_pairs(sums[0][r][v], lo, x[J * ROWS + r]);
+          sums[1][r][v] = dot_pairs(sums[1][r][v], hi, x[J * ROWS + r]);
+        }
+      } else {
+        const __m512i codes = KIND == kInt ? pair_codes<J * BITS, BITS>(words[v]) : pair_e2m1<J * BITS>(words[v]);
+        for (int r = 0; r < ROWS; ++r) sums[0][r][v] = dot_pairs(sums[0][r][v], codes, x[J * ROWS + r]);
+      }
+    }
+    add_pairs<KIND, BITS, ROWS, VECTORS, J + 1>(x, words, sums);
+  }
+}
+
+// outputs [n0 + v0·kLanes, + VECTORS·kLanes) of a task, its width `width` from n0
+template <int64_t KIND, int BITS, int ROWS, int VECTORS, bool FULL>
+void pairs_block(const uint32_t* x, const float* x_sums, const Weight& w, int64_t n0, int v0, int64_t any_width,
+                 float* out) {
+  constexpr int kPerWord = 32 / BITS, kHalf = kPerWord / 2;
+  constexpr float kLevels = KIND == kTernary ? 4.f : static_cast<float>(1 << BITS);  // 1/ulp of v's field
+  const int64_t width = FULL ? kOutputs : any_width;
+  const int64_t K = w.K, N = w.N, groups = w.groups;
+  const uint32_t* const column = w.column(n0) + v0 * kLanes;
+  Floats acc[ROWS][VECTORS] = {};
+  for (int64_t g = 0; g < groups; ++g) {
+    Floats sums[2][ROWS][VECTORS] = {};
+    for (int64_t k0 = g * w.group; k0 < std::min((g + 1) * w.group, K); k0 += kPerWord) {
+      const uint32_t* row = column + (k0 / kPerWord) * w.row_stride;
+      Words words[VECTORS];
+      for (int v = 0; v < VECTORS; ++v)
+        words[v] = load<Words>(row + v * kLanes, width - (v0 + v) * kLanes);
+      add_pairs<KIND, BITS, ROWS, VECTORS>(x + (k0 / kPerWord) * kHalf * ROWS, words, sums);
+    }
+    for (int v = 0; v < VECTORS; ++v) {
+      const int64_t count = width - (v0 + v) * kLanes;
+      const Scales scales = scales_at<KIND>(w, g * N + n0 + (v0 + v) * kLanes, count);
+      for (int r = 0; r < ROWS; ++r) {
+        const Floats x_sum = KIND == kMxfp4 ? Floats{} : splat(x_sums[r * groups + g]);
+        if constexpr (KIND == kTernary) {
+          const Floats lo = fma(splat(kLevels), sums[0][r][v], splat(-5.f) * x_sum);
+          const Floats hi = fma(splat(kLevels), sums[1][r][v], splat(-5.f) * x_sum);
+          acc[r][v] = fma(scales.s, lo, fma(scales.s2, hi, acc[r][v]));
+        } else if constexpr (KIND == kMxfp4) {
+          acc[r][v] = fma(scales.s, sums[0][r][v], acc[r][v]);
+        } else {
+          // s·(2^b·Σx·v − 2^b·Σx) − s·z·Σx, scales.offset = s·z
+          const Floats q_sum = fma(splat(kLevels), sums[0][r][v], splat(-kLevels) * x_sum);
+          acc[r][v] = fma(scales.s, q_sum, fma(-scales.offset, x_sum, acc[r][v]));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < VECTORS; ++v)
+      store(out + r * N + n0 + (v0 + v) * kLanes, acc[r][v], width - (v0 + v) * kLanes);
+}
+
+template <int64_t KIND, int BITS, int ROWS>
+void pairs_task(const uint32_t* x, const float* x_sums, const Weight& w, int64_t n0, int64_t width, float* out) {
+  constexpr int kAtOnce = KIND == kTernary ? kVectors / 2 : kVectors;  // ternary's two sums a vector: half as many
+  for (int v0 = 0; v0 < kVectors && v0 * kLanes < width; v0 += kAtOnce) {
+    if (width == kOutputs)
+      pairs_block<KIND, BITS, ROWS, kAtOnce, true>(x, x_sums, w, n0, v0, width, out);
+    else
+      pairs_block<KIND, BITS, ROWS, kAtOnce, false>(x, x_sums, w, n0, v0, width, out);
+  }
+}
+
+template <int64_t KIND, int BITS>
+void pairs_rows(int rows, const uint32_t* x, const float* x_sums, const Weight& w, int64_t n0, int64_t width,
+                float* out) {
+  switch (rows) {
+    case 1: return pairs_task<KIND, BITS, 1>(x, x_sums, w, n0, width, out);
+    case 2: return pairs_task<KIND, BITS, 2>(x, x_sums, w, n0, width, out);
+    case 3: return pairs_task<KIND, BITS, 3>(x, x_sums, w, n0, width, out);
+    default: return pairs_task<KIND, BITS, 4>(x, x_sums, w, n0, width, out);
+  }
+}
+#endif
+
 template <int64_t KIND, int BITS, int ROWS>
 void matmul_task(const float* x, const float* x_sums, const Weight& w, int64_t n0, int64_t width, float* out) {
   if (width == kOutputs)
@@ -354,16 +509,27 @@ void matmul_rows(int rows, const float* x, const float* x_sums, const Weight& w,
 using MatmulFn = void (*)(int, const float*, const float*, const Weight&, int64_t, int64_t, float*);
 using PrepareFn = void (*)(const float*, int64_t, const Weight&, float*, float*);
 using DecodeFn = void (*)(const Weight&, int64_t, int64_t, int64_t, float*);
+using PairsFn = void (*)(int, const uint32_t*, const float*, const Weight&, int64_t, int64_t, float*);
+using PreparePairsFn = void (*)(const uint16_t*, int64_t, const Weight&, uint32_t*, float*);
 
 struct Functions {
   MatmulFn matmul;
   DecodeFn decode;
   PrepareFn prepare_x;
+  PairsFn pairs = nullptr;  // bfloat16 x, where the CPU has bfloat16 dot products: all but int8
+  PreparePairsFn prepare_pairs = nullptr;
 };
 
 template <int64_t KIND, int BITS>
 Functions functions_of() {
-  return {matmul_rows<KIND, BITS>, decode_rows<KIND, BITS>, prepare_x<BITS, KIND == kInt || KIND == kTernary>};
+  Functions fns{matmul_rows<KIND, BITS>, decode_rows<KIND, BITS>, prepare_x<BITS, KIND == kInt || KIND == kTernary>};
+#if defined(__AVX512BF16__)
+  if constexpr (KIND != kInt || BITS <= 4) {
+    fns.pairs = pairs_rows<KIND, BITS>;
+    fns.prepare_pairs = prepare_pairs<BITS, KIND != kMxfp4>;
+  }
+#endif
+  return fns;
 }
 
 Functions functions_for(int64_t kind, int64_t bits) {
@@ -405,28 +571,39 @@ Weight checked(const at::Tensor& words, const at::Tensor& scales, const at::Tens
           word_rows, tiled, tiled ? kTile : N};
 }
 
-// x float32 [M, K], inputs in the weight's stored order → x·Wᵀ float32 [M, N]
+// x float32 [M, K], or bfloat16 where takes_bfloat16(kind, bits), inputs in the weight's stored order →
+// x·Wᵀ float32 [M, N]
 at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales,
                          const at::Tensor& zeros, int64_t kind, int64_t bits, int64_t group) {
   const Weight w = checked(words, scales, zeros, kind, bits, group);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == w.K,
-              "x: contiguous float32 [M, ", w.K, "]");
   const Functions fns = functions_for(kind, bits);
+  const bool pairs = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || (pairs && fns.pairs)) && x.is_contiguous() &&
+              x.size(1) == w.K, "x: contiguous float32 [M, ", w.K, "] (bfloat16 where takes_bfloat16)");
   const int64_t M = x.size(0);
-  at::Tensor out = at::empty({M, w.N}, x.options());
-  const at::Tensor prepared = at::empty_like(x), sums = at::empty({M, w.groups}, x.options());
-  fns.prepare_x(x.data_ptr<float>(), M, w, prepared.data_ptr<float>(), sums.data_ptr<float>());
-  const float* x_data = prepared.data_ptr<float>();
+  at::Tensor out = at::empty({M, w.N}, x.options().dtype(at::kFloat));
+  const at::Tensor prepared = at::empty({M, pairs ? w.K / 2 : w.K}, out.options().dtype(pairs ? at::kInt : at::kFloat));
+  const at::Tensor sums = at::empty({M, w.groups}, out.options());
+  if (pairs)
+    fns.prepare_pairs(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, w,
+                      reinterpret_cast<uint32_t*>(prepared.data_ptr<int32_t>()), sums.data_ptr<float>());
+  else
+    fns.prepare_x(x.data_ptr<float>(), M, w, prepared.data_ptr<float>(), sums.data_ptr<float>());
+  const void* x_data = prepared.data_ptr();  // float32 or pairs of bfloat16, x_row of either a row
   const float* x_sums = sums.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
-  const int64_t blocks = (w.N + kOutputs - 1) / kOutputs;
+  const int64_t blocks = (w.N + kOutputs - 1) / kOutputs, x_row = pairs ? w.K / 2 : w.K;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {  // a task's words read from memory once, then from cache
         const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-        const int64_t n0 = b * kOutputs;
-        fns.matmul(rows, x_data + m0 * w.K, x_sums + m0 * w.groups, w, n0,
-                   std::min(kOutputs, w.N - n0), out_data + m0 * w.N);
+        const int64_t n0 = b * kOutputs, width = std::min(kOutputs, w.N - n0);
+        if (pairs)
+          fns.pairs(rows, static_cast<const uint32_t*>(x_data) + m0 * x_row, x_sums + m0 * w.groups, w, n0, width,
+                    out_data + m0 * w.N);
+        else
+          fns.matmul(rows, static_cast<const float*>(x_data) + m0 * x_row, x_sums + m0 * w.groups, w, n0, width,
+                     out_data + m0 * w.N);
       }
   });
   return out;
@@ -451,6 +628,8 @@ void decode(at::Tensor& out, const at::Tensor& words, const at::Tensor& scales, 
 
 int64_t lanes() { return kLanes; }
 
+bool takes_bfloat16(int64_t kind, int64_t bits) { return functions_for(kind, bits).pairs != nullptr; }
+
 // How many of torch's threads take part when `tasks` tasks are spread as the kernels spread theirs (1 where the
 // library was compiled without OpenMP: at::parallel_for then runs serially)
 int64_t threads_used(int64_t tasks) {
@@ -472,6 +651,7 @@ TORCH_LIBRARY(quantbench_cpu, m) {
         "int start) -> ()");
   m.def("lanes() -> int", TORCH_FN(lanes));  // floats in one vector: what the library was compiled for
   m.def("threads_used(int tasks) -> int", TORCH_FN(threads_used));
+  m.def("takes_bfloat16(int kind, int bits) -> bool", TORCH_FN(takes_bfloat16));  // the bfloat16 pair kernel
   m.impl("packed_matmul", c10::DispatchKey::CPU, TORCH_FN(packed_matmul));
   m.impl("decode", c10::DispatchKey::CPU, TORCH_FN(decode));
 }
