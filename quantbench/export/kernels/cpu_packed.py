@@ -1,7 +1,8 @@
 """Packed matmuls on the CPU through quantbench's own C++ kernels (`packed_cpu.cpp`), for every kernel-layout kind
-but base-3 ternary and any float dtype of x: up to 48–96 rows with AVX-512 (`MATMUL_ROWS`) the weight words are
+but base-3 ternary and any float dtype of x: up to 128–192 rows with AVX-512 (`MATMUL_ROWS`) the weight words are
 decoded in vector lanes for four rows at once and never stored as floats; more rows decode a slab of inputs at a
-time to float32 for torch's dense matmul (as the torch fallback does, with the decode in C++).
+time to float32 for torch's dense matmul (as the torch fallback does, with the decode in C++). bfloat16 x, where
+the CPU has bfloat16 dot products, multiplies two codes at a time as it is, at every batch (`takes_bfloat16`).
 
 The library is compiled with the host's C++ compiler for this CPU (`-march=native`, or QUANTBENCH_CPU_ARCH) on
 first use, against the running torch, and cached (QUANTBENCH_CPU_CACHE, else $XDG_CACHE_HOME/quantbench/cpu); a
