@@ -336,6 +336,25 @@ def test_x_gradient_on_the_cpu_decodes_through_the_cpp_kernel(monkeypatch):
     assert calls == [(3, OUT)] and torch.equal(x.grad, got)
 
 
+@pytest.mark.parametrize("label", WEIGHTS)
+def test_cpp_cpu_gradient_kernel_is_grad_times_the_dequantized_weight(label, monkeypatch):
+    """Up to GRADIENT_KERNEL_ROWS rows of grad the C++ kernel multiplies the words as they are (no slabs), in tiles
+    and in rows alike; more rows take the slabs."""
+    from quantbench.export.kernels import cpu_packed
+
+    stored = WEIGHTS[label]
+    rows = to_kernel_layout(stored)
+    decoded = []
+    slabs = cpu_packed._decoded_slabs
+    monkeypatch.setattr(cpu_packed, "_decoded_slabs", lambda weight: decoded.append(weight) or slabs(weight))
+    for batch in (1, cpu_packed.GRADIENT_KERNEL_ROWS, cpu_packed.GRADIENT_KERNEL_ROWS + 1):
+        grad = torch.randn(batch, OUT, generator=torch.Generator().manual_seed(batch))
+        for kernel in (rows, rows.in_cpu_tiles()):
+            decoded.clear()
+            assert_matmul_close(cpu_packed.cpu_packed_input_gradient(grad, kernel), grad, stored.dequantize().T)
+            assert len(decoded) == (batch > cpu_packed.GRADIENT_KERNEL_ROWS)
+
+
 def test_tuner_keeps_the_fastest_candidate_that_agrees_with_the_fallback(monkeypatch):
     """A tile whose kernel computes a wrong result is skipped with a warning, however fast it times."""
     from quantbench.export.kernels import matmul, triton_matmul

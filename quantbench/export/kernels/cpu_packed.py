@@ -47,6 +47,11 @@ ARCH_ENV = "QUANTBENCH_CPU_ARCH"  # the -march the library is compiled for: nati
 # The slabs' time varied threefold from run to run (torch's dense matmul); these are where they ran fastest.
 MATMUL_ROWS = {16: {"int": 192, "ternary": 128, "fp4": 192}, 8: {"int": 48, "ternary": 48, "fp4": 48},
                4: {"int": 20, "ternary": 16, "fp4": 16}}
+# grad·W: the most rows of grad the kernel multiplies (it decodes the weight once a row) before slabs and torch's
+# matmul. On a 4096² weight with AVX-512 it took 0.4–1.0 ms a row against the slabs' 2.6–3.0 ms at one row and
+# 3.4–5.4 ms at four, where it was still level or ahead; and the slabs' one-row product, MKL's threaded
+# matrix-vector product after the library's threads, stalled about 1 ms a slab in some processes (20 ms a call)
+GRADIENT_KERNEL_ROWS = 4
 SLAB_BYTES = 4 << 20  # float32 decoded at a time for a dense matmul
 _fp4_scales: dict[int, torch.Tensor] = {}  # id(qweight) → float32 scales of an MXFP4 or NVFP4 weight
 _NO_ZEROS = torch.empty(0, dtype=torch.uint8)
@@ -83,13 +88,20 @@ def cpu_packed_matmul(x: torch.Tensor, weight: KernelWeight, path: str | None = 
     return out.to(x.dtype)
 
 
-def cpu_packed_input_gradient(grad: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
-    """grad [M, N] → grad·W [M, K] in grad's dtype and the original input order (a packed layer's gradient in x):
-    slabs of inputs decoded by the C++ kernel for torch's dense matmul."""
+def cpu_packed_input_gradient(grad: torch.Tensor, weight: KernelWeight, path: str | None = None) -> torch.Tensor:
+    """grad [M, N] → grad·W [M, K] in grad's dtype and the original input order (a packed layer's gradient in x): up
+    to GRADIENT_KERNEL_ROWS rows multiplied by the C++ kernel's words as they are, more through slabs of inputs
+    decoded by it for torch's dense matmul; `path` "kernel" or "slabs" overrides the choice (benchmarks)."""
     grad32 = grad.float().contiguous()
-    permuted = torch.empty(grad.shape[0], weight.shape[1], dtype=torch.float32)
-    for start, slab in _decoded_slabs(weight):
-        permuted[:, start:start + slab.shape[0]] = (slab @ grad32.T).T  # the slab read in its own order
+    if path not in (None, "kernel", "slabs"):
+        raise ValueError(f"path must be 'kernel' or 'slabs', not {path!r}")
+    if path == "kernel" or (path is None and grad.shape[0] <= GRADIENT_KERNEL_ROWS):
+        permuted = _ops().input_gradient(grad32, weight.qweight, kernel_scales(weight), _zeros(weight),
+                                         KIND_CODES[weight.kind], weight.bits, weight.group)
+    else:
+        permuted = torch.empty(grad.shape[0], weight.shape[1], dtype=torch.float32)
+        for start, slab in _decoded_slabs(weight):
+            permuted[:, start:start + slab.shape[0]] = (slab @ grad32.T).T  # the slab read in its own order
     return in_original_order(permuted, weight.perm).to(grad.dtype)
 
 

@@ -487,6 +487,32 @@ void pairs_rows(int rows, const uint32_t* x, const float* x_sums, const Weight& 
 }
 #endif
 
+// grad·W for one row of grad: word rows [row0, row1), each decoded in lanes along the outputs as decode_rows does,
+// multiplied by grad's outputs and summed per input across the lanes (a fixed order); inputs in their stored order
+template <int64_t KIND, int BITS>
+void gradient_rows(const float* grad, const Weight& w, int64_t row0, int64_t row1, float* out) {
+  constexpr int kPerWord = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  const int64_t N = w.N;
+  for (int64_t word_row = row0; word_row < row1; ++word_row) {
+    const int64_t g = word_row * kPerWord / w.group;
+    Floats sums[kPerWord] = {};
+    for (int64_t n = 0; n < N; n += kLanes) {
+      const int64_t count = N - n;
+      const Words words = load<Words>(w.column(n) + word_row * w.row_stride, count);
+      const Scales group_scales = scales_at<KIND>(w, g * N + n, count);
+      const Floats g_n = load<Floats>(grad + n, count);  // zero past N: those lanes add nothing
+      for (int j = 0; j < kPerWord; ++j)
+        sums[j] = fma(weight_value<KIND>((words >> (j * BITS)) & kMask, group_scales), g_n, sums[j]);
+    }
+    for (int j = 0; j < kPerWord; ++j) {
+      float total = 0.f;
+      for (int lane = 0; lane < kLanes; ++lane) total += sums[j][lane];
+      out[word_row * kPerWord + j] = total;
+    }
+  }
+}
+
 template <int64_t KIND, int BITS, int ROWS>
 void matmul_task(const float* x, const float* x_sums, const Weight& w, int64_t n0, int64_t width, float* out) {
   if (width == kOutputs)
@@ -509,6 +535,7 @@ void matmul_rows(int rows, const float* x, const float* x_sums, const Weight& w,
 using MatmulFn = void (*)(int, const float*, const float*, const Weight&, int64_t, int64_t, float*);
 using PrepareFn = void (*)(const float*, int64_t, const Weight&, float*, float*);
 using DecodeFn = void (*)(const Weight&, int64_t, int64_t, int64_t, float*);
+using GradientFn = void (*)(const float*, const Weight&, int64_t, int64_t, float*);
 using PairsFn = void (*)(int, const uint32_t*, const float*, const Weight&, int64_t, int64_t, float*);
 using PreparePairsFn = void (*)(const uint16_t*, int64_t, const Weight&, uint32_t*, float*);
 
@@ -516,13 +543,15 @@ struct Functions {
   MatmulFn matmul;
   DecodeFn decode;
   PrepareFn prepare_x;
+  GradientFn gradient;
   PairsFn pairs = nullptr;  // bfloat16 x, where the CPU has bfloat16 dot products: all but int8
   PreparePairsFn prepare_pairs = nullptr;
 };
 
 template <int64_t KIND, int BITS>
 Functions functions_of() {
-  Functions fns{matmul_rows<KIND, BITS>, decode_rows<KIND, BITS>, prepare_x<BITS, KIND == kInt || KIND == kTernary>};
+  Functions fns{matmul_rows<KIND, BITS>, decode_rows<KIND, BITS>, prepare_x<BITS, KIND == kInt || KIND == kTernary>,
+                gradient_rows<KIND, BITS>};
 #if defined(__AVX512BF16__)
   if constexpr (KIND != kInt || BITS <= 4) {
     fns.pairs = pairs_rows<KIND, BITS>;
@@ -626,6 +655,24 @@ void decode(at::Tensor& out, const at::Tensor& words, const at::Tensor& scales, 
   });
 }
 
+// grad float32 [M, N] → grad·W float32 [M, K], inputs in their stored order, without decoding W into memory (a few
+// rows of grad; more take slabs and torch's matmul)
+at::Tensor input_gradient(const at::Tensor& grad, const at::Tensor& words, const at::Tensor& scales,
+                          const at::Tensor& zeros, int64_t kind, int64_t bits, int64_t group) {
+  const Weight w = checked(words, scales, zeros, kind, bits, group);
+  TORCH_CHECK(grad.dim() == 2 && grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.size(1) == w.N,
+              "grad: contiguous float32 [M, ", w.N, "]");
+  const GradientFn fn = functions_for(kind, bits).gradient;
+  at::Tensor out = at::empty({grad.size(0), w.K}, grad.options());
+  const float* grad_data = grad.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  for (int64_t m = 0; m < grad.size(0); ++m)
+    at::parallel_for(0, w.word_rows, 1, [&](int64_t begin, int64_t end) {
+      fn(grad_data + m * w.N, w, begin, end, out_data + m * w.K);
+    });
+  return out;
+}
+
 int64_t lanes() { return kLanes; }
 
 bool takes_bfloat16(int64_t kind, int64_t bits) { return functions_for(kind, bits).pairs != nullptr; }
@@ -649,9 +696,12 @@ TORCH_LIBRARY(quantbench_cpu, m) {
         "-> Tensor");
   m.def("decode(Tensor(a!) out, Tensor words, Tensor scales, Tensor zeros, int kind, int bits, int group, "
         "int start) -> ()");
+  m.def("input_gradient(Tensor grad, Tensor words, Tensor scales, Tensor zeros, int kind, int bits, int group) "
+        "-> Tensor");
   m.def("lanes() -> int", TORCH_FN(lanes));  // floats in one vector: what the library was compiled for
   m.def("threads_used(int tasks) -> int", TORCH_FN(threads_used));
   m.def("takes_bfloat16(int kind, int bits) -> bool", TORCH_FN(takes_bfloat16));  // the bfloat16 pair kernel
   m.impl("packed_matmul", c10::DispatchKey::CPU, TORCH_FN(packed_matmul));
   m.impl("decode", c10::DispatchKey::CPU, TORCH_FN(decode));
+  m.impl("input_gradient", c10::DispatchKey::CPU, TORCH_FN(input_gradient));
 }
