@@ -136,6 +136,8 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int, repe
     if not cold:  # the gradient decodes its whole weight each call: reading it from memory adds little
         rows["int4-g128 gradient in x (grad·W)", "grad"] = \
             lambda grad: cpu_packed.cpu_packed_input_gradient(grad, int4)
+        rows["int4-g128 gradient in x, slabs at every batch", "grad"] = \
+            lambda grad: cpu_packed.cpu_packed_input_gradient(grad, int4, "slabs")
         if fallback_batches:
             rows["int4-g128 gradient in x, torch fallback", "grad"] = \
                 lambda grad: packed_matmul_input_gradient(grad, int4)
