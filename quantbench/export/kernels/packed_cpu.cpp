@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -68,6 +69,17 @@ inline void store(float* to, const Floats& v, int64_t count) {
     std::memcpy(to, &v, sizeof(v));
   else if (count > 0)
     std::memcpy(to, &v, count * sizeof(float));
+}
+
+// f(std::integral_constant<int, R>{}) for R = rows, 1..kMaxRows: a task's code compiled for its block of rows
+template <typename F>
+inline void for_rows(int rows, F&& f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, kMaxRows>{});
+  }
 }
 
 // a·b + c rounded once, in every lane: the one contraction the kernels make (the library is compiled with
@@ -478,12 +490,7 @@ void pairs_task(const uint32_t* x, const float* x_sums, const Weight& w, int64_t
 template <int64_t KIND, int BITS>
 void pairs_rows(int rows, const uint32_t* x, const float* x_sums, const Weight& w, int64_t n0, int64_t width,
                 float* out) {
-  switch (rows) {
-    case 1: return pairs_task<KIND, BITS, 1>(x, x_sums, w, n0, width, out);
-    case 2: return pairs_task<KIND, BITS, 2>(x, x_sums, w, n0, width, out);
-    case 3: return pairs_task<KIND, BITS, 3>(x, x_sums, w, n0, width, out);
-    default: return pairs_task<KIND, BITS, 4>(x, x_sums, w, n0, width, out);
-  }
+  for_rows(rows, [&](auto r) { pairs_task<KIND, BITS, decltype(r)::value>(x, x_sums, w, n0, width, out); });
 }
 #endif
 
@@ -524,12 +531,7 @@ void matmul_task(const float* x, const float* x_sums, const Weight& w, int64_t n
 template <int64_t KIND, int BITS>
 void matmul_rows(int rows, const float* x, const float* x_sums, const Weight& w, int64_t n0, int64_t width,
                  float* out) {
-  switch (rows) {
-    case 1: return matmul_task<KIND, BITS, 1>(x, x_sums, w, n0, width, out);
-    case 2: return matmul_task<KIND, BITS, 2>(x, x_sums, w, n0, width, out);
-    case 3: return matmul_task<KIND, BITS, 3>(x, x_sums, w, n0, width, out);
-    default: return matmul_task<KIND, BITS, 4>(x, x_sums, w, n0, width, out);
-  }
+  for_rows(rows, [&](auto r) { matmul_task<KIND, BITS, decltype(r)::value>(x, x_sums, w, n0, width, out); });
 }
 
 using MatmulFn = void (*)(int, const float*, const float*, const Weight&, int64_t, int64_t, float*);
