@@ -107,7 +107,8 @@ def cpu_packed_input_gradient(grad: torch.Tensor, weight: KernelWeight, path: st
 
 def takes_bfloat16(weight: KernelWeight) -> bool:
     """Whether the kernel multiplies bfloat16 x as it is, two codes by an x pair in one bfloat16 dot product
-    (int2, int4 and ternary, where the CPU has AVX512_BF16); elsewhere x is converted to float32 first."""
+    (every kind but int8, where the library was compiled for a CPU with AVX512_BF16); elsewhere x is converted
+    to float32 first."""
     return _takes_bfloat16(KIND_CODES[weight.kind], weight.bits)
 
 

@@ -13,6 +13,8 @@
 // their E8M0 exponents and E4M3 codes over the tensor's scale decoded once beforehand.
 // Words in tiles of 64 outputs (KernelWeight.in_cpu_tiles) put each task's words in one run of memory, which the
 // hardware prefetchers follow: in rows of the whole output width, a task's 256 bytes a row lie 4·N bytes apart.
+// bfloat16 x, where the CPU has bfloat16 dot products, takes a kernel of its own that multiplies two codes at a
+// time (the "pair" kernel below); and a packed layer's gradient in x, grad·W, for a few rows of grad.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -353,6 +355,7 @@ void decode_rows(const Weight& w, int64_t row0, int64_t row1, int64_t first_row,
 //   ternary  the same for its lo and hi fields, v = 1 + t/4, in two sums:
 //            Σx·w = α1·(4·Σx·v_lo − 5·Σx) + α2·(4·Σx·v_hi − 5·Σx)
 //   fp4      the E2M1 value by a table of bfloat16 (one permute): Σx·w = s·Σx·e2m1(q)
+
 // code J's field of each 16-bit half placed at mantissa bits [7 − WIDTH, 7) under a bfloat16 exponent of 1.0
 template <int FIELD_AT, int WIDTH>
 inline __m512i pair_codes(Words words) {
