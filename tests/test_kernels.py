@@ -1365,10 +1365,9 @@ def pair_sum_magnitudes(stored) -> torch.Tensor:
     if stored.scheme.format in ("mxfp4", "nvfp4"):
         return stored.dequantize().double().abs()
     levels = 2 ** stored.scheme.bits
-    per_input = IN // stored.scales.shape[1]
-    scales = stored.scales.double().repeat_interleave(per_input, 1)
-    zeros = stored.zeros.double().repeat_interleave(per_input, 1) if stored.zeros is not None else levels / 2
-    return scales * (3 * levels + zeros)
+    group_of = stored.g_idx.long() if stored.g_idx is not None else torch.arange(IN) // (IN // stored.scales.shape[1])
+    zeros = stored.zeros.double()[:, group_of] if stored.zeros is not None else levels / 2
+    return stored.scales.double()[:, group_of] * (3 * levels + zeros)
 
 
 def assert_pair_sums_close(got: torch.Tensor, x: torch.Tensor, stored) -> None:
@@ -1380,11 +1379,13 @@ def assert_pair_sums_close(got: torch.Tensor, x: torch.Tensor, stored) -> None:
     assert (error <= bound).all(), f"error {float((error - bound).max()):.3g} above the rounding bound"
 
 
-@pytest.mark.parametrize("label", [label for label in WEIGHTS if "act_order" not in label])
+@pytest.mark.parametrize("label", WEIGHTS)
 def test_cpp_cpu_pair_kernel_multiplies_bfloat16_x_as_it_is(label, monkeypatch):
     """Where the CPU has bfloat16 dot products (AVX512_BF16), bfloat16 x goes into the pair kernel as it is for
-    every kind but int8, at every batch (it stays ahead of decoded slabs: no slabs), in tiles and in rows alike."""
+    every kind but int8, at every batch (it stays ahead of decoded slabs: no slabs), in tiles and in rows alike
+    (act_order: x gathered into the stored order first)."""
     from quantbench.export.kernels import cpu_packed
+    from quantbench.export.kernels.layout import with_inputs_gathered
 
     stored = WEIGHTS[label]
     rows = to_kernel_layout(stored)
@@ -1396,7 +1397,7 @@ def test_cpp_cpu_pair_kernel_multiplies_bfloat16_x_as_it_is(label, monkeypatch):
     for batch in CPU_KERNEL_BATCHES:
         x = torch.randn(batch, IN, generator=torch.Generator().manual_seed(batch)).bfloat16()
         for kernel in (rows, rows.in_cpu_tiles()):
-            got = pair_kernel_float32(x, kernel)
+            got = pair_kernel_float32(*with_inputs_gathered(x, kernel))
             assert_pair_sums_close(got, x, stored)
             assert torch.equal(cpu_packed.cpu_packed_matmul(x, kernel), got.bfloat16())
 
