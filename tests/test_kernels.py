@@ -180,6 +180,65 @@ def test_load_with_kernels_swaps_in_packed_modules(tmp_path, tokenizer):
     assert packed_bytes < dense_bytes / 5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_rows_equal_nn_linear_and_leave_other_calls_to_it(dtype, monkeypatch):
+    """A model's dense linear, loaded with kernels=True, multiplies up to DENSE_KERNEL_ROWS rows through the C++
+    library (float32; bfloat16 where the CPU has its dot products) within float32's summation bound, an odd K and N
+    and a bias included; more rows, a gradient and another dtype of x go to nn.Linear."""
+    from quantbench.export.kernels import cpu_packed, dense_cpu
+
+    g = torch.Generator().manual_seed(11)
+    linear = torch.nn.Linear(100, 37, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(37, 100, generator=g))
+        linear.bias.copy_(torch.randn(37, generator=g))
+    reference = torch.nn.Linear(100, 37, dtype=dtype)
+    reference.load_state_dict(linear.state_dict())
+    assert dense_cpu.use_dense_rows(torch.nn.Sequential(linear)) == ["0"]
+    takes = dtype == torch.float32 or torch.ops.quantbench_cpu.dense_takes_bfloat16()
+    calls = []
+    library = cpu_packed._ops()
+    monkeypatch.setattr(cpu_packed, "_ops", lambda: SimpleNamespace(
+        dense_matmul=lambda x, w: calls.append(x.shape[0]) or library.dense_matmul(x, w),
+        dense_takes_bfloat16=library.dense_takes_bfloat16))
+    for shape in [(1, 100), (2, 2, 100), (dense_cpu.DENSE_KERNEL_ROWS + 1, 100)]:
+        x = torch.randn(*shape, generator=g).to(dtype)
+        calls.clear()
+        with torch.no_grad():
+            got = linear(x)
+        rows = x.numel() // 100
+        assert calls == ([rows] if takes and rows <= dense_cpu.DENSE_KERNEL_ROWS else [])
+        assert got.dtype == dtype and got.shape == (*shape[:-1], 37)
+        x2 = x.reshape(-1, 100)
+        bound = 100 * torch.finfo(torch.float32).eps * (x2.double().abs() @ linear.weight.double().abs().T)
+        bound += torch.finfo(dtype).eps * (x2.double() @ linear.weight.double().T + linear.bias.double()).abs()
+        exact = x2.double() @ linear.weight.double().T + linear.bias.double()
+        assert ((got.reshape(-1, 37).double() - exact).abs() <= bound).all()
+    calls.clear()
+    x = torch.randn(1, 100, generator=g).to(dtype).requires_grad_()
+    linear(x).sum().backward()  # autograd: nn.Linear's own
+    assert calls == [] and linear.weight.grad is not None
+
+
+def test_load_with_kernels_takes_dense_rows_for_the_dense_linears_and_keeps_ties(tmp_path, tokenizer):
+    from quantbench.export.kernels.dense_cpu import CpuDenseLinear
+
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    ids = torch.randint(0, 320, (1, 8), generator=torch.Generator().manual_seed(0))
+    quantized = quantize_model(model, ids, QuantizeSection(default="int4-g32-rtn").scheme_for, torch.device("cpu"),
+                               progress=False)
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    dense = load_quantized(tmp_path / "ckpt")
+    packed = load_quantized(tmp_path / "ckpt", kernels=True)
+    assert "lm_head" in packed.quantbench_dense_rows and type(packed.lm_head) is CpuDenseLinear
+    assert packed.lm_head.weight is packed.model.embed_tokens.weight
+    with torch.no_grad():
+        for step in (ids, ids[:, :1]):  # a prompt, then a decode step's one row
+            torch.testing.assert_close(packed(step).logits, dense(step).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_a_quantized_lm_head_loads_packed_beside_a_dense_embedding(tmp_path, tokenizer):
     """A recipe's `quantize.lm_head` (RTN) is packed by load_quantized(kernels=True) like the decoder's layers
     (on an 8B decode it is the head's 1-GB matmul), the embedding it was untied from stays dense, and the

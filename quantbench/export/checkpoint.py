@@ -34,6 +34,7 @@ from torch import nn
 
 from quantbench.activations import input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.errors import QuantbenchError
+from quantbench.export.kernels.dense_cpu import use_dense_rows
 from quantbench.export.kernels.layout import kernel_unsupported_reason, to_kernel_layout
 from quantbench.export.kernels.fused import fuse_packed_siblings
 from quantbench.export.kernels.modules import PackedLinear
@@ -180,7 +181,9 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     `PackedLinear` that keeps only the packed tensors; the others keep their dequantized weights.
     `model.quantbench_kernel_skips` names each layer left dense and why. With `fuse`, packed layers that
     read one input (q/k/v, gate/up) and agree in format share one fused weight (export/kernels/fused.py);
-    `model.quantbench_fused` names the groups.
+    `model.quantbench_fused` names the groups. The dense linears left (the lm_head, layers no kernel runs) take
+    quantbench's CPU library for a decode step's few rows (export/kernels/dense_cpu.py;
+    `model.quantbench_dense_rows` names them).
 
     The model is built on the meta device and each stored tensor is read from the memory-mapped files
     straight onto `device`, where its layer is unpacked: host memory holds one tensor in flight, never
@@ -227,6 +230,7 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     if kernels:
         model.quantbench_kernel_skips = skipped
         model.quantbench_fused = fuse_packed_siblings(model) if fuse else []
+        model.quantbench_dense_rows = use_dense_rows(model)
     return model.to(device).eval()
 
 

@@ -14,6 +14,7 @@ library_cache.py  where the compiled libraries are cached, and their atomic buil
 cpu_int4.py   int4 on the CPU through torch's own int4 kernel (bfloat16 x)
 packed_cpu.cpp, cpu_packed.py  quantbench's CPU kernels for every other layout and dtype, built with the host's
               C++ compiler on first use
+dense_cpu.py  a loaded model's dense linears (its lm_head) on the CPU: a decode step's rows through that library
 matmul.py     `packed_matmul`: backend choice and tile tuning
 modules.py    `PackedLinear`, what `load_quantized(..., kernels=True)` puts in place of nn.Linear
 fused.py      layers that read one input (q/k/v, gate/up) sharing one packed weight and one launch

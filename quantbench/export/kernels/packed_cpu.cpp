@@ -678,6 +678,103 @@ at::Tensor input_gradient(const at::Tensor& grad, const at::Tensor& words, const
   return out;
 }
 
+// Dense rows: x [M, K] times a dense weight [N, K] (nn.Linear's), for the few rows of a decode step, where torch's
+// matrix-vector products read the weight at about half this CPU's rate. Lanes along K: each task's outputs are
+// rows of the weight read in one run each; a dot product per output and row, summed across lanes at the end.
+constexpr int kDenseOutputs = 8;  // outputs a task multiplies at once
+
+float sum_lanes(const Floats& v) {
+  float total = 0.f;
+  for (int lane = 0; lane < kLanes; ++lane) total += v[lane];
+  return total;
+}
+
+// float32: one multiply-add per 16 (AVX-512) products
+template <int ROWS>
+void dense_float_task(const float* x, const float* w, int64_t K, int64_t N, int64_t n0, int64_t outputs,
+                      float* out) {
+  Floats acc[kDenseOutputs][ROWS] = {};
+  for (int64_t k = 0; k < K; k += kLanes) {
+    Floats xs[ROWS];
+    for (int r = 0; r < ROWS; ++r) xs[r] = load<Floats>(x + r * K + k, K - k);
+    for (int o = 0; o < kDenseOutputs; ++o) {
+      if (o >= outputs) break;
+      const Floats wv = load<Floats>(w + (n0 + o) * K + k, K - k);
+      for (int r = 0; r < ROWS; ++r) acc[o][r] = fma(wv, xs[r], acc[o][r]);
+    }
+  }
+  for (int o = 0; o < outputs; ++o)
+    for (int r = 0; r < ROWS; ++r) out[r * N + n0 + o] = sum_lanes(acc[o][r]);
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16: one dot product per 32 products, each exact, summed in float32
+inline __m512i load_bfloat16(const uint16_t* from, int64_t count) {  // up to 32 values, zero past `count`
+  const __mmask32 mask = count >= 32 ? ~__mmask32{0} : (__mmask32{1} << count) - 1;
+  return _mm512_maskz_loadu_epi16(mask, from);
+}
+
+template <int ROWS>
+void dense_bfloat16_task(const uint16_t* x, const uint16_t* w, int64_t K, int64_t N, int64_t n0, int64_t outputs,
+                         float* out) {
+  Floats acc[kDenseOutputs][ROWS] = {};
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512i xs[ROWS];
+    for (int r = 0; r < ROWS; ++r) xs[r] = load_bfloat16(x + r * K + k, K - k);
+    for (int o = 0; o < kDenseOutputs; ++o) {
+      if (o >= outputs) break;
+      const __m512i wv = load_bfloat16(w + (n0 + o) * K + k, K - k);
+      for (int r = 0; r < ROWS; ++r)
+        acc[o][r] = (Floats)_mm512_dpbf16_ps((__m512)acc[o][r], (__m512bh)wv, (__m512bh)xs[r]);
+    }
+  }
+  for (int o = 0; o < outputs; ++o)
+    for (int r = 0; r < ROWS; ++r) out[r * N + n0 + o] = sum_lanes(acc[o][r]);
+}
+#endif
+
+bool dense_takes_bfloat16() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x [M, K] float32 (or bfloat16 where dense_takes_bfloat16) · weightᵀ, weight [N, K] of x's dtype → float32 [M, N]
+at::Tensor dense_matmul(const at::Tensor& x, const at::Tensor& weight) {
+  const bool bfloat16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.is_contiguous() && weight.is_contiguous() &&
+              x.scalar_type() == weight.scalar_type() && x.size(1) == weight.size(1) &&
+              (x.scalar_type() == at::kFloat || (bfloat16 && dense_takes_bfloat16())),
+              "x [M, K] and weight [N, K]: contiguous, both float32 (or bfloat16 where dense_takes_bfloat16)");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const void* x_data = x.data_ptr();
+  const void* w_data = weight.data_ptr();
+  float* out_data = out.data_ptr<float>();
+  const int64_t tasks = (N + kDenseOutputs - 1) / kDenseOutputs;
+  at::parallel_for(0, tasks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+        const int64_t n0 = t * kDenseOutputs, outputs = std::min<int64_t>(kDenseOutputs, N - n0);
+        for_rows(rows, [&](auto r) {
+          constexpr int kRows = decltype(r)::value;
+#if defined(__AVX512BF16__)
+          if (bfloat16)
+            return dense_bfloat16_task<kRows>(static_cast<const uint16_t*>(x_data) + m0 * K,
+                                              static_cast<const uint16_t*>(w_data), K, N, n0, outputs,
+                                              out_data + m0 * N);
+#endif
+          dense_float_task<kRows>(static_cast<const float*>(x_data) + m0 * K, static_cast<const float*>(w_data), K,
+                                  N, n0, outputs, out_data + m0 * N);
+        });
+      }
+  });
+  return out;
+}
+
 int64_t lanes() { return kLanes; }
 
 bool takes_bfloat16(int64_t kind, int64_t bits) { return functions_for(kind, bits).pairs != nullptr; }
@@ -703,10 +800,13 @@ TORCH_LIBRARY(quantbench_cpu, m) {
         "int start) -> ()");
   m.def("input_gradient(Tensor grad, Tensor words, Tensor scales, Tensor zeros, int kind, int bits, int group) "
         "-> Tensor");
+  m.def("dense_matmul(Tensor x, Tensor weight) -> Tensor");
+  m.def("dense_takes_bfloat16() -> bool", TORCH_FN(dense_takes_bfloat16));
   m.def("lanes() -> int", TORCH_FN(lanes));  // floats in one vector: what the library was compiled for
   m.def("threads_used(int tasks) -> int", TORCH_FN(threads_used));
   m.def("takes_bfloat16(int kind, int bits) -> bool", TORCH_FN(takes_bfloat16));  // the bfloat16 pair kernel
   m.impl("packed_matmul", c10::DispatchKey::CPU, TORCH_FN(packed_matmul));
   m.impl("decode", c10::DispatchKey::CPU, TORCH_FN(decode));
   m.impl("input_gradient", c10::DispatchKey::CPU, TORCH_FN(input_gradient));
+  m.impl("dense_matmul", c10::DispatchKey::CPU, TORCH_FN(dense_matmul));
 }
