@@ -184,7 +184,7 @@ def test_load_with_kernels_swaps_in_packed_modules(tmp_path, tokenizer):
 def test_dense_rows_equal_nn_linear_and_leave_other_calls_to_it(dtype, monkeypatch):
     """A model's dense linear, loaded with kernels=True, multiplies up to DENSE_KERNEL_ROWS rows through the C++
     library (float32; bfloat16 where the CPU has its dot products) within float32's summation bound, an odd K and N
-    and a bias included; more rows, a gradient and another dtype of x go to nn.Linear."""
+    and a bias included; more rows and a gradient go to nn.Linear."""
     from quantbench.export.kernels import cpu_packed, dense_cpu
 
     g = torch.Generator().manual_seed(11)
@@ -201,13 +201,14 @@ def test_dense_rows_equal_nn_linear_and_leave_other_calls_to_it(dtype, monkeypat
     monkeypatch.setattr(cpu_packed, "_ops", lambda: SimpleNamespace(
         dense_matmul=lambda x, w: calls.append(x.shape[0]) or library.dense_matmul(x, w),
         dense_takes_bfloat16=library.dense_takes_bfloat16))
-    for shape in [(1, 100), (2, 2, 100), (dense_cpu.DENSE_KERNEL_ROWS + 1, 100)]:
+    most = dense_cpu.DENSE_KERNEL_ROWS[dtype]
+    for shape in [(1, 100), (2, 2, 100), (most, 100), (most + 1, 100)]:
         x = torch.randn(*shape, generator=g).to(dtype)
         calls.clear()
         with torch.no_grad():
             got = linear(x)
         rows = x.numel() // 100
-        assert calls == ([rows] if takes and rows <= dense_cpu.DENSE_KERNEL_ROWS else [])
+        assert calls == ([rows] if takes and rows <= most else [])
         assert got.dtype == dtype and got.shape == (*shape[:-1], 37)
         x2 = x.reshape(-1, 100)
         bound = 100 * torch.finfo(torch.float32).eps * (x2.double().abs() @ linear.weight.double().abs().T)

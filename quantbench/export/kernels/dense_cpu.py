@@ -1,5 +1,5 @@
-"""The dense linears of a model loaded with `kernels=True` (its lm_head, layers left dense) on the CPU: up to
-DENSE_KERNEL_ROWS rows of x, a decode step's, go through quantbench's C++ library (`packed_cpu.cpp`,
+"""The dense linears of a model loaded with `kernels=True` (its lm_head, layers left dense) on the CPU: a decode
+step's few rows of x (DENSE_KERNEL_ROWS) go through quantbench's C++ library (`packed_cpu.cpp`,
 `dense_matmul`), which reads the weight at about the memory's rate; torch's matrix-vector products read it at
 about half that on this project's test machine (docs/performance.md, "Packed models on the CPU"). float32
 weights, and bfloat16 where the CPU has bfloat16 dot products; every other call is nn.Linear's own.
@@ -14,10 +14,10 @@ from torch import nn
 
 from quantbench.export.kernels import cpu_packed
 
-# The most rows of x through the library: ahead of torch at 1 and 4 rows in float32 and bfloat16 (a 32000 × 2048
-# head: 4.1–8.7 ms against 6.5–15 at one row, 5.2–14.9 against 6.9–45 at four); torch's bfloat16 product was
-# ahead at 8.
-DENSE_KERNEL_ROWS = 4
+# The most rows of x through the library, by dtype: on a 32000 × 2048 head (`bench/cpu_decode.py --shape
+# 2048x32000`) float32 took 7.7 / 12.6 / 23.8 / 49 ms at 1 / 4 / 8 / 16 rows against torch's 13.5 / 43.6 / 46.4 /
+# 51; bfloat16 3.9 / 5.2 / 9.9 ms at 1 / 4 / 8 against 6.4 / 6.2 / 8.7.
+DENSE_KERNEL_ROWS = {torch.float32: 8, torch.bfloat16: 4}
 
 
 class CpuDenseLinear(nn.Linear):
@@ -37,7 +37,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     products)."""
     rows = x.numel() // max(x.shape[-1], 1)
     return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
-            and rows <= DENSE_KERNEL_ROWS and weight.is_contiguous()
+            and rows <= DENSE_KERNEL_ROWS.get(x.dtype, 0) and weight.is_contiguous()
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _bfloat16_dots()))
