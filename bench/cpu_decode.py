@@ -113,9 +113,9 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int, repe
     rows = {("dense", "float32"): cycling(lambda d, x: x @ d["w"].T, copies({"w": dense}, cold))}
     rows["dense", "bfloat16"] = cycling(lambda d, x: x @ d["w"].T, copies({"w": dense.bfloat16()}, cold))
     for dtype in ("float32", "bfloat16"):  # the C++ library's dense rows (dense_cpu.py: up to 4 rows in a model)
-        if cpu_packed.available() and (dtype == "float32" or torch.ops.quantbench_cpu.dense_takes_bfloat16()):
+        if cpu_packed.available() and (dtype == "float32" or cpu_packed.dense_takes_bfloat16()):
             rows["dense, quantbench's dense rows", dtype] = cycling(
-                lambda d, x: torch.ops.quantbench_cpu.dense_matmul(x, d["w"]),
+                lambda d, x: cpu_packed.dense_matmul(x, d["w"]),
                 copies({"w": dense.to(getattr(torch, dtype))}, cold))
     weights = {kind: random_kernel_weight(kind, k, n, generator) for kind in KINDS}
     read = {}

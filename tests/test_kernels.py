@@ -195,7 +195,7 @@ def test_dense_rows_equal_nn_linear_and_leave_other_calls_to_it(dtype, monkeypat
     reference = torch.nn.Linear(100, 37, dtype=dtype)
     reference.load_state_dict(linear.state_dict())
     assert dense_cpu.use_dense_rows(torch.nn.Sequential(linear)) == ["0"]
-    takes = dtype == torch.float32 or torch.ops.quantbench_cpu.dense_takes_bfloat16()
+    takes = dtype == torch.float32 or cpu_packed.dense_takes_bfloat16()
     calls = []
     library = cpu_packed._ops()
     monkeypatch.setattr(cpu_packed, "_ops", lambda: SimpleNamespace(

@@ -117,6 +117,18 @@ def _takes_bfloat16(kind: int, bits: int) -> bool:
     return _ops().takes_bfloat16(kind, bits)
 
 
+def dense_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] · weightᵀ for a dense weight [N, K] of x's dtype (float32, or bfloat16 where
+    dense_takes_bfloat16()) → float32 [M, N]: lanes along K, for a few rows of x (dense_cpu.py)."""
+    return _ops().dense_matmul(x.contiguous(), weight.contiguous())
+
+
+@functools.cache
+def dense_takes_bfloat16() -> bool:
+    """Whether dense_matmul takes bfloat16 (the library compiled for a CPU with bfloat16 dot products)."""
+    return available() and _ops().dense_takes_bfloat16()
+
+
 def most_kernel_rows(kind: str) -> int:
     """The most rows of float32 x the kernel multiplies before slabs and a dense matmul take over."""
     return MATMUL_ROWS[_lanes()][kind if kind in ("int", "ternary") else "fp4"]

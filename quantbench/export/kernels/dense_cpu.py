@@ -7,8 +7,6 @@ weights, and bfloat16 where the CPU has bfloat16 dot products; every other call 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -27,7 +25,7 @@ class CpuDenseLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not applies(x, self.weight):
             return super().forward(x)
-        y = cpu_packed._ops().dense_matmul(x.reshape(-1, x.shape[-1]).contiguous(), self.weight)
+        y = cpu_packed.dense_matmul(x.reshape(-1, x.shape[-1]), self.weight)
         y = y.view(*x.shape[:-1], self.out_features)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
@@ -40,13 +38,8 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and rows <= DENSE_KERNEL_ROWS.get(x.dtype, 0) and weight.is_contiguous()
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _bfloat16_dots()))
-            and cpu_packed.available())
-
-
-@functools.cache
-def _bfloat16_dots() -> bool:
-    return cpu_packed.available() and cpu_packed._ops().dense_takes_bfloat16()
+            and cpu_packed.available()
+            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_packed.dense_takes_bfloat16())))
 
 
 def use_dense_rows(model: nn.Module) -> list[str]:

@@ -14,7 +14,8 @@
 // Words in tiles of 64 outputs (KernelWeight.in_cpu_tiles) put each task's words in one run of memory, which the
 // hardware prefetchers follow: in rows of the whole output width, a task's 256 bytes a row lie 4·N bytes apart.
 // bfloat16 x, where the CPU has bfloat16 dot products, takes a kernel of its own that multiplies two codes at a
-// time (the "pair" kernel below); and a packed layer's gradient in x, grad·W, for a few rows of grad.
+// time (the "pair" kernel below); then a packed layer's gradient in x, grad·W, for a few rows of grad; and dense
+// rows, a few rows of x times a dense weight (a packed model's lm_head).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
