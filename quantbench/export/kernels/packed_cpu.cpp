@@ -112,6 +112,13 @@ inline Floats splat(float x) {
 #endif
 }
 
+// The lanes' sum, in lane order (a fixed order: the same on every call)
+inline float sum_lanes(const Floats& v) {
+  float total = 0.f;
+  for (int lane = 0; lane < kLanes; ++lane) total += v[lane];
+  return total;
+}
+
 inline Floats to_floats(Words v) { return __builtin_convertvector((Ints)v, Floats); }
 
 // E2M1 codes [sign | e1 e0 | m] → float, by table (a permute of one or two registers where there is one)
@@ -516,11 +523,7 @@ void gradient_rows(const float* grad, const Weight& w, int64_t row0, int64_t row
       for (int j = 0; j < kPerWord; ++j)
         sums[j] = fma(weight_value<KIND>((words >> (j * BITS)) & kMask, group_scales), g_n, sums[j]);
     }
-    for (int j = 0; j < kPerWord; ++j) {
-      float total = 0.f;
-      for (int lane = 0; lane < kLanes; ++lane) total += sums[j][lane];
-      out[word_row * kPerWord + j] = total;
-    }
+    for (int j = 0; j < kPerWord; ++j) out[word_row * kPerWord + j] = sum_lanes(sums[j]);
   }
 }
 
@@ -683,12 +686,6 @@ at::Tensor input_gradient(const at::Tensor& grad, const at::Tensor& words, const
 // matrix-vector products read the weight at about half this CPU's rate. Lanes along K: each task's outputs are
 // rows of the weight read in one run each; a dot product per output and row, summed across lanes at the end.
 constexpr int kDenseOutputs = 8;  // outputs a task multiplies at once
-
-float sum_lanes(const Floats& v) {
-  float total = 0.f;
-  for (int lane = 0; lane < kLanes; ++lane) total += v[lane];
-  return total;
-}
 
 // float32: one multiply-add per 16 (AVX-512) products
 template <int ROWS>
