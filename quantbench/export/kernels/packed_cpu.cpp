@@ -334,23 +334,33 @@ inline Floats weight_value(Words code, const Scales& scales) {
     return e2m1(code) * scales.s;
 }
 
+// The weights of word row `word_row` at outputs [n, n + kLanes) (zero words past N), code by code: f(j, values)
+// for codes j = 0..per word − 1 (decode_rows stores them, gradient_rows multiplies them by grad); `group_at` is
+// g·N for the row's group g (computed once a row by group_at_row: a division)
+template <int64_t KIND, int BITS, typename F>
+__attribute__((always_inline)) inline void word_row_values(const Weight& w, int64_t word_row, int64_t group_at,
+                                                           int64_t n, F&& f) {
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  const int64_t count = w.N - n;
+  const Words words = load<Words>(w.column(n) + word_row * w.row_stride, count);
+  const Scales group_scales = scales_at<KIND>(w, group_at + n, count);
+  for (int j = 0; j < 32 / BITS; ++j) f(j, weight_value<KIND>((words >> (j * BITS)) & kMask, group_scales));
+}
+
+template <int BITS>
+inline int64_t group_at_row(const Weight& w, int64_t word_row) { return word_row * (32 / BITS) / w.group * w.N; }
+
 // word rows [row0, row1) decoded to float32 [(row1 − row0)·per word, N] (inputs in their stored order)
 template <int64_t KIND, int BITS>
 void decode_rows(const Weight& w, int64_t row0, int64_t row1, int64_t first_row, float* out) {
   constexpr int kPerWord = 32 / BITS;
-  constexpr uint32_t kMask = (1u << BITS) - 1u;
   const int64_t N = w.N;
   for (int64_t word_row = row0; word_row < row1; ++word_row) {  // the floats written in order
-    const int64_t g = word_row * kPerWord / w.group;
-    for (int64_t n = 0; n < N; n += kLanes) {
-      const int64_t count = N - n;
-      const Words words = load<Words>(w.column(n) + word_row * w.row_stride, count);
-      const Scales group_scales = scales_at<KIND>(w, g * N + n, count);
-      for (int j = 0; j < kPerWord; ++j) {
-        const Floats value = weight_value<KIND>((words >> (j * BITS)) & kMask, group_scales);
-        store(out + ((word_row - first_row) * kPerWord + j) * N + n, value, count);
-      }
-    }
+    const int64_t group_at = group_at_row<BITS>(w, word_row);
+    for (int64_t n = 0; n < N; n += kLanes)
+      word_row_values<KIND, BITS>(w, word_row, group_at, n, [&](int j, const Floats& value) {
+        store(out + ((word_row - first_row) * kPerWord + j) * N + n, value, N - n);
+      });
   }
 }
 
@@ -510,18 +520,14 @@ void pairs_rows(int rows, const uint32_t* x, const float* x_sums, const Weight& 
 template <int64_t KIND, int BITS>
 void gradient_rows(const float* grad, const Weight& w, int64_t row0, int64_t row1, float* out) {
   constexpr int kPerWord = 32 / BITS;
-  constexpr uint32_t kMask = (1u << BITS) - 1u;
-  const int64_t N = w.N;
   for (int64_t word_row = row0; word_row < row1; ++word_row) {
-    const int64_t g = word_row * kPerWord / w.group;
     Floats sums[kPerWord] = {};
-    for (int64_t n = 0; n < N; n += kLanes) {
-      const int64_t count = N - n;
-      const Words words = load<Words>(w.column(n) + word_row * w.row_stride, count);
-      const Scales group_scales = scales_at<KIND>(w, g * N + n, count);
-      const Floats g_n = load<Floats>(grad + n, count);  // zero past N: those lanes add nothing
-      for (int j = 0; j < kPerWord; ++j)
-        sums[j] = fma(weight_value<KIND>((words >> (j * BITS)) & kMask, group_scales), g_n, sums[j]);
+    const int64_t group_at = group_at_row<BITS>(w, word_row);
+    for (int64_t n = 0; n < w.N; n += kLanes) {
+      const Floats g_n = load<Floats>(grad + n, w.N - n);  // zero past N: those lanes add nothing
+      word_row_values<KIND, BITS>(w, word_row, group_at, n, [&](int j, const Floats& value) {
+        sums[j] = fma(value, g_n, sums[j]);
+      });
     }
     for (int j = 0; j < kPerWord; ++j) out[word_row * kPerWord + j] = sum_lanes(sums[j]);
   }
