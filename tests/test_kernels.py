@@ -583,10 +583,10 @@ def test_cuda_kernel_libraries_are_built_per_weight_type_with_the_scale_span_of_
         packed = to_kernel_layout(WEIGHTS[label])
         return WeightType.of(packed, packed.perm is not None).flush, row_shift(packed)
 
-    assert spans("int4-g128-rtn") == (16, 4)  # 16 word rows per group (CUDA cores: two flushes of 8)
+    assert spans("int4-g128-rtn") == (8, 4)  # 16 word rows per group: two flushes of 8 share a scale
     assert spans("int4-g32-sym-rtn") == (4, 2)
     assert spans("int2-g64-rtn") == (4, 2)  # 16 codes per word
-    assert spans("int8-pc-rtn") == (32, NO_GROUPS_SHIFT)  # at most a tensor-core tile's slab of 32 word rows
+    assert spans("int8-pc-rtn") == (8, NO_GROUPS_SHIFT)
     assert spans("mxfp4-rtn") == (4, 2) and spans("nvfp4-rtn") == (2, 1)
     asym_act = WeightType.of(to_kernel_layout(WEIGHTS["int4-g32 act_order"]), perm=True)
     assert asym_act.zeros and asym_act.perm
@@ -656,8 +656,7 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     assert {c.engine for c in matmul._engine_candidates(x.repeat(65, 1), packed)} == {"triton"}
     # registers a slab or a row at a time, and cp.async stages; 4 rows of x: registers only
     assert {(c.rows, c.num_stages, c.streamed) for c in cuda} == {(1, 0, False), (1, 0, True), (1, 1, False)}
-    assert {(c.rows, c.num_stages, c.streamed) for c in matmul._cuda_candidates(x.repeat(3, 1), packed)
-            if not c.tensor} == {
+    assert {(c.rows, c.num_stages, c.streamed) for c in matmul._cuda_candidates(x.repeat(3, 1), packed)} == {
         (rows, stages, streamed) for rows in (2, 4) for stages, streamed in ((0, False), (0, True), (1, False))
         if rows == 2 or (stages, streamed) == (0, False)}
     assert {(c.block_n, c.num_warps) for c in cuda} == {(4 * lanes, threads // 32) for lanes in cuda_gemv.LANES
@@ -667,7 +666,7 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     assert {c.x_in_shared for c in cuda} == {True, False}  # x copied to shared memory first, or read slab by slab
     act_order = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
     assert {c.x_in_shared for c in matmul._cuda_candidates(x, act_order)} == {True}  # gathered there
-    four_rows = [c for c in matmul._engine_candidates(x.repeat(3, 1), packed) if c.engine == "cuda" and not c.tensor]
+    four_rows = [c for c in matmul._engine_candidates(x.repeat(3, 1), packed) if c.engine == "cuda"]
     assert {c.rows for c in four_rows} == {2, 4} and all(c.num_warps < 16 for c in four_rows)
     assert all(c.rows in cuda_gemv.ASYNC_ROWS for c in four_rows if c.num_stages)
     monkeypatch.setenv(matmul.ENGINES_ENV, "cuda")
@@ -678,90 +677,6 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     assert matmul._engine_candidates(x, packed) == cuda + mma
     monkeypatch.setenv(matmul.ENGINES_ENV, "triton")
     assert matmul._engine_candidates(x, packed) == [c for c in every if c.engine == "triton"]
-
-
-def test_tensor_core_tiles_of_the_decode_kernel_take_int_codes_whose_groups_span_whole_k_steps(monkeypatch):
-    """Faked here (no GPU): int codes in groups of at least 4 word rows, up to 16 rows of x (1 row, else the
-    products' 8 columns a block), x held in shared memory; splits of K keep a slab of 32 word rows per warp
-    along K."""
-    from quantbench.export.kernels import cuda_build, cuda_gemv, matmul
-
-    monkeypatch.setattr(cuda_build, "unsupported_reason", lambda x, weight: None)
-    monkeypatch.setattr(cuda_gemv, "multiprocessors", lambda device: 8)
-    x = torch.randn(1, IN).half()
-
-    def tensor_tiles(label, m=1):
-        return [c for c in matmul._cuda_candidates(x.repeat(m, 1), to_kernel_layout(WEIGHTS[label])) if c.tensor]
-
-    one_row = tensor_tiles("int4-g128-rtn")
-    assert {(c.rows, c.block_n // 4, 32 * c.num_warps) for c in one_row} == {
-        (1, lanes, threads) for lanes in cuda_gemv.TENSOR_LANES for threads in cuda_gemv.TENSOR_THREADS}
-    assert all(c.engine == "cuda" and c.num_stages == 0 and not c.streamed and c.x_in_shared for c in one_row)
-    assert {c.rows for c in tensor_tiles("int4-g128-rtn", 3)} == {c.rows for c in tensor_tiles("int4-g128-rtn", 16)} \
-        == {8} and not tensor_tiles("int4-g128-rtn", 17)  # 9–16 rows: two row tiles
-    for label in ("int4-g32-sym-rtn", "int4-pc-rtn", "int2-g64-rtn", "int8-pc-rtn", "int4-g32 act_order"):
-        assert tensor_tiles(label), label  # groups of 4, 32 (per-channel) and 4 word rows
-    for label in ("mxfp4-rtn", "nvfp4-rtn", "ternary2-g64"):
-        assert not tensor_tiles(label), label
-    short = quantize_rtn(weight(), Scheme.parse("int4-g16-rtn"))  # 2 word rows per group: shorter than a k-step
-    assert "shorter than a k-step" in cuda_gemv.tensor_unsupported_reason(x, to_kernel_layout(short))
-    # 8192 inputs of int4 are 1,024 word rows: 8 warps along K with a slab of 32 each allow 4 splits
-    big = SimpleNamespace(shape=(8192, 8192), per_word=8)
-    assert cuda_gemv.split_choices(1, big, 1, 8, 256, 132, tensor=True) == [1, 2, 4]
-    assert cuda_gemv.split_choices(1, big, 1, 32, 256, 132, tensor=True) == [1, 4, 8, 16]
-    assert cuda_gemv.split_rows(100, 3, tensor=True) == 64 and cuda_gemv.split_rows(100, 3) == 40
-    # x's bytes: 256 inputs = 32 word rows, their pairs and (Σ 2^(10 − b)·x, Σ x) per span of 16 word rows
-    int4 = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
-    assert cuda_gemv.x_held_bytes(IN, int4, 8, 1, tensor=True) == 8 * IN * 2 + 8 * 2 * 8
-    with pytest.raises(ValueError, match="tensor-core tile"):
-        cuda_gemv.launch(x, int4, 2, 8, 128, tensor=True)
-
-
-TENSOR_TILES = {"1 row, 8 lanes, 128 threads": TileConfig(1, 32, 0, 1, 4, 0, rows=1, tensor=True, engine="cuda"),
-                "1 row, 32 lanes, 256 threads": TileConfig(1, 128, 0, 1, 8, 0, rows=1, tensor=True, engine="cuda"),
-                "8 rows, 16 lanes, 256 threads": TileConfig(1, 64, 0, 1, 8, 0, rows=8, tensor=True, engine="cuda"),
-                "8 rows, 8 lanes, 128 threads, 2 splits":
-                    TileConfig(1, 32, 0, 2, 4, 0, rows=8, tensor=True, engine="cuda"),
-                # 80 outputs are 20 units of 4: shares of 8 or 12 outputs, each block's lanes part idle
-                "1 row, 16 lanes, 128 threads, 7 column blocks, 2 splits":
-                    TileConfig(1, 64, 0, 2, 4, 0, rows=1, column_blocks=7, tensor=True, engine="cuda")}
-INT_WEIGHTS = [label for label in WEIGHTS if label.startswith("int")]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
-@pytest.mark.parametrize("label", INT_WEIGHTS)
-@pytest.mark.parametrize("tile", TENSOR_TILES)
-@pytest.mark.parametrize("batch", [1, 3, 8, 11])
-def test_cuda_tensor_core_tiles_equal_the_dequantized_matmul_on_partial_tiles(label, tile, batch):
-    """Every int weight of the file (groups of 4–32 word rows, per-channel, act_order gathered in the kernel);
-    80 outputs fill no block; 3 and 11 rows leave the products' columns partly idle, 11 spans two row tiles.
-    One row of x gives one column: a tile of 1 row takes batch 1 only."""
-    if TENSOR_TILES[tile].rows == 1 and batch > 1:
-        pytest.skip("a 1-row tensor-core tile takes one row of x; the tuner offers it at batch 1 only")
-    stored = WEIGHTS[label].to("cuda")
-    x = torch.randn(batch, IN, device="cuda", generator=torch.Generator("cuda").manual_seed(batch)).half()
-    expected = x.float() @ stored.dequantize().T
-    got = packed_matmul(x, to_kernel_layout(stored), backend="cuda", config=TENSOR_TILES[tile])
-    assert got.dtype == torch.float16
-    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
-@pytest.mark.parametrize("name", ["int4-g32-rtn", "int8-g32-sym-rtn", "int2-pc-rtn"])
-@pytest.mark.parametrize("splits", [1, 2])
-def test_cuda_tensor_core_tiles_handle_a_partial_slab_and_sum_split_k_in_a_fixed_order(name, splits):
-    """96 inputs: 12 int4 word rows (a partial slab of 32), 24 of int8, 6 of int2 (a partial k-step); a
-    split-K result is bit-identical when repeated and in a graph replay."""
-    stored = quantize_rtn(torch.randn(OUT, ODD_INPUTS), Scheme.parse(name)).to("cuda")
-    packed = to_kernel_layout(stored)
-    for rows, batch in ((1, 1), (8, 5)):
-        x = torch.randn(batch, ODD_INPUTS, device="cuda").half()
-        expected = x.float() @ stored.dequantize().T
-        tile = TileConfig(1, 32, 0, splits, 4, 0, rows=rows, tensor=True, engine="cuda")
-        got = packed_matmul(x, packed, backend="cuda", config=tile)
-        torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
-        if splits > 1:
-            assert_split_k_sums_are_fixed_and_replay(x, packed, tile)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")

@@ -35,7 +35,6 @@ DEPENDENT_LAUNCH_ENV = "QUANTBENCH_DEPENDENT_LAUNCH"
 NO_GROUPS_SHIFT = 31  # a word row's group is row >> shift: per-channel scales are all group 0
 MMA_STEP_ROWS = 4  # word rows per k-step of the tensor-core kernel
 MMA_SLAB = 4  # its k-steps per load-ahead
-GEMV_FLUSH = 32  # the CUDA-core kernel's scale span in word rows, at most: its tensor-core tiles' slab of 8 k-steps
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class WeightType:
     bits: int
     zeros: bool
     perm: bool  # gemv: act_order gathered in the kernel (mma: always gathered before the call)
-    flush: int  # gemv: word rows that share a scale, up to 32 (per-channel: 32); mma: k-steps sharing a scale
+    flush: int  # gemv: word rows summed in float16 before their scale applies; mma: k-steps sharing a scale
     # bench/gemv_anatomy.py, a wrong result: 1 only the weight loads, nothing decoded; 2 the loads with the
     # instructions of a tensor-core decode (one LOP3 per code pair, one m16n8k16 product per 4 pairs)
     load_only: int = 0
@@ -54,7 +53,7 @@ class WeightType:
     @classmethod
     def of(cls, weight: KernelWeight, perm: bool, load_only: int = 0) -> WeightType:
         """The CUDA-core decode kernel's type."""
-        flush = GEMV_FLUSH if weight.group >= weight.shape[1] else min(GEMV_FLUSH, weight.group // weight.per_word)
+        flush = 8 if weight.group >= weight.shape[1] else min(8, weight.group // weight.per_word)
         return cls(KIND_CODES[weight.kind], weight.bits, weight.zeros is not None, perm, flush, int(load_only))
 
     @classmethod
@@ -156,11 +155,11 @@ def build(weight_type: WeightType, arch: str) -> Path:
 
 
 # Entry points: (rows, lanes/warps, threads/warps_n, async/x_shared[, capped], splits[, column blocks]) ints,
-# then pointers, then sizes (gemv: and whether x goes through shared memory, whether word rows are streamed and
-# whether the tile is the tensor-core variant), then the scale, whether to launch dependent and the stream; the
-# tensor-core libraries also gather act_order's inputs (x, perm, out, M, K, stride, dependent, stream); the
-# warpgroup kernel's takes (rows, warpgroups, splits), then pointers and sizes as the tensor-core kernel's.
-_SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 9
+# then pointers, then sizes (gemv: and whether x goes through shared memory and whether word rows are
+# streamed), then the scale, whether to launch dependent and the stream; the tensor-core libraries also gather
+# act_order's inputs (x, perm, out, M, K, stride, dependent, stream); the warpgroup kernel's takes (rows,
+# warpgroups, splits), then pointers and sizes as the tensor-core kernel's.
+_SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 8
                         + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
                "mma": ("quantbench_packed_mma", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
                        + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
@@ -264,10 +263,9 @@ def every_weight_type() -> list[WeightType]:
     """The types the kernels see. CUDA cores: int 2/4/8 bits with and without zeros and act_order, at every
     scale span, ternary pairs, MXFP4 (blocks of 4 word rows), NVFP4 (2). Tensor cores: the same without
     act_order, per span of k-steps (0: scales into B); warpgroup products: those of span 0 but MXFP4."""
-    spans = (1, 2, 4, 8, 16, GEMV_FLUSH)
     gemv = [WeightType(0, bits, zeros, perm, flush) for bits in (2, 4, 8) for zeros in (False, True)
-            for perm in (False, True) for flush in spans]
-    gemv += [*(WeightType(1, 4, False, False, flush) for flush in spans),
+            for perm in (False, True) for flush in (1, 2, 4, 8)]
+    gemv += [*(WeightType(1, 4, False, False, flush) for flush in (1, 2, 4, 8)),
              WeightType(2, 4, False, False, 4), WeightType(3, 4, False, False, 2)]
     mma = [WeightType(0, bits, zeros, False, span, kernel="mma") for bits in (2, 4, 8) for zeros in (False, True)
            for span in (0, 1, 2, 4)]

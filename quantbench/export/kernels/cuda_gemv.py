@@ -1,6 +1,6 @@
 """Launching the CUDA decode kernel (`packed_gemv.cu`, CUDA cores) for 1–16 rows of float16 x, through
 ctypes on the current CUDA stream, so CUDA graphs capture it like any other kernel (built by
-cuda_build.py). Its tensor-core tiles (int codes, up to 8 rows) decode into m16n8k16 products instead."""
+cuda_build.py)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,6 @@ STREAMED_ROWS = (1, 2)  # and the register variant that reloads each word row as
 X_SHARED_BYTES = 96 << 10  # the block's x in shared memory up to this (act_order: gathered there, else by torch)
 MAX_ROWS = 16  # beyond this only the tensor-core and tl.dot kernels are tried
 SLAB = 8  # word rows a thread loads at once; split-K gives each block whole slabs
-TENSOR_ROWS = (1, 8)  # tensor-core tiles: one row of x, or the products' 8 columns
-TENSOR_LANES = (8, 16, 32)  # 1, 2 or 4 warps side by side along the outputs
-TENSOR_THREADS = (128, 256)
-QUAD_ROWS = 32  # word rows of a tensor-core tile's slab (8 k-steps of 4): its splits of K are whole ones
 
 
 def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
@@ -33,28 +29,10 @@ def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
     return cuda_build.unsupported_reason(x, weight)
 
 
-def tensor_unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
-    """Why the kernel's tensor-core tiles do not take this call (None when they do): they decode int codes
-    whose scale groups span whole k-steps of 4 word rows, for up to MAX_ROWS rows of x (8 a block)."""
-    if x.shape[0] > MAX_ROWS:
-        return f"{x.shape[0]} rows of x: the tensor-core tiles take up to {MAX_ROWS}"
-    if weight.kind != "int":
-        return f"the tensor-core tiles decode int codes, not {weight.kind}"
-    if weight.group < weight.shape[1] and weight.group // weight.per_word < 4:
-        return f"groups of {weight.group} inputs are shorter than a k-step of 4 word rows"
-    return None
-
-
-def tensor_rows(m: int) -> int:
-    """Rows of x per block of a tensor-core tile: one, or the products' 8 columns."""
-    return 1 if m == 1 else max(TENSOR_ROWS)
-
-
-def split_rows(word_rows: int, splits: int, tensor: bool = False) -> int:
-    """The word rows of each block along K (packed_gemv.cu's split_rows): whole slabs."""
-    slab = QUAD_ROWS if tensor else SLAB
+def split_rows(word_rows: int, splits: int) -> int:
+    """The word rows of each block along K (packed_gemv.cu's split_rows)."""
     per_split = -(-word_rows // splits)
-    return -(-per_split // slab) * slab
+    return -(-per_split // SLAB) * SLAB
 
 
 @functools.cache
@@ -62,15 +40,12 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def split_choices(m: int, weight: KernelWeight, rows: int, lanes: int, threads: int, processors: int,
-                  tensor: bool = False) -> list[int]:
+def split_choices(m: int, weight: KernelWeight, rows: int, lanes: int, threads: int, processors: int) -> list[int]:
     """Splits of K worth timing: none, and the fewest that give every multiprocessor a block, and twice and
-    four times that, while each of a block's row lanes (tensor-core tiles: its warps along K) keeps a slab of
-    its own."""
+    four times that, while each of a block's row lanes keeps a slab of its own."""
     blocks = -(-weight.shape[0] // (4 * lanes)) * -(-m // rows)
     word_rows = weight.shape[1] // weight.per_word
-    lanes_along_k = threads // 32 // (lanes // 8) if tensor else threads // lanes
-    most = max(1, word_rows // (lanes_along_k * (QUAD_ROWS if tensor else SLAB)))
+    most = max(1, word_rows // (threads // lanes * SLAB))
     fill = cuda_build.splits_to_fill(blocks, processors, most)
     return sorted({min(s, most) for s in (1, fill, 2 * fill, 4 * fill)})
 
@@ -84,15 +59,10 @@ def column_block_choices(n: int, lanes: int, per_column: int, processors: int) -
     return [0] + sorted({b for b in blocks if tiles < b <= n // 4})
 
 
-def x_held_bytes(k: int, weight: KernelWeight, rows: int, splits: int, tensor: bool = False) -> int:
-    """Shared memory for a block's x: its rows of inputs, and for act_order the whole rows it gathers from;
-    tensor-core tiles also two float32 sums of x per row and span of word rows that share a scale."""
-    word_rows = split_rows(k // weight.per_word, splits, tensor)
-    held = rows * (word_rows * weight.per_word + (k if weight.perm is not None else 0)) * 2
-    if not tensor:
-        return held
-    span = WeightType.of(weight, weight.perm is not None).flush
-    return held + rows * (word_rows // span) * 8
+def x_held_bytes(k: int, weight: KernelWeight, rows: int, splits: int) -> int:
+    """Shared memory for a block's x: its rows of inputs, and for act_order the whole rows it gathers from."""
+    held = split_rows(k // weight.per_word, splits) * weight.per_word
+    return rows * (held + (k if weight.perm is not None else 0)) * 2
 
 
 def x_choices(weight: KernelWeight) -> tuple[bool, ...]:
@@ -102,7 +72,7 @@ def x_choices(weight: KernelWeight) -> tuple[bool, ...]:
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
            load_only: int = 0, splits: int = 1, x_in_shared: bool = True, streamed: bool = False,
-           column_blocks: int = 0, tensor: bool = False) -> torch.Tensor:
+           column_blocks: int = 0) -> torch.Tensor:
     """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16. `async_copies`: the
     weights through cp.async stages in shared memory (1–2 rows) instead of registers; `load_only` (for timing,
     the result meaningless): 1 the weight loads alone, 2 the loads with a tensor-core decode's instructions;
@@ -110,16 +80,10 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
     where it fits (act_order gathers it there whatever this says), else reads x from memory slab by slab;
     `streamed` (registers, 1–2 rows): each word row's next load issued as soon as the row is used, instead of a
     slab at a time; `column_blocks`: blocks along the outputs, each an even share of at most 4 · lanes of them
-    (0: one block per 4 · lanes outputs); `tensor`: the tensor-core tile (int codes; rows 1 or 8, lanes 8–32,
-    128 or 256 threads, registers, x held in shared memory)."""
-    reason = unsupported_reason(x, weight) or (tensor_unsupported_reason(x, weight) if tensor else None)
+    (0: one block per 4 · lanes outputs)."""
+    reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")
-    if tensor and (rows not in TENSOR_ROWS or lanes not in TENSOR_LANES or threads not in TENSOR_THREADS
-                   or async_copies or streamed):
-        raise ValueError(f"tensor-core tile: rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}, "
-                         f"streamed {streamed}: rows {TENSOR_ROWS}, lanes {TENSOR_LANES}, threads {TENSOR_THREADS}, "
-                         f"registers only")
     if (rows not in ROWS or lanes not in LANES or threads not in THREADS or (threads == 512 and rows > 1)
             or (async_copies and rows not in ASYNC_ROWS) or not 1 <= splits <= 65535
             or (streamed and (async_copies or rows not in STREAMED_ROWS))):
@@ -131,13 +95,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
     if column_blocks and not tiles <= column_blocks <= n // 4:
         raise ValueError(f"{column_blocks} column blocks: {n} outputs need {tiles}–{n // 4} blocks "
                          f"of at most {4 * lanes} outputs, 4 at least")
-    fits = x_held_bytes(x.shape[1], weight, rows, splits, tensor) <= X_SHARED_BYTES
-    if tensor and not fits and weight.perm is not None:  # act_order gathered here: the block holds its x alone
-        x, weight = with_inputs_gathered(x, weight)
-        fits = x_held_bytes(x.shape[1], weight, rows, splits, tensor) <= X_SHARED_BYTES
-    if tensor and not fits:
-        raise ValueError(f"a tensor-core tile holds x in shared memory: {x.shape[1]} inputs of {rows} rows in "
-                         f"{splits} splits take more than {X_SHARED_BYTES} bytes")
+    fits = x_held_bytes(x.shape[1], weight, rows, splits) <= X_SHARED_BYTES
     if not fits and weight.perm is not None:  # act_order: gathered here instead, x then read from memory
         x, weight = with_inputs_gathered(x, weight)
     x_shared = fits and (x_in_shared or weight.perm is not None)
@@ -154,7 +112,7 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
         error = function(rows, lanes, threads, int(async_copies), splits, column_blocks, x.data_ptr(),
                          pointer(weight.perm), weight.qweight.data_ptr(), weight.scales.data_ptr(),
                          pointer(weight.zeros), out.data_ptr(), pointer(partials), pointer(arrivals), m, n, k,
-                         weight.n_groups, row_shift(weight), x.stride(0), int(x_shared), int(streamed), int(tensor),
+                         weight.n_groups, row_shift(weight), x.stride(0), int(x_shared), int(streamed),
                          1.0 / weight.global_scale, cuda_build.dependent_launch(x.device),
                          torch.cuda.current_stream(x.device).cuda_stream)
     if error:

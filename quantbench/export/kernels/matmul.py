@@ -50,7 +50,6 @@ class TileConfig:
     overlap_gather: bool = False  # "mma", act_order: the kernel starts while its gather runs (dependent launch)
     column_blocks: int = 0  # "cuda": blocks along the outputs, even shares of ≤ block_n (0: one per block_n)
     capped: bool = False  # "mma", 32 rows, 4 warps side by side, x shared: registers capped for 16 warps an SM
-    tensor: bool = False  # "cuda", int codes: the weight decoded into tensor-core products (1 or 8 rows of x)
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
     # split_k blocks along K;
@@ -120,7 +119,7 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
                                async_copies=config.num_stages > 0, splits=config.split_k,
                                x_in_shared=config.x_in_shared, streamed=config.streamed,
-                               column_blocks=config.column_blocks, tensor=config.tensor)
+                               column_blocks=config.column_blocks)
         return out.view(*x.shape[:-1], n_out)
     if config.engine == "mma":  # gathers act_order before the kernel
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
@@ -186,27 +185,15 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     most = min(_bucket(m), 8)  # also half as many rows per block: more blocks, fewer registers
     processors = cuda_gemv.multiprocessors(x.device)
     loads = {"registers": (0, False), "streamed": (0, True), "cp.async": (1, False)}
-    plain = [TileConfig(1, 4 * lanes, 0, splits, threads // 32, stages, rows=rows, x_in_shared=held,
-                        streamed=streamed, column_blocks=blocks, engine="cuda")
-             for rows in sorted({most, max(most // 2, 1)}) for lanes in cuda_gemv.LANES
-             for threads in cuda_gemv.THREADS if rows == 1 or threads < 512
-             for load, (stages, streamed) in loads.items()
-             if load == "registers" or rows in (cuda_gemv.STREAMED_ROWS if streamed else cuda_gemv.ASYNC_ROWS)
-             for splits in cuda_gemv.split_choices(m, weight, rows, lanes, threads, processors)
-             for blocks in cuda_gemv.column_block_choices(weight.shape[0], lanes, -(-m // rows) * splits, processors)
-             for held in cuda_gemv.x_choices(weight)]
-    if cuda_gemv.tensor_unsupported_reason(x, weight) is not None:
-        return plain
-    rows = cuda_gemv.tensor_rows(m)
-    gathered = dataclasses.replace(weight, perm=None)  # where act_order's x does not fit, it is gathered first
-    return plain + [TileConfig(1, 4 * lanes, 0, splits, threads // 32, 0, rows=rows, column_blocks=blocks,
-                               tensor=True, engine="cuda")
-                    for lanes in cuda_gemv.TENSOR_LANES for threads in cuda_gemv.TENSOR_THREADS
-                    for splits in cuda_gemv.split_choices(m, weight, rows, lanes, threads, processors, tensor=True)
-                    for blocks in cuda_gemv.column_block_choices(weight.shape[0], lanes, -(-m // rows) * splits,
-                                                                 processors)
-                    if cuda_gemv.x_held_bytes(x.shape[1], gathered, rows, splits, tensor=True)
-                    <= cuda_gemv.X_SHARED_BYTES]
+    return [TileConfig(1, 4 * lanes, 0, splits, threads // 32, stages, rows=rows, x_in_shared=held,
+                       streamed=streamed, column_blocks=blocks, engine="cuda")
+            for rows in sorted({most, max(most // 2, 1)}) for lanes in cuda_gemv.LANES
+            for threads in cuda_gemv.THREADS if rows == 1 or threads < 512
+            for load, (stages, streamed) in loads.items()
+            if load == "registers" or rows in (cuda_gemv.STREAMED_ROWS if streamed else cuda_gemv.ASYNC_ROWS)
+            for splits in cuda_gemv.split_choices(m, weight, rows, lanes, threads, processors)
+            for blocks in cuda_gemv.column_block_choices(weight.shape[0], lanes, -(-m // rows) * splits, processors)
+            for held in cuda_gemv.x_choices(weight)]
 
 
 def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:

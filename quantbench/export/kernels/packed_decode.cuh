@@ -44,23 +44,9 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t b
   return r;
 }
 
-// d += a·b, a 16 × 16 float16 fragment (4 registers a thread), b 16 × 8 (2), float32 sums (sm_80 on).
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ half2 as_half2(uint32_t v) { return *reinterpret_cast<half2*>(&v); }
 
 __device__ __forceinline__ uint32_t as_bits(half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
-
-// Float16 o of the four in v (outputs o of a thread's 4), as a float.
-__device__ __forceinline__ float half_of(uint2 v, int o) {
-  return o < 2 ? (o ? __high2float(as_half2(v.x)) : __low2float(as_half2(v.x)))
-               : (o == 3 ? __high2float(as_half2(v.y)) : __low2float(as_half2(v.y)));
-}
 
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int o) {
   return o == 0 ? v.x : o == 1 ? v.y : o == 2 ? v.z : v.w;

@@ -1,8 +1,7 @@
 // x·Wᵀ for a few rows of float16 x and a packed weight in the kernel layout (layout.py), on CUDA cores.
 // Built by cuda_build.py with nvcc, one library per weight type (packed_decode.cuh: KIND, BITS, HAS_ZEROS);
 // HAS_PERM: act_order, stored input k reads x[perm[k]] (the block first copies its rows of x whole into shared
-// memory and gathers its inputs from there); FLUSH: word rows that share one scale (1, 2, 4, 8, 16 or 32, the
-// last also per-channel scales; summed in float16 at most a slab of 8 at a time).
+// memory and gathers its inputs from there); FLUSH: word rows that share one scale (1, 2, 4 or 8).
 //
 // Each thread owns 4 adjacent outputs and copies their words of one input row in 16 bytes; a warp covers
 // LANES_N × 16 contiguous bytes of 32 / LANES_N rows. Word rows go in slabs of 8 round-robin over the
@@ -37,7 +36,6 @@
 namespace {
 
 constexpr int SLAB = 8;
-constexpr int FLUSH_ROWS = FLUSH < SLAB ? FLUSH : SLAB;  // word rows summed in float16 before their scale
 
 __device__ __forceinline__ float lane_sum(half2 v) { return __low2float(v) + __high2float(v); }
 
@@ -67,11 +65,9 @@ __device__ __forceinline__ void copy_slab(uint4* stage, const uint32_t* __restri
   asm volatile("cp.async.commit_group;");
 }
 
-// The word rows of each of `splits` blocks along K: whole slabs of SLAB_ROWS word rows (the tensor-core
-// variant's: QUAD_ROWS), so that every slab keeps its scale groups.
-template <int SLAB_ROWS = SLAB>
+// The word rows of each of `splits` blocks along K: whole slabs, so that every slab keeps its scale groups.
 __host__ __device__ inline int split_rows(int rows, int splits) {
-  return ((rows + splits - 1) / splits + SLAB_ROWS - 1) / SLAB_ROWS * SLAB_ROWS;
+  return ((rows + splits - 1) / splits + SLAB - 1) / SLAB * SLAB;
 }
 
 template <int N_GROUPS>
@@ -96,7 +92,7 @@ struct GroupScales {
   uint32_t bytes;
 };
 
-constexpr int GROUPS = SLAB / FLUSH_ROWS;  // scale groups a slab spans
+constexpr int GROUPS = SLAB / FLUSH;  // scale groups a slab spans
 
 __device__ __forceinline__ GroupScales load_group(const void* __restrict__ scales_, const uint8_t* __restrict__ zeros,
                                                   int j, int row_shift, int n_groups, int N, int n0, bool active) {
@@ -122,7 +118,7 @@ __device__ __forceinline__ void load_groups(GroupScales (&groups)[GROUPS], const
                                             int n_groups, int N, int n0, bool active) {
 #pragma unroll
   for (int f = 0; f < GROUPS; ++f)
-    groups[f] = load_group(scales_, zeros, j0 + f * FLUSH_ROWS, row_shift, n_groups, N, n0, active && j0 < rows);
+    groups[f] = load_group(scales_, zeros, j0 + f * FLUSH, row_shift, n_groups, N, n0, active && j0 < rows);
 }
 
 // cp.async of rows [m0, m0 + ROWS) of x, inputs [begin, end), into shared rows of `width` inputs, as one
@@ -216,7 +212,7 @@ __device__ __forceinline__ void row_inputs(half2 (&pairs)[ROWS][PAIRS], const ha
 
 // One slab's products added to `total`: word row j0 + i's words are take(i), its inputs come from the held x
 // (X_HELD: rows of k_count inputs from word row row_begin) or from memory (x_rows). Sums run in float16 within
-// FLUSH_ROWS rows and in float32 across them. LOAD_ONLY 1: the words folded, nothing decoded; 2: a tensor-core-shaped
+// FLUSH rows and in float32 across them. LOAD_ONLY 1: the words folded, nothing decoded; 2: a tensor-core-shaped
 // decode of them.
 template <int ROWS, bool X_HELD, typename Take>
 __device__ __forceinline__ void accumulate_slab(float (&total)[ROWS][OUTS], const GroupScales (&groups)[GROUPS],
@@ -263,8 +259,8 @@ __device__ __forceinline__ void accumulate_slab(float (&total)[ROWS][OUTS], cons
   return;
 #endif
 #pragma unroll
-  for (int f = 0; f < SLAB; f += FLUSH_ROWS) {
-    const GroupScales& group = groups[f / FLUSH_ROWS];
+  for (int f = 0; f < SLAB; f += FLUSH) {
+    const GroupScales& group = groups[f / FLUSH];
     float scale[OUTS], second[OUTS], zero[OUTS];
 #if KIND == 0 || KIND == 1
     scale[0] = __low2float(as_half2(group.scales.x)); scale[1] = __high2float(as_half2(group.scales.x));
@@ -290,7 +286,7 @@ __device__ __forceinline__ void accumulate_slab(float (&total)[ROWS][OUTS], cons
 #pragma unroll
       for (int o = 0; o < OUTS; ++o) acc[r][o] = acc_second[r][o] = __float2half2_rn(0.f);
 #pragma unroll
-    for (int i = f; i < f + FLUSH_ROWS; ++i) {
+    for (int i = f; i < f + FLUSH; ++i) {
       half2 pairs[ROWS][PAIRS];
       row_inputs<ROWS, X_HELD>(pairs, held, x_rows, j0 + i, row_begin, rows, m0, M, k_count, stride_x);
       const uint4 row_words = take(i);
@@ -332,14 +328,28 @@ __device__ __forceinline__ void accumulate_slab(float (&total)[ROWS][OUTS], cons
   }
 }
 
-// Adds the PARTS partial sums per row of x and output that the block's warps left in `partial` and stores them
-// for outputs [n_begin, n_end), or with split-K writes them as partial sums that the last block of the tile to
-// arrive adds in split order. Starts with a barrier: `partial` is written before the call.
-template <int ROWS, int BLOCK_N, int PARTS, int THREADS>
-__device__ __forceinline__ void finish_sums(const float (&partial)[PARTS][ROWS][BLOCK_N], half* __restrict__ out,
-                                            float* __restrict__ partials, int* __restrict__ arrivals, int M, int N,
-                                            int m0, int n_begin, int n_end) {
+// The block's sums of outputs [n_begin, n_end): the row lanes reduced by shuffles and, across warps in warp
+// order, through shared memory; stored, or with split-K written as partial sums that the last block of the tile
+// to arrive adds in split order.
+template <int ROWS, int LANES_N, int THREADS>
+__device__ __forceinline__ void store_sums(float (&total)[ROWS][OUTS], half* __restrict__ out,
+                                           float* __restrict__ partials, int* __restrict__ arrivals, int M, int N,
+                                           int m0, int n_begin, int n_end) {
+  constexpr int WARPS = THREADS / 32;
+  constexpr int BLOCK_N = LANES_N * OUTS;
+  __shared__ float partial[WARPS][ROWS][BLOCK_N];
+  const int lane_n = threadIdx.x % LANES_N;
+  const int warp = threadIdx.x / 32;
   const int splits = gridDim.z;
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+    for (int o = 0; o < OUTS; ++o) {
+#pragma unroll
+      for (int offset = LANES_N; offset < 32; offset *= 2)
+        total[r][o] += __shfl_xor_sync(0xffffffffu, total[r][o], offset);
+      if (threadIdx.x % 32 < LANES_N) partial[warp][r][lane_n * OUTS + o] = total[r][o];
+    }
   __syncthreads();
   for (int t = threadIdx.x; t < ROWS * BLOCK_N; t += THREADS) {
     const int r = t / BLOCK_N, c = t % BLOCK_N;
@@ -347,7 +357,7 @@ __device__ __forceinline__ void finish_sums(const float (&partial)[PARTS][ROWS][
     if (m0 + r >= M || n >= n_end) continue;
     float sum = 0.f;
 #pragma unroll
-    for (int v = 0; v < PARTS; ++v) sum += partial[v][r][c];
+    for (int v = 0; v < WARPS; ++v) sum += partial[v][r][c];
     if (splits == 1)
       out[static_cast<size_t>(m0 + r) * N + n] = __float2half_rn(sum);
     else
@@ -362,29 +372,6 @@ __device__ __forceinline__ void finish_sums(const float (&partial)[PARTS][ROWS][
     for (int z = 0; z < splits; ++z) sum += __ldcg(partials + (static_cast<size_t>(z) * M + m0 + r) * N + n);
     out[static_cast<size_t>(m0 + r) * N + n] = __float2half_rn(sum);
   }
-}
-
-// The block's sums of outputs [n_begin, n_end): the row lanes reduced by shuffles and, across warps in warp
-// order, through shared memory (finish_sums).
-template <int ROWS, int LANES_N, int THREADS>
-__device__ __forceinline__ void store_sums(float (&total)[ROWS][OUTS], half* __restrict__ out,
-                                           float* __restrict__ partials, int* __restrict__ arrivals, int M, int N,
-                                           int m0, int n_begin, int n_end) {
-  constexpr int WARPS = THREADS / 32;
-  constexpr int BLOCK_N = LANES_N * OUTS;
-  __shared__ float partial[WARPS][ROWS][BLOCK_N];
-  const int lane_n = threadIdx.x % LANES_N;
-  const int warp = threadIdx.x / 32;
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-    for (int o = 0; o < OUTS; ++o) {
-#pragma unroll
-      for (int offset = LANES_N; offset < 32; offset *= 2)
-        total[r][o] += __shfl_xor_sync(0xffffffffu, total[r][o], offset);
-      if (threadIdx.x % 32 < LANES_N) partial[warp][r][lane_n * OUTS + o] = total[r][o];
-    }
-  finish_sums<ROWS, BLOCK_N, WARPS, THREADS>(partial, out, partials, arrivals, M, N, m0, n_begin, n_end);
 }
 
 // This block's share of the outputs, [begin, end): whole 4-output units, evenly over gridDim.x blocks.
@@ -487,201 +474,10 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   store_sums<ROWS, LANES_N, THREADS>(total, out, partials, arrivals, M, N, m0, columns.begin, columns.end);
 }
 
-// The tensor-core variant (`tensor` tiles; int codes whose groups span whole k-steps, x held in shared memory):
-// the weight is the product's A, 16 outputs × 16 inputs, and x its B, 16 inputs × 8 rows of x (m16n8k16,
-// float32 sums), so that one product covers 256 weights for up to 8 rows. Lane (g, t) of a warp owns outputs
-// 4g … 4g + 3 of the warp's 32 and word row 4·step + t of each k-step; A-tile a holds outputs 4g + 2a (row g)
-// and 4g + 2a + 1 (row g + 8), as in the tensor-core kernels, and B's column g is row g of x. A code pair
-// becomes 2^(10 − b) + q in both float16 lanes by one LOP3 into the bits of 2^(10 − b) (b: the field's bit in
-// its 16-bit lane), nothing subtracted: each span of k-steps that share a scale ends with
-// s·(Σ (2^(10 − b) + q)·x − Σ 2^(10 − b)·x − z·Σ x) in float32, the two sums of x per span and row of x
-// computed once by the block (span_sums). The block first puts its held x in the order of the products
-// (pairs (p, p + PAIRS) of each word row, pair_inputs), so a k-step reads its B with one shared-memory load.
-// A thread loads TSLAB word rows of its 4 outputs at once (a quad's slab: QUAD_ROWS rows), the next slab while
-// one is decoded; WARPS_N warps side by side cover the block's outputs, the others split its slabs and meet in
-// shared memory.
-constexpr int TSLAB = 8;                   // k-steps a thread loads at once, one word row each
-constexpr int QUAD_ROWS = 4 * TSLAB;       // word rows of a quad's slab
-constexpr int TSPAN_ROWS = FLUSH < QUAD_ROWS ? FLUSH : QUAD_ROWS;
-constexpr int TSPAN = TSPAN_ROWS / 4;      // k-steps sharing one scale (0: groups shorter than a k-step)
-constexpr int TPRODUCTS = PER / 4;         // products per word: 4 codes of it per thread each
-
-// The bits of 2^(10 − b) in both float16 lanes (exponent 25 − b): a field at bit b OR-ed into its mantissa
-// makes 2^(10 − b) + q.
-__host__ __device__ constexpr uint32_t field_base(int b) { return (static_cast<uint32_t>(25 - b) << 10) * 0x00010001u; }
-
-// Code pair p of a word as 2^(10 − b) + q in both lanes.
-__device__ __forceinline__ uint32_t biased_pair(uint32_t word, int p) {
-  return and_or(word >> pair_shift(p), CODE_MASK << field_bit(p), field_base(field_bit(p)));
-}
-
-// The held x (ROWS rows of k_count inputs, `word_rows` word rows of them live and rows of x up to `live_rows`)
-// rewritten in place as each word row's input pairs (zero where not live), and per row of x and span of
-// TSPAN_ROWS word rows (Σ 2^(10 − b)·x, Σ x) into `spans` [ROWS][k_count / (PER · TSPAN_ROWS)]. A warp takes 32
-// consecutive word rows of one row of x (k_count / PER is a multiple of 32), so a span's sums meet by shuffles.
-template <int ROWS, int THREADS>
-__device__ __forceinline__ void pair_inputs(half* held, float2* spans, int k_count, int word_rows, int live_rows) {
-  const int row_words = k_count / PER, n_spans = row_words / TSPAN_ROWS;
-  for (int u = threadIdx.x; u < ROWS * row_words; u += THREADS) {
-    const int r = u / row_words, j = u % row_words;
-    half* const row = held + static_cast<size_t>(r) * k_count;
-    uint32_t words[PER / 2];
-    input_words(row, j, j < word_rows && r < live_rows, words);
-    half2 pairs[PAIRS];
-    pairs_of(words, pairs);
-    float biased = 0.f, plain = 0.f;
-#pragma unroll
-    for (int q = 0; q < PAIRS; ++q) {
-      const float both = __low2float(pairs[q]) + __high2float(pairs[q]);
-      biased += static_cast<float>(1 << (10 - field_bit(q))) * both;
-      plain += both;
-    }
-    uint32_t* const at = reinterpret_cast<uint32_t*>(row + j * PER);
-#pragma unroll
-    for (int q = 0; q < PAIRS; ++q) at[q] = as_bits(pairs[q]);
-#pragma unroll
-    for (int offset = 1; offset < TSPAN_ROWS; offset *= 2) {
-      biased += __shfl_xor_sync(0xffffffffu, biased, offset);
-      plain += __shfl_xor_sync(0xffffffffu, plain, offset);
-    }
-    if (j % TSPAN_ROWS == 0) spans[r * n_spans + j / TSPAN_ROWS] = make_float2(biased, plain);
-  }
-  __syncthreads();
-}
-
-template <int ROWS, int WARPS_N, int THREADS>
-__global__ void __launch_bounds__(THREADS) packed_gemv_tensor(
-    const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
-    const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, half* __restrict__ out,
-    float* __restrict__ partials, int* __restrict__ arrivals, int M, int N, int K, int n_groups, int row_shift,
-    int stride_x, float inverse_global_scale) {
-#if KIND == 0 && __CUDA_ARCH__ >= 800
-  static_assert(TSPAN > 0, "groups shorter than a k-step have no tensor-core variant (not launched)");
-  static_assert(ROWS == 1 || ROWS == 8, "one row of x, or B's 8 columns");
-  constexpr int WARPS = THREADS / 32, WARPS_K = WARPS / WARPS_N;
-  constexpr int BLOCK_N = WARPS_N * 32;
-  constexpr int STEP = WARPS_K * QUAD_ROWS;  // word rows the block walks at once
-  constexpr int TGROUPS = TSLAB / TSPAN;     // spans a slab holds
-  constexpr int COLUMNS = ROWS == 1 ? 1 : 2;  // accumulator columns of x's rows this thread keeps: 2t, 2t + 1
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int g = lane / 4, t = lane % 4;
-  const int warp_n = warp % WARPS_N, warp_k = warp / WARPS_N;
-  const Columns columns = block_columns(N);
-  const int n0 = columns.begin + (warp_n * 8 + g) * OUTS;
-  const int m0 = blockIdx.y * ROWS;
-  const int chunk = split_rows<QUAD_ROWS>(K / PER, gridDim.z);
-  const int row_begin = blockIdx.z * chunk;
-  const int rows = min(K / PER, row_begin + chunk);
-  const bool active = n0 < columns.end;
-  const uint32_t* const column = w + n0 + static_cast<size_t>(t) * N;  // this thread's word row of each k-step
-
-  extern __shared__ uint4 dynamic_shared[];
-  half* const held = reinterpret_cast<half*>(dynamic_shared);
-  const int k_count = chunk * PER;
-  const int k_begin = row_begin * PER, k_end = min(K, k_begin + k_count);
-  half* const raw = held + static_cast<size_t>(ROWS) * k_count;
-  float2* const spans = reinterpret_cast<float2*>(raw + (HAS_PERM ? static_cast<size_t>(ROWS) * K : 0));
-  const int n_spans = chunk / TSPAN_ROWS;
-
-  const auto load_quad_slab = [&](uint4 (&words)[TSLAB], int j0) {
-    const uint32_t* row = column + static_cast<size_t>(j0) * N;
-#pragma unroll
-    for (int i = 0; i < TSLAB; ++i, row += 4 * static_cast<size_t>(N))
-      words[i] = load_row(row, active && j0 + 4 * i + t < rows);
-  };
-  const auto load_span_scales = [&](GroupScales (&groups)[TGROUPS], int j0) {
-#pragma unroll
-    for (int f = 0; f < TGROUPS; ++f)
-      groups[f] = load_group(scales_, zeros, j0 + f * TSPAN_ROWS, row_shift, n_groups, N, n0, active && j0 < rows);
-  };
-  const int first = row_begin + warp_k * QUAD_ROWS;
-  uint4 next[TSLAB];
-  GroupScales next_groups[TGROUPS];
-  load_quad_slab(next, first);
-  load_span_scales(next_groups, first);
-  prefetch_range(perm + k_begin, HAS_PERM ? max(k_end - k_begin, 0) * sizeof(int) : 0);
-  wait_for_previous_kernel();
-  hold_x<ROWS, THREADS>(held, raw, x, perm, k_begin, k_end, k_count, K, m0, M, stride_x);
-  pair_inputs<ROWS, THREADS>(held, spans, k_count, rows - row_begin, M - m0);
-
-  const int x_row = ROWS == 1 ? 0 : g;  // B's column g
-  const half* const x_pairs = held + static_cast<size_t>(x_row) * k_count + t * PER;
-  const float2* const x_spans = spans + x_row * n_spans;
-  float total[COLUMNS][OUTS];
-#pragma unroll
-  for (int c = 0; c < COLUMNS; ++c)
-#pragma unroll
-    for (int o = 0; o < OUTS; ++o) total[c][o] = 0.f;
-
-  for (int j0 = first; j0 < rows; j0 += STEP) {
-    uint4 words[TSLAB];
-    GroupScales groups[TGROUPS];
-#pragma unroll
-    for (int i = 0; i < TSLAB; ++i) words[i] = next[i];
-#pragma unroll
-    for (int f = 0; f < TGROUPS; ++f) groups[f] = next_groups[f];
-    load_quad_slab(next, j0 + STEP);
-    load_span_scales(next_groups, j0 + STEP);
-    const half* const slab_pairs = x_pairs + (j0 - row_begin) * PER;
-    float sums[2][4];  // the span's sums of A-tiles 0 and 1
-#pragma unroll
-    for (int i = 0; i < TSLAB; ++i) {
-      if (i % TSPAN == 0) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) sums[0][e] = sums[1][e] = 0.f;
-      }
-      uint32_t b[PER / 2];  // this k-step's pairs (p, p + PAIRS), in order
-      input_words(slab_pairs, 4 * i, true, b);
-#pragma unroll
-      for (int product = 0; product < TPRODUCTS; ++product) {
-        const int p = 2 * product;
-#pragma unroll
-        for (int a = 0; a < 2; ++a) {
-          const uint32_t low = word_of(words[i], 2 * a), high = word_of(words[i], 2 * a + 1);
-          const uint32_t fragment[4] = {biased_pair(low, p), biased_pair(high, p), biased_pair(low, p + 1),
-                                        biased_pair(high, p + 1)};
-          mma(sums[a], fragment, b[p], b[p + 1]);
-        }
-      }
-      if (i % TSPAN == TSPAN - 1) {  // sum e of A-tile a: output 4g + 2a + e / 2, row of x 2t + e % 2
-        const GroupScales& group = groups[i / TSPAN];
-        const int span = (j0 - row_begin) / TSPAN_ROWS + i / TSPAN;
-        float2 of_x[COLUMNS];  // (Σ 2^(10 − b)·x, Σ x) of rows 2t, 2t + 1
-#pragma unroll
-        for (int c = 0; c < COLUMNS; ++c) of_x[c] = ROWS == 1 ? x_spans[span] : spans[(2 * t + c) * n_spans + span];
-#pragma unroll
-        for (int a = 0; a < 2; ++a)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int o = 2 * a + e / 2, c = e % 2;
-            if (c >= COLUMNS) continue;
-            const float scale = half_of(group.scales, o);
-            const float zero = HAS_ZEROS ? static_cast<float>((group.bytes >> (8 * o)) & 0xFFu)
-                                         : static_cast<float>(1 << (BITS - 1));
-            total[c][o] += scale * (sums[a][e] - of_x[c].x - zero * of_x[c].y);
-          }
-      }
-    }
-  }
-
-  let_next_kernel_start();
-  __shared__ float partial[WARPS_K][ROWS][BLOCK_N];
-#pragma unroll
-  for (int c = 0; c < COLUMNS; ++c)
-    if (2 * t + c < ROWS)
-#pragma unroll
-      for (int o = 0; o < OUTS; ++o) partial[warp_k][2 * t + c][(warp_n * 8 + g) * OUTS + o] = total[c][o];
-  finish_sums<ROWS, BLOCK_N, WARPS_K, THREADS>(partial, out, partials, arrivals, M, N, m0, columns.begin, columns.end);
-  (void)inverse_global_scale;
-#else
-  __trap();  // int codes on sm_80 on only
-#endif
-}
-
 struct Call {
   const void *x, *perm, *w, *scales, *zeros;
   void *out, *partials, *arrivals;
-  int splits, column_blocks, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed, tensor;
+  int splits, column_blocks, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed;
   float inverse_global_scale;
   bool dependent;
   cudaStream_t stream;
@@ -703,47 +499,6 @@ cudaError_t launch_kernel(const Call& c) {
       static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
       static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), static_cast<float*>(c.partials),
       static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
-}
-
-// The tensor-core variant: its x always held in shared memory, its K split in whole quad slabs.
-template <int ROWS, int WARPS_N, int THREADS>
-cudaError_t launch_tensor(const Call& c) {
-  constexpr int BLOCK_N = WARPS_N * 32;
-  const int tiles = (c.N + BLOCK_N - 1) / BLOCK_N;
-  if (c.column_blocks && (c.column_blocks < tiles || c.column_blocks > c.N / OUTS)) return cudaErrorInvalidValue;
-  const dim3 grid(c.column_blocks ? c.column_blocks : tiles, (c.M + ROWS - 1) / ROWS, c.splits);
-  const size_t x_inputs = split_rows<QUAD_ROWS>(c.K / PER, c.splits) * PER + (HAS_PERM ? c.K : 0);
-  const size_t spans = static_cast<size_t>(ROWS) * (split_rows<QUAD_ROWS>(c.K / PER, c.splits) / TSPAN_ROWS);
-  const size_t shared = static_cast<size_t>(ROWS) * x_inputs * sizeof(half) + spans * sizeof(float2);
-  constexpr auto kernel = packed_gemv_tensor<ROWS, WARPS_N, THREADS>;
-  const cudaError_t error = allow_shared_memory<kernel>(shared);
-  if (error != cudaSuccess) return error;
-  return launch_after(kernel, grid, THREADS, shared, c.stream, c.dependent,
-      static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
-      static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), static_cast<float*>(c.partials),
-      static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
-}
-
-// Built for int codes whose groups span whole k-steps: 1 row of x or 8 (B's columns); 8, 16 or 32 lanes along
-// the outputs (1, 2 or 4 warps side by side); 128 or 256 threads.
-template <bool BUILT = (KIND == 0 && TSPAN > 0)>
-cudaError_t by_tensor_tile(int rows, int lanes_n, int threads, const Call& c) {
-  if constexpr (!BUILT) {
-    (void)rows; (void)lanes_n; (void)threads; (void)c;
-    return cudaErrorInvalidValue;
-  } else {
-    if ((rows != 1 && rows != 8) || (threads != 128 && threads != 256)) return cudaErrorInvalidValue;
-    const bool one = rows == 1, few = threads == 128;
-    switch (lanes_n) {
-      case 8: return one ? (few ? launch_tensor<1, 1, 128>(c) : launch_tensor<1, 1, 256>(c))
-                         : (few ? launch_tensor<8, 1, 128>(c) : launch_tensor<8, 1, 256>(c));
-      case 16: return one ? (few ? launch_tensor<1, 2, 128>(c) : launch_tensor<1, 2, 256>(c))
-                          : (few ? launch_tensor<8, 2, 128>(c) : launch_tensor<8, 2, 256>(c));
-      case 32: return one ? (few ? launch_tensor<1, 4, 128>(c) : launch_tensor<1, 4, 256>(c))
-                          : (few ? launch_tensor<8, 4, 128>(c) : launch_tensor<8, 4, 256>(c));
-    }
-    return cudaErrorInvalidValue;
-  }
 }
 
 // act_order always holds its gathered x: its libraries build no variant that reads x from memory. Streamed
@@ -798,16 +553,12 @@ extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int thr
                                       int column_blocks, const void* x, const void* perm, const void* w,
                                       const void* scales, const void* zeros, void* out, void* partials,
                                       void* arrivals, int M, int N, int K, int n_groups, int row_shift, int stride_x,
-                                      int x_shared, int streamed, int tensor, float inverse_global_scale,
-                                      int dependent, void* stream) {
+                                      int x_shared, int streamed, float inverse_global_scale, int dependent,
+                                      void* stream) {
   if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
   const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, column_blocks, M, N, K, n_groups,
-               row_shift, stride_x, x_shared, streamed, tensor, inverse_global_scale, dependent != 0,
+               row_shift, stride_x, x_shared, streamed, inverse_global_scale, dependent != 0,
                static_cast<cudaStream_t>(stream)};
-  if (tensor) {
-    if (async_copies || streamed) return cudaErrorInvalidValue;
-    return by_tensor_tile(rows_per_program, lanes_n, threads, c);
-  }
   if (async_copies) {
     switch (rows_per_program) {
       case 1: return by_lanes<1, true>(lanes_n, threads, c);

@@ -102,6 +102,13 @@ __device__ __forceinline__ void group_barrier(int warp_k) {
   }
 }
 
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // Word row j's inputs of rows g and (HALVES 2) g + 8 of each m-tile (zero past K or M).
 template <int TILES_M, int HALVES>
 __device__ __forceinline__ void load_inputs(const half* __restrict__ x, int j, int word_rows, int m0, int g, int M,

@@ -97,6 +97,11 @@ __device__ __forceinline__ ScaleBits load_scale_bits(const void* __restrict__ sc
   return bits;
 }
 
+__device__ __forceinline__ float half_of(uint2 v, int o) {
+  return o < 2 ? (o ? __high2float(as_half2(v.x)) : __low2float(as_half2(v.x)))
+               : (o == 3 ? __high2float(as_half2(v.y)) : __low2float(as_half2(v.y)));
+}
+
 // Float16 o of the four in v, in both lanes (its bits moved, not converted).
 __device__ __forceinline__ half2 both_lanes(uint2 v, int o) {
   return as_half2(__byte_perm(o < 2 ? v.x : v.y, 0u, o % 2 ? 0x3232u : 0x1010u));
