@@ -11,6 +11,7 @@ than the cache (without it a 4096² packed weight stays in a 32 MB cache from ca
 
     python bench/cpu_decode.py runs/quickstart/checkpoint [more checkpoints] --threads 2
     python bench/cpu_decode.py --threads 2 --cold --batches 1 2 4 16 64
+    python bench/cpu_decode.py --threads 2 --shape 1536x576 --call-overhead --repeat 15
 """
 
 from __future__ import annotations
@@ -202,6 +203,30 @@ def crossing_table(k: int, n: int, batches: list[int]) -> None:
                 print(f"  | {kind} | {name} | {path} | " + " | ".join(cells) + " |", flush=True)
 
 
+def call_overhead_table(k: int, n: int, repeat: int) -> None:
+    """What a `PackedLinear` call adds to the C++ kernel's call in Python, one row of x (a decode step's): µs per
+    call of the layer and of the library's operator alone on the same words, alternated `repeat` times."""
+    from quantbench.export.kernels import PackedLinear
+    from quantbench.export.kernels.layout import KIND_CODES
+
+    layer = PackedLinear(random_kernel_weight("int4-g128", k, n, torch.Generator().manual_seed(2)))
+    weight = layer.kernel_weight
+    scales, zeros = cpu_packed.kernel_scales(weight), cpu_packed._zeros(weight)
+    print(f"  one {k}×{n} int4-g128 PackedLinear, one row of x: µs per call, median of {repeat} alternations")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, 1, k).to(dtype)
+        prepared = x.reshape(1, k) if dtype == torch.bfloat16 and cpu_packed.takes_bfloat16(weight) \
+            else x.reshape(1, k).float()
+        def operator():
+            return torch.ops.quantbench_cpu.packed_matmul(prepared, weight.qweight, scales, zeros,
+                                                          KIND_CODES[weight.kind], weight.bits, weight.group)
+        times = [(call_us(lambda: layer(x), 1000), call_us(operator, 1000)) for _ in range(repeat)]
+        whole, alone = (statistics.median(t[i] for t in times) for i in (0, 1))
+        added = statistics.median(t[0] - t[1] for t in times)
+        print(f"  {str(dtype).removeprefix('torch.'):>9}: layer {whole:.1f}, operator alone {alone:.1f}, "
+              f"added {added:.1f}", flush=True)
+
+
 def decode_table(checkpoint: Path, tokens: int, repeat: int) -> None:
     prompt = torch.arange(1, 9)[None]
     models = {}
@@ -244,13 +269,17 @@ def main() -> None:
                         help="each matmul call reads its weight from memory (copies past the cache), as in a model")
     parser.add_argument("--crossing", type=int, nargs="*", metavar="BATCH",
                         help="time the C++ kernel's two paths (kernel, slabs) at these batches instead")
+    parser.add_argument("--call-overhead", action="store_true",
+                        help="time what a PackedLinear call adds to the kernel's (one row of x) instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{time.strftime('%Y-%m-%d')} {cpu_name()}, {args.threads} threads; torch {torch.__version__}")
     for checkpoint in args.checkpoints:
         decode_table(checkpoint, args.tokens, args.repeat)
     k, n = map(int, args.shape.split("x"))
-    if args.crossing:
+    if args.call_overhead:
+        call_overhead_table(k, n, args.repeat)
+    elif args.crossing:
         crossing_table(k, n, args.crossing)
     else:
         matmul_table(k, n, args.batches, args.fallback_batches, args.repeat, args.cold)

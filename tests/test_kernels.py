@@ -301,7 +301,6 @@ def test_half_precision_decode_matches_within_float16_rounding(label):
 def test_fused_siblings_compute_the_unfused_logits_with_four_launches_per_layer(tmp_path, tokenizer, monkeypatch):
     """q/k/v and gate/up share one packed weight per input; the o projection in another format stays alone."""
     from quantbench.export.kernels import fused as fused_module
-    from quantbench.export.kernels import modules as modules_module
 
     model = tiny_llama()
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -326,7 +325,9 @@ def test_fused_siblings_compute_the_unfused_logits_with_four_launches_per_layer(
             return original(*args, **kwargs)
         return matmul
 
-    monkeypatch.setattr(modules_module, "packed_matmul", counted(modules_module.packed_matmul))
+    from quantbench.export.kernels import cpu_packed  # every packed layer here runs the C++ kernel
+
+    monkeypatch.setattr(cpu_packed, "cpu_packed_matmul", counted(cpu_packed.cpu_packed_matmul))
     with torch.no_grad():
         expected = separate(ids).logits
         assert len(launches) == 2 * 7
@@ -1573,6 +1574,28 @@ def test_packed_linear_keeps_its_words_in_tiles_where_the_cpp_kernel_runs_it(mon
     assert layer.qweight.shape == kernel.qweight.shape and layer.qweight.is_meta
     monkeypatch.setattr(cpu_packed, "available", lambda: False)
     assert torch.equal(PackedLinear(kernel).qweight, kernel.qweight)
+
+
+def test_packed_linear_on_the_cpu_calls_the_cpp_kernel_itself_unless_given_another_backend(monkeypatch):
+    """Eager inference on the CPU goes straight to the C++ kernel, past packed_matmul's dispatch (half of a small
+    layer's call), with its result bit for bit; a layer given another backend still goes through packed_matmul."""
+    from quantbench.export.kernels import cpu_packed, modules
+
+    kernel = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
+    x = torch.randn(2, 3, IN, generator=torch.Generator().manual_seed(4))
+    backends = []
+    dispatch = modules.packed_matmul
+    monkeypatch.setattr(modules, "packed_matmul",
+                        lambda x, weight, backend="auto": backends.append(backend) or dispatch(x, weight, backend))
+    layer = PackedLinear(kernel)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = layer(x.to(dtype))
+        assert got.dtype == dtype and got.shape == (2, 3, OUT)
+        assert torch.equal(got, cpu_packed.cpu_packed_matmul(x.to(dtype).reshape(-1, IN), kernel).view(2, 3, OUT))
+    assert backends == []
+    reference = PackedLinear(kernel, backend="torch")
+    torch.testing.assert_close(reference(x), layer(x), rtol=1e-4, atol=1e-4)
+    assert backends == ["torch"]
 
 
 def test_without_a_compiler_the_cpu_kernels_say_why_and_torch_runs(monkeypatch, tmp_path):

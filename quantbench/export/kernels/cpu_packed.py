@@ -85,7 +85,7 @@ def cpu_packed_matmul(x: torch.Tensor, weight: KernelWeight, path: str | None = 
         out = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32)
         for start, slab in _decoded_slabs(weight):
             out.addmm_(x32[:, start:start + slab.shape[0]], slab)
-    return out.to(x.dtype)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def cpu_packed_input_gradient(grad: torch.Tensor, weight: KernelWeight, path: str | None = None) -> torch.Tensor:
