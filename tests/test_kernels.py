@@ -325,9 +325,12 @@ def test_fused_siblings_compute_the_unfused_logits_with_four_launches_per_layer(
             return original(*args, **kwargs)
         return matmul
 
-    from quantbench.export.kernels import cpu_packed  # every packed layer here runs the C++ kernel
+    from quantbench.export.kernels import cpu_packed
+    from quantbench.export.kernels import modules as modules_module
 
+    # a layer calls the C++ kernel itself, or (where it cannot be built) packed_matmul: one of the two a launch
     monkeypatch.setattr(cpu_packed, "cpu_packed_matmul", counted(cpu_packed.cpu_packed_matmul))
+    monkeypatch.setattr(modules_module, "packed_matmul", counted(modules_module.packed_matmul))
     with torch.no_grad():
         expected = separate(ids).logits
         assert len(launches) == 2 * 7
