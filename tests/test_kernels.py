@@ -1599,6 +1599,9 @@ def test_packed_linear_on_the_cpu_calls_the_cpp_kernel_itself_unless_given_anoth
     reference = PackedLinear(kernel, backend="torch")
     torch.testing.assert_close(reference(x), layer(x), rtol=1e-4, atol=1e-4)
     assert backends == ["torch"]
+    del layer.__dict__["_cpu_kernel"]  # as a layer pickled by an older quantbench: through packed_matmul, alike
+    assert torch.equal(layer(x), cpu_packed.cpu_packed_matmul(x.reshape(-1, IN), kernel).view(2, 3, OUT))
+    assert backends == ["torch", "auto"]
 
 
 def test_without_a_compiler_the_cpu_kernels_say_why_and_torch_runs(monkeypatch, tmp_path):

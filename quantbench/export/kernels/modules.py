@@ -63,6 +63,9 @@ packed_linear.register_autograd(_input_gradient, setup_context=_keep_weight)
 
 
 class PackedLinear(nn.Module):
+    _cpu_kernel = False  # whether the C++ kernel runs the words (set when built or moved; a layer unpickled from an
+    # older quantbench lacks it and goes through packed_matmul)
+
     def __init__(self, weight: KernelWeight, bias: torch.Tensor | None = None, backend: str = "auto",
                  dtype: torch.dtype = torch.float32):
         super().__init__()
