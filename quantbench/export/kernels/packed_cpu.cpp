@@ -693,49 +693,47 @@ at::Tensor input_gradient(const at::Tensor& grad, const at::Tensor& words, const
 // rows of the weight read in one run each; a dot product per output and row, summed across lanes at the end.
 constexpr int kDenseOutputs = 8;  // outputs a task multiplies at once
 
-// float32: one multiply-add per 16 (AVX-512) products
-template <int ROWS>
-void dense_float_task(const float* x, const float* w, int64_t K, int64_t N, int64_t n0, int64_t outputs,
-                      float* out) {
-  Floats acc[kDenseOutputs][ROWS] = {};
-  for (int64_t k = 0; k < K; k += kLanes) {
-    Floats xs[ROWS];
-    for (int r = 0; r < ROWS; ++r) xs[r] = load<Floats>(x + r * K + k, K - k);
-    for (int o = 0; o < kDenseOutputs; ++o) {
-      if (o >= outputs) break;
-      const Floats wv = load<Floats>(w + (n0 + o) * K + k, K - k);
-      for (int r = 0; r < ROWS; ++r) acc[o][r] = fma(wv, xs[r], acc[o][r]);
-    }
-  }
-  for (int o = 0; o < outputs; ++o)
-    for (int r = 0; r < ROWS; ++r) out[r * N + n0 + o] = sum_lanes(acc[o][r]);
-}
+// How a dense task reads and multiplies its lanes: float32, one multiply-add per kLanes (16 with AVX-512) products
+struct DenseFloat {
+  using Element = float;
+  using Vector = Floats;
+  static constexpr int kStep = kLanes;
+  static Vector read(const float* from, int64_t count) { return load<Floats>(from, count); }
+  static Floats add(Floats acc, Vector w, Vector x) { return fma(w, x, acc); }
+};
 
 #if defined(__AVX512BF16__)
 // bfloat16: one dot product per 32 products, each exact, summed in float32
-inline __m512i load_bfloat16(const uint16_t* from, int64_t count) {  // up to 32 values, zero past `count`
-  const __mmask32 mask = count >= 32 ? ~__mmask32{0} : (__mmask32{1} << count) - 1;
-  return _mm512_maskz_loadu_epi16(mask, from);
-}
+struct DenseBfloat16 {
+  using Element = uint16_t;
+  using Vector = __m512i;
+  static constexpr int kStep = 32;
+  static Vector read(const uint16_t* from, int64_t count) {  // up to 32 values, zero past `count`
+    const __mmask32 mask = count >= 32 ? ~__mmask32{0} : (__mmask32{1} << count) - 1;
+    return _mm512_maskz_loadu_epi16(mask, from);
+  }
+  static Floats add(Floats acc, Vector w, Vector x) {
+    return (Floats)_mm512_dpbf16_ps((__m512)acc, (__m512bh)w, (__m512bh)x);
+  }
+};
+#endif
 
-template <int ROWS>
-void dense_bfloat16_task(const uint16_t* x, const uint16_t* w, int64_t K, int64_t N, int64_t n0, int64_t outputs,
-                         float* out) {
+template <typename Lanes, int ROWS>
+void dense_task(const typename Lanes::Element* x, const typename Lanes::Element* w, int64_t K, int64_t N, int64_t n0,
+                int64_t outputs, float* out) {
   Floats acc[kDenseOutputs][ROWS] = {};
-  for (int64_t k = 0; k < K; k += 32) {
-    __m512i xs[ROWS];
-    for (int r = 0; r < ROWS; ++r) xs[r] = load_bfloat16(x + r * K + k, K - k);
+  for (int64_t k = 0; k < K; k += Lanes::kStep) {
+    typename Lanes::Vector xs[ROWS];
+    for (int r = 0; r < ROWS; ++r) xs[r] = Lanes::read(x + r * K + k, K - k);
     for (int o = 0; o < kDenseOutputs; ++o) {
       if (o >= outputs) break;
-      const __m512i wv = load_bfloat16(w + (n0 + o) * K + k, K - k);
-      for (int r = 0; r < ROWS; ++r)
-        acc[o][r] = (Floats)_mm512_dpbf16_ps((__m512)acc[o][r], (__m512bh)wv, (__m512bh)xs[r]);
+      const typename Lanes::Vector wv = Lanes::read(w + (n0 + o) * K + k, K - k);
+      for (int r = 0; r < ROWS; ++r) acc[o][r] = Lanes::add(acc[o][r], wv, xs[r]);
     }
   }
   for (int o = 0; o < outputs; ++o)
     for (int r = 0; r < ROWS; ++r) out[r * N + n0 + o] = sum_lanes(acc[o][r]);
 }
-#endif
 
 bool dense_takes_bfloat16() {
 #if defined(__AVX512BF16__)
@@ -767,12 +765,12 @@ at::Tensor dense_matmul(const at::Tensor& x, const at::Tensor& weight) {
           constexpr int kRows = decltype(r)::value;
 #if defined(__AVX512BF16__)
           if (bfloat16)
-            return dense_bfloat16_task<kRows>(static_cast<const uint16_t*>(x_data) + m0 * K,
-                                              static_cast<const uint16_t*>(w_data), K, N, n0, outputs,
-                                              out_data + m0 * N);
+            return dense_task<DenseBfloat16, kRows>(static_cast<const uint16_t*>(x_data) + m0 * K,
+                                                    static_cast<const uint16_t*>(w_data), K, N, n0, outputs,
+                                                    out_data + m0 * N);
 #endif
-          dense_float_task<kRows>(static_cast<const float*>(x_data) + m0 * K, static_cast<const float*>(w_data), K,
-                                  N, n0, outputs, out_data + m0 * N);
+          dense_task<DenseFloat, kRows>(static_cast<const float*>(x_data) + m0 * K, static_cast<const float*>(w_data),
+                                        K, N, n0, outputs, out_data + m0 * N);
         });
       }
   });
