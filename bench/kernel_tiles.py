@@ -1,11 +1,18 @@
-"""Every tile configuration the tuner tries, timed on one shape and batch (to prune the candidate list).
+"""Whether a tile option pays: the tuner's candidates split by one TileConfig field, the fastest of each family
+found as the tuner finds it (checked against the torch fallback), then the winners and fp16 torch.matmul timed
+alternately in one run (cold L2, CUDA graphs: bench/kernel_speed.py's timer).
 
-    python bench/kernel_tiles.py --shape 8192x8192 --batch 1
+    python bench/kernel_tiles.py --engines mma --family words_staged --shapes 8192x8192 --batches 16 32 64 \
+        --variants int4-g128 nvfp4 --json tiles.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -14,33 +21,74 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_speed import VARIANTS, random_weight  # noqa: E402
+from kernel_speed import SHAPES, VARIANTS, Timer, kernel_weight  # noqa: E402
 
-from quantbench.export.kernels import packed_matmul, to_kernel_layout  # noqa: E402
-from quantbench.export.kernels.matmul import _candidates, graph_time_ms  # noqa: E402
+from quantbench.export.kernels import packed_matmul  # noqa: E402
+from quantbench.export.kernels.matmul import ENGINES_ENV, TileConfig, _engine_candidates, _fastest  # noqa: E402
+
+
+def family_winners(x: torch.Tensor, weight, family: str) -> dict[str, TileConfig]:
+    """The fastest tile of each value of `family` among the tuner's candidates."""
+    families: dict[str, list[TileConfig]] = {}
+    for config in _engine_candidates(x, weight):
+        families.setdefault(str(getattr(config, family)), []).append(config)
+    winners = {}
+    for value, configs in sorted(families.items()):
+        try:
+            winners[value] = _fastest(x, weight, configs)
+        except RuntimeError as exc:  # no tile of this family runs here
+            print(f"  {family}={value}: {exc}", flush=True)
+    return winners
+
+
+def alternated(calls: dict[str, object], x: torch.Tensor, timer: Timer, rounds: int) -> dict[str, list[float]]:
+    """µs of each call, timed in turn, `rounds` times."""
+    times = {label: [] for label in calls}
+    for _ in range(rounds):
+        for label, call in calls.items():
+            times[label].append(timer(call, x))
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="8192x8192", help="KxN (inputs×outputs)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--family", default="words_staged", help="the TileConfig field that splits the candidates")
+    parser.add_argument("--engines", default="mma", help=f"as {ENGINES_ENV}")
+    parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[16, 32, 64])
+    parser.add_argument("--variants", nargs="+", default=["int4-g128"], choices=list(VARIANTS))
+    parser.add_argument("--repeat", type=int, default=10, help="calls per CUDA graph")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the winners and fp16")
+    parser.add_argument("--json", type=Path, help="written after every cell")
     args = parser.parse_args()
-    k, n = map(int, args.shape.split("x"))
-    x = torch.randn(args.batch, k, device="cuda", dtype=torch.float16)
-    dense = torch.randn(n, k, device="cuda", dtype=torch.float16)
-    print(f"fp16 {1e3 * graph_time_ms(lambda: torch.matmul(x, dense.t())):.1f} µs")
-    for label, name in VARIANTS.items():
-        weight = to_kernel_layout(random_weight(name, n, k, "cuda"))
-        timings = []
-        for config in _candidates(args.batch):
-            try:
-                timings.append((1e3 * graph_time_ms(lambda: packed_matmul(x, weight, config=config)), config))
-            except Exception as exc:  # noqa: BLE001 - report and go on
-                print(f"{label} {config}: {type(exc).__name__}")
-        timings.sort(key=lambda t: t[0])
-        for us, config in timings[: args.top]:
-            print(f"{label:>20} {us:7.1f} µs {config}")
+    if args.family not in {field.name for field in dataclasses.fields(TileConfig)}:
+        parser.error(f"--family {args.family}: not a TileConfig field")
+    os.environ[ENGINES_ENV] = args.engines
+    timer, cells = Timer(args.repeat), []
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; family {args.family}, engines {args.engines}")
+    for shape in args.shapes:
+        k, n = map(int, shape.split("x"))
+        dense = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        for label in args.variants:
+            weight = kernel_weight(label, n, k, "cuda")
+            for batch in args.batches:
+                x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
+                winners = family_winners(x, weight, args.family)
+                calls = {"fp16": lambda: torch.matmul(x, dense.t())}
+                calls.update({value: (lambda c=config: packed_matmul(x, weight, config=c))
+                              for value, config in winners.items()})
+                times = alternated(calls, x, timer, args.rounds)
+                cell = {"shape": shape, "variant": label, "batch": batch,
+                        "us": {key: statistics.median(v) for key, v in times.items()},
+                        "spread": {key: [min(v), max(v)] for key, v in times.items()},
+                        "tiles": {value: dataclasses.asdict(config) for value, config in winners.items()}}
+                cells.append(cell)
+                fp16 = cell["us"]["fp16"]
+                parts = [f"{value} {cell['us'][value]:.1f} µs (×{fp16 / cell['us'][value]:.2f} fp16)" for value in winners]
+                print(f"{shape} {label} batch {batch}: fp16 {fp16:.1f} µs; " + "; ".join(parts), flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "family": args.family,
+                                                     "engines": args.engines, "cells": cells}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
