@@ -731,10 +731,6 @@ def test_tensor_core_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_pe
     assert split_choices(16, down, 16, 4, 4, 132) == [1, 8, 16]  # 32 blocks of 128 outputs: 8 splits fill
     assert split_choices(16, down, 16, 8, 1, 64) == [1]  # 128 blocks fill 64 processors already
     assert split_choices(32, down, 32, 8, 1, 132) == [1]  # split-K is built for blocks of 8 and 16 rows only
-    # ... and for staged blocks of any height: 64 rows, 4 warps side by side, 32 blocks; 8 splits fill 132
-    assert split_choices(64, down, 64, 4, 4, 132, words_staged=True) == [1, 8, 16]
-    assert split_choices(64, down, 64, 4, 1, 132, words_staged=True) == [1, 2, 4]  # 128 blocks of 32 outputs
-    assert split_choices(64, down, 64, 4, 1, 132) == [1]
     # 8 k-steps, 8 warps along K: no split leaves each of them a slab of its own
     assert split_choices(1, SimpleNamespace(shape=(80, 256), per_word=8), 16, 8, 1, 132) == [1]
 
@@ -758,26 +754,6 @@ def test_tensor_core_capped_blocks_are_offered_for_32_rows_whose_warps_share_x_s
     capped = [t for t in tiles if t.capped]
     assert {(t.rows, t.num_warps, t.block_n, t.num_stages) for t in capped} == {(32, 4, 128, 1), (32, 8, 128, 1)}
     assert {t.split_k for t in capped} == {1}
-    assert len(tiles) == len(set(tiles))
-
-
-def test_tensor_core_words_staged_are_offered_with_x_staged_and_split_at_any_height():
-    from quantbench.export.kernels.cuda_mma import staged_choices
-    from quantbench.export.kernels.matmul import _mma_candidates
-
-    assert staged_choices(True, False) == (False, True)
-    assert staged_choices(False, False) == (False,) and staged_choices(True, True) == (False,)
-    with patch("quantbench.export.kernels.cuda_mma.unsupported_reason", return_value=None), \
-            patch("quantbench.export.kernels.cuda_gemv.multiprocessors", return_value=132), \
-            patch("quantbench.export.kernels.cuda_build.can_launch_dependent", return_value=False):
-        square = SimpleNamespace(shape=(8192, 8192), per_word=8, kind="int", perm=None, group=128, bits=4, zeros=None)
-        tiles = _mma_candidates(torch.zeros(64, 1), square)
-    staged = [t for t in tiles if t.words_staged]
-    assert staged and all(t.num_stages == 1 and not t.capped for t in staged)
-    assert {t.rows for t in staged} == {16, 32, 64}
-    # 64 rows, 4 warps side by side: 64 blocks of 128 outputs; 4 splits give each of 132 processors one, 8 too
-    assert {t.split_k for t in staged if t.rows == 64 and t.block_n == 128} == {1, 4, 8}
-    assert {t.split_k for t in tiles if t.rows == 64 and not t.words_staged} == {1}
     assert len(tiles) == len(set(tiles))
 
 
@@ -949,11 +925,7 @@ MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows
              "32 rows, capped, 4 warps side by side":
                  TileConfig(1, 128, 0, 1, 4, 1, rows=32, capped=True, engine="mma"),
              "32 rows, capped, 8 warps, 4 side by side":
-                 TileConfig(1, 128, 0, 1, 8, 1, rows=32, capped=True, engine="mma"),
-             "16 rows, words staged, 2 warps side by side":
-                 TileConfig(1, 64, 0, 1, 4, 1, rows=16, words_staged=True, engine="mma"),
-             "64 rows, words staged, 4 warps side by side, 2 splits":
-                 TileConfig(1, 128, 0, 2, 4, 1, rows=64, words_staged=True, engine="mma")}
+                 TileConfig(1, 128, 0, 1, 8, 1, rows=32, capped=True, engine="mma")}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
@@ -992,14 +964,13 @@ def test_tensor_core_kernel_scales_b_where_groups_are_shorter_than_a_k_step(stor
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
 @pytest.mark.parametrize("name", ["int4-g32-rtn", "int8-g32-sym-rtn", "int2-pc-rtn", "mxfp4-rtn", "nvfp4-rtn"])
-@pytest.mark.parametrize(("x_shared", "staged"), [(0, False), (1, False), (1, True)],
-                         ids=["x from global memory", "x through shared memory", "words staged with x"])
-def test_tensor_core_kernel_handles_a_partial_slab_of_k_steps(name, x_shared, staged):
+@pytest.mark.parametrize("x_shared", [0, 1], ids=["x from global memory", "x through shared memory"])
+def test_tensor_core_kernel_handles_a_partial_slab_of_k_steps(name, x_shared):
     """96 inputs: 3 k-steps of int4 (one slab of 4, partly empty), 1.5 of int2."""
     stored = quantize_rtn(torch.randn(OUT, ODD_INPUTS), Scheme.parse(name)).to("cuda")
     x = torch.randn(12, ODD_INPUTS, device="cuda").half()
     expected = x.float() @ stored.dequantize().T
-    tile = TileConfig(1, 64, 0, 1, 4, x_shared, rows=16, words_staged=staged, engine="mma")
+    tile = TileConfig(1, 64, 0, 1, 4, x_shared, rows=16, engine="mma")
     got = packed_matmul(x, to_kernel_layout(stored), backend="mma", config=tile)
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
@@ -1045,40 +1016,14 @@ def test_tensor_core_capped_blocks_change_no_sum(label):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
-@pytest.mark.parametrize("label", ["int4-g32 act_order", "int4-g128-rtn", "ternary2-g64", "mxfp4-rtn", "nvfp4-rtn",
-                                   "int8-g32-sym-rtn", "int2-pc-rtn"])
-def test_tensor_core_words_staged_change_no_sum(label):
-    """Words through x's stages change where they wait, not one operation: bit-identical to the same tile with
-    the words through registers, at every height and in a graph replay. Split along K (built for staged blocks
-    of every height) the sums are fixed and replay. Staged words without x's stages, or capped, are refused."""
-    from quantbench.export.kernels import cuda_mma
-
-    stored = WEIGHTS[label] if label in WEIGHTS else quantize_rtn(weight(), Scheme.parse(label))
-    packed = to_kernel_layout(stored.to("cuda"))
-    x = torch.randn(45, IN, device="cuda").half()
-    for rows, warps, warps_n in ((8, 4, 1), (16, 8, 2), (32, 4, 4), (32, 8, 1), (64, 4, 2), (64, 8, 4)):
-        if rows not in cuda_mma.row_choices(packed):
-            continue
-        tile = TileConfig(1, 32 * warps_n, 0, 1, warps, 1, rows=rows, engine="mma")
-        staged = dataclasses.replace(tile, words_staged=True)
-        assert torch.equal(packed_matmul(x, packed, backend="mma", config=staged),
-                           packed_matmul(x, packed, backend="mma", config=tile))
-        assert_replay_equals(x, packed, staged, tile)
-        assert_split_k_sums_are_fixed_and_replay(x, packed, dataclasses.replace(staged, split_k=3))
-    for x_shared, capped in ((False, False), (True, True)):
-        with pytest.raises(ValueError, match="words_staged True"):
-            cuda_mma.launch(x[:32], packed, 32, 4, 4, x_shared=x_shared, capped=capped, words_staged=True)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
 @pytest.mark.parametrize("name", ["int4-g32-rtn", "int2-pc-rtn", "nvfp4-rtn"])
 def test_tensor_core_split_k_handles_a_partial_slab_of_k_steps(name):
     """96 inputs, 2 splits: the first block takes the partial slab, the second none."""
     stored = quantize_rtn(torch.randn(OUT, ODD_INPUTS), Scheme.parse(name)).to("cuda")
     x = torch.randn(12, ODD_INPUTS, device="cuda").half()
     expected = x.float() @ stored.dequantize().T
-    for x_shared, staged, rows in ((0, False, 16), (1, False, 16), (1, True, 16), (1, True, 32)):
-        tile = TileConfig(1, 32, 0, 2, 4, x_shared, rows=rows, words_staged=staged, engine="mma")
+    for x_shared in (0, 1):
+        tile = TileConfig(1, 32, 0, 2, 4, x_shared, rows=16, engine="mma")
         got = packed_matmul(x, to_kernel_layout(stored), backend="mma", config=tile)
         torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 

@@ -19,7 +19,7 @@ WARPS_N = (1, 2, 4)  # warps side by side along the outputs (32 each); the other
 MAX_ROWS = 64  # beyond this only the tl.dot kernel is tried
 SCALES_IN_B_ROWS = 64  # blocks this tall put the scales into B: no registers are left for span sums
 STEP_ROWS, SLAB = 4, 4  # word rows per k-step, k-steps per slab: split-K gives each block whole slabs
-SPLIT_ROWS = (8, 16)  # split-K is built for these blocks, and for staged ones of every height
+SPLIT_ROWS = (8, 16)  # split-K is built for these blocks only (taller ones never gained from it)
 CAPPED_ROWS, CAPPED_WARPS_N = (32,), 4  # capped blocks: registers capped at 128 so that 16 warps share a multiprocessor
 
 
@@ -49,19 +49,12 @@ def capped_choices(rows: int, warps_n: int, x_shared: bool, weight: KernelWeight
     return (False, True) if rows in CAPPED_ROWS and warps_n == CAPPED_WARPS_N and x_shared and not spills else (False,)
 
 
-def staged_choices(x_shared: bool, capped: bool) -> tuple[bool, ...]:
-    """Whether to also try the words through x's shared-memory stages (cp.async, up to 3 slabs ahead) instead of
-    the next slab's words in registers: for blocks that stage x, not capped ones."""
-    return (False, True) if x_shared and not capped else (False,)
-
-
-def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: int, processors: int,
-                  words_staged: bool = False) -> list[int]:
-    """Splits of K worth timing: none; and for blocks of 8 or 16 rows, or staged ones of any height, that leave
-    multiprocessors without a block, the fewest splits that give each one and twice that, while each of a
-    block's groups of warps along K keeps a slab of its own in each split."""
+def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: int, processors: int) -> list[int]:
+    """Splits of K worth timing: none; and for blocks of 8 or 16 rows that leave multiprocessors without a
+    block, the fewest splits that give each one and twice that, while each of a block's groups of warps along K
+    keeps a slab of its own in each split."""
     blocks = -(-weight.shape[0] // (32 * warps_n)) * -(-m // rows)
-    if (rows not in SPLIT_ROWS and not words_staged) or blocks >= processors:
+    if rows not in SPLIT_ROWS or blocks >= processors:
         return [1]
     steps = -(-(weight.shape[1] // weight.per_word) // STEP_ROWS)
     most = max(1, steps // (warps // warps_n * SLAB))
@@ -70,33 +63,29 @@ def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: 
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
-           x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False,
-           words_staged: bool = False) -> torch.Tensor:
+           x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False) -> torch.Tensor:
     """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `x_shared`: x through shared-memory
     stages instead of from global memory at each k-step; `overlap_gather` (act_order, where the device can):
     the kernel launched to start while the gather runs, else once it is done (whatever dependent launch says
     for the gather itself); `splits`: blocks along K per block of outputs, whose float32 sums the last to
     finish adds in split order; `capped` (32 rows, 4 warps along the outputs, x_shared): registers capped
-    so that 16 warps share a multiprocessor; `words_staged` (x_shared, not capped): the words through x's stages
-    by cp.async instead of through registers."""
+    so that 16 warps share a multiprocessor."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
     if (rows not in row_choices(weight) or warps not in WARPS or warps_n not in WARPS_N or warps_n > warps
-            or not 1 <= splits <= 65535 or (splits > 1 and rows not in SPLIT_ROWS and not words_staged)
-            or capped not in capped_choices(rows, warps_n, x_shared, weight)
-            or words_staged not in staged_choices(x_shared, capped)):
-        raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, splits {splits}, capped {capped}, "
-                         f"words_staged {words_staged}: not among {row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ "
-                         f"warps), 1–65535 (beyond 1 only with {SPLIT_ROWS} rows or words staged); capped only with "
-                         f"{CAPPED_ROWS} rows, warps_n {CAPPED_WARPS_N} and x_shared (not ternary span sums); words "
-                         f"staged only with x_shared, not capped")
+            or not 1 <= splits <= 65535 or (splits > 1 and rows not in SPLIT_ROWS)
+            or capped not in capped_choices(rows, warps_n, x_shared, weight)):
+        raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, splits {splits}, capped {capped}: not among "
+                         f"{row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ warps), 1–65535 (beyond 1 only "
+                         f"with {SPLIT_ROWS} rows); capped only with {CAPPED_ROWS} rows, warps_n {CAPPED_WARPS_N} and "
+                         f"x_shared (not ternary span sums)")
     weight_type = WeightType.for_mma(weight, scales_in_b=rows == SCALES_IN_B_ROWS)
     arch = cuda_build.device_arch(x.device)
     with torch.cuda.device(x.device):
         call = prepare(x, weight, weight_type, arch, overlap_gather, splits)
         error = cuda_build.entry_point(weight_type, arch)(
-            rows, warps, warps_n, int(x_shared), int(capped), int(words_staged), splits, call.x.data_ptr(), weight.qweight.data_ptr(),
+            rows, warps, warps_n, int(x_shared), int(capped), splits, call.x.data_ptr(), weight.qweight.data_ptr(),
             weight.scales.data_ptr(), pointer(weight.zeros), call.out.data_ptr(), pointer(call.partials),
             pointer(call.arrivals), call.x.shape[0], weight.shape[0], call.x.shape[1], weight.n_groups,
             row_shift(weight), call.x.stride(0), 1.0 / weight.global_scale, call.dependent, call.stream)

@@ -50,7 +50,6 @@ class TileConfig:
     overlap_gather: bool = False  # "mma", act_order: the kernel starts while its gather runs (dependent launch)
     column_blocks: int = 0  # "cuda": blocks along the outputs, even shares of ≤ block_n (0: one per block_n)
     capped: bool = False  # "mma", 32 rows, 4 warps side by side, x shared: registers capped for 16 warps an SM
-    words_staged: bool = False  # "mma", x shared, not capped: the words through x's stages (cp.async)
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
     # split_k blocks along K;
@@ -125,7 +124,7 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     if config.engine == "mma":  # gathers act_order before the kernel
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
                               x_shared=config.num_stages > 0, overlap_gather=config.overlap_gather,
-                              splits=config.split_k, capped=config.capped, words_staged=config.words_staged)
+                              splits=config.split_k, capped=config.capped)
         return out.view(*x.shape[:-1], n_out)
     if config.engine == "wgmma":  # gathers act_order before the kernel
         out = cuda_wgmma.launch(x2, weight, config.rows, config.num_warps // 4, config.split_k,
@@ -211,11 +210,10 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     overlaps = _gather_overlaps(x, weight)
     processors = cuda_gemv.multiprocessors(x.device)
     return [TileConfig(1, 32 * warps_n, 0, splits, warps, x_shared, rows=r, overlap_gather=overlap, capped=capped,
-                       words_staged=staged, engine="mma")
+                       engine="mma")
             for r in rows for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps
             for x_shared in (0, 1) for capped in cuda_mma.capped_choices(r, warps_n, bool(x_shared), weight)
-            for staged in cuda_mma.staged_choices(bool(x_shared), capped)
-            for splits in cuda_mma.split_choices(m, weight, r, warps, warps_n, processors, staged)
+            for splits in cuda_mma.split_choices(m, weight, r, warps, warps_n, processors)
             for overlap in overlaps]
 
 

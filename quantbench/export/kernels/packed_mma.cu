@@ -25,9 +25,7 @@
 // cp.async, one or two slabs ahead, so that no load of x waits on L2. Rows of x: 8 (the upper half of each
 // m-tile idle), 16, 32, or 64 where the scales go into B (one decode of each weight for all 64 rows). Capped
 // blocks (32 rows, 4 warps side by side sharing x's stages) cap their registers at 128 so that 16 warps share a
-// multiprocessor. STAGED blocks (x shared) also copy each thread's words of a slab by cp.async into the stage that
-// holds the slab's x, up to 3 slabs ahead, instead of holding the next slab's words in registers: more of the
-// weight in flight, fewer registers.
+// multiprocessor.
 
 #include "tensor_core_decode.cuh"
 
@@ -45,42 +43,12 @@ constexpr size_t STAGE_BUDGET = 224 * 1024;  // per multiprocessor: three stages
 template <int WARPS, bool CAPPED>
 __host__ __device__ constexpr int blocks_sharing_memory() { return CAPPED ? 16 / WARPS : 2; }
 
-constexpr int WORDS_SLAB_BYTES = SLAB * 16;  // one thread's words of a slab
-
 template <int TILE_ROWS, int WARPS_K>
-__host__ __device__ constexpr size_t x_stage_bytes() { return static_cast<size_t>(WARPS_K) * TILE_ROWS * X_ROW_BYTES; }
+__host__ __device__ constexpr size_t stage_bytes() { return static_cast<size_t>(WARPS_K) * TILE_ROWS * X_ROW_BYTES; }
 
-// A stage: the slab's x of every group of warps along K, then (STAGED) every thread's words of the slab.
-template <int TILE_ROWS, int WARPS, int WARPS_K, bool STAGED>
-__host__ __device__ constexpr size_t stage_bytes() {
-  return x_stage_bytes<TILE_ROWS, WARPS_K>() + (STAGED ? static_cast<size_t>(WARPS) * 32 * WORDS_SLAB_BYTES : 0);
-}
-
-// Three stages a block where they fit its share of the budget, else two; STAGED blocks take up to four, and the
-// whole budget (one block a multiprocessor) where two do not fit a share.
-template <int TILE_ROWS, int WARPS, int WARPS_K, int BLOCKS, bool STAGED>
+template <int TILE_ROWS, int WARPS_K, int BLOCKS>
 __host__ __device__ constexpr int x_stages() {
-  constexpr size_t bytes = stage_bytes<TILE_ROWS, WARPS, WARPS_K, STAGED>();
-  if (!STAGED) return 3 * bytes <= STAGE_BUDGET / BLOCKS ? 3 : 2;
-  for (int blocks = BLOCKS; blocks >= 1; --blocks)
-    for (int stages = 4; stages >= 2; --stages)
-      if (stages * bytes <= STAGE_BUDGET / blocks) return stages;
-  return 2;
-}
-
-// STAGED: cp.async of this thread's words of one slab (zeros past the last row or output) into its place in a
-// stage, uncommitted: the slab's x copies commit them with theirs.
-__device__ __forceinline__ void copy_words(unsigned char* stage_words, const uint32_t* __restrict__ w, int step0,
-                                           int rows_end, int N, int n0, int t, bool active, int thread, int threads) {
-  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(stage_words)) + 16 * thread;
-#pragma unroll
-  for (int i = 0; i < SLAB; ++i) {
-    const int j = (step0 + i) * STEP_ROWS + t;
-    const bool live = active && j < rows_end;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"(base + 16 * i * threads), "l"(live ? w + static_cast<size_t>(j) * N + n0 : w),
-                    "r"(live ? 16 : 0));
-  }
+  return 3 * stage_bytes<TILE_ROWS, WARPS_K>() <= STAGE_BUDGET / BLOCKS ? 3 : 2;
 }
 
 // cp.async of one slab's inputs of the block's ROWS rows of x into a stage (zeros past K or M), by the
@@ -155,7 +123,7 @@ __device__ __forceinline__ void load_inputs(const half* __restrict__ x, int j, i
 }
 
 // SPLIT: blocks along K (gridDim.z of them), built apart so that one split keeps the plain kernel's code.
-template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED, bool STAGED>
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED>
 __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WARPS, true>() : 0) packed_mma(
     const half* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ scales_,
     const uint8_t* __restrict__ zeros, half* __restrict__ out, int M, int N, int K, int n_groups, int row_shift,
@@ -170,9 +138,8 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
   // X_SHARED: step by step from the stage (0).
   constexpr int X_REGISTERS = SLAB * TILES_M * HALVES * PER / 2;
   constexpr int X_AHEAD = X_SHARED ? 0 : X_REGISTERS <= 32 ? 2 : X_REGISTERS <= 64 ? 1 : 0;
-  constexpr int STAGES = x_stages<TILE_ROWS, WARPS, WARPS_K, blocks_sharing_memory<WARPS, CAPPED>(), STAGED>();
+  constexpr int STAGES = x_stages<TILE_ROWS, WARPS_K, blocks_sharing_memory<WARPS, CAPPED>()>();
   static_assert(!CAPPED || (X_SHARED && ROWS == 32 && WARPS_N == 4), "capped: 32 rows, x shared side by side");
-  static_assert(!STAGED || (X_SHARED && !CAPPED), "words staged: with x's stages, not capped");
   static_assert(!ON_SUMS || ROWS <= 32, "64 rows of sums and span sums do not fit the registers: scales go into B");
   extern __shared__ __align__(16) unsigned char shared[];  // X_SHARED: the stages; then the warps' partial sums
   auto partial = reinterpret_cast<float (*)[TILE_ROWS][COLS]>(shared);
@@ -199,19 +166,11 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][o][e] = 0.f;
 
-  constexpr size_t STAGE_STRIDE = stage_bytes<TILE_ROWS, WARPS, WARPS_K, STAGED>();
-  constexpr size_t WORDS_AT = x_stage_bytes<TILE_ROWS, WARPS_K>();  // STAGED: the words' place in a stage
-  uint4 next[STAGED ? 1 : SLAB];
-  if constexpr (STAGED) {  // the first slabs' words in flight before x: it may still be being written
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s)
-      copy_words(shared + s * STAGE_STRIDE + WORDS_AT, w, step_begin + warp_k * SLAB + s * WARPS_K * SLAB, rows_end,
-                 N, n0, t, active, threadIdx.x, WARPS * 32);
-  } else {
-    load_slab(next, w, step_begin + warp_k * SLAB, rows_end, N, n0, t, active);
-  }
+  uint4 next[SLAB];
+  load_slab(next, w, step_begin + warp_k * SLAB, rows_end, N, n0, t, active);  // before x: it may still be being written
   wait_for_previous_kernel();
   unsigned char* const stages = shared + static_cast<size_t>(warp_k) * TILE_ROWS * X_ROW_BYTES;  // this group's
+  constexpr size_t STAGE_STRIDE = stage_bytes<TILE_ROWS, WARPS_K>();
   const XCopier<ROWS, 32 * WARPS_N> x_copier(x, m0, M, K, stride_x, warp_n * 32 + lane);
   if constexpr (X_SHARED) {
 #pragma unroll
@@ -243,22 +202,15 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
   float sums[PLANES][TILES_M][OUTS][4];  // ON_SUMS: the current span's sums, scaled into acc at its end
   for (int step0 = step_begin + warp_k * SLAB, it = 0; step0 < step_end; step0 += WARPS_K * SLAB, ++it) {
     const unsigned char* stage = stages + (it % STAGES) * STAGE_STRIDE;
-    const unsigned char* stage_words = shared + (it % STAGES) * STAGE_STRIDE + WORDS_AT + 16 * threadIdx.x;
     if constexpr (X_SHARED) {  // this slab's stage landed; the one consumed last round takes slab it + STAGES − 1
       asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory");
       group_barrier<WARPS_N>(warp_k);
-      const int ahead = (it + STAGES - 1) % STAGES, ahead_step = step0 + (STAGES - 1) * WARPS_K * SLAB;
-      if constexpr (STAGED)
-        copy_words(shared + ahead * STAGE_STRIDE + WORDS_AT, w, ahead_step, rows_end, N, n0, t, active, threadIdx.x,
-                   WARPS * 32);
-      x_copier.copy(stages + ahead * STAGE_STRIDE, ahead_step);
+      x_copier.copy(stages + ((it + STAGES - 1) % STAGES) * STAGE_STRIDE, step0 + (STAGES - 1) * WARPS_K * SLAB);
     }
-    uint4 words[STAGED ? 1 : SLAB];
-    if constexpr (!STAGED) {
+    uint4 words[SLAB];
 #pragma unroll
-      for (int i = 0; i < SLAB; ++i) words[i] = next[i];
-      load_slab(next, w, step0 + WARPS_K * SLAB, rows_end, N, n0, t, active);
-    }
+    for (int i = 0; i < SLAB; ++i) words[i] = next[i];
+    load_slab(next, w, step0 + WARPS_K * SLAB, rows_end, N, n0, t, active);
     ScaleBits bits[SCALE_LOADS];
     if constexpr (SCALES_AHEAD) {
 #pragma unroll
@@ -321,12 +273,10 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
           a[mt][i2][3] = UPPER ? as_bits(high[2 * i2 + 1]) : 0u;
         }
       }
-      const uint4 row_words =
-          STAGED ? *reinterpret_cast<const uint4*>(stage_words + 16 * i * WARPS * 32) : words[STAGED ? 0 : i];
 #pragma unroll
       for (int o = 0; o < OUTS; ++o) {
         uint32_t b[PLANES][PAIRS];
-        decode_word(word_of(row_words, o), s, o, b);
+        decode_word(word_of(words[i], o), s, o, b);
 #pragma unroll
         for (int plane = 0; plane < (ON_SUMS ? PLANES : 1); ++plane)
 #pragma unroll
@@ -398,18 +348,16 @@ struct Call {
   cudaStream_t stream;
 };
 
-template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED, bool STAGED>
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED>
 cudaError_t launch(const Call& c) {
   constexpr int TILE_ROWS = ROWS <= 16 ? 16 : ROWS;
   constexpr int WARPS_K = WARPS / WARPS_N;
   const size_t partial = sizeof(float) * WARPS * TILE_ROWS * COLS;
   constexpr int BLOCKS = blocks_sharing_memory<WARPS, CAPPED>();
-  const size_t staged = X_SHARED ? x_stages<TILE_ROWS, WARPS, WARPS_K, BLOCKS, STAGED>() *
-                                       stage_bytes<TILE_ROWS, WARPS, WARPS_K, STAGED>() : 0;
+  const size_t staged = X_SHARED ? x_stages<TILE_ROWS, WARPS_K, BLOCKS>() * stage_bytes<TILE_ROWS, WARPS_K>() : 0;
   const size_t shared = staged > partial ? staged : partial;
-  auto kernel = packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED, STAGED>;
-  const cudaError_t error =
-      allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED, STAGED>>(shared);
+  auto kernel = packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED>;
+  const cudaError_t error = allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED>>(shared);
   if (error != cudaSuccess) return error;
   const dim3 grid((c.N + WARPS_N * COLS - 1) / (WARPS_N * COLS), (c.M + ROWS - 1) / ROWS, c.splits);
   return launch_after(kernel, grid, WARPS * 32, shared, c.stream, c.dependent,
@@ -418,48 +366,48 @@ cudaError_t launch(const Call& c) {
       static_cast<float*>(c.partials), static_cast<int*>(c.arrivals));
 }
 
-// Split-K is built for the blocks of 8 and 16 rows, and for staged blocks of every height: beyond 16 rows the
-// tuner never chose it for the others (capped blocks included).
-template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool STAGED>
+// Split-K is built for the blocks of 8 and 16 rows only: beyond them the tuner never chose it (capped blocks
+// included).
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
 cudaError_t by_split(const Call& c) {
   if (c.capped) {
-    if constexpr (X_SHARED && !STAGED && ROWS == 32 && WARPS_N == 4 && !(ON_SUMS && PLANES == 2)) {  // ternary's
-      if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, true, false>(c);   // sums spill
+    if constexpr (X_SHARED && ROWS == 32 && WARPS_N == 4 && !(ON_SUMS && PLANES == 2)) {  // ternary's sums spill
+      if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, true>(c);
     }
     return cudaErrorInvalidValue;
   }
-  if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false, STAGED>(c);
-  if constexpr (ROWS <= 16 || STAGED) return launch<ROWS, WARPS, WARPS_N, X_SHARED, true, false, STAGED>(c);
+  if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false>(c);
+  if constexpr (ROWS <= 16) return launch<ROWS, WARPS, WARPS_N, X_SHARED, true, false>(c);
   return cudaErrorInvalidValue;
 }
 
-template <int ROWS, int WARPS, bool X_SHARED, bool STAGED>
+template <int ROWS, int WARPS, bool X_SHARED>
 cudaError_t by_warps_n(int warps_n, const Call& c) {
   switch (warps_n) {
-    case 1: return by_split<ROWS, WARPS, 1, X_SHARED, STAGED>(c);
-    case 2: return by_split<ROWS, WARPS, 2, X_SHARED, STAGED>(c);
-    case 4: return by_split<ROWS, WARPS, 4, X_SHARED, STAGED>(c);
+    case 1: return by_split<ROWS, WARPS, 1, X_SHARED>(c);
+    case 2: return by_split<ROWS, WARPS, 2, X_SHARED>(c);
+    case 4: return by_split<ROWS, WARPS, 4, X_SHARED>(c);
   }
   return cudaErrorInvalidValue;
 }
 
-template <int ROWS, bool X_SHARED, bool STAGED>
+template <int ROWS, bool X_SHARED>
 cudaError_t by_warps(int warps, int warps_n, const Call& c) {
   switch (warps) {
-    case 4: return by_warps_n<ROWS, 4, X_SHARED, STAGED>(warps_n, c);
-    case 8: return by_warps_n<ROWS, 8, X_SHARED, STAGED>(warps_n, c);
+    case 4: return by_warps_n<ROWS, 4, X_SHARED>(warps_n, c);
+    case 8: return by_warps_n<ROWS, 8, X_SHARED>(warps_n, c);
   }
   return cudaErrorInvalidValue;
 }
 
-template <bool X_SHARED, bool STAGED>
+template <bool X_SHARED>
 cudaError_t by_rows(int rows, int warps, int warps_n, const Call& c) {
   switch (rows) {
-    case 8: return by_warps<8, X_SHARED, STAGED>(warps, warps_n, c);
-    case 16: return by_warps<16, X_SHARED, STAGED>(warps, warps_n, c);
-    case 32: return by_warps<32, X_SHARED, STAGED>(warps, warps_n, c);
+    case 8: return by_warps<8, X_SHARED>(warps, warps_n, c);
+    case 16: return by_warps<16, X_SHARED>(warps, warps_n, c);
+    case 32: return by_warps<32, X_SHARED>(warps, warps_n, c);
     case 64:
-      if constexpr (!ON_SUMS) return by_warps<64, X_SHARED, STAGED>(warps, warps_n, c);
+      if constexpr (!ON_SUMS) return by_warps<64, X_SHARED>(warps, warps_n, c);
   }
   return cudaErrorInvalidValue;
 }
@@ -493,23 +441,18 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
 // Returns a cudaError_t (0: launched). rows_per_block 8, 16, 32, or 64 where the scales go into B (SPAN 0);
 // warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
 // (K a multiple of 8); capped (32 rows, x_shared, warps_n 4): registers capped so that 16 warps share a
-// multiprocessor; words_staged (x_shared, not capped): the words through x's stages by cp.async; splits > 1 (8 or
-// 16 rows per block, or staged): blocks along K, `partials` holding splits · M · N
+// multiprocessor; splits > 1 (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
 // floats and `arrivals` one zeroed int per block of outputs (packed_gemv.cu's workspace). x [M, K] float16 in the stored input order, rows 16-byte aligned. dependent: launched
 // to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
-extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, int capped,
-                                     int words_staged, int splits,
+extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, int capped, int splits,
                                      const void* x, const void* w, const void* scales, const void* zeros, void* out,
                                      void* partials, void* arrivals, int M, int N, int K, int n_groups, int row_shift,
                                      int stride_x, float inverse_global_scale, int dependent, void* stream) {
   if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
   const Call c{x, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
                inverse_global_scale, capped != 0, dependent != 0, static_cast<cudaStream_t>(stream)};
-  if (words_staged && (!x_shared || capped)) return cudaErrorInvalidValue;
-  if (x_shared && K % 8) return cudaErrorInvalidValue;
-  if (words_staged) return by_rows<true, true>(rows_per_block, warps, warps_n, c);
-  if (x_shared) return by_rows<true, false>(rows_per_block, warps, warps_n, c);
-  return by_rows<false, false>(rows_per_block, warps, warps_n, c);
+  if (x_shared) return K % 8 ? cudaErrorInvalidValue : by_rows<true>(rows_per_block, warps, warps_n, c);
+  return by_rows<false>(rows_per_block, warps, warps_n, c);
 }
 
 // x [M, K] float16 (rows stride_x apart) → out [M, K] contiguous in the stored input order (K a multiple of 8).
