@@ -1139,8 +1139,8 @@ def test_tensor_core_launches_pass_sizes_and_pointers_in_the_libraries_order(eng
         out = cuda_wgmma.launch(x, packed, 32, 1)
     (gather, gather_args), (kernel, args) = calls
     assert gather == "gather" and kernel == engine and gather_args[3:6] == (40, IN, IN)
-    sizes = args[13:16] if engine == "mma" else args[10:13]
-    pointers = args[6:13] if engine == "mma" else args[3:10]
+    tile_ints = 6 if engine == "mma" else 3  # rows … splits; then 7 pointers, then M, N, K
+    pointers, sizes = args[tile_ints:tile_ints + 7], args[tile_ints + 7:tile_ints + 10]
     assert sizes == (40, OUT, IN) and out.shape == (40, OUT)
     assert pointers[0] == gather_args[2] and pointers[4] == out.data_ptr()  # the gathered x, the output
     assert args[-1] == 7 and args[-3] == pytest.approx(1.0 / packed.global_scale)
