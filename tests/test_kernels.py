@@ -757,51 +757,6 @@ def test_tensor_core_capped_blocks_are_offered_for_32_rows_whose_warps_share_x_s
     assert len(tiles) == len(set(tiles))
 
 
-@pytest.mark.parametrize("per_word", [4, 8, 16])
-@pytest.mark.parametrize("act_order", [False, True])
-def test_x_in_the_products_order_lines_up_each_products_inputs_with_its_code_pairs(per_word, act_order):
-    """Within each k-step (4 word rows), product i, half h, thread t, element r of x in the products' order is
-    stored input per · t + 2i + h + r · per / 2 (the stored order is act_order's permutation of the original): the
-    gather index is a permutation of the inputs, made once."""
-    from quantbench.export.kernels.cuda_mma import paired_index
-
-    k, pairs = 8 * per_word, per_word // 2
-    perm = torch.randperm(k, generator=torch.Generator().manual_seed(per_word)).int() if act_order else None
-    packed = SimpleNamespace(shape=(8, k), per_word=per_word, perm=perm)
-    index = paired_index(packed, torch.device("cpu"))
-    assert index.dtype == torch.int32 and torch.equal(index.sort().values, torch.arange(k, dtype=torch.int32))
-    x = torch.arange(k)
-    stored = (x if perm is None else x[perm.long()]).view(-1, 4, 2, pairs)  # [k-step, word row t, r, pair p]
-    ordered = x[index.long()].view(-1, per_word // 4, 2, 4, 2)  # [k-step, product i, half h, thread t, element r]
-    for i in range(per_word // 4):
-        for h in (0, 1):
-            assert torch.equal(ordered[:, i, h], stored[..., 2 * i + h])
-    assert paired_index(packed, torch.device("cpu")) is index
-
-
-def test_tensor_core_x_pairing_is_offered_for_16_to_64_rows_staged_with_one_split_and_its_gather_may_overlap():
-    from quantbench.export.kernels.cuda_mma import paired_choices
-    from quantbench.export.kernels.matmul import _mma_candidates
-
-    int4 = SimpleNamespace(shape=(64, 4096), per_word=8)
-    assert paired_choices(16, True, False, 1, int4) == paired_choices(64, True, False, 1, int4) == (False, True)
-    for rows, x_shared, capped, splits in ((8, True, False, 1), (32, True, True, 1), (16, True, False, 2),
-                                           (32, False, False, 1)):
-        assert paired_choices(rows, x_shared, capped, splits, int4) == (False,)
-    assert paired_choices(32, True, False, 1, SimpleNamespace(shape=(64, 96), per_word=16)) == (False,)  # 1.5 k-steps
-    with patch("quantbench.export.kernels.cuda_mma.unsupported_reason", return_value=None), \
-            patch("quantbench.export.kernels.cuda_gemv.multiprocessors", return_value=132), \
-            patch("quantbench.export.kernels.cuda_build.can_launch_dependent", return_value=True):
-        down = SimpleNamespace(shape=(4096, 14336), per_word=8, kind="int", perm=None, group=128, bits=4, zeros=None)
-        tiles = _mma_candidates(torch.zeros(64, 1), down)
-    paired = [t for t in tiles if t.x_paired]
-    assert {t.rows for t in paired} == {16, 32, 64}
-    assert all(t.split_k == 1 and not t.capped and t.num_stages == 1 for t in paired)
-    assert {t.overlap_gather for t in paired} == {False, True}  # its gather, as act_order's, may overlap
-    assert not any(t.overlap_gather for t in tiles if not t.x_paired)  # no gather without act_order
-    assert len(tiles) == len(set(tiles))
-
-
 def test_column_blocks_are_offered_where_they_give_every_multiprocessor_one_or_two_blocks():
     from quantbench.export.kernels.cuda_gemv import column_block_choices
 
@@ -970,10 +925,7 @@ MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows
              "32 rows, capped, 4 warps side by side":
                  TileConfig(1, 128, 0, 1, 4, 1, rows=32, capped=True, engine="mma"),
              "32 rows, capped, 8 warps, 4 side by side":
-                 TileConfig(1, 128, 0, 1, 8, 1, rows=32, capped=True, engine="mma"),
-             "16 rows, x paired": TileConfig(1, 64, 0, 1, 4, 1, rows=16, x_paired=True, engine="mma"),
-             "64 rows, x paired, shared, 4 side by side":
-                 TileConfig(1, 128, 0, 1, 8, 1, rows=64, x_paired=True, engine="mma")}
+                 TileConfig(1, 128, 0, 1, 8, 1, rows=32, capped=True, engine="mma")}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
@@ -1061,32 +1013,6 @@ def test_tensor_core_capped_blocks_change_no_sum(label):
                                             (32, 4, True, 2)):
         with pytest.raises(ValueError, match="capped True"):
             cuda_mma.launch(x[:16], packed, rows, 4, warps_n, x_shared=x_shared, splits=splits, capped=True)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
-@pytest.mark.parametrize("label", ["int4-g32 act_order", "int4-g128-rtn", "ternary2-g64", "mxfp4-rtn", "nvfp4-rtn",
-                                   "int8-g64 act_order", "int2-g64-rtn"])
-def test_tensor_core_x_in_pair_order_changes_no_sum(label):
-    """x gathered into the products' order gives each product's A fragment by one ldmatrix, the same values as
-    the byte permutes: bit-identical to the same tile without it, at 16–64 rows, its gather overlapped or not,
-    and in a graph replay. Blocks of 8 rows, capped, split or x from global memory have no paired build."""
-    from quantbench.export.kernels import cuda_mma
-
-    packed = to_kernel_layout(WEIGHTS[label].to("cuda"))
-    x = torch.randn(45, IN, device="cuda").half()
-    for rows, warps, warps_n in ((16, 4, 1), (16, 8, 2), (32, 4, 4), (32, 8, 1), (64, 4, 2), (64, 8, 4)):
-        if rows not in cuda_mma.row_choices(packed):
-            continue
-        tile = TileConfig(1, 32 * warps_n, 0, 1, warps, 1, rows=rows, engine="mma")
-        for overlap in (False, True):
-            paired = dataclasses.replace(tile, x_paired=True, overlap_gather=overlap)
-            assert torch.equal(packed_matmul(x, packed, backend="mma", config=paired),
-                               packed_matmul(x, packed, backend="mma", config=tile))
-        assert_replay_equals(x, packed, paired, tile)
-    for rows, x_shared, splits, capped in ((8, True, 1, False), (16, True, 2, False), (32, True, 1, True),
-                                           (32, False, 1, False)):
-        with pytest.raises(ValueError, match="x_paired True"):
-            cuda_mma.launch(x[:32], packed, rows, 4, 4, x_shared=x_shared, splits=splits, capped=capped, x_paired=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
@@ -1213,7 +1139,7 @@ def test_tensor_core_launches_pass_sizes_and_pointers_in_the_libraries_order(eng
         out = cuda_wgmma.launch(x, packed, 32, 1)
     (gather, gather_args), (kernel, args) = calls
     assert gather == "gather" and kernel == engine and gather_args[3:6] == (40, IN, IN)
-    tile_ints = 7 if engine == "mma" else 3  # rows … splits; then 7 pointers, then M, N, K
+    tile_ints = 6 if engine == "mma" else 3  # rows … splits; then 7 pointers, then M, N, K
     pointers, sizes = args[tile_ints:tile_ints + 7], args[tile_ints + 7:tile_ints + 10]
     assert sizes == (40, OUT, IN) and out.shape == (40, OUT)
     assert pointers[0] == gather_args[2] and pointers[4] == out.data_ptr()  # the gathered x, the output

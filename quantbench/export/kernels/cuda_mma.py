@@ -21,7 +21,6 @@ SCALES_IN_B_ROWS = 64  # blocks this tall put the scales into B: no registers ar
 STEP_ROWS, SLAB = 4, 4  # word rows per k-step, k-steps per slab: split-K gives each block whole slabs
 SPLIT_ROWS = (8, 16)  # split-K is built for these blocks only (taller ones never gained from it)
 CAPPED_ROWS, CAPPED_WARPS_N = (32,), 4  # capped blocks: registers capped at 128 so that 16 warps share a multiprocessor
-PAIRED_ROWS = (16, 32, 64)  # blocks built to take x in the products' order (x shared, one split, not capped)
 
 
 def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
@@ -50,44 +49,6 @@ def capped_choices(rows: int, warps_n: int, x_shared: bool, weight: KernelWeight
     return (False, True) if rows in CAPPED_ROWS and warps_n == CAPPED_WARPS_N and x_shared and not spills else (False,)
 
 
-def paired_choices(rows: int, x_shared: bool, capped: bool, splits: int, weight: KernelWeight) -> tuple[bool, ...]:
-    """Whether to also try x gathered into the products' order (each product's A fragment one ldmatrix from
-    the stage, no byte permutes; one gather before the kernel): for blocks of 16–64 rows that stage x, one split,
-    registers not capped, K whole k-steps."""
-    whole_steps = weight.shape[1] % (STEP_ROWS * weight.per_word) == 0
-    return (False, True) if rows in PAIRED_ROWS and x_shared and not capped and splits == 1 and whole_steps \
-        else (False,)
-
-
-def products_order(per_word: int) -> torch.Tensor:
-    """Within each k-step (4 word rows of per_word stored inputs), the stored input at each position of the
-    products' order: product i, half h, thread t, element r take input per_word · t + 2i + h + r · per_word / 2,
-    the code pair (p, p + per_word / 2) of word row t that the kernel decodes into that product's B."""
-    pairs = per_word // 2
-    return torch.tensor([per_word * t + 2 * i + h + pairs * r for i in range(per_word // 4) for h in (0, 1)
-                         for t in range(STEP_ROWS) for r in (0, 1)], dtype=torch.int32)
-
-
-_paired_indices: dict[tuple, tuple[torch.Tensor | None, torch.Tensor]] = {}  # key → (act_order's perm, index)
-
-
-def paired_index(weight: KernelWeight, device: torch.device) -> torch.Tensor:
-    """The original input each position of x in the products' order reads (act_order's permutation folded in), int32 on
-    `device`, made once per permutation (per size where there is none); the entry holds the permutation, so
-    that its address names no other tensor while it lasts."""
-    k, per, perm = weight.shape[1], weight.per_word, weight.perm
-    key = (0 if perm is None else perm.data_ptr(), k, per, device)
-    cached = _paired_indices.get(key)
-    if cached is not None and cached[0] is perm:
-        return cached[1]
-    step = STEP_ROWS * per
-    positions = (torch.arange(0, k, step, dtype=torch.int32)[:, None] + products_order(per)[None, :]).reshape(-1)
-    index = positions if perm is None else perm[positions.to(perm.device).long()]
-    index = index.to(device=device, dtype=torch.int32).contiguous()
-    _paired_indices[key] = (perm, index)
-    return index
-
-
 def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: int, processors: int) -> list[int]:
     """Splits of K worth timing: none; and for blocks of 8 or 16 rows that leave multiprocessors without a
     block, the fewest splits that give each one and twice that, while each of a block's groups of warps along K
@@ -102,34 +63,29 @@ def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: 
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
-           x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False,
-           x_paired: bool = False) -> torch.Tensor:
+           x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False) -> torch.Tensor:
     """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `x_shared`: x through shared-memory
     stages instead of from global memory at each k-step; `overlap_gather` (act_order, where the device can):
     the kernel launched to start while the gather runs, else once it is done (whatever dependent launch says
     for the gather itself); `splits`: blocks along K per block of outputs, whose float32 sums the last to
     finish adds in split order; `capped` (32 rows, 4 warps along the outputs, x_shared): registers capped
-    so that 16 warps share a multiprocessor; `x_paired` (16–64 rows, x_shared, one split, not capped): x gathered
-    into the products' order before the kernel (act_order's permutation folded in), so that each A fragment is
-    one ldmatrix; `overlap_gather` applies to that gather too."""
+    so that 16 warps share a multiprocessor."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
     if (rows not in row_choices(weight) or warps not in WARPS or warps_n not in WARPS_N or warps_n > warps
             or not 1 <= splits <= 65535 or (splits > 1 and rows not in SPLIT_ROWS)
-            or capped not in capped_choices(rows, warps_n, x_shared, weight)
-            or x_paired not in paired_choices(rows, x_shared, capped, splits, weight)):
-        raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, splits {splits}, capped {capped}, x_paired "
-                         f"{x_paired}: not among {row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ warps), 1–65535 "
-                         f"(beyond 1 only with {SPLIT_ROWS} rows); capped only with {CAPPED_ROWS} rows, warps_n "
-                         f"{CAPPED_WARPS_N} and x_shared (not ternary span sums); x_paired only with {PAIRED_ROWS} "
-                         f"rows, x_shared, one split, not capped, K whole k-steps")
+            or capped not in capped_choices(rows, warps_n, x_shared, weight)):
+        raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, splits {splits}, capped {capped}: not among "
+                         f"{row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ warps), 1–65535 (beyond 1 only "
+                         f"with {SPLIT_ROWS} rows); capped only with {CAPPED_ROWS} rows, warps_n {CAPPED_WARPS_N} and "
+                         f"x_shared (not ternary span sums)")
     weight_type = WeightType.for_mma(weight, scales_in_b=rows == SCALES_IN_B_ROWS)
     arch = cuda_build.device_arch(x.device)
     with torch.cuda.device(x.device):
-        call = prepare(x, weight, weight_type, arch, overlap_gather, splits, x_paired)
+        call = prepare(x, weight, weight_type, arch, overlap_gather, splits)
         error = cuda_build.entry_point(weight_type, arch)(
-            rows, warps, warps_n, int(x_shared), int(capped), int(x_paired), splits, call.x.data_ptr(), weight.qweight.data_ptr(),
+            rows, warps, warps_n, int(x_shared), int(capped), splits, call.x.data_ptr(), weight.qweight.data_ptr(),
             weight.scales.data_ptr(), pointer(weight.zeros), call.out.data_ptr(), pointer(call.partials),
             pointer(call.arrivals), call.x.shape[0], weight.shape[0], call.x.shape[1], weight.n_groups,
             row_shift(weight), call.x.stride(0), 1.0 / weight.global_scale, call.dependent, call.stream)
@@ -149,19 +105,17 @@ class PreparedCall:
 
 
 def prepare(x: torch.Tensor, weight: KernelWeight, gather_type: WeightType, arch: str, overlap_gather: bool,
-            splits: int, x_paired: bool = False) -> PreparedCall:
+            splits: int) -> PreparedCall:
     """What a tensor-core kernel's call needs, on x's device: x contiguous and aligned, act_order gathered by
-    `gather_type`'s library (`x_paired`: into the products' order, with or without act_order; the kernel then
-    launched dependent on the gather where `overlap_gather` asks and the device can, else as dependent launch
-    says), the output and split-K's workspace."""
+    `gather_type`'s library (the kernel then launched dependent on the gather where `overlap_gather` asks and the
+    device can, else as dependent launch says), the output and split-K's workspace."""
     if x.data_ptr() % 16 or not x.is_contiguous():
         x = x.contiguous().clone()
     m = x.shape[0]
     n = weight.shape[0]
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    if x_paired or weight.perm is not None:
-        index = paired_index(weight, x.device) if x_paired else weight.perm
-        x = gather_inputs(x, index, gather_type, arch, stream)
+    if weight.perm is not None:
+        x = gather_inputs(x, weight.perm, gather_type, arch, stream)
         dependent = int(overlap_gather and cuda_build.can_launch_dependent(x.device))
     else:
         dependent = cuda_build.dependent_launch(x.device)

@@ -50,7 +50,6 @@ class TileConfig:
     overlap_gather: bool = False  # "mma", act_order: the kernel starts while its gather runs (dependent launch)
     column_blocks: int = 0  # "cuda": blocks along the outputs, even shares of ≤ block_n (0: one per block_n)
     capped: bool = False  # "mma", 32 rows, 4 warps side by side, x shared: registers capped for 16 warps an SM
-    x_paired: bool = False  # "mma", 16-64 rows, x shared, one split: x gathered into the products' order first
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
     # split_k blocks along K;
@@ -125,7 +124,7 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     if config.engine == "mma":  # gathers act_order before the kernel
         out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
                               x_shared=config.num_stages > 0, overlap_gather=config.overlap_gather,
-                              splits=config.split_k, capped=config.capped, x_paired=config.x_paired)
+                              splits=config.split_k, capped=config.capped)
         return out.view(*x.shape[:-1], n_out)
     if config.engine == "wgmma":  # gathers act_order before the kernel
         out = cuda_wgmma.launch(x2, weight, config.rows, config.num_warps // 4, config.split_k,
@@ -208,15 +207,14 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     # act_order: also with the kernel started while its gather runs (faster at some shapes, slower at others)
     m = x.shape[0]
     rows = sorted({cuda_mma.rows_for(m, weight), 16} | ({32} if m > 32 else set()))
-    # x in the products' order: one gather before the kernel (with act_order's), ldmatrix for the fragments
+    overlaps = _gather_overlaps(x, weight)
     processors = cuda_gemv.multiprocessors(x.device)
     return [TileConfig(1, 32 * warps_n, 0, splits, warps, x_shared, rows=r, overlap_gather=overlap, capped=capped,
-                       x_paired=paired, engine="mma")
+                       engine="mma")
             for r in rows for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps
             for x_shared in (0, 1) for capped in cuda_mma.capped_choices(r, warps_n, bool(x_shared), weight)
             for splits in cuda_mma.split_choices(m, weight, r, warps, warps_n, processors)
-            for paired in cuda_mma.paired_choices(r, bool(x_shared), capped, splits, weight)
-            for overlap in _gather_overlaps(x, weight, paired)]
+            for overlap in overlaps]
 
 
 def _wgmma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
@@ -234,13 +232,11 @@ def _wgmma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]
             for overlap in overlaps]
 
 
-def _gather_overlaps(x: torch.Tensor, weight: KernelWeight, x_paired: bool = False) -> tuple[bool, ...]:
-    """Whether a tensor-core kernel may start while its gather (act_order's, or x into pair order) runs: both
-    ways where the device can."""
+def _gather_overlaps(x: torch.Tensor, weight: KernelWeight) -> tuple[bool, ...]:
+    """Whether a tensor-core kernel may start while act_order's gather runs: both ways where the device can."""
     from quantbench.export.kernels import cuda_build
 
-    gathers = weight.perm is not None or x_paired
-    return (False, True) if gathers and cuda_build.can_launch_dependent(x.device) else (False,)
+    return (False, True) if weight.perm is not None and cuda_build.can_launch_dependent(x.device) else (False,)
 
 
 def tuned_configs() -> dict[tuple, TileConfig]:

@@ -25,9 +25,7 @@
 // cp.async, one or two slabs ahead, so that no load of x waits on L2. Rows of x: 8 (the upper half of each
 // m-tile idle), 16, 32, or 64 where the scales go into B (one decode of each weight for all 64 rows). Capped
 // blocks (32 rows, 4 warps side by side sharing x's stages) cap their registers at 128 so that 16 warps share a
-// multiprocessor. PAIRED blocks (16–64 rows, x shared) take x gathered into the products' order (cuda_mma.py: within
-// each k-step, product i, half h, thread t, pair element r hold stored input PER·t + 2i + h + r·PAIRS), so that one
-// ldmatrix.x4 from the stage gives a product's A fragment, without byte permutes.
+// multiprocessor.
 
 #include "tensor_core_decode.cuh"
 
@@ -35,10 +33,8 @@ namespace {
 
 constexpr int COLS = 8 * OUTS;  // outputs per warp
 constexpr int SLAB_INPUTS = SLAB * STEP_ROWS * PER;
-// One row of x in a stage: the 64 bytes keep rows g and g + 1 of a quarter warp's 16-byte reads on different banks;
-// PAIRED: 16 bytes keep the 8 rows of each ldmatrix phase on different banks.
-template <bool PAIRED>
-__host__ __device__ constexpr int x_row_bytes() { return SLAB_INPUTS * 2 + (PAIRED ? 16 : 64); }
+constexpr int X_ROW_BYTES = SLAB_INPUTS * 2 + 64;  // one row of x in a stage; the 64 bytes keep rows g and g + 1
+                                                   // of a quarter warp's 16-byte reads on different banks
 constexpr size_t STAGE_BUDGET = 224 * 1024;  // per multiprocessor: three stages a block where they fit, else two
 
 // CAPPED blocks (32 rows, x shared by 4 warps side by side) cap their registers at 128 a thread so
@@ -47,18 +43,18 @@ constexpr size_t STAGE_BUDGET = 224 * 1024;  // per multiprocessor: three stages
 template <int WARPS, bool CAPPED>
 __host__ __device__ constexpr int blocks_sharing_memory() { return CAPPED ? 16 / WARPS : 2; }
 
-template <int TILE_ROWS, int WARPS_K, int ROW_BYTES>
-__host__ __device__ constexpr size_t stage_bytes() { return static_cast<size_t>(WARPS_K) * TILE_ROWS * ROW_BYTES; }
+template <int TILE_ROWS, int WARPS_K>
+__host__ __device__ constexpr size_t stage_bytes() { return static_cast<size_t>(WARPS_K) * TILE_ROWS * X_ROW_BYTES; }
 
-template <int TILE_ROWS, int WARPS_K, int BLOCKS, int ROW_BYTES>
+template <int TILE_ROWS, int WARPS_K, int BLOCKS>
 __host__ __device__ constexpr int x_stages() {
-  return 3 * stage_bytes<TILE_ROWS, WARPS_K, ROW_BYTES>() <= STAGE_BUDGET / BLOCKS ? 3 : 2;
+  return 3 * stage_bytes<TILE_ROWS, WARPS_K>() <= STAGE_BUDGET / BLOCKS ? 3 : 2;
 }
 
 // cp.async of one slab's inputs of the block's ROWS rows of x into a stage (zeros past K or M), by the
 // GROUP_THREADS threads that share the slab, each slab one commit group. A thread copies the same 16-byte
 // column of rows r0, r0 + ROW_STEP, …: its addresses are set once, and each slab only moves them along K.
-template <int ROWS, int GROUP_THREADS, int ROW_BYTES>
+template <int ROWS, int GROUP_THREADS>
 struct XCopier {
   static constexpr int UNITS_PER_ROW = SLAB_INPUTS / 8;  // 16 bytes each
   static_assert(GROUP_THREADS % UNITS_PER_ROW == 0, "each thread keeps one column");
@@ -75,7 +71,7 @@ struct XCopier {
     column = 8 * c;
     first = x + static_cast<size_t>(min(m0 + r0, M - 1)) * stride_x + column;
     row_stride = static_cast<size_t>(ROW_STEP) * stride_x;
-    target = r0 * ROW_BYTES + 16 * c;
+    target = r0 * X_ROW_BYTES + 16 * c;
     const int rows_left = min(ROWS, M - m0) - r0;  // rows r0 + i·ROW_STEP < min(ROWS, M − m0)
     rows_inside = rows_left > 0 ? (rows_left + ROW_STEP - 1) / ROW_STEP : 0;
   }
@@ -89,7 +85,7 @@ struct XCopier {
     for (int i = 0; i < COPIES; ++i) {
       if (ROWS % ROW_STEP && first_row + i * ROW_STEP >= ROWS) break;  // past the stage's rows
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                   :: "r"(base + i * ROW_STEP * ROW_BYTES), "l"(source), "r"(i < live ? 16 : 0));
+                   :: "r"(base + i * ROW_STEP * X_ROW_BYTES), "l"(source), "r"(i < live ? 16 : 0));
       source += row_stride;
     }
     asm volatile("cp.async.commit_group;");
@@ -104,13 +100,6 @@ __device__ __forceinline__ void group_barrier(int warp_k) {
   } else {
     asm volatile("bar.sync %0, %1;" :: "r"(1 + warp_k), "n"(32 * WARPS_N) : "memory");
   }
-}
-
-// The A fragment of one m16n8k16 product from a stage in the products' order: `at` is this lane's row (lane % 8, + 8
-// for lanes 8–15 and 24–31) and 16-byte column (+ 16 bytes for lanes 16–31) of the product's 16 × 16 tile.
-__device__ __forceinline__ void load_fragment(uint32_t (&a)[4], uint32_t at) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(at));
 }
 
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -134,7 +123,7 @@ __device__ __forceinline__ void load_inputs(const half* __restrict__ x, int j, i
 }
 
 // SPLIT: blocks along K (gridDim.z of them), built apart so that one split keeps the plain kernel's code.
-template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED, bool PAIRED>
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED>
 __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WARPS, true>() : 0) packed_mma(
     const half* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ scales_,
     const uint8_t* __restrict__ zeros, half* __restrict__ out, int M, int N, int K, int n_groups, int row_shift,
@@ -149,9 +138,7 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
   // X_SHARED: step by step from the stage (0).
   constexpr int X_REGISTERS = SLAB * TILES_M * HALVES * PER / 2;
   constexpr int X_AHEAD = X_SHARED ? 0 : X_REGISTERS <= 32 ? 2 : X_REGISTERS <= 64 ? 1 : 0;
-  constexpr int ROW_BYTES = x_row_bytes<PAIRED>();
-  constexpr int STAGES = x_stages<TILE_ROWS, WARPS_K, blocks_sharing_memory<WARPS, CAPPED>(), ROW_BYTES>();
-  static_assert(!PAIRED || (X_SHARED && ROWS >= 16), "x in the products' order: 16-64 rows from shared memory");
+  constexpr int STAGES = x_stages<TILE_ROWS, WARPS_K, blocks_sharing_memory<WARPS, CAPPED>()>();
   static_assert(!CAPPED || (X_SHARED && ROWS == 32 && WARPS_N == 4), "capped: 32 rows, x shared side by side");
   static_assert(!ON_SUMS || ROWS <= 32, "64 rows of sums and span sums do not fit the registers: scales go into B");
   extern __shared__ __align__(16) unsigned char shared[];  // X_SHARED: the stages; then the warps' partial sums
@@ -182,10 +169,9 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
   uint4 next[SLAB];
   load_slab(next, w, step_begin + warp_k * SLAB, rows_end, N, n0, t, active);  // before x: it may still be being written
   wait_for_previous_kernel();
-  unsigned char* const stages = shared + static_cast<size_t>(warp_k) * TILE_ROWS * ROW_BYTES;  // this group's
-  constexpr size_t STAGE_STRIDE = stage_bytes<TILE_ROWS, WARPS_K, ROW_BYTES>();
-  const XCopier<ROWS, 32 * WARPS_N, ROW_BYTES> x_copier(x, m0, M, K, stride_x, warp_n * 32 + lane);
-  const uint32_t lane_tile = ((lane % 8) + 8 * (lane / 8 % 2)) * ROW_BYTES + 16 * (lane / 16);  // PAIRED
+  unsigned char* const stages = shared + static_cast<size_t>(warp_k) * TILE_ROWS * X_ROW_BYTES;  // this group's
+  constexpr size_t STAGE_STRIDE = stage_bytes<TILE_ROWS, WARPS_K>();
+  const XCopier<ROWS, 32 * WARPS_N> x_copier(x, m0, M, K, stride_x, warp_n * 32 + lane);
   if constexpr (X_SHARED) {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
@@ -263,35 +249,28 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
                 for (int e = 0; e < 4; ++e) sums[plane][mt][o][e] = 0.f;
         }
       }
-      if constexpr (X_SHARED && !PAIRED) {  // zeros past K and M are in the stage
+      if constexpr (X_SHARED) {  // zeros past K and M are in the stage
 #pragma unroll
         for (int mt = 0; mt < TILES_M; ++mt)
 #pragma unroll
           for (int h = 0; h < HALVES; ++h)
-            input_words(reinterpret_cast<const half*>(stage + (16 * mt + 8 * h + g) * ROW_BYTES), i * STEP_ROWS + t,
+            input_words(reinterpret_cast<const half*>(stage + (16 * mt + 8 * h + g) * X_ROW_BYTES), i * STEP_ROWS + t,
                         true, inputs[0][mt][h]);
-      } else if constexpr (!X_SHARED && !X_AHEAD) {
+      } else if constexpr (!X_AHEAD) {
         load_inputs(x, j, word_rows, m0, g, M, stride_x, inputs[0]);
       }
       uint32_t a[TILES_M][PRODUCTS][4];
 #pragma unroll
       for (int mt = 0; mt < TILES_M; ++mt) {
-        if constexpr (PAIRED) {  // k-step i's products: 16 inputs (32 bytes) each
-          const uint32_t tile = static_cast<uint32_t>(__cvta_generic_to_shared(stage)) + lane_tile + 16 * mt * ROW_BYTES +
-                                2 * i * STEP_ROWS * PER;
+        half2 low[PAIRS], high[PAIRS];
+        pairs_of(inputs[X_AHEAD ? i : 0][mt][0], low);
+        if (UPPER) pairs_of(inputs[X_AHEAD ? i : 0][mt][HALVES - 1], high);
 #pragma unroll
-          for (int i2 = 0; i2 < PRODUCTS; ++i2) load_fragment(a[mt][i2], tile + 32 * i2);
-        } else {
-          half2 low[PAIRS], high[PAIRS];
-          pairs_of(inputs[X_AHEAD ? i : 0][mt][0], low);
-          if (UPPER) pairs_of(inputs[X_AHEAD ? i : 0][mt][HALVES - 1], high);
-#pragma unroll
-          for (int i2 = 0; i2 < PRODUCTS; ++i2) {
-            a[mt][i2][0] = as_bits(low[2 * i2]);
-            a[mt][i2][1] = UPPER ? as_bits(high[2 * i2]) : 0u;
-            a[mt][i2][2] = as_bits(low[2 * i2 + 1]);
-            a[mt][i2][3] = UPPER ? as_bits(high[2 * i2 + 1]) : 0u;
-          }
+        for (int i2 = 0; i2 < PRODUCTS; ++i2) {
+          a[mt][i2][0] = as_bits(low[2 * i2]);
+          a[mt][i2][1] = UPPER ? as_bits(high[2 * i2]) : 0u;
+          a[mt][i2][2] = as_bits(low[2 * i2 + 1]);
+          a[mt][i2][3] = UPPER ? as_bits(high[2 * i2 + 1]) : 0u;
         }
       }
 #pragma unroll
@@ -365,23 +344,20 @@ struct Call {
   void *out, *partials, *arrivals;
   int splits, M, N, K, n_groups, row_shift, stride_x;
   float inverse_global_scale;
-  bool capped, paired, dependent;
+  bool capped, dependent;
   cudaStream_t stream;
 };
 
-template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED, bool PAIRED>
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED>
 cudaError_t launch(const Call& c) {
   constexpr int TILE_ROWS = ROWS <= 16 ? 16 : ROWS;
   constexpr int WARPS_K = WARPS / WARPS_N;
   const size_t partial = sizeof(float) * WARPS * TILE_ROWS * COLS;
   constexpr int BLOCKS = blocks_sharing_memory<WARPS, CAPPED>();
-  constexpr int ROW_BYTES = x_row_bytes<PAIRED>();
-  const size_t staged =
-      X_SHARED ? x_stages<TILE_ROWS, WARPS_K, BLOCKS, ROW_BYTES>() * stage_bytes<TILE_ROWS, WARPS_K, ROW_BYTES>() : 0;
+  const size_t staged = X_SHARED ? x_stages<TILE_ROWS, WARPS_K, BLOCKS>() * stage_bytes<TILE_ROWS, WARPS_K>() : 0;
   const size_t shared = staged > partial ? staged : partial;
-  auto kernel = packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED, PAIRED>;
-  const cudaError_t error =
-      allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED, PAIRED>>(shared);
+  auto kernel = packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED>;
+  const cudaError_t error = allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED>>(shared);
   if (error != cudaSuccess) return error;
   const dim3 grid((c.N + WARPS_N * COLS - 1) / (WARPS_N * COLS), (c.M + ROWS - 1) / ROWS, c.splits);
   return launch_after(kernel, grid, WARPS * 32, shared, c.stream, c.dependent,
@@ -392,23 +368,16 @@ cudaError_t launch(const Call& c) {
 
 // Split-K is built for the blocks of 8 and 16 rows only: beyond them the tuner never chose it (capped blocks
 // included).
-// Paired blocks (16–64 rows, x shared) are built without split-K or capped registers.
 template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
 cudaError_t by_split(const Call& c) {
-  if (c.paired) {
-    if constexpr (X_SHARED && ROWS >= 16) {
-      if (!c.capped && c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false, true>(c);
-    }
-    return cudaErrorInvalidValue;
-  }
   if (c.capped) {
     if constexpr (X_SHARED && ROWS == 32 && WARPS_N == 4 && !(ON_SUMS && PLANES == 2)) {  // ternary's sums spill
-      if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, true, false>(c);
+      if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, true>(c);
     }
     return cudaErrorInvalidValue;
   }
-  if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false, false>(c);
-  if constexpr (ROWS <= 16) return launch<ROWS, WARPS, WARPS_N, X_SHARED, true, false, false>(c);
+  if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false>(c);
+  if constexpr (ROWS <= 16) return launch<ROWS, WARPS, WARPS_N, X_SHARED, true, false>(c);
   return cudaErrorInvalidValue;
 }
 
@@ -472,19 +441,16 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
 // Returns a cudaError_t (0: launched). rows_per_block 8, 16, 32, or 64 where the scales go into B (SPAN 0);
 // warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
 // (K a multiple of 8); capped (32 rows, x_shared, warps_n 4): registers capped so that 16 warps share a
-// multiprocessor; x_paired (16–64 rows, x_shared, one split, not capped): x gathered into the products' order (K a
-// multiple of 4 word rows); splits > 1
-// (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
+// multiprocessor; splits > 1 (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
 // floats and `arrivals` one zeroed int per block of outputs (packed_gemv.cu's workspace). x [M, K] float16 in the stored input order, rows 16-byte aligned. dependent: launched
 // to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
-extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, int capped,
-                                     int x_paired, int splits,
+extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, int capped, int splits,
                                      const void* x, const void* w, const void* scales, const void* zeros, void* out,
                                      void* partials, void* arrivals, int M, int N, int K, int n_groups, int row_shift,
                                      int stride_x, float inverse_global_scale, int dependent, void* stream) {
   if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
   const Call c{x, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
-               inverse_global_scale, capped != 0, x_paired != 0, dependent != 0, static_cast<cudaStream_t>(stream)};
+               inverse_global_scale, capped != 0, dependent != 0, static_cast<cudaStream_t>(stream)};
   if (x_shared) return K % 8 ? cudaErrorInvalidValue : by_rows<true>(rows_per_block, warps, warps_n, c);
   return by_rows<false>(rows_per_block, warps, warps_n, c);
 }
