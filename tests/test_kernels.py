@@ -603,6 +603,31 @@ def test_cuda_kernel_libraries_are_built_per_weight_type_with_the_scale_span_of_
     assert [f"-DLOAD_ONLY={level}" in build.defines() for level, build in enumerate(builds)] == [True] * 3
 
 
+def test_mxfp4_scales_go_into_b_only_where_every_block_stays_an_exact_float16_normal():
+    """E8M0 codes 114–140: every E2M1 value (0.5 … 6) times 2^(code − 127) is a float16 normal, so B holds the
+    dequantized weight exactly; one code beyond either end leaves the normals (0.5 · 2^-14 below them, 6 · 2^14
+    above 65504). The check runs once per scales tensor; other kinds always put their scales in B at 64 rows."""
+    from quantbench.export.kernels.cuda_mma import MX_CODES_IN_B, mx_scales_fit_b, row_choices
+
+    e2m1 = torch.tensor([0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+    smallest_normal, largest = 2.0 ** -14, 65504.0
+    low, high = MX_CODES_IN_B
+    for code in range(low, high + 1):
+        values = e2m1 * 2.0 ** (code - 127)
+        assert torch.equal(values.half().double(), values) and values.min() >= smallest_normal
+        assert values.max() <= largest
+    assert 0.5 * 2.0 ** (low - 1 - 127) < smallest_normal and 6 * 2.0 ** (high + 1 - 127) > largest
+    mxfp4 = to_kernel_layout(WEIGHTS["mxfp4-rtn"])
+    for code, fits in ((low, True), (high, True), (low - 1, False), (high + 1, False)):
+        scales = mxfp4.scales.clone()
+        scales[0, 0] = code
+        weight = dataclasses.replace(mxfp4, scales=scales)
+        assert mx_scales_fit_b(weight) is fits and (64 in row_choices(weight)) is fits
+        scales[0, 0] = 126  # checked once: the answer stays with this tensor
+        assert mx_scales_fit_b(weight) is fits
+    assert mx_scales_fit_b(to_kernel_layout(WEIGHTS["nvfp4-rtn"])) and 64 in row_choices(mxfp4)
+
+
 def test_tensor_core_libraries_load_scales_once_per_span_of_k_steps_that_share_them():
     """A k-step is 4 word rows (one per thread of a quad); the span is how many share one group (at most a
     slab of 4), their sums scaled together; 0 where the rows of a k-step differ in group, or NVFP4: then
@@ -622,8 +647,9 @@ def test_tensor_core_libraries_load_scales_once_per_span_of_k_steps_that_share_t
     int4 = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
     in_b = WeightType.for_mma(int4, scales_in_b=True)  # 64-row blocks: the scales go into B
     assert in_b.flush == 0 and library_path(in_b, "90") != library_path(WeightType.for_mma(int4), "90")
-    with pytest.raises(ValueError, match="MXFP4"):
-        WeightType.for_mma(to_kernel_layout(WEIGHTS["mxfp4-rtn"]), scales_in_b=True)
+    mxfp4 = to_kernel_layout(WEIGHTS["mxfp4-rtn"])  # 64-row blocks where its scales keep B exact
+    mx_in_b = WeightType.for_mma(mxfp4, scales_in_b=True)
+    assert mx_in_b.flush == 0 and library_path(mx_in_b, "90") != library_path(WeightType.for_mma(mxfp4), "90")
     assert library_path(WeightType.for_mma(int4), "90").name.startswith("packed_mma-")
     assert library_path(WeightType.of(int4, False), "90").name.startswith("packed_gemv-")
 
@@ -654,8 +680,10 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
                     for c in matmul._mma_candidates(x.repeat(4, 1), act_order)}
         assert {o for *_, o in overlaps} == ({False, True} if overlapping else {False})
         assert not overlapping or all((*tile, not o) in overlaps for *tile, o in overlaps)  # every tile both ways
-    mxfp4 = to_kernel_layout(WEIGHTS["mxfp4-rtn"])  # its scales cannot go into B: no 64-row blocks
-    assert {c.rows for c in matmul._mma_candidates(x.repeat(64, 1), mxfp4)} == {16, 32}
+    mxfp4 = to_kernel_layout(WEIGHTS["mxfp4-rtn"])  # its scales keep B exact: 64-row blocks too
+    assert {c.rows for c in matmul._mma_candidates(x.repeat(64, 1), mxfp4)} == {16, 32, 64}
+    wide = dataclasses.replace(mxfp4, scales=mxfp4.scales.clone().index_fill_(1, torch.tensor([3]), 141))
+    assert {c.rows for c in matmul._mma_candidates(x.repeat(64, 1), wide)} == {16, 32}  # one block's 6 · 2^14
     assert {c.engine for c in matmul._engine_candidates(x.repeat(20, 1), packed)} == {"triton", "mma"}
     assert {c.engine for c in matmul._engine_candidates(x.repeat(65, 1), packed)} == {"triton"}
     # registers a slab or a row at a time, and cp.async stages; 4 rows of x: registers only
@@ -934,10 +962,10 @@ MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows
 @pytest.mark.parametrize("batch", [1, 5, 16, 40])
 def test_tensor_core_kernel_equals_the_dequantized_matmul_on_partial_tiles(label, tile, batch):
     """80 outputs fill no block of 32–128; 1, 5 and 40 rows leave partial row blocks, 40 also spans two
-    blocks of 32; act_order is gathered before the call. 64-row blocks put the scales into B (not MXFP4's)."""
+    blocks of 32; act_order is gathered before the call. 64-row blocks put the scales into B (MXFP4's too: the
+    test weight's scales keep B exact)."""
     stored = WEIGHTS[label].to("cuda")
-    refused = {"rows 64": MMA_TILES[tile].rows == 64 and label.startswith("mxfp4"),
-               "capped True": MMA_TILES[tile].capped and label.startswith("ternary2")}  # its span sums spill
+    refused = {"capped True": MMA_TILES[tile].capped and label.startswith("ternary2")}  # its span sums spill
     refusal = next((match for match, expected in refused.items() if expected), None)
     if refusal:
         with pytest.raises(ValueError, match=refusal):
@@ -1013,6 +1041,28 @@ def test_tensor_core_capped_blocks_change_no_sum(label):
                                             (32, 4, True, 2)):
         with pytest.raises(ValueError, match="capped True"):
             cuda_mma.launch(x[:16], packed, rows, 4, warps_n, x_shared=x_shared, splits=splits, capped=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
+def test_tensor_core_mxfp4_scales_in_b_build_each_blocks_power_of_two_from_its_code():
+    """64-row blocks scale MXFP4's B by 2^(code − 127) built from the code's bits: blocks at the lowest code that
+    fits and far above the test weight's own give the dequantized matmul, as the span sums of 32-row blocks do; a
+    code beyond the range is refused at 64 rows."""
+    from quantbench.export.kernels import cuda_mma
+    from quantbench.export.kernels.reference import dequantize_kernel_weight
+
+    mxfp4 = to_kernel_layout(WEIGHTS["mxfp4-rtn"].to("cuda"))
+    scales = mxfp4.scales.clone()
+    scales[0, :40], scales[1, 40:] = cuda_mma.MX_CODES_IN_B[0], 135
+    weight = dataclasses.replace(mxfp4, scales=scales)
+    x = 0.01 * torch.randn(64, IN, device="cuda").half()
+    expected = x.float() @ dequantize_kernel_weight(weight).T
+    for rows in (32, 64):
+        got = packed_matmul(x, weight, backend="mma", config=TileConfig(1, 64, 0, 1, 4, 1, rows=rows, engine="mma"))
+        torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    wide = dataclasses.replace(mxfp4, scales=scales.clone().fill_(141))
+    with pytest.raises(ValueError, match="rows 64"):
+        cuda_mma.launch(x, wide, 64, 4, 2, x_shared=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")

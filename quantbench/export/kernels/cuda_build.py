@@ -60,10 +60,8 @@ class WeightType:
     def for_mma(cls, weight: KernelWeight, scales_in_b: bool = False) -> WeightType:
         """The tensor-core kernel's type: its span, the k-steps that share one scale (at most a slab), or 0
         where groups are shorter than a k-step, for NVFP4 (its scales go into B, where they stay exact) and
-        where `scales_in_b` asks for it (64-row blocks: no registers for span sums; not MXFP4, whose scales
-        may leave float16's range)."""
-        if scales_in_b and weight.kind == "mxfp4":
-            raise ValueError("MXFP4 scales go onto the sums: they may leave float16's range in B")
+        where `scales_in_b` asks for it (64-row blocks: no registers for span sums; MXFP4 only where its scales
+        keep B exact, which the caller checks: cuda_mma.mx_scales_fit_b)."""
         group_rows = weight.shape[1] // weight.per_word if weight.group >= weight.shape[1] else \
             weight.group // weight.per_word
         span = 0 if scales_in_b or weight.kind == "nvfp4" or group_rows < MMA_STEP_ROWS else \
@@ -262,7 +260,8 @@ def pointer(tensor: torch.Tensor | None) -> int:
 def every_weight_type() -> list[WeightType]:
     """The types the kernels see. CUDA cores: int 2/4/8 bits with and without zeros and act_order, at every
     scale span, ternary pairs, MXFP4 (blocks of 4 word rows), NVFP4 (2). Tensor cores: the same without
-    act_order, per span of k-steps (0: scales into B); warpgroup products: those of span 0 but MXFP4."""
+    act_order, per span of k-steps (0: scales into B, MXFP4's too); warpgroup products: those of span 0 but
+    MXFP4."""
     gemv = [WeightType(0, bits, zeros, perm, flush) for bits in (2, 4, 8) for zeros in (False, True)
             for perm in (False, True) for flush in (1, 2, 4, 8)]
     gemv += [*(WeightType(1, 4, False, False, flush) for flush in (1, 2, 4, 8)),
@@ -270,7 +269,8 @@ def every_weight_type() -> list[WeightType]:
     mma = [WeightType(0, bits, zeros, False, span, kernel="mma") for bits in (2, 4, 8) for zeros in (False, True)
            for span in (0, 1, 2, 4)]
     mma += [*(WeightType(1, 4, False, False, span, kernel="mma") for span in (0, 1, 2, 4)),
-            WeightType(2, 4, False, False, 1, kernel="mma"), WeightType(3, 4, False, False, 0, kernel="mma")]
+            *(WeightType(2, 4, False, False, span, kernel="mma") for span in (0, 1)),
+            WeightType(3, 4, False, False, 0, kernel="mma")]
     wgmma = [dataclasses.replace(t, kernel="wgmma") for t in mma if t.flush == 0 and t.kind != KIND_CODES["mxfp4"]]
     return gemv + mma + wgmma
 

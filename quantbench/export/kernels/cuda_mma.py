@@ -30,9 +30,32 @@ def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
     return cuda_build.unsupported_reason(x, weight)
 
 
+MX_CODES_IN_B = (114, 140)  # E8M0 codes c whose blocks stay exact float16 normals in B: 0.5·2^(c−127) ≥ 2^-14,
+# 6·2^(c−127) ≤ 65504
+_mx_scales_checked: dict[int, tuple[torch.Tensor, bool]] = {}  # scales' address → (the scales, whether they fit)
+
+
+def mx_scales_fit_b(weight: KernelWeight) -> bool:
+    """MXFP4: whether every block's E2M1 values times its scale are exact float16 normals (E8M0 codes 114–140,
+    scales 2^-13 … 2^13), so that the scales may go into B; checked once per scales tensor, outside a CUDA graph
+    capture (inside one, an unchecked weight counts as not fitting). Other kinds: True."""
+    if weight.kind != "mxfp4":
+        return True
+    scales = weight.scales
+    checked = _mx_scales_checked.get(scales.data_ptr())
+    if checked is not None and checked[0] is scales:
+        return checked[1]
+    if scales.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    low, high = MX_CODES_IN_B
+    fits = bool(((scales >= low) & (scales <= high)).all())
+    _mx_scales_checked[scales.data_ptr()] = (scales, fits)
+    return fits
+
+
 def row_choices(weight: KernelWeight) -> tuple[int, ...]:
-    """Rows per block this weight can take: 64 only where its scales can go into B (not MXFP4)."""
-    return ROWS if weight.kind != "mxfp4" else tuple(r for r in ROWS if r < SCALES_IN_B_ROWS)
+    """Rows per block this weight can take: 64 only where its scales can go into B (MXFP4: mx_scales_fit_b)."""
+    return ROWS if mx_scales_fit_b(weight) else tuple(r for r in ROWS if r < SCALES_IN_B_ROWS)
 
 
 def rows_for(m: int, weight: KernelWeight) -> int:

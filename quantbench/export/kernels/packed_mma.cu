@@ -11,7 +11,8 @@
 // + 2i + r, … + PAIRS). The A fragments are the matching pairs of x's rows g and g + 8.
 //
 // Scales: where a group spans whole k-steps (SPAN > 0), B holds q − z exactly (ternary: each trit plane
-// apart, MXFP4: the E2M1 values) and each span's sums are scaled in float32, per accumulator column.
+// apart, MXFP4: the E2M1 values) and each span's sums are scaled in float32, per accumulator column. 64-row blocks
+// put the scales into B (MXFP4's only where cuda_mma.py found them exact there).
 // Shorter groups differ between the rows of one k-step, so each thread scales its B (float16 scales:
 // one rounding, as a dequantized float16 weight); NVFP4's E2M1 × E4M3 products are exact in float16 and
 // its global scale is applied last.

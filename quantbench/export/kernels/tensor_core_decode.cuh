@@ -33,7 +33,8 @@ __host__ __device__ inline int split_steps(int steps, int splits) {
 }
 
 constexpr bool ON_SUMS = SPAN > 0;  // scales applied to each span's sums (else to B, per word row)
-static_assert(KIND != 2 || ON_SUMS, "MXFP4 scales may leave float16's range: they go onto the sums");
+// MXFP4 scales go into B only for weights whose every E8M0 code keeps its block's E2M1 values float16 normals
+// (cuda_mma.py checks them before choosing such a build); else onto the sums.
 static_assert(KIND != 3 || !ON_SUMS, "NVFP4 blocks of 16 are shorter than a k-step");
 constexpr int PLANES = KIND == 1 ? 2 : 1;  // ternary on sums: each trit plane summed apart
 
@@ -86,7 +87,7 @@ __device__ __forceinline__ ScaleBits load_scale_bits(const void* __restrict__ sc
 #endif
 #else
   const uint8_t* codes = static_cast<const uint8_t*>(scales_);
-  if (KIND == 2) {
+  if (KIND == 2 && ON_SUMS) {
     bits.low[0].x = four_bytes(codes + at_sums, low);
     bits.high[0].x = four_bytes(codes + at_sums + 4, high);
   } else {
@@ -133,9 +134,14 @@ __device__ __forceinline__ Scales unpack_scales(const ScaleBits& bits) {
 #pragma unroll
       for (int f = 0; f < FIELDS; ++f) s.bias[o][f] = field_bias(zero, BITS * f);
     }
-#elif KIND == 2  // a code 0 past N scales sums that are zero
-    s.c_low[0][o] = e8m0_value((bits.low[0].x >> (8 * o)) & 0xFFu);
-    s.c_high[0][o] = e8m0_value((bits.high[0].x >> (8 * o)) & 0xFFu);
+#elif KIND == 2  // on sums, a code 0 past N scales sums that are zero
+    if (ON_SUMS) {
+      s.c_low[0][o] = e8m0_value((bits.low[0].x >> (8 * o)) & 0xFFu);
+      s.c_high[0][o] = e8m0_value((bits.high[0].x >> (8 * o)) & 0xFFu);
+    } else {  // 2^(code − 127) as float16 bits (exponent field code − 112), in both lanes
+      const uint32_t exponent = (((bits.low[0].x >> (8 * o)) & 0xFFu) - 112u) << 10;
+      s.b[0][o] = as_half2(exponent | exponent << 16);
+    }
 #elif KIND == 3
     s.b[0][o] = __float2half2_rn(e4m3_value((bits.low[0].x >> (8 * o)) & 0xFFu));
 #endif
@@ -163,7 +169,7 @@ __device__ __forceinline__ void decode_word(uint32_t word, const Scales& s, int 
       b[0][p] = as_bits(__hfma2(t2, s.b[PLANES - 1][o], __hmul2(t1, s.b[0][o])));
     }
 #elif KIND == 2
-    b[0][p] = as_bits(e2m1_pair(bytes, bit));
+    b[0][p] = as_bits(ON_SUMS ? e2m1_pair(bytes, bit) : __hmul2(e2m1_pair(bytes, bit), s.b[0][o]));
 #else
     b[0][p] = as_bits(__hmul2(e2m1_pair(bytes, bit), s.b[0][o]));
 #endif
