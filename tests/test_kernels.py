@@ -607,6 +607,8 @@ def test_mxfp4_scales_go_into_b_only_where_every_block_stays_an_exact_float16_no
     """E8M0 codes 114–140: every E2M1 value (0.5 … 6) times 2^(code − 127) is a float16 normal, so B holds the
     dequantized weight exactly; one code beyond either end leaves the normals (0.5 · 2^-14 below them, 6 · 2^14
     above 65504). The check runs once per scales tensor; other kinds always put their scales in B at 64 rows."""
+    import weakref
+
     from quantbench.export.kernels.cuda_mma import MX_CODES_IN_B, mx_scales_fit_b, row_choices
 
     e2m1 = torch.tensor([0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
@@ -626,6 +628,9 @@ def test_mxfp4_scales_go_into_b_only_where_every_block_stays_an_exact_float16_no
         scales[0, 0] = 126  # checked once: the answer stays with this tensor
         assert mx_scales_fit_b(weight) is fits
     assert mx_scales_fit_b(to_kernel_layout(WEIGHTS["nvfp4-rtn"])) and 64 in row_choices(mxfp4)
+    alive = weakref.ref(scales)
+    del scales, weight
+    assert alive() is None  # the check keeps no weight's scales alive
 
 
 def test_tensor_core_libraries_load_scales_once_per_span_of_k_steps_that_share_them():

@@ -5,6 +5,7 @@ dependent on it, it loads its weights while the gather runs."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
 
 MX_CODES_IN_B = (114, 140)  # E8M0 codes c whose blocks stay exact float16 normals in B: 0.5·2^(c−127) ≥ 2^-14,
 # 6·2^(c−127) ≤ 65504
-_mx_scales_checked: dict[int, tuple[torch.Tensor, bool]] = {}  # scales' address → (the scales, whether they fit)
+_mx_scales_checked: dict[int, tuple[weakref.ref, bool]] = {}  # scales' address → (the scales, whether they fit)
 
 
 def mx_scales_fit_b(weight: KernelWeight) -> bool:
@@ -43,13 +44,13 @@ def mx_scales_fit_b(weight: KernelWeight) -> bool:
         return True
     scales = weight.scales
     checked = _mx_scales_checked.get(scales.data_ptr())
-    if checked is not None and checked[0] is scales:
+    if checked is not None and checked[0]() is scales:  # not a dead tensor's address taken by another
         return checked[1]
     if scales.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     low, high = MX_CODES_IN_B
     fits = bool(((scales >= low) & (scales <= high)).all())
-    _mx_scales_checked[scales.data_ptr()] = (scales, fits)
+    _mx_scales_checked[scales.data_ptr()] = (weakref.ref(scales), fits)
     return fits
 
 
