@@ -616,9 +616,9 @@ Weight checked(const at::Tensor& words, const at::Tensor& scales, const at::Tens
 }
 
 // x float32 [M, K], or bfloat16 where takes_bfloat16(kind, bits), inputs in the weight's stored order →
-// x·Wᵀ float32 [M, N]
+// x·Wᵀ float32 [M, N]; in_x_dtype: bfloat16 for bfloat16 x, rounded here as torch rounds (one call less from Python)
 at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales,
-                         const at::Tensor& zeros, int64_t kind, int64_t bits, int64_t group) {
+                         const at::Tensor& zeros, int64_t kind, int64_t bits, int64_t group, bool in_x_dtype) {
   const Weight w = checked(words, scales, zeros, kind, bits, group);
   const Functions fns = functions_for(kind, bits);
   const bool pairs = x.scalar_type() == at::kBFloat16;
@@ -650,7 +650,7 @@ at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& words, const at:
                      out_data + m0 * w.N);
       }
   });
-  return out;
+  return pairs && in_x_dtype ? out.to(at::kBFloat16) : out;
 }
 
 // out float32 [rows, N] ← the stored inputs [start, start + rows) decoded (whole words)
@@ -796,8 +796,8 @@ int64_t threads_used(int64_t tasks) {
 }  // namespace
 
 TORCH_LIBRARY(quantbench_cpu, m) {
-  m.def("packed_matmul(Tensor x, Tensor words, Tensor scales, Tensor zeros, int kind, int bits, int group) "
-        "-> Tensor");
+  m.def("packed_matmul(Tensor x, Tensor words, Tensor scales, Tensor zeros, int kind, int bits, int group, "
+        "bool in_x_dtype=False) -> Tensor");
   m.def("decode(Tensor(a!) out, Tensor words, Tensor scales, Tensor zeros, int kind, int bits, int group, "
         "int start) -> ()");
   m.def("input_gradient(Tensor grad, Tensor words, Tensor scales, Tensor zeros, int kind, int bits, int group) "
