@@ -2,8 +2,8 @@
 found as the tuner finds it (checked against the torch fallback), then the winners and fp16 torch.matmul timed
 alternately in one run (cold L2, CUDA graphs: bench/kernel_speed.py's timer).
 
-    python bench/kernel_tiles.py --engines mma --family words_staged --shapes 8192x8192 --batches 16 32 64 \
-        --variants int4-g128 nvfp4 --json tiles.json
+    python bench/kernel_tiles.py --engines mma --family rows --shapes 8192x8192 --batches 32 64 \
+        --variants mxfp4 nvfp4 --json tiles.json
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def alternated(calls: dict[str, object], x: torch.Tensor, timer: Timer, rounds: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="words_staged", help="the TileConfig field that splits the candidates")
+    parser.add_argument("--family", default="rows", help="the TileConfig field that splits the candidates (rows, "
+                        "num_stages, capped, split_k, …)")
     parser.add_argument("--engines", default="mma", help=f"as {ENGINES_ENV}")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=[16, 32, 64])
