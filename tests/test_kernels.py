@@ -763,8 +763,7 @@ def test_tensor_core_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_pe
     assert split_choices(8, down, 8, 8, 1, 132) == [1, 2, 4]
     assert split_choices(16, down, 16, 4, 4, 132) == [1, 8, 16]  # 32 blocks of 128 outputs: 8 splits fill
     assert split_choices(16, down, 16, 8, 1, 64) == [1]  # 128 blocks fill 64 processors already
-    assert split_choices(32, down, 32, 8, 1, 132) == [1]  # split-K is built for blocks of 8, 16 and 64 rows only
-    assert split_choices(64, down, 64, 4, 4, 132) == [1, 8, 16]  # 32 blocks of 128 outputs, 64 rows
+    assert split_choices(32, down, 32, 8, 1, 132) == [1]  # split-K is built for blocks of 8 and 16 rows only
     # 8 k-steps, 8 warps along K: no split leaves each of them a slab of its own
     assert split_choices(1, SimpleNamespace(shape=(80, 256), per_word=8), 16, 8, 1, 132) == [1]
 
@@ -1011,11 +1010,10 @@ def test_tensor_core_kernel_handles_a_partial_slab_of_k_steps(name, x_shared):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
 @pytest.mark.parametrize(("label", "rows"), [("int4-g32 act_order", 8), ("int4-g32 act_order", 16),
-                                             ("ternary2-g64", 16), ("mxfp4-rtn", 8), ("nvfp4-rtn", 16),
-                                             ("int4-g128-rtn", 64), ("mxfp4-rtn", 64)])
+                                             ("ternary2-g64", 16), ("mxfp4-rtn", 8), ("nvfp4-rtn", 16)])
 def test_tensor_core_split_k_sums_in_a_fixed_order_and_rearms_its_counts(label, rows):
     """Blocks along K, their float32 sums added in split order by the last to finish (as the CUDA-core
-    kernel's). 3 splits of 8 k-steps (whole slabs of 4) leave the third block none. 32-row blocks have no
+    kernel's). 3 splits of 8 k-steps (whole slabs of 4) leave the third block none. Taller blocks have no
     split-K build: refused."""
     from quantbench.export.kernels import cuda_mma
 

@@ -20,7 +20,7 @@ WARPS_N = (1, 2, 4)  # warps side by side along the outputs (32 each); the other
 MAX_ROWS = 64  # beyond this only the tl.dot kernel is tried
 SCALES_IN_B_ROWS = 64  # blocks this tall put the scales into B: no registers are left for span sums
 STEP_ROWS, SLAB = 4, 4  # word rows per k-step, k-steps per slab: split-K gives each block whole slabs
-SPLIT_ROWS = (8, 16, 64)  # split-K is built for these blocks only (32-row ones never gained from it)
+SPLIT_ROWS = (8, 16)  # split-K is built for these blocks only (taller ones never gained from it)
 CAPPED_ROWS, CAPPED_WARPS_N = (32,), 4  # capped blocks: registers capped at 128 so that 16 warps share a multiprocessor
 
 
@@ -74,7 +74,7 @@ def capped_choices(rows: int, warps_n: int, x_shared: bool, weight: KernelWeight
 
 
 def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: int, processors: int) -> list[int]:
-    """Splits of K worth timing: none; and for blocks of 8, 16 or 64 rows that leave multiprocessors without a
+    """Splits of K worth timing: none; and for blocks of 8 or 16 rows that leave multiprocessors without a
     block, the fewest splits that give each one and twice that, while each of a block's groups of warps along K
     keeps a slab of its own in each split."""
     blocks = -(-weight.shape[0] // (32 * warps_n)) * -(-m // rows)

@@ -19,7 +19,7 @@
 //
 // A block's WARPS warps cover WARPS_N × 32 outputs and split the k-steps among WARPS / WARPS_N of them in
 // slabs of 4, the next slab's words (and scale bits, where each k-step has its own) loading into registers
-// while one is decoded; their sums meet in shared memory. Split-K (8-, 16- and 64-row blocks) gives each of
+// while one is decoded; their sums meet in shared memory. Split-K (8- and 16-row blocks) gives each of
 // gridDim.z blocks a run of whole slabs and adds their float32 sums as packed_gemv.cu does: the last to
 // arrive, in split order. x's pairs come from global memory (a slab ahead where two slabs of them fit in 64
 // registers), or (X_SHARED) from a ring of 2–3 shared-memory stages that the warps sharing a slab fill with
@@ -367,8 +367,8 @@ cudaError_t launch(const Call& c) {
       static_cast<float*>(c.partials), static_cast<int*>(c.arrivals));
 }
 
-// Split-K is built for the blocks of 8, 16 and 64 rows: 32-row blocks never gained from it (capped ones included),
-// and 64-row blocks of 4 warps side by side leave multiprocessors without a block at 4096 outputs.
+// Split-K is built for the blocks of 8 and 16 rows only: beyond them the tuner never chose it (capped blocks
+// included).
 template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
 cudaError_t by_split(const Call& c) {
   if (c.capped) {
@@ -378,7 +378,7 @@ cudaError_t by_split(const Call& c) {
     return cudaErrorInvalidValue;
   }
   if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false>(c);
-  if constexpr (ROWS <= 16 || ROWS == 64) return launch<ROWS, WARPS, WARPS_N, X_SHARED, true, false>(c);
+  if constexpr (ROWS <= 16) return launch<ROWS, WARPS, WARPS_N, X_SHARED, true, false>(c);
   return cudaErrorInvalidValue;
 }
 
@@ -442,7 +442,7 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
 // Returns a cudaError_t (0: launched). rows_per_block 8, 16, 32, or 64 where the scales go into B (SPAN 0);
 // warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
 // (K a multiple of 8); capped (32 rows, x_shared, warps_n 4): registers capped so that 16 warps share a
-// multiprocessor; splits > 1 (8, 16 or 64 rows per block): blocks along K, `partials` holding splits · M · N
+// multiprocessor; splits > 1 (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
 // floats and `arrivals` one zeroed int per block of outputs (packed_gemv.cu's workspace). x [M, K] float16 in the stored input order, rows 16-byte aligned. dependent: launched
 // to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
 extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, int capped, int splits,
