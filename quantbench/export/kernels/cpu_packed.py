@@ -79,7 +79,7 @@ def cpu_packed_matmul(x: torch.Tensor, weight: KernelWeight, path: str | None = 
     pairs = x.dtype == torch.bfloat16 and takes_bfloat16(weight)
     if path == "kernel" or (path is None and (pairs or x.shape[0] <= most_kernel_rows(weight.kind))):
         out = _ops().packed_matmul(x.contiguous() if pairs else x.float().contiguous(), words, scales, zeros, kind,
-                                   bits, group, True)
+                                   bits, group, in_x_dtype=True)
     else:
         x32 = x.float()
         out = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32)
