@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
 import statistics
 import sys
@@ -34,12 +35,18 @@ from quantbench.export.kernels.cuda_build import WeightType  # noqa: E402
 from quantbench.export.kernels.matmul import _fastest, _mma_candidates  # noqa: E402
 
 
-@contextlib.contextmanager
-def library(path: Path, weight_type: WeightType, arch: str):
-    """Calls of `weight_type`'s tensor-core kernel go to the library at `path` inside the block."""
+@functools.cache
+def _entry(path: Path):
     name, arguments = cuda_build._SIGNATURES["mma"]
     entry = getattr(ctypes.CDLL(str(path)), name)
     entry.restype, entry.argtypes = ctypes.c_int, arguments
+    return entry
+
+
+@contextlib.contextmanager
+def library(path: Path, weight_type: WeightType, arch: str):
+    """Calls of `weight_type`'s tensor-core kernel go to the library at `path` inside the block (loaded once)."""
+    entry = _entry(path)
     key = (weight_type, arch, "mma")
     cuda_build.entry_point(weight_type, arch)  # the current build loaded first, so that it can be put back
     current = cuda_build._functions[key]
@@ -69,8 +76,8 @@ def main() -> None:
         for label in args.variants:
             weight = kernel_weight(label, n, k, "cuda")
             weight_type = WeightType.for_mma(weight, scales_in_b=args.rows == 64)
-            t = weight_type
-            old = args.old / f"mma-{t.kind}-{t.bits}-{int(t.zeros)}-0-{t.flush}.so"
+            old = args.old / (f"mma-{weight_type.kind}-{weight_type.bits}-{int(weight_type.zeros)}-0-"
+                              f"{weight_type.flush}.so")
             for batch in args.batches:
                 x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
                 tiles = [c for c in _mma_candidates(x, weight) if c.rows == args.rows and not c.capped]
