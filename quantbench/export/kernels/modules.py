@@ -103,12 +103,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
-            perm = self.perm
-            if perm is not None and torch.compiler.is_compiling():
-                # act_order gathered in the graph: the compiler fuses it into the kernel that writes x (a norm,
-                # silu·mul), and the matmul runs the weight without a permutation
-                x, perm = x.index_select(-1, perm), None
-            y = packed_linear(x, self.qweight, self.scales, self.zeros, perm, self.kind, self.bits,
+            y = packed_linear(x, self.qweight, self.scales, self.zeros, self.perm, self.kind, self.bits,
                               self.out_features, self.in_features, self.group, self.global_scale, self.backend)
         elif self._runs_cpu_kernel(x):  # eager inference skips the dispatcher, and on the CPU packed_matmul too
             flat = cpu_packed.cpu_packed_matmul(x.reshape(-1, self.in_features), self.kernel_weight)
