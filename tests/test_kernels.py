@@ -768,17 +768,14 @@ def test_tensor_core_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_pe
     assert split_choices(1, SimpleNamespace(shape=(80, 256), per_word=8), 16, 8, 1, 132) == [1]
 
 
-def test_tensor_core_capped_blocks_are_offered_for_64_rows_and_32_rows_whose_warps_share_x_side_by_side():
+def test_tensor_core_capped_blocks_are_offered_for_32_rows_whose_warps_share_x_side_by_side():
     from quantbench.export.kernels.cuda_mma import capped_choices
     from quantbench.export.kernels.matmul import _mma_candidates
 
     int4 = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
     assert capped_choices(32, 4, True, int4) == (False, True)
-    for rows, warps_n, x_shared in ((16, 4, True), (32, 2, True), (32, 4, False)):
+    for rows, warps_n, x_shared in ((16, 4, True), (64, 4, True), (32, 2, True), (32, 4, False)):
         assert capped_choices(rows, warps_n, x_shared, int4) == (False,)
-    for warps_n, x_shared in ((1, False), (2, True), (4, True)):  # 64 rows: any warps, x from either memory
-        assert capped_choices(64, warps_n, x_shared, int4) == (False, True)
-    assert capped_choices(64, 1, True, to_kernel_layout(WEIGHTS["int2-g64-rtn"])) == (False,)  # int2 spills
     # ternary's two planes of span sums spill under the cap; groups shorter than a k-step scale B instead
     assert capped_choices(32, 4, True, to_kernel_layout(WEIGHTS["ternary2-g64"])) == (False,)
     assert capped_choices(32, 4, True, to_kernel_layout(ternary_weight(16))) == (False, True)
@@ -787,13 +784,10 @@ def test_tensor_core_capped_blocks_are_offered_for_64_rows_and_32_rows_whose_war
             patch("quantbench.export.kernels.cuda_build.can_launch_dependent", return_value=False):
         up = SimpleNamespace(shape=(14336, 4096), per_word=8, kind="int", perm=None, group=128, bits=4, zeros=None)
         tiles = _mma_candidates(torch.zeros(32, 1), up)
-        tall = _mma_candidates(torch.zeros(64, 1), up)
     capped = [t for t in tiles if t.capped]
     assert {(t.rows, t.num_warps, t.block_n, t.num_stages) for t in capped} == {(32, 4, 128, 1), (32, 8, 128, 1)}
     assert {t.split_k for t in capped} == {1}
     assert len(tiles) == len(set(tiles))
-    capped_64 = {(t.num_warps, t.block_n, t.num_stages) for t in tall if t.capped and t.rows == 64}
-    assert capped_64 == {(w, 32 * n, x) for w in (4, 8) for n in (1, 2, 4) for x in (0, 1) if n <= w}
 
 
 def test_column_blocks_are_offered_where_they_give_every_multiprocessor_one_or_two_blocks():
@@ -964,11 +958,7 @@ MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows
              "32 rows, capped, 4 warps side by side":
                  TileConfig(1, 128, 0, 1, 4, 1, rows=32, capped=True, engine="mma"),
              "32 rows, capped, 8 warps, 4 side by side":
-                 TileConfig(1, 128, 0, 1, 8, 1, rows=32, capped=True, engine="mma"),
-             "64 rows, capped, x shared, 8 warps, 2 side by side":
-                 TileConfig(1, 64, 0, 1, 8, 1, rows=64, capped=True, engine="mma"),
-             "64 rows, capped, x from global memory, 4 warps splitting the inputs":
-                 TileConfig(1, 32, 0, 1, 4, 0, rows=64, capped=True, engine="mma")}
+                 TileConfig(1, 128, 0, 1, 8, 1, rows=32, capped=True, engine="mma")}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
@@ -980,10 +970,7 @@ def test_tensor_core_kernel_equals_the_dequantized_matmul_on_partial_tiles(label
     blocks of 32; act_order is gathered before the call. 64-row blocks put the scales into B (MXFP4's too: the
     test weight's scales keep B exact)."""
     stored = WEIGHTS[label].to("cuda")
-    capped_rows = MMA_TILES[tile].rows if MMA_TILES[tile].capped else 0
-    # spilling builds: ternary's span sums in 32-row blocks, int2's code pairs in 64-row ones
-    refused = {"capped True": capped_rows == 32 and label.startswith("ternary2") or capped_rows == 64
-               and label.startswith("int2")}
+    refused = {"capped True": MMA_TILES[tile].capped and label.startswith("ternary2")}  # its span sums spill
     refusal = next((match for match, expected in refused.items() if expected), None)
     if refusal:
         with pytest.raises(ValueError, match=refusal):
@@ -1042,26 +1029,21 @@ def test_tensor_core_split_k_sums_in_a_fixed_order_and_rearms_its_counts(label, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
 @pytest.mark.parametrize("label", ["int4-g32 act_order", "int4-g128-rtn", "ternary2-g16", "mxfp4-rtn", "nvfp4-rtn"])
 def test_tensor_core_capped_blocks_change_no_sum(label):
-    """Capping the registers changes where values live and when the words load (64-row blocks: half a slab
-    ahead), not one operation: bit-identical to the same tile uncapped, also in a graph replay, on x of 27 rows
-    (32-row blocks) and 61 (64-row blocks, x from either memory). Other tiles, and capped blocks split along K,
-    have no build: refused."""
+    """Capping the registers changes where values live, not one operation: bit-identical to the same tile
+    uncapped, also in a graph replay. Other tiles, and capped blocks split along K, have no build: refused."""
     from quantbench.export.kernels import cuda_mma
 
     stored = ternary_weight(16) if label == "ternary2-g16" else WEIGHTS[label]
     packed = to_kernel_layout(stored.to("cuda"))
-    x = torch.randn(61, IN, device="cuda").half()
-    tiles = [TileConfig(1, 128, 0, 1, warps, 1, rows=32, engine="mma") for warps in (4, 8)]
-    tiles += [TileConfig(1, 32 * warps_n, 0, 1, warps, x_shared, rows=64, engine="mma")
-              for warps, warps_n, x_shared in ((8, 2, 1), (4, 4, 1), (4, 1, 0), (8, 4, 0))]
-    for tile in tiles:
-        rows = x[:27] if tile.rows == 32 else x
-        uncapped = packed_matmul(rows, packed, backend="mma", config=tile)
+    x = torch.randn(27, IN, device="cuda").half()
+    for warps in (4, 8):
+        tile = TileConfig(1, 128, 0, 1, warps, 1, rows=32, engine="mma")
+        uncapped = packed_matmul(x, packed, backend="mma", config=tile)
         capped = dataclasses.replace(tile, capped=True)
-        assert torch.equal(packed_matmul(rows, packed, backend="mma", config=capped), uncapped), tile
-        assert_replay_equals(rows, packed, capped, tile)
-    for rows, warps_n, x_shared, splits in ((16, 4, True, 1), (32, 2, True, 1), (32, 4, False, 1), (32, 4, True, 2),
-                                            (64, 4, True, 2)):
+        assert torch.equal(packed_matmul(x, packed, backend="mma", config=capped), uncapped)
+        assert_replay_equals(x, packed, capped, tile)
+    for rows, warps_n, x_shared, splits in ((16, 4, True, 1), (64, 4, True, 1), (32, 2, True, 1), (32, 4, False, 1),
+                                            (32, 4, True, 2)):
         with pytest.raises(ValueError, match="capped True"):
             cuda_mma.launch(x[:16], packed, rows, 4, warps_n, x_shared=x_shared, splits=splits, capped=True)
 

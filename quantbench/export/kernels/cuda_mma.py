@@ -21,8 +21,7 @@ MAX_ROWS = 64  # beyond this only the tl.dot kernel is tried
 SCALES_IN_B_ROWS = 64  # blocks this tall put the scales into B: no registers are left for span sums
 STEP_ROWS, SLAB = 4, 4  # word rows per k-step, k-steps per slab: split-K gives each block whole slabs
 SPLIT_ROWS = (8, 16)  # split-K is built for these blocks only (taller ones never gained from it)
-CAPPED_ROWS = (32, 64)  # capped blocks: registers capped at 128 so that 16 warps share a multiprocessor
-CAPPED_WARPS_N = 4  # 32-row capped blocks: this many warps side by side, sharing x's stages
+CAPPED_ROWS, CAPPED_WARPS_N = (32,), 4  # capped blocks: registers capped at 128 so that 16 warps share a multiprocessor
 
 
 def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
@@ -68,11 +67,8 @@ def rows_for(m: int, weight: KernelWeight) -> int:
 
 def capped_choices(rows: int, warps_n: int, x_shared: bool, weight: KernelWeight) -> tuple[bool, ...]:
     """Whether to also try the registers capped at 128 a thread (16 warps a multiprocessor): for blocks of 32
-    rows whose 4 warps side by side share x's stages, but not for ternary's two planes of span sums (they spill
-    under the cap); for 64-row blocks (half a slab of words ahead), but not of int2 (its 16 code pairs a word
-    spill)."""
-    if rows == 64:
-        return (False, True) if weight.bits != 2 else (False,)
+    rows whose 4 warps side by side share x's stages, but not for ternary's two planes of span sums (they, and
+    64-row blocks, spill under the cap)."""
     spills = weight.kind == "ternary" and WeightType.for_mma(weight).flush > 0
     return (False, True) if rows in CAPPED_ROWS and warps_n == CAPPED_WARPS_N and x_shared and not spills else (False,)
 
@@ -96,8 +92,8 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
     stages instead of from global memory at each k-step; `overlap_gather` (act_order, where the device can):
     the kernel launched to start while the gather runs, else once it is done (whatever dependent launch says
     for the gather itself); `splits`: blocks along K per block of outputs, whose float32 sums the last to
-    finish adds in split order; `capped` (64 rows; 32 rows with 4 warps along the outputs and x_shared):
-    registers capped so that 16 warps share a multiprocessor."""
+    finish adds in split order; `capped` (32 rows, 4 warps along the outputs, x_shared): registers capped
+    so that 16 warps share a multiprocessor."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
@@ -106,8 +102,8 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
             or capped not in capped_choices(rows, warps_n, x_shared, weight)):
         raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, splits {splits}, capped {capped}: not among "
                          f"{row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ warps), 1–65535 (beyond 1 only "
-                         f"with {SPLIT_ROWS} rows); capped only with 64 rows (not int2), or 32 with warps_n "
-                         f"{CAPPED_WARPS_N} and x_shared (not ternary span sums)")
+                         f"with {SPLIT_ROWS} rows); capped only with {CAPPED_ROWS} rows, warps_n {CAPPED_WARPS_N} and "
+                         f"x_shared (not ternary span sums)")
     weight_type = WeightType.for_mma(weight, scales_in_b=rows == SCALES_IN_B_ROWS)
     arch = cuda_build.device_arch(x.device)
     with torch.cuda.device(x.device):

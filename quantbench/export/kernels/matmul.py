@@ -49,7 +49,7 @@ class TileConfig:
     streamed: bool = False  # "cuda", registers, 1–2 rows: each word row reloaded as soon as it is used
     overlap_gather: bool = False  # "mma", act_order: the kernel starts while its gather runs (dependent launch)
     column_blocks: int = 0  # "cuda": blocks along the outputs, even shares of ≤ block_n (0: one per block_n)
-    capped: bool = False  # "mma", 64 rows, or 32 with 4 warps side by side, x shared: at most 128 registers
+    capped: bool = False  # "mma", 32 rows, 4 warps side by side, x shared: registers capped for 16 warps an SM
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
     # split_k blocks along K;

@@ -25,8 +25,8 @@
 // registers), or (X_SHARED) from a ring of 2–3 shared-memory stages that the warps sharing a slab fill with
 // cp.async, one or two slabs ahead, so that no load of x waits on L2. Rows of x: 8 (the upper half of each
 // m-tile idle), 16, 32, or 64 where the scales go into B (one decode of each weight for all 64 rows). Capped
-// blocks (32 rows, 4 warps side by side sharing x's stages; 64 rows, holding half a slab ahead) cap their
-// registers at 128 so that 16 warps share a multiprocessor.
+// blocks (32 rows, 4 warps side by side sharing x's stages) cap their registers at 128 so that 16 warps share a
+// multiprocessor.
 
 #include "tensor_core_decode.cuh"
 
@@ -38,7 +38,7 @@ constexpr int X_ROW_BYTES = SLAB_INPUTS * 2 + 64;  // one row of x in a stage; t
                                                    // of a quarter warp's 16-byte reads on different banks
 constexpr size_t STAGE_BUDGET = 224 * 1024;  // per multiprocessor: three stages a block where they fit, else two
 
-// CAPPED blocks (32 rows, x shared by 4 warps side by side; 64 rows, any) cap their registers at 128 a thread so
+// CAPPED blocks (32 rows, x shared by 4 warps side by side) cap their registers at 128 a thread so
 // that 16 warps share a multiprocessor; others take what registers the compiler gives them. Shared memory is
 // budgeted for this many blocks a multiprocessor.
 template <int WARPS, bool CAPPED>
@@ -140,11 +140,7 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
   constexpr int X_REGISTERS = SLAB * TILES_M * HALVES * PER / 2;
   constexpr int X_AHEAD = X_SHARED ? 0 : X_REGISTERS <= 32 ? 2 : X_REGISTERS <= 64 ? 1 : 0;
   constexpr int STAGES = x_stages<TILE_ROWS, WARPS_K, blocks_sharing_memory<WARPS, CAPPED>()>();
-  static_assert(!CAPPED || ROWS == 64 || (X_SHARED && ROWS == 32 && WARPS_N == 4),
-                "capped: 64 rows, or 32 rows with x shared side by side");
-  // Capped 64-row blocks hold half a slab of words and scale bits ahead, not a whole one: the next half loads while
-  // one is decoded, so the k-steps, their order and every sum stay those of the block uncapped.
-  constexpr int AHEAD = CAPPED && ROWS == 64 ? SLAB / 2 : SLAB;
+  static_assert(!CAPPED || (X_SHARED && ROWS == 32 && WARPS_N == 4), "capped: 32 rows, x shared side by side");
   static_assert(!ON_SUMS || ROWS <= 32, "64 rows of sums and span sums do not fit the registers: scales go into B");
   extern __shared__ __align__(16) unsigned char shared[];  // X_SHARED: the stages; then the warps' partial sums
   auto partial = reinterpret_cast<float (*)[TILE_ROWS][COLS]>(shared);
@@ -171,8 +167,8 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][o][e] = 0.f;
 
-  uint4 next[AHEAD];
-  load_steps(next, w, step_begin + warp_k * SLAB, rows_end, N, n0, t, active);  // before x: it may still be written
+  uint4 next[SLAB];
+  load_slab(next, w, step_begin + warp_k * SLAB, rows_end, N, n0, t, active);  // before x: it may still be being written
   wait_for_previous_kernel();
   unsigned char* const stages = shared + static_cast<size_t>(warp_k) * TILE_ROWS * X_ROW_BYTES;  // this group's
   constexpr size_t STAGE_STRIDE = stage_bytes<TILE_ROWS, WARPS_K>();
@@ -193,17 +189,16 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
   // int and ternary load theirs at the span's start: ahead, they cost the registers of a second block.
   constexpr bool SCALES_AHEAD = !ON_SUMS || KIND == 2 || KIND == 3;
   constexpr int SCALE_LOADS = SCALES_AHEAD ? SLAB / SCALE_EVERY : 1;
-  constexpr int SCALES_HELD = AHEAD < SLAB && SCALE_LOADS > 1 ? SCALE_LOADS / 2 : SCALE_LOADS;  // loads ahead
   auto scale_bits_at = [&](int step) {
     const int group = min((step * STEP_ROWS + t) >> row_shift, n_groups - 1);
     return load_scale_bits(scales_, zeros, group, n_groups, N, n0, n_warp, t, active);
   };
-  auto load_scales_ahead = [&](ScaleBits (&bits)[SCALES_HELD], int step0) {
+  auto load_slab_scales = [&](ScaleBits (&bits)[SCALE_LOADS], int step0) {
 #pragma unroll
-    for (int l = 0; l < SCALES_HELD; ++l) bits[l] = scale_bits_at(step0 + l * SCALE_EVERY);
+    for (int l = 0; l < SCALE_LOADS; ++l) bits[l] = scale_bits_at(step0 + l * SCALE_EVERY);
   };
-  ScaleBits next_bits[SCALES_HELD];
-  if constexpr (SCALES_AHEAD) load_scales_ahead(next_bits, step_begin + warp_k * SLAB);
+  ScaleBits next_bits[SCALE_LOADS];
+  if constexpr (SCALES_AHEAD) load_slab_scales(next_bits, step_begin + warp_k * SLAB);
   Scales s;
   float sums[PLANES][TILES_M][OUTS][4];  // ON_SUMS: the current span's sums, scaled into acc at its end
   for (int step0 = step_begin + warp_k * SLAB, it = 0; step0 < step_end; step0 += WARPS_K * SLAB, ++it) {
@@ -213,21 +208,16 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
       group_barrier<WARPS_N>(warp_k);
       x_copier.copy(stages + ((it + STAGES - 1) % STAGES) * STAGE_STRIDE, step0 + (STAGES - 1) * WARPS_K * SLAB);
     }
-    // The first AHEAD k-steps' words and scale bits, and the loads of what follows them: the rest of this slab
-    // (capped 64-row blocks, at its middle k-step below) or the next slab.
     uint4 words[SLAB];
+#pragma unroll
+    for (int i = 0; i < SLAB; ++i) words[i] = next[i];
+    load_slab(next, w, step0 + WARPS_K * SLAB, rows_end, N, n0, t, active);
     ScaleBits bits[SCALE_LOADS];
-    auto take_ahead = [&](int first, int next_step) {
+    if constexpr (SCALES_AHEAD) {
 #pragma unroll
-      for (int i = 0; i < AHEAD; ++i) words[first + i] = next[i];
-      load_steps(next, w, next_step, rows_end, N, n0, t, active);
-      if constexpr (SCALES_AHEAD) {
-#pragma unroll
-        for (int l = 0; l < SCALES_HELD; ++l) bits[first / SCALE_EVERY + l] = next_bits[l];
-        load_scales_ahead(next_bits, next_step);
-      }
-    };
-    take_ahead(0, AHEAD < SLAB ? step0 + AHEAD : step0 + WARPS_K * SLAB);
+      for (int l = 0; l < SCALE_LOADS; ++l) bits[l] = next_bits[l];
+      load_slab_scales(next_bits, step0 + WARPS_K * SLAB);
+    }
     uint32_t inputs[X_AHEAD ? SLAB : 1][TILES_M][HALVES][PER / 2];  // rows g (+ 8) of each m-tile
     if constexpr (X_AHEAD == 2) {
 #pragma unroll
@@ -246,7 +236,6 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
     }
 #pragma unroll
     for (int i = 0; i < SLAB; ++i) {
-      if (AHEAD < SLAB && i == AHEAD) take_ahead(AHEAD, step0 + WARPS_K * SLAB);
       const int j = (step0 + i) * STEP_ROWS + t;
       if (i % SCALE_EVERY == 0) {
         s = unpack_scales(SCALES_AHEAD ? bits[i / SCALE_EVERY] : scale_bits_at(step0 + i));
@@ -261,77 +250,41 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
                 for (int e = 0; e < 4; ++e) sums[plane][mt][o][e] = 0.f;
         }
       }
-      if constexpr (AHEAD < SLAB) {  // capped 64 rows: every word's B, then one m-tile's A at a time
-        uint32_t b[OUTS][PAIRS];  // scales in B: one plane
+      if constexpr (X_SHARED) {  // zeros past K and M are in the stage
 #pragma unroll
-        for (int o = 0; o < OUTS; ++o) {
-          uint32_t planes[PLANES][PAIRS];
-          decode_word(word_of(words[i], o), s, o, planes);
+        for (int mt = 0; mt < TILES_M; ++mt)
 #pragma unroll
-          for (int p = 0; p < PAIRS; ++p) b[o][p] = planes[0][p];
+          for (int h = 0; h < HALVES; ++h)
+            input_words(reinterpret_cast<const half*>(stage + (16 * mt + 8 * h + g) * X_ROW_BYTES), i * STEP_ROWS + t,
+                        true, inputs[0][mt][h]);
+      } else if constexpr (!X_AHEAD) {
+        load_inputs(x, j, word_rows, m0, g, M, stride_x, inputs[0]);
+      }
+      uint32_t a[TILES_M][PRODUCTS][4];
+#pragma unroll
+      for (int mt = 0; mt < TILES_M; ++mt) {
+        half2 low[PAIRS], high[PAIRS];
+        pairs_of(inputs[X_AHEAD ? i : 0][mt][0], low);
+        if (UPPER) pairs_of(inputs[X_AHEAD ? i : 0][mt][HALVES - 1], high);
+#pragma unroll
+        for (int i2 = 0; i2 < PRODUCTS; ++i2) {
+          a[mt][i2][0] = as_bits(low[2 * i2]);
+          a[mt][i2][1] = UPPER ? as_bits(high[2 * i2]) : 0u;
+          a[mt][i2][2] = as_bits(low[2 * i2 + 1]);
+          a[mt][i2][3] = UPPER ? as_bits(high[2 * i2 + 1]) : 0u;
         }
+      }
 #pragma unroll
-        for (int mt = 0; mt < TILES_M; ++mt) {
-          uint32_t rows[2][PER / 2];
-          half2 low[PAIRS], high[PAIRS];
+      for (int o = 0; o < OUTS; ++o) {
+        uint32_t b[PLANES][PAIRS];
+        decode_word(word_of(words[i], o), s, o, b);
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            if constexpr (X_SHARED) {
-              input_words(reinterpret_cast<const half*>(stage + (16 * mt + 8 * h + g) * X_ROW_BYTES),
-                          i * STEP_ROWS + t, true, rows[h]);
-            } else {
-              const int row = m0 + 16 * mt + 8 * h + g;
-              input_words(x + static_cast<size_t>(row) * stride_x, j, j < word_rows && row < M, rows[h]);
-            }
-          }
-          pairs_of(rows[0], low);
-          pairs_of(rows[1], high);
+        for (int plane = 0; plane < (ON_SUMS ? PLANES : 1); ++plane)
 #pragma unroll
-          for (int o = 0; o < OUTS; ++o)
-#pragma unroll
-            for (int i2 = 0; i2 < PRODUCTS; ++i2) {
-              const uint32_t a[4] = {as_bits(low[2 * i2]), as_bits(high[2 * i2]), as_bits(low[2 * i2 + 1]),
-                                     as_bits(high[2 * i2 + 1])};
-              mma(acc[mt][o], a, b[o][2 * i2], b[o][2 * i2 + 1]);
-            }
-        }
-      } else {
-        if constexpr (X_SHARED) {  // zeros past K and M are in the stage
-  #pragma unroll
           for (int mt = 0; mt < TILES_M; ++mt)
-  #pragma unroll
-            for (int h = 0; h < HALVES; ++h)
-              input_words(reinterpret_cast<const half*>(stage + (16 * mt + 8 * h + g) * X_ROW_BYTES), i * STEP_ROWS + t,
-                          true, inputs[0][mt][h]);
-        } else if constexpr (!X_AHEAD) {
-          load_inputs(x, j, word_rows, m0, g, M, stride_x, inputs[0]);
-        }
-        uint32_t a[TILES_M][PRODUCTS][4];
-  #pragma unroll
-        for (int mt = 0; mt < TILES_M; ++mt) {
-          half2 low[PAIRS], high[PAIRS];
-          pairs_of(inputs[X_AHEAD ? i : 0][mt][0], low);
-          if (UPPER) pairs_of(inputs[X_AHEAD ? i : 0][mt][HALVES - 1], high);
-  #pragma unroll
-          for (int i2 = 0; i2 < PRODUCTS; ++i2) {
-            a[mt][i2][0] = as_bits(low[2 * i2]);
-            a[mt][i2][1] = UPPER ? as_bits(high[2 * i2]) : 0u;
-            a[mt][i2][2] = as_bits(low[2 * i2 + 1]);
-            a[mt][i2][3] = UPPER ? as_bits(high[2 * i2 + 1]) : 0u;
-          }
-        }
-  #pragma unroll
-        for (int o = 0; o < OUTS; ++o) {
-          uint32_t b[PLANES][PAIRS];
-          decode_word(word_of(words[i], o), s, o, b);
-  #pragma unroll
-          for (int plane = 0; plane < (ON_SUMS ? PLANES : 1); ++plane)
-  #pragma unroll
-            for (int mt = 0; mt < TILES_M; ++mt)
-  #pragma unroll
-              for (int i2 = 0; i2 < PRODUCTS; ++i2)
-                mma(ON_SUMS ? sums[plane][mt][o] : acc[mt][o], a[mt][i2], b[plane][2 * i2], b[plane][2 * i2 + 1]);
-        }
+#pragma unroll
+            for (int i2 = 0; i2 < PRODUCTS; ++i2)
+              mma(ON_SUMS ? sums[plane][mt][o] : acc[mt][o], a[mt][i2], b[plane][2 * i2], b[plane][2 * i2 + 1]);
       }
       if (ON_SUMS && i % SCALE_EVERY == SCALE_EVERY - 1) {  // accumulator e sits in column 8t + 4·(e % 2) + o
 #pragma unroll
@@ -419,8 +372,7 @@ cudaError_t launch(const Call& c) {
 template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
 cudaError_t by_split(const Call& c) {
   if (c.capped) {
-    // 32 rows: not ternary's two planes of span sums, which spill
-    if constexpr (ROWS == 64 || (X_SHARED && ROWS == 32 && WARPS_N == 4 && !(ON_SUMS && PLANES == 2))) {
+    if constexpr (X_SHARED && ROWS == 32 && WARPS_N == 4 && !(ON_SUMS && PLANES == 2)) {  // ternary's sums spill
       if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, true>(c);
     }
     return cudaErrorInvalidValue;
@@ -489,8 +441,8 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
 
 // Returns a cudaError_t (0: launched). rows_per_block 8, 16, 32, or 64 where the scales go into B (SPAN 0);
 // warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
-// (K a multiple of 8); capped (64 rows, or 32 with x_shared and warps_n 4): registers capped so that 16 warps
-// share a multiprocessor; splits > 1 (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
+// (K a multiple of 8); capped (32 rows, x_shared, warps_n 4): registers capped so that 16 warps share a
+// multiprocessor; splits > 1 (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
 // floats and `arrivals` one zeroed int per block of outputs (packed_gemv.cu's workspace). x [M, K] float16 in the stored input order, rows 16-byte aligned. dependent: launched
 // to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
 extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, int capped, int splits,

@@ -16,13 +16,11 @@ constexpr int STEP_ROWS = 4;      // word rows per k-step: one per thread of a q
 constexpr int PRODUCTS = PER / 4;  // k16 products per word: 4 codes each per thread
 constexpr int SLAB = 4;           // k-steps per load-ahead
 
-// The words of this thread's 4 outputs in STEPS k-steps from step0, a slab or part of one (zero past the last row
-// or output).
-template <int STEPS>
-__device__ __forceinline__ void load_steps(uint4 (&words)[STEPS], const uint32_t* __restrict__ w, int step0,
-                                           int rows_end, int N, int n0, int t, bool active) {
+// One slab's words of this thread's 4 outputs (zero past the last row or output).
+__device__ __forceinline__ void load_slab(uint4 (&words)[SLAB], const uint32_t* __restrict__ w, int step0,
+                                          int rows_end, int N, int n0, int t, bool active) {
 #pragma unroll
-  for (int i = 0; i < STEPS; ++i) {
+  for (int i = 0; i < SLAB; ++i) {
     const int j = (step0 + i) * STEP_ROWS + t;
     words[i] = active && j < rows_end ? load_streaming(w + static_cast<size_t>(j) * N + n0)
                                        : make_uint4(0, 0, 0, 0);
