@@ -124,7 +124,9 @@ __device__ __forceinline__ void load_inputs(const half* __restrict__ x, int j, i
 }
 
 // SPLIT: blocks along K (gridDim.z of them), built apart so that one split keeps the plain kernel's code.
-template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED>
+// SLAB_SCALE (64-row blocks of int and ternary weights whose groups span whole slabs): each slab's scales load and
+// unpack once, not at every k-step (the same values: the same sums).
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED, bool SLAB_SCALE>
 __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WARPS, true>() : 0) packed_mma(
     const half* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ scales_,
     const uint8_t* __restrict__ zeros, half* __restrict__ out, int M, int N, int K, int n_groups, int row_shift,
@@ -142,6 +144,7 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
   constexpr int STAGES = x_stages<TILE_ROWS, WARPS_K, blocks_sharing_memory<WARPS, CAPPED>()>();
   static_assert(!CAPPED || (X_SHARED && ROWS == 32 && WARPS_N == 4), "capped: 32 rows, x shared side by side");
   static_assert(!ON_SUMS || ROWS <= 32, "64 rows of sums and span sums do not fit the registers: scales go into B");
+  static_assert(!SLAB_SCALE || (ROWS == 64 && KIND <= 1), "a scale per slab: 64-row blocks, int and ternary");
   extern __shared__ __align__(16) unsigned char shared[];  // X_SHARED: the stages; then the warps' partial sums
   auto partial = reinterpret_cast<float (*)[TILE_ROWS][COLS]>(shared);
 
@@ -184,7 +187,7 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
     for (int i = 0; i < SLAB; ++i)
       load_inputs(x, (step_begin + warp_k * SLAB + i) * STEP_ROWS + t, word_rows, m0, g, M, stride_x, next_inputs[i]);
   }
-  constexpr int SCALE_EVERY = ON_SUMS ? SPAN : 1;  // k-steps per scale load
+  constexpr int SCALE_EVERY = ON_SUMS ? SPAN : SLAB_SCALE ? SLAB : 1;  // k-steps per scale load
   // Scale bits load a slab ahead where every k-step needs its own (scales into B, MXFP4, NVFP4); span sums of
   // int and ternary load theirs at the span's start: ahead, they cost the registers of a second block.
   constexpr bool SCALES_AHEAD = !ON_SUMS || KIND == 2 || KIND == 3;
@@ -349,7 +352,7 @@ struct Call {
   cudaStream_t stream;
 };
 
-template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED>
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPPED, bool SLAB_SCALE = false>
 cudaError_t launch(const Call& c) {
   constexpr int TILE_ROWS = ROWS <= 16 ? 16 : ROWS;
   constexpr int WARPS_K = WARPS / WARPS_N;
@@ -357,14 +360,28 @@ cudaError_t launch(const Call& c) {
   constexpr int BLOCKS = blocks_sharing_memory<WARPS, CAPPED>();
   const size_t staged = X_SHARED ? x_stages<TILE_ROWS, WARPS_K, BLOCKS>() * stage_bytes<TILE_ROWS, WARPS_K>() : 0;
   const size_t shared = staged > partial ? staged : partial;
-  auto kernel = packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED>;
-  const cudaError_t error = allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED>>(shared);
+  auto kernel = packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED, SLAB_SCALE>;
+  const cudaError_t error =
+      allow_shared_memory<packed_mma<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, CAPPED, SLAB_SCALE>>(shared);
   if (error != cudaSuccess) return error;
   const dim3 grid((c.N + WARPS_N * COLS - 1) / (WARPS_N * COLS), (c.M + ROWS - 1) / ROWS, c.splits);
   return launch_after(kernel, grid, WARPS * 32, shared, c.stream, c.dependent,
       static_cast<const half*>(c.x), static_cast<const uint32_t*>(c.w), c.scales, static_cast<const uint8_t*>(c.zeros),
       static_cast<half*>(c.out), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale,
       static_cast<float*>(c.partials), static_cast<int*>(c.arrivals));
+}
+
+constexpr int SLAB_ROW_SHIFT = 4;  // log2 of a slab's word rows
+static_assert(1 << SLAB_ROW_SHIFT == SLAB * STEP_ROWS, "a slab's word rows");
+
+// 64-row blocks of int4, int8 and ternary weights whose scale groups hold whole slabs take each slab's scales
+// once (int2's, held a slab long, spill).
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
+cudaError_t by_scale_groups(const Call& c) {
+  if constexpr (ROWS == 64 && KIND <= 1 && BITS >= 4) {
+    if (c.row_shift >= SLAB_ROW_SHIFT) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false, true>(c);
+  }
+  return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false>(c);
 }
 
 // Split-K is built for the blocks of 8 and 16 rows only: beyond them the tuner never chose it (capped blocks
@@ -377,7 +394,7 @@ cudaError_t by_split(const Call& c) {
     }
     return cudaErrorInvalidValue;
   }
-  if (c.splits == 1) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false>(c);
+  if (c.splits == 1) return by_scale_groups<ROWS, WARPS, WARPS_N, X_SHARED>(c);
   if constexpr (ROWS <= 16) return launch<ROWS, WARPS, WARPS_N, X_SHARED, true, false>(c);
   return cudaErrorInvalidValue;
 }
