@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernel_speed import SHAPES, VARIANTS, Timer, kernel_weight  # noqa: E402
+from kernel_tiles import alternated  # noqa: E402
 
 from quantbench.export.kernels import cuda_build, packed_matmul  # noqa: E402
 from quantbench.export.kernels.cuda_build import WeightType  # noqa: E402
@@ -84,12 +85,13 @@ def main() -> None:
                 tile = _fastest(x, weight, tiles)
                 with library(old, weight_type, arch):  # the old build agrees with the fallback too
                     _fastest(x, weight, [tile])
-                times = {"fp16": [], "new": [], "old": []}
-                for _ in range(args.rounds):
-                    times["fp16"].append(timer(lambda: torch.matmul(x, dense.t()), x))
-                    times["new"].append(timer(lambda: packed_matmul(x, weight, config=tile), x))
+                def with_old_build():
                     with library(old, weight_type, arch):
-                        times["old"].append(timer(lambda: packed_matmul(x, weight, config=tile), x))
+                        return packed_matmul(x, weight, config=tile)
+
+                times = alternated({"fp16": lambda: torch.matmul(x, dense.t()),
+                                    "new": lambda: packed_matmul(x, weight, config=tile), "old": with_old_build},
+                                   x, timer, args.rounds)
                 us = {key: statistics.median(v) for key, v in times.items()}
                 cells.append({"shape": shape, "variant": label, "batch": batch, "us": us,
                               "spread": {key: [min(v), max(v)] for key, v in times.items()}, "tile": tile.__dict__})
