@@ -1,6 +1,7 @@
 """Packed-weight matmuls: the torch fallback and the Triton kernels (through Triton's interpreter on
 CPU) against the dequantized weight, and load_quantized(kernels=True)."""
 
+import ctypes
 import dataclasses
 import os
 import sys
@@ -1163,19 +1164,16 @@ def test_warpgroup_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_per_
     assert split_choices(128, up, 64, 1, 132) == [1]  # two blocks of rows: 224 blocks
 
 
-@pytest.mark.parametrize("engine", ["mma", "wgmma"])
-def test_tensor_core_launches_pass_sizes_and_pointers_in_the_libraries_order(engine, monkeypatch):
-    """Faked here (no GPU): the libraries' entry points take M, N, K in that order after the pointers, x as
-    gathered for act_order (its own buffer, contiguous) and the output the call returns."""
-    import contextlib
-
-    from quantbench.export.kernels import cuda_build, cuda_mma, cuda_wgmma
+def fake_entry_points(monkeypatch) -> list:
+    """The CUDA libraries' entry points and device faked on the CPU: each call appends (function, its arguments,
+    pointers as ints) to the list returned."""
+    from quantbench.export.kernels import cuda_build, kernel_call
 
     calls = []
 
     def entry_point(weight_type, arch, function=None):
         def run(*args):
-            calls.append((function or weight_type.kernel, args))
+            calls.append((function or weight_type.kernel, tuple(getattr(a, "value", a) for a in args)))
             return 0
         return run
 
@@ -1184,8 +1182,18 @@ def test_tensor_core_launches_pass_sizes_and_pointers_in_the_libraries_order(eng
     monkeypatch.setattr(cuda_build, "device_arch", lambda device: "90")
     monkeypatch.setattr(cuda_build, "dependent_launch", lambda device: 0)
     monkeypatch.setattr(cuda_build, "entry_point", entry_point)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=7))
+    monkeypatch.setattr(kernel_call, "current_device", lambda: 0)
+    monkeypatch.setattr(kernel_call, "current_stream", lambda index: 7)
+    return calls
+
+
+@pytest.mark.parametrize("engine", ["mma", "wgmma"])
+def test_tensor_core_launches_pass_sizes_and_pointers_in_the_libraries_order(engine, monkeypatch):
+    """Faked here (no GPU): the libraries' entry points take M, N, K in that order after the pointers, x as
+    gathered for act_order (its own buffer, contiguous) and the output the call returns."""
+    from quantbench.export.kernels import cuda_mma, cuda_wgmma
+
+    calls = fake_entry_points(monkeypatch)
     packed = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
     x = torch.randn(40, 2 * IN).half()[:, :IN]  # rows IN apart in a wider buffer: copied before the gather
     if engine == "mma":
@@ -1199,6 +1207,43 @@ def test_tensor_core_launches_pass_sizes_and_pointers_in_the_libraries_order(eng
     assert sizes == (40, OUT, IN) and out.shape == (40, OUT)
     assert pointers[0] == gather_args[2] and pointers[4] == out.data_ptr()  # the gathered x, the output
     assert args[-1] == 7 and args[-3] == pytest.approx(1.0 / packed.global_scale)
+
+
+def test_a_bound_kernel_call_passes_anew_only_x_its_stride_the_output_and_the_stream(monkeypatch):
+    """Faked here (no GPU): bound once, the CUDA decode kernel's call passes the same tile, weight, sizes and
+    scale at every call and x's address and row stride, a new output's address and the stream as they are then.
+    Rows 16-byte aligned are read where they are, strided ones too (the tensor-core kernel copies those: it reads
+    x contiguous), misaligned ones are copied; x of other rows than bound is refused, as an int past C's."""
+    from quantbench.export.kernels import cuda_gemv, cuda_mma, kernel_call
+
+    calls = fake_entry_points(monkeypatch)
+    packed = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
+    call = cuda_gemv.bind(torch.zeros(2, IN).half(), packed, 2, 8, 128)
+    wide = torch.randn(2, 2 * IN).half()
+    misaligned = wide.view(-1)[1:2 * IN + 1].view(2, IN)
+    inputs = [torch.randn(2, IN).half(), torch.randn(2, IN).half(), wide[:, :IN], misaligned]
+    outputs = [call(x) for x in inputs]
+    x_at, out_at, stride_at = (call.slots[slot] for slot in (kernel_call.Slot.X, kernel_call.Slot.OUT,
+                                                                kernel_call.Slot.X_STRIDE))
+    arguments = [args for _, args in calls]
+    fixed = [[a for i, a in enumerate(args) if i not in (x_at, out_at, stride_at)] for args in arguments]
+    assert all(f == fixed[0] for f in fixed) and arguments[0][-1] == 7
+    assert arguments[0][14:17] == (2, OUT, IN) and arguments[0][8] == packed.qweight.data_ptr()
+    assert [args[x_at] == x.data_ptr() for args, x in zip(arguments, inputs)] == [True, True, True, False]
+    assert [args[stride_at] for args in arguments] == [IN, IN, 2 * IN, IN]  # the misaligned rows, copied
+    assert [args[out_at] for args in arguments] == [out.data_ptr() for out in outputs]
+    assert all(out.shape == (2, OUT) and out.dtype == torch.float16 for out in outputs)
+    with pytest.raises(ValueError, match="bound for 2 rows"):
+        call(torch.zeros(3, IN).half())
+    calls.clear()
+    tensor_core = cuda_mma.bind(torch.zeros(2, IN).half(), packed, 8, 4, 1)
+    tensor_core(wide[:, :IN])
+    args = calls[0][1]
+    assert args[tensor_core.slots[kernel_call.Slot.X]] != wide.data_ptr()
+    assert args[tensor_core.slots[kernel_call.Slot.X_STRIDE]] == IN
+    with pytest.raises(ValueError, match="does not fit a C int"):
+        kernel_call._as_c(ctypes.c_int, 2**31)
+
 
 WGMMA_TILES = {"8 rows, one warpgroup": TileConfig(1, 128, 0, 1, 4, 0, rows=8, engine="wgmma"),
                "16 rows, two warpgroups": TileConfig(1, 256, 0, 1, 8, 0, rows=16, engine="wgmma"),
@@ -1336,6 +1381,27 @@ def test_dependent_launch_reads_x_only_once_the_kernel_that_writes_it_is_done(la
             captured.zero_()
             graph.replay()
             assert torch.equal(captured, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels run on an NVIDIA GPU only")
+@pytest.mark.parametrize("backend", ["cuda", "mma", "auto"])
+@pytest.mark.parametrize("label", ["int4-g32 act_order", "ternary2-g64", "int4-g128-rtn"])
+def test_a_packed_layers_bound_cuda_calls_equal_packed_matmul_on_new_x_and_new_scales(backend, label):
+    """Eager calls of a packed layer on the GPU run its bound calls: on new x of rows already seen (1, 5, 16, and
+    rows with a bias and strided rows) they give packed_matmul's result bit for bit, and with its scales replaced
+    by twice theirs, twice that (a stale call would still read the old scales)."""
+    kernel = to_kernel_layout(WEIGHTS[label].to("cuda"))
+    bias = torch.randn(OUT, device="cuda").half()
+    layer = PackedLinear(kernel, bias=bias, backend=backend, dtype=torch.float16)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for rows in (1, 5, 16, 5, 1):
+        for x in (torch.randn(1, rows, IN, device="cuda", generator=g).half(),
+                  torch.randn(rows, 2 * IN, device="cuda", generator=g).half()[:, IN:]):
+            expected = packed_matmul(x, kernel, backend) + bias
+            assert torch.equal(layer(x), expected)
+    layer.scales = layer.scales * 2
+    x = torch.randn(5, IN, device="cuda", generator=g).half()
+    assert torch.equal(layer(x), 2 * packed_matmul(x, kernel, backend) + bias)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels run on an NVIDIA GPU only")
@@ -1657,6 +1723,43 @@ def test_packed_linear_on_the_cpu_calls_the_cpp_kernel_itself_unless_given_anoth
     del layer.__dict__["_cpu_kernel"]  # as a layer pickled by an older quantbench: through packed_matmul, alike
     assert torch.equal(layer(x), cpu_packed.cpu_packed_matmul(x.reshape(-1, IN), kernel).view(2, 3, OUT))
     assert backends == ["torch", "auto"]
+
+
+def test_packed_linear_binds_its_cuda_call_once_per_rows_and_again_for_new_buffers(monkeypatch):
+    """Eager CUDA calls (faked here: the layer's binding step called as forward calls it) bind the matmul once per
+    rows of x, dtype and device and reuse it; a buffer replaced, or the layer moved, binds again; the layer still
+    pickles and copies with calls bound (ctypes calls do neither)."""
+    import copy
+    import pickle
+
+    from quantbench.export.kernels import modules
+
+    bound = []
+
+    def bind(flat, weight, backend):
+        bound.append((flat.shape[0], weight.scales))
+        return lambda x: x[:, :1] * weight.scales.float().sum() + torch.zeros(x.shape[0], OUT)
+
+    monkeypatch.setattr(modules, "bind", bind)
+    layer = PackedLinear(to_kernel_layout(WEIGHTS["int4-g32 act_order"]))
+    x = torch.randn(2, 3, IN)
+    first = layer._bound_call(x)
+    assert first.shape == (2, 3, OUT) and len(bound) == 1 and bound[0][0] == 6
+    for _ in range(2):
+        assert torch.equal(layer._bound_call(x), first)
+    layer._bound_call(x[:1])
+    layer._bound_call(x.double())
+    assert [rows for rows, _ in bound] == [6, 3, 6]
+    layer.scales = layer.scales * 2
+    assert torch.equal(layer._bound_call(x), 2 * first) and bound[-1][1] is layer.scales
+    pickled = pickle.loads(pickle.dumps(layer))
+    copied = copy.deepcopy(layer)
+    for other in (pickled, copied):
+        assert torch.equal(other._bound_call(x), 2 * first)
+    assert len(bound) == 6
+    layer.to(torch.device("cpu"))
+    layer._bound_call(x)
+    assert len(bound) == 7
 
 
 def test_without_a_compiler_the_cpu_kernels_say_why_and_torch_runs(monkeypatch, tmp_path):

@@ -157,13 +157,13 @@ def build(weight_type: WeightType, arch: str) -> Path:
 # streamed), then the scale, whether to launch dependent and the stream; the tensor-core libraries also gather
 # act_order's inputs (x, perm, out, M, K, stride, dependent, stream); the warpgroup kernel's takes (rows,
 # warpgroups, splits), then pointers and sizes as the tensor-core kernel's.
-_SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 8
-                        + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
-               "mma": ("quantbench_packed_mma", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
+SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 8
                        + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
-               "wgmma": ("quantbench_packed_wgmma", [ctypes.c_int] * 3 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
-                         + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
-               "gather": ("quantbench_gather_inputs", [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p])}
+              "mma": ("quantbench_packed_mma", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
+                      + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
+              "wgmma": ("quantbench_packed_wgmma", [ctypes.c_int] * 3 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
+                        + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
+              "gather": ("quantbench_gather_inputs", [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p])}
 _libraries: dict[tuple[WeightType, str], ctypes.CDLL] = {}
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _functions: dict[tuple[WeightType, str, str], ctypes._CFuncPtr] = {}
@@ -184,10 +184,8 @@ def entry_point(weight_type: WeightType, arch: str, function: str | None = None)
             raise
     function = function or weight_type.kernel
     if (*key, function) not in _functions:
-        name, arguments = _SIGNATURES[function]
-        entry = getattr(_libraries[key], name)
-        entry.restype = ctypes.c_int
-        entry.argtypes = arguments
+        entry = getattr(_libraries[key], SIGNATURES[function][0])
+        entry.restype = ctypes.c_int  # no argtypes: kernel_call.KernelCall converts the arguments once, when bound
         _functions[(*key, function)] = entry
     return _functions[(*key, function)]
 

@@ -4,13 +4,15 @@ cuda_build.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 
 from quantbench.export.kernels import cuda_build
 from quantbench.export.kernels.cuda_build import WeightType, pointer, row_shift
-from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
+from quantbench.export.kernels.kernel_call import KernelCall, Slot
+from quantbench.export.kernels.layout import KernelWeight
 
 ROWS = (1, 2, 4, 8)  # rows of x per program
 LANES = (4, 8, 16, 32)  # threads along the outputs (4 outputs each)
@@ -73,14 +75,22 @@ def x_choices(weight: KernelWeight) -> tuple[bool, ...]:
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
            load_only: int = 0, splits: int = 1, x_in_shared: bool = True, streamed: bool = False,
            column_blocks: int = 0) -> torch.Tensor:
-    """x [M ≤ 16, K] float16, contiguous, in the original input order → [M, N] float16. `async_copies`: the
-    weights through cp.async stages in shared memory (1–2 rows) instead of registers; `load_only` (for timing,
-    the result meaningless): 1 the weight loads alone, 2 the loads with a tensor-core decode's instructions;
-    `splits`: blocks along K per column tile; `x_in_shared`: each block first copies its x into shared memory
-    where it fits (act_order gathers it there whatever this says), else reads x from memory slab by slab;
-    `streamed` (registers, 1–2 rows): each word row's next load issued as soon as the row is used, instead of a
-    slab at a time; `column_blocks`: blocks along the outputs, each an even share of at most 4 · lanes of them
-    (0: one block per 4 · lanes outputs)."""
+    """x [M ≤ 16, K] float16 in the original input order → [M, N] float16 (`bind`'s call, made and run once)."""
+    return bind(x, weight, rows, lanes, threads, async_copies, load_only, splits, x_in_shared, streamed,
+                column_blocks)(x)
+
+
+def bind(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
+         load_only: int = 0, splits: int = 1, x_in_shared: bool = True, streamed: bool = False,
+         column_blocks: int = 0) -> KernelCall:
+    """The kernel's call for x's rows, on x's device: x [M ≤ 16, K] float16 in the original input order → [M, N]
+    float16. `async_copies`: the weights through cp.async stages in shared memory (1–2 rows) instead of
+    registers; `load_only` (for timing, the result meaningless): 1 the weight loads alone, 2 the loads with a
+    tensor-core decode's instructions; `splits`: blocks along K per column tile; `x_in_shared`: each block first
+    copies its x into shared memory where it fits (act_order gathers it there whatever this says), else reads x
+    from memory slab by slab; `streamed` (registers, 1–2 rows): each word row's next load issued as soon as the
+    row is used, instead of a slab at a time; `column_blocks`: blocks along the outputs, each an even share of at
+    most 4 · lanes of them (0: one block per 4 · lanes outputs)."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")
@@ -95,26 +105,21 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
     if column_blocks and not tiles <= column_blocks <= n // 4:
         raise ValueError(f"{column_blocks} column blocks: {n} outputs need {tiles}–{n // 4} blocks "
                          f"of at most {4 * lanes} outputs, 4 at least")
-    fits = x_held_bytes(x.shape[1], weight, rows, splits) <= X_SHARED_BYTES
-    if not fits and weight.perm is not None:  # act_order: gathered here instead, x then read from memory
-        x, weight = with_inputs_gathered(x, weight)
-    x_shared = fits and (x_in_shared or weight.perm is not None)
-    if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:  # rows copied in aligned 16-byte pieces
-        x = x.clone(memory_format=torch.contiguous_format)
     m, k = x.shape
-    function = cuda_build.entry_point(WeightType.of(weight, weight.perm is not None, load_only),
-                                      cuda_build.device_arch(x.device))
-    out = torch.empty(m, n, dtype=torch.float16, device=x.device)
+    gather = None
+    fits = x_held_bytes(k, weight, rows, splits) <= X_SHARED_BYTES
+    if not fits and weight.perm is not None:  # act_order: gathered by torch instead, x then read from memory
+        perm = weight.perm
+        gather, weight = (lambda x: x.index_select(1, perm)), dataclasses.replace(weight, perm=None)
+    x_shared = fits and (x_in_shared or weight.perm is not None)
+    weight_type = WeightType.of(weight, weight.perm is not None, load_only)
     partials = arrivals = None
     if splits > 1:
         partials, arrivals = cuda_build.split_workspace(x.device, splits, m, n)
-    with torch.cuda.device(x.device):
-        error = function(rows, lanes, threads, int(async_copies), splits, column_blocks, x.data_ptr(),
-                         pointer(weight.perm), weight.qweight.data_ptr(), weight.scales.data_ptr(),
-                         pointer(weight.zeros), out.data_ptr(), pointer(partials), pointer(arrivals), m, n, k,
-                         weight.n_groups, row_shift(weight), x.stride(0), int(x_shared), int(streamed),
-                         1.0 / weight.global_scale, cuda_build.dependent_launch(x.device),
-                         torch.cuda.current_stream(x.device).cuda_stream)
-    if error:
-        raise RuntimeError(f"the CUDA decode kernel did not launch: cudaError {error}")
-    return out
+    arguments = [rows, lanes, threads, int(async_copies), splits, column_blocks, Slot.X, pointer(weight.perm),
+                 weight.qweight.data_ptr(), weight.scales.data_ptr(), pointer(weight.zeros), Slot.OUT,
+                 pointer(partials), pointer(arrivals), m, n, k, weight.n_groups, row_shift(weight), Slot.X_STRIDE,
+                 int(x_shared), int(streamed), 1.0 / weight.global_scale, cuda_build.dependent_launch(x.device),
+                 Slot.STREAM]
+    return KernelCall(weight_type, cuda_build.device_arch(x.device), "gemv", arguments, x.device, m, n,
+                      holds=(weight.tensors(), partials, arrivals), contiguous=False, gather=gather)

@@ -6,12 +6,13 @@ dependent on it, it loads its weights while the gather runs."""
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
 from quantbench.export.kernels import cuda_build
 from quantbench.export.kernels.cuda_build import WeightType, pointer, row_shift
+from quantbench.export.kernels.kernel_call import KernelCall, Slot
 from quantbench.export.kernels.layout import KernelWeight
 
 ROWS = (8, 16, 32, 64)  # rows of x per block: 8 leave the upper half of each 16-row product idle
@@ -88,12 +89,18 @@ def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: 
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
            x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False) -> torch.Tensor:
-    """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `x_shared`: x through shared-memory
-    stages instead of from global memory at each k-step; `overlap_gather` (act_order, where the device can):
-    the kernel launched to start while the gather runs, else once it is done (whatever dependent launch says
-    for the gather itself); `splits`: blocks along K per block of outputs, whose float32 sums the last to
-    finish adds in split order; `capped` (32 rows, 4 warps along the outputs, x_shared): registers capped
-    so that 16 warps share a multiprocessor."""
+    """x [M ≤ 64, K] float16 in the original input order → [M, N] float16 (`bind`'s call, made and run once)."""
+    return bind(x, weight, rows, warps, warps_n, x_shared, overlap_gather, splits, capped)(x)
+
+
+def bind(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
+         x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False) -> KernelCall:
+    """The kernel's call for x's rows, on x's device: x [M ≤ 64, K] float16 in the original input order → [M, N]
+    float16. `x_shared`: x through shared-memory stages instead of from global memory at each k-step;
+    `overlap_gather` (act_order, where the device can): the kernel launched to start while the gather runs, else
+    once it is done (whatever dependent launch says for the gather itself); `splits`: blocks along K per block of
+    outputs, whose float32 sums the last to finish adds in split order; `capped` (32 rows, 4 warps along the
+    outputs, x_shared): registers capped so that 16 warps share a multiprocessor."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
@@ -106,56 +113,26 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n
                          f"x_shared (not ternary span sums)")
     weight_type = WeightType.for_mma(weight, scales_in_b=rows == SCALES_IN_B_ROWS)
     arch = cuda_build.device_arch(x.device)
-    with torch.cuda.device(x.device):
-        call = prepare(x, weight, weight_type, arch, overlap_gather, splits)
-        error = cuda_build.entry_point(weight_type, arch)(
-            rows, warps, warps_n, int(x_shared), int(capped), splits, call.x.data_ptr(), weight.qweight.data_ptr(),
-            weight.scales.data_ptr(), pointer(weight.zeros), call.out.data_ptr(), pointer(call.partials),
-            pointer(call.arrivals), call.x.shape[0], weight.shape[0], call.x.shape[1], weight.n_groups,
-            row_shift(weight), call.x.stride(0), 1.0 / weight.global_scale, call.dependent, call.stream)
-    if error:
-        raise RuntimeError(f"the tensor-core kernel did not launch: cudaError {error}")
-    return call.out
-
-
-@dataclass
-class PreparedCall:
-    x: torch.Tensor  # contiguous, 16-byte aligned, act_order's inputs gathered
-    out: torch.Tensor
-    partials: torch.Tensor | None
-    arrivals: torch.Tensor | None
-    dependent: int
-    stream: int
+    gather, dependent, workspace = prepare(x, weight, weight_type, arch, overlap_gather, splits)
+    arguments = [rows, warps, warps_n, int(x_shared), int(capped), splits, Slot.X, weight.qweight.data_ptr(),
+                 weight.scales.data_ptr(), pointer(weight.zeros), Slot.OUT, *map(pointer, workspace), x.shape[0],
+                 weight.shape[0], x.shape[1], weight.n_groups, row_shift(weight), Slot.X_STRIDE,
+                 1.0 / weight.global_scale, dependent, Slot.STREAM]
+    return KernelCall(weight_type, arch, "mma", arguments, x.device, x.shape[0], weight.shape[0],
+                      holds=(weight.tensors(), workspace), gather=gather)
 
 
 def prepare(x: torch.Tensor, weight: KernelWeight, gather_type: WeightType, arch: str, overlap_gather: bool,
-            splits: int) -> PreparedCall:
-    """What a tensor-core kernel's call needs, on x's device: x contiguous and aligned, act_order gathered by
-    `gather_type`'s library (the kernel then launched dependent on the gather where `overlap_gather` asks and the
-    device can, else as dependent launch says), the output and split-K's workspace."""
-    if x.data_ptr() % 16 or not x.is_contiguous():
-        x = x.contiguous().clone()
-    m = x.shape[0]
-    n = weight.shape[0]
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    if weight.perm is not None:
-        x = gather_inputs(x, weight.perm, gather_type, arch, stream)
-        dependent = int(overlap_gather and cuda_build.can_launch_dependent(x.device))
-    else:
-        dependent = cuda_build.dependent_launch(x.device)
-    out = torch.empty(m, n, dtype=torch.float16, device=x.device)
-    partials, arrivals = cuda_build.split_workspace(x.device, splits, m, n) if splits > 1 else (None, None)
-    return PreparedCall(x, out, partials, arrivals, dependent, stream)
-
-
-def gather_inputs(x: torch.Tensor, perm: torch.Tensor, weight_type: WeightType, arch: str, stream: int) -> torch.Tensor:
-    """x[:, perm], act_order's stored input order (K, a multiple of 32 in this layout, is one of 8), by the gather of
-    the tensor-core library of `weight_type`."""
-    m, k = x.shape
-    out = torch.empty_like(x)
-    error = cuda_build.entry_point(weight_type, arch, "gather")(x.data_ptr(), perm.data_ptr(), out.data_ptr(), m, k,
-                                                                 x.stride(0), cuda_build.dependent_launch(x.device),
-                                                                 stream)
-    if error:
-        raise RuntimeError(f"the act_order gather did not launch: cudaError {error}")
-    return out
+            splits: int) -> tuple[Callable | None, int, tuple]:
+    """What a tensor-core kernel's call needs besides its tile: act_order's gather by `gather_type`'s library
+    (None without act_order), whether the kernel launches dependent (on the gather where `overlap_gather` asks and
+    the device can, else as dependent launch says) and split-K's workspace (partials and arrivals, or Nones)."""
+    m, n = x.shape[0], weight.shape[0]
+    workspace = cuda_build.split_workspace(x.device, splits, m, n) if splits > 1 else (None, None)
+    if weight.perm is None:
+        return None, cuda_build.dependent_launch(x.device), workspace
+    call = KernelCall(gather_type, arch, "gather", [Slot.X, weight.perm.data_ptr(), Slot.OUT, m, x.shape[1],
+                                                     Slot.X_STRIDE, cuda_build.dependent_launch(x.device), Slot.STREAM],
+                      x.device, m, x.shape[1], holds=(weight.perm,))
+    return (lambda x: call.launch(x, torch.empty_like(x)),
+            int(overlap_gather and cuda_build.can_launch_dependent(x.device)), workspace)

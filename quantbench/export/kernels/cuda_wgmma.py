@@ -10,6 +10,7 @@ import torch
 from quantbench.export.kernels import cuda_build
 from quantbench.export.kernels.cuda_build import WeightType, pointer, row_shift
 from quantbench.export.kernels.cuda_mma import ROWS, prepare
+from quantbench.export.kernels.kernel_call import KernelCall, Slot
 from quantbench.export.kernels.layout import KernelWeight
 
 GROUPS = (1, 2)  # warpgroups side by side along the outputs, sharing x's stages
@@ -47,25 +48,28 @@ def split_choices(m: int, weight: KernelWeight, rows: int, groups: int, processo
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, groups: int = 1, splits: int = 1,
            overlap_gather: bool = False) -> torch.Tensor:
-    """x [M ≤ 64, K] float16 in the original input order → [M, N] float16. `rows`: rows of x per block, the
-    products' N (8, 16, 32 or 64, as the tensor-core kernel's; `cuda_mma.rows_for`); `groups`: warpgroups per
-    block, 128 outputs each; `splits`: blocks along K per block of outputs, whose float32 sums the last to
-    finish adds in split order; `overlap_gather` (act_order, where the device can): the kernel launched to
-    start while the gather runs."""
+    """x [M ≤ 64, K] float16 in the original input order → [M, N] float16 (`bind`'s call, made and run once)."""
+    return bind(x, weight, rows, groups, splits, overlap_gather)(x)
+
+
+def bind(x: torch.Tensor, weight: KernelWeight, rows: int, groups: int = 1, splits: int = 1,
+         overlap_gather: bool = False) -> KernelCall:
+    """The kernel's call for x's rows, on x's device: x [M ≤ 64, K] float16 in the original input order → [M, N]
+    float16. `rows`: rows of x per block, the products' N (8, 16, 32 or 64, as the tensor-core kernel's;
+    `cuda_mma.rows_for`); `groups`: warpgroups per block, 128 outputs each; `splits`: blocks along K per block of
+    outputs, whose float32 sums the last to finish adds in split order; `overlap_gather` (act_order, where the
+    device can): the kernel launched to start while the gather runs."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the warpgroup kernel does not run this call: {reason}")
     if rows not in ROWS or groups not in GROUPS or not 1 <= splits <= 65535:
         raise ValueError(f"rows {rows}, groups {groups}, splits {splits}: not among {ROWS}, {GROUPS}, 1–65535")
     weight_type = WeightType.for_wgmma(weight)
-    arch = cuda_build.device_arch(x.device)
-    with torch.cuda.device(x.device):  # act_order gathered by the tensor-core library's gather
-        call = prepare(x, weight, WeightType.for_mma(weight, scales_in_b=True), arch, overlap_gather, splits)
-        error = cuda_build.entry_point(weight_type, arch)(
-            rows, groups, splits, call.x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
-            pointer(weight.zeros), call.out.data_ptr(), pointer(call.partials), pointer(call.arrivals),
-            call.x.shape[0], weight.shape[0], call.x.shape[1], weight.n_groups, row_shift(weight), call.x.stride(0),
-            1.0 / weight.global_scale, call.dependent, call.stream)
-    if error:
-        raise RuntimeError(f"the warpgroup kernel did not launch: cudaError {error}")
-    return call.out
+    arch = cuda_build.device_arch(x.device)  # act_order gathered by the tensor-core library's gather
+    gather, dependent, workspace = prepare(x, weight, WeightType.for_mma(weight, scales_in_b=True), arch,
+                                           overlap_gather, splits)
+    arguments = [rows, groups, splits, Slot.X, weight.qweight.data_ptr(), weight.scales.data_ptr(),
+                 pointer(weight.zeros), Slot.OUT, *map(pointer, workspace), x.shape[0], weight.shape[0], x.shape[1],
+                 weight.n_groups, row_shift(weight), Slot.X_STRIDE, 1.0 / weight.global_scale, dependent, Slot.STREAM]
+    return KernelCall(weight_type, arch, "wgmma", arguments, x.device, x.shape[0], weight.shape[0],
+                      holds=(weight.tensors(), workspace), gather=gather)

@@ -15,19 +15,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import importlib.util
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from quantbench.export.kernels import cpu_int4, cpu_packed
 from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
 from quantbench.export.kernels.reference import packed_matmul_reference
+
+if TYPE_CHECKING:
+    from quantbench.export.kernels.kernel_call import KernelCall
 
 BACKENDS = ("auto", "triton", "cuda", "mma", "wgmma", "cpu", "torch")
 
@@ -93,19 +99,13 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         if backend == "cpu":
             raise ValueError("backend 'cpu' takes float x and the weight on the CPU, any kernel layout but base-3 "
                              "ternary, and a C++ compiler to build its kernels with")
-    if backend == "cuda" and config is None:
-        config = dataclasses.replace(CUDA_DEFAULT, rows=min(_bucket(x2.shape[0]), 8))
-    if backend in ("mma", "wgmma") and config is None:
-        from quantbench.export.kernels.cuda_mma import rows_for
-
-        default = MMA_DEFAULT if backend == "mma" else WGMMA_DEFAULT
-        config = dataclasses.replace(default, rows=rows_for(x2.shape[0], weight))
+    config = config or _engine_default(x2, weight, backend)
     use_triton = (backend in ("triton", "cuda", "mma", "wgmma")
                   or (backend == "auto" and x.is_cuda and triton_available()))
     if not use_triton:
         return packed_matmul_reference(x2, weight).view(*x.shape[:-1], n_out)
     weight = weight.row_major()  # the GPU kernels read rows of the whole output width
-    from quantbench.export.kernels import cuda_gemv, cuda_mma, cuda_wgmma, triton_matmul
+    from quantbench.export.kernels import triton_matmul
 
     if weight.kind == "ternary3":
         x2 = x2.contiguous()
@@ -115,27 +115,61 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
         return out.view(*x.shape[:-1], n_out)
     x2 = x2.contiguous()
     config = config or _config_for(x2, weight)
-    if config.engine == "cuda":  # gathers act_order in shared memory
-        out = cuda_gemv.launch(x2, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
-                               async_copies=config.num_stages > 0, splits=config.split_k,
-                               x_in_shared=config.x_in_shared, streamed=config.streamed,
-                               column_blocks=config.column_blocks)
-        return out.view(*x.shape[:-1], n_out)
-    if config.engine == "mma":  # gathers act_order before the kernel
-        out = cuda_mma.launch(x2, weight, config.rows, config.num_warps, config.block_n // 32,
-                              x_shared=config.num_stages > 0, overlap_gather=config.overlap_gather,
-                              splits=config.split_k, capped=config.capped)
-        return out.view(*x.shape[:-1], n_out)
-    if config.engine == "wgmma":  # gathers act_order before the kernel
-        out = cuda_wgmma.launch(x2, weight, config.rows, config.num_warps // 4, config.split_k,
-                                overlap_gather=config.overlap_gather)
-        return out.view(*x.shape[:-1], n_out)
+    if config.engine != "triton":
+        return _kernel_call(x2, weight, config)(x2).view(*x.shape[:-1], n_out)
     if x2.shape[0] > 1:  # a batch gathers act_order once; Triton's decode gathers in the kernel
         x2, weight = with_inputs_gathered(x2, weight)
     out = triton_matmul.launch(x2, weight, config.block_m, config.block_n, config.block_k, config.split_k,
                                config.num_warps, config.num_stages, config.expand, config.half, config.rows,
                                config.pairs)
     return out.view(*x.shape[:-1], n_out)
+
+
+def bind(x: torch.Tensor, weight: KernelWeight, backend: str = "auto") -> Callable[[torch.Tensor], torch.Tensor]:
+    """packed_matmul for x [M, K]'s rows, dtype and device with its choices made once: where a CUDA kernel runs it,
+    that kernel's call with its tile, checks and arguments bound (kernel_call.KernelCall; the tile tuned now if it
+    is not yet), else packed_matmul itself. The call takes x [M, K] like this one and returns [M, N]."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    x = x.reshape(-1, weight.shape[1])
+    engines = backend in ("cuda", "mma", "wgmma") or (backend == "auto" and triton_available())
+    if x.is_cuda and engines and weight.kind != "ternary3":
+        weight = weight.row_major()
+        config = _engine_default(x, weight, backend) or _config_for(x.contiguous(), weight)
+        if config.engine != "triton":
+            return _kernel_call(x, weight, config)
+    return functools.partial(packed_matmul, weight=weight, backend=backend)
+
+
+def _engine_default(x: torch.Tensor, weight: KernelWeight, backend: str) -> TileConfig | None:
+    """The tile a CUDA engine named by `backend` runs untuned (None for the other backends)."""
+    if backend == "cuda":
+        return dataclasses.replace(CUDA_DEFAULT, rows=min(_bucket(x.shape[0]), 8))
+    if backend in ("mma", "wgmma"):
+        from quantbench.export.kernels.cuda_mma import rows_for
+
+        default = MMA_DEFAULT if backend == "mma" else WGMMA_DEFAULT
+        return dataclasses.replace(default, rows=rows_for(x.shape[0], weight))
+    return None
+
+
+def _kernel_call(x: torch.Tensor, weight: KernelWeight, config: TileConfig) -> KernelCall:
+    """The call of the CUDA kernel that `config` names (its engine cuda, mma or wgmma)."""
+    from quantbench.export.kernels import cuda_gemv, cuda_mma, cuda_wgmma
+
+    if config.engine == "cuda":  # gathers act_order in shared memory
+        return cuda_gemv.bind(x, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
+                              async_copies=config.num_stages > 0, splits=config.split_k,
+                              x_in_shared=config.x_in_shared, streamed=config.streamed,
+                              column_blocks=config.column_blocks)
+    if config.engine == "mma":  # gathers act_order before the kernel
+        return cuda_mma.bind(x, weight, config.rows, config.num_warps, config.block_n // 32,
+                             x_shared=config.num_stages > 0, overlap_gather=config.overlap_gather,
+                             splits=config.split_k, capped=config.capped)
+    if config.engine == "wgmma":  # gathers act_order before the kernel
+        return cuda_wgmma.bind(x, weight, config.rows, config.num_warps // 4, config.split_k,
+                               overlap_gather=config.overlap_gather)
+    raise ValueError(f"engine {config.engine!r} has no CUDA kernel")
 
 
 def _candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[TileConfig]:
