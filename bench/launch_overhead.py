@@ -1,12 +1,14 @@
 """Host time of one eager call of a packed layer (no CUDA graph, no compile), against nn.Linear in float16: what
 a decode step without graphs pays per layer before the GPU sees a kernel.
 
-    python bench/launch_overhead.py [--device cuda] [--shape 4096x4096] [--variants "int4-g128 act_order" …]
+    python bench/launch_overhead.py [--device cuda] [--shape 4096x4096] [--variants "int4-g128 act_order" …] [--operator]
 
 Each layer is called `--calls` times back to back on x [1, 1, K] (one decode token), the queue drained every 100
 calls. Per call: the wall time (the host's, where it exceeds the GPU's), the GPU's time from CUDA events over the
 same calls, and the host time with the kernel launch itself taken out (`--profile`: the functions that take the
-host's time, from cProfile over 500 calls). On the CPU the wall time includes the computation.
+host's time, from cProfile over 500 calls). `--operator` calls the packed layers as a compiled model without
+CUDA graphs does, through the `quantbench::packed_linear` operator. On the CPU the wall time includes the
+computation.
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ from kernel_speed import VARIANTS, kernel_weight  # noqa: E402
 from quantbench.export.kernels import PackedLinear  # noqa: E402
 
 DRAIN_EVERY = 100
+
+
+class AsCompiled(nn.Module):
+    """A packed layer called as a compiled model's graph calls it, without CUDA graphs: the
+    `quantbench::packed_linear` operator on its buffers."""
+
+    def __init__(self, layer: PackedLinear):
+        super().__init__()
+        self.arguments = (layer.qweight, layer.scales, layer.zeros, layer.perm, layer.kind, layer.bits,
+                          layer.out_features, layer.in_features, layer.group, layer.global_scale, layer.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantbench.packed_linear.default(x, *self.arguments)
 
 
 def per_call_us(layer: nn.Module, x: torch.Tensor, calls: int, repeat: int) -> tuple[float, float | None]:
@@ -77,6 +92,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="also the functions that take the host's time")
+    parser.add_argument("--operator", action="store_true",
+                        help="call the packed layers through their torch operator, as a compiled model does")
     args = parser.parse_args()
     device = torch.device(args.device)
     k, n = map(int, args.shape.split("x"))
@@ -85,7 +102,8 @@ def main() -> None:
     layers = {"fp16 nn.Linear" if device.type == "cuda" else "float32 nn.Linear":
               nn.Linear(k, n, bias=False, device=device, dtype=dtype)}
     for label in args.variants:
-        layers[label] = PackedLinear(kernel_weight(label, n, k, device), dtype=dtype).to(device)
+        layer = PackedLinear(kernel_weight(label, n, k, device), dtype=dtype).to(device)
+        layers[f"{label} (operator)" if args.operator else label] = AsCompiled(layer) if args.operator else layer
     print(f"{time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"torch {torch.__version__}; x [1, 1, {k}] → {n} outputs, {args.calls} calls × {args.repeat}")
     for label, layer in layers.items():
@@ -93,7 +111,7 @@ def main() -> None:
             layer(x)
         wall, gpu = per_call_us(layer, x, args.calls, args.repeat)
         gpu_text = "" if gpu is None else f", GPU {gpu:6.1f} µs a call"
-        print(f"{label:>22}: wall {wall:6.1f} µs a call{gpu_text}", flush=True)
+        print(f"{label:>33}: wall {wall:6.1f} µs a call{gpu_text}", flush=True)
         if args.profile:
             print("\n".join(profile_lines(layer, x)), flush=True)
 

@@ -1389,7 +1389,8 @@ def test_dependent_launch_reads_x_only_once_the_kernel_that_writes_it_is_done(la
 def test_a_packed_layers_bound_cuda_calls_equal_packed_matmul_on_new_x_and_new_scales(backend, label):
     """Eager calls of a packed layer on the GPU run its bound calls: on new x of rows already seen (1, 5, 16, and
     rows with a bias and strided rows) they give packed_matmul's result bit for bit, and with its scales replaced
-    by twice theirs, twice that (a stale call would still read the old scales)."""
+    by twice theirs, twice that (a stale call would still read the old scales), as does the packed_linear operator
+    that compiled models call."""
     kernel = to_kernel_layout(WEIGHTS[label].to("cuda"))
     bias = torch.randn(OUT, device="cuda").half()
     layer = PackedLinear(kernel, bias=bias, backend=backend, dtype=torch.float16)
@@ -1402,6 +1403,9 @@ def test_a_packed_layers_bound_cuda_calls_equal_packed_matmul_on_new_x_and_new_s
     layer.scales = layer.scales * 2
     x = torch.randn(5, IN, device="cuda", generator=g).half()
     assert torch.equal(layer(x), 2 * packed_matmul(x, kernel, backend) + bias)
+    operator = torch.ops.quantbench.packed_linear(x, layer.qweight, layer.scales, layer.zeros, layer.perm, layer.kind,
+                                                  layer.bits, OUT, IN, layer.group, layer.global_scale, backend)
+    assert torch.equal(operator, 2 * packed_matmul(x, kernel, backend))  # what a compiled model calls
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels run on an NVIDIA GPU only")
@@ -1725,41 +1729,49 @@ def test_packed_linear_on_the_cpu_calls_the_cpp_kernel_itself_unless_given_anoth
     assert backends == ["torch", "auto"]
 
 
-def test_packed_linear_binds_its_cuda_call_once_per_rows_and_again_for_new_buffers(monkeypatch):
-    """Eager CUDA calls (faked here: the layer's binding step called as forward calls it) bind the matmul once per
-    rows of x, dtype and device and reuse it; a buffer replaced, or the layer moved, binds again; the layer still
-    pickles and copies with calls bound (ctypes calls do neither)."""
-    import copy
-    import pickle
+def test_bound_matmul_binds_once_per_weight_and_rows_and_lets_the_weight_go(monkeypatch):
+    """bound_matmul (eager packed layers and the packed_linear operator on CUDA; faked here) binds a weight's call
+    once per rows of x, dtype and backend and reuses it; new scales bind again; where no CUDA kernel runs the call
+    packed_matmul does; its cache does not keep a weight alive: the entry goes with the words."""
+    import gc
 
-    from quantbench.export.kernels import modules
+    from quantbench.export.kernels import matmul
 
-    bound = []
+    bound, fallbacks = [], []
 
-    def bind(flat, weight, backend):
-        bound.append((flat.shape[0], weight.scales))
-        return lambda x: x[:, :1] * weight.scales.float().sum() + torch.zeros(x.shape[0], OUT)
+    class Call:
+        def __init__(self, weight):
+            self.holds, self.scales = weight.tensors(), weight.scales  # as a KernelCall holds them
 
-    monkeypatch.setattr(modules, "bind", bind)
-    layer = PackedLinear(to_kernel_layout(WEIGHTS["int4-g32 act_order"]))
+        def __call__(self, x):
+            return x[:, :1] * self.scales.float().sum() + torch.zeros(x.shape[0], OUT)
+
+    def bind(x, weight, backend):
+        bound.append((x.shape[0], x.dtype, backend))
+        return None if backend == "torch" else Call(weight)
+
+    monkeypatch.setattr(matmul, "bind", bind)
+    monkeypatch.setattr(matmul, "packed_matmul", lambda x, weight, backend: fallbacks.append(backend) or x)
+    weight = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
     x = torch.randn(2, 3, IN)
-    first = layer._bound_call(x)
-    assert first.shape == (2, 3, OUT) and len(bound) == 1 and bound[0][0] == 6
+    first = matmul.bound_matmul(x, weight)
+    assert first.shape == (2, 3, OUT) and bound == [(6, torch.float32, "auto")]
     for _ in range(2):
-        assert torch.equal(layer._bound_call(x), first)
-    layer._bound_call(x[:1])
-    layer._bound_call(x.double())
-    assert [rows for rows, _ in bound] == [6, 3, 6]
-    layer.scales = layer.scales * 2
-    assert torch.equal(layer._bound_call(x), 2 * first) and bound[-1][1] is layer.scales
-    pickled = pickle.loads(pickle.dumps(layer))
-    copied = copy.deepcopy(layer)
-    for other in (pickled, copied):
-        assert torch.equal(other._bound_call(x), 2 * first)
-    assert len(bound) == 6
-    layer.to(torch.device("cpu"))
-    layer._bound_call(x)
-    assert len(bound) == 7
+        assert torch.equal(matmul.bound_matmul(x, weight), first)
+    matmul.bound_matmul(x[:1], weight)
+    matmul.bound_matmul(x.double(), weight)
+    assert [rows for rows, _, _ in bound] == [6, 3, 6] and len(matmul._bound_calls[id(weight.qweight)]) == 3
+    doubled = dataclasses.replace(weight, scales=weight.scales * 2)
+    assert torch.equal(matmul.bound_matmul(x, doubled), 2 * first) and len(bound) == 4
+    assert all(call.holds == () for *_, call in matmul._bound_calls[id(weight.qweight)].values())
+    assert matmul.bound_matmul(x, weight, "torch") is x and matmul.bound_matmul(x, weight, "torch") is x
+    assert len(bound) == 5 and fallbacks == ["torch", "torch"]  # bound once, found to need packed_matmul
+    tiled = weight.in_cpu_tiles()
+    assert matmul.bound_matmul(x, tiled) is x and id(tiled.qweight) not in matmul._bound_calls
+    key = id(weight.qweight)
+    del weight, doubled
+    gc.collect()
+    assert key not in matmul._bound_calls
 
 
 def test_without_a_compiler_the_cpu_kernels_say_why_and_torch_runs(monkeypatch, tmp_path):

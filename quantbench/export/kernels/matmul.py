@@ -15,25 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import importlib.util
 import json
 import os
 import warnings
-from collections.abc import Callable
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from quantbench.export.kernels import cpu_int4, cpu_packed
+from quantbench.export.kernels.kernel_call import KernelCall
 from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
 from quantbench.export.kernels.reference import packed_matmul_reference
 
-if TYPE_CHECKING:
-    from quantbench.export.kernels.kernel_call import KernelCall
 
 BACKENDS = ("auto", "triton", "cuda", "mma", "wgmma", "cpu", "torch")
 
@@ -125,20 +122,50 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     return out.view(*x.shape[:-1], n_out)
 
 
-def bind(x: torch.Tensor, weight: KernelWeight, backend: str = "auto") -> Callable[[torch.Tensor], torch.Tensor]:
-    """packed_matmul for x [M, K]'s rows, dtype and device with its choices made once: where a CUDA kernel runs it,
-    that kernel's call with its tile, checks and arguments bound (kernel_call.KernelCall; the tile tuned now if it
-    is not yet), else packed_matmul itself. The call takes x [M, K] like this one and returns [M, N]."""
+def bind(x: torch.Tensor, weight: KernelWeight, backend: str = "auto") -> KernelCall | None:
+    """The CUDA kernel's call that packed_matmul would make for x [M, K]'s rows, dtype and device, its choices
+    made once (the tile tuned now if it is not yet): a KernelCall that takes x [M, K] and returns [M, N]. None where
+    no CUDA kernel runs it (Triton's tile, another device, base-3 ternary)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     x = x.reshape(-1, weight.shape[1])
     engines = backend in ("cuda", "mma", "wgmma") or (backend == "auto" and triton_available())
-    if x.is_cuda and engines and weight.kind != "ternary3":
-        weight = weight.row_major()
-        config = _engine_default(x, weight, backend) or _config_for(x.contiguous(), weight)
-        if config.engine != "triton":
-            return _kernel_call(x, weight, config)
-    return functools.partial(packed_matmul, weight=weight, backend=backend)
+    if not (x.is_cuda and engines and weight.kind != "ternary3"):
+        return None
+    weight = weight.row_major()
+    config = _engine_default(x, weight, backend) or _config_for(x.contiguous(), weight)
+    return None if config.engine == "triton" else _kernel_call(x, weight, config)
+
+
+BOUND_ROWS = 64  # bound_matmul takes up to the CUDA kernels' rows (cuda_mma.MAX_ROWS)
+_bound_calls: dict[int, dict] = {}  # id(qweight) → {(rows, dtype, backend, kind, bits, group, global scale): (scales,
+# zeros, perm, bind's call)}; an entry leaves with its qweight (weakref.finalize)
+
+
+def bound_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto") -> torch.Tensor:
+    """packed_matmul(x, weight, backend) for x on CUDA with at most BOUND_ROWS rows, through `bind`'s call, made on
+    the first call per qweight tensor, rows of x, dtype and backend and reused while the weight keeps its other
+    tensors (scales, zeros, perm: bound again when one is replaced). An eager packed layer and the packed_linear
+    operator call this: after the first call only x, the output and the stream are passed
+    (docs/performance.md, "Packed layers without CUDA graphs")."""
+    x2 = x.reshape(-1, weight.shape[1])
+    qweight = weight.qweight
+    calls = _bound_calls.get(id(qweight))
+    if calls is None:
+        if weight.tiled:  # row_major() makes new words: nothing to key the call on
+            return packed_matmul(x, weight, backend)
+        calls = _bound_calls[id(qweight)] = {}
+        weakref.finalize(qweight, _bound_calls.pop, id(qweight), None)
+    key = (x2.shape[0], x.dtype, backend, weight.kind, weight.bits, weight.group, weight.global_scale)
+    entry = calls.get(key)
+    if not (entry and entry[0] is weight.scales and entry[1] is weight.zeros and entry[2] is weight.perm):
+        call = bind(x2, weight, backend)
+        if call is not None:
+            call.holds = ()  # the entry holds the tensors, qweight as its key: held by the call, it would never go
+        entry = calls[key] = (weight.scales, weight.zeros, weight.perm, call)
+    if entry[3] is None:
+        return packed_matmul(x, weight, backend)
+    return entry[3](x2).view(*x.shape[:-1], weight.shape[0])
 
 
 def _engine_default(x: torch.Tensor, weight: KernelWeight, backend: str) -> TileConfig | None:

@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from quantbench.export.kernels import cpu_packed
-from quantbench.export.kernels.cuda_mma import MAX_ROWS
 from quantbench.export.kernels.layout import KernelWeight
-from quantbench.export.kernels.matmul import bind, packed_matmul
+from quantbench.export.kernels.matmul import BOUND_ROWS, bound_matmul, packed_matmul
 from quantbench.export.kernels.reference import dequantize_kernel_weight, packed_matmul_input_gradient
 
 
@@ -21,6 +20,8 @@ def packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                   global_scale: float, backend: str) -> torch.Tensor:
     """x [..., in_features] → [..., out_features] in x's dtype, through `packed_matmul`."""
     weight = KernelWeight(kind, bits, (out_features, in_features), group, qweight, scales, zeros, perm, global_scale)
+    if x.is_cuda and x.numel() <= BOUND_ROWS * in_features:
+        return bound_matmul(x, weight, backend)
     return packed_matmul(x, weight, backend)
 
 
@@ -66,8 +67,6 @@ packed_linear.register_autograd(_input_gradient, setup_context=_keep_weight)
 class PackedLinear(nn.Module):
     _cpu_kernel = False  # whether the C++ kernel runs the words (set when built or moved; a layer unpickled from an
     # older quantbench lacks it and goes through packed_matmul)
-    _bound_calls: dict | None = None  # eager CUDA calls, per (rows of x, dtype, device): (the buffers, matmul.bind's
-    # call); emptied when the layer moves, never pickled or copied
 
     def __init__(self, weight: KernelWeight, bias: torch.Tensor | None = None, backend: str = "auto",
                  dtype: torch.dtype = torch.float32):
@@ -87,7 +86,6 @@ class PackedLinear(nn.Module):
         weight = self.kernel_weight
         self._cpu_kernel = cpu_packed.runs(weight)
         self.qweight = (weight.in_cpu_tiles() if self._cpu_kernel else weight.row_major()).qweight
-        self._bound_calls = None
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # the words move as they are, then take the layout of where they are
@@ -112,30 +110,11 @@ class PackedLinear(nn.Module):
         elif self._runs_cpu_kernel(x):  # eager inference skips the dispatcher, and on the CPU packed_matmul too
             flat = cpu_packed.cpu_packed_matmul(x.reshape(-1, self.in_features), self.kernel_weight)
             y = flat.view(*x.shape[:-1], self.out_features)
-        elif x.is_cuda and x.numel() <= MAX_ROWS * self.in_features:
-            y = self._bound_call(x)
+        elif x.is_cuda and x.numel() <= BOUND_ROWS * self.in_features:
+            y = bound_matmul(x, self.kernel_weight, self.backend)
         else:
             y = packed_matmul(x, self.kernel_weight, self.backend)
         return y if self.bias is None else y + self.bias
-
-    def _bound_call(self, x: torch.Tensor) -> torch.Tensor:
-        """Eager CUDA, up to the CUDA kernels' rows: the matmul bound once per rows of x, dtype and device (its
-        tile, checks and arguments) and called as bound while the layer keeps the same buffers
-        (docs/performance.md, "Packed layers without CUDA graphs")."""
-        flat = x.reshape(-1, self.in_features)
-        key = (flat.shape[0], x.dtype, x.device)
-        buffers = self._buffers
-        qweight, scales, zeros, perm = buffers["qweight"], buffers["scales"], buffers["zeros"], buffers["perm"]
-        calls = self._bound_calls
-        if calls is None:
-            calls = self._bound_calls = {}
-        bound = calls.get(key)
-        if not (bound and bound[0] is qweight and bound[1] is scales and bound[2] is zeros and bound[3] is perm):
-            bound = calls[key] = (qweight, scales, zeros, perm, bind(flat, self.kernel_weight, self.backend))
-        return bound[4](flat).view(*x.shape[:-1], self.out_features)
-
-    def __getstate__(self):
-        return {**super().__getstate__(), "_bound_calls": None}  # ctypes calls neither pickle nor copy
 
     def _runs_cpu_kernel(self, x: torch.Tensor) -> bool:
         """Whether packed_matmul would hand this call to the C++ kernel (about 6 µs of choosing a call saved)."""
