@@ -331,7 +331,7 @@ def test_fused_siblings_compute_the_unfused_logits_with_four_launches_per_layer(
 
     # a layer calls the C++ kernel itself, or (where it cannot be built) packed_matmul: one of the two a launch
     monkeypatch.setattr(cpu_packed, "cpu_packed_matmul", counted(cpu_packed.cpu_packed_matmul))
-    monkeypatch.setattr(modules_module, "packed_matmul", counted(modules_module.packed_matmul))
+    monkeypatch.setattr(modules_module, "bound_matmul", counted(modules_module.bound_matmul))
     with torch.no_grad():
         expected = separate(ids).logits
         assert len(launches) == 2 * 7
@@ -1223,8 +1223,7 @@ def test_a_bound_kernel_call_passes_anew_only_x_its_stride_the_output_and_the_st
     misaligned = wide.view(-1)[1:2 * IN + 1].view(2, IN)
     inputs = [torch.randn(2, IN).half(), torch.randn(2, IN).half(), wide[:, :IN], misaligned]
     outputs = [call(x) for x in inputs]
-    x_at, out_at, stride_at = (call.slots[slot] for slot in (kernel_call.Slot.X, kernel_call.Slot.OUT,
-                                                                kernel_call.Slot.X_STRIDE))
+    x_at, out_at, stride_at = call.x_at, call.out_at, call.x_stride_at
     arguments = [args for _, args in calls]
     fixed = [[a for i, a in enumerate(args) if i not in (x_at, out_at, stride_at)] for args in arguments]
     assert all(f == fixed[0] for f in fixed) and arguments[0][-1] == 7
@@ -1239,8 +1238,7 @@ def test_a_bound_kernel_call_passes_anew_only_x_its_stride_the_output_and_the_st
     tensor_core = cuda_mma.bind(torch.zeros(2, IN).half(), packed, 8, 4, 1)
     tensor_core(wide[:, :IN])
     args = calls[0][1]
-    assert args[tensor_core.slots[kernel_call.Slot.X]] != wide.data_ptr()
-    assert args[tensor_core.slots[kernel_call.Slot.X_STRIDE]] == IN
+    assert args[tensor_core.x_at] != wide.data_ptr() and args[tensor_core.x_stride_at] == IN
     with pytest.raises(ValueError, match="does not fit a C int"):
         kernel_call._as_c(ctypes.c_int, 2**31)
 
@@ -1712,8 +1710,8 @@ def test_packed_linear_on_the_cpu_calls_the_cpp_kernel_itself_unless_given_anoth
     kernel = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
     x = torch.randn(2, 3, IN, generator=torch.Generator().manual_seed(4))
     backends = []
-    dispatch = modules.packed_matmul
-    monkeypatch.setattr(modules, "packed_matmul",
+    dispatch = modules.bound_matmul
+    monkeypatch.setattr(modules, "bound_matmul",
                         lambda x, weight, backend="auto": backends.append(backend) or dispatch(x, weight, backend))
     layer = PackedLinear(kernel)
     for dtype in (torch.float32, torch.bfloat16):
@@ -1732,7 +1730,8 @@ def test_packed_linear_on_the_cpu_calls_the_cpp_kernel_itself_unless_given_anoth
 def test_bound_matmul_binds_once_per_weight_and_rows_and_lets_the_weight_go(monkeypatch):
     """bound_matmul (eager packed layers and the packed_linear operator on CUDA; faked here) binds a weight's call
     once per rows of x, dtype and backend and reuses it; new scales bind again; where no CUDA kernel runs the call
-    packed_matmul does; its cache does not keep a weight alive: the entry goes with the words."""
+    (or x has more rows than they take) packed_matmul does; its cache does not keep a weight alive: the entry goes
+    with the words."""
     import gc
 
     from quantbench.export.kernels import matmul
@@ -1768,6 +1767,8 @@ def test_bound_matmul_binds_once_per_weight_and_rows_and_lets_the_weight_go(monk
     assert len(bound) == 5 and fallbacks == ["torch", "torch"]  # bound once, found to need packed_matmul
     tiled = weight.in_cpu_tiles()
     assert matmul.bound_matmul(x, tiled) is x and id(tiled.qweight) not in matmul._bound_calls
+    tall = torch.randn(matmul.BOUND_ROWS + 1, IN)  # beyond the CUDA kernels' rows: packed_matmul, nothing bound
+    assert matmul.bound_matmul(tall, weight) is tall and len(bound) == 5
     key = id(weight.qweight)
     del weight, doubled
     gc.collect()

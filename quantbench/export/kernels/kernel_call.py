@@ -16,7 +16,7 @@ from quantbench.export.kernels import cuda_build
 
 
 class Slot(enum.Enum):
-    """Arguments filled at each call."""
+    """Arguments filled at each call (in this order: KernelCall's x_at, out_at, x_stride_at, stream_at)."""
     X = "x's address"
     OUT = "the output's address"
     X_STRIDE = "x's row stride"
@@ -67,7 +67,7 @@ class KernelCall:
         self.function = cuda_build.entry_point(weight_type, arch, function)
         self.arguments = [value if isinstance(value, Slot) else _as_c(kind, value)
                           for kind, value in zip(types, arguments)]
-        self.slots = {slot: arguments.index(slot) for slot in Slot}
+        self.x_at, self.out_at, self.x_stride_at, self.stream_at = (arguments.index(slot) for slot in Slot)
         self.device_index = device.index if device.index is not None else current_device()
         self.rows, self.out_columns = rows, out_columns
         self.holds = holds
@@ -79,7 +79,8 @@ class KernelCall:
         if current_device() != self.device_index:
             with torch.cuda.device(self.device_index):
                 return self(x)
-        if (x.data_ptr() % 16 or x.stride(-1) != 1 or x.stride(0) % 8
+        strides = x.stride()
+        if (x.data_ptr() % 16 or strides[-1] != 1 or strides[0] % 8
                 or (self.contiguous and not x.is_contiguous())):  # rows read in aligned 16-byte pieces
             x = x.clone(memory_format=torch.contiguous_format)
         if self.gather is not None:
@@ -89,11 +90,10 @@ class KernelCall:
     def launch(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The kernel on x as it is, into `out`, on the current device."""
         arguments = self.arguments.copy()
-        slots = self.slots
-        arguments[slots[Slot.X]] = ctypes.c_void_p(x.data_ptr())
-        arguments[slots[Slot.OUT]] = ctypes.c_void_p(out.data_ptr())
-        arguments[slots[Slot.X_STRIDE]] = x.stride(0)
-        arguments[slots[Slot.STREAM]] = ctypes.c_void_p(current_stream(self.device_index))
+        arguments[self.x_at] = ctypes.c_void_p(x.data_ptr())
+        arguments[self.out_at] = ctypes.c_void_p(out.data_ptr())
+        arguments[self.x_stride_at] = x.stride(0)
+        arguments[self.stream_at] = ctypes.c_void_p(current_stream(self.device_index))
         error = self.function(*arguments)
         if error:
             raise RuntimeError(f"{self.name} did not launch: cudaError {error}")

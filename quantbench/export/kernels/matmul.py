@@ -31,7 +31,6 @@ from quantbench.export.kernels.kernel_call import KernelCall
 from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
 from quantbench.export.kernels.reference import packed_matmul_reference
 
-
 BACKENDS = ("auto", "triton", "cuda", "mma", "wgmma", "cpu", "torch")
 
 
@@ -137,23 +136,23 @@ def bind(x: torch.Tensor, weight: KernelWeight, backend: str = "auto") -> Kernel
     return None if config.engine == "triton" else _kernel_call(x, weight, config)
 
 
-BOUND_ROWS = 64  # bound_matmul takes up to the CUDA kernels' rows (cuda_mma.MAX_ROWS)
+BOUND_ROWS = 64  # bound_matmul binds up to the CUDA kernels' rows (cuda_mma.MAX_ROWS)
 _bound_calls: dict[int, dict] = {}  # id(qweight) → {(rows, dtype, backend, kind, bits, group, global scale): (scales,
 # zeros, perm, bind's call)}; an entry leaves with its qweight (weakref.finalize)
 
 
 def bound_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto") -> torch.Tensor:
-    """packed_matmul(x, weight, backend) for x on CUDA with at most BOUND_ROWS rows, through `bind`'s call, made on
-    the first call per qweight tensor, rows of x, dtype and backend and reused while the weight keeps its other
-    tensors (scales, zeros, perm: bound again when one is replaced). An eager packed layer and the packed_linear
-    operator call this: after the first call only x, the output and the stream are passed
-    (docs/performance.md, "Packed layers without CUDA graphs")."""
+    """packed_matmul(x, weight, backend); up to BOUND_ROWS rows of x, where a CUDA kernel runs it, through `bind`'s
+    call, made on the first call per qweight tensor, rows of x, dtype and backend and reused while the weight keeps
+    its other tensors (scales, zeros, perm: bound again when one is replaced): after the first call only x, the
+    output and the stream are passed (docs/performance.md, "Packed layers without CUDA graphs"). Eager packed
+    layers and the packed_linear operator call this."""
     x2 = x.reshape(-1, weight.shape[1])
+    if x2.shape[0] > BOUND_ROWS or weight.tiled:  # tiled: row_major() makes new words, nothing to key a call on
+        return packed_matmul(x, weight, backend)
     qweight = weight.qweight
     calls = _bound_calls.get(id(qweight))
     if calls is None:
-        if weight.tiled:  # row_major() makes new words: nothing to key the call on
-            return packed_matmul(x, weight, backend)
         calls = _bound_calls[id(qweight)] = {}
         weakref.finalize(qweight, _bound_calls.pop, id(qweight), None)
     key = (x2.shape[0], x.dtype, backend, weight.kind, weight.bits, weight.group, weight.global_scale)

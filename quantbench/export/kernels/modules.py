@@ -10,7 +10,7 @@ from torch import nn
 
 from quantbench.export.kernels import cpu_packed
 from quantbench.export.kernels.layout import KernelWeight
-from quantbench.export.kernels.matmul import BOUND_ROWS, bound_matmul, packed_matmul
+from quantbench.export.kernels.matmul import bound_matmul
 from quantbench.export.kernels.reference import dequantize_kernel_weight, packed_matmul_input_gradient
 
 
@@ -25,11 +25,9 @@ _LIBRARY.define(f"packed_linear_input_gradient(Tensor grad, {_WEIGHT_ARGUMENTS})
 def _packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                    perm: torch.Tensor | None, kind: str, bits: int, out_features: int, in_features: int, group: int,
                    global_scale: float, backend: str) -> torch.Tensor:
-    """x [..., in_features] → [..., out_features] in x's dtype, through `packed_matmul`."""
+    """x [..., in_features] → [..., out_features] in x's dtype, through `packed_matmul` (its CUDA calls bound)."""
     weight = KernelWeight(kind, bits, (out_features, in_features), group, qweight, scales, zeros, perm, global_scale)
-    if x.is_cuda and x.numel() <= BOUND_ROWS * in_features:
-        return bound_matmul(x, weight, backend)
-    return packed_matmul(x, weight, backend)
+    return bound_matmul(x, weight, backend)
 
 
 def _packed_linear_shape(x, qweight, scales, zeros, perm, kind, bits, out_features, in_features, group,
@@ -121,10 +119,8 @@ class PackedLinear(nn.Module):
         elif self._runs_cpu_kernel(x):  # eager inference skips the dispatcher, and on the CPU packed_matmul too
             flat = cpu_packed.cpu_packed_matmul(x.reshape(-1, self.in_features), self.kernel_weight)
             y = flat.view(*x.shape[:-1], self.out_features)
-        elif x.is_cuda and x.numel() <= BOUND_ROWS * self.in_features:
-            y = bound_matmul(x, self.kernel_weight, self.backend)
         else:
-            y = packed_matmul(x, self.kernel_weight, self.backend)
+            y = bound_matmul(x, self.kernel_weight, self.backend)
         return y if self.bias is None else y + self.bias
 
     def _runs_cpu_kernel(self, x: torch.Tensor) -> bool:
