@@ -38,9 +38,8 @@ from quantbench.export.kernels.matmul import _fastest, _mma_candidates  # noqa: 
 
 @functools.cache
 def _entry(path: Path):
-    name, arguments = cuda_build._SIGNATURES["mma"]
-    entry = getattr(ctypes.CDLL(str(path)), name)
-    entry.restype, entry.argtypes = ctypes.c_int, arguments
+    entry = getattr(ctypes.CDLL(str(path)), cuda_build.SIGNATURES["mma"][0])
+    entry.restype = ctypes.c_int  # as cuda_build's entry points: KernelCall passes C-typed arguments
     return entry
 
 
