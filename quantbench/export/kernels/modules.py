@@ -14,8 +14,8 @@ from quantbench.export.kernels.matmul import bound_matmul
 from quantbench.export.kernels.reference import dequantize_kernel_weight, packed_matmul_input_gradient
 
 
-_LIBRARY = torch.library.Library("quantbench", "DEF")  # torch.library's lower-level API: 6–7 µs less a call than
-# torch.library.custom_op's wrappers (this repository's CPU machine, 12 arguments)
+_LIBRARY = torch.library.Library("quantbench", "DEF")  # torch.library's lower-level API: less Python a call than
+# custom_op's wrappers (docs/performance.md, "Packed layers without CUDA graphs")
 _WEIGHT_ARGUMENTS = ("Tensor qweight, Tensor scales, Tensor? zeros, Tensor? perm, str kind, int bits, int out_features, "
                      "int in_features, int group, float global_scale")
 _LIBRARY.define(f"packed_linear(Tensor x, {_WEIGHT_ARGUMENTS}, str backend) -> Tensor")
