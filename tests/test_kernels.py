@@ -1183,6 +1183,7 @@ def fake_entry_points(monkeypatch) -> list:
     monkeypatch.setattr(cuda_build, "dependent_launch", lambda device: 0)
     monkeypatch.setattr(cuda_build, "entry_point", entry_point)
     monkeypatch.setattr(kernel_call, "current_device", lambda: 0)
+    monkeypatch.setattr(kernel_call, "device_of", lambda x: 0 if x.device.type == "cpu" else -1)  # the CPU as GPU 0
     monkeypatch.setattr(kernel_call, "current_stream", lambda index: 7)
     return calls
 
@@ -1213,7 +1214,8 @@ def test_a_bound_kernel_call_passes_anew_only_x_its_stride_the_output_and_the_st
     """Faked here (no GPU): bound once, the CUDA decode kernel's call passes the same tile, weight, sizes and
     scale at every call and x's address and row stride, a new output's address and the stream as they are then.
     Rows 16-byte aligned are read where they are, strided ones too (the tensor-core kernel copies those: it reads
-    x contiguous), misaligned ones are copied; x of other rows than bound is refused, as an int past C's."""
+    x contiguous), misaligned ones are copied; x of other rows, dtype or device than bound is refused, as an int
+    past C's."""
     from quantbench.export.kernels import cuda_gemv, cuda_mma, kernel_call
 
     calls = fake_entry_points(monkeypatch)
@@ -1232,8 +1234,9 @@ def test_a_bound_kernel_call_passes_anew_only_x_its_stride_the_output_and_the_st
     assert [args[stride_at] for args in arguments] == [IN, IN, 2 * IN, IN]  # the misaligned rows, copied
     assert [args[out_at] for args in arguments] == [out.data_ptr() for out in outputs]
     assert all(out.shape == (2, OUT) and out.dtype == torch.float16 for out in outputs)
-    with pytest.raises(ValueError, match="bound for 2 rows"):
-        call(torch.zeros(3, IN).half())
+    for other in (torch.zeros(3, IN).half(), torch.zeros(2, IN), torch.zeros(2, IN, device="meta").half()):
+        with pytest.raises(ValueError, match="bound for 2 rows of float16 x on CUDA device 0"):
+            call(other)  # other rows, dtype or device
     calls.clear()
     tensor_core = cuda_mma.bind(torch.zeros(2, IN).half(), packed, 8, 4, 1)
     tensor_core(wide[:, :IN])

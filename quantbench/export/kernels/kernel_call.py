@@ -38,6 +38,10 @@ def current_device() -> int:
     return torch.cuda.current_device()
 
 
+def device_of(x: torch.Tensor) -> int:
+    return x.get_device()  # -1 off CUDA
+
+
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # inductor's generated code calls it too
 
 
@@ -74,8 +78,9 @@ class KernelCall:
         self.contiguous, self.gather = contiguous, gather
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != self.rows:
-            raise ValueError(f"this call was bound for {self.rows} rows of x, not {x.shape[0]}")
+        if x.shape[0] != self.rows or x.dtype != torch.float16 or device_of(x) != self.device_index:
+            raise ValueError(f"this call was bound for {self.rows} rows of float16 x on CUDA device "
+                             f"{self.device_index}, not {x.shape[0]} of {x.dtype} on {x.device}")
         if current_device() != self.device_index:
             with torch.cuda.device(self.device_index):
                 return self(x)
