@@ -23,15 +23,14 @@ class Slot(enum.Enum):
     STREAM = "the current stream"
 
 
-_C_TYPES = {ctypes.c_void_p: ctypes.c_void_p, ctypes.c_float: ctypes.c_float}  # ints pass as they are
-
-
 def _as_c(kind: type, value: object) -> object:
+    """`value` as the entry point's `kind` takes it: ints as they are (ctypes passes them as C ints), the rest
+    (pointers, the float scale) as ctypes values."""
     if kind is ctypes.c_int:
         if not -2**31 <= value < 2**31:
             raise ValueError(f"{value} does not fit a C int")
         return int(value)
-    return _C_TYPES[kind](value)
+    return kind(value)
 
 
 def current_device() -> int:
