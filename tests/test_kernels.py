@@ -33,24 +33,24 @@ def weight(seed: int = 0) -> torch.Tensor:
     return torch.randn(OUT, IN) * torch.rand(OUT, 1)
 
 
-def act_order_weight(bits: int = 4, group: int = 32, seed: int = 1, inputs: int = IN) -> QuantizedWeight:
+def act_order_weight(bits: int = 4, group: int = 32, seed: int = 1) -> QuantizedWeight:
     """An int layer whose groups were formed in a random input order, as GPTQ's act_order leaves them."""
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(inputs, generator=g)
-    g_idx = torch.empty(inputs, dtype=torch.int32)
-    g_idx[order] = (torch.arange(inputs) // group).int()
-    n_groups = inputs // group
+    order = torch.randperm(IN, generator=g)
+    g_idx = torch.empty(IN, dtype=torch.int32)
+    g_idx[order] = (torch.arange(IN) // group).int()
+    n_groups = IN // group
     return QuantizedWeight(Scheme.parse(f"int{bits}-g{group}-gptq-act"),
-                           torch.randint(0, 1 << bits, (OUT, inputs), generator=g, dtype=torch.uint8),
+                           torch.randint(0, 1 << bits, (OUT, IN), generator=g, dtype=torch.uint8),
                            (torch.rand(OUT, n_groups, generator=g) * 0.1 + 0.01).half(),
                            torch.randint(0, 1 << bits, (OUT, n_groups), generator=g, dtype=torch.uint8), g_idx)
 
 
-def ternary_weight(group: int | None, seed: int = 2, inputs: int = IN) -> TritPlaneWeight:
+def ternary_weight(group: int | None, seed: int = 2) -> TritPlaneWeight:
     g = torch.Generator().manual_seed(seed)
-    n_groups = 1 if group is None else inputs // group
+    n_groups = 1 if group is None else IN // group
     name = "ternary2-ptqtp" if group is None else f"ternary2-g{group}-ptqtp"
-    return TritPlaneWeight(Scheme.parse(name), torch.randint(-1, 2, (2, OUT, inputs), generator=g, dtype=torch.int8),
+    return TritPlaneWeight(Scheme.parse(name), torch.randint(-1, 2, (2, OUT, IN), generator=g, dtype=torch.int8),
                            (torch.rand(2, OUT, n_groups, generator=g) * 0.1).half())
 
 
@@ -498,7 +498,7 @@ def test_tiles_saved_by_another_version_are_tuned_afresh_not_misread(tmp_path, m
     tile = {"block_m": 1, "block_n": 64, "block_k": 0, "split_k": 1}
     current = {"key": ["int", 4, 128, True, "float16", 1, 4096, 4096, True], "tile": tile}
     older = {"key": ["int", 4, 128, True, "float16", 1, 4096, 4096], "tile": tile}
-    unknown = {"key": ["int", 4, 128, True, "float16", 2, 4096, 4096, True], "tile": {**tile, "ring_stages": 2}}
+    unknown = {"key": ["int", 4, 128, True, "float16", 2, 4096, 4096, True], "tile": {**tile, "lookahead": 2}}
     path = tmp_path / "tiles.json"
     path.write_text(json.dumps({"device": "NVIDIA H200", "tiles": [current, older, unknown]}))
     monkeypatch.setattr(matmul, "_tuned", {})
@@ -1050,37 +1050,6 @@ def test_tensor_core_capped_blocks_change_no_sum(label):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
-@pytest.mark.parametrize("name", ["int4-g128-rtn", "int4-g32 act_order", "ternary2-g64", "mxfp4-rtn", "nvfp4-rtn"])
-def test_tensor_core_l2_lookahead_changes_no_sum(name):
-    """Asking L2 for the words of later slabs moves no value: bit-identical to no lookahead on 2,048 inputs (16
-    slabs, 2–8 rounds a warp, so that the lookahead runs past the last slab), for every row height, x from either
-    memory, split along K, and in a graph replay. Beyond MAX_LOOKAHEAD or below 0: refused."""
-    from quantbench.export.kernels import cuda_mma
-
-    k = 2048
-    if name == "int4-g32 act_order":
-        stored = act_order_weight(4, 32, inputs=k)
-    elif name == "ternary2-g64":
-        stored = ternary_weight(64, inputs=k)
-    else:
-        stored = quantize_rtn(torch.randn(OUT, k), Scheme.parse(name))
-    packed = to_kernel_layout(stored.to("cuda"))
-    x = torch.randn(40, k, device="cuda").half()
-    tiles = [TileConfig(1, 64, 0, 1, 8, x_shared, rows=rows, engine="mma") for rows in (16, 32, 64)
-             for x_shared in (0, 1) if rows in cuda_mma.row_choices(packed)]
-    tiles.append(TileConfig(1, 32, 0, 2, 4, 1, rows=16, engine="mma"))
-    for tile in tiles:
-        plain = packed_matmul(x, packed, backend="mma", config=tile)
-        for lookahead in (1, 2, 4, cuda_mma.MAX_LOOKAHEAD):
-            ahead = dataclasses.replace(tile, lookahead=lookahead)
-            assert torch.equal(packed_matmul(x, packed, backend="mma", config=ahead), plain), (tile, lookahead)
-        assert_replay_equals(x, packed, dataclasses.replace(tile, lookahead=2), tile)
-    for lookahead in (-1, cuda_mma.MAX_LOOKAHEAD + 1):
-        with pytest.raises(ValueError, match=f"lookahead {lookahead}"):
-            cuda_mma.launch(x, packed, 16, 4, 1, lookahead=lookahead)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
 def test_tensor_core_mxfp4_scales_in_b_build_each_blocks_power_of_two_from_its_code():
     """64-row blocks scale MXFP4's B by 2^(code − 127) built from the code's bits: blocks at the lowest code that
     fits and far above the test weight's own give the dequantized matmul, as the span sums of 32-row blocks do; a
@@ -1234,7 +1203,7 @@ def test_tensor_core_launches_pass_sizes_and_pointers_in_the_libraries_order(eng
         out = cuda_wgmma.launch(x, packed, 32, 1)
     (gather, gather_args), (kernel, args) = calls
     assert gather == "gather" and kernel == engine and gather_args[3:6] == (40, IN, IN)
-    tile_ints = 7 if engine == "mma" else 3  # rows … splits (mma: lookahead); then 7 pointers, then M, N, K
+    tile_ints = 6 if engine == "mma" else 3  # rows … splits; then 7 pointers, then M, N, K
     pointers, sizes = args[tile_ints:tile_ints + 7], args[tile_ints + 7:tile_ints + 10]
     assert sizes == (40, OUT, IN) and out.shape == (40, OUT)
     assert pointers[0] == gather_args[2] and pointers[4] == out.data_ptr()  # the gathered x, the output

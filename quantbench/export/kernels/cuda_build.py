@@ -159,7 +159,7 @@ def build(weight_type: WeightType, arch: str) -> Path:
 # warpgroups, splits), then pointers and sizes as the tensor-core kernel's.
 SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 8
                        + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
-              "mma": ("quantbench_packed_mma", [ctypes.c_int] * 7 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
+              "mma": ("quantbench_packed_mma", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
                       + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
               "wgmma": ("quantbench_packed_wgmma", [ctypes.c_int] * 3 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
                         + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),

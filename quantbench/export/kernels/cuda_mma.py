@@ -23,8 +23,6 @@ SCALES_IN_B_ROWS = 64  # blocks this tall put the scales into B: no registers ar
 STEP_ROWS, SLAB = 4, 4  # word rows per k-step, k-steps per slab: split-K gives each block whole slabs
 SPLIT_ROWS = (8, 16)  # split-K is built for these blocks only (taller ones never gained from it)
 CAPPED_ROWS, CAPPED_WARPS_N = (32,), 4  # capped blocks: registers capped at 128 so that 16 warps share a multiprocessor
-LOOKAHEADS = (0, 2, 4)  # slabs ahead of its register loads that a warp asks L2 for its words (0: none)
-MAX_LOOKAHEAD = 16
 
 
 def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
@@ -89,35 +87,34 @@ def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: 
     return sorted({min(s, most) for s in (1, fill, 2 * fill)})
 
 
-def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int, x_shared: bool = False,
-           overlap_gather: bool = False, splits: int = 1, capped: bool = False, lookahead: int = 0) -> torch.Tensor:
+def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
+           x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False) -> torch.Tensor:
     """x [M ≤ 64, K] float16 in the original input order → [M, N] float16 (`bind`'s call, made and run once)."""
-    return bind(x, weight, rows, warps, warps_n, x_shared, overlap_gather, splits, capped, lookahead)(x)
+    return bind(x, weight, rows, warps, warps_n, x_shared, overlap_gather, splits, capped)(x)
 
 
-def bind(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int, x_shared: bool = False,
-         overlap_gather: bool = False, splits: int = 1, capped: bool = False, lookahead: int = 0) -> KernelCall:
+def bind(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
+         x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False) -> KernelCall:
     """The kernel's call for x's rows, on x's device: x [M ≤ 64, K] float16 in the original input order → [M, N]
     float16. `x_shared`: x through shared-memory stages instead of from global memory at each k-step;
     `overlap_gather` (act_order, where the device can): the kernel launched to start while the gather runs, else
     once it is done (whatever dependent launch says for the gather itself); `splits`: blocks along K per block of
     outputs, whose float32 sums the last to finish adds in split order; `capped` (32 rows, 4 warps along the
-    outputs, x_shared): registers capped so that 16 warps share a multiprocessor; `lookahead`: each round of a
-    warp's loop also asks L2 for the words of the slab it loads that many rounds later (0: none; the same sums)."""
+    outputs, x_shared): registers capped so that 16 warps share a multiprocessor."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
     if (rows not in row_choices(weight) or warps not in WARPS or warps_n not in WARPS_N or warps_n > warps
             or not 1 <= splits <= 65535 or (splits > 1 and rows not in SPLIT_ROWS)
-            or capped not in capped_choices(rows, warps_n, x_shared, weight) or not 0 <= lookahead <= MAX_LOOKAHEAD):
+            or capped not in capped_choices(rows, warps_n, x_shared, weight)):
         raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, splits {splits}, capped {capped}: not among "
                          f"{row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ warps), 1–65535 (beyond 1 only "
                          f"with {SPLIT_ROWS} rows); capped only with {CAPPED_ROWS} rows, warps_n {CAPPED_WARPS_N} and "
-                         f"x_shared (not ternary span sums); lookahead {lookahead}: 0–{MAX_LOOKAHEAD}")
+                         f"x_shared (not ternary span sums)")
     weight_type = WeightType.for_mma(weight, scales_in_b=rows == SCALES_IN_B_ROWS)
     arch = cuda_build.device_arch(x.device)
     gather, dependent, workspace = prepare(x, weight, weight_type, arch, overlap_gather, splits)
-    arguments = [rows, warps, warps_n, int(x_shared), int(capped), splits, lookahead, Slot.X, weight.qweight.data_ptr(),
+    arguments = [rows, warps, warps_n, int(x_shared), int(capped), splits, Slot.X, weight.qweight.data_ptr(),
                  weight.scales.data_ptr(), pointer(weight.zeros), Slot.OUT, *map(pointer, workspace), x.shape[0],
                  weight.shape[0], x.shape[1], weight.n_groups, row_shift(weight), Slot.X_STRIDE,
                  1.0 / weight.global_scale, dependent, Slot.STREAM]

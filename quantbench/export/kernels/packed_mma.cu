@@ -93,17 +93,6 @@ struct XCopier {
   }
 };
 
-// Asks L2 for one slab's words of this thread's 4 outputs (a quad's 4 threads: 4 lines of 128 bytes a warp), so that
-// their register loads a few slabs later find them there.
-__device__ __forceinline__ void prefetch_slab(const uint32_t* __restrict__ w, int step0, int rows_end, int N, int n0,
-                                              int t, bool active) {
-#pragma unroll
-  for (int i = 0; i < SLAB; ++i) {
-    const int j = (step0 + i) * STEP_ROWS + t;
-    if (active && j < rows_end) asm volatile("prefetch.global.L2 [%0];" :: "l"(w + static_cast<size_t>(j) * N + n0));
-  }
-}
-
 // The WARPS_N warps that share a slab meet (named barrier 1 + warp_k; 0 is __syncthreads').
 template <int WARPS_N>
 __device__ __forceinline__ void group_barrier(int warp_k) {
@@ -141,7 +130,7 @@ template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPP
 __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WARPS, true>() : 0) packed_mma(
     const half* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ scales_,
     const uint8_t* __restrict__ zeros, half* __restrict__ out, int M, int N, int K, int n_groups, int row_shift,
-    int stride_x, float inverse_global_scale, float* __restrict__ partials, int* __restrict__ arrivals, int lookahead) {
+    int stride_x, float inverse_global_scale, float* __restrict__ partials, int* __restrict__ arrivals) {
   constexpr int TILES_M = ROWS <= 16 ? 1 : ROWS / 16;
   constexpr bool UPPER = ROWS >= 16;  // rows g + 8 of each m-tile hold x
   constexpr int WARPS_K = WARPS / WARPS_N;
@@ -183,8 +172,6 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
 
   uint4 next[SLAB];
   load_slab(next, w, step_begin + warp_k * SLAB, rows_end, N, n0, t, active);  // before x: it may still be being written
-  for (int ahead = 2; ahead <= lookahead; ++ahead)  // the slabs the loop's first rounds load; it asks for the later ones
-    prefetch_slab(w, step_begin + (warp_k + ahead * WARPS_K) * SLAB, rows_end, N, n0, t, active);
   wait_for_previous_kernel();
   unsigned char* const stages = shared + static_cast<size_t>(warp_k) * TILE_ROWS * X_ROW_BYTES;  // this group's
   constexpr size_t STAGE_STRIDE = stage_bytes<TILE_ROWS, WARPS_K>();
@@ -228,7 +215,6 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
 #pragma unroll
     for (int i = 0; i < SLAB; ++i) words[i] = next[i];
     load_slab(next, w, step0 + WARPS_K * SLAB, rows_end, N, n0, t, active);
-    if (lookahead) prefetch_slab(w, step0 + (lookahead + 1) * WARPS_K * SLAB, rows_end, N, n0, t, active);
     ScaleBits bits[SCALE_LOADS];
     if constexpr (SCALES_AHEAD) {
 #pragma unroll
@@ -362,7 +348,6 @@ struct Call {
   void *out, *partials, *arrivals;
   int splits, M, N, K, n_groups, row_shift, stride_x;
   float inverse_global_scale;
-  int lookahead;
   bool capped, dependent;
   cudaStream_t stream;
 };
@@ -383,7 +368,7 @@ cudaError_t launch(const Call& c) {
   return launch_after(kernel, grid, WARPS * 32, shared, c.stream, c.dependent,
       static_cast<const half*>(c.x), static_cast<const uint32_t*>(c.w), c.scales, static_cast<const uint8_t*>(c.zeros),
       static_cast<half*>(c.out), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale,
-      static_cast<float*>(c.partials), static_cast<int*>(c.arrivals), c.lookahead);
+      static_cast<float*>(c.partials), static_cast<int*>(c.arrivals));
 }
 
 constexpr int SLAB_ROW_SHIFT = 4;  // log2 of a slab's word rows
@@ -474,18 +459,16 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
 // Returns a cudaError_t (0: launched). rows_per_block 8, 16, 32, or 64 where the scales go into B (SPAN 0);
 // warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
 // (K a multiple of 8); capped (32 rows, x_shared, warps_n 4): registers capped so that 16 warps share a
-// multiprocessor; lookahead: each round of a warp's loop also asks L2 for the words of the slab it will load that many
-// rounds later (0: none; results unchanged); splits > 1 (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
+// multiprocessor; splits > 1 (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
 // floats and `arrivals` one zeroed int per block of outputs (packed_gemv.cu's workspace). x [M, K] float16 in the stored input order, rows 16-byte aligned. dependent: launched
 // to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
 extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, int capped, int splits,
-                                     int lookahead,
                                      const void* x, const void* w, const void* scales, const void* zeros, void* out,
                                      void* partials, void* arrivals, int M, int N, int K, int n_groups, int row_shift,
                                      int stride_x, float inverse_global_scale, int dependent, void* stream) {
-  if (splits < 1 || splits > 65535 || lookahead < 0) return cudaErrorInvalidValue;
+  if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
   const Call c{x, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
-               inverse_global_scale, lookahead, capped != 0, dependent != 0, static_cast<cudaStream_t>(stream)};
+               inverse_global_scale, capped != 0, dependent != 0, static_cast<cudaStream_t>(stream)};
   if (x_shared) return K % 8 ? cudaErrorInvalidValue : by_rows<true>(rows_per_block, warps, warps_n, c);
   return by_rows<false>(rows_per_block, warps, warps_n, c);
 }
