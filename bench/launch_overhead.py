@@ -7,8 +7,8 @@ Each layer is called `--calls` times back to back on x [1, 1, K] (one decode tok
 calls. Per call: the wall time (the host's, where it exceeds the GPU's), the GPU's time from CUDA events over the
 same calls, and the host time with the kernel launch itself taken out (`--profile`: the functions that take the
 host's time, from cProfile over 500 calls). `--operator` calls the packed layers as a compiled model without
-CUDA graphs does, through the `quantbench::packed_linear` operator. On the CPU the wall time includes the
-computation.
+CUDA graphs does where no gradient is needed, through the `quantbench::packed_linear_inference` operator. On the
+CPU the wall time includes the computation.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_speed import VARIANTS, kernel_weight  # noqa: E402
 
 from quantbench.export.kernels import PackedLinear  # noqa: E402
+from quantbench.export.kernels.modules import packed_linear_inference  # noqa: E402
 
 DRAIN_EVERY = 100
 
 
 class AsCompiled(nn.Module):
-    """A packed layer called as a compiled model's graph calls it, without CUDA graphs: the
-    `quantbench::packed_linear` operator on its buffers."""
+    """A packed layer called as a compiled model's graph calls it, without CUDA graphs and without gradients: the
+    `quantbench::packed_linear_inference` operator on its buffers."""
 
     def __init__(self, layer: PackedLinear):
         super().__init__()
@@ -44,7 +45,7 @@ class AsCompiled(nn.Module):
                           layer.out_features, layer.in_features, layer.group, layer.global_scale, layer.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantbench.packed_linear.default(x, *self.arguments)
+        return packed_linear_inference(x, *self.arguments)
 
 
 def per_call_us(layer: nn.Module, x: torch.Tensor, calls: int, repeat: int) -> tuple[float, float | None]:

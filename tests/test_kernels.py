@@ -348,7 +348,8 @@ def test_fused_siblings_compute_the_unfused_logits_with_four_launches_per_layer(
 
 def test_compiled_packed_model_traces_the_matmuls_as_one_operator_each(tmp_path, tokenizer):
     """torch.compile traces a packed model, fused siblings included, in one graph (fullgraph: no break at
-    the kernels) whose packed matmuls are `quantbench::packed_linear` calls, and gives the eager logits."""
+    the kernels) whose packed matmuls are `quantbench::packed_linear_inference` calls without gradients, and gives
+    the eager logits."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     model = tiny_llama()
@@ -364,8 +365,25 @@ def test_compiled_packed_model_traces_the_matmuls_as_one_operator_each(tmp_path,
         expected = packed(ids).logits
         torch.testing.assert_close(compiled(ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1
-    calls = [n for g in counter.graphs for n in g.graph.nodes if "packed_linear" in str(n.target)]
-    assert len(calls) == 2 * 4  # per layer: qkv, o, gate-up, down
+    calls = [str(n.target) for g in counter.graphs for n in g.graph.nodes if "packed_linear" in str(n.target)]
+    assert calls == ["quantbench.packed_linear_inference.default"] * 2 * 4  # per layer: qkv, o, gate-up, down
+
+
+def test_the_inference_operator_is_packed_linear_without_an_autograd_kernel_of_its_own():
+    """Without gradients a compiled graph calls `packed_linear_inference`: the same product (bit for bit), and no
+    autograd kernel of its own, so that the dispatcher passes it through in C++, not through torch.library's Python
+    wrapper; `packed_linear`, called where x needs a gradient, keeps its own."""
+    from quantbench.export.kernels.modules import packed_linear, packed_linear_inference
+
+    layer = PackedLinear(to_kernel_layout(WEIGHTS["int4-g32 act_order"]))
+    arguments = (layer.qweight, layer.scales, layer.zeros, layer.perm, layer.kind, layer.bits, layer.out_features,
+                 layer.in_features, layer.group, layer.global_scale, layer.backend)
+    x = torch.randn(3, IN, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(packed_linear_inference(x, *arguments), packed_linear(x, *arguments))
+    assert torch.equal(packed_linear_inference(x, *arguments), layer(x))
+    has_autograd = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has_autograd("quantbench::packed_linear", "Autograd")
+    assert not has_autograd("quantbench::packed_linear_inference", "Autograd")
 
 
 @pytest.mark.parametrize("label", ["int4-g32 act_order", "ternary2-g64", "nvfp4-rtn"])
@@ -373,17 +391,22 @@ def test_x_gradient_through_a_packed_linear_is_grad_times_the_dequantized_weight
     """Where x needs a gradient, a packed layer is differentiable in x (its weight frozen): x.grad is grad·W
     of the dequantized weight, act_order's permutation undone, eagerly and compiled (AOT autograd traces the
     backward; before, compiling a packed model with gradients enabled failed)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     stored = WEIGHTS[label]
     dense = stored.dequantize()
     layer = PackedLinear(to_kernel_layout(stored))
     g = torch.Generator().manual_seed(5)
     grad = torch.randn(3, OUT, generator=g)
-    for run in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):
+    counter = CompileCounterWithBackend("aot_eager")
+    for run in (layer, torch.compile(layer, backend=counter, fullgraph=True)):
         x = torch.randn(3, IN, generator=g, requires_grad=True)
         y = run(x)
         assert_matmul_close(y.detach(), x.detach(), dense)
         y.backward(grad)
         assert_matmul_close(x.grad, grad, dense.T)
+    calls = [str(n.target) for g in counter.graphs for n in g.graph.nodes if "packed_linear" in str(n.target)]
+    assert calls == ["quantbench.packed_linear.default"]  # the differentiable operator
 
 
 def test_x_gradient_on_the_cpu_decodes_through_the_cpp_kernel(monkeypatch):

@@ -1,7 +1,9 @@
 """`PackedLinear`: an nn.Linear replacement that keeps only the kernel-layout tensors and multiplies
 through `packed_matmul`. Under torch.compile, and where x needs a gradient, it calls the same matmul as one
-operator (`quantbench::packed_linear`): a compiled model traces around the kernels without graph breaks,
-and gradients flow to x (the weight stays frozen), as they do through an adapter on a packed model."""
+operator: a compiled model traces around the kernels without graph breaks. Where x needs a gradient that operator is
+`quantbench::packed_linear`, through which gradients flow to x (the weight stays frozen), as they do through an
+adapter on a packed model; elsewhere `quantbench::packed_linear_inference`, the same product without an autograd
+kernel of its own, which the dispatcher passes through in C++ instead of torch.library's Python autograd wrapper."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ _LIBRARY = torch.library.Library("quantbench", "DEF")  # torch.library's lower-l
 _WEIGHT_ARGUMENTS = ("Tensor qweight, Tensor scales, Tensor? zeros, Tensor? perm, str kind, int bits, int out_features, "
                      "int in_features, int group, float global_scale")
 _LIBRARY.define(f"packed_linear(Tensor x, {_WEIGHT_ARGUMENTS}, str backend) -> Tensor")
+_LIBRARY.define(f"packed_linear_inference(Tensor x, {_WEIGHT_ARGUMENTS}, str backend) -> Tensor")
 _LIBRARY.define(f"packed_linear_input_gradient(Tensor grad, {_WEIGHT_ARGUMENTS}) -> Tensor")
 
 
@@ -64,12 +67,14 @@ def _input_gradient(ctx, grad):
 
 
 for _name, _kernel, _shape in (("packed_linear", _packed_linear, _packed_linear_shape),
+                               ("packed_linear_inference", _packed_linear, _packed_linear_shape),
                                ("packed_linear_input_gradient", _packed_linear_input_gradient,
                                 _packed_linear_input_gradient_shape)):
     _LIBRARY.impl(_name, _kernel, "CompositeExplicitAutograd")
     torch.library.register_fake(f"quantbench::{_name}", _shape, lib=_LIBRARY)
 torch.library.register_autograd("quantbench::packed_linear", _input_gradient, setup_context=_keep_weight, lib=_LIBRARY)
 packed_linear = torch.ops.quantbench.packed_linear.default
+packed_linear_inference = torch.ops.quantbench.packed_linear_inference.default
 packed_linear_input_gradient = torch.ops.quantbench.packed_linear_input_gradient.default
 
 
@@ -113,9 +118,11 @@ class PackedLinear(nn.Module):
         return dequantize_kernel_weight(self.kernel_weight).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
-            y = packed_linear(x, self.qweight, self.scales, self.zeros, self.perm, self.kind, self.bits,
-                              self.out_features, self.in_features, self.group, self.global_scale, self.backend)
+        differentiable = x.requires_grad and torch.is_grad_enabled()
+        if differentiable or torch.compiler.is_compiling():
+            y = (packed_linear if differentiable else packed_linear_inference)(
+                x, self.qweight, self.scales, self.zeros, self.perm, self.kind, self.bits, self.out_features,
+                self.in_features, self.group, self.global_scale, self.backend)
         elif self._runs_cpu_kernel(x):  # eager inference skips the dispatcher, and on the CPU packed_matmul too
             flat = cpu_packed.cpu_packed_matmul(x.reshape(-1, self.in_features), self.kernel_weight)
             y = flat.view(*x.shape[:-1], self.out_features)
