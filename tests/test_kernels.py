@@ -1413,8 +1413,10 @@ def test_dependent_launch_reads_x_only_once_the_kernel_that_writes_it_is_done(la
 def test_a_packed_layers_bound_cuda_calls_equal_packed_matmul_on_new_x_and_new_scales(backend, label):
     """Eager calls of a packed layer on the GPU run its bound calls: on new x of rows already seen (1, 5, 16, and
     rows with a bias and strided rows) they give packed_matmul's result bit for bit, and with its scales replaced
-    by twice theirs, twice that (a stale call would still read the old scales), as does the packed_linear operator
-    that compiled models call."""
+    by twice theirs, twice that (a stale call would still read the old scales), as do the operators that compiled
+    models call (packed_linear where x needs a gradient, packed_linear_inference elsewhere)."""
+    from quantbench.export.kernels.modules import packed_linear, packed_linear_inference
+
     kernel = to_kernel_layout(WEIGHTS[label].to("cuda"))
     bias = torch.randn(OUT, device="cuda").half()
     layer = PackedLinear(kernel, bias=bias, backend=backend, dtype=torch.float16)
@@ -1427,9 +1429,10 @@ def test_a_packed_layers_bound_cuda_calls_equal_packed_matmul_on_new_x_and_new_s
     layer.scales = layer.scales * 2
     x = torch.randn(5, IN, device="cuda", generator=g).half()
     assert torch.equal(layer(x), 2 * packed_matmul(x, kernel, backend) + bias)
-    operator = torch.ops.quantbench.packed_linear(x, layer.qweight, layer.scales, layer.zeros, layer.perm, layer.kind,
-                                                  layer.bits, OUT, IN, layer.group, layer.global_scale, backend)
-    assert torch.equal(operator, 2 * packed_matmul(x, kernel, backend))  # what a compiled model calls
+    for operator in (packed_linear, packed_linear_inference):
+        got = operator(x, layer.qweight, layer.scales, layer.zeros, layer.perm, layer.kind, layer.bits, OUT, IN,
+                       layer.group, layer.global_scale, backend)
+        assert torch.equal(got, 2 * packed_matmul(x, kernel, backend))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels run on an NVIDIA GPU only")
