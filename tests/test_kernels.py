@@ -1756,6 +1756,34 @@ def test_packed_linear_on_the_cpu_calls_the_cpp_kernel_itself_unless_given_anoth
     assert backends == ["torch", "auto"]
 
 
+def test_the_operators_on_the_cpu_call_the_cpp_kernel_itself_on_tiled_words(monkeypatch):
+    """What a compiled model calls on the CPU (both operators) multiplies a layer's tiled words with the C++ kernel,
+    past packed_matmul's choice, bit for bit the eager layer's result; a weight in rows, or another backend, still
+    goes through packed_matmul."""
+    from quantbench.export.kernels import matmul
+    from quantbench.export.kernels.modules import packed_linear, packed_linear_inference
+
+    layer = PackedLinear(to_kernel_layout(WEIGHTS["nvfp4-rtn"]))
+    assert layer.kernel_weight.tiled
+    chosen = []
+    choose = matmul.packed_matmul
+    monkeypatch.setattr(matmul, "packed_matmul", lambda x, weight, backend="auto": chosen.append(backend)
+                        or choose(x, weight, backend))
+    x = torch.randn(2, 3, IN, generator=torch.Generator().manual_seed(8))
+    for dtype in (torch.float32, torch.bfloat16):
+        for operator in (packed_linear, packed_linear_inference):
+            got = operator(x.to(dtype), layer.qweight, layer.scales, layer.zeros, layer.perm, layer.kind, layer.bits,
+                           OUT, IN, layer.group, layer.global_scale, "auto")
+            assert got.dtype == dtype and torch.equal(got, layer(x.to(dtype)))
+    assert chosen == []
+    rows = layer.kernel_weight.row_major()
+    for weight, backend in ((rows, "auto"), (layer.kernel_weight, "torch")):
+        got = packed_linear_inference(x, weight.qweight, weight.scales, weight.zeros, weight.perm, weight.kind,
+                                      weight.bits, OUT, IN, weight.group, weight.global_scale, backend)
+        torch.testing.assert_close(got, layer(x), rtol=1e-4, atol=1e-4)
+    assert chosen == ["auto", "torch"]
+
+
 def test_bound_matmul_binds_once_per_weight_and_rows_and_lets_the_weight_go(monkeypatch):
     """bound_matmul (eager packed layers and the packed_linear operator on CUDA; faked here) binds a weight's call
     once per rows of x, dtype and backend and reuses it; new scales bind again; where no CUDA kernel runs the call
@@ -1794,8 +1822,8 @@ def test_bound_matmul_binds_once_per_weight_and_rows_and_lets_the_weight_go(monk
     assert all(call.holds == () for *_, call in matmul._bound_calls[id(weight.qweight)].values())
     assert matmul.bound_matmul(x, weight, "torch") is x and matmul.bound_matmul(x, weight, "torch") is x
     assert len(bound) == 5 and fallbacks == ["torch", "torch"]  # bound once, found to need packed_matmul
-    tiled = weight.in_cpu_tiles()
-    assert matmul.bound_matmul(x, tiled) is x and id(tiled.qweight) not in matmul._bound_calls
+    tiled = weight.in_cpu_tiles()  # the CPU kernel's words (with "auto", straight to it: the test above)
+    assert matmul.bound_matmul(x, tiled, "torch") is x and id(tiled.qweight) not in matmul._bound_calls
     tall = torch.randn(matmul.BOUND_ROWS + 1, IN)  # beyond the CUDA kernels' rows: packed_matmul, nothing bound
     assert matmul.bound_matmul(tall, weight) is tall and len(bound) == 5
     key = id(weight.qweight)

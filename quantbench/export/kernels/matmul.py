@@ -146,8 +146,11 @@ def bound_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto") -
     call, made on the first call per qweight tensor, rows of x, dtype and backend and reused while the weight keeps
     its other tensors (scales, zeros, perm: bound again when one is replaced): after the first call only x, the
     output and the stream are passed (docs/performance.md, "Packed layers without CUDA graphs"). Eager packed
-    layers and the packed_linear operator call this."""
+    layers and the packed_linear operators call this. Words in the CPU kernel's tiles (made only where it runs the
+    weight) go straight to it with float x on the CPU, past packed_matmul's choice, as an eager layer's do."""
     x2 = x.reshape(-1, weight.shape[1])
+    if weight.tiled and backend in ("auto", "cpu") and x2.device.type == "cpu" and x2.dtype.is_floating_point:
+        return cpu_packed.cpu_packed_matmul(x2, weight).view(*x.shape[:-1], weight.shape[0])
     if x2.shape[0] > BOUND_ROWS or weight.tiled:  # tiled: row_major() makes new words, nothing to key a call on
         return packed_matmul(x, weight, backend)
     qweight = weight.qweight
