@@ -37,6 +37,7 @@ from quantbench.errors import QuantbenchError
 from quantbench.export.kernels.dense_cpu import use_dense_rows
 from quantbench.export.kernels.layout import kernel_unsupported_reason, to_kernel_layout
 from quantbench.export.kernels.fused import fuse_packed_siblings
+from quantbench.export.kernels.mlp_order import fold_down_orders
 from quantbench.export.kernels.modules import PackedLinear
 from quantbench.export.checkpoint_reader import (FORMAT_VERSION, INDEX_FILE, QUANT_METHOD,  # noqa: F401
                                                  RUN_CHECKPOINT_DIR, WEIGHTS_FILE, Checkpoint, CheckpointLayer,
@@ -171,7 +172,8 @@ def _stored_dtype(model: nn.Module) -> torch.dtype:
 
 
 def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None, kernels: bool = False, fuse: bool = True) -> nn.Module:
+                   dtype: torch.dtype | None = None, kernels: bool = False, fuse: bool = True,
+                   fold_orders: bool = True) -> nn.Module:
     """Rebuild the model of a quantbench checkpoint, its quantized linears holding the dequantized weights.
 
     The weights equal those of the in-memory quantized model that was saved, and layers that rotated or
@@ -181,7 +183,9 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     `PackedLinear` that keeps only the packed tensors; the others keep their dequantized weights.
     `model.quantbench_kernel_skips` names each layer left dense and why. With `fuse`, packed layers that
     read one input (q/k/v, gate/up) and agree in format share one fused weight (export/kernels/fused.py);
-    `model.quantbench_fused` names the groups. The dense linears left (the lm_head, layers no kernel runs) take
+    `model.quantbench_fused` names the groups. With `fold_orders`, a gated MLP's act_order down projection reads
+    its input as gate and up now write it, in its stored order, with no gather (export/kernels/mlp_order.py;
+    `model.quantbench_folded_orders` names them). The dense linears left (the lm_head, layers no kernel runs) take
     quantbench's CPU library for a decode step's few rows (export/kernels/dense_cpu.py;
     `model.quantbench_dense_rows` names them).
 
@@ -229,6 +233,7 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
                               directory)
     if kernels:
         model.quantbench_kernel_skips = skipped
+        model.quantbench_folded_orders = fold_down_orders(model) if fold_orders else []
         model.quantbench_fused = fuse_packed_siblings(model) if fuse else []
         model.quantbench_dense_rows = use_dense_rows(model)
     return model.to(device).eval()
