@@ -29,6 +29,7 @@ from quantbench.export.kernels import PackedLinear, packed_matmul, to_kernel_lay
 from quantbench.export.kernels.cuda_build import DEPENDENT_LAUNCH_ENV  # noqa: E402
 from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
 from quantbench.export.kernels.layout import KernelWeight, to_base3_layout  # noqa: E402
+from quantbench.export.kernels.mlp_order import fold_down_orders  # noqa: E402
 from quantbench.export.kernels.matmul import ENGINES_ENV, TILES_ENV, chosen_tile, graph_time_ms, tuned_configs  # noqa: E402
 from random_models import random_weight  # noqa: E402
 
@@ -41,9 +42,11 @@ VARIANTS = {"int4-g128 act_order": "int4-g128-gptq-act", "int4-g128": "int4-g128
             "ternary2 base-3": "ternary2-ptqtp", "mxfp4": "mxfp4-rtn", "nvfp4": "nvfp4-rtn"}
 LAYOUTS = {"ternary2 base-3": to_base3_layout}  # the others: to_kernel_layout
 TINYGEMM = "tinygemm int4-g128 (bf16)"
+UNFOLDED = " unfolded"  # a decode label's suffix: the down projections keep their act_order (no fold_down_orders)
 
 
 def kernel_weight(label: str, n: int, k: int, device) -> KernelWeight:
+    label = label.removesuffix(UNFOLDED)
     return LAYOUTS.get(label, to_kernel_layout)(random_weight(VARIANTS[label], n, k, device))
 
 
@@ -184,8 +187,9 @@ class NoMatmul(torch.nn.Module):
 
 def quantize_model(model, label: str | None, device, fuse: bool = False, head: bool = False) -> None:
     """Swap every linear of the decoder blocks for a PackedLinear holding random codes of variant `label`
-    (with `fuse`, q/k/v and gate/up then share one fused weight, as load_quantized builds them), or for
-    NoMatmul (label FLOOR); with `head`, lm_head too (a recipe's `quantize.lm_head`)."""
+    (act_order then folded out of the down projections unless the label ends in UNFOLDED, and with `fuse` q/k/v
+    and gate/up sharing one fused weight, as load_quantized builds them), or for NoMatmul (label FLOOR); with
+    `head`, lm_head too (a recipe's `quantize.lm_head`)."""
     if label is None:
         return
     if head and label != FLOOR:
@@ -197,6 +201,8 @@ def quantize_model(model, label: str | None, device, fuse: bool = False, head: b
             replacement = (NoMatmul(module.out_features) if label == FLOOR else
                            PackedLinear(kernel_weight(label, module.out_features, module.in_features, device)))
             setattr(model.model.layers.get_submodule(parent), attr, replacement)
+    if label != FLOOR and not label.endswith(UNFOLDED):
+        fold_down_orders(model)
     if fuse and label != FLOOR:
         fuse_packed_siblings(model)
 
@@ -211,15 +217,17 @@ def checkpoint_model(label: str, size: str, device, folder: Path, fuse: bool, he
     from quantbench import load_quantized
     from random_models import write_random_checkpoint
 
-    if label in LAYOUTS:
+    scheme = label.removesuffix(UNFOLDED)
+    if scheme in LAYOUTS:
         raise SystemExit(f"--from-checkpoint: load_quantized does not build the layout of {label!r}")
-    directory = folder / label.replace(" ", "-")
+    directory = folder / scheme.replace(" ", "-")
     if (directory, size, head) not in _written:
-        write_random_checkpoint(directory, size, VARIANTS[label], torch.float16, device, head=head)
+        write_random_checkpoint(directory, size, VARIANTS[scheme], torch.float16, device, head=head)
         _written.add((directory, size, head))
     torch.cuda.synchronize(device)
     started = time.perf_counter()
-    model = load_quantized(directory, device, torch.float16, kernels=True, fuse=fuse)
+    model = load_quantized(directory, device, torch.float16, kernels=True, fuse=fuse,
+                           fold_orders=not label.endswith(UNFOLDED))
     torch.cuda.synchronize(device)
     print(f"loaded {directory} onto {device} in {time.perf_counter() - started:.1f} s "
           f"({len(model.quantbench_kernel_skips)} layers left dense)", flush=True)
@@ -364,6 +372,8 @@ def main() -> None:
                         help="also decode with the decoder's matmuls skipped: the ceiling any kernel can reach")
     parser.add_argument("--compile", action="store_true", help="decode with the model's forward torch.compile'd")
     parser.add_argument("--head", action="store_true", help="decode with lm_head packed too")
+    parser.add_argument("--unfolded", action="store_true",
+                        help="also decode each act_order variant with act_order left in its down projections")
     parser.add_argument("--from-checkpoint", type=Path, metavar="DIR",
                         help="decode packed models as users get them: a checkpoint of random codes written under "
                              "DIR, then load_quantized(kernels=True) onto the device (not modules swapped in memory)")
@@ -421,7 +431,8 @@ def main() -> None:
     if not args.skip_decode:
         for batch in args.decode_batches:
             for fuse in ([True] if args.only_fused else [False, True] if args.fuse else [False]):
-                decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse, args.variants,
+                unfolded = [v + UNFOLDED for v in args.variants if args.unfolded and "act_order" in v]
+                decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse, [*args.variants, *unfolded],
                              result["decode"], saved, args.floor, args.compile, args.head, args.dependent_launch,
                              args.cache_length, args.from_checkpoint)
 
