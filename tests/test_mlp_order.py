@@ -142,3 +142,30 @@ def test_a_folded_expert_on_the_gpu_gives_the_unfolded_output_within_float16_rou
         got = block["expert"](x)
     assert block["expert"].down_proj.perm is None
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+def test_every_known_mlp_class_of_this_transformers_computes_down_of_act_gate_times_up():
+    """The classes folded by name still compute down(act(gate(x)) · up(x)) in the installed transformers (a class
+    that gained a step between up and down would have to leave GATED_MLPS)."""
+    import importlib
+    import inspect
+    import re
+
+    from quantbench.export.kernels.mlp_order import GATED_MLPS
+
+    found = 0
+    for name in GATED_MLPS:
+        family = re.sub(r"(BlockSparseTop2)?MLP$", "", name)
+        module_name = re.sub(r"(?<!^)(?=[A-Z])", "_", family).lower()  # Qwen2Moe → qwen2_moe
+        try:
+            module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+        except ImportError:
+            continue
+        cls = getattr(module, name, None)
+        if cls is None:  # e.g. Mixtral's per-expert MLP, gone where transformers fuses the experts
+            continue
+        source = re.sub(r"\s+", "", inspect.getsource(cls.forward))
+        assert ("self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))" in source
+                or "self.act_fn(self.w1(hidden_states))*self.w3(hidden_states)" in source), name
+        found += 1
+    assert found >= 10  # Llama, Mistral, Qwen, Gemma, Granite, OLMo at least
