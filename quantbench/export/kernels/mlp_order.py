@@ -5,9 +5,10 @@ kernel gathers x first: in every block's prologue on CUDA cores, or in a kernel 
 tensor-core products. For the down projection of a gated MLP, down(act(gate(x)) · up(x)), that gather can go:
 act and the product work channel by channel, so gate and up may as well write their outputs in down's stored
 order. `fold_down_orders` permutes the outputs of gate and up (the columns of their words, scales, zero
-points and biases) by down's perm and drops the perm from down. The model computes the same products as before,
-in the same order; down's kernel then reads x as it lies, and at 14,336 inputs that is its largest gather
-(docs/performance.md, "act_order folded into gate and up").
+points and biases) by down's perm and drops the perm from down. The model computes the same products as before
+(on the CPU in the same order: the same logits bit for bit; on a GPU down now runs the kernel built without a
+gather, tuned apart); down's kernel reads x as it lies, and at 14,336 inputs that was a Llama layer's widest
+gather (docs/performance.md, "act_order folded into gate and up").
 
 Only MLPs known to compute down(act(gate(x)) · up(x)) are folded (`GATED_MLPS`, and quantbench's own experts),
 and only where none of the three layers has a hook (an online rotation or activation quantization of an input
@@ -54,15 +55,15 @@ def fold_down_orders(model: nn.Module) -> list[str]:
 
 def outputs_in_order(layer: PackedLinear | nn.Linear, order: torch.Tensor) -> PackedLinear | nn.Linear:
     """A copy of `layer` whose output j is the layer's output order[j]."""
-    order = order.to(layer.bias.device if layer.bias is not None else _device(layer))
+    order = order.to(layer.qweight.device if isinstance(layer, PackedLinear) else layer.weight.device)
     bias = None if layer.bias is None else layer.bias.detach()[order]
     if isinstance(layer, PackedLinear):
         weight = layer.kernel_weight.row_major()
-        columns = {name: getattr(weight, name).index_select(-1, order.to(getattr(weight, name).device))
+        columns = {name: getattr(weight, name).index_select(-1, order)
                    for name in ("qweight", "scales", "zeros") if getattr(weight, name) is not None}
         return PackedLinear(dataclasses.replace(weight, **columns), bias, layer.backend, layer.dtype)
     dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
-    dense.weight = nn.Parameter(layer.weight.detach()[order.to(layer.weight.device)], requires_grad=False)
+    dense.weight = nn.Parameter(layer.weight.detach()[order], requires_grad=False)
     if bias is not None:
         dense.bias = nn.Parameter(bias, requires_grad=False)
     return dense
@@ -75,6 +76,3 @@ def _reorderable(layer: nn.Module | None) -> bool:
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_pre_hooks or module._forward_hooks)
 
-
-def _device(layer: PackedLinear | nn.Linear) -> torch.device:
-    return layer.qweight.device if isinstance(layer, PackedLinear) else layer.weight.device
