@@ -169,3 +169,23 @@ def test_every_known_mlp_class_of_this_transformers_computes_down_of_act_gate_ti
                 or "self.act_fn(self.w1(hidden_states))*self.w3(hidden_states)" in source), name
         found += 1
     assert found >= 10  # Llama, Mistral, Qwen, Gemma, Granite, OLMo at least
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_a_loaded_act_order_moe_folds_every_expert_and_keeps_its_logits(tmp_path, tokenizer, family):
+    """Every expert's down projection (Mixtral's w2; a shared expert's too) folds through load_quantized, bit for
+    bit."""
+    from helpers import tiny_mixtral, tiny_qwen2_moe, tiny_qwen3_moe
+
+    model = {"qwen3_moe": tiny_qwen3_moe, "qwen2_moe": tiny_qwen2_moe, "mixtral": tiny_mixtral}[family]()
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    section = QuantizeSection(default="int4-g32-gptq-act")
+    quantized = quantize_model(model, ids, section.scheme_for, torch.device("cpu"), progress=False)
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    unfolded = load_quantized(tmp_path / "ckpt", kernels=True, fold_orders=False)
+    folded = load_quantized(tmp_path / "ckpt", kernels=True)
+    downs = [name for name, module in unfolded.named_modules()
+             if name.endswith(("down_proj", ".w2")) and isinstance(module, PackedLinear) and module.perm is not None]
+    assert downs and sorted(folded.quantbench_folded_orders) == sorted(downs)
+    with torch.no_grad():
+        assert torch.equal(folded(ids).logits, unfolded(ids).logits)
