@@ -429,9 +429,9 @@ def main() -> None:
         bench_matmuls(device, Timer(args.repeat), peak, [tuple(map(int, s.split("x"))) for s in args.shapes],
                       args.batches, args.variants, result["matmul"], saved)
     if not args.skip_decode:
+        unfolded = [v + UNFOLDED for v in args.variants if args.unfolded and "act_order" in v]
         for batch in args.decode_batches:
             for fuse in ([True] if args.only_fused else [False, True] if args.fuse else [False]):
-                unfolded = [v + UNFOLDED for v in args.variants if args.unfolded and "act_order" in v]
                 decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse, [*args.variants, *unfolded],
                              result["decode"], saved, args.floor, args.compile, args.head, args.dependent_launch,
                              args.cache_length, args.from_checkpoint)
