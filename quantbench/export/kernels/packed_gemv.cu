@@ -9,9 +9,11 @@
 // registers while the previous one is decoded; the same a row at a time (STREAMED, 1–2 rows of x: each row's
 // register reloaded as soon as that row is decoded, so a slab's worth of loads stays in flight); or (ASYNC,
 // 1–2 rows of x) cp.async copies into 2–4 shared-memory stages per thread, several slabs in flight without
-// holding registers. Each pair of codes, decoded to q − z (packed_decode.cuh), is multiplied by one more
-// f16x2 FMA into the matching pair of inputs. Sums run in float16 within a scale's rows and in float32
-// across them; the row lanes are reduced by shuffles and through shared memory.
+// holding registers, each slab's scale groups copied beside its words (loaded into registers, a slab's scales
+// share a scoreboard with the next slab's, so their wait is the next slab's too). Each pair of codes, decoded to
+// q − z (packed_decode.cuh), is multiplied by one more f16x2 FMA into the matching pair of inputs. Sums run in
+// float16 within a scale's rows and in float32 across them; the row lanes are reduced by shuffles and through
+// shared memory.
 //
 // The outputs go to gridDim.x blocks in even shares of whole 4-output units, at most BLOCK_N each: one block per
 // BLOCK_N outputs by default, or more (column_blocks), so that every multiprocessor streams the same share of
@@ -36,6 +38,7 @@
 namespace {
 
 constexpr int SLAB = 8;
+constexpr int GROUPS = SLAB / FLUSH;  // scale groups a slab spans
 
 __device__ __forceinline__ float lane_sum(half2 v) { return __low2float(v) + __high2float(v); }
 
@@ -43,25 +46,59 @@ __device__ __forceinline__ float lane_sum(half2 v) { return __low2float(v) + __h
 template <int THREADS>
 __host__ __device__ constexpr int stages() { return THREADS <= 128 ? 4 : THREADS <= 256 ? 3 : 2; }
 
+// A stage: the slab's words, SLAB × THREADS 16-byte slots, then its scale groups, GROUPS × THREADS slots (scales in
+// the first 8 bytes; the second plane's scales, the zero points or the scale codes in the next 8 or 4).
+constexpr int STAGE_SLOTS = SLAB + GROUPS;
+
 template <int THREADS>
-__host__ __device__ constexpr size_t stage_bytes() { return static_cast<size_t>(stages<THREADS>()) * SLAB * THREADS * sizeof(uint4); }
+__host__ __device__ constexpr size_t stage_bytes() {
+  return static_cast<size_t>(stages<THREADS>()) * STAGE_SLOTS * THREADS * sizeof(uint4);
+}
+
+// cp.async of BYTES (4, 8 or 16) from `source` to shared `target` (zeros where not `inside`).
+template <int BYTES>
+__device__ __forceinline__ void copy_bytes(uint32_t target, const void* source, bool inside) {
+  if constexpr (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;"
+                 :: "r"(target), "l"(source), "r"(inside ? 16 : 0));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;"
+                 :: "r"(target), "l"(source), "n"(BYTES), "r"(inside ? BYTES : 0));
+}
 
 // cp.async of one slab's words of this thread's 4 outputs into its column of a stage (zeros past the last
-// row or output), as one commit group.
+// row or output), and of the slab's scale groups for them (as load_group reads them), as one commit group.
 // `column`: the thread's words in row 0. A slab's rows are reached by adding N words a row to its first row's
 // address (one 64-bit product a slab, not one a row).
 template <int THREADS>
-__device__ __forceinline__ void copy_slab(uint4* stage, const uint32_t* __restrict__ column, int j0, int rows, int N,
-                                          bool active) {
+__device__ __forceinline__ void copy_slab(uint4* stage, const uint32_t* __restrict__ column,
+                                          const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, int j0,
+                                          int rows, int row_shift, int n_groups, int N, int n0, bool active) {
   const uint32_t* row = column + static_cast<size_t>(j0) * N;
 #pragma unroll
   for (int i = 0; i < SLAB; ++i, row += N) {
     const bool inside = active && j0 + i < rows;
-    const uint32_t* source = inside ? row : column;
-    const uint32_t target = static_cast<uint32_t>(__cvta_generic_to_shared(stage + i * THREADS + threadIdx.x));
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;"
-                 :: "r"(target), "l"(source), "r"(inside ? 16 : 0));
+    copy_bytes<16>(static_cast<uint32_t>(__cvta_generic_to_shared(stage + i * THREADS + threadIdx.x)),
+                   inside ? row : column, inside);
   }
+  const bool live = active && j0 < rows;
+#pragma unroll
+  for (int f = 0; f < GROUPS; ++f) {
+    const size_t at = live ? static_cast<size_t>(min((j0 + f * FLUSH) >> row_shift, n_groups - 1)) * N + n0 : 0;
+    const uint32_t slot = static_cast<uint32_t>(__cvta_generic_to_shared(stage + (SLAB + f) * THREADS + threadIdx.x));
+#if KIND == 0 || KIND == 1
+    copy_bytes<8>(slot, static_cast<const half*>(scales_) + at, live);
+#endif
+#if KIND == 0 && HAS_ZEROS
+    copy_bytes<4>(slot + 8, zeros + at, live);
+#elif KIND == 1
+    copy_bytes<8>(slot + 8, static_cast<const half*>(scales_) + (live ? static_cast<size_t>(n_groups) * N : 0) + at,
+                  live);
+#elif KIND >= 2
+    copy_bytes<4>(slot + 8, static_cast<const uint8_t*>(scales_) + at, live);
+#endif
+  }
+  (void)zeros;
   asm volatile("cp.async.commit_group;");
 }
 
@@ -92,8 +129,6 @@ struct GroupScales {
   uint32_t bytes;
 };
 
-constexpr int GROUPS = SLAB / FLUSH;  // scale groups a slab spans
-
 __device__ __forceinline__ GroupScales load_group(const void* __restrict__ scales_, const uint8_t* __restrict__ zeros,
                                                   int j, int row_shift, int n_groups, int N, int n0, bool active) {
   GroupScales v{make_uint2(0, 0), make_uint2(0, 0), 0u};
@@ -111,6 +146,11 @@ __device__ __forceinline__ GroupScales load_group(const void* __restrict__ scale
   v.bytes = __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(scales_) + at));
 #endif
   return v;
+}
+
+// A scale group as copy_slab left it in a stage.
+__device__ __forceinline__ GroupScales staged_group(const uint4& slot) {
+  return {make_uint2(slot.x, slot.y), make_uint2(slot.z, slot.w), slot.z};
 }
 
 __device__ __forceinline__ void load_groups(GroupScales (&groups)[GROUPS], const void* __restrict__ scales_,
@@ -405,7 +445,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   const bool active = n0 < columns.end;
   const uint32_t* const column = w + n0;
 
-  extern __shared__ uint4 dynamic_shared[];  // ASYNC: [stages][SLAB][THREADS] words; then the block's x
+  extern __shared__ uint4 dynamic_shared[];  // ASYNC: [stages][STAGE_SLOTS][THREADS] words and scales; then x
   constexpr int STAGES = stages<THREADS>();
   uint4* const staged = dynamic_shared;
   const half* const x_rows = x + static_cast<size_t>(m0) * stride_x;  // x from memory: read-only loads
@@ -420,12 +460,12 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   if constexpr (ASYNC) {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
-      copy_slab<THREADS>(staged + s * SLAB * THREADS, column, row_begin + row_lane * SLAB + s * STEP, rows, N,
-                         active);
+      copy_slab<THREADS>(staged + s * STAGE_SLOTS * THREADS, column, scales_, zeros,
+                         row_begin + row_lane * SLAB + s * STEP, rows, row_shift, n_groups, N, n0, active);
   } else {
     load_slab(next, column, row_begin + row_lane * SLAB, rows, N, active);
+    load_groups(next_groups, scales_, zeros, row_begin + row_lane * SLAB, rows, row_shift, n_groups, N, n0, active);
   }
-  load_groups(next_groups, scales_, zeros, row_begin + row_lane * SLAB, rows, row_shift, n_groups, N, n0, active);
   if constexpr (X_HELD) prefetch_range(perm + k_begin, HAS_PERM ? max(k_end - k_begin, 0) * sizeof(int) : 0);
   wait_for_previous_kernel();
   if constexpr (X_HELD) hold_x<ROWS, THREADS>(held, raw, x, perm, k_begin, k_end, k_count, K, m0, M, stride_x);
@@ -439,20 +479,24 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   for (int j0 = row_begin + row_lane * SLAB, it = 0; j0 < rows; j0 += STEP, ++it) {
     uint4 words[SLAB];
     GroupScales groups[GROUPS];
-#pragma unroll
-    for (int f = 0; f < GROUPS; ++f) groups[f] = next_groups[f];
-    load_groups(next_groups, scales_, zeros, j0 + STEP, rows, row_shift, n_groups, N, n0, active);
     if constexpr (ASYNC) {  // each thread reads back only what it copied itself: its own wait suffices
-      copy_slab<THREADS>(staged + ((it + STAGES - 1) % STAGES) * SLAB * THREADS, column,
-                         j0 + (STAGES - 1) * STEP, rows, N, active);
+      copy_slab<THREADS>(staged + ((it + STAGES - 1) % STAGES) * STAGE_SLOTS * THREADS, column, scales_, zeros,
+                         j0 + (STAGES - 1) * STEP, rows, row_shift, n_groups, N, n0, active);
       wait_copies<STAGES - 1>();
-      const uint4* stage = staged + (it % STAGES) * SLAB * THREADS;
+      const uint4* stage = staged + (it % STAGES) * STAGE_SLOTS * THREADS;
 #pragma unroll
       for (int i = 0; i < SLAB; ++i) words[i] = stage[i * THREADS + threadIdx.x];
-    } else if constexpr (!STREAMED) {
 #pragma unroll
-      for (int i = 0; i < SLAB; ++i) words[i] = next[i];
-      load_slab(next, column, j0 + STEP, rows, N, active);
+      for (int f = 0; f < GROUPS; ++f) groups[f] = staged_group(stage[(SLAB + f) * THREADS + threadIdx.x]);
+    } else {
+#pragma unroll
+      for (int f = 0; f < GROUPS; ++f) groups[f] = next_groups[f];
+      load_groups(next_groups, scales_, zeros, j0 + STEP, rows, row_shift, n_groups, N, n0, active);
+      if constexpr (!STREAMED) {
+#pragma unroll
+        for (int i = 0; i < SLAB; ++i) words[i] = next[i];
+        load_slab(next, column, j0 + STEP, rows, N, active);
+      }
     }
     const uint32_t* const ahead = column + static_cast<size_t>(j0 + STEP) * N;  // STREAMED: the next slab
     // A row's words; STREAMED: its register then loads the same row of the next slab at once, so that a
