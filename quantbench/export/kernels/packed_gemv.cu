@@ -9,11 +9,11 @@
 // registers while the previous one is decoded; the same a row at a time (STREAMED, 1–2 rows of x: each row's
 // register reloaded as soon as that row is decoded, so a slab's worth of loads stays in flight); or (ASYNC,
 // 1–2 rows of x) cp.async copies into 2–4 shared-memory stages per thread, several slabs in flight without
-// holding registers, each slab's scale groups copied beside its words (loaded into registers, a slab's scales
-// share a scoreboard with the next slab's, so their wait is the next slab's too). Each pair of codes, decoded to
-// q − z (packed_decode.cuh), is multiplied by one more f16x2 FMA into the matching pair of inputs. Sums run in
-// float16 within a scale's rows and in float32 across them; the row lanes are reduced by shuffles and through
-// shared memory.
+// holding registers, each slab's scale groups copied beside its words (the register paths load scales into
+// registers, where a slab's scales share a scoreboard with the next slab's loads and wait for them too). Each
+// pair of codes, decoded to q − z (packed_decode.cuh), is multiplied by one more f16x2 FMA into the matching pair
+// of inputs. Sums run in float16 within a scale's rows and in float32 across them; the row lanes are reduced by
+// shuffles and through shared memory.
 //
 // The outputs go to gridDim.x blocks in even shares of whole 4-output units, at most BLOCK_N each: one block per
 // BLOCK_N outputs by default, or more (column_blocks), so that every multiprocessor streams the same share of

@@ -1,7 +1,8 @@
 #!/bin/bash
 # The cp.async tiles of the CUDA-core kernel with each slab's scale groups copied beside its words (written
-# 2026-12-06, not run; see docs/performance.md, "act_order folded into gate and up; where a batch-1 tile's warps
-# wait"). To run it: `git revert` the commit that took the change out, build the libraries
+# 2026-12-06, run the same day on an H100 at fb19f41; see docs/performance.md, "act_order folded into gate and up;
+# where a batch-1 tile's warps wait"). As it was run: `git revert` the commit that took the change out, build the
+# libraries
 # (QUANTBENCH_CUDA_CACHE=DIR python -m quantbench.export.kernels.cuda_build --arch 90 --only gemv-0-4-1-0-8
 # gemv-0-4-1-1-8 gemv-1-4-0-0-8 gemv-2-4-0-0-4 gemv-3-4-0-0-2 gemv-0-4-1-0-4 gemv-0-4-1-1-4 gemv-0-4-0-0-4
 # gemv-0-2-1-0-4 gemv-0-8-1-0-8 gemv-0-8-1-1-8: the benchmark's and the partial-tile test's), carry them as
