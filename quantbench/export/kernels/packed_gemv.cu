@@ -195,22 +195,53 @@ __device__ __forceinline__ void load_indices(int4 (&index)[ROUND], const int* __
   }
 }
 
+// The same copy through registers, 8 chunks a thread at a time (loaded, then stored): for the cp.async tiles,
+// whose word stages stay in flight meanwhile, where waiting for a cp.async group of x would wait for them too.
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void load_rows(half* shared, const half* __restrict__ x, int begin, int end, int width,
+                                          int m0, int M, int stride_x) {
+  constexpr int BATCH = 8;
+  const int chunks = (end - begin) / 8;
+  const int count = ROWS * chunks;
+  for (int t0 = threadIdx.x; t0 < count; t0 += BATCH * THREADS) {
+    uint4 chunk[BATCH];
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) {
+      const int t = t0 + u * THREADS, r = t / chunks, k = begin + 8 * (t % chunks);
+      chunk[u] = t < count && m0 + r < M
+                     ? __ldcg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m0 + r) * stride_x + k))
+                     : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) {
+      const int t = t0 + u * THREADS, r = t / chunks, k = begin + 8 * (t % chunks);
+      if (t < count && m0 + r < M)
+        *reinterpret_cast<uint4*>(shared + static_cast<size_t>(r) * width + k - begin) = chunk[u];
+    }
+  }
+}
+
 // The block's x into shared memory: rows [m0, m0 + ROWS) of inputs [k_begin, k_end) as `held`, rows of k_count
 // inputs. act_order copies the rows whole (`raw`) and gathers them from there, so that the gather's indices and
-// x come from memory at the same time. Every thread of the block takes part; it waits for all of its cp.async
-// groups, x's the newest.
-template <int ROWS, int THREADS>
+// x come from memory at the same time. Every thread of the block takes part. By cp.async (the register tiles: it
+// waits for all of its groups, x's alone) or, for the cp.async tiles (ASYNC), through registers.
+template <int ROWS, int THREADS, bool ASYNC>
 __device__ __forceinline__ void hold_x(half* held, half* raw, const half* __restrict__ x, const int* __restrict__ perm,
                                        int k_begin, int k_end, int k_count, int K, int m0, int M, int stride_x) {
-  copy_rows<ROWS, THREADS>(HAS_PERM ? raw : held, x, HAS_PERM ? 0 : k_begin, HAS_PERM ? K : k_end,
-                           HAS_PERM ? K : k_count, m0, M, stride_x);
 #if HAS_PERM
   constexpr int ROUND = 4;  // chunks of 4 inputs per thread and round
   constexpr int STRIDE = 4 * THREADS;
   int4 index[ROUND];
   load_indices<ROUND, STRIDE>(index, perm, k_begin + 4 * threadIdx.x, k_end);
 #endif
-  wait_copies<0>();
+  half* const target = HAS_PERM ? raw : held;
+  const int begin = HAS_PERM ? 0 : k_begin, end = HAS_PERM ? K : k_end, width = HAS_PERM ? K : k_count;
+  if constexpr (ASYNC) {
+    load_rows<ROWS, THREADS>(target, x, begin, end, width, m0, M, stride_x);
+  } else {
+    copy_rows<ROWS, THREADS>(target, x, begin, end, width, m0, M, stride_x);
+    wait_copies<0>();
+  }
   __syncthreads();
 #if HAS_PERM
   for (int base = k_begin + 4 * threadIdx.x; base < k_end; base += STRIDE * ROUND) {
@@ -468,7 +499,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   }
   if constexpr (X_HELD) prefetch_range(perm + k_begin, HAS_PERM ? max(k_end - k_begin, 0) * sizeof(int) : 0);
   wait_for_previous_kernel();
-  if constexpr (X_HELD) hold_x<ROWS, THREADS>(held, raw, x, perm, k_begin, k_end, k_count, K, m0, M, stride_x);
+  if constexpr (X_HELD) hold_x<ROWS, THREADS, ASYNC>(held, raw, x, perm, k_begin, k_end, k_count, K, m0, M, stride_x);
 
   float total[ROWS][OUTS];
 #pragma unroll
