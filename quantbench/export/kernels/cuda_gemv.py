@@ -88,10 +88,9 @@ def bind(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: 
     registers; `load_only` (for timing, the result meaningless): 1 the weight loads alone, 2 the loads with a
     tensor-core decode's instructions; `splits`: blocks along K per column tile; `x_in_shared`: each block first
     copies its x into shared memory where it fits (act_order gathers it there whatever this says), else reads x
-    from memory slab by slab (the cp.async tiles copy each slab's inputs into its stage with its words);
-    `streamed` (registers, 1–2 rows): each word row's next load issued as soon as the row is used, instead of a
-    slab at a time; `column_blocks`: blocks along the outputs, each an even share of at most 4 · lanes of them
-    (0: one block per 4 · lanes outputs)."""
+    from memory slab by slab; `streamed` (registers, 1–2 rows): each word row's next load issued as soon as the
+    row is used, instead of a slab at a time; `column_blocks`: blocks along the outputs, each an even share of at
+    most 4 · lanes of them (0: one block per 4 · lanes outputs)."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")

@@ -10,10 +10,7 @@
 // register reloaded as soon as that row is decoded, so a slab's worth of loads stays in flight); or (ASYNC,
 // 1–2 rows of x) cp.async copies into 2–4 shared-memory stages per thread, several slabs in flight without
 // holding registers, each slab's scale groups copied beside its words (the register paths load scales into
-// registers, where a slab's scales share a scoreboard with the next slab's loads and wait for them too). x comes
-// from memory slab by slab, or is held: copied whole into shared memory by the block first (by cp.async, or
-// through registers in the ASYNC tiles, whose first slabs then stay in flight); the ASYNC tiles that do not hold
-// it copy each slab's inputs into its stage with its words (X_STAGED), shared by the row lane's lanes. Each
+// registers, where a slab's scales share a scoreboard with the next slab's loads and wait for them too). Each
 // pair of codes, decoded to q − z (packed_decode.cuh), is multiplied by one more f16x2 FMA into the matching pair
 // of inputs. Sums run in float16 within a scale's rows and in float32 across them; the row lanes are reduced by
 // shuffles and through shared memory.
@@ -50,20 +47,12 @@ template <int THREADS>
 __host__ __device__ constexpr int stages() { return THREADS <= 128 ? 4 : THREADS <= 256 ? 3 : 2; }
 
 // A stage: the slab's words, SLAB × THREADS 16-byte slots, then its scale groups, GROUPS × THREADS slots (scales in
-// the first 8 bytes; the second plane's scales, the zero points or the scale codes in the next 8 or 4); with x
-// staged (X_STAGED), then each row lane's inputs of the slab, ROWS · PER 16-byte slots a row lane (x's rows one
-// after another, SLAB · PER inputs each).
+// the first 8 bytes; the second plane's scales, the zero points or the scale codes in the next 8 or 4).
 constexpr int STAGE_SLOTS = SLAB + GROUPS;
-constexpr int X_SLOTS = PER;  // 16-byte slots of a slab's inputs, per row of x
 
-template <int ROWS, int LANES_N, int THREADS, bool X_STAGED>
-__host__ __device__ constexpr int stage_slots() {
-  return STAGE_SLOTS * THREADS + (X_STAGED ? THREADS / LANES_N * ROWS * X_SLOTS : 0);
-}
-
-template <int ROWS, int LANES_N, int THREADS, bool X_STAGED>
+template <int THREADS>
 __host__ __device__ constexpr size_t stage_bytes() {
-  return static_cast<size_t>(stages<THREADS>()) * stage_slots<ROWS, LANES_N, THREADS, X_STAGED>() * sizeof(uint4);
+  return static_cast<size_t>(stages<THREADS>()) * STAGE_SLOTS * THREADS * sizeof(uint4);
 }
 
 // cp.async of BYTES (4, 8 or 16) from `source` to shared `target` (zeros where not `inside`).
@@ -111,22 +100,6 @@ __device__ __forceinline__ void copy_slab(uint4* stage, const uint32_t* __restri
   }
   (void)zeros;
   asm volatile("cp.async.commit_group;");
-}
-
-// cp.async of one slab's inputs, rows [0, ROWS) of `x_rows` from word row j0 on, into the row lane's x slots of a
-// stage (`slots`), shared by its LANES_N lanes (lane `lane_n` copies slots lane_n, lane_n + LANES_N, …); zeros
-// from input `end` on (the block's last word row) and past row M − m0. Not committed: the caller commits.
-template <int ROWS, int LANES_N>
-__device__ __forceinline__ void copy_slab_inputs(uint4* slots, const half* __restrict__ x_rows, int j0, int end,
-                                                 int m0, int M, int stride_x, int lane_n) {
-#pragma unroll
-  for (int c = lane_n; c < ROWS * X_SLOTS; c += LANES_N) {
-    const int r = c / X_SLOTS, k = j0 * PER + 8 * (c % X_SLOTS);
-    const int bytes = m0 + r < M ? 2 * min(max(end - k, 0), 8) : 0;
-    const half* source = bytes ? x_rows + static_cast<size_t>(r) * stride_x + k : x_rows;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"(static_cast<uint32_t>(__cvta_generic_to_shared(slots + c))), "l"(source), "r"(bytes));
-  }
 }
 
 // The word rows of each of `splits` blocks along K: whole slabs, so that every slab keeps its scale groups.
@@ -503,19 +476,11 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   const bool active = n0 < columns.end;
   const uint32_t* const column = w + n0;
 
-  // x staged: the cp.async tiles that do not hold x copy each slab's inputs with its words
-  constexpr bool X_STAGED = ASYNC && !X_HELD;
-  extern __shared__ uint4 dynamic_shared[];  // ASYNC: [stages] of stage_slots (words, scales, x staged); then x held
+  extern __shared__ uint4 dynamic_shared[];  // ASYNC: [stages][STAGE_SLOTS][THREADS] words and scales; then x
   constexpr int STAGES = stages<THREADS>();
-  constexpr int SLOTS = stage_slots<ROWS, LANES_N, THREADS, X_STAGED>();
   uint4* const staged = dynamic_shared;
   const half* const x_rows = x + static_cast<size_t>(m0) * stride_x;  // x from memory: read-only loads
-  half* const held = reinterpret_cast<half*>(
-      dynamic_shared + (ASYNC ? stage_bytes<ROWS, LANES_N, THREADS, X_STAGED>() / sizeof(uint4) : 0));
-  // this row lane's x slots in stage s (X_STAGED)
-  const auto inputs_of = [&](int s) { return staged + s * SLOTS + STAGE_SLOTS * THREADS + row_lane * ROWS * X_SLOTS; };
-  // the row lane's lanes within their warp: they share its x slots and its rounds (other row lanes may end sooner)
-  const unsigned row_lane_mask = (LANES_N == 32 ? ~0u : (1u << LANES_N) - 1u) << (threadIdx.x % 32 / LANES_N * LANES_N);
+  half* const held = reinterpret_cast<half*>(dynamic_shared + (ASYNC ? stage_bytes<THREADS>() / sizeof(uint4) : 0));
   const int k_count = chunk * PER;  // held: rows of k_count inputs, word row 0 the block's first
   const int k_begin = row_begin * PER, k_end = min(K, k_begin + k_count);
   // The first slabs' words and scales load first: they do not depend on the previous kernel, which may
@@ -526,21 +491,14 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   if constexpr (ASYNC) {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
-      copy_slab<THREADS>(staged + s * SLOTS, column, scales_, zeros, row_begin + row_lane * SLAB + s * STEP, rows,
-                         row_shift, n_groups, N, n0, active);
+      copy_slab<THREADS>(staged + s * STAGE_SLOTS * THREADS, column, scales_, zeros,
+                         row_begin + row_lane * SLAB + s * STEP, rows, row_shift, n_groups, N, n0, active);
   } else {
     load_slab(next, column, row_begin + row_lane * SLAB, rows, N, active);
     load_groups(next_groups, scales_, zeros, row_begin + row_lane * SLAB, rows, row_shift, n_groups, N, n0, active);
   }
   if constexpr (X_HELD) prefetch_range(perm + k_begin, HAS_PERM ? max(k_end - k_begin, 0) * sizeof(int) : 0);
   wait_for_previous_kernel();
-  if constexpr (X_STAGED) {  // the first slabs' inputs, one group behind their words
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s)
-      copy_slab_inputs<ROWS, LANES_N>(inputs_of(s), x_rows, row_begin + row_lane * SLAB + s * STEP, rows * PER, m0,
-                                      M, stride_x, lane_n);
-    asm volatile("cp.async.commit_group;");
-  }
   if constexpr (X_HELD) hold_x<ROWS, THREADS, ASYNC>(held, raw, x, perm, k_begin, k_end, k_count, K, m0, M, stride_x);
 
   float total[ROWS][OUTS];
@@ -552,21 +510,11 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   for (int j0 = row_begin + row_lane * SLAB, it = 0; j0 < rows; j0 += STEP, ++it) {
     uint4 words[SLAB];
     GroupScales groups[GROUPS];
-    if constexpr (ASYNC) {  // words and scales: each thread reads back only what it copied itself
-      const int refill = (it + STAGES - 1) % STAGES;
-      if constexpr (X_STAGED) {  // x's slots are the row lane's: its lanes are done with the stage refilled here
-        __syncwarp(row_lane_mask);
-        copy_slab_inputs<ROWS, LANES_N>(inputs_of(refill), x_rows, j0 + (STAGES - 1) * STEP, rows * PER, m0, M,
-                                        stride_x, lane_n);
-      }
-      copy_slab<THREADS>(staged + refill * SLOTS, column, scales_, zeros, j0 + (STAGES - 1) * STEP, rows, row_shift,
-                         n_groups, N, n0, active);
-      if (X_STAGED && it == 0)
-        wait_copies<1>();  // the first slabs' inputs came in a group after their words
-      else
-        wait_copies<STAGES - 1>();
-      if constexpr (X_STAGED) __syncwarp(row_lane_mask);  // and the other lanes' copies of x
-      const uint4* stage = staged + (it % STAGES) * SLOTS;
+    if constexpr (ASYNC) {  // each thread reads back only what it copied itself: its own wait suffices
+      copy_slab<THREADS>(staged + ((it + STAGES - 1) % STAGES) * STAGE_SLOTS * THREADS, column, scales_, zeros,
+                         j0 + (STAGES - 1) * STEP, rows, row_shift, n_groups, N, n0, active);
+      wait_copies<STAGES - 1>();
+      const uint4* stage = staged + (it % STAGES) * STAGE_SLOTS * THREADS;
 #pragma unroll
       for (int i = 0; i < SLAB; ++i) words[i] = stage[i * THREADS + threadIdx.x];
 #pragma unroll
@@ -593,12 +541,8 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
         return word;
       }
     };
-    if constexpr (X_STAGED)  // the stage's inputs: rows of SLAB · PER from word row j0
-      accumulate_slab<ROWS, true>(total, groups, take, reinterpret_cast<const half*>(inputs_of(it % STAGES)),
-                                  x_rows, j0, j0, rows, m0, M, SLAB * PER, stride_x, inverse_global_scale);
-    else
-      accumulate_slab<ROWS, X_HELD>(total, groups, take, held, x_rows, j0, row_begin, rows, m0, M, k_count,
-                                    stride_x, inverse_global_scale);
+    accumulate_slab<ROWS, X_HELD>(total, groups, take, held, x_rows, j0, row_begin, rows, m0, M, k_count, stride_x,
+                                  inverse_global_scale);
   }
 
   let_next_kernel_start();
@@ -622,7 +566,7 @@ cudaError_t launch_kernel(const Call& c) {
   // held rows (act_order: and the whole rows they are gathered from)
   const size_t x_inputs = split_rows(c.K / PER, c.splits) * PER + (HAS_PERM ? c.K : 0);
   const size_t x_bytes = static_cast<size_t>(ROWS) * x_inputs * sizeof(half);
-  const size_t shared = (ASYNC ? stage_bytes<ROWS, LANES_N, THREADS, ASYNC && !X_HELD>() : 0) + (X_HELD ? x_bytes : 0);
+  const size_t shared = (ASYNC ? stage_bytes<THREADS>() : 0) + (X_HELD ? x_bytes : 0);
   constexpr auto kernel = packed_gemv<ROWS, LANES_N, THREADS, ASYNC, X_HELD, STREAMED>;
   const cudaError_t error = allow_shared_memory<kernel>(shared);
   if (error != cudaSuccess) return error;
@@ -674,8 +618,7 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 // Returns a cudaError_t (0: launched). rows_per_program 1, 2, 4 or 8; lanes_n 4, 8, 16 or 32; threads 128 or
 // 256, or with one row 512; async_copies (cp.async stages) with 1 or 2 rows. HAS_PERM and x_shared take
 // rows_per_program · (the block's inputs, HAS_PERM: + K) · 2 bytes of shared memory for the block's x; x's rows
-// start 16-byte aligned (stride_x a multiple of 8; so do they where async_copies without x_shared copies each slab's
-// inputs into its stage). streamed (registers, 1 or 2 rows): each word row's next load
+// start 16-byte aligned (stride_x a multiple of 8). streamed (registers, 1 or 2 rows): each word row's next load
 // is issued as soon as the row is used, not a slab at a time. splits > 1: `partials` holds
 // splits · M · N floats and `arrivals` one zeroed int per block of outputs (column blocks × row tiles).
 // column_blocks: blocks along the outputs, each an even share of at most lanes_n · 4 of them (0: N / (lanes_n · 4)
