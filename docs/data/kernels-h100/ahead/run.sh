@@ -8,8 +8,9 @@
 #   QUANTBENCH_CUDA_CACHE=DIR python -m quantbench.export.kernels.cuda_build --arch 90 --jobs 2 --only
 #   gemv-0-4-1-0-8 gemv-0-4-1-1-8 gemv-1-4-0-0-8 gemv-2-4-0-0-4 gemv-3-4-0-0-2 gemv-0-4-1-0-4 gemv-0-4-1-1-4
 #   gemv-0-4-0-0-4 gemv-0-2-1-0-4 gemv-0-8-1-0-8 gemv-0-8-1-1-8 (A's only needs gemv-0-4-1-0-8), packed as
-#   .gpu/cache_xreg.tar.xz (A) and .gpu/cache_ahead.tar.xz (B); carry them with .gpu/wheels and .gpu/ab, then on
-#   the GPU: bash docs/data/kernels-h100/ahead/run.sh
+#   .gpu/cache_xreg.tar.xz (A) and .gpu/cache_ahead.tar.xz (B); carry them with .gpu/wheels, .gpu/ab and
+#   .gpu/cache_bound.tar.xz (the tensor-core libraries, built alike with --only mma-…), then on the GPU:
+#   bash docs/data/kernels-h100/ahead/run.sh
 # Writes under $OUT as it goes: the GPU tests of the CUDA-core tiles at B, the tuned register tiles of
 # tiles_registers.json at four int4 shapes, A and B alternated (ABBA), and the batch-1 table at B.
 set -o pipefail
@@ -18,6 +19,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   .gpu/wheels/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.:bench QUANTBENCH_KERNEL_ENGINES=cuda
 mkdir -p /tmp/cc && tar xJf .gpu/cache_xreg.tar.xz -C /tmp/cc && tar xJf .gpu/cache_ahead.tar.xz -C /tmp/cc
+[ -f .gpu/cache_bound.tar.xz ] && tar xJf .gpu/cache_bound.tar.xz -C /tmp/cc  # the dependent-launch tests' mma
 export QUANTBENCH_CUDA_CACHE=/tmp/cc
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > $OUT/gpu.txt
 cu=quantbench/export/kernels/packed_gemv.cu
