@@ -486,26 +486,16 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   // The first slabs' words and scales load first: they do not depend on the previous kernel, which may
   // still be running (dependent launch). Then the block's x goes into shared memory (hold_x).
   half* const raw = held + static_cast<size_t>(ROWS) * k_count;
-  // AHEAD (the register tiles of 1–2 rows): two slabs in registers, `next` and `later`, each reloaded two rounds
-  // ahead as soon as it is taken, so that wherever ptxas places a reload (it sinks them below the round's
-  // decode), the other slab's decode lies between it and its use. Not with 512 threads and x held, whose 128
-  // registers a thread it would spill.
-  constexpr bool AHEAD = !ASYNC && !STREAMED && ROWS <= 2 && !(THREADS == 512 && X_HELD);
-  const int first = row_begin + row_lane * SLAB;
-  uint4 next[SLAB], later[SLAB];
-  GroupScales next_groups[GROUPS], later_groups[GROUPS];
+  uint4 next[SLAB];
+  GroupScales next_groups[GROUPS];
   if constexpr (ASYNC) {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
       copy_slab<THREADS>(staged + s * STAGE_SLOTS * THREADS, column, scales_, zeros,
                          row_begin + row_lane * SLAB + s * STEP, rows, row_shift, n_groups, N, n0, active);
   } else {
-    load_slab(next, column, first, rows, N, active);
-    load_groups(next_groups, scales_, zeros, first, rows, row_shift, n_groups, N, n0, active);
-    if constexpr (AHEAD) {
-      load_slab(later, column, first + STEP, rows, N, active);
-      load_groups(later_groups, scales_, zeros, first + STEP, rows, row_shift, n_groups, N, n0, active);
-    }
+    load_slab(next, column, row_begin + row_lane * SLAB, rows, N, active);
+    load_groups(next_groups, scales_, zeros, row_begin + row_lane * SLAB, rows, row_shift, n_groups, N, n0, active);
   }
   if constexpr (X_HELD) prefetch_range(perm + k_begin, HAS_PERM ? max(k_end - k_begin, 0) * sizeof(int) : 0);
   wait_for_previous_kernel();
@@ -517,27 +507,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 #pragma unroll
     for (int o = 0; o < OUTS; ++o) total[r][o] = 0.f;
 
-  // AHEAD: slab j0 from `slab`, which then loads slab j0 + 2 · STEP
-  const auto take_and_reload = [&](uint4 (&slab)[SLAB], GroupScales (&slab_groups)[GROUPS], int j0) {
-    uint4 words[SLAB];
-    GroupScales groups[GROUPS];
-#pragma unroll
-    for (int i = 0; i < SLAB; ++i) words[i] = slab[i];
-#pragma unroll
-    for (int f = 0; f < GROUPS; ++f) groups[f] = slab_groups[f];
-    load_slab(slab, column, j0 + 2 * STEP, rows, N, active);
-    load_groups(slab_groups, scales_, zeros, j0 + 2 * STEP, rows, row_shift, n_groups, N, n0, active);
-    accumulate_slab<ROWS, X_HELD>(total, groups, [&](int i) { return words[i]; }, held, x_rows, j0, row_begin, rows,
-                                  m0, M, k_count, stride_x, inverse_global_scale);
-  };
-  if constexpr (AHEAD) {
-    for (int j0 = first; j0 < rows; j0 += 2 * STEP) {
-      take_and_reload(next, next_groups, j0);
-      if (j0 + STEP >= rows) break;
-      take_and_reload(later, later_groups, j0 + STEP);
-    }
-  }
-  for (int j0 = first, it = 0; !AHEAD && j0 < rows; j0 += STEP, ++it) {
+  for (int j0 = row_begin + row_lane * SLAB, it = 0; j0 < rows; j0 += STEP, ++it) {
     uint4 words[SLAB];
     GroupScales groups[GROUPS];
     if constexpr (ASYNC) {  // each thread reads back only what it copied itself: its own wait suffices
