@@ -32,8 +32,7 @@ from quantbench.export.kernels import cuda_gemv  # noqa: E402
 from quantbench.export.kernels.matmul import graph_time_ms  # noqa: E402
 
 
-LOADS = {"registers": {}, "streamed": {"streamed": True}, "cp.async": {"async_copies": 1},
-         "cp.async-2": {"async_copies": 2}}  # the thread count's stages, or two
+LOADS = {"registers": {}, "streamed": {"streamed": True}, "cp.async": {"async_copies": True}}
 
 
 def main() -> None:

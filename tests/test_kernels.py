@@ -582,9 +582,6 @@ def test_dot_kernel_float16_decoding_gives_the_float32_decodings_result_bit_for_
 CUDA_TILES = {"1 row, 8 lanes, 256 threads": TileConfig(1, 32, 0, 1, 8, 0, rows=1, engine="cuda"),
               "1 row, 16 lanes, 512 threads, cp.async": TileConfig(1, 64, 0, 1, 16, 1, rows=1, engine="cuda"),
               "2 rows, 4 lanes, 128 threads, cp.async": TileConfig(1, 16, 0, 1, 4, 1, rows=2, engine="cuda"),
-              "1 row, 8 lanes, 256 threads, cp.async, two stages": TileConfig(1, 32, 0, 1, 8, 2, rows=1, engine="cuda"),
-              "2 rows, 16 lanes, 128 threads, cp.async, two stages, 3 splits":
-                  TileConfig(1, 64, 0, 3, 4, 2, rows=2, engine="cuda"),
               "4 rows, 16 lanes, 256 threads": TileConfig(1, 64, 0, 1, 8, 0, rows=4, engine="cuda"),
               "8 rows, 8 lanes, 128 threads": TileConfig(1, 32, 0, 1, 4, 0, rows=8, engine="cuda"),
               "1 row, 32 lanes, 256 threads, 2 splits": TileConfig(1, 128, 0, 2, 8, 0, rows=1, engine="cuda"),
@@ -718,14 +715,11 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     assert {c.rows for c in matmul._mma_candidates(x.repeat(64, 1), wide)} == {16, 32}  # one block's 6 · 2^14
     assert {c.engine for c in matmul._engine_candidates(x.repeat(20, 1), packed)} == {"triton", "mma"}
     assert {c.engine for c in matmul._engine_candidates(x.repeat(65, 1), packed)} == {"triton"}
-    # registers a slab or a row at a time, and cp.async stages (the thread count's, or two); 4 rows of x:
-    # registers only
-    loads = ((0, False), (0, True), (1, False), (2, False))
-    assert {(c.rows, c.num_stages, c.streamed) for c in cuda} == {(1, *load) for load in loads}
+    # registers a slab or a row at a time, and cp.async stages; 4 rows of x: registers only
+    assert {(c.rows, c.num_stages, c.streamed) for c in cuda} == {(1, 0, False), (1, 0, True), (1, 1, False)}
     assert {(c.rows, c.num_stages, c.streamed) for c in matmul._cuda_candidates(x.repeat(3, 1), packed)} == {
-        (rows, *load) for rows in (2, 4) for load in loads if rows == 2 or load == (0, False)}
-    # two stages are the default of 512 threads: asked for only where the default is more
-    assert {c.num_warps for c in cuda if c.num_stages == 2} == {128 // 32, 256 // 32}
+        (rows, stages, streamed) for rows in (2, 4) for stages, streamed in ((0, False), (0, True), (1, False))
+        if rows == 2 or (stages, streamed) == (0, False)}
     assert {(c.block_n, c.num_warps) for c in cuda} == {(4 * lanes, threads // 32) for lanes in cuda_gemv.LANES
                                                         for threads in cuda_gemv.THREADS}
     # 256 inputs are 32 int4 word rows: no split of K leaves each row lane a slab of its own
@@ -889,32 +883,6 @@ def assert_replay_equals(x: torch.Tensor, packed, tile: TileConfig, reference: T
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert torch.equal(captured, packed_matmul(x, packed, backend=reference.engine, config=reference))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
-@pytest.mark.parametrize("name", ["int4-g128-rtn", "ternary2-g64", "mxfp4-rtn"])
-def test_two_cp_async_stages_give_the_default_stages_sums_bit_for_bit(name):
-    """The stage count changes how far ahead a thread's slabs are copied, not what it sums or in which order:
-    1,920 inputs (240 word rows of 4-bit codes) give each row lane 2–8 rounds. A stage count other than the
-    default's (1) or two is refused."""
-    from quantbench.export.kernels import cuda_gemv
-
-    inputs, g = 1920, torch.Generator().manual_seed(5)
-    if name.startswith("ternary"):
-        stored = TritPlaneWeight(Scheme.parse("ternary2-g64-ptqtp"),
-                                 torch.randint(-1, 2, (2, OUT, inputs), generator=g, dtype=torch.int8),
-                                 (torch.rand(2, OUT, inputs // 64, generator=g) * 0.1).half())
-    else:
-        stored = quantize_rtn(torch.randn(OUT, inputs, generator=g), Scheme.parse(name))
-    packed = to_kernel_layout(stored.to("cuda"))
-    x = torch.randn(2, inputs, device="cuda").half()
-    expected = x.float() @ stored.to("cuda").dequantize().T
-    for rows, lanes, threads in ((1, 32, 256), (2, 32, 128), (1, 32, 512)):
-        default = cuda_gemv.launch(x, packed, rows, lanes, threads, async_copies=1)
-        torch.testing.assert_close(default.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
-        assert torch.equal(cuda_gemv.launch(x, packed, rows, lanes, threads, async_copies=2), default)
-    with pytest.raises(ValueError, match="async copies"):
-        cuda_gemv.launch(x, packed, 1, 8, 256, async_copies=3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")

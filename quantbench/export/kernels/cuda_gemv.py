@@ -18,7 +18,6 @@ ROWS = (1, 2, 4, 8)  # rows of x per program
 LANES = (4, 8, 16, 32)  # threads along the outputs (4 outputs each)
 THREADS = (128, 256, 512)  # 512 with one row of x only
 ASYNC_ROWS = (1, 2)  # the cp.async variant is built for these rows per block
-ASYNC_STAGES = (1, 2)  # its stages: 1 the thread count's default (4, 3, 2 for 128, 256, 512 threads), 2 two
 STREAMED_ROWS = (1, 2)  # and the register variant that reloads each word row as soon as it is used
 X_SHARED_BYTES = 96 << 10  # the block's x in shared memory up to this (act_order: gathered there, else by torch)
 MAX_ROWS = 16  # beyond this only the tensor-core and tl.dot kernels are tried
@@ -73,7 +72,7 @@ def x_choices(weight: KernelWeight) -> tuple[bool, ...]:
     return (True,) if weight.perm is not None else (True, False)
 
 
-def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: int = 0,
+def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
            load_only: int = 0, splits: int = 1, x_in_shared: bool = True, streamed: bool = False,
            column_blocks: int = 0) -> torch.Tensor:
     """x [M ≤ 16, K] float16 in the original input order → [M, N] float16 (`bind`'s call, made and run once)."""
@@ -81,14 +80,13 @@ def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads
                 column_blocks)(x)
 
 
-def bind(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: int = 0,
+def bind(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
          load_only: int = 0, splits: int = 1, x_in_shared: bool = True, streamed: bool = False,
          column_blocks: int = 0) -> KernelCall:
     """The kernel's call for x's rows, on x's device: x [M ≤ 16, K] float16 in the original input order → [M, N]
     float16. `async_copies`: the weights through cp.async stages in shared memory (1–2 rows) instead of
-    registers, 1 as many stages as the thread count's default, 2 two (more blocks a multiprocessor);
-    `load_only` (for timing, the result meaningless): 1 the weight loads alone, 2 the loads with a tensor-core
-    decode's instructions; `splits`: blocks along K per column tile; `x_in_shared`: each block first
+    registers; `load_only` (for timing, the result meaningless): 1 the weight loads alone, 2 the loads with a
+    tensor-core decode's instructions; `splits`: blocks along K per column tile; `x_in_shared`: each block first
     copies its x into shared memory where it fits (act_order gathers it there whatever this says), else reads x
     from memory slab by slab; `streamed` (registers, 1–2 rows): each word row's next load issued as soon as the
     row is used, instead of a slab at a time; `column_blocks`: blocks along the outputs, each an even share of at
@@ -97,13 +95,11 @@ def bind(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: 
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")
     if (rows not in ROWS or lanes not in LANES or threads not in THREADS or (threads == 512 and rows > 1)
-            or (async_copies and (rows not in ASYNC_ROWS or async_copies not in ASYNC_STAGES))
-            or not 1 <= splits <= 65535
+            or (async_copies and rows not in ASYNC_ROWS) or not 1 <= splits <= 65535
             or (streamed and (async_copies or rows not in STREAMED_ROWS))):
         raise ValueError(f"rows {rows}, lanes {lanes}, threads {threads}, async {async_copies}, splits {splits}, "
                          f"streamed {streamed}: not among {ROWS}, {LANES}, {THREADS} (512 threads take one row; "
-                         f"async copies {ASYNC_STAGES} with {ASYNC_ROWS} rows; streamed registers {STREAMED_ROWS} "
-                         f"rows; splits 1–65535)")
+                         f"async copies {ASYNC_ROWS} rows; streamed registers {STREAMED_ROWS} rows; splits 1–65535)")
     n = weight.shape[0]
     tiles = -(-n // (4 * lanes))
     if column_blocks and not tiles <= column_blocks <= n // 4:

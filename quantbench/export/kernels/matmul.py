@@ -53,8 +53,8 @@ class TileConfig:
     column_blocks: int = 0  # "cuda": blocks along the outputs, even shares of ≤ block_n (0: one per block_n)
     capped: bool = False  # "mma", 32 rows, 4 warps side by side, x shared: registers capped for 16 warps an SM
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
-    # the outputs, num_warps · 32 threads, num_stages 0: weights through registers, 1: through cp.async stages
-    # (as many as the thread count's default), 2: through two cp.async stages, split_k blocks along K;
+    # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
+    # split_k blocks along K;
     # "mma": packed_mma.cu, `rows` rows of x per block, num_warps warps, block_n / 32 of them along the outputs,
     # num_stages 1: x through shared-memory stages, 0: x from global memory, split_k blocks along K;
     # "wgmma": packed_wgmma.cu, `rows` rows of x per block, num_warps / 4 warpgroups of 128 outputs each (block_n
@@ -188,7 +188,7 @@ def _kernel_call(x: torch.Tensor, weight: KernelWeight, config: TileConfig) -> K
 
     if config.engine == "cuda":  # gathers act_order in shared memory
         return cuda_gemv.bind(x, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
-                              async_copies=config.num_stages, splits=config.split_k,
+                              async_copies=config.num_stages > 0, splits=config.split_k,
                               x_in_shared=config.x_in_shared, streamed=config.streamed,
                               column_blocks=config.column_blocks)
     if config.engine == "mma":  # gathers act_order before the kernel
@@ -247,13 +247,12 @@ def _cuda_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     m = x.shape[0]
     most = min(_bucket(m), 8)  # also half as many rows per block: more blocks, fewer registers
     processors = cuda_gemv.multiprocessors(x.device)
-    # cp.async with two stages where the thread count's default is more (128 and 256 threads)
-    loads = {"registers": (0, False), "streamed": (0, True), "cp.async": (1, False), "cp.async, two stages": (2, False)}
+    loads = {"registers": (0, False), "streamed": (0, True), "cp.async": (1, False)}
     return [TileConfig(1, 4 * lanes, 0, splits, threads // 32, stages, rows=rows, x_in_shared=held,
                        streamed=streamed, column_blocks=blocks, engine="cuda")
             for rows in sorted({most, max(most // 2, 1)}) for lanes in cuda_gemv.LANES
             for threads in cuda_gemv.THREADS if rows == 1 or threads < 512
-            for load, (stages, streamed) in loads.items() if stages < 2 or threads < 512
+            for load, (stages, streamed) in loads.items()
             if load == "registers" or rows in (cuda_gemv.STREAMED_ROWS if streamed else cuda_gemv.ASYNC_ROWS)
             for splits in cuda_gemv.split_choices(m, weight, rows, lanes, threads, processors)
             for blocks in cuda_gemv.column_block_choices(weight.shape[0], lanes, -(-m // rows) * splits, processors)

@@ -42,8 +42,7 @@ constexpr int GROUPS = SLAB / FLUSH;  // scale groups a slab spans
 
 __device__ __forceinline__ float lane_sum(half2 v) { return __low2float(v) + __high2float(v); }
 
-// Stages of slabs in flight per thread (ASYNC) by default: as many as keep a block's buffers within 64–128 KB.
-// A tile may ask for two instead (fewer slabs ahead, more blocks a multiprocessor).
+// Stages of slabs in flight per thread (ASYNC): as many as keep a block's buffers within 64–128 KB.
 template <int THREADS>
 __host__ __device__ constexpr int stages() { return THREADS <= 128 ? 4 : THREADS <= 256 ? 3 : 2; }
 
@@ -51,9 +50,9 @@ __host__ __device__ constexpr int stages() { return THREADS <= 128 ? 4 : THREADS
 // the first 8 bytes; the second plane's scales, the zero points or the scale codes in the next 8 or 4).
 constexpr int STAGE_SLOTS = SLAB + GROUPS;
 
-template <int STAGES, int THREADS>
+template <int THREADS>
 __host__ __device__ constexpr size_t stage_bytes() {
-  return static_cast<size_t>(STAGES) * STAGE_SLOTS * THREADS * sizeof(uint4);
+  return static_cast<size_t>(stages<THREADS>()) * STAGE_SLOTS * THREADS * sizeof(uint4);
 }
 
 // cp.async of BYTES (4, 8 or 16) from `source` to shared `target` (zeros where not `inside`).
@@ -457,7 +456,7 @@ __device__ __forceinline__ Columns block_columns(int N) {
           OUTS * static_cast<int>(static_cast<long long>(blockIdx.x + 1) * units / gridDim.x)};
 }
 
-template <int ROWS, int LANES_N, int THREADS, int STAGES, bool X_HELD, bool STREAMED>
+template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool X_HELD, bool STREAMED>
 __global__ void __launch_bounds__(THREADS) packed_gemv(
     const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
     const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, half* __restrict__ out,
@@ -477,11 +476,11 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   const bool active = n0 < columns.end;
   const uint32_t* const column = w + n0;
 
-  constexpr bool ASYNC = STAGES > 0;  // else registers
-  extern __shared__ uint4 dynamic_shared[];  // ASYNC: [STAGES][STAGE_SLOTS][THREADS] words and scales; then x
+  extern __shared__ uint4 dynamic_shared[];  // ASYNC: [stages][STAGE_SLOTS][THREADS] words and scales; then x
+  constexpr int STAGES = stages<THREADS>();
   uint4* const staged = dynamic_shared;
   const half* const x_rows = x + static_cast<size_t>(m0) * stride_x;  // x from memory: read-only loads
-  half* const held = reinterpret_cast<half*>(dynamic_shared + stage_bytes<STAGES, THREADS>() / sizeof(uint4));
+  half* const held = reinterpret_cast<half*>(dynamic_shared + (ASYNC ? stage_bytes<THREADS>() / sizeof(uint4) : 0));
   const int k_count = chunk * PER;  // held: rows of k_count inputs, word row 0 the block's first
   const int k_begin = row_begin * PER, k_end = min(K, k_begin + k_count);
   // The first slabs' words and scales load first: they do not depend on the previous kernel, which may
@@ -553,13 +552,13 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 struct Call {
   const void *x, *perm, *w, *scales, *zeros;
   void *out, *partials, *arrivals;
-  int async_copies, splits, column_blocks, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed;
+  int splits, column_blocks, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed;
   float inverse_global_scale;
   bool dependent;
   cudaStream_t stream;
 };
 
-template <int ROWS, int LANES_N, int THREADS, int STAGES, bool X_HELD, bool STREAMED>
+template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool X_HELD, bool STREAMED>
 cudaError_t launch_kernel(const Call& c) {
   const int tiles = (c.N + LANES_N * OUTS - 1) / (LANES_N * OUTS);
   if (c.column_blocks && (c.column_blocks < tiles || c.column_blocks > c.N / OUTS)) return cudaErrorInvalidValue;
@@ -567,8 +566,8 @@ cudaError_t launch_kernel(const Call& c) {
   // held rows (act_order: and the whole rows they are gathered from)
   const size_t x_inputs = split_rows(c.K / PER, c.splits) * PER + (HAS_PERM ? c.K : 0);
   const size_t x_bytes = static_cast<size_t>(ROWS) * x_inputs * sizeof(half);
-  const size_t shared = stage_bytes<STAGES, THREADS>() + (X_HELD ? x_bytes : 0);
-  constexpr auto kernel = packed_gemv<ROWS, LANES_N, THREADS, STAGES, X_HELD, STREAMED>;
+  const size_t shared = (ASYNC ? stage_bytes<THREADS>() : 0) + (X_HELD ? x_bytes : 0);
+  constexpr auto kernel = packed_gemv<ROWS, LANES_N, THREADS, ASYNC, X_HELD, STREAMED>;
   const cudaError_t error = allow_shared_memory<kernel>(shared);
   if (error != cudaSuccess) return error;
   return launch_after(kernel, grid, THREADS, shared, c.stream, c.dependent,
@@ -579,26 +578,18 @@ cudaError_t launch_kernel(const Call& c) {
 
 // act_order always holds its gathered x: its libraries build no variant that reads x from memory. Streamed
 // rows: built for the register path with 1 or 2 rows of x.
-template <int ROWS, int LANES_N, int THREADS, int STAGES, bool STREAMED>
+template <int ROWS, int LANES_N, int THREADS, bool ASYNC, bool STREAMED>
 cudaError_t by_x(const Call& c) {
-  if (HAS_PERM || c.x_shared) return launch_kernel<ROWS, LANES_N, THREADS, STAGES, true, STREAMED>(c);
-  return launch_kernel<ROWS, LANES_N, THREADS, STAGES, HAS_PERM != 0, STREAMED>(c);
+  if (HAS_PERM || c.x_shared) return launch_kernel<ROWS, LANES_N, THREADS, ASYNC, true, STREAMED>(c);
+  return launch_kernel<ROWS, LANES_N, THREADS, ASYNC, HAS_PERM != 0, STREAMED>(c);
 }
 
-// async_copies: 1 the thread count's stages, 2 two stages (the same where that is the default).
 template <int ROWS, int LANES_N, int THREADS, bool ASYNC>
 cudaError_t launch(const Call& c) {
-  if constexpr (ASYNC) {
-    if (c.streamed || c.async_copies < 1 || c.async_copies > 2) return cudaErrorInvalidValue;
-    if constexpr (stages<THREADS>() > 2)
-      if (c.async_copies == 2) return by_x<ROWS, LANES_N, THREADS, 2, false>(c);
-    return by_x<ROWS, LANES_N, THREADS, stages<THREADS>(), false>(c);
-  } else {
-    if constexpr (ROWS <= 2)
-      if (c.streamed) return by_x<ROWS, LANES_N, THREADS, 0, true>(c);
-    if (c.streamed) return cudaErrorInvalidValue;
-    return by_x<ROWS, LANES_N, THREADS, 0, false>(c);
-  }
+  if constexpr (!ASYNC && ROWS <= 2)
+    if (c.streamed) return by_x<ROWS, LANES_N, THREADS, false, true>(c);
+  if (c.streamed) return cudaErrorInvalidValue;
+  return by_x<ROWS, LANES_N, THREADS, ASYNC, false>(c);
 }
 
 template <int ROWS, int LANES_N, bool ASYNC>
@@ -625,13 +616,13 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 }  // namespace
 
 // Returns a cudaError_t (0: launched). rows_per_program 1, 2, 4 or 8; lanes_n 4, 8, 16 or 32; threads 128 or
-// 256, or with one row 512; async_copies (cp.async stages: 1 the thread count's 2–4, 2 two) with 1 or 2 rows.
-// HAS_PERM and x_shared take rows_per_program · (the block's inputs, HAS_PERM: + K) · 2 bytes of shared memory
-// for the block's x; x's rows start 16-byte aligned (stride_x a multiple of 8). streamed (registers, 1 or 2
-// rows): each word row's next load is issued as soon as the row is used, not a slab at a time. splits > 1:
-// `partials` holds splits · M · N floats and `arrivals` one zeroed int per block of outputs (column blocks × row
-// tiles). column_blocks: blocks along the outputs, each an even share of at most lanes_n · 4 of them (0: N /
-// (lanes_n · 4) rounded up).
+// 256, or with one row 512; async_copies (cp.async stages) with 1 or 2 rows. HAS_PERM and x_shared take
+// rows_per_program · (the block's inputs, HAS_PERM: + K) · 2 bytes of shared memory for the block's x; x's rows
+// start 16-byte aligned (stride_x a multiple of 8). streamed (registers, 1 or 2 rows): each word row's next load
+// is issued as soon as the row is used, not a slab at a time. splits > 1: `partials` holds
+// splits · M · N floats and `arrivals` one zeroed int per block of outputs (column blocks × row tiles).
+// column_blocks: blocks along the outputs, each an even share of at most lanes_n · 4 of them (0: N / (lanes_n · 4)
+// rounded up).
 // dependent: launched to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
 extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, int splits,
                                       int column_blocks, const void* x, const void* perm, const void* w,
@@ -640,8 +631,8 @@ extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int thr
                                       int x_shared, int streamed, float inverse_global_scale, int dependent,
                                       void* stream) {
   if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
-  const Call c{x, perm, w, scales, zeros, out, partials, arrivals, async_copies, splits, column_blocks, M, N, K,
-               n_groups, row_shift, stride_x, x_shared, streamed, inverse_global_scale, dependent != 0,
+  const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, column_blocks, M, N, K, n_groups,
+               row_shift, stride_x, x_shared, streamed, inverse_global_scale, dependent != 0,
                static_cast<cudaStream_t>(stream)};
   if (async_copies) {
     switch (rows_per_program) {
