@@ -1,6 +1,6 @@
 #!/bin/bash
-# cp.async tiles with two stages beside the thread count's default (2026-12-06; see docs/performance.md, "Two
-# cp.async stages"). Libraries built on the CPU machine (QUANTBENCH_CUDA_CACHE=DIR python -m
+# cp.async tiles with two stages beside the thread count's default (5ec4a8c, taken out in the next commit; 2026-12-06;
+# docs/performance.md, "Two cp.async stages"). Libraries built on the CPU machine (QUANTBENCH_CUDA_CACHE=DIR python -m
 # quantbench.export.kernels.cuda_build --arch 90 --jobs 2 --only gemv-0-4-1-0-8 gemv-0-4-1-1-8 gemv-1-4-0-0-8
 # gemv-2-4-0-0-4 gemv-3-4-0-0-2 gemv-0-4-1-0-4 gemv-0-4-1-1-4 gemv-0-4-0-0-4 gemv-0-2-1-0-4 gemv-0-8-1-0-8
 # gemv-0-8-1-1-8), packed as .gpu/cache_two.tar.xz; carried with .gpu/wheels and .gpu/cache_bound.tar.xz.
