@@ -25,7 +25,7 @@ from torch._inductor import config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantbench.export.kernels import PackedLinear, packed_matmul, to_kernel_layout  # noqa: E402
+from quantbench.export.kernels import PackedLinear, decode_attention, packed_matmul, to_kernel_layout  # noqa: E402
 from quantbench.export.kernels.cuda_build import DEPENDENT_LAUNCH_ENV  # noqa: E402
 from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
 from quantbench.export.kernels.layout import KernelWeight, to_base3_layout  # noqa: E402
@@ -237,10 +237,10 @@ def checkpoint_model(label: str, size: str, device, folder: Path, fuse: bool, he
 def decode_speed(device, new_tokens: int, prompt: int, size: str, batch: int, fuse: bool, variants,
                  rows: list, saved=lambda: None, floor: bool = False, compiled: bool = False,
                  head: bool = False, dependent=("auto",), cache_length: int | None = None,
-                 checkpoints: Path | None = None) -> list[dict]:
+                 checkpoints: Path | None = None, attention: str | None = None) -> list[dict]:
     for label in ["fp16", *variants, *([FLOOR] if floor else [])]:
         rows.extend(decode_one(label, None if label == "fp16" else label, device, new_tokens, prompt, size, batch,
-                               fuse, compiled, head, dependent, cache_length, checkpoints))
+                               fuse, compiled, head, dependent, cache_length, checkpoints, attention))
         saved()
         torch.cuda.empty_cache()
     return rows
@@ -266,6 +266,8 @@ def prepared_decode(variant: str | None, device, new_tokens: int, prompt: int, s
         model = build_random_llama_on(size, torch.float16, device)
         quantize_model(model, variant, device, fuse, head)
     if attention:
+        if attention == decode_attention.ATTENTION:
+            decode_attention.register()
         model.set_attn_implementation(attention)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.model.layers.parameters(),
                                                              *model.model.layers.buffers()])
@@ -307,12 +309,14 @@ def captured(step) -> torch.cuda.CUDAGraph:
 @torch.no_grad()
 def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt: int, size: str = "1b",
                batch: int = 1, fuse: bool = False, compiled: bool = False, head: bool = False,
-               dependent=("auto",), cache_length: int | None = None, checkpoints: Path | None = None) -> list[dict]:
+               dependent=("auto",), cache_length: int | None = None, checkpoints: Path | None = None,
+               attention: str | None = None) -> list[dict]:
     """Tokens/s of one model; a packed one once per `dependent` setting of the CUDA kernels' dependent
     launch ("auto", "on", "off"), each its own CUDA graph, the decode positions running on through them."""
     cache_length = cache_positions(prompt, new_tokens, cache_length)
     step, weight_bytes = prepared_decode(variant, device, new_tokens, prompt, size, batch, fuse, compiled,
-                                         head=head, cache_length=cache_length, checkpoints=checkpoints)
+                                         attention=attention, head=head, cache_length=cache_length,
+                                         checkpoints=checkpoints)
     packed = variant not in (None, FLOOR)
     packed_head = head and packed
     inductor_pdl = compiled and getattr(inductor_config.triton, "enable_pdl", False)
@@ -327,12 +331,14 @@ def decode_one(label: str, variant: str | None, device, new_tokens: int, prompt:
         print(f"decode {label:>20} ({size}, batch {batch}{', fused' if fuse and variant else ''}"
               f"{', compiled' if compiled else ''}{', Triton dependent launch' if inductor_pdl else ''}"
               f"{', lm_head packed' if packed_head else ''}"
-              f"{f', packed kernels dependent launch {setting}' if setting else ''}, cache {cache_length}): "
+              f"{f', packed kernels dependent launch {setting}' if setting else ''}"
+              f"{f', attention {attention}' if attention else ''}, cache {cache_length}): "
               f"{graph_tok_s:7.1f} tok/s (CUDA graph), {eager_tok_s:6.1f} tok/s eager, "
               f"decoder weights {weight_bytes / 2**20:.0f} MiB", flush=True)
         rows.append({"model": label, "size": size, "batch": batch, "fused": fuse and variant is not None,
                      "compiled": compiled, "inductor_pdl": inductor_pdl, "lm_head_packed": packed_head,
-                     "dependent_launch": setting, "cache_length": cache_length, "block_weight_bytes": weight_bytes,
+                     "dependent_launch": setting, "attention": attention, "cache_length": cache_length,
+                     "block_weight_bytes": weight_bytes,
                      "from_checkpoint": checkpoints is not None and packed,
                      "eager_tok_s": eager_tok_s, "cuda_graph_tok_s": graph_tok_s})
         del graph
@@ -382,6 +388,9 @@ def main() -> None:
                              "(QUANTBENCH_DEPENDENT_LAUNCH; auto: on with --pdl)")
     parser.add_argument("--pdl", action="store_true",
                         help="with --compile: inductor's Triton kernels launch dependent too (TORCHINDUCTOR_ENABLE_PDL)")
+    parser.add_argument("--attention", help="transformers' attention implementation of every decoded model (sdpa, "
+                        f"eager, …; {decode_attention.ATTENTION}: a decode step's grouped heads without copies of "
+                        "the cache, export/kernels/decode_attention.py)")
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
@@ -434,7 +443,7 @@ def main() -> None:
             for fuse in ([True] if args.only_fused else [False, True] if args.fuse else [False]):
                 decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse, [*args.variants, *unfolded],
                              result["decode"], saved, args.floor, args.compile, args.head, args.dependent_launch,
-                             args.cache_length, args.from_checkpoint)
+                             args.cache_length, args.from_checkpoint, args.attention)
 
 
 if __name__ == "__main__":
