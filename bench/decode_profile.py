@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_speed import FLOOR, VARIANTS, captured, prepared_decode  # noqa: E402
 from random_models import SIZES  # noqa: E402
 
+from quantbench.export.kernels import decode_attention  # noqa: E402
+
 KINDS = [  # first match wins; inductor names its kernels triton_* after the operations they fuse
     ("fused Triton", r"^triton_"),
     ("packed matmul", r"packed_gemv|packed_mma|gather_inputs|matmul_kernel"),
@@ -103,7 +105,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="the model's forward torch.compile'd")
-    parser.add_argument("--attention", help="transformers' attention implementation (sdpa, eager, …)")
+    parser.add_argument("--attention", default=decode_attention.ATTENTION,
+                        help="transformers' attention implementation (default: quantbench's decode attention, as "
+                        "load_quantized(kernels=True) gives it; sdpa, eager, …)")
     parser.add_argument("--variants", nargs="+", default=["int4-g128 act_order"], choices=list(VARIANTS))
     parser.add_argument("--no-floor", action="store_true", help="skip the model without weight matmuls")
     parser.add_argument("--json", type=Path)

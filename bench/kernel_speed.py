@@ -388,9 +388,10 @@ def main() -> None:
                              "(QUANTBENCH_DEPENDENT_LAUNCH; auto: on with --pdl)")
     parser.add_argument("--pdl", action="store_true",
                         help="with --compile: inductor's Triton kernels launch dependent too (TORCHINDUCTOR_ENABLE_PDL)")
-    parser.add_argument("--attention", help="transformers' attention implementation of every decoded model (sdpa, "
-                        f"eager, …; {decode_attention.ATTENTION}: a decode step's grouped heads without copies of "
-                        "the cache, export/kernels/decode_attention.py)")
+    parser.add_argument("--attention", default=decode_attention.ATTENTION,
+                        help="transformers' attention implementation of every decoded model, fp16 included (default "
+                        f"{decode_attention.ATTENTION}, what load_quantized(kernels=True) gives a model on sdpa: a "
+                        "decode step's grouped heads without copies of the cache; sdpa, eager, …)")
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)

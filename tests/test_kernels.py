@@ -166,6 +166,9 @@ def test_load_with_kernels_swaps_in_packed_modules(tmp_path, tokenizer):
     assert set(packed.quantbench_kernel_skips) == {f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)}
     assert {"int", "ternary", "mxfp4", "nvfp4"} == set(kinds.values())
     assert not any(name.removesuffix(".weight") in kinds for name, _ in packed.named_parameters())
+    # decode steps attend on grouped heads (tests/test_decode_attention.py); the dense load keeps sdpa
+    assert packed.quantbench_decode_attention and packed.config._attn_implementation == "quantbench_sdpa"
+    assert dense.config._attn_implementation == "sdpa"
     for name in kinds:  # .weight decodes on demand, for code that inspects it
         assert torch.equal(packed.get_submodule(name).weight, dense.get_submodule(name).weight)
     with torch.no_grad():

@@ -35,6 +35,7 @@ from torch import nn
 from quantbench.activations import input_rotation_of, quantize_inputs_of, rotate_inputs_of
 from quantbench.errors import QuantbenchError
 from quantbench.export.kernels.dense_cpu import use_dense_rows
+from quantbench.export.kernels.decode_attention import use_decode_attention
 from quantbench.export.kernels.layout import kernel_unsupported_reason, to_kernel_layout
 from quantbench.export.kernels.fused import fuse_packed_siblings
 from quantbench.export.kernels.mlp_order import fold_down_orders
@@ -187,7 +188,9 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     its input as gate and up now write it, in its stored order, with no gather (export/kernels/mlp_order.py;
     `model.quantbench_folded_orders` names them). The dense linears left (the lm_head, layers no kernel runs) take
     quantbench's CPU library for a decode step's few rows (export/kernels/dense_cpu.py;
-    `model.quantbench_dense_rows` names them).
+    `model.quantbench_dense_rows` names them). A model on transformers' `sdpa` attention switches to
+    quantbench's, which attends a decode step's grouped query heads without copies of the cache
+    (export/kernels/decode_attention.py; `model.quantbench_decode_attention` says whether it switched).
 
     The model is built on the meta device and each stored tensor is read from the memory-mapped files
     straight onto `device`, where its layer is unpacked: host memory holds one tensor in flight, never
@@ -236,6 +239,7 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
         model.quantbench_folded_orders = fold_down_orders(model) if fold_orders else []
         model.quantbench_fused = fuse_packed_siblings(model) if fuse else []
         model.quantbench_dense_rows = use_dense_rows(model)
+        model.quantbench_decode_attention = use_decode_attention(model)
     return model.to(device).eval()
 
 
