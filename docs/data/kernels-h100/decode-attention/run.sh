@@ -3,7 +3,8 @@
 # transformers' sdpa, 8B decode with the step compiled, fp16 and int4 in each process (2026-12-06; see
 # docs/performance.md, "A decode step's attention"). Carried: .gpu/wheels, .gpu/cache_xreg.tar.xz (CUDA-core
 # libraries of this packed_gemv.cu), .gpu/cache_bound.tar.xz (tensor-core). Processes A (sdpa) and B
-# (quantbench_sdpa) at batches 1 and 8, then B and A again at batch 1, as time allows.
+# (quantbench_sdpa) at batches 1 and 8, then B and A again at batch 1, as time allows. Run at 70f158a,
+# when --attention had no default (A named none); since then it defaults to quantbench_sdpa, so A names sdpa.
 set -o pipefail
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a $OUT/times.log; }
@@ -22,7 +23,7 @@ one() {  # name, batches, extra arguments
   stamp "$1 rc $?"
   grep "^decode" $OUT/$1.log | sed "s/^/$1: /" | sed 's/(8b.*cache 265)//'
 }
-one A_sdpa "1 8"
+one A_sdpa "1 8" --attention sdpa
 one B_grouped "1 8" --attention quantbench_sdpa
 one B_grouped_again 1 --attention quantbench_sdpa
-one A_sdpa_again 1
+one A_sdpa_again 1 --attention sdpa
