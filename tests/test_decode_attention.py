@@ -72,8 +72,12 @@ def test_a_static_cache_decode_gives_sdpas_logits_through_grouped_heads(monkeypa
 
     grouped = []
     attention = decode_attention.decode_attention
-    monkeypatch.setattr(decode_attention, "decode_attention",
-                        lambda module, query, *a, **k: grouped.append(query.shape[2]) or attention(module, query, *a, **k))
+
+    def counted(module, query, *args, **kwargs):
+        grouped.append(query.shape[2])
+        return attention(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(decode_attention, "decode_attention", counted)
     try:
         with torch.no_grad():
             expected = run()
