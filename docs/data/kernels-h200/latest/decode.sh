@@ -1,5 +1,6 @@
 #!/bin/bash
-# 8B decode from written checkpoints, code as of 83b08c0 (packed_gemv.cu as at 91c55ef).
+# 8B decode from written checkpoints on the H200, for the code it runs from (packed_gemv.cu as at 91c55ef; every
+# model on the decode attention since d5f4fe4, the benches' default; add --attention sdpa for transformers' own).
 # Carried: .gpu/wheels, .gpu/cache_xreg.tar.xz (CUDA-core libraries), .gpu/cache_bound.tar.xz (tensor-core).
 # 8B decode at batches 1 and 8 from written checkpoints (int4 act_order, int4, ternary2), against fp16 in the same run.
 set -o pipefail
