@@ -1,6 +1,7 @@
 """A decode step's attention on grouped query heads (export/kernels/decode_attention.py): the same attention as
 transformers' `sdpa` with its key/value heads repeated, without the copies."""
 
+import pytest
 import torch
 from helpers import tiny_llama
 
@@ -52,12 +53,25 @@ def test_prompts_and_per_head_masks_go_to_transformers_sdpa(monkeypatch):
     assert len(calls) == 2
 
 
-def test_a_static_cache_decode_gives_sdpas_logits_through_grouped_heads(monkeypatch):
-    """A Llama of 4 query heads on 2 key/value heads, prefilled and decoded with a static cache as a compiled
-    step would be: the same logits as `sdpa`, and every decode step's attention on grouped heads."""
+def sliding_mistral():
+    """A Mistral whose layers see 4 positions back: the decode below runs past its window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4, initializer_range=0.1,
+                           attn_implementation="sdpa")
+    return MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_llama(init_std=0.1), sliding_mistral], ids=["llama", "mistral"])
+def test_a_static_cache_decode_gives_sdpas_logits_through_grouped_heads(monkeypatch, build):
+    """A model of 4 query heads on 2 key/value heads, prefilled and decoded with a static cache as a compiled
+    step would be: the same logits as `sdpa` (a sliding window's mask included), and every decode step's
+    attention on grouped heads."""
     from transformers import StaticCache
 
-    model = tiny_llama(init_std=0.1)
+    model = build()
     assert model.config._attn_implementation == "sdpa"
 
     def run():
