@@ -2,7 +2,7 @@
 profiler's trace of CUDA-graph replays, grouped by kind (packed matmuls, cuBLAS, attention, fused Triton,
 other small kernels).
 
-    python bench/decode_profile.py --size 8b --variants "int4-g128 act_order" [--compile] [--json out.json]
+    python bench/decode_profile.py --size 8b --variants "int4-g128 act_order" [--compile] [--head] [--pdl] [--json F]
 
 Per model: the step's time (graph replays, CUDA events), the kernels per step and their summed time (the
 rest of the step is the gaps between kernels), each kind's count and time, and the costliest kernels.
@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_speed import FLOOR, VARIANTS, captured, prepared_decode  # noqa: E402
+from kernel_speed import FLOOR, VARIANTS, captured, enable_inductor_pdl, prepared_decode  # noqa: E402
 from random_models import SIZES  # noqa: E402
 
 from quantbench.export.kernels import decode_attention  # noqa: E402
@@ -70,7 +70,7 @@ def kernels_per_step(replay, steps: int = 10) -> dict[str, tuple[float, float]]:
 def profiled(label: str, args) -> dict:
     variant = None if label == "fp16" else label
     step, _ = prepared_decode(variant, torch.device("cuda"), 64, args.prompt, args.size, args.batch, True,
-                              args.compile, args.attention)
+                              args.compile, args.attention, head=args.head)
     graph = captured(step)
     kernels = kernels_per_step(graph.replay)
     source = "graph replays"
@@ -82,7 +82,8 @@ def profiled(label: str, args) -> dict:
         kinds[kind_of(name)][0] += count
         kinds[kind_of(name)][1] += us
     result = {"model": label, "size": args.size, "batch": args.batch, "compiled": args.compile,
-              "attention": args.attention or "sdpa", "source": source,
+              "attention": args.attention or "sdpa", "lm_head_packed": args.head and variant not in (None, FLOOR),
+              "inductor_pdl": args.pdl, "source": source,
               "step_us": step_us(graph.replay), "kernels": sum(c for c, _ in kernels.values()),
               "kernel_us": sum(us for _, us in kernels.values()),
               "kinds": {kind: {"count": c, "us": us} for kind, (c, us) in kinds.items()},
@@ -108,12 +109,17 @@ def main() -> None:
     parser.add_argument("--attention", default=decode_attention.ATTENTION,
                         help="transformers' attention implementation (default: quantbench's decode attention, as "
                         "load_quantized(kernels=True) gives it; sdpa, eager, …)")
+    parser.add_argument("--head", action="store_true", help="lm_head packed too")
+    parser.add_argument("--pdl", action="store_true",
+                        help="with --compile: inductor's Triton kernels launch dependent (TORCHINDUCTOR_ENABLE_PDL)")
     parser.add_argument("--variants", nargs="+", default=["int4-g128 act_order"], choices=list(VARIANTS))
     parser.add_argument("--no-floor", action="store_true", help="skip the model without weight matmuls")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/decode_profile.py profiles GPU kernels; run it on a GPU")
+    if args.pdl:
+        enable_inductor_pdl()
     results = []
     for label in ["fp16", *args.variants, *([] if args.no_floor else [FLOOR])]:
         results.append(profiled(label, args))

@@ -293,6 +293,16 @@ def prepared_decode(variant: str | None, device, new_tokens: int, prompt: int, s
     return step, weight_bytes
 
 
+def enable_inductor_pdl() -> None:
+    """inductor's Triton kernels launch dependent (TORCHINDUCTOR_ENABLE_PDL); exits where torch has no such option."""
+    try:
+        inductor_config.triton.enable_pdl  # noqa: B018 (setting an unknown option would pass silently)
+    except AttributeError:
+        raise SystemExit(f"--pdl: torch {torch.__version__}'s inductor has no dependent launch "
+                         "(torch._inductor.config.triton.enable_pdl)") from None
+    inductor_config.triton.enable_pdl = True
+
+
 def captured(step) -> torch.cuda.CUDAGraph:
     """`step` captured in a CUDA graph (after one call on a side stream, as capture requires)."""
     graph = torch.cuda.CUDAGraph()
@@ -411,12 +421,7 @@ def main() -> None:
     if args.tiles:
         os.environ[TILES_ENV] = str(args.tiles)
     if args.pdl:
-        try:
-            inductor_config.triton.enable_pdl  # noqa: B018 (setting an unknown option would pass silently)
-        except AttributeError:
-            raise SystemExit(f"--pdl: torch {torch.__version__}'s inductor has no dependent launch "
-                             "(torch._inductor.config.triton.enable_pdl)") from None
-        inductor_config.triton.enable_pdl = True
+        enable_inductor_pdl()
     device = torch.device(args.device)
     if device.type != "cuda":
         raise SystemExit("bench/kernel_speed.py times GPU kernels; run it with --device cuda on a GPU")
