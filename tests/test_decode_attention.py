@@ -77,11 +77,11 @@ def test_a_static_cache_decode_gives_sdpas_logits_through_grouped_heads(monkeypa
     def run():
         cache = StaticCache(config=model.config, max_cache_len=24)
         ids = torch.randint(0, 320, (2, 5), generator=torch.Generator().manual_seed(1))
+        tokens = torch.randint(0, 320, (2, 6), generator=torch.Generator().manual_seed(2))  # the same in both runs
         logits = [model(ids, past_key_values=cache, cache_position=torch.arange(5), use_cache=True).logits]
-        for position in range(5, 11):
-            token = logits[-1][:, -1:].argmax(-1)
-            logits.append(model(token, past_key_values=cache, cache_position=torch.tensor([position]),
-                                use_cache=True).logits)
+        for step, position in enumerate(range(5, 11)):
+            logits.append(model(tokens[:, step:step + 1], past_key_values=cache,
+                                cache_position=torch.tensor([position]), use_cache=True).logits)
         return logits
 
     grouped = []
