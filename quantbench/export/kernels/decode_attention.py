@@ -27,10 +27,9 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
     batch, heads, q_length, dim = query.shape
     groups = getattr(module, "num_key_value_groups", 1)
-    unusual = any(kwargs.get(name) is not None for name in ("softcap", "position_bias")) or kwargs.get(
-        "output_attentions", False)
-    if (q_length != 1 or groups == 1 or dropout or unusual
-            or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1))):
+    per_head_mask = attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1)
+    if (q_length != 1 or groups == 1 or dropout or per_head_mask or kwargs.get("softcap") is not None
+            or kwargs.get("position_bias") is not None or kwargs.get("output_attentions")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     grouped = query.reshape(batch, heads // groups, groups, dim)  # head h = kv · groups + r reads kv head kv
