@@ -52,7 +52,8 @@ def _chunk_kernel(Q, K, V, Mask, Acc, Stats, length, chunk, scale,
         if HAS_MASK:
             seen &= tl.load(Mask + b * stride_mb + positions * stride_ml, mask=seen, other=0) != 0
         k = tl.load(k_base + positions[:, None] * stride_kl + dims[None, :], mask=seen[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634)  # base 2: exp2 below
+        scores = (tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634)).to(tl.float32)  # base 2: exp2 below;
+        # float32 also where torch.compile hands the scale over as a float64 constant
         scores = tl.where(seen[None, :], scores, float("-inf"))
         new_top = tl.maximum(top, tl.max(scores, 1))
         shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # a row that has seen nothing yet stays at zero
