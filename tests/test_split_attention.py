@@ -109,3 +109,36 @@ def test_gpu_decode_attention_goes_to_the_split_kernel_compiled_or_not(monkeypat
     monkeypatch.setattr(split_attention, "split_decode_attention", None)  # the split kernel is not called
     torch.testing.assert_close(decode_attention.decode_attention(module, query, key, value, mask, scaling=0.125)[0],
                                grouped, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the split kernel serves CUDA tensors only")
+def test_gpu_static_cache_decode_through_the_split_kernel_gives_sdpas_logits(monkeypatch):
+    """A float16 Llama of 4 query heads on 2 key/value heads on the GPU, prefilled and decoded 6 steps with a static
+    cache of 200 positions (4 chunks, most of them hidden): `sdpa`'s logits, every decode step through the split
+    kernel."""
+    from helpers import tiny_llama
+    from transformers import StaticCache
+
+    model = tiny_llama(init_std=0.1).half().to(DEVICE)
+    ids = torch.randint(0, 320, (2, 5), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    tokens = torch.randint(0, 320, (2, 6), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def run():
+        cache = StaticCache(config=model.config, max_cache_len=200)
+        logits = [model(ids, past_key_values=cache, cache_position=torch.arange(5, device=DEVICE),
+                        use_cache=True).logits]
+        for step, position in enumerate(range(5, 11)):
+            logits.append(model(tokens[:, step:step + 1], past_key_values=cache,
+                                cache_position=torch.tensor([position], device=DEVICE), use_cache=True).logits)
+        return torch.cat(logits, 1).float()
+
+    calls = []
+    original = split_attention.split_decode_attention
+    monkeypatch.setattr(split_attention, "split_decode_attention", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        expected = run()
+        assert decode_attention.use_decode_attention(model)
+        got = run()
+    assert len(calls) == 12  # 6 steps of 2 layers
+    assert expected.abs().max() > 0.5  # logits well above the tolerance
+    torch.testing.assert_close(got, expected, rtol=0, atol=3e-2)
