@@ -23,7 +23,7 @@ _MIN_ROWS = 16  # tl.dot's smallest tile
 
 
 @triton.jit
-def _chunk_kernel(Q, K, V, Mask, Acc, Stats, length, chunk, scale,
+def _split_attention_chunks(Q, K, V, Mask, Acc, Stats, length, chunk, scale,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                   stride_mb, stride_ml,
                   KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
@@ -71,7 +71,7 @@ def _chunk_kernel(Q, K, V, Mask, Acc, Stats, length, chunk, scale,
 
 
 @triton.jit
-def _merge_kernel(Acc, Stats, Out, parts, GROUPS: tl.constexpr, DIM: tl.constexpr, PARTS: tl.constexpr):
+def _split_attention_merge(Acc, Stats, Out, parts, GROUPS: tl.constexpr, DIM: tl.constexpr, PARTS: tl.constexpr):
     """Program b·H + h·GROUPS + r (query head h·GROUPS + r): its chunks merged → Out [B, 1, H, DIM]."""
     query_head = tl.program_id(0)
     r = query_head % GROUPS
@@ -131,12 +131,12 @@ def split_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     stats = torch.empty(batch * kv_heads * parts, 2, groups, device=query.device, dtype=torch.float32)
     out = torch.empty(batch, 1, heads, dim, device=query.device, dtype=query.dtype)
     mask_strides = (0, 0) if mask is None else (mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(3))
-    wrap_triton(_chunk_kernel)[(batch * kv_heads, parts)](
+    wrap_triton(_split_attention_chunks)[(batch * kv_heads, parts)](
         query, key, value, key if mask is None else mask, acc, stats, length, chunk, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), *mask_strides,
         KV_HEADS=kv_heads, GROUPS=groups, ROWS=max(_MIN_ROWS, triton.next_power_of_2(groups)), DIM=dim,
         BLOCK=BLOCK_L, HAS_MASK=mask is not None)
-    wrap_triton(_merge_kernel)[(batch * heads,)](acc, stats, out, parts, GROUPS=groups, DIM=dim,
+    wrap_triton(_split_attention_merge)[(batch * heads,)](acc, stats, out, parts, GROUPS=groups, DIM=dim,
                                                  PARTS=triton.next_power_of_2(parts))
     return out

@@ -1,6 +1,7 @@
 #!/bin/bash
 # 8B decode from written checkpoints on the H200, for the code it runs from (packed_gemv.cu as at 91c55ef; every
-# model on the decode attention since d5f4fe4, the benches' default; add --attention sdpa for transformers' own).
+# model on the decode attention since d5f4fe4, the benches' default, split over the cache on the GPU since 0bbd9a5;
+# add --attention sdpa for transformers' own, QUANTBENCH_DECODE_ATTENTION=sdpa for the grouped attention unsplit).
 # Carried: .gpu/wheels, .gpu/cache_xreg.tar.xz (CUDA-core libraries), .gpu/cache_bound.tar.xz (tensor-core).
 # 8B decode at batches 1 and 8 from written checkpoints (int4 act_order, int4, ternary2), against fp16 in the same run.
 set -o pipefail
