@@ -24,10 +24,10 @@ _MIN_ROWS = 16  # tl.dot's smallest tile
 
 @triton.jit
 def _split_attention_chunks(Q, K, V, Mask, Acc, Stats, length, chunk, scale,
-                  stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-                  stride_mb, stride_ml,
-                  KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
-                  BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
+                            stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+                            stride_mb, stride_ml,
+                            KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
+                            BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
     """Program (b·KV + h, c): the GROUPS query heads of key/value head h against chunk c of the cache →
     Acc [.., GROUPS, DIM] (exponential-weighted values), Stats [.., 2, GROUPS] (the largest score, in base 2, and the
     sum of the weights)."""
@@ -71,7 +71,8 @@ def _split_attention_chunks(Q, K, V, Mask, Acc, Stats, length, chunk, scale,
 
 
 @triton.jit
-def _split_attention_merge(Acc, Stats, Out, parts, GROUPS: tl.constexpr, DIM: tl.constexpr, PARTS: tl.constexpr):
+def _split_attention_merge(Acc, Stats, Out, parts, GROUPS: tl.constexpr, DIM: tl.constexpr,
+                           PARTS: tl.constexpr):
     """Program b·H + h·GROUPS + r (query head h·GROUPS + r): its chunks merged → Out [B, 1, H, DIM]."""
     query_head = tl.program_id(0)
     r = query_head % GROUPS
@@ -105,7 +106,7 @@ def applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
 
 
 def chunk_length(batch_heads: int, length: int, processors: int) -> int:
-    """Cache positions per program: enough programs for two a multiprocessor, whole BLOCK_L steps each."""
+    """Cache positions per program, whole BLOCK_L steps: up to two programs a multiprocessor."""
     blocks = triton.cdiv(length, BLOCK_L)
     parts = max(1, min(blocks, triton.cdiv(2 * processors, batch_heads)))
     return triton.cdiv(blocks, parts) * BLOCK_L
@@ -138,5 +139,5 @@ def split_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         KV_HEADS=kv_heads, GROUPS=groups, ROWS=max(_MIN_ROWS, triton.next_power_of_2(groups)), DIM=dim,
         BLOCK=BLOCK_L, HAS_MASK=mask is not None)
     wrap_triton(_split_attention_merge)[(batch * heads,)](acc, stats, out, parts, GROUPS=groups, DIM=dim,
-                                                 PARTS=triton.next_power_of_2(parts))
+                                                          PARTS=triton.next_power_of_2(parts))
     return out
