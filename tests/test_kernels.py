@@ -351,8 +351,8 @@ def test_fused_siblings_compute_the_unfused_logits_with_four_launches_per_layer(
 
 def test_compiled_packed_model_traces_the_matmuls_as_one_operator_each(tmp_path, tokenizer):
     """torch.compile traces a packed model, fused siblings included, in one graph (fullgraph: no break at
-    the kernels) whose packed matmuls are `quantbench::packed_linear_inference` calls without gradients, and gives
-    the eager logits."""
+    the kernels) whose packed matmuls are `quantbench::packed_linear_inference` calls without gradients (the gated
+    MLPs' gate and up `packed_gated_linear_inference`), and gives the eager logits."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     model = tiny_llama()
@@ -368,8 +368,9 @@ def test_compiled_packed_model_traces_the_matmuls_as_one_operator_each(tmp_path,
         expected = packed(ids).logits
         torch.testing.assert_close(compiled(ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1
-    calls = [str(n.target) for g in counter.graphs for n in g.graph.nodes if "packed_linear" in str(n.target)]
-    assert calls == ["quantbench.packed_linear_inference.default"] * 2 * 4  # per layer: qkv, o, gate-up, down
+    calls = [str(n.target) for g in counter.graphs for n in g.graph.nodes if "linear_inference" in str(n.target)]
+    inference, gated = "quantbench.packed_linear_inference.default", "quantbench.packed_gated_linear_inference.default"
+    assert calls == [inference, inference, gated, inference] * 2  # per layer: qkv, o, gate-up (gated), down
 
 
 def test_the_inference_operator_is_packed_linear_without_an_autograd_kernel_of_its_own():
@@ -1805,9 +1806,9 @@ def test_bound_matmul_binds_once_per_weight_and_rows_and_lets_the_weight_go(monk
         def __call__(self, x):
             return x[:, :1] * self.scales.float().sum() + torch.zeros(x.shape[0], OUT)
 
-    def bind(x, weight, backend):
+    def bind(x, weight, backend, gated=False):
         bound.append((x.shape[0], x.dtype, backend))
-        return None if backend == "torch" else Call(weight)
+        return None if backend == "torch" or gated else Call(weight)  # gated: as where the tile's engine cannot
 
     monkeypatch.setattr(matmul, "bind", bind)
     monkeypatch.setattr(matmul, "packed_matmul", lambda x, weight, backend: fallbacks.append(backend) or x)
@@ -1829,6 +1830,9 @@ def test_bound_matmul_binds_once_per_weight_and_rows_and_lets_the_weight_go(monk
     assert matmul.bound_matmul(x, tiled, "torch") is x and id(tiled.qweight) not in matmul._bound_calls
     tall = torch.randn(matmul.BOUND_ROWS + 1, IN)  # beyond the CUDA kernels' rows: packed_matmul, nothing bound
     assert matmul.bound_matmul(tall, weight) is tall and len(bound) == 5
+    for _ in range(2):  # gated: bound apart, once; the activation applied after packed_matmul where no kernel can
+        assert torch.equal(matmul.bound_matmul(x, weight, gated=True), matmul.silu_and_mul(x))
+    assert len(bound) == 6 and fallbacks == ["torch"] * 3 + ["auto"] * 3  # the tall x's, then the gated ones
     key = id(weight.qweight)
     del weight, doubled
     gc.collect()

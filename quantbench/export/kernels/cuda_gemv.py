@@ -74,15 +74,15 @@ def x_choices(weight: KernelWeight) -> tuple[bool, ...]:
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
            load_only: int = 0, splits: int = 1, x_in_shared: bool = True, streamed: bool = False,
-           column_blocks: int = 0) -> torch.Tensor:
+           column_blocks: int = 0, gated: bool = False) -> torch.Tensor:
     """x [M ≤ 16, K] float16 in the original input order → [M, N] float16 (`bind`'s call, made and run once)."""
     return bind(x, weight, rows, lanes, threads, async_copies, load_only, splits, x_in_shared, streamed,
-                column_blocks)(x)
+                column_blocks, gated)(x)
 
 
 def bind(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: int, async_copies: bool = False,
          load_only: int = 0, splits: int = 1, x_in_shared: bool = True, streamed: bool = False,
-         column_blocks: int = 0) -> KernelCall:
+         column_blocks: int = 0, gated: bool = False) -> KernelCall:
     """The kernel's call for x's rows, on x's device: x [M ≤ 16, K] float16 in the original input order → [M, N]
     float16. `async_copies`: the weights through cp.async stages in shared memory (1–2 rows) instead of
     registers; `load_only` (for timing, the result meaningless): 1 the weight loads alone, 2 the loads with a
@@ -90,7 +90,8 @@ def bind(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: 
     copies its x into shared memory where it fits (act_order gathers it there whatever this says), else reads x
     from memory slab by slab; `streamed` (registers, 1–2 rows): each word row's next load issued as soon as the
     row is used, instead of a slab at a time; `column_blocks`: blocks along the outputs, each an even share of at
-    most 4 · lanes of them (0: one block per 4 · lanes outputs)."""
+    most 4 · lanes of them (0: one block per 4 · lanes outputs); `gated`: the weight's outputs are a gated MLP's gate
+    and up rows interleaved (gate_up_interleaved), and the call returns silu(gate)·up [M, N / 2]."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel does not run this call: {reason}")
@@ -119,7 +120,8 @@ def bind(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: 
     arguments = [rows, lanes, threads, int(async_copies), splits, column_blocks, Slot.X, pointer(weight.perm),
                  weight.qweight.data_ptr(), weight.scales.data_ptr(), pointer(weight.zeros), Slot.OUT,
                  pointer(partials), pointer(arrivals), m, n, k, weight.n_groups, row_shift(weight), Slot.X_STRIDE,
-                 int(x_shared), int(streamed), 1.0 / weight.global_scale, cuda_build.dependent_launch(x.device),
-                 Slot.STREAM]
-    return KernelCall(weight_type, cuda_build.device_arch(x.device), "gemv", arguments, x.device, m, n,
+                 int(x_shared), int(streamed), int(gated), 1.0 / weight.global_scale,
+                 cuda_build.dependent_launch(x.device), Slot.STREAM]
+    return KernelCall(weight_type, cuda_build.device_arch(x.device), "gemv", arguments, x.device, m,
+                      n // 2 if gated else n,
                       holds=(weight.tensors(), partials, arrivals), contiguous=False, gather=gather)

@@ -88,13 +88,15 @@ def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: 
 
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
-           x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False) -> torch.Tensor:
+           x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False,
+           gated: bool = False) -> torch.Tensor:
     """x [M ≤ 64, K] float16 in the original input order → [M, N] float16 (`bind`'s call, made and run once)."""
-    return bind(x, weight, rows, warps, warps_n, x_shared, overlap_gather, splits, capped)(x)
+    return bind(x, weight, rows, warps, warps_n, x_shared, overlap_gather, splits, capped, gated)(x)
 
 
 def bind(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
-         x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False) -> KernelCall:
+         x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False,
+         gated: bool = False) -> KernelCall:
     """The kernel's call for x's rows, on x's device: x [M ≤ 64, K] float16 in the original input order → [M, N]
     float16. `x_shared`: x through shared-memory stages instead of from global memory at each k-step;
     `overlap_gather` (act_order, where the device can): the kernel launched to start while the gather runs, else
@@ -116,9 +118,10 @@ def bind(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: 
     gather, dependent, workspace = prepare(x, weight, weight_type, arch, overlap_gather, splits)
     arguments = [rows, warps, warps_n, int(x_shared), int(capped), splits, Slot.X, weight.qweight.data_ptr(),
                  weight.scales.data_ptr(), pointer(weight.zeros), Slot.OUT, *map(pointer, workspace), x.shape[0],
-                 weight.shape[0], x.shape[1], weight.n_groups, row_shift(weight), Slot.X_STRIDE,
+                 weight.shape[0], x.shape[1], weight.n_groups, row_shift(weight), Slot.X_STRIDE, int(gated),
                  1.0 / weight.global_scale, dependent, Slot.STREAM]
-    return KernelCall(weight_type, arch, "mma", arguments, x.device, x.shape[0], weight.shape[0],
+    return KernelCall(weight_type, arch, "mma", arguments, x.device, x.shape[0],
+                      weight.shape[0] // 2 if gated else weight.shape[0],
                       holds=(weight.tensors(), workspace), gather=gather)
 
 

@@ -5,6 +5,11 @@ of one per layer (four per Llama layer: qkv, o, gate-up, down).
 Each member keeps its place in the model as a `PackedSlice`. The first member called with an input runs
 the fused matmul; the others, called with the same tensor, take their slice of that output. A member called
 with another tensor runs the matmul again, so the result never depends on the call order.
+
+A gated MLP known to compute down(silu(gate(x)) · up(x)) goes further: its gate and up become one
+`GatedPackedLinear` whose outputs interleave theirs, and the MLP a `GatedMLP`, down(gate_up(x)). On the GPU the
+CUDA kernels store silu(gate)·up themselves, so the activation is no kernel of its own (docs/performance.md,
+"The gated MLP's activation in the matmul").
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from quantbench.export.kernels.modules import PackedLinear
+from quantbench.export.kernels.layout import KernelWeight
+from quantbench.export.kernels.mlp_order import GATED_MLPS
+from quantbench.export.kernels.modules import GatedPackedLinear, PackedLinear
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
@@ -88,10 +95,82 @@ def fusable(members: list[nn.Module]) -> bool:
                and _same(m.perm, first.perm) for m in members)
 
 
-def fuse_packed_siblings(model: nn.Module) -> list[str]:
+class GatedMLP(nn.Module):
+    """A gated MLP as down_proj(gate_up(x)), gate_up a GatedPackedLinear (silu(gate)·up), in the MLP's place.
+    `gate_proj` and `up_proj` are views of gate_up's rows (GatedHalf), for code that reads their weights."""
+
+    def __init__(self, gate_up: GatedPackedLinear, down_proj: nn.Module):
+        super().__init__()
+        self.gate_up, self.down_proj = gate_up, down_proj
+
+    @property
+    def gate_proj(self) -> GatedHalf:
+        return GatedHalf(self.gate_up, 0)
+
+    @property
+    def up_proj(self) -> GatedHalf:
+        return GatedHalf(self.gate_up, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.gate_up(x))
+
+
+class GatedHalf(nn.Module):
+    """Gate (`half` 0) or up (1) of a GatedPackedLinear: its rows of the interleaved weight, and its own outputs
+    when called (the whole matmul, then every other column)."""
+
+    def __init__(self, gate_up: GatedPackedLinear, half: int):
+        super().__init__()
+        self._layer, self.half = (gate_up,), half  # a tuple: not registered, the GatedMLP holds the layer
+        self.in_features, self.out_features = gate_up.in_features, gate_up.out_features // 2
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._layer[0].weight[self.half::2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return PackedLinear.forward(self._layer[0], x)[..., self.half::2]
+
+
+def gate_up_interleaved(gate: PackedLinear, up: PackedLinear) -> KernelWeight:
+    """One weight of gate's and up's rows interleaved, gate j at output 2j and up j at 2j + 1 (words, scales and
+    zero points column by column), so that every block of a kernel's outputs holds whole pairs."""
+    first, second = gate.kernel_weight.row_major(), up.kernel_weight.row_major()
+
+    def interleaved(name: str) -> torch.Tensor | None:
+        a, b = getattr(first, name), getattr(second, name)
+        return None if a is None else torch.stack([a, b], dim=-1).flatten(-2)
+
+    return dataclasses.replace(first, shape=(2 * gate.out_features, gate.in_features),
+                               **{name: interleaved(name) for name in ("qweight", "scales", "zeros")})
+
+
+def fuse_gated_mlps(model: nn.Module) -> list[str]:
+    """Replace every gated MLP (GATED_MLPS) with a SiLU activation, fusable packed gate and up without bias and no
+    hooks by a GatedMLP; returns their gate and up's names (e.g. `model.layers.0.mlp.gate_proj+up_proj`)."""
+    fused = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, mlp in list(parent.named_children()):
+            gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+            if not (type(mlp).__name__ in GATED_MLPS and _is_silu(getattr(mlp, "act_fn", None))
+                    and hasattr(mlp, "down_proj") and fusable([gate, up]) and gate.bias is None and up.bias is None
+                    and not (mlp._forward_pre_hooks or mlp._forward_hooks)):
+                continue
+            gate_up = GatedPackedLinear(gate_up_interleaved(gate, up), None, gate.backend, gate.dtype)
+            setattr(parent, name, GatedMLP(gate_up, mlp.down_proj))
+            fused.append(f"{parent_name}.{name}.gate_proj+up_proj".lstrip("."))
+    return fused
+
+
+def _is_silu(act: nn.Module | None) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def fuse_packed_siblings(model: nn.Module, gated: bool = True) -> list[str]:
     """Replace every group of fusable packed siblings that read one input (SHARED_INPUTS) by slices of one
-    fused weight; returns the fused groups' names (e.g. `model.layers.0.self_attn.q_proj+k_proj+v_proj`)."""
-    fused_groups = []
+    fused weight, with `gated` a gated MLP's gate and up by a GatedMLP first (fuse_gated_mlps); returns the fused
+    groups' names (e.g. `model.layers.0.self_attn.q_proj+k_proj+v_proj`, `model.layers.0.mlp.gate_proj+up_proj`)."""
+    fused_groups = fuse_gated_mlps(model) if gated else []
     for parent_name, parent in list(model.named_modules()):
         for names in SHARED_INPUTS:
             members = [getattr(parent, name, None) for name in names]
@@ -101,7 +180,8 @@ def fuse_packed_siblings(model: nn.Module) -> list[str]:
             for index, (name, member) in enumerate(zip(names, members)):
                 setattr(parent, name, PackedSlice(fused, index, member))
             fused_groups.append(f"{parent_name}.{'+'.join(names)}")
-    return fused_groups
+    place = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    return sorted(fused_groups, key=lambda group: place[group.rpartition(".")[0]])  # in the model's order
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -121,10 +121,12 @@ def packed_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto",
     return out.view(*x.shape[:-1], n_out)
 
 
-def bind(x: torch.Tensor, weight: KernelWeight, backend: str = "auto") -> KernelCall | None:
+def bind(x: torch.Tensor, weight: KernelWeight, backend: str = "auto", gated: bool = False) -> KernelCall | None:
     """The CUDA kernel's call that packed_matmul would make for x [M, K]'s rows, dtype and device, its choices
     made once (the tile tuned now if it is not yet): a KernelCall that takes x [M, K] and returns [M, N]. None where
-    no CUDA kernel runs it (Triton's tile, another device, base-3 ternary)."""
+    no CUDA kernel runs it (Triton's tile, another device, base-3 ternary). `gated` (weight from gate_up_interleaved):
+    the call returns silu(gate)·up [M, N / 2], stored so by the kernel; None where the tile's engine cannot
+    (GATED_ENGINES)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     x = x.reshape(-1, weight.shape[1])
@@ -133,7 +135,9 @@ def bind(x: torch.Tensor, weight: KernelWeight, backend: str = "auto") -> Kernel
         return None
     weight = weight.row_major()
     config = _engine_default(x, weight, backend) or _config_for(x.contiguous(), weight)
-    return None if config.engine == "triton" else _kernel_call(x, weight, config)
+    if config.engine == "triton" or (gated and config.engine not in GATED_ENGINES):
+        return None
+    return _kernel_call(x, weight, config, gated)
 
 
 BOUND_ROWS = 64  # bound_matmul binds up to the CUDA kernels' rows (cuda_mma.MAX_ROWS)
@@ -141,33 +145,48 @@ _bound_calls: dict[int, dict] = {}  # id(qweight) → {(rows, dtype, backend, ki
 # zeros, perm, bind's call)}; an entry leaves with its qweight (weakref.finalize)
 
 
-def bound_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto") -> torch.Tensor:
+def bound_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto", gated: bool = False) -> torch.Tensor:
     """packed_matmul(x, weight, backend); up to BOUND_ROWS rows of x, where a CUDA kernel runs it, through `bind`'s
     call, made on the first call per qweight tensor, rows of x, dtype and backend and reused while the weight keeps
     its other tensors (scales, zeros, perm: bound again when one is replaced): after the first call only x, the
     output and the stream are passed (docs/performance.md, "Packed layers without CUDA graphs"). Eager packed
     layers and the packed_linear operators call this. Words in the CPU kernel's tiles (made only where it runs the
-    weight) go straight to it with float x on the CPU, past packed_matmul's choice, as an eager layer's do."""
+    weight) go straight to it with float x on the CPU, past packed_matmul's choice, as an eager layer's do.
+    `gated` (a weight from gate_up_interleaved): silu(gate)·up [..., N / 2], applied by the CUDA kernel as it stores
+    where its engine can (GATED_ENGINES), else by silu_and_mul after the matmul."""
     x2 = x.reshape(-1, weight.shape[1])
     if weight.tiled and backend in ("auto", "cpu") and x2.device.type == "cpu" and x2.dtype.is_floating_point:
-        return cpu_packed.cpu_packed_matmul(x2, weight).view(*x.shape[:-1], weight.shape[0])
+        out = cpu_packed.cpu_packed_matmul(x2, weight).view(*x.shape[:-1], weight.shape[0])
+        return silu_and_mul(out) if gated else out
     if x2.shape[0] > BOUND_ROWS or weight.tiled:  # tiled: row_major() makes new words, nothing to key a call on
-        return packed_matmul(x, weight, backend)
+        out = packed_matmul(x, weight, backend)
+        return silu_and_mul(out) if gated else out
     qweight = weight.qweight
     calls = _bound_calls.get(id(qweight))
     if calls is None:
         calls = _bound_calls[id(qweight)] = {}
         weakref.finalize(qweight, _bound_calls.pop, id(qweight), None)
-    key = (x2.shape[0], x.dtype, backend, weight.kind, weight.bits, weight.group, weight.global_scale)
+    key = (x2.shape[0], x.dtype, backend, weight.kind, weight.bits, weight.group, weight.global_scale, gated)
     entry = calls.get(key)
     if not (entry and entry[0] is weight.scales and entry[1] is weight.zeros and entry[2] is weight.perm):
-        call = bind(x2, weight, backend)
+        call = bind(x2, weight, backend, gated)
         if call is not None:
             call.holds = ()  # the entry holds the tensors, qweight as its key: held by the call, it would never go
         entry = calls[key] = (weight.scales, weight.zeros, weight.perm, call)
     if entry[3] is None:
-        return packed_matmul(x, weight, backend)
-    return entry[3](x2).view(*x.shape[:-1], weight.shape[0])
+        out = packed_matmul(x, weight, backend)
+        return silu_and_mul(out) if gated else out
+    out = entry[3](x2)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+GATED_ENGINES = ("cuda", "mma")  # the CUDA kernels that store silu(gate)·up themselves
+
+
+def silu_and_mul(out: torch.Tensor) -> torch.Tensor:
+    """silu(gate)·up of a gated matmul's outputs, gate j at column 2j and up j at 2j + 1 (gate_up_interleaved). The
+    gates are made contiguous first: on the CPU silu rounds strided inputs otherwise than gate's own output."""
+    return torch.nn.functional.silu(out[..., 0::2].contiguous()) * out[..., 1::2]
 
 
 def _engine_default(x: torch.Tensor, weight: KernelWeight, backend: str) -> TileConfig | None:
@@ -182,19 +201,21 @@ def _engine_default(x: torch.Tensor, weight: KernelWeight, backend: str) -> Tile
     return None
 
 
-def _kernel_call(x: torch.Tensor, weight: KernelWeight, config: TileConfig) -> KernelCall:
-    """The call of the CUDA kernel that `config` names (its engine cuda, mma or wgmma)."""
+def _kernel_call(x: torch.Tensor, weight: KernelWeight, config: TileConfig, gated: bool = False) -> KernelCall:
+    """The call of the CUDA kernel that `config` names (its engine cuda, mma or wgmma; `gated`: cuda or mma)."""
     from quantbench.export.kernels import cuda_gemv, cuda_mma, cuda_wgmma
 
     if config.engine == "cuda":  # gathers act_order in shared memory
         return cuda_gemv.bind(x, weight, config.rows, config.block_n // 4, 32 * config.num_warps,
                               async_copies=config.num_stages > 0, splits=config.split_k,
                               x_in_shared=config.x_in_shared, streamed=config.streamed,
-                              column_blocks=config.column_blocks)
+                              column_blocks=config.column_blocks, gated=gated)
+    if gated and config.engine not in GATED_ENGINES:
+        raise ValueError(f"engine {config.engine!r} does not store gated outputs")
     if config.engine == "mma":  # gathers act_order before the kernel
         return cuda_mma.bind(x, weight, config.rows, config.num_warps, config.block_n // 32,
                              x_shared=config.num_stages > 0, overlap_gather=config.overlap_gather,
-                             splits=config.split_k, capped=config.capped)
+                             splits=config.split_k, capped=config.capped, gated=gated)
     if config.engine == "wgmma":  # gathers act_order before the kernel
         return cuda_wgmma.bind(x, weight, config.rows, config.num_warps // 4, config.split_k,
                                overlap_gather=config.overlap_gather)

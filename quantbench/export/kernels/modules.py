@@ -3,7 +3,9 @@ through `packed_matmul`. Under torch.compile, and where x needs a gradient, it c
 operator: a compiled model traces around the kernels without graph breaks. Where x needs a gradient that operator is
 `quantbench::packed_linear`, through which gradients flow to x (the weight stays frozen), as they do through an
 adapter on a packed model; elsewhere `quantbench::packed_linear_inference`, the same product without an autograd
-kernel of its own, which the dispatcher passes through in C++ instead of torch.library's Python autograd wrapper."""
+kernel of its own, which the dispatcher passes through in C++ instead of torch.library's Python autograd wrapper.
+`GatedPackedLinear`, a gated MLP's gate and up in one weight, calls `quantbench::packed_gated_linear_inference`:
+silu(gate)·up, which the CUDA kernels store in place of the two outputs."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from torch import nn
 
 from quantbench.export.kernels import cpu_packed
 from quantbench.export.kernels.layout import KernelWeight
-from quantbench.export.kernels.matmul import bound_matmul
+from quantbench.export.kernels.matmul import bound_matmul, silu_and_mul
 from quantbench.export.kernels.reference import dequantize_kernel_weight, packed_matmul_input_gradient
 
 
@@ -23,6 +25,7 @@ _WEIGHT_ARGUMENTS = ("Tensor qweight, Tensor scales, Tensor? zeros, Tensor? perm
 _LIBRARY.define(f"packed_linear(Tensor x, {_WEIGHT_ARGUMENTS}, str backend) -> Tensor")
 _LIBRARY.define(f"packed_linear_inference(Tensor x, {_WEIGHT_ARGUMENTS}, str backend) -> Tensor")
 _LIBRARY.define(f"packed_linear_input_gradient(Tensor grad, {_WEIGHT_ARGUMENTS}) -> Tensor")
+_LIBRARY.define(f"packed_gated_linear_inference(Tensor x, {_WEIGHT_ARGUMENTS}, str backend) -> Tensor")
 
 
 def _packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -36,6 +39,20 @@ def _packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 def _packed_linear_shape(x, qweight, scales, zeros, perm, kind, bits, out_features, in_features, group,
                          global_scale, backend):
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _packed_gated_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                         perm: torch.Tensor | None, kind: str, bits: int, out_features: int, in_features: int,
+                         group: int, global_scale: float, backend: str) -> torch.Tensor:
+    """x [..., in_features] → silu(gate)·up [..., out_features / 2] of a weight whose outputs interleave a gated
+    MLP's gate and up rows (fused.gate_up_interleaved)."""
+    weight = KernelWeight(kind, bits, (out_features, in_features), group, qweight, scales, zeros, perm, global_scale)
+    return bound_matmul(x, weight, backend, gated=True)
+
+
+def _packed_gated_linear_shape(x, qweight, scales, zeros, perm, kind, bits, out_features, in_features, group,
+                               global_scale, backend):
+    return x.new_empty(*x.shape[:-1], out_features // 2)
 
 
 def _packed_linear_input_gradient(grad: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -69,13 +86,15 @@ def _input_gradient(ctx, grad):
 for _name, _kernel, _shape in (("packed_linear", _packed_linear, _packed_linear_shape),
                                ("packed_linear_inference", _packed_linear, _packed_linear_shape),
                                ("packed_linear_input_gradient", _packed_linear_input_gradient,
-                                _packed_linear_input_gradient_shape)):
+                                _packed_linear_input_gradient_shape),
+                               ("packed_gated_linear_inference", _packed_gated_linear, _packed_gated_linear_shape)):
     _LIBRARY.impl(_name, _kernel, "CompositeExplicitAutograd")
     torch.library.register_fake(f"quantbench::{_name}", _shape, lib=_LIBRARY)
 torch.library.register_autograd("quantbench::packed_linear", _input_gradient, setup_context=_keep_weight, lib=_LIBRARY)
 packed_linear = torch.ops.quantbench.packed_linear.default
 packed_linear_inference = torch.ops.quantbench.packed_linear_inference.default
 packed_linear_input_gradient = torch.ops.quantbench.packed_linear_input_gradient.default
+packed_gated_linear_inference = torch.ops.quantbench.packed_gated_linear_inference.default
 
 
 class PackedLinear(nn.Module):
@@ -138,3 +157,25 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
                 f"bits={self.bits}, group={self.group}, act_order={self.perm is not None}")
+
+
+class GatedPackedLinear(PackedLinear):
+    """A gated MLP's gate and up layers in one packed weight whose outputs interleave theirs (gate j at output 2j,
+    up j at 2j + 1: fused.gate_up_interleaved), without bias: x → silu(gate(x))·up(x) [..., out_features / 2]. On
+    the GPU the CUDA kernels store that product in place of the two outputs (one kernel fewer a layer than the
+    activation after the matmul); `.weight` decodes the interleaved rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arguments = (self.qweight, self.scales, self.zeros, self.perm, self.kind, self.bits, self.out_features,
+                     self.in_features, self.group, self.global_scale, self.backend)
+        if x.requires_grad and torch.is_grad_enabled():  # gradients through packed_linear's own
+            return silu_and_mul(packed_linear(x, *arguments))
+        if torch.compiler.is_compiling():
+            return packed_gated_linear_inference(x, *arguments)
+        if self._runs_cpu_kernel(x):
+            flat = cpu_packed.cpu_packed_matmul(x.reshape(-1, self.in_features), self.kernel_weight)
+            return silu_and_mul(flat.view(*x.shape[:-1], self.out_features))
+        return bound_matmul(x, self.kernel_weight, self.backend, gated=True)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, gated: silu(gate)·up of interleaved gate and up outputs"

@@ -127,6 +127,17 @@ __device__ __forceinline__ bool last_to_arrive(int* __restrict__ arrivals, int s
   return true;
 }
 
+// A finished output (float32 sum) stored as float16: at column n of a row of N outputs, or where `gated` (a gated
+// MLP's gate and up rows interleaved, gate j at output 2j and up j at 2j + 1; called for even n with up's sum)
+// silu(gate)·up at column n / 2 of a row of N / 2.
+__device__ __forceinline__ void store_output(half* __restrict__ out, int m, int n, int N, bool gated, float sum,
+                                             float up) {
+  if (gated)
+    out[static_cast<size_t>(m) * (N / 2) + n / 2] = __float2half_rn(sum / (1.f + __expf(-sum)) * up);
+  else
+    out[static_cast<size_t>(m) * N + n] = __float2half_rn(sum);
+}
+
 template <typename... Params, typename... Args>
 __host__ cudaError_t launch_after(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
                                   bool dependent, Args... args) {

@@ -400,12 +400,12 @@ __device__ __forceinline__ void accumulate_slab(float (&total)[ROWS][OUTS], cons
 }
 
 // The block's sums of outputs [n_begin, n_end): the row lanes reduced by shuffles and, across warps in warp
-// order, through shared memory; stored, or with split-K written as partial sums that the last block of the tile
-// to arrive adds in split order.
+// order, through shared memory; stored (`gated`: silu(gate)·up, store_output), or with split-K written as partial
+// sums that the last block of the tile to arrive adds in split order.
 template <int ROWS, int LANES_N, int THREADS>
 __device__ __forceinline__ void store_sums(float (&total)[ROWS][OUTS], half* __restrict__ out,
                                            float* __restrict__ partials, int* __restrict__ arrivals, int M, int N,
-                                           int m0, int n_begin, int n_end) {
+                                           int m0, int n_begin, int n_end, bool gated) {
   constexpr int WARPS = THREADS / 32;
   constexpr int BLOCK_N = LANES_N * OUTS;
   __shared__ float partial[WARPS][ROWS][BLOCK_N];
@@ -422,26 +422,32 @@ __device__ __forceinline__ void store_sums(float (&total)[ROWS][OUTS], half* __r
       if (threadIdx.x % 32 < LANES_N) partial[warp][r][lane_n * OUTS + o] = total[r][o];
     }
   __syncthreads();
-  for (int t = threadIdx.x; t < ROWS * BLOCK_N; t += THREADS) {
-    const int r = t / BLOCK_N, c = t % BLOCK_N;
-    const int n = n_begin + c;
-    if (m0 + r >= M || n >= n_end) continue;
+  const auto block_sum = [&](int r, int c) {
     float sum = 0.f;
 #pragma unroll
     for (int v = 0; v < WARPS; ++v) sum += partial[v][r][c];
-    if (splits == 1)
-      out[static_cast<size_t>(m0 + r) * N + n] = __float2half_rn(sum);
-    else
-      partials[(static_cast<size_t>(blockIdx.z) * M + m0 + r) * N + n] = sum;
-  }
-  if (splits == 1 || !last_to_arrive(arrivals, splits)) return;
+    return sum;
+  };
   for (int t = threadIdx.x; t < ROWS * BLOCK_N; t += THREADS) {
     const int r = t / BLOCK_N, c = t % BLOCK_N;
     const int n = n_begin + c;
     if (m0 + r >= M || n >= n_end) continue;
+    if (splits > 1)
+      partials[(static_cast<size_t>(blockIdx.z) * M + m0 + r) * N + n] = block_sum(r, c);
+    else if (!(gated && c % 2))  // a gated pair is stored by its gate's thread
+      store_output(out, m0 + r, n, N, gated, block_sum(r, c), gated ? block_sum(r, c + 1) : 0.f);
+  }
+  if (splits == 1 || !last_to_arrive(arrivals, splits)) return;
+  const auto split_sum = [&](int m, int n) {
     float sum = 0.f;
-    for (int z = 0; z < splits; ++z) sum += __ldcg(partials + (static_cast<size_t>(z) * M + m0 + r) * N + n);
-    out[static_cast<size_t>(m0 + r) * N + n] = __float2half_rn(sum);
+    for (int z = 0; z < splits; ++z) sum += __ldcg(partials + (static_cast<size_t>(z) * M + m) * N + n);
+    return sum;
+  };
+  for (int t = threadIdx.x; t < ROWS * BLOCK_N; t += THREADS) {
+    const int r = t / BLOCK_N, c = t % BLOCK_N;
+    const int n = n_begin + c;
+    if (m0 + r >= M || n >= n_end || (gated && c % 2)) continue;
+    store_output(out, m0 + r, n, N, gated, split_sum(m0 + r, n), gated ? split_sum(m0 + r, n + 1) : 0.f);
   }
 }
 
@@ -461,7 +467,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
     const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, half* __restrict__ out,
     float* __restrict__ partials, int* __restrict__ arrivals, int M, int N, int K, int n_groups, int row_shift,
-    int stride_x, float inverse_global_scale) {
+    int stride_x, bool gated, float inverse_global_scale) {
   constexpr int ROW_LANES = THREADS / LANES_N;
   constexpr int STEP = ROW_LANES * SLAB;
 
@@ -546,7 +552,8 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
   }
 
   let_next_kernel_start();
-  store_sums<ROWS, LANES_N, THREADS>(total, out, partials, arrivals, M, N, m0, columns.begin, columns.end);
+  store_sums<ROWS, LANES_N, THREADS>(total, out, partials, arrivals, M, N, m0, columns.begin, columns.end,
+                                     gated);
 }
 
 struct Call {
@@ -554,7 +561,7 @@ struct Call {
   void *out, *partials, *arrivals;
   int splits, column_blocks, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed;
   float inverse_global_scale;
-  bool dependent;
+  bool gated, dependent;
   cudaStream_t stream;
 };
 
@@ -573,7 +580,8 @@ cudaError_t launch_kernel(const Call& c) {
   return launch_after(kernel, grid, THREADS, shared, c.stream, c.dependent,
       static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
       static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), static_cast<float*>(c.partials),
-      static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale);
+      static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.gated,
+      c.inverse_global_scale);
 }
 
 // act_order always holds its gathered x: its libraries build no variant that reads x from memory. Streamed
@@ -622,17 +630,18 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 // is issued as soon as the row is used, not a slab at a time. splits > 1: `partials` holds
 // splits · M · N floats and `arrivals` one zeroed int per block of outputs (column blocks × row tiles).
 // column_blocks: blocks along the outputs, each an even share of at most lanes_n · 4 of them (0: N / (lanes_n · 4)
-// rounded up).
+// rounded up). gated: the outputs are a gated MLP's gate and up rows interleaved (gate j at 2j, up j at 2j + 1), and
+// out [M, N / 2] gets silu(gate)·up.
 // dependent: launched to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
 extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, int splits,
                                       int column_blocks, const void* x, const void* perm, const void* w,
                                       const void* scales, const void* zeros, void* out, void* partials,
                                       void* arrivals, int M, int N, int K, int n_groups, int row_shift, int stride_x,
-                                      int x_shared, int streamed, float inverse_global_scale, int dependent,
-                                      void* stream) {
-  if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
+                                      int x_shared, int streamed, int gated, float inverse_global_scale,
+                                      int dependent, void* stream) {
+  if (splits < 1 || splits > 65535 || (gated && N % 2)) return cudaErrorInvalidValue;
   const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, column_blocks, M, N, K, n_groups,
-               row_shift, stride_x, x_shared, streamed, inverse_global_scale, dependent != 0,
+               row_shift, stride_x, x_shared, streamed, inverse_global_scale, gated != 0, dependent != 0,
                static_cast<cudaStream_t>(stream)};
   if (async_copies) {
     switch (rows_per_program) {

@@ -130,7 +130,7 @@ template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT, bool CAPP
 __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WARPS, true>() : 0) packed_mma(
     const half* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ scales_,
     const uint8_t* __restrict__ zeros, half* __restrict__ out, int M, int N, int K, int n_groups, int row_shift,
-    int stride_x, float inverse_global_scale, float* __restrict__ partials, int* __restrict__ arrivals) {
+    int stride_x, float inverse_global_scale, float* __restrict__ partials, int* __restrict__ arrivals, bool gated) {
   constexpr int TILES_M = ROWS <= 16 ? 1 : ROWS / 16;
   constexpr bool UPPER = ROWS >= 16;  // rows g + 8 of each m-tile hold x
   constexpr int WARPS_K = WARPS / WARPS_N;
@@ -318,27 +318,34 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
         partial[warp][16 * mt + g + 8 * (e / 2)][8 * t + 4 * (e % 2) + o] = acc[mt][o][e];
   __syncthreads();
   const float last_scale = KIND == 3 ? inverse_global_scale : 1.f;
+  const auto block_sum = [&](int wn, int r, int c) {
+    float sum = 0.f;
+#pragma unroll
+    for (int wk = 0; wk < WARPS_K; ++wk) sum += partial[wk * WARPS_N + wn][r][c];
+    return sum;
+  };
   for (int idx = threadIdx.x; idx < WARPS_N * ROWS * COLS; idx += WARPS * 32) {
     const int wn = idx / (ROWS * COLS), r = idx / COLS % ROWS, c = idx % COLS;
     const int m = m0 + r, n = (blockIdx.x * WARPS_N + wn) * COLS + c;
     if (m >= M || n >= N) continue;
-    float sum = 0.f;
-#pragma unroll
-    for (int wk = 0; wk < WARPS_K; ++wk) sum += partial[wk * WARPS_N + wn][r][c];
     if constexpr (SPLIT)
-      partials[(static_cast<size_t>(blockIdx.z) * M + m) * N + n] = sum;
-    else
-      out[static_cast<size_t>(m) * N + n] = __float2half_rn(sum * last_scale);
+      partials[(static_cast<size_t>(blockIdx.z) * M + m) * N + n] = block_sum(wn, r, c);
+    else if (!(gated && c % 2))  // a gated pair is stored by its gate's thread
+      store_output(out, m, n, N, gated, block_sum(wn, r, c) * last_scale,
+                   gated ? block_sum(wn, r, c + 1) * last_scale : 0.f);
   }
   if constexpr (SPLIT) {  // the last block of this tile to arrive adds the splits in their order
     if (!last_to_arrive(arrivals, splits)) return;
+    const auto split_sum = [&](int m, int n) {
+      float sum = 0.f;
+      for (int z = 0; z < splits; ++z) sum += __ldcg(partials + (static_cast<size_t>(z) * M + m) * N + n);
+      return sum * last_scale;
+    };
     for (int idx = threadIdx.x; idx < WARPS_N * ROWS * COLS; idx += WARPS * 32) {
       const int wn = idx / (ROWS * COLS), r = idx / COLS % ROWS, c = idx % COLS;
       const int m = m0 + r, n = (blockIdx.x * WARPS_N + wn) * COLS + c;
-      if (m >= M || n >= N) continue;
-      float sum = 0.f;
-      for (int z = 0; z < splits; ++z) sum += __ldcg(partials + (static_cast<size_t>(z) * M + m) * N + n);
-      out[static_cast<size_t>(m) * N + n] = __float2half_rn(sum * last_scale);
+      if (m >= M || n >= N || (gated && c % 2)) continue;
+      store_output(out, m, n, N, gated, split_sum(m, n), gated ? split_sum(m, n + 1) : 0.f);
     }
   }
 }
@@ -348,7 +355,7 @@ struct Call {
   void *out, *partials, *arrivals;
   int splits, M, N, K, n_groups, row_shift, stride_x;
   float inverse_global_scale;
-  bool capped, dependent;
+  bool capped, gated, dependent;
   cudaStream_t stream;
 };
 
@@ -368,7 +375,7 @@ cudaError_t launch(const Call& c) {
   return launch_after(kernel, grid, WARPS * 32, shared, c.stream, c.dependent,
       static_cast<const half*>(c.x), static_cast<const uint32_t*>(c.w), c.scales, static_cast<const uint8_t*>(c.zeros),
       static_cast<half*>(c.out), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.inverse_global_scale,
-      static_cast<float*>(c.partials), static_cast<int*>(c.arrivals));
+      static_cast<float*>(c.partials), static_cast<int*>(c.arrivals), c.gated);
 }
 
 constexpr int SLAB_ROW_SHIFT = 4;  // log2 of a slab's word rows
@@ -460,15 +467,18 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
 // warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
 // (K a multiple of 8); capped (32 rows, x_shared, warps_n 4): registers capped so that 16 warps share a
 // multiprocessor; splits > 1 (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
-// floats and `arrivals` one zeroed int per block of outputs (packed_gemv.cu's workspace). x [M, K] float16 in the stored input order, rows 16-byte aligned. dependent: launched
-// to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
+// floats and `arrivals` one zeroed int per block of outputs (packed_gemv.cu's workspace). x [M, K] float16 in the
+// stored input order, rows 16-byte aligned. gated: out [M, N / 2] gets silu(gate)·up of interleaved gate and up
+// outputs (packed_decode.cuh, store_output). dependent: launched to start while the stream's previous kernel
+// finishes (packed_decode.cuh, launch_after).
 extern "C" int quantbench_packed_mma(int rows_per_block, int warps, int warps_n, int x_shared, int capped, int splits,
                                      const void* x, const void* w, const void* scales, const void* zeros, void* out,
                                      void* partials, void* arrivals, int M, int N, int K, int n_groups, int row_shift,
-                                     int stride_x, float inverse_global_scale, int dependent, void* stream) {
-  if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
+                                     int stride_x, int gated, float inverse_global_scale, int dependent,
+                                     void* stream) {
+  if (splits < 1 || splits > 65535 || (gated && N % 2)) return cudaErrorInvalidValue;
   const Call c{x, w, scales, zeros, out, partials, arrivals, splits, M, N, K, n_groups, row_shift, stride_x,
-               inverse_global_scale, capped != 0, dependent != 0, static_cast<cudaStream_t>(stream)};
+               inverse_global_scale, capped != 0, gated != 0, dependent != 0, static_cast<cudaStream_t>(stream)};
   if (x_shared) return K % 8 ? cudaErrorInvalidValue : by_rows<true>(rows_per_block, warps, warps_n, c);
   return by_rows<false>(rows_per_block, warps, warps_n, c);
 }
