@@ -23,7 +23,7 @@ if [ "$tests" = 1 ]; then
   stamp "kernel tests rc $?"
   tail -2 $OUT/tests.log $OUT/tests_kernels.log
 fi
-left=$(( 430 - $(date +%s) + start ))
+left=$(( 395 - $(date +%s) + start ))
 timeout $left python3 bench/kernel_speed.py --device cuda --skip-matmul --engines cuda,mma --size 8b --prompt 1 \
   --decode-batches 1 8 --only-fused --compile --head --pdl --variants "$@" --ungated \
   --json $OUT/decode.json 2>&1 | grep -v -i warn > $OUT/decode.log
