@@ -30,7 +30,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantbench import load_quantized  # noqa: E402
-from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
 from quantbench.export.kernels import KernelWeight, cpu_int4, cpu_packed, packed_matmul  # noqa: E402
 from quantbench.export.kernels.layout import MX_BLOCK, NV_BLOCK  # noqa: E402
 from quantbench.export.kernels.reference import packed_matmul_input_gradient  # noqa: E402
@@ -228,28 +227,26 @@ def call_overhead_table(k: int, n: int, repeat: int) -> None:
               f"added {added:.1f}", flush=True)
 
 
-def decode_table(checkpoint: Path, tokens: int, repeat: int, ungated: bool = False) -> None:
-    """Dense and packed decode in float32 and bfloat16; with `ungated` also packed with gate and up as fused
-    siblings, the MLP's activation after their matmul (not a fused.GatedMLP)."""
+def decode_table(checkpoint: Path, tokens: int, repeat: int, gated: bool = False) -> None:
+    """Dense and packed decode in float32 and bfloat16; with `gated` also packed with gated MLPs
+    (load_quantized's `gated_mlps`: gate and up as one fused.GatedMLP)."""
     prompt = torch.arange(1, 9)[None]
-    settings = [(dtype, kernels, True) for dtype, kernels in SETTINGS]
-    settings += [(dtype, True, False) for dtype, kernels in SETTINGS if kernels and ungated]
+    settings = [(dtype, kernels, False) for dtype, kernels in SETTINGS]
+    settings += [(dtype, True, True) for dtype, kernels in SETTINGS if kernels and gated]
     models = {}
-    for dtype, kernels, gated in settings:
-        model = load_quantized(checkpoint, dtype=dtype, kernels=kernels, fuse=gated)
-        if not gated:
-            fuse_packed_siblings(model, gated=False)
-        models[dtype, kernels, gated] = model
+    for dtype, kernels, gated_mlps in settings:
+        model = load_quantized(checkpoint, dtype=dtype, kernels=kernels, gated_mlps=gated_mlps)
+        models[dtype, kernels, gated_mlps] = model
         tokens_per_s(model, prompt, 4)  # the packed layers' one-time conversions happen here
     rates = {setting: [] for setting in settings}
     for _ in range(repeat):
         for setting, model in models.items():
             rates[setting].append(tokens_per_s(model, prompt, tokens))
     print(f"  {checkpoint}: {tokens} new tokens, median of {repeat}")
-    dense32 = statistics.median(rates[torch.float32, False, True])
-    for (dtype, kernels, gated), values in rates.items():
+    dense32 = statistics.median(rates[torch.float32, False, False])
+    for (dtype, kernels, gated_mlps), values in rates.items():
         rate = statistics.median(values)
-        kind = "dense" if not kernels else "packed" if gated else "packed, ungated"
+        kind = "dense" if not kernels else "packed, gated" if gated_mlps else "packed"
         print(f"  {str(dtype).removeprefix('torch.'):>9} {kind:>15}: {rate:6.1f} tok/s "
               f"({rate / dense32:.2f}× dense float32; {', '.join(f'{v:.1f}' for v in values)})", flush=True)
 
@@ -278,15 +275,15 @@ def main() -> None:
                         help="each matmul call reads its weight from memory (copies past the cache), as in a model")
     parser.add_argument("--crossing", type=int, nargs="*", metavar="BATCH",
                         help="time the C++ kernel's two paths (kernel, slabs) at these batches instead")
-    parser.add_argument("--ungated", action="store_true",
-                        help="also decode packed checkpoints with gate and up as fused siblings (no GatedMLP)")
+    parser.add_argument("--gated", action="store_true",
+                        help="also decode packed checkpoints with gated MLPs (load_quantized's gated_mlps)")
     parser.add_argument("--call-overhead", action="store_true",
                         help="time what a PackedLinear call adds to the kernel's (one row of x) instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{time.strftime('%Y-%m-%d')} {cpu_name()}, {args.threads} threads; torch {torch.__version__}")
     for checkpoint in args.checkpoints:
-        decode_table(checkpoint, args.tokens, args.repeat, args.ungated)
+        decode_table(checkpoint, args.tokens, args.repeat, args.gated)
     k, n = map(int, args.shape.split("x"))
     if args.call_overhead:
         call_overhead_table(k, n, args.repeat)

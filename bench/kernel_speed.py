@@ -43,12 +43,12 @@ VARIANTS = {"int4-g128 act_order": "int4-g128-gptq-act", "int4-g128": "int4-g128
 LAYOUTS = {"ternary2 base-3": to_base3_layout}  # the others: to_kernel_layout
 TINYGEMM = "tinygemm int4-g128 (bf16)"
 UNFOLDED = " unfolded"  # a decode label's suffix: the down projections keep their act_order (no fold_down_orders)
-UNGATED = " ungated"  # another: gate and up fused as siblings, the activation a kernel of its own (no GatedMLP)
+GATED = " gated"  # another: gate and up as one fused.GatedMLP whose kernels store silu(gate)·up
 
 
 def scheme_label(label: str) -> str:
     """The variant of a decode label, without its suffixes."""
-    return label.removesuffix(UNGATED).removesuffix(UNFOLDED)
+    return label.removesuffix(GATED).removesuffix(UNFOLDED)
 
 
 def kernel_weight(label: str, n: int, k: int, device) -> KernelWeight:
@@ -194,7 +194,7 @@ class NoMatmul(torch.nn.Module):
 def quantize_model(model, label: str | None, device, fuse: bool = False, head: bool = False) -> None:
     """Swap every linear of the decoder blocks for a PackedLinear holding random codes of variant `label`
     (act_order then folded out of the down projections unless the label says UNFOLDED, and with `fuse` q/k/v
-    and gate/up sharing one fused weight, gated unless the label ends in UNGATED, as load_quantized builds them),
+    and gate/up sharing one fused weight, gated where the label ends in GATED, as load_quantized builds them),
     or for NoMatmul (label FLOOR); with `head`, lm_head too (a recipe's `quantize.lm_head`)."""
     if label is None:
         return
@@ -210,7 +210,7 @@ def quantize_model(model, label: str | None, device, fuse: bool = False, head: b
     if label != FLOOR and UNFOLDED not in label:
         fold_down_orders(model)
     if fuse and label != FLOOR:
-        fuse_packed_siblings(model, gated=not label.endswith(UNGATED))
+        fuse_packed_siblings(model, gated=label.endswith(GATED))
 
 
 _written: set[tuple[Path, str, bool]] = set()
@@ -232,11 +232,8 @@ def checkpoint_model(label: str, size: str, device, folder: Path, fuse: bool, he
         _written.add((directory, size, head))
     torch.cuda.synchronize(device)
     started = time.perf_counter()
-    ungated = label.endswith(UNGATED)
-    model = load_quantized(directory, device, torch.float16, kernels=True, fuse=fuse and not ungated,
-                           fold_orders=UNFOLDED not in label)
-    if fuse and ungated:
-        fuse_packed_siblings(model, gated=False)
+    model = load_quantized(directory, device, torch.float16, kernels=True, fuse=fuse,
+                           fold_orders=UNFOLDED not in label, gated_mlps=label.endswith(GATED))
     torch.cuda.synchronize(device)
     print(f"loaded {directory} onto {device} in {time.perf_counter() - started:.1f} s "
           f"({len(model.quantbench_kernel_skips)} layers left dense)", flush=True)
@@ -399,9 +396,9 @@ def main() -> None:
     parser.add_argument("--head", action="store_true", help="decode with lm_head packed too")
     parser.add_argument("--unfolded", action="store_true",
                         help="also decode each act_order variant with act_order left in its down projections")
-    parser.add_argument("--ungated", action="store_true",
-                        help="also decode each variant with gate and up fused as siblings, the MLP's activation a "
-                             "kernel of its own (not stored by the matmul's kernel: fused.GatedMLP)")
+    parser.add_argument("--gated", action="store_true",
+                        help="with fused layers, also decode each variant with gate and up as one fused.GatedMLP, "
+                             "whose kernels store silu(gate)·up (the MLP's activation no kernel of its own)")
     parser.add_argument("--from-checkpoint", type=Path, metavar="DIR",
                         help="decode packed models as users get them: a checkpoint of random codes written under "
                              "DIR, then load_quantized(kernels=True) onto the device (not modules swapped in memory)")
@@ -457,11 +454,11 @@ def main() -> None:
                       args.batches, args.variants, result["matmul"], saved)
     if not args.skip_decode:
         unfolded = [v + UNFOLDED for v in args.variants if args.unfolded and "act_order" in v]
-        ungated = [v + UNGATED for v in args.variants if args.ungated]
+        gated = [v + GATED for v in args.variants if args.gated]
         for batch in args.decode_batches:
             for fuse in ([True] if args.only_fused else [False, True] if args.fuse else [False]):
                 decode_speed(device, args.new_tokens, args.prompt, args.size, batch, fuse,
-                             [*args.variants, *unfolded, *ungated],
+                             [*args.variants, *unfolded, *gated],
                              result["decode"], saved, args.floor, args.compile, args.head, args.dependent_launch,
                              args.cache_length, args.from_checkpoint, args.attention)
 

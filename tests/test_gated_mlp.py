@@ -89,13 +89,13 @@ def quantized_llama_checkpoint(tmp_path, tokenizer, overrides=()):
     return tmp_path / "ckpt", ids
 
 
-def test_a_loaded_llama_gates_its_mlps_and_keeps_its_logits(tmp_path, tokenizer):
+def test_a_llama_loaded_with_gated_mlps_keeps_its_logits(tmp_path, tokenizer):
     """Layer 0's gate and up become one gated layer; layer 1's up in another format stays apart; the logits are
-    the unfused load's, bit for bit; without `gated` gate and up are fused siblings as before."""
+    the unfused load's, bit for bit; by default gate and up are fused siblings as before."""
     directory, ids = quantized_llama_checkpoint(tmp_path, tokenizer,
                                                 [{"pattern": "layers.1.mlp.up_proj", "scheme": "int4-g64-rtn"}])
     separate = load_quantized(directory, kernels=True, fuse=False)
-    fused = load_quantized(directory, kernels=True)
+    fused = load_quantized(directory, kernels=True, gated_mlps=True)
     assert fused.quantbench_fused == ["model.layers.0.self_attn.q_proj+k_proj+v_proj",
                                       "model.layers.0.mlp.gate_proj+up_proj",
                                       "model.layers.1.self_attn.q_proj+k_proj+v_proj"]
@@ -103,8 +103,8 @@ def test_a_loaded_llama_gates_its_mlps_and_keeps_its_logits(tmp_path, tokenizer)
     assert fused.model.layers[0].mlp.down_proj.perm is None  # act_order folded into gate and up before
     with torch.no_grad():
         assert torch.equal(fused(ids).logits, separate(ids).logits)
-    siblings = load_quantized(directory, kernels=True, fuse=False)
-    assert fuse_packed_siblings(siblings, gated=False) == fused.quantbench_fused
+    siblings = load_quantized(directory, kernels=True)
+    assert siblings.quantbench_fused == fused.quantbench_fused
     assert isinstance(siblings.model.layers[0].mlp.gate_proj.fused, FusedPackedLinear)
 
 
@@ -114,9 +114,29 @@ def test_only_silu_mlps_are_gated(tmp_path, tokenizer):
     model = load_quantized(directory, kernels=True, fuse=False)
     model.model.layers[0].mlp.act_fn = nn.GELU()
     model.model.layers[1].mlp.register_forward_hook(lambda module, args, output: None)
-    assert fuse_packed_siblings(model) == [f"model.layers.{i}.{group}" for i in range(2)
+    assert fuse_packed_siblings(model, gated=True) == [f"model.layers.{i}.{group}" for i in range(2)
                                            for group in ("self_attn.q_proj+k_proj+v_proj", "mlp.gate_proj+up_proj")]
     assert not any(isinstance(module, GatedMLP) for module in model.modules())
+
+
+def test_a_compiled_gated_llama_calls_the_gated_operator(tmp_path, tokenizer):
+    """torch.compile traces the gated layers as one `quantbench::packed_gated_linear_inference` call each (fullgraph)
+    and gives the eager logits."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    directory, ids = quantized_llama_checkpoint(tmp_path, tokenizer)
+    model = load_quantized(directory, kernels=True, gated_mlps=True)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    try:
+        with torch.no_grad():
+            expected = model(ids).logits
+            torch.testing.assert_close(compiled(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()  # the Llama's frames compiled for GatedMLP do not stay for other tests' models
+    calls = [str(n.target) for g in counter.graphs for n in g.graph.nodes if "linear_inference" in str(n.target)]
+    inference, gated = "quantbench.packed_linear_inference.default", "quantbench.packed_gated_linear_inference.default"
+    assert calls == [inference, inference, gated, inference] * 2  # per layer: qkv, o, gate-up (gated), down
 
 
 GATED_TILES = {"gemv, 1 row, 8 lanes, 256 threads": TileConfig(1, 32, 0, 1, 8, 0, rows=1, engine="cuda"),
@@ -153,7 +173,7 @@ def test_a_gated_llama_decodes_as_the_unfused_one_on_the_gpu(tmp_path, tokenizer
     apart, one prompt and one decode step."""
     directory, ids = quantized_llama_checkpoint(tmp_path, tokenizer)
     separate = load_quantized(directory, "cuda", torch.float16, kernels=True, fuse=False)
-    fused = load_quantized(directory, "cuda", torch.float16, kernels=True)
+    fused = load_quantized(directory, "cuda", torch.float16, kernels=True, gated_mlps=True)
     assert all(isinstance(layer.mlp, GatedMLP) for layer in fused.model.layers)
     ids = ids.cuda()
     with torch.no_grad():

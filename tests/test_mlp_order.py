@@ -11,7 +11,7 @@ from torch import nn
 from quantbench import load_quantized, save_quantized
 from quantbench.experts import Expert
 from quantbench.export.kernels import PackedLinear, to_kernel_layout
-from quantbench.export.kernels.fused import GatedMLP
+from quantbench.export.kernels.fused import FusedPackedLinear
 from quantbench.export.kernels.mlp_order import fold_down_orders
 from quantbench.pipeline import quantize_model
 from quantbench.quantized_weight import QuantizedWeight
@@ -95,9 +95,9 @@ def test_a_loaded_act_order_llama_folds_every_down_projection_and_keeps_its_logi
         assert layer.mlp.down_proj.perm is None and reference.mlp.down_proj.perm is not None
         order = reference.mlp.down_proj.perm.long()
         assert torch.equal(layer.mlp.up_proj.weight, reference.mlp.up_proj.weight[order])
-    if fuse:  # layer 0's gate and up share one gated weight still; layer 1's differ in format
+    if fuse:  # layer 0's gate and up share one fused weight still; layer 1's differ in format
         assert folded.quantbench_fused == unfolded.quantbench_fused
-        assert isinstance(folded.model.layers[0].mlp, GatedMLP)
+        assert isinstance(folded.model.layers[0].mlp.gate_proj.fused, FusedPackedLinear)
     with torch.no_grad():
         assert torch.equal(folded(ids).logits, unfolded(ids).logits)
 

@@ -174,7 +174,7 @@ def _stored_dtype(model: nn.Module) -> torch.dtype:
 
 def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None, kernels: bool = False, fuse: bool = True,
-                   fold_orders: bool = True) -> nn.Module:
+                   fold_orders: bool = True, gated_mlps: bool = False) -> nn.Module:
     """Rebuild the model of a quantbench checkpoint, its quantized linears holding the dequantized weights.
 
     The weights equal those of the in-memory quantized model that was saved, and layers that rotated or
@@ -184,7 +184,9 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     `PackedLinear` that keeps only the packed tensors; the others keep their dequantized weights.
     `model.quantbench_kernel_skips` names each layer left dense and why. With `fuse`, packed layers that
     read one input (q/k/v, gate/up) and agree in format share one fused weight (export/kernels/fused.py);
-    `model.quantbench_fused` names the groups. With `fold_orders`, a gated MLP's act_order down projection reads
+    `model.quantbench_fused` names the groups; with `gated_mlps` as well, a SiLU gated MLP's gate and up become
+    one layer whose CUDA kernels store silu(gate)·up (fused.GatedMLP; off by default: docs/performance.md, "The
+    gated MLP's activation in the matmul"). With `fold_orders`, a gated MLP's act_order down projection reads
     its input as gate and up now write it, in its stored order, with no gather (export/kernels/mlp_order.py;
     `model.quantbench_folded_orders` names them). The dense linears left (the lm_head, layers no kernel runs) take
     quantbench's CPU library for a decode step's few rows (export/kernels/dense_cpu.py;
@@ -237,7 +239,7 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     if kernels:
         model.quantbench_kernel_skips = skipped
         model.quantbench_folded_orders = fold_down_orders(model) if fold_orders else []
-        model.quantbench_fused = fuse_packed_siblings(model) if fuse else []
+        model.quantbench_fused = fuse_packed_siblings(model, gated=gated_mlps) if fuse else []
         model.quantbench_dense_rows = use_dense_rows(model)
         model.quantbench_decode_attention = use_decode_attention(model)
     return model.to(device).eval()

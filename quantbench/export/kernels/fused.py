@@ -6,10 +6,11 @@ Each member keeps its place in the model as a `PackedSlice`. The first member ca
 the fused matmul; the others, called with the same tensor, take their slice of that output. A member called
 with another tensor runs the matmul again, so the result never depends on the call order.
 
-A gated MLP known to compute down(silu(gate(x)) · up(x)) goes further: its gate and up become one
-`GatedPackedLinear` whose outputs interleave theirs, and the MLP a `GatedMLP`, down(gate_up(x)). On the GPU the
-CUDA kernels store silu(gate)·up themselves, so the activation is no kernel of its own (docs/performance.md,
-"The gated MLP's activation in the matmul").
+Where asked (`gated`), a gated MLP known to compute down(silu(gate(x)) · up(x)) goes further: its gate and up
+become one `GatedPackedLinear` whose outputs interleave theirs, and the MLP a `GatedMLP`, down(gate_up(x)). On the
+GPU the CUDA kernels store silu(gate)·up themselves, so the activation is no kernel of its own. Off by default: an
+8B decode measured +1.4% for int4 and −6.4% for ternary (docs/performance.md, "The gated MLP's activation in
+the matmul").
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def _is_silu(act: nn.Module | None) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def fuse_packed_siblings(model: nn.Module, gated: bool = True) -> list[str]:
+def fuse_packed_siblings(model: nn.Module, gated: bool = False) -> list[str]:
     """Replace every group of fusable packed siblings that read one input (SHARED_INPUTS) by slices of one
     fused weight, with `gated` a gated MLP's gate and up by a GatedMLP first (fuse_gated_mlps); returns the fused
     groups' names (e.g. `model.layers.0.self_attn.q_proj+k_proj+v_proj`, `model.layers.0.mlp.gate_proj+up_proj`)."""
