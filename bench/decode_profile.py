@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_speed import FLOOR, VARIANTS, captured, enable_inductor_pdl, prepared_decode  # noqa: E402
+from kernel_speed import FLOOR, GATED, VARIANTS, captured, enable_inductor_pdl, prepared_decode  # noqa: E402
 from random_models import SIZES  # noqa: E402
 
 from quantbench.export.kernels import decode_attention  # noqa: E402
@@ -113,6 +113,9 @@ def main() -> None:
     parser.add_argument("--pdl", action="store_true",
                         help="with --compile: inductor's Triton kernels launch dependent (TORCHINDUCTOR_ENABLE_PDL)")
     parser.add_argument("--variants", nargs="+", default=["int4-g128 act_order"], choices=list(VARIANTS))
+    parser.add_argument("--gated", action="store_true",
+                        help="also profile each variant with gated MLPs (fused.GatedMLP: silu(gate)·up stored by the "
+                             "matmul's kernel)")
     parser.add_argument("--no-floor", action="store_true", help="skip the model without weight matmuls")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -121,7 +124,8 @@ def main() -> None:
     if args.pdl:
         enable_inductor_pdl()
     results = []
-    for label in ["fp16", *args.variants, *([] if args.no_floor else [FLOOR])]:
+    gated = [v + GATED for v in args.variants] if args.gated else []
+    for label in ["fp16", *args.variants, *gated, *([] if args.no_floor else [FLOOR])]:
         results.append(profiled(label, args))
         torch.cuda.empty_cache()
         if args.json:
