@@ -156,11 +156,9 @@ def bound_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto", g
     where its engine can (GATED_ENGINES), else by silu_and_mul after the matmul."""
     x2 = x.reshape(-1, weight.shape[1])
     if weight.tiled and backend in ("auto", "cpu") and x2.device.type == "cpu" and x2.dtype.is_floating_point:
-        out = cpu_packed.cpu_packed_matmul(x2, weight).view(*x.shape[:-1], weight.shape[0])
-        return silu_and_mul(out) if gated else out
+        return _unbound(cpu_packed.cpu_packed_matmul(x2, weight).view(*x.shape[:-1], weight.shape[0]), gated)
     if x2.shape[0] > BOUND_ROWS or weight.tiled:  # tiled: row_major() makes new words, nothing to key a call on
-        out = packed_matmul(x, weight, backend)
-        return silu_and_mul(out) if gated else out
+        return _unbound(packed_matmul(x, weight, backend), gated)
     qweight = weight.qweight
     calls = _bound_calls.get(id(qweight))
     if calls is None:
@@ -174,13 +172,17 @@ def bound_matmul(x: torch.Tensor, weight: KernelWeight, backend: str = "auto", g
             call.holds = ()  # the entry holds the tensors, qweight as its key: held by the call, it would never go
         entry = calls[key] = (weight.scales, weight.zeros, weight.perm, call)
     if entry[3] is None:
-        out = packed_matmul(x, weight, backend)
-        return silu_and_mul(out) if gated else out
+        return _unbound(packed_matmul(x, weight, backend), gated)
     out = entry[3](x2)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
 GATED_ENGINES = ("cuda", "mma")  # the CUDA kernels that store silu(gate)·up themselves
+
+
+def _unbound(out: torch.Tensor, gated: bool) -> torch.Tensor:
+    """A matmul that no bound kernel call made, gated (silu_and_mul) where asked."""
+    return silu_and_mul(out) if gated else out
 
 
 def silu_and_mul(out: torch.Tensor) -> torch.Tensor:
