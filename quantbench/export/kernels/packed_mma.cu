@@ -19,9 +19,9 @@
 //
 // A block's WARPS warps cover WARPS_N × 32 outputs and split the k-steps among WARPS / WARPS_N of them in
 // slabs of 4, the next slab's words (and scale bits, where each k-step has its own) loading into registers
-// while one is decoded; their sums meet in shared memory. Split-K (8- and 16-row blocks) gives each of
+// while one is decoded; their sums meet in shared memory. Split-K (uncapped blocks) gives each of
 // gridDim.z blocks a run of whole slabs and adds their float32 sums as packed_gemv.cu does: the last to
-// arrive, in split order. x's pairs come from global memory (a slab ahead where two slabs of them fit in 64
+// arrive, in split order (store_split_sums). x's pairs come from global memory (a slab ahead where two slabs of them fit in 64
 // registers), or (X_SHARED) from a ring of 2–3 shared-memory stages that the warps sharing a slab fill with
 // cp.async, one or two slabs ahead, so that no load of x waits on L2. Rows of x: 8 (the upper half of each
 // m-tile idle), 16, 32, or 64 where the scales go into B (one decode of each weight for all 64 rows). Capped
@@ -121,6 +121,64 @@ __device__ __forceinline__ void load_inputs(const half* __restrict__ x, int j, i
       const int row = m0 + 16 * mt + 8 * h + g;
       input_words(x + static_cast<size_t>(row) * stride_x, j, j < word_rows && row < M, inputs[mt][h]);
     }
+}
+
+// Split-K: the block's sums written as float32 partials, 4 adjacent outputs (a unit) at a time; the last block of
+// the tile to arrive adds the splits in split order. Its threads keep up to UNITS_AT_ONCE units' loads of a split
+// in flight together: one unit at a time, each thread waited on L2 once per unit and split, and a tile of 64
+// rows took longer to add than to compute.
+template <int ROWS, int WARPS_N, int THREADS, typename BlockSum>
+__device__ __forceinline__ void store_split_sums(const BlockSum& block_sum, half* __restrict__ out,
+                                                 float* __restrict__ partials, int* __restrict__ arrivals, int M,
+                                                 int N, int m0, bool gated, float last_scale) {
+  constexpr int ROW_UNITS = COLS / 4, UNITS = WARPS_N * ROWS * ROW_UNITS;
+  constexpr int PER_THREAD = (UNITS + THREADS - 1) / THREADS;
+  constexpr int UNITS_AT_ONCE = PER_THREAD < 8 ? PER_THREAD : 8;
+  const size_t split_stride = static_cast<size_t>(M) * N;
+  // Unit idx of the block: its row m and first output n (N is a multiple of 4: a unit is inside or outside whole).
+  const auto place = [&](int idx, int& m, int& n, int& wn, int& r, int& c) {
+    wn = idx / (ROWS * ROW_UNITS), r = idx / ROW_UNITS % ROWS, c = 4 * (idx % ROW_UNITS);
+    m = m0 + r, n = (blockIdx.x * WARPS_N + wn) * COLS + c;
+    return idx < UNITS && m < M && n < N;
+  };
+  for (int idx = threadIdx.x; idx < UNITS; idx += THREADS) {
+    int m, n, wn, r, c;
+    if (!place(idx, m, n, wn, r, c)) continue;
+    const float4 sums = make_float4(block_sum(wn, r, c), block_sum(wn, r, c + 1), block_sum(wn, r, c + 2),
+                                    block_sum(wn, r, c + 3));
+    *reinterpret_cast<float4*>(partials + blockIdx.z * split_stride + static_cast<size_t>(m) * N + n) = sums;
+  }
+  const int splits = gridDim.z;
+  if (!last_to_arrive(arrivals, splits)) return;
+  for (int first = 0; first < PER_THREAD; first += UNITS_AT_ONCE) {
+    int m[UNITS_AT_ONCE], n[UNITS_AT_ONCE];
+    bool inside[UNITS_AT_ONCE];
+    float4 sum[UNITS_AT_ONCE];
+#pragma unroll
+    for (int u = 0; u < UNITS_AT_ONCE; ++u) {
+      int wn, r, c;
+      inside[u] = first + u < PER_THREAD && place(threadIdx.x + (first + u) * THREADS, m[u], n[u], wn, r, c);
+      sum[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll 2
+    for (int z = 0; z < splits; ++z)
+#pragma unroll
+      for (int u = 0; u < UNITS_AT_ONCE; ++u) {
+        if (!inside[u]) continue;
+        const float4 p = __ldcg(reinterpret_cast<const float4*>(
+            partials + z * split_stride + static_cast<size_t>(m[u]) * N + n[u]));
+        sum[u].x += p.x, sum[u].y += p.y, sum[u].z += p.z, sum[u].w += p.w;
+      }
+#pragma unroll
+    for (int u = 0; u < UNITS_AT_ONCE; ++u) {
+      if (!inside[u]) continue;
+      const float s[4] = {sum[u].x * last_scale, sum[u].y * last_scale, sum[u].z * last_scale,
+                          sum[u].w * last_scale};
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (!(gated && j % 2)) store_output(out, m[u], n[u] + j, N, gated, s[j], s[j | 1]);
+    }
+  }
 }
 
 // SPLIT: blocks along K (gridDim.z of them), built apart so that one split keeps the plain kernel's code.
@@ -324,28 +382,16 @@ __global__ void __launch_bounds__(WARPS * 32, CAPPED ? blocks_sharing_memory<WAR
     for (int wk = 0; wk < WARPS_K; ++wk) sum += partial[wk * WARPS_N + wn][r][c];
     return sum;
   };
-  for (int idx = threadIdx.x; idx < WARPS_N * ROWS * COLS; idx += WARPS * 32) {
-    const int wn = idx / (ROWS * COLS), r = idx / COLS % ROWS, c = idx % COLS;
-    const int m = m0 + r, n = (blockIdx.x * WARPS_N + wn) * COLS + c;
-    if (m >= M || n >= N) continue;
-    if constexpr (SPLIT)
-      partials[(static_cast<size_t>(blockIdx.z) * M + m) * N + n] = block_sum(wn, r, c);
-    else if (!(gated && c % 2))  // a gated pair is stored by its gate's thread
-      store_output(out, m, n, N, gated, block_sum(wn, r, c) * last_scale,
-                   gated ? block_sum(wn, r, c + 1) * last_scale : 0.f);
-  }
-  if constexpr (SPLIT) {  // the last block of this tile to arrive adds the splits in their order
-    if (!last_to_arrive(arrivals, splits)) return;
-    const auto split_sum = [&](int m, int n) {
-      float sum = 0.f;
-      for (int z = 0; z < splits; ++z) sum += __ldcg(partials + (static_cast<size_t>(z) * M + m) * N + n);
-      return sum * last_scale;
-    };
+  if constexpr (SPLIT) {
+    store_split_sums<ROWS, WARPS_N, WARPS * 32>(block_sum, out, partials, arrivals, M, N, m0, gated, last_scale);
+  } else {
     for (int idx = threadIdx.x; idx < WARPS_N * ROWS * COLS; idx += WARPS * 32) {
       const int wn = idx / (ROWS * COLS), r = idx / COLS % ROWS, c = idx % COLS;
       const int m = m0 + r, n = (blockIdx.x * WARPS_N + wn) * COLS + c;
-      if (m >= M || n >= N || (gated && c % 2)) continue;
-      store_output(out, m, n, N, gated, split_sum(m, n), gated ? split_sum(m, n + 1) : 0.f);
+      if (m >= M || n >= N) continue;
+      if (!(gated && c % 2))  // a gated pair is stored by its gate's thread
+        store_output(out, m, n, N, gated, block_sum(wn, r, c) * last_scale,
+                     gated ? block_sum(wn, r, c + 1) * last_scale : 0.f);
     }
   }
 }
@@ -383,16 +429,15 @@ static_assert(1 << SLAB_ROW_SHIFT == SLAB * STEP_ROWS, "a slab's word rows");
 
 // 64-row blocks of int4, int8 and ternary weights whose scale groups hold whole slabs take each slab's scales
 // once (int2's, held a slab long, spill).
-template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT>
 cudaError_t by_scale_groups(const Call& c) {
   if constexpr (ROWS == 64 && KIND <= 1 && BITS >= 4) {
-    if (c.row_shift >= SLAB_ROW_SHIFT) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false, true>(c);
+    if (c.row_shift >= SLAB_ROW_SHIFT) return launch<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, false, true>(c);
   }
-  return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false>(c);
+  return launch<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, false>(c);
 }
 
-// Split-K is built for the blocks of 8 and 16 rows only: beyond them the tuner never chose it (capped blocks
-// included).
+// Capped blocks are not split along K.
 template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
 cudaError_t by_split(const Call& c) {
   if (c.capped) {
@@ -401,9 +446,8 @@ cudaError_t by_split(const Call& c) {
     }
     return cudaErrorInvalidValue;
   }
-  if (c.splits == 1) return by_scale_groups<ROWS, WARPS, WARPS_N, X_SHARED>(c);
-  if constexpr (ROWS <= 16) return launch<ROWS, WARPS, WARPS_N, X_SHARED, true, false>(c);
-  return cudaErrorInvalidValue;
+  if (c.splits == 1) return by_scale_groups<ROWS, WARPS, WARPS_N, X_SHARED, false>(c);
+  return by_scale_groups<ROWS, WARPS, WARPS_N, X_SHARED, true>(c);
 }
 
 template <int ROWS, int WARPS, bool X_SHARED>
@@ -466,7 +510,7 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
 // Returns a cudaError_t (0: launched). rows_per_block 8, 16, 32, or 64 where the scales go into B (SPAN 0);
 // warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
 // (K a multiple of 8); capped (32 rows, x_shared, warps_n 4): registers capped so that 16 warps share a
-// multiprocessor; splits > 1 (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
+// multiprocessor; splits > 1 (not capped): blocks along K, `partials` holding splits · M · N
 // floats and `arrivals` one zeroed int per block of outputs (packed_gemv.cu's workspace). x [M, K] float16 in the
 // stored input order, rows 16-byte aligned. gated: out [M, N / 2] gets silu(gate)·up of interleaved gate and up
 // outputs (packed_decode.cuh, store_output). dependent: launched to start while the stream's previous kernel

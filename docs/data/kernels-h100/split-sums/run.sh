@@ -1,0 +1,26 @@
+#!/bin/bash
+# Split-K's sums added with many loads in flight (store_split_sums) and split-K for 32- and 64-row tensor-core
+# blocks: GPU tests of split-K (every block height, the output against the workspace's partials, gated), then
+# the tuner's fastest tile of each split count against fp16 at batches 64, 32, 16 and 8, five kinds, four shapes.
+# Carried: .gpu/wheels, .gpu/cache_split.tar.xz (the libraries of this packed_gemv.cu / packed_mma.cu, built by
+# cuda_build --arch 90). Usage: run.sh [LIMIT seconds for the whole call, default 560]
+set -o pipefail
+OUT_FINAL=$OUT; OUT=/tmp/w; mkdir -p $OUT  # one archive comes back (the count of files is limited)
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a $OUT/times.log; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .gpu/wheels/*.whl || exit 1
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.:bench
+mkdir -p /tmp/cc && tar xJf .gpu/cache_split.tar.xz -C /tmp/cc
+export QUANTBENCH_CUDA_CACHE=/tmp/cc
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > $OUT/gpu.txt
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gated_mlp.py \
+  -k "split or store_silu" 2>&1 | tail -15 > $OUT/tests.log
+stamp "tests rc $?"; tail -3 $OUT/tests.log
+left=$(( ${1:-560} - $(date +%s) + start ))
+timeout $left python3 bench/kernel_tiles.py --engines mma --family split_k --batches 64 32 16 8 \
+  --variants int4-g128 "int4-g128 act_order" ternary2 mxfp4 nvfp4 --json $OUT/split.json 2>&1 \
+  | grep -v -i warn > $OUT/split.log
+stamp "split rc $?"
+cat $OUT/split.log
+tar cJf $OUT_FINAL/split.tar.xz -C $OUT .
