@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (inputs×outputs)")
     parser.add_argument("--batches", nargs="+", type=int, default=[64])
     parser.add_argument("--rows", type=int, default=64, help="rows per block of the tiles compared")
+    parser.add_argument("--split-k", type=int, help="only tiles with this many blocks along K (default: any)")
     parser.add_argument("--variants", nargs="+", default=["int4-g128"], choices=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the builds and fp16")
     parser.add_argument("--json", type=Path, help="written after every cell")
@@ -80,7 +81,11 @@ def main() -> None:
                               f"{weight_type.flush}.so")
             for batch in args.batches:
                 x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
-                tiles = [c for c in _mma_candidates(x, weight) if c.rows == args.rows and not c.capped]
+                tiles = [c for c in _mma_candidates(x, weight) if c.rows == args.rows and not c.capped
+                         and args.split_k in (None, c.split_k)]
+                if not tiles:
+                    print(f"{shape} {label} batch {batch}: no {args.rows}-row tile with split_k {args.split_k}")
+                    continue
                 tile = _fastest(x, weight, tiles)
                 with library(old, weight_type, arch):  # the old build agrees with the fallback too
                     _fastest(x, weight, [tile])
@@ -97,7 +102,7 @@ def main() -> None:
                 print(f"{shape} {label} batch {batch}: fp16 {us['fp16']:.1f} µs; old {us['old']:.1f} µs "
                       f"(×{us['fp16'] / us['old']:.2f} fp16); new {us['new']:.1f} µs (×{us['fp16'] / us['new']:.2f}); "
                       f"new/old {us['new'] / us['old']:.3f}; tile warps {tile.num_warps} block_n {tile.block_n} "
-                      f"x_shared {tile.num_stages} capped {tile.capped}", flush=True)
+                      f"x_shared {tile.num_stages} capped {tile.capped} split_k {tile.split_k}", flush=True)
                 if args.json:
                     args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "cells": cells},
                                                     indent=1) + "\n")

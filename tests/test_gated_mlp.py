@@ -147,8 +147,7 @@ GATED_TILES = {"gemv, 1 row, 8 lanes, 256 threads": TileConfig(1, 32, 0, 1, 8, 0
                "gemv, 4 rows, 32 lanes": TileConfig(1, 128, 0, 1, 4, 0, rows=4, engine="cuda"),
                "mma, 8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows=8, engine="mma"),
                "mma, 16 rows, x shared, 2 splits": TileConfig(1, 64, 0, 2, 4, 1, rows=16, engine="mma"),
-               "mma, 32 rows, 8 warps, 2 along the outputs": TileConfig(1, 64, 0, 1, 8, 0, rows=32, engine="mma"),
-               "mma, 64 rows, x shared, 3 splits": TileConfig(1, 64, 0, 3, 8, 1, rows=64, engine="mma")}
+               "mma, 32 rows, 8 warps, 2 along the outputs": TileConfig(1, 64, 0, 1, 8, 0, rows=32, engine="mma")}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels run on an NVIDIA GPU only")

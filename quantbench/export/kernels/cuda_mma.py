@@ -21,6 +21,7 @@ WARPS_N = (1, 2, 4)  # warps side by side along the outputs (32 each); the other
 MAX_ROWS = 64  # beyond this only the tl.dot kernel is tried
 SCALES_IN_B_ROWS = 64  # blocks this tall put the scales into B: no registers are left for span sums
 STEP_ROWS, SLAB = 4, 4  # word rows per k-step, k-steps per slab: split-K gives each block whole slabs
+SPLIT_ROWS = (8, 16)  # split-K is built for these blocks only (taller ones never gained from it)
 CAPPED_ROWS, CAPPED_WARPS_N = (32,), 4  # capped blocks: registers capped at 128 so that 16 warps share a multiprocessor
 
 
@@ -73,13 +74,12 @@ def capped_choices(rows: int, warps_n: int, x_shared: bool, weight: KernelWeight
     return (False, True) if rows in CAPPED_ROWS and warps_n == CAPPED_WARPS_N and x_shared and not spills else (False,)
 
 
-def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: int, processors: int,
-                  capped: bool = False) -> list[int]:
-    """Splits of K worth timing: none; and for uncapped blocks that leave multiprocessors without one, the
-    fewest splits that give each one and twice that, while each of a block's groups of warps along K keeps a
-    slab of its own in each split."""
+def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: int, processors: int) -> list[int]:
+    """Splits of K worth timing: none; and for blocks of 8 or 16 rows that leave multiprocessors without a
+    block, the fewest splits that give each one and twice that, while each of a block's groups of warps along K
+    keeps a slab of its own in each split."""
     blocks = -(-weight.shape[0] // (32 * warps_n)) * -(-m // rows)
-    if capped or blocks >= processors:
+    if rows not in SPLIT_ROWS or blocks >= processors:
         return [1]
     steps = -(-(weight.shape[1] // weight.per_word) // STEP_ROWS)
     most = max(1, steps // (warps // warps_n * SLAB))
@@ -107,12 +107,12 @@ def bind(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: 
     if reason is not None:
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
     if (rows not in row_choices(weight) or warps not in WARPS or warps_n not in WARPS_N or warps_n > warps
-            or not 1 <= splits <= 65535 or (splits > 1 and capped)
+            or not 1 <= splits <= 65535 or (splits > 1 and rows not in SPLIT_ROWS)
             or capped not in capped_choices(rows, warps_n, x_shared, weight)):
         raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, splits {splits}, capped {capped}: not among "
-                         f"{row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ warps), 1–65535 (beyond 1 not "
-                         f"capped); capped only with {CAPPED_ROWS} rows, warps_n {CAPPED_WARPS_N} and x_shared (not "
-                         f"ternary span sums)")
+                         f"{row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ warps), 1–65535 (beyond 1 only "
+                         f"with {SPLIT_ROWS} rows); capped only with {CAPPED_ROWS} rows, warps_n {CAPPED_WARPS_N} and "
+                         f"x_shared (not ternary span sums)")
     weight_type = WeightType.for_mma(weight, scales_in_b=rows == SCALES_IN_B_ROWS)
     arch = cuda_build.device_arch(x.device)
     gather, dependent, workspace = prepare(x, weight, weight_type, arch, overlap_gather, splits)

@@ -299,7 +299,7 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
                        engine="mma")
             for r in rows for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps
             for x_shared in (0, 1) for capped in cuda_mma.capped_choices(r, warps_n, bool(x_shared), weight)
-            for splits in cuda_mma.split_choices(m, weight, r, warps, warps_n, processors, capped)
+            for splits in cuda_mma.split_choices(m, weight, r, warps, warps_n, processors)
             for overlap in overlaps]
 
 

@@ -19,11 +19,11 @@
 //
 // A block's WARPS warps cover WARPS_N × 32 outputs and split the k-steps among WARPS / WARPS_N of them in
 // slabs of 4, the next slab's words (and scale bits, where each k-step has its own) loading into registers
-// while one is decoded; their sums meet in shared memory. Split-K (uncapped blocks) gives each of
+// while one is decoded; their sums meet in shared memory. Split-K (8- and 16-row blocks) gives each of
 // gridDim.z blocks a run of whole slabs and adds their float32 sums as packed_gemv.cu does: the last to
-// arrive, in split order (store_split_sums). x's pairs come from global memory (a slab ahead where two slabs of them fit in 64
-// registers), or (X_SHARED) from a ring of 2–3 shared-memory stages that the warps sharing a slab fill with
-// cp.async, one or two slabs ahead, so that no load of x waits on L2. Rows of x: 8 (the upper half of each
+// arrive, in split order (store_split_sums). x's pairs come from global memory (a slab ahead where two slabs of
+// them fit in 64 registers), or (X_SHARED) from a ring of 2–3 shared-memory stages that the warps sharing a slab
+// fill with cp.async, one or two slabs ahead, so that no load of x waits on L2. Rows of x: 8 (the upper half of each
 // m-tile idle), 16, 32, or 64 where the scales go into B (one decode of each weight for all 64 rows). Capped
 // blocks (32 rows, 4 warps side by side sharing x's stages) cap their registers at 128 so that 16 warps share a
 // multiprocessor.
@@ -124,9 +124,8 @@ __device__ __forceinline__ void load_inputs(const half* __restrict__ x, int j, i
 }
 
 // Split-K: the block's sums written as float32 partials, 4 adjacent outputs (a unit) at a time; the last block of
-// the tile to arrive adds the splits in split order. Its threads keep up to UNITS_AT_ONCE units' loads of a split
-// in flight together: one unit at a time, each thread waited on L2 once per unit and split, and a tile of 64
-// rows took longer to add than to compute.
+// the tile to arrive adds the splits in split order, each thread with up to UNITS_AT_ONCE units' loads of a split
+// in flight together (an output at a time, it waited on L2 once per output it adds).
 template <int ROWS, int WARPS_N, int THREADS, typename BlockSum>
 __device__ __forceinline__ void store_split_sums(const BlockSum& block_sum, half* __restrict__ out,
                                                  float* __restrict__ partials, int* __restrict__ arrivals, int M,
@@ -429,15 +428,16 @@ static_assert(1 << SLAB_ROW_SHIFT == SLAB * STEP_ROWS, "a slab's word rows");
 
 // 64-row blocks of int4, int8 and ternary weights whose scale groups hold whole slabs take each slab's scales
 // once (int2's, held a slab long, spill).
-template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED, bool SPLIT>
+template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
 cudaError_t by_scale_groups(const Call& c) {
   if constexpr (ROWS == 64 && KIND <= 1 && BITS >= 4) {
-    if (c.row_shift >= SLAB_ROW_SHIFT) return launch<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, false, true>(c);
+    if (c.row_shift >= SLAB_ROW_SHIFT) return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false, true>(c);
   }
-  return launch<ROWS, WARPS, WARPS_N, X_SHARED, SPLIT, false>(c);
+  return launch<ROWS, WARPS, WARPS_N, X_SHARED, false, false>(c);
 }
 
-// Capped blocks are not split along K.
+// Split-K is built for the blocks of 8 and 16 rows only: taller ones lost with it, their many blocks and
+// multiprocessors busy already (capped blocks included).
 template <int ROWS, int WARPS, int WARPS_N, bool X_SHARED>
 cudaError_t by_split(const Call& c) {
   if (c.capped) {
@@ -446,8 +446,9 @@ cudaError_t by_split(const Call& c) {
     }
     return cudaErrorInvalidValue;
   }
-  if (c.splits == 1) return by_scale_groups<ROWS, WARPS, WARPS_N, X_SHARED, false>(c);
-  return by_scale_groups<ROWS, WARPS, WARPS_N, X_SHARED, true>(c);
+  if (c.splits == 1) return by_scale_groups<ROWS, WARPS, WARPS_N, X_SHARED>(c);
+  if constexpr (ROWS <= 16) return launch<ROWS, WARPS, WARPS_N, X_SHARED, true, false>(c);
+  return cudaErrorInvalidValue;
 }
 
 template <int ROWS, int WARPS, bool X_SHARED>
@@ -510,7 +511,7 @@ __global__ void __launch_bounds__(128) gather_inputs(const half* __restrict__ x,
 // Returns a cudaError_t (0: launched). rows_per_block 8, 16, 32, or 64 where the scales go into B (SPAN 0);
 // warps 4 or 8, warps_n 1, 2 or 4 of them along the outputs; x_shared: x through shared-memory stages
 // (K a multiple of 8); capped (32 rows, x_shared, warps_n 4): registers capped so that 16 warps share a
-// multiprocessor; splits > 1 (not capped): blocks along K, `partials` holding splits · M · N
+// multiprocessor; splits > 1 (8 or 16 rows per block): blocks along K, `partials` holding splits · M · N
 // floats and `arrivals` one zeroed int per block of outputs (packed_gemv.cu's workspace). x [M, K] float16 in the
 // stored input order, rows 16-byte aligned. gated: out [M, N / 2] gets silu(gate)·up of interleaved gate and up
 // outputs (packed_decode.cuh, store_output). dependent: launched to start while the stream's previous kernel

@@ -1,7 +1,7 @@
 #!/bin/bash
 # 8B decode at batches 1 and 8 from written checkpoints (int4 act_order, int4, ternary2) against fp16 in the same
-# run, at the code of store_split_sums (the tuner free to split 32- and 64-row blocks along K).
-# Carried: .gpu/wheels, .gpu/cache_split.tar.xz.
+# run, at the code of store_split_sums.
+# Carried: .gpu/wheels, .gpu/cache_final.tar.xz.
 set -o pipefail
 OUT_FINAL=$OUT; OUT=/tmp/d; mkdir -p $OUT
 start=$(date +%s)
@@ -9,7 +9,7 @@ stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a $OUT/times.log; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .gpu/wheels/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.:bench
-mkdir -p /tmp/cc && tar xJf .gpu/cache_split.tar.xz -C /tmp/cc
+mkdir -p /tmp/cc && tar xJf .gpu/cache_final.tar.xz -C /tmp/cc
 export QUANTBENCH_CUDA_CACHE=/tmp/cc
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > $OUT/gpu.txt
 timeout $(( ${1:-570} - $(date +%s) + start )) python3 bench/kernel_speed.py --device cuda --skip-matmul \

@@ -2,8 +2,8 @@
 # Split-K's sums added with many loads in flight (store_split_sums) and split-K for 32- and 64-row tensor-core
 # blocks: GPU tests of split-K (every block height, the output against the workspace's partials, gated), then
 # the tuner's fastest tile of each split count against fp16 at batches 64, 32, 16 and 8, five kinds, four shapes.
-# Carried: .gpu/wheels, .gpu/cache_split.tar.xz (the libraries of this packed_gemv.cu / packed_mma.cu, built by
-# cuda_build --arch 90). Usage: run.sh [LIMIT seconds for the whole call, default 560]
+# As run at 45e4111 (the taller blocks' split-K taken out since: they lost); carried: .gpu/wheels,
+# .gpu/cache_split.tar.xz (that code's libraries, built by cuda_build --arch 90). Usage: run.sh [LIMIT seconds]
 set -o pipefail
 OUT_FINAL=$OUT; OUT=/tmp/w; mkdir -p $OUT  # one archive comes back (the count of files is limited)
 start=$(date +%s)
