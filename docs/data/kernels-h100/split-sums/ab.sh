@@ -1,7 +1,7 @@
 #!/bin/bash
 # The split-K sums before and after store_split_sums on the same tile: bench/mma_builds.py with the libraries of
 # the code before (the old build: .gpu/cache_gated.tar.xz, renamed as mma_builds asks) against this code's, the
-# tuner's fastest 2-split tile of 8-row blocks at batch 8 and of 16-row blocks at batch 16.
+# tuner's fastest 2-split tile of 8-row blocks at batch 8 and of 16-row blocks at batch 16; GPU tests before.
 # Carried: .gpu/wheels, .gpu/cache_gated.tar.xz, .gpu/cache_final.tar.xz.
 set -o pipefail
 OUT_FINAL=$OUT; OUT=/tmp/ab; mkdir -p $OUT
@@ -17,6 +17,9 @@ for f in /tmp/oldraw/packed_mma-*.so; do  # packed_mma-k0-b4-z1-p0-f0-sm90-HASH.
 done
 export QUANTBENCH_CUDA_CACHE=/tmp/cc
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > $OUT/gpu.txt
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gated_mlp.py \
+  -k "split or store_silu or tensor_core_kernel_equals" 2>&1 | tail -15 > $OUT/tests.log
+stamp "tests rc $?"; tail -2 $OUT/tests.log
 for cell in "8 8" "16 16"; do
   set -- $cell
   timeout 200 python3 bench/mma_builds.py --old /tmp/old --rows $1 --batches $2 --split-k 2 \
