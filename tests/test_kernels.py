@@ -817,6 +817,28 @@ def test_tensor_core_capped_blocks_are_offered_for_32_rows_whose_warps_share_x_s
     assert len(tiles) == len(set(tiles))
 
 
+def test_tensor_core_scales_in_b_are_offered_below_64_rows_where_the_weight_has_span_sums():
+    from quantbench.export.kernels.cuda_mma import scales_in_b_choices
+    from quantbench.export.kernels.matmul import _mma_candidates
+
+    for label in ("int4-g128-rtn", "int4-g32 act_order", "ternary2-g64", "mxfp4-rtn"):
+        packed = to_kernel_layout(WEIGHTS[label])
+        assert [scales_in_b_choices(rows, packed) for rows in (8, 16, 32, 64)] == [(False, True)] * 3 + [(False,)]
+    # NVFP4 and groups shorter than a k-step scale B already; MXFP4 codes beyond float16's range in B never do
+    for packed in (to_kernel_layout(WEIGHTS["nvfp4-rtn"]), to_kernel_layout(ternary_weight(16))):
+        assert scales_in_b_choices(16, packed) == (False,)
+    mxfp4 = to_kernel_layout(WEIGHTS["mxfp4-rtn"])
+    assert scales_in_b_choices(16, dataclasses.replace(mxfp4, scales=mxfp4.scales.clone().fill_(141))) == (False,)
+    with patch("quantbench.export.kernels.cuda_mma.unsupported_reason", return_value=None), \
+            patch("quantbench.export.kernels.cuda_gemv.multiprocessors", return_value=132), \
+            patch("quantbench.export.kernels.cuda_build.can_launch_dependent", return_value=False):
+        up = SimpleNamespace(shape=(14336, 4096), per_word=8, kind="int", perm=None, group=128, bits=4, zeros=None)
+        tiles = _mma_candidates(torch.zeros(40, 1), up)
+    in_b = [t for t in tiles if t.scales_in_b]
+    assert {t.rows for t in in_b} == {16, 32} and {t.rows for t in tiles} == {16, 32, 64}
+    assert {dataclasses.replace(t, scales_in_b=False) for t in in_b} == {t for t in tiles if t.rows < 64} - set(in_b)
+
+
 def test_column_blocks_are_offered_where_they_give_every_multiprocessor_one_or_two_blocks():
     from quantbench.export.kernels.cuda_gemv import column_block_choices
 
@@ -985,7 +1007,13 @@ MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows
              "32 rows, capped, 4 warps side by side":
                  TileConfig(1, 128, 0, 1, 4, 1, rows=32, capped=True, engine="mma"),
              "32 rows, capped, 8 warps, 4 side by side":
-                 TileConfig(1, 128, 0, 1, 8, 1, rows=32, capped=True, engine="mma")}
+                 TileConfig(1, 128, 0, 1, 8, 1, rows=32, capped=True, engine="mma"),
+             "8 rows, scales in B, x from global memory":
+                 TileConfig(1, 32, 0, 1, 8, 0, rows=8, scales_in_b=True, engine="mma"),
+             "16 rows, scales in B, x shared, 2 splits":
+                 TileConfig(1, 64, 0, 2, 4, 1, rows=16, scales_in_b=True, engine="mma"),
+             "32 rows, scales in B, 4 warps side by side":
+                 TileConfig(1, 128, 0, 1, 4, 1, rows=32, scales_in_b=True, engine="mma")}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel runs on an NVIDIA GPU only")
@@ -995,9 +1023,13 @@ MMA_TILES = {"8 rows, 4 warps side by side": TileConfig(1, 128, 0, 1, 4, 0, rows
 def test_tensor_core_kernel_equals_the_dequantized_matmul_on_partial_tiles(label, tile, batch):
     """80 outputs fill no block of 32–128; 1, 5 and 40 rows leave partial row blocks, 40 also spans two
     blocks of 32; act_order is gathered before the call. 64-row blocks put the scales into B (MXFP4's too: the
-    test weight's scales keep B exact)."""
+    test weight's scales keep B exact), shorter ones where asked, if the weight has span sums at all."""
+    from quantbench.export.kernels.cuda_build import WeightType
+
     stored = WEIGHTS[label].to("cuda")
-    refused = {"capped True": MMA_TILES[tile].capped and label.startswith("ternary2")}  # its span sums spill
+    refused = {"capped True": MMA_TILES[tile].capped and label.startswith("ternary2"),  # its span sums spill
+               "scales_in_b True": MMA_TILES[tile].scales_in_b
+               and WeightType.for_mma(to_kernel_layout(stored)).flush == 0}  # B holds the scales anyway
     refusal = next((match for match, expected in refused.items() if expected), None)
     if refusal:
         with pytest.raises(ValueError, match=refusal):

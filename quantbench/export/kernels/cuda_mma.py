@@ -66,6 +66,16 @@ def rows_for(m: int, weight: KernelWeight) -> int:
     return next((rows for rows in choices if m <= rows), choices[-1])
 
 
+def scales_in_b_choices(rows: int, weight: KernelWeight) -> tuple[bool, ...]:
+    """Whether to also try blocks below 64 rows with the scales in B instead of on span sums: where the weight has
+    span sums (groups of whole k-steps) and B stays exact (MXFP4: mx_scales_fit_b). B costs a multiplication a code
+    pair; span sums cost float32 adds at each span's end, and ternary's two planes two products per k16 instead of
+    one. 64-row blocks always put the scales into B."""
+    if rows >= SCALES_IN_B_ROWS or WeightType.for_mma(weight).flush == 0 or not mx_scales_fit_b(weight):
+        return (False,)
+    return (False, True)
+
+
 def capped_choices(rows: int, warps_n: int, x_shared: bool, weight: KernelWeight) -> tuple[bool, ...]:
     """Whether to also try the registers capped at 128 a thread (16 warps a multiprocessor): for blocks of 32
     rows whose 4 warps side by side share x's stages, but not for ternary's two planes of span sums (they, and
@@ -89,31 +99,34 @@ def split_choices(m: int, weight: KernelWeight, rows: int, warps: int, warps_n: 
 
 def launch(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
            x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False,
-           gated: bool = False) -> torch.Tensor:
+           gated: bool = False, scales_in_b: bool = False) -> torch.Tensor:
     """x [M ≤ 64, K] float16 in the original input order → [M, N] float16 (`bind`'s call, made and run once)."""
-    return bind(x, weight, rows, warps, warps_n, x_shared, overlap_gather, splits, capped, gated)(x)
+    return bind(x, weight, rows, warps, warps_n, x_shared, overlap_gather, splits, capped, gated, scales_in_b)(x)
 
 
 def bind(x: torch.Tensor, weight: KernelWeight, rows: int, warps: int, warps_n: int,
          x_shared: bool = False, overlap_gather: bool = False, splits: int = 1, capped: bool = False,
-         gated: bool = False) -> KernelCall:
+         gated: bool = False, scales_in_b: bool = False) -> KernelCall:
     """The kernel's call for x's rows, on x's device: x [M ≤ 64, K] float16 in the original input order → [M, N]
     float16. `x_shared`: x through shared-memory stages instead of from global memory at each k-step;
     `overlap_gather` (act_order, where the device can): the kernel launched to start while the gather runs, else
     once it is done (whatever dependent launch says for the gather itself); `splits`: blocks along K per block of
     outputs, whose float32 sums the last to finish adds in split order; `capped` (32 rows, 4 warps along the
-    outputs, x_shared): registers capped so that 16 warps share a multiprocessor."""
+    outputs, x_shared): registers capped so that 16 warps share a multiprocessor; `scales_in_b` (below 64 rows,
+    where scales_in_b_choices offers it): the scales go into B, not onto span sums."""
     reason = unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"the tensor-core kernel does not run this call: {reason}")
     if (rows not in row_choices(weight) or warps not in WARPS or warps_n not in WARPS_N or warps_n > warps
             or not 1 <= splits <= 65535 or (splits > 1 and rows not in SPLIT_ROWS)
-            or capped not in capped_choices(rows, warps_n, x_shared, weight)):
+            or capped not in capped_choices(rows, warps_n, x_shared, weight)
+            or scales_in_b not in scales_in_b_choices(rows, weight)):
         raise ValueError(f"rows {rows}, warps {warps}, warps_n {warps_n}, splits {splits}, capped {capped}: not among "
                          f"{row_choices(weight)}, {WARPS}, {WARPS_N} (warps_n ≤ warps), 1–65535 (beyond 1 only "
                          f"with {SPLIT_ROWS} rows); capped only with {CAPPED_ROWS} rows, warps_n {CAPPED_WARPS_N} and "
-                         f"x_shared (not ternary span sums)")
-    weight_type = WeightType.for_mma(weight, scales_in_b=rows == SCALES_IN_B_ROWS)
+                         f"x_shared (not ternary span sums); scales_in_b {scales_in_b} only below "
+                         f"{SCALES_IN_B_ROWS} rows where the weight has span sums")
+    weight_type = WeightType.for_mma(weight, scales_in_b=scales_in_b or rows == SCALES_IN_B_ROWS)
     arch = cuda_build.device_arch(x.device)
     gather, dependent, workspace = prepare(x, weight, weight_type, arch, overlap_gather, splits)
     arguments = [rows, warps, warps_n, int(x_shared), int(capped), splits, Slot.X, weight.qweight.data_ptr(),

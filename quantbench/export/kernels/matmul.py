@@ -52,6 +52,7 @@ class TileConfig:
     overlap_gather: bool = False  # "mma", act_order: the kernel starts while its gather runs (dependent launch)
     column_blocks: int = 0  # "cuda": blocks along the outputs, even shares of ≤ block_n (0: one per block_n)
     capped: bool = False  # "mma", 32 rows, 4 warps side by side, x shared: registers capped for 16 warps an SM
+    scales_in_b: bool = False  # "mma", below 64 rows: the scales go into B, not onto span sums (64 rows: always)
     engine: str = "triton"  # "cuda": packed_gemv.cu, `rows` rows of x per block, block_n / 4 threads along
     # the outputs, num_warps · 32 threads, num_stages 1: weights through cp.async stages, 0: through registers,
     # split_k blocks along K;
@@ -217,7 +218,8 @@ def _kernel_call(x: torch.Tensor, weight: KernelWeight, config: TileConfig, gate
     if config.engine == "mma":  # gathers act_order before the kernel
         return cuda_mma.bind(x, weight, config.rows, config.num_warps, config.block_n // 32,
                              x_shared=config.num_stages > 0, overlap_gather=config.overlap_gather,
-                             splits=config.split_k, capped=config.capped, gated=gated)
+                             splits=config.split_k, capped=config.capped, gated=gated,
+                             scales_in_b=config.scales_in_b)
     if config.engine == "wgmma":  # gathers act_order before the kernel
         return cuda_wgmma.bind(x, weight, config.rows, config.num_warps // 4, config.split_k,
                                overlap_gather=config.overlap_gather)
@@ -296,11 +298,11 @@ def _mma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
     overlaps = _gather_overlaps(x, weight)
     processors = cuda_gemv.multiprocessors(x.device)
     return [TileConfig(1, 32 * warps_n, 0, splits, warps, x_shared, rows=r, overlap_gather=overlap, capped=capped,
-                       engine="mma")
+                       scales_in_b=in_b, engine="mma")
             for r in rows for warps in cuda_mma.WARPS for warps_n in cuda_mma.WARPS_N if warps_n <= warps
             for x_shared in (0, 1) for capped in cuda_mma.capped_choices(r, warps_n, bool(x_shared), weight)
             for splits in cuda_mma.split_choices(m, weight, r, warps, warps_n, processors)
-            for overlap in overlaps]
+            for overlap in overlaps for in_b in cuda_mma.scales_in_b_choices(r, weight)]
 
 
 def _wgmma_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
