@@ -1,15 +1,15 @@
 #!/bin/bash
 # The table at this code: batch 1 (engine cuda), then batches 2-64 (cuda,mma), five kinds, four shapes,
 # against fp16 and tinygemm in the same runs.
-# Carried: .gpu/wheels, .gpu/cache_gated.tar.xz (the CUDA-core and tensor-core libraries of the code since
-# 86a2707, whose entry points take the gated flag).
+# Carried: .gpu/wheels, .gpu/cache_final.tar.xz (the CUDA-core and tensor-core libraries of the code since
+# bfe895f: split-K's new adding in packed_mma.cu).
 set -o pipefail
 start=$(date +%s)
 W=/tmp/h200; mkdir -p $W
 stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a $W/times.log; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.:bench
-mkdir -p /tmp/cc && tar xJf .gpu/cache_gated.tar.xz -C /tmp/cc
+mkdir -p /tmp/cc && tar xJf .gpu/cache_final.tar.xz -C /tmp/cc
 export QUANTBENCH_CUDA_CACHE=/tmp/cc
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > $W/gpu.txt
 V=("int4-g128 act_order" int4-g128 ternary2 mxfp4 nvfp4)
