@@ -12,6 +12,7 @@ than the cache (without it a 4096² packed weight stays in a 32 MB cache from ca
     python bench/cpu_decode.py runs/quickstart/checkpoint [more checkpoints] --threads 2
     python bench/cpu_decode.py --threads 2 --cold --batches 1 2 4 16 64
     python bench/cpu_decode.py --threads 2 --shape 1536x576 --call-overhead --repeat 15
+    python bench/cpu_decode.py CHECKPOINT --threads 2 --prefill 512 --repeat 3   # a prompt's forward instead
 """
 
 from __future__ import annotations
@@ -182,9 +183,10 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int, repe
 
 
 def crossing_table(k: int, n: int, batches: list[int]) -> None:
-    """µs per call of the C++ kernel's two paths, the kernel (a shared decode for four rows) and decoded slabs
-    for torch's dense matmul, at each batch, float32 x and bfloat16 x (the pair kernel where the CPU has one):
-    where the second overtakes the first (cpu_packed.MATMUL_ROWS)."""
+    """µs per call of the C++ kernel's paths, the kernel (a shared decode for four rows), decoded slabs for
+    torch's dense matmul and, for bfloat16 x, the weight decoded whole to bfloat16 for torch's bfloat16 matmul, at
+    each batch, float32 x and bfloat16 x (the pair kernel where the CPU has one): where the others overtake the
+    kernel (cpu_packed.MATMUL_ROWS, AMX_KERNEL_ROWS)."""
     generator = torch.Generator().manual_seed(1)
     most = ", ".join(f"{kind} {cpu_packed.most_kernel_rows(kind)}" for kind in ("int", "ternary", "nvfp4"))
     print(f"  one {k}×{n} matmul, µs per call, the C++ kernel's paths (most rows of float32 x through the kernel: "
@@ -196,7 +198,7 @@ def crossing_table(k: int, n: int, batches: list[int]) -> None:
         dtypes = (torch.float32, torch.bfloat16) if cpu_packed.takes_bfloat16(weight) else (torch.float32,)
         for dtype in dtypes:
             inputs = {m: torch.randn(m, k, generator=generator).to(dtype) for m in batches}
-            for path in ("kernel", "slabs"):
+            for path in ("kernel", "slabs") + (("bfloat16",) if dtype == torch.bfloat16 else ()):
                 cells = [f"{call_us(lambda: cpu_packed.cpu_packed_matmul(inputs[m], weight, path), 5):,.0f}"
                          for m in batches]
                 name = str(dtype).removeprefix("torch.")
@@ -251,6 +253,37 @@ def decode_table(checkpoint: Path, tokens: int, repeat: int, gated: bool = False
               f"({rate / dense32:.2f}× dense float32; {', '.join(f'{v:.1f}' for v in values)})", flush=True)
 
 
+@torch.no_grad()
+def prefill_table(checkpoint: Path, tokens: int, repeat: int) -> None:
+    """Tokens/s of one forward over a `tokens`-long prompt (batch 1), dense and packed, float32 and bfloat16; and
+    packed bfloat16 with the decoded bfloat16 matmul off (cpu_packed.has_amx False: the pair kernel at every
+    batch), alternated `repeat` times."""
+    prompt = torch.randint(3, 1000, (1, tokens), generator=torch.Generator().manual_seed(0))
+    settings = {f"{str(dtype).removeprefix('torch.')} {'packed' if kernels else 'dense'}":
+                load_quantized(checkpoint, dtype=dtype, kernels=kernels) for dtype, kernels in SETTINGS}
+    amx = cpu_packed.has_amx
+    def without_decoded_matmul():
+        cpu_packed.has_amx = lambda: False
+        try:
+            return settings["bfloat16 packed"](prompt)
+        finally:
+            cpu_packed.has_amx = amx
+    calls = {name: (lambda model=model: model(prompt)) for name, model in settings.items()}
+    calls["bfloat16 packed, no decoded bfloat16 matmul"] = without_decoded_matmul
+    times = {name: [] for name in calls}
+    for call in calls.values():
+        call()  # warm-up: the packed layers' one-time conversions
+    for _ in range(repeat):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    print(f"  {checkpoint}: a {tokens}-token prompt's forward, median of {repeat} (AMX tiles: {amx()})")
+    for name, values in times.items():
+        print(f"  {name:>44}: {tokens / statistics.median(values):8.1f} tok/s "
+              f"({', '.join(f'{tokens / v:.1f}' for v in values)})", flush=True)
+
+
 def cpu_name() -> str:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -259,7 +292,8 @@ def cpu_name() -> str:
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     flags = next((line for line in lines if line.startswith("flags")), "")
     vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
-    return ", ".join(filter(None, [names[0] if names else platform.machine(), vectors]))
+    extras = [name for flag, name in ((" avx512_bf16", "AVX512_BF16"), (" amx_tile", "AMX")) if flag in flags]
+    return ", ".join(filter(None, [names[0] if names else platform.machine(), vectors, *extras]))
 
 
 def main() -> None:
@@ -277,13 +311,20 @@ def main() -> None:
                         help="time the C++ kernel's two paths (kernel, slabs) at these batches instead")
     parser.add_argument("--gated", action="store_true",
                         help="also decode packed checkpoints with gated MLPs (load_quantized's gated_mlps)")
+    parser.add_argument("--prefill", type=int, metavar="TOKENS",
+                        help="time a prompt of this many tokens through the checkpoints instead of decoding")
     parser.add_argument("--call-overhead", action="store_true",
                         help="time what a PackedLinear call adds to the kernel's (one row of x) instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{time.strftime('%Y-%m-%d')} {cpu_name()}, {args.threads} threads; torch {torch.__version__}")
     for checkpoint in args.checkpoints:
-        decode_table(checkpoint, args.tokens, args.repeat, args.gated)
+        if args.prefill:
+            prefill_table(checkpoint, args.prefill, args.repeat)
+        else:
+            decode_table(checkpoint, args.tokens, args.repeat, args.gated)
+    if args.prefill:
+        return
     k, n = map(int, args.shape.split("x"))
     if args.call_overhead:
         call_overhead_table(k, n, args.repeat)

@@ -1654,9 +1654,9 @@ def assert_pair_sums_close(got: torch.Tensor, x: torch.Tensor, stored) -> None:
 
 @pytest.mark.parametrize("label", WEIGHTS)
 def test_cpp_cpu_pair_kernel_multiplies_bfloat16_x_as_it_is(label, monkeypatch):
-    """Where the CPU has bfloat16 dot products (AVX512_BF16), bfloat16 x goes into the pair kernel as it is for
-    every kind but int8, at every batch (it stays ahead of decoded slabs: no slabs), in tiles and in rows alike
-    (act_order: x gathered into the stored order first)."""
+    """Where the CPU has bfloat16 dot products (AVX512_BF16) and no AMX tiles, bfloat16 x goes into the pair kernel
+    as it is for every kind but int8, at every batch (it stays ahead of decoded slabs: no slabs), in tiles and in
+    rows alike (act_order: x gathered into the stored order first)."""
     from quantbench.export.kernels import cpu_packed
     from quantbench.export.kernels.layout import with_inputs_gathered
 
@@ -1666,6 +1666,7 @@ def test_cpp_cpu_pair_kernel_multiplies_bfloat16_x_as_it_is(label, monkeypatch):
         assert cpu_packed.takes_bfloat16(rows) == (cpu_has_bfloat16_dots() and not label.startswith("int8"))
     if not cpu_packed.takes_bfloat16(rows):
         return
+    monkeypatch.setattr(cpu_packed, "has_amx", lambda: False)
     monkeypatch.setattr(cpu_packed, "_decoded_slabs", lambda weight: pytest.fail("slabs decoded for bfloat16 x"))
     for batch in CPU_KERNEL_BATCHES:
         x = torch.randn(batch, IN, generator=torch.Generator().manual_seed(batch)).bfloat16()
@@ -1673,6 +1674,52 @@ def test_cpp_cpu_pair_kernel_multiplies_bfloat16_x_as_it_is(label, monkeypatch):
             got = pair_kernel_float32(*with_inputs_gathered(x, kernel))
             assert_pair_sums_close(got, x, stored)
             assert torch.equal(cpu_packed.cpu_packed_matmul(x, kernel), got.bfloat16())
+
+
+@pytest.mark.parametrize("label", WEIGHTS)
+def test_cpp_cpu_bfloat16_matmul_of_the_decoded_weight_is_within_bfloat16_rounding(label):
+    """path "bfloat16" (any CPU): the weight decoded whole to bfloat16 (each value off by at most 2⁻⁹ of itself),
+    x·Wᵀ summed in float32 by torch's matmul and rounded once to bfloat16 (2⁻⁹ of the result), in tiles and in
+    rows, act_order's x gathered first."""
+    from quantbench.export.kernels import cpu_packed
+
+    stored = WEIGHTS[label]
+    x = torch.randn(40, IN, generator=torch.Generator().manual_seed(3)).bfloat16()
+    x64, w64 = x.double(), stored.dequantize().double()
+    exact = x64 @ w64.T
+    bound = 2.0 ** -9 * (x64.abs() @ w64.abs().T) * (1 + IN * 2.0 ** -20) + 2.0 ** -9 * exact.abs()
+    rows = to_kernel_layout(stored)
+    for kernel in (rows, rows.in_cpu_tiles()):
+        got = cpu_packed.cpu_packed_matmul(x, kernel, path="bfloat16")
+        assert got.dtype == torch.bfloat16 and got.shape == (40, OUT)
+        error = (got.double() - exact).abs()
+        assert (error <= bound).all(), f"error {float((error - bound).max()):.3g} above the rounding bound"
+    float32 = cpu_packed.cpu_packed_matmul(x.float(), rows, path="bfloat16")
+    assert float32.dtype == torch.float32 and torch.equal(float32, got.float())
+
+
+def test_cpp_cpu_bfloat16_x_takes_the_decoded_bfloat16_matmul_past_a_few_rows_on_amx(monkeypatch):
+    """On a CPU with AMX tiles bfloat16 x beyond AMX_KERNEL_ROWS rows takes the weight decoded to bfloat16 (torch's
+    matmul on AMX); fewer rows, float32 x, a CPU without AMX and a weight past BFLOAT16_WEIGHT_MOST values take the
+    kernel's choice as before."""
+    from quantbench.export.kernels import cpu_packed
+
+    kernel = to_kernel_layout(WEIGHTS["int4-g32 act_order"]).in_cpu_tiles()
+    most = cpu_packed.AMX_KERNEL_ROWS["int"]
+    x = torch.randn(most + 1, IN, generator=torch.Generator().manual_seed(5)).bfloat16()
+    decoded = cpu_packed.cpu_packed_matmul(x, kernel, path="bfloat16")
+    monkeypatch.setattr(cpu_packed, "has_amx", lambda: False)
+    chosen = cpu_packed.cpu_packed_matmul(x, kernel)  # the choice without AMX (outputs independent of other rows)
+    assert not torch.equal(decoded, chosen)  # the two paths round differently: the test tells them apart
+    for amx, rows, weight_most, expected in ((True, most + 1, 1 << 27, decoded), (True, most, 1 << 27, chosen[:most]),
+                                             (False, most + 1, 1 << 27, chosen), (True, most + 1, OUT * IN - 1, chosen)):
+        monkeypatch.setattr(cpu_packed, "has_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(cpu_packed, "BFLOAT16_WEIGHT_MOST", weight_most)
+        assert torch.equal(cpu_packed.cpu_packed_matmul(x[:rows], kernel), expected)
+    monkeypatch.setattr(cpu_packed, "has_amx", lambda: True)
+    monkeypatch.setattr(cpu_packed, "BFLOAT16_WEIGHT_MOST", 1 << 27)
+    assert torch.equal(cpu_packed.cpu_packed_matmul(x.float(), kernel),
+                       cpu_packed.cpu_packed_matmul(x.float(), kernel, path="kernel"))
 
 
 @pytest.mark.parametrize("label", WEIGHTS)

@@ -2,7 +2,8 @@
 but base-3 ternary and any float dtype of x: up to 128–192 rows with AVX-512 (`MATMUL_ROWS`) the weight words are
 decoded in vector lanes for four rows at once and never stored as floats; more rows decode a slab of inputs at a
 time to float32 for torch's dense matmul (as the torch fallback does, with the decode in C++). bfloat16 x, where
-the CPU has bfloat16 dot products, multiplies two codes at a time as it is, at every batch (`takes_bfloat16`).
+the CPU has bfloat16 dot products, multiplies two codes at a time as it is (`takes_bfloat16`); on a CPU with AMX
+tiles, beyond AMX_KERNEL_ROWS rows the weight is decoded whole to bfloat16 for torch's bfloat16 matmul instead.
 
 The library is compiled with the host's C++ compiler for this CPU (`-march=native`, or QUANTBENCH_CPU_ARCH) on
 first use, against the running torch, and cached (QUANTBENCH_CPU_CACHE, else $XDG_CACHE_HOME/quantbench/cpu); a
@@ -53,6 +54,13 @@ MATMUL_ROWS = {16: {"int": 192, "ternary": 128, "fp4": 192}, 8: {"int": 48, "ter
 # matrix-vector product after the library's threads, stalled about 1 ms a slab in some processes (20 ms a call)
 GRADIENT_KERNEL_ROWS = 4
 SLAB_BYTES = 4 << 20  # float32 decoded at a time for a dense matmul
+# bfloat16 x on a CPU with AMX tiles: the most rows the pair kernel multiplies before the weight is decoded whole to
+# bfloat16 for torch's matmul (oneDNN on AMX, about 3 TFLOP/s on two cores of the machine measured): on a 4096²
+# and a 4096×14336 weight the decoded matmul was level at 32 rows (int4, NVFP4) or 16 (ternary, two dot products
+# a pair in the kernel) and 2× faster at 64, 12× at 1024 (docs/performance.md "bfloat16 matmuls on AMX"). Weights
+# past BFLOAT16_WEIGHT_MOST values (an 8B model's packed lm_head) stay on the kernel: the buffer is held per thread.
+AMX_KERNEL_ROWS = {"int": 32, "ternary": 16, "fp4": 32}
+BFLOAT16_WEIGHT_MOST = 1 << 27
 _fp4_scales: dict[int, torch.Tensor] = {}  # id(qweight) → float32 scales of an MXFP4 or NVFP4 weight
 _NO_ZEROS = torch.empty(0, dtype=torch.uint8)
 _per_thread = threading.local()
@@ -69,13 +77,17 @@ def runs(weight: KernelWeight) -> bool:
 
 
 def cpu_packed_matmul(x: torch.Tensor, weight: KernelWeight, path: str | None = None) -> torch.Tensor:
-    """x [M, K] (original input order) → x·Wᵀ [M, N] in x's dtype, accumulated in float32; `path` "kernel" or
-    "slabs" overrides the choice by rows (benchmarks)."""
+    """x [M, K] (original input order) → x·Wᵀ [M, N] in x's dtype, accumulated in float32; `path` "kernel",
+    "slabs" or "bfloat16" (the weight decoded whole to bfloat16, x rounded to bfloat16, torch's matmul) overrides
+    the choice by rows and CPU (benchmarks)."""
     x, weight = with_inputs_gathered(x, weight)
     words, scales, zeros = weight.qweight, kernel_scales(weight), _zeros(weight)
     kind, bits, group = KIND_CODES[weight.kind], weight.bits, weight.group
-    if path not in (None, "kernel", "slabs"):
-        raise ValueError(f"path must be 'kernel' or 'slabs', not {path!r}")
+    if path not in (None, "kernel", "slabs", "bfloat16"):
+        raise ValueError(f"path must be 'kernel', 'slabs' or 'bfloat16', not {path!r}")
+    if path == "bfloat16" or (path is None and x.dtype == torch.bfloat16 and _bfloat16_matmul_pays(x, weight)):
+        out = x.to(torch.bfloat16).contiguous() @ _decoded_bfloat16(weight)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
     pairs = x.dtype == torch.bfloat16 and takes_bfloat16(weight)
     if path == "kernel" or (path is None and (pairs or x.shape[0] <= most_kernel_rows(weight.kind))):
         out = _ops().packed_matmul(x.contiguous() if pairs else x.float().contiguous(), words, scales, zeros, kind,
@@ -159,6 +171,35 @@ def _decoded_slabs(weight: KernelWeight):
         slab = buffer[:min(inputs, n_in - start)]
         ops.decode(slab, weight.qweight, scales, zeros, KIND_CODES[weight.kind], weight.bits, weight.group, start)
         yield start, slab
+
+
+def _bfloat16_matmul_pays(x: torch.Tensor, weight: KernelWeight) -> bool:
+    """Whether bfloat16 x takes the weight decoded to bfloat16 and torch's matmul: past AMX_KERNEL_ROWS rows, on
+    a CPU with AMX tiles (elsewhere the pair kernel stays ahead at every batch measured), for weights of at most
+    BFLOAT16_WEIGHT_MOST values."""
+    kind = weight.kind if weight.kind in ("int", "ternary") else "fp4"
+    return (x.shape[0] > AMX_KERNEL_ROWS[kind] and weight.shape[0] * weight.shape[1] <= BFLOAT16_WEIGHT_MOST
+            and has_amx())
+
+
+@functools.cache
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles (bfloat16 matrix products: torch's oneDNN matmuls use them)."""
+    supported = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(supported is not None and supported())
+
+
+def _decoded_bfloat16(weight: KernelWeight) -> torch.Tensor:
+    """bfloat16 [K, N]: the whole weight decoded by the C++ kernel (slab by slab, in float32, then rounded once),
+    in its stored input order, into a buffer the calling thread keeps (a fresh one faults in each page)."""
+    n_out, n_in = weight.shape
+    buffer = getattr(_per_thread, "bfloat16", None)
+    if buffer is None or buffer.numel() < n_in * n_out:
+        buffer = _per_thread.bfloat16 = torch.empty(n_in * n_out, dtype=torch.bfloat16)
+    decoded = buffer[:n_in * n_out].view(n_in, n_out)
+    for start, slab in _decoded_slabs(weight):
+        decoded[start:start + slab.shape[0]].copy_(slab)
+    return decoded
 
 
 def _slab_buffer(floats: int) -> torch.Tensor:
