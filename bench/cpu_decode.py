@@ -256,20 +256,20 @@ def decode_table(checkpoint: Path, tokens: int, repeat: int, gated: bool = False
 @torch.no_grad()
 def prefill_table(checkpoint: Path, tokens: int, repeat: int) -> None:
     """Tokens/s of one forward over a `tokens`-long prompt (batch 1), dense and packed, float32 and bfloat16; and
-    packed bfloat16 with the decoded bfloat16 matmul off (cpu_packed.has_amx False: the pair kernel at every
-    batch), alternated `repeat` times."""
+    packed bfloat16 as on a CPU without AMX tiles (cpu_packed.has_amx False: the pair kernel at every batch),
+    alternated `repeat` times."""
     prompt = torch.randint(3, 1000, (1, tokens), generator=torch.Generator().manual_seed(0))
     settings = {f"{str(dtype).removeprefix('torch.')} {'packed' if kernels else 'dense'}":
                 load_quantized(checkpoint, dtype=dtype, kernels=kernels) for dtype, kernels in SETTINGS}
     amx = cpu_packed.has_amx
-    def without_decoded_matmul():
+    def as_without_amx():
         cpu_packed.has_amx = lambda: False
         try:
             return settings["bfloat16 packed"](prompt)
         finally:
             cpu_packed.has_amx = amx
     calls = {name: (lambda model=model: model(prompt)) for name, model in settings.items()}
-    calls["bfloat16 packed, no decoded bfloat16 matmul"] = without_decoded_matmul
+    calls["bfloat16 packed, as without AMX"] = as_without_amx
     times = {name: [] for name in calls}
     for call in calls.values():
         call()  # warm-up: the packed layers' one-time conversions
@@ -280,7 +280,7 @@ def prefill_table(checkpoint: Path, tokens: int, repeat: int) -> None:
             times[name].append(time.perf_counter() - started)
     print(f"  {checkpoint}: a {tokens}-token prompt's forward, median of {repeat} (AMX tiles: {amx()})")
     for name, values in times.items():
-        print(f"  {name:>44}: {tokens / statistics.median(values):8.1f} tok/s "
+        print(f"  {name:>30}: {tokens / statistics.median(values):8.1f} tok/s "
               f"({', '.join(f'{tokens / v:.1f}' for v in values)})", flush=True)
 
 

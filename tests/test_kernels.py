@@ -1700,26 +1700,39 @@ def test_cpp_cpu_bfloat16_matmul_of_the_decoded_weight_is_within_bfloat16_roundi
 
 def test_cpp_cpu_bfloat16_x_takes_the_decoded_bfloat16_matmul_past_a_few_rows_on_amx(monkeypatch):
     """On a CPU with AMX tiles bfloat16 x beyond AMX_KERNEL_ROWS rows takes the weight decoded to bfloat16 (torch's
-    matmul on AMX); fewer rows, float32 x, a CPU without AMX and a weight past BFLOAT16_WEIGHT_MOST values take the
-    kernel's choice as before."""
+    matmul on AMX), 2 to AMX_KERNEL_ROWS rows the float32 kernel, one row the pair kernel; without AMX bfloat16 x
+    takes the pair kernel at every batch; a weight past BFLOAT16_WEIGHT_MOST values and float32 x never take the
+    decoded matmul (a CPU without bfloat16 dot products: the float32 kernel where the pair kernel would be)."""
     from quantbench.export.kernels import cpu_packed
 
     kernel = to_kernel_layout(WEIGHTS["int4-g32 act_order"]).in_cpu_tiles()
+    pair = "bfloat16" if cpu_packed.takes_bfloat16(kernel) else "float32"  # without bfloat16 dots: float32 kernel
     most = cpu_packed.AMX_KERNEL_ROWS["int"]
     x = torch.randn(most + 1, IN, generator=torch.Generator().manual_seed(5)).bfloat16()
+    ops, decode, paths = cpu_packed._ops(), cpu_packed._decoded_bfloat16, []
+
+    class Recorded:  # the library's operators, its matmul recording the dtype of the x it multiplies
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def packed_matmul(self, x, *args, **kwargs):
+            paths.append(str(x.dtype).removeprefix("torch."))
+            return ops.packed_matmul(x, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_packed, "_ops", Recorded)
+    monkeypatch.setattr(cpu_packed, "_decoded_bfloat16", lambda weight: paths.append("decoded") or decode(weight))
     decoded = cpu_packed.cpu_packed_matmul(x, kernel, path="bfloat16")
-    monkeypatch.setattr(cpu_packed, "has_amx", lambda: False)
-    chosen = cpu_packed.cpu_packed_matmul(x, kernel)  # the choice without AMX (outputs independent of other rows)
-    assert not torch.equal(decoded, chosen)  # the two paths round differently: the test tells them apart
-    for amx, rows, weight_most, expected in ((True, most + 1, 1 << 27, decoded), (True, most, 1 << 27, chosen[:most]),
-                                             (False, most + 1, 1 << 27, chosen), (True, most + 1, OUT * IN - 1, chosen)):
+    cases = [(True, x, 1 << 27, "decoded"), (True, x[:most], 1 << 27, "float32"), (True, x[:1], 1 << 27, pair),
+             (False, x, 1 << 27, pair), (True, x, OUT * IN - 1, "float32"), (True, x.float(), 1 << 27, "float32")]
+    for amx, rows, weight_most, path in cases:
         monkeypatch.setattr(cpu_packed, "has_amx", lambda amx=amx: amx)
         monkeypatch.setattr(cpu_packed, "BFLOAT16_WEIGHT_MOST", weight_most)
-        assert torch.equal(cpu_packed.cpu_packed_matmul(x[:rows], kernel), expected)
-    monkeypatch.setattr(cpu_packed, "has_amx", lambda: True)
+        paths.clear()
+        got = cpu_packed.cpu_packed_matmul(rows, kernel)
+        assert paths == [path], (amx, rows.shape[0], weight_most)
+        assert got.dtype == rows.dtype
     monkeypatch.setattr(cpu_packed, "BFLOAT16_WEIGHT_MOST", 1 << 27)
-    assert torch.equal(cpu_packed.cpu_packed_matmul(x.float(), kernel),
-                       cpu_packed.cpu_packed_matmul(x.float(), kernel, path="kernel"))
+    assert torch.equal(cpu_packed.cpu_packed_matmul(x, kernel), decoded)
 
 
 @pytest.mark.parametrize("label", WEIGHTS)

@@ -3,7 +3,8 @@ but base-3 ternary and any float dtype of x: up to 128–192 rows with AVX-512 (
 decoded in vector lanes for four rows at once and never stored as floats; more rows decode a slab of inputs at a
 time to float32 for torch's dense matmul (as the torch fallback does, with the decode in C++). bfloat16 x, where
 the CPU has bfloat16 dot products, multiplies two codes at a time as it is (`takes_bfloat16`); on a CPU with AMX
-tiles, beyond AMX_KERNEL_ROWS rows the weight is decoded whole to bfloat16 for torch's bfloat16 matmul instead.
+tiles only one row does (2 to AMX_KERNEL_ROWS rows go to the float32 kernel, faster there), and beyond
+AMX_KERNEL_ROWS rows the weight is decoded whole to bfloat16 for torch's bfloat16 matmul.
 
 The library is compiled with the host's C++ compiler for this CPU (`-march=native`, or QUANTBENCH_CPU_ARCH) on
 first use, against the running torch, and cached (QUANTBENCH_CPU_CACHE, else $XDG_CACHE_HOME/quantbench/cpu); a
@@ -59,6 +60,9 @@ SLAB_BYTES = 4 << 20  # float32 decoded at a time for a dense matmul
 # and a 4096×14336 weight the decoded matmul was level at 32 rows (int4, NVFP4) or 16 (ternary, two dot products
 # a pair in the kernel) and 2× faster at 64, 12× at 1024 (docs/performance.md "bfloat16 matmuls on AMX"). Weights
 # past BFLOAT16_WEIGHT_MOST values (an 8B model's packed lm_head) stay on the kernel: the buffer is held per thread.
+# Below, from 2 rows on, the pair kernel's bfloat16 dot products ran 1.2–1.7× slower there than the float32 kernel
+# (level at one row), where an AMD EPYC ran them 1.5–2.4× faster: on a CPU with AMX tiles (Intel's server cores)
+# bfloat16 x of 2 to AMX_KERNEL_ROWS rows is converted to float32 for the float32 kernel.
 AMX_KERNEL_ROWS = {"int": 32, "ternary": 16, "fp4": 32}
 BFLOAT16_WEIGHT_MOST = 1 << 27
 _fp4_scales: dict[int, torch.Tensor] = {}  # id(qweight) → float32 scales of an MXFP4 or NVFP4 weight
@@ -88,7 +92,7 @@ def cpu_packed_matmul(x: torch.Tensor, weight: KernelWeight, path: str | None = 
     if path == "bfloat16" or (path is None and x.dtype == torch.bfloat16 and _bfloat16_matmul_pays(x, weight)):
         out = x.to(torch.bfloat16).contiguous() @ _decoded_bfloat16(weight)
         return out if out.dtype == x.dtype else out.to(x.dtype)
-    pairs = x.dtype == torch.bfloat16 and takes_bfloat16(weight)
+    pairs = x.dtype == torch.bfloat16 and takes_bfloat16(weight) and (x.shape[0] == 1 or not has_amx())
     if path == "kernel" or (path is None and (pairs or x.shape[0] <= most_kernel_rows(weight.kind))):
         out = _ops().packed_matmul(x.contiguous() if pairs else x.float().contiguous(), words, scales, zeros, kind,
                                    bits, group, in_x_dtype=True)
