@@ -185,8 +185,9 @@ def matmul_table(k: int, n: int, batches: list[int], fallback_batches: int, repe
 def crossing_table(k: int, n: int, batches: list[int]) -> None:
     """µs per call of the C++ kernel's paths, the kernel (a shared decode for four rows), decoded slabs for
     torch's dense matmul and, for bfloat16 x, the weight decoded whole to bfloat16 for torch's bfloat16 matmul, at
-    each batch, float32 x and bfloat16 x (the pair kernel where the CPU has one): where the others overtake the
-    kernel (cpu_packed.MATMUL_ROWS, AMX_KERNEL_ROWS)."""
+    each batch, float32 x and bfloat16 x (in the pair kernel where the CPU has one, but for 2 rows and more on a CPU
+    with AMX tiles, where the float32 kernel takes it): where the others overtake the kernel
+    (cpu_packed.MATMUL_ROWS, AMX_KERNEL_ROWS)."""
     generator = torch.Generator().manual_seed(1)
     most = ", ".join(f"{kind} {cpu_packed.most_kernel_rows(kind)}" for kind in ("int", "ternary", "nvfp4"))
     print(f"  one {k}×{n} matmul, µs per call, the C++ kernel's paths (most rows of float32 x through the kernel: "
@@ -308,7 +309,8 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="each matmul call reads its weight from memory (copies past the cache), as in a model")
     parser.add_argument("--crossing", type=int, nargs="*", metavar="BATCH",
-                        help="time the C++ kernel's two paths (kernel, slabs) at these batches instead")
+                        help="time the C++ kernel's paths (kernel, slabs, decoded bfloat16) at these batches "
+                             "instead")
     parser.add_argument("--gated", action="store_true",
                         help="also decode packed checkpoints with gated MLPs (load_quantized's gated_mlps)")
     parser.add_argument("--prefill", type=int, metavar="TOKENS",
