@@ -59,10 +59,10 @@ SLAB_BYTES = 4 << 20  # float32 decoded at a time for a dense matmul
 # bfloat16 for torch's matmul (oneDNN on AMX, about 3 TFLOP/s on two cores of the machine measured): on a 4096²
 # and a 4096×14336 weight the decoded matmul was level with the pair kernel at 32 rows (int4, NVFP4) or 16
 # (ternary, two dot products a pair in the kernel) and 2–4× faster at 64, 12–23× at 1024, and behind the float32
-# kernel at 32 (ternary 16), ahead at 64 (ternary 32) (docs/performance.md "bfloat16 matmuls on AMX"). Weights past BFLOAT16_WEIGHT_MOST values (an 8B model's packed lm_head) stay on the
-# kernel: the buffer is held per thread.
+# kernel at 32 (ternary 16), ahead at 64 (ternary 32) (docs/performance.md "bfloat16 matmuls on AMX"). Weights
+# past BFLOAT16_WEIGHT_MOST values (an 8B model's packed lm_head) stay on the kernel: the buffer is held per thread.
 # Below, from 2 rows on, the pair kernel's bfloat16 dot products ran 1.2–1.7× slower there than the float32 kernel
-# (level at one row), where an AMD EPYC ran them 1.5–2.4× faster: on a CPU with AMX tiles (Intel's server cores)
+# (about level at one row), where an AMD EPYC ran them 1.5–2.4× faster: on a CPU with AMX tiles (Intel's server cores)
 # bfloat16 x of 2 to AMX_KERNEL_ROWS rows is converted to float32 for the float32 kernel.
 AMX_KERNEL_ROWS = {"int": 32, "ternary": 16, "fp4": 32}
 BFLOAT16_WEIGHT_MOST = 1 << 27
