@@ -62,8 +62,8 @@ SLAB_BYTES = 4 << 20  # float32 decoded at a time for a dense matmul
 # kernel at 32 (ternary 16), ahead at 64 (ternary 32) (docs/performance.md "bfloat16 matmuls on AMX"). Weights
 # past BFLOAT16_WEIGHT_MOST values (an 8B model's packed lm_head) stay on the kernel: the buffer is held per thread.
 # Below, from 2 rows on, the pair kernel's bfloat16 dot products ran 1.2–1.7× slower there than the float32 kernel
-# (about level at one row), where an AMD EPYC ran them 1.5–2.4× faster: on a CPU with AMX tiles (Intel's server cores)
-# bfloat16 x of 2 to AMX_KERNEL_ROWS rows is converted to float32 for the float32 kernel.
+# (about level at one row), where an AMD EPYC ran them 1.5–2.4× faster: on a CPU with AMX tiles (Intel's server
+# cores) bfloat16 x of 2 to AMX_KERNEL_ROWS rows is converted to float32 for the float32 kernel.
 AMX_KERNEL_ROWS = {"int": 32, "ternary": 16, "fp4": 32}
 BFLOAT16_WEIGHT_MOST = 1 << 27
 _fp4_scales: dict[int, torch.Tensor] = {}  # id(qweight) → float32 scales of an MXFP4 or NVFP4 weight
