@@ -3,16 +3,7 @@
 # tuner's fastest tile with and without it against fp16 at batches 8, 16 and 32 (four kinds, four shapes), then
 # 8B decode at batch 8 from written checkpoints with the tuner free to choose it.
 # Carried: .gpu/wheels, .gpu/cache_final.tar.xz (the libraries of this packed_gemv.cu / packed_mma.cu).
-set -o pipefail
-OUT_FINAL=$OUT; OUT=/tmp/w; mkdir -p $OUT
-start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a $OUT/times.log; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .gpu/wheels/*.whl || exit 1
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.:bench
-mkdir -p /tmp/cc && tar xJf .gpu/cache_final.tar.xz -C /tmp/cc
-export QUANTBENCH_CUDA_CACHE=/tmp/cc
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > $OUT/gpu.txt
+. docs/data/kernels-h100/call_setup.sh /tmp/w cache_final.tar.xz
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "tensor_core_kernel_equals" 2>&1 \
   | tail -15 > $OUT/tests.log
 stamp "tests rc $?"; tail -2 $OUT/tests.log

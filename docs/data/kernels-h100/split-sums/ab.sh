@@ -3,20 +3,11 @@
 # the code before (the old build: .gpu/cache_gated.tar.xz, renamed as mma_builds asks) against this code's, the
 # tuner's fastest 2-split tile of 8-row blocks at batch 8 and of 16-row blocks at batch 16; GPU tests before.
 # Carried: .gpu/wheels, .gpu/cache_gated.tar.xz, .gpu/cache_final.tar.xz.
-set -o pipefail
-OUT_FINAL=$OUT; OUT=/tmp/ab; mkdir -p $OUT
-start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a $OUT/times.log; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .gpu/wheels/*.whl || exit 1
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.:bench
-mkdir -p /tmp/cc /tmp/oldraw /tmp/old && tar xJf .gpu/cache_final.tar.xz -C /tmp/cc
-tar xJf .gpu/cache_gated.tar.xz -C /tmp/oldraw
+. docs/data/kernels-h100/call_setup.sh /tmp/ab cache_final.tar.xz
+mkdir -p /tmp/oldraw /tmp/old && tar xJf .gpu/cache_gated.tar.xz -C /tmp/oldraw
 for f in /tmp/oldraw/packed_mma-*.so; do  # packed_mma-k0-b4-z1-p0-f0-sm90-HASH.so → mma-0-4-1-0-0.so
   cp $f /tmp/old/$(basename $f | sed -E 's/packed_mma-k([0-9])-b([0-9])-z([0-9])-p([0-9])-f([0-9])-.*/mma-\1-\2-\3-\4-\5.so/')
 done
-export QUANTBENCH_CUDA_CACHE=/tmp/cc
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > $OUT/gpu.txt
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gated_mlp.py \
   -k "split or store_silu or tensor_core_kernel_equals" 2>&1 | tail -15 > $OUT/tests.log
 stamp "tests rc $?"; tail -2 $OUT/tests.log

@@ -2,16 +2,7 @@
 # 8B decode at batches 1 and 8 from written checkpoints (int4 act_order, int4, ternary2) against fp16 in the same
 # run, at the code of store_split_sums.
 # Carried: .gpu/wheels, .gpu/cache_final.tar.xz.
-set -o pipefail
-OUT_FINAL=$OUT; OUT=/tmp/d; mkdir -p $OUT
-start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a $OUT/times.log; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .gpu/wheels/*.whl || exit 1
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.:bench
-mkdir -p /tmp/cc && tar xJf .gpu/cache_final.tar.xz -C /tmp/cc
-export QUANTBENCH_CUDA_CACHE=/tmp/cc
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > $OUT/gpu.txt
+. docs/data/kernels-h100/call_setup.sh /tmp/d cache_final.tar.xz
 timeout $(( ${1:-570} - $(date +%s) + start )) python3 bench/kernel_speed.py --device cuda --skip-matmul \
   --engines cuda,mma --size 8b --prompt 1 --decode-batches 1 8 --only-fused --compile --head --pdl \
   --from-checkpoint /tmp/ckpts --variants "int4-g128 act_order" int4-g128 ternary2 --json $OUT/decode.json 2>&1 \

@@ -4,16 +4,7 @@
 # the tuner's fastest tile of each split count against fp16 at batches 64, 32, 16 and 8, five kinds, four shapes.
 # As run at 45e4111 (the taller blocks' split-K taken out since: they lost); carried: .gpu/wheels,
 # .gpu/cache_split.tar.xz (that code's libraries, built by cuda_build --arch 90). Usage: run.sh [LIMIT seconds]
-set -o pipefail
-OUT_FINAL=$OUT; OUT=/tmp/w; mkdir -p $OUT  # one archive comes back (the count of files is limited)
-start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a $OUT/times.log; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .gpu/wheels/*.whl || exit 1
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.:bench
-mkdir -p /tmp/cc && tar xJf .gpu/cache_split.tar.xz -C /tmp/cc
-export QUANTBENCH_CUDA_CACHE=/tmp/cc
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > $OUT/gpu.txt
+. docs/data/kernels-h100/call_setup.sh /tmp/w cache_split.tar.xz
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gated_mlp.py \
   -k "split or store_silu" 2>&1 | tail -15 > $OUT/tests.log
 stamp "tests rc $?"; tail -3 $OUT/tests.log
