@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from quantbench.calibration.sources import load_eval_text
-from quantbench.errors import QuantbenchError
 from quantbench.eval.lm_eval_bridge import run_tasks
 from quantbench.eval.perplexity import perplexity_of_ids, tokenize_eval_text
 from quantbench.recipe import EvalSection
@@ -68,31 +67,24 @@ def evaluate_target(target: str, settings: EvalSection, device: torch.device, dt
     (`load_quantized(kernels=True)`), never dense, so a checkpoint whose dense model would not fit the
     device is evaluated on it.
     """
-    from quantbench.export.checkpoint import (checkpoint_skeleton, is_quantbench_checkpoint, load_quantized,
-                                              read_checkpoint, resolve_checkpoint_dir, tie_as_stored)
-    from quantbench.model_io import load_model, load_tokenizer, model_linears, resolve_dtype
+    from quantbench.export.checkpoint import checkpoint_skeleton, read_checkpoint, tie_as_stored
+    from quantbench.model_io import model_linears
     from quantbench.results import LayerSize, environment, parameter_count, summarize_layers
+    from quantbench.targets import load_target
 
     started = time.perf_counter()
-    path = resolve_checkpoint_dir(target)
-    quantized = is_quantbench_checkpoint(path)
+    loaded = load_target(target, device, dtype, kernels)
+    model, tokenizer, path = loaded.model, loaded.tokenizer, loaded.checkpoint
+    quantized = path is not None
+    summary = None
     if quantized:
         checkpoint = read_checkpoint(path)
-        model, tokenizer = load_quantized(path, device, dtype, kernels=kernels), load_tokenizer(str(path))
         sizes = {layer.name: LayerSize(layer.scheme.name, layer.shape[0] * layer.shape[1], 8 * layer.stored_bytes)
                  for layer in checkpoint.layers.values()}
         shapes = checkpoint_skeleton(path, model.dtype)  # the parameters as stored, whatever runs them
         tie_as_stored(shapes, checkpoint.qconfig)
         rotations = {name: rotation["kind"] for name, rotation in checkpoint.qconfig.get("rotations", {}).items()}
         summary = summarize_layers(shapes, sizes, model_linears(shapes), rotations)
-    elif (path / "result.json").is_file():
-        raise QuantbenchError(f"{target} is a run directory without a checkpoint (its recipe had export.enabled: "
-                              "false); rerun it with export enabled, or evaluate the base model")
-    elif kernels:
-        raise QuantbenchError(f"--kernels runs a quantbench checkpoint's packed layers; {target} is not one")
-    else:
-        model, tokenizer = load_model(target, dtype or resolve_dtype("auto", device))
-        summary = None
     timings = {}
     side = "quantized" if quantized else "baseline"
     tick = time.perf_counter()
