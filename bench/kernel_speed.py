@@ -30,6 +30,7 @@ from quantbench.export.kernels.cuda_build import DEPENDENT_LAUNCH_ENV  # noqa: E
 from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
 from quantbench.export.kernels.layout import KernelWeight, to_base3_layout  # noqa: E402
 from quantbench.export.kernels.mlp_order import fold_down_orders  # noqa: E402
+from quantbench.generate import captured  # noqa: E402
 from quantbench.export.kernels.matmul import ENGINES_ENV, TILES_ENV, chosen_tile, graph_time_ms, tuned_configs  # noqa: E402
 from random_models import random_weight  # noqa: E402
 
@@ -307,19 +308,6 @@ def enable_inductor_pdl() -> None:
         raise SystemExit(f"--pdl: torch {torch.__version__}'s inductor has no dependent launch "
                          "(torch._inductor.config.triton.enable_pdl)") from None
     inductor_config.triton.enable_pdl = True
-
-
-def captured(step) -> torch.cuda.CUDAGraph:
-    """`step` captured in a CUDA graph (after one call on a side stream, as capture requires)."""
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        step()
-    return graph
 
 
 @torch.no_grad()

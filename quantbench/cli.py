@@ -377,6 +377,55 @@ def eval_command(
         _fail(exc)
 
 
+@app.command()
+def generate(
+    target: str = typer.Argument(..., help="quantbench checkpoint, run directory, model directory or hub id"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="the text to continue"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="tokens to generate at most"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the tokenizer's chat template (a user turn)"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    dtype: str = typer.Option("auto", help="auto (float16 on CUDA, the checkpoint's on the CPU), float32, float16 "
+                              "or bfloat16"),
+    kernels: bool = typer.Option(True, "--kernels/--dequantized", help="a checkpoint's packed layers through the "
+                                 "packed-weight kernels, as served, or dequantized"),
+    cuda_graph: bool = typer.Option(True, "--cuda-graph/--eager", help="on CUDA, replay the decode step as a graph"),
+    as_json: bool = typer.Option(False, "--json", help="print the text and the timings as JSON"),
+) -> None:
+    """Greedy text from a checkpoint (or a plain model), with its prefill time and decode speed."""
+    from quantbench.export.checkpoint import is_quantbench_checkpoint, resolve_checkpoint_dir
+    from quantbench.generate import generate as generate_text
+    from quantbench.model_io import DTYPES, resolve_device
+    from quantbench.targets import load_target
+
+    _setup_logging(False)
+    try:
+        if dtype not in ("auto", *DTYPES):
+            raise QuantbenchError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+        dev = resolve_device(device)
+        chosen = DTYPES.get(dtype)
+        if chosen is None and dev.type == "cuda":
+            chosen = DTYPES["float16"]  # what the CUDA kernels take
+        packed = kernels and is_quantbench_checkpoint(resolve_checkpoint_dir(target))
+        loaded = load_target(target, dev, chosen, packed)
+        model = loaded.model.to(dev)
+        result = generate_text(model, loaded.tokenizer, prompt, max_new_tokens, chat, cuda_graph=cuda_graph)
+    except QuantbenchError as exc:
+        _fail(exc)
+    record = {"target": target, "device": str(dev), "dtype": str(model.dtype).removeprefix("torch."),
+              "kernels": packed, **result.to_dict()}
+    if as_json:
+        print(json.dumps(record, indent=2))
+        return
+    console.print(result.text, soft_wrap=True)
+    rate = result.decode_tokens_per_s
+    how = "CUDA graph" if result.cuda_graph else "eager"
+    err_console.print(
+        f"{record['dtype']} on {dev}, {'packed kernels' if packed else 'dense'}: prompt {result.prompt_tokens} "
+        f"tokens, prefill {1e3 * result.prefill_s:.0f} ms; {len(result.new_ids)} new tokens, "
+        + (f"decode {rate:.1f} tok/s ({how}, {result.steady_steps} steps after the first, which took "
+           f"{1e3 * result.first_step_s:.0f} ms)" if rate else "too few to time the decode"), soft_wrap=True)
+
+
 def print_eval_record(record: dict) -> None:
     (side, ppl), = record["perplexity"].items()
     kind = ("full precision" if side != "quantized" else

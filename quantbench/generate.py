@@ -1,0 +1,144 @@
+"""Greedy text from a model or a quantized checkpoint, and how fast it comes (`quantbench generate`).
+
+The prompt fills a static cache in one forward (the prefill); each decode step then feeds the last token at its
+position and takes the argmax. The first step runs eagerly (on CUDA it also tunes the packed kernels' tiles for
+one row); on CUDA the step is then captured in a CUDA graph and replayed, one launch a token as a served model
+runs, unless `cuda_graph` is off. Generation stops after an end-of-sequence token or `max_new_tokens` tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantbench.errors import QuantbenchError
+
+EOS_CHECK_EVERY = 16  # CUDA graph steps between looks at the new tokens (each look waits for the GPU)
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    new_ids: list[int]
+    text: str
+    prefill_s: float  # the prompt's forward, first token included
+    first_step_s: float  # the first decode step (eager), and on CUDA the capture of its graph
+    steady_steps: int  # the decode steps after it
+    steady_s: float
+    cuda_graph: bool
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return self.steady_steps / self.steady_s if self.steady_steps else None
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": len(self.new_ids), "text": self.text,
+                "prefill_s": self.prefill_s, "first_step_s": self.first_step_s, "steady_steps": self.steady_steps,
+                "steady_s": self.steady_s, "decode_tokens_per_s": self.decode_tokens_per_s,
+                "cuda_graph": self.cuda_graph}
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
+    """int64 [1, tokens]: the prompt as is, or as the user's turn of the tokenizer's chat template."""
+    if not prompt:
+        raise QuantbenchError("the prompt is empty")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise QuantbenchError("--chat: this tokenizer has no chat template; leave --chat off")
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_dict=True, return_tensors="pt")["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def end_ids(model: nn.Module, tokenizer) -> set[int]:
+    """The tokens that end a generation: the generation config's end-of-sequence ids, else the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    return set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False,
+             stop_ids: set[int] | None = None, cuda_graph: bool = True) -> Generation:
+    """Up to `max_new_tokens` greedy tokens after `prompt` from `model` (on its device), timed. `stop_ids`:
+    the end-of-sequence tokens (default `end_ids`)."""
+    from transformers import StaticCache
+
+    if max_new_tokens < 1:
+        raise QuantbenchError(f"max_new_tokens {max_new_tokens}: ask for at least one token")
+    device = model.device
+    ids = prompt_ids(tokenizer, prompt, chat).to(device)
+    n = ids.shape[1]
+    stop_ids = end_ids(model, tokenizer) if stop_ids is None else stop_ids
+    cache = StaticCache(config=model.config, max_cache_len=n + max_new_tokens)
+    graphs = cuda_graph and device.type == "cuda"
+
+    started = _now(device)
+    cached = {_cache_argument(model): cache, "use_cache": True}
+    logits = model(ids, cache_position=torch.arange(n, device=device), **cached).logits
+    token = logits[:, -1:].argmax(-1)
+    position = torch.tensor([n], device=device)  # read before transformers 5.25; later ones count in the cache
+    new = [token.clone()]
+    prefill_s = _now(device) - started
+
+    def step() -> None:
+        out = model(token, cache_position=position, **cached).logits
+        token.copy_(out[:, -1:].argmax(-1))
+        position.add_(1)
+
+    def stopped() -> bool:  # a stop token among those since the last look
+        recent = new[-1] if not graphs else torch.cat(new[-EOS_CHECK_EVERY:])
+        return bool(stop_ids.intersection(recent.flatten().tolist()))
+
+    first_step_s = steady_s = 0.0
+    steps = 0
+    if not (max_new_tokens == 1 or stopped()):
+        started = _now(device)
+        run = captured(step).replay if graphs else step  # the capture runs the step once (its graph does not)
+        if not graphs:
+            run()
+        new.append(token.clone())
+        first_step_s = _now(device) - started
+        started = _now(device)
+        while len(new) < max_new_tokens and not ((not graphs or steps % EOS_CHECK_EVERY == 0) and stopped()):
+            run()
+            new.append(token.clone())
+            steps += 1
+        steady_s = _now(device) - started
+    new_ids = torch.cat(new).flatten().tolist()
+    for at, token_id in enumerate(new_ids):  # graph steps look at their tokens only now and then
+        if token_id in stop_ids:
+            new_ids = new_ids[:at + 1]
+            break
+    return Generation(n, new_ids, tokenizer.decode(new_ids, skip_special_tokens=True), prefill_s, first_step_s,
+                      steps, steady_s, graphs)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The forward's name for the cache: `cache` since transformers 5.25, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def captured(step) -> torch.cuda.CUDAGraph:
+    """`step` run once on a side stream (as capture requires), then captured in a CUDA graph."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

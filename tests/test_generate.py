@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+from helpers import invoke, make_recipe, tiny_llama
+
+from quantbench import load_quantized
+from quantbench.errors import QuantbenchError
+from quantbench.generate import generate, prompt_ids
+from quantbench.model_io import load_tokenizer
+
+PROMPT = "the river and the stone"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenizer, text_file):
+    """A run of a tiny Llama whose larger weights make each token depend on those before it (as a cache bug
+    would show), its checkpoint packed."""
+    folder = tmp_path_factory.mktemp("generate")
+    tiny_llama(vocab_size=len(tokenizer), init_std=0.3).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    recipe = make_recipe(folder, folder / "model", text_file, eval={"baseline": False})
+    assert invoke("run", recipe, "--quiet").exit_code == 0
+    return folder / "runs" / "tiny"
+
+
+def assert_greedy(model, tokenizer, new_ids: list[int]) -> None:
+    """Each new token is the argmax of one forward over the prompt and the tokens before it, without a cache
+    (another order of float32 sums: within 1e-4 of the largest logit's size)."""
+    ids = prompt_ids(tokenizer, PROMPT)
+    text = torch.cat([ids, torch.tensor([new_ids[:-1]])], dim=1)
+    with torch.no_grad():
+        logits = model(text).logits[0, ids.shape[1] - 1:]
+    best = logits.max(-1).values
+    chosen = logits[torch.arange(len(new_ids)), torch.tensor(new_ids)]
+    assert torch.all(chosen >= best - 1e-4 * logits.abs().max()), (chosen - best).tolist()
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_greedy_tokens_from_the_static_cache_are_those_of_full_forwards(run_dir, kernels):
+    model = load_quantized(run_dir / "checkpoint", kernels=kernels)
+    tokenizer = load_tokenizer(str(run_dir / "checkpoint"))
+    assert any(type(m).__name__ == "PackedLinear" for m in model.modules()) == kernels
+    result = generate(model, tokenizer, PROMPT, 12, stop_ids=set())
+    assert len(result.new_ids) == 12 and result.prompt_tokens == prompt_ids(tokenizer, PROMPT).shape[1]
+    assert result.steady_steps == 10 and result.decode_tokens_per_s > 0 and not result.cuda_graph
+    assert result.text == tokenizer.decode(result.new_ids, skip_special_tokens=True)
+    assert_greedy(model, tokenizer, result.new_ids)
+
+
+def test_generation_stops_after_the_first_stop_token(run_dir):
+    model = load_quantized(run_dir / "checkpoint", kernels=True)
+    tokenizer = load_tokenizer(str(run_dir / "checkpoint"))
+    free = generate(model, tokenizer, PROMPT, 12, stop_ids=set()).new_ids
+    stop = free[5]
+    first = free.index(stop)
+    stopped = generate(model, tokenizer, PROMPT, 12, stop_ids={stop})
+    assert stopped.new_ids == free[:first + 1] and stopped.steady_steps == max(first - 1, 0)
+    one = generate(model, tokenizer, PROMPT, 1, stop_ids=set())
+    assert one.new_ids == free[:1] and one.steady_steps == 0 and one.decode_tokens_per_s is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_steps_give_the_eager_steps_tokens(run_dir):
+    model = load_quantized(run_dir / "checkpoint", "cuda", torch.float16, kernels=True)
+    tokenizer = load_tokenizer(str(run_dir / "checkpoint"))
+    eager = generate(model, tokenizer, PROMPT, 40, stop_ids=set(), cuda_graph=False)
+    graphed = generate(model, tokenizer, PROMPT, 40, stop_ids=set())
+    assert graphed.cuda_graph and not eager.cuda_graph and graphed.new_ids == eager.new_ids
+    stop = eager.new_ids[20]
+    first = eager.new_ids.index(stop)
+    assert generate(model, tokenizer, PROMPT, 40, stop_ids={stop}).new_ids == eager.new_ids[:first + 1]
+
+
+def test_generate_command_prints_text_and_speed(run_dir, model_dir):
+    served = invoke("generate", run_dir, "--prompt", PROMPT, "-n", 6, "--json")
+    assert served.exit_code == 0, served.output
+    record = json.loads(served.output)
+    assert record["kernels"] and record["device"] == "cpu" and record["dtype"] == "float32"
+    assert 1 <= record["new_tokens"] <= 6 and record["prompt_tokens"] > 0 and record["prefill_s"] > 0
+    dense = json.loads(invoke("generate", run_dir, "-p", PROMPT, "-n", 6, "--json", "--dequantized").output)
+    plain = json.loads(invoke("generate", model_dir, "-p", PROMPT, "-n", 6, "--json").output)
+    assert not dense["kernels"] and not plain["kernels"]
+    shown = invoke("generate", run_dir, "-p", PROMPT, "-n", 1, "--dtype", "bfloat16")
+    assert shown.exit_code == 0 and "bfloat16 on cpu, packed kernels" in shown.output
+    assert "too few to time the decode" in shown.output
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["-p", ""], "the prompt is empty"),
+    (["-p", "x", "--chat"], "has no chat template"),
+    (["-p", "x", "--dtype", "float64"], "--dtype 'float64'"),
+])
+def test_generate_refuses_bad_input_in_one_line(run_dir, arguments, message):
+    result = invoke("generate", run_dir, *arguments)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_generate_asks_for_at_least_one_token(run_dir):
+    model = load_quantized(run_dir / "checkpoint")
+    with pytest.raises(QuantbenchError, match="at least one token"):
+        generate(model, load_tokenizer(str(run_dir / "checkpoint")), PROMPT, 0)
+    assert invoke("generate", run_dir, "-p", PROMPT, "-n", 0).exit_code == 2
