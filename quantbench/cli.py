@@ -389,6 +389,8 @@ def generate(
     kernels: bool = typer.Option(True, "--kernels/--dequantized", help="a checkpoint's packed layers through the "
                                  "packed-weight kernels, as served, or dequantized"),
     cuda_graph: bool = typer.Option(True, "--cuda-graph/--eager", help="on CUDA, replay the decode step as a graph"),
+    compiled: bool = typer.Option(False, "--compile", help="compile the decode step (torch.compile; the first step "
+                                  "takes the compile's time): the fastest decode"),
     as_json: bool = typer.Option(False, "--json", help="print the text and the timings as JSON"),
 ) -> None:
     """Greedy text from a checkpoint (or a plain model), with its prefill time and decode speed."""
@@ -408,7 +410,10 @@ def generate(
         packed = kernels and is_quantbench_checkpoint(resolve_checkpoint_dir(target))
         loaded = load_target(target, dev, chosen, packed)
         model = loaded.model.to(dev)
-        result = generate_text(model, loaded.tokenizer, prompt, max_new_tokens, chat, cuda_graph=cuda_graph)
+        if compiled and dev.type == "cuda":
+            _launch_inductor_kernels_dependent()
+        result = generate_text(model, loaded.tokenizer, prompt, max_new_tokens, chat, cuda_graph=cuda_graph,
+                               compiled=compiled)
     except QuantbenchError as exc:
         _fail(exc)
     record = {"target": target, "device": str(dev), "dtype": str(model.dtype).removeprefix("torch."),
@@ -418,12 +423,21 @@ def generate(
         return
     console.print(result.text, soft_wrap=True)
     rate = result.decode_tokens_per_s
-    how = "CUDA graph" if result.cuda_graph else "eager"
+    how = ("CUDA graph" if result.cuda_graph else "eager") + (", compiled" if result.compiled else "")
     err_console.print(
         f"{record['dtype']} on {dev}, {'packed kernels' if packed else 'dense'}: prompt {result.prompt_tokens} "
         f"tokens, prefill {1e3 * result.prefill_s:.0f} ms; {len(result.new_ids)} new tokens, "
         + (f"decode {rate:.1f} tok/s ({how}, {result.steady_steps} steps after the first, which took "
            f"{1e3 * result.first_step_s:.0f} ms)" if rate else "too few to time the decode"), soft_wrap=True)
+
+
+def _launch_inductor_kernels_dependent() -> None:
+    """inductor's Triton kernels start while the kernel before them finishes, where this torch can (and then
+    the packed kernels too: cuda_build.dependent_launch)."""
+    from torch._inductor import config
+
+    if hasattr(config.triton, "enable_pdl"):
+        config.triton.enable_pdl = True
 
 
 def print_eval_record(record: dict) -> None:

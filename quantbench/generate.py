@@ -3,7 +3,10 @@
 The prompt fills a static cache in one forward (the prefill); each decode step then feeds the last token at its
 position and takes the argmax. The first step runs eagerly (on CUDA it also tunes the packed kernels' tiles for
 one row); on CUDA the step is then captured in a CUDA graph and replayed, one launch a token as a served model
-runs, unless `cuda_graph` is off. Generation stops after an end-of-sequence token or `max_new_tokens` tokens.
+runs, unless `cuda_graph` is off. With `compiled` the decode step runs through torch.compile (the first step
+compiles it), which fuses the small operations between the matmuls (norms, rotary embedding, residual adds):
+with packed matmuls these are the larger share of a step. Generation stops after an end-of-sequence token or
+`max_new_tokens` tokens.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ class Generation:
     new_ids: list[int]
     text: str
     prefill_s: float  # the prompt's forward, first token included
-    first_step_s: float  # the first decode step (eager), and on CUDA the capture of its graph
+    first_step_s: float  # the first decode step (compiling it with `compiled`), and on CUDA its graph's capture
     steady_steps: int  # the decode steps after it
     steady_s: float
     cuda_graph: bool
+    compiled: bool
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -39,7 +43,7 @@ class Generation:
         return {"prompt_tokens": self.prompt_tokens, "new_tokens": len(self.new_ids), "text": self.text,
                 "prefill_s": self.prefill_s, "first_step_s": self.first_step_s, "steady_steps": self.steady_steps,
                 "steady_s": self.steady_s, "decode_tokens_per_s": self.decode_tokens_per_s,
-                "cuda_graph": self.cuda_graph}
+                "cuda_graph": self.cuda_graph, "compiled": self.compiled}
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
@@ -65,7 +69,7 @@ def end_ids(model: nn.Module, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False,
-             stop_ids: set[int] | None = None, cuda_graph: bool = True) -> Generation:
+             stop_ids: set[int] | None = None, cuda_graph: bool = True, compiled: bool = False) -> Generation:
     """Up to `max_new_tokens` greedy tokens after `prompt` from `model` (on its device), timed. `stop_ids`:
     the end-of-sequence tokens (default `end_ids`)."""
     from transformers import StaticCache
@@ -87,8 +91,10 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat
     new = [token.clone()]
     prefill_s = _now(device) - started
 
+    forward = torch.compile(model, dynamic=False) if compiled else model
+
     def step() -> None:
-        out = model(token, cache_position=position, **cached).logits
+        out = forward(token, cache_position=position, **cached).logits
         token.copy_(out[:, -1:].argmax(-1))
         position.add_(1)
 
@@ -117,7 +123,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat
             new_ids = new_ids[:at + 1]
             break
     return Generation(n, new_ids, tokenizer.decode(new_ids, skip_special_tokens=True), prefill_s, first_step_s,
-                      steps, steady_s, graphs)
+                      steps, steady_s, graphs, compiled)
 
 
 def _cache_argument(model: nn.Module) -> str:

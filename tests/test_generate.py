@@ -101,3 +101,12 @@ def test_generate_asks_for_at_least_one_token(run_dir):
     with pytest.raises(QuantbenchError, match="at least one token"):
         generate(model, load_tokenizer(str(run_dir / "checkpoint")), PROMPT, 0)
     assert invoke("generate", run_dir, "-p", PROMPT, "-n", 0).exit_code == 2
+
+
+def test_a_compiled_decode_step_gives_the_eager_tokens(run_dir):
+    model = load_quantized(run_dir / "checkpoint", kernels=True)
+    tokenizer = load_tokenizer(str(run_dir / "checkpoint"))
+    eager = generate(model, tokenizer, PROMPT, 6, stop_ids=set())
+    compiled = generate(model, tokenizer, PROMPT, 6, stop_ids=set(), compiled=True)
+    assert compiled.compiled and not eager.compiled
+    assert_greedy(model, tokenizer, compiled.new_ids)
