@@ -396,8 +396,7 @@ def generate(
     """Greedy text from a checkpoint (or a plain model), with its prefill time and decode speed."""
     from quantbench.export.checkpoint import is_quantbench_checkpoint, resolve_checkpoint_dir
     from quantbench.generate import generate as generate_text
-    from quantbench.model_io import DTYPES, resolve_device
-    from quantbench.targets import load_target
+    from quantbench.model_io import DTYPES, load_target, resolve_device
 
     _setup_logging(False)
     try:

@@ -80,6 +80,32 @@ def load_model(name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = 
     return model, load_tokenizer(name_or_path, trust_remote_code)
 
 
+@dataclass
+class LoadedTarget:
+    model: nn.Module
+    tokenizer: object
+    checkpoint: Path | None  # the quantbench checkpoint's folder; None for a plain model
+
+
+def load_target(target: str, device: torch.device, dtype: torch.dtype | None, kernels: bool = False) -> LoadedTarget:
+    """What `eval` and `generate` take as a model: a hub id, a model folder, a quantbench checkpoint or a run
+    directory (the checkpoint it holds). A checkpoint is loaded onto `device` (`load_quantized`; with `kernels`
+    its packed layers run through the packed-weight kernels); a plain model on the CPU in `dtype` (None: the
+    device's default), for the caller to move."""
+    from quantbench.export.checkpoint import is_quantbench_checkpoint, load_quantized, resolve_checkpoint_dir
+
+    path = resolve_checkpoint_dir(target)
+    if is_quantbench_checkpoint(path):
+        return LoadedTarget(load_quantized(path, device, dtype, kernels=kernels), load_tokenizer(str(path)), path)
+    if (path / "result.json").is_file():
+        raise QuantbenchError(f"{target} is a run directory without a checkpoint (its recipe had export.enabled: "
+                              "false); rerun it with export enabled, or name the base model")
+    if kernels:
+        raise QuantbenchError(f"--kernels runs a quantbench checkpoint's packed layers; {target} is not one")
+    model, tokenizer = load_model(target, dtype or resolve_dtype("auto", device))
+    return LoadedTarget(model, tokenizer, None)
+
+
 def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
     """The model a config (object or config.json mapping) describes, built on the meta device: module names
     and shapes without weights, for checks before any weight is read."""

@@ -68,9 +68,8 @@ def evaluate_target(target: str, settings: EvalSection, device: torch.device, dt
     device is evaluated on it.
     """
     from quantbench.export.checkpoint import checkpoint_skeleton, read_checkpoint, tie_as_stored
-    from quantbench.model_io import model_linears
+    from quantbench.model_io import load_target, model_linears
     from quantbench.results import LayerSize, environment, parameter_count, summarize_layers
-    from quantbench.targets import load_target
 
     started = time.perf_counter()
     loaded = load_target(target, device, dtype, kernels)
