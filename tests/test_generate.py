@@ -107,6 +107,9 @@ def test_a_compiled_decode_step_gives_the_eager_tokens(run_dir):
     model = load_quantized(run_dir / "checkpoint", kernels=True)
     tokenizer = load_tokenizer(str(run_dir / "checkpoint"))
     eager = generate(model, tokenizer, PROMPT, 6, stop_ids=set())
-    compiled = generate(model, tokenizer, PROMPT, 6, stop_ids=set(), compiled=True)
+    try:
+        compiled = generate(model, tokenizer, PROMPT, 6, stop_ids=set(), compiled=True)
+    finally:
+        torch._dynamo.reset()  # the compiled frames would otherwise stay for the tests after this one
     assert compiled.compiled and not eager.compiled
     assert_greedy(model, tokenizer, compiled.new_ids)
