@@ -5,8 +5,8 @@ position and takes the argmax. The first step runs eagerly (on CUDA it also tune
 one row); on CUDA the step is then captured in a CUDA graph and replayed, one launch a token as a served model
 runs, unless `cuda_graph` is off. With `compiled` the decode step runs through torch.compile (the first step
 compiles it), which fuses the small operations between the matmuls (norms, rotary embedding, residual adds):
-with packed matmuls these are the larger share of a step. Generation stops after an end-of-sequence token or
-`max_new_tokens` tokens.
+with packed matmuls these are the larger share of a step. Generation stops after an end-of-sequence token
+(looked for after every step on the CPU, every 16 on CUDA) or `max_new_tokens` tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 
 from quantbench.errors import QuantbenchError
 
-EOS_CHECK_EVERY = 16  # CUDA graph steps between looks at the new tokens (each look waits for the GPU)
+EOS_CHECK_EVERY = 16  # CUDA decode steps between looks at the new tokens (each look waits for the GPU)
 
 
 @dataclass
@@ -98,9 +98,10 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat
         token.copy_(out[:, -1:].argmax(-1))
         position.add_(1)
 
+    look_every = _steps_between_looks(device)
+
     def stopped() -> bool:  # a stop token among those since the last look
-        recent = new[-1] if not graphs else torch.cat(new[-EOS_CHECK_EVERY:])
-        return bool(stop_ids.intersection(recent.flatten().tolist()))
+        return bool(stop_ids.intersection(torch.cat(new[-look_every:]).flatten().tolist()))
 
     first_step_s = steady_s = 0.0
     steps = 0
@@ -112,18 +113,23 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat
         new.append(token.clone())
         first_step_s = _now(device) - started
         started = _now(device)
-        while len(new) < max_new_tokens and not ((not graphs or steps % EOS_CHECK_EVERY == 0) and stopped()):
+        while len(new) < max_new_tokens and not (steps % look_every == 0 and stopped()):
             run()
             new.append(token.clone())
             steps += 1
         steady_s = _now(device) - started
     new_ids = torch.cat(new).flatten().tolist()
-    for at, token_id in enumerate(new_ids):  # graph steps look at their tokens only now and then
+    for at, token_id in enumerate(new_ids):  # the steps since the last look may have run past a stop token
         if token_id in stop_ids:
             new_ids = new_ids[:at + 1]
             break
     return Generation(n, new_ids, tokenizer.decode(new_ids, skip_special_tokens=True), prefill_s, first_step_s,
                       steps, steady_s, graphs, compiled)
+
+
+def _steps_between_looks(device: torch.device) -> int:
+    """Decode steps between looks for a stop token: on CUDA each look waits for the GPU, on the CPU it is free."""
+    return EOS_CHECK_EVERY if device.type == "cuda" else 1
 
 
 def _cache_argument(model: nn.Module) -> str:

@@ -60,6 +60,21 @@ def test_generation_stops_after_the_first_stop_token(run_dir):
     assert one.new_ids == free[:1] and one.steady_steps == 0 and one.decode_tokens_per_s is None
 
 
+def test_steps_past_a_stop_token_between_looks_are_dropped(run_dir, monkeypatch):
+    """On CUDA the new tokens are looked at every 16 steps: the steps run past a stop token until the next look,
+    and what they made is dropped (here every 4 steps, on the CPU)."""
+    import quantbench.generate as generation
+
+    model = load_quantized(run_dir / "checkpoint", kernels=True)
+    tokenizer = load_tokenizer(str(run_dir / "checkpoint"))
+    free = generate(model, tokenizer, PROMPT, 14, stop_ids=set()).new_ids
+    first = free.index(free[5])
+    monkeypatch.setattr(generation, "_steps_between_looks", lambda device: 4)
+    stopped = generate(model, tokenizer, PROMPT, 14, stop_ids={free[5]})
+    assert stopped.new_ids == free[:first + 1]
+    assert stopped.steady_steps == min(-(-(first - 1) // 4) * 4, 12)  # up to the first look after the stop
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_steps_give_the_eager_steps_tokens(run_dir):
     model = load_quantized(run_dir / "checkpoint", "cuda", torch.float16, kernels=True)
