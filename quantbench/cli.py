@@ -426,8 +426,8 @@ def generate(
     err_console.print(
         f"{record['dtype']} on {dev}, {'packed kernels' if packed else 'dense'}: prompt {result.prompt_tokens} "
         f"tokens, prefill {1e3 * result.prefill_s:.0f} ms; {len(result.new_ids)} new tokens, "
-        + (f"decode {rate:.1f} tok/s ({how}, {result.steady_steps} steps after the first, which took "
-           f"{1e3 * result.first_step_s:.0f} ms)" if rate else "too few to time the decode"), soft_wrap=True)
+        + (f"decode {rate:.1f} tok/s ({how}, {result.steady_steps} steps after {result.warmup_steps} of warm-up, "
+           f"{1e3 * result.warmup_s:.0f} ms)" if rate else "too few to time the decode"), soft_wrap=True)
 
 
 def _launch_inductor_kernels_dependent() -> None:

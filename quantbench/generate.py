@@ -2,11 +2,12 @@
 
 The prompt fills a static cache in one forward (the prefill); each decode step then feeds the last token at its
 position and takes the argmax. The first step runs eagerly (on CUDA it also tunes the packed kernels' tiles for
-one row); on CUDA the step is then captured in a CUDA graph and replayed, one launch a token as a served model
-runs, unless `cuda_graph` is off. With `compiled` the decode step runs through torch.compile (the first step
-compiles it), which fuses the small operations between the matmuls (norms, rotary embedding, residual adds):
-with packed matmuls these are the larger share of a step. Generation stops after an end-of-sequence token
-(looked for after every step on the CPU, every 16 on CUDA) or `max_new_tokens` tokens.
+one row). On CUDA the step is then captured in a CUDA graph and replayed, one launch a token as a served model
+runs, unless `cuda_graph` is off; the capture's warm-up run makes a token too (without `compiled`, it is the
+first step). With `compiled` the decode step runs through torch.compile (the first step compiles it), which
+fuses the small operations between the matmuls (norms, rotary embedding, residual adds): with packed matmuls
+these are the larger share of a step. Generation stops after an end-of-sequence token (looked for after every
+step on the CPU, every 16 on CUDA) or `max_new_tokens` tokens.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ class Generation:
     new_ids: list[int]
     text: str
     prefill_s: float  # the prompt's forward, first token included
-    first_step_s: float  # the first decode step (compiling it with `compiled`), and on CUDA its graph's capture
-    steady_steps: int  # the decode steps after it
+    warmup_steps: int  # the first decode steps: one eager (compiling the step with `compiled`), and on CUDA
+    warmup_s: float  # one more, the CUDA graph's capture with its warm-up run
+    steady_steps: int  # the decode steps after them
     steady_s: float
     cuda_graph: bool
     compiled: bool
@@ -41,7 +43,8 @@ class Generation:
 
     def to_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "new_tokens": len(self.new_ids), "text": self.text,
-                "prefill_s": self.prefill_s, "first_step_s": self.first_step_s, "steady_steps": self.steady_steps,
+                "prefill_s": self.prefill_s, "warmup_steps": self.warmup_steps, "warmup_s": self.warmup_s,
+                "steady_steps": self.steady_steps,
                 "steady_s": self.steady_s, "decode_tokens_per_s": self.decode_tokens_per_s,
                 "cuda_graph": self.cuda_graph, "compiled": self.compiled}
 
@@ -103,28 +106,32 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat
     def stopped() -> bool:  # a stop token among those since the last look
         return bool(stop_ids.intersection(torch.cat(new[-look_every:]).flatten().tolist()))
 
-    first_step_s = steady_s = 0.0
-    steps = 0
-    if not (max_new_tokens == 1 or stopped()):
-        started = _now(device)
-        run = captured(step).replay if graphs else step  # the capture runs the step once (its graph does not)
-        if not graphs:
-            run()
+    def done() -> bool:
+        return len(new) >= max_new_tokens or stopped()
+
+    started = _now(device)
+    run = step
+    if not done() and (compiled or not graphs):
+        step()  # with `compiled` this compiles the step before any capture, so no recompile meets one
         new.append(token.clone())
-        first_step_s = _now(device) - started
-        started = _now(device)
-        while len(new) < max_new_tokens and not (steps % look_every == 0 and stopped()):
-            run()
-            new.append(token.clone())
-            steps += 1
-        steady_s = _now(device) - started
+    if graphs and not done():
+        run = captured(step).replay  # the capture's warm-up run makes a token too (its graph is not run)
+        new.append(token.clone())
+    warmup_steps, warmup_s = len(new) - 1, _now(device) - started
+    started = _now(device)
+    steps = 0
+    while not (len(new) >= max_new_tokens or (steps % look_every == 0 and stopped())):
+        run()
+        new.append(token.clone())
+        steps += 1
+    steady_s = _now(device) - started
     new_ids = torch.cat(new).flatten().tolist()
     for at, token_id in enumerate(new_ids):  # the steps since the last look may have run past a stop token
         if token_id in stop_ids:
             new_ids = new_ids[:at + 1]
             break
-    return Generation(n, new_ids, tokenizer.decode(new_ids, skip_special_tokens=True), prefill_s, first_step_s,
-                      steps, steady_s, graphs, compiled)
+    return Generation(n, new_ids, tokenizer.decode(new_ids, skip_special_tokens=True), prefill_s, warmup_steps,
+                      warmup_s, steps, steady_s, graphs, compiled)
 
 
 def _steps_between_looks(device: torch.device) -> int:

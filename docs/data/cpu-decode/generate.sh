@@ -8,6 +8,7 @@ for round in 1 2; do
     quantbench generate runs/quickstart -p "The capital of France is" -n 128 $args --json 2>/dev/null | python -c "
 import json, sys; r = json.load(sys.stdin)
 print('$args'.ljust(34), r['dtype'], r['new_tokens'], 'prefill %.0f ms' % (1e3 * r['prefill_s']),
-      'first %.0f ms' % (1e3 * r['first_step_s']), 'decode %.1f tok/s' % r['decode_tokens_per_s'])"
+      'warm-up %d step(s) %.0f ms' % (r['warmup_steps'], 1e3 * r['warmup_s']),
+      'decode %.1f tok/s' % r['decode_tokens_per_s'])"
   done
 done
