@@ -39,6 +39,7 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exist
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     os.environ["QUANTBENCH_CACHE"] = str(tmp_path_factory.mktemp("quantbench-cache"))
+    os.environ["QUANTBENCH_TILES_CACHE"] = str(tmp_path_factory.mktemp("quantbench-tiles"))  # tuned on a GPU
 
 
 @pytest.fixture(scope="session")

@@ -550,6 +550,51 @@ def test_tuned_tiles_persist_for_the_same_gpu_only(tmp_path, monkeypatch):
     assert matmul.tuned_configs() == {key: tile}
 
 
+def test_tuned_tiles_go_to_a_file_per_gpu_kernel_code_and_engines_by_default(tmp_path, monkeypatch):
+    from quantbench.export.kernels import matmul
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setenv(matmul.TILES_CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(matmul.TILES_ENV, raising=False)
+    monkeypatch.delenv(matmul.ENGINES_ENV, raising=False)
+    device = torch.device("cuda")
+    default = matmul.tiles_file(device)
+    assert default.parent == tmp_path and default.name.startswith("NVIDIA-H100-80GB-HBM3-")
+    assert matmul.tiles_file(device) == default  # the same code, engines and torch: the same file
+    monkeypatch.setenv(matmul.ENGINES_ENV, "cuda,mma")
+    assert matmul.tiles_file(device) not in (default, None)  # tiles timed among other engines
+    monkeypatch.setattr(matmul, "_sources_digest", lambda: "another version of the kernels")
+    monkeypatch.delenv(matmul.ENGINES_ENV)
+    assert matmul.tiles_file(device) != default
+    monkeypatch.setenv(matmul.TILES_ENV, str(tmp_path / "mine.json"))
+    assert matmul.tiles_file(device) == tmp_path / "mine.json"
+    monkeypatch.setenv(matmul.TILES_ENV, "off")
+    assert matmul.tiles_file(device) is None
+
+
+def test_saved_tiles_join_another_process_s_and_a_broken_file_is_tuned_afresh(tmp_path, monkeypatch):
+    from quantbench.export.kernels import matmul
+
+    path = tmp_path / "tiles.json"
+    ours = ("int", 4, 128, True, torch.float16, 1, 4096, 4096, False)
+    theirs = ("ternary", 4, 128, False, torch.float16, 8, 4096, 4096, False)
+    monkeypatch.setattr(matmul, "_tuned", {theirs: TileConfig(1, 32, 0, 1, engine="mma")})
+    matmul.save_tuned(path, "NVIDIA H200")  # another process's tuning
+    monkeypatch.setattr(matmul, "_tuned", {ours: TileConfig(1, 64, 512, 2, 8)})
+    matmul.save_tuned(path, "NVIDIA H200")
+    assert [p.name for p in tmp_path.iterdir()] == ["tiles.json"]  # written whole, in one rename
+    monkeypatch.setattr(matmul, "_tuned", {})
+    assert matmul.load_tuned(path, "NVIDIA H200") == 2 and set(matmul.tuned_configs()) == {ours, theirs}
+    path.write_text('{"device": "NVIDIA H200", "tiles": [')  # a file cut short
+    monkeypatch.setattr(matmul, "_tuned", {})
+    with pytest.warns(RuntimeWarning, match="not a tiles file"):
+        assert matmul.load_tuned(path, "NVIDIA H200") == 0
+    monkeypatch.setattr(matmul, "_tuned", {ours: TileConfig(1, 64, 512, 2, 8)})
+    matmul.save_tuned(path, "NVIDIA H200")
+    monkeypatch.setattr(matmul, "_tuned", {})
+    assert matmul.load_tuned(path, "NVIDIA H200") == 1 and set(matmul.tuned_configs()) == {ours}
+
+
 def test_tile_candidates_offer_paired_int4_decodes_and_multi_row_decodes():
     from quantbench.export.kernels.matmul import _candidates
 

@@ -3,9 +3,10 @@ elsewhere.
 
 On CUDA the first call for a (weight kind, width, group, batch bucket, N, K) times the tile candidates
 (CUDA graphs on a cold L2, `graph_time_ms`) and keeps the fastest; later calls reuse it. Make that first
-call before capturing a CUDA graph of your own. With QUANTBENCH_KERNEL_TILES=FILE the choices persist
-across processes: read from FILE when it was written on a GPU of the same name, and saved to it after
-each new tuning. QUANTBENCH_KERNEL_ENGINES=triton, cuda, mma, wgmma or a comma-separated list of them sets
+call before capturing a CUDA graph of your own. The choices persist across processes in a file per GPU name,
+kernel code and engines (`tiles_file`: in QUANTBENCH_TILES_CACHE, default ~/.cache/quantbench/tiles), read on
+the first tuning of a process and saved after each new one; QUANTBENCH_KERNEL_TILES=FILE names another file
+(read when it was written on a GPU of the same name), QUANTBENCH_KERNEL_TILES=off keeps them in the process. QUANTBENCH_KERNEL_ENGINES=triton, cuda, mma, wgmma or a comma-separated list of them sets
 the candidates' engines where they apply (the CUDA decode kernel takes float16 x of up to 16 rows, the
 tensor-core kernels up to 64, the warpgroup one on Hopper only); by default triton, cuda and mma (the warpgroup
 kernel, slower than mma wherever it was measured, is timed only where named).
@@ -15,10 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
+import hashlib
 import importlib.util
 import json
 import os
+import re
+import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from quantbench.export.kernels import cpu_int4, cpu_packed
+from quantbench.export.kernels import cpu_int4, cpu_packed, library_cache
 from quantbench.export.kernels.kernel_call import KernelCall
 from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
 from quantbench.export.kernels.reference import packed_matmul_reference
@@ -349,14 +354,57 @@ def _bucket(m: int) -> int:
 TILES_ENV = "QUANTBENCH_KERNEL_TILES"
 ENGINES_ENV = "QUANTBENCH_KERNEL_ENGINES"
 DEFAULT_ENGINES = "triton,cuda,mma"  # wgmma where named: docs/performance.md, "A warpgroup tensor-core engine"
-_loaded: set[str] = set()
+_loaded: set[Path] = set()
+
+
+TILES_CACHE_ENV = "QUANTBENCH_TILES_CACHE"
+
+
+def tiles_file(device: torch.device) -> Path | None:
+    """Where tuned tiles persist: QUANTBENCH_KERNEL_TILES (None if "off"), else a file in the tiles cache named
+    by the GPU and a digest of the kernels' code (this package's sources), the engines timed and torch's
+    version, so that a change to any of them tunes afresh."""
+    asked = os.environ.get(TILES_ENV)
+    if asked == "off":
+        return None
+    if asked:
+        return Path(asked)
+    engines = os.environ.get(ENGINES_ENV, DEFAULT_ENGINES)
+    digest = hashlib.sha256(f"{_sources_digest()} {engines} {torch.__version__}".encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9.-]+", "-", torch.cuda.get_device_name(device))
+    return library_cache.cache_dir(TILES_CACHE_ENV, "tiles") / f"{name}-{digest}.json"
+
+
+@functools.cache
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.[cp]*")):  # .cu, .cuh, .py, .cpp
+        digest.update(source.name.encode() + source.read_bytes())
+    return digest.hexdigest()
 
 
 def save_tuned(path: str | Path, device_name: str) -> None:
-    """Write the tiles chosen so far, for GPUs named `device_name`."""
-    entries = [{"key": [*key[:4], str(key[4]).removeprefix("torch."), *key[5:]], "tile": dataclasses.asdict(config)}
-               for key, config in _tuned.items()]
-    Path(path).write_text(json.dumps({"device": device_name, "tiles": entries}, indent=1) + "\n")
+    """Write the tiles chosen so far, for GPUs named `device_name`, beside those the file holds from other
+    processes; in one rename, so that a process reading it never sees half a file."""
+    path = Path(path)
+    entries = {json.dumps(entry["key"]): entry for entry in _saved_entries(path, device_name)}
+    for key, config in _tuned.items():
+        stored = [*key[:4], str(key[4]).removeprefix("torch."), *key[5:]]
+        entries[json.dumps(stored)] = {"key": stored, "tile": dataclasses.asdict(config)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as scratch:
+        scratch.write(json.dumps({"device": device_name, "tiles": list(entries.values())}, indent=1) + "\n")
+    os.replace(scratch.name, path)
+
+
+def _saved_entries(path: Path, device_name: str) -> list[dict]:
+    """The entries of a tiles file written for `device_name` ([] if there is none, or it is another GPU's or
+    not a tiles file)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return saved.get("tiles", []) if isinstance(saved, dict) and saved.get("device") == device_name else []
 
 
 def load_tuned(path: str | Path, device_name: str) -> int:
@@ -365,7 +413,11 @@ def load_tuned(path: str | Path, device_name: str) -> int:
     path = Path(path)
     if not path.is_file():
         return 0
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        warnings.warn(f"{path} is not a tiles file (unreadable JSON): tuning afresh", RuntimeWarning, stacklevel=2)
+        return 0
     if saved.get("device") != device_name:
         warnings.warn(f"{path} holds kernel tiles tuned on {saved.get('device')}, not {device_name}: tuning afresh",
                       RuntimeWarning, stacklevel=2)
@@ -394,7 +446,7 @@ def _config_for(x: torch.Tensor, weight: KernelWeight) -> TileConfig:
         return INTERPRETER_CONFIGS["base3" if weight.kind == "ternary3" else "decode" if m == 1 else "batch"]
     key = tuning_key(x, weight)
     if key not in _tuned:  # the tile file is read and written only here, never on a call already tuned
-        tiles = os.environ.get(TILES_ENV)
+        tiles = tiles_file(x.device)
         if tiles and tiles not in _loaded:
             _loaded.add(tiles)
             load_tuned(tiles, torch.cuda.get_device_name(x.device))
