@@ -12,8 +12,8 @@ cp .gpu/tok/* /tmp/ckpt1b; stamp "written"
 for run in first second; do
   timeout 170 python3 -m quantbench generate /tmp/ckpt1b -p "The capital of France is" -n 64 --json \
     > $OUT/$run.json 2> $OUT/$run.err; stamp "$run rc $?"
+  python3 -c "import json; print({k: v for k, v in json.load(open('$OUT/$run.json')).items() if k != 'text'})"
 done
 ls -la $OUT/tiles > $OUT/tiles.txt
 tar cJf $OUT_FINAL/tiles.tar.xz -C $OUT .
-python3 -c "import json,sys; [print(f, {k: v for k, v in json.load(open(f)).items() if k != 'text'}) for f in sys.argv[1:]]" \
-  $OUT/first.json $OUT/second.json; cat $OUT/tiles.txt $OUT/times.log
+cat $OUT/tiles.txt
