@@ -394,6 +394,8 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="print the text and the timings as JSON"),
 ) -> None:
     """Greedy text from a checkpoint (or a plain model), with its prefill time and decode speed."""
+    import torch
+
     from quantbench.export.checkpoint import is_quantbench_checkpoint, resolve_checkpoint_dir
     from quantbench.generate import generate as generate_text
     from quantbench.model_io import DTYPES, load_target, resolve_device
@@ -411,8 +413,12 @@ def generate(
         model = loaded.model.to(dev)
         if compiled and dev.type == "cuda":
             _launch_inductor_kernels_dependent()
-        result = generate_text(model, loaded.tokenizer, prompt, max_new_tokens, chat, cuda_graph=cuda_graph,
-                               compiled=compiled)
+        try:
+            result = generate_text(model, loaded.tokenizer, prompt, max_new_tokens, chat, cuda_graph=cuda_graph,
+                                   compiled=compiled)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. inductor's C++ on a machine it misjudges
+            raise QuantbenchError(f"--compile: torch.compile failed here ({str(exc).splitlines()[0]}); run "
+                                  "without --compile") from None
     except QuantbenchError as exc:
         _fail(exc)
     record = {"target": target, "device": str(dev), "dtype": str(model.dtype).removeprefix("torch."),

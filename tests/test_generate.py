@@ -135,3 +135,16 @@ def test_a_compiled_decode_step_gives_the_eager_tokens(run_dir, monkeypatch):
         torch._dynamo.reset()  # the compiled frames would otherwise stay for the tests after this one
     assert compiled.compiled and not eager.compiled and counter.frame_count >= 1  # the step went through dynamo
     assert_greedy(model, tokenizer, compiled.new_ids)
+
+
+def test_a_compile_that_fails_on_this_machine_is_one_line(run_dir, monkeypatch):
+    def broken(graph, inputs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=broken))
+    try:
+        result = invoke("generate", run_dir, "-p", PROMPT, "-n", 4, "--compile")
+    finally:
+        torch._dynamo.reset()
+    assert result.exit_code == 2 and "--compile: torch.compile failed here" in result.output
+    assert "run without --compile" in result.output
