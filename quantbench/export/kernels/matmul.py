@@ -6,10 +6,11 @@ On CUDA the first call for a (weight kind, width, group, batch bucket, N, K) tim
 call before capturing a CUDA graph of your own. The choices persist across processes in a file per GPU name,
 kernel code and engines (`tiles_file`: in QUANTBENCH_TILES_CACHE, default ~/.cache/quantbench/tiles), read on
 the first tuning of a process and saved after each new one; QUANTBENCH_KERNEL_TILES=FILE names another file
-(read when it was written on a GPU of the same name), QUANTBENCH_KERNEL_TILES=off keeps them in the process. QUANTBENCH_KERNEL_ENGINES=triton, cuda, mma, wgmma or a comma-separated list of them sets
-the candidates' engines where they apply (the CUDA decode kernel takes float16 x of up to 16 rows, the
-tensor-core kernels up to 64, the warpgroup one on Hopper only); by default triton, cuda and mma (the warpgroup
-kernel, slower than mma wherever it was measured, is timed only where named).
+(read when it was written on a GPU of the same name), QUANTBENCH_KERNEL_TILES=off keeps them in the process.
+QUANTBENCH_KERNEL_ENGINES=triton, cuda, mma, wgmma or a comma-separated list of them sets the candidates' engines
+where they apply (the CUDA decode kernel takes float16 x of up to 16 rows, the tensor-core kernels up to 64, the
+warpgroup one on Hopper only); by default triton, cuda and mma (the warpgroup kernel, slower than mma wherever it
+was measured, is timed only where named).
 """
 
 from __future__ import annotations
@@ -352,12 +353,10 @@ def _bucket(m: int) -> int:
 
 
 TILES_ENV = "QUANTBENCH_KERNEL_TILES"
+TILES_CACHE_ENV = "QUANTBENCH_TILES_CACHE"
 ENGINES_ENV = "QUANTBENCH_KERNEL_ENGINES"
 DEFAULT_ENGINES = "triton,cuda,mma"  # wgmma where named: docs/performance.md, "A warpgroup tensor-core engine"
 _loaded: set[Path] = set()
-
-
-TILES_CACHE_ENV = "QUANTBENCH_TILES_CACHE"
 
 
 def tiles_file(device: torch.device) -> Path | None:
