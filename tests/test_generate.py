@@ -37,6 +37,17 @@ def assert_greedy(model, tokenizer, new_ids: list[int]) -> None:
     assert torch.all(chosen >= best - 1e-4 * logits.abs().max()), (chosen - best).tolist()
 
 
+@pytest.mark.parametrize("family", ["tiny_opt", "tiny_gpt_neox", "tiny_qwen2_sliding_window", "tiny_gemma2",
+                                    "tiny_gemma3_text", "tiny_phi3", "tiny_qwen3_moe", "tiny_deepseek_v2"])
+def test_every_supported_family_generates_from_its_static_cache(tokenizer, family):
+    import helpers
+
+    model = getattr(helpers, family)(vocab_size=len(tokenizer)).eval()
+    result = generate(model, tokenizer, PROMPT, 8, stop_ids=set())
+    assert len(result.new_ids) == 8 and result.steady_steps == 6
+    assert_greedy(model, tokenizer, result.new_ids)
+
+
 @pytest.mark.parametrize("kernels", [True, False])
 def test_greedy_tokens_from_the_static_cache_are_those_of_full_forwards(run_dir, kernels):
     model = load_quantized(run_dir / "checkpoint", kernels=kernels)
