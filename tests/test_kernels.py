@@ -595,6 +595,42 @@ def test_saved_tiles_join_another_process_s_and_a_broken_file_is_tuned_afresh(tm
     assert matmul.load_tuned(path, "NVIDIA H200") == 1 and set(matmul.tuned_configs()) == {ours}
 
 
+class _SeenAsCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: the tuner's bookkeeping, without a GPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.mark.parametrize("nvcc, retuned", [(None, True), ("/usr/local/cuda/bin/nvcc", False)])
+def test_a_tile_from_a_file_whose_engine_refuses_the_call_here_is_tuned_afresh(tmp_path, monkeypatch, nvcc, retuned):
+    """A CUDA-core tile saved where nvcc was, read where there is none, would fail its first call: it is dropped
+    there and tuned afresh (and the file updated); where the engine takes the call it is used as read."""
+    from quantbench.export.kernels import cuda_build, matmul
+
+    weight = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
+    x = torch.zeros(1, weight.shape[1], dtype=torch.float16).as_subclass(_SeenAsCuda)
+    key = matmul.tuning_key(x, weight)
+    saved, fresh = TileConfig(1, 32, 0, 1, 8, 0, engine="cuda"), TileConfig(1, 64, 64, 2)
+    monkeypatch.setattr(matmul, "_tuned", {key: saved})
+    matmul.save_tuned(tmp_path / "tiles.json", "NVIDIA H100")
+    monkeypatch.setattr(matmul, "_tuned", {})
+    monkeypatch.setattr(matmul, "_from_file", set())
+    monkeypatch.setattr(matmul, "_loaded", set())
+    monkeypatch.setattr(matmul, "tiles_file", lambda device: tmp_path / "tiles.json")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    monkeypatch.setattr(cuda_build, "nvcc_path", lambda: nvcc)
+    tuned = []
+    monkeypatch.setattr(matmul, "_fastest", lambda x, weight, candidates: tuned.append(key) or fresh)
+    monkeypatch.setattr(matmul, "_engine_candidates", lambda x, weight: [])
+    assert matmul._config_for(x, weight) == (fresh if retuned else saved)
+    assert tuned == ([key] if retuned else []) and not matmul._from_file
+    monkeypatch.setattr(matmul, "_tuned", {})
+    matmul.load_tuned(tmp_path / "tiles.json", "NVIDIA H100")
+    assert matmul.tuned_configs() == {key: fresh if retuned else saved}  # the file holds what was used
+
+
 def test_tile_candidates_offer_paired_int4_decodes_and_multi_row_decodes():
     from quantbench.export.kernels.matmul import _candidates
 

@@ -76,6 +76,7 @@ WGMMA_DEFAULT = TileConfig(1, 128, 0, 1, 4, num_stages=0, engine="wgmma")
 INTERPRETER_CONFIGS = {"decode": TileConfig(1, 32, 64, 2), "batch": TileConfig(16, 32, 64, 1),
                        "base3": TileConfig(1, 32, 8, 2)}
 _tuned: dict[tuple, TileConfig] = {}
+_from_file: set[tuple] = set()  # tiles read from a tiles file and not yet used by a call
 
 
 def triton_available() -> bool:
@@ -425,8 +426,10 @@ def load_tuned(path: str | Path, device_name: str) -> int:
     taken = [entry for entry in saved["tiles"]
              if len(entry["key"]) == TUNING_KEY_LENGTH and set(entry["tile"]) <= fields]
     for entry in taken:
-        key = entry["key"]
-        _tuned.setdefault((*key[:4], getattr(torch, key[4]), *key[5:]), TileConfig(**entry["tile"]))
+        key = (*entry["key"][:4], getattr(torch, entry["key"][4]), *entry["key"][5:])
+        if key not in _tuned:
+            _tuned[key] = TileConfig(**entry["tile"])
+            _from_file.add(key)
     if len(taken) < len(saved["tiles"]):
         warnings.warn(f"{path}: {len(saved['tiles']) - len(taken)} of its tiles were written by another version of "
                       f"quantbench (another key or other tile fields): those shapes are tuned afresh", RuntimeWarning,
@@ -444,16 +447,32 @@ def _config_for(x: torch.Tensor, weight: KernelWeight) -> TileConfig:
     if not x.is_cuda:
         return INTERPRETER_CONFIGS["base3" if weight.kind == "ternary3" else "decode" if m == 1 else "batch"]
     key = tuning_key(x, weight)
-    if key not in _tuned:  # the tile file is read and written only here, never on a call already tuned
-        tiles = tiles_file(x.device)
-        if tiles and tiles not in _loaded:
-            _loaded.add(tiles)
-            load_tuned(tiles, torch.cuda.get_device_name(x.device))
-        if key not in _tuned:
-            _tuned[key] = _fastest(x, weight, _engine_candidates(x, weight))
-            if tiles:
-                save_tuned(tiles, torch.cuda.get_device_name(x.device))
+    if key in _tuned and key not in _from_file:
+        return _tuned[key]
+    # the tile file is read and written only here, never on a call already tuned
+    device_name, tiles = torch.cuda.get_device_name(x.device), tiles_file(x.device)
+    if tiles and tiles not in _loaded:
+        _loaded.add(tiles)
+        load_tuned(tiles, device_name)
+    if key in _from_file:  # read from a file, first used here: dropped if its engine cannot take the call here
+        _from_file.discard(key)
+        if _refused(x, weight, _tuned[key]):
+            del _tuned[key]
+    if key not in _tuned:
+        _tuned[key] = _fastest(x, weight, _engine_candidates(x, weight))
+        if tiles:
+            save_tuned(tiles, device_name)
     return _tuned[key]
+
+
+def _refused(x: torch.Tensor, weight: KernelWeight, config: TileConfig) -> str | None:
+    """Why `config`'s engine cannot take this call here (no nvcc, a misaligned tensor, too many rows…): host
+    checks only, so a call inside a CUDA graph capture may make them."""
+    from quantbench.export.kernels import cuda_gemv, cuda_mma, cuda_wgmma
+
+    checks = {"cuda": cuda_gemv.unsupported_reason, "mma": cuda_mma.unsupported_reason,
+              "wgmma": cuda_wgmma.unsupported_reason}
+    return checks[config.engine](x, weight) if config.engine in checks else None
 
 
 def _fastest(x: torch.Tensor, weight: KernelWeight, candidates: list[TileConfig]) -> TileConfig:
