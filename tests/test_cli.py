@@ -231,3 +231,16 @@ def test_run_applies_the_recipes_autoround_and_scaling_options(tmp_path, model_d
     _, saved = quantized_ppl("awq", "awq+int4-g32-rtn", scaling={"grid": 4})
     assert saved["scaled"] and all(r["method"] == "awq" and r["alpha"] in (0, 0.25, 0.5, 0.75)
                                    for r in saved["scaled"].values())
+
+
+def test_a_run_without_an_allocation_needs_no_solver(tmp_path, model_dir, text_file):
+    """The ILP's solver (PuLP) is imported where an allocation is solved: a machine without it runs plain recipes."""
+    import subprocess
+    import sys
+
+    recipe = make_recipe(tmp_path, model_dir, text_file, eval={"baseline": False})
+    script = ("import sys; sys.modules['pulp'] = None; from quantbench.cli import app; "
+              f"app(['run', {str(recipe)!r}, '--quiet'])")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "runs" / "tiny" / "result.json").is_file()

@@ -14,7 +14,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pulp
 import yaml
 
 from quantbench.allocation.problem import Problem
@@ -111,6 +110,8 @@ def _solve(problem: Problem, costs: list[list[float]], max_bits: float | None, m
            time_limit: float, gap: float) -> tuple[str, list[int] | None]:
     """CBC on the options that are not dominated (another option of the item no larger, no slower and
     no costlier, and better in one of them; dropping those cannot change the optimum)."""
+    import pulp  # here, so that a run without an allocation never needs the solver
+
     kept = [_undominated_options(item, row, problem.family_per_block) for item, row in zip(problem.items, costs)]
     magnitudes = sorted(abs(c) for row in costs for c in row if c)
     scale = magnitudes[len(magnitudes) // 2] if magnitudes else 1.0
