@@ -1,6 +1,7 @@
 import functools
 import json
 
+import helpers
 import pytest
 import torch
 from helpers import invoke, make_recipe, tiny_llama
@@ -40,8 +41,6 @@ def assert_greedy(model, tokenizer, new_ids: list[int]) -> None:
 @pytest.mark.parametrize("family", ["tiny_opt", "tiny_gpt_neox", "tiny_qwen2_sliding_window", "tiny_gemma2",
                                     "tiny_gemma3_text", "tiny_phi3", "tiny_qwen3_moe", "tiny_deepseek_v2"])
 def test_every_supported_family_generates_from_its_static_cache(tokenizer, family):
-    import helpers
-
     model = getattr(helpers, family)(vocab_size=len(tokenizer)).eval()
     result = generate(model, tokenizer, PROMPT, 8, stop_ids=set())
     assert len(result.new_ids) == 8 and result.steady_steps == 6
