@@ -879,7 +879,6 @@ def test_tensor_core_split_k_choices_fill_the_multiprocessors_and_keep_a_slab_pe
 
 def test_tensor_core_capped_blocks_are_offered_for_32_rows_whose_warps_share_x_side_by_side():
     from quantbench.export.kernels.cuda_mma import capped_choices
-    from quantbench.export.kernels.matmul import _mma_candidates
 
     int4 = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
     assert capped_choices(32, 4, True, int4) == (False, True)
@@ -888,20 +887,27 @@ def test_tensor_core_capped_blocks_are_offered_for_32_rows_whose_warps_share_x_s
     # ternary's two planes of span sums spill under the cap; groups shorter than a k-step scale B instead
     assert capped_choices(32, 4, True, to_kernel_layout(WEIGHTS["ternary2-g64"])) == (False,)
     assert capped_choices(32, 4, True, to_kernel_layout(ternary_weight(16))) == (False, True)
-    with patch("quantbench.export.kernels.cuda_mma.unsupported_reason", return_value=None), \
-            patch("quantbench.export.kernels.cuda_gemv.multiprocessors", return_value=132), \
-            patch("quantbench.export.kernels.cuda_build.can_launch_dependent", return_value=False):
-        up = SimpleNamespace(shape=(14336, 4096), per_word=8, kind="int", perm=None, group=128, bits=4, zeros=None)
-        tiles = _mma_candidates(torch.zeros(32, 1), up)
+    tiles = up_projection_mma_candidates(32)
     capped = [t for t in tiles if t.capped]
     assert {(t.rows, t.num_warps, t.block_n, t.num_stages) for t in capped} == {(32, 4, 128, 1), (32, 8, 128, 1)}
     assert {t.split_k for t in capped} == {1}
     assert len(tiles) == len(set(tiles))
 
 
+def up_projection_mma_candidates(m: int) -> list:
+    """The tensor-core tiles the tuner would time for m rows of an int4-g128 14336×4096 weight on a
+    132-multiprocessor GPU without dependent launch, listed on any machine."""
+    from quantbench.export.kernels.matmul import _mma_candidates
+
+    with patch("quantbench.export.kernels.cuda_mma.unsupported_reason", return_value=None), \
+            patch("quantbench.export.kernels.cuda_gemv.multiprocessors", return_value=132), \
+            patch("quantbench.export.kernels.cuda_build.can_launch_dependent", return_value=False):
+        up = SimpleNamespace(shape=(14336, 4096), per_word=8, kind="int", perm=None, group=128, bits=4, zeros=None)
+        return _mma_candidates(torch.zeros(m, 1), up)
+
+
 def test_tensor_core_scales_in_b_are_offered_below_64_rows_where_the_weight_has_span_sums():
     from quantbench.export.kernels.cuda_mma import scales_in_b_choices
-    from quantbench.export.kernels.matmul import _mma_candidates
 
     for label in ("int4-g128-rtn", "int4-g32 act_order", "ternary2-g64", "mxfp4-rtn"):
         packed = to_kernel_layout(WEIGHTS[label])
@@ -911,11 +917,7 @@ def test_tensor_core_scales_in_b_are_offered_below_64_rows_where_the_weight_has_
         assert scales_in_b_choices(16, packed) == (False,)
     mxfp4 = to_kernel_layout(WEIGHTS["mxfp4-rtn"])
     assert scales_in_b_choices(16, dataclasses.replace(mxfp4, scales=mxfp4.scales.clone().fill_(141))) == (False,)
-    with patch("quantbench.export.kernels.cuda_mma.unsupported_reason", return_value=None), \
-            patch("quantbench.export.kernels.cuda_gemv.multiprocessors", return_value=132), \
-            patch("quantbench.export.kernels.cuda_build.can_launch_dependent", return_value=False):
-        up = SimpleNamespace(shape=(14336, 4096), per_word=8, kind="int", perm=None, group=128, bits=4, zeros=None)
-        tiles = _mma_candidates(torch.zeros(40, 1), up)
+    tiles = up_projection_mma_candidates(40)
     in_b = [t for t in tiles if t.scales_in_b]
     assert {t.rows for t in in_b} == {16, 32} and {t.rows for t in tiles} == {16, 32, 64}
     assert {dataclasses.replace(t, scales_in_b=False) for t in in_b} == {t for t in tiles if t.rows < 64} - set(in_b)
