@@ -1,6 +1,8 @@
 """Whether a tile option pays: the tuner's candidates split by one TileConfig field, the fastest of each family
-found as the tuner finds it (checked against the torch fallback), then the winners and fp16 torch.matmul timed
-alternately in one run (cold L2, CUDA graphs: bench/kernel_speed.py's timer).
+found as the tuner finds it (checked against the torch fallback; the seconds that took and the count of
+candidates are kept), then the winners and fp16 torch.matmul timed alternately in one run (cold L2, CUDA graphs:
+bench/kernel_speed.py's timer). `--family engine --engines triton,cuda,mma` says whether Triton's tiles win
+anywhere a CUDA engine applies, and what timing them costs a first use.
 
     python bench/kernel_tiles.py --engines mma --family rows --shapes 8192x8192 --batches 32 64 \
         --variants mxfp4 nvfp4 --json tiles.json
@@ -14,6 +16,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,18 +30,23 @@ from quantbench.export.kernels import packed_matmul  # noqa: E402
 from quantbench.export.kernels.matmul import ENGINES_ENV, TileConfig, _engine_candidates, _fastest  # noqa: E402
 
 
-def family_winners(x: torch.Tensor, weight, family: str) -> dict[str, TileConfig]:
-    """The fastest tile of each value of `family` among the tuner's candidates."""
+def family_winners(x: torch.Tensor, weight, family: str) -> tuple[dict[str, TileConfig], dict[str, dict]]:
+    """The fastest tile of each value of `family` among the tuner's candidates, and per value the count of
+    candidates and the seconds the tuner took over them (compiles included: a first use's cost)."""
     families: dict[str, list[TileConfig]] = {}
     for config in _engine_candidates(x, weight):
         families.setdefault(str(getattr(config, family)), []).append(config)
-    winners = {}
+    winners, tuning = {}, {}
     for value, configs in sorted(families.items()):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
         try:
             winners[value] = _fastest(x, weight, configs)
         except RuntimeError as exc:  # no tile of this family runs here
             print(f"  {family}={value}: {exc}", flush=True)
-    return winners
+        torch.cuda.synchronize()
+        tuning[value] = {"candidates": len(configs), "seconds": round(time.perf_counter() - start, 3)}
+    return winners, tuning
 
 
 def alternated(calls: dict[str, object], x: torch.Tensor, timer: Timer, rounds: int) -> dict[str, list[float]]:
@@ -74,7 +82,7 @@ def main() -> None:
             weight = kernel_weight(label, n, k, "cuda")
             for batch in args.batches:
                 x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
-                winners = family_winners(x, weight, args.family)
+                winners, tuning = family_winners(x, weight, args.family)
                 calls = {"fp16": lambda: torch.matmul(x, dense.t())}
                 calls.update({value: (lambda c=config: packed_matmul(x, weight, config=c))
                               for value, config in winners.items()})
@@ -82,11 +90,14 @@ def main() -> None:
                 cell = {"shape": shape, "variant": label, "batch": batch,
                         "us": {key: statistics.median(v) for key, v in times.items()},
                         "spread": {key: [min(v), max(v)] for key, v in times.items()},
-                        "tiles": {value: dataclasses.asdict(config) for value, config in winners.items()}}
+                        "tiles": {value: dataclasses.asdict(config) for value, config in winners.items()},
+                        "tuning": tuning}
                 cells.append(cell)
                 fp16 = cell["us"]["fp16"]
                 parts = [f"{value} {cell['us'][value]:.1f} µs (×{fp16 / cell['us'][value]:.2f} fp16)" for value in winners]
                 print(f"{shape} {label} batch {batch}: fp16 {fp16:.1f} µs; " + "; ".join(parts), flush=True)
+                print("  tuning: " + "; ".join(f"{value} {t['candidates']} tiles in {t['seconds']:.1f} s"
+                                               for value, t in tuning.items()), flush=True)
                 if args.json:
                     args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "family": args.family,
                                                      "engines": args.engines, "cells": cells}, indent=1) + "\n")
