@@ -561,7 +561,7 @@ def test_tuned_tiles_go_to_a_file_per_gpu_kernel_code_and_engines_by_default(tmp
     default = matmul.tiles_file(device)
     assert default.parent == tmp_path and default.name.startswith("NVIDIA-H100-80GB-HBM3-")
     assert matmul.tiles_file(device) == default  # the same code, engines and torch: the same file
-    monkeypatch.setenv(matmul.ENGINES_ENV, "cuda,mma")
+    monkeypatch.setenv(matmul.ENGINES_ENV, "triton,cuda,mma")
     assert matmul.tiles_file(device) not in (default, None)  # tiles timed among other engines
     monkeypatch.setattr(matmul, "_sources_digest", lambda: "another version of the kernels")
     monkeypatch.delenv(matmul.ENGINES_ENV)
@@ -768,19 +768,19 @@ def test_tensor_core_libraries_load_scales_once_per_span_of_k_steps_that_share_t
     assert library_path(WeightType.of(int4, False), "90").name.startswith("packed_gemv-")
 
 
-def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
-    """Where the CUDA kernel applies (faked here: no GPU), the tuner times its tiles beside Triton's;
-    QUANTBENCH_KERNEL_ENGINES narrows that to one engine."""
+def test_tuning_times_the_cuda_engines_where_they_apply(monkeypatch):
+    """Where the CUDA kernels apply (faked here: no GPU), the tuner times their tiles and not Triton's, which
+    stay where none applies; QUANTBENCH_KERNEL_ENGINES adds Triton's or narrows the choice to one engine."""
     from quantbench.export.kernels import cuda_build, cuda_gemv, cuda_mma, matmul
 
     monkeypatch.setattr(cuda_build, "unsupported_reason", lambda x, weight: None)
     monkeypatch.setattr(cuda_gemv, "multiprocessors", lambda device: 8)
     packed = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
     x = torch.randn(1, IN).half()
-    every = matmul._engine_candidates(x, packed)
-    cuda = [c for c in every if c.engine == "cuda"]
-    mma = [c for c in every if c.engine == "mma"]
-    assert cuda and mma and len(cuda) + len(mma) < len(every)
+    default = matmul._engine_candidates(x, packed)
+    cuda = [c for c in default if c.engine == "cuda"]
+    mma = [c for c in default if c.engine == "mma"]
+    assert cuda and mma and default == cuda + mma
     assert {(c.rows, c.num_warps, c.block_n // 32, c.num_stages) for c in mma} == {
         (rows, warps, warps_n, x_shared) for rows in (8, 16) for warps in cuda_mma.WARPS
         for warps_n in cuda_mma.WARPS_N if warps_n <= warps for x_shared in (0, 1)}
@@ -798,8 +798,8 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     assert {c.rows for c in matmul._mma_candidates(x.repeat(64, 1), mxfp4)} == {16, 32, 64}
     wide = dataclasses.replace(mxfp4, scales=mxfp4.scales.clone().index_fill_(1, torch.tensor([3]), 141))
     assert {c.rows for c in matmul._mma_candidates(x.repeat(64, 1), wide)} == {16, 32}  # one block's 6 · 2^14
-    assert {c.engine for c in matmul._engine_candidates(x.repeat(20, 1), packed)} == {"triton", "mma"}
-    assert {c.engine for c in matmul._engine_candidates(x.repeat(65, 1), packed)} == {"triton"}
+    assert {c.engine for c in matmul._engine_candidates(x.repeat(20, 1), packed)} == {"mma"}
+    assert {c.engine for c in matmul._engine_candidates(x.repeat(65, 1), packed)} == {"triton"}  # none applies
     # registers a slab or a row at a time, and cp.async stages; 4 rows of x: registers only
     assert {(c.rows, c.num_stages, c.streamed) for c in cuda} == {(1, 0, False), (1, 0, True), (1, 1, False)}
     assert {(c.rows, c.num_stages, c.streamed) for c in matmul._cuda_candidates(x.repeat(3, 1), packed)} == {
@@ -819,10 +819,15 @@ def test_tuning_times_both_engines_unless_one_is_chosen(monkeypatch):
     assert matmul._engine_candidates(x, packed) == cuda
     monkeypatch.setenv(matmul.ENGINES_ENV, "mma")
     assert matmul._engine_candidates(x, packed) == mma
-    monkeypatch.setenv(matmul.ENGINES_ENV, "cuda,mma")
-    assert matmul._engine_candidates(x, packed) == cuda + mma
+    monkeypatch.setenv(matmul.ENGINES_ENV, "triton,cuda,mma")
+    every = matmul._engine_candidates(x, packed)
+    triton = [c for c in every if c.engine == "triton"]
+    assert triton and every == triton + cuda + mma
     monkeypatch.setenv(matmul.ENGINES_ENV, "triton")
-    assert matmul._engine_candidates(x, packed) == [c for c in every if c.engine == "triton"]
+    assert matmul._engine_candidates(x, packed) == triton
+    monkeypatch.delenv(matmul.ENGINES_ENV)  # no nvcc: Triton's tiles by default
+    monkeypatch.setattr(cuda_build, "unsupported_reason", lambda x, weight: "nvcc not found")
+    assert matmul._engine_candidates(x, packed) == triton
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decode kernel runs on an NVIDIA GPU only")
@@ -1304,7 +1309,7 @@ def test_warpgroup_kernel_is_timed_beside_the_others_on_hopper_only(monkeypatch)
     act_order = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
     monkeypatch.setattr(cuda_build, "can_launch_dependent", lambda device: True)
     assert {c.overlap_gather for c in matmul._wgmma_candidates(x.repeat(16, 1), act_order)} == {False, True}
-    assert {c.engine for c in matmul._engine_candidates(x.repeat(16, 1), packed)} == {"triton", "cuda", "mma"}
+    assert {c.engine for c in matmul._engine_candidates(x.repeat(16, 1), packed)} == {"cuda", "mma"}
     monkeypatch.setenv(matmul.ENGINES_ENV, "triton,cuda,mma,wgmma")  # timed only where named
     every = matmul._engine_candidates(x.repeat(16, 1), packed)
     assert {c.engine for c in every} == {"triton", "cuda", "mma", "wgmma"}

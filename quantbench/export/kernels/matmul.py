@@ -9,8 +9,10 @@ the first tuning of a process and saved after each new one; QUANTBENCH_KERNEL_TI
 (read when it was written on a GPU of the same name), QUANTBENCH_KERNEL_TILES=off keeps them in the process.
 QUANTBENCH_KERNEL_ENGINES=triton, cuda, mma, wgmma or a comma-separated list of them sets the candidates' engines
 where they apply (the CUDA decode kernel takes float16 x of up to 16 rows, the tensor-core kernels up to 64, the
-warpgroup one on Hopper only); by default triton, cuda and mma (the warpgroup kernel, slower than mma wherever it
-was measured, is timed only where named).
+warpgroup one on Hopper only); by default cuda and mma, and Triton's tiles only where neither applies (they never
+won where one did, and compiling them cost a first use most of its tuning: docs/performance.md, "Triton's tiles
+where a CUDA kernel applies"); the warpgroup kernel, slower than mma wherever it was measured, is timed only where
+named.
 """
 
 from __future__ import annotations
@@ -260,8 +262,9 @@ def _candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[TileCo
 
 
 def _engine_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig]:
-    """The tiles to time: Triton's and, where they apply, the CUDA kernels'. QUANTBENCH_KERNEL_ENGINES
-    names the engines (default DEFAULT_ENGINES); Triton's stay where none of the CUDA ones it names applies."""
+    """The tiles to time: the CUDA kernels' where they apply, else Triton's. QUANTBENCH_KERNEL_ENGINES names
+    the engines (default DEFAULT_ENGINES); Triton's are timed beside CUDA ones only where it names "triton", and
+    stay where none of the CUDA ones it names applies."""
     engines = set(os.environ.get(ENGINES_ENV, DEFAULT_ENGINES).split(","))
     cuda = ((_cuda_candidates(x, weight) if "cuda" in engines else [])
             + (_mma_candidates(x, weight) if "mma" in engines else [])
@@ -356,7 +359,7 @@ def _bucket(m: int) -> int:
 TILES_ENV = "QUANTBENCH_KERNEL_TILES"
 TILES_CACHE_ENV = "QUANTBENCH_TILES_CACHE"
 ENGINES_ENV = "QUANTBENCH_KERNEL_ENGINES"
-DEFAULT_ENGINES = "triton,cuda,mma"  # wgmma where named: docs/performance.md, "A warpgroup tensor-core engine"
+DEFAULT_ENGINES = "cuda,mma"  # Triton where neither applies; wgmma where named (module docstring)
 _loaded: set[Path] = set()
 
 
