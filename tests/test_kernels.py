@@ -631,6 +631,56 @@ def test_a_tile_from_a_file_whose_engine_refuses_the_call_here_is_tuned_afresh(t
     assert matmul.tuned_configs() == {key: fresh if retuned else saved}  # the file holds what was used
 
 
+def test_tuning_screens_every_tile_then_times_the_fastest_few_in_full(monkeypatch):
+    """Each runnable tile is timed once on short graphs; only the FINALISTS fastest of that are timed in full,
+    and the fastest in full wins, even where the screening ranked it lower. Tiles that raise, disagree with the
+    torch fallback or cannot be captured drop out."""
+    from quantbench.export.kernels import matmul
+
+    packed = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
+    x = torch.randn(2, IN)
+    tiles = [TileConfig(1, 32 * (i + 1), 0, 1, 4, 0, engine="cuda") for i in range(3 * matmul.FINALISTS)]
+    screen = {tile: 1.0 + 0.1 * i for i, tile in enumerate(tiles)}  # the screening's order: the list's
+    full = dict(screen)
+    full[tiles[4]] = 0.5  # fastest in full, fifth in the screening
+    screened_out = tiles[3 + matmul.FINALISTS]  # the first runnable one past the finalists
+    full[screened_out] = 0.1  # faster still, but not timed in full
+    broken, wrong, uncapturable = tiles[0], tiles[1], tiles[2]
+    timed = []
+
+    def run(x, weight, backend, config):
+        if config == broken:
+            raise RuntimeError("too much shared memory")
+        result = matmul.packed_matmul_reference(x.float(), weight)
+        run.last = config
+        return -result if config == wrong else result
+
+    def graph_time_ms(fn, calls=10, rounds=3, warm=()):
+        fn()
+        if run.last == uncapturable:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        screening = (calls, rounds) == (matmul.SCREEN_CALLS, 1)
+        timed.append((run.last, screening))
+        return (screen if screening else full)[run.last]
+
+    monkeypatch.setattr(matmul, "packed_matmul", run)
+    monkeypatch.setattr(matmul, "graph_time_ms", graph_time_ms)
+    with pytest.warns(RuntimeWarning, match="1 tile configurations"):
+        assert matmul._fastest(x, packed, tiles) == tiles[4]
+    runnable = tiles[3:]
+    assert [tile for tile, screening in timed if screening] == runnable
+    assert [tile for tile, screening in timed if not screening] == runnable[:matmul.FINALISTS]
+    timed.clear()
+    with pytest.warns(RuntimeWarning):
+        assert matmul._fastest(x, packed, tiles, finalists=None) == screened_out
+    assert [tile for tile, screening in timed] == runnable and not any(screening for _, screening in timed)
+    timed.clear()
+    assert matmul._fastest(x, packed, runnable[:3]) == tiles[4]  # no more than FINALISTS: no screening
+    assert not any(screening for _, screening in timed)
+    with pytest.raises(RuntimeError, match="captured"):
+        matmul._fastest(x, packed, [uncapturable])
+
+
 def test_tile_candidates_offer_paired_int4_decodes_and_multi_row_decodes():
     from quantbench.export.kernels.matmul import _candidates
 

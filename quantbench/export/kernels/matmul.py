@@ -478,14 +478,21 @@ def _refused(x: torch.Tensor, weight: KernelWeight, config: TileConfig) -> str |
     return checks[config.engine](x, weight) if config.engine in checks else None
 
 
-def _fastest(x: torch.Tensor, weight: KernelWeight, candidates: list[TileConfig]) -> TileConfig:
+SCREEN_CALLS = 4  # calls per CUDA graph of the screening: one round each
+FINALISTS = 8  # the screening's fastest, timed in full (graph_time_ms's 10 calls, median of 3 rounds)
+
+
+def _fastest(x: torch.Tensor, weight: KernelWeight, candidates: list[TileConfig],
+             finalists: int | None = FINALISTS) -> TileConfig:
     """The fastest candidate among those that compile, fit the device and agree with the torch fallback
-    (max |difference| within 5% of max |result|: float16 rounding is far below, a wrong kernel far above)."""
-    best, best_ms, error, disagreeing = None, float("inf"), None, []
+    (max |difference| within 5% of max |result|: float16 rounding is far below, a wrong kernel far above).
+    Where more than `finalists` run, each is first timed once on short graphs and only the `finalists` fastest
+    are timed in full (None: every candidate in full)."""
+    error, disagreeing, runnable = None, [], []
     expected = packed_matmul_reference(x.float(), weight)
     tolerance = 0.05 * expected.abs().max().item()
     for config in candidates:
-        def call():
+        def call(config=config):
             return packed_matmul(x, weight, "triton", config)
         try:
             got = call()
@@ -496,19 +503,29 @@ def _fastest(x: torch.Tensor, weight: KernelWeight, candidates: list[TileConfig]
             disagreeing.append(config)
             error = RuntimeError(f"{config} disagrees with the torch fallback")
             continue
-        try:
-            ms = graph_time_ms(call, warm=(x,))
-        except RuntimeError as exc:  # a launch refused inside the capture: not a tile for this process
-            error = exc
-            continue
-        if ms < best_ms:
-            best, best_ms = config, ms
+        runnable.append((config, call))
     if disagreeing:
         warnings.warn(f"{len(disagreeing)} tile configurations of the {weight.kind} matmul of shape {weight.shape} "
                       f"disagree with the torch fallback and were skipped: {disagreeing}", RuntimeWarning, stacklevel=2)
-    if best is None:
-        raise RuntimeError(f"no tile configuration runs a {weight.kind} matmul of shape {weight.shape}: {error}")
-    return best
+    if finalists is not None and len(runnable) > finalists:
+        screened = _timed(runnable, x, calls=SCREEN_CALLS, rounds=1)
+        runnable = [item for _, item in sorted(screened, key=lambda pair: pair[0])[:finalists]]
+    timed = _timed(runnable, x)
+    if not timed:
+        raise RuntimeError(f"no tile configuration runs a {weight.kind} matmul of shape {weight.shape}: "
+                           f"{error or 'no launch could be captured in a CUDA graph'}")
+    return min(timed, key=lambda pair: pair[0])[1][0]
+
+
+def _timed(runnable: list[tuple], x: torch.Tensor, **timing) -> list[tuple[float, tuple]]:
+    """(ms, (config, call)) of each call whose launches a CUDA graph can capture."""
+    timed = []
+    for item in runnable:
+        try:
+            timed.append((graph_time_ms(item[1], warm=(x,), **timing), item))
+        except RuntimeError:  # a launch refused inside the capture: not a tile for this process
+            continue
+    return timed
 
 
 _L2_FLUSH_BYTES = 128 << 20
