@@ -391,12 +391,20 @@ def generate(
     cuda_graph: bool = typer.Option(True, "--cuda-graph/--eager", help="on CUDA, replay the decode step as a graph"),
     compiled: bool = typer.Option(False, "--compile", help="compile the decode step (torch.compile; the first step "
                                   "takes the compile's time): the fastest decode"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0: greedy; above 0: sample from the "
+                                      "softmax of the logits over it"),
+    top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely tokens only (0: all)"),
+    top_p: float = typer.Option(1.0, "--top-p", help="sample among the fewest most likely tokens whose "
+                                "probabilities reach p only (1: all)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="the draw's seed (printed, so a text can be drawn "
+                                       "again; default a fresh one)"),
     as_json: bool = typer.Option(False, "--json", help="print the text and the timings as JSON"),
 ) -> None:
-    """Greedy text from a checkpoint (or a plain model), with its prefill time and decode speed."""
+    """Text from a checkpoint (or a plain model), greedy or sampled, with its prefill time and decode speed."""
     import torch
 
     from quantbench.export.checkpoint import is_quantbench_checkpoint, resolve_checkpoint_dir
+    from quantbench.generate import Sampling
     from quantbench.generate import generate as generate_text
     from quantbench.model_io import DTYPES, load_target, resolve_device
 
@@ -404,6 +412,7 @@ def generate(
     try:
         if dtype not in ("auto", *DTYPES):
             raise QuantbenchError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+        sampling = Sampling(temperature, top_k, top_p, seed)  # checked before the model loads
         dev = resolve_device(device)
         chosen = DTYPES.get(dtype)
         if chosen is None and dev.type == "cuda":
@@ -415,7 +424,7 @@ def generate(
             _launch_inductor_kernels_dependent()
         try:
             result = generate_text(model, loaded.tokenizer, prompt, max_new_tokens, chat, cuda_graph=cuda_graph,
-                                   compiled=compiled)
+                                   compiled=compiled, sampling=sampling)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. inductor's C++ on a machine it misjudges
             raise QuantbenchError(f"--compile: torch.compile failed here ({str(exc).splitlines()[0]}); run "
                                   "without --compile") from None
@@ -429,9 +438,13 @@ def generate(
     console.print(result.text, soft_wrap=True)
     rate = result.decode_tokens_per_s
     how = ("CUDA graph" if result.cuda_graph else "eager") + (", compiled" if result.compiled else "")
+    drawn = result.sampling
+    chosen_by = "greedy" if drawn.greedy else (
+        f"sampled at temperature {drawn.temperature:g}" + (f", top-k {drawn.top_k}" if drawn.top_k else "")
+        + (f", top-p {drawn.top_p:g}" if drawn.top_p < 1 else "") + f", seed {drawn.seed}")
     err_console.print(
-        f"{record['dtype']} on {dev}, {'packed kernels' if packed else 'dense'}: prompt {result.prompt_tokens} "
-        f"tokens, prefill {1e3 * result.prefill_s:.0f} ms; {len(result.new_ids)} new tokens, "
+        f"{record['dtype']} on {dev}, {'packed kernels' if packed else 'dense'}, {chosen_by}: prompt "
+        f"{result.prompt_tokens} tokens, prefill {1e3 * result.prefill_s:.0f} ms; {len(result.new_ids)} new tokens, "
         + (f"decode {rate:.1f} tok/s ({how}, {result.steady_steps} steps after {result.warmup_steps} of warm-up, "
            f"{1e3 * result.warmup_s:.0f} ms)" if rate else "too few to time the decode"), soft_wrap=True)
 

@@ -1,8 +1,9 @@
-"""Greedy text from a model or a quantized checkpoint, and how fast it comes (`quantbench generate`).
+"""Text from a model or a quantized checkpoint, greedy or sampled, and how fast it comes (`quantbench generate`).
 
 The prompt fills a static cache in one forward (the prefill); each decode step then feeds the last token at its
-position and takes the argmax. The first step runs eagerly (on CUDA it also tunes the packed kernels' tiles for
-one row). On CUDA the step is then captured in a CUDA graph and replayed, one launch a token as a served model
+position and takes the argmax, or with a temperature samples from the softmax of the logits over it, cut to the
+`top_k` largest and to the nucleus of mass `top_p` (`Sampling`). The first step runs eagerly (on CUDA it also
+tunes the packed kernels' tiles for one row). On CUDA the step is then captured in a CUDA graph and replayed, one launch a token as a served model
 runs, unless `cuda_graph` is off; the capture's warm-up run makes a token too (without `compiled`, it is the
 first step). With `compiled` the decode step runs through torch.compile (the first step compiles it), which
 fuses the small operations between the matmuls (norms, rotary embedding, residual adds): with packed matmuls
@@ -12,7 +13,9 @@ step on the CPU, every 16 on CUDA) or `max_new_tokens` tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -22,6 +25,59 @@ from torch import nn
 from quantbench.errors import QuantbenchError
 
 EOS_CHECK_EVERY = 16  # CUDA decode steps between looks at the new tokens (each look waits for the GPU)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a token is chosen from the logits: the argmax at temperature 0, else a draw from softmax(logits /
+    temperature) over the `top_k` largest (0: all) and the fewest largest whose probabilities reach `top_p`.
+    The draw is seeded by `seed` (None: a fresh seed, kept in the result so the text can be drawn again)."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise QuantbenchError(f"temperature {self.temperature}: use 0 (greedy) or more")
+        if self.top_k < 0:
+            raise QuantbenchError(f"top_k {self.top_k}: use 0 (every token) or more")
+        if not 0 < self.top_p <= 1:
+            raise QuantbenchError(f"top_p {self.top_p}: use a probability in (0, 1]")
+        if self.temperature == 0 and (self.top_k or self.top_p < 1):
+            raise QuantbenchError("top_k and top_p cut what is sampled: set a temperature above 0 to sample")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def seeded(self) -> Sampling:
+        """This sampling with its seed drawn if it had none."""
+        if self.greedy or self.seed is not None:
+            return self
+        return dataclasses.replace(self, seed=secrets.randbits(63))
+
+    def to_dict(self) -> dict:
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """int64 [rows, 1]: each row of `logits` [rows, vocabulary]'s token, as `sampling` chooses. A draw adds Gumbel
+    noise to the scaled logits and takes the argmax (distributed as the softmax), so it needs no host sync and a
+    CUDA graph can capture it (with the device's default generator, `generator` None)."""
+    if sampling.greedy:
+        return logits.argmax(-1, keepdim=True)
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = scores.topk(min(sampling.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1:
+        ordered, order = scores.sort(dim=-1, descending=True)
+        probabilities = ordered.softmax(-1)
+        before = probabilities.cumsum(-1) - probabilities  # the mass of the larger tokens: the first always stays
+        scores = scores.scatter(-1, order, ordered.masked_fill(before >= sampling.top_p, float("-inf")))
+    uniform = torch.rand(scores.shape, device=scores.device, generator=generator)
+    return (scores - torch.log(-torch.log(uniform))).argmax(-1, keepdim=True)
 
 
 @dataclass
@@ -36,6 +92,7 @@ class Generation:
     steady_s: float
     cuda_graph: bool
     compiled: bool
+    sampling: Sampling = Sampling()
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -46,7 +103,7 @@ class Generation:
                 "prefill_s": self.prefill_s, "warmup_steps": self.warmup_steps, "warmup_s": self.warmup_s,
                 "steady_steps": self.steady_steps,
                 "steady_s": self.steady_s, "decode_tokens_per_s": self.decode_tokens_per_s,
-                "cuda_graph": self.cuda_graph, "compiled": self.compiled}
+                "cuda_graph": self.cuda_graph, "compiled": self.compiled, "sampling": self.sampling.to_dict()}
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
@@ -72,9 +129,11 @@ def end_ids(model: nn.Module, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False,
-             stop_ids: set[int] | None = None, cuda_graph: bool = True, compiled: bool = False) -> Generation:
-    """Up to `max_new_tokens` greedy tokens after `prompt` from `model` (on its device), timed. `stop_ids`:
-    the end-of-sequence tokens (default `end_ids`)."""
+             stop_ids: set[int] | None = None, cuda_graph: bool = True, compiled: bool = False,
+             sampling: Sampling = Sampling()) -> Generation:
+    """Up to `max_new_tokens` tokens after `prompt` from `model` (on its device), greedy or as `sampling` says,
+    timed. `stop_ids`: the end-of-sequence tokens (default `end_ids`). On CUDA a draw seeds and uses the device's
+    default generator (the one a CUDA graph's replays advance)."""
     from transformers import StaticCache
 
     if max_new_tokens < 1:
@@ -85,11 +144,18 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat
     stop_ids = end_ids(model, tokenizer) if stop_ids is None else stop_ids
     cache = StaticCache(config=model.config, max_cache_len=n + max_new_tokens)
     graphs = cuda_graph and device.type == "cuda"
+    sampling = sampling.seeded()
+    generator = None
+    if not sampling.greedy:
+        if device.type == "cuda":
+            torch.cuda.manual_seed(sampling.seed)
+        else:
+            generator = torch.Generator(device).manual_seed(sampling.seed)
 
     started = _now(device)
     cached = {_cache_argument(model): cache, "use_cache": True}
     logits = model(ids, cache_position=torch.arange(n, device=device), **cached).logits
-    token = logits[:, -1:].argmax(-1)
+    token = next_tokens(logits[:, -1], sampling, generator)
     position = torch.tensor([n], device=device)  # read before transformers 5.25; later ones count in the cache
     new = [token.clone()]
     prefill_s = _now(device) - started
@@ -98,7 +164,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat
 
     def step() -> None:
         out = forward(token, cache_position=position, **cached).logits
-        token.copy_(out[:, -1:].argmax(-1))
+        token.copy_(next_tokens(out[:, -1], sampling, generator))
         position.add_(1)
 
     look_every = _steps_between_looks(device)
@@ -131,7 +197,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat
             new_ids = new_ids[:at + 1]
             break
     return Generation(n, new_ids, tokenizer.decode(new_ids, skip_special_tokens=True), prefill_s, warmup_steps,
-                      warmup_s, steps, steady_s, graphs, compiled)
+                      warmup_s, steps, steady_s, graphs, compiled, sampling)
 
 
 def _steps_between_looks(device: torch.device) -> int:

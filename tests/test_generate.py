@@ -8,7 +8,7 @@ from helpers import invoke, make_recipe, tiny_llama
 
 from quantbench import load_quantized
 from quantbench.errors import QuantbenchError
-from quantbench.generate import generate, prompt_ids
+from quantbench.generate import Sampling, generate, next_tokens, prompt_ids
 from quantbench.model_io import load_tokenizer
 
 PROMPT = "the river and the stone"
@@ -86,6 +86,77 @@ def test_steps_past_a_stop_token_between_looks_are_dropped(run_dir, monkeypatch)
     assert stopped.steady_steps == min(-(-(first - 1) // 4) * 4, 12)  # up to the first look after the stop
 
 
+LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
+
+
+def drawn_shares(sampling: Sampling, draws: int = 40_000) -> torch.Tensor:
+    """The share of each token among `draws` rows of LOGITS drawn at once (seeded: the same on every CPU)."""
+    tokens = next_tokens(LOGITS.repeat(draws, 1), sampling, torch.Generator().manual_seed(0))
+    return torch.bincount(tokens.flatten(), minlength=len(LOGITS)) / draws
+
+
+@pytest.mark.parametrize("sampling, probabilities", [
+    (Sampling(1.0), LOGITS.softmax(0)),
+    (Sampling(0.5), (LOGITS / 0.5).softmax(0)),
+    (Sampling(2.0, top_k=3), torch.cat([(LOGITS[:3] / 2).softmax(0), torch.zeros(3)])),
+    # the nucleus: the fewest largest whose probabilities reach 0.8 (0.455 + 0.276 < 0.8 ≤ … + 0.167)
+    (Sampling(1.0, top_p=0.8), torch.cat([LOGITS[:3].softmax(0), torch.zeros(3)])),
+    (Sampling(1.0, top_k=2, top_p=0.99), torch.cat([LOGITS[:2].softmax(0), torch.zeros(4)])),
+], ids=["softmax", "colder", "top-k", "top-p", "top-k then top-p"])
+def test_drawn_tokens_follow_the_softmax_of_what_is_kept(sampling, probabilities):
+    """Shares of 40,000 draws within 4.5 binomial standard deviations (at most 0.011) of the probabilities; tokens
+    cut away never drawn."""
+    shares = drawn_shares(sampling)
+    assert torch.all(shares[probabilities == 0] == 0)
+    deviation = (probabilities * (1 - probabilities) / 40_000).sqrt()
+    assert torch.all((shares - probabilities).abs() <= 4.5 * deviation + 1e-9), (shares, probabilities)
+
+
+def test_greedy_choices_take_the_argmax():
+    rows = torch.randn(5, 50, generator=torch.Generator().manual_seed(1))
+    for sampling in (Sampling(), Sampling(1.5, top_k=1)):
+        assert sampling.greedy and torch.equal(next_tokens(rows, sampling), rows.argmax(-1, keepdim=True))
+    assert not Sampling(0.7).greedy
+
+
+@pytest.mark.parametrize("sampling, message", [
+    (dict(temperature=-1.0), "temperature -1.0"), (dict(temperature=float("nan")), "temperature nan"),
+    (dict(temperature=1.0, top_k=-2), "top_k -2"), (dict(temperature=1.0, top_p=0.0), "top_p 0.0"),
+    (dict(temperature=1.0, top_p=1.5), "top_p 1.5"), (dict(top_p=0.9), "set a temperature above 0"),
+])
+def test_bad_sampling_is_refused(sampling, message):
+    with pytest.raises(QuantbenchError, match=message):
+        Sampling(**sampling)
+
+
+def assert_among_the_top(model, tokenizer, new_ids: list[int], k: int) -> None:
+    """Each new token is among the k most likely of one forward without a cache over the prompt and the tokens
+    before it (within 1e-4 of the largest logit's size, as assert_greedy)."""
+    ids = prompt_ids(tokenizer, PROMPT)
+    text = torch.cat([ids, torch.tensor([new_ids[:-1]])], dim=1)
+    with torch.no_grad():
+        logits = model(text).logits[0, ids.shape[1] - 1:]
+    kth = logits.topk(k, dim=-1).values[:, -1]
+    chosen = logits[torch.arange(len(new_ids)), torch.tensor(new_ids)]
+    assert torch.all(chosen >= kth - 1e-4 * logits.abs().max()), (chosen - kth).tolist()
+
+
+def test_sampled_text_is_drawn_again_from_its_seed_and_stays_among_the_top_k(run_dir):
+    model = load_quantized(run_dir / "checkpoint", kernels=True)
+    tokenizer = load_tokenizer(str(run_dir / "checkpoint"))
+    sampling = Sampling(temperature=5.0, top_k=4)  # hot: the draws leave the argmax often
+    first = generate(model, tokenizer, PROMPT, 16, stop_ids=set(), sampling=sampling)
+    seed = first.sampling.seed
+    assert seed is not None and first.sampling == Sampling(5.0, 4, 1.0, seed)
+    again = generate(model, tokenizer, PROMPT, 16, stop_ids=set(), sampling=first.sampling)
+    assert again.new_ids == first.new_ids
+    assert_among_the_top(model, tokenizer, first.new_ids, 4)
+    greedy = generate(model, tokenizer, PROMPT, 16, stop_ids=set()).new_ids
+    others = {tuple(generate(model, tokenizer, PROMPT, 16, stop_ids=set(),
+                             sampling=Sampling(5.0, 4, seed=s)).new_ids) for s in range(4)}
+    assert len(others | {tuple(greedy)}) > 2  # the seed changes the text, and sampling leaves the greedy text
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_steps_give_the_eager_steps_tokens(run_dir):
     model = load_quantized(run_dir / "checkpoint", "cuda", torch.float16, kernels=True)
@@ -96,6 +167,11 @@ def test_cuda_graph_steps_give_the_eager_steps_tokens(run_dir):
     stop = eager.new_ids[20]
     first = eager.new_ids.index(stop)
     assert generate(model, tokenizer, PROMPT, 40, stop_ids={stop}).new_ids == eager.new_ids[:first + 1]
+    sampling = Sampling(5.0, top_k=4, seed=3)  # drawn in the graph from the device's default generator
+    sampled = generate(model, tokenizer, PROMPT, 40, stop_ids=set(), sampling=sampling)
+    assert generate(model, tokenizer, PROMPT, 40, stop_ids=set(), sampling=sampling).new_ids == sampled.new_ids
+    assert sampled.new_ids != graphed.new_ids
+    assert_among_the_top(model.float(), tokenizer, sampled.new_ids, 4)
 
 
 def test_generate_command_prints_text_and_speed(run_dir, model_dir):
@@ -108,14 +184,25 @@ def test_generate_command_prints_text_and_speed(run_dir, model_dir):
     plain = json.loads(invoke("generate", model_dir, "-p", PROMPT, "-n", 6, "--json").output)
     assert not dense["kernels"] and not plain["kernels"]
     shown = invoke("generate", run_dir, "-p", PROMPT, "-n", 1, "--dtype", "bfloat16")
-    assert shown.exit_code == 0 and "bfloat16 on cpu, packed kernels" in shown.output
+    assert shown.exit_code == 0 and "bfloat16 on cpu, packed kernels, greedy" in shown.output
     assert "too few to time the decode" in shown.output
+    assert record["sampling"] == {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None}
+    drawn = json.loads(invoke("generate", run_dir, "-p", PROMPT, "-n", 6, "--json", "-t", "5", "--top-k", "4",
+                              "--top-p", "0.9").output)
+    seed = drawn["sampling"]["seed"]
+    assert drawn["sampling"] == {"temperature": 5.0, "top_k": 4, "top_p": 0.9, "seed": seed} and seed is not None
+    again = invoke("generate", run_dir, "-p", PROMPT, "-n", 6, "-t", "5", "--top-k", "4", "--top-p", "0.9",
+                   "--seed", seed)
+    assert again.exit_code == 0 and f"top-k 4, top-p 0.9, seed {seed}" in again.output
+    assert again.output.startswith(drawn["text"])
 
 
 @pytest.mark.parametrize("arguments, message", [
     (["-p", ""], "the prompt is empty"),
     (["-p", "x", "--chat"], "has no chat template"),
     (["-p", "x", "--dtype", "float64"], "--dtype 'float64'"),
+    (["-p", "x", "--top-p", "0.9"], "set a temperature above 0"),
+    (["-p", "x", "-t", "-0.5"], "temperature -0.5"),
 ])
 def test_generate_refuses_bad_input_in_one_line(run_dir, arguments, message):
     result = invoke("generate", run_dir, *arguments)
