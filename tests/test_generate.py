@@ -129,16 +129,16 @@ def test_bad_sampling_is_refused(sampling, message):
         Sampling(**sampling)
 
 
-def assert_among_the_top(model, tokenizer, new_ids: list[int], k: int) -> None:
+def assert_among_the_top(model, tokenizer, new_ids: list[int], k: int, tolerance: float = 1e-4) -> None:
     """Each new token is among the k most likely of one forward without a cache over the prompt and the tokens
-    before it (within 1e-4 of the largest logit's size, as assert_greedy)."""
+    before it (within `tolerance` of the largest logit's size: float32 sums in another order, as assert_greedy)."""
     ids = prompt_ids(tokenizer, PROMPT)
-    text = torch.cat([ids, torch.tensor([new_ids[:-1]])], dim=1)
+    text = torch.cat([ids, torch.tensor([new_ids[:-1]])], dim=1).to(model.device)
     with torch.no_grad():
-        logits = model(text).logits[0, ids.shape[1] - 1:]
+        logits = model(text).logits[0, ids.shape[1] - 1:].float().cpu()
     kth = logits.topk(k, dim=-1).values[:, -1]
     chosen = logits[torch.arange(len(new_ids)), torch.tensor(new_ids)]
-    assert torch.all(chosen >= kth - 1e-4 * logits.abs().max()), (chosen - kth).tolist()
+    assert torch.all(chosen >= kth - tolerance * logits.abs().max()), (chosen - kth).tolist()
 
 
 def test_sampled_text_is_drawn_again_from_its_seed_and_stays_among_the_top_k(run_dir):
@@ -171,7 +171,7 @@ def test_cuda_graph_steps_give_the_eager_steps_tokens(run_dir):
     sampled = generate(model, tokenizer, PROMPT, 40, stop_ids=set(), sampling=sampling)
     assert generate(model, tokenizer, PROMPT, 40, stop_ids=set(), sampling=sampling).new_ids == sampled.new_ids
     assert sampled.new_ids != graphed.new_ids
-    assert_among_the_top(model.float(), tokenizer, sampled.new_ids, 4)
+    assert_among_the_top(model, tokenizer, sampled.new_ids, 4, tolerance=2e-2)  # float16 logits
 
 
 def test_generate_command_prints_text_and_speed(run_dir, model_dir):
