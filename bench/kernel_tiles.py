@@ -49,6 +49,17 @@ def family_winners(x: torch.Tensor, weight, family: str) -> tuple[dict[str, Tile
     return winners, tuning
 
 
+def matmul_cells(shapes: list[str], variants: list[str], batches: list[int]):
+    """(shape, variant, batch, fp16 weight, kernel weight, x) of each cell of the table, on CUDA."""
+    for shape in shapes:
+        k, n = map(int, shape.split("x"))
+        dense = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        for label in variants:
+            weight = kernel_weight(label, n, k, "cuda")
+            for batch in batches:
+                yield shape, label, batch, dense, weight, torch.randn(batch, k, device="cuda", dtype=torch.float16)
+
+
 def alternated(calls: dict[str, object], x: torch.Tensor, timer: Timer, rounds: int) -> dict[str, list[float]]:
     """µs of each call, timed in turn, `rounds` times."""
     times = {label: [] for label in calls}
@@ -75,32 +86,26 @@ def main() -> None:
     os.environ[ENGINES_ENV] = args.engines
     timer, cells = Timer(args.repeat), []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; family {args.family}, engines {args.engines}")
-    for shape in args.shapes:
-        k, n = map(int, shape.split("x"))
-        dense = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
-        for label in args.variants:
-            weight = kernel_weight(label, n, k, "cuda")
-            for batch in args.batches:
-                x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
-                winners, tuning = family_winners(x, weight, args.family)
-                calls = {"fp16": lambda: torch.matmul(x, dense.t())}
-                calls.update({value: (lambda c=config: packed_matmul(x, weight, config=c))
-                              for value, config in winners.items()})
-                times = alternated(calls, x, timer, args.rounds)
-                cell = {"shape": shape, "variant": label, "batch": batch,
-                        "us": {key: statistics.median(v) for key, v in times.items()},
-                        "spread": {key: [min(v), max(v)] for key, v in times.items()},
-                        "tiles": {value: dataclasses.asdict(config) for value, config in winners.items()},
-                        "tuning": tuning}
-                cells.append(cell)
-                fp16 = cell["us"]["fp16"]
-                parts = [f"{value} {cell['us'][value]:.1f} µs (×{fp16 / cell['us'][value]:.2f} fp16)" for value in winners]
-                print(f"{shape} {label} batch {batch}: fp16 {fp16:.1f} µs; " + "; ".join(parts), flush=True)
-                print("  tuning: " + "; ".join(f"{value} {t['candidates']} tiles in {t['seconds']:.1f} s"
-                                               for value, t in tuning.items()), flush=True)
-                if args.json:
-                    args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "family": args.family,
-                                                     "engines": args.engines, "cells": cells}, indent=1) + "\n")
+    for shape, label, batch, dense, weight, x in matmul_cells(args.shapes, args.variants, args.batches):
+        winners, tuning = family_winners(x, weight, args.family)
+        calls = {"fp16": lambda: torch.matmul(x, dense.t())}
+        calls.update({value: (lambda c=config: packed_matmul(x, weight, config=c))
+                      for value, config in winners.items()})
+        times = alternated(calls, x, timer, args.rounds)
+        cell = {"shape": shape, "variant": label, "batch": batch,
+                "us": {key: statistics.median(v) for key, v in times.items()},
+                "spread": {key: [min(v), max(v)] for key, v in times.items()},
+                "tiles": {value: dataclasses.asdict(config) for value, config in winners.items()},
+                "tuning": tuning}
+        cells.append(cell)
+        fp16 = cell["us"]["fp16"]
+        parts = [f"{value} {cell['us'][value]:.1f} µs (×{fp16 / cell['us'][value]:.2f} fp16)" for value in winners]
+        print(f"{shape} {label} batch {batch}: fp16 {fp16:.1f} µs; " + "; ".join(parts), flush=True)
+        print("  tuning: " + "; ".join(f"{value} {t['candidates']} tiles in {t['seconds']:.1f} s"
+                                       for value, t in tuning.items()), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "family": args.family,
+                                             "engines": args.engines, "cells": cells}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_speed import SHAPES, VARIANTS, Timer, kernel_weight  # noqa: E402
-from kernel_tiles import alternated  # noqa: E402
+from kernel_speed import SHAPES, VARIANTS, Timer  # noqa: E402
+from kernel_tiles import alternated, matmul_cells  # noqa: E402
 
 from quantbench.export.kernels import packed_matmul  # noqa: E402
 from quantbench.export.kernels.matmul import FINALISTS, _engine_candidates, _fastest  # noqa: E402
@@ -48,39 +48,33 @@ def main() -> None:
     args = parser.parse_args()
     timer, cells = Timer(args.repeat), []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {FINALISTS} finalists")
-    for shape in args.shapes:
-        k, n = map(int, shape.split("x"))
-        dense = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
-        for label in args.variants:
-            weight = kernel_weight(label, n, k, "cuda")
-            for batch in args.batches:
-                x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
-                candidates = _engine_candidates(x, weight)
-                for config in candidates:  # libraries loaded and Triton's tiles compiled before either way
-                    try:
-                        packed_matmul(x, weight, "triton", config)
-                    except Exception:  # noqa: BLE001 - a tile that does not fit: both ways skip it
-                        pass
-                full, full_s = tuned(x, weight, candidates, None)
-                screened, screened_s = tuned(x, weight, candidates, FINALISTS)
-                calls = {"fp16": lambda: torch.matmul(x, dense.t()),
-                         "full": lambda: packed_matmul(x, weight, config=full),
-                         "screened": lambda: packed_matmul(x, weight, config=screened)}
-                times = alternated(calls, x, timer, args.rounds)
-                us = {key: statistics.median(v) for key, v in times.items()}
-                cell = {"shape": shape, "variant": label, "batch": batch, "candidates": len(candidates),
-                        "seconds": {"full": round(full_s, 3), "screened": round(screened_s, 3)},
-                        "same_tile": full == screened, "us": us,
-                        "spread": {key: [min(v), max(v)] for key, v in times.items()}}
-                cells.append(cell)
-                print(f"{shape} {label} batch {batch}: {len(candidates)} tiles, tuned in {full_s:.1f} s in full, "
-                      f"{screened_s:.1f} s screened ({full_s / screened_s:.1f}×); µs fp16 {us['fp16']:.1f}, "
-                      f"full {us['full']:.1f}, screened {us['screened']:.1f} "
-                      f"({us['screened'] / us['full']:.3f}×{', the same tile' if full == screened else ''})",
-                      flush=True)
-                if args.json:
-                    args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "finalists": FINALISTS,
-                                                     "cells": cells}, indent=1) + "\n")
+    for shape, label, batch, dense, weight, x in matmul_cells(args.shapes, args.variants, args.batches):
+        candidates = _engine_candidates(x, weight)
+        for config in candidates:  # libraries loaded and Triton's tiles compiled before either way
+            try:
+                packed_matmul(x, weight, "triton", config)
+            except Exception:  # noqa: BLE001 - a tile that does not fit: both ways skip it
+                pass
+        full, full_s = tuned(x, weight, candidates, None)
+        screened, screened_s = tuned(x, weight, candidates, FINALISTS)
+        calls = {"fp16": lambda: torch.matmul(x, dense.t()),
+                 "full": lambda: packed_matmul(x, weight, config=full),
+                 "screened": lambda: packed_matmul(x, weight, config=screened)}
+        times = alternated(calls, x, timer, args.rounds)
+        us = {key: statistics.median(v) for key, v in times.items()}
+        cell = {"shape": shape, "variant": label, "batch": batch, "candidates": len(candidates),
+                "seconds": {"full": round(full_s, 3), "screened": round(screened_s, 3)},
+                "same_tile": full == screened, "us": us,
+                "spread": {key: [min(v), max(v)] for key, v in times.items()}}
+        cells.append(cell)
+        print(f"{shape} {label} batch {batch}: {len(candidates)} tiles, tuned in {full_s:.1f} s in full, "
+              f"{screened_s:.1f} s screened ({full_s / screened_s:.1f}×); µs fp16 {us['fp16']:.1f}, "
+              f"full {us['full']:.1f}, screened {us['screened']:.1f} "
+              f"({us['screened'] / us['full']:.3f}×{', the same tile' if full == screened else ''})",
+              flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "finalists": FINALISTS,
+                                             "cells": cells}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
