@@ -3,12 +3,12 @@
 The prompt fills a static cache in one forward (the prefill); each decode step then feeds the last token at its
 position and takes the argmax, or with a temperature samples from the softmax of the logits over it, cut to the
 `top_k` largest and to the nucleus of mass `top_p` (`Sampling`). The first step runs eagerly (on CUDA it also
-tunes the packed kernels' tiles for one row). On CUDA the step is then captured in a CUDA graph and replayed, one launch a token as a served model
-runs, unless `cuda_graph` is off; the capture's warm-up run makes a token too (without `compiled`, it is the
-first step). With `compiled` the decode step runs through torch.compile (the first step compiles it), which
-fuses the small operations between the matmuls (norms, rotary embedding, residual adds): with packed matmuls
-these are the larger share of a step. Generation stops after an end-of-sequence token (looked for after every
-step on the CPU, every 16 on CUDA) or `max_new_tokens` tokens.
+tunes the packed kernels' tiles for one row). On CUDA the step is then captured in a CUDA graph and replayed,
+one launch a token as a served model runs, unless `cuda_graph` is off; the capture's warm-up run makes a token
+too (without `compiled`, it is the first step). With `compiled` the decode step runs through torch.compile (the
+first step compiles it), which fuses the small operations between the matmuls (norms, rotary embedding, residual
+adds): with packed matmuls these are the larger share of a step. Generation stops after an end-of-sequence
+token (looked for after every step on the CPU, every 16 on CUDA) or `max_new_tokens` tokens.
 """
 
 from __future__ import annotations
