@@ -398,6 +398,8 @@ def generate(
                                 "probabilities reach p only (1: all)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="the draw's seed (printed, so a text can be drawn "
                                        "again; default a fresh one)"),
+    stream: bool = typer.Option(False, "--stream", help="print the text as it comes (the decode rate then "
+                                "includes the printing)"),
     as_json: bool = typer.Option(False, "--json", help="print the text and the timings as JSON"),
 ) -> None:
     """Text from a checkpoint (or a plain model), greedy or sampled, with its prefill time and decode speed."""
@@ -413,6 +415,8 @@ def generate(
         if dtype not in ("auto", *DTYPES):
             raise QuantbenchError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
         sampling = Sampling(temperature, top_k, top_p, seed)  # checked before the model loads
+        if stream and as_json:
+            raise QuantbenchError("--stream prints text as it comes, --json prints it whole at the end: choose one")
         dev = resolve_device(device)
         chosen = DTYPES.get(dtype)
         if chosen is None and dev.type == "cuda":
@@ -424,7 +428,7 @@ def generate(
             _launch_inductor_kernels_dependent()
         try:
             result = generate_text(model, loaded.tokenizer, prompt, max_new_tokens, chat, cuda_graph=cuda_graph,
-                                   compiled=compiled, sampling=sampling)
+                                   compiled=compiled, sampling=sampling, on_text=_printed if stream else None)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. inductor's C++ on a machine it misjudges
             raise QuantbenchError(f"--compile: torch.compile failed here ({str(exc).splitlines()[0]}); run "
                                   "without --compile") from None
@@ -435,7 +439,10 @@ def generate(
     if as_json:
         print(json.dumps(record, indent=2))
         return
-    console.print(result.text, soft_wrap=True)
+    if stream:
+        print(flush=True)
+    else:
+        console.print(result.text, soft_wrap=True)
     rate = result.decode_tokens_per_s
     how = ("CUDA graph" if result.cuda_graph else "eager") + (", compiled" if result.compiled else "")
     drawn = result.sampling
@@ -447,6 +454,10 @@ def generate(
         f"{result.prompt_tokens} tokens, prefill {1e3 * result.prefill_s:.0f} ms; {len(result.new_ids)} new tokens, "
         + (f"decode {rate:.1f} tok/s ({how}, {result.steady_steps} steps after {result.warmup_steps} of warm-up, "
            f"{1e3 * result.warmup_s:.0f} ms)" if rate else "too few to time the decode"), soft_wrap=True)
+
+
+def _printed(piece: str) -> None:
+    print(piece, end="", flush=True)
 
 
 def _launch_inductor_kernels_dependent() -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import inspect
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -130,10 +131,12 @@ def end_ids(model: nn.Module, tokenizer) -> set[int]:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False,
              stop_ids: set[int] | None = None, cuda_graph: bool = True, compiled: bool = False,
-             sampling: Sampling = Sampling()) -> Generation:
+             sampling: Sampling = Sampling(), on_text: Callable[[str], None] | None = None) -> Generation:
     """Up to `max_new_tokens` tokens after `prompt` from `model` (on its device), greedy or as `sampling` says,
     timed. `stop_ids`: the end-of-sequence tokens (default `end_ids`). On CUDA a draw seeds and uses the device's
-    default generator (the one a CUDA graph's replays advance)."""
+    default generator (the one a CUDA graph's replays advance). `on_text` is handed the text in pieces as it
+    comes, at each look for a stop token (`TextPieces`; the decode rate then includes its time); together they
+    are the result's text."""
     from transformers import StaticCache
 
     if max_new_tokens < 1:
@@ -184,20 +187,54 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat
         run = captured(step).replay  # the capture's warm-up run makes a token too (its graph is not run)
         new.append(token.clone())
     warmup_steps, warmup_s = len(new) - 1, _now(device) - started
+    pieces = TextPieces(tokenizer, stop_ids, on_text) if on_text else None
     started = _now(device)
     steps = 0
-    while not (len(new) >= max_new_tokens or (steps % look_every == 0 and stopped())):
+    while len(new) < max_new_tokens:
+        if steps % look_every == 0:
+            if stopped():
+                break
+            if pieces:
+                pieces.update(torch.cat(new).flatten().tolist())
         run()
         new.append(token.clone())
         steps += 1
     steady_s = _now(device) - started
-    new_ids = torch.cat(new).flatten().tolist()
-    for at, token_id in enumerate(new_ids):  # the steps since the last look may have run past a stop token
+    new_ids = until_stop(torch.cat(new).flatten().tolist(), stop_ids)  # steps since the last look may run past one
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    if pieces:
+        pieces.finish(text)
+    return Generation(n, new_ids, text, prefill_s, warmup_steps, warmup_s, steps, steady_s, graphs, compiled,
+                      sampling)
+
+
+def until_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
+    """`ids` up to and with the first stop token."""
+    for at, token_id in enumerate(ids):
         if token_id in stop_ids:
-            new_ids = new_ids[:at + 1]
-            break
-    return Generation(n, new_ids, tokenizer.decode(new_ids, skip_special_tokens=True), prefill_s, warmup_steps,
-                      warmup_s, steps, steady_s, graphs, compiled, sampling)
+            return ids[:at + 1]
+    return ids
+
+
+class TextPieces:
+    """A generation's text handed on in pieces that later tokens cannot change: up to the last whitespace (a
+    tokenizer's clean-up may still join what follows it to the token after, or a character may be half made)."""
+
+    def __init__(self, tokenizer, stop_ids: set[int], on_text: Callable[[str], None]):
+        self.tokenizer, self.stop_ids, self.on_text, self.handed = tokenizer, stop_ids, on_text, ""
+
+    def update(self, ids: list[int]) -> None:
+        text = self.tokenizer.decode(until_stop(ids, self.stop_ids), skip_special_tokens=True)
+        last_space = max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
+        self._hand(text[:last_space] if last_space > len(self.handed) else "")
+
+    def finish(self, text: str) -> None:
+        self._hand(text)
+
+    def _hand(self, text: str) -> None:
+        if len(text) > len(self.handed) and text.startswith(self.handed):
+            self.on_text(text[len(self.handed):])
+            self.handed = text
 
 
 def _steps_between_looks(device: torch.device) -> int:

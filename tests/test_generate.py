@@ -157,6 +157,49 @@ def test_sampled_text_is_drawn_again_from_its_seed_and_stays_among_the_top_k(run
     assert len(others | {tuple(greedy)}) > 2  # the seed changes the text, and sampling leaves the greedy text
 
 
+@pytest.mark.parametrize("look_every", [1, 4])
+def test_text_comes_in_pieces_that_make_the_whole_text(run_dir, monkeypatch, look_every):
+    """Pieces handed at each look for a stop token (every step on the CPU, every 4 here as on CUDA every 16),
+    never past a stop token, joined the result's text."""
+    import quantbench.generate as generation
+
+    monkeypatch.setattr(generation, "_steps_between_looks", lambda device: look_every)
+    looks = []  # the count of tokens each look hands on (the tiny model's text has no spaces to cut at)
+    update = generation.TextPieces.update
+    monkeypatch.setattr(generation.TextPieces, "update", lambda self, ids: looks.append(len(ids)) or update(self, ids))
+    model = load_quantized(run_dir / "checkpoint", kernels=True)
+    tokenizer = load_tokenizer(str(run_dir / "checkpoint"))
+    free = generate(model, tokenizer, PROMPT, 24, stop_ids=set())
+    for stop_ids in (set(), {free.new_ids[14]}):
+        pieces, looks[:] = [], []
+        result = generate(model, tokenizer, PROMPT, 24, stop_ids=stop_ids, on_text=pieces.append)
+        assert "".join(pieces) == result.text and all(pieces)
+        assert result.new_ids == free.new_ids[:len(result.new_ids)]
+        assert looks == list(range(2, len(result.new_ids), look_every))  # a look before each step after warm-up
+
+
+class SpacedTokenizer:
+    """Decodes ids to words joined by spaces, with a clean-up that joins a space and a following "." (as
+    `clean_up_tokenization_spaces` does): text up to the last space may change no more, text after it may."""
+
+    words = {1: "the", 2: "river", 3: ".", 4: "stone", 5: "é"}
+
+    def decode(self, ids, skip_special_tokens=True):  # 9: the stop token, special
+        return " ".join(self.words[i] for i in ids if i != 9).replace(" .", ".")
+
+
+def test_pieces_hold_back_what_the_next_token_may_change():
+    from quantbench.generate import TextPieces
+
+    pieces = []
+    text = TextPieces(SpacedTokenizer(), {9}, pieces.append)
+    for end in range(1, 6):
+        text.update([1, 2, 3, 4, 5, 9, 1][:end])
+    text.update([1, 2, 3, 4, 5, 9, 1])  # the token after the stop token is never handed on
+    text.finish(SpacedTokenizer().decode([1, 2, 3, 4, 5]))
+    assert pieces == ["the", " river.", " stone", " é"]  # "river" held until "." could no longer follow a space
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_steps_give_the_eager_steps_tokens(run_dir):
     model = load_quantized(run_dir / "checkpoint", "cuda", torch.float16, kernels=True)
@@ -194,7 +237,11 @@ def test_generate_command_prints_text_and_speed(run_dir, model_dir):
     again = invoke("generate", run_dir, "-p", PROMPT, "-n", 6, "-t", "5", "--top-k", "4", "--top-p", "0.9",
                    "--seed", seed)
     assert again.exit_code == 0 and f"top-k 4, top-p 0.9, seed {seed}" in again.output
-    assert again.output.startswith(drawn["text"])
+    redrawn = invoke("generate", run_dir, "-p", PROMPT, "-n", 6, "-t", "5", "--top-k", "4", "--top-p", "0.9",
+                     "--seed", seed, "--json")
+    assert json.loads(redrawn.output)["text"] == drawn["text"]
+    streamed = invoke("generate", run_dir, "-p", PROMPT, "-n", 6, "--stream")
+    assert streamed.exit_code == 0 and streamed.output.startswith(record["text"] + "\n")
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -203,6 +250,7 @@ def test_generate_command_prints_text_and_speed(run_dir, model_dir):
     (["-p", "x", "--dtype", "float64"], "--dtype 'float64'"),
     (["-p", "x", "--top-p", "0.9"], "set a temperature above 0"),
     (["-p", "x", "-t", "-0.5"], "temperature -0.5"),
+    (["-p", "x", "--stream", "--json"], "choose one"),
 ])
 def test_generate_refuses_bad_input_in_one_line(run_dir, arguments, message):
     result = invoke("generate", run_dir, *arguments)
