@@ -380,9 +380,11 @@ def eval_command(
 @app.command()
 def generate(
     target: str = typer.Argument(..., help="quantbench checkpoint, run directory, model directory or hub id"),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="the text to continue"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="tokens to generate at most"),
-    chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the tokenizer's chat template (a user turn)"),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="the text to continue; several -p: decoded "
+                                     "together as one batch"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="tokens to generate at most "
+                                       "(for each prompt)"),
+    chat: bool = typer.Option(False, "--chat", help="wrap each prompt in the tokenizer's chat template (a user turn)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto (float16 on CUDA, the checkpoint's on the CPU), float32, float16 "
                               "or bfloat16"),
@@ -417,6 +419,8 @@ def generate(
         sampling = Sampling(temperature, top_k, top_p, seed)  # checked before the model loads
         if stream and as_json:
             raise QuantbenchError("--stream prints text as it comes, --json prints it whole at the end: choose one")
+        if stream and len(prompt) > 1:
+            raise QuantbenchError(f"--stream prints one prompt's text as it comes, not {len(prompt)}'s")
         dev = resolve_device(device)
         chosen = DTYPES.get(dtype)
         if chosen is None and dev.type == "cuda":
@@ -427,7 +431,8 @@ def generate(
         if compiled and dev.type == "cuda":
             _launch_inductor_kernels_dependent()
         try:
-            result = generate_text(model, loaded.tokenizer, prompt, max_new_tokens, chat, cuda_graph=cuda_graph,
+            result = generate_text(model, loaded.tokenizer, prompt[0] if len(prompt) == 1 else prompt,
+                                   max_new_tokens, chat, cuda_graph=cuda_graph,
                                    compiled=compiled, sampling=sampling, on_text=_printed if stream else None)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. inductor's C++ on a machine it misjudges
             raise QuantbenchError(f"--compile: torch.compile failed here ({str(exc).splitlines()[0]}); run "
@@ -439,19 +444,28 @@ def generate(
     if as_json:
         print(json.dumps(record, indent=2))
         return
+    outputs = result.outputs
     if stream:
         print(flush=True)
+    elif len(outputs) == 1:
+        console.print(result.text, soft_wrap=True, markup=False, highlight=False)
     else:
-        console.print(result.text, soft_wrap=True)
+        for at, output in enumerate(outputs, 1):
+            console.print(Text(f"[{at}] ", style="bold") + Text(prompt[at - 1], style="dim"), soft_wrap=True)
+            console.print(output.text, soft_wrap=True, markup=False, highlight=False)
     rate = result.decode_tokens_per_s
+    lengths = sorted(output.prompt_tokens for output in outputs)
+    made = sum(len(output.new_ids) for output in outputs)
+    prompts = (f"prompt {lengths[0]} tokens" if len(outputs) == 1 else
+               f"{len(outputs)} prompts of {lengths[0]}–{lengths[-1]} tokens")
     how = ("CUDA graph" if result.cuda_graph else "eager") + (", compiled" if result.compiled else "")
     drawn = result.sampling
     chosen_by = "greedy" if drawn.greedy else (
         f"sampled at temperature {drawn.temperature:g}" + (f", top-k {drawn.top_k}" if drawn.top_k else "")
         + (f", top-p {drawn.top_p:g}" if drawn.top_p < 1 else "") + f", seed {drawn.seed}")
     err_console.print(
-        f"{record['dtype']} on {dev}, {'packed kernels' if packed else 'dense'}, {chosen_by}: prompt "
-        f"{result.prompt_tokens} tokens, prefill {1e3 * result.prefill_s:.0f} ms; {len(result.new_ids)} new tokens, "
+        f"{record['dtype']} on {dev}, {'packed kernels' if packed else 'dense'}, {chosen_by}: {prompts}, "
+        f"prefill {1e3 * result.prefill_s:.0f} ms; {made} new tokens, "
         + (f"decode {rate:.1f} tok/s ({how}, {result.steady_steps} steps after {result.warmup_steps} of warm-up, "
            f"{1e3 * result.warmup_s:.0f} ms)" if rate else "too few to time the decode"), soft_wrap=True)
 

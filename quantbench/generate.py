@@ -17,7 +17,7 @@ import dataclasses
 import inspect
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,14 +82,23 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
 
 
 @dataclass
-class Generation:
+class Output:
+    """One prompt's part of a generation."""
     prompt_tokens: int
     new_ids: list[int]
     text: str
-    prefill_s: float  # the prompt's forward, first token included
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": len(self.new_ids), "text": self.text}
+
+
+@dataclass
+class Generation:
+    outputs: list[Output]  # one per prompt, in their order
+    prefill_s: float  # the prompts' forward, first tokens included
     warmup_steps: int  # the first decode steps: one eager (compiling the step with `compiled`), and on CUDA
     warmup_s: float  # one more, the CUDA graph's capture with its warm-up run
-    steady_steps: int  # the decode steps after them
+    steady_steps: int  # the decode steps after them (each makes a token for every prompt)
     steady_s: float
     cuda_graph: bool
     compiled: bool
@@ -97,14 +106,34 @@ class Generation:
 
     @property
     def decode_tokens_per_s(self) -> float | None:
-        return self.steady_steps / self.steady_s if self.steady_steps else None
+        """Tokens a second over the steady steps, every prompt's counted."""
+        return len(self.outputs) * self.steady_steps / self.steady_s if self.steady_steps else None
+
+    @property
+    def only(self) -> Output:
+        if len(self.outputs) != 1:
+            raise ValueError(f"a generation of {len(self.outputs)} prompts: read its outputs")
+        return self.outputs[0]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.only.prompt_tokens
+
+    @property
+    def new_ids(self) -> list[int]:
+        return self.only.new_ids
+
+    @property
+    def text(self) -> str:
+        return self.only.text
 
     def to_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "new_tokens": len(self.new_ids), "text": self.text,
-                "prefill_s": self.prefill_s, "warmup_steps": self.warmup_steps, "warmup_s": self.warmup_s,
-                "steady_steps": self.steady_steps,
-                "steady_s": self.steady_s, "decode_tokens_per_s": self.decode_tokens_per_s,
-                "cuda_graph": self.cuda_graph, "compiled": self.compiled, "sampling": self.sampling.to_dict()}
+        produced = self.only.to_dict() if len(self.outputs) == 1 else {
+            "prompts": [output.to_dict() for output in self.outputs]}
+        return {**produced, "prefill_s": self.prefill_s, "warmup_steps": self.warmup_steps,
+                "warmup_s": self.warmup_s, "steady_steps": self.steady_steps, "steady_s": self.steady_s,
+                "decode_tokens_per_s": self.decode_tokens_per_s, "cuda_graph": self.cuda_graph,
+                "compiled": self.compiled, "sampling": self.sampling.to_dict()}
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
@@ -129,22 +158,30 @@ def end_ids(model: nn.Module, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False,
+def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_tokens: int, chat: bool = False,
              stop_ids: set[int] | None = None, cuda_graph: bool = True, compiled: bool = False,
              sampling: Sampling = Sampling(), on_text: Callable[[str], None] | None = None) -> Generation:
-    """Up to `max_new_tokens` tokens after `prompt` from `model` (on its device), greedy or as `sampling` says,
-    timed. `stop_ids`: the end-of-sequence tokens (default `end_ids`). On CUDA a draw seeds and uses the device's
-    default generator (the one a CUDA graph's replays advance). `on_text` is handed the text in pieces as it
-    comes, at each look for a stop token (`TextPieces`; the decode rate then includes its time); together they
-    are the result's text."""
+    """Up to `max_new_tokens` tokens after `prompt` (or after each of several, decoded together as one batch, the
+    shorter ones padded on the left) from `model` (on its device), greedy or as `sampling` says, timed.
+    `stop_ids`: the end-of-sequence tokens (default `end_ids`); a batch runs until every prompt has made one. On
+    CUDA a draw seeds and uses the device's default generator (the one a CUDA graph's replays advance). `on_text`
+    (one prompt only) is handed the text in pieces as it comes, at each look for a stop token (`TextPieces`; the
+    decode rate then includes its time); together they are the result's text."""
     from transformers import StaticCache
 
     if max_new_tokens < 1:
         raise QuantbenchError(f"max_new_tokens {max_new_tokens}: ask for at least one token")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise QuantbenchError("no prompt: give at least one")
+    if on_text and len(prompts) > 1:
+        raise QuantbenchError(f"text in pieces comes from one prompt, not {len(prompts)}")
     device = model.device
-    ids = prompt_ids(tokenizer, prompt, chat).to(device)
-    n = ids.shape[1]
     stop_ids = end_ids(model, tokenizer) if stop_ids is None else stop_ids
+    rows = [prompt_ids(tokenizer, text, chat)[0] for text in prompts]
+    n = max(len(row) for row in rows)
+    ids = torch.stack([nn.functional.pad(row, (n - len(row), 0), value=_pad_id(tokenizer, stop_ids))
+                       for row in rows]).to(device)
     cache = StaticCache(config=model.config, max_cache_len=n + max_new_tokens)
     graphs = cuda_graph and device.type == "cuda"
     sampling = sampling.seeded()
@@ -154,10 +191,11 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat
             torch.cuda.manual_seed(sampling.seed)
         else:
             generator = torch.Generator(device).manual_seed(sampling.seed)
+    prefill_padding, step_padding, next_positions = _padding(rows, n, max_new_tokens, device)
 
     started = _now(device)
     cached = {_cache_argument(model): cache, "use_cache": True}
-    logits = model(ids, cache_position=torch.arange(n, device=device), **cached).logits
+    logits = model(ids, cache_position=torch.arange(n, device=device), **cached, **prefill_padding).logits
     token = next_tokens(logits[:, -1], sampling, generator)
     position = torch.tensor([n], device=device)  # read before transformers 5.25; later ones count in the cache
     new = [token.clone()]
@@ -166,14 +204,21 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat
     forward = torch.compile(model, dynamic=False) if compiled else model
 
     def step() -> None:
-        out = forward(token, cache_position=position, **cached).logits
+        out = forward(token, cache_position=position, **cached, **step_padding).logits
         token.copy_(next_tokens(out[:, -1], sampling, generator))
         position.add_(1)
+        if next_positions is not None:
+            next_positions.add_(1)
 
     look_every = _steps_between_looks(device)
+    finished, looked = [False] * len(rows), 0
 
-    def stopped() -> bool:  # a stop token among those since the last look
-        return bool(stop_ids.intersection(torch.cat(new[-look_every:]).flatten().tolist()))
+    def stopped() -> bool:  # every prompt has made a stop token (those since the last look are read)
+        nonlocal looked
+        for row, tokens in enumerate(torch.cat(new[looked:], dim=1).tolist()):
+            finished[row] = finished[row] or not stop_ids.isdisjoint(tokens)
+        looked = len(new)
+        return all(finished)
 
     def done() -> bool:
         return len(new) >= max_new_tokens or stopped()
@@ -195,17 +240,41 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, chat
             if stopped():
                 break
             if pieces:
-                pieces.update(torch.cat(new).flatten().tolist())
+                pieces.update(torch.cat(new, dim=1)[0].tolist())
         run()
         new.append(token.clone())
         steps += 1
     steady_s = _now(device) - started
-    new_ids = until_stop(torch.cat(new).flatten().tolist(), stop_ids)  # steps since the last look may run past one
-    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    outputs = []
+    for row, made in zip(rows, torch.cat(new, dim=1).tolist()):
+        new_ids = until_stop(made, stop_ids)  # the steps since the last look may have run past one
+        outputs.append(Output(len(row), new_ids, tokenizer.decode(new_ids, skip_special_tokens=True)))
     if pieces:
-        pieces.finish(text)
-    return Generation(n, new_ids, text, prefill_s, warmup_steps, warmup_s, steps, steady_s, graphs, compiled,
-                      sampling)
+        pieces.finish(outputs[0].text)
+    return Generation(outputs, prefill_s, warmup_steps, warmup_s, steps, steady_s, graphs, compiled, sampling)
+
+
+def _pad_id(tokenizer, stop_ids: set[int]) -> int:
+    """The token a shorter prompt is padded with on the left (masked out: any token would do)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, *sorted(stop_ids)):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def _padding(rows: list[torch.Tensor], n: int, max_new_tokens: int, device: torch.device):
+    """The prefill's and the steps' extra arguments where prompts differ in length (none where they do not): one
+    attention mask over the whole cache (the padding off; positions past the current one are causal-masked), each
+    prompt's positions counted from its first token, and the steps' positions, which each step moves on."""
+    if len({len(row) for row in rows}) == 1:
+        return {}, {}, None
+    mask = torch.ones(len(rows), n + max_new_tokens, dtype=torch.long, device=device)
+    for at, row in enumerate(rows):
+        mask[at, :n - len(row)] = 0
+    positions = (mask[:, :n].cumsum(-1) - 1).clamp(min=0)
+    next_positions = positions[:, -1:] + 1
+    return ({"attention_mask": mask, "position_ids": positions},
+            {"attention_mask": mask, "position_ids": next_positions}, next_positions)
 
 
 def until_stop(ids: list[int], stop_ids: set[int]) -> list[int]:

@@ -26,10 +26,10 @@ def run_dir(tmp_path_factory, tokenizer, text_file):
     return folder / "runs" / "tiny"
 
 
-def assert_greedy(model, tokenizer, new_ids: list[int]) -> None:
+def assert_greedy(model, tokenizer, new_ids: list[int], prompt: str = PROMPT) -> None:
     """Each new token is the argmax of one forward over the prompt and the tokens before it, without a cache
     (another order of float32 sums: within 1e-4 of the largest logit's size)."""
-    ids = prompt_ids(tokenizer, PROMPT)
+    ids = prompt_ids(tokenizer, prompt)
     text = torch.cat([ids, torch.tensor([new_ids[:-1]])], dim=1)
     with torch.no_grad():
         logits = model(text).logits[0, ids.shape[1] - 1:]
@@ -45,6 +45,40 @@ def test_every_supported_family_generates_from_its_static_cache(tokenizer, famil
     result = generate(model, tokenizer, PROMPT, 8, stop_ids=set())
     assert len(result.new_ids) == 8 and result.steady_steps == 6
     assert_greedy(model, tokenizer, result.new_ids)
+
+
+PROMPTS = ["the river", PROMPT, "a stone in the river and the river over the stone"]  # three lengths
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_opt", "tiny_gpt_neox", "tiny_qwen2_sliding_window",
+                                    "tiny_gemma2", "tiny_gemma3_text", "tiny_phi3", "tiny_qwen3_moe",
+                                    "tiny_deepseek_v2"])
+def test_prompts_of_several_lengths_decode_together_as_each_alone(tokenizer, family):
+    """The shorter prompts padded on the left, masked, their positions counted from their own first token: each
+    one's tokens are the argmax of full forwards over it alone."""
+    model = getattr(helpers, family)(vocab_size=len(tokenizer), **({"init_std": 0.3} if family == "tiny_llama" else {}))
+    result = generate(model.eval(), tokenizer, PROMPTS, 8, stop_ids=set())
+    assert [output.prompt_tokens for output in result.outputs] == [prompt_ids(tokenizer, p).shape[1] for p in PROMPTS]
+    assert len(set(output.prompt_tokens for output in result.outputs)) == 3
+    for prompt, output in zip(PROMPTS, result.outputs):
+        assert len(output.new_ids) == 8
+        assert_greedy(model, tokenizer, output.new_ids, prompt)
+    assert result.decode_tokens_per_s == 3 * result.steady_steps / result.steady_s  # every prompt's tokens
+    with pytest.raises(ValueError, match="3 prompts"):
+        result.text
+
+
+def test_a_batch_runs_until_every_prompt_has_stopped(run_dir):
+    model = load_quantized(run_dir / "checkpoint", kernels=True)
+    tokenizer = load_tokenizer(str(run_dir / "checkpoint"))
+    alone = [generate(model, tokenizer, prompt, 16, stop_ids=set()).new_ids for prompt in PROMPTS]
+    stop = alone[1][3]  # the second prompt stops early; the others may stop later or never
+    together = generate(model, tokenizer, PROMPTS, 16, stop_ids={stop}).outputs
+    for made, output in zip(alone, together):
+        first = made.index(stop) if stop in made else len(made) - 1
+        assert output.new_ids == made[:first + 1]
+    with pytest.raises(QuantbenchError, match="one prompt, not 3"):
+        generate(model, tokenizer, PROMPTS, 4, on_text=print)
 
 
 @pytest.mark.parametrize("kernels", [True, False])
@@ -242,6 +276,11 @@ def test_generate_command_prints_text_and_speed(run_dir, model_dir):
     assert json.loads(redrawn.output)["text"] == drawn["text"]
     streamed = invoke("generate", run_dir, "-p", PROMPT, "-n", 6, "--stream")
     assert streamed.exit_code == 0 and streamed.output.startswith(record["text"] + "\n")
+    batch = json.loads(invoke("generate", run_dir, *[a for p in PROMPTS for a in ("-p", p)], "-n", 6, "--json").output)
+    assert [row["prompt_tokens"] for row in batch["prompts"]][1] == record["prompt_tokens"] and "text" not in batch
+    assert [row["new_tokens"] for row in batch["prompts"]] == [6, 6, 6]
+    shown = invoke("generate", run_dir, *[a for p in PROMPTS for a in ("-p", p)], "-n", 2)
+    assert shown.exit_code == 0 and "[3] " + PROMPTS[2] in shown.output and "3 prompts of" in shown.output
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -251,6 +290,7 @@ def test_generate_command_prints_text_and_speed(run_dir, model_dir):
     (["-p", "x", "--top-p", "0.9"], "set a temperature above 0"),
     (["-p", "x", "-t", "-0.5"], "temperature -0.5"),
     (["-p", "x", "--stream", "--json"], "choose one"),
+    (["-p", "x", "-p", "y", "--stream"], "not 2's"),
 ])
 def test_generate_refuses_bad_input_in_one_line(run_dir, arguments, message):
     result = invoke("generate", run_dir, *arguments)
