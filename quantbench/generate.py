@@ -106,7 +106,8 @@ class Generation:
 
     @property
     def decode_tokens_per_s(self) -> float | None:
-        """Tokens a second over the steady steps, every prompt's counted."""
+        """Tokens a second over the steady steps, every prompt's counted (a stopped one's too: the batch still
+        computes its row)."""
         return len(self.outputs) * self.steady_steps / self.steady_s if self.steady_steps else None
 
     @property
