@@ -283,6 +283,16 @@ def test_generate_command_prints_text_and_speed(run_dir, model_dir):
     assert shown.exit_code == 0 and "[3] " + PROMPTS[2] in shown.output and "3 prompts of" in shown.output
 
 
+def test_generated_text_is_printed_as_it_is_not_as_markup(run_dir, monkeypatch):
+    import quantbench.generate as generation
+
+    made = generation.Generation([generation.Output(3, [1, 2], "[bold]x[/bold] 0x1f")], 0.1, 1, 0.1, 1, 0.1, False,
+                                 False)
+    monkeypatch.setattr(generation, "generate", lambda *args, **kwargs: made)
+    shown = invoke("generate", run_dir, "-p", PROMPT)
+    assert shown.exit_code == 0 and shown.output.startswith("[bold]x[/bold] 0x1f\n")
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["-p", ""], "the prompt is empty"),
     (["-p", "x", "--chat"], "has no chat template"),
