@@ -448,11 +448,11 @@ def generate(
     if stream:
         print(flush=True)
     elif len(outputs) == 1:
-        console.print(result.text, soft_wrap=True, markup=False, highlight=False)
+        console.print(result.text, soft_wrap=True)
     else:
         for at, output in enumerate(outputs, 1):
             console.print(Text(f"[{at}] ", style="bold") + Text(prompt[at - 1], style="dim"), soft_wrap=True)
-            console.print(output.text, soft_wrap=True, markup=False, highlight=False)
+            console.print(output.text, soft_wrap=True)
     rate = result.decode_tokens_per_s
     lengths = sorted(output.prompt_tokens for output in outputs)
     made = sum(len(output.new_ids) for output in outputs)
