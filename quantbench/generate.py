@@ -181,6 +181,10 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
     stop_ids = end_ids(model, tokenizer) if stop_ids is None else stop_ids
     rows = [prompt_ids(tokenizer, text, chat)[0] for text in prompts]
     n = max(len(row) for row in rows)
+    most = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if most is not None and n + max_new_tokens > most:
+        raise QuantbenchError(f"{n} prompt tokens and {max_new_tokens} new ones pass the model's {most} positions: "
+                              f"ask for at most {max(most - n, 0)} new tokens")
     ids = torch.stack([nn.functional.pad(row, (n - len(row), 0), value=_pad_id(tokenizer, stop_ids))
                        for row in rows]).to(device)
     cache = StaticCache(config=model.config, max_cache_len=n + max_new_tokens)

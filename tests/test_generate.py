@@ -307,11 +307,18 @@ def test_generate_refuses_bad_input_in_one_line(run_dir, arguments, message):
     assert result.exit_code == 2 and message in result.output
 
 
-def test_generate_asks_for_at_least_one_token(run_dir):
+def test_generate_asks_for_at_least_one_token_and_no_more_than_the_model_has_positions(run_dir):
     model = load_quantized(run_dir / "checkpoint")
+    tokenizer = load_tokenizer(str(run_dir / "checkpoint"))
     with pytest.raises(QuantbenchError, match="at least one token"):
-        generate(model, load_tokenizer(str(run_dir / "checkpoint")), PROMPT, 0)
+        generate(model, tokenizer, PROMPT, 0)
     assert invoke("generate", run_dir, "-p", PROMPT, "-n", 0).exit_code == 2
+    most, n = model.config.max_position_embeddings, prompt_ids(tokenizer, PROMPT).shape[1]
+    with pytest.raises(QuantbenchError, match=f"pass the model's {most} positions: ask for at most {most - n} new"):
+        generate(model, tokenizer, PROMPT, most - n + 1)
+    assert len(generate(model, tokenizer, PROMPT, 2, stop_ids=set()).new_ids) == 2
+    refused = invoke("generate", run_dir, "-p", PROMPT, "-n", most)
+    assert refused.exit_code == 2 and "positions" in refused.output
 
 
 def test_a_compiled_decode_step_gives_the_eager_tokens(run_dir, monkeypatch):
