@@ -681,6 +681,64 @@ def test_tuning_screens_every_tile_then_times_the_fastest_few_in_full(monkeypatc
         matmul._fastest(x, packed, [uncapturable])
 
 
+def test_the_libraries_a_weight_needs_are_those_its_engines_call(monkeypatch):
+    """The CUDA-core kernel's type with act_order and without (x gathered before it where shared memory cannot
+    hold it), the tensor-core kernel's with the scales in registers and in B, the warpgroup one's where named."""
+    from quantbench.export.kernels import matmul
+    from quantbench.export.kernels.cuda_build import WeightType, library_types
+
+    monkeypatch.delenv(matmul.ENGINES_ENV, raising=False)
+    act_order = to_kernel_layout(WEIGHTS["int4-g32 act_order"])
+    mma = {WeightType.for_mma(act_order, False), WeightType.for_mma(act_order, True)}
+    assert library_types(act_order) == {WeightType.of(act_order, True), WeightType.of(act_order, False)} | mma
+    assert len(library_types(act_order)) == 4
+    plain = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
+    assert {t.kernel for t in library_types(plain)} == {"gemv", "mma"} and len(library_types(plain)) == 3
+    assert library_types(to_base3_layout(WEIGHTS["ternary2-g64"])) == set()  # Triton's alone
+    monkeypatch.setenv(matmul.ENGINES_ENV, "triton")
+    assert library_types(plain) == set()
+    monkeypatch.setenv(matmul.ENGINES_ENV, "cuda,mma,wgmma")
+    assert WeightType.for_wgmma(plain) in library_types(plain)
+    assert {t.kernel for t in library_types(to_kernel_layout(WEIGHTS["mxfp4-rtn"]))} == {"gemv", "mma"}
+
+
+def test_libraries_build_side_by_side_once_each_and_not_when_cached(tmp_path, monkeypatch):
+    """Two builds meet at a barrier (they run at once or the test times out); a type another layer already
+    started, or whose library is on disk, is not built again; a failed build is reported, not raised."""
+    import threading
+
+    from quantbench.export.kernels import cuda_build, matmul
+
+    monkeypatch.delenv(matmul.ENGINES_ENV, raising=False)
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(cuda_build, "nvcc_path", lambda: "/usr/bin/nvcc")
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    plain = to_kernel_layout(WEIGHTS["int4-g128-rtn"])
+    gemv, *mma = sorted(cuda_build.library_types(plain), key=str)
+    cuda_build.library_path(mma[0], "90").parent.mkdir(parents=True, exist_ok=True)
+    cuda_build.library_path(mma[0], "90").touch()  # built before: not again
+    together, built = threading.Barrier(2, timeout=20), []
+
+    def build(weight_type, arch):
+        together.wait()
+        built.append(weight_type)
+        if weight_type == gemv:
+            raise RuntimeError("nvcc failed")
+        return cuda_build.library_path(weight_type, arch)
+
+    monkeypatch.setattr(cuda_build, "build", build)
+    builds = cuda_build.LibraryBuilds("90")
+    builds.add(plain)
+    builds.add(dataclasses.replace(plain))  # another layer of the same kind
+    failures = builds.wait()
+    assert sorted(built, key=str) == sorted([gemv, mma[1]], key=str)
+    assert list(failures) == [gemv] and "nvcc failed" in str(failures[gemv])
+    monkeypatch.setattr(cuda_build, "nvcc_path", lambda: None)
+    without = cuda_build.LibraryBuilds("90")
+    without.add(plain)
+    assert without.wait() == {} and not without.started
+
+
 def test_tile_candidates_offer_paired_int4_decodes_and_multi_row_decodes():
     from quantbench.export.kernels.matmul import _candidates
 

@@ -192,7 +192,9 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     quantbench's CPU library for a decode step's few rows (export/kernels/dense_cpu.py;
     `model.quantbench_dense_rows` names them). A model on transformers' `sdpa` attention switches to
     quantbench's, which attends a decode step's grouped query heads without copies of the cache
-    (export/kernels/decode_attention.py; `model.quantbench_decode_attention` says whether it switched).
+    (export/kernels/decode_attention.py; `model.quantbench_decode_attention` says whether it switched). On CUDA
+    the CUDA kernels' libraries the packed layers need are built side by side while the model loads
+    (cuda_build.LibraryBuilds; `model.quantbench_library_failures` names those that failed to build).
 
     The model is built on the meta device and each stored tensor is read from the memory-mapped files
     straight onto `device`, where its layer is unpacked: host memory holds one tensor in flight, never
@@ -210,25 +212,34 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     check_room(directory, checkpoint, model, device, kernels)
     expected = {name for name, _ in stored_tensors(model, remove_duplicate=False)}
     loaded, unexpected, skipped = set(), [], {}
-    for key, item in stored_items(checkpoint, device):
-        if isinstance(item, torch.Tensor):
-            if key not in expected:
-                unexpected.append(key)
+    builds = _library_builds(device) if kernels else None
+    try:
+        for key, item in stored_items(checkpoint, device):
+            if isinstance(item, torch.Tensor):
+                if key not in expected:
+                    unexpected.append(key)
+                    continue
+                try:
+                    set_module_tensor_to_device(model, key, device, value=item)
+                except ValueError as exc:  # a tensor of the wrong shape
+                    raise damaged(directory, f"{key} in {WEIGHTS_FILE} does not fit config.json: "
+                                             f"{_first_line(exc)}") from None
+                loaded.add(key)
                 continue
-            try:
-                set_module_tensor_to_device(model, key, device, value=item)
-            except ValueError as exc:  # a tensor of the wrong shape
-                raise damaged(directory, f"{key} in {WEIGHTS_FILE} does not fit config.json: {_first_line(exc)}") \
-                    from None
-            loaded.add(key)
-            continue
-        reason = kernel_unsupported_reason(item) if kernels else "kernels off"
-        if reason is None:
-            _set_module(model, key, PackedLinear(to_kernel_layout(item), model.get_submodule(key).bias, dtype=dtype))
-        else:
-            skipped[key] = reason
-            set_module_tensor_to_device(model, f"{key}.weight", device, value=item.dequantize(dtype))
-        loaded.add(f"{key}.weight")
+            reason = kernel_unsupported_reason(item) if kernels else "kernels off"
+            if reason is None:
+                layout = to_kernel_layout(item)
+                if builds:
+                    builds.add(layout)
+                _set_module(model, key, PackedLinear(layout, model.get_submodule(key).bias, dtype=dtype))
+            else:
+                skipped[key] = reason
+                set_module_tensor_to_device(model, f"{key}.weight", device, value=item.dequantize(dtype))
+            loaded.add(f"{key}.weight")
+    except BaseException:  # the builds stop with the load
+        if builds:
+            builds.cancel()
+        raise
     missing = expected - loaded - set(qconfig.get("tied", {}))
     if missing or unexpected:
         raise damaged(directory, f"{WEIGHTS_FILE} does not fit config.json (missing {sorted(missing)[:3]}, "
@@ -242,7 +253,17 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
         model.quantbench_fused = fuse_packed_siblings(model, gated=gated_mlps) if fuse else []
         model.quantbench_dense_rows = use_dense_rows(model)
         model.quantbench_decode_attention = use_decode_attention(model)
+        model.quantbench_library_failures = builds.wait() if builds else {}
     return model.to(device).eval()
+
+
+def _library_builds(device: torch.device):
+    """On CUDA, the CUDA kernels' libraries the packed layers will need, built while the model loads."""
+    if device.type != "cuda":
+        return None
+    from quantbench.export.kernels.cuda_build import LibraryBuilds, device_arch
+
+    return LibraryBuilds(device_arch(device))
 
 
 def checkpoint_skeleton(directory: Path, dtype: torch.dtype | None = None) -> nn.Module:

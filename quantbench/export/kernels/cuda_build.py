@@ -191,6 +191,55 @@ def entry_point(weight_type: WeightType, arch: str, function: str | None = None)
     return _functions[(*key, function)]
 
 
+def library_types(weight: KernelWeight) -> set[WeightType]:
+    """The libraries the tile tuner may call for `weight` with the engines it times (matmul.ENGINES_ENV): the
+    CUDA-core kernel's (act_order gathered in the kernel, and without, where x is gathered before), the tensor-core
+    kernel's (scales applied in registers and in B), the warpgroup kernel's where named."""
+    from quantbench.export.kernels.matmul import DEFAULT_ENGINES, ENGINES_ENV
+
+    if weight.kind == "ternary3":
+        return set()
+    engines = set(os.environ.get(ENGINES_ENV, DEFAULT_ENGINES).split(","))
+    types = set()
+    if "cuda" in engines:
+        types |= {WeightType.of(weight, perm) for perm in {weight.perm is not None, False}}
+    if "mma" in engines or "wgmma" in engines:  # the warpgroup kernel gathers act_order through mma's library
+        types |= {WeightType.for_mma(weight, scales_in_b) for scales_in_b in (False, True)}
+    if "wgmma" in engines and weight.kind != "mxfp4":
+        types.add(WeightType.for_wgmma(weight))
+    return types
+
+
+class LibraryBuilds:
+    """The CUDA libraries a model's packed layers will need, built side by side (one nvcc a core) while the model
+    loads: each takes 5–30 s, and the tuner would otherwise build them one after another on the first calls."""
+
+    def __init__(self, arch: str):
+        self.arch = arch
+        self.pool = ThreadPoolExecutor(os.cpu_count() or 1) if nvcc_path() else None
+        self.started: dict[WeightType, object] = {}
+
+    def add(self, weight: KernelWeight) -> None:
+        if self.pool is None:  # no nvcc: the tuner times Triton's tiles alone
+            return
+        for weight_type in library_types(weight) - self.started.keys():
+            if not library_path(weight_type, self.arch).is_file():
+                self.started[weight_type] = self.pool.submit(build, weight_type, self.arch)
+
+    def cancel(self) -> None:
+        """Builds not started are dropped; those running finish (an nvcc is not interrupted mid-file)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def wait(self) -> dict[WeightType, Exception]:
+        """Waits for the builds; those that failed and why (the tuner meets the same failure and skips the
+        engine's tiles)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        return {weight_type: future.exception() for weight_type, future in self.started.items()
+                if future.exception() is not None}
+
+
 def splits_to_fill(blocks: int, processors: int, most: int) -> int:
     """The fewest splits of K, a power of two up to `most`, that give every multiprocessor one of the blocks."""
     fill = 1
