@@ -704,7 +704,8 @@ def test_the_libraries_a_weight_needs_are_those_its_engines_call(monkeypatch):
 
 def test_libraries_build_side_by_side_once_each_and_not_when_cached(tmp_path, monkeypatch):
     """Two builds meet at a barrier (they run at once or the test times out); a type another layer already
-    started, or whose library is on disk, is not built again; a failed build is reported, not raised."""
+    started, or whose library is on disk, is not built again; a failed build is reported, not raised, and
+    remembered for the kernel's calls."""
     import threading
 
     from quantbench.export.kernels import cuda_build, matmul
@@ -727,12 +728,16 @@ def test_libraries_build_side_by_side_once_each_and_not_when_cached(tmp_path, mo
         return cuda_build.library_path(weight_type, arch)
 
     monkeypatch.setattr(cuda_build, "build", build)
+    monkeypatch.setattr(cuda_build, "_failures", {})
     builds = cuda_build.LibraryBuilds("90")
     builds.add(plain)
     builds.add(dataclasses.replace(plain))  # another layer of the same kind
     failures = builds.wait()
     assert sorted(built, key=str) == sorted([gemv, mma[1]], key=str)
     assert list(failures) == [gemv] and "nvcc failed" in str(failures[gemv])
+    with pytest.raises(RuntimeError, match="nvcc failed"):  # remembered: the tuner's call does not build again
+        cuda_build.entry_point(gemv, "90")
+    assert len(built) == 2
     monkeypatch.setattr(cuda_build, "nvcc_path", lambda: None)
     without = cuda_build.LibraryBuilds("90")
     without.add(plain)

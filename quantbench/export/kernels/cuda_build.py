@@ -18,7 +18,7 @@ import hashlib
 import os
 import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,7 +217,7 @@ class LibraryBuilds:
     def __init__(self, arch: str):
         self.arch = arch
         self.pool = ThreadPoolExecutor(os.cpu_count() or 1) if nvcc_path() else None
-        self.started: dict[WeightType, object] = {}
+        self.started: dict[WeightType, Future] = {}
 
     def add(self, weight: KernelWeight) -> None:
         if self.pool is None:  # no nvcc: the tuner times Triton's tiles alone
@@ -231,13 +231,16 @@ class LibraryBuilds:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def wait(self) -> dict[WeightType, Exception]:
-        """Waits for the builds; those that failed and why (the tuner meets the same failure and skips the
-        engine's tiles)."""
+    def wait(self) -> dict[WeightType, BaseException]:
+        """Waits for the builds; those that failed and why, remembered as entry_point remembers a failed build
+        (the tuner then skips that engine's tiles without building again)."""
         if self.pool is not None:
             self.pool.shutdown(wait=True)
-        return {weight_type: future.exception() for weight_type, future in self.started.items()
-                if future.exception() is not None}
+        failures = {weight_type: future.exception() for weight_type, future in self.started.items()
+                    if future.exception() is not None}
+        for weight_type, exc in failures.items():
+            _failures.setdefault((weight_type, self.arch), exc)
+        return failures
 
 
 def splits_to_fill(blocks: int, processors: int, most: int) -> int:
