@@ -26,7 +26,6 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from quantbench.export.kernels import cpu_int4, cpu_packed, library_cache
 from quantbench.export.kernels.kernel_call import KernelCall
 from quantbench.export.kernels.layout import KernelWeight, with_inputs_gathered
 from quantbench.export.kernels.reference import packed_matmul_reference
+from quantbench.fsutil import atomic_write_path
 
 BACKENDS = ("auto", "triton", "cuda", "mma", "wgmma", "cpu", "torch")
 
@@ -395,9 +395,8 @@ def save_tuned(path: str | Path, device_name: str) -> None:
         stored = [*key[:4], str(key[4]).removeprefix("torch."), *key[5:]]
         entries[json.dumps(stored)] = {"key": stored, "tile": dataclasses.asdict(config)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as scratch:
-        scratch.write(json.dumps({"device": device_name, "tiles": list(entries.values())}, indent=1) + "\n")
-    os.replace(scratch.name, path)
+    with atomic_write_path(path) as scratch:
+        scratch.write_text(json.dumps({"device": device_name, "tiles": list(entries.values())}, indent=1) + "\n")
 
 
 def _saved_entries(path: Path, device_name: str) -> list[dict]:
