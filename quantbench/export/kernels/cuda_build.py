@@ -192,14 +192,14 @@ def entry_point(weight_type: WeightType, arch: str, function: str | None = None)
 
 
 def library_types(weight: KernelWeight) -> set[WeightType]:
-    """The libraries the tile tuner may call for `weight` with the engines it times (matmul.ENGINES_ENV): the
+    """The libraries the tile tuner may call for `weight` with the engines it times (matmul.timed_engines): the
     CUDA-core kernel's (act_order gathered in the kernel, and without, where x is gathered before), the tensor-core
     kernel's (scales applied in registers and in B), the warpgroup kernel's where named."""
-    from quantbench.export.kernels.matmul import DEFAULT_ENGINES, ENGINES_ENV
+    from quantbench.export.kernels.matmul import timed_engines
 
     if weight.kind == "ternary3":
         return set()
-    engines = set(os.environ.get(ENGINES_ENV, DEFAULT_ENGINES).split(","))
+    engines = timed_engines()
     types = set()
     if "cuda" in engines:
         types |= {WeightType.of(weight, perm) for perm in {weight.perm is not None, False}}

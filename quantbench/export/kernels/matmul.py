@@ -265,7 +265,7 @@ def _engine_candidates(x: torch.Tensor, weight: KernelWeight) -> list[TileConfig
     """The tiles to time: the CUDA kernels' where they apply, else Triton's. QUANTBENCH_KERNEL_ENGINES names
     the engines (default DEFAULT_ENGINES); Triton's are timed beside CUDA ones only where it names "triton", and
     stay where none of the CUDA ones it names applies."""
-    engines = set(os.environ.get(ENGINES_ENV, DEFAULT_ENGINES).split(","))
+    engines = timed_engines()
     cuda = ((_cuda_candidates(x, weight) if "cuda" in engines else [])
             + (_mma_candidates(x, weight) if "mma" in engines else [])
             + (_wgmma_candidates(x, weight) if "wgmma" in engines else []))
@@ -361,6 +361,11 @@ TILES_CACHE_ENV = "QUANTBENCH_TILES_CACHE"
 ENGINES_ENV = "QUANTBENCH_KERNEL_ENGINES"
 DEFAULT_ENGINES = "cuda,mma"  # Triton where neither applies; wgmma where named (module docstring)
 _loaded: set[Path] = set()
+
+
+def timed_engines() -> set[str]:
+    """The engines whose tiles the tuner times where they apply: QUANTBENCH_KERNEL_ENGINES, else DEFAULT_ENGINES."""
+    return set(os.environ.get(ENGINES_ENV, DEFAULT_ENGINES).split(","))
 
 
 def tiles_file(device: torch.device) -> Path | None:
