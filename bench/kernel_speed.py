@@ -30,8 +30,8 @@ from quantbench.export.kernels.cuda_build import DEPENDENT_LAUNCH_ENV  # noqa: E
 from quantbench.export.kernels.fused import fuse_packed_siblings  # noqa: E402
 from quantbench.export.kernels.layout import KernelWeight, to_base3_layout  # noqa: E402
 from quantbench.export.kernels.mlp_order import fold_down_orders  # noqa: E402
-from quantbench.generate import captured  # noqa: E402
 from quantbench.export.kernels.matmul import ENGINES_ENV, TILES_ENV, chosen_tile, graph_time_ms, tuned_configs  # noqa: E402
+from quantbench.generate import captured  # noqa: E402
 from random_models import random_weight  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # (K inputs, N outputs)

@@ -431,8 +431,7 @@ def generate(
         if compiled and dev.type == "cuda":
             _launch_inductor_kernels_dependent()
         try:
-            result = generate_text(model, loaded.tokenizer, prompt[0] if len(prompt) == 1 else prompt,
-                                   max_new_tokens, chat, cuda_graph=cuda_graph,
+            result = generate_text(model, loaded.tokenizer, prompt, max_new_tokens, chat, cuda_graph=cuda_graph,
                                    compiled=compiled, sampling=sampling, on_text=_printed if stream else None)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. inductor's C++ on a machine it misjudges
             raise QuantbenchError(f"--compile: torch.compile failed here ({str(exc).splitlines()[0]}); run "
