@@ -380,8 +380,12 @@ def eval_command(
 @app.command()
 def generate(
     target: str = typer.Argument(..., help="quantbench checkpoint, run directory, model directory or hub id"),
-    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="the text to continue; several -p: decoded "
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="the text to continue; several -p: decoded "
                                      "together as one batch"),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="more prompts, one a line (blank "
+                                                "lines skipped), after those of -p"),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="prompts decoded at once; with more, a "
+                                   "prompt that stops hands its row to the next"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="tokens to generate at most "
                                        "(for each prompt)"),
     chat: bool = typer.Option(False, "--chat", help="wrap each prompt in the tokenizer's chat template (a user turn)"),
@@ -419,6 +423,9 @@ def generate(
         sampling = Sampling(temperature, top_k, top_p, seed)  # checked before the model loads
         if stream and as_json:
             raise QuantbenchError("--stream prints text as it comes, --json prints it whole at the end: choose one")
+        prompt = [*prompt, *_prompts_in(prompts_file)]
+        if not prompt:
+            raise QuantbenchError("no prompt: give -p TEXT or --prompts-file FILE")
         if stream and len(prompt) > 1:
             raise QuantbenchError(f"--stream prints one prompt's text as it comes, not {len(prompt)}'s")
         dev = resolve_device(device)
@@ -432,7 +439,8 @@ def generate(
             _launch_inductor_kernels_dependent()
         try:
             result = generate_text(model, loaded.tokenizer, prompt, max_new_tokens, chat, cuda_graph=cuda_graph,
-                                   compiled=compiled, sampling=sampling, on_text=_printed if stream else None)
+                                   compiled=compiled, sampling=sampling, on_text=_printed if stream else None,
+                                   batch_size=batch_size)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. inductor's C++ on a machine it misjudges
             raise QuantbenchError(f"--compile: torch.compile failed here ({str(exc).splitlines()[0]}); run "
                                   "without --compile") from None
@@ -456,7 +464,8 @@ def generate(
     lengths = sorted(output.prompt_tokens for output in outputs)
     made = sum(len(output.new_ids) for output in outputs)
     prompts = (f"prompt {lengths[0]} tokens" if len(outputs) == 1 else
-               f"{len(outputs)} prompts of {lengths[0]}–{lengths[-1]} tokens")
+               f"{len(outputs)} prompts of {lengths[0]}–{lengths[-1]} tokens in {result.batch_size} rows"
+               + (f" ({result.admitted} took a stopped prompt's row)" if result.admitted else ""))
     how = ("CUDA graph" if result.cuda_graph else "eager") + (", compiled" if result.compiled else "")
     drawn = result.sampling
     chosen_by = "greedy" if drawn.greedy else (
@@ -466,7 +475,19 @@ def generate(
         f"{record['dtype']} on {dev}, {'packed kernels' if packed else 'dense'}, {chosen_by}: {prompts}, "
         f"prefill {1e3 * result.prefill_s:.0f} ms; {made} new tokens, "
         + (f"decode {rate:.1f} tok/s ({how}, {result.steady_steps} steps after {result.warmup_steps} of warm-up, "
-           f"{1e3 * result.warmup_s:.0f} ms)" if rate else "too few to time the decode"), soft_wrap=True)
+           f"{1e3 * result.warmup_s:.0f} ms)" if rate else "too few to time the decode")
+        + (f"; {result.tokens_per_s:.1f} new tok/s in all" if len(outputs) > 1 else ""), soft_wrap=True)
+
+
+def _prompts_in(path: Path | None) -> list[str]:
+    """The prompts of a file, one a line, blank lines skipped."""
+    if path is None:
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QuantbenchError(f"--prompts-file {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    return [line for line in lines if line.strip()]
 
 
 def _printed(piece: str) -> None:

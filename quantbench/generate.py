@@ -95,20 +95,27 @@ class Output:
 @dataclass
 class Generation:
     outputs: list[Output]  # one per prompt, in their order
-    prefill_s: float  # the prompts' forward, first tokens included
+    prefill_s: float  # the first batch's forward, first tokens included
     warmup_steps: int  # the first decode steps: one eager (compiling the step with `compiled`), and on CUDA
     warmup_s: float  # one more, the CUDA graph's capture with its warm-up run
-    steady_steps: int  # the decode steps after them (each makes a token for every prompt)
-    steady_s: float
+    steady_steps: int  # the decode steps after them (each makes a token in every row of the batch)
+    steady_s: float  # with the prefills of the prompts that took a finished prompt's row
     cuda_graph: bool
     compiled: bool
     sampling: Sampling = Sampling()
+    batch_size: int = 1  # rows decoded at once
+    admitted: int = 0  # prompts that took a finished prompt's row during the decode
 
     @property
     def decode_tokens_per_s(self) -> float | None:
-        """Tokens a second over the steady steps, every prompt's counted (a stopped one's too: the batch still
+        """Tokens a second over the steady steps, every row's counted (a stopped prompt's too: the batch still
         computes its row)."""
-        return len(self.outputs) * self.steady_steps / self.steady_s if self.steady_steps else None
+        return self.batch_size * self.steady_steps / self.steady_s if self.steady_steps else None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """The new tokens kept a second over the whole generation: prefills, warm-up and steps."""
+        return sum(len(output.new_ids) for output in self.outputs) / (self.prefill_s + self.warmup_s + self.steady_s)
 
     @property
     def only(self) -> Output:
@@ -133,7 +140,8 @@ class Generation:
             "prompts": [output.to_dict() for output in self.outputs]}
         return {**produced, "prefill_s": self.prefill_s, "warmup_steps": self.warmup_steps,
                 "warmup_s": self.warmup_s, "steady_steps": self.steady_steps, "steady_s": self.steady_s,
-                "decode_tokens_per_s": self.decode_tokens_per_s, "cuda_graph": self.cuda_graph,
+                "decode_tokens_per_s": self.decode_tokens_per_s, "tokens_per_s": self.tokens_per_s,
+                "batch_size": self.batch_size, "admitted": self.admitted, "cuda_graph": self.cuda_graph,
                 "compiled": self.compiled, "sampling": self.sampling.to_dict()}
 
 
@@ -161,13 +169,16 @@ def end_ids(model: nn.Module, tokenizer) -> set[int]:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_tokens: int, chat: bool = False,
              stop_ids: set[int] | None = None, cuda_graph: bool = True, compiled: bool = False,
-             sampling: Sampling = Sampling(), on_text: Callable[[str], None] | None = None) -> Generation:
+             sampling: Sampling = Sampling(), on_text: Callable[[str], None] | None = None,
+             batch_size: int | None = None) -> Generation:
     """Up to `max_new_tokens` tokens after `prompt` (or after each of several, decoded together as one batch, the
     shorter ones padded on the left) from `model` (on its device), greedy or as `sampling` says, timed.
-    `stop_ids`: the end-of-sequence tokens (default `end_ids`); a batch runs until every prompt has made one. On
-    CUDA a draw seeds and uses the device's default generator (the one a CUDA graph's replays advance). `on_text`
-    (one prompt only) is handed the text in pieces as it comes, at each look for a stop token (`TextPieces`; the
-    decode rate then includes its time); together they are the result's text."""
+    `stop_ids`: the end-of-sequence tokens (default `end_ids`); a prompt stops at its first. `batch_size`: the rows
+    decoded at once (default: every prompt); with more prompts than rows, a prompt that stops hands its row to
+    the next one waiting (`Refill`), and the batch runs until every prompt has stopped. On CUDA a draw seeds and
+    uses the device's default generator (the one a CUDA graph's replays advance). `on_text` (one prompt only) is
+    handed the text in pieces as it comes, at each look for a stop token (`TextPieces`; the decode rate then
+    includes its time); together they are the result's text."""
     from transformers import StaticCache
 
     if max_new_tokens < 1:
@@ -177,6 +188,8 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
         raise QuantbenchError("no prompt: give at least one")
     if on_text and len(prompts) > 1:
         raise QuantbenchError(f"text in pieces comes from one prompt, not {len(prompts)}")
+    if batch_size is not None and batch_size < 1:
+        raise QuantbenchError(f"batch size {batch_size}: decode at least one row")
     device = model.device
     stop_ids = end_ids(model, tokenizer) if stop_ids is None else stop_ids
     rows = [prompt_ids(tokenizer, text, chat)[0] for text in prompts]
@@ -185,9 +198,14 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
     if most is not None and n + max_new_tokens > most:
         raise QuantbenchError(f"{n} prompt tokens and {max_new_tokens} new ones pass the model's {most} positions: "
                               f"ask for at most {max(most - n, 0)} new tokens")
+    width = len(rows) if batch_size is None else min(batch_size, len(rows))
+    look_every = _steps_between_looks(device)
+    several = width < len(rows)
+    cache_length = Refill.columns(n, max_new_tokens, look_every) if several else n + max_new_tokens
+    cache = StaticCache(config=model.config, max_cache_len=cache_length)
+    refill = Refill(model, rows, width, cache, most) if several else None
     ids = torch.stack([nn.functional.pad(row, (n - len(row), 0), value=_pad_id(tokenizer, stop_ids))
-                       for row in rows]).to(device)
-    cache = StaticCache(config=model.config, max_cache_len=n + max_new_tokens)
+                       for row in rows[:width]]).to(device)
     graphs = cuda_graph and device.type == "cuda"
     sampling = sampling.seeded()
     generator = None
@@ -196,7 +214,7 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
             torch.cuda.manual_seed(sampling.seed)
         else:
             generator = torch.Generator(device).manual_seed(sampling.seed)
-    prefill_padding, step_padding, next_positions = _padding(rows, n, max_new_tokens, device)
+    prefill_padding, step_padding, next_positions = _padding(rows[:width], n, cache_length, device, several)
 
     started = _now(device)
     cached = {_cache_argument(model): cache, "use_cache": True}
@@ -214,49 +232,150 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
         position.add_(1)
         if next_positions is not None:
             next_positions.add_(1)
+            if refill is not None and refill.last_position is not None:
+                next_positions.clamp_(max=refill.last_position)  # a row past its tokens runs on to the next look
 
-    look_every = _steps_between_looks(device)
-    finished, looked = [False] * len(rows), 0
+    serving: list[int | None] = list(range(width))  # the prompt each row decodes (None: no prompt left for it)
+    made: list[list[int]] = [[] for _ in range(width)]  # each row's tokens for it, as looked at
+    outputs: list[Output | None] = [None] * len(rows)
+    looked = 0
 
-    def stopped() -> bool:  # every prompt has made a stop token (those since the last look are read)
+    def look() -> bool:
+        """Reads the tokens since the last look; a prompt that made a stop token or all its tokens is done, its row
+        taken by the next prompt waiting. True when every prompt is done."""
         nonlocal looked
+        if looked == len(new):
+            return all(at is None for at in serving)
         for row, tokens in enumerate(torch.cat(new[looked:], dim=1).tolist()):
-            finished[row] = finished[row] or not stop_ids.isdisjoint(tokens)
+            if serving[row] is None:
+                continue
+            made[row].extend(tokens)
+            if stop_ids.isdisjoint(made[row]) and len(made[row]) < max_new_tokens:
+                continue
+            kept = until_stop(made[row][:max_new_tokens], stop_ids)
+            outputs[serving[row]] = Output(len(rows[serving[row]]), kept,
+                                           tokenizer.decode(kept, skip_special_tokens=True))
+            serving[row] = refill.next_prompt() if refill is not None else None
+            if serving[row] is not None:
+                made[row] = [refill.admit(row, serving[row], cached, token, next_positions, step_padding,
+                                          sampling, generator)]
         looked = len(new)
-        return all(finished)
-
-    def done() -> bool:
-        return len(new) >= max_new_tokens or stopped()
+        if refill is not None:
+            refill.make_room(cache, position, step_padding["attention_mask"], serving, look_every)
+        return all(at is None for at in serving)
 
     started = _now(device)
     run = step
-    if not done() and (compiled or not graphs):
+    if not look() and (compiled or not graphs):
         step()  # with `compiled` this compiles the step before any capture, so no recompile meets one
-        new.append(token.clone())
-    if graphs and not done():
+        _advanced(new, token, refill)
+    if graphs and not look():
         run = captured(step).replay  # the capture's warm-up run makes a token too (its graph is not run)
-        new.append(token.clone())
+        _advanced(new, token, refill)
     warmup_steps, warmup_s = len(new) - 1, _now(device) - started
     pieces = TextPieces(tokenizer, stop_ids, on_text) if on_text else None
     started = _now(device)
     steps = 0
-    while len(new) < max_new_tokens:
+    while refill is not None or len(new) < max_new_tokens:
         if steps % look_every == 0:
-            if stopped():
+            if look():
                 break
             if pieces:
-                pieces.update(torch.cat(new, dim=1)[0].tolist())
+                pieces.update(made[0])
         run()
-        new.append(token.clone())
+        _advanced(new, token, refill)
         steps += 1
     steady_s = _now(device) - started
-    outputs = []
-    for row, made in zip(rows, torch.cat(new, dim=1).tolist()):
-        new_ids = until_stop(made, stop_ids)  # the steps since the last look may have run past one
-        outputs.append(Output(len(row), new_ids, tokenizer.decode(new_ids, skip_special_tokens=True)))
+    look()  # the prompts that ran out of tokens
     if pieces:
         pieces.finish(outputs[0].text)
-    return Generation(outputs, prefill_s, warmup_steps, warmup_s, steps, steady_s, graphs, compiled, sampling)
+    return Generation(outputs, prefill_s, warmup_steps, warmup_s, steps, steady_s, graphs, compiled, sampling,
+                      width, refill.admitted if refill is not None else 0)
+
+
+def _advanced(new: list[torch.Tensor], token: torch.Tensor, refill: Refill | None) -> None:
+    """After a decode step: its tokens kept, the cache's next column counted."""
+    new.append(token.clone())
+    if refill is not None:
+        refill.column += 1
+
+
+class Refill:
+    """Rows handed from prompts that stopped to prompts waiting, in one static cache whose columns every row writes
+    at once. A prompt waiting is prefilled alone and its keys and values copied into its row's columns just before
+    the next one to be written; the row's mask then opens from them, its positions count from its own first token.
+    Every later prompt fits there, since the first batch's prefill is as long as the longest prompt. When fewer
+    than a look's steps of columns are left, every row's columns move left by what no row still reads."""
+
+    def __init__(self, model: nn.Module, rows: list[torch.Tensor], width: int, cache, most: int | None):
+        self.model, self.rows, self.longest = model, rows, max(len(row) for row in rows)
+        self.waiting = list(range(width, len(rows)))[::-1]
+        self.cache_length = max(layer.max_cache_len for layer in cache.layers)
+        self.last_position = None if most is None else most - 1
+        self.column = self.longest  # where the next step writes
+        self.first = [self.longest - len(row) for row in rows[:width]]  # each row's first column read
+        self.admitted = 0
+        shortest = min(layer.max_cache_len for layer in cache.layers)
+        if shortest < self.cache_length:
+            raise QuantbenchError(
+                f"this model's attention slides over {shortest} positions, fewer than the {self.cache_length} that "
+                f"{width} rows taking {len(rows)} prompts in turn need: decode every prompt at once (a batch size "
+                f"of at least {len(rows)})")
+
+    @staticmethod
+    def columns(longest: int, max_new_tokens: int, look_every: int) -> int:
+        """A row reads at most `longest + max_new_tokens + look_every` columns; twice that, and every move of
+        `make_room` leaves at least as many free."""
+        return 2 * (longest + max_new_tokens + look_every)
+
+    def next_prompt(self) -> int | None:
+        return self.waiting.pop() if self.waiting else None
+
+    def admit(self, row: int, prompt: int, cached: dict, token: torch.Tensor, next_positions: torch.Tensor,
+              step_padding: dict, sampling: Sampling, generator: torch.Generator | None) -> int:
+        """Prefills `prompt` alone into `row`'s columns before the next one; returns its first token."""
+        from transformers import StaticCache
+
+        ids = self.rows[prompt][None].to(token.device)
+        length = ids.shape[1]
+        alone = StaticCache(config=self.model.config, max_cache_len=length)
+        arguments = {_cache_argument(self.model): alone, "use_cache": True}
+        logits = self.model(ids, cache_position=torch.arange(length, device=ids.device), **arguments).logits
+        first = next_tokens(logits[:, -1], sampling, generator)
+        columns = slice(self.column - length, self.column)
+        for layer, its in zip(cached[_cache_argument(self.model)].layers, alone.layers):
+            layer.keys[row, :, columns] = its.keys[0]
+            layer.values[row, :, columns] = its.values[0]
+        mask = step_padding["attention_mask"]
+        mask[row] = 1
+        mask[row, :columns.start] = 0
+        next_positions[row] = length
+        token[row] = first[0]
+        self.first[row] = columns.start
+        self.admitted += 1
+        return int(first)
+
+    def make_room(self, cache, position: torch.Tensor, mask: torch.Tensor, serving: list[int | None],
+                  look_every: int) -> None:
+        """Moves every row's columns left when the steps to the next look would pass the cache's end: by the
+        columns no prompt still decoded reads, keeping the longest prompt's room before the next column."""
+        if self.column + look_every <= self.cache_length:
+            return
+        by = min([self.first[row] for row, prompt in enumerate(serving) if prompt is not None]
+                 + [self.column - self.longest])
+        kept = self.cache_length - by
+        for layer in cache.layers:
+            for tensor in (layer.keys, layer.values):
+                tensor[:, :, :kept] = tensor[:, :, by:].clone()
+            if hasattr(layer, "cumulative_length"):  # where transformers 5.25 and later write
+                layer.cumulative_length.fill_(self.column - by)
+            if hasattr(layer, "cumulative_length_int"):
+                layer.cumulative_length_int = self.column - by
+        mask[:, :kept] = mask[:, by:].clone()
+        mask[:, kept:] = 1
+        self.column -= by
+        position.fill_(self.column)
+        self.first = [max(first - by, 0) for first in self.first]
 
 
 def _pad_id(tokenizer, stop_ids: set[int]) -> int:
@@ -267,13 +386,14 @@ def _pad_id(tokenizer, stop_ids: set[int]) -> int:
     return 0
 
 
-def _padding(rows: list[torch.Tensor], n: int, max_new_tokens: int, device: torch.device):
-    """The prefill's and the steps' extra arguments where prompts differ in length (none where they do not): one
-    attention mask over the whole cache (the padding off; positions past the current one are causal-masked), each
-    prompt's positions counted from its first token, and the steps' positions, which each step moves on."""
-    if len({len(row) for row in rows}) == 1:
+def _padding(rows: list[torch.Tensor], n: int, cache_length: int, device: torch.device, always: bool = False):
+    """The prefill's and the steps' extra arguments where prompts differ in length (none where they do not, unless
+    `always`): one attention mask over the whole cache (the padding off; positions past the current one are
+    causal-masked), each prompt's positions counted from its first token, and the steps' positions, which each
+    step moves on."""
+    if len({len(row) for row in rows}) == 1 and not always:
         return {}, {}, None
-    mask = torch.ones(len(rows), n + max_new_tokens, dtype=torch.long, device=device)
+    mask = torch.ones(len(rows), cache_length, dtype=torch.long, device=device)
     for at, row in enumerate(rows):
         mask[at, :n - len(row)] = 0
     positions = (mask[:, :n].cumsum(-1) - 1).clamp(min=0)

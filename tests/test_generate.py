@@ -30,7 +30,7 @@ def assert_greedy(model, tokenizer, new_ids: list[int], prompt: str = PROMPT) ->
     """Each new token is the argmax of one forward over the prompt and the tokens before it, without a cache
     (another order of float32 sums: within 1e-4 of the largest logit's size)."""
     ids = prompt_ids(tokenizer, prompt)
-    text = torch.cat([ids, torch.tensor([new_ids[:-1]])], dim=1)
+    text = torch.cat([ids, torch.tensor([new_ids[:-1]], dtype=torch.long)], dim=1)
     with torch.no_grad():
         logits = model(text).logits[0, ids.shape[1] - 1:]
     best = logits.max(-1).values
@@ -80,6 +80,86 @@ def test_a_batch_runs_until_every_prompt_has_stopped(run_dir):
         assert output.new_ids == made[:first + 1]
     with pytest.raises(QuantbenchError, match="one prompt, not 3"):
         generate(model, tokenizer, PROMPTS, 4, on_text=print)
+
+
+MANY = ["the river", PROMPT, "a stone in the river and the river over the stone", "the stone", "river stone river",
+        "over the river the stone and the stone over the river and", "a", "the river over", "stone and river"]
+
+
+def assert_each_alone(model, tokenizer, prompts: list[str], result, max_new_tokens: int, stop_ids: set[int]) -> None:
+    """Every prompt's tokens are the argmax of full forwards over it alone, up to its first stop token or all
+    its tokens."""
+    assert [output.prompt_tokens for output in result.outputs] == [prompt_ids(tokenizer, p).shape[1] for p in prompts]
+    for prompt, output in zip(prompts, result.outputs):
+        made = output.new_ids
+        assert stop_ids.isdisjoint(made[:-1]) and (made[-1] in stop_ids or len(made) == max_new_tokens), made
+        assert_greedy(model, tokenizer, made, prompt)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_opt", "tiny_gpt_neox", "tiny_phi3", "tiny_qwen3_moe",
+                                    "tiny_deepseek_v2"])
+def test_more_prompts_than_rows_take_the_rows_of_those_that_stopped(tokenizer, family):
+    """Nine prompts in two rows, stopping at different steps: each prompt that stops hands its row to the next,
+    prefilled alone into the columns before the next one written, and every prompt's tokens are still those of
+    full forwards over it alone. Without stops the run passes the cache's length: the rows' columns move left on
+    the way."""
+    from quantbench.generate import Refill
+
+    model = getattr(helpers, family)(vocab_size=len(tokenizer), **({"init_std": 0.3} if family == "tiny_llama" else {}))
+    model.eval()
+    free = generate(model, tokenizer, MANY[0], 12, stop_ids=set()).new_ids
+    stop_ids = {free[4], free[9]}
+    result = generate(model, tokenizer, MANY, 12, stop_ids=stop_ids, batch_size=2)
+    assert result.batch_size == 2 and result.admitted == len(MANY) - 2
+    assert_each_alone(model, tokenizer, MANY, result, 12, stop_ids)
+    assert result.decode_tokens_per_s == 2 * result.steady_steps / result.steady_s  # both rows' tokens
+    made = sum(len(output.new_ids) for output in result.outputs)
+    assert result.tokens_per_s == made / (result.prefill_s + result.warmup_s + result.steady_s)
+    unstopped = generate(model, tokenizer, MANY, 16, stop_ids=set(), batch_size=2)
+    assert_each_alone(model, tokenizer, MANY, unstopped, 16, set())
+    longest = max(output.prompt_tokens for output in result.outputs)
+    assert unstopped.warmup_steps + unstopped.steady_steps > Refill.columns(longest, 16, 1) - longest
+
+
+@pytest.mark.parametrize("look_every", [1, 4])
+def test_rows_looked_at_every_few_steps_keep_each_prompts_tokens_and_positions(run_dir, monkeypatch, look_every):
+    """On CUDA the tokens are looked at every 16 steps: a prompt's row runs past its stop or its last token to the
+    next look, and what it made there is dropped (here every 4, on the CPU). A prompt as long as the model's
+    positions allow still decodes: the steps past its last token hold their positions in range."""
+    import quantbench.generate as generation
+
+    model = load_quantized(run_dir / "checkpoint", kernels=True)
+    tokenizer = load_tokenizer(str(run_dir / "checkpoint"))
+    monkeypatch.setattr(generation, "_steps_between_looks", lambda device: look_every)
+    free = generate(model, tokenizer, MANY[1], 10, stop_ids=set()).new_ids
+    stop_ids = {free[6]}
+    result = generate(model, tokenizer, MANY, 10, stop_ids=stop_ids, batch_size=3)
+    assert result.admitted == len(MANY) - 3
+    assert_each_alone(model, tokenizer, MANY, result, 10, stop_ids)
+    longest = max(prompt_ids(tokenizer, p).shape[1] for p in MANY)
+    monkeypatch.setattr(model.config, "max_position_embeddings", longest + 10)
+    assert generate(model, tokenizer, MANY, 10, stop_ids=stop_ids, batch_size=3).outputs == result.outputs
+
+
+def test_sampled_rows_taken_in_turn_are_drawn_again_from_their_seed(run_dir):
+    model = load_quantized(run_dir / "checkpoint", kernels=True)
+    tokenizer = load_tokenizer(str(run_dir / "checkpoint"))
+    sampling = Sampling(5.0, top_k=4, seed=11)
+    first = generate(model, tokenizer, MANY[:5], 8, stop_ids=set(), sampling=sampling, batch_size=2)
+    again = generate(model, tokenizer, MANY[:5], 8, stop_ids=set(), sampling=sampling, batch_size=2)
+    assert first.outputs == again.outputs and first.admitted == 3
+    for prompt, output in zip(MANY, first.outputs):
+        assert len(output.new_ids) == 8
+        assert_among_the_top(model, tokenizer, output.new_ids, 4, prompt=prompt)
+
+
+@pytest.mark.parametrize("family", ["tiny_qwen2_sliding_window", "tiny_gemma2", "tiny_gemma3_text"])
+def test_rows_taken_in_turn_are_refused_where_attention_slides_over_fewer_columns(tokenizer, family):
+    model = getattr(helpers, family)(vocab_size=len(tokenizer)).eval()
+    with pytest.raises(QuantbenchError, match="slides over 4 positions.*a batch size of at least 3"):
+        generate(model, tokenizer, PROMPTS, 4, batch_size=2)
+    with pytest.raises(QuantbenchError, match="batch size 0"):
+        generate(model, tokenizer, PROMPTS, 4, batch_size=0)
 
 
 @pytest.mark.parametrize("kernels", [True, False])
@@ -164,11 +244,12 @@ def test_bad_sampling_is_refused(sampling, message):
         Sampling(**sampling)
 
 
-def assert_among_the_top(model, tokenizer, new_ids: list[int], k: int, tolerance: float = 1e-4) -> None:
+def assert_among_the_top(model, tokenizer, new_ids: list[int], k: int, tolerance: float = 1e-4,
+                         prompt: str = PROMPT) -> None:
     """Each new token is among the k most likely of one forward without a cache over the prompt and the tokens
     before it (within `tolerance` of the largest logit's size: float32 sums in another order, as assert_greedy)."""
-    ids = prompt_ids(tokenizer, PROMPT)
-    text = torch.cat([ids, torch.tensor([new_ids[:-1]])], dim=1).to(model.device)
+    ids = prompt_ids(tokenizer, prompt)
+    text = torch.cat([ids, torch.tensor([new_ids[:-1]], dtype=torch.long)], dim=1).to(model.device)
     with torch.no_grad():
         logits = model(text).logits[0, ids.shape[1] - 1:].float().cpu()
     kth = logits.topk(k, dim=-1).values[:, -1]
@@ -284,6 +365,25 @@ def test_generate_command_prints_text_and_speed(run_dir, model_dir):
     assert shown.exit_code == 0 and "[3] " + PROMPTS[2] in shown.output and "3 prompts of" in shown.output
 
 
+def test_generate_command_takes_prompts_from_a_file_in_rows_taken_in_turn(run_dir, tmp_path):
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("\n".join(MANY[1:6]) + "\n\n", encoding="utf-8")
+    arguments = ["generate", run_dir, "-p", MANY[0], "--prompts-file", listed, "-n", 5]
+    together = json.loads(invoke(*arguments, "--json").output)
+    in_turn = json.loads(invoke(*arguments, "--json", "-b", 2).output)
+    assert together["batch_size"] == 6 and together["admitted"] == 0
+    assert in_turn["batch_size"] == 2 and in_turn["admitted"] == 4
+    lengths = [row["prompt_tokens"] for row in together["prompts"]]
+    assert [row["prompt_tokens"] for row in in_turn["prompts"]] == lengths and len(lengths) == 6
+    assert all(1 <= row["new_tokens"] <= 5 for row in in_turn["prompts"])
+    assert in_turn["tokens_per_s"] > 0
+    shown = invoke(*arguments, "-b", 2)
+    assert shown.exit_code == 0 and "6 prompts of" in shown.output and "in 2 rows (4 took a stopped prompt's row)" \
+        in shown.output and "new tok/s in all" in shown.output and "[6] " + MANY[5] in shown.output
+    missing = invoke("generate", run_dir, "--prompts-file", tmp_path / "none.txt")
+    assert missing.exit_code == 2 and "none.txt: No such file" in missing.output
+
+
 def test_generated_text_is_printed_as_it_is_not_as_markup(run_dir, monkeypatch):
     import quantbench.generate as generation
 
@@ -302,6 +402,7 @@ def test_generated_text_is_printed_as_it_is_not_as_markup(run_dir, monkeypatch):
     (["-p", "x", "-t", "-0.5"], "temperature -0.5"),
     (["-p", "x", "--stream", "--json"], "choose one"),
     (["-p", "x", "-p", "y", "--stream"], "not 2's"),
+    ([], "no prompt: give -p TEXT or --prompts-file FILE"),
 ])
 def test_generate_refuses_bad_input_in_one_line(run_dir, arguments, message):
     result = invoke("generate", run_dir, *arguments)
