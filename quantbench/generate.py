@@ -324,9 +324,11 @@ class Refill:
 
     @staticmethod
     def columns(longest: int, max_new_tokens: int, look_every: int) -> int:
-        """A row reads at most `longest + max_new_tokens + look_every` columns; twice that, and every move of
-        `make_room` leaves at least as many free."""
-        return 2 * (longest + max_new_tokens + look_every)
+        """A prompt still decoded reads fewer than `span` columns, so a move of `make_room` leaves the next column
+        at most `span` on, and at least a quarter of that (two looks' steps) free: each step attends over every
+        column, so a longer cache would cost more than its rarer moves save."""
+        span = longest + max_new_tokens + look_every
+        return span + max(span // 4, 2 * look_every)
 
     def next_prompt(self) -> int | None:
         return self.waiting.pop() if self.waiting else None
