@@ -8,7 +8,9 @@ one launch a token as a served model runs, unless `cuda_graph` is off; the captu
 too (without `compiled`, it is the first step). With `compiled` the decode step runs through torch.compile (the
 first step compiles it), which fuses the small operations between the matmuls (norms, rotary embedding, residual
 adds): with packed matmuls these are the larger share of a step. Generation stops after an end-of-sequence
-token (looked for after every step on the CPU, every 16 on CUDA) or `max_new_tokens` tokens.
+token (looked for after every step on the CPU, every 16 on CUDA) or `max_new_tokens` tokens. Several prompts
+decode as one batch, a row each; with more prompts than rows, a prompt that stops hands its row to the next one
+waiting (`Refill`).
 """
 
 from __future__ import annotations
@@ -203,7 +205,8 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
     several = width < len(rows)
     cache_length = Refill.columns(n, max_new_tokens, look_every) if several else n + max_new_tokens
     cache = StaticCache(config=model.config, max_cache_len=cache_length)
-    refill = Refill(model, rows, width, cache, most) if several else None
+    if several:
+        Refill.refuse_sliding_windows(cache, width, len(rows))
     ids = torch.stack([nn.functional.pad(row, (n - len(row), 0), value=_pad_id(tokenizer, stop_ids))
                        for row in rows[:width]]).to(device)
     graphs = cuda_graph and device.type == "cuda"
@@ -223,6 +226,8 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
     position = torch.tensor([n], device=device)  # read before transformers 5.25; later ones count in the cache
     new = [token.clone()]
     prefill_s = _now(device) - started
+    refill = Refill(model, rows, cache, token, position, next_positions, step_padding.get("attention_mask"),
+                    most, sampling, generator) if several else None
 
     forward = torch.compile(model, dynamic=False) if compiled else model
 
@@ -257,11 +262,10 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
                                            tokenizer.decode(kept, skip_special_tokens=True))
             serving[row] = refill.next_prompt() if refill is not None else None
             if serving[row] is not None:
-                made[row] = [refill.admit(row, serving[row], cached, token, next_positions, step_padding,
-                                          sampling, generator)]
+                made[row] = [refill.admit(row, serving[row])]
         looked = len(new)
         if refill is not None:
-            refill.make_room(cache, position, step_padding["attention_mask"], serving, look_every)
+            refill.make_room(serving, look_every)
         return all(at is None for at in serving)
 
     started = _now(device)
@@ -307,20 +311,21 @@ class Refill:
     Every later prompt fits there, since the first batch's prefill is as long as the longest prompt. When fewer
     than a look's steps of columns are left, every row's columns move left by what no row still reads."""
 
-    def __init__(self, model: nn.Module, rows: list[torch.Tensor], width: int, cache, most: int | None):
-        self.model, self.rows, self.longest = model, rows, max(len(row) for row in rows)
+    def __init__(self, model: nn.Module, rows: list[torch.Tensor], cache, token: torch.Tensor,
+                 position: torch.Tensor, next_positions: torch.Tensor, mask: torch.Tensor, most: int | None,
+                 sampling: Sampling, generator: torch.Generator | None):
+        """`token`, `position` (the next column), `next_positions` and `mask`: the decode step's inputs, which
+        the rows' handing over and moves change in place (a CUDA graph replays them)."""
+        width = len(token)
+        self.model, self.rows, self.cache, self.longest = model, rows, cache, max(len(row) for row in rows)
+        self.token, self.position, self.next_positions, self.mask = token, position, next_positions, mask
+        self.sampling, self.generator = sampling, generator
         self.waiting = list(range(width, len(rows)))[::-1]
-        self.cache_length = max(layer.max_cache_len for layer in cache.layers)
+        self.cache_length = mask.shape[1]
         self.last_position = None if most is None else most - 1
         self.column = self.longest  # where the next step writes
         self.first = [self.longest - len(row) for row in rows[:width]]  # each row's first column read
         self.admitted = 0
-        shortest = min(layer.max_cache_len for layer in cache.layers)
-        if shortest < self.cache_length:
-            raise QuantbenchError(
-                f"this model's attention slides over {shortest} positions, fewer than the {self.cache_length} that "
-                f"{width} rows taking {len(rows)} prompts in turn need: decode every prompt at once (a batch size "
-                f"of at least {len(rows)})")
 
     @staticmethod
     def columns(longest: int, max_new_tokens: int, look_every: int) -> int:
@@ -330,35 +335,42 @@ class Refill:
         span = longest + max_new_tokens + look_every
         return span + max(span // 4, 2 * look_every)
 
+    @staticmethod
+    def refuse_sliding_windows(cache, width: int, prompts: int) -> None:
+        """Layers whose attention slides over fewer columns than the cache keep only their last ones: refused."""
+        shortest, columns = (f(layer.max_cache_len for layer in cache.layers) for f in (min, max))
+        if shortest < columns:
+            raise QuantbenchError(
+                f"this model's attention slides over {shortest} positions, fewer than the {columns} that {width} "
+                f"rows taking {prompts} prompts in turn need: decode every prompt at once (a batch size of at "
+                f"least {prompts})")
+
     def next_prompt(self) -> int | None:
         return self.waiting.pop() if self.waiting else None
 
-    def admit(self, row: int, prompt: int, cached: dict, token: torch.Tensor, next_positions: torch.Tensor,
-              step_padding: dict, sampling: Sampling, generator: torch.Generator | None) -> int:
+    def admit(self, row: int, prompt: int) -> int:
         """Prefills `prompt` alone into `row`'s columns before the next one; returns its first token."""
         from transformers import StaticCache
 
-        ids = self.rows[prompt][None].to(token.device)
+        ids = self.rows[prompt][None].to(self.token.device)
         length = ids.shape[1]
         alone = StaticCache(config=self.model.config, max_cache_len=length)
         arguments = {_cache_argument(self.model): alone, "use_cache": True}
         logits = self.model(ids, cache_position=torch.arange(length, device=ids.device), **arguments).logits
-        first = next_tokens(logits[:, -1], sampling, generator)
+        first = next_tokens(logits[:, -1], self.sampling, self.generator)
         columns = slice(self.column - length, self.column)
-        for layer, its in zip(cached[_cache_argument(self.model)].layers, alone.layers):
+        for layer, its in zip(self.cache.layers, alone.layers):
             layer.keys[row, :, columns] = its.keys[0]
             layer.values[row, :, columns] = its.values[0]
-        mask = step_padding["attention_mask"]
-        mask[row] = 1
-        mask[row, :columns.start] = 0
-        next_positions[row] = length
-        token[row] = first[0]
+        self.mask[row] = 1
+        self.mask[row, :columns.start] = 0
+        self.next_positions[row] = length
+        self.token[row] = first[0]
         self.first[row] = columns.start
         self.admitted += 1
         return int(first)
 
-    def make_room(self, cache, position: torch.Tensor, mask: torch.Tensor, serving: list[int | None],
-                  look_every: int) -> None:
+    def make_room(self, serving: list[int | None], look_every: int) -> None:
         """Moves every row's columns left when the steps to the next look would pass the cache's end: by the
         columns no prompt still decoded reads, keeping the longest prompt's room before the next column."""
         if self.column + look_every <= self.cache_length:
@@ -366,17 +378,17 @@ class Refill:
         by = min([self.first[row] for row, prompt in enumerate(serving) if prompt is not None]
                  + [self.column - self.longest])
         kept = self.cache_length - by
-        for layer in cache.layers:
+        for layer in self.cache.layers:
             for tensor in (layer.keys, layer.values):
                 tensor[:, :, :kept] = tensor[:, :, by:].clone()
             if hasattr(layer, "cumulative_length"):  # where transformers 5.25 and later write
                 layer.cumulative_length.fill_(self.column - by)
             if hasattr(layer, "cumulative_length_int"):
                 layer.cumulative_length_int = self.column - by
-        mask[:, :kept] = mask[:, by:].clone()
-        mask[:, kept:] = 1
+        self.mask[:, :kept] = self.mask[:, by:].clone()
+        self.mask[:, kept:] = 1
         self.column -= by
-        position.fill_(self.column)
+        self.position.fill_(self.column)
         self.first = [max(first - by, 0) for first in self.first]
 
 
