@@ -107,12 +107,13 @@ def tiny_llama(vocab_size: int = 320, tie: bool = True, layers: int = 2, hidden:
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_opt(vocab_size: int = 320, seed: int = 0):
+def tiny_opt(vocab_size: int = 320, seed: int = 0, positions: int = 512):
+    """A random OPT: learned positions, a table of `positions` rows (a position past them fails)."""
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
     config = OPTConfig(hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
-                       vocab_size=vocab_size, word_embed_proj_dim=64, max_position_embeddings=512)
+                       vocab_size=vocab_size, word_embed_proj_dim=64, max_position_embeddings=positions)
     return OPTForCausalLM(config).eval()
 
 
