@@ -207,8 +207,8 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
     cache = StaticCache(config=model.config, max_cache_len=cache_length)
     if several:
         Refill.refuse_sliding_windows(cache, width, len(rows))
-    ids = torch.stack([nn.functional.pad(row, (n - len(row), 0), value=_pad_id(tokenizer, stop_ids))
-                       for row in rows[:width]]).to(device)
+    pad_id = _pad_id(tokenizer, stop_ids)
+    ids = torch.stack([nn.functional.pad(row, (n - len(row), 0), value=pad_id) for row in rows[:width]]).to(device)
     graphs = cuda_graph and device.type == "cuda"
     sampling = sampling.seeded()
     generator = None
@@ -227,7 +227,7 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
     new = [token.clone()]
     prefill_s = _now(device) - started
     refill = Refill(model, rows, cache, token, position, next_positions, step_padding.get("attention_mask"),
-                    most, sampling, generator) if several else None
+                    most, sampling, generator, pad_id) if several else None
 
     forward = torch.compile(model, dynamic=False) if compiled else model
 
@@ -251,6 +251,7 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
         nonlocal looked
         if looked == len(new):
             return all(at is None for at in serving)
+        handed = []
         for row, tokens in enumerate(torch.cat(new[looked:], dim=1).tolist()):
             if serving[row] is None:
                 continue
@@ -262,7 +263,10 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
                                            tokenizer.decode(kept, skip_special_tokens=True))
             serving[row] = refill.next_prompt() if refill is not None else None
             if serving[row] is not None:
-                made[row] = [refill.admit(row, serving[row])]
+                handed.append(row)
+        if handed:  # the prompts that took a row, prefilled together
+            for row, first in zip(handed, refill.admit({row: serving[row] for row in handed})):
+                made[row] = [first]
         looked = len(new)
         if refill is not None:
             refill.make_room(serving, look_every)
@@ -313,13 +317,13 @@ class Refill:
 
     def __init__(self, model: nn.Module, rows: list[torch.Tensor], cache, token: torch.Tensor,
                  position: torch.Tensor, next_positions: torch.Tensor, mask: torch.Tensor, most: int | None,
-                 sampling: Sampling, generator: torch.Generator | None):
+                 sampling: Sampling, generator: torch.Generator | None, pad_id: int):
         """`token`, `position` (the next column), `next_positions` and `mask`: the decode step's inputs, which
         the rows' handing over and moves change in place (a CUDA graph replays them)."""
         width = len(token)
         self.model, self.rows, self.cache, self.longest = model, rows, cache, max(len(row) for row in rows)
         self.token, self.position, self.next_positions, self.mask = token, position, next_positions, mask
-        self.sampling, self.generator = sampling, generator
+        self.sampling, self.generator, self.pad_id = sampling, generator, pad_id
         self.waiting = list(range(width, len(rows)))[::-1]
         self.cache_length = mask.shape[1]
         self.last_position = None if most is None else most - 1
@@ -348,27 +352,35 @@ class Refill:
     def next_prompt(self) -> int | None:
         return self.waiting.pop() if self.waiting else None
 
-    def admit(self, row: int, prompt: int) -> int:
-        """Prefills `prompt` alone into `row`'s columns before the next one; returns its first token."""
+    def admit(self, prompts: dict[int, int]) -> list[int]:
+        """Prefills `prompts` ({row: prompt}) together, the shorter padded on the left, each into its row's columns
+        before the next one; returns their first tokens."""
         from transformers import StaticCache
 
-        ids = self.rows[prompt][None].to(self.token.device)
-        length = ids.shape[1]
-        alone = StaticCache(config=self.model.config, max_cache_len=length)
-        arguments = {_cache_argument(self.model): alone, "use_cache": True}
-        logits = self.model(ids, cache_position=torch.arange(length, device=ids.device), **arguments).logits
+        chosen = [self.rows[prompt] for prompt in prompts.values()]
+        longest = max(len(row) for row in chosen)
+        device = self.token.device
+        ids = torch.stack([nn.functional.pad(row, (longest - len(row), 0), value=self.pad_id) for row in chosen])
+        padding = _padding(chosen, longest, longest, device)[0]
+        together = StaticCache(config=self.model.config, max_cache_len=longest)
+        arguments = {_cache_argument(self.model): together, "use_cache": True}
+        logits = self.model(ids.to(device), cache_position=torch.arange(longest, device=device), **arguments,
+                            **padding).logits
         first = next_tokens(logits[:, -1], self.sampling, self.generator)
-        columns = slice(self.column - length, self.column)
-        for layer, its in zip(self.cache.layers, alone.layers):
-            layer.keys[row, :, columns] = its.keys[0]
-            layer.values[row, :, columns] = its.values[0]
-        self.mask[row] = 1
-        self.mask[row, :columns.start] = 0
-        self.next_positions[row] = length
-        self.token[row] = first[0]
-        self.first[row] = columns.start
-        self.admitted += 1
-        return int(first)
+        for at, (row, prompt) in enumerate(prompts.items()):
+            length = len(chosen[at])
+            columns = slice(self.column - length, self.column)
+            for layer, its in zip(self.cache.layers, together.layers):
+                layer.keys[row, :, columns] = its.keys[at, :, longest - length:]
+                layer.values[row, :, columns] = its.values[at, :, longest - length:]
+            self.mask[row] = 1
+            self.mask[row, :columns.start] = 0
+            self.next_positions[row] = length
+            self.first[row] = columns.start
+        rows = list(prompts)
+        self.token[rows] = first
+        self.admitted += len(prompts)
+        return first[:, 0].tolist()
 
     def make_room(self, serving: list[int | None], look_every: int) -> None:
         """Moves every row's columns left when the steps to the next look would pass the cache's end: by the
