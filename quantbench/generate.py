@@ -310,10 +310,11 @@ def _advanced(new: list[torch.Tensor], token: torch.Tensor, refill: Refill | Non
 
 class Refill:
     """Rows handed from prompts that stopped to prompts waiting, in one static cache whose columns every row writes
-    at once. A prompt waiting is prefilled alone and its keys and values copied into its row's columns just before
-    the next one to be written; the row's mask then opens from them, its positions count from its own first token.
-    Every later prompt fits there, since the first batch's prefill is as long as the longest prompt. When fewer
-    than a look's steps of columns are left, every row's columns move left by what no row still reads."""
+    at once. The prompts taking rows at a look are prefilled together (the shorter padded on the left), and each
+    one's keys and values copied into its row's columns just before the next one to be written; the row's mask
+    then opens from them, its positions count from its own first token. Every later prompt fits there, since the
+    first batch's prefill is as long as the longest prompt. When fewer than a look's steps of columns are left,
+    every row's columns move left by what no row still reads."""
 
     def __init__(self, model: nn.Module, rows: list[torch.Tensor], cache, token: torch.Tensor,
                  position: torch.Tensor, next_positions: torch.Tensor, mask: torch.Tensor, most: int | None,

@@ -100,9 +100,10 @@ def assert_each_alone(model, tokenizer, prompts: list[str], result, max_new_toke
                                     "tiny_deepseek_v2"])
 def test_more_prompts_than_rows_take_the_rows_of_those_that_stopped(tokenizer, family):
     """Nine prompts in two rows, stopping at different steps: each prompt that stops hands its row to the next,
-    prefilled alone into the columns before the next one written, and every prompt's tokens are still those of
-    full forwards over it alone. Without stops the run passes the cache's length: the rows' columns move left on
-    the way."""
+    prefilled (with any taking a row at the same look) into the columns before the next one written, and every
+    prompt's tokens are still those of full forwards over it alone. Without stops both rows are handed on at once
+    (two prompts of different lengths prefilled together), and the run passes the cache's length: the rows'
+    columns move left on the way."""
     from quantbench.generate import Refill
 
     model = getattr(helpers, family)(vocab_size=len(tokenizer), **({"init_std": 0.3} if family == "tiny_llama" else {}))
