@@ -407,10 +407,13 @@ def generate(
     stream: bool = typer.Option(False, "--stream", help="print the text as it comes (the decode rate then "
                                 "includes the printing)"),
     as_json: bool = typer.Option(False, "--json", help="print the text and the timings as JSON"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write each prompt's answer to this file "
+                                          "as it stops, one JSON line; run again to skip the prompts it holds"),
 ) -> None:
     """Text from a checkpoint (or a plain model), greedy or sampled, with its prefill time and decode speed."""
     import torch
 
+    from quantbench.answer_file import AnswerFile
     from quantbench.export.checkpoint import is_quantbench_checkpoint, resolve_checkpoint_dir
     from quantbench.generate import Sampling
     from quantbench.generate import generate as generate_text
@@ -428,6 +431,13 @@ def generate(
             raise QuantbenchError("no prompt: give -p TEXT or --prompts-file FILE")
         if stream and len(prompt) > 1:
             raise QuantbenchError(f"--stream prints one prompt's text as it comes, not {len(prompt)}'s")
+        answers = AnswerFile(output, prompt) if output else None
+        todo = answers.waiting() if answers else list(range(len(prompt)))
+        if not todo:
+            err_console.print(f"every prompt's answer is in {output} already")
+            return
+        if len(todo) < len(prompt):
+            err_console.print(f"{len(prompt) - len(todo)} of {len(prompt)} prompts answered in {output} already")
         dev = resolve_device(device)
         chosen = DTYPES.get(dtype)
         if chosen is None and dev.type == "cuda":
@@ -438,9 +448,10 @@ def generate(
         if compiled and dev.type == "cuda":
             _launch_inductor_kernels_dependent()
         try:
-            result = generate_text(model, loaded.tokenizer, prompt, max_new_tokens, chat, cuda_graph=cuda_graph,
-                                   compiled=compiled, sampling=sampling, on_text=_printed if stream else None,
-                                   batch_size=batch_size)
+            result = generate_text(model, loaded.tokenizer, [prompt[at] for at in todo], max_new_tokens, chat,
+                                   cuda_graph=cuda_graph, compiled=compiled, sampling=sampling,
+                                   on_text=_printed if stream else None, batch_size=batch_size,
+                                   on_output=(lambda at, out: answers.write(todo[at], out)) if answers else None)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. inductor's C++ on a machine it misjudges
             raise QuantbenchError(f"--compile: torch.compile failed here ({str(exc).splitlines()[0]}); run "
                                   "without --compile") from None
@@ -448,6 +459,8 @@ def generate(
         _fail(exc)
     record = {"target": target, "device": str(dev), "dtype": str(model.dtype).removeprefix("torch."),
               "kernels": packed, **result.to_dict()}
+    if answers:
+        record |= {"output": str(output), "answered_before": len(prompt) - len(todo)}
     if as_json:
         print(json.dumps(record, indent=2))
         return
@@ -457,12 +470,12 @@ def generate(
     elif len(outputs) == 1:
         console.print(result.text, soft_wrap=True)
     else:
-        for at, output in enumerate(outputs, 1):
-            console.print(Text(f"[{at}] ", style="bold") + Text(prompt[at - 1], style="dim"), soft_wrap=True)
-            console.print(output.text, soft_wrap=True)
+        for at, answer in zip(todo, outputs):
+            console.print(Text(f"[{at + 1}] ", style="bold") + Text(prompt[at], style="dim"), soft_wrap=True)
+            console.print(answer.text, soft_wrap=True)
     rate = result.decode_tokens_per_s
-    lengths = sorted(output.prompt_tokens for output in outputs)
-    made = sum(len(output.new_ids) for output in outputs)
+    lengths = sorted(answer.prompt_tokens for answer in outputs)
+    made = sum(len(answer.new_ids) for answer in outputs)
     prompts = (f"prompt {lengths[0]} tokens" if len(outputs) == 1 else
                f"{len(outputs)} prompts of {lengths[0]}–{lengths[-1]} tokens in {result.batch_size} rows"
                + (f" ({result.admitted} took a stopped prompt's row)" if result.admitted else ""))

@@ -172,7 +172,7 @@ def end_ids(model: nn.Module, tokenizer) -> set[int]:
 def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_tokens: int, chat: bool = False,
              stop_ids: set[int] | None = None, cuda_graph: bool = True, compiled: bool = False,
              sampling: Sampling = Sampling(), on_text: Callable[[str], None] | None = None,
-             batch_size: int | None = None) -> Generation:
+             batch_size: int | None = None, on_output: Callable[[int, Output], None] | None = None) -> Generation:
     """Up to `max_new_tokens` tokens after `prompt` (or after each of several, decoded together as one batch, the
     shorter ones padded on the left) from `model` (on its device), greedy or as `sampling` says, timed.
     `stop_ids`: the end-of-sequence tokens (default `end_ids`); a prompt stops at its first. `batch_size`: the rows
@@ -180,7 +180,8 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
     the next one waiting (`Refill`), and the batch runs until every prompt has stopped. On CUDA a draw seeds and
     uses the device's default generator (the one a CUDA graph's replays advance). `on_text` (one prompt only) is
     handed the text in pieces as it comes, at each look for a stop token (`TextPieces`; the decode rate then
-    includes its time); together they are the result's text."""
+    includes its time); together they are the result's text. `on_output` is handed each prompt's index and
+    output as it stops."""
     from transformers import StaticCache
 
     if max_new_tokens < 1:
@@ -261,6 +262,8 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
             kept = until_stop(made[row][:max_new_tokens], stop_ids)
             outputs[serving[row]] = Output(len(rows[serving[row]]), kept,
                                            tokenizer.decode(kept, skip_special_tokens=True))
+            if on_output:
+                on_output(serving[row], outputs[serving[row]])
             serving[row] = refill.next_prompt() if refill is not None else None
             if serving[row] is not None:
                 handed.append(row)

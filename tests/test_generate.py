@@ -393,6 +393,29 @@ def test_generate_command_takes_prompts_from_a_file_in_rows_taken_in_turn(run_di
     assert missing.exit_code == 2 and "none.txt: No such file" in missing.output
 
 
+def test_answers_written_as_prompts_stop_survive_a_cut_and_the_next_run_does_the_rest(run_dir, tmp_path):
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("\n".join(MANY[:6]), encoding="utf-8")
+    out = tmp_path / "answers.jsonl"
+    arguments = ["generate", run_dir, "--prompts-file", listed, "-n", 5, "-b", 2, "-o", out]
+    whole = json.loads(invoke(*arguments, "--json").output)
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(answer["index"] for answer in written) == list(range(6)) and whole["answered_before"] == 0
+    for answer in written:
+        assert answer["prompt"] == MANY[answer["index"]]
+        assert {k: answer[k] for k in ("prompt_tokens", "new_tokens", "text")} == whole["prompts"][answer["index"]]
+    kept = out.read_text(encoding="utf-8").splitlines(keepends=True)[:2]  # a run cut in its third answer's write
+    out.write_text("".join(kept) + '{"index": 3, "pro', encoding="utf-8")
+    rest = invoke(*arguments)
+    assert rest.exit_code == 0 and "2 of 6 prompts answered in" in rest.output and "4 prompts of" in rest.output
+    again = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert again[:2] == written[:2] and sorted(answer["index"] for answer in again) == list(range(6))
+    done = invoke(*arguments)
+    assert done.exit_code == 0 and "every prompt's answer is in" in done.output
+    other = invoke("generate", run_dir, "-p", "something else", "-o", out)
+    assert other.exit_code == 2 and "holds answers to other prompts" in other.output
+
+
 def test_generated_text_is_printed_as_it_is_not_as_markup(run_dir, monkeypatch):
     import quantbench.generate as generation
 

@@ -1,0 +1,62 @@
+"""A generation's answers kept as they come (`quantbench generate --output FILE`).
+
+One JSON line a prompt, written and flushed to disk as the prompt stops, in the order prompts stop: a run cut
+short keeps every answer it finished. A run again with the same file and prompts skips those it holds and
+appends the rest. A last line left half-written by a crash (no newline after it) is dropped, the file rewritten
+without it atomically; a file with a line that is not an answer, or answers other prompts, is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from quantbench.errors import QuantbenchError
+from quantbench.fsutil import atomic_write_path
+from quantbench.generate import Output
+
+
+class AnswerFile:
+    def __init__(self, path: Path, prompts: list[str]):
+        self.path, self.prompts = Path(path), prompts
+        self.held: dict[int, dict] = {}
+        if self.path.is_dir():
+            raise QuantbenchError(f"--output {self.path} is a directory: name a file")
+        if self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise QuantbenchError(f"--output {self.path}: cannot read it ({exc})") from None
+        lines = text.split("\n")
+        torn = lines.pop()  # what follows the last newline: empty unless a write was cut short
+        for number, line in enumerate(lines, 1):
+            try:
+                answer = json.loads(line)
+                index, prompt = answer["index"], answer["prompt"]
+            except (ValueError, KeyError, TypeError):
+                raise QuantbenchError(f"--output {self.path}: line {number} is not an answer; choose another "
+                                      "file") from None
+            if not (isinstance(index, int) and 0 <= index < len(self.prompts) and self.prompts[index] == prompt):
+                raise QuantbenchError(f"--output {self.path} holds answers to other prompts (line {number}, prompt "
+                                      f"{index}): choose another file")
+            self.held[index] = answer
+        if torn:
+            with atomic_write_path(self.path) as staged:
+                staged.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+    def waiting(self) -> list[int]:
+        """The prompts without an answer in the file, in their order."""
+        return [index for index in range(len(self.prompts)) if index not in self.held]
+
+    def write(self, index: int, output: Output) -> None:
+        """Appends prompt `index`'s answer and puts it on the disk before returning."""
+        answer = {"index": index, "prompt": self.prompts[index], **output.to_dict()}
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(answer, ensure_ascii=False) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        self.held[index] = answer
