@@ -225,7 +225,8 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
     logits = model(ids, cache_position=torch.arange(n, device=device), **cached, **prefill_padding).logits
     token = next_tokens(logits[:, -1], sampling, generator)
     position = torch.tensor([n], device=device)  # read before transformers 5.25; later ones count in the cache
-    new = [token.clone()]
+    new = [token.clone()]  # the tokens of the steps since the last look
+    made_steps = 1  # the prefill's tokens and each step's
     prefill_s = _now(device) - started
     refill = Refill(model, rows, cache, token, position, next_positions, step_padding.get("attention_mask"),
                     most, sampling, generator, pad_id) if several else None
@@ -241,19 +242,24 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
             if refill is not None and refill.last_position is not None:
                 next_positions.clamp_(max=refill.last_position)  # a row past its tokens runs on to the next look
 
+    def advanced() -> None:
+        nonlocal made_steps
+        new.append(token.clone())
+        made_steps += 1
+        if refill is not None:
+            refill.column += 1
+
     serving: list[int | None] = list(range(width))  # the prompt each row decodes (None: no prompt left for it)
     made: list[list[int]] = [[] for _ in range(width)]  # each row's tokens for it, as looked at
     outputs: list[Output | None] = [None] * len(rows)
-    looked = 0
 
     def look() -> bool:
         """Reads the tokens since the last look; a prompt that made a stop token or all its tokens is done, its row
         taken by the next prompt waiting. True when every prompt is done."""
-        nonlocal looked
-        if looked == len(new):
+        if not new:
             return all(at is None for at in serving)
         handed = []
-        for row, tokens in enumerate(torch.cat(new[looked:], dim=1).tolist()):
+        for row, tokens in enumerate(torch.cat(new, dim=1).tolist()):
             if serving[row] is None:
                 continue
             made[row].extend(tokens)
@@ -270,7 +276,7 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
         if handed:  # the prompts that took a row, prefilled together
             for row, first in zip(handed, refill.admit({row: serving[row] for row in handed})):
                 made[row] = [first]
-        looked = len(new)
+        new.clear()
         if refill is not None:
             refill.make_room(serving, look_every)
         return all(at is None for at in serving)
@@ -279,22 +285,22 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
     run = step
     if not look() and (compiled or not graphs):
         step()  # with `compiled` this compiles the step before any capture, so no recompile meets one
-        _advanced(new, token, refill)
+        advanced()
     if graphs and not look():
         run = captured(step).replay  # the capture's warm-up run makes a token too (its graph is not run)
-        _advanced(new, token, refill)
-    warmup_steps, warmup_s = len(new) - 1, _now(device) - started
+        advanced()
+    warmup_steps, warmup_s = made_steps - 1, _now(device) - started
     pieces = TextPieces(tokenizer, stop_ids, on_text) if on_text else None
     started = _now(device)
     steps = 0
-    while refill is not None or len(new) < max_new_tokens:
+    while refill is not None or made_steps < max_new_tokens:
         if steps % look_every == 0:
             if look():
                 break
             if pieces:
                 pieces.update(made[0])
         run()
-        _advanced(new, token, refill)
+        advanced()
         steps += 1
     steady_s = _now(device) - started
     look()  # the prompts that ran out of tokens
@@ -302,13 +308,6 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
         pieces.finish(outputs[0].text)
     return Generation(outputs, prefill_s, warmup_steps, warmup_s, steps, steady_s, graphs, compiled, sampling,
                       width, refill.admitted if refill is not None else 0)
-
-
-def _advanced(new: list[torch.Tensor], token: torch.Tensor, refill: Refill | None) -> None:
-    """After a decode step: its tokens kept, the cache's next column counted."""
-    new.append(token.clone())
-    if refill is not None:
-        refill.column += 1
 
 
 class Refill:
