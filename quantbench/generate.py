@@ -16,6 +16,7 @@ waiting (`Refill`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import secrets
 import time
@@ -107,12 +108,16 @@ class Generation:
     sampling: Sampling = Sampling()
     batch_size: int = 1  # rows decoded at once
     admitted: int = 0  # prompts that took a finished prompt's row during the decode
+    steady_row_steps: int | None = None  # the rows' tokens of the steady steps (default every row of each)
 
     @property
     def decode_tokens_per_s(self) -> float | None:
         """Tokens a second over the steady steps, every row's counted (a stopped prompt's too: the batch still
         computes its row)."""
-        return self.batch_size * self.steady_steps / self.steady_s if self.steady_steps else None
+        if not self.steady_steps:
+            return None
+        tokens = self.batch_size * self.steady_steps if self.steady_row_steps is None else self.steady_row_steps
+        return tokens / self.steady_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -206,8 +211,9 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
     several = width < len(rows)
     cache_length = Refill.columns(n, max_new_tokens, look_every) if several else n + max_new_tokens
     cache = StaticCache(config=model.config, max_cache_len=cache_length)
-    if several:
-        Refill.refuse_sliding_windows(cache, width, len(rows))
+    if several and not Refill.fits(cache):
+        return _in_fixed_batches(model, tokenizer, prompts, width, max_new_tokens, chat, stop_ids, cuda_graph,
+                                 compiled, sampling, on_output)
     pad_id = _pad_id(tokenizer, stop_ids)
     ids = torch.stack([nn.functional.pad(row, (n - len(row), 0), value=pad_id) for row in rows[:width]]).to(device)
     graphs = cuda_graph and device.type == "cuda"
@@ -310,6 +316,28 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
                       width, refill.admitted if refill is not None else 0)
 
 
+def _in_fixed_batches(model: nn.Module, tokenizer, prompts: list[str], width: int, max_new_tokens: int,
+                      chat: bool, stop_ids: set[int], cuda_graph: bool, compiled: bool, sampling: Sampling,
+                      on_output: Callable[[int, Output], None] | None) -> Generation:
+    """`prompts` `width` at a time, each batch until its last prompt stops (where rows cannot be handed on); the
+    batches' draws seeded one apart."""
+    parts = []
+    sampling = sampling.seeded()
+    for at in range(0, len(prompts), width):
+        drawn = sampling if sampling.greedy else dataclasses.replace(sampling, seed=sampling.seed + at // width)
+        parts.append(generate(model, tokenizer, prompts[at:at + width], max_new_tokens, chat, stop_ids, cuda_graph,
+                              compiled, drawn, on_output=on_output and functools.partial(_shifted, on_output, at)))
+    return Generation(
+        [output for part in parts for output in part.outputs], sum(part.prefill_s for part in parts),
+        sum(part.warmup_steps for part in parts), sum(part.warmup_s for part in parts),
+        sum(part.steady_steps for part in parts), sum(part.steady_s for part in parts), parts[0].cuda_graph,
+        compiled, sampling, width, steady_row_steps=sum(part.batch_size * part.steady_steps for part in parts))
+
+
+def _shifted(on_output: Callable[[int, Output], None], by: int, index: int, output: Output) -> None:
+    on_output(by + index, output)
+
+
 class Refill:
     """Rows handed from prompts that stopped to prompts waiting, in one static cache whose columns every row writes
     at once. The prompts taking rows at a look are prefilled together (the shorter padded on the left), and each
@@ -343,14 +371,10 @@ class Refill:
         return span + max(span // 4, 2 * look_every)
 
     @staticmethod
-    def refuse_sliding_windows(cache, width: int, prompts: int) -> None:
-        """Layers whose attention slides over fewer columns than the cache keep only their last ones: refused."""
-        shortest, columns = (f(layer.max_cache_len for layer in cache.layers) for f in (min, max))
-        if shortest < columns:
-            raise QuantbenchError(
-                f"this model's attention slides over {shortest} positions, fewer than the {columns} that {width} "
-                f"rows taking {prompts} prompts in turn need: decode every prompt at once (a batch size of at "
-                f"least {prompts})")
+    def fits(cache) -> bool:
+        """Whether every layer keeps every column: one whose attention slides over fewer keeps its last ones, and
+        rows' columns can neither be handed on nor moved there."""
+        return min(layer.max_cache_len for layer in cache.layers) == max(layer.max_cache_len for layer in cache.layers)
 
     def next_prompt(self) -> int | None:
         return self.waiting.pop() if self.waiting else None

@@ -110,8 +110,11 @@ def test_more_prompts_than_rows_take_the_rows_of_those_that_stopped(tokenizer, f
     model.eval()
     free = generate(model, tokenizer, MANY[0], 12, stop_ids=set()).new_ids
     stop_ids = {free[4], free[9]}
-    result = generate(model, tokenizer, MANY, 12, stop_ids=stop_ids, batch_size=2)
+    handed = []
+    result = generate(model, tokenizer, MANY, 12, stop_ids=stop_ids, batch_size=2,
+                      on_output=lambda at, output: handed.append((at, output)))
     assert result.batch_size == 2 and result.admitted == len(MANY) - 2
+    assert sorted(handed, key=lambda pair: pair[0]) == list(enumerate(result.outputs))  # each once, as it stopped
     assert_each_alone(model, tokenizer, MANY, result, 12, stop_ids)
     assert result.decode_tokens_per_s == 2 * result.steady_steps / result.steady_s  # both rows' tokens
     made = sum(len(output.new_ids) for output in result.outputs)
@@ -156,10 +159,18 @@ def test_sampled_rows_taken_in_turn_are_drawn_again_from_their_seed(run_dir):
 
 
 @pytest.mark.parametrize("family", ["tiny_qwen2_sliding_window", "tiny_gemma2", "tiny_gemma3_text"])
-def test_rows_taken_in_turn_are_refused_where_attention_slides_over_fewer_columns(tokenizer, family):
+def test_where_attention_slides_over_fewer_columns_the_prompts_go_in_fixed_batches(tokenizer, family):
+    """A window of 4 keeps a layer's last 4 columns only: no row can be handed on, so the prompts go 2 at a time,
+    each batch until its last prompt stops, and each prompt's tokens are still those of full forwards over it
+    alone; each one's output is handed on with its own index."""
     model = getattr(helpers, family)(vocab_size=len(tokenizer)).eval()
-    with pytest.raises(QuantbenchError, match="slides over 4 positions.*a batch size of at least 3"):
-        generate(model, tokenizer, PROMPTS, 4, batch_size=2)
+    handed = {}
+    result = generate(model, tokenizer, MANY[:5], 6, stop_ids=set(), batch_size=2,
+                      on_output=lambda at, output: handed.setdefault(at, output))
+    assert result.batch_size == 2 and result.admitted == 0 and len(result.outputs) == 5
+    assert_each_alone(model, tokenizer, MANY[:5], result, 6, set())
+    assert handed == dict(enumerate(result.outputs))
+    assert result.decode_tokens_per_s == (2 + 2 + 1) * 4 / result.steady_s  # three batches of 4 steady steps
     with pytest.raises(QuantbenchError, match="batch size 0"):
         generate(model, tokenizer, PROMPTS, 4, batch_size=0)
 
