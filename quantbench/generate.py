@@ -215,7 +215,6 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
         return _in_fixed_batches(model, tokenizer, prompts, width, max_new_tokens, chat, stop_ids, cuda_graph,
                                  compiled, sampling, on_output)
     pad_id = _pad_id(tokenizer, stop_ids)
-    ids = torch.stack([nn.functional.pad(row, (n - len(row), 0), value=pad_id) for row in rows[:width]]).to(device)
     graphs = cuda_graph and device.type == "cuda"
     sampling = sampling.seeded()
     generator = None
@@ -228,8 +227,7 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
 
     started = _now(device)
     cached = {_cache_argument(model): cache, "use_cache": True}
-    logits = model(ids, cache_position=torch.arange(n, device=device), **cached, **prefill_padding).logits
-    token = next_tokens(logits[:, -1], sampling, generator)
+    token = _prefilled(model, rows[:width], n, pad_id, cache, prefill_padding, sampling, generator)
     position = torch.tensor([n], device=device)  # read before transformers 5.25; later ones count in the cache
     new = [token.clone()]  # the tokens of the steps since the last look
     made_steps = 1  # the prefill's tokens and each step's
@@ -386,14 +384,9 @@ class Refill:
 
         chosen = [self.rows[prompt] for prompt in prompts.values()]
         longest = max(len(row) for row in chosen)
-        device = self.token.device
-        ids = torch.stack([nn.functional.pad(row, (longest - len(row), 0), value=self.pad_id) for row in chosen])
-        padding = _padding(chosen, longest, longest, device)[0]
         together = StaticCache(config=self.model.config, max_cache_len=longest)
-        arguments = {_cache_argument(self.model): together, "use_cache": True}
-        logits = self.model(ids.to(device), cache_position=torch.arange(longest, device=device), **arguments,
-                            **padding).logits
-        first = next_tokens(logits[:, -1], self.sampling, self.generator)
+        padding = _padding(chosen, longest, longest, self.token.device)[0]
+        first = _prefilled(self.model, chosen, longest, self.pad_id, together, padding, self.sampling, self.generator)
         for at, (row, prompt) in enumerate(prompts.items()):
             length = len(chosen[at])
             columns = slice(self.column - length, self.column)
@@ -429,6 +422,17 @@ class Refill:
         self.column -= by
         self.position.fill_(self.column)
         self.first = [max(first - by, 0) for first in self.first]
+
+
+def _prefilled(model: nn.Module, rows: list[torch.Tensor], n: int, pad_id: int, cache, padding: dict,
+               sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """The rows' first tokens [rows, 1] after one forward over them into `cache`, padded on the left to `n`
+    (`padding`: `_padding`'s prefill arguments)."""
+    device = model.device
+    ids = torch.stack([nn.functional.pad(row, (n - len(row), 0), value=pad_id) for row in rows]).to(device)
+    arguments = {_cache_argument(model): cache, "use_cache": True}
+    logits = model(ids, cache_position=torch.arange(n, device=device), **arguments, **padding).logits
+    return next_tokens(logits[:, -1], sampling, generator)
 
 
 def _pad_id(tokenizer, stop_ids: set[int]) -> int:
