@@ -402,8 +402,8 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely tokens only (0: all)"),
     top_p: float = typer.Option(1.0, "--top-p", help="sample among the fewest most likely tokens whose "
                                 "probabilities reach p only (1: all)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="the draw's seed (printed, so a text can be drawn "
-                                       "again; default a fresh one)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="the draws' seed (printed, so a text can be drawn "
+                                       "again; default a fresh one, or that of the answers in --output)"),
     stream: bool = typer.Option(False, "--stream", help="print the text as it comes (the decode rate then "
                                 "includes the printing)"),
     as_json: bool = typer.Option(False, "--json", help="print the text and the timings as JSON"),
@@ -415,7 +415,7 @@ def generate(
 
     from quantbench.answer_file import AnswerFile
     from quantbench.export.checkpoint import is_quantbench_checkpoint, resolve_checkpoint_dir
-    from quantbench.generate import Sampling
+    from quantbench.sampling import Sampling
     from quantbench.generate import generate as generate_text
     from quantbench.model_io import DTYPES, load_target, resolve_device
 
@@ -432,6 +432,8 @@ def generate(
         if stream and len(prompt) > 1:
             raise QuantbenchError(f"--stream prints one prompt's text as it comes, not {len(prompt)}'s")
         answers = AnswerFile(output, prompt) if output else None
+        if answers:
+            sampling = answers.resumed(sampling, max_new_tokens, chat)
         todo = answers.waiting() if answers else list(range(len(prompt)))
         if not todo:
             err_console.print(f"every prompt's answer is in {output} already")
@@ -451,7 +453,8 @@ def generate(
             result = generate_text(model, loaded.tokenizer, [prompt[at] for at in todo], max_new_tokens, chat,
                                    cuda_graph=cuda_graph, compiled=compiled, sampling=sampling,
                                    on_text=_printed if stream else None, batch_size=batch_size,
-                                   on_output=(lambda at, out: answers.write(todo[at], out)) if answers else None)
+                                   on_output=(lambda at, out: answers.write(todo[at], out)) if answers else None,
+                                   numbers=todo)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. inductor's C++ on a machine it misjudges
             raise QuantbenchError(f"--compile: torch.compile failed here ({str(exc).splitlines()[0]}); run "
                                   "without --compile") from None

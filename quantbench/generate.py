@@ -2,7 +2,7 @@
 
 The prompt fills a static cache in one forward (the prefill); each decode step then feeds the last token at its
 position and takes the argmax, or with a temperature samples from the softmax of the logits over it, cut to the
-`top_k` largest and to the nucleus of mass `top_p` (`Sampling`). The first step runs eagerly (on CUDA it also
+`top_k` largest and to the nucleus of mass `top_p` (`quantbench.sampling`). The first step runs eagerly (on CUDA it also
 tunes the packed kernels' tiles for one row). On CUDA the step is then captured in a CUDA graph and replayed,
 one launch a token as a served model runs, unless `cuda_graph` is off; the capture's warm-up run makes a token
 too (without `compiled`, it is the first step). With `compiled` the decode step runs through torch.compile (the
@@ -15,10 +15,8 @@ waiting (`Refill`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,61 +25,9 @@ import torch
 from torch import nn
 
 from quantbench.errors import QuantbenchError
+from quantbench.sampling import Draws, Sampling, next_tokens
 
 EOS_CHECK_EVERY = 16  # CUDA decode steps between looks at the new tokens (each look waits for the GPU)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How a token is chosen from the logits: the argmax at temperature 0, else a draw from softmax(logits /
-    temperature) over the `top_k` largest (0: all) and the fewest largest whose probabilities reach `top_p`.
-    The draw is seeded by `seed` (None: a fresh seed, kept in the result so the text can be drawn again)."""
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise QuantbenchError(f"temperature {self.temperature}: use 0 (greedy) or more")
-        if self.top_k < 0:
-            raise QuantbenchError(f"top_k {self.top_k}: use 0 (every token) or more")
-        if not 0 < self.top_p <= 1:
-            raise QuantbenchError(f"top_p {self.top_p}: use a probability in (0, 1]")
-        if self.temperature == 0 and (self.top_k or self.top_p < 1):
-            raise QuantbenchError("top_k and top_p cut what is sampled: set a temperature above 0 to sample")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-    def seeded(self) -> Sampling:
-        """This sampling with its seed drawn if it had none."""
-        if self.greedy or self.seed is not None:
-            return self
-        return dataclasses.replace(self, seed=secrets.randbits(63))
-
-    def to_dict(self) -> dict:
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}
-
-
-def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
-    """int64 [rows, 1]: each row of `logits` [rows, vocabulary]'s token, as `sampling` chooses. A draw adds Gumbel
-    noise to the scaled logits and takes the argmax (distributed as the softmax), so it needs no host sync and a
-    CUDA graph can capture it (with the device's default generator, `generator` None)."""
-    if sampling.greedy:
-        return logits.argmax(-1, keepdim=True)
-    scores = logits.float() / sampling.temperature
-    if sampling.top_k:
-        kth = scores.topk(min(sampling.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if sampling.top_p < 1:
-        ordered, order = scores.sort(dim=-1, descending=True)
-        probabilities = ordered.softmax(-1)
-        before = probabilities.cumsum(-1) - probabilities  # the mass of the larger tokens: the first always stays
-        scores = scores.scatter(-1, order, ordered.masked_fill(before >= sampling.top_p, float("-inf")))
-    uniform = torch.rand(scores.shape, device=scores.device, generator=generator)
-    return (scores - torch.log(-torch.log(uniform))).argmax(-1, keepdim=True)
 
 
 @dataclass
@@ -177,16 +123,18 @@ def end_ids(model: nn.Module, tokenizer) -> set[int]:
 def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_tokens: int, chat: bool = False,
              stop_ids: set[int] | None = None, cuda_graph: bool = True, compiled: bool = False,
              sampling: Sampling = Sampling(), on_text: Callable[[str], None] | None = None,
-             batch_size: int | None = None, on_output: Callable[[int, Output], None] | None = None) -> Generation:
+             batch_size: int | None = None, on_output: Callable[[int, Output], None] | None = None,
+             numbers: Sequence[int] | None = None) -> Generation:
     """Up to `max_new_tokens` tokens after `prompt` (or after each of several, decoded together as one batch, the
     shorter ones padded on the left) from `model` (on its device), greedy or as `sampling` says, timed.
     `stop_ids`: the end-of-sequence tokens (default `end_ids`); a prompt stops at its first. `batch_size`: the rows
     decoded at once (default: every prompt); with more prompts than rows, a prompt that stops hands its row to
-    the next one waiting (`Refill`), and the batch runs until every prompt has stopped. On CUDA a draw seeds and
-    uses the device's default generator (the one a CUDA graph's replays advance). `on_text` (one prompt only) is
-    handed the text in pieces as it comes, at each look for a stop token (`TextPieces`; the decode rate then
-    includes its time); together they are the result's text. `on_output` is handed each prompt's index and
-    output as it stops."""
+    the next one waiting (`Refill`), and the batch runs until every prompt has stopped. A prompt's draws are
+    keyed by the seed, its number in `numbers` (default its place among the prompts; a run resumed gives those of
+    the prompts left) and its tokens' (`Draws`): it draws the same noise however it is batched. `on_text` (one
+    prompt only) is handed the text in pieces as it comes, at each look for a stop token (`TextPieces`; the
+    decode rate then includes its time); together they are the result's text. `on_output` is handed each
+    prompt's index (among `prompt`) and output as it stops."""
     from transformers import StaticCache
 
     if max_new_tokens < 1:
@@ -198,6 +146,9 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
         raise QuantbenchError(f"text in pieces comes from one prompt, not {len(prompts)}")
     if batch_size is not None and batch_size < 1:
         raise QuantbenchError(f"batch size {batch_size}: decode at least one row")
+    numbers = list(range(len(prompts))) if numbers is None else list(numbers)
+    if len(numbers) != len(prompts):
+        raise ValueError(f"{len(numbers)} prompt numbers for {len(prompts)} prompts")
     device = model.device
     stop_ids = end_ids(model, tokenizer) if stop_ids is None else stop_ids
     rows = [prompt_ids(tokenizer, text, chat)[0] for text in prompts]
@@ -213,33 +164,28 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
     cache = StaticCache(config=model.config, max_cache_len=cache_length)
     if several and not Refill.fits(cache):
         return _in_fixed_batches(model, tokenizer, prompts, width, max_new_tokens, chat, stop_ids, cuda_graph,
-                                 compiled, sampling, on_output)
+                                 compiled, sampling, on_output, numbers)
     pad_id = _pad_id(tokenizer, stop_ids)
     graphs = cuda_graph and device.type == "cuda"
     sampling = sampling.seeded()
-    generator = None
-    if not sampling.greedy:
-        if device.type == "cuda":
-            torch.cuda.manual_seed(sampling.seed)
-        else:
-            generator = torch.Generator(device).manual_seed(sampling.seed)
+    draws = Draws.of(sampling, numbers[:width], device)
     prefill_padding, step_padding, next_positions = _padding(rows[:width], n, cache_length, device, several)
 
     started = _now(device)
     cached = {_cache_argument(model): cache, "use_cache": True}
-    token = _prefilled(model, rows[:width], n, pad_id, cache, prefill_padding, sampling, generator)
+    token = _prefilled(model, rows[:width], n, pad_id, cache, prefill_padding, sampling, draws)
     position = torch.tensor([n], device=device)  # read before transformers 5.25; later ones count in the cache
     new = [token.clone()]  # the tokens of the steps since the last look
     made_steps = 1  # the prefill's tokens and each step's
     prefill_s = _now(device) - started
     refill = Refill(model, rows, cache, token, position, next_positions, step_padding.get("attention_mask"),
-                    most, sampling, generator, pad_id) if several else None
+                    most, sampling, draws, numbers, pad_id) if several else None
 
     forward = torch.compile(model, dynamic=False) if compiled else model
 
     def step() -> None:
         out = forward(token, cache_position=position, **cached, **step_padding).logits
-        token.copy_(next_tokens(out[:, -1], sampling, generator))
+        token.copy_(next_tokens(out[:, -1], sampling, draws))
         position.add_(1)
         if next_positions is not None:
             next_positions.add_(1)
@@ -316,15 +262,14 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
 
 def _in_fixed_batches(model: nn.Module, tokenizer, prompts: list[str], width: int, max_new_tokens: int,
                       chat: bool, stop_ids: set[int], cuda_graph: bool, compiled: bool, sampling: Sampling,
-                      on_output: Callable[[int, Output], None] | None) -> Generation:
-    """`prompts` `width` at a time, each batch until its last prompt stops (where rows cannot be handed on); the
-    batches' draws seeded one apart."""
+                      on_output: Callable[[int, Output], None] | None, numbers: list[int]) -> Generation:
+    """`prompts` `width` at a time, each batch until its last prompt stops (where rows cannot be handed on)."""
     parts = []
     sampling = sampling.seeded()
     for at in range(0, len(prompts), width):
-        drawn = sampling if sampling.greedy else dataclasses.replace(sampling, seed=sampling.seed + at // width)
         parts.append(generate(model, tokenizer, prompts[at:at + width], max_new_tokens, chat, stop_ids, cuda_graph,
-                              compiled, drawn, on_output=on_output and functools.partial(_shifted, on_output, at)))
+                              compiled, sampling, on_output=on_output and functools.partial(_shifted, on_output, at),
+                              numbers=numbers[at:at + width]))
     return Generation(
         [output for part in parts for output in part.outputs], sum(part.prefill_s for part in parts),
         sum(part.warmup_steps for part in parts), sum(part.warmup_s for part in parts),
@@ -346,13 +291,14 @@ class Refill:
 
     def __init__(self, model: nn.Module, rows: list[torch.Tensor], cache, token: torch.Tensor,
                  position: torch.Tensor, next_positions: torch.Tensor, mask: torch.Tensor, most: int | None,
-                 sampling: Sampling, generator: torch.Generator | None, pad_id: int):
+                 sampling: Sampling, draws: Draws | None, numbers: list[int], pad_id: int):
         """`token`, `position` (the next column), `next_positions` and `mask`: the decode step's inputs, which
-        the rows' handing over and moves change in place (a CUDA graph replays them)."""
+        the rows' handing over and moves change in place (a CUDA graph replays them), as are `draws`' counters;
+        `numbers`: each prompt's number, which keys its draws."""
         width = len(token)
         self.model, self.rows, self.cache, self.longest = model, rows, cache, max(len(row) for row in rows)
         self.token, self.position, self.next_positions, self.mask = token, position, next_positions, mask
-        self.sampling, self.generator, self.pad_id = sampling, generator, pad_id
+        self.sampling, self.draws, self.numbers, self.pad_id = sampling, draws, numbers, pad_id
         self.waiting = list(range(width, len(rows)))[::-1]
         self.cache_length = mask.shape[1]
         self.last_position = None if most is None else most - 1
@@ -386,7 +332,14 @@ class Refill:
         longest = max(len(row) for row in chosen)
         together = StaticCache(config=self.model.config, max_cache_len=longest)
         padding = _padding(chosen, longest, longest, self.token.device)[0]
-        first = _prefilled(self.model, chosen, longest, self.pad_id, together, padding, self.sampling, self.generator)
+        rows = list(prompts)
+        if self.draws is not None:
+            for row, prompt in prompts.items():
+                self.draws.start(row, self.numbers[prompt])
+        first = _prefilled(self.model, chosen, longest, self.pad_id, together, padding, self.sampling,
+                           self.draws and self.draws[rows])
+        if self.draws is not None:
+            self.draws.counts[rows] = 1
         for at, (row, prompt) in enumerate(prompts.items()):
             length = len(chosen[at])
             columns = slice(self.column - length, self.column)
@@ -397,7 +350,6 @@ class Refill:
             self.mask[row, :columns.start] = 0
             self.next_positions[row] = length
             self.first[row] = columns.start
-        rows = list(prompts)
         self.token[rows] = first
         self.admitted += len(prompts)
         return first[:, 0].tolist()
@@ -425,14 +377,14 @@ class Refill:
 
 
 def _prefilled(model: nn.Module, rows: list[torch.Tensor], n: int, pad_id: int, cache, padding: dict,
-               sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+               sampling: Sampling, draws: Draws | None) -> torch.Tensor:
     """The rows' first tokens [rows, 1] after one forward over them into `cache`, padded on the left to `n`
     (`padding`: `_padding`'s prefill arguments)."""
     device = model.device
     ids = torch.stack([nn.functional.pad(row, (n - len(row), 0), value=pad_id) for row in rows]).to(device)
     arguments = {_cache_argument(model): cache, "use_cache": True}
     logits = model(ids, cache_position=torch.arange(n, device=device), **arguments, **padding).logits
-    return next_tokens(logits[:, -1], sampling, generator)
+    return next_tokens(logits[:, -1], sampling, draws)
 
 
 def _pad_id(tokenizer, stop_ids: set[int]) -> int:

@@ -8,8 +8,9 @@ from helpers import invoke, make_recipe, tiny_llama
 
 from quantbench import load_quantized
 from quantbench.errors import QuantbenchError
-from quantbench.generate import Sampling, generate, next_tokens, prompt_ids
+from quantbench.generate import generate, prompt_ids
 from quantbench.model_io import load_tokenizer
+from quantbench.sampling import Sampling
 
 PROMPT = "the river and the stone"
 
@@ -146,16 +147,30 @@ def test_rows_looked_at_every_few_steps_keep_each_prompts_tokens_and_positions(r
     assert_each_alone(short, tokenizer, MANY, at_the_end, 10, set())
 
 
-def test_sampled_rows_taken_in_turn_are_drawn_again_from_their_seed(run_dir):
+def test_a_sampled_prompt_draws_the_same_tokens_alone_batched_in_turn_and_resumed(run_dir):
+    """A prompt's draws are keyed by the seed, its number and its tokens': stopping at different steps, each
+    prompt's tokens are the same drawn alone (under its number), in one batch, in two rows taken in turn, in a run
+    of the prompts after the third (resumed) and in a run drawn again; each token is among the 4 most likely."""
     model = load_quantized(run_dir / "checkpoint", kernels=True)
     tokenizer = load_tokenizer(str(run_dir / "checkpoint"))
-    sampling = Sampling(5.0, top_k=4, seed=11)
-    first = generate(model, tokenizer, MANY[:5], 8, stop_ids=set(), sampling=sampling, batch_size=2)
-    again = generate(model, tokenizer, MANY[:5], 8, stop_ids=set(), sampling=sampling, batch_size=2)
-    assert first.outputs == again.outputs and first.admitted == 3
-    for prompt, output in zip(MANY, first.outputs):
-        assert len(output.new_ids) == 8
+    sampling, prompts = Sampling(5.0, top_k=4, seed=11), MANY[:6]
+    stop_ids = {generate(model, tokenizer, prompts[0], 10, stop_ids=set(), sampling=sampling).new_ids[5]}
+    alone = [generate(model, tokenizer, prompt, 10, stop_ids=stop_ids, sampling=sampling, numbers=[number]).only
+             for number, prompt in enumerate(prompts)]
+    assert len({len(output.new_ids) for output in alone}) > 1  # the stop token cuts some prompts short
+    together = generate(model, tokenizer, prompts, 10, stop_ids=stop_ids, sampling=sampling)
+    in_turn = generate(model, tokenizer, prompts, 10, stop_ids=stop_ids, sampling=sampling, batch_size=2)
+    resumed = generate(model, tokenizer, prompts[3:], 10, stop_ids=stop_ids, sampling=sampling, batch_size=2,
+                       numbers=[3, 4, 5])
+    assert together.outputs == alone and in_turn.outputs == alone and resumed.outputs == alone[3:]
+    assert in_turn.admitted == 4 and generate(model, tokenizer, prompts, 10, stop_ids=stop_ids, sampling=sampling,
+                                              batch_size=2).outputs == alone
+    renumbered = generate(model, tokenizer, prompts[3:], 10, stop_ids=stop_ids, sampling=sampling, batch_size=2)
+    assert renumbered.outputs != alone[3:]  # numbered 0, 1, 2: the first three prompts' draws
+    for prompt, output in zip(prompts, alone):
         assert_among_the_top(model, tokenizer, output.new_ids, 4, prompt=prompt)
+    with pytest.raises(ValueError, match="2 prompt numbers for 1 prompts"):
+        generate(model, tokenizer, PROMPT, 4, numbers=[0, 1])
 
 
 @pytest.mark.parametrize("family", ["tiny_qwen2_sliding_window", "tiny_gemma2", "tiny_gemma3_text"])
@@ -171,6 +186,10 @@ def test_where_attention_slides_over_fewer_columns_the_prompts_go_in_fixed_batch
     assert_each_alone(model, tokenizer, MANY[:5], result, 6, set())
     assert handed == dict(enumerate(result.outputs))
     assert result.decode_tokens_per_s == (2 + 2 + 1) * 4 / result.steady_s  # three batches of 4 steady steps
+    drawn = Sampling(5.0, top_k=4, seed=2)  # and each prompt draws what it draws alone
+    sampled = generate(model, tokenizer, MANY[:5], 6, stop_ids=set(), batch_size=2, sampling=drawn)
+    assert sampled.outputs == [generate(model, tokenizer, prompt, 6, stop_ids=set(), sampling=drawn,
+                                        numbers=[number]).only for number, prompt in enumerate(MANY[:5])]
     with pytest.raises(QuantbenchError, match="batch size 0"):
         generate(model, tokenizer, PROMPTS, 4, batch_size=0)
 
@@ -212,49 +231,6 @@ def test_steps_past_a_stop_token_between_looks_are_dropped(run_dir, monkeypatch)
     stopped = generate(model, tokenizer, PROMPT, 14, stop_ids={free[5]})
     assert stopped.new_ids == free[:first + 1]
     assert stopped.steady_steps == min(-(-(first - 1) // 4) * 4, 12)  # up to the first look after the stop
-
-
-LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
-
-
-def drawn_shares(sampling: Sampling, draws: int = 40_000) -> torch.Tensor:
-    """The share of each token among `draws` rows of LOGITS drawn at once (seeded: the same on every CPU)."""
-    tokens = next_tokens(LOGITS.repeat(draws, 1), sampling, torch.Generator().manual_seed(0))
-    return torch.bincount(tokens.flatten(), minlength=len(LOGITS)) / draws
-
-
-@pytest.mark.parametrize("sampling, probabilities", [
-    (Sampling(1.0), LOGITS.softmax(0)),
-    (Sampling(0.5), (LOGITS / 0.5).softmax(0)),
-    (Sampling(2.0, top_k=3), torch.cat([(LOGITS[:3] / 2).softmax(0), torch.zeros(3)])),
-    # the nucleus: the fewest largest whose probabilities reach 0.8 (0.455 + 0.276 < 0.8 ≤ … + 0.167)
-    (Sampling(1.0, top_p=0.8), torch.cat([LOGITS[:3].softmax(0), torch.zeros(3)])),
-    (Sampling(1.0, top_k=2, top_p=0.99), torch.cat([LOGITS[:2].softmax(0), torch.zeros(4)])),
-], ids=["softmax", "colder", "top-k", "top-p", "top-k then top-p"])
-def test_drawn_tokens_follow_the_softmax_of_what_is_kept(sampling, probabilities):
-    """Shares of 40,000 draws within 4.5 binomial standard deviations (at most 0.011) of the probabilities; tokens
-    cut away never drawn."""
-    shares = drawn_shares(sampling)
-    assert torch.all(shares[probabilities == 0] == 0)
-    deviation = (probabilities * (1 - probabilities) / 40_000).sqrt()
-    assert torch.all((shares - probabilities).abs() <= 4.5 * deviation + 1e-9), (shares, probabilities)
-
-
-def test_greedy_choices_take_the_argmax():
-    rows = torch.randn(5, 50, generator=torch.Generator().manual_seed(1))
-    for sampling in (Sampling(), Sampling(1.5, top_k=1)):
-        assert sampling.greedy and torch.equal(next_tokens(rows, sampling), rows.argmax(-1, keepdim=True))
-    assert not Sampling(0.7).greedy
-
-
-@pytest.mark.parametrize("sampling, message", [
-    (dict(temperature=-1.0), "temperature -1.0"), (dict(temperature=float("nan")), "temperature nan"),
-    (dict(temperature=1.0, top_k=-2), "top_k -2"), (dict(temperature=1.0, top_p=0.0), "top_p 0.0"),
-    (dict(temperature=1.0, top_p=1.5), "top_p 1.5"), (dict(top_p=0.9), "set a temperature above 0"),
-])
-def test_bad_sampling_is_refused(sampling, message):
-    with pytest.raises(QuantbenchError, match=message):
-        Sampling(**sampling)
 
 
 def assert_among_the_top(model, tokenizer, new_ids: list[int], k: int, tolerance: float = 1e-4,
@@ -339,7 +315,7 @@ def test_cuda_graph_steps_give_the_eager_steps_tokens(run_dir):
     stop = eager.new_ids[20]
     first = eager.new_ids.index(stop)
     assert generate(model, tokenizer, PROMPT, 40, stop_ids={stop}).new_ids == eager.new_ids[:first + 1]
-    sampling = Sampling(5.0, top_k=4, seed=3)  # drawn in the graph from the device's default generator
+    sampling = Sampling(5.0, top_k=4, seed=3)  # the draws' counters moved on in the graph
     sampled = generate(model, tokenizer, PROMPT, 40, stop_ids=set(), sampling=sampling)
     assert generate(model, tokenizer, PROMPT, 40, stop_ids=set(), sampling=sampling).new_ids == sampled.new_ids
     assert sampled.new_ids != graphed.new_ids
@@ -351,6 +327,9 @@ def test_cuda_graph_steps_give_the_eager_steps_tokens(run_dir):
                                        cuda_graph=False).outputs
     for prompt, output in zip(MANY, in_turn.outputs):
         assert_among_the_top(model, tokenizer, output.new_ids, 2, tolerance=2e-2, prompt=prompt)
+    drawn = generate(model, tokenizer, MANY, 24, stop_ids=stop_ids, batch_size=3, sampling=sampling)
+    assert drawn.cuda_graph and drawn.outputs == generate(model, tokenizer, MANY, 24, stop_ids=stop_ids, batch_size=3,
+                                                          sampling=sampling, cuda_graph=False).outputs
 
 
 def test_generate_command_prints_text_and_speed(run_dir, model_dir):
@@ -425,6 +404,31 @@ def test_answers_written_as_prompts_stop_survive_a_cut_and_the_next_run_does_the
     assert done.exit_code == 0 and "every prompt's answer is in" in done.output
     other = invoke("generate", run_dir, "-p", "something else", "-o", out)
     assert other.exit_code == 2 and "holds answers to other prompts" in other.output
+
+
+def test_a_sampled_run_resumed_from_its_answers_draws_what_the_whole_run_drew(run_dir, tmp_path):
+    """Each answer records its settings; a run resumed without --seed takes the file's and gives the whole run's
+    answers; other settings are refused, even with every prompt answered."""
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("\n".join(MANY[:6]), encoding="utf-8")
+    arguments = ["generate", run_dir, "--prompts-file", listed, "-n", 5, "-b", 2, "-t", 5, "--top-k", 4]
+    whole = json.loads(invoke(*arguments, "-o", tmp_path / "whole.jsonl", "--json").output)
+    written = (tmp_path / "whole.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    settings = {"max_new_tokens": 5, "chat": False, "sampling": whole["sampling"]}
+    assert all(json.loads(line)["settings"] == settings for line in written) and len(written) == 6
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(written[:2]), encoding="utf-8")
+    rest = invoke(*arguments, "-o", cut)
+    assert rest.exit_code == 0 and f"seed {whole['sampling']['seed']}" in rest.output, rest.output
+    resumed = [json.loads(line) for line in cut.read_text(encoding="utf-8").splitlines()]
+    assert sorted(resumed, key=lambda answer: answer["index"]) == sorted(
+        [json.loads(line) for line in written], key=lambda answer: answer["index"])
+    for other in (["--seed", whole["sampling"]["seed"] + 1], ["-t", 4], ["--chat"]):
+        refused = invoke(*arguments, *other, "-o", cut)
+        assert refused.exit_code == 2 and "holds answers made with max_new_tokens 5, chat False, temperature " \
+            "5.0, top_k 4" in refused.output, refused.output
+    greedy = invoke("generate", run_dir, "--prompts-file", listed, "-n", 5, "-o", cut)
+    assert greedy.exit_code == 2 and "not max_new_tokens 5, chat False, temperature 0.0" in greedy.output
 
 
 def test_generated_text_is_printed_as_it_is_not_as_markup(run_dir, monkeypatch):

@@ -1,0 +1,143 @@
+import random
+
+import pytest
+import torch
+
+from quantbench.errors import QuantbenchError
+from quantbench.sampling import (Draws, Sampling, _fmix32_tensor, _signed, _splitmix_tensor, fmix32, next_tokens,
+                                 prompt_key, splitmix)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+def test_the_reference_hashes_give_splitmix64s_and_murmur3s_published_outputs():
+    state, outputs = 1234567, []
+    for _ in range(3):  # SplitMix64 seeded 1234567, as its reference implementation prints
+        outputs.append(splitmix(state))
+        state += 0x9E3779B97F4A7C15
+    assert outputs == [6457827717110365317, 3203168211198807973, 9817491932198370423]
+    assert fmix32(0) == 0 and fmix32(1) == 0x514E28B7
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_hashes_on_tensors_wrap_as_unsigned_words_do(device):
+    """Bit for bit the references' words, the extremes of both signs included: a multiplication that overflowed
+    otherwise, or a shift that copied the sign bit, changes them."""
+    pick = random.Random(0)
+    words = [0, 1, -1, 2**63 - 1, -2**63] + [pick.getrandbits(64) for _ in range(500)]
+    signed = torch.tensor([_signed(word, 64) for word in words], device=device)
+    assert _splitmix_tensor(signed).tolist() == [_signed(splitmix(word), 64) for word in words]
+    halves = [0, 1, -1, 2**31 - 1, -2**31] + [pick.getrandbits(32) for _ in range(500)]
+    signed = torch.tensor([_signed(word, 32) for word in halves], dtype=torch.int32, device=device)
+    assert _fmix32_tensor(signed).tolist() == [_signed(fmix32(word), 32) for word in halves]
+
+
+def expected_uniform(seed: int, number: int, token: int, entry: int) -> float:
+    """Row `number`'s uniform for vocabulary entry `entry` at its token `token`, from the references alone."""
+    key = splitmix(prompt_key(seed, number) + token * 0x9E3779B97F4A7C15)
+    word = fmix32((key >> 32) + (entry + 1) * 0x9E3779B9)
+    return ((word >> 9) + 0.5) / 2 ** 23
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_prompts_uniforms_depend_on_its_number_and_token_alone(device):
+    draws = Draws.of(Sampling(1.0, seed=-5), [7, 3], torch.device(device))
+    vocabulary = torch.arange(40, device=device)
+    first, second = draws.uniform(vocabulary), draws.uniform(vocabulary)
+    for row, number in enumerate([7, 3]):
+        for token, uniform in enumerate([first, second]):
+            assert uniform[row].tolist() == [expected_uniform(-5, number, token, v) for v in range(40)]
+    alone = Draws.of(Sampling(1.0, seed=-5), [3], torch.device(device))
+    assert torch.equal(alone.uniform(vocabulary)[0], first[1])
+    draws.start(0, 3)  # row 0 now draws prompt 3's tokens from its first, as prompt 3 did in row 1
+    assert torch.equal(draws.uniform(vocabulary)[0], first[1]) and draws.counts.tolist() == [1, 3]
+    copied = draws[[1]]
+    assert torch.equal(copied.uniform(vocabulary)[0], draws[[1]].uniform(vocabulary)[0])
+    assert draws.counts.tolist() == [1, 3]
+    picked = torch.tensor([[5, 0, 39], [2, 2, 17]], device=device)  # some entries only, each row its own
+    assert torch.equal(Draws.of(Sampling(1.0, seed=-5), [7, 3], torch.device(device)).uniform(picked),
+                       first.gather(1, picked))
+    other_seed = Draws.of(Sampling(1.0, seed=-4), [7, 3], torch.device(device))
+    assert not torch.equal(other_seed.uniform(vocabulary), first)
+
+
+def test_uniforms_fill_the_open_unit_interval_evenly():
+    """8 rows × 100,000 entries over 2 tokens: none at 0 or 1 (the Gumbel noise stays finite), each tenth of the
+    interval within 5 binomial standard deviations of its share, and rows and tokens uncorrelated."""
+    draws = Draws.of(Sampling(1.0, seed=1), range(8), torch.device("cpu"))
+    entries = torch.arange(100_000)
+    uniform = torch.stack([draws.uniform(entries), draws.uniform(entries)])
+    assert uniform.dtype == torch.float32 and 0 < uniform.min() and uniform.max() < 1
+    assert torch.isfinite(torch.log(-torch.log(uniform))).all()
+    count = uniform.numel()
+    tenths = torch.histc(uniform, bins=10, min=0, max=1)
+    assert torch.all((tenths - count / 10).abs() <= 5 * (count * 0.1 * 0.9) ** 0.5), tenths
+    rows = uniform.reshape(16, -1) - 0.5
+    correlation = (rows @ rows.T) / (rows.norm(dim=1)[:, None] * rows.norm(dim=1)[None])
+    assert (correlation - torch.eye(16)).abs().max() < 5 / 100_000 ** 0.5  # 5 standard deviations of a null one
+
+
+LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
+
+
+def drawn_shares(sampling: Sampling, draws: int = 40_000) -> torch.Tensor:
+    """The share of each token among `draws` rows of LOGITS, one prompt each (the same on every CPU)."""
+    tokens = next_tokens(LOGITS.repeat(draws, 1), sampling, Draws.of(sampling, range(draws), torch.device("cpu")))
+    return torch.bincount(tokens.flatten(), minlength=len(LOGITS)) / draws
+
+
+@pytest.mark.parametrize("sampling, probabilities", [
+    (Sampling(1.0, seed=0), LOGITS.softmax(0)),
+    (Sampling(0.5, seed=0), (LOGITS / 0.5).softmax(0)),
+    (Sampling(2.0, top_k=3, seed=0), torch.cat([(LOGITS[:3] / 2).softmax(0), torch.zeros(3)])),
+    # the nucleus: the fewest largest whose probabilities reach 0.8 (0.455 + 0.276 < 0.8 ≤ … + 0.167)
+    (Sampling(1.0, top_p=0.8, seed=0), torch.cat([LOGITS[:3].softmax(0), torch.zeros(3)])),
+    (Sampling(1.0, top_k=2, top_p=0.99, seed=0), torch.cat([LOGITS[:2].softmax(0), torch.zeros(4)])),
+], ids=["softmax", "colder", "top-k", "top-p", "top-k then top-p"])
+def test_drawn_tokens_follow_the_softmax_of_what_is_kept(sampling, probabilities):
+    """Shares of 40,000 draws within 4.5 binomial standard deviations (at most 0.011) of the probabilities; tokens
+    cut away never drawn."""
+    shares = drawn_shares(sampling)
+    assert torch.all(shares[probabilities == 0] == 0)
+    deviation = (probabilities * (1 - probabilities) / 40_000).sqrt()
+    assert torch.all((shares - probabilities).abs() <= 4.5 * deviation + 1e-9), (shares, probabilities)
+
+
+@pytest.mark.parametrize("sampling", [Sampling(0.7, top_k=5, seed=9), Sampling(0.7, top_p=0.6, seed=9),
+                                      Sampling(0.7, top_k=5, top_p=0.6, seed=9)], ids=["top-k", "top-p", "both"])
+def test_a_kept_token_has_the_noise_it_has_among_every_token(sampling):
+    """Whichever tokens a cut keeps, each draws the noise of its own entry: the token is the argmax of the kept
+    scores plus the noise the whole vocabulary's draw gives it."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(2))
+    chosen = next_tokens(logits, sampling, Draws.of(sampling, range(6), torch.device("cpu")))
+    noise = Draws.of(sampling, range(6), torch.device("cpu")).uniform(torch.arange(300))
+    scores = logits / sampling.temperature
+    for row in range(6):
+        ordered, order = scores[row].sort(descending=True)
+        kept = order[:sampling.top_k or 300]
+        if sampling.top_p < 1:
+            probabilities = ordered[:len(kept)].softmax(0)
+            kept = kept[probabilities.cumsum(0) - probabilities < sampling.top_p]
+        assert len(kept) > 1
+        best = (scores[row, kept] - torch.log(-torch.log(noise[row, kept]))).argmax()
+        assert chosen[row, 0] == kept[best]
+
+
+def test_greedy_choices_take_the_argmax_and_draws_need_their_noise():
+    rows = torch.randn(5, 50, generator=torch.Generator().manual_seed(1))
+    for sampling in (Sampling(), Sampling(1.5, top_k=1)):
+        assert sampling.greedy and torch.equal(next_tokens(rows, sampling), rows.argmax(-1, keepdim=True))
+        assert Draws.of(sampling, range(5), torch.device("cpu")) is None
+    assert not Sampling(0.7).greedy
+    with pytest.raises(ValueError, match="needs its draws"):
+        next_tokens(rows, Sampling(0.7, seed=1))
+
+
+@pytest.mark.parametrize("sampling, message", [
+    (dict(temperature=-1.0), "temperature -1.0"), (dict(temperature=float("nan")), "temperature nan"),
+    (dict(temperature=1.0, top_k=-2), "top_k -2"), (dict(temperature=1.0, top_p=0.0), "top_p 0.0"),
+    (dict(temperature=1.0, top_p=1.5), "top_p 1.5"), (dict(top_p=0.9), "set a temperature above 0"),
+])
+def test_bad_sampling_is_refused(sampling, message):
+    with pytest.raises(QuantbenchError, match=message):
+        Sampling(**sampling)
