@@ -1,10 +1,11 @@
 #!/bin/bash
-# The generate tests on a GPU: greedy, sampled and rows taken in turn in the CUDA graph against eager (the tiny
-# checkpoint's int4-g32 and int8 libraries built there by nvcc), and the decode attention's GPU cases (padded rows'
-# masks through the split kernel). Carried: .gpu/wheels, .gpu/cache_final.tar.xz.
+# The generate and sampling tests on a GPU: greedy, sampled and rows taken in turn (greedy and sampled) in the CUDA
+# graph against eager (the tiny checkpoint's int4-g32 and int8 libraries built there by nvcc), the keyed draws'
+# hashes on CUDA against their references, and the decode attention's GPU cases (padded rows' masks through the
+# split kernel). Carried: .gpu/wheels, .gpu/cache_final.tar.xz.
 . docs/data/kernels-h100/call_setup.sh /tmp/gen cache_final.tar.xz
 export QUANTBENCH_TILES_CACHE=/tmp/tiles
-timeout 420 python3 -m pytest -q -p no:cacheprovider -x tests/test_generate.py tests/test_decode_attention.py tests/test_split_attention.py \
+timeout 420 python3 -m pytest -q -p no:cacheprovider -x tests/test_generate.py tests/test_sampling.py tests/test_decode_attention.py tests/test_split_attention.py \
   2>&1 | grep -v -i warn | tail -40 > $OUT/tests.log
 stamp "tests rc $?"
 tar cJf $OUT_FINAL/gpu-tests.tar.xz -C $OUT .
