@@ -5,7 +5,8 @@
 # split kernel). Carried: .gpu/wheels, .gpu/cache_final.tar.xz.
 . docs/data/kernels-h100/call_setup.sh /tmp/gen cache_final.tar.xz
 export QUANTBENCH_TILES_CACHE=/tmp/tiles
-timeout 420 python3 -m pytest -q -p no:cacheprovider -x tests/test_generate.py tests/test_sampling.py tests/test_decode_attention.py tests/test_split_attention.py \
+timeout 420 python3 -m pytest -q -p no:cacheprovider -x tests/test_generate.py tests/test_sampling.py \
+  tests/test_decode_attention.py tests/test_split_attention.py \
   2>&1 | grep -v -i warn | tail -40 > $OUT/tests.log
 stamp "tests rc $?"
 tar cJf $OUT_FINAL/gpu-tests.tar.xz -C $OUT .
