@@ -151,7 +151,8 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, draws: Draws | None = 
     """int64 [rows, 1]: each row of `logits` [rows, vocabulary]'s token, as `sampling` chooses (a draw's noise
     from `draws`, whose counts move on). A draw adds Gumbel noise to the scaled logits and takes the argmax
     (distributed as the softmax), so it needs no host sync and a CUDA graph can capture it. With `top_k` only the
-    k largest are sorted, cut to the nucleus and given noise."""
+    k largest are sorted, cut to the nucleus and given noise; without, on the CPU, the `NUCLEUS_CANDIDATES` largest
+    where they hold the nucleus."""
     if sampling.greedy:
         return logits.argmax(-1, keepdim=True)
     if draws is None:
@@ -161,11 +162,30 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, draws: Draws | None = 
         scores, entries = scores.topk(min(sampling.top_k, scores.shape[-1]), dim=-1)  # the largest first
     if sampling.top_p < 1:
         if entries is None:
-            scores, entries = scores.sort(dim=-1, descending=True)
-        probabilities = scores.softmax(-1)
+            scores, entries, probabilities = _nucleus_candidates(scores, sampling.top_p)
+        else:
+            probabilities = scores.softmax(-1)
         before = probabilities.cumsum(-1) - probabilities  # the mass of the larger tokens: the first always stays
         scores = scores.masked_fill(before >= sampling.top_p, float("-inf"))
     if entries is None:
         entries = torch.arange(scores.shape[-1], device=scores.device)
     chosen = (scores - torch.log(-torch.log(draws.uniform(entries)))).argmax(-1, keepdim=True)
     return chosen if entries.dim() == 1 else entries.gather(-1, chosen)
+
+
+NUCLEUS_CANDIDATES = 1024  # the largest scores a CPU draw sorts first for the nucleus
+
+
+def _nucleus_candidates(scores: torch.Tensor, top_p: float):
+    """The scores sorted, largest first, their entries and their probabilities among all: on the CPU only the
+    `NUCLEUS_CANDIDATES` largest where, in every row, they hold `top_p` of the mass (so the nucleus is among them;
+    a full sort of 49,152 scores costs 8–12 times their selection); on CUDA always all (a graph cannot wait on the
+    check)."""
+    total = scores.logsumexp(-1, keepdim=True)
+    if scores.device.type == "cpu" and NUCLEUS_CANDIDATES < scores.shape[-1]:
+        largest, entries = scores.topk(NUCLEUS_CANDIDATES, dim=-1)
+        probabilities = (largest - total).exp()
+        if bool((probabilities.sum(-1) >= top_p).all()):
+            return largest, entries, probabilities
+    ordered, entries = scores.sort(dim=-1, descending=True)
+    return ordered, entries, (ordered - total).exp()

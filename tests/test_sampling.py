@@ -103,12 +103,21 @@ def test_drawn_tokens_follow_the_softmax_of_what_is_kept(sampling, probabilities
     assert torch.all((shares - probabilities).abs() <= 4.5 * deviation + 1e-9), (shares, probabilities)
 
 
-@pytest.mark.parametrize("sampling", [Sampling(0.7, top_k=5, seed=9), Sampling(0.7, top_p=0.6, seed=9),
-                                      Sampling(0.7, top_k=5, top_p=0.6, seed=9)], ids=["top-k", "top-p", "both"])
-def test_a_kept_token_has_the_noise_it_has_among_every_token(sampling):
+@pytest.mark.parametrize("sampling, candidates", [
+    (Sampling(0.7, top_k=5, seed=9), 1024), (Sampling(0.7, top_p=0.6, seed=9), 1024),
+    (Sampling(0.7, top_p=0.6, seed=9), 80), (Sampling(0.7, top_p=0.6, seed=9), 8),
+    (Sampling(0.7, top_k=5, top_p=0.6, seed=9), 1024),
+], ids=["top-k", "top-p, every score sorted", "top-p among the 80 largest", "top-p, 8 too few", "both"])
+def test_a_kept_token_has_the_noise_it_has_among_every_token(sampling, candidates, monkeypatch):
     """Whichever tokens a cut keeps, each draws the noise of its own entry: the token is the argmax of the kept
-    scores plus the noise the whole vocabulary's draw gives it."""
+    scores plus the noise the whole vocabulary's draw gives it; the nucleus is the same found among the 80
+    largest scores (they hold its mass in every row) or, where 8 do not, among all."""
+    import quantbench.sampling as sampling_module
+
+    monkeypatch.setattr(sampling_module, "NUCLEUS_CANDIDATES", candidates)
     logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(2))
+    mass = (logits / sampling.temperature).softmax(-1).sort(-1, descending=True).values.cumsum(-1)
+    assert (mass[:, 79] >= 0.6).all() and (mass[:, 7] < 0.6).any()
     chosen = next_tokens(logits, sampling, Draws.of(sampling, range(6), torch.device("cpu")))
     noise = Draws.of(sampling, range(6), torch.device("cpu")).uniform(torch.arange(300))
     scores = logits / sampling.temperature
