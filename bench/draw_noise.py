@@ -2,9 +2,12 @@
 token's numbers on the device) against the same cuts drawn with `torch.rand` from one generator (how a draw was
 made before: its noise depended on the row and the batch), and the argmax; temperature alone, top-k 50 (only the
 k largest sorted and given noise) and top-p 0.9 (the whole vocabulary sorted), for vocabularies of SmolLM2's and
-Llama 3's sizes and 1–64 rows. Median of `--repeat` calls, after one; the same logits and cuts both ways.
+Llama 3's sizes and 1–64 rows. Median of `--repeat` calls, after one; the same logits and cuts both ways. On
+CUDA each call is captured in a CUDA graph and its replays timed, as a decode step runs it (the keyed draws are
+some 40 small kernels a call, the generator's fewer).
 
     python bench/draw_noise.py --device cpu --repeat 30
+    python bench/draw_noise.py --device cuda --repeat 100
 """
 
 from __future__ import annotations
@@ -13,8 +16,14 @@ import argparse
 
 import torch
 
+from quantbench.generate import captured
 from quantbench.sampling import Draws, Sampling, next_tokens
 from timing import timed
+
+
+def replayed(call, device: torch.device):
+    """`call` itself on the CPU; on CUDA the replay of a CUDA graph capturing it."""
+    return call if device.type != "cuda" else captured(call).replay
 
 
 def drawn_from_a_generator(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
@@ -47,13 +56,15 @@ def main() -> None:
     for vocabulary in args.vocabularies:
         for rows in args.rows:
             logits = torch.randn(rows, vocabulary, device=device) * 3
-            greedy = timed(lambda: logits.argmax(-1, keepdim=True), device, args.repeat, warmup=True)[0]
+            greedy = timed(replayed(lambda: logits.argmax(-1, keepdim=True), device), device, args.repeat,
+                           warmup=True)[0]
             for name, sampling in cuts.items():
                 draws = Draws.of(sampling, range(rows), device)
-                generator = torch.Generator(device).manual_seed(1)
-                before = timed(lambda: drawn_from_a_generator(logits, sampling, generator), device, args.repeat,
-                               warmup=True)[0]
-                keyed = timed(lambda: next_tokens(logits, sampling, draws), device, args.repeat, warmup=True)[0]
+                generator = None if device.type == "cuda" else torch.Generator(device).manual_seed(1)
+                before = timed(replayed(lambda: drawn_from_a_generator(logits, sampling, generator), device),
+                               device, args.repeat, warmup=True)[0]
+                keyed = timed(replayed(lambda: next_tokens(logits, sampling, draws), device), device, args.repeat,
+                              warmup=True)[0]
                 print(f"{vocabulary:>10} {rows:>4} {name:<12} {1e6 * before:>12.1f} {1e6 * keyed:>9.1f} "
                       f"{before / keyed:>7.2f}× {1e6 * greedy:>9.1f}")
 

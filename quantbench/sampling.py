@@ -140,8 +140,7 @@ class Draws:
         token ids); the counts move on."""
         keys = _splitmix_tensor(self.keys + self.counts * _signed(_GOLDEN, 64))
         self.counts.add_(1)
-        high = _shifted_right(keys, 32, 64)
-        high = torch.where(high >= 1 << 31, high - (1 << 32), high).to(torch.int32)
+        high = (keys >> 32).to(torch.int32)  # the sign copied in: the high word as a signed int32
         steps = (entries.to(torch.int32) + 1) * _signed(_GOLDEN_32, 32)
         words = _fmix32_tensor(high[:, None] + steps)
         return (_shifted_right(words, 9, 32).float() + 0.5) * 2.0 ** -23
