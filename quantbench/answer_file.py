@@ -30,6 +30,10 @@ class AnswerFile:
         self.settings: dict | None = None  # this run's (`resumed`)
         if self.path.is_dir():
             raise QuantbenchError(f"--output {self.path} is a directory: name a file")
+        if not self.path.parent.is_dir():
+            raise QuantbenchError(f"--output {self.path}: there is no folder {self.path.parent}")
+        if not os.access(self.path if self.path.exists() else self.path.parent, os.W_OK):
+            raise QuantbenchError(f"--output {self.path}: cannot write there")
         if self.path.exists():
             self._read()
 
@@ -81,10 +85,14 @@ class AnswerFile:
     def write(self, index: int, output: Output) -> None:
         """Appends prompt `index`'s answer and puts it on the disk before returning."""
         answer = {"index": index, "prompt": self.prompts[index], **output.to_dict(), "settings": self.settings}
-        with open(self.path, "a", encoding="utf-8") as file:
-            file.write(json.dumps(answer, ensure_ascii=False) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            with open(self.path, "a", encoding="utf-8") as file:
+                file.write(json.dumps(answer, ensure_ascii=False) + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as exc:
+            raise QuantbenchError(f"--output {self.path}: cannot write prompt {index}'s answer ({exc}); the "
+                                  f"{len(self.held)} answers before it are kept there") from None
         self.held[index] = answer
 
 

@@ -75,3 +75,22 @@ def test_a_resumed_run_takes_the_files_seed_and_refuses_other_settings(tmp_path)
     path.write_text(path.read_text(encoding="utf-8") + json.dumps(other) + "\n", encoding="utf-8")
     with pytest.raises(QuantbenchError, match="answers made with different settings \\(line 2\\)"):
         AnswerFile(path, PROMPTS)
+
+
+def test_an_answer_file_that_cannot_be_written_is_refused_before_compute_and_a_failed_write_is_one_line(
+        tmp_path, monkeypatch):
+    import os
+
+    with pytest.raises(QuantbenchError, match="there is no folder"):
+        AnswerFile(tmp_path / "missing" / "answers.jsonl", PROMPTS)
+    path = tmp_path / "answers.jsonl"
+    answers = AnswerFile(path, PROMPTS)
+    answers.resumed(Sampling(), 4, False)
+    answers.write(0, Output(3, [5], "x"))
+
+    def full_disk(descriptor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(QuantbenchError, match="cannot write prompt 2's answer .*No space left.* the 1 answers before"):
+        answers.write(2, Output(3, [5], "y"))
