@@ -429,6 +429,8 @@ def generate(
         prompt = [*prompt, *_prompts_in(prompts_file)]
         if not prompt:
             raise QuantbenchError("no prompt: give -p TEXT or --prompts-file FILE")
+        if "" in prompt:
+            raise QuantbenchError(f"prompt {prompt.index('') + 1} is empty: give it some text")
         if stream and len(prompt) > 1:
             raise QuantbenchError(f"--stream prints one prompt's text as it comes, not {len(prompt)}'s")
         answers = AnswerFile(output, prompt) if output else None

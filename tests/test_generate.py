@@ -442,7 +442,8 @@ def test_generated_text_is_printed_as_it_is_not_as_markup(run_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["-p", ""], "the prompt is empty"),
+    (["-p", ""], "prompt 1 is empty"), (["-p", "x", "-p", ""], "prompt 2 is empty"),
+    (["-p", "x", "-o", "no-such-folder/answers.jsonl"], "there is no folder no-such-folder"),
     (["-p", "x", "--chat"], "has no chat template"),
     (["-p", "x", "--dtype", "float64"], "--dtype 'float64'"),
     (["-p", "x", "--top-p", "0.9"], "set a temperature above 0"),
