@@ -333,7 +333,7 @@ def test_cuda_graph_steps_give_the_eager_steps_tokens(run_dir):
 
 
 def test_generate_command_prints_text_and_speed(run_dir, model_dir):
-    served = invoke("generate", run_dir, "--prompt", PROMPT, "-n", 6, "--json")
+    served = invoke("generate", run_dir, "--prompt", PROMPT, "-n", 6, "--json", "--device", "cpu")
     assert served.exit_code == 0, served.output
     record = json.loads(served.output)
     assert record["kernels"] and record["device"] == "cpu" and record["dtype"] == "float32"
@@ -341,7 +341,7 @@ def test_generate_command_prints_text_and_speed(run_dir, model_dir):
     dense = json.loads(invoke("generate", run_dir, "-p", PROMPT, "-n", 6, "--json", "--dequantized").output)
     plain = json.loads(invoke("generate", model_dir, "-p", PROMPT, "-n", 6, "--json").output)
     assert not dense["kernels"] and not plain["kernels"]
-    shown = invoke("generate", run_dir, "-p", PROMPT, "-n", 1, "--dtype", "bfloat16")
+    shown = invoke("generate", run_dir, "-p", PROMPT, "-n", 1, "--dtype", "bfloat16", "--device", "cpu")
     assert shown.exit_code == 0 and "bfloat16 on cpu, packed kernels, greedy" in shown.output
     assert "too few to time the decode" in shown.output
     assert record["sampling"] == {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None}
@@ -355,7 +355,7 @@ def test_generate_command_prints_text_and_speed(run_dir, model_dir):
     redrawn = invoke("generate", run_dir, "-p", PROMPT, "-n", 6, "-t", "5", "--top-k", "4", "--top-p", "0.9",
                      "--seed", seed, "--json")
     assert json.loads(redrawn.output)["text"] == drawn["text"]
-    streamed = invoke("generate", run_dir, "-p", PROMPT, "-n", 6, "--stream")
+    streamed = invoke("generate", run_dir, "-p", PROMPT, "-n", 6, "--stream", "--device", "cpu")
     assert streamed.exit_code == 0 and streamed.output.startswith(record["text"] + "\n")
     batch = json.loads(invoke("generate", run_dir, *[a for p in PROMPTS for a in ("-p", p)], "-n", 6, "--json").output)
     assert [row["prompt_tokens"] for row in batch["prompts"]][1] == record["prompt_tokens"] and "text" not in batch
