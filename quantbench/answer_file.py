@@ -2,7 +2,8 @@
 
 One JSON line a prompt, written and flushed to disk as the prompt stops, in the order prompts stop: a run cut
 short keeps every answer it finished. A run again with the same file and prompts skips those it holds and
-appends the rest. Each line records the settings it was made with (tokens at most, chat, sampling with its seed):
+appends the rest. Each line records the settings it was made with (the model, tokens at most, chat, sampling with
+its seed):
 a run again takes the file's seed where it is given none, and refuses other settings, so the answers of a
 resumed run are those the whole run would have given (each prompt's draws are keyed by its number, not its
 batch: `quantbench.sampling`). A last line left half-written by a crash (no newline after it) is dropped, the
@@ -64,14 +65,15 @@ class AnswerFile:
             with atomic_write_path(self.path) as staged:
                 staged.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
-    def resumed(self, sampling: Sampling, max_new_tokens: int, chat: bool) -> Sampling:
+    def resumed(self, model: str, sampling: Sampling, max_new_tokens: int, chat: bool) -> Sampling:
         """The sampling this run draws with (`sampling`, seeded, with the file's seed where it has none), once
-        the settings agree with those of the answers held; every answer written records them."""
+        the settings agree with those of the answers held; every answer written records them. `model`: what
+        names the model (a local folder's full path, else the hub id)."""
         held = self.made_with
         if held and sampling.seed is None and not sampling.greedy:
             sampling = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, held["sampling"]["seed"])
         sampling = sampling.seeded()
-        settings = {"max_new_tokens": max_new_tokens, "chat": chat, "sampling": sampling.to_dict()}
+        settings = {"model": model, "max_new_tokens": max_new_tokens, "chat": chat, "sampling": sampling.to_dict()}
         if held is not None and settings != held:
             raise QuantbenchError(f"--output {self.path} holds answers made with {_described(held)}, not "
                                   f"{_described(settings)}: run with those or choose another file")

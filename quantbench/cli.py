@@ -435,7 +435,9 @@ def generate(
             raise QuantbenchError(f"--stream prints one prompt's text as it comes, not {len(prompt)}'s")
         answers = AnswerFile(output, prompt) if output else None
         if answers:
-            sampling = answers.resumed(sampling, max_new_tokens, chat)
+            local = resolve_checkpoint_dir(target)
+            sampling = answers.resumed(str(local.resolve()) if local.exists() else target, sampling, max_new_tokens,
+                                       chat)
         todo = answers.waiting() if answers else list(range(len(prompt)))
         if not todo:
             err_console.print(f"every prompt's answer is in {output} already")

@@ -8,7 +8,7 @@ from quantbench.generate import Output
 from quantbench.sampling import Sampling
 
 PROMPTS = ["first", "second", "third"]
-GREEDY = {"max_new_tokens": 4, "chat": False, "sampling": Sampling().to_dict()}
+GREEDY = {"model": "m", "max_new_tokens": 4, "chat": False, "sampling": Sampling().to_dict()}
 
 
 def lines(path) -> list[dict]:
@@ -18,13 +18,14 @@ def lines(path) -> list[dict]:
 def test_answers_are_on_disk_as_each_comes_and_a_second_run_skips_them(tmp_path):
     path = tmp_path / "answers.jsonl"
     answers = AnswerFile(path, PROMPTS)
-    assert answers.waiting() == [0, 1, 2] and answers.resumed(Sampling(), 4, False) == Sampling()
+    assert answers.waiting() == [0, 1, 2] and answers.resumed("m", Sampling(), 4, False) == Sampling()
     answers.write(2, Output(4, [7, 8], "ü text"))
     assert lines(path) == [{"index": 2, "prompt": "third", "prompt_tokens": 4, "new_tokens": 2, "text": "ü text",
                             "settings": GREEDY}]
     answers.write(0, Output(3, [5], "x"))
     again = AnswerFile(path, PROMPTS)
-    assert again.waiting() == [1] and again.made_with == GREEDY and again.resumed(Sampling(), 4, False) == Sampling()
+    assert again.waiting() == [1] and again.made_with == GREEDY
+    assert again.resumed("m", Sampling(), 4, False) == Sampling()
     again.write(1, Output(2, [], ""))
     assert [answer["index"] for answer in lines(path)] == [2, 0, 1] and AnswerFile(path, PROMPTS).waiting() == []
 
@@ -32,7 +33,7 @@ def test_answers_are_on_disk_as_each_comes_and_a_second_run_skips_them(tmp_path)
 def test_a_line_cut_short_by_a_crash_is_dropped_and_its_prompt_answered_again(tmp_path):
     path = tmp_path / "answers.jsonl"
     answers = AnswerFile(path, PROMPTS)
-    answers.resumed(Sampling(), 4, False)
+    answers.resumed("m", Sampling(), 4, False)
     answers.write(1, Output(3, [5], "x"))
     whole = path.read_text(encoding="utf-8")
     path.write_text(whole + '{"index": 0, "prompt": "fir', encoding="utf-8")
@@ -60,17 +61,18 @@ def test_a_file_of_other_answers_is_refused(tmp_path, text, message):
 def test_a_resumed_run_takes_the_files_seed_and_refuses_other_settings(tmp_path):
     path = tmp_path / "answers.jsonl"
     first = AnswerFile(path, PROMPTS)
-    drawn = first.resumed(Sampling(0.7, top_k=5), 8, True)
-    assert drawn.seed is not None and first.resumed(Sampling(0.7, top_k=5, seed=3), 8, True).seed == 3
-    first.resumed(drawn, 8, True)
+    drawn = first.resumed("m", Sampling(0.7, top_k=5), 8, True)
+    assert drawn.seed is not None and first.resumed("m", Sampling(0.7, top_k=5, seed=3), 8, True).seed == 3
+    first.resumed("m", drawn, 8, True)
     first.write(0, Output(3, [5], "x"))
     again = AnswerFile(path, PROMPTS)
-    assert again.resumed(Sampling(0.7, top_k=5), 8, True) == drawn
-    for sampling, tokens, chat in [(Sampling(0.7, top_k=5, seed=drawn.seed + 1), 8, True),
-                                   (Sampling(0.7, top_k=6), 8, True), (drawn, 9, True), (drawn, 8, False)]:
-        with pytest.raises(QuantbenchError, match=f"holds answers made with max_new_tokens 8, chat True, "
+    assert again.resumed("m", Sampling(0.7, top_k=5), 8, True) == drawn
+    for model, sampling, tokens, chat in [("m", Sampling(0.7, top_k=5, seed=drawn.seed + 1), 8, True),
+                                          ("m", Sampling(0.7, top_k=6), 8, True), ("m", drawn, 9, True),
+                                          ("m", drawn, 8, False), ("other", drawn, 8, True)]:
+        with pytest.raises(QuantbenchError, match=f"holds answers made with model m, max_new_tokens 8, chat True, "
                                                   f"temperature 0.7, top_k 5, top_p 1.0, seed {drawn.seed}, not"):
-            AnswerFile(path, PROMPTS).resumed(sampling, tokens, chat)
+            AnswerFile(path, PROMPTS).resumed(model, sampling, tokens, chat)
     other = dict(lines(path)[0], index=1, prompt="second", settings=GREEDY)
     path.write_text(path.read_text(encoding="utf-8") + json.dumps(other) + "\n", encoding="utf-8")
     with pytest.raises(QuantbenchError, match="answers made with different settings \\(line 2\\)"):
@@ -85,7 +87,7 @@ def test_an_answer_file_that_cannot_be_written_is_refused_before_compute_and_a_f
         AnswerFile(tmp_path / "missing" / "answers.jsonl", PROMPTS)
     path = tmp_path / "answers.jsonl"
     answers = AnswerFile(path, PROMPTS)
-    answers.resumed(Sampling(), 4, False)
+    answers.resumed("m", Sampling(), 4, False)
     answers.write(0, Output(3, [5], "x"))
 
     def full_disk(descriptor):

@@ -414,7 +414,8 @@ def test_a_sampled_run_resumed_from_its_answers_draws_what_the_whole_run_drew(ru
     arguments = ["generate", run_dir, "--prompts-file", listed, "-n", 5, "-b", 2, "-t", 5, "--top-k", 4]
     whole = json.loads(invoke(*arguments, "-o", tmp_path / "whole.jsonl", "--json").output)
     written = (tmp_path / "whole.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-    settings = {"max_new_tokens": 5, "chat": False, "sampling": whole["sampling"]}
+    settings = {"model": str((run_dir / "checkpoint").resolve()), "max_new_tokens": 5, "chat": False,
+                "sampling": whole["sampling"]}
     assert all(json.loads(line)["settings"] == settings for line in written) and len(written) == 6
     cut = tmp_path / "cut.jsonl"
     cut.write_text("".join(written[:2]), encoding="utf-8")
@@ -425,10 +426,14 @@ def test_a_sampled_run_resumed_from_its_answers_draws_what_the_whole_run_drew(ru
         [json.loads(line) for line in written], key=lambda answer: answer["index"])
     for other in (["--seed", whole["sampling"]["seed"] + 1], ["-t", 4], ["--chat"]):
         refused = invoke(*arguments, *other, "-o", cut)
-        assert refused.exit_code == 2 and "holds answers made with max_new_tokens 5, chat False, temperature " \
-            "5.0, top_k 4" in refused.output, refused.output
+        assert refused.exit_code == 2 and "checkpoint, max_new_tokens 5, chat False, temperature 5.0, top_k 4" \
+            in refused.output, refused.output
     greedy = invoke("generate", run_dir, "--prompts-file", listed, "-n", 5, "-o", cut)
-    assert greedy.exit_code == 2 and "not max_new_tokens 5, chat False, temperature 0.0" in greedy.output
+    assert greedy.exit_code == 2 and "checkpoint, max_new_tokens 5, chat False, temperature 0.0" in greedy.output
+    same = invoke("generate", run_dir / "checkpoint", *arguments[2:], "-o", cut)  # the run's checkpoint itself
+    assert same.exit_code == 0 and "every prompt's answer is in" in same.output
+    other = invoke("generate", tmp_path / "elsewhere", *arguments[2:], "-o", cut)
+    assert other.exit_code == 2 and "holds answers made with model " in other.output
 
 
 def test_generated_text_is_printed_as_it_is_not_as_markup(run_dir, monkeypatch):
