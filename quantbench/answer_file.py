@@ -3,12 +3,11 @@
 One JSON line a prompt, written and flushed to disk as the prompt stops, in the order prompts stop: a run cut
 short keeps every answer it finished. A run again with the same file and prompts skips those it holds and
 appends the rest. Each line records the settings it was made with (the model, tokens at most, chat, sampling with
-its seed):
-a run again takes the file's seed where it is given none, and refuses other settings, so the answers of a
-resumed run are those the whole run would have given (each prompt's draws are keyed by its number, not its
+its seed): a run again takes the file's seed where it is given none, and refuses other settings, so the answers
+of a resumed run are those the whole run would have given (each prompt's draws are keyed by its number, not its
 batch: `quantbench.sampling`). A last line left half-written by a crash (no newline after it) is dropped, the
 file rewritten without it atomically; a file with a line that is not an answer, or answers other prompts, is
-refused.
+refused, and one that cannot be written, before the model loads.
 """
 
 from __future__ import annotations
