@@ -433,9 +433,9 @@ def generate(
             raise QuantbenchError(f"prompt {prompt.index('') + 1} is empty: give it some text")
         if stream and len(prompt) > 1:
             raise QuantbenchError(f"--stream prints one prompt's text as it comes, not {len(prompt)}'s")
+        local = resolve_checkpoint_dir(target)
         answers = AnswerFile(output, prompt) if output else None
         if answers:
-            local = resolve_checkpoint_dir(target)
             sampling = answers.resumed(str(local.resolve()) if local.exists() else target, sampling, max_new_tokens,
                                        chat)
         todo = answers.waiting() if answers else list(range(len(prompt)))
@@ -448,7 +448,7 @@ def generate(
         chosen = DTYPES.get(dtype)
         if chosen is None and dev.type == "cuda":
             chosen = DTYPES["float16"]  # what the CUDA kernels take
-        packed = kernels and is_quantbench_checkpoint(resolve_checkpoint_dir(target))
+        packed = kernels and is_quantbench_checkpoint(local)
         loaded = load_target(target, dev, chosen, packed)
         model = loaded.model.to(dev)
         if compiled and dev.type == "cuda":
