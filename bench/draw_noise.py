@@ -1,10 +1,11 @@
-"""What a sampled token costs: `next_tokens` with keyed draws (each row's noise hashed from its prompt's and
-token's numbers on the device) against the same cuts drawn with `torch.rand` from one generator (how a draw was
-made before: its noise depended on the row and the batch), and the argmax; temperature alone, top-k 50 (only the
-k largest sorted and given noise) and top-p 0.9 (the whole vocabulary sorted), for vocabularies of SmolLM2's and
-Llama 3's sizes and 1–64 rows. Median of `--repeat` calls, after one; the same logits and cuts both ways. On
-CUDA each call is captured in a CUDA graph and its replays timed, as a decode step runs it (the keyed draws are
-some 40 small kernels a call, the generator's fewer).
+"""What a sampled token costs: `next_tokens` through torch's operators and, on CUDA, through the Triton kernels
+(one keyed draw over the whole vocabulary, the nucleus's floor refined by bisection where its 1,024 largest scores
+do not settle it), against the same cuts drawn with `torch.rand` from one generator (how a draw was made before its
+noise was keyed: it depended on the row and the batch), and the argmax; temperature alone, top-k 50 and top-p 0.9,
+for vocabularies of SmolLM2's and Llama 3's sizes, 1–64 rows, and logits of two spreads: 3 (the nucleus holds a few
+to 1,500 tokens) and 1 (flat: tens of thousands, past the candidates). Median of `--repeat` calls, after one; the
+same logits and cuts every way. On CUDA each call is captured in a CUDA graph and its replays timed, as a decode
+step runs it.
 
     python bench/draw_noise.py --device cpu --repeat 30
     python bench/draw_noise.py --device cuda --repeat 100
@@ -16,6 +17,7 @@ import argparse
 
 import torch
 
+import quantbench.sampling as sampling_module
 from quantbench.generate import captured
 from quantbench.sampling import Draws, Sampling, next_tokens
 from timing import timed
@@ -41,32 +43,45 @@ def drawn_from_a_generator(logits: torch.Tensor, sampling: Sampling, generator: 
     return (scores - torch.log(-torch.log(uniform))).argmax(-1, keepdim=True)
 
 
+def through(kernels: bool, logits: torch.Tensor, sampling: Sampling, draws: Draws) -> torch.Tensor:
+    """next_tokens with the Triton kernels or torch's operators alone."""
+    sampling_module._use_kernels = lambda scores: kernels
+    return next_tokens(logits, sampling, draws)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--vocabularies", type=int, nargs="+", default=[49_152, 128_256])
+    parser.add_argument("--spreads", type=float, nargs="+", default=[3.0, 1.0])
     args = parser.parse_args()
     device = torch.device(args.device)
+    kernels = device.type == "cuda"
     cuts = {"temperature": Sampling(0.8, seed=1), "top-k 50": Sampling(0.8, top_k=50, seed=1),
             "top-p 0.9": Sampling(0.8, top_p=0.9, seed=1)}
-    print(f"{'vocabulary':>10} {'rows':>4} {'cut':<12} {'generator µs':>12} {'keyed µs':>9} {'speed-up':>8} "
-          f"{'argmax µs':>9}")
+    print(f"{'vocabulary':>10} {'rows':>4} {'spread':>6} {'cut':<12} {'generator µs':>12} {'torch µs':>9} "
+          + (f"{'kernels µs':>10} {'× torch':>8} " if kernels else "") + f"{'argmax µs':>9}")
     for vocabulary in args.vocabularies:
         for rows in args.rows:
-            logits = torch.randn(rows, vocabulary, device=device) * 3
-            greedy = timed(replayed(lambda: logits.argmax(-1, keepdim=True), device), device, args.repeat,
-                           warmup=True)[0]
-            for name, sampling in cuts.items():
-                draws = Draws.of(sampling, range(rows), device)
-                generator = None if device.type == "cuda" else torch.Generator(device).manual_seed(1)
-                before = timed(replayed(lambda: drawn_from_a_generator(logits, sampling, generator), device),
-                               device, args.repeat, warmup=True)[0]
-                keyed = timed(replayed(lambda: next_tokens(logits, sampling, draws), device), device, args.repeat,
-                              warmup=True)[0]
-                print(f"{vocabulary:>10} {rows:>4} {name:<12} {1e6 * before:>12.1f} {1e6 * keyed:>9.1f} "
-                      f"{before / keyed:>7.2f}× {1e6 * greedy:>9.1f}")
+            for spread in args.spreads:
+                logits = torch.randn(rows, vocabulary, device=device) * spread
+                greedy = timed(replayed(lambda: logits.argmax(-1, keepdim=True), device), device, args.repeat,
+                               warmup=True)[0]
+                for name, sampling in cuts.items():
+                    draws = Draws.of(sampling, range(rows), device)
+                    generator = None if device.type == "cuda" else torch.Generator(device).manual_seed(1)
+                    before = timed(replayed(lambda: drawn_from_a_generator(logits, sampling, generator), device),
+                                   device, args.repeat, warmup=True)[0]
+                    ways = [False, True] if kernels else [False]
+                    times = [timed(replayed(lambda: through(way, logits, sampling, draws), device), device,
+                                   args.repeat, warmup=True)[0] for way in ways]
+                    line = f"{vocabulary:>10} {rows:>4} {spread:>6.1f} {name:<12} {1e6 * before:>12.1f} " \
+                           f"{1e6 * times[0]:>9.1f} "
+                    if kernels:
+                        line += f"{1e6 * times[1]:>10.1f} {times[0] / times[1]:>7.2f}× "
+                    print(line + f"{1e6 * greedy:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

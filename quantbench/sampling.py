@@ -12,6 +12,7 @@ graph captures it like any other step of the decode.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -148,43 +149,82 @@ class Draws:
 
 def next_tokens(logits: torch.Tensor, sampling: Sampling, draws: Draws | None = None) -> torch.Tensor:
     """int64 [rows, 1]: each row of `logits` [rows, vocabulary]'s token, as `sampling` chooses (a draw's noise
-    from `draws`, whose counts move on). A draw adds Gumbel noise to the scaled logits and takes the argmax
-    (distributed as the softmax), so it needs no host sync and a CUDA graph can capture it. With `top_k` only the
-    k largest are sorted, cut to the nucleus and given noise; without, on the CPU, the `NUCLEUS_CANDIDATES` largest
-    where they hold the nucleus."""
+    from `draws`, whose counts move on). A draw adds Gumbel noise to the scaled logits of the kept tokens and takes
+    the argmax (distributed as their softmax), so it needs no host sync and a CUDA graph can capture it. The cuts
+    keep each row's tokens at or above a floor (`kept_floors`: ties with the least kept token stay, as in
+    transformers' warpers); on CUDA one Triton kernel draws over the whole vocabulary, on the CPU only the
+    candidates the floors were found among are noised where they hold every kept token."""
     if sampling.greedy:
         return logits.argmax(-1, keepdim=True)
     if draws is None:
         raise ValueError("a sampled token needs its draws")
-    scores, entries = logits.float() / sampling.temperature, None
-    if sampling.top_k:
-        scores, entries = scores.topk(min(sampling.top_k, scores.shape[-1]), dim=-1)  # the largest first
+    scores = logits.float() / sampling.temperature
+    fused = _use_kernels(scores)
+    floors, candidates = kept_floors(scores, sampling, fused)
+    if fused:
+        from quantbench.sampling_kernels import keyed_draw
+
+        if floors is None:
+            floors = torch.full((scores.shape[0], 1), float("-inf"), device=scores.device)
+        chosen = keyed_draw(scores, floors, draws.keys, draws.counts)
+        draws.counts.add_(1)
+        return chosen
+    if candidates is not None and scores.device.type == "cpu":
+        values, entries = candidates
+        kept = values >= floors
+        if bool((kept.sum(-1) == (scores >= floors).sum(-1)).all()):  # every kept token is a candidate
+            noisy = values.masked_fill(~kept, float("-inf")) - torch.log(-torch.log(draws.uniform(entries)))
+            return entries.gather(-1, noisy.argmax(-1, keepdim=True))
+    noisy = scores - torch.log(-torch.log(draws.uniform(torch.arange(scores.shape[-1], device=scores.device))))
+    if floors is not None:
+        noisy = noisy.masked_fill(scores < floors, float("-inf"))
+    return noisy.argmax(-1, keepdim=True)
+
+
+NUCLEUS_CANDIDATES = 1024  # the largest scores the nucleus is looked for among first
+TIES_MARGIN = 64  # candidates beyond top_k, for the tokens tied with the k-th
+
+
+def kept_floors(scores: torch.Tensor, sampling: Sampling, on_device: bool = False):
+    """float32 [rows, 1]: each row's least kept score under `top_k` and `top_p` (None: no cut), with the sorted
+    candidates (scores, entries) it was found among. A token is in the nucleus where the probability of the tokens
+    strictly above it (among those top_k keeps) stays below `top_p`. It is found among the `NUCLEUS_CANDIDATES`
+    largest scores where one of them is cut away (so every token below is too), else among all: on the CPU by a
+    sort, `on_device` (a graph cannot wait on that check) by `refine_nucleus_floors`' bisection, which returns at
+    once for the rows the candidates settled, and on CUDA without Triton always by a sort."""
+    vocabulary = scores.shape[-1]
+    if not sampling.top_k and sampling.top_p == 1:
+        return None, None
+    k = min(sampling.top_k, vocabulary)
+    count = min(vocabulary, k + TIES_MARGIN if k else NUCLEUS_CANDIDATES)
+    values, entries = scores.topk(count, dim=-1)  # the largest first
+    floors = values[:, k - 1:k] if k else None
     if sampling.top_p < 1:
-        if entries is None:
-            scores, entries, probabilities = _nucleus_candidates(scores, sampling.top_p)
-        else:
-            probabilities = scores.softmax(-1)
-        before = probabilities.cumsum(-1) - probabilities  # the mass of the larger tokens: the first always stays
-        scores = scores.masked_fill(before >= sampling.top_p, float("-inf"))
-    if entries is None:
-        entries = torch.arange(scores.shape[-1], device=scores.device)
-    chosen = (scores - torch.log(-torch.log(draws.uniform(entries)))).argmax(-1, keepdim=True)
-    return chosen if entries.dim() == 1 else entries.gather(-1, chosen)
+        # After top_k the probabilities are those among the tokens it keeps, and the nucleus among its candidates
+        # is exact: where they hold less than top_p, top_k's floor is the higher.
+        kept = scores if floors is None else scores.masked_fill(scores < floors, float("-inf"))
+        totals = kept.logsumexp(-1, keepdim=True)
+        nucleus, settled = _nucleus_floors(values, totals, sampling.top_p)
+        if not k and count < vocabulary:
+            if on_device:
+                from quantbench.sampling_kernels import refine_nucleus_floors
+
+                refine_nucleus_floors(scores, totals, nucleus, settled, sampling.top_p)
+            elif scores.device.type != "cpu" or not bool(settled.all()):
+                nucleus, _ = _nucleus_floors(scores.sort(dim=-1, descending=True).values, totals, sampling.top_p)
+        floors = nucleus if floors is None else torch.maximum(floors, nucleus)
+    return floors, (values, entries)
 
 
-NUCLEUS_CANDIDATES = 1024  # the largest scores a CPU draw sorts first for the nucleus
+def _nucleus_floors(ordered: torch.Tensor, totals: torch.Tensor, top_p: float):
+    """The least score of each row's nucleus among its `ordered` scores (sorted, largest first; softmax log-sums
+    `totals`), and whether a score among them is cut away (so the nucleus lies among them)."""
+    probabilities = (ordered - totals).exp()
+    kept = probabilities.cumsum(-1) - probabilities < top_p  # the first always stays
+    # The mass before the last kept place is at least that strictly above its score: its ties stay too.
+    return ordered.gather(-1, kept.sum(-1, keepdim=True) - 1), ~kept[:, -1]
 
 
-def _nucleus_candidates(scores: torch.Tensor, top_p: float):
-    """The scores sorted, largest first, their entries and their probabilities among all: on the CPU only the
-    `NUCLEUS_CANDIDATES` largest where, in every row, they hold `top_p` of the mass (so the nucleus is among them;
-    a full sort of 49,152 scores costs 8–12 times their selection); on CUDA always all (a graph cannot wait on the
-    check)."""
-    total = scores.logsumexp(-1, keepdim=True)
-    if scores.device.type == "cpu" and NUCLEUS_CANDIDATES < scores.shape[-1]:
-        largest, entries = scores.topk(NUCLEUS_CANDIDATES, dim=-1)
-        probabilities = (largest - total).exp()
-        if bool((probabilities.sum(-1) >= top_p).all()):
-            return largest, entries, probabilities
-    ordered, entries = scores.sort(dim=-1, descending=True)
-    return ordered, entries, (ordered - total).exp()
+def _use_kernels(scores: torch.Tensor) -> bool:
+    """Whether the draw takes `quantbench.sampling_kernels`' Triton kernels: on CUDA, where Triton is installed."""
+    return scores.is_cuda and importlib.util.find_spec("triton") is not None

@@ -8,6 +8,7 @@ from quantbench.sampling import (Draws, Sampling, _fmix32_tensor, _signed, _spli
                                  prompt_key, splitmix)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+KERNELS_ON = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: Triton's interpreter
 
 
 def test_the_reference_hashes_give_splitmix64s_and_murmur3s_published_outputs():
@@ -130,6 +131,108 @@ def test_a_kept_token_has_the_noise_it_has_among_every_token(sampling, candidate
         assert len(kept) > 1
         best = (scores[row, kept] - torch.log(-torch.log(noise[row, kept]))).argmax()
         assert chosen[row, 0] == kept[best]
+
+
+def bfloat16_logits(rows: int, vocabulary: int, seed: int, spread: float = 1.0) -> torch.Tensor:
+    """Logits as a bfloat16 model gives them, about 20: eighths apart, many tied."""
+    noise = torch.randn(rows, vocabulary, generator=torch.Generator().manual_seed(seed))
+    return (20 + spread * noise).bfloat16().float()
+
+
+def reference_token(scores: torch.Tensor, sampling: Sampling, uniform: torch.Tensor) -> int:
+    """One row's token from its whole sort: top_k keeps every score at or above its k-th, the nucleus every token
+    whose probability of tokens strictly above it (among those top_k keeps) stays below top_p."""
+    ordered = scores.sort(descending=True).values
+    floor = ordered[sampling.top_k - 1] if sampling.top_k else ordered[-1]
+    pool = scores[scores >= floor]
+    nucleus = [score for score in pool.unique()
+               if (pool[pool > score] - pool.logsumexp(0)).exp().sum() < sampling.top_p]
+    noisy = (scores - torch.log(-torch.log(uniform))).masked_fill(scores < min(nucleus), float("-inf"))
+    return int(noisy.argmax())
+
+
+@pytest.mark.parametrize("sampling", [
+    Sampling(1.0, top_k=7, seed=3), Sampling(1.0, top_p=0.3, seed=3), Sampling(1.0, top_k=60, top_p=0.5, seed=3),
+], ids=["top-k", "top-p", "both"])
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "triton"])
+def test_tied_scores_are_cut_together(sampling, kernels, monkeypatch):
+    """bfloat16 logits tie often: a cut keeps every token tied with its least kept one, on the CPU's candidates
+    and in the Triton kernels (the interpreter without a GPU)."""
+    import quantbench.sampling as sampling_module
+
+    monkeypatch.setattr(sampling_module, "_use_kernels", lambda scores: kernels)
+    logits = bfloat16_logits(16, 700, seed=4, spread=3.0 if sampling.top_p == 1 else 1.0)
+    device = KERNELS_ON if kernels else torch.device("cpu")
+    chosen = next_tokens(logits.to(device), sampling, Draws.of(sampling, range(16), device)).cpu()
+    noise = Draws.of(sampling, range(16), torch.device("cpu")).uniform(torch.arange(700))
+    floors, _ = sampling_module.kept_floors(logits, sampling)
+    tied = (logits == floors).sum(-1)
+    assert (tied > 1).sum() >= 4  # rows whose least kept score is tied: the case under test
+    assert chosen.flatten().tolist() == [reference_token(logits[row], sampling, noise[row]) for row in range(16)]
+
+
+@pytest.mark.parametrize("rows, vocabulary", [(1, 2048), (3, 5000), (2, 49152)])
+def test_the_draw_kernel_takes_each_rows_token_from_its_keyed_noise(rows, vocabulary):
+    """keyed_draw against torch's draw from `Draws.uniform`: the same tokens, with floors, at counts moved on, on a
+    whole block, a partial last block and SmolLM2's vocabulary; the counts are left for the caller to move."""
+    from quantbench.sampling_kernels import keyed_draw
+
+    sampling = Sampling(0.8, seed=-11)
+    draws = Draws.of(sampling, [5 * row + 2 for row in range(rows)], KERNELS_ON)
+    draws.counts += torch.arange(rows, device=KERNELS_ON) * 3
+    scores = torch.randn(rows, vocabulary, generator=torch.Generator().manual_seed(rows)).to(KERNELS_ON)
+    for floors in (torch.full((rows, 1), float("-inf"), device=KERNELS_ON),
+                   scores.quantile(0.999, dim=-1, keepdim=True)):
+        counts = draws.counts.clone()
+        chosen = keyed_draw(scores, floors, draws.keys, draws.counts)
+        assert torch.equal(draws.counts, counts)
+        noisy = scores - torch.log(-torch.log(draws.uniform(torch.arange(vocabulary, device=KERNELS_ON))))
+        assert torch.equal(chosen, noisy.masked_fill(scores < floors, float("-inf")).argmax(-1, keepdim=True))
+        assert (scores.gather(-1, chosen) >= floors).all()
+
+
+def test_the_nucleus_bisection_finds_the_floor_of_the_whole_sort():
+    """Rows the candidates did not settle (the 30 largest hold less than top_p) get the least score of the nucleus
+    that a sort of the whole row gives, ties included; a settled row keeps its floor."""
+    from quantbench.sampling import _nucleus_floors
+    from quantbench.sampling_kernels import refine_nucleus_floors
+
+    scores = bfloat16_logits(6, 3000, seed=5).to(KERNELS_ON)
+    totals = scores.logsumexp(-1, keepdim=True)
+    ordered = scores.sort(dim=-1, descending=True).values
+    expected, _ = _nucleus_floors(ordered, totals, 0.7)
+    floors, settled = _nucleus_floors(ordered[:, :30], totals, 0.7)
+    assert not settled.any() and (floors > expected).all()  # every row's nucleus runs past its 30 largest
+    settled[2] = True
+    refine_nucleus_floors(scores, totals, floors, settled, 0.7)
+    assert floors[2] == ordered[2, 29]
+    others = [0, 1, 3, 4, 5]
+    assert torch.equal((scores[others] >= floors[others]).sum(-1), (scores[others] >= expected[others]).sum(-1))
+
+
+@pytest.mark.parametrize("sampling", [
+    Sampling(0.9, seed=8), Sampling(0.9, top_k=20, seed=8), Sampling(0.9, top_p=0.8, seed=8),
+    Sampling(0.9, top_k=40, top_p=0.9, seed=8),
+], ids=["temperature", "top-k", "top-p", "both"])
+@pytest.mark.parametrize("candidates", [1024, 16], ids=["candidates", "16 too few"])
+def test_the_kernels_draw_the_tokens_torch_draws(sampling, candidates, monkeypatch):
+    """next_tokens through the Triton kernels (the interpreter without a GPU) and through torch: the same tokens
+    from the same draws, three steps on, the nucleus (6–81 tokens at 0.8, 27–183 at 0.9) settled among the 1,024
+    candidates or, past 16, by bisection."""
+    import quantbench.sampling as sampling_module
+
+    monkeypatch.setattr(sampling_module, "NUCLEUS_CANDIDATES", candidates)
+    logits = bfloat16_logits(4, 3000, seed=6, spread=3.0).to(KERNELS_ON)
+    mass = (logits / sampling.temperature).softmax(-1).sort(-1, descending=True).values.cumsum(-1)
+    assert (mass[:, 15] < 0.8).any() and (mass[:, 1023] >= 0.9).all()
+    tokens = {}
+    for kernels in (False, True):
+        monkeypatch.setattr(sampling_module, "_use_kernels", lambda scores: kernels)
+        draws = Draws.of(sampling, [4, 1, 7, 0], KERNELS_ON)
+        tokens[kernels] = [next_tokens(logits, sampling, draws).flatten().tolist() for _ in range(3)]
+        assert draws.counts.tolist() == [3] * 4
+    assert tokens[True] == tokens[False]
+    assert len({tuple(step) for step in tokens[True]}) > 1  # each step draws afresh
 
 
 def test_greedy_choices_take_the_argmax_and_draws_need_their_noise():
