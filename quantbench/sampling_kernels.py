@@ -45,7 +45,8 @@ def _keyed_draw_kernel(scores, stride, floors, keys, counts, best_scores, best_e
 
 def keyed_draw(scores: torch.Tensor, floors: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """int64 [rows, 1]: the argmax over each row's entries with scores at or above its floor ([rows, 1]) of the score
-    plus −log(−log(u)), u its uniform for keys and counts (int64 [rows], as `Draws` holds them; not moved on here)."""
+    plus −log(−log(u)), u its uniform for `keys` and `counts` (int64 [rows], as `Draws` holds them; not moved on
+    here)."""
     rows, vocabulary = scores.shape
     parts = triton.cdiv(vocabulary, DRAW_BLOCK)
     best_scores = torch.empty(rows, parts, dtype=torch.float32, device=scores.device)
