@@ -169,12 +169,10 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, draws: Draws | None = 
         chosen = keyed_draw(scores, floors, draws.keys, draws.counts)
         draws.counts.add_(1)
         return chosen
-    if candidates is not None and scores.device.type == "cpu":
+    if candidates is not None and scores.device.type == "cpu" and _hold_every_kept(*candidates, floors, scores):
         values, entries = candidates
-        kept = values >= floors
-        if bool((kept.sum(-1) == (scores >= floors).sum(-1)).all()):  # every kept token is a candidate
-            noisy = values.masked_fill(~kept, float("-inf")) - torch.log(-torch.log(draws.uniform(entries)))
-            return entries.gather(-1, noisy.argmax(-1, keepdim=True))
+        noisy = values.masked_fill(values < floors, float("-inf")) - torch.log(-torch.log(draws.uniform(entries)))
+        return entries.gather(-1, noisy.argmax(-1, keepdim=True))
     noisy = scores - torch.log(-torch.log(draws.uniform(torch.arange(scores.shape[-1], device=scores.device))))
     if floors is not None:
         noisy = noisy.masked_fill(scores < floors, float("-inf"))
@@ -202,8 +200,11 @@ def kept_floors(scores: torch.Tensor, sampling: Sampling, on_device: bool = Fals
     if sampling.top_p < 1:
         # After top_k the probabilities are those among the tokens it keeps, and the nucleus among its candidates
         # is exact: where they hold less than top_p, top_k's floor is the higher.
-        kept = scores if floors is None else scores.masked_fill(scores < floors, float("-inf"))
-        totals = kept.logsumexp(-1, keepdim=True)
+        if floors is None:
+            totals = scores.logsumexp(-1, keepdim=True)
+        else:
+            pool = values if not on_device and _hold_every_kept(values, entries, floors, scores) else scores
+            totals = pool.masked_fill(pool < floors, float("-inf")).logsumexp(-1, keepdim=True)
         nucleus, settled = _nucleus_floors(values, totals, sampling.top_p)
         if not k and count < vocabulary:
             if on_device:
@@ -223,6 +224,12 @@ def _nucleus_floors(ordered: torch.Tensor, totals: torch.Tensor, top_p: float):
     kept = probabilities.cumsum(-1) - probabilities < top_p  # the first always stays
     # The mass before the last kept place is at least that strictly above its score: its ties stay too.
     return ordered.gather(-1, kept.sum(-1, keepdim=True) - 1), ~kept[:, -1]
+
+
+def _hold_every_kept(values: torch.Tensor, entries: torch.Tensor, floors: torch.Tensor, scores: torch.Tensor) -> bool:
+    """Whether the candidates (the largest `values` of `scores`, at `entries`) hold every score at or above its
+    row's floor: all scores, or in every row one below the floor (a host sync: not on CUDA)."""
+    return entries.shape[-1] == scores.shape[-1] or bool((values[:, -1:] < floors).all())
 
 
 def _use_kernels(scores: torch.Tensor) -> bool:
