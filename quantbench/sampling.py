@@ -180,7 +180,7 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, draws: Draws | None = 
 
 
 NUCLEUS_CANDIDATES = 1024  # the largest scores the nucleus is looked for among first
-TIES_MARGIN = 64  # candidates beyond top_k, for the tokens tied with the k-th
+TIES_MARGIN = 64  # candidates beyond top_k for a CPU draw, for the tokens tied with the k-th
 
 
 def kept_floors(scores: torch.Tensor, sampling: Sampling, on_device: bool = False):
@@ -194,7 +194,7 @@ def kept_floors(scores: torch.Tensor, sampling: Sampling, on_device: bool = Fals
     if not sampling.top_k and sampling.top_p == 1:
         return None, None
     k = min(sampling.top_k, vocabulary)
-    count = min(vocabulary, k + TIES_MARGIN if k else NUCLEUS_CANDIDATES)
+    count = min(vocabulary, (k if on_device else k + TIES_MARGIN) if k else NUCLEUS_CANDIDATES)
     values, entries = scores.topk(count, dim=-1)  # the largest first
     floors = values[:, k - 1:k] if k else None
     if sampling.top_p < 1:
