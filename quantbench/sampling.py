@@ -152,23 +152,16 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, draws: Draws | None = 
     from `draws`, whose counts move on). A draw adds Gumbel noise to the scaled logits of the kept tokens and takes
     the argmax (distributed as their softmax), so it needs no host sync and a CUDA graph can capture it. The cuts
     keep each row's tokens at or above a floor (`kept_floors`: ties with the least kept token stay, as in
-    transformers' warpers); on CUDA one Triton kernel draws over the whole vocabulary, on the CPU only the
-    candidates the floors were found among are noised where they hold every kept token."""
+    transformers' warpers). On CUDA Triton kernels draw (`_drawn_by_kernels`); on the CPU only the candidates the
+    floors were found among are noised where they hold every kept token."""
     if sampling.greedy:
         return logits.argmax(-1, keepdim=True)
     if draws is None:
         raise ValueError("a sampled token needs its draws")
     scores = logits.float() / sampling.temperature
-    fused = _use_kernels(scores)
-    floors, candidates = kept_floors(scores, sampling, fused)
-    if fused:
-        from quantbench.sampling_kernels import keyed_draw
-
-        if floors is None:
-            floors = torch.full((scores.shape[0], 1), float("-inf"), device=scores.device)
-        chosen = keyed_draw(scores, floors, draws.keys, draws.counts)
-        draws.counts.add_(1)
-        return chosen
+    if _use_kernels(scores):
+        return _drawn_by_kernels(scores, sampling, draws)
+    floors, candidates = kept_floors(scores, sampling)
     if candidates is not None and scores.device.type == "cpu" and _hold_every_kept(*candidates, floors, scores):
         values, entries = candidates
         noisy = values.masked_fill(values < floors, float("-inf")) - torch.log(-torch.log(draws.uniform(entries)))
@@ -179,22 +172,41 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, draws: Draws | None = 
     return noisy.argmax(-1, keepdim=True)
 
 
-NUCLEUS_CANDIDATES = 1024  # the largest scores the nucleus is looked for among first
+def _drawn_by_kernels(scores: torch.Tensor, sampling: Sampling, draws: Draws) -> torch.Tensor:
+    """The draw on CUDA: the argmax of the noisy scores at or above top-k's floor over the whole vocabulary in one
+    kernel, then with top-p the nucleus's draw settled from it in another (`quantbench.sampling_kernels`): no sort
+    and no host sync. The same tokens as `kept_floors`' draw."""
+    from quantbench.sampling_kernels import keyed_draw, settle_nucleus_draws
+
+    k = min(sampling.top_k, scores.shape[-1])
+    if k:
+        floors = scores.topk(k, dim=-1).values[:, -1:]
+    else:
+        floors = torch.full((scores.shape[0], 1), float("-inf"), device=scores.device)
+    chosen = keyed_draw(scores, floors, draws.keys, draws.counts)
+    if sampling.top_p < 1:
+        allowed = scores.masked_fill(scores < floors, float("-inf")) if k else scores
+        settle_nucleus_draws(scores, allowed.logsumexp(-1, keepdim=True), draws.keys, draws.counts, chosen,
+                             sampling.top_p)
+    draws.counts.add_(1)
+    return chosen
+
+
+NUCLEUS_CANDIDATES = 1024  # the largest scores a CPU draw looks for the nucleus among first
 TIES_MARGIN = 64  # candidates beyond top_k for a CPU draw, for the tokens tied with the k-th
 
 
-def kept_floors(scores: torch.Tensor, sampling: Sampling, on_device: bool = False):
+def kept_floors(scores: torch.Tensor, sampling: Sampling):
     """float32 [rows, 1]: each row's least kept score under `top_k` and `top_p` (None: no cut), with the sorted
     candidates (scores, entries) it was found among. A token is in the nucleus where the probability of the tokens
     strictly above it (among those top_k keeps) stays below `top_p`. It is found among the `NUCLEUS_CANDIDATES`
-    largest scores where one of them is cut away (so every token below is too), else among all: on the CPU by a
-    sort, `on_device` (a graph cannot wait on that check) by `refine_nucleus_floors`' bisection, which returns at
-    once for the rows the candidates settled, and on CUDA without Triton always by a sort."""
+    largest scores where one of them is cut away (so every token below is too), else by a sort of all (on CUDA
+    always: a graph cannot wait on that check)."""
     vocabulary = scores.shape[-1]
     if not sampling.top_k and sampling.top_p == 1:
         return None, None
     k = min(sampling.top_k, vocabulary)
-    count = min(vocabulary, (k if on_device else k + TIES_MARGIN) if k else NUCLEUS_CANDIDATES)
+    count = min(vocabulary, k + TIES_MARGIN if k else NUCLEUS_CANDIDATES)
     values, entries = scores.topk(count, dim=-1)  # the largest first
     floors = values[:, k - 1:k] if k else None
     if sampling.top_p < 1:
@@ -203,16 +215,12 @@ def kept_floors(scores: torch.Tensor, sampling: Sampling, on_device: bool = Fals
         if floors is None:
             totals = scores.logsumexp(-1, keepdim=True)
         else:
-            pool = values if not on_device and _hold_every_kept(values, entries, floors, scores) else scores
+            held = scores.device.type == "cpu" and _hold_every_kept(values, entries, floors, scores)
+            pool = values if held else scores
             totals = pool.masked_fill(pool < floors, float("-inf")).logsumexp(-1, keepdim=True)
         nucleus, settled = _nucleus_floors(values, totals, sampling.top_p)
-        if not k and count < vocabulary:
-            if on_device:
-                from quantbench.sampling_kernels import refine_nucleus_floors
-
-                refine_nucleus_floors(scores, totals, nucleus, settled, sampling.top_p)
-            elif scores.device.type != "cpu" or not bool(settled.all()):
-                nucleus, _ = _nucleus_floors(scores.sort(dim=-1, descending=True).values, totals, sampling.top_p)
+        if not k and count < vocabulary and (scores.device.type != "cpu" or not bool(settled.all())):
+            nucleus, _ = _nucleus_floors(scores.sort(dim=-1, descending=True).values, totals, sampling.top_p)
         floors = nucleus if floors is None else torch.maximum(floors, nucleus)
     return floors, (values, entries)
 
@@ -228,7 +236,7 @@ def _nucleus_floors(ordered: torch.Tensor, totals: torch.Tensor, top_p: float):
 
 def _hold_every_kept(values: torch.Tensor, entries: torch.Tensor, floors: torch.Tensor, scores: torch.Tensor) -> bool:
     """Whether the candidates (the largest `values` of `scores`, at `entries`) hold every score at or above its
-    row's floor: all scores, or in every row one below the floor (a host sync: not on CUDA)."""
+    row's floor: all scores, or in every row one below the floor (a host sync)."""
     return entries.shape[-1] == scores.shape[-1] or bool((values[:, -1:] < floors).all())
 
 

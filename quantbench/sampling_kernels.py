@@ -1,20 +1,51 @@
-"""Triton kernels of a sampled token on CUDA (`quantbench.sampling`), a few launches where torch's operators take
-some forty, with no host sync, so a CUDA graph captures them.
+"""Triton kernels of a sampled token on CUDA (`quantbench.sampling`): a few launches where torch's operators take
+some forty, with no sort and no host sync, so a CUDA graph captures them.
 
 `keyed_draw`: each row's token, the argmax of its scores at or above its floor plus the Gumbel noise of its keyed
-uniforms (`Draws`), the keys hashed in the kernel. `refine_nucleus_floors`: the least score of each nucleus that the
-candidates did not settle, found by bisection over the scores' order (32 passes over the row at most); a row the
-candidates settled returns at once.
+uniforms (`Draws`), the keys hashed in the kernel; rows × blocks of the vocabulary in parallel.
+
+`settle_nucleus_draws`: top-p without finding the nucleus first. The token a draw over the nucleus gives is the
+argmax of the noisy scores among the nucleus; the argmax among all allowed tokens is it where that token is in the
+nucleus (the probability of the tokens strictly above it is below top_p). Where it is not, neither is any token
+scored at or below it, so the argmax is taken again among the tokens above it, until one is in. Each round reads
+the row once, one program a row, and skips the blocks with no score above the last candidate (most of them: the
+candidates score high); a candidate is out with a probability of at most 1 − top_p, so one or two rounds are the
+rule.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 DRAW_BLOCK = 2048  # vocabulary entries a program of keyed_draw noises
-FLOOR_BLOCK = 2048  # entries a pass of the nucleus bisection reads at a time
+ROUND_BLOCK = 4096  # entries a round of settle_nucleus_draws reads at a time
+ROUND_WARPS = 8
+
+
+@triton.jit
+def _token_word(keys, counts, row):
+    """The high word of SplitMix64 of the row's prompt key plus its count of tokens times the golden step."""
+    z = tl.load(keys + row).to(tl.uint64, bitcast=True) + tl.load(counts + row).to(tl.uint64, bitcast=True) \
+        * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    return ((z ^ (z >> 31)) >> 32).to(tl.uint32)
+
+
+@triton.jit
+def _gumbel(word, entries):
+    """−log(−log(u)) for the entries' uniforms: MurmurHash3's finalizer of the word plus (entry + 1) golden 32-bit
+    steps, its top 23 bits + ½ over 2^23."""
+    w = word + (entries + 1).to(tl.uint32) * 0x9E3779B9
+    w = (w ^ (w >> 16)) * 0x85EBCA6B
+    w = (w ^ (w >> 13)) * 0xC2B2AE35
+    w = w ^ (w >> 16)
+    uniform = ((w >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2^-23
+    return -tl.log(-tl.log(uniform))
 
 
 @triton.jit
@@ -22,22 +53,10 @@ def _keyed_draw_kernel(scores, stride, floors, keys, counts, best_scores, best_e
                        BLOCK: tl.constexpr):
     row = tl.program_id(0)
     part = tl.program_id(1)
-    # The row's token key: SplitMix64 of its prompt's key plus its count of tokens times the golden step.
-    z = tl.load(keys + row).to(tl.uint64, bitcast=True) + tl.load(counts + row).to(tl.uint64, bitcast=True) \
-        * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
-    high = ((z ^ (z >> 31)) >> 32).to(tl.uint32)
     entries = part * BLOCK + tl.arange(0, BLOCK)
     inside = entries < vocabulary
-    # MurmurHash3's finalizer of the high word plus (entry + 1) golden 32-bit steps: the entry's uniform.
-    w = high + (entries + 1).to(tl.uint32) * 0x9E3779B9
-    w = (w ^ (w >> 16)) * 0x85EBCA6B
-    w = (w ^ (w >> 13)) * 0xC2B2AE35
-    w = w ^ (w >> 16)
-    uniform = ((w >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2^-23
     score = tl.load(scores + row * stride + entries, mask=inside, other=float("-inf"))
-    noisy = score - tl.log(-tl.log(uniform))
+    noisy = score + _gumbel(_token_word(keys, counts, row), entries)
     noisy = tl.where(inside & (score >= tl.load(floors + row)), noisy, float("-inf"))
     tl.store(best_scores + row * parts + part, tl.max(noisy, 0))
     tl.store(best_entries + row * parts + part, part * BLOCK + tl.argmax(noisy, 0))
@@ -57,46 +76,43 @@ def keyed_draw(scores: torch.Tensor, floors: torch.Tensor, keys: torch.Tensor, c
 
 
 @triton.jit
-def _ordered(bits):
-    """A float32's bits (int64 of its int32) as an integer in the order of the floats."""
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-@triton.jit
-def _nucleus_floor_kernel(scores, stride, totals, floors, settled, top_p, vocabulary, BLOCK: tl.constexpr):
+def _nucleus_rounds_kernel(scores, stride, totals, keys, counts, chosen, top_p, vocabulary, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    if tl.load(settled + row) == 0:
-        total = tl.load(totals + row)
-        at = row * stride
-        # high: the candidates' least score, whose mass above stays below top_p; low: below every score.
-        high = _ordered(tl.load(floors + row).to(tl.int32, bitcast=True).to(tl.int64))
-        low = high
+    at = scores + row * stride
+    word = _token_word(keys, counts, row)
+    total = tl.load(totals + row)
+    lanes = tl.arange(0, BLOCK)
+    candidate = tl.load(chosen + row)
+    settled = 0
+    while settled == 0:  # ends: a round that does not settle moves to a candidate scored strictly above
+        bound = tl.load(at + candidate)  # at or above the floor: so is every score above it
+        mass = tl.zeros([BLOCK], dtype=tl.float32)
+        best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        where = tl.zeros([BLOCK], dtype=tl.int64) + vocabulary
         for start in range(0, vocabulary, BLOCK):
-            entries = start + tl.arange(0, BLOCK)
-            bits = tl.load(scores + at + entries, mask=entries < vocabulary, other=0.0).to(tl.int32, bitcast=True)
-            low = tl.minimum(low, tl.min(_ordered(bits.to(tl.int64)), 0))
-        low = low - 1
-        while high - low > 1:  # the least key whose mass strictly above stays below top_p lies in (low, high]
-            middle = low + (high - low) // 2
-            mass = 0.0
-            for start in range(0, vocabulary, BLOCK):
-                entries = start + tl.arange(0, BLOCK)
-                score = tl.load(scores + at + entries, mask=entries < vocabulary, other=float("-inf"))
-                above = _ordered(score.to(tl.int32, bitcast=True).to(tl.int64)) > middle
-                mass += tl.sum(tl.where(above, tl.exp(score - total), 0.0), 0)
-            if mass < top_p:
-                high = middle
-            else:
-                low = middle
-        bits = tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.int32)
-        tl.store(floors + row, bits.to(tl.float32, bitcast=True))
+            entries = start + lanes
+            score = tl.load(at + entries, mask=entries < vocabulary, other=float("-inf"))
+            if tl.max(score, 0) > bound:
+                above = score > bound
+                mass += tl.where(above, tl.exp(score - total), 0.0)
+                noisy = tl.where(above, score + _gumbel(word, entries), float("-inf"))
+                better = noisy > best  # a lane keeps its first best entry
+                best = tl.where(better, noisy, best)
+                where = tl.where(better, entries.to(tl.int64), where)
+        if tl.sum(mass, 0) < top_p:
+            settled = 1
+        else:
+            top = tl.max(best, 0)
+            candidate = tl.min(tl.where(best == top, where, vocabulary), 0)
+    tl.store(chosen + row, candidate)
 
 
-def refine_nucleus_floors(scores: torch.Tensor, totals: torch.Tensor, floors: torch.Tensor, settled: torch.Tensor,
-                          top_p: float) -> None:
-    """In place: for each row not `settled`, `floors` ([rows, 1] float32, there the least of the candidates, all in
-    the nucleus) becomes the least key whose mass of scores strictly above (softmax with log-sum `totals`) stays
-    below `top_p`; tokens at or above it are the nucleus."""
+def settle_nucleus_draws(scores: torch.Tensor, totals: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,
+                         chosen: torch.Tensor, top_p: float) -> None:
+    """In place: each row's `chosen` token (int64 [rows, 1], from `keyed_draw` over the tokens allowed) becomes
+    its draw over the nucleus: the tokens whose probability of tokens strictly above them (softmax with log-sums
+    `totals` [rows, 1] over those allowed) is below `top_p`."""
     rows, vocabulary = scores.shape
-    _nucleus_floor_kernel[(rows,)](scores, scores.stride(0), totals.contiguous(), floors, settled.to(torch.int8),
-                                   top_p, vocabulary, BLOCK=FLOOR_BLOCK)
+    launch = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": ROUND_WARPS}
+    _nucleus_rounds_kernel[(rows,)](scores, scores.stride(0), totals.contiguous(), keys, counts, chosen, top_p,
+                                    vocabulary, BLOCK=ROUND_BLOCK, **launch)

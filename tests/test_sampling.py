@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from quantbench.errors import QuantbenchError
-from quantbench.sampling import (Draws, Sampling, _fmix32_tensor, _signed, _splitmix_tensor, fmix32, next_tokens,
-                                 prompt_key, splitmix)
+from quantbench.sampling import (Draws, Sampling, _fmix32_tensor, _signed, _splitmix_tensor, fmix32, kept_floors,
+                                 next_tokens, prompt_key, splitmix)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 KERNELS_ON = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: Triton's interpreter
@@ -168,7 +168,7 @@ def test_tied_scores_are_cut_together(sampling, kernels, monkeypatch):
     device = KERNELS_ON if kernels else torch.device("cpu")
     chosen = next_tokens(logits.to(device), sampling, Draws.of(sampling, range(16), device)).cpu()
     noise = Draws.of(sampling, range(16), torch.device("cpu")).uniform(torch.arange(700))
-    floors, _ = sampling_module.kept_floors(logits, sampling)
+    floors, _ = kept_floors(logits, sampling)
     tied = (logits == floors).sum(-1)
     assert (tied > 1).sum() >= 4  # rows whose least kept score is tied: the case under test
     assert chosen.flatten().tolist() == [reference_token(logits[row], sampling, noise[row]) for row in range(16)]
@@ -194,23 +194,29 @@ def test_the_draw_kernel_takes_each_rows_token_from_its_keyed_noise(rows, vocabu
         assert (scores.gather(-1, chosen) >= floors).all()
 
 
-def test_the_nucleus_bisection_finds_the_floor_of_the_whole_sort():
-    """Rows the candidates did not settle (the 30 largest hold less than top_p) get the least score of the nucleus
-    that a sort of the whole row gives, ties included; a settled row keeps its floor."""
-    from quantbench.sampling import _nucleus_floors
-    from quantbench.sampling_kernels import refine_nucleus_floors
+@pytest.mark.parametrize("spread, top_k", [(3.0, 0), (1.0, 0), (1.0, 900)],
+                         ids=["tens of tokens", "thousands", "after top-k"])
+def test_the_nucleus_rounds_draw_what_the_floor_draws(spread, top_k):
+    """settle_nucleus_draws from keyed_draw's token against the draw at or above the nucleus's floor (a sort of the
+    whole row), ties included, with nuclei of tens of tokens (the first candidate mostly in), of thousands (flat
+    logits: candidates out for several rounds) and within top-k's 900."""
+    from quantbench.sampling_kernels import keyed_draw, settle_nucleus_draws
 
-    scores = bfloat16_logits(6, 3000, seed=5).to(KERNELS_ON)
-    totals = scores.logsumexp(-1, keepdim=True)
-    ordered = scores.sort(dim=-1, descending=True).values
-    expected, _ = _nucleus_floors(ordered, totals, 0.7)
-    floors, settled = _nucleus_floors(ordered[:, :30], totals, 0.7)
-    assert not settled.any() and (floors > expected).all()  # every row's nucleus runs past its 30 largest
-    settled[2] = True
-    refine_nucleus_floors(scores, totals, floors, settled, 0.7)
-    assert floors[2] == ordered[2, 29]
-    others = [0, 1, 3, 4, 5]
-    assert torch.equal((scores[others] >= floors[others]).sum(-1), (scores[others] >= expected[others]).sum(-1))
+    sampling = Sampling(1.0, top_k=top_k, top_p=0.7, seed=12)
+    scores = bfloat16_logits(12, 3000, seed=7, spread=spread).to(KERNELS_ON)
+    draws = Draws.of(sampling, range(12), KERNELS_ON)
+    floors, _ = kept_floors(scores.cpu(), sampling)
+    k_floors = scores.topk(top_k, dim=-1).values[:, -1:] if top_k else torch.full((12, 1), float("-inf"),
+                                                                                  device=KERNELS_ON)
+    first = keyed_draw(scores, k_floors, draws.keys, draws.counts)
+    chosen = first.clone()
+    allowed = scores.masked_fill(scores < k_floors, float("-inf"))
+    settle_nucleus_draws(scores, allowed.logsumexp(-1, keepdim=True), draws.keys, draws.counts, chosen, 0.7)
+    noisy = scores.cpu() - torch.log(-torch.log(draws.uniform(torch.arange(3000, device=KERNELS_ON)).cpu()))
+    expected = noisy.masked_fill(scores.cpu() < floors, float("-inf")).argmax(-1, keepdim=True)
+    assert torch.equal(chosen.cpu(), expected)
+    out_first = int((first != chosen).sum())
+    assert (out_first > 0) if spread == 1.0 else (out_first < 12)  # rounds beyond the first where nuclei are wide
 
 
 @pytest.mark.parametrize("sampling", [
@@ -220,8 +226,8 @@ def test_the_nucleus_bisection_finds_the_floor_of_the_whole_sort():
 @pytest.mark.parametrize("candidates", [1024, 16], ids=["candidates", "16 too few"])
 def test_the_kernels_draw_the_tokens_torch_draws(sampling, candidates, monkeypatch):
     """next_tokens through the Triton kernels (the interpreter without a GPU) and through torch: the same tokens
-    from the same draws, three steps on, the nucleus (6–81 tokens at 0.8, 27–183 at 0.9) settled among the 1,024
-    candidates or, past 16, by bisection."""
+    from the same draws, three steps on; torch's nucleus (6–81 tokens at 0.8, 27–183 at 0.9) settled among the 1,024
+    candidates or, past 16, by a sort."""
     import quantbench.sampling as sampling_module
 
     monkeypatch.setattr(sampling_module, "NUCLEUS_CANDIDATES", candidates)
@@ -245,8 +251,8 @@ from triton.compiler import ASTSource
 from quantbench import sampling_kernels
 
 pointers = {"scores": "*fp32", "floors": "*fp32", "keys": "*i64", "counts": "*i64", "best_scores": "*fp32",
-            "best_entries": "*i32", "totals": "*fp32", "settled": "*i8"}
-for kernel in (sampling_kernels._keyed_draw_kernel, sampling_kernels._nucleus_floor_kernel):
+            "best_entries": "*i32", "totals": "*fp32", "chosen": "*i64"}
+for kernel in (sampling_kernels._keyed_draw_kernel, sampling_kernels._nucleus_rounds_kernel):
     names = kernel.arg_names
     signature = {name: pointers.get(name, "constexpr" if name == "BLOCK" else "fp32" if name == "top_p" else "i32")
                  for name in names}
@@ -263,7 +269,7 @@ def test_the_sampling_kernels_compile_for_a_hopper_gpu():
                               timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     sizes = dict(line.split() for line in compiled.stdout.splitlines())
-    assert set(sizes) == {"_keyed_draw_kernel", "_nucleus_floor_kernel"} and all(int(n) > 0 for n in sizes.values())
+    assert set(sizes) == {"_keyed_draw_kernel", "_nucleus_rounds_kernel"} and all(int(n) > 0 for n in sizes.values())
 
 
 def test_greedy_choices_take_the_argmax_and_draws_need_their_noise():
