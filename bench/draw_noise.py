@@ -1,7 +1,7 @@
 """What a sampled token costs: `next_tokens` through torch's operators and, on CUDA, through the Triton kernels
 (one keyed draw over the whole vocabulary; with top-p, the nucleus's draw settled from it in rounds over the row),
 against the same cuts drawn with `torch.rand` from one generator (how a draw was made before its noise was keyed:
-it depended on the row and the batch), and the argmax; temperature alone, top-k 50 and top-p 0.9, for
+it depended on the row and the batch), and the argmax; temperature alone, top-k 50, top-p 0.9 and both, for
 vocabularies of SmolLM2's and Llama 3's sizes, 1–64 rows, and logits of two spreads: 3 (the nucleus holds a few to
 1,500 tokens) and 1 (flat: tens of thousands). Median of `--repeat` calls, after one; the same logits and cuts
 every way. On CUDA each call is captured in a CUDA graph and its replays timed, as a decode step runs it.
@@ -59,7 +59,7 @@ def main() -> None:
     device = torch.device(args.device)
     kernels = device.type == "cuda"
     cuts = {"temperature": Sampling(0.8, seed=1), "top-k 50": Sampling(0.8, top_k=50, seed=1),
-            "top-p 0.9": Sampling(0.8, top_p=0.9, seed=1)}
+            "top-p 0.9": Sampling(0.8, top_p=0.9, seed=1), "both": Sampling(0.8, top_k=50, top_p=0.9, seed=1)}
     print(f"{'vocabulary':>10} {'rows':>4} {'spread':>6} {'cut':<12} {'generator µs':>12} {'torch µs':>9} "
           + (f"{'kernels µs':>10} {'× torch':>8} " if kernels else "") + f"{'argmax µs':>9}")
     for vocabulary in args.vocabularies:
