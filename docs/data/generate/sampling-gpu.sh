@@ -9,7 +9,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_sampling.py \
   "tests/test_generate.py::test_cuda_graph_steps_give_the_eager_steps_tokens" \
   2>&1 | grep -v -E "Warning|warn_once" | tail -30 > $OUT/tests.log
 stamp "tests rc $?"
-timeout 150 python3 bench/draw_noise.py --device cuda --repeat 50 > $OUT/draw-noise.log 2>&1
+timeout 150 python3 bench/draw_noise.py --device cuda --repeat 30 > $OUT/draw-noise.log 2>&1
 stamp "draw noise rc $?"
 tar cJf $OUT_FINAL/sampling-gpu.tar.xz -C $OUT .
 cat $OUT/gpu.txt $OUT/tests.log $OUT/draw-noise.log $OUT/times.log
