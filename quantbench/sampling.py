@@ -200,8 +200,8 @@ def kept_floors(scores: torch.Tensor, sampling: Sampling):
     """float32 [rows, 1]: each row's least kept score under `top_k` and `top_p` (None: no cut), with the sorted
     candidates (scores, entries) it was found among. A token is in the nucleus where the probability of the tokens
     strictly above it (among those top_k keeps) stays below `top_p`. It is found among the `NUCLEUS_CANDIDATES`
-    largest scores where one of them is cut away (so every token below is too), else by a sort of all (on CUDA
-    always: a graph cannot wait on that check)."""
+    largest scores where one of them is cut away (so every token below is too), else by a sort of all (always on
+    CUDA without Triton: a graph cannot wait on that check)."""
     vocabulary = scores.shape[-1]
     if not sampling.top_k and sampling.top_p == 1:
         return None, None
