@@ -162,7 +162,7 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, draws: Draws | None = 
     if _use_kernels(scores):
         return _drawn_by_kernels(scores, sampling, draws)
     floors, candidates = kept_floors(scores, sampling)
-    if candidates is not None and scores.device.type == "cpu" and _hold_every_kept(*candidates, floors, scores):
+    if candidates is not None:
         values, entries = candidates
         noisy = values.masked_fill(values < floors, float("-inf")) - torch.log(-torch.log(draws.uniform(entries)))
         return entries.gather(-1, noisy.argmax(-1, keepdim=True))
@@ -198,7 +198,8 @@ TIES_MARGIN = 64  # candidates beyond top_k for a CPU draw, for the tokens tied 
 
 def kept_floors(scores: torch.Tensor, sampling: Sampling):
     """float32 [rows, 1]: each row's least kept score under `top_k` and `top_p` (None: no cut), with the sorted
-    candidates (scores, entries) it was found among. A token is in the nucleus where the probability of the tokens
+    candidates (scores, entries) it was found among where, on the CPU, they hold every kept token (else None). A
+    token is in the nucleus where the probability of the tokens
     strictly above it (among those top_k keeps) stays below `top_p`. It is found among the `NUCLEUS_CANDIDATES`
     largest scores where one of them is cut away (so every token below is too), else by a sort of all (always on
     CUDA without Triton: a graph cannot wait on that check)."""
@@ -209,20 +210,22 @@ def kept_floors(scores: torch.Tensor, sampling: Sampling):
     count = min(vocabulary, k + TIES_MARGIN if k else NUCLEUS_CANDIDATES)
     values, entries = scores.topk(count, dim=-1)  # the largest first
     floors = values[:, k - 1:k] if k else None
+    on_cpu = scores.device.type == "cpu"
+    held = on_cpu and k > 0 and _hold_every_kept(values, floors, vocabulary)  # so they do for any higher floor
     if sampling.top_p < 1:
         # After top_k the probabilities are those among the tokens it keeps, and the nucleus among its candidates
         # is exact: where they hold less than top_p, top_k's floor is the higher.
         if floors is None:
             totals = scores.logsumexp(-1, keepdim=True)
         else:
-            held = scores.device.type == "cpu" and _hold_every_kept(values, entries, floors, scores)
             pool = values if held else scores
             totals = pool.masked_fill(pool < floors, float("-inf")).logsumexp(-1, keepdim=True)
         nucleus, settled = _nucleus_floors(values, totals, sampling.top_p)
-        if not k and count < vocabulary and (scores.device.type != "cpu" or not bool(settled.all())):
+        if not k and count < vocabulary and (not on_cpu or not bool(settled.all())):
             nucleus, _ = _nucleus_floors(scores.sort(dim=-1, descending=True).values, totals, sampling.top_p)
         floors = nucleus if floors is None else torch.maximum(floors, nucleus)
-    return floors, (values, entries)
+        held = held or (on_cpu and _hold_every_kept(values, floors, vocabulary))
+    return floors, (values, entries) if held else None
 
 
 def _nucleus_floors(ordered: torch.Tensor, totals: torch.Tensor, top_p: float):
@@ -234,10 +237,10 @@ def _nucleus_floors(ordered: torch.Tensor, totals: torch.Tensor, top_p: float):
     return ordered.gather(-1, kept.sum(-1, keepdim=True) - 1), ~kept[:, -1]
 
 
-def _hold_every_kept(values: torch.Tensor, entries: torch.Tensor, floors: torch.Tensor, scores: torch.Tensor) -> bool:
-    """Whether the candidates (the largest `values` of `scores`, at `entries`) hold every score at or above its
-    row's floor: all scores, or in every row one below the floor (a host sync)."""
-    return entries.shape[-1] == scores.shape[-1] or bool((values[:, -1:] < floors).all())
+def _hold_every_kept(values: torch.Tensor, floors: torch.Tensor, vocabulary: int) -> bool:
+    """Whether the candidates (the largest scores, `values`) hold every score at or above its row's floor: all
+    scores, or in every row one below the floor (a host sync)."""
+    return values.shape[-1] == vocabulary or bool((values[:, -1:] < floors).all())
 
 
 def _use_kernels(scores: torch.Tensor) -> bool:
