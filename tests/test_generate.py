@@ -320,7 +320,7 @@ def test_cuda_graph_steps_give_the_eager_steps_tokens(run_dir):
     assert generate(model, tokenizer, PROMPT, 40, stop_ids=set(), sampling=sampling).new_ids == sampled.new_ids
     assert sampled.new_ids != graphed.new_ids
     assert_among_the_top(model, tokenizer, sampled.new_ids, 4, tolerance=2e-2)  # float16 logits
-    nucleus = Sampling(2.0, top_p=0.9, seed=5)  # the nucleus's floor refined in the graph where it must be
+    nucleus = Sampling(2.0, top_p=0.9, seed=5)  # top-p's rounds inside the graph
     assert generate(model, tokenizer, PROMPT, 40, stop_ids=set(), sampling=nucleus).new_ids == \
         generate(model, tokenizer, PROMPT, 40, stop_ids=set(), sampling=nucleus, cuda_graph=False).new_ids
     stop_ids = {eager.new_ids[9]}  # rows taken in turn, looked at every 16 steps, graphed as eager
