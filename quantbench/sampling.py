@@ -174,8 +174,9 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, draws: Draws | None = 
 
 def _drawn_by_kernels(scores: torch.Tensor, sampling: Sampling, draws: Draws) -> torch.Tensor:
     """The draw on CUDA: the argmax of the noisy scores at or above top-k's floor over the whole vocabulary in one
-    kernel, then with top-p the nucleus's draw settled from it in another (`quantbench.sampling_kernels`): no sort
-    and no host sync. The same tokens as `kept_floors`' draw."""
+    kernel (with top-p also the log-sum of the kept tokens' exponentials, in blocks), then with top-p the nucleus's
+    draw settled from it in rounds (`quantbench.sampling_kernels`): no sort and no host sync. The same tokens as
+    `kept_floors`' draw."""
     from quantbench.sampling_kernels import keyed_draw, settle_nucleus_draws
 
     k = min(sampling.top_k, scores.shape[-1])
@@ -183,11 +184,9 @@ def _drawn_by_kernels(scores: torch.Tensor, sampling: Sampling, draws: Draws) ->
         floors = scores.topk(k, dim=-1).values[:, -1:]
     else:
         floors = torch.full((scores.shape[0], 1), float("-inf"), device=scores.device)
-    chosen = keyed_draw(scores, floors, draws.keys, draws.counts)
+    chosen, log_total = keyed_draw(scores, floors, draws.keys, draws.counts, log_total=sampling.top_p < 1)
     if sampling.top_p < 1:
-        allowed = scores.masked_fill(scores < floors, float("-inf")) if k else scores
-        settle_nucleus_draws(scores, allowed.logsumexp(-1, keepdim=True), draws.keys, draws.counts, chosen,
-                             sampling.top_p)
+        settle_nucleus_draws(scores, log_total, draws.keys, draws.counts, chosen, sampling.top_p)
     draws.counts.add_(1)
     return chosen
 

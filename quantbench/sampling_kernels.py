@@ -7,10 +7,11 @@ uniforms (`Draws`), the keys hashed in the kernel; rows × blocks of the vocabul
 `settle_nucleus_draws`: top-p without finding the nucleus first. The token a draw over the nucleus gives is the
 argmax of the noisy scores among the nucleus; the argmax among all allowed tokens is it where that token is in the
 nucleus (the probability of the tokens strictly above it is below top_p). Where it is not, neither is any token
-scored at or below it, so the argmax is taken again among the tokens above it, until one is in. Each round reads
-the row once, one program a row, and skips the blocks with no score above the last candidate (most of them: the
-candidates score high); a candidate is out with a probability of at most 1 − top_p, so one or two rounds are the
-rule.
+scored at or below it, so the argmax is taken again among the tokens above it, until one is in. The first round
+runs as the draw does, rows × blocks of the vocabulary in parallel; a candidate is out with a probability of at
+most 1 − top_p, so the rows it leaves unsettled are few, and those go on in rounds of one program a row, each
+skipping the blocks with no score above the last candidate. The log-sum of the allowed tokens' exponentials that
+the probabilities need comes from the draw's kernel, a partial sum per block.
 """
 
 from __future__ import annotations
@@ -49,41 +50,70 @@ def _gumbel(word, entries):
 
 
 @triton.jit
-def _keyed_draw_kernel(scores, stride, floors, keys, counts, best_scores, best_entries, vocabulary, parts,
-                       BLOCK: tl.constexpr):
+def _keyed_draw_kernel(scores, stride, floors, keys, counts, best_scores, best_entries, peaks, sums, vocabulary,
+                       parts, BLOCK: tl.constexpr, SUMS: tl.constexpr):
     row = tl.program_id(0)
     part = tl.program_id(1)
     entries = part * BLOCK + tl.arange(0, BLOCK)
-    inside = entries < vocabulary
-    score = tl.load(scores + row * stride + entries, mask=inside, other=float("-inf"))
-    noisy = score + _gumbel(_token_word(keys, counts, row), entries)
-    noisy = tl.where(inside & (score >= tl.load(floors + row)), noisy, float("-inf"))
+    score = tl.load(scores + row * stride + entries, mask=entries < vocabulary, other=float("-inf"))
+    allowed = score >= tl.load(floors + row)  # the entries past the vocabulary are -inf: never
+    noisy = tl.where(allowed, score + _gumbel(_token_word(keys, counts, row), entries), float("-inf"))
     tl.store(best_scores + row * parts + part, tl.max(noisy, 0))
     tl.store(best_entries + row * parts + part, part * BLOCK + tl.argmax(noisy, 0))
+    if SUMS:  # the block's share of the log-sum: its peak, and the sum of exponentials below it
+        kept = tl.where(allowed, score, float("-inf"))
+        peak = tl.max(kept, 0)
+        tl.store(peaks + row * parts + part, peak)  # -inf where the block keeps nothing: its sum is 0
+        tl.store(sums + row * parts + part, tl.sum(tl.exp(kept - tl.where(peak > float("-inf"), peak, 0.0)), 0))
 
 
-def keyed_draw(scores: torch.Tensor, floors: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def keyed_draw(scores: torch.Tensor, floors: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,
+               log_total: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """int64 [rows, 1]: the argmax over each row's entries with scores at or above its floor ([rows, 1]) of the score
     plus −log(−log(u)), u its uniform for `keys` and `counts` (int64 [rows], as `Draws` holds them; not moved on
-    here)."""
+    here); with `log_total`, also float32 [rows, 1]: the log of the sum of those entries' exp(score)."""
     rows, vocabulary = scores.shape
     parts = triton.cdiv(vocabulary, DRAW_BLOCK)
     best_scores = torch.empty(rows, parts, dtype=torch.float32, device=scores.device)
     best_entries = torch.empty(rows, parts, dtype=torch.int32, device=scores.device)
+    peaks = torch.empty(rows, parts if log_total else 1, dtype=torch.float32, device=scores.device)
+    sums = torch.empty_like(peaks)
     _keyed_draw_kernel[(rows, parts)](scores, scores.stride(0), floors.contiguous(), keys, counts, best_scores,
-                                      best_entries, vocabulary, parts, BLOCK=DRAW_BLOCK)
-    return best_entries.gather(-1, best_scores.argmax(-1, keepdim=True)).long()
+                                      best_entries, peaks, sums, vocabulary, parts, BLOCK=DRAW_BLOCK, SUMS=log_total)
+    chosen = best_entries.gather(-1, best_scores.argmax(-1, keepdim=True)).long()
+    if not log_total:
+        return chosen, None
+    top = peaks.amax(-1, keepdim=True)
+    return chosen, top + (sums * torch.exp(peaks - top)).sum(-1, keepdim=True).log()
 
 
 @triton.jit
-def _nucleus_rounds_kernel(scores, stride, totals, keys, counts, chosen, top_p, vocabulary, BLOCK: tl.constexpr):
+def _nucleus_round_kernel(scores, stride, totals, keys, counts, chosen, masses, best_scores, best_entries,
+                          vocabulary, parts, BLOCK: tl.constexpr):
+    """One round over a block of a row: the mass of its entries scored above the row's candidate, and the argmax
+    of their noisy scores."""
+    row = tl.program_id(0)
+    part = tl.program_id(1)
+    at = scores + row * stride
+    entries = part * BLOCK + tl.arange(0, BLOCK)
+    score = tl.load(at + entries, mask=entries < vocabulary, other=float("-inf"))
+    above = score > tl.load(at + tl.load(chosen + row))
+    tl.store(masses + row * parts + part, tl.sum(tl.where(above, tl.exp(score - tl.load(totals + row)), 0.0), 0))
+    noisy = tl.where(above, score + _gumbel(_token_word(keys, counts, row), entries), float("-inf"))
+    tl.store(best_scores + row * parts + part, tl.max(noisy, 0))
+    tl.store(best_entries + row * parts + part, part * BLOCK + tl.argmax(noisy, 0))
+
+
+@triton.jit
+def _nucleus_rounds_kernel(scores, stride, totals, keys, counts, chosen, settled_rows, top_p, vocabulary,
+                           BLOCK: tl.constexpr):
     row = tl.program_id(0)
     at = scores + row * stride
     word = _token_word(keys, counts, row)
     total = tl.load(totals + row)
     lanes = tl.arange(0, BLOCK)
     candidate = tl.load(chosen + row)
-    settled = 0
+    settled = tl.load(settled_rows + row).to(tl.int32)
     while settled == 0:  # ends: a round that does not settle moves to a candidate scored strictly above
         bound = tl.load(at + candidate)  # at or above the floor: so is every score above it
         mass = tl.zeros([BLOCK], dtype=tl.float32)
@@ -108,11 +138,22 @@ def _nucleus_rounds_kernel(scores, stride, totals, keys, counts, chosen, top_p, 
 
 
 def settle_nucleus_draws(scores: torch.Tensor, totals: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,
-                         chosen: torch.Tensor, top_p: float) -> None:
+                         chosen: torch.Tensor, top_p: float) -> torch.Tensor:
     """In place: each row's `chosen` token (int64 [rows, 1], from `keyed_draw` over the tokens allowed) becomes
     its draw over the nucleus: the tokens whose probability of tokens strictly above them (softmax with log-sums
-    `totals` [rows, 1] over those allowed) is below `top_p`."""
+    `totals` [rows, 1] over those allowed) is below `top_p`. Returns bool [rows, 1]: the rows the first round
+    settled."""
     rows, vocabulary = scores.shape
+    parts = triton.cdiv(vocabulary, DRAW_BLOCK)
+    masses = torch.empty(rows, parts, dtype=torch.float32, device=scores.device)
+    best_scores = torch.empty_like(masses)
+    best_entries = torch.empty(rows, parts, dtype=torch.int32, device=scores.device)
+    totals = totals.contiguous()
+    _nucleus_round_kernel[(rows, parts)](scores, scores.stride(0), totals, keys, counts, chosen, masses, best_scores,
+                                         best_entries, vocabulary, parts, BLOCK=DRAW_BLOCK)
+    settled = masses.sum(-1, keepdim=True) < top_p
+    chosen.copy_(torch.where(settled, chosen, best_entries.gather(-1, best_scores.argmax(-1, keepdim=True)).long()))
     launch = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": ROUND_WARPS}
-    _nucleus_rounds_kernel[(rows,)](scores, scores.stride(0), totals.contiguous(), keys, counts, chosen, top_p,
+    _nucleus_rounds_kernel[(rows,)](scores, scores.stride(0), totals, keys, counts, chosen, settled, top_p,
                                     vocabulary, BLOCK=ROUND_BLOCK, **launch)
+    return settled

@@ -25,3 +25,4 @@ def test_every_triton_kernel_compiles_for_a_hopper_gpu(tmp_path):
     assert set(cubins) == launched  # a kernel added without a case here fails this
     assert all(sizes and min(sizes) > 0 for sizes in cubins.values())
     assert len(cubins["packed_gemv_kernel"]) == 3 and len(cubins["_split_attention_chunks"]) == 2
+    assert len(cubins["_keyed_draw_kernel"]) == 2  # with and without the log-sum's blocks
