@@ -56,7 +56,7 @@ def _keyed_draw_kernel(scores, stride, floors, keys, counts, best_scores, best_e
     part = tl.program_id(1)
     entries = part * BLOCK + tl.arange(0, BLOCK)
     score = tl.load(scores + row * stride + entries, mask=entries < vocabulary, other=float("-inf"))
-    allowed = score >= tl.load(floors + row)  # the entries past the vocabulary are -inf: never
+    allowed = score >= tl.load(floors + row)  # entries past the vocabulary load -inf: never drawn, nothing summed
     noisy = tl.where(allowed, score + _gumbel(_token_word(keys, counts, row), entries), float("-inf"))
     tl.store(best_scores + row * parts + part, tl.max(noisy, 0))
     tl.store(best_entries + row * parts + part, part * BLOCK + tl.argmax(noisy, 0))
