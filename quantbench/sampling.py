@@ -174,19 +174,19 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, draws: Draws | None = 
 
 def _drawn_by_kernels(scores: torch.Tensor, sampling: Sampling, draws: Draws) -> torch.Tensor:
     """The draw on CUDA: the argmax of the noisy scores at or above top-k's floor over the whole vocabulary in one
-    kernel (with top-p also the log-sum of the kept tokens' exponentials, in blocks), then with top-p the nucleus's
-    draw settled from it in rounds (`quantbench.sampling_kernels`): no sort and no host sync. The same tokens as
-    `kept_floors`' draw."""
-    from quantbench.sampling_kernels import keyed_draw, settle_nucleus_draws
+    kernel; with top-p the nucleus's draw settled from it in rounds, two launches more
+    (`quantbench.sampling_kernels`): no sort and no host sync. The same tokens as `kept_floors`' draw."""
+    from quantbench.sampling_kernels import keyed_draw, nucleus_draw
 
     k = min(sampling.top_k, scores.shape[-1])
     if k:
         floors = scores.topk(k, dim=-1).values[:, -1:]
     else:
         floors = torch.full((scores.shape[0], 1), float("-inf"), device=scores.device)
-    chosen, log_total = keyed_draw(scores, floors, draws.keys, draws.counts, log_total=sampling.top_p < 1)
     if sampling.top_p < 1:
-        settle_nucleus_draws(scores, log_total, draws.keys, draws.counts, chosen, sampling.top_p)
+        chosen, _ = nucleus_draw(scores, floors, draws.keys, draws.counts, sampling.top_p)
+    else:
+        chosen = keyed_draw(scores, floors, draws.keys, draws.counts)
     draws.counts.add_(1)
     return chosen
 

@@ -4,14 +4,15 @@ some forty, with no sort and no host sync, so a CUDA graph captures them.
 `keyed_draw`: each row's token, the argmax of its scores at or above its floor plus the Gumbel noise of its keyed
 uniforms (`Draws`), the keys hashed in the kernel; rows × blocks of the vocabulary in parallel.
 
-`settle_nucleus_draws`: top-p without finding the nucleus first. The token a draw over the nucleus gives is the
-argmax of the noisy scores among the nucleus; the argmax among all allowed tokens is it where that token is in the
-nucleus (the probability of the tokens strictly above it is below top_p). Where it is not, neither is any token
-scored at or below it, so the argmax is taken again among the tokens above it, until one is in. The first round
-runs as the draw does, rows × blocks of the vocabulary in parallel; a candidate is out with a probability of at
-most 1 − top_p, so the rows it leaves unsettled are few, and those go on in rounds of one program a row, each
-skipping the blocks with no score above the last candidate. The log-sum of the allowed tokens' exponentials that
-the probabilities need comes from the draw's kernel, a partial sum per block.
+`nucleus_draw`: top-p without finding the nucleus first. The token a draw over the nucleus gives is the argmax of
+the noisy scores among the nucleus; the argmax among all allowed tokens is it where that token is in the nucleus
+(the probability of the tokens strictly above it is below top_p). Where it is not, neither is any token scored at
+or below it, so the argmax is taken again among the tokens above it, until one is in. Three launches: the draw
+over rows × blocks, which also sums each block's exponentials for the softmax's log-sum; the first round over rows
+× blocks, each program first combining its row's blocks into the candidate and the log-sum; then one program a
+row, which settles the rows whose candidate is in and takes the others on in rounds, each skipping the blocks
+with no score above the last candidate. A candidate is out with a probability of at most 1 − top_p, so those rows
+are few.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-DRAW_BLOCK = 2048  # vocabulary entries a program of keyed_draw noises
-ROUND_BLOCK = 4096  # entries a round of settle_nucleus_draws reads at a time
+DRAW_BLOCK = 2048  # vocabulary entries a program of the draw and of the first round reads
+ROUND_BLOCK = 4096  # entries a program of the later rounds reads at a time
 ROUND_WARPS = 8
 
 
@@ -67,53 +68,77 @@ def _keyed_draw_kernel(scores, stride, floors, keys, counts, best_scores, best_e
         tl.store(sums + row * parts + part, tl.sum(tl.exp(kept - tl.where(peak > float("-inf"), peak, 0.0)), 0))
 
 
-def keyed_draw(scores: torch.Tensor, floors: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,
-               log_total: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+@triton.jit
+def _first_of_best(best_scores, best_entries, row, parts, vocabulary, PARTS: tl.constexpr):
+    """The row's entry of the largest of its blocks' best scores (the first where several are)."""
+    offsets = tl.arange(0, PARTS)
+    inside = offsets < parts
+    best = tl.load(best_scores + row * parts + offsets, mask=inside, other=float("-inf"))
+    where = tl.load(best_entries + row * parts + offsets, mask=inside, other=vocabulary)
+    return tl.min(tl.where(inside & (best == tl.max(best, 0)), where, vocabulary), 0).to(tl.int64)
+
+
+def keyed_draw(scores: torch.Tensor, floors: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """int64 [rows, 1]: the argmax over each row's entries with scores at or above its floor ([rows, 1]) of the score
     plus −log(−log(u)), u its uniform for `keys` and `counts` (int64 [rows], as `Draws` holds them; not moved on
-    here); with `log_total`, also float32 [rows, 1]: the log of the sum of those entries' exp(score)."""
+    here)."""
+    best_scores, best_entries, _, _ = _draw_blocks(scores, floors, keys, counts, sums=False)
+    return best_entries.gather(-1, best_scores.argmax(-1, keepdim=True)).long()
+
+
+def _draw_blocks(scores, floors, keys, counts, sums: bool):
     rows, vocabulary = scores.shape
     parts = triton.cdiv(vocabulary, DRAW_BLOCK)
-    best_scores = torch.empty(rows, parts, dtype=torch.float32, device=scores.device)
-    best_entries = torch.empty(rows, parts, dtype=torch.int32, device=scores.device)
-    peaks = torch.empty(rows, parts if log_total else 1, dtype=torch.float32, device=scores.device)
-    sums = torch.empty_like(peaks)
-    _keyed_draw_kernel[(rows, parts)](scores, scores.stride(0), floors.contiguous(), keys, counts, best_scores,
-                                      best_entries, peaks, sums, vocabulary, parts, BLOCK=DRAW_BLOCK, SUMS=log_total)
-    chosen = best_entries.gather(-1, best_scores.argmax(-1, keepdim=True)).long()
-    if not log_total:
-        return chosen, None
-    top = peaks.amax(-1, keepdim=True)
-    return chosen, top + (sums * torch.exp(peaks - top)).sum(-1, keepdim=True).log()
+    blocks = [torch.empty(rows, parts if i < 2 or sums else 1, dtype=torch.int32 if i == 1 else torch.float32,
+                          device=scores.device) for i in range(4)]
+    _keyed_draw_kernel[(rows, parts)](scores, scores.stride(0), floors.contiguous(), keys, counts, *blocks,
+                                      vocabulary, parts, BLOCK=DRAW_BLOCK, SUMS=sums)
+    return blocks
 
 
 @triton.jit
-def _nucleus_round_kernel(scores, stride, totals, keys, counts, chosen, masses, best_scores, best_entries,
-                          vocabulary, parts, BLOCK: tl.constexpr):
-    """One round over a block of a row: the mass of its entries scored above the row's candidate, and the argmax
-    of their noisy scores."""
+def _first_round_kernel(scores, stride, keys, counts, drawn_scores, drawn_entries, peaks, sums, totals, masses,
+                        best_scores, best_entries, vocabulary, parts, BLOCK: tl.constexpr, PARTS: tl.constexpr):
+    """A block's part of the first round: the mass of its entries scored above the row's drawn token, and the
+    argmax of their noisy scores."""
     row = tl.program_id(0)
     part = tl.program_id(1)
+    offsets = tl.arange(0, PARTS)
+    inside = offsets < parts
+    block_peaks = tl.load(peaks + row * parts + offsets, mask=inside, other=float("-inf"))
+    top = tl.max(block_peaks, 0)
+    block_sums = tl.load(sums + row * parts + offsets, mask=inside, other=0.0)
+    total = top + tl.log(tl.sum(block_sums * tl.exp(block_peaks - top), 0))
     at = scores + row * stride
+    bound = tl.load(at + _first_of_best(drawn_scores, drawn_entries, row, parts, vocabulary, PARTS))
     entries = part * BLOCK + tl.arange(0, BLOCK)
     score = tl.load(at + entries, mask=entries < vocabulary, other=float("-inf"))
-    above = score > tl.load(at + tl.load(chosen + row))
-    tl.store(masses + row * parts + part, tl.sum(tl.where(above, tl.exp(score - tl.load(totals + row)), 0.0), 0))
+    above = score > bound
+    tl.store(masses + row * parts + part, tl.sum(tl.where(above, tl.exp(score - total), 0.0), 0))
     noisy = tl.where(above, score + _gumbel(_token_word(keys, counts, row), entries), float("-inf"))
     tl.store(best_scores + row * parts + part, tl.max(noisy, 0))
     tl.store(best_entries + row * parts + part, part * BLOCK + tl.argmax(noisy, 0))
+    if part == 0:
+        tl.store(totals + row, total)
 
 
 @triton.jit
-def _nucleus_rounds_kernel(scores, stride, totals, keys, counts, chosen, settled_rows, top_p, vocabulary,
-                           BLOCK: tl.constexpr):
+def _nucleus_rounds_kernel(scores, stride, keys, counts, drawn_scores, drawn_entries, totals, masses, best_scores,
+                           best_entries, chosen, first_settled, top_p, vocabulary, parts, BLOCK: tl.constexpr,
+                           PARTS: tl.constexpr):
     row = tl.program_id(0)
     at = scores + row * stride
     word = _token_word(keys, counts, row)
     total = tl.load(totals + row)
     lanes = tl.arange(0, BLOCK)
-    candidate = tl.load(chosen + row)
-    settled = tl.load(settled_rows + row).to(tl.int32)
+    offsets = tl.arange(0, PARTS)
+    first_mass = tl.sum(tl.load(masses + row * parts + offsets, mask=offsets < parts, other=0.0), 0)
+    settled = (first_mass < top_p).to(tl.int32)
+    tl.store(first_settled + row, settled.to(tl.int8))
+    if settled == 1:
+        candidate = _first_of_best(drawn_scores, drawn_entries, row, parts, vocabulary, PARTS)
+    else:
+        candidate = _first_of_best(best_scores, best_entries, row, parts, vocabulary, PARTS)
     while settled == 0:  # ends: a round that does not settle moves to a candidate scored strictly above
         bound = tl.load(at + candidate)  # at or above the floor: so is every score above it
         mass = tl.zeros([BLOCK], dtype=tl.float32)
@@ -137,23 +162,25 @@ def _nucleus_rounds_kernel(scores, stride, totals, keys, counts, chosen, settled
     tl.store(chosen + row, candidate)
 
 
-def settle_nucleus_draws(scores: torch.Tensor, totals: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,
-                         chosen: torch.Tensor, top_p: float) -> torch.Tensor:
-    """In place: each row's `chosen` token (int64 [rows, 1], from `keyed_draw` over the tokens allowed) becomes
-    its draw over the nucleus: the tokens whose probability of tokens strictly above them (softmax with log-sums
-    `totals` [rows, 1] over those allowed) is below `top_p`. Returns bool [rows, 1]: the rows the first round
-    settled."""
+def nucleus_draw(scores: torch.Tensor, floors: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,
+                 top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 [rows, 1]: each row's draw over its nucleus: among its entries scored at or above its floor, those
+    whose probability of entries strictly above them (softmax over those entries) is below `top_p`; the noise as
+    `keyed_draw`'s. Also bool [rows]: the rows whose first candidate was in the nucleus."""
     rows, vocabulary = scores.shape
     parts = triton.cdiv(vocabulary, DRAW_BLOCK)
-    masses = torch.empty(rows, parts, dtype=torch.float32, device=scores.device)
-    best_scores = torch.empty_like(masses)
-    best_entries = torch.empty(rows, parts, dtype=torch.int32, device=scores.device)
-    totals = totals.contiguous()
-    _nucleus_round_kernel[(rows, parts)](scores, scores.stride(0), totals, keys, counts, chosen, masses, best_scores,
-                                         best_entries, vocabulary, parts, BLOCK=DRAW_BLOCK)
-    settled = masses.sum(-1, keepdim=True) < top_p
-    chosen.copy_(torch.where(settled, chosen, best_entries.gather(-1, best_scores.argmax(-1, keepdim=True)).long()))
+    PARTS = triton.next_power_of_2(parts)
+    drawn_scores, drawn_entries, peaks, sums = _draw_blocks(scores, floors, keys, counts, sums=True)
+    masses, best_scores = torch.empty_like(drawn_scores), torch.empty_like(drawn_scores)
+    best_entries = torch.empty_like(drawn_entries)
+    totals = torch.empty(rows, dtype=torch.float32, device=scores.device)
+    _first_round_kernel[(rows, parts)](scores, scores.stride(0), keys, counts, drawn_scores, drawn_entries, peaks,
+                                       sums, totals, masses, best_scores, best_entries, vocabulary, parts,
+                                       BLOCK=DRAW_BLOCK, PARTS=PARTS)
+    chosen = torch.empty(rows, 1, dtype=torch.int64, device=scores.device)
+    first_settled = torch.empty(rows, dtype=torch.int8, device=scores.device)
     launch = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": ROUND_WARPS}
-    _nucleus_rounds_kernel[(rows,)](scores, scores.stride(0), totals, keys, counts, chosen, settled, top_p,
-                                    vocabulary, BLOCK=ROUND_BLOCK, **launch)
-    return settled
+    _nucleus_rounds_kernel[(rows,)](scores, scores.stride(0), keys, counts, drawn_scores, drawn_entries, totals,
+                                    masses, best_scores, best_entries, chosen, first_settled, top_p, vocabulary,
+                                    parts, BLOCK=ROUND_BLOCK, PARTS=PARTS, **launch)
+    return chosen, first_settled.bool()

@@ -120,10 +120,8 @@ def sampling() -> None:
 
     scores = torch.zeros(3, 5000)
     keys, counts = torch.arange(3), torch.zeros(3, dtype=torch.int64)
-    for log_total in (False, True):
-        sampling_kernels.keyed_draw(scores, torch.zeros(3), keys, counts, log_total)
-    sampling_kernels.settle_nucleus_draws(scores, torch.zeros(3), keys, counts, torch.zeros(3, 1, dtype=torch.int64),
-                                          0.9)
+    sampling_kernels.keyed_draw(scores, torch.zeros(3), keys, counts)
+    sampling_kernels.nucleus_draw(scores, torch.zeros(3), keys, counts, 0.9)
 
 
 def split_attention() -> None:
