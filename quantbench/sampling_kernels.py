@@ -87,13 +87,17 @@ def keyed_draw(scores: torch.Tensor, floors: torch.Tensor, keys: torch.Tensor, c
 
 
 def _draw_blocks(scores, floors, keys, counts, sums: bool):
+    """Per row and block of DRAW_BLOCK entries: the best noisy score among the kept entries and its entry, and with
+    `sums` the block's peak kept score and its sum of exp(score − peak) over the kept entries."""
     rows, vocabulary = scores.shape
     parts = triton.cdiv(vocabulary, DRAW_BLOCK)
-    blocks = [torch.empty(rows, parts if i < 2 or sums else 1, dtype=torch.int32 if i == 1 else torch.float32,
-                          device=scores.device) for i in range(4)]
-    _keyed_draw_kernel[(rows, parts)](scores, scores.stride(0), floors.contiguous(), keys, counts, *blocks,
-                                      vocabulary, parts, BLOCK=DRAW_BLOCK, SUMS=sums)
-    return blocks
+    best_scores = torch.empty(rows, parts, dtype=torch.float32, device=scores.device)
+    best_entries = torch.empty(rows, parts, dtype=torch.int32, device=scores.device)
+    peaks = torch.empty(rows, parts if sums else 1, dtype=torch.float32, device=scores.device)
+    block_sums = torch.empty_like(peaks)
+    _keyed_draw_kernel[(rows, parts)](scores, scores.stride(0), floors.contiguous(), keys, counts, best_scores,
+                                      best_entries, peaks, block_sums, vocabulary, parts, BLOCK=DRAW_BLOCK, SUMS=sums)
+    return best_scores, best_entries, peaks, block_sums
 
 
 @triton.jit
