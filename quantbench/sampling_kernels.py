@@ -51,6 +51,13 @@ def _gumbel(word, entries):
 
 
 @triton.jit
+def _store_block_best(noisy, best_scores, best_entries, row, parts, part, BLOCK: tl.constexpr):
+    """A block's largest noisy score and its entry (the first where several are)."""
+    tl.store(best_scores + row * parts + part, tl.max(noisy, 0))
+    tl.store(best_entries + row * parts + part, part * BLOCK + tl.argmax(noisy, 0))
+
+
+@triton.jit
 def _keyed_draw_kernel(scores, stride, floors, keys, counts, best_scores, best_entries, peaks, sums, vocabulary,
                        parts, BLOCK: tl.constexpr, SUMS: tl.constexpr):
     row = tl.program_id(0)
@@ -59,8 +66,7 @@ def _keyed_draw_kernel(scores, stride, floors, keys, counts, best_scores, best_e
     score = tl.load(scores + row * stride + entries, mask=entries < vocabulary, other=float("-inf"))
     allowed = score >= tl.load(floors + row)  # entries past the vocabulary load -inf: never drawn, nothing summed
     noisy = tl.where(allowed, score + _gumbel(_token_word(keys, counts, row), entries), float("-inf"))
-    tl.store(best_scores + row * parts + part, tl.max(noisy, 0))
-    tl.store(best_entries + row * parts + part, part * BLOCK + tl.argmax(noisy, 0))
+    _store_block_best(noisy, best_scores, best_entries, row, parts, part, BLOCK)
     if SUMS:  # the block's share of the log-sum: its peak, and the sum of exponentials below it
         kept = tl.where(allowed, score, float("-inf"))
         peak = tl.max(kept, 0)
@@ -120,8 +126,7 @@ def _first_round_kernel(scores, stride, keys, counts, drawn_scores, drawn_entrie
     above = score > bound
     tl.store(masses + row * parts + part, tl.sum(tl.where(above, tl.exp(score - total), 0.0), 0))
     noisy = tl.where(above, score + _gumbel(_token_word(keys, counts, row), entries), float("-inf"))
-    tl.store(best_scores + row * parts + part, tl.max(noisy, 0))
-    tl.store(best_entries + row * parts + part, part * BLOCK + tl.argmax(noisy, 0))
+    _store_block_best(noisy, best_scores, best_entries, row, parts, part, BLOCK)
     if part == 0:
         tl.store(totals + row, total)
 
