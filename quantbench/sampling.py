@@ -174,12 +174,15 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, draws: Draws | None = 
 
 def _drawn_by_kernels(scores: torch.Tensor, sampling: Sampling, draws: Draws) -> torch.Tensor:
     """The draw on CUDA: the argmax of the noisy scores at or above top-k's floor over the whole vocabulary in one
-    kernel; with top-p the nucleus's draw settled from it in rounds, two launches more
-    (`quantbench.sampling_kernels`): no sort and no host sync. The same tokens as `kept_floors`' draw."""
-    from quantbench.sampling_kernels import keyed_draw, nucleus_draw
+    kernel; with top-p the nucleus's draw settled from it in rounds, two launches more; top-k's floors in two
+    launches before (`quantbench.sampling_kernels`; torch's topk for a k or vocabulary too large for them): no sort
+    and no host sync. The same tokens as `kept_floors`' draw."""
+    from quantbench.sampling_kernels import keyed_draw, nucleus_draw, topk_fits, topk_floors
 
     k = min(sampling.top_k, scores.shape[-1])
-    if k:
+    if k and topk_fits(k, scores.shape[-1]):
+        floors = topk_floors(scores, k)
+    elif k:
         floors = scores.topk(k, dim=-1).values[:, -1:]
     else:
         floors = torch.full((scores.shape[0], 1), float("-inf"), device=scores.device)

@@ -13,6 +13,9 @@ over rows × blocks, which also sums each block's exponentials for the softmax's
 row, which settles the rows whose candidate is in and takes the others on in rounds, each skipping the blocks
 with no score above the last candidate. A candidate is out with a probability of at most 1 − top_p, so those rows
 are few.
+
+`topk_floors`: each row's k-th largest score, top-k's floor, without a sort: each block's k-th largest found bit by
+bit in its registers, and the keys at or above it kept; then each row's k-th among its blocks' kept keys.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import triton.language as tl
 DRAW_BLOCK = 2048  # vocabulary entries a program of the draw and of the first round reads
 ROUND_BLOCK = 4096  # entries a program of the later rounds reads at a time
 ROUND_WARPS = 8
+TOPK_KEPT_MAX = 256  # the largest k whose floors the kernels find (the keys a block keeps)
+TOPK_CANDIDATES_MAX = 8192  # the most keys a row's floor is found among in one program
 
 
 @triton.jit
@@ -169,6 +174,80 @@ def _nucleus_rounds_kernel(scores, stride, keys, counts, drawn_scores, drawn_ent
             top = tl.max(best, 0)
             candidate = tl.min(tl.where(best == top, where, vocabulary), 0)
     tl.store(chosen + row, candidate)
+
+
+@triton.jit
+def _order_keys(score):
+    """uint32 keys in the order of the float32 scores: the sign bit set on non-negatives, every bit flipped on
+    negatives."""
+    bits = score.to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
+
+
+@triton.jit
+def _kth_largest_key(keys, k):
+    """The k-th largest of the keys (k ≤ their count), bit by bit from the top: the largest key T with at least k
+    keys at or above it."""
+    found = tl.zeros([], dtype=tl.uint32)
+    for bit in tl.static_range(31, -1, -1):
+        trial = found | (tl.full([], 1, tl.uint32) << bit)
+        if tl.sum((keys >= trial).to(tl.int32), 0) >= k:
+            found = trial
+    return found
+
+
+@triton.jit
+def _block_candidates_kernel(scores, stride, candidates, vocabulary, parts, k, BLOCK: tl.constexpr,
+                             KEPT: tl.constexpr):
+    """A block's k largest scores' keys (its k-th's ties after those above it, up to KEPT ≥ k in all), the other
+    places key 0, below every score's."""
+    row = tl.program_id(0)
+    part = tl.program_id(1)
+    entries = part * BLOCK + tl.arange(0, BLOCK)
+    score = tl.load(scores + row * stride + entries, mask=entries < vocabulary, other=0.0)
+    keys = tl.where(entries < vocabulary, _order_keys(score), 0)
+    kth = _kth_largest_key(keys, k)
+    above = keys > kth
+    tied = keys == kth
+    count_above = tl.sum(above.to(tl.int32), 0)
+    places = tl.where(above, tl.cumsum(above.to(tl.int32), 0) - 1, count_above + tl.cumsum(tied.to(tl.int32), 0) - 1)
+    out = candidates + (row * parts + part) * KEPT
+    tl.store(out + places, keys.to(tl.int32, bitcast=True), mask=(above | tied) & (places < KEPT))
+    slots = tl.arange(0, KEPT)
+    tl.store(out + slots, tl.zeros([KEPT], dtype=tl.int32), mask=slots >= count_above + tl.sum(tied.to(tl.int32), 0))
+
+
+@triton.jit
+def _topk_floor_kernel(candidates, floors, k, count, CANDIDATES: tl.constexpr):
+    row = tl.program_id(0)
+    offsets = tl.arange(0, CANDIDATES)
+    keys = tl.load(candidates + row * count + offsets, mask=offsets < count, other=0).to(tl.uint32, bitcast=True)
+    kth = _kth_largest_key(keys, k)
+    bits = tl.where((kth >> 31) == 1, kth & 0x7FFFFFFF, ~kth)
+    tl.store(floors + row, bits.to(tl.float32, bitcast=True))
+
+
+def topk_floors(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """float32 [rows, 1]: each row's k-th largest score (`scores.topk(k).values[:, -1:]`) without a sort, in two
+    launches: each block of DRAW_BLOCK entries finds its k-th largest bit by bit and keeps the keys at or above it
+    (every one of the row's k largest is among its block's); then each row's k-th among those. For k up to
+    `TOPK_KEPT_MAX` and at most `TOPK_CANDIDATES_MAX` kept a row (`topk_fits`)."""
+    rows, vocabulary = scores.shape
+    parts = triton.cdiv(vocabulary, DRAW_BLOCK)
+    kept = triton.next_power_of_2(k)
+    candidates = torch.empty(rows, parts * kept, dtype=torch.int32, device=scores.device)
+    _block_candidates_kernel[(rows, parts)](scores, scores.stride(0), candidates, vocabulary, parts, k,
+                                            BLOCK=DRAW_BLOCK, KEPT=kept)
+    floors = torch.empty(rows, 1, dtype=torch.float32, device=scores.device)
+    _topk_floor_kernel[(rows,)](candidates, floors, k, parts * kept,
+                                CANDIDATES=triton.next_power_of_2(parts * kept))
+    return floors
+
+
+def topk_fits(k: int, vocabulary: int) -> bool:
+    """Whether `topk_floors` takes top-k `k` of a vocabulary of this size."""
+    return 0 < k <= TOPK_KEPT_MAX and triton.cdiv(vocabulary, DRAW_BLOCK) * triton.next_power_of_2(k) \
+        <= TOPK_CANDIDATES_MAX
 
 
 def nucleus_draw(scores: torch.Tensor, floors: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,

@@ -122,6 +122,7 @@ def sampling() -> None:
     keys, counts = torch.arange(3), torch.zeros(3, dtype=torch.int64)
     sampling_kernels.keyed_draw(scores, torch.zeros(3), keys, counts)
     sampling_kernels.nucleus_draw(scores, torch.zeros(3), keys, counts, 0.9)
+    sampling_kernels.topk_floors(scores, 50)
 
 
 def split_attention() -> None:

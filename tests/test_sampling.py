@@ -191,6 +191,24 @@ def test_the_draw_kernel_takes_each_rows_token_from_its_keyed_noise(rows, vocabu
         assert (scores.gather(-1, chosen) >= floors).all()
 
 
+@pytest.mark.parametrize("rows, vocabulary, k", [(1, 2048, 1), (3, 5000, 7), (2, 4097, 64), (2, 300, 256),
+                                                 (1, 49152, 50)])
+def test_topk_floors_are_each_rows_kth_largest_score(rows, vocabulary, k):
+    """topk_floors against torch's topk, bit for bit: bfloat16 logits of both signs (ties within and across blocks),
+    -inf, both zeros; one block, a partial last block, a k as large as the vocabulary and SmolLM2's vocabulary."""
+    from quantbench.sampling_kernels import topk_floors
+
+    scores = bfloat16_logits(rows, vocabulary, seed=k, spread=8.0) - 20
+    scores[:, :vocabulary // 3] = scores[:, :vocabulary // 3].clamp(max=-1.0)  # the k-th negative where k is large
+    scores[0, 1:6] = float("-inf")
+    scores[-1, -3:] = torch.tensor([0.0, -0.0, 0.0])
+    assert (scores < 0).any() and (scores > 0).any() and scores.unique().numel() < scores.numel() // 2
+    expected = scores.topk(k, dim=-1).values[:, -1:]
+    assert torch.equal(topk_floors(scores.to(KERNELS_ON), k).cpu(), expected)
+    assert torch.equal(topk_floors(torch.full((1, 100), float("-inf")).to(KERNELS_ON), 3).cpu(),
+                       torch.tensor([[float("-inf")]]))
+
+
 @pytest.mark.parametrize("spread, top_k", [(3.0, 0), (1.0, 0), (1.0, 900)],
                          ids=["tens of tokens", "thousands", "after top-k"])
 def test_the_nucleus_rounds_draw_what_the_floor_draws(spread, top_k):
