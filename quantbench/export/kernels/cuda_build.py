@@ -154,12 +154,11 @@ def build(weight_type: WeightType, arch: str) -> Path:
 
 # Entry points: (rows, lanes/warps, threads/warps_n, async/x_shared[, capped], splits[, column blocks]) ints,
 # then pointers, then sizes (gemv: and whether x goes through shared memory and whether word rows are
-# streamed), whether the outputs are gated (not the warpgroup kernel; gemv: then its L2 lookahead), then the scale,
-# whether to launch
+# streamed), whether the outputs are gated (not the warpgroup kernel), then the scale, whether to launch
 # dependent and the stream; the tensor-core libraries also gather act_order's inputs (x, perm, out, M, K,
 # stride, dependent, stream); the warpgroup kernel's takes (rows, warpgroups, splits), then pointers and sizes
 # as the tensor-core kernel's.
-SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 10
+SIGNATURES = {"gemv": ("quantbench_packed_gemv", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 9
                        + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),
               "mma": ("quantbench_packed_mma", [ctypes.c_int] * 6 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 7
                       + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]),

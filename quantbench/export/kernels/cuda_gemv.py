@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 
@@ -23,7 +22,6 @@ STREAMED_ROWS = (1, 2)  # and the register variant that reloads each word row as
 X_SHARED_BYTES = 96 << 10  # the block's x in shared memory up to this (act_order: gathered there, else by torch)
 MAX_ROWS = 16  # beyond this only the tensor-core and tl.dot kernels are tried
 SLAB = 8  # word rows a thread loads at once; split-K gives each block whole slabs
-L2_SHARE = 0.5  # the share of L2 a call may ask to hold its words ahead of their loads
 
 
 def unsupported_reason(x: torch.Tensor, weight: KernelWeight) -> str | None:
@@ -61,24 +59,6 @@ def column_block_choices(n: int, lanes: int, per_column: int, processors: int) -
     tiles = -(-n // (4 * lanes))
     blocks = (-(-per_processor * processors // per_column) for per_processor in (1, 2))
     return [0] + sorted({b for b in blocks if tiles < b <= n // 4})
-
-
-def lookahead_rounds(weight: KernelWeight, device: torch.device, lanes: int, threads: int, splits: int) -> int:
-    """The rounds ahead of its loads whose words and scales each thread asks L2 for (packed_gemv.cu's lookahead):
-    all of its block's where the weight fits in `L2_SHARE` of the device's L2, else as many as keep what is asked
-    within that share. QUANTBENCH_GEMV_LOOKAHEAD sets it (0: none)."""
-    chosen = os.environ.get("QUANTBENCH_GEMV_LOOKAHEAD")
-    if chosen is not None:
-        return int(chosen)
-    rounds = -(-split_rows(weight.shape[1] // weight.per_word, splits) // (threads // lanes * SLAB))
-    budget = L2_SHARE * l2_bytes(device)
-    stored = weight.qweight.numel() * weight.qweight.element_size()
-    return rounds if stored <= budget else max(1, int(rounds * budget // stored))
-
-
-@functools.cache
-def l2_bytes(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).L2_cache_size
 
 
 def x_held_bytes(k: int, weight: KernelWeight, rows: int, splits: int) -> int:
@@ -137,11 +117,10 @@ def bind(x: torch.Tensor, weight: KernelWeight, rows: int, lanes: int, threads: 
     partials = arrivals = None
     if splits > 1:
         partials, arrivals = cuda_build.split_workspace(x.device, splits, m, n)
-    lookahead = lookahead_rounds(weight, x.device, lanes, threads, splits) if x.is_cuda else 0
     arguments = [rows, lanes, threads, int(async_copies), splits, column_blocks, Slot.X, pointer(weight.perm),
                  weight.qweight.data_ptr(), weight.scales.data_ptr(), pointer(weight.zeros), Slot.OUT,
                  pointer(partials), pointer(arrivals), m, n, k, weight.n_groups, row_shift(weight), Slot.X_STRIDE,
-                 int(x_shared), int(streamed), int(gated), lookahead, 1.0 / weight.global_scale,
+                 int(x_shared), int(streamed), int(gated), 1.0 / weight.global_scale,
                  cuda_build.dependent_launch(x.device), Slot.STREAM]
     return KernelCall(weight_type, cuda_build.device_arch(x.device), "gemv", arguments, x.device, m,
                       n // 2 if gated else n,

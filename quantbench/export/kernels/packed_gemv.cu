@@ -161,34 +161,6 @@ __device__ __forceinline__ void load_groups(GroupScales (&groups)[GROUPS], const
     groups[f] = load_group(scales_, zeros, j0 + f * FLUSH, row_shift, n_groups, N, n0, active && j0 < rows);
 }
 
-// Asks L2 for this thread's words of the slab at word row j0 and for its scale groups (nothing past the last row
-// or output): their loads, rounds later, then find them there. No register waits for them.
-__device__ __forceinline__ void prefetch_slab(const uint32_t* __restrict__ column, const void* __restrict__ scales_,
-                                              const uint8_t* __restrict__ zeros, int j0, int rows, int row_shift,
-                                              int n_groups, int N, int n0, bool active) {
-  if (!active || j0 >= rows) return;
-  const uint32_t* row = column + static_cast<size_t>(j0) * N;
-#pragma unroll
-  for (int i = 0; i < SLAB; ++i, row += N)
-    if (j0 + i < rows) asm volatile("prefetch.global.L2 [%0];" :: "l"(row));
-#pragma unroll
-  for (int f = 0; f < GROUPS; ++f) {
-    const size_t at = static_cast<size_t>(min((j0 + f * FLUSH) >> row_shift, n_groups - 1)) * N + n0;
-#if KIND == 0 || KIND == 1
-    asm volatile("prefetch.global.L2 [%0];" :: "l"(static_cast<const half*>(scales_) + at));
-#endif
-#if KIND == 0 && HAS_ZEROS
-    asm volatile("prefetch.global.L2 [%0];" :: "l"(zeros + at));
-#elif KIND == 1
-    const half* const second = static_cast<const half*>(scales_) + static_cast<size_t>(n_groups) * N;
-    asm volatile("prefetch.global.L2 [%0];" :: "l"(second + at));
-#elif KIND >= 2
-    asm volatile("prefetch.global.L2 [%0];" :: "l"(static_cast<const uint8_t*>(scales_) + at));
-#endif
-  }
-  (void)zeros;
-}
-
 // cp.async of rows [m0, m0 + ROWS) of x, inputs [begin, end), into shared rows of `width` inputs, as one
 // commit group (rows past M are left as they are: their sums are never stored).
 template <int ROWS, int THREADS>
@@ -495,7 +467,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     const half* __restrict__ x, const int* __restrict__ perm, const uint32_t* __restrict__ w,
     const void* __restrict__ scales_, const uint8_t* __restrict__ zeros, half* __restrict__ out,
     float* __restrict__ partials, int* __restrict__ arrivals, int M, int N, int K, int n_groups, int row_shift,
-    int stride_x, bool gated, float inverse_global_scale, int lookahead) {
+    int stride_x, bool gated, float inverse_global_scale) {
   constexpr int ROW_LANES = THREADS / LANES_N;
   constexpr int STEP = ROW_LANES * SLAB;
 
@@ -531,9 +503,6 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
     load_slab(next, column, row_begin + row_lane * SLAB, rows, N, active);
     load_groups(next_groups, scales_, zeros, row_begin + row_lane * SLAB, rows, row_shift, n_groups, N, n0, active);
   }
-  for (int a = 1; a <= lookahead; ++a)  // rounds 1 .. lookahead asked of L2 now; each round asks one more
-    prefetch_slab(column, scales_, zeros, row_begin + row_lane * SLAB + a * STEP, rows, row_shift, n_groups, N, n0,
-                  active);
   if constexpr (X_HELD) prefetch_range(perm + k_begin, HAS_PERM ? max(k_end - k_begin, 0) * sizeof(int) : 0);
   wait_for_previous_kernel();
   if constexpr (X_HELD) hold_x<ROWS, THREADS, ASYNC>(held, raw, x, perm, k_begin, k_end, k_count, K, m0, M, stride_x);
@@ -566,8 +535,6 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
         load_slab(next, column, j0 + STEP, rows, N, active);
       }
     }
-    if (lookahead)
-      prefetch_slab(column, scales_, zeros, j0 + (lookahead + 1) * STEP, rows, row_shift, n_groups, N, n0, active);
     const uint32_t* const ahead = column + static_cast<size_t>(j0 + STEP) * N;  // STREAMED: the next slab
     // A row's words; STREAMED: its register then loads the same row of the next slab at once, so that a
     // thread keeps a slab's worth of loads in flight all the time instead of waiting for a whole slab.
@@ -592,7 +559,7 @@ __global__ void __launch_bounds__(THREADS) packed_gemv(
 struct Call {
   const void *x, *perm, *w, *scales, *zeros;
   void *out, *partials, *arrivals;
-  int splits, column_blocks, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed, lookahead;
+  int splits, column_blocks, M, N, K, n_groups, row_shift, stride_x, x_shared, streamed;
   float inverse_global_scale;
   bool gated, dependent;
   cudaStream_t stream;
@@ -614,7 +581,7 @@ cudaError_t launch_kernel(const Call& c) {
       static_cast<const half*>(c.x), static_cast<const int*>(c.perm), static_cast<const uint32_t*>(c.w), c.scales,
       static_cast<const uint8_t*>(c.zeros), static_cast<half*>(c.out), static_cast<float*>(c.partials),
       static_cast<int*>(c.arrivals), c.M, c.N, c.K, c.n_groups, c.row_shift, c.stride_x, c.gated,
-      c.inverse_global_scale, c.lookahead);
+      c.inverse_global_scale);
 }
 
 // act_order always holds its gathered x: its libraries build no variant that reads x from memory. Streamed
@@ -666,17 +633,15 @@ cudaError_t by_lanes(int lanes_n, int threads, const Call& c) {
 // rounded up). gated: the outputs are a gated MLP's gate and up rows interleaved (gate j at 2j, up j at 2j + 1), and
 // out [M, N / 2] gets silu(gate)·up.
 // dependent: launched to start while the stream's previous kernel finishes (packed_decode.cuh, launch_after).
-// lookahead: the rounds (slabs of a row lane) ahead of its loads whose words and scales each thread asks L2 for,
-// the first `lookahead` at once (0: none).
 extern "C" int quantbench_packed_gemv(int rows_per_program, int lanes_n, int threads, int async_copies, int splits,
                                       int column_blocks, const void* x, const void* perm, const void* w,
                                       const void* scales, const void* zeros, void* out, void* partials,
                                       void* arrivals, int M, int N, int K, int n_groups, int row_shift, int stride_x,
-                                      int x_shared, int streamed, int gated, int lookahead,
-                                      float inverse_global_scale, int dependent, void* stream) {
+                                      int x_shared, int streamed, int gated, float inverse_global_scale,
+                                      int dependent, void* stream) {
   if (splits < 1 || splits > 65535 || (gated && N % 2)) return cudaErrorInvalidValue;
   const Call c{x, perm, w, scales, zeros, out, partials, arrivals, splits, column_blocks, M, N, K, n_groups,
-               row_shift, stride_x, x_shared, streamed, lookahead, inverse_global_scale, gated != 0, dependent != 0,
+               row_shift, stride_x, x_shared, streamed, inverse_global_scale, gated != 0, dependent != 0,
                static_cast<cudaStream_t>(stream)};
   if (async_copies) {
     switch (rows_per_program) {
