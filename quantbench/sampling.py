@@ -177,21 +177,27 @@ def _drawn_by_kernels(scores: torch.Tensor, sampling: Sampling, draws: Draws) ->
     kernel; with top-p the nucleus's draw settled from it in rounds, two launches more; top-k's floors in two
     launches before (`quantbench.sampling_kernels`; torch's topk for a k or vocabulary too large for them): no sort
     and no host sync. The same tokens as `kept_floors`' draw."""
-    from quantbench.sampling_kernels import keyed_draw, nucleus_draw, topk_fits, topk_floors
+    from quantbench.sampling_kernels import keyed_draw, nucleus_draw
 
-    k = min(sampling.top_k, scores.shape[-1])
-    if k and topk_fits(k, scores.shape[-1]):
-        floors = topk_floors(scores, k)
-    elif k:
-        floors = scores.topk(k, dim=-1).values[:, -1:]
-    else:
-        floors = torch.full((scores.shape[0], 1), float("-inf"), device=scores.device)
+    floors = _topk_floors(scores, min(sampling.top_k, scores.shape[-1]))
     if sampling.top_p < 1:
         chosen, _ = nucleus_draw(scores, floors, draws.keys, draws.counts, sampling.top_p)
     else:
         chosen = keyed_draw(scores, floors, draws.keys, draws.counts)
     draws.counts.add_(1)
     return chosen
+
+
+def _topk_floors(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """float32 [rows, 1]: each row's k-th largest score, found by the kernels where they take k (`topk_fits`), else
+    by torch's topk; -inf for k 0 (no cut)."""
+    from quantbench.sampling_kernels import topk_fits, topk_floors
+
+    if not k:
+        return torch.full((scores.shape[0], 1), float("-inf"), device=scores.device)
+    if topk_fits(k, scores.shape[-1]):
+        return topk_floors(scores, k)
+    return scores.topk(k, dim=-1).values[:, -1:]
 
 
 NUCLEUS_CANDIDATES = 1024  # the largest scores a CPU draw looks for the nucleus among first

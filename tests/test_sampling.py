@@ -195,8 +195,9 @@ def test_the_draw_kernel_takes_each_rows_token_from_its_keyed_noise(rows, vocabu
                                                  (1, 49152, 50)])
 def test_topk_floors_are_each_rows_kth_largest_score(rows, vocabulary, k):
     """topk_floors against torch's topk, bit for bit: bfloat16 logits of both signs (ties within and across blocks),
-    -inf, both zeros; one block, a partial last block, a k as large as the vocabulary and SmolLM2's vocabulary."""
-    from quantbench.sampling_kernels import topk_floors
+    -inf, both zeros; one block, a partial last block, the largest k it takes (256, of 300 scores) and SmolLM2's
+    vocabulary. Past 256, or past 8,192 keys a row, torch's topk finds the floors."""
+    from quantbench.sampling_kernels import topk_fits, topk_floors
 
     scores = bfloat16_logits(rows, vocabulary, seed=k, spread=8.0) - 20
     scores[:, :vocabulary // 3] = scores[:, :vocabulary // 3].clamp(max=-1.0)  # the k-th negative where k is large
@@ -207,6 +208,19 @@ def test_topk_floors_are_each_rows_kth_largest_score(rows, vocabulary, k):
     assert torch.equal(topk_floors(scores.to(KERNELS_ON), k).cpu(), expected)
     assert torch.equal(topk_floors(torch.full((1, 100), float("-inf")).to(KERNELS_ON), 3).cpu(),
                        torch.tensor([[float("-inf")]]))
+    assert topk_fits(k, vocabulary) and topk_fits(128, 128_256) and topk_fits(64, 256_000)
+    assert not (topk_fits(257, 5000) or topk_fits(256, 128_256) or topk_fits(0, 5000))
+
+
+def test_the_kernels_draw_takes_top_k_floors_from_the_kernels_or_past_them_from_torch():
+    """The floors the CUDA draw cuts at: the kernels' for k up to 256, torch's topk past it, -inf without top-k;
+    each row's k-th largest score every way."""
+    from quantbench.sampling import _topk_floors
+
+    scores = bfloat16_logits(3, 3000, seed=9, spread=3.0).to(KERNELS_ON)
+    for k in (40, 256, 300, 3000):
+        assert torch.equal(_topk_floors(scores, k), scores.topk(k, dim=-1).values[:, -1:])
+    assert torch.equal(_topk_floors(scores, 0).cpu(), torch.full((3, 1), float("-inf")))
 
 
 @pytest.mark.parametrize("spread, top_k", [(3.0, 0), (1.0, 0), (1.0, 900)],
