@@ -3,9 +3,9 @@ keyed draw over the whole vocabulary; with top-p, the nucleus's draw settled fro
 rows × blocks; top-k's floors in two launches, no sort), against the same cuts drawn with `torch.rand` from one
 generator (how a draw was made before its noise was keyed: it depended on the row and the batch), and the argmax;
 temperature alone, top-k 50, top-p 0.9 and both, for vocabularies of SmolLM2's and Llama 3's sizes, 1–64 rows, and
-logits of two spreads: 3 (the nucleus holds a few to 1,500 tokens) and 1 (flat: tens of thousands). Median of `--repeat` calls, after one; the same
-logits and cuts every way. On CUDA each call is captured in a CUDA graph and its replays timed, as a decode step
-runs it.
+logits of two spreads: 3 (the nucleus holds a few to 1,500 tokens) and 1 (flat: tens of thousands). Median of
+`--repeat` calls, after one; the same logits and cuts every way. On CUDA each call is captured in a CUDA graph and
+its replays timed, as a decode step runs it.
 
     python bench/draw_noise.py --device cpu --repeat 30
     python bench/draw_noise.py --device cuda --repeat 100
