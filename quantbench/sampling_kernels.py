@@ -185,6 +185,12 @@ def _order_keys(score):
 
 
 @triton.jit
+def _score_of_key(key):
+    """The float32 score whose `_order_keys` key this is."""
+    return tl.where((key >> 31) == 1, key & 0x7FFFFFFF, ~key).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _kth_largest_key(keys, k):
     """The k-th largest of the keys (k ≤ their count), bit by bit from the top: the largest key T with at least k
     keys at or above it."""
@@ -222,9 +228,7 @@ def _topk_floor_kernel(candidates, floors, k, count, CANDIDATES: tl.constexpr):
     row = tl.program_id(0)
     offsets = tl.arange(0, CANDIDATES)
     keys = tl.load(candidates + row * count + offsets, mask=offsets < count, other=0).to(tl.uint32, bitcast=True)
-    kth = _kth_largest_key(keys, k)
-    bits = tl.where((kth >> 31) == 1, kth & 0x7FFFFFFF, ~kth)
-    tl.store(floors + row, bits.to(tl.float32, bitcast=True))
+    tl.store(floors + row, _score_of_key(_kth_largest_key(keys, k)))
 
 
 def topk_floors(scores: torch.Tensor, k: int) -> torch.Tensor:
