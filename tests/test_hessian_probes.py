@@ -3,6 +3,7 @@ explicit loss Hessian."""
 
 import pytest
 import torch
+from torch import nn
 
 from helpers import tiny_llama
 from quantbench.allocation.hessian_probes import LossHessian, hutchinson_traces, power_iteration
@@ -55,21 +56,35 @@ def loss_hessian():
 
 @pytest.fixture(scope="module")
 def explicit_blocks(loss_hessian) -> list[torch.Tensor]:
-    """Each layer's diagonal block of the loss Hessian, column by column."""
+    """Each layer's diagonal block of the loss Hessian, whole: the mean next-token loss over all sequences at
+    once, differentiated twice by torch.func (independent of LossHessian's batches and products)."""
+    model, ids = loss_hessian.model, torch.cat(loss_hessian.batches)
+    names = {id(p): name for name, p in model.named_parameters()}
     blocks = []
-    for index, weight in enumerate(loss_hessian.weights):
-        eye = torch.eye(weight.numel())
-        columns = [loss_hessian([eye[j].reshape(weight.shape)], only=[index])[0].reshape(-1)
-                   for j in range(weight.numel())]
-        blocks.append(torch.stack(columns, 1).double())
+    model.set_attn_implementation("eager")
+    try:
+        for weight in loss_hessian.weights:
+            def loss(value, name=names[id(weight)]):
+                logits = torch.func.functional_call(model, {name: value}, (ids,), {"use_cache": False}).logits
+                return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            with torch.no_grad():
+                block = torch.func.jacrev(torch.func.jacrev(loss))(weight.detach())
+            blocks.append(block.reshape(weight.numel(), weight.numel()).double())
+    finally:
+        model.set_attn_implementation("sdpa")
     return blocks
 
 
-def test_loss_hessian_block_is_symmetric_and_hutchinson_matches_its_trace(loss_hessian, explicit_blocks):
+def test_loss_hessian_products_are_the_exact_block_and_hutchinson_matches_its_trace(loss_hessian, explicit_blocks):
     exact = explicit_blocks[0]
     assert torch.allclose(exact, exact.T, rtol=0, atol=1e-5 * float(exact.abs().max()))
-    estimate, = hutchinson_traces(lambda vs: loss_hessian(vs, only=[0]), [loss_hessian.weights[0]],
-                                  rel_stderr=0.02, max_probes=400)
+    weight = loss_hessian.weights[0]
+    probes = torch.randn(3, *weight.shape, generator=torch.Generator().manual_seed(1))
+    for v in probes:
+        product = loss_hessian([v], only=[0])[0].reshape(-1).double()
+        expected = exact @ v.reshape(-1).double()
+        assert torch.allclose(product, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    estimate, = hutchinson_traces(lambda vs: loss_hessian(vs, only=[0]), [weight], rel_stderr=0.02, max_probes=400)
     assert abs(estimate.trace - float(exact.trace())) <= 4 * estimate.stderr
 
 

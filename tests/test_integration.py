@@ -40,8 +40,8 @@ def wikitext_ids(plain):
     return tokenize_eval_text(plain[1], text)
 
 
-def ppl_of(model, ids) -> float:
-    return perplexity_of_ids(model, ids, WINDOW, max_windows=1).ppl
+def ppl_of(model, ids, window: int = WINDOW) -> float:
+    return perplexity_of_ids(model, ids, window, max_windows=1).ppl
 
 
 def test_perplexity_protocol_matches_the_reference_computation(plain, wikitext_ids):
@@ -132,10 +132,12 @@ def test_real_model_tasks_offline_well_above_chance_and_int2_falls_to_chance(ass
 def test_rotation_preserves_the_real_model_and_rescues_int4_activations(dithered, wikitext_ids):
     """The rotated dithered model gives the same logits. int4 per-token activations collapse on the plain
     model (outlier channels set every token's scale) and stay usable in a rotated basis, whether the whole
-    model is rotated (QuaRot) or each layer rotates its own input (hadamard+)."""
+    model is rotated (QuaRot) or each layer rotates its own input (hadamard+). Scored on 256 tokens, where
+    the margins are still wide (measured: A4 305-321x fp, the rotated runs 0.6-0.7% of the plain ones)."""
     from quantbench.rotation import max_logit_change, rotate_model
 
-    window = wikitext_ids[:WINDOW][None]
+    tokens = WINDOW // 2
+    window = wikitext_ids[:tokens][None]
     runs = {"fp": (False, "fp"), "rotated fp": (True, "fp"), "A4": (False, "int8-pc-rtn-a:int4"),
             "rotated A4": (True, "int8-pc-rtn-a:int4"), "W4A4": (False, "int4-pc-rtn-a:int4"),
             "hadamard W4A4": (False, "hadamard+int4-pc-rtn-a:int4")}
@@ -150,7 +152,7 @@ def test_rotation_preserves_the_real_model_and_rescues_int4_activations(dithered
         if name != "fp":
             for linear in model_linears(model).values():
                 quantize_linear(linear, Scheme.parse(name))
-        ppl[label] = ppl_of(model, wikitext_ids)
+        ppl[label] = ppl_of(model, wikitext_ids, tokens)
     assert math.isclose(ppl["rotated fp"], ppl["fp"], rel_tol=1e-4), ppl
     assert ppl["A4"] > 100 * ppl["fp"], ppl
     assert ppl["rotated A4"] < 0.05 * ppl["A4"], ppl
