@@ -114,14 +114,15 @@ def test_gptq_beats_rtn_on_the_dithered_model(dithered, wikitext_ids):
 
 
 def test_real_model_tasks_offline_well_above_chance_and_int2_falls_to_chance(assets, plain):
-    """piqa through lm-eval and the offline task copy: two choices, so chance is 50%."""
+    """piqa through lm-eval and the offline task copy: two choices, so chance is 50% (measured on its first 20
+    questions: acc and acc_norm 0.70, 0.50 with int2 per channel; on 40, 0.675 and 0.475)."""
     from quantbench.eval.lm_eval_bridge import TaskRequest, run_tasks
 
     model, tokenizer = copy.deepcopy(plain[0]), plain[1]
-    request = [TaskRequest("piqa", limit=40)]
+    request = [TaskRequest("piqa", limit=20)]
     full = run_tasks(model, tokenizer, request, include_path=[str(assets / "lm_eval_tasks")], progress=False)
     piqa = full["tasks"]["piqa"]
-    assert piqa["lm_eval_task"] == "piqa_local" and piqa["samples"] == 40
+    assert piqa["lm_eval_task"] == "piqa_local" and piqa["samples"] == 20
     assert piqa["metrics"]["acc"] > 0.6 and piqa["metrics"]["acc_norm"] > 0.6
     for linear in model_linears(model).values():
         quantize_linear(linear, Scheme.parse("int2-pc-rtn"))  # destroys the model (perplexity in the millions)
