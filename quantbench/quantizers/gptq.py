@@ -20,6 +20,7 @@ from quantbench.calibration.stats import LayerStats
 from quantbench.errors import QuantbenchError
 from quantbench.formats import GridParams, format_for
 from quantbench.quantized_weight import QuantizedWeight
+from quantbench.quantizers import gptq_cpu
 from quantbench.quantizers.gptq_fused import fused_available, solve_block_fused
 from quantbench.scheme import Scheme
 
@@ -203,10 +204,13 @@ class _Block:
 
 def _solve_columns(fmt, b: _Block, fit_offsets: tuple[int, ...], group: int, params=None, beyond=None):
     """The sequential heart of GPTQ, in place on `b`: quantize each column, push its error right.
-    Returns the grid in use at the end (a group may continue into the next block)."""
+    Returns the grid in use at the end (a group may continue into the next block). On the CPU, integer grids
+    run the columns between two fits in the C++ library (`gptq_cpu`), with the same floats."""
     fits = {offset: k for k, offset in enumerate(fit_offsets)}
     width = b.W1.shape[1]
-    for i in range(width):
+    native = gptq_cpu.applies(fmt, b.W1)
+    i = 0
+    while i < width:
         if b.col_scale is not None:
             params = GridParams(scale=b.col_scale[:, i:i + 1], zero=b.col_zero[:, i:i + 1])
         elif i in fits:  # fit on the columns as every error pushed so far has left them
@@ -216,12 +220,18 @@ def _solve_columns(fmt, b: _Block, fit_offsets: tuple[int, ...], group: int, par
             params = fmt.fit(span)
             k = fits[i]
             b.fit_scale[:, k:k + 1], b.fit_zero[:, k:k + 1] = params.scale, params.zero
+        if native:
+            end = min((offset for offset in fit_offsets if offset > i), default=width)
+            params = gptq_cpu.solve_columns(fmt, b, params, i, end)
+            i = end
+            continue
         column = b.W1[:, i:i + 1]
         code = fmt.encode(column, params)
         b.codes[:, i:i + 1] = code
         error = (column - fmt.decode(code, params)) / b.Hinv1[i, i]
         b.W1[:, i:] -= error @ b.Hinv1[i:i + 1, i:]
         b.errors[:, i:i + 1] = error
+        i += 1
     return params
 
 

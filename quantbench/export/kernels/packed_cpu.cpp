@@ -15,7 +15,8 @@
 // hardware prefetchers follow: in rows of the whole output width, a task's 256 bytes a row lie 4·N bytes apart.
 // bfloat16 x, where the CPU has bfloat16 dot products, takes a kernel of its own that multiplies two codes at a
 // time (the "pair" kernel below); then a packed layer's gradient in x, grad·W, for a few rows of grad; and dense
-// rows, a few rows of x times a dense weight (a packed model's lm_head).
+// rows, a few rows of x times a dense weight (a packed model's lm_head). Last, not a matmul: GPTQ's column loop for
+// integer grids (quantizers/gptq_cpu.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -793,6 +794,45 @@ int64_t threads_used(int64_t tasks) {
   return most.load();
 }
 
+// GPTQ's column loop for integer grids, columns [begin, end) of one lazy block W [rows, width] in place: a row at a
+// time (rows never meet), code = clamp(round(w / s) + z, low, max_code), error = (w − (code − z)·s) / Hinv[i, i],
+// then W[r, i:] −= error·Hinv[i, i:]. scale and zero [rows, k]: one grid for the run (k = 1) or one per column
+// (k = end − begin). No sums, and every product rounded on its own (-ffp-contract=off): the eager loop's floats.
+void gptq_int_columns(at::Tensor& W, const at::Tensor& hinv, at::Tensor& codes, at::Tensor& errors,
+                      const at::Tensor& scale, const at::Tensor& zero, int64_t begin, int64_t end, int64_t low,
+                      int64_t max_code) {
+  const int64_t rows = W.size(0), width = W.size(1), grids = scale.size(1);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&W, &hinv, &codes, &errors, &scale, &zero})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2,
+                "gptq_int_columns: contiguous float32 matrices");
+  TORCH_CHECK(hinv.size(0) == width && hinv.size(1) == width && codes.sizes() == W.sizes() &&
+                  errors.sizes() == W.sizes() && 0 <= begin && begin <= end && end <= width &&
+                  scale.size(0) == rows && zero.sizes() == scale.sizes() && (grids == 1 || grids == end - begin),
+              "gptq_int_columns: W, codes, errors [rows, width], Hinv [width, width], a grid per run or column");
+  float* w_data = W.data_ptr<float>();
+  float* code_data = codes.data_ptr<float>();
+  float* error_data = errors.data_ptr<float>();
+  const float* h = hinv.data_ptr<float>();
+  const float* s_data = scale.data_ptr<float>();
+  const float* z_data = zero.data_ptr<float>();
+  const float lo = static_cast<float>(low), hi = static_cast<float>(max_code);
+  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      float* w = w_data + r * width;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t g = grids == 1 ? 0 : i - begin;
+        const float s = s_data[r * grids + g], z = z_data[r * grids + g];
+        const float code = std::min(std::max(std::nearbyint(w[i] / s) + z, lo), hi);
+        const float error = (w[i] - (code - z) * s) / h[i * width + i];
+        code_data[r * width + i] = code;
+        error_data[r * width + i] = error;
+        const float* h_row = h + i * width;
+        for (int64_t j = i; j < width; ++j) w[j] -= error * h_row[j];
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quantbench_cpu, m) {
@@ -807,8 +847,11 @@ TORCH_LIBRARY(quantbench_cpu, m) {
   m.def("lanes() -> int", TORCH_FN(lanes));  // floats in one vector: what the library was compiled for
   m.def("threads_used(int tasks) -> int", TORCH_FN(threads_used));
   m.def("takes_bfloat16(int kind, int bits) -> bool", TORCH_FN(takes_bfloat16));  // the bfloat16 pair kernel
+  m.def("gptq_int_columns(Tensor(a!) W, Tensor hinv, Tensor(b!) codes, Tensor(c!) errors, Tensor scale, "
+        "Tensor zero, int begin, int end, int low, int max_code) -> ()");
   m.impl("packed_matmul", c10::DispatchKey::CPU, TORCH_FN(packed_matmul));
   m.impl("decode", c10::DispatchKey::CPU, TORCH_FN(decode));
   m.impl("input_gradient", c10::DispatchKey::CPU, TORCH_FN(input_gradient));
   m.impl("dense_matmul", c10::DispatchKey::CPU, TORCH_FN(dense_matmul));
+  m.impl("gptq_int_columns", c10::DispatchKey::CPU, TORCH_FN(gptq_int_columns));
 }

@@ -1,0 +1,79 @@
+"""GPTQ's column loop in the C++ library (`quantizers/gptq_cpu.py`) against the torch loop it replaces: the same
+floats, bit for bit, for every way integer grids are fitted (in the block, past its end, up front, per channel)."""
+
+import pytest
+import torch
+from test_gptq import random_hessian
+
+from quantbench.formats import format_for
+from quantbench.quantizers import gptq as gptq_module
+from quantbench.quantizers import gptq_cpu
+from quantbench.quantizers.gptq import _Block, _solve_columns, gptq_quantize
+from quantbench.scheme import Scheme
+
+pytestmark = pytest.mark.skipif(not gptq_cpu.applies(format_for(Scheme.parse("int4-g32-gptq")), torch.zeros(1)),
+                                reason="quantbench's CPU library cannot be built here")
+
+
+def solved(W, H, scheme, monkeypatch, library: bool):
+    calls = []
+    monkeypatch.setenv("QUANTBENCH_GPTQ_KERNEL", "1" if library else "0")
+    monkeypatch.setattr(gptq_cpu, "solve_columns", lambda *a: calls.append(a[3:]) or solve_columns(*a))
+    return gptq_quantize(W, H, scheme), calls
+
+
+solve_columns = gptq_cpu.solve_columns
+
+
+@pytest.mark.parametrize("name, runs", [("int4-g32-gptq-act", 4 + 1), ("int4-g48-sym-gptq", 3 + 2),
+                                        ("int3-g32-gptq-act-static", 1 + 1), ("int8-pc-gptq", 1 + 1),
+                                        ("int2-g128-gptq-act", 1 + 1)])
+def test_the_library_solves_what_the_torch_loop_solves(monkeypatch, name, runs):
+    """160 columns in blocks of 128 and 32: groups fitted inside the blocks (g32), one fitted on columns past its
+    block (g48: 96–143, the second block's run to column 144 on its grid), grids fitted up front (static groups,
+    per channel: one run a block), one group a block (g128). A run from each fit to the next."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(40, 160, generator=g)
+    W[3, 5] = 0.0
+    H = random_hessian(160, 1)
+    scheme = Scheme.parse(name)
+    eager, none = solved(W, H, scheme, monkeypatch, library=False)
+    native, spans = solved(W, H, scheme, monkeypatch, library=True)
+    assert not none and len(spans) == runs
+    assert torch.equal(native.codes, eager.codes)
+    assert torch.equal(native.scales, eager.scales)
+    assert (native.zeros is None and eager.zeros is None) or torch.equal(native.zeros, eager.zeros)
+    assert (native.g_idx is None and eager.g_idx is None) or torch.equal(native.g_idx, eager.g_idx)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_block_leaves_the_same_weights_codes_and_errors(monkeypatch, symmetric):
+    """One block, grids fitted at columns 0 and 24 (a run each), with weights far off the grid's range so that
+    codes clamp at both ends."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(33, 48, generator=g) * torch.linspace(0.5, 4.0, 48)
+    fmt = format_for(Scheme.parse("int3-g24-sym-gptq" if symmetric else "int3-g24-gptq"))
+    upper = torch.linalg.cholesky(torch.linalg.inv(random_hessian(48, 2)), upper=True)
+    block = _Block.of(W, upper, 2)
+    results = {}
+    for library in (False, True):
+        monkeypatch.setenv("QUANTBENCH_GPTQ_KERNEL", "1" if library else "0")
+        results[library] = block.clone()
+        _solve_columns(fmt, results[library], (0, 24), 24)
+    for name in ("W1", "codes", "errors", "fit_scale", "fit_zero"):
+        assert torch.equal(getattr(results[True], name), getattr(results[False], name)), name
+    codes = results[True].codes
+    assert codes.min() == (1 if symmetric else 0) and codes.max() == 7
+
+
+def test_other_formats_and_devices_keep_the_torch_loop():
+    assert not gptq_cpu.applies(format_for(Scheme.parse("mxfp4-gptq")), torch.zeros(1))
+    assert not gptq_cpu.applies(format_for(Scheme.parse("int4-g32-gptq")), torch.zeros(1, dtype=torch.float64))
+    assert not gptq_cpu.applies(format_for(Scheme.parse("int4-g32-gptq")), torch.zeros(1, device="meta"))
+
+
+def test_gptq_quantize_takes_the_library_on_the_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gptq_module.gptq_cpu, "solve_columns", lambda *a: calls.append(1) or solve_columns(*a))
+    gptq_quantize(torch.randn(8, 64), random_hessian(64, 0), Scheme.parse("int4-g32-gptq"))
+    assert calls
