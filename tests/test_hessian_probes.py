@@ -39,6 +39,25 @@ def test_hutchinson_stops_at_the_relative_error_or_the_probe_limit():
     assert capped[0].probes == 12 and capped[0].relative_stderr > 1e-6
 
 
+def test_batched_products_give_the_estimates_of_one_product_a_probe():
+    """The first `min_probes` probes in one call, then one a call until the error bar or the limit is reached."""
+    a, b = spd_matrix(20, 4), spd_matrix(12, 5)
+    hvp = matrix_hvp(a, b)
+    sizes = []
+
+    def products(probes):
+        sizes.append(len(probes))
+        return [hvp(vs) for vs in probes]
+
+    shapes = [torch.zeros(4, 5, dtype=torch.float64), torch.zeros(12, dtype=torch.float64)]
+    for rel_stderr, max_probes, expected in ((1e-6, 7, [4, 1, 1, 1]), (0.5, 50, [4]), (1e-6, 3, [3])):
+        sizes.clear()
+        one_each = hutchinson_traces(hvp, shapes, rel_stderr=rel_stderr, min_probes=4, max_probes=max_probes)
+        batched = hutchinson_traces(hvp, shapes, rel_stderr=rel_stderr, min_probes=4, max_probes=max_probes,
+                                    products=products)
+        assert batched == one_each and sizes == expected
+
+
 def test_power_iteration_finds_the_top_eigenvalue():
     a = spd_matrix(40, 3, top=5.0)
     found = power_iteration(matrix_hvp(a), torch.zeros(40, dtype=torch.float64), max_iters=500, tol=1e-10)
@@ -100,6 +119,16 @@ def test_power_iteration_on_the_loss_hessian_matches_eigvalsh(loss_hessian, expl
     largest = float(exact[exact.abs().argmax()])
     found = power_iteration(loss_hessian.for_layer(0), loss_hessian.weights[0], max_iters=400, tol=1e-7)
     assert found.value == pytest.approx(largest, rel=1e-3)
+
+
+def test_loss_hessian_products_of_several_probes_are_those_of_one_call_each(loss_hessian):
+    g = torch.Generator().manual_seed(2)
+    probes = [[torch.randn(w.shape, generator=g) for w in loss_hessian.weights] for _ in range(3)]
+    together = loss_hessian.products(probes)
+    for vs, products in zip(probes, together):
+        assert all(torch.equal(a, b) for a, b in zip(products, loss_hessian(vs)))
+    only = loss_hessian.products([vs[1:] for vs in probes[:2]], only=[1])
+    assert [len(p) for p in only] == [1, 1] and torch.equal(only[1][0], loss_hessian(probes[1][1:], only=[1])[0])
 
 
 def test_loss_hessian_restores_gradients_and_attention(loss_hessian):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 Hvp = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+HvpMany = Callable[[list[list[torch.Tensor]]], list[list[torch.Tensor]]]  # H v for each of several probes
 
 
 @dataclass(frozen=True)
@@ -43,21 +44,26 @@ def rademacher_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.T
 
 
 def hutchinson_traces(hvp: Hvp, shapes: Sequence[torch.Tensor], rel_stderr: float = 0.05, min_probes: int = 8,
-                      max_probes: int = 256, seed: int = 0) -> list[TraceEstimate]:
+                      max_probes: int = 256, seed: int = 0, products: HvpMany | None = None) -> list[TraceEstimate]:
     """tr(H_ll) of every diagonal block of H, from one Hessian-vector product per probe.
 
     Each probe v is Rademacher over all blocks at once; v_lᵀ (H v)_l is an unbiased estimate of tr(H_ll)
     (the cross terms v_lᵀ H_lk v_k have mean zero). Probing stops once every block's standard error is
-    at most `rel_stderr` of its estimate (after `min_probes`), or at `max_probes`.
+    at most `rel_stderr` of its estimate (after `min_probes`), or at `max_probes`. With `products` (several
+    probes' products in one call, as `LossHessian.products`), the first `min_probes` go in one call; the
+    estimates are those of one `hvp` call a probe.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     samples: list[list[float]] = [[] for _ in shapes]
-    for probe in range(max_probes):
-        vs = [rademacher_like(t, generator) for t in shapes]
-        products = hvp(vs)
-        for block, (v, hv) in enumerate(zip(vs, products)):
-            samples[block].append(float((v.double() * hv.double()).sum()))
-        if probe + 1 >= min_probes and all(_summary(s).relative_stderr <= rel_stderr for s in samples):
+    taken = 0
+    while taken < max_probes:
+        count = min(max(1, min_probes - taken), max_probes - taken) if products is not None else 1
+        probes = [[rademacher_like(t, generator) for t in shapes] for _ in range(count)]
+        for vs, hvs in zip(probes, products(probes) if products is not None else [hvp(probes[0])]):
+            for block, (v, hv) in enumerate(zip(vs, hvs)):
+                samples[block].append(float((v.double() * hv.double()).sum()))
+        taken += count
+        if taken >= min_probes and all(_summary(s).relative_stderr <= rel_stderr for s in samples):
             break
     return [_summary(s) for s in samples]
 
@@ -105,9 +111,15 @@ class LossHessian:
 
     def __call__(self, vs: list[torch.Tensor], only: Sequence[int] | None = None) -> list[torch.Tensor]:
         """H v for block vectors `vs` (one per layer in `only`, default all layers)."""
+        return self.products([vs], only)[0]
+
+    def products(self, probes: list[list[torch.Tensor]], only: Sequence[int] | None = None) -> list[list[torch.Tensor]]:
+        """H v for each of several probes: a batch's forward and gradient serve all of them (its graph is kept
+        until the last probe's second backward), so a probe costs one backward of the gradient. The same floats
+        as one call a probe."""
         chosen = [self.weights[i] for i in (only if only is not None else range(len(self.layers)))]
         device = chosen[0].device
-        products = [torch.zeros_like(w) for w in chosen]
+        results = [[torch.zeros_like(w) for w in chosen] for _ in probes]
         with _second_order_ready(self.model, chosen):
             for batch in self.batches:
                 batch = batch.to(device)
@@ -115,10 +127,12 @@ class LossHessian:
                 loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                                    reduction="sum") / self.tokens
                 grads = torch.autograd.grad(loss, chosen, create_graph=True)
-                dot = sum((g * v).sum() for g, v in zip(grads, vs))
-                for product, hv in zip(products, torch.autograd.grad(dot, chosen)):
-                    product.add_(hv)
-        return products
+                for k, (vs, products) in enumerate(zip(probes, results)):
+                    dot = sum((g * v).sum() for g, v in zip(grads, vs))
+                    last = k + 1 == len(probes)
+                    for product, hv in zip(products, torch.autograd.grad(dot, chosen, retain_graph=not last)):
+                        product.add_(hv)
+        return results
 
     def for_layer(self, index: int) -> Hvp:
         return lambda vs: self(vs, only=[index])

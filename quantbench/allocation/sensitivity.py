@@ -424,7 +424,8 @@ def loss_hessian_measures(model: nn.Module, input_ids: torch.Tensor, layers: dic
                 estimates = hutchinson_traces(lambda vs, m=members: hessian(vs, only=m),
                                               [hessian.weights[i] for i in members], rel_stderr=options.rel_stderr,
                                               min_probes=options.min_probes, max_probes=options.max_probes,
-                                              seed=options.seed)
+                                              seed=options.seed,
+                                              products=lambda probes, m=members: hessian.products(probes, only=m))
                 for i, estimate in zip(members, estimates):
                     info, numel = layers[names[i]], hessian.weights[i].numel()
                     info.hessian_trace = estimate.trace / numel
