@@ -83,6 +83,8 @@ def preflight(recipe: Recipe, force: bool = False, estimate_time: bool = True) -
     for field_name, path, what in outputs:
         if (problem := _output_problem(path, force, what)) is not None:
             problems.append(f"{field_name}: {problem}")
+    if (problem := _task_names_problem(recipe)) is not None:
+        problems.append(f"eval.tasks: {problem}")
     if raw is None:
         _raise(recipe, problems)
     model = meta_model(raw)
@@ -140,6 +142,19 @@ def _model_config(recipe: Recipe, problems: list[str], notes: list[str]) -> dict
     if any(t.name == "rotate" for t in recipe.transforms) and model_type not in ROTATABLE_TYPES:
         problems.append(f"transforms: the model rotation supports {', '.join(ROTATABLE_TYPES)}, not {model_type!r}")
     return raw
+
+
+def _task_names_problem(recipe: Recipe) -> str | None:
+    """An lm-eval task name that no index can hold (a typo), found before anything runs."""
+    if not recipe.eval.tasks:
+        return None
+    from quantbench.eval.lm_eval_bridge import check_task_names
+
+    try:
+        check_task_names(recipe.eval.lm_eval.include_path, [request.name for request in recipe.eval.task_requests()])
+    except QuantbenchError as exc:
+        return str(exc)
+    return None
 
 
 def _output_problem(path: Path, force: bool, what: str) -> str | None:

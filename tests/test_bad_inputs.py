@@ -54,6 +54,8 @@ RECIPE_PROBES = {
     "gptq cannot store mxfp4": ({"quantize": {"overrides": [], "default": "mxfp4-rtn"},
                                                        "export": {"format": "gptq"}},
                                                       ["GPTQ stores integer grids only"]),
+    "misspelt task": ({"eval": {"tasks": ["piqa", "hellswag"], "baseline": False}},
+                      ["eval.tasks: lm-eval task 'hellswag' not found", "similar: hellaswag"]),
 }
 
 

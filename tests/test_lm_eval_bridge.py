@@ -76,8 +76,39 @@ def test_local_tasks_index_only_the_include_path_and_others_every_stock_task(tin
 
 def test_unknown_task_names_the_task(model_dir, tokenizer, tiny_task_dir):
     model, _ = load_model(str(model_dir), torch.float32)
-    with pytest.raises(QuantbenchError, match="tiny_mcq.*not found"):
+    with pytest.raises(QuantbenchError, match="tiny_mcq.*not found.*similar: tiny_mc_local"):
         run_tasks(model, tokenizer, [TaskRequest("tiny_mcq")], include_path=[str(tiny_task_dir)])
+
+
+def test_a_name_no_stock_task_mentions_is_refused_without_the_stock_index(tiny_task_dir, monkeypatch):
+    """Every task, group and tag of the full index is written in a stock YAML file: a name written in none (and
+    not in the include path) is refused before the index's seconds; a name written somewhere builds the index,
+    which decides. Glob patterns always do."""
+    from quantbench.eval import lm_eval_bridge
+
+    unmentioned, written = lm_eval_bridge._stock_task_scan(["piqa", "tiny_mcq", "hellaswag", "mmlu_zz*"])
+    assert unmentioned == ["tiny_mcq"] and {"piqa", "hellaswag", "arc_easy"} <= written
+    assert lm_eval_bridge._stock_task_scan(["piqa", "hellaswag"]) == ([], set())
+    with pytest.raises(QuantbenchError, match="'hellswag' not found.*similar: hellaswag"):  # a typo's hint
+        lm_eval_bridge.task_manager((), ("hellswag",))
+    built = []
+
+    def index(include_path, stock_tasks):
+        built.append(stock_tasks)
+        tasks = ["tiny_mc_local", *(["piqa", "arc_easy"] if stock_tasks else [])]
+        return SimpleNamespace(all_tasks=tasks, all_subtasks=tasks)
+
+    monkeypatch.setattr(lm_eval_bridge, "_task_index", index)
+    with pytest.raises(QuantbenchError, match="'tiny_mcq' not found.*similar: tiny_mc_local"):
+        lm_eval_bridge.task_manager((str(tiny_task_dir),), ("piqa", "tiny_mcq"))
+    with pytest.raises(QuantbenchError, match="'no_such_task_anywhere' not found"):
+        lm_eval_bridge.task_manager((), ("no_such_task_anywhere",))
+    assert built == [False]
+    manager = lm_eval_bridge.task_manager((), ("dataset_path",))  # a YAML key, written everywhere: the index decides
+    assert built == [False, True]
+    with pytest.raises(QuantbenchError, match="'dataset_path' not found"):
+        lm_eval_bridge.resolve_task("dataset_path", manager)
+    assert lm_eval_bridge.resolve_task("piqa", manager) == "piqa"
 
 
 def test_per_document_scores_and_their_paired_difference(model_dir, tokenizer, tiny_task_dir):

@@ -11,10 +11,13 @@ offline; the result still carries the requested name and records which task ran.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
+import importlib.util
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,12 +87,62 @@ def run_tasks(model: nn.Module, tokenizer, requests: list[TaskRequest], batch_si
 def task_manager(include_path: tuple[str, ...], names: tuple[str, ...] = ()):
     """lm-eval's task index. Where every task in `names` is in the include path (itself or its `_local`
     copy), only the include path is indexed (milliseconds); else every stock task too (about 15,000 YAML
-    files: 6–19 s on a 2-core machine). Each index is built once per process."""
-    if include_path and names:
-        narrow = _task_index(include_path, False)
-        if all(_in_index(name, narrow) for name in names):
-            return narrow
-    return _task_index(include_path, True)
+    files: 6–19 s on a 2-core machine), unless a name is refused first (`check_task_names`). Each index is
+    built once per process."""
+    local = _local_index(include_path, names)
+    return local if local is not None else _task_index(include_path, True)
+
+
+def check_task_names(include_path, names) -> None:
+    """Refuse, in a second or two and without the stock index, a name that neither the include path nor any
+    stock task's YAML file holds (a typo): every task, group and tag of the full index is written in one.
+    Names that pass may still be refused by the full index when the tasks run."""
+    _local_index(tuple(_existing_dirs(include_path)), tuple(names))
+
+
+def _local_index(include_path: tuple[str, ...], names: tuple[str, ...]):
+    """The include path's index where it holds every name; None where the stock index is needed; raises for a
+    name that no index can hold."""
+    narrow = _task_index(include_path, False) if include_path and names else None
+    missing = [name for name in names if narrow is None or not _in_index(name, narrow)]
+    if narrow is not None and not missing:
+        return narrow
+    local_names = set(narrow.all_tasks) if narrow is not None else set()
+    unmentioned, written = _stock_task_scan([name for name in missing if name not in local_names
+                                             and name + LOCAL_SUFFIX not in local_names])
+    if unmentioned:
+        raise _not_found(unmentioned[0], local_names | written)
+    return None
+
+
+_NAME_LINE = re.compile(r"^\s*(?:task|group|tag)\s*:\s*([\w.\-]+)", re.M)
+
+
+def _stock_task_scan(names: list[str]) -> tuple[list[str], set[str]]:
+    """The names (glob patterns aside) that no YAML file of lm-eval's stock tasks contains as text: no task,
+    group or tag of the full index can have them, as every one is written in a YAML file. Where there are such
+    names, also the names the files write on their `task:`, `group:` and `tag:` lines (for hints)."""
+    left = {name for name in names if not any(c in name for c in "*?[")}
+    spec = importlib.util.find_spec("lm_eval")
+    written: set[str] = set()
+    if not left or spec is None or spec.origin is None:
+        return [], written
+    for path in (Path(spec.origin).parent / "tasks").rglob("*.yaml"):
+        text = path.read_text(errors="ignore")
+        left = {name for name in left if name not in text}
+        if not left:
+            return [], set()
+        written.update(_NAME_LINE.findall(text))
+    return [name for name in names if name in left], written
+
+
+def _not_found(name: str, available) -> QuantbenchError:
+    """Refusal of an unknown task, with the available names that contain it or are spelt close to it."""
+    close = sorted(task for task in available if name in task)[:8]
+    close += [task for task in difflib.get_close_matches(name, available, n=8) if task not in close]
+    hint = f"; similar: {', '.join(close[:8])}" if close else ""
+    return QuantbenchError(f"lm-eval task {name!r} not found (include paths searched for {name + LOCAL_SUFFIX!r} "
+                           f"too){hint}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -133,10 +186,7 @@ def resolve_task(name: str, manager) -> str:
         return name + LOCAL_SUFFIX
     if name in available:
         return name
-    close = sorted(task for task in available if name in task)[:8]
-    hint = f"; similar: {', '.join(close)}" if close else ""
-    raise QuantbenchError(f"lm-eval task {name!r} not found (include paths searched for {name + LOCAL_SUFFIX!r} "
-                          f"too){hint}")
+    raise _not_found(name, available)
 
 
 def task_summary(output: dict, task: str, num_fewshot: int | None, limit: int | None) -> dict:
