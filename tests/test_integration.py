@@ -47,7 +47,7 @@ def ppl_of(model, ids, window: int = WINDOW) -> float:
 
 def test_perplexity_protocol_matches_the_reference_computation(plain, wikitext_ids):
     model, _ = plain
-    seqlen = 1024
+    seqlen = WINDOW
     ours = perplexity_of_ids(model, wikitext_ids, seqlen, max_windows=1)
     with torch.no_grad():  # the reference tool's way: HF's shifted mean loss over one window
         x = wikitext_ids[:seqlen][None]
