@@ -2,7 +2,7 @@
 `export/kernels/packed_cpu.cpp`).
 
 The eager loop of `gptq._solve_columns` launches about ten torch operations a column, each on a [rows, 1] slice
-or a [rows, ≤ 128] update: on the CPU it is bound by their dispatch (about 170 µs a column on two cores, most of
+or a [rows, ≤ 128] update: on the CPU it is bound by their dispatch (about 170 µs a column on one core, most of
 a 135M model's GPTQ solve). The library runs the columns between two grid fits a row at a time, with the eager
 loop's arithmetic operation for operation (IEEE division, round half to even, no fused multiply-add), so its codes
 and errors are the eager ones bit for bit. Grids are still fitted by the format, in Python, where groups start.
