@@ -100,6 +100,30 @@ def test_gptq_with_the_fused_kernel_equals_eager(monkeypatch, name):
     assert (fused.g_idx is None and eager.g_idx is None) or torch.equal(fused.g_idx, eager.g_idx)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["int4-g128-gptq-act", "int3-g32-gptq-act-static", "int8-pc-sym-gptq", "mxfp4-gptq",
+                                  "nvfp4-gptq-act-static"])
+def test_the_compiled_fused_kernel_gives_the_eager_codes_on_cuda(monkeypatch, name):
+    """The fused solve compiled for the GPU, not through the interpreter, against the eager loop on the same
+    device (no CUDA graphs): whole solves of 300 rows (a partial row tile) and 320 columns (two blocks and a
+    partial one)."""
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(300, 320, generator=g) * torch.rand(300, 1, generator=g)).cuda()
+    H = random_hessian(320, 3).cuda()
+    scheme = Scheme.parse(name)
+    monkeypatch.setenv("QUANTBENCH_CUDA_GRAPHS", "0")
+    monkeypatch.setenv("QUANTBENCH_GPTQ_KERNEL", "0")
+    eager = gptq_quantize(W, H, scheme)
+    monkeypatch.setenv("QUANTBENCH_GPTQ_KERNEL", "1")
+    calls = []
+    monkeypatch.setattr(gptq_module, "solve_block_fused", lambda *a: calls.append(1) or solve_block_fused(*a))
+    fused = gptq_quantize(W, H, scheme)
+    assert len(calls) >= 2
+    assert torch.equal(fused.codes, eager.codes) and torch.equal(fused.scales, eager.scales)
+    assert (fused.zeros is None and eager.zeros is None) or torch.equal(fused.zeros, eager.zeros)
+    assert (fused.g_idx is None and eager.g_idx is None) or torch.equal(fused.g_idx, eager.g_idx)
+
+
 def test_batched_inverse_factors_equal_per_layer_ones(caplog):
     hessians = [random_hessian(48, seed) for seed in range(3)]
     singular = torch.zeros(48, 48)
