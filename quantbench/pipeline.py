@@ -208,9 +208,11 @@ class BlockStage(Protocol):
     """A step the driver runs on every block, in order, before it propagates the block's outputs. A stage
     may also define (or only define) `begin(model, device)`: after the first block's inputs are captured,
     with the tensors outside the blocks on the device; `after_block(ctx)`: once the block's outputs are the
-    next block's inputs, in `ctx.inputs`; `finish(model, device)`: after the last block. A stage that changes
-    what the block computes leaves `ctx.outputs` None, or sets it to the block's outputs as it now computes
-    (the driver then propagates those instead of running the block)."""
+    next block's inputs, in `ctx.inputs`; `finish(model, device)`: after the last block driven. A stage that
+    changes what the block computes leaves `ctx.outputs` None, or sets it to the block's outputs as it now
+    computes (the driver then propagates those instead of running the block). A stage that works on some
+    blocks only may define `needs_block(prefix, linear_names) -> bool`: when every stage does, the driver
+    stops after the last block one of them needs (the blocks after it are neither loaded nor run)."""
 
     def run_block(self, ctx: BlockContext) -> None: ...
 
@@ -243,14 +245,15 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
             inputs.hidden = [hidden.to(device) for hidden in resume_hidden]
         _each(stages, "begin", model, device)
         blocks = decoder_blocks(model)
+        end = blocks_to_drive(stages, blocks, prefix)
         sharing: dict[tuple, list[list[str]]] = {}
         residuals: dict[tuple, str | None] = {}
-        for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress,
-                          initial=start, total=len(blocks)):
+        for index in tqdm(range(start, end), desc=desc, unit="block", disable=not progress,
+                          initial=start, total=end):
             block, inputs.block = blocks[index], index
             with timer("transfer"):
                 weights.load_block(block, f"{prefix}.{index}", device)
-            if index + 1 < len(blocks) and hasattr(weights, "prefetch"):
+            if index + 1 < end and hasattr(weights, "prefetch"):
                 with timer("transfer"):
                     weights.prefetch(blocks[index + 1], device)  # overlaps this block's stages
             ctx = BlockContext(index, f"{prefix}.{index}", block, block_linears(block), inputs, timer, sharing,
@@ -268,6 +271,16 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
     finally:
         with timer("transfer"):
             weights.release_outside(model)
+
+
+def blocks_to_drive(stages: list, blocks: list[nn.Module], prefix: str) -> int:
+    """How many blocks, from the first, the driver runs: all of them, unless every stage says which blocks it
+    needs (`needs_block`); then up to the last one that some stage needs (none: 0)."""
+    if not all(hasattr(stage, "needs_block") for stage in stages):
+        return len(blocks)
+    needed = [index for index, block in enumerate(blocks)
+              if any(stage.needs_block(f"{prefix}.{index}", block_linears(block)) for stage in stages)]
+    return needed[-1] + 1 if needed else 0
 
 
 def _each(stages: list, hook: str, *args) -> None:
@@ -312,6 +325,9 @@ class QuantizeStage:
     def finish(self, model: nn.Module, device: torch.device) -> None:
         if self.lm_head is not None:
             self.results["lm_head"] = quantize_linear(untie_lm_head(model), self.lm_head)
+
+    def needs_block(self, prefix: str, linear_names) -> bool:
+        return any(self.scheme_for(f"{prefix}.{name}") for name in linear_names)
 
     def run_block(self, ctx: BlockContext) -> None:
         schemes = {name: scheme for name in ctx.linears if (scheme := self.scheme_for(ctx.full_name(name)))}

@@ -150,6 +150,41 @@ def test_the_block_driver_gives_the_codes_of_the_earlier_pipeline(build, true_se
         assert torch.equal(a, b), name
 
 
+class _EveryBlock:
+    """A stage that does nothing and does not say which blocks it needs: the driver then runs them all."""
+
+    def run_block(self, ctx) -> None:
+        pass
+
+
+def test_the_driver_stops_after_the_last_block_a_stage_needs():
+    """Quantizing blocks 0 and 1 of 4 (or measuring their candidates) runs neither block 2 nor 3, and gives
+    the codes and sensitivity table of a run that drives every block."""
+    import copy
+
+    from quantbench.allocation.sensitivity import SensitivityStage
+    from quantbench.pipeline import QuantizeStage, drive_blocks
+
+    section = QuantizeSection(default="int3-g32-gptq-act", ignore=[r"layers\.[23]\."])
+    model = tiny_llama(layers=4)
+    ran = []
+    for index, block in enumerate(decoder_blocks(model)):  # the MLP: capturing the inputs calls each block
+        block.mlp.register_forward_pre_hook(lambda *_, index=index: ran.append(index))
+    runs = {}
+    for label, others in (("needed", []), ("every block", [_EveryBlock()])):
+        quantize = QuantizeStage(section.scheme_for)
+        measure = SensitivityStage(lambda name: [Scheme.parse("int4-g32-rtn")] if section.scheme_for(name) else [])
+        ran.clear()
+        drive_blocks(copy.deepcopy(model), calibration_ids(), CPU, [measure, quantize, *others], batch_size=4,
+                     progress=False)
+        runs[label] = quantize.results, measure.errors, sorted(set(ran))
+    (codes, errors, blocks), (all_codes, all_errors, all_blocks) = runs["needed"], runs["every block"]
+    assert blocks == [0, 1] and all_blocks == [0, 1, 2, 3]
+    assert codes.keys() == all_codes.keys() and len(codes) == 14
+    assert all(torch.equal(codes[name].codes, all_codes[name].codes) for name in codes)
+    assert errors.keys() == all_errors.keys() and all(errors[k] == all_errors[k] for k in errors)
+
+
 def test_blocks_the_forward_does_not_run_are_a_clear_error():
     """A config that runs fewer layers than the model holds would leave blocks without inputs."""
     model = tiny_llama()

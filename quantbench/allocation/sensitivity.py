@@ -200,6 +200,9 @@ class SensitivityStage:
     def begin(self, model: nn.Module, device: torch.device) -> None:
         self.model_type = model.config.model_type
 
+    def needs_block(self, prefix: str, linear_names) -> bool:
+        return any(self.candidates_for(f"{prefix}.{name}") for name in linear_names)
+
     @torch.no_grad()
     def run_block(self, ctx: BlockContext) -> None:
         candidates = {name: self.candidates_for(ctx.full_name(name)) for name in ctx.linears}
