@@ -1,6 +1,8 @@
 """The sensitivity stage on a tiny model: candidate errors from first principles, proxies, measured KL,
 the cache the final allocation reuses, and the table's files."""
 
+import re
+
 import pytest
 import torch
 
@@ -160,9 +162,10 @@ def test_table_files_round_trip(measured, tmp_path):
     assert len(lines) == 1 + len(table.errors) and "cost_kfac" in lines[0]
 
 
-def block_output_costs(build, reuse_probes: bool, model=None):
+def block_output_costs(build, reuse_probes: bool, model=None, blocks: str = ""):
     """block_output costs of every (layer, candidate), and how many times each block's first linear (the
-    query projection, or GPT-NeoX's fused query/key/value) computed (a served call returns without)."""
+    query projection, or GPT-NeoX's fused query/key/value) computed (a served call returns without).
+    `blocks`: a pattern the names of the layers measured match (all of them by default)."""
     import copy
 
     from helpers import FAMILY_BUILDERS
@@ -187,7 +190,8 @@ def block_output_costs(build, reuse_probes: bool, model=None):
 
         first.forward = computing
     candidates = [Scheme.parse("int3-g32-rtn"), Scheme.parse("int4-g32-rtn")]
-    stage = SensitivityStage(lambda _name: candidates, CandidateCache(), grads, block_tokens=96,
+    stage = SensitivityStage(lambda name: candidates if re.search(blocks, name) else [], CandidateCache(), grads,
+                             block_tokens=96,
                              experts=StarvedExperts(min_tokens=0), reuse_probes=reuse_probes)
     drive_blocks(model, ids, torch.device("cpu"), [stage], batch_size=2, progress=False)
     return {key: error.block_output for key, error in stage.errors.items()}, len(calls)
@@ -241,8 +245,9 @@ def test_block_output_probes_are_not_served_what_the_forward_changed_in_place(mo
 
 
 def test_block_output_probes_of_experts_some_batches_did_not_route_to(monkeypatch):
-    """32 experts, 2 a token, 64 tokens a batch: some expert runs in one probe batch and not in the other. A
-    batch serves what it ran, a probe of such an expert runs only where the reference did: the same costs."""
+    """32 experts, 2 a token, 64 tokens a batch: some expert runs in one probe batch and not in the other (in
+    block 0, the one measured, five of them). A batch serves what it ran, a probe of such an expert runs only
+    where the reference did: the same costs."""
     from helpers import tiny_qwen3_moe
 
     from quantbench.allocation import probe_serving
@@ -262,7 +267,8 @@ def test_block_output_probes_of_experts_some_batches_did_not_route_to(monkeypatc
             ran.append(seen)
 
     monkeypatch.setattr(probe_serving.ProbeServing, "recorded", recorded)
-    ours, _ = block_output_costs("qwen3_moe", reuse_probes=True, model=tiny_qwen3_moe(experts=32))
-    assert any(ran[i] != ran[i + 1] for i in range(0, len(ran), 2))  # the blocks' two probe batches
-    theirs, _ = block_output_costs("qwen3_moe", reuse_probes=False, model=tiny_qwen3_moe(experts=32))
+    ours, _ = block_output_costs("qwen3_moe", True, tiny_qwen3_moe(experts=32), blocks=r"layers\.0\.")
+    assert len(ran) == 2 and ran[0] != ran[1]  # the block's two probe batches
+    theirs, _ = block_output_costs("qwen3_moe", False, tiny_qwen3_moe(experts=32), blocks=r"layers\.0\.")
     assert ours.keys() == theirs.keys() and all(ours[key] == theirs[key] for key in ours)
+    assert len(ours) == 2 * (4 + 32 * 3)  # two candidates of block 0's attention and experts
