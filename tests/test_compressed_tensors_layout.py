@@ -1,10 +1,8 @@
 """Our packed block formats, read back with the compressed-tensors package's own helpers (a dev
-dependency): the bytes, the scale encodings and the dequantized values must agree exactly."""
+dependency): the bytes, the scale encodings and the dequantized values must agree exactly. The package
+is imported by the tests, not at collection (4 s on a 2-core CPU, which every pytest-xdist worker would pay)."""
 
 import torch
-from compressed_tensors.compressors.mx_utils import decompress_mx_scale
-from compressed_tensors.compressors.mxfp6.helpers import pack_fp6_to_uint8, unpack_fp6_from_uint8
-from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8, unpack_fp4_from_uint8
 
 from quantbench.formats.fp import E2M1, E2M3
 from quantbench.quantizers.rtn import quantize_rtn
@@ -19,6 +17,9 @@ def weight(seed: int) -> torch.Tensor:
 
 
 def test_mxfp4_bytes_and_e8m0_scales():
+    from compressed_tensors.compressors.mx_utils import decompress_mx_scale
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8, unpack_fp4_from_uint8
+
     q = quantize_rtn(weight(0), Scheme.parse("mxfp4-rtn"))
     packed = q.pack()
     elements = E2M1.decode(q.codes)
@@ -29,6 +30,8 @@ def test_mxfp4_bytes_and_e8m0_scales():
 
 
 def test_nvfp4_bytes_e4m3_scales_and_global_scale():
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8, unpack_fp4_from_uint8
+
     q = quantize_rtn(weight(1), Scheme.parse("nvfp4-rtn"))
     packed = q.pack()
     assert torch.equal(packed["qweight"], pack_fp4_to_uint8(E2M1.decode(q.codes)))
@@ -39,6 +42,8 @@ def test_nvfp4_bytes_e4m3_scales_and_global_scale():
 
 
 def test_mxfp6_e2m3_bytes():
+    from compressed_tensors.compressors.mxfp6.helpers import pack_fp6_to_uint8, unpack_fp6_from_uint8
+
     q = quantize_rtn(weight(2), Scheme.parse("mxfp6e2m3-rtn"))
     packed = q.pack()
     elements = E2M3.decode(q.codes)
