@@ -27,12 +27,15 @@ assets: setup
 quickstart: assets
 	. $(ASSETS)/env.sh && $(VENV)/bin/quantbench run recipes/quickstart.yaml --force
 
-# one pytest-xdist worker per core, each on one thread (tests/conftest.py)
+# one pytest-xdist worker per core, each on one thread (tests/conftest.py); bytecode is written even where
+# PYTHONDONTWRITEBYTECODE is set: the suite starts about 30 Python processes that import the package
+PYTEST := PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n auto --dist worksteal
+
 test: assets
-	if [ -f $(ASSETS)/env.sh ]; then . $(ASSETS)/env.sh; fi; $(PY) -m pytest -q -n auto --dist worksteal
+	if [ -f $(ASSETS)/env.sh ]; then . $(ASSETS)/env.sh; fi; $(PYTEST)
 
 test-unit: setup
-	$(PY) -m pytest -q -n auto --dist worksteal -m "not integration"
+	$(PYTEST) -m "not integration"
 
 # the leaderboard sweep of the README: every recipe in recipes/leaderboard/, the plain model's own evaluation,
 # then the report (about two hours on 2 CPU cores)

@@ -111,11 +111,12 @@ def run(ctx: typer.Context, recipe: Path = typer.Argument(..., help="YAML recipe
                                   "relaunches itself under torchrun --standalone")) -> None:
     """Run a recipe end to end: calibrate, quantize, evaluate, export, write result.json."""
     from quantbench import distributed
+
+    if nproc > 1 and not distributed.launched():
+        _relaunch(ctx, nproc)  # before the imports only the ranks need
     from quantbench.recipe import load_recipe
     from quantbench.runner import run_recipe
 
-    if nproc > 1 and not distributed.launched():
-        _relaunch(ctx, nproc)
     _setup_logging(verbose)
     try:
         ranks = distributed.init_from_environment()
@@ -160,12 +161,13 @@ def sensitivity(ctx: typer.Context, recipe: Path = typer.Argument(..., help="YAM
                                           "are measured across them (relaunches itself under torchrun)")) -> None:
     """Measure every allocated layer's sensitivity and each candidate's cost; write the table."""
     from quantbench import distributed
+
+    if nproc > 1 and not distributed.launched():
+        _relaunch(ctx, nproc)
     from quantbench.fsutil import atomic_directory, refuse_existing
     from quantbench.recipe import load_recipe
     from quantbench.runner import sensitivity_for_recipe
 
-    if nproc > 1 and not distributed.launched():
-        _relaunch(ctx, nproc)
     _setup_logging(verbose)
     try:
         ranks = distributed.init_from_environment()
@@ -336,16 +338,17 @@ def eval_command(
                                  "packed-weight kernels, as served (default: dequantized)"),
 ) -> None:
     """Perplexity and lm-eval tasks of a plain model, an exported checkpoint or a run's checkpoint."""
+    from quantbench import distributed
+
+    if nproc > 1 and not distributed.launched():
+        _relaunch(ctx, nproc)
     from pydantic import ValidationError
 
-    from quantbench import distributed
     from quantbench.eval.harness import evaluate_target
     from quantbench.fsutil import atomic_directory, refuse_existing
     from quantbench.model_io import DTYPES, resolve_device, resolve_dtype
     from quantbench.recipe import EvalSection, describe_errors
 
-    if nproc > 1 and not distributed.launched():
-        _relaunch(ctx, nproc)
     _setup_logging(False)
     try:
         ranks = distributed.init_from_environment()
