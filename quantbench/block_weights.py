@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from quantbench.errors import QuantbenchError
-from quantbench.model_io import blocks_path, check_supported, decoder_blocks, move_except_blocks, nonfinite_counts
+from quantbench.model_io import (all_finite, blocks_path, check_supported, decoder_blocks, move_except_blocks,
+                                 nonfinite_counts)
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
@@ -229,7 +230,7 @@ class DiskWeights:
             self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
 
     def _finite(self, key: str, value: torch.Tensor) -> torch.Tensor:
-        if torch.isfinite(value).all():
+        if all_finite(value):
             return value
         if self.nonfinite == "error":
             raise QuantbenchError(f"the model has non-finite weights ({key}: {nonfinite_counts(value)}); fix the "

@@ -133,6 +133,23 @@ def test_nonfinite_weights_can_be_zeroed_on_request(tmp_path, tokenizer, text_fi
     assert all(v["ppl"] == v["ppl"] for side in result["perplexity"].values() for v in side.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_finiteness_check_by_a_sum_finds_every_nonfinite_weight(dtype):
+    """A finite sum proves every weight finite; one NaN or ±inf anywhere (both infinities at once give a NaN
+    sum) is found, and finite weights whose sum overflows are still finite."""
+    from quantbench.model_io import all_finite
+
+    info = torch.finfo(dtype)
+    weight = torch.randn(300, 70).to(dtype)
+    assert all_finite(weight)
+    assert all_finite(torch.full((8, 8), info.max, dtype=dtype))  # the sum is inf; the weights are not
+    for bad in ([float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]):
+        broken = weight.clone()
+        broken.view(-1)[torch.randperm(broken.numel(), generator=torch.Generator().manual_seed(0))[:len(bad)]] = \
+            torch.tensor(bad, dtype=dtype)
+        assert not all_finite(broken), bad
+
+
 @pytest.mark.parametrize("budget", [["--budget", "nan"], ["--budget", "inf"], ["--budget=-3"],
                                     ["--budget", "3", "--budget-bytes", "1000"], ["--budget-bytes=-5"]])
 def test_bad_budgets(tmp_path, model_dir, text_file, budget):

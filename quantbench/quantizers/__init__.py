@@ -8,7 +8,7 @@ import torch
 
 from quantbench.calibration.stats import LayerStats
 from quantbench.errors import QuantbenchError
-from quantbench.model_io import nonfinite_counts
+from quantbench.model_io import all_finite, nonfinite_counts
 from quantbench.quantized_weight import QuantizedWeight
 from quantbench.quantizers.autoround import AutoRoundSolver
 from quantbench.quantizers.gptq import GPTQSolver
@@ -51,7 +51,7 @@ def quantize_weight(weight: torch.Tensor, scheme: Scheme, stats: LayerStats | No
                     name: str = "weight") -> QuantizedWeight | TritPlaneWeight:
     """Fit `weight` to `scheme` with its solver. Non-finite weights are refused: every solver would turn
     them into finite codes silently (a NaN zeroes its row or block, an inf takes over its group's scale)."""
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise QuantbenchError(f"{name} has {nonfinite_counts(weight)}; no grid can store them. Fix the "
                               "checkpoint, or set model.nonfinite_weights: zero in the recipe")
     return solver_for(scheme).quantize(weight, scheme, stats)
