@@ -1,11 +1,13 @@
 """GPTQ's column loop in the C++ library (`quantizers/gptq_cpu.py`) against the torch loop it replaces: the same
-floats, bit for bit, for every way integer grids are fitted (in the block, past its end, up front, per channel)."""
+floats, bit for bit, for every way integer grids are fitted (in the block, past its end, up front, per channel),
+and for the block formats of float elements (MXFP4/6/8, NVFP4; scales fitted per block or up front)."""
 
 import pytest
 import torch
 from test_gptq import random_hessian
 
 from quantbench.formats import format_for
+from quantbench.formats.fp import E2M1, E2M3, E3M2, E4M3, E5M2
 from quantbench.quantizers import gptq as gptq_module
 from quantbench.quantizers import gptq_cpu
 from quantbench.quantizers.gptq import _Block, _solve_columns, gptq_quantize
@@ -27,7 +29,10 @@ solve_columns = gptq_cpu.solve_columns
 
 @pytest.mark.parametrize("name, runs", [("int4-g32-gptq-act", 4 + 1), ("int4-g48-sym-gptq", 3 + 2),
                                         ("int3-g32-gptq-act-static", 1 + 1), ("int8-pc-gptq", 1 + 1),
-                                        ("int2-g128-gptq-act", 1 + 1)])
+                                        ("int2-g128-gptq-act", 1 + 1), ("mxfp4-gptq", 4 + 1),
+                                        ("nvfp4-gptq", 8 + 2), ("nvfp4-gptq-act-static", 1 + 1),
+                                        ("mxfp6e2m3-gptq", 4 + 1), ("mxfp8e4m3-gptq-act-static", 1 + 1),
+                                        ("mxfp8e5m2-gptq", 4 + 1)])
 def test_the_library_solves_what_the_torch_loop_solves(monkeypatch, name, runs):
     """160 columns in blocks of 128 and 32: groups fitted inside the blocks (g32), one fitted on columns past its
     block (g48: 96–143, the second block's run to column 144 on its grid), grids fitted up front (static groups,
@@ -66,8 +71,62 @@ def test_a_block_leaves_the_same_weights_codes_and_errors(monkeypatch, symmetric
     assert codes.min() == (1 if symmetric else 0) and codes.max() == 7
 
 
+@pytest.mark.parametrize("name", ["mxfp4-gptq", "mxfp6e3m2-gptq", "mxfp8e5m2-gptq", "nvfp4-gptq"])
+def test_a_block_of_float_elements_leaves_the_same_weights_codes_and_errors(monkeypatch, name):
+    """Weights spread over ten decades within each block: the largest saturate at the element's largest value
+    (an MX scale leaves up to twice it), the smallest round to subnormal codes and to zero, of either sign."""
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(37, 64, generator=g) * 10.0 ** (10 * torch.rand(37, 64, generator=g) - 8)
+    W[4, :20] = 0.0
+    scheme = Scheme.parse(name)
+    fmt = format_for(scheme).for_weight(W)
+    upper = torch.linalg.cholesky(torch.linalg.inv(random_hessian(64, 4)), upper=True)
+    fits = tuple(range(0, 64, fmt.block_size))
+    block = _Block.of(W, upper, len(fits))
+    results = {}
+    for library in (False, True):
+        monkeypatch.setenv("QUANTBENCH_GPTQ_KERNEL", "1" if library else "0")
+        results[library] = block.clone()
+        _solve_columns(fmt, results[library], fits, fmt.block_size)
+    for field in ("W1", "codes", "errors", "fit_scale"):
+        assert torch.equal(getattr(results[True], field), getattr(results[False], field)), field
+    codes = results[True].codes.long()
+    magnitudes = codes & (fmt.element.sign_bit - 1)
+    assert (magnitudes == fmt.element.max_magnitude_code).any() and (codes == 0).any()
+    assert ((magnitudes > 0) & (magnitudes < 1 << fmt.element.mantissa_bits)).any()  # subnormal codes
+    assert (codes >= fmt.element.sign_bit).any() and ((codes > 0) & (codes < fmt.element.sign_bit)).any()
+
+
+@pytest.mark.parametrize("element", [E2M1, E2M3, E3M2, E4M3, E5M2], ids=lambda e: e.name)
+def test_the_library_encodes_every_element_as_the_format_does(element):
+    """With Hinv = I no error moves, so the library's codes are its element encoding alone: on every value of
+    the format, every midpoint between two (ties go to the even code), values past the largest, and 20,000
+    values spread over the format's range, of both signs, against FloatElement.encode."""
+    from quantbench.export.kernels import cpu_packed  # noqa: F401  (the library's ops)
+
+    table = element.table[:element.sign_bit]
+    finite = table[torch.isfinite(table)].double().unique()
+    midpoints = (finite[1:] + finite[:-1]) / 2
+    beyond = finite[-1] * torch.tensor([1.0001, 1.5, 2.0, 1e6], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    spread = 2.0 ** (torch.rand(20000, generator=g, dtype=torch.float64) * (finite[-1].log2() + 20) - 20)
+    values = torch.cat([finite, midpoints, beyond, spread]).float()
+    values = torch.cat([values, -values[values != 0]])  # no −0: a column's update, w − (−0), would make it +0
+    values = torch.cat([values, values[:(-values.numel()) % 64]]).view(-1, 64)
+    rows = values.shape[0]
+    W, codes, errors = values.clone(), torch.zeros_like(values), torch.zeros_like(values)
+    torch.ops.quantbench_cpu.gptq_element_columns(W, torch.eye(64), codes, errors, torch.ones(rows, 1),
+                                                  element.table, 0, 64, element.mantissa_bits, element.min_exponent,
+                                                  element.max_value, element.bits, element.nan_code or 0)
+    expected = element.encode(values)
+    assert torch.equal(codes, expected.float())
+    assert torch.equal(errors, values - element.decode(expected))
+    assert torch.equal(element.decode(expected[:, :finite.numel()].reshape(-1)[:finite.numel()]), finite.float())
+
+
 def test_other_formats_and_devices_keep_the_torch_loop():
-    assert not gptq_cpu.applies(format_for(Scheme.parse("mxfp4-gptq")), torch.zeros(1))
+    assert gptq_cpu.applies(format_for(Scheme.parse("mxfp4-gptq")), torch.zeros(1))
+    assert not gptq_cpu.applies(format_for(Scheme.parse("mxint8-gptq")), torch.zeros(1))
     assert not gptq_cpu.applies(format_for(Scheme.parse("int4-g32-gptq")), torch.zeros(1, dtype=torch.float64))
     assert not gptq_cpu.applies(format_for(Scheme.parse("int4-g32-gptq")), torch.zeros(1, device="meta"))
 

@@ -16,7 +16,7 @@
 // bfloat16 x, where the CPU has bfloat16 dot products, takes a kernel of its own that multiplies two codes at a
 // time (the "pair" kernel below); then a packed layer's gradient in x, grad·W, for a few rows of grad; and dense
 // rows, a few rows of x times a dense weight (a packed model's lm_head). Last, not a matmul: GPTQ's column loop for
-// integer grids (quantizers/gptq_cpu.py).
+// integer grids and for block formats of float elements (quantizers/gptq_cpu.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -833,6 +833,74 @@ void gptq_int_columns(at::Tensor& W, const at::Tensor& hinv, at::Tensor& codes, 
   });
 }
 
+// The nearest code of y in a float element format (E2M1, E2M3, E3M2, E4M3, E5M2): FloatElement._encode of
+// formats/fp.py, step for step. The magnitude, clamped to the largest value, has exponent e = max(⌊log2⌋, emin)
+// and n = round(|y|·2^(m − e)) steps there (ties to even; the product is exact); the code is (e − emin)·2^m + n
+// with the sign above it, and a NaN takes the format's NaN code (or 0).
+inline int32_t element_code(float y, int32_t mantissa_bits, int32_t min_exponent, float max_value, int32_t bits,
+                            int32_t nan_code) {
+  uint32_t y_bits;
+  std::memcpy(&y_bits, &y, sizeof y_bits);
+  const uint32_t magnitude_bits = y_bits & 0x7FFFFFFFu;
+  if (magnitude_bits > 0x7F800000u) return nan_code;
+  float magnitude;
+  std::memcpy(&magnitude, &magnitude_bits, sizeof magnitude);
+  magnitude = std::min(magnitude, max_value);
+  uint32_t clamped_bits;
+  std::memcpy(&clamped_bits, &magnitude, sizeof clamped_bits);
+  const int32_t exponent = std::max(static_cast<int32_t>((clamped_bits >> 23) & 0xFF) - 127, min_exponent);
+  const uint32_t inverse_step_bits = static_cast<uint32_t>(mantissa_bits + 127 - exponent) << 23;
+  float inverse_step;
+  std::memcpy(&inverse_step, &inverse_step_bits, sizeof inverse_step);
+  const int32_t steps = static_cast<int32_t>(std::nearbyint(inverse_step * magnitude));
+  return (steps + ((exponent - min_exponent) << mantissa_bits)) |
+         (static_cast<int32_t>(y_bits >> 31) << (bits - 1));
+}
+
+// GPTQ's column loop for block formats of float elements (MXFP4/6/8, NVFP4), as gptq_int_columns: code =
+// element_code(w / s'), s' = s where s > 0 and 1 elsewhere (_ElementBlocks.encode), value = table[code]·s, error
+// = (w − value) / Hinv[i, i], W[r, i:] −= error·Hinv[i, i:]. scale [rows, k]: one block's for the run or one per
+// column; table: the value of each code.
+void gptq_element_columns(at::Tensor& W, const at::Tensor& hinv, at::Tensor& codes, at::Tensor& errors,
+                          const at::Tensor& scale, const at::Tensor& table, int64_t begin, int64_t end,
+                          int64_t mantissa_bits, int64_t min_exponent, double max_value, int64_t bits,
+                          int64_t nan_code) {
+  const int64_t rows = W.size(0), width = W.size(1), grids = scale.size(1);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&W, &hinv, &codes, &errors, &scale})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2,
+                "gptq_element_columns: contiguous float32 matrices");
+  TORCH_CHECK(hinv.size(0) == width && hinv.size(1) == width && codes.sizes() == W.sizes() &&
+                  errors.sizes() == W.sizes() && 0 <= begin && begin <= end && end <= width &&
+                  scale.size(0) == rows && (grids == 1 || grids == end - begin),
+              "gptq_element_columns: W, codes, errors [rows, width], Hinv [width, width], a scale per run or column");
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.dim() == 1 &&
+                  table.size(0) == (int64_t{1} << bits) && 2 <= bits && bits <= 8,
+              "gptq_element_columns: a float32 table of 2^bits values");
+  float* w_data = W.data_ptr<float>();
+  float* code_data = codes.data_ptr<float>();
+  float* error_data = errors.data_ptr<float>();
+  const float* h = hinv.data_ptr<float>();
+  const float* s_data = scale.data_ptr<float>();
+  const float* values = table.data_ptr<float>();
+  const float largest = static_cast<float>(max_value);
+  const auto m = static_cast<int32_t>(mantissa_bits), emin = static_cast<int32_t>(min_exponent);
+  const auto nbits = static_cast<int32_t>(bits), nan = static_cast<int32_t>(nan_code);
+  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      float* w = w_data + r * width;
+      for (int64_t i = begin; i < end; ++i) {
+        const float s = s_data[r * grids + (grids == 1 ? 0 : i - begin)];
+        const int32_t code = element_code(w[i] / (s > 0.0f ? s : 1.0f), m, emin, largest, nbits, nan) & 0xFF;
+        const float error = (w[i] - values[code] * s) / h[i * width + i];
+        code_data[r * width + i] = static_cast<float>(code);
+        error_data[r * width + i] = error;
+        const float* h_row = h + i * width;
+        for (int64_t j = i; j < width; ++j) w[j] -= error * h_row[j];
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quantbench_cpu, m) {
@@ -849,9 +917,13 @@ TORCH_LIBRARY(quantbench_cpu, m) {
   m.def("takes_bfloat16(int kind, int bits) -> bool", TORCH_FN(takes_bfloat16));  // the bfloat16 pair kernel
   m.def("gptq_int_columns(Tensor(a!) W, Tensor hinv, Tensor(b!) codes, Tensor(c!) errors, Tensor scale, "
         "Tensor zero, int begin, int end, int low, int max_code) -> ()");
+  m.def("gptq_element_columns(Tensor(a!) W, Tensor hinv, Tensor(b!) codes, Tensor(c!) errors, Tensor scale, "
+        "Tensor table, int begin, int end, int mantissa_bits, int min_exponent, float max_value, int bits, "
+        "int nan_code) -> ()");
   m.impl("packed_matmul", c10::DispatchKey::CPU, TORCH_FN(packed_matmul));
   m.impl("decode", c10::DispatchKey::CPU, TORCH_FN(decode));
   m.impl("input_gradient", c10::DispatchKey::CPU, TORCH_FN(input_gradient));
   m.impl("dense_matmul", c10::DispatchKey::CPU, TORCH_FN(dense_matmul));
   m.impl("gptq_int_columns", c10::DispatchKey::CPU, TORCH_FN(gptq_int_columns));
+  m.impl("gptq_element_columns", c10::DispatchKey::CPU, TORCH_FN(gptq_element_columns));
 }
