@@ -187,6 +187,8 @@ class BlockContext:
     residuals: dict[tuple, str | None] = field(default_factory=dict)
     # the block's outputs on `inputs` as it now computes, where a stage had them without a forward
     outputs: list[torch.Tensor] | None = None
+    # whether a later block reads the outputs (the driver propagates them); a stage need not make them if not
+    wants_outputs: bool = True
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -212,7 +214,10 @@ class BlockStage(Protocol):
     changes what the block computes leaves `ctx.outputs` None, or sets it to the block's outputs as it now
     computes (the driver then propagates those instead of running the block). A stage that works on some
     blocks only may define `needs_block(prefix, linear_names) -> bool`: when every stage does, the driver
-    stops after the last block one of them needs (the blocks after it are neither loaded nor run)."""
+    stops after the last block one of them needs (the blocks after it are neither loaded nor run). A stage
+    may also say which blocks' inputs it reads (`reads_inputs(prefix, linear_names) -> bool`; round-to-nearest
+    reads none): when every stage does, the driver runs a block forward only where a later block's inputs are
+    read, so a recipe without calibrated solvers makes no forward at all."""
 
     def run_block(self, ctx: BlockContext) -> None: ...
 
@@ -245,7 +250,7 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
             inputs.hidden = [hidden.to(device) for hidden in resume_hidden]
         _each(stages, "begin", model, device)
         blocks = decoder_blocks(model)
-        end = blocks_to_drive(stages, blocks, prefix)
+        end, fed = blocks_to_drive(stages, blocks, prefix)
         sharing: dict[tuple, list[list[str]]] = {}
         residuals: dict[tuple, str | None] = {}
         for index in tqdm(range(start, end), desc=desc, unit="block", disable=not progress,
@@ -257,10 +262,11 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
                 with timer("transfer"):
                     weights.prefetch(blocks[index + 1], device)  # overlaps this block's stages
             ctx = BlockContext(index, f"{prefix}.{index}", block, block_linears(block), inputs, timer, sharing,
-                               residuals)
+                               residuals, wants_outputs=index < fed)
             _each(stages, "run_block", ctx)
-            with timer("propagate"):
-                inputs.hidden = ctx.outputs if ctx.outputs is not None else run_block(block, inputs)
+            if index < fed:
+                with timer("propagate"):
+                    inputs.hidden = ctx.outputs if ctx.outputs is not None else run_block(block, inputs)
             _each(stages, "after_block", ctx)
             with timer("transfer"):
                 weights.release_block(block)
@@ -273,14 +279,23 @@ def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device
             weights.release_outside(model)
 
 
-def blocks_to_drive(stages: list, blocks: list[nn.Module], prefix: str) -> int:
-    """How many blocks, from the first, the driver runs: all of them, unless every stage says which blocks it
-    needs (`needs_block`); then up to the last one that some stage needs (none: 0)."""
+def blocks_to_drive(stages: list, blocks: list[nn.Module], prefix: str) -> tuple[int, int]:
+    """How many blocks, from the first, the driver hands the stages, and how many of those it runs forward to
+    make the next block's inputs. All of them, unless every stage says which blocks it needs (`needs_block`):
+    then up to the last one some stage needs (none: 0); and all of those, unless every stage says which blocks'
+    inputs it reads (`reads_inputs`): then those before the last such block."""
+    def wanted(method: str) -> list[int]:
+        return [index for index, block in enumerate(blocks)
+                if any(getattr(stage, method)(f"{prefix}.{index}", block_linears(block)) for stage in stages)]
+
     if not all(hasattr(stage, "needs_block") for stage in stages):
-        return len(blocks)
-    needed = [index for index, block in enumerate(blocks)
-              if any(stage.needs_block(f"{prefix}.{index}", block_linears(block)) for stage in stages)]
-    return needed[-1] + 1 if needed else 0
+        return len(blocks), len(blocks)
+    needed = wanted("needs_block")
+    end = needed[-1] + 1 if needed else 0
+    if not all(hasattr(stage, "reads_inputs") for stage in stages):
+        return end, end
+    reading = [index for index in wanted("reads_inputs") if index < end]
+    return end, reading[-1] if reading else 0
 
 
 def _each(stages: list, hook: str, *args) -> None:
@@ -328,6 +343,13 @@ class QuantizeStage:
 
     def needs_block(self, prefix: str, linear_names) -> bool:
         return any(self.scheme_for(f"{prefix}.{name}") for name in linear_names)
+
+    def reads_inputs(self, prefix: str, linear_names) -> bool:
+        """Whether a scheme here reads calibration inputs: a solver's statistics, AutoRound's training, or
+        the activations that AWQ and SmoothQuant scale by."""
+        schemes = [scheme for name in linear_names if (scheme := self.scheme_for(f"{prefix}.{name}"))]
+        return any(needs_stats(scheme) or scheme.solver == "autoround" or scheme.scaling != "none"
+                   for scheme in schemes)
 
     def run_block(self, ctx: BlockContext) -> None:
         schemes = {name: scheme for name in ctx.linears if (scheme := self.scheme_for(ctx.full_name(name)))}
@@ -421,9 +443,11 @@ def quantize_block(ctx: BlockContext, schemes: dict[str, Scheme], true_sequentia
                                          next(ctx.block.parameters()).device)
                     return collected
 
-            recorder = _residual_recorder(ctx, stage) if reuse_passes and stage is stages[-1] else None
+            last = stage is stages[-1]
+            recorder = _residual_recorder(ctx, stage) if reuse_passes and last and ctx.wants_outputs else None
             if cache:  # the last pass records for the propagation where no residual gives the outputs
-                cache.next_pass([linears[name] for name in stage], record=stage is not stages[-1] or not recorder)
+                cache.next_pass([linears[name] for name in stage],
+                                record=not last or (not recorder and ctx.wants_outputs))
             stats = collect(stage, recorder, cache)
             kept = _kept_residual(ctx, stage, recorder) if recorder else None
             if starved := starved_experts(stage, stats, stats_layers, experts):

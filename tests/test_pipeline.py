@@ -185,6 +185,39 @@ def test_the_driver_stops_after_the_last_block_a_stage_needs():
     assert errors.keys() == all_errors.keys() and all(errors[k] == all_errors[k] for k in errors)
 
 
+@pytest.mark.parametrize("overrides, saved", [
+    ([], {0: 2, 1: 2, 2: 2, 3: 2}),
+    ([{"pattern": r"layers\.2\.mlp", "scheme": "int4-g32-gptq"}], {3: 2}),
+    ([{"pattern": r"layers\.1\.", "scheme": "awq+int4-g32-rtn"}], {1: 2, 2: 2, 3: 2})],
+    ids=["round to nearest alone", "GPTQ in block 2", "AWQ in block 1"])
+def test_the_driver_runs_blocks_forward_only_for_inputs_a_stage_reads(overrides, saved):
+    """Round to nearest reads no calibration input: a recipe of it alone runs no block forward, and one with a
+    calibrated layer runs the blocks before it (for its inputs) and its own passes, but not its propagation
+    (GPTQ's last pass hands it the outputs anyway; AWQ's does not). `saved`: each block's MLP calls (two
+    batches) that a run driving every block forward makes and this one does not. The codes are the same."""
+    import copy
+    from collections import Counter
+
+    from quantbench.pipeline import QuantizeStage, drive_blocks
+
+    section = QuantizeSection(default="int4-g32-rtn", overrides=overrides)
+    model = tiny_llama(layers=4)
+    ran = []
+    for index, block in enumerate(decoder_blocks(model)):
+        block.mlp.register_forward_pre_hook(lambda *_, index=index: ran.append(index))
+    runs = {}
+    for label, others in (("needed", []), ("every block", [_EveryBlock()])):
+        quantize = QuantizeStage(section.scheme_for)
+        ran.clear()
+        drive_blocks(copy.deepcopy(model), calibration_ids(), CPU, [quantize, *others], batch_size=4,
+                     progress=False)
+        runs[label] = quantize.results, Counter(ran)
+    (codes, calls), (all_codes, all_calls) = runs["needed"], runs["every block"]
+    assert all_calls - calls == Counter(saved) and not calls - all_calls
+    assert codes.keys() == all_codes.keys() and len(codes) == 28
+    assert all(torch.equal(codes[name].codes, all_codes[name].codes) for name in codes)
+
+
 def test_blocks_the_forward_does_not_run_are_a_clear_error():
     """A config that runs fewer layers than the model holds would leave blocks without inputs."""
     model = tiny_llama()
@@ -218,7 +251,8 @@ def test_input_groups_are_traced_once_per_kind_of_block(build, kinds):
 # the blocks the driver runs again to propagate their outputs, with the passes reusing: none where the block
 # adds down_proj's output to a submodule's input (residual_outputs.py), nor where the last pass hands the
 # propagation what it computed (pass_cache.py); only the first block of a kind that has no such residual
-# (post-norms, a parallel residual, DeepSeek's shared experts last), found missing there
+# (post-norms, a parallel residual, DeepSeek's shared experts last), found missing there. The last block is
+# never propagated: no block after it reads its outputs.
 RUN_AGAIN = {"gpt_neox": [0], "gemma2": [0], "gemma3_text": [0], "deepseek_v2": [1], "deepseek_v3": [1]}
 
 
@@ -252,7 +286,7 @@ def test_block_outputs_from_the_last_pass_are_a_forward_bit_for_bit(family):
     ours, propagated = quantize_counting_forwards(model, reuse_passes=True)
     theirs, every_block = quantize_counting_forwards(twin, reuse_passes=False)
     blocks = list(range(len(decoder_blocks(model))))
-    assert every_block == blocks
+    assert every_block == blocks[:-1]
     assert propagated == RUN_AGAIN.get(family, [])
     assert ours.keys() == theirs.keys()
     for name in ours:
@@ -275,7 +309,7 @@ def test_a_block_that_changes_the_kept_input_in_place_is_run_again(monkeypatch):
         return out
 
     monkeypatch.setattr(LlamaMLP, "forward", overwriting)
-    model = tiny_llama()
+    model = tiny_llama(layers=3)
     twin = copy.deepcopy(model)
     ours, propagated = quantize_counting_forwards(model, reuse_passes=True)
     theirs, _ = quantize_counting_forwards(twin, reuse_passes=False)
@@ -288,13 +322,13 @@ def test_kept_tensors_that_would_not_fit_are_not_kept(monkeypatch):
     memory for them, nothing a pass computed is recorded either: every block runs again)."""
     from quantbench import pass_cache, residual_outputs
 
-    model = tiny_llama()
+    model = tiny_llama(layers=3)
     tokens, width = 6 * 32, model.config.hidden_size + model.config.intermediate_size
     monkeypatch.setattr(pass_cache, "free_bytes", lambda _device: 0)
     monkeypatch.setattr(residual_outputs, "free_bytes", lambda _device: 2 * tokens * width * 4 - 1)
     assert quantize_counting_forwards(model, reuse_passes=True)[1] == [0, 1]
     monkeypatch.setattr(residual_outputs, "free_bytes", lambda _device: 2 * tokens * width * 4)
-    assert quantize_counting_forwards(tiny_llama(), reuse_passes=True)[1] == []
+    assert quantize_counting_forwards(tiny_llama(layers=3), reuse_passes=True)[1] == []
 
 
 def count_attention_forwards(monkeypatch, reuse_passes: bool, mutate_input: bool = False,
@@ -326,15 +360,15 @@ def count_attention_forwards(monkeypatch, reuse_passes: bool, mutate_input: bool
 
 
 def test_each_statistics_pass_is_served_what_the_one_before_computed(monkeypatch):
-    """Four true-sequential passes and the propagation ran attention 5 times a batch. With the passes
-    reusing: the q/k/v and o_proj passes run it (q/k/v changed); the gate/up pass is served its output as
-    o_proj (quantized since) on o_proj's recorded input, and the down_proj pass that output, both but on the
-    first batch, which checks them; the propagation needs no forward. (One more call: the first block's
-    trace of which linears share an input.)"""
+    """Four true-sequential passes and the propagation ran attention 5 times a batch (the last block, whose
+    outputs no block reads, 4). With the passes reusing: the q/k/v and o_proj passes run it (q/k/v changed);
+    the gate/up pass is served its output as o_proj (quantized since) on o_proj's recorded input, and the
+    down_proj pass that output, both but on the first batch, which checks them; the propagation needs no
+    forward. (One more call: the first block's trace of which linears share an input.)"""
     blocks, batches = 2, 3
     plain, theirs = count_attention_forwards(monkeypatch, reuse_passes=False)
     reused, ours = count_attention_forwards(monkeypatch, reuse_passes=True)
-    assert plain == blocks * 5 * batches + 1
+    assert plain == blocks * 5 * batches - batches + 1
     assert reused == blocks * (2 * batches + 2) + 1
     assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
 
@@ -353,12 +387,13 @@ def test_an_output_changed_in_place_after_it_was_recorded_is_not_served(monkeypa
 def test_the_propagation_of_a_block_without_a_residual_is_served_what_the_last_pass_computed(monkeypatch):
     """Gemma 2 adds a normed down_proj output: no residual gives its outputs. The last pass records what
     finished before down_proj (attention among it) and the propagation is served it, but on its first batch,
-    which checks it; the kind's first block, where the residual is looked for and not found, runs again."""
+    which checks it; the kind's first block, where the residual is looked for and not found, runs again. The
+    last block is not propagated (no block reads its outputs)."""
     blocks, batches = len(decoder_blocks(tiny_gemma2())), 3
     plain, theirs = count_attention_forwards(monkeypatch, reuse_passes=False, build=tiny_gemma2)
     reused, ours = count_attention_forwards(monkeypatch, reuse_passes=True, build=tiny_gemma2)
-    assert plain == blocks * 5 * batches + 1
-    assert reused == blocks * (3 * batches + 1) + batches + (blocks - 1) + 1
+    assert plain == blocks * 5 * batches - batches + 1
+    assert reused == blocks * (3 * batches + 1) + batches + (blocks - 2) + 1
     assert all(torch.equal(ours[name].codes, theirs[name].codes) for name in ours)
 
 

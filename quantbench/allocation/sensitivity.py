@@ -203,6 +203,8 @@ class SensitivityStage:
     def needs_block(self, prefix: str, linear_names) -> bool:
         return any(self.candidates_for(f"{prefix}.{name}") for name in linear_names)
 
+    reads_inputs = needs_block  # every candidate is measured on the block's inputs
+
     @torch.no_grad()
     def run_block(self, ctx: BlockContext) -> None:
         candidates = {name: self.candidates_for(ctx.full_name(name)) for name in ctx.linears}
