@@ -1,7 +1,8 @@
 #!/bin/bash
 # The tests a CPU machine skips for want of a GPU (their ids in .gpu/gpu_tests.txt, listed there by their skipif
-# marks: `PYTHONPATH=docs/data/gpu-tests python -m pytest --co -q -p gpu_list`), run on the GPU machine: first the GPTQ, generation, export and split-attention ones, then the kernels'
-# until the call's time runs out. Carried: .gpu/wheels, .gpu/cache_final.tar.xz, .gpu/gpu_tests.txt.
+# marks: `PYTHONPATH=docs/data/gpu-tests python -m pytest --co -q -p gpu_list`), run on the GPU machine: first
+# the GPTQ, generation, export, split-attention and gated-MLP ones, then the kernels' until the call's time runs
+# out. Carried: .gpu/wheels, .gpu/cache_final.tar.xz, .gpu/gpu_tests.txt.
 . docs/data/kernels-h100/call_setup.sh /tmp/gputests cache_final.tar.xz
 cp $OUT/gpu.txt $OUT_FINAL/
 cut -f1 .gpu/gpu_tests.txt > /tmp/ids.txt
