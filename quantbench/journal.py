@@ -5,10 +5,11 @@ only when the run is complete):
 
   journal.json   the recipe hash the progress belongs to
   checkpoint/    the checkpoint being written: one finished part per block (CheckpointWriter)
-  state-<n>/     the hidden states entering block `next_block` (calibration and evaluation windows), one
-                 file per tensor so that host memory holds one at a time, and r<rank>-state.pt: the small
-                 state of the stages (layer sizes, zeroed weights) and the number of tensors; under torchrun
-                 every rank writes its own r<rank>-… files (its share of the calibration and windows)
+  state-<n>/     the hidden states entering block `next_block` (evaluation windows, and calibration where a
+                 later block reads it: none for round to nearest alone), one file per tensor so that host
+                 memory holds one at a time, and r<rank>-state.pt: the small state of the stages (layer
+                 sizes, zeroed weights) and the number of tensors; under torchrun every rank writes its own
+                 r<rank>-… files (its share of the calibration and windows)
   state.json     which state-<n>/ is complete and how many ranks wrote it; replaced (one rename, by rank 0)
                  only once every rank has written the new folder
 
@@ -38,7 +39,7 @@ import torch
 from quantbench.distributed import barrier, from_main
 from quantbench.distributed import current as current_ranks
 from quantbench.errors import QuantbenchError
-from quantbench.pipeline import BlockContext
+from quantbench.pipeline import BlockContext, EveryBlockStage
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
@@ -50,7 +51,7 @@ def journal_dir(run_dir: Path) -> Path:
     return run_dir.parent / f".{run_dir.name}.partial"
 
 
-class Journal:
+class Journal(EveryBlockStage):
     """A block stage (after_block) that saves the run's progress; `stages` maps a key to every stage
     with `state()` / `restore(state)`."""
 
@@ -107,7 +108,7 @@ class Journal:
         due = self.every_s == 0 or (waited >= self.every_s and waited * MAX_SAVE_SHARE >= self.save_seconds)
         if from_main(due):  # rank 0's clock decides, so that every rank saves at the same block
             with ctx.timer("journal"):
-                self.save(ctx.index + 1, ctx.inputs.hidden)
+                self.save(ctx.index + 1, ctx.inputs.hidden if ctx.wants_outputs else [])
 
     def save(self, next_block: int, hidden: list[torch.Tensor]) -> None:
         started = time.monotonic()

@@ -222,6 +222,18 @@ class BlockStage(Protocol):
     def run_block(self, ctx: BlockContext) -> None: ...
 
 
+class EveryBlockStage:
+    """Base of a stage that works on every block and reads no calibration inputs (evaluation windows of its
+    own, the checkpoint writer, the journal): it keeps every block driven, but not the forwards that make
+    calibration inputs no stage reads (`blocks_to_drive`)."""
+
+    def needs_block(self, prefix: str, linear_names) -> bool:
+        return True
+
+    def reads_inputs(self, prefix: str, linear_names) -> bool:
+        return False
+
+
 @torch.no_grad()
 def drive_blocks(model: nn.Module, input_ids: torch.Tensor, device: torch.device, stages: list[BlockStage],
                  batch_size: int = 8, progress: bool = True, timer: StageTimer | None = None,

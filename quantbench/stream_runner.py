@@ -27,7 +27,7 @@ from quantbench.export.checkpoint import RUN_CHECKPOINT_DIR, CheckpointWriter, l
 from quantbench.fsutil import atomic_directory
 from quantbench.journal import Journal
 from quantbench.model_io import blocks_path, decoder_blocks, load_tokenizer, model_linears, resolve_device, resolve_dtype
-from quantbench.pipeline import BlockContext, QuantizeStage, StageTimer, drive_blocks
+from quantbench.pipeline import BlockContext, EveryBlockStage, QuantizeStage, StageTimer, drive_blocks
 from quantbench.recipe import Recipe
 from quantbench.results import LayerSize, summarize_layers
 
@@ -39,7 +39,7 @@ def block_part(index: int) -> str:
     return f"block-{index:05d}"
 
 
-class StreamedLayers:
+class StreamedLayers(EveryBlockStage):
     """After the quantize stage: takes each block's quantized layers out of memory, recording their sizes
     and rotations and, with a `writer`, packing them with the block's other tensors into its checkpoint
     part. `finish` does the same for the tensors outside the blocks (and a quantized LM head)."""

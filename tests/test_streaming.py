@@ -412,3 +412,37 @@ def test_a_resumed_run_keeps_what_the_blocks_before_the_crash_recorded(tmp_path,
     resumed = run_recipe(load_recipe(recipe), progress=False, resume=True)
     assert resumed["streaming"]["resumed_at_block"] == 2
     assert resumed["scaled"] == expected["scaled"] and len(expected["scaled"]) == 3 * 4
+
+
+def test_a_streamed_round_to_nearest_run_makes_no_calibration_forward_and_resumes(tmp_path, sharded_llama,
+                                                                                    text_file, monkeypatch):
+    """Round to nearest reads no calibration inputs: the streamed run drives every block (writes its part,
+    scores the windows through it) but runs none forward on the calibration and journals no calibration
+    states; crashed after block 2 it resumes to the in-memory run's checkpoint and perplexity. GPTQ's
+    streamed run propagates the calibration through every block but the last."""
+    import quantbench.journal as journal
+
+    rtn = {"default": "int4-g32-rtn", "overrides": []}
+    expected = run_recipe(load_recipe(streamed_recipe(tmp_path / "off", sharded_llama, text_file, "off",
+                                                      quantize=rtn)), progress=False)
+    crash_after_block_2(monkeypatch)
+    saved_counts = []
+    save = journal.Journal.save
+
+    def counting_save(self, next_block, hidden):
+        saved_counts.append(len(hidden))
+        save(self, next_block, hidden)
+
+    monkeypatch.setattr(journal.Journal, "save", counting_save)
+    recipe = streamed_recipe(tmp_path, sharded_llama, text_file, quantize=rtn, output={"journal_every_s": 0})
+    with pytest.raises(MemoryError):
+        run_recipe(load_recipe(recipe), progress=False)
+    assert saved_counts == [0, 0]  # after blocks 0 and 1: no calibration states to keep
+    monkeypatch.undo()
+    resumed = run_recipe(load_recipe(recipe), progress=False, resume=True)
+    assert resumed["streaming"]["resumed_at_block"] == 2
+    assert "propagate" not in resumed["quantize_breakdown_s"]
+    assert resumed["perplexity"] == expected["perplexity"]
+    assert_same_checkpoint(tmp_path / "off" / "runs" / "tiny", tmp_path / "runs" / "tiny")
+    gptq = run_recipe(load_recipe(streamed_recipe(tmp_path / "gptq", sharded_llama, text_file)), progress=False)
+    assert gptq["quantize_breakdown_s"]["propagate"] > 0

@@ -14,11 +14,11 @@ from quantbench.distributed import current as current_ranks
 from quantbench.distributed import sum_across_ranks
 from quantbench.eval.perplexity import eval_windows, perplexity_result, window_nll
 from quantbench.model_io import final_logits
-from quantbench.pipeline import BlockContext, BlockInputs, capture_block_inputs, run_block
+from quantbench.pipeline import BlockContext, BlockInputs, EveryBlockStage, capture_block_inputs, run_block
 from quantbench.recipe import EvalSection
 
 
-class BlockwisePerplexity:
+class BlockwisePerplexity(EveryBlockStage):
     """`eval_ids` maps a dataset to its (token ids, fingerprint); `results` gets the same records as
     evaluate_perplexity once the driver finishes."""
 
