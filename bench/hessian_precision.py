@@ -8,6 +8,7 @@ same bfloat16 values, accumulated as the pipeline does it (`LayerStats.update` o
 
     python bench/hessian_precision.py                       # random activations with outlier channels
     python bench/hessian_precision.py --model M --calibration-ids calibration.safetensors   # real ones
+    python bench/hessian_precision.py --cpu     # float32 on the CPU: the pipeline's sum against one addmm_
 
 Reported per case: relative Frobenius error ‖H − H64‖/‖H64‖, the largest error relative to its row's diagonal,
 the median time of the whole accumulation (CUDA events) and its dense-equivalent rate 2·tokens·width²/s.
@@ -130,6 +131,31 @@ def model_cases(model_path: str, calibration_ids: str, batch_tokens: int, layers
     return rows
 
 
+def cpu_cases(batch_tokens: int) -> list[dict]:
+    """float32 activations on the CPU, in the thread count torch was given: the pipeline's sum (its upper
+    triangle, mirrored) against one `addmm_` per mini-batch, both against float64."""
+    rows = []
+    for tokens, width in ((16384, 576), (16384, 1536), (8192, 4096)):
+        x = torch.randn(tokens, width, generator=torch.Generator().manual_seed(0))
+        reference = x.double().T @ x.double()
+
+        def addmm() -> torch.Tensor:
+            total = torch.zeros(width, width)
+            for batch in x.split(batch_tokens):
+                total.addmm_(batch.T, batch)
+            return total
+
+        row = {"case": f"random {width}", "tokens": tokens, "width": width, "batch_tokens": batch_tokens,
+               "threads": torch.get_num_threads()}
+        for name, run in (("addmm", addmm), ("pipeline", lambda: accumulate(x, batch_tokens, "fp32"))):
+            seconds, H = timed(run, torch.device("cpu"), repeat=3, warmup=True)
+            row[name] = {**errors(H, reference), "s": seconds, "gflops": 2 * tokens * width ** 2 / seconds / 1e9}
+        row["speedup"] = row["addmm"]["s"] / row["pipeline"]["s"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-tokens", type=int, default=8 * 2048, help="tokens per calibration mini-batch")
@@ -139,9 +165,12 @@ def main() -> None:
     parser.add_argument("--sums", type=int, nargs="*", default=[],
                         help="other numbers of 128-token dots per Kahan step in the compensated mode")
     parser.add_argument("--tune", action="store_true", help="time the compensated kernel's launch configurations")
+    parser.add_argument("--cpu", action="store_true", help="the float32 sum on the CPU (use --batch-tokens 2048)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
-    if args.tune:
+    if args.cpu:
+        rows = cpu_cases(args.batch_tokens)
+    elif args.tune:
         rows = tune(args.batch_tokens)
     elif args.model:
         rows = model_cases(args.model, args.calibration_ids, args.batch_tokens, args.layers, args.sums)

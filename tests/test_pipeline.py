@@ -109,6 +109,24 @@ def test_unsupported_architecture_is_a_clear_error():
         check_supported(GPT2Config())
 
 
+def test_the_float32_gram_summed_above_the_diagonal_is_the_whole_symmetric_sum():
+    """Widths past the 256-wide leaf (odd splits included): the Gram matrix collect_stats leaves is exactly
+    symmetric and within float32's summation bound (n·eps·Σ|x_i||x_j|) of the float64 sum, everywhere."""
+    generator = torch.Generator().manual_seed(0)
+    for width in (257, 700, 1100):
+        linear = torch.nn.Linear(width, 3)
+        batches = [torch.randn(2, 37, width, generator=generator) for _ in range(3)]
+        with collect_stats({"layer": linear}, hessian_for={"layer"}) as stats:
+            for x in batches:
+                linear(x)
+        xtx = stats["layer"].xtx
+        flat = torch.cat(batches).reshape(-1, width).double()
+        bound = flat.shape[0] * torch.finfo(torch.float32).eps * (flat.abs().T @ flat.abs())
+        assert torch.equal(xtx, xtx.T)
+        assert ((xtx.double() - flat.T @ flat).abs() <= bound).all()
+        assert stats["layer"].n_samples == flat.shape[0]
+
+
 def test_tensor_core_hessian_modes_fall_back_to_float32_off_cuda():
     x = torch.randn(3, 40, 16).bfloat16()
     exact = LayerStats(wants_hessian=True, accumulation="fp32")
