@@ -40,7 +40,8 @@ def test_hutchinson_stops_at_the_relative_error_or_the_probe_limit():
 
 
 def test_batched_products_give_the_estimates_of_one_product_a_probe():
-    """The first `min_probes` probes in one call, then one a call until the error bar or the limit is reached."""
+    """The first `min_probes` probes in one call, then rounds of what the farthest block needs by the 1/√n law
+    (at most `min_probes`) until the error bar or the limit is reached."""
     a, b = spd_matrix(20, 4), spd_matrix(12, 5)
     hvp = matrix_hvp(a, b)
     sizes = []
@@ -50,12 +51,17 @@ def test_batched_products_give_the_estimates_of_one_product_a_probe():
         return [hvp(vs) for vs in probes]
 
     shapes = [torch.zeros(4, 5, dtype=torch.float64), torch.zeros(12, dtype=torch.float64)]
-    for rel_stderr, max_probes, expected in ((1e-6, 7, [4, 1, 1, 1]), (0.5, 50, [4]), (1e-6, 3, [3])):
+    # 0.19: after 4 probes the worst block is at 0.199, so 4·(0.199/0.19)² = 4.4 probes do: one more
+    for rel_stderr, max_probes, expected in ((1e-6, 7, [4, 3]), (0.5, 50, [4]), (1e-6, 3, [3]), (0.19, 50, [4, 1])):
         sizes.clear()
         one_each = hutchinson_traces(hvp, shapes, rel_stderr=rel_stderr, min_probes=4, max_probes=max_probes)
         batched = hutchinson_traces(hvp, shapes, rel_stderr=rel_stderr, min_probes=4, max_probes=max_probes,
                                     products=products)
         assert batched == one_each and sizes == expected
+    sizes.clear()
+    batched = hutchinson_traces(hvp, shapes, rel_stderr=0.15, min_probes=4, max_probes=60, products=products)
+    assert sizes[0] == 4 and max(sizes) == 4 and {2, 3} & set(sizes) and sum(sizes) == batched[0].probes
+    assert all(estimate.relative_stderr <= 0.15 for estimate in batched)
 
 
 def test_power_iteration_finds_the_top_eigenvalue():
@@ -109,7 +115,8 @@ def test_loss_hessian_products_are_the_exact_block_and_hutchinson_matches_its_tr
 
 def test_joint_probes_estimate_every_block_at_once(loss_hessian, explicit_blocks):
     exact = [float(block.trace()) for block in explicit_blocks]
-    estimates = hutchinson_traces(loss_hessian, loss_hessian.weights, rel_stderr=1e-3, max_probes=300)
+    estimates = hutchinson_traces(loss_hessian, loss_hessian.weights, rel_stderr=1e-3, max_probes=300,
+                                  products=loss_hessian.products)
     for estimate, value in zip(estimates, exact):
         assert abs(estimate.trace - value) <= 4 * estimate.stderr
 

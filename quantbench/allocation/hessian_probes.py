@@ -48,24 +48,35 @@ def hutchinson_traces(hvp: Hvp, shapes: Sequence[torch.Tensor], rel_stderr: floa
     """tr(H_ll) of every diagonal block of H, from one Hessian-vector product per probe.
 
     Each probe v is Rademacher over all blocks at once; v_lᵀ (H v)_l is an unbiased estimate of tr(H_ll)
-    (the cross terms v_lᵀ H_lk v_k have mean zero). Probing stops once every block's standard error is
-    at most `rel_stderr` of its estimate (after `min_probes`), or at `max_probes`. With `products` (several
-    probes' products in one call, as `LossHessian.products`), the first `min_probes` go in one call; the
-    estimates are those of one `hvp` call a probe.
+    (the cross terms v_lᵀ H_lk v_k have mean zero). Probes come in rounds (`_round_size`): `min_probes`
+    first, then as many as the block farthest from its error bar needs; probing stops after the round where
+    every block's standard error is at most `rel_stderr` of its estimate, or at `max_probes`. With `products`
+    (several probes' products in one call, as `LossHessian.products`) a round is one call; the estimates are
+    those of one `hvp` call a probe.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     samples: list[list[float]] = [[] for _ in shapes]
     taken = 0
     while taken < max_probes:
-        count = min(max(1, min_probes - taken), max_probes - taken) if products is not None else 1
+        count = _round_size(samples, taken, rel_stderr, min_probes, max_probes)
         probes = [[rademacher_like(t, generator) for t in shapes] for _ in range(count)]
-        for vs, hvs in zip(probes, products(probes) if products is not None else [hvp(probes[0])]):
+        for vs, hvs in zip(probes, products(probes) if products is not None else map(hvp, probes)):
             for block, (v, hv) in enumerate(zip(vs, hvs)):
                 samples[block].append(float((v.double() * hv.double()).sum()))
         taken += count
         if taken >= min_probes and all(_summary(s).relative_stderr <= rel_stderr for s in samples):
             break
     return [_summary(s) for s in samples]
+
+
+def _round_size(samples: list[list[float]], taken: int, rel_stderr: float, min_probes: int, max_probes: int) -> int:
+    """The next round's probes: up to `min_probes` at first; then what the block farthest from its error bar
+    needs by the 1/√n law, at least one and at most `min_probes` (a round's products are held at once)."""
+    if taken < min_probes:
+        return min(min_probes, max_probes) - taken
+    ratio = max(_summary(s).relative_stderr for s in samples) / rel_stderr
+    needed = math.ceil(taken * ratio ** 2) - taken if ratio < max_probes else min_probes  # also inf and nan
+    return max(1, min(needed, min_probes, max_probes - taken))
 
 
 def _summary(samples: list[float]) -> TraceEstimate:
