@@ -124,6 +124,34 @@ def test_the_library_encodes_every_element_as_the_format_does(element):
     assert torch.equal(element.decode(expected[:, :finite.numel()].reshape(-1)[:finite.numel()]), finite.float())
 
 
+def test_both_column_loops_refuse_what_they_cannot_solve():
+    """One check serves both loops: a column range past the width, a scale of the wrong rows, a float64
+    matrix, an inverse Hessian of the wrong width; the integer loop also wants a zero point per scale."""
+    from quantbench.export.kernels import cpu_packed  # noqa: F401  (the library's ops)
+
+    ops = torch.ops.quantbench_cpu
+
+    def solve(loop, W=None, hinv=None, scale=None, end=8, zero=None):
+        W = torch.zeros(3, 8) if W is None else W
+        args = (W, torch.eye(8) if hinv is None else hinv, torch.zeros(3, 8), torch.zeros(3, 8),
+                torch.ones(3, 1) if scale is None else scale)
+        if loop == "int":
+            return ops.gptq_int_columns(*args, torch.zeros(3, 1) if zero is None else zero, 0, end, 0, 15)
+        return ops.gptq_element_columns(*args, E2M1.table, 0, end, E2M1.mantissa_bits, E2M1.min_exponent,
+                                        E2M1.max_value, E2M1.bits, 0)
+
+    for loop in ("int", "element"):
+        solve(loop)  # well formed
+        name = f"gptq_{loop}_columns"
+        for bad in (dict(end=9), dict(scale=torch.ones(2, 1)), dict(hinv=torch.eye(7))):
+            with pytest.raises(RuntimeError, match=f"{name}: W, codes, errors"):
+                solve(loop, **bad)
+        with pytest.raises(RuntimeError, match=f"{name}: contiguous float32 matrices"):
+            solve(loop, W=torch.zeros(3, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="gptq_int_columns: a float32 zero point for each scale"):
+        solve("int", zero=torch.zeros(3, 2))
+
+
 def test_other_formats_and_devices_keep_the_torch_loop():
     assert gptq_cpu.applies(format_for(Scheme.parse("mxfp4-gptq")), torch.zeros(1))
     assert not gptq_cpu.applies(format_for(Scheme.parse("mxint8-gptq")), torch.zeros(1))

@@ -794,6 +794,20 @@ int64_t threads_used(int64_t tasks) {
   return most.load();
 }
 
+// What both GPTQ column loops take: contiguous float32 matrices W, codes and errors [rows, width], Hinv [width,
+// width], columns [begin, end) within the width, and scale [rows, 1 or end − begin].
+void check_column_block(const char* loop, const at::Tensor& W, const at::Tensor& hinv, const at::Tensor& codes,
+                        const at::Tensor& errors, const at::Tensor& scale, int64_t begin, int64_t end) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&W, &hinv, &codes, &errors, &scale})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2, loop,
+                ": contiguous float32 matrices");
+  const int64_t width = W.size(1), grids = scale.size(1);
+  TORCH_CHECK(hinv.size(0) == width && hinv.size(1) == width && codes.sizes() == W.sizes() &&
+                  errors.sizes() == W.sizes() && 0 <= begin && begin <= end && end <= width &&
+                  scale.size(0) == W.size(0) && (grids == 1 || grids == end - begin),
+              loop, ": W, codes, errors [rows, width], Hinv [width, width], a scale per run or column");
+}
+
 // GPTQ's column loop for integer grids, columns [begin, end) of one lazy block W [rows, width] in place: a row at a
 // time (rows never meet), code = clamp(round(w / s) + z, low, max_code), error = (w − (code − z)·s) / Hinv[i, i],
 // then W[r, i:] −= error·Hinv[i, i:]. scale and zero [rows, k]: one grid for the run (k = 1) or one per column
@@ -802,13 +816,9 @@ void gptq_int_columns(at::Tensor& W, const at::Tensor& hinv, at::Tensor& codes, 
                       const at::Tensor& scale, const at::Tensor& zero, int64_t begin, int64_t end, int64_t low,
                       int64_t max_code) {
   const int64_t rows = W.size(0), width = W.size(1), grids = scale.size(1);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&W, &hinv, &codes, &errors, &scale, &zero})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2,
-                "gptq_int_columns: contiguous float32 matrices");
-  TORCH_CHECK(hinv.size(0) == width && hinv.size(1) == width && codes.sizes() == W.sizes() &&
-                  errors.sizes() == W.sizes() && 0 <= begin && begin <= end && end <= width &&
-                  scale.size(0) == rows && zero.sizes() == scale.sizes() && (grids == 1 || grids == end - begin),
-              "gptq_int_columns: W, codes, errors [rows, width], Hinv [width, width], a grid per run or column");
+  check_column_block("gptq_int_columns", W, hinv, codes, errors, scale, begin, end);
+  TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.sizes() == scale.sizes(),
+              "gptq_int_columns: a float32 zero point for each scale");
   float* w_data = W.data_ptr<float>();
   float* code_data = codes.data_ptr<float>();
   float* error_data = errors.data_ptr<float>();
@@ -866,13 +876,7 @@ void gptq_element_columns(at::Tensor& W, const at::Tensor& hinv, at::Tensor& cod
                           int64_t mantissa_bits, int64_t min_exponent, double max_value, int64_t bits,
                           int64_t nan_code) {
   const int64_t rows = W.size(0), width = W.size(1), grids = scale.size(1);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&W, &hinv, &codes, &errors, &scale})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2,
-                "gptq_element_columns: contiguous float32 matrices");
-  TORCH_CHECK(hinv.size(0) == width && hinv.size(1) == width && codes.sizes() == W.sizes() &&
-                  errors.sizes() == W.sizes() && 0 <= begin && begin <= end && end <= width &&
-                  scale.size(0) == rows && (grids == 1 || grids == end - begin),
-              "gptq_element_columns: W, codes, errors [rows, width], Hinv [width, width], a scale per run or column");
+  check_column_block("gptq_element_columns", W, hinv, codes, errors, scale, begin, end);
   TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.dim() == 1 &&
                   table.size(0) == (int64_t{1} << bits) && 2 <= bits && bits <= 8,
               "gptq_element_columns: a float32 table of 2^bits values");
