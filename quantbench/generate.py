@@ -172,7 +172,7 @@ def generate(model: nn.Module, tokenizer, prompt: str | Sequence[str], max_new_t
     prefill_padding, step_padding, next_positions = _padding(rows[:width], n, cache_length, device, several)
 
     started = _now(device)
-    cached = {_cache_argument(model): cache, "use_cache": True}
+    cached = {cache_argument(model): cache, "use_cache": True}
     token = _prefilled(model, rows[:width], n, pad_id, cache, prefill_padding, sampling, draws)
     position = torch.tensor([n], device=device)  # read before transformers 5.25; later ones count in the cache
     new = [token.clone()]  # the tokens of the steps since the last look
@@ -382,7 +382,7 @@ def _prefilled(model: nn.Module, rows: list[torch.Tensor], n: int, pad_id: int, 
     (`padding`: `_padding`'s prefill arguments)."""
     device = model.device
     ids = torch.stack([nn.functional.pad(row, (n - len(row), 0), value=pad_id) for row in rows]).to(device)
-    arguments = {_cache_argument(model): cache, "use_cache": True}
+    arguments = {cache_argument(model): cache, "use_cache": True}
     logits = model(ids, cache_position=torch.arange(n, device=device), **arguments, **padding).logits
     return next_tokens(logits[:, -1], sampling, draws)
 
@@ -445,7 +445,7 @@ def _steps_between_looks(device: torch.device) -> int:
     return EOS_CHECK_EVERY if device.type == "cuda" else 1
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
     """The forward's name for the cache: `cache` since transformers 5.25, `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 

@@ -71,6 +71,8 @@ def test_a_static_cache_decode_gives_sdpas_logits_through_grouped_heads(monkeypa
     attention on grouped heads."""
     from transformers import StaticCache
 
+    from quantbench.generate import cache_argument
+
     model = build()
     assert model.config._attn_implementation == "sdpa"
 
@@ -78,10 +80,10 @@ def test_a_static_cache_decode_gives_sdpas_logits_through_grouped_heads(monkeypa
         cache = StaticCache(config=model.config, max_cache_len=24)
         ids = torch.randint(0, 320, (2, 5), generator=torch.Generator().manual_seed(1))
         tokens = torch.randint(0, 320, (2, 6), generator=torch.Generator().manual_seed(2))  # the same in both runs
-        logits = [model(ids, past_key_values=cache, cache_position=torch.arange(5), use_cache=True).logits]
+        cached = {cache_argument(model): cache, "use_cache": True}
+        logits = [model(ids, cache_position=torch.arange(5), **cached).logits]
         for step, position in enumerate(range(5, 11)):
-            logits.append(model(tokens[:, step:step + 1], past_key_values=cache,
-                                cache_position=torch.tensor([position]), use_cache=True).logits)
+            logits.append(model(tokens[:, step:step + 1], cache_position=torch.tensor([position]), **cached).logits)
         return logits
 
     grouped = []

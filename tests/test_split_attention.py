@@ -119,17 +119,19 @@ def test_gpu_static_cache_decode_through_the_split_kernel_gives_sdpas_logits(mon
     from helpers import tiny_llama
     from transformers import StaticCache
 
+    from quantbench.generate import cache_argument
+
     model = tiny_llama(init_std=0.1).half().to(DEVICE)
     ids = torch.randint(0, 320, (2, 5), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     tokens = torch.randint(0, 320, (2, 6), generator=torch.Generator().manual_seed(2)).to(DEVICE)
 
     def run():
         cache = StaticCache(config=model.config, max_cache_len=200)
-        logits = [model(ids, past_key_values=cache, cache_position=torch.arange(5, device=DEVICE),
-                        use_cache=True).logits]
+        cached = {cache_argument(model): cache, "use_cache": True}
+        logits = [model(ids, cache_position=torch.arange(5, device=DEVICE), **cached).logits]
         for step, position in enumerate(range(5, 11)):
-            logits.append(model(tokens[:, step:step + 1], past_key_values=cache,
-                                cache_position=torch.tensor([position], device=DEVICE), use_cache=True).logits)
+            logits.append(model(tokens[:, step:step + 1], cache_position=torch.tensor([position], device=DEVICE),
+                                **cached).logits)
         return torch.cat(logits, 1).float()
 
     calls = []
