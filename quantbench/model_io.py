@@ -37,6 +37,9 @@ FAMILY_TABLE = (
     Family("Gemma 2 and 3 (gemma2; gemma3_text, the text-only models)", ("gemma2", "gemma3_text"),
            "model.layers", "model.norm"),
     Family("Phi-3 and Phi-4 (phi3)", ("phi3",), "model.layers", "model.norm"),
+    Family("Llama-shaped others (gemma, olmo2, olmo3, granite, cohere, cohere2, smollm3, glm4)",
+           ("gemma", "olmo2", "olmo3", "granite", "cohere", "cohere2", "smollm3", "glm4"),
+           "model.layers", "model.norm"),
     Family("mixture of experts (qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3)",
            ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3"), "model.layers", "model.norm"),
     Family("GPT-NeoX (gpt_neox)", ("gpt_neox",), "gpt_neox.layers", "gpt_neox.final_layer_norm"),
@@ -243,11 +246,16 @@ def move_except_blocks(model: nn.Module, device: torch.device) -> None:
 
 def final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The logits the model computes from the last decoder block's output `hidden` (final norm, OPT's
-    output projection where it has one, LM head, Gemma 2's soft-capping)."""
-    hidden = model.get_submodule(FINAL_NORM_PATHS[model.config.model_type])(hidden)
-    if model.config.model_type == "opt" and model.model.decoder.project_out is not None:
+    output projection where it has one, LM head, Granite's and Cohere's logit scales, Gemma 2's soft-capping)."""
+    config = model.config
+    hidden = model.get_submodule(FINAL_NORM_PATHS[config.model_type])(hidden)
+    if config.model_type == "opt" and model.model.decoder.project_out is not None:
         hidden = model.model.decoder.project_out(hidden)
     logits = model.get_output_embeddings()(hidden)
-    if cap := getattr(model.config, "final_logit_softcapping", None):
+    if config.model_type == "granite":
+        logits = logits / config.logits_scaling
+    if config.model_type in ("cohere", "cohere2"):
+        logits = logits * config.logit_scale
+    if cap := getattr(config, "final_logit_softcapping", None):
         logits = torch.tanh(logits / cap) * cap
     return logits

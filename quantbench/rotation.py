@@ -27,8 +27,15 @@ from quantbench.pipeline import untie_lm_head
 from quantbench.quantizers.fwht import RandomHadamard
 
 MODEL_ROTATION_ATTR = "quantbench_model_rotation"  # the descriptor of a rotated model's residual rotation
-ROTATABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen2_moe", "qwen3_moe", "mixtral")
+ROTATABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "phi3", "qwen2_moe", "qwen3_moe",
+                   "mixtral")
+POST_NORMS = "its norms after attention and after the MLP sit between those layers and the residual stream, so " \
+             "the rotation would need an online transform there"
 REFUSED_BECAUSE = {
+    "gemma": "Gemma's norms scale by 1 + w, which the rotation does not fold yet",
+    "olmo2": POST_NORMS, "olmo3": POST_NORMS, "glm4": POST_NORMS,
+    "cohere": "Cohere's LayerNorm subtracts the mean, which a rotated residual stream does not keep",
+    "cohere2": "Cohere's LayerNorm subtracts the mean, which a rotated residual stream does not keep",
     "gemma2": "Gemma's norms after attention and after the MLP sit between those layers and the residual "
               "stream, so the rotation would need an online transform there",
     "gemma3_text": "Gemma's norms after attention and after the MLP sit between those layers and the residual "

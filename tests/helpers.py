@@ -183,6 +183,61 @@ def tiny_phi3(vocab_size: int = 320, seed: int = 0):
     return Phi3ForCausalLM(config).eval()
 
 
+def _llama_shaped(model_type: str, vocab_size: int, seed: int, **extra):
+    """A random model of a family shaped like Llama (q/k/v/o, gate/up/down under `model.layers`), from its
+    registered config class, with token ids inside the tiny vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                                  max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  **extra)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_gemma(vocab_size: int = 320, seed: int = 0):
+    """Gemma (1): norms scale by 1 + w, embeddings by √hidden."""
+    return _random_norms(_llama_shaped("gemma", vocab_size, seed, head_dim=16), seed)
+
+
+def tiny_olmo2(vocab_size: int = 320, seed: int = 0):
+    """OLMo 2: norms after attention and MLP (on their outputs), q/k norms over the whole projection."""
+    return _random_norms(_llama_shaped("olmo2", vocab_size, seed), seed)
+
+
+def tiny_olmo3(vocab_size: int = 320, seed: int = 0):
+    """OLMo 3: OLMo 2's norms, sliding-window layers between global ones."""
+    return _random_norms(_llama_shaped("olmo3", vocab_size, seed, sliding_window=4), seed)
+
+
+def tiny_granite(vocab_size: int = 320, seed: int = 0):
+    """Granite: embeddings, residual branches and attention scores multiplied, logits divided, all away from 1."""
+    return _llama_shaped("granite", vocab_size, seed, embedding_multiplier=3.0, residual_multiplier=0.5,
+                         attention_multiplier=0.2, logits_scaling=4.0)
+
+
+def tiny_cohere(vocab_size: int = 320, seed: int = 0):
+    """Cohere (Command R): attention and MLP in parallel off one layer norm, q/k layer norms, logits scaled."""
+    return _llama_shaped("cohere", vocab_size, seed, use_qk_norm=True, logit_scale=0.5)
+
+
+def tiny_cohere2(vocab_size: int = 320, seed: int = 0):
+    """Cohere 2 (Command R7B, A): attention and MLP in parallel off one layer norm, sliding-window layers,
+    logits scaled."""
+    return _llama_shaped("cohere2", vocab_size, seed, sliding_window=4, logit_scale=0.5)
+
+
+def tiny_smollm3(vocab_size: int = 320, seed: int = 0):
+    """SmolLM3: every fourth layer without rotary positions."""
+    return _llama_shaped("smollm3", vocab_size, seed)
+
+
+def tiny_glm4(vocab_size: int = 320, seed: int = 0):
+    """GLM-4: fused gate_up_proj, norms after attention and MLP as well as before, partial rotary."""
+    return _random_norms(_llama_shaped("glm4", vocab_size, seed, head_dim=16), seed)
+
+
 def _random_norms(model, seed: int):
     """Gemma initialises its norm weights w to 0 (scale 1 + w): random ones show a norm handled as plain w."""
     g = torch.Generator().manual_seed(seed)
@@ -265,10 +320,12 @@ def tiny_deepseek_v2(vocab_size: int = 320, seed: int = 0):
 
 MOE_BUILDERS = {"qwen3_moe": tiny_qwen3_moe, "qwen2_moe": tiny_qwen2_moe, "mixtral": tiny_mixtral,
                 "deepseek_v2": tiny_deepseek_v2, "deepseek_v3": tiny_deepseek_v3}
+LLAMA_SHAPED_BUILDERS = {"gemma": tiny_gemma, "olmo2": tiny_olmo2, "olmo3": tiny_olmo3, "granite": tiny_granite,
+                         "cohere": tiny_cohere, "cohere2": tiny_cohere2, "smollm3": tiny_smollm3, "glm4": tiny_glm4}
 FAMILY_BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "gpt_neox": tiny_gpt_neox,
                    "qwen2_sliding_window": tiny_qwen2_sliding_window, "gemma2": tiny_gemma2,
                    "gemma3_text": tiny_gemma3_text, "phi3": tiny_phi3,
-                   **MOE_BUILDERS}  # one tiny config per family of the table
+                   **LLAMA_SHAPED_BUILDERS, **MOE_BUILDERS}  # one tiny config per family of the table
 
 
 def with_scaled_norms(model, seed=0, outliers=(), factor=8.0):

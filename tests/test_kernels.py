@@ -11,7 +11,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from helpers import assert_matmul_close, tiny_llama
+from helpers import FAMILY_BUILDERS, assert_matmul_close, tiny_llama
 
 from quantbench import load_quantized, save_quantized
 from quantbench.export.kernels import PackedLinear, kernel_unsupported_reason, packed_matmul, to_kernel_layout
@@ -300,6 +300,22 @@ def test_half_precision_decode_matches_within_float16_rounding(label):
     got = packed_matmul(x, to_kernel_layout(stored), backend="triton", config=TileConfig(1, 32, 64, 2, half=True))
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("family", FAMILY_BUILDERS)
+def test_every_family_loads_with_kernels_to_the_dense_logits(tmp_path, tokenizer, family):
+    """Packed layers with fused siblings (q/k/v, gate/up; Cohere's parallel blocks read one norm) on the CPU
+    give the dense load's logits, within float summation differences."""
+    model = FAMILY_BUILDERS[family](vocab_size=len(tokenizer))
+    ids = torch.randint(3, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    quantized = quantize_model(model, ids, QuantizeSection(default="int4-g32-rtn").scheme_for, torch.device("cpu"),
+                               progress=False)
+    save_quantized(model, tokenizer, quantized, tmp_path / "ckpt")
+    dense, packed = load_quantized(tmp_path / "ckpt"), load_quantized(tmp_path / "ckpt", kernels=True)
+    assert any(isinstance(module, PackedLinear) for module in packed.modules())
+    with torch.no_grad():
+        expected = dense(ids).logits
+        torch.testing.assert_close(packed(ids).logits, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
 
 
 def test_fused_siblings_compute_the_unfused_logits_with_four_launches_per_layer(tmp_path, tokenizer, monkeypatch):

@@ -269,9 +269,10 @@ def test_input_groups_are_traced_once_per_kind_of_block(build, kinds):
 # the blocks the driver runs again to propagate their outputs, with the passes reusing: none where the block
 # adds down_proj's output to a submodule's input (residual_outputs.py), nor where the last pass hands the
 # propagation what it computed (pass_cache.py); only the first block of a kind that has no such residual
-# (post-norms, a parallel residual, DeepSeek's shared experts last), found missing there. The last block is
-# never propagated: no block after it reads its outputs.
-RUN_AGAIN = {"gpt_neox": [0], "gemma2": [0], "gemma3_text": [0], "deepseek_v2": [1], "deepseek_v3": [1]}
+# (post-norms, a parallel residual, Granite's scaled residual, DeepSeek's shared experts last), found missing
+# there. The last block is never propagated: no block after it reads its outputs.
+RUN_AGAIN = {"gpt_neox": [0], "gemma2": [0], "gemma3_text": [0], "deepseek_v2": [1], "deepseek_v3": [1],
+             "olmo2": [0], "olmo3": [0], "glm4": [0], "cohere": [0], "cohere2": [0], "granite": [0]}
 
 
 def quantize_counting_forwards(model, reuse_passes: bool, scheme: str = "int4-g32-gptq"):
