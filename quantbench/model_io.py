@@ -37,9 +37,10 @@ FAMILY_TABLE = (
     Family("Gemma 2 and 3 (gemma2; gemma3_text, the text-only models)", ("gemma2", "gemma3_text"),
            "model.layers", "model.norm"),
     Family("Phi-3 and Phi-4 (phi3)", ("phi3",), "model.layers", "model.norm"),
-    Family("Llama-shaped others (gemma, olmo2, olmo3, granite, cohere, cohere2, smollm3, glm4)",
-           ("gemma", "olmo2", "olmo3", "granite", "cohere", "cohere2", "smollm3", "glm4"),
-           "model.layers", "model.norm"),
+    Family("others built around q/k/v/o attention (gemma, olmo2, olmo3, granite, cohere, cohere2, smollm3, glm4, "
+           "starcoder2, stablelm, exaone4, ernie4_5, seed_oss, helium, apertus, arcee)",
+           ("gemma", "olmo2", "olmo3", "granite", "cohere", "cohere2", "smollm3", "glm4", "starcoder2", "stablelm",
+            "exaone4", "ernie4_5", "seed_oss", "helium", "apertus", "arcee"), "model.layers", "model.norm"),
     Family("mixture of experts (qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3)",
            ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3"), "model.layers", "model.norm"),
     Family("GPT-NeoX (gpt_neox)", ("gpt_neox",), "gpt_neox.layers", "gpt_neox.final_layer_norm"),

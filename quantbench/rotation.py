@@ -27,15 +27,16 @@ from quantbench.pipeline import untie_lm_head
 from quantbench.quantizers.fwht import RandomHadamard
 
 MODEL_ROTATION_ATTR = "quantbench_model_rotation"  # the descriptor of a rotated model's residual rotation
-ROTATABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "phi3", "qwen2_moe", "qwen3_moe",
-                   "mixtral")
+ROTATABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "ernie4_5", "seed_oss", "helium",
+                   "arcee", "phi3", "qwen2_moe", "qwen3_moe", "mixtral")
+LAYER_NORM = "its LayerNorm subtracts the mean, which a rotated residual stream does not keep"
 POST_NORMS = "its norms after attention and after the MLP sit between those layers and the residual stream, so " \
              "the rotation would need an online transform there"
 REFUSED_BECAUSE = {
     "gemma": "Gemma's norms scale by 1 + w, which the rotation does not fold yet",
-    "olmo2": POST_NORMS, "olmo3": POST_NORMS, "glm4": POST_NORMS,
-    "cohere": "Cohere's LayerNorm subtracts the mean, which a rotated residual stream does not keep",
-    "cohere2": "Cohere's LayerNorm subtracts the mean, which a rotated residual stream does not keep",
+    "olmo2": POST_NORMS, "olmo3": POST_NORMS, "glm4": POST_NORMS, "exaone4": POST_NORMS,
+    "cohere": LAYER_NORM, "cohere2": LAYER_NORM, "stablelm": LAYER_NORM, "starcoder2": LAYER_NORM,
+    "apertus": "its norms are named otherwise than Llama's, which the rotation does not map yet",
     "gemma2": "Gemma's norms after attention and after the MLP sit between those layers and the residual "
               "stream, so the rotation would need an online transform there",
     "gemma3_text": "Gemma's norms after attention and after the MLP sit between those layers and the residual "

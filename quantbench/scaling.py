@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 NORMS = {  # model type → (the norm before attention, the norm before the MLP, added to its weight in use)
     **{kind: ("input_layernorm", "post_attention_layernorm", 0.0)
-       for kind in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "phi3", "qwen2_moe", "qwen3_moe",
-                    "mixtral")},
+       for kind in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "ernie4_5", "seed_oss", "helium",
+                    "phi3", "qwen2_moe", "qwen3_moe", "mixtral")},
     "gemma": ("input_layernorm", "post_attention_layernorm", 1.0),
     **{kind: ("input_layernorm", "pre_feedforward_layernorm", 1.0) for kind in ("gemma2", "gemma3_text")},
 }
@@ -55,6 +55,13 @@ UNSCALED_BECAUSE = {
     "olmo2": "its norms come after attention and the MLP, so no norm before them takes the scales",
     "olmo3": "its norms come after attention and the MLP, so no norm before them takes the scales",
     "glm4": "its norms after attention and after the MLP are not handled yet",
+    "exaone4": "its norms come after attention and the MLP, so no norm before them takes the scales",
+    "starcoder2": "its attention and MLP read LayerNorms whose biases would need folding as well, which is not "
+                  "built yet",
+    "stablelm": "its attention and MLP read LayerNorms whose biases would need folding as well, which is not "
+                "built yet",
+    "apertus": "its MLP has no gate: a scale between up and down would pass through its activation",
+    "arcee": "its MLP has no gate: a scale between up and down would pass through its activation",
     "cohere": "one LayerNorm feeds attention and the MLP in parallel, which the sites do not describe yet",
     "cohere2": "one LayerNorm feeds attention and the MLP in parallel, which the sites do not describe yet",
     "deepseek_v2": "its latent attention normalises the compressed q and kv inside the attention",

@@ -238,6 +238,44 @@ def tiny_glm4(vocab_size: int = 320, seed: int = 0):
     return _random_norms(_llama_shaped("glm4", vocab_size, seed, head_dim=16), seed)
 
 
+def tiny_starcoder2(vocab_size: int = 320, seed: int = 0):
+    """StarCoder2: LayerNorms with biases, an MLP without a gate (c_fc, c_proj), biases everywhere."""
+    return _llama_shaped("starcoder2", vocab_size, seed)
+
+
+def tiny_stablelm(vocab_size: int = 320, seed: int = 0):
+    """StableLM: LayerNorms, rotary positions on a quarter of each head, q/k/v biases."""
+    return _llama_shaped("stablelm", vocab_size, seed, use_qkv_bias=True)
+
+
+def tiny_exaone4(vocab_size: int = 320, seed: int = 0):
+    """EXAONE 4: norms after attention and the MLP, q/k norms, sliding-window layers."""
+    return _random_norms(_llama_shaped("exaone4", vocab_size, seed, sliding_window=4), seed)
+
+
+def tiny_ernie4_5(vocab_size: int = 320, seed: int = 0):
+    return _llama_shaped("ernie4_5", vocab_size, seed)
+
+
+def tiny_seed_oss(vocab_size: int = 320, seed: int = 0):
+    """Seed-OSS: q/k/v biases."""
+    return _llama_shaped("seed_oss", vocab_size, seed)
+
+
+def tiny_helium(vocab_size: int = 320, seed: int = 0):
+    return _llama_shaped("helium", vocab_size, seed, head_dim=16)
+
+
+def tiny_apertus(vocab_size: int = 320, seed: int = 0):
+    """Apertus: an MLP without a gate (up, then xIELU, then down), q/k norms."""
+    return _llama_shaped("apertus", vocab_size, seed, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+
+
+def tiny_arcee(vocab_size: int = 320, seed: int = 0):
+    """Arcee (AFM): an MLP without a gate (up, then ReLU², then down)."""
+    return _llama_shaped("arcee", vocab_size, seed)
+
+
 def _random_norms(model, seed: int):
     """Gemma initialises its norm weights w to 0 (scale 1 + w): random ones show a norm handled as plain w."""
     g = torch.Generator().manual_seed(seed)
@@ -321,7 +359,10 @@ def tiny_deepseek_v2(vocab_size: int = 320, seed: int = 0):
 MOE_BUILDERS = {"qwen3_moe": tiny_qwen3_moe, "qwen2_moe": tiny_qwen2_moe, "mixtral": tiny_mixtral,
                 "deepseek_v2": tiny_deepseek_v2, "deepseek_v3": tiny_deepseek_v3}
 LLAMA_SHAPED_BUILDERS = {"gemma": tiny_gemma, "olmo2": tiny_olmo2, "olmo3": tiny_olmo3, "granite": tiny_granite,
-                         "cohere": tiny_cohere, "cohere2": tiny_cohere2, "smollm3": tiny_smollm3, "glm4": tiny_glm4}
+                         "cohere": tiny_cohere, "cohere2": tiny_cohere2, "smollm3": tiny_smollm3, "glm4": tiny_glm4,
+                         "starcoder2": tiny_starcoder2, "stablelm": tiny_stablelm, "exaone4": tiny_exaone4,
+                         "ernie4_5": tiny_ernie4_5, "seed_oss": tiny_seed_oss, "helium": tiny_helium,
+                         "apertus": tiny_apertus, "arcee": tiny_arcee}
 FAMILY_BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "gpt_neox": tiny_gpt_neox,
                    "qwen2_sliding_window": tiny_qwen2_sliding_window, "gemma2": tiny_gemma2,
                    "gemma3_text": tiny_gemma3_text, "phi3": tiny_phi3,

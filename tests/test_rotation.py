@@ -48,7 +48,8 @@ def test_rotated_model_computes_the_same_function(build):
         assert input_rotation_of(block.self_attn.q_proj) is None
 
 
-@pytest.mark.parametrize("family", ["phi3", "smollm3", "granite", "qwen3_moe", "qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["phi3", "smollm3", "granite", "ernie4_5", "seed_oss", "helium", "arcee",
+                                    "qwen3_moe", "qwen2_moe", "mixtral"])
 def test_rotated_families_built_like_llama_compute_the_same_function(family):
     """Phi's fused qkv and gate/up projections read the rotated stream; every expert's projections, the
     router's weight, the shared expert and its gate too; every down projection gets its online Hadamard."""
@@ -76,7 +77,8 @@ def test_unsupported_families_and_a_second_rotation_are_refused():
                tiny_gemma3_text: "norms after attention", MOE_BUILDERS["deepseek_v3"]: "latent attention",
                MOE_BUILDERS["deepseek_v2"]: "latent attention", FAMILY_BUILDERS["gemma"]: "1 \\+ w",
                FAMILY_BUILDERS["olmo2"]: "norms after attention", FAMILY_BUILDERS["glm4"]: "norms after attention",
-               FAMILY_BUILDERS["cohere2"]: "subtracts the mean"}
+               FAMILY_BUILDERS["cohere2"]: "subtracts the mean", FAMILY_BUILDERS["starcoder2"]: "subtracts the mean",
+               FAMILY_BUILDERS["exaone4"]: "norms after attention", FAMILY_BUILDERS["apertus"]: "named otherwise"}
     for build, reason in reasons.items():
         with pytest.raises(QuantbenchError, match=f"supports the Llama family.*{reason}"):
             rotate_model(build())
