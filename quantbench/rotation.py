@@ -37,12 +37,9 @@ REFUSED_BECAUSE = {
     "olmo2": POST_NORMS, "olmo3": POST_NORMS, "glm4": POST_NORMS, "exaone4": POST_NORMS,
     "cohere": LAYER_NORM, "cohere2": LAYER_NORM, "stablelm": LAYER_NORM, "starcoder2": LAYER_NORM,
     "apertus": "its norms are named otherwise than Llama's, which the rotation does not map yet",
-    "gemma2": "Gemma's norms after attention and after the MLP sit between those layers and the residual "
-              "stream, so the rotation would need an online transform there",
-    "gemma3_text": "Gemma's norms after attention and after the MLP sit between those layers and the residual "
-                   "stream, so the rotation would need an online transform there",
-    "deepseek_v2": "DeepSeek's latent attention normalises its compressed q and kv inside the attention",
-    "deepseek_v3": "DeepSeek's latent attention normalises its compressed q and kv inside the attention",
+    "gemma2": POST_NORMS, "gemma3_text": POST_NORMS,
+    **dict.fromkeys(("deepseek_v2", "deepseek_v3"),
+                    "DeepSeek's latent attention normalises its compressed q and kv inside the attention"),
 }
 
 

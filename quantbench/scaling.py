@@ -48,24 +48,19 @@ NORMS = {  # model type → (the norm before attention, the norm before the MLP,
 }
 SCALABLE_TYPES = tuple(NORMS)
 POST_MLP_NORM = ("gemma2", "gemma3_text")  # their MLP output is normalised before it joins the residual
+LAYER_NORMS = "its attention and MLP read LayerNorms whose biases would need folding as well, which is not built yet"
 UNSCALED_BECAUSE = {
     "opt": "its MLP reads a LayerNorm whose bias would need folding as well, which is not built yet",
-    "gpt_neox": "its attention and MLP read LayerNorms whose biases would need folding as well, which is not "
-                "built yet",
-    "olmo2": "its norms come after attention and the MLP, so no norm before them takes the scales",
-    "olmo3": "its norms come after attention and the MLP, so no norm before them takes the scales",
+    **dict.fromkeys(("gpt_neox", "starcoder2", "stablelm"), LAYER_NORMS),
+    **dict.fromkeys(("olmo2", "olmo3", "exaone4"),
+                    "its norms come after attention and the MLP, so no norm before them takes the scales"),
     "glm4": "its norms after attention and after the MLP are not handled yet",
-    "exaone4": "its norms come after attention and the MLP, so no norm before them takes the scales",
-    "starcoder2": "its attention and MLP read LayerNorms whose biases would need folding as well, which is not "
-                  "built yet",
-    "stablelm": "its attention and MLP read LayerNorms whose biases would need folding as well, which is not "
-                "built yet",
-    "apertus": "its MLP has no gate: a scale between up and down would pass through its activation",
-    "arcee": "its MLP has no gate: a scale between up and down would pass through its activation",
-    "cohere": "one LayerNorm feeds attention and the MLP in parallel, which the sites do not describe yet",
-    "cohere2": "one LayerNorm feeds attention and the MLP in parallel, which the sites do not describe yet",
-    "deepseek_v2": "its latent attention normalises the compressed q and kv inside the attention",
-    "deepseek_v3": "its latent attention normalises the compressed q and kv inside the attention",
+    **dict.fromkeys(("apertus", "arcee"),
+                    "its MLP has no gate: a scale between up and down would pass through its activation"),
+    **dict.fromkeys(("cohere", "cohere2"),
+                    "one LayerNorm feeds attention and the MLP in parallel, which the sites do not describe yet"),
+    **dict.fromkeys(("deepseek_v2", "deepseek_v3"),
+                    "its latent attention normalises the compressed q and kv inside the attention"),
 }
 UP_BEFORE_DOWN = {"down_proj": ("up_proj", "gate_up_proj"), "w2": ("w3",)}
 NOT_CLIPPED = ("q_proj", "k_proj", "qkv_proj")  # as AWQ: clipping query/key ranges hurts attention scores

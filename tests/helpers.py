@@ -184,8 +184,8 @@ def tiny_phi3(vocab_size: int = 320, seed: int = 0):
 
 
 def _llama_shaped(model_type: str, vocab_size: int, seed: int, **extra):
-    """A random model of a family shaped like Llama (q/k/v/o, gate/up/down under `model.layers`), from its
-    registered config class, with token ids inside the tiny vocabulary."""
+    """A random model of a family laid out like Llama (blocks under `model.layers`, q/k/v/o under `self_attn`,
+    the MLP under `mlp`), from its registered config class, with token ids inside the tiny vocabulary."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
