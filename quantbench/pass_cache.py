@@ -28,9 +28,10 @@ class PassCache:
     `run(batch, forward)` runs one batch of it.
 
     A pass also records its layers' inputs, but for layers whose parent returned something else on the first
-    batch (an expert's gate and up). A submodule whose output is one of those layers' output (Llama's
-    self_attn returns o_proj's) is then served that layer, quantized since, on the recorded input: its
-    "tail". The first batch checks that the submodule returns the layer's output object, unchanged, and that
+    batch (an expert's gate and up) and for layers the first batch did not call (an expert none of its tokens
+    were routed to: tails are found on the first batch). A submodule whose output is one of those layers'
+    output (Llama's self_attn returns o_proj's) is then served that layer, quantized since, on the recorded
+    input: its "tail". The first batch checks that the submodule returns the layer's output object, unchanged, and that
     the layer's input is the recorded one."""
 
     def __init__(self, block: nn.Module, batches: int) -> None:
@@ -93,7 +94,7 @@ class PassCache:
 
         def on_layer_input(name: str):
             def hook(_module, args) -> None:
-                if name not in self._no_tail:
+                if name not in self._no_tail and (batch == 0 or name in self.recorded_inputs[0]):
                     inputs.setdefault(name, args[0])
             return hook
 
