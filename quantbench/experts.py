@@ -20,9 +20,9 @@ from torch import nn
 
 from quantbench.errors import QuantbenchError
 
-PROJECTION_NAMES = {"mixtral": ("w1", "w3", "w2")}  # gate, up, down; every other family: gate/up/down_proj
+PROJECTION_NAMES = dict.fromkeys(("mixtral", "phimoe"), ("w1", "w3", "w2"))  # gate, up, down, as checkpoints name them
 DEFAULT_PROJECTION_NAMES = ("gate_proj", "up_proj", "down_proj")
-ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # linears that route: kept in 16 bits
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate", "wg")  # linears that route: kept in 16 bits
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,17 @@ def _expert_list(fused: nn.Module, names: tuple[str, str, str], where: str) -> E
 
     return ExpertList(Expert(linear(gate_up.data[e, :width]), linear(gate_up.data[e, width:]),
                              linear(down.data[e]), fused.act_fn, names) for e in range(experts))
+
+
+def router_name(mlp: nn.Module) -> str | None:
+    """The submodule of an MLP whose weight [experts, hidden] routes the MLP's input: a router module holding
+    its weight (`gate`) or the linear inside one (Hunyuan's `gate.wg`); None where the MLP routes nothing."""
+    gate = getattr(mlp, "gate", None)
+    if isinstance(getattr(gate, "weight", None), torch.Tensor) and not isinstance(gate, nn.Linear):
+        return "gate"
+    if isinstance(getattr(gate, "wg", None), nn.Linear):
+        return "gate.wg"
+    return None
 
 
 def expert_lists(block: nn.Module) -> list[ExpertList]:

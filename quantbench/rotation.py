@@ -22,23 +22,25 @@ from torch import nn
 
 from quantbench.activations import rotate_inputs_of
 from quantbench.errors import QuantbenchError
+from quantbench.experts import router_name
 from quantbench.model_io import ATTENTION_READERS, MLP_READERS, MLP_WRITERS, decoder_blocks
 from quantbench.pipeline import untie_lm_head
 from quantbench.quantizers.fwht import RandomHadamard
 
 MODEL_ROTATION_ATTR = "quantbench_model_rotation"  # the descriptor of a rotated model's residual rotation
 ROTATABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "ernie4_5", "seed_oss", "helium",
-                   "arcee", "phi3", "qwen2_moe", "qwen3_moe", "mixtral")
+                   "arcee", "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "glm4_moe", "ernie4_5_moe",
+                   "hunyuan_v1_moe", "dots1", "exaone_moe", "solar_open")
 LAYER_NORM = "its LayerNorm subtracts the mean, which a rotated residual stream does not keep"
 POST_NORMS = "its norms after attention and after the MLP sit between those layers and the residual stream, so " \
              "the rotation would need an online transform there"
 REFUSED_BECAUSE = {
     "gemma": "Gemma's norms scale by 1 + w, which the rotation does not fold yet",
-    "olmo2": POST_NORMS, "olmo3": POST_NORMS, "glm4": POST_NORMS, "exaone4": POST_NORMS,
-    "cohere": LAYER_NORM, "cohere2": LAYER_NORM, "stablelm": LAYER_NORM, "starcoder2": LAYER_NORM,
+    **dict.fromkeys(("olmo2", "olmo3", "glm4", "exaone4", "flex_olmo", "afmoe"), POST_NORMS),
+    **dict.fromkeys(("cohere", "cohere2", "stablelm", "starcoder2", "phimoe"), LAYER_NORM),
     "apertus": "its norms are named otherwise than Llama's, which the rotation does not map yet",
     "gemma2": POST_NORMS, "gemma3_text": POST_NORMS,
-    **dict.fromkeys(("deepseek_v2", "deepseek_v3"),
+    **dict.fromkeys(("deepseek_v2", "deepseek_v3", "glm4_moe_lite"),
                     "DeepSeek's latent attention normalises its compressed q and kv inside the attention"),
 }
 
@@ -59,9 +61,8 @@ def _attention_readers(block: nn.Module) -> list[nn.Linear]:
 def _mlp_readers(block: nn.Module) -> list[nn.Module]:
     """Every MLP input projection — fused gate/up, each expert's, the shared expert's and its gate — and the
     router (a weight [experts, hidden] read as a linear)."""
-    router = getattr(block.mlp, "gate", None)
-    routers = [router] if router is not None and not isinstance(router, nn.Linear) and hasattr(router, "weight") else []
-    return [*_mlp_layers(block, MLP_READERS), *routers]
+    router = router_name(block.mlp)
+    return [*_mlp_layers(block, MLP_READERS), *([block.mlp.get_submodule(router)] if router else [])]
 
 
 def _writers(block: nn.Module) -> list[nn.Linear]:

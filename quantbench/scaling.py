@@ -32,6 +32,7 @@ from quantbench.calibration.stats import collect_stats
 from quantbench.distributed import all_reduce_stats, reduce_in_place, sum_across_ranks
 from quantbench.distributed import current as current_ranks
 from quantbench.errors import QuantbenchError
+from quantbench.experts import router_name
 from quantbench.model_io import ATTENTION_READERS, MLP_READERS, block_linears, block_output, trial_autocast
 from quantbench.quantizers.hadamard import rotation_for
 from quantbench.quantizers.rtn import quantize_rtn
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 NORMS = {  # model type → (the norm before attention, the norm before the MLP, added to its weight in use)
     **{kind: ("input_layernorm", "post_attention_layernorm", 0.0)
        for kind in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "ernie4_5", "seed_oss", "helium",
-                    "phi3", "qwen2_moe", "qwen3_moe", "mixtral")},
+                    "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "glm4_moe", "ernie4_5_moe",
+                    "hunyuan_v1_moe", "dots1", "exaone_moe", "solar_open")},
     "gemma": ("input_layernorm", "post_attention_layernorm", 1.0),
     **{kind: ("input_layernorm", "pre_feedforward_layernorm", 1.0) for kind in ("gemma2", "gemma3_text")},
 }
@@ -51,15 +53,15 @@ POST_MLP_NORM = ("gemma2", "gemma3_text")  # their MLP output is normalised befo
 LAYER_NORMS = "its attention and MLP read LayerNorms whose biases would need folding as well, which is not built yet"
 UNSCALED_BECAUSE = {
     "opt": "its MLP reads a LayerNorm whose bias would need folding as well, which is not built yet",
-    **dict.fromkeys(("gpt_neox", "starcoder2", "stablelm"), LAYER_NORMS),
-    **dict.fromkeys(("olmo2", "olmo3", "exaone4"),
+    **dict.fromkeys(("gpt_neox", "starcoder2", "stablelm", "phimoe"), LAYER_NORMS),
+    **dict.fromkeys(("olmo2", "olmo3", "exaone4", "flex_olmo"),
                     "its norms come after attention and the MLP, so no norm before them takes the scales"),
-    "glm4": "its norms after attention and after the MLP are not handled yet",
+    **dict.fromkeys(("glm4", "afmoe"), "its norms after attention and after the MLP are not handled yet"),
     **dict.fromkeys(("apertus", "arcee"),
                     "its MLP has no gate: a scale between up and down would pass through its activation"),
     **dict.fromkeys(("cohere", "cohere2"),
                     "one LayerNorm feeds attention and the MLP in parallel, which the sites do not describe yet"),
-    **dict.fromkeys(("deepseek_v2", "deepseek_v3"),
+    **dict.fromkeys(("deepseek_v2", "deepseek_v3", "glm4_moe_lite"),
                     "its latent attention normalises the compressed q and kv inside the attention"),
 }
 UP_BEFORE_DOWN = {"down_proj": ("up_proj", "gate_up_proj"), "w2": ("w3",)}
@@ -94,7 +96,8 @@ def block_sites(block: nn.Module, model_type: str) -> list[Site]:
     leaf = {name: name.rsplit(".", 1)[-1] for name in modules}
     linears = block_linears(block)
     attention = [n for n in linears if n.startswith("self_attn.") and leaf[n] in ATTENTION_READERS]
-    mlp = [n for n, m in modules.items() if n.startswith("mlp.") and (leaf[n] in MLP_READERS or _is_router(n, m))]
+    router = router_name(block.mlp)
+    mlp = [n for n in modules if n.startswith("mlp.") and (leaf[n] in MLP_READERS or (router and n == f"mlp.{router}"))]
     sites = [Site(attention_norm, attention, True, offset)]
     v, o = modules.get("self_attn.v_proj"), modules.get("self_attn.o_proj")
     if isinstance(v, nn.Linear) and isinstance(o, nn.Linear) and v.out_features == o.in_features:
@@ -109,12 +112,6 @@ def block_sites(block: nn.Module, model_type: str) -> list[Site]:
                 break
     return [site for site in sites if site.readers
             and not any(input_rotation_of(modules[name]) is not None for name in site.readers)]
-
-
-def _is_router(name: str, module: nn.Module) -> bool:
-    """A router: the experts' gate, a weight [experts, hidden] that reads the MLP norm's output."""
-    return name.count(".") == 1 and name.endswith(".gate") and getattr(module, "weight", None) is not None \
-        and not isinstance(module, nn.Linear)
 
 
 def fold_scales(block: nn.Module, site: Site, scales: torch.Tensor) -> None:

@@ -356,8 +356,92 @@ def tiny_deepseek_v2(vocab_size: int = 320, seed: int = 0):
     return _moe(DeepseekV2ForCausalLM, config, seed)
 
 
+def _moe_shaped(model_type: str, vocab_size: int, seed: int, **extra):
+    """A random mixture-of-experts model of a family laid out like Qwen3-MoE (blocks under `model.layers`,
+    fused experts under `mlp.experts`), from its registered config class; `extra` names its expert counts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2)
+    return _moe(AutoModelForCausalLM.from_config, AutoConfig.for_model(model_type, **{**shape, **extra}), seed)
+
+
+def tiny_olmoe(vocab_size: int = 320, seed: int = 0):
+    """OLMoE: q/k norms over the whole projection, softmax routing without renormalising the top k."""
+    return _moe_shaped("olmoe", vocab_size, seed, num_experts=8, num_experts_per_tok=2)
+
+
+def tiny_phimoe(vocab_size: int = 320, seed: int = 0):
+    """Phi-3.5-MoE: LayerNorms, q/k/v biases, sparse-mixer routing."""
+    return _moe_shaped("phimoe", vocab_size, seed, num_local_experts=4, num_experts_per_tok=2)
+
+
+def tiny_glm4_moe(vocab_size: int = 320, seed: int = 0):
+    """GLM-4.5: a dense first layer, then sigmoid routing with a correction bias plus a shared expert."""
+    return _moe_shaped("glm4_moe", vocab_size, seed, head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
+                       n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, use_qk_norm=True)
+
+
+def tiny_ernie4_5_moe(vocab_size: int = 320, seed: int = 0):
+    """ERNIE 4.5 MoE: a dense first layer, routed experts plus shared ones."""
+    return _moe_shaped("ernie4_5_moe", vocab_size, seed, moe_intermediate_size=32, moe_num_experts=8, moe_k=2,
+                       moe_num_shared_experts=1, moe_layer_start_index=1)
+
+
+def tiny_hunyuan_v1_moe(vocab_size: int = 320, seed: int = 0):
+    """Hunyuan-A13B: q/k norms, a router linear named `wg` computed in float32, a shared MLP."""
+    return _moe_shaped("hunyuan_v1_moe", vocab_size, seed, head_dim=16, num_experts=4, moe_topk=2,
+                       moe_intermediate_size=32)
+
+
+def tiny_dots1(vocab_size: int = 320, seed: int = 0):
+    """dots.llm1: DeepSeek-V3's routing and shared expert on q/k/v/o attention with q/k norms."""
+    return _moe_shaped("dots1", vocab_size, seed, head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
+                       n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1)
+
+
+def tiny_flex_olmo(vocab_size: int = 320, seed: int = 0):
+    """FlexOlmo: OLMo 2's norms after attention and the MLP around OLMoE's experts."""
+    return _random_norms(_moe_shaped("flex_olmo", vocab_size, seed, num_experts=4, num_experts_per_tok=2), seed)
+
+
+def tiny_exaone_moe(vocab_size: int = 320, seed: int = 0):
+    """EXAONE MoE: sliding-window layers, a dense first layer, routed experts plus a shared one."""
+    return _moe_shaped("exaone_moe", vocab_size, seed, head_dim=16, moe_intermediate_size=32, num_experts=8,
+                       num_experts_per_tok=2, num_shared_experts=1, sliding_window=4,
+                       layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                       mlp_layer_types=["dense", "sparse", "sparse"])
+
+
+def tiny_solar_open(vocab_size: int = 320, seed: int = 0):
+    """Solar Open: sigmoid routing with a correction bias plus a shared expert in every layer."""
+    return _moe_shaped("solar_open", vocab_size, seed, head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
+                       n_shared_experts=1, num_experts_per_tok=2)
+
+
+def tiny_glm4_moe_lite(vocab_size: int = 320, seed: int = 0):
+    """GLM-4.7-Flash: latent attention as DeepSeek-V3's, a dense first layer, routed plus shared experts."""
+    return _moe_shaped("glm4_moe_lite", vocab_size, seed, moe_intermediate_size=32, n_routed_experts=8,
+                       n_shared_experts=1, num_experts_per_tok=2, q_lora_rank=32, kv_lora_rank=32,
+                       qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4,
+                       mlp_layer_types=["dense", "sparse", "sparse"])
+
+
+def tiny_afmoe(vocab_size: int = 320, seed: int = 0):
+    """AFMoE (Trinity): gated attention, norms around attention and the MLP, sliding-window layers, routed
+    experts with a router linear named `gate` plus shared ones."""
+    return _moe_shaped("afmoe", vocab_size, seed, head_dim=16, moe_intermediate_size=32, num_experts=8,
+                       num_experts_per_tok=2, num_shared_experts=1, sliding_window=4, num_dense_layers=1,
+                       layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+
+
 MOE_BUILDERS = {"qwen3_moe": tiny_qwen3_moe, "qwen2_moe": tiny_qwen2_moe, "mixtral": tiny_mixtral,
-                "deepseek_v2": tiny_deepseek_v2, "deepseek_v3": tiny_deepseek_v3}
+                "deepseek_v2": tiny_deepseek_v2, "deepseek_v3": tiny_deepseek_v3, "olmoe": tiny_olmoe,
+                "phimoe": tiny_phimoe, "glm4_moe": tiny_glm4_moe,
+                "ernie4_5_moe": tiny_ernie4_5_moe, "hunyuan_v1_moe": tiny_hunyuan_v1_moe, "dots1": tiny_dots1,
+                "flex_olmo": tiny_flex_olmo, "exaone_moe": tiny_exaone_moe, "solar_open": tiny_solar_open,
+                "glm4_moe_lite": tiny_glm4_moe_lite, "afmoe": tiny_afmoe}
 LLAMA_SHAPED_BUILDERS = {"gemma": tiny_gemma, "olmo2": tiny_olmo2, "olmo3": tiny_olmo3, "granite": tiny_granite,
                          "cohere": tiny_cohere, "cohere2": tiny_cohere2, "smollm3": tiny_smollm3, "glm4": tiny_glm4,
                          "starcoder2": tiny_starcoder2, "stablelm": tiny_stablelm, "exaone4": tiny_exaone4,

@@ -49,7 +49,8 @@ def test_rotated_model_computes_the_same_function(build):
 
 
 @pytest.mark.parametrize("family", ["phi3", "smollm3", "granite", "ernie4_5", "seed_oss", "helium", "arcee",
-                                    "qwen3_moe", "qwen2_moe", "mixtral"])
+                                    "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "glm4_moe", "ernie4_5_moe",
+                                    "hunyuan_v1_moe", "dots1", "exaone_moe", "solar_open"])
 def test_rotated_families_built_like_llama_compute_the_same_function(family):
     """Phi's fused qkv and gate/up projections read the rotated stream; every expert's projections, the
     router's weight, the shared expert and its gate too; every down projection gets its online Hadamard."""
@@ -78,7 +79,9 @@ def test_unsupported_families_and_a_second_rotation_are_refused():
                MOE_BUILDERS["deepseek_v2"]: "latent attention", FAMILY_BUILDERS["gemma"]: "1 \\+ w",
                FAMILY_BUILDERS["olmo2"]: "norms after attention", FAMILY_BUILDERS["glm4"]: "norms after attention",
                FAMILY_BUILDERS["cohere2"]: "subtracts the mean", FAMILY_BUILDERS["starcoder2"]: "subtracts the mean",
-               FAMILY_BUILDERS["exaone4"]: "norms after attention", FAMILY_BUILDERS["apertus"]: "named otherwise"}
+               FAMILY_BUILDERS["exaone4"]: "norms after attention", FAMILY_BUILDERS["apertus"]: "named otherwise",
+               MOE_BUILDERS["phimoe"]: "subtracts the mean", MOE_BUILDERS["flex_olmo"]: "norms after attention",
+               MOE_BUILDERS["afmoe"]: "norms after attention", MOE_BUILDERS["glm4_moe_lite"]: "latent attention"}
     for build, reason in reasons.items():
         with pytest.raises(QuantbenchError, match=f"supports the Llama family.*{reason}"):
             rotate_model(build())

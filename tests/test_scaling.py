@@ -175,6 +175,15 @@ def test_recipes_refuse_scaling_where_it_has_no_site():
                        progress=False)
 
 
+@pytest.mark.parametrize("family, reason", [("phimoe", "LayerNorms"), ("flex_olmo", "norms come after"),
+                                            ("afmoe", "not handled yet"), ("glm4_moe_lite", "latent attention"),
+                                            ("cohere", "in parallel"), ("arcee", "no gate")])
+def test_families_without_sites_are_refused_with_the_reason(family, reason):
+    with pytest.raises(QuantbenchError, match=f"scaling support .*, not '{family}': .*{reason}"):
+        quantize_model(FAMILY_BUILDERS[family](), IDS, lambda _layer: Scheme.parse("awq+int4-g32-rtn"),
+                       torch.device("cpu"), progress=False)
+
+
 def test_the_search_quantizes_a_hadamard_layer_as_the_pipeline_does():
     """Under the hadamard transform the layer computes with Q(W·R) on inputs x·R: in its own basis that is
     Q(W·R)·Rᵀ, which is what AWQ's search must score."""
