@@ -47,6 +47,9 @@ FAMILY_TABLE = (
             "glm4_moe_lite", "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "flex_olmo", "exaone_moe", "solar_open",
             "afmoe"), "model.layers", "model.norm"),
     Family("GPT-NeoX (gpt_neox)", ("gpt_neox",), "gpt_neox.layers", "gpt_neox.final_layer_norm"),
+    Family("Phi-1, 1.5 and 2 (phi)", ("phi",), "model.layers", "model.final_layernorm"),
+    Family("GPT-J, Falcon and BLOOM (gptj, falcon, bloom)", ("gptj", "falcon", "bloom"), "transformer.h",
+           "transformer.ln_f"),
     Family("OPT (opt)", ("opt",), "model.decoder.layers", "model.decoder.final_layer_norm"),
 )
 BLOCK_PATHS = {model_type: family.blocks for family in FAMILY_TABLE for model_type in family.model_types}

@@ -37,7 +37,8 @@ POST_NORMS = "its norms after attention and after the MLP sit between those laye
 REFUSED_BECAUSE = {
     "gemma": "Gemma's norms scale by 1 + w, which the rotation does not fold yet",
     **dict.fromkeys(("olmo2", "olmo3", "glm4", "exaone4", "flex_olmo", "afmoe"), POST_NORMS),
-    **dict.fromkeys(("cohere", "cohere2", "stablelm", "starcoder2", "phimoe"), LAYER_NORM),
+    **dict.fromkeys(("cohere", "cohere2", "stablelm", "starcoder2", "phimoe", "phi", "gptj", "falcon", "bloom"),
+                    LAYER_NORM),
     "apertus": "its norms are named otherwise than Llama's, which the rotation does not map yet",
     "gemma2": POST_NORMS, "gemma3_text": POST_NORMS,
     **dict.fromkeys(("deepseek_v2", "deepseek_v3", "glm4_moe_lite"),

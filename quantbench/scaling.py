@@ -53,7 +53,7 @@ POST_MLP_NORM = ("gemma2", "gemma3_text")  # their MLP output is normalised befo
 LAYER_NORMS = "its attention and MLP read LayerNorms whose biases would need folding as well, which is not built yet"
 UNSCALED_BECAUSE = {
     "opt": "its MLP reads a LayerNorm whose bias would need folding as well, which is not built yet",
-    **dict.fromkeys(("gpt_neox", "starcoder2", "stablelm", "phimoe"), LAYER_NORMS),
+    **dict.fromkeys(("gpt_neox", "starcoder2", "stablelm", "phimoe", "phi", "gptj", "falcon", "bloom"), LAYER_NORMS),
     **dict.fromkeys(("olmo2", "olmo3", "exaone4", "flex_olmo"),
                     "its norms come after attention and the MLP, so no norm before them takes the scales"),
     **dict.fromkeys(("glm4", "afmoe"), "its norms after attention and after the MLP are not handled yet"),

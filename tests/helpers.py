@@ -126,6 +126,44 @@ def tiny_gpt_neox(vocab_size: int = 320, seed: int = 0):
     return GPTNeoXForCausalLM(config).eval()
 
 
+def _from_config(model_type: str, seed: int, **shape):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_phi(vocab_size: int = 320, seed: int = 0):
+    """Phi-1/1.5/2: attention and MLP in parallel off one LayerNorm, partial rotary, biases everywhere."""
+    return _from_config("phi", seed, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                        num_attention_heads=4, vocab_size=vocab_size, max_position_embeddings=512)
+
+
+def tiny_falcon(vocab_size: int = 320, seed: int = 0):
+    """Falcon-40B/180B: fused query_key_value with grouped kv heads, two LayerNorms feeding attention and the MLP
+    in parallel."""
+    return _from_config("falcon", seed, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                        new_decoder_architecture=True, vocab_size=vocab_size)
+
+
+def tiny_falcon_7b(vocab_size: int = 320, seed: int = 0):
+    """Falcon-7B: one kv head, one LayerNorm feeding attention and the MLP in parallel."""
+    return _from_config("falcon", seed, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+                        new_decoder_architecture=False, parallel_attn=True, vocab_size=vocab_size)
+
+
+def tiny_gptj(vocab_size: int = 320, seed: int = 0):
+    """GPT-J: parallel attention and MLP off one LayerNorm, rotary positions on part of each head."""
+    return _from_config("gptj", seed, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, vocab_size=vocab_size,
+                        n_positions=512)
+
+
+def tiny_bloom(vocab_size: int = 320, seed: int = 0):
+    """BLOOM: ALiBi positions, fused query_key_value, a LayerNorm after the embeddings."""
+    return _from_config("bloom", seed, hidden_size=64, n_layer=2, n_head=4, vocab_size=vocab_size)
+
+
 def assert_matmul_close(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
     """`got` equals x @ weightᵀ up to float summation error: within n·eps·(|x| @ |weight|ᵀ) of the exact
     product (n the inner dimension, eps that of `got`'s dtype), the textbook bound whatever order the sums
@@ -447,7 +485,9 @@ LLAMA_SHAPED_BUILDERS = {"gemma": tiny_gemma, "olmo2": tiny_olmo2, "olmo3": tiny
                          "starcoder2": tiny_starcoder2, "stablelm": tiny_stablelm, "exaone4": tiny_exaone4,
                          "ernie4_5": tiny_ernie4_5, "seed_oss": tiny_seed_oss, "helium": tiny_helium,
                          "apertus": tiny_apertus, "arcee": tiny_arcee}
-FAMILY_BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "gpt_neox": tiny_gpt_neox,
+OLDER_BUILDERS = {"phi": tiny_phi, "falcon": tiny_falcon, "falcon_7b": tiny_falcon_7b, "gptj": tiny_gptj,
+                  "bloom": tiny_bloom}
+FAMILY_BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "gpt_neox": tiny_gpt_neox, **OLDER_BUILDERS,
                    "qwen2_sliding_window": tiny_qwen2_sliding_window, "gemma2": tiny_gemma2,
                    "gemma3_text": tiny_gemma3_text, "phi3": tiny_phi3,
                    **LLAMA_SHAPED_BUILDERS, **MOE_BUILDERS}  # one tiny config per family of the table

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (LLAMA_SHAPED_BUILDERS, MOE_BUILDERS, tiny_gemma2, tiny_gemma3_text, tiny_gpt_neox, tiny_llama,
-                     tiny_opt, tiny_phi3)
+from helpers import (LLAMA_SHAPED_BUILDERS, MOE_BUILDERS, OLDER_BUILDERS, tiny_gemma2, tiny_gemma3_text, tiny_gpt_neox,
+                     tiny_llama, tiny_opt, tiny_phi3)
 
 from quantbench import load_quantized, save_quantized
 from quantbench.errors import QuantbenchError
@@ -56,7 +56,7 @@ def test_export_then_load_gives_identical_logits(tmp_path, tokenizer, section):
 
 
 @pytest.mark.parametrize("build", [tiny_gpt_neox, tiny_opt, tiny_gemma2, tiny_gemma3_text, tiny_phi3,
-                                   *LLAMA_SHAPED_BUILDERS.values(), *MOE_BUILDERS.values()])
+                                   *LLAMA_SHAPED_BUILDERS.values(), *MOE_BUILDERS.values(), *OLDER_BUILDERS.values()])
 def test_every_family_exports_and_loads_with_identical_logits(tmp_path, tokenizer, build):
     model = build(vocab_size=len(tokenizer))
     quantized = quantize(model, default="int4-g32-gptq", overrides=[{"pattern": "mlp", "scheme": "mxfp4-rtn"}])

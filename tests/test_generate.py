@@ -42,7 +42,8 @@ def assert_greedy(model, tokenizer, new_ids: list[int], prompt: str = PROMPT) ->
 @pytest.mark.parametrize("family", ["tiny_opt", "tiny_gpt_neox", "tiny_qwen2_sliding_window", "tiny_gemma2",
                                     "tiny_gemma3_text", "tiny_phi3",
                                     *(build.__name__ for build in helpers.LLAMA_SHAPED_BUILDERS.values()),
-                                    *(build.__name__ for build in helpers.MOE_BUILDERS.values())])
+                                    *(build.__name__ for build in helpers.MOE_BUILDERS.values()),
+                                    *(build.__name__ for build in helpers.OLDER_BUILDERS.values())])
 def test_every_supported_family_generates_from_its_static_cache(tokenizer, family):
     model = getattr(helpers, family)(vocab_size=len(tokenizer)).eval()
     result = generate(model, tokenizer, PROMPT, 8, stop_ids=set())

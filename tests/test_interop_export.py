@@ -5,7 +5,8 @@ import json
 
 import pytest
 import torch
-from helpers import LLAMA_SHAPED_BUILDERS, MOE_BUILDERS, invoke, tiny_gemma2, tiny_gemma3_text, tiny_llama, tiny_phi3
+from helpers import (LLAMA_SHAPED_BUILDERS, MOE_BUILDERS, OLDER_BUILDERS, invoke, tiny_gemma2, tiny_gemma3_text,
+                     tiny_llama, tiny_phi3)
 
 from quantbench import load_quantized, save_quantized
 from quantbench.errors import QuantbenchError
@@ -192,7 +193,8 @@ def test_compressed_tensors_export_loads_in_transformers_with_our_weights(tmp_pa
                                        atol=8 * torch.finfo(load_dtype).eps * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("build", [tiny_gemma2, tiny_gemma3_text, tiny_phi3, *LLAMA_SHAPED_BUILDERS.values()])
+@pytest.mark.parametrize("build", [tiny_gemma2, tiny_gemma3_text, tiny_phi3, *LLAMA_SHAPED_BUILDERS.values(),
+                                   *OLDER_BUILDERS.values()])
 def test_compressed_tensors_export_of_other_families_loads_in_transformers(tmp_path, tokenizer, build):
     """Fused projections (Phi's qkv_proj, gate_up_proj) and Gemma's layers keep their names: decompressed by
     transformers, the logits equal ours."""
