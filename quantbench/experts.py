@@ -20,7 +20,7 @@ from torch import nn
 
 from quantbench.errors import QuantbenchError
 
-PROJECTION_NAMES = dict.fromkeys(("mixtral", "phimoe"), ("w1", "w3", "w2"))  # gate, up, down, as checkpoints name them
+PROJECTION_NAMES = dict.fromkeys(("mixtral", "phimoe"), ("w1", "w3", "w2"))  # gate, up, down in their checkpoints
 DEFAULT_PROJECTION_NAMES = ("gate_proj", "up_proj", "down_proj")
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate", "wg")  # linears that route: kept in 16 bits
 

@@ -31,8 +31,8 @@ class PassCache:
     batch (an expert's gate and up) and for layers the first batch did not call (an expert none of its tokens
     were routed to: tails are found on the first batch). A submodule whose output is one of those layers'
     output (Llama's self_attn returns o_proj's) is then served that layer, quantized since, on the recorded
-    input: its "tail". The first batch checks that the submodule returns the layer's output object, unchanged, and that
-    the layer's input is the recorded one."""
+    input: its "tail". The first batch checks that the submodule returns the layer's output object,
+    unchanged, and that the layer's input is the recorded one."""
 
     def __init__(self, block: nn.Module, batches: int) -> None:
         self.block, self.batches = block, batches
