@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from quantbench.errors import QuantbenchError
+from quantbench.experts import fused_part, fused_source
 from quantbench.model_io import (all_finite, blocks_path, check_supported, decoder_blocks, move_except_blocks,
                                  nonfinite_counts)
 
@@ -201,18 +202,24 @@ class DiskWeights:
             key = f"{prefix}.{name}" if prefix else name
             if skipped(key):
                 continue
-            stored = self.stored.get(key)
+            stored, part = self.stored.get(key), None
+            if stored is None and (fused := fused_source(self.model.config.model_type, key)) is not None:
+                if fused[0] in self.stored:  # an expert of a checkpoint that keeps them fused
+                    key, part = fused[0], fused[1:]
+                    stored = self.stored[key]
             if stored is None:
                 if self._tied_elsewhere(key):
                     continue
-                raise QuantbenchError(f"{self.folder} has no tensor {key}; the checkpoint does not fit its config")
-            wanted.setdefault(self.files[key], []).append((name, key, stored))
+                raise QuantbenchError(f"{self.folder} has no tensor {key}; the checkpoint does not fit its config"
+                                      + _packed_hint(self.stored))
+            wanted.setdefault(self.files[key], []).append((name, key, stored, part))
         from safetensors import safe_open
 
         for file, entries in wanted.items():
             with safe_open(str(self.folder / file), framework="pt") as handle:
-                for name, key, stored in entries:
-                    value = handle.get_tensor(stored)
+                for name, key, stored, part in entries:
+                    value = handle.get_tensor(stored) if part is None else fused_part(
+                        handle.get_slice(stored)[part[0]], part[1])
                     if value.is_floating_point():
                         value = self._finite(key, value.to(device=device, dtype=self.dtype))
                     _set_tensor(module, name, value.to(device))
@@ -262,6 +269,15 @@ class DiskWeights:
     def release_block(self, block: nn.Module) -> None:
         for name, param in list(block.named_parameters()):
             _set_tensor(block, name, torch.empty_like(param, device="meta"))
+
+
+def _packed_hint(stored: dict[str, str]) -> str:
+    """What to do with experts packed in MXFP4 blocks (the original GPT-OSS release), which streaming cannot
+    read: from_pretrained dequantizes them."""
+    if not any(name.endswith("_blocks") for name in stored):
+        return ""
+    return (" (its experts are packed in MXFP4 blocks, which streaming does not unpack: set model.streaming: off, "
+            "or save a 16-bit copy with from_pretrained and save_pretrained)")
 
 
 def stored_tensors(module: nn.Module, remove_duplicate: bool = True):

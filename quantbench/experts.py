@@ -3,8 +3,10 @@
 transformers stores a block's experts as two 3-D tensors (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I])
 behind one module. `split_experts` replaces that module by an `ExpertList` holding each expert's projections
 as nn.Linear layers named as the checkpoints name them (`experts.3.gate_proj`), as views of the fused tensors
-(no copy). The block driver, the solvers, the hooks and the exporters then treat every expert like any other
-linear, and the names written are those vLLM and transformers read.
+(no copy); GPT-OSS's, stored transposed with gate and up interleaved and with biases, are copied out, and
+its experts keep its clamped gating (`ClampedSwiGLU`). The block driver, the solvers, the hooks and the
+exporters then treat every expert like any other linear, and the names written are those vLLM and
+transformers read.
 
 Calibration runs in two modes. Routed (the default, and always for propagation): each expert sees the tokens
 the router sends it. All-tokens (`all_tokens_routed`): every token goes through every expert, for statistics
@@ -36,18 +38,35 @@ class StarvedExperts:
 
 
 class Expert(nn.Module):
-    """One expert: down(act(gate(x)) · up(x))."""
+    """One expert: down(act(gate(x)) · up(x)), or down(gating(gate(x), up(x))) for a family's own gating."""
 
-    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act_fn, names: tuple[str, str, str]):
+    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act_fn, names: tuple[str, str, str],
+                 gating=None):
         super().__init__()
         self.names = names
         for name, linear in zip(names, (gate, up, down)):
             self.add_module(name, linear)
         self.act_fn = act_fn
+        self.gating = gating
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, name) for name in self.names)
+        if self.gating is not None:
+            return down(self.gating(gate(x), up(x)))
         return down(self.act_fn(gate(x)) * up(x))
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's gating: (clamp(up, ±limit) + 1) · g · σ(α g), g = min(gate, limit), as its experts compute it."""
+
+    alpha: float
+    limit: float
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 
 class ExpertList(nn.ModuleList):
@@ -91,41 +110,87 @@ def split_experts(model: nn.Module, blocks: nn.ModuleList) -> int:
         for parent_name, parent in list(block.named_modules()):
             for child_name, child in list(parent.named_children()):
                 if is_fused_experts(child):
-                    setattr(parent, child_name, _expert_list(child, names, f"{parent_name}.{child_name}"))
+                    setattr(parent, child_name, _expert_list(child, names, f"{parent_name}.{child_name}",
+                                                             model.config.model_type))
                     split += 1
     return split
 
 
-def _expert_list(fused: nn.Module, names: tuple[str, str, str], where: str) -> ExpertList:
+USUAL_LAYOUT = {"is_transposed": False, "has_bias": False, "has_gate": True, "is_concatenated": True,
+                "has_post_expert_norm": False}  # transformers' flags: gate_up_proj [E, 2I, H], gate rows first
+GPT_OSS_LAYOUT = {**USUAL_LAYOUT, "is_transposed": True, "has_bias": True, "is_concatenated": False}
+
+
+def _expert_list(fused: nn.Module, names: tuple[str, str, str], where: str, model_type: str) -> ExpertList:
     from transformers.integrations.moe import _default_apply_gate
 
-    layout = {"is_transposed": False, "has_bias": False, "has_gate": True, "is_concatenated": True,
-              "has_post_expert_norm": False}
-    odd = [key for key, usual in layout.items() if getattr(fused, key, usual) != usual]
-    if getattr(type(fused), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+    gpt_oss = model_type == "gpt_oss"
+    layout = GPT_OSS_LAYOUT if gpt_oss else USUAL_LAYOUT
+    odd = [key for key, usual in layout.items() if getattr(fused, key, USUAL_LAYOUT[key]) != usual]
+    if not gpt_oss and getattr(type(fused), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
         odd.append("its own gating function")
     if odd:
         raise QuantbenchError(f"{where}: experts stored with {', '.join(odd)} cannot be split into per-expert "
                               "linears yet")
-    gate_up, down = fused.gate_up_proj, fused.down_proj
-    experts, width = gate_up.shape[0], gate_up.shape[1] // 2
+    if gpt_oss:  # [E, H, 2I] with gate and up columns interleaved, and [E, I, H]: each expert's copied out
+        gate_up, down = fused.gate_up_proj.data.transpose(1, 2), fused.down_proj.data.transpose(1, 2)
+        gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+        gate_bias, up_bias = fused.gate_up_proj_bias.data[:, 0::2], fused.gate_up_proj_bias.data[:, 1::2]
+        down_bias, gating = fused.down_proj_bias.data, ClampedSwiGLU(fused.alpha, fused.limit)
+    else:  # views of the fused tensors
+        width = fused.gate_up_proj.shape[1] // 2
+        gate, up, down = fused.gate_up_proj.data[:, :width], fused.gate_up_proj.data[:, width:], fused.down_proj.data
+        gate_bias = up_bias = down_bias = gating = None
 
-    def linear(weight: torch.Tensor) -> nn.Linear:
+    def linear(weights: torch.Tensor, biases: torch.Tensor | None, e: int) -> nn.Linear:
+        weight = weights[e].contiguous()  # a view where the fused tensor is laid out as the linear's weight
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         layer.weight = nn.Parameter(weight, requires_grad=False)
+        if biases is not None:
+            layer.bias = nn.Parameter(biases[e].contiguous(), requires_grad=False)
         return layer
 
-    return ExpertList(Expert(linear(gate_up.data[e, :width]), linear(gate_up.data[e, width:]),
-                             linear(down.data[e]), fused.act_fn, names) for e in range(experts))
+    return ExpertList(Expert(linear(gate, gate_bias, e), linear(up, up_bias, e), linear(down, down_bias, e),
+                             getattr(fused, "act_fn", None), names, gating) for e in range(gate.shape[0]))
+
+
+FUSED_ON_DISK = {  # families whose checkpoints keep the fused tensors: a per-expert tensor → (fused name, part)
+    "gpt_oss": {"gate_proj.weight": ("gate_up_proj", "even columns"), "up_proj.weight": ("gate_up_proj", "odd columns"),
+                "down_proj.weight": ("down_proj", "transposed"), "gate_proj.bias": ("gate_up_proj_bias", "even"),
+                "up_proj.bias": ("gate_up_proj_bias", "odd"), "down_proj.bias": ("down_proj_bias", "whole")},
+}
+
+
+def fused_source(model_type: str, name: str) -> tuple[str, int, str] | None:
+    """Where a checkpoint that keeps its family's experts fused stores the per-expert tensor `name`
+    (`….experts.3.gate_proj.weight`): the fused tensor's name, the expert's index, and which part of its slice."""
+    prefix, _, rest = name.partition(".experts.")
+    index, _, leaf = rest.partition(".")
+    part = FUSED_ON_DISK.get(model_type, {}).get(leaf)
+    if not rest or not index.isdigit() or part is None:
+        return None
+    return f"{prefix}.experts.{part[0]}", int(index), part[1]
+
+
+def fused_part(expert_slice: torch.Tensor, part: str) -> torch.Tensor:
+    """One expert's tensor from its slice of the fused one ([H, 2I] with gate and up columns interleaved,
+    [I, H], or their biases), laid out as the per-expert linear holds it."""
+    if part in ("even columns", "odd columns"):
+        return expert_slice[:, part.startswith("odd")::2].T.contiguous()
+    if part == "transposed":
+        return expert_slice.T.contiguous()
+    return expert_slice[part == "odd"::2].contiguous() if part in ("even", "odd") else expert_slice
 
 
 def router_name(mlp: nn.Module) -> str | None:
     """The submodule of an MLP whose weight [experts, hidden] routes the MLP's input: a router module holding
-    its weight (`gate`) or the linear inside one (Hunyuan's `gate.wg`); None where the MLP routes nothing."""
-    gate = getattr(mlp, "gate", None)
-    if isinstance(getattr(gate, "weight", None), torch.Tensor) and not isinstance(gate, nn.Linear):
-        return "gate"
-    if isinstance(getattr(gate, "wg", None), nn.Linear):
+    its weight (`gate`, GPT-OSS's `router`) or the linear inside one (Hunyuan's `gate.wg`); None where the MLP
+    routes nothing."""
+    for name in ("gate", "router"):
+        router = getattr(mlp, name, None)
+        if isinstance(getattr(router, "weight", None), torch.Tensor) and not isinstance(router, nn.Linear):
+            return name
+    if isinstance(getattr(getattr(mlp, "gate", None), "wg", None), nn.Linear):
         return "gate.wg"
     return None
 

@@ -19,7 +19,7 @@ from quantbench import memory
 from quantbench.calibration.sources import local_source_problem
 from quantbench.errors import QuantbenchError
 from quantbench.export.targets import NATIVE, planned_problems
-from quantbench.export.interop import grouped_reasons
+from quantbench.export.interop import family_problem, grouped_reasons
 from quantbench.model_io import BLOCK_PATHS, FAMILIES, meta_model, model_linears, resolve_device, resolve_dtype
 from quantbench.quantized_weight import storage_bits
 from quantbench.quantizers import needs_hessian
@@ -95,7 +95,7 @@ def preflight(recipe: Recipe, force: bool = False, estimate_time: bool = True) -
                         f"{raw['model_type']!r}")
     rotated = _rotated_online(recipe, layers)
     if recipe.export.enabled and recipe.export.format != NATIVE:
-        problems.extend(_export_problems(recipe, layers, rotated))
+        problems.extend(_export_problems(recipe, layers, rotated, raw["model_type"]))
     notes.extend(_partial_group_notes(layers))
     plan = _estimate(recipe, model, raw, layers, problems, notes, estimate_time)
     _raise(recipe, problems)
@@ -212,8 +212,10 @@ def _rotated_online(recipe: Recipe, layers: dict) -> set[str]:
     return rotated
 
 
-def _export_problems(recipe: Recipe, layers: dict, rotated: set[str]) -> list[str]:
+def _export_problems(recipe: Recipe, layers: dict, rotated: set[str], model_type: str) -> list[str]:
     target = recipe.export.format
+    if (problem := family_problem(model_type)) is not None:
+        return [f"export.format {target} cannot hold this model: {problem}; keep export.format: quantbench"]
     fix = "choose schemes it stores for those layers (docs/export.md), or keep export.format: quantbench"
     if recipe.allocation is None:
         return [f"export.format {target} cannot store {reason.strip()}; {fix}"

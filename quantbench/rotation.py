@@ -30,7 +30,7 @@ from quantbench.quantizers.fwht import RandomHadamard
 MODEL_ROTATION_ATTR = "quantbench_model_rotation"  # the descriptor of a rotated model's residual rotation
 ROTATABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "ernie4_5", "seed_oss", "helium",
                    "arcee", "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "glm4_moe", "ernie4_5_moe",
-                   "hunyuan_v1_moe", "dots1", "exaone_moe", "solar_open")
+                   "hunyuan_v1_moe", "dots1", "exaone_moe", "solar_open", "gpt_oss")
 LAYER_NORM = "its LayerNorm subtracts the mean, which a rotated residual stream does not keep"
 POST_NORMS = "its norms after attention and after the MLP sit between those layers and the residual stream, so " \
              "the rotation would need an online transform there"

@@ -44,7 +44,7 @@ NORMS = {  # model type → (the norm before attention, the norm before the MLP,
     **{kind: ("input_layernorm", "post_attention_layernorm", 0.0)
        for kind in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "ernie4_5", "seed_oss", "helium",
                     "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "glm4_moe", "ernie4_5_moe",
-                    "hunyuan_v1_moe", "dots1", "exaone_moe", "solar_open")},
+                    "hunyuan_v1_moe", "dots1", "exaone_moe", "solar_open", "gpt_oss")},
     "gemma": ("input_layernorm", "post_attention_layernorm", 1.0),
     **{kind: ("input_layernorm", "pre_feedforward_layernorm", 1.0) for kind in ("gemma2", "gemma3_text")},
 }
@@ -65,6 +65,7 @@ UNSCALED_BECAUSE = {
                     "its latent attention normalises the compressed q and kv inside the attention"),
 }
 UP_BEFORE_DOWN = {"down_proj": ("up_proj", "gate_up_proj"), "w2": ("w3",)}
+NO_UP_SITE = ("gpt_oss",)  # its experts clamp up and add 1 to it: a scale between up and down would not pass
 NOT_CLIPPED = ("q_proj", "k_proj", "qkv_proj")  # as AWQ: clipping query/key ranges hurts attention scores
 CLIP_RATIOS = tuple(1 - 0.5 * k / 20 for k in range(10))  # AWQ's grid: 1.0 down to 0.775
 
@@ -103,7 +104,7 @@ def block_sites(block: nn.Module, model_type: str) -> list[Site]:
     if isinstance(v, nn.Linear) and isinstance(o, nn.Linear) and v.out_features == o.in_features:
         sites.append(Site("self_attn.v_proj", ["self_attn.o_proj"], False))
     sites.append(Site(mlp_norm, mlp, True, offset))
-    for name in linears:
+    for name in linears if model_type not in NO_UP_SITE else ():
         parent, _, own = name.rpartition(".")
         for producer in UP_BEFORE_DOWN.get(own, ()):
             if f"{parent}.{producer}" in linears:

@@ -474,12 +474,27 @@ def tiny_afmoe(vocab_size: int = 320, seed: int = 0):
                        layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 
 
+def tiny_gpt_oss(vocab_size: int = 320, seed: int = 0):
+    """GPT-OSS: experts stored transposed with gate and up interleaved and biases, a clamped SwiGLU with up + 1,
+    attention sinks, sliding-window layers between full ones, a router with a bias."""
+    model = _moe_shaped("gpt_oss", vocab_size, seed, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                        sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        swiglu_limit=0.3, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                                           "original_max_position_embeddings": 128})
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("_bias", "sinks", "router.bias")):
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    return model
+
+
 MOE_BUILDERS = {"qwen3_moe": tiny_qwen3_moe, "qwen2_moe": tiny_qwen2_moe, "mixtral": tiny_mixtral,
                 "deepseek_v2": tiny_deepseek_v2, "deepseek_v3": tiny_deepseek_v3, "olmoe": tiny_olmoe,
                 "phimoe": tiny_phimoe, "glm4_moe": tiny_glm4_moe,
                 "ernie4_5_moe": tiny_ernie4_5_moe, "hunyuan_v1_moe": tiny_hunyuan_v1_moe, "dots1": tiny_dots1,
                 "flex_olmo": tiny_flex_olmo, "exaone_moe": tiny_exaone_moe, "solar_open": tiny_solar_open,
-                "glm4_moe_lite": tiny_glm4_moe_lite, "afmoe": tiny_afmoe}
+                "glm4_moe_lite": tiny_glm4_moe_lite, "afmoe": tiny_afmoe, "gpt_oss": tiny_gpt_oss}
 LLAMA_SHAPED_BUILDERS = {"gemma": tiny_gemma, "olmo2": tiny_olmo2, "olmo3": tiny_olmo3, "granite": tiny_granite,
                          "cohere": tiny_cohere, "cohere2": tiny_cohere2, "smollm3": tiny_smollm3, "glm4": tiny_glm4,
                          "starcoder2": tiny_starcoder2, "stablelm": tiny_stablelm, "exaone4": tiny_exaone4,

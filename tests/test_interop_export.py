@@ -240,7 +240,10 @@ def test_exports_refuse_group_sizes_that_do_not_divide_the_inputs(tmp_path, toke
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("build", MOE_BUILDERS.values(), ids=MOE_BUILDERS.keys())
+INTEROP_MOE = {family: build for family, build in MOE_BUILDERS.items() if family != "gpt_oss"}  # fused on disk
+
+
+@pytest.mark.parametrize("build", INTEROP_MOE.values(), ids=INTEROP_MOE.keys())
 def test_compressed_tensors_export_of_a_moe_loads_in_transformers(tmp_path, tokenizer, build):
     """Experts are exported under the per-expert names of the original checkpoints; transformers fuses them
     back into its 3-D tensors on load. Every expert weight equals ours exactly; the logits agree to float32
@@ -268,7 +271,7 @@ def test_compressed_tensors_export_of_a_moe_loads_in_transformers(tmp_path, toke
                                    atol=64 * torch.finfo(torch.float32).eps * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("build", MOE_BUILDERS.values(), ids=MOE_BUILDERS.keys())
+@pytest.mark.parametrize("build", INTEROP_MOE.values(), ids=INTEROP_MOE.keys())
 def test_moe_exports_use_the_names_of_the_original_checkpoints(tmp_path, tokenizer, build):
     """vLLM reads a checkpoint by its original names (Mixtral's `block_sparse_moe`, which transformers calls
     `mlp`): both exports hold tensors of exactly the modules that transformers' own save_pretrained writes."""
@@ -283,6 +286,32 @@ def test_moe_exports_use_the_names_of_the_original_checkpoints(tmp_path, tokeniz
     export_gptq(tmp_path / "native", tmp_path / "gptq")
     assert modules(tmp_path / "ct") == modules(tmp_path / "hf")
     assert modules(tmp_path / "gptq") == modules(tmp_path / "hf")
+
+
+def test_gpt_oss_is_refused_by_the_interop_formats_before_they_write(tmp_path, tokenizer, model_dir, text_file):
+    """GPT-OSS checkpoints store each block's experts fused, and transformers reads them by those names alone:
+    experts written one by one would load as random ones. Both formats refuse it from the native checkpoint
+    (nothing written), from the model in memory, and from a recipe before any weight is read."""
+    from helpers import make_recipe
+
+    from quantbench.export.targets import check_expressible
+
+    model = MOE_BUILDERS["gpt_oss"]()
+    quantized = quantize_model(model, IDS, QuantizeSection(default="int4-g32-sym-rtn").scheme_for,
+                               torch.device("cpu"), progress=False)
+    save_quantized(model, tokenizer, quantized, tmp_path / "native")
+    fused = "GPT-OSS checkpoints store each block's experts as fused tensors"
+    for target, export in (("compressed-tensors", export_compressed_tensors), ("gptq", export_gptq)):
+        with pytest.raises(QuantbenchError, match=f"(?i)the {target} format cannot hold this model: {fused}"):
+            export(tmp_path / "native", tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        with pytest.raises(QuantbenchError, match=fused):
+            check_expressible(target, model, quantized)
+    model.save_pretrained(tmp_path / "gpt-oss")
+    tokenizer.save_pretrained(tmp_path / "gpt-oss")
+    recipe = make_recipe(tmp_path, tmp_path / "gpt-oss", text_file, export={"format": "gptq"})
+    refused = invoke("validate", recipe)
+    assert refused.exit_code == 2 and f"export.format gptq cannot hold this model: {fused}" in refused.output
 
 
 def test_gptq_export_of_a_moe_names_every_expert_as_its_checkpoint_does(tmp_path, tokenizer):

@@ -50,7 +50,7 @@ def test_rotated_model_computes_the_same_function(build):
 
 @pytest.mark.parametrize("family", ["phi3", "smollm3", "granite", "ernie4_5", "seed_oss", "helium", "arcee",
                                     "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "glm4_moe", "ernie4_5_moe",
-                                    "hunyuan_v1_moe", "dots1", "exaone_moe", "solar_open"])
+                                    "hunyuan_v1_moe", "dots1", "exaone_moe", "solar_open", "gpt_oss"])
 def test_rotated_families_built_like_llama_compute_the_same_function(family):
     """Phi's fused qkv and gate/up projections read the rotated stream; every expert's projections, the
     router's weight, the shared expert and its gate too; every down projection gets its online Hadamard."""

@@ -76,7 +76,7 @@ def test_final_logits_of_the_last_block_output_are_the_model_logits(build):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen2_sliding_window", "gemma2", "phi3", "granite",
-                                    "cohere2", "olmo3", "qwen3_moe", "mixtral", "deepseek_v3"])
+                                    "cohere2", "olmo3", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
 def test_a_streamed_run_gives_the_codes_checkpoint_perplexity_and_task_scores_of_the_in_memory_run(
         tmp_path, tokenizer, text_file, sharded_llama, family, tiny_task_dir):
     """lm-eval scores (Llama only): the streamed run's come from models placed by free memory. The streamed
@@ -107,6 +107,26 @@ def test_a_streamed_run_gives_the_codes_checkpoint_perplexity_and_task_scores_of
 
 def decoder_blocks_of(model_dir: Path) -> range:
     return range(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
+
+
+def test_experts_packed_in_mxfp4_blocks_are_refused_with_what_to_do(tmp_path):
+    """The original GPT-OSS release stores its experts as MXFP4 blocks and scales, which only from_pretrained
+    unpacks: streaming names the missing expert and says what to do."""
+    from safetensors.torch import load_file, save_file
+
+    from quantbench.block_weights import DiskWeights, skeleton_model
+
+    model = MOE_BUILDERS["gpt_oss"]()
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        tensors[f"{name}_blocks"] = tensors.pop(name).to(torch.uint8)
+    save_file(tensors, tmp_path / "model.safetensors")
+    skeleton = skeleton_model(model.config, torch.float32)
+    weights = DiskWeights(skeleton, tmp_path, torch.float32)
+    with pytest.raises(QuantbenchError, match=r"no tensor model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight.*"
+                                              r"packed in MXFP4 blocks.*model\.streaming: off"):
+        weights.load_block(decoder_blocks(skeleton)[0], "model.layers.0", torch.device("cpu"))
 
 
 def test_a_sharded_compressed_tensors_export_loads_in_transformers_with_our_weights(tmp_path, sharded_llama,

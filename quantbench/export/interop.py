@@ -56,6 +56,23 @@ def open_native(directory: str | Path) -> NativeCheckpoint:
 Unsupported = Callable[..., "str | None"]  # (scheme, shape, weight=None) → why the format cannot store it
 
 
+FUSED_EXPERT_FAMILIES = {"gpt_oss": "GPT-OSS"}  # model type → name, for families whose checkpoints fuse experts
+
+
+def family_problem(model_type: str | None) -> str | None:
+    """Why no interop format can hold a family's checkpoint (None where they can): the experts that
+    quantbench writes one by one, where the family's checkpoints and transformers read them fused."""
+    if model_type not in FUSED_EXPERT_FAMILIES:
+        return None
+    return (f"{FUSED_EXPERT_FAMILIES[model_type]} checkpoints store each block's experts as fused tensors, which "
+            "transformers reads by those names alone, and this format writes them one expert at a time")
+
+
+def refuse_family(target: str, model_type: str | None) -> None:
+    if (problem := family_problem(model_type)) is not None:
+        raise QuantbenchError(f"the {target} format cannot hold this model: {problem}; keep the native format")
+
+
 def layer_problems(layers: dict, rotated, unsupported: Unsupported) -> dict[str, str]:
     """Why each layer a format cannot store is refused: an online rotation or activation quantization
     (no interop format runs those), else the format's own reason. `layers` maps a name to a stored weight,
@@ -88,6 +105,7 @@ def export_interop(source: str | Path | NativeCheckpoint, out_dir: str | Path, f
     GPTQ zero point of 0) is gathered over every shard and refused at the end, before the export is put in
     place."""
     native = source if isinstance(source, NativeCheckpoint) else open_native(source)
+    refuse_family(target, native.config.get("model_type"))
     planned = {name: (layer.scheme, layer.shape) for name, layer in native.layers.items()}
     refuse_inexpressible(target, layer_problems(planned, native.rotated, unsupported))
     out_dir = Path(out_dir)

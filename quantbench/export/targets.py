@@ -11,7 +11,7 @@ from quantbench.activations import input_rotation_of
 from quantbench.export.compressed_tensors_format import (compressed_tensors_unsupported_reason,
                                                          export_compressed_tensors)
 from quantbench.export.gptq_format import export_gptq, gptq_unsupported_reason
-from quantbench.export.interop import layer_problems, refuse_inexpressible
+from quantbench.export.interop import layer_problems, refuse_family, refuse_inexpressible
 
 NATIVE = "quantbench"
 EXPORTERS = {"gptq": export_gptq, "compressed-tensors": export_compressed_tensors}
@@ -22,6 +22,7 @@ def check_expressible(target: str, model: nn.Module, quantized: dict) -> None:
     """Refuse the layers of an in-memory quantized model `target` cannot store."""
     if target == NATIVE:
         return
+    refuse_family(target, model.config.model_type)
     rotated = [name for name, module in model.named_modules() if input_rotation_of(module) is not None]
     refuse_inexpressible(target, layer_problems(quantized, rotated, UNSUPPORTED[target]))
 
