@@ -155,9 +155,10 @@ def _expert_list(fused: nn.Module, names: tuple[str, str, str], where: str, mode
 
 
 FUSED_ON_DISK = {  # families whose checkpoints keep the fused tensors: a per-expert tensor → (fused name, part)
-    "gpt_oss": {"gate_proj.weight": ("gate_up_proj", "even columns"), "up_proj.weight": ("gate_up_proj", "odd columns"),
-                "down_proj.weight": ("down_proj", "transposed"), "gate_proj.bias": ("gate_up_proj_bias", "even"),
-                "up_proj.bias": ("gate_up_proj_bias", "odd"), "down_proj.bias": ("down_proj_bias", "whole")},
+    "gpt_oss": {"gate_proj.weight": ("gate_up_proj", "even columns"),
+                "up_proj.weight": ("gate_up_proj", "odd columns"), "down_proj.weight": ("down_proj", "transposed"),
+                "gate_proj.bias": ("gate_up_proj_bias", "even"), "up_proj.bias": ("gate_up_proj_bias", "odd"),
+                "down_proj.bias": ("down_proj_bias", "whole")},
 }
 
 

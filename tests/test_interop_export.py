@@ -300,7 +300,7 @@ def test_gpt_oss_is_refused_by_the_interop_formats_before_they_write(tmp_path, t
     quantized = quantize_model(model, IDS, QuantizeSection(default="int4-g32-sym-rtn").scheme_for,
                                torch.device("cpu"), progress=False)
     save_quantized(model, tokenizer, quantized, tmp_path / "native")
-    fused = "GPT-OSS checkpoints store each block's experts as fused tensors"
+    fused = "'gpt_oss' checkpoints store each block's experts as fused tensors"
     for target, export in (("compressed-tensors", export_compressed_tensors), ("gptq", export_gptq)):
         with pytest.raises(QuantbenchError, match=f"(?i)the {target} format cannot hold this model: {fused}"):
             export(tmp_path / "native", tmp_path / "out")

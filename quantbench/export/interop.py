@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from quantbench.errors import QuantbenchError
+from quantbench.experts import FUSED_ON_DISK
 from quantbench.column_groups import TensorSpec
 from quantbench.export.checkpoint_reader import INDEX_FILE, Checkpoint, CheckpointLayer, read_checkpoint
 from quantbench.fsutil import atomic_directory, save_tensors
@@ -56,16 +57,13 @@ def open_native(directory: str | Path) -> NativeCheckpoint:
 Unsupported = Callable[..., "str | None"]  # (scheme, shape, weight=None) → why the format cannot store it
 
 
-FUSED_EXPERT_FAMILIES = {"gpt_oss": "GPT-OSS"}  # model type → name, for families whose checkpoints fuse experts
-
-
 def family_problem(model_type: str | None) -> str | None:
     """Why no interop format can hold a family's checkpoint (None where they can): the experts that
     quantbench writes one by one, where the family's checkpoints and transformers read them fused."""
-    if model_type not in FUSED_EXPERT_FAMILIES:
+    if model_type not in FUSED_ON_DISK:
         return None
-    return (f"{FUSED_EXPERT_FAMILIES[model_type]} checkpoints store each block's experts as fused tensors, which "
-            "transformers reads by those names alone, and this format writes them one expert at a time")
+    return (f"{model_type!r} checkpoints store each block's experts as fused tensors, which transformers reads "
+            "by those names alone, and this format writes them one expert at a time")
 
 
 def refuse_family(target: str, model_type: str | None) -> None:
