@@ -127,6 +127,8 @@ def tiny_gpt_neox(vocab_size: int = 320, seed: int = 0):
 
 
 def _from_config(model_type: str, seed: int, **shape):
+    """A random model of `model_type` from its registered config class, with special token ids inside the
+    tiny vocabulary."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -223,15 +225,10 @@ def tiny_phi3(vocab_size: int = 320, seed: int = 0):
 
 def _llama_shaped(model_type: str, vocab_size: int, seed: int, **extra):
     """A random model of a family laid out like Llama (blocks under `model.layers`, q/k/v/o under `self_attn`,
-    the MLP under `mlp`), from its registered config class, with token ids inside the tiny vocabulary."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
-                                  max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                  **extra)
-    return AutoModelForCausalLM.from_config(config).eval()
+    the MLP under `mlp`)."""
+    return _from_config(model_type, seed, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                        max_position_embeddings=512, **extra)
 
 
 def tiny_gemma(vocab_size: int = 320, seed: int = 0):
