@@ -42,10 +42,11 @@ FAMILY_TABLE = (
            ("gemma", "olmo2", "olmo3", "granite", "cohere", "cohere2", "smollm3", "glm4", "starcoder2", "stablelm",
             "exaone4", "ernie4_5", "seed_oss", "helium", "apertus", "arcee"), "model.layers", "model.norm"),
     Family("mixture of experts (qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3, olmoe, phimoe, glm4_moe, "
-           "glm4_moe_lite, ernie4_5_moe, hunyuan_v1_moe, dots1, flex_olmo, exaone_moe, solar_open, afmoe, gpt_oss)",
+           "glm4_moe_lite, ernie4_5_moe, hunyuan_v1_moe, dots1, flex_olmo, exaone_moe, solar_open, afmoe, gpt_oss, "
+           "qwen3_next)",
            ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "olmoe", "phimoe", "glm4_moe",
             "glm4_moe_lite", "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "flex_olmo", "exaone_moe", "solar_open",
-            "afmoe", "gpt_oss"), "model.layers", "model.norm"),
+            "afmoe", "gpt_oss", "qwen3_next"), "model.layers", "model.norm"),
     Family("GPT-NeoX (gpt_neox)", ("gpt_neox",), "gpt_neox.layers", "gpt_neox.final_layer_norm"),
     Family("Phi-1, 1.5 and 2 (phi)", ("phi",), "model.layers", "model.final_layernorm"),
     Family("GPT-J, Falcon and BLOOM (gptj, falcon, bloom)", ("gptj", "falcon", "bloom"), "transformer.h",

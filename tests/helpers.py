@@ -486,12 +486,24 @@ def tiny_gpt_oss(vocab_size: int = 320, seed: int = 0):
     return model
 
 
+def tiny_qwen3_next(vocab_size: int = 320, seed: int = 0):
+    """Qwen3-Next: Gated DeltaNet linear-attention layers between gated full-attention ones, norms that scale
+    by 1 + w, routed experts plus a shared expert behind a gate."""
+    model = _moe_shaped("qwen3_next", vocab_size, seed, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, shared_expert_intermediate_size=32, linear_conv_kernel_dim=4,
+                        linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                        linear_num_value_heads=4, num_hidden_layers=4,
+                        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
+    return _random_norms(model, seed)  # its norms scale by 1 + w
+
+
 MOE_BUILDERS = {"qwen3_moe": tiny_qwen3_moe, "qwen2_moe": tiny_qwen2_moe, "mixtral": tiny_mixtral,
                 "deepseek_v2": tiny_deepseek_v2, "deepseek_v3": tiny_deepseek_v3, "olmoe": tiny_olmoe,
                 "phimoe": tiny_phimoe, "glm4_moe": tiny_glm4_moe,
                 "ernie4_5_moe": tiny_ernie4_5_moe, "hunyuan_v1_moe": tiny_hunyuan_v1_moe, "dots1": tiny_dots1,
                 "flex_olmo": tiny_flex_olmo, "exaone_moe": tiny_exaone_moe, "solar_open": tiny_solar_open,
-                "glm4_moe_lite": tiny_glm4_moe_lite, "afmoe": tiny_afmoe, "gpt_oss": tiny_gpt_oss}
+                "glm4_moe_lite": tiny_glm4_moe_lite, "afmoe": tiny_afmoe, "gpt_oss": tiny_gpt_oss,
+                "qwen3_next": tiny_qwen3_next}
 LLAMA_SHAPED_BUILDERS = {"gemma": tiny_gemma, "olmo2": tiny_olmo2, "olmo3": tiny_olmo3, "granite": tiny_granite,
                          "cohere": tiny_cohere, "cohere2": tiny_cohere2, "smollm3": tiny_smollm3, "glm4": tiny_glm4,
                          "starcoder2": tiny_starcoder2, "stablelm": tiny_stablelm, "exaone4": tiny_exaone4,
