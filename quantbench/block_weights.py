@@ -121,6 +121,8 @@ def skeleton_model(config, dtype: torch.dtype, trust_remote_code: bool = False) 
     check_supported(config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if not model.name_or_path:  # a multimodal release's language model: its config is the release's text part
+        model.name_or_path = model.config._name_or_path = config._name_or_path
     decoder_blocks(model)  # experts by the per-expert names checkpoints use
     return model.eval()
 

@@ -47,12 +47,16 @@ FAMILY_TABLE = (
            ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "olmoe", "phimoe", "glm4_moe",
             "glm4_moe_lite", "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "flex_olmo", "exaone_moe", "solar_open",
             "afmoe", "gpt_oss", "qwen3_next"), "model.layers", "model.norm"),
+    Family("Qwen3.5 (qwen3_5_text, qwen3_5_moe_text; the language model of qwen3_5 and qwen3_5_moe checkpoints)",
+           ("qwen3_5_text", "qwen3_5_moe_text"), "model.layers", "model.norm"),
     Family("GPT-NeoX (gpt_neox)", ("gpt_neox",), "gpt_neox.layers", "gpt_neox.final_layer_norm"),
     Family("Phi-1, 1.5 and 2 (phi)", ("phi",), "model.layers", "model.final_layernorm"),
     Family("GPT-J, Falcon and BLOOM (gptj, falcon, bloom)", ("gptj", "falcon", "bloom"), "transformer.h",
            "transformer.ln_f"),
     Family("OPT (opt)", ("opt",), "model.decoder.layers", "model.decoder.final_layer_norm"),
 )
+# multimodal checkpoints whose language model AutoModelForCausalLM builds alone (its own model type)
+LANGUAGE_MODEL_TYPES = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 BLOCK_PATHS = {model_type: family.blocks for family in FAMILY_TABLE for model_type in family.model_types}
 FINAL_NORM_PATHS = {model_type: family.final_norm for family in FAMILY_TABLE for model_type in family.model_types}
 FAMILIES = ", ".join(family.name for family in FAMILY_TABLE)
@@ -73,8 +77,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def language_model_type(model_type: str | None) -> str | None:
+    """The model type quantbench works on for a checkpoint of `model_type`: its language model's for a
+    multimodal checkpoint that AutoModelForCausalLM loads as its language model alone."""
+    return LANGUAGE_MODEL_TYPES.get(model_type, model_type)
+
+
 def check_supported(config) -> None:
-    if config.model_type not in BLOCK_PATHS:
+    if language_model_type(config.model_type) not in BLOCK_PATHS:
         raise QuantbenchError(
             f"model type {config.model_type!r} is not supported; supported families: {FAMILIES}"
         )

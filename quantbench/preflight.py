@@ -20,7 +20,8 @@ from quantbench.calibration.sources import local_source_problem
 from quantbench.errors import QuantbenchError
 from quantbench.export.targets import NATIVE, planned_problems
 from quantbench.export.interop import family_problem, grouped_reasons
-from quantbench.model_io import BLOCK_PATHS, FAMILIES, meta_model, model_linears, resolve_device, resolve_dtype
+from quantbench.model_io import (BLOCK_PATHS, FAMILIES, language_model_type, meta_model, model_linears, resolve_device,
+                                 resolve_dtype)
 from quantbench.quantized_weight import storage_bits
 from quantbench.quantizers import needs_hessian
 from quantbench.recipe import Recipe
@@ -88,14 +89,15 @@ def preflight(recipe: Recipe, force: bool = False, estimate_time: bool = True) -
     if raw is None:
         _raise(recipe, problems)
     model = meta_model(raw)
+    model_type = model.config.model_type
     layers = _planned_layers(recipe, model, problems)
     scaled = sorted({scheme.scaling for scheme, _ in layers.values() if scheme.scaling != "none"})
-    if scaled and raw["model_type"] not in SCALABLE_TYPES:
+    if scaled and model_type not in SCALABLE_TYPES:
         problems.append(f"quantize: {' and '.join(scaled)} scaling supports {', '.join(SCALABLE_TYPES)}, not "
-                        f"{raw['model_type']!r}")
+                        f"{model_type!r}")
     rotated = _rotated_online(recipe, layers)
     if recipe.export.enabled and recipe.export.format != NATIVE:
-        problems.extend(_export_problems(recipe, layers, rotated, raw["model_type"]))
+        problems.extend(_export_problems(recipe, layers, rotated, model_type))
     notes.extend(_partial_group_notes(layers))
     plan = _estimate(recipe, model, raw, layers, problems, notes, estimate_time)
     _raise(recipe, problems)
@@ -129,7 +131,7 @@ def _model_config(recipe: Recipe, problems: list[str], notes: list[str]) -> dict
         problems.append(f"model.name: cannot read the config of {name!r} ({str(exc).splitlines()[0]}); check the "
                         "name, or offline: source .assets/env.sh so the local caches are used")
         return None
-    model_type = raw.get("model_type")
+    model_type = language_model_type(raw.get("model_type"))
     if model_type not in BLOCK_PATHS:
         problems.append(f"model.name: model type {model_type!r} is not supported; supported families: {FAMILIES}")
         return None
@@ -266,7 +268,7 @@ def _estimate(recipe: Recipe, model, raw: dict, layers: dict, problems: list[str
                         "output.dir elsewhere")
     held = (_largest_block_bytes(model, weight_bytes) + _outside_bytes(model, weight_bytes)) if streaming else model_bytes
     host = held + (activations if device.type == "cpu" else 0)
-    plan = Plan(raw["model_type"], n_params, layers, checkpoint, disk, free_disk, host, available, notes=notes,
+    plan = Plan(model.config.model_type, n_params, layers, checkpoint, disk, free_disk, host, available, notes=notes,
                 streaming=streaming)
     cal = recipe.calibration
     if available is not None and host > available:

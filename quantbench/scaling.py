@@ -45,7 +45,8 @@ NORMS = {  # model type → (the norm before attention, the norm before the MLP,
        for kind in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "ernie4_5", "seed_oss", "helium",
                     "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "glm4_moe", "ernie4_5_moe",
                     "hunyuan_v1_moe", "dots1", "exaone_moe", "solar_open", "gpt_oss")},
-    **dict.fromkeys(("gemma", "qwen3_next"), ("input_layernorm", "post_attention_layernorm", 1.0)),
+    **dict.fromkeys(("gemma", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"),
+                    ("input_layernorm", "post_attention_layernorm", 1.0)),
     **{kind: ("input_layernorm", "pre_feedforward_layernorm", 1.0) for kind in ("gemma2", "gemma3_text")},
 }
 SCALABLE_TYPES = tuple(NORMS)

@@ -497,20 +497,52 @@ def tiny_qwen3_next(vocab_size: int = 320, seed: int = 0):
     return _random_norms(model, seed)  # its norms scale by 1 + w
 
 
+QWEN3_5_SHAPE = dict(head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                     linear_num_key_heads=2, linear_num_value_heads=8, num_hidden_layers=4,
+                     layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
+
+
+def tiny_qwen3_5_moe(vocab_size: int = 320, seed: int = 0):
+    """Qwen3.5-MoE's language model: Qwen3-Next's layers (Gated DeltaNet with separate a/b projections)."""
+    return _random_norms(_moe_shaped("qwen3_5_moe_text", vocab_size, seed, num_experts=4, num_experts_per_tok=2,
+                                     moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                     **QWEN3_5_SHAPE), seed)
+
+
+def tiny_qwen3_5(vocab_size: int = 320, seed: int = 0):
+    """Qwen3.5's dense language model: Gated DeltaNet layers between gated full-attention ones."""
+    return _random_norms(_from_config("qwen3_5_text", seed, hidden_size=64, intermediate_size=128,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                                      max_position_embeddings=512, **QWEN3_5_SHAPE), seed)
+
+
+def tiny_qwen3_5_moe_release(vocab_size: int = 320, seed: int = 0):
+    """Qwen3.5-MoE as released: a vision encoder beside the language model (`model.language_model.*`)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.for_model("qwen3_5_moe", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    text = tiny_qwen3_5_moe(vocab_size, seed).config
+    config.text_config = text
+    for name, value in dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64).items():
+        setattr(config.vision_config, name, value)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    return _random_norms(model, seed)
+
+
 MOE_BUILDERS = {"qwen3_moe": tiny_qwen3_moe, "qwen2_moe": tiny_qwen2_moe, "mixtral": tiny_mixtral,
                 "deepseek_v2": tiny_deepseek_v2, "deepseek_v3": tiny_deepseek_v3, "olmoe": tiny_olmoe,
                 "phimoe": tiny_phimoe, "glm4_moe": tiny_glm4_moe,
                 "ernie4_5_moe": tiny_ernie4_5_moe, "hunyuan_v1_moe": tiny_hunyuan_v1_moe, "dots1": tiny_dots1,
                 "flex_olmo": tiny_flex_olmo, "exaone_moe": tiny_exaone_moe, "solar_open": tiny_solar_open,
                 "glm4_moe_lite": tiny_glm4_moe_lite, "afmoe": tiny_afmoe, "gpt_oss": tiny_gpt_oss,
-                "qwen3_next": tiny_qwen3_next}
+                "qwen3_next": tiny_qwen3_next, "qwen3_5_moe_text": tiny_qwen3_5_moe}
 LLAMA_SHAPED_BUILDERS = {"gemma": tiny_gemma, "olmo2": tiny_olmo2, "olmo3": tiny_olmo3, "granite": tiny_granite,
                          "cohere": tiny_cohere, "cohere2": tiny_cohere2, "smollm3": tiny_smollm3, "glm4": tiny_glm4,
                          "starcoder2": tiny_starcoder2, "stablelm": tiny_stablelm, "exaone4": tiny_exaone4,
                          "ernie4_5": tiny_ernie4_5, "seed_oss": tiny_seed_oss, "helium": tiny_helium,
                          "apertus": tiny_apertus, "arcee": tiny_arcee}
 OLDER_BUILDERS = {"phi": tiny_phi, "falcon": tiny_falcon, "falcon_7b": tiny_falcon_7b, "gptj": tiny_gptj,
-                  "bloom": tiny_bloom}
+                  "bloom": tiny_bloom, "qwen3_5_text": tiny_qwen3_5}
 FAMILY_BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "gpt_neox": tiny_gpt_neox, **OLDER_BUILDERS,
                    "qwen2_sliding_window": tiny_qwen2_sliding_window, "gemma2": tiny_gemma2,
                    "gemma3_text": tiny_gemma3_text, "phi3": tiny_phi3,

@@ -106,6 +106,34 @@ def test_a_streamed_run_gives_the_codes_checkpoint_perplexity_and_task_scores_of
     assert len(set(index["weight_map"].values())) == len(decoder_blocks_of(model_dir)) + 1  # a shard per block
 
 
+def test_a_released_multimodal_checkpoint_quantizes_its_language_model(tmp_path, tokenizer, text_file):
+    """A Qwen3.5-MoE checkpoint as released (a vision encoder beside `model.language_model.*`): the in-memory
+    and streamed runs take its language model alone (the same codes, perplexity and checkpoint, which
+    names the language model's type), and that model computes the released model's logits on text."""
+    from helpers import tiny_qwen3_5_moe_release
+
+    from quantbench.model_io import load_model
+
+    release = tiny_qwen3_5_moe_release(vocab_size=len(tokenizer))
+    model_dir = saved_in_shards(release, tokenizer, tmp_path / "release")
+    language_model, _ = load_model(str(model_dir), torch.float32)
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the release computes text positions through its multimodal rotary: float rounding
+        expected = release(input_ids=ids).logits
+        torch.testing.assert_close(language_model(input_ids=ids).logits, expected, rtol=0,
+                                   atol=16 * torch.finfo(torch.float32).eps * expected.abs().max().item())
+    recipes = {mode: streamed_recipe(tmp_path / mode, model_dir, text_file, mode) for mode in ("off", "on")}
+    validated = invoke("validate", recipes["on"])
+    assert validated.exit_code == 0 and "model: qwen3_5_moe_text" in validated.output, validated.output
+    results = {mode: run_recipe(load_recipe(recipe), progress=False) for mode, recipe in recipes.items()}
+    assert results["on"]["perplexity"] == results["off"]["perplexity"]
+    assert results["on"]["quantization"] == results["off"]["quantization"]
+    assert_same_checkpoint(tmp_path / "off" / "runs" / "tiny", tmp_path / "on" / "runs" / "tiny")
+    saved = json.loads((tmp_path / "on" / "runs" / "tiny" / "checkpoint" / "config.json").read_text())
+    assert saved["model_type"] == "qwen3_5_moe_text"
+    assert any(".linear_attn." in name for name in results["off"]["quantization"]["layers"])
+
+
 def decoder_blocks_of(model_dir: Path) -> range:
     return range(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
 

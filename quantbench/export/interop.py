@@ -149,10 +149,12 @@ def original_naming(model_type: str | None) -> Callable[[str], str]:
     (Mixtral's `block_sparse_moe` becomes `mlp`) and undoes that when it saves; serving engines such as vLLM
     read the original names. The inverse of transformers' own renamings for `model_type`."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
+    from transformers.core_model_loading import PrefixChange, WeightRenaming
 
+    # a PrefixChange reads a multimodal checkpoint's language model (Qwen3.5's `model.language_model.`): the
+    # export holds the language model alone, under its config, so it keeps the names that model saves
     renamings = [transform.reverse_transform() for transform in get_checkpoint_conversion_mapping(model_type) or []
-                 if isinstance(transform, WeightRenaming)]
+                 if isinstance(transform, WeightRenaming) and not isinstance(transform, PrefixChange)]
 
     def original(name: str) -> str:
         for renaming in renamings:
