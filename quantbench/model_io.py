@@ -36,6 +36,8 @@ FAMILY_TABLE = (
            "model.layers", "model.norm"),
     Family("Gemma 2 and 3 (gemma2; gemma3_text, the text-only models)", ("gemma2", "gemma3_text"),
            "model.layers", "model.norm"),
+    Family("Gemma 3 as released, its vision encoder beside the language model (gemma3)", ("gemma3",),
+           "model.language_model.layers", "model.language_model.norm"),
     Family("Phi-3 and Phi-4 (phi3)", ("phi3",), "model.layers", "model.norm"),
     Family("others built around q/k/v/o attention (gemma, olmo2, olmo3, granite, cohere, cohere2, smollm3, glm4, "
            "starcoder2, stablelm, exaone4, ernie4_5, seed_oss, helium, apertus, arcee)",

@@ -99,7 +99,8 @@ def preflight(recipe: Recipe, force: bool = False, estimate_time: bool = True) -
     if recipe.export.enabled and recipe.export.format != NATIVE:
         problems.extend(_export_problems(recipe, layers, rotated, model_type))
     notes.extend(_partial_group_notes(layers))
-    plan = _estimate(recipe, model, raw, layers, problems, notes, estimate_time)
+    language = raw.get("text_config") or raw  # a multimodal release's sizes are its language model's
+    plan = _estimate(recipe, model, language, layers, problems, notes, estimate_time)
     _raise(recipe, problems)
     return plan
 

@@ -43,7 +43,7 @@ REFUSED_BECAUSE = {
     **dict.fromkeys(("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"),
                     "its linear-attention (Gated DeltaNet) projections are not mapped by the rotation yet, and its "
                     "norms scale by 1 + w"),
-    "gemma2": POST_NORMS, "gemma3_text": POST_NORMS,
+    **dict.fromkeys(("gemma2", "gemma3_text", "gemma3"), POST_NORMS),
     **dict.fromkeys(("deepseek_v2", "deepseek_v3", "glm4_moe_lite"),
                     "DeepSeek's latent attention normalises its compressed q and kv inside the attention"),
 }

@@ -47,10 +47,10 @@ NORMS = {  # model type → (the norm before attention, the norm before the MLP,
                     "hunyuan_v1_moe", "dots1", "exaone_moe", "solar_open", "gpt_oss")},
     **dict.fromkeys(("gemma", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"),
                     ("input_layernorm", "post_attention_layernorm", 1.0)),
-    **{kind: ("input_layernorm", "pre_feedforward_layernorm", 1.0) for kind in ("gemma2", "gemma3_text")},
+    **{kind: ("input_layernorm", "pre_feedforward_layernorm", 1.0) for kind in ("gemma2", "gemma3_text", "gemma3")},
 }
 SCALABLE_TYPES = tuple(NORMS)
-POST_MLP_NORM = ("gemma2", "gemma3_text")  # their MLP output is normalised before it joins the residual
+POST_MLP_NORM = ("gemma2", "gemma3_text", "gemma3")  # their MLP output is normalised before it joins the residual
 LAYER_NORMS = "its attention and MLP read LayerNorms whose biases would need folding as well, which is not built yet"
 UNSCALED_BECAUSE = {
     "opt": "its MLP reads a LayerNorm whose bias would need folding as well, which is not built yet",

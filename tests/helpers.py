@@ -212,6 +212,20 @@ def tiny_gemma3_text(vocab_size: int = 320, seed: int = 0):
     return _random_norms(Gemma3ForCausalLM(config).eval(), seed)
 
 
+def tiny_gemma3(vocab_size: int = 320, seed: int = 0):
+    """Gemma 3 as released: a SigLIP vision encoder and projector beside the language model
+    (`model.language_model`), Gemma 3 text's layers."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("gemma3", text_config=tiny_gemma3_text(vocab_size, seed).config.to_dict(),
+                                  vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, image_size=28, patch_size=14),
+                                  mm_tokens_per_image=4, image_token_index=vocab_size - 1,
+                                  boi_token_index=vocab_size - 2, eoi_token_index=vocab_size - 3)
+    return _random_norms(AutoModelForImageTextToText.from_config(config).eval(), seed)
+
+
 def tiny_phi3(vocab_size: int = 320, seed: int = 0):
     """Phi-3/4: fused qkv_proj and gate_up_proj."""
     from transformers import Phi3Config, Phi3ForCausalLM
@@ -542,7 +556,7 @@ LLAMA_SHAPED_BUILDERS = {"gemma": tiny_gemma, "olmo2": tiny_olmo2, "olmo3": tiny
                          "ernie4_5": tiny_ernie4_5, "seed_oss": tiny_seed_oss, "helium": tiny_helium,
                          "apertus": tiny_apertus, "arcee": tiny_arcee}
 OLDER_BUILDERS = {"phi": tiny_phi, "falcon": tiny_falcon, "falcon_7b": tiny_falcon_7b, "gptj": tiny_gptj,
-                  "bloom": tiny_bloom, "qwen3_5_text": tiny_qwen3_5}
+                  "bloom": tiny_bloom, "qwen3_5_text": tiny_qwen3_5, "gemma3": tiny_gemma3}
 FAMILY_BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "gpt_neox": tiny_gpt_neox, **OLDER_BUILDERS,
                    "qwen2_sliding_window": tiny_qwen2_sliding_window, "gemma2": tiny_gemma2,
                    "gemma3_text": tiny_gemma3_text, "phi3": tiny_phi3,

@@ -274,7 +274,7 @@ def test_input_groups_are_traced_once_per_kind_of_block(build, kinds):
 RUN_AGAIN = {"gpt_neox": [0], "gemma2": [0], "gemma3_text": [0], "deepseek_v2": [1], "deepseek_v3": [1],
              "olmo2": [0], "olmo3": [0], "glm4": [0], "exaone4": [0], "cohere": [0], "cohere2": [0], "granite": [0],
              "glm4_moe": [1], "glm4_moe_lite": [1], "dots1": [1], "exaone_moe": [1], "solar_open": [0], "afmoe": [0],
-             "phi": [0], "falcon": [0], "falcon_7b": [0], "gptj": [0]}
+             "phi": [0], "falcon": [0], "falcon_7b": [0], "gptj": [0], "gemma3": [0]}
 
 
 def quantize_counting_forwards(model, reuse_passes: bool, scheme: str = "int4-g32-gptq"):

@@ -106,32 +106,38 @@ def test_a_streamed_run_gives_the_codes_checkpoint_perplexity_and_task_scores_of
     assert len(set(index["weight_map"].values())) == len(decoder_blocks_of(model_dir)) + 1  # a shard per block
 
 
-def test_a_released_multimodal_checkpoint_quantizes_its_language_model(tmp_path, tokenizer, text_file):
-    """A Qwen3.5-MoE checkpoint as released (a vision encoder beside `model.language_model.*`): the in-memory
-    and streamed runs take its language model alone (the same codes, perplexity and checkpoint, which
-    names the language model's type), and that model computes the released model's logits on text."""
-    from helpers import tiny_qwen3_5_moe_release
+@pytest.mark.parametrize("release, model_type, block", [("tiny_qwen3_5_moe_release", "qwen3_5_moe_text", "linear_attn"),
+                                                       ("tiny_gemma3", "gemma3", "language_model.layers")])
+def test_a_released_multimodal_checkpoint_quantizes_its_language_model(tmp_path, tokenizer, text_file, release,
+                                                                       model_type, block):
+    """Checkpoints as released, a vision encoder beside `model.language_model.*`: Qwen3.5-MoE's language model
+    loads alone (AutoModelForCausalLM), Gemma 3's stays inside the whole model (only its language model's
+    blocks are quantized). Validation, the in-memory and the streamed runs agree (the same codes, perplexity
+    and checkpoint, which names the model type quantized), and the model quantized computes the release's
+    logits on text."""
+    import helpers
 
     from quantbench.model_io import load_model
 
-    release = tiny_qwen3_5_moe_release(vocab_size=len(tokenizer))
-    model_dir = saved_in_shards(release, tokenizer, tmp_path / "release")
+    released = getattr(helpers, release)(vocab_size=len(tokenizer))
+    model_dir = saved_in_shards(released, tokenizer, tmp_path / "release")
     language_model, _ = load_model(str(model_dir), torch.float32)
     ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # the release computes text positions through its multimodal rotary: float rounding
-        expected = release(input_ids=ids).logits
+        expected = released(input_ids=ids).logits
         torch.testing.assert_close(language_model(input_ids=ids).logits, expected, rtol=0,
                                    atol=16 * torch.finfo(torch.float32).eps * expected.abs().max().item())
     recipes = {mode: streamed_recipe(tmp_path / mode, model_dir, text_file, mode) for mode in ("off", "on")}
     validated = invoke("validate", recipes["on"])
-    assert validated.exit_code == 0 and "model: qwen3_5_moe_text" in validated.output, validated.output
+    assert validated.exit_code == 0 and f"model: {model_type}," in validated.output, validated.output
     results = {mode: run_recipe(load_recipe(recipe), progress=False) for mode, recipe in recipes.items()}
     assert results["on"]["perplexity"] == results["off"]["perplexity"]
     assert results["on"]["quantization"] == results["off"]["quantization"]
     assert_same_checkpoint(tmp_path / "off" / "runs" / "tiny", tmp_path / "on" / "runs" / "tiny")
     saved = json.loads((tmp_path / "on" / "runs" / "tiny" / "checkpoint" / "config.json").read_text())
-    assert saved["model_type"] == "qwen3_5_moe_text"
-    assert any(".linear_attn." in name for name in results["off"]["quantization"]["layers"])
+    assert saved["model_type"] == model_type
+    layers = results["off"]["quantization"]["layers"]
+    assert layers and all("vision" not in name for name in layers) and any(block in name for name in layers)
 
 
 def decoder_blocks_of(model_dir: Path) -> range:
