@@ -159,6 +159,8 @@ FUSED_ON_DISK = {  # families whose checkpoints keep the fused tensors: a per-ex
                 "up_proj.weight": ("gate_up_proj", "odd columns"), "down_proj.weight": ("down_proj", "transposed"),
                 "gate_proj.bias": ("gate_up_proj_bias", "even"), "up_proj.bias": ("gate_up_proj_bias", "odd"),
                 "down_proj.bias": ("down_proj_bias", "whole")},
+    "granitemoe": {"gate_proj.weight": ("gate_up_proj", "first rows"), "up_proj.weight": ("gate_up_proj", "last rows"),
+                   "down_proj.weight": ("down_proj", "whole")},  # stored as input_linear and output_linear
 }
 
 
@@ -174,8 +176,11 @@ def fused_source(model_type: str, name: str) -> tuple[str, int, str] | None:
 
 
 def fused_part(expert_slice: torch.Tensor, part: str) -> torch.Tensor:
-    """One expert's tensor from its slice of the fused one ([H, 2I] with gate and up columns interleaved,
-    [I, H], or their biases), laid out as the per-expert linear holds it."""
+    """One expert's tensor from its slice of the fused one ([2I, H] gate rows first, [H, 2I] with gate and up
+    columns interleaved, [I, H], or their biases), laid out as the per-expert linear holds it."""
+    if part in ("first rows", "last rows"):
+        half = expert_slice.shape[0] // 2
+        return expert_slice[:half] if part == "first rows" else expert_slice[half:]
     if part in ("even columns", "odd columns"):
         return expert_slice[:, part.startswith("odd")::2].T.contiguous()
     if part == "transposed":

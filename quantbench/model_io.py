@@ -45,10 +45,10 @@ FAMILY_TABLE = (
             "exaone4", "ernie4_5", "seed_oss", "helium", "apertus", "arcee"), "model.layers", "model.norm"),
     Family("mixture of experts (qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3, olmoe, phimoe, glm4_moe, "
            "glm4_moe_lite, ernie4_5_moe, hunyuan_v1_moe, dots1, flex_olmo, exaone_moe, solar_open, afmoe, gpt_oss, "
-           "qwen3_next)",
+           "qwen3_next, granitemoe)",
            ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "olmoe", "phimoe", "glm4_moe",
             "glm4_moe_lite", "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "flex_olmo", "exaone_moe", "solar_open",
-            "afmoe", "gpt_oss", "qwen3_next"), "model.layers", "model.norm"),
+            "afmoe", "gpt_oss", "qwen3_next", "granitemoe"), "model.layers", "model.norm"),
     Family("Qwen3.5 (qwen3_5_text, qwen3_5_moe_text; the language model of qwen3_5 and qwen3_5_moe checkpoints)",
            ("qwen3_5_text", "qwen3_5_moe_text"), "model.layers", "model.norm"),
     Family("GPT-NeoX (gpt_neox)", ("gpt_neox",), "gpt_neox.layers", "gpt_neox.final_layer_norm"),
@@ -272,7 +272,7 @@ def final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if config.model_type == "opt" and model.model.decoder.project_out is not None:
         hidden = model.model.decoder.project_out(hidden)
     logits = model.get_output_embeddings()(hidden)
-    if config.model_type == "granite":
+    if config.model_type in ("granite", "granitemoe"):
         logits = logits / config.logits_scaling
     if config.model_type in ("cohere", "cohere2"):
         logits = logits * config.logit_scale

@@ -40,6 +40,7 @@ REFUSED_BECAUSE = {
     **dict.fromkeys(("cohere", "cohere2", "stablelm", "starcoder2", "phimoe", "phi", "gptj", "falcon", "bloom"),
                     LAYER_NORM),
     "apertus": "its norms are named otherwise than Llama's, which the rotation does not map yet",
+    "granitemoe": "its experts sit under `block_sparse_moe`, which the rotation does not map yet",
     **dict.fromkeys(("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"),
                     "its linear-attention (Gated DeltaNet) projections are not mapped by the rotation yet, and its "
                     "norms scale by 1 + w"),

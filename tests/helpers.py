@@ -543,13 +543,21 @@ def tiny_qwen3_5_moe_release(vocab_size: int = 320, seed: int = 0):
     return _random_norms(model, seed)
 
 
+def tiny_granitemoe(vocab_size: int = 320, seed: int = 0):
+    """Granite MoE: Granite's multipliers and logit scaling, experts under `block_sparse_moe`, stored fused in its
+    checkpoints (`input_linear`, `output_linear`)."""
+    return _moe_shaped("granitemoe", vocab_size, seed, num_local_experts=4, num_experts_per_tok=2,
+                       embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                       logits_scaling=4.0)
+
+
 MOE_BUILDERS = {"qwen3_moe": tiny_qwen3_moe, "qwen2_moe": tiny_qwen2_moe, "mixtral": tiny_mixtral,
                 "deepseek_v2": tiny_deepseek_v2, "deepseek_v3": tiny_deepseek_v3, "olmoe": tiny_olmoe,
                 "phimoe": tiny_phimoe, "glm4_moe": tiny_glm4_moe,
                 "ernie4_5_moe": tiny_ernie4_5_moe, "hunyuan_v1_moe": tiny_hunyuan_v1_moe, "dots1": tiny_dots1,
                 "flex_olmo": tiny_flex_olmo, "exaone_moe": tiny_exaone_moe, "solar_open": tiny_solar_open,
                 "glm4_moe_lite": tiny_glm4_moe_lite, "afmoe": tiny_afmoe, "gpt_oss": tiny_gpt_oss,
-                "qwen3_next": tiny_qwen3_next, "qwen3_5_moe_text": tiny_qwen3_5_moe}
+                "qwen3_next": tiny_qwen3_next, "qwen3_5_moe_text": tiny_qwen3_5_moe, "granitemoe": tiny_granitemoe}
 LLAMA_SHAPED_BUILDERS = {"gemma": tiny_gemma, "olmo2": tiny_olmo2, "olmo3": tiny_olmo3, "granite": tiny_granite,
                          "cohere": tiny_cohere, "cohere2": tiny_cohere2, "smollm3": tiny_smollm3, "glm4": tiny_glm4,
                          "starcoder2": tiny_starcoder2, "stablelm": tiny_stablelm, "exaone4": tiny_exaone4,

@@ -10,6 +10,7 @@ from helpers import (LLAMA_SHAPED_BUILDERS, MOE_BUILDERS, OLDER_BUILDERS, invoke
 
 from quantbench import load_quantized, save_quantized
 from quantbench.errors import QuantbenchError
+from quantbench.experts import FUSED_ON_DISK
 from quantbench.export.compressed_tensors_format import export_compressed_tensors
 from quantbench.export.gptq_format import export_gptq, gptq_tensors, read_gptq
 from quantbench.pipeline import quantize_model
@@ -240,7 +241,7 @@ def test_exports_refuse_group_sizes_that_do_not_divide_the_inputs(tmp_path, toke
     assert not (tmp_path / "out").exists()
 
 
-INTEROP_MOE = {family: build for family, build in MOE_BUILDERS.items() if family != "gpt_oss"}  # fused on disk
+INTEROP_MOE = {family: build for family, build in MOE_BUILDERS.items() if family not in FUSED_ON_DISK}
 
 
 @pytest.mark.parametrize("build", INTEROP_MOE.values(), ids=INTEROP_MOE.keys())
@@ -288,28 +289,31 @@ def test_moe_exports_use_the_names_of_the_original_checkpoints(tmp_path, tokeniz
     assert modules(tmp_path / "gptq") == modules(tmp_path / "hf")
 
 
-def test_gpt_oss_is_refused_by_the_interop_formats_before_they_write(tmp_path, tokenizer, model_dir, text_file):
-    """GPT-OSS checkpoints store each block's experts fused, and transformers reads them by those names alone:
-    experts written one by one would load as random ones. Both formats refuse it from the native checkpoint
-    (nothing written), from the model in memory, and from a recipe before any weight is read."""
+@pytest.mark.parametrize("family", FUSED_ON_DISK)
+def test_fused_expert_checkpoints_are_refused_by_the_interop_formats_before_they_write(tmp_path, tokenizer,
+                                                                                      text_file, family):
+    """GPT-OSS and Granite MoE checkpoints store each block's experts fused, and transformers reads them by
+    those names alone: experts written one by one would load as random ones. Both formats refuse them from the
+    native checkpoint (nothing written), from the model in memory, and from a recipe before any weight is
+    read."""
     from helpers import make_recipe
 
     from quantbench.export.targets import check_expressible
 
-    model = MOE_BUILDERS["gpt_oss"]()
+    model = MOE_BUILDERS[family]()
     quantized = quantize_model(model, IDS, QuantizeSection(default="int4-g32-sym-rtn").scheme_for,
                                torch.device("cpu"), progress=False)
     save_quantized(model, tokenizer, quantized, tmp_path / "native")
-    fused = "'gpt_oss' checkpoints store each block's experts as fused tensors"
+    fused = f"'{family}' checkpoints store each block's experts as fused tensors"
     for target, export in (("compressed-tensors", export_compressed_tensors), ("gptq", export_gptq)):
         with pytest.raises(QuantbenchError, match=f"(?i)the {target} format cannot hold this model: {fused}"):
             export(tmp_path / "native", tmp_path / "out")
         assert not (tmp_path / "out").exists()
         with pytest.raises(QuantbenchError, match=fused):
             check_expressible(target, model, quantized)
-    model.save_pretrained(tmp_path / "gpt-oss")
-    tokenizer.save_pretrained(tmp_path / "gpt-oss")
-    recipe = make_recipe(tmp_path, tmp_path / "gpt-oss", text_file, export={"format": "gptq"})
+    model.save_pretrained(tmp_path / family)
+    tokenizer.save_pretrained(tmp_path / family)
+    recipe = make_recipe(tmp_path, tmp_path / family, text_file, export={"format": "gptq"})
     refused = invoke("validate", recipe)
     assert refused.exit_code == 2 and f"export.format gptq cannot hold this model: {fused}" in refused.output
 

@@ -83,7 +83,7 @@ def test_unsupported_families_and_a_second_rotation_are_refused():
                MOE_BUILDERS["phimoe"]: "subtracts the mean", MOE_BUILDERS["flex_olmo"]: "norms after attention",
                MOE_BUILDERS["afmoe"]: "norms after attention", MOE_BUILDERS["glm4_moe_lite"]: "latent attention",
                FAMILY_BUILDERS["falcon"]: "subtracts the mean", FAMILY_BUILDERS["phi"]: "subtracts the mean",
-               MOE_BUILDERS["qwen3_next"]: "Gated DeltaNet"}
+               MOE_BUILDERS["qwen3_next"]: "Gated DeltaNet", MOE_BUILDERS["granitemoe"]: "block_sparse_moe"}
     for build, reason in reasons.items():
         with pytest.raises(QuantbenchError, match=f"supports the Llama family.*{reason}"):
             rotate_model(build())

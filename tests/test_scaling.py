@@ -178,7 +178,7 @@ def test_recipes_refuse_scaling_where_it_has_no_site():
 @pytest.mark.parametrize("family, reason", [("phimoe", "LayerNorms"), ("flex_olmo", "norms come after"),
                                             ("afmoe", "not handled yet"), ("glm4_moe_lite", "latent attention"),
                                             ("cohere", "in parallel"), ("arcee", "no gate"),
-                                            ("bloom", "LayerNorms")])
+                                            ("bloom", "LayerNorms"), ("granitemoe", "block_sparse_moe")])
 def test_families_without_sites_are_refused_with_the_reason(family, reason):
     with pytest.raises(QuantbenchError, match=f"scaling support .*, not '{family}': .*{reason}"):
         quantize_model(FAMILY_BUILDERS[family](), IDS, lambda _layer: Scheme.parse("awq+int4-g32-rtn"),

@@ -77,7 +77,7 @@ def test_final_logits_of_the_last_block_output_are_the_model_logits(build):
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen2_sliding_window", "gemma2", "phi3", "granite",
                                     "cohere2", "olmo3", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss",
-                                    "qwen3_next"])
+                                    "qwen3_next", "granitemoe"])
 def test_a_streamed_run_gives_the_codes_checkpoint_perplexity_and_task_scores_of_the_in_memory_run(
         tmp_path, tokenizer, text_file, sharded_llama, family, tiny_task_dir):
     """lm-eval scores (Llama only): the streamed run's come from models placed by free memory. The streamed
