@@ -219,9 +219,16 @@ class DiskWeights:
 
         for file, entries in wanted.items():
             with safe_open(str(self.folder / file), framework="pt") as handle:
+                expert, slices = None, {}  # one expert's slices of the fused tensors, each read once
                 for name, key, stored, part in entries:
-                    value = handle.get_tensor(stored) if part is None else fused_part(
-                        handle.get_slice(stored)[part[0]], part[1])
+                    if part is None:
+                        value = handle.get_tensor(stored)
+                    else:
+                        if part[0] != expert:
+                            expert, slices = part[0], {}
+                        if stored not in slices:
+                            slices[stored] = handle.get_slice(stored)[expert]
+                        value = fused_part(slices[stored], part[1])
                     if value.is_floating_point():
                         value = self._finite(key, value.to(device=device, dtype=self.dtype))
                     _set_tensor(module, name, value.to(device))
