@@ -254,32 +254,26 @@ def test_the_command_line_starts_without_importing_torch():
 
 def test_ctrl_c_is_reported_in_one_line(tmp_path, model_dir, text_file):
     import signal
-    import subprocess
-    import sys
     import time
 
+    from forked import quantbench_command, start_forked
     from helpers import pseudo_text
 
     long_text = tmp_path / "long.txt"
     long_text.write_text(pseudo_text(30_000, seed=1))  # about 100,000 tokens: evaluation takes half a minute
     recipe = make_recipe(tmp_path, model_dir, text_file, eval={"perplexity": [str(long_text)], "seqlen": 16,
                                                                "max_windows": None})
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
-    process = subprocess.Popen([sys.executable, "-m", "quantbench", "run", str(recipe)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal has it
+    run = start_forked(quantbench_command, "run", recipe)
     seen = ""
     while "perplexity" not in seen:  # the evaluation's progress bar: the run is computing
-        line = process.stderr.readline()
+        line = run.stderr.readline()
         assert line, seen
         seen += line
     time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    try:
-        _, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 130, err
+    run.send_signal(signal.SIGINT)
+    code, _, rest = run.wait(timeout=60)
+    err = seen + rest
+    assert code == 130, err
     assert err.strip().splitlines()[-1].startswith("interrupted: stopped by Ctrl-C")
     assert "Traceback" not in err
     assert not (tmp_path / "runs" / "tiny").exists()

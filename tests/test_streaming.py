@@ -7,12 +7,14 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from forked import run_forked
 from helpers import FAMILY_BUILDERS, MOE_BUILDERS, invoke, make_recipe, tiny_llama
 
 from quantbench import load_quantized
@@ -280,26 +282,24 @@ def test_a_streamed_run_holds_one_block_in_host_memory_not_the_model(tmp_path, t
     assert peaks["on"] < 0.25 * model_mb  # a block in flight (9 MB), its packed copy, the run's own objects
 
 
+def _run_killed_after(recipe: Path, kill_after_block: int | None, force: bool) -> None:
+    import quantbench.stream_runner as streaming
+
+    take = streaming.StreamedLayers.run_block
+
+    def run_block(self, ctx):
+        take(self, ctx)
+        if ctx.index == kill_after_block:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    streaming.StreamedLayers.run_block = run_block  # in the fork alone
+    run_recipe(load_recipe(recipe), force=force, progress=False)
+
+
 def run_child(recipe: Path, kill_after_block: int | None = None, force: bool = False) -> int:
-    """`run_recipe` in a child process that, with `kill_after_block`, SIGKILLs itself as soon as that block's
-    checkpoint part is written (before the journal saves the next block's inputs). The child computes with
-    this process's thread count, so that its blocks equal those an in-process run computes."""
-    code = f"""
-import os, signal, sys
-sys.path.insert(0, {str(ROOT)!r})
-import quantbench.stream_runner as streaming
-from quantbench.recipe import load_recipe
-from quantbench.runner import run_recipe
-take = streaming.StreamedLayers.run_block
-def run_block(self, ctx):
-    take(self, ctx)
-    if ctx.index == {kill_after_block!r}:
-        os.kill(os.getpid(), signal.SIGKILL)
-streaming.StreamedLayers.run_block = run_block
-run_recipe(load_recipe({str(recipe)!r}), force={force!r}, progress=False)
-"""
-    threads = str(torch.get_num_threads())  # as many as this process: float sums in the same order
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": threads}).returncode
+    """`run_recipe` in a fork of this process that, with `kill_after_block`, SIGKILLs itself as soon as that
+    block's checkpoint part is written (before the journal saves the next block's inputs); its exit code."""
+    return run_forked(_run_killed_after, recipe, kill_after_block, force)[0]
 
 
 def test_kill_9_at_a_random_block_then_resume_gives_the_uninterrupted_checkpoint(tmp_path, sharded_llama, text_file):
