@@ -34,6 +34,13 @@ _use_offline_assets()
 # Without a GPU, Triton kernels run in Triton's interpreter (set before triton is first imported).
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        from triton_interpreter import patch_device_calls_once_per_launch
+
+        patch_device_calls_once_per_launch()
+    except ImportError:  # no Triton: its tests skip
+        pass
 
 
 @pytest.fixture(autouse=True, scope="session")
