@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 SHARED ?= ../shared
 ASSETS := .assets
 
-.PHONY: setup assets quickstart test test-unit leaderboard
+.PHONY: setup assets quickstart test test-slow test-unit leaderboard
 
 setup: $(VENV)/.installed
 
@@ -31,11 +31,16 @@ quickstart: assets
 # PYTHONDONTWRITEBYTECODE is set: the suite starts about 30 Python processes that import the package
 PYTEST := PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n auto --dist worksteal
 
+# `make test` leaves out the tests marked slow (the real model calibrated end to end, runs over several
+# interpreters: about a third of the suite's CPU time in 13 tests); `make test-slow` runs them; CI runs both
 test: assets
-	if [ -f $(ASSETS)/env.sh ]; then . $(ASSETS)/env.sh; fi; $(PYTEST)
+	if [ -f $(ASSETS)/env.sh ]; then . $(ASSETS)/env.sh; fi; $(PYTEST) -m "not slow"
+
+test-slow: assets
+	if [ -f $(ASSETS)/env.sh ]; then . $(ASSETS)/env.sh; fi; $(PYTEST) -m slow
 
 test-unit: setup
-	$(PYTEST) -m "not integration"
+	$(PYTEST) -m "not integration and not slow"
 
 # the leaderboard sweep of the README: every recipe in recipes/leaderboard/, the plain model's own evaluation,
 # then the report (about two hours on 2 CPU cores)

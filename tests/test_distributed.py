@@ -107,6 +107,7 @@ def test_autoround_across_ranks_takes_one_signed_step_from_every_rank_gradient(t
     assert not any(torch.equal(alone[key], ranks[0]["share"][key]) for key in offsets)
 
 
+@pytest.mark.slow
 def test_an_allocation_run_on_two_ranks_gives_the_one_process_table_and_allocation(tmp_path, model_dir, text_file):
     """Sensitivity candidates are spread over the ranks, and so are the perplexity windows of the sweep's
     evaluated budget; every rank sees the whole calibration set, so the table is the one process's. The

@@ -186,6 +186,7 @@ print(json.dumps(peaks))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS per span needs Linux")
 def test_loading_holds_the_model_once_and_packed_layers_never_dense(tmp_path, tokenizer):
     """The model is built on the meta device and filled tensor by tensor from the memory-mapped files, so

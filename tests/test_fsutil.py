@@ -4,50 +4,54 @@ the new result whole, and the next write leaves no staging leftovers."""
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from forked import quantbench_command, run_forked
 
 from quantbench.errors import QuantbenchError
 from quantbench.eval.leaderboard import build_leaderboard
 from quantbench.fsutil import atomic_directory, atomic_write_path, clean_leftovers
-from forked import quantbench_command, run_forked
 
+ROOT = Path(__file__).resolve().parent.parent
 
 # A `--force` write of a run directory (a result file and a checkpoint), killed by signal `sig` at the
 # `kill_at`-th filesystem event (audit hooks see every rename, mkdir, open, unlink, rmtree and the lookup of
 # renameat2 just before the swap); kill_at 0 runs to the end and prints how many events there were.
+CHILD = r"""
+import json, os, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (a `&` job)
+import quantbench.fsutil
+from quantbench.fsutil import atomic_directory
+target, kill_at, sig, label = Path(sys.argv[1]), int(sys.argv[2]), getattr(signal, sys.argv[3]), sys.argv[4]
+if sys.argv[5] == "two renames":  # a system without renameat2
+    quantbench.fsutil._exchange = lambda a, b: False
 EVENTS = {"os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "os.chmod", "os.scandir", "open",
           "shutil.rmtree", "tempfile.mkdtemp", "ctypes.dlsym", "os.listdir"}
-
-
-def _write_run_child(target: Path, kill_at: int, sig: signal.Signals, label: str, swap: str) -> None:
-    import quantbench.fsutil
-
-    if swap == "two renames":  # a system without renameat2
-        quantbench.fsutil._exchange = lambda a, b: False
-    count = 0
-
-    def hook(event, args):
-        nonlocal count
-        if event in EVENTS:
-            count += 1
-            if count == kill_at:
-                os.kill(os.getpid(), sig)
-
-    sys.addaudithook(hook)  # in the fork alone, which ends with this write
-    with atomic_directory(target, force=True, what="run directory") as tmp:
-        (tmp / "checkpoint").mkdir()
-        (tmp / "checkpoint" / "model.safetensors").write_bytes(label.encode() * 4096)
-        (tmp / "result.json").write_text(json.dumps({"label": label}))
-    print(count)
+count = 0
+def hook(event, args):
+    global count
+    if event in EVENTS:
+        count += 1
+        if count == kill_at:
+            os.kill(os.getpid(), sig)
+sys.addaudithook(hook)
+with atomic_directory(target, force=True, what="run directory") as tmp:
+    (tmp / "checkpoint").mkdir()
+    (tmp / "checkpoint" / "model.safetensors").write_bytes(label.encode() * 4096)
+    (tmp / "result.json").write_text(json.dumps({"label": label}))
+print(count)
+"""
 
 
 def write_run(target: Path, label: str, kill_at: int = 0, sig: str = "SIGKILL",
-              swap: str = "exchange") -> tuple[int, str, str]:
-    """The write above in a fork of this process: its exit code, stdout and stderr."""
-    return run_forked(_write_run_child, target, kill_at, getattr(signal, sig), label, swap, timeout=60)
+              swap: str = "exchange") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", CHILD, str(target), str(kill_at), sig, label, swap], env=env,
+                          capture_output=True, text=True, timeout=60)
 
 
 def run_label(target: Path) -> str:
@@ -57,15 +61,16 @@ def run_label(target: Path) -> str:
     return label
 
 
+@pytest.mark.slow  # about 60 interpreters each
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
 @pytest.mark.parametrize("swap", ["exchange", "two renames"])
 def test_a_signal_at_any_step_leaves_old_or_new_results_whole(tmp_path, sig, swap):
     """With renameat2 the run directory is whole at every instant; without it, a kill between the two
     renames leaves the old run aside, and the next write's cleaning puts it back."""
     target = tmp_path / "runs" / "quickstart"
-    assert write_run(target, "old")[0] == 0
+    assert write_run(target, "old").returncode == 0
     write_run(tmp_path / "probe", "probe", swap=swap)
-    steps = int(write_run(tmp_path / "probe", "probe", swap=swap)[1])  # the events of a replacing write
+    steps = int(write_run(tmp_path / "probe", "probe", swap=swap).stdout)  # the events of a replacing write
     assert steps >= 12
     seen = set()
     for kill_at in range(1, steps + 2):
@@ -74,11 +79,11 @@ def test_a_signal_at_any_step_leaves_old_or_new_results_whole(tmp_path, sig, swa
             clean_leftovers(target)
         label = run_label(target)
         seen.add(label)
-        code, _, err = write_run(target, "next")  # the next run cleans up whatever the killed one left
-        assert code == 0, err
+        done = write_run(target, "next")  # the next run cleans up whatever the killed one left
+        assert done.returncode == 0, done.stderr
         assert run_label(target) == "next"
         assert [p.name for p in target.parent.iterdir()] == ["quickstart"], kill_at
-        assert write_run(target, "old")[0] == 0
+        assert write_run(target, "old").returncode == 0
     assert seen == {"old", "new"}  # early kills keep the old run, late ones have installed the new one
 
 

@@ -103,6 +103,7 @@ def test_block_formats_order_by_precision_on_the_dithered_model(dithered, wikite
     assert ppl[1] < ppl[0] * 1.1  # 6-bit MX is close to full precision
 
 
+@pytest.mark.slow
 def test_gptq_beats_rtn_on_the_dithered_model(dithered, wikitext_ids):
     """int4 g128 on every layer, 16 × 256 C4 calibration tokens: RTN 37.74 on every CPU; GPTQ with act_order
     32.83, 34.23 and 33.96 with calibration seeds 0, 1 and 2 (AVX2), 34.25 with seed 0 and
@@ -118,6 +119,7 @@ def test_gptq_beats_rtn_on_the_dithered_model(dithered, wikitext_ids):
     assert gptq < 0.95 * rtn, (gptq, rtn)
 
 
+@pytest.mark.slow
 def test_real_model_tasks_offline_well_above_chance_and_int2_falls_to_chance(assets, plain):
     """piqa through lm-eval and the offline task copy: two choices, so chance is 50% (measured on its first 20
     questions: acc and acc_norm 0.70, 0.50 with int2 per channel; on 40, 0.675 and 0.475)."""
@@ -135,6 +137,7 @@ def test_real_model_tasks_offline_well_above_chance_and_int2_falls_to_chance(ass
     assert abs(broken["tasks"]["piqa"]["metrics"]["acc"] - 0.5) < 0.15 < piqa["metrics"]["acc"] - 0.5
 
 
+@pytest.mark.slow
 def test_rotation_preserves_the_real_model_and_rescues_int4_activations(dithered, wikitext_ids):
     """The rotated dithered model gives the same logits. int4 per-token activations collapse on the plain
     model (outlier channels set every token's scale) and stay usable in a rotated basis, whether the whole
@@ -165,6 +168,7 @@ def test_rotation_preserves_the_real_model_and_rescues_int4_activations(dithered
     assert ppl["hadamard W4A4"] < 0.05 * ppl["W4A4"], ppl
 
 
+@pytest.mark.slow
 def test_allocation_on_the_dithered_model_spends_bits_where_they_pay(dithered, wikitext_ids):
     """Two blocks allocated among int2/int3/int4 g128 and int8 at 3 bits, costs from kfac (Hutchinson
     traces, four probes over both blocks at once): the most sensitive layer's trace stands above its error

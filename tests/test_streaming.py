@@ -256,6 +256,7 @@ print(json.dumps(peaks))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS per stage needs Linux")
 def test_a_streamed_run_holds_one_block_in_host_memory_not_the_model(tmp_path, tokenizer, text_file):
     """Measured in a fresh process, so that what earlier tests left in the allocator does not count, on a
@@ -387,6 +388,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_a_streamed_run_on_two_ranks_dies_by_rank_name_and_resumes_to_the_one_process_result(
         tmp_path, sharded_llama, text_file):
     """Each rank streams the weights and forwards its half of the calibration and of the windows; rank 1 is

@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 SCRIPT = Path(__file__).with_name("compile_for_hopper.py")
 
 
+@pytest.mark.slow
 def test_every_triton_kernel_compiles_for_a_hopper_gpu(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
     compiled = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=600, env=env)
