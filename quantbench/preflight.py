@@ -99,6 +99,7 @@ def preflight(recipe: Recipe, force: bool = False, estimate_time: bool = True) -
     if recipe.export.enabled and recipe.export.format != NATIVE:
         problems.extend(_export_problems(recipe, layers, rotated, model_type))
     notes.extend(_partial_group_notes(layers))
+    notes.extend(_small_calibration_notes(recipe, layers))
     language = raw.get("text_config") or raw  # a multimodal release's sizes are its language model's
     plan = _estimate(recipe, model, language, layers, problems, notes, estimate_time)
     _raise(recipe, problems)
@@ -242,6 +243,28 @@ def _partial_group_notes(layers: dict) -> list[str]:
     return [f"group size {group} does not divide {width} inputs in {count} layer(s): their last group is "
             f"shorter (stored and counted as such; GPTQ and compressed-tensors export refuse them)"
             for (group, width), count in sorted(partial.items())]
+
+
+# GPTQ at 3 bits or fewer on fewer calibration tokens than this many per input column of a layer varies widely
+# with the draw: 4,096 tokens on SmolLM2-135M (2.7 per input of down_proj) gave 115-191 against RTN's 148, and
+# 65,536 (43 per input) a spread of ±8% (docs/quality.md)
+TOKENS_PER_INPUT_FOR_LOW_BIT_GPTQ = 16
+
+
+def _small_calibration_notes(recipe: Recipe, layers: dict) -> list[str]:
+    def low_bit_gptq(scheme: Scheme) -> bool:
+        return scheme.solver == "gptq" and scheme.bits <= 3
+
+    candidates = recipe.allocation.candidates if recipe.allocation is not None else []
+    widest = max((in_features for scheme, (_, in_features) in layers.values()
+                  if low_bit_gptq(scheme) or any(map(low_bit_gptq, candidates))), default=0)
+    tokens = recipe.calibration.n_samples * recipe.calibration.seqlen
+    if not widest or tokens >= TOKENS_PER_INPUT_FOR_LOW_BIT_GPTQ * widest:
+        return []
+    return [f"calibration: {tokens:,} tokens for GPTQ at 3 bits or fewer on layers of up to {widest:,} inputs; "
+            f"below about {TOKENS_PER_INPUT_FOR_LOW_BIT_GPTQ} tokens per input ("
+            f"{TOKENS_PER_INPUT_FOR_LOW_BIT_GPTQ * widest:,} here) its result varies widely with the calibration "
+            "draw and can lose to round-to-nearest (docs/quality.md, \"GPTQ on a small calibration\")"]
 
 
 def _estimate(recipe: Recipe, model, raw: dict, layers: dict, problems: list[str], notes: list[str],

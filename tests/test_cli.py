@@ -1,5 +1,6 @@
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,28 @@ def test_validate(tmp_path, model_dir, text_file):
     result = invoke("validate", bad)
     assert result.exit_code == 2
     assert "quantize.default.bits: Input should be greater than or equal to 2 (got 1)" in result.output
+
+
+def test_validate_notes_a_calibration_too_small_for_low_bit_gptq(tmp_path, model_dir, text_file):
+    """The tiny model's widest layer (down_proj) has 160 inputs: 4 × 32 calibration tokens is under 16 per
+    input for GPTQ at 3 bits, in a plain recipe or among an allocation's candidates; 4 bits, RTN, or
+    16 × 256 tokens draw no note."""
+    def note_of(name, **changes):
+        (tmp_path / name).mkdir()
+        result = invoke("validate", make_recipe(tmp_path / name, model_dir, text_file, **changes))
+        assert result.exit_code == 0, result.output
+        return re.findall(r"note: calibration: .*", result.output)
+
+    low_bit = {"default": "int3-g32-gptq", "overrides": []}
+    assert note_of("int3", quantize=low_bit) == [
+        "note: calibration: 128 tokens for GPTQ at 3 bits or fewer on layers of up to 160 inputs; below about 16 "
+        "tokens per input (2,560 here) its result varies widely with the calibration draw and can lose to "
+        'round-to-nearest (docs/quality.md, "GPTQ on a small calibration")']
+    allocation = {"candidates": ["int2-g32-gptq", "int4-g32-gptq"], "budget": 3.0}
+    assert len(note_of("allocated", allocation=allocation)) == 1
+    assert note_of("int4", quantize={"default": "int4-g32-gptq", "overrides": []}) == []
+    assert note_of("rtn", quantize={"default": "int3-g32-rtn", "overrides": []}) == []
+    assert note_of("enough", quantize=low_bit, calibration={"n_samples": 16, "seqlen": 256}) == []
 
 
 def test_eval_plain_model_directory(model_dir, text_file):
