@@ -32,7 +32,7 @@ quickstart: assets
 PYTEST := PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n auto --dist worksteal
 
 # `make test` leaves out the tests marked slow (the real model calibrated end to end, runs over several
-# interpreters: about a third of the suite's CPU time in 13 tests); `make test-slow` runs them; CI runs both
+# interpreters: about 40% of the suite's CPU time in 17 tests); `make test-slow` runs them; CI runs both
 test: assets
 	if [ -f $(ASSETS)/env.sh ]; then . $(ASSETS)/env.sh; fi; $(PYTEST) -m "not slow"
 

@@ -40,6 +40,7 @@ def _spread_on_two_ranks(rank: int, init_file: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_spread_runs_each_job_once_and_every_rank_gets_every_result(tmp_path):
     torch.multiprocessing.spawn(_spread_on_two_ranks, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
     outs = [torch.load(tmp_path / f"out.{rank}") for rank in (0, 1)]
@@ -88,6 +89,7 @@ def _autoround_on_two_ranks(rank: int, init_file: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_autoround_across_ranks_takes_one_signed_step_from_every_rank_gradient(tmp_path):
     """Ranks holding the same batches learn exactly what one process learns on them (summed gradients have
     the same signs). Ranks holding a share each end with one learned state between them, neither rank's own."""

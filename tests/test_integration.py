@@ -82,6 +82,7 @@ def rtn_perplexities(dithered, wikitext_ids, names: tuple[str, ...], window: int
     return results
 
 
+@pytest.mark.slow
 def test_dithered_model_perplexity_orders_by_bits(dithered, wikitext_ids):
     """fp < int8 < int4 < int3 < int2 on 256 tokens (measured: 43.75, 44.17, 56.74, 200.5, 5.2e6; on 512 27.99,
     28.16, 37.75, 147.6, 2.9e6)."""
@@ -93,6 +94,7 @@ def test_dithered_model_perplexity_orders_by_bits(dithered, wikitext_ids):
     assert ppl[4] > 2 * ppl[0]  # 2 bits is not
 
 
+@pytest.mark.slow
 def test_block_formats_order_by_precision_on_the_dithered_model(dithered, wikitext_ids):
     """fp < MXFP6 (E2M3) < NVFP4 < MXFP4 weight-only < MXFP4 weights and activations on 256 tokens (measured:
     43.75, 46.09, 59.35, 76.31, 206.0; on 512 27.99, 29.23, 38.30, 50.13, 130.1)."""
