@@ -246,8 +246,8 @@ def _partial_group_notes(layers: dict) -> list[str]:
 
 
 # GPTQ at 3 bits or fewer on fewer calibration tokens than this many per input column of a layer varies widely
-# with the draw: 4,096 tokens on SmolLM2-135M (2.7 per input of down_proj) gave 115-191 against RTN's 148, and
-# 65,536 (43 per input) a spread of ±8% (docs/quality.md)
+# with the draw: 4,096 tokens on SmolLM2-135M (2.7 per input of down_proj) gave 115-191 against RTN's 148 (100-104
+# with a tenfold dampening), and 65,536 (43 per input) a spread of ±8% (docs/quality.md)
 TOKENS_PER_INPUT_FOR_LOW_BIT_GPTQ = 16
 
 
@@ -264,7 +264,8 @@ def _small_calibration_notes(recipe: Recipe, layers: dict) -> list[str]:
     return [f"calibration: {tokens:,} tokens for GPTQ at 3 bits or fewer on layers of up to {widest:,} inputs; "
             f"below about {TOKENS_PER_INPUT_FOR_LOW_BIT_GPTQ} tokens per input ("
             f"{TOKENS_PER_INPUT_FOR_LOW_BIT_GPTQ * widest:,} here) its result varies widely with the calibration "
-            "draw and can lose to round-to-nearest (docs/quality.md, \"GPTQ on a small calibration\")"]
+            "draw and can lose to round-to-nearest; more calibration, or a larger dampening (`-damp0.1` in the "
+            "scheme), steadies it (docs/quality.md, \"GPTQ on a small calibration\")"]
 
 
 def _estimate(recipe: Recipe, model, raw: dict, layers: dict, problems: list[str], notes: list[str],

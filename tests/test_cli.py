@@ -117,7 +117,8 @@ def test_validate_notes_a_calibration_too_small_for_low_bit_gptq(tmp_path, model
     assert note_of("int3", quantize=low_bit) == [
         "note: calibration: 128 tokens for GPTQ at 3 bits or fewer on layers of up to 160 inputs; below about 16 "
         "tokens per input (2,560 here) its result varies widely with the calibration draw and can lose to "
-        'round-to-nearest (docs/quality.md, "GPTQ on a small calibration")']
+        "round-to-nearest; more calibration, or a larger dampening (`-damp0.1` in the scheme), steadies it "
+        '(docs/quality.md, "GPTQ on a small calibration")']
     allocation = {"candidates": ["int2-g32-gptq", "int4-g32-gptq"], "budget": 3.0}
     assert len(note_of("allocated", allocation=allocation)) == 1
     assert note_of("int4", quantize={"default": "int4-g32-gptq", "overrides": []}) == []
