@@ -247,7 +247,7 @@ def _partial_group_notes(layers: dict) -> list[str]:
 
 # GPTQ at 3 bits or fewer on fewer calibration tokens than this many per input column of a layer varies widely
 # with the draw: 4,096 tokens on SmolLM2-135M (2.7 per input of down_proj) gave 115-191 against RTN's 148 (100-104
-# with a tenfold dampening, which at 65,536 tokens does worse than the default: docs/quality.md)
+# with a tenfold dampening, which at 65,536 tokens spreads far more than the default: docs/quality.md)
 TOKENS_PER_INPUT_FOR_LOW_BIT_GPTQ = 16
 
 
