@@ -255,9 +255,9 @@ def _small_calibration_notes(recipe: Recipe, layers: dict) -> list[str]:
     def low_bit_gptq(scheme: Scheme) -> bool:
         return scheme.solver == "gptq" and scheme.bits <= 3
 
-    candidates = recipe.allocation.candidates if recipe.allocation is not None else []
-    widest = max((in_features for scheme, (_, in_features) in layers.values()
-                  if low_bit_gptq(scheme) or any(map(low_bit_gptq, candidates))), default=0)
+    allocated = recipe.allocation is not None and any(map(low_bit_gptq, recipe.allocation.candidates))
+    widest = max((in_features for scheme, (_, in_features) in layers.values() if allocated or low_bit_gptq(scheme)),
+                 default=0)
     tokens = recipe.calibration.n_samples * recipe.calibration.seqlen
     if not widest or tokens >= TOKENS_PER_INPUT_FOR_LOW_BIT_GPTQ * widest:
         return []
